@@ -1,0 +1,183 @@
+//! The Nebula agent: joins the fleet over QUIC with mutual TLS and keeps a session with the
+//! controller.
+//!
+//! Tasks: [`Agent::run`] is one task that owns the QUIC client endpoint and runs the session and
+//! reconnect loop ([`session::run`]); its progress is published on a `watch` channel of
+//! [`AgentStatus`]. It stops when its cancellation token fires, after saying `Bye`.
+//!
+//! The agent links no database, HTTP-server or chat crate: it must stay small.
+
+use std::net::SocketAddr;
+
+use nebula_protocol::{JoinToken, Labels, NodeFacts, Refusal};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub mod config;
+pub mod enroll;
+pub mod facts;
+pub mod identity;
+pub mod session;
+pub mod tls;
+
+pub use config::AgentConfig;
+pub use identity::{Identity, StateDir};
+pub use session::AgentStatus;
+
+/// This agent's version, reported in `Hello`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("refused by the controller: {0}")]
+    Refused(Refusal),
+    #[error("the controller closed the connection: {0}")]
+    Closed(String),
+    #[error("cannot connect to the controller at {0}")]
+    Connect(String, #[source] quinn::ConnectionError),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("protocol error")]
+    Frame(#[from] nebula_protocol::FrameError),
+    #[error("no controller address: pass --controller HOST:PORT or set it in the config")]
+    NoController,
+    #[error("cannot resolve controller address `{0}`")]
+    Resolve(String),
+    #[error("{0:#}")]
+    Other(anyhow::Error),
+}
+
+impl AgentError {
+    /// Errors that retrying cannot fix: the agent stops instead of backing off.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            AgentError::Refused(r) => r.code.is_permanent(),
+            AgentError::Closed(_) | AgentError::Identity(_) | AgentError::NoController => true,
+            AgentError::Connect(_, quinn::ConnectionError::TransportError(t)) => {
+                // A TLS failure (foreign CA, bad pin) will not fix itself.
+                t.code.to_string().contains("crypto") || t.reason.contains("certificate")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Resolve `HOST:PORT` to a socket address.
+pub async fn resolve(controller: &str) -> Result<SocketAddr, AgentError> {
+    tokio::net::lookup_host(controller)
+        .await
+        .map_err(|_| AgentError::Resolve(controller.to_owned()))?
+        .next()
+        .ok_or_else(|| AgentError::Resolve(controller.to_owned()))
+}
+
+/// An agent: configuration, state dir and a status channel.
+pub struct Agent {
+    pub config: AgentConfig,
+    state: StateDir,
+    status: watch::Sender<AgentStatus>,
+    facts: Option<NodeFacts>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("state_dir", &self.state.path())
+            .finish()
+    }
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig) -> Self {
+        Agent {
+            state: StateDir::new(config.state_dir.clone()),
+            config,
+            status: watch::channel(AgentStatus::Starting).0,
+            facts: None,
+        }
+    }
+
+    /// Use these facts instead of reading the host (the fleet simulator runs many agents on one
+    /// host and gives each its own).
+    pub fn with_facts(mut self, facts: NodeFacts) -> Self {
+        self.facts = Some(facts);
+        self
+    }
+
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn is_enrolled(&self) -> bool {
+        self.state.is_enrolled()
+    }
+
+    fn facts(&self) -> NodeFacts {
+        let labels: Labels = self.config.labels.clone();
+        match &self.facts {
+            Some(f) => NodeFacts {
+                labels,
+                ..f.clone()
+            },
+            None => facts::collect(&labels),
+        }
+    }
+
+    /// Enroll with `token` unless this state dir already holds an identity (re-running `join`
+    /// keeps the node's identity).
+    pub async fn join(&self, token: &JoinToken) -> Result<Identity, AgentError> {
+        if self.state.is_enrolled() {
+            let id = self.state.load()?;
+            tracing::info!(node = %id.state.node_id, name = %id.state.name, "already enrolled; keeping this identity");
+            return Ok(id);
+        }
+        let controller = self.config.controller.clone().ok_or(AgentError::NoController)?;
+        let addr = resolve(&controller).await?;
+        let facts = self.facts();
+        let name = self
+            .config
+            .name
+            .clone()
+            .unwrap_or_else(|| facts.hostname.clone());
+        let endpoint = tls::client_endpoint(addr).map_err(|e| AgentError::Other(e.into()))?;
+        let result = enroll::enroll(
+            &endpoint,
+            enroll::EnrollParams {
+                controller,
+                addr,
+                token: token.clone(),
+                name,
+                labels: self.config.labels.clone(),
+                facts,
+            },
+            &self.state,
+        )
+        .await;
+        endpoint.wait_idle().await;
+        result
+    }
+
+    /// Keep a session with the controller until `shutdown` fires (or a permanent refusal).
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let identity = self.state.load()?;
+        let controller = self
+            .config
+            .controller
+            .clone()
+            .unwrap_or_else(|| identity.state.controller.clone());
+        let addr = resolve(&controller).await?;
+        let result = session::run(
+            &self.config,
+            &self.state,
+            addr,
+            self.facts(),
+            &self.status,
+            shutdown,
+        )
+        .await;
+        self.status.send_replace(AgentStatus::Stopped);
+        result
+    }
+}

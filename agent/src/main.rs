@@ -1,0 +1,185 @@
+//! `nebula-agent`: join a Nebula fleet and keep serving it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use nebula_agent::{Agent, AgentConfig};
+use nebula_protocol::JoinToken;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "nebula-agent", version, about = "Nebula Command agent: joins the fleet over QUIC/mTLS")]
+struct Cli {
+    /// TOML config file (flags and NEBULA_* variables override it).
+    #[arg(long, env = "NEBULA_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "NEBULA_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Enroll with a join token, save the identity, then keep running.
+    Join(JoinArgs),
+    /// Run from the identity saved in the state dir.
+    Run(CommonArgs),
+}
+
+#[derive(Args, Debug)]
+struct CommonArgs {
+    /// Where the key, certificates and state live.
+    #[arg(long, env = "NEBULA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Controller QUIC address, HOST:PORT.
+    #[arg(long, env = "NEBULA_CONTROLLER_ADDR")]
+    controller: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct JoinArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Join token from `nebula token create` (or use --token-file / NEBULA_JOIN_TOKEN_FILE).
+    #[arg(long, env = "NEBULA_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long, env = "NEBULA_JOIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Node name (default: hostname).
+    #[arg(long, env = "NEBULA_NODE_NAME")]
+    name: Option<String>,
+    /// Labels to ask for, key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Enroll and exit instead of running.
+    #[arg(long)]
+    no_run: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("label `{s}` must read key=value"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(real_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(path: Option<&PathBuf>, common: &CommonArgs) -> anyhow::Result<AgentConfig> {
+    let mut cfg = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => AgentConfig::default(),
+    };
+    if let Some(d) = &common.state_dir {
+        cfg.state_dir = d.clone();
+    }
+    if let Some(c) = &common.controller {
+        cfg.controller = Some(c.clone());
+    }
+    Ok(cfg)
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping");
+            shutdown.cancel();
+        });
+    }
+    match cli.command {
+        Command::Join(args) => {
+            let mut cfg = load_config(cli.config.as_ref(), &args.common)?;
+            if let Some(n) = args.name {
+                cfg.name = Some(n);
+            }
+            cfg.labels.extend(args.labels);
+            let token_text = match (args.token, args.token_file.or(cfg.token_file.clone())) {
+                (Some(t), _) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading token file {}", f.display()))?,
+                (None, None) => anyhow::bail!("a join token is needed: --token or --token-file"),
+            };
+            let token: JoinToken = token_text.trim().parse().context("reading the join token")?;
+            let agent = Agent::new(cfg);
+            let identity = tokio::select! {
+                r = agent.join(&token) => r?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            println!("joined as {} ({})", identity.state.name, identity.state.node_id);
+            if args.no_run {
+                return Ok(());
+            }
+            agent.run(shutdown).await?;
+        }
+        Command::Run(common) => {
+            let cfg = load_config(cli.config.as_ref(), &common)?;
+            let agent = Agent::new(cfg);
+            agent.run(shutdown).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

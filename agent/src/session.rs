@@ -1,0 +1,266 @@
+//! The long-lived session with the controller over `nebula/1`, and the reconnect loop around it.
+//!
+//! One task runs [`run`]: connect, `Hello` -> `Welcome`, then serve the session stream (renew the
+//! certificate after two thirds of its lifetime, answer messages) until the connection ends, then
+//! back off (capped exponential, with jitter) and reconnect. Permanent refusals (protocol major
+//! mismatch, revoked node) end the loop with an error instead of retrying.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use nebula_protocol::{
+    self as proto, close, AgentMessage, ControllerMessage, FrameError, Hello, NodeFacts,
+    ServerHello, CONTROLLER_SERVER_NAME,
+};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::identity::{new_key_and_csr, StateDir};
+use crate::{tls, AgentConfig, AgentError};
+
+/// What the agent is doing, for callers that watch it (the CLI, tests, the fleet simulator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentStatus {
+    Starting,
+    Connecting { attempt: u32 },
+    Connected { node_id: Uuid, name: String },
+    Stopped,
+}
+
+/// Capped exponential backoff with jitter: the n-th delay is drawn from [d/2, d] where
+/// d = min(max, min * 2^n).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        let d = self.min.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = d / 2;
+        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    /// The connection ended; `established` says whether a Welcome was received.
+    Lost { established: bool, reason: String },
+}
+
+/// Run sessions until `shutdown` fires or the controller refuses for good.
+pub async fn run(
+    config: &AgentConfig,
+    state: &StateDir,
+    addr: SocketAddr,
+    facts: NodeFacts,
+    status: &watch::Sender<AgentStatus>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let endpoint = tls::client_endpoint(addr).map_err(|e| AgentError::Other(e.into()))?;
+    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    let mut keep_alive = config.keep_alive;
+    let mut idle = config.idle_timeout;
+    let result = loop {
+        status.send_replace(AgentStatus::Connecting {
+            attempt: backoff.attempt(),
+        });
+        match session(state, &endpoint, addr, &facts, status, &shutdown, &mut keep_alive, &mut idle).await {
+            Ok(SessionEnd::Shutdown) => break Ok(()),
+            Ok(SessionEnd::Lost { established, reason }) => {
+                if established {
+                    backoff.reset();
+                }
+                warn!(%reason, "connection to the controller lost; reconnecting");
+            }
+            Err(e) if e.is_permanent() => break Err(e),
+            Err(e) => debug!("connecting failed: {e:#}"),
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    };
+    status.send_replace(AgentStatus::Stopped);
+    endpoint.close(close::NORMAL.into(), b"agent stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    state: &StateDir,
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    facts: &NodeFacts,
+    status: &watch::Sender<AgentStatus>,
+    shutdown: &CancellationToken,
+    keep_alive: &mut Duration,
+    idle: &mut Duration,
+) -> Result<SessionEnd, AgentError> {
+    let identity = state.load()?;
+    let cfg = tls::session_config(&identity, *keep_alive, *idle).map_err(AgentError::Other)?;
+    let connecting = endpoint
+        .connect_with(cfg, addr, CONTROLLER_SERVER_NAME)
+        .map_err(|e| AgentError::Other(e.into()))?;
+    let conn = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        c = tokio::time::timeout(Duration::from_secs(10), connecting) => c
+            .map_err(|_| AgentError::Timeout("connecting"))?
+            .map_err(|e| AgentError::Connect(identity.state.controller.clone(), e))?,
+    };
+    let closed_reason = |conn: &quinn::Connection| -> Option<AgentError> {
+        match conn.close_reason()? {
+            quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == close::REVOKED.into() || c.error_code == close::REFUSED.into() =>
+            {
+                Some(AgentError::Closed(String::from_utf8_lossy(&c.reason).into_owned()))
+            }
+            _ => None,
+        }
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| AgentError::Other(e.into()))?;
+    let hello = Hello {
+        version: proto::PROTOCOL_VERSION,
+        agent_version: crate::VERSION.into(),
+        facts: facts.clone(),
+    };
+    proto::write_message(&mut send, &hello).await?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        proto::read_message::<ServerHello, _>(&mut recv, proto::DEFAULT_MAX_FRAME),
+    )
+    .await
+    .map_err(|_| AgentError::Timeout("waiting for Welcome"))?;
+    let welcome = match reply {
+        Ok(ServerHello::Welcome(w)) => w,
+        Ok(ServerHello::Refused(r)) => {
+            conn.close(close::NORMAL.into(), b"refused");
+            return Err(AgentError::Refused(r));
+        }
+        Err(e) => {
+            // The stream may have been cut by a close whose reason says why.
+            let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+            return Err(closed_reason(&conn).unwrap_or(AgentError::Frame(e)));
+        }
+    };
+    if welcome.node_id != identity.state.node_id {
+        warn!(ours = %identity.state.node_id, theirs = %welcome.node_id, "controller names another node id than our certificate");
+    }
+    *keep_alive = Duration::from_millis(welcome.settings.keep_alive_ms.into()).max(Duration::from_millis(100));
+    *idle = Duration::from_millis(welcome.settings.idle_timeout_ms.into()).max(*keep_alive * 2);
+    info!(node = %welcome.node_id, name = %welcome.name, controller_version = %welcome.controller_version, "connected to the controller");
+    status.send_replace(AgentStatus::Connected {
+        node_id: welcome.node_id,
+        name: welcome.name.clone(),
+    });
+
+    let renew_at = identity.renew_at().unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
+    let mut renew_timer = Box::pin(tokio::time::sleep(until(renew_at)));
+    let mut pending_key: Option<rcgen::KeyPair> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = proto::write_message(&mut send, &AgentMessage::Bye { reason: "agent stopping".into() }).await;
+                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                conn.close(close::NORMAL.into(), b"agent stopping");
+                return Ok(SessionEnd::Shutdown);
+            }
+            _ = &mut renew_timer, if pending_key.is_none() => {
+                let (key, csr_der) = new_key_and_csr()?;
+                info!("renewing the node certificate");
+                proto::write_message(&mut send, &AgentMessage::RenewCertificate { csr_der }).await?;
+                pending_key = Some(key);
+            }
+            msg = proto::read_message::<ControllerMessage, _>(&mut recv, proto::DEFAULT_MAX_FRAME) => match msg {
+                Ok(ControllerMessage::CertificateRenewed { cert_der }) => {
+                    let Some(key) = pending_key.take() else {
+                        warn!("unrequested certificate ignored");
+                        continue;
+                    };
+                    state.save_cert(&key, &cert_der)?;
+                    let next = crate::identity::validity(&cert_der)
+                        .map(|(nb, na)| nb + na.duration_since(nb).unwrap_or_default() * 2 / 3)
+                        .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
+                    info!(renew_at = %humantime::format_rfc3339_seconds(next), "certificate renewed and saved");
+                    renew_timer.as_mut().reset(tokio::time::Instant::now() + until(next));
+                }
+                Ok(ControllerMessage::RenewalRefused(r)) => {
+                    warn!("certificate renewal refused: {r}; retrying in a minute");
+                    pending_key = None;
+                    renew_timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(60));
+                }
+                Ok(ControllerMessage::SettingsChanged(s)) => {
+                    info!(?s, "settings changed");
+                    *keep_alive = Duration::from_millis(s.keep_alive_ms.into());
+                    *idle = Duration::from_millis(s.idle_timeout_ms.into());
+                }
+                Ok(ControllerMessage::Bye { reason }) => {
+                    return Ok(SessionEnd::Lost { established: true, reason: format!("controller said bye: {reason}") });
+                }
+                Ok(ControllerMessage::Unsupported { variant }) => {
+                    debug!(variant, "controller does not support a message we sent");
+                }
+                Err(FrameError::UnknownVariant { index, .. }) => {
+                    proto::write_message(&mut send, &AgentMessage::Unsupported { variant: index }).await?;
+                }
+                Err(e) => {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
+                    if let Some(permanent) = closed_reason(&conn) {
+                        return Err(permanent);
+                    }
+                    let reason = conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string());
+                    return Ok(SessionEnd::Lost { established: true, reason });
+                }
+            }
+        }
+    }
+}
+
+fn until(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
+        for d in &delays[5..] {
+            assert!(*d >= Duration::from_secs(1) && *d <= Duration::from_secs(2), "{d:?}");
+        }
+        // Jitter: not all capped delays are equal.
+        assert!(delays[5..].windows(2).any(|w| w[0] != w[1]));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,419 @@
+//! The HTTP API under `/api/v1/`: JSON in and out, bearer-token auth, one error shape
+//! (`{"error":{"code","message"}}`) for every failure.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Extension, Json, Router};
+use nebula_protocol::{Labels, NodeFacts};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::store::{JoinTokenRecord, NodeRecord};
+use crate::{ControlPlane, OpError};
+
+/// The one API error type.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::NotFound(m) => ApiError::not_found(m),
+            OpError::Invalid(m) => ApiError::bad_request(m),
+            OpError::Store(e) => ApiError::from(e),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!("store error: {:#}", anyhow::Error::from(e));
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error (see the controller log)",
+        )
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            "unsupported_media_type"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, r.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Who is calling, from their API token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    fn parse(s: &str) -> Role {
+        match s {
+            "admin" => Role::Admin,
+            "operator" => Role::Operator,
+            _ => Role::Viewer,
+        }
+    }
+}
+
+impl Principal {
+    fn require(&self, role: Role) -> ApiResult<()> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this action needs the {role:?} role"),
+            ))
+        }
+    }
+}
+
+pub fn router(cp: Arc<ControlPlane>) -> Router {
+    let v1 = Router::new()
+        .route("/nodes", get(list_nodes))
+        .route("/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}", delete(revoke_token))
+        .fallback(|| async { ApiError::not_found("no such API endpoint") })
+        .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .nest("/api/v1", v1)
+        .with_state(cp)
+}
+
+async fn authenticate(
+    State(cp): State<Arc<ControlPlane>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else {
+        return unauthorized("missing bearer token (Authorization: Bearer <token>)");
+    };
+    match cp.store.api_token_by_hash(&crate::hash_secret(token)).await {
+        Ok(Some(rec)) => {
+            req.extensions_mut().insert(Principal {
+                role: Role::parse(&rec.role),
+                name: rec.name,
+            });
+            next.run(req).await
+        }
+        Ok(None) => unauthorized("invalid API token"),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    resp
+}
+
+async fn healthz(State(cp): State<Arc<ControlPlane>>) -> Json<serde_json::Value> {
+    Json(json!({"status": "ok", "online_nodes": cp.registry.online_count()}))
+}
+
+// ----- nodes -----
+
+/// A node as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeView {
+    pub id: uuid::Uuid,
+    pub name: String,
+    pub status: NodeStatus,
+    pub labels: Labels,
+    pub facts: NodeFacts,
+    pub agent_version: String,
+    pub enrolled_at: String,
+    pub last_seen_at: Option<String>,
+    pub connected_since: Option<String>,
+    pub remote_addr: Option<String>,
+    pub cert_not_after: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Online,
+    Offline,
+}
+
+fn rfc3339(ms: i64) -> String {
+    humantime::format_rfc3339_millis(crate::store::from_millis(ms)).to_string()
+}
+
+fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
+    let session = cp.registry.get(n.id);
+    NodeView {
+        id: n.id,
+        status: if session.is_some() {
+            NodeStatus::Online
+        } else {
+            NodeStatus::Offline
+        },
+        labels: n.labels,
+        facts: n.facts,
+        agent_version: n.agent_version,
+        enrolled_at: rfc3339(n.enrolled_at),
+        last_seen_at: if session.is_some() {
+            Some(rfc3339(crate::store::millis(SystemTime::now())))
+        } else {
+            n.last_seen_at.map(rfc3339)
+        },
+        connected_since: session
+            .as_ref()
+            .map(|s| humantime::format_rfc3339_millis(s.connected_at).to_string()),
+        remote_addr: session.as_ref().map(|s| s.remote.to_string()),
+        cert_not_after: n.cert_not_after.map(rfc3339),
+        name: n.name,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+    status: Option<NodeStatus>,
+    /// `key=value`
+    label: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+async fn list_nodes(
+    State(cp): State<Arc<ControlPlane>>,
+    query: Result<Query<NodeQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Page<NodeView>>> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    let label = match q.label.as_deref() {
+        Some(l) => Some(
+            l.split_once('=')
+                .ok_or_else(|| ApiError::bad_request("label filter reads key=value"))?,
+        ),
+        None => None,
+    };
+    // Sorted by name; the cursor is the last name of the previous page.
+    let nodes = cp.store.list_nodes().await?;
+    let mut items: Vec<NodeView> = nodes
+        .into_iter()
+        .filter(|n| q.cursor.as_deref().is_none_or(|c| n.name.as_str() > c))
+        .filter(|n| label.is_none_or(|(k, v)| n.labels.get(k).map(String::as_str) == Some(v)))
+        .map(|n| node_view(&cp, n))
+        .filter(|n| q.status.is_none_or(|s| n.status == s))
+        .take(limit + 1)
+        .collect();
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|n| n.name.clone())
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+async fn get_node(
+    State(cp): State<Arc<ControlPlane>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    let node = cp
+        .store
+        .node_by_name(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no node named `{name}`")))?;
+    Ok(Json(node_view(&cp, node)))
+}
+
+async fn remove_node(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(Role::Admin)?;
+    let id = cp.remove_node(&name, &who.name).await?;
+    Ok(Json(json!({"removed": name, "id": id})))
+}
+
+// ----- join tokens -----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// A duration such as `1h` or `30m`; absent: never expires.
+    pub ttl: Option<String>,
+    /// How many agents may join with it; absent: unlimited.
+    pub uses: Option<u32>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreatedTokenView {
+    /// The join token to hand to `nebula-agent join --token`. Shown only once.
+    pub token: String,
+    #[serde(flatten)]
+    pub record: TokenView,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub description: String,
+    pub labels: Labels,
+    pub created_by: String,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub uses_left: Option<i64>,
+    pub uses: i64,
+    pub state: String,
+}
+
+fn token_view(t: JoinTokenRecord) -> TokenView {
+    let now = crate::store::millis(SystemTime::now());
+    let state = if t.revoked_at.is_some() {
+        "revoked"
+    } else if t.expires_at.is_some_and(|e| e <= now) {
+        "expired"
+    } else if t.uses_left.is_some_and(|u| u <= 0) {
+        "used"
+    } else {
+        "active"
+    };
+    TokenView {
+        id: t.id,
+        description: t.description,
+        labels: t.labels,
+        created_by: t.created_by,
+        created_at: rfc3339(t.created_at),
+        expires_at: t.expires_at.map(rfc3339),
+        uses_left: t.uses_left,
+        uses: t.uses,
+        state: state.into(),
+    }
+}
+
+async fn create_token(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<Principal>,
+    body: Result<Json<CreateTokenRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<CreatedTokenView>)> {
+    who.require(Role::Admin)?;
+    let Json(req) = body?;
+    let ttl: Option<Duration> = match req.ttl.as_deref() {
+        Some(s) => Some(
+            humantime::parse_duration(s)
+                .map_err(|e| ApiError::bad_request(format!("ttl `{s}`: {e}")))?,
+        ),
+        None => None,
+    };
+    if ttl.is_some_and(|t| t.is_zero() || t > Duration::from_secs(365 * 24 * 3600)) {
+        return Err(ApiError::bad_request("ttl must be between 1s and 365d"));
+    }
+    let created = cp
+        .create_join_token(ttl, req.uses, req.labels, &req.description, &who.name)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedTokenView {
+            token: created.token,
+            record: token_view(created.record),
+        }),
+    ))
+}
+
+async fn list_tokens(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<Page<TokenView>>> {
+    let items = cp
+        .store
+        .list_join_tokens()
+        .await?
+        .into_iter()
+        .map(token_view)
+        .collect();
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
+}
+
+async fn revoke_token(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(Role::Admin)?;
+    cp.revoke_join_token(&id, &who.name).await?;
+    Ok(Json(json!({"revoked": id})))
+}

@@ -1,0 +1,109 @@
+//! The controller's configuration: one struct, read from a TOML file, then overridden by
+//! `NEBULA_*` environment variables and flags (the `nebula serve` command does the overriding).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// CA, server certificate, SQLite file and other state.
+    pub data_dir: PathBuf,
+    /// UDP address agents dial (QUIC).
+    pub quic_listen: SocketAddr,
+    /// HTTP API (and, later, dashboard) address.
+    pub http_listen: SocketAddr,
+    /// `sqlite://...` or `postgres://...`; default: `sqlite://<data_dir>/nebula.db`.
+    pub database_url: Option<String>,
+    /// Extra DNS names or IPs for the controller's server certificate.
+    pub server_names: Vec<String>,
+    /// Address agents should dial, shown in join commands (default: the QUIC listen address).
+    pub public_address: Option<String>,
+    /// QUIC keep-alive interval (both directions).
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// A connection silent for this long is dead and its node offline.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Lifetime of node certificates; agents renew after two thirds of it.
+    #[serde(with = "humantime_serde")]
+    pub cert_lifetime: Duration,
+    /// How often agents send telemetry.
+    #[serde(with = "humantime_serde")]
+    pub telemetry_interval: Duration,
+    /// Largest frame accepted from an agent.
+    pub max_frame_bytes: usize,
+    /// File holding the admin API token (created at first start when no API token exists and
+    /// this is unset; the token is then printed once).
+    pub admin_token_file: Option<PathBuf>,
+    /// Enrollment handshakes served at once (the enrollment ALPN needs no certificate, so it is
+    /// bounded).
+    pub max_concurrent_enrollments: usize,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            data_dir: PathBuf::from("nebula-data"),
+            quic_listen: "0.0.0.0:4433".parse().expect("static address"),
+            http_listen: "127.0.0.1:8080".parse().expect("static address"),
+            database_url: None,
+            server_names: Vec::new(),
+            public_address: None,
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(15),
+            cert_lifetime: Duration::from_secs(30 * 24 * 3600),
+            telemetry_interval: Duration::from_secs(5),
+            max_frame_bytes: nebula_protocol::DEFAULT_MAX_FRAME,
+            admin_token_file: None,
+            max_concurrent_enrollments: 64,
+        }
+    }
+}
+
+impl ControllerConfig {
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}?mode=rwc", self.data_dir.join("nebula.db").display())
+        })
+    }
+
+    /// Check values that would otherwise fail later in a confusing way.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keep_alive.is_zero() || self.idle_timeout.is_zero() {
+            return Err("keep_alive and idle_timeout must be above zero".into());
+        }
+        if self.keep_alive >= self.idle_timeout {
+            return Err(format!(
+                "keep_alive ({}) must be shorter than idle_timeout ({})",
+                humantime::format_duration(self.keep_alive),
+                humantime::format_duration(self.idle_timeout)
+            ));
+        }
+        if self.cert_lifetime < Duration::from_secs(3) {
+            return Err("cert_lifetime must be at least 3s".into());
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err("max_frame_bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_unknown_keys_are_rejected() {
+        let example = include_str!("../../config/controller.example.toml");
+        let cfg: ControllerConfig = toml::from_str(example).expect("example config parses");
+        cfg.validate().unwrap();
+        assert!(toml::from_str::<ControllerConfig>("no_such_key = 1").is_err());
+        let bad: ControllerConfig = toml::from_str("keep_alive = \"20s\"").unwrap();
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,41 @@
+//! The in-process event bus: a bounded broadcast channel of typed events. Subscribers that lag
+//! lose the oldest events (and are told how many) rather than slowing the publisher.
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    NodeEnrolled { id: Uuid, name: String },
+    NodeOnline { id: Uuid, name: String },
+    NodeOffline { id: Uuid, name: String },
+    NodeRemoved { id: Uuid, name: String },
+    CertificateRenewed { id: Uuid, name: String, serial: String },
+    JoinTokenCreated { id: String, by: String },
+    JoinTokenRevoked { id: String, by: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Event>,
+}
+
+impl EventBus {
+    pub fn new(capacity: usize) -> Self {
+        EventBus {
+            tx: broadcast::channel(capacity).0,
+        }
+    }
+
+    pub fn publish(&self, event: Event) {
+        tracing::debug!(?event, "event");
+        // No subscriber is fine: nobody is watching.
+        let _ = self.tx.send(event);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+}

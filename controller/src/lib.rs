@@ -1,0 +1,332 @@
+//! The Nebula control plane.
+//!
+//! [`Controller::start`] opens the store, loads (or creates) the fleet CA, then runs these tasks,
+//! all owned by one [`TaskTracker`] and stopped by one [`CancellationToken`]:
+//!
+//! * the QUIC accept loop ([`transport::accept_loop`]), which spawns one task per agent
+//!   connection (an enrollment or a session);
+//! * the HTTP API server ([`api`]), with graceful shutdown on the same token.
+//!
+//! Shared state lives in [`ControlPlane`]: the [`store::Store`] (the only code that touches the
+//! database), the [`ca::CertificateAuthority`], the [`registry::Registry`] of live sessions and
+//! the [`events::EventBus`] (a bounded broadcast channel). Every change a person makes (tokens,
+//! node removal) goes through a `ControlPlane` method, which writes the store and publishes an
+//! event; the HTTP API and `nebula dev` are thin callers of those methods.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use nebula_protocol::{close, JoinToken, Labels, SessionSettings};
+use rand::distributions::{Alphanumeric, DistString};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+pub mod api;
+pub mod ca;
+pub mod config;
+pub mod events;
+pub mod registry;
+pub mod store;
+pub mod transport;
+
+pub use config::ControllerConfig;
+
+use ca::CertificateAuthority;
+use events::{Event, EventBus};
+use registry::Registry;
+use store::{millis, JoinTokenRecord, NewJoinToken, Store};
+
+/// Shared state of a running controller.
+pub struct ControlPlane {
+    pub config: ControllerConfig,
+    pub store: Store,
+    pub ca: CertificateAuthority,
+    pub registry: Registry,
+    pub events: EventBus,
+    pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
+    frames_rejected: AtomicU64,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("store", &self.store)
+            .field("registry", &self.registry)
+            .finish()
+    }
+}
+
+/// A join token just created: its record and the one-time string to hand to an agent.
+#[derive(Debug, Clone)]
+pub struct CreatedJoinToken {
+    pub record: JoinTokenRecord,
+    pub token: String,
+}
+
+/// Errors from control-plane operations, mapped to HTTP statuses by the API.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("internal error")]
+    Store(#[from] store::StoreError),
+}
+
+impl ControlPlane {
+    /// Session settings handed to agents in `Welcome`.
+    pub fn session_settings(&self) -> SessionSettings {
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        SessionSettings {
+            telemetry_interval_ms: ms(self.config.telemetry_interval),
+            keep_alive_ms: ms(self.config.keep_alive),
+            idle_timeout_ms: ms(self.config.idle_timeout),
+        }
+    }
+
+    /// Frames rejected as malformed or oversized since start.
+    pub fn frames_rejected_total(&self) -> u64 {
+        self.frames_rejected.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn frames_rejected(&self) {
+        self.frames_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Create a join token. `ttl: None` never expires; `uses: None` is unlimited.
+    pub async fn create_join_token(
+        &self,
+        ttl: Option<Duration>,
+        uses: Option<u32>,
+        labels: Labels,
+        description: &str,
+        by: &str,
+    ) -> Result<CreatedJoinToken, OpError> {
+        for (k, v) in &labels {
+            validate_label(k, v).map_err(OpError::Invalid)?;
+        }
+        if uses == Some(0) {
+            return Err(OpError::Invalid("uses must be at least 1".into()));
+        }
+        if description.len() > 200 {
+            return Err(OpError::Invalid("description is limited to 200 characters".into()));
+        }
+        let (id, secret) = {
+            let mut rng = rand::thread_rng();
+            (
+                Alphanumeric.sample_string(&mut rng, 10).to_lowercase(),
+                Alphanumeric.sample_string(&mut rng, 32),
+            )
+        };
+        let expires_at = ttl.map(|t| millis(SystemTime::now() + t));
+        self.store
+            .create_join_token(&NewJoinToken {
+                id: &id,
+                secret_hash: &hash_secret(&secret),
+                description,
+                labels: &labels,
+                created_by: by,
+                expires_at,
+                uses_left: uses.map(i64::from),
+            })
+            .await?;
+        let record = self
+            .store
+            .join_token(&id)
+            .await?
+            .ok_or_else(|| OpError::NotFound(format!("join token {id} vanished")))?;
+        let token = JoinToken {
+            id: id.clone(),
+            secret,
+            ca_sha256: self.ca.pin(),
+        }
+        .to_string();
+        info!(token = %id, by, "join token created");
+        self.events.publish(Event::JoinTokenCreated {
+            id,
+            by: by.to_owned(),
+        });
+        Ok(CreatedJoinToken { record, token })
+    }
+
+    pub async fn revoke_join_token(&self, id: &str, by: &str) -> Result<(), OpError> {
+        if !self.store.revoke_join_token(id).await? {
+            return Err(OpError::NotFound(format!("no active join token `{id}`")));
+        }
+        info!(token = %id, by, "join token revoked");
+        self.events.publish(Event::JoinTokenRevoked {
+            id: id.to_owned(),
+            by: by.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Remove a node: revoke its certificates, cut its connection, forget it.
+    pub async fn remove_node(&self, name: &str, by: &str) -> Result<uuid::Uuid, OpError> {
+        let id = self
+            .store
+            .remove_node(name, millis(SystemTime::now()))
+            .await?
+            .ok_or_else(|| OpError::NotFound(format!("no node named `{name}`")))?;
+        self.registry
+            .disconnect(id, close::REVOKED, "node removed: certificate revoked");
+        info!(node = %id, name, by, "node removed");
+        self.events.publish(Event::NodeRemoved {
+            id,
+            name: name.to_owned(),
+        });
+        Ok(id)
+    }
+}
+
+/// SHA-256 (hex) of a high-entropy secret (join token secrets, API tokens).
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Label keys: 1-63 of letters, digits, `-`, `_`, `.`, `/`; values up to 255 printable chars.
+pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+    if !key_ok {
+        return Err(format!(
+            "invalid label key `{key}`: use 1-63 letters, digits, '-', '_', '.' or '/'"
+        ));
+    }
+    if value.len() > 255 || value.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "invalid value for label `{key}`: at most 255 characters, no control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// A controller that is running. Drop does not stop it: call [`Controller::shutdown`].
+pub struct Controller {
+    pub control_plane: Arc<ControlPlane>,
+    pub http_addr: std::net::SocketAddr,
+    pub quic_addr: std::net::SocketAddr,
+    /// The admin API token, when this start created it (printed once, stored hashed).
+    pub new_admin_token: Option<String>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("http_addr", &self.http_addr)
+            .field("quic_addr", &self.quic_addr)
+            .finish()
+    }
+}
+
+impl Controller {
+    /// Open the store, load the CA, bind both listeners and start serving. The returned
+    /// controller stops when `shutdown` is cancelled (await [`Controller::wait`]).
+    pub async fn start(config: ControllerConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let url = config.database_url();
+        let store = Store::connect(&url)
+            .await
+            .with_context(|| format!("opening database {}", store::redact_url(&url)))?;
+        let ca = CertificateAuthority::load_or_create(&config.data_dir.join("pki"), &config.server_names)
+            .context("loading the fleet CA")?;
+        let reset_key = load_or_create_secret(&config.data_dir.join("pki").join("reset.key"))?;
+        let new_admin_token = bootstrap_admin_token(&store, &config).await?;
+        let cp = Arc::new(ControlPlane {
+            enroll_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_enrollments.max(1))),
+            config,
+            store,
+            ca,
+            registry: Registry::default(),
+            events: EventBus::new(1024),
+            frames_rejected: AtomicU64::new(0),
+        });
+        let endpoint = transport::endpoint(&cp, &reset_key)
+            .with_context(|| format!("binding QUIC on {}", cp.config.quic_listen))?;
+        let quic_addr = endpoint.local_addr()?;
+        let listener = tokio::net::TcpListener::bind(cp.config.http_listen)
+            .await
+            .with_context(|| format!("binding HTTP on {}", cp.config.http_listen))?;
+        let http_addr = listener.local_addr()?;
+        let tracker = TaskTracker::new();
+        tracker.spawn(transport::accept_loop(
+            cp.clone(),
+            endpoint,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        let router = api::router(cp.clone());
+        let http_shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!("HTTP server failed: {e:#}");
+            }
+        });
+        info!(%quic_addr, %http_addr, ca_pin = %cp.ca.pin_hex(), backend = ?cp.store.backend(), "controller started");
+        Ok(Controller {
+            control_plane: cp,
+            http_addr,
+            quic_addr,
+            new_admin_token,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// Stop all tasks and wait for them.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Wait until every task has stopped (after the shutdown token fired).
+    pub async fn wait(self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.control_plane.store.close().await;
+    }
+}
+
+/// Make sure an admin API token exists. Returns the token when it was generated now.
+async fn bootstrap_admin_token(store: &Store, config: &ControllerConfig) -> anyhow::Result<Option<String>> {
+    if let Some(path) = &config.admin_token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading admin token file {}", path.display()))?;
+        let token = token.trim();
+        anyhow::ensure!(token.len() >= 16, "admin token in {} is shorter than 16 characters", path.display());
+        store.upsert_api_token("admin", &hash_secret(token), "admin").await?;
+        return Ok(None);
+    }
+    if store.api_token_count().await? > 0 {
+        return Ok(None);
+    }
+    let token = format!("nbl_{}", Alphanumeric.sample_string(&mut rand::thread_rng(), 40));
+    store.upsert_api_token("admin", &hash_secret(&token), "admin").await?;
+    Ok(Some(token))
+}
+
+fn load_or_create_secret(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    if let Ok(bytes) = std::fs::read(path) {
+        if let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Ok(key);
+        }
+    }
+    let key: [u8; 32] = rand::random();
+    ca::write_private(path, &key)?;
+    Ok(key)
+}

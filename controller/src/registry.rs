@@ -1,0 +1,104 @@
+//! Live sessions: which nodes are connected right now, over which QUIC connection.
+//!
+//! A node has at most one session. A new connection from the same node replaces the old one; each
+//! session carries a generation number so that the old session's cleanup cannot mark the node
+//! offline after the new one registered.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub generation: u64,
+    pub name: String,
+    pub remote: SocketAddr,
+    pub connected_at: SystemTime,
+}
+
+struct Entry {
+    info: SessionInfo,
+    conn: quinn::Connection,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<Uuid, Entry>>,
+    next_generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("online", &self.online_count()).finish()
+    }
+}
+
+impl Registry {
+    /// Register a session; returns its generation and the connection it replaced, if any.
+    pub fn insert(
+        &self,
+        node: Uuid,
+        name: String,
+        conn: quinn::Connection,
+    ) -> (u64, Option<quinn::Connection>) {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = SessionInfo {
+            generation,
+            name,
+            remote: conn.remote_address(),
+            connected_at: SystemTime::now(),
+        };
+        let old = self
+            .lock()
+            .insert(node, Entry { info, conn })
+            .map(|e| e.conn);
+        (generation, old)
+    }
+
+    /// Remove the session if it is still the given generation. True when it was removed (the
+    /// node is now offline).
+    pub fn remove_if_current(&self, node: Uuid, generation: u64) -> bool {
+        let mut map = self.lock();
+        if map.get(&node).is_some_and(|e| e.info.generation == generation) {
+            map.remove(&node);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Close a node's session (if any) with the given code and reason.
+    pub fn disconnect(&self, node: Uuid, code: u32, reason: &str) -> bool {
+        let entry = self.lock().remove(&node);
+        match entry {
+            Some(e) => {
+                e.conn.close(code.into(), reason.as_bytes());
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn get(&self, node: Uuid) -> Option<SessionInfo> {
+        self.lock().get(&node).map(|e| e.info.clone())
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Close every session (controller shutdown).
+    pub fn close_all(&self, code: u32, reason: &str) {
+        for (_, e) in self.lock().drain() {
+            e.conn.close(code.into(), reason.as_bytes());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Entry>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

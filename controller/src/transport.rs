@@ -1,0 +1,462 @@
+//! The QUIC endpoint agents dial: TLS setup, the accept loop, enrollment and sessions.
+//!
+//! Tasks: one accept loop; one task per connection (enrollment or session), all tracked by the
+//! controller's `TaskTracker` and stopped by its cancellation token.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nebula_protocol::{
+    self as proto, close, AgentMessage, ControllerMessage, EnrollRequest, EnrollResponse,
+    FrameError, Hello, Refusal, RefusalCode, ServerHello, Welcome, ALPN_ENROLL, ALPN_SESSION,
+    PROTOCOL_VERSION,
+};
+use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
+use rustls::pki_types::CertificateDer;
+use rustls::server::WebPkiClientVerifier;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::ca::peer_identity;
+use crate::events::Event;
+use crate::store::{millis, CertRecord};
+use crate::ControlPlane;
+
+/// Enrollment requests are small; an unauthenticated peer gets a much smaller frame limit.
+const MAX_ENROLL_FRAME: usize = 64 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Build the QUIC endpoint: TLS 1.3, ALPNs for enrollment and sessions, client certificates
+/// verified against the fleet CA but optional at the TLS layer (enrollment has none; sessions
+/// without one are refused right after the handshake with a clear reason).
+pub fn endpoint(
+    cp: &ControlPlane,
+    reset_key: &[u8; 32],
+) -> anyhow::Result<quinn::Endpoint> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cp.ca.ca_der().clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let (chain, key) = cp.ca.server_identity();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN_SESSION.to_vec(), ALPN_ENROLL.to_vec()];
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(cp.config.keep_alive))
+        .max_idle_timeout(Some(cp.config.idle_timeout.try_into()?))
+        .max_concurrent_bidi_streams(64u32.into())
+        .max_concurrent_uni_streams(16u32.into());
+    server.transport_config(Arc::new(transport));
+    // A stateless-reset key that survives restarts: after a controller crash, the first packet
+    // an agent sends to the new process is answered with a reset it can verify, so it reconnects
+    // at once instead of waiting out its idle timeout.
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset_key,
+    )));
+    let socket = std::net::UdpSocket::bind(cp.config.quic_listen)?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok(endpoint)
+}
+
+/// Accept connections until `shutdown` fires.
+pub async fn accept_loop(
+    cp: Arc<ControlPlane>,
+    endpoint: quinn::Endpoint,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let cp = cp.clone();
+        let shutdown = shutdown.clone();
+        let remote = incoming.remote_address();
+        tracker.spawn(
+            async move {
+                if let Err(e) = handle_connection(cp, incoming, shutdown).await {
+                    debug!("connection ended: {e:#}");
+                }
+            }
+            .instrument(tracing::debug_span!("conn", %remote)),
+        );
+    }
+    cp.registry
+        .close_all(close::SHUTDOWN, "controller shutting down");
+    endpoint.close(close::SHUTDOWN.into(), b"controller shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+async fn handle_connection(
+    cp: Arc<ControlPlane>,
+    incoming: quinn::Incoming,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await??;
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    match alpn.as_deref() {
+        Some(ALPN_ENROLL) => {
+            let _permit = cp.enroll_slots.clone().acquire_owned().await?;
+            enroll_connection(&cp, conn).await
+        }
+        Some(ALPN_SESSION) => session_connection(&cp, conn, shutdown).await,
+        _ => {
+            conn.close(close::PROTOCOL_ERROR.into(), b"unknown ALPN");
+            Ok(())
+        }
+    }
+}
+
+// ----- enrollment -----
+
+async fn enroll_connection(cp: &ControlPlane, conn: quinn::Connection) -> anyhow::Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await??;
+    let req: EnrollRequest = match proto::read_message(&mut recv, MAX_ENROLL_FRAME).await {
+        Ok(r) => r,
+        Err(e) => {
+            cp.frames_rejected();
+            warn!(remote = %conn.remote_address(), "bad enrollment frame: {e}");
+            conn.close(close::PROTOCOL_ERROR.into(), reason(&e).as_bytes());
+            return Ok(());
+        }
+    };
+    let response = cp.enroll(req).await;
+    proto::write_message(&mut send, &response).await?;
+    send.finish()?;
+    // Let the agent read the answer and close; do not hold the slot forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    Ok(())
+}
+
+impl ControlPlane {
+    /// Check an enrollment request and, if it holds, create the node and its certificate.
+    pub async fn enroll(&self, req: EnrollRequest) -> EnrollResponse {
+        match self.try_enroll(req).await {
+            Ok(e) => EnrollResponse::Enrolled(e),
+            Err(r) => EnrollResponse::Refused(r),
+        }
+    }
+
+    async fn try_enroll(&self, req: EnrollRequest) -> Result<proto::Enrolled, Refusal> {
+        use crate::store::{EnrollError, Enrollment};
+        if !req.version.is_compatible_with(PROTOCOL_VERSION) {
+            return Err(version_refusal(req.version));
+        }
+        validate_node_name(&req.name).map_err(|m| Refusal::new(RefusalCode::InvalidRequest, m))?;
+        for (k, v) in &req.labels {
+            crate::validate_label(k, v).map_err(|m| Refusal::new(RefusalCode::InvalidRequest, m))?;
+        }
+        let node_id = uuid::Uuid::now_v7();
+        let issued = self
+            .ca
+            .issue_node_cert(node_id, &req.name, &req.csr_der, self.config.cert_lifetime)
+            .map_err(|e| Refusal::new(RefusalCode::InvalidRequest, format!("{e:#}")))?;
+        let now = millis(SystemTime::now());
+        let enrollment = Enrollment {
+            token_id: &req.token_id,
+            secret_hash: &crate::hash_secret(&req.token_secret),
+            node_id,
+            name: &req.name,
+            requested_labels: &req.labels,
+            facts: &req.facts,
+            cert: CertRecord {
+                serial: issued.serial.clone(),
+                node_id,
+                not_before: millis(issued.not_before),
+                not_after: millis(issued.not_after),
+                issued_at: now,
+                revoked_at: None,
+            },
+            now,
+        };
+        let labels = self.store.enroll(&enrollment).await.map_err(|e| {
+            let code = match &e {
+                EnrollError::UnknownToken => RefusalCode::TokenUnknown,
+                EnrollError::Expired => RefusalCode::TokenExpired,
+                EnrollError::Exhausted => RefusalCode::TokenExhausted,
+                EnrollError::Revoked => RefusalCode::TokenRevoked,
+                EnrollError::NameTaken(_) => RefusalCode::NameTaken,
+                EnrollError::Store(_) => RefusalCode::Internal,
+            };
+            if code == RefusalCode::Internal {
+                tracing::error!(name = %req.name, "enrollment failed: {e:#}");
+            } else {
+                warn!(name = %req.name, token = %req.token_id, "enrollment refused: {e}");
+            }
+            Refusal::new(code, e.to_string())
+        })?;
+        info!(node = %node_id, name = %req.name, "node enrolled");
+        self.events.publish(Event::NodeEnrolled {
+            id: node_id,
+            name: req.name.clone(),
+        });
+        Ok(proto::Enrolled {
+            node_id,
+            name: req.name,
+            labels,
+            cert_der: issued.der,
+            ca_der: self.ca.ca_der().to_vec(),
+        })
+    }
+}
+
+fn version_refusal(agent: proto::ProtocolVersion) -> Refusal {
+    Refusal::new(
+        RefusalCode::VersionMismatch,
+        format!(
+            "protocol version mismatch: agent speaks {agent}, controller speaks {PROTOCOL_VERSION}; \
+             run the same major version on both sides"
+        ),
+    )
+}
+
+/// Node names: 1 to 63 characters of letters, digits, `-`, `_` and `.`, starting with a letter
+/// or digit (they appear in URLs, CLI arguments and container labels).
+pub fn validate_node_name(name: &str) -> Result<(), String> {
+    let ok_len = !name.is_empty() && name.len() <= 63;
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    let ok_start = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok_len && ok_chars && ok_start {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid node name `{name}`: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ))
+    }
+}
+
+// ----- sessions -----
+
+async fn session_connection(
+    cp: &ControlPlane,
+    conn: quinn::Connection,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let remote = conn.remote_address();
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let Some(identity) = certs
+        .as_ref()
+        .and_then(|c| c.first())
+        .and_then(|leaf| peer_identity(leaf))
+    else {
+        warn!(%remote, "session refused: no client certificate");
+        conn.close(
+            close::REFUSED.into(),
+            b"client certificate required on nebula/1 (enroll first with a join token)",
+        );
+        return Ok(());
+    };
+    let node_id = identity.node_id;
+    let (mut send, mut recv) =
+        tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await??;
+    let payload = match proto::read_frame(&mut recv, cp.config.max_frame_bytes).await {
+        Ok(p) => p,
+        Err(e) => return protocol_error(cp, &conn, node_id, &e),
+    };
+    let version = match proto::peek_version(&payload) {
+        Ok(v) => v,
+        Err(e) => return protocol_error(cp, &conn, node_id, &e),
+    };
+    if !version.is_compatible_with(PROTOCOL_VERSION) {
+        let refusal = version_refusal(version);
+        warn!(node = %node_id, %remote, "session refused: {}", refusal.message);
+        return refuse(&conn, &mut send, refusal, close::REFUSED).await;
+    }
+    let hello: Hello = match proto::decode(&payload) {
+        Ok(h) => h,
+        Err(e) => return protocol_error(cp, &conn, node_id, &e),
+    };
+
+    // Identity comes from the verified certificate; the certificate must be known and live.
+    let cert = cp.store.certificate(&identity.serial).await?;
+    let node = cp.store.node_by_id(node_id).await?;
+    let node = match (cert, node) {
+        (Some(c), Some(n)) if c.revoked_at.is_none() && c.node_id == node_id => n,
+        _ => {
+            warn!(node = %node_id, %remote, serial = %identity.serial, "session refused: certificate revoked or node removed");
+            let refusal = Refusal::new(
+                RefusalCode::NodeRevoked,
+                "this node's certificate was revoked (the node was removed); join again with a new token",
+            );
+            return refuse(&conn, &mut send, refusal, close::REVOKED).await;
+        }
+    };
+    let now = millis(SystemTime::now());
+    cp.store
+        .record_session(node_id, &hello.facts, &hello.agent_version, now)
+        .await?;
+    let (generation, replaced) = cp.registry.insert(node_id, node.name.clone(), conn.clone());
+    if let Some(old) = replaced {
+        info!(node = %node_id, name = %node.name, "new connection replaces the old one");
+        old.close(
+            close::REPLACED.into(),
+            b"replaced by a newer connection from the same node",
+        );
+    }
+    let span = tracing::info_span!("session", node = %node_id, name = %node.name);
+    let result = async {
+        info!(%remote, agent_version = %hello.agent_version, "node online");
+        cp.events.publish(Event::NodeOnline {
+            id: node_id,
+            name: node.name.clone(),
+        });
+        let welcome = ServerHello::Welcome(Welcome {
+            node_id,
+            name: node.name.clone(),
+            labels: node.labels.clone(),
+            controller_version: PROTOCOL_VERSION,
+            settings: cp.session_settings(),
+        });
+        proto::write_message(&mut send, &welcome).await?;
+        session_loop(cp, &conn, &node.name, node_id, &mut send, &mut recv, shutdown).await
+    }
+    .instrument(span.clone())
+    .await;
+    if cp.registry.remove_if_current(node_id, generation) {
+        let _g = span.enter();
+        info!(reason = %conn.close_reason().map(|r| r.to_string()).unwrap_or_default(), "node offline");
+        if let Err(e) = cp.store.touch_last_seen(node_id, millis(SystemTime::now())).await {
+            warn!("recording last seen: {e:#}");
+        }
+        cp.events.publish(Event::NodeOffline {
+            id: node_id,
+            name: node.name.clone(),
+        });
+    }
+    result
+}
+
+async fn session_loop(
+    cp: &ControlPlane,
+    conn: &quinn::Connection,
+    name: &str,
+    node_id: uuid::Uuid,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = proto::write_message(send, &ControllerMessage::Bye { reason: "controller shutting down".into() }).await;
+                conn.close(close::SHUTDOWN.into(), b"controller shutting down");
+                return Ok(());
+            }
+            _ = conn.closed() => return Ok(()),
+            msg = proto::read_message::<AgentMessage, _>(recv, cp.config.max_frame_bytes) => msg,
+        };
+        match msg {
+            Ok(AgentMessage::RenewCertificate { csr_der }) => {
+                let reply = match cp
+                    .ca
+                    .issue_node_cert(node_id, name, &csr_der, cp.config.cert_lifetime)
+                {
+                    Ok(issued) => {
+                        let now = millis(SystemTime::now());
+                        cp.store
+                            .add_certificate(&CertRecord {
+                                serial: issued.serial.clone(),
+                                node_id,
+                                not_before: millis(issued.not_before),
+                                not_after: millis(issued.not_after),
+                                issued_at: now,
+                                revoked_at: None,
+                            })
+                            .await?;
+                        info!(serial = %issued.serial, "certificate renewed");
+                        cp.events.publish(Event::CertificateRenewed {
+                            id: node_id,
+                            name: name.to_owned(),
+                            serial: issued.serial,
+                        });
+                        ControllerMessage::CertificateRenewed {
+                            cert_der: issued.der,
+                        }
+                    }
+                    Err(e) => ControllerMessage::RenewalRefused(Refusal::new(
+                        RefusalCode::InvalidRequest,
+                        format!("{e:#}"),
+                    )),
+                };
+                proto::write_message(send, &reply).await?;
+            }
+            Ok(AgentMessage::Bye { reason }) => {
+                info!(%reason, "agent said bye");
+                conn.close(close::NORMAL.into(), b"bye");
+                return Ok(());
+            }
+            Ok(AgentMessage::Unsupported { variant }) => {
+                debug!(variant, "agent does not support a message we sent");
+            }
+            Err(FrameError::UnknownVariant { index, .. }) => {
+                // A newer agent minor: answer, never fail.
+                proto::write_message(send, &ControllerMessage::Unsupported { variant: index })
+                    .await?;
+            }
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => return protocol_error(cp, conn, node_id, &e),
+        }
+    }
+}
+
+fn protocol_error(
+    cp: &ControlPlane,
+    conn: &quinn::Connection,
+    node: uuid::Uuid,
+    e: &FrameError,
+) -> anyhow::Result<()> {
+    if matches!(e, FrameError::Io(_) | FrameError::Closed) {
+        return Ok(());
+    }
+    cp.frames_rejected();
+    warn!(%node, remote = %conn.remote_address(), "closing connection: {e}");
+    conn.close(close::PROTOCOL_ERROR.into(), reason(e).as_bytes());
+    Ok(())
+}
+
+/// Send a refusal on the session stream, give the agent a moment to read it, then close with
+/// the same text as the close reason (so the agent sees it either way).
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    refusal: Refusal,
+    code: u32,
+) -> anyhow::Result<()> {
+    let text = refusal.message.clone();
+    let _ = proto::write_message(send, &ServerHello::Refused(refusal)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(code.into(), text.as_bytes());
+    Ok(())
+}
+
+fn reason(e: &FrameError) -> String {
+    let mut s = format!("protocol error: {e}");
+    s.truncate(200);
+    s
+}

@@ -1,0 +1,201 @@
+//! Golden bytes: every message's encoding is pinned in `tests/golden/*.hex`. An accidental change
+//! to a type (field order, a new field in the middle, a renamed variant's position) fails here.
+//! After an intended change that also bumps the protocol version, regenerate with
+//! `NEBULA_BLESS=1 cargo test -p nebula-protocol --test golden`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use nebula_protocol::*;
+use uuid::Uuid;
+
+fn facts() -> NodeFacts {
+    NodeFacts {
+        hostname: "gpu-box".into(),
+        os: "Ubuntu".into(),
+        os_version: "24.04".into(),
+        kernel: "6.8.0-45-generic".into(),
+        arch: "x86_64".into(),
+        cpu_count: 16,
+        memory_bytes: 64 * 1024 * 1024 * 1024,
+        labels: BTreeMap::from([("zone".into(), "home".into()), ("gpu".into(), "rtx4090".into())]),
+    }
+}
+
+fn node_id() -> Uuid {
+    Uuid::from_u128(0x0193_7c2e_5a1b_7c3d_8e9f_0a1b_2c3d_4e5f)
+}
+
+fn settings() -> SessionSettings {
+    SessionSettings {
+        telemetry_interval_ms: 5000,
+        keep_alive_ms: 5000,
+        idle_timeout_ms: 15000,
+    }
+}
+
+fn refusal() -> Refusal {
+    Refusal {
+        code: RefusalCode::VersionMismatch,
+        message: "agent speaks 2.0, controller speaks 1.0".into(),
+        version: ProtocolVersion { major: 1, minor: 0 },
+    }
+}
+
+fn check<M: Message + std::fmt::Debug + PartialEq>(name: &str, msg: &M) {
+    let bytes = encode(msg).expect("encode");
+    let back: M = decode(&bytes).expect("decode");
+    assert_eq!(&back, msg, "{name}: round trip");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.hex"));
+    let hex_now = hex::encode(&bytes);
+    if std::env::var_os("NEBULA_BLESS").is_some() {
+        std::fs::write(&path, format!("{hex_now}\n")).expect("write golden file");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with NEBULA_BLESS=1 to create)", path.display()));
+    assert_eq!(
+        hex_now,
+        expected.trim(),
+        "encoding of {name} changed; if intended, bump the protocol version and re-bless"
+    );
+}
+
+#[test]
+fn protocol_version() {
+    // The version prefix is frozen across majors: two varint u16s.
+    let bytes = bincode::serde::encode_to_vec(PROTOCOL_VERSION, bincode::config::standard()).unwrap();
+    assert_eq!(bytes, vec![PROTOCOL_VERSION.major as u8, PROTOCOL_VERSION.minor as u8]);
+}
+
+#[test]
+fn enroll_request() {
+    check(
+        "enroll_request",
+        &EnrollRequest {
+            version: PROTOCOL_VERSION,
+            token_id: "k3x9q2".into(),
+            token_secret: "s3cr3t".into(),
+            csr_der: vec![0x30, 0x82, 0x01, 0x0a],
+            name: "gpu-box".into(),
+            labels: BTreeMap::from([("role".into(), "inference".into())]),
+            facts: facts(),
+        },
+    );
+}
+
+#[test]
+fn enroll_response() {
+    check(
+        "enroll_response_enrolled",
+        &EnrollResponse::Enrolled(Enrolled {
+            node_id: node_id(),
+            name: "gpu-box".into(),
+            labels: BTreeMap::from([("zone".into(), "home".into())]),
+            cert_der: vec![1, 2, 3],
+            ca_der: vec![4, 5, 6],
+        }),
+    );
+    check("enroll_response_refused", &EnrollResponse::Refused(refusal()));
+}
+
+#[test]
+fn hello() {
+    check(
+        "hello",
+        &Hello {
+            version: PROTOCOL_VERSION,
+            agent_version: "0.1.0".into(),
+            facts: facts(),
+        },
+    );
+}
+
+#[test]
+fn server_hello() {
+    check(
+        "server_hello_welcome",
+        &ServerHello::Welcome(Welcome {
+            node_id: node_id(),
+            name: "gpu-box".into(),
+            labels: BTreeMap::from([("zone".into(), "home".into())]),
+            controller_version: PROTOCOL_VERSION,
+            settings: settings(),
+        }),
+    );
+    check("server_hello_refused", &ServerHello::Refused(refusal()));
+    // Frozen across majors: Refused is variant 1.
+    let bytes = encode(&ServerHello::Refused(refusal())).unwrap();
+    assert_eq!(bytes[0], 1);
+}
+
+#[test]
+fn agent_messages() {
+    check("agent_renew", &AgentMessage::RenewCertificate { csr_der: vec![9, 8, 7] });
+    check("agent_bye", &AgentMessage::Bye { reason: "shutdown".into() });
+    check("agent_unsupported", &AgentMessage::Unsupported { variant: 7 });
+}
+
+#[test]
+fn controller_messages() {
+    check("controller_renewed", &ControllerMessage::CertificateRenewed { cert_der: vec![1, 1] });
+    check("controller_renewal_refused", &ControllerMessage::RenewalRefused(refusal()));
+    check("controller_settings", &ControllerMessage::SettingsChanged(settings()));
+    check("controller_bye", &ControllerMessage::Bye { reason: "restart".into() });
+    check("controller_unsupported", &ControllerMessage::Unsupported { variant: 6 });
+}
+
+#[test]
+fn every_refusal_code_is_pinned() {
+    let codes = [
+        RefusalCode::VersionMismatch,
+        RefusalCode::TokenUnknown,
+        RefusalCode::TokenExpired,
+        RefusalCode::TokenExhausted,
+        RefusalCode::TokenRevoked,
+        RefusalCode::InvalidRequest,
+        RefusalCode::NameTaken,
+        RefusalCode::NodeRevoked,
+        RefusalCode::CertificateRequired,
+        RefusalCode::Internal,
+        RefusalCode::Unsupported,
+    ];
+    for (i, code) in codes.iter().enumerate() {
+        let bytes = bincode::serde::encode_to_vec(code, bincode::config::standard()).unwrap();
+        assert_eq!(bytes, vec![i as u8], "{code:?} moved");
+    }
+}
+
+#[test]
+fn peek_version_reads_a_foreign_major_hello() {
+    // A hypothetical 7.3 Hello whose body differs after the version.
+    let mut payload = vec![7u8, 3];
+    payload.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    assert_eq!(peek_version(&payload).unwrap(), ProtocolVersion { major: 7, minor: 3 });
+    assert!(decode::<Hello>(&payload).is_err());
+}
+
+#[test]
+fn random_bytes_never_panic_the_decoders() {
+    // Deterministic xorshift so a failure is reproducible.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..20_000 {
+        let len = (next() % 64) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let _ = decode::<Hello>(&bytes);
+        let _ = decode::<EnrollRequest>(&bytes);
+        let _ = decode::<EnrollResponse>(&bytes);
+        let _ = decode::<ServerHello>(&bytes);
+        let _ = decode::<AgentMessage>(&bytes);
+        let _ = decode::<ControllerMessage>(&bytes);
+        let _ = peek_version(&bytes);
+    }
+}

@@ -1,0 +1,300 @@
+//! Subcommands that talk to a controller's HTTP API.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::Cli;
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a join token and print it (shown once).
+    Create {
+        /// Lifetime, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many agents may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Label for nodes that join with it, key=value (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List join tokens.
+    List,
+    /// Revoke a join token.
+    Revoke { id: String },
+}
+
+#[derive(Args, Debug)]
+pub struct NodesArgs {
+    /// Only nodes with this label, key=value.
+    #[arg(long)]
+    label: Option<String>,
+    /// Only online or offline nodes.
+    #[arg(long)]
+    status: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Show one node.
+    Show { name: String },
+    /// Remove a node: revoke its certificate and cut its connection.
+    Remove { name: String },
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let token = match (&cli.token, &cli.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading token file {}", f.display()))?
+                .trim()
+                .to_owned(),
+            (None, None) => anyhow::bail!(
+                "no API token: set NEBULA_TOKEN, NEBULA_TOKEN_FILE or pass --token-file"
+            ),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .user_agent(concat!("nebula-cli/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Api {
+            http,
+            base: cli.controller.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = body["error"]["message"].as_str().unwrap_or("no details");
+            let code = body["error"]["code"].as_str().unwrap_or("error");
+            anyhow::bail!("{status}: {msg} ({code})");
+        }
+        Ok(serde_json::from_value(body)?)
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+    async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await
+    }
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Print rows as an aligned table.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for r in rows {
+        println!("{}", line(r));
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn labels(v: &Value) -> String {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", s(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+pub async fn token(cli: &Cli, cmd: &TokenCommand) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    match cmd {
+        TokenCommand::Create { ttl, uses, labels: ls, description } => {
+            let mut map = serde_json::Map::new();
+            for l in ls {
+                let (k, v) = l.split_once('=').with_context(|| format!("label `{l}` must read key=value"))?;
+                map.insert(k.into(), v.into());
+            }
+            let body = json!({"ttl": ttl, "uses": uses, "labels": map, "description": description});
+            let created: Value = api.post("/api/v1/tokens", &body).await?;
+            if cli.json {
+                print_json(&created);
+            } else {
+                println!("{}", s(&created["token"]));
+                eprintln!(
+                    "token {} expires {} with {} use(s); join with:\n  nebula-agent join --controller HOST:4433 --token {}",
+                    s(&created["id"]),
+                    s(&created["expires_at"]),
+                    s(&created["uses_left"]),
+                    s(&created["token"])
+                );
+            }
+        }
+        TokenCommand::List => {
+            let page: Value = api.get("/api/v1/tokens").await?;
+            if cli.json {
+                return Ok(print_json(&page["items"]));
+            }
+            let rows = page["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|t| {
+                    vec![
+                        s(&t["id"]),
+                        s(&t["state"]),
+                        s(&t["uses_left"]),
+                        s(&t["uses"]),
+                        s(&t["expires_at"]),
+                        labels(&t["labels"]),
+                        s(&t["description"]),
+                    ]
+                })
+                .collect();
+            table(&["ID", "STATE", "USES LEFT", "USED", "EXPIRES", "LABELS", "DESCRIPTION"], rows);
+        }
+        TokenCommand::Revoke { id } => {
+            let v: Value = api.delete(&format!("/api/v1/tokens/{id}")).await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("revoked {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn nodes(cli: &Cli, args: &NodesArgs) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut q = vec![("limit", "500".to_owned())];
+        if let Some(c) = &cursor {
+            q.push(("cursor", c.clone()));
+        }
+        if let Some(l) = &args.label {
+            q.push(("label", l.clone()));
+        }
+        if let Some(st) = &args.status {
+            q.push(("status", st.clone()));
+        }
+        let url = format!("{}/api/v1/nodes", api.base);
+        let page: Value = api.send(api.http.get(url).query(&q)).await?;
+        items.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    if cli.json {
+        return Ok(print_json(&Value::Array(items)));
+    }
+    let rows = items
+        .iter()
+        .map(|n| {
+            let mem = n["facts"]["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+            vec![
+                s(&n["name"]),
+                s(&n["status"]),
+                format!("{} {}", s(&n["facts"]["os"]), s(&n["facts"]["os_version"])),
+                s(&n["facts"]["arch"]),
+                s(&n["facts"]["cpu_count"]),
+                format!("{mem:.1} GiB"),
+                labels(&n["labels"]),
+                s(&n["last_seen_at"]),
+            ]
+        })
+        .collect();
+    table(&["NAME", "STATUS", "OS", "ARCH", "CPUS", "MEMORY", "LABELS", "LAST SEEN"], rows);
+    Ok(())
+}
+
+pub async fn node(cli: &Cli, cmd: &NodeCommand) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    match cmd {
+        NodeCommand::Show { name } => {
+            let n: Value = api.get(&format!("/api/v1/nodes/{name}")).await?;
+            if cli.json {
+                return Ok(print_json(&n));
+            }
+            for (k, v) in [
+                ("name", s(&n["name"])),
+                ("id", s(&n["id"])),
+                ("status", s(&n["status"])),
+                ("labels", labels(&n["labels"])),
+                ("hostname", s(&n["facts"]["hostname"])),
+                ("os", format!("{} {}", s(&n["facts"]["os"]), s(&n["facts"]["os_version"]))),
+                ("kernel", s(&n["facts"]["kernel"])),
+                ("arch", s(&n["facts"]["arch"])),
+                ("cpus", s(&n["facts"]["cpu_count"])),
+                ("agent", s(&n["agent_version"])),
+                ("address", s(&n["remote_addr"])),
+                ("connected since", s(&n["connected_since"])),
+                ("last seen", s(&n["last_seen_at"])),
+                ("enrolled", s(&n["enrolled_at"])),
+                ("certificate expires", s(&n["cert_not_after"])),
+            ] {
+                println!("{k:>20}: {v}");
+            }
+        }
+        NodeCommand::Remove { name } => {
+            let v: Value = api.delete(&format!("/api/v1/nodes/{name}")).await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("removed {name}: certificate revoked, connection closed");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! `nebula`: the Nebula Command CLI and server.
+//!
+//! `nebula serve` runs the controller; `nebula dev` runs a controller, a join token and a local
+//! agent in one process tree; the other subcommands talk to a controller's HTTP API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+mod client;
+mod serve;
+
+#[derive(Parser, Debug)]
+#[command(name = "nebula", version, about = "Nebula Command: one control plane for a homelab plus cloud fleet")]
+pub struct Cli {
+    /// Controller HTTP API URL.
+    #[arg(long, env = "NEBULA_CONTROLLER", default_value = "http://127.0.0.1:8080", global = true)]
+    controller: String,
+    /// API token (prefer NEBULA_TOKEN or --token-file).
+    #[arg(long, env = "NEBULA_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// File holding the API token.
+    #[arg(long, env = "NEBULA_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Log format for serve/dev: text or json.
+    #[arg(long, env = "NEBULA_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller.
+    Serve(serve::ServeArgs),
+    /// One-command demo: controller on SQLite, a join token and a local agent.
+    Dev(serve::DevArgs),
+    /// Join tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(client::TokenCommand),
+    /// List nodes.
+    Nodes(client::NodesArgs),
+    /// One node: show, remove.
+    #[command(subcommand)]
+    Node(client::NodeCommand),
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (quinn and the HTTP client both use ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
+        init_logging(&cli.log_format);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(ref args) => serve::serve(args).await,
+            Command::Dev(ref args) => serve::dev(args).await,
+            Command::Token(ref cmd) => client::token(&cli, cmd).await,
+            Command::Nodes(ref args) => client::nodes(&cli, args).await,
+            Command::Node(ref cmd) => client::node(&cli, cmd).await,
+            Command::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "nebula", &mut std::io::stdout());
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

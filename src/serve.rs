@@ -1,0 +1,234 @@
+//! `nebula serve` and `nebula dev`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use nebula_agent::{Agent, AgentConfig, AgentStatus};
+use nebula_controller::{Controller, ControllerConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML config file; flags and NEBULA_* variables override it.
+    #[arg(long, env = "NEBULA_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "NEBULA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP address for agents (QUIC).
+    #[arg(long, env = "NEBULA_QUIC_LISTEN")]
+    quic_listen: Option<SocketAddr>,
+    /// HTTP API address.
+    #[arg(long, env = "NEBULA_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// sqlite://... or postgres://...
+    #[arg(long, env = "NEBULA_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// File holding the database URL (keeps the password out of the environment).
+    #[arg(long, env = "NEBULA_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
+    #[arg(long, env = "NEBULA_KEEP_ALIVE", value_parser = humantime::parse_duration)]
+    keep_alive: Option<Duration>,
+    #[arg(long, env = "NEBULA_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    #[arg(long, env = "NEBULA_CERT_LIFETIME", value_parser = humantime::parse_duration)]
+    cert_lifetime: Option<Duration>,
+    #[arg(long, env = "NEBULA_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Extra DNS name or IP for the server certificate (repeatable).
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Largest frame accepted from an agent, in bytes.
+    #[arg(long, env = "NEBULA_MAX_FRAME_BYTES")]
+    max_frame_bytes: Option<usize>,
+}
+
+impl ServeArgs {
+    fn config(&self) -> anyhow::Result<ControllerConfig> {
+        let mut c: ControllerConfig = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => ControllerConfig::default(),
+        };
+        macro_rules! set {
+            ($field:ident) => {
+                if let Some(v) = &self.$field {
+                    c.$field = v.clone();
+                }
+            };
+            ($field:ident, opt) => {
+                if let Some(v) = &self.$field {
+                    c.$field = Some(v.clone());
+                }
+            };
+        }
+        set!(data_dir);
+        set!(quic_listen);
+        set!(http_listen);
+        set!(keep_alive);
+        set!(idle_timeout);
+        set!(cert_lifetime);
+        set!(max_frame_bytes);
+        set!(database_url, opt);
+        set!(admin_token_file, opt);
+        if let Some(f) = &self.database_url_file {
+            let url = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            c.database_url = Some(url.trim().to_owned());
+        }
+        c.server_names.extend(self.server_names.iter().cloned());
+        c.validate().map_err(anyhow::Error::msg)?;
+        Ok(c)
+    }
+}
+
+fn log_config(c: &ControllerConfig) {
+    tracing::info!(
+        data_dir = %c.data_dir.display(),
+        quic = %c.quic_listen,
+        http = %c.http_listen,
+        database = %nebula_controller::store::redact_url(&c.database_url()),
+        keep_alive = %humantime::format_duration(c.keep_alive),
+        idle_timeout = %humantime::format_duration(c.idle_timeout),
+        cert_lifetime = %humantime::format_duration(c.cert_lifetime),
+        "configuration"
+    );
+}
+
+pub async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    log_config(&config);
+    let shutdown = CancellationToken::new();
+    let controller = Controller::start(config, shutdown.clone()).await?;
+    if let Some(token) = &controller.new_admin_token {
+        println!("Admin API token (shown once, stored hashed): {token}");
+    }
+    println!("API: http://{}", controller.http_addr);
+    println!("QUIC: {}", controller.quic_addr);
+    println!("CA pin: {}", controller.control_plane.ca.pin_hex());
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    controller.shutdown().await;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Where the demo keeps its state (controller and agent).
+    #[arg(long, default_value = ".nebula-dev")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    quic_listen: SocketAddr,
+}
+
+/// Controller + join token + local agent, in one process, until Ctrl-C.
+pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
+    let config = ControllerConfig {
+        data_dir: args.data_dir.join("controller"),
+        http_listen: args.http_listen,
+        quic_listen: args.quic_listen,
+        ..ControllerConfig::default()
+    };
+    log_config(&config);
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let controller = Controller::start(config, shutdown.clone()).await?;
+    let token_path = args.data_dir.join("admin.token");
+    if let Some(token) = &controller.new_admin_token {
+        write_private(&token_path, token)?;
+    }
+    let admin_token = std::fs::read_to_string(&token_path)
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_else(|_| "(see the first run's output)".into());
+
+    let cp = controller.control_plane.clone();
+    let agent_config = AgentConfig {
+        controller: Some(controller.quic_addr.to_string()),
+        state_dir: args.data_dir.join("agent"),
+        labels: [("env".to_owned(), "dev".to_owned())].into(),
+        ..AgentConfig::default()
+    };
+    let agent = Agent::new(agent_config);
+    if !agent.is_enrolled() {
+        let created = cp
+            .create_join_token(Some(Duration::from_secs(600)), Some(1), Default::default(), "nebula dev local agent", "dev")
+            .await?;
+        let token = created.token.parse().context("reading the dev join token")?;
+        agent.join(&token).await.context("enrolling the local agent")?;
+    }
+    let mut status = agent.status();
+    let agent_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        if let Err(e) = agent.run(agent_shutdown).await {
+            tracing::error!("local agent stopped: {e:#}");
+        }
+    });
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| matches!(s, AgentStatus::Connected { .. })),
+    )
+    .await;
+    let url = format!("http://{}", controller.http_addr);
+    println!();
+    println!("Nebula Command dev environment");
+    println!("  API:          {url}");
+    println!("  Admin token:  {admin_token}   (also in {})", token_path.display());
+    println!("  QUIC:         {}", controller.quic_addr);
+    println!("  CA pin:       {}", cp.ca.pin_hex());
+    match connected {
+        Ok(Ok(s)) => {
+            if let AgentStatus::Connected { name, node_id } = &*s {
+                println!("  Local agent:  {name} ({node_id}) online");
+            }
+        }
+        _ => println!("  Local agent:  not connected yet (see the log)"),
+    }
+    println!();
+    println!("Try:  NEBULA_TOKEN_FILE={} nebula nodes", token_path.display());
+    println!("Press Ctrl-C to stop.");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    controller.wait().await;
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{text}")?;
+    Ok(())
+}
+
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
