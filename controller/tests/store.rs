@@ -1,0 +1,279 @@
+//! The store suite, run against both backends: an embedded SQLite file and a real PostgreSQL
+//! server (started by `scripts/test`, URL in `NEBULA_TEST_POSTGRES_URL`). In CI a missing
+//! PostgreSQL fails the suite; it never passes by skipping.
+
+use std::time::SystemTime;
+
+use nebula_controller::store::{
+    millis, CertRecord, EnrollError, Enrollment, NewJoinToken, Store,
+};
+use nebula_protocol::{Labels, NodeFacts};
+use sqlx::Connection;
+use uuid::Uuid;
+
+async fn sqlite() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    (Store::connect(&url).await.unwrap(), dir)
+}
+
+/// A fresh database on the test PostgreSQL server, dropped when the guard goes.
+struct PgDb {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Best effort; a fresh runtime because Drop is sync.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut c)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn postgres() -> Option<(Store, PgDb)> {
+    let Ok(admin_url) = std::env::var("NEBULA_TEST_POSTGRES_URL") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("NEBULA_TEST_POSTGRES_URL is not set: CI must run the store suite on PostgreSQL (use scripts/test)");
+        }
+        eprintln!("NEBULA_TEST_POSTGRES_URL not set: skipping the PostgreSQL half (scripts/test sets it)");
+        return None;
+    };
+    let name = format!("nebula_t_{}", Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("connect to the test PostgreSQL server");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (base, _) = admin_url.rsplit_once('/').expect("URL has a database part");
+    let store = Store::connect(&format!("{base}/{name}")).await.unwrap();
+    Some((store, PgDb { admin_url, name }))
+}
+
+/// Run one suite function on both backends.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                let (s, _d) = super::sqlite().await;
+                super::$name(&s).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                if let Some((s, _db)) = super::postgres().await {
+                    super::$name(&s).await;
+                    s.close().await;
+                }
+            }
+        }
+    };
+}
+
+fn now() -> i64 {
+    millis(SystemTime::now())
+}
+
+async fn token(s: &Store, id: &str, uses: Option<i64>, expires_at: Option<i64>, labels: &Labels) {
+    s.create_join_token(&NewJoinToken {
+        id,
+        secret_hash: "hash",
+        description: "test",
+        labels,
+        created_by: "tester",
+        expires_at,
+        uses_left: uses,
+    })
+    .await
+    .unwrap();
+}
+
+fn enrollment<'a>(
+    token_id: &'a str,
+    secret_hash: &'a str,
+    name: &'a str,
+    labels: &'a Labels,
+    facts: &'a NodeFacts,
+) -> Enrollment<'a> {
+    let node_id = Uuid::now_v7();
+    Enrollment {
+        token_id,
+        secret_hash,
+        node_id,
+        name,
+        requested_labels: labels,
+        facts,
+        cert: CertRecord {
+            serial: format!("{:032x}", Uuid::new_v4().as_u128()),
+            node_id,
+            not_before: now(),
+            not_after: now() + 60_000,
+            issued_at: now(),
+            revoked_at: None,
+        },
+        now: now(),
+    }
+}
+
+async fn enroll_consumes_token_and_merges_labels(s: &Store) {
+    let token_labels = Labels::from([("zone".into(), "home".into())]);
+    token(s, "t1", Some(1), None, &token_labels).await;
+    let asked = Labels::from([("zone".into(), "cloud".into()), ("gpu".into(), "yes".into())]);
+    let facts = NodeFacts {
+        hostname: "h1".into(),
+        cpu_count: 8,
+        ..Default::default()
+    };
+    let e = enrollment("t1", "hash", "node-1", &asked, &facts);
+    let labels = s.enroll(&e).await.unwrap();
+    assert_eq!(labels.get("zone").map(String::as_str), Some("home"), "token labels win");
+    assert_eq!(labels.get("gpu").map(String::as_str), Some("yes"));
+
+    let node = s.node_by_name("node-1").await.unwrap().unwrap();
+    assert_eq!(node.id, e.node_id);
+    assert_eq!(node.labels, labels);
+    assert_eq!(node.facts.cpu_count, 8);
+    assert_eq!(node.cert_not_after, Some(e.cert.not_after));
+    assert_eq!(s.node_by_id(e.node_id).await.unwrap().unwrap().name, "node-1");
+
+    let t = s.join_token("t1").await.unwrap().unwrap();
+    assert_eq!(t.uses_left, Some(0));
+    assert_eq!(t.uses, 1);
+    // Used up: the second enrollment is refused and changes nothing.
+    let e2 = enrollment("t1", "hash", "node-2", &asked, &facts);
+    assert!(matches!(s.enroll(&e2).await, Err(EnrollError::Exhausted)));
+    assert!(s.node_by_name("node-2").await.unwrap().is_none());
+    assert!(s.certificate(&e2.cert.serial).await.unwrap().is_none());
+}
+both!(enroll_consumes_token_and_merges_labels);
+
+async fn enroll_refusals_are_specific_and_change_nothing(s: &Store) {
+    let facts = NodeFacts::default();
+    let l = Labels::new();
+    token(s, "exp", None, Some(now() - 1000), &l).await;
+    token(s, "rev", None, None, &l).await;
+    token(s, "ok", None, None, &l).await;
+    assert!(s.revoke_join_token("rev").await.unwrap());
+    assert!(!s.revoke_join_token("rev").await.unwrap(), "second revoke finds nothing");
+    assert!(matches!(s.enroll(&enrollment("nope", "hash", "a", &l, &facts)).await, Err(EnrollError::UnknownToken)));
+    assert!(matches!(s.enroll(&enrollment("ok", "wrong", "a", &l, &facts)).await, Err(EnrollError::UnknownToken)));
+    assert!(matches!(s.enroll(&enrollment("exp", "hash", "a", &l, &facts)).await, Err(EnrollError::Expired)));
+    assert!(matches!(s.enroll(&enrollment("rev", "hash", "a", &l, &facts)).await, Err(EnrollError::Revoked)));
+    s.enroll(&enrollment("ok", "hash", "a", &l, &facts)).await.unwrap();
+    // Same name again: refused, and the token use is not consumed.
+    assert!(matches!(s.enroll(&enrollment("ok", "hash", "a", &l, &facts)).await, Err(EnrollError::NameTaken(_))));
+    assert_eq!(s.join_token("ok").await.unwrap().unwrap().uses, 1);
+    assert_eq!(s.list_nodes().await.unwrap().len(), 1);
+    let tokens = s.list_join_tokens().await.unwrap();
+    assert_eq!(tokens.len(), 3);
+    assert!(tokens.iter().any(|t| t.id == "rev" && t.revoked_at.is_some()));
+}
+both!(enroll_refusals_are_specific_and_change_nothing);
+
+async fn concurrent_enrollments_never_overspend_a_token(s: &Store) {
+    let l = Labels::new();
+    token(s, "race", Some(3), None, &l).await;
+    let facts = NodeFacts::default();
+    let names: Vec<String> = (0..10).map(|i| format!("racer-{i}")).collect();
+    let mut tasks = Vec::new();
+    for name in &names {
+        let s = s.clone();
+        let name = name.clone();
+        let facts = facts.clone();
+        let l = l.clone();
+        tasks.push(tokio::spawn(async move {
+            let e = enrollment("race", "hash", &name, &l, &facts);
+            s.enroll(&e).await.is_ok()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3, "exactly the token's uses succeed");
+    assert_eq!(s.list_nodes().await.unwrap().len(), 3);
+    assert_eq!(s.join_token("race").await.unwrap().unwrap().uses_left, Some(0));
+}
+both!(concurrent_enrollments_never_overspend_a_token);
+
+async fn remove_node_revokes_certificates_and_forgets_labels(s: &Store) {
+    let l = Labels::from([("a".into(), "b".into())]);
+    token(s, "t", None, None, &Labels::new()).await;
+    let facts = NodeFacts::default();
+    let e = enrollment("t", "hash", "gone", &l, &facts);
+    s.enroll(&e).await.unwrap();
+    let renewed = CertRecord {
+        serial: "01ff".into(),
+        node_id: e.node_id,
+        not_before: now(),
+        not_after: now() + 120_000,
+        issued_at: now(),
+        revoked_at: None,
+    };
+    s.add_certificate(&renewed).await.unwrap();
+    assert_eq!(
+        s.node_by_name("gone").await.unwrap().unwrap().cert_not_after,
+        Some(renewed.not_after),
+        "newest certificate's expiry is shown"
+    );
+    s.record_session(e.node_id, &NodeFacts { hostname: "new".into(), ..Default::default() }, "9.9.9", now())
+        .await
+        .unwrap();
+    let n = s.node_by_id(e.node_id).await.unwrap().unwrap();
+    assert_eq!(n.agent_version, "9.9.9");
+    assert_eq!(n.facts.hostname, "new");
+    assert!(n.last_seen_at.is_some());
+
+    assert_eq!(s.remove_node("gone", now()).await.unwrap(), Some(e.node_id));
+    assert_eq!(s.remove_node("gone", now()).await.unwrap(), None);
+    assert!(s.node_by_name("gone").await.unwrap().is_none());
+    for serial in [&e.cert.serial, &renewed.serial] {
+        let c = s.certificate(serial).await.unwrap().unwrap();
+        assert!(c.revoked_at.is_some(), "{serial} revoked");
+    }
+    // The name is free again.
+    s.enroll(&enrollment("t", "hash", "gone", &l, &facts)).await.unwrap();
+}
+both!(remove_node_revokes_certificates_and_forgets_labels);
+
+async fn api_tokens_are_stored_hashed_and_replaceable(s: &Store) {
+    assert_eq!(s.api_token_count().await.unwrap(), 0);
+    s.upsert_api_token("admin", "h1", "admin").await.unwrap();
+    s.upsert_api_token("ci", "h2", "viewer").await.unwrap();
+    assert_eq!(s.api_token_count().await.unwrap(), 2);
+    assert_eq!(s.api_token_by_hash("h1").await.unwrap().unwrap().role, "admin");
+    // Replacing admin's secret drops the old hash.
+    s.upsert_api_token("admin", "h3", "admin").await.unwrap();
+    assert!(s.api_token_by_hash("h1").await.unwrap().is_none());
+    assert_eq!(s.api_token_by_hash("h3").await.unwrap().unwrap().name, "admin");
+    assert_eq!(s.api_token_count().await.unwrap(), 2);
+}
+both!(api_tokens_are_stored_hashed_and_replaceable);
+
+
+#[tokio::test]
+async fn sqlite_reopen_keeps_data_and_rejects_bad_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    let s = Store::connect(&url).await.unwrap();
+    s.upsert_api_token("admin", "h", "admin").await.unwrap();
+    s.close().await;
+    let s = Store::connect(&url).await.unwrap();
+    assert_eq!(s.api_token_count().await.unwrap(), 1);
+    assert!(Store::connect("mysql://x").await.is_err());
+}
