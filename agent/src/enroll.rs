@@ -71,6 +71,7 @@ pub async fn enroll(
                 controller: params.controller,
                 node_id: e.node_id,
                 name: e.name.clone(),
+                settings: Some(e.settings.clone()),
             };
             state.save(&st, &key, &e.cert_der, &e.ca_der)?;
             info!(node = %e.node_id, name = %e.name, labels = ?e.labels, "enrolled");

@@ -33,6 +33,9 @@ pub struct AgentState {
     pub controller: String,
     pub node_id: Uuid,
     pub name: String,
+    /// The controller's latest session settings (from enrollment, then every `Welcome`).
+    #[serde(default)]
+    pub settings: Option<nebula_protocol::SessionSettings>,
 }
 
 /// A loaded identity.
@@ -100,6 +103,7 @@ impl StateDir {
         if !self.is_enrolled() {
             return Err(IdentityError::NotEnrolled(self.dir.clone()));
         }
+        self.finish_pending_swap()?;
         let state_path = self.dir.join("agent.json");
         let state: AgentState = serde_json::from_slice(&self.read(&state_path)?)
             .map_err(|_| IdentityError::Invalid(state_path))?;
@@ -127,15 +131,48 @@ impl StateDir {
     ) -> Result<(), IdentityError> {
         self.ensure_dir()?;
         self.write("ca.crt", pem("CERTIFICATE", ca_der).as_bytes())?;
-        self.save_cert(key, cert_der)?;
+        self.write("node.key", key.serialize_pem().as_bytes())?;
+        self.write("node.crt", pem("CERTIFICATE", cert_der).as_bytes())?;
         let json = serde_json::to_vec_pretty(state).expect("state serialises");
         self.write("agent.json", &json)
     }
 
-    /// Replace key and certificate (after renewal).
+    /// Save new session settings from the controller.
+    pub fn save_settings(&self, settings: &nebula_protocol::SessionSettings) -> Result<(), IdentityError> {
+        let path = self.dir.join("agent.json");
+        let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
+            .map_err(|_| IdentityError::Invalid(path.clone()))?;
+        state.settings = Some(settings.clone());
+        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+        self.write("agent.json", &json)
+    }
+
+    /// Replace key and certificate (after renewal). Both are written in full as `*.next` files
+    /// before either is renamed into place, and [`StateDir::load`] completes an interrupted swap,
+    /// so a crash never leaves a key that does not match its certificate.
     pub fn save_cert(&self, key: &KeyPair, cert_der: &[u8]) -> Result<(), IdentityError> {
-        self.write("node.key", key.serialize_pem().as_bytes())?;
-        self.write("node.crt", pem("CERTIFICATE", cert_der).as_bytes())
+        self.write("node.key.next", key.serialize_pem().as_bytes())?;
+        self.write("node.crt.next", pem("CERTIFICATE", cert_der).as_bytes())?;
+        self.finish_pending_swap()
+    }
+
+    fn finish_pending_swap(&self) -> Result<(), IdentityError> {
+        let crt_next = self.dir.join("node.crt.next");
+        if !crt_next.exists() {
+            // No swap in progress (a lone key.next is an unfinished write: ignore it).
+            let _ = std::fs::remove_file(self.dir.join("node.key.next"));
+            return Ok(());
+        }
+        for name in ["node.key", "node.crt"] {
+            let next = self.dir.join(format!("{name}.next"));
+            if next.exists() {
+                std::fs::rename(&next, self.dir.join(name)).map_err(|source| IdentityError::Io {
+                    path: next.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn ensure_dir(&self) -> Result<(), IdentityError> {
@@ -233,6 +270,7 @@ mod tests {
             controller: "127.0.0.1:4433".into(),
             node_id: Uuid::now_v7(),
             name: "n1".into(),
+            settings: None,
         };
         sd.save(&state, &key, cert.der(), cert.der()).unwrap();
         let id = sd.load().unwrap();

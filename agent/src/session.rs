@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use nebula_protocol::{
     self as proto, close, AgentMessage, ControllerMessage, FrameError, Hello, NodeFacts,
-    ServerHello, CONTROLLER_SERVER_NAME,
+    ServerHello, SessionSettings, CONTROLLER_SERVER_NAME,
 };
 use rand::Rng;
 use tokio::sync::watch;
@@ -82,13 +82,11 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let endpoint = tls::client_endpoint(addr).map_err(|e| AgentError::Other(e.into()))?;
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
-    let mut keep_alive = config.keep_alive;
-    let mut idle = config.idle_timeout;
     let result = loop {
         status.send_replace(AgentStatus::Connecting {
             attempt: backoff.attempt(),
         });
-        match session(state, &endpoint, addr, &facts, status, &shutdown, &mut keep_alive, &mut idle).await {
+        match session(config, state, &endpoint, addr, &facts, status, &shutdown).await {
             Ok(SessionEnd::Shutdown) => break Ok(()),
             Ok(SessionEnd::Lost { established, reason }) => {
                 if established {
@@ -111,19 +109,31 @@ pub async fn run(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Keep-alive and idle timeout for the next connection: the controller's latest settings when
+/// known, else the local config.
+fn liveness(config: &AgentConfig, saved: Option<&SessionSettings>) -> (Duration, Duration) {
+    match saved {
+        Some(s) => {
+            let keep_alive = Duration::from_millis(s.keep_alive_ms.into()).max(Duration::from_millis(100));
+            let idle = Duration::from_millis(s.idle_timeout_ms.into()).max(keep_alive * 2);
+            (keep_alive, idle)
+        }
+        None => (config.keep_alive, config.idle_timeout),
+    }
+}
+
 async fn session(
+    config: &AgentConfig,
     state: &StateDir,
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     facts: &NodeFacts,
     status: &watch::Sender<AgentStatus>,
     shutdown: &CancellationToken,
-    keep_alive: &mut Duration,
-    idle: &mut Duration,
 ) -> Result<SessionEnd, AgentError> {
     let identity = state.load()?;
-    let cfg = tls::session_config(&identity, *keep_alive, *idle).map_err(AgentError::Other)?;
+    let (keep_alive, idle) = liveness(config, identity.state.settings.as_ref());
+    let cfg = tls::session_config(&identity, keep_alive, idle).map_err(AgentError::Other)?;
     let connecting = endpoint
         .connect_with(cfg, addr, CONTROLLER_SERVER_NAME)
         .map_err(|e| AgentError::Other(e.into()))?;
@@ -171,13 +181,16 @@ async fn session(
     if welcome.node_id != identity.state.node_id {
         warn!(ours = %identity.state.node_id, theirs = %welcome.node_id, "controller names another node id than our certificate");
     }
-    *keep_alive = Duration::from_millis(welcome.settings.keep_alive_ms.into()).max(Duration::from_millis(100));
-    *idle = Duration::from_millis(welcome.settings.idle_timeout_ms.into()).max(*keep_alive * 2);
     info!(node = %welcome.node_id, name = %welcome.name, controller_version = %welcome.controller_version, "connected to the controller");
     status.send_replace(AgentStatus::Connected {
         node_id: welcome.node_id,
         name: welcome.name.clone(),
     });
+    if let Some(end) = adopt_settings(config, state, &identity.state.settings, &welcome.settings, keep_alive)? {
+        conn.close(close::NORMAL.into(), b"reconnecting with new settings");
+        return Ok(end);
+    }
+    let mut saved_settings = Some(welcome.settings.clone());
 
     let renew_at = identity.renew_at().unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
     let mut renew_timer = Box::pin(tokio::time::sleep(until(renew_at)));
@@ -216,8 +229,11 @@ async fn session(
                 }
                 Ok(ControllerMessage::SettingsChanged(s)) => {
                     info!(?s, "settings changed");
-                    *keep_alive = Duration::from_millis(s.keep_alive_ms.into());
-                    *idle = Duration::from_millis(s.idle_timeout_ms.into());
+                    if let Some(end) = adopt_settings(config, state, &saved_settings, &s, keep_alive)? {
+                        conn.close(close::NORMAL.into(), b"reconnecting with new settings");
+                        return Ok(end);
+                    }
+                    saved_settings = Some(s);
                 }
                 Ok(ControllerMessage::Bye { reason }) => {
                     return Ok(SessionEnd::Lost { established: true, reason: format!("controller said bye: {reason}") });
@@ -239,6 +255,33 @@ async fn session(
             }
         }
     }
+}
+
+/// Save settings that differ from the saved ones. When the controller wants more frequent
+/// keep-alives than this connection sends, reconnect at once: this connection could otherwise
+/// hit the controller's idle timeout.
+fn adopt_settings(
+    config: &AgentConfig,
+    state: &StateDir,
+    saved: &Option<SessionSettings>,
+    new: &SessionSettings,
+    current_keep_alive: Duration,
+) -> Result<Option<SessionEnd>, AgentError> {
+    if saved.as_ref() == Some(new) {
+        return Ok(None);
+    }
+    state.save_settings(new)?;
+    let (wanted, _) = liveness(config, Some(new));
+    if wanted < current_keep_alive {
+        return Ok(Some(SessionEnd::Lost {
+            established: true,
+            reason: format!(
+                "controller asks for keep-alives every {}; reconnecting to apply it",
+                humantime::format_duration(wanted)
+            ),
+        }));
+    }
+    Ok(None)
 }
 
 fn until(t: SystemTime) -> Duration {

@@ -49,8 +49,12 @@ pub fn endpoint(
     tls.alpn_protocols = vec![ALPN_SESSION.to_vec(), ALPN_ENROLL.to_vec()];
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
+    // Keep-alives come from the agents (their interval is in `Welcome` and the enrollment
+    // answer). The controller sends none: a keep-alive sent after the last packet received
+    // restarts the idle timer (RFC 9000, 10.1), which would delay noticing a dead agent by up to
+    // one interval past the idle timeout.
     transport
-        .keep_alive_interval(Some(cp.config.keep_alive))
+        .keep_alive_interval(None)
         .max_idle_timeout(Some(cp.config.idle_timeout.try_into()?))
         .max_concurrent_bidi_streams(64u32.into())
         .max_concurrent_uni_streams(16u32.into());
@@ -58,10 +62,18 @@ pub fn endpoint(
     // A stateless-reset key that survives restarts: after a controller crash, the first packet
     // an agent sends to the new process is answered with a reset it can verify, so it reconnects
     // at once instead of waiting out its idle timeout.
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+    // Connection ids must also stay valid across restarts, or the new process drops the packets
+    // as foreign instead of resetting: derive the id generator's key from the same secret.
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         reset_key,
     )));
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&reset_key[24..]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let socket = std::net::UdpSocket::bind(cp.config.quic_listen)?;
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
@@ -217,6 +229,7 @@ impl ControlPlane {
             labels,
             cert_der: issued.der,
             ca_der: self.ca.ca_der().to_vec(),
+            settings: self.session_settings(),
         })
     }
 }

@@ -190,6 +190,8 @@ pub struct Enrolled {
     pub cert_der: Vec<u8>,
     /// The controller's CA certificate, DER.
     pub ca_der: Vec<u8>,
+    /// Session settings, so that the very first session already uses the right keep-alive.
+    pub settings: SessionSettings,
 }
 
 /// First frame of a session. Its first field must stay `version` in every major.

@@ -96,6 +96,7 @@ fn enroll_response() {
             labels: BTreeMap::from([("zone".into(), "home".into())]),
             cert_der: vec![1, 2, 3],
             ca_der: vec![4, 5, 6],
+            settings: settings(),
         }),
     );
     check("enroll_response_refused", &EnrollResponse::Refused(refusal()));

@@ -1,0 +1,319 @@
+//! Test harness: real `nebula serve` and `nebula-agent` processes on 127.0.0.1 with ports the OS
+//! picks, a real HTTP client, and waits on conditions with deadlines (never bare sleeps).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a binary built by `cargo build --workspace --bins` in this profile.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Poll `f` until it returns `Some`, or panic with `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Output lines of a child, collected by a reader thread.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    fn spawn(self, r: impl std::io::Read + Send + 'static) -> Self {
+        let lines = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(Result::ok) {
+                lines.0.lock().unwrap().push(line);
+            }
+        });
+        self
+    }
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+    pub fn find(&self, prefix: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix).map(|s| s.trim().to_owned()))
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Self {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        cmd.env("RUST_LOG", "info");
+        let mut child = cmd.spawn().expect("spawn");
+        let stdout = Lines::default().spawn(child.stdout.take().unwrap());
+        let stderr = Lines::default().spawn(child.stderr.take().unwrap());
+        Proc { child, stdout, stderr }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_free_sigterm(self.child.id());
+        self.child.wait().expect("wait")
+    }
+
+    /// Wait for the process to exit by itself.
+    pub async fn exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                // Let the reader threads drain.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return st;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "process did not exit within {timeout:?}\nstderr:\n{}",
+                    self.stderr.text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn output(&self) -> String {
+        format!("{}\n{}", self.stdout.text(), self.stderr.text())
+    }
+}
+
+fn unsafe_free_sigterm(pid: u32) {
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options for a controller under test.
+#[derive(Clone)]
+pub struct ControllerOpts {
+    pub idle_timeout: &'static str,
+    pub keep_alive: &'static str,
+    pub cert_lifetime: &'static str,
+    pub max_frame_bytes: Option<usize>,
+}
+
+impl Default for ControllerOpts {
+    fn default() -> Self {
+        ControllerOpts {
+            idle_timeout: "3s",
+            keep_alive: "1s",
+            cert_lifetime: "1h",
+            max_frame_bytes: None,
+        }
+    }
+}
+
+/// A `nebula serve` process with its own data dir.
+pub struct Controller {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub admin_token: String,
+    pub opts: ControllerOpts,
+    pub client: reqwest::Client,
+}
+
+impl Controller {
+    pub async fn start(opts: ControllerOpts) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let admin_token = format!("nbl_test_{}", uuid::Uuid::new_v4().simple());
+        std::fs::write(dir.path().join("admin.token"), &admin_token).unwrap();
+        let (proc, http, quic) =
+            Self::spawn(dir.path(), &opts, "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Controller {
+            proc,
+            dir,
+            http,
+            quic,
+            admin_token,
+            opts,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn spawn(
+        dir: &Path,
+        opts: &ControllerOpts,
+        http: SocketAddr,
+        quic: SocketAddr,
+    ) -> (Proc, SocketAddr, SocketAddr) {
+        let mut cmd = Command::new(bin("nebula"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--http-listen")
+            .arg(http.to_string())
+            .arg("--quic-listen")
+            .arg(quic.to_string())
+            .arg("--admin-token-file")
+            .arg(dir.join("admin.token"))
+            .arg("--idle-timeout")
+            .arg(opts.idle_timeout)
+            .arg("--keep-alive")
+            .arg(opts.keep_alive)
+            .arg("--cert-lifetime")
+            .arg(opts.cert_lifetime);
+        if let Some(m) = opts.max_frame_bytes {
+            cmd.arg("--max-frame-bytes").arg(m.to_string());
+        }
+        let proc = Proc::spawn(cmd);
+        let (http, quic) = wait_for("controller to print its addresses", Duration::from_secs(20), || {
+            let out = &proc.stdout;
+            async move {
+                let http = out.find("API: http://")?.parse().ok()?;
+                let quic = out.find("QUIC: ")?.parse().ok()?;
+                Some((http, quic))
+            }
+        })
+        .await;
+        (proc, http, quic)
+    }
+
+    /// Kill (SIGKILL) and start again on the same ports and data dir.
+    pub async fn restart_hard(&mut self) {
+        self.proc.kill();
+        let (proc, http, quic) = Self::spawn(self.dir.path(), &self.opts, self.http, self.quic).await;
+        self.proc = proc;
+        assert_eq!((http, quic), (self.http, self.quic));
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(&self.admin_token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("HTTP request");
+        let status = resp.status().as_u16();
+        let v = resp.json().await.unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let (status, v) = self.api(reqwest::Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// Create a join token through the API.
+    pub async fn token(&self, uses: u32, ttl: &str, labels: Value) -> String {
+        let (status, v) = self
+            .api(
+                reqwest::Method::POST,
+                "/api/v1/tokens",
+                Some(serde_json::json!({"uses": uses, "ttl": ttl, "labels": labels})),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn nodes(&self) -> Vec<Value> {
+        self.get("/api/v1/nodes").await["items"].as_array().cloned().unwrap()
+    }
+
+    pub async fn node(&self, name: &str) -> Option<Value> {
+        let (status, v) = self.api(reqwest::Method::GET, &format!("/api/v1/nodes/{name}"), None).await;
+        (status == 200).then_some(v)
+    }
+
+    pub async fn wait_status(&self, name: &str, status: &str, timeout: Duration) -> Value {
+        wait_for(&format!("{name} to be {status}"), timeout, || async {
+            self.node(name).await.filter(|n| n["status"] == status)
+        })
+        .await
+    }
+}
+
+/// A `nebula-agent` process.
+pub struct Agent {
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+}
+
+impl Agent {
+    pub fn join(c: &Controller, token: &str, state_dir: &Path, name: &str, labels: &[&str]) -> Self {
+        let mut cmd = Command::new(bin("nebula-agent"));
+        cmd.arg("join")
+            .arg("--controller")
+            .arg(c.quic.to_string())
+            .arg("--token")
+            .arg(token)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--name")
+            .arg(name);
+        for l in labels {
+            cmd.arg("--label").arg(l);
+        }
+        Agent {
+            proc: Proc::spawn(cmd),
+            state_dir: state_dir.to_owned(),
+        }
+    }
+
+    pub fn run(state_dir: &Path) -> Self {
+        let mut cmd = Command::new(bin("nebula-agent"));
+        cmd.arg("run").arg("--state-dir").arg(state_dir);
+        Agent {
+            proc: Proc::spawn(cmd),
+            state_dir: state_dir.to_owned(),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Whole-system tests: real `nebula serve` and `nebula-agent` processes talking real QUIC with
+//! mutual TLS on 127.0.0.1, ports chosen by the OS.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Agent, Controller, ControllerOpts};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_join_and_show_online_with_facts_and_labels() {
+    let c = Controller::start(ControllerOpts::default()).await;
+    let token = c.token(2, "1h", json!({"zone": "home"})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = Agent::join(&c, &token, &dir.path().join("a"), "alpha", &["role=gpu"]);
+    let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
+    let a = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    let b = c.wait_status("beta", "online", Duration::from_secs(20)).await;
+    assert_eq!(a["labels"], json!({"zone": "home", "role": "gpu"}));
+    assert_eq!(b["labels"], json!({"zone": "home"}));
+    for n in [&a, &b] {
+        assert!(n["facts"]["cpu_count"].as_u64().unwrap() >= 1, "{n}");
+        assert!(n["facts"]["memory_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(n["facts"]["arch"], std::env::consts::ARCH);
+        assert!(!n["facts"]["hostname"].as_str().unwrap().is_empty());
+        assert!(!n["facts"]["kernel"].as_str().unwrap().is_empty());
+        assert_eq!(n["agent_version"], env!("CARGO_PKG_VERSION"));
+        assert!(n["cert_not_after"].is_string());
+    }
+    assert_ne!(a["id"], b["id"]);
+    let list = c.nodes().await;
+    let names: Vec<_> = list.iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    // Filters and pagination.
+    let page = c.get("/api/v1/nodes?limit=1").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next_cursor"], "alpha");
+    let page2 = c.get("/api/v1/nodes?limit=1&cursor=alpha").await;
+    assert_eq!(page2["items"][0]["name"], "beta");
+    assert!(page2["next_cursor"].is_null());
+    let gpu = c.get("/api/v1/nodes?label=role=gpu").await;
+    assert_eq!(gpu["items"].as_array().unwrap().len(), 1);
+    // The token is used up.
+    let tokens = c.get("/api/v1/tokens").await;
+    assert_eq!(tokens["items"][0]["state"], "used");
+    assert_eq!(tokens["items"][0]["uses"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_goes_offline_within_idle_timeout_and_returns_with_same_id() {
+    let c = Controller::start(ControllerOpts::default()).await; // idle timeout 3 s
+    let token = c.token(1, "1h", json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("a");
+    let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
+    let before = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    let killed_at = Instant::now();
+    a.proc.kill(); // SIGKILL: no Bye, no close; only the idle timeout can tell
+    c.wait_status("alpha", "offline", Duration::from_secs(4)).await;
+    let took = killed_at.elapsed();
+    assert!(took <= Duration::from_secs(4), "offline after {took:?}");
+    // Restart from saved state: same id, no new enrollment (the single-use token is spent).
+    let _a = Agent::run(&state);
+    let after = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    assert_eq!(before["id"], after["id"]);
+    assert_eq!(before["enrolled_at"], after["enrolled_at"]);
+    assert_eq!(c.nodes().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_restart_agents_reconnect_by_themselves_within_10s() {
+    let mut c = Controller::start(ControllerOpts {
+        // A long idle timeout: reconnecting quickly must not depend on it.
+        idle_timeout: "30s",
+        keep_alive: "1s",
+        ..ControllerOpts::default()
+    })
+    .await;
+    let token = c.token(2, "1h", json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = Agent::join(&c, &token, &dir.path().join("a"), "alpha", &[]);
+    let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
+    let a0 = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    let b0 = c.wait_status("beta", "online", Duration::from_secs(20)).await;
+    let since0 = a0["connected_since"].clone();
+
+    c.restart_hard().await; // SIGKILL, then a fresh process on the same ports and data dir
+    let restarted = Instant::now();
+    let a1 = c.wait_status("alpha", "online", Duration::from_secs(10)).await;
+    let b1 = c.wait_status("beta", "online", Duration::from_secs(10)).await;
+    let took = restarted.elapsed();
+    assert!(took < Duration::from_secs(10), "reconnected after {took:?}");
+    assert_eq!(a0["id"], a1["id"]);
+    assert_eq!(b0["id"], b1["id"]);
+    assert_ne!(since0, a1["connected_since"], "a new session");
+    assert_eq!(c.nodes().await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_node_is_cut_off_and_refused_on_reconnect() {
+    let c = Controller::start(ControllerOpts::default()).await;
+    let token = c.token(2, "1h", json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("a");
+    let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
+    let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
+    c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    c.wait_status("beta", "online", Duration::from_secs(20)).await;
+
+    let (status, v) = c.api(reqwest::Method::DELETE, "/api/v1/nodes/alpha", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(c.node("alpha").await.is_none(), "node left the list");
+    // The running agent is cut off and stops: retrying cannot help.
+    let st = a.proc.exit(Duration::from_secs(10)).await;
+    assert!(!st.success());
+    assert!(a.proc.output().contains("revoked"), "{}", a.proc.output());
+    // Reconnecting with the revoked certificate is refused with a clear reason.
+    let mut again = Agent::run(&state);
+    let st = again.proc.exit(Duration::from_secs(15)).await;
+    assert!(!st.success());
+    let out = again.proc.output();
+    assert!(out.contains("revoked"), "{out}");
+    assert!(c.node("alpha").await.is_none());
+    // The other node is untouched.
+    c.wait_status("beta", "online", Duration::from_secs(1)).await;
+    // Removing it again: 404 with the error shape.
+    let (status, v) = c.api(reqwest::Method::DELETE, "/api/v1/nodes/alpha", None).await;
+    assert_eq!(status, 404);
+    assert_eq!(v["error"]["code"], "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_over_the_session_and_the_new_one_works() {
+    let c = Controller::start(ControllerOpts {
+        cert_lifetime: "6s",
+        ..ControllerOpts::default()
+    })
+    .await;
+    let token = c.token(1, "1h", json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("a");
+    let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
+    let first = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    let first_expiry = first["cert_not_after"].as_str().unwrap().to_owned();
+    let first_crt = std::fs::read(state.join("node.crt")).unwrap();
+    let first_key = std::fs::read(state.join("node.key")).unwrap();
+    // Renewal after 2/3 of the 6 s lifetime (+ clock-skew slack).
+    let renewed = common::wait_for("a renewed certificate", Duration::from_secs(15), || {
+        let c = &c;
+        let first_expiry = first_expiry.clone();
+        async move {
+            let n = c.node("alpha").await?;
+            (n["cert_not_after"].as_str()? > first_expiry.as_str()).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(renewed["status"], "online", "the session stayed up");
+    common::wait_for("the agent to save its new certificate", Duration::from_secs(5), || {
+        let state = state.clone();
+        let first_crt = first_crt.clone();
+        async move { (std::fs::read(state.join("node.crt")).ok()? != first_crt).then_some(()) }
+    })
+    .await;
+    assert_ne!(std::fs::read(state.join("node.key")).unwrap(), first_key, "a fresh key");
+    // Once the first certificate has expired, a restarted agent still gets in with the new one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.proc.kill();
+    c.wait_status("alpha", "offline", Duration::from_secs(5)).await;
+    let _a = Agent::run(&state);
+    c.wait_status("alpha", "online", Duration::from_secs(15)).await;
+}
