@@ -95,13 +95,16 @@ impl Api {
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
     async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
     async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> anyhow::Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
 }
 
@@ -156,10 +159,17 @@ fn labels(v: &Value) -> String {
 pub async fn token(cli: &Cli, cmd: &TokenCommand) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
     match cmd {
-        TokenCommand::Create { ttl, uses, labels: ls, description } => {
+        TokenCommand::Create {
+            ttl,
+            uses,
+            labels: ls,
+            description,
+        } => {
             let mut map = serde_json::Map::new();
             for l in ls {
-                let (k, v) = l.split_once('=').with_context(|| format!("label `{l}` must read key=value"))?;
+                let (k, v) = l
+                    .split_once('=')
+                    .with_context(|| format!("label `{l}` must read key=value"))?;
                 map.insert(k.into(), v.into());
             }
             let body = json!({"ttl": ttl, "uses": uses, "labels": map, "description": description});
@@ -180,7 +190,8 @@ pub async fn token(cli: &Cli, cmd: &TokenCommand) -> anyhow::Result<()> {
         TokenCommand::List => {
             let page: Value = api.get("/api/v1/tokens").await?;
             if cli.json {
-                return Ok(print_json(&page["items"]));
+                print_json(&page["items"]);
+                return Ok(());
             }
             let rows = page["items"]
                 .as_array()
@@ -199,7 +210,18 @@ pub async fn token(cli: &Cli, cmd: &TokenCommand) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            table(&["ID", "STATE", "USES LEFT", "USED", "EXPIRES", "LABELS", "DESCRIPTION"], rows);
+            table(
+                &[
+                    "ID",
+                    "STATE",
+                    "USES LEFT",
+                    "USED",
+                    "EXPIRES",
+                    "LABELS",
+                    "DESCRIPTION",
+                ],
+                rows,
+            );
         }
         TokenCommand::Revoke { id } => {
             let v: Value = api.delete(&format!("/api/v1/tokens/{id}")).await?;
@@ -237,7 +259,8 @@ pub async fn nodes(cli: &Cli, args: &NodesArgs) -> anyhow::Result<()> {
         }
     }
     if cli.json {
-        return Ok(print_json(&Value::Array(items)));
+        print_json(&Value::Array(items));
+        return Ok(());
     }
     let rows = items
         .iter()
@@ -255,7 +278,19 @@ pub async fn nodes(cli: &Cli, args: &NodesArgs) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    table(&["NAME", "STATUS", "OS", "ARCH", "CPUS", "MEMORY", "LABELS", "LAST SEEN"], rows);
+    table(
+        &[
+            "NAME",
+            "STATUS",
+            "OS",
+            "ARCH",
+            "CPUS",
+            "MEMORY",
+            "LABELS",
+            "LAST SEEN",
+        ],
+        rows,
+    );
     Ok(())
 }
 
@@ -265,7 +300,8 @@ pub async fn node(cli: &Cli, cmd: &NodeCommand) -> anyhow::Result<()> {
         NodeCommand::Show { name } => {
             let n: Value = api.get(&format!("/api/v1/nodes/{name}")).await?;
             if cli.json {
-                return Ok(print_json(&n));
+                print_json(&n);
+                return Ok(());
             }
             for (k, v) in [
                 ("name", s(&n["name"])),
@@ -273,7 +309,10 @@ pub async fn node(cli: &Cli, cmd: &NodeCommand) -> anyhow::Result<()> {
                 ("status", s(&n["status"])),
                 ("labels", labels(&n["labels"])),
                 ("hostname", s(&n["facts"]["hostname"])),
-                ("os", format!("{} {}", s(&n["facts"]["os"]), s(&n["facts"]["os_version"]))),
+                (
+                    "os",
+                    format!("{} {}", s(&n["facts"]["os"]), s(&n["facts"]["os_version"])),
+                ),
                 ("kernel", s(&n["facts"]["kernel"])),
                 ("arch", s(&n["facts"]["arch"])),
                 ("cpus", s(&n["facts"]["cpu_count"])),

@@ -12,10 +12,19 @@ mod client;
 mod serve;
 
 #[derive(Parser, Debug)]
-#[command(name = "nebula", version, about = "Nebula Command: one control plane for a homelab plus cloud fleet")]
+#[command(
+    name = "nebula",
+    version,
+    about = "Nebula Command: one control plane for a homelab plus cloud fleet"
+)]
 pub struct Cli {
     /// Controller HTTP API URL.
-    #[arg(long, env = "NEBULA_CONTROLLER", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "NEBULA_CONTROLLER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     controller: String,
     /// API token (prefer NEBULA_TOKEN or --token-file).
     #[arg(long, env = "NEBULA_TOKEN", hide_env_values = true, global = true)]
@@ -61,7 +70,10 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
         init_logging(&cli.log_format);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -76,7 +88,12 @@ fn main() -> ExitCode {
             Command::Nodes(ref args) => client::nodes(&cli, args).await,
             Command::Node(ref cmd) => client::node(&cli, cmd).await,
             Command::Completions { shell } => {
-                clap_complete::generate(shell, &mut Cli::command(), "nebula", &mut std::io::stdout());
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "nebula",
+                    &mut std::io::stdout(),
+                );
                 Ok(())
             }
         }
@@ -93,7 +110,9 @@ fn main() -> ExitCode {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

@@ -50,7 +50,8 @@ impl ServeArgs {
     fn config(&self) -> anyhow::Result<ControllerConfig> {
         let mut c: ControllerConfig = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
             }
             None => ControllerConfig::default(),
@@ -77,7 +78,8 @@ impl ServeArgs {
         set!(database_url, opt);
         set!(admin_token_file, opt);
         if let Some(f) = &self.database_url_file {
-            let url = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let url =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
             c.database_url = Some(url.trim().to_owned());
         }
         c.server_names.extend(self.server_names.iter().cloned());
@@ -157,10 +159,22 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
     let agent = Agent::new(agent_config);
     if !agent.is_enrolled() {
         let created = cp
-            .create_join_token(Some(Duration::from_secs(600)), Some(1), Default::default(), "nebula dev local agent", "dev")
+            .create_join_token(
+                Some(Duration::from_secs(600)),
+                Some(1),
+                Default::default(),
+                "nebula dev local agent",
+                "dev",
+            )
             .await?;
-        let token = created.token.parse().context("reading the dev join token")?;
-        agent.join(&token).await.context("enrolling the local agent")?;
+        let token = created
+            .token
+            .parse()
+            .context("reading the dev join token")?;
+        agent
+            .join(&token)
+            .await
+            .context("enrolling the local agent")?;
     }
     let mut status = agent.status();
     let agent_shutdown = shutdown.clone();
@@ -178,7 +192,10 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
     println!();
     println!("Nebula Command dev environment");
     println!("  API:          {url}");
-    println!("  Admin token:  {admin_token}   (also in {})", token_path.display());
+    println!(
+        "  Admin token:  {admin_token}   (also in {})",
+        token_path.display()
+    );
     println!("  QUIC:         {}", controller.quic_addr);
     println!("  CA pin:       {}", cp.ca.pin_hex());
     match connected {
@@ -190,7 +207,10 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
         _ => println!("  Local agent:  not connected yet (see the log)"),
     }
     println!();
-    println!("Try:  NEBULA_TOKEN_FILE={} nebula nodes", token_path.display());
+    println!(
+        "Try:  NEBULA_TOKEN_FILE={} nebula nodes",
+        token_path.display()
+    );
     println!("Press Ctrl-C to stop.");
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -213,7 +233,9 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     writeln!(f, "{text}")?;
     Ok(())
 }

@@ -15,8 +15,12 @@ async fn two_agents_join_and_show_online_with_facts_and_labels() {
     let dir = tempfile::tempdir().unwrap();
     let _a = Agent::join(&c, &token, &dir.path().join("a"), "alpha", &["role=gpu"]);
     let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
-    let a = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
-    let b = c.wait_status("beta", "online", Duration::from_secs(20)).await;
+    let a = c
+        .wait_status("alpha", "online", Duration::from_secs(20))
+        .await;
+    let b = c
+        .wait_status("beta", "online", Duration::from_secs(20))
+        .await;
     assert_eq!(a["labels"], json!({"zone": "home", "role": "gpu"}));
     assert_eq!(b["labels"], json!({"zone": "home"}));
     for n in [&a, &b] {
@@ -54,15 +58,20 @@ async fn killed_agent_goes_offline_within_idle_timeout_and_returns_with_same_id(
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("a");
     let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
-    let before = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    let before = c
+        .wait_status("alpha", "online", Duration::from_secs(20))
+        .await;
     let killed_at = Instant::now();
     a.proc.kill(); // SIGKILL: no Bye, no close; only the idle timeout can tell
-    c.wait_status("alpha", "offline", Duration::from_secs(4)).await;
+    c.wait_status("alpha", "offline", Duration::from_secs(4))
+        .await;
     let took = killed_at.elapsed();
     assert!(took <= Duration::from_secs(4), "offline after {took:?}");
     // Restart from saved state: same id, no new enrollment (the single-use token is spent).
     let _a = Agent::run(&state);
-    let after = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    let after = c
+        .wait_status("alpha", "online", Duration::from_secs(20))
+        .await;
     assert_eq!(before["id"], after["id"]);
     assert_eq!(before["enrolled_at"], after["enrolled_at"]);
     assert_eq!(c.nodes().await.len(), 1);
@@ -81,14 +90,22 @@ async fn controller_restart_agents_reconnect_by_themselves_within_10s() {
     let dir = tempfile::tempdir().unwrap();
     let _a = Agent::join(&c, &token, &dir.path().join("a"), "alpha", &[]);
     let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
-    let a0 = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
-    let b0 = c.wait_status("beta", "online", Duration::from_secs(20)).await;
+    let a0 = c
+        .wait_status("alpha", "online", Duration::from_secs(20))
+        .await;
+    let b0 = c
+        .wait_status("beta", "online", Duration::from_secs(20))
+        .await;
     let since0 = a0["connected_since"].clone();
 
     c.restart_hard().await; // SIGKILL, then a fresh process on the same ports and data dir
     let restarted = Instant::now();
-    let a1 = c.wait_status("alpha", "online", Duration::from_secs(10)).await;
-    let b1 = c.wait_status("beta", "online", Duration::from_secs(10)).await;
+    let a1 = c
+        .wait_status("alpha", "online", Duration::from_secs(10))
+        .await;
+    let b1 = c
+        .wait_status("beta", "online", Duration::from_secs(10))
+        .await;
     let took = restarted.elapsed();
     assert!(took < Duration::from_secs(10), "reconnected after {took:?}");
     assert_eq!(a0["id"], a1["id"]);
@@ -105,10 +122,14 @@ async fn removed_node_is_cut_off_and_refused_on_reconnect() {
     let state = dir.path().join("a");
     let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
     let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
-    c.wait_status("alpha", "online", Duration::from_secs(20)).await;
-    c.wait_status("beta", "online", Duration::from_secs(20)).await;
+    c.wait_status("alpha", "online", Duration::from_secs(20))
+        .await;
+    c.wait_status("beta", "online", Duration::from_secs(20))
+        .await;
 
-    let (status, v) = c.api(reqwest::Method::DELETE, "/api/v1/nodes/alpha", None).await;
+    let (status, v) = c
+        .api(reqwest::Method::DELETE, "/api/v1/nodes/alpha", None)
+        .await;
     assert_eq!(status, 200, "{v}");
     assert!(c.node("alpha").await.is_none(), "node left the list");
     // The running agent is cut off and stops: retrying cannot help.
@@ -123,9 +144,12 @@ async fn removed_node_is_cut_off_and_refused_on_reconnect() {
     assert!(out.contains("revoked"), "{out}");
     assert!(c.node("alpha").await.is_none());
     // The other node is untouched.
-    c.wait_status("beta", "online", Duration::from_secs(1)).await;
+    c.wait_status("beta", "online", Duration::from_secs(1))
+        .await;
     // Removing it again: 404 with the error shape.
-    let (status, v) = c.api(reqwest::Method::DELETE, "/api/v1/nodes/alpha", None).await;
+    let (status, v) = c
+        .api(reqwest::Method::DELETE, "/api/v1/nodes/alpha", None)
+        .await;
     assert_eq!(status, 404);
     assert_eq!(v["error"]["code"], "not_found");
 }
@@ -141,7 +165,9 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("a");
     let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
-    let first = c.wait_status("alpha", "online", Duration::from_secs(20)).await;
+    let first = c
+        .wait_status("alpha", "online", Duration::from_secs(20))
+        .await;
     let first_expiry = first["cert_not_after"].as_str().unwrap().to_owned();
     let first_crt = std::fs::read(state.join("node.crt")).unwrap();
     let first_key = std::fs::read(state.join("node.key")).unwrap();
@@ -156,17 +182,27 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
     })
     .await;
     assert_eq!(renewed["status"], "online", "the session stayed up");
-    common::wait_for("the agent to save its new certificate", Duration::from_secs(5), || {
-        let state = state.clone();
-        let first_crt = first_crt.clone();
-        async move { (std::fs::read(state.join("node.crt")).ok()? != first_crt).then_some(()) }
-    })
+    common::wait_for(
+        "the agent to save its new certificate",
+        Duration::from_secs(5),
+        || {
+            let state = state.clone();
+            let first_crt = first_crt.clone();
+            async move { (std::fs::read(state.join("node.crt")).ok()? != first_crt).then_some(()) }
+        },
+    )
     .await;
-    assert_ne!(std::fs::read(state.join("node.key")).unwrap(), first_key, "a fresh key");
+    assert_ne!(
+        std::fs::read(state.join("node.key")).unwrap(),
+        first_key,
+        "a fresh key"
+    );
     // Once the first certificate has expired, a restarted agent still gets in with the new one.
     tokio::time::sleep(Duration::from_secs(3)).await;
     a.proc.kill();
-    c.wait_status("alpha", "offline", Duration::from_secs(5)).await;
+    c.wait_status("alpha", "offline", Duration::from_secs(5))
+        .await;
     let _a = Agent::run(&state);
-    c.wait_status("alpha", "online", Duration::from_secs(15)).await;
+    c.wait_status("alpha", "online", Duration::from_secs(15))
+        .await;
 }

@@ -20,7 +20,10 @@ async fn refused_join(c: &Controller, token: &str, name: &str) -> String {
     let st = a.proc.exit(Duration::from_secs(20)).await;
     assert!(!st.success(), "join with a bad token must fail");
     assert!(c.node(name).await.is_none(), "no node was created");
-    assert!(!dir.path().join(name).join("node.crt").exists(), "no identity saved");
+    assert!(
+        !dir.path().join(name).join("node.crt").exists(),
+        "no identity saved"
+    );
     a.proc.output()
 }
 
@@ -32,7 +35,8 @@ async fn bad_join_tokens_are_refused_with_clear_errors() {
     let once = c.token(1, "1h", json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let _first = Agent::join(&c, &once, &dir.path().join("first"), "first", &[]);
-    c.wait_status("first", "online", Duration::from_secs(20)).await;
+    c.wait_status("first", "online", Duration::from_secs(20))
+        .await;
     let out = refused_join(&c, &once, "second").await;
     assert!(out.contains("no uses left"), "{out}");
 
@@ -51,7 +55,13 @@ async fn bad_join_tokens_are_refused_with_clear_errors() {
     // Revoked token.
     let revoked = c.token(5, "1h", json!({})).await;
     let id = revoked.parse::<JoinToken>().unwrap().id;
-    let (status, _) = c.api(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}"), None).await;
+    let (status, _) = c
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
     let out = refused_join(&c, &revoked, "too-late").await;
     assert!(out.contains("revoked"), "{out}");
@@ -73,7 +83,8 @@ async fn bad_join_tokens_are_refused_with_clear_errors() {
     assert_eq!(t["uses"], 0);
 
     // The good node was never disturbed.
-    c.wait_status("first", "online", Duration::from_secs(1)).await;
+    c.wait_status("first", "online", Duration::from_secs(1))
+        .await;
 }
 
 /// Enroll in-process (real QUIC) and return the saved identity.
@@ -90,9 +101,14 @@ async fn enrolled_identity(c: &Controller, name: &str, dir: &std::path::Path) ->
 }
 
 async fn raw_session(identity: &Identity, c: &Controller) -> quinn::Connection {
-    let cfg = nebula_agent::tls::session_config(identity, Duration::from_secs(1), Duration::from_secs(5)).unwrap();
+    let cfg =
+        nebula_agent::tls::session_config(identity, Duration::from_secs(1), Duration::from_secs(5))
+            .unwrap();
     let ep = nebula_agent::tls::client_endpoint(c.quic).unwrap();
-    ep.connect_with(cfg, c.quic, CONTROLLER_SERVER_NAME).unwrap().await.unwrap()
+    ep.connect_with(cfg, c.quic, CONTROLLER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap()
 }
 
 fn hello(version: ProtocolVersion) -> Hello {
@@ -104,7 +120,10 @@ fn hello(version: ProtocolVersion) -> Hello {
 }
 
 async fn close_reason(conn: &quinn::Connection) -> (u32, String) {
-    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("closed in time") {
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed in time")
+    {
         quinn::ConnectionError::ApplicationClosed(a) => (
             u32::try_from(a.error_code.into_inner()).unwrap(),
             String::from_utf8_lossy(&a.reason).into_owned(),
@@ -120,19 +139,38 @@ async fn protocol_major_mismatch_is_refused_naming_both_versions() {
     let id = enrolled_identity(&c, "future", dir.path()).await;
     let conn = raw_session(&id, &c).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let future = ProtocolVersion { major: proto::PROTOCOL_VERSION.major + 1, minor: 4 };
-    proto::write_message(&mut send, &hello(future)).await.unwrap();
+    let future = ProtocolVersion {
+        major: proto::PROTOCOL_VERSION.major + 1,
+        minor: 4,
+    };
+    proto::write_message(&mut send, &hello(future))
+        .await
+        .unwrap();
     let reply: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
-    let ServerHello::Refused(r) = reply else { panic!("expected a refusal, got {reply:?}") };
+    let ServerHello::Refused(r) = reply else {
+        panic!("expected a refusal, got {reply:?}")
+    };
     assert_eq!(r.code, RefusalCode::VersionMismatch);
     assert!(r.message.contains(&future.to_string()), "{}", r.message);
-    assert!(r.message.contains(&proto::PROTOCOL_VERSION.to_string()), "{}", r.message);
+    assert!(
+        r.message.contains(&proto::PROTOCOL_VERSION.to_string()),
+        "{}",
+        r.message
+    );
     assert_eq!(r.version, proto::PROTOCOL_VERSION);
     conn.close(0u32.into(), b"");
     // Logged on the controller side too.
-    common::wait_for("the controller to log the refusal", Duration::from_secs(5), || async {
-        c.proc.stderr.text().contains("protocol version mismatch").then_some(())
-    })
+    common::wait_for(
+        "the controller to log the refusal",
+        Duration::from_secs(5),
+        || async {
+            c.proc
+                .stderr
+                .text()
+                .contains("protocol version mismatch")
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(c.node("future").await.unwrap()["status"], "offline");
 
@@ -140,9 +178,14 @@ async fn protocol_major_mismatch_is_refused_naming_both_versions() {
     // a same-major Hello succeeding on the same identity (the refusal changed nothing).
     let conn = raw_session(&id, &c).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION)).await.unwrap();
+    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
+        .await
+        .unwrap();
     let reply: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
-    assert!(matches!(reply, ServerHello::Welcome(ref w) if w.name == "future"), "{reply:?}");
+    assert!(
+        matches!(reply, ServerHello::Welcome(ref w) if w.name == "future"),
+        "{reply:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,13 +199,16 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
     let token = c.token(1, "1h", json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let _good = Agent::join(&c, &token, &dir.path().join("good"), "good", &[]);
-    c.wait_status("good", "online", Duration::from_secs(20)).await;
+    c.wait_status("good", "online", Duration::from_secs(20))
+        .await;
     let id = enrolled_identity(&c, "noisy", &dir.path().join("noisy")).await;
 
     // A frame header announcing 1 MiB against a 64 KiB limit: refused before allocating.
     let conn = raw_session(&id, &c).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
-    send.write_all(&(1024u32 * 1024).to_le_bytes()).await.unwrap();
+    send.write_all(&(1024u32 * 1024).to_le_bytes())
+        .await
+        .unwrap();
     let (code, reason) = close_reason(&conn).await;
     assert_eq!(code, close::PROTOCOL_ERROR, "{reason}");
     assert!(reason.contains("exceeds the limit"), "{reason}");
@@ -181,23 +227,36 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
     // the session goes on; then a malformed message closes the connection.
     let conn = raw_session(&id, &c).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION)).await.unwrap();
+    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
+        .await
+        .unwrap();
     let _welcome: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
     proto::write_frame(&mut send, &[200]).await.unwrap();
     let reply: proto::ControllerMessage = proto::read_message(&mut recv, 1 << 20).await.unwrap();
-    assert_eq!(reply, proto::ControllerMessage::Unsupported { variant: 200 });
+    assert_eq!(
+        reply,
+        proto::ControllerMessage::Unsupported { variant: 200 }
+    );
     // Variant 0 (RenewCertificate) whose byte-string length is cut off.
-    proto::write_frame(&mut send, &[0, 0xfd, 0xff]).await.unwrap();
+    proto::write_frame(&mut send, &[0, 0xfd, 0xff])
+        .await
+        .unwrap();
     let (code, _) = close_reason(&conn).await;
     assert_eq!(code, close::PROTOCOL_ERROR);
 
     // The controller still serves: the good agent is online, the API answers, and the noisy
     // node can still open a proper session.
-    c.wait_status("good", "online", Duration::from_secs(1)).await;
-    assert!(c.proc.child.try_wait().unwrap().is_none(), "controller still running");
+    c.wait_status("good", "online", Duration::from_secs(1))
+        .await;
+    assert!(
+        c.proc.child.try_wait().unwrap().is_none(),
+        "controller still running"
+    );
     let conn = raw_session(&id, &c).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION)).await.unwrap();
+    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
+        .await
+        .unwrap();
     let reply: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
     assert!(matches!(reply, ServerHello::Welcome(_)));
 }
@@ -211,7 +270,9 @@ async fn sessions_need_a_client_certificate_from_the_fleet_ca() {
     // No client certificate on nebula/1: refused right after the handshake, with the reason.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(real.ca_der.clone())).unwrap();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(real.ca_der.clone()))
+        .unwrap();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -222,7 +283,11 @@ async fn sessions_need_a_client_certificate_from_the_fleet_ca() {
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ));
     let ep = nebula_agent::tls::client_endpoint(c.quic).unwrap();
-    let conn = ep.connect_with(cfg, c.quic, CONTROLLER_SERVER_NAME).unwrap().await.unwrap();
+    let conn = ep
+        .connect_with(cfg, c.quic, CONTROLLER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
     let (code, reason) = close_reason(&conn).await;
     assert_eq!(code, close::REFUSED);
     assert!(reason.contains("client certificate required"), "{reason}");
@@ -250,9 +315,16 @@ async fn sessions_need_a_client_certificate_from_the_fleet_ca() {
         cert_der: forged.der().to_vec(),
         ca_der: real.ca_der.clone(),
     };
-    let cfg = nebula_agent::tls::session_config(&impostor, Duration::from_secs(1), Duration::from_secs(5)).unwrap();
+    let cfg = nebula_agent::tls::session_config(
+        &impostor,
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let result = async {
-        let conn = ep.connect_with(cfg, c.quic, CONTROLLER_SERVER_NAME)?.await?;
+        let conn = ep
+            .connect_with(cfg, c.quic, CONTROLLER_SERVER_NAME)?
+            .await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION)).await?;
         let reply: ServerHello = proto::read_message(&mut recv, 1 << 20).await?;
@@ -261,9 +333,8 @@ async fn sessions_need_a_client_certificate_from_the_fleet_ca() {
     .await;
     let err = result.expect_err("a foreign-CA certificate must not get a session");
     let text = format!("{err:#}");
-    eprintln!("FOREIGN: {text}");
     assert!(
-        text.to_lowercase().contains("certificate") || text.contains("closed"),
+        text.contains("invalid peer certificate: UnknownIssuer"),
         "{text}"
     );
     // The real node was never marked online by the impostor.
@@ -274,7 +345,11 @@ async fn sessions_need_a_client_certificate_from_the_fleet_ca() {
 async fn api_requires_a_valid_token_and_rejects_bad_bodies() {
     let c = Controller::start(ControllerOpts::default()).await;
     let http = reqwest::Client::new();
-    for (path, token) in [("/api/v1/nodes", None), ("/api/v1/nodes", Some("nbl_wrong")), ("/api/v1/tokens", Some(""))] {
+    for (path, token) in [
+        ("/api/v1/nodes", None),
+        ("/api/v1/nodes", Some("nbl_wrong")),
+        ("/api/v1/tokens", Some("")),
+    ] {
         let mut req = http.get(c.url(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -286,7 +361,10 @@ async fn api_requires_a_valid_token_and_rejects_bad_bodies() {
         assert!(body["error"]["message"].as_str().unwrap().len() > 5);
     }
     // Health needs no token.
-    assert_eq!(http.get(c.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(c.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
 
     // Bad bodies: clear 4xx errors and no token created.
     for body in [
@@ -297,7 +375,9 @@ async fn api_requires_a_valid_token_and_rejects_bad_bodies() {
         json!({"unknown_field": true}),
         json!({"ttl": "0s"}),
     ] {
-        let (status, v) = c.api(reqwest::Method::POST, "/api/v1/tokens", Some(body.clone())).await;
+        let (status, v) = c
+            .api(reqwest::Method::POST, "/api/v1/tokens", Some(body.clone()))
+            .await;
         assert_eq!(status / 100, 4, "{body} -> {status} {v}");
         assert!(v["error"]["message"].is_string(), "{v}");
     }
@@ -310,11 +390,71 @@ async fn api_requires_a_valid_token_and_rejects_bad_bodies() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
-    assert_eq!(c.get("/api/v1/tokens").await["items"].as_array().unwrap().len(), 0);
-    let (status, v) = c.api(reqwest::Method::GET, "/api/v1/nodes/nobody", None).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("not_found")));
-    let (status, _) = c.api(reqwest::Method::GET, "/api/v1/nodes?limit=0", None).await;
+    assert_eq!(
+        c.get("/api/v1/tokens").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let (status, v) = c
+        .api(reqwest::Method::GET, "/api/v1/nodes/nobody", None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, _) = c
+        .api(reqwest::Method::GET, "/api/v1/nodes?limit=0", None)
+        .await;
     assert_eq!(status, 400);
-    let (status, _) = c.api(reqwest::Method::GET, "/api/v1/no-such-thing", None).await;
+    let (status, _) = c
+        .api(reqwest::Method::GET, "/api/v1/no-such-thing", None)
+        .await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_from_the_same_node_replaces_the_old_one() {
+    let c = Controller::start(ControllerOpts::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = enrolled_identity(&c, "twin", dir.path()).await;
+    let open = |c: &Controller| {
+        let id = id.clone();
+        let quic = c.quic;
+        async move {
+            let cfg = nebula_agent::tls::session_config(
+                &id,
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            let ep = nebula_agent::tls::client_endpoint(quic).unwrap();
+            let conn = ep
+                .connect_with(cfg, quic, CONTROLLER_SERVER_NAME)
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
+                .await
+                .unwrap();
+            let reply: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
+            assert!(matches!(reply, ServerHello::Welcome(_)));
+            (conn, send, recv)
+        }
+    };
+    let (old, _s1, _r1) = open(&c).await;
+    let first = c
+        .wait_status("twin", "online", Duration::from_secs(5))
+        .await;
+    let (new, _s2, _r2) = open(&c).await;
+    let (code, reason) = close_reason(&old).await;
+    assert_eq!(code, close::REPLACED, "{reason}");
+    // Still online (the old session's end did not mark it offline), on the new connection.
+    let now = c
+        .wait_status("twin", "online", Duration::from_secs(5))
+        .await;
+    assert_ne!(first["remote_addr"], now["remote_addr"]);
+    assert!(new.close_reason().is_none(), "the new connection is alive");
 }

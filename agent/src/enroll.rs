@@ -41,7 +41,10 @@ pub async fn enroll(
             .map_err(|e| AgentError::Other(e.into()))?
             .await
             .map_err(|e| AgentError::Connect(params.controller.clone(), e))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| AgentError::Other(e.into()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| AgentError::Other(e.into()))?;
         let req = EnrollRequest {
             version: PROTOCOL_VERSION,
             token_id: params.token.id.clone(),

@@ -138,7 +138,10 @@ impl StateDir {
     }
 
     /// Save new session settings from the controller.
-    pub fn save_settings(&self, settings: &nebula_protocol::SessionSettings) -> Result<(), IdentityError> {
+    pub fn save_settings(
+        &self,
+        settings: &nebula_protocol::SessionSettings,
+    ) -> Result<(), IdentityError> {
         let path = self.dir.join("agent.json");
         let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
             .map_err(|_| IdentityError::Invalid(path.clone()))?;
@@ -166,9 +169,11 @@ impl StateDir {
         for name in ["node.key", "node.crt"] {
             let next = self.dir.join(format!("{name}.next"));
             if next.exists() {
-                std::fs::rename(&next, self.dir.join(name)).map_err(|source| IdentityError::Io {
-                    path: next.clone(),
-                    source,
+                std::fs::rename(&next, self.dir.join(name)).map_err(|source| {
+                    IdentityError::Io {
+                        path: next.clone(),
+                        source,
+                    }
                 })?;
             }
         }
@@ -246,7 +251,11 @@ fn pem(tag: &str, der: &[u8]) -> String {
     }
     let mut out = format!("-----BEGIN {tag}-----\n");
     for line in b64.as_bytes().chunks(64) {
-        let _ = writeln!(out, "{}", std::str::from_utf8(line).expect("base64 is ascii"));
+        let _ = writeln!(
+            out,
+            "{}",
+            std::str::from_utf8(line).expect("base64 is ascii")
+        );
     }
     let _ = writeln!(out, "-----END {tag}-----");
     out
@@ -281,7 +290,10 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             for f in ["node.key", "node.crt", "ca.crt", "agent.json"] {
-                let mode = std::fs::metadata(sd.path().join(f)).unwrap().permissions().mode();
+                let mode = std::fs::metadata(sd.path().join(f))
+                    .unwrap()
+                    .permissions()
+                    .mode();
                 assert_eq!(mode & 0o777, 0o600, "{f}");
             }
         }

@@ -133,7 +133,11 @@ impl Agent {
             tracing::info!(node = %id.state.node_id, name = %id.state.name, "already enrolled; keeping this identity");
             return Ok(id);
         }
-        let controller = self.config.controller.clone().ok_or(AgentError::NoController)?;
+        let controller = self
+            .config
+            .controller
+            .clone()
+            .ok_or(AgentError::NoController)?;
         let addr = resolve(&controller).await?;
         let facts = self.facts();
         let name = self

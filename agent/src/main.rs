@@ -10,7 +10,11 @@ use nebula_protocol::JoinToken;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "nebula-agent", version, about = "Nebula Command agent: joins the fleet over QUIC/mTLS")]
+#[command(
+    name = "nebula-agent",
+    version,
+    about = "Nebula Command agent: joins the fleet over QUIC/mTLS"
+)]
 struct Cli {
     /// TOML config file (flags and NEBULA_* variables override it).
     #[arg(long, env = "NEBULA_AGENT_CONFIG", global = true)]
@@ -93,7 +97,9 @@ fn main() -> ExitCode {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -104,7 +110,8 @@ fn init_logging(format: &str) {
 fn load_config(path: Option<&PathBuf>, common: &CommonArgs) -> anyhow::Result<AgentConfig> {
     let mut cfg = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
         }
         None => AgentConfig::default(),
@@ -120,14 +127,21 @@ fn load_config(path: Option<&PathBuf>, common: &CommonArgs) -> anyhow::Result<Ag
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
+    // The signal watcher is awaited beside the work (no detached task): whichever ends first
+    // decides, and a signal cancels the work, which then finishes its goodbyes.
+    let work = run_command(cli, shutdown.clone());
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => r,
+        _ = wait_for_signal() => {
             tracing::info!("stopping");
             shutdown.cancel();
-        });
+            work.await
+        }
     }
+}
+
+async fn run_command(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     match cli.command {
         Command::Join(args) => {
             let mut cfg = load_config(cli.config.as_ref(), &args.common)?;
@@ -141,13 +155,19 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("reading token file {}", f.display()))?,
                 (None, None) => anyhow::bail!("a join token is needed: --token or --token-file"),
             };
-            let token: JoinToken = token_text.trim().parse().context("reading the join token")?;
+            let token: JoinToken = token_text
+                .trim()
+                .parse()
+                .context("reading the join token")?;
             let agent = Agent::new(cfg);
             let identity = tokio::select! {
                 r = agent.join(&token) => r?,
                 _ = shutdown.cancelled() => return Ok(()),
             };
-            println!("joined as {} ({})", identity.state.name, identity.state.node_id);
+            println!(
+                "joined as {} ({})",
+                identity.state.name, identity.state.node_id
+            );
             if args.no_run {
                 return Ok(());
             }

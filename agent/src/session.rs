@@ -68,7 +68,10 @@ impl Backoff {
 enum SessionEnd {
     Shutdown,
     /// The connection ended; `established` says whether a Welcome was received.
-    Lost { established: bool, reason: String },
+    Lost {
+        established: bool,
+        reason: String,
+    },
 }
 
 /// Run sessions until `shutdown` fires or the controller refuses for good.
@@ -88,7 +91,10 @@ pub async fn run(
         });
         match session(config, state, &endpoint, addr, &facts, status, &shutdown).await {
             Ok(SessionEnd::Shutdown) => break Ok(()),
-            Ok(SessionEnd::Lost { established, reason }) => {
+            Ok(SessionEnd::Lost {
+                established,
+                reason,
+            }) => {
                 if established {
                     backoff.reset();
                 }
@@ -114,7 +120,8 @@ pub async fn run(
 fn liveness(config: &AgentConfig, saved: Option<&SessionSettings>) -> (Duration, Duration) {
     match saved {
         Some(s) => {
-            let keep_alive = Duration::from_millis(s.keep_alive_ms.into()).max(Duration::from_millis(100));
+            let keep_alive =
+                Duration::from_millis(s.keep_alive_ms.into()).max(Duration::from_millis(100));
             let idle = Duration::from_millis(s.idle_timeout_ms.into()).max(keep_alive * 2);
             (keep_alive, idle)
         }
@@ -146,14 +153,20 @@ async fn session(
     let closed_reason = |conn: &quinn::Connection| -> Option<AgentError> {
         match conn.close_reason()? {
             quinn::ConnectionError::ApplicationClosed(c)
-                if c.error_code == close::REVOKED.into() || c.error_code == close::REFUSED.into() =>
+                if c.error_code == close::REVOKED.into()
+                    || c.error_code == close::REFUSED.into() =>
             {
-                Some(AgentError::Closed(String::from_utf8_lossy(&c.reason).into_owned()))
+                Some(AgentError::Closed(
+                    String::from_utf8_lossy(&c.reason).into_owned(),
+                ))
             }
             _ => None,
         }
     };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| AgentError::Other(e.into()))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| AgentError::Other(e.into()))?;
     let hello = Hello {
         version: proto::PROTOCOL_VERSION,
         agent_version: crate::VERSION.into(),
@@ -186,13 +199,21 @@ async fn session(
         node_id: welcome.node_id,
         name: welcome.name.clone(),
     });
-    if let Some(end) = adopt_settings(config, state, &identity.state.settings, &welcome.settings, keep_alive)? {
+    if let Some(end) = adopt_settings(
+        config,
+        state,
+        &identity.state.settings,
+        &welcome.settings,
+        keep_alive,
+    )? {
         conn.close(close::NORMAL.into(), b"reconnecting with new settings");
         return Ok(end);
     }
     let mut saved_settings = Some(welcome.settings.clone());
 
-    let renew_at = identity.renew_at().unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
+    let renew_at = identity
+        .renew_at()
+        .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
     let mut renew_timer = Box::pin(tokio::time::sleep(until(renew_at)));
     let mut pending_key: Option<rcgen::KeyPair> = None;
     loop {
@@ -285,7 +306,8 @@ fn adopt_settings(
 }
 
 fn until(t: SystemTime) -> Duration {
-    t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+    t.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]
@@ -299,7 +321,10 @@ mod tests {
         assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
         assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
         for d in &delays[5..] {
-            assert!(*d >= Duration::from_secs(1) && *d <= Duration::from_secs(2), "{d:?}");
+            assert!(
+                *d >= Duration::from_secs(1) && *d <= Duration::from_secs(2),
+                "{d:?}"
+            );
         }
         // Jitter: not all capped delays are equal.
         assert!(delays[5..].windows(2).any(|w| w[0] != w[1]));

@@ -1,1 +1,377 @@
-fn main() {}
+//! `nebula-bench`: benchmarks that print figures and write them as JSON under `bench/results/`.
+//!
+//! `nebula-bench enroll --agents 200` starts a real controller process (`nebula serve`, release
+//! build next to this binary), then N in-process agents together, each with its own key, state
+//! dir and QUIC connection, and measures: enroll-and-connect time per agent (median, p99, total),
+//! controller RSS with N connected, and the time for all N to reconnect after the controller is
+//! killed (SIGKILL) and after it is stopped gracefully (SIGTERM), then started again.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use nebula_agent::{Agent, AgentConfig, AgentStatus};
+use nebula_protocol::{JoinToken, NodeFacts};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Parser, Debug)]
+#[command(name = "nebula-bench", about = "Nebula Command benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Enroll and connect N agents at once; controller RSS; reconnect after restarts.
+    Enroll {
+        #[arg(long, default_value_t = 200)]
+        agents: usize,
+        /// Output file (default: bench/results/enroll-<N>.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Cmd::Enroll { agents, out } => {
+            let out =
+                out.unwrap_or_else(|| PathBuf::from(format!("bench/results/enroll-{agents}.json")));
+            rt.block_on(enroll_bench(agents, &out))
+        }
+    }
+}
+
+/// A controller child process.
+struct ControllerProc {
+    child: Child,
+    http: SocketAddr,
+    quic: SocketAddr,
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nebula_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name("nebula");
+    if !p.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release --bins)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn start_controller(dir: &Path, http: &str, quic: &str) -> anyhow::Result<ControllerProc> {
+    let mut child = Command::new(nebula_bin()?)
+        .args(["serve", "--http-listen", http, "--quic-listen", quic])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--admin-token-file")
+        .arg(dir.join("admin.token"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut http = None;
+        let mut quic = None;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("API: http://") {
+                http = a.trim().parse::<SocketAddr>().ok();
+            }
+            if let Some(a) = line.strip_prefix("QUIC: ") {
+                quic = a.trim().parse::<SocketAddr>().ok();
+            }
+            if let (Some(h), Some(q)) = (http, quic) {
+                let _ = tx.send((h, q));
+                http = None;
+            }
+        }
+    });
+    let (http, quic) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("controller did not start")?;
+    Ok(ControllerProc { child, http, quic })
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn stats(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(|a, b| a.total_cmp(b));
+    json!({
+        "n": v.len(),
+        "median": percentile(&v, 0.5),
+        "p99": percentile(&v, 0.99),
+        "max": v.last().copied().unwrap_or(0.0),
+    })
+}
+
+/// Each agent's connection events (time of each `Connected`).
+type Events = Arc<Mutex<Vec<Vec<Instant>>>>;
+
+async fn wait_all_connected_after(
+    events: &Events,
+    since: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done: Option<Vec<f64>> = {
+            let ev = events.lock().expect("events lock");
+            ev.iter()
+                .map(|e| {
+                    e.iter()
+                        .find(|t| **t > since)
+                        .map(|t| t.duration_since(since).as_secs_f64() * 1e3)
+                })
+                .collect()
+        };
+        if let Some(d) = done {
+            return Ok(d);
+        }
+        if Instant::now() > deadline {
+            bail!("not all agents reconnected within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn enroll_bench(n: usize, out: &Path) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let admin = format!("nbl_bench_{:016}", std::process::id());
+    std::fs::write(dir.path().join("admin.token"), &admin)?;
+    let mut ctl = start_controller(dir.path(), "127.0.0.1:0", "127.0.0.1:0")?;
+    let (http, quic) = (ctl.http, ctl.quic);
+    println!("controller pid {} http {http} quic {quic}", ctl.child.id());
+    let client = reqwest::Client::new();
+    let resp: serde_json::Value = client
+        .post(format!("http://{http}/api/v1/tokens"))
+        .bearer_auth(&admin)
+        .json(&json!({"uses": n, "ttl": "1h"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let token: JoinToken = resp["token"].as_str().context("token")?.parse()?;
+    let idle_rss = rss_kib(ctl.child.id());
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let events: Events = Arc::new(Mutex::new(vec![Vec::new(); n]));
+    let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut first_connect = Vec::new();
+    for i in 0..n {
+        let (tx, rx) = tokio::sync::oneshot::channel::<anyhow::Result<f64>>();
+        first_connect.push(rx);
+        let agent = Agent::new(AgentConfig {
+            controller: Some(quic.to_string()),
+            state_dir: dir.path().join(format!("agent-{i}")),
+            name: Some(format!("sim-{i:05}")),
+            ..AgentConfig::default()
+        })
+        .with_facts(NodeFacts {
+            hostname: format!("sim-{i:05}"),
+            os: "Linux".into(),
+            arch: "x86_64".into(),
+            cpu_count: 4,
+            memory_bytes: 8 << 30,
+            ..Default::default()
+        });
+        let token = token.clone();
+        let barrier = barrier.clone();
+        let shutdown = shutdown.clone();
+        let events = events.clone();
+        tracker.spawn(async move {
+            let mut status = agent.status();
+            barrier.wait().await;
+            let t0 = Instant::now();
+            if let Err(e) = agent.join(&token).await {
+                let _ = tx.send(Err(anyhow::anyhow!("join: {e:#}")));
+                return;
+            }
+            let watcher = {
+                let events = events.clone();
+                async move {
+                    let mut tx = Some(tx);
+                    while status.changed().await.is_ok() {
+                        if matches!(*status.borrow(), AgentStatus::Connected { .. }) {
+                            let now = Instant::now();
+                            events.lock().expect("events lock")[i].push(now);
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(Ok(now.duration_since(t0).as_secs_f64() * 1e3));
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = watcher => {}
+                r = agent.run(shutdown) => {
+                    if let Err(e) = r {
+                        eprintln!("agent {i}: {e:#}");
+                    }
+                }
+            }
+        });
+    }
+    println!("starting {n} agents together");
+    let start = Instant::now();
+    barrier.wait().await;
+    let mut connect_ms = Vec::with_capacity(n);
+    for rx in first_connect {
+        connect_ms.push(rx.await.context("agent task ended")??);
+    }
+    let total_ms = start.elapsed().as_secs_f64() * 1e3;
+    // The API agrees that all are online.
+    let online = count_online(&client, http, &admin).await?;
+    if online != n {
+        bail!("API shows {online} online, expected {n}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_connected = rss_kib(ctl.child.id());
+    println!(
+        "enroll+connect: median {:.1} ms, p99 {:.1} ms, all {n} in {total_ms:.0} ms; controller RSS {:.1} MiB",
+        percentile(&sorted(&connect_ms), 0.5),
+        percentile(&sorted(&connect_ms), 0.99),
+        rss_connected as f64 / 1024.0
+    );
+
+    // Restart by SIGKILL: agents notice at their next keep-alive (stateless reset).
+    let (http_s, quic_s) = (http.to_string(), quic.to_string());
+    let _ = ctl.child.kill();
+    let _ = ctl.child.wait();
+    let killed = Instant::now();
+    drop(ctl);
+    let ctl2 = start_controller(dir.path(), &http_s, &quic_s)?;
+    let up = Instant::now();
+    let after_kill = wait_all_connected_after(&events, killed, Duration::from_secs(120)).await?;
+    let kill_all_ms = after_kill.iter().cloned().fold(0.0, f64::max);
+    let kill_from_up_ms = kill_all_ms - up.duration_since(killed).as_secs_f64() * 1e3;
+    println!("after SIGKILL: all {n} back {kill_all_ms:.0} ms after the kill ({kill_from_up_ms:.0} ms after the new controller was up)");
+
+    // Graceful restart: agents are told at once.
+    let stopped = Instant::now();
+    let mut ctl2 = ctl2;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(ctl2.child.id().to_string())
+        .status();
+    let _ = ctl2.child.wait();
+    drop(ctl2);
+    let ctl3 = start_controller(dir.path(), &http_s, &quic_s)?;
+    let up3 = Instant::now();
+    let after_term = wait_all_connected_after(&events, stopped, Duration::from_secs(120)).await?;
+    let term_all_ms = after_term.iter().cloned().fold(0.0, f64::max);
+    let term_from_up_ms = term_all_ms - up3.duration_since(stopped).as_secs_f64() * 1e3;
+    println!("after SIGTERM: all {n} back {term_all_ms:.0} ms after the stop ({term_from_up_ms:.0} ms after the new controller was up)");
+    let online = count_online(&client, ctl3.http, &admin).await?;
+    let rss_after = rss_kib(ctl3.child.id());
+
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    drop(ctl3);
+
+    let result = json!({
+        "bench": "enroll",
+        "command": format!("cargo run --release -p nebula-bench -- enroll --agents {n}"),
+        "agents": n,
+        "machine": {"cpus": std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1)},
+        "enroll_and_connect_ms": stats(connect_ms),
+        "enroll_and_connect_total_ms": total_ms,
+        "controller_rss_mib": {
+            "idle": idle_rss as f64 / 1024.0,
+            "with_agents_connected": rss_connected as f64 / 1024.0,
+            "after_restarts_with_agents_connected": rss_after as f64 / 1024.0,
+        },
+        "reconnect_after_sigkill_ms": {
+            "all_back_after_kill": kill_all_ms,
+            "all_back_after_new_controller_up": kill_from_up_ms,
+            "per_agent_from_kill": stats(after_kill),
+        },
+        "reconnect_after_sigterm_ms": {
+            "all_back_after_stop": term_all_ms,
+            "all_back_after_new_controller_up": term_from_up_ms,
+            "per_agent_from_stop": stats(after_term),
+        },
+        "online_after_restarts": online,
+        "notes": "agents use default settings (keep-alive 5 s, idle timeout 15 s); after SIGKILL an agent learns of the restart at its next keep-alive, answered by a stateless reset from the new process",
+    });
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+async fn count_online(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    admin: &str,
+) -> anyhow::Result<usize> {
+    let v: serde_json::Value = client
+        .get(format!(
+            "http://{http}/api/v1/nodes?status=online&limit=1000"
+        ))
+        .bearer_auth(admin)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(v["items"].as_array().map(|a| a.len()).unwrap_or(0))
+}

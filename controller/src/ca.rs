@@ -179,7 +179,9 @@ impl CertificateAuthority {
             .map_err(CaError::BadCsr)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, node_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node_name);
         params.subject_alt_names = vec![SanType::DnsName(
             format!("{node_id}{NODE_SAN_SUFFIX}").try_into()?,
         )];
@@ -304,7 +306,10 @@ mod tests {
         #[cfg(unix)]
         for key in ["ca.key", "server.key"] {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{key}");
         }
     }

@@ -67,7 +67,10 @@ impl Default for ControllerConfig {
 impl ControllerConfig {
     pub fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}?mode=rwc", self.data_dir.join("nebula.db").display())
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("nebula.db").display()
+            )
         })
     }
 

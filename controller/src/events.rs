@@ -8,13 +8,35 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    NodeEnrolled { id: Uuid, name: String },
-    NodeOnline { id: Uuid, name: String },
-    NodeOffline { id: Uuid, name: String },
-    NodeRemoved { id: Uuid, name: String },
-    CertificateRenewed { id: Uuid, name: String, serial: String },
-    JoinTokenCreated { id: String, by: String },
-    JoinTokenRevoked { id: String, by: String },
+    NodeEnrolled {
+        id: Uuid,
+        name: String,
+    },
+    NodeOnline {
+        id: Uuid,
+        name: String,
+    },
+    NodeOffline {
+        id: Uuid,
+        name: String,
+    },
+    NodeRemoved {
+        id: Uuid,
+        name: String,
+    },
+    CertificateRenewed {
+        id: Uuid,
+        name: String,
+        serial: String,
+    },
+    JoinTokenCreated {
+        id: String,
+        by: String,
+    },
+    JoinTokenRevoked {
+        id: String,
+        by: String,
+    },
 }
 
 #[derive(Debug, Clone)]

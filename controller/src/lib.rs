@@ -114,7 +114,9 @@ impl ControlPlane {
             return Err(OpError::Invalid("uses must be at least 1".into()));
         }
         if description.len() > 200 {
-            return Err(OpError::Invalid("description is limited to 200 characters".into()));
+            return Err(OpError::Invalid(
+                "description is limited to 200 characters".into(),
+            ));
         }
         let (id, secret) = {
             let mut rng = rand::thread_rng();
@@ -232,7 +234,10 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// Open the store, load the CA, bind both listeners and start serving. The returned
     /// controller stops when `shutdown` is cancelled (await [`Controller::wait`]).
-    pub async fn start(config: ControllerConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
+    pub async fn start(
+        config: ControllerConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
@@ -240,12 +245,17 @@ impl Controller {
         let store = Store::connect(&url)
             .await
             .with_context(|| format!("opening database {}", store::redact_url(&url)))?;
-        let ca = CertificateAuthority::load_or_create(&config.data_dir.join("pki"), &config.server_names)
-            .context("loading the fleet CA")?;
+        let ca = CertificateAuthority::load_or_create(
+            &config.data_dir.join("pki"),
+            &config.server_names,
+        )
+        .context("loading the fleet CA")?;
         let reset_key = load_or_create_secret(&config.data_dir.join("pki").join("reset.key"))?;
         let new_admin_token = bootstrap_admin_token(&store, &config).await?;
         let cp = Arc::new(ControlPlane {
-            enroll_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_enrollments.max(1))),
+            enroll_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_enrollments.max(1),
+            )),
             config,
             store,
             ca,
@@ -303,20 +313,34 @@ impl Controller {
 }
 
 /// Make sure an admin API token exists. Returns the token when it was generated now.
-async fn bootstrap_admin_token(store: &Store, config: &ControllerConfig) -> anyhow::Result<Option<String>> {
+async fn bootstrap_admin_token(
+    store: &Store,
+    config: &ControllerConfig,
+) -> anyhow::Result<Option<String>> {
     if let Some(path) = &config.admin_token_file {
         let token = std::fs::read_to_string(path)
             .with_context(|| format!("reading admin token file {}", path.display()))?;
         let token = token.trim();
-        anyhow::ensure!(token.len() >= 16, "admin token in {} is shorter than 16 characters", path.display());
-        store.upsert_api_token("admin", &hash_secret(token), "admin").await?;
+        anyhow::ensure!(
+            token.len() >= 16,
+            "admin token in {} is shorter than 16 characters",
+            path.display()
+        );
+        store
+            .upsert_api_token("admin", &hash_secret(token), "admin")
+            .await?;
         return Ok(None);
     }
     if store.api_token_count().await? > 0 {
         return Ok(None);
     }
-    let token = format!("nbl_{}", Alphanumeric.sample_string(&mut rand::thread_rng(), 40));
-    store.upsert_api_token("admin", &hash_secret(&token), "admin").await?;
+    let token = format!(
+        "nbl_{}",
+        Alphanumeric.sample_string(&mut rand::thread_rng(), 40)
+    );
+    store
+        .upsert_api_token("admin", &hash_secret(&token), "admin")
+        .await?;
     Ok(Some(token))
 }
 

@@ -33,7 +33,9 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("online", &self.online_count()).finish()
+        f.debug_struct("Registry")
+            .field("online", &self.online_count())
+            .finish()
     }
 }
 
@@ -63,7 +65,10 @@ impl Registry {
     /// node is now offline).
     pub fn remove_if_current(&self, node: Uuid, generation: u64) -> bool {
         let mut map = self.lock();
-        if map.get(&node).is_some_and(|e| e.info.generation == generation) {
+        if map
+            .get(&node)
+            .is_some_and(|e| e.info.generation == generation)
+        {
             map.remove(&node);
             true
         } else {

@@ -147,7 +147,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("backend", &self.backend).finish()
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish()
     }
 }
 
@@ -171,9 +173,15 @@ impl Store {
                 .max_connections(4)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
-                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA foreign_keys = ON")
+                            .execute(&mut *conn)
+                            .await?;
                         Ok(())
                     })
                 }),
@@ -184,7 +192,9 @@ impl Store {
             .connect_with(opts)
             .await?;
         if backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
         }
         match backend {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
@@ -405,13 +415,15 @@ impl Store {
         agent_version: &str,
         now: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE nodes SET facts = $2, agent_version = $3, last_seen_at = $4 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(to_json(facts))
-            .bind(agent_version)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE nodes SET facts = $2, agent_version = $3, last_seen_at = $4 WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(to_json(facts))
+        .bind(agent_version)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -437,11 +449,13 @@ impl Store {
             return Ok(None);
         };
         let id: String = row.try_get("id")?;
-        sqlx::query("UPDATE certificates SET revoked_at = $2 WHERE node_id = $1 AND revoked_at IS NULL")
-            .bind(&id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE certificates SET revoked_at = $2 WHERE node_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(&id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM node_labels WHERE node_id = $1")
             .bind(&id)
             .execute(&mut *tx)
@@ -523,7 +537,10 @@ impl Store {
         Ok(())
     }
 
-    pub async fn api_token_by_hash(&self, hash: &str) -> Result<Option<ApiTokenRecord>, StoreError> {
+    pub async fn api_token_by_hash(
+        &self,
+        hash: &str,
+    ) -> Result<Option<ApiTokenRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT id, name, role, created_at, last_used_at FROM api_tokens WHERE token_hash = $1",
         )

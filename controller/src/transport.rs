@@ -31,10 +31,7 @@ const FIRST_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Build the QUIC endpoint: TLS 1.3, ALPNs for enrollment and sessions, client certificates
 /// verified against the fleet CA but optional at the TLS layer (enrollment has none; sessions
 /// without one are refused right after the handshake with a clear reason).
-pub fn endpoint(
-    cp: &ControlPlane,
-    reset_key: &[u8; 32],
-) -> anyhow::Result<quinn::Endpoint> {
+pub fn endpoint(cp: &ControlPlane, reset_key: &[u8; 32]) -> anyhow::Result<quinn::Endpoint> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cp.ca.ca_der().clone())?;
@@ -68,6 +65,10 @@ pub fn endpoint(
         ring::hmac::HMAC_SHA256,
         reset_key,
     )));
+    // quinn limits resets to one per 20 ms by default; after a restart every agent needs one,
+    // and a reset is always smaller than the packet that caused it (no amplification), so
+    // allow them as fast as agents ask.
+    endpoint_config.min_reset_interval(Duration::from_micros(50));
     let mut cid_key = [0u8; 8];
     cid_key.copy_from_slice(&reset_key[24..]);
     let cid_key = u64::from_le_bytes(cid_key);
@@ -143,7 +144,8 @@ async fn handle_connection(
 // ----- enrollment -----
 
 async fn enroll_connection(cp: &ControlPlane, conn: quinn::Connection) -> anyhow::Result<()> {
-    let (mut send, mut recv) = tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await??;
+    let (mut send, mut recv) =
+        tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await??;
     let req: EnrollRequest = match proto::read_message(&mut recv, MAX_ENROLL_FRAME).await {
         Ok(r) => r,
         Err(e) => {
@@ -177,7 +179,8 @@ impl ControlPlane {
         }
         validate_node_name(&req.name).map_err(|m| Refusal::new(RefusalCode::InvalidRequest, m))?;
         for (k, v) in &req.labels {
-            crate::validate_label(k, v).map_err(|m| Refusal::new(RefusalCode::InvalidRequest, m))?;
+            crate::validate_label(k, v)
+                .map_err(|m| Refusal::new(RefusalCode::InvalidRequest, m))?;
         }
         let node_id = uuid::Uuid::now_v7();
         let issued = self
@@ -251,7 +254,10 @@ pub fn validate_node_name(name: &str) -> Result<(), String> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    let ok_start = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    let ok_start = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric());
     if ok_len && ok_chars && ok_start {
         Ok(())
     } else {
@@ -346,14 +352,21 @@ async fn session_connection(
             settings: cp.session_settings(),
         });
         proto::write_message(&mut send, &welcome).await?;
-        session_loop(cp, &conn, &node.name, node_id, &mut send, &mut recv, shutdown).await
+        session_loop(
+            cp, &conn, &node.name, node_id, &mut send, &mut recv, shutdown,
+        )
+        .await
     }
     .instrument(span.clone())
     .await;
     if cp.registry.remove_if_current(node_id, generation) {
         let _g = span.enter();
         info!(reason = %conn.close_reason().map(|r| r.to_string()).unwrap_or_default(), "node offline");
-        if let Err(e) = cp.store.touch_last_seen(node_id, millis(SystemTime::now())).await {
+        if let Err(e) = cp
+            .store
+            .touch_last_seen(node_id, millis(SystemTime::now()))
+            .await
+        {
             warn!("recording last seen: {e:#}");
         }
         cp.events.publish(Event::NodeOffline {
@@ -385,37 +398,38 @@ async fn session_loop(
         };
         match msg {
             Ok(AgentMessage::RenewCertificate { csr_der }) => {
-                let reply = match cp
-                    .ca
-                    .issue_node_cert(node_id, name, &csr_der, cp.config.cert_lifetime)
-                {
-                    Ok(issued) => {
-                        let now = millis(SystemTime::now());
-                        cp.store
-                            .add_certificate(&CertRecord {
-                                serial: issued.serial.clone(),
-                                node_id,
-                                not_before: millis(issued.not_before),
-                                not_after: millis(issued.not_after),
-                                issued_at: now,
-                                revoked_at: None,
-                            })
-                            .await?;
-                        info!(serial = %issued.serial, "certificate renewed");
-                        cp.events.publish(Event::CertificateRenewed {
-                            id: node_id,
-                            name: name.to_owned(),
-                            serial: issued.serial,
-                        });
-                        ControllerMessage::CertificateRenewed {
-                            cert_der: issued.der,
+                let reply =
+                    match cp
+                        .ca
+                        .issue_node_cert(node_id, name, &csr_der, cp.config.cert_lifetime)
+                    {
+                        Ok(issued) => {
+                            let now = millis(SystemTime::now());
+                            cp.store
+                                .add_certificate(&CertRecord {
+                                    serial: issued.serial.clone(),
+                                    node_id,
+                                    not_before: millis(issued.not_before),
+                                    not_after: millis(issued.not_after),
+                                    issued_at: now,
+                                    revoked_at: None,
+                                })
+                                .await?;
+                            info!(serial = %issued.serial, "certificate renewed");
+                            cp.events.publish(Event::CertificateRenewed {
+                                id: node_id,
+                                name: name.to_owned(),
+                                serial: issued.serial,
+                            });
+                            ControllerMessage::CertificateRenewed {
+                                cert_der: issued.der,
+                            }
                         }
-                    }
-                    Err(e) => ControllerMessage::RenewalRefused(Refusal::new(
-                        RefusalCode::InvalidRequest,
-                        format!("{e:#}"),
-                    )),
-                };
+                        Err(e) => ControllerMessage::RenewalRefused(Refusal::new(
+                            RefusalCode::InvalidRequest,
+                            format!("{e:#}"),
+                        )),
+                    };
                 proto::write_message(send, &reply).await?;
             }
             Ok(AgentMessage::Bye { reason }) => {

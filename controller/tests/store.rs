@@ -4,9 +4,7 @@
 
 use std::time::SystemTime;
 
-use nebula_controller::store::{
-    millis, CertRecord, EnrollError, Enrollment, NewJoinToken, Store,
-};
+use nebula_controller::store::{millis, CertRecord, EnrollError, Enrollment, NewJoinToken, Store};
 use nebula_protocol::{Labels, NodeFacts};
 use sqlx::Connection;
 use uuid::Uuid;
@@ -29,7 +27,10 @@ impl Drop for PgDb {
         let name = self.name.clone();
         // Best effort; a fresh runtime because Drop is sync.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -47,7 +48,9 @@ async fn postgres() -> Option<(Store, PgDb)> {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("NEBULA_TEST_POSTGRES_URL is not set: CI must run the store suite on PostgreSQL (use scripts/test)");
         }
-        eprintln!("NEBULA_TEST_POSTGRES_URL not set: skipping the PostgreSQL half (scripts/test sets it)");
+        eprintln!(
+            "NEBULA_TEST_POSTGRES_URL not set: skipping the PostgreSQL half (scripts/test sets it)"
+        );
         return None;
     };
     let name = format!("nebula_t_{}", Uuid::new_v4().simple());
@@ -131,7 +134,10 @@ fn enrollment<'a>(
 async fn enroll_consumes_token_and_merges_labels(s: &Store) {
     let token_labels = Labels::from([("zone".into(), "home".into())]);
     token(s, "t1", Some(1), None, &token_labels).await;
-    let asked = Labels::from([("zone".into(), "cloud".into()), ("gpu".into(), "yes".into())]);
+    let asked = Labels::from([
+        ("zone".into(), "cloud".into()),
+        ("gpu".into(), "yes".into()),
+    ]);
     let facts = NodeFacts {
         hostname: "h1".into(),
         cpu_count: 8,
@@ -139,7 +145,11 @@ async fn enroll_consumes_token_and_merges_labels(s: &Store) {
     };
     let e = enrollment("t1", "hash", "node-1", &asked, &facts);
     let labels = s.enroll(&e).await.unwrap();
-    assert_eq!(labels.get("zone").map(String::as_str), Some("home"), "token labels win");
+    assert_eq!(
+        labels.get("zone").map(String::as_str),
+        Some("home"),
+        "token labels win"
+    );
     assert_eq!(labels.get("gpu").map(String::as_str), Some("yes"));
 
     let node = s.node_by_name("node-1").await.unwrap().unwrap();
@@ -147,7 +157,10 @@ async fn enroll_consumes_token_and_merges_labels(s: &Store) {
     assert_eq!(node.labels, labels);
     assert_eq!(node.facts.cpu_count, 8);
     assert_eq!(node.cert_not_after, Some(e.cert.not_after));
-    assert_eq!(s.node_by_id(e.node_id).await.unwrap().unwrap().name, "node-1");
+    assert_eq!(
+        s.node_by_id(e.node_id).await.unwrap().unwrap().name,
+        "node-1"
+    );
 
     let t = s.join_token("t1").await.unwrap().unwrap();
     assert_eq!(t.uses_left, Some(0));
@@ -167,19 +180,41 @@ async fn enroll_refusals_are_specific_and_change_nothing(s: &Store) {
     token(s, "rev", None, None, &l).await;
     token(s, "ok", None, None, &l).await;
     assert!(s.revoke_join_token("rev").await.unwrap());
-    assert!(!s.revoke_join_token("rev").await.unwrap(), "second revoke finds nothing");
-    assert!(matches!(s.enroll(&enrollment("nope", "hash", "a", &l, &facts)).await, Err(EnrollError::UnknownToken)));
-    assert!(matches!(s.enroll(&enrollment("ok", "wrong", "a", &l, &facts)).await, Err(EnrollError::UnknownToken)));
-    assert!(matches!(s.enroll(&enrollment("exp", "hash", "a", &l, &facts)).await, Err(EnrollError::Expired)));
-    assert!(matches!(s.enroll(&enrollment("rev", "hash", "a", &l, &facts)).await, Err(EnrollError::Revoked)));
-    s.enroll(&enrollment("ok", "hash", "a", &l, &facts)).await.unwrap();
+    assert!(
+        !s.revoke_join_token("rev").await.unwrap(),
+        "second revoke finds nothing"
+    );
+    assert!(matches!(
+        s.enroll(&enrollment("nope", "hash", "a", &l, &facts)).await,
+        Err(EnrollError::UnknownToken)
+    ));
+    assert!(matches!(
+        s.enroll(&enrollment("ok", "wrong", "a", &l, &facts)).await,
+        Err(EnrollError::UnknownToken)
+    ));
+    assert!(matches!(
+        s.enroll(&enrollment("exp", "hash", "a", &l, &facts)).await,
+        Err(EnrollError::Expired)
+    ));
+    assert!(matches!(
+        s.enroll(&enrollment("rev", "hash", "a", &l, &facts)).await,
+        Err(EnrollError::Revoked)
+    ));
+    s.enroll(&enrollment("ok", "hash", "a", &l, &facts))
+        .await
+        .unwrap();
     // Same name again: refused, and the token use is not consumed.
-    assert!(matches!(s.enroll(&enrollment("ok", "hash", "a", &l, &facts)).await, Err(EnrollError::NameTaken(_))));
+    assert!(matches!(
+        s.enroll(&enrollment("ok", "hash", "a", &l, &facts)).await,
+        Err(EnrollError::NameTaken(_))
+    ));
     assert_eq!(s.join_token("ok").await.unwrap().unwrap().uses, 1);
     assert_eq!(s.list_nodes().await.unwrap().len(), 1);
     let tokens = s.list_join_tokens().await.unwrap();
     assert_eq!(tokens.len(), 3);
-    assert!(tokens.iter().any(|t| t.id == "rev" && t.revoked_at.is_some()));
+    assert!(tokens
+        .iter()
+        .any(|t| t.id == "rev" && t.revoked_at.is_some()));
 }
 both!(enroll_refusals_are_specific_and_change_nothing);
 
@@ -207,7 +242,10 @@ async fn concurrent_enrollments_never_overspend_a_token(s: &Store) {
     }
     assert_eq!(ok, 3, "exactly the token's uses succeed");
     assert_eq!(s.list_nodes().await.unwrap().len(), 3);
-    assert_eq!(s.join_token("race").await.unwrap().unwrap().uses_left, Some(0));
+    assert_eq!(
+        s.join_token("race").await.unwrap().unwrap().uses_left,
+        Some(0)
+    );
 }
 both!(concurrent_enrollments_never_overspend_a_token);
 
@@ -227,13 +265,25 @@ async fn remove_node_revokes_certificates_and_forgets_labels(s: &Store) {
     };
     s.add_certificate(&renewed).await.unwrap();
     assert_eq!(
-        s.node_by_name("gone").await.unwrap().unwrap().cert_not_after,
+        s.node_by_name("gone")
+            .await
+            .unwrap()
+            .unwrap()
+            .cert_not_after,
         Some(renewed.not_after),
         "newest certificate's expiry is shown"
     );
-    s.record_session(e.node_id, &NodeFacts { hostname: "new".into(), ..Default::default() }, "9.9.9", now())
-        .await
-        .unwrap();
+    s.record_session(
+        e.node_id,
+        &NodeFacts {
+            hostname: "new".into(),
+            ..Default::default()
+        },
+        "9.9.9",
+        now(),
+    )
+    .await
+    .unwrap();
     let n = s.node_by_id(e.node_id).await.unwrap().unwrap();
     assert_eq!(n.agent_version, "9.9.9");
     assert_eq!(n.facts.hostname, "new");
@@ -247,7 +297,9 @@ async fn remove_node_revokes_certificates_and_forgets_labels(s: &Store) {
         assert!(c.revoked_at.is_some(), "{serial} revoked");
     }
     // The name is free again.
-    s.enroll(&enrollment("t", "hash", "gone", &l, &facts)).await.unwrap();
+    s.enroll(&enrollment("t", "hash", "gone", &l, &facts))
+        .await
+        .unwrap();
 }
 both!(remove_node_revokes_certificates_and_forgets_labels);
 
@@ -256,15 +308,20 @@ async fn api_tokens_are_stored_hashed_and_replaceable(s: &Store) {
     s.upsert_api_token("admin", "h1", "admin").await.unwrap();
     s.upsert_api_token("ci", "h2", "viewer").await.unwrap();
     assert_eq!(s.api_token_count().await.unwrap(), 2);
-    assert_eq!(s.api_token_by_hash("h1").await.unwrap().unwrap().role, "admin");
+    assert_eq!(
+        s.api_token_by_hash("h1").await.unwrap().unwrap().role,
+        "admin"
+    );
     // Replacing admin's secret drops the old hash.
     s.upsert_api_token("admin", "h3", "admin").await.unwrap();
     assert!(s.api_token_by_hash("h1").await.unwrap().is_none());
-    assert_eq!(s.api_token_by_hash("h3").await.unwrap().unwrap().name, "admin");
+    assert_eq!(
+        s.api_token_by_hash("h3").await.unwrap().unwrap().name,
+        "admin"
+    );
     assert_eq!(s.api_token_count().await.unwrap(), 2);
 }
 both!(api_tokens_are_stored_hashed_and_replaceable);
-
 
 #[tokio::test]
 async fn sqlite_reopen_keeps_data_and_rejects_bad_urls() {

@@ -9,7 +9,10 @@ use crate::{decode, encode_frame, FrameError, Message};
 
 /// Read one frame's payload. The length is checked against `max` before anything is allocated.
 /// A stream that ends cleanly before the first length byte gives [`FrameError::Closed`].
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; 4];
     let got = read_full(r, &mut header).await?;
     if got == 0 {
@@ -43,7 +46,10 @@ pub async fn read_message<M: Message, R: AsyncRead + Unpin>(
 }
 
 /// Write one raw frame (length prefix + payload).
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> Result<(), FrameError> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+) -> Result<(), FrameError> {
     let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
         len: payload.len(),
         max: u32::MAX as usize,
@@ -157,13 +163,20 @@ mod tests {
     fn round_trip_through_short_reads_and_writes() {
         let mut w = Writer(Vec::new());
         block_on(write_message(&mut w, &hello())).unwrap();
-        block_on(write_message(&mut w, &AgentMessage::Bye { reason: "x".into() })).unwrap();
+        block_on(write_message(
+            &mut w,
+            &AgentMessage::Bye { reason: "x".into() },
+        ))
+        .unwrap();
         let mut r = Reader(&w.0);
         let h: Hello = block_on(read_message(&mut r, 1024)).unwrap();
         assert_eq!(h, hello());
         let b: AgentMessage = block_on(read_message(&mut r, 1024)).unwrap();
         assert_eq!(b, AgentMessage::Bye { reason: "x".into() });
-        assert!(matches!(block_on(read_frame(&mut r, 1024)), Err(FrameError::Closed)));
+        assert!(matches!(
+            block_on(read_frame(&mut r, 1024)),
+            Err(FrameError::Closed)
+        ));
     }
 
     #[test]
@@ -186,12 +199,18 @@ mod tests {
         let mut r = Reader(&[1, 0]);
         assert!(matches!(
             block_on(read_frame(&mut r, 100)),
-            Err(FrameError::Truncated { expected: 4, got: 2 })
+            Err(FrameError::Truncated {
+                expected: 4,
+                got: 2
+            })
         ));
         let mut r = Reader(&[10, 0, 0, 0, 1, 2, 3]);
         assert!(matches!(
             block_on(read_frame(&mut r, 100)),
-            Err(FrameError::Truncated { expected: 10, got: 3 })
+            Err(FrameError::Truncated {
+                expected: 10,
+                got: 3
+            })
         ));
     }
 
@@ -201,7 +220,16 @@ mod tests {
         frame.extend_from_slice(&[0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0xfa]);
         let mut r = Reader(&frame);
         let err = block_on(read_message::<Hello, _>(&mut r, 100)).unwrap_err();
-        assert!(matches!(err, FrameError::Decode { message: "Hello", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                FrameError::Decode {
+                    message: "Hello",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -210,7 +238,14 @@ mod tests {
         let payload = [9u8, 1, 2, 3];
         let err = crate::decode::<ControllerMessage>(&payload).unwrap_err();
         assert!(
-            matches!(err, FrameError::UnknownVariant { index: 9, known: 5, .. }),
+            matches!(
+                err,
+                FrameError::UnknownVariant {
+                    index: 9,
+                    known: 5,
+                    ..
+                }
+            ),
             "{err:?}"
         );
     }

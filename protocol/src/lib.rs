@@ -345,8 +345,8 @@ pub fn encode_frame<M: Message>(msg: &M) -> Result<Vec<u8>, FrameError> {
 /// version prefix decoders ([`peek_version`]).
 pub fn decode<M: Message>(payload: &[u8]) -> Result<M, FrameError> {
     if let Some(known) = M::VARIANTS {
-        let (index, _): (u32, usize) = bincode::decode_from_slice(payload, config())
-            .map_err(|source| FrameError::Decode {
+        let (index, _): (u32, usize) =
+            bincode::decode_from_slice(payload, config()).map_err(|source| FrameError::Decode {
                 message: M::NAME,
                 source,
             })?;
@@ -358,10 +358,12 @@ pub fn decode<M: Message>(payload: &[u8]) -> Result<M, FrameError> {
             });
         }
     }
-    let (msg, used): (M, usize) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|source| FrameError::Decode {
-            message: M::NAME,
-            source,
+    let (msg, used): (M, usize) =
+        bincode::serde::decode_from_slice(payload, config()).map_err(|source| {
+            FrameError::Decode {
+                message: M::NAME,
+                source,
+            }
         })?;
     if used != payload.len() {
         return Err(FrameError::Decode {
@@ -426,7 +428,10 @@ impl std::str::FromStr for JoinToken {
     type Err = JoinTokenError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s.trim().strip_prefix(Self::PREFIX).ok_or(JoinTokenError::Prefix)?;
+        let rest = s
+            .trim()
+            .strip_prefix(Self::PREFIX)
+            .ok_or(JoinTokenError::Prefix)?;
         let (cred, pin) = rest.split_once('@').ok_or(JoinTokenError::Shape)?;
         let (id, secret) = cred.split_once('.').ok_or(JoinTokenError::Shape)?;
         if id.is_empty() || secret.is_empty() {
@@ -477,12 +482,18 @@ mod token_tests {
         assert_eq!(s, format!("nebula-join:abc123.S3cret@{}", "ab".repeat(32)));
         assert_eq!(s.parse::<JoinToken>().unwrap(), t);
         assert_eq!("abc".parse::<JoinToken>(), Err(JoinTokenError::Prefix));
-        assert_eq!("nebula-join:abc".parse::<JoinToken>(), Err(JoinTokenError::Shape));
+        assert_eq!(
+            "nebula-join:abc".parse::<JoinToken>(),
+            Err(JoinTokenError::Shape)
+        );
         assert_eq!(
             format!("nebula-join:a-b.c@{}", "00".repeat(32)).parse::<JoinToken>(),
             Err(JoinTokenError::Charset)
         );
-        assert_eq!("nebula-join:a.b@zz".parse::<JoinToken>(), Err(JoinTokenError::Pin));
+        assert_eq!(
+            "nebula-join:a.b@zz".parse::<JoinToken>(),
+            Err(JoinTokenError::Pin)
+        );
         assert_eq!(
             format!("nebula-join:a.b@{}", "zz".repeat(32)).parse::<JoinToken>(),
             Err(JoinTokenError::Pin)

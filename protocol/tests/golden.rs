@@ -18,7 +18,10 @@ fn facts() -> NodeFacts {
         arch: "x86_64".into(),
         cpu_count: 16,
         memory_bytes: 64 * 1024 * 1024 * 1024,
-        labels: BTreeMap::from([("zone".into(), "home".into()), ("gpu".into(), "rtx4090".into())]),
+        labels: BTreeMap::from([
+            ("zone".into(), "home".into()),
+            ("gpu".into(), "rtx4090".into()),
+        ]),
     }
 }
 
@@ -54,8 +57,12 @@ fn check<M: Message + std::fmt::Debug + PartialEq>(name: &str, msg: &M) {
         std::fs::write(&path, format!("{hex_now}\n")).expect("write golden file");
         return;
     }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with NEBULA_BLESS=1 to create)", path.display()));
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with NEBULA_BLESS=1 to create)",
+            path.display()
+        )
+    });
     assert_eq!(
         hex_now,
         expected.trim(),
@@ -66,8 +73,12 @@ fn check<M: Message + std::fmt::Debug + PartialEq>(name: &str, msg: &M) {
 #[test]
 fn protocol_version() {
     // The version prefix is frozen across majors: two varint u16s.
-    let bytes = bincode::serde::encode_to_vec(PROTOCOL_VERSION, bincode::config::standard()).unwrap();
-    assert_eq!(bytes, vec![PROTOCOL_VERSION.major as u8, PROTOCOL_VERSION.minor as u8]);
+    let bytes =
+        bincode::serde::encode_to_vec(PROTOCOL_VERSION, bincode::config::standard()).unwrap();
+    assert_eq!(
+        bytes,
+        vec![PROTOCOL_VERSION.major as u8, PROTOCOL_VERSION.minor as u8]
+    );
 }
 
 #[test]
@@ -99,7 +110,10 @@ fn enroll_response() {
             settings: settings(),
         }),
     );
-    check("enroll_response_refused", &EnrollResponse::Refused(refusal()));
+    check(
+        "enroll_response_refused",
+        &EnrollResponse::Refused(refusal()),
+    );
 }
 
 #[test]
@@ -134,18 +148,50 @@ fn server_hello() {
 
 #[test]
 fn agent_messages() {
-    check("agent_renew", &AgentMessage::RenewCertificate { csr_der: vec![9, 8, 7] });
-    check("agent_bye", &AgentMessage::Bye { reason: "shutdown".into() });
-    check("agent_unsupported", &AgentMessage::Unsupported { variant: 7 });
+    check(
+        "agent_renew",
+        &AgentMessage::RenewCertificate {
+            csr_der: vec![9, 8, 7],
+        },
+    );
+    check(
+        "agent_bye",
+        &AgentMessage::Bye {
+            reason: "shutdown".into(),
+        },
+    );
+    check(
+        "agent_unsupported",
+        &AgentMessage::Unsupported { variant: 7 },
+    );
 }
 
 #[test]
 fn controller_messages() {
-    check("controller_renewed", &ControllerMessage::CertificateRenewed { cert_der: vec![1, 1] });
-    check("controller_renewal_refused", &ControllerMessage::RenewalRefused(refusal()));
-    check("controller_settings", &ControllerMessage::SettingsChanged(settings()));
-    check("controller_bye", &ControllerMessage::Bye { reason: "restart".into() });
-    check("controller_unsupported", &ControllerMessage::Unsupported { variant: 6 });
+    check(
+        "controller_renewed",
+        &ControllerMessage::CertificateRenewed {
+            cert_der: vec![1, 1],
+        },
+    );
+    check(
+        "controller_renewal_refused",
+        &ControllerMessage::RenewalRefused(refusal()),
+    );
+    check(
+        "controller_settings",
+        &ControllerMessage::SettingsChanged(settings()),
+    );
+    check(
+        "controller_bye",
+        &ControllerMessage::Bye {
+            reason: "restart".into(),
+        },
+    );
+    check(
+        "controller_unsupported",
+        &ControllerMessage::Unsupported { variant: 6 },
+    );
 }
 
 #[test]
@@ -174,7 +220,10 @@ fn peek_version_reads_a_foreign_major_hello() {
     // A hypothetical 7.3 Hello whose body differs after the version.
     let mut payload = vec![7u8, 3];
     payload.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
-    assert_eq!(peek_version(&payload).unwrap(), ProtocolVersion { major: 7, minor: 3 });
+    assert_eq!(
+        peek_version(&payload).unwrap(),
+        ProtocolVersion { major: 7, minor: 3 }
+    );
     assert!(decode::<Hello>(&payload).is_err());
 }
 

@@ -15,7 +15,10 @@ use serde_json::Value;
 /// Path of a binary built by `cargo build --workspace --bins` in this profile.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -78,12 +81,18 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(mut cmd: Command) -> Self {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         cmd.env("RUST_LOG", "info");
         let mut child = cmd.spawn().expect("spawn");
         let stdout = Lines::default().spawn(child.stdout.take().unwrap());
         let stderr = Lines::default().spawn(child.stderr.take().unwrap());
-        Proc { child, stdout, stderr }
+        Proc {
+            child,
+            stdout,
+            stderr,
+        }
     }
 
     pub fn kill(&mut self) {
@@ -122,7 +131,10 @@ impl Proc {
 }
 
 fn unsafe_free_sigterm(pid: u32) {
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Proc {
@@ -167,8 +179,13 @@ impl Controller {
         let dir = tempfile::tempdir().unwrap();
         let admin_token = format!("nbl_test_{}", uuid::Uuid::new_v4().simple());
         std::fs::write(dir.path().join("admin.token"), &admin_token).unwrap();
-        let (proc, http, quic) =
-            Self::spawn(dir.path(), &opts, "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+        let (proc, http, quic) = Self::spawn(
+            dir.path(),
+            &opts,
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await;
         let _ = rustls::crypto::ring::default_provider().install_default();
         Controller {
             proc,
@@ -207,14 +224,18 @@ impl Controller {
             cmd.arg("--max-frame-bytes").arg(m.to_string());
         }
         let proc = Proc::spawn(cmd);
-        let (http, quic) = wait_for("controller to print its addresses", Duration::from_secs(20), || {
-            let out = &proc.stdout;
-            async move {
-                let http = out.find("API: http://")?.parse().ok()?;
-                let quic = out.find("QUIC: ")?.parse().ok()?;
-                Some((http, quic))
-            }
-        })
+        let (http, quic) = wait_for(
+            "controller to print its addresses",
+            Duration::from_secs(20),
+            || {
+                let out = &proc.stdout;
+                async move {
+                    let http = out.find("API: http://")?.parse().ok()?;
+                    let quic = out.find("QUIC: ")?.parse().ok()?;
+                    Some((http, quic))
+                }
+            },
+        )
         .await;
         (proc, http, quic)
     }
@@ -222,7 +243,8 @@ impl Controller {
     /// Kill (SIGKILL) and start again on the same ports and data dir.
     pub async fn restart_hard(&mut self) {
         self.proc.kill();
-        let (proc, http, quic) = Self::spawn(self.dir.path(), &self.opts, self.http, self.quic).await;
+        let (proc, http, quic) =
+            Self::spawn(self.dir.path(), &self.opts, self.http, self.quic).await;
         self.proc = proc;
         assert_eq!((http, quic), (self.http, self.quic));
     }
@@ -231,7 +253,12 @@ impl Controller {
         format!("http://{}{path}", self.http)
     }
 
-    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self
             .client
             .request(method, self.url(path))
@@ -265,11 +292,16 @@ impl Controller {
     }
 
     pub async fn nodes(&self) -> Vec<Value> {
-        self.get("/api/v1/nodes").await["items"].as_array().cloned().unwrap()
+        self.get("/api/v1/nodes").await["items"]
+            .as_array()
+            .cloned()
+            .unwrap()
     }
 
     pub async fn node(&self, name: &str) -> Option<Value> {
-        let (status, v) = self.api(reqwest::Method::GET, &format!("/api/v1/nodes/{name}"), None).await;
+        let (status, v) = self
+            .api(reqwest::Method::GET, &format!("/api/v1/nodes/{name}"), None)
+            .await;
         (status == 200).then_some(v)
     }
 
@@ -288,7 +320,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn join(c: &Controller, token: &str, state_dir: &Path, name: &str, labels: &[&str]) -> Self {
+    pub fn join(
+        c: &Controller,
+        token: &str,
+        state_dir: &Path,
+        name: &str,
+        labels: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(bin("nebula-agent"));
         cmd.arg("join")
             .arg("--controller")
