@@ -44,6 +44,19 @@ pub struct ServeArgs {
     /// Largest frame accepted from an agent, in bytes.
     #[arg(long, env = "NEBULA_MAX_FRAME_BYTES")]
     max_frame_bytes: Option<usize>,
+    /// How often agents send telemetry.
+    #[arg(long, env = "NEBULA_TELEMETRY_INTERVAL", value_parser = humantime::parse_duration)]
+    telemetry_interval: Option<Duration>,
+    /// Full-resolution telemetry kept in memory per node.
+    #[arg(long, env = "NEBULA_TELEMETRY_HISTORY", value_parser = humantime::parse_duration)]
+    telemetry_history: Option<Duration>,
+    /// How long one-minute rollups are kept.
+    #[arg(long, env = "NEBULA_ROLLUP_RETENTION", value_parser = humantime::parse_duration)]
+    rollup_retention: Option<Duration>,
+    #[arg(long, env = "NEBULA_ROLLUP_FLUSH_INTERVAL", value_parser = humantime::parse_duration)]
+    rollup_flush_interval: Option<Duration>,
+    #[arg(long, env = "NEBULA_RETENTION_SWEEP_INTERVAL", value_parser = humantime::parse_duration)]
+    retention_sweep_interval: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -75,6 +88,11 @@ impl ServeArgs {
         set!(idle_timeout);
         set!(cert_lifetime);
         set!(max_frame_bytes);
+        set!(telemetry_interval);
+        set!(telemetry_history);
+        set!(rollup_retention);
+        set!(rollup_flush_interval);
+        set!(retention_sweep_interval);
         set!(database_url, opt);
         set!(admin_token_file, opt);
         if let Some(f) = &self.database_url_file {

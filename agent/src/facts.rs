@@ -18,5 +18,8 @@ pub fn collect(labels: &Labels) -> NodeFacts {
             .unwrap_or(1),
         memory_bytes: sys.total_memory(),
         labels: labels.clone(),
+        // Filled from the first telemetry inventory before each Hello.
+        gpus: Vec::new(),
+        container_runtime: None,
     }
 }

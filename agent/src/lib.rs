@@ -8,16 +8,19 @@
 //! The agent links no database, HTTP-server or chat crate: it must stay small.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use nebula_protocol::{JoinToken, Labels, NodeFacts, Refusal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub mod config;
 pub mod enroll;
 pub mod facts;
 pub mod identity;
 pub mod session;
+pub mod telemetry;
 pub mod tls;
 
 pub use config::AgentConfig;
@@ -79,6 +82,16 @@ pub struct Agent {
     state: StateDir,
     status: watch::Sender<AgentStatus>,
     facts: Option<NodeFacts>,
+    gpu: GpuSource,
+}
+
+/// Where GPU figures come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuSource {
+    /// NVML, when the NVIDIA driver is present.
+    Nvml,
+    /// Report no GPUs.
+    None,
 }
 
 impl std::fmt::Debug for Agent {
@@ -96,6 +109,7 @@ impl Agent {
             config,
             status: watch::channel(AgentStatus::Starting).0,
             facts: None,
+            gpu: GpuSource::Nvml,
         }
     }
 
@@ -103,6 +117,12 @@ impl Agent {
     /// host and gives each its own).
     pub fn with_facts(mut self, facts: NodeFacts) -> Self {
         self.facts = Some(facts);
+        self
+    }
+
+    /// Choose where GPU figures come from (default: NVML).
+    pub fn with_gpu(mut self, gpu: GpuSource) -> Self {
+        self.gpu = gpu;
         self
     }
 
@@ -172,15 +192,41 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| identity.state.controller.clone());
         let addr = resolve(&controller).await?;
+        let interval = identity
+            .state
+            .settings
+            .as_ref()
+            .map(|s| Duration::from_millis(s.telemetry_interval_ms.into()))
+            .unwrap_or(Duration::from_secs(5));
+        let (sink, mut feed) = telemetry::channels(interval);
+        let tracker = TaskTracker::new();
+        let collectors = telemetry::Collectors::new(match self.gpu {
+            GpuSource::Nvml => telemetry::gpu::GpuCollector::new(),
+            GpuSource::None => telemetry::gpu::GpuCollector::none(),
+        });
+        let telemetry_stop = shutdown.child_token();
+        tracker.spawn(telemetry::run(
+            collectors,
+            sink,
+            telemetry_stop.clone(),
+            tracker.clone(),
+        ));
+        // Wait (briefly) for the first inventory so that Hello carries GPUs and the runtime.
+        let _ = tokio::time::timeout(Duration::from_secs(3), feed.inventory.changed()).await;
+        feed.inventory.mark_changed();
         let result = session::run(
             &self.config,
             &self.state,
             addr,
             self.facts(),
+            feed,
             &self.status,
             shutdown,
         )
         .await;
+        telemetry_stop.cancel();
+        tracker.close();
+        tracker.wait().await;
         self.status.send_replace(AgentStatus::Stopped);
         result
     }

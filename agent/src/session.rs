@@ -19,7 +19,9 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::identity::{new_key_and_csr, StateDir};
+use crate::telemetry::TelemetryFeed;
 use crate::{tls, AgentConfig, AgentError};
+use nebula_protocol::telemetry::{Datagram, TelemetrySample};
 
 /// What the agent is doing, for callers that watch it (the CLI, tests, the fleet simulator).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +82,7 @@ pub async fn run(
     state: &StateDir,
     addr: SocketAddr,
     facts: NodeFacts,
+    mut feed: TelemetryFeed,
     status: &watch::Sender<AgentStatus>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -89,7 +92,11 @@ pub async fn run(
         status.send_replace(AgentStatus::Connecting {
             attempt: backoff.attempt(),
         });
-        match session(config, state, &endpoint, addr, &facts, status, &shutdown).await {
+        match session(
+            config, state, &endpoint, addr, &facts, &mut feed, status, &shutdown,
+        )
+        .await
+        {
             Ok(SessionEnd::Shutdown) => break Ok(()),
             Ok(SessionEnd::Lost {
                 established,
@@ -129,12 +136,14 @@ fn liveness(config: &AgentConfig, saved: Option<&SessionSettings>) -> (Duration,
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     config: &AgentConfig,
     state: &StateDir,
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     facts: &NodeFacts,
+    feed: &mut TelemetryFeed,
     status: &watch::Sender<AgentStatus>,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, AgentError> {
@@ -167,10 +176,16 @@ async fn session(
         .open_bi()
         .await
         .map_err(|e| AgentError::Other(e.into()))?;
+    let mut facts = facts.clone();
+    {
+        let inv = feed.inventory.borrow();
+        facts.gpus = inv.gpus.clone();
+        facts.container_runtime = inv.container_runtime.clone();
+    }
     let hello = Hello {
         version: proto::PROTOCOL_VERSION,
         agent_version: crate::VERSION.into(),
-        facts: facts.clone(),
+        facts,
     };
     proto::write_message(&mut send, &hello).await?;
     let reply = tokio::time::timeout(
@@ -210,6 +225,18 @@ async fn session(
         return Ok(end);
     }
     let mut saved_settings = Some(welcome.settings.clone());
+    feed.interval.send_replace(
+        Duration::from_millis(welcome.settings.telemetry_interval_ms.into())
+            .max(Duration::from_millis(100)),
+    );
+    // The inventory first, so every sample that follows can be read.
+    let inventory = feed.inventory.borrow_and_update().clone();
+    proto::write_message(
+        &mut send,
+        &AgentMessage::TelemetryInventory((*inventory).clone()),
+    )
+    .await?;
+    let mut samples_sent = 0u64;
 
     let renew_at = identity
         .renew_at()
@@ -223,6 +250,31 @@ async fn session(
                 let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
                 conn.close(close::NORMAL.into(), b"agent stopping");
                 return Ok(SessionEnd::Shutdown);
+            }
+            changed = feed.inventory.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let inventory = feed.inventory.borrow_and_update().clone();
+                proto::write_message(&mut send, &AgentMessage::TelemetryInventory((*inventory).clone())).await?;
+            }
+            changed = feed.samples.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let sample = feed.samples.borrow_and_update().clone();
+                if let Some(sample) = sample {
+                    // The inventory a sample refers to always goes out before the sample.
+                    if feed.inventory.has_changed().unwrap_or(false) {
+                        let inventory = feed.inventory.borrow_and_update().clone();
+                        proto::write_message(&mut send, &AgentMessage::TelemetryInventory((*inventory).clone())).await?;
+                    }
+                    send_sample(&conn, &sample).await;
+                    samples_sent += 1;
+                    if samples_sent == 1 {
+                        debug!("first telemetry sample sent");
+                    }
+                }
             }
             _ = &mut renew_timer, if pending_key.is_none() => {
                 let (key, csr_der) = new_key_and_csr()?;
@@ -303,6 +355,36 @@ fn adopt_settings(
         }));
     }
     Ok(None)
+}
+
+/// A sample goes as one QUIC datagram when it fits, else on a unidirectional stream of its own.
+async fn send_sample(conn: &quinn::Connection, sample: &TelemetrySample) {
+    let msg = Datagram::Sample(sample.clone());
+    let bytes = match proto::encode(&msg) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!("encoding a sample: {e}");
+            return;
+        }
+    };
+    match conn.max_datagram_size() {
+        Some(max) if bytes.len() <= max => {
+            if let Err(e) = conn.send_datagram(bytes.into()) {
+                debug!("sending a sample datagram: {e}");
+            }
+        }
+        _ => {
+            let sent = async {
+                let mut uni = conn.open_uni().await?;
+                proto::write_frame(&mut uni, &bytes).await?;
+                uni.finish()?;
+                anyhow::Ok(())
+            };
+            if let Err(e) = sent.await {
+                debug!("sending a sample on a stream: {e:#}");
+            }
+        }
+    }
 }
 
 fn until(t: SystemTime) -> Duration {

@@ -128,10 +128,16 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/nodes/{name}", get(get_node).delete(remove_node))
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", delete(revoke_token))
+        .route("/nodes/{name}/telemetry", get(node_telemetry))
+        .route("/containers", get(list_containers))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
+        .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))
+        .merge(metrics)
         .nest("/api/v1", v1)
         .with_state(cp)
 }
@@ -192,6 +198,63 @@ pub struct NodeView {
     pub connected_since: Option<String>,
     pub remote_addr: Option<String>,
     pub cert_not_after: Option<String>,
+    /// The latest telemetry, summarised (absent before the first sample).
+    pub telemetry: Option<TelemetrySummary>,
+}
+
+/// The figures a fleet table shows per node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TelemetrySummary {
+    pub sampled_at: String,
+    pub cpu_percent: f32,
+    pub load1: f32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub gpus: usize,
+    pub gpu_utilization_percent: Option<f32>,
+    pub gpu_memory_used_bytes: Option<u64>,
+    pub gpu_memory_total_bytes: Option<u64>,
+    pub containers_total: usize,
+    pub containers_running: usize,
+    pub containers_unhealthy: usize,
+}
+
+fn summary(view: &crate::telemetry::NodeView) -> Option<TelemetrySummary> {
+    use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
+    let s = view.latest.as_ref()?;
+    let inv = view.inventory.as_ref();
+    let utils: Vec<f32> = s
+        .gpus
+        .iter()
+        .filter_map(|g| g.utilization_percent)
+        .map(f32::from)
+        .collect();
+    let gpu_mem: Vec<u64> = s.gpus.iter().filter_map(|g| g.memory_used_bytes).collect();
+    Some(TelemetrySummary {
+        sampled_at: rfc3339(view.received_at_ms),
+        cpu_percent: s.host.cpu_percent,
+        load1: s.host.load[0],
+        memory_used_bytes: s.host.memory_used_bytes,
+        memory_total_bytes: s.host.memory_total_bytes,
+        gpus: s.gpus.len(),
+        gpu_utilization_percent: (!utils.is_empty())
+            .then(|| utils.iter().sum::<f32>() / utils.len() as f32),
+        gpu_memory_used_bytes: (!gpu_mem.is_empty()).then(|| gpu_mem.iter().sum()),
+        gpu_memory_total_bytes: inv
+            .filter(|i| !i.gpus.is_empty())
+            .map(|i| i.gpus.iter().map(|g| g.memory_total_bytes).sum()),
+        containers_total: s.containers.len(),
+        containers_running: s
+            .containers
+            .iter()
+            .filter(|c| c.state == ContainerState::Running)
+            .count(),
+        containers_unhealthy: s
+            .containers
+            .iter()
+            .filter(|c| c.health == ContainerHealth::Unhealthy)
+            .count(),
+    })
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -228,6 +291,7 @@ fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
             .map(|s| humantime::format_rfc3339_millis(s.connected_at).to_string()),
         remote_addr: session.as_ref().map(|s| s.remote.to_string()),
         cert_not_after: n.cert_not_after.map(rfc3339),
+        telemetry: cp.telemetry.view(n.id).as_ref().and_then(summary),
         name: n.name,
     }
 }
@@ -416,4 +480,287 @@ async fn revoke_token(
     who.require(Role::Admin)?;
     cp.revoke_join_token(&id, &who.name).await?;
     Ok(Json(json!({"revoked": id})))
+}
+
+// ----- telemetry -----
+
+async fn metrics(State(cp): State<Arc<ControlPlane>>) -> Response {
+    match cp.metrics.render() {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "encoding metrics failed",
+        )
+        .into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryQuery {
+    /// RFC 3339 time, or a duration back from now (`15m`, `24h`). Default: 1 h back.
+    since: Option<String>,
+    /// `raw` (in-memory full resolution) or `1m` (stored rollups).
+    resolution: Option<String>,
+}
+
+fn parse_since(s: Option<&str>) -> ApiResult<SystemTime> {
+    let Some(s) = s else {
+        return Ok(SystemTime::now() - Duration::from_secs(3600));
+    };
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return SystemTime::now()
+            .checked_sub(d)
+            .ok_or_else(|| ApiError::bad_request("since is too far back"));
+    }
+    Err(ApiError::bad_request(format!(
+        "since `{s}`: use an RFC 3339 time or a duration such as 15m"
+    )))
+}
+
+/// The latest sample with names filled in from the inventory.
+fn sample_view(view: &crate::telemetry::NodeView) -> Option<serde_json::Value> {
+    let s = view.latest.as_ref()?;
+    let inv = view.inventory.as_ref()?;
+    let disks: Vec<_> = inv
+        .disks
+        .iter()
+        .zip(&s.disks_used_bytes)
+        .map(|(d, used)| json!({"mount": d.mount, "filesystem": d.filesystem, "used_bytes": used, "total_bytes": d.total_bytes}))
+        .collect();
+    let nets: Vec<_> = inv
+        .interfaces
+        .iter()
+        .zip(&s.interfaces)
+        .map(|(name, r)| json!({"name": name, "rx_bytes_per_sec": r.rx_bytes_per_sec, "tx_bytes_per_sec": r.tx_bytes_per_sec}))
+        .collect();
+    let gpus: Vec<_> = inv
+        .gpus
+        .iter()
+        .zip(&s.gpus)
+        .map(|(g, v)| {
+            json!({
+                "uuid": g.uuid, "name": g.name, "memory_total_bytes": g.memory_total_bytes,
+                "power_limit_mw": g.power_limit_mw, "utilization_percent": v.utilization_percent,
+                "memory_used_bytes": v.memory_used_bytes, "temperature_c": v.temperature_c,
+                "power_mw": v.power_mw, "fan_percent": v.fan_percent, "sm_clock_mhz": v.sm_clock_mhz,
+                "memory_clock_mhz": v.memory_clock_mhz,
+                "processes": v.processes.iter().map(|p| json!({"pid": p.pid, "name": p.name, "memory_used_bytes": p.memory_used_bytes})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let containers: Vec<_> = inv
+        .containers
+        .iter()
+        .zip(&s.containers)
+        .map(|(c, v)| container_json(&view.name, c, v))
+        .collect();
+    Some(json!({
+        "seq": s.seq,
+        "taken_at": rfc3339(i64::try_from(s.taken_at_ms).unwrap_or(0)),
+        "received_at": rfc3339(view.received_at_ms),
+        "host": s.host,
+        "os": inv.os,
+        "kernel": inv.kernel,
+        "container_runtime": inv.container_runtime,
+        "gpu_driver": inv.gpu_driver,
+        "disks": disks,
+        "interfaces": nets,
+        "gpus": gpus,
+        "containers": containers,
+    }))
+}
+
+fn container_json(
+    node: &str,
+    c: &nebula_protocol::telemetry::ContainerInfo,
+    v: &nebula_protocol::telemetry::ContainerSample,
+) -> serde_json::Value {
+    json!({
+        "node": node,
+        "id": c.id,
+        "name": c.name,
+        "image": c.image,
+        "labels": c.labels,
+        "created": rfc3339(c.created_unix.saturating_mul(1000)),
+        "state": v.state.as_str(),
+        "health": v.health.as_str(),
+        "restart_count": v.restart_count,
+        "cpu_percent": v.cpu_percent,
+        "memory_used_bytes": v.memory_used_bytes,
+        "memory_limit_bytes": v.memory_limit_bytes,
+        "net_rx_bytes": v.net_rx_bytes,
+        "net_tx_bytes": v.net_tx_bytes,
+    })
+}
+
+async fn node_telemetry(
+    State(cp): State<Arc<ControlPlane>>,
+    Path(name): Path<String>,
+    query: Result<Query<TelemetryQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let node = cp
+        .store
+        .node_by_name(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no node named `{name}`")))?;
+    let since = parse_since(q.since.as_deref())?;
+    let view = cp.telemetry.view(node.id);
+    let latest = view.as_ref().and_then(sample_view);
+    let resolution = q.resolution.as_deref().unwrap_or("raw");
+    let points: serde_json::Value = match resolution {
+        "raw" => {
+            let since_s = since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs() as u32)
+                .unwrap_or(0);
+            let pts: Vec<crate::telemetry::PointView> = cp
+                .telemetry
+                .history(node.id, since_s)
+                .iter()
+                .map(Into::into)
+                .collect();
+            serde_json::to_value(pts).unwrap_or_default()
+        }
+        "1m" => {
+            let rows = cp
+                .store
+                .rollups(node.id, crate::store::millis(since))
+                .await?;
+            serde_json::Value::Array(
+                rows.iter()
+                    .map(|r| {
+                        json!({
+                            "t": rfc3339(r.minute),
+                            "samples": r.samples,
+                            "cpu_percent": {"avg": r.cpu.0, "max": r.cpu.1},
+                            "memory_used_bytes": {"avg": r.mem_used.0, "max": r.mem_used.1},
+                            "load1": {"avg": r.load1.0, "max": r.load1.1},
+                            "net_rx_bytes_per_sec": {"avg": r.net_rx.0, "max": r.net_rx.1},
+                            "net_tx_bytes_per_sec": {"avg": r.net_tx.0, "max": r.net_tx.1},
+                            "gpu_utilization_percent": r.gpu_util.map(|v| json!({"avg": v.0, "max": v.1})),
+                            "gpu_memory_used_bytes": r.gpu_mem_used.map(|v| json!({"avg": v.0, "max": v.1})),
+                            "gpu_temperature_c": r.gpu_temp.map(|v| json!({"avg": v.0, "max": v.1})),
+                            "containers_running": r.containers_running,
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "resolution `{other}`: use raw or 1m"
+            )))
+        }
+    };
+    Ok(Json(json!({
+        "node": node.name,
+        "resolution": resolution,
+        "since": humantime::format_rfc3339_seconds(since).to_string(),
+        "latest": latest,
+        "points": points,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContainerQuery {
+    node: Option<String>,
+    /// `key=value`
+    label: Option<String>,
+    state: Option<String>,
+    health: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list_containers(
+    State(cp): State<Arc<ControlPlane>>,
+    query: Result<Query<ContainerQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Page<serde_json::Value>>> {
+    use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(500);
+    if limit == 0 || limit > 5000 {
+        return Err(ApiError::bad_request("limit must be between 1 and 5000"));
+    }
+    if let Some(s) = q.state.as_deref() {
+        if ContainerState::parse(s) == ContainerState::Unknown && s != "unknown" {
+            return Err(ApiError::bad_request(format!(
+                "state `{s}` is not a container state"
+            )));
+        }
+    }
+    if let Some(h) = q.health.as_deref() {
+        if !["none", "starting", "healthy", "unhealthy"].contains(&h) {
+            return Err(ApiError::bad_request(format!(
+                "health `{h}`: use none, starting, healthy or unhealthy"
+            )));
+        }
+        let _ = ContainerHealth::parse(h);
+    }
+    let label = match q.label.as_deref() {
+        Some(l) => Some(
+            l.split_once('=')
+                .ok_or_else(|| ApiError::bad_request("label filter reads key=value"))?,
+        ),
+        None => None,
+    };
+    if let Some(n) = q.node.as_deref() {
+        if cp.store.node_by_name(n).await?.is_none() {
+            return Err(ApiError::not_found(format!("no node named `{n}`")));
+        }
+    }
+    let mut items = Vec::new();
+    let mut views = cp.telemetry.snapshot();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    for view in &views {
+        if q.node.as_deref().is_some_and(|n| n != view.name) {
+            continue;
+        }
+        let (Some(inv), Some(s)) = (view.inventory.as_ref(), view.latest.as_ref()) else {
+            continue;
+        };
+        if inv.epoch != s.epoch {
+            continue;
+        }
+        for (c, v) in inv.containers.iter().zip(&s.containers) {
+            if q.state.as_deref().is_some_and(|st| st != v.state.as_str()) {
+                continue;
+            }
+            if q.health.as_deref().is_some_and(|h| h != v.health.as_str()) {
+                continue;
+            }
+            if label.is_some_and(|(k, val)| c.labels.get(k).map(String::as_str) != Some(val)) {
+                continue;
+            }
+            let key = format!("{}/{}", view.name, c.name);
+            if q.cursor.as_deref().is_some_and(|cur| key.as_str() <= cur) {
+                continue;
+            }
+            items.push((key, container_json(&view.name, c, v)));
+        }
+    }
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|(k, _)| k.clone())
+    } else {
+        None
+    };
+    Ok(Json(Page {
+        items: items.into_iter().map(|(_, v)| v).collect(),
+        next_cursor,
+    }))
 }

@@ -42,6 +42,18 @@ pub struct ControllerConfig {
     /// Enrollment handshakes served at once (the enrollment ALPN needs no certificate, so it is
     /// bounded).
     pub max_concurrent_enrollments: usize,
+    /// Full-resolution telemetry kept in memory per node.
+    #[serde(with = "humantime_serde")]
+    pub telemetry_history: Duration,
+    /// How long one-minute rollups are kept in the database.
+    #[serde(with = "humantime_serde")]
+    pub rollup_retention: Duration,
+    /// How often finished rollups are written (in one batch).
+    #[serde(with = "humantime_serde")]
+    pub rollup_flush_interval: Duration,
+    /// How often rollups past the retention window are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention_sweep_interval: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -60,6 +72,10 @@ impl Default for ControllerConfig {
             max_frame_bytes: nebula_protocol::DEFAULT_MAX_FRAME,
             admin_token_file: None,
             max_concurrent_enrollments: 64,
+            telemetry_history: Duration::from_secs(3600),
+            rollup_retention: Duration::from_secs(7 * 24 * 3600),
+            rollup_flush_interval: Duration::from_secs(60),
+            retention_sweep_interval: Duration::from_secs(600),
         }
     }
 }
@@ -88,6 +104,14 @@ impl ControllerConfig {
         }
         if self.cert_lifetime < Duration::from_secs(3) {
             return Err("cert_lifetime must be at least 3s".into());
+        }
+        if self.rollup_flush_interval.is_zero() || self.retention_sweep_interval.is_zero() {
+            return Err(
+                "rollup_flush_interval and retention_sweep_interval must be above zero".into(),
+            );
+        }
+        if self.telemetry_interval < Duration::from_millis(100) {
+            return Err("telemetry_interval must be at least 100ms".into());
         }
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());

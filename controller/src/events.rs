@@ -37,6 +37,15 @@ pub enum Event {
         id: String,
         by: String,
     },
+    /// A container's state or health changed (from telemetry).
+    ContainerChanged {
+        node_id: Uuid,
+        node: String,
+        container: String,
+        name: String,
+        state: String,
+        health: String,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -13,7 +13,6 @@
 //! node removal) goes through a `ControlPlane` method, which writes the store and publishes an
 //! event; the HTTP API and `nebula dev` are thin callers of those methods.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -29,8 +28,10 @@ pub mod api;
 pub mod ca;
 pub mod config;
 pub mod events;
+pub mod metrics;
 pub mod registry;
 pub mod store;
+pub mod telemetry;
 pub mod transport;
 
 pub use config::ControllerConfig;
@@ -47,8 +48,9 @@ pub struct ControlPlane {
     pub ca: CertificateAuthority,
     pub registry: Registry,
     pub events: EventBus,
+    pub telemetry: Arc<telemetry::TelemetryHub>,
+    pub metrics: Arc<metrics::Metrics>,
     pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
-    frames_rejected: AtomicU64,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -91,11 +93,11 @@ impl ControlPlane {
 
     /// Frames rejected as malformed or oversized since start.
     pub fn frames_rejected_total(&self) -> u64 {
-        self.frames_rejected.load(Ordering::Relaxed)
+        self.metrics.frames_rejected.get()
     }
 
     pub(crate) fn frames_rejected(&self) {
-        self.frames_rejected.fetch_add(1, Ordering::Relaxed);
+        self.metrics.frames_rejected.inc();
     }
 
     /// Create a join token. `ttl: None` never expires; `uses: None` is unlimited.
@@ -177,6 +179,7 @@ impl ControlPlane {
             .ok_or_else(|| OpError::NotFound(format!("no node named `{name}`")))?;
         self.registry
             .disconnect(id, close::REVOKED, "node removed: certificate revoked");
+        self.telemetry.forget(id);
         info!(node = %id, name, by, "node removed");
         self.events.publish(Event::NodeRemoved {
             id,
@@ -252,6 +255,9 @@ impl Controller {
         .context("loading the fleet CA")?;
         let reset_key = load_or_create_secret(&config.data_dir.join("pki").join("reset.key"))?;
         let new_admin_token = bootstrap_admin_token(&store, &config).await?;
+        let hub = Arc::new(telemetry::TelemetryHub::new(config.telemetry_history));
+        let mut metrics = metrics::Metrics::new();
+        metrics.register_nodes(Arc::downgrade(&hub));
         let cp = Arc::new(ControlPlane {
             enroll_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_enrollments.max(1),
@@ -261,7 +267,8 @@ impl Controller {
             ca,
             registry: Registry::default(),
             events: EventBus::new(1024),
-            frames_rejected: AtomicU64::new(0),
+            telemetry: hub,
+            metrics: Arc::new(metrics),
         });
         let endpoint = transport::endpoint(&cp, &reset_key)
             .with_context(|| format!("binding QUIC on {}", cp.config.quic_listen))?;
@@ -277,6 +284,8 @@ impl Controller {
             shutdown.clone(),
             tracker.clone(),
         ));
+        tracker.spawn(rollup_writer(cp.clone(), shutdown.clone()));
+        tracker.spawn(retention_sweeper(cp.clone(), shutdown.clone()));
         let router = api::router(cp.clone());
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -309,6 +318,62 @@ impl Controller {
         self.tracker.close();
         self.tracker.wait().await;
         self.control_plane.store.close().await;
+    }
+}
+
+/// Write finished one-minute rollups in batches; on shutdown, write what is left.
+async fn rollup_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(cp.config.rollup_flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        // On the way out, close the open minutes too.
+        let now = millis(SystemTime::now()) + if stopping { 60_000 } else { 0 };
+        let batch = cp.telemetry.take_rollups(now);
+        if !batch.is_empty() {
+            let started = std::time::Instant::now();
+            match cp.store.insert_rollups(&batch).await {
+                Ok(()) => cp
+                    .metrics
+                    .store_write_seconds
+                    .observe(started.elapsed().as_secs_f64()),
+                Err(e) => {
+                    tracing::warn!(
+                        rows = batch.len(),
+                        "writing telemetry rollups failed (will retry): {:#}",
+                        anyhow::Error::from(e)
+                    );
+                    cp.telemetry.requeue(batch);
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Delete rollups older than the retention window.
+async fn retention_sweeper(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(cp.config.retention_sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = millis(SystemTime::now() - cp.config.rollup_retention);
+        match cp.store.delete_rollups_before(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                rows = n,
+                "deleted telemetry rollups past the retention window"
+            ),
+            Err(e) => tracing::warn!("retention sweep failed: {:#}", anyhow::Error::from(e)),
+        }
     }
 }
 

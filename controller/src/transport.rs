@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use nebula_protocol::telemetry::Datagram;
 use nebula_protocol::{
     self as proto, close, AgentMessage, ControllerMessage, EnrollRequest, EnrollResponse,
     FrameError, Hello, Refusal, RefusalCode, ServerHello, Welcome, ALPN_ENROLL, ALPN_SESSION,
@@ -329,7 +330,11 @@ async fn session_connection(
     cp.store
         .record_session(node_id, &hello.facts, &hello.agent_version, now)
         .await?;
+    cp.telemetry.register(node_id, &node.name);
     let (generation, replaced) = cp.registry.insert(node_id, node.name.clone(), conn.clone());
+    cp.metrics
+        .agents_connected
+        .set(cp.registry.online_count() as i64);
     if let Some(old) = replaced {
         info!(node = %node_id, name = %node.name, "new connection replaces the old one");
         old.close(
@@ -352,14 +357,18 @@ async fn session_connection(
             settings: cp.session_settings(),
         });
         proto::write_message(&mut send, &welcome).await?;
+        let mut facts = hello.facts.clone();
         session_loop(
-            cp, &conn, &node.name, node_id, &mut send, &mut recv, shutdown,
+            cp, &conn, &node.name, node_id, &mut facts, &mut send, &mut recv, shutdown,
         )
         .await
     }
     .instrument(span.clone())
     .await;
     if cp.registry.remove_if_current(node_id, generation) {
+        cp.metrics
+            .agents_connected
+            .set(cp.registry.online_count() as i64);
         let _g = span.enter();
         info!(reason = %conn.close_reason().map(|r| r.to_string()).unwrap_or_default(), "node offline");
         if let Err(e) = cp
@@ -377,17 +386,45 @@ async fn session_connection(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session_loop(
     cp: &ControlPlane,
     conn: &quinn::Connection,
     name: &str,
     node_id: uuid::Uuid,
+    facts: &mut proto::NodeFacts,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
         let msg = tokio::select! {
+            dg = conn.read_datagram() => {
+                match dg {
+                    Ok(bytes) => take_sample(cp, node_id, name, &bytes),
+                    Err(_) => return Ok(()),
+                }
+                continue;
+            }
+            uni = conn.accept_uni() => {
+                let Ok(mut uni) = uni else { return Ok(()) };
+                // A sample too big for a datagram: one frame on its own stream, read with a
+                // deadline so a slow sender cannot stall the session.
+                let read = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    proto::read_frame(&mut uni, cp.config.max_frame_bytes),
+                ).await;
+                match read {
+                    Ok(Ok(bytes)) => take_sample(cp, node_id, name, &bytes),
+                    Ok(Err(e)) => {
+                        cp.frames_rejected();
+                        cp.metrics.dropped("malformed");
+                        debug!("bad telemetry stream: {e}");
+                    }
+                    Err(_) => cp.metrics.dropped("timeout"),
+                }
+                continue;
+            }
             _ = shutdown.cancelled() => {
                 let _ = proto::write_message(send, &ControllerMessage::Bye { reason: "controller shutting down".into() }).await;
                 conn.close(close::SHUTDOWN.into(), b"controller shutting down");
@@ -440,6 +477,14 @@ async fn session_loop(
             Ok(AgentMessage::Unsupported { variant }) => {
                 debug!(variant, "agent does not support a message we sent");
             }
+            Ok(AgentMessage::TelemetryInventory(inv)) => {
+                if facts.gpus != inv.gpus || facts.container_runtime != inv.container_runtime {
+                    facts.gpus = inv.gpus.clone();
+                    facts.container_runtime = inv.container_runtime.clone();
+                    cp.store.update_facts(node_id, facts).await?;
+                }
+                let _ = cp.telemetry.set_inventory(node_id, inv);
+            }
             Err(FrameError::UnknownVariant { index, .. }) => {
                 // A newer agent minor: answer, never fail.
                 proto::write_message(send, &ControllerMessage::Unsupported { variant: index })
@@ -448,6 +493,35 @@ async fn session_loop(
             Err(FrameError::Closed) => return Ok(()),
             Err(e) => return protocol_error(cp, conn, node_id, &e),
         }
+    }
+}
+
+/// Decode and take one telemetry sample; anything wrong with it is counted, never fatal.
+fn take_sample(cp: &ControlPlane, node_id: uuid::Uuid, name: &str, bytes: &[u8]) {
+    let sample = match proto::decode::<Datagram>(bytes) {
+        Ok(Datagram::Sample(s)) => s,
+        Err(e) => {
+            cp.frames_rejected();
+            cp.metrics.dropped("malformed");
+            debug!(node = %node_id, "malformed telemetry: {e}");
+            return;
+        }
+    };
+    match cp.telemetry.ingest(node_id, sample) {
+        Ok(changes) => {
+            cp.metrics.samples_accepted.inc();
+            for c in changes {
+                cp.events.publish(Event::ContainerChanged {
+                    node_id,
+                    node: name.to_owned(),
+                    container: c.container,
+                    name: c.name,
+                    state: c.state.as_str().to_owned(),
+                    health: c.health.as_str().to_owned(),
+                });
+            }
+        }
+        Err(reason) => cp.metrics.dropped(reason.as_str()),
     }
 }
 

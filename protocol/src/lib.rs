@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub mod framing;
+pub mod telemetry;
 
 pub use framing::{read_frame, read_message, write_frame, write_message};
 
@@ -156,6 +157,10 @@ pub struct NodeFacts {
     pub cpu_count: u32,
     pub memory_bytes: u64,
     pub labels: Labels,
+    /// NVIDIA GPUs found through NVML (empty when none or no driver).
+    pub gpus: Vec<telemetry::GpuInfo>,
+    /// Container runtime and version, e.g. `docker 27.3.1`; `None` when none is reachable.
+    pub container_runtime: Option<String>,
 }
 
 /// Enrollment request (ALPN `nebula-enroll/1`): the join token and a CSR for a key that never
@@ -236,6 +241,9 @@ pub enum AgentMessage {
     Bye { reason: String },
     /// Answer to a controller message this agent does not understand (a newer minor).
     Unsupported { variant: u32 },
+    /// The names and other slow-changing facts that telemetry samples refer to by position.
+    /// Sent at session start and whenever it changes, always before samples that use it.
+    TelemetryInventory(telemetry::TelemetryInventory),
 }
 
 /// Session-stream messages from the controller after `ServerHello`.
@@ -275,7 +283,7 @@ message!(EnrollRequest, "EnrollRequest");
 message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
-message!(AgentMessage, "AgentMessage", 3);
+message!(AgentMessage, "AgentMessage", 4);
 message!(ControllerMessage, "ControllerMessage", 5);
 
 /// Errors reading or decoding a frame.

@@ -22,6 +22,88 @@ fn facts() -> NodeFacts {
             ("zone".into(), "home".into()),
             ("gpu".into(), "rtx4090".into()),
         ]),
+        gpus: vec![gpu_info()],
+        container_runtime: Some("docker 27.3.1".into()),
+    }
+}
+
+fn gpu_info() -> telemetry::GpuInfo {
+    telemetry::GpuInfo {
+        uuid: "GPU-8d3c".into(),
+        name: "NVIDIA GeForce RTX 4090".into(),
+        memory_total_bytes: 24 << 30,
+        power_limit_mw: Some(450_000),
+    }
+}
+
+fn inventory() -> telemetry::TelemetryInventory {
+    telemetry::TelemetryInventory {
+        epoch: 3,
+        disks: vec![telemetry::DiskInfo {
+            mount: "/".into(),
+            filesystem: "ext4".into(),
+            total_bytes: 512 << 30,
+        }],
+        interfaces: vec!["eth0".into()],
+        gpus: vec![gpu_info()],
+        containers: vec![telemetry::ContainerInfo {
+            id: "4f1c2a".into(),
+            name: "ollama".into(),
+            image: "ollama/ollama:0.5".into(),
+            labels: BTreeMap::from([("nebula.service".into(), "ollama".into())]),
+            created_unix: 1_764_000_000,
+        }],
+        container_runtime: Some("docker 27.3.1".into()),
+        gpu_driver: Some("560.35.03".into()),
+        os: "Ubuntu 24.04".into(),
+        kernel: "6.8.0".into(),
+    }
+}
+
+fn sample() -> telemetry::TelemetrySample {
+    telemetry::TelemetrySample {
+        epoch: 3,
+        seq: 42,
+        taken_at_ms: 1_764_000_000_000,
+        host: telemetry::HostSample {
+            cpu_percent: 12.5,
+            per_core_percent: vec![10.0, 15.0],
+            load: [0.5, 0.25, 0.125],
+            memory_used_bytes: 8 << 30,
+            memory_total_bytes: 64 << 30,
+            swap_used_bytes: 0,
+            swap_total_bytes: 2 << 30,
+            uptime_secs: 86_400,
+        },
+        disks_used_bytes: vec![100 << 30],
+        interfaces: vec![telemetry::NetRate {
+            rx_bytes_per_sec: 1000,
+            tx_bytes_per_sec: 2000,
+        }],
+        gpus: vec![telemetry::GpuSample {
+            utilization_percent: Some(87),
+            memory_used_bytes: Some(20 << 30),
+            temperature_c: Some(71),
+            power_mw: Some(350_000),
+            fan_percent: None,
+            sm_clock_mhz: Some(2520),
+            memory_clock_mhz: Some(10501),
+            processes: vec![telemetry::GpuProcess {
+                pid: 4242,
+                name: "ollama".into(),
+                memory_used_bytes: 19 << 30,
+            }],
+        }],
+        containers: vec![telemetry::ContainerSample {
+            state: telemetry::ContainerState::Running,
+            health: telemetry::ContainerHealth::Healthy,
+            restart_count: 1,
+            cpu_percent: Some(3.5),
+            memory_used_bytes: Some(512 << 20),
+            memory_limit_bytes: None,
+            net_rx_bytes: Some(1234),
+            net_tx_bytes: Some(5678),
+        }],
     }
 }
 
@@ -164,6 +246,10 @@ fn agent_messages() {
         "agent_unsupported",
         &AgentMessage::Unsupported { variant: 7 },
     );
+    check(
+        "agent_telemetry_inventory",
+        &AgentMessage::TelemetryInventory(inventory()),
+    );
 }
 
 #[test]
@@ -192,6 +278,21 @@ fn controller_messages() {
         "controller_unsupported",
         &ControllerMessage::Unsupported { variant: 6 },
     );
+}
+
+#[test]
+fn telemetry_datagram() {
+    check("datagram_sample", &telemetry::Datagram::Sample(sample()));
+}
+
+#[test]
+fn a_twenty_container_sample_fits_one_datagram() {
+    let mut s = sample();
+    s.containers = vec![s.containers[0].clone(); 20];
+    s.host.per_core_percent = vec![50.0; 16];
+    let bytes = encode(&telemetry::Datagram::Sample(s)).unwrap();
+    // QUIC guarantees 1200-byte datagrams on any path.
+    assert!(bytes.len() <= 1200, "{} bytes", bytes.len());
 }
 
 #[test]
@@ -246,6 +347,7 @@ fn random_bytes_never_panic_the_decoders() {
         let _ = decode::<ServerHello>(&bytes);
         let _ = decode::<AgentMessage>(&bytes);
         let _ = decode::<ControllerMessage>(&bytes);
+        let _ = decode::<telemetry::Datagram>(&bytes);
         let _ = peek_version(&bytes);
     }
 }

@@ -1,0 +1,346 @@
+//! Containers through the Docker Engine API (bollard): the container list every sample, stats
+//! for running containers (concurrently), restart counts from inspect (cached, refreshed on
+//! events), and the event stream so that a container that dies or turns unhealthy is reported
+//! at once rather than at the next sample.
+//!
+//! No daemon means "no container runtime", logged once; the collector tries again every
+//! [`RECONNECT_EVERY`] and says so when a daemon appears.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::{EventsOptions, ListContainersOptions, StatsOptions};
+use bollard::Docker;
+use futures::StreamExt;
+use nebula_protocol::telemetry::{ContainerHealth, ContainerInfo, ContainerSample, ContainerState};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const RECONNECT_EVERY: Duration = Duration::from_secs(5);
+
+/// A Docker event worth an immediate sample.
+#[derive(Debug, Clone)]
+pub struct ContainerEvent {
+    pub id: String,
+    pub action: String,
+}
+
+pub struct ContainerCollector {
+    docker: Option<Docker>,
+    runtime: Option<String>,
+    said_missing: bool,
+    last_attempt: Option<Instant>,
+    prev_cpu: HashMap<String, (u64, u64)>,
+    restarts: HashMap<String, u32>,
+}
+
+impl std::fmt::Debug for ContainerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerCollector")
+            .field("runtime", &self.runtime)
+            .finish()
+    }
+}
+
+impl Default for ContainerCollector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ContainerCollector {
+    pub fn new() -> Self {
+        ContainerCollector {
+            docker: None,
+            runtime: None,
+            said_missing: false,
+            last_attempt: None,
+            prev_cpu: HashMap::new(),
+            restarts: HashMap::new(),
+        }
+    }
+
+    /// `docker <version>` when a daemon is reachable.
+    pub fn runtime(&self) -> Option<&str> {
+        self.runtime.as_deref()
+    }
+
+    /// Connect if not connected and the last attempt is old enough. Returns a client for the
+    /// event follower when a connection was made just now.
+    pub async fn ensure_connected(&mut self) -> Option<Docker> {
+        if self.docker.is_some() {
+            return None;
+        }
+        if self
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < RECONNECT_EVERY)
+        {
+            return None;
+        }
+        self.last_attempt = Some(Instant::now());
+        match connect().await {
+            Ok((docker, version)) => {
+                tracing::info!(%version, "container runtime found");
+                self.runtime = Some(format!("docker {version}"));
+                self.docker = Some(docker.clone());
+                self.said_missing = false;
+                Some(docker)
+            }
+            Err(e) => {
+                if !self.said_missing {
+                    tracing::info!("no container runtime: {e}");
+                    self.said_missing = true;
+                }
+                None
+            }
+        }
+    }
+
+    fn lost(&mut self, e: &bollard::errors::Error) {
+        tracing::warn!("container runtime went away: {e}");
+        self.docker = None;
+        self.runtime = None;
+        self.said_missing = true;
+        self.prev_cpu.clear();
+        self.restarts.clear();
+    }
+
+    /// Forget what an event makes stale (restart counts).
+    pub fn on_event(&mut self, ev: &ContainerEvent) {
+        self.restarts.remove(&ev.id);
+    }
+
+    /// Every container (running or not), sorted by name, with a sample for each.
+    pub async fn collect(&mut self) -> (Vec<ContainerInfo>, Vec<ContainerSample>) {
+        let Some(docker) = self.docker.clone() else {
+            return (Vec::new(), Vec::new());
+        };
+        let list = match docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                self.lost(&e);
+                return (Vec::new(), Vec::new());
+            }
+        };
+        let mut rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)> = list
+            .into_iter()
+            .filter_map(|c| {
+                let id = c.id?;
+                let name = c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_owned())
+                    .unwrap_or_else(|| id.chars().take(12).collect());
+                let state = c
+                    .state
+                    .map(|s| ContainerState::parse(&s.to_string()))
+                    .unwrap_or_default();
+                let health = c
+                    .health
+                    .and_then(|h| h.status)
+                    .map(|s| ContainerHealth::parse(&s.to_string()))
+                    .unwrap_or_else(|| health_from_status(c.status.as_deref().unwrap_or("")));
+                let labels: BTreeMap<String, String> =
+                    c.labels.unwrap_or_default().into_iter().collect();
+                Some((
+                    ContainerInfo {
+                        id,
+                        name,
+                        image: c.image.unwrap_or_default(),
+                        labels,
+                        created_unix: c.created.unwrap_or(0),
+                    },
+                    state,
+                    health,
+                ))
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+
+        // Restart counts: inspect only containers we have no count for.
+        for (info, _, _) in &rows {
+            if !self.restarts.contains_key(&info.id) {
+                if let Ok(i) = docker.inspect_container(&info.id, None).await {
+                    let n = i.restart_count.unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
+                    self.restarts.insert(info.id.clone(), n);
+                }
+            }
+        }
+        // Stats for running containers, all at once.
+        let stats = futures::future::join_all(rows.iter().map(|(info, state, _)| {
+            let docker = docker.clone();
+            let id = info.id.clone();
+            let running = *state == ContainerState::Running;
+            async move {
+                if !running {
+                    return None;
+                }
+                docker
+                    .stats(
+                        &id,
+                        Some(StatsOptions {
+                            stream: false,
+                            one_shot: true,
+                        }),
+                    )
+                    .next()
+                    .await
+                    .and_then(Result::ok)
+            }
+        }))
+        .await;
+
+        let live: std::collections::HashSet<&str> = rows.iter().map(|r| r.0.id.as_str()).collect();
+        self.prev_cpu.retain(|id, _| live.contains(id.as_str()));
+        self.restarts.retain(|id, _| live.contains(id.as_str()));
+        let mut infos = Vec::with_capacity(rows.len());
+        let mut samples = Vec::with_capacity(rows.len());
+        for ((info, state, health), st) in rows.into_iter().zip(stats) {
+            let mut s = ContainerSample {
+                state,
+                health,
+                restart_count: self.restarts.get(&info.id).copied().unwrap_or(0),
+                ..ContainerSample::default()
+            };
+            if let Some(st) = st {
+                let cpu = st.cpu_stats.as_ref();
+                let total = cpu
+                    .and_then(|c| c.cpu_usage.as_ref())
+                    .and_then(|u| u.total_usage);
+                let system = cpu.and_then(|c| c.system_cpu_usage);
+                let cpus = cpu.and_then(|c| c.online_cpus).unwrap_or(1).max(1);
+                if let (Some(total), Some(system)) = (total, system) {
+                    if let Some((pt, ps)) = self.prev_cpu.insert(info.id.clone(), (total, system)) {
+                        let dt = total.saturating_sub(pt) as f64;
+                        let ds = system.saturating_sub(ps) as f64;
+                        if ds > 0.0 {
+                            s.cpu_percent = Some((dt / ds * f64::from(cpus) * 100.0) as f32);
+                        }
+                    }
+                }
+                if let Some(m) = st.memory_stats.as_ref() {
+                    if let Some(usage) = m.usage {
+                        let inactive = m
+                            .stats
+                            .as_ref()
+                            .and_then(|s| {
+                                s.get("inactive_file")
+                                    .or_else(|| s.get("total_inactive_file"))
+                                    .or_else(|| s.get("cache"))
+                            })
+                            .copied()
+                            .unwrap_or(0);
+                        s.memory_used_bytes = Some(usage.saturating_sub(inactive.min(usage)));
+                    }
+                    s.memory_limit_bytes = m.limit.filter(|l| *l > 0 && *l < u64::MAX / 2);
+                }
+                if let Some(nets) = st.networks.as_ref() {
+                    s.net_rx_bytes = Some(nets.values().filter_map(|n| n.rx_bytes).sum());
+                    s.net_tx_bytes = Some(nets.values().filter_map(|n| n.tx_bytes).sum());
+                }
+            }
+            infos.push(info);
+            samples.push(s);
+        }
+        (infos, samples)
+    }
+}
+
+/// Older daemons put health only in the status text: "Up 2 minutes (healthy)".
+fn health_from_status(status: &str) -> ContainerHealth {
+    if status.contains("(healthy)") {
+        ContainerHealth::Healthy
+    } else if status.contains("(unhealthy)") {
+        ContainerHealth::Unhealthy
+    } else if status.contains("(health: starting)") {
+        ContainerHealth::Starting
+    } else {
+        ContainerHealth::None
+    }
+}
+
+async fn connect() -> Result<(Docker, String), bollard::errors::Error> {
+    let docker = Docker::connect_with_local_defaults()?;
+    let docker = tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version())
+        .await
+        .map_err(|_| bollard::errors::Error::RequestTimeoutError)??;
+    let version = docker.version().await?;
+    Ok((docker, version.version.unwrap_or_else(|| "unknown".into())))
+}
+
+/// Follow the daemon's container events and forward those that change what we report. Ends
+/// when the stream ends (daemon gone) or on shutdown.
+pub async fn follow_events(
+    docker: Docker,
+    tx: mpsc::Sender<ContainerEvent>,
+    shutdown: CancellationToken,
+) {
+    let filters = HashMap::from([("type".to_owned(), vec!["container".to_owned()])]);
+    let mut events = docker.events(Some(EventsOptions {
+        filters: Some(filters),
+        ..Default::default()
+    }));
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = events.next() => ev,
+        };
+        let Some(Ok(ev)) = ev else {
+            tracing::debug!("docker event stream ended");
+            return;
+        };
+        let action = ev.action.unwrap_or_default();
+        let relevant = matches!(
+            action.split(':').next().unwrap_or(""),
+            "create"
+                | "start"
+                | "restart"
+                | "die"
+                | "stop"
+                | "kill"
+                | "oom"
+                | "destroy"
+                | "pause"
+                | "unpause"
+                | "rename"
+                | "health_status"
+        );
+        if !relevant {
+            continue;
+        }
+        let id = ev.actor.and_then(|a| a.id).unwrap_or_default();
+        // A full channel already holds a pending trigger; dropping this one loses nothing.
+        let _ = tx.try_send(ContainerEvent { id, action });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_read_from_old_style_status_text() {
+        assert_eq!(
+            health_from_status("Up 3 minutes (healthy)"),
+            ContainerHealth::Healthy
+        );
+        assert_eq!(
+            health_from_status("Up 1 second (health: starting)"),
+            ContainerHealth::Starting
+        );
+        assert_eq!(
+            health_from_status("Up 9 minutes (unhealthy)"),
+            ContainerHealth::Unhealthy
+        );
+        assert_eq!(
+            health_from_status("Exited (0) 2 hours ago"),
+            ContainerHealth::None
+        );
+    }
+}
