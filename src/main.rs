@@ -45,7 +45,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controller.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// One-command demo: controller on SQLite, a join token and a local agent.
     Dev(serve::DevArgs),
     /// Join tokens: create, list, revoke.

@@ -150,6 +150,8 @@ pub struct ControllerOpts {
     pub keep_alive: &'static str,
     pub cert_lifetime: &'static str,
     pub max_frame_bytes: Option<usize>,
+    /// More `nebula serve` flags.
+    pub extra: Vec<&'static str>,
 }
 
 impl Default for ControllerOpts {
@@ -159,6 +161,7 @@ impl Default for ControllerOpts {
             keep_alive: "1s",
             cert_lifetime: "1h",
             max_frame_bytes: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -223,6 +226,7 @@ impl Controller {
         if let Some(m) = opts.max_frame_bytes {
             cmd.arg("--max-frame-bytes").arg(m.to_string());
         }
+        cmd.args(&opts.extra);
         let proc = Proc::spawn(cmd);
         let (http, quic) = wait_for(
             "controller to print its addresses",
@@ -327,7 +331,19 @@ impl Agent {
         name: &str,
         labels: &[&str],
     ) -> Self {
+        Self::join_with_env(c, token, state_dir, name, labels, &[])
+    }
+
+    pub fn join_with_env(
+        c: &Controller,
+        token: &str,
+        state_dir: &Path,
+        name: &str,
+        labels: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = Command::new(bin("nebula-agent"));
+        cmd.envs(env.iter().copied());
         cmd.arg("join")
             .arg("--controller")
             .arg(c.quic.to_string())
@@ -352,6 +368,116 @@ impl Agent {
         Agent {
             proc: Proc::spawn(cmd),
             state_dir: state_dir.to_owned(),
+        }
+    }
+}
+
+/// The real Docker Engine, with a test image built locally (no registry is reachable): a root
+/// filesystem holding Debian's static busybox, imported as an image.
+pub mod docker {
+    use std::process::Command;
+
+    pub const IMAGE: &str = "nebula-test/busybox:1";
+
+    /// Run `docker` and return stdout; panic with stderr on failure.
+    pub fn docker(args: &[&str]) -> String {
+        let out = Command::new("docker")
+            .args(args)
+            .output()
+            .expect("run docker");
+        assert!(
+            out.status.success(),
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// These tests need the real engine; without it they fail (they never pass by skipping).
+    pub fn require() {
+        let ok = Command::new("docker")
+            .args(["info", "--format", "{{.ServerVersion}}"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "the Docker Engine is not reachable; these tests need a real one (scripts/test checks)"
+        );
+    }
+
+    /// Build the test image if it is missing (idempotent; safe to race).
+    pub fn ensure_image() {
+        require();
+        let exists = Command::new("docker")
+            .args(["image", "inspect", IMAGE])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if exists {
+            return;
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("busybox-static is not installed (scripts/test installs it)");
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(root.path().join("www")).unwrap();
+        std::fs::create_dir_all(root.path().join("tmp")).unwrap();
+        std::fs::copy(busybox, bin.join("busybox")).unwrap();
+        for applet in [
+            "sh", "sleep", "httpd", "echo", "cat", "wget", "ls", "true", "false",
+        ] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+        std::fs::write(root.path().join("www/index.html"), "nebula test\n").unwrap();
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(root.path())
+            .args(["-cf", "-", "."])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = Command::new("docker")
+            .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", IMAGE])
+            .stdin(tar.stdout.take().unwrap())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(tar.wait().unwrap().success(), "tar failed");
+        assert!(status.success(), "docker import failed");
+    }
+
+    /// Containers labelled for one test, removed on drop.
+    pub struct Containers {
+        pub label: String,
+    }
+
+    impl Containers {
+        pub fn new() -> Self {
+            ensure_image();
+            Containers {
+                label: format!("nebula.test={}", uuid::Uuid::new_v4().simple()),
+            }
+        }
+
+        /// `docker run -d` with this test's label; returns the id.
+        pub fn run(&self, name: &str, args: &[&str]) -> String {
+            let mut all = vec!["run", "-d", "--name", name, "--label", &self.label];
+            all.extend_from_slice(args);
+            docker(&all)
+        }
+    }
+
+    impl Drop for Containers {
+        fn drop(&mut self) {
+            let ids = docker(&["ps", "-aq", "--filter", &format!("label={}", self.label)]);
+            for id in ids.lines().filter(|l| !l.is_empty()) {
+                let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
         }
     }
 }

@@ -139,12 +139,12 @@ impl ContainerCollector {
                     .unwrap_or_else(|| id.chars().take(12).collect());
                 let state = c
                     .state
-                    .map(|s| ContainerState::parse(&s.to_string()))
+                    .map(|s| ContainerState::parse(s.as_ref()))
                     .unwrap_or_default();
                 let health = c
                     .health
                     .and_then(|h| h.status)
-                    .map(|s| ContainerHealth::parse(&s.to_string()))
+                    .map(|s| ContainerHealth::parse(s.as_ref()))
                     .unwrap_or_else(|| health_from_status(c.status.as_deref().unwrap_or("")));
                 let labels: BTreeMap<String, String> =
                     c.labels.unwrap_or_default().into_iter().collect();

@@ -78,7 +78,7 @@ impl HostCollector {
     /// Disks and interfaces in the order samples use. Re-lists them every 12th sample (once a
     /// minute at the default interval) to notice new mounts and interfaces.
     pub fn inventory(&mut self) -> HostInventory {
-        if self.samples % 12 == 0 {
+        if self.samples.is_multiple_of(12) {
             self.disks.refresh(true);
             self.networks.refresh(true);
             self.last_net = Instant::now();
