@@ -235,12 +235,11 @@ pub async fn token(cli: &Cli, cmd: &TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn nodes(cli: &Cli, args: &NodesArgs) -> anyhow::Result<()> {
-    let api = Api::new(cli)?;
+async fn fetch_nodes(api: &Api, args: &NodesArgs) -> anyhow::Result<Vec<Value>> {
     let mut items = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut q = vec![("limit", "500".to_owned())];
+        let mut q = vec![("limit", "1000".to_owned())];
         if let Some(c) = &cursor {
             q.push(("cursor", c.clone()));
         }
@@ -258,40 +257,158 @@ pub async fn nodes(cli: &Cli, args: &NodesArgs) -> anyhow::Result<()> {
             None => break,
         }
     }
+    Ok(items)
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1u64 << 30) as f64)
+}
+
+/// "42%" with a small bar, for the live view.
+fn bar(pct: f64, width: usize) -> String {
+    let filled = ((pct / 100.0) * width as f64)
+        .round()
+        .clamp(0.0, width as f64) as usize;
+    format!(
+        "{}{} {:>3.0}%",
+        "█".repeat(filled),
+        "·".repeat(width - filled),
+        pct
+    )
+}
+
+fn node_rows(items: &[Value], bars: bool) -> Vec<Vec<String>> {
+    items
+        .iter()
+        .map(|n| {
+            let t = &n["telemetry"];
+            let (cpu, mem, gpu, ctr) = if t.is_object() {
+                let cpu = t["cpu_percent"].as_f64().unwrap_or(0.0);
+                let used = t["memory_used_bytes"].as_u64().unwrap_or(0);
+                let total = t["memory_total_bytes"].as_u64().unwrap_or(0).max(1);
+                let mem_pct = used as f64 * 100.0 / total as f64;
+                let gpu = match t["gpu_utilization_percent"].as_f64() {
+                    Some(u) => {
+                        let vram = match (
+                            t["gpu_memory_used_bytes"].as_u64(),
+                            t["gpu_memory_total_bytes"].as_u64(),
+                        ) {
+                            (Some(u), Some(tt)) => format!(" {}/{} GiB", gib(u), gib(tt)),
+                            _ => String::new(),
+                        };
+                        if bars {
+                            format!("{}{vram}", bar(u, 10))
+                        } else {
+                            format!("{u:.0}%{vram}")
+                        }
+                    }
+                    None => "-".into(),
+                };
+                let unhealthy = t["containers_unhealthy"].as_u64().unwrap_or(0);
+                let ctr = format!(
+                    "{}/{}{}",
+                    t["containers_running"].as_u64().unwrap_or(0),
+                    t["containers_total"].as_u64().unwrap_or(0),
+                    if unhealthy > 0 {
+                        format!(" ({unhealthy} unhealthy)")
+                    } else {
+                        String::new()
+                    }
+                );
+                if bars {
+                    (
+                        bar(cpu, 10),
+                        format!("{} {}/{} GiB", bar(mem_pct, 10), gib(used), gib(total)),
+                        gpu,
+                        ctr,
+                    )
+                } else {
+                    (
+                        format!("{cpu:.0}%"),
+                        format!("{}/{} GiB", gib(used), gib(total)),
+                        gpu,
+                        ctr,
+                    )
+                }
+            } else {
+                ("-".into(), "-".into(), "-".into(), "-".into())
+            };
+            vec![
+                s(&n["name"]),
+                s(&n["status"]),
+                cpu,
+                mem,
+                gpu,
+                ctr,
+                s(&n["last_seen_at"]),
+            ]
+        })
+        .collect()
+}
+
+const NODE_HEADERS: [&str; 7] = [
+    "NAME",
+    "STATUS",
+    "CPU",
+    "MEMORY",
+    "GPU",
+    "CONTAINERS",
+    "LAST SEEN",
+];
+
+pub async fn nodes(cli: &Cli, args: &NodesArgs) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    let items = fetch_nodes(&api, args).await?;
     if cli.json {
         print_json(&Value::Array(items));
         return Ok(());
     }
-    let rows = items
-        .iter()
-        .map(|n| {
-            let mem = n["facts"]["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64;
-            vec![
-                s(&n["name"]),
-                s(&n["status"]),
-                format!("{} {}", s(&n["facts"]["os"]), s(&n["facts"]["os_version"])),
-                s(&n["facts"]["arch"]),
-                s(&n["facts"]["cpu_count"]),
-                format!("{mem:.1} GiB"),
-                labels(&n["labels"]),
-                s(&n["last_seen_at"]),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "NAME",
-            "STATUS",
-            "OS",
-            "ARCH",
-            "CPUS",
-            "MEMORY",
-            "LABELS",
-            "LAST SEEN",
-        ],
-        rows,
-    );
+    table(&NODE_HEADERS, node_rows(&items, false));
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    #[command(flatten)]
+    filter: NodesArgs,
+    /// Refresh period.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Stop after this many refreshes (default: until Ctrl-C).
+    #[arg(long)]
+    iterations: Option<u64>,
+}
+
+/// A live, refreshing view of the fleet.
+pub async fn top(cli: &Cli, args: &TopArgs) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    let mut n = 0u64;
+    loop {
+        let items = fetch_nodes(&api, &args.filter).await?;
+        let online = items.iter().filter(|i| i["status"] == "online").count();
+        let running: u64 = items
+            .iter()
+            .filter_map(|i| i["telemetry"]["containers_running"].as_u64())
+            .sum();
+        // Clear the screen and home the cursor, then draw.
+        print!("\x1b[2J\x1b[H");
+        println!(
+            "nebula top — {} · {online}/{} nodes online · {running} containers running · every {}",
+            api.base,
+            items.len(),
+            humantime::format_duration(args.interval)
+        );
+        println!();
+        table(&NODE_HEADERS, node_rows(&items, true));
+        n += 1;
+        if args.iterations.is_some_and(|max| n >= max) {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(args.interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
 }
 
 pub async fn node(cli: &Cli, cmd: &NodeCommand) -> anyhow::Result<()> {

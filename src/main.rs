@@ -51,8 +51,10 @@ enum Command {
     /// Join tokens: create, list, revoke.
     #[command(subcommand)]
     Token(client::TokenCommand),
-    /// List nodes.
+    /// List nodes with their latest CPU, memory, GPU and container figures.
     Nodes(client::NodesArgs),
+    /// A live, refreshing view of the fleet.
+    Top(client::TopArgs),
     /// One node: show, remove.
     #[command(subcommand)]
     Node(client::NodeCommand),
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
             Command::Dev(ref args) => serve::dev(args).await,
             Command::Token(ref cmd) => client::token(&cli, cmd).await,
             Command::Nodes(ref args) => client::nodes(&cli, args).await,
+            Command::Top(ref args) => client::top(&cli, args).await,
             Command::Node(ref cmd) => client::node(&cli, cmd).await,
             Command::Completions { shell } => {
                 clap_complete::generate(

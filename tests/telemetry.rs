@@ -507,3 +507,59 @@ async fn rollups_past_the_retention_window_are_deleted() {
     );
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_nodes_and_top_show_live_figures() {
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--telemetry-interval", "300ms"],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let (_a, _d) = joined(&c, "cli1", &[]).await;
+    wait_for("a sample", Duration::from_secs(10), || async {
+        c.node("cli1").await?["telemetry"].is_object().then_some(())
+    })
+    .await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin("nebula"))
+            .args(args)
+            .env("NEBULA_CONTROLLER", c.url(""))
+            .env("NEBULA_TOKEN", &c.admin_token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = run(&["nodes"]);
+    let header = table.lines().next().unwrap();
+    for col in [
+        "NAME",
+        "STATUS",
+        "CPU",
+        "MEMORY",
+        "GPU",
+        "CONTAINERS",
+        "LAST SEEN",
+    ] {
+        assert!(header.contains(col), "{table}");
+    }
+    let row = table.lines().find(|l| l.starts_with("cli1")).unwrap();
+    assert!(
+        row.contains("online") && row.contains('%') && row.contains("GiB"),
+        "{row}"
+    );
+    let json: Value = serde_json::from_str(&run(&["nodes", "--json"])).unwrap();
+    assert_eq!(json[0]["name"], "cli1");
+    assert!(json[0]["telemetry"]["cpu_percent"].is_number());
+    let top = run(&["top", "--iterations", "2", "--interval", "200ms"]);
+    assert_eq!(top.matches("\x1b[2J").count(), 2, "refreshed twice");
+    assert!(top.contains("1/1 nodes online"), "{top}");
+    assert!(
+        top.contains("cli1") && top.contains('█') || top.contains('·'),
+        "{top}"
+    );
+}

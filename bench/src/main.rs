@@ -28,8 +28,44 @@ struct Cli {
     command: Cmd,
 }
 
+mod fleet;
+mod footprint;
+mod gpu;
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// The agent's RSS and CPU next to prometheus-node-exporter, with containers running.
+    Footprint {
+        #[arg(long, default_value_t = 20)]
+        containers: usize,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        #[arg(long, default_value = "bench/results/footprint.json")]
+        out: PathBuf,
+    },
+    /// NVML sampling cost: raw calls vs the agent's collector (needs an NVIDIA GPU).
+    Gpu {
+        #[arg(long, default_value_t = 10_000)]
+        iterations: usize,
+        #[arg(long, default_value = "bench/results/gpu.json")]
+        out: PathBuf,
+    },
+    /// Simulate a fleet of N agents sending telemetry to a real controller.
+    Fleet {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        #[arg(long, default_value_t = 20)]
+        containers: usize,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Output file (default: bench/results/fleet-<N>.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Enroll and connect N agents at once; controller RSS; reconnect after restarts.
     Enroll {
         #[arg(long, default_value_t = 200)]
@@ -53,6 +89,35 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
+        Cmd::Fleet {
+            agents,
+            interval,
+            containers,
+            duration,
+            out,
+        } => {
+            let out =
+                out.unwrap_or_else(|| PathBuf::from(format!("bench/results/fleet-{agents}.json")));
+            rt.block_on(fleet::fleet_bench(fleet::FleetArgs {
+                agents,
+                interval,
+                containers,
+                duration,
+                out,
+            }))
+        }
+        Cmd::Gpu { iterations, out } => gpu::gpu_bench(iterations, &out),
+        Cmd::Footprint {
+            containers,
+            duration,
+            interval,
+            out,
+        } => rt.block_on(footprint::footprint_bench(footprint::FootprintArgs {
+            containers,
+            duration,
+            interval,
+            out,
+        })),
         Cmd::Enroll { agents, out } => {
             let out =
                 out.unwrap_or_else(|| PathBuf::from(format!("bench/results/enroll-{agents}.json")));
@@ -87,9 +152,15 @@ fn nebula_bin() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn start_controller(dir: &Path, http: &str, quic: &str) -> anyhow::Result<ControllerProc> {
+fn start_controller(
+    dir: &Path,
+    http: &str,
+    quic: &str,
+    extra: &[&str],
+) -> anyhow::Result<ControllerProc> {
     let mut child = Command::new(nebula_bin()?)
         .args(["serve", "--http-listen", http, "--quic-listen", quic])
+        .args(extra)
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--admin-token-file")
@@ -186,7 +257,7 @@ async fn enroll_bench(n: usize, out: &Path) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let admin = format!("nbl_bench_{:016}", std::process::id());
     std::fs::write(dir.path().join("admin.token"), &admin)?;
-    let mut ctl = start_controller(dir.path(), "127.0.0.1:0", "127.0.0.1:0")?;
+    let mut ctl = start_controller(dir.path(), "127.0.0.1:0", "127.0.0.1:0", &[])?;
     let (http, quic) = (ctl.http, ctl.quic);
     println!("controller pid {} http {http} quic {quic}", ctl.child.id());
     let client = reqwest::Client::new();
@@ -289,7 +360,7 @@ async fn enroll_bench(n: usize, out: &Path) -> anyhow::Result<()> {
     let _ = ctl.child.wait();
     let killed = Instant::now();
     drop(ctl);
-    let ctl2 = start_controller(dir.path(), &http_s, &quic_s)?;
+    let ctl2 = start_controller(dir.path(), &http_s, &quic_s, &[])?;
     let up = Instant::now();
     let after_kill = wait_all_connected_after(&events, killed, Duration::from_secs(120)).await?;
     let kill_all_ms = after_kill.iter().cloned().fold(0.0, f64::max);
@@ -305,7 +376,7 @@ async fn enroll_bench(n: usize, out: &Path) -> anyhow::Result<()> {
         .status();
     let _ = ctl2.child.wait();
     drop(ctl2);
-    let ctl3 = start_controller(dir.path(), &http_s, &quic_s)?;
+    let ctl3 = start_controller(dir.path(), &http_s, &quic_s, &[])?;
     let up3 = Instant::now();
     let after_term = wait_all_connected_after(&events, stopped, Duration::from_secs(120)).await?;
     let term_all_ms = after_term.iter().cloned().fold(0.0, f64::max);

@@ -407,48 +407,19 @@ pub mod docker {
         );
     }
 
-    /// Build the test image if it is missing (idempotent; safe to race).
+    /// Build the test image if it is missing (`scripts/build-test-image`, idempotent).
     pub fn ensure_image() {
         require();
-        let exists = Command::new("docker")
-            .args(["image", "inspect", IMAGE])
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-test-image");
+        let out = Command::new(script)
+            .arg(IMAGE)
             .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if exists {
-            return;
-        }
-        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("busybox-static is not installed (scripts/test installs it)");
-        let root = tempfile::tempdir().unwrap();
-        let bin = root.path().join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::fs::create_dir_all(root.path().join("www")).unwrap();
-        std::fs::create_dir_all(root.path().join("tmp")).unwrap();
-        std::fs::copy(busybox, bin.join("busybox")).unwrap();
-        for applet in [
-            "sh", "sleep", "httpd", "echo", "cat", "wget", "ls", "true", "false",
-        ] {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-        }
-        std::fs::write(root.path().join("www/index.html"), "nebula test\n").unwrap();
-        let mut tar = Command::new("tar")
-            .arg("-C")
-            .arg(root.path())
-            .args(["-cf", "-", "."])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let status = Command::new("docker")
-            .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", IMAGE])
-            .stdin(tar.stdout.take().unwrap())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(tar.wait().unwrap().success(), "tar failed");
-        assert!(status.success(), "docker import failed");
+            .expect("run build-test-image");
+        assert!(
+            out.status.success(),
+            "building the test image failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Containers labelled for one test, removed on drop.

@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(5);
+/// Stats requests in flight at once.
+const STATS_IN_FLIGHT: usize = 2;
 
 /// A Docker event worth an immediate sample.
 #[derive(Debug, Clone)]
@@ -172,29 +174,19 @@ impl ContainerCollector {
                 }
             }
         }
-        // Stats for running containers, all at once.
-        let stats = futures::future::join_all(rows.iter().map(|(info, state, _)| {
-            let docker = docker.clone();
-            let id = info.id.clone();
-            let running = *state == ContainerState::Running;
-            async move {
-                if !running {
-                    return None;
-                }
-                docker
-                    .stats(
-                        &id,
-                        Some(StatsOptions {
-                            stream: false,
-                            one_shot: true,
-                        }),
-                    )
-                    .next()
-                    .await
-                    .and_then(Result::ok)
-            }
-        }))
-        .await;
+        // Stats for running containers, a few at a time: each request in flight needs its own
+        // connection to the daemon, and opening one costs more than waiting for a pooled one.
+        let wanted: Vec<(String, bool)> = rows
+            .iter()
+            .map(|(info, state, _)| (info.id.clone(), *state == ContainerState::Running))
+            .collect();
+        let mut stats = Vec::with_capacity(wanted.len());
+        for chunk in wanted.chunks(STATS_IN_FLIGHT) {
+            let batch = chunk
+                .iter()
+                .map(|(id, running)| stats_once(docker.clone(), id.clone(), *running));
+            stats.extend(futures::future::join_all(batch).await);
+        }
 
         let live: std::collections::HashSet<&str> = rows.iter().map(|r| r.0.id.as_str()).collect();
         self.prev_cpu.retain(|id, _| live.contains(id.as_str()));
@@ -250,6 +242,28 @@ impl ContainerCollector {
         }
         (infos, samples)
     }
+}
+
+/// One stats reading (one-shot: the daemon answers at once, without its own 1 s sampling).
+async fn stats_once(
+    docker: Docker,
+    id: String,
+    running: bool,
+) -> Option<bollard::models::ContainerStatsResponse> {
+    if !running {
+        return None;
+    }
+    docker
+        .stats(
+            &id,
+            Some(StatsOptions {
+                stream: false,
+                one_shot: true,
+            }),
+        )
+        .next()
+        .await
+        .and_then(Result::ok)
 }
 
 /// Older daemons put health only in the status text: "Up 2 minutes (healthy)".

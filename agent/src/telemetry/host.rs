@@ -1,10 +1,15 @@
-//! Host metrics from sysinfo. Only CPU, memory, disks and networks are refreshed per sample;
-//! the process list is never walked (that costs milliseconds; this costs microseconds).
+//! Host metrics from sysinfo. Only CPU and memory are refreshed every sample; disk space every
+//! sixth sample and only for the disks reported; the process list is never walked (that costs
+//! milliseconds; this costs microseconds). On Linux, network counters come from one read of
+//! `/proc/net/dev` instead of several files per interface (container hosts have a veth per
+//! container).
 
 use std::time::Instant;
 
 use nebula_protocol::telemetry::{DiskInfo, HostSample, NetRate};
-use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System};
+use sysinfo::{
+    CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System,
+};
 
 /// Filesystems that are views of other storage, not disks of their own.
 const PSEUDO_FS: &[&str] = &[
@@ -28,6 +33,9 @@ pub struct HostCollector {
     disks: Disks,
     networks: Networks,
     last_net: Instant,
+    /// Previous counters (rx, tx) per interface, for rates.
+    prev_net: std::collections::HashMap<String, (u64, u64)>,
+    interfaces: Vec<String>,
     samples: u64,
 }
 
@@ -62,6 +70,8 @@ impl HostCollector {
             disks: Disks::new_with_refreshed_list(),
             networks: Networks::new_with_refreshed_list(),
             last_net: Instant::now(),
+            prev_net: Default::default(),
+            interfaces: Vec::new(),
             samples: 0,
         }
     }
@@ -80,8 +90,9 @@ impl HostCollector {
     pub fn inventory(&mut self) -> HostInventory {
         if self.samples.is_multiple_of(12) {
             self.disks.refresh(true);
-            self.networks.refresh(true);
-            self.last_net = Instant::now();
+            if !cfg!(target_os = "linux") {
+                self.networks.refresh(true);
+            }
         }
         let mut disks: Vec<DiskInfo> = self
             .disks
@@ -96,13 +107,15 @@ impl HostCollector {
             .collect();
         disks.sort_by(|a, b| a.mount.cmp(&b.mount));
         disks.dedup_by(|a, b| a.mount == b.mount);
-        let mut interfaces: Vec<String> = self
-            .networks
-            .keys()
-            .filter(|n| Self::keep_iface(n))
-            .cloned()
-            .collect();
-        interfaces.sort();
+        if self.samples.is_multiple_of(12) {
+            let names: Vec<String> = match proc_net_dev() {
+                Some(counters) => counters.into_iter().map(|(n, _)| n).collect(),
+                None => self.networks.keys().cloned().collect(),
+            };
+            self.interfaces = names.into_iter().filter(|n| Self::keep_iface(n)).collect();
+            self.interfaces.sort();
+        }
+        let interfaces = self.interfaces.clone();
         HostInventory { disks, interfaces }
     }
 
@@ -111,10 +124,33 @@ impl HostCollector {
         self.samples += 1;
         self.sys.refresh_cpu_usage();
         self.sys.refresh_memory();
-        self.disks.refresh(false);
-        self.networks.refresh(false);
+        if self.samples % 6 == 1 {
+            for d in self.disks.list_mut() {
+                if inv
+                    .disks
+                    .iter()
+                    .any(|w| d.mount_point().as_os_str() == w.mount.as_str())
+                {
+                    d.refresh_specifics(DiskRefreshKind::nothing().with_storage());
+                }
+            }
+        }
         let secs = self.last_net.elapsed().as_secs_f64().max(0.001);
         self.last_net = Instant::now();
+        let counters: Vec<(String, (u64, u64))> = match proc_net_dev() {
+            Some(c) => c,
+            None => {
+                self.networks.refresh(false);
+                // sysinfo reports deltas since its last refresh; turn them into running totals.
+                self.networks
+                    .iter()
+                    .map(|(name, n)| {
+                        let (rx, tx) = self.prev_net.get(name).copied().unwrap_or((0, 0));
+                        (name.clone(), (rx + n.received(), tx + n.transmitted()))
+                    })
+                    .collect()
+            }
+        };
         let load = System::load_average();
         let host = HostSample {
             cpu_percent: self.sys.global_cpu_usage(),
@@ -141,21 +177,58 @@ impl HostCollector {
         let nets = inv
             .interfaces
             .iter()
-            .map(|name| match self.networks.get(name) {
-                Some(n) => NetRate {
-                    rx_bytes_per_sec: (n.received() as f64 / secs) as u64,
-                    tx_bytes_per_sec: (n.transmitted() as f64 / secs) as u64,
-                },
-                None => NetRate::default(),
+            .map(|name| {
+                let now = counters.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+                match (now, self.prev_net.get(name)) {
+                    (Some((rx, tx)), Some(&(prx, ptx))) => NetRate {
+                        rx_bytes_per_sec: (rx.saturating_sub(prx) as f64 / secs) as u64,
+                        tx_bytes_per_sec: (tx.saturating_sub(ptx) as f64 / secs) as u64,
+                    },
+                    _ => NetRate::default(),
+                }
             })
             .collect();
+        self.prev_net = counters.into_iter().collect();
         (host, disks, nets)
     }
+}
+
+/// `(interface, (rx bytes, tx bytes))` from `/proc/net/dev`, or `None` where it does not exist.
+fn proc_net_dev() -> Option<Vec<(String, (u64, u64))>> {
+    let text = std::fs::read_to_string("/proc/net/dev").ok()?;
+    Some(parse_net_dev(&text))
+}
+
+fn parse_net_dev(text: &str) -> Vec<(String, (u64, u64))> {
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let (name, rest) = line.split_once(':')?;
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // Receive: bytes packets errs drop fifo frame compressed multicast; transmit: bytes ...
+            Some((name.trim().to_owned(), (*f.first()?, *f.get(8)?)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_proc_net_dev() {
+        let text = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:  123456     100    0    0    0     0          0         0   123456     100    0    0    0     0       0          0
+  eth0: 98765432  54321    0    0    0     0          0        12 1234567   4321    0    0    0     0       0          0
+";
+        let v = parse_net_dev(text);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1], ("eth0".to_owned(), (98765432, 1234567)));
+    }
 
     #[test]
     fn samples_this_host() {

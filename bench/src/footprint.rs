@@ -1,0 +1,268 @@
+//! Agent footprint: a real `nebula-agent` (release build) and Debian's
+//! `prometheus-node-exporter`, side by side, with N containers running, for a fixed time. Each
+//! one's RSS and CPU are read from /proc. The node exporter only works when scraped, so it is
+//! scraped at the agent's interval (the fair comparison).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use crate::{percentile, rss_kib, start_controller};
+
+pub struct FootprintArgs {
+    pub containers: usize,
+    pub duration: Duration,
+    pub interval: Duration,
+    pub out: std::path::PathBuf,
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("docker").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+pub async fn footprint_bench(a: FootprintArgs) -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(root.join("scripts/build-test-image")).status()?;
+    if !status.success() {
+        bail!("building the test image failed");
+    }
+    let label = format!("nebula.bench={}", std::process::id());
+    let cleanup = || {
+        if let Ok(ids) = docker(&["ps", "-aq", "--filter", &format!("label={label}")]) {
+            for id in ids.lines() {
+                let _ = docker(&["rm", "-f", id]);
+            }
+        }
+    };
+    cleanup();
+    for i in 0..a.containers {
+        docker(&[
+            "run",
+            "-d",
+            "--label",
+            &label,
+            "--name",
+            &format!("fp-{}-{i}", std::process::id()),
+            "nebula-test/busybox:1",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/www",
+        ])?;
+    }
+    let result = run(&a).await;
+    cleanup();
+    result
+}
+
+async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let admin = format!("nbl_bench_{:016}", std::process::id());
+    std::fs::write(dir.path().join("admin.token"), &admin)?;
+    let interval_s = humantime::format_duration(a.interval).to_string();
+    let ctl = start_controller(
+        dir.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--telemetry-interval", &interval_s],
+    )?;
+    let client = reqwest::Client::new();
+    let token: serde_json::Value = client
+        .post(format!("http://{}/api/v1/tokens", ctl.http))
+        .bearer_auth(&admin)
+        .json(&json!({"uses": 1, "ttl": "1h"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let agent_bin = std::env::current_exe()?.with_file_name("nebula-agent");
+    let agent = Child(
+        Command::new(&agent_bin)
+            .args([
+                "join",
+                "--controller",
+                &ctl.quic.to_string(),
+                "--name",
+                "footprint",
+            ])
+            .arg("--token")
+            .arg(token["token"].as_str().context("token")?)
+            .arg("--state-dir")
+            .arg(dir.path().join("agent"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", agent_bin.display()))?,
+    );
+    let exporter_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let exporter = Child(
+        Command::new("prometheus-node-exporter")
+            .arg(format!("--web.listen-address=127.0.0.1:{exporter_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "starting prometheus-node-exporter (apt-get install prometheus-node-exporter)",
+            )?,
+    );
+    // Wait for the agent to report all containers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: serde_json::Value = client
+            .get(format!(
+                "http://{}/api/v1/containers?node=footprint&state=running",
+                ctl.http
+            ))
+            .bearer_auth(&admin)
+            .send()
+            .await?
+            .json()
+            .await
+            .unwrap_or_default();
+        if v["items"]
+            .as_array()
+            .is_some_and(|i| i.len() >= a.containers)
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not report {} containers: {v}", a.containers);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("agent reports {} containers; warming up", a.containers);
+    tokio::time::sleep(a.interval * 2).await;
+
+    let (apid, epid) = (agent.0.id(), exporter.0.id());
+    let seq0 = latest_seq(&client, ctl.http, &admin).await?;
+    let (a0, e0) = (cpu_ticks(apid), cpu_ticks(epid));
+    let t0 = Instant::now();
+    let mut arss = Vec::new();
+    let mut erss = Vec::new();
+    let mut next_scrape = Instant::now();
+    let mut scrapes = 0u64;
+    while t0.elapsed() < a.duration {
+        if Instant::now() >= next_scrape {
+            let body = client
+                .get(format!("http://127.0.0.1:{exporter_port}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            if body.contains("node_cpu_seconds_total") {
+                scrapes += 1;
+            }
+            next_scrape += a.interval;
+        }
+        arss.push(rss_kib(apid) as f64 / 1024.0);
+        erss.push(rss_kib(epid) as f64 / 1024.0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (a1, e1) = (cpu_ticks(apid), cpu_ticks(epid));
+    let seq1 = latest_seq(&client, ctl.http, &admin).await?;
+    let samples = seq1.saturating_sub(seq0).max(1);
+    drop(agent);
+    drop(exporter);
+    drop(ctl);
+    let pct = |t: u64| t as f64 / 100.0 / secs * 100.0;
+    arss.sort_by(|x, y| x.total_cmp(y));
+    erss.sort_by(|x, y| x.total_cmp(y));
+    let agent_cpu_ms_per_sample = (a1 - a0) as f64 * 10.0 / samples as f64;
+    println!(
+        "over {secs:.0} s with {} containers: nebula-agent RSS median {:.1} MiB (max {:.1}), CPU {:.3}% of a core, \
+         {:.2} ms CPU per sample ({samples} samples); node-exporter RSS median {:.1} MiB (max {:.1}), CPU {:.3}% ({scrapes} scrapes)",
+        a.containers,
+        percentile(&arss, 0.5),
+        arss.last().copied().unwrap_or(0.0),
+        pct(a1 - a0),
+        agent_cpu_ms_per_sample,
+        percentile(&erss, 0.5),
+        erss.last().copied().unwrap_or(0.0),
+        pct(e1 - e0),
+    );
+    let result = json!({
+        "bench": "footprint",
+        "command": format!(
+            "cargo run --release -p nebula-bench -- footprint --containers {} --duration {} --interval {interval_s}",
+            a.containers,
+            humantime::format_duration(a.duration)
+        ),
+        "containers": a.containers,
+        "interval_s": a.interval.as_secs_f64(),
+        "window_s": secs,
+        "cpu_tick_resolution_ms": 10,
+        "nebula_agent": {
+            "rss_mib": {"median": percentile(&arss, 0.5), "max": arss.last()},
+            "cpu_percent_of_one_core": pct(a1 - a0),
+            "samples": samples,
+            "cpu_ms_per_sample": agent_cpu_ms_per_sample,
+        },
+        "prometheus_node_exporter": {
+            "rss_mib": {"median": percentile(&erss, 0.5), "max": erss.last()},
+            "cpu_percent_of_one_core": pct(e1 - e0),
+            "scrapes": scrapes,
+        },
+    });
+    if let Some(parent) = a.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+async fn latest_seq(
+    client: &reqwest::Client,
+    http: std::net::SocketAddr,
+    admin: &str,
+) -> anyhow::Result<u64> {
+    let v: serde_json::Value = client
+        .get(format!(
+            "http://{http}/api/v1/nodes/footprint/telemetry?since=1s"
+        ))
+        .bearer_auth(admin)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["latest"]["seq"].as_u64().unwrap_or(0))
+}
