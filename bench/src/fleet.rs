@@ -37,19 +37,18 @@ pub struct FleetArgs {
     pub out: std::path::PathBuf,
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = after.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
-fn ticks_per_sec() -> f64 {
-    100.0 // USER_HZ on Linux
+/// CPU time of a process in nanoseconds, from the scheduler's own accounting
+/// (`/proc/<pid>/task/*/schedstat`, exact), rather than the 10 ms ticks of `/proc/<pid>/stat`,
+/// which overstate short bursts of a mostly idle process.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn inventory(i: usize, containers: usize, gpu: bool) -> TelemetryInventory {
@@ -430,7 +429,7 @@ pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
     // Warm up one interval, then measure a steady window.
     tokio::time::sleep(a.interval + Duration::from_secs(1)).await;
     let m0 = scrape(&client, http, &admin).await?;
-    let cpu0 = cpu_ticks(pid);
+    let cpu0 = cpu_ns(pid);
     let sent0 = counters.sent.load(Ordering::Relaxed);
     let t0 = Instant::now();
     let mut rss_samples = Vec::new();
@@ -466,7 +465,7 @@ pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let cpu1 = cpu_ticks(pid);
+    let cpu1 = cpu_ns(pid);
     let m1 = scrape(&client, http, &admin).await?;
     let sent1 = counters.sent.load(Ordering::Relaxed);
     shutdown.cancel();
@@ -476,7 +475,7 @@ pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
 
     let accepted = m1.accepted - m0.accepted;
     let dropped = m1.dropped - m0.dropped;
-    let cpu_cores = (cpu1 - cpu0) as f64 / ticks_per_sec() / secs;
+    let cpu_cores = (cpu1 - cpu0) as f64 / 1e9 / secs;
     rss_samples.sort_by(|x, y| x.total_cmp(y));
     let rss_max = rss_samples.last().copied().unwrap_or(0.0);
     let expected = n as f64 / a.interval.as_secs_f64();

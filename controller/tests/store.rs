@@ -334,3 +334,52 @@ async fn sqlite_reopen_keeps_data_and_rejects_bad_urls() {
     assert_eq!(s.api_token_count().await.unwrap(), 1);
     assert!(Store::connect("mysql://x").await.is_err());
 }
+
+async fn rollups_round_trip_and_expire(s: &Store) {
+    use nebula_controller::telemetry::Rollup;
+    let node_id = Uuid::now_v7();
+    let base = now() / 60_000 * 60_000;
+    let mk = |minute: i64, gpu: bool| Rollup {
+        node_id,
+        minute,
+        samples: 12,
+        cpu: (12.5, 40.0),
+        mem_used: (1.5e9, 2e9),
+        load1: (0.5, 1.25),
+        net_rx: (1000.0, 5000.0),
+        net_tx: (10.0, 50.0),
+        gpu_util: gpu.then_some((55.0, 99.0)),
+        gpu_mem_used: gpu.then_some((8e9, 9e9)),
+        gpu_temp: gpu.then_some((60.0, 71.0)),
+        containers_running: 19.5,
+    };
+    // More than one batch (50 rows per statement), with and without GPU figures.
+    let rows: Vec<Rollup> = (0..120)
+        .map(|i| mk(base - i * 60_000, i % 2 == 0))
+        .collect();
+    s.insert_rollups(&rows).await.unwrap();
+    // Writing a minute again keeps the first (a retried batch cannot duplicate rows).
+    s.insert_rollups(&rows[..3]).await.unwrap();
+    let back = s.rollups(node_id, 0).await.unwrap();
+    assert_eq!(back.len(), 120);
+    assert!(
+        back.windows(2).all(|w| w[0].minute < w[1].minute),
+        "oldest first"
+    );
+    let newest = back.last().unwrap();
+    assert_eq!(newest, &rows[0]);
+    assert_eq!(back[back.len() - 2].gpu_util, None);
+    // Since filters.
+    assert_eq!(
+        s.rollups(node_id, base - 9 * 60_000).await.unwrap().len(),
+        10
+    );
+    // Retention: delete everything older than an hour.
+    let gone = s
+        .delete_rollups_before(base - 60 * 60_000 + 1)
+        .await
+        .unwrap();
+    assert_eq!(gone, 60);
+    assert_eq!(s.rollups(node_id, 0).await.unwrap().len(), 60);
+}
+both!(rollups_round_trip_and_expire);

@@ -14,11 +14,13 @@ use bollard::Docker;
 use futures::StreamExt;
 use nebula_protocol::telemetry::{ContainerHealth, ContainerInfo, ContainerSample, ContainerState};
 use tokio::sync::mpsc;
+
+use super::cgroup;
 use tokio_util::sync::CancellationToken;
 
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(5);
 /// Stats requests in flight at once.
-const STATS_IN_FLIGHT: usize = 2;
+const STATS_IN_FLIGHT: usize = 32;
 
 /// A Docker event worth an immediate sample.
 #[derive(Debug, Clone)]
@@ -33,8 +35,20 @@ pub struct ContainerCollector {
     said_missing: bool,
     last_attempt: Option<Instant>,
     prev_cpu: HashMap<String, (u64, u64)>,
-    restarts: HashMap<String, u32>,
+    /// Per container: restart count and init PID, from inspect (refreshed on events).
+    restarts: HashMap<String, (u32, u32)>,
+    /// Where the kernel keeps container cgroups, when readable (the fast path).
+    cgroups: Option<cgroup::Layout>,
+    /// Previous cgroup CPU reading per container: (CPU ns, when).
+    prev_cgroup_cpu: HashMap<String, (u64, Instant)>,
+    /// The container list as last read, and when. Events mark it stale; otherwise it is read
+    /// again every [`RESYNC_EVERY`] (in case an event was missed).
+    rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)>,
+    listed_at: Option<Instant>,
 }
+
+/// How long a container list is trusted without an event saying it changed.
+const RESYNC_EVERY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for ContainerCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,6 +73,10 @@ impl ContainerCollector {
             last_attempt: None,
             prev_cpu: HashMap::new(),
             restarts: HashMap::new(),
+            cgroups: cgroup::Layout::detect(),
+            prev_cgroup_cpu: HashMap::new(),
+            rows: Vec::new(),
+            listed_at: None,
         }
     }
 
@@ -105,11 +123,14 @@ impl ContainerCollector {
         self.said_missing = true;
         self.prev_cpu.clear();
         self.restarts.clear();
+        self.prev_cgroup_cpu.clear();
+        self.listed_at = None;
     }
 
     /// Forget what an event makes stale (restart counts).
     pub fn on_event(&mut self, ev: &ContainerEvent) {
         self.restarts.remove(&ev.id);
+        self.listed_at = None;
     }
 
     /// Every container (running or not), sorted by name, with a sample for each.
@@ -117,19 +138,33 @@ impl ContainerCollector {
         let Some(docker) = self.docker.clone() else {
             return (Vec::new(), Vec::new());
         };
-        let list = match docker
+        if self.listed_at.is_none_or(|t| t.elapsed() >= RESYNC_EVERY) {
+            match self.list(&docker).await {
+                Ok(rows) => {
+                    self.rows = rows;
+                    self.listed_at = Some(Instant::now());
+                }
+                Err(e) => {
+                    self.lost(&e);
+                    return (Vec::new(), Vec::new());
+                }
+            }
+        }
+        let rows = self.rows.clone();
+        self.sample_rows(&docker, rows).await
+    }
+
+    /// Every container with its state and health, sorted by name.
+    async fn list(
+        &self,
+        docker: &Docker,
+    ) -> Result<Vec<(ContainerInfo, ContainerState, ContainerHealth)>, bollard::errors::Error> {
+        let list = docker
             .list_containers(Some(ListContainersOptions {
                 all: true,
                 ..Default::default()
             }))
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                self.lost(&e);
-                return (Vec::new(), Vec::new());
-            }
-        };
+            .await?;
         let mut rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)> = list
             .into_iter()
             .filter_map(|c| {
@@ -164,21 +199,72 @@ impl ContainerCollector {
             })
             .collect();
         rows.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok(rows)
+    }
 
+    async fn sample_rows(
+        &mut self,
+        docker: &Docker,
+        rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)>,
+    ) -> (Vec<ContainerInfo>, Vec<ContainerSample>) {
         // Restart counts: inspect only containers we have no count for.
         for (info, _, _) in &rows {
             if !self.restarts.contains_key(&info.id) {
                 if let Ok(i) = docker.inspect_container(&info.id, None).await {
                     let n = i.restart_count.unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
-                    self.restarts.insert(info.id.clone(), n);
+                    let pid = i
+                        .state
+                        .and_then(|s| s.pid)
+                        .unwrap_or(0)
+                        .clamp(0, u32::MAX as i64) as u32;
+                    self.restarts.insert(info.id.clone(), (n, pid));
                 }
             }
         }
-        // Stats for running containers, a few at a time: each request in flight needs its own
-        // connection to the daemon, and opening one costs more than waiting for a pooled one.
+        // The daemon's stats API for the rest (its one-shot answers take up to a second each,
+        // so they run together).
+        // Fast path first: the kernel's own counters for running containers.
+        let now = Instant::now();
+        let mut from_kernel: HashMap<String, ContainerSample> = HashMap::new();
+        if let Some(layout) = &self.cgroups {
+            for (info, state, _) in &rows {
+                if *state != ContainerState::Running {
+                    continue;
+                }
+                let Some(c) = layout.read(&info.id) else {
+                    continue;
+                };
+                let mut s = ContainerSample {
+                    memory_used_bytes: Some(c.memory_used),
+                    memory_limit_bytes: c.memory_limit,
+                    ..ContainerSample::default()
+                };
+                if let Some((prev_ns, at)) = self
+                    .prev_cgroup_cpu
+                    .insert(info.id.clone(), (c.cpu_ns, now))
+                {
+                    let wall = now.duration_since(at).as_nanos() as f64;
+                    if wall > 0.0 {
+                        s.cpu_percent =
+                            Some((c.cpu_ns.saturating_sub(prev_ns) as f64 / wall * 100.0) as f32);
+                    }
+                }
+                let pid = self.restarts.get(&info.id).map(|r| r.1).unwrap_or(0);
+                if let Some((rx, tx)) = (pid > 0).then(|| cgroup::net_bytes(pid)).flatten() {
+                    s.net_rx_bytes = Some(rx);
+                    s.net_tx_bytes = Some(tx);
+                }
+                from_kernel.insert(info.id.clone(), s);
+            }
+        }
         let wanted: Vec<(String, bool)> = rows
             .iter()
-            .map(|(info, state, _)| (info.id.clone(), *state == ContainerState::Running))
+            .map(|(info, state, _)| {
+                (
+                    info.id.clone(),
+                    *state == ContainerState::Running && !from_kernel.contains_key(&info.id),
+                )
+            })
             .collect();
         let mut stats = Vec::with_capacity(wanted.len());
         for chunk in wanted.chunks(STATS_IN_FLIGHT) {
@@ -191,15 +277,15 @@ impl ContainerCollector {
         let live: std::collections::HashSet<&str> = rows.iter().map(|r| r.0.id.as_str()).collect();
         self.prev_cpu.retain(|id, _| live.contains(id.as_str()));
         self.restarts.retain(|id, _| live.contains(id.as_str()));
+        self.prev_cgroup_cpu
+            .retain(|id, _| live.contains(id.as_str()));
         let mut infos = Vec::with_capacity(rows.len());
         let mut samples = Vec::with_capacity(rows.len());
         for ((info, state, health), st) in rows.into_iter().zip(stats) {
-            let mut s = ContainerSample {
-                state,
-                health,
-                restart_count: self.restarts.get(&info.id).copied().unwrap_or(0),
-                ..ContainerSample::default()
-            };
+            let mut s = from_kernel.remove(&info.id).unwrap_or_default();
+            s.state = state;
+            s.health = health;
+            s.restart_count = self.restarts.get(&info.id).map(|r| r.0).unwrap_or(0);
             if let Some(st) = st {
                 let cpu = st.cpu_stats.as_ref();
                 let total = cpu
