@@ -206,3 +206,50 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
     c.wait_status("alpha", "online", Duration::from_secs(15))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nebula_dev_runs_everything_and_stops_cleanly_on_ctrl_c() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(common::bin("nebula"));
+    cmd.arg("dev").arg("--data-dir").arg(dir.path()).args([
+        "--http-listen",
+        "127.0.0.1:0",
+        "--quic-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut dev = common::Proc::spawn(cmd);
+    let api = common::wait_for(
+        "nebula dev to report its agent online",
+        Duration::from_secs(30),
+        || {
+            let out = &dev.stdout;
+            async move {
+                let text = out.text();
+                text.contains("online").then_some(())?;
+                text.lines()
+                    .find_map(|l| l.trim().strip_prefix("API:").map(|s| s.trim().to_owned()))
+            }
+        },
+    )
+    .await;
+    // The printed admin token works against the printed API, and the local agent is there.
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let nodes: serde_json::Value = reqwest::Client::new()
+        .get(format!("{api}/api/v1/nodes"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(nodes["items"][0]["status"], "online", "{nodes}");
+    assert_eq!(nodes["items"][0]["labels"]["env"], "dev");
+    // Ctrl-C: every task stops and the process exits cleanly.
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &dev.child.id().to_string()])
+        .status();
+    let status = dev.exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{}", dev.output());
+}

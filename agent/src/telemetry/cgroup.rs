@@ -52,11 +52,33 @@ impl Layout {
         .find(|p| p.is_dir())
     }
 
-    pub fn read(&self, id: &str) -> Option<Counters> {
+    /// The directories holding one container's counters (found once, then reused).
+    pub fn locate(&self, id: &str) -> Option<Dirs> {
         match self {
-            Layout::V1 { root } => {
-                let cpu = Self::dir(&root.join("cpuacct"), id)?;
-                let mem = Self::dir(&root.join("memory"), id)?;
+            Layout::V1 { root } => Some(Dirs::V1 {
+                cpu: Self::dir(&root.join("cpuacct"), id)?,
+                mem: Self::dir(&root.join("memory"), id)?,
+            }),
+            Layout::V2 { root } => Some(Dirs::V2(Self::dir(root, id)?)),
+        }
+    }
+
+    pub fn read(&self, id: &str) -> Option<Counters> {
+        self.locate(id)?.read()
+    }
+}
+
+/// A container's cgroup directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dirs {
+    V1 { cpu: PathBuf, mem: PathBuf },
+    V2(PathBuf),
+}
+
+impl Dirs {
+    pub fn read(&self) -> Option<Counters> {
+        match self {
+            Dirs::V1 { cpu, mem } => {
                 let cpu_ns = read_u64(&cpu.join("cpuacct.usage"))?;
                 let usage = read_u64(&mem.join("memory.usage_in_bytes"))?;
                 let inactive = stat_value(
@@ -71,8 +93,7 @@ impl Layout {
                     memory_limit: limit,
                 })
             }
-            Layout::V2 { root } => {
-                let dir = Self::dir(root, id)?;
+            Dirs::V2(dir) => {
                 let cpu_us = stat_value(&dir.join("cpu.stat"), &["usage_usec"])?;
                 let usage = read_u64(&dir.join("memory.current"))?;
                 let inactive =

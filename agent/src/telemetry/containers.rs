@@ -41,6 +41,8 @@ pub struct ContainerCollector {
     cgroups: Option<cgroup::Layout>,
     /// Previous cgroup CPU reading per container: (CPU ns, when).
     prev_cgroup_cpu: HashMap<String, (u64, Instant)>,
+    /// Each container's cgroup directories, found once.
+    cgroup_dirs: HashMap<String, cgroup::Dirs>,
     /// The container list as last read, and when. Events mark it stale; otherwise it is read
     /// again every [`RESYNC_EVERY`] (in case an event was missed).
     rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)>,
@@ -75,6 +77,7 @@ impl ContainerCollector {
             restarts: HashMap::new(),
             cgroups: cgroup::Layout::detect(),
             prev_cgroup_cpu: HashMap::new(),
+            cgroup_dirs: HashMap::new(),
             rows: Vec::new(),
             listed_at: None,
         }
@@ -231,7 +234,18 @@ impl ContainerCollector {
                 if *state != ContainerState::Running {
                     continue;
                 }
-                let Some(c) = layout.read(&info.id) else {
+                let dirs = match self.cgroup_dirs.get(&info.id) {
+                    Some(d) => d.clone(),
+                    None => match layout.locate(&info.id) {
+                        Some(d) => {
+                            self.cgroup_dirs.insert(info.id.clone(), d.clone());
+                            d
+                        }
+                        None => continue,
+                    },
+                };
+                let Some(c) = dirs.read() else {
+                    self.cgroup_dirs.remove(&info.id);
                     continue;
                 };
                 let mut s = ContainerSample {
@@ -277,6 +291,7 @@ impl ContainerCollector {
         let live: std::collections::HashSet<&str> = rows.iter().map(|r| r.0.id.as_str()).collect();
         self.prev_cpu.retain(|id, _| live.contains(id.as_str()));
         self.restarts.retain(|id, _| live.contains(id.as_str()));
+        self.cgroup_dirs.retain(|id, _| live.contains(id.as_str()));
         self.prev_cgroup_cpu
             .retain(|id, _| live.contains(id.as_str()));
         let mut infos = Vec::with_capacity(rows.len());

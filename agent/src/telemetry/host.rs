@@ -35,7 +35,8 @@ pub struct HostCollector {
     last_net: Instant,
     /// Previous counters (rx, tx) per interface, for rates.
     prev_net: std::collections::HashMap<String, (u64, u64)>,
-    interfaces: Vec<String>,
+    /// Disks and interfaces as last listed (re-listed every 12th sample).
+    inventory: HostInventory,
     samples: u64,
 }
 
@@ -71,7 +72,7 @@ impl HostCollector {
             networks: Networks::new_with_refreshed_list(),
             last_net: Instant::now(),
             prev_net: Default::default(),
-            interfaces: Vec::new(),
+            inventory: HostInventory::default(),
             samples: 0,
         }
     }
@@ -88,11 +89,12 @@ impl HostCollector {
     /// Disks and interfaces in the order samples use. Re-lists them every 12th sample (once a
     /// minute at the default interval) to notice new mounts and interfaces.
     pub fn inventory(&mut self) -> HostInventory {
-        if self.samples.is_multiple_of(12) {
-            self.disks.refresh(true);
-            if !cfg!(target_os = "linux") {
-                self.networks.refresh(true);
-            }
+        if !self.samples.is_multiple_of(12) {
+            return self.inventory.clone();
+        }
+        self.disks.refresh(true);
+        if !cfg!(target_os = "linux") {
+            self.networks.refresh(true);
         }
         let mut disks: Vec<DiskInfo> = self
             .disks
@@ -107,16 +109,15 @@ impl HostCollector {
             .collect();
         disks.sort_by(|a, b| a.mount.cmp(&b.mount));
         disks.dedup_by(|a, b| a.mount == b.mount);
-        if self.samples.is_multiple_of(12) {
-            let names: Vec<String> = match proc_net_dev() {
-                Some(counters) => counters.into_iter().map(|(n, _)| n).collect(),
-                None => self.networks.keys().cloned().collect(),
-            };
-            self.interfaces = names.into_iter().filter(|n| Self::keep_iface(n)).collect();
-            self.interfaces.sort();
-        }
-        let interfaces = self.interfaces.clone();
-        HostInventory { disks, interfaces }
+        let names: Vec<String> = match proc_net_dev() {
+            Some(counters) => counters.into_iter().map(|(n, _)| n).collect(),
+            None => self.networks.keys().cloned().collect(),
+        };
+        let mut interfaces: Vec<String> =
+            names.into_iter().filter(|n| Self::keep_iface(n)).collect();
+        interfaces.sort();
+        self.inventory = HostInventory { disks, interfaces };
+        self.inventory.clone()
     }
 
     /// Take one sample; `inv` fixes the order of disks and interfaces.
