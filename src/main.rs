@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     // One TLS crypto provider for the whole process (quinn and the HTTP client both use ring).
     let _ = rustls::crypto::ring::default_provider().install_default();
     if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
-        init_logging(&cli.log_format);
+        nebula_agent::process::init_logging(&cli.log_format);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -107,18 +107,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod enroll;
 pub mod facts;
 pub mod identity;
+pub mod process;
 pub mod session;
 pub mod telemetry;
 pub mod tls;

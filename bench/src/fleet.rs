@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use nebula_agent::identity::{new_key_and_csr, AgentState, Identity};
 use nebula_agent::tls;
 use nebula_protocol::telemetry::{
@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{percentile, rss_kib, start_controller, stats};
+use crate::{cpu_ns, join_token, percentile, rss_kib, start_controller, stats};
 
 /// Agents per shared UDP socket (one quinn endpoint each).
 const AGENTS_PER_ENDPOINT: usize = 500;
@@ -35,20 +35,6 @@ pub struct FleetArgs {
     pub containers: usize,
     pub duration: Duration,
     pub out: std::path::PathBuf,
-}
-
-/// CPU time of a process in nanoseconds, from the scheduler's own accounting
-/// (`/proc/<pid>/task/*/schedstat`, exact), rather than the 10 ms ticks of `/proc/<pid>/stat`,
-/// which overstate short bursts of a mostly idle process.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
 }
 
 fn inventory(i: usize, containers: usize, gpu: bool) -> TelemetryInventory {
@@ -340,16 +326,7 @@ pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
         a.containers
     );
     let client = reqwest::Client::new();
-    let resp: serde_json::Value = client
-        .post(format!("http://{http}/api/v1/tokens"))
-        .bearer_auth(&admin)
-        .json(&json!({"uses": n, "ttl": "2h"}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let token: JoinToken = resp["token"].as_str().context("token")?.parse()?;
+    let token = join_token(&client, http, &admin, n).await?;
 
     let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(AGENTS_PER_ENDPOINT))
         .map(|_| tls::client_endpoint(quic))

@@ -10,27 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::{percentile, rss_kib, start_controller};
+use crate::{cpu_ns, join_token, percentile, rss_kib, start_controller};
 
 pub struct FootprintArgs {
     pub containers: usize,
     pub duration: Duration,
     pub interval: Duration,
     pub out: std::path::PathBuf,
-}
-
-/// CPU time of a process in nanoseconds, from the scheduler's own accounting
-/// (`/proc/<pid>/task/*/schedstat`, exact), rather than the 10 ms ticks of `/proc/<pid>/stat`,
-/// which overstate short bursts of a mostly idle process.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
 }
 
 struct Child(std::process::Child);
@@ -103,15 +89,7 @@ async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
         &["--telemetry-interval", &interval_s],
     )?;
     let client = reqwest::Client::new();
-    let token: serde_json::Value = client
-        .post(format!("http://{}/api/v1/tokens", ctl.http))
-        .bearer_auth(&admin)
-        .json(&json!({"uses": 1, "ttl": "1h"}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let token = join_token(&client, ctl.http, &admin, 1).await?;
     let agent_bin = std::env::current_exe()?.with_file_name("nebula-agent");
     let agent = Child(
         Command::new(&agent_bin)
@@ -123,7 +101,7 @@ async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
                 "footprint",
             ])
             .arg("--token")
-            .arg(token["token"].as_str().context("token")?)
+            .arg(token.to_string())
             .arg("--state-dir")
             .arg(dir.path().join("agent"))
             .env("RUST_LOG", "warn")

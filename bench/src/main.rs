@@ -205,6 +205,42 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A join token for `uses` agents, through the controller's API.
+async fn join_token(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    admin: &str,
+    uses: usize,
+) -> anyhow::Result<JoinToken> {
+    let resp: serde_json::Value = client
+        .post(format!("http://{http}/api/v1/tokens"))
+        .bearer_auth(admin)
+        .json(&json!({"uses": uses, "ttl": "2h"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(resp["token"]
+        .as_str()
+        .context("no token in the answer")?
+        .parse()?)
+}
+
+/// CPU time of a process in nanoseconds, from the scheduler's own accounting
+/// (`/proc/<pid>/task/*/schedstat`, exact), rather than the 10 ms ticks of `/proc/<pid>/stat`,
+/// which overstate short bursts of a mostly idle process.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -261,16 +297,7 @@ async fn enroll_bench(n: usize, out: &Path) -> anyhow::Result<()> {
     let (http, quic) = (ctl.http, ctl.quic);
     println!("controller pid {} http {http} quic {quic}", ctl.child.id());
     let client = reqwest::Client::new();
-    let resp: serde_json::Value = client
-        .post(format!("http://{http}/api/v1/tokens"))
-        .bearer_auth(&admin)
-        .json(&json!({"uses": n, "ttl": "1h"}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let token: JoinToken = resp["token"].as_str().context("token")?.parse()?;
+    let token = join_token(&client, http, &admin, n).await?;
     let idle_rss = rss_kib(ctl.child.id());
 
     let shutdown = CancellationToken::new();

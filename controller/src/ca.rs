@@ -41,6 +41,20 @@ pub struct IssuedCert {
     pub not_after: SystemTime,
 }
 
+impl IssuedCert {
+    /// The row the store keeps for this certificate.
+    pub fn record(&self, node_id: Uuid, issued_at: i64) -> crate::store::CertRecord {
+        crate::store::CertRecord {
+            serial: self.serial.clone(),
+            node_id,
+            not_before: crate::store::millis(self.not_before),
+            not_after: crate::store::millis(self.not_after),
+            issued_at,
+            revoked_at: None,
+        }
+    }
+}
+
 pub struct CertificateAuthority {
     ca_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,

@@ -309,6 +309,16 @@ impl TelemetryHub {
             .cloned()
     }
 
+    /// Every node's handle, copied out so that the map's lock is not held while nodes are read.
+    fn all_nodes(&self) -> Vec<(Uuid, Arc<Mutex<NodeTelemetry>>)> {
+        self.nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
     /// A node's session started (keeps its history across reconnects).
     pub fn register(&self, id: Uuid, name: &str) {
         let mut map = self.nodes.write().unwrap_or_else(|p| p.into_inner());
@@ -413,13 +423,7 @@ impl TelemetryHub {
     /// quiet. `now_ms` decides which open minutes are over.
     pub fn take_rollups(&self, now_ms: i64) -> Vec<Rollup> {
         let current = now_ms / 60_000 * 60_000;
-        let nodes: Vec<(Uuid, Arc<Mutex<NodeTelemetry>>)> = self
-            .nodes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
+        let nodes = self.all_nodes();
         let mut out = std::mem::take(&mut *lock(&self.finished));
         for (id, node) in nodes {
             let mut n = lock(&node);
@@ -467,13 +471,7 @@ impl TelemetryHub {
     }
 
     pub fn snapshot(&self) -> Vec<NodeView> {
-        let nodes: Vec<(Uuid, Arc<Mutex<NodeTelemetry>>)> = self
-            .nodes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
+        let nodes = self.all_nodes();
         nodes
             .into_iter()
             .map(|(id, node)| {

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::ca::peer_identity;
 use crate::events::Event;
-use crate::store::{millis, CertRecord};
+use crate::store::millis;
 use crate::ControlPlane;
 
 /// Enrollment requests are small; an unauthenticated peer gets a much smaller frame limit.
@@ -196,14 +196,7 @@ impl ControlPlane {
             name: &req.name,
             requested_labels: &req.labels,
             facts: &req.facts,
-            cert: CertRecord {
-                serial: issued.serial.clone(),
-                node_id,
-                not_before: millis(issued.not_before),
-                not_after: millis(issued.not_after),
-                issued_at: now,
-                revoked_at: None,
-            },
+            cert: issued.record(node_id, now),
             now,
         };
         let labels = self.store.enroll(&enrollment).await.map_err(|e| {
@@ -443,14 +436,7 @@ async fn session_loop(
                         Ok(issued) => {
                             let now = millis(SystemTime::now());
                             cp.store
-                                .add_certificate(&CertRecord {
-                                    serial: issued.serial.clone(),
-                                    node_id,
-                                    not_before: millis(issued.not_before),
-                                    not_after: millis(issued.not_after),
-                                    issued_at: now,
-                                    revoked_at: None,
-                                })
+                                .add_certificate(&issued.record(node_id, now))
                                 .await?;
                             info!(serial = %issued.serial, "certificate renewed");
                             cp.events.publish(Event::CertificateRenewed {
