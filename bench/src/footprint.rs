@@ -90,9 +90,21 @@ async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
     )?;
     let client = reqwest::Client::new();
     let token = join_token(&client, ctl.http, &admin, 1).await?;
-    let agent_bin = std::env::current_exe()?.with_file_name("nebula-agent");
+    // Measure the agent as it ships: stripped of debug info, and without RUST_BACKTRACE (which
+    // makes every error capture and symbolise a backtrace).
+    let agent_bin = dir.path().join("nebula-agent");
+    std::fs::copy(
+        std::env::current_exe()?.with_file_name("nebula-agent"),
+        &agent_bin,
+    )?;
+    let stripped = Command::new("strip")
+        .arg(&agent_bin)
+        .status()
+        .is_ok_and(|s| s.success());
     let agent = Child(
         Command::new(&agent_bin)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
             .args([
                 "join",
                 "--controller",
@@ -208,6 +220,7 @@ async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
             humantime::format_duration(a.duration)
         ),
         "containers": a.containers,
+        "agent_binary": if stripped { "release build, stripped" } else { "release build (strip not found)" },
         "interval_s": a.interval.as_secs_f64(),
         "window_s": secs,
         "cpu_time_source": "/proc/<pid>/task/*/schedstat (ns)",
