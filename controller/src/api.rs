@@ -279,7 +279,12 @@ fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
         },
         labels: n.labels,
         facts: n.facts,
-        agent_version: n.agent_version,
+        // A live session knows its agent's version even before a concurrent read of the store
+        // would.
+        agent_version: session
+            .as_ref()
+            .map(|s| s.agent_version.clone())
+            .unwrap_or(n.agent_version),
         enrolled_at: rfc3339(n.enrolled_at),
         last_seen_at: if session.is_some() {
             Some(rfc3339(crate::store::millis(SystemTime::now())))

@@ -18,6 +18,8 @@ pub struct SessionInfo {
     pub name: String,
     pub remote: SocketAddr,
     pub connected_at: SystemTime,
+    /// From this session's `Hello` (the store may not show it yet to a concurrent reader).
+    pub agent_version: String,
 }
 
 struct Entry {
@@ -45,6 +47,7 @@ impl Registry {
         &self,
         node: Uuid,
         name: String,
+        agent_version: String,
         conn: quinn::Connection,
     ) -> (u64, Option<quinn::Connection>) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -53,6 +56,7 @@ impl Registry {
             name,
             remote: conn.remote_address(),
             connected_at: SystemTime::now(),
+            agent_version,
         };
         let old = self
             .lock()

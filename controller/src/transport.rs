@@ -324,7 +324,12 @@ async fn session_connection(
         .record_session(node_id, &hello.facts, &hello.agent_version, now)
         .await?;
     cp.telemetry.register(node_id, &node.name);
-    let (generation, replaced) = cp.registry.insert(node_id, node.name.clone(), conn.clone());
+    let (generation, replaced) = cp.registry.insert(
+        node_id,
+        node.name.clone(),
+        hello.agent_version.clone(),
+        conn.clone(),
+    );
     cp.metrics
         .agents_connected
         .set(cp.registry.online_count() as i64);
