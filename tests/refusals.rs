@@ -3,14 +3,16 @@
 
 mod common;
 
+use common::session::{close_reason, enrolled_identity, hello, raw_session, welcomed};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Agent, Controller, ControllerOpts};
-use nebula_agent::{AgentConfig, Identity, StateDir};
+use nebula_agent::Identity;
 use nebula_protocol::{
-    self as proto, close, Hello, JoinToken, NodeFacts, ProtocolVersion, RefusalCode, ServerHello,
-    ALPN_SESSION, CONTROLLER_SERVER_NAME,
+    self as proto, close, JoinToken, ProtocolVersion, RefusalCode, ServerHello, ALPN_SESSION,
+    CONTROLLER_SERVER_NAME,
 };
 use serde_json::json;
 
@@ -87,51 +89,6 @@ async fn bad_join_tokens_are_refused_with_clear_errors() {
         .await;
 }
 
-/// Enroll in-process (real QUIC) and return the saved identity.
-async fn enrolled_identity(c: &Controller, name: &str, dir: &std::path::Path) -> Identity {
-    let token: JoinToken = c.token(1, "1h", json!({})).await.parse().unwrap();
-    let agent = nebula_agent::Agent::new(AgentConfig {
-        controller: Some(c.quic.to_string()),
-        state_dir: dir.to_owned(),
-        name: Some(name.into()),
-        ..AgentConfig::default()
-    });
-    agent.join(&token).await.unwrap();
-    StateDir::new(dir).load().unwrap()
-}
-
-async fn raw_session(identity: &Identity, c: &Controller) -> quinn::Connection {
-    let cfg =
-        nebula_agent::tls::session_config(identity, Duration::from_secs(1), Duration::from_secs(5))
-            .unwrap();
-    let ep = nebula_agent::tls::client_endpoint(c.quic).unwrap();
-    ep.connect_with(cfg, c.quic, CONTROLLER_SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap()
-}
-
-fn hello(version: ProtocolVersion) -> Hello {
-    Hello {
-        version,
-        agent_version: "test".into(),
-        facts: NodeFacts::default(),
-    }
-}
-
-async fn close_reason(conn: &quinn::Connection) -> (u32, String) {
-    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("closed in time")
-    {
-        quinn::ConnectionError::ApplicationClosed(a) => (
-            u32::try_from(a.error_code.into_inner()).unwrap(),
-            String::from_utf8_lossy(&a.reason).into_owned(),
-        ),
-        other => (u32::MAX, other.to_string()),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_major_mismatch_is_refused_naming_both_versions() {
     let c = Controller::start(ControllerOpts::default()).await;
@@ -176,16 +133,8 @@ async fn protocol_major_mismatch_is_refused_naming_both_versions() {
 
     // The real agent binary, when refused like this, stops and says why; simulated here by
     // a same-major Hello succeeding on the same identity (the refusal changed nothing).
-    let conn = raw_session(&id, &c).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
-        .await
-        .unwrap();
-    let reply: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
-    assert!(
-        matches!(reply, ServerHello::Welcome(ref w) if w.name == "future"),
-        "{reply:?}"
-    );
+    let (_conn, _send, _recv, welcome) = welcomed(&id, &c).await;
+    assert_eq!(welcome.name, "future");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,12 +174,7 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
 
     // After a good Hello: a message variant from a newer minor is answered "unsupported" and
     // the session goes on; then a malformed message closes the connection.
-    let conn = raw_session(&id, &c).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
-        .await
-        .unwrap();
-    let _welcome: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
+    let (conn, mut send, mut recv, _welcome) = welcomed(&id, &c).await;
     proto::write_frame(&mut send, &[200]).await.unwrap();
     let reply: proto::ControllerMessage = proto::read_message(&mut recv, 1 << 20).await.unwrap();
     assert_eq!(
@@ -252,13 +196,7 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
         c.proc.child.try_wait().unwrap().is_none(),
         "controller still running"
     );
-    let conn = raw_session(&id, &c).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
-        .await
-        .unwrap();
-    let reply: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
-    assert!(matches!(reply, ServerHello::Welcome(_)));
+    let _ = welcomed(&id, &c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,36 +357,11 @@ async fn a_new_connection_from_the_same_node_replaces_the_old_one() {
     let c = Controller::start(ControllerOpts::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let id = enrolled_identity(&c, "twin", dir.path()).await;
-    let open = |c: &Controller| {
-        let id = id.clone();
-        let quic = c.quic;
-        async move {
-            let cfg = nebula_agent::tls::session_config(
-                &id,
-                Duration::from_secs(1),
-                Duration::from_secs(5),
-            )
-            .unwrap();
-            let ep = nebula_agent::tls::client_endpoint(quic).unwrap();
-            let conn = ep
-                .connect_with(cfg, quic, CONTROLLER_SERVER_NAME)
-                .unwrap()
-                .await
-                .unwrap();
-            let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
-                .await
-                .unwrap();
-            let reply: ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
-            assert!(matches!(reply, ServerHello::Welcome(_)));
-            (conn, send, recv)
-        }
-    };
-    let (old, _s1, _r1) = open(&c).await;
+    let (old, _s1, _r1, _) = welcomed(&id, &c).await;
     let first = c
         .wait_status("twin", "online", Duration::from_secs(5))
         .await;
-    let (new, _s2, _r2) = open(&c).await;
+    let (new, _s2, _r2, _) = welcomed(&id, &c).await;
     let (code, reason) = close_reason(&old).await;
     assert_eq!(code, close::REPLACED, "{reason}");
     // Still online (the old session's end did not mark it offline), on the new connection.

@@ -326,33 +326,9 @@ async fn malformed_and_oversized_samples_are_dropped_and_counted() {
         ..ControllerOpts::default()
     })
     .await;
-    let token: proto::JoinToken = c.token(1, "1h", json!({})).await.parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let agent = nebula_agent::Agent::new(nebula_agent::AgentConfig {
-        controller: Some(c.quic.to_string()),
-        state_dir: dir.path().to_owned(),
-        name: Some("noisy".into()),
-        ..Default::default()
-    });
-    agent.join(&token).await.unwrap();
-    let id = nebula_agent::StateDir::new(dir.path()).load().unwrap();
-    let cfg =
-        nebula_agent::tls::session_config(&id, Duration::from_secs(1), Duration::from_secs(5))
-            .unwrap();
-    let ep = nebula_agent::tls::client_endpoint(c.quic).unwrap();
-    let conn = ep
-        .connect_with(cfg, c.quic, proto::CONTROLLER_SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = proto::Hello {
-        version: proto::PROTOCOL_VERSION,
-        agent_version: "test".into(),
-        facts: Default::default(),
-    };
-    proto::write_message(&mut send, &hello).await.unwrap();
-    let _: proto::ServerHello = proto::read_message(&mut recv, 1 << 20).await.unwrap();
+    let id = common::session::enrolled_identity(&c, "noisy", dir.path()).await;
+    let (conn, mut send, _recv, _) = common::session::welcomed(&id, &c).await;
     let counts = || async {
         let resp = c
             .client

@@ -310,8 +310,6 @@ use rand::SeedableRng;
 pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
     let n = a.agents;
     let dir = tempfile::tempdir()?;
-    let admin = format!("nbl_bench_{:016}", std::process::id());
-    std::fs::write(dir.path().join("admin.token"), &admin)?;
     let interval_s = humantime::format_duration(a.interval).to_string();
     let ctl = start_controller(
         dir.path(),
@@ -319,6 +317,7 @@ pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
         "127.0.0.1:0",
         &["--telemetry-interval", &interval_s],
     )?;
+    let admin = ctl.admin.clone();
     let pid = ctl.child.id();
     let (http, quic) = (ctl.http, ctl.quic);
     println!(

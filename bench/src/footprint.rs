@@ -79,8 +79,6 @@ pub async fn footprint_bench(a: FootprintArgs) -> anyhow::Result<()> {
 
 async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let admin = format!("nbl_bench_{:016}", std::process::id());
-    std::fs::write(dir.path().join("admin.token"), &admin)?;
     let interval_s = humantime::format_duration(a.interval).to_string();
     let ctl = start_controller(
         dir.path(),
@@ -88,6 +86,7 @@ async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
         "127.0.0.1:0",
         &["--telemetry-interval", &interval_s],
     )?;
+    let admin = ctl.admin.clone();
     let client = reqwest::Client::new();
     let token = join_token(&client, ctl.http, &admin, 1).await?;
     // Measure the agent as it ships: stripped of debug info, and without RUST_BACKTRACE (which

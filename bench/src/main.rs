@@ -131,6 +131,8 @@ struct ControllerProc {
     child: Child,
     http: SocketAddr,
     quic: SocketAddr,
+    /// The admin API token (kept in `<dir>/admin.token`, the same across restarts).
+    admin: String,
 }
 
 impl Drop for ControllerProc {
@@ -158,6 +160,11 @@ fn start_controller(
     quic: &str,
     extra: &[&str],
 ) -> anyhow::Result<ControllerProc> {
+    let token_file = dir.join("admin.token");
+    if !token_file.exists() {
+        std::fs::write(&token_file, format!("nbl_bench_{:016}", std::process::id()))?;
+    }
+    let admin = std::fs::read_to_string(&token_file)?;
     let mut child = Command::new(nebula_bin()?)
         .args(["serve", "--http-listen", http, "--quic-listen", quic])
         .args(extra)
@@ -190,7 +197,12 @@ fn start_controller(
     let (http, quic) = rx
         .recv_timeout(Duration::from_secs(30))
         .context("controller did not start")?;
-    Ok(ControllerProc { child, http, quic })
+    Ok(ControllerProc {
+        child,
+        http,
+        quic,
+        admin,
+    })
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -291,9 +303,8 @@ async fn wait_all_connected_after(
 
 async fn enroll_bench(n: usize, out: &Path) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let admin = format!("nbl_bench_{:016}", std::process::id());
-    std::fs::write(dir.path().join("admin.token"), &admin)?;
     let mut ctl = start_controller(dir.path(), "127.0.0.1:0", "127.0.0.1:0", &[])?;
+    let admin = ctl.admin.clone();
     let (http, quic) = (ctl.http, ctl.quic);
     println!("controller pid {} http {http} quic {quic}", ctl.child.id());
     let client = reqwest::Client::new();

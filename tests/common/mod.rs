@@ -452,3 +452,94 @@ pub mod docker {
         }
     }
 }
+
+/// Raw sessions for tests that speak the protocol themselves (refusals, bad input).
+pub mod session {
+    use std::time::Duration;
+
+    use nebula_agent::{AgentConfig, Identity, StateDir};
+    use nebula_protocol::{
+        self as proto, Hello, JoinToken, NodeFacts, ProtocolVersion, ServerHello, Welcome,
+        CONTROLLER_SERVER_NAME,
+    };
+
+    use super::Controller;
+
+    /// Enroll in-process (real QUIC) and return the saved identity.
+    pub async fn enrolled_identity(c: &Controller, name: &str, dir: &std::path::Path) -> Identity {
+        let token: JoinToken = c
+            .token(1, "1h", serde_json::json!({}))
+            .await
+            .parse()
+            .unwrap();
+        let agent = nebula_agent::Agent::new(AgentConfig {
+            controller: Some(c.quic.to_string()),
+            state_dir: dir.to_owned(),
+            name: Some(name.into()),
+            ..AgentConfig::default()
+        });
+        agent.join(&token).await.unwrap();
+        StateDir::new(dir).load().unwrap()
+    }
+
+    /// A `nebula/1` connection with this identity; nothing sent yet.
+    pub async fn raw_session(identity: &Identity, c: &Controller) -> quinn::Connection {
+        let cfg = nebula_agent::tls::session_config(
+            identity,
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let ep = nebula_agent::tls::client_endpoint(c.quic).unwrap();
+        ep.connect_with(cfg, c.quic, CONTROLLER_SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap()
+    }
+
+    pub fn hello(version: ProtocolVersion) -> Hello {
+        Hello {
+            version,
+            agent_version: "test".into(),
+            facts: NodeFacts::default(),
+        }
+    }
+
+    /// A session past `Hello`/`Welcome`: the connection, the session stream and the welcome.
+    pub async fn welcomed(
+        identity: &Identity,
+        c: &Controller,
+    ) -> (
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+        Welcome,
+    ) {
+        let conn = raw_session(identity, c).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        proto::write_message(&mut send, &hello(proto::PROTOCOL_VERSION))
+            .await
+            .unwrap();
+        match proto::read_message::<ServerHello, _>(&mut recv, 1 << 20)
+            .await
+            .unwrap()
+        {
+            ServerHello::Welcome(w) => (conn, send, recv, w),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Wait for the controller to close the connection; its application code and reason.
+    pub async fn close_reason(conn: &quinn::Connection) -> (u32, String) {
+        match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("closed in time")
+        {
+            quinn::ConnectionError::ApplicationClosed(a) => (
+                u32::try_from(a.error_code.into_inner()).unwrap(),
+                String::from_utf8_lossy(&a.reason).into_owned(),
+            ),
+            other => (u32::MAX, other.to_string()),
+        }
+    }
+}

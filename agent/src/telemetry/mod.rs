@@ -99,21 +99,10 @@ impl Collectors {
 
     /// Take a sample. Returns a new inventory too when anything it lists changed.
     pub async fn collect(&mut self) -> (Option<TelemetryInventory>, TelemetrySample) {
-        let t0 = std::time::Instant::now();
         let host_inv = self.host.inventory();
-        let t1 = std::time::Instant::now();
         let (containers, container_samples) = self.containers.collect().await;
-        let t2 = std::time::Instant::now();
         let (host, disks, nets) = self.host.sample(&host_inv);
-        let t3 = std::time::Instant::now();
         let gpus = self.gpu.sample();
-        tracing::debug!(
-            host_inventory_us = (t1 - t0).as_micros() as u64,
-            containers_us = (t2 - t1).as_micros() as u64,
-            host_us = (t3 - t2).as_micros() as u64,
-            gpu_us = t3.elapsed().as_micros() as u64,
-            "sample collected"
-        );
         let mut inv = TelemetryInventory {
             epoch: self.inventory.epoch,
             disks: host_inv.disks,
