@@ -17,6 +17,14 @@ async fn joined(c: &Controller, name: &str, env: &[(&str, &str)]) -> (Agent, tem
     (a, dir)
 }
 
+/// A controller that asks for a sample every 300 ms, so tests see several quickly.
+fn fast_samples() -> ControllerOpts {
+    ControllerOpts {
+        extra: vec!["--telemetry-interval", "300ms"],
+        ..ControllerOpts::default()
+    }
+}
+
 async fn telemetry(c: &Controller, name: &str, query: &str) -> Value {
     c.get(&format!("/api/v1/nodes/{name}/telemetry{query}"))
         .await
@@ -24,11 +32,7 @@ async fn telemetry(c: &Controller, name: &str, query: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_telemetry_arrives_and_is_served() {
-    let c = Controller::start(ControllerOpts {
-        extra: vec!["--telemetry-interval", "300ms"],
-        ..ControllerOpts::default()
-    })
-    .await;
+    let c = Controller::start(fast_samples()).await;
     let (_a, _d) = joined(&c, "host1", &[]).await;
     // Several samples arrive at the interval the controller set.
     let t = wait_for("three raw points", Duration::from_secs(15), || async {
@@ -253,11 +257,7 @@ async fn an_agent_without_docker_says_so_then_picks_it_up_when_it_appears() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_count_what_they_should() {
-    let c = Controller::start(ControllerOpts {
-        extra: vec!["--telemetry-interval", "300ms"],
-        ..ControllerOpts::default()
-    })
-    .await;
+    let c = Controller::start(fast_samples()).await;
     let (_a, _d) = joined(&c, "prom1", &[]).await;
     wait_for("a sample", Duration::from_secs(10), || async {
         telemetry(&c, "prom1", "").await["latest"]
@@ -486,11 +486,7 @@ async fn rollups_past_the_retention_window_are_deleted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_nodes_and_top_show_live_figures() {
-    let c = Controller::start(ControllerOpts {
-        extra: vec!["--telemetry-interval", "300ms"],
-        ..ControllerOpts::default()
-    })
-    .await;
+    let c = Controller::start(fast_samples()).await;
     let (_a, _d) = joined(&c, "cli1", &[]).await;
     wait_for("a sample", Duration::from_secs(10), || async {
         c.node("cli1").await?["telemetry"].is_object().then_some(())

@@ -18,7 +18,7 @@ use nebula_protocol::{
     self as proto, AgentMessage, EnrollRequest, EnrollResponse, Hello, JoinToken, NodeFacts,
     ServerHello, CONTROLLER_SERVER_NAME,
 };
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -304,8 +304,6 @@ async fn run_agent(
     }
     conn.close(0u32.into(), b"simulation over");
 }
-
-use rand::SeedableRng;
 
 pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
     let n = a.agents;
