@@ -45,6 +45,92 @@ pub async fn read_message<M: Message, R: AsyncRead + Unpin>(
     decode(&payload)
 }
 
+/// A frame reader that may be cancelled between frames or in the middle of one: bytes read so
+/// far stay in its buffer, so a `select!` that drops [`FrameReader::read_frame`] to handle
+/// something else loses nothing. (The free functions above lose a partly read frame when
+/// dropped; use them only where nothing races the read.)
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    /// Where reads land before they join `buf` (on the heap: futures stay small).
+    scratch: Vec<u8>,
+    max: usize,
+}
+
+impl FrameReader {
+    pub fn new(max: usize) -> Self {
+        FrameReader {
+            buf: Vec::new(),
+            scratch: Vec::new(),
+            max,
+        }
+    }
+
+    /// Read one frame's payload (cancel-safe). The length is checked before the payload is
+    /// buffered.
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<Vec<u8>, FrameError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > self.max {
+                    return Err(FrameError::TooLarge { len, max: self.max });
+                }
+                if self.buf.len() >= 4 + len {
+                    let payload = self.buf[4..4 + len].to_vec();
+                    self.buf.drain(..4 + len);
+                    return Ok(payload);
+                }
+            }
+            // Never read past what the current frame can need plus a little: a peer cannot
+            // make this buffer exceed one maximal frame.
+            let want = if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                (4 + len - self.buf.len()).max(1)
+            } else {
+                4 - self.buf.len()
+            };
+            if self.scratch.is_empty() {
+                self.scratch = vec![0u8; 16 * 1024];
+            }
+            let take = want.clamp(4, self.scratch.len());
+            let chunk = &mut self.scratch[..take];
+            // Cancel-safe: a poll that returns data appends it before any other await.
+            let n = poll_fn(|cx| Pin::new(&mut *r).poll_read(cx, chunk)).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Err(FrameError::Closed)
+                } else {
+                    let expected = if self.buf.len() >= 4 {
+                        4 + u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                            as usize
+                    } else {
+                        4
+                    };
+                    Err(FrameError::Truncated {
+                        expected,
+                        got: self.buf.len(),
+                    })
+                };
+            }
+            self.buf.extend_from_slice(&self.scratch[..n]);
+        }
+    }
+
+    /// Read and decode one message (cancel-safe).
+    pub async fn read_message<M: Message, R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<M, FrameError> {
+        let payload = self.read_frame(r).await?;
+        decode(&payload)
+    }
+}
+
 /// Write one raw frame (length prefix + payload).
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -96,6 +182,93 @@ async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, mut buf: &[u8]) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader that hands out its bytes a few at a time and pends in between, like a network
+    /// stream whose packets arrive one by one.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        ready: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if !self.ready {
+                self.ready = true;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            self.ready = false;
+            let n = buf.len().min(self.data.len() - self.pos).min(5);
+            let pos = self.pos;
+            buf[..n].copy_from_slice(&self.data[pos..pos + n]);
+            self.pos += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn frame_reader_loses_nothing_when_dropped_mid_frame() {
+        use std::future::Future;
+        let msgs: Vec<ControllerMessage> = (0..5)
+            .map(|i| ControllerMessage::Bye {
+                reason: format!("message number {i} with some length to it"),
+            })
+            .collect();
+        let mut data = Vec::new();
+        for m in &msgs {
+            data.extend(encode_frame(m).unwrap());
+        }
+        let mut r = Trickle {
+            data,
+            pos: 0,
+            ready: false,
+        };
+        let mut reader = FrameReader::new(1024);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut got = Vec::new();
+        // Poll each read only a couple of times, then drop it (as a select! would) and start a
+        // new one: every message must still come out whole and in order.
+        let mut polls = 0;
+        while got.len() < msgs.len() {
+            let mut fut = std::pin::pin!(reader.read_message::<ControllerMessage, _>(&mut r));
+            for _ in 0..3 {
+                polls += 1;
+                if let std::task::Poll::Ready(m) = fut.as_mut().poll(&mut cx) {
+                    got.push(m.unwrap());
+                    break;
+                }
+            }
+            assert!(polls < 10_000, "no progress");
+        }
+        assert_eq!(got, msgs);
+        let mut fut = std::pin::pin!(reader.read_frame(&mut r));
+        let end = loop {
+            if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                break v;
+            }
+        };
+        assert!(matches!(end, Err(FrameError::Closed)));
+        // Oversized lengths are refused before buffering.
+        let mut big = Trickle {
+            data: 5000u32.to_le_bytes().to_vec(),
+            pos: 0,
+            ready: true,
+        };
+        let mut reader = FrameReader::new(1024);
+        let mut fut = std::pin::pin!(reader.read_frame(&mut big));
+        let res = loop {
+            if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                break v;
+            }
+        };
+        assert!(matches!(res, Err(FrameError::TooLarge { len: 5000, .. })));
+    }
     use crate::{AgentMessage, ControllerMessage, Hello, NodeFacts, PROTOCOL_VERSION};
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {

@@ -31,6 +31,8 @@
 //! every major so that refusal always works: a [`Hello`] frame starts with its `ProtocolVersion`
 //! (two varint `u16`s), and [`ServerHello::Refused`] is variant 1 with the [`Refusal`] layout.
 //! Golden byte files under `protocol/tests/golden/` pin the encoding of every message.
+//!
+//! Jobs ride on their own bidirectional streams, opened by the controller: see [`jobs`].
 
 use std::collections::BTreeMap;
 
@@ -39,9 +41,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub mod framing;
+pub mod jobs;
 pub mod telemetry;
 
-pub use framing::{read_frame, read_message, write_frame, write_message};
+pub use framing::{read_frame, read_message, write_frame, write_message, FrameReader};
 
 /// ALPN of the enrollment endpoint (no client certificate).
 pub const ALPN_ENROLL: &[u8] = b"nebula-enroll/1";

@@ -25,6 +25,20 @@ pub struct TelemetryInventory {
     pub gpu_driver: Option<String>,
     pub os: String,
     pub kernel: String,
+    /// AI models on this host's inference backends (on disk, and whether loaded).
+    pub models: Vec<ModelInfo>,
+}
+
+/// A model an inference backend on the node has.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Which backend holds it (`ollama`, `llama.cpp`, ...).
+    pub backend: String,
+    /// Loaded into memory (VRAM or RAM) right now.
+    pub loaded: bool,
+    pub size_bytes: u64,
+    pub vram_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -57,6 +57,13 @@ fn inventory() -> telemetry::TelemetryInventory {
         gpu_driver: Some("560.35.03".into()),
         os: "Ubuntu 24.04".into(),
         kernel: "6.8.0".into(),
+        models: vec![telemetry::ModelInfo {
+            name: "llama3.1:8b".into(),
+            backend: "ollama".into(),
+            loaded: true,
+            size_bytes: 4_920_753_328,
+            vram_bytes: Some(6_000_000_000),
+        }],
     }
 }
 
@@ -350,4 +357,117 @@ fn random_bytes_never_panic_the_decoders() {
         let _ = decode::<telemetry::Datagram>(&bytes);
         let _ = peek_version(&bytes);
     }
+}
+
+fn job_id() -> Uuid {
+    Uuid::from_u128(0x0193_7c2e_5a1b_7c3d_8e9f_0a1b_2c3d_4e60)
+}
+
+#[test]
+fn job_control() {
+    use jobs::*;
+    let req = |spec| {
+        JobControl::Request(JobRequest {
+            id: job_id(),
+            attempt: 1,
+            deadline_unix_ms: Some(1_764_000_060_000),
+            logs_from: 0,
+            spec,
+        })
+    };
+    check("job_request_noop", &req(JobSpec::Noop));
+    check(
+        "job_request_exec",
+        &req(JobSpec::Exec(ExecSpec {
+            op: "git-pull".into(),
+            args: vec!["/srv/app".into()],
+        })),
+    );
+    check(
+        "job_request_probe_http",
+        &req(JobSpec::Probe(ProbeSpec::Http {
+            url: "http://127.0.0.1:8080/health".into(),
+            timeout_ms: 2000,
+        })),
+    );
+    check(
+        "job_request_probe_tcp",
+        &req(JobSpec::Probe(ProbeSpec::Tcp {
+            address: "10.0.0.5:22".into(),
+            timeout_ms: 500,
+        })),
+    );
+    check("job_request_inventory", &req(JobSpec::Inventory));
+    check(
+        "job_cancel",
+        &JobControl::Cancel {
+            reason: "cancelled by admin".into(),
+        },
+    );
+}
+
+#[test]
+fn job_events() {
+    use jobs::*;
+    check("job_accepted", &JobEvent::Accepted { resumed: true });
+    check("job_started", &JobEvent::Started);
+    check(
+        "job_log",
+        &JobEvent::Log(LogLine {
+            seq: 7,
+            at_unix_ms: 1_764_000_001_234,
+            stream: LogStream::Stderr,
+            line: "Already up to date.".into(),
+        }),
+    );
+    check(
+        "job_progress",
+        &JobEvent::Progress {
+            percent: 42.5,
+            message: "pulling layers".into(),
+        },
+    );
+    check(
+        "job_finished_exec",
+        &JobEvent::Finished(JobResult {
+            status: JobStatus::Failed,
+            exit_code: Some(128),
+            error: Some("exited with status 128".into()),
+            output: JobOutput::None,
+        }),
+    );
+    check(
+        "job_finished_probe",
+        &JobEvent::Finished(JobResult {
+            status: JobStatus::Succeeded,
+            exit_code: None,
+            error: None,
+            output: JobOutput::Probe(ProbeOutput {
+                ok: true,
+                status: Some(200),
+                latency_us: 1830,
+                error: None,
+            }),
+        }),
+    );
+    check(
+        "job_finished_inventory",
+        &JobEvent::Finished(JobResult {
+            status: JobStatus::Succeeded,
+            exit_code: None,
+            error: None,
+            output: JobOutput::Inventory(Box::new(InventoryReport {
+                agent_version: "0.1.0".into(),
+                facts: facts(),
+                containers: inventory().containers,
+                container_states: BTreeMap::from([("4f1c2a".into(), "running".into())]),
+                repositories: vec![GitRepository {
+                    path: "/srv/app".into(),
+                    branch: Some("main".into()),
+                    commit: "3f2a9c0d1e".into(),
+                    dirty: false,
+                }],
+            })),
+        }),
+    );
 }

@@ -1,0 +1,302 @@
+//! Jobs: the one stream per job between the controller and an agent.
+//!
+//! The controller opens a bidirectional stream per job and sends [`JobControl::Request`] first;
+//! it may send [`JobControl::Cancel`] later on the same stream. The agent answers with
+//! [`JobEvent`]s: `Accepted` (it has the job; `resumed` when the job was already running or done
+//! here), `Started` (a concurrency slot was free and the work began), any number of `Log` and
+//! `Progress`, and one `Finished`, after which it finishes the stream.
+//!
+//! Delivery is at least once: after a lost connection or a controller restart the controller
+//! sends the same request again (same `id` and `attempt`), and the agent answers from its journal
+//! instead of running the work twice. `logs_from` says which log lines the controller already
+//! has, so a resumed stream only carries the rest.
+//!
+//! A newer controller may send a job kind this agent does not know. [`decode_request`] still
+//! reads the request's header and reports the unknown kind, so the agent can answer with a clear
+//! refusal instead of dropping the stream.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::telemetry::ContainerInfo;
+use crate::{FrameError, Labels, NodeFacts};
+
+/// Longest log line carried (longer lines are cut and marked).
+pub const MAX_LOG_LINE: usize = 4096;
+
+/// Frames from the controller on a job stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobControl {
+    Request(JobRequest),
+    Cancel { reason: String },
+}
+
+/// One job for one agent. The first four fields are frozen in every major: see [`decode_request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub id: Uuid,
+    /// 1 for the first try; a retry on another node (idempotent jobs only) gets the next number.
+    pub attempt: u32,
+    /// Unix milliseconds by which the work must be over; the agent stops it then.
+    pub deadline_unix_ms: Option<i64>,
+    /// Log lines with a lower sequence number were already received.
+    pub logs_from: u64,
+    pub spec: JobSpec,
+}
+
+/// What to do. New kinds are added at the end (a minor version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobSpec {
+    /// Do nothing and succeed: a round-trip check (`nebula run NODE ping`).
+    Noop,
+    /// A named operation from the agent's own allow-list.
+    Exec(ExecSpec),
+    /// An HTTP GET or TCP connect from the agent's host.
+    Probe(ProbeSpec),
+    /// Containers, system facts, git repositories, agent version.
+    Inventory,
+}
+
+impl JobSpec {
+    /// Number of kinds this build knows (the variant count above).
+    pub const KINDS: u32 = 4;
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Noop => "noop",
+            JobSpec::Exec(_) => "exec",
+            JobSpec::Probe(_) => "probe",
+            JobSpec::Inventory => "inventory",
+        }
+    }
+
+    /// True when running the job twice would not matter (reads only).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, JobSpec::Noop | JobSpec::Probe(_) | JobSpec::Inventory)
+    }
+}
+
+/// `op` names an allow-listed operation: `git-pull`, `docker-restart`, `systemctl-restart`, a
+/// custom command from the agent's config, or `sh` (only where the host allows any command).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    pub op: String,
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeSpec {
+    Http { url: String, timeout_ms: u32 },
+    Tcp { address: String, timeout_ms: u32 },
+}
+
+/// Frames from the agent on a job stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JobEvent {
+    /// The agent has the job. `resumed`: it was already running or finished here (a redelivery).
+    Accepted {
+        resumed: bool,
+    },
+    /// The work began (a concurrency slot was free).
+    Started,
+    Log(LogLine),
+    Progress {
+        percent: f32,
+        message: String,
+    },
+    Finished(JobResult),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// Lines the agent writes about the job itself.
+    Agent,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "stdout" => LogStream::Stdout,
+            "stderr" => LogStream::Stderr,
+            _ => LogStream::Agent,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Per job and attempt, from 0, without gaps.
+    pub seq: u64,
+    pub at_unix_ms: i64,
+    pub stream: LogStream,
+    pub line: String,
+}
+
+/// How a job ended on the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobStatus {
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+    /// The agent would not run it (not allow-listed, unknown kind, bad arguments).
+    Refused,
+    /// The agent restarted while the job ran; it is not run again.
+    Interrupted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub status: JobStatus,
+    pub exit_code: Option<i32>,
+    /// What went wrong, for people.
+    pub error: Option<String>,
+    pub output: JobOutput,
+}
+
+impl JobResult {
+    pub fn new(status: JobStatus, error: Option<String>) -> Self {
+        JobResult {
+            status,
+            exit_code: None,
+            error,
+            output: JobOutput::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JobOutput {
+    None,
+    Probe(ProbeOutput),
+    Inventory(Box<InventoryReport>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeOutput {
+    pub ok: bool,
+    /// HTTP status for HTTP probes.
+    pub status: Option<u16>,
+    pub latency_us: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReport {
+    pub agent_version: String,
+    pub facts: NodeFacts,
+    pub containers: Vec<ContainerInfo>,
+    /// Container state by id (`running`, `exited`, ...), for the containers above.
+    pub container_states: Labels,
+    pub repositories: Vec<GitRepository>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitRepository {
+    pub path: String,
+    /// `None` on a detached head.
+    pub branch: Option<String>,
+    pub commit: String,
+    pub dirty: bool,
+}
+
+impl crate::Message for JobControl {
+    const NAME: &'static str = "JobControl";
+    const VARIANTS: Option<u32> = Some(2);
+}
+
+impl crate::Message for JobEvent {
+    const NAME: &'static str = "JobEvent";
+    const VARIANTS: Option<u32> = Some(5);
+}
+
+/// The header of a request: the frozen first fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHeader {
+    pub id: Uuid,
+    pub attempt: u32,
+    pub deadline_unix_ms: Option<i64>,
+    pub logs_from: u64,
+}
+
+/// A request frame as read by an agent.
+#[derive(Debug)]
+pub enum DecodedControl {
+    Control(JobControl),
+    /// A request for a kind this build does not know (a newer controller).
+    UnknownKind {
+        header: RequestHeader,
+        kind: u32,
+    },
+}
+
+/// Decode a controller frame on a job stream, telling an unknown job kind apart from garbage.
+pub fn decode_request(payload: &[u8]) -> Result<DecodedControl, FrameError> {
+    match crate::decode::<JobControl>(payload) {
+        Ok(c) => Ok(DecodedControl::Control(c)),
+        Err(e) => {
+            // Variant 0 (`Request`), then the frozen header, then the kind's variant index.
+            let cfg = bincode::config::standard().with_limit::<{ crate::DEFAULT_MAX_FRAME }>();
+            let Ok((0u32, used)) = bincode::decode_from_slice::<u32, _>(payload, cfg) else {
+                return Err(e);
+            };
+            let Ok((header, more)) =
+                bincode::serde::decode_from_slice::<RequestHeader, _>(&payload[used..], cfg)
+            else {
+                return Err(e);
+            };
+            match bincode::decode_from_slice::<u32, _>(&payload[used + more..], cfg) {
+                Ok((kind, _)) if kind >= JobSpec::KINDS => {
+                    Ok(DecodedControl::UnknownKind { header, kind })
+                }
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_job_kind_is_reported_with_its_header() {
+        let req = JobRequest {
+            id: Uuid::from_u128(7),
+            attempt: 2,
+            deadline_unix_ms: Some(1_764_000_000_000),
+            logs_from: 3,
+            spec: JobSpec::Inventory,
+        };
+        let mut bytes = crate::encode(&JobControl::Request(req.clone())).unwrap();
+        // The kind is the last byte for `Inventory` (a unit variant): make it a future kind.
+        *bytes.last_mut().unwrap() = 9;
+        match decode_request(&bytes).unwrap() {
+            DecodedControl::UnknownKind { header, kind } => {
+                assert_eq!(kind, 9);
+                assert_eq!(header.id, req.id);
+                assert_eq!(header.attempt, 2);
+                assert_eq!(header.logs_from, 3);
+            }
+            other => panic!("expected an unknown kind, got {other:?}"),
+        }
+        // Garbage stays an error.
+        assert!(decode_request(&[0xff, 0xff, 0xff]).is_err());
+        // A known request decodes normally.
+        let ok = crate::encode(&JobControl::Request(req.clone())).unwrap();
+        assert!(matches!(
+            decode_request(&ok).unwrap(),
+            DecodedControl::Control(JobControl::Request(r)) if r == req
+        ));
+    }
+}
