@@ -1,6 +1,7 @@
 //! The agent's configuration: a TOML file (`--config`), overridden by `NEBULA_*` environment
 //! variables and flags.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,6 +31,65 @@ pub struct AgentConfig {
     pub keep_alive: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How jobs run here.
+    pub jobs: JobsConfig,
+    /// What `exec` jobs may do on this host. The controller cannot widen it.
+    pub exec: ExecConfig,
+    /// What `inventory` jobs look at.
+    pub inventory: InventoryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Jobs running at once; more wait (accepted, not started) for a free slot.
+    pub max_concurrent: usize,
+    /// Finished jobs remembered in the journal (answers to redelivered jobs).
+    pub journal_entries: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            max_concurrent: 16,
+            journal_entries: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Allow `sh` (any shell command). Off unless this host's owner turns it on.
+    pub allow_any: bool,
+    /// `git-pull` works only on repositories inside these directories.
+    pub git_dirs: Vec<PathBuf>,
+    /// `systemctl-restart` works only on these units.
+    pub systemd_units: Vec<String>,
+    /// `docker-restart` works only on these container names (`*`: any container).
+    pub docker_containers: Vec<String>,
+    /// Named commands with a fixed argv: `nebula run NODE NAME`.
+    pub commands: BTreeMap<String, CommandConfig>,
+    /// Time limit of an exec job without a deadline of its own.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub default_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// Program and arguments, run directly (no shell).
+    pub argv: Vec<String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InventoryConfig {
+    /// Directories searched for git repositories (default: `exec.git_dirs`).
+    pub repo_dirs: Vec<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -44,6 +104,9 @@ impl Default for AgentConfig {
             reconnect_max: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
+            jobs: JobsConfig::default(),
+            exec: ExecConfig::default(),
+            inventory: InventoryConfig::default(),
         }
     }
 }
@@ -58,5 +121,12 @@ mod tests {
         let cfg: AgentConfig = toml::from_str(example).expect("example parses");
         assert_eq!(cfg.reconnect_max, Duration::from_secs(30));
         assert!(toml::from_str::<AgentConfig>("bogus = true").is_err());
+        assert!(toml::from_str::<AgentConfig>("[exec]\nallow_anything = true").is_err());
+        let cfg: AgentConfig = toml::from_str(
+            "[exec]\ngit_dirs = [\"/srv\"]\n[exec.commands.backup]\nargv = [\"/bin/true\"]",
+        )
+        .unwrap();
+        assert!(!cfg.exec.allow_any);
+        assert_eq!(cfg.exec.commands["backup"].argv, vec!["/bin/true"]);
     }
 }

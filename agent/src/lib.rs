@@ -3,7 +3,10 @@
 //!
 //! Tasks: [`Agent::run`] is one task that owns the QUIC client endpoint and runs the session and
 //! reconnect loop ([`session::run`]); its progress is published on a `watch` channel of
-//! [`AgentStatus`]. It stops when its cancellation token fires, after saying `Bye`.
+//! [`AgentStatus`]. Beside it run the telemetry collectors ([`telemetry::run`], publishing on
+//! `watch` channels the session reads) and the [`jobs::JobRunner`], whose tasks (one per job
+//! stream, one per run) outlive any one connection. It stops when its cancellation token fires,
+//! after saying `Bye`; runs still going are cancelled and journaled.
 //!
 //! The agent links no database, HTTP-server or chat crate: it must stay small.
 
@@ -19,6 +22,7 @@ pub mod config;
 pub mod enroll;
 pub mod facts;
 pub mod identity;
+pub mod jobs;
 pub mod process;
 pub mod session;
 pub mod telemetry;
@@ -84,15 +88,19 @@ pub struct Agent {
     status: watch::Sender<AgentStatus>,
     facts: Option<NodeFacts>,
     gpu: GpuSource,
+    models: Vec<nebula_protocol::telemetry::ModelInfo>,
 }
 
 /// Where GPU figures come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GpuSource {
     /// NVML, when the NVIDIA driver is present.
     Nvml,
     /// Report no GPUs.
     None,
+    /// Report these GPUs with fixed readings (the fleet simulator and routing tests, on hosts
+    /// without NVIDIA hardware).
+    Simulated(Vec<telemetry::gpu::SimulatedGpu>),
 }
 
 impl std::fmt::Debug for Agent {
@@ -111,6 +119,7 @@ impl Agent {
             status: watch::channel(AgentStatus::Starting).0,
             facts: None,
             gpu: GpuSource::Nvml,
+            models: Vec::new(),
         }
     }
 
@@ -124,6 +133,12 @@ impl Agent {
     /// Choose where GPU figures come from (default: NVML).
     pub fn with_gpu(mut self, gpu: GpuSource) -> Self {
         self.gpu = gpu;
+        self
+    }
+
+    /// Report these models in telemetry (until inference backends are discovered).
+    pub fn with_models(mut self, models: Vec<nebula_protocol::telemetry::ModelInfo>) -> Self {
+        self.models = models;
         self
     }
 
@@ -201,10 +216,12 @@ impl Agent {
             .unwrap_or(Duration::from_secs(5));
         let (sink, mut feed) = telemetry::channels(interval);
         let tracker = TaskTracker::new();
-        let collectors = telemetry::Collectors::new(match self.gpu {
+        let mut collectors = telemetry::Collectors::new(match &self.gpu {
             GpuSource::Nvml => telemetry::gpu::GpuCollector::new(),
             GpuSource::None => telemetry::gpu::GpuCollector::none(),
+            GpuSource::Simulated(gpus) => telemetry::gpu::GpuCollector::simulated(gpus.clone()),
         });
+        collectors.models = self.models.clone();
         let telemetry_stop = shutdown.child_token();
         tracker.spawn(telemetry::run(
             collectors,
@@ -215,16 +232,34 @@ impl Agent {
         // Wait (briefly) for the first inventory so that Hello carries GPUs and the runtime.
         let _ = tokio::time::timeout(Duration::from_secs(3), feed.inventory.changed()).await;
         feed.inventory.mark_changed();
+        let mut facts = self.facts();
+        {
+            let inv = feed.inventory.borrow();
+            facts.gpus = inv.gpus.clone();
+            facts.container_runtime = inv.container_runtime.clone();
+        }
+        let runner = jobs::JobRunner::new(
+            jobs::RunnerConfig {
+                jobs: self.config.jobs.clone(),
+                exec: self.config.exec.clone(),
+                repo_dirs: self.config.inventory.repo_dirs.clone(),
+                facts: facts.clone(),
+            },
+            self.state.path(),
+        )
+        .map_err(|e| AgentError::Other(anyhow::Error::new(e).context("opening the job journal")))?;
         let result = session::run(
             &self.config,
             &self.state,
             addr,
-            self.facts(),
+            facts,
             feed,
+            &runner,
             &self.status,
             shutdown,
         )
         .await;
+        runner.shutdown().await;
         telemetry_stop.cancel();
         tracker.close();
         tracker.wait().await;

@@ -1,11 +1,13 @@
 //! The long-lived session with the controller over `nebula/1`, and the reconnect loop around it.
 //!
 //! One task runs [`run`]: connect, `Hello` -> `Welcome`, then serve the session stream (renew the
-//! certificate after two thirds of its lifetime, answer messages) until the connection ends, then
+//! certificate after two thirds of its lifetime, answer messages) and hand every job stream the
+//! controller opens to the [`JobRunner`] until the connection ends, then
 //! back off (capped exponential, with jitter) and reconnect. Permanent refusals (protocol major
 //! mismatch, revoked node) end the loop with an error instead of retrying.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use nebula_protocol::{
@@ -19,6 +21,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::identity::{new_key_and_csr, StateDir};
+use crate::jobs::JobRunner;
 use crate::telemetry::TelemetryFeed;
 use crate::{tls, AgentConfig, AgentError};
 use nebula_protocol::telemetry::{Datagram, TelemetrySample};
@@ -77,12 +80,14 @@ enum SessionEnd {
 }
 
 /// Run sessions until `shutdown` fires or the controller refuses for good.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &AgentConfig,
     state: &StateDir,
     addr: SocketAddr,
     facts: NodeFacts,
     mut feed: TelemetryFeed,
+    runner: &Arc<JobRunner>,
     status: &watch::Sender<AgentStatus>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -93,7 +98,7 @@ pub async fn run(
             attempt: backoff.attempt(),
         });
         match session(
-            config, state, &endpoint, addr, &facts, &mut feed, status, &shutdown,
+            config, state, &endpoint, addr, &facts, &mut feed, runner, status, &shutdown,
         )
         .await
         {
@@ -144,6 +149,7 @@ async fn session(
     addr: SocketAddr,
     facts: &NodeFacts,
     feed: &mut TelemetryFeed,
+    runner: &Arc<JobRunner>,
     status: &watch::Sender<AgentStatus>,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, AgentError> {
@@ -243,6 +249,8 @@ async fn session(
         .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
     let mut renew_timer = Box::pin(tokio::time::sleep(until(renew_at)));
     let mut pending_key: Option<rcgen::KeyPair> = None;
+    // Cancel-safe: the select below may drop a read in the middle of a frame.
+    let mut frames = proto::FrameReader::new(proto::DEFAULT_MAX_FRAME);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -250,6 +258,12 @@ async fn session(
                 let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
                 conn.close(close::NORMAL.into(), b"agent stopping");
                 return Ok(SessionEnd::Shutdown);
+            }
+            stream = conn.accept_bi() => {
+                // A job: the controller opens one stream per job.
+                if let Ok((send, recv)) = stream {
+                    runner.spawn_stream(send, recv);
+                }
             }
             changed = feed.inventory.changed() => {
                 if changed.is_err() {
@@ -282,7 +296,7 @@ async fn session(
                 proto::write_message(&mut send, &AgentMessage::RenewCertificate { csr_der }).await?;
                 pending_key = Some(key);
             }
-            msg = proto::read_message::<ControllerMessage, _>(&mut recv, proto::DEFAULT_MAX_FRAME) => match msg {
+            msg = frames.read_message::<ControllerMessage, _>(&mut recv) => match msg {
                 Ok(ControllerMessage::CertificateRenewed { cert_der }) => {
                     let Some(key) = pending_key.take() else {
                         warn!("unrequested certificate ignored");

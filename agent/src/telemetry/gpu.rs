@@ -11,6 +11,15 @@ pub struct GpuCollector {
     devices: Vec<Device<'static>>,
     nvml: Option<&'static Nvml>,
     driver: Option<String>,
+    simulated: Vec<SimulatedGpu>,
+}
+
+/// A GPU with fixed readings, for the fleet simulator and tests on hosts without NVIDIA hardware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimulatedGpu {
+    pub info: GpuInfo,
+    pub memory_used_bytes: u64,
+    pub utilization_percent: u8,
 }
 
 impl std::fmt::Debug for GpuCollector {
@@ -40,6 +49,7 @@ impl GpuCollector {
                     devices,
                     nvml: Some(nvml),
                     driver,
+                    simulated: Vec::new(),
                 }
             }
             Err(e) => {
@@ -55,6 +65,16 @@ impl GpuCollector {
             devices: Vec::new(),
             nvml: None,
             driver: None,
+            simulated: Vec::new(),
+        }
+    }
+
+    /// A collector that reports these GPUs (no NVML involved).
+    pub fn simulated(gpus: Vec<SimulatedGpu>) -> Self {
+        GpuCollector {
+            driver: (!gpus.is_empty()).then(|| "simulated".to_owned()),
+            simulated: gpus,
+            ..GpuCollector::none()
         }
     }
 
@@ -63,10 +83,13 @@ impl GpuCollector {
     }
 
     pub fn count(&self) -> usize {
-        self.devices.len()
+        self.devices.len() + self.simulated.len()
     }
 
     pub fn inventory(&self) -> Vec<GpuInfo> {
+        if !self.simulated.is_empty() {
+            return self.simulated.iter().map(|g| g.info.clone()).collect();
+        }
         self.devices
             .iter()
             .map(|d| GpuInfo {
@@ -98,6 +121,17 @@ impl GpuCollector {
 
     /// A full sample: the core figures plus fan, clocks and per-process memory.
     pub fn sample(&self) -> Vec<GpuSample> {
+        if !self.simulated.is_empty() {
+            return self
+                .simulated
+                .iter()
+                .map(|g| GpuSample {
+                    utilization_percent: Some(g.utilization_percent),
+                    memory_used_bytes: Some(g.memory_used_bytes),
+                    ..GpuSample::default()
+                })
+                .collect();
+        }
         let mut out = self.sample_core();
         for (d, s) in self.devices.iter().zip(out.iter_mut()) {
             s.fan_percent = d.fan_speed(0).ok().map(|f| f.min(100) as u8);

@@ -67,6 +67,8 @@ pub struct Collectors {
     seq: u64,
     os: String,
     kernel: String,
+    /// Models reported in the inventory.
+    pub models: Vec<nebula_protocol::telemetry::ModelInfo>,
 }
 
 impl std::fmt::Debug for Collectors {
@@ -94,6 +96,7 @@ impl Collectors {
             seq: 0,
             os,
             kernel: sysinfo::System::kernel_version().unwrap_or_default(),
+            models: Vec::new(),
         }
     }
 
@@ -113,6 +116,7 @@ impl Collectors {
             gpu_driver: self.gpu.driver().map(str::to_owned),
             os: self.os.clone(),
             kernel: self.kernel.clone(),
+            models: self.models.clone(),
         };
         let changed = inv != self.inventory || self.seq == 0;
         if changed {

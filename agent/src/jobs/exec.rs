@@ -1,0 +1,410 @@
+//! `exec` jobs: named operations from this host's own allow-list ([`ExecConfig`]).
+//!
+//! [`resolve`] turns an operation and its arguments into a plan (a program to run, or a container
+//! to restart) or a refusal; nothing runs unless the config allows it. Programs run without a
+//! shell (except `sh` where `allow_any` is on), in their own process group, with stdin closed;
+//! their stdout and stderr stream back line by line. Cancel or a deadline stops the whole group:
+//! SIGTERM, then SIGKILL after a grace period.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nebula_protocol::jobs::{ExecSpec, JobResult, JobStatus, LogStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+
+use super::{JobContext, Stop};
+use crate::config::ExecConfig;
+
+/// How long a stopped process group gets between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(3);
+
+/// What an allowed operation does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    Run {
+        argv: Vec<String>,
+        cwd: Option<PathBuf>,
+    },
+    DockerRestart {
+        container: String,
+    },
+}
+
+/// Check an operation against the allow-list. The error is a refusal for people.
+pub fn resolve(cfg: &ExecConfig, spec: &ExecSpec) -> Result<Plan, String> {
+    let args = &spec.args;
+    let one_arg = |what: &str| -> Result<&str, String> {
+        match args.as_slice() {
+            [a] if !a.is_empty() => Ok(a.as_str()),
+            _ => Err(format!("`{}` takes exactly one argument: {what}", spec.op)),
+        }
+    };
+    match spec.op.as_str() {
+        "git-pull" => {
+            let repo = one_arg("the repository path")?;
+            let repo = allowed_repo(cfg, Path::new(repo))?;
+            Ok(Plan::Run {
+                argv: vec![
+                    "git".into(),
+                    "-C".into(),
+                    repo.display().to_string(),
+                    "pull".into(),
+                    "--ff-only".into(),
+                ],
+                cwd: None,
+            })
+        }
+        "systemctl-restart" => {
+            let unit = one_arg("the unit name")?;
+            if !cfg.systemd_units.iter().any(|u| u == unit) {
+                return Err(format!(
+                    "unit `{unit}` is not in this host's exec.systemd_units list"
+                ));
+            }
+            Ok(Plan::Run {
+                argv: vec!["systemctl".into(), "restart".into(), unit.into()],
+                cwd: None,
+            })
+        }
+        "docker-restart" => {
+            let container = one_arg("the container name")?;
+            if !cfg
+                .docker_containers
+                .iter()
+                .any(|c| c == "*" || c == container)
+            {
+                return Err(format!(
+                    "container `{container}` is not in this host's exec.docker_containers list"
+                ));
+            }
+            Ok(Plan::DockerRestart {
+                container: container.into(),
+            })
+        }
+        "sh" => {
+            if !cfg.allow_any {
+                return Err(
+                    "arbitrary commands are off on this host (exec.allow_any = false)".into(),
+                );
+            }
+            let script = one_arg("the shell command")?;
+            Ok(Plan::Run {
+                argv: vec!["sh".into(), "-c".into(), script.into()],
+                cwd: None,
+            })
+        }
+        name => match cfg.commands.get(name) {
+            Some(cmd) if !cmd.argv.is_empty() => {
+                if !args.is_empty() {
+                    return Err(format!(
+                        "`{name}` is a fixed command on this host and takes no arguments"
+                    ));
+                }
+                Ok(Plan::Run {
+                    argv: cmd.argv.clone(),
+                    cwd: cmd.cwd.clone(),
+                })
+            }
+            _ => {
+                let mut allowed: Vec<&str> = Vec::new();
+                if !cfg.git_dirs.is_empty() {
+                    allowed.push("git-pull");
+                }
+                if !cfg.systemd_units.is_empty() {
+                    allowed.push("systemctl-restart");
+                }
+                if !cfg.docker_containers.is_empty() {
+                    allowed.push("docker-restart");
+                }
+                if cfg.allow_any {
+                    allowed.push("sh");
+                }
+                allowed.extend(cfg.commands.keys().map(String::as_str));
+                let allowed = if allowed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    allowed.join(", ")
+                };
+                Err(format!(
+                    "`{name}` is not an allowed operation on this host (allowed: {allowed})"
+                ))
+            }
+        },
+    }
+}
+
+/// A repository path is allowed when, with symlinks and `..` resolved, it lies inside one of the
+/// configured directories (and exists).
+fn allowed_repo(cfg: &ExecConfig, repo: &Path) -> Result<PathBuf, String> {
+    if cfg.git_dirs.is_empty() {
+        return Err("git-pull is off on this host (exec.git_dirs is empty)".into());
+    }
+    let real =
+        std::fs::canonicalize(repo).map_err(|e| format!("repository `{}`: {e}", repo.display()))?;
+    let inside = cfg.git_dirs.iter().any(|d| {
+        std::fs::canonicalize(d)
+            .map(|d| real.starts_with(&d))
+            .unwrap_or(false)
+    });
+    if !inside {
+        return Err(format!(
+            "`{}` is outside the directories git-pull may touch on this host",
+            real.display()
+        ));
+    }
+    Ok(real)
+}
+
+/// Run a plan to the end (or until stopped).
+pub async fn run(ctx: &JobContext, plan: Plan) -> JobResult {
+    match plan {
+        Plan::Run { argv, cwd } => run_program(ctx, &argv, cwd.as_deref()).await,
+        Plan::DockerRestart { container } => docker_restart(ctx, &container).await,
+    }
+}
+
+async fn run_program(ctx: &JobContext, argv: &[String], cwd: Option<&Path>) -> JobResult {
+    let Some((program, rest)) = argv.split_first() else {
+        return JobResult::new(JobStatus::Refused, Some("empty command".into()));
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(rest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .kill_on_drop(true);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    #[cfg(unix)]
+    cmd.process_group(0);
+    ctx.log(LogStream::Agent, format!("running {}", shell_words(argv)));
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return JobResult::new(
+                JobStatus::Failed,
+                Some(format!("cannot start `{program}`: {e}")),
+            )
+        }
+    };
+    let pid = child.id();
+    let out = child.stdout.take();
+    let err = child.stderr.take();
+    let stop;
+    {
+        let pumps = async {
+            if let Some(o) = out {
+                pump(ctx, o, LogStream::Stdout).await;
+            }
+        };
+        let pumps_err = async {
+            if let Some(e) = err {
+                pump(ctx, e, LogStream::Stderr).await;
+            }
+        };
+        let waited = async {
+            let (status, _, _) = tokio::join!(child.wait(), pumps, pumps_err);
+            status
+        };
+        tokio::pin!(waited);
+        stop = tokio::select! {
+            status = &mut waited => return exited(status),
+            stop = ctx.stopped() => stop,
+        };
+        // Stop the whole process group: first politely, then for good.
+        signal_group(pid, false);
+        if let Ok(status) = tokio::time::timeout(KILL_GRACE, &mut waited).await {
+            let mut r = stop.result();
+            r.exit_code = status.ok().and_then(|s| s.code());
+            return r;
+        }
+    }
+    signal_group(pid, true);
+    let _ = child.start_kill();
+    let mut r = stop.result();
+    r.exit_code = child.wait().await.ok().and_then(|s| s.code());
+    r
+}
+
+fn exited(status: std::io::Result<std::process::ExitStatus>) -> JobResult {
+    match status {
+        Ok(s) if s.success() => JobResult {
+            exit_code: s.code(),
+            ..JobResult::new(JobStatus::Succeeded, None)
+        },
+        Ok(s) => JobResult {
+            exit_code: s.code(),
+            ..JobResult::new(
+                JobStatus::Failed,
+                Some(match s.code() {
+                    Some(c) => format!("exited with status {c}"),
+                    None => format!("ended by {s}"),
+                }),
+            )
+        },
+        Err(e) => JobResult::new(
+            JobStatus::Failed,
+            Some(format!("waiting for the process: {e}")),
+        ),
+    }
+}
+
+/// Read lines (lossy UTF-8, cut at the protocol's limit) into the job's log.
+async fn pump(ctx: &JobContext, stream: impl AsyncRead + Unpin, which: LogStream) {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    buf.pop();
+                }
+                ctx.log(which, String::from_utf8_lossy(&buf).into_owned());
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn signal_group(pid: Option<u32>, kill: bool) {
+    use nix::sys::signal::{killpg, Signal};
+    use nix::unistd::Pid;
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let sig = if kill {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        };
+        let _ = killpg(Pid::from_raw(pid), sig);
+    }
+}
+
+#[cfg(not(unix))]
+fn signal_group(_pid: Option<u32>, _kill: bool) {
+    // Without process groups the child is stopped by `start_kill` after the grace period.
+}
+
+async fn docker_restart(ctx: &JobContext, container: &str) -> JobResult {
+    use bollard::query_parameters::RestartContainerOptions;
+    let docker = match bollard::Docker::connect_with_local_defaults() {
+        Ok(d) => d,
+        Err(e) => {
+            return JobResult::new(
+                JobStatus::Failed,
+                Some(format!("no container runtime reachable: {e}")),
+            )
+        }
+    };
+    ctx.log(
+        LogStream::Agent,
+        format!("restarting container {container}"),
+    );
+    let restart = docker.restart_container(container, None::<RestartContainerOptions>);
+    tokio::select! {
+        r = restart => match r {
+            Ok(()) => {
+                ctx.log(LogStream::Agent, format!("container {container} restarted"));
+                JobResult::new(JobStatus::Succeeded, None)
+            }
+            Err(e) => JobResult::new(JobStatus::Failed, Some(format!("restarting {container}: {e}"))),
+        },
+        stop = ctx.stopped() => stop.result(),
+    }
+}
+
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Stop {
+    pub fn result(self) -> JobResult {
+        match self {
+            Stop::Cancelled(reason) => JobResult::new(JobStatus::Cancelled, Some(reason)),
+            Stop::Deadline => JobResult::new(
+                JobStatus::TimedOut,
+                Some("the job's deadline passed; it was stopped".into()),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CommandConfig;
+
+    fn spec(op: &str, args: &[&str]) -> ExecSpec {
+        ExecSpec {
+            op: op.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn only_the_allow_list_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("repos/app");
+        std::fs::create_dir_all(&inside).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let mut cfg = ExecConfig {
+            git_dirs: vec![dir.path().join("repos")],
+            systemd_units: vec!["nginx.service".into()],
+            docker_containers: vec!["web".into()],
+            ..ExecConfig::default()
+        };
+        cfg.commands.insert(
+            "backup".into(),
+            CommandConfig {
+                argv: vec!["/bin/echo".into(), "ok".into()],
+                cwd: None,
+            },
+        );
+        assert!(matches!(
+            resolve(&cfg, &spec("git-pull", &[inside.to_str().unwrap()])),
+            Ok(Plan::Run { .. })
+        ));
+        // `..` and paths outside are refused, as are missing ones.
+        let sneaky = inside.join("../../../");
+        assert!(resolve(&cfg, &spec("git-pull", &[sneaky.to_str().unwrap()])).is_err());
+        assert!(resolve(&cfg, &spec("git-pull", &[outside.path().to_str().unwrap()])).is_err());
+        assert!(resolve(&cfg, &spec("git-pull", &["/nonexistent/repo"])).is_err());
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("repos/escape");
+            std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+            assert!(resolve(&cfg, &spec("git-pull", &[link.to_str().unwrap()])).is_err());
+        }
+        assert!(resolve(&cfg, &spec("systemctl-restart", &["nginx.service"])).is_ok());
+        assert!(resolve(&cfg, &spec("systemctl-restart", &["sshd.service"])).is_err());
+        assert!(resolve(&cfg, &spec("docker-restart", &["web"])).is_ok());
+        assert!(resolve(&cfg, &spec("docker-restart", &["db"])).is_err());
+        assert!(resolve(&cfg, &spec("backup", &[])).is_ok());
+        assert!(resolve(&cfg, &spec("backup", &["--all"])).is_err());
+        let refused = resolve(&cfg, &spec("sh", &["rm -rf /"])).unwrap_err();
+        assert!(refused.contains("allow_any"), "{refused}");
+        let unknown = resolve(&cfg, &spec("reboot", &[])).unwrap_err();
+        assert!(unknown.contains("not an allowed operation"), "{unknown}");
+        assert!(unknown.contains("backup"), "{unknown}");
+        cfg.allow_any = true;
+        assert!(resolve(&cfg, &spec("sh", &["uptime"])).is_ok());
+        assert!(resolve(&cfg, &spec("sh", &[])).is_err());
+    }
+}

@@ -1,0 +1,495 @@
+//! Jobs on the agent: one QUIC stream per job, a journal so that nothing runs twice, and a bound
+//! on how many run at once.
+//!
+//! Tasks: [`JobRunner::serve`] runs once per job stream the controller opens (spawned by the
+//! session loop); it answers from the journal, or attaches to the run already in progress, or
+//! starts a new run on the runner's [`TaskTracker`]. A run outlives its stream: when the
+//! connection drops, the run goes on, its log lines are kept (the newest [`KEPT_LINES`]) and its
+//! result goes to the journal, and the controller's next delivery of the same job attaches to it
+//! or reads the result. Runs wait for one of `jobs.max_concurrent` slots (a semaphore) before
+//! they start. Each run publishes its progress through a `watch` counter that the streams
+//! attached to it follow.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use nebula_protocol::jobs::{
+    decode_request, DecodedControl, JobControl, JobEvent, JobRequest, JobResult, JobSpec,
+    JobStatus, LogLine, LogStream, MAX_LOG_LINE,
+};
+use nebula_protocol::{self as proto, FrameError, NodeFacts};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{ExecConfig, JobsConfig};
+
+pub mod exec;
+pub mod inventory;
+pub mod journal;
+pub mod probe;
+
+pub use journal::{Journal, RunKey};
+
+/// Log lines kept per run for streams that attach later.
+pub const KEPT_LINES: usize = 10_000;
+/// Largest frame accepted on a job stream from the controller.
+const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+
+/// What the runner needs to know about its host.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub jobs: JobsConfig,
+    pub exec: ExecConfig,
+    pub repo_dirs: Vec<PathBuf>,
+    pub facts: NodeFacts,
+}
+
+/// Runs jobs for one agent.
+pub struct JobRunner {
+    config: RunnerConfig,
+    state: Mutex<RunnerState>,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+struct RunnerState {
+    journal: Journal,
+    running: HashMap<RunKey, Arc<Running>>,
+}
+
+impl std::fmt::Debug for JobRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobRunner")
+            .field("slots", &self.slots.available_permits())
+            .finish()
+    }
+}
+
+/// Why a run was stopped before it ended by itself.
+#[derive(Debug, Clone)]
+pub enum Stop {
+    Cancelled(String),
+    Deadline,
+}
+
+/// One run in progress.
+pub struct Running {
+    log: Mutex<RunLog>,
+    changed: watch::Sender<u64>,
+    cancel: CancellationToken,
+    cancel_reason: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct RunLog {
+    lines: VecDeque<LogLine>,
+    next_seq: u64,
+    started: bool,
+    result: Option<JobResult>,
+}
+
+impl Running {
+    fn new() -> Arc<Self> {
+        Arc::new(Running {
+            log: Mutex::new(RunLog::default()),
+            changed: watch::channel(0).0,
+            cancel: CancellationToken::new(),
+            cancel_reason: Mutex::new(None),
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut RunLog)) {
+        f(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn cancel(&self, reason: String) {
+        self.cancel_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
+        self.cancel.cancel();
+    }
+
+    /// Lines from `from` on, whether the run started, and its result if it ended.
+    fn read_from(&self, from: u64) -> (Vec<LogLine>, bool, Option<JobResult>) {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = log
+            .lines
+            .iter()
+            .filter(|l| l.seq >= from)
+            .cloned()
+            .collect();
+        (lines, log.started, log.result.clone())
+    }
+}
+
+/// What a job's work sees: where to write its log, and when to stop.
+pub struct JobContext {
+    running: Arc<Running>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl JobContext {
+    pub fn log(&self, stream: LogStream, mut line: String) {
+        if line.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str(" [line cut]");
+        }
+        let at_unix_ms = now_ms();
+        self.running.update(|log| {
+            let seq = log.next_seq;
+            log.next_seq += 1;
+            log.lines.push_back(LogLine {
+                seq,
+                at_unix_ms,
+                stream,
+                line,
+            });
+            if log.lines.len() > KEPT_LINES {
+                log.lines.pop_front();
+            }
+        });
+    }
+
+    /// Resolves when the job must stop: cancelled, or its deadline passed.
+    pub async fn stopped(&self) -> Stop {
+        let deadline = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.running.cancel.cancelled() => Stop::Cancelled(
+                self.running
+                    .cancel_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "cancelled".into()),
+            ),
+            _ = deadline => Stop::Deadline,
+        }
+    }
+}
+
+impl JobRunner {
+    /// Open the journal under `state_dir` and get ready to run jobs.
+    pub fn new(config: RunnerConfig, state_dir: &std::path::Path) -> std::io::Result<Arc<Self>> {
+        std::fs::create_dir_all(state_dir)?;
+        let journal = Journal::open(&state_dir.join("jobs.journal"), config.jobs.journal_entries)?;
+        Ok(Arc::new(JobRunner {
+            slots: Arc::new(Semaphore::new(config.jobs.max_concurrent.max(1))),
+            config,
+            state: Mutex::new(RunnerState {
+                journal,
+                running: HashMap::new(),
+            }),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunnerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs in progress now.
+    pub fn running(&self) -> usize {
+        self.lock().running.len()
+    }
+
+    /// Serve one job stream opened by the controller, on the runner's tracker.
+    pub fn spawn_stream(self: &Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let runner = self.clone();
+        self.tracker
+            .spawn(async move { runner.serve(send, recv).await });
+    }
+
+    /// Stop every run (they end as cancelled, "agent stopping", in the journal) and wait for
+    /// them and their streams.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let running: Vec<Arc<Running>> = self.lock().running.values().cloned().collect();
+        for r in running {
+            r.cancel("the agent is stopping".into());
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Serve one job stream: read the request, answer it from the journal or run it, and
+    /// forward the run's events until it ends or the stream goes away.
+    pub async fn serve(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let first = tokio::time::timeout(
+            Duration::from_secs(10),
+            proto::read_frame(&mut recv, MAX_CONTROL_FRAME),
+        )
+        .await;
+        let payload = match first {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                debug!("job stream without a request: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        let req = match decode_request(&payload) {
+            Ok(DecodedControl::Control(JobControl::Request(r))) => r,
+            Ok(DecodedControl::UnknownKind { header, kind }) => {
+                warn!(job = %header.id, kind, "refusing a job of a kind this agent does not know");
+                let result = JobResult::new(
+                    JobStatus::Refused,
+                    Some(format!(
+                        "job kind #{kind} is not supported by nebula-agent {}; upgrade the agent",
+                        crate::VERSION
+                    )),
+                );
+                let _ = write_events(
+                    &mut send,
+                    &[
+                        JobEvent::Accepted { resumed: false },
+                        JobEvent::Finished(result),
+                    ],
+                )
+                .await;
+                let _ = send.finish();
+                return;
+            }
+            Ok(DecodedControl::Control(JobControl::Cancel { .. })) | Err(_) => {
+                debug!("job stream opened with something other than a request");
+                let _ = send.reset(1u32.into());
+                return;
+            }
+        };
+        let span = tracing::debug_span!("job", id = %req.id, attempt = req.attempt, kind = req.spec.kind());
+        self.serve_request(req, send, recv).instrument(span).await;
+    }
+
+    async fn serve_request(
+        self: Arc<Self>,
+        req: JobRequest,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let key = RunKey {
+            id: req.id,
+            attempt: req.attempt,
+        };
+        let attached = {
+            let mut st = self.lock();
+            if let Some(r) = st.running.get(&key) {
+                Ok((r.clone(), true))
+            } else {
+                match st.journal.get(&key).cloned() {
+                    Some(journal::Entry::Finished(result)) => Err(result),
+                    Some(journal::Entry::Started { .. }) => {
+                        // Started before this agent restarted, never finished: do not run it
+                        // again (it may have changed the host halfway).
+                        let result = JobResult::new(
+                            JobStatus::Interrupted,
+                            Some(
+                                "the agent restarted while this job ran; it was not run again"
+                                    .into(),
+                            ),
+                        );
+                        if let Err(e) = st.journal.finished(key, &result) {
+                            warn!("writing the job journal: {e}");
+                        }
+                        Err(result)
+                    }
+                    None => {
+                        let sync = !req.spec.is_read_only();
+                        match st.journal.started(key, req.spec.kind(), sync) {
+                            Ok(()) => {
+                                let running = Running::new();
+                                st.running.insert(key, running.clone());
+                                let runner = self.clone();
+                                let req = req.clone();
+                                let r = running.clone();
+                                self.tracker.spawn(
+                                    async move { runner.execute(key, req, r).await }
+                                        .in_current_span(),
+                                );
+                                Ok((running, false))
+                            }
+                            Err(e) => Err(JobResult::new(
+                                JobStatus::Failed,
+                                Some(format!("cannot write the job journal: {e}")),
+                            )),
+                        }
+                    }
+                }
+            }
+        };
+        let (running, resumed) = match attached {
+            Ok(a) => a,
+            Err(result) => {
+                let _ = write_events(
+                    &mut send,
+                    &[
+                        JobEvent::Accepted { resumed: true },
+                        JobEvent::Finished(result),
+                    ],
+                )
+                .await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        if resumed {
+            debug!(
+                logs_from = req.logs_from,
+                "job delivered again; attaching to the run"
+            );
+        }
+        let mut changed = running.changed.subscribe();
+        let mut cursor = req.logs_from;
+        let mut told_started = false;
+        let mut pending = vec![JobEvent::Accepted { resumed }];
+        let mut reading = true;
+        let mut frames = proto::FrameReader::new(MAX_CONTROL_FRAME);
+        loop {
+            changed.borrow_and_update();
+            let (lines, started, result) = running.read_from(cursor);
+            if started && !told_started {
+                told_started = true;
+                pending.push(JobEvent::Started);
+            }
+            if let Some(last) = lines.last() {
+                cursor = last.seq + 1;
+            }
+            pending.extend(lines.into_iter().map(JobEvent::Log));
+            let done = result.is_some();
+            if let Some(result) = result {
+                pending.push(JobEvent::Finished(result));
+            }
+            if !pending.is_empty() {
+                if write_events(&mut send, &pending).await.is_err() {
+                    debug!("job stream lost; the run goes on");
+                    return;
+                }
+                pending.clear();
+            }
+            if done {
+                let _ = send.finish();
+                // Keep the stream open until the controller has read everything.
+                let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+                return;
+            }
+            tokio::select! {
+                c = changed.changed() => if c.is_err() { return },
+                frame = frames.read_message::<JobControl, _>(&mut recv), if reading => {
+                    match frame {
+                        Ok(JobControl::Cancel { reason }) => {
+                            info!(%reason, "job cancelled by the controller");
+                            running.cancel(reason);
+                        }
+                        Ok(JobControl::Request(_)) => debug!("second request on a job stream ignored"),
+                        Err(FrameError::Closed) => reading = false,
+                        Err(e) => {
+                            debug!("job stream lost ({e}); the run goes on");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn execute(self: Arc<Self>, key: RunKey, req: JobRequest, running: Arc<Running>) {
+        let deadline = req
+            .deadline_unix_ms
+            .map(|ms| {
+                let left = ms.saturating_sub(now_ms()).max(0) as u64;
+                tokio::time::Instant::now() + Duration::from_millis(left)
+            })
+            .or_else(|| match &req.spec {
+                JobSpec::Exec(_) => self
+                    .config
+                    .exec
+                    .default_timeout
+                    .map(|t| tokio::time::Instant::now() + t),
+                _ => None,
+            });
+        let ctx = JobContext {
+            running: running.clone(),
+            deadline,
+        };
+        let permit = tokio::select! {
+            p = self.slots.clone().acquire_owned() => p.ok(),
+            stop = ctx.stopped() => {
+                self.finish(key, &running, stop.result());
+                return;
+            }
+        };
+        running.update(|log| log.started = true);
+        let result = match &req.spec {
+            JobSpec::Noop => JobResult::new(JobStatus::Succeeded, None),
+            JobSpec::Exec(spec) => match exec::resolve(&self.config.exec, spec) {
+                Ok(plan) => exec::run(&ctx, plan).await,
+                Err(refusal) => {
+                    warn!(op = %spec.op, "exec refused: {refusal}");
+                    JobResult::new(JobStatus::Refused, Some(refusal))
+                }
+            },
+            JobSpec::Probe(spec) => tokio::select! {
+                r = probe::run(&ctx, spec) => r,
+                stop = ctx.stopped() => stop.result(),
+            },
+            JobSpec::Inventory => {
+                let dirs = if self.config.repo_dirs.is_empty() {
+                    &self.config.exec.git_dirs
+                } else {
+                    &self.config.repo_dirs
+                };
+                tokio::select! {
+                    r = inventory::run(self.config.facts.clone(), dirs) => r,
+                    stop = ctx.stopped() => stop.result(),
+                }
+            }
+        };
+        drop(permit);
+        self.finish(key, &running, result);
+    }
+
+    /// Journal the result, then publish it, under the runner's lock: a delivery that arrives
+    /// now either finds the run (and its result) or the journal entry.
+    fn finish(&self, key: RunKey, running: &Running, result: JobResult) {
+        debug!(status = ?result.status, "job finished");
+        let mut st = self.lock();
+        if let Err(e) = st.journal.finished(key, &result) {
+            warn!(job = %key, "writing the job journal: {e}");
+        }
+        st.running.remove(&key);
+        running.update(|log| log.result = Some(result));
+    }
+}
+
+/// Write several events as one write (fewer packets for short jobs).
+async fn write_events(send: &mut quinn::SendStream, events: &[JobEvent]) -> Result<(), FrameError> {
+    let mut buf = Vec::new();
+    for ev in events {
+        buf.extend_from_slice(&proto::encode_frame(ev)?);
+    }
+    send.write_all(&buf)
+        .await
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
