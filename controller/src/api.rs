@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::store::{JoinTokenRecord, NodeRecord};
+
+mod jobs;
 use crate::{ControlPlane, OpError};
 
 /// The one API error type.
@@ -54,6 +56,7 @@ impl From<OpError> for ApiError {
         match e {
             OpError::NotFound(m) => ApiError::not_found(m),
             OpError::Invalid(m) => ApiError::bad_request(m),
+            OpError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             OpError::Store(e) => ApiError::from(e),
         }
     }
@@ -130,6 +133,13 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/tokens/{id}", delete(revoke_token))
         .route("/nodes/{name}/telemetry", get(node_telemetry))
         .route("/containers", get(list_containers))
+        .route("/jobs", get(jobs::list_jobs).post(jobs::create_job))
+        .route("/jobs/{id}", get(jobs::get_job))
+        .route("/jobs/{id}/logs", get(jobs::job_logs))
+        .route("/jobs/{id}/cancel", axum::routing::post(jobs::cancel_job))
+        .route("/inventory", get(jobs::inventory))
+        .route("/inventory/execute", axum::routing::post(jobs::execute))
+        .route("/audit", get(jobs::audit))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
     let metrics = Router::new()

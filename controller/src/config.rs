@@ -54,6 +54,17 @@ pub struct ControllerConfig {
     /// How often rollups past the retention window are deleted.
     #[serde(with = "humantime_serde")]
     pub retention_sweep_interval: Duration,
+    /// A job whose node went away is `lost` when the node has not come back (and reported on
+    /// it) within this time.
+    #[serde(with = "humantime_serde")]
+    pub job_lost_grace: Duration,
+    /// Jobs sent to one node and not yet finished, at most (more wait in the queue).
+    pub max_jobs_per_node: usize,
+    /// Deadline of a job created without one (a queued job waits at most this long).
+    #[serde(with = "humantime_serde")]
+    pub job_default_deadline: Duration,
+    /// Tries of an idempotent job, the first included (a job may ask for fewer or more, up to 10).
+    pub job_max_attempts: u32,
 }
 
 impl Default for ControllerConfig {
@@ -76,6 +87,10 @@ impl Default for ControllerConfig {
             rollup_retention: Duration::from_secs(7 * 24 * 3600),
             rollup_flush_interval: Duration::from_secs(60),
             retention_sweep_interval: Duration::from_secs(600),
+            job_lost_grace: Duration::from_secs(60),
+            max_jobs_per_node: 64,
+            job_default_deadline: Duration::from_secs(3600),
+            job_max_attempts: 3,
         }
     }
 }
@@ -112,6 +127,12 @@ impl ControllerConfig {
         }
         if self.telemetry_interval < Duration::from_millis(100) {
             return Err("telemetry_interval must be at least 100ms".into());
+        }
+        if self.max_jobs_per_node == 0 || self.job_max_attempts == 0 {
+            return Err("max_jobs_per_node and job_max_attempts must be at least 1".into());
+        }
+        if self.job_default_deadline.is_zero() {
+            return Err("job_default_deadline must be above zero".into());
         }
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());

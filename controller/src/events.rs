@@ -37,6 +37,13 @@ pub enum Event {
         id: String,
         by: String,
     },
+    /// A job moved to another state (published once the change is stored).
+    JobChanged {
+        id: Uuid,
+        kind: String,
+        state: String,
+        node: Option<String>,
+    },
     /// A container's state or health changed (from telemetry).
     ContainerChanged {
         node_id: Uuid,

@@ -5,7 +5,9 @@
 //!
 //! * the QUIC accept loop ([`transport::accept_loop`]), which spawns one task per agent
 //!   connection (an enrollment or a session);
-//! * the HTTP API server ([`api`]), with graceful shutdown on the same token.
+//! * the HTTP API server ([`api`]), with graceful shutdown on the same token;
+//! * the job engine's writer and scheduler, and one task per job stream ([`jobs`]);
+//! * the telemetry rollup writer and retention sweeper.
 //!
 //! Shared state lives in [`ControlPlane`]: the [`store::Store`] (the only code that touches the
 //! database), the [`ca::CertificateAuthority`], the [`registry::Registry`] of live sessions and
@@ -28,6 +30,7 @@ pub mod api;
 pub mod ca;
 pub mod config;
 pub mod events;
+pub mod jobs;
 pub mod metrics;
 pub mod registry;
 pub mod store;
@@ -50,7 +53,12 @@ pub struct ControlPlane {
     pub events: EventBus,
     pub telemetry: Arc<telemetry::TelemetryHub>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Unfinished jobs (the job engine's shared state).
+    pub jobs: jobs::JobTable,
     pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
+    /// Owns every task the controller spawns (stopped by the shutdown token).
+    pub(crate) tracker: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -76,6 +84,9 @@ pub enum OpError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// The request conflicts with the current state (e.g. cancelling a finished job).
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error")]
     Store(#[from] store::StoreError),
 }
@@ -151,6 +162,12 @@ impl ControlPlane {
         }
         .to_string();
         info!(token = %id, by, "join token created");
+        self.audit(
+            by,
+            "token.create",
+            &id,
+            serde_json::json!({"uses": uses, "expires_at": expires_at, "labels": labels}),
+        );
         self.events.publish(Event::JoinTokenCreated {
             id,
             by: by.to_owned(),
@@ -163,6 +180,7 @@ impl ControlPlane {
             return Err(OpError::NotFound(format!("no active join token `{id}`")));
         }
         info!(token = %id, by, "join token revoked");
+        self.audit(by, "token.revoke", id, serde_json::json!({}));
         self.events.publish(Event::JoinTokenRevoked {
             id: id.to_owned(),
             by: by.to_owned(),
@@ -180,7 +198,9 @@ impl ControlPlane {
         self.registry
             .disconnect(id, close::REVOKED, "node removed: certificate revoked");
         self.telemetry.forget(id);
+        self.jobs.nodes_changed();
         info!(node = %id, name, by, "node removed");
+        self.audit(by, "node.remove", name, serde_json::json!({"id": id}));
         self.events.publish(Event::NodeRemoved {
             id,
             name: name.to_owned(),
@@ -258,7 +278,11 @@ impl Controller {
         let hub = Arc::new(telemetry::TelemetryHub::new(config.telemetry_history));
         let mut metrics = metrics::Metrics::new();
         metrics.register_nodes(Arc::downgrade(&hub));
+        let tracker = TaskTracker::new();
         let cp = Arc::new(ControlPlane {
+            jobs: jobs::JobTable::default(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
             enroll_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_enrollments.max(1),
             )),
@@ -277,7 +301,10 @@ impl Controller {
             .await
             .with_context(|| format!("binding HTTP on {}", cp.config.http_listen))?;
         let http_addr = listener.local_addr()?;
-        let tracker = TaskTracker::new();
+        // The writer first: recovering and creating jobs go through it.
+        tracker.spawn(jobs::writer(cp.clone(), shutdown.clone()));
+        cp.recover_jobs().await.context("loading unfinished jobs")?;
+        tracker.spawn(jobs::scheduler(cp.clone(), shutdown.clone()));
         tracker.spawn(transport::accept_loop(
             cp.clone(),
             endpoint,

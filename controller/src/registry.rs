@@ -96,6 +96,11 @@ impl Registry {
         self.lock().get(&node).map(|e| e.info.clone())
     }
 
+    /// The live connection of a node, to open job streams on.
+    pub fn connection(&self, node: Uuid) -> Option<quinn::Connection> {
+        self.lock().get(&node).map(|e| e.conn.clone())
+    }
+
     pub fn online_count(&self) -> usize {
         self.lock().len()
     }

@@ -15,6 +15,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
+pub mod jobs;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error")]

@@ -216,6 +216,7 @@ impl ControlPlane {
             Refusal::new(code, e.to_string())
         })?;
         info!(node = %node_id, name = %req.name, "node enrolled");
+        self.jobs.nodes_changed();
         self.events.publish(Event::NodeEnrolled {
             id: node_id,
             name: req.name.clone(),
@@ -347,6 +348,8 @@ async fn session_connection(
             id: node_id,
             name: node.name.clone(),
         });
+        // Jobs waiting for this node (or out on it before a restart) go now.
+        cp.jobs.nodes_changed();
         let welcome = ServerHello::Welcome(Welcome {
             node_id,
             name: node.name.clone(),
@@ -395,6 +398,8 @@ async fn session_loop(
     recv: &mut quinn::RecvStream,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Cancel-safe: the select below may drop a read in the middle of a frame.
+    let mut frames = proto::FrameReader::new(cp.config.max_frame_bytes);
     loop {
         let msg = tokio::select! {
             dg = conn.read_datagram() => {
@@ -429,7 +434,7 @@ async fn session_loop(
                 return Ok(());
             }
             _ = conn.closed() => return Ok(()),
-            msg = proto::read_message::<AgentMessage, _>(recv, cp.config.max_frame_bytes) => msg,
+            msg = frames.read_message::<AgentMessage, _>(recv) => msg,
         };
         match msg {
             Ok(AgentMessage::RenewCertificate { csr_der }) => {
@@ -473,6 +478,7 @@ async fn session_loop(
                     facts.gpus = inv.gpus.clone();
                     facts.container_runtime = inv.container_runtime.clone();
                     cp.store.update_facts(node_id, facts).await?;
+                    cp.jobs.nodes_changed();
                 }
                 let _ = cp.telemetry.set_inventory(node_id, inv);
             }

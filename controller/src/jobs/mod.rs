@@ -1,0 +1,954 @@
+//! The job engine: durable jobs, routed to nodes, one QUIC stream each.
+//!
+//! Tasks (all on the controller's tracker, stopped by its token):
+//!
+//! * the **writer** ([`writer`]): the only task that writes jobs, log lines and audit entries.
+//!   It takes everything queued on its channel, writes it in one transaction (group commit), then
+//!   publishes the batch's state changes on the event bus and to the jobs' `watch` channels. A job
+//!   is dispatched only after the writer has committed its row.
+//! * the **scheduler** ([`scheduler`]): runs when kicked (a job created, a node online, a slot
+//!   freed) and every 250 ms. Each pass looks at every unfinished job: routes queued ones,
+//!   re-sends jobs whose node came back, expires deadlines, turns leases that ran out into `lost`
+//!   (and retries idempotent jobs), and calls the wake hook for jobs that wait for offline nodes.
+//! * one **stream task** per dispatched job ([`stream`]): opens the job's stream on the node's
+//!   connection, sends the request, follows the agent's events and reports them to the table. A
+//!   cancel reaches it over an unbounded channel.
+//!
+//! Shared state is the [`JobTable`] (one mutex over the unfinished jobs; finished jobs live only
+//! in the store). A state change is made in the table under the lock, then queued for the writer.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use nebula_protocol::jobs::{JobRequest, JobResult, JobStatus};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::events::Event;
+use crate::store::jobs::JobBatch;
+use crate::store::millis;
+use crate::{ControlPlane, OpError};
+
+pub mod model;
+pub mod router;
+mod stream;
+
+pub use model::{AuditRecord, JobLogLine, JobRecord, JobState, Selector, Target, Work};
+use router::{Candidate, Decision};
+
+/// How often the scheduler looks at unfinished jobs without being kicked.
+const TICK: Duration = Duration::from_millis(250);
+/// How long past its deadline a job may take to report before the controller ends it.
+const DEADLINE_SLACK: Duration = Duration::from_secs(5);
+/// Log lines kept in memory per unfinished job (for log streams that join late).
+const RECENT_LOGS: usize = 1000;
+/// Most writes taken into one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// What a person asks for.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub work: Work,
+    pub target: Target,
+    /// From now; `None`: the configured default.
+    pub deadline: Option<Duration>,
+    pub idempotent: bool,
+    /// Tries in all for an idempotent job; `None`: the configured default.
+    pub max_attempts: Option<u32>,
+}
+
+/// The unfinished jobs.
+pub struct JobTable {
+    inner: Mutex<TableInner>,
+    kick: Notify,
+    writes: mpsc::UnboundedSender<Write>,
+    writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
+    nodes: Mutex<Option<Arc<Vec<NodeMeta>>>>,
+}
+
+#[derive(Default)]
+struct TableInner {
+    active: HashMap<Uuid, Active>,
+    in_flight: HashMap<Uuid, usize>,
+}
+
+struct Active {
+    rec: JobRecord,
+    watch: watch::Sender<Arc<JobRecord>>,
+    logs: broadcast::Sender<JobLogLine>,
+    recent: VecDeque<JobLogLine>,
+    /// The live stream task's cancel channel; `None` while no stream carries the job.
+    stream: Option<mpsc::UnboundedSender<String>>,
+    /// When a detached job becomes lost.
+    lease_until: Option<Instant>,
+    cancel: Option<String>,
+    deadline_cancel_sent: bool,
+    /// Counted in `in_flight` for `rec.node_id`.
+    counted: bool,
+}
+
+/// A node as routing needs it from the store.
+#[derive(Debug, Clone)]
+struct NodeMeta {
+    id: Uuid,
+    name: String,
+    labels: nebula_protocol::Labels,
+    gpu_count: usize,
+}
+
+enum Write {
+    Job {
+        rec: Box<JobRecord>,
+        from: Option<JobState>,
+        /// `None`: an intermediate record watchers must not take for the outcome (the `lost`
+        /// just before a retry).
+        watch: Option<watch::Sender<Arc<JobRecord>>>,
+        committed: Option<oneshot::Sender<()>>,
+    },
+    Log(Uuid, JobLogLine),
+    Audit(AuditRecord),
+}
+
+impl std::fmt::Debug for JobTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobTable")
+            .field("active", &self.lock().active.len())
+            .finish()
+    }
+}
+
+impl Default for JobTable {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        JobTable {
+            inner: Mutex::new(TableInner::default()),
+            kick: Notify::new(),
+            writes: tx,
+            writes_rx: Mutex::new(Some(rx)),
+            nodes: Mutex::new(None),
+        }
+    }
+}
+
+impl JobTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ask the scheduler for a pass soon.
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// The node list changed (enrolled, removed, facts): reload it at the next pass.
+    pub fn nodes_changed(&self) {
+        *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.kick();
+    }
+
+    /// Unfinished jobs right now.
+    pub fn active_count(&self) -> usize {
+        self.lock().active.len()
+    }
+
+    fn write(&self, w: Write) {
+        // The writer lives as long as the controller; after shutdown, writes are dropped.
+        let _ = self.writes.send(w);
+    }
+
+    /// Queue a job's current record for the writer (and its watchers, after the commit).
+    fn persist(&self, a: &Active, from: Option<JobState>) {
+        self.write(Write::Job {
+            rec: Box::new(a.rec.clone()),
+            from,
+            watch: Some(a.watch.clone()),
+            committed: None,
+        });
+    }
+
+    /// Like [`JobTable::persist`], without telling the job's watchers.
+    fn persist_quietly(&self, a: &Active, from: Option<JobState>) {
+        self.write(Write::Job {
+            rec: Box::new(a.rec.clone()),
+            from,
+            watch: None,
+            committed: None,
+        });
+    }
+}
+
+fn now_ms() -> i64 {
+    millis(SystemTime::now())
+}
+
+fn new_active(rec: JobRecord) -> Active {
+    Active {
+        watch: watch::channel(Arc::new(rec.clone())).0,
+        logs: broadcast::channel(256).0,
+        recent: VecDeque::new(),
+        stream: None,
+        lease_until: None,
+        cancel: None,
+        deadline_cancel_sent: false,
+        counted: false,
+        rec,
+    }
+}
+
+/// What watching a job gives: its record as it changes, and its log lines.
+pub struct JobWatch {
+    pub record: watch::Receiver<Arc<JobRecord>>,
+    pub logs: broadcast::Receiver<JobLogLine>,
+    /// Recent lines already received (older ones are in the store).
+    pub recent: Vec<JobLogLine>,
+}
+
+impl ControlPlane {
+    /// Create a job: check it, persist it, then let the scheduler route and dispatch it.
+    pub async fn create_job(&self, new: NewJob, by: &str) -> Result<JobRecord, OpError> {
+        new.work.validate().map_err(OpError::Invalid)?;
+        if let Target::Node(name) = &new.target {
+            if self.store.node_by_name(name).await?.is_none() {
+                return Err(OpError::NotFound(format!("no node named `{name}`")));
+            }
+        }
+        if let Target::Selector(sel) = &new.target {
+            for (k, v) in &sel.labels {
+                crate::validate_label(k, v).map_err(OpError::Invalid)?;
+            }
+        }
+        let max_attempts = match (new.idempotent, new.max_attempts) {
+            (false, _) => 1,
+            (true, Some(n)) if (1..=10).contains(&n) => n,
+            (true, Some(n)) => {
+                return Err(OpError::Invalid(format!(
+                    "max_attempts must be between 1 and 10, not {n}"
+                )))
+            }
+            (true, None) => self.config.job_max_attempts,
+        };
+        let deadline = new.deadline.unwrap_or(self.config.job_default_deadline);
+        if deadline.is_zero() || deadline > Duration::from_secs(30 * 24 * 3600) {
+            return Err(OpError::Invalid(
+                "deadline must be between 1ms and 30 days from now".into(),
+            ));
+        }
+        let now = now_ms();
+        let rec = JobRecord {
+            id: Uuid::now_v7(),
+            work: new.work,
+            target: new.target,
+            state: JobState::Queued,
+            node_id: None,
+            node: None,
+            attempt: 1,
+            max_attempts,
+            idempotent: new.idempotent,
+            created_by: by.to_owned(),
+            created_at: now,
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            deadline: Some(now + deadline.as_millis() as i64),
+            routing: None,
+            reason: None,
+            exit_code: None,
+            error: None,
+            output: None,
+            excluded: Vec::new(),
+            logs_next: 0,
+        };
+        let active = new_active(rec.clone());
+        let (tx, rx) = oneshot::channel();
+        self.jobs.write(Write::Job {
+            rec: Box::new(rec.clone()),
+            from: None,
+            watch: Some(active.watch.clone()),
+            committed: Some(tx),
+        });
+        self.audit(
+            by,
+            "job.create",
+            &rec.id.to_string(),
+            serde_json::json!({"work": rec.work, "target": rec.target, "idempotent": rec.idempotent}),
+        );
+        // Persisted before anyone can dispatch it.
+        rx.await
+            .map_err(|_| OpError::Invalid("the controller is shutting down".into()))?;
+        self.jobs.lock().active.insert(rec.id, active);
+        self.jobs.kick();
+        Ok(rec)
+    }
+
+    /// A job by id: from the table while it runs, else from the store.
+    pub async fn job(&self, id: Uuid) -> Result<Option<JobRecord>, OpError> {
+        if let Some(a) = self.jobs.lock().active.get(&id) {
+            return Ok(Some(a.rec.clone()));
+        }
+        Ok(self.store.job(id).await?)
+    }
+
+    /// Follow a job (`None` when it has finished: read it from the store).
+    pub fn watch_job(&self, id: Uuid) -> Option<JobWatch> {
+        let t = self.jobs.lock();
+        let a = t.active.get(&id)?;
+        Some(JobWatch {
+            record: a.watch.subscribe(),
+            logs: a.logs.subscribe(),
+            recent: a.recent.iter().cloned().collect(),
+        })
+    }
+
+    /// Wait until the job has finished (and is stored) or `timeout` passes; returns the latest
+    /// record either way.
+    pub async fn wait_job(&self, id: Uuid, timeout: Duration) -> Result<JobRecord, OpError> {
+        let until = tokio::time::Instant::now() + timeout;
+        let Some(mut w) = self.watch_job(id) else {
+            // Finished, or finishing: its final record may still be on its way to the store.
+            loop {
+                let rec = self
+                    .store
+                    .job(id)
+                    .await?
+                    .ok_or_else(|| OpError::NotFound(format!("no job {id}")))?;
+                if rec.state.is_terminal() || tokio::time::Instant::now() >= until {
+                    return Ok(rec);
+                }
+                if self.jobs.lock().active.contains_key(&id) {
+                    // Back in the table (a retry): wait on it there.
+                    let left = until.saturating_duration_since(tokio::time::Instant::now());
+                    return Box::pin(self.wait_job(id, left)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        loop {
+            let rec = w.record.borrow_and_update().clone();
+            if rec.state.is_terminal() {
+                return Ok((*rec).clone());
+            }
+            match tokio::time::timeout_at(until, w.record.changed()).await {
+                Ok(Ok(())) => {}
+                // Every sender is gone only after the final record was sent and seen above.
+                Ok(Err(_)) => return Ok((*w.record.borrow().clone()).clone()),
+                Err(_) => return Ok((*rec).clone()),
+            }
+        }
+    }
+
+    /// Cancel a job. Queued jobs end at once; a running job is stopped by its agent.
+    pub async fn cancel_job(&self, id: Uuid, by: &str) -> Result<JobRecord, OpError> {
+        let reason = format!("cancelled by {by}");
+        let rec = match self.cancel_locked(id, &reason) {
+            Some(rec) => rec,
+            None => {
+                return match self.store.job(id).await? {
+                    Some(r) => Err(OpError::Conflict(format!(
+                        "job {id} has already ended ({})",
+                        r.state
+                    ))),
+                    None => Err(OpError::NotFound(format!("no job {id}"))),
+                };
+            }
+        };
+        info!(job = %id, by, "job cancel requested");
+        self.audit(
+            by,
+            "job.cancel",
+            &id.to_string(),
+            serde_json::json!({"state": rec.state}),
+        );
+        Ok(rec)
+    }
+
+    /// Mark a job cancelled (queued) or ask its agent to stop it; `None` when it is not active.
+    fn cancel_locked(&self, id: Uuid, reason: &str) -> Option<JobRecord> {
+        let mut t = self.jobs.lock();
+        let a = t.active.get_mut(&id)?;
+        if a.cancel.is_some() {
+            return Some(a.rec.clone());
+        }
+        a.cancel = Some(reason.to_owned());
+        if a.rec.state == JobState::Queued {
+            let rec = a.rec.clone();
+            self.finish_locked(&mut t, id, JobState::Cancelled, |r| {
+                r.reason = Some(reason.to_owned());
+            });
+            Some(JobRecord {
+                state: JobState::Cancelled,
+                ..rec
+            })
+        } else {
+            if let Some(s) = &a.stream {
+                let _ = s.send(reason.to_owned());
+            }
+            Some(a.rec.clone())
+        }
+    }
+
+    /// Record an audit entry (written with the next batch).
+    pub fn audit(&self, actor: &str, action: &str, target: &str, detail: serde_json::Value) {
+        self.jobs.write(Write::Audit(AuditRecord {
+            id: Uuid::now_v7(),
+            at: now_ms(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            detail,
+        }));
+    }
+
+    /// Move a job to a final state under the table lock; `edit` fills in the details.
+    fn finish_locked(
+        &self,
+        t: &mut TableInner,
+        id: Uuid,
+        state: JobState,
+        edit: impl FnOnce(&mut JobRecord),
+    ) {
+        let Some(mut a) = t.active.remove(&id) else {
+            return;
+        };
+        let from = a.rec.state;
+        a.rec.state = state;
+        a.rec.finished_at = Some(now_ms());
+        edit(&mut a.rec);
+        release(&mut t.in_flight, &mut a);
+        info!(job = %id, state = %state, node = ?a.rec.node, "job ended");
+        self.jobs.persist(&a, Some(from));
+        self.jobs.kick();
+    }
+
+    /// The agent's result arrived.
+    pub(crate) fn job_finished(&self, id: Uuid, attempt: u32, result: JobResult) {
+        let mut t = self.jobs.lock();
+        let Some(a) = t.active.get_mut(&id) else {
+            return;
+        };
+        if a.rec.attempt != attempt {
+            return;
+        }
+        let state = match result.status {
+            JobStatus::Succeeded => JobState::Succeeded,
+            JobStatus::Failed | JobStatus::Refused => JobState::Failed,
+            JobStatus::Cancelled => JobState::Cancelled,
+            JobStatus::TimedOut => JobState::TimedOut,
+            JobStatus::Interrupted => JobState::Lost,
+        };
+        let error = match (result.status, result.error) {
+            (JobStatus::Refused, Some(e)) => Some(format!("refused by the agent: {e}")),
+            (_, e) => e,
+        };
+        if state == JobState::Lost {
+            let why = error.unwrap_or_else(|| "interrupted on the node".into());
+            self.lose_locked(&mut t, id, why);
+            return;
+        }
+        self.finish_locked(&mut t, id, state, |r| {
+            r.exit_code = result.exit_code;
+            r.error = error;
+            r.output = match result.output {
+                nebula_protocol::jobs::JobOutput::None => None,
+                o => Some(o),
+            };
+        });
+    }
+
+    /// The job is lost on its node: retry it if it may be, else end it as `lost`.
+    fn lose_locked(&self, t: &mut TableInner, id: Uuid, why: String) {
+        let Some(a) = t.active.get_mut(&id) else {
+            return;
+        };
+        let node = a.rec.node.clone().unwrap_or_default();
+        if a.rec.idempotent && a.rec.attempt < a.rec.max_attempts && a.cancel.is_none() {
+            let from = a.rec.state;
+            warn!(job = %id, %node, attempt = a.rec.attempt, "job lost ({why}); retrying");
+            // Record the loss, then the retry.
+            a.rec.state = JobState::Lost;
+            a.rec.reason = Some(format!("attempt {} lost on {node}: {why}", a.rec.attempt));
+            self.jobs.persist_quietly(a, Some(from));
+            if let Some(n) = a.rec.node_id {
+                if !a.rec.excluded.contains(&n) {
+                    a.rec.excluded.push(n);
+                }
+            }
+            let TableInner { active, in_flight } = t;
+            let Some(a) = active.get_mut(&id) else {
+                return;
+            };
+            release(in_flight, a);
+            a.rec.state = JobState::Queued;
+            a.rec.attempt += 1;
+            a.rec.node_id = None;
+            a.rec.node = None;
+            a.rec.dispatched_at = None;
+            a.rec.started_at = None;
+            a.rec.routing = None;
+            a.rec.logs_next = 0;
+            a.rec.reason = Some(format!(
+                "retrying (attempt {} of {}) after attempt {} was lost on {node}: {why}",
+                a.rec.attempt,
+                a.rec.max_attempts,
+                a.rec.attempt - 1
+            ));
+            a.stream = None;
+            a.lease_until = None;
+            self.jobs.persist(a, Some(JobState::Lost));
+            self.jobs.kick();
+        } else {
+            warn!(job = %id, %node, "job lost: {why}");
+            let reason = format!("lost on {node}: {why}");
+            self.finish_locked(t, id, JobState::Lost, |r| r.reason = Some(reason));
+        }
+    }
+
+    /// A stream task ended without a result: the job waits for its node to come back.
+    pub(crate) fn job_detached(&self, id: Uuid, attempt: u32, why: &str) {
+        let mut t = self.jobs.lock();
+        if let Some(a) = t.active.get_mut(&id) {
+            if a.rec.attempt == attempt && !a.rec.state.is_terminal() {
+                debug!(job = %id, "job stream ended without a result ({why}); waiting for the node");
+                a.stream = None;
+                a.lease_until = Some(Instant::now() + self.config.job_lost_grace);
+            }
+        }
+        drop(t);
+        self.jobs.kick();
+    }
+
+    /// The agent acknowledged or started the job.
+    pub(crate) fn job_progress(&self, id: Uuid, attempt: u32, started: bool) {
+        let mut t = self.jobs.lock();
+        if let Some(a) = t.active.get_mut(&id) {
+            if a.rec.attempt != attempt {
+                return;
+            }
+            a.lease_until = None;
+            if started && a.rec.state != JobState::Running {
+                let from = a.rec.state;
+                a.rec.state = JobState::Running;
+                a.rec.started_at.get_or_insert(now_ms());
+                self.jobs.persist(a, Some(from));
+            }
+        }
+    }
+
+    /// Log lines from the agent.
+    pub(crate) fn job_logs(
+        &self,
+        id: Uuid,
+        attempt: u32,
+        lines: Vec<nebula_protocol::jobs::LogLine>,
+    ) {
+        let mut t = self.jobs.lock();
+        let Some(a) = t.active.get_mut(&id) else {
+            return;
+        };
+        if a.rec.attempt != attempt {
+            return;
+        }
+        for l in lines {
+            if l.seq < a.rec.logs_next {
+                continue;
+            }
+            a.rec.logs_next = l.seq + 1;
+            let line = JobLogLine {
+                attempt,
+                seq: l.seq,
+                at: l.at_unix_ms,
+                stream: l.stream.as_str().to_owned(),
+                line: l.line,
+            };
+            let _ = a.logs.send(line.clone());
+            a.recent.push_back(line.clone());
+            if a.recent.len() > RECENT_LOGS {
+                a.recent.pop_front();
+            }
+            self.jobs.write(Write::Log(id, line));
+        }
+    }
+
+    /// Load unfinished jobs after a restart: queued ones are routed again; jobs that were out
+    /// on nodes wait (leased) for their node to come back and report.
+    pub async fn recover_jobs(&self) -> Result<usize, OpError> {
+        let mut jobs = self.store.active_jobs().await?;
+        for j in &mut jobs {
+            // Lines may have been stored after the record was last written.
+            j.logs_next = j
+                .logs_next
+                .max(self.store.next_log_seq(j.id, j.attempt).await?);
+        }
+        let n = jobs.len();
+        let lease = Instant::now() + self.config.job_lost_grace;
+        let mut t = self.jobs.lock();
+        for rec in jobs {
+            let node = rec.node_id;
+            let out = matches!(rec.state, JobState::Dispatched | JobState::Running);
+            let mut a = new_active(rec);
+            if out {
+                a.lease_until = Some(lease);
+                if let Some(node) = node {
+                    *t.in_flight.entry(node).or_default() += 1;
+                    a.counted = true;
+                }
+            }
+            t.active.insert(a.rec.id, a);
+        }
+        drop(t);
+        if n > 0 {
+            info!(jobs = n, "unfinished jobs recovered");
+        }
+        self.jobs.kick();
+        Ok(n)
+    }
+
+    /// Routing candidates: every enrolled node with its live state.
+    async fn candidates(
+        &self,
+        in_flight: &HashMap<Uuid, usize>,
+    ) -> Result<Vec<Candidate>, OpError> {
+        let nodes = self.node_meta().await?;
+        Ok(nodes
+            .iter()
+            .map(|n| self.candidate(n, in_flight.get(&n.id).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    fn candidate(&self, n: &NodeMeta, in_flight: usize) -> Candidate {
+        let online = self.registry.get(n.id).is_some();
+        let mut c = Candidate {
+            id: n.id,
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+            online,
+            gpu_count: n.gpu_count,
+            in_flight,
+            ..Candidate::default()
+        };
+        if let Some(view) = self.telemetry.view(n.id) {
+            if let Some(inv) = &view.inventory {
+                c.gpu_count = c.gpu_count.max(inv.gpus.len());
+                c.models = inv
+                    .models
+                    .iter()
+                    .map(|m| (m.name.clone(), m.loaded))
+                    .collect();
+                if let Some(latest) = &view.latest {
+                    c.cpu_percent = Some(latest.host.cpu_percent);
+                    c.gpu_free_bytes = inv
+                        .gpus
+                        .iter()
+                        .zip(&latest.gpus)
+                        .filter_map(|(g, s)| {
+                            s.memory_used_bytes
+                                .map(|u| g.memory_total_bytes.saturating_sub(u))
+                        })
+                        .collect();
+                }
+            }
+        }
+        c
+    }
+
+    async fn node_meta(&self) -> Result<Arc<Vec<NodeMeta>>, OpError> {
+        if let Some(n) = self
+            .jobs
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Ok(n);
+        }
+        let nodes: Arc<Vec<NodeMeta>> = Arc::new(
+            self.store
+                .list_nodes()
+                .await?
+                .into_iter()
+                .map(|n| NodeMeta {
+                    id: n.id,
+                    gpu_count: n.facts.gpus.len(),
+                    name: n.name,
+                    labels: n.labels,
+                })
+                .collect(),
+        );
+        *self.jobs.nodes.lock().unwrap_or_else(|p| p.into_inner()) = Some(nodes.clone());
+        Ok(nodes)
+    }
+
+    /// Where a later issue wakes a sleeping node: routing found that only these offline nodes
+    /// fit `job`. Nothing can be woken yet, so the job simply waits for one to come online.
+    fn wake_hook(&self, job: Uuid, asleep: &[Uuid]) {
+        let _ = (job, asleep);
+    }
+
+    /// One scheduler pass over every unfinished job.
+    async fn schedule(self: &Arc<Self>) -> Result<(), OpError> {
+        let (needs_routing, in_flight) = {
+            let t = self.jobs.lock();
+            let any = t
+                .active
+                .values()
+                .any(|a| a.rec.state == JobState::Queued && a.stream.is_none());
+            (any, t.in_flight.clone())
+        };
+        let mut candidates = if needs_routing {
+            self.candidates(&in_flight).await?
+        } else {
+            Vec::new()
+        };
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let capacity = self.config.max_jobs_per_node;
+        let mut t = self.jobs.lock();
+        let mut ids: Vec<Uuid> = t.active.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(a) = t.active.get_mut(&id) else {
+                continue;
+            };
+            let past_deadline = a.rec.deadline.is_some_and(|d| now_ms >= d);
+            match a.rec.state {
+                JobState::Queued => {
+                    if past_deadline {
+                        let why = a
+                            .rec
+                            .reason
+                            .clone()
+                            .unwrap_or_else(|| "no node was free".into());
+                        self.finish_locked(&mut t, id, JobState::TimedOut, |r| {
+                            r.reason =
+                                Some(format!("deadline passed before the job could run: {why}"));
+                        });
+                        continue;
+                    }
+                    match router::route(&a.rec.target, &candidates, &a.rec.excluded, capacity) {
+                        Decision::Run { node, name, why } => {
+                            let Some(conn) = self.registry.connection(node) else {
+                                continue;
+                            };
+                            a.rec.node_id = Some(node);
+                            a.rec.node = Some(name);
+                            a.rec.routing = Some(why);
+                            a.rec.reason = None;
+                            a.rec.state = JobState::Dispatched;
+                            a.rec.dispatched_at = Some(now_ms);
+                            a.counted = true;
+                            self.jobs.persist(a, Some(JobState::Queued));
+                            self.start_stream_locked(a, conn);
+                            *t.in_flight.entry(node).or_default() += 1;
+                            if let Some(c) = candidates.iter_mut().find(|c| c.id == node) {
+                                c.in_flight += 1;
+                            }
+                        }
+                        Decision::Wait { reason, asleep } => {
+                            if a.rec.reason.as_deref() != Some(reason.as_str()) {
+                                debug!(job = %id, %reason, "job waits");
+                                a.rec.reason = Some(reason);
+                                self.jobs.persist(a, None);
+                            }
+                            if !asleep.is_empty() {
+                                self.wake_hook(id, &asleep);
+                            }
+                        }
+                    }
+                }
+                JobState::Dispatched | JobState::Running => {
+                    let deadline_over = a
+                        .rec
+                        .deadline
+                        .is_some_and(|d| now_ms >= d + DEADLINE_SLACK.as_millis() as i64);
+                    if a.stream.is_some() {
+                        if deadline_over && !a.deadline_cancel_sent {
+                            a.deadline_cancel_sent = true;
+                            if let Some(s) = &a.stream {
+                                let _ = s.send("the job's deadline passed".into());
+                            }
+                        } else if a.deadline_cancel_sent
+                            && a.rec.deadline.is_some_and(|d| {
+                                now_ms >= d + 3 * DEADLINE_SLACK.as_millis() as i64
+                            })
+                        {
+                            self.finish_locked(&mut t, id, JobState::TimedOut, |r| {
+                                r.reason = Some(
+                                    "deadline passed and the node did not report the job's end"
+                                        .into(),
+                                );
+                            });
+                        }
+                        continue;
+                    }
+                    // Detached: re-send when the node is back, else wait out the lease.
+                    let conn = a.rec.node_id.and_then(|n| self.registry.connection(n));
+                    if let Some(conn) = conn {
+                        debug!(job = %id, "node is back; sending the job again");
+                        self.start_stream_locked(a, conn);
+                        continue;
+                    }
+                    let lease = *a
+                        .lease_until
+                        .get_or_insert(now + self.config.job_lost_grace);
+                    if now >= lease {
+                        let grace = humantime::format_duration(self.config.job_lost_grace);
+                        self.lose_locked(
+                            &mut t,
+                            id,
+                            format!("the node did not come back within {grace}"),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Spawn the stream task for a job (first delivery or a re-send).
+    fn start_stream_locked(self: &Arc<Self>, a: &mut Active, conn: quinn::Connection) {
+        let req = JobRequest {
+            id: a.rec.id,
+            attempt: a.rec.attempt,
+            deadline_unix_ms: a.rec.deadline,
+            logs_from: a.rec.logs_next,
+            spec: a.rec.work.to_spec(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(reason) = &a.cancel {
+            let _ = tx.send(reason.clone());
+        }
+        a.stream = Some(tx);
+        a.lease_until = None;
+        let cp = self.clone();
+        self.tracker
+            .spawn(async move { stream::run(cp, conn, req, rx).await });
+    }
+}
+
+/// Give back a job's slot on its node.
+fn release(in_flight: &mut HashMap<Uuid, usize>, a: &mut Active) {
+    if a.counted {
+        a.counted = false;
+        if let Some(n) = a.rec.node_id {
+            if let Some(c) = in_flight.get_mut(&n) {
+                *c = c.saturating_sub(1);
+            }
+        }
+    }
+    a.stream = None;
+}
+
+/// The scheduler task.
+pub async fn scheduler(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = cp.jobs.kick.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        if let Err(e) = cp.schedule().await {
+            warn!("job scheduling pass failed: {:#}", anyhow::Error::from(e));
+        }
+    }
+}
+
+/// The writer task: group commits until shutdown, then whatever is left.
+pub async fn writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    let Some(mut rx) = cp
+        .jobs
+        .writes_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let mut buf: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let got = tokio::select! {
+            n = rx.recv_many(&mut buf, MAX_BATCH) => n,
+            _ = shutdown.cancelled() => {
+                // Drain what is queued (stream tasks may still report for a moment).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while let Ok(w) = rx.try_recv() {
+                    buf.push(w);
+                }
+                commit(&cp, std::mem::take(&mut buf)).await;
+                return;
+            }
+        };
+        if got == 0 {
+            return;
+        }
+        commit(&cp, std::mem::take(&mut buf)).await;
+    }
+}
+
+async fn commit(cp: &ControlPlane, writes: Vec<Write>) {
+    if writes.is_empty() {
+        return;
+    }
+    let mut batch = JobBatch::default();
+    let mut index: HashMap<Uuid, usize> = HashMap::new();
+    let mut after = Vec::new();
+    for w in writes {
+        match w {
+            Write::Job {
+                rec,
+                from,
+                watch,
+                committed,
+            } => {
+                let rec = *rec;
+                after.push((rec.clone(), from, watch, committed));
+                match index.get(&rec.id) {
+                    Some(&i) => batch.jobs[i] = rec,
+                    None => {
+                        index.insert(rec.id, batch.jobs.len());
+                        batch.jobs.push(rec);
+                    }
+                }
+            }
+            Write::Log(id, line) => batch.logs.push((id, line)),
+            Write::Audit(a) => batch.audit.push(a),
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match cp.store.write_job_batch(&batch).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(
+                    jobs = batch.jobs.len(),
+                    "writing jobs failed (retrying): {:#}",
+                    anyhow::Error::from(e)
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    cp.metrics
+        .store_write_seconds
+        .observe(started.elapsed().as_secs_f64());
+    for (rec, from, watch, committed) in after {
+        if from != Some(rec.state) {
+            cp.events.publish(Event::JobChanged {
+                id: rec.id,
+                kind: rec.work.kind().to_owned(),
+                state: rec.state.as_str().to_owned(),
+                node: rec.node.clone(),
+            });
+        }
+        if let Some(w) = watch {
+            w.send_replace(Arc::new(rec));
+        }
+        if let Some(c) = committed {
+            let _ = c.send(());
+        }
+    }
+}

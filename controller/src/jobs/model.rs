@@ -1,0 +1,330 @@
+//! Job records as the controller keeps them and the API shows them.
+
+use std::time::Duration;
+
+use nebula_protocol::jobs::{ExecSpec, JobOutput, JobSpec, ProbeSpec};
+use nebula_protocol::Labels;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What a job does, as people write it (`{"kind": "exec", "op": "git-pull", "args": [...]}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Work {
+    /// Nothing: a round-trip check.
+    Noop,
+    /// A named operation from the node's own allow-list.
+    Exec {
+        op: String,
+        #[serde(default)]
+        args: Vec<String>,
+    },
+    /// `http` (a URL to GET) or `tcp` (HOST:PORT to connect to), from the node.
+    Probe {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        http: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tcp: Option<String>,
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        timeout: Option<Duration>,
+    },
+    /// Containers, facts, git repositories, agent version.
+    Inventory,
+}
+
+impl Work {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Work::Noop => "noop",
+            Work::Exec { .. } => "exec",
+            Work::Probe { .. } => "probe",
+            Work::Inventory => "inventory",
+        }
+    }
+
+    /// Check what can be checked before any agent sees it.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Work::Exec { op, args } => {
+                if op.is_empty() || op.len() > 128 || op.chars().any(char::is_whitespace) {
+                    return Err(
+                        "exec `op` must be a name of 1-128 characters without spaces".into(),
+                    );
+                }
+                if args.len() > 64 || args.iter().any(|a| a.len() > 4096) {
+                    return Err("exec takes at most 64 arguments of up to 4096 bytes".into());
+                }
+                Ok(())
+            }
+            Work::Probe { http, tcp, timeout } => {
+                match (http, tcp) {
+                    (Some(url), None) => {
+                        if !(url.starts_with("http://") || url.starts_with("https://")) {
+                            return Err(format!(
+                                "probe `http` must be an http:// or https:// URL, not `{url}`"
+                            ));
+                        }
+                    }
+                    (None, Some(addr)) => {
+                        if addr
+                            .rsplit_once(':')
+                            .and_then(|(_, p)| p.parse::<u16>().ok())
+                            .is_none()
+                        {
+                            return Err(format!("probe `tcp` must read HOST:PORT, not `{addr}`"));
+                        }
+                    }
+                    _ => {
+                        return Err(
+                            "a probe takes exactly one of `http` (URL) or `tcp` (HOST:PORT)".into(),
+                        )
+                    }
+                }
+                if timeout.is_some_and(|t| t > Duration::from_secs(120) || t.is_zero()) {
+                    return Err("probe timeout must be between 1ms and 120s".into());
+                }
+                Ok(())
+            }
+            Work::Noop | Work::Inventory => Ok(()),
+        }
+    }
+
+    pub fn to_spec(&self) -> JobSpec {
+        match self {
+            Work::Noop => JobSpec::Noop,
+            Work::Exec { op, args } => JobSpec::Exec(ExecSpec {
+                op: op.clone(),
+                args: args.clone(),
+            }),
+            Work::Probe { http, tcp, timeout } => {
+                let timeout_ms = timeout
+                    .unwrap_or(Duration::from_secs(5))
+                    .as_millis()
+                    .min(u32::MAX as u128) as u32;
+                match (http, tcp) {
+                    (Some(url), _) => JobSpec::Probe(ProbeSpec::Http {
+                        url: url.clone(),
+                        timeout_ms,
+                    }),
+                    (None, tcp) => JobSpec::Probe(ProbeSpec::Tcp {
+                        address: tcp.clone().unwrap_or_default(),
+                        timeout_ms,
+                    }),
+                }
+            }
+            Work::Inventory => JobSpec::Inventory,
+        }
+    }
+}
+
+/// Where a job may run: one node by name, or any node matching a selector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Target {
+    Node(String),
+    Selector(Selector),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Node(n) => write!(f, "node {n}"),
+            Target::Selector(s) => write!(f, "selector {s}"),
+        }
+    }
+}
+
+/// All given conditions must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Selector {
+    /// Every label must be on the node with this value.
+    pub labels: Labels,
+    /// `true`: the node has an NVIDIA GPU; `false`: it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<bool>,
+    /// Free memory on the node's emptiest GPU, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free_vram_mb: Option<u64>,
+    /// The model is on the node (loaded or on disk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if let Some(g) = self.gpu {
+            parts.push(format!("gpu={g}"));
+        }
+        if let Some(v) = self.min_free_vram_mb {
+            parts.push(format!("min_free_vram_mb={v}"));
+        }
+        if let Some(m) = &self.model {
+            parts.push(format!("model={m}"));
+        }
+        if parts.is_empty() {
+            f.write_str("{any node}")
+        } else {
+            write!(f, "{{{}}}", parts.join(", "))
+        }
+    }
+}
+
+/// queued -> dispatched -> running -> succeeded | failed | cancelled | timed_out | lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Dispatched,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+    Lost,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 8] = [
+        JobState::Queued,
+        JobState::Dispatched,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+        JobState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Dispatched => "dispatched",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(
+            self,
+            JobState::Queued | JobState::Dispatched | JobState::Running
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A job as stored and shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub work: Work,
+    pub target: Target,
+    pub state: JobState,
+    pub node_id: Option<Uuid>,
+    /// The node it was (last) given to.
+    pub node: Option<String>,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub idempotent: bool,
+    pub created_by: String,
+    pub created_at: i64,
+    pub dispatched_at: Option<i64>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub deadline: Option<i64>,
+    /// Why the node was chosen.
+    pub routing: Option<String>,
+    /// Why it waits, or why it ended as it did.
+    pub reason: Option<String>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub output: Option<JobOutput>,
+    /// Nodes an earlier attempt was lost on (a retry prefers others).
+    pub excluded: Vec<Uuid>,
+    /// Next log line (of this attempt) the controller expects.
+    pub logs_next: u64,
+}
+
+/// A stored log line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLogLine {
+    pub attempt: u32,
+    pub seq: u64,
+    pub at: i64,
+    pub stream: String,
+    pub line: String,
+}
+
+/// One audit entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: Uuid,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_and_target_read_as_documented_and_reject_unknown_fields() {
+        let w: Work =
+            serde_json::from_str(r#"{"kind":"exec","op":"git-pull","args":["/srv/app"]}"#).unwrap();
+        assert_eq!(
+            w,
+            Work::Exec {
+                op: "git-pull".into(),
+                args: vec!["/srv/app".into()]
+            }
+        );
+        let p: Work =
+            serde_json::from_str(r#"{"kind":"probe","http":"http://x/","timeout":"2s"}"#).unwrap();
+        assert!(p.validate().is_ok());
+        assert!(serde_json::from_str::<Work>(r#"{"kind":"exec","op":"x","shell":true}"#).is_err());
+        assert!(serde_json::from_str::<Work>(r#"{"kind":"format-disk"}"#).is_err());
+        let bad: Work = serde_json::from_str(r#"{"kind":"probe","http":"ftp://x"}"#).unwrap();
+        assert!(bad.validate().is_err());
+        let both: Work =
+            serde_json::from_str(r#"{"kind":"probe","http":"http://x","tcp":"a:1"}"#).unwrap();
+        assert!(both.validate().is_err());
+        let t: Target = serde_json::from_str(
+            r#"{"selector":{"labels":{"zone":"home"},"gpu":true,"min_free_vram_mb":8000}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            t.to_string(),
+            "selector {zone=home, gpu=true, min_free_vram_mb=8000}"
+        );
+        assert!(serde_json::from_str::<Target>(r#"{"selector":{"cpu":4}}"#).is_err());
+        for s in JobState::ALL {
+            assert_eq!(JobState::parse(s.as_str()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! One job's stream: open it on the node's connection, send the request, follow the agent's
+//! events until the result, pass cancels along.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nebula_protocol::jobs::{JobControl, JobEvent, JobRequest};
+use nebula_protocol::{self as proto, FrameError};
+use tokio::sync::mpsc;
+use tracing::{debug, Instrument};
+
+use crate::ControlPlane;
+
+/// How long the agent has to acknowledge a request.
+const ACK_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub(super) async fn run(
+    cp: Arc<ControlPlane>,
+    conn: quinn::Connection,
+    req: JobRequest,
+    mut cancel: mpsc::UnboundedReceiver<String>,
+) {
+    let (id, attempt) = (req.id, req.attempt);
+    let span = tracing::debug_span!("job", %id, attempt);
+    let why = follow(&cp, &conn, req, &mut cancel).instrument(span).await;
+    if let Err(why) = why {
+        cp.job_detached(id, attempt, &why);
+    }
+}
+
+/// Ok: the result arrived and was handed over. Err: the stream ended without one.
+async fn follow(
+    cp: &ControlPlane,
+    conn: &quinn::Connection,
+    req: JobRequest,
+    cancel: &mut mpsc::UnboundedReceiver<String>,
+) -> Result<(), String> {
+    let (id, attempt) = (req.id, req.attempt);
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("opening the job stream: {e}"))?;
+    let frame = proto::encode_frame(&JobControl::Request(req)).map_err(|e| e.to_string())?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| format!("sending the job: {e}"))?;
+    let mut frames = proto::FrameReader::new(cp.config.max_frame_bytes);
+    let mut acknowledged = false;
+    let mut cancels_open = true;
+    let ack_deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+    loop {
+        let ev = tokio::select! {
+            reason = cancel.recv(), if cancels_open => {
+                match reason {
+                    Some(reason) => {
+                        let frame = proto::encode_frame(&JobControl::Cancel { reason })
+                            .map_err(|e| e.to_string())?;
+                        send.write_all(&frame).await.map_err(|e| format!("sending cancel: {e}"))?;
+                    }
+                    None => cancels_open = false,
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(ack_deadline), if !acknowledged => {
+                let _ = send.reset(0u32.into());
+                return Err(format!("no acknowledgement within {}s", ACK_TIMEOUT.as_secs()));
+            }
+            ev = frames.read_message::<JobEvent, _>(&mut recv) => ev,
+        };
+        match ev {
+            Ok(JobEvent::Accepted { resumed }) => {
+                acknowledged = true;
+                if resumed {
+                    debug!("the agent already had this job; following it");
+                }
+                cp.job_progress(id, attempt, false);
+            }
+            Ok(JobEvent::Started) => cp.job_progress(id, attempt, true),
+            Ok(JobEvent::Log(line)) => cp.job_logs(id, attempt, vec![line]),
+            Ok(JobEvent::Progress { .. }) => {}
+            Ok(JobEvent::Finished(result)) => {
+                cp.job_finished(id, attempt, result);
+                let _ = send.finish();
+                return Ok(());
+            }
+            Err(FrameError::UnknownVariant { .. }) => {
+                debug!("the agent sent a job event this controller does not know; ignored");
+            }
+            Err(e) => return Err(format!("job stream: {e}")),
+        }
+    }
+}
