@@ -49,14 +49,14 @@ pub enum NodeCommand {
     Remove { name: String },
 }
 
-struct Api {
+pub struct Api {
     http: reqwest::Client,
-    base: String,
-    token: String,
+    pub base: String,
+    pub token: String,
 }
 
 impl Api {
-    fn new(cli: &Cli) -> anyhow::Result<Self> {
+    pub fn new(cli: &Cli) -> anyhow::Result<Self> {
         let token = match (&cli.token, &cli.token_file) {
             (Some(t), _) => t.clone(),
             (None, Some(f)) => std::fs::read_to_string(f)
@@ -78,6 +78,15 @@ impl Api {
         })
     }
 
+    /// A client without the overall timeout, for streams that last as long as a job.
+    pub fn http_long(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("nebula-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_else(|_| self.http.clone())
+    }
+
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
         let resp = req
             .bearer_auth(&self.token)
@@ -94,7 +103,7 @@ impl Api {
         Ok(serde_json::from_value(body)?)
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.get(format!("{}{path}", self.base)))
             .await
     }
@@ -102,18 +111,18 @@ impl Api {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await
     }
-    async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> anyhow::Result<T> {
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> anyhow::Result<T> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
     }
 }
 
-fn print_json(v: &Value) {
+pub fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Print rows as an aligned table.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -136,7 +145,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-fn s(v: &Value) -> String {
+pub fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),

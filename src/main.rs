@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod client;
+mod jobs;
 mod serve;
 
 #[derive(Parser, Debug)]
@@ -58,6 +59,18 @@ enum Command {
     /// One node: show, remove.
     #[command(subcommand)]
     Node(client::NodeCommand),
+    /// Run an operation on a node (or the best node for a selector), streaming its output.
+    Run(jobs::RunArgs),
+    /// List jobs.
+    Jobs(jobs::JobsArgs),
+    /// Show one job: state, routing, result.
+    Job { id: String },
+    /// Print a job's log; -f follows it until the job ends.
+    Logs(jobs::LogsArgs),
+    /// Cancel a job (a running one is stopped on its node).
+    Cancel { id: String },
+    /// Who did what: jobs created and cancelled, tokens, node removals.
+    Audit(jobs::AuditArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -90,6 +103,12 @@ fn main() -> ExitCode {
             Command::Nodes(ref args) => client::nodes(&cli, args).await,
             Command::Top(ref args) => client::top(&cli, args).await,
             Command::Node(ref cmd) => client::node(&cli, cmd).await,
+            Command::Run(ref args) => jobs::run(&cli, args).await,
+            Command::Jobs(ref args) => jobs::jobs(&cli, args).await,
+            Command::Job { ref id } => jobs::job(&cli, id).await,
+            Command::Logs(ref args) => jobs::logs(&cli, args).await,
+            Command::Cancel { ref id } => jobs::cancel(&cli, id).await,
+            Command::Audit(ref args) => jobs::audit(&cli, args).await,
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,
@@ -103,6 +122,10 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A job that failed: its outcome is printed already; leave with its status.
+        Err(e) if e.downcast_ref::<jobs::ExitStatus>().is_some() => {
+            ExitCode::from(e.downcast_ref::<jobs::ExitStatus>().map_or(1, |s| s.0))
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -58,6 +58,18 @@ pub struct ServeArgs {
     rollup_flush_interval: Option<Duration>,
     #[arg(long, env = "NEBULA_RETENTION_SWEEP_INTERVAL", value_parser = humantime::parse_duration)]
     retention_sweep_interval: Option<Duration>,
+    /// A job whose node went away is lost after this long without the node.
+    #[arg(long, env = "NEBULA_JOB_LOST_GRACE", value_parser = humantime::parse_duration)]
+    job_lost_grace: Option<Duration>,
+    /// Jobs in flight per node at most.
+    #[arg(long, env = "NEBULA_MAX_JOBS_PER_NODE")]
+    max_jobs_per_node: Option<usize>,
+    /// Deadline of a job created without one.
+    #[arg(long, env = "NEBULA_JOB_DEFAULT_DEADLINE", value_parser = humantime::parse_duration)]
+    job_default_deadline: Option<Duration>,
+    /// Tries of an idempotent job, the first included.
+    #[arg(long, env = "NEBULA_JOB_MAX_ATTEMPTS")]
+    job_max_attempts: Option<u32>,
 }
 
 impl ServeArgs {
@@ -94,6 +106,10 @@ impl ServeArgs {
         set!(rollup_retention);
         set!(rollup_flush_interval);
         set!(retention_sweep_interval);
+        set!(job_lost_grace);
+        set!(max_jobs_per_node);
+        set!(job_default_deadline);
+        set!(job_max_attempts);
         set!(database_url, opt);
         set!(admin_token_file, opt);
         if let Some(f) = &self.database_url_file {

@@ -295,6 +295,34 @@ impl Controller {
         v["token"].as_str().unwrap().to_owned()
     }
 
+    /// Create a job; panics unless the API accepts it.
+    pub async fn job(&self, body: Value) -> Value {
+        let (status, v) = self
+            .api(reqwest::Method::POST, "/api/v1/jobs", Some(body.clone()))
+            .await;
+        assert!(
+            (200..=202).contains(&status),
+            "POST /api/v1/jobs {body}: {status} {v}"
+        );
+        v
+    }
+
+    /// Wait until a job's record satisfies `pred`.
+    pub async fn wait_job(
+        &self,
+        id: &Value,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let path = format!("/api/v1/jobs/{}", id.as_str().unwrap());
+        wait_for(what, timeout, || async {
+            let (status, v) = self.api(reqwest::Method::GET, &path, None).await;
+            (status == 200 && pred(&v)).then_some(v)
+        })
+        .await
+    }
+
     pub async fn nodes(&self) -> Vec<Value> {
         self.get("/api/v1/nodes").await["items"]
             .as_array()
@@ -356,6 +384,42 @@ impl Agent {
         for l in labels {
             cmd.arg("--label").arg(l);
         }
+        Agent {
+            proc: Proc::spawn(cmd),
+            state_dir: state_dir.to_owned(),
+        }
+    }
+
+    /// Join with an agent config file (TOML), e.g. an exec allow-list.
+    pub fn join_with_config(
+        c: &Controller,
+        token: &str,
+        state_dir: &Path,
+        name: &str,
+        labels: &[&str],
+        config: &str,
+    ) -> Self {
+        let path = state_dir.with_extension("toml");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, config).unwrap();
+        let path = path.display().to_string();
+        Self::join_with_env(
+            c,
+            token,
+            state_dir,
+            name,
+            labels,
+            &[("NEBULA_AGENT_CONFIG", path.as_str())],
+        )
+    }
+
+    /// Run from saved state with a config file.
+    pub fn run_with_config(state_dir: &Path) -> Self {
+        let mut cmd = Command::new(bin("nebula-agent"));
+        cmd.arg("run")
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("NEBULA_AGENT_CONFIG", state_dir.with_extension("toml"));
         Agent {
             proc: Proc::spawn(cmd),
             state_dir: state_dir.to_owned(),
@@ -540,6 +604,120 @@ pub mod session {
                 String::from_utf8_lossy(&a.reason).into_owned(),
             ),
             other => (u32::MAX, other.to_string()),
+        }
+    }
+}
+
+/// Agents running inside the test process: the real agent library, with GPUs and models
+/// injected (this host has no NVIDIA GPU and no inference backend).
+pub mod inproc {
+    use std::path::Path;
+
+    use nebula_agent::telemetry::gpu::SimulatedGpu;
+    use nebula_agent::{Agent, AgentConfig, GpuSource};
+    use nebula_protocol::telemetry::{GpuInfo, ModelInfo};
+    use tokio_util::sync::CancellationToken;
+
+    use super::Controller;
+
+    pub struct InProcAgent {
+        pub name: String,
+        pub state_dir: std::path::PathBuf,
+        stop: CancellationToken,
+        task: Option<tokio::task::JoinHandle<()>>,
+        config: AgentConfig,
+        gpu: GpuSource,
+        models: Vec<ModelInfo>,
+    }
+
+    /// A GPU with `total_gib` of memory of which `used_gib` is in use.
+    pub fn gpu(total_gib: u64, used_gib: u64) -> SimulatedGpu {
+        SimulatedGpu {
+            info: GpuInfo {
+                uuid: format!("GPU-sim-{total_gib}-{used_gib}"),
+                name: "NVIDIA GeForce RTX 4090".into(),
+                memory_total_bytes: total_gib << 30,
+                power_limit_mw: Some(450_000),
+            },
+            memory_used_bytes: used_gib << 30,
+            utilization_percent: 10,
+        }
+    }
+
+    pub fn model(name: &str, loaded: bool) -> ModelInfo {
+        ModelInfo {
+            name: name.into(),
+            backend: "ollama".into(),
+            loaded,
+            size_bytes: 4 << 30,
+            vram_bytes: loaded.then_some(5 << 30),
+        }
+    }
+
+    impl InProcAgent {
+        /// Join with `token` and keep running until stopped.
+        pub async fn join(
+            c: &Controller,
+            token: &str,
+            dir: &Path,
+            name: &str,
+            config: impl FnOnce(&mut AgentConfig),
+            gpus: Vec<SimulatedGpu>,
+            models: Vec<ModelInfo>,
+        ) -> Self {
+            let mut cfg = AgentConfig {
+                controller: Some(c.quic.to_string()),
+                state_dir: dir.join(name),
+                name: Some(name.to_owned()),
+                ..AgentConfig::default()
+            };
+            config(&mut cfg);
+            let agent = Agent::new(cfg.clone());
+            agent
+                .join(&token.parse().expect("join token"))
+                .await
+                .expect("join");
+            let mut a = InProcAgent {
+                name: name.to_owned(),
+                state_dir: cfg.state_dir.clone(),
+                stop: CancellationToken::new(),
+                task: None,
+                config: cfg,
+                gpu: if gpus.is_empty() {
+                    GpuSource::None
+                } else {
+                    GpuSource::Simulated(gpus)
+                },
+                models,
+            };
+            a.start();
+            a
+        }
+
+        /// (Re)start the agent from its saved state.
+        pub fn start(&mut self) {
+            self.stop = CancellationToken::new();
+            let agent = Agent::new(self.config.clone())
+                .with_gpu(self.gpu.clone())
+                .with_models(self.models.clone());
+            let stop = self.stop.clone();
+            self.task = Some(tokio::spawn(async move {
+                let _ = agent.run(stop).await;
+            }));
+        }
+
+        /// Stop the agent (it says goodbye) and wait for it.
+        pub async fn stop(&mut self) {
+            self.stop.cancel();
+            if let Some(t) = self.task.take() {
+                let _ = t.await;
+            }
+        }
+    }
+
+    impl Drop for InProcAgent {
+        fn drop(&mut self) {
+            self.stop.cancel();
         }
     }
 }
