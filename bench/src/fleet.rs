@@ -80,6 +80,7 @@ fn inventory(i: usize, containers: usize, gpu: bool) -> TelemetryInventory {
         gpu_driver: gpu.then(|| "560.35.03".into()),
         os: "Ubuntu 24.04".into(),
         kernel: "6.8.0-45-generic".into(),
+        models: Vec::new(),
     }
 }
 
