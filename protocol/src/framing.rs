@@ -94,10 +94,12 @@ impl FrameReader {
             } else {
                 4 - self.buf.len()
             };
-            if self.scratch.is_empty() {
-                self.scratch = vec![0u8; 16 * 1024];
+            // Grow the scratch buffer to what this frame needs (most frames are small), up to
+            // 16 KiB per read.
+            let take = want.clamp(4, 16 * 1024);
+            if self.scratch.len() < take {
+                self.scratch.resize(take, 0);
             }
-            let take = want.clamp(4, self.scratch.len());
             let chunk = &mut self.scratch[..take];
             // Cancel-safe: a poll that returns data appends it before any other await.
             let n = poll_fn(|cx| Pin::new(&mut *r).poll_read(cx, chunk)).await?;

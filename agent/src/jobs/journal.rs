@@ -2,8 +2,10 @@
 //! so that a job delivered again after a restart of either side is answered from here instead of
 //! running twice.
 //!
-//! A `started` line of a job that changes the host (exec) is synced to disk before the job runs;
-//! read-only jobs (probe, inventory, noop) skip the sync, since running one again changes nothing.
+//! A `started` line of a job that changes the host (exec) is synced to disk before the job runs,
+//! and its `finished` line is written at once. Lines of read-only jobs (probe, inventory, noop)
+//! are buffered and written at most a second later (or when 32 KiB are waiting, or on close):
+//! losing them in a crash only means such a job may run again, which changes nothing.
 //! The file is rewritten with only the newest entries once it holds twice as many lines as it
 //! keeps. A torn last line (a crash mid-write) is ignored on load.
 
@@ -61,6 +63,21 @@ pub struct Journal {
     order: VecDeque<RunKey>,
     lines: usize,
     keep: usize,
+    /// Lines of read-only jobs not written yet.
+    pending: Vec<u8>,
+    last_flush: std::time::Instant,
+}
+
+/// Buffered lines are written when this much waits, or this long after the last write.
+const PENDING_BYTES: usize = 32 * 1024;
+const PENDING_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(path = %self.path.display(), "writing the job journal: {e}");
+        }
+    }
 }
 
 impl Journal {
@@ -102,6 +119,8 @@ impl Journal {
             order,
             lines,
             keep,
+            pending: Vec::new(),
+            last_flush: std::time::Instant::now(),
         };
         j.trim();
         Ok(j)
@@ -119,9 +138,9 @@ impl Journal {
         self.entries.is_empty()
     }
 
-    /// Record that a run starts. `sync`: make it durable before returning (jobs that change the
-    /// host must never run twice, even across a power loss).
-    pub fn started(&mut self, key: RunKey, kind: &str, sync: bool) -> std::io::Result<()> {
+    /// Record that a run starts. `durable`: on disk (synced) before returning, for jobs that
+    /// change the host and must never run twice, even across a power loss; otherwise buffered.
+    pub fn started(&mut self, key: RunKey, kind: &str, durable: bool) -> std::io::Result<()> {
         self.append(
             &Line::Started {
                 id: key.id,
@@ -129,7 +148,7 @@ impl Journal {
                 kind: kind.to_owned(),
                 at_unix_ms: now_ms(),
             },
-            sync,
+            durable,
         )?;
         if self
             .entries
@@ -147,7 +166,13 @@ impl Journal {
         Ok(())
     }
 
-    pub fn finished(&mut self, key: RunKey, result: &JobResult) -> std::io::Result<()> {
+    /// Record a run's result. `durable`: written now (not buffered).
+    pub fn finished(
+        &mut self,
+        key: RunKey,
+        result: &JobResult,
+        durable: bool,
+    ) -> std::io::Result<()> {
         self.append(
             &Line::Finished {
                 id: key.id,
@@ -155,8 +180,11 @@ impl Journal {
                 at_unix_ms: now_ms(),
                 result: result.clone(),
             },
-            false,
+            durable,
         )?;
+        if durable {
+            self.flush()?;
+        }
         if self
             .entries
             .insert(key, Entry::Finished(result.clone()))
@@ -168,14 +196,25 @@ impl Journal {
     }
 
     fn append(&mut self, line: &Line, sync: bool) -> std::io::Result<()> {
-        let mut text = serde_json::to_string(line).map_err(std::io::Error::other)?;
-        text.push('\n');
-        // One write per line: an append of a short line is not interleaved with another.
-        self.file.write_all(text.as_bytes())?;
-        if sync {
-            self.file.sync_data()?;
-        }
+        serde_json::to_writer(&mut self.pending, line).map_err(std::io::Error::other)?;
+        self.pending.push(b'\n');
         self.lines += 1;
+        if sync {
+            self.flush()?;
+            self.file.sync_data()?;
+        } else if self.pending.len() >= PENDING_BYTES || self.last_flush.elapsed() >= PENDING_FOR {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write buffered lines (whole lines, in one append).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all(&self.pending)?;
+            self.pending.clear();
+        }
+        self.last_flush = std::time::Instant::now();
         Ok(())
     }
 
@@ -202,6 +241,7 @@ impl Journal {
     }
 
     fn rewrite(&mut self) -> std::io::Result<()> {
+        self.pending.clear();
         let tmp = self.path.with_extension("journal.tmp");
         let mut out = std::io::BufWriter::new(File::create(&tmp)?);
         let mut lines = 0;
@@ -261,7 +301,7 @@ mod tests {
         {
             let mut j = Journal::open(&path, 16).unwrap();
             j.started(key(1), "exec", true).unwrap();
-            j.finished(key(1), &JobResult::new(JobStatus::Succeeded, None))
+            j.finished(key(1), &JobResult::new(JobStatus::Succeeded, None), true)
                 .unwrap();
             j.started(key(2), "exec", false).unwrap();
         }
@@ -286,7 +326,7 @@ mod tests {
         );
         for n in 10..100 {
             j.started(key(n), "noop", false).unwrap();
-            j.finished(key(n), &JobResult::new(JobStatus::Succeeded, None))
+            j.finished(key(n), &JobResult::new(JobStatus::Succeeded, None), false)
                 .unwrap();
         }
         // The unfinished run 2 is kept however old; finished ones beyond 16 are forgotten.

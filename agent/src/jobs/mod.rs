@@ -226,6 +226,9 @@ impl JobRunner {
         }
         self.tracker.close();
         self.tracker.wait().await;
+        if let Err(e) = self.lock().journal.flush() {
+            warn!("writing the job journal: {e}");
+        }
     }
 
     /// Serve one job stream: read the request, answer it from the journal or run it, and
@@ -303,14 +306,14 @@ impl JobRunner {
                                     .into(),
                             ),
                         );
-                        if let Err(e) = st.journal.finished(key, &result) {
+                        if let Err(e) = st.journal.finished(key, &result, true) {
                             warn!("writing the job journal: {e}");
                         }
                         Err(result)
                     }
                     None => {
-                        let sync = !req.spec.is_read_only();
-                        match st.journal.started(key, req.spec.kind(), sync) {
+                        let durable = !req.spec.is_read_only();
+                        match st.journal.started(key, req.spec.kind(), durable) {
                             Ok(()) => {
                                 let running = Running::new();
                                 st.running.insert(key, running.clone());
@@ -429,7 +432,7 @@ impl JobRunner {
         let permit = tokio::select! {
             p = self.slots.clone().acquire_owned() => p.ok(),
             stop = ctx.stopped() => {
-                self.finish(key, &running, stop.result());
+                self.finish(key, &running, stop.result(), !req.spec.is_read_only());
                 return;
             }
         };
@@ -460,15 +463,15 @@ impl JobRunner {
             }
         };
         drop(permit);
-        self.finish(key, &running, result);
+        self.finish(key, &running, result, !req.spec.is_read_only());
     }
 
     /// Journal the result, then publish it, under the runner's lock: a delivery that arrives
     /// now either finds the run (and its result) or the journal entry.
-    fn finish(&self, key: RunKey, running: &Running, result: JobResult) {
+    fn finish(&self, key: RunKey, running: &Running, result: JobResult, durable: bool) {
         debug!(status = ?result.status, "job finished");
         let mut st = self.lock();
-        if let Err(e) = st.journal.finished(key, &result) {
+        if let Err(e) = st.journal.finished(key, &result, durable) {
             warn!(job = %key, "writing the job journal: {e}");
         }
         st.running.remove(&key);
