@@ -166,7 +166,7 @@ async fn authenticate(
     let Some(token) = token else {
         return unauthorized("missing bearer token (Authorization: Bearer <token>)");
     };
-    match cp.store.api_token_by_hash(&crate::hash_secret(token)).await {
+    match cp.api_token(&crate::hash_secret(token)).await {
         Ok(Some(rec)) => {
             req.extensions_mut().insert(Principal {
                 role: Role::parse(&rec.role),

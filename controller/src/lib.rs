@@ -59,7 +59,15 @@ pub struct ControlPlane {
     /// Owns every task the controller spawns (stopped by the shutdown token).
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
+    /// API tokens recently checked (by hash), so that a busy client does not cost a database
+    /// read per request. Entries live [`TOKEN_CACHE_TTL`].
+    pub(crate) token_cache: std::sync::Mutex<
+        std::collections::HashMap<String, (store::ApiTokenRecord, std::time::Instant)>,
+    >,
 }
+
+/// How long a checked API token is trusted without reading the store again.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,6 +108,31 @@ impl ControlPlane {
             keep_alive_ms: ms(self.config.keep_alive),
             idle_timeout_ms: ms(self.config.idle_timeout),
         }
+    }
+
+    /// The API token with this hash, from the cache when checked in the last few seconds.
+    pub async fn api_token(
+        &self,
+        hash: &str,
+    ) -> Result<Option<store::ApiTokenRecord>, store::StoreError> {
+        let now = std::time::Instant::now();
+        {
+            let cache = self.token_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((rec, at)) = cache.get(hash) {
+                if now.duration_since(*at) < TOKEN_CACHE_TTL {
+                    return Ok(Some(rec.clone()));
+                }
+            }
+        }
+        let rec = self.store.api_token_by_hash(hash).await?;
+        if let Some(r) = &rec {
+            let mut cache = self.token_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= 1024 {
+                cache.clear();
+            }
+            cache.insert(hash.to_owned(), (r.clone(), now));
+        }
+        Ok(rec)
     }
 
     /// Frames rejected as malformed or oversized since start.
@@ -283,6 +316,7 @@ impl Controller {
             jobs: jobs::JobTable::default(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
+            token_cache: Default::default(),
             enroll_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_enrollments.max(1),
             )),

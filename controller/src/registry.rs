@@ -101,6 +101,10 @@ impl Registry {
         self.lock().get(&node).map(|e| e.conn.clone())
     }
 
+    pub fn is_online(&self, node: Uuid) -> bool {
+        self.lock().contains_key(&node)
+    }
+
     pub fn online_count(&self) -> usize {
         self.lock().len()
     }

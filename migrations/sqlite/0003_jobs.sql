@@ -26,7 +26,7 @@ CREATE TABLE jobs (
     logs_next      BIGINT NOT NULL
 );
 CREATE INDEX jobs_state ON jobs (state);
-CREATE INDEX jobs_node ON jobs (node_name, created_at);
+
 
 -- Log lines of each attempt, in order.
 CREATE TABLE job_logs (

@@ -393,10 +393,12 @@ async fn fan_out(
     timeout: Duration,
 ) -> ApiResult<FanOut> {
     work.validate().map_err(ApiError::bad_request)?;
-    let mut pending = Vec::new();
     let mut results = Vec::new();
+    let mut online_nodes = Vec::new();
     for (name, online) in nodes {
-        if !online {
+        if online {
+            online_nodes.push(name);
+        } else {
             results.push(NodeResult {
                 node: name,
                 job_id: None,
@@ -406,21 +408,25 @@ async fn fan_out(
                 output: None,
                 log_tail: Vec::new(),
             });
-            continue;
         }
-        let rec = cp
-            .create_job(
-                NewJob {
-                    work: work.clone(),
-                    target: Target::Node(name.clone()),
-                    deadline: Some(timeout),
-                    idempotent: false,
-                    max_attempts: None,
-                },
-                &who.name,
-            )
-            .await?;
-        pending.push((name, rec.id));
+    }
+    // Created together (they share the store's group commits), then awaited together.
+    let creates = online_nodes.iter().map(|name| {
+        cp.create_job(
+            NewJob {
+                work: work.clone(),
+                target: Target::Node(name.clone()),
+                deadline: Some(timeout),
+                idempotent: false,
+                max_attempts: None,
+            },
+            &who.name,
+        )
+    });
+    let created = futures::future::join_all(creates).await;
+    let mut pending = Vec::new();
+    for (name, rec) in online_nodes.into_iter().zip(created) {
+        pending.push((name, rec?.id));
     }
     let waits = pending
         .iter()
@@ -428,8 +434,13 @@ async fn fan_out(
     let done = futures::future::join_all(waits).await;
     for ((name, id), rec) in pending.into_iter().zip(done) {
         let rec = rec?;
-        let lines = cp.store.job_logs(id, None, 100_000).await?;
-        let skip = lines.len().saturating_sub(100);
+        let log_tail = if rec.logs_next > 0 || rec.attempt > 1 {
+            let lines = cp.store.job_logs(id, None, 100_000).await?;
+            let skip = lines.len().saturating_sub(100);
+            lines.into_iter().skip(skip).map(|l| l.line).collect()
+        } else {
+            Vec::new()
+        };
         results.push(NodeResult {
             node: name,
             job_id: Some(id),
@@ -439,7 +450,7 @@ async fn fan_out(
                 .error
                 .or(rec.reason.filter(|_| rec.state != JobState::Succeeded)),
             output: rec.output,
-            log_tail: lines.into_iter().skip(skip).map(|l| l.line).collect(),
+            log_tail,
         });
     }
     results.sort_by(|a, b| a.node.cmp(&b.node));

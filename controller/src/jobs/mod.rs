@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nebula_protocol::jobs::{JobRequest, JobResult, JobStatus};
-use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -73,12 +73,19 @@ pub struct JobTable {
 struct TableInner {
     active: HashMap<Uuid, Active>,
     in_flight: HashMap<Uuid, usize>,
+    /// Jobs created (or re-queued) since the last pass: a kicked pass looks at these only.
+    fresh: Vec<Uuid>,
+    /// The next pass looks at every job (a node came or went, a lease may have run out).
+    full: bool,
+    /// Queued jobs the last pass left waiting (a freed slot only matters when there are some).
+    waiting: usize,
 }
 
 struct Active {
     rec: JobRecord,
     watch: watch::Sender<Arc<JobRecord>>,
-    logs: broadcast::Sender<JobLogLine>,
+    /// Live log lines, made when the first watcher comes (most jobs have none).
+    logs: Option<broadcast::Sender<JobLogLine>>,
     recent: VecDeque<JobLogLine>,
     /// The live stream task's cancel channel; `None` while no stream carries the job.
     stream: Option<mpsc::UnboundedSender<String>>,
@@ -106,7 +113,8 @@ enum Write {
         /// `None`: an intermediate record watchers must not take for the outcome (the `lost`
         /// just before a retry).
         watch: Option<watch::Sender<Arc<JobRecord>>>,
-        committed: Option<oneshot::Sender<()>>,
+        /// Set to `true` once the row is committed.
+        committed: Option<watch::Sender<bool>>,
     },
     Log(Uuid, JobLogLine),
     Audit(AuditRecord),
@@ -138,9 +146,24 @@ impl JobTable {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ask the scheduler for a pass soon.
+    /// Ask the scheduler for a pass over every job soon.
     pub fn kick(&self) {
+        self.lock().full = true;
         self.kick.notify_one();
+    }
+
+    /// A job is ready to be routed: a pass over the new jobs soon.
+    fn kick_fresh(&self, t: &mut TableInner, id: Uuid) {
+        t.fresh.push(id);
+        self.kick.notify_one();
+    }
+
+    /// A slot on a node was freed: worth a full pass only when jobs are waiting.
+    fn kick_if_waiting(&self, t: &mut TableInner) {
+        if t.waiting > 0 {
+            t.full = true;
+            self.kick.notify_one();
+        }
     }
 
     /// The node list changed (enrolled, removed, facts): reload it at the next pass.
@@ -187,7 +210,7 @@ fn now_ms() -> i64 {
 fn new_active(rec: JobRecord) -> Active {
     Active {
         watch: watch::channel(Arc::new(rec.clone())).0,
-        logs: broadcast::channel(256).0,
+        logs: None,
         recent: VecDeque::new(),
         stream: None,
         lease_until: None,
@@ -207,11 +230,15 @@ pub struct JobWatch {
 }
 
 impl ControlPlane {
-    /// Create a job: check it, persist it, then let the scheduler route and dispatch it.
-    pub async fn create_job(&self, new: NewJob, by: &str) -> Result<JobRecord, OpError> {
+    /// Create a job: check it, route it when a node is free now (else the scheduler will),
+    /// persist it, and dispatch it once stored.
+    pub async fn create_job(self: &Arc<Self>, new: NewJob, by: &str) -> Result<JobRecord, OpError> {
         new.work.validate().map_err(OpError::Invalid)?;
         if let Target::Node(name) = &new.target {
-            if self.store.node_by_name(name).await?.is_none() {
+            // The cached node list first; the store when the name is not in it (yet).
+            let known = self.node_meta().await?.iter().any(|n| &n.name == name)
+                || self.store.node_by_name(name).await?.is_some();
+            if !known {
                 return Err(OpError::NotFound(format!("no node named `{name}`")));
             }
         }
@@ -261,25 +288,74 @@ impl ControlPlane {
             excluded: Vec::new(),
             logs_next: 0,
         };
-        let active = new_active(rec.clone());
-        let (tx, rx) = oneshot::channel();
-        self.jobs.write(Write::Job {
-            rec: Box::new(rec.clone()),
-            from: None,
-            watch: Some(active.watch.clone()),
-            committed: Some(tx),
-        });
+        // Route it now when a node is free: the row is then written once, already assigned,
+        // and the stream opens as soon as it is committed. Otherwise it is queued for the
+        // scheduler.
+        let nodes = self.node_meta().await?;
+        let (committed, _) = watch::channel(false);
+        let mut wait = committed.subscribe();
+        let rec = {
+            let mut t = self.jobs.lock();
+            let mut a = new_active(rec);
+            let candidates: Vec<Candidate> = nodes
+                .iter()
+                .filter(|n| match &a.rec.target {
+                    Target::Node(name) => &n.name == name,
+                    Target::Selector(_) => true,
+                })
+                .map(|n| self.candidate(n, t.in_flight.get(&n.id).copied().unwrap_or(0)))
+                .collect();
+            let decision = router::route(
+                &a.rec.target,
+                &candidates,
+                &[],
+                self.config.max_jobs_per_node,
+            );
+            let conn = match &decision {
+                Decision::Run { node, .. } => self.registry.connection(*node),
+                Decision::Wait { .. } => None,
+            };
+            match (decision, conn) {
+                (Decision::Run { node, name, why }, Some(conn)) => {
+                    a.rec.node_id = Some(node);
+                    a.rec.node = Some(name);
+                    a.rec.routing = Some(why);
+                    a.rec.state = JobState::Dispatched;
+                    a.rec.dispatched_at = Some(now);
+                    a.counted = true;
+                    *t.in_flight.entry(node).or_default() += 1;
+                    self.jobs.write(Write::Job {
+                        rec: Box::new(a.rec.clone()),
+                        from: None,
+                        watch: Some(a.watch.clone()),
+                        committed: Some(committed),
+                    });
+                    self.start_stream_locked(&mut a, conn, Some(wait.clone()));
+                }
+                _ => {
+                    self.jobs.write(Write::Job {
+                        rec: Box::new(a.rec.clone()),
+                        from: None,
+                        watch: Some(a.watch.clone()),
+                        committed: Some(committed),
+                    });
+                    self.jobs.kick_fresh(&mut t, a.rec.id);
+                }
+            }
+            let rec = a.rec.clone();
+            t.active.insert(rec.id, a);
+            rec
+        };
         self.audit(
             by,
             "job.create",
             &rec.id.to_string(),
             serde_json::json!({"work": rec.work, "target": rec.target, "idempotent": rec.idempotent}),
         );
-        // Persisted before anyone can dispatch it.
-        rx.await
-            .map_err(|_| OpError::Invalid("the controller is shutting down".into()))?;
-        self.jobs.lock().active.insert(rec.id, active);
-        self.jobs.kick();
+        // Answer once the job is stored.
+        if wait.wait_for(|c| *c).await.is_err() {
+            return Err(OpError::Invalid("the controller is shutting down".into()));
+        }
         Ok(rec)
     }
 
@@ -293,11 +369,14 @@ impl ControlPlane {
 
     /// Follow a job (`None` when it has finished: read it from the store).
     pub fn watch_job(&self, id: Uuid) -> Option<JobWatch> {
-        let t = self.jobs.lock();
-        let a = t.active.get(&id)?;
+        let mut t = self.jobs.lock();
+        let a = t.active.get_mut(&id)?;
         Some(JobWatch {
             record: a.watch.subscribe(),
-            logs: a.logs.subscribe(),
+            logs: a
+                .logs
+                .get_or_insert_with(|| broadcast::channel(256).0)
+                .subscribe(),
             recent: a.recent.iter().cloned().collect(),
         })
     }
@@ -419,7 +498,7 @@ impl ControlPlane {
         release(&mut t.in_flight, &mut a);
         info!(job = %id, state = %state, node = ?a.rec.node, "job ended");
         self.jobs.persist(&a, Some(from));
-        self.jobs.kick();
+        self.jobs.kick_if_waiting(t);
     }
 
     /// The agent's result arrived.
@@ -475,7 +554,9 @@ impl ControlPlane {
                     a.rec.excluded.push(n);
                 }
             }
-            let TableInner { active, in_flight } = t;
+            let TableInner {
+                active, in_flight, ..
+            } = &mut *t;
             let Some(a) = active.get_mut(&id) else {
                 return;
             };
@@ -497,7 +578,7 @@ impl ControlPlane {
             a.stream = None;
             a.lease_until = None;
             self.jobs.persist(a, Some(JobState::Lost));
-            self.jobs.kick();
+            self.jobs.kick_fresh(t, id);
         } else {
             warn!(job = %id, %node, "job lost: {why}");
             let reason = format!("lost on {node}: {why}");
@@ -562,7 +643,9 @@ impl ControlPlane {
                 stream: l.stream.as_str().to_owned(),
                 line: l.line,
             };
-            let _ = a.logs.send(line.clone());
+            if let Some(tx) = &a.logs {
+                let _ = tx.send(line.clone());
+            }
             a.recent.push_back(line.clone());
             if a.recent.len() > RECENT_LOGS {
                 a.recent.pop_front();
@@ -618,7 +701,7 @@ impl ControlPlane {
     }
 
     fn candidate(&self, n: &NodeMeta, in_flight: usize) -> Candidate {
-        let online = self.registry.get(n.id).is_some();
+        let online = self.registry.is_online(n.id);
         let mut c = Candidate {
             id: n.id,
             name: n.name.clone(),
@@ -686,27 +769,52 @@ impl ControlPlane {
         let _ = (job, asleep);
     }
 
-    /// One scheduler pass over every unfinished job.
-    async fn schedule(self: &Arc<Self>) -> Result<(), OpError> {
-        let (needs_routing, in_flight) = {
-            let t = self.jobs.lock();
-            let any = t
-                .active
-                .values()
-                .any(|a| a.rec.state == JobState::Queued && a.stream.is_none());
-            (any, t.in_flight.clone())
+    /// One scheduler pass: over every unfinished job, or (kicked by new jobs) over those only.
+    async fn schedule(self: &Arc<Self>, full: bool) -> Result<(), OpError> {
+        // Candidates are built once per pass: every node for selectors, only the named nodes
+        // for jobs that name one (the common case, and cheap).
+        let (full, ids, selectors, mut named, in_flight) = {
+            let mut t = self.jobs.lock();
+            let full = full || std::mem::take(&mut t.full);
+            let mut ids: Vec<Uuid> = if full {
+                t.fresh.clear();
+                t.active.keys().copied().collect()
+            } else {
+                std::mem::take(&mut t.fresh)
+            };
+            ids.sort_unstable();
+            ids.dedup();
+            let mut selectors = false;
+            let mut named: Vec<String> = Vec::new();
+            for a in ids.iter().filter_map(|id| t.active.get(id)) {
+                if a.rec.state == JobState::Queued && a.stream.is_none() {
+                    match &a.rec.target {
+                        Target::Selector(_) => selectors = true,
+                        Target::Node(n) => named.push(n.clone()),
+                    }
+                }
+            }
+            (full, ids, selectors, named, t.in_flight.clone())
         };
-        let mut candidates = if needs_routing {
+        let mut candidates = if selectors {
             self.candidates(&in_flight).await?
-        } else {
+        } else if named.is_empty() {
             Vec::new()
+        } else {
+            let nodes = self.node_meta().await?;
+            named.sort_unstable();
+            named.dedup();
+            nodes
+                .iter()
+                .filter(|n| named.binary_search(&n.name).is_ok())
+                .map(|n| self.candidate(n, in_flight.get(&n.id).copied().unwrap_or(0)))
+                .collect()
         };
         let now = Instant::now();
         let now_ms = now_ms();
         let capacity = self.config.max_jobs_per_node;
         let mut t = self.jobs.lock();
-        let mut ids: Vec<Uuid> = t.active.keys().copied().collect();
-        ids.sort_unstable();
+        let mut waiting = 0;
         for id in ids {
             let Some(a) = t.active.get_mut(&id) else {
                 continue;
@@ -738,14 +846,23 @@ impl ControlPlane {
                             a.rec.state = JobState::Dispatched;
                             a.rec.dispatched_at = Some(now_ms);
                             a.counted = true;
-                            self.jobs.persist(a, Some(JobState::Queued));
-                            self.start_stream_locked(a, conn);
+                            // Stored (with its node) before the agent can see it: a restart
+                            // then sends it to the same node again, never to another one.
+                            let (committed, wait) = watch::channel(false);
+                            self.jobs.write(Write::Job {
+                                rec: Box::new(a.rec.clone()),
+                                from: Some(JobState::Queued),
+                                watch: Some(a.watch.clone()),
+                                committed: Some(committed),
+                            });
+                            self.start_stream_locked(a, conn, Some(wait));
                             *t.in_flight.entry(node).or_default() += 1;
                             if let Some(c) = candidates.iter_mut().find(|c| c.id == node) {
                                 c.in_flight += 1;
                             }
                         }
                         Decision::Wait { reason, asleep } => {
+                            waiting += 1;
                             if a.rec.reason.as_deref() != Some(reason.as_str()) {
                                 debug!(job = %id, %reason, "job waits");
                                 a.rec.reason = Some(reason);
@@ -786,7 +903,7 @@ impl ControlPlane {
                     let conn = a.rec.node_id.and_then(|n| self.registry.connection(n));
                     if let Some(conn) = conn {
                         debug!(job = %id, "node is back; sending the job again");
-                        self.start_stream_locked(a, conn);
+                        self.start_stream_locked(a, conn, None);
                         continue;
                     }
                     let lease = *a
@@ -804,11 +921,22 @@ impl ControlPlane {
                 _ => {}
             }
         }
+        if full {
+            t.waiting = waiting;
+        } else {
+            t.waiting += waiting;
+        }
         Ok(())
     }
 
     /// Spawn the stream task for a job (first delivery or a re-send).
-    fn start_stream_locked(self: &Arc<Self>, a: &mut Active, conn: quinn::Connection) {
+    /// `stored`: the stream opens only once this turns `true` (the assignment is committed).
+    fn start_stream_locked(
+        self: &Arc<Self>,
+        a: &mut Active,
+        conn: quinn::Connection,
+        stored: Option<watch::Receiver<bool>>,
+    ) {
         let req = JobRequest {
             id: a.rec.id,
             attempt: a.rec.attempt,
@@ -823,8 +951,14 @@ impl ControlPlane {
         a.stream = Some(tx);
         a.lease_until = None;
         let cp = self.clone();
-        self.tracker
-            .spawn(async move { stream::run(cp, conn, req, rx).await });
+        self.tracker.spawn(async move {
+            if let Some(mut stored) = stored {
+                if stored.wait_for(|c| *c).await.is_err() {
+                    return;
+                }
+            }
+            stream::run(cp, conn, req, rx).await
+        });
     }
 }
 
@@ -843,13 +977,15 @@ fn release(in_flight: &mut HashMap<Uuid, usize>, a: &mut Active) {
 
 /// The scheduler task.
 pub async fn scheduler(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let full = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = cp.jobs.kick.notified() => {}
-            _ = tokio::time::sleep(TICK) => {}
-        }
-        if let Err(e) = cp.schedule().await {
+            _ = cp.jobs.kick.notified() => false,
+            _ = tick.tick() => true,
+        };
+        if let Err(e) = cp.schedule(full).await {
             warn!("job scheduling pass failed: {:#}", anyhow::Error::from(e));
         }
     }
@@ -948,7 +1084,7 @@ async fn commit(cp: &ControlPlane, writes: Vec<Write>) {
             w.send_replace(Arc::new(rec));
         }
         if let Some(c) = committed {
-            let _ = c.send(());
+            c.send_replace(true);
         }
     }
 }

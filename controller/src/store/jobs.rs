@@ -57,10 +57,16 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        // Rows per statement: SQLite has a limit on parameters per statement (32766) and no
+        // network; PostgreSQL prefers fewer round trips.
+        let (job_rows, log_rows) = match self.backend {
+            super::Backend::Sqlite => (32, 64),
+            super::Backend::Postgres => (32, 100),
+        };
         let mut tx = self.pool.begin().await?;
-        for chunk in batch.jobs.chunks(32) {
+        for chunk in batch.jobs.chunks(job_rows) {
             let mut sql = format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES ");
-            push_placeholders(&mut sql, chunk.len(), JOB_COLS);
+            push_placeholders(&mut sql, self.backend, chunk.len(), JOB_COLS);
             sql.push_str(
                 " ON CONFLICT (id) DO UPDATE SET state = excluded.state, node_id = excluded.node_id, \
                  node_name = excluded.node_name, attempt = excluded.attempt, dispatched_at = excluded.dispatched_at, \
@@ -97,11 +103,11 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
-        for chunk in batch.logs.chunks(100) {
+        for chunk in batch.logs.chunks(log_rows) {
             let mut sql = String::from(
                 "INSERT INTO job_logs (job_id, attempt, seq, at, stream, line) VALUES ",
             );
-            push_placeholders(&mut sql, chunk.len(), 6);
+            push_placeholders(&mut sql, self.backend, chunk.len(), 6);
             sql.push_str(" ON CONFLICT (job_id, attempt, seq) DO NOTHING");
             let mut q = sqlx::query(&sql);
             for (id, l) in chunk {
@@ -271,7 +277,9 @@ impl Store {
     }
 }
 
-fn push_placeholders(sql: &mut String, rows: usize, cols: usize) {
+/// `(?, ?, ...)` rows for SQLite (anonymous parameters: binding them costs nothing per name),
+/// `($1, $2, ...)` for PostgreSQL.
+fn push_placeholders(sql: &mut String, backend: super::Backend, rows: usize, cols: usize) {
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
@@ -281,7 +289,10 @@ fn push_placeholders(sql: &mut String, rows: usize, cols: usize) {
             if c > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!("${}", i * cols + c + 1));
+            match backend {
+                super::Backend::Sqlite => sql.push('?'),
+                super::Backend::Postgres => sql.push_str(&format!("${}", i * cols + c + 1)),
+            }
         }
         sql.push(')');
     }
