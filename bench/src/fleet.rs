@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
+use nebula_agent::config::{ExecConfig, JobsConfig};
 use nebula_agent::identity::{new_key_and_csr, AgentState, Identity};
+use nebula_agent::jobs::{JobRunner, RunnerConfig};
 use nebula_agent::tls;
 use nebula_protocol::telemetry::{
     ContainerHealth, ContainerInfo, ContainerSample, ContainerState, Datagram, DiskInfo, GpuInfo,
@@ -193,14 +195,14 @@ async fn enroll_one(
 }
 
 #[derive(Default)]
-struct Counters {
-    sent: AtomicU64,
+pub(crate) struct Counters {
+    pub sent: AtomicU64,
     send_errors: AtomicU64,
     too_big: AtomicU64,
 }
 
 /// A probe: send a sample now and report its seq.
-type Probe = oneshot::Sender<u64>;
+pub(crate) type Probe = oneshot::Sender<u64>;
 
 #[allow(clippy::too_many_arguments)]
 async fn run_agent(
@@ -214,6 +216,7 @@ async fn run_agent(
     ready: oneshot::Sender<anyhow::Result<Instant>>,
     mut probes: mpsc::Receiver<Probe>,
     counters: Arc<Counters>,
+    runner: Option<Arc<JobRunner>>,
     shutdown: CancellationToken,
 ) {
     let connect = || async {
@@ -301,7 +304,17 @@ async fn run_agent(
                 send_one(&mut rng, seq);
                 let _ = p.send(seq);
             }
+            // Jobs: the agent's real job runner serves each stream the controller opens.
+            bi = conn.accept_bi(), if runner.is_some() => {
+                let Ok((s, r)) = bi else { break };
+                if let Some(runner) = &runner {
+                    runner.spawn_stream(s, r);
+                }
+            }
         }
+    }
+    if let Some(runner) = &runner {
+        runner.shutdown().await;
     }
     conn.close(0u32.into(), b"simulation over");
 }
@@ -326,80 +339,17 @@ pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let token = join_token(&client, http, &admin, n).await?;
 
-    let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(AGENTS_PER_ENDPOINT))
-        .map(|_| tls::client_endpoint(quic))
-        .collect::<Result<_, _>>()?;
-    let start = Instant::now();
-    // Enroll: many at once, bounded so the simulator does not flood its own sockets.
-    let gate = Arc::new(Semaphore::new(256));
-    let tracker = TaskTracker::new();
-    let mut enrolled = Vec::with_capacity(n);
-    for i in 0..n {
-        let ep = endpoints[i / AGENTS_PER_ENDPOINT].clone();
-        let token = token.clone();
-        let gate = gate.clone();
-        enrolled.push(tracker.spawn(async move {
-            let _p = gate.acquire_owned().await?;
-            let mut last = None;
-            for _ in 0..5 {
-                match enroll_one(&ep, quic, &token, &format!("sim-{i:05}")).await {
-                    Ok(id) => return Ok(id),
-                    Err(e) => {
-                        last = Some(e);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-            Err(last.unwrap_or_else(|| anyhow::anyhow!("enrollment failed")))
-        }));
-    }
-    let mut identities = Vec::with_capacity(n);
-    for h in enrolled {
-        identities.push(h.await??);
-    }
-    let enrolled_at = start.elapsed();
-    println!("enrolled {n} in {:.1} s", enrolled_at.as_secs_f64());
-
-    let shutdown = CancellationToken::new();
-    let counters = Arc::new(Counters::default());
-    let mut ready = Vec::with_capacity(n);
-    let mut probe_tx = Vec::with_capacity(n);
-    for (i, identity) in identities.into_iter().enumerate() {
-        let (rtx, rrx) = oneshot::channel();
-        let (ptx, prx) = mpsc::channel(4);
-        ready.push(rrx);
-        probe_tx.push((identity.state.name.clone(), ptx));
-        let ep = endpoints[i / AGENTS_PER_ENDPOINT].clone();
-        tracker.spawn(run_agent(
-            gate.clone(),
-            i,
-            ep,
-            quic,
-            identity,
-            a.interval,
-            a.containers,
-            rtx,
-            prx,
-            counters.clone(),
-            shutdown.clone(),
-        ));
-        if i % 256 == 255 {
-            tokio::task::yield_now().await;
-        }
-    }
-    let mut failed = 0usize;
-    for r in ready {
-        match r.await {
-            Ok(Ok(_)) => {}
-            _ => failed += 1,
-        }
-    }
-    let all_connected = start.elapsed();
-    println!(
-        "{} connected {:.1} s after the start ({failed} failed)",
-        n - failed,
-        all_connected.as_secs_f64()
-    );
+    let fleet = SimFleet::start(quic, &token, n, "sim", a.interval, a.containers, None).await?;
+    let SimFleet {
+        probe_tx,
+        counters,
+        shutdown,
+        tracker,
+        enrolled_at,
+        all_connected,
+        failed,
+        ..
+    } = fleet;
 
     // Warm up one interval, then measure a steady window.
     tokio::time::sleep(a.interval + Duration::from_secs(1)).await;
@@ -535,4 +485,136 @@ async fn scrape(
         }
     }
     Ok(s)
+}
+
+/// N simulated agents, enrolled and connected, sending telemetry until `shutdown`.
+pub(crate) struct SimFleet {
+    pub names: Vec<String>,
+    pub probe_tx: Vec<(String, mpsc::Sender<Probe>)>,
+    pub counters: Arc<Counters>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub enrolled_at: Duration,
+    pub all_connected: Duration,
+    pub failed: usize,
+}
+
+impl SimFleet {
+    /// Enroll `n` agents named `<prefix>-NNNNN` with `token`, then connect them all. With
+    /// `jobs_dir`, each agent also runs the real agent's job runner (its journal in a directory
+    /// of its own below `jobs_dir`) and serves the job streams the controller opens.
+    pub(crate) async fn start(
+        quic: SocketAddr,
+        token: &JoinToken,
+        n: usize,
+        prefix: &str,
+        interval: Duration,
+        containers: usize,
+        jobs_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<SimFleet> {
+        let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(AGENTS_PER_ENDPOINT))
+            .map(|_| tls::client_endpoint(quic))
+            .collect::<Result<_, _>>()?;
+        let start = Instant::now();
+        // Enroll: many at once, bounded so the simulator does not flood its own sockets.
+        let gate = Arc::new(Semaphore::new(256));
+        let tracker = TaskTracker::new();
+        let mut enrolled = Vec::with_capacity(n);
+        for i in 0..n {
+            let ep = endpoints[i / AGENTS_PER_ENDPOINT].clone();
+            let token = token.clone();
+            let gate = gate.clone();
+            let prefix = prefix.to_owned();
+            enrolled.push(tracker.spawn(async move {
+                let _p = gate.acquire_owned().await?;
+                let mut last = None;
+                for _ in 0..5 {
+                    match enroll_one(&ep, quic, &token, &format!("{prefix}-{i:05}")).await {
+                        Ok(id) => return Ok(id),
+                        Err(e) => {
+                            last = Some(e);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+                Err(last.unwrap_or_else(|| anyhow::anyhow!("enrollment failed")))
+            }));
+        }
+        let mut identities = Vec::with_capacity(n);
+        for h in enrolled {
+            identities.push(h.await??);
+        }
+        let enrolled_at = start.elapsed();
+        println!("enrolled {n} in {:.1} s", enrolled_at.as_secs_f64());
+
+        let shutdown = CancellationToken::new();
+        let counters = Arc::new(Counters::default());
+        let mut ready = Vec::with_capacity(n);
+        let mut probe_tx = Vec::with_capacity(n);
+        let mut names = Vec::with_capacity(n);
+        for (i, identity) in identities.into_iter().enumerate() {
+            names.push(identity.state.name.clone());
+            let runner = match jobs_dir {
+                Some(dir) => Some(JobRunner::new(
+                    RunnerConfig {
+                        jobs: JobsConfig::default(),
+                        exec: ExecConfig::default(),
+                        repo_dirs: Vec::new(),
+                        facts: NodeFacts {
+                            hostname: identity.state.name.clone(),
+                            ..Default::default()
+                        },
+                    },
+                    &dir.join(&identity.state.name),
+                )?),
+                None => None,
+            };
+            let (rtx, rrx) = oneshot::channel();
+            let (ptx, prx) = mpsc::channel(4);
+            ready.push(rrx);
+            probe_tx.push((identity.state.name.clone(), ptx));
+            let ep = endpoints[i / AGENTS_PER_ENDPOINT].clone();
+            tracker.spawn(run_agent(
+                gate.clone(),
+                i,
+                ep,
+                quic,
+                identity,
+                interval,
+                containers,
+                rtx,
+                prx,
+                counters.clone(),
+                runner,
+                shutdown.clone(),
+            ));
+            if i % 256 == 255 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut failed = 0usize;
+        for r in ready {
+            match r.await {
+                Ok(Ok(_)) => {}
+                _ => failed += 1,
+            }
+        }
+        let all_connected = start.elapsed();
+        println!(
+            "{} connected {:.1} s after the start ({failed} failed)",
+            n - failed,
+            all_connected.as_secs_f64()
+        );
+
+        Ok(SimFleet {
+            names,
+            probe_tx,
+            counters,
+            shutdown,
+            tracker,
+            enrolled_at,
+            all_connected,
+            failed,
+        })
+    }
 }

@@ -31,6 +31,7 @@ struct Cli {
 mod fleet;
 mod footprint;
 mod gpu;
+mod jobs;
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -65,6 +66,24 @@ enum Cmd {
         /// Output file (default: bench/results/fleet-<N>.json).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// No-op jobs: round trip (idle and with a telemetry-heavy fleet) and throughput.
+    Jobs {
+        /// Agents serving jobs (the agent's real job runner).
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        /// More agents that only send telemetry during the second round-trip run (0: skip).
+        #[arg(long, default_value_t = 10_000)]
+        background: usize,
+        #[arg(long, default_value_t = 2000)]
+        round_trips: usize,
+        /// Clients creating jobs at once in the throughput run.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        throughput_for: Duration,
+        #[arg(long, default_value = "bench/results/jobs.json")]
+        out: PathBuf,
     },
     /// Enroll and connect N agents at once; controller RSS; reconnect after restarts.
     Enroll {
@@ -106,6 +125,21 @@ fn main() -> anyhow::Result<()> {
                 out,
             }))
         }
+        Cmd::Jobs {
+            agents,
+            background,
+            round_trips,
+            concurrency,
+            throughput_for,
+            out,
+        } => rt.block_on(jobs::jobs_bench(jobs::JobsArgs {
+            agents,
+            background,
+            round_trips,
+            concurrency,
+            throughput_for,
+            out,
+        })),
         Cmd::Gpu { iterations, out } => gpu::gpu_bench(iterations, &out),
         Cmd::Footprint {
             containers,
