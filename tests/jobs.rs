@@ -10,7 +10,8 @@ use common::inproc::{gpu, model, InProcAgent};
 use common::{bin, wait_for, Agent, Controller, ControllerOpts};
 use serde_json::{json, Value};
 
-/// An agent config with an allow-list: custom commands (fixed argv), git-pull inside `repos`.
+/// An agent config with an allow-list: custom commands (fixed argv), git-pull inside `repos`;
+/// `extra` lines go into the `[exec]` table.
 fn exec_config(dir: &Path, extra: &str) -> String {
     let runs = dir.join("runs.log");
     let pids = dir.join("pids");
@@ -22,6 +23,7 @@ max_concurrent = 32
 
 [exec]
 git_dirs = ["{repos}"]
+{extra}
 
 [exec.commands.hello]
 argv = ["sh", "-c", "echo hello from $(hostname); echo line two; echo to stderr >&2"]
@@ -34,7 +36,6 @@ argv = ["sh", "-c", "echo $$ > {pids}/$$; echo sleeping; sleep 60; echo woke"]
 
 [exec.commands.slow]
 argv = ["sh", "-c", "echo run >> {runs}; echo started; sleep 4; echo finished"]
-{extra}
 "#,
         repos = dir.join("repos").display(),
         runs = runs.display(),
@@ -853,4 +854,105 @@ async fn fan_out_over_five_nodes_gives_five_results() {
         )
         .await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_runs_at_most_its_configured_number_of_jobs_at_once() {
+    let c = Controller::start(ControllerOpts::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = c.token(1, "1h", json!({})).await;
+    let config = exec_config(dir.path(), "").replace("max_concurrent = 32", "max_concurrent = 1");
+    let _a = Agent::join_with_config(&c, &token, &dir.path().join("state"), "box", &[], &config);
+    c.wait_status("box", "online", Duration::from_secs(20))
+        .await;
+    let first = c
+        .job(json!({"node": "box", "work": {"kind": "exec", "op": "sleeper"}}))
+        .await;
+    c.wait_job(
+        &first["id"],
+        "the first job running",
+        Duration::from_secs(20),
+        |j| j["state"] == "running",
+    )
+    .await;
+    let second = c
+        .job(json!({"node": "box", "work": {"kind": "exec", "op": "hello"}}))
+        .await;
+    // The agent has it (dispatched) but no slot is free: it does not start.
+    let held = c
+        .wait_job(
+            &second["id"],
+            "the second job dispatched",
+            Duration::from_secs(20),
+            |j| j["state"] == "dispatched",
+        )
+        .await;
+    assert!(held["started_at"].is_null(), "{held}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = c
+        .get(&format!("/api/v1/jobs/{}", second["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(
+        still["state"], "dispatched",
+        "started while the only slot was taken: {still}"
+    );
+    // Freeing the slot lets it run.
+    c.api(
+        reqwest::Method::POST,
+        &format!("/api/v1/jobs/{}/cancel", first["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    let done = c
+        .wait_job(
+            &second["id"],
+            "the second job to run",
+            Duration::from_secs(20),
+            |j| j["state"] == "succeeded",
+        )
+        .await;
+    assert!(done["started_at"].as_i64().unwrap() >= still["dispatched_at"].as_i64().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_restart_restarts_only_allowed_containers_on_the_real_engine() {
+    use common::docker::{self, Containers};
+    let ctrs = Containers::new();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let web = format!("nebula-job-web-{}", &tag[..8]);
+    let other = format!("nebula-job-other-{}", &tag[..8]);
+    ctrs.run(&web, &[docker::IMAGE, "sleep", "600"]);
+    ctrs.run(&other, &[docker::IMAGE, "sleep", "600"]);
+    let started = |name: &str| docker::docker(&["inspect", "-f", "{{.State.StartedAt}}", name]);
+    let (web_before, other_before) = (started(&web), started(&other));
+
+    let c = Controller::start(ControllerOpts::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = c.token(1, "1h", json!({})).await;
+    let config = exec_config(dir.path(), &format!("docker_containers = [\"{web}\"]"));
+    let _a = Agent::join_with_config(&c, &token, &dir.path().join("state"), "box", &[], &config);
+    c.wait_status("box", "online", Duration::from_secs(20))
+        .await;
+
+    let ok = c
+        .job(json!({"node": "box", "work": {"kind": "exec", "op": "docker-restart", "args": [web]}, "wait": "60s"}))
+        .await;
+    assert_eq!(ok["state"], "succeeded", "{ok}");
+    assert_ne!(started(&web), web_before, "the container was restarted");
+    let refused = c
+        .job(json!({"node": "box", "work": {"kind": "exec", "op": "docker-restart", "args": [other]}, "wait": "60s"}))
+        .await;
+    assert_eq!(refused["state"], "failed");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("docker_containers"),
+        "{refused}"
+    );
+    assert_eq!(
+        started(&other),
+        other_before,
+        "a container not on the list is untouched"
+    );
 }

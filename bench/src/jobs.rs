@@ -20,6 +20,7 @@ pub struct JobsArgs {
     pub round_trips: usize,
     pub concurrency: usize,
     pub throughput_for: Duration,
+    pub runs: usize,
     pub out: std::path::PathBuf,
 }
 
@@ -194,49 +195,73 @@ pub async fn jobs_bench(a: JobsArgs) -> anyhow::Result<()> {
         a.agents
     );
 
-    let idle = round_trips(&client, &url, &admin, &fleet.names, a.round_trips).await?;
-    let mut sorted = idle.clone();
-    sorted.sort_by(|x, y| x.total_cmp(y));
-    println!(
-        "round trip, {} agents idle: p50 {:.2} ms, p99 {:.2} ms ({} jobs)",
-        a.agents,
-        percentile(&sorted, 0.5),
-        percentile(&sorted, 0.99),
-        sorted.len()
-    );
-
-    let commits0 = commits(&client, http, &admin).await?;
-    let cpu0 = cpu_ns(pid);
-    let (rate, lat) =
-        throughput(&url, &admin, &fleet.names, a.concurrency, a.throughput_for).await?;
-    let tp_cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9 / a.throughput_for.as_secs_f64();
-    let commit_rate =
-        (commits(&client, http, &admin).await? - commits0) / a.throughput_for.as_secs_f64();
-    println!(
-        "store commits {commit_rate:.0}/s ({:.1} jobs per commit)",
-        rate / commit_rate.max(1.0)
-    );
-    let mut tl = lat.clone();
-    tl.sort_by(|x, y| x.total_cmp(y));
-    println!(
-        "throughput, {} clients over {} agents: {rate:.0} jobs/s (latency p50 {:.1} ms, p99 {:.1} ms; controller {tp_cpu:.2} cores, RSS {} MiB)",
-        a.concurrency,
-        a.agents,
-        percentile(&tl, 0.5),
-        percentile(&tl, 0.99),
-        rss_kib(pid) / 1024
-    );
-
-    // The same no-op jobs created in bulk: one fan-out request (`POST /api/v1/inventory/execute`)
-    // creates a job on each of the agents and answers with every result.
     let fan_url = format!("http://{http}/api/v1/inventory/execute");
-    let cpu0 = cpu_ns(pid);
-    let (fan_rate, fan_lat) = fan_out(&fan_url, &admin, &fleet.names, 4, a.throughput_for).await?;
-    let fan_cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9 / a.throughput_for.as_secs_f64();
-    println!(
-        "throughput by fan-out (4 clients, {} jobs per request): {fan_rate:.0} jobs/s (controller {fan_cpu:.2} cores)",
-        fleet.names.len()
-    );
+    let mut runs = Vec::new();
+    for run in 1..=a.runs {
+        println!("-- run {run} of {}", a.runs);
+        let idle = round_trips(&client, &url, &admin, &fleet.names, a.round_trips).await?;
+        let mut sorted = idle.clone();
+        sorted.sort_by(|x, y| x.total_cmp(y));
+        println!(
+            "round trip, {} agents idle: p50 {:.2} ms, p99 {:.2} ms ({} jobs)",
+            a.agents,
+            percentile(&sorted, 0.5),
+            percentile(&sorted, 0.99),
+            sorted.len()
+        );
+
+        let commits0 = commits(&client, http, &admin).await?;
+        let cpu0 = cpu_ns(pid);
+        let (rate, lat) =
+            throughput(&url, &admin, &fleet.names, a.concurrency, a.throughput_for).await?;
+        let tp_cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9 / a.throughput_for.as_secs_f64();
+        let commit_rate =
+            (commits(&client, http, &admin).await? - commits0) / a.throughput_for.as_secs_f64();
+        println!(
+            "store commits {commit_rate:.0}/s ({:.1} jobs per commit)",
+            rate / commit_rate.max(1.0)
+        );
+        let mut tl = lat.clone();
+        tl.sort_by(|x, y| x.total_cmp(y));
+        println!(
+            "throughput, {} clients over {} agents: {rate:.0} jobs/s (latency p50 {:.1} ms, p99 {:.1} ms; controller {tp_cpu:.2} cores, RSS {} MiB)",
+            a.concurrency,
+            a.agents,
+            percentile(&tl, 0.5),
+            percentile(&tl, 0.99),
+            rss_kib(pid) / 1024
+        );
+
+        // The same no-op jobs created in bulk: one fan-out request (`POST /api/v1/inventory/execute`)
+        // creates a job on each of the agents and answers with every result.
+        let cpu0 = cpu_ns(pid);
+        let (fan_rate, fan_lat) =
+            fan_out(&fan_url, &admin, &fleet.names, 4, a.throughput_for).await?;
+        let fan_cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9 / a.throughput_for.as_secs_f64();
+        println!(
+            "throughput by fan-out (4 clients, {} jobs per request): {fan_rate:.0} jobs/s (controller {fan_cpu:.2} cores)",
+            fleet.names.len()
+        );
+        runs.push(json!({
+            "round_trip_idle_ms": stats(idle),
+            "throughput": {
+                "clients": a.concurrency,
+                "jobs_per_s": rate,
+                "latency_ms": stats(lat),
+                "controller_cpu_cores": tp_cpu,
+                "controller_cpu_us_per_job": tp_cpu * 1e6 / rate.max(1.0),
+                "store_commits_per_s": commit_rate,
+            },
+            "throughput_fan_out": {
+                "clients": 4,
+                "jobs_per_request": a.agents,
+                "jobs_per_s": fan_rate,
+                "request_ms": stats(fan_lat),
+                "controller_cpu_cores": fan_cpu,
+                "controller_cpu_us_per_job": fan_cpu * 1e6 / fan_rate.max(1.0),
+            },
+        }));
+    }
 
     let mut busy = None;
     if a.background > 0 {
@@ -256,20 +281,24 @@ pub async fn jobs_bench(a: JobsArgs) -> anyhow::Result<()> {
             bg.failed
         );
         tokio::time::sleep(Duration::from_secs(6)).await;
-        let sent0 = bg.counters.sent.load(Ordering::Relaxed);
-        let t0 = Instant::now();
-        let under = round_trips(&client, &url, &admin, &fleet.names, a.round_trips).await?;
-        let sent_rate =
-            (bg.counters.sent.load(Ordering::Relaxed) - sent0) as f64 / t0.elapsed().as_secs_f64();
-        let mut s2 = under.clone();
-        s2.sort_by(|x, y| x.total_cmp(y));
-        println!(
-            "round trip with {} agents' telemetry ({sent_rate:.0} samples/s): p50 {:.2} ms, p99 {:.2} ms",
-            a.background,
-            percentile(&s2, 0.5),
-            percentile(&s2, 0.99)
-        );
-        busy = Some((under, sent_rate, bg.failed));
+        let mut under_runs = Vec::new();
+        for run in 1..=a.runs {
+            let sent0 = bg.counters.sent.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            let under = round_trips(&client, &url, &admin, &fleet.names, a.round_trips).await?;
+            let sent_rate = (bg.counters.sent.load(Ordering::Relaxed) - sent0) as f64
+                / t0.elapsed().as_secs_f64();
+            let mut s2 = under.clone();
+            s2.sort_by(|x, y| x.total_cmp(y));
+            println!(
+                "run {run}: round trip with {} agents' telemetry ({sent_rate:.0} samples/s): p50 {:.2} ms, p99 {:.2} ms",
+                a.background,
+                percentile(&s2, 0.5),
+                percentile(&s2, 0.99)
+            );
+            under_runs.push(json!({"round_trip_ms": stats(under), "samples_per_s": sent_rate}));
+        }
+        busy = Some((under_runs, bg.failed));
         bg.shutdown.cancel();
         bg.tracker.close();
         bg.tracker.wait().await;
@@ -282,36 +311,43 @@ pub async fn jobs_bench(a: JobsArgs) -> anyhow::Result<()> {
     let mut result = json!({
         "bench": "jobs",
         "command": format!(
-            "cargo run --release -p nebula-bench -- jobs --agents {} --background {} --round-trips {} --concurrency {} --throughput-for {}",
+            "cargo run --release -p nebula-bench -- jobs --agents {} --background {} --round-trips {} --concurrency {} --throughput-for {} --runs {}",
             a.agents, a.background, a.round_trips, a.concurrency,
-            humantime::format_duration(a.throughput_for)
+            humantime::format_duration(a.throughput_for), a.runs
         ),
         "machine": {"cpus": std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1), "note": "clients, simulated agents and controller share this machine"},
         "path": "POST /api/v1/jobs {node, work: noop, wait} -> SQLite group commit -> QUIC stream -> agent job runner (journal) -> result stored -> HTTP answer",
         "agents": a.agents,
-        "round_trip_idle_ms": stats(idle),
-        "throughput": {
-            "clients": a.concurrency,
-            "jobs_per_s": rate,
-            "latency_ms": stats(lat),
-            "controller_cpu_cores": tp_cpu,
-            "controller_cpu_us_per_job": tp_cpu * 1e6 / rate.max(1.0),
-            "store_commits_per_s": commit_rate,
-        },
-        "throughput_fan_out": {
-            "clients": 4,
-            "jobs_per_request": a.agents,
-            "jobs_per_s": fan_rate,
-            "request_ms": stats(fan_lat),
-            "controller_cpu_cores": fan_cpu,
-            "controller_cpu_us_per_job": fan_cpu * 1e6 / fan_rate.max(1.0),
-        },
+        "runs": runs,
     });
-    if let Some((under, rate, failed)) = busy {
-        result["round_trip_with_telemetry_ms"] = stats(under);
-        result["background"] =
-            json!({"agents": a.background, "connect_failures": failed, "samples_per_s": rate});
+    let median_of = |runs: &[serde_json::Value], path: &[&str]| -> f64 {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| path.iter().try_fold(r, |r, k| r.get(k))?.as_f64())
+            .collect();
+        v.sort_by(|x, y| x.total_cmp(y));
+        percentile(&v, 0.5)
+    };
+    let mut median = json!({
+        "round_trip_idle_p50_ms": median_of(&runs, &["round_trip_idle_ms", "median"]),
+        "round_trip_idle_p99_ms": median_of(&runs, &["round_trip_idle_ms", "p99"]),
+        "throughput_jobs_per_s": median_of(&runs, &["throughput", "jobs_per_s"]),
+        "throughput_fan_out_jobs_per_s": median_of(&runs, &["throughput_fan_out", "jobs_per_s"]),
+        "controller_cpu_us_per_job": median_of(&runs, &["throughput", "controller_cpu_us_per_job"]),
+    });
+    if let Some((under_runs, failed)) = busy {
+        median["round_trip_with_telemetry_p50_ms"] =
+            json!(median_of(&under_runs, &["round_trip_ms", "median"]));
+        median["round_trip_with_telemetry_p99_ms"] =
+            json!(median_of(&under_runs, &["round_trip_ms", "p99"]));
+        result["with_telemetry"] = json!({
+            "background_agents": a.background,
+            "connect_failures": failed,
+            "runs": under_runs,
+        });
     }
+    println!("medians of {} runs: {median}", a.runs);
+    result["median"] = median;
     if let Some(parent) = a.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

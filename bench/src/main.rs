@@ -82,6 +82,9 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         throughput_for: Duration,
+        /// Measurements repeated (medians are reported too).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
         #[arg(long, default_value = "bench/results/jobs.json")]
         out: PathBuf,
     },
@@ -131,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             round_trips,
             concurrency,
             throughput_for,
+            runs,
             out,
         } => rt.block_on(jobs::jobs_bench(jobs::JobsArgs {
             agents,
@@ -138,6 +142,7 @@ fn main() -> anyhow::Result<()> {
             round_trips,
             concurrency,
             throughput_for,
+            runs,
             out,
         })),
         Cmd::Gpu { iterations, out } => gpu::gpu_bench(iterations, &out),
