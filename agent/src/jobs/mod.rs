@@ -356,6 +356,11 @@ impl JobRunner {
                 "job delivered again; attaching to the run"
             );
         }
+        // A quick job (a noop, a refusal) is often over after one yield: its acknowledgement and
+        // result then leave in one packet.
+        if !resumed {
+            tokio::task::yield_now().await;
+        }
         let mut changed = running.changed.subscribe();
         let mut cursor = req.logs_from;
         let mut told_started = false;
