@@ -327,37 +327,46 @@ fn what(job: &Value) -> String {
     }
 }
 
-pub async fn jobs(cli: &Cli, a: &JobsArgs) -> anyhow::Result<()> {
+/// Fetch one page of a list endpoint with optional filters; `None` when `--json` printed it.
+async fn page(
+    cli: &Cli,
+    path: &str,
+    limit: u32,
+    filters: &[(&str, &Option<String>)],
+) -> anyhow::Result<Option<Vec<Value>>> {
     let api = Api::new(cli)?;
-    let mut q = vec![format!("limit={}", a.limit)];
-    for (k, v) in [("state", &a.state), ("node", &a.node), ("kind", &a.kind)] {
+    let mut q = vec![format!("limit={limit}")];
+    for (k, v) in filters {
         if let Some(v) = v {
             q.push(format!("{k}={v}"));
         }
     }
-    let page: Value = api.get(&format!("/api/v1/jobs?{}", q.join("&"))).await?;
+    let page: Value = api.get(&format!("{path}?{}", q.join("&"))).await?;
     if cli.json {
         print_json(&page["items"]);
-        return Ok(());
+        return Ok(None);
     }
-    let rows = page["items"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .map(|j| {
-                    vec![
-                        s(&j["id"]),
-                        what(j),
-                        s(&j["state"]),
-                        s(&j["node"]),
-                        age(j["created_at"].as_i64()),
-                        s(&j["created_by"]),
-                    ]
-                })
-                .collect()
+    Ok(Some(page["items"].as_array().cloned().unwrap_or_default()))
+}
+
+pub async fn jobs(cli: &Cli, a: &JobsArgs) -> anyhow::Result<()> {
+    let filters = [("state", &a.state), ("node", &a.node), ("kind", &a.kind)];
+    let Some(items) = page(cli, "/api/v1/jobs", a.limit, &filters).await? else {
+        return Ok(());
+    };
+    let rows = items
+        .iter()
+        .map(|j| {
+            vec![
+                s(&j["id"]),
+                what(j),
+                s(&j["state"]),
+                s(&j["node"]),
+                age(j["created_at"].as_i64()),
+                s(&j["created_by"]),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(&["ID", "WHAT", "STATE", "NODE", "AGE", "BY"], rows);
     Ok(())
 }
@@ -449,34 +458,21 @@ pub struct AuditArgs {
 }
 
 pub async fn audit(cli: &Cli, a: &AuditArgs) -> anyhow::Result<()> {
-    let api = Api::new(cli)?;
-    let mut q = vec![format!("limit={}", a.limit)];
-    for (k, v) in [("actor", &a.actor), ("action", &a.action)] {
-        if let Some(v) = v {
-            q.push(format!("{k}={v}"));
-        }
-    }
-    let page: Value = api.get(&format!("/api/v1/audit?{}", q.join("&"))).await?;
-    if cli.json {
-        print_json(&page["items"]);
+    let filters = [("actor", &a.actor), ("action", &a.action)];
+    let Some(items) = page(cli, "/api/v1/audit", a.limit, &filters).await? else {
         return Ok(());
-    }
-    let rows = page["items"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .map(|e| {
-                    vec![
-                        age(e["at"].as_i64()),
-                        s(&e["actor"]),
-                        s(&e["action"]),
-                        s(&e["target"]),
-                    ]
-                })
-                .collect()
+    };
+    let rows = items
+        .iter()
+        .map(|e| {
+            vec![
+                age(e["at"].as_i64()),
+                s(&e["actor"]),
+                s(&e["action"]),
+                s(&e["target"]),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(&["AGO", "WHO", "ACTION", "TARGET"], rows);
     Ok(())
 }

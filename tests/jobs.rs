@@ -109,6 +109,33 @@ async fn logs(c: &Controller, id: &Value) -> Vec<String> {
         .collect()
 }
 
+/// One agent named `box` with this config, joined and online.
+async fn one_box(c: &Controller, state: &Path, config: &str) -> Agent {
+    let token = c.token(1, "1h", json!({})).await;
+    let a = Agent::join_with_config(c, &token, state, "box", &[], config);
+    c.wait_status("box", "online", Duration::from_secs(20))
+        .await;
+    a
+}
+
+/// Run the `nebula` CLI against the controller (on a blocking thread).
+async fn cli(c: &Controller, args: &[&str]) -> std::process::Output {
+    let url = c.url("");
+    let token = c.admin_token.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin("nebula"))
+            .arg("--controller")
+            .arg(&url)
+            .args(&args)
+            .env("NEBULA_TOKEN", token)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 fn pid_alive(pid: i32) -> bool {
     // Signal 0 checks existence; a zombie (reaped later) counts as gone.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -120,32 +147,10 @@ async fn exec_streams_output_and_the_agent_enforces_its_allow_list() {
     let c = Controller::start(ControllerOpts::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let (inside, outside) = repos(dir.path());
-    let token = c.token(1, "1h", json!({})).await;
-    let _a = Agent::join_with_config(
-        &c,
-        &token,
-        &dir.path().join("state"),
-        "box",
-        &[],
-        &exec_config(dir.path(), ""),
-    );
-    c.wait_status("box", "online", Duration::from_secs(20))
-        .await;
+    let _a = one_box(&c, &dir.path().join("state"), &exec_config(dir.path(), "")).await;
 
     // The CLI streams the output live and exits with the job's status.
-    let out = tokio::task::spawn_blocking({
-        let url = c.url("");
-        let token = c.admin_token.clone();
-        move || {
-            std::process::Command::new(bin("nebula"))
-                .args(["--controller", &url, "run", "box", "hello"])
-                .env("NEBULA_TOKEN", token)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let out = cli(&c, &["run", "box", "hello"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -154,19 +159,7 @@ async fn exec_streams_output_and_the_agent_enforces_its_allow_list() {
     assert!(stderr.contains("to stderr"), "{stderr}");
     assert!(stderr.contains("succeeded on box"), "{stderr}");
 
-    let failed = tokio::task::spawn_blocking({
-        let url = c.url("");
-        let token = c.admin_token.clone();
-        move || {
-            std::process::Command::new(bin("nebula"))
-                .args(["--controller", &url, "run", "box", "fail"])
-                .env("NEBULA_TOKEN", token)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let failed = cli(&c, &["run", "box", "fail"]).await;
     assert_eq!(
         failed.status.code(),
         Some(3),
@@ -292,17 +285,7 @@ async fn exec_streams_output_and_the_agent_enforces_its_allow_list() {
 async fn cancel_kills_the_process_and_a_deadline_times_it_out() {
     let c = Controller::start(ControllerOpts::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let token = c.token(1, "1h", json!({})).await;
-    let _a = Agent::join_with_config(
-        &c,
-        &token,
-        &dir.path().join("state"),
-        "box",
-        &[],
-        &exec_config(dir.path(), ""),
-    );
-    c.wait_status("box", "online", Duration::from_secs(20))
-        .await;
+    let _a = one_box(&c, &dir.path().join("state"), &exec_config(dir.path(), "")).await;
     let pids = dir.path().join("pids");
     let read_pid = || -> Option<i32> {
         let e = std::fs::read_dir(&pids).ok()?.flatten().next()?;
@@ -396,11 +379,8 @@ async fn cancel_kills_the_process_and_a_deadline_times_it_out() {
 async fn jobs_survive_a_controller_restart_and_none_runs_twice() {
     let mut c = Controller::start(ControllerOpts::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let token = c.token(1, "1h", json!({})).await;
     let state = dir.path().join("state");
-    let _a = Agent::join_with_config(&c, &token, &state, "box", &[], &exec_config(dir.path(), ""));
-    c.wait_status("box", "online", Duration::from_secs(20))
-        .await;
+    let _a = one_box(&c, &state, &exec_config(dir.path(), "")).await;
     let mut ids = Vec::new();
     for _ in 0..20 {
         let j = c
@@ -860,11 +840,8 @@ async fn fan_out_over_five_nodes_gives_five_results() {
 async fn an_agent_runs_at_most_its_configured_number_of_jobs_at_once() {
     let c = Controller::start(ControllerOpts::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let token = c.token(1, "1h", json!({})).await;
     let config = exec_config(dir.path(), "").replace("max_concurrent = 32", "max_concurrent = 1");
-    let _a = Agent::join_with_config(&c, &token, &dir.path().join("state"), "box", &[], &config);
-    c.wait_status("box", "online", Duration::from_secs(20))
-        .await;
+    let _a = one_box(&c, &dir.path().join("state"), &config).await;
     let first = c
         .job(json!({"node": "box", "work": {"kind": "exec", "op": "sleeper"}}))
         .await;
@@ -928,11 +905,8 @@ async fn docker_restart_restarts_only_allowed_containers_on_the_real_engine() {
 
     let c = Controller::start(ControllerOpts::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let token = c.token(1, "1h", json!({})).await;
     let config = exec_config(dir.path(), &format!("docker_containers = [\"{web}\"]"));
-    let _a = Agent::join_with_config(&c, &token, &dir.path().join("state"), "box", &[], &config);
-    c.wait_status("box", "online", Duration::from_secs(20))
-        .await;
+    let _a = one_box(&c, &dir.path().join("state"), &config).await;
 
     let ok = c
         .job(json!({"node": "box", "work": {"kind": "exec", "op": "docker-restart", "args": [web]}, "wait": "60s"}))

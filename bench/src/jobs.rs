@@ -24,6 +24,27 @@ pub struct JobsArgs {
     pub out: std::path::PathBuf,
 }
 
+/// POST a body and require the job(s) it answers with to have succeeded.
+async fn post_ok(
+    client: &reqwest::Client,
+    url: &str,
+    admin: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let resp: serde_json::Value = client
+        .post(url)
+        .bearer_auth(admin)
+        .json(body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let ok = resp["state"] == "succeeded" || (resp["failed"] == 0 && resp["succeeded"].is_number());
+    anyhow::ensure!(ok, "not every job succeeded: {resp}");
+    Ok(resp)
+}
+
 /// Sequential no-op jobs, round-robin over the agents; milliseconds each.
 async fn round_trips(
     client: &reqwest::Client,
@@ -36,17 +57,8 @@ async fn round_trips(
     for i in 0..n + 50 {
         let body = json!({"node": names[i % names.len()], "work": {"kind": "noop"}, "wait": "10s"});
         let t = Instant::now();
-        let resp: serde_json::Value = client
-            .post(url)
-            .bearer_auth(admin)
-            .json(&body)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        post_ok(client, url, admin, &body).await?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        anyhow::ensure!(resp["state"] == "succeeded", "job did not succeed: {resp}");
         // The first 50 warm connections and caches up.
         if i >= 50 {
             out.push(ms);
@@ -81,17 +93,8 @@ async fn throughput(
                 let body = json!({"node": names[i % names.len()], "work": {"kind": "noop"}, "wait": "10s"});
                 i += concurrency;
                 let t = Instant::now();
-                let resp: serde_json::Value = client
-                    .post(&url)
-                    .bearer_auth(&admin)
-                    .json(&body)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .json()
-                    .await?;
-                anyhow::ensure!(resp["state"] == "succeeded", "job did not succeed: {resp}");
-                lat.push(t.elapsed().as_secs_f64() * 1e3);
+                post_ok(&client, &url, &admin, &body).await?;
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
                 done.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(lat)
@@ -130,15 +133,7 @@ async fn fan_out(
             let mut lat = Vec::new();
             while Instant::now() < stop_at {
                 let t = Instant::now();
-                let resp: serde_json::Value = client
-                    .post(&url)
-                    .bearer_auth(&admin)
-                    .json(&body)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .json()
-                    .await?;
+                let resp = post_ok(&client, &url, &admin, &body).await?;
                 let ok = resp["succeeded"].as_u64().unwrap_or(0);
                 anyhow::ensure!(
                     ok as usize == names.len(),
