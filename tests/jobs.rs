@@ -739,6 +739,31 @@ async fn fan_out_over_five_nodes_gives_five_results() {
             );
         }
     }
+    // Counted in the metrics, by final state.
+    let metrics = c
+        .client
+        .get(c.url("/metrics"))
+        .bearer_auth(&c.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |state: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("nebula_jobs_finished_total{{state=\"{state}\"}} "))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        (count("succeeded"), count("failed")),
+        (4.0, 1.0),
+        "{metrics}"
+    );
     // Named nodes, and the inventory of every node.
     let (status, out) = c
         .api(

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub samples_dropped: Family<DropLabels, Counter>,
     pub frames_rejected: Counter,
     pub store_write_seconds: Histogram,
+    /// Jobs that reached a final state, by state.
+    pub jobs_finished: Family<DropLabels, Counter>,
+    /// Jobs not finished (queued, dispatched, running).
+    pub jobs_active: Gauge,
 }
 
 impl Metrics {
@@ -57,8 +61,20 @@ impl Metrics {
         let store_write_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         registry.register(
             "store_write_seconds",
-            "Latency of telemetry batch writes to the database",
+            "Latency of batched writes to the database (telemetry rollups, jobs)",
             store_write_seconds.clone(),
+        );
+        let jobs_finished = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached a final state, by state",
+            jobs_finished.clone(),
+        );
+        let jobs_active = Gauge::default();
+        registry.register(
+            "jobs_active",
+            "Jobs queued, dispatched or running",
+            jobs_active.clone(),
         );
         Metrics {
             registry,
@@ -67,6 +83,8 @@ impl Metrics {
             samples_dropped,
             frames_rejected,
             store_write_seconds,
+            jobs_finished,
+            jobs_active,
         }
     }
 

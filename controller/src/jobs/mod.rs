@@ -1071,7 +1071,14 @@ async fn commit(cp: &ControlPlane, writes: Vec<Write>) {
     cp.metrics
         .store_write_seconds
         .observe(started.elapsed().as_secs_f64());
+    cp.metrics.jobs_active.set(cp.jobs.active_count() as i64);
     for (rec, from, watch, committed) in after {
+        if from != Some(rec.state) && rec.state.is_terminal() && watch.is_some() {
+            cp.metrics
+                .jobs_finished
+                .get_or_create(&vec![("state", rec.state.as_str())])
+                .inc();
+        }
         if from != Some(rec.state) {
             cp.events.publish(Event::JobChanged {
                 id: rec.id,
