@@ -383,3 +383,171 @@ async fn rollups_round_trip_and_expire(s: &Store) {
     assert_eq!(s.rollups(node_id, 0).await.unwrap().len(), 60);
 }
 both!(rollups_round_trip_and_expire);
+
+fn job(n: u32, node: &str) -> nebula_controller::jobs::JobRecord {
+    use nebula_controller::jobs::{JobRecord, JobState, Target, Work};
+    JobRecord {
+        id: Uuid::now_v7(),
+        work: Work::Exec {
+            op: "git-pull".into(),
+            args: vec![format!("/srv/app{n}")],
+        },
+        target: Target::Node(node.into()),
+        state: JobState::Queued,
+        node_id: None,
+        node: None,
+        attempt: 1,
+        max_attempts: 3,
+        idempotent: n % 2 == 0,
+        created_by: "admin".into(),
+        created_at: now(),
+        dispatched_at: None,
+        started_at: None,
+        finished_at: None,
+        deadline: Some(now() + 60_000),
+        routing: None,
+        reason: Some("waiting".into()),
+        exit_code: None,
+        error: None,
+        output: None,
+        excluded: Vec::new(),
+        logs_next: 0,
+    }
+}
+
+async fn jobs_logs_and_audit_round_trip(s: &Store) {
+    use nebula_controller::jobs::{AuditRecord, JobLogLine, JobState};
+    use nebula_controller::store::jobs::{AuditFilter, JobBatch, JobFilter};
+    use nebula_protocol::jobs::{JobOutput, ProbeOutput};
+    // 70 jobs in one batch (more than one multi-row statement on either backend).
+    let mut jobs: Vec<_> = (0..70)
+        .map(|n| job(n, if n < 40 { "a" } else { "b" }))
+        .collect();
+    let audit: Vec<AuditRecord> = jobs
+        .iter()
+        .map(|j| AuditRecord {
+            id: Uuid::now_v7(),
+            at: now(),
+            actor: "admin".into(),
+            action: "job.create".into(),
+            target: j.id.to_string(),
+            detail: serde_json::json!({"work": j.work}),
+        })
+        .collect();
+    s.write_job_batch(&JobBatch {
+        jobs: jobs.clone(),
+        logs: Vec::new(),
+        audit,
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.active_jobs().await.unwrap().len(), 70);
+    // Updates: one finishes with output and logs, one is lost.
+    let done = &mut jobs[3];
+    done.state = JobState::Succeeded;
+    done.node = Some("a".into());
+    done.node_id = Some(Uuid::now_v7());
+    done.exit_code = Some(0);
+    done.finished_at = Some(now());
+    done.logs_next = 3;
+    done.output = Some(JobOutput::Probe(ProbeOutput {
+        ok: true,
+        status: Some(200),
+        latency_us: 1234,
+        error: None,
+    }));
+    let lost = &mut jobs[50];
+    lost.state = JobState::Lost;
+    lost.node = Some("b".into());
+    lost.excluded = vec![Uuid::now_v7()];
+    let logs: Vec<(Uuid, JobLogLine)> = (0..3)
+        .map(|seq| {
+            (
+                jobs[3].id,
+                JobLogLine {
+                    attempt: 1,
+                    seq,
+                    at: now(),
+                    stream: "stdout".into(),
+                    line: format!("line {seq} with 'quotes' and ünïcode"),
+                },
+            )
+        })
+        .collect();
+    s.write_job_batch(&JobBatch {
+        jobs: vec![jobs[3].clone(), jobs[50].clone()],
+        logs: logs.clone(),
+        audit: Vec::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.job(jobs[3].id).await.unwrap().as_ref(), Some(&jobs[3]));
+    assert_eq!(s.job(jobs[50].id).await.unwrap().as_ref(), Some(&jobs[50]));
+    assert_eq!(s.active_jobs().await.unwrap().len(), 68);
+    // A line written twice (a redelivery) is kept once.
+    s.write_job_batch(&JobBatch {
+        jobs: Vec::new(),
+        logs: logs[..1].to_vec(),
+        audit: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let stored = s.job_logs(jobs[3].id, None, 100).await.unwrap();
+    assert_eq!(
+        stored,
+        logs.iter().map(|(_, l)| l.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        s.job_logs(jobs[3].id, Some((1, 0)), 100)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(s.next_log_seq(jobs[3].id, 1).await.unwrap(), 3);
+    assert_eq!(s.next_log_seq(jobs[4].id, 1).await.unwrap(), 0);
+    // Filters and pages, newest first.
+    let f = |state, node: Option<&str>, before, limit| JobFilter {
+        state,
+        node: node.map(str::to_owned),
+        kind: None,
+        created_by: None,
+        before,
+        limit,
+    };
+    assert_eq!(
+        s.list_jobs(&f(Some(JobState::Succeeded), None, None, 10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        s.list_jobs(&f(None, Some("b"), None, 100))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let page1 = s.list_jobs(&f(None, None, None, 30)).await.unwrap();
+    assert_eq!(page1[0].id, jobs[69].id);
+    let page2 = s
+        .list_jobs(&f(None, None, Some(page1[29].id), 100))
+        .await
+        .unwrap();
+    assert_eq!(page1.len() + page2.len(), 70);
+    assert!(page2.iter().all(|j| j.id < page1[29].id));
+    let audit = s
+        .list_audit(&AuditFilter {
+            actor: Some("admin".into()),
+            action: Some("job.create".into()),
+            before: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 70);
+    assert_eq!(audit[0].target, jobs[69].id.to_string());
+    assert_eq!(audit[0].detail["work"]["kind"], "exec");
+}
+both!(jobs_logs_and_audit_round_trip);

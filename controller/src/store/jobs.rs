@@ -121,18 +121,22 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
-        for a in &batch.audit {
-            sqlx::query(
-                "INSERT INTO audit_log (id, at, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(a.id.to_string())
-            .bind(a.at)
-            .bind(a.actor.clone())
-            .bind(a.action.clone())
-            .bind(a.target.clone())
-            .bind(a.detail.to_string())
-            .execute(&mut *tx)
-            .await?;
+        for chunk in batch.audit.chunks(log_rows) {
+            let mut sql = String::from(
+                "INSERT INTO audit_log (id, at, actor, action, target, detail) VALUES ",
+            );
+            push_placeholders(&mut sql, self.backend, chunk.len(), 6);
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q
+                    .bind(a.id.to_string())
+                    .bind(a.at)
+                    .bind(a.actor.clone())
+                    .bind(a.action.clone())
+                    .bind(a.target.clone())
+                    .bind(a.detail.to_string());
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
