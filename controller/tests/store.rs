@@ -398,7 +398,7 @@ fn job(n: u32, node: &str) -> nebula_controller::jobs::JobRecord {
         node: None,
         attempt: 1,
         max_attempts: 3,
-        idempotent: n % 2 == 0,
+        idempotent: n.is_multiple_of(2),
         created_by: "admin".into(),
         created_at: now(),
         dispatched_at: None,
