@@ -506,6 +506,33 @@ async fn jobs_logs_and_audit_round_trip(s: &Store) {
     );
     assert_eq!(s.next_log_seq(jobs[3].id, 1).await.unwrap(), 3);
     assert_eq!(s.next_log_seq(jobs[4].id, 1).await.unwrap(), 0);
+    // A NUL byte (PostgreSQL's TEXT refuses it) is stored as U+FFFD instead of failing the batch.
+    let mut nul = jobs[5].clone();
+    nul.error = Some("bad\0byte".into());
+    s.write_job_batch(&JobBatch {
+        jobs: vec![nul],
+        logs: vec![(
+            jobs[5].id,
+            JobLogLine {
+                attempt: 1,
+                seq: 0,
+                at: now(),
+                stream: "stdout".into(),
+                line: "a\0b".into(),
+            },
+        )],
+        audit: Vec::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.job_logs(jobs[5].id, None, 10).await.unwrap()[0].line,
+        "a\u{FFFD}b"
+    );
+    assert_eq!(
+        s.job(jobs[5].id).await.unwrap().unwrap().error.as_deref(),
+        Some("bad\u{FFFD}byte")
+    );
     // Filters and pages, newest first.
     let f = |state, node: Option<&str>, before, limit| JobFilter {
         state,

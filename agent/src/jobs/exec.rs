@@ -50,6 +50,8 @@ pub fn resolve(cfg: &ExecConfig, spec: &ExecSpec) -> Result<Plan, String> {
                     "git".into(),
                     "-C".into(),
                     repo.display().to_string(),
+                    "-c".into(),
+                    format!("safe.directory={}", repo.display()),
                     "pull".into(),
                     "--ff-only".into(),
                 ],
@@ -70,6 +72,19 @@ pub fn resolve(cfg: &ExecConfig, spec: &ExecSpec) -> Result<Plan, String> {
         }
         "docker-restart" => {
             let container = one_arg("the container name")?;
+            // A name or id only: it goes into an API path, where `/`, `..` or `?` would reach
+            // other endpoints.
+            let valid = container.len() <= 128
+                && container
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphanumeric())
+                && container
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !valid {
+                return Err(format!("`{container}` is not a container name or id"));
+            }
             if !cfg
                 .docker_containers
                 .iter()
@@ -154,6 +169,11 @@ fn allowed_repo(cfg: &ExecConfig, repo: &Path) -> Result<PathBuf, String> {
             real.display()
         ));
     }
+    // The repository itself, not a directory inside one: git would otherwise search upwards
+    // and could pull a repository outside the allowed directories.
+    if !real.join(".git").exists() {
+        return Err(format!("`{}` is not a git repository", real.display()));
+    }
     Ok(real)
 }
 
@@ -207,8 +227,17 @@ async fn run_program(ctx: &JobContext, argv: &[String], cwd: Option<&Path>) -> J
             }
         };
         let waited = async {
-            let (status, _, _) = tokio::join!(child.wait(), pumps, pumps_err);
-            status
+            // Output until the process exits; then a moment for what is still in the pipes (a
+            // grandchild that keeps them open must not hold the job up).
+            let output = async { tokio::join!(pumps, pumps_err) };
+            tokio::pin!(output);
+            tokio::select! {
+                status = child.wait() => {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), &mut output).await;
+                    status
+                }
+                _ = &mut output => child.wait().await,
+            }
         };
         tokio::pin!(waited);
         stop = tokio::select! {
@@ -362,7 +391,7 @@ mod tests {
     fn only_the_allow_list_resolves() {
         let dir = tempfile::tempdir().unwrap();
         let inside = dir.path().join("repos/app");
-        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::create_dir_all(inside.join(".git")).unwrap();
         let outside = tempfile::tempdir().unwrap();
         let mut cfg = ExecConfig {
             git_dirs: vec![dir.path().join("repos")],
@@ -396,6 +425,15 @@ mod tests {
         assert!(resolve(&cfg, &spec("systemctl-restart", &["sshd.service"])).is_err());
         assert!(resolve(&cfg, &spec("docker-restart", &["web"])).is_ok());
         assert!(resolve(&cfg, &spec("docker-restart", &["db"])).is_err());
+        cfg.docker_containers = vec!["*".into()];
+        let bad = resolve(&cfg, &spec("docker-restart", &["x/../../volumes/prune?"])).unwrap_err();
+        assert!(bad.contains("not a container name"), "{bad}");
+        // The allowed root is not itself a repository: no upward search into another one.
+        assert!(resolve(
+            &cfg,
+            &spec("git-pull", &[dir.path().join("repos").to_str().unwrap()])
+        )
+        .is_err());
         assert!(resolve(&cfg, &spec("backup", &[])).is_ok());
         assert!(resolve(&cfg, &spec("backup", &["--all"])).is_err());
         let refused = resolve(&cfg, &spec("sh", &["rm -rf /"])).unwrap_err();

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::FutureExt;
 use nebula_protocol::jobs::{
     decode_request, DecodedControl, JobControl, JobEvent, JobRequest, JobResult, JobSpec,
     JobStatus, LogLine, LogStream, MAX_LOG_LINE,
@@ -33,6 +34,10 @@ pub mod journal;
 pub mod probe;
 
 pub use journal::{Journal, RunKey};
+
+/// The cancel reason of runs stopped because the agent stops: they end `Interrupted`, so the
+/// controller treats them as lost (and retries idempotent ones), not as cancelled by a person.
+const AGENT_STOPPING: &str = "the agent is stopping";
 
 /// Log lines kept per run for streams that attach later.
 pub const KEPT_LINES: usize = 10_000;
@@ -136,7 +141,13 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    pub fn log(&self, stream: LogStream, mut line: String) {
+    pub fn log(&self, stream: LogStream, line: String) {
+        // Text columns (PostgreSQL) and terminals take no NUL bytes.
+        let mut line = if line.contains('\0') {
+            line.replace('\0', "\u{FFFD}")
+        } else {
+            line
+        };
         if line.len() > MAX_LOG_LINE {
             let mut cut = MAX_LOG_LINE;
             while !line.is_char_boundary(cut) {
@@ -222,7 +233,7 @@ impl JobRunner {
         self.shutdown.cancel();
         let running: Vec<Arc<Running>> = self.lock().running.values().cloned().collect();
         for r in running {
-            r.cancel("the agent is stopping".into());
+            r.cancel(AGENT_STOPPING.into());
         }
         self.tracker.close();
         self.tracker.wait().await;
@@ -442,30 +453,40 @@ impl JobRunner {
             }
         };
         running.update(|log| log.started = true);
-        let result = match &req.spec {
-            JobSpec::Noop => JobResult::new(JobStatus::Succeeded, None),
-            JobSpec::Exec(spec) => match exec::resolve(&self.config.exec, spec) {
-                Ok(plan) => exec::run(&ctx, plan).await,
-                Err(refusal) => {
-                    warn!(op = %spec.op, "exec refused: {refusal}");
-                    JobResult::new(JobStatus::Refused, Some(refusal))
-                }
-            },
-            JobSpec::Probe(spec) => tokio::select! {
-                r = probe::run(&ctx, spec) => r,
-                stop = ctx.stopped() => stop.result(),
-            },
-            JobSpec::Inventory => {
-                let dirs = if self.config.repo_dirs.is_empty() {
-                    &self.config.exec.git_dirs
-                } else {
-                    &self.config.repo_dirs
-                };
-                tokio::select! {
-                    r = inventory::run(self.config.facts.clone(), dirs) => r,
+        let work = async {
+            match &req.spec {
+                JobSpec::Noop => JobResult::new(JobStatus::Succeeded, None),
+                JobSpec::Exec(spec) => match exec::resolve(&self.config.exec, spec) {
+                    Ok(plan) => exec::run(&ctx, plan).await,
+                    Err(refusal) => {
+                        warn!(op = %spec.op, "exec refused: {refusal}");
+                        JobResult::new(JobStatus::Refused, Some(refusal))
+                    }
+                },
+                JobSpec::Probe(spec) => tokio::select! {
+                    r = probe::run(&ctx, spec) => r,
                     stop = ctx.stopped() => stop.result(),
+                },
+                JobSpec::Inventory => {
+                    let dirs = if self.config.repo_dirs.is_empty() {
+                        &self.config.exec.git_dirs
+                    } else {
+                        &self.config.repo_dirs
+                    };
+                    tokio::select! {
+                        r = inventory::run(self.config.facts.clone(), dirs) => r,
+                        stop = ctx.stopped() => stop.result(),
+                    }
                 }
             }
+        };
+        // A bug in a job's code must not leave the job running forever: it fails instead.
+        let result = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+            Ok(r) => r,
+            Err(_) => JobResult::new(
+                JobStatus::Failed,
+                Some("the agent failed while running this job (see its log)".into()),
+            ),
         };
         drop(permit);
         self.finish(key, &running, result, !req.spec.is_read_only());
@@ -473,7 +494,11 @@ impl JobRunner {
 
     /// Journal the result, then publish it, under the runner's lock: a delivery that arrives
     /// now either finds the run (and its result) or the journal entry.
-    fn finish(&self, key: RunKey, running: &Running, result: JobResult, durable: bool) {
+    fn finish(&self, key: RunKey, running: &Running, mut result: JobResult, durable: bool) {
+        if result.status == JobStatus::Cancelled && result.error.as_deref() == Some(AGENT_STOPPING)
+        {
+            result.status = JobStatus::Interrupted;
+        }
         debug!(status = ?result.status, "job finished");
         let mut st = self.lock();
         if let Err(e) = st.journal.finished(key, &result, durable) {

@@ -305,12 +305,20 @@ impl ControlPlane {
                 })
                 .map(|n| self.candidate(n, t.in_flight.get(&n.id).copied().unwrap_or(0)))
                 .collect();
-            let decision = router::route(
-                &a.rec.target,
-                &candidates,
-                &[],
-                self.config.max_jobs_per_node,
-            );
+            // Older jobs waiting for a slot go first: the scheduler routes them in order.
+            let decision = if t.waiting > 0 {
+                Decision::Wait {
+                    reason: "waiting behind older jobs".into(),
+                    asleep: Vec::new(),
+                }
+            } else {
+                router::route(
+                    &a.rec.target,
+                    &candidates,
+                    &[],
+                    self.config.max_jobs_per_node,
+                )
+            };
             let conn = match &decision {
                 Decision::Run { node, .. } => self.registry.connection(*node),
                 Decision::Wait { .. } => None,
@@ -814,6 +822,10 @@ impl ControlPlane {
         let now_ms = now_ms();
         let capacity = self.config.max_jobs_per_node;
         let mut t = self.jobs.lock();
+        // Jobs may have been dispatched while the candidates were built: count them.
+        for c in candidates.iter_mut() {
+            c.in_flight = t.in_flight.get(&c.id).copied().unwrap_or(0);
+        }
         let mut waiting = 0;
         for id in ids {
             let Some(a) = t.active.get_mut(&id) else {

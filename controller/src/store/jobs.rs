@@ -93,10 +93,10 @@ impl Store {
                     .bind(j.started_at)
                     .bind(j.finished_at)
                     .bind(j.deadline)
-                    .bind(j.routing.clone())
-                    .bind(j.reason.clone())
+                    .bind(opt_text(&j.routing))
+                    .bind(opt_text(&j.reason))
                     .bind(j.exit_code.map(i64::from))
-                    .bind(j.error.clone())
+                    .bind(opt_text(&j.error))
                     .bind(j.output.as_ref().map(to_json))
                     .bind(to_json(&j.excluded))
                     .bind(j.logs_next as i64);
@@ -117,7 +117,7 @@ impl Store {
                     .bind(l.seq as i64)
                     .bind(l.at)
                     .bind(l.stream.clone())
-                    .bind(l.line.clone());
+                    .bind(text(&l.line));
             }
             q.execute(&mut *tx).await?;
         }
@@ -133,7 +133,7 @@ impl Store {
                     .bind(a.at)
                     .bind(a.actor.clone())
                     .bind(a.action.clone())
-                    .bind(a.target.clone())
+                    .bind(text(&a.target))
                     .bind(a.detail.to_string());
             }
             q.execute(&mut *tx).await?;
@@ -283,6 +283,20 @@ impl Store {
 
 /// `(?, ?, ...)` rows for SQLite (anonymous parameters: binding them costs nothing per name),
 /// `($1, $2, ...)` for PostgreSQL.
+/// PostgreSQL's TEXT takes no NUL byte: store U+FFFD instead (SQLite would keep it, but both
+/// backends store the same text).
+fn text(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_owned()
+    }
+}
+
+fn opt_text(s: &Option<String>) -> Option<String> {
+    s.as_deref().map(text)
+}
+
 fn push_placeholders(sql: &mut String, backend: super::Backend, rows: usize, cols: usize) {
     for i in 0..rows {
         if i > 0 {
