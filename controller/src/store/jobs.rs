@@ -161,37 +161,43 @@ impl Store {
     }
 
     pub async fn list_jobs(&self, f: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
-        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
-        let mut args: Vec<String> = Vec::new();
-        let mut cond = |sql: &mut String, col: &str, op: &str, v: String| {
-            args.push(v);
-            sql.push_str(&format!(" AND {col} {op} ${}", args.len()));
-        };
-        if let Some(s) = f.state {
-            cond(&mut sql, "state", "=", s.as_str().to_owned());
+        let rows = self
+            .newest_first(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs"),
+                &[
+                    ("state", "=", f.state.map(|s| s.as_str().to_owned())),
+                    ("node_name", "=", f.node.clone()),
+                    ("kind", "=", f.kind.clone()),
+                    ("created_by", "=", f.created_by.clone()),
+                    ("id", "<", f.before.map(|b| b.to_string())),
+                ],
+                f.limit,
+            )
+            .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// `select` with the given conditions (`None` values skipped), newest (highest id) first.
+    async fn newest_first(
+        &self,
+        select: &str,
+        conds: &[(&str, &str, Option<String>)],
+        limit: u32,
+    ) -> Result<Vec<AnyRow>, StoreError> {
+        let mut sql = format!("{select} WHERE 1 = 1");
+        let mut args: Vec<&String> = Vec::new();
+        for (col, op, v) in conds {
+            if let Some(v) = v {
+                args.push(v);
+                sql.push_str(&format!(" AND {col} {op} ${}", args.len()));
+            }
         }
-        if let Some(n) = &f.node {
-            cond(&mut sql, "node_name", "=", n.clone());
-        }
-        if let Some(k) = &f.kind {
-            cond(&mut sql, "kind", "=", k.clone());
-        }
-        if let Some(c) = &f.created_by {
-            cond(&mut sql, "created_by", "=", c.clone());
-        }
-        if let Some(b) = f.before {
-            cond(&mut sql, "id", "<", b.to_string());
-        }
-        sql.push_str(&format!(
-            " ORDER BY id DESC LIMIT {}",
-            f.limit.clamp(1, 1000)
-        ));
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit.clamp(1, 1000)));
         let mut q = sqlx::query(&sql);
         for a in args {
-            q = q.bind(a);
+            q = q.bind(a.clone());
         }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(job_from_row).collect()
+        Ok(q.fetch_all(&self.pool).await?)
     }
 
     /// Log lines of a job after `(attempt, seq)` (exclusive), oldest first.
@@ -241,28 +247,17 @@ impl Store {
     }
 
     pub async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut sql =
-            String::from("SELECT id, at, actor, action, target, detail FROM audit_log WHERE 1 = 1");
-        let mut args: Vec<String> = Vec::new();
-        for (col, op, v) in [
-            ("actor", "=", f.actor.clone()),
-            ("action", "=", f.action.clone()),
-            ("id", "<", f.before.map(|b| b.to_string())),
-        ] {
-            if let Some(v) = v {
-                args.push(v);
-                sql.push_str(&format!(" AND {col} {op} ${}", args.len()));
-            }
-        }
-        sql.push_str(&format!(
-            " ORDER BY id DESC LIMIT {}",
-            f.limit.clamp(1, 1000)
-        ));
-        let mut q = sqlx::query(&sql);
-        for a in args {
-            q = q.bind(a);
-        }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = self
+            .newest_first(
+                "SELECT id, at, actor, action, target, detail FROM audit_log",
+                &[
+                    ("actor", "=", f.actor.clone()),
+                    ("action", "=", f.action.clone()),
+                    ("id", "<", f.before.map(|b| b.to_string())),
+                ],
+                f.limit,
+            )
+            .await?;
         rows.iter()
             .map(|r| {
                 let id: String = r.try_get("id")?;
