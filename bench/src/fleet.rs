@@ -455,18 +455,27 @@ struct Scraped {
     dropped: u64,
 }
 
-async fn scrape(
+/// The controller's `/metrics` text.
+pub(crate) async fn metrics_text(
     client: &reqwest::Client,
     http: SocketAddr,
     admin: &str,
-) -> anyhow::Result<Scraped> {
-    let body = client
+) -> anyhow::Result<String> {
+    Ok(client
         .get(format!("http://{http}/metrics"))
         .bearer_auth(admin)
         .send()
         .await?
         .text()
-        .await?;
+        .await?)
+}
+
+async fn scrape(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    admin: &str,
+) -> anyhow::Result<Scraped> {
+    let body = metrics_text(client, http, admin).await?;
     let mut s = Scraped {
         accepted: 0,
         dropped: 0,

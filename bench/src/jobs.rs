@@ -357,13 +357,7 @@ async fn commits(
     http: std::net::SocketAddr,
     admin: &str,
 ) -> anyhow::Result<f64> {
-    let body = client
-        .get(format!("http://{http}/metrics"))
-        .bearer_auth(admin)
-        .send()
-        .await?
-        .text()
-        .await?;
+    let body = crate::fleet::metrics_text(client, http, admin).await?;
     Ok(body
         .lines()
         .find_map(|l| l.strip_prefix("nebula_store_write_seconds_count "))
