@@ -18,6 +18,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::deploy::{DeployReport, DeploySpec, UndeploySpec};
 use crate::telemetry::ContainerInfo;
 use crate::{FrameError, Labels, NodeFacts};
 
@@ -55,11 +56,15 @@ pub enum JobSpec {
     Probe(ProbeSpec),
     /// Containers, system facts, git repositories, agent version.
     Inventory,
+    /// Converge one service's containers on this node (create, repair, update, roll back).
+    Deploy(Box<DeploySpec>),
+    /// Remove one service's managed containers from this node.
+    Undeploy(UndeploySpec),
 }
 
 impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
-    pub const KINDS: u32 = 4;
+    pub const KINDS: u32 = 6;
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -67,6 +72,8 @@ impl JobSpec {
             JobSpec::Exec(_) => "exec",
             JobSpec::Probe(_) => "probe",
             JobSpec::Inventory => "inventory",
+            JobSpec::Deploy(_) => "deploy",
+            JobSpec::Undeploy(_) => "undeploy",
         }
     }
 
@@ -180,6 +187,7 @@ pub enum JobOutput {
     None,
     Probe(ProbeOutput),
     Inventory(Box<InventoryReport>),
+    Deploy(DeployReport),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -399,11 +399,64 @@ fn job_control() {
     );
     check("job_request_inventory", &req(JobSpec::Inventory));
     check(
+        "job_request_deploy",
+        &req(JobSpec::Deploy(Box::new(deploy_spec()))),
+    );
+    check(
+        "job_request_undeploy",
+        &req(JobSpec::Undeploy(deploy::UndeploySpec {
+            service: "web".into(),
+            node: "0193a1b2-0000-7000-8000-00000000000a".into(),
+        })),
+    );
+    check(
         "job_cancel",
         &JobControl::Cancel {
             reason: "cancelled by admin".into(),
         },
     );
+}
+
+fn deploy_spec() -> deploy::DeploySpec {
+    use deploy::*;
+    DeploySpec {
+        service: "web".into(),
+        revision: "3f9c2a7d81e0".into(),
+        node: "0193a1b2-0000-7000-8000-00000000000a".into(),
+        replicas: 2,
+        container: ContainerSpec {
+            image: "nebula-test/web:v2".into(),
+            command: Some(vec!["/bin/httpd".into(), "-f".into()]),
+            env: vec![("MODE".into(), "prod".into())],
+            ports: vec![PortMapping {
+                host_ip: Some("127.0.0.1".into()),
+                host_port: Some(8080),
+                container_port: 80,
+                protocol: PortProtocol::Tcp,
+            }],
+            volumes: vec![VolumeMount {
+                source: "web-data".into(),
+                target: "/data".into(),
+                read_only: false,
+            }],
+            restart: RestartPolicy::OnFailure {
+                max_retries: Some(5),
+            },
+            gpus: GpuRequest::Count(1),
+            health: Some(HealthCheck {
+                probe: HealthProbe::Http {
+                    port: 80,
+                    path: "/healthz".into(),
+                },
+                interval_ms: 2000,
+                timeout_ms: 1000,
+                retries: 3,
+                start_period_ms: 5000,
+            }),
+        },
+        strategy: UpdateStrategy::StopFirst,
+        health_timeout_ms: 60_000,
+    }
 }
 
 #[test]
@@ -468,6 +521,20 @@ fn job_events() {
                     dirty: false,
                 }],
             })),
+        }),
+    );
+    check(
+        "job_finished_deploy",
+        &JobEvent::Finished(JobResult {
+            status: JobStatus::Failed,
+            exit_code: None,
+            error: Some("rolled back: not healthy within 60s".into()),
+            output: JobOutput::Deploy(deploy::DeployReport {
+                outcome: deploy::DeployOutcome::RolledBack,
+                previous: vec!["3f9c2a7d81e0".into()],
+                containers: vec!["web-1-k3x9qa".into()],
+                health_output: Some("GET /healthz: 404 Not Found".into()),
+            }),
         }),
     );
 }

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{ExecConfig, JobsConfig};
 
+pub mod deploy;
 pub mod exec;
 pub mod inventory;
 pub mod journal;
@@ -465,6 +466,14 @@ impl JobRunner {
                 },
                 JobSpec::Probe(spec) => tokio::select! {
                     r = probe::run(&ctx, spec) => r,
+                    stop = ctx.stopped() => stop.result(),
+                },
+                JobSpec::Deploy(spec) => tokio::select! {
+                    r = deploy::deploy(&ctx, spec) => r,
+                    stop = ctx.stopped() => stop.result(),
+                },
+                JobSpec::Undeploy(spec) => tokio::select! {
+                    r = deploy::undeploy(&ctx, spec) => r,
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Inventory => {

@@ -1,0 +1,935 @@
+//! `deploy` and `undeploy` jobs: the Docker executor.
+//!
+//! A deploy converges one service's containers on this node to a [`DeploySpec`]: the image is
+//! made present (pulled when missing), containers of the wanted revision are created with the
+//! managed labels, started and held to a health gate; containers of other revisions are replaced
+//! by the spec's strategy. When the new revision fails its gate, its containers are removed and
+//! the previous revision's run again: the job fails with outcome `rolled-back` and the health
+//! check's output. Running the same spec again finds nothing to do (`unchanged`).
+//!
+//! Only containers labelled `nebula.managed=true` with this node's id and the service's name are
+//! ever listed, stopped or removed: nothing unmanaged is touched.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, DeviceRequest, HealthConfig, HostConfig,
+    PortBinding, RestartPolicy as DockerRestart, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures::StreamExt;
+use nebula_protocol::deploy::{
+    labels, ContainerSpec, DeployOutcome, DeployReport, DeploySpec, GpuRequest, HealthCheck,
+    HealthProbe, RestartPolicy, UndeploySpec, UpdateStrategy,
+};
+use nebula_protocol::jobs::{JobOutput, JobResult, JobStatus, LogStream};
+use rand::Rng;
+
+use super::JobContext;
+
+/// How long a container without a health check must keep running to pass the gate.
+const SETTLE: Duration = Duration::from_secs(1);
+/// Grace period for a container to stop before it is killed.
+const STOP_GRACE_SECS: i32 = 10;
+/// Most bytes of health-check or log output carried in a report.
+const MAX_OUTPUT: usize = 2048;
+
+/// One managed container of the service on this node.
+#[derive(Debug, Clone)]
+struct Managed {
+    id: String,
+    name: String,
+    revision: String,
+    replica: u32,
+    running: bool,
+}
+
+pub async fn deploy(ctx: &JobContext, spec: &DeploySpec) -> JobResult {
+    if let Err(e) = check_names(&spec.service, &spec.node) {
+        return JobResult::new(JobStatus::Refused, Some(e));
+    }
+    let docker = match Docker::connect_with_local_defaults() {
+        Ok(d) => d,
+        Err(e) => return failed(format!("no container runtime reachable: {e}")),
+    };
+    let exec = Executor {
+        ctx,
+        docker: &docker,
+        spec,
+    };
+    match exec.run().await {
+        Ok(report) => report_result(report),
+        Err(e) => failed(e),
+    }
+}
+
+pub async fn undeploy(ctx: &JobContext, spec: &UndeploySpec) -> JobResult {
+    if let Err(e) = check_names(&spec.service, &spec.node) {
+        return JobResult::new(JobStatus::Refused, Some(e));
+    }
+    let docker = match Docker::connect_with_local_defaults() {
+        Ok(d) => d,
+        Err(e) => return failed(format!("no container runtime reachable: {e}")),
+    };
+    let existing = match list(&docker, &spec.service, &spec.node).await {
+        Ok(l) => l,
+        Err(e) => return failed(e),
+    };
+    let previous: BTreeSet<String> = existing.iter().map(|c| c.revision.clone()).collect();
+    for c in &existing {
+        ctx.log(LogStream::Agent, format!("removing container {}", c.name));
+        if let Err(e) = remove(&docker, &c.id, c.running).await {
+            return failed(format!("removing {}: {e}", c.name));
+        }
+    }
+    report_result(DeployReport {
+        outcome: if existing.is_empty() {
+            DeployOutcome::Unchanged
+        } else {
+            DeployOutcome::Deployed
+        },
+        previous: previous.into_iter().collect(),
+        containers: Vec::new(),
+        health_output: None,
+    })
+}
+
+fn failed(error: String) -> JobResult {
+    JobResult::new(JobStatus::Failed, Some(error))
+}
+
+fn report_result(report: DeployReport) -> JobResult {
+    let (status, error) = match report.outcome {
+        DeployOutcome::Unchanged | DeployOutcome::Deployed => (JobStatus::Succeeded, None),
+        DeployOutcome::RolledBack => (
+            JobStatus::Failed,
+            Some(format!(
+                "rolled back to {}: {}",
+                report.previous.join(", "),
+                report
+                    .health_output
+                    .as_deref()
+                    .unwrap_or("the health gate failed")
+            )),
+        ),
+        DeployOutcome::Failed => (
+            JobStatus::Failed,
+            Some(
+                report
+                    .health_output
+                    .clone()
+                    .unwrap_or_else(|| "the deploy failed".into()),
+            ),
+        ),
+    };
+    JobResult {
+        status,
+        exit_code: None,
+        error,
+        output: JobOutput::Deploy(report),
+    }
+}
+
+/// Service names and node ids end up in container names and label filters.
+fn check_names(service: &str, node: &str) -> Result<(), String> {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+    };
+    if !ok(service) {
+        return Err(format!("`{service}` is not a valid service name"));
+    }
+    if !ok(node) {
+        return Err(format!("`{node}` is not a valid node id"));
+    }
+    Ok(())
+}
+
+struct Executor<'a> {
+    ctx: &'a JobContext,
+    docker: &'a Docker,
+    spec: &'a DeploySpec,
+}
+
+impl Executor<'_> {
+    fn log(&self, line: String) {
+        self.ctx.log(LogStream::Agent, line);
+    }
+
+    async fn run(&self) -> Result<DeployReport, String> {
+        let spec = self.spec;
+        let existing = list(self.docker, &spec.service, &spec.node).await?;
+        let (mut current, old): (Vec<Managed>, Vec<Managed>) = existing
+            .into_iter()
+            .partition(|c| c.revision == spec.revision);
+        current.sort_by_key(|c| (!c.running, c.replica));
+        if current.len() == spec.replicas as usize
+            && current.iter().all(|c| c.running)
+            && old.is_empty()
+        {
+            self.log(format!(
+                "{} runs {} replica(s) of revision {}: nothing to do",
+                spec.service, spec.replicas, spec.revision
+            ));
+            return Ok(self
+                .report(DeployOutcome::Unchanged, Vec::new(), None)
+                .await);
+        }
+        self.ensure_image(&spec.container.image).await?;
+        let surplus = current.split_off((spec.replicas as usize).min(current.len()));
+        for c in &surplus {
+            self.log(format!("removing surplus replica {}", c.name));
+            remove(self.docker, &c.id, c.running)
+                .await
+                .map_err(|e| format!("removing {}: {e}", c.name))?;
+        }
+        let previous: Vec<String> = old
+            .iter()
+            .map(|c| c.revision.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if old.is_empty() {
+            // Create or repair: nothing to roll back to.
+            let (fresh, result) = self.bring_up(&current).await;
+            return Ok(match result {
+                Ok(()) => self.report(DeployOutcome::Deployed, previous, None).await,
+                Err(output) => {
+                    self.discard(&fresh).await;
+                    self.report(DeployOutcome::Failed, previous, Some(output))
+                        .await
+                }
+            });
+        }
+        let stop_first = spec.strategy == UpdateStrategy::StopFirst;
+        self.log(format!(
+            "updating {} from {} to {} ({})",
+            spec.service,
+            previous.join(", "),
+            spec.revision,
+            if stop_first {
+                "stop-first"
+            } else {
+                "start-first"
+            }
+        ));
+        if stop_first {
+            for c in old.iter().filter(|c| c.running) {
+                self.log(format!("stopping {}", c.name));
+                stop(self.docker, &c.id)
+                    .await
+                    .map_err(|e| format!("stopping {}: {e}", c.name))?;
+            }
+        }
+        let (fresh, result) = self.bring_up(&current).await;
+        match result {
+            Ok(()) => {
+                for c in &old {
+                    self.log(format!("removing {} (revision {})", c.name, c.revision));
+                    remove(self.docker, &c.id, c.running && !stop_first)
+                        .await
+                        .map_err(|e| format!("removing {}: {e}", c.name))?;
+                }
+                Ok(self.report(DeployOutcome::Deployed, previous, None).await)
+            }
+            Err(output) => {
+                self.log(format!("rolling back to {}: {output}", previous.join(", ")));
+                self.discard(&fresh).await;
+                for c in &current {
+                    let _ = remove(self.docker, &c.id, true).await;
+                }
+                for c in &old {
+                    if stop_first || !c.running {
+                        self.log(format!("starting {} again", c.name));
+                        if let Err(e) = self.docker.start_container(&c.id, None).await {
+                            self.log(format!("starting {} again failed: {e}", c.name));
+                        }
+                    }
+                }
+                Ok(self
+                    .report(DeployOutcome::RolledBack, previous, Some(output))
+                    .await)
+            }
+        }
+    }
+
+    /// Start the stopped containers of the wanted revision, create the missing replicas, and
+    /// hold them all to the health gate. Returns the ids created (to discard on failure).
+    async fn bring_up(&self, current: &[Managed]) -> (Vec<String>, Result<(), String>) {
+        let spec = self.spec;
+        let mut to_gate: Vec<(String, String)> = Vec::new();
+        for c in current {
+            if !c.running {
+                self.log(format!("starting {} (stopped)", c.name));
+                if let Err(e) = self.docker.start_container(&c.id, None).await {
+                    return (Vec::new(), Err(format!("starting {}: {e}", c.name)));
+                }
+            }
+            to_gate.push((c.id.clone(), c.name.clone()));
+        }
+        let used: BTreeSet<u32> = current.iter().map(|c| c.replica).collect();
+        let missing = spec.replicas as usize - current.len().min(spec.replicas as usize);
+        let mut fresh = Vec::new();
+        for replica in (0..).filter(|r| !used.contains(r)).take(missing) {
+            match self.create(replica).await {
+                Ok((id, name)) => {
+                    fresh.push(id.clone());
+                    self.log(format!("starting {name}"));
+                    if let Err(e) = self.docker.start_container(&id, None).await {
+                        return (fresh, Err(format!("starting {name}: {e}")));
+                    }
+                    to_gate.push((id, name));
+                }
+                Err(e) => return (fresh, Err(e)),
+            }
+        }
+        let timeout = Duration::from_millis(spec.health_timeout_ms.max(1000) as u64);
+        let gates = to_gate.iter().map(|(id, name)| async move {
+            let r = gate(self.docker, id, spec.container.health.as_ref(), timeout).await;
+            match &r {
+                Ok(()) => self.log(format!("{name} is healthy")),
+                Err(e) => self.log(format!("{name} failed its health gate: {e}")),
+            }
+            r.map_err(|e| format!("{name}: {e}"))
+        });
+        let results = futures::future::join_all(gates).await;
+        let result = results.into_iter().collect::<Result<Vec<()>, String>>();
+        (fresh, result.map(|_| ()))
+    }
+
+    async fn discard(&self, ids: &[String]) {
+        for id in ids {
+            if let Err(e) = remove(self.docker, id, true).await {
+                self.log(format!("removing failed container {id}: {e}"));
+            }
+        }
+    }
+
+    async fn create(&self, replica: u32) -> Result<(String, String), String> {
+        let spec = self.spec;
+        let suffix: String = {
+            let mut rng = rand::thread_rng();
+            (0..6)
+                .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)]))
+                .collect()
+        };
+        let name = format!("{}-{}-{suffix}", spec.service, replica + 1);
+        let body = container_body(spec, replica);
+        let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+        self.log(format!(
+            "creating {name} from {} (revision {})",
+            spec.container.image, spec.revision
+        ));
+        let created = self
+            .docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(|e| format!("creating {name}: {e}"))?;
+        Ok((created.id, name))
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), String> {
+        if self.docker.inspect_image(image).await.is_ok() {
+            return Ok(());
+        }
+        self.log(format!("image {image} is not on this node; pulling it"));
+        let (from, tag) = split_image(image);
+        let opts = CreateImageOptionsBuilder::default()
+            .from_image(from)
+            .tag(tag)
+            .build();
+        let mut pull = self.docker.create_image(Some(opts), None, None);
+        let mut last_status = String::new();
+        while let Some(item) = pull.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        return Err(pull_error(image, &e));
+                    }
+                    if let Some(status) = info.status {
+                        if status != last_status {
+                            self.log(format!("pull: {status}"));
+                            last_status = status;
+                        }
+                    }
+                }
+                Err(e) => return Err(pull_error(image, &e.to_string())),
+            }
+        }
+        self.docker
+            .inspect_image(image)
+            .await
+            .map(|_| ())
+            .map_err(|e| pull_error(image, &e.to_string()))
+    }
+
+    async fn report(
+        &self,
+        outcome: DeployOutcome,
+        previous: Vec<String>,
+        health_output: Option<String>,
+    ) -> DeployReport {
+        let containers = list(self.docker, &self.spec.service, &self.spec.node)
+            .await
+            .map(|l| l.into_iter().map(|c| c.name).collect())
+            .unwrap_or_default();
+        DeployReport {
+            outcome,
+            previous,
+            containers,
+            health_output: health_output.map(|o| cut(o, MAX_OUTPUT)),
+        }
+    }
+}
+
+fn pull_error(image: &str, e: &str) -> String {
+    format!(
+        "image {image} is not on this node and pulling it failed (is a registry reachable, \
+         or build/load the image on the node?): {e}"
+    )
+}
+
+/// `repo[:tag]` (a registry port is not a tag).
+fn split_image(image: &str) -> (&str, &str) {
+    match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') && !image.contains('@') => (repo, tag),
+        _ => (image, "latest"),
+    }
+}
+
+/// The Docker create body for one replica of the spec.
+fn container_body(spec: &DeploySpec, replica: u32) -> ContainerCreateBody {
+    let c: &ContainerSpec = &spec.container;
+    let labels = HashMap::from([
+        (labels::MANAGED.to_string(), "true".to_string()),
+        (labels::SERVICE.to_string(), spec.service.clone()),
+        (labels::REVISION.to_string(), spec.revision.clone()),
+        (labels::NODE.to_string(), spec.node.clone()),
+        (labels::REPLICA.to_string(), replica.to_string()),
+    ]);
+    let mut exposed = Vec::new();
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for p in &c.ports {
+        let key = format!("{}/{}", p.container_port, p.protocol.as_str());
+        exposed.push(key.clone());
+        bindings
+            .entry(key)
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(PortBinding {
+                host_ip: p.host_ip.clone(),
+                host_port: Some(p.host_port.map(|h| h.to_string()).unwrap_or_default()),
+            });
+    }
+    let binds: Vec<String> = c
+        .volumes
+        .iter()
+        .map(|v| {
+            format!(
+                "{}:{}{}",
+                v.source,
+                v.target,
+                if v.read_only { ":ro" } else { "" }
+            )
+        })
+        .collect();
+    let restart = match c.restart {
+        RestartPolicy::No => DockerRestart {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        },
+        RestartPolicy::Always => DockerRestart {
+            name: Some(RestartPolicyNameEnum::ALWAYS),
+            maximum_retry_count: None,
+        },
+        RestartPolicy::UnlessStopped => DockerRestart {
+            name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+            maximum_retry_count: None,
+        },
+        RestartPolicy::OnFailure { max_retries } => DockerRestart {
+            name: Some(RestartPolicyNameEnum::ON_FAILURE),
+            maximum_retry_count: max_retries.map(i64::from),
+        },
+    };
+    let device_requests = match c.gpus {
+        GpuRequest::None => None,
+        GpuRequest::All => Some(vec![gpu_request(-1)]),
+        GpuRequest::Count(n) => Some(vec![gpu_request(i64::from(n))]),
+    };
+    let healthcheck = c.health.as_ref().and_then(|h| match &h.probe {
+        HealthProbe::Cmd { command } => Some(HealthConfig {
+            test: Some(
+                std::iter::once("CMD".to_string())
+                    .chain(command.iter().cloned())
+                    .collect(),
+            ),
+            interval: Some(ms_to_ns(h.interval_ms)),
+            timeout: Some(ms_to_ns(h.timeout_ms)),
+            retries: Some(i64::from(h.retries)),
+            start_period: Some(ms_to_ns(h.start_period_ms)),
+            start_interval: None,
+        }),
+        _ => None,
+    });
+    ContainerCreateBody {
+        image: Some(c.image.clone()),
+        cmd: c.command.clone(),
+        env: Some(c.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        labels: Some(labels),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        healthcheck,
+        host_config: Some(HostConfig {
+            port_bindings: (!bindings.is_empty()).then_some(bindings),
+            binds: (!binds.is_empty()).then_some(binds),
+            restart_policy: Some(restart),
+            device_requests,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn gpu_request(count: i64) -> DeviceRequest {
+    DeviceRequest {
+        driver: Some("nvidia".into()),
+        count: Some(count),
+        device_ids: None,
+        capabilities: Some(vec![vec!["gpu".into()]]),
+        options: None,
+    }
+}
+
+fn ms_to_ns(ms: u32) -> i64 {
+    i64::from(ms) * 1_000_000
+}
+
+async fn list(docker: &Docker, service: &str, node: &str) -> Result<Vec<Managed>, String> {
+    let filters = HashMap::from([(
+        "label",
+        vec![
+            format!("{}=true", labels::MANAGED),
+            format!("{}={service}", labels::SERVICE),
+            format!("{}={node}", labels::NODE),
+        ],
+    )]);
+    let opts = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let list = docker
+        .list_containers(Some(opts))
+        .await
+        .map_err(|e| format!("listing containers: {e}"))?;
+    Ok(list
+        .into_iter()
+        .filter_map(|c| {
+            let labels_of = c.labels.unwrap_or_default();
+            // The daemon filtered already; check again so a filter bug cannot reach others.
+            if labels_of.get(labels::MANAGED).map(String::as_str) != Some("true")
+                || labels_of.get(labels::SERVICE).map(String::as_str) != Some(service)
+                || labels_of.get(labels::NODE).map(String::as_str) != Some(node)
+            {
+                return None;
+            }
+            Some(Managed {
+                id: c.id?,
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_owned())
+                    .unwrap_or_default(),
+                revision: labels_of.get(labels::REVISION).cloned().unwrap_or_default(),
+                replica: labels_of
+                    .get(labels::REPLICA)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(u32::MAX),
+                running: c.state.map(|s| s.to_string()) == Some("running".into()),
+            })
+        })
+        .collect())
+}
+
+async fn stop(docker: &Docker, id: &str) -> Result<(), bollard::errors::Error> {
+    let opts = StopContainerOptionsBuilder::default()
+        .t(STOP_GRACE_SECS)
+        .build();
+    match docker.stop_container(id, Some(opts)).await {
+        Ok(()) => Ok(()),
+        // 304: already stopped.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn remove(docker: &Docker, id: &str, running: bool) -> Result<(), bollard::errors::Error> {
+    if running {
+        stop(docker, id).await?;
+    }
+    let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+    match docker.remove_container(id, Some(opts)).await {
+        Ok(()) => Ok(()),
+        // Already gone.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Wait until the container passes its health check (or, without one, keeps running for
+/// [`SETTLE`]). The error is what people need to see: the check's output or the exit.
+async fn gate(
+    docker: &Docker,
+    id: &str,
+    health: Option<&HealthCheck>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let Some(hc) = health else {
+        tokio::time::sleep(SETTLE).await;
+        let info = inspect(docker, id).await?;
+        return match exited(&info) {
+            None => Ok(()),
+            Some(code) => Err(stopped_message(docker, id, code).await),
+        };
+    };
+    let interval = Duration::from_millis(hc.interval_ms.max(100) as u64);
+    let check_timeout = Duration::from_millis(hc.timeout_ms.max(100) as u64);
+    let start_period = Duration::from_millis(hc.start_period_ms as u64);
+    let mut failures = 0;
+    loop {
+        let info = inspect(docker, id).await?;
+        if let Some(code) = exited(&info) {
+            return Err(stopped_message(docker, id, code).await);
+        }
+        let output = match probe(docker, id, &info, &hc.probe, check_timeout).await {
+            Ok(()) => return Ok(()),
+            Err(output) => output,
+        };
+        if started.elapsed() >= start_period {
+            failures += 1;
+            if failures >= hc.retries.max(1) {
+                return Err(format!(
+                    "health check failed {failures} time(s) in a row: {output}"
+                ));
+            }
+        }
+        if started.elapsed() + interval > timeout {
+            return Err(format!(
+                "not healthy within {}; last check: {output}",
+                humantime::format_duration(timeout)
+            ));
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn inspect(docker: &Docker, id: &str) -> Result<ContainerInspectResponse, String> {
+    docker
+        .inspect_container(id, None)
+        .await
+        .map_err(|e| format!("inspecting the container: {e}"))
+}
+
+/// `Some(exit code)` when the container is not running.
+fn exited(info: &ContainerInspectResponse) -> Option<i64> {
+    let state = info.state.as_ref()?;
+    if state.running == Some(true) && state.restarting != Some(true) {
+        None
+    } else {
+        Some(state.exit_code.unwrap_or(-1))
+    }
+}
+
+async fn stopped_message(docker: &Docker, id: &str, code: i64) -> String {
+    let opts = LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .tail("20")
+        .build();
+    let mut logs = docker.logs(id, Some(opts));
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = logs.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        if text.len() > MAX_OUTPUT {
+            break;
+        }
+    }
+    let text = text.trim();
+    if text.is_empty() {
+        format!("the container stopped (exit code {code})")
+    } else {
+        format!("the container stopped (exit code {code}); its last output: {text}")
+    }
+}
+
+/// Where the agent reaches the container's `port`: its address on its first network, or the
+/// published host port on the loopback address.
+fn address(info: &ContainerInspectResponse, port: u16) -> Option<String> {
+    let settings = info.network_settings.as_ref()?;
+    if let Some(ip) = settings.networks.as_ref().and_then(|n| {
+        let mut nets: Vec<_> = n.iter().collect();
+        nets.sort_by(|a, b| a.0.cmp(b.0));
+        nets.into_iter()
+            .find_map(|(_, e)| e.ip_address.clone().filter(|ip| !ip.is_empty()))
+    }) {
+        return Some(format!("{ip}:{port}"));
+    }
+    let bound = settings
+        .ports
+        .as_ref()?
+        .get(&format!("{port}/tcp"))?
+        .as_ref()?
+        .iter()
+        .find_map(|b| b.host_port.clone().filter(|p| !p.is_empty()))?;
+    Some(format!("127.0.0.1:{bound}"))
+}
+
+async fn probe(
+    docker: &Docker,
+    id: &str,
+    info: &ContainerInspectResponse,
+    probe: &HealthProbe,
+    timeout: Duration,
+) -> Result<(), String> {
+    match probe {
+        HealthProbe::Http { port, path } => {
+            let addr = address(info, *port)
+                .ok_or_else(|| format!("the container has no address for port {port}"))?;
+            let url = format!("http://{addr}{path}");
+            // reqwest takes the process's TLS provider (ring; installed here for library users).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = reqwest::Client::builder()
+                .timeout(timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| e.to_string())?;
+            match client.get(&url).send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    if status.is_success() || status.is_redirection() {
+                        return Ok(());
+                    }
+                    let body = resp.text().await.unwrap_or_default();
+                    Err(format!(
+                        "GET {url}: HTTP {status}{}",
+                        if body.trim().is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", cut(body.trim().to_string(), 200))
+                        }
+                    ))
+                }
+                Err(e) => Err(format!("GET {url}: {e}")),
+            }
+        }
+        HealthProbe::Tcp { port } => {
+            let addr = address(info, *port)
+                .ok_or_else(|| format!("the container has no address for port {port}"))?;
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
+                Err(_) => Err(format!("connect {addr}: no answer within {timeout:?}")),
+            }
+        }
+        HealthProbe::Cmd { command } => {
+            match tokio::time::timeout(timeout, exec_in(docker, id, command)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "`{}` did not finish within {timeout:?}",
+                    command.join(" ")
+                )),
+            }
+        }
+    }
+}
+
+async fn exec_in(docker: &Docker, id: &str, command: &[String]) -> Result<(), String> {
+    use bollard::exec::{CreateExecOptions, StartExecResults};
+    let exec = docker
+        .create_exec(
+            id,
+            CreateExecOptions {
+                cmd: Some(command.to_vec()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("exec `{}`: {e}", command.join(" ")))?;
+    let mut text = String::new();
+    if let Ok(StartExecResults::Attached { mut output, .. }) =
+        docker.start_exec(&exec.id, None).await
+    {
+        while let Some(Ok(chunk)) = output.next().await {
+            if text.len() < MAX_OUTPUT {
+                text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+            }
+        }
+    }
+    let code = docker
+        .inspect_exec(&exec.id)
+        .await
+        .ok()
+        .and_then(|i| i.exit_code)
+        .unwrap_or(-1);
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` exited with {code}: {}",
+            command.join(" "),
+            cut(text.trim().to_string(), 500)
+        ))
+    }
+}
+
+fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push_str(" [cut]");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nebula_protocol::deploy::{PortMapping, PortProtocol, VolumeMount};
+
+    fn spec() -> DeploySpec {
+        DeploySpec {
+            service: "web".into(),
+            revision: "abc123".into(),
+            node: "node-1".into(),
+            replicas: 1,
+            container: ContainerSpec {
+                image: "nebula-test/web:v1".into(),
+                command: None,
+                env: vec![("A".into(), "1".into())],
+                ports: vec![
+                    PortMapping {
+                        host_ip: None,
+                        host_port: Some(8080),
+                        container_port: 80,
+                        protocol: PortProtocol::Tcp,
+                    },
+                    PortMapping {
+                        host_ip: Some("127.0.0.1".into()),
+                        host_port: None,
+                        container_port: 53,
+                        protocol: PortProtocol::Udp,
+                    },
+                ],
+                volumes: vec![VolumeMount {
+                    source: "/srv/data".into(),
+                    target: "/data".into(),
+                    read_only: true,
+                }],
+                restart: RestartPolicy::OnFailure {
+                    max_retries: Some(3),
+                },
+                gpus: GpuRequest::Count(2),
+                health: Some(HealthCheck {
+                    probe: HealthProbe::Cmd {
+                        command: vec!["true".into()],
+                    },
+                    interval_ms: 2000,
+                    timeout_ms: 1000,
+                    retries: 3,
+                    start_period_ms: 0,
+                }),
+            },
+            strategy: UpdateStrategy::StartFirst,
+            health_timeout_ms: 30_000,
+        }
+    }
+
+    #[test]
+    fn the_create_body_carries_labels_ports_volumes_restart_and_gpus() {
+        let body = container_body(&spec(), 0);
+        let labels = body.labels.unwrap();
+        assert_eq!(labels["nebula.managed"], "true");
+        assert_eq!(labels["nebula.service"], "web");
+        assert_eq!(labels["nebula.revision"], "abc123");
+        assert_eq!(labels["nebula.node"], "node-1");
+        assert_eq!(body.env.unwrap(), vec!["A=1".to_string()]);
+        let host = body.host_config.unwrap();
+        let ports = host.port_bindings.unwrap();
+        let web = ports["80/tcp"].as_ref().unwrap();
+        assert_eq!(web[0].host_port.as_deref(), Some("8080"));
+        let dns = ports["53/udp"].as_ref().unwrap();
+        assert_eq!(
+            dns[0].host_port.as_deref(),
+            Some(""),
+            "Docker picks the port"
+        );
+        assert_eq!(dns[0].host_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(host.binds.unwrap(), vec!["/srv/data:/data:ro".to_string()]);
+        let restart = host.restart_policy.unwrap();
+        assert_eq!(restart.name, Some(RestartPolicyNameEnum::ON_FAILURE));
+        assert_eq!(restart.maximum_retry_count, Some(3));
+        let gpu = &host.device_requests.unwrap()[0];
+        assert_eq!(gpu.driver.as_deref(), Some("nvidia"));
+        assert_eq!(gpu.count, Some(2));
+        assert_eq!(gpu.capabilities, Some(vec![vec!["gpu".to_string()]]));
+        let hc = body.healthcheck.unwrap();
+        assert_eq!(
+            hc.test.unwrap(),
+            vec!["CMD".to_string(), "true".to_string()]
+        );
+        assert_eq!(hc.interval, Some(2_000_000_000));
+    }
+
+    #[test]
+    fn all_gpus_is_count_minus_one() {
+        let mut s = spec();
+        s.container.gpus = GpuRequest::All;
+        let host = container_body(&s, 0).host_config.unwrap();
+        assert_eq!(host.device_requests.unwrap()[0].count, Some(-1));
+        s.container.gpus = GpuRequest::None;
+        assert!(container_body(&s, 0)
+            .host_config
+            .unwrap()
+            .device_requests
+            .is_none());
+    }
+
+    #[test]
+    fn image_references_split_into_repository_and_tag() {
+        assert_eq!(split_image("busybox"), ("busybox", "latest"));
+        assert_eq!(split_image("nebula-test/web:v2"), ("nebula-test/web", "v2"));
+        assert_eq!(
+            split_image("registry.local:5000/app"),
+            ("registry.local:5000/app", "latest")
+        );
+        assert_eq!(
+            split_image("registry.local:5000/app:1.2"),
+            ("registry.local:5000/app", "1.2")
+        );
+    }
+
+    #[test]
+    fn names_that_could_escape_a_label_filter_are_refused() {
+        assert!(check_names("web", "n1").is_ok());
+        assert!(check_names("web,x=y", "n1").is_err());
+        assert!(check_names("", "n1").is_err());
+        assert!(check_names("-web", "n1").is_err());
+        assert!(check_names("web", "a b").is_err());
+    }
+}
