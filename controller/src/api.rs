@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::store::{JoinTokenRecord, NodeRecord};
 
+mod desired;
 mod jobs;
 use crate::{ControlPlane, OpError};
 
@@ -26,6 +27,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Each problem found, for errors that have several (a service map's).
+    pub problems: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -34,6 +37,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            problems: None,
         }
     }
     fn bad_request(message: impl Into<String>) -> Self {
@@ -46,7 +50,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(p) = self.problems {
+            body["error"]["problems"] = p;
+        }
         (self.status, Json(body)).into_response()
     }
 }
@@ -140,6 +147,18 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/inventory", get(jobs::inventory))
         .route("/inventory/execute", axum::routing::post(jobs::execute))
         .route("/audit", get(jobs::audit))
+        .route(
+            "/desired",
+            get(desired::get_desired).put(desired::put_desired),
+        )
+        .route("/plan", get(desired::get_plan).post(desired::preview_plan))
+        .route("/services", get(desired::list_services))
+        .route("/services/{name}", get(desired::get_service))
+        .route(
+            "/services/{name}/rollback",
+            axum::routing::post(desired::rollback),
+        )
+        .route("/reconcile", axum::routing::post(desired::reconcile))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
     let metrics = Router::new()
@@ -147,6 +166,8 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))
+        // Public: editors fetch it to validate service maps.
+        .route("/api/v1/schema/service-map", get(desired::schema))
         .merge(metrics)
         .nest("/api/v1", v1)
         .with_state(cp)

@@ -65,6 +65,12 @@ pub struct ControllerConfig {
     pub job_default_deadline: Duration,
     /// Tries of an idempotent job, the first included (a job may ask for fewer or more, up to 10).
     pub job_max_attempts: u32,
+    /// The service map to watch (`service-map.yml`); changes are applied when saved. Without
+    /// one, the desired state comes from the API only.
+    pub service_map: Option<PathBuf>,
+    /// The reconciler runs at least this often (and whenever something changes).
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -91,6 +97,8 @@ impl Default for ControllerConfig {
             max_jobs_per_node: 64,
             job_default_deadline: Duration::from_secs(3600),
             job_max_attempts: 3,
+            service_map: None,
+            reconcile_interval: Duration::from_secs(30),
         }
     }
 }
@@ -130,6 +138,9 @@ impl ControllerConfig {
         }
         if self.max_jobs_per_node == 0 || self.job_max_attempts == 0 {
             return Err("max_jobs_per_node and job_max_attempts must be at least 1".into());
+        }
+        if self.reconcile_interval < Duration::from_millis(100) {
+            return Err("reconcile_interval must be at least 100ms".into());
         }
         if self.job_default_deadline.is_zero() {
             return Err("job_default_deadline must be above zero".into());

@@ -44,6 +44,33 @@ pub enum Event {
         state: String,
         node: Option<String>,
     },
+    /// A service map was accepted and is in force.
+    DesiredApplied {
+        version: i64,
+        source: String,
+        by: String,
+    },
+    /// A service map was refused; the last good one stays in force.
+    DesiredRejected {
+        source: String,
+        error: String,
+    },
+    /// The reconciler started a deploy (a job) of a service on a node.
+    DeployStarted {
+        service: String,
+        node: String,
+        action: String,
+        revision: String,
+        job: Uuid,
+    },
+    /// A deploy ended: deployed, unchanged, rolled-back, failed, ...
+    DeployFinished {
+        service: String,
+        node: String,
+        revision: String,
+        outcome: String,
+        message: Option<String>,
+    },
     /// A container's state or health changed (from telemetry).
     ContainerChanged {
         node_id: Uuid,

@@ -7,6 +7,7 @@
 //!   connection (an enrollment or a session);
 //! * the HTTP API server ([`api`]), with graceful shutdown on the same token;
 //! * the job engine's writer and scheduler, and one task per job stream ([`jobs`]);
+//! * the reconciler, the service-map file watcher and one watcher per deploy ([`desired`]);
 //! * the telemetry rollup writer and retention sweeper.
 //!
 //! Shared state lives in [`ControlPlane`]: the [`store::Store`] (the only code that touches the
@@ -29,6 +30,7 @@ use tracing::info;
 pub mod api;
 pub mod ca;
 pub mod config;
+pub mod desired;
 pub mod events;
 pub mod jobs;
 pub mod metrics;
@@ -55,6 +57,8 @@ pub struct ControlPlane {
     pub metrics: Arc<metrics::Metrics>,
     /// Unfinished jobs (the job engine's shared state).
     pub jobs: jobs::JobTable,
+    /// The service map in force and the reconciler's state.
+    pub desired: desired::DesiredState,
     pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
     /// Owns every task the controller spawns (stopped by the shutdown token).
     pub(crate) tracker: TaskTracker,
@@ -314,6 +318,7 @@ impl Controller {
         let tracker = TaskTracker::new();
         let cp = Arc::new(ControlPlane {
             jobs: jobs::JobTable::default(),
+            desired: desired::DesiredState::default(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             token_cache: Default::default(),
@@ -339,6 +344,11 @@ impl Controller {
         tracker.spawn(jobs::writer(cp.clone(), shutdown.clone()));
         cp.recover_jobs().await.context("loading unfinished jobs")?;
         tracker.spawn(jobs::scheduler(cp.clone(), shutdown.clone()));
+        cp.load_desired()
+            .await
+            .context("loading the desired state")?;
+        tracker.spawn(desired::reconciler(cp.clone(), shutdown.clone()));
+        tracker.spawn(desired::watch_file(cp.clone(), shutdown.clone()));
         tracker.spawn(transport::accept_loop(
             cp.clone(),
             endpoint,

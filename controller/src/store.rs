@@ -15,6 +15,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
+pub mod desired;
 pub mod jobs;
 
 #[derive(Debug, thiserror::Error)]

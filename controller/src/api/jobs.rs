@@ -65,6 +65,17 @@ fn target(node: Option<String>, selector: Option<Selector>) -> ApiResult<Target>
     }
 }
 
+/// Deploys are the reconciler's: people change the service map instead.
+fn refuse_internal(work: &Work) -> ApiResult<()> {
+    if work.is_internal() {
+        return Err(ApiError::bad_request(format!(
+            "`{}` jobs come from the reconciler; change the service map (PUT /api/v1/desired) instead",
+            work.kind()
+        )));
+    }
+    Ok(())
+}
+
 pub(super) async fn create_job(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<Principal>,
@@ -72,6 +83,7 @@ pub(super) async fn create_job(
 ) -> ApiResult<Response> {
     who.require(Role::Operator)?;
     let Json(b) = body?;
+    refuse_internal(&b.work)?;
     let target = target(b.node, b.selector)?;
     let deadline = b
         .deadline
@@ -392,6 +404,7 @@ async fn fan_out(
     work: Work,
     timeout: Duration,
 ) -> ApiResult<FanOut> {
+    refuse_internal(&work)?;
     work.validate().map_err(ApiError::bad_request)?;
     let mut results = Vec::new();
     let mut online_nodes = Vec::new();

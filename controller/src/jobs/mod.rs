@@ -697,7 +697,7 @@ impl ControlPlane {
     }
 
     /// Routing candidates: every enrolled node with its live state.
-    async fn candidates(
+    pub(crate) async fn candidates(
         &self,
         in_flight: &HashMap<Uuid, usize>,
     ) -> Result<Vec<Candidate>, OpError> {

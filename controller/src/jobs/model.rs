@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use nebula_protocol::deploy::{DeploySpec, UndeploySpec};
 use nebula_protocol::jobs::{ExecSpec, JobOutput, JobSpec, ProbeSpec};
 use nebula_protocol::Labels;
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,10 @@ pub enum Work {
     },
     /// Containers, facts, git repositories, agent version.
     Inventory,
+    /// Converge one service on one node (created by the reconciler only).
+    Deploy(Box<DeploySpec>),
+    /// Remove one service's containers from one node (created by the reconciler only).
+    Undeploy(UndeploySpec),
 }
 
 impl Work {
@@ -43,7 +48,14 @@ impl Work {
             Work::Exec { .. } => "exec",
             Work::Probe { .. } => "probe",
             Work::Inventory => "inventory",
+            Work::Deploy(_) => "deploy",
+            Work::Undeploy(_) => "undeploy",
         }
+    }
+
+    /// Kinds only the controller itself creates (the reconciler); the jobs API refuses them.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Work::Deploy(_) | Work::Undeploy(_))
     }
 
     /// Check what can be checked before any agent sees it.
@@ -89,7 +101,7 @@ impl Work {
                 }
                 Ok(())
             }
-            Work::Noop | Work::Inventory => Ok(()),
+            Work::Noop | Work::Inventory | Work::Deploy(_) | Work::Undeploy(_) => Ok(()),
         }
     }
 
@@ -117,6 +129,8 @@ impl Work {
                 }
             }
             Work::Inventory => JobSpec::Inventory,
+            Work::Deploy(spec) => JobSpec::Deploy(spec.clone()),
+            Work::Undeploy(spec) => JobSpec::Undeploy(spec.clone()),
         }
     }
 }

@@ -1,0 +1,610 @@
+//! Desired state: the service map in force, the reconciler that makes the fleet match it, and
+//! the deployment history.
+//!
+//! Tasks (on the controller's tracker, stopped by its token):
+//! * [`reconciler`]: one run at a time, on a timer (`reconcile_interval`) and when triggered
+//!   (desired state applied, a node online, a container stopped, a deploy finished). A run
+//!   reads the full desired and observed state, computes [`plan::plan`], and starts a deploy job
+//!   per action whose dependencies are done. A trigger only says "run soon".
+//! * [`watch_file`]: when `service_map` is configured, a `notify` watcher on its directory;
+//!   saves are debounced, parsed and applied; a broken file is refused (logged, an event, shown
+//!   by the API) and the last good map stays in force.
+//! * one watcher per deploy job, which records the outcome in the history when the job ends.
+//!
+//! State shared by them lives in [`DesiredState`] (one mutex, never held across an await).
+//! A revision that failed its health gate is not retried until a map is applied again; a
+//! rollback pins a service to an earlier revision until the map changes that service.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nebula_protocol::deploy::ContainerSpec;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::events::Event;
+use crate::store::desired::{DeploymentRecord, DesiredRecord, PinRecord};
+use crate::store::millis;
+use crate::{ControlPlane, OpError};
+
+pub mod map;
+pub mod plan;
+mod reconciler;
+
+pub use reconciler::{reconciler, watch_file};
+
+use map::{FleetNames, MapErrors, Problem};
+use plan::{Desired, Plan};
+
+/// The map in force.
+#[derive(Debug, Clone)]
+pub struct Active {
+    pub record: DesiredRecord,
+    pub desired: Desired,
+    pub warnings: Vec<Problem>,
+}
+
+/// The last refusal of the watched file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileRejection {
+    pub path: String,
+    pub at: i64,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Pin {
+    pub record: PinRecord,
+    pub spec: ContainerSpec,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InFlight {
+    pub job: Uuid,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    pub active: Option<Arc<Active>>,
+    pub file_error: Option<FileRejection>,
+    pub in_flight: BTreeMap<(String, String), InFlight>,
+    pub blocked: BTreeMap<(String, String), String>,
+    pub revisions: BTreeMap<String, ContainerSpec>,
+    pub pins: BTreeMap<String, Pin>,
+    pub reasons: BTreeSet<String>,
+    /// Unix ms a node went offline (nodes never seen online count from the controller's start).
+    pub offline_since: HashMap<Uuid, i64>,
+    pub started_at: i64,
+}
+
+/// Shared state of the desired-state machinery.
+#[derive(Debug, Default)]
+pub struct DesiredState {
+    inner: Mutex<Inner>,
+    pub(crate) trigger: Notify,
+}
+
+impl DesiredState {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ask for a reconcile run soon, saying why.
+    pub fn kick(&self, reason: &str) {
+        self.lock().reasons.insert(reason.to_owned());
+        self.trigger.notify_one();
+    }
+
+    pub fn active(&self) -> Option<Arc<Active>> {
+        self.lock().active.clone()
+    }
+
+    pub fn file_error(&self) -> Option<FileRejection> {
+        self.lock().file_error.clone()
+    }
+}
+
+/// Why applying a map failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("the service map is not valid: {0}")]
+    Map(MapErrors),
+    #[error(transparent)]
+    Op(#[from] OpError),
+}
+
+/// The answer to an apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub version: i64,
+    /// False when the map was the one in force already (failed revisions are retried anyway).
+    pub changed: bool,
+    pub warnings: Vec<Problem>,
+    pub plan: Plan,
+}
+
+/// A plan with what it was computed from.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanView {
+    /// The map version planned (`None`: a proposed map, or none in force).
+    pub version: Option<i64>,
+    pub warnings: Vec<Problem>,
+    #[serde(flatten)]
+    pub plan: Plan,
+}
+
+/// A managed container as telemetry shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceContainerRaw {
+    pub name: String,
+    pub service: String,
+    pub revision: String,
+    pub state: String,
+    pub health: String,
+}
+
+/// One container of a service as observed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceContainer {
+    pub node: String,
+    pub name: String,
+    pub revision: String,
+    pub state: String,
+    pub health: String,
+}
+
+/// A service: desired against actual.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    /// False for an orphan (managed containers of a service the map no longer declares).
+    pub declared: bool,
+    pub image: Option<String>,
+    /// The revision wanted now (the map's, or a rollback pin's).
+    pub revision: Option<String>,
+    /// The map's own revision when a rollback pin overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_over: Option<String>,
+    pub replicas: u32,
+    pub running: u32,
+    pub healthy: u32,
+    /// converged, deploying, pending, waiting, failed, orphan.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub containers: Vec<ServiceContainer>,
+    /// The deploy job running now, if any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deploy_jobs: Vec<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_deployment: Option<DeploymentRecord>,
+}
+
+pub(crate) fn digest(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+impl ControlPlane {
+    async fn fleet_names(&self) -> Result<FleetNames, OpError> {
+        Ok(FleetNames(Some(
+            self.store
+                .list_nodes()
+                .await?
+                .into_iter()
+                .map(|n| n.name)
+                .collect(),
+        )))
+    }
+
+    /// Load the map in force, pins, known revisions and failures at start; re-attach watchers to
+    /// deploys that were running; then read the watched file when there is one.
+    pub async fn load_desired(self: &Arc<Self>) -> Result<(), OpError> {
+        let latest = self.store.latest_desired().await?;
+        let pins = self.store.pins().await?;
+        let specs = self.store.revision_specs().await?;
+        let history = self.store.deployments(None, 2000).await?;
+        let unfinished = self.store.unfinished_deployments().await?;
+        {
+            let mut st = self.desired.lock();
+            st.started_at = millis(std::time::SystemTime::now());
+            for (rev, spec) in specs {
+                if let Ok(spec) = serde_json::from_str(&spec) {
+                    st.revisions.insert(rev, spec);
+                }
+            }
+            for p in pins {
+                if let Ok(spec) = serde_json::from_str(&p.spec) {
+                    st.pins.insert(p.service.clone(), Pin { record: p, spec });
+                }
+            }
+            if let Some(rec) = latest {
+                // Accepted before: the fleet is not checked again (nodes may have gone since).
+                match map::check(&rec.document, &FleetNames(None)) {
+                    Ok(checked) => {
+                        let since = rec.created_at;
+                        for d in history.iter().filter(|d| d.started_at >= since) {
+                            if d.outcome == "failed" || d.outcome == "rolled-back" {
+                                st.blocked
+                                    .entry((d.service.clone(), d.revision.clone()))
+                                    .or_insert_with(|| d.message.clone().unwrap_or_default());
+                            }
+                        }
+                        st.active = Some(Arc::new(Active {
+                            record: rec,
+                            desired: checked.desired,
+                            warnings: checked.warnings,
+                        }));
+                    }
+                    Err(e) => tracing::error!(
+                        version = rec.version,
+                        "the stored service map no longer validates: {e}"
+                    ),
+                }
+            }
+        }
+        for d in unfinished {
+            match d.job_id {
+                Some(job) => {
+                    self.desired
+                        .lock()
+                        .in_flight
+                        .insert((d.service.clone(), d.node.clone()), InFlight { job });
+                    reconciler::watch_deploy(self.clone(), d);
+                }
+                None => {
+                    let now = millis(std::time::SystemTime::now());
+                    self.store
+                        .finish_deployment(
+                            d.id,
+                            "failed",
+                            Some("never dispatched"),
+                            &d.previous,
+                            now,
+                        )
+                        .await?;
+                }
+            }
+        }
+        if let Some(path) = self.config.service_map.clone() {
+            reconciler::apply_file(self, &path).await;
+        }
+        Ok(())
+    }
+
+    /// Accept a new service map (from the API or the watched file): parse and validate it, store
+    /// it when it differs from the one in force, and trigger a reconcile. Applying again also
+    /// retries revisions that failed. A map that does not validate changes nothing.
+    pub async fn apply_desired(
+        self: &Arc<Self>,
+        document: &str,
+        source: &str,
+        by: &str,
+    ) -> Result<Applied, ApplyError> {
+        let fleet = self.fleet_names().await?;
+        let checked = map::check(document, &fleet).map_err(ApplyError::Map)?;
+        let digest = digest(document);
+        let current = self.desired.active();
+        let changed = current.as_ref().is_none_or(|a| a.record.digest != digest);
+        let record = if changed {
+            self.store
+                .insert_desired(
+                    document,
+                    &digest,
+                    source,
+                    by,
+                    millis(std::time::SystemTime::now()),
+                )
+                .await
+                .map_err(OpError::from)?
+        } else {
+            current
+                .as_ref()
+                .expect("unchanged implies present")
+                .record
+                .clone()
+        };
+        let version = record.version;
+        let mut dropped_pins = Vec::new();
+        {
+            let mut st = self.desired.lock();
+            // A new map version ends pins on the services it changes.
+            for (name, pin) in &st.pins {
+                let svc = checked.desired.services.get(name);
+                if svc.is_none_or(|s| s.revision != pin.record.base_revision) {
+                    dropped_pins.push(name.clone());
+                }
+            }
+            for name in &dropped_pins {
+                st.pins.remove(name);
+            }
+            st.blocked.clear();
+            if source.starts_with("file:") {
+                st.file_error = None;
+            }
+            st.active = Some(Arc::new(Active {
+                record,
+                desired: checked.desired,
+                warnings: checked.warnings.clone(),
+            }));
+        }
+        for name in dropped_pins {
+            self.store.delete_pin(&name).await.map_err(OpError::from)?;
+        }
+        self.jobs_audit(by, "desired.apply", &format!("v{version}"), source, changed);
+        self.events.publish(Event::DesiredApplied {
+            version,
+            source: source.to_owned(),
+            by: by.to_owned(),
+        });
+        let plan = self.current_plan().await?.plan;
+        self.desired.kick("desired state applied");
+        Ok(Applied {
+            version,
+            changed,
+            warnings: checked.warnings,
+            plan,
+        })
+    }
+
+    fn jobs_audit(&self, by: &str, action: &str, target: &str, source: &str, changed: bool) {
+        self.audit(
+            by,
+            action,
+            target,
+            serde_json::json!({ "source": source, "changed": changed }),
+        );
+    }
+
+    /// Record a refused file (the API and an event say why).
+    pub(crate) fn reject_file(&self, path: &str, errors: &MapErrors) {
+        tracing::warn!(
+            path,
+            "service map refused; the last good one stays in force: {errors}"
+        );
+        self.desired.lock().file_error = Some(FileRejection {
+            path: path.to_owned(),
+            at: millis(std::time::SystemTime::now()),
+            problems: errors.0.clone(),
+        });
+        self.events.publish(Event::DesiredRejected {
+            source: format!("file:{path}"),
+            error: errors.to_string(),
+        });
+    }
+
+    /// The plan for the map in force against what runs now.
+    pub async fn current_plan(&self) -> Result<PlanView, OpError> {
+        let active = self.desired.active();
+        let observed = self.observe().await?;
+        let Some(active) = active else {
+            return Ok(PlanView {
+                version: None,
+                warnings: Vec::new(),
+                plan: Plan::default(),
+            });
+        };
+        let effective = self.effective(&active.desired);
+        Ok(PlanView {
+            version: Some(active.record.version),
+            warnings: active.warnings.clone(),
+            plan: plan::plan(&effective, &observed),
+        })
+    }
+
+    /// The plan a proposed map would have (nothing is stored).
+    pub async fn preview_plan(&self, document: &str) -> Result<PlanView, ApplyError> {
+        let fleet = self.fleet_names().await?;
+        let checked = map::check(document, &fleet).map_err(ApplyError::Map)?;
+        let observed = self.observe().await?;
+        Ok(PlanView {
+            version: None,
+            warnings: checked.warnings,
+            plan: plan::plan(&checked.desired, &observed),
+        })
+    }
+
+    /// The map with rollback pins applied.
+    pub(crate) fn effective(&self, desired: &Desired) -> Desired {
+        let st = self.desired.lock();
+        let mut out = desired.clone();
+        for (name, pin) in &st.pins {
+            if let Some(svc) = out.services.get_mut(name) {
+                if svc.revision == pin.record.base_revision {
+                    svc.spec = pin.spec.clone();
+                    svc.revision = pin.record.revision.clone();
+                }
+            }
+        }
+        out
+    }
+
+    /// Every declared service (and orphan), desired against actual.
+    pub async fn services(&self) -> Result<Vec<ServiceView>, OpError> {
+        let active = self.desired.active();
+        let observed = self.observe().await?;
+        let history = self.store.deployments(None, 2000).await?;
+        let effective = active.as_ref().map(|a| self.effective(&a.desired));
+        let plan = effective
+            .as_ref()
+            .map(|d| plan::plan(d, &observed))
+            .unwrap_or_default();
+        let (in_flight, blocked) = {
+            let st = self.desired.lock();
+            (st.in_flight.clone(), st.blocked.clone())
+        };
+        let mut containers: BTreeMap<String, Vec<ServiceContainer>> = BTreeMap::new();
+        for (node, c) in self.observed_containers(&observed) {
+            containers
+                .entry(c.service.clone())
+                .or_default()
+                .push(ServiceContainer {
+                    node,
+                    name: c.name.clone(),
+                    revision: c.revision.clone(),
+                    state: c.state.clone(),
+                    health: c.health.clone(),
+                });
+        }
+        let mut out = Vec::new();
+        let names: BTreeSet<String> = effective
+            .iter()
+            .flat_map(|d| d.services.keys().cloned())
+            .chain(containers.keys().cloned())
+            .collect();
+        for name in names {
+            let svc = effective.as_ref().and_then(|d| d.services.get(&name));
+            let mine = containers.remove(&name).unwrap_or_default();
+            let last = history.iter().find(|d| d.service == name).cloned();
+            let wanted = |c: &&ServiceContainer| svc.is_some_and(|s| s.revision == c.revision);
+            let running = mine
+                .iter()
+                .filter(wanted)
+                .filter(|c| c.state == "running")
+                .count() as u32;
+            let healthy = mine
+                .iter()
+                .filter(wanted)
+                .filter(|c| {
+                    c.state == "running" && c.health != "unhealthy" && c.health != "starting"
+                })
+                .count() as u32;
+            let deploy_jobs: Vec<Uuid> = in_flight
+                .iter()
+                .filter(|((s, _), _)| *s == name)
+                .map(|(_, f)| f.job)
+                .collect();
+            let deploying = !deploy_jobs.is_empty();
+            let has_action = plan.actions.iter().any(|a| a.service() == name);
+            let waiting = plan.waiting.iter().find(|w| w.service == name);
+            let failed = svc.and_then(|s| blocked.get(&(name.clone(), s.revision.clone())));
+            let (status, message) = match svc {
+                None => (
+                    "orphan",
+                    Some("no longer declared; its containers are removed".to_owned()),
+                ),
+                Some(_) if deploying => ("deploying", None),
+                Some(_) if failed.is_some() => ("failed", failed.cloned()),
+                Some(_) if has_action => ("pending", None),
+                Some(_) if waiting.is_some() => ("waiting", waiting.map(|w| w.reason.clone())),
+                Some(_) => ("converged", None),
+            };
+            let map_revision = active
+                .as_ref()
+                .and_then(|a| a.desired.services.get(&name))
+                .map(|s| s.revision.clone());
+            out.push(ServiceView {
+                name: name.clone(),
+                declared: svc.is_some(),
+                image: svc.map(|s| s.spec.image.clone()),
+                revision: svc.map(|s| s.revision.clone()),
+                pinned_over: match (svc, map_revision) {
+                    (Some(s), Some(m)) if s.revision != m => Some(m),
+                    _ => None,
+                },
+                replicas: svc.map(|s| s.replicas).unwrap_or(0),
+                running,
+                healthy,
+                status: status.to_owned(),
+                message,
+                containers: mine,
+                deploy_jobs,
+                last_deployment: last,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Pin `service` to an earlier revision (default: the newest deployed one that differs from
+    /// the revision wanted now) until the map changes the service.
+    pub async fn rollback_service(
+        &self,
+        service: &str,
+        to: Option<&str>,
+        by: &str,
+    ) -> Result<PinRecord, OpError> {
+        let active = self
+            .desired
+            .active()
+            .ok_or_else(|| OpError::Conflict("no service map is in force".into()))?;
+        let map_svc = active.desired.services.get(service).ok_or_else(|| {
+            OpError::NotFound(format!("no service named `{service}` is declared"))
+        })?;
+        let current = self.effective(&active.desired).services[service]
+            .revision
+            .clone();
+        let history = self.store.deployments(Some(service), 1000).await?;
+        let target = match to {
+            Some(prefix) => {
+                if prefix.len() < 4 {
+                    return Err(OpError::Invalid(
+                        "give at least 4 characters of the revision".into(),
+                    ));
+                }
+                let found: BTreeSet<&str> = history
+                    .iter()
+                    .filter(|d| d.action != "remove" && d.revision.starts_with(prefix))
+                    .map(|d| d.revision.as_str())
+                    .collect();
+                match found.len() {
+                    0 => {
+                        return Err(OpError::NotFound(format!(
+                            "`{service}` was never deployed at a revision starting with `{prefix}`"
+                        )))
+                    }
+                    1 => found.into_iter().next().expect("one").to_owned(),
+                    _ => {
+                        return Err(OpError::Invalid(format!(
+                            "`{prefix}` matches several revisions"
+                        )))
+                    }
+                }
+            }
+            None => history
+                .iter()
+                .find(|d| d.outcome == "deployed" && d.action != "remove" && d.revision != current)
+                .map(|d| d.revision.clone())
+                .ok_or_else(|| {
+                    OpError::Conflict(format!(
+                        "`{service}` has no earlier revision that deployed successfully"
+                    ))
+                })?,
+        };
+        let spec_json = history
+            .iter()
+            .find(|d| d.revision == target)
+            .map(|d| d.spec.clone())
+            .expect("target comes from the history");
+        let spec: ContainerSpec = serde_json::from_str(&spec_json)
+            .map_err(|e| OpError::Invalid(format!("stored spec of {target} is unreadable: {e}")))?;
+        let record = PinRecord {
+            service: service.to_owned(),
+            revision: target.clone(),
+            spec: spec_json,
+            base_revision: map_svc.revision.clone(),
+            created_by: by.to_owned(),
+            created_at: millis(std::time::SystemTime::now()),
+        };
+        self.store.set_pin(&record).await?;
+        {
+            let mut st = self.desired.lock();
+            st.blocked.remove(&(service.to_owned(), target.clone()));
+            st.pins.insert(
+                service.to_owned(),
+                Pin {
+                    record: record.clone(),
+                    spec,
+                },
+            );
+        }
+        self.audit(
+            by,
+            "service.rollback",
+            service,
+            serde_json::json!({ "from": current, "to": target }),
+        );
+        self.desired.kick("rollback");
+        Ok(record)
+    }
+}

@@ -1,0 +1,929 @@
+//! The planner: a pure function from desired and observed state to the actions that make them
+//! match. It reads nothing and changes nothing; the reconciler gathers its inputs and carries
+//! out its actions, and the next run (with fresh observations) is the retry.
+//!
+//! Placement keeps replicas on the fitting nodes that already run them; surplus replicas are
+//! taken from the fullest node, missing ones go to the node with the fewest replicas of the
+//! service (then online before offline, then the less loaded, then by name). A converged
+//! service is therefore a fixed point: applying a plan and planning again yields no actions (a
+//! property test checks it).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use nebula_protocol::deploy::{ContainerSpec, PortProtocol, UpdateStrategy};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// What the service map asks for, resolved.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Desired {
+    /// Declared nodes and their extra labels; `None`: every enrolled node is eligible.
+    pub nodes: Option<BTreeMap<String, Labels>>,
+    pub services: BTreeMap<String, DesiredService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DesiredService {
+    pub revision: String,
+    pub spec: ContainerSpec,
+    pub replicas: u32,
+    pub placement: PlacementRule,
+    pub strategy: UpdateStrategy,
+    #[serde(with = "humantime_serde")]
+    pub health_timeout: Duration,
+    pub depends_on: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PlacementRule {
+    pub node: Option<String>,
+    pub labels: Labels,
+    /// Needs an NVIDIA GPU (asked for, or implied by `gpu:`).
+    pub gpu: bool,
+    pub min_vram_mb: Option<u64>,
+}
+
+/// What runs, as agents report it.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub nodes: Vec<ObservedNode>,
+    /// (service, node name) with a deploy job in flight.
+    pub in_flight: BTreeSet<(String, String)>,
+    /// (service, revision) that failed and is not retried until the map is applied again.
+    pub blocked: BTreeMap<(String, String), String>,
+    /// Specs of revisions deployed before, for field-level diffs.
+    pub revisions: BTreeMap<String, ContainerSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ObservedNode {
+    pub id: Uuid,
+    pub name: String,
+    pub labels: Labels,
+    /// Connected now. An offline node is observed only for a grace period after it left (its
+    /// containers are assumed to still run); actions for it wait.
+    pub online: bool,
+    pub gpus: u32,
+    /// Most free memory on one GPU, MiB.
+    pub max_free_vram_mb: u64,
+    /// Managed containers that carry this node's id.
+    pub containers: Vec<ObservedContainer>,
+    /// A container runtime answers on the node.
+    pub docker: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedContainer {
+    pub name: String,
+    pub service: String,
+    pub revision: String,
+    pub running: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Services that need nothing.
+    pub unchanged: usize,
+    /// Work that cannot start now, with the reason.
+    pub waiting: Vec<Waiting>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// The service has no container on this node yet.
+    Create {
+        service: String,
+        node: String,
+        node_id: Uuid,
+        revision: String,
+        replicas: u32,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        after: Vec<String>,
+    },
+    /// The node runs another revision.
+    Update {
+        service: String,
+        node: String,
+        node_id: Uuid,
+        from: Vec<String>,
+        to: String,
+        replicas: u32,
+        changes: Vec<FieldChange>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        after: Vec<String>,
+    },
+    /// The right revision, but replicas are missing, stopped or too many (drift).
+    Repair {
+        service: String,
+        node: String,
+        node_id: Uuid,
+        revision: String,
+        replicas: u32,
+        reason: String,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        after: Vec<String>,
+    },
+    /// Managed containers that should not be on this node.
+    Remove {
+        service: String,
+        node: String,
+        node_id: Uuid,
+        containers: usize,
+        reason: String,
+    },
+}
+
+impl Action {
+    pub fn service(&self) -> &str {
+        match self {
+            Action::Create { service, .. }
+            | Action::Update { service, .. }
+            | Action::Repair { service, .. }
+            | Action::Remove { service, .. } => service,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        match self {
+            Action::Create { node, .. }
+            | Action::Update { node, .. }
+            | Action::Repair { node, .. }
+            | Action::Remove { node, .. } => node,
+        }
+    }
+
+    pub fn node_id(&self) -> Uuid {
+        match self {
+            Action::Create { node_id, .. }
+            | Action::Update { node_id, .. }
+            | Action::Repair { node_id, .. }
+            | Action::Remove { node_id, .. } => *node_id,
+        }
+    }
+
+    /// Dependencies that still have work of their own: this action waits for them.
+    pub fn after(&self) -> &[String] {
+        match self {
+            Action::Create { after, .. }
+            | Action::Update { after, .. }
+            | Action::Repair { after, .. } => after,
+            Action::Remove { .. } => &[],
+        }
+    }
+
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Action::Create { .. } => "create",
+            Action::Update { .. } => "update",
+            Action::Repair { .. } => "repair",
+            Action::Remove { .. } => "remove",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldChange {
+    pub field: String,
+    pub from: Option<Value>,
+    pub to: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Waiting {
+    pub service: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub reason: String,
+}
+
+/// Compute what to do. Pure: same inputs, same plan.
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let mut out = Plan::default();
+    // Nodes eligible for placement, with their effective labels.
+    let universe: Vec<(&ObservedNode, Labels)> = observed
+        .nodes
+        .iter()
+        .filter_map(|n| match &desired.nodes {
+            None => Some((n, n.labels.clone())),
+            Some(decl) => decl.get(&n.name).map(|extra| {
+                let mut labels = n.labels.clone();
+                labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+                (n, labels)
+            }),
+        })
+        .collect();
+    // Managed containers per node of services other than the one placed (load).
+    let load: HashMap<Uuid, usize> = observed
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.containers.len()))
+        .collect();
+    // Host ports claimed per node by services placed so far.
+    let mut claims: HashMap<Uuid, BTreeSet<(Option<String>, u16, PortProtocol)>> = HashMap::new();
+    let mut pending: BTreeSet<String> = BTreeSet::new();
+    let mut per_service: Vec<(String, Vec<Action>, Vec<Waiting>)> = Vec::new();
+
+    for name in dependency_order(desired) {
+        let svc = &desired.services[&name];
+        let mut actions = Vec::new();
+        let mut waiting = Vec::new();
+        let fixed_ports: Vec<(Option<String>, u16, PortProtocol)> = svc
+            .spec
+            .ports
+            .iter()
+            .filter_map(|p| p.host_port.map(|h| (p.host_ip.clone(), h, p.protocol)))
+            .collect();
+        let existing = |n: &ObservedNode| n.containers.iter().filter(|c| c.service == name).count();
+        let candidates: Vec<&ObservedNode> = universe
+            .iter()
+            .filter(|(n, labels)| {
+                let rule = &svc.placement;
+                n.docker
+                    && rule.node.as_ref().is_none_or(|want| *want == n.name)
+                    && rule.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+                    && (!rule.gpu || n.gpus > 0)
+                    && rule.min_vram_mb.is_none_or(|m| n.max_free_vram_mb >= m)
+                    && (fixed_ports.is_empty()
+                        || claims
+                            .get(&n.id)
+                            .is_none_or(|c| fixed_ports.iter().all(|p| !conflicts(c, p))))
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        // Replicas stay where they run (a converged service is a fixed point); surplus ones go
+        // from the fullest node; missing ones go to the emptiest.
+        let max_per_node = if fixed_ports.is_empty() { u32::MAX } else { 1 };
+        let mut assigned: BTreeMap<Uuid, u32> = candidates
+            .iter()
+            .map(|n| (n.id, (existing(n) as u32).min(max_per_node)))
+            .filter(|(_, k)| *k > 0)
+            .collect();
+        let by_id: HashMap<Uuid, &ObservedNode> = candidates.iter().map(|n| (n.id, *n)).collect();
+        let other_load = |n: &ObservedNode| load.get(&n.id).copied().unwrap_or(0) - existing(n);
+        while assigned.values().sum::<u32>() > svc.replicas {
+            let (&id, _) = assigned
+                .iter()
+                .max_by_key(|(id, k)| {
+                    let n = by_id[*id];
+                    (**k, !n.online, other_load(n), n.name.clone())
+                })
+                .expect("the sum is above zero");
+            let k = assigned.get_mut(&id).expect("present");
+            *k -= 1;
+            if *k == 0 {
+                assigned.remove(&id);
+            }
+        }
+        while assigned.values().sum::<u32>() < svc.replicas {
+            let best = candidates
+                .iter()
+                .filter(|n| assigned.get(&n.id).copied().unwrap_or(0) < max_per_node)
+                .min_by_key(|n| {
+                    (
+                        assigned.get(&n.id).copied().unwrap_or(0),
+                        !n.online,
+                        other_load(n),
+                        n.name.clone(),
+                    )
+                });
+            match best {
+                Some(n) => *assigned.entry(n.id).or_insert(0) += 1,
+                None => break,
+            }
+        }
+        let placed: u32 = assigned.values().sum();
+        if placed < svc.replicas {
+            waiting.push(Waiting {
+                service: name.clone(),
+                node: None,
+                reason: if candidates.is_empty() {
+                    no_fit_reason(svc)
+                } else {
+                    format!(
+                        "only {placed} of {} replicas can be placed (a fixed host port allows one per node)",
+                        svc.replicas
+                    )
+                },
+            });
+        }
+        for id in assigned.keys() {
+            claims
+                .entry(*id)
+                .or_default()
+                .extend(fixed_ports.iter().cloned());
+        }
+        let after: Vec<String> = svc
+            .depends_on
+            .iter()
+            .filter(|d| pending.contains(*d))
+            .cloned()
+            .collect();
+        for node in &observed.nodes {
+            let want = assigned.get(&node.id).copied().unwrap_or(0);
+            let mine: Vec<&ObservedContainer> = node
+                .containers
+                .iter()
+                .filter(|c| c.service == name)
+                .collect();
+            if want == 0 && mine.is_empty() {
+                continue;
+            }
+            let current: Vec<&&ObservedContainer> =
+                mine.iter().filter(|c| c.revision == svc.revision).collect();
+            let old: BTreeSet<String> = mine
+                .iter()
+                .filter(|c| c.revision != svc.revision)
+                .map(|c| c.revision.clone())
+                .collect();
+            let converged = old.is_empty()
+                && current.len() == want as usize
+                && current.iter().all(|c| c.running);
+            if converged {
+                continue;
+            }
+            let wait = |reason: String| Waiting {
+                service: name.clone(),
+                node: Some(node.name.clone()),
+                reason,
+            };
+            if observed
+                .in_flight
+                .contains(&(name.clone(), node.name.clone()))
+            {
+                waiting.push(wait("a deploy is in progress".into()));
+                continue;
+            }
+            if !node.online {
+                waiting.push(wait("the node is offline".into()));
+                continue;
+            }
+            if want == 0 {
+                actions.push(Action::Remove {
+                    service: name.clone(),
+                    node: node.name.clone(),
+                    node_id: node.id,
+                    containers: mine.len(),
+                    reason: "placement no longer puts replicas on this node".into(),
+                });
+                continue;
+            }
+            if let Some(why) = observed.blocked.get(&(name.clone(), svc.revision.clone())) {
+                waiting.push(wait(format!(
+                    "revision {} failed and is not retried until the map is applied again: {why}",
+                    svc.revision
+                )));
+                continue;
+            }
+            if !old.is_empty() {
+                let from_spec = old.iter().find_map(|r| observed.revisions.get(r));
+                actions.push(Action::Update {
+                    service: name.clone(),
+                    node: node.name.clone(),
+                    node_id: node.id,
+                    from: old.into_iter().collect(),
+                    to: svc.revision.clone(),
+                    replicas: want,
+                    changes: from_spec.map(|f| diff(f, &svc.spec)).unwrap_or_default(),
+                    after: after.clone(),
+                });
+            } else if current.is_empty() {
+                actions.push(Action::Create {
+                    service: name.clone(),
+                    node: node.name.clone(),
+                    node_id: node.id,
+                    revision: svc.revision.clone(),
+                    replicas: want,
+                    after: after.clone(),
+                });
+            } else {
+                let running = current.iter().filter(|c| c.running).count();
+                let reason = if current.len() > want as usize {
+                    format!("{} replicas, {want} wanted", current.len())
+                } else {
+                    format!("{running} of {want} replicas running")
+                };
+                actions.push(Action::Repair {
+                    service: name.clone(),
+                    node: node.name.clone(),
+                    node_id: node.id,
+                    revision: svc.revision.clone(),
+                    replicas: want,
+                    reason,
+                    after: after.clone(),
+                });
+            }
+        }
+        if !actions.is_empty()
+            || waiting
+                .iter()
+                .any(|w| w.reason == "a deploy is in progress")
+        {
+            pending.insert(name.clone());
+        }
+        per_service.push((name, actions, waiting));
+    }
+    for (_, actions, waiting) in per_service {
+        if actions.is_empty() && waiting.is_empty() {
+            out.unchanged += 1;
+        }
+        out.actions.extend(actions);
+        out.waiting.extend(waiting);
+    }
+    // Orphans: managed containers of services the map no longer declares.
+    for node in &observed.nodes {
+        let mut orphans: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &node.containers {
+            if !desired.services.contains_key(&c.service) {
+                *orphans.entry(&c.service).or_default() += 1;
+            }
+        }
+        for (service, count) in orphans {
+            if observed
+                .in_flight
+                .contains(&(service.to_owned(), node.name.clone()))
+            {
+                continue;
+            }
+            if !node.online {
+                out.waiting.push(Waiting {
+                    service: service.to_owned(),
+                    node: Some(node.name.clone()),
+                    reason: "the node is offline".into(),
+                });
+                continue;
+            }
+            out.actions.push(Action::Remove {
+                service: service.to_owned(),
+                node: node.name.clone(),
+                node_id: node.id,
+                containers: count,
+                reason: "the service is no longer declared".into(),
+            });
+        }
+    }
+    out
+}
+
+fn conflicts(
+    claimed: &BTreeSet<(Option<String>, u16, PortProtocol)>,
+    p: &(Option<String>, u16, PortProtocol),
+) -> bool {
+    claimed
+        .iter()
+        .any(|c| c.1 == p.1 && c.2 == p.2 && (c.0.is_none() || p.0.is_none() || c.0 == p.0))
+}
+
+fn no_fit_reason(svc: &DesiredService) -> String {
+    let rule = &svc.placement;
+    let mut wants = Vec::new();
+    if let Some(n) = &rule.node {
+        wants.push(format!("node `{n}`"));
+    }
+    if !rule.labels.is_empty() {
+        wants.push(format!(
+            "labels {}",
+            rule.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    if rule.gpu {
+        wants.push("a GPU".into());
+    }
+    if let Some(m) = rule.min_vram_mb {
+        wants.push(format!("{m} MiB of free VRAM"));
+    }
+    if wants.is_empty() {
+        "no node is connected".into()
+    } else {
+        format!("no connected node fits ({})", wants.join(", "))
+    }
+}
+
+/// Services ordered so that each comes after what it depends on (then by name).
+pub fn dependency_order(desired: &Desired) -> Vec<String> {
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut order = Vec::new();
+    let mut left: Vec<&String> = desired.services.keys().collect();
+    while !left.is_empty() {
+        let before = left.len();
+        left.retain(|name| {
+            let ready = desired.services[*name]
+                .depends_on
+                .iter()
+                .all(|d| done.contains(d) || !desired.services.contains_key(d));
+            if ready {
+                done.insert((*name).clone());
+                order.push((*name).clone());
+            }
+            !ready
+        });
+        if left.len() == before {
+            // A cycle (validation refuses these); keep going by name.
+            order.extend(left.drain(..).cloned());
+        }
+    }
+    order
+}
+
+/// Field-level differences between two specs (`env.NAME` per variable, `health.*` per field).
+pub fn diff(from: &ContainerSpec, to: &ContainerSpec) -> Vec<FieldChange> {
+    let flat = |spec: &ContainerSpec| -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        let Ok(Value::Object(map)) = serde_json::to_value(spec) else {
+            return out;
+        };
+        for (k, v) in map {
+            match (k.as_str(), v) {
+                ("env", Value::Array(pairs)) => {
+                    for pair in pairs {
+                        if let Value::Array(kv) = pair {
+                            if let (Some(Value::String(name)), Some(val)) = (kv.first(), kv.get(1))
+                            {
+                                out.insert(format!("env.{name}"), val.clone());
+                            }
+                        }
+                    }
+                }
+                ("health", Value::Object(h)) => {
+                    for (hk, hv) in h {
+                        out.insert(format!("health.{hk}"), hv);
+                    }
+                }
+                (_, v) => {
+                    out.insert(k, v);
+                }
+            }
+        }
+        out
+    };
+    let a = flat(from);
+    let b = flat(to);
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| FieldChange {
+            field: k.clone(),
+            from: a.get(k).cloned(),
+            to: b.get(k).cloned(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nebula_protocol::deploy::{GpuRequest, PortMapping, RestartPolicy};
+    use proptest::prelude::*;
+
+    fn spec(image: &str, host_port: Option<u16>) -> ContainerSpec {
+        ContainerSpec {
+            image: image.into(),
+            command: None,
+            env: vec![("MODE".into(), "a".into())],
+            ports: vec![PortMapping {
+                host_ip: None,
+                host_port,
+                container_port: 80,
+                protocol: PortProtocol::Tcp,
+            }],
+            volumes: vec![],
+            restart: RestartPolicy::UnlessStopped,
+            gpus: GpuRequest::None,
+            health: None,
+        }
+    }
+
+    fn service(
+        image: &str,
+        replicas: u32,
+        placement: PlacementRule,
+        port: Option<u16>,
+    ) -> DesiredService {
+        let spec = spec(image, port);
+        DesiredService {
+            revision: crate::desired::map::revision(&spec),
+            spec,
+            replicas,
+            placement,
+            strategy: UpdateStrategy::StartFirst,
+            health_timeout: Duration::from_secs(60),
+            depends_on: vec![],
+        }
+    }
+
+    fn node(i: u8, labels: &[(&str, &str)], online: bool) -> ObservedNode {
+        ObservedNode {
+            id: Uuid::from_u128(i as u128 + 1),
+            name: format!("n{i}"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            online,
+            gpus: u32::from(i % 2),
+            max_free_vram_mb: 8192 * u64::from(i % 2),
+            containers: vec![],
+            docker: true,
+        }
+    }
+
+    /// What agents would report after every action ran successfully.
+    fn apply(desired: &Desired, observed: &Observed, plan: &Plan) -> Observed {
+        let mut next = observed.clone();
+        for action in &plan.actions {
+            let n = next
+                .nodes
+                .iter_mut()
+                .find(|n| n.id == action.node_id())
+                .unwrap();
+            n.containers.retain(|c| c.service != action.service());
+            let (rev, replicas) = match action {
+                Action::Create {
+                    revision, replicas, ..
+                }
+                | Action::Repair {
+                    revision, replicas, ..
+                } => (revision.clone(), *replicas),
+                Action::Update { to, replicas, .. } => (to.clone(), *replicas),
+                Action::Remove { .. } => continue,
+            };
+            assert_eq!(rev, desired.services[action.service()].revision);
+            for r in 0..replicas {
+                n.containers.push(ObservedContainer {
+                    name: format!("{}-{r}", action.service()),
+                    service: action.service().into(),
+                    revision: rev.clone(),
+                    running: true,
+                });
+            }
+        }
+        next
+    }
+
+    #[test]
+    fn create_then_nothing() {
+        let mut desired = Desired::default();
+        desired.services.insert(
+            "web".into(),
+            service("web:v1", 2, PlacementRule::default(), None),
+        );
+        let mut observed = Observed {
+            nodes: vec![node(0, &[], true), node(1, &[], true)],
+            ..Default::default()
+        };
+        let p = plan(&desired, &observed);
+        assert_eq!(p.actions.len(), 2, "{p:?}");
+        assert!(p.actions.iter().all(|a| a.verb() == "create"));
+        observed = apply(&desired, &observed, &p);
+        let p2 = plan(&desired, &observed);
+        assert!(p2.is_empty(), "{p2:?}");
+        assert_eq!(p2.unchanged, 1);
+    }
+
+    #[test]
+    fn a_new_image_is_an_update_with_a_field_diff() {
+        let mut desired = Desired::default();
+        let v1 = service("web:v1", 1, PlacementRule::default(), None);
+        let v2 = service("web:v2", 1, PlacementRule::default(), None);
+        let mut n = node(0, &[], true);
+        n.containers.push(ObservedContainer {
+            name: "web-1".into(),
+            service: "web".into(),
+            revision: v1.revision.clone(),
+            running: true,
+        });
+        let observed = Observed {
+            nodes: vec![n],
+            revisions: BTreeMap::from([(v1.revision.clone(), v1.spec.clone())]),
+            ..Default::default()
+        };
+        desired.services.insert("web".into(), v2.clone());
+        let p = plan(&desired, &observed);
+        match &p.actions[..] {
+            [Action::Update {
+                from, to, changes, ..
+            }] => {
+                assert_eq!(from, &vec![v1.revision.clone()]);
+                assert_eq!(to, &v2.revision);
+                assert_eq!(changes.len(), 1, "{changes:?}");
+                assert_eq!(changes[0].field, "image");
+                assert_eq!(changes[0].to, Some(Value::String("web:v2".into())));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A failed revision waits instead of being retried.
+        let mut blocked = observed.clone();
+        blocked
+            .blocked
+            .insert(("web".into(), v2.revision.clone()), "HTTP 404".into());
+        let p = plan(&desired, &blocked);
+        assert!(p.actions.is_empty());
+        assert!(p.waiting[0].reason.contains("HTTP 404"), "{p:?}");
+    }
+
+    #[test]
+    fn a_stopped_container_is_repaired_and_an_orphan_removed() {
+        let mut desired = Desired::default();
+        let web = service("web:v1", 1, PlacementRule::default(), None);
+        let mut n = node(0, &[], true);
+        n.containers.push(ObservedContainer {
+            name: "web-1".into(),
+            service: "web".into(),
+            revision: web.revision.clone(),
+            running: false,
+        });
+        n.containers.push(ObservedContainer {
+            name: "old-1".into(),
+            service: "old".into(),
+            revision: "r".into(),
+            running: true,
+        });
+        desired.services.insert("web".into(), web);
+        let p = plan(
+            &desired,
+            &Observed {
+                nodes: vec![n],
+                ..Default::default()
+            },
+        );
+        let verbs: Vec<_> = p.actions.iter().map(|a| (a.verb(), a.service())).collect();
+        assert_eq!(verbs, vec![("repair", "web"), ("remove", "old")]);
+    }
+
+    #[test]
+    fn offline_nodes_and_in_flight_deploys_wait() {
+        let mut desired = Desired::default();
+        desired.services.insert(
+            "web".into(),
+            service(
+                "web:v1",
+                1,
+                PlacementRule {
+                    node: Some("n0".into()),
+                    ..Default::default()
+                },
+                None,
+            ),
+        );
+        let observed = Observed {
+            nodes: vec![node(0, &[], false)],
+            ..Default::default()
+        };
+        let p = plan(&desired, &observed);
+        assert!(p.actions.is_empty());
+        assert_eq!(p.waiting[0].reason, "the node is offline");
+        let mut on = observed.clone();
+        on.nodes[0].online = true;
+        on.in_flight.insert(("web".into(), "n0".into()));
+        let p = plan(&desired, &on);
+        assert!(p.actions.is_empty());
+        assert_eq!(p.waiting[0].reason, "a deploy is in progress");
+    }
+
+    #[test]
+    fn fixed_host_ports_never_share_a_node() {
+        let mut desired = Desired::default();
+        desired.services.insert(
+            "a".into(),
+            service("a:1", 1, PlacementRule::default(), Some(8080)),
+        );
+        desired.services.insert(
+            "b".into(),
+            service("b:1", 1, PlacementRule::default(), Some(8080)),
+        );
+        desired.services.insert(
+            "c".into(),
+            service("c:1", 1, PlacementRule::default(), Some(8080)),
+        );
+        let observed = Observed {
+            nodes: vec![node(0, &[], true), node(1, &[], true)],
+            ..Default::default()
+        };
+        let p = plan(&desired, &observed);
+        let nodes: BTreeSet<_> = p.actions.iter().map(|a| a.node().to_owned()).collect();
+        assert_eq!(p.actions.len(), 2, "{p:?}");
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(p.waiting.len(), 1, "the third cannot be placed: {p:?}");
+    }
+
+    #[test]
+    fn dependencies_come_first() {
+        let mut desired = Desired::default();
+        let mut app = service("app:1", 1, PlacementRule::default(), None);
+        app.depends_on = vec!["db".into()];
+        desired.services.insert("app".into(), app);
+        desired.services.insert(
+            "db".into(),
+            service("db:1", 1, PlacementRule::default(), None),
+        );
+        let observed = Observed {
+            nodes: vec![node(0, &[], true)],
+            ..Default::default()
+        };
+        let p = plan(&desired, &observed);
+        assert_eq!(p.actions[0].service(), "db");
+        assert!(p.actions[0].after().is_empty());
+        assert_eq!(p.actions[1].service(), "app");
+        assert_eq!(p.actions[1].after(), ["db".to_string()]);
+    }
+
+    fn arb_case() -> impl Strategy<Value = (Desired, Observed)> {
+        let nodes = proptest::collection::vec((any::<bool>(), 0u8..3, any::<bool>()), 1..6);
+        let services = proptest::collection::vec(
+            (
+                0u8..3,
+                0u32..5,
+                0u8..4,
+                proptest::option::of(prop_oneof![Just(8080u16), Just(9090u16)]),
+                any::<bool>(),
+            ),
+            0..8,
+        );
+        let junk = proptest::collection::vec((0usize..6, 0u8..10, 0u8..3, any::<bool>()), 0..12);
+        (nodes, services, junk).prop_map(|(nodes, services, junk)| {
+            let zones = ["a", "b", "c"];
+            let observed_nodes: Vec<ObservedNode> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, (online, zone, _))| {
+                    let mut n = node(i as u8, &[("zone", zones[*zone as usize])], true);
+                    // Offline nodes are what the property cannot act on; keep most online.
+                    n.online = *online || i == 0;
+                    n
+                })
+                .collect();
+            let mut desired = Desired::default();
+            for (i, (image, replicas, placement, port, gpu)) in services.iter().enumerate() {
+                let rule = match placement {
+                    0 => PlacementRule::default(),
+                    1 => PlacementRule {
+                        labels: BTreeMap::from([("zone".into(), zones[i % 3].into())]),
+                        ..Default::default()
+                    },
+                    2 => PlacementRule {
+                        node: Some(format!("n{}", i % observed_nodes.len())),
+                        ..Default::default()
+                    },
+                    _ => PlacementRule {
+                        gpu: *gpu,
+                        ..Default::default()
+                    },
+                };
+                desired.services.insert(
+                    format!("s{i}"),
+                    service(&format!("img{image}"), *replicas, rule, *port),
+                );
+            }
+            let mut observed = Observed {
+                nodes: observed_nodes,
+                ..Default::default()
+            };
+            // Whatever ran before: some of these services at old or current revisions, orphans.
+            for (node_i, svc_i, rev, running) in junk {
+                let Some(n) = observed.nodes.get_mut(node_i % nodes.len().max(1)) else {
+                    continue;
+                };
+                let service = format!("s{svc_i}");
+                let revision = match (rev, desired.services.get(&service)) {
+                    (0, Some(s)) => s.revision.clone(),
+                    _ => format!("old{rev}"),
+                };
+                n.containers.push(ObservedContainer {
+                    name: format!("{service}-x"),
+                    service,
+                    revision,
+                    running,
+                });
+            }
+            (desired, observed)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn applying_a_plan_leaves_nothing_to_do((desired, observed) in arb_case()) {
+            let first = plan(&desired, &observed);
+            let after = apply(&desired, &observed, &first);
+            let second = plan(&desired, &after);
+            prop_assert!(second.actions.is_empty(), "first: {:?}\nsecond: {:?}", first.actions, second.actions);
+            // And planning is deterministic.
+            prop_assert_eq!(plan(&desired, &observed), first);
+        }
+    }
+}

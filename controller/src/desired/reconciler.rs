@@ -1,0 +1,526 @@
+//! The reconcile loop, the observed-state builder, deploy watchers and the file watcher.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nebula_protocol::deploy::{labels, DeploySpec, UndeploySpec};
+use nebula_protocol::jobs::JobOutput;
+use nebula_protocol::telemetry::ContainerState;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::plan::{self, Action, Observed, ObservedContainer, ObservedNode};
+use super::{InFlight, ServiceContainerRaw};
+use crate::events::Event;
+use crate::jobs::model::{JobState, Target, Work};
+use crate::jobs::NewJob;
+use crate::store::desired::DeploymentRecord;
+use crate::store::millis;
+use crate::{ControlPlane, OpError};
+
+/// Triggers that arrive together are taken in one run.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+/// After a deploy ends, wait this long for the node's telemetry to show it before planning.
+const SETTLE_AFTER_DEPLOY: Duration = Duration::from_millis(700);
+/// File saves arrive as bursts of events.
+const FILE_DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Run the reconciler until shutdown.
+pub async fn reconciler(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    let mut events = cp.events.subscribe();
+    let interval = cp.config.reconcile_interval;
+    let mut next_timer = tokio::time::Instant::now() + Duration::from_secs(1).min(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = cp.desired.trigger.notified() => {}
+            _ = tokio::time::sleep_until(next_timer) => {
+                cp.desired.lock().reasons.insert("timer".into());
+            }
+            ev = events.recv() => {
+                match ev {
+                    Ok(Event::NodeOnline { id, name }) => {
+                        {
+                            let mut st = cp.desired.lock();
+                            st.offline_since.remove(&id);
+                            st.reasons.insert(format!("node {name} online"));
+                        }
+                        // Give its telemetry inventory a moment to arrive.
+                        tokio::time::sleep(SETTLE_AFTER_DEPLOY).await;
+                    }
+                    Ok(Event::NodeOffline { id, .. }) => {
+                        cp.desired.lock().offline_since.insert(id, millis(SystemTime::now()));
+                        continue;
+                    }
+                    Ok(Event::ContainerChanged { state, .. }) if state != "running" => {
+                        cp.desired.lock().reasons.insert("a container stopped".into());
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => {
+                        cp.desired.lock().reasons.insert("events missed".into());
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        let reasons: Vec<String> = std::mem::take(&mut cp.desired.lock().reasons)
+            .into_iter()
+            .collect();
+        let trigger = if reasons.is_empty() {
+            "timer".to_owned()
+        } else {
+            reasons.join(", ")
+        };
+        if let Err(e) = run_once(&cp, &trigger).await {
+            warn!("reconcile run failed (the next run retries): {e:#}");
+        }
+        next_timer = tokio::time::Instant::now() + interval;
+    }
+}
+
+/// One run: read everything, plan, start what can start.
+async fn run_once(cp: &Arc<ControlPlane>, trigger: &str) -> Result<(), OpError> {
+    let Some(active) = cp.desired.active() else {
+        return Ok(());
+    };
+    let effective = cp.effective(&active.desired);
+    let observed = cp.observe().await?;
+    let plan = plan::plan(&effective, &observed);
+    debug!(
+        trigger,
+        actions = plan.actions.len(),
+        waiting = plan.waiting.len(),
+        unchanged = plan.unchanged,
+        "reconcile run"
+    );
+    for action in &plan.actions {
+        if !action.after().is_empty() {
+            continue;
+        }
+        let key = (action.service().to_owned(), action.node().to_owned());
+        if cp.desired.lock().in_flight.contains_key(&key) {
+            continue;
+        }
+        if let Err(e) = start(cp, &effective, action, active.record.version, trigger).await {
+            warn!(
+                service = action.service(),
+                node = action.node(),
+                "starting a deploy: {e}"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn start(
+    cp: &Arc<ControlPlane>,
+    desired: &plan::Desired,
+    action: &Action,
+    version: i64,
+    trigger: &str,
+) -> Result<(), OpError> {
+    let service = action.service().to_owned();
+    let node = action.node().to_owned();
+    let (work, revision, spec_json, previous, deadline) = match action {
+        Action::Remove { node_id, .. } => (
+            Work::Undeploy(UndeploySpec {
+                service: service.clone(),
+                node: node_id.to_string(),
+            }),
+            String::new(),
+            "null".to_owned(),
+            Vec::new(),
+            Duration::from_secs(300),
+        ),
+        Action::Create {
+            node_id, replicas, ..
+        }
+        | Action::Repair {
+            node_id, replicas, ..
+        }
+        | Action::Update {
+            node_id, replicas, ..
+        } => {
+            let svc = &desired.services[&service];
+            let previous = match action {
+                Action::Update { from, .. } => from.clone(),
+                _ => Vec::new(),
+            };
+            (
+                Work::Deploy(Box::new(DeploySpec {
+                    service: service.clone(),
+                    revision: svc.revision.clone(),
+                    node: node_id.to_string(),
+                    replicas: *replicas,
+                    container: svc.spec.clone(),
+                    strategy: svc.strategy,
+                    health_timeout_ms: svc.health_timeout.as_millis().min(u32::MAX as u128) as u32,
+                })),
+                svc.revision.clone(),
+                serde_json::to_string(&svc.spec).expect("a spec serializes"),
+                previous,
+                // Pulling, two health gates (the new revision and, after a rollback, the old).
+                svc.health_timeout * 2 + Duration::from_secs(900),
+            )
+        }
+    };
+    let verb = if trigger.contains("rollback") && action.verb() == "update" {
+        "rollback"
+    } else {
+        action.verb()
+    };
+    let rec = cp
+        .create_job(
+            NewJob {
+                work,
+                target: Target::Node(node.clone()),
+                deadline: Some(deadline),
+                idempotent: false,
+                max_attempts: Some(1),
+            },
+            "reconciler",
+        )
+        .await?;
+    let deployment = DeploymentRecord {
+        id: Uuid::now_v7(),
+        service: service.clone(),
+        node_id: action.node_id(),
+        node: node.clone(),
+        action: verb.to_owned(),
+        revision: revision.clone(),
+        previous,
+        spec: spec_json,
+        trigger: trigger.to_owned(),
+        outcome: "running".into(),
+        message: None,
+        job_id: Some(rec.id),
+        desired_version: Some(version),
+        started_at: millis(SystemTime::now()),
+        finished_at: None,
+    };
+    cp.store.insert_deployment(&deployment).await?;
+    {
+        let mut st = cp.desired.lock();
+        if let Ok(spec) = serde_json::from_str(&deployment.spec) {
+            st.revisions.insert(revision.clone(), spec);
+        }
+        st.in_flight
+            .insert((service.clone(), node.clone()), InFlight { job: rec.id });
+    }
+    info!(%service, %node, action = verb, %revision, job = %rec.id, "deploy started");
+    cp.events.publish(Event::DeployStarted {
+        service,
+        node,
+        action: verb.to_owned(),
+        revision,
+        job: rec.id,
+    });
+    watch_deploy(cp.clone(), deployment);
+    Ok(())
+}
+
+/// Wait for a deploy job's end on the controller's tracker, then record the outcome.
+pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
+    let tracker = cp.tracker.clone();
+    let shutdown = cp.shutdown.clone();
+    tracker.spawn(async move {
+        let Some(job) = d.job_id else { return };
+        let rec = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = cp.wait_job(job, Duration::from_secs(3600)) => match r {
+                    Ok(rec) if rec.state.is_terminal() => break rec,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        warn!(%job, "watching a deploy job: {e}");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                },
+            }
+        };
+        let report = match &rec.output {
+            Some(JobOutput::Deploy(r)) => Some(r.clone()),
+            _ => None,
+        };
+        let (outcome, message) = match (rec.state, &report) {
+            (_, Some(r)) => (
+                r.outcome.as_str().to_owned(),
+                rec.error.clone().or_else(|| r.health_output.clone()),
+            ),
+            (JobState::Succeeded, None) => ("deployed".to_owned(), None),
+            (state, None) => (
+                match state {
+                    JobState::Cancelled => "cancelled",
+                    JobState::TimedOut => "timed-out",
+                    JobState::Lost => "lost",
+                    _ => "failed",
+                }
+                .to_owned(),
+                rec.error.clone().or(rec.reason.clone()),
+            ),
+        };
+        let previous = report
+            .as_ref()
+            .map(|r| r.previous.clone())
+            .unwrap_or_else(|| d.previous.clone());
+        let now = millis(SystemTime::now());
+        let stored = if outcome == "unchanged" {
+            cp.store.delete_deployment(d.id).await
+        } else {
+            cp.store
+                .finish_deployment(d.id, &outcome, message.as_deref(), &previous, now)
+                .await
+        };
+        if let Err(e) = stored {
+            warn!(service = %d.service, "recording a deploy outcome: {e}");
+        }
+        {
+            let mut st = cp.desired.lock();
+            st.in_flight.remove(&(d.service.clone(), d.node.clone()));
+            if (outcome == "failed" || outcome == "rolled-back") && d.action != "remove" {
+                st.blocked.insert(
+                    (d.service.clone(), d.revision.clone()),
+                    message.clone().unwrap_or_else(|| outcome.clone()),
+                );
+            }
+        }
+        match outcome.as_str() {
+            "deployed" | "unchanged" => {
+                info!(service = %d.service, node = %d.node, %outcome, "deploy finished")
+            }
+            _ => warn!(
+                service = %d.service,
+                node = %d.node,
+                %outcome,
+                message = message.as_deref().unwrap_or(""),
+                "deploy failed"
+            ),
+        }
+        cp.events.publish(Event::DeployFinished {
+            service: d.service.clone(),
+            node: d.node.clone(),
+            revision: d.revision.clone(),
+            outcome,
+            message,
+        });
+        tokio::time::sleep(SETTLE_AFTER_DEPLOY).await;
+        cp.desired.kick("a deploy finished");
+    });
+}
+
+impl ControlPlane {
+    /// What runs: every node (an offline one only within `job_lost_grace` of leaving) with the
+    /// managed containers that carry its id, from telemetry; deploys in flight; failed revisions.
+    pub(crate) async fn observe(&self) -> Result<Observed, OpError> {
+        let candidates = self.candidates(&HashMap::new()).await?;
+        let now = millis(SystemTime::now());
+        let grace = self.config.job_lost_grace.as_millis() as i64;
+        let (offline_since, started_at, in_flight, blocked, revisions) = {
+            let st = self.desired.lock();
+            (
+                st.offline_since.clone(),
+                st.started_at,
+                st.in_flight.keys().cloned().collect(),
+                st.blocked.clone(),
+                st.revisions.clone(),
+            )
+        };
+        let mut nodes = Vec::new();
+        for c in candidates {
+            let view = self.telemetry.view(c.id);
+            let inventory = view.as_ref().and_then(|v| v.inventory.clone());
+            if !c.online {
+                let since = offline_since.get(&c.id).copied().unwrap_or(started_at);
+                if now - since > grace {
+                    continue;
+                }
+            }
+            let mut containers = Vec::new();
+            if let (Some(view), Some(inv)) = (&view, &inventory) {
+                for raw in managed(c.id, inv, view.latest.as_deref()) {
+                    containers.push(ObservedContainer {
+                        name: raw.name,
+                        service: raw.service,
+                        revision: raw.revision,
+                        running: raw.state == "running" || raw.state == "unknown",
+                    });
+                }
+            }
+            // Until its inventory arrives, a connected node is not known well enough to act on.
+            let known = inventory.is_some();
+            let docker = inventory
+                .as_ref()
+                .is_some_and(|i| i.container_runtime.is_some());
+            nodes.push(ObservedNode {
+                id: c.id,
+                name: c.name,
+                labels: c.labels,
+                online: c.online && known,
+                gpus: c.gpu_count as u32,
+                max_free_vram_mb: c.gpu_free_bytes.iter().copied().max().unwrap_or(0) >> 20,
+                containers,
+                docker: docker || !known,
+            });
+        }
+        Ok(Observed {
+            nodes,
+            in_flight,
+            blocked,
+            revisions,
+        })
+    }
+
+    /// Managed containers per node name, with state and health (for views).
+    pub(crate) fn observed_containers(
+        &self,
+        observed: &Observed,
+    ) -> Vec<(String, ServiceContainerRaw)> {
+        let mut out = Vec::new();
+        for n in &observed.nodes {
+            let Some(view) = self.telemetry.view(n.id) else {
+                continue;
+            };
+            let Some(inv) = view.inventory.clone() else {
+                continue;
+            };
+            for raw in managed(n.id, &inv, view.latest.as_deref()) {
+                out.push((n.name.clone(), raw));
+            }
+        }
+        out
+    }
+}
+
+/// Managed containers in an inventory that carry this node's id.
+fn managed(
+    node: Uuid,
+    inv: &nebula_protocol::telemetry::TelemetryInventory,
+    latest: Option<&nebula_protocol::telemetry::TelemetrySample>,
+) -> Vec<ServiceContainerRaw> {
+    let node_id = node.to_string();
+    let aligned =
+        latest.filter(|s| s.epoch == inv.epoch && s.containers.len() == inv.containers.len());
+    inv.containers
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            c.labels.get(labels::MANAGED).map(String::as_str) == Some("true")
+                && c.labels.get(labels::NODE) == Some(&node_id)
+                && c.labels.contains_key(labels::SERVICE)
+        })
+        .map(|(i, c)| {
+            let (state, health) = match aligned.map(|s| &s.containers[i]) {
+                Some(s) => (s.state.as_str(), s.health.as_str()),
+                None => (ContainerState::Unknown.as_str(), "none"),
+            };
+            ServiceContainerRaw {
+                name: c.name.clone(),
+                service: c.labels[labels::SERVICE].clone(),
+                revision: c.labels.get(labels::REVISION).cloned().unwrap_or_default(),
+                state: state.to_owned(),
+                health: health.to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// Read the watched file and apply it; a refusal is recorded, not returned.
+pub(super) async fn apply_file(cp: &Arc<ControlPlane>, path: &Path) {
+    let shown = path.display().to_string();
+    let text = match tokio::fs::read_to_string(path).await {
+        Ok(t) => t,
+        Err(e) => {
+            let errors = super::map::MapErrors(vec![super::map::Problem {
+                line: 1,
+                column: 1,
+                message: format!("cannot read the file: {e}"),
+            }]);
+            cp.reject_file(&shown, &errors);
+            return;
+        }
+    };
+    if cp
+        .desired
+        .active()
+        .is_some_and(|a| a.record.digest == super::digest(&text))
+    {
+        return;
+    }
+    match cp
+        .apply_desired(&text, &format!("file:{shown}"), "file")
+        .await
+    {
+        Ok(applied) => info!(
+            path = %shown,
+            version = applied.version,
+            actions = applied.plan.actions.len(),
+            "service map applied"
+        ),
+        Err(super::ApplyError::Map(errors)) => cp.reject_file(&shown, &errors),
+        Err(super::ApplyError::Op(e)) => warn!(path = %shown, "applying the service map: {e}"),
+    }
+}
+
+/// Watch the configured service map and apply it when saved.
+pub async fn watch_file(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    use notify::{RecursiveMode, Watcher};
+    let Some(path) = cp.config.service_map.clone() else {
+        return;
+    };
+    let path = std::path::absolute(&path).unwrap_or(path);
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| ".".into());
+    let name = path.file_name().map(|n| n.to_owned());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher =
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                if ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_owned()) == name)
+                {
+                    let _ = tx.send(());
+                }
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(
+                    "cannot watch {}: {e}; changes need `nebula apply`",
+                    path.display()
+                );
+                return;
+            }
+        };
+    // The directory, not the file: editors save by writing a new file and renaming it.
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        warn!(
+            "cannot watch {}: {e}; changes need `nebula apply`",
+            dir.display()
+        );
+        return;
+    }
+    info!(path = %path.display(), "watching the service map");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = rx.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                // Take the whole burst of events of one save.
+                tokio::time::sleep(FILE_DEBOUNCE).await;
+                while rx.try_recv().is_ok() {}
+                apply_file(&cp, &path).await;
+            }
+        }
+    }
+}
