@@ -96,8 +96,16 @@ impl Api {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            let msg = body["error"]["message"].as_str().unwrap_or("no details");
             let code = body["error"]["code"].as_str().unwrap_or("error");
+            if let Some(problems) = body["error"]["problems"].as_array() {
+                // One line per problem, `line:column: message`, as compilers print them.
+                let lines: Vec<String> = problems
+                    .iter()
+                    .map(|p| format!("  {}:{}: {}", p["line"], p["column"], s(&p["message"])))
+                    .collect();
+                anyhow::bail!("{status} ({code}):\n{}", lines.join("\n"));
+            }
+            let msg = body["error"]["message"].as_str().unwrap_or("no details");
             anyhow::bail!("{status}: {msg} ({code})");
         }
         Ok(serde_json::from_value(body)?)
@@ -110,6 +118,21 @@ impl Api {
     async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await
+    }
+    /// Send a text body (a service map) with PUT or POST.
+    pub async fn send_text<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        text: String,
+    ) -> anyhow::Result<T> {
+        self.send(
+            self.http
+                .request(method, format!("{}{path}", self.base))
+                .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+                .body(text),
+        )
+        .await
     }
     pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> anyhow::Result<T> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))

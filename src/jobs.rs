@@ -295,7 +295,7 @@ pub struct JobsArgs {
     limit: u32,
 }
 
-fn age(created_ms: Option<i64>) -> String {
+pub fn age(created_ms: Option<i64>) -> String {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod client;
+mod desired;
 mod jobs;
 mod serve;
 
@@ -71,6 +72,16 @@ enum Command {
     Cancel { id: String },
     /// Who did what: jobs created and cancelled, tokens, node removals.
     Audit(jobs::AuditArgs),
+    /// Show what applying a service map would change (field by field).
+    Plan(desired::PlanArgs),
+    /// Apply a service map and follow the rollout.
+    Apply(desired::ApplyArgs),
+    /// Services: desired against actual, health.
+    Services,
+    /// One service: containers and deployment history.
+    Service { name: String },
+    /// Go back to an earlier revision of a service (until the map changes it).
+    Rollback(desired::RollbackArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -109,6 +120,11 @@ fn main() -> ExitCode {
             Command::Logs(ref args) => jobs::logs(&cli, args).await,
             Command::Cancel { ref id } => jobs::cancel(&cli, id).await,
             Command::Audit(ref args) => jobs::audit(&cli, args).await,
+            Command::Plan(ref args) => desired::plan(&cli, args).await,
+            Command::Apply(ref args) => desired::apply(&cli, args).await,
+            Command::Services => desired::services(&cli).await,
+            Command::Service { ref name } => desired::service(&cli, name).await,
+            Command::Rollback(ref args) => desired::rollback(&cli, args).await,
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,

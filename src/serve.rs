@@ -70,6 +70,12 @@ pub struct ServeArgs {
     /// Tries of an idempotent job, the first included.
     #[arg(long, env = "NEBULA_JOB_MAX_ATTEMPTS")]
     job_max_attempts: Option<u32>,
+    /// The service map to watch and apply (service-map.yml).
+    #[arg(long, env = "NEBULA_SERVICE_MAP")]
+    service_map: Option<PathBuf>,
+    /// The reconciler runs at least this often.
+    #[arg(long, env = "NEBULA_RECONCILE_INTERVAL", value_parser = humantime::parse_duration)]
+    reconcile_interval: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -110,6 +116,8 @@ impl ServeArgs {
         set!(max_jobs_per_node);
         set!(job_default_deadline);
         set!(job_max_attempts);
+        set!(reconcile_interval);
+        set!(service_map, opt);
         set!(database_url, opt);
         set!(admin_token_file, opt);
         if let Some(f) = &self.database_url_file {
