@@ -211,118 +211,208 @@ pub struct Waiting {
 /// Compute what to do. Pure: same inputs, same plan.
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let mut out = Plan::default();
-    // Nodes eligible for placement, with their effective labels.
-    let universe: Vec<(&ObservedNode, Labels)> = observed
-        .nodes
+    let nodes = &observed.nodes;
+    let n = nodes.len();
+    // Effective labels of the nodes eligible for placement (`None`: not eligible).
+    let labels: Vec<Option<Labels>> = nodes
         .iter()
-        .filter_map(|n| match &desired.nodes {
-            None => Some((n, n.labels.clone())),
-            Some(decl) => decl.get(&n.name).map(|extra| {
-                let mut labels = n.labels.clone();
-                labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-                (n, labels)
+        .map(|node| match &desired.nodes {
+            None => Some(node.labels.clone()),
+            Some(decl) => decl.get(&node.name).map(|extra| {
+                let mut l = node.labels.clone();
+                l.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+                l
             }),
         })
         .collect();
-    // Managed containers per node of services other than the one placed (load).
-    let load: HashMap<Uuid, usize> = observed
-        .nodes
+    let by_name: HashMap<&str, usize> = nodes
         .iter()
-        .map(|n| (n.id, n.containers.len()))
+        .enumerate()
+        .map(|(i, node)| (node.name.as_str(), i))
         .collect();
-    // Host ports claimed per node by services placed so far.
-    let mut claims: HashMap<Uuid, BTreeSet<(Option<String>, u16, PortProtocol)>> = HashMap::new();
+    // Position of each node in name order (the last tie-breaker).
+    let mut rank = vec![0usize; n];
+    {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|a, b| nodes[*a].name.cmp(&nodes[*b].name));
+        for (r, i) in order.into_iter().enumerate() {
+            rank[i] = r;
+        }
+    }
+    // Managed containers by service, with their node.
+    let mut by_service: HashMap<&str, Vec<(usize, &ObservedContainer)>> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for c in &node.containers {
+            by_service
+                .entry(c.service.as_str())
+                .or_default()
+                .push((i, c));
+        }
+    }
+    // Containers per node: observed, plus the replicas this plan adds (spreads new work).
+    let mut load: Vec<usize> = nodes.iter().map(|node| node.containers.len()).collect();
+    // Host ports claimed per node by the services placed so far.
+    let mut claims: Vec<Vec<PortKey>> = vec![Vec::new(); n];
+    // Nodes that fit a placement rule (ports aside), computed once per distinct rule, with the
+    // same nodes ordered by (offline, load, name) for placing a new service without a scan.
+    let mut rule_ids: HashMap<(&Labels, bool, Option<u64>), usize> = HashMap::new();
+    let mut rule_bases: Vec<Vec<usize>> = Vec::new();
+    let mut rule_orders: Vec<BTreeSet<(bool, usize, usize, usize)>> = Vec::new();
+    let mut node_rules: Vec<Vec<usize>> = vec![Vec::new(); n];
+    // Scratch per service, indexed by node, reset after each service.
+    let mut assigned = vec![0u32; n];
+    let mut existing = vec![0u32; n];
     let mut pending: BTreeSet<String> = BTreeSet::new();
     let mut per_service: Vec<(String, Vec<Action>, Vec<Waiting>)> = Vec::new();
 
     for name in dependency_order(desired) {
         let svc = &desired.services[&name];
+        let rule = &svc.placement;
         let mut actions = Vec::new();
         let mut waiting = Vec::new();
-        let fixed_ports: Vec<(Option<String>, u16, PortProtocol)> = svc
+        let fixed_ports: Vec<PortKey> = svc
             .spec
             .ports
             .iter()
             .filter_map(|p| p.host_port.map(|h| (p.host_ip.clone(), h, p.protocol)))
             .collect();
-        let existing = |n: &ObservedNode| n.containers.iter().filter(|c| c.service == name).count();
-        let candidates: Vec<&ObservedNode> = universe
-            .iter()
-            .filter(|(n, labels)| {
-                let rule = &svc.placement;
-                n.docker
-                    && rule.node.as_ref().is_none_or(|want| *want == n.name)
-                    && rule.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-                    && (!rule.gpu || n.gpus > 0)
-                    && rule.min_vram_mb.is_none_or(|m| n.max_free_vram_mb >= m)
-                    && (fixed_ports.is_empty()
-                        || claims
-                            .get(&n.id)
-                            .is_none_or(|c| fixed_ports.iter().all(|p| !conflicts(c, p))))
-            })
-            .map(|(n, _)| *n)
-            .collect();
-        // Replicas stay where they run (a converged service is a fixed point); surplus ones go
-        // from the fullest node; missing ones go to the emptiest.
         let max_per_node = if fixed_ports.is_empty() { u32::MAX } else { 1 };
-        let mut assigned: BTreeMap<Uuid, u32> = candidates
-            .iter()
-            .map(|n| (n.id, (existing(n) as u32).min(max_per_node)))
-            .filter(|(_, k)| *k > 0)
-            .collect();
-        let by_id: HashMap<Uuid, &ObservedNode> = candidates.iter().map(|n| (n.id, *n)).collect();
-        let other_load = |n: &ObservedNode| load.get(&n.id).copied().unwrap_or(0) - existing(n);
-        while assigned.values().sum::<u32>() > svc.replicas {
-            let (&id, _) = assigned
-                .iter()
-                .max_by_key(|(id, k)| {
-                    let n = by_id[*id];
-                    (**k, !n.online, other_load(n), n.name.clone())
-                })
-                .expect("the sum is above zero");
-            let k = assigned.get_mut(&id).expect("present");
-            *k -= 1;
-            if *k == 0 {
-                assigned.remove(&id);
+        let mine: &[(usize, &ObservedContainer)] =
+            by_service.get(name.as_str()).map_or(&[][..], Vec::as_slice);
+        // Nodes this service touches: where it runs, and where it is placed.
+        let mut touched: Vec<usize> = Vec::new();
+        for (i, _) in mine {
+            if existing[*i] == 0 {
+                touched.push(*i);
+            }
+            existing[*i] += 1;
+        }
+        let fits = |i: usize| -> bool {
+            let node = &nodes[i];
+            labels[i].as_ref().is_some_and(|l| {
+                node.docker
+                    && rule.node.as_ref().is_none_or(|want| *want == node.name)
+                    && rule.labels.iter().all(|(k, v)| l.get(k) == Some(v))
+                    && (!rule.gpu || node.gpus > 0)
+                    && rule.min_vram_mb.is_none_or(|m| node.max_free_vram_mb >= m)
+            })
+        };
+        let pinned: Vec<usize>;
+        let rule_id = match &rule.node {
+            Some(_) => None,
+            None => Some(
+                *rule_ids
+                    .entry((&rule.labels, rule.gpu, rule.min_vram_mb))
+                    .or_insert_with(|| {
+                        let base: Vec<usize> = (0..n).filter(|i| fits(*i)).collect();
+                        let ordered = base
+                            .iter()
+                            .map(|&i| (!nodes[i].online, load[i], rank[i], i))
+                            .collect();
+                        for &i in &base {
+                            node_rules[i].push(rule_bases.len());
+                        }
+                        rule_bases.push(base);
+                        rule_orders.push(ordered);
+                        rule_bases.len() - 1
+                    }),
+            ),
+        };
+        let base: &[usize] = match (&rule.node, rule_id) {
+            (Some(want), _) => {
+                pinned = by_name
+                    .get(want.as_str())
+                    .copied()
+                    .filter(|i| fits(*i))
+                    .into_iter()
+                    .collect();
+                &pinned
+            }
+            (None, Some(id)) => &rule_bases[id],
+            (None, None) => &[],
+        };
+        let ports_ok = |claims: &[Vec<PortKey>], i: usize| {
+            fixed_ports.iter().all(|p| !conflicts(&claims[i], p))
+        };
+        let candidate = |claims: &[Vec<PortKey>], i: usize| fits(i) && ports_ok(claims, i);
+        let any_candidate = base.iter().any(|i| ports_ok(&claims, *i));
+
+        // Replicas stay where they run (a converged service is a fixed point); surplus ones
+        // go from the fullest node; missing ones go to the emptiest.
+        let mut total = 0u32;
+        for &i in &touched {
+            if candidate(&claims, i) {
+                assigned[i] = existing[i].min(max_per_node);
+                total += assigned[i];
             }
         }
-        while assigned.values().sum::<u32>() < svc.replicas {
-            let best = candidates
+        while total > svc.replicas {
+            let i = touched
                 .iter()
-                .filter(|n| assigned.get(&n.id).copied().unwrap_or(0) < max_per_node)
-                .min_by_key(|n| {
-                    (
-                        assigned.get(&n.id).copied().unwrap_or(0),
-                        !n.online,
-                        other_load(n),
-                        n.name.clone(),
-                    )
-                });
-            match best {
-                Some(n) => *assigned.entry(n.id).or_insert(0) += 1,
-                None => break,
+                .copied()
+                .filter(|i| assigned[*i] > 0)
+                .max_by_key(|i| (assigned[*i], !nodes[*i].online, load[*i], rank[*i]))
+                .expect("the total is above zero");
+            assigned[i] -= 1;
+            total -= 1;
+        }
+        while total < svc.replicas {
+            // A service that runs nowhere yet takes the first node in (offline, load, name)
+            // order that it does not use yet: the same node a scan would pick, without one.
+            let quick = match rule_id {
+                Some(id) if mine.is_empty() => rule_orders[id]
+                    .iter()
+                    .map(|k| k.3)
+                    .find(|i| assigned[*i] == 0 && ports_ok(&claims, *i)),
+                _ => None,
+            };
+            let best = quick.or_else(|| {
+                base.iter()
+                    .copied()
+                    .filter(|i| assigned[*i] < max_per_node && ports_ok(&claims, *i))
+                    .min_by_key(|i| {
+                        (
+                            assigned[*i],
+                            !nodes[*i].online,
+                            load[*i] - existing[*i] as usize,
+                            rank[*i],
+                        )
+                    })
+            });
+            let Some(i) = best else { break };
+            if assigned[i] == 0 && existing[i] == 0 {
+                touched.push(i);
+            }
+            assigned[i] += 1;
+            total += 1;
+            if assigned[i] > existing[i] {
+                let key = (!nodes[i].online, load[i], rank[i], i);
+                load[i] += 1;
+                for &r in &node_rules[i] {
+                    rule_orders[r].remove(&key);
+                    rule_orders[r].insert((key.0, load[i], key.2, i));
+                }
             }
         }
-        let placed: u32 = assigned.values().sum();
-        if placed < svc.replicas {
+        if total < svc.replicas {
             waiting.push(Waiting {
                 service: name.clone(),
                 node: None,
-                reason: if candidates.is_empty() {
+                reason: if !any_candidate {
                     no_fit_reason(svc)
                 } else {
                     format!(
-                        "only {placed} of {} replicas can be placed (a fixed host port allows one per node)",
+                        "only {total} of {} replicas can be placed (a fixed host port allows one per node)",
                         svc.replicas
                     )
                 },
             });
         }
-        for id in assigned.keys() {
-            claims
-                .entry(*id)
-                .or_default()
-                .extend(fixed_ports.iter().cloned());
+        touched.sort_unstable();
+        for &i in &touched {
+            if assigned[i] > 0 {
+                claims[i].extend(fixed_ports.iter().cloned());
+            }
         }
         let after: Vec<String> = svc
             .depends_on
@@ -330,27 +420,24 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             .filter(|d| pending.contains(*d))
             .cloned()
             .collect();
-        for node in &observed.nodes {
-            let want = assigned.get(&node.id).copied().unwrap_or(0);
-            let mine: Vec<&ObservedContainer> = node
-                .containers
-                .iter()
-                .filter(|c| c.service == name)
-                .collect();
-            if want == 0 && mine.is_empty() {
-                continue;
+        for &i in &touched {
+            let node = &nodes[i];
+            let want = assigned[i];
+            let here = mine.iter().filter(|(j, _)| *j == i).map(|(_, c)| *c);
+            let mut current = 0usize;
+            let mut current_running = 0usize;
+            let mut all = 0usize;
+            let mut old: BTreeSet<String> = BTreeSet::new();
+            for c in here {
+                all += 1;
+                if c.revision == svc.revision {
+                    current += 1;
+                    current_running += usize::from(c.running);
+                } else {
+                    old.insert(c.revision.clone());
+                }
             }
-            let current: Vec<&&ObservedContainer> =
-                mine.iter().filter(|c| c.revision == svc.revision).collect();
-            let old: BTreeSet<String> = mine
-                .iter()
-                .filter(|c| c.revision != svc.revision)
-                .map(|c| c.revision.clone())
-                .collect();
-            let converged = old.is_empty()
-                && current.len() == want as usize
-                && current.iter().all(|c| c.running);
-            if converged {
+            if old.is_empty() && current == want as usize && current_running == current {
                 continue;
             }
             let wait = |reason: String| Waiting {
@@ -362,7 +449,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 .in_flight
                 .contains(&(name.clone(), node.name.clone()))
             {
-                waiting.push(wait("a deploy is in progress".into()));
+                waiting.push(wait(IN_PROGRESS.into()));
                 continue;
             }
             if !node.online {
@@ -374,7 +461,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     service: name.clone(),
                     node: node.name.clone(),
                     node_id: node.id,
-                    containers: mine.len(),
+                    containers: all,
                     reason: "placement no longer puts replicas on this node".into(),
                 });
                 continue;
@@ -398,7 +485,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     changes: from_spec.map(|f| diff(f, &svc.spec)).unwrap_or_default(),
                     after: after.clone(),
                 });
-            } else if current.is_empty() {
+            } else if current == 0 {
                 actions.push(Action::Create {
                     service: name.clone(),
                     node: node.name.clone(),
@@ -408,11 +495,10 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     after: after.clone(),
                 });
             } else {
-                let running = current.iter().filter(|c| c.running).count();
-                let reason = if current.len() > want as usize {
-                    format!("{} replicas, {want} wanted", current.len())
+                let reason = if current > want as usize {
+                    format!("{current} replicas, {want} wanted")
                 } else {
-                    format!("{running} of {want} replicas running")
+                    format!("{current_running} of {want} replicas running")
                 };
                 actions.push(Action::Repair {
                     service: name.clone(),
@@ -425,11 +511,11 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 });
             }
         }
-        if !actions.is_empty()
-            || waiting
-                .iter()
-                .any(|w| w.reason == "a deploy is in progress")
-        {
+        for &i in &touched {
+            assigned[i] = 0;
+            existing[i] = 0;
+        }
+        if !actions.is_empty() || waiting.iter().any(|w| w.reason == IN_PROGRESS) {
             pending.insert(name.clone());
         }
         per_service.push((name, actions, waiting));
@@ -442,7 +528,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         out.waiting.extend(waiting);
     }
     // Orphans: managed containers of services the map no longer declares.
-    for node in &observed.nodes {
+    for node in nodes {
         let mut orphans: BTreeMap<&str, usize> = BTreeMap::new();
         for c in &node.containers {
             if !desired.services.contains_key(&c.service) {
@@ -476,10 +562,12 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     out
 }
 
-fn conflicts(
-    claimed: &BTreeSet<(Option<String>, u16, PortProtocol)>,
-    p: &(Option<String>, u16, PortProtocol),
-) -> bool {
+/// A host port: address (`None`: all), number, protocol.
+type PortKey = (Option<String>, u16, PortProtocol);
+
+const IN_PROGRESS: &str = "a deploy is in progress";
+
+fn conflicts(claimed: &[PortKey], p: &PortKey) -> bool {
     claimed
         .iter()
         .any(|c| c.1 == p.1 && c.2 == p.2 && (c.0.is_none() || p.0.is_none() || c.0 == p.0))
