@@ -25,11 +25,20 @@ fn web_images() {
 }
 
 /// Removes every managed container of the given nodes when dropped (also on a failed assert).
-struct Cleanup(Vec<String>);
+/// Declared before the controller and agents, so it runs after they are stopped and nothing
+/// can start a container again.
+#[derive(Default)]
+struct Cleanup(std::sync::Mutex<Vec<String>>);
+
+impl Cleanup {
+    fn add(&self, node: &str) {
+        self.0.lock().unwrap().push(node.to_owned());
+    }
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for node in &self.0 {
+        for node in self.0.lock().unwrap().iter() {
             let ids = docker(&[
                 "ps",
                 "-aq",
@@ -202,6 +211,7 @@ fn cli(c: &Controller, args: &[&str]) -> (bool, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
     web_images();
+    let cleanup = Cleanup::default();
     let c = Controller::start(ControllerOpts {
         extra: vec!["--reconcile-interval", "1s"],
         ..Default::default()
@@ -210,7 +220,8 @@ async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
     let dir = tempfile::tempdir().unwrap();
     let (_a, alpha) = join(&c, dir.path(), "alpha", &[]).await;
     let (_b, beta) = join(&c, dir.path(), "beta", &[]).await;
-    let _cleanup = Cleanup(vec![alpha.clone(), beta.clone()]);
+    cleanup.add(&alpha);
+    cleanup.add(&beta);
     let port = free_port();
 
     // Three services over two agents: each on the right node, healthy.
@@ -359,6 +370,7 @@ async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_repaired_orphans_removed_and_unmanaged_containers_left_alone() {
     web_images();
+    let cleanup = Cleanup::default();
     let c = Controller::start(ControllerOpts {
         extra: vec!["--reconcile-interval", "2s"],
         ..Default::default()
@@ -366,7 +378,7 @@ async fn drift_is_repaired_orphans_removed_and_unmanaged_containers_left_alone()
     .await;
     let dir = tempfile::tempdir().unwrap();
     let (_a, node) = join(&c, dir.path(), "gamma", &[]).await;
-    let _cleanup = Cleanup(vec![node.clone()]);
+    cleanup.add(&node);
     let unmanaged = docker::Containers::new();
     let bystander = unmanaged.run(
         &format!("bystander-{}", &node[..8]),
@@ -439,6 +451,34 @@ services:
         "an unmanaged container beside them is never touched"
     );
     assert_eq!(containers(&node, "app").len(), 1);
+
+    // Runs and outcomes are counted for Prometheus.
+    let metrics = c
+        .client
+        .get(c.url("/metrics"))
+        .bearer_auth(&c.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("nebula_deploys_finished_total{outcome=\"deployed\"} ") >= 4.0,
+        "two creates and two repairs: {metrics}"
+    );
+    assert!(
+        value("nebula_deploys_finished_total{outcome=\"removed\"} ") >= 1.0,
+        "{metrics}"
+    );
+    assert!(value("nebula_reconcile_runs_total ") >= 3.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

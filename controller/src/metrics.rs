@@ -29,6 +29,11 @@ pub struct Metrics {
     pub jobs_finished: Family<DropLabels, Counter>,
     /// Jobs not finished (queued, dispatched, running).
     pub jobs_active: Gauge,
+    /// Reconcile runs, and deploys by outcome.
+    pub reconcile_runs: Counter,
+    pub deploys_finished: Family<Vec<(&'static str, String)>, Counter>,
+    /// Seconds the last reconcile run's plan took.
+    pub plan_seconds: Histogram,
 }
 
 impl Metrics {
@@ -76,8 +81,29 @@ impl Metrics {
             "Jobs queued, dispatched or running",
             jobs_active.clone(),
         );
+        let reconcile_runs = Counter::default();
+        registry.register(
+            "reconcile_runs",
+            "Reconciler runs (each reads the full state and plans)",
+            reconcile_runs.clone(),
+        );
+        let deploys_finished = Family::<Vec<(&'static str, String)>, Counter>::default();
+        registry.register(
+            "deploys_finished",
+            "Deploys that ended, by outcome (deployed, rolled-back, failed, ...)",
+            deploys_finished.clone(),
+        );
+        let plan_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        registry.register(
+            "plan_seconds",
+            "Time to gather the observed state and compute a plan",
+            plan_seconds.clone(),
+        );
         Metrics {
             registry,
+            reconcile_runs,
+            deploys_finished,
+            plan_seconds,
             agents_connected,
             samples_accepted,
             samples_dropped,

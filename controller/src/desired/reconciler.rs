@@ -88,9 +88,14 @@ async fn run_once(cp: &Arc<ControlPlane>, trigger: &str) -> Result<(), OpError> 
     let Some(active) = cp.desired.active() else {
         return Ok(());
     };
+    let started = std::time::Instant::now();
     let effective = cp.effective(&active.desired);
     let observed = cp.observe().await?;
     let plan = plan::plan(&effective, &observed);
+    cp.metrics.reconcile_runs.inc();
+    cp.metrics
+        .plan_seconds
+        .observe(started.elapsed().as_secs_f64());
     debug!(
         trigger,
         actions = plan.actions.len(),
@@ -264,6 +269,12 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
                 rec.error.clone().or(rec.reason.clone()),
             ),
         };
+        // An undeploy that removed containers reads better as `removed`.
+        let outcome = if d.action == "remove" && outcome == "deployed" {
+            "removed".to_owned()
+        } else {
+            outcome
+        };
         let previous = report
             .as_ref()
             .map(|r| r.previous.clone())
@@ -290,7 +301,7 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
             }
         }
         match outcome.as_str() {
-            "deployed" | "unchanged" => {
+            "deployed" | "unchanged" | "removed" => {
                 info!(service = %d.service, node = %d.node, %outcome, "deploy finished")
             }
             _ => warn!(
@@ -301,6 +312,10 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
                 "deploy failed"
             ),
         }
+        cp.metrics
+            .deploys_finished
+            .get_or_create(&vec![("outcome", outcome.clone())])
+            .inc();
         cp.events.publish(Event::DeployFinished {
             service: d.service.clone(),
             node: d.node.clone(),

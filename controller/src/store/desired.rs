@@ -33,7 +33,7 @@ pub struct DeploymentRecord {
     #[serde(skip)]
     pub spec: String,
     pub trigger: String,
-    /// running, deployed, rolled-back, failed, cancelled.
+    /// running, deployed, removed, rolled-back, failed, cancelled, timed-out, lost.
     pub outcome: String,
     pub message: Option<String>,
     pub job_id: Option<Uuid>,
