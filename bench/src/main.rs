@@ -28,6 +28,7 @@ struct Cli {
     command: Cmd,
 }
 
+mod deploy;
 mod fleet;
 mod footprint;
 mod gpu;
@@ -88,6 +89,26 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/jobs.json")]
         out: PathBuf,
     },
+    /// Apply N services over 3 real agents (real containers) vs `docker run` in a shell loop.
+    Deploy {
+        #[arg(long, default_value_t = 50)]
+        services: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "bench/results/deploy.json")]
+        out: PathBuf,
+    },
+    /// The planner on a synthetic fleet: first plan, steady state, one edit.
+    Plan {
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 21)]
+        iterations: usize,
+        #[arg(long, default_value = "bench/results/plan.json")]
+        out: PathBuf,
+    },
     /// Enroll and connect N agents at once; controller RSS; reconnect after restarts.
     Enroll {
         #[arg(long, default_value_t = 200)]
@@ -146,6 +167,17 @@ fn main() -> anyhow::Result<()> {
             out,
         })),
         Cmd::Gpu { iterations, out } => gpu::gpu_bench(iterations, &out),
+        Cmd::Deploy {
+            services,
+            runs,
+            out,
+        } => rt.block_on(deploy::deploy_bench(services, runs, &out)),
+        Cmd::Plan {
+            services,
+            nodes,
+            iterations,
+            out,
+        } => deploy::plan_bench(services, nodes, iterations, &out),
         Cmd::Footprint {
             containers,
             duration,
