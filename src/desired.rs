@@ -58,6 +58,8 @@ pub async fn plan(cli: &Cli, a: &PlanArgs) -> anyhow::Result<()> {
     };
     if cli.json {
         print_json(&plan);
+    } else if a.file.is_none() && plan["version"].is_null() {
+        println!("No service map is in force: `nebula apply FILE` sets one.");
     } else {
         print_plan(&plan);
     }

@@ -170,6 +170,10 @@ pub struct DevArgs {
     http_listen: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:4433")]
     quic_listen: SocketAddr,
+    /// A service map to watch and apply (e.g. service-map.yml); the local agent enrolls under
+    /// this host's name with the label env=dev.
+    #[arg(long)]
+    service_map: Option<PathBuf>,
 }
 
 /// Controller + join token + local agent, in one process, until Ctrl-C.
@@ -178,6 +182,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.join("controller"),
         http_listen: args.http_listen,
         quic_listen: args.quic_listen,
+        service_map: args.service_map.clone(),
         ..ControllerConfig::default()
     };
     log_config(&config);

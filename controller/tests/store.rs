@@ -578,3 +578,94 @@ async fn jobs_logs_and_audit_round_trip(s: &Store) {
     assert_eq!(audit[0].detail["work"]["kind"], "exec");
 }
 both!(jobs_logs_and_audit_round_trip);
+
+async fn desired_state_history_and_pins_round_trip(s: &Store) {
+    use nebula_controller::store::desired::{DeploymentRecord, PinRecord};
+    assert!(s.latest_desired().await.unwrap().is_none());
+    let v1 = s
+        .insert_desired("services: {}\n", "d1", "api", "admin", now())
+        .await
+        .unwrap();
+    let v2 = s
+        .insert_desired(
+            "services:\n  web:\n    image: x\n",
+            "d2",
+            "file:/etc/map.yml",
+            "file",
+            now() + 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!((v1.version, v2.version), (1, 2), "versions count up");
+    let latest = s.latest_desired().await.unwrap().unwrap();
+    assert_eq!(latest, v2);
+
+    let node = uuid::Uuid::now_v7();
+    let d = DeploymentRecord {
+        id: uuid::Uuid::now_v7(),
+        service: "web".into(),
+        node_id: node,
+        node: "alpha".into(),
+        action: "update".into(),
+        revision: "aaaa11112222".into(),
+        previous: vec!["bbbb11112222".into()],
+        spec: r#"{"image":"x"}"#.into(),
+        trigger: "desired state applied".into(),
+        outcome: "running".into(),
+        message: None,
+        job_id: Some(uuid::Uuid::now_v7()),
+        desired_version: Some(2),
+        started_at: now(),
+        finished_at: None,
+    };
+    s.insert_deployment(&d).await.unwrap();
+    assert_eq!(s.unfinished_deployments().await.unwrap(), vec![d.clone()]);
+    s.finish_deployment(
+        d.id,
+        "rolled-back",
+        Some("GET /healthz: HTTP 404"),
+        &d.previous,
+        now() + 5,
+    )
+    .await
+    .unwrap();
+    assert!(s.unfinished_deployments().await.unwrap().is_empty());
+    let other = DeploymentRecord {
+        id: uuid::Uuid::now_v7(),
+        service: "db".into(),
+        revision: "cccc11112222".into(),
+        previous: vec![],
+        started_at: now() + 10,
+        ..d.clone()
+    };
+    s.insert_deployment(&other).await.unwrap();
+    let web = s.deployments(Some("web"), 10).await.unwrap();
+    assert_eq!(web.len(), 1);
+    assert_eq!(web[0].outcome, "rolled-back");
+    assert_eq!(web[0].message.as_deref(), Some("GET /healthz: HTTP 404"));
+    assert_eq!(web[0].previous, vec!["bbbb11112222".to_string()]);
+    let all = s.deployments(None, 10).await.unwrap();
+    assert_eq!(all[0].service, "db", "newest first");
+    assert_eq!(s.revision_specs().await.unwrap().len(), 2);
+    s.delete_deployment(other.id).await.unwrap();
+    assert_eq!(s.deployments(None, 10).await.unwrap().len(), 1);
+
+    let pin = PinRecord {
+        service: "web".into(),
+        revision: "bbbb11112222".into(),
+        spec: r#"{"image":"old"}"#.into(),
+        base_revision: "aaaa11112222".into(),
+        created_by: "admin".into(),
+        created_at: now(),
+    };
+    s.set_pin(&pin).await.unwrap();
+    let again = PinRecord {
+        revision: "dddd11112222".into(),
+        ..pin.clone()
+    };
+    s.set_pin(&again).await.unwrap();
+    assert_eq!(s.pins().await.unwrap(), vec![again], "one pin per service");
+    s.delete_pin("web").await.unwrap();
+    assert!(s.pins().await.unwrap().is_empty());
+}
+both!(desired_state_history_and_pins_round_trip);

@@ -1102,6 +1102,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Whatever the bytes, the parser answers with a map or located errors; it never panics.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            if let Err(e) = check(&text, &FleetNames(None)) {
+                proptest::prop_assert!(e.0.iter().all(|p| p.line >= 1 && p.column >= 1));
+            }
+        }
+
+        /// One byte of the example map changed anywhere: still no panic, and errors are located.
+        #[test]
+        fn a_damaged_example_never_panics(at in 0usize..4000, byte in 0u8..128) {
+            let mut text = include_str!("../../../service-map.yml").as_bytes().to_vec();
+            let at = at % text.len();
+            text[at] = byte;
+            let text = String::from_utf8_lossy(&text);
+            if let Err(e) = check(&text, &FleetNames(None)) {
+                proptest::prop_assert!(e.0.iter().all(|p| p.line >= 1 && p.column >= 1));
+            }
+        }
+    }
+
     #[test]
     fn the_schema_describes_the_document() {
         let schema = json_schema();
