@@ -453,32 +453,25 @@ services:
     assert_eq!(containers(&node, "app").len(), 1);
 
     // Runs and outcomes are counted for Prometheus.
-    let metrics = c
-        .client
-        .get(c.url("/metrics"))
-        .bearer_auth(&c.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
+    let metrics = c.metrics().await;
     assert!(
-        value("nebula_deploys_finished_total{outcome=\"deployed\"} ") >= 4.0,
+        metric(
+            &metrics,
+            r#"nebula_deploys_finished_total{outcome="deployed"}"#
+        ) >= 4.0,
         "two creates and two repairs: {metrics}"
     );
     assert!(
-        value("nebula_deploys_finished_total{outcome=\"removed\"} ") >= 1.0,
+        metric(
+            &metrics,
+            r#"nebula_deploys_finished_total{outcome="removed"}"#
+        ) >= 1.0,
         "{metrics}"
     );
-    assert!(value("nebula_reconcile_runs_total ") >= 3.0, "{metrics}");
+    assert!(
+        metric(&metrics, "nebula_reconcile_runs_total") >= 3.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::inproc::{gpu, model, InProcAgent};
-use common::{bin, wait_for, Agent, Controller, ControllerOpts};
+use common::{bin, metric, wait_for, Agent, Controller, ControllerOpts};
 use serde_json::{json, Value};
 
 /// An agent config with an allow-list: custom commands (fixed argv), git-pull inside `repos`;
@@ -740,24 +740,12 @@ async fn fan_out_over_five_nodes_gives_five_results() {
         }
     }
     // Counted in the metrics, by final state.
-    let metrics = c
-        .client
-        .get(c.url("/metrics"))
-        .bearer_auth(&c.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics().await;
     let count = |state: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(&format!("nebula_jobs_finished_total{{state=\"{state}\"}} "))
-            })
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        metric(
+            &metrics,
+            &format!("nebula_jobs_finished_total{{state=\"{state}\"}}"),
+        )
     };
     assert_eq!(
         (count("succeeded"), count("failed")),

@@ -244,6 +244,7 @@ impl Agent {
                 exec: self.config.exec.clone(),
                 repo_dirs: self.config.inventory.repo_dirs.clone(),
                 facts: facts.clone(),
+                node_id: Some(identity.state.node_id),
             },
             self.state.path(),
         )

@@ -22,21 +22,9 @@ use nebula_protocol::deploy::{
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::{join_token, percentile, start_controller, stats};
+use crate::{docker, join_token, percentile, start_controller, stats, KillOnDrop};
 
 const IMAGE: &str = "nebula-test/busybox:1";
-
-fn docker(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("docker").args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "docker {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
 
 fn remove_labelled(label: &str) -> anyhow::Result<()> {
     let ids = docker(&["ps", "-aq", "--filter", &format!("label={label}")])?;
@@ -239,15 +227,6 @@ pub async fn deploy_bench(n: usize, runs: usize, out: &Path) -> anyhow::Result<(
     write(out, &result)
 }
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn write(out: &Path, v: &Value) -> anyhow::Result<()> {
     if let Some(p) = out.parent() {
         std::fs::create_dir_all(p)?;
@@ -273,6 +252,7 @@ fn synthetic(services: usize, nodes: usize) -> (Desired, Observed) {
                 max_free_vram_mb: if i % 10 == 0 { 24_000 } else { 0 },
                 containers: Vec::new(),
                 docker: true,
+                known: true,
             })
             .collect(),
         ..Default::default()

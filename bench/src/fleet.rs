@@ -573,6 +573,7 @@ impl SimFleet {
                             hostname: identity.state.name.clone(),
                             ..Default::default()
                         },
+                        node_id: Some(identity.state.node_id),
                     },
                     &dir.join(&identity.state.name),
                 )?),

@@ -10,34 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::{cpu_ns, join_token, percentile, rss_kib, start_controller};
+use crate::{cpu_ns, docker, join_token, percentile, rss_kib, start_controller, KillOnDrop};
 
 pub struct FootprintArgs {
     pub containers: usize,
     pub duration: Duration,
     pub interval: Duration,
     pub out: std::path::PathBuf,
-}
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn docker(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("docker").args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "docker {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 pub async fn footprint_bench(a: FootprintArgs) -> anyhow::Result<()> {
@@ -100,7 +79,7 @@ async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
         .arg(&agent_bin)
         .status()
         .is_ok_and(|s| s.success());
-    let agent = Child(
+    let agent = KillOnDrop(
         Command::new(&agent_bin)
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE")
@@ -125,7 +104,7 @@ async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
-    let exporter = Child(
+    let exporter = KillOnDrop(
         Command::new("prometheus-node-exporter")
             .arg(format!("--web.listen-address=127.0.0.1:{exporter_port}"))
             .stdout(Stdio::null())

@@ -46,6 +46,16 @@ where
     }
 }
 
+/// The value of the first sample line of `metrics` that starts with `series` (name and labels,
+/// as Prometheus prints them); 0 when absent.
+pub fn metric(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Output lines of a child, collected by a reader thread.
 #[derive(Clone, Default)]
 pub struct Lines(Arc<Mutex<Vec<String>>>);
@@ -280,6 +290,19 @@ impl Controller {
         let (status, v) = self.api(reqwest::Method::GET, path, None).await;
         assert_eq!(status, 200, "GET {path}: {v}");
         v
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// Create a join token through the API.

@@ -49,8 +49,10 @@ struct Managed {
     running: bool,
 }
 
-pub async fn deploy(ctx: &JobContext, spec: &DeploySpec) -> JobResult {
-    if let Err(e) = check_names(&spec.service, &spec.node) {
+pub async fn deploy(ctx: &JobContext, spec: &DeploySpec, own: Option<uuid::Uuid>) -> JobResult {
+    if let Err(e) =
+        check_names(&spec.service, &spec.node).and_then(|()| check_node(&spec.node, own))
+    {
         return JobResult::new(JobStatus::Refused, Some(e));
     }
     let docker = match Docker::connect_with_local_defaults() {
@@ -68,8 +70,10 @@ pub async fn deploy(ctx: &JobContext, spec: &DeploySpec) -> JobResult {
     }
 }
 
-pub async fn undeploy(ctx: &JobContext, spec: &UndeploySpec) -> JobResult {
-    if let Err(e) = check_names(&spec.service, &spec.node) {
+pub async fn undeploy(ctx: &JobContext, spec: &UndeploySpec, own: Option<uuid::Uuid>) -> JobResult {
+    if let Err(e) =
+        check_names(&spec.service, &spec.node).and_then(|()| check_node(&spec.node, own))
+    {
         return JobResult::new(JobStatus::Refused, Some(e));
     }
     let docker = match Docker::connect_with_local_defaults() {
@@ -132,6 +136,17 @@ fn report_result(report: DeployReport) -> JobResult {
         exit_code: None,
         error,
         output: JobOutput::Deploy(report),
+    }
+}
+
+/// Containers are managed per node: a spec for another node's containers is refused (two agents
+/// may share one Docker Engine, and neither may touch the other's).
+fn check_node(node: &str, own: Option<uuid::Uuid>) -> Result<(), String> {
+    match own {
+        Some(id) if id.to_string() != node => Err(format!(
+            "this deploy is for node {node}, and this agent is node {id}"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -222,11 +237,15 @@ impl Executor<'_> {
             }
         ));
         if stop_first {
+            let mut stopped: Vec<&Managed> = Vec::new();
             for c in old.iter().filter(|c| c.running) {
                 self.log(format!("stopping {}", c.name));
-                stop(self.docker, &c.id)
-                    .await
-                    .map_err(|e| format!("stopping {}: {e}", c.name))?;
+                if let Err(e) = stop(self.docker, &c.id).await {
+                    // Leave the service as it was: start again what this deploy stopped.
+                    self.restart(&stopped).await;
+                    return Err(format!("stopping {}: {e}", c.name));
+                }
+                stopped.push(c);
             }
         }
         let (fresh, result) = self.bring_up(&current).await;
@@ -246,17 +265,20 @@ impl Executor<'_> {
                 for c in &current {
                     let _ = remove(self.docker, &c.id, true).await;
                 }
-                for c in &old {
-                    if stop_first || !c.running {
-                        self.log(format!("starting {} again", c.name));
-                        if let Err(e) = self.docker.start_container(&c.id, None).await {
-                            self.log(format!("starting {} again failed: {e}", c.name));
-                        }
-                    }
-                }
-                Ok(self
-                    .report(DeployOutcome::RolledBack, previous, Some(output))
-                    .await)
+                // The containers that ran before the deploy run again (with start-first they
+                // never stopped; one stopped by hand stays stopped).
+                let ran: Vec<&Managed> = old.iter().filter(|c| c.running).collect();
+                let restarted = if stop_first {
+                    self.restart(&ran).await
+                } else {
+                    true
+                };
+                let outcome = if restarted {
+                    DeployOutcome::RolledBack
+                } else {
+                    DeployOutcome::Failed
+                };
+                Ok(self.report(outcome, previous, Some(output)).await)
             }
         }
     }
@@ -303,6 +325,19 @@ impl Executor<'_> {
         let results = futures::future::join_all(gates).await;
         let result = results.into_iter().collect::<Result<Vec<()>, String>>();
         (fresh, result.map(|_| ()))
+    }
+
+    /// Start containers again; false when one would not start.
+    async fn restart(&self, containers: &[&Managed]) -> bool {
+        let mut all = true;
+        for c in containers {
+            self.log(format!("starting {} again", c.name));
+            if let Err(e) = self.docker.start_container(&c.id, None).await {
+                self.log(format!("starting {} again failed: {e}", c.name));
+                all = false;
+            }
+        }
+        all
     }
 
     async fn discard(&self, ids: &[String]) {
@@ -931,5 +966,18 @@ mod tests {
         assert!(check_names("", "n1").is_err());
         assert!(check_names("-web", "n1").is_err());
         assert!(check_names("web", "a b").is_err());
+    }
+
+    #[test]
+    fn a_deploy_for_another_node_is_refused() {
+        let me = uuid::Uuid::now_v7();
+        assert!(check_node(&me.to_string(), Some(me)).is_ok());
+        let other = uuid::Uuid::now_v7().to_string();
+        let err = check_node(&other, Some(me)).unwrap_err();
+        assert!(err.contains(&other), "{err}");
+        assert!(
+            check_node(&other, None).is_ok(),
+            "no identity: nothing to compare"
+        );
     }
 }

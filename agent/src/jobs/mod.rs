@@ -52,6 +52,8 @@ pub struct RunnerConfig {
     pub exec: ExecConfig,
     pub repo_dirs: Vec<PathBuf>,
     pub facts: NodeFacts,
+    /// This node's id (from its certificate): deploys for another node's containers are refused.
+    pub node_id: Option<uuid::Uuid>,
 }
 
 /// Runs jobs for one agent.
@@ -469,11 +471,11 @@ impl JobRunner {
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Deploy(spec) => tokio::select! {
-                    r = deploy::deploy(&ctx, spec) => r,
+                    r = deploy::deploy(&ctx, spec, self.config.node_id) => r,
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Undeploy(spec) => tokio::select! {
-                    r = deploy::undeploy(&ctx, spec) => r,
+                    r = deploy::undeploy(&ctx, spec, self.config.node_id) => r,
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Inventory => {

@@ -23,6 +23,8 @@ use super::plan::{Desired, DesiredService, PlacementRule};
 /// The largest service map accepted (bytes).
 pub const MAX_MAP_BYTES: usize = 1 << 20;
 const MAX_REPLICAS: u32 = 100;
+/// The most services one map may declare.
+pub const MAX_SERVICES: usize = 20_000;
 
 /// A value and where it was written (1-based line and column).
 #[derive(Debug, Clone)]
@@ -623,7 +625,7 @@ pub fn check(text: &str, fleet: &FleetNames) -> Result<Checked, MapErrors> {
     resolve(&map, fleet)
 }
 
-fn valid_name(s: &str) -> bool {
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.as_bytes()[0].is_ascii_alphanumeric()
@@ -642,6 +644,16 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             message,
         })
     };
+    if map.services.len() > MAX_SERVICES {
+        err(
+            1,
+            1,
+            format!(
+                "{} services declared; a map holds at most {MAX_SERVICES}",
+                map.services.len()
+            ),
+        );
+    }
     if let Some(v) = &map.version {
         if v.value != 1 {
             err(
@@ -970,40 +982,54 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
     })
 }
 
-/// A service on a `depends_on` cycle, if any (depth-first search).
+/// A service on a `depends_on` cycle, if any. Iterative (a long chain of dependencies must
+/// not exhaust the stack): services whose dependencies can all be ordered are taken away
+/// (Kahn's algorithm); from any service left, following dependencies that are left must come
+/// back to a service already seen, which is on a cycle.
 fn find_cycle(map: &ServiceMap) -> Option<(String, u64, u64)> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        Open,
-        Done,
-    }
-    fn visit(map: &ServiceMap, name: &str, marks: &mut HashMap<String, Mark>) -> Option<String> {
-        match marks.get(name) {
-            Some(Mark::Done) => return None,
-            Some(Mark::Open) => return Some(name.to_owned()),
-            None => {}
+    let deps = |name: &str| -> Vec<&str> {
+        map.services[name]
+            .depends_on
+            .iter()
+            .map(|d| d.value.as_str())
+            .filter(|d| *d != name && map.services.contains_key(*d))
+            .collect()
+    };
+    let mut waiting_on: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut dependents: HashMap<&str, Vec<&str>> = HashMap::new();
+    for name in map.services.keys() {
+        let d = deps(name);
+        waiting_on.insert(name, d.len());
+        for dep in d {
+            dependents.entry(dep).or_default().push(name);
         }
-        marks.insert(name.to_owned(), Mark::Open);
-        if let Some(svc) = map.services.get(name) {
-            for dep in &svc.depends_on {
-                if dep.value != name {
-                    if let Some(c) = visit(map, &dep.value, marks) {
-                        return Some(c);
-                    }
+    }
+    let mut ready: Vec<&str> = waiting_on
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(k, _)| *k)
+        .collect();
+    while let Some(done) = ready.pop() {
+        waiting_on.remove(done);
+        for d in dependents.get(done).into_iter().flatten() {
+            if let Some(n) = waiting_on.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    ready.push(d);
                 }
             }
         }
-        marks.insert(name.to_owned(), Mark::Done);
-        None
     }
-    let mut marks = HashMap::new();
-    for name in map.services.keys() {
-        if let Some(c) = visit(map, name, &mut marks) {
-            let svc = &map.services[&c];
-            return Some((c, svc.line, svc.column));
-        }
+    let mut cur = *waiting_on.keys().next()?;
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    while seen.insert(cur) {
+        cur = deps(cur)
+            .into_iter()
+            .find(|d| waiting_on.contains_key(d))
+            .expect("a service left over waits on another one left over");
     }
-    None
+    let svc = &map.services[cur];
+    Some((cur.to_owned(), svc.line, svc.column))
 }
 
 /// The revision of a spec: the first 12 hex digits of the SHA-256 of its JSON encoding.
@@ -1123,6 +1149,29 @@ mod tests {
                 proptest::prop_assert!(e.0.iter().all(|p| p.line >= 1 && p.column >= 1));
             }
         }
+    }
+
+    #[test]
+    fn a_long_dependency_chain_is_fine_and_a_cycle_is_found() {
+        let mut text = String::from("services:\n");
+        for i in 0..5000 {
+            text.push_str(&format!(
+                "  s{i}: {{ image: x, depends_on: [s{}] }}\n",
+                i + 1
+            ));
+        }
+        text.push_str("  s5000: { image: x }\n");
+        let checked = check(&text, &FleetNames(None)).expect("a chain is not a cycle");
+        let order = crate::desired::plan::dependency_order(&checked.desired);
+        assert_eq!(order.first().map(String::as_str), Some("s5000"));
+        assert_eq!(order.last().map(String::as_str), Some("s0"));
+        // Close the chain into a loop: found, without recursion.
+        let looped = text.replace(
+            "s5000: { image: x }",
+            "s5000: { image: x, depends_on: [s0] }",
+        );
+        let err = check(&looped, &FleetNames(None)).unwrap_err();
+        assert!(err.to_string().contains("cycle"), "{err}");
     }
 
     #[test]

@@ -225,9 +225,15 @@ impl ControlPlane {
                     Ok(checked) => {
                         let since = rec.created_at;
                         for d in history.iter().filter(|d| d.started_at >= since) {
-                            if d.outcome == "failed" || d.outcome == "rolled-back" {
+                            if matches!(d.outcome.as_str(), "failed" | "rolled-back" | "timed-out")
+                            {
+                                let key = if d.action == "remove" {
+                                    (d.service.clone(), plan::removal_key(&d.node))
+                                } else {
+                                    (d.service.clone(), d.revision.clone())
+                                };
                                 st.blocked
-                                    .entry((d.service.clone(), d.revision.clone()))
+                                    .entry(key)
                                     .or_insert_with(|| d.message.clone().unwrap_or_default());
                             }
                         }
@@ -472,7 +478,7 @@ impl ControlPlane {
                 .count() as u32;
             let deploy_jobs: Vec<Uuid> = in_flight
                 .iter()
-                .filter(|((s, _), _)| *s == name)
+                .filter(|((s, _), f)| *s == name && !f.job.is_nil())
                 .map(|(_, f)| f.job)
                 .collect();
             let deploying = !deploy_jobs.is_empty();

@@ -53,7 +53,8 @@ pub struct Observed {
     pub nodes: Vec<ObservedNode>,
     /// (service, node name) with a deploy job in flight.
     pub in_flight: BTreeSet<(String, String)>,
-    /// (service, revision) that failed and is not retried until the map is applied again.
+    /// (service, revision) that failed and is not retried until the map is applied again;
+    /// (service, [`removal_key`]) for a removal that failed on a node.
     pub blocked: BTreeMap<(String, String), String>,
     /// Specs of revisions deployed before, for field-level diffs.
     pub revisions: BTreeMap<String, ContainerSpec>,
@@ -74,6 +75,15 @@ pub struct ObservedNode {
     pub containers: Vec<ObservedContainer>,
     /// A container runtime answers on the node.
     pub docker: bool,
+    /// Its containers are known (a telemetry inventory arrived since the controller started).
+    /// Services that could be placed on a node not known yet wait, so that nothing is started
+    /// twice while a node is still to report what it runs.
+    pub known: bool,
+}
+
+/// The key under which a removal that failed on `node` is blocked in [`Observed::blocked`].
+pub fn removal_key(node: &str) -> String {
+    format!("remove@{node}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,6 +341,24 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             (None, Some(id)) => &rule_bases[id],
             (None, None) => &[],
         };
+        if rule.node.is_none() {
+            if let Some(&i) = base.iter().find(|i| !nodes[**i].known) {
+                waiting.push(Waiting {
+                    service: name.clone(),
+                    node: None,
+                    reason: format!(
+                        "waiting for node {} to report its containers before placing",
+                        nodes[i].name
+                    ),
+                });
+                for &i in &touched {
+                    existing[i] = 0;
+                }
+                pending.insert(name.clone());
+                per_service.push((name, actions, waiting));
+                continue;
+            }
+        }
         let ports_ok = |claims: &[Vec<PortKey>], i: usize| {
             fixed_ports.iter().all(|p| !conflicts(&claims[i], p))
         };
@@ -457,6 +485,15 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 continue;
             }
             if want == 0 {
+                if let Some(why) = observed
+                    .blocked
+                    .get(&(name.clone(), removal_key(&node.name)))
+                {
+                    waiting.push(wait(format!(
+                        "removing failed and is not retried until the map is applied again: {why}"
+                    )));
+                    continue;
+                }
                 actions.push(Action::Remove {
                     service: name.clone(),
                     node: node.name.clone(),
@@ -515,7 +552,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             assigned[i] = 0;
             existing[i] = 0;
         }
-        if !actions.is_empty() || waiting.iter().any(|w| w.reason == IN_PROGRESS) {
+        // Dependents wait for this service while it has anything left to do or wait for.
+        if !actions.is_empty() || !waiting.is_empty() {
             pending.insert(name.clone());
         }
         per_service.push((name, actions, waiting));
@@ -542,11 +580,25 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             {
                 continue;
             }
-            if !node.online {
+            let blocked = observed
+                .blocked
+                .get(&(service.to_owned(), removal_key(&node.name)));
+            let reason = if !node.online {
+                Some("the node is offline".to_owned())
+            } else if !crate::desired::map::valid_name(service) {
+                Some("the `nebula.service` label is not a valid service name; remove these containers by hand".to_owned())
+            } else {
+                blocked.map(|why| {
+                    format!(
+                        "removing failed and is not retried until the map is applied again: {why}"
+                    )
+                })
+            };
+            if let Some(reason) = reason {
                 out.waiting.push(Waiting {
                     service: service.to_owned(),
                     node: Some(node.name.clone()),
-                    reason: "the node is offline".into(),
+                    reason,
                 });
                 continue;
             }
@@ -602,28 +654,49 @@ fn no_fit_reason(svc: &DesiredService) -> String {
     }
 }
 
-/// Services ordered so that each comes after what it depends on (then by name).
+/// Services ordered so that each comes after what it depends on; among those ready, by name.
+/// Linear in services and dependencies (Kahn's algorithm); services on a cycle (validation
+/// refuses those) come last, by name.
 pub fn dependency_order(desired: &Desired) -> Vec<String> {
-    let mut done: BTreeSet<String> = BTreeSet::new();
-    let mut order = Vec::new();
-    let mut left: Vec<&String> = desired.services.keys().collect();
-    while !left.is_empty() {
-        let before = left.len();
-        left.retain(|name| {
-            let ready = desired.services[*name]
-                .depends_on
-                .iter()
-                .all(|d| done.contains(d) || !desired.services.contains_key(d));
-            if ready {
-                done.insert((*name).clone());
-                order.push((*name).clone());
-            }
-            !ready
-        });
-        if left.len() == before {
-            // A cycle (validation refuses these); keep going by name.
-            order.extend(left.drain(..).cloned());
+    let mut waiting_on: HashMap<&str, usize> = HashMap::new();
+    let mut dependents: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (name, svc) in &desired.services {
+        let deps: BTreeSet<&str> = svc
+            .depends_on
+            .iter()
+            .map(String::as_str)
+            .filter(|d| *d != name && desired.services.contains_key(*d))
+            .collect();
+        waiting_on.insert(name, deps.len());
+        for d in deps {
+            dependents.entry(d).or_default().push(name);
         }
+    }
+    let mut ready: BTreeSet<&str> = waiting_on
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(k, _)| *k)
+        .collect();
+    let mut order = Vec::with_capacity(desired.services.len());
+    while let Some(name) = ready.pop_first() {
+        order.push(name.to_owned());
+        for d in dependents.get(name).into_iter().flatten() {
+            let n = waiting_on.get_mut(d).expect("every service is counted");
+            *n -= 1;
+            if *n == 0 {
+                ready.insert(d);
+            }
+        }
+    }
+    if order.len() < desired.services.len() {
+        let placed: BTreeSet<String> = order.iter().cloned().collect();
+        order.extend(
+            desired
+                .services
+                .keys()
+                .filter(|k| !placed.contains(*k))
+                .cloned(),
+        );
     }
     order
 }
@@ -727,6 +800,7 @@ mod tests {
             max_free_vram_mb: 8192 * u64::from(i % 2),
             containers: vec![],
             docker: true,
+            known: true,
         }
     }
 
@@ -928,6 +1002,76 @@ mod tests {
         assert!(p.actions[0].after().is_empty());
         assert_eq!(p.actions[1].service(), "app");
         assert_eq!(p.actions[1].after(), ["db".to_string()]);
+    }
+
+    #[test]
+    fn a_node_not_yet_reporting_holds_placement_and_failed_removals_wait() {
+        let mut desired = Desired::default();
+        desired
+            .services
+            .insert("web".into(), service("web:v1", 1, PlacementRule::default(), None));
+        let mut quiet = node(1, &[], false);
+        quiet.known = false;
+        let mut observed = Observed {
+            nodes: vec![node(0, &[], true), quiet],
+            ..Default::default()
+        };
+        let p = plan(&desired, &observed);
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert!(p.waiting[0].reason.contains("n1 to report"), "{p:?}");
+        observed.nodes[1].known = true;
+        assert_eq!(plan(&desired, &observed).actions.len(), 1);
+
+        // An orphan whose removal failed waits; one with a label that is no service name too.
+        let mut n = node(0, &[], true);
+        for service in ["gone", "bad name!"] {
+            n.containers.push(ObservedContainer {
+                name: "x".into(),
+                service: service.into(),
+                revision: "r".into(),
+                running: true,
+            });
+        }
+        let mut observed = Observed {
+            nodes: vec![n],
+            ..Default::default()
+        };
+        let p = plan(&Desired::default(), &observed);
+        assert_eq!(p.actions.len(), 1, "{p:?}");
+        assert_eq!(p.actions[0].service(), "gone");
+        assert!(p.waiting[0].reason.contains("not a valid service name"), "{p:?}");
+        observed
+            .blocked
+            .insert(("gone".into(), removal_key("n0")), "docker said no".into());
+        let p = plan(&Desired::default(), &observed);
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert!(p.waiting.iter().any(|w| w.reason.contains("docker said no")));
+    }
+
+    #[test]
+    fn a_dependency_that_waits_holds_its_dependents() {
+        let mut desired = Desired::default();
+        let db = service(
+            "db:1",
+            1,
+            PlacementRule {
+                node: Some("n1".into()),
+                ..Default::default()
+            },
+            None,
+        );
+        let mut app = service("app:1", 1, PlacementRule::default(), None);
+        app.depends_on = vec!["db".into()];
+        desired.services.insert("db".into(), db);
+        desired.services.insert("app".into(), app);
+        // db's node is offline: db waits, and app waits for db.
+        let observed = Observed {
+            nodes: vec![node(0, &[], true), node(1, &[], false)],
+            ..Default::default()
+        };
+        let p = plan(&desired, &observed);
+        let app_action = p.actions.iter().find(|a| a.service() == "app").unwrap();
+        assert_eq!(app_action.after(), ["db".to_string()]);
     }
 
     fn arb_case() -> impl Strategy<Value = (Desired, Observed)> {

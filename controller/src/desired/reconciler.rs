@@ -179,7 +179,13 @@ async fn start(
     } else {
         action.verb()
     };
-    let rec = cp
+    // Claimed before the job exists, so that no other run starts a second deploy here.
+    let key = (service.clone(), node.clone());
+    cp.desired
+        .lock()
+        .in_flight
+        .insert(key.clone(), InFlight { job: Uuid::nil() });
+    let created = cp
         .create_job(
             NewJob {
                 work,
@@ -190,7 +196,14 @@ async fn start(
             },
             "reconciler",
         )
-        .await?;
+        .await;
+    let rec = match created {
+        Ok(rec) => rec,
+        Err(e) => {
+            cp.desired.lock().in_flight.remove(&key);
+            return Err(e);
+        }
+    };
     let deployment = DeploymentRecord {
         id: Uuid::now_v7(),
         service: service.clone(),
@@ -208,14 +221,16 @@ async fn start(
         started_at: millis(SystemTime::now()),
         finished_at: None,
     };
-    cp.store.insert_deployment(&deployment).await?;
+    if let Err(e) = cp.store.insert_deployment(&deployment).await {
+        // The job runs anyway; its outcome still clears the claim and reaches the log.
+        warn!(%service, %node, "recording a deploy in the history: {e}");
+    }
     {
         let mut st = cp.desired.lock();
         if let Ok(spec) = serde_json::from_str(&deployment.spec) {
             st.revisions.insert(revision.clone(), spec);
         }
-        st.in_flight
-            .insert((service.clone(), node.clone()), InFlight { job: rec.id });
+        st.in_flight.insert(key, InFlight { job: rec.id });
     }
     info!(%service, %node, action = verb, %revision, job = %rec.id, "deploy started");
     cp.events.publish(Event::DeployStarted {
@@ -293,11 +308,16 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
         {
             let mut st = cp.desired.lock();
             st.in_flight.remove(&(d.service.clone(), d.node.clone()));
-            if (outcome == "failed" || outcome == "rolled-back") && d.action != "remove" {
-                st.blocked.insert(
-                    (d.service.clone(), d.revision.clone()),
-                    message.clone().unwrap_or_else(|| outcome.clone()),
-                );
+            // Failures wait for the map to be applied again; a deploy lost with its node or
+            // cancelled by a person is simply planned again.
+            if matches!(outcome.as_str(), "failed" | "rolled-back" | "timed-out") {
+                let why = message.clone().unwrap_or_else(|| outcome.clone());
+                let key = if d.action == "remove" {
+                    (d.service.clone(), plan::removal_key(&d.node))
+                } else {
+                    (d.service.clone(), d.revision.clone())
+                };
+                st.blocked.insert(key, why);
             }
         }
         match outcome.as_str() {
@@ -367,10 +387,10 @@ impl ControlPlane {
                 }
             }
             // Until its inventory arrives, a connected node is not known well enough to act on.
-            let known = inventory.is_some();
             let docker = inventory
                 .as_ref()
                 .is_some_and(|i| i.container_runtime.is_some());
+            let known = inventory.is_some();
             nodes.push(ObservedNode {
                 id: c.id,
                 name: c.name,
@@ -380,6 +400,7 @@ impl ControlPlane {
                 max_free_vram_mb: c.gpu_free_bytes.iter().copied().max().unwrap_or(0) >> 20,
                 containers,
                 docker: docker || !known,
+                known,
             });
         }
         Ok(Observed {
