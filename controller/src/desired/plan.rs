@@ -272,6 +272,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     // Scratch per service, indexed by node, reset after each service.
     let mut assigned = vec![0u32; n];
     let mut existing = vec![0u32; n];
+    let all_known = nodes.iter().all(|node| node.known);
     let mut pending: BTreeSet<String> = BTreeSet::new();
     let mut per_service: Vec<(String, Vec<Action>, Vec<Waiting>)> = Vec::new();
 
@@ -341,7 +342,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             (None, Some(id)) => &rule_bases[id],
             (None, None) => &[],
         };
-        if rule.node.is_none() {
+        if rule.node.is_none() && !all_known {
             if let Some(&i) = base.iter().find(|i| !nodes[**i].known) {
                 waiting.push(Waiting {
                     service: name.clone(),
@@ -1007,9 +1008,10 @@ mod tests {
     #[test]
     fn a_node_not_yet_reporting_holds_placement_and_failed_removals_wait() {
         let mut desired = Desired::default();
-        desired
-            .services
-            .insert("web".into(), service("web:v1", 1, PlacementRule::default(), None));
+        desired.services.insert(
+            "web".into(),
+            service("web:v1", 1, PlacementRule::default(), None),
+        );
         let mut quiet = node(1, &[], false);
         quiet.known = false;
         let mut observed = Observed {
@@ -1039,13 +1041,19 @@ mod tests {
         let p = plan(&Desired::default(), &observed);
         assert_eq!(p.actions.len(), 1, "{p:?}");
         assert_eq!(p.actions[0].service(), "gone");
-        assert!(p.waiting[0].reason.contains("not a valid service name"), "{p:?}");
+        assert!(
+            p.waiting[0].reason.contains("not a valid service name"),
+            "{p:?}"
+        );
         observed
             .blocked
             .insert(("gone".into(), removal_key("n0")), "docker said no".into());
         let p = plan(&Desired::default(), &observed);
         assert!(p.actions.is_empty(), "{p:?}");
-        assert!(p.waiting.iter().any(|w| w.reason.contains("docker said no")));
+        assert!(p
+            .waiting
+            .iter()
+            .any(|w| w.reason.contains("docker said no")));
     }
 
     #[test]
