@@ -486,3 +486,75 @@ pub async fn node(cli: &Cli, cmd: &NodeCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create a dashboard user; without --password-file a password is generated and printed once.
+    Create {
+        username: String,
+        /// Make the user an admin (same as --role admin).
+        #[arg(long)]
+        admin: bool,
+        /// admin, operator or viewer.
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        /// A file holding the password.
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
+    },
+    /// List dashboard users.
+    List,
+}
+
+pub async fn user(cli: &Cli, cmd: &UserCommand) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    match cmd {
+        UserCommand::Create {
+            username,
+            admin,
+            role,
+            password_file,
+        } => {
+            let (password, generated) = match password_file {
+                Some(f) => (
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                    false,
+                ),
+                None => (uuid::Uuid::new_v4().simple().to_string(), true),
+            };
+            let role = if *admin { "admin" } else { role.as_str() };
+            let v: Value = api
+                .post(
+                    "/api/v1/users",
+                    &json!({"username": username, "password": password, "role": role}),
+                )
+                .await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("Created {} user `{}`.", s(&v["role"]), s(&v["username"]));
+            }
+            if generated {
+                println!("Password (shown once): {password}");
+            }
+        }
+        UserCommand::List => {
+            let v: Value = api.get("/api/v1/users").await?;
+            if cli.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows = v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|u| vec![s(&u["username"]), s(&u["role"])])
+                .collect();
+            table(&["USERNAME", "ROLE"], rows);
+        }
+    }
+    Ok(())
+}

@@ -82,6 +82,9 @@ enum Command {
     Service { name: String },
     /// Go back to an earlier revision of a service (until the map changes it).
     Rollback(desired::RollbackArgs),
+    /// Dashboard users: create, list.
+    #[command(subcommand)]
+    User(client::UserCommand),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
             Command::Cancel { ref id } => jobs::cancel(&cli, id).await,
             Command::Audit(ref args) => jobs::audit(&cli, args).await,
             Command::Plan(ref args) => desired::plan(&cli, args).await,
+            Command::User(ref cmd) => client::user(&cli, cmd).await,
             Command::Apply(ref args) => desired::apply(&cli, args).await,
             Command::Services => desired::services(&cli).await,
             Command::Service { ref name } => desired::service(&cli, name).await,

@@ -20,6 +20,7 @@ use crate::store::{JoinTokenRecord, NodeRecord};
 mod desired;
 mod jobs;
 use crate::{ControlPlane, OpError};
+pub use jobs::log_stream as job_log_stream;
 
 /// The one API error type.
 #[derive(Debug)]
@@ -159,6 +160,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             axum::routing::post(desired::rollback),
         )
         .route("/reconcile", axum::routing::post(desired::reconcile))
+        .route("/users", get(list_users).post(create_user))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
     let metrics = Router::new()
@@ -299,7 +301,7 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(crate::store::from_millis(ms)).to_string()
 }
 
-fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
+pub fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
     let session = cp.registry.get(n.id);
     NodeView {
         id: n.id,
@@ -403,6 +405,40 @@ async fn remove_node(
     who.require(Role::Admin)?;
     let id = cp.remove_node(&name, &who.name).await?;
     Ok(Json(json!({"removed": name, "id": id})))
+}
+
+// ----- dashboard users -----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    pub username: String,
+    pub password: String,
+    /// admin, operator or viewer (default viewer).
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+async fn create_user(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<Principal>,
+    body: Result<Json<CreateUserRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    who.require(Role::Admin)?;
+    let Json(b) = body?;
+    let role = b.role.unwrap_or_else(|| "viewer".into());
+    let user = cp
+        .create_user(&b.username, &b.password, &role, &who.name)
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!(user))))
+}
+
+async fn list_users(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<Principal>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(Role::Admin)?;
+    Ok(Json(json!({ "items": cp.store.list_users().await? })))
 }
 
 // ----- join tokens -----

@@ -38,6 +38,7 @@ pub mod registry;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
+pub mod users;
 
 pub use config::ControllerConfig;
 
@@ -45,6 +46,9 @@ use ca::CertificateAuthority;
 use events::{Event, EventBus};
 use registry::Registry;
 use store::{millis, JoinTokenRecord, NewJoinToken, Store};
+
+/// Builds more routes for the controller's HTTP server from the shared state.
+pub type ExtraRoutes = Box<dyn FnOnce(Arc<ControlPlane>) -> axum::Router + Send>;
 
 /// Shared state of a running controller.
 pub struct ControlPlane {
@@ -60,9 +64,10 @@ pub struct ControlPlane {
     /// The service map in force and the reconciler's state.
     pub desired: desired::DesiredState,
     pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
-    /// Owns every task the controller spawns (stopped by the shutdown token).
-    pub(crate) tracker: TaskTracker,
-    pub(crate) shutdown: CancellationToken,
+    /// Owns every task the controller spawns (stopped by the shutdown token); the dashboard's
+    /// live streams run on it too.
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
     /// API tokens recently checked (by hash), so that a busy client does not cost a database
     /// read per request. Entries live [`TOKEN_CACHE_TTL`].
     pub(crate) token_cache: std::sync::Mutex<
@@ -298,6 +303,15 @@ impl Controller {
         config: ControllerConfig,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        Self::start_with(config, shutdown, None).await
+    }
+
+    /// [`Controller::start`], with more HTTP routes (the dashboard) merged into the API's server.
+    pub async fn start_with(
+        config: ControllerConfig,
+        shutdown: CancellationToken,
+        extra_routes: Option<ExtraRoutes>,
+    ) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
@@ -357,7 +371,10 @@ impl Controller {
         ));
         tracker.spawn(rollup_writer(cp.clone(), shutdown.clone()));
         tracker.spawn(retention_sweeper(cp.clone(), shutdown.clone()));
-        let router = api::router(cp.clone());
+        let mut router = api::router(cp.clone());
+        if let Some(extra) = extra_routes {
+            router = router.merge(extra(cp.clone()));
+        }
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {
             let served = axum::serve(listener, router)

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 pub mod desired;
 pub mod jobs;
+pub mod users;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

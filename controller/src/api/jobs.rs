@@ -218,11 +218,20 @@ pub(super) async fn job_logs(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let id = parse_uuid(&id)?;
+    log_stream(cp, id, q.follow.unwrap_or(true)).await
+}
+
+/// A job's log as server-sent events: `log` per stored then live line, `state`, then `end`
+/// (the API's and the dashboard's job pages both read it).
+pub async fn log_stream(
+    cp: Arc<ControlPlane>,
+    id: Uuid,
+    follow: bool,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     if cp.job(id).await?.is_none() {
         return Err(ApiError::not_found(format!("no job {id}")));
     }
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
-    let follow = q.follow.unwrap_or(true);
     let shutdown = cp.shutdown.clone();
     let cp2 = cp.clone();
     cp.tracker.spawn(async move {

@@ -1,0 +1,203 @@
+//! Dashboard users: argon2 password hashes, browser sessions (a random token in a cookie; the
+//! store keeps its SHA-256) each with its own CSRF token.
+
+use std::time::{Duration, SystemTime};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use rand::distributions::{Alphanumeric, DistString};
+use uuid::Uuid;
+
+use crate::store::millis;
+use crate::store::users::{SessionRecord, UserRecord};
+use crate::{hash_secret, ControlPlane, OpError};
+
+/// How long a browser session lasts.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+pub const ROLES: [&str; 3] = ["admin", "operator", "viewer"];
+
+fn random(len: usize) -> String {
+    Alphanumeric.sample_string(&mut rand::thread_rng(), len)
+}
+
+/// An argon2id hash in PHC format (default parameters, a random salt).
+pub fn hash_password(password: &str) -> Result<String, OpError> {
+    let salt = SaltString::encode_b64(random(16).as_bytes())
+        .map_err(|e| OpError::Invalid(format!("salt: {e}")))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| OpError::Invalid(format!("hashing the password: {e}")))
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+pub fn validate_username(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid username: 1-64 letters, digits, '.', '_', '-' or '@'"
+        ))
+    }
+}
+
+impl ControlPlane {
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password: &str,
+        role: &str,
+        by: &str,
+    ) -> Result<UserRecord, OpError> {
+        validate_username(username).map_err(OpError::Invalid)?;
+        if !ROLES.contains(&role) {
+            return Err(OpError::Invalid(format!(
+                "unknown role `{role}`: use admin, operator or viewer"
+            )));
+        }
+        if password.chars().count() < 8 || password.len() > 1024 {
+            return Err(OpError::Invalid(
+                "a password needs 8 to 1024 characters".into(),
+            ));
+        }
+        let pw = password.to_owned();
+        let password_hash = tokio::task::spawn_blocking(move || hash_password(&pw))
+            .await
+            .map_err(|e| OpError::Invalid(format!("hashing the password: {e}")))??;
+        let user = UserRecord {
+            id: Uuid::now_v7(),
+            username: username.to_owned(),
+            password_hash,
+            role: role.to_owned(),
+            created_at: millis(SystemTime::now()),
+        };
+        if !self.store.insert_user(&user).await? {
+            return Err(OpError::Conflict(format!(
+                "a user named `{username}` exists already"
+            )));
+        }
+        self.audit(
+            by,
+            "user.create",
+            username,
+            serde_json::json!({ "role": role }),
+        );
+        Ok(user)
+    }
+
+    /// At first start, with no user yet: an `admin` user with a random password (returned, to
+    /// be shown once).
+    pub async fn bootstrap_admin_user(&self) -> Result<Option<String>, OpError> {
+        if self.store.count_users().await? > 0 {
+            return Ok(None);
+        }
+        let password = random(20);
+        match self
+            .create_user("admin", &password, "admin", "controller")
+            .await
+        {
+            Ok(_) => Ok(Some(password)),
+            // Another start won the race.
+            Err(OpError::Conflict(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Check a username and password; on success a new session: (cookie token, session).
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<(String, SessionRecord), OpError> {
+        let user = self.store.user_by_name(username).await?;
+        let hash = user.as_ref().map(|u| u.password_hash.clone());
+        let pw = password.to_owned();
+        // Verify even for an unknown user, so the answer takes as long either way.
+        let ok = tokio::task::spawn_blocking(move || match hash {
+            Some(h) => verify_password(&pw, &h),
+            None => {
+                let _ = hash_password(&pw);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
+        let user = match (ok, user) {
+            (true, Some(u)) => u,
+            _ => return Err(OpError::Invalid("wrong username or password".into())),
+        };
+        let token = random(40);
+        let csrf = random(32);
+        let now = millis(SystemTime::now());
+        let expires_at = now + SESSION_TTL.as_millis() as i64;
+        self.store
+            .insert_ui_session(&hash_secret(&token), user.id, &csrf, now, expires_at)
+            .await?;
+        let _ = self.store.expire_ui_sessions(now).await;
+        self.audit(
+            &user.username,
+            "user.login",
+            &user.username,
+            serde_json::json!({}),
+        );
+        Ok((
+            token,
+            SessionRecord {
+                user,
+                csrf,
+                expires_at,
+            },
+        ))
+    }
+
+    pub async fn ui_session(&self, token: &str) -> Result<Option<SessionRecord>, OpError> {
+        if token.is_empty() || token.len() > 128 {
+            return Ok(None);
+        }
+        Ok(self
+            .store
+            .ui_session(&hash_secret(token), millis(SystemTime::now()))
+            .await?)
+    }
+
+    pub async fn logout(&self, token: &str) -> Result<(), OpError> {
+        Ok(self.store.delete_ui_session(&hash_secret(token)).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_hash_and_verify() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(h.starts_with("$argon2id$"), "{h}");
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("wrong horse", &h));
+        assert!(!verify_password("correct horse", "not a hash"));
+        assert_ne!(h, hash_password("correct horse").unwrap(), "salted");
+    }
+
+    #[test]
+    fn usernames_are_checked() {
+        assert!(validate_username("ana.maria@home").is_ok());
+        assert!(validate_username("").is_err());
+        assert!(validate_username("a b").is_err());
+        assert!(validate_username(&"x".repeat(65)).is_err());
+    }
+}
