@@ -148,9 +148,17 @@ pub async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     log_config(&config);
     let shutdown = CancellationToken::new();
-    let controller = Controller::start(config, shutdown.clone()).await?;
+    let controller = Controller::start_with(
+        config,
+        shutdown.clone(),
+        Some(Box::new(nebula_dashboard::router)),
+    )
+    .await?;
     if let Some(token) = &controller.new_admin_token {
         println!("Admin API token (shown once, stored hashed): {token}");
+    }
+    if let Some(password) = controller.control_plane.bootstrap_admin_user().await? {
+        println!("Dashboard user `admin`, password (shown once, stored hashed): {password}");
     }
     println!("API: http://{}", controller.http_addr);
     println!("QUIC: {}", controller.quic_addr);
@@ -188,8 +196,17 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
     log_config(&config);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let controller = Controller::start(config, shutdown.clone()).await?;
+    let controller = Controller::start_with(
+        config,
+        shutdown.clone(),
+        Some(Box::new(nebula_dashboard::router)),
+    )
+    .await?;
     let token_path = args.data_dir.join("admin.token");
+    let password_path = args.data_dir.join("admin.password");
+    if let Some(password) = controller.control_plane.bootstrap_admin_user().await? {
+        write_private(&password_path, &password)?;
+    }
     if let Some(token) = &controller.new_admin_token {
         write_private(&token_path, token)?;
     }
@@ -243,6 +260,10 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
     println!(
         "  Admin token:  {admin_token}   (also in {})",
         token_path.display()
+    );
+    println!(
+        "  Dashboard:    {url}/ui/  (user admin, password in {})",
+        password_path.display()
     );
     println!("  QUIC:         {}", controller.quic_addr);
     println!("  CA pin:       {}", cp.ca.pin_hex());

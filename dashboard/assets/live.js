@@ -1,0 +1,39 @@
+// Live updates: the server sends rendered fragments over server-sent events; each replaces the
+// element with the same id (or, for a new node card, is appended to #cards).
+(function () {
+  var src = document.body.getAttribute("data-live");
+  if (!src || !window.EventSource) return;
+  var es = new EventSource(src);
+  function place(html, container) {
+    var t = document.createElement("template");
+    t.innerHTML = html.trim();
+    var el = t.content.firstElementChild;
+    if (!el || !el.id) return;
+    var old = document.getElementById(el.id);
+    if (old) old.replaceWith(el);
+    else if (container) {
+      var c = document.getElementById(container);
+      if (c) c.appendChild(el);
+      var empty = document.getElementById("no-" + container);
+      if (empty) empty.remove();
+    }
+  }
+  es.addEventListener("node", function (e) { place(e.data, "cards"); });
+  es.addEventListener("gone", function (e) {
+    var el = document.getElementById(e.data);
+    if (el) el.remove();
+  });
+  es.addEventListener("fragment", function (e) { place(e.data, null); });
+  es.addEventListener("log", function (e) {
+    var pre = document.getElementById("log");
+    if (!pre) return;
+    var line = JSON.parse(e.data);
+    pre.appendChild(document.createTextNode(line.line + "\n"));
+  });
+  es.addEventListener("end", function (e) {
+    var s = document.getElementById("job-state");
+    var rec = JSON.parse(e.data);
+    if (s) { s.textContent = rec.state; s.className = "badge " + rec.state; }
+    es.close();
+  });
+})();
