@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use common::docker::{docker, require};
+use common::docker::{self, docker, require};
 use common::*;
 use serde_json::{json, Value};
 
@@ -22,34 +22,6 @@ fn web_images() {
         "building the test images failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Removes every managed container of the given nodes when dropped (also on a failed assert).
-/// Declared before the controller and agents, so it runs after they are stopped and nothing
-/// can start a container again.
-#[derive(Default)]
-struct Cleanup(std::sync::Mutex<Vec<String>>);
-
-impl Cleanup {
-    fn add(&self, node: &str) {
-        self.0.lock().unwrap().push(node.to_owned());
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for node in self.0.lock().unwrap().iter() {
-            let ids = docker(&[
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=nebula.node={node}"),
-            ]);
-            for id in ids.lines().filter(|l| !l.is_empty()) {
-                let _ = Command::new("docker").args(["rm", "-f", id]).output();
-            }
-        }
-    }
 }
 
 fn free_port() -> u16 {
@@ -211,7 +183,7 @@ fn cli(c: &Controller, args: &[&str]) -> (bool, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
     web_images();
-    let cleanup = Cleanup::default();
+    let cleanup = docker::Managed::default();
     let c = Controller::start(ControllerOpts {
         extra: vec!["--reconcile-interval", "1s"],
         ..Default::default()
@@ -370,7 +342,7 @@ async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_repaired_orphans_removed_and_unmanaged_containers_left_alone() {
     web_images();
-    let cleanup = Cleanup::default();
+    let cleanup = docker::Managed::default();
     let c = Controller::start(ControllerOpts {
         extra: vec!["--reconcile-interval", "2s"],
         ..Default::default()

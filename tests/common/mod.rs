@@ -509,6 +509,34 @@ pub mod docker {
         );
     }
 
+    /// Removes every managed container of the given nodes when dropped (also on a failed
+    /// assert). Declare it before the controller and agents, so it runs after they are stopped
+    /// and nothing can start a container again.
+    #[derive(Default)]
+    pub struct Managed(std::sync::Mutex<Vec<String>>);
+
+    impl Managed {
+        pub fn add(&self, node: &str) {
+            self.0.lock().unwrap().push(node.to_owned());
+        }
+    }
+
+    impl Drop for Managed {
+        fn drop(&mut self) {
+            for node in self.0.lock().unwrap().iter() {
+                let ids = docker(&[
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &format!("label=nebula.node={node}"),
+                ]);
+                for id in ids.lines().filter(|l| !l.is_empty()) {
+                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
+                }
+            }
+        }
+    }
+
     /// Containers labelled for one test, removed on drop.
     pub struct Containers {
         pub label: String,

@@ -1,0 +1,533 @@
+//! The dashboard in a real browser: Debian's headless Chromium driven through chromedriver
+//! (WebDriver, with fantoccini), against a real controller, real agents and the real Docker
+//! Engine. Every page visited is saved as a PNG under `target/screenshots/`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::docker::{docker, require, Containers, IMAGE};
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+/// chromedriver on a free port, and a headless Chromium session through it.
+struct Browser {
+    driver: std::process::Child,
+    client: Option<Client>,
+    shots: PathBuf,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        for tool in ["chromium", "chromedriver"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            assert!(
+                found,
+                "{tool} is missing: the browser tests need Debian's chromium and chromium-driver (scripts/test installs them)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let url = format!("http://127.0.0.1:{port}");
+        let caps: serde_json::Map<String, Value> = serde_json::from_value(json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1280,900"]
+            }
+        }))
+        .unwrap();
+        let client = wait_for(
+            "chromedriver to start a session",
+            Duration::from_secs(30),
+            || {
+                let caps = caps.clone();
+                let url = url.clone();
+                async move {
+                    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+                    ClientBuilder::new(connector)
+                        .capabilities(caps)
+                        .connect(&url)
+                        .await
+                        .ok()
+                }
+            },
+        )
+        .await;
+        let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        Browser {
+            driver,
+            client: Some(client),
+            shots,
+        }
+    }
+
+    fn c(&self) -> &Client {
+        self.client.as_ref().unwrap()
+    }
+
+    async fn shot(&self, name: &str) {
+        let png = self.c().screenshot().await.expect("screenshot");
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    /// The text of the first element matching `css`, read in one script (live updates replace
+    /// elements, so a found element may be gone by the time its text is asked for).
+    async fn text(&self, css: &str) -> String {
+        let v = self
+            .c()
+            .execute(
+                "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
+                vec![json!(css)],
+            )
+            .await
+            .unwrap();
+        v.as_str()
+            .unwrap_or_else(|| panic!("no element matches {css}"))
+            .to_owned()
+    }
+
+    async fn has(&self, css: &str) -> bool {
+        self.c()
+            .execute(
+                "return document.querySelector(arguments[0]) !== null;",
+                vec![json!(css)],
+            )
+            .await
+            .unwrap()
+            == json!(true)
+    }
+
+    /// Wait for an element to exist (and return its text).
+    async fn wait_text(&self, css: &str, timeout: Duration) -> String {
+        wait_for(&format!("{css} to appear"), timeout, || async {
+            if self.has(css).await {
+                Some(self.text(css).await)
+            } else {
+                None
+            }
+        })
+        .await
+    }
+
+    async fn login(&self, base: &str, user: &str, password: &str) {
+        let c = self.c();
+        c.goto(&format!("{base}/ui/")).await.unwrap();
+        assert!(c.current_url().await.unwrap().path().ends_with("/ui/login"));
+        c.find(Locator::Id("username"))
+            .await
+            .unwrap()
+            .send_keys(user)
+            .await
+            .unwrap();
+        c.find(Locator::Id("password"))
+            .await
+            .unwrap()
+            .send_keys(password)
+            .await
+            .unwrap();
+        c.find(Locator::Css("form.login button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(
+            "the overview after signing in",
+            Duration::from_secs(10),
+            || async {
+                (self.has("h1").await && self.text("h1").await == "Command center").then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// `fetch` from the page (the session cookie goes along); the HTTP status.
+    async fn post_status(&self, path: &str, fields: Value) -> u64 {
+        let v = self
+            .c()
+            .execute_async(
+                "const [path, fields, done] = arguments;
+                 fetch(path, {method: 'POST', body: new URLSearchParams(fields), redirect: 'manual'})
+                   .then(r => done(r.status)).catch(e => done(-1));",
+                vec![json!(path), fields],
+            )
+            .await
+            .unwrap();
+        v.as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            // Ending the session needs the runtime; chromedriver's exit ends Chromium anyway.
+            drop(c);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+async fn create_user(c: &Controller, name: &str, role: &str) -> String {
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let (status, v) = c
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(json!({"username": name, "password": password, "role": role})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    password
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_a_real_browser() {
+    require();
+    let images = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/build-test-image"
+    ))
+    .output()
+    .unwrap();
+    assert!(images.status.success());
+    let managed = common::docker::Managed::default();
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--reconcile-interval", "2s"],
+        ..Default::default()
+    })
+    .await;
+    let base = c.url("");
+    let admin_pw = create_user(&c, "ana", "admin").await;
+    let viewer_pw = create_user(&c, "vic", "viewer").await;
+    let b = Browser::start().await;
+
+    // Wrong password: refused with a message, no session.
+    b.c().goto(&format!("{base}/ui/login")).await.unwrap();
+    b.shot("login").await;
+    b.c()
+        .find(Locator::Id("username"))
+        .await
+        .unwrap()
+        .send_keys("ana")
+        .await
+        .unwrap();
+    b.c()
+        .find(Locator::Id("password"))
+        .await
+        .unwrap()
+        .send_keys("not-it")
+        .await
+        .unwrap();
+    b.c()
+        .find(Locator::Css("form.login button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let refused = b.wait_text(".error", Duration::from_secs(10)).await;
+    assert!(refused.contains("wrong username or password"), "{refused}");
+
+    // Log in; the overview is empty; a node card appears, live, when an agent joins.
+    b.login(&base, "ana", &admin_pw).await;
+    assert_eq!(b.text("h1").await, "Command center");
+    assert!(!b.has("#node-web-host").await);
+    let dir = tempfile::tempdir().unwrap();
+    let token = c.token(1, "10m", json!({"zone": "home"})).await;
+    let _agent = Agent::join(&c, &token, &dir.path().join("a"), "web-host", &[]);
+    let card = b.wait_text("#node-web-host", Duration::from_secs(30)).await;
+    assert!(card.contains("web-host"), "{card}");
+    let node = c
+        .wait_status("web-host", "online", Duration::from_secs(20))
+        .await;
+    let node_id = node["id"].as_str().unwrap().to_owned();
+    managed.add(&node_id);
+    // Its telemetry arrives without a reload too.
+    wait_for("the card's figures", Duration::from_secs(30), || async {
+        b.text("#node-web-host")
+            .await
+            .contains("Containers")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !b.has("#no-cards").await,
+        "the empty-fleet note goes with the first card"
+    );
+    wait_for(
+        "the topology to show the zone",
+        Duration::from_secs(15),
+        || async { b.text("#topology").await.contains("home").then_some(()) },
+    )
+    .await;
+    b.shot("overview").await;
+
+    // A container state change shows live: one that turns unhealthy.
+    let ours = Containers::new();
+    let sick = ours.run(
+        &format!("sick-{}", &node_id[..8]),
+        &[
+            "--health-cmd",
+            "false",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+            IMAGE,
+            "sleep",
+            "600",
+        ],
+    );
+    wait_for(
+        "the card to show an unhealthy container",
+        Duration::from_secs(30),
+        || async {
+            b.text("#node-web-host .containers")
+                .await
+                .contains("unhealthy")
+                .then_some(())
+        },
+    )
+    .await;
+    b.shot("overview-unhealthy").await;
+    docker(&["rm", "-f", &sick]);
+
+    // Node page: charts, containers.
+    b.c()
+        .goto(&format!("{base}/ui/nodes/web-host"))
+        .await
+        .unwrap();
+    assert!(b.has(".chart svg").await);
+    assert_eq!(
+        b.c().find_all(Locator::Css(".chart")).await.unwrap().len(),
+        4
+    );
+    b.shot("node").await;
+
+    // Plan then apply a service map from the UI: a running container.
+    let map = "services:\n  hello:\n    image: nebula-test/web:v1\n    placement: { node: web-host }\n    health:\n      http: { port: 80, path: /healthz }\n      interval: 300ms\n";
+    b.c().goto(&format!("{base}/ui/services")).await.unwrap();
+    let area = b.c().find(Locator::Id("document")).await.unwrap();
+    area.clear().await.unwrap();
+    area.send_keys(map).await.unwrap();
+    b.c()
+        .find(Locator::Id("plan-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let plan = b.wait_text("#plan", Duration::from_secs(10)).await;
+    assert!(plan.contains("create hello on web-host"), "{plan}");
+    b.shot("services-plan").await;
+    b.c()
+        .find(Locator::Id("apply-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let applied = b.wait_text("#applied", Duration::from_secs(10)).await;
+    assert!(applied.contains("Applied as version 1"), "{applied}");
+    wait_for("hello to run", Duration::from_secs(60), || async {
+        let ids = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            "label=nebula.service=hello",
+            "--filter",
+            &format!("label=nebula.node={node_id}"),
+            "--filter",
+            "status=running",
+        ]);
+        (!ids.is_empty()).then_some(())
+    })
+    .await;
+    wait_for(
+        "the services page to say converged",
+        Duration::from_secs(30),
+        || async {
+            b.c().goto(&format!("{base}/ui/services")).await.ok()?;
+            b.text("#service-hello")
+                .await
+                .contains("converged")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        b.text("#history").await.contains("hello"),
+        "deployment history"
+    );
+    b.shot("services").await;
+
+    // Keyboard: every control is reachable by Tab (none taken out of the order), and Tab from
+    // the top of the page reaches the Apply button.
+    let unreachable = b
+        .c()
+        .execute(
+            "return [...document.querySelectorAll('a[href],button,input:not([type=hidden]),select,textarea')].filter(e => e.tabIndex < 0).length",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(unreachable, json!(0));
+    b.c()
+        .execute(
+            "document.activeElement && document.activeElement.blur(); window.focus();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let mut reached = false;
+    for _ in 0..80 {
+        let el = b.c().active_element().await.unwrap();
+        if el.attr("id").await.unwrap().as_deref() == Some("apply-button") {
+            reached = true;
+            break;
+        }
+        el.send_keys("\u{E004}").await.unwrap();
+    }
+    assert!(reached, "Tab reaches the Apply button");
+
+    // Jobs: restart a container from the node page; the job page streams its log.
+    let web = docker(&[
+        "ps",
+        "--format",
+        "{{.Names}}",
+        "--filter",
+        "label=nebula.service=hello",
+        "--filter",
+        &format!("label=nebula.node={node_id}"),
+    ]);
+    let _ = web;
+    b.c().goto(&format!("{base}/ui/jobs")).await.unwrap();
+    assert!(b.text("table").await.contains("deploy hello"));
+    b.shot("jobs").await;
+    let first_job = b
+        .c()
+        .find(Locator::Css("table tbody a"))
+        .await
+        .unwrap()
+        .attr("href")
+        .await
+        .unwrap()
+        .unwrap();
+    b.c().goto(&format!("{base}{first_job}")).await.unwrap();
+    wait_for(
+        "the job's log to stream in",
+        Duration::from_secs(20),
+        || async {
+            let log = b.text("#log").await;
+            (log.contains("healthy") || log.contains("nothing to do")).then_some(())
+        },
+    )
+    .await;
+    b.shot("job").await;
+
+    // Enrollment: a token and the one-line install commands.
+    b.c().goto(&format!("{base}/ui/enroll")).await.unwrap();
+    b.c()
+        .find(Locator::Id("create-token"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let linux = b.wait_text("#install-linux", Duration::from_secs(10)).await;
+    assert!(
+        linux.starts_with("curl -fsSL https://")
+            && linux.contains("/install.sh | sudo sh -s -- --token nebula-join:"),
+        "{linux}"
+    );
+    assert!(b.text("#install-windows").await.contains("install.ps1"));
+    b.shot("enroll").await;
+
+    // Audit log.
+    b.c().goto(&format!("{base}/ui/audit")).await.unwrap();
+    let audit = b.text("table").await;
+    assert!(
+        audit.contains("desired.apply") && audit.contains("user.login"),
+        "{audit}"
+    );
+    b.shot("audit").await;
+
+    // A POST without the CSRF token is refused (as admin: the token is the only thing missing),
+    // and changes nothing.
+    let status = b
+        .post_status("/ui/services/apply", json!({"document": "services: {}\n"}))
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(c.get("/api/v1/desired").await["version"], 1);
+
+    // Phone width: readable (no sideways scrolling).
+    b.c().goto(&format!("{base}/ui/")).await.unwrap();
+    b.c().set_window_size(390, 844).await.unwrap();
+    let wide = b
+        .c()
+        .execute("return document.documentElement.scrollWidth", vec![])
+        .await
+        .unwrap();
+    assert!(wide.as_u64().unwrap() <= 390, "scroll width {wide}");
+    b.shot("overview-phone").await;
+    b.c().set_window_size(1280, 900).await.unwrap();
+
+    // Sign out; then a viewer: no Apply button, and its POST is refused anyway.
+    b.c()
+        .find(Locator::Css("header form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait_text("form.login", Duration::from_secs(10)).await;
+    b.login(&base, "vic", &viewer_pw).await;
+    b.c().goto(&format!("{base}/ui/services")).await.unwrap();
+    assert!(b.has("#plan-button").await, "viewers may plan");
+    assert!(
+        !b.has("#apply-button").await,
+        "no Apply button for a viewer"
+    );
+    assert!(!b.text("#services").await.contains("Roll back"));
+    let csrf = b
+        .c()
+        .find(Locator::Css("#map-form input[name=csrf]"))
+        .await
+        .unwrap()
+        .attr("value")
+        .await
+        .unwrap()
+        .unwrap();
+    let status = b
+        .post_status(
+            "/ui/services/apply",
+            json!({"csrf": csrf, "document": "services: {}\n"}),
+        )
+        .await;
+    assert_eq!(status, 403, "a viewer's apply is refused by the server");
+    assert_eq!(c.get("/api/v1/desired").await["version"], 1);
+    b.c().goto(&format!("{base}/ui/enroll")).await.unwrap();
+    assert!(b.text("main").await.contains("needs the Admin role"));
+    b.shot("viewer-services").await;
+}
