@@ -255,7 +255,15 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(!b.has("#node-web-host").await);
     let dir = tempfile::tempdir().unwrap();
     let token = c.token(1, "10m", json!({"zone": "home"})).await;
-    let _agent = Agent::join(&c, &token, &dir.path().join("a"), "web-host", &[]);
+    // The agent lets jobs restart any container (for the node page's restart action).
+    let _agent = Agent::join_with_config(
+        &c,
+        &token,
+        &dir.path().join("a"),
+        "web-host",
+        &[],
+        "[exec]\ndocker_containers = [\"*\"]\n",
+    );
     let card = b.wait_text("#node-web-host", Duration::from_secs(30)).await;
     assert!(card.contains("web-host"), "{card}");
     let node = c
@@ -411,8 +419,8 @@ async fn the_dashboard_in_a_real_browser() {
     }
     assert!(reached, "Tab reaches the Apply button");
 
-    // Jobs: restart a container from the node page; the job page streams its log.
-    let web = docker(&[
+    // Jobs: restart a container from the node page (a job); its page streams the log live.
+    let hello = docker(&[
         "ps",
         "--format",
         "{{.Names}}",
@@ -421,30 +429,54 @@ async fn the_dashboard_in_a_real_browser() {
         "--filter",
         &format!("label=nebula.node={node_id}"),
     ]);
-    let _ = web;
-    b.c().goto(&format!("{base}/ui/jobs")).await.unwrap();
-    assert!(b.text("table").await.contains("deploy hello"));
-    b.shot("jobs").await;
-    let first_job = b
-        .c()
-        .find(Locator::Css("table tbody a"))
+    b.c()
+        .goto(&format!("{base}/ui/nodes/web-host"))
         .await
-        .unwrap()
-        .attr("href")
-        .await
-        .unwrap()
         .unwrap();
-    b.c().goto(&format!("{base}{first_job}")).await.unwrap();
+    let restart = format!("button[aria-label='Restart {hello}']");
     wait_for(
-        "the job's log to stream in",
+        "the container in the node's table",
         Duration::from_secs(20),
         || async {
-            let log = b.text("#log").await;
-            (log.contains("healthy") || log.contains("nothing to do")).then_some(())
+            if b.has(&restart).await {
+                Some(())
+            } else {
+                b.c().refresh().await.ok()?;
+                None
+            }
+        },
+    )
+    .await;
+    b.shot("node-containers").await;
+    b.c()
+        .find(Locator::Css(&restart))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        "the restart job to succeed, live",
+        Duration::from_secs(30),
+        || async {
+            (b.has("#job-state").await
+                && b.text("#job-state").await == "succeeded"
+                && b.text("#log").await.contains("restarted"))
+            .then_some(())
         },
     )
     .await;
     b.shot("job").await;
+    b.c()
+        .goto(&format!("{base}/ui/jobs?state=succeeded"))
+        .await
+        .unwrap();
+    let jobs = b.text("table").await;
+    assert!(
+        jobs.contains("docker-restart") && jobs.contains("deploy hello"),
+        "{jobs}"
+    );
+    b.shot("jobs").await;
 
     // Enrollment: a token and the one-line install commands.
     b.c().goto(&format!("{base}/ui/enroll")).await.unwrap();

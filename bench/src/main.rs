@@ -28,6 +28,7 @@ struct Cli {
     command: Cmd,
 }
 
+mod dashboard;
 mod deploy;
 mod fleet;
 mod footprint;
@@ -88,6 +89,15 @@ enum Cmd {
         runs: usize,
         #[arg(long, default_value = "bench/results/jobs.json")]
         out: PathBuf,
+    },
+    /// The dashboard's overview with N simulated agents: render time and weight.
+    Dashboard {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 50)]
+        requests: usize,
+        #[arg(long, default_value = "bench/results/dashboard.json")]
+        out: std::path::PathBuf,
     },
     /// Apply N services over 3 real agents (real containers) vs `docker run` in a shell loop.
     Deploy {
@@ -167,6 +177,11 @@ fn main() -> anyhow::Result<()> {
             out,
         })),
         Cmd::Gpu { iterations, out } => gpu::gpu_bench(iterations, &out),
+        Cmd::Dashboard {
+            agents,
+            requests,
+            out,
+        } => rt.block_on(dashboard::dashboard_bench(agents, requests, &out)),
         Cmd::Deploy {
             services,
             runs,

@@ -76,6 +76,8 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             get(|| async { asset(JS, "text/javascript") }),
         )
         .merge(private)
+        // Pages compress well (every card has the same shape); event streams are left alone.
+        .layer(tower_http::compression::CompressionLayer::new())
         .with_state(cp)
 }
 
@@ -365,6 +367,9 @@ async fn all_nodes(cp: &ControlPlane) -> Result<Vec<NodeView>, OpError> {
         .collect())
 }
 
+/// Zones with more nodes than this show counts only in the topology.
+const TOPOLOGY_LIST: usize = 24;
+
 /// Controller -> nodes, grouped by their `zone` label.
 fn topology(nodes: &[NodeView]) -> Markup {
     let mut zones: BTreeMap<&str, Vec<&NodeView>> = BTreeMap::new();
@@ -382,12 +387,16 @@ fn topology(nodes: &[NodeView]) -> Markup {
     html! {
         div.topo id="topology" {
             @for (zone, members) in &zones {
+                @let online = members.iter().filter(|n| n.status == NodeStatus::Online).count();
                 section aria-label={"zone " (zone)} {
-                    b { (zone) } " " span.dim { (members.len()) }
-                    ul { @for n in members {
-                        @let status = if n.status == NodeStatus::Online { "online" } else { "offline" };
-                        li { a href={"/ui/nodes/" (n.name)} { (n.name) } " " span class={"badge " (status)} { (status) } }
-                    } }
+                    b { (zone) } " " span.dim { (online) "/" (members.len()) " online" }
+                    // A large zone is a count (its nodes are the cards above).
+                    @if members.len() <= TOPOLOGY_LIST {
+                        ul { @for n in members {
+                            @let status = if n.status == NodeStatus::Online { "online" } else { "offline" };
+                            li { a href={"/ui/nodes/" (n.name)} { (n.name) } " " span class={"badge " (status)} { (status) } }
+                        } }
+                    }
                 }
             }
         }

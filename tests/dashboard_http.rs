@@ -1,0 +1,267 @@
+//! The dashboard's sign-in and its refusals over plain HTTP (a real controller process): the
+//! first admin printed at first start, `nebula user create`, cookie attributes (Secure behind
+//! TLS), and requests without a session, with a wrong CSRF token or a viewer's role.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+/// Sign in; the whole `Set-Cookie` of the session (or the status when refused).
+async fn sign_in(c: &Controller, user: &str, password: &str, tls: bool) -> Result<String, u16> {
+    let http = client();
+    let mut get = http.get(c.url("/ui/login"));
+    if tls {
+        get = get.header("x-forwarded-proto", "https");
+    }
+    let page = get.send().await.unwrap();
+    let login = set_cookie(&page, "nebula_login").expect("a sign-in cookie");
+    let token = login
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_owned();
+    let mut post = http
+        .post(c.url("/ui/login"))
+        .header("cookie", format!("nebula_login={token}"))
+        .form(&[
+            ("csrf", token.as_str()),
+            ("username", user),
+            ("password", password),
+        ]);
+    if tls {
+        post = post.header("x-forwarded-proto", "https");
+    }
+    let resp = post.send().await.unwrap();
+    if resp.status().as_u16() != 303 {
+        return Err(resp.status().as_u16());
+    }
+    Ok(set_cookie(&resp, "nebula_session").expect("a session cookie"))
+}
+
+fn session_pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_cookies_users_and_refusals() {
+    let c = Controller::start(ControllerOpts::default()).await;
+    // The first admin, printed once at first start.
+    let password = wait_for(
+        "the first admin's password",
+        Duration::from_secs(10),
+        || async {
+            c.proc
+                .stdout
+                .find("Dashboard user `admin`, password (shown once, stored hashed): ")
+        },
+    )
+    .await;
+    let cookie = sign_in(&c, "admin", &password, false)
+        .await
+        .expect("signed in");
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+    let behind_tls = sign_in(&c, "admin", &password, true)
+        .await
+        .expect("signed in");
+    assert!(behind_tls.contains("; Secure"), "{behind_tls}");
+    assert_eq!(
+        sign_in(&c, "admin", "wrong-password", false).await,
+        Err(401)
+    );
+    assert_eq!(
+        sign_in(&c, "nobody", "wrong-password", false).await,
+        Err(401)
+    );
+
+    // `nebula user create --admin` (a generated password, printed once) and a viewer.
+    let out = Command::new(bin("nebula"))
+        .args(["user", "create", "bob", "--admin"])
+        .env("NEBULA_CONTROLLER", c.url(""))
+        .env("NEBULA_TOKEN", &c.admin_token)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bob_pw = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Password (shown once): "))
+        .expect("a generated password")
+        .to_owned();
+    sign_in(&c, "bob", &bob_pw, false)
+        .await
+        .expect("bob signs in");
+    let (status, v) = c
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(json!({"username": "bob", "password": "another-one", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{v}");
+    for (body, why) in [
+        (
+            json!({"username": "a b", "password": "long-enough"}),
+            "username",
+        ),
+        (json!({"username": "short", "password": "x"}), "password"),
+        (
+            json!({"username": "role", "password": "long-enough", "role": "root"}),
+            "role",
+        ),
+    ] {
+        let (status, v) = c
+            .api(reqwest::Method::POST, "/api/v1/users", Some(body))
+            .await;
+        assert_eq!(status, 400, "{why}: {v}");
+    }
+    let (status, _) = c
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(json!({"username": "vera", "password": "viewer-password", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let viewer = session_pair(&sign_in(&c, "vera", "viewer-password", false).await.unwrap());
+    let admin = session_pair(&cookie);
+
+    let http = client();
+    // No session: pages redirect to sign-in, actions are refused.
+    let r = http.get(c.url("/ui/services")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(r.headers()["location"], "/ui/login");
+    let r = http
+        .post(c.url("/ui/services/apply"))
+        .form(&[("document", "services: {}")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // A forged session cookie is no session.
+    let r = http
+        .get(c.url("/ui/"))
+        .header("cookie", "nebula_session=forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    // Garbage bodies: clear refusals, nothing breaks.
+    for body in ["%%%", "csrf=&document", ""] {
+        let r = http
+            .post(c.url("/ui/services/apply"))
+            .header("cookie", &admin)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{body}");
+    }
+    // The admin's page carries its CSRF token; with it, apply works; a viewer's is refused.
+    let page = http
+        .get(c.url("/ui/services"))
+        .header("cookie", &admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = http
+        .post(c.url("/ui/services/apply"))
+        .header("cookie", &admin)
+        .form(&[("csrf", csrf.as_str()), ("document", "services: {}\n")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await.unwrap().contains("Applied as version 1"));
+    let viewer_page = http
+        .get(c.url("/ui/services"))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!viewer_page.contains("apply-button"));
+    let viewer_csrf = viewer_page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    for (path, fields) in [
+        ("/ui/services/apply", vec![("document", "services: {}\n")]),
+        ("/ui/enroll", vec![("ttl", "1h"), ("uses", "1")]),
+        ("/ui/services/x/rollback", vec![]),
+    ] {
+        let mut form = vec![("csrf", viewer_csrf.as_str())];
+        form.extend(fields);
+        let r = http
+            .post(c.url(path))
+            .header("cookie", &viewer)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{path}");
+    }
+    assert_eq!(c.get("/api/v1/desired").await["version"], 1);
+    // Sign-out ends the session.
+    let r = http
+        .post(c.url("/ui/logout"))
+        .header("cookie", &viewer)
+        .form(&[("csrf", viewer_csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let r = http
+        .get(c.url("/ui/"))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303, "the old cookie no longer works");
+}
