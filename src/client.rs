@@ -533,12 +533,16 @@ pub async fn user(cli: &Cli, cmd: &UserCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             if cli.json {
+                let mut v = v;
+                if generated {
+                    v["password"] = json!(password);
+                }
                 print_json(&v);
             } else {
                 println!("Created {} user `{}`.", s(&v["role"]), s(&v["username"]));
-            }
-            if generated {
-                println!("Password (shown once): {password}");
+                if generated {
+                    println!("Password (shown once): {password}");
+                }
             }
         }
         UserCommand::List => {

@@ -97,6 +97,31 @@ async fn sign_in_cookies_users_and_refusals() {
         sign_in(&c, "nobody", "wrong-password", false).await,
         Err(401)
     );
+    // Guessing is held off: after 5 failures in a row a username waits; failures are audited.
+    for _ in 0..4 {
+        assert_eq!(sign_in(&c, "nobody", "guess", false).await, Err(401));
+    }
+    assert_eq!(sign_in(&c, "nobody", "guess", false).await, Err(429));
+    wait_for(
+        "failed sign-ins in the audit log",
+        Duration::from_secs(10),
+        || async {
+            let audit = c.get("/api/v1/audit?action=user.login_failed").await;
+            (audit["items"].as_array().unwrap().len() >= 5).then_some(())
+        },
+    )
+    .await;
+    // Pages are not cached, scripts come only from the controller, no framing.
+    let page = client().get(c.url("/ui/login")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(page.headers()["cache-control"], "no-store");
 
     // `nebula user create --admin` (a generated password, printed once) and a viewer.
     let out = Command::new(bin("nebula"))

@@ -162,6 +162,13 @@ impl ControlPlane {
         description: &str,
         by: &str,
     ) -> Result<CreatedJoinToken, OpError> {
+        if let Some(t) = ttl {
+            if t < Duration::from_secs(1) || t > Duration::from_secs(365 * 86400) {
+                return Err(OpError::Invalid(
+                    "a join token's lifetime must be between 1s and 365 days".into(),
+                ));
+            }
+        }
         for (k, v) in &labels {
             validate_label(k, v).map_err(OpError::Invalid)?;
         }

@@ -12,6 +12,32 @@ use crate::store::millis;
 use crate::store::users::{SessionRecord, UserRecord};
 use crate::{hash_secret, ControlPlane, OpError};
 
+/// Password hashes computed at once at most (argon2 takes ~19 MiB and tens of ms each).
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+/// Failed sign-ins per username before it is held off, and for how long.
+const MAX_FAILURES: u32 = 5;
+const HOLD_OFF: Duration = Duration::from_secs(30);
+
+/// Failed sign-ins per username: (failures in a row, held off until).
+fn failures(
+) -> &'static std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>> {
+    static F: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+    > = std::sync::OnceLock::new();
+    F.get_or_init(Default::default)
+}
+
+/// Run an argon2 computation on a blocking thread, a bounded number at a time.
+async fn hashing<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, OpError> {
+    let _slot = HASHING
+        .acquire()
+        .await
+        .map_err(|_| OpError::Invalid("the controller is stopping".into()))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OpError::Invalid(format!("hashing the password: {e}")))
+}
+
 /// How long a browser session lasts.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const ROLES: [&str; 3] = ["admin", "operator", "viewer"];
@@ -75,9 +101,7 @@ impl ControlPlane {
             ));
         }
         let pw = password.to_owned();
-        let password_hash = tokio::task::spawn_blocking(move || hash_password(&pw))
-            .await
-            .map_err(|e| OpError::Invalid(format!("hashing the password: {e}")))??;
+        let password_hash = hashing(move || hash_password(&pw)).await??;
         let user = UserRecord {
             id: Uuid::now_v7(),
             username: username.to_owned(),
@@ -123,22 +147,61 @@ impl ControlPlane {
         username: &str,
         password: &str,
     ) -> Result<(String, SessionRecord), OpError> {
+        if username.len() > 64 || password.len() > 1024 {
+            return Err(OpError::Invalid("wrong username or password".into()));
+        }
+        {
+            let f = failures().lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((n, until)) = f.get(username) {
+                let now = std::time::Instant::now();
+                if *n >= MAX_FAILURES && *until > now {
+                    return Err(OpError::Conflict(format!(
+                        "too many failed sign-ins for `{username}`; try again in {} s",
+                        (*until - now).as_secs() + 1
+                    )));
+                }
+            }
+        }
         let user = self.store.user_by_name(username).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
         let pw = password.to_owned();
         // Verify even for an unknown user, so the answer takes as long either way.
-        let ok = tokio::task::spawn_blocking(move || match hash {
+        let ok = hashing(move || match hash {
             Some(h) => verify_password(&pw, &h),
             None => {
                 let _ = hash_password(&pw);
                 false
             }
         })
-        .await
-        .unwrap_or(false);
+        .await?;
         let user = match (ok, user) {
-            (true, Some(u)) => u,
-            _ => return Err(OpError::Invalid("wrong username or password".into())),
+            (true, Some(u)) => {
+                failures()
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(username);
+                u
+            }
+            _ => {
+                {
+                    let mut f = failures().lock().unwrap_or_else(|p| p.into_inner());
+                    if f.len() > 10_000 {
+                        f.clear();
+                    }
+                    let e = f
+                        .entry(username.to_owned())
+                        .or_insert((0, std::time::Instant::now()));
+                    e.0 += 1;
+                    e.1 = std::time::Instant::now() + HOLD_OFF;
+                }
+                self.audit(
+                    username,
+                    "user.login_failed",
+                    username,
+                    serde_json::json!({}),
+                );
+                return Err(OpError::Invalid("wrong username or password".into()));
+            }
         };
         let token = random(40);
         let csrf = random(32);

@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use futures::Stream;
-use maud::{html, Markup, PreEscaped, DOCTYPE};
+use maud::{html, Markup, DOCTYPE};
 use nebula_controller::api::{node_view, NodeStatus, NodeView};
 use nebula_controller::events::Event;
 use nebula_controller::jobs::model::{JobRecord, Target, Work};
@@ -44,6 +44,8 @@ const SESSION_COOKIE: &str = "nebula_session";
 const LOGIN_COOKIE: &str = "nebula_login";
 /// How often an open overview gets fresh figures for every card.
 pub const REFRESH: Duration = Duration::from_secs(5);
+/// Changes this close together go to an open overview as one update.
+const COALESCE: Duration = Duration::from_millis(200);
 
 /// The dashboard's routes, to merge into the controller's HTTP server.
 pub fn router(cp: Arc<ControlPlane>) -> Router {
@@ -76,9 +78,34 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             get(|| async { asset(JS, "text/javascript") }),
         )
         .merge(private)
+        .layer(middleware::map_response(security_headers))
         // Pages compress well (every card has the same shape); event streams are left alone.
         .layer(tower_http::compression::CompressionLayer::new())
         .with_state(cp)
+}
+
+/// Scripts only from here, no framing, no sniffing; pages (which may show a one-time join
+/// token) are not cached. Inline `style` attributes carry bar widths.
+async fn security_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    resp
 }
 
 fn asset(body: &'static str, kind: &'static str) -> Response {
@@ -235,13 +262,17 @@ fn op_error(e: OpError) -> Response {
 // ----- layout -----
 
 fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Markup) -> Markup {
-    let nav = [
-        ("/ui/", "Overview"),
-        ("/ui/services", "Services"),
-        ("/ui/jobs", "Jobs"),
-        ("/ui/enroll", "Enroll"),
-        ("/ui/audit", "Audit"),
-    ];
+    let nav: Vec<(&str, &str)> = [
+        ("/ui/", "Overview", Role::Viewer),
+        ("/ui/services", "Services", Role::Viewer),
+        ("/ui/jobs", "Jobs", Role::Viewer),
+        ("/ui/enroll", "Enroll", Role::Admin),
+        ("/ui/audit", "Audit", Role::Operator),
+    ]
+    .into_iter()
+    .filter(|(_, _, role)| user.can(*role))
+    .map(|(href, label, _)| (href, label))
+    .collect();
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -432,7 +463,8 @@ pub fn overview_html(user: &User, nodes: &[NodeView]) -> Markup {
         div.cards id="cards" {
             @for n in nodes { (node_card(n)) }
         }
-        @if nodes.is_empty() { p.dim id="no-cards" { "No node has joined yet. " a href="/ui/enroll" { "Enroll one." } } }
+        @if nodes.is_empty() { p.dim id="no-cards" { "No node has joined yet."
+            @if user.can(Role::Admin) { " " a href="/ui/enroll" { "Enroll one." } } } }
         h2 { "Topology" }
         p.dim { "Controller → nodes, grouped by the " code { "zone" } " label." }
         (topology(nodes))
@@ -450,10 +482,13 @@ async fn overview(
     }
 }
 
-/// Live cards: a node's card when something about it changes, every card each [`REFRESH`].
+/// Live cards: a node's card when something about it changes (changes within [`COALESCE`] go
+/// out together), every card each [`REFRESH`]. The stream ends with the session.
 async fn overview_events(
     State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let token = cookie(&headers, SESSION_COOKIE).unwrap_or("").to_owned();
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
     let mut events = cp.events.subscribe();
     let cp2 = cp.clone();
@@ -465,12 +500,36 @@ async fn overview_events(
             let names: Option<Vec<String>> = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tx.closed() => return,
-                _ = tick.tick() => None,
+                _ = tick.tick() => {
+                    // Signed out or expired: the stream ends.
+                    if !matches!(cp2.ui_session(&token).await, Ok(Some(_))) {
+                        return;
+                    }
+                    None
+                }
                 ev = events.recv() => match ev {
                     Ok(Event::NodeOnline { name, .. })
                     | Ok(Event::NodeOffline { name, .. })
                     | Ok(Event::NodeEnrolled { name, .. })
-                    | Ok(Event::ContainerChanged { node: name, .. }) => Some(vec![name]),
+                    | Ok(Event::ContainerChanged { node: name, .. }) => {
+                        // Take what else changes meanwhile into the same update.
+                        let mut names = vec![name];
+                        let until = tokio::time::Instant::now() + COALESCE;
+                        while let Ok(Ok(ev)) = tokio::time::timeout_at(until, events.recv()).await {
+                            match ev {
+                                Event::NodeOnline { name, .. }
+                                | Event::NodeOffline { name, .. }
+                                | Event::NodeEnrolled { name, .. }
+                                | Event::ContainerChanged { node: name, .. }
+                                    if !names.contains(&name) =>
+                                {
+                                    names.push(name);
+                                }
+                                _ => {}
+                            }
+                        }
+                        Some(names)
+                    }
                     Ok(Event::NodeRemoved { name, .. }) => {
                         let gone = SseEvent::default().event("gone").data(node_dom_id(&name));
                         if tx.send(gone).await.is_err() { return; }
@@ -607,10 +666,15 @@ async fn login(
             .expect("ASCII cookie");
             ([(header::SET_COOKIE, set)], Redirect::to("/ui/")).into_response()
         }
-        Err(OpError::Invalid(m)) => {
+        Err(e @ (OpError::Invalid(_) | OpError::Conflict(_))) => {
+            let (status, m) = match e {
+                OpError::Conflict(m) => (StatusCode::TOO_MANY_REQUESTS, m),
+                OpError::Invalid(m) => (StatusCode::UNAUTHORIZED, m),
+                _ => unreachable!("matched above"),
+            };
             let token = login_token(&headers);
             (
-                StatusCode::UNAUTHORIZED,
+                status,
                 [(header::SET_COOKIE, login_cookie(&headers, &token))],
                 login_html(&token, Some(&m)),
             )
@@ -715,6 +779,7 @@ async fn node_page(
     let mem_total = view
         .telemetry
         .as_ref()
+        .filter(|t| t.memory_total_bytes > 0)
         .map(|t| t.memory_total_bytes as f64 / (1u64 << 30) as f64);
     let telemetry = cp.telemetry.view(id);
     let inventory = telemetry.as_ref().and_then(|v| v.inventory.clone());
@@ -1188,7 +1253,17 @@ async fn enroll(
     if let Err(r) = user.check(&f.csrf).and_then(|()| user.require(Role::Admin)) {
         return r.into_response();
     }
-    let ttl = humantime::parse_duration(&f.ttl).unwrap_or(Duration::from_secs(3600));
+    let ttl = match f.ttl.as_str() {
+        "1h" => Duration::from_secs(3600),
+        "24h" => Duration::from_secs(86_400),
+        "7d" => Duration::from_secs(7 * 86_400),
+        other => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                &format!("`{other}` is not one of the offered lifetimes"),
+            )
+        }
+    };
     let uses = f.uses.parse::<u32>().unwrap_or(1).clamp(1, 1000);
     let created = match cp
         .create_join_token(
@@ -1207,6 +1282,11 @@ async fn enroll(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("CONTROLLER");
+    // Agents dial the QUIC address: the configured public one, else this host at the QUIC port.
+    let quic = cp.config.public_address.clone().unwrap_or_else(|| {
+        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        format!("{name}:{}", cp.config.quic_listen.port())
+    });
     let token = &created.token;
     let body = html! {
         h1 { "Enroll a node" }
@@ -1217,7 +1297,7 @@ async fn enroll(
         h2 { "Windows (PowerShell as administrator)" }
         pre id="install-windows" { "& ([scriptblock]::Create((irm https://" (host) "/install.ps1))) -Token " (token) }
         h2 { "By hand" }
-        pre { "nebula-agent join --controller " (host) " --token " (token) " --state-dir /var/lib/nebula-agent" }
+        pre id="install-manual" { "nebula-agent join --controller " (quic) " --token " (token) " --state-dir /var/lib/nebula-agent" }
         (enroll_form(&user))
     };
     page(&user, "Enroll", "/ui/enroll", None, body).into_response()
@@ -1250,15 +1330,9 @@ async fn audit_page(
             tbody { @for a in &entries {
                 tr { td { (humantime::format_rfc3339_seconds(nebula_controller::store::from_millis(a.at))) }
                      td { (a.actor) } td { code { (a.action) } } td { (a.target) }
-                     td { code { (PreEscaped(html_escape(&a.detail.to_string()))) } } }
+                     td { code { (a.detail.to_string()) } } }
             } }
         } }
     };
     page(&user, "Audit", "/ui/audit", None, body).into_response()
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
