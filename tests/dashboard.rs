@@ -129,28 +129,30 @@ impl Browser {
         .await
     }
 
-    async fn login(&self, base: &str, user: &str, password: &str) {
+    /// Fill in and send the sign-in form on the current page.
+    async fn submit_login(&self, user: &str, password: &str) {
         let c = self.c();
-        c.goto(&format!("{base}/ui/")).await.unwrap();
-        assert!(c.current_url().await.unwrap().path().ends_with("/ui/login"));
-        c.find(Locator::Id("username"))
-            .await
-            .unwrap()
-            .send_keys(user)
-            .await
-            .unwrap();
-        c.find(Locator::Id("password"))
-            .await
-            .unwrap()
-            .send_keys(password)
-            .await
-            .unwrap();
+        for (id, text) in [("username", user), ("password", password)] {
+            c.find(Locator::Id(id))
+                .await
+                .unwrap()
+                .send_keys(text)
+                .await
+                .unwrap();
+        }
         c.find(Locator::Css("form.login button"))
             .await
             .unwrap()
             .click()
             .await
             .unwrap();
+    }
+
+    async fn login(&self, base: &str, user: &str, password: &str) {
+        let c = self.c();
+        c.goto(&format!("{base}/ui/")).await.unwrap();
+        assert!(c.current_url().await.unwrap().path().ends_with("/ui/login"));
+        self.submit_login(user, password).await;
         wait_for(
             "the overview after signing in",
             Duration::from_secs(10),
@@ -225,27 +227,7 @@ async fn the_dashboard_in_a_real_browser() {
     // Wrong password: refused with a message, no session.
     b.c().goto(&format!("{base}/ui/login")).await.unwrap();
     b.shot("login").await;
-    b.c()
-        .find(Locator::Id("username"))
-        .await
-        .unwrap()
-        .send_keys("ana")
-        .await
-        .unwrap();
-    b.c()
-        .find(Locator::Id("password"))
-        .await
-        .unwrap()
-        .send_keys("not-it")
-        .await
-        .unwrap();
-    b.c()
-        .find(Locator::Css("form.login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.submit_login("ana", "not-it").await;
     let refused = b.wait_text(".error", Duration::from_secs(10)).await;
     assert!(refused.contains("wrong username or password"), "{refused}");
 

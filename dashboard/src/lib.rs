@@ -847,7 +847,7 @@ async fn node_page(
     page(&user, &view.name, "", None, body).into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RestartForm {
     #[serde(default)]
     csrf: String,
@@ -861,10 +861,7 @@ async fn restart_container(
     Path(name): Path<String>,
     form: Result<Form<RestartForm>, FormRejection>,
 ) -> Response {
-    let f = form.map(|Form(f)| f).unwrap_or(RestartForm {
-        csrf: String::new(),
-        container: String::new(),
-    });
+    let f = form.map(|Form(f)| f).unwrap_or_default();
     if let Err(r) = user
         .check(&f.csrf)
         .and_then(|()| user.require(Role::Operator))
@@ -894,7 +891,7 @@ async fn restart_container(
 
 // ----- services -----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct MapForm {
     #[serde(default)]
     csrf: String,
@@ -1030,10 +1027,7 @@ async fn plan_map(
     Extension(user): Extension<User>,
     form: Result<Form<MapForm>, FormRejection>,
 ) -> Response {
-    let f = form.map(|Form(f)| f).unwrap_or(MapForm {
-        csrf: String::new(),
-        document: String::new(),
-    });
+    let f = form.map(|Form(f)| f).unwrap_or_default();
     if let Err(r) = user.check(&f.csrf) {
         return r.into_response();
     }
@@ -1050,10 +1044,7 @@ async fn apply_map(
     Extension(user): Extension<User>,
     form: Result<Form<MapForm>, FormRejection>,
 ) -> Response {
-    let f = form.map(|Form(f)| f).unwrap_or(MapForm {
-        csrf: String::new(),
-        document: String::new(),
-    });
+    let f = form.map(|Form(f)| f).unwrap_or_default();
     if let Err(r) = user.check(&f.csrf).and_then(|()| user.require(Role::Admin)) {
         return r.into_response();
     }
