@@ -60,11 +60,13 @@ pub enum JobSpec {
     Deploy(Box<DeploySpec>),
     /// Remove one service's managed containers from this node.
     Undeploy(UndeploySpec),
+    /// Send a Wake-on-LAN magic packet from this node (a relay on the sleeping host's LAN).
+    Wake(WakeSpec),
 }
 
 impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
-    pub const KINDS: u32 = 6;
+    pub const KINDS: u32 = 7;
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -74,6 +76,7 @@ impl JobSpec {
             JobSpec::Inventory => "inventory",
             JobSpec::Deploy(_) => "deploy",
             JobSpec::Undeploy(_) => "undeploy",
+            JobSpec::Wake(_) => "wake",
         }
     }
 
@@ -95,6 +98,17 @@ pub struct ExecSpec {
 pub enum ProbeSpec {
     Http { url: String, timeout_ms: u32 },
     Tcp { address: String, timeout_ms: u32 },
+}
+
+/// A Wake-on-LAN magic packet to send: 6 x 0xff, then the MAC 16 times, over UDP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeSpec {
+    pub mac: [u8; 6],
+    /// The IPv4 broadcast address of the sleeping host's network (`255.255.255.255`: the
+    /// limited broadcast, out of the default interface).
+    pub broadcast: String,
+    /// UDP port (9 by convention; 7 and 0 are also used).
+    pub port: u16,
 }
 
 /// Frames from the agent on a job stream.

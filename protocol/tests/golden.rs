@@ -403,6 +403,14 @@ fn job_control() {
         &req(JobSpec::Deploy(Box::new(deploy_spec()))),
     );
     check(
+        "job_request_wake",
+        &req(JobSpec::Wake(WakeSpec {
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            broadcast: "192.168.77.255".into(),
+            port: 9,
+        })),
+    );
+    check(
         "job_request_undeploy",
         &req(JobSpec::Undeploy(deploy::UndeploySpec {
             service: "web".into(),

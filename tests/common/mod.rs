@@ -162,6 +162,8 @@ pub struct ControllerOpts {
     pub max_frame_bytes: Option<usize>,
     /// More `nebula serve` flags.
     pub extra: Vec<&'static str>,
+    /// The QUIC listen address (default `127.0.0.1:0`).
+    pub quic_listen: Option<SocketAddr>,
 }
 
 impl Default for ControllerOpts {
@@ -172,6 +174,7 @@ impl Default for ControllerOpts {
             cert_lifetime: "1h",
             max_frame_bytes: None,
             extra: Vec::new(),
+            quic_listen: None,
         }
     }
 }
@@ -196,7 +199,8 @@ impl Controller {
             dir.path(),
             &opts,
             "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
+            opts.quic_listen
+                .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
         )
         .await;
         let _ = rustls::crypto::ring::default_provider().install_default();

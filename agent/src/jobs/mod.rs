@@ -33,6 +33,7 @@ pub mod exec;
 pub mod inventory;
 pub mod journal;
 pub mod probe;
+pub mod wake;
 
 pub use journal::{Journal, RunKey};
 
@@ -478,6 +479,7 @@ impl JobRunner {
                     r = deploy::undeploy(&ctx, spec, self.config.node_id) => r,
                     stop = ctx.stopped() => stop.result(),
                 },
+                JobSpec::Wake(spec) => wake::run(&ctx, spec).await,
                 JobSpec::Inventory => {
                     let dirs = if self.config.repo_dirs.is_empty() {
                         &self.config.exec.git_dirs

@@ -39,6 +39,31 @@ pub enum Work {
     Deploy(Box<DeploySpec>),
     /// Remove one service's containers from one node (created by the reconciler only).
     Undeploy(UndeploySpec),
+    /// Send a Wake-on-LAN magic packet from the node (a relay on the sleeping host's LAN).
+    Wake {
+        /// `52:54:00:12:34:56` (or with `-`).
+        mac: String,
+        /// IPv4 broadcast address of that LAN (default `255.255.255.255`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        broadcast: Option<String>,
+    },
+}
+
+/// `52:54:00:12:34:56` or `52-54-00-12-34-56` to bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    let bad = || format!("`{text}` is not a MAC address (write six hex pairs, 52:54:00:12:34:56)");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        mac[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
 }
 
 impl Work {
@@ -50,6 +75,7 @@ impl Work {
             Work::Inventory => "inventory",
             Work::Deploy(_) => "deploy",
             Work::Undeploy(_) => "undeploy",
+            Work::Wake { .. } => "wake",
         }
     }
 
@@ -101,6 +127,15 @@ impl Work {
                 }
                 Ok(())
             }
+            Work::Wake { mac, broadcast } => {
+                parse_mac(mac)?;
+                if let Some(b) = broadcast {
+                    b.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                        format!("wake `broadcast` must be an IPv4 address, not `{b}`")
+                    })?;
+                }
+                Ok(())
+            }
             Work::Noop | Work::Inventory | Work::Deploy(_) | Work::Undeploy(_) => Ok(()),
         }
     }
@@ -131,6 +166,13 @@ impl Work {
             Work::Inventory => JobSpec::Inventory,
             Work::Deploy(spec) => JobSpec::Deploy(spec.clone()),
             Work::Undeploy(spec) => JobSpec::Undeploy(spec.clone()),
+            Work::Wake { mac, broadcast } => JobSpec::Wake(nebula_protocol::jobs::WakeSpec {
+                mac: parse_mac(mac).unwrap_or_default(),
+                broadcast: broadcast
+                    .clone()
+                    .unwrap_or_else(|| "255.255.255.255".into()),
+                port: 9,
+            }),
         }
     }
 }
