@@ -562,3 +562,54 @@ pub async fn user(cli: &Cli, cmd: &UserCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `nebula wake NODE`: through a relay on its LAN; waits (up to `wait`) for it to register.
+pub async fn wake(cli: &Cli, node: &str, wait: Option<Duration>) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    let w: Value = api
+        .post(&format!("/api/v1/nodes/{node}/wake"), &json!({}))
+        .await?;
+    if cli.json && wait.is_none() {
+        print_json(&w);
+        return Ok(());
+    }
+    if !cli.json {
+        println!(
+            "Waking {node} through {} (job {}).",
+            s(&w["relay"]),
+            s(&w["job"])
+        );
+    }
+    let Some(wait) = wait else { return Ok(()) };
+    let started = std::time::Instant::now();
+    loop {
+        let n: Value = api.get(&format!("/api/v1/nodes/{node}")).await?;
+        let status = s(&n["status"]);
+        if status == "online" || status == "wake_failed" || started.elapsed() > wait {
+            if cli.json {
+                print_json(&n);
+            } else {
+                println!("{node} is {status} after {}s.", started.elapsed().as_secs());
+            }
+            if status != "online" {
+                anyhow::bail!("{node} did not come online");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `nebula sleep NODE`: the node's allow-listed suspend or power-off command.
+pub async fn sleep(cli: &Cli, node: &str) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    let job: Value = api
+        .post(&format!("/api/v1/nodes/{node}/sleep"), &json!({}))
+        .await?;
+    if cli.json {
+        print_json(&job);
+    } else {
+        println!("Sent {node} to sleep (job {}).", s(&job["id"]));
+    }
+    Ok(())
+}

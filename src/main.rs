@@ -82,6 +82,15 @@ enum Command {
     Service { name: String },
     /// Go back to an earlier revision of a service (until the map changes it).
     Rollback(desired::RollbackArgs),
+    /// Wake a sleeping node through a relay on its LAN.
+    Wake {
+        node: String,
+        /// Wait this long for it to register (e.g. 2m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+    },
+    /// Run a node's allow-listed suspend or power-off command.
+    Sleep { node: String },
     /// Dashboard users: create, list.
     #[command(subcommand)]
     User(client::UserCommand),
@@ -125,6 +134,8 @@ fn main() -> ExitCode {
             Command::Audit(ref args) => jobs::audit(&cli, args).await,
             Command::Plan(ref args) => desired::plan(&cli, args).await,
             Command::User(ref cmd) => client::user(&cli, cmd).await,
+            Command::Wake { ref node, wait } => client::wake(&cli, node, wait).await,
+            Command::Sleep { ref node } => client::sleep(&cli, node).await,
             Command::Apply(ref args) => desired::apply(&cli, args).await,
             Command::Services => desired::services(&cli).await,
             Command::Service { ref name } => desired::service(&cli, name).await,

@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// The reconciler runs at least this often.
     #[arg(long, env = "NEBULA_RECONCILE_INTERVAL", value_parser = humantime::parse_duration)]
     reconcile_interval: Option<Duration>,
+    /// A woken node that has not registered within this time is wake_failed.
+    #[arg(long, env = "NEBULA_WAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    wake_timeout: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -117,6 +120,7 @@ impl ServeArgs {
         set!(job_default_deadline);
         set!(job_max_attempts);
         set!(reconcile_interval);
+        set!(wake_timeout);
         set!(service_map, opt);
         set!(database_url, opt);
         set!(admin_token_file, opt);

@@ -134,12 +134,13 @@ impl Drop for Lab {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_on_the_home_lan_sends_exactly_one_magic_packet() {
+async fn wake_through_a_relay_on_demand_and_by_hand() {
     let lab = Lab::new();
     let n = lab.n;
     let quic: SocketAddr = format!("10.77.{n}.1:0").parse().unwrap();
     let c = Controller::start(ControllerOpts {
         quic_listen: Some(quic),
+        extra: vec!["--wake-timeout", "8s"],
         ..Default::default()
     })
     .await;
@@ -174,7 +175,7 @@ async fn a_relay_on_the_home_lan_sends_exactly_one_magic_packet() {
              s.bind(('0.0.0.0', 9))\n\
              print('listening', flush=True)\n\
              s.settimeout(0.5)\n\
-             end = time.time() + 8\n\
+             end = time.time() + 90\n\
              while time.time() < end:\n\
              \x20   try:\n\
              \x20       data, addr = s.recvfrom(2048)\n\
@@ -182,7 +183,7 @@ async fn a_relay_on_the_home_lan_sends_exactly_one_magic_packet() {
              \x20   except socket.timeout:\n\
              \x20       pass\n",
         );
-    let mut listener = Proc::spawn(listen);
+    let listener = Proc::spawn(listen);
     wait_for("the listener", Duration::from_secs(10), || async {
         listener.stdout.find("listening").map(|_| ())
     })
@@ -214,20 +215,27 @@ async fn a_relay_on_the_home_lan_sends_exactly_one_magic_packet() {
         logs.contains(&format!("from 192.168.{n}.2")),
         "the packet leaves from the relay's address on that LAN: {logs}"
     );
-    listener.exit(Duration::from_secs(15)).await;
-    let packets: Vec<String> = listener
-        .stdout
-        .text()
-        .lines()
-        .filter(|l| !l.starts_with("listening"))
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(packets.len(), 1, "exactly one packet: {packets:?}");
-    let fields: Vec<&str> = packets[0].split(' ').collect();
-    assert_eq!(fields[0], "102");
+    let packets = |mac: &str| -> Vec<Vec<String>> {
+        listener
+            .stdout
+            .text()
+            .lines()
+            .filter(|l| !l.starts_with("listening"))
+            .map(|l| l.split(' ').map(str::to_owned).collect::<Vec<_>>())
+            .filter(|f| f.get(1).is_some_and(|h| h.ends_with(&mac.repeat(16))))
+            .collect()
+    };
+    wait_for("the packet", Duration::from_secs(10), || async {
+        (!packets("525400abcdef").is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = packets("525400abcdef");
+    assert_eq!(got.len(), 1, "exactly one packet: {got:?}");
+    assert_eq!(got[0][0], "102");
     let expected = format!("{}{}", "ff".repeat(6), "525400abcdef".repeat(16));
-    assert_eq!(fields[1], expected, "a valid magic packet for the MAC");
-    assert_eq!(fields[2], format!("192.168.{n}.2"));
+    assert_eq!(got[0][1], expected, "a valid magic packet for the MAC");
+    assert_eq!(got[0][2], format!("192.168.{n}.2"));
 
     // A bad MAC or broadcast is refused before any agent sees it.
     let (status, v) = c
@@ -246,4 +254,135 @@ async fn a_relay_on_the_home_lan_sends_exactly_one_magic_packet() {
         )
         .await;
     assert_eq!(status, 400);
+
+    // Two more nodes, enrolled then asleep: `target` (woken by hand) and `sleeper` (woken when a
+    // job needs it, and never comes back). Their agents run in this namespace; the listener
+    // stands in for their network cards on the home LAN.
+    let config = "[exec.commands.suspend]\nargv = [\"true\"]\n";
+    let mut target = Agent::join_with_config(
+        &c,
+        &c.token(1, "10m", json!({})).await,
+        &dir.path().join("target"),
+        "target",
+        &[],
+        config,
+    );
+    let mut sleeper = Agent::join(
+        &c,
+        &c.token(1, "10m", json!({})).await,
+        &dir.path().join("sleeper"),
+        "sleeper",
+        &[],
+    );
+    c.wait_status("target", "online", Duration::from_secs(30))
+        .await;
+    c.wait_status("sleeper", "online", Duration::from_secs(30))
+        .await;
+    target.proc.kill();
+    sleeper.proc.kill();
+    c.wait_status("target", "offline", Duration::from_secs(30))
+        .await;
+    c.wait_status("sleeper", "offline", Duration::from_secs(30))
+        .await;
+    let map = format!(
+        "nodes:\n  relay: {{}}\n  target:\n    wake: {{ mac: '52:54:00:00:00:0b', broadcast: 192.168.{n}.255, via: [relay] }}\n    sleep: suspend\n  sleeper:\n    wake: {{ mac: '52:54:00:00:00:0c', broadcast: 192.168.{n}.255, via: [relay] }}\nservices: {{}}\n"
+    );
+    let resp = c
+        .client
+        .put(c.url("/api/v1/desired"))
+        .bearer_auth(&c.admin_token)
+        .body(map)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
+
+    // `nebula wake target`: one packet for its MAC; it shows `waking`.
+    let out = Command::new(bin("nebula"))
+        .args(["wake", "target"])
+        .env("NEBULA_CONTROLLER", c.url(""))
+        .env("NEBULA_TOKEN", &c.admin_token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("through relay"));
+    assert_eq!(c.node("target").await.unwrap()["status"], "waking");
+    wait_for("target's packet", Duration::from_secs(10), || async {
+        (packets("52540000000b").len() == 1).then_some(())
+    })
+    .await;
+    // A job for it waits; being woken already, it is not woken twice.
+    let job = c
+        .job(json!({"node": "target", "work": {"kind": "noop"}, "deadline": "2m"}))
+        .await;
+    assert_eq!(job["state"], "queued", "{job}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The machine wakes up: its agent starts and registers; the waiting job goes to it.
+    let _target = Agent::run_with_config(&dir.path().join("target"));
+    let done = c
+        .wait_job(
+            &job["id"],
+            "the waiting job",
+            Duration::from_secs(30),
+            |j| j["state"] == "succeeded",
+        )
+        .await;
+    assert_eq!(done["node"], "target");
+    c.wait_status("target", "online", Duration::from_secs(10))
+        .await;
+    assert_eq!(packets("52540000000b").len(), 1, "woken once");
+
+    // Wake on demand: a job that only the sleeping `sleeper` fits wakes it through the relay;
+    // it never registers, so after the wake timeout it is `wake_failed`.
+    let job = c
+        .job(json!({"node": "sleeper", "work": {"kind": "noop"}, "deadline": "1m"}))
+        .await;
+    wait_for("sleeper's packet", Duration::from_secs(10), || async {
+        (packets("52540000000c").len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(c.node("sleeper").await.unwrap()["status"], "waking");
+    c.wait_status("sleeper", "wake_failed", Duration::from_secs(20))
+        .await;
+    let failed = c.get("/api/v1/nodes?status=wake_failed").await;
+    assert_eq!(failed["items"][0]["name"], "sleeper", "{failed}");
+    let (status, _) = c
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert!(status == 200 || status == 202, "cancelled: {status}");
+
+    // `nebula sleep target` runs its allow-listed suspend command.
+    let out = Command::new(bin("nebula"))
+        .args(["sleep", "target"])
+        .env("NEBULA_CONTROLLER", c.url(""))
+        .env("NEBULA_TOKEN", &c.admin_token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Waking a node without wake settings, or one that is online, is refused.
+    let (status, v) = c
+        .api(reqwest::Method::POST, "/api/v1/nodes/relay/wake", None)
+        .await;
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = c
+        .api(reqwest::Method::POST, "/api/v1/nodes/target/wake", None)
+        .await;
+    assert_eq!(status, 409, "{v}");
 }

@@ -137,6 +137,8 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
     let v1 = Router::new()
         .route("/nodes", get(list_nodes))
         .route("/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/nodes/{name}/wake", axum::routing::post(wake_node))
+        .route("/nodes/{name}/sleep", axum::routing::post(sleep_node))
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", delete(revoke_token))
         .route("/nodes/{name}/telemetry", get(node_telemetry))
@@ -295,6 +297,21 @@ fn summary(view: &crate::telemetry::NodeView) -> Option<TelemetrySummary> {
 pub enum NodeStatus {
     Online,
     Offline,
+    /// Woken through a relay; not registered yet.
+    Waking,
+    /// Woken, but it did not register within `wake_timeout`.
+    WakeFailed,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Online => "online",
+            NodeStatus::Offline => "offline",
+            NodeStatus::Waking => "waking",
+            NodeStatus::WakeFailed => "wake_failed",
+        }
+    }
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -305,10 +322,11 @@ pub fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
     let session = cp.registry.get(n.id);
     NodeView {
         id: n.id,
-        status: if session.is_some() {
-            NodeStatus::Online
-        } else {
-            NodeStatus::Offline
+        status: match (session.is_some(), cp.wakes.get(n.id)) {
+            (true, _) => NodeStatus::Online,
+            (false, Some(w)) if w.failed => NodeStatus::WakeFailed,
+            (false, Some(_)) => NodeStatus::Waking,
+            (false, None) => NodeStatus::Offline,
         },
         labels: n.labels,
         facts: n.facts,
@@ -405,6 +423,28 @@ async fn remove_node(
     who.require(Role::Admin)?;
     let id = cp.remove_node(&name, &who.name).await?;
     Ok(Json(json!({"removed": name, "id": id})))
+}
+
+// ----- wake and sleep -----
+
+async fn wake_node(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    who.require(Role::Operator)?;
+    let wake = cp.wake_node(&name, &who.name).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!(wake))))
+}
+
+async fn sleep_node(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    who.require(Role::Operator)?;
+    let job = cp.sleep_node(&name, &who.name).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!(job))))
 }
 
 // ----- dashboard users -----

@@ -71,6 +71,9 @@ pub struct ControllerConfig {
     /// The reconciler runs at least this often (and whenever something changes).
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Duration,
+    /// A woken node that has not registered within this time is `wake_failed`.
+    #[serde(with = "humantime_serde")]
+    pub wake_timeout: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -99,6 +102,7 @@ impl Default for ControllerConfig {
             job_max_attempts: 3,
             service_map: None,
             reconcile_interval: Duration::from_secs(30),
+            wake_timeout: Duration::from_secs(180),
         }
     }
 }

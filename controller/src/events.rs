@@ -37,6 +37,17 @@ pub enum Event {
         id: String,
         by: String,
     },
+    /// A node is being woken through a relay.
+    NodeWaking {
+        id: Uuid,
+        name: String,
+        relay: String,
+    },
+    /// A woken node did not register within `wake_timeout`.
+    NodeWakeFailed {
+        id: Uuid,
+        name: String,
+    },
     /// A job moved to another state (published once the change is stored).
     JobChanged {
         id: Uuid,

@@ -39,6 +39,7 @@ pub mod store;
 pub mod telemetry;
 pub mod transport;
 pub mod users;
+pub mod wake;
 
 pub use config::ControllerConfig;
 
@@ -63,6 +64,8 @@ pub struct ControlPlane {
     pub jobs: jobs::JobTable,
     /// The service map in force and the reconciler's state.
     pub desired: desired::DesiredState,
+    /// Nodes being woken (or whose wake failed).
+    pub wakes: wake::WakeTable,
     pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
     /// Owns every task the controller spawns (stopped by the shutdown token); the dashboard's
     /// live streams run on it too.
@@ -340,6 +343,7 @@ impl Controller {
         let cp = Arc::new(ControlPlane {
             jobs: jobs::JobTable::default(),
             desired: desired::DesiredState::default(),
+            wakes: wake::WakeTable::default(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             token_cache: Default::default(),
@@ -370,6 +374,7 @@ impl Controller {
             .context("loading the desired state")?;
         tracker.spawn(desired::reconciler(cp.clone(), shutdown.clone()));
         tracker.spawn(desired::watch_file(cp.clone(), shutdown.clone()));
+        tracker.spawn(wake::wake_watch(cp.clone(), shutdown.clone()));
         tracker.spawn(transport::accept_loop(
             cp.clone(),
             endpoint,

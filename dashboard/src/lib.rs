@@ -55,6 +55,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/ui/logout", post(logout))
         .route("/ui/nodes/{name}", get(node_page))
         .route("/ui/nodes/{name}/restart", post(restart_container))
+        .route("/ui/nodes/{name}/wake", post(wake_node))
         .route("/ui/services", get(services_page))
         .route("/ui/services/plan", post(plan_map))
         .route("/ui/services/apply", post(apply_map))
@@ -322,10 +323,7 @@ fn pct_bar(p: f32) -> Markup {
 
 /// One node's card on the overview.
 pub fn node_card(n: &NodeView) -> Markup {
-    let status = match n.status {
-        NodeStatus::Online => "online",
-        NodeStatus::Offline => "offline",
-    };
+    let status = n.status.as_str();
     html! {
         a.card id=(node_dom_id(&n.name)) href={"/ui/nodes/" (n.name)} data-status=(status) {
             h3 { span { (n.name) } span class={"badge " (status)} { (status) } }
@@ -424,7 +422,7 @@ fn topology(nodes: &[NodeView]) -> Markup {
                     // A large zone is a count (its nodes are the cards above).
                     @if members.len() <= TOPOLOGY_LIST {
                         ul { @for n in members {
-                            @let status = if n.status == NodeStatus::Online { "online" } else { "offline" };
+                            @let status = n.status.as_str();
                             li { a href={"/ui/nodes/" (n.name)} { (n.name) } " " span class={"badge " (status)} { (status) } }
                         } }
                     }
@@ -781,12 +779,21 @@ async fn node_page(
         .as_ref()
         .filter(|t| t.memory_total_bytes > 0)
         .map(|t| t.memory_total_bytes as f64 / (1u64 << 30) as f64);
+    let can_wake = cp
+        .desired
+        .active()
+        .is_some_and(|a| a.desired.wake.contains_key(&view.name));
     let telemetry = cp.telemetry.view(id);
     let inventory = telemetry.as_ref().and_then(|v| v.inventory.clone());
     let latest = telemetry.as_ref().and_then(|v| v.latest.clone());
     let body = html! {
-        h1 { (view.name) " " span class={"badge " (if view.status == NodeStatus::Online { "online" } else { "offline" })} {
-            (if view.status == NodeStatus::Online { "online" } else { "offline" }) } }
+        h1 { (view.name) " " span class={"badge " (view.status.as_str())} { (view.status.as_str()) } }
+        @if view.status != NodeStatus::Online && user.can(Role::Operator) && can_wake {
+            form.inline method="post" action={"/ui/nodes/" (view.name) "/wake"} {
+                (csrf_field(&user))
+                button type="submit" id="wake-button" { "Wake" }
+            }
+        }
         div.actions role="group" aria-label="Range" {
             @for r in ["1h", "24h", "7d"] {
                 @if r == range.0 { a.button href={"?range=" (r)} aria-current="true" { (r) } }
@@ -885,6 +892,25 @@ async fn restart_container(
         .await;
     match job {
         Ok(j) => Redirect::to(&format!("/ui/jobs/{}", j.id)).into_response(),
+        Err(e) => op_error(e),
+    }
+}
+
+async fn wake_node(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(user): Extension<User>,
+    Path(name): Path<String>,
+    form: Result<Form<CsrfForm>, FormRejection>,
+) -> Response {
+    let csrf = form.map(|Form(f)| f.csrf).unwrap_or_default();
+    if let Err(r) = user
+        .check(&csrf)
+        .and_then(|()| user.require(Role::Operator))
+    {
+        return r.into_response();
+    }
+    match cp.wake_node(&name, &user.name).await {
+        Ok(w) => Redirect::to(&format!("/ui/jobs/{}", w.job)).into_response(),
         Err(e) => op_error(e),
     }
 }

@@ -91,6 +91,32 @@ pub struct NodeDecl {
     /// Labels used for placement, on top of the labels the node enrolled with.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How to wake this node when it sleeps (`nebula wake`, and when a job needs it).
+    #[serde(default)]
+    pub wake: Option<Loc<WakeDecl>>,
+    /// The command from the node's own allow-list (`[exec.commands.NAME]`) that
+    /// `nebula sleep` runs: a suspend or power-off.
+    #[serde(default)]
+    pub sleep: Option<String>,
+}
+
+/// Wake-on-LAN through a relay on the node's LAN (`mac`, `broadcast`, `via`), or an
+/// allow-listed command on another node (`via` one node, `exec`), e.g. starting a VM on its host.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WakeDecl {
+    /// The sleeping machine's MAC address, `52:54:00:12:34:56`.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The IPv4 broadcast address of its LAN (default `255.255.255.255`).
+    #[serde(default)]
+    pub broadcast: Option<String>,
+    /// Relay nodes on the same LAN, tried in order (the first online one is used).
+    #[serde(default)]
+    pub via: Vec<String>,
+    /// An allow-listed command on the `via` node that wakes this one.
+    #[serde(default)]
+    pub exec: Option<String>,
 }
 
 /// One service: a container image run as one or more replicas.
@@ -694,6 +720,89 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             }
         }
     }
+    let mut wake = BTreeMap::new();
+    let mut sleep = BTreeMap::new();
+    if let Some(nodes) = &map.nodes {
+        for (name, decl) in nodes {
+            if let Some(op) = &decl.sleep {
+                if op.is_empty() || op.chars().any(char::is_whitespace) {
+                    err(
+                        decl.line,
+                        decl.column,
+                        format!(
+                            "node `{name}`: `sleep` names one command from the node's allow-list"
+                        ),
+                    );
+                }
+                sleep.insert(name.clone(), op.clone());
+            }
+            let Some(w) = &decl.wake else { continue };
+            let at = |m: String| Problem {
+                line: w.line,
+                column: w.column,
+                message: format!("node `{name}`: wake: {m}"),
+            };
+            let mut problems = Vec::new();
+            for relay in &w.via {
+                if !nodes.contains_key(relay) {
+                    problems.push(at(format!("relay `{relay}` is not a declared node")));
+                } else if relay == name {
+                    problems.push(at("a node cannot wake itself".into()));
+                }
+            }
+            if w.via.is_empty() {
+                problems.push(at("`via` names the relay node(s) on its LAN".into()));
+            }
+            let rule = match (&w.mac, &w.exec) {
+                (Some(mac), None) => {
+                    if let Err(e) = crate::jobs::model::parse_mac(mac) {
+                        problems.push(at(e));
+                    }
+                    let broadcast = w
+                        .broadcast
+                        .clone()
+                        .unwrap_or_else(|| "255.255.255.255".into());
+                    if broadcast.parse::<std::net::Ipv4Addr>().is_err() {
+                        problems.push(at(format!(
+                            "`{broadcast}` is not an IPv4 broadcast address"
+                        )));
+                    }
+                    Some(super::plan::WakeRule::Packet {
+                        mac: mac.clone(),
+                        broadcast,
+                        via: w.via.clone(),
+                    })
+                }
+                (None, Some(exec)) => {
+                    if w.via.len() != 1 {
+                        problems.push(at("`exec` runs on exactly one `via` node".into()));
+                    }
+                    if w.broadcast.is_some() {
+                        problems.push(at("`broadcast` goes with `mac`, not `exec`".into()));
+                    }
+                    Some(super::plan::WakeRule::Exec {
+                        via: w.via.first().cloned().unwrap_or_default(),
+                        exec: exec.clone(),
+                    })
+                }
+                _ => {
+                    problems.push(at(
+                        "give either `mac` (Wake-on-LAN) or `exec` (a command on the `via` node)"
+                            .into(),
+                    ));
+                    None
+                }
+            };
+            if problems.is_empty() {
+                if let Some(rule) = rule {
+                    wake.insert(name.clone(), rule);
+                }
+            }
+            for p in problems {
+                err(p.line, p.column, p.message);
+            }
+        }
+    }
     let node_known = |name: &str| match &declared {
         Some(d) => d.contains_key(name),
         None => fleet.0.as_ref().is_none_or(|f| f.contains(name)),
@@ -977,6 +1086,8 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
         desired: Desired {
             nodes: declared,
             services,
+            wake,
+            sleep,
         },
         warnings,
     })

@@ -24,6 +24,24 @@ pub struct Desired {
     /// Declared nodes and their extra labels; `None`: every enrolled node is eligible.
     pub nodes: Option<BTreeMap<String, Labels>>,
     pub services: BTreeMap<String, DesiredService>,
+    /// How to wake each node that can be woken.
+    pub wake: BTreeMap<String, WakeRule>,
+    /// The allow-listed command that puts each node to sleep.
+    pub sleep: BTreeMap<String, String>,
+}
+
+/// How a sleeping node is woken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "method")]
+pub enum WakeRule {
+    /// A magic packet sent by the first online relay.
+    Packet {
+        mac: String,
+        broadcast: String,
+        via: Vec<String>,
+    },
+    /// An allow-listed command on another node.
+    Exec { via: String, exec: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -771,10 +771,11 @@ impl ControlPlane {
         Ok(nodes)
     }
 
-    /// Where a later issue wakes a sleeping node: routing found that only these offline nodes
-    /// fit `job`. Nothing can be woken yet, so the job simply waits for one to come online.
-    fn wake_hook(&self, job: Uuid, asleep: &[Uuid]) {
-        let _ = (job, asleep);
+    /// Routing found that only these offline nodes fit `job`: wake one that can be woken (the
+    /// job is dispatched when it registers, within its deadline).
+    fn wake_hook(self: &Arc<Self>, job: Uuid, asleep: &[Uuid]) {
+        let _ = job;
+        self.wake_on_demand(asleep);
     }
 
     /// One scheduler pass: over every unfinished job, or (kicked by new jobs) over those only.
