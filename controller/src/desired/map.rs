@@ -111,8 +111,10 @@ pub struct WakeDecl {
     /// The IPv4 broadcast address of its LAN (default `255.255.255.255`).
     #[serde(default)]
     pub broadcast: Option<String>,
-    /// Relay nodes on the same LAN, tried in order (the first online one is used).
-    #[serde(default)]
+    /// Relay nodes on the same LAN, tried in order (the first online one is used): one name
+    /// or a list.
+    #[serde(default, deserialize_with = "one_or_many")]
+    #[schemars(with = "OneOrMany")]
     pub via: Vec<String>,
     /// An allow-listed command on the `via` node that wakes this one.
     #[serde(default)]
@@ -243,6 +245,36 @@ pub struct UpdateDecl {
 pub enum StrategyDecl {
     StartFirst,
     StopFirst,
+}
+
+/// One name, or a list of names.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a node name or a list of node names")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(vec![v.to_owned()])
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V)
 }
 
 /// A duration such as `30s`, `2m` or `1h 30m`.
@@ -1259,6 +1291,61 @@ mod tests {
             if let Err(e) = check(&text, &FleetNames(None)) {
                 proptest::prop_assert!(e.0.iter().all(|p| p.line >= 1 && p.column >= 1));
             }
+        }
+    }
+
+    #[test]
+    fn wake_settings_are_checked() {
+        let ok = "nodes:\n  relay: {}\n  box:\n    wake: { mac: '52:54:00:12:34:56', broadcast: 192.168.1.255, via: [relay] }\n    sleep: suspend\n  vm:\n    wake: { via: relay, exec: start-vm }\n";
+        // `via` as one name (vm) or a list (box).
+        let d = check(ok, &FleetNames(None)).unwrap().desired;
+        assert_eq!(
+            d.wake["vm"],
+            crate::desired::plan::WakeRule::Exec {
+                via: "relay".into(),
+                exec: "start-vm".into()
+            }
+        );
+        assert_eq!(
+            d.wake["box"],
+            crate::desired::plan::WakeRule::Packet {
+                mac: "52:54:00:12:34:56".into(),
+                broadcast: "192.168.1.255".into(),
+                via: vec!["relay".into()]
+            }
+        );
+        assert_eq!(d.sleep["box"], "suspend");
+        for (bad, words) in [
+            (
+                "wake: { mac: '52:54:00', via: [relay] }",
+                "not a MAC address",
+            ),
+            (
+                "wake: { mac: '52:54:00:12:34:56', via: [ghost] }",
+                "not a declared node",
+            ),
+            ("wake: { mac: '52:54:00:12:34:56' }", "relay node"),
+            (
+                "wake: { mac: '52:54:00:12:34:56', exec: x, via: [relay] }",
+                "either `mac`",
+            ),
+            (
+                "wake: { mac: '52:54:00:12:34:56', broadcast: home, via: [relay] }",
+                "IPv4",
+            ),
+            (
+                "wake: { mac: '52:54:00:12:34:56', via: [box] }",
+                "cannot wake itself",
+            ),
+            (
+                "wake: { mac: '52:54:00:12:34:56', via: [relay], port: 7 }",
+                "unknown field",
+            ),
+        ] {
+            let text = format!("nodes:\n  relay: {{}}\n  box:\n    {bad}\n");
+            let e = check(&text, &FleetNames(None)).unwrap_err();
+            assert!(e.to_string().contains(words), "{bad}: {e}");
+            assert_eq!(e.0[0].line, 4, "located on the wake line: {e}");
         }
     }
 
