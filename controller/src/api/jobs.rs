@@ -291,7 +291,24 @@ async fn stream_logs(cp: Arc<ControlPlane>, id: Uuid, follow: bool, tx: mpsc::Se
         }
     }
     let Some(mut w) = watch else {
-        if let Ok(Some(rec)) = cp.job(id).await {
+        // Not in the table: finished, or its final write still on its way to the store. Take the
+        // record once it is stored as final (a following stream waits up to 10 s for that);
+        // its last lines were committed with it or before, so read the store again after it.
+        let rec = if follow {
+            cp.wait_job(id, Duration::from_secs(10)).await.ok()
+        } else {
+            cp.job(id).await.ok().flatten()
+        };
+        if let Ok(page) = cp.store.job_logs(id, last, 10_000).await {
+            for l in &page {
+                if let Some(ev) = send_line(l, &mut last) {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(rec) = rec {
             let name = if rec.state.is_terminal() {
                 "end"
             } else {
