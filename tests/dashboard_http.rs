@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -124,12 +123,7 @@ async fn sign_in_cookies_users_and_refusals() {
     assert_eq!(page.headers()["cache-control"], "no-store");
 
     // `nebula user create --admin` (a generated password, printed once) and a viewer.
-    let out = Command::new(bin("nebula"))
-        .args(["user", "create", "bob", "--admin"])
-        .env("NEBULA_CONTROLLER", c.url(""))
-        .env("NEBULA_TOKEN", &c.admin_token)
-        .output()
-        .unwrap();
+    let out = c.cli(&["user", "create", "bob", "--admin"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

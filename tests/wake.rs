@@ -303,12 +303,7 @@ async fn wake_through_a_relay_on_demand_and_by_hand() {
     );
 
     // `nebula wake target`: one packet for its MAC; it shows `waking`.
-    let out = Command::new(bin("nebula"))
-        .args(["wake", "target"])
-        .env("NEBULA_CONTROLLER", c.url(""))
-        .env("NEBULA_TOKEN", &c.admin_token)
-        .output()
-        .unwrap();
+    let out = c.cli(&["wake", "target"]);
     assert!(
         out.status.success(),
         "{}",
@@ -365,12 +360,7 @@ async fn wake_through_a_relay_on_demand_and_by_hand() {
     assert!(status == 200 || status == 202, "cancelled: {status}");
 
     // `nebula sleep target` runs its allow-listed suspend command.
-    let out = Command::new(bin("nebula"))
-        .args(["sleep", "target"])
-        .env("NEBULA_CONTROLLER", c.url(""))
-        .env("NEBULA_TOKEN", &c.admin_token)
-        .output()
-        .unwrap();
+    let out = c.cli(&["sleep", "target"]);
     assert!(
         out.status.success(),
         "{}",

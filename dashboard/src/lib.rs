@@ -163,6 +163,12 @@ impl User {
         }
     }
 
+    /// The form's CSRF token, then the role.
+    fn allow(&self, token: &str, role: Role) -> Result<(), Refused> {
+        self.check(token)?;
+        self.require(role)
+    }
+
     /// Every POST carries the session's CSRF token.
     fn check(&self, token: &str) -> Result<(), Refused> {
         if !token.is_empty() && constant_eq(token.as_bytes(), self.csrf.as_bytes()) {
@@ -869,10 +875,7 @@ async fn restart_container(
     form: Result<Form<RestartForm>, FormRejection>,
 ) -> Response {
     let f = form.map(|Form(f)| f).unwrap_or_default();
-    if let Err(r) = user
-        .check(&f.csrf)
-        .and_then(|()| user.require(Role::Operator))
-    {
+    if let Err(r) = user.allow(&f.csrf, Role::Operator) {
         return r.into_response();
     }
     let job = cp
@@ -903,10 +906,7 @@ async fn wake_node(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
     let csrf = form.map(|Form(f)| f.csrf).unwrap_or_default();
-    if let Err(r) = user
-        .check(&csrf)
-        .and_then(|()| user.require(Role::Operator))
-    {
+    if let Err(r) = user.allow(&csrf, Role::Operator) {
         return r.into_response();
     }
     match cp.wake_node(&name, &user.name).await {
@@ -1071,7 +1071,7 @@ async fn apply_map(
     form: Result<Form<MapForm>, FormRejection>,
 ) -> Response {
     let f = form.map(|Form(f)| f).unwrap_or_default();
-    if let Err(r) = user.check(&f.csrf).and_then(|()| user.require(Role::Admin)) {
+    if let Err(r) = user.allow(&f.csrf, Role::Admin) {
         return r.into_response();
     }
     let notice = match cp.apply_desired(&f.document, "ui", &user.name).await {
@@ -1092,10 +1092,7 @@ async fn rollback(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
     let csrf = form.map(|Form(f)| f.csrf).unwrap_or_default();
-    if let Err(r) = user
-        .check(&csrf)
-        .and_then(|()| user.require(Role::Operator))
-    {
+    if let Err(r) = user.allow(&csrf, Role::Operator) {
         return r.into_response();
     }
     let notice = match cp.rollback_service(&name, None, &user.name).await {
@@ -1267,7 +1264,7 @@ async fn enroll(
     let Ok(Form(f)) = form else {
         return problem(StatusCode::BAD_REQUEST, "the form is incomplete");
     };
-    if let Err(r) = user.check(&f.csrf).and_then(|()| user.require(Role::Admin)) {
+    if let Err(r) = user.allow(&f.csrf, Role::Admin) {
         return r.into_response();
     }
     let ttl = match f.ttl.as_str() {

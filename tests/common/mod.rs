@@ -296,6 +296,16 @@ impl Controller {
         v
     }
 
+    /// Run the `nebula` CLI against this controller with the admin token.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("nebula"))
+            .args(args)
+            .env("NEBULA_CONTROLLER", self.url(""))
+            .env("NEBULA_TOKEN", &self.admin_token)
+            .output()
+            .expect("run nebula")
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
         self.client
