@@ -245,15 +245,7 @@ fn version_refusal(agent: proto::ProtocolVersion) -> Refusal {
 /// Node names: 1 to 63 characters of letters, digits, `-`, `_` and `.`, starting with a letter
 /// or digit (they appear in URLs, CLI arguments and container labels).
 pub fn validate_node_name(name: &str) -> Result<(), String> {
-    let ok_len = !name.is_empty() && name.len() <= 63;
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    let ok_start = name
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_alphanumeric());
-    if ok_len && ok_chars && ok_start {
+    if nebula_protocol::valid_name(name) {
         Ok(())
     } else {
         Err(format!(

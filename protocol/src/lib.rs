@@ -42,6 +42,19 @@ use uuid::Uuid;
 
 pub mod deploy;
 pub mod framing;
+
+/// The one rule for names that end up in labels, container names and filters (nodes,
+/// services): 1-63 letters, digits, `-`, `_` or `.`, starting with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 63
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
 pub mod jobs;
 pub mod telemetry;
 
@@ -511,5 +524,18 @@ mod token_tests {
             Err(JoinTokenError::Pin)
         );
         assert!(!format!("{t:?}").contains("S3cret"));
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    #[test]
+    fn names_follow_one_rule() {
+        for ok in ["a", "web-1", "gpu_box.home", &"x".repeat(63)] {
+            assert!(super::valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-web", ".x", "a b", "web,x=y", "ü", &"x".repeat(64)] {
+            assert!(!super::valid_name(bad), "{bad}");
+        }
     }
 }

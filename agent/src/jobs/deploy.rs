@@ -152,13 +152,7 @@ fn check_node(node: &str, own: Option<uuid::Uuid>) -> Result<(), String> {
 
 /// Service names and node ids end up in container names and label filters.
 fn check_names(service: &str, node: &str) -> Result<(), String> {
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            && s.as_bytes()[0].is_ascii_alphanumeric()
-    };
+    let ok = nebula_protocol::valid_name;
     if !ok(service) {
         return Err(format!("`{service}` is not a valid service name"));
     }

@@ -683,13 +683,7 @@ pub fn check(text: &str, fleet: &FleetNames) -> Result<Checked, MapErrors> {
     resolve(&map, fleet)
 }
 
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.as_bytes()[0].is_ascii_alphanumeric()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-}
+pub use nebula_protocol::valid_name;
 
 /// Validation beyond parsing, and resolution to [`Desired`].
 pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapErrors> {
