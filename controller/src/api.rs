@@ -110,7 +110,8 @@ pub enum Role {
 }
 
 impl Role {
-    fn parse(s: &str) -> Role {
+    /// A stored role name; anything unknown is the least privileged.
+    pub fn parse(s: &str) -> Role {
         match s {
             "admin" => Role::Admin,
             "operator" => Role::Operator,

@@ -11,7 +11,7 @@
 //! when the request came through TLS, as a proxy's `X-Forwarded-Proto: https` says); the store
 //! keeps only its hash. Every form carries the session's CSRF token (the login form a cookie
 //! bound one), and every POST checks it. Roles are enforced here on every action, whatever the
-//! page showed: viewer < operator < admin, the same as the API.
+//! page showed: viewer < operator < admin (the API's `Role`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -28,7 +28,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use futures::Stream;
 use maud::{html, Markup, DOCTYPE};
-use nebula_controller::api::{node_view, NodeStatus, NodeView};
+use nebula_controller::api::{node_view, NodeStatus, NodeView, Role};
 use nebula_controller::events::Event;
 use nebula_controller::jobs::model::{JobRecord, Target, Work};
 use nebula_controller::jobs::NewJob;
@@ -121,23 +121,6 @@ fn asset(body: &'static str, kind: &'static str) -> Response {
 }
 
 // ----- sessions, roles, CSRF -----
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    fn parse(s: &str) -> Role {
-        match s {
-            "admin" => Role::Admin,
-            "operator" => Role::Operator,
-            _ => Role::Viewer,
-        }
-    }
-}
 
 /// The signed-in user of a request.
 #[derive(Debug, Clone)]
