@@ -736,8 +736,6 @@ async fn probe(
             let addr = address(info, *port)
                 .ok_or_else(|| format!("the container has no address for port {port}"))?;
             let url = format!("http://{addr}{path}");
-            // reqwest takes the process's TLS provider (ring; installed here for library users).
-            let _ = rustls::crypto::ring::default_provider().install_default();
             let client = reqwest::Client::builder()
                 .timeout(timeout)
                 .redirect(reqwest::redirect::Policy::none())

@@ -70,9 +70,6 @@ fn limit(timeout_ms: u32) -> Duration {
 }
 
 async fn http_get(url: &str, timeout: Duration) -> Result<u16, String> {
-    // reqwest takes rustls' process-wide provider: make sure it is ring (installing twice is a
-    // harmless error).
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
