@@ -429,7 +429,7 @@ impl ControlPlane {
     /// Every declared service (and orphan), desired against actual.
     pub async fn services(&self) -> Result<Vec<ServiceView>, OpError> {
         let active = self.desired.active();
-        let observed = self.observe().await?;
+        let (observed, details) = self.observe_detailed().await?;
         let history = self.store.deployments(None, 2000).await?;
         let effective = active.as_ref().map(|a| self.effective(&a.desired));
         let plan = effective
@@ -441,7 +441,7 @@ impl ControlPlane {
             (st.in_flight.clone(), st.blocked.clone())
         };
         let mut containers: BTreeMap<String, Vec<ServiceContainer>> = BTreeMap::new();
-        for (node, c) in self.observed_containers(&observed) {
+        for (node, c) in details {
             containers
                 .entry(c.service.clone())
                 .or_default()

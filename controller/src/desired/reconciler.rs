@@ -352,6 +352,14 @@ impl ControlPlane {
     /// What runs: every node (an offline one only within `job_lost_grace` of leaving) with the
     /// managed containers that carry its id, from telemetry; deploys in flight; failed revisions.
     pub(crate) async fn observe(&self) -> Result<Observed, OpError> {
+        Ok(self.observe_detailed().await?.0)
+    }
+
+    /// [`ControlPlane::observe`], with each managed container's state and health by node name
+    /// (what views show), read in the same pass.
+    pub(crate) async fn observe_detailed(
+        &self,
+    ) -> Result<(Observed, Vec<(String, ServiceContainerRaw)>), OpError> {
         let candidates = self.candidates(&HashMap::new()).await?;
         let now = millis(SystemTime::now());
         let grace = self.config.job_lost_grace.as_millis() as i64;
@@ -366,6 +374,7 @@ impl ControlPlane {
             )
         };
         let mut nodes = Vec::new();
+        let mut details = Vec::new();
         for c in candidates {
             let view = self.telemetry.view(c.id);
             let inventory = view.as_ref().and_then(|v| v.inventory.clone());
@@ -379,11 +388,12 @@ impl ControlPlane {
             if let (Some(view), Some(inv)) = (&view, &inventory) {
                 for raw in managed(c.id, inv, view.latest.as_deref()) {
                     containers.push(ObservedContainer {
-                        name: raw.name,
-                        service: raw.service,
-                        revision: raw.revision,
+                        name: raw.name.clone(),
+                        service: raw.service.clone(),
+                        revision: raw.revision.clone(),
                         running: raw.state == "running" || raw.state == "unknown",
                     });
+                    details.push((c.name.clone(), raw));
                 }
             }
             // Until its inventory arrives, a connected node is not known well enough to act on.
@@ -403,32 +413,15 @@ impl ControlPlane {
                 known,
             });
         }
-        Ok(Observed {
-            nodes,
-            in_flight,
-            blocked,
-            revisions,
-        })
-    }
-
-    /// Managed containers per node name, with state and health (for views).
-    pub(crate) fn observed_containers(
-        &self,
-        observed: &Observed,
-    ) -> Vec<(String, ServiceContainerRaw)> {
-        let mut out = Vec::new();
-        for n in &observed.nodes {
-            let Some(view) = self.telemetry.view(n.id) else {
-                continue;
-            };
-            let Some(inv) = view.inventory.clone() else {
-                continue;
-            };
-            for raw in managed(n.id, &inv, view.latest.as_deref()) {
-                out.push((n.name.clone(), raw));
-            }
-        }
-        out
+        Ok((
+            Observed {
+                nodes,
+                in_flight,
+                blocked,
+                revisions,
+            },
+            details,
+        ))
     }
 }
 
