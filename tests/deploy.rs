@@ -166,13 +166,9 @@ services:
     )
 }
 
+/// The CLI's (success, stdout, stderr).
 fn cli(c: &Controller, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("nebula"))
-        .args(args)
-        .env("NEBULA_CONTROLLER", c.url(""))
-        .env("NEBULA_TOKEN", &c.admin_token)
-        .output()
-        .unwrap();
+    let out = c.cli(args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
