@@ -56,6 +56,7 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 pub mod jobs;
+pub mod release;
 pub mod telemetry;
 
 pub use framing::{read_frame, read_message, write_frame, write_message, FrameReader};
@@ -75,7 +76,7 @@ pub const CONTROLLER_SERVER_NAME: &str = "controller.nebula.internal";
 pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -266,11 +267,20 @@ pub enum AgentMessage {
 /// Session-stream messages from the controller after `ServerHello`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControllerMessage {
-    CertificateRenewed { cert_der: Vec<u8> },
+    CertificateRenewed {
+        cert_der: Vec<u8>,
+    },
     RenewalRefused(Refusal),
     SettingsChanged(SessionSettings),
-    Bye { reason: String },
-    Unsupported { variant: u32 },
+    Bye {
+        reason: String,
+    },
+    Unsupported {
+        variant: u32,
+    },
+    /// The agent builds the controller serves (1.3): sent after `Welcome` and whenever they
+    /// change. An agent that opted in updates itself from the one for its platform.
+    AgentReleases(Vec<release::AgentRelease>),
 }
 
 /// A type that travels as one frame.
@@ -301,7 +311,7 @@ message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
 message!(AgentMessage, "AgentMessage", 4);
-message!(ControllerMessage, "ControllerMessage", 5);
+message!(ControllerMessage, "ControllerMessage", 6);
 
 /// Errors reading or decoding a frame.
 #[derive(Debug, thiserror::Error)]

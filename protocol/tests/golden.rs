@@ -285,6 +285,19 @@ fn controller_messages() {
         "controller_unsupported",
         &ControllerMessage::Unsupported { variant: 6 },
     );
+    check(
+        "controller_agent_releases",
+        &ControllerMessage::AgentReleases(vec![release::AgentRelease {
+            version: "0.2.0".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            path: "/downloads/nebula-agent-linux-x86_64".into(),
+            base_url: "https://nebula.example.net".into(),
+            sha256: [0x5a; 32],
+            signature: vec![0xc3; 64],
+            public_key: vec![0x11; 32],
+        }]),
+    );
 }
 
 #[test]
