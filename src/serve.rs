@@ -79,6 +79,18 @@ pub struct ServeArgs {
     /// A woken node that has not registered within this time is wake_failed.
     #[arg(long, env = "NEBULA_WAKE_TIMEOUT", value_parser = humantime::parse_duration)]
     wake_timeout: Option<Duration>,
+    /// Agent binaries to serve at /downloads/ (nebula-agent-{os}-{arch}).
+    #[arg(long, env = "NEBULA_AGENT_DIR")]
+    agent_dir: Option<PathBuf>,
+    /// This controller's HTTP address as agents and browsers reach it (installers name it).
+    #[arg(long, env = "NEBULA_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// The QUIC address agents dial, HOST:PORT (installers and join commands name it).
+    #[arg(long, env = "NEBULA_PUBLIC_ADDRESS")]
+    public_address: Option<String>,
+    /// How often the agent directory is looked at for new builds.
+    #[arg(long, env = "NEBULA_RELEASE_SCAN_INTERVAL", value_parser = humantime::parse_duration)]
+    release_scan_interval: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -122,6 +134,10 @@ impl ServeArgs {
         set!(reconcile_interval);
         set!(wake_timeout);
         set!(service_map, opt);
+        set!(agent_dir, opt);
+        set!(public_url, opt);
+        set!(public_address, opt);
+        set!(release_scan_interval);
         set!(database_url, opt);
         set!(admin_token_file, opt);
         if let Some(f) = &self.database_url_file {

@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::store::{JoinTokenRecord, NodeRecord};
 
 mod desired;
+pub mod install;
 mod jobs;
 use crate::{ControlPlane, OpError};
 pub use jobs::log_stream as job_log_stream;
@@ -46,6 +47,9 @@ impl ApiError {
     }
     fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 }
 
@@ -164,6 +168,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         )
         .route("/reconcile", axum::routing::post(desired::reconcile))
         .route("/users", get(list_users).post(create_user))
+        .route("/agent/releases", get(agent_releases))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
     let metrics = Router::new()
@@ -173,6 +178,10 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/healthz", get(healthz))
         // Public: editors fetch it to validate service maps.
         .route("/api/v1/schema/service-map", get(desired::schema))
+        // Public: `curl | sh` fetches these without a token; they hold no secret.
+        .route("/install.sh", get(install::install_sh))
+        .route("/install.ps1", get(install::install_ps1))
+        .route("/downloads/{file}", get(install::download))
         .merge(metrics)
         .nest("/api/v1", v1)
         .with_state(cp)
@@ -876,4 +885,31 @@ async fn list_containers(
         items: items.into_iter().map(|(_, v)| v).collect(),
         next_cursor,
     }))
+}
+
+/// `GET /api/v1/agent/releases`: the agent builds this controller serves, with the key that
+/// signs them.
+async fn agent_releases(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<serde_json::Value>> {
+    let releases = {
+        let r = cp.releases.clone();
+        tokio::task::spawn_blocking(move || r.scan())
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+    };
+    let list: Vec<serde_json::Value> = releases
+        .iter()
+        .map(|r| {
+            json!({
+                "version": r.version,
+                "os": r.os,
+                "arch": r.arch,
+                "path": r.path,
+                "sha256": hex::encode(r.sha256),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "releases": list,
+        "public_key": cp.releases.signer().public_key_hex(),
+    })))
 }

@@ -20,8 +20,19 @@ pub struct ControllerConfig {
     pub database_url: Option<String>,
     /// Extra DNS names or IPs for the controller's server certificate.
     pub server_names: Vec<String>,
-    /// Address agents should dial, shown in join commands (default: the QUIC listen address).
+    /// Address agents should dial, shown in join commands and installers (default: the host the
+    /// request came to, at the QUIC port).
     pub public_address: Option<String>,
+    /// Base URL of this controller's HTTP server as agents and browsers reach it, e.g.
+    /// `https://nebula.example.net` (default: taken from each request's `Host`).
+    pub public_url: Option<String>,
+    /// Agent binaries to serve at `/downloads/`, named `nebula-agent-{os}-{arch}[.exe]`
+    /// (default: `<data_dir>/agents`). For its own platform the controller also serves the
+    /// `nebula-agent` beside its executable when this holds none.
+    pub agent_dir: Option<PathBuf>,
+    /// How often `agent_dir` is looked at for new builds (agents are told at once).
+    #[serde(with = "humantime_serde")]
+    pub release_scan_interval: Duration,
     /// QUIC keep-alive interval (both directions).
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
@@ -85,6 +96,9 @@ impl Default for ControllerConfig {
             database_url: None,
             server_names: Vec::new(),
             public_address: None,
+            public_url: None,
+            agent_dir: None,
+            release_scan_interval: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),
@@ -108,6 +122,12 @@ impl Default for ControllerConfig {
 }
 
 impl ControllerConfig {
+    pub fn agent_dir(&self) -> PathBuf {
+        self.agent_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("agents"))
+    }
+
     pub fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| {
             format!(
@@ -148,6 +168,15 @@ impl ControllerConfig {
         }
         if self.job_default_deadline.is_zero() {
             return Err("job_default_deadline must be above zero".into());
+        }
+        if let Some(u) = &self.public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.contains(['\'', '"', ' ', '\n'])
+            {
+                return Err(format!(
+                    "public_url `{u}` must be an http:// or https:// URL"
+                ));
+            }
         }
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());

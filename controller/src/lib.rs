@@ -35,6 +35,7 @@ pub mod events;
 pub mod jobs;
 pub mod metrics;
 pub mod registry;
+pub mod releases;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
@@ -66,6 +67,10 @@ pub struct ControlPlane {
     pub desired: desired::DesiredState,
     /// Nodes being woken (or whose wake failed).
     pub wakes: wake::WakeTable,
+    /// Agent binaries served for installs and self-update.
+    pub releases: Arc<releases::Releases>,
+    /// The QUIC port actually bound (installers and join commands name it).
+    pub(crate) quic_port: std::sync::atomic::AtomicU16,
     pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
     /// Owns every task the controller spawns (stopped by the shutdown token); the dashboard's
     /// live streams run on it too.
@@ -112,6 +117,11 @@ pub enum OpError {
 }
 
 impl ControlPlane {
+    /// The QUIC port agents dial (the bound one, also when the config asked for port 0).
+    pub fn quic_port(&self) -> u16 {
+        self.quic_port.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Session settings handed to agents in `Welcome`.
     pub fn session_settings(&self) -> SessionSettings {
         let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
@@ -340,7 +350,31 @@ impl Controller {
         let mut metrics = metrics::Metrics::new();
         metrics.register_nodes(Arc::downgrade(&hub));
         let tracker = TaskTracker::new();
+        let signer = releases::ReleaseSigner::load_or_create(
+            &config.data_dir.join("pki").join("release-signing.pk8"),
+        )
+        .context("loading the release-signing key")?;
+        let local_agent = std::env::current_exe().ok().and_then(|exe| {
+            Some(
+                exe.parent()?
+                    .join(format!("nebula-agent{}", std::env::consts::EXE_SUFFIX)),
+            )
+        });
+        let releases = Arc::new(releases::Releases::new(
+            config.agent_dir(),
+            local_agent,
+            config.public_url.clone().unwrap_or_default(),
+            signer,
+        ));
+        {
+            let r = releases.clone();
+            tokio::task::spawn_blocking(move || r.scan())
+                .await
+                .context("scanning agent releases")?;
+        }
         let cp = Arc::new(ControlPlane {
+            releases,
+            quic_port: std::sync::atomic::AtomicU16::new(config.quic_listen.port()),
             jobs: jobs::JobTable::default(),
             desired: desired::DesiredState::default(),
             wakes: wake::WakeTable::default(),
@@ -361,6 +395,8 @@ impl Controller {
         let endpoint = transport::endpoint(&cp, &reset_key)
             .with_context(|| format!("binding QUIC on {}", cp.config.quic_listen))?;
         let quic_addr = endpoint.local_addr()?;
+        cp.quic_port
+            .store(quic_addr.port(), std::sync::atomic::Ordering::Relaxed);
         let listener = tokio::net::TcpListener::bind(cp.config.http_listen)
             .await
             .with_context(|| format!("binding HTTP on {}", cp.config.http_listen))?;
@@ -375,6 +411,7 @@ impl Controller {
         tracker.spawn(desired::reconciler(cp.clone(), shutdown.clone()));
         tracker.spawn(desired::watch_file(cp.clone(), shutdown.clone()));
         tracker.spawn(wake::wake_watch(cp.clone(), shutdown.clone()));
+        tracker.spawn(releases::rescan(cp.clone(), shutdown.clone()));
         tracker.spawn(transport::accept_loop(
             cp.clone(),
             endpoint,

@@ -350,9 +350,15 @@ async fn session_connection(
             settings: cp.session_settings(),
         });
         proto::write_message(&mut send, &welcome).await?;
+        // Agents from 1.3 on hear which agent builds this controller serves (self-update).
+        let releases = (version.minor >= 3).then(|| {
+            let mut rx = cp.releases.subscribe();
+            rx.mark_changed();
+            rx
+        });
         let mut facts = hello.facts.clone();
         session_loop(
-            cp, &conn, &node.name, node_id, &mut facts, &mut send, &mut recv, shutdown,
+            cp, &conn, &node.name, node_id, &mut facts, &mut send, &mut recv, releases, shutdown,
         )
         .await
     }
@@ -388,12 +394,25 @@ async fn session_loop(
     facts: &mut proto::NodeFacts,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
+    mut releases: Option<tokio::sync::watch::Receiver<Arc<Vec<proto::release::AgentRelease>>>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Cancel-safe: the select below may drop a read in the middle of a frame.
     let mut frames = proto::FrameReader::new(cp.config.max_frame_bytes);
     loop {
         let msg = tokio::select! {
+            changed = async { releases.as_mut()?.changed().await.ok() }, if releases.is_some() => {
+                match (changed, releases.as_mut()) {
+                    (Some(()), Some(rx)) => {
+                        let list = rx.borrow_and_update().clone();
+                        if !list.is_empty() {
+                            proto::write_message(send, &ControllerMessage::AgentReleases((*list).clone())).await?;
+                        }
+                    }
+                    _ => releases = None,
+                }
+                continue;
+            }
             dg = conn.read_datagram() => {
                 match dg {
                     Ok(bytes) => take_sample(cp, node_id, name, &bytes),

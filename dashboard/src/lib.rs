@@ -1275,24 +1275,23 @@ async fn enroll(
         Ok(c) => c,
         Err(e) => return op_error(e),
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("CONTROLLER");
-    // Agents dial the QUIC address: the configured public one, else this host at the QUIC port.
-    let quic = cp.config.public_address.clone().unwrap_or_else(|| {
-        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        format!("{name}:{}", cp.config.quic_listen.port())
-    });
+    // The installers come from this controller's public URL; agents dial its QUIC address.
+    let (url, quic) = match nebula_controller::api::install::public_addresses(&cp, &headers) {
+        Ok(a) => (a.url, a.quic),
+        Err(_) => (
+            "https://CONTROLLER".to_owned(),
+            format!("CONTROLLER:{}", cp.quic_port()),
+        ),
+    };
     let token = &created.token;
     let body = html! {
         h1 { "Enroll a node" }
         p role="status" { "Join token for " (uses) " node(s), valid for " (humantime::format_duration(ttl)) ". It is shown once:" }
         pre id="join-token" { (token) }
         h2 { "Linux (x86_64, aarch64)" }
-        pre id="install-linux" { "curl -fsSL https://" (host) "/install.sh | sudo sh -s -- --token " (token) }
+        pre id="install-linux" { "curl -fsSL " (url) "/install.sh | sudo sh -s -- --token " (token) }
         h2 { "Windows (PowerShell as administrator)" }
-        pre id="install-windows" { "& ([scriptblock]::Create((irm https://" (host) "/install.ps1))) -Token " (token) }
+        pre id="install-windows" { "& ([scriptblock]::Create((irm " (url) "/install.ps1))) -Token " (token) }
         h2 { "By hand" }
         pre id="install-manual" { "nebula-agent join --controller " (quic) " --token " (token) " --state-dir /var/lib/nebula-agent" }
         (enroll_form(&user))
