@@ -37,6 +37,36 @@ pub struct AgentConfig {
     pub exec: ExecConfig,
     /// What `inventory` jobs look at.
     pub inventory: InventoryConfig,
+    /// Self-update from the controller's agent builds.
+    pub update: UpdateConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpdateConfig {
+    /// Update when the controller serves a newer build for this platform. Off unless the host's
+    /// owner opts in (`install.sh --auto-update`).
+    pub enabled: bool,
+    /// The controller's HTTP address to download from (default: the one the controller
+    /// advertises, when it has one configured).
+    pub url: Option<String>,
+    /// Hex Ed25519 public key releases must be signed with (the installers write the
+    /// controller's). Without it, the key the controller names first is pinned.
+    pub release_key: Option<String>,
+    /// A new version that has not reached the controller within this time is rolled back.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig {
+            enabled: false,
+            url: None,
+            release_key: None,
+            confirm_timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +137,7 @@ impl Default for AgentConfig {
             jobs: JobsConfig::default(),
             exec: ExecConfig::default(),
             inventory: InventoryConfig::default(),
+            update: UpdateConfig::default(),
         }
     }
 }

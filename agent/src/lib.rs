@@ -6,11 +6,15 @@
 //! [`AgentStatus`]. Beside it run the telemetry collectors ([`telemetry::run`], publishing on
 //! `watch` channels the session reads) and the [`jobs::JobRunner`], whose tasks (one per job
 //! stream, one per run) outlive any one connection. It stops when its cancellation token fires,
-//! after saying `Bye`; runs still going are cancelled and journaled.
+//! after saying `Bye`; runs still going are cancelled and journaled. With self-update on, an
+//! updater task waits for the controller's release list and, for a newer build, swaps the binary
+//! and asks `main` to restart into it ([`Agent::restart_into`]); see [`update`].
 //!
 //! The agent links no database, HTTP-server or chat crate: it must stay small.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nebula_protocol::{JoinToken, Labels, NodeFacts, Refusal};
@@ -27,13 +31,31 @@ pub mod process;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
+pub mod update;
+#[cfg(windows)]
+pub mod winservice;
 
 pub use config::AgentConfig;
 pub use identity::{Identity, StateDir};
 pub use session::AgentStatus;
 
-/// This agent's version, reported in `Hello`.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The version stamp inside the binary: the controller reads a served build's version from it
+/// without running it, and a release process may stamp a build without recompiling it.
+#[used]
+static VERSION_STAMP: [u8; nebula_protocol::release::VERSION_STAMP_LEN] =
+    nebula_protocol::release::version_stamp(env!("CARGO_PKG_VERSION"));
+
+/// This agent's version as stamped in its binary, reported in `Hello` and compared with the
+/// controller's builds.
+pub fn version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        // Read through an opaque reference: the bytes in the file count, not the compiler's copy.
+        let stamp = std::hint::black_box(&VERSION_STAMP);
+        nebula_protocol::release::parse_version_stamp(stamp)
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -89,6 +111,8 @@ pub struct Agent {
     facts: Option<NodeFacts>,
     gpu: GpuSource,
     models: Vec<nebula_protocol::telemetry::ModelInfo>,
+    /// Set when the agent should restart into this executable (after an update or a rollback).
+    restart: Arc<Mutex<Option<PathBuf>>>,
 }
 
 /// Where GPU figures come from.
@@ -120,6 +144,7 @@ impl Agent {
             facts: None,
             gpu: GpuSource::Nvml,
             models: Vec::new(),
+            restart: Arc::default(),
         }
     }
 
@@ -144,6 +169,15 @@ impl Agent {
 
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
         self.status.subscribe()
+    }
+
+    /// After [`Agent::run`] returned: the executable to restart into (a self-update swapped the
+    /// binary, or rolled it back).
+    pub fn restart_into(&self) -> Option<PathBuf> {
+        self.restart
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn is_enrolled(&self) -> bool {
@@ -202,6 +236,17 @@ impl Agent {
     /// Keep a session with the controller until `shutdown` fires (or a permanent refusal).
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let identity = self.state.load()?;
+        let startup = update::on_start(
+            self.state.path(),
+            version(),
+            self.config.update.confirm_timeout,
+        );
+        if let update::Startup::RolledBack { exe } = startup {
+            *self.restart.lock().unwrap_or_else(|p| p.into_inner()) = Some(exe);
+            return Ok(());
+        }
+        // Stops this run (not the process) for a restart into another binary.
+        let shutdown = shutdown.child_token();
         let controller = self
             .config
             .controller
@@ -249,6 +294,23 @@ impl Agent {
             self.state.path(),
         )
         .map_err(|e| AgentError::Other(anyhow::Error::new(e).context("opening the job journal")))?;
+        let (releases_tx, releases_rx) = watch::channel(Vec::new());
+        tracker.spawn(updater(
+            self.config.update.clone(),
+            self.state.path().to_owned(),
+            releases_rx,
+            self.restart.clone(),
+            shutdown.clone(),
+        ));
+        if let update::Startup::Confirming { deadline } = startup {
+            tracker.spawn(confirm_or_roll_back(
+                self.state.path().to_owned(),
+                self.status.subscribe(),
+                deadline,
+                self.restart.clone(),
+                shutdown.clone(),
+            ));
+        }
         let result = session::run(
             &self.config,
             &self.state,
@@ -257,14 +319,94 @@ impl Agent {
             feed,
             &runner,
             &self.status,
-            shutdown,
+            &releases_tx,
+            shutdown.clone(),
         )
         .await;
+        // A new version that cannot talk to the controller at all gives way at once.
+        if let (Err(e), update::Startup::Confirming { .. }) = (&result, &startup) {
+            if let Ok(Some(exe)) = update::roll_back_pending(self.state.path(), &format!("{e:#}")) {
+                *self.restart.lock().unwrap_or_else(|p| p.into_inner()) = Some(exe);
+                shutdown.cancel();
+            }
+        }
+        shutdown.cancel();
         runner.shutdown().await;
         telemetry_stop.cancel();
         tracker.close();
         tracker.wait().await;
         self.status.send_replace(AgentStatus::Stopped);
+        if self.restart_into().is_some() {
+            return Ok(());
+        }
         result
     }
+}
+
+/// Wait for the controller's release list; update from a newer build for this platform.
+async fn updater(
+    config: config::UpdateConfig,
+    state_dir: PathBuf,
+    mut releases: watch::Receiver<Vec<nebula_protocol::release::AgentRelease>>,
+    restart: Arc<Mutex<Option<PathBuf>>>,
+    stop: CancellationToken,
+) {
+    let mut refused: Option<(String, [u8; 32])> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = releases.changed() => if changed.is_err() { return },
+        }
+        let list = releases.borrow_and_update().clone();
+        let Some(r) = update::pick(&list, version(), &state_dir) else {
+            continue;
+        };
+        if !config.enabled {
+            tracing::info!(current = %version(), available = %r.version, "a newer agent is available; self-update is off (`[update] enabled = true`)");
+            continue;
+        }
+        if refused.as_ref() == Some(&(r.version.clone(), r.sha256)) {
+            continue;
+        }
+        match update::apply(&config, &state_dir, version(), r).await {
+            Ok(exe) => {
+                *restart.lock().unwrap_or_else(|p| p.into_inner()) = Some(exe);
+                stop.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(version = %r.version, "update refused: {e}");
+                refused = Some((r.version.clone(), r.sha256));
+            }
+        }
+    }
+}
+
+/// A new version keeps itself once it reaches the controller; by the deadline it rolls back.
+async fn confirm_or_roll_back(
+    state_dir: PathBuf,
+    mut status: watch::Receiver<AgentStatus>,
+    deadline: std::time::Instant,
+    restart: Arc<Mutex<Option<PathBuf>>>,
+    stop: CancellationToken,
+) {
+    let connected = status.wait_for(|s| matches!(s, AgentStatus::Connected { .. }));
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        r = connected => if r.is_ok() { confirm(&state_dir) },
+        _ = tokio::time::sleep_until(deadline.into()) => {
+            match update::roll_back_pending(&state_dir, "the new version did not reach the controller in time") {
+                Ok(Some(exe)) => {
+                    *restart.lock().unwrap_or_else(|p| p.into_inner()) = Some(exe);
+                    stop.cancel();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("rolling back the update failed: {e}"),
+            }
+        }
+    }
+}
+
+fn confirm(state_dir: &Path) {
+    update::confirm(state_dir);
 }

@@ -33,6 +33,8 @@ enum Command {
     Join(JoinArgs),
     /// Run from the identity saved in the state dir.
     Run(CommonArgs),
+    /// Run under the Windows service manager (what install.ps1 registers).
+    Service(CommonArgs),
 }
 
 #[derive(Args, Debug)]
@@ -71,9 +73,15 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("label `{s}` must read key=value"))
 }
 
+/// Exit status asking the service manager to start the agent again (Windows, after an update).
+const EXIT_RESTART: u8 = 75;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    if let Command::Service(common) = &cli.command {
+        return service(cli.config.as_ref(), common);
+    }
     // One thread: the agent's work is small and mostly waiting; a single thread keeps its memory
     // (stacks, allocator arenas) and wake-ups down.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -87,7 +95,11 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(real_main(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(exe)) => {
+            drop(runtime);
+            restart(&exe)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
@@ -114,7 +126,73 @@ fn load_config(path: Option<&PathBuf>, common: &CommonArgs) -> anyhow::Result<Ag
     Ok(cfg)
 }
 
-async fn real_main(cli: Cli) -> anyhow::Result<()> {
+/// Start the (new, or restored) binary in this process's place, with the same arguments.
+#[cfg(unix)]
+fn restart(exe: &std::path::Path) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    tracing::info!(exe = %exe.display(), "restarting");
+    // `exec` keeps the process id, so systemd (or a pid file) still tracks the agent.
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!("error: restarting into {}: {err}", exe.display());
+    ExitCode::FAILURE
+}
+
+/// Windows: the service manager starts the new binary (install.ps1 sets restart on failure).
+#[cfg(not(unix))]
+fn restart(exe: &std::path::Path) -> ExitCode {
+    tracing::info!(exe = %exe.display(), "exiting for the service manager to restart the agent");
+    ExitCode::from(EXIT_RESTART)
+}
+
+#[cfg(windows)]
+fn service(config: Option<&PathBuf>, common: &CommonArgs) -> ExitCode {
+    let cfg = match load_config(config, common) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = nebula_agent::winservice::run(Box::new(move |stop| {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("starting the runtime: {e}");
+                return 1;
+            }
+        };
+        let agent = Agent::new(cfg);
+        match runtime.block_on(agent.run(stop)) {
+            Ok(()) if agent.restart_into().is_some() => u32::from(EXIT_RESTART),
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                1
+            }
+        }
+    }));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("running as a Windows service: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(windows))]
+fn service(_config: Option<&PathBuf>, _common: &CommonArgs) -> ExitCode {
+    let _ = EXIT_RESTART;
+    eprintln!("error: `service` runs the agent under the Windows service manager; elsewhere use `nebula-agent run` (install.sh writes a systemd unit)");
+    ExitCode::from(2)
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<Option<PathBuf>> {
     let shutdown = CancellationToken::new();
     // The signal watcher is awaited beside the work (no detached task): whichever ends first
     // decides, and a signal cancels the work, which then finishes its goodbyes.
@@ -130,7 +208,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_command(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Run the command; `Some(exe)` asks for a restart into that executable.
+async fn run_command(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Option<PathBuf>> {
     match cli.command {
         Command::Join(args) => {
             let mut cfg = load_config(cli.config.as_ref(), &args.common)?;
@@ -151,22 +230,23 @@ async fn run_command(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()
             let agent = Agent::new(cfg);
             let identity = tokio::select! {
                 r = agent.join(&token) => r?,
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(None),
             };
             println!(
                 "joined as {} ({})",
                 identity.state.name, identity.state.node_id
             );
             if args.no_run {
-                return Ok(());
+                return Ok(None);
             }
             agent.run(shutdown).await?;
+            Ok(agent.restart_into())
         }
-        Command::Run(common) => {
+        Command::Run(common) | Command::Service(common) => {
             let cfg = load_config(cli.config.as_ref(), &common)?;
             let agent = Agent::new(cfg);
             agent.run(shutdown).await?;
+            Ok(agent.restart_into())
         }
     }
-    Ok(())
 }

@@ -1,12 +1,15 @@
 //! Process plumbing shared by the `nebula-agent` and `nebula` binaries: logging set-up and
 //! waiting for a stop signal.
 
-/// `tracing` to stderr, filtered by `RUST_LOG` (default `info`); `json` or human text.
+/// `tracing` to stderr, filtered by `RUST_LOG` (default `info`); `json` or human text, coloured
+/// only on a terminal (not in a log file or the journal).
 pub fn init_logging(format: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use nebula_protocol::release::AgentRelease;
 use nebula_protocol::{
     self as proto, close, AgentMessage, ControllerMessage, FrameError, Hello, NodeFacts,
     ServerHello, SessionSettings, CONTROLLER_SERVER_NAME,
@@ -89,6 +90,7 @@ pub async fn run(
     mut feed: TelemetryFeed,
     runner: &Arc<JobRunner>,
     status: &watch::Sender<AgentStatus>,
+    releases: &watch::Sender<Vec<AgentRelease>>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let endpoint = tls::client_endpoint(addr).map_err(|e| AgentError::Other(e.into()))?;
@@ -98,7 +100,7 @@ pub async fn run(
             attempt: backoff.attempt(),
         });
         match session(
-            config, state, &endpoint, addr, &facts, &mut feed, runner, status, &shutdown,
+            config, state, &endpoint, addr, &facts, &mut feed, runner, status, releases, &shutdown,
         )
         .await
         {
@@ -151,6 +153,7 @@ async fn session(
     feed: &mut TelemetryFeed,
     runner: &Arc<JobRunner>,
     status: &watch::Sender<AgentStatus>,
+    releases: &watch::Sender<Vec<AgentRelease>>,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, AgentError> {
     let identity = state.load()?;
@@ -190,7 +193,7 @@ async fn session(
     }
     let hello = Hello {
         version: proto::PROTOCOL_VERSION,
-        agent_version: crate::VERSION.into(),
+        agent_version: crate::version().into(),
         facts,
     };
     proto::write_message(&mut send, &hello).await?;
@@ -327,6 +330,10 @@ async fn session(
                 }
                 Ok(ControllerMessage::Unsupported { variant }) => {
                     debug!(variant, "controller does not support a message we sent");
+                }
+                Ok(ControllerMessage::AgentReleases(list)) => {
+                    debug!(count = list.len(), "the controller's agent builds");
+                    releases.send_replace(list);
                 }
                 Err(FrameError::UnknownVariant { index, .. }) => {
                     proto::write_message(&mut send, &AgentMessage::Unsupported { variant: index }).await?;

@@ -23,7 +23,7 @@ pub async fn run(facts: NodeFacts, repo_dirs: &[PathBuf]) -> JobResult {
     }
     JobResult {
         output: JobOutput::Inventory(Box::new(InventoryReport {
-            agent_version: crate::VERSION.into(),
+            agent_version: crate::version().into(),
             facts,
             containers,
             container_states,

@@ -273,7 +273,7 @@ impl JobRunner {
                     JobStatus::Refused,
                     Some(format!(
                         "job kind #{kind} is not supported by nebula-agent {}; upgrade the agent",
-                        crate::VERSION
+                        crate::version()
                     )),
                 );
                 let _ = write_events(
