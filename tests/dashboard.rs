@@ -471,7 +471,8 @@ async fn the_dashboard_in_a_real_browser() {
         .unwrap();
     let linux = b.wait_text("#install-linux", Duration::from_secs(10)).await;
     assert!(
-        linux.starts_with("curl -fsSL https://")
+        // The page names the address the browser used (plain HTTP here, no TLS proxy in front).
+        linux.starts_with(&format!("curl -fsSL {base}/install.sh"))
             && linux.contains("/install.sh | sudo sh -s -- --token nebula-join:"),
         "{linux}"
     );

@@ -510,10 +510,15 @@ pub mod docker {
 
     /// Build the test image if it is missing (`scripts/build-test-image`, idempotent).
     pub fn ensure_image() {
+        ensure_image_named(IMAGE);
+    }
+
+    /// Build one of `scripts/build-test-image`'s images if it is missing.
+    pub fn ensure_image_named(image: &str) {
         require();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-test-image");
         let out = Command::new(script)
-            .arg(IMAGE)
+            .arg(image)
             .output()
             .expect("run build-test-image");
         assert!(
