@@ -29,7 +29,11 @@ pub const MAX_LOG_LINE: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobControl {
     Request(JobRequest),
-    Cancel { reason: String },
+    Cancel {
+        reason: String,
+    },
+    /// An inference request (1.4): not a stored job; answered with `ai::InferEvent`s.
+    Infer(crate::ai::InferRequest),
 }
 
 /// One job for one agent. The first four fields are frozen in every major: see [`decode_request`].
@@ -234,7 +238,7 @@ pub struct GitRepository {
 
 impl crate::Message for JobControl {
     const NAME: &'static str = "JobControl";
-    const VARIANTS: Option<u32> = Some(2);
+    const VARIANTS: Option<u32> = Some(3);
 }
 
 impl crate::Message for JobEvent {

@@ -40,6 +40,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub mod ai;
 pub mod deploy;
 pub mod framing;
 
@@ -76,7 +77,7 @@ pub const CONTROLLER_SERVER_NAME: &str = "controller.nebula.internal";
 pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -262,6 +263,8 @@ pub enum AgentMessage {
     /// The names and other slow-changing facts that telemetry samples refer to by position.
     /// Sent at session start and whenever it changes, always before samples that use it.
     TelemetryInventory(telemetry::TelemetryInventory),
+    /// The node's inference backends and their models (1.4): at session start and on change.
+    AiInventory(ai::AiInventory),
 }
 
 /// Session-stream messages from the controller after `ServerHello`.
@@ -310,7 +313,7 @@ message!(EnrollRequest, "EnrollRequest");
 message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
-message!(AgentMessage, "AgentMessage", 4);
+message!(AgentMessage, "AgentMessage", 5);
 message!(ControllerMessage, "ControllerMessage", 6);
 
 /// Errors reading or decoding a frame.

@@ -257,6 +257,27 @@ fn agent_messages() {
         "agent_telemetry_inventory",
         &AgentMessage::TelemetryInventory(inventory()),
     );
+    check(
+        "agent_ai_inventory",
+        &AgentMessage::AiInventory(ai::AiInventory {
+            backends: vec![ai::BackendStatus {
+                name: "ollama-11434".into(),
+                kind: ai::BackendKind::Ollama,
+                url: "http://127.0.0.1:11434".into(),
+                source: "local".into(),
+                healthy: true,
+                error: None,
+                models: vec![ai::AiModel {
+                    name: "llama3:8b".into(),
+                    digest: Some("365c0bd3c000".into()),
+                    size_bytes: 4_661_224_676,
+                    vram_bytes: Some(5_137_025_024),
+                    context_length: Some(8192),
+                    loaded: true,
+                }],
+            }],
+        }),
+    );
 }
 
 #[test]
@@ -434,6 +455,39 @@ fn job_control() {
         "job_cancel",
         &JobControl::Cancel {
             reason: "cancelled by admin".into(),
+        },
+    );
+    check(
+        "job_infer",
+        &JobControl::Infer(ai::InferRequest {
+            backend: "ollama-11434".into(),
+            path: "/v1/chat/completions".into(),
+            body: br#"{"model":"llama3","stream":true}"#.to_vec(),
+            first_byte_timeout_ms: 30_000,
+            total_timeout_ms: 600_000,
+        }),
+    );
+}
+
+#[test]
+fn infer_events() {
+    check(
+        "infer_head",
+        &ai::InferEvent::Head {
+            status: 200,
+            content_type: "text/event-stream".into(),
+        },
+    );
+    check(
+        "infer_chunk",
+        &ai::InferEvent::Chunk(b"data: {}\n\n".to_vec()),
+    );
+    check("infer_end", &ai::InferEvent::End);
+    check(
+        "infer_error",
+        &ai::InferEvent::Error {
+            message: "backend closed the connection".into(),
+            timeout: false,
         },
     );
 }
