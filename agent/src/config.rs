@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub inventory: InventoryConfig,
     /// Self-update from the controller's agent builds.
     pub update: UpdateConfig,
+    /// Local inference backends.
+    pub ai: crate::ai::AiConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +140,7 @@ impl Default for AgentConfig {
             exec: ExecConfig::default(),
             inventory: InventoryConfig::default(),
             update: UpdateConfig::default(),
+            ai: crate::ai::AiConfig::default(),
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod ai;
 pub mod config;
 pub mod enroll;
 pub mod facts;
@@ -283,6 +284,14 @@ impl Agent {
             facts.gpus = inv.gpus.clone();
             facts.container_runtime = inv.container_runtime.clone();
         }
+        let backends = ai::Backends::new();
+        let (ai_tx, ai_rx) = watch::channel(nebula_protocol::ai::AiInventory::default());
+        tracker.spawn(ai::run(
+            self.config.ai.clone(),
+            backends.clone(),
+            ai_tx,
+            telemetry_stop.clone(),
+        ));
         let runner = jobs::JobRunner::new(
             jobs::RunnerConfig {
                 jobs: self.config.jobs.clone(),
@@ -290,6 +299,7 @@ impl Agent {
                 repo_dirs: self.config.inventory.repo_dirs.clone(),
                 facts: facts.clone(),
                 node_id: Some(identity.state.node_id),
+                ai: Some(backends.clone()),
             },
             self.state.path(),
         )
@@ -319,7 +329,10 @@ impl Agent {
             feed,
             &runner,
             &self.status,
-            &releases_tx,
+            session::Channels {
+                releases: releases_tx,
+                ai: ai_rx,
+            },
             shutdown.clone(),
         )
         .await;

@@ -80,6 +80,15 @@ enum SessionEnd {
     },
 }
 
+/// Channels between a session and the agent's other tasks.
+#[derive(Debug)]
+pub struct Channels {
+    /// The controller's agent builds, for the updater.
+    pub releases: watch::Sender<Vec<AgentRelease>>,
+    /// The inference backends' inventory, sent when it changes (to 1.4+ controllers).
+    pub ai: watch::Receiver<nebula_protocol::ai::AiInventory>,
+}
+
 /// Run sessions until `shutdown` fires or the controller refuses for good.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
@@ -90,7 +99,7 @@ pub async fn run(
     mut feed: TelemetryFeed,
     runner: &Arc<JobRunner>,
     status: &watch::Sender<AgentStatus>,
-    releases: &watch::Sender<Vec<AgentRelease>>,
+    mut channels: Channels,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let endpoint = tls::client_endpoint(addr).map_err(|e| AgentError::Other(e.into()))?;
@@ -100,7 +109,16 @@ pub async fn run(
             attempt: backoff.attempt(),
         });
         match session(
-            config, state, &endpoint, addr, &facts, &mut feed, runner, status, releases, &shutdown,
+            config,
+            state,
+            &endpoint,
+            addr,
+            &facts,
+            &mut feed,
+            runner,
+            status,
+            &mut channels,
+            &shutdown,
         )
         .await
         {
@@ -153,7 +171,7 @@ async fn session(
     feed: &mut TelemetryFeed,
     runner: &Arc<JobRunner>,
     status: &watch::Sender<AgentStatus>,
-    releases: &watch::Sender<Vec<AgentRelease>>,
+    channels: &mut Channels,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, AgentError> {
     let identity = state.load()?;
@@ -246,6 +264,12 @@ async fn session(
     )
     .await?;
     let mut samples_sent = 0u64;
+    // Controllers from 1.4 on hear about inference backends.
+    let ai_aware = welcome.controller_version.minor >= 4;
+    if ai_aware {
+        let inv = channels.ai.borrow_and_update().clone();
+        proto::write_message(&mut send, &AgentMessage::AiInventory(inv)).await?;
+    }
 
     let renew_at = identity
         .renew_at()
@@ -267,6 +291,13 @@ async fn session(
                 if let Ok((send, recv)) = stream {
                     runner.spawn_stream(send, recv);
                 }
+            }
+            changed = channels.ai.changed(), if ai_aware => {
+                if changed.is_err() {
+                    continue;
+                }
+                let inv = channels.ai.borrow_and_update().clone();
+                proto::write_message(&mut send, &AgentMessage::AiInventory(inv)).await?;
             }
             changed = feed.inventory.changed() => {
                 if changed.is_err() {
@@ -333,7 +364,7 @@ async fn session(
                 }
                 Ok(ControllerMessage::AgentReleases(list)) => {
                     debug!(count = list.len(), "the controller's agent builds");
-                    releases.send_replace(list);
+                    channels.releases.send_replace(list);
                 }
                 Err(FrameError::UnknownVariant { index, .. }) => {
                     proto::write_message(&mut send, &AgentMessage::Unsupported { variant: index }).await?;

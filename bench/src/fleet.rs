@@ -566,6 +566,7 @@ impl SimFleet {
             let runner = match jobs_dir {
                 Some(dir) => Some(JobRunner::new(
                     RunnerConfig {
+                        ai: None,
                         jobs: JobsConfig::default(),
                         exec: ExecConfig::default(),
                         repo_dirs: Vec::new(),

@@ -55,6 +55,8 @@ pub struct RunnerConfig {
     pub facts: NodeFacts,
     /// This node's id (from its certificate): deploys for another node's containers are refused.
     pub node_id: Option<uuid::Uuid>,
+    /// Inference backends, for inference streams (none: they are refused).
+    pub ai: Option<Arc<crate::ai::Backends>>,
 }
 
 /// Runs jobs for one agent.
@@ -287,6 +289,23 @@ impl JobRunner {
                 let _ = send.finish();
                 return;
             }
+            Ok(DecodedControl::Control(JobControl::Infer(r))) => {
+                match &self.config.ai {
+                    Some(b) => crate::ai::serve_infer(r, send, b.clone()).await,
+                    None => {
+                        let _ = proto::write_message(
+                            &mut send,
+                            &nebula_protocol::ai::InferEvent::Error {
+                                message: "this agent serves no inference".into(),
+                                timeout: false,
+                            },
+                        )
+                        .await;
+                        let _ = send.finish();
+                    }
+                }
+                return;
+            }
             Ok(DecodedControl::Control(JobControl::Cancel { .. })) | Err(_) => {
                 debug!("job stream opened with something other than a request");
                 let _ = send.reset(1u32.into());
@@ -421,7 +440,7 @@ impl JobRunner {
                             info!(%reason, "job cancelled by the controller");
                             running.cancel(reason);
                         }
-                        Ok(JobControl::Request(_)) => debug!("second request on a job stream ignored"),
+                        Ok(JobControl::Request(_) | JobControl::Infer(_)) => debug!("second request on a job stream ignored"),
                         Err(FrameError::Closed) => reading = false,
                         Err(e) => {
                             debug!("job stream lost ({e}); the run goes on");

@@ -1,0 +1,504 @@
+//! Local inference backends: the ones named in the config (`[[ai.backends]]`) and the ones found
+//! on their usual ports on this host (Ollama 11434, llama.cpp 8080, vLLM 8000, LM Studio 1234,
+//! Stable Diffusion WebUI 7860). Every `poll_interval` each is asked what it holds (Ollama:
+//! `/api/tags` and `/api/ps`; OpenAI-compatible: `/v1/models`; SD WebUI: `/sdapi/v1/sd-models` and
+//! the loaded checkpoint), and the result is published on a `watch` channel the session sends
+//! to the controller when it changes.
+//!
+//! Inference requests arrive on their own streams ([`serve_infer`]): the body goes to the named
+//! backend as is and the response body comes back in chunks as the backend writes them, with no
+//! buffering, so a token reaches the controller as soon as the backend emits it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use nebula_protocol as proto;
+use nebula_protocol::ai::{
+    AiInventory, AiModel, BackendKind, BackendStatus, InferEvent, InferRequest,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+/// The response header the controller's gateway sets, so that discovery never mistakes the
+/// gateway (OpenAI-compatible too) for a local backend.
+pub const GATEWAY_HEADER: &str = "x-nebula-gateway";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AiConfig {
+    /// Backends to use, by URL.
+    pub backends: Vec<BackendConfig>,
+    /// Also look for backends on their usual ports on this host.
+    pub discover: bool,
+    /// How often backends are asked what they hold.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for AiConfig {
+    fn default() -> Self {
+        AiConfig {
+            backends: Vec::new(),
+            discover: true,
+            poll_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Name in the inventory (default: the kind and port).
+    #[serde(default)]
+    pub name: Option<String>,
+    pub kind: ConfigKind,
+    /// Base URL, e.g. `http://127.0.0.1:11434`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfigKind {
+    Ollama,
+    #[serde(rename = "openai")]
+    OpenAi,
+    SdWebui,
+}
+
+impl From<ConfigKind> for BackendKind {
+    fn from(k: ConfigKind) -> Self {
+        match k {
+            ConfigKind::Ollama => BackendKind::Ollama,
+            ConfigKind::OpenAi => BackendKind::OpenAi,
+            ConfigKind::SdWebui => BackendKind::StableDiffusion,
+        }
+    }
+}
+
+/// The usual local ports, in the order they are tried.
+const USUAL_PORTS: &[(u16, BackendKind)] = &[
+    (11434, BackendKind::Ollama),
+    (8080, BackendKind::OpenAi),
+    (8000, BackendKind::OpenAi),
+    (1234, BackendKind::OpenAi),
+    (7860, BackendKind::StableDiffusion),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Known {
+    name: String,
+    kind: BackendKind,
+    url: String,
+    source: String,
+}
+
+/// The backends known now, by name (what inference requests name).
+#[derive(Debug, Default)]
+pub struct Backends {
+    known: RwLock<BTreeMap<String, (BackendKind, String)>>,
+    client: reqwest::Client,
+}
+
+impl Backends {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Backends {
+            known: RwLock::default(),
+            client: client(),
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<(BackendKind, String)> {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn set(&self, list: &[Known]) {
+        let map = list
+            .iter()
+            .map(|k| (k.name.clone(), (k.kind, k.url.clone())))
+            .collect();
+        *self.known.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("nebula-agent/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_default()
+}
+
+/// Poll the backends until `stop`, publishing what they hold.
+pub async fn run(
+    config: AiConfig,
+    backends: Arc<Backends>,
+    tx: watch::Sender<AiInventory>,
+    stop: CancellationToken,
+) {
+    let client = backends.client.clone();
+    loop {
+        let mut list: Vec<Known> = config
+            .backends
+            .iter()
+            .map(|b| {
+                let url = b.url.trim_end_matches('/').to_owned();
+                let kind = BackendKind::from(b.kind);
+                Known {
+                    name: b.name.clone().unwrap_or_else(|| default_name(kind, &url)),
+                    kind,
+                    url,
+                    source: "config".into(),
+                }
+            })
+            .collect();
+        if config.discover {
+            for &(port, kind) in USUAL_PORTS {
+                let url = format!("http://127.0.0.1:{port}");
+                if list.iter().any(|k| k.url == url) {
+                    continue;
+                }
+                if probe(&client, kind, &url).await {
+                    list.push(Known {
+                        name: default_name(kind, &url),
+                        kind,
+                        url,
+                        source: "local".into(),
+                    });
+                }
+            }
+        }
+        let mut statuses = Vec::with_capacity(list.len());
+        for k in &list {
+            statuses.push(read_backend(&client, k).await);
+        }
+        backends.set(&list);
+        let inv = AiInventory { backends: statuses };
+        tx.send_if_modified(|cur| {
+            if *cur == inv {
+                false
+            } else {
+                info!(
+                    backends = inv.backends.len(),
+                    models = inv.backends.iter().map(|b| b.models.len()).sum::<usize>(),
+                    "inference backends changed"
+                );
+                *cur = inv.clone();
+                true
+            }
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(config.poll_interval) => {}
+        }
+    }
+}
+
+fn default_name(kind: BackendKind, url: &str) -> String {
+    let port = url.rsplit(':').next().unwrap_or_default();
+    format!("{}-{port}", kind.as_str())
+}
+
+async fn get_json(client: &reqwest::Client, url: &str, timeout: Duration) -> Result<Value, String> {
+    let resp = client
+        .get(url)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if resp.headers().contains_key(GATEWAY_HEADER) {
+        return Err(format!("{url} is a Nebula gateway, not a backend"));
+    }
+    if !resp.status().is_success() {
+        return Err(format!("GET {url}: HTTP {}", resp.status().as_u16()));
+    }
+    resp.json::<Value>()
+        .await
+        .map_err(|e| format!("GET {url}: not JSON: {e}"))
+}
+
+/// Does something of this kind answer at `url`?
+async fn probe(client: &reqwest::Client, kind: BackendKind, url: &str) -> bool {
+    let t = Duration::from_millis(500);
+    match kind {
+        BackendKind::Ollama => get_json(client, &format!("{url}/api/version"), t)
+            .await
+            .is_ok_and(|v| v.get("version").is_some()),
+        BackendKind::OpenAi => get_json(client, &format!("{url}/v1/models"), t)
+            .await
+            .is_ok_and(|v| v.get("data").is_some_and(Value::is_array)),
+        BackendKind::StableDiffusion => get_json(client, &format!("{url}/sdapi/v1/sd-models"), t)
+            .await
+            .is_ok_and(|v| v.is_array()),
+    }
+}
+
+async fn read_backend(client: &reqwest::Client, k: &Known) -> BackendStatus {
+    let models = match k.kind {
+        BackendKind::Ollama => read_ollama(client, &k.url).await,
+        BackendKind::OpenAi => read_openai(client, &k.url).await,
+        BackendKind::StableDiffusion => read_sd(client, &k.url).await,
+    };
+    let (healthy, error, models) = match models {
+        Ok(m) => (true, None, m),
+        Err(e) => {
+            debug!(backend = %k.name, "backend not healthy: {e}");
+            (false, Some(e), Vec::new())
+        }
+    };
+    BackendStatus {
+        name: k.name.clone(),
+        kind: k.kind,
+        url: k.url.clone(),
+        source: k.source.clone(),
+        healthy,
+        error,
+        models,
+    }
+}
+
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn u64_of(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| v.as_str()?.parse().ok())
+}
+
+async fn read_ollama(client: &reqwest::Client, url: &str) -> Result<Vec<AiModel>, String> {
+    let tags = get_json(client, &format!("{url}/api/tags"), READ_TIMEOUT).await?;
+    let ps = get_json(client, &format!("{url}/api/ps"), READ_TIMEOUT).await?;
+    let loaded: Vec<&Value> = ps["models"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for m in tags["models"].as_array().into_iter().flatten() {
+        let Some(name) = m["name"].as_str() else {
+            continue;
+        };
+        let running = loaded
+            .iter()
+            .find(|l| l["name"].as_str() == Some(name) || l["model"].as_str() == Some(name));
+        out.push(AiModel {
+            name: name.to_owned(),
+            digest: m["digest"].as_str().map(str::to_owned),
+            size_bytes: u64_of(&m["size"]).unwrap_or(0),
+            vram_bytes: running.and_then(|l| u64_of(&l["size_vram"])),
+            context_length: running
+                .and_then(|l| u64_of(&l["context_length"]))
+                .and_then(|c| u32::try_from(c).ok()),
+            loaded: running.is_some(),
+        });
+    }
+    Ok(out)
+}
+
+async fn read_openai(client: &reqwest::Client, url: &str) -> Result<Vec<AiModel>, String> {
+    let v = get_json(client, &format!("{url}/v1/models"), READ_TIMEOUT).await?;
+    let data = v["data"]
+        .as_array()
+        .ok_or_else(|| format!("{url}/v1/models: no `data` list"))?;
+    Ok(data
+        .iter()
+        .filter_map(|m| {
+            let name = m["id"].as_str()?;
+            // llama.cpp's server reports its model's size and context in `meta`.
+            let meta = &m["meta"];
+            Some(AiModel {
+                name: name.to_owned(),
+                digest: None,
+                size_bytes: u64_of(&meta["size"]).unwrap_or(0),
+                vram_bytes: None,
+                context_length: u64_of(&meta["n_ctx"])
+                    .or_else(|| u64_of(&m["max_model_len"]))
+                    .and_then(|c| u32::try_from(c).ok()),
+                // A server of this kind answers with the model it has loaded.
+                loaded: true,
+            })
+        })
+        .collect())
+}
+
+async fn read_sd(client: &reqwest::Client, url: &str) -> Result<Vec<AiModel>, String> {
+    let models = get_json(client, &format!("{url}/sdapi/v1/sd-models"), READ_TIMEOUT).await?;
+    let options = get_json(client, &format!("{url}/sdapi/v1/options"), READ_TIMEOUT).await?;
+    let current = options["sd_model_checkpoint"].as_str().unwrap_or_default();
+    Ok(models
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let title = m["title"].as_str()?;
+            Some(AiModel {
+                name: m["model_name"].as_str().unwrap_or(title).to_owned(),
+                digest: m["sha256"]
+                    .as_str()
+                    .or(m["hash"].as_str())
+                    .map(str::to_owned),
+                size_bytes: 0,
+                vram_bytes: None,
+                context_length: None,
+                loaded: title == current,
+            })
+        })
+        .collect())
+}
+
+/// Paths an inference request may name, per kind (nothing else on the backend is reachable).
+fn allowed_path(kind: BackendKind, path: &str) -> bool {
+    match kind {
+        BackendKind::Ollama | BackendKind::OpenAi => matches!(
+            path,
+            "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
+        ),
+        BackendKind::StableDiffusion => {
+            matches!(path, "/sdapi/v1/txt2img" | "/sdapi/v1/img2img")
+        }
+    }
+}
+
+/// Answer one inference stream: proxy the request to the backend, stream its body back.
+pub async fn serve_infer(req: InferRequest, mut send: quinn::SendStream, backends: Arc<Backends>) {
+    let result = proxy(&req, &mut send, &backends).await;
+    let last = match result {
+        Ok(()) => InferEvent::End,
+        Err(Failure::Gone) => return,
+        Err(Failure::Backend { message, timeout }) => InferEvent::Error { message, timeout },
+    };
+    let _ = proto::write_message(&mut send, &last).await;
+    let _ = send.finish();
+}
+
+enum Failure {
+    /// The controller stopped reading (the client went away): drop the backend request.
+    Gone,
+    Backend {
+        message: String,
+        timeout: bool,
+    },
+}
+
+async fn proxy(
+    req: &InferRequest,
+    send: &mut quinn::SendStream,
+    backends: &Backends,
+) -> Result<(), Failure> {
+    let fail = |message: String| Failure::Backend {
+        message,
+        timeout: false,
+    };
+    let (kind, base) = backends
+        .get(&req.backend)
+        .ok_or_else(|| fail(format!("no backend named `{}` on this node", req.backend)))?;
+    if !allowed_path(kind, &req.path) {
+        return Err(fail(format!(
+            "`{}` is not an inference path of a {} backend",
+            req.path,
+            kind.as_str()
+        )));
+    }
+    let url = format!("{base}{}", req.path);
+    let started = tokio::time::Instant::now();
+    let total = Duration::from_millis(req.total_timeout_ms.max(1).into());
+    let first = Duration::from_millis(req.first_byte_timeout_ms.max(1).into()).min(total);
+    let sent = backends
+        .client
+        .post(&url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(req.body.clone())
+        .send();
+    let mut resp = match tokio::time::timeout(first, sent).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(fail(format!("POST {url}: {e}"))),
+        Err(_) => {
+            return Err(Failure::Backend {
+                message: format!(
+                    "{url} sent nothing within {}",
+                    humantime::format_duration(first)
+                ),
+                timeout: true,
+            })
+        }
+    };
+    let head = InferEvent::Head {
+        status: resp.status().as_u16(),
+        content_type: resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_owned(),
+    };
+    proto::write_message(send, &head)
+        .await
+        .map_err(|_| Failure::Gone)?;
+    loop {
+        let left = total.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(bytes))) => {
+                proto::write_message(send, &InferEvent::Chunk(bytes.to_vec()))
+                    .await
+                    .map_err(|_| Failure::Gone)?;
+            }
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(fail(format!("reading {url}: {e}"))),
+            Err(_) => {
+                return Err(Failure::Backend {
+                    message: format!(
+                        "{url} did not finish within {}",
+                        humantime::format_duration(total)
+                    ),
+                    timeout: true,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_kinds_and_defaults() {
+        let cfg: AiConfig = toml::from_str(
+            "[[backends]]\nkind = \"ollama\"\nurl = \"http://gpu:11434\"\n[[backends]]\nname = \"sd\"\nkind = \"sd-webui\"\nurl = \"http://127.0.0.1:7860/\"\n[[backends]]\nkind = \"openai\"\nurl = \"http://127.0.0.1:8081\"",
+        )
+        .unwrap();
+        assert!(cfg.discover);
+        assert_eq!(cfg.backends.len(), 3);
+        assert_eq!(
+            BackendKind::from(cfg.backends[1].kind),
+            BackendKind::StableDiffusion
+        );
+        assert_eq!(
+            default_name(BackendKind::OpenAi, "http://127.0.0.1:8081"),
+            "openai-8081"
+        );
+        assert!(toml::from_str::<AiConfig>("[[backends]]\nkind = \"tgi\"\nurl = \"x\"").is_err());
+    }
+
+    #[test]
+    fn only_inference_paths_are_reachable() {
+        assert!(allowed_path(BackendKind::OpenAi, "/v1/chat/completions"));
+        assert!(allowed_path(BackendKind::Ollama, "/v1/embeddings"));
+        assert!(!allowed_path(BackendKind::Ollama, "/api/delete"));
+        assert!(!allowed_path(BackendKind::OpenAi, "/../admin"));
+        assert!(allowed_path(
+            BackendKind::StableDiffusion,
+            "/sdapi/v1/txt2img"
+        ));
+        assert!(!allowed_path(
+            BackendKind::StableDiffusion,
+            "/v1/chat/completions"
+        ));
+    }
+}
