@@ -169,6 +169,8 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/reconcile", axum::routing::post(desired::reconcile))
         .route("/users", get(list_users).post(create_user))
         .route("/agent/releases", get(agent_releases))
+        .route("/models/inventory", get(models_inventory))
+        .route("/ai/usage", get(ai_usage))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
     let metrics = Router::new()
@@ -182,6 +184,20 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/install.sh", get(install::install_sh))
         .route("/install.ps1", get(install::install_ps1))
         .route("/downloads/{file}", get(install::download))
+        // The OpenAI-compatible gateway (API tokens, checked by the gateway itself).
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(crate::ai::gateway::chat_completions),
+        )
+        .route(
+            "/v1/completions",
+            axum::routing::post(crate::ai::gateway::completions),
+        )
+        .route(
+            "/v1/embeddings",
+            axum::routing::post(crate::ai::gateway::embeddings),
+        )
+        .route("/v1/models", get(crate::ai::gateway::models))
         .merge(metrics)
         .nest("/api/v1", v1)
         .with_state(cp)
@@ -912,4 +928,52 @@ async fn agent_releases(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<s
         "releases": list,
         "public_key": cp.releases.signer().public_key_hex(),
     })))
+}
+
+/// `GET /api/v1/models/inventory`: per node and backend, the models on disk and loaded.
+async fn models_inventory(State(cp): State<Arc<ControlPlane>>) -> Json<serde_json::Value> {
+    let nodes: Vec<serde_json::Value> = cp
+        .ai
+        .inventory()
+        .into_iter()
+        .map(|(name, (id, inv))| {
+            json!({
+                "node": name,
+                "node_id": id,
+                "online": cp.registry.is_online(id),
+                "backends": inv.backends.iter().map(|b| json!({
+                    "name": b.name,
+                    "kind": b.kind.as_str(),
+                    "url": b.url,
+                    "source": b.source,
+                    "healthy": b.healthy,
+                    "error": b.error,
+                    "models": b.models.iter().map(|m| json!({
+                        "name": m.name,
+                        "digest": m.digest,
+                        "size_bytes": m.size_bytes,
+                        "vram_bytes": m.vram_bytes,
+                        "context_length": m.context_length,
+                        "loaded": m.loaded,
+                        "breaker": cp.ai.breaker_state(id, &m.name),
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({ "nodes": nodes }))
+}
+
+/// `GET /api/v1/ai/usage`: requests and tokens per API token, model and node.
+async fn ai_usage(State(cp): State<Arc<ControlPlane>>) -> Json<serde_json::Value> {
+    let rows: Vec<serde_json::Value> = cp
+        .ai
+        .usage()
+        .into_iter()
+        .map(|((token, model, node), u)| {
+            json!({"token": token, "model": model, "node": node, "requests": u.requests,
+                   "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens})
+        })
+        .collect();
+    Json(json!({ "usage": rows }))
 }

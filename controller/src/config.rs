@@ -82,6 +82,8 @@ pub struct ControllerConfig {
     /// The reconciler runs at least this often (and whenever something changes).
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Duration,
+    /// The AI gateway: timeouts, retries, breakers, limits, the fallback provider.
+    pub ai: crate::ai::AiConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
@@ -99,6 +101,7 @@ impl Default for ControllerConfig {
             public_url: None,
             agent_dir: None,
             release_scan_interval: Duration::from_secs(30),
+            ai: crate::ai::AiConfig::default(),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),

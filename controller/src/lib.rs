@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+pub mod ai;
 pub mod api;
 pub mod ca;
 pub mod config;
@@ -69,6 +70,10 @@ pub struct ControlPlane {
     pub wakes: wake::WakeTable,
     /// Agent binaries served for installs and self-update.
     pub releases: Arc<releases::Releases>,
+    /// Inference backends across the fleet, breakers, usage (the AI gateway's state).
+    pub ai: ai::AiFleet,
+    /// For the AI gateway's fallback provider.
+    pub http_client: reqwest::Client,
     /// The QUIC port actually bound (installers and join commands name it).
     pub(crate) quic_port: std::sync::atomic::AtomicU16,
     pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
@@ -374,6 +379,11 @@ impl Controller {
         }
         let cp = Arc::new(ControlPlane {
             releases,
+            ai: ai::AiFleet::default(),
+            http_client: reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .build()
+                .context("building the HTTP client")?,
             quic_port: std::sync::atomic::AtomicU16::new(config.quic_listen.port()),
             jobs: jobs::JobTable::default(),
             desired: desired::DesiredState::default(),

@@ -484,6 +484,9 @@ async fn session_loop(
             Ok(AgentMessage::Unsupported { variant }) => {
                 debug!(variant, "agent does not support a message we sent");
             }
+            Ok(AgentMessage::AiInventory(inv)) => {
+                cp.ai.set_inventory(node_id, name, inv);
+            }
             Ok(AgentMessage::TelemetryInventory(inv)) => {
                 if facts.gpus != inv.gpus || facts.container_runtime != inv.container_runtime {
                     facts.gpus = inv.gpus.clone();

@@ -1,0 +1,803 @@
+//! The OpenAI-compatible gateway: `POST /v1/chat/completions` (SSE streaming too),
+//! `POST /v1/completions`, `POST /v1/embeddings`, `GET /v1/models`, behind API tokens.
+//!
+//! One retry loop, here: each try picks the best candidate not tried yet, opens an inference
+//! stream to its agent and waits for the first bytes (longer when the model must be loaded).
+//! Overloads, timeouts and failures feed the node's breaker for that model and move on to the
+//! next candidate; a "model not found" drops the model from that node's inventory instead. Only
+//! before the first byte has gone to the client: after it, a failure ends the stream with an
+//! in-band error event. When no node can serve, a configured cloud provider can. Every response
+//! names the node that served it (`x-nebula-node`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use nebula_protocol::ai::{same_model, InferEvent, InferRequest};
+use nebula_protocol::jobs::JobControl;
+use nebula_protocol::{self as proto, FrameReader};
+use serde_json::{json, Value};
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use super::{estimate_tokens, AiConfig, Candidate, Outcome};
+use crate::ControlPlane;
+
+/// Set on every gateway response, so that an agent's discovery never takes the gateway for a
+/// local backend.
+pub const GATEWAY_HEADER: &str = "x-nebula-gateway";
+pub const NODE_HEADER: &str = "x-nebula-node";
+
+const MAX_BODY: usize = 4 << 20;
+
+fn error(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Response {
+    let mut r = (
+        status,
+        axum::Json(json!({"error": {"message": message.into(), "type": kind, "code": code}})),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(GATEWAY_HEADER, HeaderValue::from_static("1"));
+    r
+}
+
+/// The API token's name, or the 401 to answer.
+async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<String, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing_api_key",
+            "missing bearer token (Authorization: Bearer <token>)",
+        ));
+    };
+    match cp.api_token(&crate::hash_secret(token)).await {
+        Ok(Some(rec)) => Ok(rec.name),
+        Ok(None) => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            "unknown or revoked API token",
+        )),
+        Err(e) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "store_unavailable",
+            format!("checking the token: {e}"),
+        )),
+    }
+}
+
+pub async fn chat_completions(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(cp, headers, body, "/v1/chat/completions").await
+}
+
+pub async fn completions(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(cp, headers, body, "/v1/completions").await
+}
+
+pub async fn embeddings(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(cp, headers, body, "/v1/embeddings").await
+}
+
+/// `GET /v1/models`: the models the fleet serves now (plus the fallback's, when configured).
+pub async fn models(State(cp): State<Arc<ControlPlane>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authenticate(&cp, &headers).await {
+        return r;
+    }
+    let models = cp.ai.models(|id| cp.registry.is_online(id));
+    let mut data: Vec<Value> = models
+        .into_iter()
+        .map(|(name, (nodes, loaded))| {
+            json!({"id": name, "object": "model", "owned_by": "nebula", "nodes": nodes, "loaded_on": loaded})
+        })
+        .collect();
+    if let Some(fb) = &cp.config.ai.fallback {
+        for m in &fb.models {
+            if !data.iter().any(|d| d["id"] == m.as_str()) {
+                data.push(json!({"id": m, "object": "model", "owned_by": fb.name, "nodes": [], "loaded_on": []}));
+            }
+        }
+    }
+    let mut r = axum::Json(json!({"object": "list", "data": data})).into_response();
+    r.headers_mut()
+        .insert(GATEWAY_HEADER, HeaderValue::from_static("1"));
+    r
+}
+
+/// Free GPU memory on a node, from its latest telemetry.
+fn free_vram(cp: &ControlPlane, id: Uuid) -> u64 {
+    let Some(view) = cp.telemetry.view(id) else {
+        return 0;
+    };
+    let (Some(inv), Some(sample)) = (view.inventory, view.latest) else {
+        return 0;
+    };
+    inv.gpus
+        .iter()
+        .zip(sample.gpus.iter())
+        .map(|(g, s)| {
+            g.memory_total_bytes
+                .saturating_sub(s.memory_used_bytes.unwrap_or(g.memory_total_bytes))
+        })
+        .sum()
+}
+
+/// Releases the token's concurrency slot when the response is over.
+struct Admitted {
+    cp: Arc<ControlPlane>,
+    token: String,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.cp.ai.release(&self.token);
+    }
+}
+
+async fn serve(
+    cp: Arc<ControlPlane>,
+    headers: HeaderMap,
+    body: Bytes,
+    path: &'static str,
+) -> Response {
+    let token = match authenticate(&cp, &headers).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let cfg = cp.config.ai.clone();
+    if let Err(wait) = cp.ai.admit(&token, &cfg) {
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limited",
+            format!(
+                "this token is over its limit; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs().max(1)),
+        );
+        return r;
+    }
+    let admitted = Admitted {
+        cp: cp.clone(),
+        token: token.clone(),
+    };
+    if body.len() > MAX_BODY {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "too_large",
+            format!("the body is over {MAX_BODY} bytes"),
+        );
+    }
+    let mut json: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_body",
+                "the body must be a JSON object",
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+                format!("the body is not JSON: {e}"),
+            )
+        }
+    };
+    let Some(model) = json.get("model").and_then(Value::as_str).map(str::to_owned) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "missing_model",
+            "`model` is required",
+        );
+    };
+    let embeddings = path == "/v1/embeddings";
+    let stream = !embeddings && json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if stream {
+        // Usage arrives in the last chunk, for accounting.
+        json["stream_options"] = json!({"include_usage": true});
+    }
+    let body = serde_json::to_vec(&json).unwrap_or_default();
+    let prompt_tokens = estimate_tokens(body.len());
+    let mut tried: Vec<Uuid> = Vec::new();
+    let mut last_error: Option<String> = None;
+    for _ in 0..cfg.max_attempts.max(1) {
+        let candidates = cp.ai.candidates(
+            &model,
+            prompt_tokens,
+            |id| cp.registry.is_online(id),
+            |id| free_vram(&cp, id),
+            embeddings,
+        );
+        let Some(c) = candidates.into_iter().find(|c| !tried.contains(&c.node_id)) else {
+            break;
+        };
+        tried.push(c.node_id);
+        if !cp.ai.begin(c.node_id, &c.model) {
+            continue;
+        }
+        match start(&cp, &c, path, &body, &cfg).await {
+            Ok(started) => return respond(cp, c, started, stream, admitted, cfg),
+            Err(f) => {
+                debug!(node = %c.node, model = %c.model, "try failed: {}", f.message);
+                if f.missing {
+                    cp.ai.model_missing(c.node_id, &c.backend, &c.model);
+                }
+                cp.ai.end(c.node_id, &c.model, f.outcome, &cfg);
+                last_error = Some(format!("{}: {}", c.node, f.message));
+            }
+        }
+    }
+    if let Some(fb) = cfg.fallback.clone() {
+        if fb.models.is_empty() || fb.models.iter().any(|m| same_model(m, &model)) {
+            return fallback(cp, fb, path, body, model, stream, admitted, cfg).await;
+        }
+    }
+    match last_error {
+        None => error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("no online node serves model `{model}` (GET /v1/models lists them)"),
+        ),
+        Some(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "no_node_available",
+            format!("every node that has `{model}` failed: {e}"),
+        ),
+    }
+}
+
+/// A try that failed before any byte reached the client.
+struct Failed {
+    outcome: Outcome,
+    missing: bool,
+    message: String,
+}
+
+impl Failed {
+    fn new(outcome: Outcome, message: impl Into<String>) -> Self {
+        Failed {
+            outcome,
+            missing: false,
+            message: message.into(),
+        }
+    }
+}
+
+/// A stream whose backend has answered.
+struct Started {
+    status: u16,
+    content_type: String,
+    /// Body bytes already read (the first chunk of a stream, or the whole error body).
+    first: Vec<u8>,
+    /// The stream is over already (`End` read).
+    done: bool,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    frames: FrameReader,
+}
+
+async fn start(
+    cp: &ControlPlane,
+    c: &Candidate,
+    path: &str,
+    body: &[u8],
+    cfg: &AiConfig,
+) -> Result<Started, Failed> {
+    let conn = cp
+        .registry
+        .connection(c.node_id)
+        .ok_or_else(|| Failed::new(Outcome::Neutral, "went offline"))?;
+    let first_timeout = if c.loaded {
+        cfg.first_token_timeout
+    } else {
+        cfg.load_timeout
+    };
+    let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    let req = JobControl::Infer(InferRequest {
+        backend: c.backend.clone(),
+        path: path.to_owned(),
+        body: body.to_vec(),
+        first_byte_timeout_ms: ms(first_timeout),
+        total_timeout_ms: ms(cfg.total_timeout),
+    });
+    let deadline = tokio::time::Instant::now() + first_timeout + Duration::from_secs(1);
+    let opened = async {
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Failed::new(Outcome::Failure, e.to_string()))?;
+        proto::write_message(&mut send, &req)
+            .await
+            .map_err(|e| Failed::new(Outcome::Failure, e.to_string()))?;
+        Ok::<_, Failed>((send, recv))
+    };
+    let (send, mut recv) = tokio::time::timeout_at(deadline, opened)
+        .await
+        .map_err(|_| Failed::new(Outcome::Timeout, "no answer in time"))??;
+    let mut frames = FrameReader::new(proto::DEFAULT_MAX_FRAME);
+    let next = async |frames: &mut FrameReader, recv: &mut quinn::RecvStream| {
+        match tokio::time::timeout_at(deadline, frames.read_message::<InferEvent, _>(recv)).await {
+            Ok(Ok(ev)) => Ok(ev),
+            Ok(Err(e)) => Err(Failed::new(
+                Outcome::Failure,
+                format!("inference stream: {e}"),
+            )),
+            Err(_) => Err(Failed::new(
+                Outcome::Timeout,
+                format!(
+                    "no first token within {}",
+                    humantime::format_duration(first_timeout)
+                ),
+            )),
+        }
+    };
+    let (status, content_type) = match next(&mut frames, &mut recv).await? {
+        InferEvent::Head {
+            status,
+            content_type,
+        } => (status, content_type),
+        InferEvent::Error { message, timeout } => {
+            return Err(Failed::new(
+                if timeout {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Failure
+                },
+                message,
+            ))
+        }
+        other => {
+            return Err(Failed::new(
+                Outcome::Failure,
+                format!("unexpected {other:?} before the head"),
+            ))
+        }
+    };
+    // Wait for the first body bytes too: a stream's first byte to the client is its first token.
+    let (first, done) = match next(&mut frames, &mut recv).await? {
+        InferEvent::Chunk(b) => (b, false),
+        InferEvent::End => (Vec::new(), true),
+        InferEvent::Error { message, timeout } => {
+            return Err(Failed::new(
+                if timeout {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Failure
+                },
+                message,
+            ))
+        }
+        InferEvent::Head { .. } => return Err(Failed::new(Outcome::Failure, "a second head")),
+    };
+    match status {
+        429 | 503 => Err(Failed::new(Outcome::Overloaded, format!("HTTP {status}"))),
+        404 => Err(Failed {
+            outcome: Outcome::Neutral,
+            missing: true,
+            message: format!("HTTP 404: {}", String::from_utf8_lossy(&first)),
+        }),
+        s if s >= 500 => Err(Failed::new(
+            Outcome::Failure,
+            format!("HTTP {s}: {}", String::from_utf8_lossy(&first)),
+        )),
+        _ => Ok(Started {
+            status,
+            content_type,
+            first,
+            done,
+            send,
+            recv,
+            frames,
+        }),
+    }
+}
+
+/// What a response still owes when it ends: the breaker's outcome, usage, the token's slot.
+struct Finish {
+    cp: Arc<ControlPlane>,
+    cfg: AiConfig,
+    node_id: Uuid,
+    node: String,
+    model: String,
+    token: String,
+    outcome: Option<Outcome>,
+    usage: Option<(u64, u64)>,
+    _admitted: Admitted,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        // A response dropped before its end: the client went away, not the node's fault.
+        let outcome = self.outcome.unwrap_or(Outcome::Neutral);
+        self.cp
+            .ai
+            .end(self.node_id, &self.model, outcome, &self.cfg);
+        if outcome == Outcome::Success {
+            let (p, c) = self.usage.unwrap_or((0, 0));
+            self.cp
+                .ai
+                .add_usage(&self.token, &self.model, &self.node, p, c);
+        }
+    }
+}
+
+/// `usage` from a JSON body or an SSE chunk.
+fn usage_of(v: &Value) -> Option<(u64, u64)> {
+    let u = v.get("usage")?;
+    Some((
+        u.get("prompt_tokens")?.as_u64()?,
+        u.get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+    ))
+}
+
+/// Scan SSE text for a `data:` line with usage (the last chunk of an OpenAI stream).
+fn usage_in_sse(bytes: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter(|d| d.contains("\"usage\""))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .find_map(|v| usage_of(&v))
+}
+
+fn respond(
+    cp: Arc<ControlPlane>,
+    c: Candidate,
+    started: Started,
+    stream: bool,
+    admitted: Admitted,
+    cfg: AiConfig,
+) -> Response {
+    let mut finish = Finish {
+        cp: cp.clone(),
+        cfg: cfg.clone(),
+        node_id: c.node_id,
+        node: c.node.clone(),
+        model: c.model.clone(),
+        token: admitted.token.clone(),
+        outcome: None,
+        usage: None,
+        _admitted: admitted,
+    };
+    let status = StatusCode::from_u16(started.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if (400..500).contains(&started.status) {
+        // The request's fault: nothing to hold against the node.
+        finish.outcome = Some(Outcome::Neutral);
+    }
+    let content_type = started.content_type.clone();
+    let body = if stream && status.is_success() {
+        Body::from_stream(relay(started, finish, cfg.total_timeout))
+    } else {
+        Body::from_stream(futures::stream::once(collect(
+            started,
+            finish,
+            cfg.total_timeout,
+        )))
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&content_type)
+            .unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    h.insert(GATEWAY_HEADER, HeaderValue::from_static("1"));
+    if let Ok(v) = HeaderValue::from_str(&c.node) {
+        h.insert(NODE_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&c.backend) {
+        h.insert("x-nebula-backend", v);
+    }
+    if stream {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    resp
+}
+
+/// A whole (non-streamed) answer.
+async fn collect(
+    mut s: Started,
+    mut finish: Finish,
+    total: Duration,
+) -> Result<Bytes, std::io::Error> {
+    let deadline = tokio::time::Instant::now() + total;
+    let mut body = std::mem::take(&mut s.first);
+    let mut done = s.done;
+    while !done {
+        match tokio::time::timeout_at(
+            deadline,
+            s.frames.read_message::<InferEvent, _>(&mut s.recv),
+        )
+        .await
+        {
+            Ok(Ok(InferEvent::Chunk(b))) => body.extend_from_slice(&b),
+            Ok(Ok(InferEvent::End)) => done = true,
+            Ok(Ok(InferEvent::Error { message, timeout })) => {
+                finish.outcome.get_or_insert(if timeout {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Failure
+                });
+                return Err(std::io::Error::other(message));
+            }
+            Ok(Ok(InferEvent::Head { .. })) | Ok(Err(_)) => {
+                finish.outcome.get_or_insert(Outcome::Failure);
+                return Err(std::io::Error::other("the inference stream broke"));
+            }
+            Err(_) => {
+                finish.outcome.get_or_insert(Outcome::Timeout);
+                let _ = s.send.reset(0u32.into());
+                return Err(std::io::Error::other("the answer took too long"));
+            }
+        }
+    }
+    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+        finish.usage = usage_of(&v);
+    }
+    finish.outcome.get_or_insert(Outcome::Success);
+    Ok(Bytes::from(body))
+}
+
+/// An SSE error event, as OpenAI-compatible clients read one mid-stream.
+fn sse_error(message: &str) -> Bytes {
+    let v = json!({"error": {"message": message, "type": "upstream_error", "code": "stream_interrupted"}});
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Relay a streamed answer chunk by chunk, as it arrives.
+fn relay(
+    s: Started,
+    finish: Finish,
+    total: Duration,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    struct St {
+        s: Started,
+        finish: Finish,
+        deadline: tokio::time::Instant,
+        first: Option<Vec<u8>>,
+        over: bool,
+    }
+    let mut s = s;
+    let st = St {
+        first: Some(std::mem::take(&mut s.first)),
+        deadline: tokio::time::Instant::now() + total,
+        over: false,
+        s,
+        finish,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        if st.over {
+            return None;
+        }
+        if let Some(first) = st.first.take() {
+            if st.s.done {
+                st.over = true;
+                st.finish.outcome.get_or_insert(Outcome::Success);
+            }
+            if let Some(u) = usage_in_sse(&first) {
+                st.finish.usage = Some(u);
+            }
+            return Some((Ok(Bytes::from(first)), st));
+        }
+        let read = tokio::time::timeout_at(
+            st.deadline,
+            st.s.frames.read_message::<InferEvent, _>(&mut st.s.recv),
+        )
+        .await;
+        let item = match read {
+            Ok(Ok(InferEvent::Chunk(b))) => {
+                if let Some(u) = usage_in_sse(&b) {
+                    st.finish.usage = Some(u);
+                }
+                Bytes::from(b)
+            }
+            Ok(Ok(InferEvent::End)) => {
+                st.finish.outcome.get_or_insert(Outcome::Success);
+                return None;
+            }
+            Ok(Ok(InferEvent::Error { message, timeout })) => {
+                st.over = true;
+                st.finish.outcome.get_or_insert(if timeout {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Failure
+                });
+                warn!(node = %st.finish.node, "stream interrupted: {message}");
+                sse_error(&format!("{} failed mid-stream: {message}", st.finish.node))
+            }
+            Ok(Ok(InferEvent::Head { .. })) | Ok(Err(_)) => {
+                st.over = true;
+                st.finish.outcome.get_or_insert(Outcome::Failure);
+                sse_error(&format!(
+                    "the connection to {} broke mid-stream",
+                    st.finish.node
+                ))
+            }
+            Err(_) => {
+                st.over = true;
+                st.finish.outcome.get_or_insert(Outcome::Timeout);
+                let _ = st.s.send.reset(0u32.into());
+                sse_error("the answer took longer than the gateway's total timeout")
+            }
+        };
+        Some((Ok(item), st))
+    })
+}
+
+/// Send the request to the configured cloud provider (nothing has reached the client yet).
+#[allow(clippy::too_many_arguments)]
+async fn fallback(
+    cp: Arc<ControlPlane>,
+    fb: super::FallbackConfig,
+    path: &str,
+    body: Vec<u8>,
+    model: String,
+    stream: bool,
+    admitted: Admitted,
+    cfg: AiConfig,
+) -> Response {
+    let key = match &fb.api_key_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(k) => Some(k.trim().to_owned()),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "fallback_unavailable",
+                    format!("reading {}: {e}", f.display()),
+                )
+            }
+        },
+        None => None,
+    };
+    let url = format!("{}{path}", fb.url.trim_end_matches('/'));
+    let mut req = cp
+        .http_client
+        .post(&url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .timeout(cfg.total_timeout)
+        .body(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let started = Instant::now();
+    let resp = match tokio::time::timeout(cfg.first_token_timeout, req.send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "fallback_failed",
+                format!("{}: {e}", fb.name),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "api_error",
+                "fallback_timeout",
+                format!("{} did not answer in time", fb.name),
+            )
+        }
+    };
+    debug!(provider = %fb.name, %model, ms = started.elapsed().as_millis() as u64, "fallback answered");
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    let node = format!("fallback:{}", fb.name);
+    struct Fb {
+        resp: Option<reqwest::Response>,
+        admitted: Admitted,
+        model: String,
+        node: String,
+        usage: Option<(u64, u64)>,
+        stream: bool,
+    }
+    let st = Fb {
+        resp: Some(resp),
+        admitted,
+        model,
+        node: node.clone(),
+        usage: None,
+        stream,
+    };
+    let chunks = futures::stream::unfold(st, |mut st| async move {
+        let resp = st.resp.as_mut()?;
+        match resp.chunk().await {
+            Ok(Some(b)) => {
+                let u = usage_in_sse(&b).or_else(|| {
+                    serde_json::from_slice::<Value>(&b)
+                        .ok()
+                        .as_ref()
+                        .and_then(usage_of)
+                });
+                if u.is_some() {
+                    st.usage = u;
+                }
+                Some((Ok::<Bytes, std::io::Error>(b), st))
+            }
+            Ok(None) => {
+                let (p, c) = st.usage.unwrap_or((0, 0));
+                let cp = st.admitted.cp.clone();
+                cp.ai
+                    .add_usage(&st.admitted.token, &st.model, &st.node, p, c);
+                None
+            }
+            Err(e) => {
+                st.resp = None;
+                if st.stream {
+                    Some((
+                        Ok(sse_error(&format!(
+                            "the fallback provider failed mid-stream: {e}"
+                        ))),
+                        st,
+                    ))
+                } else {
+                    Some((Err(std::io::Error::other(e.to_string())), st))
+                }
+            }
+        }
+    });
+    let mut r = Response::new(Body::from_stream(chunks));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(GATEWAY_HEADER, HeaderValue::from_static("1"));
+    if let Ok(v) = HeaderValue::from_str(&node) {
+        h.insert(NODE_HEADER, v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_from_bodies_and_sse_chunks() {
+        let v = json!({"usage": {"prompt_tokens": 12, "completion_tokens": 5}});
+        assert_eq!(usage_of(&v), Some((12, 5)));
+        let sse = b"data: {\"choices\":[]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        assert_eq!(usage_in_sse(sse), Some((3, 9)));
+        assert_eq!(usage_in_sse(b"data: {\"choices\":[]}\n\n"), None);
+    }
+}

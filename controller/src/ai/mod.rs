@@ -1,0 +1,582 @@
+//! Local AI across the fleet: what each node's inference backends hold (from the agents'
+//! `AiInventory` messages), where a request for a model should go, circuit breakers per
+//! (node, model), in-flight counts and token usage. The HTTP gateway is in [`gateway`].
+//!
+//! Routing filters, then scores: a node must be online, its backend healthy, its breaker for the
+//! model not open, the model there and its context long enough for the prompt; then a loaded
+//! model beats one on disk, fewer requests in flight beat more, more free VRAM beats less.
+
+pub mod gateway;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nebula_protocol::ai::{same_model, AiInventory, BackendKind};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The gateway's settings (`[ai]` in the controller's config).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AiConfig {
+    /// Time for the first token from a node that has the model loaded.
+    #[serde(with = "humantime_serde")]
+    pub first_token_timeout: Duration,
+    /// Time for the first token when the node must load the model first.
+    #[serde(with = "humantime_serde")]
+    pub load_timeout: Duration,
+    /// Time for a whole answer.
+    #[serde(with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// Nodes tried for one request (the fallback provider not counted).
+    pub max_attempts: u32,
+    /// Failures in a row that open a node's breaker for a model (429 and 503 open it at once).
+    pub breaker_failures: u32,
+    /// First cooldown of an open breaker; it doubles on each failed probe, up to the maximum.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    #[serde(with = "humantime_serde")]
+    pub breaker_max_cooldown: Duration,
+    /// Requests per minute per API token (0: no limit).
+    pub requests_per_minute: u32,
+    /// Requests in flight per API token (0: no limit).
+    pub max_concurrent: u32,
+    /// An OpenAI-compatible provider used when no node can serve (before any byte was sent).
+    pub fallback: Option<FallbackConfig>,
+}
+
+impl Default for AiConfig {
+    fn default() -> Self {
+        AiConfig {
+            first_token_timeout: Duration::from_secs(30),
+            load_timeout: Duration::from_secs(180),
+            total_timeout: Duration::from_secs(600),
+            max_attempts: 3,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(5),
+            breaker_max_cooldown: Duration::from_secs(300),
+            requests_per_minute: 0,
+            max_concurrent: 0,
+            fallback: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Shown in the `x-nebula-node` header, e.g. `openai`.
+    pub name: String,
+    /// Base URL; requests go to `{url}/v1/chat/completions` and so on.
+    pub url: String,
+    /// File holding the API key (never the key itself in the config).
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Models it may serve (empty: any).
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// One node's AI inventory.
+#[derive(Debug, Clone)]
+struct NodeAi {
+    name: String,
+    inventory: AiInventory,
+}
+
+/// Where a request can go, best first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub node_id: Uuid,
+    pub node: String,
+    pub backend: String,
+    pub kind: BackendKind,
+    pub model: String,
+    pub loaded: bool,
+    pub in_flight: u32,
+    pub free_vram: u64,
+}
+
+/// The fleet's AI state, shared by the sessions (which report) and the gateway (which routes).
+#[derive(Debug, Default)]
+pub struct AiFleet {
+    nodes: Mutex<HashMap<Uuid, NodeAi>>,
+    in_flight: Mutex<HashMap<Uuid, u32>>,
+    breakers: Mutex<HashMap<(Uuid, String), Breaker>>,
+    usage: Mutex<BTreeMap<(String, String, String), Usage>>,
+    limits: Mutex<HashMap<String, TokenLimit>>,
+}
+
+/// Tokens counted per (API token name, model, node).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+#[derive(Debug, Default)]
+struct TokenLimit {
+    window: VecDeque<Instant>,
+    in_flight: u32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl AiFleet {
+    pub fn set_inventory(&self, node_id: Uuid, name: &str, inventory: AiInventory) {
+        lock(&self.nodes).insert(
+            node_id,
+            NodeAi {
+                name: name.to_owned(),
+                inventory,
+            },
+        );
+    }
+
+    pub fn forget(&self, node_id: Uuid) {
+        lock(&self.nodes).remove(&node_id);
+    }
+
+    /// A backend said it does not have `model` after all: drop it from that node's inventory
+    /// until the agent reports again.
+    pub fn model_missing(&self, node_id: Uuid, backend: &str, model: &str) {
+        if let Some(n) = lock(&self.nodes).get_mut(&node_id) {
+            for b in n
+                .inventory
+                .backends
+                .iter_mut()
+                .filter(|b| b.name == backend)
+            {
+                b.models.retain(|m| !same_model(&m.name, model));
+            }
+        }
+    }
+
+    /// Every node's inventory (for the API), by node name.
+    pub fn inventory(&self) -> BTreeMap<String, (Uuid, AiInventory)> {
+        lock(&self.nodes)
+            .iter()
+            .map(|(id, n)| (n.name.clone(), (*id, n.inventory.clone())))
+            .collect()
+    }
+
+    /// Where `model` can be served now, best first. `online` says whether a node is connected;
+    /// `free_vram` what its GPUs have free; `prompt_tokens` an estimate of the prompt's length.
+    pub fn candidates(
+        &self,
+        model: &str,
+        prompt_tokens: u32,
+        online: impl Fn(Uuid) -> bool,
+        free_vram: impl Fn(Uuid) -> u64,
+        embeddings: bool,
+    ) -> Vec<Candidate> {
+        let nodes = lock(&self.nodes);
+        let in_flight = lock(&self.in_flight);
+        let breakers = lock(&self.breakers);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (id, n) in nodes.iter() {
+            if !online(*id) {
+                continue;
+            }
+            let best = n
+                .inventory
+                .backends
+                .iter()
+                .filter(|b| b.healthy && b.kind != BackendKind::StableDiffusion)
+                .flat_map(|b| b.models.iter().map(move |m| (b, m)))
+                .filter(|(_, m)| same_model(&m.name, model))
+                .filter(|(_, m)| embeddings || m.context_length.is_none_or(|c| c >= prompt_tokens))
+                .max_by_key(|(_, m)| m.loaded);
+            let Some((b, m)) = best else { continue };
+            if breakers
+                .get(&(*id, m.name.clone()))
+                .is_some_and(|br| !br.may_try(now))
+            {
+                continue;
+            }
+            out.push(Candidate {
+                node_id: *id,
+                node: n.name.clone(),
+                backend: b.name.clone(),
+                kind: b.kind,
+                model: m.name.clone(),
+                loaded: m.loaded,
+                in_flight: in_flight.get(id).copied().unwrap_or(0),
+                free_vram: free_vram(*id),
+            });
+        }
+        out.sort_by(|a, b| {
+            b.loaded
+                .cmp(&a.loaded)
+                .then(a.in_flight.cmp(&b.in_flight))
+                .then(b.free_vram.cmp(&a.free_vram))
+                .then(a.node.cmp(&b.node))
+        });
+        out
+    }
+
+    /// The models the fleet can serve: name -> (nodes that have it, nodes that have it loaded).
+    pub fn models(
+        &self,
+        online: impl Fn(Uuid) -> bool,
+    ) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+        let mut out: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        for (id, n) in lock(&self.nodes).iter() {
+            if !online(*id) {
+                continue;
+            }
+            for b in n.inventory.backends.iter().filter(|b| b.healthy) {
+                for m in &b.models {
+                    let e = out.entry(m.name.clone()).or_default();
+                    if !e.0.contains(&n.name) {
+                        e.0.push(n.name.clone());
+                    }
+                    if m.loaded && !e.1.contains(&n.name) {
+                        e.1.push(n.name.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Take a breaker's half-open probe slot (or check it is closed) just before sending.
+    pub fn begin(&self, node_id: Uuid, model: &str) -> bool {
+        let mut breakers = lock(&self.breakers);
+        let ok = breakers
+            .entry((node_id, model.to_owned()))
+            .or_default()
+            .begin(Instant::now());
+        if ok {
+            *lock(&self.in_flight).entry(node_id).or_default() += 1;
+        }
+        ok
+    }
+
+    /// The request sent by `begin` is over.
+    pub fn end(&self, node_id: Uuid, model: &str, outcome: Outcome, cfg: &AiConfig) {
+        if let Some(n) = lock(&self.in_flight).get_mut(&node_id) {
+            *n = n.saturating_sub(1);
+        }
+        let mut breakers = lock(&self.breakers);
+        let b = breakers.entry((node_id, model.to_owned())).or_default();
+        b.record(outcome, Instant::now(), cfg);
+    }
+
+    /// The breaker's state for a node and model (for the API and tests).
+    pub fn breaker_state(&self, node_id: Uuid, model: &str) -> &'static str {
+        lock(&self.breakers)
+            .get(&(node_id, model.to_owned()))
+            .map_or("closed", |b| b.state_name(Instant::now()))
+    }
+
+    pub fn add_usage(&self, token: &str, model: &str, node: &str, prompt: u64, completion: u64) {
+        let mut usage = lock(&self.usage);
+        let u = usage
+            .entry((token.to_owned(), model.to_owned(), node.to_owned()))
+            .or_default();
+        u.requests += 1;
+        u.prompt_tokens += prompt;
+        u.completion_tokens += completion;
+    }
+
+    pub fn usage(&self) -> Vec<((String, String, String), Usage)> {
+        lock(&self.usage)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Admit one request for `token` under the per-token limits; `Err(retry_after)` when over.
+    pub fn admit(&self, token: &str, cfg: &AiConfig) -> Result<(), Duration> {
+        let mut limits = lock(&self.limits);
+        let l = limits.entry(token.to_owned()).or_default();
+        let now = Instant::now();
+        while l
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            l.window.pop_front();
+        }
+        if cfg.requests_per_minute > 0 && l.window.len() >= cfg.requests_per_minute as usize {
+            let oldest = l.window.front().copied().unwrap_or(now);
+            return Err(Duration::from_secs(60).saturating_sub(now.duration_since(oldest)));
+        }
+        if cfg.max_concurrent > 0 && l.in_flight >= cfg.max_concurrent {
+            return Err(Duration::from_secs(1));
+        }
+        l.window.push_back(now);
+        l.in_flight += 1;
+        Ok(())
+    }
+
+    pub fn release(&self, token: &str) {
+        if let Some(l) = lock(&self.limits).get_mut(token) {
+            l.in_flight = l.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// How a request to a node ended, as far as its breaker is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// 429 or 503: the node says it is overloaded; open at once.
+    Overloaded,
+    Timeout,
+    Failure,
+    /// Not the node's fault (a bad request, the client went away).
+    Neutral,
+}
+
+/// A circuit breaker for one (node, model).
+#[derive(Debug, Clone)]
+struct Breaker {
+    state: BreakerState,
+    /// Outcomes of the last requests while closed (true: failed).
+    recent: VecDeque<bool>,
+    consecutive: u32,
+    cooldown: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BreakerState {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            state: BreakerState::Closed,
+            recent: VecDeque::new(),
+            consecutive: 0,
+            cooldown: None,
+        }
+    }
+}
+
+/// Outcomes looked at for the failure ratio, and the least that count.
+const RATIO_WINDOW: usize = 20;
+const RATIO_MIN: usize = 10;
+
+impl Breaker {
+    fn may_try(&self, now: Instant) -> bool {
+        match self.state {
+            BreakerState::Closed => true,
+            BreakerState::Open { until } => now >= until,
+            BreakerState::HalfOpen { probing } => !probing,
+        }
+    }
+
+    fn begin(&mut self, now: Instant) -> bool {
+        match self.state {
+            BreakerState::Closed => true,
+            BreakerState::Open { until } if now >= until => {
+                self.state = BreakerState::HalfOpen { probing: true };
+                true
+            }
+            BreakerState::Open { .. } => false,
+            BreakerState::HalfOpen { probing: false } => {
+                self.state = BreakerState::HalfOpen { probing: true };
+                true
+            }
+            BreakerState::HalfOpen { probing: true } => false,
+        }
+    }
+
+    fn record(&mut self, outcome: Outcome, now: Instant, cfg: &AiConfig) {
+        if outcome == Outcome::Neutral {
+            if let BreakerState::HalfOpen { .. } = self.state {
+                self.state = BreakerState::HalfOpen { probing: false };
+            }
+            return;
+        }
+        let failed = outcome != Outcome::Success;
+        match self.state {
+            BreakerState::HalfOpen { .. } => {
+                if failed {
+                    let next = self
+                        .cooldown
+                        .map_or(cfg.breaker_cooldown, |c| c * 2)
+                        .min(cfg.breaker_max_cooldown);
+                    self.open(now, next);
+                } else {
+                    self.state = BreakerState::Closed;
+                    self.cooldown = None;
+                    self.recent.clear();
+                    self.consecutive = 0;
+                }
+            }
+            BreakerState::Open { .. } => {}
+            BreakerState::Closed => {
+                self.recent.push_back(failed);
+                if self.recent.len() > RATIO_WINDOW {
+                    self.recent.pop_front();
+                }
+                self.consecutive = if failed { self.consecutive + 1 } else { 0 };
+                let failures = self.recent.iter().filter(|f| **f).count();
+                let ratio_trip =
+                    self.recent.len() >= RATIO_MIN && failures * 2 >= self.recent.len();
+                if outcome == Outcome::Overloaded
+                    || self.consecutive >= cfg.breaker_failures.max(1)
+                    || ratio_trip
+                {
+                    self.open(now, cfg.breaker_cooldown);
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, now: Instant, cooldown: Duration) {
+        self.cooldown = Some(cooldown);
+        self.state = BreakerState::Open {
+            until: now + cooldown,
+        };
+        self.recent.clear();
+        self.consecutive = 0;
+    }
+
+    fn state_name(&self, now: Instant) -> &'static str {
+        match self.state {
+            BreakerState::Closed => "closed",
+            BreakerState::Open { until } if now >= until => "half-open",
+            BreakerState::Open { .. } => "open",
+            BreakerState::HalfOpen { .. } => "half-open",
+        }
+    }
+}
+
+/// A rough token count for a prompt (about four bytes a token), for the context-length filter.
+pub fn estimate_tokens(bytes: usize) -> u32 {
+    u32::try_from(bytes / 4).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nebula_protocol::ai::{AiModel, BackendStatus};
+
+    fn inv(models: &[(&str, bool, Option<u32>)]) -> AiInventory {
+        AiInventory {
+            backends: vec![BackendStatus {
+                name: "llama".into(),
+                kind: BackendKind::OpenAi,
+                url: "http://127.0.0.1:8080".into(),
+                source: "config".into(),
+                healthy: true,
+                error: None,
+                models: models
+                    .iter()
+                    .map(|(n, loaded, ctx)| AiModel {
+                        name: (*n).into(),
+                        loaded: *loaded,
+                        context_length: *ctx,
+                        ..AiModel::default()
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    #[test]
+    fn loaded_beats_on_disk_then_fewer_in_flight_then_more_vram() {
+        let f = AiFleet::default();
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        f.set_inventory(a, "a", inv(&[("m", false, None)]));
+        f.set_inventory(b, "b", inv(&[("m:latest", true, None)]));
+        f.set_inventory(c, "c", inv(&[("other", true, None)]));
+        let vram = |id: Uuid| if id == a { 10 } else { 5 };
+        let got = f.candidates("m", 10, |_| true, vram, false);
+        assert_eq!(
+            got.iter().map(|c| c.node.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
+        // Offline nodes are out.
+        let got = f.candidates("m", 10, |id| id != b, vram, false);
+        assert_eq!(
+            got.iter().map(|c| c.node.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+        // Both loaded: the one with fewer requests in flight, then more free VRAM.
+        f.set_inventory(a, "a", inv(&[("m", true, None)]));
+        assert_eq!(f.candidates("m", 10, |_| true, vram, false)[0].node, "a");
+        assert!(f.begin(a, "m"));
+        assert_eq!(f.candidates("m", 10, |_| true, vram, false)[0].node, "b");
+        f.end(a, "m", Outcome::Success, &AiConfig::default());
+        assert_eq!(f.candidates("m", 10, |_| true, vram, false)[0].node, "a");
+    }
+
+    #[test]
+    fn a_prompt_longer_than_the_context_is_not_sent() {
+        let f = AiFleet::default();
+        f.set_inventory(Uuid::from_u128(1), "small", inv(&[("m", true, Some(512))]));
+        f.set_inventory(Uuid::from_u128(2), "big", inv(&[("m", true, Some(8192))]));
+        let got = f.candidates("m", 2000, |_| true, |_| 0, false);
+        assert_eq!(
+            got.iter().map(|c| c.node.as_str()).collect::<Vec<_>>(),
+            ["big"]
+        );
+    }
+
+    #[test]
+    fn breaker_trips_cools_down_probes_once_and_closes() {
+        let cfg = AiConfig {
+            breaker_failures: 2,
+            breaker_cooldown: Duration::from_millis(40),
+            ..AiConfig::default()
+        };
+        let f = AiFleet::default();
+        let n = Uuid::from_u128(1);
+        f.set_inventory(n, "n", inv(&[("m", true, None)]));
+        for _ in 0..2 {
+            assert!(f.begin(n, "m"));
+            f.end(n, "m", Outcome::Failure, &cfg);
+        }
+        assert_eq!(f.breaker_state(n, "m"), "open");
+        assert!(f.candidates("m", 1, |_| true, |_| 0, false).is_empty());
+        assert!(!f.begin(n, "m"));
+        std::thread::sleep(Duration::from_millis(50));
+        // Half-open: one probe at a time.
+        assert_eq!(f.candidates("m", 1, |_| true, |_| 0, false).len(), 1);
+        assert!(f.begin(n, "m"));
+        assert!(!f.begin(n, "m"));
+        // The probe fails: open again, for twice as long.
+        f.end(n, "m", Outcome::Timeout, &cfg);
+        assert_eq!(f.breaker_state(n, "m"), "open");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!f.begin(n, "m"), "the second cooldown is 80 ms");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(f.begin(n, "m"));
+        f.end(n, "m", Outcome::Success, &cfg);
+        assert_eq!(f.breaker_state(n, "m"), "closed");
+        // 429 opens at once.
+        assert!(f.begin(n, "m"));
+        f.end(n, "m", Outcome::Overloaded, &cfg);
+        assert_eq!(f.breaker_state(n, "m"), "open");
+    }
+
+    #[test]
+    fn limits_per_token() {
+        let cfg = AiConfig {
+            requests_per_minute: 2,
+            max_concurrent: 1,
+            ..AiConfig::default()
+        };
+        let f = AiFleet::default();
+        assert!(f.admit("t", &cfg).is_ok());
+        assert!(f.admit("t", &cfg).is_err(), "one at a time");
+        f.release("t");
+        assert!(f.admit("t", &cfg).is_ok());
+        f.release("t");
+        let wait = f.admit("t", &cfg).unwrap_err();
+        assert!(wait > Duration::from_secs(50), "{wait:?}");
+        assert!(f.admit("other", &cfg).is_ok());
+    }
+}
