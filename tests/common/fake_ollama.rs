@@ -1,0 +1,226 @@
+//! A stand-in for Ollama (no real Ollama can run here: its binary and model registry are out of
+//! reach). It speaks Ollama's real wire format for what the agent reads (`/api/version`,
+//! `/api/tags`, `/api/ps`) and the OpenAI-compatible routes Ollama serves under `/v1`, where it
+//! echoes the last user message back as the answer, streamed in chunks of a few characters so
+//! that a planted secret is split across chunks. Modes make it overloaded (503) or die in the
+//! middle of a stream, as a killed backend would.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Healthy,
+    /// Every inference request gets 503.
+    Overloaded,
+    /// Streams stop (the connection is cut) after this many chunks.
+    DieAfter(usize),
+}
+
+#[derive(Debug)]
+pub struct FakeState {
+    /// (name, loaded)
+    pub models: Vec<(String, bool)>,
+    pub mode: Mode,
+    /// Characters per streamed chunk.
+    pub chunk_chars: usize,
+    pub inference_requests: usize,
+}
+
+#[derive(Clone)]
+pub struct FakeOllama {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<FakeState>>,
+    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeOllama {
+    pub async fn start(models: &[(&str, bool)]) -> Self {
+        let state = Arc::new(Mutex::new(FakeState {
+            models: models.iter().map(|(n, l)| ((*n).to_owned(), *l)).collect(),
+            mode: Mode::Healthy,
+            chunk_chars: 4,
+            inference_requests: 0,
+        }));
+        let app = Router::new()
+            .route(
+                "/api/version",
+                get(|| async { Json(json!({"version": "0.5.7"})) }),
+            )
+            .route("/api/tags", get(tags))
+            .route("/api/ps", get(ps))
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/embeddings", post(embeddings))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        FakeOllama {
+            addr,
+            state,
+            _stop: Arc::new(tx),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.state.lock().unwrap().mode = mode;
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.lock().unwrap().inference_requests
+    }
+}
+
+type St = State<Arc<Mutex<FakeState>>>;
+
+fn digest(name: &str) -> String {
+    format!(
+        "{:064x}",
+        name.bytes().fold(0u128, |a, b| a * 31 + u128::from(b))
+    )
+}
+
+async fn tags(State(s): St) -> Json<Value> {
+    let models: Vec<Value> = s
+        .lock()
+        .unwrap()
+        .models
+        .iter()
+        .map(|(n, _)| {
+            json!({"name": n, "model": n, "modified_at": "2026-11-01T10:00:00Z", "size": 4_661_224_676u64,
+                   "digest": digest(n), "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B", "quantization_level": "Q4_0"}})
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+async fn ps(State(s): St) -> Json<Value> {
+    let models: Vec<Value> = s
+        .lock()
+        .unwrap()
+        .models
+        .iter()
+        .filter(|(_, loaded)| *loaded)
+        .map(|(n, _)| {
+            json!({"name": n, "model": n, "size": 5_137_025_024u64, "digest": digest(n),
+                   "expires_at": "2026-11-28T12:00:00Z", "size_vram": 5_137_025_024u64, "context_length": 8192})
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+fn last_user_message(body: &Value) -> String {
+    body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn chat(State(s): St, Json(body): Json<Value>) -> Response {
+    let (mode, chunk_chars) = {
+        let mut st = s.lock().unwrap();
+        st.inference_requests += 1;
+        (st.mode, st.chunk_chars)
+    };
+    if mode == Mode::Overloaded {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "server busy, please try again. maximum pending requests exceeded"})),
+        )
+            .into_response();
+    }
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let text = last_user_message(&body);
+    let prompt_tokens = text.split_whitespace().count() as u64 + 5;
+    let completion_tokens = text.chars().count().div_ceil(chunk_chars) as u64;
+    if !body["stream"].as_bool().unwrap_or(false) {
+        return Json(json!({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1_795_000_000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        }))
+        .into_response();
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let mut events: Vec<String> = vec![json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}).to_string()];
+    for piece in chars.chunks(chunk_chars.max(1)) {
+        let piece: String = piece.iter().collect();
+        events.push(
+            json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]})
+            .to_string(),
+        );
+    }
+    events.push(
+        json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        .to_string(),
+    );
+    if body["stream_options"]["include_usage"].as_bool() == Some(true) {
+        events.push(json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}}).to_string());
+    }
+    let die_after = match mode {
+        Mode::DieAfter(n) => Some(n),
+        _ => None,
+    };
+    let stream = futures::stream::unfold(
+        (events.into_iter(), 0usize),
+        move |(mut it, n)| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if die_after.is_some_and(|d| n >= d) {
+                return Some((Err(std::io::Error::other("backend killed")), (it, n + 1)))
+                    .filter(|_| n == die_after.unwrap_or(0));
+            }
+            match it.next() {
+                Some(e) => Some((
+                    Ok::<Bytes, std::io::Error>(Bytes::from(format!("data: {e}\n\n"))),
+                    (it, n + 1),
+                )),
+                None if n != usize::MAX => Some((
+                    Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                    (it, usize::MAX),
+                )),
+                None => None,
+            }
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+async fn embeddings(State(s): St, Json(body): Json<Value>) -> Response {
+    s.lock().unwrap().inference_requests += 1;
+    let input = body["input"].as_str().unwrap_or_default();
+    let v: Vec<f64> = (0..8)
+        .map(|i| ((input.len() + i) % 7) as f64 / 7.0)
+        .collect();
+    Json(json!({"object": "list", "model": body["model"], "data": [{"object": "embedding", "index": 0, "embedding": v}],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3}}))
+    .into_response()
+}
