@@ -379,7 +379,9 @@ impl Controller {
         }
         let cp = Arc::new(ControlPlane {
             releases,
-            ai: ai::AiFleet::default(),
+            ai: ai::AiFleet::new(
+                ai::filters::Filters::new(config.ai.filters.clone()).map_err(anyhow::Error::msg)?,
+            ),
             http_client: reqwest::Client::builder()
                 .tcp_nodelay(true)
                 .build()

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use super::{estimate_tokens, AiConfig, Candidate, Outcome};
+use super::{estimate_tokens, filters, AiConfig, Candidate, Outcome};
 use crate::ControlPlane;
 
 /// Set on every gateway response, so that an agent's discovery never takes the gateway for a
@@ -247,7 +247,7 @@ async fn serve(
             continue;
         }
         match start(&cp, &c, path, &body, &cfg).await {
-            Ok(started) => return respond(cp, c, started, stream, admitted, cfg),
+            Ok(started) => return respond(cp, c, started, stream, admitted, cfg).await,
             Err(f) => {
                 debug!(node = %c.node, model = %c.model, "try failed: {}", f.message);
                 if f.missing {
@@ -475,7 +475,7 @@ fn usage_in_sse(bytes: &[u8]) -> Option<(u64, u64)> {
         .find_map(|v| usage_of(&v))
 }
 
-fn respond(
+async fn respond(
     cp: Arc<ControlPlane>,
     c: Candidate,
     started: Started,
@@ -500,14 +500,26 @@ fn respond(
         finish.outcome = Some(Outcome::Neutral);
     }
     let content_type = started.content_type.clone();
+    let mut filtered = Vec::new();
     let body = if stream && status.is_success() {
         Body::from_stream(relay(started, finish, cfg.total_timeout))
     } else {
-        Body::from_stream(futures::stream::once(collect(
-            started,
-            finish,
-            cfg.total_timeout,
-        )))
+        match collect(started, &mut finish, cfg.total_timeout).await {
+            Ok(bytes) if status.is_success() => {
+                let (bytes, hits) = filter_whole(&cp, &finish.token, &c.model, &c.node, bytes);
+                filtered = hits;
+                Body::from(bytes)
+            }
+            Ok(bytes) => Body::from(bytes),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "upstream_failed",
+                    format!("{} failed while answering: {e}", c.node),
+                )
+            }
+        }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -524,18 +536,72 @@ fn respond(
     if let Ok(v) = HeaderValue::from_str(&c.backend) {
         h.insert("x-nebula-backend", v);
     }
+    if !filtered.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&filtered.join(",")) {
+            h.insert("x-nebula-filtered", v);
+        }
+    }
     if stream {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     resp
 }
 
+/// Record filter hits in the audit log.
+fn audit_hits(cp: &ControlPlane, token: &str, model: &str, node: &str, hits: &[filters::Hit]) {
+    for h in hits {
+        cp.audit(
+            token,
+            "ai.filter",
+            model,
+            json!({"rule": h.rule, "action": h.action, "sample": h.sample, "node": node}),
+        );
+    }
+}
+
+/// Filter a whole JSON answer; the bytes to send and the rules that matched.
+fn filter_whole(
+    cp: &ControlPlane,
+    token: &str,
+    model: &str,
+    node: &str,
+    bytes: Bytes,
+) -> (Bytes, Vec<String>) {
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        return (bytes, Vec::new());
+    };
+    let hits = filters::filter_body(&cp.ai.filters, &mut v);
+    if hits.is_empty() {
+        return (bytes, Vec::new());
+    }
+    audit_hits(cp, token, model, node, &hits);
+    if filters::blocked(&hits) {
+        if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
+            for ch in choices {
+                for ptr in ["/message/content", "/text"] {
+                    if let Some(t) = ch.pointer_mut(ptr) {
+                        *t = Value::String(String::new());
+                    }
+                }
+                ch["finish_reason"] = Value::String("content_filter".into());
+            }
+        }
+    }
+    let mut rules: Vec<String> = hits.iter().map(|h| h.rule.to_owned()).collect();
+    rules.dedup();
+    (
+        Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+        rules,
+    )
+}
+
 /// A whole (non-streamed) answer.
 async fn collect(
-    mut s: Started,
-    mut finish: Finish,
+    s: Started,
+    finish: &mut Finish,
     total: Duration,
 ) -> Result<Bytes, std::io::Error> {
+    let mut s = s;
     let deadline = tokio::time::Instant::now() + total;
     let mut body = std::mem::take(&mut s.first);
     let mut done = s.done;
@@ -580,7 +646,7 @@ fn sse_error(message: &str) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-/// Relay a streamed answer chunk by chunk, as it arrives.
+/// Relay a streamed answer chunk by chunk, as it arrives, through the output filters.
 fn relay(
     s: Started,
     finish: Finish,
@@ -592,12 +658,38 @@ fn relay(
         deadline: tokio::time::Instant,
         first: Option<Vec<u8>>,
         over: bool,
+        filter: filters::SseFilter,
+    }
+    impl St {
+        /// Pass bytes through the filter; note usage.
+        fn pass(&mut self, bytes: &[u8]) -> Bytes {
+            if let Some(u) = usage_in_sse(bytes) {
+                self.finish.usage = Some(u);
+            }
+            let cp = self.finish.cp.clone();
+            Bytes::from(self.filter.push(&cp.ai.filters, bytes))
+        }
+
+        /// The end: what the filter still holds, and its hits audited.
+        fn close(&mut self) -> Vec<u8> {
+            let cp = self.finish.cp.clone();
+            let out = self.filter.finish(&cp.ai.filters);
+            audit_hits(
+                &cp,
+                &self.finish.token,
+                &self.finish.model,
+                &self.finish.node,
+                &self.filter.text.hits,
+            );
+            out
+        }
     }
     let mut s = s;
     let st = St {
         first: Some(std::mem::take(&mut s.first)),
         deadline: tokio::time::Instant::now() + total,
         over: false,
+        filter: filters::SseFilter::default(),
         s,
         finish,
     };
@@ -606,14 +698,13 @@ fn relay(
             return None;
         }
         if let Some(first) = st.first.take() {
+            let mut out = st.pass(&first).to_vec();
             if st.s.done {
                 st.over = true;
                 st.finish.outcome.get_or_insert(Outcome::Success);
+                out.extend(st.close());
             }
-            if let Some(u) = usage_in_sse(&first) {
-                st.finish.usage = Some(u);
-            }
-            return Some((Ok(Bytes::from(first)), st));
+            return Some((Ok(Bytes::from(out)), st));
         }
         let read = tokio::time::timeout_at(
             st.deadline,
@@ -621,15 +712,11 @@ fn relay(
         )
         .await;
         let item = match read {
-            Ok(Ok(InferEvent::Chunk(b))) => {
-                if let Some(u) = usage_in_sse(&b) {
-                    st.finish.usage = Some(u);
-                }
-                Bytes::from(b)
-            }
+            Ok(Ok(InferEvent::Chunk(b))) => st.pass(&b),
             Ok(Ok(InferEvent::End)) => {
+                st.over = true;
                 st.finish.outcome.get_or_insert(Outcome::Success);
-                return None;
+                Bytes::from(st.close())
             }
             Ok(Ok(InferEvent::Error { message, timeout })) => {
                 st.over = true;
@@ -639,21 +726,32 @@ fn relay(
                     Outcome::Failure
                 });
                 warn!(node = %st.finish.node, "stream interrupted: {message}");
-                sse_error(&format!("{} failed mid-stream: {message}", st.finish.node))
+                let mut out = st.close();
+                out.extend_from_slice(&sse_error(&format!(
+                    "{} failed mid-stream: {message}",
+                    st.finish.node
+                )));
+                Bytes::from(out)
             }
             Ok(Ok(InferEvent::Head { .. })) | Ok(Err(_)) => {
                 st.over = true;
                 st.finish.outcome.get_or_insert(Outcome::Failure);
-                sse_error(&format!(
+                let mut out = st.close();
+                out.extend_from_slice(&sse_error(&format!(
                     "the connection to {} broke mid-stream",
                     st.finish.node
-                ))
+                )));
+                Bytes::from(out)
             }
             Err(_) => {
                 st.over = true;
                 st.finish.outcome.get_or_insert(Outcome::Timeout);
                 let _ = st.s.send.reset(0u32.into());
-                sse_error("the answer took longer than the gateway's total timeout")
+                let mut out = st.close();
+                out.extend_from_slice(&sse_error(
+                    "the answer took longer than the gateway's total timeout",
+                ));
+                Bytes::from(out)
             }
         };
         Some((Ok(item), st))
@@ -724,13 +822,75 @@ async fn fallback(
         .cloned()
         .unwrap_or(HeaderValue::from_static("application/json"));
     let node = format!("fallback:{}", fb.name);
+    if !stream || !status.is_success() {
+        // A whole answer: read it, filter it, send it.
+        let bytes = match tokio::time::timeout(cfg.total_timeout, resp.bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "fallback_failed",
+                    format!("{}: {e}", fb.name),
+                )
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "api_error",
+                    "fallback_timeout",
+                    format!("{} took too long", fb.name),
+                )
+            }
+        };
+        let (bytes, filtered) = if status.is_success() {
+            if let Some((p, c)) = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .as_ref()
+                .and_then(usage_of)
+            {
+                cp.ai.add_usage(&admitted.token, &model, &node, p, c);
+            }
+            filter_whole(&cp, &admitted.token, &model, &node, bytes)
+        } else {
+            (bytes, Vec::new())
+        };
+        let mut r = Response::new(Body::from(bytes));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_TYPE, content_type);
+        h.insert(GATEWAY_HEADER, HeaderValue::from_static("1"));
+        if let Ok(v) = HeaderValue::from_str(&node) {
+            h.insert(NODE_HEADER, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&filtered.join(",")) {
+            if !filtered.is_empty() {
+                h.insert("x-nebula-filtered", v);
+            }
+        }
+        return r;
+    }
     struct Fb {
         resp: Option<reqwest::Response>,
         admitted: Admitted,
         model: String,
         node: String,
         usage: Option<(u64, u64)>,
-        stream: bool,
+        filter: filters::SseFilter,
+    }
+    impl Fb {
+        fn close(&mut self) -> Vec<u8> {
+            let cp = self.admitted.cp.clone();
+            let out = self.filter.finish(&cp.ai.filters);
+            audit_hits(
+                &cp,
+                &self.admitted.token,
+                &self.model,
+                &self.node,
+                &self.filter.text.hits,
+            );
+            out
+        }
     }
     let st = Fb {
         resp: Some(resp),
@@ -738,42 +898,35 @@ async fn fallback(
         model,
         node: node.clone(),
         usage: None,
-        stream,
+        filter: filters::SseFilter::default(),
     };
     let chunks = futures::stream::unfold(st, |mut st| async move {
         let resp = st.resp.as_mut()?;
         match resp.chunk().await {
             Ok(Some(b)) => {
-                let u = usage_in_sse(&b).or_else(|| {
-                    serde_json::from_slice::<Value>(&b)
-                        .ok()
-                        .as_ref()
-                        .and_then(usage_of)
-                });
-                if u.is_some() {
-                    st.usage = u;
+                if let Some(u) = usage_in_sse(&b) {
+                    st.usage = Some(u);
                 }
-                Some((Ok::<Bytes, std::io::Error>(b), st))
+                let cp = st.admitted.cp.clone();
+                let out = st.filter.push(&cp.ai.filters, &b);
+                Some((Ok::<Bytes, std::io::Error>(Bytes::from(out)), st))
             }
             Ok(None) => {
+                st.resp = None;
                 let (p, c) = st.usage.unwrap_or((0, 0));
                 let cp = st.admitted.cp.clone();
                 cp.ai
                     .add_usage(&st.admitted.token, &st.model, &st.node, p, c);
-                None
+                let out = st.close();
+                Some((Ok(Bytes::from(out)), st))
             }
             Err(e) => {
                 st.resp = None;
-                if st.stream {
-                    Some((
-                        Ok(sse_error(&format!(
-                            "the fallback provider failed mid-stream: {e}"
-                        ))),
-                        st,
-                    ))
-                } else {
-                    Some((Err(std::io::Error::other(e.to_string())), st))
-                }
+                let mut out = st.close();
+                out.extend_from_slice(&sse_error(&format!(
+                    "the fallback provider failed mid-stream: {e}"
+                )));
+                Some((Ok(Bytes::from(out)), st))
             }
         }
     });

@@ -6,6 +6,7 @@
 //! model not open, the model there and its context long enough for the prompt; then a loaded
 //! model beats one on disk, fewer requests in flight beat more, more free VRAM beats less.
 
+pub mod filters;
 pub mod gateway;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -44,6 +45,8 @@ pub struct AiConfig {
     pub max_concurrent: u32,
     /// An OpenAI-compatible provider used when no node can serve (before any byte was sent).
     pub fallback: Option<FallbackConfig>,
+    /// Output filters (redact, block, warn, log per rule).
+    pub filters: filters::FilterConfig,
 }
 
 impl Default for AiConfig {
@@ -59,6 +62,7 @@ impl Default for AiConfig {
             requests_per_minute: 0,
             max_concurrent: 0,
             fallback: None,
+            filters: filters::FilterConfig::default(),
         }
     }
 }
@@ -98,8 +102,10 @@ pub struct Candidate {
 }
 
 /// The fleet's AI state, shared by the sessions (which report) and the gateway (which routes).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AiFleet {
+    /// The output filters, compiled.
+    pub filters: filters::Filters,
     nodes: Mutex<HashMap<Uuid, NodeAi>>,
     in_flight: Mutex<HashMap<Uuid, u32>>,
     breakers: Mutex<HashMap<(Uuid, String), Breaker>>,
@@ -125,7 +131,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Default for AiFleet {
+    fn default() -> Self {
+        AiFleet::new(
+            filters::Filters::new(filters::FilterConfig::default()).expect("default filters"),
+        )
+    }
+}
+
 impl AiFleet {
+    pub fn new(filters: filters::Filters) -> Self {
+        AiFleet {
+            filters,
+            nodes: Mutex::default(),
+            in_flight: Mutex::default(),
+            breakers: Mutex::default(),
+            usage: Mutex::default(),
+            limits: Mutex::default(),
+        }
+    }
+
     pub fn set_inventory(&self, node_id: Uuid, name: &str, inventory: AiInventory) {
         lock(&self.nodes).insert(
             node_id,
