@@ -457,3 +457,66 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
         "no fallback after the first byte"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_filters_redact_a_key_an_email_and_a_card_even_split_across_chunks() {
+    let backend = FakeOllama::start(&[("llama3", true)]).await;
+    let (c, _cfg) = controller("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
+    wait_model(&c, "llama3", &["node-a"]).await;
+    // The echo backend repeats the prompt; the secrets are cut into 4-character chunks.
+    let planted = "Sure. The key is sk-proj-Q3vT9xLmA7pK2wZr8YbN4cD6 and mail it to grace.hopper@example.net, card 4242 4242 4242 4242 expires soon. Anything else I can help with today?";
+    let expected = "Sure. The key is [REDACTED:api_key] and mail it to [REDACTED:email], card [REDACTED:card] expires soon. Anything else I can help with today?";
+
+    let r = chat(&c, json!({"model": "llama3", "stream": true, "messages": [{"role": "user", "content": planted}]})).await;
+    assert_eq!(r.status(), 200);
+    let events = sse_events(&r.text().await.unwrap());
+    assert_eq!(streamed_content(&events), expected);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(
+        events.len() > 20,
+        "still streamed in many events: {}",
+        events.len()
+    );
+
+    let r = chat(
+        &c,
+        json!({"model": "llama3", "messages": [{"role": "user", "content": planted}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let filtered = r.headers()["x-nebula-filtered"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(filtered, "api_key,email,card");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], expected);
+
+    // Every hit is an audit event, without the secret itself.
+    let audit = wait_for(
+        "filter hits in the audit log",
+        Duration::from_secs(10),
+        || async {
+            let a = c.get("/api/v1/audit?action=ai.filter&limit=100").await;
+            let hits: Vec<Value> = a["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["action"] == "ai.filter")
+                .cloned()
+                .collect();
+            (hits.len() >= 6).then_some(hits)
+        },
+    )
+    .await;
+    let text = serde_json::to_string(&audit).unwrap();
+    for rule in ["api_key", "email", "card"] {
+        assert!(text.contains(rule), "{text}");
+    }
+    assert!(
+        !text.contains("Q3vT9xLmA7pK2wZr8YbN4cD6") && !text.contains("grace.hopper"),
+        "{text}"
+    );
+}
