@@ -95,6 +95,32 @@ pub enum InferEvent {
     },
 }
 
+/// A model job: what to do, on which backend (default: the first that can).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub backend: Option<String>,
+    pub action: ModelAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelAction {
+    /// Ollama: `/api/pull`, streamed; progress over all layers.
+    Pull {
+        name: String,
+    },
+    /// A model file for a file-based backend (llama.cpp): downloaded from `url` into the agent's
+    /// models directory as `file`, resumed when a part is there, checked against `sha256`.
+    Download {
+        url: String,
+        file: String,
+        sha256: Option<String>,
+    },
+    Delete {
+        name: String,
+    },
+    List,
+}
+
 impl crate::Message for InferEvent {
     const NAME: &'static str = "InferEvent";
     const VARIANTS: Option<u32> = Some(4);

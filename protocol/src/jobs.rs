@@ -66,11 +66,13 @@ pub enum JobSpec {
     Undeploy(UndeploySpec),
     /// Send a Wake-on-LAN magic packet from this node (a relay on the sleeping host's LAN).
     Wake(WakeSpec),
+    /// Pull, download, delete or list models on one of the node's inference backends (1.4).
+    Model(crate::ai::ModelSpec),
 }
 
 impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
-    pub const KINDS: u32 = 7;
+    pub const KINDS: u32 = 8;
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -81,12 +83,22 @@ impl JobSpec {
             JobSpec::Deploy(_) => "deploy",
             JobSpec::Undeploy(_) => "undeploy",
             JobSpec::Wake(_) => "wake",
+            JobSpec::Model(_) => "model",
         }
     }
 
     /// True when running the job twice would not matter (reads only).
     pub fn is_read_only(&self) -> bool {
-        matches!(self, JobSpec::Noop | JobSpec::Probe(_) | JobSpec::Inventory)
+        matches!(
+            self,
+            JobSpec::Noop
+                | JobSpec::Probe(_)
+                | JobSpec::Inventory
+                | JobSpec::Model(crate::ai::ModelSpec {
+                    action: crate::ai::ModelAction::List,
+                    ..
+                })
+        )
     }
 }
 

@@ -458,6 +458,21 @@ fn job_control() {
         },
     );
     check(
+        "job_model_pull",
+        &JobControl::Request(JobRequest {
+            id: job_id(),
+            attempt: 1,
+            deadline_unix_ms: Some(1_764_000_000_000),
+            logs_from: 0,
+            spec: JobSpec::Model(ai::ModelSpec {
+                backend: Some("ollama-11434".into()),
+                action: ai::ModelAction::Pull {
+                    name: "llama3:8b".into(),
+                },
+            }),
+        }),
+    );
+    check(
         "job_infer",
         &JobControl::Infer(ai::InferRequest {
             backend: "ollama-11434".into(),
