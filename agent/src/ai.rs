@@ -37,6 +37,8 @@ pub struct AiConfig {
     /// How often backends are asked what they hold.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Where model files downloaded by model jobs go (default: `models/` in the state dir).
+    pub models_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for AiConfig {
@@ -45,6 +47,7 @@ impl Default for AiConfig {
             backends: Vec::new(),
             discover: true,
             poll_interval: Duration::from_secs(10),
+            models_dir: None,
         }
     }
 }
@@ -100,15 +103,37 @@ struct Known {
 #[derive(Debug, Default)]
 pub struct Backends {
     known: RwLock<BTreeMap<String, (BackendKind, String)>>,
-    client: reqwest::Client,
+    pub(crate) client: reqwest::Client,
+    /// Ask the poller to look again now (after a pull or a delete).
+    pub refresh: tokio::sync::Notify,
+    /// Where downloaded model files go.
+    pub models_dir: std::path::PathBuf,
 }
 
 impl Backends {
-    pub fn new() -> Arc<Self> {
+    pub fn new(models_dir: std::path::PathBuf) -> Arc<Self> {
         Arc::new(Backends {
             known: RwLock::default(),
             client: client(),
+            refresh: tokio::sync::Notify::new(),
+            models_dir,
         })
+    }
+
+    /// The backend named `name`, or the first of `kind` when no name is given.
+    pub fn pick(
+        &self,
+        name: Option<&str>,
+        kind: BackendKind,
+    ) -> Option<(String, BackendKind, String)> {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        match name {
+            Some(n) => known.get(n).map(|(k, u)| (n.to_owned(), *k, u.clone())),
+            None => known
+                .iter()
+                .find(|(_, (k, _))| *k == kind)
+                .map(|(n, (k, u))| (n.clone(), *k, u.clone())),
+        }
     }
 
     fn get(&self, name: &str) -> Option<(BackendKind, String)> {
@@ -199,6 +224,7 @@ pub async fn run(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(config.poll_interval) => {}
+            _ = backends.refresh.notified() => {}
         }
     }
 }

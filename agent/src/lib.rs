@@ -284,7 +284,13 @@ impl Agent {
             facts.gpus = inv.gpus.clone();
             facts.container_runtime = inv.container_runtime.clone();
         }
-        let backends = ai::Backends::new();
+        let backends = ai::Backends::new(
+            self.config
+                .ai
+                .models_dir
+                .clone()
+                .unwrap_or_else(|| self.state.path().join("models")),
+        );
         let (ai_tx, ai_rx) = watch::channel(nebula_protocol::ai::AiInventory::default());
         tracker.spawn(ai::run(
             self.config.ai.clone(),

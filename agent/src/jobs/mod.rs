@@ -32,6 +32,7 @@ pub mod deploy;
 pub mod exec;
 pub mod inventory;
 pub mod journal;
+pub mod model;
 pub mod probe;
 pub mod wake;
 
@@ -98,6 +99,8 @@ pub struct Running {
 
 #[derive(Default)]
 struct RunLog {
+    /// The latest progress: a counter that changes with it, the percentage and a message.
+    progress: Option<(u64, f32, String)>,
     lines: VecDeque<LogLine>,
     next_seq: u64,
     started: bool,
@@ -125,6 +128,14 @@ impl Running {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(reason);
         self.cancel.cancel();
+    }
+
+    fn progress(&self) -> Option<(u64, f32, String)> {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .progress
+            .clone()
     }
 
     /// Lines from `from` on, whether the run started, and its result if it ended.
@@ -175,6 +186,15 @@ impl JobContext {
             if log.lines.len() > KEPT_LINES {
                 log.lines.pop_front();
             }
+        });
+    }
+
+    /// One figure for the whole job (0-100) and what it is doing; sent as `Progress` events
+    /// (the latest wins when they come faster than they can be sent).
+    pub fn progress(&self, percent: f32, message: String) {
+        self.running.update(|log| {
+            let n = log.progress.as_ref().map_or(0, |p| p.0 + 1);
+            log.progress = Some((n, percent.clamp(0.0, 100.0), message));
         });
     }
 
@@ -401,6 +421,7 @@ impl JobRunner {
         let mut changed = running.changed.subscribe();
         let mut cursor = req.logs_from;
         let mut told_started = false;
+        let mut told_progress: Option<u64> = None;
         let mut pending = vec![JobEvent::Accepted { resumed }];
         let mut reading = true;
         let mut frames = proto::FrameReader::new(MAX_CONTROL_FRAME);
@@ -415,6 +436,12 @@ impl JobRunner {
                 cursor = last.seq + 1;
             }
             pending.extend(lines.into_iter().map(JobEvent::Log));
+            if let Some((n, percent, message)) = running.progress() {
+                if told_progress != Some(n) {
+                    told_progress = Some(n);
+                    pending.push(JobEvent::Progress { percent, message });
+                }
+            }
             let done = result.is_some();
             if let Some(result) = result {
                 pending.push(JobEvent::Finished(result));
@@ -502,6 +529,16 @@ impl JobRunner {
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Wake(spec) => wake::run(&ctx, spec).await,
+                JobSpec::Model(spec) => match &self.config.ai {
+                    Some(backends) => tokio::select! {
+                        r = model::run(&ctx, spec, backends) => r,
+                        stop = ctx.stopped() => stop.result(),
+                    },
+                    None => JobResult::new(
+                        JobStatus::Refused,
+                        Some("this agent has no inference backends".into()),
+                    ),
+                },
                 JobSpec::Inventory => {
                     let dirs = if self.config.repo_dirs.is_empty() {
                         &self.config.exec.git_dirs
