@@ -170,6 +170,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/users", get(list_users).post(create_user))
         .route("/agent/releases", get(agent_releases))
         .route("/models/inventory", get(models_inventory))
+        .route("/models/desired", get(models_desired))
         .route("/ai/usage", get(ai_usage))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
@@ -976,4 +977,12 @@ async fn ai_usage(State(cp): State<Arc<ControlPlane>>) -> Json<serde_json::Value
         })
         .collect();
     Json(json!({ "usage": rows }))
+}
+
+/// `GET /api/v1/models/desired`: the map's `models:` per node (present, pulling with progress,
+/// failed, waiting) and the models nodes hold beyond it.
+async fn models_desired(
+    State(cp): State<Arc<ControlPlane>>,
+) -> ApiResult<Json<crate::desired::models::ModelsView>> {
+    Ok(Json(cp.models_view().await?))
 }

@@ -55,6 +55,14 @@ pub enum Event {
         state: String,
         node: Option<String>,
     },
+    /// A running job reported how far it is (model pulls and downloads).
+    JobProgress {
+        id: Uuid,
+        node: Option<String>,
+        /// Tenths of a percent (0-1000), so that events stay `Eq`.
+        permille: u16,
+        message: String,
+    },
     /// A service map was accepted and is in force.
     DesiredApplied {
         version: i64,

@@ -486,6 +486,14 @@ async fn session_loop(
             }
             Ok(AgentMessage::AiInventory(inv)) => {
                 cp.ai.set_inventory(node_id, name, inv);
+                // Desired models may be missing (or present now).
+                if cp
+                    .desired
+                    .active()
+                    .is_some_and(|a| !a.desired.models.is_empty())
+                {
+                    cp.desired.kick(&format!("models on {name} changed"));
+                }
             }
             Ok(AgentMessage::TelemetryInventory(inv)) => {
                 if facts.gpus != inv.gpus || facts.container_runtime != inv.container_runtime {

@@ -179,15 +179,28 @@ pub(super) async fn list_jobs(
     Ok(Json(Page { items, next_cursor }))
 }
 
+/// A job and, while it runs, the agent's latest progress figure.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct JobView {
+    #[serde(flatten)]
+    record: JobRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<serde_json::Value>,
+}
+
 pub(super) async fn get_job(
     State(cp): State<Arc<ControlPlane>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<JobRecord>> {
+) -> ApiResult<Json<JobView>> {
     let id = parse_uuid(&id)?;
-    cp.job(id)
+    let record = cp
+        .job(id)
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
+        .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+    let progress = cp
+        .job_progress_of(id)
+        .map(|(percent, message)| serde_json::json!({"percent": percent, "message": message}));
+    Ok(Json(JobView { record, progress }))
 }
 
 pub(super) async fn cancel_job(

@@ -82,6 +82,25 @@ pub struct ServiceMap {
     /// The services to run, by name.
     #[serde(default)]
     pub services: BTreeMap<String, Loc<ServiceDecl>>,
+    /// Models to keep on nodes' inference backends, by the name the backend uses
+    /// (`llama3:8b`). Missing ones are pulled; extra ones are reported, never removed.
+    #[serde(default)]
+    pub models: BTreeMap<String, Loc<ModelDecl>>,
+}
+
+/// Where a model must be.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDecl {
+    /// Nodes that must have it, by name.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Or: every node with these labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The backend on each node (default: its first Ollama).
+    #[serde(default)]
+    pub backend: Option<String>,
 }
 
 /// A node as this map sees it.
@@ -1097,6 +1116,44 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             },
         );
     }
+    let mut models = BTreeMap::new();
+    for (name, decl) in &map.models {
+        let bad_name = name.is_empty()
+            || name.len() > 255
+            || name.contains(char::is_whitespace)
+            || name.contains("..");
+        if bad_name {
+            err(
+                decl.line,
+                decl.column,
+                format!("model `{name}`: not a model name"),
+            );
+        }
+        if decl.nodes.is_empty() == decl.labels.is_empty() {
+            err(
+                decl.line,
+                decl.column,
+                format!("model `{name}`: give either `nodes` or `labels`"),
+            );
+        }
+        for n in &decl.nodes {
+            if !node_known(n) {
+                err(
+                    decl.line,
+                    decl.column,
+                    format!("model `{name}`: unknown node `{n}`"),
+                );
+            }
+        }
+        models.insert(
+            name.clone(),
+            super::plan::DesiredModel {
+                nodes: decl.nodes.clone(),
+                labels: decl.labels.clone(),
+                backend: decl.backend.clone(),
+            },
+        );
+    }
     if let Some((name, line, column)) = find_cycle(map) {
         errors.push(Problem {
             line,
@@ -1114,6 +1171,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             services,
             wake,
             sleep,
+            models,
         },
         warnings,
     })

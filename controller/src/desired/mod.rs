@@ -30,6 +30,7 @@ use crate::store::millis;
 use crate::{ControlPlane, OpError};
 
 pub mod map;
+pub mod models;
 pub mod plan;
 mod reconciler;
 
@@ -77,6 +78,8 @@ pub(crate) struct Inner {
     /// Unix ms a node went offline (nodes never seen online count from the controller's start).
     pub offline_since: HashMap<Uuid, i64>,
     pub started_at: i64,
+    /// Pulls of desired models, by (model, node).
+    pub model_pulls: BTreeMap<(String, String), models::ModelPull>,
 }
 
 /// Shared state of the desired-state machinery.
@@ -326,6 +329,7 @@ impl ControlPlane {
                 st.pins.remove(name);
             }
             st.blocked.clear();
+            st.model_pulls.clear();
             if source.starts_with("file:") {
                 st.file_error = None;
             }

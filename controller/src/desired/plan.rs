@@ -28,6 +28,16 @@ pub struct Desired {
     pub wake: BTreeMap<String, WakeRule>,
     /// The allow-listed command that puts each node to sleep.
     pub sleep: BTreeMap<String, String>,
+    /// Models to keep on nodes, by name.
+    pub models: BTreeMap<String, DesiredModel>,
+}
+
+/// Where a model must be: named nodes, or every node with these labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DesiredModel {
+    pub nodes: Vec<String>,
+    pub labels: Labels,
+    pub backend: Option<String>,
 }
 
 /// How a sleeping node is woken.

@@ -119,6 +119,9 @@ async fn run_once(cp: &Arc<ControlPlane>, trigger: &str) -> Result<(), OpError> 
             );
         }
     }
+    if let Err(e) = super::models::reconcile(cp, &active.desired).await {
+        warn!("starting model pulls: {e}");
+    }
     Ok(())
 }
 

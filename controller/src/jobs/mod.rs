@@ -95,6 +95,8 @@ struct Active {
     deadline_cancel_sent: bool,
     /// Counted in `in_flight` for `rec.node_id`.
     counted: bool,
+    /// The agent's latest progress report (percent, message); not stored.
+    progress: Option<(f32, String)>,
 }
 
 /// A node as routing needs it from the store.
@@ -217,6 +219,7 @@ fn new_active(rec: JobRecord) -> Active {
         cancel: None,
         deadline_cancel_sent: false,
         counted: false,
+        progress: None,
         rec,
     }
 }
@@ -623,6 +626,32 @@ impl ControlPlane {
                 self.jobs.persist(a, Some(from));
             }
         }
+    }
+
+    /// The agent's progress figure for a running job.
+    pub(crate) fn job_percent(&self, id: Uuid, attempt: u32, percent: f32, message: String) {
+        let node = {
+            let mut t = self.jobs.lock();
+            let Some(a) = t.active.get_mut(&id) else {
+                return;
+            };
+            if a.rec.attempt != attempt {
+                return;
+            }
+            a.progress = Some((percent, message.clone()));
+            a.rec.node.clone()
+        };
+        self.events.publish(crate::events::Event::JobProgress {
+            id,
+            node,
+            permille: (percent.clamp(0.0, 100.0) * 10.0).round() as u16,
+            message,
+        });
+    }
+
+    /// The latest progress of a job still running.
+    pub fn job_progress_of(&self, id: Uuid) -> Option<(f32, String)> {
+        self.jobs.lock().active.get(&id)?.progress.clone()
     }
 
     /// Log lines from the agent.

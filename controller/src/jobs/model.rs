@@ -47,6 +47,32 @@ pub enum Work {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         broadcast: Option<String>,
     },
+    /// A model on one of the node's inference backends: `action` is `pull` (Ollama, by `name`),
+    /// `download` (a file from `url` into the agent's models directory as `file`, checked
+    /// against `sha256`), `delete` (by `name`) or `list`.
+    Model {
+        action: ModelActionKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+        /// The backend on the node (default: the first that can).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelActionKind {
+    Pull,
+    Download,
+    Delete,
+    List,
 }
 
 /// `52:54:00:12:34:56` or `52-54-00-12-34-56` to bytes.
@@ -76,6 +102,7 @@ impl Work {
             Work::Deploy(_) => "deploy",
             Work::Undeploy(_) => "undeploy",
             Work::Wake { .. } => "wake",
+            Work::Model { .. } => "model",
         }
     }
 
@@ -136,6 +163,47 @@ impl Work {
                 }
                 Ok(())
             }
+            Work::Model {
+                action,
+                name,
+                url,
+                file,
+                sha256,
+                ..
+            } => {
+                let named = |n: &Option<String>| {
+                    n.as_deref().is_some_and(|n| {
+                        !n.is_empty()
+                            && n.len() <= 255
+                            && !n.contains(char::is_whitespace)
+                            && !n.contains("..")
+                    })
+                };
+                match action {
+                    ModelActionKind::Pull | ModelActionKind::Delete if !named(name) => Err(
+                        "model pull and delete need a `name` (no spaces, at most 255 characters)"
+                            .into(),
+                    ),
+                    ModelActionKind::Download => {
+                        let url_ok = url
+                            .as_deref()
+                            .is_some_and(|u| u.starts_with("http://") || u.starts_with("https://"));
+                        if !url_ok {
+                            return Err("a model download needs an http(s) `url`".into());
+                        }
+                        if !named(file) || file.as_deref().is_some_and(|f| f.contains('/')) {
+                            return Err("a model download needs a `file` name (no path)".into());
+                        }
+                        if let Some(s) = sha256 {
+                            if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                                return Err("`sha256` must be 64 hex digits".into());
+                            }
+                        }
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
             Work::Noop | Work::Inventory | Work::Deploy(_) | Work::Undeploy(_) => Ok(()),
         }
     }
@@ -166,6 +234,30 @@ impl Work {
             Work::Inventory => JobSpec::Inventory,
             Work::Deploy(spec) => JobSpec::Deploy(spec.clone()),
             Work::Undeploy(spec) => JobSpec::Undeploy(spec.clone()),
+            Work::Model {
+                action,
+                name,
+                url,
+                file,
+                sha256,
+                backend,
+            } => {
+                use nebula_protocol::ai::{ModelAction, ModelSpec};
+                let name = name.clone().unwrap_or_default();
+                JobSpec::Model(ModelSpec {
+                    backend: backend.clone(),
+                    action: match action {
+                        ModelActionKind::Pull => ModelAction::Pull { name },
+                        ModelActionKind::Delete => ModelAction::Delete { name },
+                        ModelActionKind::List => ModelAction::List,
+                        ModelActionKind::Download => ModelAction::Download {
+                            url: url.clone().unwrap_or_default(),
+                            file: file.clone().unwrap_or_default(),
+                            sha256: sha256.clone(),
+                        },
+                    },
+                })
+            }
             Work::Wake { mac, broadcast } => JobSpec::Wake(nebula_protocol::jobs::WakeSpec {
                 mac: parse_mac(mac).unwrap_or_default(),
                 broadcast: broadcast

@@ -77,7 +77,9 @@ async fn follow(
             }
             Ok(JobEvent::Started) => cp.job_progress(id, attempt, true),
             Ok(JobEvent::Log(line)) => cp.job_logs(id, attempt, vec![line]),
-            Ok(JobEvent::Progress { .. }) => {}
+            Ok(JobEvent::Progress { percent, message }) => {
+                cp.job_percent(id, attempt, percent, message)
+            }
             Ok(JobEvent::Finished(result)) => {
                 cp.job_finished(id, attempt, result);
                 let _ = send.finish();
