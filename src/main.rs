@@ -11,6 +11,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod client;
 mod desired;
 mod jobs;
+mod models;
 mod serve;
 
 #[derive(Parser, Debug)]
@@ -94,6 +95,11 @@ enum Command {
     /// Dashboard users: create, list.
     #[command(subcommand)]
     User(client::UserCommand),
+    /// Inference backends and models across the fleet (loaded, on disk, breaker).
+    Models,
+    /// Pull, download or delete a model on a node, with progress.
+    #[command(subcommand)]
+    Model(models::ModelCommand),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -134,6 +140,8 @@ fn main() -> ExitCode {
             Command::Audit(ref args) => jobs::audit(&cli, args).await,
             Command::Plan(ref args) => desired::plan(&cli, args).await,
             Command::User(ref cmd) => client::user(&cli, cmd).await,
+            Command::Models => models::models(&cli).await,
+            Command::Model(ref cmd) => models::model(&cli, cmd).await,
             Command::Wake { ref node, wait } => client::wake(&cli, node, wait).await,
             Command::Sleep { ref node } => client::sleep(&cli, node).await,
             Command::Apply(ref args) => desired::apply(&cli, args).await,

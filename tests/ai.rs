@@ -520,3 +520,130 @@ async fn output_filters_redact_a_key_an_email_and_a_card_even_split_across_chunk
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_models_are_pulled_with_progress_and_show_up_and_the_cli_pulls_and_deletes() {
+    let a_backend = FakeOllama::start(&[("llama3:latest", true)]).await;
+    let b_backend = FakeOllama::start(&[("qwen2.5:7b", true)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("controller.toml");
+    std::fs::write(&cfg_path, "reconcile_interval = \"1s\"\n").unwrap();
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--config", leak(cfg_path.display().to_string())],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let _a = agent(&c, dir.path(), "node-a", "ollama", &a_backend.url()).await;
+    let _b = agent(&c, dir.path(), "node-b", "ollama", &b_backend.url()).await;
+    wait_model(&c, "qwen2.5:7b", &["node-b"]).await;
+
+    // The map asks for mistral on node-a; it is missing there.
+    let map = "models:\n  mistral:7b:\n    nodes: [node-a]\n  llama3:\n    nodes: [node-a]\n";
+    let r = c
+        .client
+        .put(c.url("/api/v1/desired"))
+        .bearer_auth(&c.admin_token)
+        .header("content-type", "application/yaml")
+        .body(map)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // It is pulled, with progress on the way.
+    let seen_progress = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    wait_for(
+        "mistral pulled onto node-a",
+        Duration::from_secs(30),
+        || {
+            let c = &c;
+            let seen = seen_progress.clone();
+            async move {
+                let v = c.get("/api/v1/models/desired").await;
+                let row = v["desired"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["model"] == "mistral:7b")?
+                    .clone();
+                if let Some(p) = row["percent"].as_f64() {
+                    seen.lock().unwrap().push(p);
+                }
+                (row["state"] == "present").then_some(())
+            }
+        },
+    )
+    .await;
+    let seen_progress = seen_progress.lock().unwrap().clone();
+    assert!(
+        seen_progress.iter().any(|p| *p > 0.0 && *p < 100.0),
+        "progress seen while pulling: {seen_progress:?}"
+    );
+    wait_model(&c, "mistral:7b", &["node-a"]).await;
+    let v = c.get("/api/v1/models/desired").await;
+    let llama = v["desired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == "llama3")
+        .unwrap();
+    assert_eq!(
+        llama["state"], "present",
+        "llama3 matches llama3:latest: {v}"
+    );
+    // node-b's model is extra (reported, not removed).
+    let extra = v["extra"].as_array().unwrap();
+    assert!(
+        extra
+            .iter()
+            .any(|e| e["node"] == "node-b" && e["model"] == "qwen2.5:7b"),
+        "{v}"
+    );
+    assert!(b_backend
+        .state
+        .lock()
+        .unwrap()
+        .models
+        .iter()
+        .any(|(n, _)| n == "qwen2.5:7b"));
+
+    // The CLI: pull with a progress report, then delete.
+    let out = c.cli(&["model", "pull", "node-b", "phi3:mini"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("% ") && text.contains("pull phi3:mini on node-b: done"),
+        "{text}"
+    );
+    wait_model(&c, "phi3:mini", &["node-b"]).await;
+    let out = c.cli(&["model", "rm", "node-b", "phi3:mini"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!b_backend
+        .state
+        .lock()
+        .unwrap()
+        .models
+        .iter()
+        .any(|(n, _)| n == "phi3:mini"));
+    // A pull that fails says why, and the CLI exits non-zero.
+    let out = c.cli(&["model", "pull", "node-b", "fail-model"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("file does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `nebula models` lists the fleet's models.
+    let out = c.cli(&["models"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("mistral:7b") && text.contains("qwen2.5:7b") && text.contains("loaded"),
+        "{text}"
+    );
+}

@@ -60,6 +60,8 @@ impl FakeOllama {
             .route("/api/ps", get(ps))
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
+            .route("/api/pull", post(pull))
+            .route("/api/delete", axum::routing::delete(delete))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -223,4 +225,73 @@ async fn embeddings(State(s): St, Json(body): Json<Value>) -> Response {
     Json(json!({"object": "list", "model": body["model"], "data": [{"object": "embedding", "index": 0, "embedding": v}],
                 "usage": {"prompt_tokens": 3, "total_tokens": 3}}))
     .into_response()
+}
+
+/// Ollama's streamed pull: NDJSON status lines, two layers downloading in steps, then success
+/// (the model is then on disk, not loaded). `fail-*` names fail as an unknown model does.
+async fn pull(State(s): St, Json(body): Json<Value>) -> Response {
+    let name = body["model"]
+        .as_str()
+        .or(body["name"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    if name.starts_with("fail") {
+        let lines = format!(
+            "{}\n{}\n",
+            json!({"status": "pulling manifest"}),
+            json!({"error": "pull model manifest: file does not exist"})
+        );
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(Body::from(lines))
+            .unwrap();
+    }
+    let mut lines = vec![json!({"status": "pulling manifest"})];
+    for (digest, total) in [
+        ("sha256:6a0746a1ec1a", 4_661_211_808u64),
+        ("sha256:4fa551d4f938", 12_403u64),
+    ] {
+        for step in 0..=10u64 {
+            lines.push(json!({"status": format!("pulling {}", &digest[7..19]), "digest": digest, "total": total, "completed": total * step / 10}));
+        }
+    }
+    lines.push(json!({"status": "verifying sha256 digest"}));
+    lines.push(json!({"status": "writing manifest"}));
+    lines.push(json!({"status": "success"}));
+    let stream = futures::stream::unfold(
+        (lines.into_iter(), s, name),
+        |(mut it, s, name)| async move {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            let line = it.next()?;
+            if line["status"] == "success" {
+                let mut st = s.lock().unwrap();
+                if !st.models.iter().any(|(n, _)| *n == name) {
+                    st.models.push((name.clone(), false));
+                }
+            }
+            Some((
+                Ok::<Bytes, std::io::Error>(Bytes::from(format!("{line}\n"))),
+                (it, s, name),
+            ))
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+async fn delete(State(s): St, Json(body): Json<Value>) -> StatusCode {
+    let name = body["model"]
+        .as_str()
+        .or(body["name"].as_str())
+        .unwrap_or_default();
+    let mut st = s.lock().unwrap();
+    let before = st.models.len();
+    st.models.retain(|(n, _)| n != name);
+    if st.models.len() < before {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
 }
