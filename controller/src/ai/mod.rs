@@ -102,6 +102,7 @@ pub struct Candidate {
 }
 
 /// The fleet's AI state, shared by the sessions (which report) and the gateway (which routes).
+/// Locks are taken in the order nodes, in_flight, breakers, and never across an await.
 #[derive(Debug)]
 pub struct AiFleet {
     /// The output filters, compiled.
@@ -244,6 +245,61 @@ impl AiFleet {
         out
     }
 
+    /// Nodes with a healthy Stable Diffusion WebUI, best first: the checkpoint `model` loaded
+    /// (when one is named), then fewer requests in flight, then more free VRAM.
+    pub fn image_candidates(
+        &self,
+        model: Option<&str>,
+        online: impl Fn(Uuid) -> bool,
+        free_vram: impl Fn(Uuid) -> u64,
+    ) -> Vec<Candidate> {
+        let nodes = lock(&self.nodes);
+        let in_flight = lock(&self.in_flight);
+        let mut out = Vec::new();
+        for (id, n) in nodes.iter() {
+            if !online(*id) {
+                continue;
+            }
+            for b in n
+                .inventory
+                .backends
+                .iter()
+                .filter(|b| b.healthy && b.kind == BackendKind::StableDiffusion)
+            {
+                let chosen = match model {
+                    Some(m) => b
+                        .models
+                        .iter()
+                        .find(|x| x.name == m || x.name.starts_with(&format!("{m}."))),
+                    None => b.models.iter().find(|x| x.loaded).or(b.models.first()),
+                };
+                let (name, loaded) = match (model, chosen) {
+                    (Some(_), None) => continue,
+                    (_, Some(x)) => (x.name.clone(), x.loaded),
+                    (None, None) => (String::new(), true),
+                };
+                out.push(Candidate {
+                    node_id: *id,
+                    node: n.name.clone(),
+                    backend: b.name.clone(),
+                    kind: b.kind,
+                    model: name,
+                    loaded,
+                    in_flight: in_flight.get(id).copied().unwrap_or(0),
+                    free_vram: free_vram(*id),
+                });
+            }
+        }
+        out.sort_by(|a, b| {
+            b.loaded
+                .cmp(&a.loaded)
+                .then(a.in_flight.cmp(&b.in_flight))
+                .then(b.free_vram.cmp(&a.free_vram))
+                .then(a.node.cmp(&b.node))
+        });
+        out
+    }
+
     /// The models the fleet can serve: name -> (nodes that have it, nodes that have it loaded).
     pub fn models(
         &self,
@@ -271,8 +327,8 @@ impl AiFleet {
 
     /// Take a breaker's half-open probe slot (or check it is closed) just before sending.
     pub fn begin(&self, node_id: Uuid, model: &str) -> bool {
-        let mut breakers = lock(&self.breakers);
-        let ok = breakers
+        // One lock at a time: `candidates` takes them in another order.
+        let ok = lock(&self.breakers)
             .entry((node_id, model.to_owned()))
             .or_default()
             .begin(Instant::now());
