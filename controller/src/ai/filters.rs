@@ -37,7 +37,8 @@ pub struct FilterConfig {
     pub code_injection: Action,
     /// Words the profanity rule matches (whole words, any case); empty: a short built-in list.
     pub profanity_words: Vec<String>,
-    /// Characters held back from a stream until no match can still grow into them.
+    /// Most bytes of a stream held back while a match may still grow there (the word being
+    /// written, and a number before it); usually a word or less is held.
     pub hold_back: usize,
 }
 
@@ -51,7 +52,7 @@ impl Default for FilterConfig {
             profanity: Action::Warn,
             code_injection: Action::Warn,
             profanity_words: Vec::new(),
-            hold_back: 96,
+            hold_back: 512,
         }
     }
 }
@@ -162,7 +163,7 @@ pub struct Filters {
 }
 
 /// A match: byte range, rule, action.
-type Span = (usize, usize, &'static str, Action);
+pub type Span = (usize, usize, &'static str, Action);
 
 impl Filters {
     pub fn new(cfg: FilterConfig) -> Result<Self, String> {
@@ -181,6 +182,20 @@ impl Filters {
             )
         };
         Ok(Filters { cfg, profanity })
+    }
+
+    /// Is any rule on? With none, answers pass through untouched (and nothing is held back).
+    pub fn active(&self) -> bool {
+        [
+            self.cfg.api_keys,
+            self.cfg.email,
+            self.cfg.phone,
+            self.cfg.card,
+            self.cfg.profanity,
+            self.cfg.code_injection,
+        ]
+        .iter()
+        .any(|a| *a != Action::Off)
     }
 
     pub fn blocks(&self) -> bool {
@@ -262,6 +277,11 @@ impl Filters {
         kept
     }
 
+    /// Does anything in `text` match (no redacted copy made)?
+    pub fn apply_hits(&self, text: &str) -> Vec<Span> {
+        self.spans(text)
+    }
+
     /// Scan `text`: the text with redactions made, and every hit.
     pub fn apply(&self, text: &str) -> (String, Vec<Hit>) {
         let spans = self.spans(text);
@@ -286,6 +306,36 @@ impl Filters {
     }
 }
 
+/// Where the held part of `text` starts: the word still being written (a key or an address may
+/// still grow there) and, before it, a run of digits and separators (a card or phone number
+/// may still grow there). Everything before it can go. At most `max_hold` bytes are held.
+fn hold_from(text: &str, max_hold: usize) -> usize {
+    let word_start = text
+        .char_indices()
+        .rev()
+        .find(|(_, c)| c.is_whitespace())
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    let mut cut = word_start;
+    let numberish = |c: char| c.is_ascii_digit() || " +-().".contains(c);
+    let mut digits = text[word_start..].chars().any(|c| c.is_ascii_digit());
+    for (i, c) in text[..word_start].char_indices().rev() {
+        if !numberish(c) {
+            break;
+        }
+        digits |= c.is_ascii_digit();
+        cut = i;
+    }
+    if !digits {
+        cut = word_start;
+    }
+    let floor = text.len().saturating_sub(max_hold);
+    let mut cut = cut.max(floor);
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    cut
+}
+
 /// A streaming filter over one answer's text.
 #[derive(Debug, Default)]
 pub struct StreamText {
@@ -298,21 +348,12 @@ impl StreamText {
     pub fn push(&mut self, filters: &Filters, text: &str) -> String {
         self.pending.push_str(text);
         let (scanned, hits) = filters.apply(&self.pending);
-        // Hits are counted when their text is sent (a match still growing is seen again).
-        let mut cut = scanned.len().saturating_sub(filters.hold_back());
-        while cut > 0 && !scanned.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        // Never cut inside a run of non-space characters: a match may still grow there.
-        if let Some(ws) = scanned[..cut].rfind(char::is_whitespace) {
-            cut = ws + scanned[ws..].chars().next().map_or(1, char::len_utf8);
-        } else {
-            cut = 0;
-        }
+        let cut = hold_from(&scanned, filters.hold_back());
         if cut == 0 {
             return String::new();
         }
-        // The redactions in the part being sent are final: keep them, and the hits inside it.
+        // The redactions in the part being sent are final: keep them, and the hits inside it
+        // (a match still growing in the held part is seen again).
         let sent = scanned[..cut].to_owned();
         let rest = scanned[cut..].to_owned();
         let sent_hits = hits.len() - filters.apply(&rest).1.len();
@@ -428,6 +469,21 @@ mod tests {
     }
 
     #[test]
+    fn only_the_word_being_written_and_a_number_before_it_are_held() {
+        fn held(t: &str) -> &str {
+            &t[hold_from(t, 512)..]
+        }
+        assert_eq!(held("Hello there, how are yo"), "yo");
+        assert_eq!(held("Hello there "), "");
+        assert_eq!(held("the card 4242 4242 42"), " 4242 4242 42");
+        assert_eq!(held("call +1 (415) 555-"), " +1 (415) 555-");
+        assert_eq!(held("it costs 12 dollars a"), "a");
+        // The cap.
+        let long = "x".repeat(600);
+        assert_eq!(held(&long).len(), 512);
+    }
+
+    #[test]
     fn block_rules_are_known() {
         let cfg = FilterConfig {
             api_keys: Action::Block,
@@ -466,6 +522,9 @@ fn text_field(v: &mut Value) -> Option<&mut Value> {
 impl SseFilter {
     /// Bytes in; bytes to send now out.
     pub fn push(&mut self, filters: &Filters, bytes: &[u8]) -> Vec<u8> {
+        if !filters.active() {
+            return bytes.to_vec();
+        }
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
         while let Some(end) = find_event_end(&self.buf) {
@@ -478,6 +537,9 @@ impl SseFilter {
     /// The stream ended (with or without `[DONE]`): what is still held, filtered.
     pub fn finish(&mut self, filters: &Filters) -> Vec<u8> {
         let mut out = Vec::new();
+        if !filters.active() {
+            return out;
+        }
         if !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.buf);
             self.event(filters, &rest, &mut out);

@@ -165,6 +165,18 @@ async fn serve(
         Ok(t) => t,
         Err(r) => return r,
     };
+    serve_for(cp, token, body, path).await
+}
+
+/// The gateway for a caller already authenticated (`who` is accounted and audited): the API
+/// token's name, or a dashboard user's.
+pub async fn serve_for(
+    cp: Arc<ControlPlane>,
+    who: String,
+    body: Bytes,
+    path: &'static str,
+) -> Response {
+    let token = who;
     let cfg = cp.config.ai.clone();
     if let Err(wait) = cp.ai.admit(&token, &cfg) {
         let mut r = error(
@@ -194,9 +206,19 @@ async fn serve(
             format!("the body is over {MAX_BODY} bytes"),
         );
     }
-    let mut json: Value = match serde_json::from_slice(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => {
+    // Only the fields routing needs are read (borrowed); the body goes on as it came.
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow, default)]
+        model: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        stream: Option<bool>,
+        #[serde(default)]
+        stream_options: Option<serde::de::IgnoredAny>,
+    }
+    let head: Head<'_> = match serde_json::from_slice(&body) {
+        Ok(h) => h,
+        Err(e) if e.is_data() && !body.trim_ascii_start().starts_with(b"{") => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -209,11 +231,11 @@ async fn serve(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_json",
-                format!("the body is not JSON: {e}"),
+                format!("the body is not valid: {e}"),
             )
         }
     };
-    let Some(model) = json.get("model").and_then(Value::as_str).map(str::to_owned) else {
+    let Some(model) = head.model.map(|m| m.into_owned()) else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -222,12 +244,18 @@ async fn serve(
         );
     };
     let embeddings = path == "/v1/embeddings";
-    let stream = !embeddings && json.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    if stream {
-        // Usage arrives in the last chunk, for accounting.
-        json["stream_options"] = json!({"include_usage": true});
-    }
-    let body = serde_json::to_vec(&json).unwrap_or_default();
+    let stream = !embeddings && head.stream.unwrap_or(false);
+    let body: Vec<u8> = if stream && head.stream_options.is_none() {
+        // Usage arrives in the last chunk, for accounting: ask for it.
+        let at = body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
+        let mut b = Vec::with_capacity(body.len() + 48);
+        b.extend_from_slice(&body[..at]);
+        b.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+        b.extend_from_slice(&body[at..]);
+        b
+    } else {
+        body.to_vec()
+    };
     let prompt_tokens = estimate_tokens(body.len());
     let mut tried: Vec<Uuid> = Vec::new();
     let mut last_error: Option<String> = None;
@@ -559,6 +587,45 @@ fn audit_hits(cp: &ControlPlane, token: &str, model: &str, node: &str, hits: &[f
     }
 }
 
+/// JSON text with each escape sequence (`\n`, `\"`, `\u0040`) turned into a space, so that a
+/// scan of the raw document sees the same word boundaries as a scan of its strings, or more.
+fn unescaped(json: &str) -> std::borrow::Cow<'_, str> {
+    if !json.contains('\\') {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len());
+    let mut chars = json.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if chars.next() == Some('u') {
+                for _ in 0..4 {
+                    chars.next();
+                }
+            }
+            out.push(' ');
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// `usage` of a whole answer, read without building the document.
+fn usage_in_body(body: &[u8]) -> Option<(u64, u64)> {
+    #[derive(serde::Deserialize)]
+    struct U {
+        usage: Option<Counts>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Counts {
+        prompt_tokens: u64,
+        #[serde(default)]
+        completion_tokens: u64,
+    }
+    let u: U = serde_json::from_slice(body).ok()?;
+    u.usage.map(|c| (c.prompt_tokens, c.completion_tokens))
+}
+
 /// Filter a whole JSON answer; the bytes to send and the rules that matched.
 fn filter_whole(
     cp: &ControlPlane,
@@ -567,6 +634,15 @@ fn filter_whole(
     node: &str,
     bytes: Bytes,
 ) -> (Bytes, Vec<String>) {
+    // Most answers hold nothing a rule matches: a scan of the raw text settles it without
+    // parsing the document.
+    if !cp.ai.filters.active() {
+        return (bytes, Vec::new());
+    }
+    if std::str::from_utf8(&bytes).is_ok_and(|t| cp.ai.filters.apply_hits(&unescaped(t)).is_empty())
+    {
+        return (bytes, Vec::new());
+    }
     let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
         return (bytes, Vec::new());
     };
@@ -633,9 +709,7 @@ async fn collect(
             }
         }
     }
-    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-        finish.usage = usage_of(&v);
-    }
+    finish.usage = usage_in_body(&body);
     finish.outcome.get_or_insert(Outcome::Success);
     Ok(Bytes::from(body))
 }
@@ -941,9 +1015,243 @@ async fn fallback(
     r
 }
 
+/// `POST /v1/images/generations` (OpenAI's shape: `prompt`, `n`, `size`, optional `model` naming
+/// a checkpoint), served by Stable Diffusion WebUI's txt2img on a node that has it; the images
+/// come back as `b64_json`.
+pub async fn images(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let who = match authenticate(&cp, &headers).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            "the body is not JSON",
+        );
+    };
+    let Some(prompt) = v.get("prompt").and_then(Value::as_str) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "missing_prompt",
+            "`prompt` is required",
+        );
+    };
+    let n = v.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 8);
+    let (w, h) = match v
+        .get("size")
+        .and_then(Value::as_str)
+        .unwrap_or("512x512")
+        .split_once('x')
+    {
+        Some((w, h)) => match (w.parse::<u32>(), h.parse::<u32>()) {
+            (Ok(w), Ok(h)) if (64..=2048).contains(&w) && (64..=2048).contains(&h) => (w, h),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "invalid_size",
+                    "`size` is WIDTHxHEIGHT, 64 to 2048",
+                )
+            }
+        },
+        None => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_size",
+                "`size` is WIDTHxHEIGHT",
+            )
+        }
+    };
+    let model = v.get("model").and_then(Value::as_str).map(str::to_owned);
+    let mut sd = json!({"prompt": prompt, "batch_size": n, "width": w, "height": h,
+        "steps": v.get("steps").and_then(Value::as_u64).unwrap_or(20)});
+    if let Some(m) = &model {
+        sd["override_settings"] = json!({"sd_model_checkpoint": m});
+    }
+    let body = serde_json::to_vec(&sd).unwrap_or_default();
+    sd_serve(cp, who, model, body, "/sdapi/v1/txt2img", true).await
+}
+
+/// `POST /sdapi/v1/txt2img` and `/sdapi/v1/img2img`: Stable Diffusion WebUI's own API, passed
+/// through to a node that has it (routed by `override_settings.sd_model_checkpoint` if set).
+pub async fn sd_passthrough(
+    State(cp): State<Arc<ControlPlane>>,
+    axum::extract::Path(op): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let who = match authenticate(&cp, &headers).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let path = match op.as_str() {
+        "txt2img" => "/sdapi/v1/txt2img",
+        "img2img" => "/sdapi/v1/img2img",
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                "only txt2img and img2img pass through",
+            )
+        }
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            "the body is not JSON",
+        );
+    };
+    let model = v
+        .pointer("/override_settings/sd_model_checkpoint")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    sd_serve(cp, who, model, body.to_vec(), path, false).await
+}
+
+async fn sd_serve(
+    cp: Arc<ControlPlane>,
+    who: String,
+    model: Option<String>,
+    body: Vec<u8>,
+    path: &'static str,
+    openai_shape: bool,
+) -> Response {
+    let cfg = cp.config.ai.clone();
+    if let Err(wait) = cp.ai.admit(&who, &cfg) {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limited",
+            format!(
+                "this token is over its limit; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+        );
+    }
+    let admitted = Admitted {
+        cp: cp.clone(),
+        token: who,
+    };
+    let mut tried = Vec::new();
+    let mut last_error = None;
+    for _ in 0..cfg.max_attempts.max(1) {
+        let candidates = cp.ai.image_candidates(
+            model.as_deref(),
+            |id| cp.registry.is_online(id),
+            |id| free_vram(&cp, id),
+        );
+        let Some(c) = candidates.into_iter().find(|c| !tried.contains(&c.node_id)) else {
+            break;
+        };
+        tried.push(c.node_id);
+        if !cp.ai.begin(c.node_id, &c.model) {
+            continue;
+        }
+        let started = match start(&cp, &c, path, &body, &cfg).await {
+            Ok(s) => s,
+            Err(f) => {
+                cp.ai.end(c.node_id, &c.model, f.outcome, &cfg);
+                last_error = Some(format!("{}: {}", c.node, f.message));
+                continue;
+            }
+        };
+        let status = started.status;
+        let mut finish = Finish {
+            cp: cp.clone(),
+            cfg: cfg.clone(),
+            node_id: c.node_id,
+            node: c.node.clone(),
+            model: c.model.clone(),
+            token: admitted.token.clone(),
+            outcome: None,
+            usage: None,
+            _admitted: admitted,
+        };
+        let bytes = match collect(started, &mut finish, cfg.total_timeout).await {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "upstream_failed",
+                    format!("{} failed: {e}", c.node),
+                )
+            }
+        };
+        let out = if openai_shape && (200..300).contains(&status) {
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let data: Vec<Value> = v["images"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(|b| json!({"b64_json": b}))
+                .collect();
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            Bytes::from(
+                serde_json::to_vec(&json!({"created": created, "data": data})).unwrap_or_default(),
+            )
+        } else {
+            bytes
+        };
+        let mut r = Response::new(Body::from(out));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(GATEWAY_HEADER, HeaderValue::from_static("1"));
+        if let Ok(v) = HeaderValue::from_str(&c.node) {
+            h.insert(NODE_HEADER, v);
+        }
+        return r;
+    }
+    match last_error {
+        None => error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            match &model {
+                Some(m) => format!("no online node has Stable Diffusion checkpoint `{m}`"),
+                None => "no online node runs Stable Diffusion WebUI".into(),
+            },
+        ),
+        Some(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "no_node_available",
+            e,
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escapes_become_spaces_for_the_raw_scan() {
+        assert_eq!(
+            unescaped(r#"{"c":"a\n4111 1111\u0040x \"q\""}"#),
+            r#"{"c":"a 4111 1111 x  q "}"#
+        );
+        assert!(matches!(unescaped("plain"), std::borrow::Cow::Borrowed(_)));
+    }
 
     #[test]
     fn usage_is_read_from_bodies_and_sse_chunks() {
