@@ -100,10 +100,24 @@ enum Command {
     /// Pull, download or delete a model on a node, with progress.
     #[command(subcommand)]
     Model(models::ModelCommand),
+    /// API tokens: `create NAME --role ai` makes one for the AI gateway only.
+    #[command(subcommand)]
+    ApiToken(ApiTokenCommand),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ApiTokenCommand {
+    /// Create (or replace) an API token and print it once.
+    Create {
+        name: String,
+        /// ai (the gateway only), viewer, operator or admin.
+        #[arg(long, default_value = "ai")]
+        role: String,
     },
 }
 
@@ -142,6 +156,9 @@ fn main() -> ExitCode {
             Command::User(ref cmd) => client::user(&cli, cmd).await,
             Command::Models => models::models(&cli).await,
             Command::Model(ref cmd) => models::model(&cli, cmd).await,
+            Command::ApiToken(ApiTokenCommand::Create { ref name, ref role }) => {
+                models::api_token(&cli, name, role).await
+            }
             Command::Wake { ref node, wait } => client::wake(&cli, node, wait).await,
             Command::Sleep { ref node } => client::sleep(&cli, node).await,
             Command::Apply(ref args) => desired::apply(&cli, args).await,

@@ -204,3 +204,18 @@ pub async fn follow_progress(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `nebula api-token create NAME --role ai`: an API token, printed once.
+pub async fn api_token(cli: &Cli, name: &str, role: &str) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    let v: Value = api
+        .post("/api/v1/api-tokens", &json!({"name": name, "role": role}))
+        .await?;
+    if cli.json {
+        print_json(&v);
+    } else {
+        println!("{}", s(&v["token"]));
+        eprintln!("API token `{name}` ({role}); shown once");
+    }
+    Ok(())
+}

@@ -262,6 +262,41 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
     let r = chat(&c, json!({"messages": []})).await;
     assert_eq!(r.status(), 400);
 
+    // A token scoped to AI: the gateway takes it, the rest of the API does not.
+    let out = c.cli(&["api-token", "create", "chat-app", "--role", "ai"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ai_token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(ai_token.starts_with("nbl_"), "{ai_token}");
+    let r = c
+        .client
+        .post(c.url("/v1/chat/completions"))
+        .bearer_auth(&ai_token)
+        .json(&json!({"model": "beta", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .client
+        .get(c.url("/api/v1/nodes"))
+        .bearer_auth(&ai_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c
+        .client
+        .get(c.url("/metrics"))
+        .bearer_auth(&ai_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
     // Usage per token, model and node.
     let usage = c.get("/api/v1/ai/usage").await;
     let row = usage["usage"]
@@ -272,6 +307,14 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
         .cloned()
         .unwrap_or_else(|| panic!("{usage}"));
     assert_eq!(row["requests"], 3, "{usage}");
+    assert!(
+        usage["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["token"] == "chat-app" && u["model"] == "beta"),
+        "{usage}"
+    );
     assert!(row["completion_tokens"].as_u64().unwrap() >= 3, "{usage}");
     assert!(row["prompt_tokens"].as_u64().unwrap() >= 10, "{usage}");
 }
@@ -646,4 +689,202 @@ async fn desired_models_are_pulled_with_progress_and_show_up_and_the_cli_pulls_a
         text.contains("mistral:7b") && text.contains("qwen2.5:7b") && text.contains("loaded"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_file_download_resumes_after_a_cut_and_is_checked_against_its_sha256() {
+    use sha2::{Digest, Sha256};
+    let server = FakeOllama::start(&[]).await;
+    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let sha = hex::encode(Sha256::digest(&content));
+    {
+        let mut st = server.state.lock().unwrap();
+        st.file = content.clone();
+        st.cut_next_download = Some(1 << 20);
+    }
+    let (c, _cfg) = controller("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let models_dir = dir.path().join("models");
+    let token = c.token(1, "10m", json!({})).await;
+    let config = format!(
+        "[ai]\ndiscover = false\nmodels_dir = \"{}\"\n",
+        models_dir.display()
+    );
+    let _a = Agent::join_with_config(&c, &token, &dir.path().join("n"), "file-node", &[], &config);
+    c.wait_status("file-node", "online", Duration::from_secs(20))
+        .await;
+    let url = format!("{}/files/model.gguf", server.url());
+
+    // The first try is cut off: it fails and says so; the part stays.
+    let out = c.cli(&[
+        "model",
+        "download",
+        "file-node",
+        &url,
+        "--file",
+        "smol.gguf",
+        "--sha256",
+        &sha,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("run it again to resume"), "{err}");
+    let part = std::fs::metadata(models_dir.join("smol.gguf.part"))
+        .unwrap()
+        .len();
+    assert!(part >= 512 * 1024 && part < content.len() as u64, "{part}");
+    // The second resumes from there, with progress, and checks the whole file.
+    let out = c.cli(&[
+        "model",
+        "download",
+        "file-node",
+        &url,
+        "--file",
+        "smol.gguf",
+        "--sha256",
+        &sha,
+    ]);
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("% smol.gguf:"), "{text}");
+    assert_eq!(
+        server.state.lock().unwrap().ranges,
+        vec![format!("bytes={part}-")]
+    );
+    assert_eq!(
+        std::fs::read(models_dir.join("smol.gguf")).unwrap(),
+        content
+    );
+    assert!(!models_dir.join("smol.gguf.part").exists());
+
+    // A wrong checksum: refused, nothing left behind.
+    let wrong = "0".repeat(64);
+    let out = c.cli(&[
+        "model",
+        "download",
+        "file-node",
+        &url,
+        "--file",
+        "bad.gguf",
+        "--sha256",
+        &wrong,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    assert!(!models_dir.join("bad.gguf").exists() && !models_dir.join("bad.gguf.part").exists());
+    // A path in the file name is refused before anything is fetched.
+    let out = c.cli(&[
+        "model",
+        "download",
+        "file-node",
+        &url,
+        "--file",
+        "../x.gguf",
+    ]);
+    assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_generated_on_the_node_with_stable_diffusion() {
+    use common::fake_ollama::{FakeSd, PIXEL_PNG_B64};
+    let sd = FakeSd::start(&["sdxl_base", "dreamshaper_8"], "sdxl_base").await;
+    let text_backend = FakeOllama::start(&[("llama3", true)]).await;
+    let (c, _cfg) = controller("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "text-node", "ollama", &text_backend.url()).await;
+    let _b = agent(&c, dir.path(), "art-node", "sd-webui", &sd.url()).await;
+    wait_model(&c, "sdxl_base", &["art-node"]).await;
+    let inv = c.get("/api/v1/models/inventory").await;
+    let art = inv["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "art-node")
+        .unwrap();
+    let models = &art["backends"][0]["models"];
+    assert_eq!(models.as_array().unwrap().len(), 2, "{inv}");
+    assert!(models
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "sdxl_base" && m["loaded"] == true));
+
+    // OpenAI's images API, served by txt2img on the node that has Stable Diffusion.
+    let r = c
+        .client
+        .post(c.url("/v1/images/generations"))
+        .bearer_auth(&c.admin_token)
+        .json(&json!({"prompt": "a lighthouse at dusk", "n": 2, "size": "640x384", "model": "dreamshaper_8"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "art-node".to_owned())
+    );
+    let v: Value = r.json().await.unwrap();
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[0]["b64_json"], PIXEL_PNG_B64);
+    let sent = sd.requests.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        (
+            sent["width"].as_u64(),
+            sent["height"].as_u64(),
+            sent["batch_size"].as_u64()
+        ),
+        (Some(640), Some(384), Some(2))
+    );
+    assert_eq!(sent["prompt"], "a lighthouse at dusk");
+    assert_eq!(
+        sent["override_settings"]["sd_model_checkpoint"],
+        "dreamshaper_8"
+    );
+
+    // SD WebUI's own API passes through unchanged.
+    let r = c
+        .client
+        .post(c.url("/sdapi/v1/img2img"))
+        .bearer_auth(&c.admin_token)
+        .json(&json!({"prompt": "in watercolor", "init_images": [PIXEL_PNG_B64], "denoising_strength": 0.6}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "art-node".to_owned())
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["parameters"]["denoising_strength"], 0.6);
+    assert_eq!(v["images"][0], PIXEL_PNG_B64);
+
+    // A checkpoint no node has, and a bad size: clear errors.
+    let r = c
+        .client
+        .post(c.url("/v1/images/generations"))
+        .bearer_auth(&c.admin_token)
+        .json(&json!({"prompt": "x", "model": "no-such-checkpoint"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .client
+        .post(c.url("/v1/images/generations"))
+        .bearer_auth(&c.admin_token)
+        .json(&json!({"prompt": "x", "size": "huge"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Chat models are not image models and the other way round.
+    let r = chat(
+        &c,
+        json!({"model": "sdxl_base", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 404);
 }

@@ -168,6 +168,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         )
         .route("/reconcile", axum::routing::post(desired::reconcile))
         .route("/users", get(list_users).post(create_user))
+        .route("/api-tokens", axum::routing::post(create_api_token))
         .route("/agent/releases", get(agent_releases))
         .route("/models/inventory", get(models_inventory))
         .route("/models/desired", get(models_desired))
@@ -199,6 +200,14 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             axum::routing::post(crate::ai::gateway::embeddings),
         )
         .route("/v1/models", get(crate::ai::gateway::models))
+        .route(
+            "/v1/images/generations",
+            axum::routing::post(crate::ai::gateway::images),
+        )
+        .route(
+            "/sdapi/v1/{op}",
+            axum::routing::post(crate::ai::gateway::sd_passthrough),
+        )
         .merge(metrics)
         .nest("/api/v1", v1)
         .with_state(cp)
@@ -219,6 +228,12 @@ async fn authenticate(
         return unauthorized("missing bearer token (Authorization: Bearer <token>)");
     };
     match cp.api_token(&crate::hash_secret(token)).await {
+        Ok(Some(rec)) if rec.role == AI_ROLE => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token is scoped to the AI gateway (/v1/chat/completions and the like)",
+        )
+        .into_response(),
         Ok(Some(rec)) => {
             req.extensions_mut().insert(Principal {
                 role: Role::parse(&rec.role),
@@ -498,6 +513,60 @@ async fn create_user(
         .create_user(&b.username, &b.password, &role, &who.name)
         .await?;
     Ok((StatusCode::CREATED, Json(json!(user))))
+}
+
+/// The role of API tokens that may use the AI gateway and nothing else.
+pub const AI_ROLE: &str = "ai";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiTokenRequest {
+    pub name: String,
+    /// `ai` (the gateway only), `viewer`, `operator` or `admin`.
+    pub role: String,
+}
+
+/// `POST /api/v1/api-tokens`: a new API token, shown once (the same name replaces the old one).
+async fn create_api_token(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<Principal>,
+    body: Result<Json<CreateApiTokenRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    who.require(Role::Admin)?;
+    let Json(b) = body?;
+    if !matches!(b.role.as_str(), AI_ROLE | "viewer" | "operator" | "admin") {
+        return Err(ApiError::bad_request(format!(
+            "role `{}` is not one of ai, viewer, operator, admin",
+            b.role
+        )));
+    }
+    if !nebula_protocol::valid_name(&b.name) || b.name == "admin" {
+        return Err(ApiError::bad_request(
+            "a token name is 1-63 letters, digits, `-`, `_` or `.` (and not `admin`)",
+        ));
+    }
+    use rand::distributions::DistString;
+    let token = format!(
+        "nbl_{}",
+        rand::distributions::Alphanumeric.sample_string(&mut rand::thread_rng(), 40)
+    );
+    cp.store
+        .upsert_api_token(&b.name, &crate::hash_secret(&token), &b.role)
+        .await?;
+    cp.token_cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    cp.audit(
+        &who.name,
+        "api_token.create",
+        &b.name,
+        json!({"role": b.role}),
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"name": b.name, "role": b.role, "token": token})),
+    ))
 }
 
 async fn list_users(

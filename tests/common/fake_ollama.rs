@@ -34,6 +34,12 @@ pub struct FakeState {
     /// Characters per streamed chunk.
     pub chunk_chars: usize,
     pub inference_requests: usize,
+    /// A model file served at `/files/model.gguf` (Range requests honoured).
+    pub file: Vec<u8>,
+    /// The next full (not ranged) download of the file is cut after this many bytes.
+    pub cut_next_download: Option<usize>,
+    /// `Range` headers the file route saw.
+    pub ranges: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -50,6 +56,9 @@ impl FakeOllama {
             mode: Mode::Healthy,
             chunk_chars: 4,
             inference_requests: 0,
+            file: Vec::new(),
+            cut_next_download: None,
+            ranges: Vec::new(),
         }));
         let app = Router::new()
             .route(
@@ -61,6 +70,7 @@ impl FakeOllama {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
             .route("/api/pull", post(pull))
+            .route("/files/model.gguf", get(file))
             .route("/api/delete", axum::routing::delete(delete))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -293,5 +303,129 @@ async fn delete(State(s): St, Json(body): Json<Value>) -> StatusCode {
         StatusCode::OK
     } else {
         StatusCode::NOT_FOUND
+    }
+}
+
+/// A plain file server for model downloads: `Range: bytes=N-` answers 206 with the rest.
+async fn file(State(s): St, headers: axum::http::HeaderMap) -> Response {
+    let (bytes, cut, range) = {
+        let mut st = s.lock().unwrap();
+        let range = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(r) = &range {
+            st.ranges.push(r.clone());
+        }
+        let cut = if range.is_none() {
+            st.cut_next_download.take()
+        } else {
+            None
+        };
+        (st.file.clone(), cut, range)
+    };
+    let total = bytes.len();
+    let start = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(total);
+    let body = bytes[start..].to_vec();
+    let len = body.len();
+    let chunks: Vec<Bytes> = body.chunks(64 * 1024).map(Bytes::copy_from_slice).collect();
+    let stream = futures::stream::unfold(
+        (chunks.into_iter(), 0usize),
+        move |(mut it, sent)| async move {
+            if cut.is_some_and(|c| sent >= c) {
+                return Some((
+                    Err(std::io::Error::other("connection cut")),
+                    (it, usize::MAX),
+                ))
+                .filter(|_| sent != usize::MAX);
+            }
+            let c = it.next()?;
+            let n = c.len();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some((Ok::<Bytes, std::io::Error>(c), (it, sent + n)))
+        },
+    );
+    let mut b = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if range.is_some() {
+        b = b.status(StatusCode::PARTIAL_CONTENT).header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{total}", total.saturating_sub(1)),
+        );
+    }
+    b.body(Body::from_stream(stream)).unwrap()
+}
+
+/// A stand-in for Stable Diffusion WebUI (no real one can run here: no GPU, no checkpoints),
+/// speaking its API's wire format: `/sdapi/v1/sd-models`, `/sdapi/v1/options` (the loaded
+/// checkpoint) and `/sdapi/v1/txt2img` / `img2img`, which answer with base64 PNGs (a 1x1 image
+/// per requested picture) and the parameters they were given.
+pub struct FakeSd {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<Value>>>,
+}
+
+/// The smallest valid PNG: one transparent pixel.
+pub const PIXEL_PNG_B64: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+impl FakeSd {
+    pub async fn start(checkpoints: &[&str], loaded: &str) -> Self {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let models: Vec<Value> = checkpoints
+            .iter()
+            .map(|c| {
+                json!({"title": format!("{c}.safetensors [6ce0161689]"), "model_name": c,
+                       "hash": "6ce0161689", "sha256": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+                       "filename": format!("/models/Stable-diffusion/{c}.safetensors"), "config": null})
+            })
+            .collect();
+        let loaded = format!("{loaded}.safetensors [6ce0161689]");
+        let reqs = requests.clone();
+        let gen = move |Json(body): Json<Value>| {
+            let reqs = reqs.clone();
+            async move {
+                reqs.lock().unwrap().push(body.clone());
+                let n = body["batch_size"].as_u64().unwrap_or(1) as usize;
+                Json(
+                    json!({"images": vec![PIXEL_PNG_B64; n], "parameters": body, "info": "{\"seed\": 42}"}),
+                )
+            }
+        };
+        let app = Router::new()
+            .route(
+                "/sdapi/v1/sd-models",
+                get(move || {
+                    let m = models.clone();
+                    async move { Json(Value::Array(m)) }
+                }),
+            )
+            .route(
+                "/sdapi/v1/options",
+                get(move || {
+                    let l = loaded.clone();
+                    async move { Json(json!({"sd_model_checkpoint": l, "samples_format": "png"})) }
+                }),
+            )
+            .route("/sdapi/v1/txt2img", post(gen.clone()))
+            .route("/sdapi/v1/img2img", post(gen));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeSd { addr, requests }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 }

@@ -48,6 +48,9 @@ const RECENT_LOGS: usize = 1000;
 /// Most writes taken into one transaction.
 const MAX_BATCH: usize = 4096;
 
+/// A model job not finished yet: id, node, what it does, its latest progress.
+pub type ModelJobInFlight = (Uuid, Option<String>, String, Option<(f32, String)>);
+
 /// What a person asks for.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -647,6 +650,35 @@ impl ControlPlane {
             permille: (percent.clamp(0.0, 100.0) * 10.0).round() as u16,
             message,
         });
+    }
+
+    /// Model jobs not finished yet: id, node, what, latest progress (percent, message).
+    pub fn model_jobs_in_flight(&self) -> Vec<ModelJobInFlight> {
+        let t = self.jobs.lock();
+        t.active
+            .values()
+            .filter_map(|a| match &a.rec.work {
+                Work::Model {
+                    action, name, file, ..
+                } => Some((
+                    a.rec.id,
+                    a.rec.node.clone().or_else(|| match &a.rec.target {
+                        Target::Node(n) => Some(n.clone()),
+                        _ => None,
+                    }),
+                    format!(
+                        "{} {}",
+                        serde_json::to_value(action)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        name.clone().or_else(|| file.clone()).unwrap_or_default()
+                    ),
+                    a.progress.clone(),
+                )),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The latest progress of a job still running.
