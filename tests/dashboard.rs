@@ -546,3 +546,101 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(b.text("main").await.contains("needs the Admin role"));
     b.shot("viewer-services").await;
 }
+
+/// The Models and Chat pages. The backend is the Ollama stand-in (no real Ollama can run here):
+/// it reports its models, pulls with Ollama's streamed progress and echoes chat prompts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_chat_pages_in_a_real_browser() {
+    let backend = common::fake_ollama::FakeOllama::start(&[("llama3:latest", true)]).await;
+    let c = Controller::start(ControllerOpts::default()).await;
+    let base = c.url("");
+    let pw = create_user(&c, "mo", "operator").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = c.token(1, "10m", json!({})).await;
+    let config = format!(
+        "[ai]\ndiscover = false\npoll_interval = \"300ms\"\n[[ai.backends]]\nkind = \"ollama\"\nurl = \"{}\"\n",
+        backend.url()
+    );
+    let _agent =
+        Agent::join_with_config(&c, &token, &dir.path().join("gpu"), "gpu-box", &[], &config);
+    c.wait_status("gpu-box", "online", Duration::from_secs(20))
+        .await;
+    let b = Browser::start().await;
+    b.login(&base, "mo", &pw).await;
+
+    // Inventory per node and backend.
+    b.c().goto(&format!("{base}/ui/models")).await.unwrap();
+    let table = b.wait_text("#model-table", Duration::from_secs(15)).await;
+    assert!(
+        table.contains("gpu-box") && table.contains("llama3:latest") && table.contains("loaded"),
+        "{table}"
+    );
+
+    // Pull a model from the page: progress shows live, then the model is in the table.
+    b.c()
+        .find(Locator::Css("#pull-form input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("mistral:7b")
+        .await
+        .unwrap();
+    b.c()
+        .find(Locator::Css("#pull-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let progress = b
+        .wait_text("#models progress", Duration::from_secs(10))
+        .await;
+    let _ = progress;
+    b.shot("models-pulling").await;
+    wait_for(
+        "mistral:7b in the inventory table",
+        Duration::from_secs(20),
+        || async {
+            let t = b.text("#models").await;
+            (t.contains("mistral:7b") && !b.has("#models progress").await).then_some(())
+        },
+    )
+    .await;
+    b.shot("models").await;
+
+    // Chat: the answer streams in, and the page says which node served it.
+    b.c().goto(&format!("{base}/ui/chat")).await.unwrap();
+    b.c()
+        .find(Locator::Id("chat-input"))
+        .await
+        .unwrap()
+        .send_keys("Hello from the dashboard chat")
+        .await
+        .unwrap();
+    b.c()
+        .find(Locator::Id("chat-send"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for("the streamed answer", Duration::from_secs(15), || async {
+        let log = b.text("#chat-log").await;
+        log.contains("Assistant: Hello from the dashboard chat")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(b.text("#chat-node").await, "served by gpu-box");
+    b.shot("chat").await;
+    // Without the CSRF token the chat endpoint refuses.
+    let status = b
+        .c()
+        .execute_async(
+            "const done = arguments[0];
+             fetch('/ui/chat/send', {method: 'POST', headers: {'content-type': 'application/json'},
+               body: JSON.stringify({model: 'llama3', messages: []})}).then(r => done(r.status));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, json!(403));
+}

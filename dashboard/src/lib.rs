@@ -40,6 +40,9 @@ pub mod charts;
 
 const CSS: &str = include_str!("../assets/style.css");
 const JS: &str = include_str!("../assets/live.js");
+const CHAT_JS: &str = include_str!("../assets/chat.js");
+
+mod ai;
 const SESSION_COOKIE: &str = "nebula_session";
 const LOGIN_COOKIE: &str = "nebula_login";
 /// How often an open overview gets fresh figures for every card.
@@ -65,6 +68,12 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/ui/jobs/{id}/events", get(job_events))
         .route("/ui/enroll", get(enroll_page).post(enroll))
         .route("/ui/audit", get(audit_page))
+        .route("/ui/models", get(ai::models_page))
+        .route("/ui/models/events", get(ai::models_events))
+        .route("/ui/models/pull", post(ai::pull))
+        .route("/ui/models/delete", post(ai::delete))
+        .route("/ui/chat", get(ai::chat_page))
+        .route("/ui/chat/send", post(ai::chat_send))
         .layer(middleware::from_fn_with_state(cp.clone(), session));
     Router::new()
         .route("/", get(|| async { Redirect::to("/ui/") }))
@@ -77,6 +86,10 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route(
             "/ui/assets/live.js",
             get(|| async { asset(JS, "text/javascript") }),
+        )
+        .route(
+            "/ui/assets/chat.js",
+            get(|| async { asset(CHAT_JS, "text/javascript") }),
         )
         .merge(private)
         .layer(middleware::map_response(security_headers))
@@ -256,6 +269,8 @@ fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Marku
         ("/ui/", "Overview", Role::Viewer),
         ("/ui/services", "Services", Role::Viewer),
         ("/ui/jobs", "Jobs", Role::Viewer),
+        ("/ui/models", "Models", Role::Viewer),
+        ("/ui/chat", "Chat", Role::Operator),
         ("/ui/enroll", "Enroll", Role::Admin),
         ("/ui/audit", "Audit", Role::Operator),
     ]
