@@ -393,7 +393,7 @@ fn allowed_path(kind: BackendKind, path: &str) -> bool {
 
 /// Answer one inference stream: proxy the request to the backend, stream its body back.
 pub async fn serve_infer(req: InferRequest, mut send: quinn::SendStream, backends: Arc<Backends>) {
-    let result = proxy(&req, &mut send, &backends).await;
+    let result = proxy(req, &mut send, &backends).await;
     let last = match result {
         Ok(()) => InferEvent::End,
         Err(Failure::Gone) => return,
@@ -413,7 +413,7 @@ enum Failure {
 }
 
 async fn proxy(
-    req: &InferRequest,
+    req: InferRequest,
     send: &mut quinn::SendStream,
     backends: &Backends,
 ) -> Result<(), Failure> {
@@ -439,7 +439,7 @@ async fn proxy(
         .client
         .post(&url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(req.body.clone())
+        .body(req.body)
         .send();
     let mut resp = match tokio::time::timeout(first, sent).await {
         Ok(Ok(r)) => r,
