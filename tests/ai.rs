@@ -888,3 +888,98 @@ async fn images_are_generated_on_the_node_with_stable_diffusion() {
     .await;
     assert_eq!(r.status(), 404);
 }
+
+/// tailscaled cannot run here (no TUN device, no tailnet): a stand-in answers its local API's
+/// `GET /localapi/v0/status` on a Unix socket with the JSON tailscaled sends, listing one online
+/// peer (at 127.0.0.1) and one offline peer.
+fn fake_tailscaled(socket: &std::path::Path) {
+    fn peer(id: &str, host: &str, ip: &str, online: bool) -> Value {
+        json!({
+            "ID": id, "PublicKey": format!("nodekey:{id}"), "HostName": host,
+            "DNSName": format!("{host}.tail1234.ts.net."), "OS": "linux", "UserID": 1,
+            "TailscaleIPs": [ip, "fd7a:115c:a1e0::1"], "Addrs": null, "CurAddr": "", "Relay": "fra",
+            "RxBytes": 0, "TxBytes": 0, "Created": "2026-01-01T00:00:00Z",
+            "LastWrite": "2026-11-28T10:00:00Z", "LastSeen": "2026-11-28T10:00:00Z",
+            "LastHandshake": "2026-11-28T10:00:00Z", "Online": online, "ExitNode": false,
+            "ExitNodeOption": false, "Active": online, "PeerAPIURL": null,
+            "InNetworkMap": true, "InMagicSock": true, "InEngine": true
+        })
+    }
+    let status = json!({
+        "Version": "1.76.1", "BackendState": "Running", "AuthURL": "",
+        "TailscaleIPs": ["100.64.0.1"], "Self": peer("n0", "this-box", "100.64.0.1", true),
+        "Health": null, "CurrentTailnet": null, "CertDomains": null,
+        "Peer": {
+            "nodekey:a": peer("n1", "gpu-peer", "127.0.0.1", true),
+            "nodekey:b": peer("n2", "sleeping-peer", "127.0.0.3", false)
+        },
+        "User": {}
+    })
+    .to_string();
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let body = status.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let path_ok = String::from_utf8_lossy(&got).starts_with("GET /localapi/v0/status");
+                let (code, body) = if path_ok {
+                    ("200 OK", body)
+                } else {
+                    ("404 Not Found", String::new())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {code}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_on_a_tailscale_peer_is_found_through_tailscaleds_local_api() {
+    let peer_ollama = FakeOllama::start(&[("llama3.1:8b", true)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tailscaled.sock");
+    fake_tailscaled(&socket);
+    let (c, _cfg) = controller("").await;
+    let token = c.token(1, "10m", json!({})).await;
+    let config = format!(
+        "[ai]\ndiscover = false\npoll_interval = \"300ms\"\ntailscale = true\ntailscale_socket = \"{}\"\ntailscale_ports = [{}]\n",
+        socket.display(),
+        peer_ollama.addr.port()
+    );
+    let a = Agent::join_with_config(&c, &token, &dir.path().join("a"), "edge", &[], &config);
+    let online = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.wait_status("edge", "online", Duration::from_secs(25)),
+    )
+    .await;
+    assert!(online.is_ok(), "agent output:\n{}", a.proc.output());
+    wait_model(&c, "llama3.1:8b", &["edge"]).await;
+    let inv = c.get("/api/v1/models/inventory").await;
+    let backends = inv["nodes"][0]["backends"].as_array().unwrap().clone();
+    assert_eq!(backends.len(), 1, "only the online peer: {inv}");
+    assert_eq!(backends[0]["source"], "tailscale:gpu-peer");
+    assert_eq!(backends[0]["name"], "ollama-gpu-peer");
+    assert_eq!(
+        backends[0]["url"],
+        format!("http://127.0.0.1:{}", peer_ollama.addr.port())
+    );
+    // And it serves through the gateway like any backend.
+    let r = chat(&c, json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "over the tailnet"}]})).await;
+    assert_eq!((r.status().as_u16(), node_of(&r)), (200, "edge".to_owned()));
+}

@@ -39,6 +39,12 @@ pub struct AiConfig {
     pub poll_interval: Duration,
     /// Where model files downloaded by model jobs go (default: `models/` in the state dir).
     pub models_dir: Option<std::path::PathBuf>,
+    /// Look for Ollama on Tailscale peers (through tailscaled's local API) when tailscaled runs.
+    pub tailscale: bool,
+    /// tailscaled's local API socket.
+    pub tailscale_socket: std::path::PathBuf,
+    /// Ports tried on each online peer (Ollama's by default).
+    pub tailscale_ports: Vec<u16>,
 }
 
 impl Default for AiConfig {
@@ -48,6 +54,9 @@ impl Default for AiConfig {
             discover: true,
             poll_interval: Duration::from_secs(10),
             models_dir: None,
+            tailscale: true,
+            tailscale_socket: "/var/run/tailscale/tailscaled.sock".into(),
+            tailscale_ports: vec![11434],
         }
     }
 }
@@ -202,6 +211,32 @@ pub async fn run(
                 }
             }
         }
+        if config.tailscale && config.tailscale_socket.exists() {
+            match tailscale_peers(&config.tailscale_socket).await {
+                Ok(peers) => {
+                    for (host, ip) in peers {
+                        for &port in &config.tailscale_ports {
+                            let url = match ip {
+                                std::net::IpAddr::V4(a) => format!("http://{a}:{port}"),
+                                std::net::IpAddr::V6(a) => format!("http://[{a}]:{port}"),
+                            };
+                            if list.iter().any(|k| k.url == url) {
+                                continue;
+                            }
+                            if probe(&client, BackendKind::Ollama, &url).await {
+                                list.push(Known {
+                                    name: format!("ollama-{host}"),
+                                    kind: BackendKind::Ollama,
+                                    url,
+                                    source: format!("tailscale:{host}"),
+                                });
+                            }
+                        }
+                    }
+                }
+                Err(e) => debug!("tailscaled: {e}"),
+            }
+        }
         let mut statuses = Vec::with_capacity(list.len());
         for k in &list {
             statuses.push(read_backend(&client, k).await);
@@ -227,6 +262,52 @@ pub async fn run(
             _ = backends.refresh.notified() => {}
         }
     }
+}
+
+/// Online Tailscale peers (host name, address) from tailscaled's local API.
+#[cfg(unix)]
+async fn tailscale_peers(
+    socket: &std::path::Path,
+) -> Result<Vec<(String, std::net::IpAddr)>, String> {
+    let api = tailscale_localapi::LocalApi::new_with_socket_path(socket);
+    let status = tokio::time::timeout(Duration::from_secs(2), api.status())
+        .await
+        .map_err(|_| "no answer within 2s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let mut peers: Vec<(String, std::net::IpAddr)> = status
+        .peer
+        .values()
+        .filter(|p| p.online)
+        .filter_map(|p| {
+            let ip = p
+                .tailscale_ips
+                .iter()
+                .find(|ip| ip.is_ipv4())
+                .or(p.tailscale_ips.first())?;
+            let host: String = p
+                .hostname
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            Some((host, *ip))
+        })
+        .collect();
+    peers.sort();
+    Ok(peers)
+}
+
+/// tailscaled's local API is a named pipe on Windows: not read there yet.
+#[cfg(not(unix))]
+async fn tailscale_peers(
+    _socket: &std::path::Path,
+) -> Result<Vec<(String, std::net::IpAddr)>, String> {
+    Ok(Vec::new())
 }
 
 fn default_name(kind: BackendKind, url: &str) -> String {
