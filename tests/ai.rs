@@ -437,7 +437,7 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
     let key_file = key_dir.path().join("cloud.key");
     std::fs::write(&key_file, "sk-test-not-a-real-key\n").unwrap();
     let (c, _cfg) = controller(&format!(
-        "breaker_cooldown = \"500ms\"\n[ai.fallback]\nname = \"cloud\"\nurl = \"{}\"\napi_key_file = \"{}\"\n",
+        "breaker_cooldown = \"500ms\"\npull_on_demand = false\n[ai.fallback]\nname = \"cloud\"\nurl = \"{}\"\napi_key_file = \"{}\"\n",
         cloud.url(),
         key_file.display()
     ))
@@ -792,7 +792,7 @@ async fn images_are_generated_on_the_node_with_stable_diffusion() {
     use common::fake_ollama::{FakeSd, PIXEL_PNG_B64};
     let sd = FakeSd::start(&["sdxl_base", "dreamshaper_8"], "sdxl_base").await;
     let text_backend = FakeOllama::start(&[("llama3", true)]).await;
-    let (c, _cfg) = controller("").await;
+    let (c, _cfg) = controller("pull_on_demand = false\n").await;
     let dir = tempfile::tempdir().unwrap();
     let _a = agent(&c, dir.path(), "text-node", "ollama", &text_backend.url()).await;
     let _b = agent(&c, dir.path(), "art-node", "sd-webui", &sd.url()).await;
@@ -982,4 +982,63 @@ async fn ollama_on_a_tailscale_peer_is_found_through_tailscaleds_local_api() {
     // And it serves through the gateway like any backend.
     let r = chat(&c, json!({"model": "llama3.1:8b", "messages": [{"role": "user", "content": "over the tailnet"}]})).await;
     assert_eq!((r.status().as_u16(), node_of(&r)), (200, "edge".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served() {
+    let a = FakeOllama::start(&[("llama3", true)]).await;
+    let b = FakeOllama::start(&[("qwen2.5", true)]).await;
+    let (c, _cfg) = controller("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _na = agent(&c, dir.path(), "node-a", "ollama", &a.url()).await;
+    let _nb = agent(&c, dir.path(), "node-b", "ollama", &b.url()).await;
+    wait_model(&c, "qwen2.5", &["node-b"]).await;
+    wait_model(&c, "llama3", &["node-a"]).await;
+    // Two requests at once for a model nobody has: one pull, both answered from that node.
+    let ask = || {
+        chat(
+            &c,
+            json!({"model": "phi3:mini", "messages": [{"role": "user", "content": "pulled for me"}]}),
+        )
+    };
+    let (r1, r2) = tokio::join!(ask(), ask());
+    assert_eq!(r1.status(), 200);
+    assert_eq!(r2.status(), 200);
+    let node = node_of(&r1);
+    assert_eq!(node_of(&r2), node);
+    let v: Value = r1.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "pulled for me");
+    let holders: Vec<bool> = [&a, &b]
+        .iter()
+        .map(|f| {
+            f.state
+                .lock()
+                .unwrap()
+                .models
+                .iter()
+                .any(|(n, _)| n == "phi3:mini")
+        })
+        .collect();
+    assert_eq!(
+        holders.iter().filter(|h| **h).count(),
+        1,
+        "pulled once: {holders:?}"
+    );
+    let pulls = c.get("/api/v1/jobs?kind=model").await;
+    assert_eq!(pulls["items"].as_array().map(Vec::len), Some(1), "{pulls}");
+    // A model the registry does not have: the pull fails and the request says why.
+    let r = chat(
+        &c,
+        json!({"model": "fail-nonexistent", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("file does not exist"),
+        "{v}"
+    );
 }

@@ -259,6 +259,19 @@ pub async fn serve_for(
     let prompt_tokens = estimate_tokens(body.len());
     let mut tried: Vec<Uuid> = Vec::new();
     let mut last_error: Option<String> = None;
+    // The last tier: no node has the model, one with Ollama can pull it (waited for, once per
+    // node and model however many requests ask).
+    if cfg.pull_on_demand
+        && !embeddings
+        && cp
+            .ai
+            .candidates(&model, 0, |id| cp.registry.is_online(id), |_| 0, true)
+            .is_empty()
+    {
+        if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
+            last_error = Some(e);
+        }
+    }
     for _ in 0..cfg.max_attempts.max(1) {
         let candidates = cp.ai.candidates(
             &model,
@@ -305,6 +318,108 @@ pub async fn serve_for(
             format!("every node that has `{model}` failed: {e}"),
         ),
     }
+}
+
+/// Pull `model` onto the best node with a healthy Ollama (most free VRAM, fewest requests in
+/// flight) and wait until that node reports it. One pull per node and model at a time: other
+/// requests for it wait on the same job.
+/// `Err(None)`: no node can pull (the request goes on as if there were no such tier).
+async fn pull_on_demand(
+    cp: &Arc<ControlPlane>,
+    model: &str,
+    cfg: &AiConfig,
+) -> Result<(), Option<String>> {
+    let Some((node_id, node)) = cp
+        .ai
+        .pull_target(|id| cp.registry.is_online(id), |id| free_vram(cp, id))
+    else {
+        return Err(None);
+    };
+    let key = (node_id, model.to_owned());
+    let job = match cp.ai.claim_pull(&key) {
+        Some(Some(job)) => job,
+        Some(None) => {
+            // Another request is starting this pull: wait for its job.
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match cp.ai.pull_job(&key) {
+                    Some(Some(job)) => break job,
+                    Some(None) if tokio::time::Instant::now() < until => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    // Over already (or stuck): route with what the fleet has now.
+                    _ => return Ok(()),
+                }
+            }
+        }
+        None => {
+            let rec = cp
+                .create_job(
+                    crate::jobs::NewJob {
+                        work: crate::jobs::model::Work::Model {
+                            action: crate::jobs::model::ModelActionKind::Pull,
+                            name: Some(model.to_owned()),
+                            url: None,
+                            file: None,
+                            sha256: None,
+                            backend: None,
+                        },
+                        target: crate::jobs::model::Target::Node(node.clone()),
+                        deadline: Some(cfg.load_timeout),
+                        idempotent: false,
+                        max_attempts: Some(1),
+                    },
+                    "gateway",
+                )
+                .await
+                .map_err(|e| {
+                    cp.ai.set_pull_in_flight(key.clone(), None);
+                    Some(format!("starting a pull of `{model}` on {node}: {e}"))
+                })?;
+            tracing::info!(%model, %node, job = %rec.id, "pulling a model for a request");
+            cp.ai.set_pull_in_flight(key.clone(), Some(rec.id));
+            rec.id
+        }
+    };
+    let deadline = tokio::time::Instant::now() + cfg.load_timeout;
+    let outcome = loop {
+        let rec = cp.job(job).await.map_err(|e| Some(e.to_string()))?;
+        match rec {
+            Some(r) if r.state.is_terminal() => {
+                if r.state == crate::jobs::model::JobState::Succeeded {
+                    break Ok(());
+                }
+                break Err(format!(
+                    "pulling `{model}` on {node} failed: {}",
+                    r.error.or(r.reason).unwrap_or_default()
+                ));
+            }
+            None => break Err(format!("the pull of `{model}` on {node} vanished")),
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break Err(format!(
+                "pulling `{model}` on {node} took longer than the load timeout"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    cp.ai.set_pull_in_flight(key, None);
+    outcome.map_err(Some)?;
+    // The agent reads its backends again right after the job: wait for the model to show up.
+    while tokio::time::Instant::now() < deadline {
+        if !cp
+            .ai
+            .candidates(model, 0, |id| id == node_id, |_| 0, true)
+            .is_empty()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Some(format!(
+        "{node} pulled `{model}` but does not report it"
+    )))
 }
 
 /// A try that failed before any byte reached the client.

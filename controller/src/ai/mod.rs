@@ -43,6 +43,9 @@ pub struct AiConfig {
     pub requests_per_minute: u32,
     /// Requests in flight per API token (0: no limit).
     pub max_concurrent: u32,
+    /// When no node has a requested model, pull it onto the node with a healthy Ollama and the
+    /// most free VRAM, and answer from there (the request waits up to `load_timeout`).
+    pub pull_on_demand: bool,
     /// An OpenAI-compatible provider used when no node can serve (before any byte was sent).
     pub fallback: Option<FallbackConfig>,
     /// Output filters (redact, block, warn, log per rule).
@@ -61,6 +64,7 @@ impl Default for AiConfig {
             breaker_max_cooldown: Duration::from_secs(300),
             requests_per_minute: 0,
             max_concurrent: 0,
+            pull_on_demand: true,
             fallback: None,
             filters: filters::FilterConfig::default(),
         }
@@ -112,6 +116,8 @@ pub struct AiFleet {
     breakers: Mutex<HashMap<(Uuid, String), Breaker>>,
     usage: Mutex<BTreeMap<(String, String, String), Usage>>,
     limits: Mutex<HashMap<String, TokenLimit>>,
+    /// Pulls started for requests, by (node, model): `None` while the job is being created.
+    pulls: Mutex<HashMap<(Uuid, String), Option<Uuid>>>,
 }
 
 /// Tokens counted per (API token name, model, node).
@@ -149,7 +155,70 @@ impl AiFleet {
             breakers: Mutex::default(),
             usage: Mutex::default(),
             limits: Mutex::default(),
+            pulls: Mutex::default(),
         }
+    }
+
+    /// Where a model no node has could be pulled: an online node with a healthy Ollama, the
+    /// most free VRAM first, then the fewest requests in flight.
+    pub fn pull_target(
+        &self,
+        online: impl Fn(Uuid) -> bool,
+        free_vram: impl Fn(Uuid) -> u64,
+    ) -> Option<(Uuid, String)> {
+        let nodes = lock(&self.nodes);
+        let in_flight = lock(&self.in_flight);
+        nodes
+            .iter()
+            .filter(|(id, n)| {
+                online(**id)
+                    && n.inventory
+                        .backends
+                        .iter()
+                        .any(|b| b.healthy && b.kind == BackendKind::Ollama)
+            })
+            .map(|(id, n)| {
+                (
+                    std::cmp::Reverse(free_vram(*id)),
+                    in_flight.get(id).copied().unwrap_or(0),
+                    n.name.clone(),
+                    *id,
+                )
+            })
+            .min()
+            .map(|(_, _, name, id)| (id, name))
+    }
+
+    /// Claim the pull of a model onto a node: `None` when this caller must start it, else the
+    /// pull already claimed (`Some(None)` while its job is being created).
+    pub fn claim_pull(&self, key: &(Uuid, String)) -> Option<Option<Uuid>> {
+        let mut pulls = lock(&self.pulls);
+        match pulls.get(key) {
+            Some(existing) => Some(*existing),
+            None => {
+                pulls.insert(key.clone(), None);
+                None
+            }
+        }
+    }
+
+    /// The claimed pull's job (`Some`), or the pull is over (`None`).
+    pub fn set_pull_in_flight(&self, key: (Uuid, String), job: Option<Uuid>) {
+        let mut pulls = lock(&self.pulls);
+        match job {
+            Some(j) => {
+                pulls.insert(key, Some(j));
+            }
+            None => {
+                pulls.remove(&key);
+            }
+        }
+    }
+
+    /// A claimed pull: `Some(Some(job))` once its job exists, `Some(None)` while it is being
+    /// created, `None` when the claim is gone.
+    pub fn pull_job(&self, key: &(Uuid, String)) -> Option<Option<Uuid>> {
+        lock(&self.pulls).get(key).copied()
     }
 
     pub fn set_inventory(&self, node_id: Uuid, name: &str, inventory: AiInventory) {
