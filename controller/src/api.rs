@@ -976,12 +976,7 @@ async fn list_containers(
 /// `GET /api/v1/agent/releases`: the agent builds this controller serves, with the key that
 /// signs them.
 async fn agent_releases(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<serde_json::Value>> {
-    let releases = {
-        let r = cp.releases.clone();
-        tokio::task::spawn_blocking(move || r.scan())
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-    };
+    let releases = install::scanned(&cp).await?;
     let list: Vec<serde_json::Value> = releases
         .iter()
         .map(|r| {

@@ -304,13 +304,7 @@ impl AiFleet {
                 free_vram: free_vram(*id),
             });
         }
-        out.sort_by(|a, b| {
-            b.loaded
-                .cmp(&a.loaded)
-                .then(a.in_flight.cmp(&b.in_flight))
-                .then(b.free_vram.cmp(&a.free_vram))
-                .then(a.node.cmp(&b.node))
-        });
+        rank(&mut out);
         out
     }
 
@@ -359,13 +353,7 @@ impl AiFleet {
                 });
             }
         }
-        out.sort_by(|a, b| {
-            b.loaded
-                .cmp(&a.loaded)
-                .then(a.in_flight.cmp(&b.in_flight))
-                .then(b.free_vram.cmp(&a.free_vram))
-                .then(a.node.cmp(&b.node))
-        });
+        rank(&mut out);
         out
     }
 
@@ -601,6 +589,18 @@ impl Breaker {
             BreakerState::HalfOpen { .. } => "half-open",
         }
     }
+}
+
+/// Best first: loaded, then fewer requests in flight, then more free VRAM (then by name, so
+/// that equal nodes are taken in a stable order).
+fn rank(candidates: &mut [Candidate]) {
+    candidates.sort_by(|a, b| {
+        b.loaded
+            .cmp(&a.loaded)
+            .then(a.in_flight.cmp(&b.in_flight))
+            .then(b.free_vram.cmp(&a.free_vram))
+            .then(a.node.cmp(&b.node))
+    });
 }
 
 /// A rough token count for a prompt (about four bytes a token), for the context-length filter.

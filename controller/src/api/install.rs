@@ -74,6 +74,16 @@ pub fn public_addresses(cp: &ControlPlane, headers: &HeaderMap) -> ApiResult<Pub
     Ok(PublicAddresses { url, quic })
 }
 
+/// The served builds, looked at again (on a blocking thread: changed files are hashed).
+pub(crate) async fn scanned(
+    cp: &Arc<ControlPlane>,
+) -> ApiResult<Arc<Vec<nebula_protocol::release::AgentRelease>>> {
+    let r = cp.releases.clone();
+    tokio::task::spawn_blocking(move || r.scan())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 /// A value safe inside single quotes in both sh and PowerShell.
 fn quotable(v: &str) -> bool {
     !v.contains('\'') && !v.contains('\n') && !v.contains('\r')
@@ -92,12 +102,7 @@ pub async fn install_sh(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let addrs = public_addresses(&cp, &headers)?;
-    let releases = {
-        let r = cp.releases.clone();
-        tokio::task::spawn_blocking(move || r.scan())
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-    };
+    let releases = scanned(&cp).await?;
     let signer = cp.releases.signer();
     for v in [&addrs.url, &addrs.quic] {
         if !quotable(v) {
@@ -138,12 +143,7 @@ pub async fn install_ps1(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let addrs = public_addresses(&cp, &headers)?;
-    let releases = {
-        let r = cp.releases.clone();
-        tokio::task::spawn_blocking(move || r.scan())
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-    };
+    let releases = scanned(&cp).await?;
     for v in [&addrs.url, &addrs.quic] {
         if !quotable(v) {
             return Err(ApiError::bad_request(
