@@ -251,7 +251,7 @@ pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> any
         "[[ai.backends]]\nname = \"fast\"\nkind = \"openai\"\nurl = \"http://{fast}\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:{llama_port}\"\n"
     );
     // The gateway as shipped (output filters on), and one with every filter off.
-    let (ctl, _agent) = pair(&client, &dir.path().join("on"), "", &backends).await?;
+    let (ctl, agent) = pair(&client, &dir.path().join("on"), "", &backends).await?;
     let off = "[ai.filters]\napi_keys = \"off\"\nemail = \"off\"\nphone = \"off\"\ncard = \"off\"\nprofanity = \"off\"\ncode_injection = \"off\"\n";
     let (ctl_off, _agent_off) = pair(&client, &dir.path().join("off"), off, &backends).await?;
     let base = format!("http://{}", ctl.http);
@@ -267,8 +267,11 @@ pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> any
         let per_task = (requests / concurrency).max(10);
         let blocks = 5;
         let (mut direct, mut gw) = (Vec::new(), Vec::new());
+        // CPU the controller and the agent spend on the gateway requests.
+        let (mut ctl_cpu, mut agent_cpu) = (0u64, 0u64);
         for _ in 0..blocks {
             direct.extend(load(&client, &direct_url, None, concurrency, per_task / blocks).await?);
+            let (c0, a0) = (crate::cpu_ns(ctl.child.id()), crate::cpu_ns(agent.0.id()));
             gw.extend(
                 load(
                     &client,
@@ -279,7 +282,12 @@ pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> any
                 )
                 .await?,
             );
+            ctl_cpu += crate::cpu_ns(ctl.child.id()).saturating_sub(c0);
+            agent_cpu += crate::cpu_ns(agent.0.id()).saturating_sub(a0);
         }
+        let n_gw = (per_task / blocks * blocks * concurrency).max(1) as f64;
+        let (ctl_us, agent_us) = (ctl_cpu as f64 / n_gw / 1e3, agent_cpu as f64 / n_gw / 1e3);
+        println!("concurrency {concurrency:>2}: CPU per gateway request: controller {ctl_us:.0} us, agent {agent_us:.0} us");
         let d = summary(direct);
         let g = summary(gw);
         let added_p50 = g["p50_ms"].as_f64().unwrap_or(0.0) - d["p50_ms"].as_f64().unwrap_or(0.0);
@@ -293,7 +301,8 @@ pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> any
         );
         results.insert(
             format!("concurrency_{concurrency}"),
-            json!({"direct": d, "gateway": g, "added_p50_ms": added_p50, "added_p99_ms": added_p99}),
+            json!({"direct": d, "gateway": g, "added_p50_ms": added_p50, "added_p99_ms": added_p99,
+                   "controller_cpu_us_per_request": ctl_us, "agent_cpu_us_per_request": agent_us}),
         );
     }
 
