@@ -141,3 +141,9 @@ pub fn client_endpoint(remote: std::net::SocketAddr) -> std::io::Result<quinn::E
     };
     quinn::Endpoint::client(bind)
 }
+
+/// The process-wide rustls provider (ring) that reqwest's TLS needs: probes, health gates,
+/// inference backends and update downloads all use it. Installing it twice is harmless.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -375,8 +375,7 @@ pub async fn apply(
     let exe = exe.canonicalize().unwrap_or(exe);
     let download = sibling(&exe, "download");
     info!(from = %current, to = %r.version, %url, "downloading a newer agent");
-    // reqwest's TLS needs the process-wide provider (the job runner installs it too).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()
@@ -454,7 +453,7 @@ mod tests {
         let good = b"#!/bin/sh\necho new agent\n".to_vec();
         let key = keypair();
         let r = signed(&good, &key, "9.0.0");
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_provider();
         let client = reqwest::Client::new();
         let dest = dir.path().join("agent.download");
         // The server hands out other bytes than the release names.

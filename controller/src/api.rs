@@ -213,18 +213,21 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .with_state(cp)
 }
 
+/// The token of an `Authorization: Bearer <token>` header.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 async fn authenticate(
     State(cp): State<Arc<ControlPlane>>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
+    let Some(token) = bearer(req.headers()) else {
         return unauthorized("missing bearer token (Authorization: Bearer <token>)");
     };
     match cp.api_token(&crate::hash_secret(token)).await {

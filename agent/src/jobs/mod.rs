@@ -225,7 +225,7 @@ impl JobRunner {
     pub fn new(config: RunnerConfig, state_dir: &std::path::Path) -> std::io::Result<Arc<Self>> {
         // Probes and health gates use reqwest, which takes rustls' process-wide provider: make
         // sure there is one (ring), once for every job (installing twice is a harmless error).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_provider();
         std::fs::create_dir_all(state_dir)?;
         let journal = Journal::open(&state_dir.join("jobs.journal"), config.jobs.journal_entries)?;
         Ok(Arc::new(JobRunner {

@@ -46,12 +46,7 @@ fn error(status: StatusCode, kind: &str, code: &str, message: impl Into<String>)
 
 /// The API token's name, or the 401 to answer.
 async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<String, Response> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
+    let Some(token) = crate::api::bearer(headers) else {
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -259,27 +254,33 @@ pub async fn serve_for(
     let prompt_tokens = estimate_tokens(body.len());
     let mut tried: Vec<Uuid> = Vec::new();
     let mut last_error: Option<String> = None;
-    // The last tier: no node has the model, one with Ollama can pull it (waited for, once per
-    // node and model however many requests ask).
-    if cfg.pull_on_demand
-        && !embeddings
-        && cp
-            .ai
-            .candidates(&model, 0, |id| cp.registry.is_online(id), |_| 0, true)
-            .is_empty()
-    {
-        if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
-            last_error = Some(e);
-        }
-    }
-    for _ in 0..cfg.max_attempts.max(1) {
-        let candidates = cp.ai.candidates(
+    let routable = || {
+        cp.ai.candidates(
             &model,
             prompt_tokens,
             |id| cp.registry.is_online(id),
             |id| free_vram(&cp, id),
             embeddings,
-        );
+        )
+    };
+    for attempt in 0..cfg.max_attempts.max(1) {
+        let mut candidates = routable();
+        // The last tier: no node has the model at all (whatever its context or breaker), one
+        // with Ollama can pull it (waited for, once per node and model however many ask).
+        if attempt == 0
+            && candidates.is_empty()
+            && cfg.pull_on_demand
+            && !embeddings
+            && cp
+                .ai
+                .candidates(&model, 0, |id| cp.registry.is_online(id), |_| 0, true)
+                .is_empty()
+        {
+            if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
+                last_error = Some(e);
+            }
+            candidates = routable();
+        }
         let Some(c) = candidates.into_iter().find(|c| !tried.contains(&c.node_id)) else {
             break;
         };
@@ -947,6 +948,30 @@ fn relay(
     })
 }
 
+/// A call to the fallback provider: its value, or the answer to give (502 when it failed, 504
+/// when it was `late`).
+fn fallback_answer<T, E: std::fmt::Display>(
+    name: &str,
+    r: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    late: &str,
+) -> Result<T, Box<Response>> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Box::new(error(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "fallback_failed",
+            format!("{name}: {e}"),
+        ))),
+        Err(_) => Err(Box::new(error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "api_error",
+            "fallback_timeout",
+            format!("{name} {late}"),
+        ))),
+    }
+}
+
 /// Send the request to the configured cloud provider (nothing has reached the client yet).
 #[allow(clippy::too_many_arguments)]
 async fn fallback(
@@ -984,24 +1009,13 @@ async fn fallback(
         req = req.bearer_auth(k);
     }
     let started = Instant::now();
-    let resp = match tokio::time::timeout(cfg.first_token_timeout, req.send()).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                "api_error",
-                "fallback_failed",
-                format!("{}: {e}", fb.name),
-            )
-        }
-        Err(_) => {
-            return error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "api_error",
-                "fallback_timeout",
-                format!("{} did not answer in time", fb.name),
-            )
-        }
+    let resp = match fallback_answer(
+        &fb.name,
+        tokio::time::timeout(cfg.first_token_timeout, req.send()).await,
+        "did not answer in time",
+    ) {
+        Ok(r) => r,
+        Err(r) => return *r,
     };
     debug!(provider = %fb.name, %model, ms = started.elapsed().as_millis() as u64, "fallback answered");
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -1013,24 +1027,13 @@ async fn fallback(
     let node = format!("fallback:{}", fb.name);
     if !stream || !status.is_success() {
         // A whole answer: read it, filter it, send it.
-        let bytes = match tokio::time::timeout(cfg.total_timeout, resp.bytes()).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "api_error",
-                    "fallback_failed",
-                    format!("{}: {e}", fb.name),
-                )
-            }
-            Err(_) => {
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "api_error",
-                    "fallback_timeout",
-                    format!("{} took too long", fb.name),
-                )
-            }
+        let bytes = match fallback_answer(
+            &fb.name,
+            tokio::time::timeout(cfg.total_timeout, resp.bytes()).await,
+            "took too long",
+        ) {
+            Ok(b) => b,
+            Err(r) => return *r,
         };
         let (bytes, filtered) = if status.is_success() {
             if let Some((p, c)) = serde_json::from_slice::<Value>(&bytes)

@@ -84,6 +84,17 @@ pub(crate) async fn scanned(
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 
+/// The addresses to put in a script, each safe inside single quotes.
+fn script_addresses(cp: &ControlPlane, headers: &HeaderMap) -> ApiResult<PublicAddresses> {
+    let addrs = public_addresses(cp, headers)?;
+    if !quotable(&addrs.url) || !quotable(&addrs.quic) {
+        return Err(ApiError::bad_request(
+            "the controller's address cannot be quoted",
+        ));
+    }
+    Ok(addrs)
+}
+
 /// A value safe inside single quotes in both sh and PowerShell.
 fn quotable(v: &str) -> bool {
     !v.contains('\'') && !v.contains('\n') && !v.contains('\r')
@@ -101,16 +112,9 @@ pub async fn install_sh(
     State(cp): State<Arc<ControlPlane>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let addrs = public_addresses(&cp, &headers)?;
+    let addrs = script_addresses(&cp, &headers)?;
     let releases = scanned(&cp).await?;
     let signer = cp.releases.signer();
-    for v in [&addrs.url, &addrs.quic] {
-        if !quotable(v) {
-            return Err(ApiError::bad_request(
-                "the controller's address cannot be quoted",
-            ));
-        }
-    }
     let mut cases = String::new();
     for r in releases.iter().filter(|r| r.os == "linux") {
         cases.push_str(&format!(
@@ -142,15 +146,8 @@ pub async fn install_ps1(
     State(cp): State<Arc<ControlPlane>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let addrs = public_addresses(&cp, &headers)?;
+    let addrs = script_addresses(&cp, &headers)?;
     let releases = scanned(&cp).await?;
-    for v in [&addrs.url, &addrs.quic] {
-        if !quotable(v) {
-            return Err(ApiError::bad_request(
-                "the controller's address cannot be quoted",
-            ));
-        }
-    }
     let mut table = String::new();
     for r in releases.iter().filter(|r| r.os == "windows") {
         table.push_str(&format!(
