@@ -89,6 +89,11 @@ async fn wait_version(c: &Controller, name: &str, version: &str, timeout: Durati
     .await
 }
 
+/// The agent's record of its last update (`update.json` in its state dir).
+fn update_record(state: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(state.join("update.json")).ok()?).ok()
+}
+
 /// A container of the clean Debian image on the host's network (the controller listens on
 /// 127.0.0.1), removed when dropped.
 struct Box_ {
@@ -123,6 +128,13 @@ impl Box_ {
             &local.display().to_string(),
             &format!("{}:{remote}", self.name),
         ]);
+    }
+
+    /// SHA-256 of the installed agent binary.
+    fn installed_sha(&self) -> String {
+        self.ok("sha256sum /usr/local/bin/nebula-agent | cut -d' ' -f1")
+            .trim()
+            .to_owned()
     }
 
     /// Every path in the container's own filesystem (not /proc, /sys, /dev).
@@ -244,11 +256,7 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
     let node = wait_version(&c, "debian-box", "0.1.0", Duration::from_secs(20)).await;
     let id = node["id"].clone();
     assert_eq!(node["labels"]["zone"], "lab");
-    assert_eq!(
-        b.ok("sha256sum /usr/local/bin/nebula-agent | cut -d' ' -f1")
-            .trim(),
-        sha_hex(&v0)
-    );
+    assert_eq!(b.installed_sha(), sha_hex(&v0));
     let conf = b.ok("cat /etc/nebula-agent/agent.toml");
     assert!(
         conf.contains(&format!("controller = \"{}\"", c.quic)),
@@ -281,11 +289,7 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
     let node = wait_version(&c, "debian-box", "0.1.1", Duration::from_secs(20)).await;
     assert_eq!(node["id"], id, "same identity after the upgrade");
     assert_eq!(c.nodes().await.len(), 1);
-    assert_eq!(
-        b.ok("sha256sum /usr/local/bin/nebula-agent | cut -d' ' -f1")
-            .trim(),
-        sha_hex(&v1)
-    );
+    assert_eq!(b.installed_sha(), sha_hex(&v1));
 
     // Wrong checksum: the script pinned 0.1.1's digest; the controller now serves other bytes.
     let served_v1 = work.path().join("install-v1.sh");
@@ -319,11 +323,7 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
         msg.contains("checksum mismatch") && msg.contains("refusing to install"),
         "{msg}"
     );
-    assert_eq!(
-        b.ok("sha256sum /usr/local/bin/nebula-agent | cut -d' ' -f1")
-            .trim(),
-        sha_hex(&v1)
-    );
+    assert_eq!(b.installed_sha(), sha_hex(&v1));
 
     // Wrong signature: a mirror serving 0.1.1 with a consistent checksum but a forged signature.
     let mirror = tempfile::tempdir().unwrap();
@@ -364,11 +364,7 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
         msg.contains("bad signature") && msg.contains("refusing to install"),
         "{msg}"
     );
-    assert_eq!(
-        b.ok("sha256sum /usr/local/bin/nebula-agent | cut -d' ' -f1")
-            .trim(),
-        sha_hex(&v1)
-    );
+    assert_eq!(b.installed_sha(), sha_hex(&v1));
     // The agent kept running through both refusals.
     wait_version(&c, "debian-box", "0.1.1", Duration::from_secs(5)).await;
 
@@ -478,8 +474,7 @@ async fn self_update_swaps_confirms_refuses_a_foreign_key_and_rolls_back_a_build
         "the update to be confirmed",
         Duration::from_secs(10),
         || async {
-            let r: Value =
-                serde_json::from_slice(&std::fs::read(state.join("update.json")).ok()?).ok()?;
+            let r = update_record(&state)?;
             (r["outcome"]["state"] == "confirmed").then_some(r)
         },
     )
@@ -504,8 +499,7 @@ async fn self_update_swaps_confirms_refuses_a_foreign_key_and_rolls_back_a_build
         "the update to be rolled back",
         Duration::from_secs(40),
         || async {
-            let r: Value =
-                serde_json::from_slice(&std::fs::read(state.join("update.json")).ok()?).ok()?;
+            let r = update_record(&state)?;
             (r["to"] == "0.1.2" && r["outcome"]["state"] == "rolled_back").then_some(r)
         },
     )

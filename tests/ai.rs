@@ -103,14 +103,19 @@ async fn wait_model(c: &Controller, model: &str, nodes: &[&str]) {
     .await;
 }
 
-async fn chat(c: &Controller, body: Value) -> reqwest::Response {
+/// POST a JSON body with the admin token.
+async fn post(c: &Controller, path: &str, body: Value) -> reqwest::Response {
     c.client
-        .post(c.url("/v1/chat/completions"))
+        .post(c.url(path))
         .bearer_auth(&c.admin_token)
         .json(&body)
         .send()
         .await
         .unwrap()
+}
+
+async fn chat(c: &Controller, body: Value) -> reqwest::Response {
+    post(c, "/v1/chat/completions", body).await
 }
 
 fn node_of(r: &reqwest::Response) -> String {
@@ -185,14 +190,12 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
         );
     }
     // /v1/completions too.
-    let r = c
-        .client
-        .post(c.url("/v1/completions"))
-        .bearer_auth(&c.admin_token)
-        .json(&json!({"model": "beta", "prompt": "Once upon a time", "max_tokens": 6}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        "/v1/completions",
+        json!({"model": "beta", "prompt": "Once upon a time", "max_tokens": 6}),
+    )
+    .await;
     assert_eq!(
         (r.status().as_u16(), node_of(&r)),
         (200, "node-b".to_owned())
@@ -407,14 +410,12 @@ async fn loaded_model_wins_a_failing_backend_trips_its_breaker_and_a_probe_close
     );
 
     // Embeddings go the same way.
-    let r = c
-        .client
-        .post(c.url("/v1/embeddings"))
-        .bearer_auth(&c.admin_token)
-        .json(&json!({"model": "llama3", "input": "hello"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        "/v1/embeddings",
+        json!({"model": "llama3", "input": "hello"}),
+    )
+    .await;
     assert_eq!(
         (r.status().as_u16(), node_of(&r)),
         (200, "node-b".to_owned())
@@ -813,14 +814,11 @@ async fn images_are_generated_on_the_node_with_stable_diffusion() {
         .any(|m| m["name"] == "sdxl_base" && m["loaded"] == true));
 
     // OpenAI's images API, served by txt2img on the node that has Stable Diffusion.
-    let r = c
-        .client
-        .post(c.url("/v1/images/generations"))
-        .bearer_auth(&c.admin_token)
-        .json(&json!({"prompt": "a lighthouse at dusk", "n": 2, "size": "640x384", "model": "dreamshaper_8"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        "/v1/images/generations",
+        json!({"prompt": "a lighthouse at dusk", "n": 2, "size": "640x384", "model": "dreamshaper_8"}),
+    ).await;
     assert_eq!(
         (r.status().as_u16(), node_of(&r)),
         (200, "art-node".to_owned())
@@ -845,14 +843,11 @@ async fn images_are_generated_on_the_node_with_stable_diffusion() {
     );
 
     // SD WebUI's own API passes through unchanged.
-    let r = c
-        .client
-        .post(c.url("/sdapi/v1/img2img"))
-        .bearer_auth(&c.admin_token)
-        .json(&json!({"prompt": "in watercolor", "init_images": [PIXEL_PNG_B64], "denoising_strength": 0.6}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        "/sdapi/v1/img2img",
+        json!({"prompt": "in watercolor", "init_images": [PIXEL_PNG_B64], "denoising_strength": 0.6}),
+    ).await;
     assert_eq!(
         (r.status().as_u16(), node_of(&r)),
         (200, "art-node".to_owned())
@@ -862,23 +857,19 @@ async fn images_are_generated_on_the_node_with_stable_diffusion() {
     assert_eq!(v["images"][0], PIXEL_PNG_B64);
 
     // A checkpoint no node has, and a bad size: clear errors.
-    let r = c
-        .client
-        .post(c.url("/v1/images/generations"))
-        .bearer_auth(&c.admin_token)
-        .json(&json!({"prompt": "x", "model": "no-such-checkpoint"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        "/v1/images/generations",
+        json!({"prompt": "x", "model": "no-such-checkpoint"}),
+    )
+    .await;
     assert_eq!(r.status(), 404);
-    let r = c
-        .client
-        .post(c.url("/v1/images/generations"))
-        .bearer_auth(&c.admin_token)
-        .json(&json!({"prompt": "x", "size": "huge"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        "/v1/images/generations",
+        json!({"prompt": "x", "size": "huge"}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     // Chat models are not image models and the other way round.
     let r = chat(

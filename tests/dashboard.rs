@@ -552,6 +552,8 @@ async fn the_dashboard_in_a_real_browser() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_and_chat_pages_in_a_real_browser() {
     let backend = common::fake_ollama::FakeOllama::start(&[("llama3:latest", true)]).await;
+    // A pull long enough (about 4 s) for the page's once-a-second refresh to show it under way.
+    backend.state.lock().unwrap().pull_step = Duration::from_millis(160);
     let c = Controller::start(ControllerOpts::default()).await;
     let base = c.url("");
     let pw = create_user(&c, "mo", "operator").await;

@@ -40,6 +40,8 @@ pub struct FakeState {
     pub cut_next_download: Option<usize>,
     /// `Range` headers the file route saw.
     pub ranges: Vec<String>,
+    /// Pause between the lines of a pull's progress stream.
+    pub pull_step: Duration,
 }
 
 #[derive(Clone)]
@@ -59,6 +61,7 @@ impl FakeOllama {
             file: Vec::new(),
             cut_next_download: None,
             ranges: Vec::new(),
+            pull_step: Duration::from_millis(40),
         }));
         let app = Router::new()
             .route(
@@ -268,10 +271,11 @@ async fn pull(State(s): St, Json(body): Json<Value>) -> Response {
     lines.push(json!({"status": "verifying sha256 digest"}));
     lines.push(json!({"status": "writing manifest"}));
     lines.push(json!({"status": "success"}));
+    let step = s.lock().unwrap().pull_step;
     let stream = futures::stream::unfold(
         (lines.into_iter(), s, name),
-        |(mut it, s, name)| async move {
-            tokio::time::sleep(Duration::from_millis(40)).await;
+        move |(mut it, s, name)| async move {
+            tokio::time::sleep(step).await;
             let line = it.next()?;
             if line["status"] == "success" {
                 let mut st = s.lock().unwrap();
