@@ -70,7 +70,9 @@ pub struct InferRequest {
     pub backend: String,
     /// The backend's path, e.g. `/v1/chat/completions`.
     pub path: String,
-    /// The JSON body, as the backend should receive it.
+    /// The JSON body, as the backend should receive it. (Bytes encode as one run, the same
+    /// bytes on the wire as a sequence of `u8`.)
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     /// Time for the backend to answer with its first bytes (a model load included).
     pub first_byte_timeout_ms: u32,
@@ -87,7 +89,7 @@ pub enum InferEvent {
         content_type: String,
     },
     /// Response body bytes as the backend sent them.
-    Chunk(Vec<u8>),
+    Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
     End,
     Error {
         message: String,

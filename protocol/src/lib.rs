@@ -368,15 +368,41 @@ pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, FrameError> {
 
 /// Encode a message as a whole frame (length prefix + payload).
 pub fn encode_frame<M: Message>(msg: &M) -> Result<Vec<u8>, FrameError> {
-    let payload = encode(msg)?;
-    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
-        len: payload.len(),
-        max: u32::MAX as usize,
-    })?;
-    let mut out = Vec::with_capacity(4 + payload.len());
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&payload);
+    let mut out = Vec::new();
+    encode_frame_into(msg, &mut out)?;
     Ok(out)
+}
+
+/// Append a message as a whole frame to `out`, so that several frames can go out in one write.
+/// A payload over [`DEFAULT_MAX_FRAME`] is refused. On error `out` is left as it was.
+pub fn encode_frame_into<M: Message>(msg: &M, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let written = bincode::serde::encode_into_std_write(msg, out, config()).map_err(|source| {
+        FrameError::Encode {
+            message: M::NAME,
+            source,
+        }
+    });
+    // No reader takes a frame over the limit: refuse it here, with the reason, rather than
+    // have the peer drop the stream.
+    let len = written.and_then(|n| match u32::try_from(n) {
+        Ok(len) if n <= DEFAULT_MAX_FRAME => Ok(len),
+        _ => Err(FrameError::TooLarge {
+            len: n,
+            max: DEFAULT_MAX_FRAME,
+        }),
+    });
+    match len {
+        Ok(len) => {
+            out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(at);
+            Err(e)
+        }
+    }
 }
 
 /// Decode one message from a payload. Trailing bytes are rejected, except for the frozen
@@ -550,5 +576,51 @@ mod name_tests {
         for bad in ["", "-web", ".x", "a b", "web,x=y", "ü", &"x".repeat(64)] {
             assert!(!super::valid_name(bad), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use crate::ai::InferEvent;
+
+    #[test]
+    fn frames_appended_to_one_buffer_read_back_in_order() {
+        let events = [
+            InferEvent::Head {
+                status: 200,
+                content_type: "application/json".into(),
+            },
+            InferEvent::Chunk(b"{\"id\":1}".to_vec()),
+            InferEvent::End,
+        ];
+        let mut buf = b"kept".to_vec();
+        for e in &events {
+            encode_frame_into(e, &mut buf).unwrap();
+        }
+        assert_eq!(&buf[..4], b"kept");
+        // The same bytes as one frame per write.
+        let one_by_one: Vec<u8> = events
+            .iter()
+            .flat_map(|e| encode_frame(e).unwrap())
+            .collect();
+        assert_eq!(&buf[4..], &one_by_one[..]);
+        let mut rest = &buf[4..];
+        for e in &events {
+            let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            let got: InferEvent = decode(&rest[4..4 + len]).unwrap();
+            assert_eq!(&got, e);
+            rest = &rest[4 + len..];
+        }
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn a_frame_that_cannot_be_encoded_leaves_the_buffer_as_it_was() {
+        // Over the frame limit: refused, nothing half-written.
+        let big = InferEvent::Chunk(vec![0; DEFAULT_MAX_FRAME + 1]);
+        let mut buf = b"kept".to_vec();
+        assert!(encode_frame_into(&big, &mut buf).is_err());
+        assert_eq!(buf, b"kept");
     }
 }
