@@ -109,9 +109,13 @@ struct Known {
 }
 
 /// The backends known now, by name (what inference requests name).
+/// A backend by name: its kind and base URL (also parsed once here, not per request; `None`:
+/// not a URL).
+type Entry = (BackendKind, String, Option<reqwest::Url>);
+
 #[derive(Debug, Default)]
 pub struct Backends {
-    known: RwLock<BTreeMap<String, (BackendKind, String)>>,
+    known: RwLock<BTreeMap<String, Entry>>,
     pub(crate) client: reqwest::Client,
     /// Ask the poller to look again now (after a pull or a delete).
     pub refresh: tokio::sync::Notify,
@@ -137,15 +141,15 @@ impl Backends {
     ) -> Option<(String, BackendKind, String)> {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
         match name {
-            Some(n) => known.get(n).map(|(k, u)| (n.to_owned(), *k, u.clone())),
+            Some(n) => known.get(n).map(|(k, u, _)| (n.to_owned(), *k, u.clone())),
             None => known
                 .iter()
-                .find(|(_, (k, _))| *k == kind)
-                .map(|(n, (k, u))| (n.clone(), *k, u.clone())),
+                .find(|(_, (k, _, _))| *k == kind)
+                .map(|(n, (k, u, _))| (n.clone(), *k, u.clone())),
         }
     }
 
-    fn get(&self, name: &str) -> Option<(BackendKind, String)> {
+    fn get(&self, name: &str) -> Option<Entry> {
         self.known
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -156,7 +160,10 @@ impl Backends {
     fn set(&self, list: &[Known]) {
         let map = list
             .iter()
-            .map(|k| (k.name.clone(), (k.kind, k.url.clone())))
+            .map(|k| {
+                let parsed = reqwest::Url::parse(&k.url).ok();
+                (k.name.clone(), (k.kind, k.url.clone(), parsed))
+            })
             .collect();
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = map;
     }
@@ -472,15 +479,23 @@ fn allowed_path(kind: BackendKind, path: &str) -> bool {
     }
 }
 
+/// Frames waiting for one write: what the backend has sent already goes out together (a
+/// small answer's head, body and end in one QUIC write); a stream's token is never held back
+/// waiting for the next one.
+const FLUSH_AT: usize = 64 << 10;
+
 /// Answer one inference stream: proxy the request to the backend, stream its body back.
 pub async fn serve_infer(req: InferRequest, mut send: quinn::SendStream, backends: Arc<Backends>) {
-    let result = proxy(req, &mut send, &backends).await;
+    let mut out = Vec::new();
+    let result = proxy(req, &mut send, &mut out, &backends).await;
     let last = match result {
         Ok(()) => InferEvent::End,
         Err(Failure::Gone) => return,
         Err(Failure::Backend { message, timeout }) => InferEvent::Error { message, timeout },
     };
-    let _ = proto::write_message(&mut send, &last).await;
+    if proto::encode_frame_into(&last, &mut out).is_ok() {
+        let _ = send.write_all(&out).await;
+    }
     let _ = send.finish();
 }
 
@@ -493,16 +508,35 @@ enum Failure {
     },
 }
 
+/// Add `event` to `out`; write `out` when it is large.
+async fn queue(
+    send: &mut quinn::SendStream,
+    out: &mut Vec<u8>,
+    event: &InferEvent,
+) -> Result<(), Failure> {
+    proto::encode_frame_into(event, out).map_err(|e| Failure::Backend {
+        message: e.to_string(),
+        timeout: false,
+    })?;
+    if out.len() >= FLUSH_AT {
+        send.write_all(out).await.map_err(|_| Failure::Gone)?;
+        out.clear();
+    }
+    Ok(())
+}
+
 async fn proxy(
     req: InferRequest,
     send: &mut quinn::SendStream,
+    out: &mut Vec<u8>,
     backends: &Backends,
 ) -> Result<(), Failure> {
+    use futures::FutureExt;
     let fail = |message: String| Failure::Backend {
         message,
         timeout: false,
     };
-    let (kind, base) = backends
+    let (kind, base, parsed) = backends
         .get(&req.backend)
         .ok_or_else(|| fail(format!("no backend named `{}` on this node", req.backend)))?;
     if !allowed_path(kind, &req.path) {
@@ -512,13 +546,18 @@ async fn proxy(
             kind.as_str()
         )));
     }
-    let url = format!("{base}{}", req.path);
+    let url = {
+        let mut url = parsed.ok_or_else(|| fail(format!("`{base}` is not a URL")))?;
+        let path = format!("{}{}", url.path().trim_end_matches('/'), req.path);
+        url.set_path(&path);
+        url
+    };
     let started = tokio::time::Instant::now();
     let total = Duration::from_millis(req.total_timeout_ms.max(1).into());
     let first = Duration::from_millis(req.first_byte_timeout_ms.max(1).into()).min(total);
     let sent = backends
         .client
-        .post(&url)
+        .post(url.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(req.body)
         .send();
@@ -544,17 +583,26 @@ async fn proxy(
             .unwrap_or("application/json")
             .to_owned(),
     };
-    proto::write_message(send, &head)
-        .await
-        .map_err(|_| Failure::Gone)?;
+    proto::encode_frame_into(&head, out).map_err(|e| fail(e.to_string()))?;
     loop {
-        let left = total.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, resp.chunk()).await {
-            Ok(Ok(Some(bytes))) => {
-                proto::write_message(send, &InferEvent::Chunk(bytes.to_vec()))
-                    .await
-                    .map_err(|_| Failure::Gone)?;
+        // Body bytes already here join the frames waiting; otherwise those go out now, before
+        // waiting for more.
+        let next = match resp.chunk().now_or_never() {
+            Some(r) => Ok(r),
+            None => {
+                if !out.is_empty() {
+                    send.write_all(out).await.map_err(|_| Failure::Gone)?;
+                    out.clear();
+                }
+                let left = total.saturating_sub(started.elapsed());
+                tokio::time::timeout(left, resp.chunk()).await
             }
+        };
+        match next {
+            Ok(Ok(Some(bytes))) => {
+                queue(send, out, &InferEvent::Chunk(bytes.to_vec())).await?;
+            }
+            // The caller adds `End` to what is waiting.
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => return Err(fail(format!("reading {url}: {e}"))),
             Err(_) => {

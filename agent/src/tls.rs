@@ -22,6 +22,9 @@ fn provider() -> Arc<CryptoProvider> {
 fn transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
+    // Streams the controller opens: jobs and every inference request in flight to this node
+    // (quinn's default of 100 would make the 101st wait for a stream to close).
+    t.max_concurrent_bidi_streams(4096u32.into());
     if let Ok(idle) = idle.try_into() {
         t.max_idle_timeout(Some(idle));
     }
