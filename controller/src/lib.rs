@@ -438,6 +438,12 @@ impl Controller {
         }
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {
+            // No Nagle: a streamed answer's tokens and the dashboard's live events are small
+            // writes that must leave at once, not wait for the previous one's ACK.
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
                 .await;

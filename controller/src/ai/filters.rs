@@ -160,6 +160,9 @@ fn mask(s: &str) -> String {
 pub struct Filters {
     cfg: FilterConfig,
     profanity: Option<Regex>,
+    /// Every active rule's pattern in one set: one pass settles that most texts hold nothing,
+    /// before each rule looks for its matches.
+    any: Option<regex::RegexSet>,
 }
 
 /// A match: byte range, rule, action.
@@ -181,7 +184,34 @@ impl Filters {
                     .map_err(|e| format!("profanity words: {e}"))?,
             )
         };
-        Ok(Filters { cfg, profanity })
+        let mut patterns: Vec<&str> = Vec::new();
+        let on = |a: Action| a != Action::Off;
+        if on(cfg.api_keys) {
+            patterns.extend([KEY_SHAPES.as_str(), TOKEN_RUN.as_str()]);
+        }
+        for (action, re) in [
+            (cfg.email, &EMAIL),
+            (cfg.phone, &PHONE),
+            (cfg.card, &CARD),
+            (cfg.code_injection, &INJECTION),
+        ] {
+            if on(action) {
+                patterns.push(re.as_str());
+            }
+        }
+        if let Some(p) = &profanity {
+            patterns.push(p.as_str());
+        }
+        let any = if patterns.is_empty() {
+            None
+        } else {
+            Some(regex::RegexSet::new(patterns).map_err(|e| format!("output filters: {e}"))?)
+        };
+        Ok(Filters {
+            cfg,
+            profanity,
+            any,
+        })
     }
 
     /// Is any rule on? With none, answers pass through untouched (and nothing is held back).
@@ -215,6 +245,10 @@ impl Filters {
     }
 
     fn spans(&self, text: &str) -> Vec<Span> {
+        match &self.any {
+            Some(set) if set.is_match(text) => {}
+            _ => return Vec::new(),
+        }
         let c = &self.cfg;
         let mut out: Vec<Span> = Vec::new();
         if c.api_keys != Action::Off {
