@@ -1,9 +1,16 @@
 //! `nebula-bench gateway`: what the AI gateway adds to a request, against calling the backend
 //! directly, in one run on one machine (a real controller and agent process on loopback).
 //!
-//! - Added latency: an OpenAI-compatible backend in this process that answers at once (so the
-//!   gateway's own cost is what is measured), small chat requests at concurrency 1 and 64;
-//!   direct and gateway requests alternate in blocks so that both see the same machine.
+//! - Added latency: OpenAI-compatible backends in this process, small chat requests, direct and
+//!   gateway requests alternating in blocks so that both see the same machine.
+//!   - concurrency 1 against a backend that answers at once (the gateway's own cost);
+//!   - concurrency 64 against a backend that answers after a fixed service time (`--service-ms`,
+//!     default 10 ms, shorter than any real model's answer; the fastest here, llama.cpp with a
+//!     135M model, takes ~15 ms to its first token): what 64 requests in flight cost the
+//!     gateway (its locks, the one QUIC connection, its tasks);
+//!   - concurrency 64 against the instant backend, reported as throughput: the load generator,
+//!     the backend, the controller and the agent then saturate the machine's cores together, and
+//!     the latency figures measure that queue, not the gateway.
 //! - Time to first token: llama.cpp's server (xllamacpp, SmolLM2-135M) streaming, the first
 //!   content chunk direct vs through the gateway, alternating.
 
@@ -22,25 +29,79 @@ use crate::{join_token, percentile, start_controller, KillOnDrop};
 
 const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1795000000,"model":"fast","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}"#;
 
-/// The instant backend.
-async fn fast_backend() -> anyhow::Result<SocketAddr> {
-    let app = Router::new()
+/// An OpenAI-compatible backend under `prefix` serving `model`: answers at once, or after a
+/// service time.
+fn backend_routes(prefix: &str, model: &'static str, service: Service) -> Router {
+    let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Router::new()
         .route(
-            "/v1/models",
-            get(|| async {
-                axum::Json(json!({"object": "list", "data": [{"id": "fast", "object": "model"}]}))
+            &format!("{prefix}/v1/models"),
+            get(move || async move {
+                axum::Json(json!({"object": "list", "data": [{"id": model, "object": "model"}]}))
             }),
         )
         .route(
-            "/v1/chat/completions",
-            post(|| async { ([("content-type", "application/json")], ANSWER) }),
-        );
+            &format!("{prefix}/v1/chat/completions"),
+            post(move || async move {
+                let wait = match service {
+                    Service::Instant => None,
+                    Service::Fixed(d) => Some(d),
+                    // Uniform over [d/2, 3d/2): answers of different lengths.
+                    Service::Varied(d) => {
+                        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let r = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 1000;
+                        Some(d.mul_f64(0.5 + r as f64 / 1000.0))
+                    }
+                };
+                if let Some(d) = wait {
+                    tokio::time::sleep(d).await;
+                }
+                ([("content-type", "application/json")], ANSWER)
+            }),
+        )
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Service {
+    Instant,
+    /// Every answer takes this long: requests started together finish together.
+    Fixed(Duration),
+    /// Answers take from half to one and a half times this long.
+    Varied(Duration),
+}
+
+/// The backends, on one port: `fast` (instant) at `/`, `paced` (varied service time) at
+/// `/paced`, `lockstep` (fixed service time) at `/lockstep`.
+async fn fast_backend(service: Duration) -> anyhow::Result<SocketAddr> {
+    let app = backend_routes("", "fast", Service::Instant)
+        .merge(backend_routes("/paced", "paced", Service::Varied(service)))
+        .merge(backend_routes(
+            "/lockstep",
+            "lockstep",
+            Service::Fixed(service),
+        ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
     Ok(addr)
+}
+
+/// UDP datagrams this network namespace has sent (the QUIC between controller and agent is the
+/// only UDP here).
+fn udp_out_datagrams() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "OutDatagrams")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -91,16 +152,17 @@ async fn wait_models(
     }
 }
 
-/// Latencies (ms) of `per_task` requests from each of `concurrency` tasks.
+/// Latencies (ms) of `per_task` requests for `model` from each of `concurrency` tasks.
 async fn load(
     client: &reqwest::Client,
     url: &str,
     token: Option<&str>,
+    model: &str,
     concurrency: usize,
     per_task: usize,
 ) -> anyhow::Result<Vec<f64>> {
     let body = Arc::new(
-        json!({"model": "fast", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}),
+        json!({"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}),
     );
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -222,15 +284,20 @@ async fn pair(
         client,
         &format!("http://{}", ctl.http),
         &ctl.admin,
-        &["fast", "smollm2"],
+        &["fast", "paced", "lockstep", "smollm2"],
     )
     .await?;
     Ok((ctl, agent))
 }
 
-pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> anyhow::Result<()> {
+pub async fn gateway_bench(
+    requests: usize,
+    ttft_runs: usize,
+    service: Duration,
+    out: &Path,
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let fast = fast_backend().await?;
+    let fast = fast_backend(service).await?;
     // llama.cpp's server for time to first token.
     let llama_port = free_port()?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama-server.py");
@@ -248,7 +315,7 @@ pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> any
         .pool_max_idle_per_host(128)
         .build()?;
     let backends = format!(
-        "[[ai.backends]]\nname = \"fast\"\nkind = \"openai\"\nurl = \"http://{fast}\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:{llama_port}\"\n"
+        "[[ai.backends]]\nname = \"fast\"\nkind = \"openai\"\nurl = \"http://{fast}\"\n[[ai.backends]]\nname = \"paced\"\nkind = \"openai\"\nurl = \"http://{fast}/paced\"\n[[ai.backends]]\nname = \"lockstep\"\nkind = \"openai\"\nurl = \"http://{fast}/lockstep\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:{llama_port}\"\n"
     );
     // The gateway as shipped (output filters on), and one with every filter off.
     let (ctl, agent) = pair(&client, &dir.path().join("on"), "", &backends).await?;
@@ -259,53 +326,103 @@ pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> any
     let gw_url = format!("{base}/v1/chat/completions");
 
     // Warm up both paths (connections, caches, the model).
-    load(&client, &direct_url, None, 8, 50).await?;
-    load(&client, &gw_url, Some(&ctl.admin), 8, 50).await?;
+    load(&client, &direct_url, None, "fast", 8, 50).await?;
+    load(&client, &gw_url, Some(&ctl.admin), "fast", 8, 50).await?;
+    let paced_direct = format!("http://{fast}/paced/v1/chat/completions");
+    let lockstep_direct = format!("http://{fast}/lockstep/v1/chat/completions");
 
     let mut results = serde_json::Map::new();
-    for concurrency in [1usize, 64] {
+    let phases = [
+        ("concurrency_1", 1usize, "fast", direct_url.as_str()),
+        ("concurrency_64", 64, "paced", paced_direct.as_str()),
+        (
+            "concurrency_64_lockstep",
+            64,
+            "lockstep",
+            lockstep_direct.as_str(),
+        ),
+        ("concurrency_64_saturated", 64, "fast", direct_url.as_str()),
+    ];
+    for (key, concurrency, model, direct_url) in phases {
+        // A paced request takes the service time at least: fewer of them measure as well.
+        let requests = if model == "fast" {
+            requests
+        } else {
+            requests.min(6400)
+        };
         let per_task = (requests / concurrency).max(10);
         let blocks = 5;
         let (mut direct, mut gw) = (Vec::new(), Vec::new());
-        // CPU the controller and the agent spend on the gateway requests.
-        let (mut ctl_cpu, mut agent_cpu) = (0u64, 0u64);
+        // Wall time of each path's blocks (throughput), and the CPU the controller and the
+        // agent spend on the gateway requests.
+        let (mut direct_wall, mut gw_wall) = (Duration::ZERO, Duration::ZERO);
+        let (mut ctl_cpu, mut agent_cpu, mut datagrams) = (0u64, 0u64, 0u64);
         for _ in 0..blocks {
-            direct.extend(load(&client, &direct_url, None, concurrency, per_task / blocks).await?);
-            let (c0, a0) = (crate::cpu_ns(ctl.child.id()), crate::cpu_ns(agent.0.id()));
-            gw.extend(
+            let t = Instant::now();
+            direct.extend(
                 load(
                     &client,
-                    &gw_url,
-                    Some(&ctl.admin),
+                    direct_url,
+                    None,
+                    model,
                     concurrency,
                     per_task / blocks,
                 )
                 .await?,
             );
+            direct_wall += t.elapsed();
+            let (c0, a0, u0) = (
+                crate::cpu_ns(ctl.child.id()),
+                crate::cpu_ns(agent.0.id()),
+                udp_out_datagrams(),
+            );
+            let t = Instant::now();
+            gw.extend(
+                load(
+                    &client,
+                    &gw_url,
+                    Some(&ctl.admin),
+                    model,
+                    concurrency,
+                    per_task / blocks,
+                )
+                .await?,
+            );
+            gw_wall += t.elapsed();
             ctl_cpu += crate::cpu_ns(ctl.child.id()).saturating_sub(c0);
             agent_cpu += crate::cpu_ns(agent.0.id()).saturating_sub(a0);
+            datagrams += udp_out_datagrams().saturating_sub(u0);
         }
-        let n_gw = (per_task / blocks * blocks * concurrency).max(1) as f64;
-        let (ctl_us, agent_us) = (ctl_cpu as f64 / n_gw / 1e3, agent_cpu as f64 / n_gw / 1e3);
-        println!("concurrency {concurrency:>2}: CPU per gateway request: controller {ctl_us:.0} us, agent {agent_us:.0} us");
+        let n = (per_task / blocks * blocks * concurrency).max(1) as f64;
+        let (ctl_us, agent_us) = (ctl_cpu as f64 / n / 1e3, agent_cpu as f64 / n / 1e3);
+        let (direct_rps, gw_rps) = (n / direct_wall.as_secs_f64(), n / gw_wall.as_secs_f64());
+        let datagrams = datagrams as f64 / n;
         let d = summary(direct);
         let g = summary(gw);
         let added_p50 = g["p50_ms"].as_f64().unwrap_or(0.0) - d["p50_ms"].as_f64().unwrap_or(0.0);
         let added_p99 = g["p99_ms"].as_f64().unwrap_or(0.0) - d["p99_ms"].as_f64().unwrap_or(0.0);
         println!(
-            "concurrency {concurrency:>2}: direct p50 {:.3} ms p99 {:.3} ms | gateway p50 {:.3} ms p99 {:.3} ms | added p50 {added_p50:.3} ms p99 {added_p99:.3} ms",
+            "{key} ({model}): direct p50 {:.3} ms p99 {:.3} ms, {direct_rps:.0} req/s | gateway p50 {:.3} ms p99 {:.3} ms, {gw_rps:.0} req/s | added p50 {added_p50:.3} ms p99 {added_p99:.3} ms | per gateway request: CPU controller {ctl_us:.0} us, agent {agent_us:.0} us; {datagrams:.2} UDP datagrams",
             d["p50_ms"].as_f64().unwrap_or(0.0),
             d["p99_ms"].as_f64().unwrap_or(0.0),
             g["p50_ms"].as_f64().unwrap_or(0.0),
             g["p99_ms"].as_f64().unwrap_or(0.0),
         );
+        let ms = service.as_secs_f64() * 1e3;
+        let backend = match model {
+            "paced" => json!({"answers_after_ms": [ms / 2.0, ms * 1.5], "varied": true}),
+            "lockstep" => json!({"answers_after_ms": ms, "varied": false}),
+            _ => json!({"answers_after_ms": 0}),
+        };
         results.insert(
-            format!("concurrency_{concurrency}"),
-            json!({"direct": d, "gateway": g, "added_p50_ms": added_p50, "added_p99_ms": added_p99,
-                   "controller_cpu_us_per_request": ctl_us, "agent_cpu_us_per_request": agent_us}),
+            key.into(),
+            json!({"backend": backend, "direct": d, "gateway": g,
+                   "added_p50_ms": added_p50, "added_p99_ms": added_p99,
+                   "direct_requests_per_s": direct_rps, "gateway_requests_per_s": gw_rps,
+                   "controller_cpu_us_per_request": ctl_us, "agent_cpu_us_per_request": agent_us,
+                   "udp_datagrams_per_request": datagrams}),
         );
     }
-
     // Time to first token on the real model, alternating direct and gateway: the first event
     // of the stream, and the first text (with filters on, the word being written is held back
     // until it ends, in case it is the start of a secret).
@@ -364,10 +481,10 @@ pub async fn gateway_bench(requests: usize, ttft_runs: usize, out: &Path) -> any
     results.insert("first_token".into(), Value::Object(ttft));
     let report = json!({
         "bench": "gateway",
-        "command": format!("cargo run --release -p nebula-bench -- gateway --requests {requests} --ttft-runs {ttft_runs}"),
+        "command": format!("cargo run --release -p nebula-bench -- gateway --requests {requests} --ttft-runs {ttft_runs} --service {}", humantime::format_duration(service)),
         "machine": "2 cores; controller, agent, backends and load generator on one host (loopback)",
         "targets": {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "first_token_ratio": 1.05},
-        "note": "first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost",
+        "note": "concurrency_1: instant backend; concurrency_64: a backend answering after answers_after_ms, 64 requests in flight (the target); concurrency_64_saturated: instant backend, the machine's cores saturated by load generator, backend, controller and agent together (compare throughput). first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost",
         "results": results,
     });
     if let Some(parent) = out.parent() {

@@ -129,6 +129,9 @@ enum Cmd {
         /// Streamed answers from llama.cpp per path, for time to first token.
         #[arg(long, default_value_t = 30)]
         ttft_runs: usize,
+        /// How long the paced backend takes to answer (the concurrency-64 figure).
+        #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+        service: Duration,
         #[arg(long, default_value = "bench/results/gateway.json")]
         out: PathBuf,
     },
@@ -203,8 +206,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gateway {
             requests,
             ttft_runs,
+            service,
             out,
-        } => rt.block_on(gateway::gateway_bench(requests, ttft_runs, &out)),
+        } => rt.block_on(gateway::gateway_bench(requests, ttft_runs, service, &out)),
         Cmd::Plan {
             services,
             nodes,
