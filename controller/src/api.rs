@@ -1032,18 +1032,32 @@ async fn models_inventory(State(cp): State<Arc<ControlPlane>>) -> Json<serde_jso
     Json(json!({ "nodes": nodes }))
 }
 
-/// `GET /api/v1/ai/usage`: requests and tokens per API token, model and node.
-async fn ai_usage(State(cp): State<Arc<ControlPlane>>) -> Json<serde_json::Value> {
-    let rows: Vec<serde_json::Value> = cp
-        .ai
-        .usage()
+/// `GET /api/v1/ai/usage`: requests and tokens per API token, model and node: the stored
+/// totals plus what was counted since they were last written.
+async fn ai_usage(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<serde_json::Value>> {
+    let mut totals: std::collections::BTreeMap<(String, String, String), [u64; 3]> =
+        Default::default();
+    for r in cp.store.ai_usage().await? {
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        totals.insert(
+            (r.token, r.model, r.node),
+            [n(r.requests), n(r.prompt_tokens), n(r.completion_tokens)],
+        );
+    }
+    for (key, u) in cp.ai.usage() {
+        let t = totals.entry(key).or_default();
+        t[0] += u.requests;
+        t[1] += u.prompt_tokens;
+        t[2] += u.completion_tokens;
+    }
+    let rows: Vec<serde_json::Value> = totals
         .into_iter()
-        .map(|((token, model, node), u)| {
-            json!({"token": token, "model": model, "node": node, "requests": u.requests,
-                   "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens})
+        .map(|((token, model, node), [requests, prompt, completion])| {
+            json!({"token": token, "model": model, "node": node, "requests": requests,
+                   "prompt_tokens": prompt, "completion_tokens": completion})
         })
         .collect();
-    Json(json!({ "usage": rows }))
+    Ok(Json(json!({ "usage": rows })))
 }
 
 /// `GET /api/v1/models/desired`: the map's `models:` per node (present, pulling with progress,

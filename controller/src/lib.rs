@@ -431,6 +431,7 @@ impl Controller {
             tracker.clone(),
         ));
         tracker.spawn(rollup_writer(cp.clone(), shutdown.clone()));
+        tracker.spawn(usage_writer(cp.clone(), shutdown.clone()));
         tracker.spawn(retention_sweeper(cp.clone(), shutdown.clone()));
         let mut router = api::router(cp.clone());
         if let Some(extra) = extra_routes {
@@ -503,6 +504,44 @@ async fn rollup_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
                     );
                     cp.telemetry.requeue(batch);
                 }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Add the AI usage counted in memory to the store every `usage_flush_interval`; on shutdown,
+/// what is left.
+async fn usage_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(cp.config.ai.usage_flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let batch = cp.ai.take_usage();
+        if !batch.is_empty() {
+            let rows: Vec<store::UsageRow> = batch
+                .iter()
+                .map(|((token, model, node), u)| store::UsageRow {
+                    token: token.clone(),
+                    model: model.clone(),
+                    node: node.clone(),
+                    requests: i64::try_from(u.requests).unwrap_or(i64::MAX),
+                    prompt_tokens: i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX),
+                    completion_tokens: i64::try_from(u.completion_tokens).unwrap_or(i64::MAX),
+                })
+                .collect();
+            if let Err(e) = cp.store.add_ai_usage(&rows).await {
+                tracing::warn!(
+                    rows = rows.len(),
+                    "writing AI usage failed (will retry): {:#}",
+                    anyhow::Error::from(e)
+                );
+                cp.ai.requeue_usage(batch);
             }
         }
         if stopping {

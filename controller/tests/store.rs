@@ -669,3 +669,40 @@ async fn desired_state_history_and_pins_round_trip(s: &Store) {
     assert!(s.pins().await.unwrap().is_empty());
 }
 both!(desired_state_history_and_pins_round_trip);
+
+async fn ai_usage_adds_up_per_token_model_and_node(s: &Store) {
+    use nebula_controller::store::UsageRow;
+    let row = |token: &str, model: &str, node: &str, n: i64| UsageRow {
+        token: token.into(),
+        model: model.into(),
+        node: node.into(),
+        requests: n,
+        prompt_tokens: 10 * n,
+        completion_tokens: 100 * n,
+    };
+    assert!(s.ai_usage().await.unwrap().is_empty());
+    s.add_ai_usage(&[
+        row("app", "llama3", "gpu-1", 2),
+        row("app", "llama3", "gpu-2", 1),
+    ])
+    .await
+    .unwrap();
+    // A second batch adds to the same key and creates another.
+    s.add_ai_usage(&[
+        row("app", "llama3", "gpu-1", 3),
+        row("bob", "qwen", "gpu-1", 1),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        s.ai_usage().await.unwrap(),
+        vec![
+            row("app", "llama3", "gpu-1", 5),
+            row("app", "llama3", "gpu-2", 1),
+            row("bob", "qwen", "gpu-1", 1),
+        ]
+    );
+    s.add_ai_usage(&[]).await.unwrap();
+    assert_eq!(s.ai_usage().await.unwrap().len(), 3);
+}
+both!(ai_usage_adds_up_per_token_model_and_node);

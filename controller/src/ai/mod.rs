@@ -46,6 +46,9 @@ pub struct AiConfig {
     /// When no node has a requested model, pull it onto the node with a healthy Ollama and the
     /// most free VRAM, and answer from there (the request waits up to `load_timeout`).
     pub pull_on_demand: bool,
+    /// How often the usage counted in memory is added to the store.
+    #[serde(with = "humantime_serde")]
+    pub usage_flush_interval: Duration,
     /// An OpenAI-compatible provider used when no node can serve (before any byte was sent).
     pub fallback: Option<FallbackConfig>,
     /// Output filters (redact, block, warn, log per rule).
@@ -65,6 +68,7 @@ impl Default for AiConfig {
             requests_per_minute: 0,
             max_concurrent: 0,
             pull_on_demand: true,
+            usage_flush_interval: Duration::from_secs(10),
             fallback: None,
             filters: filters::FilterConfig::default(),
         }
@@ -422,11 +426,30 @@ impl AiFleet {
         u.completion_tokens += completion;
     }
 
+    /// Usage counted since the last [`take_usage`](Self::take_usage) (not in the store yet).
     pub fn usage(&self) -> Vec<((String, String, String), Usage)> {
         lock(&self.usage)
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect()
+    }
+
+    /// Take the usage counted so far, to add to the store.
+    pub fn take_usage(&self) -> Vec<((String, String, String), Usage)> {
+        std::mem::take(&mut *lock(&self.usage))
+            .into_iter()
+            .collect()
+    }
+
+    /// Put back usage the store did not take (counted again with what came since).
+    pub fn requeue_usage(&self, rows: Vec<((String, String, String), Usage)>) {
+        let mut usage = lock(&self.usage);
+        for (k, u) in rows {
+            let e = usage.entry(k).or_default();
+            e.requests += u.requests;
+            e.prompt_tokens += u.prompt_tokens;
+            e.completion_tokens += u.completion_tokens;
+        }
     }
 
     /// Admit one request for `token` under the per-token limits; `Err(retry_after)` when over.
