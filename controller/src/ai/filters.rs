@@ -160,9 +160,27 @@ fn mask(s: &str) -> String {
 pub struct Filters {
     cfg: FilterConfig,
     profanity: Option<Regex>,
-    /// Every active rule's pattern in one set: one pass settles that most texts hold nothing,
-    /// before each rule looks for its matches.
+    /// Every active rule's pattern in one set: one pass tells which patterns match at all
+    /// (for most texts, none), and only those look for their matches.
     any: Option<regex::RegexSet>,
+    /// Each pattern's place in `any` (`None`: its rule is off).
+    slots: [Option<usize>; Pattern::COUNT],
+}
+
+/// The patterns of the one-pass check.
+#[derive(Debug, Clone, Copy)]
+enum Pattern {
+    KeyShapes,
+    TokenRun,
+    Email,
+    Phone,
+    Card,
+    Injection,
+    Profanity,
+}
+
+impl Pattern {
+    const COUNT: usize = 7;
 }
 
 /// A match: byte range, rule, action.
@@ -185,22 +203,29 @@ impl Filters {
             )
         };
         let mut patterns: Vec<&str> = Vec::new();
+        let mut slots = [None; Pattern::COUNT];
         let on = |a: Action| a != Action::Off;
-        if on(cfg.api_keys) {
-            patterns.extend([KEY_SHAPES.as_str(), TOKEN_RUN.as_str()]);
-        }
-        for (action, re) in [
-            (cfg.email, &EMAIL),
-            (cfg.phone, &PHONE),
-            (cfg.card, &CARD),
-            (cfg.code_injection, &INJECTION),
+        for (active, pattern, re) in [
+            (on(cfg.api_keys), Pattern::KeyShapes, KEY_SHAPES.as_str()),
+            (on(cfg.api_keys), Pattern::TokenRun, TOKEN_RUN.as_str()),
+            (on(cfg.email), Pattern::Email, EMAIL.as_str()),
+            (on(cfg.phone), Pattern::Phone, PHONE.as_str()),
+            (on(cfg.card), Pattern::Card, CARD.as_str()),
+            (
+                on(cfg.code_injection),
+                Pattern::Injection,
+                INJECTION.as_str(),
+            ),
+            (
+                profanity.is_some(),
+                Pattern::Profanity,
+                profanity.as_ref().map_or("", Regex::as_str),
+            ),
         ] {
-            if on(action) {
-                patterns.push(re.as_str());
+            if active {
+                slots[pattern as usize] = Some(patterns.len());
+                patterns.push(re);
             }
-        }
-        if let Some(p) = &profanity {
-            patterns.push(p.as_str());
         }
         let any = if patterns.is_empty() {
             None
@@ -211,6 +236,7 @@ impl Filters {
             cfg,
             profanity,
             any,
+            slots,
         })
     }
 
@@ -245,28 +271,34 @@ impl Filters {
     }
 
     fn spans(&self, text: &str) -> Vec<Span> {
-        match &self.any {
-            Some(set) if set.is_match(text) => {}
-            _ => return Vec::new(),
+        let Some(set) = &self.any else {
+            return Vec::new();
+        };
+        let found = set.matches(text);
+        if !found.matched_any() {
+            return Vec::new();
         }
+        let matched = |p: Pattern| self.slots[p as usize].is_some_and(|i| found.matched(i));
         let c = &self.cfg;
         let mut out: Vec<Span> = Vec::new();
-        if c.api_keys != Action::Off {
+        if matched(Pattern::KeyShapes) {
             for m in KEY_SHAPES.find_iter(text) {
                 out.push((m.start(), m.end(), "api_key", c.api_keys));
             }
+        }
+        if matched(Pattern::TokenRun) {
             for m in TOKEN_RUN.find_iter(text) {
                 if random_token(m.as_str()) {
                     out.push((m.start(), m.end(), "api_key", c.api_keys));
                 }
             }
         }
-        if c.email != Action::Off {
+        if matched(Pattern::Email) {
             for m in EMAIL.find_iter(text) {
                 out.push((m.start(), m.end(), "email", c.email));
             }
         }
-        if c.card != Action::Off {
+        if matched(Pattern::Card) {
             for m in CARD.find_iter(text) {
                 let digits: Vec<u8> = m
                     .as_str()
@@ -279,7 +311,7 @@ impl Filters {
                 }
             }
         }
-        if c.phone != Action::Off {
+        if matched(Pattern::Phone) {
             for m in PHONE.find_iter(text) {
                 let digits = m.as_str().bytes().filter(u8::is_ascii_digit).count();
                 let is_card = out
@@ -290,12 +322,16 @@ impl Filters {
                 }
             }
         }
-        if let Some(p) = &self.profanity {
+        if let Some(p) = self
+            .profanity
+            .as_ref()
+            .filter(|_| matched(Pattern::Profanity))
+        {
             for m in p.find_iter(text) {
                 out.push((m.start(), m.end(), "profanity", c.profanity));
             }
         }
-        if c.code_injection != Action::Off {
+        if matched(Pattern::Injection) {
             for m in INJECTION.find_iter(text) {
                 out.push((m.start(), m.end(), "code_injection", c.code_injection));
             }
