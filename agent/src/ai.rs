@@ -519,6 +519,14 @@ async fn queue(
         timeout: false,
     })?;
     if out.len() >= FLUSH_AT {
+        flush(send, out).await?;
+    }
+    Ok(())
+}
+
+/// Write the frames waiting in `out` (if any).
+async fn flush(send: &mut quinn::SendStream, out: &mut Vec<u8>) -> Result<(), Failure> {
+    if !out.is_empty() {
         send.write_all(out).await.map_err(|_| Failure::Gone)?;
         out.clear();
     }
@@ -590,10 +598,7 @@ async fn proxy(
         let next = match resp.chunk().now_or_never() {
             Some(r) => Ok(r),
             None => {
-                if !out.is_empty() {
-                    send.write_all(out).await.map_err(|_| Failure::Gone)?;
-                    out.clear();
-                }
+                flush(send, out).await?;
                 let left = total.saturating_sub(started.elapsed());
                 tokio::time::timeout(left, resp.chunk()).await
             }
