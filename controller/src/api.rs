@@ -1037,8 +1037,8 @@ async fn models_inventory(State(cp): State<Arc<ControlPlane>>) -> Json<serde_jso
 async fn ai_usage(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<serde_json::Value>> {
     let mut totals: std::collections::BTreeMap<(String, String, String), [u64; 3]> =
         Default::default();
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
     for r in cp.store.ai_usage().await? {
-        let n = |v: i64| u64::try_from(v).unwrap_or(0);
         totals.insert(
             (r.token, r.model, r.node),
             [n(r.requests), n(r.prompt_tokens), n(r.completion_tokens)],

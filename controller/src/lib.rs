@@ -477,19 +477,39 @@ impl Controller {
     }
 }
 
-/// Write finished one-minute rollups in batches; on shutdown, write what is left.
-async fn rollup_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(cp.config.rollup_flush_interval);
+/// Run `work(stopping)` every `interval` until shutdown, then once more with `stopping` true
+/// (the writers that buffer in memory write what is left).
+async fn every_and_at_shutdown<F: std::future::Future<Output = ()>>(
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+    mut work: impl FnMut(bool) -> F,
+) {
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
-        // On the way out, close the open minutes too.
-        let now = millis(SystemTime::now()) + if stopping { 60_000 } else { 0 };
-        let batch = cp.telemetry.take_rollups(now);
-        if !batch.is_empty() {
+        work(stopping).await;
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Write finished one-minute rollups in batches; on shutdown, write what is left.
+async fn rollup_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    every_and_at_shutdown(
+        cp.config.rollup_flush_interval,
+        shutdown,
+        async |stopping| {
+            // On the way out, close the open minutes too.
+            let now = millis(SystemTime::now()) + if stopping { 60_000 } else { 0 };
+            let batch = cp.telemetry.take_rollups(now);
+            if batch.is_empty() {
+                return;
+            }
             let started = std::time::Instant::now();
             match cp.store.insert_rollups(&batch).await {
                 Ok(()) => cp
@@ -505,49 +525,40 @@ async fn rollup_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
                     cp.telemetry.requeue(batch);
                 }
             }
-        }
-        if stopping {
-            return;
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// Add the AI usage counted in memory to the store every `usage_flush_interval`; on shutdown,
 /// what is left.
 async fn usage_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(cp.config.ai.usage_flush_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stopping = tokio::select! {
-            _ = shutdown.cancelled() => true,
-            _ = tick.tick() => false,
-        };
+    every_and_at_shutdown(cp.config.ai.usage_flush_interval, shutdown, async |_| {
         let batch = cp.ai.take_usage();
-        if !batch.is_empty() {
-            let rows: Vec<store::UsageRow> = batch
-                .iter()
-                .map(|((token, model, node), u)| store::UsageRow {
-                    token: token.clone(),
-                    model: model.clone(),
-                    node: node.clone(),
-                    requests: i64::try_from(u.requests).unwrap_or(i64::MAX),
-                    prompt_tokens: i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX),
-                    completion_tokens: i64::try_from(u.completion_tokens).unwrap_or(i64::MAX),
-                })
-                .collect();
-            if let Err(e) = cp.store.add_ai_usage(&rows).await {
-                tracing::warn!(
-                    rows = rows.len(),
-                    "writing AI usage failed (will retry): {:#}",
-                    anyhow::Error::from(e)
-                );
-                cp.ai.requeue_usage(batch);
-            }
-        }
-        if stopping {
+        if batch.is_empty() {
             return;
         }
-    }
+        let rows: Vec<store::UsageRow> = batch
+            .iter()
+            .map(|((token, model, node), u)| store::UsageRow {
+                token: token.clone(),
+                model: model.clone(),
+                node: node.clone(),
+                requests: i64::try_from(u.requests).unwrap_or(i64::MAX),
+                prompt_tokens: i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX),
+                completion_tokens: i64::try_from(u.completion_tokens).unwrap_or(i64::MAX),
+            })
+            .collect();
+        if let Err(e) = cp.store.add_ai_usage(&rows).await {
+            tracing::warn!(
+                rows = rows.len(),
+                "writing AI usage failed (will retry): {:#}",
+                anyhow::Error::from(e)
+            );
+            cp.ai.requeue_usage(batch);
+        }
+    })
+    .await
 }
 
 /// Delete rollups older than the retention window.
