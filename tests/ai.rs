@@ -285,22 +285,16 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = c
-        .client
-        .get(c.url("/api/v1/nodes"))
-        .bearer_auth(&ai_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    let r = c
-        .client
-        .get(c.url("/metrics"))
-        .bearer_auth(&ai_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    for path in ["/api/v1/nodes", "/metrics"] {
+        let r = c
+            .client
+            .get(c.url(path))
+            .bearer_auth(&ai_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "GET {path} with the AI token");
+    }
 
     // Usage per token, model and node.
     let usage = c.get("/api/v1/ai/usage").await;
