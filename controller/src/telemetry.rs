@@ -460,6 +460,26 @@ impl TelemetryHub {
         })
     }
 
+    /// Free GPU memory on a node, from its latest sample (read in place: this runs for every
+    /// gateway request, which should not copy the node's inventory and sample).
+    pub fn free_vram(&self, id: Uuid) -> u64 {
+        let Some(node) = self.node(id) else {
+            return 0;
+        };
+        let n = lock(&node);
+        let (Some(inv), Some(sample)) = (&n.inventory, &n.latest) else {
+            return 0;
+        };
+        inv.gpus
+            .iter()
+            .zip(sample.gpus.iter())
+            .map(|(g, s)| {
+                g.memory_total_bytes
+                    .saturating_sub(s.memory_used_bytes.unwrap_or(g.memory_total_bytes))
+            })
+            .sum()
+    }
+
     /// History points at or after `since` (Unix seconds).
     pub fn history(&self, id: Uuid, since: u32) -> Vec<HistoryPoint> {
         let Some(node) = self.node(id) else {

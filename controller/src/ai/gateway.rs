@@ -122,20 +122,7 @@ pub async fn models(State(cp): State<Arc<ControlPlane>>, headers: HeaderMap) -> 
 
 /// Free GPU memory on a node, from its latest telemetry.
 fn free_vram(cp: &ControlPlane, id: Uuid) -> u64 {
-    let Some(view) = cp.telemetry.view(id) else {
-        return 0;
-    };
-    let (Some(inv), Some(sample)) = (view.inventory, view.latest) else {
-        return 0;
-    };
-    inv.gpus
-        .iter()
-        .zip(sample.gpus.iter())
-        .map(|(g, s)| {
-            g.memory_total_bytes
-                .saturating_sub(s.memory_used_bytes.unwrap_or(g.memory_total_bytes))
-        })
-        .sum()
+    cp.telemetry.free_vram(id)
 }
 
 /// Releases the token's concurrency slot when the response is over.
