@@ -200,14 +200,18 @@ fn summary(mut v: Vec<f64>) -> Value {
     json!({"n": v.len(), "p50_ms": percentile(&v, 0.5), "p99_ms": percentile(&v, 0.99)})
 }
 
-/// Milliseconds to the first event of a streamed answer, and to its first text.
+/// Milliseconds to the first event of a streamed answer and to its first text, and the time
+/// llama.cpp says it spent on the prompt (its `timings`), to tell its own variation from the
+/// path's.
 async fn first_token(
     client: &reqwest::Client,
     url: &str,
     token: Option<&str>,
     model: &str,
-) -> anyhow::Result<(f64, f64)> {
-    let body = json!({"model": model, "stream": true, "max_tokens": 24,
+) -> anyhow::Result<(f64, f64, f64)> {
+    // With usage asked for, the gateway passes the body on unchanged.
+    let body = json!({"model": model, "stream": true, "max_tokens": 8,
+        "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "Tell me about the moon in two sentences."}]});
     let started = Instant::now();
     let mut req = client.post(url).json(&body);
@@ -233,9 +237,16 @@ async fn first_token(
             text = Some(now);
         }
     }
+    let prompt_ms = seen
+        .split("\"prompt_ms\":")
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
     Ok((
         chunk.context("no event in the stream")?,
         text.context("no text in the stream")?,
+        prompt_ms,
     ))
 }
 
@@ -294,8 +305,10 @@ pub async fn gateway_bench(
     requests: usize,
     ttft_runs: usize,
     service: Duration,
+    only: &[String],
     out: &Path,
 ) -> anyhow::Result<()> {
+    let wanted = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
     let dir = tempfile::tempdir()?;
     let fast = fast_backend(service).await?;
     // llama.cpp's server for time to first token.
@@ -344,6 +357,9 @@ pub async fn gateway_bench(
         ("concurrency_64_saturated", 64, "fast", direct_url.as_str()),
     ];
     for (key, concurrency, model, direct_url) in phases {
+        if !wanted(key) {
+            continue;
+        }
         // A paced request takes the service time at least: fewer of them measure as well.
         let requests = if model == "fast" {
             requests
@@ -423,30 +439,70 @@ pub async fn gateway_bench(
                    "udp_datagrams_per_request": datagrams}),
         );
     }
-    // Time to first token on the real model, alternating direct and gateway: the first event
-    // of the stream, and the first text (with filters on, the word being written is held back
+    if wanted("first_token") {
+        let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
+        let ttft = first_tokens(
+            &client,
+            llama_port,
+            &gw_url,
+            &ctl.admin,
+            &off_url,
+            &ctl_off.admin,
+            ttft_runs,
+        )
+        .await?;
+        results.insert("first_token".into(), ttft);
+    }
+    let report = json!({
+        "bench": "gateway",
+        "command": format!(
+            "cargo run --release -p nebula-bench -- gateway --requests {requests} --ttft-runs {ttft_runs} --service {}{}",
+            humantime::format_duration(service),
+            if only.is_empty() { String::new() } else { format!(" --only {}", only.join(",")) }
+        ),
+        "machine": "2 cores; controller, agent, backends and load generator on one host (loopback)",
+        "targets": {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "first_token_ratio": 1.05},
+        "note": "concurrency_1: instant backend; concurrency_64: a backend answering after answers_after_ms, 64 requests in flight (the target); concurrency_64_saturated: instant backend, the machine's cores saturated by load generator, backend, controller and agent together (compare throughput). first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost",
+        "results": results,
+    });
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Time to first token on the real model, alternating direct and gateway (filters on, and off).
+async fn first_tokens(
+    client: &reqwest::Client,
+    llama_port: u16,
+    gw_url: &str,
+    gw_token: &str,
+    off_url: &str,
+    off_token: &str,
+    ttft_runs: usize,
+) -> anyhow::Result<Value> {
+    // The first event of the stream, and the first text (with filters on, the word being written is held back
     // until it ends, in case it is the start of a secret).
     let llama_url = format!("http://127.0.0.1:{llama_port}/v1/chat/completions");
-    let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
     let paths = [
         ("direct", llama_url.as_str(), None),
-        ("gateway", gw_url.as_str(), Some(ctl.admin.as_str())),
-        (
-            "gateway_filters_off",
-            off_url.as_str(),
-            Some(ctl_off.admin.as_str()),
-        ),
+        ("gateway", gw_url, Some(gw_token)),
+        ("gateway_filters_off", off_url, Some(off_token)),
     ];
     for (_, url, token) in paths {
-        first_token(&client, url, token, "smollm2").await?;
+        first_token(client, url, token, "smollm2").await?;
     }
     let mut first_chunk: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let mut first_text: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut prompt: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for _ in 0..ttft_runs {
         for (i, (_, url, token)) in paths.iter().enumerate() {
-            let (chunk, text) = first_token(&client, url, *token, "smollm2").await?;
+            let (chunk, text, prompt_ms) = first_token(client, url, *token, "smollm2").await?;
             first_chunk[i].push(chunk);
             first_text[i].push(text);
+            prompt[i].push(prompt_ms);
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -457,7 +513,10 @@ pub async fn gateway_bench(
     for (i, (name, _, _)) in paths.iter().enumerate() {
         ttft.insert(
             (*name).into(),
-            json!({"first_chunk_median_ms": median(&mut first_chunk[i]), "first_text_median_ms": median(&mut first_text[i])}),
+            json!({"first_chunk_median_ms": median(&mut first_chunk[i].clone()), "first_text_median_ms": median(&mut first_text[i]),
+                   "llama_prompt_median_ms": median(&mut prompt[i].clone()),
+                   // The time llama.cpp did not spend on the prompt: the path's own share.
+                   "outside_llama_median_ms": median(&mut first_chunk[i].iter().zip(&prompt[i]).map(|(c, p)| c - p).collect())}),
         );
     }
     let d_chunk = ttft["direct"]["first_chunk_median_ms"]
@@ -477,20 +536,13 @@ pub async fn gateway_bench(
             text / d_text
         );
     }
-    ttft.insert("runs".into(), json!(ttft_runs));
-    results.insert("first_token".into(), Value::Object(ttft));
-    let report = json!({
-        "bench": "gateway",
-        "command": format!("cargo run --release -p nebula-bench -- gateway --requests {requests} --ttft-runs {ttft_runs} --service {}", humantime::format_duration(service)),
-        "machine": "2 cores; controller, agent, backends and load generator on one host (loopback)",
-        "targets": {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "first_token_ratio": 1.05},
-        "note": "concurrency_1: instant backend; concurrency_64: a backend answering after answers_after_ms, 64 requests in flight (the target); concurrency_64_saturated: instant backend, the machine's cores saturated by load generator, backend, controller and agent together (compare throughput). first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost",
-        "results": results,
-    });
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent)?;
+    for (name, _, _) in paths {
+        println!(
+            "  {name}: llama.cpp's own prompt time, median {:.2} ms; first chunk minus that, median {:.3} ms",
+            ttft[name]["llama_prompt_median_ms"].as_f64().unwrap_or(f64::NAN),
+            ttft[name]["outside_llama_median_ms"].as_f64().unwrap_or(f64::NAN)
+        );
     }
-    std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
-    println!("wrote {}", out.display());
-    Ok(())
+    ttft.insert("runs".into(), json!(ttft_runs));
+    Ok(Value::Object(ttft))
 }

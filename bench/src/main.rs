@@ -132,6 +132,10 @@ enum Cmd {
         /// How long the paced backend takes to answer (the concurrency-64 figure).
         #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
         service: Duration,
+        /// Run only these parts (concurrency_1, concurrency_64, concurrency_64_lockstep,
+        /// concurrency_64_saturated, first_token); all of them when not given.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
         #[arg(long, default_value = "bench/results/gateway.json")]
         out: PathBuf,
     },
@@ -207,8 +211,11 @@ fn main() -> anyhow::Result<()> {
             requests,
             ttft_runs,
             service,
+            only,
             out,
-        } => rt.block_on(gateway::gateway_bench(requests, ttft_runs, service, &out)),
+        } => rt.block_on(gateway::gateway_bench(
+            requests, ttft_runs, service, &only, &out,
+        )),
         Cmd::Plan {
             services,
             nodes,
