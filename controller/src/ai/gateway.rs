@@ -120,11 +120,6 @@ pub async fn models(State(cp): State<Arc<ControlPlane>>, headers: HeaderMap) -> 
     r
 }
 
-/// Free GPU memory on a node, from its latest telemetry.
-fn free_vram(cp: &ControlPlane, id: Uuid) -> u64 {
-    cp.telemetry.free_vram(id)
-}
-
 /// Releases the token's concurrency slot when the response is over.
 struct Admitted {
     cp: Arc<ControlPlane>,
@@ -246,7 +241,7 @@ pub async fn serve_for(
             &model,
             prompt_tokens,
             |id| cp.registry.is_online(id),
-            |id| free_vram(&cp, id),
+            |id| cp.telemetry.free_vram(id),
             embeddings,
         )
     };
@@ -317,10 +312,10 @@ async fn pull_on_demand(
     model: &str,
     cfg: &AiConfig,
 ) -> Result<(), Option<String>> {
-    let Some((node_id, node)) = cp
-        .ai
-        .pull_target(|id| cp.registry.is_online(id), |id| free_vram(cp, id))
-    else {
+    let Some((node_id, node)) = cp.ai.pull_target(
+        |id| cp.registry.is_online(id),
+        |id| cp.telemetry.free_vram(id),
+    ) else {
         return Err(None);
     };
     let key = (node_id, model.to_owned());
@@ -1254,7 +1249,7 @@ async fn sd_serve(
         let candidates = cp.ai.image_candidates(
             model.as_deref(),
             |id| cp.registry.is_online(id),
-            |id| free_vram(&cp, id),
+            |id| cp.telemetry.free_vram(id),
         );
         let Some(c) = candidates.into_iter().find(|c| !tried.contains(&c.node_id)) else {
             break;
