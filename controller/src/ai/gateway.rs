@@ -430,7 +430,6 @@ struct Started {
     first: Vec<u8>,
     /// The stream is over already (`End` read).
     done: bool,
-    send: quinn::SendStream,
     recv: quinn::RecvStream,
     frames: FrameReader,
 }
@@ -468,9 +467,13 @@ async fn start(
         proto::write_message(&mut send, &req)
             .await
             .map_err(|e| Failed::new(Outcome::Failure, e.to_string()))?;
+        // The request is whole: its end goes in the same packet. Left open, the stream would
+        // be finished when dropped, after the answer, and cost a packet each way per request.
+        send.finish()
+            .map_err(|e| Failed::new(Outcome::Failure, e.to_string()))?;
         Ok::<_, Failed>((send, recv))
     };
-    let (send, mut recv) = tokio::time::timeout_at(deadline, opened)
+    let (_send, mut recv) = tokio::time::timeout_at(deadline, opened)
         .await
         .map_err(|_| Failed::new(Outcome::Timeout, "no answer in time"))??;
     let mut frames = FrameReader::new(proto::DEFAULT_MAX_FRAME);
@@ -544,7 +547,6 @@ async fn start(
             content_type,
             first,
             done,
-            send,
             recv,
             frames,
         }),
@@ -802,7 +804,7 @@ async fn collect(
             }
             Err(_) => {
                 finish.outcome.get_or_insert(Outcome::Timeout);
-                let _ = s.send.reset(0u32.into());
+                let _ = s.recv.stop(0u32.into());
                 return Err(std::io::Error::other("the answer took too long"));
             }
         }
@@ -918,7 +920,7 @@ fn relay(
             Err(_) => {
                 st.over = true;
                 st.finish.outcome.get_or_insert(Outcome::Timeout);
-                let _ = st.s.send.reset(0u32.into());
+                let _ = st.s.recv.stop(0u32.into());
                 let mut out = st.close();
                 out.extend_from_slice(&sse_error(
                     "the answer took longer than the gateway's total timeout",
