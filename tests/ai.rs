@@ -508,6 +508,68 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
     );
 }
 
+/// A client that gives up while its node is still loading the model: the node's backend
+/// request is dropped at once (not when the model finally answers), and the node is not held to
+/// it: when that request was the breaker's half-open probe, the next request probes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_frees_the_probe() {
+    let backend = FakeOllama::start(&[("llama3", true)]).await;
+    let (c, _cfg) = controller("breaker_cooldown = \"300ms\"\npull_on_demand = false\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
+    wait_model(&c, "llama3", &["node-a"]).await;
+    let ask = |content: &'static str, timeout: Duration| {
+        c.client
+            .post(c.url("/v1/chat/completions"))
+            .bearer_auth(&c.admin_token)
+            .timeout(timeout)
+            .json(&json!({"model": "llama3", "stream": true,
+                "messages": [{"role": "user", "content": content}]}))
+            .send()
+    };
+    let breaker = || async {
+        let inv = c.get("/api/v1/models/inventory").await;
+        inv["nodes"][0]["backends"][0]["models"][0]["breaker"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // A 503 opens the breaker at once.
+    backend.set_mode(Mode::Overloaded);
+    let r = ask("busy?", Duration::from_secs(10)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(breaker().await, "open");
+
+    // After the cooldown the next request is the probe; the backend sits on it for a minute (a
+    // model loading) and the client gives up after half a second.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    backend.set_mode(Mode::Slow(Duration::from_secs(60)));
+    let gave_up = Instant::now();
+    let r = ask("never mind", Duration::from_millis(500)).await;
+    assert!(r.as_ref().is_err_and(|e| e.is_timeout()), "{r:?}");
+    assert_eq!(backend.requests(), 2);
+    wait_for(
+        "the agent to drop the backend request",
+        Duration::from_secs(5),
+        || async { (backend.abandoned() == 1).then_some(()) },
+    )
+    .await;
+    assert!(gave_up.elapsed() < Duration::from_secs(6));
+
+    // The abandoned probe is nobody's fault: the next request probes again, and closes it.
+    backend.set_mode(Mode::Healthy);
+    let r = ask("back again", Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "node-a".to_owned())
+    );
+    let events = sse_events(&r.text().await.unwrap());
+    assert_eq!(streamed_content(&events), "back again");
+    assert_eq!(breaker().await, "closed");
+    assert_eq!(backend.abandoned(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_filters_redact_a_key_an_email_and_a_card_even_split_across_chunks() {
     let backend = FakeOllama::start(&[("llama3", true)]).await;

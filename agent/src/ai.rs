@@ -487,7 +487,15 @@ const FLUSH_AT: usize = 64 << 10;
 /// Answer one inference stream: proxy the request to the backend, stream its body back.
 pub async fn serve_infer(req: InferRequest, mut send: quinn::SendStream, backends: Arc<Backends>) {
     let mut out = Vec::new();
-    let result = proxy(req, &mut send, &mut out, &backends).await;
+    // The controller stops the stream when its client goes away or its deadline passes: the
+    // backend request is dropped then, even while it is still waiting for a first byte (a model
+    // loading), not at the next write.
+    let stopped = send.stopped();
+    let result = tokio::select! {
+        biased;
+        r = proxy(req, &mut send, &mut out, &backends) => r,
+        _ = stopped => Err(Failure::Gone),
+    };
     let last = match result {
         Ok(()) => InferEvent::End,
         Err(Failure::Gone) => return,

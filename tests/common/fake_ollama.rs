@@ -24,6 +24,19 @@ pub enum Mode {
     Overloaded,
     /// Streams stop (the connection is cut) after this many chunks.
     DieAfter(usize),
+    /// Nothing is sent for this long (a model loading), then the answer.
+    Slow(Duration),
+}
+
+/// Counts a request whose handler was dropped before it answered: its client went away.
+struct Abandoned(Option<Arc<Mutex<FakeState>>>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.lock().unwrap_or_else(|p| p.into_inner()).abandoned += 1;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -34,6 +47,8 @@ pub struct FakeState {
     /// Characters per streamed chunk.
     pub chunk_chars: usize,
     pub inference_requests: usize,
+    /// Inference requests dropped before their answer started (the client closed the connection).
+    pub abandoned: usize,
     /// A model file served at `/files/model.gguf` (Range requests honoured).
     pub file: Vec<u8>,
     /// The next full (not ranged) download of the file is cut after this many bytes.
@@ -58,6 +73,7 @@ impl FakeOllama {
             mode: Mode::Healthy,
             chunk_chars: 4,
             inference_requests: 0,
+            abandoned: 0,
             file: Vec::new(),
             cut_next_download: None,
             ranges: Vec::new(),
@@ -103,6 +119,10 @@ impl FakeOllama {
 
     pub fn requests(&self) -> usize {
         self.state.lock().unwrap().inference_requests
+    }
+
+    pub fn abandoned(&self) -> usize {
+        self.state.lock().unwrap().abandoned
     }
 }
 
@@ -159,6 +179,11 @@ async fn chat(State(s): St, Json(body): Json<Value>) -> Response {
         st.inference_requests += 1;
         (st.mode, st.chunk_chars)
     };
+    if let Mode::Slow(wait) = mode {
+        let mut guard = Abandoned(Some(s.clone()));
+        tokio::time::sleep(wait).await;
+        guard.0 = None;
+    }
     if mode == Mode::Overloaded {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -270,7 +270,15 @@ pub async fn serve_for(
         if !cp.ai.begin(c.node_id, &c.model) {
             continue;
         }
-        match start(&cp, &c, path, &body, &cfg).await {
+        let attempt = Attempt {
+            cp: &cp,
+            node_id: c.node_id,
+            model: &c.model,
+            cfg: &cfg,
+        };
+        let started = start(&cp, &c, path, &body, &cfg).await;
+        attempt.settled();
+        match started {
             Ok(started) => return respond(cp, c, started, stream, admitted, cfg).await,
             Err(f) => {
                 debug!(node = %c.node, model = %c.model, "try failed: {}", f.message);
@@ -300,6 +308,32 @@ pub async fn serve_for(
             "no_node_available",
             format!("every node that has `{model}` failed: {e}"),
         ),
+    }
+}
+
+/// A try begun on a node: if the request is dropped before the try settles (its client went
+/// away while the node was still loading the model or thinking), the try ends as nobody's
+/// fault. Otherwise the node's count of requests in flight would never come down, and a
+/// breaker's half-open probe would stay in flight for good, the node never tried again.
+struct Attempt<'a> {
+    cp: &'a ControlPlane,
+    node_id: Uuid,
+    model: &'a str,
+    cfg: &'a AiConfig,
+}
+
+impl Attempt<'_> {
+    /// The try has an outcome; whoever has it ends the try.
+    fn settled(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.cp
+            .ai
+            .end(self.node_id, self.model, Outcome::Neutral, self.cfg);
     }
 }
 
