@@ -267,17 +267,9 @@ pub async fn serve_for(
             break;
         };
         tried.push(c.node_id);
-        if !cp.ai.begin(c.node_id, &c.model) {
+        let Some(started) = try_node(&cp, &c, path, &body, &cfg).await else {
             continue;
-        }
-        let attempt = Attempt {
-            cp: &cp,
-            node_id: c.node_id,
-            model: &c.model,
-            cfg: &cfg,
         };
-        let started = start(&cp, &c, path, &body, &cfg).await;
-        attempt.settled();
         match started {
             Ok(started) => return respond(cp, c, started, stream, admitted, cfg).await,
             Err(f) => {
@@ -466,6 +458,29 @@ struct Started {
     done: bool,
     recv: quinn::RecvStream,
     frames: FrameReader,
+}
+
+/// One try on a candidate, counted by its breaker: `None` when the breaker allows no try now.
+/// The caller ends the try (`end`) with the outcome of a failure, or hands it to a [`Finish`].
+async fn try_node(
+    cp: &ControlPlane,
+    c: &Candidate,
+    path: &str,
+    body: &[u8],
+    cfg: &AiConfig,
+) -> Option<Result<Started, Failed>> {
+    if !cp.ai.begin(c.node_id, &c.model) {
+        return None;
+    }
+    let attempt = Attempt {
+        cp,
+        node_id: c.node_id,
+        model: &c.model,
+        cfg,
+    };
+    let started = start(cp, c, path, body, cfg).await;
+    attempt.settled();
+    Some(started)
 }
 
 async fn start(
@@ -1291,10 +1306,10 @@ async fn sd_serve(
             break;
         };
         tried.push(c.node_id);
-        if !cp.ai.begin(c.node_id, &c.model) {
+        let Some(started) = try_node(&cp, &c, path, &body, &cfg).await else {
             continue;
-        }
-        let started = match start(&cp, &c, path, &body, &cfg).await {
+        };
+        let started = match started {
             Ok(s) => s,
             Err(f) => {
                 cp.ai.end(c.node_id, &c.model, f.outcome, &cfg);
