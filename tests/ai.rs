@@ -514,7 +514,9 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_frees_the_probe() {
     let backend = FakeOllama::start(&[("llama3", true)]).await;
-    let (c, _cfg) = controller("breaker_cooldown = \"1s\"\npull_on_demand = false\n").await;
+    // Pulling a missing model on demand is on (the default): an open breaker must not pass for
+    // a missing model.
+    let (c, _cfg) = controller("breaker_cooldown = \"1s\"\n").await;
     let dir = tempfile::tempdir().unwrap();
     let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
     wait_model(&c, "llama3", &["node-a"]).await;
@@ -540,6 +542,14 @@ async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_fr
     let r = ask("busy?", Duration::from_secs(10)).await.unwrap();
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(breaker().await, "open");
+    // While it is open the model is not missing: 503 (worth a retry), no pull, backend untouched.
+    let r = ask("still busy?", Duration::from_secs(10)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "no_node_available", "{v}");
+    assert_eq!(backend.requests(), 1);
+    let jobs = c.get("/api/v1/jobs").await;
+    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
 
     // After the cooldown the next request is the probe; the backend sits on it for a minute (a
     // model loading), and the client gives up once the request has reached it.

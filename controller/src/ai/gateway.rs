@@ -253,10 +253,7 @@ pub async fn serve_for(
             && candidates.is_empty()
             && cfg.pull_on_demand
             && !embeddings
-            && cp
-                .ai
-                .candidates(&model, 0, |id| cp.registry.is_online(id), |_| 0, true)
-                .is_empty()
+            && !cp.ai.has_model(&model, |id| cp.registry.is_online(id))
         {
             if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
                 last_error = Some(e);
@@ -288,6 +285,15 @@ pub async fn serve_for(
         }
     }
     match last_error {
+        // Nodes have it, but none may take it now: not a missing model, and worth a retry.
+        None if cp.ai.has_model(&model, |id| cp.registry.is_online(id)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "no_node_available",
+            format!(
+                "the nodes that have `{model}` cannot take this request now: they are cooling down after failures, or the prompt is longer than their context"
+            ),
+        ),
         None => error(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

@@ -262,6 +262,18 @@ impl AiFleet {
             .collect()
     }
 
+    /// Does an online node hold `model` in a healthy backend, whatever its breaker or context?
+    pub fn has_model(&self, model: &str, online: impl Fn(Uuid) -> bool) -> bool {
+        lock(&self.nodes).iter().any(|(id, n)| {
+            online(*id)
+                && n.inventory
+                    .backends
+                    .iter()
+                    .filter(|b| b.healthy && b.kind != BackendKind::StableDiffusion)
+                    .any(|b| b.models.iter().any(|m| same_model(&m.name, model)))
+        })
+    }
+
     /// Where `model` can be served now, best first. `online` says whether a node is connected;
     /// `free_vram` what its GPUs have free; `prompt_tokens` an estimate of the prompt's length.
     pub fn candidates(
