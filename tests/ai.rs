@@ -586,6 +586,51 @@ async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_fr
     assert_eq!(backend.abandoned(), 1);
 }
 
+/// A whole (not streamed) answer comes in one piece when it is done: it is held to the total
+/// timeout, not to the first token's, so a long answer is neither cut nor run again elsewhere.
+/// A stream is held to the first token's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_answer_has_the_total_timeout_and_a_stream_the_first_tokens() {
+    let backend = FakeOllama::start(&[("llama3", true)]).await;
+    let (c, _cfg) = controller(
+        "first_token_timeout = \"400ms\"\ntotal_timeout = \"30s\"\npull_on_demand = false\n",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
+    wait_model(&c, "llama3", &["node-a"]).await;
+
+    // The backend takes 1.5 s over each answer (a long generation).
+    backend.set_mode(Mode::Slow(Duration::from_millis(1500)));
+    let r = chat(
+        &c,
+        json!({"model": "llama3", "messages": [{"role": "user", "content": "take your time"}]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "node-a".to_owned())
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "take your time");
+    assert_eq!(backend.requests(), 1, "answered once, not tried again");
+
+    // Streamed, nothing for 1.5 s is over the first-token timeout.
+    let r = chat(
+        &c,
+        json!({"model": "llama3", "stream": true, "messages": [{"role": "user", "content": "hurry"}]}),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("sent nothing within 400ms")),
+        "{v}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_filters_redact_a_key_an_email_and_a_card_even_split_across_chunks() {
     let backend = FakeOllama::start(&[("llama3", true)]).await;

@@ -264,7 +264,7 @@ pub async fn serve_for(
             break;
         };
         tried.push(c.node_id);
-        let Some(started) = try_node(&cp, &c, path, &body, &cfg).await else {
+        let Some(started) = try_node(&cp, &c, path, &body, stream, &cfg).await else {
             continue;
         };
         match started {
@@ -473,6 +473,7 @@ async fn try_node(
     c: &Candidate,
     path: &str,
     body: &[u8],
+    stream: bool,
     cfg: &AiConfig,
 ) -> Option<Result<Started, Failed>> {
     if !cp.ai.begin(c.node_id, &c.model) {
@@ -484,26 +485,32 @@ async fn try_node(
         model: &c.model,
         cfg,
     };
-    let started = start(cp, c, path, body, cfg).await;
+    let started = start(cp, c, path, body, stream, cfg).await;
     attempt.settled();
     Some(started)
 }
 
+/// Open an inference stream to the candidate's agent and wait for the answer's head and first
+/// bytes: a stream's first token, or a whole answer (which a backend sends only once it is
+/// done, so it has the total timeout, not the first token's).
 async fn start(
     cp: &ControlPlane,
     c: &Candidate,
     path: &str,
     body: &[u8],
+    stream: bool,
     cfg: &AiConfig,
 ) -> Result<Started, Failed> {
     let conn = cp
         .registry
         .connection(c.node_id)
         .ok_or_else(|| Failed::new(Outcome::Neutral, "went offline"))?;
-    let first_timeout = if c.loaded {
+    let first_timeout = if !stream {
+        cfg.total_timeout
+    } else if c.loaded {
         cfg.first_token_timeout
     } else {
-        cfg.load_timeout
+        cfg.load_timeout.max(cfg.first_token_timeout)
     };
     let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
     let req = JobControl::Infer(InferRequest {
@@ -1312,7 +1319,7 @@ async fn sd_serve(
             break;
         };
         tried.push(c.node_id);
-        let Some(started) = try_node(&cp, &c, path, &body, &cfg).await else {
+        let Some(started) = try_node(&cp, &c, path, &body, false, &cfg).await else {
             continue;
         };
         let started = match started {

@@ -21,10 +21,11 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AiConfig {
-    /// Time for the first token from a node that has the model loaded.
+    /// Time for a streamed answer's first token from a node that has the model loaded. A whole
+    /// (not streamed) answer comes in one piece when it is done: it has `total_timeout`.
     #[serde(with = "humantime_serde")]
     pub first_token_timeout: Duration,
-    /// Time for the first token when the node must load the model first.
+    /// Time for a streamed answer's first token when the node must load the model first.
     #[serde(with = "humantime_serde")]
     pub load_timeout: Duration,
     /// Time for a whole answer.
