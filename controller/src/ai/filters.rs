@@ -577,6 +577,8 @@ pub struct SseFilter {
     pub text: StreamText,
     held: Vec<u8>,
     done: bool,
+    /// What a block rule held has been let go (or replaced): once only.
+    released: bool,
 }
 
 /// The text field of a chunk, if it has one.
@@ -628,6 +630,9 @@ impl SseFilter {
     }
 
     fn release_held(&mut self) -> Vec<u8> {
+        if std::mem::replace(&mut self.released, true) {
+            return Vec::new();
+        }
         if blocked(&self.text.hits) {
             self.held.clear();
             let v = serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]});
@@ -781,5 +786,17 @@ mod sse_tests {
             "{text}"
         );
         assert!(!text.contains("ada@"), "{text}");
+        // One end, whether the stream ended with `[DONE]` and then closed or not.
+        assert_eq!(text.matches("content_filter").count(), 1, "{text}");
+        assert_eq!(text.matches("[DONE]").count(), 1, "{text}");
+
+        // Nothing blocked: what was held goes out once, then one `[DONE]`.
+        let mut f = SseFilter::default();
+        let mut out = f.push(&filters, chunk("nothing to see").as_bytes());
+        out.extend(f.push(&filters, b"data: [DONE]\n\n"));
+        out.extend(f.finish(&filters));
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(content_of(&out), "nothing to see", "{text}");
+        assert_eq!(text.matches("[DONE]").count(), 1, "{text}");
     }
 }
