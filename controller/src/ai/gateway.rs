@@ -335,6 +335,18 @@ impl Drop for Attempt<'_> {
     }
 }
 
+/// Gives back a pull claim that has no job yet.
+struct Unclaim<'a> {
+    cp: &'a ControlPlane,
+    key: &'a (Uuid, String),
+}
+
+impl Drop for Unclaim<'_> {
+    fn drop(&mut self) {
+        self.cp.ai.set_pull_in_flight(self.key.clone(), None);
+    }
+}
+
 /// Pull `model` onto the best node with a healthy Ollama (most free VRAM, fewest requests in
 /// flight) and wait until that node reports it. One pull per node and model at a time: other
 /// requests for it wait on the same job.
@@ -368,6 +380,9 @@ async fn pull_on_demand(
             }
         }
         None => {
+            // Dropped before the job exists (the client went away), the claim would stay taken
+            // with no job, and no pull of this model onto this node would ever start again.
+            let claim = Unclaim { cp, key: &key };
             let rec = cp
                 .create_job(
                     crate::jobs::NewJob {
@@ -387,11 +402,9 @@ async fn pull_on_demand(
                     "gateway",
                 )
                 .await
-                .map_err(|e| {
-                    cp.ai.set_pull_in_flight(key.clone(), None);
-                    Some(format!("starting a pull of `{model}` on {node}: {e}"))
-                })?;
+                .map_err(|e| Some(format!("starting a pull of `{model}` on {node}: {e}")))?;
             tracing::info!(%model, %node, job = %rec.id, "pulling a model for a request");
+            std::mem::forget(claim);
             cp.ai.set_pull_in_flight(key.clone(), Some(rec.id));
             rec.id
         }
