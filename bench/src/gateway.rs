@@ -72,8 +72,55 @@ enum Service {
 
 /// The backends, on one port: `fast` (instant) at `/`, `paced` (varied service time) at
 /// `/paced`, `lockstep` (fixed service time) at `/lockstep`.
+/// When the streaming backend that computes nothing sends its first event: about llama.cpp's
+/// first token with SmolLM2 here.
+const SSE_FIRST: Duration = Duration::from_millis(13);
+
+/// A streaming backend that computes nothing: `sse` under `/sse` sends its first event after
+/// `first`, then seven more 1 ms apart, usage and `[DONE]`. Time to first token against it is
+/// the path's own, with no model sharing the cores.
+fn sse_routes(first: Duration) -> Router {
+    let chunk = |i: usize| {
+        json!({"id": "chatcmpl-sse", "object": "chat.completion.chunk", "model": "sse",
+               "choices": [{"index": 0, "delta": {"content": format!(" word{i}")}, "finish_reason": null}]})
+    };
+    Router::new()
+        .route(
+            "/sse/v1/models",
+            get(|| async {
+                axum::Json(json!({"object": "list", "data": [{"id": "sse", "object": "model"}]}))
+            }),
+        )
+        .route(
+            "/sse/v1/chat/completions",
+            post(move || async move {
+                let events = futures::stream::unfold(0usize, move |i| async move {
+                    let event = match i {
+                        0..=7 => chunk(i).to_string(),
+                        8 => json!({"id": "chatcmpl-sse", "object": "chat.completion.chunk", "model": "sse", "choices": [],
+                                    "usage": {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}})
+                        .to_string(),
+                        9 => "[DONE]".to_owned(),
+                        _ => return None,
+                    };
+                    let wait = if i == 0 { first } else { Duration::from_millis(1) };
+                    tokio::time::sleep(wait).await;
+                    let bytes = axum::body::Bytes::from(format!("data: {event}\n\n"));
+                    Some((Ok::<_, std::io::Error>(bytes), i + 1))
+                });
+                axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    // As llama.cpp's server does after a stream.
+                    .header("connection", "close")
+                    .body(axum::body::Body::from_stream(events))
+                    .unwrap_or_default()
+            }),
+        )
+}
+
 async fn fast_backend(service: Duration) -> anyhow::Result<SocketAddr> {
-    let app = backend_routes("", "fast", Service::Instant)
+    let app = sse_routes(Duration::from_millis(13))
+        .merge(backend_routes("", "fast", Service::Instant))
         .merge(backend_routes("/paced", "paced", Service::Varied(service)))
         .merge(backend_routes(
             "/lockstep",
@@ -295,7 +342,7 @@ async fn pair(
         client,
         &format!("http://{}", ctl.http),
         &ctl.admin,
-        &["fast", "paced", "lockstep", "smollm2"],
+        &["fast", "paced", "lockstep", "smollm2", "sse"],
     )
     .await?;
     Ok((ctl, agent))
@@ -328,7 +375,7 @@ pub async fn gateway_bench(
         .pool_max_idle_per_host(128)
         .build()?;
     let backends = format!(
-        "[[ai.backends]]\nname = \"fast\"\nkind = \"openai\"\nurl = \"http://{fast}\"\n[[ai.backends]]\nname = \"paced\"\nkind = \"openai\"\nurl = \"http://{fast}/paced\"\n[[ai.backends]]\nname = \"lockstep\"\nkind = \"openai\"\nurl = \"http://{fast}/lockstep\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:{llama_port}\"\n"
+        "[[ai.backends]]\nname = \"fast\"\nkind = \"openai\"\nurl = \"http://{fast}\"\n[[ai.backends]]\nname = \"paced\"\nkind = \"openai\"\nurl = \"http://{fast}/paced\"\n[[ai.backends]]\nname = \"lockstep\"\nkind = \"openai\"\nurl = \"http://{fast}/lockstep\"\n[[ai.backends]]\nname = \"sse\"\nkind = \"openai\"\nurl = \"http://{fast}/sse\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:{llama_port}\"\n"
     );
     // The gateway as shipped (output filters on), and one with every filter off.
     let (ctl, agent) = pair(&client, &dir.path().join("on"), "", &backends).await?;
@@ -439,6 +486,49 @@ pub async fn gateway_bench(
                    "udp_datagrams_per_request": datagrams}),
         );
     }
+    if wanted("first_token_idle_backend") {
+        let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
+        let direct = format!("http://{fast}/sse/v1/chat/completions");
+        let paths = [
+            ("direct", direct.as_str(), None),
+            ("gateway", gw_url.as_str(), Some(ctl.admin.as_str())),
+            (
+                "gateway_filters_off",
+                off_url.as_str(),
+                Some(ctl_off.admin.as_str()),
+            ),
+        ];
+        let mut firsts: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        for _ in 0..ttft_runs {
+            for (i, (_, url, token)) in paths.iter().enumerate() {
+                firsts[i].push(first_token(&client, url, *token, "sse").await?.0);
+            }
+        }
+        let mut out = serde_json::Map::new();
+        out.insert(
+            "backend".into(),
+            json!({"first_event_after_ms": SSE_FIRST.as_secs_f64() * 1e3, "computes": false}),
+        );
+        let mut direct_ms = f64::NAN;
+        for (i, (name, _, _)) in paths.iter().enumerate() {
+            firsts[i].sort_by(|a, b| a.total_cmp(b));
+            let median = percentile(&firsts[i], 0.5);
+            if i == 0 {
+                direct_ms = median;
+            }
+            println!(
+                "first token (a backend computing nothing), {name}: {median:.2} ms (ratio {:.3}, added {:.3} ms)",
+                median / direct_ms,
+                median - direct_ms
+            );
+            out.insert(
+                (*name).into(),
+                json!({"first_chunk_median_ms": median, "first_chunk_ratio": median / direct_ms, "added_ms": median - direct_ms}),
+            );
+        }
+        out.insert("runs".into(), json!(ttft_runs));
+        results.insert("first_token_idle_backend".into(), Value::Object(out));
+    }
     if wanted("first_token") {
         let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
         let ttft = first_tokens(
@@ -462,7 +552,7 @@ pub async fn gateway_bench(
         ),
         "machine": "2 cores; controller, agent, backends and load generator on one host (loopback)",
         "targets": {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "first_token_ratio": 1.05},
-        "note": "concurrency_1: instant backend; concurrency_64: a backend answering after answers_after_ms, 64 requests in flight (the target); concurrency_64_saturated: instant backend, the machine's cores saturated by load generator, backend, controller and agent together (compare throughput). first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost",
+        "note": "concurrency_1: instant backend; concurrency_64: a backend answering after answers_after_ms, 64 requests in flight (the target); concurrency_64_saturated: instant backend, the machine's cores saturated by load generator, backend, controller and agent together (compare throughput). first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost; first_token_idle_backend: the same against a backend that computes nothing and sends its first event after first_event_after_ms (the path's own time, no model sharing the cores)",
         "results": results,
     });
     if let Some(parent) = out.parent() {
