@@ -631,6 +631,46 @@ async fn a_whole_answer_has_the_total_timeout_and_a_stream_the_first_tokens() {
     );
 }
 
+/// A body larger than axum's default limit and the agent's control frames (a long prompt, an
+/// image) reaches the node whole; one over the gateway's limit gets its JSON 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_reaches_the_node_and_one_too_large_gets_a_clear_413() {
+    let backend = FakeOllama::start(&[("llama3", true)]).await;
+    let (c, _cfg) = controller("pull_on_demand = false\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
+    wait_model(&c, "llama3", &["node-a"]).await;
+
+    // Embeddings of a 3 MB document (over axum's 2 MB default and the agent's 1 MiB control
+    // frames; embeddings are not held to a context length).
+    let long = "lorem ipsum ".repeat(250_000);
+    let r = post(
+        &c,
+        "/v1/embeddings",
+        json!({"model": "llama3", "input": long}),
+    )
+    .await;
+    let (status, node) = (r.status().as_u16(), node_of(&r));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!((status, node.as_str()), (200, "node-a"), "{v}");
+    assert_eq!(
+        v["data"][0]["embedding"].as_array().map(Vec::len),
+        Some(8),
+        "{v}"
+    );
+
+    let huge = "x".repeat(17 << 20);
+    let r = chat(
+        &c,
+        json!({"model": "llama3", "messages": [{"role": "user", "content": huge}]}),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "too_large", "{v}");
+    assert_eq!(backend.requests(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_filters_redact_a_key_an_email_and_a_card_even_split_across_chunks() {
     let backend = FakeOllama::start(&[("llama3", true)]).await;

@@ -86,8 +86,15 @@ impl FakeOllama {
             )
             .route("/api/tags", get(tags))
             .route("/api/ps", get(ps))
-            .route("/v1/chat/completions", post(chat))
-            .route("/v1/embeddings", post(embeddings))
+            // Long prompts and images are larger than axum's default body limit.
+            .route(
+                "/v1/chat/completions",
+                post(chat).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+            )
+            .route(
+                "/v1/embeddings",
+                post(embeddings).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+            )
             .route("/api/pull", post(pull))
             .route("/files/model.gguf", get(file))
             .route("/api/delete", axum::routing::delete(delete))

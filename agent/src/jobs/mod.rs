@@ -46,6 +46,9 @@ const AGENT_STOPPING: &str = "the agent is stopping";
 pub const KEPT_LINES: usize = 10_000;
 /// Largest frame accepted on a job stream from the controller.
 const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+/// Largest first frame of a stream: an inference request carries its client's body (a long
+/// prompt, an image for img2img) in it.
+const MAX_FIRST_FRAME: usize = proto::DEFAULT_MAX_FRAME;
 
 /// What the runner needs to know about its host.
 #[derive(Debug, Clone)]
@@ -276,7 +279,7 @@ impl JobRunner {
     pub async fn serve(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let first = tokio::time::timeout(
             Duration::from_secs(10),
-            proto::read_frame(&mut recv, MAX_CONTROL_FRAME),
+            proto::read_frame(&mut recv, MAX_FIRST_FRAME),
         )
         .await;
         let payload = match first {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use nebula_protocol::ai::{same_model, InferEvent, InferRequest};
@@ -31,7 +31,33 @@ use crate::ControlPlane;
 pub const GATEWAY_HEADER: &str = "x-nebula-gateway";
 pub const NODE_HEADER: &str = "x-nebula-node";
 
-const MAX_BODY: usize = 4 << 20;
+/// Largest request body (long prompts, images for img2img or vision models); it travels to the
+/// agent in one frame, with room left for the rest of the request.
+pub const MAX_BODY: usize = proto::DEFAULT_MAX_FRAME - (64 << 10);
+
+/// Read a request's body once its caller is known (an unknown caller never gets a large body
+/// buffered): the bytes, or an OpenAI-shaped error (over [`MAX_BODY`], or cut off).
+async fn read_body(body: Body) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+            .any(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "too_large",
+                format!("the body is over {MAX_BODY} bytes"),
+            )
+        } else {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_body",
+                format!("reading the body: {e}"),
+            )
+        }
+    })
+}
 
 fn error(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Response {
     let mut r = (
@@ -71,28 +97,16 @@ async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<String, 
     }
 }
 
-pub async fn chat_completions(
-    State(cp): State<Arc<ControlPlane>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    serve(cp, headers, body, "/v1/chat/completions").await
+pub async fn chat_completions(State(cp): State<Arc<ControlPlane>>, req: Request) -> Response {
+    serve(cp, req, "/v1/chat/completions").await
 }
 
-pub async fn completions(
-    State(cp): State<Arc<ControlPlane>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    serve(cp, headers, body, "/v1/completions").await
+pub async fn completions(State(cp): State<Arc<ControlPlane>>, req: Request) -> Response {
+    serve(cp, req, "/v1/completions").await
 }
 
-pub async fn embeddings(
-    State(cp): State<Arc<ControlPlane>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    serve(cp, headers, body, "/v1/embeddings").await
+pub async fn embeddings(State(cp): State<Arc<ControlPlane>>, req: Request) -> Response {
+    serve(cp, req, "/v1/embeddings").await
 }
 
 /// `GET /v1/models`: the models the fleet serves now (plus the fallback's, when configured).
@@ -132,14 +146,13 @@ impl Drop for Admitted {
     }
 }
 
-async fn serve(
-    cp: Arc<ControlPlane>,
-    headers: HeaderMap,
-    body: Bytes,
-    path: &'static str,
-) -> Response {
-    let token = match authenticate(&cp, &headers).await {
+async fn serve(cp: Arc<ControlPlane>, req: Request, path: &'static str) -> Response {
+    let token = match authenticate(&cp, req.headers()).await {
         Ok(t) => t,
+        Err(r) => return r,
+    };
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     serve_for(cp, token, body, path).await
@@ -1195,13 +1208,13 @@ async fn fallback(
 /// `POST /v1/images/generations` (OpenAI's shape: `prompt`, `n`, `size`, optional `model` naming
 /// a checkpoint), served by Stable Diffusion WebUI's txt2img on a node that has it; the images
 /// come back as `b64_json`.
-pub async fn images(
-    State(cp): State<Arc<ControlPlane>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let who = match authenticate(&cp, &headers).await {
+pub async fn images(State(cp): State<Arc<ControlPlane>>, req: Request) -> Response {
+    let who = match authenticate(&cp, req.headers()).await {
         Ok(t) => t,
+        Err(r) => return r,
+    };
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
@@ -1262,11 +1275,14 @@ pub async fn images(
 pub async fn sd_passthrough(
     State(cp): State<Arc<ControlPlane>>,
     axum::extract::Path(op): axum::extract::Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    req: Request,
 ) -> Response {
-    let who = match authenticate(&cp, &headers).await {
+    let who = match authenticate(&cp, req.headers()).await {
         Ok(t) => t,
+        Err(r) => return r,
+    };
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let path = match op.as_str() {
