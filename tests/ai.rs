@@ -444,7 +444,7 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
     let key_file = key_dir.path().join("cloud.key");
     std::fs::write(&key_file, "sk-test-not-a-real-key\n").unwrap();
     let (c, _cfg) = controller(&format!(
-        "breaker_cooldown = \"500ms\"\npull_on_demand = false\n[ai.fallback]\nname = \"cloud\"\nurl = \"{}\"\napi_key_file = \"{}\"\n",
+        "breaker_cooldown = \"500ms\"\n[ai.fallback]\nname = \"cloud\"\nurl = \"{}\"\napi_key_file = \"{}\"\nmodels = [\"gpt-cloud\", \"llama3\"]\n",
         cloud.url(),
         key_file.display()
     ))
@@ -465,6 +465,9 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
     );
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "from the cloud");
+    // A model the fallback lists is never pulled onto a node (pulling on demand is on).
+    let jobs = c.get("/api/v1/jobs").await;
+    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
 
     // The node fails before its first byte: the fallback takes over, streaming.
     node_backend.set_mode(Mode::Overloaded);

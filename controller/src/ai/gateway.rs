@@ -266,6 +266,7 @@ pub async fn serve_for(
             && candidates.is_empty()
             && cfg.pull_on_demand
             && !embeddings
+            && !fallback_lists(&cfg, &model)
             && !cp.ai.has_model(&model, |id| cp.registry.is_online(id))
         {
             if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
@@ -346,6 +347,14 @@ impl Drop for Attempt<'_> {
             .ai
             .end(self.node_id, self.model, Outcome::Neutral, self.cfg);
     }
+}
+
+/// Does the fallback provider name `model` among its own? Such a model (a cloud one) is never
+/// pulled onto a node.
+fn fallback_lists(cfg: &AiConfig, model: &str) -> bool {
+    cfg.fallback
+        .as_ref()
+        .is_some_and(|fb| fb.models.iter().any(|m| same_model(m, model)))
 }
 
 /// Gives back a pull claim that has no job yet.
