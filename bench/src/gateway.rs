@@ -70,8 +70,6 @@ enum Service {
     Varied(Duration),
 }
 
-/// The backends, on one port: `fast` (instant) at `/`, `paced` (varied service time) at
-/// `/paced`, `lockstep` (fixed service time) at `/lockstep`.
 /// When the streaming backend that computes nothing sends its first event: about llama.cpp's
 /// first token with SmolLM2 here.
 const SSE_FIRST: Duration = Duration::from_millis(13);
@@ -118,8 +116,11 @@ fn sse_routes(first: Duration) -> Router {
         )
 }
 
+/// The backends, on one port: `fast` (instant) at `/`, `paced` (varied service time) at
+/// `/paced`, `lockstep` (fixed service time) at `/lockstep`, `sse` (streams, computing nothing)
+/// at `/sse`.
 async fn fast_backend(service: Duration) -> anyhow::Result<SocketAddr> {
-    let app = sse_routes(Duration::from_millis(13))
+    let app = sse_routes(SSE_FIRST)
         .merge(backend_routes("", "fast", Service::Instant))
         .merge(backend_routes("/paced", "paced", Service::Varied(service)))
         .merge(backend_routes(
@@ -486,8 +487,8 @@ pub async fn gateway_bench(
                    "udp_datagrams_per_request": datagrams}),
         );
     }
+    let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
     if wanted("first_token_idle_backend") {
-        let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
         let direct = format!("http://{fast}/sse/v1/chat/completions");
         let paths = [
             ("direct", direct.as_str(), None),
@@ -498,12 +499,11 @@ pub async fn gateway_bench(
                 Some(ctl_off.admin.as_str()),
             ),
         ];
-        let mut firsts: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-        for _ in 0..ttft_runs {
-            for (i, (_, url, token)) in paths.iter().enumerate() {
-                firsts[i].push(first_token(&client, url, *token, "sse").await?.0);
-            }
-        }
+        let mut firsts: Vec<Vec<f64>> = sample_first_tokens(&client, &paths, "sse", ttft_runs)
+            .await?
+            .into_iter()
+            .map(|runs| runs.into_iter().map(|(chunk, _, _)| chunk).collect())
+            .collect();
         let mut out = serde_json::Map::new();
         out.insert(
             "backend".into(),
@@ -530,7 +530,6 @@ pub async fn gateway_bench(
         results.insert("first_token_idle_backend".into(), Value::Object(out));
     }
     if wanted("first_token") {
-        let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
         let ttft = first_tokens(
             &client,
             llama_port,
@@ -563,6 +562,26 @@ pub async fn gateway_bench(
     Ok(())
 }
 
+/// [`first_token`] on each of `paths` (name, URL, token) in turn, `runs` times after one warm-up
+/// round: per path, per run, (first chunk, first text, llama.cpp's prompt time) in ms.
+async fn sample_first_tokens(
+    client: &reqwest::Client,
+    paths: &[(&str, &str, Option<&str>)],
+    model: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Vec<(f64, f64, f64)>>> {
+    for (_, url, token) in paths {
+        first_token(client, url, *token, model).await?;
+    }
+    let mut out = vec![Vec::with_capacity(runs); paths.len()];
+    for _ in 0..runs {
+        for (i, (_, url, token)) in paths.iter().enumerate() {
+            out[i].push(first_token(client, url, *token, model).await?);
+        }
+    }
+    Ok(out)
+}
+
 /// Time to first token on the real model, alternating direct and gateway (filters on, and off).
 async fn first_tokens(
     client: &reqwest::Client,
@@ -581,20 +600,16 @@ async fn first_tokens(
         ("gateway", gw_url, Some(gw_token)),
         ("gateway_filters_off", off_url, Some(off_token)),
     ];
-    for (_, url, token) in paths {
-        first_token(client, url, token, "smollm2").await?;
-    }
-    let mut first_chunk: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    let mut first_text: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    let mut prompt: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    for _ in 0..ttft_runs {
-        for (i, (_, url, token)) in paths.iter().enumerate() {
-            let (chunk, text, prompt_ms) = first_token(client, url, *token, "smollm2").await?;
-            first_chunk[i].push(chunk);
-            first_text[i].push(text);
-            prompt[i].push(prompt_ms);
-        }
-    }
+    let samples = sample_first_tokens(client, &paths, "smollm2", ttft_runs).await?;
+    let column = |f: fn(&(f64, f64, f64)) -> f64| -> Vec<Vec<f64>> {
+        samples
+            .iter()
+            .map(|runs| runs.iter().map(f).collect())
+            .collect()
+    };
+    let first_chunk = column(|s| s.0);
+    let mut first_text = column(|s| s.1);
+    let prompt = column(|s| s.2);
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         percentile(v, 0.5)

@@ -42,12 +42,7 @@ async fn read_body(body: Body) -> Result<Bytes, Response> {
         let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
             .any(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "too_large",
-                format!("the body is over {MAX_BODY} bytes"),
-            )
+            too_large_body()
         } else {
             error(
                 StatusCode::BAD_REQUEST,
@@ -57,6 +52,15 @@ async fn read_body(body: Body) -> Result<Bytes, Response> {
             )
         }
     })
+}
+
+fn too_large_body() -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "too_large",
+        format!("the body is over {MAX_BODY} bytes"),
+    )
 }
 
 fn error(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Response {
@@ -189,12 +193,7 @@ pub async fn serve_for(
         token: token.clone(),
     };
     if body.len() > MAX_BODY {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "too_large",
-            format!("the body is over {MAX_BODY} bytes"),
-        );
+        return too_large_body();
     }
     // Only the fields routing needs are read (borrowed); the body goes on as it came.
     #[derive(serde::Deserialize)]
