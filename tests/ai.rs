@@ -77,6 +77,35 @@ async fn agent(c: &Controller, dir: &std::path::Path, name: &str, kind: &str, ur
     a
 }
 
+/// `node-a`, whose only backend is a fake Ollama with `llama3` loaded, under a controller whose
+/// `[ai]` section is `ai_toml`, once the gateway lists the model.
+struct OneNode {
+    backend: FakeOllama,
+    c: Controller,
+    _agent: Agent,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn one_node(ai_toml: &str) -> OneNode {
+    let backend = FakeOllama::start(&[("llama3", true)]).await;
+    let (c, cfg) = controller(ai_toml).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
+    wait_model(&c, "llama3", &["node-a"]).await;
+    OneNode {
+        backend,
+        c,
+        _agent: agent,
+        _dirs: (cfg, dir),
+    }
+}
+
+/// The gateway has started no job (no model pull).
+async fn no_jobs(c: &Controller) {
+    let jobs = c.get("/api/v1/jobs").await;
+    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
+}
+
 /// Wait until the gateway lists `model` on `nodes`.
 async fn wait_model(c: &Controller, model: &str, nodes: &[&str]) {
     wait_for(
@@ -466,8 +495,7 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "from the cloud");
     // A model the fallback lists is never pulled onto a node (pulling on demand is on).
-    let jobs = c.get("/api/v1/jobs").await;
-    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
+    no_jobs(&c).await;
 
     // The node fails before its first byte: the fallback takes over, streaming.
     node_backend.set_mode(Mode::Overloaded);
@@ -516,13 +544,14 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
 /// it: when that request was the breaker's half-open probe, the next request probes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_frees_the_probe() {
-    let backend = FakeOllama::start(&[("llama3", true)]).await;
     // Pulling a missing model on demand is on (the default): an open breaker must not pass for
     // a missing model.
-    let (c, _cfg) = controller("breaker_cooldown = \"1s\"\n").await;
-    let dir = tempfile::tempdir().unwrap();
-    let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
-    wait_model(&c, "llama3", &["node-a"]).await;
+    let OneNode {
+        backend,
+        c,
+        _agent,
+        _dirs,
+    } = one_node("breaker_cooldown = \"1s\"\n").await;
     let ask = |content: &'static str, timeout: Duration| {
         c.client
             .post(c.url("/v1/chat/completions"))
@@ -551,8 +580,7 @@ async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_fr
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "no_node_available", "{v}");
     assert_eq!(backend.requests(), 1);
-    let jobs = c.get("/api/v1/jobs").await;
-    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
+    no_jobs(&c).await;
 
     // After the cooldown the next request is the probe; the backend sits on it for a minute (a
     // model loading), and the client gives up once the request has reached it.
@@ -594,14 +622,15 @@ async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_fr
 /// A stream is held to the first token's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_answer_has_the_total_timeout_and_a_stream_the_first_tokens() {
-    let backend = FakeOllama::start(&[("llama3", true)]).await;
-    let (c, _cfg) = controller(
+    let OneNode {
+        backend,
+        c,
+        _agent,
+        _dirs,
+    } = one_node(
         "first_token_timeout = \"400ms\"\ntotal_timeout = \"30s\"\npull_on_demand = false\n",
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
-    wait_model(&c, "llama3", &["node-a"]).await;
 
     // The backend takes 1.5 s over each answer (a long generation).
     backend.set_mode(Mode::Slow(Duration::from_millis(1500)));
@@ -638,11 +667,12 @@ async fn a_whole_answer_has_the_total_timeout_and_a_stream_the_first_tokens() {
 /// image) reaches the node whole; one over the gateway's limit gets its JSON 413.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_body_reaches_the_node_and_one_too_large_gets_a_clear_413() {
-    let backend = FakeOllama::start(&[("llama3", true)]).await;
-    let (c, _cfg) = controller("pull_on_demand = false\n").await;
-    let dir = tempfile::tempdir().unwrap();
-    let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
-    wait_model(&c, "llama3", &["node-a"]).await;
+    let OneNode {
+        backend,
+        c,
+        _agent,
+        _dirs,
+    } = one_node("pull_on_demand = false\n").await;
 
     // Embeddings of a 3 MB document (over axum's 2 MB default and the agent's 1 MiB control
     // frames; embeddings are not held to a context length).
@@ -676,11 +706,12 @@ async fn a_large_body_reaches_the_node_and_one_too_large_gets_a_clear_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_filters_redact_a_key_an_email_and_a_card_even_split_across_chunks() {
-    let backend = FakeOllama::start(&[("llama3", true)]).await;
-    let (c, _cfg) = controller("").await;
-    let dir = tempfile::tempdir().unwrap();
-    let _a = agent(&c, dir.path(), "node-a", "ollama", &backend.url()).await;
-    wait_model(&c, "llama3", &["node-a"]).await;
+    let OneNode {
+        backend: _backend,
+        c,
+        _agent,
+        _dirs,
+    } = one_node("").await;
     // The echo backend repeats the prompt; the secrets are cut into 4-character chunks.
     let planted = "Sure. The key is sk-proj-Q3vT9xLmA7pK2wZr8YbN4cD6 and mail it to grace.hopper@example.net, card 4242 4242 4242 4242 expires soon. Anything else I can help with today?";
     let expected = "Sure. The key is [REDACTED:api_key] and mail it to [REDACTED:email], card [REDACTED:card] expires soon. Anything else I can help with today?";
