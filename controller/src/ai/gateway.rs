@@ -245,7 +245,7 @@ pub async fn serve_for(
     } else {
         body.to_vec()
     };
-    let prompt_tokens = estimate_tokens(body.len());
+    let prompt_tokens = estimate_tokens(&body);
     let mut tried: Vec<Uuid> = Vec::new();
     let mut last_error: Option<String> = None;
     let routable = || {

@@ -325,8 +325,9 @@ impl AiFleet {
         out
     }
 
-    /// Nodes with a healthy Stable Diffusion WebUI, best first: the checkpoint `model` loaded
-    /// (when one is named), then fewer requests in flight, then more free VRAM.
+    /// Nodes with a healthy Stable Diffusion WebUI whose breaker for the checkpoint allows a try,
+    /// best first: the checkpoint `model` loaded (when one is named), then fewer requests in
+    /// flight, then more free VRAM.
     pub fn image_candidates(
         &self,
         model: Option<&str>,
@@ -335,6 +336,8 @@ impl AiFleet {
     ) -> Vec<Candidate> {
         let nodes = lock(&self.nodes);
         let in_flight = lock(&self.in_flight);
+        let breakers = lock(&self.breakers);
+        let now = Instant::now();
         let mut out = Vec::new();
         for (id, n) in nodes.iter() {
             if !online(*id) {
@@ -358,6 +361,12 @@ impl AiFleet {
                     (_, Some(x)) => (x.name.clone(), x.loaded),
                     (None, None) => (String::new(), true),
                 };
+                if breakers
+                    .get(&(*id, name.clone()))
+                    .is_some_and(|br| !br.may_try(now))
+                {
+                    continue;
+                }
                 out.push(Candidate {
                     node_id: *id,
                     node: n.name.clone(),
@@ -639,9 +648,29 @@ fn rank(candidates: &mut [Candidate]) {
     });
 }
 
-/// A rough token count for a prompt (about four bytes a token), for the context-length filter.
-pub fn estimate_tokens(bytes: usize) -> u32 {
-    u32::try_from(bytes / 4).unwrap_or(u32::MAX)
+/// What an image in a prompt counts for: vision models spend a few hundred tokens on one
+/// (LLaVA 576, more at higher resolutions), whatever its size in bytes.
+const IMAGE_TOKENS: usize = 768;
+
+/// A rough token count for a request body (about four bytes a token), for the context-length
+/// filter. An image sent inline (a `data:…;base64,` URL) counts as [`IMAGE_TOKENS`], not as
+/// its bytes: a large photo would otherwise keep the request from every node.
+pub fn estimate_tokens(body: &[u8]) -> u32 {
+    const MARK: &[u8] = b";base64,";
+    let mut bytes = body.len();
+    let mut images = 0;
+    let mut rest = body;
+    while let Some(at) = rest.windows(MARK.len()).position(|w| w == MARK) {
+        let data = &rest[at + MARK.len()..];
+        let run = data
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+            .count();
+        bytes -= MARK.len() + run;
+        images += 1;
+        rest = &data[run..];
+    }
+    u32::try_from(bytes / 4 + images * IMAGE_TOKENS).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -764,5 +793,19 @@ mod tests {
         let wait = f.admit("t", &cfg).unwrap_err();
         assert!(wait > Duration::from_secs(50), "{wait:?}");
         assert!(f.admit("other", &cfg).is_ok());
+    }
+
+    #[test]
+    fn an_inline_image_counts_as_an_image_not_as_its_bytes() {
+        let text = br#"{"messages":[{"role":"user","content":"describe this"}]}"#;
+        assert_eq!(estimate_tokens(text), (text.len() / 4) as u32);
+        let photo = "QUJD".repeat(250_000); // 1 MB of base64
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"text","text":"what is this"}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{photo}"}}}}]}}]}}"#
+        );
+        let n = estimate_tokens(body.as_bytes());
+        let without = body.len() - photo.len() - ";base64,".len();
+        assert_eq!(n as usize, without / 4 + IMAGE_TOKENS);
+        assert!(n < 1_000, "{n}");
     }
 }
