@@ -778,6 +778,32 @@ mod tests {
     }
 
     #[test]
+    fn an_image_node_cooling_down_is_passed_over() {
+        let f = AiFleet::default();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        for (id, name) in [(a, "a"), (b, "b")] {
+            let mut i = inv(&[("sdxl.safetensors", true, None)]);
+            i.backends[0].kind = BackendKind::StableDiffusion;
+            f.set_inventory(id, name, i);
+        }
+        let nodes = |f: &AiFleet| {
+            f.image_candidates(Some("sdxl"), |_| true, |_| 0)
+                .iter()
+                .map(|c| c.node.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(nodes(&f), ["a", "b"]);
+        assert!(f.begin(a, "sdxl.safetensors"));
+        f.end(
+            a,
+            "sdxl.safetensors",
+            Outcome::Overloaded,
+            &AiConfig::default(),
+        );
+        assert_eq!(nodes(&f), ["b"]);
+    }
+
+    #[test]
     fn limits_per_token() {
         let cfg = AiConfig {
             requests_per_minute: 2,
