@@ -76,7 +76,7 @@ static KEY_SHAPES: LazyLock<Regex> = LazyLock::new(|| {
         | xox[abprs]-[A-Za-z0-9-]{10,}
         | AIza[0-9A-Za-z_-]{35}
         | nbl_[A-Za-z0-9_]{20,}
-        | -----BEGIN\ [A-Z ]*PRIVATE\ KEY-----",
+        | -----BEGIN\ [A-Z\ ]*PRIVATE\ KEY-----",
     )
     .expect("static regex")
 });
@@ -165,6 +165,10 @@ pub struct Filters {
     any: Option<regex::RegexSet>,
     /// Each pattern's place in `any` (`None`: its rule is off).
     slots: [Option<usize>; Pattern::COUNT],
+    /// The `redact` rules' patterns as one lazy DFA, without their word-boundary checks (a
+    /// looser pattern holds a little more, never less): it tells where in a stream's unsent
+    /// text a redaction could still be growing.
+    growing: Option<regex_automata::hybrid::dfa::DFA>,
 }
 
 /// The patterns of the one-pass check.
@@ -202,31 +206,61 @@ impl Filters {
                     .map_err(|e| format!("profanity words: {e}"))?,
             )
         };
+        // The same without its word boundaries, for the DFA of `growing`.
+        let profanity_loose = format!(
+            r"(?i)(?:{})\w*",
+            words
+                .iter()
+                .map(|w| regex::escape(w))
+                .collect::<Vec<_>>()
+                .join("|")
+        );
         let mut patterns: Vec<&str> = Vec::new();
+        let mut redacting: Vec<String> = Vec::new();
         let mut slots = [None; Pattern::COUNT];
-        let on = |a: Action| a != Action::Off;
-        for (active, pattern, re) in [
-            (on(cfg.api_keys), Pattern::KeyShapes, KEY_SHAPES.as_str()),
-            (on(cfg.api_keys), Pattern::TokenRun, TOKEN_RUN.as_str()),
-            (on(cfg.email), Pattern::Email, EMAIL.as_str()),
-            (on(cfg.phone), Pattern::Phone, PHONE.as_str()),
-            (on(cfg.card), Pattern::Card, CARD.as_str()),
+        for (action, pattern, re) in [
+            (cfg.api_keys, Pattern::KeyShapes, KEY_SHAPES.as_str()),
+            (cfg.api_keys, Pattern::TokenRun, TOKEN_RUN.as_str()),
+            (cfg.email, Pattern::Email, EMAIL.as_str()),
+            (cfg.phone, Pattern::Phone, PHONE.as_str()),
+            (cfg.card, Pattern::Card, CARD.as_str()),
+            (cfg.code_injection, Pattern::Injection, INJECTION.as_str()),
             (
-                on(cfg.code_injection),
-                Pattern::Injection,
-                INJECTION.as_str(),
-            ),
-            (
-                profanity.is_some(),
+                if profanity.is_some() {
+                    cfg.profanity
+                } else {
+                    Action::Off
+                },
                 Pattern::Profanity,
                 profanity.as_ref().map_or("", Regex::as_str),
             ),
         ] {
-            if active {
+            if action != Action::Off {
                 slots[pattern as usize] = Some(patterns.len());
                 patterns.push(re);
             }
+            if action == Action::Redact {
+                // The built-in patterns hold no escaped backslash, so every `\b` is a boundary.
+                redacting.push(match pattern {
+                    Pattern::Profanity => profanity_loose.clone(),
+                    _ => re.replace(r"\b", ""),
+                });
+            }
         }
+        let growing = if redacting.is_empty() {
+            None
+        } else {
+            Some(
+                regex_automata::hybrid::dfa::DFA::builder()
+                    .configure(
+                        regex_automata::hybrid::dfa::DFA::config()
+                            .cache_capacity(1 << 20)
+                            .minimum_cache_clear_count(Some(16)),
+                    )
+                    .build_many(&redacting)
+                    .map_err(|e| format!("output filters: {e}"))?,
+            )
+        };
         let any = if patterns.is_empty() {
             None
         } else {
@@ -237,7 +271,42 @@ impl Filters {
             profanity,
             any,
             slots,
+            growing,
         })
+    }
+
+    /// Where in `text` (from `floor` on) the earliest match of a `redact` rule could still be
+    /// growing: it starts there and runs to the end of `text` without being ruled out. The
+    /// text's length when there is none.
+    fn growing_from(
+        &self,
+        text: &str,
+        floor: usize,
+        cache: &mut Option<regex_automata::hybrid::dfa::Cache>,
+    ) -> usize {
+        use regex_automata::{util::start, Anchored};
+        let Some(dfa) = &self.growing else {
+            return text.len();
+        };
+        let cache = cache.get_or_insert_with(|| dfa.create_cache());
+        let Ok(begin) = dfa.start_state(cache, &start::Config::new().anchored(Anchored::Yes))
+        else {
+            return floor;
+        };
+        let bytes = text.as_bytes();
+        'starts: for i in (floor..bytes.len()).filter(|i| text.is_char_boundary(*i)) {
+            let mut state = begin;
+            for b in &bytes[i..] {
+                match dfa.next_state(cache, state, *b) {
+                    Ok(s) if s.is_dead() || s.is_quit() => continue 'starts,
+                    Ok(s) => state = s,
+                    // The cache gave up: hold from here, to be safe.
+                    Err(_) => return i,
+                }
+            }
+            return i;
+        }
+        text.len()
     }
 
     /// Is any rule on? With none, answers pass through untouched (and nothing is held back).
@@ -376,40 +445,27 @@ impl Filters {
     }
 }
 
-/// Where the held part of `text` starts: the word still being written (a key or an address may
-/// still grow there) and, before it, a run of digits and separators (a card or phone number
-/// may still grow there). Everything before it can go. At most `max_hold` bytes are held.
-fn hold_from(text: &str, max_hold: usize) -> usize {
-    let word_start = text
-        .char_indices()
-        .rev()
-        .find(|(_, c)| c.is_whitespace())
-        .map_or(0, |(i, c)| i + c.len_utf8());
-    let mut cut = word_start;
-    let numberish = |c: char| c.is_ascii_digit() || " +-().".contains(c);
-    let mut digits = text[word_start..].chars().any(|c| c.is_ascii_digit());
-    for (i, c) in text[..word_start].char_indices().rev() {
-        if !numberish(c) {
-            break;
-        }
-        digits |= c.is_ascii_digit();
-        cut = i;
-    }
-    if !digits {
-        cut = word_start;
-    }
-    let floor = text.len().saturating_sub(max_hold);
-    let mut cut = cut.max(floor);
-    while !text.is_char_boundary(cut) {
-        cut += 1;
-    }
-    cut
-}
-
-/// A streaming filter over one answer's text.
+/// A streaming filter over one answer's text (one choice of it).
+///
+/// Text arrives in pieces. What no `redact` match can still reach is sent at once; the rest
+/// (the word being written, a number still growing, a private key's header still being
+/// written) waits for more. Every scan also looks back over the last `hold_back` bytes already
+/// sent, so a match that spans pieces (`curl … | sh` written one word at a time) is found
+/// however the text was cut.
 #[derive(Debug, Default)]
 pub struct StreamText {
+    /// Received, not yet sent (as the model wrote it).
     pending: String,
+    /// The end of what was sent (as sent, redactions made): context for matches that span
+    /// pieces.
+    tail: String,
+    /// Bytes sent so far; `tail` ends there.
+    sent: usize,
+    /// Hits recorded whose start is still within the look-back (offset in what was sent, rule):
+    /// a match seen again, or grown, is not a second finding.
+    seen: Vec<(usize, &'static str)>,
+    /// The lazy DFA's cache of the "could a redaction still grow here" check.
+    cache: Option<regex_automata::hybrid::dfa::Cache>,
     pub hits: Vec<Hit>,
 }
 
@@ -417,26 +473,99 @@ impl StreamText {
     /// Add text; returns what can be sent now.
     pub fn push(&mut self, filters: &Filters, text: &str) -> String {
         self.pending.push_str(text);
-        let (scanned, hits) = filters.apply(&self.pending);
-        let cut = hold_from(&scanned, filters.hold_back());
-        if cut == 0 {
-            return String::new();
-        }
-        // The redactions in the part being sent are final: keep them, and the hits inside it
-        // (a match still growing in the held part is seen again).
-        let sent = scanned[..cut].to_owned();
-        let rest = scanned[cut..].to_owned();
-        let sent_hits = hits.len() - filters.apply(&rest).1.len();
-        self.hits.extend(hits.into_iter().take(sent_hits));
-        self.pending = rest;
-        sent
+        self.release(filters, false)
     }
 
     /// The end of the answer: everything left, filtered.
     pub fn finish(&mut self, filters: &Filters) -> String {
-        let (out, hits) = filters.apply(&std::mem::take(&mut self.pending));
-        self.hits.extend(hits);
+        self.release(filters, true)
+    }
+
+    fn release(&mut self, filters: &Filters, all: bool) -> String {
+        if self.pending.is_empty() {
+            return String::new();
+        }
+        let t = self.tail.len();
+        let base = self.sent - t;
+        let mut window = String::with_capacity(t + self.pending.len());
+        window.push_str(&self.tail);
+        window.push_str(&self.pending);
+        let spans = filters.spans(&window);
+        let cut = if all {
+            self.pending.len()
+        } else {
+            self.cut(filters, &spans, t)
+        };
+        let end = t + cut;
+        let mut out = String::with_capacity(cut);
+        let mut at = t;
+        for &(s, e, rule, action) in &spans {
+            if s >= end {
+                break;
+            }
+            // In what was sent before (found then), or still growing past the cut (found once
+            // it is whole).
+            if e <= t || e > end {
+                continue;
+            }
+            let offset = if s < t {
+                base + s
+            } else {
+                self.sent + out.len() + s.saturating_sub(at)
+            };
+            if !self.seen.contains(&(offset, rule)) {
+                self.seen.push((offset, rule));
+                self.hits.push(Hit {
+                    rule,
+                    action,
+                    sample: mask(&window[s..e]),
+                });
+            }
+            if action == Action::Redact && e > at {
+                out.push_str(&window[at..s.max(at)]);
+                out.push_str("[REDACTED:");
+                out.push_str(rule);
+                out.push(']');
+                at = e;
+            }
+        }
+        out.push_str(&window[at..end]);
+        self.pending.drain(..cut);
+        self.sent += out.len();
+        self.tail.push_str(&out);
+        let keep = self.tail.len().saturating_sub(filters.hold_back().max(1));
+        let mut keep = keep;
+        while !self.tail.is_char_boundary(keep) {
+            keep += 1;
+        }
+        self.tail.drain(..keep);
+        let from = self.sent - self.tail.len();
+        self.seen.retain(|(o, _)| *o >= from);
         out
+    }
+
+    /// How much of `pending` can go now. Held: from where a `redact` match could still be
+    /// growing to the end (at most `hold_back` bytes), and never part of a redaction.
+    fn cut(&mut self, filters: &Filters, spans: &[Span], t: usize) -> usize {
+        let text = &self.pending;
+        let mut floor = text.len().saturating_sub(filters.hold_back());
+        while !text.is_char_boundary(floor) {
+            floor += 1;
+        }
+        let mut cut = filters.growing_from(text, floor, &mut self.cache);
+        // A redaction is sent whole: hold one the cut would split, or, when holding it would
+        // hold more than `hold_back`, send all of it now.
+        for _ in 0..=spans.len() {
+            let c = t + cut;
+            let Some(&(s, e, ..)) = spans
+                .iter()
+                .find(|(s, e, _, a)| *a == Action::Redact && *s < c && *e > c)
+            else {
+                break;
+            };
+            cut = if s >= t + floor { s - t } else { e - t };
+        }
+        cut
     }
 }
 
@@ -538,19 +667,108 @@ mod tests {
         }
     }
 
+    /// What `StreamText` holds of `t`: from where a redaction could still be growing.
+    fn held<'a>(filters: &Filters, t: &'a str) -> &'a str {
+        &t[filters.growing_from(t, t.len().saturating_sub(512), &mut None)..]
+    }
+
     #[test]
-    fn only_the_word_being_written_and_a_number_before_it_are_held() {
-        fn held(t: &str) -> &str {
-            &t[hold_from(t, 512)..]
-        }
-        assert_eq!(held("Hello there, how are yo"), "yo");
-        assert_eq!(held("Hello there "), "");
-        assert_eq!(held("the card 4242 4242 42"), " 4242 4242 42");
-        assert_eq!(held("call +1 (415) 555-"), " +1 (415) 555-");
-        assert_eq!(held("it costs 12 dollars a"), "a");
+    fn only_what_a_redaction_could_still_grow_into_is_held() {
+        let f = f();
+        assert_eq!(held(&f, "Hello there, how are yo"), "yo");
+        assert_eq!(held(&f, "Hello there "), "");
+        assert_eq!(held(&f, "the card 4242 4242 42"), "4242 4242 42");
+        assert_eq!(held(&f, "it costs 12 dollars a"), "a");
+        assert_eq!(held(&f, "here: -----BEGIN RSA "), "-----BEGIN RSA ");
+        // Phones are only logged by default: the number goes on as it grows.
+        assert_eq!(held(&f, "call +1 (415) 555-"), "555-");
+        let phones = Filters::new(FilterConfig {
+            phone: Action::Redact,
+            ..FilterConfig::default()
+        })
+        .unwrap();
+        assert_eq!(held(&phones, "call +1 (415) 555-"), "+1 (415) 555-");
+        // Nothing redacts: nothing is held.
+        let none = Filters::new(FilterConfig {
+            api_keys: Action::Warn,
+            email: Action::Log,
+            card: Action::Off,
+            ..FilterConfig::default()
+        })
+        .unwrap();
+        assert_eq!(held(&none, "Hello there, how are yo"), "");
         // The cap.
         let long = "x".repeat(600);
-        assert_eq!(held(&long).len(), 512);
+        assert_eq!(held(&f, &long).len(), 512);
+    }
+
+    /// Send `text` through a `StreamText` in the given pieces; what came out, and the rules hit.
+    fn stream(filters: &Filters, pieces: &[&str]) -> (String, Vec<&'static str>) {
+        let mut s = StreamText::default();
+        let mut out = String::new();
+        for p in pieces {
+            out.push_str(&s.push(filters, p));
+        }
+        out.push_str(&s.finish(filters));
+        (out, s.hits.iter().map(|h| h.rule).collect())
+    }
+
+    /// `text` cut after every space, as a model writes it: one word per event.
+    fn words(text: &str) -> Vec<&str> {
+        text.split_inclusive(' ').collect()
+    }
+
+    #[test]
+    fn a_match_written_one_word_at_a_time_is_found_as_in_a_whole_answer() {
+        let f = f();
+        // A private key's header spans spaces; it is redacted whole, and the key body too.
+        let key = "Sure: -----BEGIN RSA PRIVATE KEY----- MIIEowIBAAKCAQEAx4Zq9Lr2Tb7Wm0Vn3Kd8Yp5Hs1Jf6Gc end";
+        let whole = f.apply(key).0;
+        assert_eq!(
+            whole, "Sure: [REDACTED:api_key] [REDACTED:api_key] end",
+            "whole"
+        );
+        for pieces in [words(key), key.split_inclusive('-').collect()] {
+            let (out, rules) = stream(&f, &pieces);
+            assert_eq!(out, whole, "{pieces:?}");
+            assert_eq!(rules, ["api_key", "api_key"], "{pieces:?}");
+        }
+        // A warned pattern across words is found once; the text goes on unchanged.
+        let pipe = "Run curl -fsSL https://get.example.sh | sh to install it, then log in.";
+        let (out, rules) = stream(&f, &words(pipe));
+        assert_eq!(out, pipe);
+        assert_eq!(rules, ["code_injection"]);
+        // The same rule set to redact holds the command until it is whole.
+        let redact = Filters::new(FilterConfig {
+            code_injection: Action::Redact,
+            ..FilterConfig::default()
+        })
+        .unwrap();
+        let text = "Then do rm -rf / and reboot.";
+        let (out, rules) = stream(&redact, &words(text));
+        assert_eq!(out, redact.apply(text).0);
+        assert_eq!(out, "Then do [REDACTED:code_injection] and reboot.");
+        assert_eq!(rules, ["code_injection"]);
+        // A word list entry with a space in it.
+        let words_with_space = Filters::new(FilterConfig {
+            profanity: Action::Redact,
+            profanity_words: vec!["son of a gun".into()],
+            ..FilterConfig::default()
+        })
+        .unwrap();
+        let (out, rules) = stream(&words_with_space, &words("you son of a gun, really"));
+        assert_eq!(out, "you [REDACTED:profanity], really");
+        assert_eq!(rules, ["profanity"]);
+    }
+
+    #[test]
+    fn a_warned_match_that_grows_is_one_finding() {
+        let (out, rules) = stream(&f(), &["you bastard", "s, all of you"]);
+        assert_eq!(out, "you bastards, all of you");
+        assert_eq!(rules, ["profanity"]);
+        // Two of them are two.
+        let (_, rules) = stream(&f(), &["bastard ", "and bastard"]);
+        assert_eq!(rules, ["profanity", "profanity"]);
     }
 
     #[test]
@@ -567,61 +785,91 @@ mod tests {
     }
 }
 
+/// `usage` of an answer or of a stream's chunk: prompt and completion tokens.
+pub fn usage_of(v: &Value) -> Option<(u64, u64)> {
+    let u = v.get("usage")?;
+    Some((
+        u.get("prompt_tokens")?.as_u64()?,
+        u.get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+    ))
+}
+
 /// Filters an OpenAI-style SSE stream (`data: {json}` events) as it flows: the text of each
-/// chunk (`choices[0].delta.content`, or `choices[0].text` for completions) goes through a
-/// [`StreamText`], the rest of the event is kept. With a `block` rule, events are held until the
-/// end and replaced by one `content_filter` finish when a block rule matched.
+/// choice (`delta.content`, or `text` for completions) goes through its own [`StreamText`],
+/// the rest of the event is kept. With a `block` rule, events are held until the end and
+/// replaced by one `content_filter` finish when a block rule matched.
+///
+/// It also reads the stream's usage from the event that reports it, however the bytes were
+/// cut, and drops it from what is sent when the client did not ask for it (the gateway asks
+/// the backend for usage, for accounting).
 #[derive(Debug, Default)]
 pub struct SseFilter {
     buf: Vec<u8>,
-    pub text: StreamText,
+    /// Each choice's text, by its index.
+    texts: std::collections::BTreeMap<u64, StreamText>,
+    /// The stream is a completion's (`text`), not a chat's (`delta.content`).
+    completion: bool,
     held: Vec<u8>,
     done: bool,
     /// What a block rule held has been let go (or replaced): once only.
     released: bool,
+    /// Leave usage out of what is sent: the client did not ask for it.
+    pub strip_usage: bool,
+    /// Prompt and completion tokens, once the stream has reported them.
+    pub usage: Option<(u64, u64)>,
 }
 
-/// The text field of a chunk, if it has one.
-fn text_field(v: &mut Value) -> Option<&mut Value> {
-    let ch = v.get_mut("choices")?.get_mut(0)?;
-    if ch.get("delta").is_some() {
-        ch.get_mut("delta")?.get_mut("content")
-    } else {
-        ch.get_mut("text")
-    }
+/// Does an event mention usage at all (most do not)?
+fn mentions_usage(event: &[u8]) -> bool {
+    event.windows(7).any(|w| w == b"\"usage\"")
 }
 
 impl SseFilter {
-    /// Bytes in; bytes to send now out.
+    pub fn new(strip_usage: bool) -> Self {
+        SseFilter {
+            strip_usage,
+            ..SseFilter::default()
+        }
+    }
+
+    /// Every rule that matched, in every choice.
+    pub fn hits(&self) -> Vec<Hit> {
+        self.texts.values().flat_map(|t| t.hits.clone()).collect()
+    }
+
+    fn blocked(&self) -> bool {
+        self.texts.values().any(|t| blocked(&t.hits))
+    }
+
+    /// Bytes in; bytes to send now out. Only whole events go on; a partial one waits.
     pub fn push(&mut self, filters: &Filters, bytes: &[u8]) -> Vec<u8> {
-        if !filters.active() {
-            return bytes.to_vec();
-        }
         self.buf.extend_from_slice(bytes);
-        let mut out = Vec::new();
-        while let Some(end) = find_event_end(&self.buf) {
-            let event: Vec<u8> = self.buf.drain(..end).collect();
-            self.event(filters, &event, &mut out);
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut out = Vec::with_capacity(buf.len() + 64);
+        let mut from = 0;
+        while let Some(len) = find_event_end(&buf[from..]) {
+            self.event(filters, &buf[from..from + len], &mut out);
+            from += len;
         }
+        buf.drain(..from);
+        self.buf = buf;
         out
     }
 
     /// The stream ended (with or without `[DONE]`): what is still held, filtered.
     pub fn finish(&mut self, filters: &Filters) -> Vec<u8> {
         let mut out = Vec::new();
-        if !filters.active() {
-            return out;
-        }
         if !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.buf);
             self.event(filters, &rest, &mut out);
         }
+        if !filters.active() {
+            return out;
+        }
         if !self.done {
-            let tail = self.text.finish(filters);
-            if !tail.is_empty() {
-                let v = serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": tail}, "finish_reason": null}]});
-                self.emit(filters, format!("data: {v}\n\n").as_bytes(), &mut out);
-            }
+            self.flush_texts(filters, &mut out);
         }
         if filters.blocks() {
             out.extend(self.release_held());
@@ -629,11 +877,32 @@ impl SseFilter {
         out
     }
 
+    /// The text each choice still holds, as one last chunk per choice.
+    fn flush_texts(&mut self, filters: &Filters, out: &mut Vec<u8>) {
+        let indexes: Vec<u64> = self.texts.keys().copied().collect();
+        for i in indexes {
+            let tail = self
+                .texts
+                .get_mut(&i)
+                .map(|t| t.finish(filters))
+                .unwrap_or_default();
+            if tail.is_empty() {
+                continue;
+            }
+            let v = if self.completion {
+                serde_json::json!({"object": "text_completion", "choices": [{"index": i, "text": tail, "finish_reason": null}]})
+            } else {
+                serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": i, "delta": {"content": tail}, "finish_reason": null}]})
+            };
+            self.emit(filters, format!("data: {v}\n\n").as_bytes(), out);
+        }
+    }
+
     fn release_held(&mut self) -> Vec<u8> {
         if std::mem::replace(&mut self.released, true) {
             return Vec::new();
         }
-        if blocked(&self.text.hits) {
+        if self.blocked() {
             self.held.clear();
             let v = serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]});
             format!("data: {v}\n\ndata: [DONE]\n\n").into_bytes()
@@ -651,6 +920,12 @@ impl SseFilter {
     }
 
     fn event(&mut self, filters: &Filters, event: &[u8], out: &mut Vec<u8>) {
+        let active = filters.active();
+        if !active && !mentions_usage(event) {
+            // Nothing to filter and no usage: the event goes on as it came.
+            out.extend_from_slice(event);
+            return;
+        }
         let text = String::from_utf8_lossy(event);
         let data = text
             .lines()
@@ -663,17 +938,15 @@ impl SseFilter {
         };
         if data == "[DONE]" {
             self.done = true;
-            let tail = self.text.finish(filters);
-            if !tail.is_empty() {
-                let v = serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": tail}, "finish_reason": null}]});
-                self.emit(filters, format!("data: {v}\n\n").as_bytes(), out);
-            }
-            if filters.blocks() {
-                if blocked(&self.text.hits) {
+            if active {
+                self.flush_texts(filters, out);
+                if filters.blocks() {
+                    let blocked = self.blocked();
                     out.extend(self.release_held());
-                    return;
+                    if blocked {
+                        return;
+                    }
                 }
-                out.extend(self.release_held());
             }
             out.extend_from_slice(b"data: [DONE]\n\n");
             return;
@@ -682,28 +955,74 @@ impl SseFilter {
             self.emit(filters, event, out);
             return;
         };
-        let finishing = v
-            .pointer("/choices/0/finish_reason")
-            .is_some_and(|f| !f.is_null());
-        if let Some(field) = text_field(&mut v) {
-            let piece = field.as_str().unwrap_or_default().to_owned();
-            let mut sent = self.text.push(filters, &piece);
-            if finishing {
-                sent.push_str(&self.text.finish(filters));
-            }
-            *field = Value::String(sent);
-        } else if finishing {
-            let tail = self.text.finish(filters);
-            if !tail.is_empty() {
-                if let Some(delta) = v
-                    .pointer_mut("/choices/0/delta")
-                    .and_then(Value::as_object_mut)
-                {
-                    delta.insert("content".into(), Value::String(tail));
+        let mut changed = false;
+        if v.get("usage").is_some_and(|u| !u.is_null()) {
+            self.usage = usage_of(&v).or(self.usage);
+            if self.strip_usage {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("usage");
                 }
+                if v["choices"].as_array().is_none_or(Vec::is_empty) {
+                    // The usage chunk itself: the client did not ask for it.
+                    return;
+                }
+                changed = true;
             }
         }
+        if active {
+            self.filter_choices(filters, &mut v);
+        } else if !changed {
+            out.extend_from_slice(event);
+            return;
+        }
         self.emit(filters, format!("data: {v}\n\n").as_bytes(), out);
+    }
+
+    /// Each choice's text through its own stream filter.
+    fn filter_choices(&mut self, filters: &Filters, v: &mut Value) {
+        let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) else {
+            return;
+        };
+        for (n, ch) in choices.iter_mut().enumerate() {
+            let index = ch.get("index").and_then(Value::as_u64).unwrap_or(n as u64);
+            let finishing = ch.get("finish_reason").is_some_and(|f| !f.is_null());
+            let text = self.texts.entry(index).or_default();
+            let field = if ch.get("delta").is_some() {
+                ch.get_mut("delta")
+                    .and_then(Value::as_object_mut)
+                    .map(|d| (d, "content"))
+            } else if ch.get("text").is_some() {
+                self.completion = true;
+                ch.as_object_mut().map(|c| (c, "text"))
+            } else {
+                None
+            };
+            let Some((obj, key)) = field else {
+                let tail = if finishing {
+                    text.finish(filters)
+                } else {
+                    String::new()
+                };
+                if !tail.is_empty() {
+                    if self.completion {
+                        ch["text"] = Value::String(tail);
+                    } else {
+                        ch["delta"] = serde_json::json!({"content": tail});
+                    }
+                }
+                continue;
+            };
+            let mut sent = match obj.get(key).and_then(Value::as_str) {
+                Some(piece) => text.push(filters, piece),
+                None => String::new(),
+            };
+            if finishing {
+                sent.push_str(&text.finish(filters));
+            }
+            if obj.contains_key(key) || !sent.is_empty() {
+                obj.insert(key.into(), Value::String(sent));
+            }
+        }
     }
 }
 
@@ -763,7 +1082,7 @@ mod sse_tests {
             "the key is [REDACTED:api_key] and the card [REDACTED:card], bye"
         );
         assert!(String::from_utf8_lossy(&out).ends_with("data: [DONE]\n\n"));
-        let rules: Vec<&str> = f.text.hits.iter().map(|h| h.rule).collect();
+        let rules: Vec<&str> = f.hits().iter().map(|h| h.rule).collect();
         assert_eq!(rules, ["api_key", "card"]);
     }
 
@@ -798,5 +1117,84 @@ mod sse_tests {
         let text = String::from_utf8_lossy(&out);
         assert_eq!(content_of(&out), "nothing to see", "{text}");
         assert_eq!(text.matches("[DONE]").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn each_choice_of_a_stream_is_filtered_on_its_own() {
+        let filters = Filters::new(FilterConfig::default()).unwrap();
+        let event = |i: u32, content: &str| {
+            format!(
+                "data: {}\n\n",
+                serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": i, "delta": {"content": content}, "finish_reason": null}]})
+            )
+        };
+        // Two answers (`n: 2`) interleaved, each with an address cut in two.
+        let mut f = SseFilter::default();
+        let mut out = Vec::new();
+        for (i, piece) in [
+            (0, "mail ada@"),
+            (1, "or grace@"),
+            (0, "example.org now"),
+            (1, "example.net, ok"),
+        ] {
+            out.extend(f.push(&filters, event(i, piece).as_bytes()));
+        }
+        out.extend(f.push(&filters, b"data: [DONE]\n\n"));
+        out.extend(f.finish(&filters));
+        let mut text = [String::new(), String::new()];
+        for d in String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        {
+            let i = d["choices"][0]["index"].as_u64().unwrap() as usize;
+            text[i].push_str(d["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+        }
+        assert_eq!(
+            text,
+            ["mail [REDACTED:email] now", "or [REDACTED:email], ok"]
+        );
+        assert_eq!(f.hits().len(), 2);
+    }
+
+    #[test]
+    fn usage_is_read_however_the_bytes_are_cut_and_left_out_unless_asked_for() {
+        let usage = "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":9}}\n\n";
+        let raw = format!("{}{usage}data: [DONE]\n\n", chunk("hello there"));
+        for active in [true, false] {
+            let filters = Filters::new(if active {
+                FilterConfig::default()
+            } else {
+                FilterConfig {
+                    api_keys: Action::Off,
+                    email: Action::Off,
+                    phone: Action::Off,
+                    card: Action::Off,
+                    profanity: Action::Off,
+                    code_injection: Action::Off,
+                    ..FilterConfig::default()
+                }
+            })
+            .unwrap();
+            for strip in [false, true] {
+                for size in [1, 7, 64, raw.len()] {
+                    let mut f = SseFilter::new(strip);
+                    let mut out = Vec::new();
+                    for piece in raw.as_bytes().chunks(size) {
+                        out.extend(f.push(&filters, piece));
+                    }
+                    out.extend(f.finish(&filters));
+                    let text = String::from_utf8_lossy(&out);
+                    let case = format!("active {active}, strip {strip}, pieces of {size}: {text}");
+                    assert_eq!(f.usage, Some((3, 9)), "{case}");
+                    assert_eq!(text.contains("\"usage\""), !strip, "{case}");
+                    assert_eq!(content_of(&out), "hello there", "{case}");
+                    assert!(text.ends_with("data: [DONE]\n\n"), "{case}");
+                    if !active && !strip {
+                        assert_eq!(text, raw, "nothing to filter: the bytes go on as they came");
+                    }
+                }
+            }
+        }
     }
 }

@@ -203,7 +203,12 @@ pub async fn serve_for(
         #[serde(default)]
         stream: Option<bool>,
         #[serde(default)]
-        stream_options: Option<serde::de::IgnoredAny>,
+        stream_options: Option<StreamOptions>,
+    }
+    #[derive(serde::Deserialize)]
+    struct StreamOptions {
+        #[serde(default)]
+        include_usage: Option<bool>,
     }
     let head: Head<'_> = match serde_json::from_slice(&body) {
         Ok(h) => h,
@@ -234,14 +239,30 @@ pub async fn serve_for(
     };
     let embeddings = path == "/v1/embeddings";
     let stream = !embeddings && head.stream.unwrap_or(false);
+    // A stream reports usage in its last chunk only when asked: the gateway always asks (for
+    // accounting), and leaves that chunk out for a client that did not.
+    let asked_usage = head
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage == Some(true));
+    let strip_usage = stream && !asked_usage;
     let body: Vec<u8> = if stream && head.stream_options.is_none() {
-        // Usage arrives in the last chunk, for accounting: ask for it.
         let at = body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
         let mut b = Vec::with_capacity(body.len() + 48);
         b.extend_from_slice(&body[..at]);
         b.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
         b.extend_from_slice(&body[at..]);
         b
+    } else if strip_usage {
+        // `stream_options` without usage asked for: set it in the document.
+        let mut v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        match v.get_mut("stream_options").and_then(Value::as_object_mut) {
+            Some(o) => {
+                o.insert("include_usage".into(), Value::Bool(true));
+                serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec())
+            }
+            None => body.to_vec(),
+        }
     } else {
         body.to_vec()
     };
@@ -281,7 +302,9 @@ pub async fn serve_for(
             continue;
         };
         match started {
-            Ok(started) => return respond(cp, c, started, stream, admitted, cfg).await,
+            Ok(started) => {
+                return respond(cp, c, started, (stream, strip_usage), admitted, cfg).await
+            }
             Err(f) => {
                 debug!(node = %c.node, model = %c.model, "try failed: {}", f.message);
                 if f.missing {
@@ -294,7 +317,17 @@ pub async fn serve_for(
     }
     if let Some(fb) = cfg.fallback.clone() {
         if fb.models.is_empty() || fb.models.iter().any(|m| same_model(m, &model)) {
-            return fallback(cp, fb, path, body, model, stream, admitted, cfg).await;
+            return fallback(
+                cp,
+                fb,
+                path,
+                body,
+                model,
+                (stream, strip_usage),
+                admitted,
+                cfg,
+            )
+            .await;
         }
     }
     match last_error {
@@ -678,32 +711,13 @@ impl Drop for Finish {
     }
 }
 
-/// `usage` from a JSON body or an SSE chunk.
-fn usage_of(v: &Value) -> Option<(u64, u64)> {
-    let u = v.get("usage")?;
-    Some((
-        u.get("prompt_tokens")?.as_u64()?,
-        u.get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-    ))
-}
-
-/// Scan SSE text for a `data:` line with usage (the last chunk of an OpenAI stream).
-fn usage_in_sse(bytes: &[u8]) -> Option<(u64, u64)> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .filter(|d| d.contains("\"usage\""))
-        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
-        .find_map(|v| usage_of(&v))
-}
-
+/// The answer to the client from a node's start of one. `(stream, strip_usage)`: the client
+/// asked for a stream, and did not ask for its usage.
 async fn respond(
     cp: Arc<ControlPlane>,
     c: Candidate,
     started: Started,
-    stream: bool,
+    (stream, strip_usage): (bool, bool),
     admitted: Admitted,
     cfg: AiConfig,
 ) -> Response {
@@ -726,7 +740,12 @@ async fn respond(
     let content_type = started.content_type.clone();
     let mut filtered = Vec::new();
     let body = if stream && status.is_success() {
-        Body::from_stream(relay(started, finish, cfg.total_timeout))
+        Body::from_stream(relay(
+            started,
+            finish,
+            cfg.total_timeout,
+            filters::SseFilter::new(strip_usage),
+        ))
     } else {
         match collect(started, &mut finish, cfg.total_timeout).await {
             Ok(bytes) if status.is_success() => {
@@ -783,25 +802,48 @@ fn audit_hits(cp: &ControlPlane, token: &str, model: &str, node: &str, hits: &[f
     }
 }
 
-/// JSON text with each escape sequence (`\n`, `\"`, `\u0040`) turned into a space, so that a
-/// scan of the raw document sees the same word boundaries as a scan of its strings, or more.
+/// JSON text with its escape sequences decoded (`\n`, `\"`, `\u003c` and surrogate pairs),
+/// so that a scan of the raw document sees what a scan of its strings sees, and more: a
+/// `\u003cscript` is the `<script` it stands for.
 fn unescaped(json: &str) -> std::borrow::Cow<'_, str> {
     if !json.contains('\\') {
         return std::borrow::Cow::Borrowed(json);
     }
+    let hex = |chars: &mut std::str::Chars<'_>| -> Option<u32> {
+        let digits: String = chars.take(4).collect();
+        u32::from_str_radix(&digits, 16).ok()
+    };
     let mut out = String::with_capacity(json.len());
     let mut chars = json.chars();
     while let Some(c) = chars.next() {
-        if c == '\\' {
-            if chars.next() == Some('u') {
-                for _ in 0..4 {
-                    chars.next();
-                }
-            }
-            out.push(' ');
-        } else {
+        if c != '\\' {
             out.push(c);
+            continue;
         }
+        let decoded = match chars.next() {
+            Some('n') => '\n',
+            Some('t') => '\t',
+            Some('r') => '\r',
+            Some('b' | 'f') => ' ',
+            Some('u') => match hex(&mut chars) {
+                Some(hi @ 0xD800..=0xDBFF) => {
+                    let mut ahead = chars.clone();
+                    match (ahead.next(), ahead.next(), hex(&mut ahead)) {
+                        (Some('\\'), Some('u'), Some(lo @ 0xDC00..=0xDFFF)) => {
+                            chars = ahead;
+                            char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+                                .unwrap_or(' ')
+                        }
+                        _ => ' ',
+                    }
+                }
+                Some(u) => char::from_u32(u).unwrap_or(' '),
+                None => ' ',
+            },
+            Some(other) => other,
+            None => ' ',
+        };
+        out.push(decoded);
     }
     std::borrow::Cow::Owned(out)
 }
@@ -921,6 +963,7 @@ fn relay(
     s: Started,
     finish: Finish,
     total: Duration,
+    filter: filters::SseFilter,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     struct St {
         s: Started,
@@ -933,23 +976,23 @@ fn relay(
     impl St {
         /// Pass bytes through the filter; note usage.
         fn pass(&mut self, bytes: &[u8]) -> Bytes {
-            if let Some(u) = usage_in_sse(bytes) {
-                self.finish.usage = Some(u);
-            }
             let cp = self.finish.cp.clone();
-            Bytes::from(self.filter.push(&cp.ai.filters, bytes))
+            let out = Bytes::from(self.filter.push(&cp.ai.filters, bytes));
+            self.finish.usage = self.filter.usage;
+            out
         }
 
         /// The end: what the filter still holds, and its hits audited.
         fn close(&mut self) -> Vec<u8> {
             let cp = self.finish.cp.clone();
             let out = self.filter.finish(&cp.ai.filters);
+            self.finish.usage = self.filter.usage;
             audit_hits(
                 &cp,
                 &self.finish.token,
                 &self.finish.model,
                 &self.finish.node,
-                &self.filter.text.hits,
+                &self.filter.hits(),
             );
             out
         }
@@ -959,7 +1002,7 @@ fn relay(
         first: Some(std::mem::take(&mut s.first)),
         deadline: tokio::time::Instant::now() + total,
         over: false,
-        filter: filters::SseFilter::default(),
+        filter,
         s,
         finish,
     };
@@ -1060,7 +1103,7 @@ async fn fallback(
     path: &str,
     body: Vec<u8>,
     model: String,
-    stream: bool,
+    (stream, strip_usage): (bool, bool),
     admitted: Admitted,
     cfg: AiConfig,
 ) -> Response {
@@ -1119,7 +1162,7 @@ async fn fallback(
             if let Some((p, c)) = serde_json::from_slice::<Value>(&bytes)
                 .ok()
                 .as_ref()
-                .and_then(usage_of)
+                .and_then(filters::usage_of)
             {
                 cp.ai.add_usage(&admitted.token, &model, &node, p, c);
             }
@@ -1147,7 +1190,6 @@ async fn fallback(
         admitted: Admitted,
         model: String,
         node: String,
-        usage: Option<(u64, u64)>,
         filter: filters::SseFilter,
     }
     impl Fb {
@@ -1159,7 +1201,7 @@ async fn fallback(
                 &self.admitted.token,
                 &self.model,
                 &self.node,
-                &self.filter.text.hits,
+                &self.filter.hits(),
             );
             out
         }
@@ -1169,27 +1211,23 @@ async fn fallback(
         admitted,
         model,
         node: node.clone(),
-        usage: None,
-        filter: filters::SseFilter::default(),
+        filter: filters::SseFilter::new(strip_usage),
     };
     let chunks = futures::stream::unfold(st, |mut st| async move {
         let resp = st.resp.as_mut()?;
         match resp.chunk().await {
             Ok(Some(b)) => {
-                if let Some(u) = usage_in_sse(&b) {
-                    st.usage = Some(u);
-                }
                 let cp = st.admitted.cp.clone();
                 let out = st.filter.push(&cp.ai.filters, &b);
                 Some((Ok::<Bytes, std::io::Error>(Bytes::from(out)), st))
             }
             Ok(None) => {
                 st.resp = None;
-                let (p, c) = st.usage.unwrap_or((0, 0));
+                let out = st.close();
+                let (p, c) = st.filter.usage.unwrap_or((0, 0));
                 let cp = st.admitted.cp.clone();
                 cp.ai
                     .add_usage(&st.admitted.token, &st.model, &st.node, p, c);
-                let out = st.close();
                 Some((Ok(Bytes::from(out)), st))
             }
             Err(e) => {
@@ -1446,20 +1484,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn escapes_become_spaces_for_the_raw_scan() {
+    fn the_raw_scan_sees_escapes_decoded() {
         assert_eq!(
-            unescaped(r#"{"c":"a\n4111 1111\u0040x \"q\""}"#),
-            r#"{"c":"a 4111 1111 x  q "}"#
+            unescaped(r#"{"c":"a\n4111 1111\u0040x \"q\" \u003cscript \ud83d\ude00 \ud800!"}"#),
+            "{\"c\":\"a\n4111 1111@x \"q\" <script \u{1F600}  !\"}"
         );
         assert!(matches!(unescaped("plain"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]
-    fn usage_is_read_from_bodies_and_sse_chunks() {
-        let v = json!({"usage": {"prompt_tokens": 12, "completion_tokens": 5}});
-        assert_eq!(usage_of(&v), Some((12, 5)));
-        let sse = b"data: {\"choices\":[]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
-        assert_eq!(usage_in_sse(sse), Some((3, 9)));
-        assert_eq!(usage_in_sse(b"data: {\"choices\":[]}\n\n"), None);
+    fn usage_is_read_from_whole_bodies() {
+        assert_eq!(
+            usage_in_body(br#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5}}"#),
+            Some((12, 5))
+        );
+        assert_eq!(usage_in_body(br#"{"choices":[]}"#), None);
     }
 }
