@@ -5,9 +5,9 @@
 //! `log` (audit only) or `off`. Every hit is an audit event.
 //!
 //! Streams are filtered as they flow: the assistant's text from each SSE event goes into a
-//! buffer, the buffer is scanned, and only text that no match can still reach is sent: the
-//! last `hold_back` characters, and the run of non-space characters they end in, wait for more.
-//! A secret split across chunks is therefore whole in the buffer when it is found. With a
+//! buffer, which is scanned together with the end of what was already sent, and only text that
+//! no redaction can still grow into is sent. A secret split across chunks is therefore whole
+//! when it is found, and a pattern written word by word is found as in a whole answer. With a
 //! `block` rule on, the answer is buffered whole and checked before anything is sent.
 
 use std::sync::LazyLock;
@@ -37,8 +37,9 @@ pub struct FilterConfig {
     pub code_injection: Action,
     /// Words the profanity rule matches (whole words, any case); empty: a short built-in list.
     pub profanity_words: Vec<String>,
-    /// Most bytes of a stream held back while a match may still grow there (the word being
-    /// written, and a number before it); usually a word or less is held.
+    /// Most bytes of a stream held back while a redaction may still grow there (usually a word
+    /// or less is held), and how far back each scan looks over text already sent, for matches
+    /// that span pieces.
     pub hold_back: usize,
 }
 
@@ -169,6 +170,8 @@ pub struct Filters {
     /// looser pattern holds a little more, never less): it tells where in a stream's unsent
     /// text a redaction could still be growing.
     growing: Option<regex_automata::hybrid::dfa::DFA>,
+    /// The lazy DFA's caches, kept warm across streams (one per scan running at once).
+    caches: std::sync::Mutex<Vec<regex_automata::hybrid::dfa::Cache>>,
 }
 
 /// The patterns of the one-pass check.
@@ -272,23 +275,31 @@ impl Filters {
             any,
             slots,
             growing,
+            caches: std::sync::Mutex::default(),
         })
     }
 
     /// Where in `text` (from `floor` on) the earliest match of a `redact` rule could still be
     /// growing: it starts there and runs to the end of `text` without being ruled out. The
     /// text's length when there is none.
-    fn growing_from(
-        &self,
-        text: &str,
-        floor: usize,
-        cache: &mut Option<regex_automata::hybrid::dfa::Cache>,
-    ) -> usize {
-        use regex_automata::{util::start, Anchored};
+    fn growing_from(&self, text: &str, floor: usize) -> usize {
         let Some(dfa) = &self.growing else {
             return text.len();
         };
-        let cache = cache.get_or_insert_with(|| dfa.create_cache());
+        let caches = || self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = caches().pop().unwrap_or_else(|| dfa.create_cache());
+        let from = Self::growing_in(dfa, &mut cache, text, floor);
+        caches().push(cache);
+        from
+    }
+
+    fn growing_in(
+        dfa: &regex_automata::hybrid::dfa::DFA,
+        cache: &mut regex_automata::hybrid::dfa::Cache,
+        text: &str,
+        floor: usize,
+    ) -> usize {
+        use regex_automata::{util::start, Anchored};
         let Ok(begin) = dfa.start_state(cache, &start::Config::new().anchored(Anchored::Yes))
         else {
             return floor;
@@ -464,8 +475,6 @@ pub struct StreamText {
     /// Hits recorded whose start is still within the look-back (offset in what was sent, rule):
     /// a match seen again, or grown, is not a second finding.
     seen: Vec<(usize, &'static str)>,
-    /// The lazy DFA's cache of the "could a redaction still grow here" check.
-    cache: Option<regex_automata::hybrid::dfa::Cache>,
     pub hits: Vec<Hit>,
 }
 
@@ -546,13 +555,13 @@ impl StreamText {
 
     /// How much of `pending` can go now. Held: from where a `redact` match could still be
     /// growing to the end (at most `hold_back` bytes), and never part of a redaction.
-    fn cut(&mut self, filters: &Filters, spans: &[Span], t: usize) -> usize {
+    fn cut(&self, filters: &Filters, spans: &[Span], t: usize) -> usize {
         let text = &self.pending;
         let mut floor = text.len().saturating_sub(filters.hold_back());
         while !text.is_char_boundary(floor) {
             floor += 1;
         }
-        let mut cut = filters.growing_from(text, floor, &mut self.cache);
+        let mut cut = filters.growing_from(text, floor);
         // A redaction is sent whole: hold one the cut would split, or, when holding it would
         // hold more than `hold_back`, send all of it now.
         for _ in 0..=spans.len() {
@@ -669,7 +678,7 @@ mod tests {
 
     /// What `StreamText` holds of `t`: from where a redaction could still be growing.
     fn held<'a>(filters: &Filters, t: &'a str) -> &'a str {
-        &t[filters.growing_from(t, t.len().saturating_sub(512), &mut None)..]
+        &t[filters.growing_from(t, t.len().saturating_sub(512))..]
     }
 
     #[test]
