@@ -295,16 +295,34 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
     while let Some(chunk) = r.chunk().await.unwrap() {
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
-    let asked = sse_events(&text);
-    assert!(
-        asked
-            .iter()
-            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-            .any(|v| v["usage"]["completion_tokens"]
-                .as_u64()
-                .is_some_and(|n| n >= 1)),
-        "{text}"
-    );
+    let asked_tokens = sse_events(&text)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|v| v["usage"]["completion_tokens"].as_u64())
+        .unwrap_or_else(|| panic!("no usage in {text}"));
+    assert!(asked_tokens >= 1, "{text}");
+    // One that says it does not want usage does not get it, and is counted all the same.
+    let mut r = chat(
+        &c,
+        json!({"model": "beta", "stream": true, "max_tokens": 6,
+        "stream_options": {"include_usage": false},
+        "messages": [{"role": "user", "content": "Say hello."}]}),
+    )
+    .await;
+    let mut text = String::new();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!text.contains("\"usage\""), "{text}");
+    let unasked_tokens = sse_events(&text)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count() as u64;
 
     // Bad requests: clear errors, nothing routed.
     let r = chat(&c, json!({"model": "no-such-model", "messages": []})).await;
@@ -382,6 +400,17 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
     assert!(
         row["completion_tokens"].as_u64().unwrap() >= streamed_tokens + 2,
         "{streamed_tokens} streamed: {usage}"
+    );
+    // And on beta, both streams (one whole chat and one completion of at least one token).
+    let beta = usage["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["model"] == "beta" && u["token"] != "chat-app")
+        .unwrap_or_else(|| panic!("{usage}"));
+    assert!(
+        beta["completion_tokens"].as_u64().unwrap() >= asked_tokens + unasked_tokens + 2,
+        "{asked_tokens} + {unasked_tokens} streamed: {usage}"
     );
     assert!(row["prompt_tokens"].as_u64().unwrap() >= 10, "{usage}");
 
