@@ -487,6 +487,9 @@ pub async fn gateway_bench(
                    "udp_datagrams_per_request": datagrams}),
         );
     }
+    if wanted("stream_filters") {
+        results.insert("stream_filters".into(), stream_filter_cost(20));
+    }
     let off_url = format!("http://{}/v1/chat/completions", ctl_off.http);
     if wanted("first_token_idle_backend") {
         let direct = format!("http://{fast}/sse/v1/chat/completions");
@@ -560,6 +563,65 @@ pub async fn gateway_bench(
     std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// What the output filters cost a streamed answer, in process: about 3,000 words (prose, a
+/// shell snippet, an address, a key), one word per event as a model streams them, through the
+/// gateway's SSE filter with the default rules and with every rule off. Median of `rounds`
+/// passes, per event.
+fn stream_filter_cost(rounds: usize) -> Value {
+    use nebula_controller::ai::filters::{Action, FilterConfig, Filters, SseFilter};
+    let paragraph =
+        "The moon is Earth's only natural satellite, about 384,400 km away. To install \
+        the tool run curl -fsSL https://get.example.sh | sh and then mail the log to \
+        grace.hopper@example.net with the key sk-proj-Q3vT9xLmA7pK2wZr8YbN4cD6 attached. \
+        Its surface is covered in craters, maria and highlands, shaped by four billion years \
+        of impacts; the far side was first seen in 1959.";
+    let text = std::iter::repeat_n(paragraph, 50)
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let events: Vec<String> = text
+        .split_inclusive(' ')
+        .map(|w| {
+            format!(
+                "data: {}\n\n",
+                json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]})
+            )
+        })
+        .collect();
+    let off = FilterConfig {
+        api_keys: Action::Off,
+        email: Action::Off,
+        phone: Action::Off,
+        card: Action::Off,
+        profanity: Action::Off,
+        code_injection: Action::Off,
+        ..FilterConfig::default()
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("events".into(), json!(events.len()));
+    for (name, cfg) in [("default_rules", FilterConfig::default()), ("all_off", off)] {
+        let filters = Filters::new(cfg).expect("the filters build");
+        let mut per_event: Vec<f64> = (0..rounds)
+            .map(|_| {
+                let mut f = SseFilter::new(false);
+                let t = Instant::now();
+                for e in &events {
+                    std::hint::black_box(f.push(&filters, e.as_bytes()));
+                }
+                std::hint::black_box(f.finish(&filters));
+                t.elapsed().as_secs_f64() * 1e6 / events.len() as f64
+            })
+            .collect();
+        per_event.sort_by(|a, b| a.total_cmp(b));
+        let median = percentile(&per_event, 0.5);
+        println!(
+            "output filters on a stream ({} events of a word), {name}: {median:.2} us per event",
+            events.len()
+        );
+        out.insert(name.into(), json!({"us_per_event_median": median}));
+    }
+    Value::Object(out)
 }
 
 /// [`first_token`] on each of `paths` (name, URL, token) in turn, `runs` times after one warm-up
