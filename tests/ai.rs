@@ -158,6 +158,19 @@ fn node_of(r: &reqwest::Response) -> String {
 }
 
 /// The `data:` payloads of an SSE body.
+/// How many events of a chat stream carry text (about one per token).
+fn text_events(events: &[String]) -> u64 {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count() as u64
+}
+
 fn sse_events(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -275,26 +288,18 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
         chunks.iter().all(|v| v.get("usage").is_none()),
         "usage the client did not ask for: {text}"
     );
-    let streamed_tokens = chunks
-        .iter()
-        .filter(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty())
-        })
-        .count() as u64;
+    let streamed_tokens = text_events(&events);
     // A client that asks for usage gets it in the last chunk.
-    let mut r = chat(
+    let text = chat(
         &c,
         json!({"model": "beta", "stream": true, "max_tokens": 6,
         "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "Say hello."}]}),
     )
-    .await;
-    let mut text = String::new();
-    while let Some(chunk) = r.chunk().await.unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    .await
+    .text()
+    .await
+    .unwrap();
     let asked_tokens = sse_events(&text)
         .iter()
         .filter_map(|e| serde_json::from_str::<Value>(e).ok())
@@ -302,27 +307,18 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
         .unwrap_or_else(|| panic!("no usage in {text}"));
     assert!(asked_tokens >= 1, "{text}");
     // One that says it does not want usage does not get it, and is counted all the same.
-    let mut r = chat(
+    let text = chat(
         &c,
         json!({"model": "beta", "stream": true, "max_tokens": 6,
         "stream_options": {"include_usage": false},
         "messages": [{"role": "user", "content": "Say hello."}]}),
     )
-    .await;
-    let mut text = String::new();
-    while let Some(chunk) = r.chunk().await.unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    .await
+    .text()
+    .await
+    .unwrap();
     assert!(!text.contains("\"usage\""), "{text}");
-    let unasked_tokens = sse_events(&text)
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty())
-        })
-        .count() as u64;
+    let unasked_tokens = text_events(&sse_events(&text));
 
     // Bad requests: clear errors, nothing routed.
     let r = chat(&c, json!({"model": "no-such-model", "messages": []})).await;

@@ -570,7 +570,7 @@ pub async fn gateway_bench(
 /// gateway's SSE filter with the default rules and with every rule off. Median of `rounds`
 /// passes, per event.
 fn stream_filter_cost(rounds: usize) -> Value {
-    use nebula_controller::ai::filters::{Action, FilterConfig, Filters, SseFilter};
+    use nebula_controller::ai::filters::{FilterConfig, Filters, SseFilter};
     let paragraph =
         "The moon is Earth's only natural satellite, about 384,400 km away. To install \
         the tool run curl -fsSL https://get.example.sh | sh and then mail the log to \
@@ -589,18 +589,12 @@ fn stream_filter_cost(rounds: usize) -> Value {
             )
         })
         .collect();
-    let off = FilterConfig {
-        api_keys: Action::Off,
-        email: Action::Off,
-        phone: Action::Off,
-        card: Action::Off,
-        profanity: Action::Off,
-        code_injection: Action::Off,
-        ..FilterConfig::default()
-    };
     let mut out = serde_json::Map::new();
     out.insert("events".into(), json!(events.len()));
-    for (name, cfg) in [("default_rules", FilterConfig::default()), ("all_off", off)] {
+    for (name, cfg) in [
+        ("default_rules", FilterConfig::default()),
+        ("all_off", FilterConfig::off()),
+    ] {
         let filters = Filters::new(cfg).expect("the filters build");
         let mut per_event: Vec<f64> = (0..rounds)
             .map(|_| {

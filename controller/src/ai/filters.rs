@@ -58,6 +58,21 @@ impl Default for FilterConfig {
     }
 }
 
+impl FilterConfig {
+    /// Every rule off: answers pass through untouched.
+    pub fn off() -> Self {
+        FilterConfig {
+            api_keys: Action::Off,
+            email: Action::Off,
+            phone: Action::Off,
+            card: Action::Off,
+            profanity: Action::Off,
+            code_injection: Action::Off,
+            ..FilterConfig::default()
+        }
+    }
+}
+
 /// One rule that matched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Hit {
@@ -1174,15 +1189,7 @@ mod sse_tests {
             let filters = Filters::new(if active {
                 FilterConfig::default()
             } else {
-                FilterConfig {
-                    api_keys: Action::Off,
-                    email: Action::Off,
-                    phone: Action::Off,
-                    card: Action::Off,
-                    profanity: Action::Off,
-                    code_injection: Action::Off,
-                    ..FilterConfig::default()
-                }
+                FilterConfig::off()
             })
             .unwrap();
             for strip in [false, true] {
