@@ -272,8 +272,11 @@ impl Filters {
                 regex_automata::hybrid::dfa::DFA::builder()
                     .configure(
                         regex_automata::hybrid::dfa::DFA::config()
-                            .cache_capacity(1 << 20)
-                            .minimum_cache_clear_count(Some(16)),
+                            // Every pattern followed to its end, not only the one that would
+                            // win a search: a long run that is not yet an address is both a
+                            // token and an address being written.
+                            .match_kind(regex_automata::MatchKind::All)
+                            .cache_capacity(1 << 20),
                     )
                     .build_many(&redacting)
                     .map_err(|e| format!("output filters: {e}"))?,
@@ -326,8 +329,11 @@ impl Filters {
                 match dfa.next_state(cache, state, *b) {
                     Ok(s) if s.is_dead() || s.is_quit() => continue 'starts,
                     Ok(s) => state = s,
-                    // The cache gave up: hold from here, to be safe.
-                    Err(_) => return i,
+                    // The cache gave up: hold from here, to be safe, and start it afresh.
+                    Err(_) => {
+                        cache.reset(dfa);
+                        return i;
+                    }
                 }
             }
             return i;
@@ -459,10 +465,11 @@ impl Filters {
                 action,
                 sample: mask(&text[start..end]),
             });
-            if action != Action::Redact || start < at {
+            // A redaction that overlaps the one before covers what is left of it.
+            if action != Action::Redact || end <= at {
                 continue;
             }
-            out.push_str(&text[at..start]);
+            out.push_str(&text[at..start.max(at)]);
             out.push_str(&format!("[REDACTED:{rule}]"));
             at = end;
         }
@@ -482,14 +489,17 @@ impl Filters {
 pub struct StreamText {
     /// Received, not yet sent (as the model wrote it).
     pending: String,
-    /// The end of what was sent (as sent, redactions made): context for matches that span
-    /// pieces.
+    /// The end of the text already dealt with (as the model wrote it, so that every scan sees
+    /// what a scan of the whole answer sees there): context for matches that span pieces.
     tail: String,
-    /// Bytes sent so far; `tail` ends there.
-    sent: usize,
-    /// Hits recorded whose start is still within the look-back (offset in what was sent, rule):
-    /// a match seen again, or grown, is not a second finding.
+    /// Bytes of the answer dealt with so far; `tail` ends there.
+    done: usize,
+    /// Hits recorded whose start is still within the look-back (offset in the answer, rule): a
+    /// match seen again, or grown, is not a second finding.
     seen: Vec<(usize, &'static str)>,
+    /// `tail` was cut inside a word (a run longer than the look-back): what a scan finds at its
+    /// start began earlier, and was found then.
+    clipped: bool,
     pub hits: Vec<Hit>,
 }
 
@@ -510,7 +520,7 @@ impl StreamText {
             return String::new();
         }
         let t = self.tail.len();
-        let base = self.sent - t;
+        let base = self.done - t;
         let mut window = String::with_capacity(t + self.pending.len());
         window.push_str(&self.tail);
         window.push_str(&self.pending);
@@ -527,18 +537,15 @@ impl StreamText {
             if s >= end {
                 break;
             }
-            // In what was sent before (found then), or still growing past the cut (found once
-            // it is whole).
-            if e <= t || e > end {
+            // In what was dealt with before: found then. (A match that reaches past the cut is
+            // not a redaction, which is never split: it is found now, and not again as it
+            // grows.)
+            if e <= t {
                 continue;
             }
-            let offset = if s < t {
-                base + s
-            } else {
-                self.sent + out.len() + s.saturating_sub(at)
-            };
-            if !self.seen.contains(&(offset, rule)) {
-                self.seen.push((offset, rule));
+            let found_before = s == 0 && self.clipped || self.seen.contains(&(base + s, rule));
+            if !found_before {
+                self.seen.push((base + s, rule));
                 self.hits.push(Hit {
                     rule,
                     action,
@@ -553,17 +560,27 @@ impl StreamText {
                 at = e;
             }
         }
-        out.push_str(&window[at..end]);
+        out.push_str(&window[at.min(end)..end]);
+        self.tail.push_str(&self.pending[..cut]);
         self.pending.drain(..cut);
-        self.sent += out.len();
-        self.tail.push_str(&out);
-        let keep = self.tail.len().saturating_sub(filters.hold_back().max(1));
-        let mut keep = keep;
+        self.done += cut;
+        // The look-back starts after a space where it can, so that a word in it is whole.
+        let mut keep = self.tail.len().saturating_sub(filters.hold_back().max(1));
         while !self.tail.is_char_boundary(keep) {
             keep += 1;
         }
+        if keep > 0 {
+            match self.tail[keep..].find(char::is_whitespace) {
+                Some(w) => {
+                    keep += w;
+                    keep += self.tail[keep..].chars().next().map_or(0, char::len_utf8);
+                    self.clipped = false;
+                }
+                None => self.clipped = true,
+            }
+        }
         self.tail.drain(..keep);
-        let from = self.sent - self.tail.len();
+        let from = self.done - self.tail.len();
         self.seen.retain(|(o, _)| *o >= from);
         out
     }
@@ -576,20 +593,24 @@ impl StreamText {
         while !text.is_char_boundary(floor) {
             floor += 1;
         }
-        let mut cut = filters.growing_from(text, floor);
+        let cut = t + filters.growing_from(text, floor);
         // A redaction is sent whole: hold one the cut would split, or, when holding it would
-        // hold more than `hold_back`, send all of it now.
-        for _ in 0..=spans.len() {
-            let c = t + cut;
-            let Some(&(s, e, ..)) = spans
-                .iter()
-                .find(|(s, e, _, a)| *a == Action::Redact && *s < c && *e > c)
-            else {
-                break;
-            };
-            cut = if s >= t + floor { s - t } else { e - t };
+        // hold more than `hold_back`, send all of it now. Overlapping redactions are one.
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        for &(s, e, _, a) in spans {
+            if a != Action::Redact {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => ranges.push((s, e)),
+            }
         }
-        cut
+        match ranges.iter().find(|(s, e)| *s < cut && cut < *e) {
+            Some(&(s, _)) if s >= t + floor => s - t,
+            Some(&(_, e)) => e - t,
+            None => cut - t,
+        }
     }
 }
 
@@ -786,6 +807,48 @@ mod tests {
     }
 
     #[test]
+    fn an_address_longer_than_a_token_is_held_until_whole() {
+        let (out, rules) = stream(
+            &f(),
+            &[
+                "write to ",
+                "customer_support_team_for_enterprise@",
+                "example.com thanks",
+            ],
+        );
+        assert_eq!(out, "write to [REDACTED:email] thanks");
+        assert_eq!(rules, ["email"]);
+    }
+
+    #[test]
+    fn a_logged_run_longer_than_the_look_back_is_one_finding() {
+        let filters = Filters::new(FilterConfig {
+            api_keys: Action::Log,
+            ..FilterConfig::default()
+        })
+        .unwrap();
+        // 4 KB of base64-like text with no space, as a model would print a blob.
+        let mut x: u32 = 0x1234_5678;
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let blob: String = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                alphabet[(x % 64) as usize] as char
+            })
+            .collect();
+        let pieces: Vec<&str> = blob
+            .as_bytes()
+            .chunks(16)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        let (out, rules) = stream(&filters, &pieces);
+        assert_eq!(out, blob, "logged, not changed");
+        assert_eq!(rules, ["api_key"]);
+    }
+
+    #[test]
     fn a_warned_match_that_grows_is_one_finding() {
         let (out, rules) = stream(&f(), &["you bastard", "s, all of you"]);
         assert_eq!(out, "you bastards, all of you");
@@ -794,6 +857,99 @@ mod tests {
         let (_, rules) = stream(&f(), &["bastard ", "and bastard"]);
         assert_eq!(rules, ["profanity", "profanity"]);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// However an answer is cut into pieces, the stream hides whatever the whole answer
+        /// hides; for words apart (matches that do not overlap) it reads as the whole answer:
+        /// every redaction made, none split, no text lost or doubled.
+        #[test]
+        fn a_stream_cut_anywhere_reads_as_the_whole_answer(
+            parts in proptest::collection::vec(0usize..PARTS.len(), 1..40),
+            cuts in proptest::collection::vec(1usize..12, 1..80),
+            strict in proptest::bool::ANY,
+            apart in proptest::bool::ANY,
+        ) {
+            let filters = Filters::new(if strict {
+                FilterConfig {
+                    phone: Action::Redact,
+                    profanity: Action::Redact,
+                    code_injection: Action::Redact,
+                    ..FilterConfig::default()
+                }
+            } else {
+                FilterConfig::default()
+            })
+            .unwrap();
+            let parts: Vec<&str> = parts.iter().map(|i| PARTS[*i]).collect();
+            let text = parts.join(if apart { " " } else { "" });
+            let chars: Vec<char> = text.chars().collect();
+            let mut s = StreamText::default();
+            let mut out = String::new();
+            let (mut at, mut k) = (0, 0);
+            while at < chars.len() {
+                let n = cuts[k % cuts.len()].min(chars.len() - at);
+                let piece: String = chars[at..at + n].iter().collect();
+                out.push_str(&s.push(&filters, &piece));
+                at += n;
+                k += 1;
+            }
+            out.push_str(&s.finish(&filters));
+            let whole = filters.apply(&text).0;
+            for (start, end, ..) in filters.spans(&text).iter().filter(|s| s.3 == Action::Redact) {
+                let secret = &text[*start..*end];
+                proptest::prop_assert!(
+                    out.matches(secret).count() <= whole.matches(secret).count(),
+                    "{:?} shows {:?}: {:?}", text, secret, out
+                );
+            }
+            if apart {
+                proptest::prop_assert_eq!(out, whole, "{:?}", text);
+                // And finds what the whole answer's scan finds (and perhaps more: `<script>`
+                // seen before the `curl … | sh` around it is whole).
+                for h in filters.apply(&text).1 {
+                    let count = |hits: &[Hit]| hits.iter().filter(|x| x.rule == h.rule).count();
+                    proptest::prop_assert!(
+                        count(&s.hits) >= count(&filters.apply(&text).1),
+                        "{:?}: {:?}", text, s.hits
+                    );
+                }
+            }
+        }
+    }
+
+    /// What the answers of the property test are made of.
+    const PARTS: &[&str] = &[
+        "the ",
+        "moon ",
+        "is",
+        " ",
+        "\n",
+        ", ",
+        ". ",
+        "12 ",
+        "-",
+        "(",
+        ")",
+        "é",
+        "日本 ",
+        "sk-proj-Q3vT9xLmA7pK2wZr8YbN4cD6",
+        "ada@example.org",
+        "grace@",
+        "example.net",
+        "4111 1111 1111 1111",
+        "4242 ",
+        "+1 415-555-0132",
+        "-----BEGIN RSA PRIVATE KEY-----",
+        "AKIAIOSFODNN7EXAMPLE",
+        "Zk3P9qLw0x7VbN2mRt5YcA8sD1fG4hJ6",
+        "rm -rf /",
+        "curl ",
+        "https://x.sh ",
+        "| sh",
+        "bastard",
+        "<script>",
+    ];
 
     #[test]
     fn block_rules_are_known() {
@@ -831,6 +987,8 @@ pub fn usage_of(v: &Value) -> Option<(u64, u64)> {
 #[derive(Debug, Default)]
 pub struct SseFilter {
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no end of an event.
+    searched: usize,
     /// Each choice's text, by its index.
     texts: std::collections::BTreeMap<u64, StreamText>,
     /// The stream is a completion's (`text`), not a chat's (`delta.content`).
@@ -873,11 +1031,16 @@ impl SseFilter {
         let mut buf = std::mem::take(&mut self.buf);
         let mut out = Vec::with_capacity(buf.len() + 64);
         let mut from = 0;
-        while let Some(len) = find_event_end(&buf[from..]) {
-            self.event(filters, &buf[from..from + len], &mut out);
-            from += len;
+        let mut look = self.searched.min(buf.len());
+        while let Some(end) = find_event_end(&buf, look) {
+            self.event(filters, &buf[from..end], &mut out);
+            from = end;
+            look = end;
         }
         buf.drain(..from);
+        // An event arriving in many pieces is searched once: the next search starts where
+        // this one ended (less the two bytes an end could begin with).
+        self.searched = buf.len().saturating_sub(2);
         self.buf = buf;
         out
     }
@@ -886,6 +1049,7 @@ impl SseFilter {
     pub fn finish(&mut self, filters: &Filters) -> Vec<u8> {
         let mut out = Vec::new();
         if !self.buf.is_empty() {
+            self.searched = 0;
             let rest = std::mem::take(&mut self.buf);
             self.event(filters, &rest, &mut out);
         }
@@ -980,14 +1144,18 @@ impl SseFilter {
             return;
         };
         let mut changed = false;
-        if v.get("usage").is_some_and(|u| !u.is_null()) {
-            self.usage = usage_of(&v).or(self.usage);
+        if let Some(u) = v.get("usage") {
+            let reported = !u.is_null();
+            if reported {
+                self.usage = usage_of(&v).or(self.usage);
+            }
+            // Left out for a client that did not ask: the count, and the `null` that
+            // OpenAI-style servers put on every other chunk once it is asked for.
             if self.strip_usage {
                 if let Some(o) = v.as_object_mut() {
                     o.remove("usage");
                 }
-                if v["choices"].as_array().is_none_or(Vec::is_empty) {
-                    // The usage chunk itself: the client did not ask for it.
+                if reported && v["choices"].as_array().is_none_or(Vec::is_empty) {
                     return;
                 }
                 changed = true;
@@ -1051,13 +1219,18 @@ impl SseFilter {
 }
 
 /// End of the first complete SSE event in `buf` (after its blank line).
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// Where the first event in `buf` ends, looking from `from` on: after the first line feed that
+/// an empty line follows (`\n\n`, or `\n\r\n` as in `\r\n\r\n`).
+fn find_event_end(buf: &[u8], mut from: usize) -> Option<usize> {
+    while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
+        let i = from + i;
+        match buf.get(i + 1..) {
+            Some([b'\n', ..]) => return Some(i + 2),
+            Some([b'\r', b'\n', ..]) => return Some(i + 3),
+            _ => from = i + 1,
+        }
     }
+    None
 }
 
 #[cfg(test)]

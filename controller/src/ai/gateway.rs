@@ -202,13 +202,9 @@ pub async fn serve_for(
         model: Option<std::borrow::Cow<'a, str>>,
         #[serde(default)]
         stream: Option<bool>,
-        #[serde(default)]
-        stream_options: Option<StreamOptions>,
-    }
-    #[derive(serde::Deserialize)]
-    struct StreamOptions {
-        #[serde(default)]
-        include_usage: Option<bool>,
+        /// Present (even `null`) or not.
+        #[serde(default, deserialize_with = "present")]
+        stream_options: Option<Value>,
     }
     let head: Head<'_> = match serde_json::from_slice(&body) {
         Ok(h) => h,
@@ -244,25 +240,10 @@ pub async fn serve_for(
     let asked_usage = head
         .stream_options
         .as_ref()
-        .is_some_and(|o| o.include_usage == Some(true));
+        .is_some_and(|o| o.get("include_usage") == Some(&Value::Bool(true)));
     let strip_usage = stream && !asked_usage;
-    let body: Vec<u8> = if stream && head.stream_options.is_none() {
-        let at = body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
-        let mut b = Vec::with_capacity(body.len() + 48);
-        b.extend_from_slice(&body[..at]);
-        b.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
-        b.extend_from_slice(&body[at..]);
-        b
-    } else if strip_usage {
-        // `stream_options` without usage asked for: set it in the document.
-        let mut v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        match v.get_mut("stream_options").and_then(Value::as_object_mut) {
-            Some(o) => {
-                o.insert("include_usage".into(), Value::Bool(true));
-                serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec())
-            }
-            None => body.to_vec(),
-        }
+    let body: Vec<u8> = if strip_usage {
+        ask_for_usage(&body, head.stream_options.is_some())
     } else {
         body.to_vec()
     };
@@ -353,6 +334,36 @@ pub async fn serve_for(
             format!("every node that has `{model}` failed: {e}"),
         ),
     }
+}
+
+/// `serde(deserialize_with)`: a field that is there, even as `null`, is `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// A streamed request's body, asking for usage in the stream's last chunk. Without
+/// `stream_options` (the common case) the field is added to the text as it is; with one that
+/// does not ask (`null`, `include_usage: false`), the document is rewritten.
+fn ask_for_usage(body: &[u8], has_options: bool) -> Vec<u8> {
+    if !has_options {
+        let at = body.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+        let mut b = Vec::with_capacity(body.len() + 48);
+        b.extend_from_slice(&body[..at]);
+        b.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+        b.extend_from_slice(&body[at..]);
+        return b;
+    }
+    let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
+        return body.to_vec();
+    };
+    match v.get_mut("stream_options") {
+        Some(Value::Object(o)) => {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+        Some(other) => *other = json!({"include_usage": true}),
+        None => return body.to_vec(),
+    }
+    serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec())
 }
 
 /// A try begun on a node: if the request is dropped before the try settles (its client went
@@ -1490,6 +1501,33 @@ mod tests {
             "{\"c\":\"a\n4111 1111@x \"q\" <script \u{1F600}  !\"}"
         );
         assert!(matches!(unescaped("plain"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_stream_always_asks_for_usage() {
+        let asked = |body: &str, has: bool| -> Value {
+            let b = ask_for_usage(body.as_bytes(), has);
+            let v: Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true, "{v}");
+            v
+        };
+        let v = asked(r#"{"model":"m","stream":true}"#, false);
+        assert_eq!(v["model"], "m");
+        asked(r#"{"model":"m","stream_options":null}"#, true);
+        asked(r#"{"model":"m","stream_options":"yes"}"#, true);
+        let v = asked(
+            r#"{"model":"m","stream_options":{"include_usage":false,"other":1}}"#,
+            true,
+        );
+        assert_eq!(v["stream_options"]["other"], 1);
+        // Only one `stream_options`: a parser that keeps the last one sees the same.
+        let b = ask_for_usage(br#"{"model":"m","stream_options":null}"#, true);
+        assert_eq!(
+            String::from_utf8_lossy(&b)
+                .matches("stream_options")
+                .count(),
+            1
+        );
     }
 
     #[test]

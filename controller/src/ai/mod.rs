@@ -662,10 +662,15 @@ pub fn estimate_tokens(body: &[u8]) -> u32 {
     let mut rest = body;
     while let Some(at) = rest.windows(MARK.len()).position(|w| w == MARK) {
         let data = &rest[at + MARK.len()..];
-        let run = data
-            .iter()
-            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
-            .count();
+        // Base64, its `/` perhaps escaped as `\/` (as PHP's encoder writes it).
+        let mut run = 0;
+        while let Some(b) = data.get(run) {
+            run += match (b, data.get(run + 1)) {
+                (b'\\', Some(b'/')) => 2,
+                (b, _) if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=') => 1,
+                _ => break,
+            };
+        }
         bytes -= MARK.len() + run;
         images += 1;
         rest = &data[run..];
@@ -833,5 +838,8 @@ mod tests {
         let without = body.len() - photo.len() - ";base64,".len();
         assert_eq!(n as usize, without / 4 + IMAGE_TOKENS);
         assert!(n < 1_000, "{n}");
+        // The same with its slashes escaped.
+        let escaped = body.replace("QUJD", "QU\\/D");
+        assert_eq!(estimate_tokens(escaped.as_bytes()), n);
     }
 }
