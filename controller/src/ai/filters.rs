@@ -500,6 +500,9 @@ pub struct StreamText {
     /// `tail` was cut inside a word (a run longer than the look-back): what a scan finds at its
     /// start began earlier, and was found then.
     clipped: bool,
+    /// Where the last redaction sent ends (offset in the answer): a secret longer than
+    /// `hold_back` goes out as one redaction however many pieces it comes in.
+    redacted_to: usize,
     pub hits: Vec<Hit>,
 }
 
@@ -554,10 +557,14 @@ impl StreamText {
             }
             if action == Action::Redact && e > at {
                 out.push_str(&window[at..s.max(at)]);
-                out.push_str("[REDACTED:");
-                out.push_str(rule);
-                out.push(']');
+                let goes_on = s < t && self.redacted_to == base + t;
+                if !goes_on {
+                    out.push_str("[REDACTED:");
+                    out.push_str(rule);
+                    out.push(']');
+                }
                 at = e;
+                self.redacted_to = base + e;
             }
         }
         out.push_str(&window[at.min(end)..end]);
@@ -845,6 +852,29 @@ mod tests {
             .collect();
         let (out, rules) = stream(&filters, &pieces);
         assert_eq!(out, blob, "logged, not changed");
+        assert_eq!(rules, ["api_key"]);
+    }
+
+    #[test]
+    fn a_secret_longer_than_the_hold_is_one_redaction_however_long() {
+        let mut x: u32 = 0x9e37_79b9;
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let token: String = (0..2000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                alphabet[(x % 64) as usize] as char
+            })
+            .collect();
+        let text = format!("the token is {token} and that is all");
+        let pieces: Vec<&str> = text
+            .as_bytes()
+            .chunks(16)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        let (out, rules) = stream(&f(), &pieces);
+        assert_eq!(out, "the token is [REDACTED:api_key] and that is all");
         assert_eq!(rules, ["api_key"]);
     }
 
