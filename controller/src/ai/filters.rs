@@ -146,6 +146,25 @@ fn random_token(s: &str) -> bool {
     digits >= 4 && letters >= 8 && entropy(s) >= 4.0
 }
 
+/// The matches of `re` in `text` that `keep` accepts. One it rejects does not hide one that
+/// starts inside it: a run of digits that fails the Luhn check may hold a card that passes.
+fn accepted(re: &Regex, text: &str, keep: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(m) = re.find_at(text, at) {
+        if keep(m.as_str()) {
+            out.push((m.start(), m.end()));
+            at = m.end();
+        } else {
+            at = m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8);
+        }
+        if at >= text.len() {
+            break;
+        }
+    }
+    out
+}
+
 fn luhn(digits: &[u8]) -> bool {
     let mut sum = 0u32;
     for (i, d) in digits.iter().rev().enumerate() {
@@ -181,12 +200,85 @@ pub struct Filters {
     any: Option<regex::RegexSet>,
     /// Each pattern's place in `any` (`None`: its rule is off).
     slots: [Option<usize>; Pattern::COUNT],
-    /// The `redact` rules' patterns as one lazy DFA, without their word-boundary checks (a
-    /// looser pattern holds a little more, never less): it tells where in a stream's unsent
-    /// text a redaction could still be growing.
-    growing: Option<regex_automata::hybrid::dfa::DFA>,
-    /// The lazy DFA's caches, kept warm across streams (one per scan running at once).
+    /// The `redact` rules' patterns: where in a stream's unsent text a redaction could still be
+    /// growing (held until it is whole).
+    growing: Option<Live>,
+    /// Every active rule's patterns: where in the text a stream already dealt with a match
+    /// could still be under way (kept, to be scanned again with what comes next).
+    open: Option<Live>,
+}
+
+/// Patterns as one lazy DFA, without their word-boundary checks (a looser pattern finds a
+/// little more still under way, never less), with its caches kept warm across streams.
+#[derive(Debug)]
+struct Live {
+    dfa: regex_automata::hybrid::dfa::DFA,
     caches: std::sync::Mutex<Vec<regex_automata::hybrid::dfa::Cache>>,
+}
+
+impl Live {
+    fn new(patterns: &[String]) -> Result<Option<Live>, String> {
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        let dfa = regex_automata::hybrid::dfa::DFA::builder()
+            .configure(
+                regex_automata::hybrid::dfa::DFA::config()
+                    // Every pattern followed to its end, not only the one that would win a
+                    // search: a long run that is not yet an address is both a token and an
+                    // address being written.
+                    .match_kind(regex_automata::MatchKind::All)
+                    .cache_capacity(1 << 20),
+            )
+            .build_many(patterns)
+            .map_err(|e| format!("output filters: {e}"))?;
+        Ok(Some(Live {
+            dfa,
+            caches: std::sync::Mutex::default(),
+        }))
+    }
+
+    /// The earliest place in `text` (from `floor` on) where a match could start and still be
+    /// under way at the end of `text`: from there to the end, no pattern is ruled out. The
+    /// text's length when there is none.
+    fn start(&self, text: &str, floor: usize) -> usize {
+        let caches = || self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = caches().pop().unwrap_or_else(|| self.dfa.create_cache());
+        let from = self.start_in(&mut cache, text, floor);
+        caches().push(cache);
+        from
+    }
+
+    fn start_in(
+        &self,
+        cache: &mut regex_automata::hybrid::dfa::Cache,
+        text: &str,
+        floor: usize,
+    ) -> usize {
+        use regex_automata::{util::start, Anchored};
+        let dfa = &self.dfa;
+        let Ok(begin) = dfa.start_state(cache, &start::Config::new().anchored(Anchored::Yes))
+        else {
+            return floor;
+        };
+        let bytes = text.as_bytes();
+        'starts: for i in (floor..bytes.len()).filter(|i| text.is_char_boundary(*i)) {
+            let mut state = begin;
+            for b in &bytes[i..] {
+                match dfa.next_state(cache, state, *b) {
+                    Ok(s) if s.is_dead() || s.is_quit() => continue 'starts,
+                    Ok(s) => state = s,
+                    // The cache gave up: say "from here", to be safe, and start it afresh.
+                    Err(_) => {
+                        cache.reset(dfa);
+                        return i;
+                    }
+                }
+            }
+            return i;
+        }
+        text.len()
+    }
 }
 
 /// The patterns of the one-pass check.
@@ -224,7 +316,7 @@ impl Filters {
                     .map_err(|e| format!("profanity words: {e}"))?,
             )
         };
-        // The same without its word boundaries, for the DFA of `growing`.
+        // The same without its word boundaries, for the DFAs of `growing` and `open`.
         let profanity_loose = format!(
             r"(?i)(?:{})\w*",
             words
@@ -235,6 +327,7 @@ impl Filters {
         );
         let mut patterns: Vec<&str> = Vec::new();
         let mut redacting: Vec<String> = Vec::new();
+        let mut active: Vec<String> = Vec::new();
         let mut slots = [None; Pattern::COUNT];
         for (action, pattern, re) in [
             (cfg.api_keys, Pattern::KeyShapes, KEY_SHAPES.as_str()),
@@ -253,35 +346,23 @@ impl Filters {
                 profanity.as_ref().map_or("", Regex::as_str),
             ),
         ] {
-            if action != Action::Off {
-                slots[pattern as usize] = Some(patterns.len());
-                patterns.push(re);
+            if action == Action::Off {
+                continue;
             }
+            slots[pattern as usize] = Some(patterns.len());
+            patterns.push(re);
+            // The built-in patterns hold no escaped backslash, so every `\b` is a boundary.
+            let loose = match pattern {
+                Pattern::Profanity => profanity_loose.clone(),
+                _ => re.replace(r"\b", ""),
+            };
             if action == Action::Redact {
-                // The built-in patterns hold no escaped backslash, so every `\b` is a boundary.
-                redacting.push(match pattern {
-                    Pattern::Profanity => profanity_loose.clone(),
-                    _ => re.replace(r"\b", ""),
-                });
+                redacting.push(loose.clone());
             }
+            active.push(loose);
         }
-        let growing = if redacting.is_empty() {
-            None
-        } else {
-            Some(
-                regex_automata::hybrid::dfa::DFA::builder()
-                    .configure(
-                        regex_automata::hybrid::dfa::DFA::config()
-                            // Every pattern followed to its end, not only the one that would
-                            // win a search: a long run that is not yet an address is both a
-                            // token and an address being written.
-                            .match_kind(regex_automata::MatchKind::All)
-                            .cache_capacity(1 << 20),
-                    )
-                    .build_many(&redacting)
-                    .map_err(|e| format!("output filters: {e}"))?,
-            )
-        };
+        let growing = Live::new(&redacting)?;
+        let open = Live::new(&active)?;
         let any = if patterns.is_empty() {
             None
         } else {
@@ -293,52 +374,24 @@ impl Filters {
             any,
             slots,
             growing,
-            caches: std::sync::Mutex::default(),
+            open,
         })
     }
 
     /// Where in `text` (from `floor` on) the earliest match of a `redact` rule could still be
-    /// growing: it starts there and runs to the end of `text` without being ruled out. The
-    /// text's length when there is none.
+    /// growing; the text's length when there is none.
     fn growing_from(&self, text: &str, floor: usize) -> usize {
-        let Some(dfa) = &self.growing else {
-            return text.len();
-        };
-        let caches = || self.caches.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cache = caches().pop().unwrap_or_else(|| dfa.create_cache());
-        let from = Self::growing_in(dfa, &mut cache, text, floor);
-        caches().push(cache);
-        from
+        self.growing
+            .as_ref()
+            .map_or(text.len(), |l| l.start(text, floor))
     }
 
-    fn growing_in(
-        dfa: &regex_automata::hybrid::dfa::DFA,
-        cache: &mut regex_automata::hybrid::dfa::Cache,
-        text: &str,
-        floor: usize,
-    ) -> usize {
-        use regex_automata::{util::start, Anchored};
-        let Ok(begin) = dfa.start_state(cache, &start::Config::new().anchored(Anchored::Yes))
-        else {
-            return floor;
-        };
-        let bytes = text.as_bytes();
-        'starts: for i in (floor..bytes.len()).filter(|i| text.is_char_boundary(*i)) {
-            let mut state = begin;
-            for b in &bytes[i..] {
-                match dfa.next_state(cache, state, *b) {
-                    Ok(s) if s.is_dead() || s.is_quit() => continue 'starts,
-                    Ok(s) => state = s,
-                    // The cache gave up: hold from here, to be safe, and start it afresh.
-                    Err(_) => {
-                        cache.reset(dfa);
-                        return i;
-                    }
-                }
-            }
-            return i;
-        }
-        text.len()
+    /// Where in `text` (from `floor` on) the earliest match of any rule could still be under
+    /// way; the text's length when there is none.
+    fn open_from(&self, text: &str, floor: usize) -> usize {
+        self.open
+            .as_ref()
+            .map_or(text.len(), |l| l.start(text, floor))
     }
 
     /// Is any rule on? With none, answers pass through untouched (and nothing is held back).
@@ -400,26 +453,28 @@ impl Filters {
             }
         }
         if matched(Pattern::Card) {
-            for m in CARD.find_iter(text) {
+            for (s, e) in accepted(&CARD, text, |m| {
                 let digits: Vec<u8> = m
-                    .as_str()
                     .bytes()
                     .filter(u8::is_ascii_digit)
                     .map(|b| b - b'0')
                     .collect();
-                if luhn(&digits) {
-                    out.push((m.start(), m.end(), "card", c.card));
-                }
+                luhn(&digits)
+            }) {
+                out.push((s, e, "card", c.card));
             }
         }
         if matched(Pattern::Phone) {
-            for m in PHONE.find_iter(text) {
-                let digits = m.as_str().bytes().filter(u8::is_ascii_digit).count();
-                let is_card = out
-                    .iter()
-                    .any(|(s, e, r, _)| *r == "card" && *s <= m.start() && m.end() <= *e);
-                if (9..=15).contains(&digits) && !is_card {
-                    out.push((m.start(), m.end(), "phone", c.phone));
+            let cards: Vec<(usize, usize)> = out
+                .iter()
+                .filter(|s| s.2 == "card")
+                .map(|s| (s.0, s.1))
+                .collect();
+            for (s, e) in accepted(&PHONE, text, |m| {
+                (9..=15).contains(&m.bytes().filter(u8::is_ascii_digit).count())
+            }) {
+                if !cards.iter().any(|(cs, ce)| *cs <= s && e <= *ce) {
+                    out.push((s, e, "phone", c.phone));
                 }
             }
         }
@@ -571,25 +626,47 @@ impl StreamText {
         self.tail.push_str(&self.pending[..cut]);
         self.pending.drain(..cut);
         self.done += cut;
-        // The look-back starts after a space where it can, so that a word in it is whole.
-        let mut keep = self.tail.len().saturating_sub(filters.hold_back().max(1));
-        while !self.tail.is_char_boundary(keep) {
-            keep += 1;
-        }
-        if keep > 0 {
-            match self.tail[keep..].find(char::is_whitespace) {
-                Some(w) => {
-                    keep += w;
-                    keep += self.tail[keep..].chars().next().map_or(0, char::len_utf8);
-                    self.clipped = false;
-                }
-                None => self.clipped = true,
-            }
-        }
-        self.tail.drain(..keep);
+        self.trim_tail(filters, &spans);
         let from = self.done - self.tail.len();
         self.seen.retain(|(o, _)| *o >= from);
         out
+    }
+
+    /// Keep of `tail` only what the next scan needs: from the start of the word where the
+    /// earliest match still under way begins (at least the last word, so that word boundaries
+    /// are seen as in the whole answer), and never from inside a match found (`spans`, in the
+    /// tail's places), so that the next scan finds the matches a scan of the whole answer finds
+    /// there; at most `hold_back` bytes.
+    fn trim_tail(&mut self, filters: &Filters, spans: &[Span]) {
+        let mut floor = self.tail.len().saturating_sub(filters.hold_back().max(1));
+        while !self.tail.is_char_boundary(floor) {
+            floor += 1;
+        }
+        let live = filters.open_from(&self.tail, floor);
+        let mut word = self.tail[..live]
+            .char_indices()
+            .rev()
+            .find(|(_, c)| c.is_whitespace())
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        while let Some(s) = spans
+            .iter()
+            .filter(|(s, e, ..)| *s < word && word < *e)
+            .map(|(s, ..)| *s)
+            .min()
+        {
+            word = s;
+        }
+        let keep = word.max(floor);
+        if keep == 0 {
+            return;
+        }
+        // Cut inside a word: what a scan finds at the start of what is kept began before it.
+        self.clipped = word < floor
+            && !self.tail[..keep]
+                .chars()
+                .next_back()
+                .is_some_and(char::is_whitespace);
+        self.tail.drain(..keep);
     }
 
     /// How much of `pending` can go now. Held: from where a `redact` match could still be
