@@ -73,6 +73,9 @@ impl FilterConfig {
     }
 }
 
+/// The least `hold_back`: a secret shorter than this is always whole when it is scanned.
+pub const MIN_HOLD_BACK: usize = 64;
+
 /// One rule that matched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Hit {
@@ -144,6 +147,24 @@ fn random_token(s: &str) -> bool {
     let digits = s.bytes().filter(u8::is_ascii_digit).count();
     let letters = s.bytes().filter(u8::is_ascii_alphabetic).count();
     digits >= 4 && letters >= 8 && entropy(s) >= 4.0
+}
+
+/// A byte a key's run is made of (`TOKEN_RUN`'s class).
+fn key_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+' | b'/' | b'=')
+}
+
+/// A run (ASCII, from `TOKEN_RUN`) that is, or holds, a random token: one glued to a long
+/// plain prefix or suffix (`AAAA…Zk3P9q…`) still counts. Windows of 32 bytes, 4 apart, and
+/// the last 32.
+fn holds_random_token(run: &str) -> bool {
+    const W: usize = 32;
+    random_token(run)
+        || (run.len() > W
+            && (0..=run.len() - W)
+                .step_by(4)
+                .chain([run.len() - W])
+                .any(|i| run.get(i..i + W).is_some_and(random_token)))
 }
 
 /// The matches of `re` in `text` that `keep` accepts. One it rejects does not hide one that
@@ -302,6 +323,12 @@ pub type Span = (usize, usize, &'static str, Action);
 
 impl Filters {
     pub fn new(cfg: FilterConfig) -> Result<Self, String> {
+        if cfg.hold_back < MIN_HOLD_BACK {
+            return Err(format!(
+                "output filters: hold_back is {} bytes; it must be at least {MIN_HOLD_BACK}, or a secret split across pieces could go out in clear",
+                cfg.hold_back
+            ));
+        }
         let words: Vec<String> = if cfg.profanity_words.is_empty() {
             PROFANITY.iter().map(|w| (*w).to_owned()).collect()
         } else {
@@ -442,7 +469,7 @@ impl Filters {
         }
         if matched(Pattern::TokenRun) {
             for m in TOKEN_RUN.find_iter(text) {
-                if random_token(m.as_str()) {
+                if holds_random_token(m.as_str()) {
                     out.push((m.start(), m.end(), "api_key", c.api_keys));
                 }
             }
@@ -473,7 +500,11 @@ impl Filters {
             for (s, e) in accepted(&PHONE, text, |m| {
                 (9..=15).contains(&m.bytes().filter(u8::is_ascii_digit).count())
             }) {
-                if !cards.iter().any(|(cs, ce)| *cs <= s && e <= *ce) {
+                // Cards do not overlap and come in order: only the last one starting before the
+                // number can hold it.
+                let before = cards.partition_point(|(cs, _)| *cs <= s);
+                let in_card = before > 0 && cards[before - 1].1 >= e;
+                if !in_card {
                     out.push((s, e, "phone", c.phone));
                 }
             }
@@ -494,11 +525,17 @@ impl Filters {
         }
         out.sort_by_key(|s| (s.0, std::cmp::Reverse(s.1)));
         // One hit per place: a match inside an earlier one of the same rule is the same finding.
+        // (Sorted by start: it is inside one when the furthest end of that rule so far reaches
+        // its end.)
         let mut kept: Vec<Span> = Vec::with_capacity(out.len());
+        let mut reach: Vec<(&'static str, usize)> = Vec::new();
         for s in out {
-            if !kept.iter().any(|k| k.2 == s.2 && k.0 <= s.0 && s.1 <= k.1) {
-                kept.push(s);
+            match reach.iter_mut().find(|(rule, _)| *rule == s.2) {
+                Some((_, end)) if *end >= s.1 => continue,
+                Some((_, end)) => *end = s.1,
+                None => reach.push((s.2, s.1)),
             }
+            kept.push(s);
         }
         kept
     }
@@ -552,12 +589,22 @@ pub struct StreamText {
     /// Hits recorded whose start is still within the look-back (offset in the answer, rule): a
     /// match seen again, or grown, is not a second finding.
     seen: Vec<(usize, &'static str)>,
-    /// `tail` was cut inside a word (a run longer than the look-back): what a scan finds at its
-    /// start began earlier, and was found then.
-    clipped: bool,
+    /// `tail` was cut inside a match (a run longer than the look-back): the rules of what a scan
+    /// finds at its start, found before.
+    clipped: Vec<&'static str>,
+    /// No match can begin before these places (offsets in the answer) and still be under way,
+    /// for `Filters::open_from` and `Filters::growing_from`: a place ruled out stays ruled out
+    /// as text is added, so each check starts where the last one found something.
+    open_at: usize,
+    grow_at: usize,
     /// Where the last redaction sent ends (offset in the answer): a secret longer than
     /// `hold_back` goes out as one redaction however many pieces it comes in.
     redacted_to: usize,
+    /// A secret longer than `hold_back` was sent redacted up to the end of the text so far,
+    /// and may go on: what continues its run (key characters, no break) is part of it.
+    open_secret: bool,
+    /// The cut was pushed to the end of a redaction that began before the hold's limit.
+    forced: bool,
     pub hits: Vec<Hit>,
 }
 
@@ -574,6 +621,19 @@ impl StreamText {
     }
 
     fn release(&mut self, filters: &Filters, all: bool) -> String {
+        if self.open_secret {
+            let n = self.pending.bytes().take_while(|b| key_byte(*b)).count();
+            if n < self.pending.len() {
+                self.open_secret = false;
+            }
+            if n > 0 {
+                self.tail.push_str(&self.pending[..n]);
+                self.pending.drain(..n);
+                self.done += n;
+                self.redacted_to = self.done;
+                self.trim_tail(filters, &[]);
+            }
+        }
         if self.pending.is_empty() {
             return String::new();
         }
@@ -583,6 +643,7 @@ impl StreamText {
         window.push_str(&self.tail);
         window.push_str(&self.pending);
         let spans = filters.spans(&window);
+        self.forced = false;
         let cut = if all {
             self.pending.len()
         } else {
@@ -601,7 +662,8 @@ impl StreamText {
             if e <= t {
                 continue;
             }
-            let found_before = s == 0 && self.clipped || self.seen.contains(&(base + s, rule));
+            let found_before =
+                s == 0 && self.clipped.contains(&rule) || self.seen.contains(&(base + s, rule));
             if !found_before {
                 self.seen.push((base + s, rule));
                 self.hits.push(Hit {
@@ -626,6 +688,9 @@ impl StreamText {
         self.tail.push_str(&self.pending[..cut]);
         self.pending.drain(..cut);
         self.done += cut;
+        self.open_secret = self.forced
+            && self.redacted_to == self.done
+            && self.tail.bytes().next_back().is_some_and(key_byte);
         self.trim_tail(filters, &spans);
         let from = self.done - self.tail.len();
         self.seen.retain(|(o, _)| *o >= from);
@@ -642,7 +707,13 @@ impl StreamText {
         while !self.tail.is_char_boundary(floor) {
             floor += 1;
         }
-        let live = filters.open_from(&self.tail, floor);
+        let base = self.done - self.tail.len();
+        let mut from = floor.max(self.open_at.saturating_sub(base).min(self.tail.len()));
+        while !self.tail.is_char_boundary(from) {
+            from += 1;
+        }
+        let live = filters.open_from(&self.tail, from);
+        self.open_at = base + live;
         let mut word = self.tail[..live]
             .char_indices()
             .rev()
@@ -660,24 +731,30 @@ impl StreamText {
         if keep == 0 {
             return;
         }
-        // Cut inside a word: what a scan finds at the start of what is kept began before it.
-        self.clipped = word < floor
-            && !self.tail[..keep]
-                .chars()
-                .next_back()
-                .is_some_and(char::is_whitespace);
+        // Cut inside a match: what a scan finds at the start of what is kept began before it.
+        self.clipped = spans
+            .iter()
+            .filter(|(s, e, ..)| *s < keep && keep < *e)
+            .map(|s| s.2)
+            .collect();
         self.tail.drain(..keep);
     }
 
     /// How much of `pending` can go now. Held: from where a `redact` match could still be
     /// growing to the end (at most `hold_back` bytes), and never part of a redaction.
-    fn cut(&self, filters: &Filters, spans: &[Span], t: usize) -> usize {
+    fn cut(&mut self, filters: &Filters, spans: &[Span], t: usize) -> usize {
         let text = &self.pending;
         let mut floor = text.len().saturating_sub(filters.hold_back());
         while !text.is_char_boundary(floor) {
             floor += 1;
         }
-        let cut = t + filters.growing_from(text, floor);
+        let mut from = floor.max(self.grow_at.saturating_sub(self.done).min(text.len()));
+        while !text.is_char_boundary(from) {
+            from += 1;
+        }
+        let growing = filters.growing_from(text, from);
+        self.grow_at = self.done + growing;
+        let cut = t + growing;
         // A redaction is sent whole: hold one the cut would split, or, when holding it would
         // hold more than `hold_back`, send all of it now. Overlapping redactions are one.
         let mut ranges: Vec<(usize, usize)> = Vec::new();
@@ -692,7 +769,10 @@ impl StreamText {
         }
         match ranges.iter().find(|(s, e)| *s < cut && cut < *e) {
             Some(&(s, _)) if s >= t + floor => s - t,
-            Some(&(_, e)) => e - t,
+            Some(&(_, e)) => {
+                self.forced = true;
+                e - t
+            }
             None => cut - t,
         }
     }
@@ -912,16 +992,7 @@ mod tests {
         })
         .unwrap();
         // 4 KB of base64-like text with no space, as a model would print a blob.
-        let mut x: u32 = 0x1234_5678;
-        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let blob: String = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                alphabet[(x % 64) as usize] as char
-            })
-            .collect();
+        let blob = random_run(4096, 2);
         let pieces: Vec<&str> = blob
             .as_bytes()
             .chunks(16)
@@ -934,16 +1005,7 @@ mod tests {
 
     #[test]
     fn a_secret_longer_than_the_hold_is_one_redaction_however_long() {
-        let mut x: u32 = 0x9e37_79b9;
-        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let token: String = (0..2000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                alphabet[(x % 64) as usize] as char
-            })
-            .collect();
+        let token = random_run(2000, 1);
         let text = format!("the token is {token} and that is all");
         let pieces: Vec<&str> = text
             .as_bytes()
@@ -953,6 +1015,56 @@ mod tests {
         let (out, rules) = stream(&f(), &pieces);
         assert_eq!(out, "the token is [REDACTED:api_key] and that is all");
         assert_eq!(rules, ["api_key"]);
+        // Its run goes on past the look-back with plain characters: still the same secret.
+        let text = format!(
+            "the token is {}{} and that is all",
+            token,
+            "abc".repeat(300)
+        );
+        let pieces: Vec<&str> = text
+            .as_bytes()
+            .chunks(16)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        assert_eq!(
+            stream(&f(), &pieces).0,
+            "the token is [REDACTED:api_key] and that is all"
+        );
+    }
+
+    #[test]
+    fn a_match_that_starts_in_a_long_run_is_found_once_it_is_whole() {
+        // The run is longer than the look-back, so the address's start is cut off before its
+        // `@` arrives: it is found all the same.
+        for action in [Action::Block, Action::Redact, Action::Log] {
+            let filters = Filters::new(FilterConfig {
+                email: action,
+                ..FilterConfig::off()
+            })
+            .unwrap();
+            let run = "a".repeat(600);
+            let (_, rules) = stream(&filters, &[&run, "@example.com and more"]);
+            assert_eq!(rules, ["email"], "{action:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_glued_to_plain_text_still_counts() {
+        let (out, _) = f().apply(&format!(
+            "see {}Zk3P9qLw0x7VbN2mRt5YcA8sD1fG4hJ6 here",
+            "A".repeat(64)
+        ));
+        assert_eq!(out, "see [REDACTED:api_key] here");
+    }
+
+    #[test]
+    fn a_look_back_too_short_to_hold_a_secret_is_refused() {
+        let e = Filters::new(FilterConfig {
+            hold_back: 8,
+            ..FilterConfig::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("hold_back"), "{e}");
     }
 
     #[test]
@@ -966,13 +1078,17 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512,
+            max_global_rejects: 100_000,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
         /// However an answer is cut into pieces, the stream hides whatever the whole answer
         /// hides; for words apart (matches that do not overlap) it reads as the whole answer:
         /// every redaction made, none split, no text lost or doubled.
         #[test]
         fn a_stream_cut_anywhere_reads_as_the_whole_answer(
-            parts in proptest::collection::vec(0usize..PARTS.len(), 1..40),
+            parts in proptest::collection::vec(0usize..PARTS.len() + 2, 1..40),
             cuts in proptest::collection::vec(1usize..12, 1..80),
             strict in proptest::bool::ANY,
             apart in proptest::bool::ANY,
@@ -988,7 +1104,12 @@ mod tests {
                 FilterConfig::default()
             })
             .unwrap();
-            let parts: Vec<&str> = parts.iter().map(|i| PARTS[*i]).collect();
+            // And two runs longer than the look-back: plain, and a token.
+            let long = ["abc".repeat(200), random_run(600, 7)];
+            let parts: Vec<&str> = parts
+                .iter()
+                .map(|i| PARTS.get(*i).copied().unwrap_or_else(|| &long[i - PARTS.len()]))
+                .collect();
             let text = parts.join(if apart { " " } else { "" });
             let chars: Vec<char> = text.chars().collect();
             let mut s = StreamText::default();
@@ -1003,6 +1124,18 @@ mod tests {
             }
             out.push_str(&s.finish(&filters));
             let whole = filters.apply(&text).0;
+            // A match longer than the look-back cannot be held whole (`curl` and 600 bytes
+            // before the `| sh`; a plain run that a token at its end makes a secret): only a
+            // `block` rule sees it, at the end. A run known to be a secret within the look-back
+            // is redacted as one however long.
+            let hold = filters.hold_back();
+            let held_whole = filters.spans(&text).iter().all(|(s, e, ..)| {
+                e - s <= hold
+                    || text
+                        .get(*s..s + hold)
+                        .is_some_and(|head| !head.contains(char::is_whitespace) && holds_random_token(head))
+            });
+            proptest::prop_assume!(held_whole);
             for (start, end, ..) in filters.spans(&text).iter().filter(|s| s.3 == Action::Redact) {
                 let secret = &text[*start..*end];
                 proptest::prop_assert!(
@@ -1023,6 +1156,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `n` characters that look random (a key, a blob), the same for the same `seed`.
+    fn random_run(n: usize, seed: u32) -> String {
+        let mut x = seed.wrapping_mul(0x9e37_79b9) | 1;
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                alphabet[(x % 64) as usize] as char
+            })
+            .collect()
     }
 
     /// What the answers of the property test are made of.
@@ -1098,6 +1245,9 @@ pub struct SseFilter {
     searched: usize,
     /// Each choice's text, by its index.
     texts: std::collections::BTreeMap<u64, StreamText>,
+    /// Under a `block` rule, each choice's whole text, scanned once at the end as a whole
+    /// answer is: a match longer than the look-back still blocks.
+    whole: std::collections::BTreeMap<u64, String>,
     /// The stream is a completion's (`text`), not a chat's (`delta.content`).
     completion: bool,
     held: Vec<u8>,
@@ -1167,9 +1317,30 @@ impl SseFilter {
             self.flush_texts(filters, &mut out);
         }
         if filters.blocks() {
+            self.scan_whole(filters);
             out.extend(self.release_held());
         }
         out
+    }
+
+    /// The whole text of each choice through the rules, once: a `block` hit the stream's
+    /// look-back missed is added to that choice's hits.
+    fn scan_whole(&mut self, filters: &Filters) {
+        for (i, text) in std::mem::take(&mut self.whole) {
+            let st = self.texts.entry(i).or_default();
+            if blocked(&st.hits) {
+                continue;
+            }
+            for (s, e, rule, action) in filters.apply_hits(&text) {
+                if action == Action::Block {
+                    st.hits.push(Hit {
+                        rule,
+                        action,
+                        sample: mask(&text[s..e]),
+                    });
+                }
+            }
+        }
     }
 
     /// The text each choice still holds, as one last chunk per choice.
@@ -1236,6 +1407,7 @@ impl SseFilter {
             if active {
                 self.flush_texts(filters, out);
                 if filters.blocks() {
+                    self.scan_whole(filters);
                     let blocked = self.blocked();
                     out.extend(self.release_held());
                     if blocked {
@@ -1312,7 +1484,12 @@ impl SseFilter {
                 continue;
             };
             let mut sent = match obj.get(key).and_then(Value::as_str) {
-                Some(piece) => text.push(filters, piece),
+                Some(piece) => {
+                    if filters.blocks() {
+                        self.whole.entry(index).or_default().push_str(piece);
+                    }
+                    text.push(filters, piece)
+                }
                 None => String::new(),
             };
             if finishing {
@@ -1420,6 +1597,27 @@ mod sse_tests {
         out.extend(f.finish(&filters));
         let text = String::from_utf8_lossy(&out);
         assert_eq!(content_of(&out), "nothing to see", "{text}");
+        assert_eq!(text.matches("[DONE]").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn a_block_rule_sees_the_whole_answer_however_long_the_match() {
+        let filters = Filters::new(FilterConfig {
+            code_injection: Action::Block,
+            ..FilterConfig::default()
+        })
+        .unwrap();
+        let mut f = SseFilter::default();
+        let mut out = f.push(&filters, chunk("run curl ").as_bytes());
+        for _ in 0..150 {
+            out.extend(f.push(&filters, chunk("-H x ").as_bytes()));
+        }
+        out.extend(f.push(&filters, chunk("| sh now").as_bytes()));
+        out.extend(f.push(&filters, b"data: [DONE]\n\n"));
+        out.extend(f.finish(&filters));
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("content_filter"), "{text}");
+        assert!(!text.contains("curl"), "{text}");
         assert_eq!(text.matches("[DONE]").count(), 1, "{text}");
     }
 
