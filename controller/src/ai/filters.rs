@@ -168,7 +168,7 @@ fn holds_random_token(run: &str) -> bool {
 }
 
 /// The matches of `re` in `text` that `keep` accepts. One it rejects does not hide one that
-/// starts inside it: a run of digits that fails the Luhn check may hold a card that passes.
+/// starts inside it.
 fn accepted(re: &Regex, text: &str, keep: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut at = 0;
@@ -178,6 +178,46 @@ fn accepted(re: &Regex, text: &str, keep: impl Fn(&str) -> bool) -> Vec<(usize, 
             at = m.end();
         } else {
             at = m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8);
+        }
+        if at >= text.len() {
+            break;
+        }
+    }
+    out
+}
+
+/// Card numbers in `text`: runs of digits (spaces or dashes between) that pass the Luhn
+/// check. A run that fails may hold a card: one that ends sooner (a card followed by a phone
+/// number), or one that starts later (a number followed by a card).
+fn cards(text: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(m) = CARD.find_at(text, at) {
+        // Each digit's value and the end of the run up to it.
+        let digits: Vec<(u8, usize)> = m
+            .as_str()
+            .bytes()
+            .enumerate()
+            .filter(|(_, b)| b.is_ascii_digit())
+            .map(|(i, b)| (b - b'0', m.start() + i + 1))
+            .collect();
+        let boundary = |end: usize| {
+            text[end..]
+                .chars()
+                .next()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+        };
+        let card = (13..=digits.len()).rev().find(|n| {
+            let values: Vec<u8> = digits[..*n].iter().map(|d| d.0).collect();
+            boundary(digits[n - 1].1) && luhn(&values)
+        });
+        match card {
+            Some(n) => {
+                let end = digits[n - 1].1;
+                out.push((m.start(), end));
+                at = end;
+            }
+            None => at = m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8),
         }
         if at >= text.len() {
             break;
@@ -480,14 +520,7 @@ impl Filters {
             }
         }
         if matched(Pattern::Card) {
-            for (s, e) in accepted(&CARD, text, |m| {
-                let digits: Vec<u8> = m
-                    .bytes()
-                    .filter(u8::is_ascii_digit)
-                    .map(|b| b - b'0')
-                    .collect();
-                luhn(&digits)
-            }) {
+            for (s, e) in cards(text) {
                 out.push((s, e, "card", c.card));
             }
         }
@@ -1046,6 +1079,23 @@ mod tests {
             let (_, rules) = stream(&filters, &[&run, "@example.com and more"]);
             assert_eq!(rules, ["email"], "{action:?}");
         }
+    }
+
+    #[test]
+    fn a_number_that_fails_luhn_does_not_hide_a_card_and_overlaps_are_covered() {
+        // The first run of digits the card pattern sees starts at the phone number and fails
+        // the Luhn check; the card after it is still found.
+        let (out, hits) = f().apply("+1 415-555-0132 4111 1111 1111 1111 ok");
+        assert!(!out.contains("4111 1111 1111 1111"), "{out}");
+        assert!(hits.iter().any(|h| h.rule == "card"), "{hits:?}");
+        // A phone number that begins inside a card: what it adds is redacted too.
+        let phones = Filters::new(FilterConfig {
+            phone: Action::Redact,
+            ..FilterConfig::default()
+        })
+        .unwrap();
+        let (out, _) = phones.apply("4111 1111 1111 1111 555-0132 ok");
+        assert_eq!(out, "[REDACTED:card][REDACTED:phone] ok");
     }
 
     #[test]
