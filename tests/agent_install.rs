@@ -138,10 +138,20 @@ impl Box_ {
     }
 
     /// Every path in the container's own filesystem (not /proc, /sys, /dev).
-    fn listing(&self) -> Vec<String> {
-        self.ok(
-            "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -print | sort",
-        )
+    /// Every path of the root, kept inside the box as `/dev/shm/NAME` (outside what is
+    /// listed): a listing this long read back through `docker exec` can come back short a
+    /// line, so listings are compared where they are made.
+    fn listing(&self, name: &str) {
+        self.ok(&format!(
+            "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -print | sort > /dev/shm/{name} && test -s /dev/shm/{name}"
+        ));
+    }
+
+    /// The paths in listing `b` and not in `a` (`+`), and in `a` and not in `b` (`-`).
+    fn changes(&self, a: &str, b: &str) -> Vec<String> {
+        self.ok(&format!(
+            "comm -3 /dev/shm/{a} /dev/shm/{b} | sed 's/^\\t/+ /; t; s/^/- /'"
+        ))
         .lines()
         .map(str::to_owned)
         .collect()
@@ -241,7 +251,7 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
     }
 
     let b = Box_::start();
-    let before = b.listing();
+    b.listing("before");
     // A single-use token: an upgrade that enrolled again would be refused.
     let token = c.token(1, "10m", json!({})).await;
     let out = b.ok(&format!(
@@ -376,12 +386,11 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
         (n["status"] == "offline").then_some(())
     })
     .await;
-    let after = b.listing();
-    let added: Vec<&String> = after.iter().filter(|p| !before.contains(p)).collect();
-    let removed: Vec<&String> = before.iter().filter(|p| !after.contains(p)).collect();
+    b.listing("after");
+    let changes = b.changes("before", "after");
     assert!(
-        added.is_empty() && removed.is_empty(),
-        "left behind: {added:?}; removed: {removed:?}"
+        changes.is_empty(),
+        "left behind (+) or removed (-): {changes:?}"
     );
 }
 
