@@ -139,11 +139,12 @@ impl Box_ {
 
     /// Every path in the container's own filesystem (not /proc, /sys, /dev).
     /// Every path of the root, kept inside the box as `/dev/shm/NAME` (outside what is
-    /// listed): a listing this long read back through `docker exec` can come back short a
-    /// line, so listings are compared where they are made.
+    /// listed), so that listings are compared where they are made. One walk of the root has
+    /// been seen to miss an entry of a large directory (`/usr/share/man/man8`, on the image's
+    /// overlay file system): a listing is the union of three walks.
     fn listing(&self, name: &str) {
         self.ok(&format!(
-            "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -print | sort > /dev/shm/{name} && test -s /dev/shm/{name}"
+            "for walk in 1 2 3; do find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -print; done | sort -u > /dev/shm/{name} && test -s /dev/shm/{name}"
         ));
     }
 
