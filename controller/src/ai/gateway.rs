@@ -242,10 +242,11 @@ pub async fn serve_for(
         .as_ref()
         .is_some_and(|o| o.get("include_usage") == Some(&Value::Bool(true)));
     let strip_usage = stream && !asked_usage;
-    let body: Vec<u8> = if strip_usage {
-        ask_for_usage(&body, head.stream_options.is_some())
+    // The body goes on as it came (no copy) unless usage must be asked for.
+    let body: Bytes = if strip_usage {
+        Bytes::from(ask_for_usage(&body, head.stream_options.is_some()))
     } else {
-        body.to_vec()
+        body
     };
     let prompt_tokens = estimate_tokens(&body);
     let mut tried: Vec<Uuid> = Vec::new();
@@ -1112,7 +1113,7 @@ async fn fallback(
     cp: Arc<ControlPlane>,
     fb: super::FallbackConfig,
     path: &str,
-    body: Vec<u8>,
+    body: Bytes,
     model: String,
     (stream, strip_usage): (bool, bool),
     admitted: Admitted,
