@@ -12,7 +12,9 @@
 //!     the backend, the controller and the agent then saturate the machine's cores together, and
 //!     the latency figures measure that queue, not the gateway.
 //! - Time to first token: llama.cpp's server (xllamacpp, SmolLM2-135M) streaming, the first
-//!   content chunk direct vs through the gateway, alternating.
+//!   content chunk direct vs through the gateway, alternating: for the same question every time
+//!   (llama.cpp has it cached and computes one token, its fastest first token), and for a new
+//!   question each time after a cached system prompt (a chat turn).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -248,6 +250,39 @@ fn summary(mut v: Vec<f64>) -> Value {
     json!({"n": v.len(), "p50_ms": percentile(&v, 0.5), "p99_ms": percentile(&v, 0.99)})
 }
 
+/// What the first-token parts ask llama.cpp.
+#[derive(Clone, Copy, PartialEq)]
+enum Prompt {
+    /// The same short question every time. llama.cpp keeps the prompt it last processed in
+    /// its slot, so it computes one token before the first: the backend's fastest first token,
+    /// where the path's own share weighs most.
+    Cached,
+    /// A new question each time after the same system prompt, as a chat turn: the system
+    /// prompt is cached, the question (the same length each time) is computed.
+    NewQuestion,
+}
+
+/// A chat turn's system prompt (about 130 tokens).
+const SYSTEM: &str = "You are the assistant of a small fleet: a homelab, a Windows machine with a GPU and a few cloud servers. Answer in plain words, briefly and precisely. When a question is about a command, give the command first and explain it after. When you do not know, say so. Never invent host names, addresses or keys. Prefer what is already installed to new software, and say what a change would restart.";
+
+impl Prompt {
+    /// The body of request number `n` (each `n` asks something new under `NewQuestion`).
+    fn body(self, model: &str, n: u64) -> Value {
+        let messages = match self {
+            Prompt::Cached => {
+                json!([{"role": "user", "content": "Tell me about the moon in two sentences."}])
+            }
+            Prompt::NewQuestion => json!([
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": format!("Question {:06}: tell me about the moon in two sentences.", 100_000 + n % 900_000)}
+            ]),
+        };
+        // With usage asked for, the gateway passes the body on unchanged.
+        json!({"model": model, "stream": true, "max_tokens": 8,
+               "stream_options": {"include_usage": true}, "messages": messages})
+    }
+}
+
 /// Milliseconds to the first event of a streamed answer and to its first text, and the time
 /// llama.cpp says it spent on the prompt (its `timings`), to tell its own variation from the
 /// path's.
@@ -255,14 +290,10 @@ async fn first_token(
     client: &reqwest::Client,
     url: &str,
     token: Option<&str>,
-    model: &str,
+    body: &Value,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    // With usage asked for, the gateway passes the body on unchanged.
-    let body = json!({"model": model, "stream": true, "max_tokens": 8,
-        "stream_options": {"include_usage": true},
-        "messages": [{"role": "user", "content": "Tell me about the moon in two sentences."}]});
     let started = Instant::now();
-    let mut req = client.post(url).json(&body);
+    let mut req = client.post(url).json(body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -502,11 +533,12 @@ pub async fn gateway_bench(
                 Some(ctl_off.admin.as_str()),
             ),
         ];
-        let mut firsts: Vec<Vec<f64>> = sample_first_tokens(&client, &paths, "sse", ttft_runs)
-            .await?
-            .into_iter()
-            .map(|runs| runs.into_iter().map(|(chunk, _, _)| chunk).collect())
-            .collect();
+        let mut firsts: Vec<Vec<f64>> =
+            sample_first_tokens(&client, &paths, "sse", Prompt::Cached, ttft_runs)
+                .await?
+                .into_iter()
+                .map(|runs| runs.into_iter().map(|(chunk, _, _)| chunk).collect())
+                .collect();
         let mut out = serde_json::Map::new();
         out.insert(
             "backend".into(),
@@ -532,18 +564,24 @@ pub async fn gateway_bench(
         out.insert("runs".into(), json!(ttft_runs));
         results.insert("first_token_idle_backend".into(), Value::Object(out));
     }
-    if wanted("first_token") {
-        let ttft = first_tokens(
-            &client,
-            llama_port,
-            &gw_url,
-            &ctl.admin,
-            &off_url,
-            &ctl_off.admin,
-            ttft_runs,
-        )
-        .await?;
-        results.insert("first_token".into(), ttft);
+    for (part, prompt) in [
+        ("first_token", Prompt::Cached),
+        ("first_token_new_question", Prompt::NewQuestion),
+    ] {
+        if wanted(part) {
+            let ttft = first_tokens(
+                &client,
+                llama_port,
+                &gw_url,
+                &ctl.admin,
+                &off_url,
+                &ctl_off.admin,
+                prompt,
+                ttft_runs,
+            )
+            .await?;
+            results.insert(part.into(), ttft);
+        }
     }
     let report = json!({
         "bench": "gateway",
@@ -554,7 +592,7 @@ pub async fn gateway_bench(
         ),
         "machine": "2 cores; controller, agent, backends and load generator on one host (loopback)",
         "targets": {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "first_token_ratio": 1.05},
-        "note": "concurrency_1: instant backend; concurrency_64: a backend answering after answers_after_ms, 64 requests in flight (the target); concurrency_64_saturated: instant backend, the machine's cores saturated by load generator, backend, controller and agent together (compare throughput). first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost; first_token_idle_backend: the same against a backend that computes nothing and sends its first event after first_event_after_ms (the path's own time, no model sharing the cores)",
+        "note": "concurrency_1: instant backend; concurrency_64: a backend answering after answers_after_ms, 64 requests in flight (the target); concurrency_64_saturated: instant backend, the machine's cores saturated by load generator, backend, controller and agent together (compare throughput). first_text with filters on includes the word held back until it ends (a secret may start there); first_chunk and filters-off show the gateway's own cost; added_outside_llama_ms: the path's own share, each sample's first chunk less llama.cpp's prompt time, gateway median minus direct median; first_token: the same question every time, which llama.cpp keeps cached (it computes one token: its fastest first token); first_token_new_question: a cached system prompt and a new question of the same length each time, as a chat turn; first_token_idle_backend: the same against a backend that computes nothing and sends its first event after first_event_after_ms (the path's own time, no model sharing the cores)",
         "results": results,
     });
     if let Some(parent) = out.parent() {
@@ -619,26 +657,34 @@ fn stream_filter_cost(rounds: usize) -> Value {
 }
 
 /// [`first_token`] on each of `paths` (name, URL, token) in turn, `runs` times after one warm-up
-/// round: per path, per run, (first chunk, first text, llama.cpp's prompt time) in ms.
+/// round: per path, per run, (first chunk, first text, llama.cpp's prompt time) in ms. Under
+/// [`Prompt::NewQuestion`] no question is asked twice, on any path.
 async fn sample_first_tokens(
     client: &reqwest::Client,
     paths: &[(&str, &str, Option<&str>)],
     model: &str,
+    prompt: Prompt,
     runs: usize,
 ) -> anyhow::Result<Vec<Vec<(f64, f64, f64)>>> {
+    let mut n = 0u64;
+    let mut next = || {
+        n += 1;
+        prompt.body(model, n)
+    };
     for (_, url, token) in paths {
-        first_token(client, url, *token, model).await?;
+        first_token(client, url, *token, &next()).await?;
     }
     let mut out = vec![Vec::with_capacity(runs); paths.len()];
     for _ in 0..runs {
         for (i, (_, url, token)) in paths.iter().enumerate() {
-            out[i].push(first_token(client, url, *token, model).await?);
+            out[i].push(first_token(client, url, *token, &next()).await?);
         }
     }
     Ok(out)
 }
 
 /// Time to first token on the real model, alternating direct and gateway (filters on, and off).
+#[allow(clippy::too_many_arguments)]
 async fn first_tokens(
     client: &reqwest::Client,
     llama_port: u16,
@@ -646,6 +692,7 @@ async fn first_tokens(
     gw_token: &str,
     off_url: &str,
     off_token: &str,
+    prompt: Prompt,
     ttft_runs: usize,
 ) -> anyhow::Result<Value> {
     // The first event of the stream, and the first text (with filters on, the word being written is held back
@@ -656,7 +703,7 @@ async fn first_tokens(
         ("gateway", gw_url, Some(gw_token)),
         ("gateway_filters_off", off_url, Some(off_token)),
     ];
-    let samples = sample_first_tokens(client, &paths, "smollm2", ttft_runs).await?;
+    let samples = sample_first_tokens(client, &paths, "smollm2", prompt, ttft_runs).await?;
     let column = |f: fn(&(f64, f64, f64)) -> f64| -> Vec<Vec<f64>> {
         samples
             .iter()
@@ -665,7 +712,7 @@ async fn first_tokens(
     };
     let first_chunk = column(|s| s.0);
     let mut first_text = column(|s| s.1);
-    let prompt = column(|s| s.2);
+    let prompt_ms = column(|s| s.2);
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         percentile(v, 0.5)
@@ -675,9 +722,9 @@ async fn first_tokens(
         ttft.insert(
             (*name).into(),
             json!({"first_chunk_median_ms": median(&mut first_chunk[i].clone()), "first_text_median_ms": median(&mut first_text[i]),
-                   "llama_prompt_median_ms": median(&mut prompt[i].clone()),
+                   "llama_prompt_median_ms": median(&mut prompt_ms[i].clone()),
                    // The time llama.cpp did not spend on the prompt: the path's own share.
-                   "outside_llama_median_ms": median(&mut first_chunk[i].iter().zip(&prompt[i]).map(|(c, p)| c - p).collect())}),
+                   "outside_llama_median_ms": median(&mut first_chunk[i].iter().zip(&prompt_ms[i]).map(|(c, p)| c - p).collect())}),
         );
     }
     let d_chunk = ttft["direct"]["first_chunk_median_ms"]
@@ -686,24 +733,30 @@ async fn first_tokens(
     let d_text = ttft["direct"]["first_text_median_ms"]
         .as_f64()
         .unwrap_or(1.0);
+    let label = match prompt {
+        Prompt::Cached => "the same question, cached",
+        Prompt::NewQuestion => "a new question each time",
+    };
+    let outside = |t: &serde_json::Map<String, Value>, name: &str| {
+        t[name]["outside_llama_median_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
     for name in ["gateway", "gateway_filters_off"] {
         let chunk = ttft[name]["first_chunk_median_ms"].as_f64().unwrap_or(0.0);
         let text = ttft[name]["first_text_median_ms"].as_f64().unwrap_or(0.0);
         ttft[name]["first_chunk_ratio"] = json!(chunk / d_chunk);
         ttft[name]["first_text_ratio"] = json!(text / d_text);
+        // The path's own share, llama.cpp's variation taken out sample by sample.
+        let added = outside(&ttft, name) - outside(&ttft, "direct");
+        ttft[name]["added_outside_llama_ms"] = json!(added);
         println!(
-            "first token (llama.cpp, SmolLM2-135M), {name}: first chunk {chunk:.1} ms vs {d_chunk:.1} direct (ratio {:.3}); first text {text:.1} ms vs {d_text:.1} direct (ratio {:.3})",
+            "first token (llama.cpp, SmolLM2-135M, {label}), {name}: first chunk {chunk:.1} ms vs {d_chunk:.1} direct (ratio {:.3}); first text {text:.1} ms vs {d_text:.1} direct (ratio {:.3}); the path adds {added:.2} ms outside llama.cpp's prompt time",
             chunk / d_chunk,
             text / d_text
         );
     }
-    for (name, _, _) in paths {
-        println!(
-            "  {name}: llama.cpp's own prompt time, median {:.2} ms; first chunk minus that, median {:.3} ms",
-            ttft[name]["llama_prompt_median_ms"].as_f64().unwrap_or(f64::NAN),
-            ttft[name]["outside_llama_median_ms"].as_f64().unwrap_or(f64::NAN)
-        );
-    }
     ttft.insert("runs".into(), json!(ttft_runs));
+    ttft.insert("prompt".into(), json!(label));
     Ok(Value::Object(ttft))
 }

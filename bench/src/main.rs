@@ -133,8 +133,8 @@ enum Cmd {
         #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
         service: Duration,
         /// Run only these parts (concurrency_1, concurrency_64, concurrency_64_lockstep,
-        /// concurrency_64_saturated, first_token, first_token_idle_backend, stream_filters); all
-        /// of them when not given.
+        /// concurrency_64_saturated, first_token, first_token_new_question,
+        /// first_token_idle_backend, stream_filters); all of them when not given.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         #[arg(long, default_value = "bench/results/gateway.json")]
