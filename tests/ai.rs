@@ -1275,6 +1275,66 @@ async fn ollama_on_a_tailscale_peer_is_found_through_tailscaleds_local_api() {
     assert_eq!((r.status().as_u16(), node_of(&r)), (200, "edge".to_owned()));
 }
 
+/// A fallback that serves any model (no list): a name no node has is first pulled onto the node
+/// with Ollama (local first); when the registry does not have it, the fallback answers, and for
+/// a while the next requests go to the fallback at once, starting no more pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_the_registry_refused_is_not_tried_again_and_the_fallback_answers_at_once() {
+    let cloud = FakeOllama::start(&[]).await;
+    let node_backend = FakeOllama::start(&[("llama3", true)]).await;
+    let (c, _cfg) = controller(&format!(
+        "[ai.fallback]\nname = \"cloud\"\nurl = \"{}\"\n",
+        cloud.url()
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = agent(&c, dir.path(), "node-a", "ollama", &node_backend.url()).await;
+    wait_model(&c, "llama3", &["node-a"]).await;
+    let ask = |n: u32| {
+        chat(
+            &c,
+            json!({"model": "fail-cloud-only", "messages": [{"role": "user", "content": format!("cloud {n}")}]}),
+        )
+    };
+    let model_jobs = async || {
+        c.get("/api/v1/jobs?kind=model").await["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    // The first request tries the local pull, which the registry refuses, then the fallback.
+    let r = ask(1).await;
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "fallback:cloud".to_owned())
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "cloud 1");
+    let jobs = model_jobs().await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["state"], "failed", "{jobs:?}");
+    // The next ones go to the fallback straight away: no second pull.
+    for n in 2..=4 {
+        let r = ask(n).await;
+        assert_eq!(
+            (r.status().as_u16(), node_of(&r)),
+            (200, "fallback:cloud".to_owned())
+        );
+    }
+    assert_eq!(model_jobs().await.len(), 1);
+    assert_eq!(
+        node_backend
+            .state
+            .lock()
+            .unwrap()
+            .models
+            .iter()
+            .filter(|(n, _)| n.starts_with("fail-"))
+            .count(),
+        0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served() {
     let a = FakeOllama::start(&[("llama3", true)]).await;
@@ -1332,4 +1392,21 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
             .contains("file does not exist"),
         "{v}"
     );
+    // Asked again: the same answer at once, without a second pull.
+    let r = chat(
+        &c,
+        json!({"model": "fail-nonexistent", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("file does not exist"),
+        "{v}"
+    );
+    let pulls = c.get("/api/v1/jobs?kind=model").await;
+    assert_eq!(pulls["items"].as_array().map(Vec::len), Some(2), "{pulls}");
 }

@@ -271,7 +271,9 @@ pub async fn serve_for(
             && !fallback_lists(&cfg, &model)
             && !cp.ai.has_model(&model, |id| cp.registry.is_online(id))
         {
-            if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
+            if let Some(why) = cp.ai.recent_pull_failure(&model, cfg.failed_pull_cooldown) {
+                last_error = Some(why);
+            } else if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
                 last_error = Some(e);
             }
             candidates = routable();
@@ -415,7 +417,8 @@ impl Drop for Unclaim<'_> {
 
 /// Pull `model` onto the best node with a healthy Ollama (most free VRAM, fewest requests in
 /// flight) and wait until that node reports it. One pull per node and model at a time: other
-/// requests for it wait on the same job.
+/// requests for it wait on the same job. A pull the backend refused is remembered for
+/// `failed_pull_cooldown` ([`super::AiFleet::recent_pull_failure`]).
 /// `Err(None)`: no node can pull (the request goes on as if there were no such tier).
 async fn pull_on_demand(
     cp: &Arc<ControlPlane>,
@@ -483,10 +486,18 @@ async fn pull_on_demand(
                 if r.state == crate::jobs::model::JobState::Succeeded {
                     break Ok(());
                 }
-                break Err(format!(
+                let why = format!(
                     "pulling `{model}` on {node} failed: {}",
                     r.error.or(r.reason).unwrap_or_default()
-                ));
+                );
+                // The backend refused it (a name its registry does not have, say): asking again
+                // at every request would start a job each time, and delay each request that a
+                // fallback could answer. A pull cut short (a deadline, a lost node) may be
+                // tried again.
+                if r.state == crate::jobs::model::JobState::Failed {
+                    cp.ai.pull_failed(model, &why, cfg.failed_pull_cooldown);
+                }
+                break Err(why);
             }
             None => break Err(format!("the pull of `{model}` on {node} vanished")),
             _ => {}

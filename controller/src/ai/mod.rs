@@ -47,6 +47,10 @@ pub struct AiConfig {
     /// When no node has a requested model, pull it onto the node with a healthy Ollama and the
     /// most free VRAM, and answer from there (the request waits up to `load_timeout`).
     pub pull_on_demand: bool,
+    /// A model whose pull on demand failed (the registry does not have it, say) is not pulled
+    /// on demand again for this long: its requests go to the fallback, or are told why, at once.
+    #[serde(with = "humantime_serde")]
+    pub failed_pull_cooldown: Duration,
     /// How often the usage counted in memory is added to the store.
     #[serde(with = "humantime_serde")]
     pub usage_flush_interval: Duration,
@@ -69,6 +73,7 @@ impl Default for AiConfig {
             requests_per_minute: 0,
             max_concurrent: 0,
             pull_on_demand: true,
+            failed_pull_cooldown: Duration::from_secs(600),
             usage_flush_interval: Duration::from_secs(10),
             fallback: None,
             filters: filters::FilterConfig::default(),
@@ -123,7 +128,12 @@ pub struct AiFleet {
     limits: Mutex<HashMap<String, TokenLimit>>,
     /// Pulls started for requests, by (node, model): `None` while the job is being created.
     pulls: Mutex<HashMap<(Uuid, String), Option<Uuid>>>,
+    /// Pulls on demand that failed, by model: when, and why.
+    failed_pulls: Mutex<HashMap<String, (Instant, String)>>,
 }
+
+/// Models whose failed pull is remembered (a client may name any number of them).
+const FAILED_PULLS_KEPT: usize = 1024;
 
 /// Tokens counted per (API token name, model, node).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -161,7 +171,32 @@ impl AiFleet {
             usage: Mutex::default(),
             limits: Mutex::default(),
             pulls: Mutex::default(),
+            failed_pulls: Mutex::default(),
         }
+    }
+
+    /// Remember that pulling `model` on demand failed, and why.
+    pub fn pull_failed(&self, model: &str, why: &str, cooldown: Duration) {
+        let now = Instant::now();
+        let mut failed = lock(&self.failed_pulls);
+        if failed.len() >= FAILED_PULLS_KEPT {
+            failed.retain(|_, (at, _)| now.duration_since(*at) < cooldown);
+            if failed.len() >= FAILED_PULLS_KEPT {
+                failed.clear();
+            }
+        }
+        failed.insert(model.to_owned(), (now, why.to_owned()));
+    }
+
+    /// Why pulling `model` on demand failed, if it did within `cooldown`.
+    pub fn recent_pull_failure(&self, model: &str, cooldown: Duration) -> Option<String> {
+        let mut failed = lock(&self.failed_pulls);
+        let (at, why) = failed.get(model)?;
+        if at.elapsed() < cooldown {
+            return Some(why.clone());
+        }
+        failed.remove(model);
+        None
     }
 
     /// Where a model no node has could be pulled: an online node with a healthy Ollama, the
@@ -703,6 +738,33 @@ mod tests {
                     .collect(),
             }],
         }
+    }
+
+    #[test]
+    fn a_failed_pull_is_remembered_for_its_cooldown_and_the_memory_is_bounded() {
+        let f = AiFleet::default();
+        let long = Duration::from_secs(600);
+        assert_eq!(f.recent_pull_failure("gpt-4o", long), None);
+        f.pull_failed("gpt-4o", "no such model", long);
+        assert_eq!(
+            f.recent_pull_failure("gpt-4o", long).as_deref(),
+            Some("no such model")
+        );
+        assert_eq!(f.recent_pull_failure("gpt-4o-mini", long), None);
+        // Past its cooldown it is forgotten (and tried again).
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            f.recent_pull_failure("gpt-4o", Duration::from_millis(1)),
+            None
+        );
+        assert_eq!(f.recent_pull_failure("gpt-4o", long), None);
+        // A client naming endless models does not grow the memory without bound.
+        for i in 0..FAILED_PULLS_KEPT * 3 {
+            f.pull_failed(&format!("m{i}"), "no", long);
+        }
+        assert!(lock(&f.failed_pulls).len() <= FAILED_PULLS_KEPT);
+        let last = format!("m{}", FAILED_PULLS_KEPT * 3 - 1);
+        assert!(f.recent_pull_failure(&last, long).is_some());
     }
 
     #[test]
