@@ -1377,15 +1377,20 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
     );
     let pulls = c.get("/api/v1/jobs?kind=model").await;
     assert_eq!(pulls["items"].as_array().map(Vec::len), Some(1), "{pulls}");
-    // A model the registry does not have: the pull fails and the request says why; asked
-    // again, the same answer at once, without a second pull.
-    for _ in 0..2 {
+    // A model the registry does not have: the pull fails on each node with Ollama in turn (one
+    // per request), and the request says why; asked again, under another spelling, the same
+    // answer at once, without another pull.
+    for model in [
+        "fail-nonexistent",
+        "fail-nonexistent",
+        "fail-nonexistent:latest",
+    ] {
         let r = chat(
             &c,
-            json!({"model": "fail-nonexistent", "messages": [{"role": "user", "content": "x"}]}),
+            json!({"model": model, "messages": [{"role": "user", "content": "x"}]}),
         )
         .await;
-        assert_eq!(r.status(), 503);
+        assert_eq!(r.status(), 404);
         let v: Value = r.json().await.unwrap();
         assert!(
             v["error"]["message"]
@@ -1396,5 +1401,19 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
         );
     }
     let pulls = c.get("/api/v1/jobs?kind=model").await;
-    assert_eq!(pulls["items"].as_array().map(Vec::len), Some(2), "{pulls}");
+    let failed: Vec<&str> = pulls["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["state"] == "failed")
+        .filter_map(|j| j["node"].as_str())
+        .collect();
+    assert_eq!(
+        (
+            failed.len(),
+            failed.contains(&"node-a") && failed.contains(&"node-b")
+        ),
+        (2, true),
+        "one failed pull per node: {pulls}"
+    );
 }

@@ -130,10 +130,13 @@ impl crate::Message for InferEvent {
 
 /// Model names match with and without Ollama's default `:latest` tag.
 pub fn same_model(a: &str, b: &str) -> bool {
-    fn base(s: &str) -> &str {
-        s.strip_suffix(":latest").unwrap_or(s)
-    }
-    base(a) == base(b)
+    model_base(a) == model_base(b)
+}
+
+/// A model's name without the default tag (`llama3:latest` is `llama3`): one spelling per
+/// model, for keys.
+pub fn model_base(name: &str) -> &str {
+    name.strip_suffix(":latest").unwrap_or(name)
 }
 
 #[cfg(test)]
@@ -145,5 +148,6 @@ mod tests {
         assert!(same_model("llama3", "llama3:latest"));
         assert!(same_model("llama3:latest", "llama3:latest"));
         assert!(!same_model("llama3:8b", "llama3"));
+        assert_eq!(model_base("llama3:latest"), model_base("llama3"));
     }
 }

@@ -16,7 +16,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use nebula_protocol::ai::{same_model, InferEvent, InferRequest};
+use nebula_protocol::ai::{model_base, same_model, InferEvent, InferRequest};
 use nebula_protocol::jobs::JobControl;
 use nebula_protocol::{self as proto, FrameReader};
 use serde_json::{json, Value};
@@ -251,6 +251,8 @@ pub async fn serve_for(
     let prompt_tokens = estimate_tokens(&body);
     let mut tried: Vec<Uuid> = Vec::new();
     let mut last_error: Option<String> = None;
+    // Why pulling the model failed, when no node had it.
+    let mut pull_error: Option<String> = None;
     let routable = || {
         cp.ai.candidates(
             &model,
@@ -271,10 +273,8 @@ pub async fn serve_for(
             && !fallback_lists(&cfg, &model)
             && !cp.ai.has_model(&model, |id| cp.registry.is_online(id))
         {
-            if let Some(why) = cp.ai.recent_pull_failure(&model, cfg.failed_pull_cooldown) {
-                last_error = Some(why);
-            } else if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
-                last_error = Some(e);
+            if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
+                pull_error = Some(e);
             }
             candidates = routable();
         }
@@ -324,12 +324,24 @@ pub async fn serve_for(
                 "the nodes that have `{model}` cannot take this request now: they are cooling down after failures, or the prompt is longer than their context"
             ),
         ),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            format!("no online node serves model `{model}` (GET /v1/models lists them)"),
-        ),
+        // No node has it. A pull that failed, now or a moment ago (every node that could pull
+        // it passed over for `failed_pull_cooldown`), says why.
+        None => match pull_error
+            .or_else(|| cp.ai.recent_pull_failure(&model, cfg.failed_pull_cooldown))
+        {
+            Some(why) => error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("no online node serves model `{model}`, and {why}"),
+            ),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("no online node serves model `{model}` (GET /v1/models lists them)"),
+            ),
+        },
         Some(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "api_error",
@@ -417,8 +429,8 @@ impl Drop for Unclaim<'_> {
 
 /// Pull `model` onto the best node with a healthy Ollama (most free VRAM, fewest requests in
 /// flight) and wait until that node reports it. One pull per node and model at a time: other
-/// requests for it wait on the same job. A pull the backend refused is remembered for
-/// `failed_pull_cooldown` ([`super::AiFleet::recent_pull_failure`]).
+/// requests for it wait on the same job. A node whose pull failed is passed over for that model
+/// for `failed_pull_cooldown` ([`super::AiFleet::pull_failed`]).
 /// `Err(None)`: no node can pull (the request goes on as if there were no such tier).
 async fn pull_on_demand(
     cp: &Arc<ControlPlane>,
@@ -426,12 +438,14 @@ async fn pull_on_demand(
     cfg: &AiConfig,
 ) -> Result<(), Option<String>> {
     let Some((node_id, node)) = cp.ai.pull_target(
+        model,
+        cfg.failed_pull_cooldown,
         |id| cp.registry.is_online(id),
         |id| cp.telemetry.free_vram(id),
     ) else {
         return Err(None);
     };
-    let key = (node_id, model.to_owned());
+    let key = (node_id, model_base(model).to_owned());
     let job = match cp.ai.claim_pull(&key) {
         Some(Some(job)) => job,
         Some(None) => {
@@ -490,12 +504,13 @@ async fn pull_on_demand(
                     "pulling `{model}` on {node} failed: {}",
                     r.error.or(r.reason).unwrap_or_default()
                 );
-                // The backend refused it (a name its registry does not have, say): asking again
-                // at every request would start a job each time, and delay each request that a
-                // fallback could answer. A pull cut short (a deadline, a lost node) may be
-                // tried again.
+                // The node could not pull it (a name its registry does not have, its Ollama
+                // down): asking it again at every request would start a job each time, and
+                // delay each request that another node or the fallback could answer. A pull cut
+                // short (a deadline, a lost node) may be tried again.
                 if r.state == crate::jobs::model::JobState::Failed {
-                    cp.ai.pull_failed(model, &why, cfg.failed_pull_cooldown);
+                    cp.ai
+                        .pull_failed(node_id, model, &why, cfg.failed_pull_cooldown);
                 }
                 break Err(why);
             }

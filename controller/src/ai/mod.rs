@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nebula_protocol::ai::{same_model, AiInventory, BackendKind};
+use nebula_protocol::ai::{model_base, same_model, AiInventory, BackendKind};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -47,8 +47,10 @@ pub struct AiConfig {
     /// When no node has a requested model, pull it onto the node with a healthy Ollama and the
     /// most free VRAM, and answer from there (the request waits up to `load_timeout`).
     pub pull_on_demand: bool,
-    /// A model whose pull on demand failed (the registry does not have it, say) is not pulled
-    /// on demand again for this long: its requests go to the fallback, or are told why, at once.
+    /// A node where pulling a model on demand failed (its registry does not have it, its Ollama
+    /// is down) is not asked to pull that model again for this long: the next node with Ollama
+    /// is, and when every one has failed, the model's requests go to the fallback, or are told
+    /// why, at once. `0s`: no memory.
     #[serde(with = "humantime_serde")]
     pub failed_pull_cooldown: Duration,
     /// How often the usage counted in memory is added to the store.
@@ -116,7 +118,8 @@ pub struct Candidate {
 }
 
 /// The fleet's AI state, shared by the sessions (which report) and the gateway (which routes).
-/// Locks are taken in the order nodes, in_flight, breakers, and never across an await.
+/// Locks are taken in the order nodes, in_flight, breakers, failed_pulls, and never across an
+/// await.
 #[derive(Debug)]
 pub struct AiFleet {
     /// The output filters, compiled.
@@ -128,11 +131,11 @@ pub struct AiFleet {
     limits: Mutex<HashMap<String, TokenLimit>>,
     /// Pulls started for requests, by (node, model): `None` while the job is being created.
     pulls: Mutex<HashMap<(Uuid, String), Option<Uuid>>>,
-    /// Pulls on demand that failed, by model: when, and why.
-    failed_pulls: Mutex<HashMap<String, (Instant, String)>>,
+    /// Pulls on demand that failed, by (node, model without its default tag): when, and why.
+    failed_pulls: Mutex<HashMap<(Uuid, String), (Instant, String)>>,
 }
 
-/// Models whose failed pull is remembered (a client may name any number of them).
+/// Failed pulls remembered (a client may name any number of models).
 const FAILED_PULLS_KEPT: usize = 1024;
 
 /// Tokens counted per (API token name, model, node).
@@ -175,34 +178,52 @@ impl AiFleet {
         }
     }
 
-    /// Remember that pulling `model` on demand failed, and why.
-    pub fn pull_failed(&self, model: &str, why: &str, cooldown: Duration) {
+    /// Remember that pulling `model` onto `node_id` failed, and why.
+    pub fn pull_failed(&self, node_id: Uuid, model: &str, why: &str, cooldown: Duration) {
         let now = Instant::now();
         let mut failed = lock(&self.failed_pulls);
         if failed.len() >= FAILED_PULLS_KEPT {
             failed.retain(|_, (at, _)| now.duration_since(*at) < cooldown);
-            if failed.len() >= FAILED_PULLS_KEPT {
-                failed.clear();
+        }
+        if failed.len() >= FAILED_PULLS_KEPT {
+            if let Some(oldest) = failed
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                failed.remove(&oldest);
             }
         }
-        failed.insert(model.to_owned(), (now, why.to_owned()));
+        failed.insert(
+            (node_id, model_base(model).to_owned()),
+            (now, why.to_owned()),
+        );
     }
 
-    /// Why pulling `model` on demand failed, if it did within `cooldown`.
+    /// Whether pulling `model` onto `node_id` failed within `cooldown`.
+    fn pull_failed_on(&self, node_id: Uuid, model: &str, cooldown: Duration) -> bool {
+        lock(&self.failed_pulls)
+            .get(&(node_id, model_base(model).to_owned()))
+            .is_some_and(|(at, _)| at.elapsed() < cooldown)
+    }
+
+    /// Why pulling `model` failed last, on any node, within `cooldown`.
     pub fn recent_pull_failure(&self, model: &str, cooldown: Duration) -> Option<String> {
-        let mut failed = lock(&self.failed_pulls);
-        let (at, why) = failed.get(model)?;
-        if at.elapsed() < cooldown {
-            return Some(why.clone());
-        }
-        failed.remove(model);
-        None
+        let base = model_base(model);
+        lock(&self.failed_pulls)
+            .iter()
+            .filter(|((_, m), (at, _))| m == base && at.elapsed() < cooldown)
+            .max_by_key(|(_, (at, _))| *at)
+            .map(|(_, (_, why))| why.clone())
     }
 
-    /// Where a model no node has could be pulled: an online node with a healthy Ollama, the
-    /// most free VRAM first, then the fewest requests in flight.
+    /// Where a model no node has could be pulled: an online node with a healthy Ollama where
+    /// pulling it has not failed within `cooldown`, the most free VRAM first, then the fewest
+    /// requests in flight.
     pub fn pull_target(
         &self,
+        model: &str,
+        cooldown: Duration,
         online: impl Fn(Uuid) -> bool,
         free_vram: impl Fn(Uuid) -> u64,
     ) -> Option<(Uuid, String)> {
@@ -212,6 +233,7 @@ impl AiFleet {
             .iter()
             .filter(|(id, n)| {
                 online(**id)
+                    && !self.pull_failed_on(**id, model, cooldown)
                     && n.inventory
                         .backends
                         .iter()
@@ -262,6 +284,20 @@ impl AiFleet {
     }
 
     pub fn set_inventory(&self, node_id: Uuid, name: &str, inventory: AiInventory) {
+        {
+            // A model the node now has (pulled by hand, say) is no failed pull there any more.
+            let mut failed = lock(&self.failed_pulls);
+            if !failed.is_empty() {
+                failed.retain(|(id, model), _| {
+                    *id != node_id
+                        || !inventory
+                            .backends
+                            .iter()
+                            .flat_map(|b| &b.models)
+                            .any(|m| same_model(&m.name, model))
+                });
+            }
+        }
         lock(&self.nodes).insert(
             node_id,
             NodeAi {
@@ -740,31 +776,71 @@ mod tests {
         }
     }
 
+    fn ollama(models: &[&str]) -> AiInventory {
+        let mut i = inv(&[]);
+        i.backends[0].kind = BackendKind::Ollama;
+        i.backends[0].models = models
+            .iter()
+            .map(|n| AiModel {
+                name: (*n).into(),
+                ..AiModel::default()
+            })
+            .collect();
+        i
+    }
+
     #[test]
-    fn a_failed_pull_is_remembered_for_its_cooldown_and_the_memory_is_bounded() {
+    fn a_failed_pull_passes_its_node_over_for_its_cooldown_and_the_memory_is_bounded() {
         let f = AiFleet::default();
         let long = Duration::from_secs(600);
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        f.set_inventory(a, "a", ollama(&[]));
+        f.set_inventory(b, "b", ollama(&[]));
+        let vram = |id: Uuid| if id == a { 10 } else { 5 };
+        let target = |model: &str, cooldown| {
+            f.pull_target(model, cooldown, |_| true, vram)
+                .map(|(_, n)| n)
+        };
+        assert_eq!(target("gpt-4o", long).as_deref(), Some("a"));
         assert_eq!(f.recent_pull_failure("gpt-4o", long), None);
-        f.pull_failed("gpt-4o", "no such model", long);
+        // A failure on one node: the next node is tried; under any spelling of the name.
+        f.pull_failed(a, "gpt-4o:latest", "a is down", long);
+        assert_eq!(target("gpt-4o", long).as_deref(), Some("b"));
+        assert_eq!(target("gpt-4o-mini", long).as_deref(), Some("a"));
+        assert_eq!(
+            f.recent_pull_failure("gpt-4o", long).as_deref(),
+            Some("a is down")
+        );
+        // On every node: none is left, and the last reason is the answer.
+        std::thread::sleep(Duration::from_millis(2));
+        f.pull_failed(b, "gpt-4o", "no such model", long);
+        assert_eq!(target("gpt-4o", long), None);
         assert_eq!(
             f.recent_pull_failure("gpt-4o", long).as_deref(),
             Some("no such model")
         );
-        assert_eq!(f.recent_pull_failure("gpt-4o-mini", long), None);
-        // Past its cooldown it is forgotten (and tried again).
+        // Past the cooldown, forgotten.
         std::thread::sleep(Duration::from_millis(5));
+        let short = Duration::from_millis(1);
+        assert_eq!(target("gpt-4o", short).as_deref(), Some("a"));
+        assert_eq!(f.recent_pull_failure("gpt-4o", short), None);
+        // A node that reports the model (pulled by hand) is no failed pull there any more.
+        f.set_inventory(b, "b", ollama(&["gpt-4o:latest"]));
         assert_eq!(
-            f.recent_pull_failure("gpt-4o", Duration::from_millis(1)),
-            None
+            f.recent_pull_failure("gpt-4o", long).as_deref(),
+            Some("a is down")
         );
-        assert_eq!(f.recent_pull_failure("gpt-4o", long), None);
-        // A client naming endless models does not grow the memory without bound.
+        // A client naming endless models does not grow the memory without bound, and the
+        // oldest go first.
+        f.pull_failed(a, "kept", "recent", long);
+        std::thread::sleep(Duration::from_millis(1));
         for i in 0..FAILED_PULLS_KEPT * 3 {
-            f.pull_failed(&format!("m{i}"), "no", long);
+            f.pull_failed(b, &format!("m{i}"), "no", long);
         }
-        assert!(lock(&f.failed_pulls).len() <= FAILED_PULLS_KEPT);
+        assert_eq!(lock(&f.failed_pulls).len(), FAILED_PULLS_KEPT);
         let last = format!("m{}", FAILED_PULLS_KEPT * 3 - 1);
         assert!(f.recent_pull_failure(&last, long).is_some());
+        assert_eq!(f.recent_pull_failure("kept", long), None);
     }
 
     #[test]
