@@ -722,9 +722,9 @@ async fn first_tokens(
         ttft.insert(
             (*name).into(),
             json!({"first_chunk_median_ms": median(&mut first_chunk[i].clone()), "first_text_median_ms": median(&mut first_text[i]),
-                   "llama_prompt_median_ms": median(&mut prompt_ms[i].clone()),
+                   "llama_prompt_median_ms": median(&mut prompt_ms[i].iter().copied().filter(|p| p.is_finite()).collect()),
                    // The time llama.cpp did not spend on the prompt: the path's own share.
-                   "outside_llama_median_ms": median(&mut first_chunk[i].iter().zip(&prompt_ms[i]).map(|(c, p)| c - p).collect())}),
+                   "outside_llama_median_ms": median(&mut first_chunk[i].iter().zip(&prompt_ms[i]).map(|(c, p)| c - p).filter(|x| x.is_finite()).collect())}),
         );
     }
     let d_chunk = ttft["direct"]["first_chunk_median_ms"]
