@@ -326,22 +326,19 @@ pub async fn serve_for(
         ),
         // No node has it. A pull that failed, now or a moment ago (every node that could pull
         // it passed over for `failed_pull_cooldown`), says why.
-        None => match pull_error
-            .or_else(|| cp.ai.recent_pull_failure(&model, cfg.failed_pull_cooldown))
-        {
-            Some(why) => error(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                format!("no online node serves model `{model}`, and {why}"),
-            ),
-            None => error(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                format!("no online node serves model `{model}` (GET /v1/models lists them)"),
-            ),
-        },
+        None => error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            match pull_error
+                .or_else(|| cp.ai.recent_pull_failure(&model, cfg.failed_pull_cooldown))
+            {
+                Some(why) => format!("no online node serves model `{model}`, and {why}"),
+                None => {
+                    format!("no online node serves model `{model}` (GET /v1/models lists them)")
+                }
+            },
+        ),
         Some(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "api_error",

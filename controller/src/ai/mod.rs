@@ -131,9 +131,13 @@ pub struct AiFleet {
     limits: Mutex<HashMap<String, TokenLimit>>,
     /// Pulls started for requests, by (node, model): `None` while the job is being created.
     pulls: Mutex<HashMap<(Uuid, String), Option<Uuid>>>,
-    /// Pulls on demand that failed, by (node, model without its default tag): when, and why.
-    failed_pulls: Mutex<HashMap<(Uuid, String), (Instant, String)>>,
+    /// Pulls on demand that failed, by model (without its default tag), then node: when, and
+    /// why.
+    failed_pulls: Mutex<HashMap<String, FailedPulls>>,
 }
+
+/// One model's failed pulls, by node: when, and why.
+type FailedPulls = HashMap<Uuid, (Instant, String)>;
 
 /// Failed pulls remembered (a client may name any number of models).
 const FAILED_PULLS_KEPT: usize = 1024;
@@ -182,39 +186,42 @@ impl AiFleet {
     pub fn pull_failed(&self, node_id: Uuid, model: &str, why: &str, cooldown: Duration) {
         let now = Instant::now();
         let mut failed = lock(&self.failed_pulls);
-        if failed.len() >= FAILED_PULLS_KEPT {
-            failed.retain(|_, (at, _)| now.duration_since(*at) < cooldown);
+        let count = |f: &HashMap<String, FailedPulls>| f.values().map(HashMap::len).sum::<usize>();
+        if count(&failed) >= FAILED_PULLS_KEPT {
+            for per_node in failed.values_mut() {
+                per_node.retain(|_, (at, _)| now.duration_since(*at) < cooldown);
+            }
+            failed.retain(|_, per_node| !per_node.is_empty());
         }
-        if failed.len() >= FAILED_PULLS_KEPT {
-            if let Some(oldest) = failed
+        if count(&failed) >= FAILED_PULLS_KEPT {
+            let oldest = failed
                 .iter()
-                .min_by_key(|(_, (at, _))| *at)
-                .map(|(k, _)| k.clone())
-            {
-                failed.remove(&oldest);
+                .flat_map(|(m, per_node)| per_node.iter().map(move |(id, (at, _))| (*at, m, *id)))
+                .min()
+                .map(|(_, m, id)| (m.clone(), id));
+            if let Some((m, id)) = oldest {
+                if let Some(per_node) = failed.get_mut(&m) {
+                    per_node.remove(&id);
+                    if per_node.is_empty() {
+                        failed.remove(&m);
+                    }
+                }
             }
         }
-        failed.insert(
-            (node_id, model_base(model).to_owned()),
-            (now, why.to_owned()),
-        );
-    }
-
-    /// Whether pulling `model` onto `node_id` failed within `cooldown`.
-    fn pull_failed_on(&self, node_id: Uuid, model: &str, cooldown: Duration) -> bool {
-        lock(&self.failed_pulls)
-            .get(&(node_id, model_base(model).to_owned()))
-            .is_some_and(|(at, _)| at.elapsed() < cooldown)
+        failed
+            .entry(model_base(model).to_owned())
+            .or_default()
+            .insert(node_id, (now, why.to_owned()));
     }
 
     /// Why pulling `model` failed last, on any node, within `cooldown`.
     pub fn recent_pull_failure(&self, model: &str, cooldown: Duration) -> Option<String> {
-        let base = model_base(model);
         lock(&self.failed_pulls)
-            .iter()
-            .filter(|((_, m), (at, _))| m == base && at.elapsed() < cooldown)
-            .max_by_key(|(_, (at, _))| *at)
-            .map(|(_, (_, why))| why.clone())
+            .get(model_base(model))?
+            .values()
+            .filter(|(at, _)| at.elapsed() < cooldown)
+            .max_by_key(|(at, _)| *at)
+            .map(|(_, why)| why.clone())
     }
 
     /// Where a model no node has could be pulled: an online node with a healthy Ollama where
@@ -229,11 +236,15 @@ impl AiFleet {
     ) -> Option<(Uuid, String)> {
         let nodes = lock(&self.nodes);
         let in_flight = lock(&self.in_flight);
+        let failed = lock(&self.failed_pulls);
+        let failed_here = failed.get(model_base(model));
         nodes
             .iter()
             .filter(|(id, n)| {
                 online(**id)
-                    && !self.pull_failed_on(**id, model, cooldown)
+                    && failed_here
+                        .and_then(|f| f.get(*id))
+                        .is_none_or(|(at, _)| at.elapsed() >= cooldown)
                     && n.inventory
                         .backends
                         .iter()
@@ -288,14 +299,15 @@ impl AiFleet {
             // A model the node now has (pulled by hand, say) is no failed pull there any more.
             let mut failed = lock(&self.failed_pulls);
             if !failed.is_empty() {
-                failed.retain(|(id, model), _| {
-                    *id != node_id
-                        || !inventory
-                            .backends
-                            .iter()
-                            .flat_map(|b| &b.models)
-                            .any(|m| same_model(&m.name, model))
-                });
+                for m in inventory.backends.iter().flat_map(|b| &b.models) {
+                    let base = model_base(&m.name);
+                    if let Some(per_node) = failed.get_mut(base) {
+                        per_node.remove(&node_id);
+                        if per_node.is_empty() {
+                            failed.remove(base);
+                        }
+                    }
+                }
             }
         }
         lock(&self.nodes).insert(
@@ -837,7 +849,13 @@ mod tests {
         for i in 0..FAILED_PULLS_KEPT * 3 {
             f.pull_failed(b, &format!("m{i}"), "no", long);
         }
-        assert_eq!(lock(&f.failed_pulls).len(), FAILED_PULLS_KEPT);
+        assert_eq!(
+            lock(&f.failed_pulls)
+                .values()
+                .map(HashMap::len)
+                .sum::<usize>(),
+            FAILED_PULLS_KEPT
+        );
         let last = format!("m{}", FAILED_PULLS_KEPT * 3 - 1);
         assert!(f.recent_pull_failure(&last, long).is_some());
         assert_eq!(f.recent_pull_failure("kept", long), None);
