@@ -564,22 +564,22 @@ pub async fn gateway_bench(
         out.insert("runs".into(), json!(ttft_runs));
         results.insert("first_token_idle_backend".into(), Value::Object(out));
     }
+    let llama_url = format!("http://127.0.0.1:{llama_port}/v1/chat/completions");
+    let llama_paths = [
+        ("direct", llama_url.as_str(), None),
+        ("gateway", gw_url.as_str(), Some(ctl.admin.as_str())),
+        (
+            "gateway_filters_off",
+            off_url.as_str(),
+            Some(ctl_off.admin.as_str()),
+        ),
+    ];
     for (part, prompt) in [
         ("first_token", Prompt::Cached),
         ("first_token_new_question", Prompt::NewQuestion),
     ] {
         if wanted(part) {
-            let ttft = first_tokens(
-                &client,
-                llama_port,
-                &gw_url,
-                &ctl.admin,
-                &off_url,
-                &ctl_off.admin,
-                prompt,
-                ttft_runs,
-            )
-            .await?;
+            let ttft = first_tokens(&client, &llama_paths, prompt, ttft_runs).await?;
             results.insert(part.into(), ttft);
         }
     }
@@ -683,27 +683,17 @@ async fn sample_first_tokens(
     Ok(out)
 }
 
-/// Time to first token on the real model, alternating direct and gateway (filters on, and off).
-#[allow(clippy::too_many_arguments)]
+/// Time to first token on the real model, alternating `paths`: direct, the gateway (filters
+/// on), the gateway with filters off.
 async fn first_tokens(
     client: &reqwest::Client,
-    llama_port: u16,
-    gw_url: &str,
-    gw_token: &str,
-    off_url: &str,
-    off_token: &str,
+    paths: &[(&str, &str, Option<&str>); 3],
     prompt: Prompt,
     ttft_runs: usize,
 ) -> anyhow::Result<Value> {
     // The first event of the stream, and the first text (with filters on, the word being written is held back
     // until it ends, in case it is the start of a secret).
-    let llama_url = format!("http://127.0.0.1:{llama_port}/v1/chat/completions");
-    let paths = [
-        ("direct", llama_url.as_str(), None),
-        ("gateway", gw_url, Some(gw_token)),
-        ("gateway_filters_off", off_url, Some(off_token)),
-    ];
-    let samples = sample_first_tokens(client, &paths, "smollm2", prompt, ttft_runs).await?;
+    let samples = sample_first_tokens(client, paths, "smollm2", prompt, ttft_runs).await?;
     let column = |f: fn(&(f64, f64, f64)) -> f64| -> Vec<Vec<f64>> {
         samples
             .iter()
