@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub jobs: JobsConfig,
     /// What `exec` jobs may do on this host. The controller cannot widen it.
     pub exec: ExecConfig,
+    /// What `deploy` jobs may ask of this host's container runtime. The controller cannot
+    /// widen it.
+    pub deploy: DeployConfig,
     /// What `inventory` jobs look at.
     pub inventory: InventoryConfig,
     /// Self-update from the controller's agent builds.
@@ -107,6 +110,74 @@ pub struct ExecConfig {
     pub default_timeout: Option<Duration>,
 }
 
+/// The deploy policy: what a service map may make this host's container runtime do. Whoever
+/// can apply a map (or a controller that is not what it should be) gets no more than this
+/// allows; everything root-equivalent is off until this host's owner lists it. Checked by
+/// [`crate::jobs::deploy::policy::check`] before a deploy touches any container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeployConfig {
+    /// Bind mounts only of these host directories and what lies below them, compared with
+    /// `..` and symlinks resolved (`/srv` allows `/srv/x`, not `/srvx`). Named volumes are
+    /// always allowed. Entries that are not absolute paths allow nothing. None by default.
+    /// Docker follows symlinks in a bind source whenever it starts the container, so list only
+    /// directories that nobody you would not give root to can write.
+    pub allow_bind_paths: Vec<PathBuf>,
+    /// Bind mounts of the container runtime's socket (`/var/run/docker.sock`, podman's,
+    /// containerd's, whatever `DOCKER_HOST` names; or a directory holding one): whoever talks
+    /// to it is root here. Never allowed through `allow_bind_paths` alone, even when it lists
+    /// `/` or `/var/run`.
+    pub allow_docker_socket: bool,
+    /// Privileged containers. (Service maps cannot ask for this yet; the key is checked
+    /// against what is sent to Docker, so a future map field cannot get around it.)
+    pub allow_privileged: bool,
+    /// The host's network namespace (`network_mode: host`). (Not in service maps yet.)
+    pub allow_host_network: bool,
+    /// The host's PID namespace (`pid: host`). (Not in service maps yet.)
+    pub allow_host_pid: bool,
+    /// Capabilities a container may add (`NET_ADMIN`, with or without `CAP_`; `ALL` for any).
+    /// (Not in service maps yet.)
+    pub allow_capabilities: Vec<String>,
+    /// Host devices a container may be given, with what lies below them (`/dev/dri`).
+    /// (Not in service maps yet.)
+    pub allow_devices: Vec<PathBuf>,
+    /// NVIDIA GPUs asked for by a service's `gpu:` (Docker device requests). On by default:
+    /// that is what GPU nodes are for. Other device requests are never allowed.
+    pub allow_gpus: bool,
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig {
+            allow_bind_paths: Vec::new(),
+            allow_docker_socket: false,
+            allow_privileged: false,
+            allow_host_network: false,
+            allow_host_pid: false,
+            allow_capabilities: Vec::new(),
+            allow_devices: Vec::new(),
+            allow_gpus: true,
+        }
+    }
+}
+
+impl DeployConfig {
+    /// What this host allows, for the controller (so a plan can say what a node would refuse).
+    pub fn summary(&self) -> nebula_protocol::deploy::DeployPolicySummary {
+        let paths = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect();
+        nebula_protocol::deploy::DeployPolicySummary {
+            allow_bind_paths: paths(&self.allow_bind_paths),
+            allow_docker_socket: self.allow_docker_socket,
+            allow_privileged: self.allow_privileged,
+            allow_host_network: self.allow_host_network,
+            allow_host_pid: self.allow_host_pid,
+            allow_capabilities: self.allow_capabilities.clone(),
+            allow_devices: paths(&self.allow_devices),
+            allow_gpus: self.allow_gpus,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandConfig {
@@ -138,6 +209,7 @@ impl Default for AgentConfig {
             idle_timeout: Duration::from_secs(15),
             jobs: JobsConfig::default(),
             exec: ExecConfig::default(),
+            deploy: DeployConfig::default(),
             inventory: InventoryConfig::default(),
             update: UpdateConfig::default(),
             ai: crate::ai::AiConfig::default(),
@@ -162,5 +234,31 @@ mod tests {
         .unwrap();
         assert!(!cfg.exec.allow_any);
         assert_eq!(cfg.exec.commands["backup"].argv, vec!["/bin/true"]);
+    }
+
+    #[test]
+    fn the_deploy_policy_is_closed_by_default_except_for_gpus() {
+        let example = include_str!("../../config/agent.example.toml");
+        let cfg: AgentConfig = toml::from_str(example).expect("example parses");
+        assert_eq!(cfg.deploy, DeployConfig::default());
+        let d = DeployConfig::default();
+        assert!(d.allow_bind_paths.is_empty() && d.allow_devices.is_empty());
+        assert!(!d.allow_docker_socket && !d.allow_privileged);
+        assert!(!d.allow_host_network && !d.allow_host_pid);
+        assert!(d.allow_capabilities.is_empty());
+        assert!(
+            d.allow_gpus,
+            "GPU nodes run GPU services without extra config"
+        );
+        let cfg: AgentConfig = toml::from_str(
+            "[deploy]\nallow_bind_paths = [\"/srv\"]\nallow_privileged = true\nallow_gpus = false",
+        )
+        .unwrap();
+        assert_eq!(cfg.deploy.allow_bind_paths, vec![PathBuf::from("/srv")]);
+        assert!(cfg.deploy.allow_privileged && !cfg.deploy.allow_gpus);
+        assert!(toml::from_str::<AgentConfig>("[deploy]\nallow_everything = true").is_err());
+        let summary = cfg.deploy.summary();
+        assert_eq!(summary.allow_bind_paths, vec!["/srv".to_string()]);
+        assert!(summary.allow_privileged && !summary.allow_gpus);
     }
 }

@@ -302,6 +302,7 @@ impl Agent {
             jobs::RunnerConfig {
                 jobs: self.config.jobs.clone(),
                 exec: self.config.exec.clone(),
+                deploy: self.config.deploy.clone(),
                 repo_dirs: self.config.inventory.repo_dirs.clone(),
                 facts: facts.clone(),
                 node_id: Some(identity.state.node_id),

@@ -569,6 +569,7 @@ impl SimFleet {
                         ai: None,
                         jobs: JobsConfig::default(),
                         exec: ExecConfig::default(),
+                        deploy: Default::default(),
                         repo_dirs: Vec::new(),
                         facts: NodeFacts {
                             hostname: identity.state.name.clone(),

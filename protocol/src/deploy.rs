@@ -173,3 +173,20 @@ pub struct DeployReport {
     /// The last health check's output when the gate failed.
     pub health_output: Option<String>,
 }
+
+/// What a node's agent lets deploys do there (its `[deploy]` config): bind mounts only below
+/// `allow_bind_paths`, the runtime's socket, privileged mode, host namespaces, capabilities and
+/// devices only when allowed; GPUs unless `allow_gpus` is off. The agent refuses a deploy
+/// outside it before touching a container; the controller can use this summary to show such
+/// refusals in a plan. Not carried by any message yet: adding it to one is a protocol change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployPolicySummary {
+    pub allow_bind_paths: Vec<String>,
+    pub allow_docker_socket: bool,
+    pub allow_privileged: bool,
+    pub allow_host_network: bool,
+    pub allow_host_pid: bool,
+    pub allow_capabilities: Vec<String>,
+    pub allow_devices: Vec<String>,
+    pub allow_gpus: bool,
+}

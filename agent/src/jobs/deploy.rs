@@ -9,6 +9,11 @@
 //!
 //! Only containers labelled `nebula.managed=true` with this node's id and the service's name are
 //! ever listed, stopped or removed: nothing unmanaged is touched.
+//!
+//! Before anything else, the container a spec asks for is checked against this host's deploy
+//! policy ([`policy`], the agent config's `[deploy]`): a deploy outside it is refused untouched.
+
+pub mod policy;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -29,8 +34,10 @@ use nebula_protocol::deploy::{
 };
 use nebula_protocol::jobs::{JobOutput, JobResult, JobStatus, LogStream};
 use rand::Rng;
+use tracing::warn;
 
 use super::JobContext;
+use crate::config::DeployConfig;
 
 /// How long a container without a health check must keep running to pass the gate.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -49,11 +56,22 @@ struct Managed {
     running: bool,
 }
 
-pub async fn deploy(ctx: &JobContext, spec: &DeploySpec, own: Option<uuid::Uuid>) -> JobResult {
+pub async fn deploy(
+    ctx: &JobContext,
+    spec: &DeploySpec,
+    own: Option<uuid::Uuid>,
+    policy: &DeployConfig,
+) -> JobResult {
     if let Err(e) =
         check_names(&spec.service, &spec.node).and_then(|()| check_node(&spec.node, own))
     {
         return JobResult::new(JobStatus::Refused, Some(e));
+    }
+    // Before any container is listed, created or touched. Replicas differ only in labels.
+    if let Err(violation) = policy::check(policy, &container_body(spec, 0)) {
+        warn!(service = %spec.service, "{violation}");
+        ctx.log(LogStream::Agent, violation.to_string());
+        return JobResult::new(JobStatus::Refused, Some(violation.to_string()));
     }
     let docker = match Docker::connect_with_local_defaults() {
         Ok(d) => d,

@@ -5,6 +5,10 @@
 //! shell (except `sh` where `allow_any` is on), in their own process group, with stdin closed;
 //! their stdout and stderr stream back line by line. Cancel or a deadline stops the whole group:
 //! SIGTERM, then SIGKILL after a grace period.
+//!
+//! `git-pull` runs git as the repository's owner when the agent runs as root (so the owner's
+//! config and credentials act with the owner's rights, never root's), keeps git's ownership
+//! check on, and switches off hooks and fsmonitor: nothing from the repository runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,6 +31,10 @@ pub enum Plan {
         argv: Vec<String>,
         cwd: Option<PathBuf>,
     },
+    /// `git pull --ff-only` in an allowed repository (its real path), as its owner.
+    GitPull {
+        repo: PathBuf,
+    },
     DockerRestart {
         container: String,
     },
@@ -45,18 +53,7 @@ pub fn resolve(cfg: &ExecConfig, spec: &ExecSpec) -> Result<Plan, String> {
         "git-pull" => {
             let repo = one_arg("the repository path")?;
             let repo = allowed_repo(cfg, Path::new(repo))?;
-            Ok(Plan::Run {
-                argv: vec![
-                    "git".into(),
-                    "-C".into(),
-                    repo.display().to_string(),
-                    "-c".into(),
-                    format!("safe.directory={}", repo.display()),
-                    "pull".into(),
-                    "--ff-only".into(),
-                ],
-                cwd: None,
-            })
+            Ok(Plan::GitPull { repo })
         }
         "systemctl-restart" => {
             let unit = one_arg("the unit name")?;
@@ -177,15 +174,115 @@ fn allowed_repo(cfg: &ExecConfig, repo: &Path) -> Result<PathBuf, String> {
     Ok(real)
 }
 
+/// `git pull` with nothing of the repository's own running: no hooks (`core.hooksPath` at a
+/// directory that holds none; git for Windows reads `/dev/null` as `NUL`), no fsmonitor
+/// command. There is no `safe.directory` override: git's check that the repository belongs to
+/// the user running it stays on ([`RunAs::owner_of`] makes that the owner). The repository's
+/// other commands (`core.sshCommand`, `credential.helper`) are left alone: they run with the
+/// rights of the repository's owner, who could run them anyway.
+fn git_pull_argv(repo: &Path) -> Vec<String> {
+    [
+        "git",
+        "-c",
+        "core.hooksPath=/dev/null",
+        "-c",
+        "core.fsmonitor=false",
+        "-C",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([
+        repo.display().to_string(),
+        "pull".into(),
+        "--ff-only".into(),
+    ])
+    .collect()
+}
+
+/// Whom a program runs as when that is not the agent's own user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(unix), allow(dead_code))]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+    /// The user's home directory, or a path that does not exist (nothing for git to read).
+    home: PathBuf,
+    name: Option<String>,
+}
+
+/// Environment variables a program run as another user keeps; the rest of the agent's (its
+/// HOME, XDG dirs, `GIT_*`, an SSH agent) stays out.
+const KEPT_ENV: &[&str] = &[
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+];
+
+impl RunAs {
+    /// The owner of `dir` (uid and gid of the directory itself) when the agent runs as root and
+    /// the owner is not root; `None`: run as the agent.
+    #[cfg(unix)]
+    fn owner_of(dir: &Path) -> Result<Option<RunAs>, String> {
+        use nix::unistd::{geteuid, Uid, User};
+        use std::os::unix::fs::MetadataExt;
+        if !geteuid().is_root() {
+            return Ok(None);
+        }
+        let meta = std::fs::metadata(dir).map_err(|e| format!("`{}`: {e}", dir.display()))?;
+        if meta.uid() == 0 {
+            return Ok(None);
+        }
+        let user = User::from_uid(Uid::from_raw(meta.uid())).ok().flatten();
+        let home = user
+            .as_ref()
+            .map(|u| u.dir.clone())
+            .filter(|d| d.is_absolute() && d.is_dir())
+            .unwrap_or_else(|| PathBuf::from("/nonexistent"));
+        Ok(Some(RunAs {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            home,
+            name: user.map(|u| u.name),
+        }))
+    }
+
+    /// Elsewhere git runs as the agent; its own ownership check refuses others' repositories.
+    #[cfg(not(unix))]
+    fn owner_of(_dir: &Path) -> Result<Option<RunAs>, String> {
+        Ok(None)
+    }
+}
+
 /// Run a plan to the end (or until stopped).
 pub async fn run(ctx: &JobContext, plan: Plan) -> JobResult {
     match plan {
-        Plan::Run { argv, cwd } => run_program(ctx, &argv, cwd.as_deref()).await,
+        Plan::Run { argv, cwd } => run_program(ctx, &argv, cwd.as_deref(), None).await,
+        Plan::GitPull { repo } => match RunAs::owner_of(&repo) {
+            Ok(who) => run_program(ctx, &git_pull_argv(&repo), None, who.as_ref()).await,
+            Err(e) => JobResult::new(
+                JobStatus::Failed,
+                Some(format!("finding the repository's owner: {e}")),
+            ),
+        },
         Plan::DockerRestart { container } => docker_restart(ctx, &container).await,
     }
 }
 
-async fn run_program(ctx: &JobContext, argv: &[String], cwd: Option<&Path>) -> JobResult {
+async fn run_program(
+    ctx: &JobContext,
+    argv: &[String],
+    cwd: Option<&Path>,
+    run_as: Option<&RunAs>,
+) -> JobResult {
     let Some((program, rest)) = argv.split_first() else {
         return JobResult::new(JobStatus::Refused, Some("empty command".into()));
     };
@@ -194,14 +291,36 @@ async fn run_program(ctx: &JobContext, argv: &[String], cwd: Option<&Path>) -> J
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("GIT_TERMINAL_PROMPT", "0")
         .kill_on_drop(true);
+    let mut shown = shell_words(argv);
+    if let Some(who) = run_as {
+        // With the uid set, std also drops the agent's supplementary groups.
+        #[cfg(unix)]
+        cmd.uid(who.uid).gid(who.gid);
+        cmd.env_clear();
+        for key in KEPT_ENV {
+            if let Some(v) = std::env::var_os(key) {
+                cmd.env(key, v);
+            }
+        }
+        cmd.env("HOME", &who.home);
+        if let Some(name) = &who.name {
+            cmd.env("USER", name).env("LOGNAME", name);
+        }
+        shown.push_str(&format!(
+            " as {} (uid {}, gid {})",
+            who.name.as_deref().unwrap_or("the owner"),
+            who.uid,
+            who.gid
+        ));
+    }
+    cmd.env("GIT_TERMINAL_PROMPT", "0");
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
     #[cfg(unix)]
     cmd.process_group(0);
-    ctx.log(LogStream::Agent, format!("running {}", shell_words(argv)));
+    ctx.log(LogStream::Agent, format!("running {shown}"));
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -408,7 +527,7 @@ mod tests {
         );
         assert!(matches!(
             resolve(&cfg, &spec("git-pull", &[inside.to_str().unwrap()])),
-            Ok(Plan::Run { .. })
+            Ok(Plan::GitPull { .. })
         ));
         // `..` and paths outside are refused, as are missing ones.
         let sneaky = inside.join("../../../");
@@ -444,5 +563,98 @@ mod tests {
         cfg.allow_any = true;
         assert!(resolve(&cfg, &spec("sh", &["uptime"])).is_ok());
         assert!(resolve(&cfg, &spec("sh", &[])).is_err());
+    }
+
+    #[test]
+    fn git_pull_runs_no_hooks_and_keeps_the_ownership_check() {
+        let argv = git_pull_argv(Path::new("/srv/app"));
+        let line = argv.join(" ");
+        assert_eq!(argv[0], "git");
+        assert!(line.contains("-c core.hooksPath=/dev/null"), "{line}");
+        assert!(line.contains("-c core.fsmonitor=false"), "{line}");
+        assert!(line.contains("-C /srv/app pull --ff-only"), "{line}");
+        assert!(!line.contains("safe.directory"), "{line}");
+        // Options before the subcommand: `-c` after `pull` would mean something else.
+        let pull = argv.iter().position(|a| a == "pull").unwrap();
+        assert!(argv.iter().rposition(|a| a == "-c").unwrap() < pull);
+    }
+
+    /// A repository owned by another user (65534 when the tests run as root, as in CI), with a
+    /// post-merge hook: a pull fast-forwards it, as that user, and the hook does not run.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn git_pull_runs_as_the_repository_owner_and_not_its_hooks() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        use std::process::Command as Std;
+        let root = nix::unistd::geteuid().is_root();
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let git = |args: &[&str]| {
+            let out = Std::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+                .args(args)
+                .current_dir(&base)
+                .output()
+                .expect("run git");
+            assert!(
+                out.status.success(),
+                "git {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        git(&["init", "-q", "--bare", "-b", "main", "remote.git"]);
+        git(&["init", "-q", "-b", "main", "work"]);
+        std::fs::write(base.join("work/a"), "1").unwrap();
+        git(&["-C", "work", "add", "a"]);
+        git(&["-C", "work", "commit", "-q", "-m", "one"]);
+        git(&["-C", "work", "push", "-q", "../remote.git", "main"]);
+        std::fs::create_dir(base.join("repos")).unwrap();
+        git(&["clone", "-q", "remote.git", "repos/app"]);
+        std::fs::write(base.join("work/b"), "2").unwrap();
+        git(&["-C", "work", "add", "b"]);
+        git(&["-C", "work", "commit", "-q", "-m", "two"]);
+        git(&["-C", "work", "push", "-q", "../remote.git", "main"]);
+        let app = base.join("repos/app");
+        let marker = base.join("hook-ran");
+        let hook = app.join(".git/hooks/post-merge");
+        std::fs::write(
+            &hook,
+            format!("#!/bin/sh\nid -u > '{}'\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if root {
+            std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let chown = Std::new("chown")
+                .args(["-R", "65534:65534"])
+                .arg(&base)
+                .status()
+                .expect("run chown");
+            assert!(chown.success());
+        }
+        let cfg = ExecConfig {
+            git_dirs: vec![base.join("repos")],
+            ..ExecConfig::default()
+        };
+        let plan = resolve(&cfg, &spec("git-pull", &[app.to_str().unwrap()])).unwrap();
+        let running = super::super::Running::new();
+        let ctx = JobContext {
+            running: running.clone(),
+            deadline: None,
+        };
+        let result = run(&ctx, plan).await;
+        let log: Vec<String> = running.read_from(0).0.into_iter().map(|l| l.line).collect();
+        assert_eq!(result.status, JobStatus::Succeeded, "{result:?}\n{log:#?}");
+        assert!(app.join("b").exists(), "the pull fast-forwarded: {log:#?}");
+        assert!(
+            !marker.exists(),
+            "the repository's hook ran: {:?}",
+            std::fs::read_to_string(&marker)
+        );
+        if root {
+            assert!(log[0].contains("(uid 65534, gid 65534)"), "{log:#?}");
+            let owner = std::fs::metadata(app.join("b")).unwrap().uid();
+            assert_eq!(owner, 65534, "git ran as the repository's owner");
+        }
     }
 }

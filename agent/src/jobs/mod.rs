@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{ExecConfig, JobsConfig};
+use crate::config::{DeployConfig, ExecConfig, JobsConfig};
 
 pub mod deploy;
 pub mod exec;
@@ -55,6 +55,8 @@ const MAX_FIRST_FRAME: usize = proto::DEFAULT_MAX_FRAME;
 pub struct RunnerConfig {
     pub jobs: JobsConfig,
     pub exec: ExecConfig,
+    /// What deploys may ask of the container runtime here.
+    pub deploy: DeployConfig,
     pub repo_dirs: Vec<PathBuf>,
     pub facts: NodeFacts,
     /// This node's id (from its certificate): deploys for another node's containers are refused.
@@ -524,7 +526,7 @@ impl JobRunner {
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Deploy(spec) => tokio::select! {
-                    r = deploy::deploy(&ctx, spec, self.config.node_id) => r,
+                    r = deploy::deploy(&ctx, spec, self.config.node_id, &self.config.deploy) => r,
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Undeploy(spec) => tokio::select! {
