@@ -149,6 +149,38 @@ async fn chat(c: &Controller, body: Value) -> reqwest::Response {
     post(c, "/v1/chat/completions", body).await
 }
 
+/// A new API token of role `ai` (the gateway only) named `name`.
+async fn ai_token(c: &Controller, name: &str) -> String {
+    let (status, v) = c
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/api-tokens",
+            Some(json!({"name": name, "role": "ai"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    v["token"].as_str().unwrap().to_owned()
+}
+
+/// A chat request for `model` with `token`.
+async fn chat_as(c: &Controller, token: &str, model: &str, content: &str) -> reqwest::Response {
+    c.client
+        .post(c.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": content}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The model jobs the controller has.
+async fn model_jobs(c: &Controller) -> Vec<Value> {
+    c.get("/api/v1/jobs?kind=model").await["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
 fn node_of(r: &reqwest::Response) -> String {
     r.headers()
         .get("x-nebula-node")
@@ -1377,6 +1409,23 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
     );
     let pulls = c.get("/api/v1/jobs?kind=model").await;
     assert_eq!(pulls["items"].as_array().map(Vec::len), Some(1), "{pulls}");
+    // The job names the token whose request started it, not the gateway.
+    assert_eq!(pulls["items"][0]["created_by"], "admin", "{pulls}");
+    // An `ai` token (the gateway only) pulls nothing by default: a model no node has is a 404
+    // that says why, and no job starts.
+    let app = ai_token(&c, "chat-app").await;
+    let r = chat_as(&c, &app, "mistral:7b", "not for you").await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pull on demand is not allowed for this model with an `ai` token"),
+        "{v}"
+    );
+    assert_eq!(model_jobs(&c).await.len(), 1);
     // A model the registry does not have: the pull fails on each node with Ollama in turn (one
     // per request), and the request says why; asked again, under another spelling, the same
     // answer at once, without another pull.
@@ -1416,4 +1465,114 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
         (2, true),
         "one failed pull per node: {pulls}"
     );
+}
+
+/// `pull_on_demand` as a list, open to `ai` tokens: a model it does not list is a 404 for every
+/// token and starts no job; one it lists is pulled, and the job and the audit name the token;
+/// past `max_pulls_per_token` pulls in flight, the token gets 429 until one is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_on_demand_take_only_listed_models_name_the_token_and_are_capped_per_token() {
+    let OneNode {
+        backend, c, _agent, ..
+    } = one_node(
+        "pull_on_demand = [\"phi3*\", \"qwen2.5:7b\"]\npull_on_demand_ai_tokens = true\nmax_pulls_per_token = 1\n",
+    )
+    .await;
+    // A pull of about two seconds: long enough to ask again while it runs.
+    backend.state.lock().unwrap().pull_step = Duration::from_millis(80);
+    let app = ai_token(&c, "app").await;
+
+    // Not listed: 404 for the `ai` token and for the admin alike, and no job.
+    for token in [&app, &c.admin_token] {
+        let r = chat_as(&c, token, "mistral", "x").await;
+        assert_eq!(r.status(), 404);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("pull on demand is not allowed for this model"),
+            "{v}"
+        );
+    }
+    no_jobs(&c).await;
+
+    // Listed: pulled for the token. While that pull runs, a second one for the same token is
+    // refused with 429, and starts nothing.
+    let first = tokio::spawn({
+        let (client, url, app) = (c.client.clone(), c.url("/v1/chat/completions"), app.clone());
+        async move {
+            client
+                .post(url)
+                .bearer_auth(app)
+                .json(&json!({"model": "phi3:mini", "messages": [{"role": "user", "content": "pulled for app"}]}))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let jobs = wait_for("the pull's job", Duration::from_secs(10), || async {
+        let jobs = model_jobs(&c).await;
+        (!jobs.is_empty()).then_some(jobs)
+    })
+    .await;
+    assert_eq!(
+        (jobs.len(), jobs[0]["created_by"].as_str()),
+        (1, Some("app")),
+        "{jobs:?}"
+    );
+    let r = chat_as(&c, &app, "qwen2.5:7b", "one too many").await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+        (Some("rate_limit_error"), Some("too_many_pulls")),
+        "{v}"
+    );
+    assert_eq!(model_jobs(&c).await.len(), 1);
+    assert!(
+        model_jobs(&c).await[0]["state"] != "succeeded",
+        "the first pull was over before the second request: the cap was not tested"
+    );
+
+    let r = first.await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), node_of(&r)),
+        (200, "node-a".to_owned())
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "pulled for app");
+    // The audit names the token, for the job and for the pull.
+    let audit = wait_for("the pull's audit rows", Duration::from_secs(10), || async {
+        let rows = c.get("/api/v1/audit?actor=app").await["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        (rows.len() >= 2).then_some(rows)
+    })
+    .await;
+    let actions: Vec<(&str, &str)> = audit
+        .iter()
+        .filter_map(|r| Some((r["action"].as_str()?, r["target"].as_str()?)))
+        .collect();
+    assert!(
+        actions.contains(&("ai.pull_on_demand", "phi3:mini"))
+            && actions.iter().any(|(a, _)| *a == "job.create"),
+        "{audit:?}"
+    );
+    assert!(
+        c.get("/api/v1/audit?actor=gateway").await["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "nothing is audited as the gateway"
+    );
+
+    // The pull is over: the token may start another.
+    backend.state.lock().unwrap().pull_step = Duration::from_millis(10);
+    let r = chat_as(&c, &app, "qwen2.5:7b", "now there is room").await;
+    assert_eq!(r.status(), 200);
+    let jobs = model_jobs(&c).await;
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert!(jobs.iter().all(|j| j["created_by"] == "app"), "{jobs:?}");
 }

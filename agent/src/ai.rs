@@ -1,6 +1,8 @@
-//! Local inference backends: the ones named in the config (`[[ai.backends]]`) and the ones found
+//! Local inference backends: the ones named in the config (`[[ai.backends]]`), the ones found
 //! on their usual ports on this host (Ollama 11434, llama.cpp 8080, vLLM 8000, LM Studio 1234,
-//! Stable Diffusion WebUI 7860). Every `poll_interval` each is asked what it holds (Ollama:
+//! Stable Diffusion WebUI 7860; with the listening process's owner when it can be seen, see
+//! [`owner`]) and, when turned on, Ollama on Tailscale peers. Every `poll_interval` each is
+//! asked what it holds (Ollama:
 //! `/api/tags` and `/api/ps`; OpenAI-compatible: `/v1/models`; SD WebUI: `/sdapi/v1/sd-models` and
 //! the loaded checkpoint), and the result is published on a `watch` channel the session sends
 //! to the controller when it changes.
@@ -23,6 +25,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+pub mod owner;
+
 /// The response header the controller's gateway sets, so that discovery never mistakes the
 /// gateway (OpenAI-compatible too) for a local backend.
 pub const GATEWAY_HEADER: &str = "x-nebula-gateway";
@@ -40,6 +44,9 @@ pub struct AiConfig {
     /// Where model files downloaded by model jobs go (default: `models/` in the state dir).
     pub models_dir: Option<std::path::PathBuf>,
     /// Look for Ollama on Tailscale peers (through tailscaled's local API) when tailscaled runs.
+    /// Off by default: a peer on the tailnet is not necessarily yours (a shared node, another
+    /// member's machine), and every prompt routed to a backend found there goes to it. Turn it
+    /// on for a tailnet whose peers you all run, or name the peer in `backends` instead.
     pub tailscale: bool,
     /// tailscaled's local API socket.
     pub tailscale_socket: std::path::PathBuf,
@@ -54,7 +61,7 @@ impl Default for AiConfig {
             discover: true,
             poll_interval: Duration::from_secs(10),
             models_dir: None,
-            tailscale: true,
+            tailscale: false,
             tailscale_socket: "/var/run/tailscale/tailscaled.sock".into(),
             tailscale_ports: vec![11434],
         }
@@ -187,6 +194,8 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let client = backends.client.clone();
+    // Owners of local listeners, kept by socket between rounds.
+    let mut owners = owner::Owners::default();
     loop {
         let mut list: Vec<Known> = config
             .backends
@@ -209,11 +218,19 @@ pub async fn run(
                     continue;
                 }
                 if probe(&client, kind, &url).await {
+                    // /proc is read off the runtime's threads (bounded, and cached by socket).
+                    let (found, kept) = tokio::task::spawn_blocking(move || {
+                        let found = owners.of_port(port);
+                        (found, owners)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    owners = kept;
                     list.push(Known {
                         name: default_name(kind, &url),
                         kind,
                         url,
-                        source: "local".into(),
+                        source: local_source(port, found.as_ref()),
                     });
                 }
             }
@@ -315,6 +332,15 @@ async fn tailscale_peers(
     _socket: &std::path::Path,
 ) -> Result<Vec<(String, std::net::IpAddr)>, String> {
     Ok(Vec::new())
+}
+
+/// A local backend's `source`: `local:PORT`, with its owner when known
+/// (`local:11434 (uid 1000 alice, pid 1234 ollama)`).
+fn local_source(port: u16, owner: Option<&owner::Owner>) -> String {
+    match owner {
+        Some(o) => format!("local:{port} ({o})"),
+        None => format!("local:{port}"),
+    }
 }
 
 fn default_name(kind: BackendKind, url: &str) -> String {
@@ -642,6 +668,9 @@ mod tests {
         )
         .unwrap();
         assert!(cfg.discover);
+        // Tailscale peers are strangers until the config says otherwise.
+        assert!(!cfg.tailscale);
+        assert!(!AiConfig::default().tailscale);
         assert_eq!(cfg.backends.len(), 3);
         assert_eq!(
             BackendKind::from(cfg.backends[1].kind),
@@ -652,6 +681,20 @@ mod tests {
             "openai-8081"
         );
         assert!(toml::from_str::<AiConfig>("[[backends]]\nkind = \"tgi\"\nurl = \"x\"").is_err());
+    }
+
+    #[test]
+    fn a_local_source_names_its_port_and_owner() {
+        assert_eq!(local_source(11434, None), "local:11434");
+        let o = owner::Owner {
+            uid: 1000,
+            user: Some("alice".into()),
+            process: Some((1234, "ollama".into())),
+        };
+        assert_eq!(
+            local_source(11434, Some(&o)),
+            "local:11434 (uid 1000 alice, pid 1234 ollama)"
+        );
     }
 
     #[test]

@@ -35,6 +35,31 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// Where a backend came from, for people: `configured`, `local port 11434, uid 1000 alice, pid
+/// 1234 ollama` (the listener's owner, when its agent could see it) or `Tailscale peer gpu-box`.
+fn source_label(source: &str) -> String {
+    if source == "config" {
+        return "configured".into();
+    }
+    if let Some(peer) = source.strip_prefix("tailscale:") {
+        return format!("Tailscale peer {peer}");
+    }
+    if let Some(rest) = source
+        .strip_prefix("local")
+        .filter(|r| r.is_empty() || r.starts_with(':'))
+    {
+        let rest = rest.trim_start_matches(':');
+        return match rest.split_once(" (") {
+            Some((port, owner)) => {
+                format!("local port {port}, {}", owner.trim_end_matches(')'))
+            }
+            None if rest.is_empty() => "local port".into(),
+            None => format!("local port {rest}"),
+        };
+    }
+    source.to_owned()
+}
+
 /// The live part of the Models page (replaced by id as it changes).
 async fn models_section(cp: &ControlPlane, user: &User) -> Markup {
     let inventory = cp.ai.inventory();
@@ -106,7 +131,7 @@ async fn models_section(cp: &ControlPlane, user: &User) -> Markup {
                                 @if b.models.is_empty() {
                                     tr {
                                         td { (node) }
-                                        td { (b.name) " " span.dim { "(" (b.kind.as_str()) ")" } }
+                                        td { (b.name) " " span.dim { "(" (b.kind.as_str()) ")" } br; small.dim.source title="Where the agent found this backend" { (source_label(&b.source)) } }
                                         td colspan="7" {
                                             @if b.healthy { span.dim { "no models" } }
                                             @else { span.badge.failed { "unhealthy" } " " span.dim { (b.error.clone().unwrap_or_default()) } }
@@ -116,7 +141,7 @@ async fn models_section(cp: &ControlPlane, user: &User) -> Markup {
                                 @for m in &b.models {
                                     tr {
                                         td { (node) }
-                                        td { (b.name) " " span.dim { "(" (b.kind.as_str()) ")" } }
+                                        td { (b.name) " " span.dim { "(" (b.kind.as_str()) ")" } br; small.dim.source title="Where the agent found this backend" { (source_label(&b.source)) } }
                                         td { code { (m.name) } }
                                         td {
                                             @if m.loaded { span.badge.online { "loaded" } }
@@ -340,11 +365,28 @@ pub(crate) async fn chat_send(
     if let Err(r) = user.allow(csrf, Role::Operator) {
         return r.into_response();
     }
-    nebula_controller::ai::gateway::serve_for(
-        cp,
-        format!("user:{}", user.name),
-        body,
-        "/v1/chat/completions",
-    )
-    .await
+    // The user may create jobs (an operator): pulls on demand are theirs to start.
+    let caller = nebula_controller::ai::gateway::Caller {
+        name: format!("user:{}", user.name),
+        scope: nebula_controller::ai::pulls::Scope::Operator,
+    };
+    nebula_controller::ai::gateway::serve_for(cp, caller, body, "/v1/chat/completions").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_label;
+
+    #[test]
+    fn a_backends_source_reads_as_where_it_came_from() {
+        assert_eq!(source_label("config"), "configured");
+        assert_eq!(source_label("local"), "local port");
+        assert_eq!(source_label("local:11434"), "local port 11434");
+        assert_eq!(
+            source_label("local:11434 (uid 1000 alice, pid 1234 ollama)"),
+            "local port 11434, uid 1000 alice, pid 1234 ollama"
+        );
+        assert_eq!(source_label("tailscale:gpu-box"), "Tailscale peer gpu-box");
+        assert_eq!(source_label("localhost-ish"), "localhost-ish");
+    }
 }

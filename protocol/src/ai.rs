@@ -43,7 +43,10 @@ pub struct BackendStatus {
     pub name: String,
     pub kind: BackendKind,
     pub url: String,
-    /// How it was found: `config`, `local` (a usual port on this host) or `tailscale:PEER`.
+    /// How it was found: `config`; `local:PORT` (a usual port on this host), with the
+    /// listener's owner when the agent can see it, `local:11434 (uid 1000 alice, pid 1234
+    /// ollama)` (older agents send `local`); or `tailscale:PEER`. Free text for people:
+    /// nothing routes on it.
     pub source: String,
     pub healthy: bool,
     /// Why it is not healthy.

@@ -23,7 +23,8 @@ use serde_json::{json, Value};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use super::{estimate_tokens, filters, AiConfig, Candidate, Outcome};
+use super::pulls::{self, Scope};
+use super::{estimate_tokens, filters, AiConfig, Candidate, Claim, Outcome};
 use crate::ControlPlane;
 
 /// Set on every gateway response, so that an agent's discovery never takes the gateway for a
@@ -74,8 +75,18 @@ fn error(status: StatusCode, kind: &str, code: &str, message: impl Into<String>)
     r
 }
 
-/// The API token's name, or the 401 to answer.
-async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<String, Response> {
+/// Who asks the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Accounted, limited and audited under this name: an API token's name, or `user:NAME`
+    /// for a dashboard user (token names hold no `:`).
+    pub name: String,
+    /// What the gateway may start for it (pulls on demand).
+    pub scope: Scope,
+}
+
+/// The API token's caller, or the 401 to answer.
+async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<Caller, Response> {
     let Some(token) = crate::api::bearer(headers) else {
         return Err(error(
             StatusCode::UNAUTHORIZED,
@@ -85,7 +96,10 @@ async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<String, 
         ));
     };
     match cp.api_token(&crate::hash_secret(token)).await {
-        Ok(Some(rec)) => Ok(rec.name),
+        Ok(Some(rec)) => Ok(Caller {
+            scope: Scope::of_role(&rec.role),
+            name: rec.name,
+        }),
         Ok(None) => Err(error(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -151,26 +165,25 @@ impl Drop for Admitted {
 }
 
 async fn serve(cp: Arc<ControlPlane>, req: Request, path: &'static str) -> Response {
-    let token = match authenticate(&cp, req.headers()).await {
-        Ok(t) => t,
+    let caller = match authenticate(&cp, req.headers()).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
     let body = match read_body(req.into_body()).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    serve_for(cp, token, body, path).await
+    serve_for(cp, caller, body, path).await
 }
 
-/// The gateway for a caller already authenticated (`who` is accounted and audited): the API
-/// token's name, or a dashboard user's.
+/// The gateway for a caller already authenticated (accounted and audited by its name).
 pub async fn serve_for(
     cp: Arc<ControlPlane>,
-    who: String,
+    caller: Caller,
     body: Bytes,
     path: &'static str,
 ) -> Response {
-    let token = who;
+    let token = caller.name;
     let cfg = cp.config.ai.clone();
     if let Err(wait) = cp.ai.admit(&token, &cfg) {
         let mut r = error(
@@ -251,7 +264,7 @@ pub async fn serve_for(
     let prompt_tokens = estimate_tokens(&body);
     let mut tried: Vec<Uuid> = Vec::new();
     let mut last_error: Option<String> = None;
-    // Why pulling the model failed, when no node had it.
+    // Why pulling the model failed, or was not allowed, when no node had it.
     let mut pull_error: Option<String> = None;
     let routable = || {
         cp.ai.candidates(
@@ -268,13 +281,26 @@ pub async fn serve_for(
         // with Ollama can pull it (waited for, once per node and model however many ask).
         if attempt == 0
             && candidates.is_empty()
-            && cfg.pull_on_demand
             && !embeddings
             && !fallback_lists(&cfg, &model)
             && !cp.ai.has_model(&model, |id| cp.registry.is_online(id))
         {
-            if let Err(Some(e)) = pull_on_demand(&cp, &model, &cfg).await {
-                pull_error = Some(e);
+            match pulls::may_pull(&cfg, caller.scope, &model) {
+                Ok(()) => match pull_on_demand(&cp, &model, &cfg, &token).await {
+                    Ok(()) | Err(PullError::NoNode) => {}
+                    Err(PullError::Failed(e)) => pull_error = Some(e),
+                    Err(PullError::OverLimit(n)) => {
+                        return error(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "rate_limit_error",
+                            "too_many_pulls",
+                            format!(
+                                "no online node serves model `{model}`, and this token has {n} model pulls in flight, its limit (ai.max_pulls_per_token): retry when one is done"
+                            ),
+                        );
+                    }
+                },
+                Err(refused) => pull_error = refused.reason().map(str::to_owned),
             }
             candidates = routable();
         }
@@ -424,28 +450,49 @@ impl Drop for Unclaim<'_> {
     }
 }
 
+/// Why a pull on demand gave no model.
+enum PullError {
+    /// No node can pull it: the request goes on as if there were no such tier.
+    NoNode,
+    /// The caller has this many pulls in flight, its `max_pulls_per_token`: none was started.
+    OverLimit(u32),
+    /// The pull failed, or its model did not show up: why.
+    Failed(String),
+}
+
 /// Pull `model` onto the best node with a healthy Ollama (most free VRAM, fewest requests in
-/// flight) and wait until that node reports it. One pull per node and model at a time: other
-/// requests for it wait on the same job. A node whose pull failed is passed over for that model
-/// for `failed_pull_cooldown` ([`super::AiFleet::pull_failed`]).
-/// `Err(None)`: no node can pull (the request goes on as if there were no such tier).
+/// flight) for `who` and wait until that node reports it. One pull per node and model at a
+/// time: other requests for it wait on the same job. A node whose pull failed is passed over
+/// for that model for `failed_pull_cooldown` ([`super::AiFleet::pull_failed`]). The job and
+/// its audit rows name `who`, and count against its `max_pulls_per_token`.
 async fn pull_on_demand(
     cp: &Arc<ControlPlane>,
     model: &str,
     cfg: &AiConfig,
-) -> Result<(), Option<String>> {
+    who: &str,
+) -> Result<(), PullError> {
     let Some((node_id, node)) = cp.ai.pull_target(
         model,
         cfg.failed_pull_cooldown,
         |id| cp.registry.is_online(id),
         |id| cp.telemetry.free_vram(id),
     ) else {
-        return Err(None);
+        return Err(PullError::NoNode);
     };
     let key = (node_id, model_base(model).to_owned());
-    let job = match cp.ai.claim_pull(&key) {
-        Some(Some(job)) => job,
-        Some(None) => {
+    // Model jobs not over yet: a claim whose job is not among them is not in flight.
+    let live: std::collections::HashSet<Uuid> = cp
+        .model_jobs_in_flight()
+        .into_iter()
+        .map(|(id, ..)| id)
+        .collect();
+    let job = match cp
+        .ai
+        .claim_pull(&key, who, cfg.max_pulls_per_token, |j| live.contains(&j))
+    {
+        Claim::OverLimit(n) => return Err(PullError::OverLimit(n)),
+        Claim::Joined(Some(job)) => job,
+        Claim::Joined(None) => {
             // Another request is starting this pull: wait for its job.
             let until = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
@@ -459,7 +506,7 @@ async fn pull_on_demand(
                 }
             }
         }
-        None => {
+        Claim::Start => {
             // Dropped before the job exists (the client went away), the claim would stay taken
             // with no job, and no pull of this model onto this node would ever start again.
             let claim = Unclaim { cp, key: &key };
@@ -479,11 +526,19 @@ async fn pull_on_demand(
                         idempotent: false,
                         max_attempts: Some(1),
                     },
-                    "gateway",
+                    who,
                 )
                 .await
-                .map_err(|e| Some(format!("starting a pull of `{model}` on {node}: {e}")))?;
-            tracing::info!(%model, %node, job = %rec.id, "pulling a model for a request");
+                .map_err(|e| {
+                    PullError::Failed(format!("starting a pull of `{model}` on {node}: {e}"))
+                })?;
+            cp.audit(
+                who,
+                "ai.pull_on_demand",
+                model,
+                json!({"node": node, "job": rec.id}),
+            );
+            tracing::info!(%model, %node, %who, job = %rec.id, "pulling a model for a request");
             std::mem::forget(claim);
             cp.ai.set_pull_in_flight(key.clone(), Some(rec.id));
             rec.id
@@ -491,7 +546,10 @@ async fn pull_on_demand(
     };
     let deadline = tokio::time::Instant::now() + cfg.load_timeout;
     let outcome = loop {
-        let rec = cp.job(job).await.map_err(|e| Some(e.to_string()))?;
+        let rec = cp
+            .job(job)
+            .await
+            .map_err(|e| PullError::Failed(e.to_string()))?;
         match rec {
             Some(r) if r.state.is_terminal() => {
                 if r.state == crate::jobs::model::JobState::Succeeded {
@@ -522,7 +580,7 @@ async fn pull_on_demand(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     cp.ai.set_pull_in_flight(key, None);
-    outcome.map_err(Some)?;
+    outcome.map_err(PullError::Failed)?;
     // The agent reads its backends again right after the job: wait for the model to show up.
     while tokio::time::Instant::now() < deadline {
         if !cp
@@ -534,7 +592,7 @@ async fn pull_on_demand(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(Some(format!(
+    Err(PullError::Failed(format!(
         "{node} pulled `{model}` but does not report it"
     )))
 }
@@ -1291,7 +1349,7 @@ async fn fallback(
 /// come back as `b64_json`.
 pub async fn images(State(cp): State<Arc<ControlPlane>>, req: Request) -> Response {
     let who = match authenticate(&cp, req.headers()).await {
-        Ok(t) => t,
+        Ok(c) => c.name,
         Err(r) => return r,
     };
     let body = match read_body(req.into_body()).await {
@@ -1359,7 +1417,7 @@ pub async fn sd_passthrough(
     req: Request,
 ) -> Response {
     let who = match authenticate(&cp, req.headers()).await {
-        Ok(t) => t,
+        Ok(c) => c.name,
         Err(r) => return r,
     };
     let body = match read_body(req.into_body()).await {

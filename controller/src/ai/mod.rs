@@ -8,6 +8,7 @@
 
 pub mod filters;
 pub mod gateway;
+pub mod pulls;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -45,8 +46,19 @@ pub struct AiConfig {
     /// Requests in flight per API token (0: no limit).
     pub max_concurrent: u32,
     /// When no node has a requested model, pull it onto the node with a healthy Ollama and the
-    /// most free VRAM, and answer from there (the request waits up to `load_timeout`).
-    pub pull_on_demand: bool,
+    /// most free VRAM, and answer from there (the request waits up to `load_timeout`). `true`:
+    /// any model, `false`: none, or a list of model names and glob patterns
+    /// (`["llama3*", "qwen2.5:7b"]`; see [`pulls::PullModels`]). Operator and admin tokens and
+    /// dashboard users pull what it allows; viewer tokens never pull.
+    pub pull_on_demand: pulls::PullModels,
+    /// May requests with an `ai` token (the gateway only, meant for applications) start pulls
+    /// on demand, of the models `pull_on_demand` allows? Off by default: such a token could
+    /// otherwise fill a node's disk with any model from any registry. Turn it on with a list in
+    /// `pull_on_demand`, not `true`.
+    pub pull_on_demand_ai_tokens: bool,
+    /// Pulls on demand one API token (or dashboard user) has in flight at most; a request that
+    /// would start one more gets 429. 0: no limit.
+    pub max_pulls_per_token: u32,
     /// A node where pulling a model on demand failed (its registry does not have it, its Ollama
     /// is down) is not asked to pull that model again for this long: the next node with Ollama
     /// is, and when every one has failed, the model's requests go to the fallback, or are told
@@ -74,7 +86,9 @@ impl Default for AiConfig {
             breaker_max_cooldown: Duration::from_secs(300),
             requests_per_minute: 0,
             max_concurrent: 0,
-            pull_on_demand: true,
+            pull_on_demand: pulls::PullModels::Any,
+            pull_on_demand_ai_tokens: false,
+            max_pulls_per_token: 2,
             failed_pull_cooldown: Duration::from_secs(600),
             usage_flush_interval: Duration::from_secs(10),
             fallback: None,
@@ -129,11 +143,32 @@ pub struct AiFleet {
     breakers: Mutex<HashMap<(Uuid, String), Breaker>>,
     usage: Mutex<BTreeMap<(String, String, String), Usage>>,
     limits: Mutex<HashMap<String, TokenLimit>>,
-    /// Pulls started for requests, by (node, model): `None` while the job is being created.
-    pulls: Mutex<HashMap<(Uuid, String), Option<Uuid>>>,
+    /// Pulls started for requests, by (node, model).
+    pulls: Mutex<HashMap<(Uuid, String), PullClaim>>,
     /// Pulls on demand that failed, by model (without its default tag), then node: when, and
     /// why.
     failed_pulls: Mutex<HashMap<String, FailedPulls>>,
+}
+
+/// A pull on demand claimed by a request.
+#[derive(Debug, Clone)]
+struct PullClaim {
+    /// Its job; `None` while the job is being created.
+    job: Option<Uuid>,
+    /// Who asked for it (an API token's name, `user:NAME`): counted against their
+    /// `max_pulls_per_token`.
+    by: String,
+}
+
+/// What [`AiFleet::claim_pull`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller must start the pull (and set its job, or give the claim back).
+    Start,
+    /// The pull is claimed already: wait for its job (`None` while it is being created).
+    Joined(Option<Uuid>),
+    /// The caller has this many pulls in flight, its limit: none is started.
+    OverLimit(u32),
 }
 
 /// One model's failed pulls, by node: when, and why.
@@ -262,17 +297,39 @@ impl AiFleet {
             .map(|(_, _, name, id)| (id, name))
     }
 
-    /// Claim the pull of a model onto a node: `None` when this caller must start it, else the
-    /// pull already claimed (`Some(None)` while its job is being created).
-    pub fn claim_pull(&self, key: &(Uuid, String)) -> Option<Option<Uuid>> {
+    /// Claim the pull of a model onto a node for `by`. A pull claimed already is joined,
+    /// whoever claimed it. Otherwise `by` may start one when it has fewer than `limit` (0: no
+    /// limit) in flight: claims still without a job, and those whose job `live` says is not
+    /// over (a claim whose request went away before its job ended is not counted forever).
+    pub fn claim_pull(
+        &self,
+        key: &(Uuid, String),
+        by: &str,
+        limit: u32,
+        live: impl Fn(Uuid) -> bool,
+    ) -> Claim {
         let mut pulls = lock(&self.pulls);
-        match pulls.get(key) {
-            Some(existing) => Some(*existing),
-            None => {
-                pulls.insert(key.clone(), None);
-                None
+        if let Some(existing) = pulls.get(key) {
+            return Claim::Joined(existing.job);
+        }
+        if limit > 0 {
+            let mine = pulls
+                .values()
+                .filter(|c| c.by == by && c.job.is_none_or(&live))
+                .count();
+            let mine = u32::try_from(mine).unwrap_or(u32::MAX);
+            if mine >= limit {
+                return Claim::OverLimit(mine);
             }
         }
+        pulls.insert(
+            key.clone(),
+            PullClaim {
+                job: None,
+                by: by.to_owned(),
+            },
+        );
+        Claim::Start
     }
 
     /// The claimed pull's job (`Some`), or the pull is over (`None`).
@@ -280,7 +337,9 @@ impl AiFleet {
         let mut pulls = lock(&self.pulls);
         match job {
             Some(j) => {
-                pulls.insert(key, Some(j));
+                if let Some(c) = pulls.get_mut(&key) {
+                    c.job = Some(j);
+                }
             }
             None => {
                 pulls.remove(&key);
@@ -291,7 +350,7 @@ impl AiFleet {
     /// A claimed pull: `Some(Some(job))` once its job exists, `Some(None)` while it is being
     /// created, `None` when the claim is gone.
     pub fn pull_job(&self, key: &(Uuid, String)) -> Option<Option<Uuid>> {
-        lock(&self.pulls).get(key).copied()
+        lock(&self.pulls).get(key).map(|c| c.job)
     }
 
     pub fn set_inventory(&self, node_id: Uuid, name: &str, inventory: AiInventory) {
@@ -859,6 +918,43 @@ mod tests {
         let last = format!("m{}", FAILED_PULLS_KEPT * 3 - 1);
         assert!(f.recent_pull_failure(&last, long).is_some());
         assert_eq!(f.recent_pull_failure("kept", long), None);
+    }
+
+    #[test]
+    fn pulls_in_flight_are_capped_per_caller_and_a_claim_is_joined_by_anyone() {
+        let f = AiFleet::default();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let key = |n: Uuid, m: &str| (n, m.to_owned());
+        let live = |_: Uuid| true;
+        assert_eq!(f.claim_pull(&key(a, "m1"), "app", 2, live), Claim::Start);
+        assert_eq!(f.claim_pull(&key(b, "m1"), "app", 2, live), Claim::Start);
+        // A third of its own is refused; another caller's, or joining a claimed pull, is not.
+        assert_eq!(
+            f.claim_pull(&key(a, "m2"), "app", 2, live),
+            Claim::OverLimit(2)
+        );
+        assert_eq!(f.claim_pull(&key(a, "m2"), "bob", 2, live), Claim::Start);
+        let job = Uuid::from_u128(99);
+        f.set_pull_in_flight(key(a, "m1"), Some(job));
+        assert_eq!(
+            f.claim_pull(&key(a, "m1"), "carol", 1, live),
+            Claim::Joined(Some(job))
+        );
+        assert_eq!(f.pull_job(&key(a, "m1")), Some(Some(job)));
+        // A claim whose job is over (its request went away before clearing it) does not count.
+        assert_eq!(
+            f.claim_pull(&key(b, "m3"), "app", 2, |j| j != job),
+            Claim::Start
+        );
+        // A pull that is over frees its slot; 0 is no limit.
+        f.set_pull_in_flight(key(b, "m1"), None);
+        f.set_pull_in_flight(key(b, "m3"), None);
+        assert_eq!(f.claim_pull(&key(b, "m4"), "app", 2, live), Claim::Start);
+        assert_eq!(
+            f.claim_pull(&key(b, "m5"), "app", 2, live),
+            Claim::OverLimit(2)
+        );
+        assert_eq!(f.claim_pull(&key(b, "m5"), "app", 0, live), Claim::Start);
     }
 
     #[test]
