@@ -355,7 +355,14 @@ pub async fn services(cli: &Cli) -> anyhow::Result<()> {
             vec![
                 s(&v["name"]),
                 s(&v["status"]),
-                short(&v["revision"]),
+                match v["serving_revision"].as_str() {
+                    Some(_) => format!(
+                        "{} (runs {})",
+                        short(&v["revision"]),
+                        short(&v["serving_revision"])
+                    ),
+                    None => short(&v["revision"]),
+                },
                 s(&v["image"]),
                 format!("{}/{}/{}", v["healthy"], v["running"], v["replicas"]),
                 nodes.into_iter().collect::<Vec<_>>().join(","),
@@ -394,6 +401,12 @@ pub async fn service(cli: &Cli, name: &str) -> anyhow::Result<()> {
         }
         println!("image     {}", s(&svc["image"]));
         println!("revision  {}", s(&svc["revision"]));
+        if svc["serving_revision"].is_string() {
+            println!(
+                "runs      revision {} (the counts below are its containers)",
+                s(&svc["serving_revision"])
+            );
+        }
         if let Some(p) = svc["pinned_over"].as_str() {
             println!("pinned    by a rollback, over the map's revision {p}");
         }

@@ -296,9 +296,15 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
         _ => println!("  Local agent:  not connected yet (see the log)"),
     }
     println!();
+    let controller_flag = if controller.http_addr.to_string() == "127.0.0.1:8080" {
+        String::new()
+    } else {
+        format!("--controller {url} ")
+    };
     println!(
-        "Try:  NEBULA_TOKEN_FILE={} nebula nodes",
-        token_path.display()
+        "Try:  NEBULA_TOKEN_FILE={} {} {controller_flag}nodes",
+        token_path.display(),
+        cli_invocation()
     );
     println!("Press Ctrl-C to stop.");
     wait_for_signal().await;
@@ -327,4 +333,51 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     writeln!(f, "{text}")?;
     Ok(())
+}
+
+/// How to run this CLI again from the same shell: `cargo run [--release] --` when started by
+/// `cargo run` (cargo sets `CARGO_MANIFEST_DIR` for the program it runs), `nebula` when that is
+/// this binary on PATH, else the binary's full path.
+fn cli_invocation() -> String {
+    let exe = std::env::current_exe().ok();
+    if std::env::var_os("CARGO_MANIFEST_DIR").is_some() && std::env::var_os("CARGO").is_some() {
+        let release = exe
+            .as_deref()
+            .and_then(|e| e.parent())
+            .and_then(|d| d.file_name())
+            .is_some_and(|d| d == "release");
+        return if release {
+            "cargo run --release --".into()
+        } else {
+            "cargo run --".into()
+        };
+    }
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            let candidate = dir.join("nebula");
+            match (
+                candidate.canonicalize(),
+                exe.as_ref().map(|e| e.canonicalize()),
+            ) {
+                (Ok(c), Some(Ok(e))) => c == e,
+                _ => false,
+            }
+        })
+    });
+    match exe {
+        Some(_) if on_path => "nebula".into(),
+        Some(e) => shell_quote(&e.display().to_string()),
+        None => "nebula".into(),
+    }
+}
+
+/// Quote a path for a POSIX shell when it needs it.
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@".contains(&b))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }

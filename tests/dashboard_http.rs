@@ -96,20 +96,25 @@ async fn sign_in_cookies_users_and_refusals() {
         sign_in(&c, "nobody", "wrong-password", false).await,
         Err(401)
     );
-    // Guessing is held off: after 5 failures in a row a username waits; failures are audited.
+    // Guessing is held off: after 5 failures in a row from one address a username waits;
+    // failures are audited, one row per username and address a minute (with the count).
     for _ in 0..4 {
         assert_eq!(sign_in(&c, "nobody", "guess", false).await, Err(401));
     }
     assert_eq!(sign_in(&c, "nobody", "guess", false).await, Err(429));
-    wait_for(
+    let audit = wait_for(
         "failed sign-ins in the audit log",
         Duration::from_secs(10),
         || async {
             let audit = c.get("/api/v1/audit?action=user.login_failed").await;
-            (audit["items"].as_array().unwrap().len() >= 5).then_some(())
+            (audit["items"].as_array().unwrap().len() >= 2).then_some(audit)
         },
     )
     .await;
+    let rows = audit["items"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "rate-limited: one row per pair: {audit}");
+    let nobody = rows.iter().find(|r| r["target"] == "nobody").unwrap();
+    assert_eq!(nobody["detail"]["source"], "127.0.0.1", "{nobody}");
     // Pages are not cached, scripts come only from the controller, no framing.
     let page = client().get(c.url("/ui/login")).send().await.unwrap();
     let csp = page.headers()["content-security-policy"]

@@ -157,7 +157,7 @@ async fn removed_node_is_cut_off_and_refused_on_reconnect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_renew_over_the_session_and_the_new_one_works() {
     let c = Controller::start(ControllerOpts {
-        cert_lifetime: "6s",
+        cert_lifetime: "12s",
         ..ControllerOpts::default()
     })
     .await;
@@ -171,8 +171,17 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
     let first_expiry = first["cert_not_after"].as_str().unwrap().to_owned();
     let first_crt = std::fs::read(state.join("node.crt")).unwrap();
     let first_key = std::fs::read(state.join("node.key")).unwrap();
-    // Renewal after 2/3 of the 6 s lifetime (+ clock-skew slack).
-    let renewed = common::wait_for("a renewed certificate", Duration::from_secs(15), || {
+    // A thief's copy of the node's state (key and certificate) before the renewal.
+    let stolen = dir.path().join("stolen");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&state)
+        .arg(&stolen)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    // Renewal after 2/3 of the 12 s lifetime (+ clock-skew slack).
+    let renewed = common::wait_for("a renewed certificate", Duration::from_secs(20), || {
         let c = &c;
         let first_expiry = first_expiry.clone();
         async move {
@@ -197,8 +206,17 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
         first_key,
         "a fresh key"
     );
+    // Once the agent has saved the new certificate, the old one is revoked: the stolen copy
+    // is refused at once, long before the old certificate would have expired.
+    let mut thief = Agent::run(&stolen);
+    let st = thief.proc.exit(Duration::from_secs(15)).await;
+    assert!(!st.success());
+    let out = thief.proc.output();
+    assert!(out.contains("revoked"), "{out}");
+    c.wait_status("alpha", "online", Duration::from_secs(1))
+        .await;
     // Once the first certificate has expired, a restarted agent still gets in with the new one.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     a.proc.kill();
     c.wait_status("alpha", "offline", Duration::from_secs(5))
         .await;
@@ -207,33 +225,92 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
         .await;
 }
 
+/// The README's first set-up command, run as written (in the test profile, so the binaries the
+/// suite built are reused): `cargo run` must resolve to `nebula`, `dev` must come up with its
+/// banner and a healthy API, the next command it prints must work as printed, and Ctrl-C must
+/// stop everything cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nebula_dev_runs_everything_and_stops_cleanly_on_ctrl_c() {
+async fn readme_quick_start_runs_as_written_and_stops_cleanly_on_ctrl_c() {
     common::tls_provider();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let first = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|block| block.lines().next())
+        .expect("the README starts its set-up with a ```sh block");
+    let words: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(words[..2], ["cargo", "run"], "first command: {first}");
+    let dash = words
+        .iter()
+        .position(|w| *w == "--")
+        .expect("cargo run -- ARGS");
+    assert_eq!(words[dash + 1..], ["dev"], "first command: {first}");
+    // The test profile stands in for --release; everything else is the README's.
+    let cargo_args: Vec<&str> = words[2..dash]
+        .iter()
+        .copied()
+        .filter(|w| *w != "--release")
+        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(common::bin("nebula"));
-    cmd.arg("dev").arg("--data-dir").arg(dir.path()).args([
-        "--http-listen",
-        "127.0.0.1:0",
-        "--quic-listen",
-        "127.0.0.1:0",
-    ]);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(&cargo);
+    cmd.current_dir(root)
+        .arg("run")
+        .args(&cargo_args)
+        .arg("--")
+        .args(&words[dash + 1..])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+        ]);
     let mut dev = common::Proc::spawn(cmd);
-    let api = common::wait_for(
-        "nebula dev to report its agent online",
-        Duration::from_secs(30),
+    let (api, try_line) = common::wait_for(
+        "nebula dev's banner with its agent online",
+        Duration::from_secs(120),
         || {
             let out = &dev.stdout;
             async move {
                 let text = out.text();
-                text.contains("online").then_some(())?;
-                text.lines()
-                    .find_map(|l| l.trim().strip_prefix("API:").map(|s| s.trim().to_owned()))
+                text.contains("Nebula Command dev environment")
+                    .then_some(())?;
+                text.contains(" online").then_some(())?;
+                let api = text
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("API:").map(|s| s.trim().to_owned()))?;
+                let try_line = text
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("Try:").map(|s| s.trim().to_owned()))?;
+                Some((api, try_line))
             }
         },
     )
     .await;
-    // The printed admin token works against the printed API, and the local agent is there.
+    let health = reqwest::get(format!("{api}/healthz")).await.unwrap();
+    assert!(health.status().is_success(), "{}", health.status());
+    // The next command works exactly as printed (from the same directory, with a shell).
+    let next = std::process::Command::new("sh")
+        .current_dir(root)
+        .arg("-c")
+        .arg(&try_line)
+        .env("CARGO", &cargo)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&next.stdout);
+    assert!(
+        next.status.success(),
+        "`{try_line}` failed:\n{listing}\n{}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+    assert!(
+        listing.contains("online"),
+        "`{try_line}` printed:\n{listing}"
+    );
+    // The admin token works against the printed API, and the local agent is there.
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     let nodes: serde_json::Value = reqwest::Client::new()
         .get(format!("{api}/api/v1/nodes"))
@@ -246,7 +323,8 @@ async fn nebula_dev_runs_everything_and_stops_cleanly_on_ctrl_c() {
         .unwrap();
     assert_eq!(nodes["items"][0]["status"], "online", "{nodes}");
     assert_eq!(nodes["items"][0]["labels"]["env"], "dev");
-    // Ctrl-C: every task stops and the process exits cleanly.
+    // Ctrl-C: every task stops and the process exits cleanly (`cargo run` execs the program,
+    // so the signal reaches `nebula` itself).
     let _ = std::process::Command::new("kill")
         .args(["-INT", &dev.child.id().to_string()])
         .status();

@@ -377,3 +377,132 @@ async fn a_new_connection_from_the_same_node_replaces_the_old_one() {
     assert_ne!(first["remote_addr"], now["remote_addr"]);
     assert!(new.close_reason().is_none(), "the new connection is alive");
 }
+
+/// Resident memory of a process, in KiB (Linux).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// 200 enrollment connections that send half a frame and then stall, pinging to stay alive and
+/// trying to open more streams: a real agent still joins within 5 s, the stalled ones are cut
+/// off at the enrollment deadline, extra streams never open, and the controller's memory stays
+/// bounded. A raw QUIC client plays the attacker; the agent is the real binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_enrollments_cannot_keep_a_real_agent_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        "[quic_limits]\nenroll_deadline = \"4s\"\nmax_unauthenticated_per_source = 20\n",
+    )
+    .unwrap();
+    let config: &'static str = Box::leak(config.display().to_string().into_boxed_str());
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--config", config],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let token_text = c.token(1, "1h", json!({})).await;
+    let token: JoinToken = token_text.parse().unwrap();
+    let pid = c.proc.child.id();
+    let rss_before = rss_kib(pid);
+
+    let mut cfg = nebula_agent::tls::enroll_config(token.ca_sha256).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_millis(500)))
+        .max_idle_timeout(Some(Duration::from_secs(60).try_into().unwrap()));
+    cfg.transport_config(Arc::new(transport));
+    // 20 connections from each of 10 addresses (the per-source cap is 20 here).
+    let mut stalled = Vec::new();
+    let mut endpoints = Vec::new();
+    for source in 2..12u8 {
+        let mut ep =
+            quinn::Endpoint::client(format!("127.0.0.{source}:0").parse().unwrap()).unwrap();
+        ep.set_default_client_config(cfg.clone());
+        let opened = futures::future::join_all((0..20).map(|_| {
+            let ep = ep.clone();
+            let quic = c.quic;
+            async move {
+                let conn = ep
+                    .connect(quic, CONTROLLER_SERVER_NAME)
+                    .unwrap()
+                    .await
+                    .unwrap();
+                let (mut send, recv) = conn.open_bi().await.unwrap();
+                // A frame announcing 60,000 bytes, then 100 of them, then nothing.
+                send.write_all(&60_000u32.to_le_bytes()).await.unwrap();
+                send.write_all(&[7u8; 100]).await.unwrap();
+                (conn, send, recv)
+            }
+        }))
+        .await;
+        stalled.extend(opened);
+        endpoints.push(ep);
+    }
+    assert_eq!(stalled.len(), 200);
+    // The 21st from one address is turned away: busy, at once.
+    let extra = endpoints[0]
+        .connect(c.quic, CONTROLLER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (code, reason) = close_reason(&extra).await;
+    assert_eq!(code, close::BUSY, "{reason}");
+    assert!(reason.contains("busy"), "{reason}");
+    // No more streams for an unauthenticated peer: a second one never opens.
+    for (conn, _, _) in stalled.iter().take(5) {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), conn.open_uni())
+                .await
+                .is_err(),
+            "a unidirectional stream opened before authentication"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), conn.open_bi())
+                .await
+                .is_err(),
+            "a second stream opened before authentication"
+        );
+    }
+    let rss_loaded = rss_kib(pid);
+
+    // A real agent joins from 127.0.0.1 while all of that stalls.
+    let started = std::time::Instant::now();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let _agent = Agent::join(&c, &token_text, &agent_dir.path().join("real"), "real", &[]);
+    c.wait_status("real", "online", Duration::from_secs(5))
+        .await;
+    let joined = started.elapsed();
+
+    // The stalled connections are cut off by the enrollment deadline (4 s here).
+    for (conn, _, _) in &stalled {
+        let (code, reason) = close_reason(conn).await;
+        assert_eq!(code, close::PROTOCOL_ERROR, "{reason}");
+        assert!(reason.contains("took too long"), "{reason}");
+    }
+    let grew_mib = rss_loaded.saturating_sub(rss_before) as f64 / 1024.0;
+    println!(
+        "controller RSS {:.1} MiB before, {:.1} MiB with 200 stalled enrollments (+{grew_mib:.1} MiB); real agent online after {joined:?}",
+        rss_before as f64 / 1024.0,
+        rss_loaded as f64 / 1024.0,
+    );
+    assert!(
+        grew_mib < 32.0,
+        "200 stalled enrollments cost {grew_mib:.1} MiB (bound: 32 MiB)"
+    );
+    // The caps turned connections away and said so in /metrics.
+    let metrics = c.metrics().await;
+    assert!(
+        common::metric(
+            &metrics,
+            "nebula_connections_refused_total{reason=\"max_unauthenticated\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+}

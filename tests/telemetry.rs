@@ -535,3 +535,137 @@ async fn cli_nodes_and_top_show_live_figures() {
         "{top}"
     );
 }
+
+/// Regression: `?since=60y` (before 1970) panicked a handler, and a node reporting a container
+/// created after year 9999 made `GET /api/v1/containers` panic for the whole fleet. Out-of-range
+/// times are refused at the edge; numbers an agent sends are clamped and summed saturating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_times_and_numbers_never_panic_a_view() {
+    use nebula_protocol as proto;
+    use proto::telemetry::{
+        ContainerInfo, ContainerSample, ContainerState, Datagram, GpuInfo, GpuSample, HostSample,
+        NetRate, TelemetryInventory, TelemetrySample,
+    };
+    let c = Controller::start(ControllerOpts::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = common::session::enrolled_identity(&c, "odd", dir.path()).await;
+    let (conn, mut send, _recv, _) = common::session::welcomed(&id, &c).await;
+    let gpu = |uuid: &str| GpuInfo {
+        uuid: uuid.into(),
+        name: "sim".into(),
+        memory_total_bytes: u64::MAX,
+        power_limit_mw: Some(u32::MAX),
+    };
+    let inv = TelemetryInventory {
+        epoch: 1,
+        interfaces: vec!["eth0".into(), "eth1".into()],
+        gpus: vec![gpu("g0"), gpu("g1")],
+        containers: vec![ContainerInfo {
+            id: "c0".into(),
+            name: "from-the-future".into(),
+            image: "x".into(),
+            created_unix: i64::MAX,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    proto::write_message(&mut send, &proto::AgentMessage::TelemetryInventory(inv))
+        .await
+        .unwrap();
+    let gpu_sample = GpuSample {
+        utilization_percent: Some(u8::MAX),
+        memory_used_bytes: Some(u64::MAX),
+        ..Default::default()
+    };
+    let rate = NetRate {
+        rx_bytes_per_sec: u64::MAX,
+        tx_bytes_per_sec: u64::MAX,
+    };
+    let sample = TelemetrySample {
+        epoch: 1,
+        seq: 1,
+        taken_at_ms: u64::MAX,
+        host: HostSample {
+            cpu_percent: f32::NAN,
+            load: [f32::INFINITY, f32::MAX, -1.0],
+            memory_used_bytes: u64::MAX,
+            memory_total_bytes: u64::MAX,
+            uptime_secs: u64::MAX,
+            ..Default::default()
+        },
+        interfaces: vec![rate, rate],
+        gpus: vec![gpu_sample.clone(), gpu_sample],
+        containers: vec![ContainerSample {
+            state: ContainerState::Running,
+            restart_count: u32::MAX,
+            memory_used_bytes: Some(u64::MAX),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let bytes = proto::encode(&Datagram::Sample(sample)).unwrap();
+    // Datagrams may be lost: resend until the sample is in.
+    let containers = wait_for(
+        "the odd sample to be taken",
+        Duration::from_secs(10),
+        || {
+            let _ = conn.send_datagram(bytes.clone().into());
+            let c = &c;
+            async move {
+                let resp = c
+                    .client
+                    .get(c.url("/api/v1/containers"))
+                    .bearer_auth(&c.admin_token)
+                    .send()
+                    .await
+                    .ok()?;
+                assert!(resp.status().is_success(), "{}", resp.status());
+                let body: Value = resp.json().await.ok()?;
+                (!body["items"].as_array()?.is_empty()).then_some(body)
+            }
+        },
+    )
+    .await;
+    let item = &containers["items"][0];
+    assert_eq!(item["name"], "from-the-future", "{containers}");
+    assert!(
+        item["created"].as_str().unwrap().starts_with("9999-12-31"),
+        "{item}"
+    );
+    // The node's views stay up too.
+    for path in [
+        "/api/v1/nodes",
+        "/api/v1/nodes/odd",
+        "/api/v1/nodes/odd/telemetry",
+        "/api/v1/nodes/odd/telemetry?since=9999-12-31T23:59:59Z",
+    ] {
+        let resp = c
+            .client
+            .get(c.url(path))
+            .bearer_auth(&c.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    }
+    // Times before 1970 are refused with a clear error, not a panic.
+    for since in [
+        "60y",
+        "100000y",
+        "18446744073709551615s",
+        "1960-01-01T00:00:00Z",
+    ] {
+        let resp = c
+            .client
+            .get(c.url(&format!("/api/v1/nodes/odd/telemetry?since={since}")))
+            .bearer_auth(&c.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "since={since}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    }
+    assert!(conn.close_reason().is_none());
+    assert_eq!(c.node("odd").await.unwrap()["status"], "online");
+}

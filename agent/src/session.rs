@@ -337,6 +337,8 @@ async fn session(
                         continue;
                     };
                     state.save_cert(&key, &cert_der)?;
+                    // Saved: the controller may now revoke the certificate this session uses.
+                    proto::write_message(&mut send, &AgentMessage::CertificateSaved).await?;
                     let next = crate::identity::validity(&cert_der)
                         .map(|(nb, na)| nb + na.duration_since(nb).unwrap_or_default() * 2 / 3)
                         .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));

@@ -69,6 +69,9 @@ impl From<OpError> for ApiError {
             OpError::NotFound(m) => ApiError::not_found(m),
             OpError::Invalid(m) => ApiError::bad_request(m),
             OpError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            OpError::TooManyRequests(m) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", m)
+            }
             OpError::Store(e) => ApiError::from(e),
         }
     }
@@ -319,10 +322,11 @@ fn summary(view: &crate::telemetry::NodeView) -> Option<TelemetrySummary> {
         gpus: s.gpus.len(),
         gpu_utilization_percent: (!utils.is_empty())
             .then(|| utils.iter().sum::<f32>() / utils.len() as f32),
-        gpu_memory_used_bytes: (!gpu_mem.is_empty()).then(|| gpu_mem.iter().sum()),
+        gpu_memory_used_bytes: (!gpu_mem.is_empty())
+            .then(|| crate::telemetry::saturating_sum(gpu_mem.iter().copied())),
         gpu_memory_total_bytes: inv
             .filter(|i| !i.gpus.is_empty())
-            .map(|i| i.gpus.iter().map(|g| g.memory_total_bytes).sum()),
+            .map(|i| crate::telemetry::saturating_sum(i.gpus.iter().map(|g| g.memory_total_bytes))),
         containers_total: s.containers.len(),
         containers_running: s
             .containers
@@ -360,7 +364,7 @@ impl NodeStatus {
 }
 
 fn rfc3339(ms: i64) -> String {
-    humantime::format_rfc3339_millis(crate::store::from_millis(ms)).to_string()
+    crate::store::rfc3339_millis(crate::store::from_millis(ms))
 }
 
 pub fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
@@ -389,7 +393,7 @@ pub fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
         },
         connected_since: session
             .as_ref()
-            .map(|s| humantime::format_rfc3339_millis(s.connected_at).to_string()),
+            .map(|s| crate::store::rfc3339_millis(s.connected_at)),
         remote_addr: session.as_ref().map(|s| s.remote.to_string()),
         cert_not_after: n.cert_not_after.map(rfc3339),
         telemetry: cp.telemetry.view(n.id).as_ref().and_then(summary),
@@ -727,13 +731,15 @@ fn parse_since(s: Option<&str>) -> ApiResult<SystemTime> {
     let Some(s) = s else {
         return Ok(SystemTime::now() - Duration::from_secs(3600));
     };
+    // Out-of-range times are refused here, at the edge, never formatted or subtracted later.
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t);
     }
     if let Ok(d) = humantime::parse_duration(s) {
         return SystemTime::now()
             .checked_sub(d)
-            .ok_or_else(|| ApiError::bad_request("since is too far back"));
+            .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+            .ok_or_else(|| ApiError::bad_request(format!("since `{s}` is before 1970")));
     }
     Err(ApiError::bad_request(format!(
         "since `{s}`: use an RFC 3339 time or a duration such as 15m"
@@ -879,7 +885,7 @@ async fn node_telemetry(
     Ok(Json(json!({
         "node": node.name,
         "resolution": resolution,
-        "since": humantime::format_rfc3339_seconds(since).to_string(),
+        "since": crate::store::rfc3339_seconds(since),
         "latest": latest,
         "points": points,
     })))
@@ -1066,4 +1072,123 @@ async fn models_desired(
     State(cp): State<Arc<ControlPlane>>,
 ) -> ApiResult<Json<crate::desired::models::ModelsView>> {
     Ok(Json(cp.models_view().await?))
+}
+
+#[cfg(test)]
+mod input_tests {
+    //! Whatever a client asks or an agent reports, the API's views never panic.
+
+    use std::time::Duration;
+
+    use nebula_protocol::telemetry::{
+        ContainerInfo, ContainerSample, DiskInfo, GpuInfo, GpuSample, HostSample, NetRate,
+        TelemetryInventory, TelemetrySample,
+    };
+    use proptest::prelude::*;
+
+    use super::{container_json, parse_since, sample_view, summary};
+    use crate::telemetry::TelemetryHub;
+
+    fn extreme_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0),
+            Just(u64::MAX),
+            Just(u64::MAX / 2 + 1),
+            any::<u64>()
+        ]
+    }
+
+    fn extreme_i64() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(i64::MIN),
+            Just(i64::MAX),
+            Just(-1),
+            Just(253_402_300_800),
+            any::<i64>()
+        ]
+    }
+
+    fn extreme_f32() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            Just(f32::NEG_INFINITY),
+            Just(f32::MAX),
+            any::<f32>()
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_since_strings_never_panic(s in ".{0,40}", n in any::<u64>(), unit in "(ns|us|ms|s|m|h|d|w|y|M)") {
+            let _ = parse_since(Some(&s));
+            if let Ok(t) = parse_since(Some(&format!("{n}{unit}"))) {
+                let _ = crate::store::rfc3339_seconds(t);
+            }
+            if let Ok(t) = parse_since(Some(&s)) {
+                let _ = crate::store::rfc3339_seconds(t);
+                let _ = crate::store::rfc3339_millis(t);
+            }
+        }
+
+        #[test]
+        fn random_agent_numbers_never_panic_the_views(
+            created in extreme_i64(),
+            taken in extreme_u64(),
+            big in proptest::collection::vec(extreme_u64(), 8),
+            f in proptest::collection::vec(extreme_f32(), 5),
+            restarts in any::<u32>(),
+        ) {
+            let hub = TelemetryHub::new(Duration::from_secs(60));
+            let id = uuid::Uuid::now_v7();
+            hub.register(id, "n1");
+            let inv = TelemetryInventory {
+                epoch: 1,
+                disks: vec![DiskInfo { mount: "/".into(), filesystem: "ext4".into(), total_bytes: big[0] }],
+                interfaces: vec!["a".into(), "b".into()],
+                gpus: vec![
+                    GpuInfo { uuid: "g0".into(), name: "x".into(), memory_total_bytes: big[1], power_limit_mw: Some(u32::MAX) },
+                    GpuInfo { uuid: "g1".into(), name: "y".into(), memory_total_bytes: big[2], power_limit_mw: None },
+                ],
+                containers: vec![ContainerInfo { id: "c".into(), name: "c".into(), image: "i".into(), created_unix: created, ..Default::default() }],
+                ..Default::default()
+            };
+            prop_assert!(hub.set_inventory(id, inv).is_ok());
+            let gpu = |used: u64| GpuSample { utilization_percent: Some(u8::MAX), memory_used_bytes: Some(used), power_mw: Some(u32::MAX), ..Default::default() };
+            let sample = TelemetrySample {
+                epoch: 1,
+                seq: 1,
+                taken_at_ms: taken,
+                host: HostSample {
+                    cpu_percent: f[0],
+                    per_core_percent: vec![f[1]],
+                    load: [f[2], f[3], f[4]],
+                    memory_used_bytes: big[3],
+                    memory_total_bytes: big[4],
+                    swap_used_bytes: big[5],
+                    swap_total_bytes: big[6],
+                    uptime_secs: big[7],
+                },
+                disks_used_bytes: vec![big[5]],
+                interfaces: vec![
+                    NetRate { rx_bytes_per_sec: big[3], tx_bytes_per_sec: big[4] },
+                    NetRate { rx_bytes_per_sec: big[4], tx_bytes_per_sec: big[3] },
+                ],
+                gpus: vec![gpu(big[6]), gpu(big[7])],
+                containers: vec![ContainerSample { restart_count: restarts, cpu_percent: Some(f[0]), memory_used_bytes: Some(big[0]), memory_limit_bytes: Some(big[1]), ..Default::default() }],
+            };
+            prop_assert!(hub.ingest(id, sample).is_ok());
+            let view = hub.view(id).expect("registered");
+            prop_assert!(summary(&view).is_some());
+            let json = sample_view(&view).expect("a sample");
+            prop_assert!(json["containers"][0]["created"].is_string());
+            let inv = view.inventory.as_ref().expect("inventory");
+            let s = view.latest.as_ref().expect("sample");
+            let _ = container_json("n1", &inv.containers[0], &s.containers[0]);
+            let _ = hub.free_vram(id);
+            let _ = hub.history(id, 0);
+        }
+    }
 }

@@ -87,6 +87,71 @@ pub struct ControllerConfig {
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
+    /// Bounds on the QUIC listener's work before a peer is authenticated.
+    pub quic_limits: QuicLimits,
+    /// Bounds on the HTTP listener.
+    pub http_limits: HttpLimits,
+}
+
+/// What the QUIC listener lets an unauthenticated peer cost. Enrollment connections and
+/// sessions until their certificate is checked get one stream and a 64 KiB receive window;
+/// handshakes have a 10 s deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicLimits {
+    /// Connections at once, sessions included; more are refused.
+    pub max_connections: usize,
+    /// Handshakes under way at once; more are refused.
+    pub max_handshakes: usize,
+    /// With more handshakes than this under way, a new peer must first prove its address
+    /// (a QUIC retry: one extra round trip, no state kept for it).
+    pub retry_above_handshakes: usize,
+    /// Enrollment connections at once, in all and from one address.
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_source: usize,
+    /// One deadline on a whole enrollment exchange (request in, certificate out).
+    #[serde(with = "humantime_serde")]
+    pub enroll_deadline: Duration,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        QuicLimits {
+            max_connections: 20_000,
+            max_handshakes: 4096,
+            retry_above_handshakes: 256,
+            max_unauthenticated: 512,
+            max_unauthenticated_per_source: 64,
+            enroll_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the HTTP listener lets a client cost before and while it sends a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Connections at once; a new one waits in the kernel's queue while the cap is reached.
+    pub max_connections: usize,
+    /// Time allowed for a request's headers (also the longest idle keep-alive gap).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time allowed for a request's whole body.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (for sign-in throttling).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
+        }
+    }
 }
 
 impl Default for ControllerConfig {
@@ -120,6 +185,8 @@ impl Default for ControllerConfig {
             service_map: None,
             reconcile_interval: Duration::from_secs(30),
             wake_timeout: Duration::from_secs(180),
+            quic_limits: QuicLimits::default(),
+            http_limits: HttpLimits::default(),
         }
     }
 }

@@ -33,10 +33,12 @@ pub mod ca;
 pub mod config;
 pub mod desired;
 pub mod events;
+pub mod http_server;
 pub mod jobs;
 pub mod metrics;
 pub mod registry;
 pub mod releases;
+pub mod signin;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
@@ -77,6 +79,10 @@ pub struct ControlPlane {
     /// The QUIC port actually bound (installers and join commands name it).
     pub(crate) quic_port: std::sync::atomic::AtomicU16,
     pub(crate) enroll_slots: Arc<tokio::sync::Semaphore>,
+    /// Connection counts behind the QUIC listener's caps.
+    pub quic_limits: transport::limits::ConnectionCounts,
+    /// Sign-in throttling (per username and address) and the hashing budget.
+    pub signin: signin::SignInGuard,
     /// Owns every task the controller spawns (stopped by the shutdown token); the dashboard's
     /// live streams run on it too.
     pub tracker: TaskTracker,
@@ -117,11 +123,34 @@ pub enum OpError {
     /// The request conflicts with the current state (e.g. cancelling a finished job).
     #[error("{0}")]
     Conflict(String),
+    /// Throttled: try again later (HTTP 429).
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("internal error")]
     Store(#[from] store::StoreError),
 }
 
 impl ControlPlane {
+    /// The client's address for throttling: the TCP peer, or the last `X-Forwarded-For` hop
+    /// when the peer is a trusted proxy (`http_limits.trusted_proxies`).
+    pub fn client_ip(
+        &self,
+        peer: std::net::SocketAddr,
+        headers: &axum::http::HeaderMap,
+    ) -> std::net::IpAddr {
+        if !self.config.http_limits.trusted_proxies.contains(&peer.ip()) {
+            return peer.ip();
+        }
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse().ok())
+            .next_back()
+            .unwrap_or(peer.ip())
+    }
+
     /// The QUIC port agents dial (the bound one, also when the config asked for port 0).
     pub fn quic_port(&self) -> u16 {
         self.quic_port.load(std::sync::atomic::Ordering::Relaxed)
@@ -393,6 +422,8 @@ impl Controller {
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             token_cache: Default::default(),
+            quic_limits: Default::default(),
+            signin: Default::default(),
             enroll_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_enrollments.max(1),
             )),
@@ -437,21 +468,13 @@ impl Controller {
         if let Some(extra) = extra_routes {
             router = router.merge(extra(cp.clone()));
         }
-        let http_shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            // No Nagle: a streamed answer's tokens and the dashboard's live events are small
-            // writes that must leave at once, not wait for the previous one's ACK.
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!("HTTP server failed: {e:#}");
-            }
-        });
+        tracker.spawn(http_server::serve(
+            listener,
+            router,
+            cp.config.http_limits.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         info!(%quic_addr, %http_addr, ca_pin = %cp.ca.pin_hex(), backend = ?cp.store.backend(), "controller started");
         Ok(Controller {
             control_plane: cp,

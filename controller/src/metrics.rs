@@ -34,6 +34,8 @@ pub struct Metrics {
     pub deploys_finished: Family<Vec<(&'static str, String)>, Counter>,
     /// Seconds the last reconcile run's plan took.
     pub plan_seconds: Histogram,
+    /// Connections and requests turned away before authentication, by reason.
+    pub connections_refused: Family<DropLabels, Counter>,
 }
 
 impl Metrics {
@@ -99,7 +101,15 @@ impl Metrics {
             "Time to gather the observed state and compute a plan",
             plan_seconds.clone(),
         );
+        let connections_refused = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "QUIC connections and enrollments turned away by a limit, by reason (retry means \
+             a QUIC address validation was asked for)",
+            connections_refused.clone(),
+        );
         Metrics {
+            connections_refused,
             registry,
             reconcile_runs,
             deploys_finished,
@@ -112,6 +122,12 @@ impl Metrics {
             jobs_finished,
             jobs_active,
         }
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     pub fn dropped(&self, reason: &'static str) {

@@ -40,12 +40,31 @@ pub enum Backend {
 /// Milliseconds since the Unix epoch.
 pub fn millis(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
 pub fn from_millis(ms: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms.clamp(0, MAX_RFC3339_MILLIS) as u64)
+}
+
+/// 9999-12-31T23:59:59.999Z: the last instant RFC 3339 can write (four-digit years).
+pub const MAX_RFC3339_MILLIS: i64 = 253_402_300_799_999;
+
+/// A time clamped into what RFC 3339 can write (1970 to 9999), so that formatting never
+/// panics whatever a client asked for or an agent reported.
+pub fn clamp_time(t: SystemTime) -> SystemTime {
+    from_millis(millis(t).min(MAX_RFC3339_MILLIS))
+}
+
+/// RFC 3339 with milliseconds, clamped to 1970..=9999.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(clamp_time(t)).to_string()
+}
+
+/// RFC 3339 to the second, clamped to 1970..=9999.
+pub fn rfc3339_seconds(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(clamp_time(t)).to_string()
 }
 
 /// A node as stored.
@@ -492,6 +511,27 @@ impl Store {
         insert_cert(&mut tx, cert).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Revoke the node's live certificates issued before `serial` (which the node has shown it
+    /// holds): after a renewal, the old key stops working. Returns how many were revoked.
+    pub async fn revoke_superseded_certificates(
+        &self,
+        node_id: Uuid,
+        serial: &str,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE certificates SET revoked_at = $3 \
+             WHERE node_id = $1 AND serial <> $2 AND revoked_at IS NULL \
+             AND issued_at <= (SELECT issued_at FROM certificates WHERE serial = $2 AND node_id = $1)",
+        )
+        .bind(node_id.to_string())
+        .bind(serial)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     pub async fn certificate(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use nebula_protocol::telemetry::{
-    ContainerHealth, ContainerState, TelemetryInventory, TelemetrySample,
+    ContainerHealth, ContainerInfo, ContainerState, TelemetryInventory, TelemetrySample,
 };
 use serde::Serialize;
 use uuid::Uuid;
@@ -42,8 +42,8 @@ pub struct HistoryPoint {
 
 impl HistoryPoint {
     fn from_sample(s: &TelemetrySample, t: u32) -> Self {
-        let rx: u64 = s.interfaces.iter().map(|n| n.rx_bytes_per_sec).sum();
-        let tx: u64 = s.interfaces.iter().map(|n| n.tx_bytes_per_sec).sum();
+        let rx = saturating_sum(s.interfaces.iter().map(|n| n.rx_bytes_per_sec));
+        let tx = saturating_sum(s.interfaces.iter().map(|n| n.tx_bytes_per_sec));
         let utils: Vec<u8> = s
             .gpus
             .iter()
@@ -60,7 +60,7 @@ impl HistoryPoint {
             .filter_map(|g| g.temperature_c)
             .max()
             .unwrap_or(255);
-        let gpu_mem: u64 = s.gpus.iter().filter_map(|g| g.memory_used_bytes).sum();
+        let gpu_mem = saturating_sum(s.gpus.iter().filter_map(|g| g.memory_used_bytes));
         HistoryPoint {
             t,
             cpu: (s.host.cpu_percent.clamp(0.0, 100.0) * 100.0) as u16,
@@ -101,14 +101,18 @@ pub struct PointView {
     pub containers_unhealthy: u16,
 }
 
+/// Sum of numbers an agent reported: saturates instead of overflowing.
+pub fn saturating_sum(values: impl Iterator<Item = u64>) -> u64 {
+    values.fold(0, u64::saturating_add)
+}
+
 impl From<&HistoryPoint> for PointView {
     fn from(p: &HistoryPoint) -> Self {
         let has_gpu = p.gpu_util != 255 || p.gpu_temp != 255;
         PointView {
-            t: humantime::format_rfc3339_seconds(
+            t: crate::store::rfc3339_seconds(
                 SystemTime::UNIX_EPOCH + Duration::from_secs(p.t.into()),
-            )
-            .to_string(),
+            ),
             cpu_percent: f64::from(p.cpu) / 100.0,
             load1: f64::from(p.load1) / 100.0,
             memory_used_bytes: u64::from(p.mem_used_mib) << 20,
@@ -343,10 +347,26 @@ impl TelemetryHub {
             .remove(&id);
     }
 
-    pub fn set_inventory(&self, id: Uuid, inv: TelemetryInventory) -> Result<(), DropReason> {
+    /// Take a new inventory. Returns the containers the previous one had and this one lacks
+    /// (removed since), so that removal can be acted on as quickly as a stop.
+    pub fn set_inventory(
+        &self,
+        id: Uuid,
+        inv: TelemetryInventory,
+    ) -> Result<Vec<ContainerInfo>, DropReason> {
         let node = self.node(id).ok_or(DropReason::UnknownNode)?;
-        lock(&node).inventory = Some(Arc::new(inv));
-        Ok(())
+        let mut n = lock(&node);
+        let removed = match &n.inventory {
+            Some(old) => old
+                .containers
+                .iter()
+                .filter(|c| !inv.containers.iter().any(|new| new.id == c.id))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        n.inventory = Some(Arc::new(inv));
+        Ok(removed)
     }
 
     /// Take a sample. Returns the container changes since the previous sample.
@@ -470,14 +490,10 @@ impl TelemetryHub {
         let (Some(inv), Some(sample)) = (&n.inventory, &n.latest) else {
             return 0;
         };
-        inv.gpus
-            .iter()
-            .zip(sample.gpus.iter())
-            .map(|(g, s)| {
-                g.memory_total_bytes
-                    .saturating_sub(s.memory_used_bytes.unwrap_or(g.memory_total_bytes))
-            })
-            .sum()
+        saturating_sum(inv.gpus.iter().zip(sample.gpus.iter()).map(|(g, s)| {
+            g.memory_total_bytes
+                .saturating_sub(s.memory_used_bytes.unwrap_or(g.memory_total_bytes))
+        }))
     }
 
     /// History points at or after `since` (Unix seconds).

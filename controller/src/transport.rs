@@ -28,6 +28,18 @@ use crate::ControlPlane;
 const MAX_ENROLL_FRAME: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a complete enrollment request waits for a signing slot before "busy".
+const ENROLL_SLOT_WAIT: Duration = Duration::from_secs(3);
+/// Bytes an unauthenticated peer may have in flight to us, all streams together.
+const UNAUTH_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// Per stream, and in all once a session is authenticated.
+const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+const SESSION_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
+/// Unread datagrams kept per connection (telemetry samples are read as they come).
+const DATAGRAM_BUFFER: usize = 64 * 1024;
+/// Streams an authenticated agent may open: the session, job replies and large samples.
+const SESSION_BIDI_STREAMS: u32 = 64;
+const SESSION_UNI_STREAMS: u32 = 16;
 
 /// Build the QUIC endpoint: TLS 1.3, ALPNs for enrollment and sessions, client certificates
 /// verified against the fleet CA but optional at the TLS layer (enrollment has none; sessions
@@ -51,11 +63,18 @@ pub fn endpoint(cp: &ControlPlane, reset_key: &[u8; 32]) -> anyhow::Result<quinn
     // answer). The controller sends none: a keep-alive sent after the last packet received
     // restarts the idle timer (RFC 9000, 10.1), which would delay noticing a dead agent by up to
     // one interval past the idle timeout.
+    // Every connection starts with the small windows and stream limits of an unauthenticated
+    // peer: one bidirectional stream, no unidirectional ones, 64 KiB buffered in all. A session
+    // raises them once its certificate is known to be live (`Limits::authenticated`).
     transport
         .keep_alive_interval(None)
         .max_idle_timeout(Some(cp.config.idle_timeout.try_into()?))
-        .max_concurrent_bidi_streams(64u32.into())
-        .max_concurrent_uni_streams(16u32.into());
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .receive_window(UNAUTH_RECEIVE_WINDOW.into())
+        .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .crypto_buffer_size(16 * 1024);
     server.transport_config(Arc::new(transport));
     // A stateless-reset key that survives restarts: after a controller crash, the first packet
     // an agent sends to the new process is answered with a reset it can verify, so it reconnects
@@ -101,12 +120,15 @@ pub async fn accept_loop(
                 None => break,
             },
         };
+        let Some(admitted) = admit(&cp, incoming) else {
+            continue;
+        };
         let cp = cp.clone();
         let shutdown = shutdown.clone();
-        let remote = incoming.remote_address();
+        let remote = admitted.incoming.remote_address();
         tracker.spawn(
             async move {
-                if let Err(e) = handle_connection(cp, incoming, shutdown).await {
+                if let Err(e) = handle_connection(cp, admitted, shutdown).await {
                     debug!("connection ended: {e:#}");
                 }
             }
@@ -119,20 +141,88 @@ pub async fn accept_loop(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
+/// A connection let in by the accept loop, counted until it ends.
+struct Admitted {
+    incoming: quinn::Incoming,
+    _connection: limits::Counted,
+    handshake: limits::Counted,
+}
+
+/// The accept loop's gate: refuse past the connection caps, ask for address validation (a
+/// QUIC retry) when many handshakes are under way, else let the connection in, counted.
+fn admit(cp: &ControlPlane, incoming: quinn::Incoming) -> Option<Admitted> {
+    let cfg = &cp.config.quic_limits;
+    let limits = &cp.quic_limits;
+    if limits.connections() >= cfg.max_connections {
+        cp.metrics.connection_refused("max_connections");
+        incoming.refuse();
+        return None;
+    }
+    if !incoming.remote_address_validated() && limits.handshakes() >= cfg.retry_above_handshakes {
+        // Stateless: costs one packet, and a spoofed source never comes back.
+        cp.metrics.connection_refused("retry");
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().refuse();
+        }
+        return None;
+    }
+    if limits.handshakes() >= cfg.max_handshakes {
+        cp.metrics.connection_refused("max_handshakes");
+        incoming.refuse();
+        return None;
+    }
+    Some(Admitted {
+        _connection: limits.count_connection(),
+        handshake: limits.count_handshake(),
+        incoming,
+    })
+}
+
 async fn handle_connection(
     cp: Arc<ControlPlane>,
-    incoming: quinn::Incoming,
+    admitted: Admitted,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Admitted {
+        incoming,
+        _connection,
+        handshake,
+    } = admitted;
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await??;
+    drop(handshake);
     let alpn = conn
         .handshake_data()
         .and_then(|d| d.downcast::<HandshakeData>().ok())
         .and_then(|d| d.protocol);
     match alpn.as_deref() {
         Some(ALPN_ENROLL) => {
-            let _permit = cp.enroll_slots.clone().acquire_owned().await?;
-            enroll_connection(&cp, conn).await
+            let source = conn.remote_address().ip();
+            let Some(_unauthenticated) = cp.quic_limits.admit_unauthenticated(
+                source,
+                cp.config.quic_limits.max_unauthenticated,
+                cp.config.quic_limits.max_unauthenticated_per_source,
+            ) else {
+                cp.metrics.connection_refused("max_unauthenticated");
+                debug!(%source, "enrollment refused: too many unauthenticated connections");
+                conn.close(
+                    close::BUSY.into(),
+                    b"controller busy: too many enrollments in progress (from this address or in all); try again shortly",
+                );
+                return Ok(());
+            };
+            let deadline = cp.config.quic_limits.enroll_deadline;
+            match tokio::time::timeout(deadline, enroll_connection(&cp, &conn)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    cp.metrics.connection_refused("enroll_deadline");
+                    debug!(%source, "enrollment took longer than {deadline:?}: closed");
+                    conn.close(
+                        close::PROTOCOL_ERROR.into(),
+                        b"enrollment took too long (the whole exchange has a deadline)",
+                    );
+                    Ok(())
+                }
+            }
         }
         Some(ALPN_SESSION) => session_connection(&cp, conn, shutdown).await,
         _ => {
@@ -144,9 +234,11 @@ async fn handle_connection(
 
 // ----- enrollment -----
 
-async fn enroll_connection(cp: &ControlPlane, conn: quinn::Connection) -> anyhow::Result<()> {
-    let (mut send, mut recv) =
-        tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await??;
+/// One enrollment exchange: the request frame, a slot for the signing and the store (taken
+/// only once the whole request is in, so stalled peers hold no slot), the answer. The caller
+/// puts one deadline on all of it.
+async fn enroll_connection(cp: &ControlPlane, conn: &quinn::Connection) -> anyhow::Result<()> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
     let req: EnrollRequest = match proto::read_message(&mut recv, MAX_ENROLL_FRAME).await {
         Ok(r) => r,
         Err(e) => {
@@ -156,11 +248,22 @@ async fn enroll_connection(cp: &ControlPlane, conn: quinn::Connection) -> anyhow
             return Ok(());
         }
     };
-    let response = cp.enroll(req).await;
+    let slot =
+        tokio::time::timeout(ENROLL_SLOT_WAIT, cp.enroll_slots.clone().acquire_owned()).await;
+    let response = match slot {
+        Ok(Ok(_permit)) => cp.enroll(req).await,
+        _ => {
+            cp.metrics.connection_refused("enroll_busy");
+            EnrollResponse::Refused(Refusal::new(
+                RefusalCode::Internal,
+                "controller busy: too many enrollments at once; try again shortly",
+            ))
+        }
+    };
     proto::write_message(&mut send, &response).await?;
     send.finish()?;
-    // Let the agent read the answer and close; do not hold the slot forever.
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    // Let the agent read the answer and close (the caller's deadline bounds this too).
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     Ok(())
 }
 
@@ -278,9 +381,24 @@ async fn session_connection(
         return Ok(());
     };
     let node_id = identity.node_id;
-    let (mut send, mut recv) =
-        tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await??;
-    let payload = match proto::read_frame(&mut recv, cp.config.max_frame_bytes).await {
+    // The session stream and its Hello, under one deadline.
+    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let payload = proto::read_frame(&mut recv, cp.config.max_frame_bytes).await;
+        Ok::<_, quinn::ConnectionError>((send, recv, payload))
+    })
+    .await;
+    let (mut send, mut recv, payload) = match first {
+        Ok(r) => r?,
+        Err(_) => {
+            conn.close(
+                close::PROTOCOL_ERROR.into(),
+                b"no Hello within the deadline",
+            );
+            return Ok(());
+        }
+    };
+    let payload = match payload {
         Ok(p) => p,
         Err(e) => return protocol_error(cp, &conn, node_id, &e),
     };
@@ -312,6 +430,12 @@ async fn session_connection(
             return refuse(&conn, &mut send, refusal, close::REVOKED).await;
         }
     };
+    // A node that connects with a newer certificate has saved it: its older ones go.
+    revoke_superseded(cp, node_id, &identity.serial).await;
+    // Authenticated: the windows and stream limits of a session.
+    conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
+    conn.set_max_concurrent_bi_streams(SESSION_BIDI_STREAMS.into());
+    conn.set_max_concurrent_uni_streams(SESSION_UNI_STREAMS.into());
     let now = millis(SystemTime::now());
     cp.store
         .record_session(node_id, &hello.facts, &hello.agent_version, now)
@@ -399,6 +523,8 @@ async fn session_loop(
 ) -> anyhow::Result<()> {
     // Cancel-safe: the select below may drop a read in the middle of a frame.
     let mut frames = proto::FrameReader::new(cp.config.max_frame_bytes);
+    // The certificate issued on this session and not yet confirmed saved.
+    let mut renewed: Option<String> = None;
     loop {
         let msg = tokio::select! {
             changed = async { releases.as_mut()?.changed().await.ok() }, if releases.is_some() => {
@@ -460,6 +586,7 @@ async fn session_loop(
                                 .add_certificate(&issued.record(node_id, now))
                                 .await?;
                             info!(serial = %issued.serial, "certificate renewed");
+                            renewed = Some(issued.serial.clone());
                             cp.events.publish(Event::CertificateRenewed {
                                 id: node_id,
                                 name: name.to_owned(),
@@ -475,6 +602,11 @@ async fn session_loop(
                         )),
                     };
                 proto::write_message(send, &reply).await?;
+            }
+            Ok(AgentMessage::CertificateSaved) => {
+                if let Some(serial) = renewed.take() {
+                    revoke_superseded(cp, node_id, &serial).await;
+                }
             }
             Ok(AgentMessage::Bye { reason }) => {
                 info!(%reason, "agent said bye");
@@ -502,7 +634,18 @@ async fn session_loop(
                     cp.store.update_facts(node_id, facts).await?;
                     cp.jobs.nodes_changed();
                 }
-                let _ = cp.telemetry.set_inventory(node_id, inv);
+                // A container gone from the inventory was removed (`docker rm -f`): say so like
+                // a stop, so that the reconciler repairs it at once.
+                for c in cp.telemetry.set_inventory(node_id, inv).unwrap_or_default() {
+                    cp.events.publish(Event::ContainerChanged {
+                        node_id,
+                        node: name.to_owned(),
+                        container: c.id,
+                        name: c.name,
+                        state: "removed".to_owned(),
+                        health: "none".to_owned(),
+                    });
+                }
             }
             Err(FrameError::UnknownVariant { index, .. }) => {
                 // A newer agent minor: answer, never fail.
@@ -512,6 +655,20 @@ async fn session_loop(
             Err(FrameError::Closed) => return Ok(()),
             Err(e) => return protocol_error(cp, conn, node_id, &e),
         }
+    }
+}
+
+/// Revoke the node's certificates older than `serial`; a failure is logged, never fatal (the
+/// old certificate still expires on its own).
+async fn revoke_superseded(cp: &ControlPlane, node_id: uuid::Uuid, serial: &str) {
+    match cp
+        .store
+        .revoke_superseded_certificates(node_id, serial, millis(SystemTime::now()))
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => info!(node = %node_id, %serial, revoked = n, "older certificates revoked"),
+        Err(e) => warn!(node = %node_id, "revoking older certificates: {e:#}"),
     }
 }
 
@@ -579,4 +736,132 @@ fn reason(e: &FrameError) -> String {
     let mut s = format!("protocol error: {e}");
     s.truncate(200);
     s
+}
+
+/// Connection counts for the caps on work before authentication.
+pub mod limits {
+    use std::collections::HashMap;
+    use std::net::IpAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Default)]
+    pub struct ConnectionCounts {
+        connections: Arc<AtomicUsize>,
+        handshakes: Arc<AtomicUsize>,
+        unauthenticated: Arc<Mutex<Unauthenticated>>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Unauthenticated {
+        total: usize,
+        by_source: HashMap<IpAddr, usize>,
+    }
+
+    /// One counted connection (or stage of one); the count drops with it.
+    #[derive(Debug)]
+    pub struct Counted(Release);
+
+    #[derive(Debug)]
+    enum Release {
+        Atomic(Arc<AtomicUsize>),
+        Source(Arc<Mutex<Unauthenticated>>, IpAddr),
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            match &self.0 {
+                Release::Atomic(n) => {
+                    n.fetch_sub(1, Ordering::AcqRel);
+                }
+                Release::Source(u, ip) => {
+                    let mut u = u.lock().unwrap_or_else(|p| p.into_inner());
+                    u.total = u.total.saturating_sub(1);
+                    if let Some(n) = u.by_source.get_mut(ip) {
+                        *n -= 1;
+                        if *n == 0 {
+                            u.by_source.remove(ip);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    impl ConnectionCounts {
+        pub fn connections(&self) -> usize {
+            self.connections.load(Ordering::Acquire)
+        }
+
+        pub fn handshakes(&self) -> usize {
+            self.handshakes.load(Ordering::Acquire)
+        }
+
+        pub fn unauthenticated(&self) -> usize {
+            self.unauthenticated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .total
+        }
+
+        pub fn count_connection(&self) -> Counted {
+            self.connections.fetch_add(1, Ordering::AcqRel);
+            Counted(Release::Atomic(self.connections.clone()))
+        }
+
+        pub fn count_handshake(&self) -> Counted {
+            self.handshakes.fetch_add(1, Ordering::AcqRel);
+            Counted(Release::Atomic(self.handshakes.clone()))
+        }
+
+        /// Count an unauthenticated connection from `source`, unless that would pass `total`
+        /// in all or `per_source` from that address.
+        pub fn admit_unauthenticated(
+            &self,
+            source: IpAddr,
+            total: usize,
+            per_source: usize,
+        ) -> Option<Counted> {
+            let mut u = self
+                .unauthenticated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let from_source = u.by_source.get(&source).copied().unwrap_or(0);
+            if u.total >= total || from_source >= per_source {
+                return None;
+            }
+            u.total += 1;
+            *u.by_source.entry(source).or_insert(0) += 1;
+            Some(Counted(Release::Source(
+                self.unauthenticated.clone(),
+                source,
+            )))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn caps_hold_per_source_and_in_all_and_free_on_drop() {
+            let c = ConnectionCounts::default();
+            let a = IpAddr::from([192, 0, 2, 1]);
+            let b = IpAddr::from([192, 0, 2, 2]);
+            let first: Vec<_> = (0..2)
+                .map(|_| c.admit_unauthenticated(a, 3, 2).expect("under the caps"))
+                .collect();
+            assert!(c.admit_unauthenticated(a, 3, 2).is_none(), "per source");
+            let other = c.admit_unauthenticated(b, 3, 2).expect("another source");
+            assert!(c.admit_unauthenticated(b, 3, 2).is_none(), "in all");
+            assert_eq!(c.unauthenticated(), 3);
+            drop(first);
+            drop(other);
+            assert_eq!(c.unauthenticated(), 0);
+            let h = c.count_handshake();
+            assert_eq!(c.handshakes(), 1);
+            drop(h);
+            assert_eq!(c.handshakes(), 0);
+        }
+    }
 }

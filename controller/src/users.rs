@@ -12,20 +12,9 @@ use crate::store::millis;
 use crate::store::users::{SessionRecord, UserRecord};
 use crate::{hash_secret, ControlPlane, OpError};
 
-/// Password hashes computed at once at most (argon2 takes ~19 MiB and tens of ms each).
+/// Password hashes computed at once for new users (argon2 takes ~19 MiB and tens of ms each);
+/// sign-ins have their own budget in [`crate::signin`].
 static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-/// Failed sign-ins per username before it is held off, and for how long.
-const MAX_FAILURES: u32 = 5;
-const HOLD_OFF: Duration = Duration::from_secs(30);
-
-/// Failed sign-ins per username: (failures in a row, held off until).
-fn failures(
-) -> &'static std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>> {
-    static F: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
-    > = std::sync::OnceLock::new();
-    F.get_or_init(Default::default)
-}
 
 /// Run an argon2 computation on a blocking thread, a bounded number at a time.
 async fn hashing<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, OpError> {
@@ -141,65 +130,55 @@ impl ControlPlane {
         }
     }
 
-    /// Check a username and password; on success a new session: (cookie token, session).
+    /// Check a username and password from `source` (the client's address); on success a new
+    /// session: (cookie token, session). Throttled per (username, source) and by a global
+    /// hashing budget (see [`crate::signin`]); a refusal is `TooManyRequests`.
     pub async fn login(
         &self,
         username: &str,
         password: &str,
+        source: std::net::IpAddr,
     ) -> Result<(String, SessionRecord), OpError> {
         if username.len() > 64 || password.len() > 1024 {
             return Err(OpError::Invalid("wrong username or password".into()));
         }
-        {
-            let f = failures().lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((n, until)) = f.get(username) {
-                let now = std::time::Instant::now();
-                if *n >= MAX_FAILURES && *until > now {
-                    return Err(OpError::Conflict(format!(
-                        "too many failed sign-ins for `{username}`; try again in {} s",
-                        (*until - now).as_secs() + 1
-                    )));
-                }
-            }
-        }
+        let slot = self
+            .signin
+            .admit(username, source)
+            .await
+            .map_err(|e| OpError::TooManyRequests(e.to_string()))?;
         let user = self.store.user_by_name(username).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
         let pw = password.to_owned();
         // Verify even for an unknown user, so the answer takes as long either way.
-        let ok = hashing(move || match hash {
+        let ok = tokio::task::spawn_blocking(move || match hash {
             Some(h) => verify_password(&pw, &h),
             None => {
                 let _ = hash_password(&pw);
                 false
             }
         })
-        .await?;
+        .await
+        .map_err(|e| OpError::Invalid(format!("checking the password: {e}")))?;
+        drop(slot);
         let user = match (ok, user) {
             (true, Some(u)) => {
-                failures()
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(username);
+                self.signin.succeeded(username, source);
                 u
             }
             _ => {
-                {
-                    let mut f = failures().lock().unwrap_or_else(|p| p.into_inner());
-                    if f.len() > 10_000 {
-                        f.clear();
-                    }
-                    let e = f
-                        .entry(username.to_owned())
-                        .or_insert((0, std::time::Instant::now()));
-                    e.0 += 1;
-                    e.1 = std::time::Instant::now() + HOLD_OFF;
+                if let Some(note) = self.signin.failed(username, source) {
+                    self.audit(
+                        username,
+                        "user.login_failed",
+                        username,
+                        serde_json::json!({
+                            "source": source.to_string(),
+                            "failures": note.failures,
+                            "suppressed_elsewhere": note.suppressed,
+                        }),
+                    );
                 }
-                self.audit(
-                    username,
-                    "user.login_failed",
-                    username,
-                    serde_json::json!({}),
-                );
                 return Err(OpError::Invalid("wrong username or password".into()));
             }
         };

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Form, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -252,6 +252,7 @@ fn op_error(e: OpError) -> Response {
         OpError::NotFound(m) => problem(StatusCode::NOT_FOUND, &m),
         OpError::Invalid(m) => problem(StatusCode::BAD_REQUEST, &m),
         OpError::Conflict(m) => problem(StatusCode::CONFLICT, &m),
+        OpError::TooManyRequests(m) => problem(StatusCode::TOO_MANY_REQUESTS, &m),
         OpError::Store(e) => {
             tracing::error!("store error: {e:#}");
             problem(
@@ -644,6 +645,7 @@ async fn login_page(headers: HeaderMap) -> Response {
 
 async fn login(
     State(cp): State<Arc<ControlPlane>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
@@ -657,7 +659,8 @@ async fn login(
             "the sign-in form's CSRF token is missing or wrong; reload the page",
         );
     }
-    match cp.login(&f.username, &f.password).await {
+    let source = cp.client_ip(peer, &headers);
+    match cp.login(&f.username, &f.password, source).await {
         Ok((token, s)) => {
             let max_age =
                 (s.expires_at - nebula_controller::store::millis(SystemTime::now())) / 1000;
@@ -668,9 +671,9 @@ async fn login(
             .expect("ASCII cookie");
             ([(header::SET_COOKIE, set)], Redirect::to("/ui/")).into_response()
         }
-        Err(e @ (OpError::Invalid(_) | OpError::Conflict(_))) => {
+        Err(e @ (OpError::Invalid(_) | OpError::TooManyRequests(_))) => {
             let (status, m) = match e {
-                OpError::Conflict(m) => (StatusCode::TOO_MANY_REQUESTS, m),
+                OpError::TooManyRequests(m) => (StatusCode::TOO_MANY_REQUESTS, m),
                 OpError::Invalid(m) => (StatusCode::UNAUTHORIZED, m),
                 _ => unreachable!("matched above"),
             };
@@ -990,7 +993,7 @@ async fn services_view(
                 tr id={"service-" (s.name)} {
                     td { (s.name) }
                     td { span class={"badge " (s.status)} { (s.status) } @if let Some(m) = &s.message { div.dim { (m) } } }
-                    td { code { (s.revision.as_deref().unwrap_or("-")) } }
+                    td { code { (s.revision.as_deref().unwrap_or("-")) } @if let Some(r) = &s.serving_revision { div.dim { "runs " code { (r) } } } }
                     td { code { (s.image.as_deref().unwrap_or("-")) } }
                     td { (s.healthy) " / " (s.running) " / " (s.replicas) }
                     td { (s.containers.iter().map(|c| c.node.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", ")) }
@@ -1008,7 +1011,7 @@ async fn services_view(
         div.scroll { table id="history" {
             thead { tr { th { "When" } th { "Service" } th { "Action" } th { "Node" } th { "Revision" } th { "Outcome" } th { "Trigger" } th { "Message" } } }
             tbody { @for d in &history {
-                tr { td { (humantime::format_rfc3339_seconds(nebula_controller::store::from_millis(d.started_at))) }
+                tr { td { (nebula_controller::store::rfc3339_seconds(nebula_controller::store::from_millis(d.started_at))) }
                      td { (d.service) } td { (d.action) } td { (d.node) } td { code { (d.revision) } }
                      td { span class={"badge " (d.outcome)} { (d.outcome) } } td { (d.trigger) }
                      td { (d.message.as_deref().unwrap_or("")) } }
@@ -1339,7 +1342,7 @@ async fn audit_page(
         div.scroll { table {
             thead { tr { th { "When" } th { "Who" } th { "What" } th { "Target" } th { "Detail" } } }
             tbody { @for a in &entries {
-                tr { td { (humantime::format_rfc3339_seconds(nebula_controller::store::from_millis(a.at))) }
+                tr { td { (nebula_controller::store::rfc3339_seconds(nebula_controller::store::from_millis(a.at))) }
                      td { (a.actor) } td { code { (a.action) } } td { (a.target) }
                      td { code { (a.detail.to_string()) } } }
             } }

@@ -77,7 +77,7 @@ pub const CONTROLLER_SERVER_NAME: &str = "controller.nebula.internal";
 pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -113,6 +113,9 @@ pub mod close {
     pub const REVOKED: u32 = 4;
     /// The controller is shutting down; reconnect later.
     pub const SHUTDOWN: u32 = 5;
+    /// The controller is busy (too many connections, or too many from this address); the
+    /// reason says which. Try again later.
+    pub const BUSY: u32 = 6;
 }
 
 /// Key/value labels on nodes and join tokens.
@@ -265,6 +268,10 @@ pub enum AgentMessage {
     TelemetryInventory(telemetry::TelemetryInventory),
     /// The node's inference backends and their models (1.4): at session start and on change.
     AiInventory(ai::AiInventory),
+    /// The certificate from the last `CertificateRenewed` is saved and will be used from the
+    /// next connection on (1.5): the controller revokes the node's older certificates, so a
+    /// stolen old key stops working at renewal rather than at expiry.
+    CertificateSaved,
 }
 
 /// Session-stream messages from the controller after `ServerHello`.
@@ -313,7 +320,7 @@ message!(EnrollRequest, "EnrollRequest");
 message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
-message!(AgentMessage, "AgentMessage", 5);
+message!(AgentMessage, "AgentMessage", 6);
 message!(ControllerMessage, "ControllerMessage", 6);
 
 /// Errors reading or decoding a frame.

@@ -253,6 +253,7 @@ fn agent_messages() {
         "agent_unsupported",
         &AgentMessage::Unsupported { variant: 7 },
     );
+    check("agent_certificate_saved", &AgentMessage::CertificateSaved);
     check(
         "agent_telemetry_inventory",
         &AgentMessage::TelemetryInventory(inventory()),

@@ -171,6 +171,12 @@ pub struct ServiceView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pinned_over: Option<String>,
     pub replicas: u32,
+    /// The revision that runs when it is not the wanted one (after a failed update rolled
+    /// back, or while an update is under way); `running` and `healthy` count its containers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_revision: Option<String>,
+    /// Containers of the revision in force (the wanted one once any runs, else
+    /// `serving_revision`) that run, and that run healthy.
     pub running: u32,
     pub healthy: u32,
     /// converged, deploying, pending, waiting, failed, orphan.
@@ -183,6 +189,30 @@ pub struct ServiceView {
     pub deploy_jobs: Vec<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_deployment: Option<DeploymentRecord>,
+}
+
+/// The revision in force among `containers`: `wanted` when any of its containers runs, else
+/// the revision most running containers have (ties: the greater name, so it is stable).
+fn serving_revision(wanted: Option<&str>, containers: &[ServiceContainer]) -> Option<String> {
+    let running = || containers.iter().filter(|c| c.state == "running");
+    if let Some(w) = wanted {
+        if running().any(|c| c.revision == w) {
+            return Some(w.to_owned());
+        }
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in running() {
+        *counts.entry(c.revision.as_str()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(rev, n)| (*n, *rev))
+        .map(|(rev, _)| rev.to_owned())
+        .or_else(|| wanted.map(str::to_owned))
+}
+
+fn short_revision(r: &str) -> &str {
+    r.get(..12).unwrap_or(r)
 }
 
 pub(crate) fn digest(text: &str) -> String {
@@ -467,19 +497,23 @@ impl ControlPlane {
             let svc = effective.as_ref().and_then(|d| d.services.get(&name));
             let mine = containers.remove(&name).unwrap_or_default();
             let last = history.iter().find(|d| d.service == name).cloned();
-            let wanted = |c: &&ServiceContainer| svc.is_some_and(|s| s.revision == c.revision);
+            // The revision in force: the wanted one once any of it runs, else what runs (the
+            // last good revision after a failed update rolled back).
+            let serving = serving_revision(svc.map(|s| s.revision.as_str()), &mine);
+            let of_serving = |c: &&ServiceContainer| serving.as_deref() == Some(&c.revision);
             let running = mine
                 .iter()
-                .filter(wanted)
+                .filter(of_serving)
                 .filter(|c| c.state == "running")
                 .count() as u32;
             let healthy = mine
                 .iter()
-                .filter(wanted)
+                .filter(of_serving)
                 .filter(|c| {
                     c.state == "running" && c.health != "unhealthy" && c.health != "starting"
                 })
                 .count() as u32;
+            let serving_other = serving.filter(|r| svc.is_some_and(|s| s.revision != *r));
             let deploy_jobs: Vec<Uuid> = in_flight
                 .iter()
                 .filter(|((s, _), f)| *s == name && !f.job.is_nil())
@@ -495,7 +529,17 @@ impl ControlPlane {
                     Some("no longer declared; its containers are removed".to_owned()),
                 ),
                 Some(_) if deploying => ("deploying", None),
-                Some(_) if failed.is_some() => ("failed", failed.cloned()),
+                Some(s) if failed.is_some() => (
+                    "failed",
+                    failed.map(|reason| match &serving_other {
+                        Some(old) => format!(
+                            "revision {} failed: {reason}; revision {} runs and serves",
+                            short_revision(&s.revision),
+                            short_revision(old)
+                        ),
+                        None => reason.clone(),
+                    }),
+                ),
                 Some(_) if has_action => ("pending", None),
                 Some(_) if waiting.is_some() => ("waiting", waiting.map(|w| w.reason.clone())),
                 Some(_) => ("converged", None),
@@ -514,6 +558,7 @@ impl ControlPlane {
                     _ => None,
                 },
                 replicas: svc.map(|s| s.replicas).unwrap_or(0),
+                serving_revision: serving_other,
                 running,
                 healthy,
                 status: status.to_owned(),
