@@ -27,7 +27,31 @@ fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
 
 /// Sign in; the whole `Set-Cookie` of the session (or the status when refused).
 async fn sign_in(c: &Controller, user: &str, password: &str, tls: bool) -> Result<String, u16> {
-    let http = client();
+    sign_in_with(client(), c, user, password, tls).await
+}
+
+/// Sign in from a given loopback address (the controller throttles by source address).
+async fn sign_in_from(
+    c: &Controller,
+    from: [u8; 4],
+    user: &str,
+    password: &str,
+) -> Result<String, u16> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap();
+    sign_in_with(http, c, user, password, false).await
+}
+
+async fn sign_in_with(
+    http: reqwest::Client,
+    c: &Controller,
+    user: &str,
+    password: &str,
+    tls: bool,
+) -> Result<String, u16> {
     let mut get = http.get(c.url("/ui/login"));
     if tls {
         get = get.header("x-forwarded-proto", "https");
@@ -288,4 +312,66 @@ async fn sign_in_cookies_users_and_refusals() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 303, "the old cookie no longer works");
+}
+
+/// A stranger guessing `admin`'s password from one address holds off only that address; the
+/// real admin signs in from another. A flood of sign-ins is answered 429 at once and does not
+/// delay a correct sign-in by more than a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_lock_the_admin_out_and_floods_get_429_at_once() {
+    let c = Controller::start(ControllerOpts::default()).await;
+    let password = wait_for(
+        "the first admin's password",
+        Duration::from_secs(10),
+        || async {
+            c.proc
+                .stdout
+                .find("Dashboard user `admin`, password (shown once, stored hashed): ")
+        },
+    )
+    .await;
+    let stranger = [127, 0, 0, 2];
+    let mut answers = Vec::new();
+    for _ in 0..8 {
+        answers.push(
+            sign_in_from(&c, stranger, "admin", "guess-guess")
+                .await
+                .unwrap_err(),
+        );
+    }
+    assert_eq!(answers[..5], [401; 5], "{answers:?}");
+    assert_eq!(answers[5..], [429; 3], "held off after five: {answers:?}");
+    // The real admin, from another address: not held off.
+    sign_in_from(&c, [127, 0, 0, 1], "admin", &password)
+        .await
+        .expect("the admin signs in while the stranger is held off");
+
+    // A flood from a third address, and the admin signing in during it.
+    let c = &c;
+    let flood = futures::future::join_all((0..100).map(|i| async move {
+        sign_in_from(c, [127, 0, 0, 3], &format!("user{i}"), "guess-guess")
+            .await
+            .unwrap_err()
+    }));
+    let admin = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let signed_in = sign_in_from(c, [127, 0, 0, 1], "admin", &password).await;
+        (signed_in, started.elapsed())
+    };
+    let (answers, (signed_in, took)) = tokio::join!(flood, admin);
+    signed_in.expect("the admin signs in during the flood");
+    let refused = answers.iter().filter(|s| **s == 429).count();
+    assert!(
+        refused >= 90,
+        "most of the flood is answered 429: {answers:?}"
+    );
+    assert!(
+        answers.iter().all(|s| *s == 429 || *s == 401),
+        "{answers:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "a correct sign-in took {took:?} during the flood"
+    );
 }

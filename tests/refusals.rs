@@ -506,3 +506,141 @@ async fn stalled_enrollments_cannot_keep_a_real_agent_out() {
         "{metrics}"
     );
 }
+
+/// Read from `stream` until the server closes it (or 10 s pass); what it sent and how long.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (String, Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the server kept a slow connection open for 10 s"),
+        }
+    }
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// Slow HTTP clients cannot hold the listener: unfinished headers, idle keep-alives and
+/// trickled bodies are cut off at their deadlines, connections past the cap wait for a slot
+/// rather than pile up, and the gateway refuses at once a body that would pass its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_clients_are_cut_off_and_buffers_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        "[http_limits]\nheader_timeout = \"1s\"\nbody_timeout = \"1500ms\"\nmax_connections = 8\n\
+         [ai]\nmax_buffered_bytes = 3145728\n",
+    )
+    .unwrap();
+    let config: &'static str = Box::leak(config.display().to_string().into_boxed_str());
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--config", config],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let connect = || tokio::net::TcpStream::connect(c.http);
+
+    // Headers that never finish: closed at the header deadline.
+    let mut slow = connect().await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut slow).await;
+    assert!(took < Duration::from_secs(4), "closed after {took:?}");
+
+    // An idle keep-alive connection after a request: closed too.
+    let mut idle = connect().await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, took) = read_until_closed(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(took < Duration::from_secs(4), "idle for {took:?}");
+
+    // A body that trickles: the request fails at the body deadline.
+    let mut trickle = connect().await.unwrap();
+    let head = format!(
+        "POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"op\":",
+        c.admin_token
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let (answer, took) = read_until_closed(&mut trickle).await;
+    assert!(took < Duration::from_secs(5), "held for {took:?}");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+        "{answer}"
+    );
+
+    // Eight connections with unfinished headers fill the cap: a ninth request waits for one
+    // of them to be cut off, and is then served.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect().await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let mut ninth = connect().await.unwrap();
+    ninth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, took) = read_until_closed(&mut ninth).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "served in {took:?} although the cap was reached"
+    );
+    drop(held);
+
+    // The gateway's body budget (3 MiB here): while one 2 MiB body is being received, a
+    // second is refused at once instead of buffered.
+    let gateway_post = |len: usize| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n",
+            c.admin_token
+        )
+    };
+    let mut first = connect().await.unwrap();
+    first
+        .write_all(gateway_post(2 << 20).as_bytes())
+        .await
+        .unwrap();
+    first.write_all(&[b' '; 1024]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = c
+        .client
+        .post(c.url("/v1/chat/completions"))
+        .bearer_auth(&c.admin_token)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 503);
+    let body: serde_json::Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "busy", "{body}");
+    // Once the first is cut off, the budget is back.
+    let _ = read_until_closed(&mut first).await;
+    let third = c
+        .client
+        .post(c.url("/v1/chat/completions"))
+        .bearer_auth(&c.admin_token)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(third.status(), 503, "the budget was given back");
+}

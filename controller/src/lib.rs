@@ -83,6 +83,8 @@ pub struct ControlPlane {
     pub quic_limits: transport::limits::ConnectionCounts,
     /// Sign-in throttling (per username and address) and the hashing budget.
     pub signin: signin::SignInGuard,
+    /// The gateway's budget for request bodies held at once, in bytes (`ai.max_buffered_bytes`).
+    pub(crate) gateway_bodies: Arc<tokio::sync::Semaphore>,
     /// Owns every task the controller spawns (stopped by the shutdown token); the dashboard's
     /// live streams run on it too.
     pub tracker: TaskTracker,
@@ -424,6 +426,12 @@ impl Controller {
             token_cache: Default::default(),
             quic_limits: Default::default(),
             signin: Default::default(),
+            gateway_bodies: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .ai
+                    .max_buffered_bytes
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             enroll_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_enrollments.max(1),
             )),

@@ -3,10 +3,12 @@
 //! - Failures are counted per (username, source address). After [`FREE_FAILURES`] failures in a
 //!   row, that pair waits before its next try, doubling from [`FIRST_HOLD`] up to [`MAX_HOLD`].
 //!   A correct password from another address is never refused because of them.
+//! - One sign-in at a time per source address ([`PER_SOURCE`]); more are answered `429` at
+//!   once, so a flood from one address never queues ahead of anyone.
 //! - Password hashing has a global budget ([`HASHING_SLOTS`] at once). A source with recent
-//!   failures may take a slot only while [`RESERVED_SLOTS`] stay free for clean sources, and only
-//!   one at a time; beyond that it is answered `429` at once. Clean sources wait for a slot at
-//!   most [`CLEAN_WAIT`], [`MAX_WAITERS`] of them at most. Nothing queues without bound.
+//!   failures may take a slot only while [`RESERVED_SLOTS`] stay free for clean sources;
+//!   beyond that it is answered `429` at once. Clean sources wait for a slot at most
+//!   [`CLEAN_WAIT`], [`MAX_WAITERS`] of them at most. Nothing queues without bound.
 //! - Failed sign-ins are audited at most once per pair per [`AUDIT_EVERY`], and at most
 //!   [`AUDIT_BUDGET`] rows a minute overall; the next row counts what was left out.
 //!
@@ -29,6 +31,8 @@ pub const MAX_HOLD: Duration = Duration::from_secs(300);
 pub const HASHING_SLOTS: usize = 4;
 /// Slots that sources with recent failures may not take.
 pub const RESERVED_SLOTS: usize = 2;
+/// Sign-ins under way at once from one source address.
+pub const PER_SOURCE: u32 = 1;
 /// How long a clean source waits for a hashing slot before it is answered 429.
 pub const CLEAN_WAIT: Duration = Duration::from_secs(2);
 pub const MAX_WAITERS: usize = 32;
@@ -50,7 +54,8 @@ struct PairState {
 #[derive(Debug, Clone, Copy)]
 struct SourceState {
     last_failure: Instant,
-    hashing: u32,
+    /// Sign-ins from this source waiting for a slot or hashing.
+    in_flight: u32,
 }
 
 #[derive(Debug, Default)]
@@ -97,21 +102,28 @@ impl Default for SignInGuard {
     }
 }
 
-/// A hashing slot; gives the source's slot back when dropped.
+/// A sign-in under way from one source (waiting for a hashing slot or hashing); gives the
+/// source's turn back when dropped.
 #[derive(Debug)]
-pub struct Slot<'a> {
+struct InFlight<'a> {
     guard: &'a SignInGuard,
     source: IpAddr,
-    _permit: SemaphorePermit<'a>,
 }
 
-impl Drop for Slot<'_> {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut s = self.guard.lock();
         if let Some(src) = s.sources.get_mut(&self.source) {
-            src.hashing = src.hashing.saturating_sub(1);
+            src.in_flight = src.in_flight.saturating_sub(1);
         }
     }
+}
+
+/// A hashing slot, held while the password is checked.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    _in_flight: InFlight<'a>,
+    _permit: SemaphorePermit<'a>,
 }
 
 impl SignInGuard {
@@ -119,11 +131,13 @@ impl SignInGuard {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Check that `user` may try from `source` now, and take a hashing slot for it.
+    /// Check that `user` may try from `source` now, and take a hashing slot for it. One
+    /// sign-in at a time per source: a flood from one address is answered 429 at once and
+    /// never queues ahead of anyone else.
     pub async fn admit(&self, user: &str, source: IpAddr) -> Result<Slot<'_>, Refused> {
         let now = Instant::now();
-        let suspect = {
-            let s = self.lock();
+        let (suspect, in_flight) = {
+            let mut s = self.lock();
             if let Some(p) = s.pairs.get(&(user.to_owned(), source)) {
                 if let Some(until) = p.hold_until.filter(|u| *u > now) {
                     return Err(Refused::HeldOff {
@@ -132,17 +146,34 @@ impl SignInGuard {
                     });
                 }
             }
-            let suspect = s
-                .sources
-                .get(&source)
-                .is_some_and(|src| now.duration_since(src.last_failure) < SUSPECT_FOR);
-            if suspect {
-                let busy = s.sources.get(&source).is_some_and(|src| src.hashing >= 1);
-                if busy || self.hashing.available_permits() <= RESERVED_SLOTS {
-                    return Err(Refused::Busy);
+            if s.sources.len() >= MAX_ENTRIES {
+                s.sources.retain(|_, src| {
+                    src.in_flight > 0 || now.duration_since(src.last_failure) < SUSPECT_FOR
+                });
+                if s.sources.len() >= MAX_ENTRIES {
+                    evict_oldest(&mut s.sources, |p| p.last_failure);
                 }
             }
-            suspect
+            let src = s.sources.entry(source).or_insert(SourceState {
+                // Clean until a failure says otherwise.
+                last_failure: now.checked_sub(SUSPECT_FOR).unwrap_or(now),
+                in_flight: 0,
+            });
+            if src.in_flight >= PER_SOURCE {
+                return Err(Refused::Busy);
+            }
+            let suspect = now.duration_since(src.last_failure) < SUSPECT_FOR;
+            if suspect && self.hashing.available_permits() <= RESERVED_SLOTS {
+                return Err(Refused::Busy);
+            }
+            src.in_flight += 1;
+            (
+                suspect,
+                InFlight {
+                    guard: self,
+                    source,
+                },
+            )
         };
         let permit = if suspect {
             self.hashing.try_acquire().map_err(|_| Refused::Busy)?
@@ -158,16 +189,8 @@ impl SignInGuard {
                 _ => return Err(Refused::Busy),
             }
         };
-        let mut s = self.lock();
-        let entry = s.sources.entry(source).or_insert(SourceState {
-            // Clean until a failure says otherwise.
-            last_failure: now.checked_sub(SUSPECT_FOR).unwrap_or(now),
-            hashing: 0,
-        });
-        entry.hashing += 1;
         Ok(Slot {
-            guard: self,
-            source,
+            _in_flight: in_flight,
             _permit: permit,
         })
     }
@@ -189,7 +212,7 @@ impl SignInGuard {
         }
         let src = s.sources.entry(source).or_insert(SourceState {
             last_failure: now,
-            hashing: 0,
+            in_flight: 0,
         });
         src.last_failure = now;
         let pair = s
@@ -323,6 +346,18 @@ mod tests {
         let b = g.admit("admin", ip(8)).await.expect("reserved slot");
         drop((first, second, a, b));
         assert_eq!(g.hashing.available_permits(), HASHING_SLOTS);
+    }
+
+    #[tokio::test]
+    async fn one_sign_in_at_a_time_per_source() {
+        let g = SignInGuard::default();
+        let first = g.admit("a", ip(10)).await.expect("admitted");
+        assert_eq!(g.admit("b", ip(10)).await.unwrap_err(), Refused::Busy);
+        let other = g.admit("a", ip(11)).await.expect("another source");
+        drop(first);
+        let again = g.admit("b", ip(10)).await.expect("its turn is back");
+        drop((other, again));
+        assert!(g.lock().sources.values().all(|s| s.in_flight == 0));
     }
 
     #[test]

@@ -37,22 +37,53 @@ pub const NODE_HEADER: &str = "x-nebula-node";
 pub const MAX_BODY: usize = proto::DEFAULT_MAX_FRAME - (64 << 10);
 
 /// Read a request's body once its caller is known (an unknown caller never gets a large body
-/// buffered): the bytes, or an OpenAI-shaped error (over [`MAX_BODY`], or cut off).
-async fn read_body(body: Body) -> Result<Bytes, Response> {
-    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-        let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
-            .any(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            too_large_body()
-        } else {
-            error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_body",
-                format!("reading the body: {e}"),
-            )
-        }
-    })
+/// buffered): the bytes and their share of the gateway's budget (hold it while the body is
+/// in use), or an OpenAI-shaped error (over [`MAX_BODY`], over the budget, or cut off).
+async fn read_body(
+    cp: &ControlPlane,
+    req: Request,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Response> {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large_body());
+    }
+    // A body of unknown length may take up to the per-request cap.
+    let want = announced.map_or(MAX_BODY, |n| n as usize).max(1);
+    let permits = u32::try_from(want).unwrap_or(u32::MAX);
+    let Ok(budget) = cp.gateway_bodies.clone().try_acquire_many_owned(permits) else {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "busy",
+            "the gateway is holding too many request bodies; try again in a moment",
+        );
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            HeaderValue::from_static("1"),
+        );
+        return Err(r);
+    };
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY)
+        .await
+        .map_err(|e| {
+            let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+                .any(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                too_large_body()
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "invalid_body",
+                    format!("reading the body: {e}"),
+                )
+            }
+        })?;
+    Ok((bytes, budget))
 }
 
 fn too_large_body() -> Response {
@@ -169,7 +200,7 @@ async fn serve(cp: Arc<ControlPlane>, req: Request, path: &'static str) -> Respo
         Ok(c) => c,
         Err(r) => return r,
     };
-    let body = match read_body(req.into_body()).await {
+    let (body, _budget) = match read_body(&cp, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -1352,7 +1383,7 @@ pub async fn images(State(cp): State<Arc<ControlPlane>>, req: Request) -> Respon
         Ok(c) => c.name,
         Err(r) => return r,
     };
-    let body = match read_body(req.into_body()).await {
+    let (body, _budget) = match read_body(&cp, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -1420,7 +1451,7 @@ pub async fn sd_passthrough(
         Ok(c) => c.name,
         Err(r) => return r,
     };
-    let body = match read_body(req.into_body()).await {
+    let (body, _budget) = match read_body(&cp, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };

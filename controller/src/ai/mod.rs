@@ -72,6 +72,9 @@ pub struct AiConfig {
     pub fallback: Option<FallbackConfig>,
     /// Output filters (redact, block, warn, log per rule).
     pub filters: filters::FilterConfig,
+    /// Request bodies the gateway holds at once, in bytes, all requests together (each is also
+    /// capped at `MAX_BODY`); a request whose body would pass it is answered 503 at once.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for AiConfig {
@@ -93,6 +96,7 @@ impl Default for AiConfig {
             usage_flush_interval: Duration::from_secs(10),
             fallback: None,
             filters: filters::FilterConfig::default(),
+            max_buffered_bytes: 256 << 20,
         }
     }
 }
