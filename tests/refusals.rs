@@ -644,3 +644,44 @@ async fn slow_http_clients_are_cut_off_and_buffers_are_bounded() {
         .unwrap();
     assert_ne!(third.status(), 503, "the budget was given back");
 }
+
+/// The caps answer "busy" rather than queue; `nebula-agent join` tries again with backoff, so
+/// many hosts behind one address can all join at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tries_again_while_the_controller_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        "[quic_limits]\nenroll_deadline = \"2s\"\nmax_unauthenticated_per_source = 1\n",
+    )
+    .unwrap();
+    let config: &'static str = Box::leak(config.display().to_string().into_boxed_str());
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--config", config],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let token_text = c.token(1, "1h", json!({})).await;
+    let token: JoinToken = token_text.parse().unwrap();
+    // One stalled enrollment from 127.0.0.1 takes the address's only slot for 2 s.
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(nebula_agent::tls::enroll_config(token.ca_sha256).unwrap());
+    let stalled = ep
+        .connect(c.quic, CONTROLLER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = stalled.open_bi().await.unwrap();
+    send.write_all(&1000u32.to_le_bytes()).await.unwrap();
+    // A real agent from the same address: busy at first, then in.
+    let agent_dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::join(&c, &token_text, &agent_dir.path().join("n1"), "n1", &[]);
+    c.wait_status("n1", "online", Duration::from_secs(15))
+        .await;
+    let out = agent.proc.output();
+    assert!(out.contains("busy") && out.contains("trying again"), "{out}");
+    let (code, _) = close_reason(&stalled).await;
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    agent.proc.kill();
+}
