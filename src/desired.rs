@@ -17,7 +17,8 @@ use crate::Cli;
 pub struct PlanArgs {
     /// A service map to compare with what runs; without it, the map in force.
     file: Option<PathBuf>,
-    /// Exit with status 2 when there is something to change (for scripts and CI).
+    /// Exit with status 2 when there is something to change, or that a node's deploy policy
+    /// refuses (for scripts and CI).
     #[arg(long)]
     exit_code: bool,
 }
@@ -63,7 +64,8 @@ pub async fn plan(cli: &Cli, a: &PlanArgs) -> anyhow::Result<()> {
     } else {
         print_plan(&plan);
     }
-    let changes = plan["actions"].as_array().map_or(0, Vec::len);
+    let changes = plan["actions"].as_array().map_or(0, Vec::len)
+        + plan["refused"].as_array().map_or(0, Vec::len);
     if a.exit_code && changes > 0 {
         return Err(ExitStatus(2).into());
     }
@@ -146,22 +148,38 @@ fn print_plan(plan: &Value) {
             other => println!("  ? {who}: {other}"),
         }
     }
-    for w in plan["waiting"].as_array().into_iter().flatten() {
-        let node = w["node"]
+    let on = |w: &Value| {
+        w["node"]
             .as_str()
             .map(|n| format!(" on {n}"))
-            .unwrap_or_default();
-        println!("  … {}{node}: {}", s(&w["service"]), s(&w["reason"]));
+            .unwrap_or_default()
+    };
+    for w in plan["refused"].as_array().into_iter().flatten() {
+        println!(
+            "  ✘ {}{}: refused: {}",
+            s(&w["service"]),
+            on(w),
+            s(&w["reason"])
+        );
+    }
+    for w in plan["waiting"].as_array().into_iter().flatten() {
+        println!("  … {}{}: {}", s(&w["service"]), on(w), s(&w["reason"]));
     }
     let waiting = plan["waiting"].as_array().map_or(0, Vec::len);
-    if actions.is_empty() && waiting == 0 {
+    let refused = plan["refused"].as_array().map_or(0, Vec::len);
+    if actions.is_empty() && waiting == 0 && refused == 0 {
         println!(
             "No changes: {} service(s) match the map.",
             plan["unchanged"].as_u64().unwrap_or(0)
         );
     } else {
+        let refused = if refused > 0 {
+            format!(", {refused} refused by a node's deploy policy")
+        } else {
+            String::new()
+        };
         println!(
-            "{} to change, {} unchanged, {} waiting.",
+            "{} to change, {} unchanged, {} waiting{refused}.",
             actions.len(),
             plan["unchanged"].as_u64().unwrap_or(0),
             waiting
@@ -201,10 +219,10 @@ pub async fn apply(cli: &Cli, a: &ApplyArgs) -> anyhow::Result<()> {
         );
         print_plan(&applied["plan"]);
     }
-    let services: BTreeSet<String> = applied["plan"]["actions"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    // Services refused by a node's policy are followed too: they end `refused` (not converged).
+    let services: BTreeSet<String> = ["actions", "refused"]
+        .iter()
+        .flat_map(|k| applied["plan"][k].as_array().cloned().unwrap_or_default())
         .map(|a| s(&a["service"]))
         .collect();
     if a.no_wait || services.is_empty() {
@@ -306,7 +324,7 @@ async fn follow(
             let grace = started.elapsed() > Duration::from_secs(3);
             let done = match status.as_str() {
                 "converged" | "orphan" => seen_busy.contains(&name) || grace,
-                "failed" => true,
+                "failed" | "refused" => true,
                 "waiting" => grace && !svc["message"].as_str().unwrap_or("").contains("progress"),
                 _ => false,
             };

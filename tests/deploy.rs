@@ -607,13 +607,29 @@ async fn broken_maps_are_refused_with_line_and_column_and_change_nothing() {
     assert_eq!(status, 400, "{v}");
 }
 
-/// The host's deploy policy (`[deploy]` in the agent's config): an agent with the default
-/// config refuses services that bind `/` or the Docker socket, before creating anything, and
-/// names the rule and its key; an agent whose config lists them runs the same services. (A
-/// service map cannot ask for a privileged container or the host's network: the policy's unit
-/// tests cover those rules.)
+/// Whether this Docker Engine can run privileged containers (an engine that itself runs in an
+/// unprivileged container cannot).
+fn privileged_containers_run() -> bool {
+    Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            "--privileged",
+            "nebula-test/busybox:1",
+            "true",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The host's deploy policy (`[deploy]` in the agent's config), for binds of `/` and the Docker
+/// socket and for host access (`privileged`, `network_mode: host`): an agent with the default
+/// config reports a policy that refuses each, so the controller's plan shows every refusal in
+/// the agent's words (the rule and the key that would allow it) before the map is applied
+/// (`nebula plan FILE`) and after, and no deploy is sent there; an agent whose config lists
+/// them runs the same services, privileged and on the host's network for real.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binds_of_the_root_and_the_docker_socket_need_the_agent_configs_consent() {
+async fn binds_and_host_access_need_the_agent_configs_consent() {
     docker::ensure_image();
     let cleanup = docker::Managed::default();
     let c = Controller::start(ControllerOpts {
@@ -623,72 +639,144 @@ async fn binds_of_the_root_and_the_docker_socket_need_the_agent_configs_consent(
     .await;
     let dir = tempfile::tempdir().unwrap();
     let (_strict, strict) = join(&c, dir.path(), "strict", &[]).await;
-    let open_config = "[deploy]\nallow_bind_paths = [\"/\"]\nallow_docker_socket = true\n";
+    let open_config = "[deploy]\nallow_bind_paths = [\"/\"]\nallow_docker_socket = true\n\
+                       allow_privileged = true\nallow_host_network = true\n";
     let (_open, open) = join_with_config(&c, dir.path(), "open", open_config).await;
     cleanup.add(&strict);
     cleanup.add(&open);
-    let declare = |name: &str, volume: &str, node: &str| {
-        format!(
-            "  {name}:\n    image: nebula-test/busybox:1\n    command: sleep 3600\n    \
-             volumes: [\"{volume}\"]\n    placement: {{ node: {node} }}\n"
-        )
-    };
     let root = "/:/host:ro";
     let socket = "/var/run/docker.sock:/var/run/docker.sock";
-    let text = format!(
-        "nodes:\n  strict: {{}}\n  open: {{}}\nservices:\n{}{}{}{}",
-        declare("root-strict", root, "strict"),
-        declare("socket-strict", socket, "strict"),
-        declare("root-open", root, "open"),
-        declare("socket-open", socket, "open"),
-    );
-    let (status, v) = put_map(&c, &text).await;
-    assert_eq!(status, 200, "{v}");
-
-    // Refused by default, with the rule and the key that would allow it.
-    for (name, rule) in [
+    // (service, what it asks for, the refusal's words on a default agent)
+    let cases: [(&str, String, &[&str]); 4] = [
         (
-            "root-strict",
-            [
-                "bind mount of `/` is outside deploy.allow_bind_paths (agent config)",
-                "",
-            ],
+            "root",
+            format!("volumes: [\"{root}\"]"),
+            &["bind mount of `/` is outside deploy.allow_bind_paths (agent config)"],
         ),
         (
-            "socket-strict",
-            [
+            "socket",
+            format!("volumes: [\"{socket}\"]"),
+            &[
                 "bind mount of `/var/run/docker.sock`",
                 "is a container runtime's socket, which only deploy.allow_docker_socket allows",
             ],
         ),
-    ] {
-        let failed = wait_for(
+        (
+            "privileged",
+            "privileged: true".into(),
+            &["a privileged container needs deploy.allow_privileged (agent config)"],
+        ),
+        (
+            "hostnet",
+            "network_mode: host".into(),
+            &["the host's network needs deploy.allow_host_network (agent config)"],
+        ),
+    ];
+    let mut text = String::from("nodes:\n  strict: {}\n  open: {}\nservices:\n");
+    for (kind, asks, _) in &cases {
+        for node in ["strict", "open"] {
+            text.push_str(&format!(
+                "  {kind}-{node}:\n    image: nebula-test/busybox:1\n    command: sleep 3600\n    \
+                 {asks}\n    placement: {{ node: {node} }}\n"
+            ));
+        }
+    }
+    let says = |message: &str, words: &[&str]| {
+        message.contains("deploy refused by this host's policy: ")
+            && words.iter().all(|w| message.contains(w))
+    };
+
+    // Before the map is applied: each agent reported its policy with its first inventory, and
+    // the plan of the proposed map shows the default node's refusals instead of creates.
+    let file = dir.path().join("service-map.yml");
+    std::fs::write(&file, &text).unwrap();
+    let (ok, out, err) = cli(&c, &["plan", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    for (kind, _, words) in &cases {
+        let refused = out
+            .lines()
+            .find(|l| l.contains(&format!("{kind}-strict on strict: refused: ")))
+            .unwrap_or_else(|| panic!("{kind}-strict is not refused in the plan:\n{out}"));
+        assert!(says(refused, words), "{kind}: {refused}");
+        assert!(
+            out.contains(&format!("+ {kind}-open on open: create 1 x revision")),
+            "{kind}-open is created:\n{out}"
+        );
+    }
+    assert!(!out.contains("-strict on strict: create"), "{out}");
+    assert!(out.contains("4 refused by a node's deploy policy"), "{out}");
+
+    let (status, v) = put_map(&c, &text).await;
+    assert_eq!(status, 200, "{v}");
+    // The plan that apply answers with says the same, in JSON.
+    let refused = v["plan"]["refused"].as_array().cloned().unwrap_or_default();
+    assert_eq!(refused.len(), 4, "{v}");
+    assert!(refused.iter().all(|r| r["node"] == "strict"), "{v}");
+
+    // Open: the containers run with the binds, privileged, on the host's network.
+    let privileged_runs = privileged_containers_run();
+    for (kind, _, _) in &cases {
+        let name = format!("{kind}-open");
+        if *kind == "privileged" && !privileged_runs {
+            // This Docker Engine cannot start privileged containers (it runs in an
+            // unprivileged container itself): the agent's policy let the deploy through and
+            // Docker was asked for one, which is what can be checked here.
+            eprintln!("this Docker Engine cannot run privileged containers; checking the attempt");
+            let svc = wait_for(
+                &format!("{name} to reach Docker"),
+                Duration::from_secs(30),
+                || async {
+                    let s = service(&c, &name).await?;
+                    (s["status"] == "failed").then_some(s)
+                },
+            )
+            .await;
+            let message = svc["message"].as_str().unwrap_or_default();
+            assert!(
+                message.starts_with("starting privileged-open-")
+                    && message.contains("Docker responded")
+                    && !message.contains("refused"),
+                "{name}: {svc}"
+            );
+            continue;
+        }
+        converged(&c, &name, Duration::from_secs(30)).await;
+        let running = containers(&open, &name);
+        assert_eq!(running.len(), 1, "{name}: {running:?}");
+        let inspect = |format: &str| docker(&["inspect", "-f", format, &running[0]]);
+        match *kind {
+            "root" | "socket" => {
+                let binds = inspect("{{json .HostConfig.Binds}}");
+                let bind = if *kind == "root" { root } else { socket };
+                assert!(binds.contains(bind), "{name}: {binds}");
+            }
+            "privileged" => {
+                assert_eq!(inspect("{{.HostConfig.Privileged}}").trim(), "true");
+                assert_ne!(inspect("{{.HostConfig.NetworkMode}}").trim(), "host");
+            }
+            _ => {
+                assert_eq!(inspect("{{.HostConfig.NetworkMode}}").trim(), "host");
+                assert_eq!(inspect("{{.HostConfig.Privileged}}").trim(), "false");
+            }
+        }
+    }
+
+    // Strict: refused with the rule and the key, nothing created, no deploy job sent.
+    for (kind, _, words) in &cases {
+        let name = format!("{kind}-strict");
+        let svc = wait_for(
             &format!("{name} to be refused"),
-            Duration::from_secs(30),
+            Duration::from_secs(10),
             || async {
-                let s = service(&c, name).await?;
-                (s["status"] == "failed").then_some(s)
+                let s = service(&c, &name).await?;
+                (s["status"] == "refused").then_some(s)
             },
         )
         .await;
-        let message = failed["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains("deploy refused by this host's policy: ")
-                && rule.iter().all(|r| message.contains(r)),
-            "{name}: {failed}"
-        );
-        assert!(
-            containers(&strict, name).is_empty(),
-            "nothing was created for {name}"
-        );
+        let message = svc["message"].as_str().unwrap_or_default();
+        assert!(says(message, words), "{name}: {svc}");
+        assert!(containers(&strict, &name).is_empty(), "nothing for {name}");
     }
-
-    // Allowed where the agent's config lists them: the containers run with the binds.
-    for (name, bind) in [("root-open", root), ("socket-open", socket)] {
-        converged(&c, name, Duration::from_secs(30)).await;
-        let running = containers(&open, name);
-        assert_eq!(running.len(), 1, "{name}: {running:?}");
-        let binds = docker(&["inspect", "-f", "{{json .HostConfig.Binds}}", &running[0]]);
-        assert!(binds.contains(bind), "{name}: {binds}");
-    }
+    let jobs = c.get("/api/v1/jobs?node=strict&kind=deploy").await;
+    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
 }

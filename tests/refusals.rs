@@ -589,7 +589,6 @@ async fn slow_http_clients_are_cut_off_and_buffers_are_bounded() {
         held.push(s);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = std::time::Instant::now();
     let mut ninth = connect().await.unwrap();
     ninth
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -677,10 +676,12 @@ async fn join_tries_again_while_the_controller_is_busy() {
     // A real agent from the same address: busy at first, then in.
     let agent_dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::join(&c, &token_text, &agent_dir.path().join("n1"), "n1", &[]);
-    c.wait_status("n1", "online", Duration::from_secs(15))
-        .await;
+    c.wait_status("n1", "online", Duration::from_secs(15)).await;
     let out = agent.proc.output();
-    assert!(out.contains("busy") && out.contains("trying again"), "{out}");
+    assert!(
+        out.contains("busy") && out.contains("trying again"),
+        "{out}"
+    );
     let (code, _) = close_reason(&stalled).await;
     assert_eq!(code, close::PROTOCOL_ERROR);
     agent.proc.kill();

@@ -128,18 +128,18 @@ pub struct DeployConfig {
     /// to it is root here. Never allowed through `allow_bind_paths` alone, even when it lists
     /// `/` or `/var/run`.
     pub allow_docker_socket: bool,
-    /// Privileged containers. (Service maps cannot ask for this yet; the key is checked
-    /// against what is sent to Docker, so a future map field cannot get around it.)
+    /// Privileged containers (a service's `privileged: true`). Checked against what is sent
+    /// to Docker, like every key here.
     pub allow_privileged: bool,
-    /// The host's network namespace (`network_mode: host`). (Not in service maps yet.)
+    /// The host's network namespace (`network_mode: host`).
     pub allow_host_network: bool,
-    /// The host's PID namespace (`pid: host`). (Not in service maps yet.)
+    /// The host's PID namespace (`pid: host`).
     pub allow_host_pid: bool,
-    /// Capabilities a container may add (`NET_ADMIN`, with or without `CAP_`; `ALL` for any).
-    /// (Not in service maps yet.)
+    /// Capabilities a container may add (`cap_add`; `NET_ADMIN`, with or without `CAP_`;
+    /// `ALL` for any).
     pub allow_capabilities: Vec<String>,
-    /// Host devices a container may be given, with what lies below them (`/dev/dri`).
-    /// (Not in service maps yet.)
+    /// Host devices a container may be given (`devices`), with what lies below them
+    /// (`/dev/dri`).
     pub allow_devices: Vec<PathBuf>,
     /// NVIDIA GPUs asked for by a service's `gpu:` (Docker device requests). On by default:
     /// that is what GPU nodes are for. Other device requests are never allowed.
@@ -162,7 +162,8 @@ impl Default for DeployConfig {
 }
 
 impl DeployConfig {
-    /// What this host allows, for the controller (so a plan can say what a node would refuse).
+    /// What this host allows, for the controller (sent after `Welcome`, so that a plan can say
+    /// what this node would refuse).
     pub fn summary(&self) -> nebula_protocol::deploy::DeployPolicySummary {
         let paths = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect();
         nebula_protocol::deploy::DeployPolicySummary {

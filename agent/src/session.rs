@@ -1,6 +1,7 @@
 //! The long-lived session with the controller over `nebula/1`, and the reconnect loop around it.
 //!
-//! One task runs [`run`]: connect, `Hello` -> `Welcome`, then serve the session stream (renew the
+//! One task runs [`run`]: connect, `Hello` -> `Welcome`, send the deploy policy (to 1.5+
+//! controllers), then serve the session stream (renew the
 //! certificate after two thirds of its lifetime, answer messages) and hand every job stream the
 //! controller opens to the [`JobRunner`] until the connection ends, then
 //! back off (capped exponential, with jitter) and reconnect. Permanent refusals (protocol major
@@ -256,6 +257,17 @@ async fn session(
         Duration::from_millis(welcome.settings.telemetry_interval_ms.into())
             .max(Duration::from_millis(100)),
     );
+    // Controllers from 1.5 on hear what this host's deploy policy allows, before the
+    // inventory (which makes the node known to the reconciler), so that their first plan for
+    // this node already shows what it would refuse. Older ones are not sent it (one would
+    // answer `Unsupported`, which is logged and ignored below anyway).
+    if welcome.controller_version.minor >= 5 {
+        proto::write_message(
+            &mut send,
+            &AgentMessage::DeployPolicy(config.deploy.summary()),
+        )
+        .await?;
+    }
     // The inventory first, so every sample that follows can be read.
     let inventory = feed.inventory.borrow_and_update().clone();
     proto::write_message(

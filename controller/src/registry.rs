@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use nebula_protocol::deploy::DeployPolicySummary;
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,10 @@ pub struct SessionInfo {
 struct Entry {
     info: SessionInfo,
     conn: quinn::Connection,
+    /// What the node's agent said its deploy policy allows (1.5+), for this session: it goes
+    /// with the session (an agent sends it again on every connection, and its config may have
+    /// changed in between), and is `None` for older agents.
+    deploy_policy: Option<DeployPolicySummary>,
 }
 
 #[derive(Default)]
@@ -60,7 +65,14 @@ impl Registry {
         };
         let old = self
             .lock()
-            .insert(node, Entry { info, conn })
+            .insert(
+                node,
+                Entry {
+                    info,
+                    conn,
+                    deploy_policy: None,
+                },
+            )
             .map(|e| e.conn);
         (generation, old)
     }
@@ -90,6 +102,31 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// Record the deploy policy a session's agent reported. True when it differs from what the
+    /// node's session had (plans for it may change); false when unchanged, or when `generation`
+    /// is no longer the node's session.
+    pub fn set_deploy_policy(
+        &self,
+        node: Uuid,
+        generation: u64,
+        policy: DeployPolicySummary,
+    ) -> bool {
+        let mut map = self.lock();
+        match map.get_mut(&node) {
+            Some(e) if e.info.generation == generation => {
+                let changed = e.deploy_policy.as_ref() != Some(&policy);
+                e.deploy_policy = Some(policy);
+                changed
+            }
+            _ => false,
+        }
+    }
+
+    /// The deploy policy the node's live session reported, if any.
+    pub fn deploy_policy(&self, node: Uuid) -> Option<DeployPolicySummary> {
+        self.lock().get(&node).and_then(|e| e.deploy_policy.clone())
     }
 
     pub fn get(&self, node: Uuid) -> Option<SessionInfo> {

@@ -482,7 +482,8 @@ async fn session_connection(
         });
         let mut facts = hello.facts.clone();
         session_loop(
-            cp, &conn, &node.name, node_id, &mut facts, &mut send, &mut recv, releases, shutdown,
+            cp, &conn, &node.name, node_id, generation, &mut facts, &mut send, &mut recv, releases,
+            shutdown,
         )
         .await
     }
@@ -515,6 +516,7 @@ async fn session_loop(
     conn: &quinn::Connection,
     name: &str,
     node_id: uuid::Uuid,
+    generation: u64,
     facts: &mut proto::NodeFacts,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
@@ -606,6 +608,14 @@ async fn session_loop(
             Ok(AgentMessage::CertificateSaved) => {
                 if let Some(serial) = renewed.take() {
                     revoke_superseded(cp, node_id, &serial).await;
+                }
+            }
+            Ok(AgentMessage::DeployPolicy(policy)) => {
+                // Kept with the session; a change may turn refusals into actions or back.
+                debug!(?policy, "deploy policy");
+                if cp.registry.set_deploy_policy(node_id, generation, policy) {
+                    cp.desired
+                        .kick(&format!("the deploy policy of {name} changed"));
                 }
             }
             Ok(AgentMessage::Bye { reason }) => {

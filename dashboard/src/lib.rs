@@ -929,6 +929,7 @@ struct MapForm {
 fn plan_markup(plan: &serde_json::Value) -> Markup {
     let actions = plan["actions"].as_array().cloned().unwrap_or_default();
     let waiting = plan["waiting"].as_array().cloned().unwrap_or_default();
+    let refused = plan["refused"].as_array().cloned().unwrap_or_default();
     let s = |v: &serde_json::Value| {
         v.as_str()
             .map(str::to_owned)
@@ -936,7 +937,7 @@ fn plan_markup(plan: &serde_json::Value) -> Markup {
     };
     html! {
         section id="plan" aria-label="Plan" {
-            @if actions.is_empty() && waiting.is_empty() {
+            @if actions.is_empty() && waiting.is_empty() && refused.is_empty() {
                 p { "No changes: " (plan["unchanged"]) " service(s) match the map." }
             }
             ul {
@@ -954,6 +955,9 @@ fn plan_markup(plan: &serde_json::Value) -> Markup {
                             _ => { ", " (a["containers"]) " container(s): " (s(&a["reason"])) }
                         }
                     }
+                }
+                @for w in &refused {
+                    li.refused { "refused: " (s(&w["service"])) @if let Some(n) = w["node"].as_str() { " on " (n) } ": " (s(&w["reason"])) }
                 }
                 @for w in &waiting {
                     li.waiting { "waiting: " (s(&w["service"])) @if let Some(n) = w["node"].as_str() { " on " (n) } ": " (s(&w["reason"])) }
@@ -1121,6 +1125,10 @@ fn job_what(j: &JobRecord) -> String {
             format!("probe {}", http.clone().or(tcp.clone()).unwrap_or_default())
         }
         Work::Deploy(d) => format!("deploy {} {}", d.service, d.revision),
+        Work::DeployWithHostAccess(d) => format!(
+            "deploy {} {} (host access)",
+            d.deploy.service, d.deploy.revision
+        ),
         Work::Undeploy(u) => format!("undeploy {}", u.service),
         w => w.kind().to_owned(),
     }

@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::deploy::{DeployReport, DeploySpec, UndeploySpec};
+use crate::deploy::{DeployReport, DeploySpec, DeployWithHostAccess, UndeploySpec};
 use crate::telemetry::ContainerInfo;
 use crate::{FrameError, Labels, NodeFacts};
 
@@ -68,11 +68,15 @@ pub enum JobSpec {
     Wake(WakeSpec),
     /// Pull, download, delete or list models on one of the node's inference backends (1.4).
     Model(crate::ai::ModelSpec),
+    /// `Deploy` for a service that asks for host access (privileged, the host's network or PID
+    /// namespace, capabilities, devices) (1.5). Only such services are sent this way: an agent
+    /// older than 1.5 refuses it as an unknown kind and runs every other deploy as before.
+    DeployWithHostAccess(Box<DeployWithHostAccess>),
 }
 
 impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
-    pub const KINDS: u32 = 8;
+    pub const KINDS: u32 = 9;
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -80,7 +84,7 @@ impl JobSpec {
             JobSpec::Exec(_) => "exec",
             JobSpec::Probe(_) => "probe",
             JobSpec::Inventory => "inventory",
-            JobSpec::Deploy(_) => "deploy",
+            JobSpec::Deploy(_) | JobSpec::DeployWithHostAccess(_) => "deploy",
             JobSpec::Undeploy(_) => "undeploy",
             JobSpec::Wake(_) => "wake",
             JobSpec::Model(_) => "model",
@@ -306,6 +310,60 @@ pub fn decode_request(payload: &[u8]) -> Result<DecodedControl, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 1.4 agent knew 8 kinds: a deploy with host access is kind 8 to it, which it refuses by
+    /// name (with the request's header) instead of dropping the stream.
+    #[test]
+    fn a_deploy_with_host_access_is_an_unknown_kind_to_a_1_4_agent() {
+        use crate::deploy::*;
+        const KINDS_IN_1_4: u32 = 8;
+        let spec = DeploySpec {
+            service: "web".into(),
+            revision: "abc".into(),
+            node: "n".into(),
+            replicas: 1,
+            container: ContainerSpec {
+                image: "busybox".into(),
+                command: None,
+                env: Vec::new(),
+                ports: Vec::new(),
+                volumes: Vec::new(),
+                restart: RestartPolicy::No,
+                gpus: GpuRequest::None,
+                health: None,
+            },
+            strategy: UpdateStrategy::StartFirst,
+            health_timeout_ms: 1000,
+        };
+        let req = JobRequest {
+            id: Uuid::from_u128(9),
+            attempt: 1,
+            deadline_unix_ms: None,
+            logs_from: 0,
+            spec: JobSpec::DeployWithHostAccess(Box::new(DeployWithHostAccess {
+                deploy: spec,
+                host_access: HostAccess {
+                    privileged: true,
+                    ..Default::default()
+                },
+            })),
+        };
+        let bytes = crate::encode(&JobControl::Request(req.clone())).unwrap();
+        // What a 1.4 agent's `decode_request` reads after the variant and the frozen header.
+        let cfg = bincode::config::standard();
+        let (variant, used) = bincode::decode_from_slice::<u32, _>(&bytes, cfg).unwrap();
+        let (header, more) =
+            bincode::serde::decode_from_slice::<RequestHeader, _>(&bytes[used..], cfg).unwrap();
+        let (kind, _) = bincode::decode_from_slice::<u32, _>(&bytes[used + more..], cfg).unwrap();
+        assert_eq!((variant, header.id, kind), (0, req.id, KINDS_IN_1_4));
+        assert_eq!(req.spec.kind(), "deploy");
+        assert!(!req.spec.is_read_only());
+        // This build reads it back.
+        assert!(matches!(
+            decode_request(&bytes).unwrap(),
+            DecodedControl::Control(JobControl::Request(r)) if r == req
+        ));
+    }
 
     #[test]
     fn unknown_job_kind_is_reported_with_its_header() {

@@ -272,6 +272,10 @@ pub enum AgentMessage {
     /// next connection on (1.5): the controller revokes the node's older certificates, so a
     /// stolen old key stops working at renewal rather than at expiry.
     CertificateSaved,
+    /// What this host's deploy policy (the agent config's `[deploy]`) allows (1.5): sent after
+    /// `Welcome`, before the telemetry inventory, so that plans can show what the node would
+    /// refuse before anything is sent to it.
+    DeployPolicy(deploy::DeployPolicySummary),
 }
 
 /// Session-stream messages from the controller after `ServerHello`.
@@ -320,7 +324,7 @@ message!(EnrollRequest, "EnrollRequest");
 message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
-message!(AgentMessage, "AgentMessage", 6);
+message!(AgentMessage, "AgentMessage", 7);
 message!(ControllerMessage, "ControllerMessage", 6);
 
 /// Errors reading or decoding a frame.

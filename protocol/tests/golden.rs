@@ -255,6 +255,19 @@ fn agent_messages() {
     );
     check("agent_certificate_saved", &AgentMessage::CertificateSaved);
     check(
+        "agent_deploy_policy",
+        &AgentMessage::DeployPolicy(deploy::DeployPolicySummary {
+            allow_bind_paths: vec!["/srv".into()],
+            allow_docker_socket: false,
+            allow_privileged: true,
+            allow_host_network: true,
+            allow_host_pid: false,
+            allow_capabilities: vec!["NET_ADMIN".into()],
+            allow_devices: vec!["/dev/dri".into()],
+            allow_gpus: true,
+        }),
+    );
+    check(
         "agent_telemetry_inventory",
         &AgentMessage::TelemetryInventory(inventory()),
     );
@@ -436,6 +449,24 @@ fn job_control() {
     check(
         "job_request_deploy",
         &req(JobSpec::Deploy(Box::new(deploy_spec()))),
+    );
+    check(
+        "job_request_deploy_with_host_access",
+        &req(JobSpec::DeployWithHostAccess(Box::new(
+            deploy::DeployWithHostAccess {
+                deploy: deploy_spec(),
+                host_access: deploy::HostAccess {
+                    privileged: true,
+                    network: deploy::NetworkMode::Host,
+                    pid_host: true,
+                    cap_add: vec!["NET_ADMIN".into(), "SYS_TIME".into()],
+                    devices: vec![deploy::DeviceMapping {
+                        host_path: "/dev/ttyUSB0".into(),
+                        container_path: "/dev/ttyS0".into(),
+                    }],
+                },
+            },
+        ))),
     );
     check(
         "job_request_wake",

@@ -12,6 +12,9 @@
 //!
 //! Before anything else, the container a spec asks for is checked against this host's deploy
 //! policy ([`policy`], the agent config's `[deploy]`): a deploy outside it is refused untouched.
+//! A deploy with host access (privileged mode, the host's network or PID namespace, added
+//! capabilities, devices) carries them into the same create body, so the policy judges them
+//! like everything else, and an allowed one runs with them.
 
 pub mod policy;
 
@@ -19,8 +22,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, DeviceRequest, HealthConfig, HostConfig,
-    PortBinding, RestartPolicy as DockerRestart, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerInspectResponse, DeviceMapping, DeviceRequest, HealthConfig,
+    HostConfig, PortBinding, RestartPolicy as DockerRestart, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
@@ -30,7 +33,7 @@ use bollard::Docker;
 use futures::StreamExt;
 use nebula_protocol::deploy::{
     labels, ContainerSpec, DeployOutcome, DeployReport, DeploySpec, GpuRequest, HealthCheck,
-    HealthProbe, RestartPolicy, UndeploySpec, UpdateStrategy,
+    HealthProbe, HostAccess, NetworkMode, RestartPolicy, UndeploySpec, UpdateStrategy,
 };
 use nebula_protocol::jobs::{JobOutput, JobResult, JobStatus, LogStream};
 use rand::Rng;
@@ -56,9 +59,11 @@ struct Managed {
     running: bool,
 }
 
+/// Converge to `spec`, its containers created with `host` (the default: no host access).
 pub async fn deploy(
     ctx: &JobContext,
     spec: &DeploySpec,
+    host: &HostAccess,
     own: Option<uuid::Uuid>,
     policy: &DeployConfig,
 ) -> JobResult {
@@ -68,7 +73,7 @@ pub async fn deploy(
         return JobResult::new(JobStatus::Refused, Some(e));
     }
     // Before any container is listed, created or touched. Replicas differ only in labels.
-    if let Err(violation) = policy::check(policy, &container_body(spec, 0)) {
+    if let Err(violation) = policy::check(policy, &container_body(spec, host, 0)) {
         warn!(service = %spec.service, "{violation}");
         ctx.log(LogStream::Agent, violation.to_string());
         return JobResult::new(JobStatus::Refused, Some(violation.to_string()));
@@ -81,6 +86,7 @@ pub async fn deploy(
         ctx,
         docker: &docker,
         spec,
+        host,
     };
     match exec.run().await {
         Ok(report) => report_result(report),
@@ -184,6 +190,7 @@ struct Executor<'a> {
     ctx: &'a JobContext,
     docker: &'a Docker,
     spec: &'a DeploySpec,
+    host: &'a HostAccess,
 }
 
 impl Executor<'_> {
@@ -369,7 +376,7 @@ impl Executor<'_> {
                 .collect()
         };
         let name = format!("{}-{}-{suffix}", spec.service, replica + 1);
-        let body = container_body(spec, replica);
+        let body = container_body(spec, self.host, replica);
         let opts = CreateContainerOptionsBuilder::default().name(&name).build();
         self.log(format!(
             "creating {name} from {} (revision {})",
@@ -452,8 +459,8 @@ fn split_image(image: &str) -> (&str, &str) {
     }
 }
 
-/// The Docker create body for one replica of the spec.
-fn container_body(spec: &DeploySpec, replica: u32) -> ContainerCreateBody {
+/// The Docker create body for one replica of the spec, with its host access.
+fn container_body(spec: &DeploySpec, host: &HostAccess, replica: u32) -> ContainerCreateBody {
     let c: &ContainerSpec = &spec.container;
     let labels = HashMap::from([
         (labels::MANAGED.to_string(), "true".to_string()),
@@ -538,6 +545,23 @@ fn container_body(spec: &DeploySpec, replica: u32) -> ContainerCreateBody {
             binds: (!binds.is_empty()).then_some(binds),
             restart_policy: Some(restart),
             device_requests,
+            privileged: host.privileged.then_some(true),
+            network_mode: match host.network {
+                NetworkMode::Bridge => None,
+                NetworkMode::Host | NetworkMode::None => Some(host.network.as_str().to_owned()),
+            },
+            pid_mode: host.pid_host.then(|| "host".to_owned()),
+            cap_add: (!host.cap_add.is_empty()).then(|| host.cap_add.clone()),
+            devices: (!host.devices.is_empty()).then(|| {
+                host.devices
+                    .iter()
+                    .map(|d| DeviceMapping {
+                        path_on_host: Some(d.host_path.clone()),
+                        path_in_container: Some(d.container_path.clone()),
+                        cgroup_permissions: Some("rwm".into()),
+                    })
+                    .collect()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -721,8 +745,17 @@ async fn stopped_message(docker: &Docker, id: &str, code: i64) -> String {
 }
 
 /// Where the agent reaches the container's `port`: its address on its first network, or the
-/// published host port on the loopback address.
+/// published host port on the loopback address; on the host's network, the port itself on the
+/// loopback address.
 fn address(info: &ContainerInspectResponse, port: u16) -> Option<String> {
+    let host_network = info
+        .host_config
+        .as_ref()
+        .and_then(|h| h.network_mode.as_deref())
+        == Some("host");
+    if host_network {
+        return Some(format!("127.0.0.1:{port}"));
+    }
     let settings = info.network_settings.as_ref()?;
     if let Some(ip) = settings.networks.as_ref().and_then(|n| {
         let mut nets: Vec<_> = n.iter().collect();
@@ -907,7 +940,7 @@ mod tests {
 
     #[test]
     fn the_create_body_carries_labels_ports_volumes_restart_and_gpus() {
-        let body = container_body(&spec(), 0);
+        let body = container_body(&spec(), &HostAccess::default(), 0);
         let labels = body.labels.unwrap();
         assert_eq!(labels["nebula.managed"], "true");
         assert_eq!(labels["nebula.service"], "web");
@@ -942,13 +975,130 @@ mod tests {
     }
 
     #[test]
+    fn host_access_goes_into_the_create_body_and_only_when_asked_for() {
+        let plain = container_body(&spec(), &HostAccess::default(), 0)
+            .host_config
+            .unwrap();
+        assert_eq!(plain.privileged, None);
+        assert_eq!(plain.network_mode, None);
+        assert_eq!(plain.pid_mode, None);
+        assert_eq!(plain.cap_add, None);
+        assert_eq!(plain.devices, None);
+        let host = HostAccess {
+            privileged: true,
+            network: NetworkMode::Host,
+            pid_host: true,
+            cap_add: vec!["NET_ADMIN".into()],
+            devices: vec![nebula_protocol::deploy::DeviceMapping {
+                host_path: "/dev/ttyUSB0".into(),
+                container_path: "/dev/ttyS0".into(),
+            }],
+        };
+        let body = container_body(&spec(), &host, 0).host_config.unwrap();
+        assert_eq!(body.privileged, Some(true));
+        assert_eq!(body.network_mode.as_deref(), Some("host"));
+        assert_eq!(body.pid_mode.as_deref(), Some("host"));
+        assert_eq!(body.cap_add, Some(vec!["NET_ADMIN".to_string()]));
+        let device = &body.devices.unwrap()[0];
+        assert_eq!(device.path_on_host.as_deref(), Some("/dev/ttyUSB0"));
+        assert_eq!(device.path_in_container.as_deref(), Some("/dev/ttyS0"));
+        let none = HostAccess {
+            network: NetworkMode::None,
+            ..Default::default()
+        };
+        let body = container_body(&spec(), &none, 0).host_config.unwrap();
+        assert_eq!(body.network_mode.as_deref(), Some("none"));
+    }
+
+    /// The controller previews this agent's refusals from the policy summary it reports: for
+    /// each rule both say the same words.
+    #[test]
+    fn the_controllers_preview_says_what_the_policy_says() {
+        use nebula_protocol::deploy::{DeviceMapping as Device, VolumeMount};
+        let policy = DeployConfig::default();
+        let summary = policy.summary();
+        let sockets = policy::RuntimeSockets::new(Vec::<std::path::PathBuf>::new());
+        let mut plain = spec();
+        plain.container.volumes.clear();
+        plain.container.gpus = GpuRequest::None;
+        let bind = |source: &str| {
+            let mut s = plain.clone();
+            s.container.volumes = vec![VolumeMount {
+                source: source.into(),
+                target: "/x".into(),
+                read_only: false,
+            }];
+            s
+        };
+        let with = |f: &dyn Fn(&mut HostAccess)| {
+            let mut h = HostAccess::default();
+            f(&mut h);
+            h
+        };
+        let cases: Vec<(DeploySpec, HostAccess)> = vec![
+            (plain.clone(), with(&|h| h.privileged = true)),
+            (plain.clone(), with(&|h| h.network = NetworkMode::Host)),
+            (plain.clone(), with(&|h| h.pid_host = true)),
+            (
+                plain.clone(),
+                with(&|h| h.cap_add = vec!["SYS_ADMIN".into()]),
+            ),
+            (
+                plain.clone(),
+                with(&|h| {
+                    h.devices = vec![Device {
+                        host_path: "/dev/null".into(),
+                        container_path: "/dev/null".into(),
+                    }]
+                }),
+            ),
+            (bind("/"), HostAccess::default()),
+            (bind("/srv/x/docker.sock"), HostAccess::default()),
+        ];
+        for (s, h) in cases {
+            let agent = policy::check_with(&policy, &container_body(&s, &h, 0), &sockets)
+                .expect_err("refused")
+                .to_string();
+            let preview = summary.refusal(&s.container, &h);
+            assert_eq!(preview.as_deref(), Some(agent.as_str()), "{h:?}");
+        }
+        let gpus = DeployConfig {
+            allow_gpus: false,
+            ..DeployConfig::default()
+        };
+        let mut gpu = plain.clone();
+        gpu.container.gpus = GpuRequest::All;
+        let none = HostAccess::default();
+        let agent = policy::check_with(&gpus, &container_body(&gpu, &none, 0), &sockets)
+            .expect_err("refused")
+            .to_string();
+        assert_eq!(
+            gpus.summary().refusal(&gpu.container, &none).as_deref(),
+            Some(agent.as_str())
+        );
+        // And what one allows, the other does.
+        let open = DeployConfig {
+            allow_privileged: true,
+            allow_host_network: true,
+            ..DeployConfig::default()
+        };
+        let both = with(&|h| {
+            h.privileged = true;
+            h.network = NetworkMode::Host;
+        });
+        assert!(policy::check_with(&open, &container_body(&plain, &both, 0), &sockets).is_ok());
+        assert_eq!(open.summary().refusal(&plain.container, &both), None);
+    }
+
+    #[test]
     fn all_gpus_is_count_minus_one() {
         let mut s = spec();
         s.container.gpus = GpuRequest::All;
-        let host = container_body(&s, 0).host_config.unwrap();
+        let none = HostAccess::default();
+        let host = container_body(&s, &none, 0).host_config.unwrap();
         assert_eq!(host.device_requests.unwrap()[0].count, Some(-1));
         s.container.gpus = GpuRequest::None;
-        assert!(container_body(&s, 0)
+        assert!(container_body(&s, &none, 0)
             .host_config
             .unwrap()
             .device_requests

@@ -511,6 +511,7 @@ impl JobRunner {
             }
         };
         running.update(|log| log.started = true);
+        let no_host_access = nebula_protocol::deploy::HostAccess::default();
         let work = async {
             match &req.spec {
                 JobSpec::Noop => JobResult::new(JobStatus::Succeeded, None),
@@ -526,7 +527,11 @@ impl JobRunner {
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Deploy(spec) => tokio::select! {
-                    r = deploy::deploy(&ctx, spec, self.config.node_id, &self.config.deploy) => r,
+                    r = deploy::deploy(&ctx, spec, &no_host_access, self.config.node_id, &self.config.deploy) => r,
+                    stop = ctx.stopped() => stop.result(),
+                },
+                JobSpec::DeployWithHostAccess(d) => tokio::select! {
+                    r = deploy::deploy(&ctx, &d.deploy, &d.host_access, self.config.node_id, &self.config.deploy) => r,
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Undeploy(spec) => tokio::select! {

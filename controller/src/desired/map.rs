@@ -2,7 +2,11 @@
 //! error with line and column), validation beyond parsing, and the effective specs it resolves to.
 //!
 //! Unknown fields are rejected everywhere. Short forms follow Docker Compose where people
-//! already know them (`"8080:80/tcp"`, `"data:/var/lib/data:ro"`, `on-failure:5`).
+//! already know them (`"8080:80/tcp"`, `"data:/var/lib/data:ro"`, `on-failure:5`), and so do
+//! the host access fields (`privileged`, `network_mode`, `pid`, `cap_add`, `devices`). Those
+//! resolve to a `HostAccess` beside the container spec ([`Desired::host_access`]) and count in
+//! the revision only when set ([`revision_with`]), so that a service without them keeps the
+//! revision it had before they existed.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -10,15 +14,15 @@ use std::fmt;
 use std::time::Duration;
 
 use nebula_protocol::deploy::{
-    ContainerSpec, GpuRequest, HealthCheck, HealthProbe, PortMapping, PortProtocol, RestartPolicy,
-    UpdateStrategy, VolumeMount,
+    ContainerSpec, DeviceMapping, GpuRequest, HealthCheck, HealthProbe, HostAccess, NetworkMode,
+    PortMapping, PortProtocol, RestartPolicy, UpdateStrategy, VolumeMount,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::plan::{Desired, DesiredService, PlacementRule};
+use super::plan::{Desired, DesiredService, PlacementRule, RevisionSpec};
 
 /// The largest service map accepted (bytes).
 pub const MAX_MAP_BYTES: usize = 1 << 20;
@@ -180,6 +184,43 @@ pub struct ServiceDecl {
     /// Services that must be deployed and healthy before this one is.
     #[serde(default)]
     pub depends_on: Vec<Loc<String>>,
+    /// Run the container privileged (default false). The node's agent refuses it unless its
+    /// config sets `deploy.allow_privileged`.
+    #[serde(default)]
+    pub privileged: Option<Loc<bool>>,
+    /// `bridge` (the default: its own network, ports published), `host` (the host's network:
+    /// it binds the host's ports itself, so `ports` cannot be given; needs
+    /// `deploy.allow_host_network` on the node) or `none` (loopback only).
+    #[serde(default)]
+    pub network_mode: Option<Loc<NetworkModeDecl>>,
+    /// `host`: the host's PID namespace (needs `deploy.allow_host_pid` on the node).
+    #[serde(default)]
+    pub pid: Option<Loc<PidDecl>>,
+    /// Capabilities to add (`NET_ADMIN`, with or without `CAP_`; `ALL` for every one). The
+    /// node's `deploy.allow_capabilities` must list each.
+    #[serde(default)]
+    pub cap_add: Vec<Loc<String>>,
+    /// Host devices: `"/dev/dri"` or `"/dev/ttyUSB0:/dev/ttyS0"` (`HOST[:CONTAINER]`). The
+    /// node's `deploy.allow_devices` must hold each.
+    #[serde(default)]
+    pub devices: Vec<Loc<DeviceDecl>>,
+}
+
+/// The network a service's containers get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkModeDecl {
+    Bridge,
+    Host,
+    None,
+}
+
+/// The PID namespace a service's containers get: only `host` can be written (the default is
+/// their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PidDecl {
+    Host,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
@@ -549,6 +590,71 @@ pub fn parse_volume(text: &str) -> Result<VolumeMount, String> {
     })
 }
 
+/// A host device given to a service's containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceDecl(pub DeviceMapping);
+
+text_schema!(DeviceDecl, "Device", {
+    "description": "HOST or HOST:CONTAINER, absolute paths (/dev/dri, /dev/ttyUSB0:/dev/ttyS0)",
+    "type": "string",
+    "pattern": "^/[^:]*(:/[^:]*)?$"
+});
+
+impl<'de> Deserialize<'de> for DeviceDecl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        str_or_int(d, "a device such as \"/dev/dri\"", |s| {
+            parse_device(s).map(DeviceDecl)
+        })
+    }
+}
+
+pub fn parse_device(text: &str) -> Result<DeviceMapping, String> {
+    let bad = |why: &str| {
+        format!("invalid device `{text}`: {why} (write HOST or HOST:CONTAINER, absolute paths)")
+    };
+    let (host, container) = match text.split(':').collect::<Vec<_>>().as_slice() {
+        [h] => (*h, *h),
+        [h, c] => (*h, *c),
+        _ => {
+            return Err(bad(
+                "too many `:` (permissions cannot be given: devices get rwm)",
+            ))
+        }
+    };
+    for (what, path) in [("host", host), ("container", container)] {
+        if !path.starts_with('/') || path.len() < 2 {
+            return Err(bad(&format!("the {what} path must be an absolute path")));
+        }
+        if path.split('/').any(|part| part == "..") || path.contains(char::is_whitespace) {
+            return Err(bad(&format!(
+                "the {what} path may hold no `..` and no spaces"
+            )));
+        }
+    }
+    Ok(DeviceMapping {
+        host_path: host.to_owned(),
+        container_path: container.to_owned(),
+    })
+}
+
+/// A capability as Docker names it, without `CAP_` (`NET_ADMIN`; `ALL`), or why not.
+pub fn parse_capability(text: &str) -> Result<String, String> {
+    let name = text.strip_prefix("CAP_").unwrap_or(text);
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && name.bytes().next().is_some_and(|b| b.is_ascii_uppercase());
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "`{text}` is not a capability name (capital letters, digits and `_`, such as NET_ADMIN or CAP_SYS_TIME)"
+        ))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartDecl(pub RestartPolicy);
 
@@ -854,6 +960,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
     };
 
     let mut services = BTreeMap::new();
+    let mut host_accesses = BTreeMap::new();
     // (node, ip, port, protocol) -> the service that claims it, for services pinned to a node.
     let mut claimed: HashMap<(String, Option<String>, u16, PortProtocol), String> = HashMap::new();
     for (name, svc) in &map.services {
@@ -1044,7 +1151,10 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
                 })
             }
         };
+        let host_access = resolve_host_access(name, svc, !ports.is_empty(), &health, &mut err);
         let update = svc.update.clone().unwrap_or_default();
+        // A new container on the host's network binds the old one's ports: stop-first too.
+        let stop_first_default = fixed_port || host_access.network == NetworkMode::Host;
         let strategy = match update
             .strategy
             .as_ref()
@@ -1057,7 +1167,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
                 UpdateStrategy::StartFirst
             }
             Some((StrategyDecl::StopFirst, _, _)) => UpdateStrategy::StopFirst,
-            None if fixed_port => UpdateStrategy::StopFirst,
+            None if stop_first_default => UpdateStrategy::StopFirst,
             None => UpdateStrategy::StartFirst,
         };
         let health_timeout = update.health_timeout.unwrap_or(Duration::from_secs(60));
@@ -1098,10 +1208,14 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             gpus,
             health,
         };
+        let revision = revision_with(&spec, &host_access);
+        if !host_access.is_empty() {
+            host_accesses.insert(name.clone(), host_access);
+        }
         services.insert(
             name.clone(),
             DesiredService {
-                revision: revision(&spec),
+                revision,
                 spec,
                 replicas,
                 placement: PlacementRule {
@@ -1172,9 +1286,91 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             wake,
             sleep,
             models,
+            host_access: host_accesses,
         },
         warnings,
     })
+}
+
+/// A service's `privileged`, `network_mode`, `pid`, `cap_add` and `devices`, checked.
+fn resolve_host_access(
+    name: &str,
+    svc: &ServiceDecl,
+    publishes_ports: bool,
+    health: &Option<HealthCheck>,
+    err: &mut impl FnMut(u64, u64, String),
+) -> HostAccess {
+    let network = match svc
+        .network_mode
+        .as_ref()
+        .map(|n| (n.value, n.line, n.column))
+    {
+        None | Some((NetworkModeDecl::Bridge, _, _)) => NetworkMode::Bridge,
+        Some((mode, line, column)) => {
+            let network = match mode {
+                NetworkModeDecl::Host => NetworkMode::Host,
+                _ => NetworkMode::None,
+            };
+            if publishes_ports {
+                let why = match network {
+                    NetworkMode::Host => "the container uses the host's ports directly (Docker publishes nothing on the host's network); remove `ports`",
+                    _ => "the container has no network to publish them from; remove `ports`",
+                };
+                err(
+                    line,
+                    column,
+                    format!(
+                        "service `{name}`: `network_mode: {}` cannot go with `ports`: {why}",
+                        network.as_str()
+                    ),
+                );
+            }
+            let reaches_in = health.as_ref().is_some_and(|h| {
+                matches!(h.probe, HealthProbe::Http { .. } | HealthProbe::Tcp { .. })
+            });
+            if network == NetworkMode::None && reaches_in {
+                err(
+                    line,
+                    column,
+                    format!("service `{name}`: an http or tcp health check cannot reach a container with `network_mode: none`; use `cmd`"),
+                );
+            }
+            network
+        }
+    };
+    let mut cap_add = BTreeSet::new();
+    for cap in &svc.cap_add {
+        match parse_capability(&cap.value) {
+            Ok(c) => {
+                cap_add.insert(c);
+            }
+            Err(e) => err(
+                cap.line,
+                cap.column,
+                format!("service `{name}`: cap_add: {e}"),
+            ),
+        }
+    }
+    let mut targets = BTreeSet::new();
+    for d in &svc.devices {
+        if !targets.insert(d.0.container_path.as_str()) {
+            err(
+                d.line,
+                d.column,
+                format!(
+                    "service `{name}`: device `{}` is given twice in the container",
+                    d.0.container_path
+                ),
+            );
+        }
+    }
+    HostAccess {
+        privileged: svc.privileged.as_ref().is_some_and(|p| p.value),
+        network,
+        pid_host: svc.pid.is_some(),
+        cap_add: cap_add.into_iter().collect(),
+        devices: svc.devices.iter().map(|d| d.0.clone()).collect(),
+    }
 }
 
 /// A service on a `depends_on` cycle, if any. Iterative (a long chain of dependencies must
@@ -1233,6 +1429,21 @@ pub fn revision(spec: &ContainerSpec) -> String {
     hex::encode(&Sha256::digest(&json)[..6])
 }
 
+/// The revision of a spec with its host access: the same as [`revision`] for a service that
+/// asks for none (so its revision did not change when host access came), else the hash of the
+/// [`RevisionSpec`] JSON, which adds a `host_access` object to the spec's.
+pub fn revision_with(spec: &ContainerSpec, host: &HostAccess) -> String {
+    if host.is_empty() {
+        return revision(spec);
+    }
+    let full = RevisionSpec {
+        container: spec.clone(),
+        host_access: host.clone(),
+    };
+    let json = serde_json::to_vec(&full).expect("a revision spec always serializes");
+    hex::encode(&Sha256::digest(&json)[..6])
+}
+
 /// The JSON Schema of the document, for editors.
 pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(ServiceMap)).expect("a schema serializes")
@@ -1241,6 +1452,7 @@ pub fn json_schema() -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::plan::RevisionSpec;
 
     fn fleet(names: &[&str]) -> FleetNames {
         FleetNames(Some(names.iter().map(|s| s.to_string()).collect()))
@@ -1274,6 +1486,14 @@ mod tests {
         assert_eq!(ollama.spec.gpus, GpuRequest::All);
         assert!(ollama.placement.gpu);
         assert!(checked.warnings.is_empty(), "{:?}", checked.warnings);
+        // The commented host access example is valid once uncommented.
+        let uncommented = text.replace("  # vpn:", "  vpn:").replace("  #   ", "    ");
+        let d = check(&uncommented, &fleet(&["homelab", "gpu-box", "vps"]))
+            .unwrap()
+            .desired;
+        let vpn = &d.host_access["vpn"];
+        assert!(vpn.privileged && vpn.pid_host && vpn.network == NetworkMode::Host);
+        assert_eq!(vpn.cap_add, vec!["NET_ADMIN"]);
     }
 
     #[test]
@@ -1289,6 +1509,143 @@ mod tests {
         assert_eq!(rev(a), rev(b), "replicas are not part of the revision");
         assert_ne!(rev(a), rev(c));
         assert_eq!(rev(a).len(), 12);
+    }
+
+    /// Revisions computed before host access existed: a service that asks for none keeps its
+    /// revision exactly (an upgrade must not redeploy every service).
+    #[test]
+    fn revisions_of_services_without_host_access_are_pinned() {
+        let text = "services:
+  web:
+    image: nebula-test/web:v1
+    command: [httpd, -f]
+    env: { MODE: prod, WORKERS: 4 }
+    ports: [\"127.0.0.1:8080:80\", 53/udp]
+    volumes: [\"data:/data\", \"/srv/web:/srv:ro\"]
+    restart: on-failure:3
+    gpu: 1
+    health: { http: { port: 80, path: /healthz }, interval: 2s }
+  plain:
+    image: busybox
+";
+        let d = check(text, &FleetNames(None)).unwrap().desired;
+        assert_eq!(d.services["web"].revision, "c24fca32ee6b");
+        assert_eq!(d.services["plain"].revision, "c00219c8bd9b");
+        assert!(d.host_access.is_empty());
+        // Host access fields written with their defaults ask for nothing: same revision.
+        let defaults = text.replace(
+            "    image: busybox\n",
+            "    image: busybox\n    privileged: false\n    network_mode: bridge\n    \
+             cap_add: []\n    devices: []\n",
+        );
+        let d = check(&defaults, &FleetNames(None)).unwrap().desired;
+        assert_eq!(d.services["plain"].revision, "c00219c8bd9b");
+        assert!(d.host_access.is_empty());
+        // Any host access is a new revision; the stored form reads back.
+        let privileged = text.replace(
+            "    image: busybox\n",
+            "    image: busybox\n    privileged: true\n",
+        );
+        let d = check(&privileged, &FleetNames(None)).unwrap().desired;
+        assert_ne!(d.services["plain"].revision, "c00219c8bd9b");
+        assert_eq!(d.services["web"].revision, "c24fca32ee6b");
+        let stored = serde_json::to_string(&d.revision_spec("plain").unwrap()).unwrap();
+        assert!(
+            stored.contains("\"host_access\":{\"privileged\":true"),
+            "{stored}"
+        );
+        let back: RevisionSpec = serde_json::from_str(&stored).unwrap();
+        assert_eq!(Some(back), d.revision_spec("plain"));
+        // A spec stored before host access existed reads back with none, and writes the same.
+        let old = serde_json::to_string(&d.services["web"].spec).unwrap();
+        let back: RevisionSpec = serde_json::from_str(&old).unwrap();
+        assert!(back.host_access.is_empty());
+        assert_eq!(serde_json::to_string(&back).unwrap(), old);
+    }
+
+    #[test]
+    fn host_access_fields_parse_and_normalise() {
+        let text = "services:
+  vpn:
+    image: wireguard
+    privileged: true
+    network_mode: host
+    pid: host
+    cap_add: [NET_ADMIN, CAP_SYS_MODULE, NET_ADMIN]
+    devices: [/dev/net/tun, \"/dev/ttyUSB0:/dev/ttyS0\"]
+  plain:
+    image: busybox
+    network_mode: none
+";
+        let d = check(text, &FleetNames(None)).unwrap().desired;
+        let vpn = &d.host_access["vpn"];
+        assert!(vpn.privileged && vpn.pid_host);
+        assert_eq!(vpn.network, NetworkMode::Host);
+        assert_eq!(vpn.cap_add, vec!["NET_ADMIN", "SYS_MODULE"]);
+        assert_eq!(
+            vpn.devices,
+            vec![
+                DeviceMapping {
+                    host_path: "/dev/net/tun".into(),
+                    container_path: "/dev/net/tun".into(),
+                },
+                DeviceMapping {
+                    host_path: "/dev/ttyUSB0".into(),
+                    container_path: "/dev/ttyS0".into(),
+                },
+            ]
+        );
+        // On the host's network a new container needs the old one's ports: stop-first.
+        assert_eq!(d.services["vpn"].strategy, UpdateStrategy::StopFirst);
+        assert_eq!(d.host_access["plain"].network, NetworkMode::None);
+        assert_eq!(d.host_access("not-declared"), &HostAccess::default());
+    }
+
+    #[test]
+    fn bad_host_access_is_refused_with_line_and_column() {
+        for (field, words, column) in [
+            ("network_mode: nat", "unknown variant `nat`", 19),
+            ("pid: container", "unknown variant `container`", 10),
+            ("privileged: maybe", "", 17),
+            (
+                "cap_add: [net_admin]",
+                "`net_admin` is not a capability name",
+                15,
+            ),
+            ("cap_add: [\"NET ADMIN\"]", "not a capability name", 15),
+            ("devices: [dev/sda]", "invalid device `dev/sda`", 15),
+            ("devices: [\"/dev/sda:/dev/sda:r\"]", "too many `:`", 15),
+            ("devices: [/dev/../etc]", "no `..`", 15),
+            (
+                "devices: [/dev/a, \"/dev/b:/dev/a\"]",
+                "device `/dev/a` is given twice",
+                23,
+            ),
+            (
+                "network_mode: host\n    ports: [\"8080:80\"]",
+                "`network_mode: host` cannot go with `ports`",
+                19,
+            ),
+            (
+                "network_mode: none\n    ports: [\"80\"]",
+                "`network_mode: none` cannot go with `ports`",
+                19,
+            ),
+            (
+                "network_mode: none\n    health: { tcp: { port: 80 } }",
+                "use `cmd`",
+                19,
+            ),
+        ] {
+            let text = format!("services:\n  web:\n    image: x\n    {field}\n");
+            let e = check(&text, &FleetNames(None)).unwrap_err();
+            assert!(e.to_string().contains(words), "{field}: {e}");
+            assert_eq!(
+                (e.0[0].line, e.0[0].column),
+                (4, column),
+                "{field}: located where it was written: {e}"
+            );
+        }
     }
 
     #[test]
@@ -1438,6 +1795,10 @@ mod tests {
             "depends_on",
             "start_period",
             "min_vram_mb",
+            "privileged",
+            "network_mode",
+            "cap_add",
+            "devices",
         ] {
             assert!(text.contains(field), "{field} missing from the schema");
         }

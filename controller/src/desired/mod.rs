@@ -18,7 +18,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use nebula_protocol::deploy::ContainerSpec;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -37,7 +36,7 @@ mod reconciler;
 pub use reconciler::{reconciler, watch_file};
 
 use map::{FleetNames, MapErrors, Problem};
-use plan::{Desired, Plan};
+use plan::{Desired, Plan, RevisionSpec};
 
 /// The map in force.
 #[derive(Debug, Clone)]
@@ -58,7 +57,7 @@ pub struct FileRejection {
 #[derive(Debug, Clone)]
 pub(crate) struct Pin {
     pub record: PinRecord,
-    pub spec: ContainerSpec,
+    pub spec: RevisionSpec,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +71,7 @@ pub(crate) struct Inner {
     pub file_error: Option<FileRejection>,
     pub in_flight: BTreeMap<(String, String), InFlight>,
     pub blocked: BTreeMap<(String, String), String>,
-    pub revisions: BTreeMap<String, ContainerSpec>,
+    pub revisions: BTreeMap<String, RevisionSpec>,
     pub pins: BTreeMap<String, Pin>,
     pub reasons: BTreeSet<String>,
     /// Unix ms a node went offline (nodes never seen online count from the controller's start).
@@ -179,7 +178,8 @@ pub struct ServiceView {
     /// `serving_revision`) that run, and that run healthy.
     pub running: u32,
     pub healthy: u32,
-    /// converged, deploying, pending, waiting, failed, orphan.
+    /// converged, deploying, pending, refused (a node's deploy policy would refuse it; the
+    /// message is its agent's), waiting, failed, orphan.
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -452,8 +452,14 @@ impl ControlPlane {
         for (name, pin) in &st.pins {
             if let Some(svc) = out.services.get_mut(name) {
                 if svc.revision == pin.record.base_revision {
-                    svc.spec = pin.spec.clone();
+                    svc.spec = pin.spec.container.clone();
                     svc.revision = pin.record.revision.clone();
+                    if pin.spec.host_access.is_empty() {
+                        out.host_access.remove(name);
+                    } else {
+                        out.host_access
+                            .insert(name.clone(), pin.spec.host_access.clone());
+                    }
                 }
             }
         }
@@ -522,6 +528,7 @@ impl ControlPlane {
             let deploying = !deploy_jobs.is_empty();
             let has_action = plan.actions.iter().any(|a| a.service() == name);
             let waiting = plan.waiting.iter().find(|w| w.service == name);
+            let refused = plan.refused.iter().find(|w| w.service == name);
             let failed = svc.and_then(|s| blocked.get(&(name.clone(), s.revision.clone())));
             let (status, message) = match svc {
                 None => (
@@ -541,6 +548,7 @@ impl ControlPlane {
                     }),
                 ),
                 Some(_) if has_action => ("pending", None),
+                Some(_) if refused.is_some() => ("refused", refused.map(|w| w.reason.clone())),
                 Some(_) if waiting.is_some() => ("waiting", waiting.map(|w| w.reason.clone())),
                 Some(_) => ("converged", None),
             };
@@ -631,7 +639,7 @@ impl ControlPlane {
             .find(|d| d.revision == target)
             .map(|d| d.spec.clone())
             .expect("target comes from the history");
-        let spec: ContainerSpec = serde_json::from_str(&spec_json)
+        let spec: RevisionSpec = serde_json::from_str(&spec_json)
             .map_err(|e| OpError::Invalid(format!("stored spec of {target} is unreadable: {e}")))?;
         let record = PinRecord {
             service: service.to_owned(),

@@ -7,12 +7,20 @@
 //! service (then online before offline, then the less loaded, then by name). A converged
 //! service is therefore a fixed point: applying a plan and planning again yields no actions (a
 //! property test checks it).
+//!
+//! A node that reported its deploy policy (agents from 1.5 on) gets no action its agent would
+//! refuse: new replicas go to nodes whose policy allows the service, and work that only a
+//! refusing node could do is listed in [`Plan::refused`] with the agent's words instead of
+//! being sent. Without a report (an older agent) the node is planned for as before, and its
+//! agent refuses at deploy time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use nebula_protocol::deploy::{ContainerSpec, PortProtocol, UpdateStrategy};
-use serde::Serialize;
+use nebula_protocol::deploy::{
+    ContainerSpec, DeployPolicySummary, HostAccess, PortProtocol, UpdateStrategy,
+};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -30,6 +38,45 @@ pub struct Desired {
     pub sleep: BTreeMap<String, String>,
     /// Models to keep on nodes, by name.
     pub models: BTreeMap<String, DesiredModel>,
+    /// Host access (privileged, host namespaces, capabilities, devices) by service, only for
+    /// services that ask for some; part of their revision.
+    pub host_access: BTreeMap<String, HostAccess>,
+}
+
+/// No host access: what services without an entry in [`Desired::host_access`] get.
+static NO_HOST_ACCESS: HostAccess = HostAccess {
+    privileged: false,
+    network: nebula_protocol::deploy::NetworkMode::Bridge,
+    pid_host: false,
+    cap_add: Vec::new(),
+    devices: Vec::new(),
+};
+
+impl Desired {
+    /// The host access `service` asks for (none for most).
+    pub fn host_access(&self, service: &str) -> &HostAccess {
+        self.host_access.get(service).unwrap_or(&NO_HOST_ACCESS)
+    }
+
+    /// Everything `service`'s revision pins.
+    pub fn revision_spec(&self, service: &str) -> Option<RevisionSpec> {
+        self.services.get(service).map(|s| RevisionSpec {
+            container: s.spec.clone(),
+            host_access: self.host_access(service).clone(),
+        })
+    }
+}
+
+/// Everything a revision pins: the container spec and its host access. Kept as JSON in the
+/// deployment history (rollbacks and diffs read it back); `host_access` is written only when
+/// there is some, so a revision without it reads and hashes exactly as before host access
+/// existed, and rows written before read back with none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevisionSpec {
+    #[serde(flatten)]
+    pub container: ContainerSpec,
+    #[serde(default, skip_serializing_if = "HostAccess::is_empty")]
+    pub host_access: HostAccess,
 }
 
 /// Where a model must be: named nodes, or every node with these labels.
@@ -85,7 +132,9 @@ pub struct Observed {
     /// (service, [`removal_key`]) for a removal that failed on a node.
     pub blocked: BTreeMap<(String, String), String>,
     /// Specs of revisions deployed before, for field-level diffs.
-    pub revisions: BTreeMap<String, ContainerSpec>,
+    pub revisions: BTreeMap<String, RevisionSpec>,
+    /// The deploy policy each connected node reported (agents from 1.5 on), by node id.
+    pub policies: BTreeMap<Uuid, DeployPolicySummary>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +178,11 @@ pub struct Plan {
     pub unchanged: usize,
     /// Work that cannot start now, with the reason.
     pub waiting: Vec<Waiting>,
+    /// Work the node's deploy policy would refuse (as its agent reported it): not sent, since
+    /// the agent would refuse it; the reason is the agent's, naming the rule and the config key
+    /// that would allow it. A person changes the map or the node's agent config.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<Waiting>,
 }
 
 impl Plan {
@@ -302,13 +356,23 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let mut existing = vec![0u32; n];
     let all_known = nodes.iter().all(|node| node.known);
     let mut pending: BTreeSet<String> = BTreeSet::new();
-    let mut per_service: Vec<(String, Vec<Action>, Vec<Waiting>)> = Vec::new();
+    let mut per_service: Vec<ServiceWork> = Vec::new();
 
     for name in dependency_order(desired) {
         let svc = &desired.services[&name];
         let rule = &svc.placement;
+        let host = desired.host_access(&name);
+        // What node `i`'s agent would answer to this service, when it reported its policy.
+        let refusal_at = |i: usize| -> Option<String> {
+            observed
+                .policies
+                .get(&nodes[i].id)
+                .and_then(|p| p.refusal(&svc.spec, host))
+        };
+        let allowed = |i: usize| refusal_at(i).is_none();
         let mut actions = Vec::new();
         let mut waiting = Vec::new();
+        let mut refused = Vec::new();
         let fixed_ports: Vec<PortKey> = svc
             .spec
             .ports
@@ -384,7 +448,11 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     existing[i] = 0;
                 }
                 pending.insert(name.clone());
-                per_service.push((name, actions, waiting));
+                per_service.push(ServiceWork {
+                    actions,
+                    waiting,
+                    refused,
+                });
                 continue;
             }
         }
@@ -420,13 +488,13 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 Some(id) if mine.is_empty() => rule_orders[id]
                     .iter()
                     .map(|k| k.3)
-                    .find(|i| assigned[*i] == 0 && ports_ok(&claims, *i)),
+                    .find(|i| assigned[*i] == 0 && ports_ok(&claims, *i) && allowed(*i)),
                 _ => None,
             };
             let best = quick.or_else(|| {
                 base.iter()
                     .copied()
-                    .filter(|i| assigned[*i] < max_per_node && ports_ok(&claims, *i))
+                    .filter(|i| assigned[*i] < max_per_node && ports_ok(&claims, *i) && allowed(*i))
                     .min_by_key(|i| {
                         (
                             assigned[*i],
@@ -451,7 +519,25 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 }
             }
         }
-        if total < svc.replicas {
+        // Nodes that could take a replica but whose policy refuses the service: say so, in
+        // their agents' words.
+        let refusing: Vec<(usize, String)> = if total < svc.replicas {
+            base.iter()
+                .copied()
+                .filter(|i| assigned[*i] < max_per_node && ports_ok(&claims, *i))
+                .filter_map(|i| refusal_at(i).map(|why| (i, why)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (i, reason) in &refusing {
+            refused.push(Waiting {
+                service: name.clone(),
+                node: Some(nodes[*i].name.clone()),
+                reason: reason.clone(),
+            });
+        }
+        if total < svc.replicas && refusing.is_empty() {
             waiting.push(Waiting {
                 service: name.clone(),
                 node: None,
@@ -532,6 +618,11 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 });
                 continue;
             }
+            // Not sent: its agent would refuse it (and a rerun of a failed one as well).
+            if let Some(reason) = refusal_at(i) {
+                refused.push(wait(reason));
+                continue;
+            }
             if let Some(why) = observed.blocked.get(&(name.clone(), svc.revision.clone())) {
                 waiting.push(wait(format!(
                     "revision {} failed and is not retried until the map is applied again: {why}",
@@ -541,6 +632,15 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
             if !old.is_empty() {
                 let from_spec = old.iter().find_map(|r| observed.revisions.get(r));
+                let changes = from_spec
+                    .map(|f| {
+                        let to = RevisionSpec {
+                            container: svc.spec.clone(),
+                            host_access: host.clone(),
+                        };
+                        diff(f, &to)
+                    })
+                    .unwrap_or_default();
                 actions.push(Action::Update {
                     service: name.clone(),
                     node: node.name.clone(),
@@ -548,7 +648,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     from: old.into_iter().collect(),
                     to: svc.revision.clone(),
                     replicas: want,
-                    changes: from_spec.map(|f| diff(f, &svc.spec)).unwrap_or_default(),
+                    changes,
                     after: after.clone(),
                 });
             } else if current == 0 {
@@ -582,17 +682,22 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             existing[i] = 0;
         }
         // Dependents wait for this service while it has anything left to do or wait for.
-        if !actions.is_empty() || !waiting.is_empty() {
+        if !actions.is_empty() || !waiting.is_empty() || !refused.is_empty() {
             pending.insert(name.clone());
         }
-        per_service.push((name, actions, waiting));
+        per_service.push(ServiceWork {
+            actions,
+            waiting,
+            refused,
+        });
     }
-    for (_, actions, waiting) in per_service {
-        if actions.is_empty() && waiting.is_empty() {
+    for work in per_service {
+        if work.actions.is_empty() && work.waiting.is_empty() && work.refused.is_empty() {
             out.unchanged += 1;
         }
-        out.actions.extend(actions);
-        out.waiting.extend(waiting);
+        out.actions.extend(work.actions);
+        out.waiting.extend(work.waiting);
+        out.refused.extend(work.refused);
     }
     // Orphans: managed containers of services the map no longer declares.
     for node in nodes {
@@ -641,6 +746,13 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     }
     out
+}
+
+/// One service's part of a plan, in dependency order.
+struct ServiceWork {
+    actions: Vec<Action>,
+    waiting: Vec<Waiting>,
+    refused: Vec<Waiting>,
 }
 
 /// A host port: address (`None`: all), number, protocol.
@@ -730,11 +842,18 @@ pub fn dependency_order(desired: &Desired) -> Vec<String> {
     order
 }
 
-/// Field-level differences between two specs (`env.NAME` per variable, `health.*` per field).
-pub fn diff(from: &ContainerSpec, to: &ContainerSpec) -> Vec<FieldChange> {
-    let flat = |spec: &ContainerSpec| -> BTreeMap<String, Value> {
+/// Field-level differences between two specs (`env.NAME` per variable, `health.*` and
+/// `host_access.*` per field).
+pub fn diff(from: &RevisionSpec, to: &RevisionSpec) -> Vec<FieldChange> {
+    let flat = |spec: &RevisionSpec| -> BTreeMap<String, Value> {
         let mut out = BTreeMap::new();
-        let Ok(Value::Object(map)) = serde_json::to_value(spec) else {
+        // Every host access field, set or not: a revision without any compares as the defaults.
+        if let Ok(Value::Object(h)) = serde_json::to_value(&spec.host_access) {
+            for (hk, hv) in h {
+                out.insert(format!("host_access.{hk}"), hv);
+            }
+        }
+        let Ok(Value::Object(map)) = serde_json::to_value(&spec.container) else {
             return out;
         };
         for (k, v) in map {
@@ -900,7 +1019,13 @@ mod tests {
         });
         let observed = Observed {
             nodes: vec![n],
-            revisions: BTreeMap::from([(v1.revision.clone(), v1.spec.clone())]),
+            revisions: BTreeMap::from([(
+                v1.revision.clone(),
+                RevisionSpec {
+                    container: v1.spec.clone(),
+                    host_access: HostAccess::default(),
+                },
+            )]),
             ..Default::default()
         };
         desired.services.insert("web".into(), v2.clone());
@@ -1108,6 +1233,166 @@ mod tests {
         let p = plan(&desired, &observed);
         let app_action = p.actions.iter().find(|a| a.service() == "app").unwrap();
         assert_eq!(app_action.after(), ["db".to_string()]);
+    }
+
+    /// A privileged service with its revision, in `desired`.
+    fn privileged(desired: &mut Desired, name: &str, placement: PlacementRule) {
+        let mut svc = service(&format!("{name}:1"), 1, placement, None);
+        let host = HostAccess {
+            privileged: true,
+            ..Default::default()
+        };
+        svc.revision = crate::desired::map::revision_with(&svc.spec, &host);
+        desired.services.insert(name.into(), svc);
+        desired.host_access.insert(name.into(), host);
+    }
+
+    fn on(node: &str) -> PlacementRule {
+        PlacementRule {
+            node: Some(node.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_nodes_deploy_policy_turns_what_it_would_refuse_into_refusals() {
+        let mut desired = Desired::default();
+        privileged(&mut desired, "strict-tool", on("n0"));
+        privileged(&mut desired, "open-tool", on("n1"));
+        privileged(&mut desired, "anywhere", PlacementRule::default());
+        desired
+            .services
+            .insert("plain".into(), service("plain:1", 1, on("n0"), None));
+        let mut app = service("app:1", 1, on("n1"), None);
+        app.depends_on = vec!["strict-tool".into()];
+        desired.services.insert("app".into(), app);
+        let mut observed = Observed {
+            nodes: vec![node(0, &[], true), node(1, &[], true)],
+            ..Default::default()
+        };
+        // Without reports (older agents), planned as before: the agents refuse at deploy time.
+        let before = plan(&desired, &observed);
+        assert!(before.refused.is_empty(), "{before:?}");
+        assert!(before
+            .actions
+            .iter()
+            .any(|a| a.service() == "strict-tool" && a.verb() == "create"));
+
+        let closed = DeployPolicySummary {
+            allow_gpus: true,
+            ..Default::default()
+        };
+        let open = DeployPolicySummary {
+            allow_privileged: true,
+            ..closed.clone()
+        };
+        observed.policies.insert(observed.nodes[0].id, closed);
+        observed.policies.insert(observed.nodes[1].id, open);
+        let p = plan(&desired, &observed);
+        // Refused where the node's policy forbids it, in the agent's words, and not sent.
+        assert_eq!(
+            p.refused,
+            vec![Waiting {
+                service: "strict-tool".into(),
+                node: Some("n0".into()),
+                reason: "deploy refused by this host's policy: a privileged container needs \
+                         deploy.allow_privileged (agent config)"
+                    .into(),
+            }],
+            "{p:?}"
+        );
+        assert!(!p.actions.iter().any(|a| a.service() == "strict-tool"));
+        // An action where it allows it; an unpinned one goes where it is allowed (n0 would
+        // come first by name); services without host access are not affected.
+        let created: BTreeSet<(&str, &str)> = p
+            .actions
+            .iter()
+            .filter(|a| a.verb() == "create")
+            .map(|a| (a.service(), a.node()))
+            .collect();
+        for want in [("open-tool", "n1"), ("anywhere", "n1"), ("plain", "n0")] {
+            assert!(created.contains(&want), "{want:?}: {p:?}");
+        }
+        // A dependent of a refused service waits for it.
+        let app = p.actions.iter().find(|a| a.service() == "app").unwrap();
+        assert_eq!(app.after(), ["strict-tool".to_string()]);
+        assert_eq!(p.unchanged, 0);
+
+        // With nowhere to go, an unpinned service shows each node's refusal.
+        observed.policies.insert(
+            observed.nodes[1].id,
+            DeployPolicySummary {
+                allow_gpus: true,
+                ..Default::default()
+            },
+        );
+        let p = plan(&desired, &observed);
+        let anywhere: Vec<&str> = p
+            .refused
+            .iter()
+            .filter(|w| w.service == "anywhere")
+            .filter_map(|w| w.node.as_deref())
+            .collect();
+        assert_eq!(anywhere, ["n0", "n1"], "{p:?}");
+        assert!(!p.waiting.iter().any(|w| w.service == "anywhere"), "{p:?}");
+    }
+
+    #[test]
+    fn an_update_that_adds_host_access_is_refused_or_shown_field_by_field() {
+        let plain = service("tool:1", 1, on("n0"), None);
+        let mut desired = Desired::default();
+        privileged(&mut desired, "tool", on("n0"));
+        assert_ne!(desired.services["tool"].revision, plain.revision);
+        let mut n = node(0, &[], true);
+        n.containers.push(ObservedContainer {
+            name: "tool-1".into(),
+            service: "tool".into(),
+            revision: plain.revision.clone(),
+            running: true,
+        });
+        let mut observed = Observed {
+            nodes: vec![n],
+            revisions: BTreeMap::from([(
+                plain.revision.clone(),
+                RevisionSpec {
+                    container: plain.spec.clone(),
+                    host_access: HostAccess::default(),
+                },
+            )]),
+            ..Default::default()
+        };
+        let id = observed.nodes[0].id;
+        observed.policies.insert(
+            id,
+            DeployPolicySummary {
+                allow_privileged: true,
+                ..Default::default()
+            },
+        );
+        let p = plan(&desired, &observed);
+        match &p.actions[..] {
+            [Action::Update { changes, .. }] => {
+                assert_eq!(changes.len(), 1, "{changes:?}");
+                assert_eq!(changes[0].field, "host_access.privileged");
+                assert_eq!(changes[0].from, Some(Value::Bool(false)));
+                assert_eq!(changes[0].to, Some(Value::Bool(true)));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same update on a node that forbids it: the old revision keeps running, and the
+        // plan says why nothing is sent, even after the update failed once.
+        observed.policies.insert(id, DeployPolicySummary::default());
+        observed.blocked.insert(
+            ("tool".into(), desired.services["tool"].revision.clone()),
+            "refused by the agent".into(),
+        );
+        let p = plan(&desired, &observed);
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert!(p.waiting.is_empty(), "{p:?}");
+        assert!(
+            p.refused[0].reason.contains("deploy.allow_privileged"),
+            "{p:?}"
+        );
     }
 
     fn arb_case() -> impl Strategy<Value = (Desired, Observed)> {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nebula_protocol::deploy::{labels, DeploySpec, UndeploySpec};
+use nebula_protocol::deploy::{labels, DeploySpec, DeployWithHostAccess, UndeploySpec};
 use nebula_protocol::jobs::JobOutput;
 use nebula_protocol::telemetry::ContainerState;
 use tokio::sync::broadcast::error::RecvError;
@@ -159,18 +159,34 @@ async fn start(
                 Action::Update { from, .. } => from.clone(),
                 _ => Vec::new(),
             };
+            let deploy = DeploySpec {
+                service: service.clone(),
+                revision: svc.revision.clone(),
+                node: node_id.to_string(),
+                replicas: *replicas,
+                container: svc.spec.clone(),
+                strategy: svc.strategy,
+                health_timeout_ms: svc.health_timeout.as_millis().min(u32::MAX as u128) as u32,
+            };
+            let host_access = desired.host_access(&service);
+            let spec = plan::RevisionSpec {
+                container: svc.spec.clone(),
+                host_access: host_access.clone(),
+            };
+            // Only a service with host access needs a 1.5 agent: every other one goes as
+            // before, so older agents keep running it.
+            let work = if host_access.is_empty() {
+                Work::Deploy(Box::new(deploy))
+            } else {
+                Work::DeployWithHostAccess(Box::new(DeployWithHostAccess {
+                    deploy,
+                    host_access: host_access.clone(),
+                }))
+            };
             (
-                Work::Deploy(Box::new(DeploySpec {
-                    service: service.clone(),
-                    revision: svc.revision.clone(),
-                    node: node_id.to_string(),
-                    replicas: *replicas,
-                    container: svc.spec.clone(),
-                    strategy: svc.strategy,
-                    health_timeout_ms: svc.health_timeout.as_millis().min(u32::MAX as u128) as u32,
-                })),
+                work,
                 svc.revision.clone(),
-                serde_json::to_string(&svc.spec).expect("a spec serializes"),
+                serde_json::to_string(&spec).expect("a spec serializes"),
                 previous,
                 // Pulling, two health gates (the new revision and, after a rollback, the old).
                 svc.health_timeout * 2 + Duration::from_secs(900),
@@ -247,6 +263,20 @@ async fn start(
     Ok(())
 }
 
+/// An agent older than 1.5 refuses a deploy with host access as a job kind it does not know
+/// (`job kind #8 is not supported by nebula-agent X; upgrade the agent`): say what that means.
+fn explain_refusal(host_access: bool, node: &str, error: String) -> String {
+    if host_access && error.contains("job kind #") && error.contains("not supported") {
+        format!(
+            "nebula-agent on {node} is too old for host access (privileged, network_mode, pid, \
+             cap_add or devices need an agent that speaks protocol 1.5 or newer): upgrade the \
+             agent on {node}, or run the service without them ({error})"
+        )
+    } else {
+        error
+    }
+}
+
 /// Wait for a deploy job's end on the controller's tracker, then record the outcome.
 pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
     let tracker = cp.tracker.clone();
@@ -270,6 +300,7 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
             Some(JobOutput::Deploy(r)) => Some(r.clone()),
             _ => None,
         };
+        let host_access = matches!(rec.work, Work::DeployWithHostAccess(_));
         let (outcome, message) = match (rec.state, &report) {
             (_, Some(r)) => (
                 r.outcome.as_str().to_owned(),
@@ -284,7 +315,10 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
                     _ => "failed",
                 }
                 .to_owned(),
-                rec.error.clone().or(rec.reason.clone()),
+                rec.error
+                    .clone()
+                    .map(|e| explain_refusal(host_access, &d.node, e))
+                    .or(rec.reason.clone()),
             ),
         };
         // An undeploy that removed containers reads better as `removed`.
@@ -353,7 +387,8 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
 
 impl ControlPlane {
     /// What runs: every node (an offline one only within `job_lost_grace` of leaving) with the
-    /// managed containers that carry its id, from telemetry; deploys in flight; failed revisions.
+    /// managed containers that carry its id, from telemetry; deploys in flight; failed revisions;
+    /// the deploy policy each connected node reported (kept with its session in the registry).
     pub(crate) async fn observe(&self) -> Result<Observed, OpError> {
         Ok(self.observe_detailed().await?.0)
     }
@@ -366,6 +401,7 @@ impl ControlPlane {
         let candidates = self.candidates(&HashMap::new()).await?;
         let now = millis(SystemTime::now());
         let grace = self.config.job_lost_grace.as_millis() as i64;
+        let mut policies = std::collections::BTreeMap::new();
         let (offline_since, started_at, in_flight, blocked, revisions) = {
             let st = self.desired.lock();
             (
@@ -404,6 +440,13 @@ impl ControlPlane {
                 .as_ref()
                 .is_some_and(|i| i.container_runtime.is_some());
             let known = inventory.is_some();
+            if let Some(policy) = c
+                .online
+                .then(|| self.registry.deploy_policy(c.id))
+                .flatten()
+            {
+                policies.insert(c.id, policy);
+            }
             nodes.push(ObservedNode {
                 id: c.id,
                 name: c.name,
@@ -422,6 +465,7 @@ impl ControlPlane {
                 in_flight,
                 blocked,
                 revisions,
+                policies,
             },
             details,
         ))
@@ -554,5 +598,30 @@ pub async fn watch_file(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
                 apply_file(&cp, &path).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_agents_refusal_of_host_access_says_to_upgrade_it() {
+        let old = "refused by the agent: job kind #8 is not supported by nebula-agent 0.1.0; \
+                   upgrade the agent"
+            .to_owned();
+        let told = explain_refusal(true, "box", old.clone());
+        assert!(
+            told.contains("nebula-agent on box is too old for host access"),
+            "{told}"
+        );
+        assert!(told.contains("privileged, network_mode"), "{told}");
+        assert!(told.contains(&old), "the agent's words stay: {told}");
+        // Other failures, and deploys without host access, keep their own words.
+        assert_eq!(explain_refusal(false, "box", old.clone()), old);
+        assert_eq!(
+            explain_refusal(true, "box", "pulling failed".into()),
+            "pulling failed"
+        );
     }
 }

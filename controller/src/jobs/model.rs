@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use nebula_protocol::deploy::{DeploySpec, UndeploySpec};
+use nebula_protocol::deploy::{DeploySpec, DeployWithHostAccess, UndeploySpec};
 use nebula_protocol::jobs::{ExecSpec, JobOutput, JobSpec, ProbeSpec};
 use nebula_protocol::Labels;
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,9 @@ pub enum Work {
     Inventory,
     /// Converge one service on one node (created by the reconciler only).
     Deploy(Box<DeploySpec>),
+    /// `deploy` for a service with host access (privileged, host namespaces, capabilities,
+    /// devices), which needs an agent from protocol 1.5 on (created by the reconciler only).
+    DeployWithHostAccess(Box<DeployWithHostAccess>),
     /// Remove one service's containers from one node (created by the reconciler only).
     Undeploy(UndeploySpec),
     /// Send a Wake-on-LAN magic packet from the node (a relay on the sleeping host's LAN).
@@ -99,7 +102,7 @@ impl Work {
             Work::Exec { .. } => "exec",
             Work::Probe { .. } => "probe",
             Work::Inventory => "inventory",
-            Work::Deploy(_) => "deploy",
+            Work::Deploy(_) | Work::DeployWithHostAccess(_) => "deploy",
             Work::Undeploy(_) => "undeploy",
             Work::Wake { .. } => "wake",
             Work::Model { .. } => "model",
@@ -108,7 +111,10 @@ impl Work {
 
     /// Kinds only the controller itself creates (the reconciler); the jobs API refuses them.
     pub fn is_internal(&self) -> bool {
-        matches!(self, Work::Deploy(_) | Work::Undeploy(_))
+        matches!(
+            self,
+            Work::Deploy(_) | Work::DeployWithHostAccess(_) | Work::Undeploy(_)
+        )
     }
 
     /// Check what can be checked before any agent sees it.
@@ -204,7 +210,11 @@ impl Work {
                     _ => Ok(()),
                 }
             }
-            Work::Noop | Work::Inventory | Work::Deploy(_) | Work::Undeploy(_) => Ok(()),
+            Work::Noop
+            | Work::Inventory
+            | Work::Deploy(_)
+            | Work::DeployWithHostAccess(_)
+            | Work::Undeploy(_) => Ok(()),
         }
     }
 
@@ -233,6 +243,7 @@ impl Work {
             }
             Work::Inventory => JobSpec::Inventory,
             Work::Deploy(spec) => JobSpec::Deploy(spec.clone()),
+            Work::DeployWithHostAccess(d) => JobSpec::DeployWithHostAccess(d.clone()),
             Work::Undeploy(spec) => JobSpec::Undeploy(spec.clone()),
             Work::Model {
                 action,

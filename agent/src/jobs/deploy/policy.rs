@@ -2,11 +2,16 @@
 //! ([`DeployConfig`], the `[deploy]` section of the agent's config).
 //!
 //! [`check`] looks at the create body the executor would send to Docker, not at the spec it
-//! came from: whatever a spec can express today (bind mounts, GPUs) or later (privileged,
-//! host namespaces, capabilities, devices), it is judged by its effect. It runs before a deploy
+//! came from: bind mounts, GPUs and host access (privileged, host namespaces, capabilities,
+//! devices) are judged by their effect. It runs before a deploy
 //! lists, creates or touches any container. Bind sources and device paths are compared with
 //! `..` and symlinks resolved: the part of a path that exists is canonicalized, and the part
 //! Docker would create may hold no `..`. Named volumes are always allowed.
+//!
+//! The rules' keys and wording are shared with the controller's preview,
+//! `DeployPolicySummary::refusal` (a test here checks that both say the same), which the
+//! controller runs on the summary this agent reports, so a plan shows a refusal before the
+//! deploy is sent.
 //!
 //! Some fields are never allowed, with no key to allow them, because the agent never sets them
 //! and each one undoes the container's isolation: host IPC/UTS/user/cgroup namespaces, another
@@ -19,29 +24,15 @@ use std::path::{Component, Path, PathBuf};
 use bollard::models::{
     ContainerCreateBody, DeviceRequest, HostConfig, HostConfigCgroupnsModeEnum, Mount, MountType,
 };
+use nebula_protocol::deploy::policy_keys::{
+    BIND_PATHS, CAPABILITIES, DEVICES, GPUS, HOST_NETWORK, HOST_PID, PRIVILEGED, SOCKET,
+};
+use nebula_protocol::deploy::{
+    capability, POLICY_REFUSAL_PREFIX, RUNTIME_SOCKETS as WELL_KNOWN_SOCKETS,
+    RUNTIME_SOCKET_NAMES as SOCKET_NAMES,
+};
 
 use crate::config::DeployConfig;
-
-const BIND_PATHS: &str = "deploy.allow_bind_paths";
-const SOCKET: &str = "deploy.allow_docker_socket";
-const PRIVILEGED: &str = "deploy.allow_privileged";
-const HOST_NETWORK: &str = "deploy.allow_host_network";
-const HOST_PID: &str = "deploy.allow_host_pid";
-const CAPABILITIES: &str = "deploy.allow_capabilities";
-const DEVICES: &str = "deploy.allow_devices";
-const GPUS: &str = "deploy.allow_gpus";
-
-/// Where container runtimes listen on Linux hosts.
-const WELL_KNOWN_SOCKETS: &[&str] = &[
-    "/var/run/docker.sock",
-    "/run/docker.sock",
-    "/var/run/podman/podman.sock",
-    "/run/podman/podman.sock",
-    "/var/run/containerd/containerd.sock",
-    "/run/containerd/containerd.sock",
-];
-/// File names taken for a runtime's socket wherever they are (a rootless daemon's, a copy).
-const SOCKET_NAMES: &[&str] = &["docker.sock", "podman.sock", "containerd.sock"];
 
 /// A deploy this host's policy refuses: the rule, by the config key that would allow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +45,7 @@ pub struct PolicyViolation {
 
 impl fmt::Display for PolicyViolation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "deploy refused by this host's policy: {}", self.reason)?;
+        write!(f, "{POLICY_REFUSAL_PREFIX}{}", self.reason)?;
         if self.key.is_some() {
             f.write_str(" (agent config)")?;
         }
@@ -279,15 +270,6 @@ fn namespaces(policy: &DeployConfig, host: &HostConfig) -> Result<(), PolicyViol
         return Err(never("the host's cgroup namespace"));
     }
     Ok(())
-}
-
-/// `NET_ADMIN`, `net_admin` and `CAP_NET_ADMIN` are one capability.
-fn capability(name: &str) -> String {
-    let upper = name.trim().to_ascii_uppercase();
-    upper
-        .strip_prefix("CAP_")
-        .map(str::to_owned)
-        .unwrap_or(upper)
 }
 
 /// A request for NVIDIA GPUs, as `gpu:` in a service map makes (`--gpus`).
