@@ -49,7 +49,7 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(too_large_body());
+        return Err(linger(req.into_body(), too_large_body()).await);
     }
     // A body of unknown length may take up to the per-request cap.
     let want = announced.map_or(MAX_BODY, |n| n as usize).max(1);
@@ -65,7 +65,7 @@ async fn read_body(
             axum::http::header::RETRY_AFTER,
             HeaderValue::from_static("1"),
         );
-        return Err(r);
+        return Err(linger(req.into_body(), r).await);
     };
     let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY)
         .await
@@ -84,6 +84,33 @@ async fn read_body(
             }
         })?;
     Ok((bytes, budget))
+}
+
+/// Most bytes of a refused body read and thrown away, and for how long, before the answer goes.
+const LINGER_BYTES: usize = 4 * MAX_BODY;
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// Read and discard a refused body (bounded in bytes and time, nothing kept) before answering,
+/// as web servers do with a lingering close: a client still sending gets the error instead of
+/// a broken pipe when the server closes a socket it has not read.
+async fn linger(body: Body, answer: Response) -> Response {
+    use http_body_util::BodyExt;
+    let drain = async {
+        let mut body = body;
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    let mut answer = answer;
+    answer
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    answer
 }
 
 fn too_large_body() -> Response {
