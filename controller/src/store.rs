@@ -534,6 +534,26 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Whether the node has live certificates issued before `serial`: a read, so that session
+    /// starts (thousands at once after a restart) do not each take SQLite's write lock.
+    pub async fn has_superseded_certificates(
+        &self,
+        node_id: Uuid,
+        serial: &str,
+    ) -> Result<bool, StoreError> {
+        let row = sqlx::query(
+            "SELECT 1 AS found FROM certificates \
+             WHERE node_id = $1 AND serial <> $2 AND revoked_at IS NULL \
+             AND issued_at <= (SELECT issued_at FROM certificates WHERE serial = $2 AND node_id = $1) \
+             LIMIT 1",
+        )
+        .bind(node_id.to_string())
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
     pub async fn certificate(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT serial, node_id, not_before, not_after, issued_at, revoked_at FROM certificates WHERE serial = $1",

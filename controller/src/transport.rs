@@ -430,8 +430,16 @@ async fn session_connection(
             return refuse(&conn, &mut send, refusal, close::REVOKED).await;
         }
     };
-    // A node that connects with a newer certificate has saved it: its older ones go.
-    revoke_superseded(cp, node_id, &identity.serial).await;
+    // A node that connects with a newer certificate has saved it: its older ones go. (Looked
+    // for with a read first: nearly always there are none.)
+    if cp
+        .store
+        .has_superseded_certificates(node_id, &identity.serial)
+        .await
+        .unwrap_or(true)
+    {
+        revoke_superseded(cp, node_id, &identity.serial).await;
+    }
     // Authenticated: the windows and stream limits of a session.
     conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
     conn.set_max_concurrent_bi_streams(SESSION_BIDI_STREAMS.into());
