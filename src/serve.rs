@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// How often the agent directory is looked at for new builds.
     #[arg(long, env = "NEBULA_RELEASE_SCAN_INTERVAL", value_parser = humantime::parse_duration)]
     release_scan_interval: Option<Duration>,
+    /// Enrollment connections at once from one address (`quic_limits`); more hear "busy".
+    #[arg(long, env = "NEBULA_MAX_UNAUTHENTICATED_PER_SOURCE")]
+    max_unauthenticated_per_source: Option<usize>,
 }
 
 impl ServeArgs {
@@ -138,6 +141,9 @@ impl ServeArgs {
         set!(public_url, opt);
         set!(public_address, opt);
         set!(release_scan_interval);
+        if let Some(n) = self.max_unauthenticated_per_source {
+            c.quic_limits.max_unauthenticated_per_source = n;
+        }
         set!(database_url, opt);
         set!(admin_token_file, opt);
         if let Some(f) = &self.database_url_file {

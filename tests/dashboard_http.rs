@@ -84,15 +84,9 @@ async fn sign_in_with(
     Ok(set_cookie(&resp, "nebula_session").expect("a session cookie"))
 }
 
-fn session_pair(set_cookie: &str) -> String {
-    set_cookie.split(';').next().unwrap().to_owned()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sign_in_cookies_users_and_refusals() {
-    let c = Controller::start(ControllerOpts::default()).await;
-    // The first admin, printed once at first start.
-    let password = wait_for(
+/// The first admin's password, printed once at first start.
+async fn first_admin_password(c: &Controller) -> String {
+    wait_for(
         "the first admin's password",
         Duration::from_secs(10),
         || async {
@@ -101,7 +95,18 @@ async fn sign_in_cookies_users_and_refusals() {
                 .find("Dashboard user `admin`, password (shown once, stored hashed): ")
         },
     )
-    .await;
+    .await
+}
+
+fn session_pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_cookies_users_and_refusals() {
+    let c = Controller::start(ControllerOpts::default()).await;
+    // The first admin, printed once at first start.
+    let password = first_admin_password(&c).await;
     let cookie = sign_in(&c, "admin", &password, false)
         .await
         .expect("signed in");
@@ -320,16 +325,7 @@ async fn sign_in_cookies_users_and_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_cannot_lock_the_admin_out_and_floods_get_429_at_once() {
     let c = Controller::start(ControllerOpts::default()).await;
-    let password = wait_for(
-        "the first admin's password",
-        Duration::from_secs(10),
-        || async {
-            c.proc
-                .stdout
-                .find("Dashboard user `admin`, password (shown once, stored hashed): ")
-        },
-    )
-    .await;
+    let password = first_admin_password(&c).await;
     let stranger = [127, 0, 0, 2];
     let mut answers = Vec::new();
     for _ in 0..8 {

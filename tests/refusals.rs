@@ -394,18 +394,9 @@ fn rss_kib(pid: u32) -> u64 {
 /// bounded. A raw QUIC client plays the attacker; the agent is the real binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_enrollments_cannot_keep_a_real_agent_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("controller.toml");
-    std::fs::write(
-        &config,
+    let (c, _dir) = controller_with_config(
         "[quic_limits]\nenroll_deadline = \"4s\"\nmax_unauthenticated_per_source = 20\n",
     )
-    .unwrap();
-    let config: &'static str = Box::leak(config.display().to_string().into_boxed_str());
-    let c = Controller::start(ControllerOpts {
-        extra: vec!["--config", config],
-        ..ControllerOpts::default()
-    })
     .await;
     let token_text = c.token(1, "1h", json!({})).await;
     let token: JoinToken = token_text.parse().unwrap();
@@ -532,19 +523,10 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (String, Durat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_http_clients_are_cut_off_and_buffers_are_bounded() {
     use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("controller.toml");
-    std::fs::write(
-        &config,
+    let (c, _dir) = controller_with_config(
         "[http_limits]\nheader_timeout = \"1s\"\nbody_timeout = \"1500ms\"\nmax_connections = 8\n\
          [ai]\nmax_buffered_bytes = 3145728\n",
     )
-    .unwrap();
-    let config: &'static str = Box::leak(config.display().to_string().into_boxed_str());
-    let c = Controller::start(ControllerOpts {
-        extra: vec!["--config", config],
-        ..ControllerOpts::default()
-    })
     .await;
     let connect = || tokio::net::TcpStream::connect(c.http);
 
@@ -648,18 +630,9 @@ async fn slow_http_clients_are_cut_off_and_buffers_are_bounded() {
 /// many hosts behind one address can all join at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_tries_again_while_the_controller_is_busy() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("controller.toml");
-    std::fs::write(
-        &config,
+    let (c, _dir) = controller_with_config(
         "[quic_limits]\nenroll_deadline = \"2s\"\nmax_unauthenticated_per_source = 1\n",
     )
-    .unwrap();
-    let config: &'static str = Box::leak(config.display().to_string().into_boxed_str());
-    let c = Controller::start(ControllerOpts {
-        extra: vec!["--config", config],
-        ..ControllerOpts::default()
-    })
     .await;
     let token_text = c.token(1, "1h", json!({})).await;
     let token: JoinToken = token_text.parse().unwrap();
@@ -685,4 +658,18 @@ async fn join_tries_again_while_the_controller_is_busy() {
     let (code, _) = close_reason(&stalled).await;
     assert_eq!(code, close::PROTOCOL_ERROR);
     agent.proc.kill();
+}
+
+/// A controller started with `toml` as its config file (besides the harness's usual flags).
+async fn controller_with_config(toml: &str) -> (Controller, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("controller.toml");
+    std::fs::write(&config, toml).unwrap();
+    let config: &'static str = Box::leak(config.display().to_string().into_boxed_str());
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--config", config],
+        ..ControllerOpts::default()
+    })
+    .await;
+    (c, dir)
 }

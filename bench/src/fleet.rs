@@ -327,7 +327,12 @@ pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
         dir.path(),
         "127.0.0.1:0",
         "127.0.0.1:0",
-        &["--telemetry-interval", &interval_s],
+        &[
+            "--telemetry-interval",
+            &interval_s,
+            crate::ONE_ADDRESS[0],
+            crate::ONE_ADDRESS[1],
+        ],
     )?;
     let admin = ctl.admin.clone();
     let pid = ctl.child.id();
@@ -427,6 +432,7 @@ pub async fn fleet_bench(a: FleetArgs) -> anyhow::Result<()> {
         "containers_per_agent": a.containers,
         "interval_s": a.interval.as_secs_f64(),
         "machine": {"cpus": std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1), "note": "simulator and controller share this machine"},
+        "notes": "every simulated agent dials from 127.0.0.1: the per-source cap on enrollments is raised to 1024 (--max-unauthenticated-per-source); every other limit before authentication is at its default",
         "enrolled_s": enrolled_at.as_secs_f64(),
         "all_connected_s": all_connected.as_secs_f64(),
         "connect_failures": failed,
