@@ -2,7 +2,7 @@
 //! locally (`scripts/build-test-image`: busybox `httpd` serving "v1", "v2", and a broken "v3"
 //! without the health page), service maps applied over the API, the CLI and a watched file.
 
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::process::Command;

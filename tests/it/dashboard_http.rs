@@ -2,7 +2,7 @@
 //! first admin printed at first start, `nebula user create`, cookie attributes (Secure behind
 //! TLS), and requests without a session, with a wrong CSRF token or a viewer's role.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! the controller is made by changing its session ALPN (`nebula/1` -> `nebula/9`): the
 //! controller refuses the handshake, as it would a build that speaks another protocol.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

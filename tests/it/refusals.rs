@@ -1,7 +1,7 @@
 //! Everything the controller and agent must refuse, each with a clear error, and without
 //! disturbing the agents that behave.
 
-mod common;
+use crate::common;
 
 use common::session::{close_reason, enrolled_identity, hello, raw_session, welcomed};
 

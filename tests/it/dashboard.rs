@@ -2,7 +2,7 @@
 //! (WebDriver, with fantoccini), against a real controller, real agents and the real Docker
 //! Engine. Every page visited is saved as a PNG under `target/screenshots/`.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

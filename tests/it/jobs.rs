@@ -1,7 +1,7 @@
 //! Jobs end to end: a real controller process, real agents (processes, or the agent library
 //! in this process where GPUs and models must be injected), real QUIC.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

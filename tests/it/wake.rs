@@ -4,7 +4,7 @@
 //! sleeping machine in a third namespace on the home LAN only. The controller has no route into
 //! the home LAN; only the relay can broadcast there.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::Command;

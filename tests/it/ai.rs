@@ -7,7 +7,7 @@
 //! `common::fake_ollama`, which speaks Ollama's wire format (and OpenAI's under `/v1`), echoing the
 //! prompt back so that the gateway's routing, breakers, fallback and filters can be driven.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Whole-system tests: real `nebula serve` and `nebula-agent` processes talking real QUIC with
 //! mutual TLS on 127.0.0.1, ports chosen by the OS.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

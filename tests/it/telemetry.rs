@@ -1,7 +1,7 @@
 //! Telemetry end to end: real agent and controller processes, the real Docker Engine (a test
 //! image built locally from Debian's busybox-static), Prometheus' own `promtool` on /metrics.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,16 @@
+//! The integration tests, in one binary so that the workspace is linked once: real `nebula serve`
+//! and `nebula-agent` processes, a real Docker Engine, PostgreSQL and Chromium. One module per
+//! area; shared helpers (processes, HTTP, SSE, Docker, raw QUIC sessions) live in `common`.
+
+mod common;
+
+mod agent_install;
+mod ai;
+mod dashboard;
+mod dashboard_http;
+mod deploy;
+mod fleet;
+mod jobs;
+mod refusals;
+mod telemetry;
+mod wake;
