@@ -29,45 +29,102 @@ const SETTLE_AFTER_DEPLOY: Duration = Duration::from_millis(700);
 /// File saves arrive as bursts of events.
 const FILE_DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Run the reconciler until shutdown.
+/// What one event means to the reconciler.
+enum Noted {
+    /// Nothing to do.
+    Nothing,
+    /// Run soon.
+    Run,
+    /// Run once the node's telemetry inventory has had a moment to arrive.
+    Settle,
+    /// The event bus is gone (shutdown).
+    Closed,
+}
+
+/// Record what `ev` changes in the reconciler's state.
+fn note(cp: &ControlPlane, ev: Result<Event, RecvError>) -> Noted {
+    match ev {
+        Ok(Event::NodeOnline { id, name }) => {
+            let mut st = cp.desired.lock();
+            st.offline_since.remove(&id);
+            st.reasons.insert(format!("node {name} online"));
+            Noted::Settle
+        }
+        Ok(Event::NodeOffline { id, .. }) => {
+            cp.desired
+                .lock()
+                .offline_since
+                .insert(id, millis(SystemTime::now()));
+            Noted::Nothing
+        }
+        Ok(Event::ContainerChanged { state, .. }) if state != "running" => {
+            cp.desired
+                .lock()
+                .reasons
+                .insert("a container stopped".into());
+            Noted::Run
+        }
+        Ok(_) => Noted::Nothing,
+        Err(RecvError::Lagged(_)) => {
+            cp.desired.lock().reasons.insert("events missed".into());
+            Noted::Run
+        }
+        Err(RecvError::Closed) => Noted::Closed,
+    }
+}
+
+/// Run the reconciler until shutdown. Triggers that arrive while it waits or runs are taken
+/// together in the next run: a burst of reconnects (a controller restart) is one run, not one
+/// per node, and every wait ends at once on shutdown.
 pub async fn reconciler(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
     let mut events = cp.events.subscribe();
     let interval = cp.config.reconcile_interval;
     let mut next_timer = tokio::time::Instant::now() + Duration::from_secs(1).min(interval);
     loop {
-        tokio::select! {
+        let noted = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = cp.desired.trigger.notified() => {}
+            _ = cp.desired.trigger.notified() => Noted::Run,
             _ = tokio::time::sleep_until(next_timer) => {
                 cp.desired.lock().reasons.insert("timer".into());
+                Noted::Run
             }
-            ev = events.recv() => {
-                match ev {
-                    Ok(Event::NodeOnline { id, name }) => {
-                        {
-                            let mut st = cp.desired.lock();
-                            st.offline_since.remove(&id);
-                            st.reasons.insert(format!("node {name} online"));
-                        }
-                        // Give its telemetry inventory a moment to arrive.
-                        tokio::time::sleep(SETTLE_AFTER_DEPLOY).await;
+            ev = events.recv() => note(&cp, ev),
+        };
+        let mut settle = match noted {
+            Noted::Nothing => continue,
+            Noted::Closed => return,
+            Noted::Run => false,
+            Noted::Settle => true,
+        };
+        // Wait out the debounce (longer when a node just came online), then take everything
+        // queued meanwhile into this run.
+        let mut until = tokio::time::Instant::now() + DEBOUNCE;
+        loop {
+            if settle {
+                until = until.max(tokio::time::Instant::now() + SETTLE_AFTER_DEPLOY);
+                settle = false;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            loop {
+                match events.try_recv() {
+                    Ok(ev) => match note(&cp, Ok(ev)) {
+                        Noted::Settle => settle = true,
+                        Noted::Closed => return,
+                        Noted::Nothing | Noted::Run => {}
+                    },
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                        let _ = note(&cp, Err(RecvError::Lagged(n)));
                     }
-                    Ok(Event::NodeOffline { id, .. }) => {
-                        cp.desired.lock().offline_since.insert(id, millis(SystemTime::now()));
-                        continue;
-                    }
-                    Ok(Event::ContainerChanged { state, .. }) if state != "running" => {
-                        cp.desired.lock().reasons.insert("a container stopped".into());
-                    }
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => {
-                        cp.desired.lock().reasons.insert("events missed".into());
-                    }
-                    Err(RecvError::Closed) => return,
+                    Err(_) => break,
                 }
             }
+            if !settle {
+                break;
+            }
         }
-        tokio::time::sleep(DEBOUNCE).await;
         let reasons: Vec<String> = std::mem::take(&mut cp.desired.lock().reasons)
             .into_iter()
             .collect();
@@ -76,8 +133,14 @@ pub async fn reconciler(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
         } else {
             reasons.join(", ")
         };
-        if let Err(e) = run_once(&cp, &trigger).await {
-            warn!("reconcile run failed (the next run retries): {e:#}");
+        let run = run_once(&cp, &trigger);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = run => {
+                if let Err(e) = r {
+                    warn!("reconcile run failed (the next run retries): {e:#}");
+                }
+            }
         }
         next_timer = tokio::time::Instant::now() + interval;
     }
