@@ -453,35 +453,63 @@ impl Controller {
             .with_context(|| format!("binding HTTP on {}", cp.config.http_listen))?;
         let http_addr = listener.local_addr()?;
         // The writer first: recovering and creating jobs go through it.
-        tracker.spawn(jobs::writer(cp.clone(), shutdown.clone()));
+        tracker.spawn(logged(
+            "jobs::writer",
+            jobs::writer(cp.clone(), shutdown.clone()),
+        ));
         cp.recover_jobs().await.context("loading unfinished jobs")?;
-        tracker.spawn(jobs::scheduler(cp.clone(), shutdown.clone()));
+        tracker.spawn(logged(
+            "jobs::scheduler",
+            jobs::scheduler(cp.clone(), shutdown.clone()),
+        ));
         cp.load_desired()
             .await
             .context("loading the desired state")?;
-        tracker.spawn(desired::reconciler(cp.clone(), shutdown.clone()));
-        tracker.spawn(desired::watch_file(cp.clone(), shutdown.clone()));
-        tracker.spawn(wake::wake_watch(cp.clone(), shutdown.clone()));
-        tracker.spawn(releases::rescan(cp.clone(), shutdown.clone()));
-        tracker.spawn(transport::accept_loop(
-            cp.clone(),
-            endpoint,
-            shutdown.clone(),
-            tracker.clone(),
+        tracker.spawn(logged(
+            "desired::reconciler",
+            desired::reconciler(cp.clone(), shutdown.clone()),
         ));
-        tracker.spawn(rollup_writer(cp.clone(), shutdown.clone()));
-        tracker.spawn(usage_writer(cp.clone(), shutdown.clone()));
-        tracker.spawn(retention_sweeper(cp.clone(), shutdown.clone()));
+        tracker.spawn(logged(
+            "desired::watch_file",
+            desired::watch_file(cp.clone(), shutdown.clone()),
+        ));
+        tracker.spawn(logged(
+            "wake::wake_watch",
+            wake::wake_watch(cp.clone(), shutdown.clone()),
+        ));
+        tracker.spawn(logged(
+            "releases::rescan",
+            releases::rescan(cp.clone(), shutdown.clone()),
+        ));
+        tracker.spawn(logged(
+            "transport::accept_loop",
+            transport::accept_loop(cp.clone(), endpoint, shutdown.clone(), tracker.clone()),
+        ));
+        tracker.spawn(logged(
+            "rollup_writer",
+            rollup_writer(cp.clone(), shutdown.clone()),
+        ));
+        tracker.spawn(logged(
+            "usage_writer",
+            usage_writer(cp.clone(), shutdown.clone()),
+        ));
+        tracker.spawn(logged(
+            "retention_sweeper",
+            retention_sweeper(cp.clone(), shutdown.clone()),
+        ));
         let mut router = api::router(cp.clone());
         if let Some(extra) = extra_routes {
             router = router.merge(extra(cp.clone()));
         }
-        tracker.spawn(http_server::serve(
-            listener,
-            router,
-            cp.config.http_limits.clone(),
-            shutdown.clone(),
-            tracker.clone(),
+        tracker.spawn(logged(
+            "http_server::serve",
+            http_server::serve(
+                listener,
+                router,
+                cp.config.http_limits.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ),
         ));
         info!(%quic_addr, %http_addr, ca_pin = %cp.ca.pin_hex(), backend = ?cp.store.backend(), "controller started");
         Ok(Controller {
@@ -502,10 +530,19 @@ impl Controller {
 
     /// Wait until every task has stopped (after the shutdown token fired).
     pub async fn wait(self) {
+        let started = std::time::Instant::now();
         self.tracker.close();
         self.tracker.wait().await;
+        tracing::debug!(took = ?started.elapsed(), "every task stopped");
         self.control_plane.store.close().await;
+        tracing::debug!(took = ?started.elapsed(), "store closed");
     }
+}
+
+/// A long-lived task that says when it stops (shutdown is then traceable task by task).
+async fn logged<F: std::future::Future<Output = ()>>(name: &'static str, task: F) {
+    task.await;
+    tracing::debug!(task = name, "task stopped");
 }
 
 /// Run `work(stopping)` every `interval` until shutdown, then once more with `stopping` true

@@ -138,7 +138,14 @@ pub async fn accept_loop(
     cp.registry
         .close_all(close::SHUTDOWN, "controller shutting down");
     endpoint.close(close::SHUTDOWN.into(), b"controller shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let draining = std::time::Instant::now();
+    let idle = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    debug!(
+        took = ?draining.elapsed(),
+        idle = idle.is_ok(),
+        open = endpoint.open_connections(),
+        "QUIC endpoint closed"
+    );
 }
 
 /// A connection let in by the accept loop, counted until it ends.
