@@ -96,6 +96,7 @@ pub fn endpoint(cp: &ControlPlane, reset_key: &[u8; 32]) -> anyhow::Result<quinn
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
     let socket = std::net::UdpSocket::bind(cp.config.quic_listen)?;
+    size_buffers(&socket);
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(server),
@@ -103,6 +104,36 @@ pub fn endpoint(cp: &ControlPlane, reset_key: &[u8; 32]) -> anyhow::Result<quinn
         Arc::new(quinn::TokioRuntime),
     )?;
     Ok(endpoint)
+}
+
+/// Kernel buffer asked for on the controller's UDP socket, each way.
+const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// A burst of handshakes (a fleet enrolling or reconnecting after a restart) overflows the
+/// kernel's default UDP receive buffer (about 208 KiB on Linux) while the controller is busy
+/// signing, and every Initial dropped there costs its agent a retransmission timeout of a
+/// second or more. Ask for [`UDP_BUFFER_BYTES`] each way; the kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max`, which the log names when it is lower.
+fn size_buffers(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    if let Err(e) = sock.set_recv_buffer_size(UDP_BUFFER_BYTES) {
+        warn!("could not size the QUIC socket's receive buffer: {e}");
+    }
+    if let Err(e) = sock.set_send_buffer_size(UDP_BUFFER_BYTES) {
+        warn!("could not size the QUIC socket's send buffer: {e}");
+    }
+    // Linux reports twice the usable size it granted.
+    let granted = sock.recv_buffer_size().unwrap_or(0);
+    if granted < UDP_BUFFER_BYTES {
+        info!(
+            granted,
+            wanted = UDP_BUFFER_BYTES,
+            "the QUIC socket's receive buffer is smaller than wanted: bursts of handshakes may \
+             be dropped and retried; raise net.core.rmem_max to allow more"
+        );
+    } else {
+        debug!(granted, "QUIC socket receive buffer");
+    }
 }
 
 /// Accept connections until `shutdown` fires.
