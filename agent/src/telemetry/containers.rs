@@ -47,6 +47,10 @@ pub struct ContainerCollector {
     /// again every [`RESYNC_EVERY`] (in case an event was missed).
     rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)>,
     listed_at: Option<Instant>,
+    /// An event was seen: the list read right after it is read once more at the next sample
+    /// (some daemons, Docker 20.10 among them, send `die` before the container's state says
+    /// it stopped, so the first read can still say running).
+    confirm: bool,
 }
 
 /// How long a container list is trusted without an event saying it changed.
@@ -80,6 +84,7 @@ impl ContainerCollector {
             cgroup_dirs: HashMap::new(),
             rows: Vec::new(),
             listed_at: None,
+            confirm: false,
         }
     }
 
@@ -134,6 +139,7 @@ impl ContainerCollector {
     pub fn on_event(&mut self, ev: &ContainerEvent) {
         self.restarts.remove(&ev.id);
         self.listed_at = None;
+        self.confirm = true;
     }
 
     /// Every container (running or not), sorted by name, with a sample for each.
@@ -145,7 +151,8 @@ impl ContainerCollector {
             match self.list(&docker).await {
                 Ok(rows) => {
                     self.rows = rows;
-                    self.listed_at = Some(Instant::now());
+                    // After an event, the next sample reads the list again.
+                    self.listed_at = (!std::mem::take(&mut self.confirm)).then(Instant::now);
                 }
                 Err(e) => {
                     self.lost(&e);
@@ -406,9 +413,16 @@ pub async fn follow_events(
             _ = shutdown.cancelled() => return,
             ev = events.next() => ev,
         };
-        let Some(Ok(ev)) = ev else {
-            tracing::debug!("docker event stream ended");
-            return;
+        let ev = match ev {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => {
+                tracing::debug!("docker event stream failed: {e}");
+                return;
+            }
+            None => {
+                tracing::debug!("docker event stream ended");
+                return;
+            }
         };
         let action = ev.action.unwrap_or_default();
         let relevant = matches!(

@@ -141,6 +141,9 @@ impl Collectors {
     }
 }
 
+/// How soon after an event-triggered sample the confirming one follows.
+const CONFIRM_AFTER_EVENT: Duration = Duration::from_millis(700);
+
 /// Sample until `shutdown`: every interval, and right away (within ~50 ms) after a container
 /// event.
 pub async fn run(
@@ -151,6 +154,9 @@ pub async fn run(
 ) {
     let (ev_tx, mut ev_rx) = mpsc::channel::<containers::ContainerEvent>(64);
     let mut interval = sink.interval.clone();
+    // After a sample that an event triggered, the next one comes soon: it confirms what the
+    // event changed (see `ContainerCollector::on_event`).
+    let mut confirm = false;
     loop {
         if let Some(docker) = collectors.containers.ensure_connected().await {
             tracker.spawn(containers::follow_events(
@@ -164,7 +170,10 @@ pub async fn run(
             sink.inventory.send_replace(Arc::new(inv));
         }
         sink.samples.send_replace(Some(Arc::new(sample)));
-        let period = *interval.borrow_and_update();
+        let mut period = *interval.borrow_and_update();
+        if std::mem::take(&mut confirm) {
+            period = period.min(CONFIRM_AFTER_EVENT);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
@@ -177,6 +186,7 @@ pub async fn run(
                     while let Ok(ev) = ev_rx.try_recv() {
                         collectors.containers.on_event(&ev);
                     }
+                    confirm = true;
                 }
             }
         }
