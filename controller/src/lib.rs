@@ -39,7 +39,7 @@ pub mod metrics;
 pub mod registry;
 pub mod releases;
 pub mod signin;
-pub mod store;
+pub use nebula_store as store;
 pub mod telemetry;
 pub mod transport;
 pub mod users;
@@ -313,24 +313,7 @@ pub fn hash_secret(secret: &str) -> String {
 }
 
 /// Label keys: 1-63 of letters, digits, `-`, `_`, `.`, `/`; values up to 255 printable chars.
-pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
-    let key_ok = !key.is_empty()
-        && key.len() <= 63
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
-    if !key_ok {
-        return Err(format!(
-            "invalid label key `{key}`: use 1-63 letters, digits, '-', '_', '.' or '/'"
-        ));
-    }
-    if value.len() > 255 || value.chars().any(|c| c.is_control()) {
-        return Err(format!(
-            "invalid value for label `{key}`: at most 255 characters, no control characters"
-        ));
-    }
-    Ok(())
-}
+pub use nebula_protocol::validate::validate_label;
 
 /// A controller that is running. Drop does not stop it: call [`Controller::shutdown`].
 pub struct Controller {

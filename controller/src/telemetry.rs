@@ -127,23 +127,7 @@ impl From<&HistoryPoint> for PointView {
     }
 }
 
-/// Average and maximum of one minute, ready to store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rollup {
-    pub node_id: Uuid,
-    /// Unix milliseconds at the start of the minute.
-    pub minute: i64,
-    pub samples: i64,
-    pub cpu: (f64, f64),
-    pub mem_used: (f64, f64),
-    pub load1: (f64, f64),
-    pub net_rx: (f64, f64),
-    pub net_tx: (f64, f64),
-    pub gpu_util: Option<(f64, f64)>,
-    pub gpu_mem_used: Option<(f64, f64)>,
-    pub gpu_temp: Option<(f64, f64)>,
-    pub containers_running: f64,
-}
+pub use crate::store::Rollup;
 
 #[derive(Debug, Default, Clone)]
 struct Acc {

@@ -385,15 +385,7 @@ fn version_refusal(agent: proto::ProtocolVersion) -> Refusal {
 
 /// Node names: 1 to 63 characters of letters, digits, `-`, `_` and `.`, starting with a letter
 /// or digit (they appear in URLs, CLI arguments and container labels).
-pub fn validate_node_name(name: &str) -> Result<(), String> {
-    if nebula_protocol::valid_name(name) {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid node name `{name}`: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
-        ))
-    }
-}
+pub use nebula_protocol::validate::validate_node_name;
 
 // ----- sessions -----
 

@@ -44,18 +44,8 @@ pub mod ai;
 pub mod deploy;
 pub mod framing;
 
-/// The one rule for names that end up in labels, container names and filters (nodes,
-/// services): 1-63 letters, digits, `-`, `_` or `.`, starting with a letter or digit.
-pub fn valid_name(name: &str) -> bool {
-    name.len() <= 63
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+pub mod validate;
+pub use validate::valid_name;
 pub mod jobs;
 pub mod release;
 pub mod telemetry;

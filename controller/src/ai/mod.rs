@@ -6,7 +6,7 @@
 //! model not open, the model there and its context long enough for the prompt; then a loaded
 //! model beats one on disk, fewer requests in flight beat more, more free VRAM beats less.
 
-pub mod filters;
+pub use nebula_ai_filters as filters;
 pub mod gateway;
 pub mod pulls;
 

@@ -28,9 +28,8 @@ use crate::store::desired::{DeploymentRecord, DesiredRecord, PinRecord};
 use crate::store::millis;
 use crate::{ControlPlane, OpError};
 
-pub mod map;
 pub mod models;
-pub mod plan;
+pub use nebula_desired::{map, plan};
 mod reconciler;
 
 pub use reconciler::{reconciler, watch_file};

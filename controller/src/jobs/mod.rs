@@ -32,7 +32,7 @@ use crate::store::jobs::JobBatch;
 use crate::store::millis;
 use crate::{ControlPlane, OpError};
 
-pub mod model;
+pub use nebula_types::jobs as model;
 pub mod router;
 mod stream;
 

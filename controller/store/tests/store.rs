@@ -4,8 +4,8 @@
 
 use std::time::SystemTime;
 
-use nebula_controller::store::{millis, CertRecord, EnrollError, Enrollment, NewJoinToken, Store};
 use nebula_protocol::{Labels, NodeFacts};
+use nebula_store::{millis, CertRecord, EnrollError, Enrollment, NewJoinToken, Store};
 use sqlx::Connection;
 use uuid::Uuid;
 
@@ -336,7 +336,7 @@ async fn sqlite_reopen_keeps_data_and_rejects_bad_urls() {
 }
 
 async fn rollups_round_trip_and_expire(s: &Store) {
-    use nebula_controller::telemetry::Rollup;
+    use nebula_store::Rollup;
     let node_id = Uuid::now_v7();
     let base = now() / 60_000 * 60_000;
     let mk = |minute: i64, gpu: bool| Rollup {
@@ -384,8 +384,8 @@ async fn rollups_round_trip_and_expire(s: &Store) {
 }
 both!(rollups_round_trip_and_expire);
 
-fn job(n: u32, node: &str) -> nebula_controller::jobs::JobRecord {
-    use nebula_controller::jobs::{JobRecord, JobState, Target, Work};
+fn job(n: u32, node: &str) -> nebula_types::jobs::JobRecord {
+    use nebula_types::jobs::{JobRecord, JobState, Target, Work};
     JobRecord {
         id: Uuid::now_v7(),
         work: Work::Exec {
@@ -416,9 +416,9 @@ fn job(n: u32, node: &str) -> nebula_controller::jobs::JobRecord {
 }
 
 async fn jobs_logs_and_audit_round_trip(s: &Store) {
-    use nebula_controller::jobs::{AuditRecord, JobLogLine, JobState};
-    use nebula_controller::store::jobs::{AuditFilter, JobBatch, JobFilter};
     use nebula_protocol::jobs::{JobOutput, ProbeOutput};
+    use nebula_store::jobs::{AuditFilter, JobBatch, JobFilter};
+    use nebula_types::jobs::{AuditRecord, JobLogLine, JobState};
     // 70 jobs in one batch (more than one multi-row statement on either backend).
     let mut jobs: Vec<_> = (0..70)
         .map(|n| job(n, if n < 40 { "a" } else { "b" }))
@@ -580,7 +580,7 @@ async fn jobs_logs_and_audit_round_trip(s: &Store) {
 both!(jobs_logs_and_audit_round_trip);
 
 async fn desired_state_history_and_pins_round_trip(s: &Store) {
-    use nebula_controller::store::desired::{DeploymentRecord, PinRecord};
+    use nebula_store::desired::{DeploymentRecord, PinRecord};
     assert!(s.latest_desired().await.unwrap().is_none());
     let v1 = s
         .insert_desired("services: {}\n", "d1", "api", "admin", now())
@@ -671,7 +671,7 @@ async fn desired_state_history_and_pins_round_trip(s: &Store) {
 both!(desired_state_history_and_pins_round_trip);
 
 async fn ai_usage_adds_up_per_token_model_and_node(s: &Store) {
-    use nebula_controller::store::UsageRow;
+    use nebula_store::UsageRow;
     let row = |token: &str, model: &str, node: &str, n: i64| UsageRow {
         token: token.into(),
         model: model.into(),

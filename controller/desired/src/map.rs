@@ -22,7 +22,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::plan::{Desired, DesiredService, PlacementRule, RevisionSpec};
+use crate::plan::{Desired, DesiredService, PlacementRule, RevisionSpec};
 
 /// The largest service map accepted (bytes).
 pub const MAX_MAP_BYTES: usize = 1 << 20;
@@ -851,7 +851,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
         });
     if let Some(nodes) = &map.nodes {
         for (name, decl) in nodes {
-            if crate::transport::validate_node_name(name).is_err() {
+            if nebula_protocol::validate::validate_node_name(name).is_err() {
                 err(
                     decl.line,
                     decl.column,
@@ -865,7 +865,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
                 });
             }
             for (k, v) in &decl.labels {
-                if let Err(e) = crate::validate_label(k, v) {
+                if let Err(e) = nebula_protocol::validate::validate_label(k, v) {
                     err(decl.line, decl.column, e);
                 }
             }
@@ -906,7 +906,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             }
             let rule = match (&w.mac, &w.exec) {
                 (Some(mac), None) => {
-                    if let Err(e) = crate::jobs::model::parse_mac(mac) {
+                    if let Err(e) = nebula_protocol::validate::parse_mac(mac) {
                         problems.push(at(e));
                     }
                     let broadcast = w
@@ -918,7 +918,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
                             "`{broadcast}` is not an IPv4 broadcast address"
                         )));
                     }
-                    Some(super::plan::WakeRule::Packet {
+                    Some(crate::plan::WakeRule::Packet {
                         mac: mac.clone(),
                         broadcast,
                         via: w.via.clone(),
@@ -931,7 +931,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
                     if w.broadcast.is_some() {
                         problems.push(at("`broadcast` goes with `mac`, not `exec`".into()));
                     }
-                    Some(super::plan::WakeRule::Exec {
+                    Some(crate::plan::WakeRule::Exec {
                         via: w.via.first().cloned().unwrap_or_default(),
                         exec: exec.clone(),
                     })
@@ -1261,7 +1261,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
         }
         models.insert(
             name.clone(),
-            super::plan::DesiredModel {
+            crate::plan::DesiredModel {
                 nodes: decl.nodes.clone(),
                 labels: decl.labels.clone(),
                 backend: decl.backend.clone(),
@@ -1452,7 +1452,7 @@ pub fn json_schema() -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::plan::RevisionSpec;
+    use crate::plan::RevisionSpec;
 
     fn fleet(names: &[&str]) -> FleetNames {
         FleetNames(Some(names.iter().map(|s| s.to_string()).collect()))
@@ -1710,14 +1710,14 @@ mod tests {
         let d = check(ok, &FleetNames(None)).unwrap().desired;
         assert_eq!(
             d.wake["vm"],
-            crate::desired::plan::WakeRule::Exec {
+            crate::plan::WakeRule::Exec {
                 via: "relay".into(),
                 exec: "start-vm".into()
             }
         );
         assert_eq!(
             d.wake["box"],
-            crate::desired::plan::WakeRule::Packet {
+            crate::plan::WakeRule::Packet {
                 mac: "52:54:00:12:34:56".into(),
                 broadcast: "192.168.1.255".into(),
                 via: vec!["relay".into()]
@@ -1769,7 +1769,7 @@ mod tests {
         }
         text.push_str("  s5000: { image: x }\n");
         let checked = check(&text, &FleetNames(None)).expect("a chain is not a cycle");
-        let order = crate::desired::plan::dependency_order(&checked.desired);
+        let order = crate::plan::dependency_order(&checked.desired);
         assert_eq!(order.first().map(String::as_str), Some("s5000"));
         assert_eq!(order.last().map(String::as_str), Some("s0"));
         // Close the chain into a loop: found, without recursion.

@@ -719,7 +719,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 .get(&(service.to_owned(), removal_key(&node.name)));
             let reason = if !node.online {
                 Some("the node is offline".to_owned())
-            } else if !crate::desired::map::valid_name(service) {
+            } else if !crate::map::valid_name(service) {
                 Some("the `nebula.service` label is not a valid service name; remove these containers by hand".to_owned())
             } else {
                 blocked.map(|why| {
@@ -925,7 +925,7 @@ mod tests {
     ) -> DesiredService {
         let spec = spec(image, port);
         DesiredService {
-            revision: crate::desired::map::revision(&spec),
+            revision: crate::map::revision(&spec),
             spec,
             replicas,
             placement,
@@ -1242,7 +1242,7 @@ mod tests {
             privileged: true,
             ..Default::default()
         };
-        svc.revision = crate::desired::map::revision_with(&svc.spec, &host);
+        svc.revision = crate::map::revision_with(&svc.spec, &host);
         desired.services.insert(name.into(), svc);
         desired.host_access.insert(name.into(), host);
     }

@@ -9,7 +9,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{from_json, to_json, Store, StoreError};
-use crate::jobs::model::{AuditRecord, JobLogLine, JobRecord, JobState};
+use nebula_types::jobs::{AuditRecord, JobLogLine, JobRecord, JobState};
 
 /// Everything one group commit writes.
 #[derive(Debug, Default)]

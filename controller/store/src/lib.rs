@@ -3,7 +3,8 @@
 //! One `Store` over sqlx's `Any` driver: an embedded SQLite file by default (WAL), PostgreSQL when
 //! the URL says `postgres://`. The SQL is kept to the dialect both understand (`$n` placeholders,
 //! BIGINT Unix milliseconds, TEXT JSON); migrations live per dialect under `migrations/`.
-//! Only this module talks to the database.
+//! Only this crate talks to the database (`scripts/check-boundaries` checks that no other
+//! crate depends on sqlx).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -29,6 +30,24 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported database URL `{0}` (use sqlite:// or postgres://)")]
     UnsupportedUrl(String),
+}
+
+/// Average and maximum of one node's telemetry over one minute, ready to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollup {
+    pub node_id: Uuid,
+    /// Unix milliseconds at the start of the minute.
+    pub minute: i64,
+    pub samples: i64,
+    pub cpu: (f64, f64),
+    pub mem_used: (f64, f64),
+    pub load1: (f64, f64),
+    pub net_rx: (f64, f64),
+    pub net_tx: (f64, f64),
+    pub gpu_util: Option<(f64, f64)>,
+    pub gpu_mem_used: Option<(f64, f64)>,
+    pub gpu_temp: Option<(f64, f64)>,
+    pub containers_running: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,8 +206,8 @@ impl std::fmt::Debug for Store {
     }
 }
 
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 impl Store {
     /// Connect and run migrations. `sqlite://path?mode=rwc` or `postgres://...`.
@@ -685,10 +704,7 @@ impl Store {
 
 impl Store {
     /// Write rollups in batches (one statement per 50 rows). A minute already stored is kept.
-    pub async fn insert_rollups(
-        &self,
-        rollups: &[crate::telemetry::Rollup],
-    ) -> Result<(), StoreError> {
+    pub async fn insert_rollups(&self, rollups: &[Rollup]) -> Result<(), StoreError> {
         const COLS: usize = 20;
         let mut tx = self.pool.begin().await?;
         for chunk in rollups.chunks(50) {
@@ -742,11 +758,7 @@ impl Store {
     }
 
     /// Rollups of one node from `since_ms` on, oldest first.
-    pub async fn rollups(
-        &self,
-        node_id: Uuid,
-        since_ms: i64,
-    ) -> Result<Vec<crate::telemetry::Rollup>, StoreError> {
+    pub async fn rollups(&self, node_id: Uuid, since_ms: i64) -> Result<Vec<Rollup>, StoreError> {
         let rows = sqlx::query(
             "SELECT node_id, minute, samples, cpu_avg, cpu_max, mem_used_avg, mem_used_max, load1_avg, load1_max, \
              net_rx_avg, net_rx_max, net_tx_avg, net_tx_max, gpu_util_avg, gpu_util_max, gpu_mem_used_avg, \
@@ -767,7 +779,7 @@ impl Store {
                     let y: Option<f64> = r.try_get(b)?;
                     Ok(x.zip(y))
                 };
-                Ok(crate::telemetry::Rollup {
+                Ok(Rollup {
                     node_id,
                     minute: r.try_get("minute")?,
                     samples: r.try_get("samples")?,

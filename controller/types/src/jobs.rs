@@ -78,22 +78,7 @@ pub enum ModelActionKind {
     List,
 }
 
-/// `52:54:00:12:34:56` or `52-54-00-12-34-56` to bytes.
-pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = text.split([':', '-']).collect();
-    let bad = || format!("`{text}` is not a MAC address (write six hex pairs, 52:54:00:12:34:56)");
-    if parts.len() != 6 {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.len() != 2 {
-            return Err(bad());
-        }
-        mac[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    Ok(mac)
-}
+pub use nebula_protocol::validate::parse_mac;
 
 impl Work {
     pub fn kind(&self) -> &'static str {
