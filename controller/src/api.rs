@@ -173,6 +173,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/users", get(list_users).post(create_user))
         .route("/api-tokens", axum::routing::post(create_api_token))
         .route("/agent/releases", get(agent_releases))
+        .route("/tasks", get(list_tasks))
         .route("/models/inventory", get(models_inventory))
         .route("/models/desired", get(models_desired))
         .route("/ai/usage", get(ai_usage))
@@ -984,6 +985,11 @@ async fn list_containers(
 
 /// `GET /api/v1/agent/releases`: the agent builds this controller serves, with the key that
 /// signs them.
+/// Every background task: scope, kind, state and its last run.
+async fn list_tasks(State(cp): State<Arc<ControlPlane>>) -> Json<Vec<crate::tasks::TaskStatus>> {
+    Json(cp.tasks.list())
+}
+
 async fn agent_releases(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<serde_json::Value>> {
     let releases = install::scanned(&cp).await?;
     let list: Vec<serde_json::Value> = releases

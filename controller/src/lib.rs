@@ -29,6 +29,7 @@ use tracing::info;
 
 pub mod ai;
 pub mod api;
+mod background;
 pub mod ca;
 pub mod config;
 pub mod desired;
@@ -40,6 +41,7 @@ pub mod registry;
 pub mod releases;
 pub mod signin;
 pub use nebula_store as store;
+pub mod tasks;
 pub mod telemetry;
 pub mod transport;
 pub mod users;
@@ -89,6 +91,8 @@ pub struct ControlPlane {
     /// live streams run on it too.
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
+    /// Every background task's status (`GET /api/v1/tasks`).
+    pub tasks: tasks::Tasks,
     /// API tokens recently checked (by hash), so that a busy client does not cost a database
     /// read per request. Entries live [`TOKEN_CACHE_TTL`].
     pub(crate) token_cache: std::sync::Mutex<
@@ -407,6 +411,7 @@ impl Controller {
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             token_cache: Default::default(),
+            tasks: Default::default(),
             quic_limits: Default::default(),
             signin: Default::default(),
             gateway_bodies: Arc::new(tokio::sync::Semaphore::new(
@@ -435,65 +440,26 @@ impl Controller {
             .await
             .with_context(|| format!("binding HTTP on {}", cp.config.http_listen))?;
         let http_addr = listener.local_addr()?;
+        // One controller leads alone (HA replicas on PostgreSQL will follow an election).
+        let leadership = tasks::Leadership::always();
         // The writer first: recovering and creating jobs go through it.
-        tracker.spawn(logged(
-            "jobs::writer",
-            jobs::writer(cp.clone(), shutdown.clone()),
-        ));
+        let mut first = tasks::Driver::new(cp.tasks.clone());
+        first.service(background::JOB_WRITER, {
+            let cp = cp.clone();
+            move |cx| jobs::writer(cp.clone(), cx.cancel)
+        });
+        first.start(leadership.clone(), shutdown.clone(), &tracker);
         cp.recover_jobs().await.context("loading unfinished jobs")?;
-        tracker.spawn(logged(
-            "jobs::scheduler",
-            jobs::scheduler(cp.clone(), shutdown.clone()),
-        ));
         cp.load_desired()
             .await
             .context("loading the desired state")?;
-        tracker.spawn(logged(
-            "desired::reconciler",
-            desired::reconciler(cp.clone(), shutdown.clone()),
-        ));
-        tracker.spawn(logged(
-            "desired::watch_file",
-            desired::watch_file(cp.clone(), shutdown.clone()),
-        ));
-        tracker.spawn(logged(
-            "wake::wake_watch",
-            wake::wake_watch(cp.clone(), shutdown.clone()),
-        ));
-        tracker.spawn(logged(
-            "releases::rescan",
-            releases::rescan(cp.clone(), shutdown.clone()),
-        ));
-        tracker.spawn(logged(
-            "transport::accept_loop",
-            transport::accept_loop(cp.clone(), endpoint, shutdown.clone(), tracker.clone()),
-        ));
-        tracker.spawn(logged(
-            "rollup_writer",
-            rollup_writer(cp.clone(), shutdown.clone()),
-        ));
-        tracker.spawn(logged(
-            "usage_writer",
-            usage_writer(cp.clone(), shutdown.clone()),
-        ));
-        tracker.spawn(logged(
-            "retention_sweeper",
-            retention_sweeper(cp.clone(), shutdown.clone()),
-        ));
         let mut router = api::router(cp.clone());
         if let Some(extra) = extra_routes {
             router = router.merge(extra(cp.clone()));
         }
-        tracker.spawn(logged(
-            "http_server::serve",
-            http_server::serve(
-                listener,
-                router,
-                cp.config.http_limits.clone(),
-                shutdown.clone(),
-                tracker.clone(),
-            ),
-        ));
+        let mut driver = tasks::Driver::new(cp.tasks.clone());
+        background::register(&mut driver, &cp, endpoint, listener, router, &tracker);
+        driver.start(leadership, shutdown.clone(), &tracker);
         info!(%quic_addr, %http_addr, ca_pin = %cp.ca.pin_hex(), backend = ?cp.store.backend(), "controller started");
         Ok(Controller {
             control_plane: cp,
@@ -519,117 +485,6 @@ impl Controller {
         tracing::debug!(took = ?started.elapsed(), "every task stopped");
         self.control_plane.store.close().await;
         tracing::debug!(took = ?started.elapsed(), "store closed");
-    }
-}
-
-/// A long-lived task that says when it stops (shutdown is then traceable task by task).
-async fn logged<F: std::future::Future<Output = ()>>(name: &'static str, task: F) {
-    task.await;
-    tracing::debug!(task = name, "task stopped");
-}
-
-/// Run `work(stopping)` every `interval` until shutdown, then once more with `stopping` true
-/// (the writers that buffer in memory write what is left).
-async fn every_and_at_shutdown<F: std::future::Future<Output = ()>>(
-    interval: std::time::Duration,
-    shutdown: CancellationToken,
-    mut work: impl FnMut(bool) -> F,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stopping = tokio::select! {
-            _ = shutdown.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        work(stopping).await;
-        if stopping {
-            return;
-        }
-    }
-}
-
-/// Write finished one-minute rollups in batches; on shutdown, write what is left.
-async fn rollup_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
-    every_and_at_shutdown(
-        cp.config.rollup_flush_interval,
-        shutdown,
-        async |stopping| {
-            // On the way out, close the open minutes too.
-            let now = millis(SystemTime::now()) + if stopping { 60_000 } else { 0 };
-            let batch = cp.telemetry.take_rollups(now);
-            if batch.is_empty() {
-                return;
-            }
-            let started = std::time::Instant::now();
-            match cp.store.insert_rollups(&batch).await {
-                Ok(()) => cp
-                    .metrics
-                    .store_write_seconds
-                    .observe(started.elapsed().as_secs_f64()),
-                Err(e) => {
-                    tracing::warn!(
-                        rows = batch.len(),
-                        "writing telemetry rollups failed (will retry): {:#}",
-                        anyhow::Error::from(e)
-                    );
-                    cp.telemetry.requeue(batch);
-                }
-            }
-        },
-    )
-    .await
-}
-
-/// Add the AI usage counted in memory to the store every `usage_flush_interval`; on shutdown,
-/// what is left.
-async fn usage_writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
-    every_and_at_shutdown(cp.config.ai.usage_flush_interval, shutdown, async |_| {
-        let batch = cp.ai.take_usage();
-        if batch.is_empty() {
-            return;
-        }
-        let rows: Vec<store::UsageRow> = batch
-            .iter()
-            .map(|((token, model, node), u)| store::UsageRow {
-                token: token.clone(),
-                model: model.clone(),
-                node: node.clone(),
-                requests: i64::try_from(u.requests).unwrap_or(i64::MAX),
-                prompt_tokens: i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX),
-                completion_tokens: i64::try_from(u.completion_tokens).unwrap_or(i64::MAX),
-            })
-            .collect();
-        if let Err(e) = cp.store.add_ai_usage(&rows).await {
-            tracing::warn!(
-                rows = rows.len(),
-                "writing AI usage failed (will retry): {:#}",
-                anyhow::Error::from(e)
-            );
-            cp.ai.requeue_usage(batch);
-        }
-    })
-    .await
-}
-
-/// Delete rollups older than the retention window.
-async fn retention_sweeper(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(cp.config.retention_sweep_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let cutoff = millis(SystemTime::now() - cp.config.rollup_retention);
-        match cp.store.delete_rollups_before(cutoff).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                rows = n,
-                "deleted telemetry rollups past the retention window"
-            ),
-            Err(e) => tracing::warn!("retention sweep failed: {:#}", anyhow::Error::from(e)),
-        }
     }
 }
 

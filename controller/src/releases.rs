@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::Context;
 use base64::Engine;
@@ -21,7 +21,6 @@ use nebula_protocol::release::{self, AgentRelease, VERSION_STAMP_LEN, VERSION_ST
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::ControlPlane;
@@ -266,22 +265,12 @@ fn hash_and_stamp(path: &Path) -> anyhow::Result<([u8; 32], Option<String>)> {
     Ok((hasher.finalize().into(), version))
 }
 
-/// Scan every `interval` so that a binary dropped into `agent_dir` reaches the agents.
-pub async fn rescan(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(
-        cp.config
-            .release_scan_interval
-            .max(Duration::from_millis(100)),
-    );
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let releases = cp.releases.clone();
-        let _ = tokio::task::spawn_blocking(move || releases.scan()).await;
-    }
+/// One rescan of `agent_dir` (the rescan task's activation), so that a binary dropped there
+/// reaches the agents.
+pub async fn rescan_once(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Value> {
+    let releases = cp.releases.clone();
+    let found = tokio::task::spawn_blocking(move || releases.scan()).await?;
+    Ok(serde_json::json!({ "releases": found.len() }))
 }
 
 #[cfg(test)]

@@ -68,6 +68,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/ui/jobs/{id}/events", get(job_events))
         .route("/ui/enroll", get(enroll_page).post(enroll))
         .route("/ui/audit", get(audit_page))
+        .route("/ui/tasks", get(tasks_page))
         .route("/ui/models", get(ai::models_page))
         .route("/ui/models/events", get(ai::models_events))
         .route("/ui/models/pull", post(ai::pull))
@@ -274,6 +275,7 @@ fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Marku
         ("/ui/chat", "Chat", Role::Operator),
         ("/ui/enroll", "Enroll", Role::Admin),
         ("/ui/audit", "Audit", Role::Operator),
+        ("/ui/tasks", "Tasks", Role::Viewer),
     ]
     .into_iter()
     .filter(|(_, _, role)| user.can(*role))
@@ -1326,6 +1328,42 @@ async fn enroll(
 }
 
 // ----- audit -----
+
+/// The controller's background tasks: where each runs, what it is doing, its last run.
+async fn tasks_page(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(user): Extension<User>,
+) -> Response {
+    use nebula_controller::tasks::Scope;
+    let tasks = cp.tasks.list();
+    let body = html! {
+        h1 { "Background tasks" }
+        p.dim { "Leader tasks run only on the controller that leads; a single controller always does." }
+        div.scroll { table id="tasks" {
+            thead { tr { th { "Task" } th { "Scope" } th { "Kind" } th { "State" } th { "Runs" }
+                         th { "Errors" } th { "Last run" } th { "Took" } th { "Result" } } }
+            tbody { @for t in &tasks {
+                tr data-task=(t.name) {
+                    td { strong { (t.name) } br; span.dim { (t.description) } }
+                    td { @match t.scope { Scope::Leader => "leader", Scope::EveryReplica => "every replica" } }
+                    td { (format!("{:?}", t.kind).to_lowercase())
+                         @if let Some(p) = t.period_ms { span.dim { " every " (humantime::format_duration(std::time::Duration::from_millis(p))) } } }
+                    td { (serde_json::to_value(t.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()) }
+                    td { (t.runs) }
+                    td { (t.errors) }
+                    @if let Some(l) = &t.last {
+                        td { (nebula_controller::store::rfc3339_seconds(nebula_controller::store::from_millis(l.started_at))) }
+                        td { (l.took_ms) " ms" }
+                        td { @if l.ok { code { (l.result.to_string()) } } @else { span.error { (l.result.as_str().unwrap_or_default()) } } }
+                    } @else {
+                        td.dim { "not yet" } td {} td {}
+                    }
+                }
+            } }
+        } }
+    };
+    page(&user, "Tasks", "/ui/tasks", None, body).into_response()
+}
 
 async fn audit_page(
     State(cp): State<Arc<ControlPlane>>,

@@ -207,6 +207,31 @@ async fn sign_in_cookies_users_and_refusals() {
     let viewer = session_pair(&sign_in(&c, "vera", "viewer-password", false).await.unwrap());
     let admin = session_pair(&cookie);
 
+    // The Tasks page lists every background task with its scope, for any signed-in role.
+    let page = client()
+        .get(c.url("/ui/tasks"))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let html = page.text().await.unwrap();
+    for name in [
+        "job-scheduler",
+        "reconciler",
+        "quic-listener",
+        "http-server",
+    ] {
+        assert!(
+            html.contains(&format!("data-task=\"{name}\"")),
+            "{name}: {html}"
+        );
+    }
+    assert!(
+        html.contains(">leader<") && html.contains(">every replica<"),
+        "{html}"
+    );
+
     let http = client();
     // No session: pages redirect to sign-in, actions are refused.
     let r = http.get(c.url("/ui/services")).send().await.unwrap();

@@ -12,5 +12,6 @@ mod deploy;
 mod fleet;
 mod jobs;
 mod refusals;
+mod tasks;
 mod telemetry;
 mod wake;

@@ -76,7 +76,8 @@ fn note(cp: &ControlPlane, ev: Result<Event, RecvError>) -> Noted {
 /// Run the reconciler until shutdown. Triggers that arrive while it waits or runs are taken
 /// together in the next run: a burst of reconnects (a controller restart) is one run, not one
 /// per node, and every wait ends at once on shutdown.
-pub async fn reconciler(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+pub async fn reconciler(cp: Arc<ControlPlane>, cx: crate::tasks::TaskCx) {
+    let shutdown = cx.cancel.clone();
     let mut events = cp.events.subscribe();
     let interval = cp.config.reconcile_interval;
     let mut next_timer = tokio::time::Instant::now() + Duration::from_secs(1).min(interval);
@@ -134,22 +135,36 @@ pub async fn reconciler(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
             reasons.join(", ")
         };
         let run = run_once(&cp, &trigger);
+        let started = std::time::SystemTime::now();
+        let t0 = std::time::Instant::now();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = run => {
-                if let Err(e) = r {
+                if let Err(e) = &r {
                     warn!("reconcile run failed (the next run retries): {e:#}");
                 }
+                let r = r
+                    .map(|mut v| {
+                        v["trigger"] = trigger.as_str().into();
+                        v
+                    })
+                    .map_err(anyhow::Error::from);
+                let why = if trigger == "timer" {
+                    crate::tasks::Trigger::Period
+                } else {
+                    crate::tasks::Trigger::Activated
+                };
+                cx.report.finished(started, t0.elapsed(), why, &r);
             }
         }
         next_timer = tokio::time::Instant::now() + interval;
     }
 }
 
-/// One run: read everything, plan, start what can start.
-async fn run_once(cp: &Arc<ControlPlane>, trigger: &str) -> Result<(), OpError> {
+/// One run: read everything, plan, start what can start. Answers with a summary of the plan.
+async fn run_once(cp: &Arc<ControlPlane>, trigger: &str) -> Result<serde_json::Value, OpError> {
     let Some(active) = cp.desired.active() else {
-        return Ok(());
+        return Ok(serde_json::json!({"map": null}));
     };
     let started = std::time::Instant::now();
     let effective = cp.effective(&active.desired);
@@ -185,7 +200,12 @@ async fn run_once(cp: &Arc<ControlPlane>, trigger: &str) -> Result<(), OpError> 
     if let Err(e) = super::models::reconcile(cp, &active.desired).await {
         warn!("starting model pulls: {e}");
     }
-    Ok(())
+    Ok(serde_json::json!({
+        "map_version": active.record.version,
+        "actions": plan.actions.len(),
+        "waiting": plan.waiting.len(),
+        "unchanged": plan.unchanged,
+    }))
 }
 
 async fn start(

@@ -6,8 +6,9 @@
 //!   It takes everything queued on its channel, writes it in one transaction (group commit), then
 //!   publishes the batch's state changes on the event bus and to the jobs' `watch` channels. A job
 //!   is dispatched only after the writer has committed its row.
-//! * the **scheduler** ([`scheduler`]): runs when kicked (a job created, a node online, a slot
-//!   freed) and every 250 ms. Each pass looks at every unfinished job: routes queued ones,
+//! * the **scheduler** (the `job-scheduler` task, [`schedule_pass`]): runs when kicked (a job
+//!   created, a node online, a slot freed) and every 250 ms. Each pass looks at every unfinished
+//!   job: routes queued ones,
 //!   re-sends jobs whose node came back, expires deadlines, turns leases that ran out into `lost`
 //!   (and retries idempotent jobs), and calls the wake hook for jobs that wait for offline nodes.
 //! * one **stream task** per dispatched job ([`stream`]): opens the job's stream on the node's
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nebula_protocol::jobs::{JobRequest, JobResult, JobStatus};
-use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -66,7 +67,8 @@ pub struct NewJob {
 /// The unfinished jobs.
 pub struct JobTable {
     inner: Mutex<TableInner>,
-    kick: Notify,
+    /// The scheduler's "run now".
+    pub(crate) kick: crate::tasks::Activator,
     writes: mpsc::UnboundedSender<Write>,
     writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
     nodes: Mutex<Option<Arc<Vec<NodeMeta>>>>,
@@ -138,7 +140,7 @@ impl Default for JobTable {
         let (tx, rx) = mpsc::unbounded_channel();
         JobTable {
             inner: Mutex::new(TableInner::default()),
-            kick: Notify::new(),
+            kick: Default::default(),
             writes: tx,
             writes_rx: Mutex::new(Some(rx)),
             nodes: Mutex::new(None),
@@ -154,20 +156,20 @@ impl JobTable {
     /// Ask the scheduler for a pass over every job soon.
     pub fn kick(&self) {
         self.lock().full = true;
-        self.kick.notify_one();
+        self.kick.activate();
     }
 
     /// A job is ready to be routed: a pass over the new jobs soon.
     fn kick_fresh(&self, t: &mut TableInner, id: Uuid) {
         t.fresh.push(id);
-        self.kick.notify_one();
+        self.kick.activate();
     }
 
     /// A slot on a node was freed: worth a full pass only when jobs are waiting.
     fn kick_if_waiting(&self, t: &mut TableInner) {
         if t.waiting > 0 {
             t.full = true;
-            self.kick.notify_one();
+            self.kick.activate();
         }
     }
 
@@ -1049,21 +1051,19 @@ fn release(in_flight: &mut HashMap<Uuid, usize>, a: &mut Active) {
     a.stream = None;
 }
 
-/// The scheduler task.
-pub async fn scheduler(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let full = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = cp.jobs.kick.notified() => false,
-            _ = tick.tick() => true,
-        };
-        if let Err(e) = cp.schedule(full).await {
-            warn!("job scheduling pass failed: {:#}", anyhow::Error::from(e));
-        }
-    }
+/// One pass of the scheduler task: every unfinished job on its period (and at start), only the
+/// jobs that kicked it when activated.
+pub async fn schedule_pass(
+    cp: &Arc<ControlPlane>,
+    trigger: crate::tasks::Trigger,
+) -> anyhow::Result<serde_json::Value> {
+    let full = trigger != crate::tasks::Trigger::Activated;
+    cp.schedule(full).await?;
+    Ok(serde_json::json!({ "full": full, "active": cp.jobs.active_count() }))
 }
+
+/// How often the scheduler makes a full pass without being kicked.
+pub const SCHEDULER_PERIOD: Duration = TICK;
 
 /// The writer task: group commits until shutdown, then whatever is left.
 pub async fn writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {

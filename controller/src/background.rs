@@ -1,0 +1,248 @@
+//! The controller's background tasks: what each is, where it runs, and the work of the small
+//! periodic ones. [`register`] puts them all on the [`tasks::Driver`]; ARCHITECTURE.md's task
+//! table lists the same names (a test holds the two together).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::json;
+use tokio_util::task::TaskTracker;
+
+use crate::store::{self, millis};
+use crate::tasks::{self, Scope, TaskDef, Trigger};
+use crate::{desired, http_server, jobs, transport, wake, ControlPlane};
+
+pub const JOB_WRITER: TaskDef = TaskDef {
+    name: "job-writer",
+    description: "writes job state changes, logs and audit rows in group commits",
+    scope: Scope::EveryReplica,
+};
+pub const JOB_SCHEDULER: TaskDef = TaskDef {
+    name: "job-scheduler",
+    description: "routes queued jobs to nodes, retries, expires leases and deadlines",
+    scope: Scope::Leader,
+};
+pub const RECONCILER: TaskDef = TaskDef {
+    name: "reconciler",
+    description: "plans the service map against what runs and starts deploys and model pulls",
+    scope: Scope::Leader,
+};
+pub const MAP_WATCH: TaskDef = TaskDef {
+    name: "service-map-watch",
+    description: "applies service-map.yml when the file changes (last good map kept)",
+    scope: Scope::EveryReplica,
+};
+pub const WAKE_WATCH: TaskDef = TaskDef {
+    name: "wake-watch",
+    description: "ends wake-ups when the node comes online, fails those past their timeout",
+    scope: Scope::Leader,
+};
+pub const RELEASE_SCAN: TaskDef = TaskDef {
+    name: "release-scan",
+    description: "finds agent binaries dropped into the agent directory and signs them",
+    scope: Scope::EveryReplica,
+};
+pub const QUIC_LISTENER: TaskDef = TaskDef {
+    name: "quic-listener",
+    description: "accepts agent connections: enrollment and sessions over QUIC with mutual TLS",
+    scope: Scope::EveryReplica,
+};
+pub const ROLLUP_WRITER: TaskDef = TaskDef {
+    name: "rollup-writer",
+    description: "writes finished one-minute telemetry rollups in batches",
+    scope: Scope::EveryReplica,
+};
+pub const USAGE_WRITER: TaskDef = TaskDef {
+    name: "usage-writer",
+    description: "adds the AI gateway's usage counters to the store",
+    scope: Scope::EveryReplica,
+};
+pub const RETENTION: TaskDef = TaskDef {
+    name: "retention-sweeper",
+    description: "deletes telemetry rollups past the retention window",
+    scope: Scope::Leader,
+};
+pub const HTTP_SERVER: TaskDef = TaskDef {
+    name: "http-server",
+    description: "serves the API, the dashboard and the AI gateway",
+    scope: Scope::EveryReplica,
+};
+
+/// Every task but the job writer (started first, so that recovery can write through it).
+pub fn register(
+    d: &mut tasks::Driver,
+    cp: &Arc<ControlPlane>,
+    endpoint: quinn::Endpoint,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tracker: &TaskTracker,
+) {
+    let c = cp.clone();
+    d.periodic_with(
+        JOB_SCHEDULER,
+        jobs::SCHEDULER_PERIOD,
+        cp.jobs.kick.clone(),
+        false,
+        move |trigger| {
+            let cp = c.clone();
+            async move { jobs::schedule_pass(&cp, trigger).await }
+        },
+    );
+    let c = cp.clone();
+    d.service(RECONCILER, move |cx| desired::reconciler(c.clone(), cx));
+    let c = cp.clone();
+    d.service(MAP_WATCH, move |cx| {
+        desired::watch_file(c.clone(), cx.cancel)
+    });
+    let c = cp.clone();
+    d.service(WAKE_WATCH, move |cx| wake::wake_watch(c.clone(), cx.cancel));
+    let c = cp.clone();
+    d.periodic(
+        RELEASE_SCAN,
+        cp.config
+            .release_scan_interval
+            .max(std::time::Duration::from_millis(100)),
+        false,
+        move |_| {
+            let cp = c.clone();
+            async move { crate::releases::rescan_once(&cp).await }
+        },
+    );
+    // Services start once per scope; the listener and the router are handed over to the
+    // first (and, being every-replica tasks, only) start.
+    let c = cp.clone();
+    let t = tracker.clone();
+    let mut endpoint = Some(endpoint);
+    d.service(QUIC_LISTENER, move |cx| {
+        let endpoint = endpoint.take();
+        let (cp, tracker) = (c.clone(), t.clone());
+        async move {
+            if let Some(endpoint) = endpoint {
+                transport::accept_loop(cp, endpoint, cx.cancel, tracker).await;
+            }
+        }
+    });
+    let c = cp.clone();
+    d.periodic(
+        ROLLUP_WRITER,
+        cp.config.rollup_flush_interval,
+        true,
+        move |trigger| {
+            let cp = c.clone();
+            async move { Ok(write_rollups(&cp, trigger).await) }
+        },
+    );
+    let c = cp.clone();
+    d.periodic(
+        USAGE_WRITER,
+        cp.config.ai.usage_flush_interval,
+        true,
+        move |_| {
+            let cp = c.clone();
+            async move { Ok(write_usage(&cp).await) }
+        },
+    );
+    let c = cp.clone();
+    d.periodic(
+        RETENTION,
+        cp.config.retention_sweep_interval,
+        false,
+        move |_| {
+            let cp = c.clone();
+            async move { sweep(&cp).await }
+        },
+    );
+    let c = cp.clone();
+    let t = tracker.clone();
+    let mut serve = Some((listener, router));
+    d.service(HTTP_SERVER, move |cx| {
+        let serve = serve.take();
+        let (cp, tracker) = (c.clone(), t.clone());
+        async move {
+            if let Some((listener, router)) = serve {
+                http_server::serve(
+                    listener,
+                    router,
+                    cp.config.http_limits.clone(),
+                    cx.cancel,
+                    tracker,
+                )
+                .await;
+            }
+        }
+    });
+}
+
+/// Write finished one-minute rollups in one batch; on the way out, the open minutes too. A
+/// failed batch goes back to be written next time.
+async fn write_rollups(cp: &ControlPlane, trigger: Trigger) -> serde_json::Value {
+    let stopping = trigger == Trigger::Stopping;
+    let now = millis(SystemTime::now()) + if stopping { 60_000 } else { 0 };
+    let batch = cp.telemetry.take_rollups(now);
+    if batch.is_empty() {
+        return json!({ "rows": 0 });
+    }
+    let started = std::time::Instant::now();
+    match cp.store.insert_rollups(&batch).await {
+        Ok(()) => {
+            cp.metrics
+                .store_write_seconds
+                .observe(started.elapsed().as_secs_f64());
+            json!({ "rows": batch.len() })
+        }
+        Err(e) => {
+            let rows = batch.len();
+            tracing::warn!(
+                rows,
+                "writing telemetry rollups failed (will retry): {:#}",
+                anyhow::Error::from(e)
+            );
+            cp.telemetry.requeue(batch);
+            json!({ "rows": 0, "requeued": rows })
+        }
+    }
+}
+
+/// Add the AI usage counted in memory to the store; a failed batch is counted again.
+async fn write_usage(cp: &ControlPlane) -> serde_json::Value {
+    let batch = cp.ai.take_usage();
+    if batch.is_empty() {
+        return json!({ "rows": 0 });
+    }
+    let rows: Vec<store::UsageRow> = batch
+        .iter()
+        .map(|((token, model, node), u)| store::UsageRow {
+            token: token.clone(),
+            model: model.clone(),
+            node: node.clone(),
+            requests: i64::try_from(u.requests).unwrap_or(i64::MAX),
+            prompt_tokens: i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX),
+            completion_tokens: i64::try_from(u.completion_tokens).unwrap_or(i64::MAX),
+        })
+        .collect();
+    match cp.store.add_ai_usage(&rows).await {
+        Ok(()) => json!({ "rows": rows.len() }),
+        Err(e) => {
+            tracing::warn!(
+                rows = rows.len(),
+                "writing AI usage failed (will retry): {:#}",
+                anyhow::Error::from(e)
+            );
+            cp.ai.requeue_usage(batch);
+            json!({ "rows": 0, "requeued": rows.len() })
+        }
+    }
+}
+
+/// Delete rollups older than the retention window.
+async fn sweep(cp: &ControlPlane) -> anyhow::Result<serde_json::Value> {
+    let cutoff = millis(SystemTime::now() - cp.config.rollup_retention);
+    let n = cp.store.delete_rollups_before(cutoff).await?;
+    if n > 0 {
+        tracing::info!(
+            rows = n,
+            "deleted telemetry rollups past the retention window"
+        );
+    }
+    Ok(json!({ "deleted": n }))
+}
