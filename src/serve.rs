@@ -255,7 +255,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
                 Some(1),
                 Default::default(),
                 "nebula dev local agent",
-                "dev",
+                &nebula_controller::authz::OpCtx::internal("dev"),
             )
             .await?;
         let token = created

@@ -69,6 +69,7 @@ impl From<OpError> for ApiError {
             OpError::NotFound(m) => ApiError::not_found(m),
             OpError::Invalid(m) => ApiError::bad_request(m),
             OpError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            OpError::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", m),
             OpError::TooManyRequests(m) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", m)
             }
@@ -102,44 +103,8 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Who is calling, from their API token.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    pub name: String,
-    pub role: Role,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    /// A stored role name; anything unknown is the least privileged.
-    pub fn parse(s: &str) -> Role {
-        match s {
-            "admin" => Role::Admin,
-            "operator" => Role::Operator,
-            _ => Role::Viewer,
-        }
-    }
-}
-
-impl Principal {
-    fn require(&self, role: Role) -> ApiResult<()> {
-        if self.role >= role {
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("this action needs the {role:?} role"),
-            ))
-        }
-    }
-}
+pub use crate::authz::Role;
+use crate::authz::{Op, OpCtx, Via};
 
 pub fn router(cp: Arc<ControlPlane>) -> Router {
     let v1 = Router::new()
@@ -242,10 +207,8 @@ async fn authenticate(
         )
         .into_response(),
         Ok(Some(rec)) => {
-            req.extensions_mut().insert(Principal {
-                role: Role::parse(&rec.role),
-                name: rec.name,
-            });
+            req.extensions_mut()
+                .insert(OpCtx::new(rec.name, Role::parse(&rec.role), Via::Api));
             next.run(req).await
         }
         Ok(None) => unauthorized("invalid API token"),
@@ -467,11 +430,10 @@ async fn get_node(
 
 async fn remove_node(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    who.require(Role::Admin)?;
-    let id = cp.remove_node(&name, &who.name).await?;
+    let id = cp.remove_node(&name, &who).await?;
     Ok(Json(json!({"removed": name, "id": id})))
 }
 
@@ -479,21 +441,19 @@ async fn remove_node(
 
 async fn wake_node(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    who.require(Role::Operator)?;
-    let wake = cp.wake_node(&name, &who.name).await?;
+    let wake = cp.wake_node(&name, &who).await?;
     Ok((StatusCode::ACCEPTED, Json(json!(wake))))
 }
 
 async fn sleep_node(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    who.require(Role::Operator)?;
-    let job = cp.sleep_node(&name, &who.name).await?;
+    let job = cp.sleep_node(&name, &who).await?;
     Ok((StatusCode::ACCEPTED, Json(json!(job))))
 }
 
@@ -511,14 +471,13 @@ pub struct CreateUserRequest {
 
 async fn create_user(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     body: Result<Json<CreateUserRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    who.require(Role::Admin)?;
     let Json(b) = body?;
     let role = b.role.unwrap_or_else(|| "viewer".into());
     let user = cp
-        .create_user(&b.username, &b.password, &role, &who.name)
+        .create_user(&b.username, &b.password, &role, &who)
         .await?;
     Ok((StatusCode::CREATED, Json(json!(user))))
 }
@@ -537,40 +496,11 @@ pub struct CreateApiTokenRequest {
 /// `POST /api/v1/api-tokens`: a new API token, shown once (the same name replaces the old one).
 async fn create_api_token(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     body: Result<Json<CreateApiTokenRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    who.require(Role::Admin)?;
     let Json(b) = body?;
-    if !matches!(b.role.as_str(), AI_ROLE | "viewer" | "operator" | "admin") {
-        return Err(ApiError::bad_request(format!(
-            "role `{}` is not one of ai, viewer, operator, admin",
-            b.role
-        )));
-    }
-    if !nebula_protocol::valid_name(&b.name) || b.name == "admin" {
-        return Err(ApiError::bad_request(
-            "a token name is 1-63 letters, digits, `-`, `_` or `.` (and not `admin`)",
-        ));
-    }
-    use rand::distributions::DistString;
-    let token = format!(
-        "nbl_{}",
-        rand::distributions::Alphanumeric.sample_string(&mut rand::thread_rng(), 40)
-    );
-    cp.store
-        .upsert_api_token(&b.name, &crate::hash_secret(&token), &b.role)
-        .await?;
-    cp.token_cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clear();
-    cp.audit(
-        &who.name,
-        "api_token.create",
-        &b.name,
-        json!({"role": b.role}),
-    );
+    let token = cp.create_api_token(&b.name, &b.role, &who).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": b.name, "role": b.role, "token": token})),
@@ -579,9 +509,9 @@ async fn create_api_token(
 
 async fn list_users(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    who.require(Role::Admin)?;
+    cp.authorize(&who, Op::ManageUsers)?;
     Ok(Json(json!({ "items": cp.store.list_users().await? })))
 }
 
@@ -647,10 +577,9 @@ fn token_view(t: JoinTokenRecord) -> TokenView {
 
 async fn create_token(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     body: Result<Json<CreateTokenRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<CreatedTokenView>)> {
-    who.require(Role::Admin)?;
     let Json(req) = body?;
     let ttl: Option<Duration> = match req.ttl.as_deref() {
         Some(s) => Some(
@@ -663,7 +592,7 @@ async fn create_token(
         return Err(ApiError::bad_request("ttl must be between 1s and 365d"));
     }
     let created = cp
-        .create_join_token(ttl, req.uses, req.labels, &req.description, &who.name)
+        .create_join_token(ttl, req.uses, req.labels, &req.description, &who)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -690,11 +619,10 @@ async fn list_tokens(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<Page
 
 async fn revoke_token(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    who.require(Role::Admin)?;
-    cp.revoke_join_token(&id, &who.name).await?;
+    cp.revoke_join_token(&id, &who).await?;
     Ok(Json(json!({"revoked": id})))
 }
 

@@ -70,6 +70,23 @@ pub enum Event {
         by: String,
     },
     /// A service map was refused; the last good one stays in force.
+    /// A service pinned to an earlier revision (a rollback).
+    ServiceRolledBack {
+        service: String,
+        from: String,
+        to: String,
+        by: String,
+    },
+    ApiTokenCreated {
+        name: String,
+        role: String,
+        by: String,
+    },
+    UserCreated {
+        username: String,
+        role: String,
+        by: String,
+    },
     DesiredRejected {
         source: String,
         error: String,

@@ -29,6 +29,7 @@ use tracing::info;
 
 pub mod ai;
 pub mod api;
+pub mod authz;
 mod background;
 pub mod ca;
 pub mod config;
@@ -132,6 +133,9 @@ pub enum OpError {
     /// Throttled: try again later (HTTP 429).
     #[error("{0}")]
     TooManyRequests(String),
+    /// The caller's role does not allow it (HTTP 403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("internal error")]
     Store(#[from] store::StoreError),
 }
@@ -213,8 +217,10 @@ impl ControlPlane {
         uses: Option<u32>,
         labels: Labels,
         description: &str,
-        by: &str,
+        cx: &authz::OpCtx,
     ) -> Result<CreatedJoinToken, OpError> {
+        self.authorize(cx, authz::Op::ManageJoinTokens)?;
+        let by = cx.actor.as_str();
         if let Some(t) = ttl {
             if t < Duration::from_secs(1) || t > Duration::from_secs(365 * 86400) {
                 return Err(OpError::Invalid(
@@ -264,34 +270,45 @@ impl ControlPlane {
         }
         .to_string();
         info!(token = %id, by, "join token created");
-        self.audit(
-            by,
-            "token.create",
-            &id,
-            serde_json::json!({"uses": uses, "expires_at": expires_at, "labels": labels}),
+        self.record(
+            cx,
+            authz::Change {
+                action: "token.create",
+                target: id.clone(),
+                detail: serde_json::json!({"uses": uses, "expires_at": expires_at, "labels": labels}),
+                event: Some(Event::JoinTokenCreated {
+                    id,
+                    by: by.to_owned(),
+                }),
+            },
         );
-        self.events.publish(Event::JoinTokenCreated {
-            id,
-            by: by.to_owned(),
-        });
         Ok(CreatedJoinToken { record, token })
     }
 
-    pub async fn revoke_join_token(&self, id: &str, by: &str) -> Result<(), OpError> {
+    pub async fn revoke_join_token(&self, id: &str, cx: &authz::OpCtx) -> Result<(), OpError> {
+        self.authorize(cx, authz::Op::ManageJoinTokens)?;
         if !self.store.revoke_join_token(id).await? {
             return Err(OpError::NotFound(format!("no active join token `{id}`")));
         }
-        info!(token = %id, by, "join token revoked");
-        self.audit(by, "token.revoke", id, serde_json::json!({}));
-        self.events.publish(Event::JoinTokenRevoked {
-            id: id.to_owned(),
-            by: by.to_owned(),
-        });
+        info!(token = %id, by = %cx.actor, "join token revoked");
+        self.record(
+            cx,
+            authz::Change {
+                action: "token.revoke",
+                target: id.to_owned(),
+                detail: serde_json::json!({}),
+                event: Some(Event::JoinTokenRevoked {
+                    id: id.to_owned(),
+                    by: cx.actor.clone(),
+                }),
+            },
+        );
         Ok(())
     }
 
     /// Remove a node: revoke its certificates, cut its connection, forget it.
-    pub async fn remove_node(&self, name: &str, by: &str) -> Result<uuid::Uuid, OpError> {
+    pub async fn remove_node(&self, name: &str, cx: &authz::OpCtx) -> Result<uuid::Uuid, OpError> {
+        self.authorize(cx, authz::Op::RemoveNode)?;
         let id = self
             .store
             .remove_node(name, millis(SystemTime::now()))
@@ -301,12 +318,19 @@ impl ControlPlane {
             .disconnect(id, close::REVOKED, "node removed: certificate revoked");
         self.telemetry.forget(id);
         self.jobs.nodes_changed();
-        info!(node = %id, name, by, "node removed");
-        self.audit(by, "node.remove", name, serde_json::json!({"id": id}));
-        self.events.publish(Event::NodeRemoved {
-            id,
-            name: name.to_owned(),
-        });
+        info!(node = %id, name, by = %cx.actor, "node removed");
+        self.record(
+            cx,
+            authz::Change {
+                action: "node.remove",
+                target: name.to_owned(),
+                detail: serde_json::json!({"id": id}),
+                event: Some(Event::NodeRemoved {
+                    id,
+                    name: name.to_owned(),
+                }),
+            },
+        );
         Ok(id)
     }
 }

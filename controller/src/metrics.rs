@@ -36,6 +36,8 @@ pub struct Metrics {
     pub plan_seconds: Histogram,
     /// Connections and requests turned away before authentication, by reason.
     pub connections_refused: Family<DropLabels, Counter>,
+    /// Operations refused by authorization, by operation and front end.
+    pub refused_ops: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl Metrics {
@@ -108,7 +110,15 @@ impl Metrics {
              a QUIC address validation was asked for)",
             connections_refused.clone(),
         );
+        let refused_ops = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        registry.register(
+            "operations_refused",
+            "Operations refused because the caller's role does not allow them, by operation and \
+             front end (api, dashboard)",
+            refused_ops.clone(),
+        );
         Metrics {
+            refused_ops,
             connections_refused,
             registry,
             reconcile_runs,

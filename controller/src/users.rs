@@ -8,6 +8,8 @@ use argon2::Argon2;
 use rand::distributions::{Alphanumeric, DistString};
 use uuid::Uuid;
 
+use crate::authz::{Change, Op, OpCtx};
+use crate::events::Event;
 use crate::store::millis;
 use crate::store::users::{SessionRecord, UserRecord};
 use crate::{hash_secret, ControlPlane, OpError};
@@ -76,8 +78,9 @@ impl ControlPlane {
         username: &str,
         password: &str,
         role: &str,
-        by: &str,
+        cx: &OpCtx,
     ) -> Result<UserRecord, OpError> {
+        self.authorize(cx, Op::ManageUsers)?;
         validate_username(username).map_err(OpError::Invalid)?;
         if !ROLES.contains(&role) {
             return Err(OpError::Invalid(format!(
@@ -103,13 +106,67 @@ impl ControlPlane {
                 "a user named `{username}` exists already"
             )));
         }
-        self.audit(
-            by,
-            "user.create",
-            username,
-            serde_json::json!({ "role": role }),
+        self.record(
+            cx,
+            Change {
+                action: "user.create",
+                target: username.to_owned(),
+                detail: serde_json::json!({ "role": role }),
+                event: Some(Event::UserCreated {
+                    username: username.to_owned(),
+                    role: role.to_owned(),
+                    by: cx.actor.clone(),
+                }),
+            },
         );
         Ok(user)
+    }
+
+    /// A new API token for `name` with `role` (`ai` for the gateway only, or a user role),
+    /// returned once; the same name replaces the old token.
+    pub async fn create_api_token(
+        &self,
+        name: &str,
+        role: &str,
+        cx: &OpCtx,
+    ) -> Result<String, OpError> {
+        self.authorize(cx, Op::ManageApiTokens)?;
+        if role != crate::api::AI_ROLE && !ROLES.contains(&role) {
+            return Err(OpError::Invalid(format!(
+                "role `{role}` is not one of ai, viewer, operator, admin"
+            )));
+        }
+        if !nebula_protocol::valid_name(name) || name == "admin" {
+            return Err(OpError::Invalid(
+                "a token name is 1-63 letters, digits, `-`, `_` or `.` (and not `admin`)".into(),
+            ));
+        }
+        let token = format!(
+            "nbl_{}",
+            Alphanumeric.sample_string(&mut rand::thread_rng(), 40)
+        );
+        self.store
+            .upsert_api_token(name, &crate::hash_secret(&token), role)
+            .await?;
+        // A replaced token must stop working at once, not when its cache entry ages out.
+        self.token_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.record(
+            cx,
+            Change {
+                action: "api_token.create",
+                target: name.to_owned(),
+                detail: serde_json::json!({ "role": role }),
+                event: Some(Event::ApiTokenCreated {
+                    name: name.to_owned(),
+                    role: role.to_owned(),
+                    by: cx.actor.clone(),
+                }),
+            },
+        );
+        Ok(token)
     }
 
     /// At first start, with no user yet: an `admin` user with a random password (returned, to
@@ -120,7 +177,7 @@ impl ControlPlane {
         }
         let password = random(20);
         match self
-            .create_user("admin", &password, "admin", "controller")
+            .create_user("admin", &password, "admin", &OpCtx::internal("controller"))
             .await
         {
             Ok(_) => Ok(Some(password)),

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::authz::{Change, Op, OpCtx};
 use crate::desired::plan::WakeRule;
 use crate::events::Event;
 use crate::jobs::model::{JobRecord, Target, Work};
@@ -58,7 +59,8 @@ impl ControlPlane {
     }
 
     /// Wake `name` through a relay; the node shows `waking` until it registers.
-    pub async fn wake_node(self: &Arc<Self>, name: &str, by: &str) -> Result<Wake, OpError> {
+    pub async fn wake_node(self: &Arc<Self>, name: &str, cx: &OpCtx) -> Result<Wake, OpError> {
+        self.authorize(cx, Op::WakeNode)?;
         let node = self
             .store
             .node_by_name(name)
@@ -110,7 +112,7 @@ impl ControlPlane {
                     idempotent: false,
                     max_attempts: Some(1),
                 },
-                by,
+                cx,
             )
             .await?;
         let now = millis(SystemTime::now());
@@ -123,22 +125,29 @@ impl ControlPlane {
             failed: false,
         };
         self.wakes.lock().insert(node.id, wake.clone());
-        self.audit(
-            by,
-            "node.wake",
-            name,
-            serde_json::json!({ "relay": relay, "job": job.id }),
+        self.record(
+            cx,
+            Change {
+                action: "node.wake",
+                target: name.to_owned(),
+                detail: serde_json::json!({ "relay": relay, "job": job.id }),
+                event: Some(Event::NodeWaking {
+                    id: node.id,
+                    name: name.to_owned(),
+                    relay,
+                }),
+            },
         );
-        self.events.publish(Event::NodeWaking {
-            id: node.id,
-            name: name.to_owned(),
-            relay,
-        });
         Ok(wake)
     }
 
     /// Run the node's allow-listed sleep command (`nodes.NAME.sleep` in the service map).
-    pub async fn sleep_node(self: &Arc<Self>, name: &str, by: &str) -> Result<JobRecord, OpError> {
+    pub async fn sleep_node(
+        self: &Arc<Self>,
+        name: &str,
+        cx: &OpCtx,
+    ) -> Result<JobRecord, OpError> {
+        self.authorize(cx, Op::SleepNode)?;
         let op = self
             .desired
             .active()
@@ -160,10 +169,19 @@ impl ControlPlane {
                     idempotent: false,
                     max_attempts: Some(1),
                 },
-                by,
+                cx,
             )
             .await?;
-        self.audit(by, "node.sleep", name, serde_json::json!({ "job": job.id }));
+        // The job's events say when the node went down.
+        self.record(
+            cx,
+            Change {
+                action: "node.sleep",
+                target: name.to_owned(),
+                detail: serde_json::json!({ "job": job.id }),
+                event: None,
+            },
+        );
         Ok(job)
     }
 
@@ -183,7 +201,10 @@ impl ControlPlane {
                 if cp.wake_rule(&node.name).is_none() {
                     continue;
                 }
-                match cp.wake_node(&node.name, "scheduler").await {
+                match cp
+                    .wake_node(&node.name, &OpCtx::internal("scheduler"))
+                    .await
+                {
                     Ok(_) => return,
                     Err(e) => tracing::warn!(node = %node.name, "waking for a job: {e}"),
                 }

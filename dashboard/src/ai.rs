@@ -223,7 +223,7 @@ async fn model_job(
     f: ModelForm,
     action: ModelActionKind,
 ) -> Response {
-    if let Err(r) = user.allow(&f.csrf, Role::Operator) {
+    if let Err(r) = user.check(&f.csrf) {
         return r.into_response();
     }
     if f.node.is_empty() || f.name.trim().is_empty() {
@@ -245,7 +245,7 @@ async fn model_job(
                 idempotent: false,
                 max_attempts: Some(1),
             },
-            &user.name,
+            &user.cx(),
         )
         .await;
     match job {
@@ -362,8 +362,11 @@ pub(crate) async fn chat_send(
         .get("x-csrf-token")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if let Err(r) = user.allow(csrf, Role::Operator) {
+    if let Err(r) = user.check(csrf) {
         return r.into_response();
+    }
+    if let Err(e) = user.authorize(&cp, nebula_controller::authz::Op::Chat) {
+        return op_error(e);
     }
     // The user may create jobs (an operator): pulls on demand are theirs to start.
     let caller = nebula_controller::ai::gateway::Caller {

@@ -29,6 +29,7 @@ use axum::{Extension, Router};
 use futures::Stream;
 use maud::{html, Markup, DOCTYPE};
 use nebula_controller::api::{node_view, NodeStatus, NodeView, Role};
+use nebula_controller::authz::{Op, OpCtx, Via};
 use nebula_controller::events::Event;
 use nebula_controller::jobs::model::{JobRecord, Target, Work};
 use nebula_controller::jobs::NewJob;
@@ -149,21 +150,14 @@ impl User {
         self.role >= role
     }
 
-    fn require(&self, role: Role) -> Result<(), Refused> {
-        if self.can(role) {
-            Ok(())
-        } else {
-            Err(Refused(format!(
-                "this needs the {role:?} role; you are {:?}",
-                self.role
-            )))
-        }
+    /// The operation context for the control plane: it decides what this user may do.
+    fn cx(&self) -> OpCtx {
+        OpCtx::new(self.name.clone(), self.role, Via::Dashboard)
     }
 
-    /// The form's CSRF token, then the role.
-    fn allow(&self, token: &str, role: Role) -> Result<(), Refused> {
-        self.check(token)?;
-        self.require(role)
+    /// May this user do `op`? Asked of the control plane (one check for every front end).
+    fn authorize(&self, cp: &ControlPlane, op: Op) -> Result<(), OpError> {
+        cp.authorize(&self.cx(), op)
     }
 
     /// Every POST carries the session's CSRF token.
@@ -254,6 +248,7 @@ fn op_error(e: OpError) -> Response {
         OpError::Invalid(m) => problem(StatusCode::BAD_REQUEST, &m),
         OpError::Conflict(m) => problem(StatusCode::CONFLICT, &m),
         OpError::TooManyRequests(m) => problem(StatusCode::TOO_MANY_REQUESTS, &m),
+        OpError::Forbidden(m) => problem(StatusCode::FORBIDDEN, &m),
         OpError::Store(e) => {
             tracing::error!("store error: {e:#}");
             problem(
@@ -878,7 +873,7 @@ async fn restart_container(
     form: Result<Form<RestartForm>, FormRejection>,
 ) -> Response {
     let f = form.map(|Form(f)| f).unwrap_or_default();
-    if let Err(r) = user.allow(&f.csrf, Role::Operator) {
+    if let Err(r) = user.check(&f.csrf) {
         return r.into_response();
     }
     let job = cp
@@ -893,7 +888,7 @@ async fn restart_container(
                 idempotent: false,
                 max_attempts: None,
             },
-            &user.name,
+            &user.cx(),
         )
         .await;
     match job {
@@ -909,10 +904,10 @@ async fn wake_node(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
     let csrf = form.map(|Form(f)| f.csrf).unwrap_or_default();
-    if let Err(r) = user.allow(&csrf, Role::Operator) {
+    if let Err(r) = user.check(&csrf) {
         return r.into_response();
     }
-    match cp.wake_node(&name, &user.name).await {
+    match cp.wake_node(&name, &user.cx()).await {
         Ok(w) => Redirect::to(&format!("/ui/jobs/{}", w.job)).into_response(),
         Err(e) => op_error(e),
     }
@@ -1078,10 +1073,10 @@ async fn apply_map(
     form: Result<Form<MapForm>, FormRejection>,
 ) -> Response {
     let f = form.map(|Form(f)| f).unwrap_or_default();
-    if let Err(r) = user.allow(&f.csrf, Role::Admin) {
+    if let Err(r) = user.check(&f.csrf) {
         return r.into_response();
     }
-    let notice = match cp.apply_desired(&f.document, "ui", &user.name).await {
+    let notice = match cp.apply_desired(&f.document, "ui", &user.cx()).await {
         Ok(applied) => html! {
             p id="applied" role="status" { "Applied as version " (applied.version) ". The reconciler is on it." }
             (plan_markup(&serde_json::to_value(&applied.plan).unwrap_or_default()))
@@ -1099,14 +1094,14 @@ async fn rollback(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
     let csrf = form.map(|Form(f)| f.csrf).unwrap_or_default();
-    if let Err(r) = user.allow(&csrf, Role::Operator) {
+    if let Err(r) = user.check(&csrf) {
         return r.into_response();
     }
-    let notice = match cp.rollback_service(&name, None, &user.name).await {
+    let notice = match cp.rollback_service(&name, None, &user.cx()).await {
         Ok(pin) => {
             html! { p role="status" { (pin.service) " is going back to revision " code { (pin.revision) } "." } }
         }
-        Err(OpError::Store(e)) => return op_error(OpError::Store(e)),
+        Err(e @ (OpError::Store(_) | OpError::Forbidden(_))) => return op_error(e),
         Err(e) => html! { p.error role="alert" { (e.to_string()) } },
     };
     services_view(&cp, &user, None, Some(notice)).await
@@ -1252,11 +1247,11 @@ fn enroll_form(user: &User) -> Markup {
 }
 
 async fn enroll_page(
-    State(_cp): State<Arc<ControlPlane>>,
+    State(cp): State<Arc<ControlPlane>>,
     Extension(user): Extension<User>,
 ) -> Response {
-    if let Err(r) = user.require(Role::Admin) {
-        return r.into_response();
+    if let Err(e) = user.authorize(&cp, Op::ManageJoinTokens) {
+        return op_error(e);
     }
     let body = html! {
         h1 { "Enroll a node" }
@@ -1275,7 +1270,7 @@ async fn enroll(
     let Ok(Form(f)) = form else {
         return problem(StatusCode::BAD_REQUEST, "the form is incomplete");
     };
-    if let Err(r) = user.allow(&f.csrf, Role::Admin) {
+    if let Err(r) = user.check(&f.csrf) {
         return r.into_response();
     }
     let ttl = match f.ttl.as_str() {
@@ -1296,7 +1291,7 @@ async fn enroll(
             Some(uses),
             Default::default(),
             "dashboard",
-            &user.name,
+            &user.cx(),
         )
         .await
     {
@@ -1369,8 +1364,8 @@ async fn audit_page(
     State(cp): State<Arc<ControlPlane>>,
     Extension(user): Extension<User>,
 ) -> Response {
-    if let Err(r) = user.require(Role::Operator) {
-        return r.into_response();
+    if let Err(e) = user.authorize(&cp, Op::ReadAudit) {
+        return op_error(e);
     }
     let entries = match cp
         .store

@@ -326,6 +326,71 @@ async fn sign_in_cookies_users_and_refusals() {
         assert_eq!(r.status().as_u16(), 403, "{path}");
     }
     assert_eq!(c.get("/api/v1/desired").await["version"], 1);
+
+    // The same role through the API, with a viewer token: refused by the same check in the
+    // control plane, in the same words, and both refusals counted under one operation.
+    let (status, v) = c
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/api-tokens",
+            Some(json!({"name": "viewer-bot", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let viewer_token = v["token"].as_str().unwrap().to_owned();
+    let r = http
+        .put(c.url("/api/v1/desired"))
+        .bearer_auth(&viewer_token)
+        .body("services: {}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let refusal: serde_json::Value = r.json().await.unwrap();
+    let words = refusal["error"]["message"].as_str().unwrap().to_owned();
+    assert_eq!(words, "this action needs the Admin role", "{refusal}");
+    let r = http
+        .post(c.url("/ui/services/apply"))
+        .header("cookie", &viewer)
+        .form(&[
+            ("csrf", viewer_csrf.as_str()),
+            ("document", "services: {}\n"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let page = r.text().await.unwrap();
+    assert!(page.contains(&words), "{page}");
+    let m = c.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"nebula_operations_refused_total{op="apply_map",via="api"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    // Twice through the dashboard: the loop above, and just now.
+    assert_eq!(
+        metric(
+            &m,
+            r#"nebula_operations_refused_total{op="apply_map",via="dashboard"}"#
+        ),
+        2.0
+    );
+    // Creating the token was one change: audited with the front end it came through.
+    let row = wait_for("the token's audit row", Duration::from_secs(5), || async {
+        let audit = c.get("/api/v1/audit?action=api_token.create").await;
+        audit["items"]
+            .as_array()?
+            .iter()
+            .find(|a| a["target"] == "viewer-bot")
+            .cloned()
+    })
+    .await;
+    assert_eq!(row["detail"]["via"], "api", "{row}");
+    assert_eq!(row["detail"]["role"], "viewer");
     // Sign-out ends the session.
     let r = http
         .post(c.url("/ui/logout"))

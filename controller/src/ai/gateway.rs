@@ -584,7 +584,9 @@ async fn pull_on_demand(
                         idempotent: false,
                         max_attempts: Some(1),
                     },
-                    who,
+                    // Allowed by the gateway's own rule (`ai.pull_on_demand`), checked above;
+                    // audited under the token that asked.
+                    &crate::authz::OpCtx::internal(who),
                 )
                 .await
                 .map_err(|e| {

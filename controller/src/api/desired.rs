@@ -9,7 +9,8 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, ApiResult, Principal, Role};
+use super::{ApiError, ApiResult};
+use crate::authz::{Op, OpCtx};
 use crate::desired::map::{self, MapErrors};
 use crate::desired::{ApplyError, PlanView, ServiceView};
 use crate::ControlPlane;
@@ -39,9 +40,9 @@ pub(super) async fn schema() -> Json<Value> {
 
 pub(super) async fn get_desired(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
 ) -> ApiResult<Json<Value>> {
-    who.require(Role::Viewer)?;
+    cp.authorize(&who, Op::ReadFleet)?;
     let active = cp.desired.active();
     let file_error = cp.desired.file_error();
     Ok(Json(match active {
@@ -70,36 +71,35 @@ fn document(body: String) -> ApiResult<String> {
 
 pub(super) async fn put_desired(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     body: String,
 ) -> ApiResult<Json<Value>> {
-    who.require(Role::Admin)?;
-    let applied = cp.apply_desired(&document(body)?, "api", &who.name).await?;
+    let applied = cp.apply_desired(&document(body)?, "api", &who).await?;
     Ok(Json(json!(applied)))
 }
 
 pub(super) async fn get_plan(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
 ) -> ApiResult<Json<PlanView>> {
-    who.require(Role::Viewer)?;
+    cp.authorize(&who, Op::ReadFleet)?;
     Ok(Json(cp.current_plan().await?))
 }
 
 pub(super) async fn preview_plan(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     body: String,
 ) -> ApiResult<Json<PlanView>> {
-    who.require(Role::Viewer)?;
+    cp.authorize(&who, Op::PreviewPlan)?;
     Ok(Json(cp.preview_plan(&document(body)?).await?))
 }
 
 pub(super) async fn list_services(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
 ) -> ApiResult<Json<Vec<ServiceView>>> {
-    who.require(Role::Viewer)?;
+    cp.authorize(&who, Op::ReadFleet)?;
     Ok(Json(cp.services().await?))
 }
 
@@ -111,11 +111,11 @@ pub(super) struct HistoryQuery {
 
 pub(super) async fn get_service(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult<Json<Value>> {
-    who.require(Role::Viewer)?;
+    cp.authorize(&who, Op::ReadFleet)?;
     let service = cp.services().await?.into_iter().find(|s| s.name == name);
     let history = cp
         .store
@@ -136,15 +136,12 @@ pub(super) struct RollbackRequest {
 
 pub(super) async fn rollback(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
     body: Option<Json<RollbackRequest>>,
 ) -> ApiResult<Json<Value>> {
-    who.require(Role::Operator)?;
     let req = body.map(|Json(b)| b).unwrap_or_default();
-    let pin = cp
-        .rollback_service(&name, req.to.as_deref(), &who.name)
-        .await?;
+    let pin = cp.rollback_service(&name, req.to.as_deref(), &who).await?;
     Ok(Json(json!({
         "service": pin.service,
         "revision": pin.revision,
@@ -154,10 +151,9 @@ pub(super) async fn rollback(
 
 pub(super) async fn reconcile(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    who.require(Role::Operator)?;
-    cp.desired.kick(&format!("asked by {}", who.name));
+    cp.request_reconcile(&who)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "reconcile": "started" })),

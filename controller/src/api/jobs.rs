@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
-use super::{ApiError, ApiResult, Page, Principal, Role};
+use super::{ApiError, ApiResult, Page};
+use crate::authz::{Op, OpCtx};
 use crate::jobs::{JobLogLine, JobRecord, JobState, NewJob, Selector, Target, Work};
 use crate::store::jobs::{AuditFilter, JobFilter};
 use crate::ControlPlane;
@@ -78,10 +79,9 @@ fn refuse_internal(work: &Work) -> ApiResult<()> {
 
 pub(super) async fn create_job(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     body: Result<Json<CreateJob>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
-    who.require(Role::Operator)?;
     let Json(b) = body?;
     refuse_internal(&b.work)?;
     let target = target(b.node, b.selector)?;
@@ -104,7 +104,7 @@ pub(super) async fn create_job(
                 idempotent: b.idempotent,
                 max_attempts: b.max_attempts,
             },
-            &who.name,
+            &who,
         )
         .await?;
     match wait {
@@ -205,12 +205,11 @@ pub(super) async fn get_job(
 
 pub(super) async fn cancel_job(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<JobRecord>)> {
-    who.require(Role::Operator)?;
     let id = parse_uuid(&id)?;
-    let rec = cp.cancel_job(id, &who.name).await?;
+    let rec = cp.cancel_job(id, &who).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 
@@ -438,7 +437,7 @@ pub struct FanOut {
 /// Run `work` on every listed (or selected) node at once; wait for all.
 async fn fan_out(
     cp: &Arc<ControlPlane>,
-    who: &Principal,
+    who: &OpCtx,
     nodes: Vec<(String, bool)>,
     work: Work,
     timeout: Duration,
@@ -472,7 +471,7 @@ async fn fan_out(
                 idempotent: false,
                 max_attempts: None,
             },
-            &who.name,
+            who,
         )
     });
     let created = futures::future::join_all(creates).await;
@@ -564,11 +563,11 @@ pub(super) struct InventoryQuery {
 /// `GET /api/v1/inventory`: an inventory job on every (or each named) online node, now.
 pub(super) async fn inventory(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     query: Result<Query<InventoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<FanOut>> {
     // Reading an inventory creates jobs, which operators may do.
-    who.require(Role::Operator)?;
+    cp.authorize(&who, Op::ReadInventory)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let timeout = q
         .timeout
@@ -604,10 +603,9 @@ pub(super) struct ExecuteBody {
 /// `POST /api/v1/inventory/execute`: one operation on many nodes, a result per node.
 pub(super) async fn execute(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     body: Result<Json<ExecuteBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Json<FanOut>> {
-    who.require(Role::Operator)?;
     let Json(b) = body?;
     let timeout = b
         .timeout
@@ -642,10 +640,10 @@ pub(super) struct AuditQuery {
 
 pub(super) async fn audit(
     State(cp): State<Arc<ControlPlane>>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<OpCtx>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Page<crate::jobs::AuditRecord>>> {
-    who.require(Role::Operator)?;
+    cp.authorize(&who, Op::ReadAudit)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {

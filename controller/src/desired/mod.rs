@@ -15,6 +15,7 @@
 //! A revision that failed its health gate is not retried until a map is applied again; a
 //! rollback pins a service to an earlier revision until the map changes that service.
 
+use crate::authz::{Change, Op, OpCtx};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -318,8 +319,10 @@ impl ControlPlane {
         self: &Arc<Self>,
         document: &str,
         source: &str,
-        by: &str,
+        cx: &OpCtx,
     ) -> Result<Applied, ApplyError> {
+        self.authorize(cx, Op::ApplyMap)?;
+        let by = cx.actor.as_str();
         let fleet = self.fleet_names().await?;
         let checked = map::check(document, &fleet).map_err(ApplyError::Map)?;
         let digest = digest(document);
@@ -371,12 +374,19 @@ impl ControlPlane {
         for name in dropped_pins {
             self.store.delete_pin(&name).await.map_err(OpError::from)?;
         }
-        self.jobs_audit(by, "desired.apply", &format!("v{version}"), source, changed);
-        self.events.publish(Event::DesiredApplied {
-            version,
-            source: source.to_owned(),
-            by: by.to_owned(),
-        });
+        self.record(
+            cx,
+            Change {
+                action: "desired.apply",
+                target: format!("v{version}"),
+                detail: serde_json::json!({ "source": source, "changed": changed }),
+                event: Some(Event::DesiredApplied {
+                    version,
+                    source: source.to_owned(),
+                    by: by.to_owned(),
+                }),
+            },
+        );
         let plan = self.current_plan().await?.plan;
         self.desired.kick("desired state applied");
         Ok(Applied {
@@ -385,15 +395,6 @@ impl ControlPlane {
             warnings: checked.warnings,
             plan,
         })
-    }
-
-    fn jobs_audit(&self, by: &str, action: &str, target: &str, source: &str, changed: bool) {
-        self.audit(
-            by,
-            action,
-            target,
-            serde_json::json!({ "source": source, "changed": changed }),
-        );
     }
 
     /// Record a refused file (the API and an event say why).
@@ -411,6 +412,13 @@ impl ControlPlane {
             source: format!("file:{path}"),
             error: errors.to_string(),
         });
+    }
+
+    /// Ask the reconciler for a run now.
+    pub fn request_reconcile(&self, cx: &OpCtx) -> Result<(), OpError> {
+        self.authorize(cx, Op::Reconcile)?;
+        self.desired.kick(&format!("asked by {}", cx.actor));
+        Ok(())
     }
 
     /// The plan for the map in force against what runs now.
@@ -584,8 +592,10 @@ impl ControlPlane {
         &self,
         service: &str,
         to: Option<&str>,
-        by: &str,
+        cx: &OpCtx,
     ) -> Result<PinRecord, OpError> {
+        self.authorize(cx, Op::RollbackService)?;
+        let by = cx.actor.as_str();
         let active = self
             .desired
             .active()
@@ -660,11 +670,19 @@ impl ControlPlane {
                 },
             );
         }
-        self.audit(
-            by,
-            "service.rollback",
-            service,
-            serde_json::json!({ "from": current, "to": target }),
+        self.record(
+            cx,
+            Change {
+                action: "service.rollback",
+                target: service.to_owned(),
+                detail: serde_json::json!({ "from": current, "to": target }),
+                event: Some(Event::ServiceRolledBack {
+                    service: service.to_owned(),
+                    from: current.clone(),
+                    to: target.clone(),
+                    by: by.to_owned(),
+                }),
+            },
         );
         self.desired.kick("rollback");
         Ok(record)

@@ -139,7 +139,7 @@ pub(crate) async fn reconcile(cp: &Arc<ControlPlane>, desired: &Desired) -> Resu
                         idempotent: false,
                         max_attempts: Some(1),
                     },
-                    "reconciler",
+                    &crate::authz::OpCtx::internal("reconciler"),
                 )
                 .await?;
             info!(%model, %node, job = %rec.id, "pulling a desired model");

@@ -296,7 +296,7 @@ async fn start(
                 idempotent: false,
                 max_attempts: Some(1),
             },
-            "reconciler",
+            &crate::authz::OpCtx::internal("reconciler"),
         )
         .await;
     let rec = match created {
@@ -611,7 +611,11 @@ pub(super) async fn apply_file(cp: &Arc<ControlPlane>, path: &Path) {
         return;
     }
     match cp
-        .apply_desired(&text, &format!("file:{shown}"), "file")
+        .apply_desired(
+            &text,
+            &format!("file:{shown}"),
+            &crate::authz::OpCtx::internal("file"),
+        )
         .await
     {
         Ok(applied) => info!(

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::authz::{Change, Op, OpCtx};
 use crate::events::Event;
 use crate::store::jobs::JobBatch;
 use crate::store::millis;
@@ -240,7 +241,13 @@ pub struct JobWatch {
 impl ControlPlane {
     /// Create a job: check it, route it when a node is free now (else the scheduler will),
     /// persist it, and dispatch it once stored.
-    pub async fn create_job(self: &Arc<Self>, new: NewJob, by: &str) -> Result<JobRecord, OpError> {
+    pub async fn create_job(
+        self: &Arc<Self>,
+        new: NewJob,
+        cx: &OpCtx,
+    ) -> Result<JobRecord, OpError> {
+        self.authorize(cx, Op::RunJob)?;
+        let by = cx.actor.as_str();
         new.work.validate().map_err(OpError::Invalid)?;
         if let Target::Node(name) = &new.target {
             // The cached node list first; the store when the name is not in it (yet).
@@ -362,11 +369,15 @@ impl ControlPlane {
             t.active.insert(rec.id, a);
             rec
         };
-        self.audit(
-            by,
-            "job.create",
-            &rec.id.to_string(),
-            serde_json::json!({"work": rec.work, "target": rec.target, "idempotent": rec.idempotent}),
+        // The job's own events come from the writer once its row is stored.
+        self.record(
+            cx,
+            Change {
+                action: "job.create",
+                target: rec.id.to_string(),
+                detail: serde_json::json!({"work": rec.work, "target": rec.target, "idempotent": rec.idempotent}),
+                event: None,
+            },
         );
         // Answer once the job is stored.
         if wait.wait_for(|c| *c).await.is_err() {
@@ -435,7 +446,9 @@ impl ControlPlane {
     }
 
     /// Cancel a job. Queued jobs end at once; a running job is stopped by its agent.
-    pub async fn cancel_job(&self, id: Uuid, by: &str) -> Result<JobRecord, OpError> {
+    pub async fn cancel_job(&self, id: Uuid, cx: &OpCtx) -> Result<JobRecord, OpError> {
+        self.authorize(cx, Op::CancelJob)?;
+        let by = cx.actor.as_str();
         let reason = format!("cancelled by {by}");
         let rec = match self.cancel_locked(id, &reason) {
             Some(rec) => rec,
@@ -450,11 +463,14 @@ impl ControlPlane {
             }
         };
         info!(job = %id, by, "job cancel requested");
-        self.audit(
-            by,
-            "job.cancel",
-            &id.to_string(),
-            serde_json::json!({"state": rec.state}),
+        self.record(
+            cx,
+            Change {
+                action: "job.cancel",
+                target: id.to_string(),
+                detail: serde_json::json!({"state": rec.state}),
+                event: None,
+            },
         );
         Ok(rec)
     }

@@ -1,4 +1,6 @@
 //! Types that the controller's API, its store and its clients share, with no behaviour beyond
-//! serde and formatting: job records, their targets and states.
+//! serde and formatting: roles and the authorization table, job records, their targets and
+//! states.
 
+pub mod auth;
 pub mod jobs;

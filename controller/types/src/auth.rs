@@ -1,0 +1,156 @@
+//! Roles and the operations the control plane authorizes: one table ([`Op::needs`]) that every
+//! front end (the HTTP API, the dashboard, later the bots) is judged by.
+
+use serde::{Deserialize, Serialize};
+
+/// What a user or API token may do, least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    /// A stored role name; anything unknown is the least privileged.
+    pub fn parse(s: &str) -> Role {
+        match s {
+            "admin" => Role::Admin,
+            "operator" => Role::Operator,
+            _ => Role::Viewer,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Everything the control plane lets someone do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Nodes, containers, telemetry, services, plans, jobs, models, tasks.
+    ReadFleet,
+    /// Plan a service map without applying it.
+    PreviewPlan,
+    ReadAudit,
+    /// The allow-listed operations each node offers.
+    ReadInventory,
+    /// Create a job: commands, probes, model pulls and deletes, container restarts.
+    RunJob,
+    CancelJob,
+    WakeNode,
+    SleepNode,
+    RollbackService,
+    /// Ask the reconciler for a run now.
+    Reconcile,
+    /// Chat through the AI gateway from the dashboard.
+    Chat,
+    ApplyMap,
+    ManageJoinTokens,
+    RemoveNode,
+    ManageUsers,
+    ManageApiTokens,
+}
+
+impl Op {
+    pub const ALL: [Op; 16] = [
+        Op::ReadFleet,
+        Op::PreviewPlan,
+        Op::ReadAudit,
+        Op::ReadInventory,
+        Op::RunJob,
+        Op::CancelJob,
+        Op::WakeNode,
+        Op::SleepNode,
+        Op::RollbackService,
+        Op::Reconcile,
+        Op::Chat,
+        Op::ApplyMap,
+        Op::ManageJoinTokens,
+        Op::RemoveNode,
+        Op::ManageUsers,
+        Op::ManageApiTokens,
+    ];
+
+    /// The least role that may do it: the policy, in one place.
+    pub const fn needs(self) -> Role {
+        match self {
+            Op::ReadFleet | Op::PreviewPlan => Role::Viewer,
+            Op::ReadAudit
+            | Op::ReadInventory
+            | Op::RunJob
+            | Op::CancelJob
+            | Op::WakeNode
+            | Op::SleepNode
+            | Op::RollbackService
+            | Op::Reconcile
+            | Op::Chat => Role::Operator,
+            Op::ApplyMap
+            | Op::ManageJoinTokens
+            | Op::RemoveNode
+            | Op::ManageUsers
+            | Op::ManageApiTokens => Role::Admin,
+        }
+    }
+
+    /// The name used in metrics and refusals (`apply_map`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::ReadFleet => "read_fleet",
+            Op::PreviewPlan => "preview_plan",
+            Op::ReadAudit => "read_audit",
+            Op::ReadInventory => "read_inventory",
+            Op::RunJob => "run_job",
+            Op::CancelJob => "cancel_job",
+            Op::WakeNode => "wake_node",
+            Op::SleepNode => "sleep_node",
+            Op::RollbackService => "rollback_service",
+            Op::Reconcile => "reconcile",
+            Op::Chat => "chat",
+            Op::ApplyMap => "apply_map",
+            Op::ManageJoinTokens => "manage_join_tokens",
+            Op::RemoveNode => "remove_node",
+            Op::ManageUsers => "manage_users",
+            Op::ManageApiTokens => "manage_api_tokens",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_order_and_parse() {
+        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+        for r in [Role::Viewer, Role::Operator, Role::Admin] {
+            assert_eq!(Role::parse(r.as_str()), r);
+        }
+        assert_eq!(Role::parse("root"), Role::Viewer);
+    }
+
+    #[test]
+    fn viewers_only_read_and_admins_hold_the_keys() {
+        for op in Op::ALL {
+            let read_only = matches!(op, Op::ReadFleet | Op::PreviewPlan);
+            assert_eq!(op.needs() == Role::Viewer, read_only, "{op:?}");
+        }
+        for op in [
+            Op::ApplyMap,
+            Op::ManageUsers,
+            Op::ManageApiTokens,
+            Op::RemoveNode,
+        ] {
+            assert_eq!(op.needs(), Role::Admin, "{op:?}");
+        }
+        let names: std::collections::BTreeSet<&str> = Op::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(names.len(), Op::ALL.len());
+    }
+}
