@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use nebula_controller::desired::map::revision;
-use nebula_controller::desired::plan::{
+use nebula_desired::map::revision;
+use nebula_desired::plan::{
     plan, Action, Desired, DesiredService, Observed, ObservedContainer, ObservedNode, PlacementRule,
 };
 use nebula_protocol::deploy::{
@@ -302,11 +302,7 @@ fn synthetic(services: usize, nodes: usize) -> (Desired, Observed) {
 }
 
 /// What agents would report after every action of `p` ran.
-fn converge(
-    desired: &Desired,
-    observed: &mut Observed,
-    p: &nebula_controller::desired::plan::Plan,
-) {
+fn converge(desired: &Desired, observed: &mut Observed, p: &nebula_desired::plan::Plan) {
     for action in &p.actions {
         let node = observed
             .nodes

