@@ -2,7 +2,8 @@
 //! through which front end, with which role, under which request id) and calls
 //! [`ControlPlane::authorize`] before it does anything; the policy itself is one table,
 //! [`Op::needs`]. Front ends only authenticate (an API token, a dashboard session) and render:
-//! the same viewer is refused by the same check whichever way they come in.
+//! the same viewer is refused by the same check whichever way they come in. Authentication's
+//! shared pieces (the bearer token, the gateway-only role) live here too.
 
 use serde::Serialize;
 use uuid::Uuid;
@@ -10,6 +11,18 @@ use uuid::Uuid;
 pub use nebula_types::auth::{Op, Role};
 
 use crate::{ControlPlane, OpError};
+
+/// The role of API tokens that may use the AI gateway and nothing else.
+pub const AI_ROLE: &str = "ai";
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
 
 /// The front end an operation came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

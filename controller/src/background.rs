@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::store::{self, millis};
 use crate::tasks::{self, Scope, TaskDef, Trigger};
-use crate::{desired, http_server, jobs, transport, wake, ControlPlane};
+use crate::{desired, jobs, transport, wake, ControlPlane};
 
 pub const JOB_WRITER: TaskDef = TaskDef {
     name: "job-writer",
@@ -160,7 +160,7 @@ pub fn register(
         let (cp, tracker) = (c.clone(), t.clone());
         async move {
             if let Some((listener, router)) = serve {
-                http_server::serve(
+                crate::http::server::serve(
                     listener,
                     router,
                     cp.config.http_limits.clone(),

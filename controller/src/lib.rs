@@ -28,14 +28,13 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 pub mod ai;
-pub mod api;
 pub mod authz;
 mod background;
 pub mod ca;
 pub mod config;
 pub mod desired;
 pub mod events;
-pub mod http_server;
+pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod registry;
@@ -477,7 +476,7 @@ impl Controller {
         cp.load_desired()
             .await
             .context("loading the desired state")?;
-        let mut router = api::router(cp.clone());
+        let mut router = http::router(cp.clone());
         if let Some(extra) = extra_routes {
             router = router.merge(extra(cp.clone()));
         }

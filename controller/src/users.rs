@@ -131,7 +131,7 @@ impl ControlPlane {
         cx: &OpCtx,
     ) -> Result<String, OpError> {
         self.authorize(cx, Op::ManageApiTokens)?;
-        if role != crate::api::AI_ROLE && !ROLES.contains(&role) {
+        if role != crate::authz::AI_ROLE && !ROLES.contains(&role) {
             return Err(OpError::Invalid(format!(
                 "role `{role}` is not one of ai, viewer, operator, admin"
             )));

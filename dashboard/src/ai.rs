@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
 use futures::Stream;
 use maud::{html, Markup};
-use nebula_controller::api::Role;
+use nebula_controller::http::Role;
 use nebula_controller::jobs::model::{ModelActionKind, Target, Work};
 use nebula_controller::jobs::NewJob;
 use nebula_controller::ControlPlane;

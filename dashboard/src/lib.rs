@@ -28,9 +28,9 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use futures::Stream;
 use maud::{html, Markup, DOCTYPE};
-use nebula_controller::api::{node_view, NodeStatus, NodeView, Role};
 use nebula_controller::authz::{Op, OpCtx, Via};
 use nebula_controller::events::Event;
+use nebula_controller::http::{node_view, NodeStatus, NodeView, Role};
 use nebula_controller::jobs::model::{JobRecord, Target, Work};
 use nebula_controller::jobs::NewJob;
 use nebula_controller::store::jobs::{AuditFilter, JobFilter};
@@ -1215,7 +1215,7 @@ async fn job_events(State(cp): State<Arc<ControlPlane>>, Path(id): Path<String>)
     let Ok(id) = uuid::Uuid::parse_str(&id) else {
         return problem(StatusCode::NOT_FOUND, "no such job");
     };
-    match nebula_controller::api::job_log_stream(cp, id, true).await {
+    match nebula_controller::http::job_log_stream(cp, id, true).await {
         Ok(sse) => sse.into_response(),
         Err(e) => e.into_response(),
     }
@@ -1299,7 +1299,7 @@ async fn enroll(
         Err(e) => return op_error(e),
     };
     // The installers come from this controller's public URL; agents dial its QUIC address.
-    let (url, quic) = match nebula_controller::api::install::public_addresses(&cp, &headers) {
+    let (url, quic) = match nebula_controller::http::install::public_addresses(&cp, &headers) {
         Ok(a) => (a.url, a.quic),
         Err(_) => (
             "https://CONTROLLER".to_owned(),

@@ -145,7 +145,7 @@ pub struct Caller {
 
 /// The API token's caller, or the 401 to answer.
 async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<Caller, Response> {
-    let Some(token) = crate::api::bearer(headers) else {
+    let Some(token) = crate::authz::bearer(headers) else {
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "authentication_error",

@@ -113,9 +113,9 @@ pub enum Scope {
 impl Scope {
     /// The scope of an API token with this stored role (unknown roles are read-only).
     pub fn of_role(role: &str) -> Scope {
-        if role == crate::api::AI_ROLE {
+        if role == crate::authz::AI_ROLE {
             Scope::AiToken
-        } else if crate::api::Role::parse(role) >= crate::api::Role::Operator {
+        } else if crate::authz::Role::parse(role) >= crate::authz::Role::Operator {
             Scope::Operator
         } else {
             Scope::ReadOnly

@@ -1,0 +1,144 @@
+//! The HTTP layer: the API under `/api/v1/` (JSON in and out, bearer-token auth, one error
+//! shape, `{"error":{"code","message"}}`), the public endpoints (health, install scripts and
+//! downloads, the service map's schema), the AI gateway's routes and the HTTP/1 server that
+//! serves them with the dashboard. One file per noun; handlers authenticate and render, the
+//! `ControlPlane` operations they call authorize.
+
+mod auth;
+mod desired;
+mod error;
+pub mod install;
+mod jobs;
+mod models;
+mod nodes;
+pub mod server;
+mod tasks;
+mod telemetry;
+mod tokens;
+mod users;
+
+pub use crate::authz::{Role, AI_ROLE};
+pub use error::ApiError;
+pub(crate) use error::ApiResult;
+pub use jobs::log_stream as job_log_stream;
+pub use nodes::{node_view, NodeStatus, NodeView, Page};
+pub use telemetry::TelemetrySummary;
+pub use tokens::{CreateTokenRequest, CreatedTokenView, TokenView};
+pub use users::{CreateApiTokenRequest, CreateUserRequest};
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::{delete, get};
+use axum::{middleware, Json, Router};
+use serde_json::json;
+
+use crate::ControlPlane;
+use auth::authenticate;
+use models::{agent_releases, ai_usage, models_desired, models_inventory};
+use nodes::{get_node, list_nodes, remove_node, sleep_node, wake_node};
+use tasks::list_tasks;
+use telemetry::{list_containers, metrics, node_telemetry};
+use tokens::{create_token, list_tokens, revoke_token};
+use users::{create_api_token, create_user, list_users};
+
+/// What every handler file uses.
+mod prelude {
+    pub(super) use std::sync::Arc;
+    pub(super) use std::time::{Duration, SystemTime};
+
+    pub(super) use axum::extract::rejection::JsonRejection;
+    pub(super) use axum::extract::{Path, Query, Request, State};
+    pub(super) use axum::http::{header, StatusCode};
+    pub(super) use axum::middleware::Next;
+    pub(super) use axum::response::{IntoResponse, Response};
+    pub(super) use axum::{Extension, Json};
+    pub(super) use nebula_protocol::{Labels, NodeFacts};
+    pub(super) use serde::{Deserialize, Serialize};
+    pub(super) use serde_json::json;
+
+    pub(super) use super::error::{ApiError, ApiResult};
+    pub(super) use crate::authz::{bearer, Op, OpCtx, Role, Via, AI_ROLE};
+    pub(super) use crate::store::{JoinTokenRecord, NodeRecord};
+    pub(super) use crate::{ControlPlane, OpError};
+}
+
+pub fn router(cp: Arc<ControlPlane>) -> Router {
+    let v1 = Router::new()
+        .route("/nodes", get(list_nodes))
+        .route("/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/nodes/{name}/wake", axum::routing::post(wake_node))
+        .route("/nodes/{name}/sleep", axum::routing::post(sleep_node))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}", delete(revoke_token))
+        .route("/nodes/{name}/telemetry", get(node_telemetry))
+        .route("/containers", get(list_containers))
+        .route("/jobs", get(jobs::list_jobs).post(jobs::create_job))
+        .route("/jobs/{id}", get(jobs::get_job))
+        .route("/jobs/{id}/logs", get(jobs::job_logs))
+        .route("/jobs/{id}/cancel", axum::routing::post(jobs::cancel_job))
+        .route("/inventory", get(jobs::inventory))
+        .route("/inventory/execute", axum::routing::post(jobs::execute))
+        .route("/audit", get(jobs::audit))
+        .route(
+            "/desired",
+            get(desired::get_desired).put(desired::put_desired),
+        )
+        .route("/plan", get(desired::get_plan).post(desired::preview_plan))
+        .route("/services", get(desired::list_services))
+        .route("/services/{name}", get(desired::get_service))
+        .route(
+            "/services/{name}/rollback",
+            axum::routing::post(desired::rollback),
+        )
+        .route("/reconcile", axum::routing::post(desired::reconcile))
+        .route("/users", get(list_users).post(create_user))
+        .route("/api-tokens", axum::routing::post(create_api_token))
+        .route("/agent/releases", get(agent_releases))
+        .route("/tasks", get(list_tasks))
+        .route("/models/inventory", get(models_inventory))
+        .route("/models/desired", get(models_desired))
+        .route("/ai/usage", get(ai_usage))
+        .fallback(|| async { ApiError::not_found("no such API endpoint") })
+        .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(cp.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        // Public: editors fetch it to validate service maps.
+        .route("/api/v1/schema/service-map", get(desired::schema))
+        // Public: `curl | sh` fetches these without a token; they hold no secret.
+        .route("/install.sh", get(install::install_sh))
+        .route("/install.ps1", get(install::install_ps1))
+        .route("/downloads/{file}", get(install::download))
+        // The OpenAI-compatible gateway (API tokens, checked by the gateway itself).
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(crate::ai::gateway::chat_completions),
+        )
+        .route(
+            "/v1/completions",
+            axum::routing::post(crate::ai::gateway::completions),
+        )
+        .route(
+            "/v1/embeddings",
+            axum::routing::post(crate::ai::gateway::embeddings),
+        )
+        .route("/v1/models", get(crate::ai::gateway::models))
+        .route(
+            "/v1/images/generations",
+            axum::routing::post(crate::ai::gateway::images),
+        )
+        .route(
+            "/sdapi/v1/{op}",
+            axum::routing::post(crate::ai::gateway::sd_passthrough),
+        )
+        .merge(metrics)
+        .nest("/api/v1", v1)
+        .with_state(cp)
+}
+
+async fn healthz(State(cp): State<Arc<ControlPlane>>) -> Json<serde_json::Value> {
+    Json(json!({"status": "ok", "online_nodes": cp.registry.online_count()}))
+}

@@ -1,0 +1,462 @@
+//! Telemetry: Prometheus metrics, a node's figures and history, every container in the fleet.
+
+use super::nodes::{rfc3339, Page};
+use super::prelude::*;
+
+/// The figures a fleet table shows per node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TelemetrySummary {
+    pub sampled_at: String,
+    pub cpu_percent: f32,
+    pub load1: f32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub gpus: usize,
+    pub gpu_utilization_percent: Option<f32>,
+    pub gpu_memory_used_bytes: Option<u64>,
+    pub gpu_memory_total_bytes: Option<u64>,
+    pub containers_total: usize,
+    pub containers_running: usize,
+    pub containers_unhealthy: usize,
+}
+
+pub(super) fn summary(view: &crate::telemetry::NodeView) -> Option<TelemetrySummary> {
+    use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
+    let s = view.latest.as_ref()?;
+    let inv = view.inventory.as_ref();
+    let utils: Vec<f32> = s
+        .gpus
+        .iter()
+        .filter_map(|g| g.utilization_percent)
+        .map(f32::from)
+        .collect();
+    let gpu_mem: Vec<u64> = s.gpus.iter().filter_map(|g| g.memory_used_bytes).collect();
+    Some(TelemetrySummary {
+        sampled_at: rfc3339(view.received_at_ms),
+        cpu_percent: s.host.cpu_percent,
+        load1: s.host.load[0],
+        memory_used_bytes: s.host.memory_used_bytes,
+        memory_total_bytes: s.host.memory_total_bytes,
+        gpus: s.gpus.len(),
+        gpu_utilization_percent: (!utils.is_empty())
+            .then(|| utils.iter().sum::<f32>() / utils.len() as f32),
+        gpu_memory_used_bytes: (!gpu_mem.is_empty())
+            .then(|| crate::telemetry::saturating_sum(gpu_mem.iter().copied())),
+        gpu_memory_total_bytes: inv
+            .filter(|i| !i.gpus.is_empty())
+            .map(|i| crate::telemetry::saturating_sum(i.gpus.iter().map(|g| g.memory_total_bytes))),
+        containers_total: s.containers.len(),
+        containers_running: s
+            .containers
+            .iter()
+            .filter(|c| c.state == ContainerState::Running)
+            .count(),
+        containers_unhealthy: s
+            .containers
+            .iter()
+            .filter(|c| c.health == ContainerHealth::Unhealthy)
+            .count(),
+    })
+}
+
+pub(super) async fn metrics(State(cp): State<Arc<ControlPlane>>) -> Response {
+    match cp.metrics.render() {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "encoding metrics failed",
+        )
+        .into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TelemetryQuery {
+    /// RFC 3339 time, or a duration back from now (`15m`, `24h`). Default: 1 h back.
+    since: Option<String>,
+    /// `raw` (in-memory full resolution) or `1m` (stored rollups).
+    resolution: Option<String>,
+}
+
+fn parse_since(s: Option<&str>) -> ApiResult<SystemTime> {
+    let Some(s) = s else {
+        return Ok(SystemTime::now() - Duration::from_secs(3600));
+    };
+    // Out-of-range times are refused here, at the edge, never formatted or subtracted later.
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return SystemTime::now()
+            .checked_sub(d)
+            .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+            .ok_or_else(|| ApiError::bad_request(format!("since `{s}` is before 1970")));
+    }
+    Err(ApiError::bad_request(format!(
+        "since `{s}`: use an RFC 3339 time or a duration such as 15m"
+    )))
+}
+
+/// The latest sample with names filled in from the inventory.
+fn sample_view(view: &crate::telemetry::NodeView) -> Option<serde_json::Value> {
+    let s = view.latest.as_ref()?;
+    let inv = view.inventory.as_ref()?;
+    let disks: Vec<_> = inv
+        .disks
+        .iter()
+        .zip(&s.disks_used_bytes)
+        .map(|(d, used)| json!({"mount": d.mount, "filesystem": d.filesystem, "used_bytes": used, "total_bytes": d.total_bytes}))
+        .collect();
+    let nets: Vec<_> = inv
+        .interfaces
+        .iter()
+        .zip(&s.interfaces)
+        .map(|(name, r)| json!({"name": name, "rx_bytes_per_sec": r.rx_bytes_per_sec, "tx_bytes_per_sec": r.tx_bytes_per_sec}))
+        .collect();
+    let gpus: Vec<_> = inv
+        .gpus
+        .iter()
+        .zip(&s.gpus)
+        .map(|(g, v)| {
+            json!({
+                "uuid": g.uuid, "name": g.name, "memory_total_bytes": g.memory_total_bytes,
+                "power_limit_mw": g.power_limit_mw, "utilization_percent": v.utilization_percent,
+                "memory_used_bytes": v.memory_used_bytes, "temperature_c": v.temperature_c,
+                "power_mw": v.power_mw, "fan_percent": v.fan_percent, "sm_clock_mhz": v.sm_clock_mhz,
+                "memory_clock_mhz": v.memory_clock_mhz,
+                "processes": v.processes.iter().map(|p| json!({"pid": p.pid, "name": p.name, "memory_used_bytes": p.memory_used_bytes})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let containers: Vec<_> = inv
+        .containers
+        .iter()
+        .zip(&s.containers)
+        .map(|(c, v)| container_json(&view.name, c, v))
+        .collect();
+    Some(json!({
+        "seq": s.seq,
+        "taken_at": rfc3339(i64::try_from(s.taken_at_ms).unwrap_or(0)),
+        "received_at": rfc3339(view.received_at_ms),
+        "host": s.host,
+        "os": inv.os,
+        "kernel": inv.kernel,
+        "container_runtime": inv.container_runtime,
+        "gpu_driver": inv.gpu_driver,
+        "disks": disks,
+        "interfaces": nets,
+        "gpus": gpus,
+        "containers": containers,
+    }))
+}
+
+fn container_json(
+    node: &str,
+    c: &nebula_protocol::telemetry::ContainerInfo,
+    v: &nebula_protocol::telemetry::ContainerSample,
+) -> serde_json::Value {
+    json!({
+        "node": node,
+        "id": c.id,
+        "name": c.name,
+        "image": c.image,
+        "labels": c.labels,
+        "created": rfc3339(c.created_unix.saturating_mul(1000)),
+        "state": v.state.as_str(),
+        "health": v.health.as_str(),
+        "restart_count": v.restart_count,
+        "cpu_percent": v.cpu_percent,
+        "memory_used_bytes": v.memory_used_bytes,
+        "memory_limit_bytes": v.memory_limit_bytes,
+        "net_rx_bytes": v.net_rx_bytes,
+        "net_tx_bytes": v.net_tx_bytes,
+    })
+}
+
+pub(super) async fn node_telemetry(
+    State(cp): State<Arc<ControlPlane>>,
+    Path(name): Path<String>,
+    query: Result<Query<TelemetryQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let node = cp
+        .store
+        .node_by_name(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no node named `{name}`")))?;
+    let since = parse_since(q.since.as_deref())?;
+    let view = cp.telemetry.view(node.id);
+    let latest = view.as_ref().and_then(sample_view);
+    let resolution = q.resolution.as_deref().unwrap_or("raw");
+    let points: serde_json::Value = match resolution {
+        "raw" => {
+            let since_s = since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs() as u32)
+                .unwrap_or(0);
+            let pts: Vec<crate::telemetry::PointView> = cp
+                .telemetry
+                .history(node.id, since_s)
+                .iter()
+                .map(Into::into)
+                .collect();
+            serde_json::to_value(pts).unwrap_or_default()
+        }
+        "1m" => {
+            let rows = cp
+                .store
+                .rollups(node.id, crate::store::millis(since))
+                .await?;
+            serde_json::Value::Array(
+                rows.iter()
+                    .map(|r| {
+                        json!({
+                            "t": rfc3339(r.minute),
+                            "samples": r.samples,
+                            "cpu_percent": {"avg": r.cpu.0, "max": r.cpu.1},
+                            "memory_used_bytes": {"avg": r.mem_used.0, "max": r.mem_used.1},
+                            "load1": {"avg": r.load1.0, "max": r.load1.1},
+                            "net_rx_bytes_per_sec": {"avg": r.net_rx.0, "max": r.net_rx.1},
+                            "net_tx_bytes_per_sec": {"avg": r.net_tx.0, "max": r.net_tx.1},
+                            "gpu_utilization_percent": r.gpu_util.map(|v| json!({"avg": v.0, "max": v.1})),
+                            "gpu_memory_used_bytes": r.gpu_mem_used.map(|v| json!({"avg": v.0, "max": v.1})),
+                            "gpu_temperature_c": r.gpu_temp.map(|v| json!({"avg": v.0, "max": v.1})),
+                            "containers_running": r.containers_running,
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "resolution `{other}`: use raw or 1m"
+            )))
+        }
+    };
+    Ok(Json(json!({
+        "node": node.name,
+        "resolution": resolution,
+        "since": crate::store::rfc3339_seconds(since),
+        "latest": latest,
+        "points": points,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ContainerQuery {
+    node: Option<String>,
+    /// `key=value`
+    label: Option<String>,
+    state: Option<String>,
+    health: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+pub(super) async fn list_containers(
+    State(cp): State<Arc<ControlPlane>>,
+    query: Result<Query<ContainerQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Page<serde_json::Value>>> {
+    use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(500);
+    if limit == 0 || limit > 5000 {
+        return Err(ApiError::bad_request("limit must be between 1 and 5000"));
+    }
+    if let Some(s) = q.state.as_deref() {
+        if ContainerState::parse(s) == ContainerState::Unknown && s != "unknown" {
+            return Err(ApiError::bad_request(format!(
+                "state `{s}` is not a container state"
+            )));
+        }
+    }
+    if let Some(h) = q.health.as_deref() {
+        if !["none", "starting", "healthy", "unhealthy"].contains(&h) {
+            return Err(ApiError::bad_request(format!(
+                "health `{h}`: use none, starting, healthy or unhealthy"
+            )));
+        }
+        let _ = ContainerHealth::parse(h);
+    }
+    let label = match q.label.as_deref() {
+        Some(l) => Some(
+            l.split_once('=')
+                .ok_or_else(|| ApiError::bad_request("label filter reads key=value"))?,
+        ),
+        None => None,
+    };
+    if let Some(n) = q.node.as_deref() {
+        if cp.store.node_by_name(n).await?.is_none() {
+            return Err(ApiError::not_found(format!("no node named `{n}`")));
+        }
+    }
+    let mut items = Vec::new();
+    let mut views = cp.telemetry.snapshot();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    for view in &views {
+        if q.node.as_deref().is_some_and(|n| n != view.name) {
+            continue;
+        }
+        let (Some(inv), Some(s)) = (view.inventory.as_ref(), view.latest.as_ref()) else {
+            continue;
+        };
+        if inv.epoch != s.epoch {
+            continue;
+        }
+        for (c, v) in inv.containers.iter().zip(&s.containers) {
+            if q.state.as_deref().is_some_and(|st| st != v.state.as_str()) {
+                continue;
+            }
+            if q.health.as_deref().is_some_and(|h| h != v.health.as_str()) {
+                continue;
+            }
+            if label.is_some_and(|(k, val)| c.labels.get(k).map(String::as_str) != Some(val)) {
+                continue;
+            }
+            let key = format!("{}/{}", view.name, c.name);
+            if q.cursor.as_deref().is_some_and(|cur| key.as_str() <= cur) {
+                continue;
+            }
+            items.push((key, container_json(&view.name, c, v)));
+        }
+    }
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|(k, _)| k.clone())
+    } else {
+        None
+    };
+    Ok(Json(Page {
+        items: items.into_iter().map(|(_, v)| v).collect(),
+        next_cursor,
+    }))
+}
+
+#[cfg(test)]
+mod input_tests {
+    //! Whatever a client asks or an agent reports, the API's views never panic.
+
+    use std::time::Duration;
+
+    use nebula_protocol::telemetry::{
+        ContainerInfo, ContainerSample, DiskInfo, GpuInfo, GpuSample, HostSample, NetRate,
+        TelemetryInventory, TelemetrySample,
+    };
+    use proptest::prelude::*;
+
+    use super::{container_json, parse_since, sample_view, summary};
+    use crate::telemetry::TelemetryHub;
+
+    fn extreme_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0),
+            Just(u64::MAX),
+            Just(u64::MAX / 2 + 1),
+            any::<u64>()
+        ]
+    }
+
+    fn extreme_i64() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(i64::MIN),
+            Just(i64::MAX),
+            Just(-1),
+            Just(253_402_300_800),
+            any::<i64>()
+        ]
+    }
+
+    fn extreme_f32() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            Just(f32::NEG_INFINITY),
+            Just(f32::MAX),
+            any::<f32>()
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_since_strings_never_panic(s in ".{0,40}", n in any::<u64>(), unit in "(ns|us|ms|s|m|h|d|w|y|M)") {
+            let _ = parse_since(Some(&s));
+            if let Ok(t) = parse_since(Some(&format!("{n}{unit}"))) {
+                let _ = crate::store::rfc3339_seconds(t);
+            }
+            if let Ok(t) = parse_since(Some(&s)) {
+                let _ = crate::store::rfc3339_seconds(t);
+                let _ = crate::store::rfc3339_millis(t);
+            }
+        }
+
+        #[test]
+        fn random_agent_numbers_never_panic_the_views(
+            created in extreme_i64(),
+            taken in extreme_u64(),
+            big in proptest::collection::vec(extreme_u64(), 8),
+            f in proptest::collection::vec(extreme_f32(), 5),
+            restarts in any::<u32>(),
+        ) {
+            let hub = TelemetryHub::new(Duration::from_secs(60));
+            let id = uuid::Uuid::now_v7();
+            hub.register(id, "n1");
+            let inv = TelemetryInventory {
+                epoch: 1,
+                disks: vec![DiskInfo { mount: "/".into(), filesystem: "ext4".into(), total_bytes: big[0] }],
+                interfaces: vec!["a".into(), "b".into()],
+                gpus: vec![
+                    GpuInfo { uuid: "g0".into(), name: "x".into(), memory_total_bytes: big[1], power_limit_mw: Some(u32::MAX) },
+                    GpuInfo { uuid: "g1".into(), name: "y".into(), memory_total_bytes: big[2], power_limit_mw: None },
+                ],
+                containers: vec![ContainerInfo { id: "c".into(), name: "c".into(), image: "i".into(), created_unix: created, ..Default::default() }],
+                ..Default::default()
+            };
+            prop_assert!(hub.set_inventory(id, inv).is_ok());
+            let gpu = |used: u64| GpuSample { utilization_percent: Some(u8::MAX), memory_used_bytes: Some(used), power_mw: Some(u32::MAX), ..Default::default() };
+            let sample = TelemetrySample {
+                epoch: 1,
+                seq: 1,
+                taken_at_ms: taken,
+                host: HostSample {
+                    cpu_percent: f[0],
+                    per_core_percent: vec![f[1]],
+                    load: [f[2], f[3], f[4]],
+                    memory_used_bytes: big[3],
+                    memory_total_bytes: big[4],
+                    swap_used_bytes: big[5],
+                    swap_total_bytes: big[6],
+                    uptime_secs: big[7],
+                },
+                disks_used_bytes: vec![big[5]],
+                interfaces: vec![
+                    NetRate { rx_bytes_per_sec: big[3], tx_bytes_per_sec: big[4] },
+                    NetRate { rx_bytes_per_sec: big[4], tx_bytes_per_sec: big[3] },
+                ],
+                gpus: vec![gpu(big[6]), gpu(big[7])],
+                containers: vec![ContainerSample { restart_count: restarts, cpu_percent: Some(f[0]), memory_used_bytes: Some(big[0]), memory_limit_bytes: Some(big[1]), ..Default::default() }],
+            };
+            prop_assert!(hub.ingest(id, sample).is_ok());
+            let view = hub.view(id).expect("registered");
+            prop_assert!(summary(&view).is_some());
+            let json = sample_view(&view).expect("a sample");
+            prop_assert!(json["containers"][0]["created"].is_string());
+            let inv = view.inventory.as_ref().expect("inventory");
+            let s = view.latest.as_ref().expect("sample");
+            let _ = container_json("n1", &inv.containers[0], &s.containers[0]);
+            let _ = hub.free_vram(id);
+            let _ = hub.history(id, 0);
+        }
+    }
+}
