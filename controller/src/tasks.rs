@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// Where a task runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scope {
     /// On every controller replica.
@@ -36,7 +36,7 @@ pub enum Scope {
     Leader,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Periodic,
@@ -101,7 +101,7 @@ impl Leadership {
 }
 
 /// Why an activation ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Trigger {
     /// The first run after the task started.
@@ -114,7 +114,7 @@ pub enum Trigger {
 }
 
 /// The last finished run of a task.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct LastRun {
     /// Unix milliseconds.
     pub started_at: i64,
@@ -125,7 +125,7 @@ pub struct LastRun {
     pub result: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     /// Registered, not started yet.
@@ -140,7 +140,7 @@ pub enum State {
 }
 
 /// One task's status, as `GET /api/v1/tasks` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct TaskStatus {
     pub name: &'static str,
     pub description: &'static str,

@@ -1,6 +1,7 @@
 //! The background-task driver seen from outside: `GET /api/v1/tasks` lists every task with its
 //! scope and last run, "run now" (the reconcile endpoint) activates a run, and the task table
-//! in ARCHITECTURE.md names exactly the tasks the controller registers.
+//! in ARCHITECTURE.md names exactly the tasks the controller registers. The OpenAPI document is
+//! served the same way.
 
 use crate::common;
 
@@ -108,4 +109,25 @@ async fn every_background_task_is_listed_with_its_scope_and_last_run() {
         .await
         .expect("request");
     assert_eq!(anonymous.status(), 401);
+
+    // The API describes itself, without a token: every path it serves, the role each needs.
+    let doc: Value = c
+        .client
+        .get(c.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(
+        doc["paths"]["/api/v1/tasks"]["get"]["x-nebula-role"],
+        "viewer"
+    );
+    assert_eq!(
+        doc["paths"]["/api/v1/api-tokens"]["post"]["x-nebula-role"],
+        "admin"
+    );
+    assert!(doc["components"]["schemas"]["TaskStatus"].is_object());
 }

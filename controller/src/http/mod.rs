@@ -11,6 +11,7 @@ pub mod install;
 mod jobs;
 mod models;
 mod nodes;
+pub mod openapi;
 pub mod server;
 mod tasks;
 mod telemetry;
@@ -108,6 +109,8 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/healthz", get(healthz))
         // Public: editors fetch it to validate service maps.
         .route("/api/v1/schema/service-map", get(desired::schema))
+        // Public: the API's own description.
+        .route("/api/v1/openapi.json", get(openapi_json))
         // Public: `curl | sh` fetches these without a token; they hold no secret.
         .route("/install.sh", get(install::install_sh))
         .route("/install.ps1", get(install::install_ps1))
@@ -137,6 +140,11 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .merge(metrics)
         .nest("/api/v1", v1)
         .with_state(cp)
+}
+
+/// `GET /api/v1/openapi.json`: the OpenAPI 3.1 document of this API.
+async fn openapi_json() -> Json<serde_json::Value> {
+    Json(openapi::document())
 }
 
 async fn healthz(State(cp): State<Arc<ControlPlane>>) -> Json<serde_json::Value> {
