@@ -1,0 +1,9 @@
+//! One file per page.
+
+pub(crate) mod admin;
+pub(crate) mod enroll;
+pub(crate) mod jobs;
+pub(crate) mod login;
+pub(crate) mod node;
+pub(crate) mod overview;
+pub(crate) mod services;

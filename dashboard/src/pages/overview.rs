@@ -1,0 +1,250 @@
+//! The overview: node cards, totals, the topology, and its live stream.
+
+use crate::prelude::*;
+
+/// One node's card on the overview.
+pub fn node_card(n: &NodeView) -> Markup {
+    let status = n.status.as_str();
+    html! {
+        a.card id=(node_dom_id(&n.name)) href={"/ui/nodes/" (n.name)} data-status=(status) {
+            h3 { span { (n.name) } span class={"badge " (status)} { (status) } }
+            @if let Some(t) = &n.telemetry {
+                dl {
+                    dt { "CPU" } dd { (format!("{:.0}%", t.cpu_percent)) (pct_bar(t.cpu_percent)) }
+                    dt { "Memory" } dd {
+                        (gib(t.memory_used_bytes)) " / " (gib(t.memory_total_bytes)) " GiB"
+                        (pct_bar(if t.memory_total_bytes > 0 { t.memory_used_bytes as f32 * 100.0 / t.memory_total_bytes as f32 } else { 0.0 }))
+                    }
+                    @if t.gpus > 0 {
+                        dt { "GPU" } dd {
+                            (t.gpu_utilization_percent.map(|u| format!("{u:.0}%")).unwrap_or_else(|| "-".into()))
+                            " · VRAM "
+                            (t.gpu_memory_used_bytes.map(gib).unwrap_or_else(|| "-".into())) " / "
+                            (t.gpu_memory_total_bytes.map(gib).unwrap_or_else(|| "-".into())) " GiB"
+                        }
+                    }
+                    dt { "Containers" } dd.containers {
+                        span.running { (t.containers_running) " running" }
+                        @if t.containers_unhealthy > 0 { ", " span.unhealthy { (t.containers_unhealthy) " unhealthy" } }
+                        span.dim { " of " (t.containers_total) }
+                    }
+                    dt { "Last seen" } dd { (ago(n.last_seen_at.as_deref())) }
+                }
+            } @else {
+                p.dim { "No telemetry yet. Last seen " (ago(n.last_seen_at.as_deref())) "." }
+            }
+        }
+    }
+}
+
+pub(crate) fn totals(nodes: &[NodeView]) -> Markup {
+    let online = nodes
+        .iter()
+        .filter(|n| n.status == NodeStatus::Online)
+        .count();
+    let running: usize = nodes
+        .iter()
+        .filter_map(|n| n.telemetry.as_ref())
+        .map(|t| t.containers_running)
+        .sum();
+    let unhealthy: usize = nodes
+        .iter()
+        .filter_map(|n| n.telemetry.as_ref())
+        .map(|t| t.containers_unhealthy)
+        .sum();
+    let gpus: usize = nodes
+        .iter()
+        .filter_map(|n| n.telemetry.as_ref())
+        .map(|t| t.gpus)
+        .sum();
+    html! {
+        div.totals id="totals" {
+            span { b { (online) } " of " (nodes.len()) " nodes online" }
+            span { b { (running) } " containers running" }
+            span { b { (unhealthy) } " unhealthy" }
+            span { b { (gpus) } " GPUs" }
+        }
+    }
+}
+
+pub(crate) async fn all_nodes(cp: &ControlPlane) -> Result<Vec<NodeView>, OpError> {
+    Ok(cp
+        .store
+        .list_nodes()
+        .await?
+        .into_iter()
+        .map(|n| node_view(cp, n))
+        .collect())
+}
+
+/// Zones with more nodes than this show counts only in the topology.
+pub(crate) const TOPOLOGY_LIST: usize = 24;
+
+/// Controller -> nodes, grouped by their `zone` label.
+pub(crate) fn topology(nodes: &[NodeView]) -> Markup {
+    let mut zones: BTreeMap<&str, Vec<&NodeView>> = BTreeMap::new();
+    for n in nodes {
+        zones
+            .entry(
+                n.labels
+                    .get("zone")
+                    .map(String::as_str)
+                    .unwrap_or("(no zone)"),
+            )
+            .or_default()
+            .push(n);
+    }
+    html! {
+        div.topo id="topology" {
+            @for (zone, members) in &zones {
+                @let online = members.iter().filter(|n| n.status == NodeStatus::Online).count();
+                section aria-label={"zone " (zone)} {
+                    b { (zone) } " " span.dim { (online) "/" (members.len()) " online" }
+                    // A large zone is a count (its nodes are the cards above).
+                    @if members.len() <= TOPOLOGY_LIST {
+                        ul { @for n in members {
+                            @let status = n.status.as_str();
+                            li { a href={"/ui/nodes/" (n.name)} { (n.name) } " " span class={"badge " (status)} { (status) } }
+                        } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// "12s ago" from an RFC 3339 time.
+pub(crate) fn ago(rfc3339: Option<&str>) -> String {
+    let Some(t) = rfc3339.and_then(|t| humantime::parse_rfc3339(t).ok()) else {
+        return "never".into();
+    };
+    match SystemTime::now().duration_since(t) {
+        Ok(d) if d.as_secs() < 5 => "just now".into(),
+        Ok(d) => format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(d.as_secs()))
+        ),
+        Err(_) => "just now".into(),
+    }
+}
+
+/// The overview's HTML (also what the render benchmark times).
+pub fn overview_html(user: &User, nodes: &[NodeView]) -> Markup {
+    let body = html! {
+        h1 { "Command center" }
+        (totals(nodes))
+        div.actions {
+            @if user.can(Role::Admin) { a.button href="/ui/enroll" { "Enroll a node" } }
+            a.button href="/ui/services" { "Services and plan" }
+            a.button href="/ui/jobs" { "Jobs" }
+        }
+        h2 { "Nodes" }
+        div.cards id="cards" {
+            @for n in nodes { (node_card(n)) }
+        }
+        @if nodes.is_empty() { p.dim id="no-cards" { "No node has joined yet."
+            @if user.can(Role::Admin) { " " a href="/ui/enroll" { "Enroll one." } } } }
+        h2 { "Topology" }
+        p.dim { "Controller → nodes, grouped by the " code { "zone" } " label." }
+        (topology(nodes))
+    };
+    page(user, "Overview", "/ui/", Some("/ui/events"), body)
+}
+
+pub(crate) async fn overview(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(user): Extension<User>,
+) -> Response {
+    match all_nodes(&cp).await {
+        Ok(nodes) => overview_html(&user, &nodes).into_response(),
+        Err(e) => op_error(e),
+    }
+}
+
+/// Live cards: a node's card when something about it changes (changes within [`COALESCE`] go
+/// out together), every card each [`REFRESH`]. The stream ends with the session.
+pub(crate) async fn overview_events(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let token = cookie(&headers, SESSION_COOKIE).unwrap_or("").to_owned();
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
+    let mut events = cp.events.subscribe();
+    let cp2 = cp.clone();
+    let shutdown = cp.shutdown.clone();
+    cp.tracker.spawn(async move {
+        let mut tick = tokio::time::interval(REFRESH);
+        tick.tick().await;
+        loop {
+            let names: Option<Vec<String>> = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                _ = tick.tick() => {
+                    // Signed out or expired: the stream ends.
+                    if !matches!(cp2.ui_session(&token).await, Ok(Some(_))) {
+                        return;
+                    }
+                    None
+                }
+                ev = events.recv() => match ev {
+                    Ok(Event::NodeOnline { name, .. })
+                    | Ok(Event::NodeOffline { name, .. })
+                    | Ok(Event::NodeEnrolled { name, .. })
+                    | Ok(Event::ContainerChanged { node: name, .. }) => {
+                        // Take what else changes meanwhile into the same update.
+                        let mut names = vec![name];
+                        let until = tokio::time::Instant::now() + COALESCE;
+                        while let Ok(Ok(ev)) = tokio::time::timeout_at(until, events.recv()).await {
+                            match ev {
+                                Event::NodeOnline { name, .. }
+                                | Event::NodeOffline { name, .. }
+                                | Event::NodeEnrolled { name, .. }
+                                | Event::ContainerChanged { node: name, .. }
+                                    if !names.contains(&name) =>
+                                {
+                                    names.push(name);
+                                }
+                                _ => {}
+                            }
+                        }
+                        Some(names)
+                    }
+                    Ok(Event::NodeRemoved { name, .. }) => {
+                        let gone = SseEvent::default().event("gone").data(node_dom_id(&name));
+                        if tx.send(gone).await.is_err() { return; }
+                        None
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            let Ok(nodes) = all_nodes(&cp2).await else {
+                continue;
+            };
+            for n in nodes
+                .iter()
+                .filter(|n| names.as_ref().is_none_or(|w| w.contains(&n.name)))
+            {
+                let ev = SseEvent::default()
+                    .event("node")
+                    .data(node_card(n).into_string());
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            for fragment in [totals(&nodes), topology(&nodes)] {
+                let ev = SseEvent::default()
+                    .event("fragment")
+                    .data(fragment.into_string());
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|ev| (Ok(ev), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,195 @@
+//! Services: plan, apply and roll back the service map.
+
+use crate::prelude::*;
+
+#[derive(Deserialize, Default)]
+pub(crate) struct MapForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    document: String,
+}
+
+pub(crate) fn plan_markup(plan: &serde_json::Value) -> Markup {
+    let actions = plan["actions"].as_array().cloned().unwrap_or_default();
+    let waiting = plan["waiting"].as_array().cloned().unwrap_or_default();
+    let refused = plan["refused"].as_array().cloned().unwrap_or_default();
+    let s = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string())
+    };
+    html! {
+        section id="plan" aria-label="Plan" {
+            @if actions.is_empty() && waiting.is_empty() && refused.is_empty() {
+                p { "No changes: " (plan["unchanged"]) " service(s) match the map." }
+            }
+            ul {
+                @for a in &actions {
+                    li class={"plan-" (s(&a["action"]))} {
+                        b { (s(&a["action"])) } " " (s(&a["service"])) " on " (s(&a["node"]))
+                        @match s(&a["action"]).as_str() {
+                            "update" => {
+                                " (" (a["from"].as_array().map(|f| f.iter().map(&s).collect::<Vec<_>>().join(",")).unwrap_or_default()) " → " (s(&a["to"])) ")"
+                                @for c in a["changes"].as_array().into_iter().flatten() {
+                                    div.diff { code { (s(&c["field"])) ": " (c["from"].to_string()) " → " (c["to"].to_string()) } }
+                                }
+                            }
+                            "create" | "repair" => { ", " (a["replicas"]) " replica(s) of " (s(&a["revision"])) }
+                            _ => { ", " (a["containers"]) " container(s): " (s(&a["reason"])) }
+                        }
+                    }
+                }
+                @for w in &refused {
+                    li.refused { "refused: " (s(&w["service"])) @if let Some(n) = w["node"].as_str() { " on " (n) } ": " (s(&w["reason"])) }
+                }
+                @for w in &waiting {
+                    li.waiting { "waiting: " (s(&w["service"])) @if let Some(n) = w["node"].as_str() { " on " (n) } ": " (s(&w["reason"])) }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) async fn services_view(
+    cp: &ControlPlane,
+    user: &User,
+    document: Option<String>,
+    notice: Option<Markup>,
+) -> Response {
+    let services = match cp.services().await {
+        Ok(s) => s,
+        Err(e) => return op_error(e),
+    };
+    let history = match cp.store.deployments(None, 30).await {
+        Ok(h) => h,
+        Err(e) => return op_error(e.into()),
+    };
+    let active = cp.desired.active();
+    let document = document
+        .or_else(|| active.as_ref().map(|a| a.record.document.clone()))
+        .unwrap_or_default();
+    let body = html! {
+        h1 { "Services" }
+        @if let Some(n) = notice { (n) }
+        @if let Some(a) = &active {
+            p.dim { "Map version " (a.record.version) " from " (a.record.source) " by " (a.record.created_by) "." }
+        } @else { p.dim { "No service map is in force yet." } }
+        div.scroll { table id="services" {
+            thead { tr { th { "Service" } th { "Status" } th { "Revision" } th { "Image" } th { "Healthy / running / wanted" } th { "Nodes" } th { "Last deploy" } @if user.can(Role::Operator) { th { "Action" } } } }
+            tbody { @for s in &services {
+                tr id={"service-" (s.name)} {
+                    td { (s.name) }
+                    td { span class={"badge " (s.status)} { (s.status) } @if let Some(m) = &s.message { div.dim { (m) } } }
+                    td { code { (s.revision.as_deref().unwrap_or("-")) } @if let Some(r) = &s.serving_revision { div.dim { "runs " code { (r) } } } }
+                    td { code { (s.image.as_deref().unwrap_or("-")) } }
+                    td { (s.healthy) " / " (s.running) " / " (s.replicas) }
+                    td { (s.containers.iter().map(|c| c.node.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", ")) }
+                    td { @if let Some(d) = &s.last_deployment { span class={"badge " (d.outcome)} { (d.outcome) } " " (d.action) " " code { (d.revision) } } }
+                    @if user.can(Role::Operator) { td { @if s.declared {
+                        form.inline method="post" action={"/ui/services/" (s.name) "/rollback"} {
+                            (csrf_field(user))
+                            button.secondary type="submit" aria-label={"Roll back " (s.name)} { "Roll back" }
+                        }
+                    } } }
+                }
+            } }
+        } }
+        h2 { "Recent deployments" }
+        div.scroll { table id="history" {
+            thead { tr { th { "When" } th { "Service" } th { "Action" } th { "Node" } th { "Revision" } th { "Outcome" } th { "Trigger" } th { "Message" } } }
+            tbody { @for d in &history {
+                tr { td { (nebula_controller::store::rfc3339_seconds(nebula_controller::store::from_millis(d.started_at))) }
+                     td { (d.service) } td { (d.action) } td { (d.node) } td { code { (d.revision) } }
+                     td { span class={"badge " (d.outcome)} { (d.outcome) } } td { (d.trigger) }
+                     td { (d.message.as_deref().unwrap_or("")) } }
+            } }
+        } }
+        h2 { "Service map" }
+        form method="post" action="/ui/services/plan" id="map-form" {
+            (csrf_field(user))
+            label for="document" { "service-map.yml" }
+            textarea id="document" name="document" spellcheck="false" { (document) }
+            div.actions {
+                button type="submit" formaction="/ui/services/plan" id="plan-button" { "Plan" }
+                @if user.can(Role::Admin) {
+                    button type="submit" formaction="/ui/services/apply" id="apply-button" { "Apply" }
+                }
+            }
+        }
+    };
+    page(user, "Services", "/ui/services", None, body).into_response()
+}
+
+pub(crate) async fn services_page(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(user): Extension<User>,
+) -> Response {
+    services_view(&cp, &user, None, None).await
+}
+
+pub(crate) fn map_problems(errors: &nebula_controller::desired::map::MapErrors) -> Markup {
+    html! {
+        div.error role="alert" id="map-errors" {
+            p { "The map is not valid; nothing changed:" }
+            ul { @for p in &errors.0 { li { code { (p.line) ":" (p.column) } " " (p.message) } } }
+        }
+    }
+}
+
+pub(crate) async fn plan_map(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(user): Extension<User>,
+    form: Result<Form<MapForm>, FormRejection>,
+) -> Response {
+    let f = form.map(|Form(f)| f).unwrap_or_default();
+    if let Err(r) = user.check(&f.csrf) {
+        return r.into_response();
+    }
+    let notice = match cp.preview_plan(&f.document).await {
+        Ok(plan) => plan_markup(&serde_json::to_value(&plan).unwrap_or_default()),
+        Err(nebula_controller::desired::ApplyError::Map(e)) => map_problems(&e),
+        Err(nebula_controller::desired::ApplyError::Op(e)) => return op_error(e),
+    };
+    services_view(&cp, &user, Some(f.document), Some(notice)).await
+}
+
+pub(crate) async fn apply_map(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(user): Extension<User>,
+    form: Result<Form<MapForm>, FormRejection>,
+) -> Response {
+    let f = form.map(|Form(f)| f).unwrap_or_default();
+    if let Err(r) = user.check(&f.csrf) {
+        return r.into_response();
+    }
+    let notice = match cp.apply_desired(&f.document, "ui", &user.cx()).await {
+        Ok(applied) => html! {
+            p id="applied" role="status" { "Applied as version " (applied.version) ". The reconciler is on it." }
+            (plan_markup(&serde_json::to_value(&applied.plan).unwrap_or_default()))
+        },
+        Err(nebula_controller::desired::ApplyError::Map(e)) => map_problems(&e),
+        Err(nebula_controller::desired::ApplyError::Op(e)) => return op_error(e),
+    };
+    services_view(&cp, &user, Some(f.document), Some(notice)).await
+}
+
+pub(crate) async fn rollback(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(user): Extension<User>,
+    Path(name): Path<String>,
+    form: Result<Form<CsrfForm>, FormRejection>,
+) -> Response {
+    let csrf = form.map(|Form(f)| f.csrf).unwrap_or_default();
+    if let Err(r) = user.check(&csrf) {
+        return r.into_response();
+    }
+    let notice = match cp.rollback_service(&name, None, &user.cx()).await {
+        Ok(pin) => {
+            html! { p role="status" { (pin.service) " is going back to revision " code { (pin.revision) } "." } }
+        }
+        Err(e @ (OpError::Store(_) | OpError::Forbidden(_))) => return op_error(e),
+        Err(e) => html! { p.error role="alert" { (e.to_string()) } },
+    };
+    services_view(&cp, &user, None, Some(notice)).await
+}
