@@ -2,7 +2,7 @@
 //! their output streamed live (server-sent events from `/api/v1/jobs/{id}/logs`).
 
 use std::io::Write as _;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -296,10 +296,7 @@ pub struct JobsArgs {
 }
 
 pub fn age(created_ms: Option<i64>) -> String {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now = nebula_protocol::time::UnixMillis::now().as_i64();
     match created_ms {
         Some(c) => {
             let secs = ((now - c) / 1000).max(0) as u64;

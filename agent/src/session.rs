@@ -162,6 +162,12 @@ fn liveness(config: &AgentConfig, saved: Option<&SessionSettings>) -> (Duration,
     }
 }
 
+/// One session, from the handshake to its end.
+///
+/// Longer than the usual limit (about 230 lines) for a reason: it is one `select!` over every
+/// input of a session (renewal timer, telemetry, AI inventory, job streams, controller
+/// messages, shutdown) sharing the same send half; the next step makes it a session struct with
+/// one method per message family.
 #[allow(clippy::too_many_arguments)]
 async fn session(
     config: &AgentConfig,

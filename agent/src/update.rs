@@ -9,8 +9,9 @@
 //! one the controller named the first time, over the authenticated session, pinned in
 //! `release.key` in the state dir: a key that changes later is refused.
 
+use nebula_protocol::time::UnixMillis;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use nebula_protocol::release::{self, AgentRelease};
 use serde::{Deserialize, Serialize};
@@ -92,13 +93,6 @@ fn save_record(state_dir: &Path, rec: &UpdateRecord) -> Result<(), UpdateError> 
     let text = serde_json::to_vec_pretty(rec).unwrap_or_default();
     std::fs::write(&tmp, text).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// What a start finds.
@@ -339,7 +333,7 @@ pub fn swap(
             prev: prev.clone(),
             starts: 0,
             outcome: Outcome::Pending,
-            at_unix: now_unix(),
+            at_unix: UnixMillis::now().as_secs(),
         },
     )?;
     std::fs::rename(new, exe).map_err(io(exe))?;

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use nebula_agent::config::{ExecConfig, JobsConfig};
@@ -91,10 +91,7 @@ fn sample(rng: &mut impl Rng, seq: u64, inv: &TelemetryInventory) -> TelemetrySa
     TelemetrySample {
         epoch: inv.epoch,
         seq,
-        taken_at_ms: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        taken_at_ms: nebula_protocol::time::UnixMillis::now().as_u64(),
         host: HostSample {
             cpu_percent: rng.gen_range(2.0..60.0),
             per_core_percent: (0..cores).map(|_| rng.gen_range(0.0..100.0)).collect(),

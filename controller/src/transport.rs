@@ -411,39 +411,8 @@ async fn session_connection(
         return Ok(());
     };
     let node_id = identity.node_id;
-    // The session stream and its Hello, under one deadline.
-    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, async {
-        let (send, mut recv) = conn.accept_bi().await?;
-        let payload = proto::read_frame(&mut recv, cp.config.max_frame_bytes).await;
-        Ok::<_, quinn::ConnectionError>((send, recv, payload))
-    })
-    .await;
-    let (mut send, mut recv, payload) = match first {
-        Ok(r) => r?,
-        Err(_) => {
-            conn.close(
-                close::PROTOCOL_ERROR.into(),
-                b"no Hello within the deadline",
-            );
-            return Ok(());
-        }
-    };
-    let payload = match payload {
-        Ok(p) => p,
-        Err(e) => return protocol_error(cp, &conn, node_id, &e),
-    };
-    let version = match proto::peek_version(&payload) {
-        Ok(v) => v,
-        Err(e) => return protocol_error(cp, &conn, node_id, &e),
-    };
-    if !version.is_compatible_with(PROTOCOL_VERSION) {
-        let refusal = version_refusal(version);
-        warn!(node = %node_id, %remote, "session refused: {}", refusal.message);
-        return refuse(&conn, &mut send, refusal, close::REFUSED).await;
-    }
-    let hello: Hello = match proto::decode(&payload) {
-        Ok(h) => h,
-        Err(e) => return protocol_error(cp, &conn, node_id, &e),
+    let Some((mut send, mut recv, hello, version)) = read_hello(cp, &conn, node_id).await? else {
+        return Ok(());
     };
 
     // Identity comes from the verified certificate; the certificate must be known and live.
@@ -548,6 +517,63 @@ async fn session_connection(
     result
 }
 
+/// The session stream and its `Hello`, under one deadline. `None` when the connection was
+/// refused for what it sent (and closed with the reason).
+async fn read_hello(
+    cp: &ControlPlane,
+    conn: &quinn::Connection,
+    node_id: uuid::Uuid,
+) -> anyhow::Result<
+    Option<(
+        quinn::SendStream,
+        quinn::RecvStream,
+        Hello,
+        proto::ProtocolVersion,
+    )>,
+> {
+    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let payload = proto::read_frame(&mut recv, cp.config.max_frame_bytes).await;
+        Ok::<_, quinn::ConnectionError>((send, recv, payload))
+    })
+    .await;
+    let (mut send, recv, payload) = match first {
+        Ok(r) => r?,
+        Err(_) => {
+            conn.close(
+                close::PROTOCOL_ERROR.into(),
+                b"no Hello within the deadline",
+            );
+            return Ok(None);
+        }
+    };
+    let payload = match payload {
+        Ok(p) => p,
+        Err(e) => return protocol_error(cp, conn, node_id, &e).map(|()| None),
+    };
+    let version = match proto::peek_version(&payload) {
+        Ok(v) => v,
+        Err(e) => return protocol_error(cp, conn, node_id, &e).map(|()| None),
+    };
+    if !version.is_compatible_with(PROTOCOL_VERSION) {
+        let refusal = version_refusal(version);
+        warn!(node = %node_id, remote = %conn.remote_address(), "session refused: {}", refusal.message);
+        return refuse(conn, &mut send, refusal, close::REFUSED)
+            .await
+            .map(|()| None);
+    }
+    let hello: Hello = match proto::decode(&payload) {
+        Ok(h) => h,
+        Err(e) => return protocol_error(cp, conn, node_id, &e).map(|()| None),
+    };
+    Ok(Some((send, recv, hello, version)))
+}
+
+/// Serve an authenticated session until it ends.
+///
+/// Longer than the usual limit (about 155 lines) for a reason: one `select!` over every input
+/// of the session (agent messages, datagrams, large samples, release updates, shutdown) sharing
+/// the send half; the next step makes it a session struct with one method per message family.
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
     cp: &ControlPlane,

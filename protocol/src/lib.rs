@@ -44,6 +44,7 @@ pub mod ai;
 pub mod deploy;
 pub mod framing;
 
+pub mod time;
 pub mod validate;
 pub use validate::valid_name;
 pub mod jobs;

@@ -9,6 +9,7 @@
 //! The file is rewritten with only the newest entries once it holds twice as many lines as it
 //! keeps. A torn last line (a crash mid-write) is ignored on load.
 
+use nebula_protocol::time::UnixMillis;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -146,7 +147,7 @@ impl Journal {
                 id: key.id,
                 attempt: key.attempt,
                 kind: kind.to_owned(),
-                at_unix_ms: now_ms(),
+                at_unix_ms: UnixMillis::now().as_i64(),
             },
             durable,
         )?;
@@ -177,7 +178,7 @@ impl Journal {
             &Line::Finished {
                 id: key.id,
                 attempt: key.attempt,
-                at_unix_ms: now_ms(),
+                at_unix_ms: UnixMillis::now().as_i64(),
                 result: result.clone(),
             },
             durable,
@@ -251,12 +252,12 @@ impl Journal {
                     id: key.id,
                     attempt: key.attempt,
                     kind: kind.clone(),
-                    at_unix_ms: now_ms(),
+                    at_unix_ms: UnixMillis::now().as_i64(),
                 },
                 Some(Entry::Finished(result)) => Line::Finished {
                     id: key.id,
                     attempt: key.attempt,
-                    at_unix_ms: now_ms(),
+                    at_unix_ms: UnixMillis::now().as_i64(),
                     result: result.clone(),
                 },
                 None => continue,
@@ -273,13 +274,6 @@ impl Journal {
         self.lines = lines;
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -10,10 +10,11 @@
 //! they start. Each run publishes its progress through a `watch` counter that the streams
 //! attached to it follow.
 
+use nebula_protocol::time::UnixMillis;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::FutureExt;
 use nebula_protocol::jobs::{
@@ -178,7 +179,7 @@ impl JobContext {
             line.truncate(cut);
             line.push_str(" [line cut]");
         }
-        let at_unix_ms = now_ms();
+        let at_unix_ms = UnixMillis::now().as_i64();
         self.running.update(|log| {
             let seq = log.next_seq;
             log.next_seq += 1;
@@ -488,7 +489,7 @@ impl JobRunner {
         let deadline = req
             .deadline_unix_ms
             .map(|ms| {
-                let left = ms.saturating_sub(now_ms()).max(0) as u64;
+                let left = ms.saturating_sub(UnixMillis::now().as_i64()).max(0) as u64;
                 tokio::time::Instant::now() + Duration::from_millis(left)
             })
             .or_else(|| match &req.spec {
@@ -600,11 +601,4 @@ async fn write_events(send: &mut quinn::SendStream, events: &[JobEvent]) -> Resu
     send.write_all(&buf)
         .await
         .map_err(|e| FrameError::Io(std::io::Error::other(e)))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

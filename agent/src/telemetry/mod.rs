@@ -12,7 +12,7 @@
 //! and samples as QUIC datagrams.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use nebula_protocol::telemetry::{TelemetryInventory, TelemetrySample};
 use tokio::sync::{mpsc, watch};
@@ -127,10 +127,7 @@ impl Collectors {
         let sample = TelemetrySample {
             epoch: self.inventory.epoch,
             seq: self.seq,
-            taken_at_ms: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            taken_at_ms: nebula_protocol::time::UnixMillis::now().as_u64(),
             host,
             disks_used_bytes: disks,
             interfaces: nets,

@@ -1323,17 +1323,10 @@ async fn fallback(
         } else {
             (bytes, Vec::new())
         };
-        let mut r = Response::new(Body::from(bytes));
-        *r.status_mut() = status;
-        let h = r.headers_mut();
-        h.insert(header::CONTENT_TYPE, content_type);
-        h.insert(GATEWAY_HEADER, HeaderValue::from_static("1"));
-        if let Ok(v) = HeaderValue::from_str(&node) {
-            h.insert(NODE_HEADER, v);
-        }
+        let mut r = fallback_response(Body::from(bytes), status, content_type, &node);
         if let Ok(v) = HeaderValue::from_str(&filtered.join(",")) {
             if !filtered.is_empty() {
-                h.insert("x-nebula-filtered", v);
+                r.headers_mut().insert("x-nebula-filtered", v);
             }
         }
         return r;
@@ -1393,12 +1386,22 @@ async fn fallback(
             }
         }
     });
-    let mut r = Response::new(Body::from_stream(chunks));
+    fallback_response(Body::from_stream(chunks), status, content_type, &node)
+}
+
+/// An answer from the fallback provider, with the gateway's headers.
+fn fallback_response(
+    body: Body,
+    status: StatusCode,
+    content_type: HeaderValue,
+    node: &str,
+) -> Response {
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
     h.insert(GATEWAY_HEADER, HeaderValue::from_static("1"));
-    if let Ok(v) = HeaderValue::from_str(&node) {
+    if let Ok(v) = HeaderValue::from_str(node) {
         h.insert(NODE_HEADER, v);
     }
     r
@@ -1590,10 +1593,7 @@ async fn sd_serve(
                 .filter_map(Value::as_str)
                 .map(|b| json!({"b64_json": b}))
                 .collect();
-            let created = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let created = nebula_protocol::time::UnixMillis::now().as_secs();
             Bytes::from(
                 serde_json::to_vec(&json!({"created": created, "data": data})).unwrap_or_default(),
             )

@@ -18,9 +18,10 @@
 //! Shared state is the [`JobTable`] (one mutex over the unfinished jobs; finished jobs live only
 //! in the store). A state change is made in the table under the lock, then queued for the writer.
 
+use nebula_protocol::time::UnixMillis;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use nebula_protocol::jobs::{JobRequest, JobResult, JobStatus};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -31,7 +32,6 @@ use uuid::Uuid;
 use crate::authz::{Change, Op, OpCtx};
 use crate::events::Event;
 use crate::store::jobs::JobBatch;
-use crate::store::millis;
 use crate::{ControlPlane, OpError};
 
 pub use nebula_types::jobs as model;
@@ -211,10 +211,6 @@ impl JobTable {
     }
 }
 
-fn now_ms() -> i64 {
-    millis(SystemTime::now())
-}
-
 fn new_active(rec: JobRecord) -> Active {
     Active {
         watch: watch::channel(Arc::new(rec.clone())).0,
@@ -278,7 +274,7 @@ impl ControlPlane {
                 "deadline must be between 1ms and 30 days from now".into(),
             ));
         }
-        let now = now_ms();
+        let now = UnixMillis::now().as_i64();
         let rec = JobRecord {
             id: Uuid::now_v7(),
             work: new.work,
@@ -504,7 +500,7 @@ impl ControlPlane {
     pub fn audit(&self, actor: &str, action: &str, target: &str, detail: serde_json::Value) {
         self.jobs.write(Write::Audit(AuditRecord {
             id: Uuid::now_v7(),
-            at: now_ms(),
+            at: UnixMillis::now().as_i64(),
             actor: actor.to_owned(),
             action: action.to_owned(),
             target: target.to_owned(),
@@ -525,7 +521,7 @@ impl ControlPlane {
         };
         let from = a.rec.state;
         a.rec.state = state;
-        a.rec.finished_at = Some(now_ms());
+        a.rec.finished_at = Some(UnixMillis::now().as_i64());
         edit(&mut a.rec);
         release(&mut t.in_flight, &mut a);
         info!(job = %id, state = %state, node = ?a.rec.node, "job ended");
@@ -643,7 +639,7 @@ impl ControlPlane {
             if started && a.rec.state != JobState::Running {
                 let from = a.rec.state;
                 a.rec.state = JobState::Running;
-                a.rec.started_at.get_or_insert(now_ms());
+                a.rec.started_at.get_or_insert(UnixMillis::now().as_i64());
                 self.jobs.persist(a, Some(from));
             }
         }
@@ -899,7 +895,7 @@ impl ControlPlane {
                 .collect()
         };
         let now = Instant::now();
-        let now_ms = now_ms();
+        let now_ms = UnixMillis::now().as_i64();
         let capacity = self.config.max_jobs_per_node;
         let mut t = self.jobs.lock();
         // Jobs may have been dispatched while the candidates were built: count them.
@@ -967,48 +963,7 @@ impl ControlPlane {
                     }
                 }
                 JobState::Dispatched | JobState::Running => {
-                    let deadline_over = a
-                        .rec
-                        .deadline
-                        .is_some_and(|d| now_ms >= d + DEADLINE_SLACK.as_millis() as i64);
-                    if a.stream.is_some() {
-                        if deadline_over && !a.deadline_cancel_sent {
-                            a.deadline_cancel_sent = true;
-                            if let Some(s) = &a.stream {
-                                let _ = s.send("the job's deadline passed".into());
-                            }
-                        } else if a.deadline_cancel_sent
-                            && a.rec.deadline.is_some_and(|d| {
-                                now_ms >= d + 3 * DEADLINE_SLACK.as_millis() as i64
-                            })
-                        {
-                            self.finish_locked(&mut t, id, JobState::TimedOut, |r| {
-                                r.reason = Some(
-                                    "deadline passed and the node did not report the job's end"
-                                        .into(),
-                                );
-                            });
-                        }
-                        continue;
-                    }
-                    // Detached: re-send when the node is back, else wait out the lease.
-                    let conn = a.rec.node_id.and_then(|n| self.registry.connection(n));
-                    if let Some(conn) = conn {
-                        debug!(job = %id, "node is back; sending the job again");
-                        self.start_stream_locked(a, conn, None);
-                        continue;
-                    }
-                    let lease = *a
-                        .lease_until
-                        .get_or_insert(now + self.config.job_lost_grace);
-                    if now >= lease {
-                        let grace = humantime::format_duration(self.config.job_lost_grace);
-                        self.lose_locked(
-                            &mut t,
-                            id,
-                            format!("the node did not come back within {grace}"),
-                        );
-                    }
+                    self.check_dispatched_locked(&mut t, id, now, now_ms);
                 }
                 _ => {}
             }
@@ -1019,6 +974,57 @@ impl ControlPlane {
             t.waiting += waiting;
         }
         Ok(())
+    }
+
+    /// A dispatched or running job at a scheduling pass: its deadline (cancel, then give up on
+    /// a node that never reports the end), and, when its stream is gone, sending it again to its
+    /// node once that is back or losing it when the lease runs out.
+    fn check_dispatched_locked(
+        self: &Arc<Self>,
+        t: &mut TableInner,
+        id: Uuid,
+        now: Instant,
+        now_ms: i64,
+    ) {
+        let Some(a) = t.active.get_mut(&id) else {
+            return;
+        };
+        let deadline_over = a
+            .rec
+            .deadline
+            .is_some_and(|d| now_ms >= d + DEADLINE_SLACK.as_millis() as i64);
+        if a.stream.is_some() {
+            if deadline_over && !a.deadline_cancel_sent {
+                a.deadline_cancel_sent = true;
+                if let Some(s) = &a.stream {
+                    let _ = s.send("the job's deadline passed".into());
+                }
+            } else if a.deadline_cancel_sent
+                && a.rec
+                    .deadline
+                    .is_some_and(|d| now_ms >= d + 3 * DEADLINE_SLACK.as_millis() as i64)
+            {
+                self.finish_locked(t, id, JobState::TimedOut, |r| {
+                    r.reason =
+                        Some("deadline passed and the node did not report the job's end".into());
+                });
+            }
+            return;
+        }
+        // Detached: re-send when the node is back, else wait out the lease.
+        let conn = a.rec.node_id.and_then(|n| self.registry.connection(n));
+        if let Some(conn) = conn {
+            debug!(job = %id, "node is back; sending the job again");
+            self.start_stream_locked(a, conn, None);
+            return;
+        }
+        let lease = *a
+            .lease_until
+            .get_or_insert(now + self.config.job_lost_grace);
+        if now >= lease {
+            let grace = humantime::format_duration(self.config.job_lost_grace);
+            self.lose_locked(t, id, format!("the node did not come back within {grace}"));
+        }
     }
 
     /// Spawn the stream task for a job (first delivery or a re-send).

@@ -58,9 +58,7 @@ pub enum Backend {
 
 /// Milliseconds since the Unix epoch.
 pub fn millis(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    nebula_protocol::time::UnixMillis::from_system(t).as_i64()
 }
 
 pub fn from_millis(ms: i64) -> SystemTime {
