@@ -16,6 +16,7 @@
 //! node removal) goes through a `ControlPlane` method, which writes the store and publishes an
 //! event; the HTTP API and `nebula dev` are thin callers of those methods.
 
+use nebula_protocol::validate::validate_label;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -338,9 +339,6 @@ impl ControlPlane {
 pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
-
-/// Label keys: 1-63 of letters, digits, `-`, `_`, `.`, `/`; values up to 255 printable chars.
-pub use nebula_protocol::validate::validate_label;
 
 /// A controller that is running. Drop does not stop it: call [`Controller::shutdown`].
 pub struct Controller {

@@ -211,19 +211,34 @@ impl Reporter {
         started: SystemTime,
         took: Duration,
         trigger: Trigger,
-        result: &anyhow::Result<serde_json::Value>,
+        result: anyhow::Result<serde_json::Value>,
+    ) {
+        self.record_run(started, took, trigger, result, None);
+    }
+
+    /// Record a run and, in the same lock, the state the task is in after it.
+    fn record_run(
+        &self,
+        started: SystemTime,
+        took: Duration,
+        trigger: Trigger,
+        result: anyhow::Result<serde_json::Value>,
+        then: Option<State>,
     ) {
         let (ok, result) = match result {
-            Ok(v) => (true, v.clone()),
+            Ok(v) => (true, v),
             Err(e) => (false, serde_json::Value::String(format!("{e:#}"))),
         };
         self.with(|t| {
+            if let Some(state) = then {
+                t.state = state;
+            }
             t.runs += 1;
             if !ok {
                 t.errors += 1;
             }
             t.last = Some(LastRun {
-                started_at: nebula_store::millis(started),
+                started_at: nebula_protocol::time::UnixMillis::from_system(started).as_i64(),
                 took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
                 trigger,
                 ok,
@@ -423,8 +438,8 @@ where
     if let Err(e) = &result {
         warn!("background task run failed: {e:#}");
     }
-    cx.report.finished(started, t0.elapsed(), trigger, &result);
-    cx.report.state(State::Idle);
+    cx.report
+        .record_run(started, t0.elapsed(), trigger, result, Some(State::Idle));
 }
 
 #[cfg(test)]

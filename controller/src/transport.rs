@@ -3,6 +3,7 @@
 //! Tasks: one accept loop; one task per connection (enrollment or session), all tracked by the
 //! controller's `TaskTracker` and stopped by its cancellation token.
 
+use nebula_protocol::validate::{validate_label, validate_node_name};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -321,8 +322,7 @@ impl ControlPlane {
         }
         validate_node_name(&req.name).map_err(|m| Refusal::new(RefusalCode::InvalidRequest, m))?;
         for (k, v) in &req.labels {
-            crate::validate_label(k, v)
-                .map_err(|m| Refusal::new(RefusalCode::InvalidRequest, m))?;
+            validate_label(k, v).map_err(|m| Refusal::new(RefusalCode::InvalidRequest, m))?;
         }
         let node_id = uuid::Uuid::now_v7();
         let issued = self
@@ -382,10 +382,6 @@ fn version_refusal(agent: proto::ProtocolVersion) -> Refusal {
         ),
     )
 }
-
-/// Node names: 1 to 63 characters of letters, digits, `-`, `_` and `.`, starting with a letter
-/// or digit (they appear in URLs, CLI arguments and container labels).
-pub use nebula_protocol::validate::validate_node_name;
 
 // ----- sessions -----
 

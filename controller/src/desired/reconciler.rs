@@ -154,7 +154,7 @@ pub async fn reconciler(cp: Arc<ControlPlane>, cx: crate::tasks::TaskCx) {
                 } else {
                     crate::tasks::Trigger::Activated
                 };
-                cx.report.finished(started, t0.elapsed(), why, &r);
+                cx.report.finished(started, t0.elapsed(), why, r);
             }
         }
         next_timer = tokio::time::Instant::now() + interval;

@@ -255,7 +255,7 @@ impl ControlPlane {
         }
         if let Target::Selector(sel) = &new.target {
             for (k, v) in &sel.labels {
-                crate::validate_label(k, v).map_err(OpError::Invalid)?;
+                nebula_protocol::validate::validate_label(k, v).map_err(OpError::Invalid)?;
             }
         }
         let max_attempts = match (new.idempotent, new.max_attempts) {
@@ -1081,7 +1081,7 @@ pub async fn schedule_pass(
 ) -> anyhow::Result<serde_json::Value> {
     let full = trigger != crate::tasks::Trigger::Activated;
     cp.schedule(full).await?;
-    Ok(serde_json::json!({ "full": full, "active": cp.jobs.active_count() }))
+    Ok(serde_json::json!({ "full": full }))
 }
 
 /// How often the scheduler makes a full pass without being kicked.

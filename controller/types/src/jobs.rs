@@ -1,5 +1,6 @@
 //! Job records as the controller keeps them and the API shows them.
 
+use nebula_protocol::validate::parse_mac;
 use std::time::Duration;
 
 use nebula_protocol::deploy::{DeploySpec, DeployWithHostAccess, UndeploySpec};
@@ -77,8 +78,6 @@ pub enum ModelActionKind {
     Delete,
     List,
 }
-
-pub use nebula_protocol::validate::parse_mac;
 
 impl Work {
     pub fn kind(&self) -> &'static str {
