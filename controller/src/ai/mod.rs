@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use nebula_placement::{ModelPresence, Order, Standing};
 use nebula_protocol::ai::{model_base, same_model, AiInventory, BackendKind};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -264,8 +265,8 @@ impl AiFleet {
     }
 
     /// Where a model no node has could be pulled: an online node with a healthy Ollama where
-    /// pulling it has not failed within `cooldown`, the most free VRAM first, then the fewest
-    /// requests in flight.
+    /// pulling it has not failed within `cooldown`, by [`Order::Pull`] (the most free VRAM
+    /// first, then the fewest requests in flight).
     pub fn pull_target(
         &self,
         model: &str,
@@ -290,15 +291,16 @@ impl AiFleet {
                         .any(|b| b.healthy && b.kind == BackendKind::Ollama)
             })
             .map(|(id, n)| {
-                (
-                    std::cmp::Reverse(free_vram(*id)),
-                    in_flight.get(id).copied().unwrap_or(0),
-                    n.name.clone(),
-                    *id,
-                )
+                let standing = Standing {
+                    name: &n.name,
+                    free_vram: free_vram(*id),
+                    in_flight: in_flight.get(id).copied().unwrap_or(0) as usize,
+                    ..Standing::default()
+                };
+                (*id, standing)
             })
-            .min()
-            .map(|(_, _, name, id)| (id, name))
+            .min_by(|a, b| Order::Pull.compare(&a.1, &b.1))
+            .map(|(id, s)| (id, s.name.to_owned()))
     }
 
     /// Claim the pull of a model onto a node for `by`. A pull claimed already is joined,
@@ -782,16 +784,22 @@ impl Breaker {
     }
 }
 
-/// Best first: loaded, then fewer requests in flight, then more free VRAM (then by name, so
-/// that equal nodes are taken in a stable order).
+/// Best first: [`Order::Request`] (loaded, then fewer requests in flight, then more free VRAM,
+/// then by name, so that equal nodes are taken in a stable order).
 fn rank(candidates: &mut [Candidate]) {
-    candidates.sort_by(|a, b| {
-        b.loaded
-            .cmp(&a.loaded)
-            .then(a.in_flight.cmp(&b.in_flight))
-            .then(b.free_vram.cmp(&a.free_vram))
-            .then(a.node.cmp(&b.node))
-    });
+    candidates.sort_by(|a, b| Order::Request.compare(&a.standing(), &b.standing()));
+}
+
+impl Candidate {
+    fn standing(&self) -> Standing<'_> {
+        Standing {
+            name: &self.node,
+            model: ModelPresence::from_loaded(self.loaded),
+            free_vram: self.free_vram,
+            cpu_percent: None,
+            in_flight: self.in_flight as usize,
+        }
+    }
 }
 
 /// What an image in a prompt counts for: vision models spend a few hundred tokens on one

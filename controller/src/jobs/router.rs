@@ -1,13 +1,17 @@
 //! Routing: which node runs a job. A pure function of the target and a snapshot of the nodes;
 //! the engine builds the snapshot from the store, the live sessions and telemetry.
 //!
-//! Filter, then score. A node name picks that node. A selector keeps the nodes whose labels,
-//! GPU, free VRAM and models match, then prefers, in order: the model already loaded, the model
-//! on disk, the most free VRAM, the lowest CPU load, the fewest jobs in flight. When only offline
+//! Filter, then score, with the shared checks and orders of [`nebula_placement`]. A node name
+//! picks that node. A selector keeps the nodes whose labels, GPU, free VRAM and models match,
+//! then prefers, in order: the model already loaded, the model on disk, the most free VRAM, the
+//! lowest CPU load, the fewest jobs in flight. When only offline
 //! nodes match, the job waits; [`Decision::Wait::asleep`] lists them for the wake hook.
 
 use std::cmp::Ordering;
 
+use nebula_placement::{
+    gpu_misfit, label_misfit, vram_misfit, Misfit, ModelPresence, Order, Standing,
+};
 use nebula_protocol::Labels;
 use uuid::Uuid;
 
@@ -37,20 +41,22 @@ impl Candidate {
         self.gpu_free_bytes.iter().copied().max()
     }
 
-    fn model(&self, name: &str) -> Option<bool> {
-        self.models
-            .iter()
-            .filter(|(m, _)| model_matches(m, name))
-            .map(|(_, loaded)| *loaded)
-            .max()
+    fn model(&self, name: &str) -> ModelPresence {
+        ModelPresence::of(self.models.iter().map(|(m, l)| (m.as_str(), *l)), name)
     }
-}
 
-/// `llama3` matches `llama3:latest`; otherwise names must be equal.
-fn model_matches(have: &str, want: &str) -> bool {
-    have == want
-        || have.strip_suffix(":latest") == Some(want)
-        || want.strip_suffix(":latest") == Some(have)
+    fn standing(&self, sel: &Selector) -> Standing<'_> {
+        Standing {
+            name: &self.name,
+            model: sel
+                .model
+                .as_deref()
+                .map_or(ModelPresence::Absent, |m| self.model(m)),
+            free_vram: self.max_free_vram().unwrap_or(0),
+            cpu_percent: self.cpu_percent,
+            in_flight: self.in_flight,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,71 +76,37 @@ pub enum Decision {
 
 /// Why a node does not fit a selector, or `None` when it does (online state aside).
 fn mismatch(sel: &Selector, c: &Candidate) -> Option<String> {
-    for (k, v) in &sel.labels {
-        match c.labels.get(k) {
-            Some(have) if have == v => {}
-            Some(have) => return Some(format!("{}: label {k}={have}", c.name)),
-            None => return Some(format!("{}: no label {k}", c.name)),
-        }
-    }
-    match sel.gpu {
-        Some(true) if c.gpu_count == 0 => return Some(format!("{}: no GPU", c.name)),
-        Some(false) if c.gpu_count > 0 => return Some(format!("{}: has a GPU", c.name)),
-        _ => {}
-    }
-    if let Some(model) = &sel.model {
-        if c.model(model).is_none() {
-            return Some(format!("{}: no model {model}", c.name));
-        }
-    }
-    if let Some(min) = sel.min_free_vram_mb {
-        if c.gpu_count == 0 {
-            return Some(format!("{}: no GPU", c.name));
-        }
-        // Free VRAM is only known from live telemetry; an offline node is judged when it is back.
-        if c.online {
-            match c.max_free_vram() {
-                Some(free) if free / MIB >= min => {}
-                Some(free) => {
-                    return Some(format!("{}: {} MiB VRAM free", c.name, free / MIB));
-                }
-                None => return Some(format!("{}: free VRAM not reported yet", c.name)),
+    let misfit = label_misfit(&sel.labels, &c.labels)
+        .or_else(|| gpu_misfit(sel.gpu, c.gpu_count))
+        .or_else(|| {
+            let m = sel.model.as_ref()?;
+            (c.model(m) == ModelPresence::Absent).then(|| Misfit::NoModel(m.clone()))
+        })
+        .or_else(|| {
+            // Free VRAM is only known from live telemetry; an offline node is judged when it
+            // is back (the GPU itself is known from its facts).
+            let min = sel.min_free_vram_mb?;
+            match c.online {
+                true => vram_misfit(min, c.gpu_count, c.max_free_vram()),
+                false => gpu_misfit(Some(true), c.gpu_count),
             }
-        }
-    }
-    None
+        })?;
+    Some(format!("{}: {misfit}", c.name))
 }
 
-/// Best first: model loaded > model on disk > most free VRAM > lowest CPU > fewest jobs.
+/// Best first: [`Order::Job`] (model loaded > on disk > most free VRAM > lowest CPU > fewest
+/// jobs).
 fn compare(sel: &Selector, a: &Candidate, b: &Candidate) -> Ordering {
-    let model = |c: &Candidate| match sel.model.as_deref().and_then(|m| c.model(m)) {
-        Some(true) => 2,
-        Some(false) => 1,
-        None => 0,
-    };
-    model(b)
-        .cmp(&model(a))
-        .then_with(|| {
-            b.max_free_vram()
-                .unwrap_or(0)
-                .cmp(&a.max_free_vram().unwrap_or(0))
-        })
-        .then_with(|| {
-            let ca = a.cpu_percent.unwrap_or(100.0);
-            let cb = b.cpu_percent.unwrap_or(100.0);
-            ca.partial_cmp(&cb).unwrap_or(Ordering::Equal)
-        })
-        .then_with(|| a.in_flight.cmp(&b.in_flight))
-        .then_with(|| a.name.cmp(&b.name))
+    Order::Job.compare(&a.standing(sel), &b.standing(sel))
 }
 
 fn describe(sel: &Selector, c: &Candidate) -> String {
     let mut parts = Vec::new();
     if let Some(m) = &sel.model {
         match c.model(m) {
-            Some(true) => parts.push(format!("model {m} loaded")),
-            Some(false) => parts.push(format!("model {m} on disk")),
-            None => {}
+            ModelPresence::Loaded => parts.push(format!("model {m} loaded")),
+            ModelPresence::OnDisk => parts.push(format!("model {m} on disk")),
+            ModelPresence::Absent => {}
         }
     }
     if let Some(free) = c.max_free_vram() {

@@ -17,12 +17,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use nebula_protocol::deploy::{
-    ContainerSpec, DeployPolicySummary, HostAccess, PortProtocol, UpdateStrategy,
-};
+use nebula_protocol::deploy::{ContainerSpec, DeployPolicySummary, HostAccess, UpdateStrategy};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
+
+mod place;
+mod steps;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -301,497 +302,86 @@ pub struct Waiting {
 }
 
 /// Compute what to do. Pure: same inputs, same plan.
+///
+/// Phases, per service in dependency order: place its replicas ([`place`]), then decide per
+/// node what to do ([`steps`]), holding dependents behind the dependency gate (a service waits
+/// for every dependency that still has work or waits); then remove orphans.
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
-    let mut out = Plan::default();
-    let nodes = &observed.nodes;
-    let n = nodes.len();
-    // Effective labels of the nodes eligible for placement (`None`: not eligible).
-    let labels: Vec<Option<Labels>> = nodes
-        .iter()
-        .map(|node| match &desired.nodes {
-            None => Some(node.labels.clone()),
-            Some(decl) => decl.get(&node.name).map(|extra| {
-                let mut l = node.labels.clone();
-                l.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-                l
-            }),
-        })
-        .collect();
-    let by_name: HashMap<&str, usize> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| (node.name.as_str(), i))
-        .collect();
-    // Position of each node in name order (the last tie-breaker).
-    let mut rank = vec![0usize; n];
-    {
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|a, b| nodes[*a].name.cmp(&nodes[*b].name));
-        for (r, i) in order.into_iter().enumerate() {
-            rank[i] = r;
-        }
-    }
-    // Managed containers by service, with their node.
-    let mut by_service: HashMap<&str, Vec<(usize, &ObservedContainer)>> = HashMap::new();
-    for (i, node) in nodes.iter().enumerate() {
-        for c in &node.containers {
-            by_service
-                .entry(c.service.as_str())
-                .or_default()
-                .push((i, c));
-        }
-    }
-    // Containers per node: observed, plus the replicas this plan adds (spreads new work).
-    let mut load: Vec<usize> = nodes.iter().map(|node| node.containers.len()).collect();
-    // Host ports claimed per node by the services placed so far.
-    let mut claims: Vec<Vec<PortKey>> = vec![Vec::new(); n];
-    // Nodes that fit a placement rule (ports aside), computed once per distinct rule, with the
-    // same nodes ordered by (offline, load, name) for placing a new service without a scan.
-    let mut rule_ids: HashMap<(&Labels, bool, Option<u64>), usize> = HashMap::new();
-    let mut rule_bases: Vec<Vec<usize>> = Vec::new();
-    let mut rule_orders: Vec<BTreeSet<(bool, usize, usize, usize)>> = Vec::new();
-    let mut node_rules: Vec<Vec<usize>> = vec![Vec::new(); n];
-    // Scratch per service, indexed by node, reset after each service.
-    let mut assigned = vec![0u32; n];
-    let mut existing = vec![0u32; n];
-    let all_known = nodes.iter().all(|node| node.known);
+    let mut fleet = place::Fleet::new(desired, observed);
+    // Services with anything left to do or wait for: their dependents wait for them.
     let mut pending: BTreeSet<String> = BTreeSet::new();
-    let mut per_service: Vec<ServiceWork> = Vec::new();
-
+    let mut out = Plan::default();
     for name in dependency_order(desired) {
         let svc = &desired.services[&name];
-        let rule = &svc.placement;
         let host = desired.host_access(&name);
         // What node `i`'s agent would answer to this service, when it reported its policy.
         let refusal_at = |i: usize| -> Option<String> {
             observed
                 .policies
-                .get(&nodes[i].id)
+                .get(&observed.nodes[i].id)
                 .and_then(|p| p.refusal(&svc.spec, host))
         };
-        let allowed = |i: usize| refusal_at(i).is_none();
-        let mut actions = Vec::new();
-        let mut waiting = Vec::new();
-        let mut refused = Vec::new();
-        let fixed_ports: Vec<PortKey> = svc
-            .spec
-            .ports
-            .iter()
-            .filter_map(|p| p.host_port.map(|h| (p.host_ip.clone(), h, p.protocol)))
-            .collect();
-        let max_per_node = if fixed_ports.is_empty() { u32::MAX } else { 1 };
-        let mine: &[(usize, &ObservedContainer)] =
-            by_service.get(name.as_str()).map_or(&[][..], Vec::as_slice);
-        // Nodes this service touches: where it runs, and where it is placed.
-        let mut touched: Vec<usize> = Vec::new();
-        for (i, _) in mine {
-            if existing[*i] == 0 {
-                touched.push(*i);
-            }
-            existing[*i] += 1;
-        }
-        let fits = |i: usize| -> bool {
-            let node = &nodes[i];
-            labels[i].as_ref().is_some_and(|l| {
-                node.docker
-                    && rule.node.as_ref().is_none_or(|want| *want == node.name)
-                    && rule.labels.iter().all(|(k, v)| l.get(k) == Some(v))
-                    && (!rule.gpu || node.gpus > 0)
-                    && rule.min_vram_mb.is_none_or(|m| node.max_free_vram_mb >= m)
-            })
-        };
-        let pinned: Vec<usize>;
-        let rule_id = match &rule.node {
-            Some(_) => None,
-            None => Some(
-                *rule_ids
-                    .entry((&rule.labels, rule.gpu, rule.min_vram_mb))
-                    .or_insert_with(|| {
-                        let base: Vec<usize> = (0..n).filter(|i| fits(*i)).collect();
-                        let ordered = base
-                            .iter()
-                            .map(|&i| (!nodes[i].online, load[i], rank[i], i))
-                            .collect();
-                        for &i in &base {
-                            node_rules[i].push(rule_bases.len());
-                        }
-                        rule_bases.push(base);
-                        rule_orders.push(ordered);
-                        rule_bases.len() - 1
-                    }),
-            ),
-        };
-        let base: &[usize] = match (&rule.node, rule_id) {
-            (Some(want), _) => {
-                pinned = by_name
-                    .get(want.as_str())
-                    .copied()
-                    .filter(|i| fits(*i))
-                    .into_iter()
-                    .collect();
-                &pinned
-            }
-            (None, Some(id)) => &rule_bases[id],
-            (None, None) => &[],
-        };
-        if rule.node.is_none() && !all_known {
-            if let Some(&i) = base.iter().find(|i| !nodes[**i].known) {
-                waiting.push(Waiting {
-                    service: name.clone(),
-                    node: None,
-                    reason: format!(
-                        "waiting for node {} to report its containers before placing",
-                        nodes[i].name
-                    ),
-                });
-                for &i in &touched {
-                    existing[i] = 0;
-                }
-                pending.insert(name.clone());
-                per_service.push(ServiceWork {
-                    actions,
-                    waiting,
-                    refused,
-                });
-                continue;
-            }
-        }
-        let ports_ok = |claims: &[Vec<PortKey>], i: usize| {
-            fixed_ports.iter().all(|p| !conflicts(&claims[i], p))
-        };
-        let candidate = |claims: &[Vec<PortKey>], i: usize| fits(i) && ports_ok(claims, i);
-        let any_candidate = base.iter().any(|i| ports_ok(&claims, *i));
-
-        // Replicas stay where they run (a converged service is a fixed point); surplus ones
-        // go from the fullest node; missing ones go to the emptiest.
-        let mut total = 0u32;
-        for &i in &touched {
-            if candidate(&claims, i) {
-                assigned[i] = existing[i].min(max_per_node);
-                total += assigned[i];
-            }
-        }
-        while total > svc.replicas {
-            let i = touched
-                .iter()
-                .copied()
-                .filter(|i| assigned[*i] > 0)
-                .max_by_key(|i| (assigned[*i], !nodes[*i].online, load[*i], rank[*i]))
-                .expect("the total is above zero");
-            assigned[i] -= 1;
-            total -= 1;
-        }
-        while total < svc.replicas {
-            // A service that runs nowhere yet takes the first node in (offline, load, name)
-            // order that it does not use yet: the same node a scan would pick, without one.
-            let quick = match rule_id {
-                Some(id) if mine.is_empty() => rule_orders[id]
+        let work = match fleet.place(&name, svc, &refusal_at) {
+            Err(wait) => ServiceWork {
+                waiting: vec![wait],
+                ..ServiceWork::default()
+            },
+            Ok(placement) => {
+                let after: Vec<String> = svc
+                    .depends_on
                     .iter()
-                    .map(|k| k.3)
-                    .find(|i| assigned[*i] == 0 && ports_ok(&claims, *i) && allowed(*i)),
-                _ => None,
-            };
-            let best = quick.or_else(|| {
-                base.iter()
-                    .copied()
-                    .filter(|i| assigned[*i] < max_per_node && ports_ok(&claims, *i) && allowed(*i))
-                    .min_by_key(|i| {
-                        (
-                            assigned[*i],
-                            !nodes[*i].online,
-                            load[*i] - existing[*i] as usize,
-                            rank[*i],
-                        )
-                    })
-            });
-            let Some(i) = best else { break };
-            if assigned[i] == 0 && existing[i] == 0 {
-                touched.push(i);
-            }
-            assigned[i] += 1;
-            total += 1;
-            if assigned[i] > existing[i] {
-                let key = (!nodes[i].online, load[i], rank[i], i);
-                load[i] += 1;
-                for &r in &node_rules[i] {
-                    rule_orders[r].remove(&key);
-                    rule_orders[r].insert((key.0, load[i], key.2, i));
-                }
-            }
-        }
-        // Nodes that could take a replica but whose policy refuses the service: say so, in
-        // their agents' words.
-        let refusing: Vec<(usize, String)> = if total < svc.replicas {
-            base.iter()
-                .copied()
-                .filter(|i| assigned[*i] < max_per_node && ports_ok(&claims, *i))
-                .filter_map(|i| refusal_at(i).map(|why| (i, why)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for (i, reason) in &refusing {
-            refused.push(Waiting {
-                service: name.clone(),
-                node: Some(nodes[*i].name.clone()),
-                reason: reason.clone(),
-            });
-        }
-        if total < svc.replicas && refusing.is_empty() {
-            waiting.push(Waiting {
-                service: name.clone(),
-                node: None,
-                reason: if !any_candidate {
-                    no_fit_reason(svc)
-                } else {
-                    format!(
-                        "only {total} of {} replicas can be placed (a fixed host port allows one per node)",
-                        svc.replicas
-                    )
-                },
-            });
-        }
-        touched.sort_unstable();
-        for &i in &touched {
-            if assigned[i] > 0 {
-                claims[i].extend(fixed_ports.iter().cloned());
-            }
-        }
-        let after: Vec<String> = svc
-            .depends_on
-            .iter()
-            .filter(|d| pending.contains(*d))
-            .cloned()
-            .collect();
-        for &i in &touched {
-            let node = &nodes[i];
-            let want = assigned[i];
-            let here = mine.iter().filter(|(j, _)| *j == i).map(|(_, c)| *c);
-            let mut current = 0usize;
-            let mut current_running = 0usize;
-            let mut all = 0usize;
-            let mut old: BTreeSet<String> = BTreeSet::new();
-            for c in here {
-                all += 1;
-                if c.revision == svc.revision {
-                    current += 1;
-                    current_running += usize::from(c.running);
-                } else {
-                    old.insert(c.revision.clone());
-                }
-            }
-            if old.is_empty() && current == want as usize && current_running == current {
-                continue;
-            }
-            let wait = |reason: String| Waiting {
-                service: name.clone(),
-                node: Some(node.name.clone()),
-                reason,
-            };
-            if observed
-                .in_flight
-                .contains(&(name.clone(), node.name.clone()))
-            {
-                waiting.push(wait(IN_PROGRESS.into()));
-                continue;
-            }
-            if !node.online {
-                waiting.push(wait("the node is offline".into()));
-                continue;
-            }
-            if want == 0 {
-                if let Some(why) = observed
-                    .blocked
-                    .get(&(name.clone(), removal_key(&node.name)))
-                {
-                    waiting.push(wait(format!(
-                        "removing failed and is not retried until the map is applied again: {why}"
-                    )));
-                    continue;
-                }
-                actions.push(Action::Remove {
-                    service: name.clone(),
-                    node: node.name.clone(),
-                    node_id: node.id,
-                    containers: all,
-                    reason: "placement no longer puts replicas on this node".into(),
-                });
-                continue;
-            }
-            // Not sent: its agent would refuse it (and a rerun of a failed one as well).
-            if let Some(reason) = refusal_at(i) {
-                refused.push(wait(reason));
-                continue;
-            }
-            if let Some(why) = observed.blocked.get(&(name.clone(), svc.revision.clone())) {
-                waiting.push(wait(format!(
-                    "revision {} failed and is not retried until the map is applied again: {why}",
-                    svc.revision
-                )));
-                continue;
-            }
-            if !old.is_empty() {
-                let from_spec = old.iter().find_map(|r| observed.revisions.get(r));
-                let changes = from_spec
-                    .map(|f| {
-                        let to = RevisionSpec {
-                            container: svc.spec.clone(),
-                            host_access: host.clone(),
-                        };
-                        diff(f, &to)
-                    })
-                    .unwrap_or_default();
-                actions.push(Action::Update {
-                    service: name.clone(),
-                    node: node.name.clone(),
-                    node_id: node.id,
-                    from: old.into_iter().collect(),
-                    to: svc.revision.clone(),
-                    replicas: want,
-                    changes,
-                    after: after.clone(),
-                });
-            } else if current == 0 {
-                actions.push(Action::Create {
-                    service: name.clone(),
-                    node: node.name.clone(),
-                    node_id: node.id,
-                    revision: svc.revision.clone(),
-                    replicas: want,
-                    after: after.clone(),
-                });
-            } else {
-                let reason = if current > want as usize {
-                    format!("{current} replicas, {want} wanted")
-                } else {
-                    format!("{current_running} of {want} replicas running")
+                    .filter(|d| pending.contains(*d))
+                    .cloned()
+                    .collect();
+                let mut work = ServiceWork {
+                    actions: Vec::new(),
+                    waiting: placement.waiting,
+                    refused: placement.refused,
                 };
-                actions.push(Action::Repair {
-                    service: name.clone(),
-                    node: node.name.clone(),
-                    node_id: node.id,
-                    revision: svc.revision.clone(),
-                    replicas: want,
-                    reason,
-                    after: after.clone(),
-                });
+                for (i, want) in placement.nodes {
+                    let node = fleet.node(i);
+                    let one = steps::NodeWork {
+                        name: &name,
+                        svc,
+                        host,
+                        node,
+                        want,
+                        after: &after,
+                    };
+                    match one.step(fleet.containers_on(&name, i), observed, || refusal_at(i)) {
+                        steps::Step::Done => {}
+                        steps::Step::Act(a) => work.actions.push(a),
+                        steps::Step::Wait(w) => work.waiting.push(w),
+                        steps::Step::Refused(w) => work.refused.push(w),
+                    }
+                }
+                work
             }
-        }
-        for &i in &touched {
-            assigned[i] = 0;
-            existing[i] = 0;
-        }
-        // Dependents wait for this service while it has anything left to do or wait for.
-        if !actions.is_empty() || !waiting.is_empty() || !refused.is_empty() {
-            pending.insert(name.clone());
-        }
-        per_service.push(ServiceWork {
-            actions,
-            waiting,
-            refused,
-        });
-    }
-    for work in per_service {
-        if work.actions.is_empty() && work.waiting.is_empty() && work.refused.is_empty() {
+        };
+        if work.is_empty() {
             out.unchanged += 1;
+        } else {
+            pending.insert(name.clone());
         }
         out.actions.extend(work.actions);
         out.waiting.extend(work.waiting);
         out.refused.extend(work.refused);
     }
-    // Orphans: managed containers of services the map no longer declares.
-    for node in nodes {
-        let mut orphans: BTreeMap<&str, usize> = BTreeMap::new();
-        for c in &node.containers {
-            if !desired.services.contains_key(&c.service) {
-                *orphans.entry(&c.service).or_default() += 1;
-            }
-        }
-        for (service, count) in orphans {
-            if observed
-                .in_flight
-                .contains(&(service.to_owned(), node.name.clone()))
-            {
-                continue;
-            }
-            let blocked = observed
-                .blocked
-                .get(&(service.to_owned(), removal_key(&node.name)));
-            let reason = if !node.online {
-                Some("the node is offline".to_owned())
-            } else if !crate::map::valid_name(service) {
-                Some("the `nebula.service` label is not a valid service name; remove these containers by hand".to_owned())
-            } else {
-                blocked.map(|why| {
-                    format!(
-                        "removing failed and is not retried until the map is applied again: {why}"
-                    )
-                })
-            };
-            if let Some(reason) = reason {
-                out.waiting.push(Waiting {
-                    service: service.to_owned(),
-                    node: Some(node.name.clone()),
-                    reason,
-                });
-                continue;
-            }
-            out.actions.push(Action::Remove {
-                service: service.to_owned(),
-                node: node.name.clone(),
-                node_id: node.id,
-                containers: count,
-                reason: "the service is no longer declared".into(),
-            });
-        }
-    }
+    steps::orphans(desired, observed, &mut out.actions, &mut out.waiting);
     out
 }
 
-/// One service's part of a plan, in dependency order.
+/// One service's part of a plan.
+#[derive(Default)]
 struct ServiceWork {
     actions: Vec<Action>,
     waiting: Vec<Waiting>,
     refused: Vec<Waiting>,
 }
 
-/// A host port: address (`None`: all), number, protocol.
-type PortKey = (Option<String>, u16, PortProtocol);
-
-const IN_PROGRESS: &str = "a deploy is in progress";
-
-fn conflicts(claimed: &[PortKey], p: &PortKey) -> bool {
-    claimed
-        .iter()
-        .any(|c| c.1 == p.1 && c.2 == p.2 && (c.0.is_none() || p.0.is_none() || c.0 == p.0))
-}
-
-fn no_fit_reason(svc: &DesiredService) -> String {
-    let rule = &svc.placement;
-    let mut wants = Vec::new();
-    if let Some(n) = &rule.node {
-        wants.push(format!("node `{n}`"));
-    }
-    if !rule.labels.is_empty() {
-        wants.push(format!(
-            "labels {}",
-            rule.labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        ));
-    }
-    if rule.gpu {
-        wants.push("a GPU".into());
-    }
-    if let Some(m) = rule.min_vram_mb {
-        wants.push(format!("{m} MiB of free VRAM"));
-    }
-    if wants.is_empty() {
-        "no node is connected".into()
-    } else {
-        format!("no connected node fits ({})", wants.join(", "))
+impl ServiceWork {
+    fn is_empty(&self) -> bool {
+        self.actions.is_empty() && self.waiting.is_empty() && self.refused.is_empty()
     }
 }
 
@@ -896,7 +486,7 @@ pub fn diff(from: &RevisionSpec, to: &RevisionSpec) -> Vec<FieldChange> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nebula_protocol::deploy::{GpuRequest, PortMapping, RestartPolicy};
+    use nebula_protocol::deploy::{GpuRequest, PortMapping, PortProtocol, RestartPolicy};
     use proptest::prelude::*;
 
     fn spec(image: &str, host_port: Option<u16>) -> ContainerSpec {
