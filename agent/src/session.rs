@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use nebula_protocol::release::AgentRelease;
 use nebula_protocol::{
     self as proto, close, AgentMessage, ControllerMessage, FrameError, Hello, NodeFacts,
-    ServerHello, SessionSettings, CONTROLLER_SERVER_NAME,
+    ServerHello, SessionSettings, Welcome, CONTROLLER_SERVER_NAME,
 };
 use rand::Rng;
 use tokio::sync::watch;
@@ -162,12 +162,8 @@ fn liveness(config: &AgentConfig, saved: Option<&SessionSettings>) -> (Duration,
     }
 }
 
-/// One session, from the handshake to its end.
-///
-/// Longer than the usual limit (about 230 lines) for a reason: it is one `select!` over every
-/// input of a session (renewal timer, telemetry, AI inventory, job streams, controller
-/// messages, shutdown) sharing the same send half; the next step makes it a session struct with
-/// one method per message family.
+/// One session, from the handshake to its end: connect, `Hello` -> `Welcome`, then a
+/// [`Session`] serves the connection.
 #[allow(clippy::too_many_arguments)]
 async fn session(
     config: &AgentConfig,
@@ -193,19 +189,47 @@ async fn session(
             .map_err(|_| AgentError::Timeout("connecting"))?
             .map_err(|e| AgentError::Connect(identity.state.controller.clone(), e))?,
     };
-    let closed_reason = |conn: &quinn::Connection| -> Option<AgentError> {
-        match conn.close_reason()? {
-            quinn::ConnectionError::ApplicationClosed(c)
-                if c.error_code == close::REVOKED.into()
-                    || c.error_code == close::REFUSED.into() =>
-            {
-                Some(AgentError::Closed(
-                    String::from_utf8_lossy(&c.reason).into_owned(),
-                ))
-            }
-            _ => None,
-        }
+    let (send, recv, welcome) = handshake(&conn, facts, feed).await?;
+    if welcome.node_id != identity.state.node_id {
+        warn!(ours = %identity.state.node_id, theirs = %welcome.node_id, "controller names another node id than our certificate");
+    }
+    info!(node = %welcome.node_id, name = %welcome.name, controller_version = %welcome.controller_version, "connected to the controller");
+    status.send_replace(AgentStatus::Connected {
+        node_id: welcome.node_id,
+        name: welcome.name.clone(),
+    });
+    let saved = &identity.state.settings;
+    if let Some(end) = adopt_settings(config, state, saved, &welcome.settings, keep_alive)? {
+        conn.close(close::NORMAL.into(), b"reconnecting with new settings");
+        return Ok(end);
+    }
+    let renew_at = identity
+        .renew_at()
+        .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
+    let mut session = Session {
+        config,
+        state,
+        conn,
+        send,
+        keep_alive,
+        saved_settings: Some(welcome.settings.clone()),
+        // Controllers from 1.4 on hear about inference backends.
+        ai_aware: welcome.controller_version.minor >= 4,
+        renew_timer: Box::pin(tokio::time::sleep(until(renew_at))),
+        pending_key: None,
+        samples_sent: 0,
     };
+    session.start(&welcome, feed, channels).await?;
+    session.serve(recv, feed, runner, channels, shutdown).await
+}
+
+/// Open the session stream, say `Hello` (with the GPUs and container runtime the telemetry
+/// found) and read the controller's answer.
+async fn handshake(
+    conn: &quinn::Connection,
+    facts: &NodeFacts,
+    feed: &TelemetryFeed,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Welcome), AgentError> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -228,177 +252,260 @@ async fn session(
     )
     .await
     .map_err(|_| AgentError::Timeout("waiting for Welcome"))?;
-    let welcome = match reply {
-        Ok(ServerHello::Welcome(w)) => w,
+    match reply {
+        Ok(ServerHello::Welcome(w)) => Ok((send, recv, w)),
         Ok(ServerHello::Refused(r)) => {
             conn.close(close::NORMAL.into(), b"refused");
-            return Err(AgentError::Refused(r));
+            Err(AgentError::Refused(r))
         }
         Err(e) => {
             // The stream may have been cut by a close whose reason says why.
             let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
-            return Err(closed_reason(&conn).unwrap_or(AgentError::Frame(e)));
+            Err(permanent_close(conn).unwrap_or(AgentError::Frame(e)))
         }
-    };
-    if welcome.node_id != identity.state.node_id {
-        warn!(ours = %identity.state.node_id, theirs = %welcome.node_id, "controller names another node id than our certificate");
     }
-    info!(node = %welcome.node_id, name = %welcome.name, controller_version = %welcome.controller_version, "connected to the controller");
-    status.send_replace(AgentStatus::Connected {
-        node_id: welcome.node_id,
-        name: welcome.name.clone(),
-    });
-    if let Some(end) = adopt_settings(
-        config,
-        state,
-        &identity.state.settings,
-        &welcome.settings,
-        keep_alive,
-    )? {
-        conn.close(close::NORMAL.into(), b"reconnecting with new settings");
-        return Ok(end);
+}
+
+/// A close that must not be retried (the node was revoked, or refused for good), if that is
+/// how the connection ended.
+fn permanent_close(conn: &quinn::Connection) -> Option<AgentError> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == close::REVOKED.into() || c.error_code == close::REFUSED.into() =>
+        {
+            Some(AgentError::Closed(
+                String::from_utf8_lossy(&c.reason).into_owned(),
+            ))
+        }
+        _ => None,
     }
-    let mut saved_settings = Some(welcome.settings.clone());
-    feed.interval.send_replace(
-        Duration::from_millis(welcome.settings.telemetry_interval_ms.into())
-            .max(Duration::from_millis(100)),
-    );
-    // Controllers from 1.5 on hear what this host's deploy policy allows, before the
-    // inventory (which makes the node known to the reconciler), so that their first plan for
-    // this node already shows what it would refuse. Older ones are not sent it (one would
-    // answer `Unsupported`, which is logged and ignored below anyway).
-    if welcome.controller_version.minor >= 5 {
-        proto::write_message(
-            &mut send,
-            &AgentMessage::DeployPolicy(config.deploy.summary()),
-        )
-        .await?;
-    }
-    // The inventory first, so every sample that follows can be read.
-    let inventory = feed.inventory.borrow_and_update().clone();
-    proto::write_message(
-        &mut send,
-        &AgentMessage::TelemetryInventory((*inventory).clone()),
-    )
-    .await?;
-    let mut samples_sent = 0u64;
-    // Controllers from 1.4 on hear about inference backends.
-    let ai_aware = welcome.controller_version.minor >= 4;
-    if ai_aware {
-        let inv = channels.ai.borrow_and_update().clone();
-        proto::write_message(&mut send, &AgentMessage::AiInventory(inv)).await?;
+}
+
+/// A session after `Welcome`: owns the connection and the session stream, with one method per
+/// message family (inventories and telemetry, certificates, settings, releases, the end).
+struct Session<'a> {
+    config: &'a AgentConfig,
+    state: &'a StateDir,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    /// The keep-alive this connection was opened with.
+    keep_alive: Duration,
+    saved_settings: Option<SessionSettings>,
+    ai_aware: bool,
+    renew_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The key of a renewal asked for and not answered yet.
+    pending_key: Option<rcgen::KeyPair>,
+    samples_sent: u64,
+}
+
+impl Session<'_> {
+    /// What the controller hears first: the telemetry interval is adopted, then the deploy
+    /// policy, the inventory and the AI inventory go out.
+    async fn start(
+        &mut self,
+        welcome: &Welcome,
+        feed: &mut TelemetryFeed,
+        channels: &mut Channels,
+    ) -> Result<(), AgentError> {
+        feed.interval.send_replace(
+            Duration::from_millis(welcome.settings.telemetry_interval_ms.into())
+                .max(Duration::from_millis(100)),
+        );
+        // Controllers from 1.5 on hear what this host's deploy policy allows, before the
+        // inventory (which makes the node known to the reconciler), so that their first plan
+        // for this node already shows what it would refuse. Older ones are not sent it (one
+        // would answer `Unsupported`, which is logged and ignored anyway).
+        if welcome.controller_version.minor >= 5 {
+            let policy = AgentMessage::DeployPolicy(self.config.deploy.summary());
+            proto::write_message(&mut self.send, &policy).await?;
+        }
+        // The inventory first, so every sample that follows can be read.
+        self.inventory(feed).await?;
+        if self.ai_aware {
+            self.ai_inventory(channels).await?;
+        }
+        Ok(())
     }
 
-    let renew_at = identity
-        .renew_at()
-        .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
-    let mut renew_timer = Box::pin(tokio::time::sleep(until(renew_at)));
-    let mut pending_key: Option<rcgen::KeyPair> = None;
-    // Cancel-safe: the select below may drop a read in the middle of a frame.
-    let mut frames = proto::FrameReader::new(proto::DEFAULT_MAX_FRAME);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = proto::write_message(&mut send, &AgentMessage::Bye { reason: "agent stopping".into() }).await;
-                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-                conn.close(close::NORMAL.into(), b"agent stopping");
-                return Ok(SessionEnd::Shutdown);
-            }
-            stream = conn.accept_bi() => {
-                // A job: the controller opens one stream per job.
-                if let Ok((send, recv)) = stream {
-                    runner.spawn_stream(send, recv);
-                }
-            }
-            changed = channels.ai.changed(), if ai_aware => {
-                if changed.is_err() {
-                    continue;
-                }
-                let inv = channels.ai.borrow_and_update().clone();
-                proto::write_message(&mut send, &AgentMessage::AiInventory(inv)).await?;
-            }
-            changed = feed.inventory.changed() => {
-                if changed.is_err() {
-                    continue;
-                }
-                let inventory = feed.inventory.borrow_and_update().clone();
-                proto::write_message(&mut send, &AgentMessage::TelemetryInventory((*inventory).clone())).await?;
-            }
-            changed = feed.samples.changed() => {
-                if changed.is_err() {
-                    continue;
-                }
-                let sample = feed.samples.borrow_and_update().clone();
-                if let Some(sample) = sample {
-                    // The inventory a sample refers to always goes out before the sample.
-                    if feed.inventory.has_changed().unwrap_or(false) {
-                        let inventory = feed.inventory.borrow_and_update().clone();
-                        proto::write_message(&mut send, &AgentMessage::TelemetryInventory((*inventory).clone())).await?;
-                    }
-                    send_sample(&conn, &sample).await;
-                    samples_sent += 1;
-                    if samples_sent == 1 {
-                        debug!("first telemetry sample sent");
+    /// Serve the session until it ends: one `select!` over its inputs, each handed to its
+    /// method.
+    async fn serve(
+        &mut self,
+        mut recv: quinn::RecvStream,
+        feed: &mut TelemetryFeed,
+        runner: &Arc<JobRunner>,
+        channels: &mut Channels,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, AgentError> {
+        // Cancel-safe: the select below may drop a read in the middle of a frame.
+        let mut frames = proto::FrameReader::new(proto::DEFAULT_MAX_FRAME);
+        let conn = self.conn.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(self.stop().await),
+                stream = conn.accept_bi() => {
+                    // A job: the controller opens one stream per job.
+                    if let Ok((send, recv)) = stream {
+                        runner.spawn_stream(send, recv);
                     }
                 }
-            }
-            _ = &mut renew_timer, if pending_key.is_none() => {
-                let (key, csr_der) = new_key_and_csr()?;
-                info!("renewing the node certificate");
-                proto::write_message(&mut send, &AgentMessage::RenewCertificate { csr_der }).await?;
-                pending_key = Some(key);
-            }
-            msg = frames.read_message::<ControllerMessage, _>(&mut recv) => match msg {
-                Ok(ControllerMessage::CertificateRenewed { cert_der }) => {
-                    let Some(key) = pending_key.take() else {
-                        warn!("unrequested certificate ignored");
-                        continue;
-                    };
-                    state.save_cert(&key, &cert_der)?;
-                    // Saved: the controller may now revoke the certificate this session uses.
-                    proto::write_message(&mut send, &AgentMessage::CertificateSaved).await?;
-                    let next = crate::identity::validity(&cert_der)
-                        .map(|(nb, na)| nb + na.duration_since(nb).unwrap_or_default() * 2 / 3)
-                        .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
-                    info!(renew_at = %humantime::format_rfc3339_seconds(next), "certificate renewed and saved");
-                    renew_timer.as_mut().reset(tokio::time::Instant::now() + until(next));
+                changed = channels.ai.changed(), if self.ai_aware => {
+                    if changed.is_ok() {
+                        self.ai_inventory(channels).await?;
+                    }
                 }
-                Ok(ControllerMessage::RenewalRefused(r)) => {
-                    warn!("certificate renewal refused: {r}; retrying in a minute");
-                    pending_key = None;
-                    renew_timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(60));
+                changed = feed.inventory.changed() => {
+                    if changed.is_ok() {
+                        self.inventory(feed).await?;
+                    }
                 }
-                Ok(ControllerMessage::SettingsChanged(s)) => {
-                    info!(?s, "settings changed");
-                    if let Some(end) = adopt_settings(config, state, &saved_settings, &s, keep_alive)? {
-                        conn.close(close::NORMAL.into(), b"reconnecting with new settings");
+                changed = feed.samples.changed() => {
+                    if changed.is_ok() {
+                        self.sample(feed).await?;
+                    }
+                }
+                _ = &mut self.renew_timer, if self.pending_key.is_none() => self.renew().await?,
+                msg = frames.read_message::<ControllerMessage, _>(&mut recv) => {
+                    if let Some(end) = self.message(msg, channels).await? {
                         return Ok(end);
                     }
-                    saved_settings = Some(s);
-                }
-                Ok(ControllerMessage::Bye { reason }) => {
-                    return Ok(SessionEnd::Lost { established: true, reason: format!("controller said bye: {reason}") });
-                }
-                Ok(ControllerMessage::Unsupported { variant }) => {
-                    debug!(variant, "controller does not support a message we sent");
-                }
-                Ok(ControllerMessage::AgentReleases(list)) => {
-                    debug!(count = list.len(), "the controller's agent builds");
-                    channels.releases.send_replace(list);
-                }
-                Err(FrameError::UnknownVariant { index, .. }) => {
-                    proto::write_message(&mut send, &AgentMessage::Unsupported { variant: index }).await?;
-                }
-                Err(e) => {
-                    let _ = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
-                    if let Some(permanent) = closed_reason(&conn) {
-                        return Err(permanent);
-                    }
-                    let reason = conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string());
-                    return Ok(SessionEnd::Lost { established: true, reason });
                 }
             }
         }
+    }
+
+    async fn inventory(&mut self, feed: &mut TelemetryFeed) -> Result<(), AgentError> {
+        let inventory = feed.inventory.borrow_and_update().clone();
+        let msg = AgentMessage::TelemetryInventory((*inventory).clone());
+        proto::write_message(&mut self.send, &msg).await?;
+        Ok(())
+    }
+
+    async fn ai_inventory(&mut self, channels: &mut Channels) -> Result<(), AgentError> {
+        let inv = channels.ai.borrow_and_update().clone();
+        proto::write_message(&mut self.send, &AgentMessage::AiInventory(inv)).await?;
+        Ok(())
+    }
+
+    /// The latest sample, after the inventory it refers to when that changed too.
+    async fn sample(&mut self, feed: &mut TelemetryFeed) -> Result<(), AgentError> {
+        let Some(sample) = feed.samples.borrow_and_update().clone() else {
+            return Ok(());
+        };
+        if feed.inventory.has_changed().unwrap_or(false) {
+            self.inventory(feed).await?;
+        }
+        send_sample(&self.conn, &sample).await;
+        self.samples_sent += 1;
+        if self.samples_sent == 1 {
+            debug!("first telemetry sample sent");
+        }
+        Ok(())
+    }
+
+    /// Certificates: ask for a new one, two thirds into the current one's lifetime.
+    async fn renew(&mut self) -> Result<(), AgentError> {
+        let (key, csr_der) = new_key_and_csr()?;
+        info!("renewing the node certificate");
+        let msg = AgentMessage::RenewCertificate { csr_der };
+        proto::write_message(&mut self.send, &msg).await?;
+        self.pending_key = Some(key);
+        Ok(())
+    }
+
+    /// Certificates: save the renewed one, tell the controller, and set the next renewal.
+    async fn renewed(&mut self, cert_der: &[u8]) -> Result<(), AgentError> {
+        let Some(key) = self.pending_key.take() else {
+            warn!("unrequested certificate ignored");
+            return Ok(());
+        };
+        self.state.save_cert(&key, cert_der)?;
+        // Saved: the controller may now revoke the certificate this session uses.
+        proto::write_message(&mut self.send, &AgentMessage::CertificateSaved).await?;
+        let next = crate::identity::validity(cert_der)
+            .map(|(nb, na)| nb + na.duration_since(nb).unwrap_or_default() * 2 / 3)
+            .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
+        info!(renew_at = %humantime::format_rfc3339_seconds(next), "certificate renewed and saved");
+        let at = tokio::time::Instant::now() + until(next);
+        self.renew_timer.as_mut().reset(at);
+        Ok(())
+    }
+
+    /// One message on the session stream; `Some` ends the session.
+    async fn message(
+        &mut self,
+        msg: Result<ControllerMessage, FrameError>,
+        channels: &mut Channels,
+    ) -> Result<Option<SessionEnd>, AgentError> {
+        match msg {
+            Ok(ControllerMessage::CertificateRenewed { cert_der }) => {
+                self.renewed(&cert_der).await?
+            }
+            Ok(ControllerMessage::RenewalRefused(r)) => {
+                warn!("certificate renewal refused: {r}; retrying in a minute");
+                self.pending_key = None;
+                let at = tokio::time::Instant::now() + Duration::from_secs(60);
+                self.renew_timer.as_mut().reset(at);
+            }
+            Ok(ControllerMessage::SettingsChanged(s)) => {
+                info!(?s, "settings changed");
+                let (config, state) = (self.config, self.state);
+                let saved = &self.saved_settings;
+                if let Some(end) = adopt_settings(config, state, saved, &s, self.keep_alive)? {
+                    self.conn
+                        .close(close::NORMAL.into(), b"reconnecting with new settings");
+                    return Ok(Some(end));
+                }
+                self.saved_settings = Some(s);
+            }
+            Ok(ControllerMessage::Bye { reason }) => {
+                return Ok(Some(SessionEnd::Lost {
+                    established: true,
+                    reason: format!("controller said bye: {reason}"),
+                }));
+            }
+            Ok(ControllerMessage::Unsupported { variant }) => {
+                debug!(variant, "controller does not support a message we sent");
+            }
+            Ok(ControllerMessage::AgentReleases(list)) => {
+                debug!(count = list.len(), "the controller's agent builds");
+                channels.releases.send_replace(list);
+            }
+            Err(FrameError::UnknownVariant { index, .. }) => {
+                let answer = AgentMessage::Unsupported { variant: index };
+                proto::write_message(&mut self.send, &answer).await?;
+            }
+            Err(e) => return self.lost(e).await.map(Some),
+        }
+        Ok(None)
+    }
+
+    /// The session stream ended: a permanent refusal, or a connection lost (reconnect).
+    async fn lost(&self, e: FrameError) -> Result<SessionEnd, AgentError> {
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.conn.closed()).await;
+        if let Some(permanent) = permanent_close(&self.conn) {
+            return Err(permanent);
+        }
+        let reason = self
+            .conn
+            .close_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| e.to_string());
+        Ok(SessionEnd::Lost {
+            established: true,
+            reason,
+        })
+    }
+
+    /// The agent stops: say bye, give it a moment to go out, close.
+    async fn stop(&mut self) -> SessionEnd {
+        let bye = AgentMessage::Bye {
+            reason: "agent stopping".into(),
+        };
+        let _ = proto::write_message(&mut self.send, &bye).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.send.stopped()).await;
+        self.conn.close(close::NORMAL.into(), b"agent stopping");
+        SessionEnd::Shutdown
     }
 }
 

@@ -321,7 +321,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 .get(&observed.nodes[i].id)
                 .and_then(|p| p.refusal(&svc.spec, host))
         };
-        let work = match fleet.place(&name, svc, &refusal_at) {
+        let work = match fleet.place(&name, svc, refusal_at) {
             Err(wait) => ServiceWork {
                 waiting: vec![wait],
                 ..ServiceWork::default()

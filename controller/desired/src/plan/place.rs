@@ -319,34 +319,18 @@ impl<'a> Fleet<'a> {
             waiting: Vec::new(),
             refused: Vec::new(),
         };
-        // Nodes that could take a replica but whose policy refuses the service: say so, in
-        // their agents' words.
         if total < svc.replicas {
-            for i in base.iter().copied() {
-                if assigned[i] < max_per_node && ports_ok(&self.claims, i) {
-                    if let Some(reason) = refusal_at(i) {
-                        placement.refused.push(Waiting {
-                            service: name.to_owned(),
-                            node: Some(nodes[i].name.clone()),
-                            reason,
-                        });
-                    }
-                }
-            }
-        }
-        if total < svc.replicas && placement.refused.is_empty() {
-            placement.waiting.push(Waiting {
-                service: name.to_owned(),
-                node: None,
-                reason: if !any_candidate {
-                    no_fit_reason(svc)
-                } else {
-                    format!(
-                        "only {total} of {} replicas can be placed (a fixed host port allows one per node)",
-                        svc.replicas
-                    )
-                },
-            });
+            let open = |i: usize| assigned[i] < max_per_node && ports_ok(&self.claims, i);
+            (placement.waiting, placement.refused) = shortfall(
+                name,
+                svc,
+                total,
+                nodes,
+                base,
+                any_candidate,
+                open,
+                &refusal_at,
+            );
         }
         touched.sort_unstable();
         for &i in &touched {
@@ -359,6 +343,50 @@ impl<'a> Fleet<'a> {
         }
         Ok(placement)
     }
+}
+
+/// Why fewer replicas than asked were placed: nodes that could take one but whose agent's
+/// policy refuses the service (in its words), or else a waiting reason.
+#[allow(clippy::too_many_arguments)]
+fn shortfall(
+    name: &str,
+    svc: &DesiredService,
+    total: u32,
+    nodes: &[ObservedNode],
+    base: &[usize],
+    any_candidate: bool,
+    open: impl Fn(usize) -> bool,
+    refusal_at: impl Fn(usize) -> Option<String>,
+) -> (Vec<Waiting>, Vec<Waiting>) {
+    let refused: Vec<Waiting> = base
+        .iter()
+        .copied()
+        .filter(|i| open(*i))
+        .filter_map(|i| {
+            refusal_at(i).map(|reason| Waiting {
+                service: name.to_owned(),
+                node: Some(nodes[i].name.clone()),
+                reason,
+            })
+        })
+        .collect();
+    if !refused.is_empty() {
+        return (Vec::new(), refused);
+    }
+    let reason = if !any_candidate {
+        no_fit_reason(svc)
+    } else {
+        format!(
+            "only {total} of {} replicas can be placed (a fixed host port allows one per node)",
+            svc.replicas
+        )
+    };
+    let waiting = Waiting {
+        service: name.to_owned(),
+        node: None,
+        reason,
+    };
+    (vec![waiting], Vec::new())
 }
 
 fn conflicts(claimed: &[PortKey], p: &PortKey) -> bool {

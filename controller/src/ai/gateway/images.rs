@@ -132,7 +132,7 @@ async fn sd_serve(
     let cfg = cp.config.ai.clone();
     let admitted = match admit(&cp, &who, &cfg) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let candidates = || {
         cp.ai.image_candidates(

@@ -241,8 +241,8 @@ async fn serve(cp: Arc<ControlPlane>, req: Request, path: &'static str) -> Respo
 }
 
 /// Take a slot of the token's rate and concurrency limits (given back when the answer is
-/// over), or the 429 to answer, with `Retry-After`.
-fn admit(cp: &Arc<ControlPlane>, token: &str, cfg: &AiConfig) -> Result<Admitted, Response> {
+/// over), or the 429 to answer, with `Retry-After` (boxed: it is large).
+fn admit(cp: &Arc<ControlPlane>, token: &str, cfg: &AiConfig) -> Result<Admitted, Box<Response>> {
     if let Err(wait) = cp.ai.admit(token, cfg) {
         let secs = wait.as_secs().max(1);
         let mut r = error(
@@ -253,7 +253,7 @@ fn admit(cp: &Arc<ControlPlane>, token: &str, cfg: &AiConfig) -> Result<Admitted
         );
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return Err(r);
+        return Err(Box::new(r));
     }
     Ok(Admitted {
         cp: cp.clone(),
@@ -276,14 +276,14 @@ pub async fn serve_for(
     let cfg = cp.config.ai.clone();
     let admitted = match admit(&cp, &caller.name, &cfg) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if body.len() > MAX_BODY {
         return too_large_body();
     }
     let req = match request::Routing::read(body, path) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let model = req.model.as_str();
     let prompt_tokens = estimate_tokens(&req.body);

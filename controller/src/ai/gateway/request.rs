@@ -22,8 +22,8 @@ pub(super) struct Routing {
 }
 
 impl Routing {
-    /// Read a request's routing fields, or the 400 to answer.
-    pub fn read(body: Bytes, path: &str) -> Result<Self, Response> {
+    /// Read a request's routing fields, or the 400 to answer (boxed: it is large).
+    pub fn read(body: Bytes, path: &str) -> Result<Self, Box<Response>> {
         #[derive(serde::Deserialize)]
         struct Head<'a> {
             #[serde(borrow, default)]
@@ -35,12 +35,12 @@ impl Routing {
             stream_options: Option<Value>,
         }
         let bad = |code: &str, message: String| {
-            error(
+            Box::new(error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 code,
                 message,
-            )
+            ))
         };
         let head: Head<'_> = match serde_json::from_slice(&body) {
             Ok(h) => h,

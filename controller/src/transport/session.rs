@@ -1,0 +1,526 @@
+//! An agent's authenticated session: the certificate checks and `Hello`, then a [`Session`]
+//! that owns the connection and the session stream and serves them until the connection ends,
+//! with one method per message family (certificates, deploy policy, inventories, telemetry,
+//! releases, the end of the session).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nebula_protocol::release::AgentRelease;
+use nebula_protocol::telemetry::{Datagram, TelemetryInventory};
+use nebula_protocol::{
+    self as proto, close, AgentMessage, ControllerMessage, FrameError, Hello, NodeFacts, Refusal,
+    RefusalCode, ServerHello, Welcome, PROTOCOL_VERSION,
+};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+use uuid::Uuid;
+
+use super::{
+    protocol_error, refuse, version_refusal, FIRST_STREAM_TIMEOUT, SESSION_BIDI_STREAMS,
+    SESSION_RECEIVE_WINDOW, SESSION_UNI_STREAMS,
+};
+use crate::ca::peer_identity;
+use crate::events::Event;
+use crate::store::millis;
+use crate::ControlPlane;
+
+type Releases = watch::Receiver<Arc<Vec<AgentRelease>>>;
+
+/// Serve a connection on the session ALPN: verify who it is, read its `Hello`, register it,
+/// serve it, and mark the node offline when it ends (unless a newer connection replaced it).
+pub(super) async fn session_connection(
+    cp: &ControlPlane,
+    conn: quinn::Connection,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some((session, recv, hello, version)) = Session::open(cp, conn).await? else {
+        return Ok(());
+    };
+    let span = tracing::info_span!("session", node = %session.node_id, name = %session.name);
+    let remote = session.conn.remote_address();
+    let mut session = session;
+    let result = async {
+        info!(%remote, agent_version = %hello.agent_version, "node online");
+        session.welcome().await?;
+        // Agents from 1.3 on hear which agent builds this controller serves (self-update).
+        let releases = (version.minor >= 3).then(|| {
+            let mut rx = cp.releases.subscribe();
+            rx.mark_changed();
+            rx
+        });
+        session.serve(recv, releases, shutdown).await
+    }
+    .instrument(span.clone())
+    .await;
+    session.close().instrument(span).await;
+    result
+}
+
+/// One authenticated session.
+pub(super) struct Session<'a> {
+    cp: &'a ControlPlane,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    node_id: Uuid,
+    name: String,
+    labels: proto::Labels,
+    /// This connection's place in the registry (a newer connection of the node replaces it).
+    generation: u64,
+    /// The node's facts as last stored (the inventory updates GPUs and the container runtime).
+    facts: NodeFacts,
+    /// The certificate issued on this session and not yet confirmed saved.
+    renewed: Option<String>,
+}
+
+/// Whether the session goes on after an input.
+enum Flow {
+    Continue,
+    End,
+}
+
+impl<'a> Session<'a> {
+    /// Check the client certificate and the `Hello`, then register the session. `None` when
+    /// the connection was refused (and closed with the reason).
+    async fn open(
+        cp: &'a ControlPlane,
+        conn: quinn::Connection,
+    ) -> anyhow::Result<Option<(Self, quinn::RecvStream, Hello, proto::ProtocolVersion)>> {
+        let remote = conn.remote_address();
+        let certs = conn
+            .peer_identity()
+            .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
+        let Some(identity) = certs
+            .as_ref()
+            .and_then(|c| c.first())
+            .and_then(|leaf| peer_identity(leaf))
+        else {
+            warn!(%remote, "session refused: no client certificate");
+            conn.close(
+                close::REFUSED.into(),
+                b"client certificate required on nebula/1 (enroll first with a join token)",
+            );
+            return Ok(None);
+        };
+        let node_id = identity.node_id;
+        let Some((mut send, recv, hello, version)) = read_hello(cp, &conn, node_id).await? else {
+            return Ok(None);
+        };
+        // Identity comes from the verified certificate; it must be known and live.
+        let cert = cp.store.certificate(&identity.serial).await?;
+        let node = cp.store.node_by_id(node_id).await?;
+        let node = match (cert, node) {
+            (Some(c), Some(n)) if c.revoked_at.is_none() && c.node_id == node_id => n,
+            _ => {
+                warn!(node = %node_id, %remote, serial = %identity.serial, "session refused: certificate revoked or node removed");
+                let refusal = Refusal::new(
+                    RefusalCode::NodeRevoked,
+                    "this node's certificate was revoked (the node was removed); join again with a new token",
+                );
+                refuse(&conn, &mut send, refusal, close::REVOKED).await?;
+                return Ok(None);
+            }
+        };
+        // A node that connects with a newer certificate has saved it: its older ones go.
+        // (Looked for with a read first: nearly always there are none.)
+        if cp
+            .store
+            .has_superseded_certificates(node_id, &identity.serial)
+            .await
+            .unwrap_or(true)
+        {
+            revoke_superseded(cp, node_id, &identity.serial).await;
+        }
+        // Authenticated: the windows and stream limits of a session.
+        conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
+        conn.set_max_concurrent_bi_streams(SESSION_BIDI_STREAMS.into());
+        conn.set_max_concurrent_uni_streams(SESSION_UNI_STREAMS.into());
+        let now = millis(SystemTime::now());
+        cp.store
+            .record_session(node_id, &hello.facts, &hello.agent_version, now)
+            .await?;
+        cp.telemetry.register(node_id, &node.name);
+        let (generation, replaced) = cp.registry.insert(
+            node_id,
+            node.name.clone(),
+            hello.agent_version.clone(),
+            conn.clone(),
+        );
+        cp.metrics
+            .agents_connected
+            .set(cp.registry.online_count() as i64);
+        if let Some(old) = replaced {
+            info!(node = %node_id, name = %node.name, "new connection replaces the old one");
+            old.close(
+                close::REPLACED.into(),
+                b"replaced by a newer connection from the same node",
+            );
+        }
+        let session = Session {
+            cp,
+            conn,
+            send,
+            node_id,
+            name: node.name,
+            labels: node.labels,
+            generation,
+            facts: hello.facts.clone(),
+            renewed: None,
+        };
+        Ok(Some((session, recv, hello, version)))
+    }
+
+    /// Say the node is online and send the `Welcome`.
+    async fn welcome(&mut self) -> anyhow::Result<()> {
+        let cp = self.cp;
+        cp.events.publish(Event::NodeOnline {
+            id: self.node_id,
+            name: self.name.clone(),
+        });
+        // Jobs waiting for this node (or out on it before a restart) go now.
+        cp.jobs.nodes_changed();
+        let welcome = ServerHello::Welcome(Welcome {
+            node_id: self.node_id,
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            controller_version: PROTOCOL_VERSION,
+            settings: cp.session_settings(),
+        });
+        proto::write_message(&mut self.send, &welcome).await?;
+        Ok(())
+    }
+
+    /// Serve the session until it ends: one `select!` over its inputs, each handed to its
+    /// method.
+    async fn serve(
+        &mut self,
+        mut recv: quinn::RecvStream,
+        mut releases: Option<Releases>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        // Cancel-safe: the select below may drop a read in the middle of a frame.
+        let mut frames = proto::FrameReader::new(self.cp.config.max_frame_bytes);
+        let conn = self.conn.clone();
+        loop {
+            let flow = tokio::select! {
+                changed = async { releases.as_mut()?.changed().await.ok() }, if releases.is_some() => {
+                    match (changed, releases.as_mut()) {
+                        (Some(()), Some(rx)) => {
+                            let list = rx.borrow_and_update().clone();
+                            self.releases(&list).await?
+                        }
+                        _ => {
+                            releases = None;
+                            Flow::Continue
+                        }
+                    }
+                }
+                dg = conn.read_datagram() => match dg {
+                    Ok(bytes) => {
+                        self.sample(&bytes);
+                        Flow::Continue
+                    }
+                    Err(_) => Flow::End,
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(uni) => {
+                        self.sample_stream(uni).await;
+                        Flow::Continue
+                    }
+                    Err(_) => Flow::End,
+                },
+                _ = shutdown.cancelled() => {
+                    self.shutdown().await;
+                    Flow::End
+                }
+                _ = conn.closed() => Flow::End,
+                msg = frames.read_message::<AgentMessage, _>(&mut recv) => self.message(msg).await?,
+            };
+            if let Flow::End = flow {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One message on the session stream.
+    async fn message(&mut self, msg: Result<AgentMessage, FrameError>) -> anyhow::Result<Flow> {
+        match msg {
+            Ok(AgentMessage::RenewCertificate { csr_der }) => self.renew(&csr_der).await?,
+            Ok(AgentMessage::CertificateSaved) => {
+                if let Some(serial) = self.renewed.take() {
+                    revoke_superseded(self.cp, self.node_id, &serial).await;
+                }
+            }
+            Ok(AgentMessage::DeployPolicy(policy)) => self.deploy_policy(policy),
+            Ok(AgentMessage::Bye { reason }) => {
+                info!(%reason, "agent said bye");
+                self.conn.close(close::NORMAL.into(), b"bye");
+                return Ok(Flow::End);
+            }
+            Ok(AgentMessage::Unsupported { variant }) => {
+                debug!(variant, "agent does not support a message we sent");
+            }
+            Ok(AgentMessage::AiInventory(inv)) => self.ai_inventory(inv),
+            Ok(AgentMessage::TelemetryInventory(inv)) => self.telemetry_inventory(inv).await?,
+            Err(FrameError::UnknownVariant { index, .. }) => {
+                // A newer agent minor: answer, never fail.
+                let answer = ControllerMessage::Unsupported { variant: index };
+                proto::write_message(&mut self.send, &answer).await?;
+            }
+            Err(FrameError::Closed) => return Ok(Flow::End),
+            Err(e) => {
+                protocol_error(self.cp, &self.conn, self.node_id, &e)?;
+                return Ok(Flow::End);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Certificates: issue a renewed one for the agent's CSR (its older ones are revoked once
+    /// it says the new one is saved).
+    async fn renew(&mut self, csr_der: &[u8]) -> anyhow::Result<()> {
+        let cp = self.cp;
+        let issued =
+            cp.ca
+                .issue_node_cert(self.node_id, &self.name, csr_der, cp.config.cert_lifetime);
+        let reply = match issued {
+            Ok(issued) => {
+                let now = millis(SystemTime::now());
+                cp.store
+                    .add_certificate(&issued.record(self.node_id, now))
+                    .await?;
+                info!(serial = %issued.serial, "certificate renewed");
+                self.renewed = Some(issued.serial.clone());
+                cp.events.publish(Event::CertificateRenewed {
+                    id: self.node_id,
+                    name: self.name.clone(),
+                    serial: issued.serial,
+                });
+                ControllerMessage::CertificateRenewed {
+                    cert_der: issued.der,
+                }
+            }
+            Err(e) => ControllerMessage::RenewalRefused(Refusal::new(
+                RefusalCode::InvalidRequest,
+                format!("{e:#}"),
+            )),
+        };
+        proto::write_message(&mut self.send, &reply).await?;
+        Ok(())
+    }
+
+    /// The deploy policy, kept with the session; a change may turn refusals into actions or
+    /// back.
+    fn deploy_policy(&self, policy: proto::deploy::DeployPolicySummary) {
+        debug!(?policy, "deploy policy");
+        if self
+            .cp
+            .registry
+            .set_deploy_policy(self.node_id, self.generation, policy)
+        {
+            let why = format!("the deploy policy of {} changed", self.name);
+            self.cp.desired.kick(&why);
+        }
+    }
+
+    /// The node's inference backends and models.
+    fn ai_inventory(&self, inv: proto::ai::AiInventory) {
+        let cp = self.cp;
+        cp.ai.set_inventory(self.node_id, &self.name, inv);
+        // Desired models may be missing (or present now).
+        if cp
+            .desired
+            .active()
+            .is_some_and(|a| !a.desired.models.is_empty())
+        {
+            cp.desired.kick(&format!("models on {} changed", self.name));
+        }
+    }
+
+    /// What the node has (GPUs, container runtime, containers), which samples refer to.
+    async fn telemetry_inventory(&mut self, inv: TelemetryInventory) -> anyhow::Result<()> {
+        let cp = self.cp;
+        if self.facts.gpus != inv.gpus || self.facts.container_runtime != inv.container_runtime {
+            self.facts.gpus = inv.gpus.clone();
+            self.facts.container_runtime = inv.container_runtime.clone();
+            cp.store.update_facts(self.node_id, &self.facts).await?;
+            cp.jobs.nodes_changed();
+        }
+        // A container gone from the inventory was removed (`docker rm -f`): say so like a stop,
+        // so that the reconciler repairs it at once.
+        for c in cp
+            .telemetry
+            .set_inventory(self.node_id, inv)
+            .unwrap_or_default()
+        {
+            cp.events.publish(Event::ContainerChanged {
+                node_id: self.node_id,
+                node: self.name.clone(),
+                container: c.id,
+                name: c.name,
+                state: "removed".to_owned(),
+                health: "none".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Decode and take one telemetry sample; anything wrong with it is counted, never fatal.
+    fn sample(&self, bytes: &[u8]) {
+        let (cp, node_id) = (self.cp, self.node_id);
+        let sample = match proto::decode::<Datagram>(bytes) {
+            Ok(Datagram::Sample(s)) => s,
+            Err(e) => {
+                cp.frames_rejected();
+                cp.metrics.dropped("malformed");
+                debug!(node = %node_id, "malformed telemetry: {e}");
+                return;
+            }
+        };
+        match cp.telemetry.ingest(node_id, sample) {
+            Ok(changes) => {
+                cp.metrics.samples_accepted.inc();
+                for c in changes {
+                    cp.events.publish(Event::ContainerChanged {
+                        node_id,
+                        node: self.name.clone(),
+                        container: c.container,
+                        name: c.name,
+                        state: c.state.as_str().to_owned(),
+                        health: c.health.as_str().to_owned(),
+                    });
+                }
+            }
+            Err(reason) => cp.metrics.dropped(reason.as_str()),
+        }
+    }
+
+    /// A sample too big for a datagram: one frame on its own stream, read with a deadline so a
+    /// slow sender cannot stall the session.
+    async fn sample_stream(&self, mut uni: quinn::RecvStream) {
+        let cp = self.cp;
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            proto::read_frame(&mut uni, cp.config.max_frame_bytes),
+        )
+        .await;
+        match read {
+            Ok(Ok(bytes)) => self.sample(&bytes),
+            Ok(Err(e)) => {
+                cp.frames_rejected();
+                cp.metrics.dropped("malformed");
+                debug!("bad telemetry stream: {e}");
+            }
+            Err(_) => cp.metrics.dropped("timeout"),
+        }
+    }
+
+    /// The agent builds this controller serves, when they change (self-update).
+    async fn releases(&mut self, list: &[AgentRelease]) -> anyhow::Result<Flow> {
+        if !list.is_empty() {
+            let msg = ControllerMessage::AgentReleases(list.to_vec());
+            proto::write_message(&mut self.send, &msg).await?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The controller stops: say bye and close.
+    async fn shutdown(&mut self) {
+        let bye = ControllerMessage::Bye {
+            reason: "controller shutting down".into(),
+        };
+        let _ = proto::write_message(&mut self.send, &bye).await;
+        self.conn
+            .close(close::SHUTDOWN.into(), b"controller shutting down");
+    }
+
+    /// The session is over: unless a newer connection of the node replaced it, the node is
+    /// offline.
+    async fn close(self) {
+        let cp = self.cp;
+        if !cp.registry.remove_if_current(self.node_id, self.generation) {
+            return;
+        }
+        cp.metrics
+            .agents_connected
+            .set(cp.registry.online_count() as i64);
+        let reason = self.conn.close_reason().map(|r| r.to_string());
+        info!(reason = %reason.unwrap_or_default(), "node offline");
+        let now = millis(SystemTime::now());
+        if let Err(e) = cp.store.touch_last_seen(self.node_id, now).await {
+            warn!("recording last seen: {e:#}");
+        }
+        cp.events.publish(Event::NodeOffline {
+            id: self.node_id,
+            name: self.name,
+        });
+    }
+}
+
+/// The session stream and its `Hello`, under one deadline. `None` when the connection was
+/// refused for what it sent (and closed with the reason).
+async fn read_hello(
+    cp: &ControlPlane,
+    conn: &quinn::Connection,
+    node_id: uuid::Uuid,
+) -> anyhow::Result<
+    Option<(
+        quinn::SendStream,
+        quinn::RecvStream,
+        Hello,
+        proto::ProtocolVersion,
+    )>,
+> {
+    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let payload = proto::read_frame(&mut recv, cp.config.max_frame_bytes).await;
+        Ok::<_, quinn::ConnectionError>((send, recv, payload))
+    })
+    .await;
+    let (mut send, recv, payload) = match first {
+        Ok(r) => r?,
+        Err(_) => {
+            conn.close(
+                close::PROTOCOL_ERROR.into(),
+                b"no Hello within the deadline",
+            );
+            return Ok(None);
+        }
+    };
+    let payload = match payload {
+        Ok(p) => p,
+        Err(e) => return protocol_error(cp, conn, node_id, &e).map(|()| None),
+    };
+    let version = match proto::peek_version(&payload) {
+        Ok(v) => v,
+        Err(e) => return protocol_error(cp, conn, node_id, &e).map(|()| None),
+    };
+    if !version.is_compatible_with(PROTOCOL_VERSION) {
+        let refusal = version_refusal(version);
+        warn!(node = %node_id, remote = %conn.remote_address(), "session refused: {}", refusal.message);
+        return refuse(conn, &mut send, refusal, close::REFUSED)
+            .await
+            .map(|()| None);
+    }
+    let hello: Hello = match proto::decode(&payload) {
+        Ok(h) => h,
+        Err(e) => return protocol_error(cp, conn, node_id, &e).map(|()| None),
+    };
+    Ok(Some((send, recv, hello, version)))
+}
+
+/// Revoke the node's certificates older than `serial`; a failure is logged, never fatal (the
+/// old certificate still expires on its own).
+async fn revoke_superseded(cp: &ControlPlane, node_id: uuid::Uuid, serial: &str) {
+    match cp
+        .store
+        .revoke_superseded_certificates(node_id, serial, millis(SystemTime::now()))
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => info!(node = %node_id, %serial, revoked = n, "older certificates revoked"),
+        Err(e) => warn!(node = %node_id, "revoking older certificates: {e:#}"),
+    }
+}
