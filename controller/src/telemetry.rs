@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 use nebula_protocol::telemetry::{
     ContainerHealth, ContainerInfo, ContainerState, TelemetryInventory, TelemetrySample,
 };
-use serde::Serialize;
 use uuid::Uuid;
 
 use crate::store::millis;
@@ -85,21 +84,7 @@ impl HistoryPoint {
     }
 }
 
-/// A history point as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PointView {
-    pub t: String,
-    pub cpu_percent: f64,
-    pub load1: f64,
-    pub memory_used_bytes: u64,
-    pub net_rx_bytes_per_sec: u64,
-    pub net_tx_bytes_per_sec: u64,
-    pub gpu_utilization_percent: Option<u8>,
-    pub gpu_temperature_c: Option<u8>,
-    pub gpu_memory_used_bytes: Option<u64>,
-    pub containers_running: u16,
-    pub containers_unhealthy: u16,
-}
+pub use nebula_types::api::telemetry::PointView;
 
 /// Sum of numbers an agent reported: saturates instead of overflowing.
 pub fn saturating_sum(values: impl Iterator<Item = u64>) -> u64 {

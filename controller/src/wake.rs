@@ -24,16 +24,7 @@ use crate::jobs::NewJob;
 use crate::store::millis;
 use crate::{ControlPlane, OpError};
 
-/// A wake in progress (or failed) for one node.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Wake {
-    pub node: String,
-    pub relay: String,
-    pub job: Uuid,
-    pub started_at: i64,
-    pub until: i64,
-    pub failed: bool,
-}
+pub use nebula_types::api::nodes::Wake;
 
 #[derive(Debug, Default)]
 pub struct WakeTable {

@@ -19,13 +19,16 @@ use crate::authz::{Change, Op, OpCtx};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::Serialize;
+pub use nebula_types::api::desired::{
+    Applied, FileRejection, PlanView, ServiceContainer, ServiceView,
+};
+
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::events::Event;
-use crate::store::desired::{DeploymentRecord, DesiredRecord, PinRecord};
+use crate::store::desired::{DesiredRecord, PinRecord};
 use crate::store::millis;
 use crate::{ControlPlane, OpError};
 
@@ -44,14 +47,6 @@ pub struct Active {
     pub record: DesiredRecord,
     pub desired: Desired,
     pub warnings: Vec<Problem>,
-}
-
-/// The last refusal of the watched file.
-#[derive(Debug, Clone, Serialize)]
-pub struct FileRejection {
-    pub path: String,
-    pub at: i64,
-    pub problems: Vec<Problem>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,26 +112,6 @@ pub enum ApplyError {
     Op(#[from] OpError),
 }
 
-/// The answer to an apply.
-#[derive(Debug, Clone, Serialize)]
-pub struct Applied {
-    pub version: i64,
-    /// False when the map was the one in force already (failed revisions are retried anyway).
-    pub changed: bool,
-    pub warnings: Vec<Problem>,
-    pub plan: Plan,
-}
-
-/// A plan with what it was computed from.
-#[derive(Debug, Clone, Serialize)]
-pub struct PlanView {
-    /// The map version planned (`None`: a proposed map, or none in force).
-    pub version: Option<i64>,
-    pub warnings: Vec<Problem>,
-    #[serde(flatten)]
-    pub plan: Plan,
-}
-
 /// A managed container as telemetry shows it.
 #[derive(Debug, Clone)]
 pub(crate) struct ServiceContainerRaw {
@@ -145,50 +120,6 @@ pub(crate) struct ServiceContainerRaw {
     pub revision: String,
     pub state: String,
     pub health: String,
-}
-
-/// One container of a service as observed.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceContainer {
-    pub node: String,
-    pub name: String,
-    pub revision: String,
-    pub state: String,
-    pub health: String,
-}
-
-/// A service: desired against actual.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceView {
-    pub name: String,
-    /// False for an orphan (managed containers of a service the map no longer declares).
-    pub declared: bool,
-    pub image: Option<String>,
-    /// The revision wanted now (the map's, or a rollback pin's).
-    pub revision: Option<String>,
-    /// The map's own revision when a rollback pin overrides it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pinned_over: Option<String>,
-    pub replicas: u32,
-    /// The revision that runs when it is not the wanted one (after a failed update rolled
-    /// back, or while an update is under way); `running` and `healthy` count its containers.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub serving_revision: Option<String>,
-    /// Containers of the revision in force (the wanted one once any runs, else
-    /// `serving_revision`) that run, and that run healthy.
-    pub running: u32,
-    pub healthy: u32,
-    /// converged, deploying, pending, refused (a node's deploy policy would refuse it; the
-    /// message is its agent's), waiting, failed, orphan.
-    pub status: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    pub containers: Vec<ServiceContainer>,
-    /// The deploy job running now, if any.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub deploy_jobs: Vec<Uuid>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_deployment: Option<DeploymentRecord>,
 }
 
 /// The revision in force among `containers`: `wanted` when any of its containers runs, else

@@ -3,12 +3,12 @@
 //! is not retried until the map is applied again). Models on nodes that the map does not ask for
 //! are reported as extra and left alone.
 
+pub use nebula_types::api::models::{ExtraModel, ModelStatus, ModelsView};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nebula_protocol::ai::same_model;
-use serde::Serialize;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -25,42 +25,13 @@ pub(crate) struct ModelPull {
     pub failed: Option<String>,
 }
 
-/// One (model, node) the map asks for, as it stands.
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelStatus {
-    pub model: String,
-    pub node: String,
-    /// `present`, `pulling`, `failed` or `waiting` (node offline or not reporting models).
-    pub state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub percent: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub job: Option<Uuid>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
-
-/// A model on a node that the map does not ask for there.
-#[derive(Debug, Clone, Serialize)]
-pub struct ExtraModel {
-    pub node: String,
-    pub backend: String,
-    pub model: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ModelsView {
-    pub desired: Vec<ModelStatus>,
-    pub extra: Vec<ExtraModel>,
-}
-
 /// The nodes a declaration targets: (name, id).
 fn targets(decl: &DesiredModel, nodes: &[crate::store::NodeRecord]) -> Vec<(String, Uuid)> {
     nodes
         .iter()
         .filter(|n| {
             if decl.nodes.is_empty() {
-                decl.labels.iter().all(|(k, v)| n.labels.get(k) == Some(v))
+                nebula_placement::labels_match(&decl.labels, &n.labels)
             } else {
                 decl.nodes.contains(&n.name)
             }
@@ -185,7 +156,7 @@ impl ControlPlane {
                 view.desired.push(ModelStatus {
                     model: model.clone(),
                     node,
-                    state,
+                    state: state.to_owned(),
                     percent,
                     job: pull.map(|p| p.job),
                     message,

@@ -14,6 +14,9 @@ use crate::authz::{Op, OpCtx};
 use crate::desired::map::{self, MapErrors};
 use crate::desired::{ApplyError, PlanView, ServiceView};
 use crate::ControlPlane;
+use nebula_types::api::desired::{
+    Applied, DesiredView, ReconcileStarted, RollbackRequest, RolledBack, ServiceDetail,
+};
 
 impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> Self {
@@ -41,22 +44,30 @@ pub(super) async fn schema() -> Json<Value> {
 pub(super) async fn get_desired(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<OpCtx>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DesiredView>> {
     cp.authorize(&who, Op::ReadFleet)?;
-    let active = cp.desired.active();
     let file_error = cp.desired.file_error();
-    Ok(Json(match active {
-        Some(a) => json!({
-            "version": a.record.version,
-            "source": a.record.source,
-            "created_by": a.record.created_by,
-            "created_at": a.record.created_at,
-            "digest": a.record.digest,
-            "document": a.record.document,
-            "warnings": a.warnings,
-            "file_error": file_error,
-        }),
-        None => json!({ "version": null, "file_error": file_error }),
+    Ok(Json(match cp.desired.active() {
+        Some(a) => DesiredView {
+            version: Some(a.record.version),
+            source: Some(a.record.source.clone()),
+            created_by: Some(a.record.created_by.clone()),
+            created_at: Some(a.record.created_at),
+            digest: Some(a.record.digest.clone()),
+            document: Some(a.record.document.clone()),
+            warnings: a.warnings.clone(),
+            file_error,
+        },
+        None => DesiredView {
+            version: None,
+            source: None,
+            created_by: None,
+            created_at: None,
+            digest: None,
+            document: None,
+            warnings: Vec::new(),
+            file_error,
+        },
     }))
 }
 
@@ -73,9 +84,9 @@ pub(super) async fn put_desired(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<OpCtx>,
     body: String,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Applied>> {
     let applied = cp.apply_desired(&document(body)?, "api", &who).await?;
-    Ok(Json(json!(applied)))
+    Ok(Json(applied))
 }
 
 pub(super) async fn get_plan(
@@ -114,7 +125,7 @@ pub(super) async fn get_service(
     Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
     Query(q): Query<HistoryQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ServiceDetail>> {
     cp.authorize(&who, Op::ReadFleet)?;
     let service = cp.services().await?.into_iter().find(|s| s.name == name);
     let history = cp
@@ -124,14 +135,7 @@ pub(super) async fn get_service(
     if service.is_none() && history.is_empty() {
         return Err(ApiError::not_found(format!("no service named `{name}`")));
     }
-    Ok(Json(json!({ "service": service, "history": history })))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RollbackRequest {
-    /// A revision (or a unique prefix of at least 4 characters); absent: the previous one.
-    to: Option<String>,
+    Ok(Json(ServiceDetail { service, history }))
 }
 
 pub(super) async fn rollback(
@@ -139,23 +143,23 @@ pub(super) async fn rollback(
     Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
     body: Option<Json<RollbackRequest>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RolledBack>> {
     let req = body.map(|Json(b)| b).unwrap_or_default();
     let pin = cp.rollback_service(&name, req.to.as_deref(), &who).await?;
-    Ok(Json(json!({
-        "service": pin.service,
-        "revision": pin.revision,
-        "until": "the service map changes this service",
-    })))
+    Ok(Json(RolledBack {
+        service: pin.service,
+        revision: pin.revision,
+        until: "the service map changes this service".into(),
+    }))
 }
 
 pub(super) async fn reconcile(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<OpCtx>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<ReconcileStarted>)> {
     cp.request_reconcile(&who)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "reconcile": "started" })),
-    ))
+    let started = ReconcileStarted {
+        reconcile: "started".into(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(started)))
 }

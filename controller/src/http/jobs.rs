@@ -10,7 +10,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::Stream;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
@@ -19,6 +19,7 @@ use crate::authz::{Op, OpCtx};
 use crate::jobs::{JobLogLine, JobRecord, JobState, NewJob, Selector, Target, Work};
 use crate::store::jobs::{AuditFilter, JobFilter};
 use crate::ControlPlane;
+pub use nebula_types::api::jobs::{CreateJob, FanOut, JobView, NodeResult};
 
 /// Longest a request may wait for jobs to finish.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -30,30 +31,6 @@ fn parse_duration(what: &str, s: &str) -> ApiResult<Duration> {
 
 fn parse_uuid(s: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(s).map_err(|_| ApiError::bad_request(format!("`{s}` is not a job id")))
-}
-
-/// `POST /api/v1/jobs`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateJob {
-    /// Run on this node...
-    #[serde(default)]
-    pub node: Option<String>,
-    /// ...or on the best node matching this selector.
-    #[serde(default)]
-    pub selector: Option<Selector>,
-    pub work: Work,
-    /// From now, e.g. `10m` (default: the controller's job_default_deadline).
-    #[serde(default)]
-    pub deadline: Option<String>,
-    /// Safe to run again: retried (possibly elsewhere) when lost.
-    #[serde(default)]
-    pub idempotent: bool,
-    #[serde(default)]
-    pub max_attempts: Option<u32>,
-    /// Answer when the job has finished (or after this long, with its state then).
-    #[serde(default)]
-    pub wait: Option<String>,
 }
 
 fn target(node: Option<String>, selector: Option<Selector>) -> ApiResult<Target> {
@@ -177,15 +154,6 @@ pub(super) async fn list_jobs(
         None
     };
     Ok(Json(Page { items, next_cursor }))
-}
-
-/// A job and, while it runs, the agent's latest progress figure.
-#[derive(Debug, serde::Serialize)]
-pub(super) struct JobView {
-    #[serde(flatten)]
-    record: JobRecord,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    progress: Option<serde_json::Value>,
 }
 
 pub(super) async fn get_job(
@@ -412,27 +380,6 @@ async fn stream_logs(cp: Arc<ControlPlane>, id: Uuid, follow: bool, tx: mpsc::Se
 }
 
 // ----- inventory and fan-out -----
-
-/// One node's answer in a fan-out.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeResult {
-    pub node: String,
-    /// `None` when no job was created (the node was offline).
-    pub job_id: Option<Uuid>,
-    pub state: String,
-    pub exit_code: Option<i32>,
-    pub error: Option<String>,
-    pub output: Option<nebula_protocol::jobs::JobOutput>,
-    /// The last lines of the job's log (at most 100).
-    pub log_tail: Vec<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct FanOut {
-    pub results: Vec<NodeResult>,
-    pub succeeded: usize,
-    pub failed: usize,
-}
 
 /// Run `work` on every listed (or selected) node at once; wait for all.
 async fn fan_out(

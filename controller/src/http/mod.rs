@@ -32,7 +32,6 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::routing::{delete, get};
 use axum::{middleware, Json, Router};
-use serde_json::json;
 
 use crate::ControlPlane;
 use auth::authenticate;
@@ -54,8 +53,8 @@ mod prelude {
     pub(super) use axum::middleware::Next;
     pub(super) use axum::response::{IntoResponse, Response};
     pub(super) use axum::{Extension, Json};
-    pub(super) use nebula_protocol::{Labels, NodeFacts};
-    pub(super) use serde::{Deserialize, Serialize};
+
+    pub(super) use serde::Deserialize;
     pub(super) use serde_json::json;
 
     pub(super) use super::error::{ApiError, ApiResult};
@@ -147,6 +146,9 @@ async fn openapi_json() -> Json<serde_json::Value> {
     Json(openapi::document())
 }
 
-async fn healthz(State(cp): State<Arc<ControlPlane>>) -> Json<serde_json::Value> {
-    Json(json!({"status": "ok", "online_nodes": cp.registry.online_count()}))
+async fn healthz(State(cp): State<Arc<ControlPlane>>) -> Json<nebula_types::api::Health> {
+    Json(nebula_types::api::Health {
+        status: "ok".into(),
+        online_nodes: cp.registry.online_count(),
+    })
 }

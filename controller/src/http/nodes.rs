@@ -1,47 +1,10 @@
 //! Nodes: the fleet table, one node, removal, wake and sleep.
 
 use super::prelude::*;
-use super::telemetry::{summary, TelemetrySummary};
+use super::telemetry::summary;
 
-/// A node as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeView {
-    pub id: uuid::Uuid,
-    pub name: String,
-    pub status: NodeStatus,
-    pub labels: Labels,
-    pub facts: NodeFacts,
-    pub agent_version: String,
-    pub enrolled_at: String,
-    pub last_seen_at: Option<String>,
-    pub connected_since: Option<String>,
-    pub remote_addr: Option<String>,
-    pub cert_not_after: Option<String>,
-    /// The latest telemetry, summarised (absent before the first sample).
-    pub telemetry: Option<TelemetrySummary>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum NodeStatus {
-    Online,
-    Offline,
-    /// Woken through a relay; not registered yet.
-    Waking,
-    /// Woken, but it did not register within `wake_timeout`.
-    WakeFailed,
-}
-
-impl NodeStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeStatus::Online => "online",
-            NodeStatus::Offline => "offline",
-            NodeStatus::Waking => "waking",
-            NodeStatus::WakeFailed => "wake_failed",
-        }
-    }
-}
+pub use nebula_types::api::nodes::{NodeRemoved, NodeStatus, NodeView};
+pub use nebula_types::api::Page;
 
 pub(super) fn rfc3339(ms: i64) -> String {
     crate::store::rfc3339_millis(crate::store::from_millis(ms))
@@ -89,12 +52,6 @@ pub(super) struct NodeQuery {
     status: Option<NodeStatus>,
     /// `key=value`
     label: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_cursor: Option<String>,
 }
 
 pub(super) async fn list_nodes(
@@ -148,9 +105,9 @@ pub(super) async fn remove_node(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<NodeRemoved>> {
     let id = cp.remove_node(&name, &who).await?;
-    Ok(Json(json!({"removed": name, "id": id})))
+    Ok(Json(NodeRemoved { removed: name, id }))
 }
 
 // ----- wake and sleep -----
@@ -159,16 +116,16 @@ pub(super) async fn wake_node(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<crate::wake::Wake>)> {
     let wake = cp.wake_node(&name, &who).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!(wake))))
+    Ok((StatusCode::ACCEPTED, Json(wake)))
 }
 
 pub(super) async fn sleep_node(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<OpCtx>,
     Path(name): Path<String>,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<crate::jobs::model::JobRecord>)> {
     let job = cp.sleep_node(&name, &who).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!(job))))
+    Ok((StatusCode::ACCEPTED, Json(job)))
 }

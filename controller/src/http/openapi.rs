@@ -7,6 +7,8 @@ use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
 use crate::authz::Op;
+use nebula_types::api::{access, desired, jobs, models, nodes, telemetry, Health, Page};
+use nebula_types::jobs::{AuditRecord, JobRecord};
 
 /// Who may call an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,9 +32,13 @@ pub struct Route {
     pub access: Access,
     /// The success status and what it carries.
     pub ok: (u16, &'static str),
-    /// The response body's schema, when its type derives one.
-    pub schema: Option<fn(&mut SchemaGenerator) -> schemars::Schema>,
+    /// The response body's schema (JSON answers; not for text, scripts, files or streams).
+    pub schema: Option<SchemaFn>,
+    /// The request body's schema, for JSON bodies.
+    pub body: Option<SchemaFn>,
 }
+
+type SchemaFn = fn(&mut SchemaGenerator) -> schemars::Schema;
 
 const fn route(
     method: &'static str,
@@ -50,11 +56,27 @@ const fn route(
         access,
         ok,
         schema: None,
+        body: None,
     }
 }
 
-fn tasks_schema(g: &mut SchemaGenerator) -> schemars::Schema {
-    Vec::<crate::tasks::TaskStatus>::json_schema(g)
+/// A type's schema: a reference to it in the document's components (inline for lists).
+fn of<T: JsonSchema>(g: &mut SchemaGenerator) -> schemars::Schema {
+    g.subschema_for::<T>()
+}
+
+impl Route {
+    /// The success body's schema.
+    const fn returns(mut self, schema: SchemaFn) -> Self {
+        self.schema = Some(schema);
+        self
+    }
+
+    /// The request body's schema.
+    const fn accepts(mut self, schema: SchemaFn) -> Self {
+        self.body = Some(schema);
+        self
+    }
 }
 
 use Access::{Gateway, Public, Token};
@@ -68,7 +90,8 @@ pub const ROUTES: &[Route] = &[
         Public,
         (200, "the controller runs"),
         "Liveness and the number of online nodes",
-    ),
+    )
+    .returns(of::<Health>),
     route(
         "get",
         "/metrics",
@@ -124,7 +147,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "a page of nodes"),
         "List nodes (?status=, ?label=k=v, ?limit=, ?cursor=)",
-    ),
+    )
+    .returns(of::<Page<nodes::NodeView>>),
     route(
         "get",
         "/api/v1/nodes/{name}",
@@ -132,7 +156,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "the node"),
         "One node with its latest figures",
-    ),
+    )
+    .returns(of::<nodes::NodeView>),
     route(
         "delete",
         "/api/v1/nodes/{name}",
@@ -140,7 +165,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::RemoveNode),
         (200, "the removed node's id"),
         "Remove a node: revoke its certificates and cut it off",
-    ),
+    )
+    .returns(of::<nodes::NodeRemoved>),
     route(
         "post",
         "/api/v1/nodes/{name}/wake",
@@ -148,7 +174,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::WakeNode),
         (202, "the wake-up under way"),
         "Wake a node through a relay on its LAN",
-    ),
+    )
+    .returns(of::<nodes::Wake>),
     route(
         "post",
         "/api/v1/nodes/{name}/sleep",
@@ -156,7 +183,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::SleepNode),
         (202, "the sleep job"),
         "Run the node's allow-listed sleep command",
-    ),
+    )
+    .returns(of::<JobRecord>),
     route(
         "get",
         "/api/v1/nodes/{name}/telemetry",
@@ -164,7 +192,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "latest figures and history"),
         "A node's telemetry (?since=, ?step=)",
-    ),
+    )
+    .returns(of::<telemetry::NodeTelemetry>),
     route(
         "get",
         "/api/v1/containers",
@@ -172,7 +201,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "a page of containers"),
         "Every container in the fleet (?node=, ?label=, ?state=, ?health=)",
-    ),
+    )
+    .returns(of::<Page<telemetry::ContainerRow>>),
     route(
         "get",
         "/api/v1/tokens",
@@ -180,7 +210,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "a page of join tokens"),
         "List join tokens",
-    ),
+    )
+    .returns(of::<Page<access::TokenView>>),
     route(
         "post",
         "/api/v1/tokens",
@@ -188,7 +219,9 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ManageJoinTokens),
         (201, "the token, shown once"),
         "Create a join token",
-    ),
+    )
+    .returns(of::<access::CreatedTokenView>)
+    .accepts(of::<access::CreateTokenRequest>),
     route(
         "delete",
         "/api/v1/tokens/{id}",
@@ -196,7 +229,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ManageJoinTokens),
         (200, "revoked"),
         "Revoke a join token",
-    ),
+    )
+    .returns(of::<access::TokenRevoked>),
     route(
         "get",
         "/api/v1/jobs",
@@ -204,7 +238,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "a page of jobs"),
         "List jobs (?state=, ?node=, ?kind=, ?limit=, ?cursor=)",
-    ),
+    )
+    .returns(of::<Page<JobRecord>>),
     route(
         "post",
         "/api/v1/jobs",
@@ -212,7 +247,9 @@ pub const ROUTES: &[Route] = &[
         Token(Op::RunJob),
         (201, "the job (200 or 202 with ?wait=)"),
         "Create a job on a node or the best node for a selector",
-    ),
+    )
+    .returns(of::<JobRecord>)
+    .accepts(of::<jobs::CreateJob>),
     route(
         "get",
         "/api/v1/jobs/{id}",
@@ -220,7 +257,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "the job"),
         "One job",
-    ),
+    )
+    .returns(of::<jobs::JobView>),
     route(
         "get",
         "/api/v1/jobs/{id}/logs",
@@ -236,7 +274,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::CancelJob),
         (202, "the job"),
         "Cancel a job",
-    ),
+    )
+    .returns(of::<JobRecord>),
     route(
         "get",
         "/api/v1/inventory",
@@ -244,7 +283,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadInventory),
         (200, "operations per node"),
         "The allow-listed operations each node offers",
-    ),
+    )
+    .returns(of::<jobs::FanOut>),
     route(
         "post",
         "/api/v1/inventory/execute",
@@ -252,7 +292,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::RunJob),
         (200, "one result per node"),
         "Run an operation on many nodes at once",
-    ),
+    )
+    .returns(of::<jobs::FanOut>),
     route(
         "get",
         "/api/v1/audit",
@@ -260,7 +301,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadAudit),
         (200, "a page of audit rows"),
         "The audit log (?actor=, ?action=)",
-    ),
+    )
+    .returns(of::<Page<AuditRecord>>),
     route(
         "get",
         "/api/v1/desired",
@@ -268,7 +310,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "the map in force"),
         "The service map in force",
-    ),
+    )
+    .returns(of::<desired::DesiredView>),
     route(
         "put",
         "/api/v1/desired",
@@ -276,7 +319,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ApplyMap),
         (200, "the version applied and its plan"),
         "Apply a service map (YAML body)",
-    ),
+    )
+    .returns(of::<desired::Applied>),
     route(
         "get",
         "/api/v1/plan",
@@ -284,7 +328,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "the plan"),
         "The plan for the map in force",
-    ),
+    )
+    .returns(of::<desired::PlanView>),
     route(
         "post",
         "/api/v1/plan",
@@ -292,7 +337,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::PreviewPlan),
         (200, "the plan"),
         "Plan a service map without applying it",
-    ),
+    )
+    .returns(of::<desired::PlanView>),
     route(
         "get",
         "/api/v1/services",
@@ -300,7 +346,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "every service"),
         "Services: revision in force, counts, last deploy",
-    ),
+    )
+    .returns(of::<Vec<desired::ServiceView>>),
     route(
         "get",
         "/api/v1/services/{name}",
@@ -308,7 +355,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "the service and its history"),
         "One service",
-    ),
+    )
+    .returns(of::<desired::ServiceDetail>),
     route(
         "post",
         "/api/v1/services/{name}/rollback",
@@ -316,7 +364,9 @@ pub const ROUTES: &[Route] = &[
         Token(Op::RollbackService),
         (200, "the pinned revision"),
         "Roll a service back to an earlier revision",
-    ),
+    )
+    .returns(of::<desired::RolledBack>)
+    .accepts(of::<desired::RollbackRequest>),
     route(
         "post",
         "/api/v1/reconcile",
@@ -324,7 +374,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::Reconcile),
         (202, "a run was asked for"),
         "Ask the reconciler for a run now",
-    ),
+    )
+    .returns(of::<desired::ReconcileStarted>),
     route(
         "get",
         "/api/v1/users",
@@ -332,7 +383,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ManageUsers),
         (200, "dashboard users"),
         "List dashboard users",
-    ),
+    )
+    .returns(of::<access::UserList>),
     route(
         "post",
         "/api/v1/users",
@@ -340,7 +392,9 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ManageUsers),
         (201, "the user"),
         "Create a dashboard user",
-    ),
+    )
+    .returns(of::<access::UserView>)
+    .accepts(of::<access::CreateUserRequest>),
     route(
         "post",
         "/api/v1/api-tokens",
@@ -348,7 +402,9 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ManageApiTokens),
         (201, "the token, shown once"),
         "Create (or replace) an API token",
-    ),
+    )
+    .returns(of::<access::CreatedApiToken>)
+    .accepts(of::<access::CreateApiTokenRequest>),
     route(
         "get",
         "/api/v1/agent/releases",
@@ -356,18 +412,17 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "agent builds and the signing key"),
         "The agent builds this controller serves",
-    ),
-    Route {
-        schema: Some(tasks_schema),
-        ..route(
-            "get",
-            "/api/v1/tasks",
-            "system",
-            Token(Op::ReadFleet),
-            (200, "every background task"),
-            "Background tasks: scope, state, last run",
-        )
-    },
+    )
+    .returns(of::<models::AgentReleases>),
+    route(
+        "get",
+        "/api/v1/tasks",
+        "system",
+        Token(Op::ReadFleet),
+        (200, "every background task"),
+        "Background tasks: scope, state, last run",
+    )
+    .returns(of::<Vec<crate::tasks::TaskStatus>>),
     route(
         "get",
         "/api/v1/models/inventory",
@@ -375,7 +430,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "backends and models per node"),
         "Inference backends and models across the fleet",
-    ),
+    )
+    .returns(of::<models::ModelsInventory>),
     route(
         "get",
         "/api/v1/models/desired",
@@ -383,7 +439,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "desired models and their pulls"),
         "Models the service map wants, and their pulls",
-    ),
+    )
+    .returns(of::<models::ModelsView>),
     route(
         "get",
         "/api/v1/ai/usage",
@@ -391,7 +448,8 @@ pub const ROUTES: &[Route] = &[
         Token(Op::ReadFleet),
         (200, "usage per token, model and node"),
         "The AI gateway's usage",
-    ),
+    )
+    .returns(of::<models::AiUsage>),
     route(
         "post",
         "/v1/chat/completions",
@@ -442,24 +500,6 @@ pub const ROUTES: &[Route] = &[
     ),
 ];
 
-fn error_schema() -> Value {
-    json!({
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": {"type": "string", "examples": ["forbidden", "not_found", "bad_request"]},
-                    "message": {"type": "string"},
-                    "problems": {"description": "for a service map: each problem with its line and column"}
-                }
-            }
-        }
-    })
-}
-
 /// The document.
 pub fn document() -> Value {
     let mut generator = schemars::generate::SchemaSettings::draft2020_12()
@@ -473,6 +513,9 @@ pub fn document() -> Value {
         if let Some(schema) = r.schema {
             ok["content"] = json!({"application/json": {"schema": schema(&mut generator)}});
         }
+        let body = r.body.map(|schema| {
+            json!({"required": true, "content": {"application/json": {"schema": schema(&mut generator)}}})
+        });
         responses.insert(r.ok.0.to_string(), ok);
         let mut op = json!({
             "summary": r.summary,
@@ -496,6 +539,9 @@ pub fn document() -> Value {
                 responses.insert("401".into(), error("no token, or an unknown one"));
                 responses.insert("429".into(), error("a per-token limit was reached"));
             }
+        }
+        if let Some(body) = body {
+            op["requestBody"] = body;
         }
         if matches!(r.method, "post" | "put") {
             responses.insert(
@@ -521,8 +567,8 @@ pub fn document() -> Value {
             .expect("an object")
             .insert(r.method.to_owned(), op);
     }
-    let mut schemas: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
-    schemas.insert("Error".into(), error_schema());
+    generator.subschema_for::<nebula_types::api::ErrorBody>();
+    let schemas: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -628,5 +674,54 @@ mod tests {
             let name = &r[..r.find('"').unwrap()];
             assert!(schemas.contains_key(name), "unresolved reference to {name}");
         }
+    }
+
+    #[test]
+    fn every_json_answer_and_body_has_a_schema_from_its_type() {
+        // Answers that are no JSON document of this API: text, scripts, files, event streams,
+        // documents that describe themselves, and the gateway's OpenAI- and WebUI-shaped
+        // answers (specified by those projects).
+        let not_json = [
+            "/metrics",
+            "/install.sh",
+            "/install.ps1",
+            "/downloads/{file}",
+            "/api/v1/openapi.json",
+            "/api/v1/schema/service-map",
+            "/api/v1/jobs/{id}/logs",
+        ];
+        for r in ROUTES {
+            if not_json.contains(&r.path) || matches!(r.access, Gateway) {
+                continue;
+            }
+            assert!(
+                r.schema.is_some(),
+                "{} {} answers JSON without a schema",
+                r.method,
+                r.path
+            );
+        }
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        // The node's schema is its type's: its fields, the status's values.
+        let node = &schemas["NodeView"];
+        assert!(node["properties"]["telemetry"].is_object(), "{node}");
+        let status = schemas["NodeStatus"].to_string();
+        assert!(status.contains("wake_failed"), "{status}");
+        // A job is created from a `CreateJob` body; a page of nodes lists `NodeView`s.
+        let create = &doc["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]
+            ["application/json"]["schema"]["$ref"];
+        assert_eq!(create, "#/components/schemas/CreateJob");
+        let page = doc["paths"]["/api/v1/nodes"]["get"]["responses"]["200"].to_string();
+        assert!(page.contains("#/components/schemas/Page"), "{page}");
+        assert!(schemas
+            .to_string()
+            .contains("#/components/schemas/NodeView"));
+        // The error body is the type the API answers with.
+        assert!(
+            schemas["Error"]["properties"]["error"].is_object(),
+            "{}",
+            schemas["Error"]
+        );
     }
 }

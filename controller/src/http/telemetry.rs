@@ -2,23 +2,12 @@
 
 use super::nodes::{rfc3339, Page};
 use super::prelude::*;
+use nebula_types::api::telemetry::{
+    ContainerRow, DiskView, GpuProcessView, GpuView, InterfaceView, LatestSample, MinutePoint,
+    NodeTelemetry, Points,
+};
 
-/// The figures a fleet table shows per node.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TelemetrySummary {
-    pub sampled_at: String,
-    pub cpu_percent: f32,
-    pub load1: f32,
-    pub memory_used_bytes: u64,
-    pub memory_total_bytes: u64,
-    pub gpus: usize,
-    pub gpu_utilization_percent: Option<f32>,
-    pub gpu_memory_used_bytes: Option<u64>,
-    pub gpu_memory_total_bytes: Option<u64>,
-    pub containers_total: usize,
-    pub containers_running: usize,
-    pub containers_unhealthy: usize,
-}
+pub use nebula_types::api::nodes::TelemetrySummary;
 
 pub(super) fn summary(view: &crate::telemetry::NodeView) -> Option<TelemetrySummary> {
     use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
@@ -107,86 +96,107 @@ fn parse_since(s: Option<&str>) -> ApiResult<SystemTime> {
 }
 
 /// The latest sample with names filled in from the inventory.
-fn sample_view(view: &crate::telemetry::NodeView) -> Option<serde_json::Value> {
+fn sample_view(view: &crate::telemetry::NodeView) -> Option<LatestSample> {
     let s = view.latest.as_ref()?;
     let inv = view.inventory.as_ref()?;
-    let disks: Vec<_> = inv
+    let disks = inv
         .disks
         .iter()
         .zip(&s.disks_used_bytes)
-        .map(|(d, used)| json!({"mount": d.mount, "filesystem": d.filesystem, "used_bytes": used, "total_bytes": d.total_bytes}))
+        .map(|(d, used)| DiskView {
+            mount: d.mount.clone(),
+            filesystem: d.filesystem.clone(),
+            used_bytes: *used,
+            total_bytes: d.total_bytes,
+        })
         .collect();
-    let nets: Vec<_> = inv
+    let interfaces = inv
         .interfaces
         .iter()
         .zip(&s.interfaces)
-        .map(|(name, r)| json!({"name": name, "rx_bytes_per_sec": r.rx_bytes_per_sec, "tx_bytes_per_sec": r.tx_bytes_per_sec}))
+        .map(|(name, r)| InterfaceView {
+            name: name.clone(),
+            rx_bytes_per_sec: r.rx_bytes_per_sec,
+            tx_bytes_per_sec: r.tx_bytes_per_sec,
+        })
         .collect();
-    let gpus: Vec<_> = inv
+    let gpus = inv
         .gpus
         .iter()
         .zip(&s.gpus)
-        .map(|(g, v)| {
-            json!({
-                "uuid": g.uuid, "name": g.name, "memory_total_bytes": g.memory_total_bytes,
-                "power_limit_mw": g.power_limit_mw, "utilization_percent": v.utilization_percent,
-                "memory_used_bytes": v.memory_used_bytes, "temperature_c": v.temperature_c,
-                "power_mw": v.power_mw, "fan_percent": v.fan_percent, "sm_clock_mhz": v.sm_clock_mhz,
-                "memory_clock_mhz": v.memory_clock_mhz,
-                "processes": v.processes.iter().map(|p| json!({"pid": p.pid, "name": p.name, "memory_used_bytes": p.memory_used_bytes})).collect::<Vec<_>>(),
-            })
+        .map(|(g, v)| GpuView {
+            uuid: g.uuid.clone(),
+            name: g.name.clone(),
+            memory_total_bytes: g.memory_total_bytes,
+            power_limit_mw: g.power_limit_mw,
+            utilization_percent: v.utilization_percent,
+            memory_used_bytes: v.memory_used_bytes,
+            temperature_c: v.temperature_c,
+            power_mw: v.power_mw,
+            fan_percent: v.fan_percent,
+            sm_clock_mhz: v.sm_clock_mhz,
+            memory_clock_mhz: v.memory_clock_mhz,
+            processes: v
+                .processes
+                .iter()
+                .map(|p| GpuProcessView {
+                    pid: p.pid,
+                    name: p.name.clone(),
+                    memory_used_bytes: p.memory_used_bytes,
+                })
+                .collect(),
         })
         .collect();
-    let containers: Vec<_> = inv
+    let containers = inv
         .containers
         .iter()
         .zip(&s.containers)
-        .map(|(c, v)| container_json(&view.name, c, v))
+        .map(|(c, v)| container_row(&view.name, c, v))
         .collect();
-    Some(json!({
-        "seq": s.seq,
-        "taken_at": rfc3339(i64::try_from(s.taken_at_ms).unwrap_or(0)),
-        "received_at": rfc3339(view.received_at_ms),
-        "host": s.host,
-        "os": inv.os,
-        "kernel": inv.kernel,
-        "container_runtime": inv.container_runtime,
-        "gpu_driver": inv.gpu_driver,
-        "disks": disks,
-        "interfaces": nets,
-        "gpus": gpus,
-        "containers": containers,
-    }))
+    Some(LatestSample {
+        seq: s.seq,
+        taken_at: rfc3339(i64::try_from(s.taken_at_ms).unwrap_or(0)),
+        received_at: rfc3339(view.received_at_ms),
+        host: s.host.clone(),
+        os: inv.os.clone(),
+        kernel: inv.kernel.clone(),
+        container_runtime: inv.container_runtime.clone(),
+        gpu_driver: inv.gpu_driver.clone(),
+        disks,
+        interfaces,
+        gpus,
+        containers,
+    })
 }
 
-fn container_json(
+fn container_row(
     node: &str,
     c: &nebula_protocol::telemetry::ContainerInfo,
     v: &nebula_protocol::telemetry::ContainerSample,
-) -> serde_json::Value {
-    json!({
-        "node": node,
-        "id": c.id,
-        "name": c.name,
-        "image": c.image,
-        "labels": c.labels,
-        "created": rfc3339(c.created_unix.saturating_mul(1000)),
-        "state": v.state.as_str(),
-        "health": v.health.as_str(),
-        "restart_count": v.restart_count,
-        "cpu_percent": v.cpu_percent,
-        "memory_used_bytes": v.memory_used_bytes,
-        "memory_limit_bytes": v.memory_limit_bytes,
-        "net_rx_bytes": v.net_rx_bytes,
-        "net_tx_bytes": v.net_tx_bytes,
-    })
+) -> ContainerRow {
+    ContainerRow {
+        node: node.to_owned(),
+        id: c.id.clone(),
+        name: c.name.clone(),
+        image: c.image.clone(),
+        labels: c.labels.clone(),
+        created: rfc3339(c.created_unix.saturating_mul(1000)),
+        state: v.state.as_str().to_owned(),
+        health: v.health.as_str().to_owned(),
+        restart_count: v.restart_count,
+        cpu_percent: v.cpu_percent,
+        memory_used_bytes: v.memory_used_bytes,
+        memory_limit_bytes: v.memory_limit_bytes,
+        net_rx_bytes: v.net_rx_bytes,
+        net_tx_bytes: v.net_tx_bytes,
+    }
 }
 
 pub(super) async fn node_telemetry(
     State(cp): State<Arc<ControlPlane>>,
     Path(name): Path<String>,
     query: Result<Query<TelemetryQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<NodeTelemetry>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let node = cp
         .store
@@ -197,44 +207,21 @@ pub(super) async fn node_telemetry(
     let view = cp.telemetry.view(node.id);
     let latest = view.as_ref().and_then(sample_view);
     let resolution = q.resolution.as_deref().unwrap_or("raw");
-    let points: serde_json::Value = match resolution {
+    let points = match resolution {
         "raw" => {
             let since_s = since
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs() as u32)
                 .unwrap_or(0);
-            let pts: Vec<crate::telemetry::PointView> = cp
-                .telemetry
-                .history(node.id, since_s)
-                .iter()
-                .map(Into::into)
-                .collect();
-            serde_json::to_value(pts).unwrap_or_default()
+            let history = cp.telemetry.history(node.id, since_s);
+            Points::Raw(history.iter().map(Into::into).collect())
         }
         "1m" => {
             let rows = cp
                 .store
                 .rollups(node.id, crate::store::millis(since))
                 .await?;
-            serde_json::Value::Array(
-                rows.iter()
-                    .map(|r| {
-                        json!({
-                            "t": rfc3339(r.minute),
-                            "samples": r.samples,
-                            "cpu_percent": {"avg": r.cpu.0, "max": r.cpu.1},
-                            "memory_used_bytes": {"avg": r.mem_used.0, "max": r.mem_used.1},
-                            "load1": {"avg": r.load1.0, "max": r.load1.1},
-                            "net_rx_bytes_per_sec": {"avg": r.net_rx.0, "max": r.net_rx.1},
-                            "net_tx_bytes_per_sec": {"avg": r.net_tx.0, "max": r.net_tx.1},
-                            "gpu_utilization_percent": r.gpu_util.map(|v| json!({"avg": v.0, "max": v.1})),
-                            "gpu_memory_used_bytes": r.gpu_mem_used.map(|v| json!({"avg": v.0, "max": v.1})),
-                            "gpu_temperature_c": r.gpu_temp.map(|v| json!({"avg": v.0, "max": v.1})),
-                            "containers_running": r.containers_running,
-                        })
-                    })
-                    .collect(),
-            )
+            Points::Minute(rows.iter().map(minute_point).collect())
         }
         other => {
             return Err(ApiError::bad_request(format!(
@@ -242,13 +229,29 @@ pub(super) async fn node_telemetry(
             )))
         }
     };
-    Ok(Json(json!({
-        "node": node.name,
-        "resolution": resolution,
-        "since": crate::store::rfc3339_seconds(since),
-        "latest": latest,
-        "points": points,
-    })))
+    Ok(Json(NodeTelemetry {
+        node: node.name,
+        resolution: resolution.to_owned(),
+        since: crate::store::rfc3339_seconds(since),
+        latest,
+        points,
+    }))
+}
+
+fn minute_point(r: &crate::store::Rollup) -> MinutePoint {
+    MinutePoint {
+        t: rfc3339(r.minute),
+        samples: r.samples,
+        cpu_percent: r.cpu.into(),
+        memory_used_bytes: r.mem_used.into(),
+        load1: r.load1.into(),
+        net_rx_bytes_per_sec: r.net_rx.into(),
+        net_tx_bytes_per_sec: r.net_tx.into(),
+        gpu_utilization_percent: r.gpu_util.map(Into::into),
+        gpu_memory_used_bytes: r.gpu_mem_used.map(Into::into),
+        gpu_temperature_c: r.gpu_temp.map(Into::into),
+        containers_running: r.containers_running,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,7 +269,7 @@ pub(super) struct ContainerQuery {
 pub(super) async fn list_containers(
     State(cp): State<Arc<ControlPlane>>,
     query: Result<Query<ContainerQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Page<serde_json::Value>>> {
+) -> ApiResult<Json<Page<ContainerRow>>> {
     use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = q.limit.unwrap_or(500);
@@ -327,7 +330,7 @@ pub(super) async fn list_containers(
             if q.cursor.as_deref().is_some_and(|cur| key.as_str() <= cur) {
                 continue;
             }
-            items.push((key, container_json(&view.name, c, v)));
+            items.push((key, container_row(&view.name, c, v)));
         }
     }
     let next_cursor = if items.len() > limit {
@@ -354,7 +357,7 @@ mod input_tests {
     };
     use proptest::prelude::*;
 
-    use super::{container_json, parse_since, sample_view, summary};
+    use super::{container_row, parse_since, sample_view, summary};
     use crate::telemetry::TelemetryHub;
 
     fn extreme_u64() -> impl Strategy<Value = u64> {
@@ -450,11 +453,12 @@ mod input_tests {
             prop_assert!(hub.ingest(id, sample).is_ok());
             let view = hub.view(id).expect("registered");
             prop_assert!(summary(&view).is_some());
-            let json = sample_view(&view).expect("a sample");
-            prop_assert!(json["containers"][0]["created"].is_string());
+            let latest = sample_view(&view).expect("a sample");
+            prop_assert!(!latest.containers[0].created.is_empty());
+            prop_assert!(serde_json::to_string(&latest).is_ok());
             let inv = view.inventory.as_ref().expect("inventory");
             let s = view.latest.as_ref().expect("sample");
-            let _ = container_json("n1", &inv.containers[0], &s.containers[0]);
+            let _ = container_row("n1", &inv.containers[0], &s.containers[0]);
             let _ = hub.free_vram(id);
             let _ = hub.history(id, 0);
         }

@@ -3,39 +3,9 @@
 use super::nodes::{rfc3339, Page};
 use super::prelude::*;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateTokenRequest {
-    /// A duration such as `1h` or `30m`; absent: never expires.
-    pub ttl: Option<String>,
-    /// How many agents may join with it; absent: unlimited.
-    pub uses: Option<u32>,
-    #[serde(default)]
-    pub labels: Labels,
-    #[serde(default)]
-    pub description: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CreatedTokenView {
-    /// The join token to hand to `nebula-agent join --token`. Shown only once.
-    pub token: String,
-    #[serde(flatten)]
-    pub record: TokenView,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct TokenView {
-    pub id: String,
-    pub description: String,
-    pub labels: Labels,
-    pub created_by: String,
-    pub created_at: String,
-    pub expires_at: Option<String>,
-    pub uses_left: Option<i64>,
-    pub uses: i64,
-    pub state: String,
-}
+pub use nebula_types::api::access::{
+    CreateTokenRequest, CreatedTokenView, TokenRevoked, TokenView,
+};
 
 fn token_view(t: JoinTokenRecord) -> TokenView {
     let now = crate::store::millis(SystemTime::now());
@@ -109,7 +79,7 @@ pub(super) async fn revoke_token(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<OpCtx>,
     Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<TokenRevoked>> {
     cp.revoke_join_token(&id, &who).await?;
-    Ok(Json(json!({"revoked": id})))
+    Ok(Json(TokenRevoked { revoked: id }))
 }

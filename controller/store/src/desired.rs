@@ -18,29 +18,7 @@ pub struct DesiredRecord {
     pub created_at: i64,
 }
 
-/// One deployment of a revision of a service to a node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DeploymentRecord {
-    pub id: Uuid,
-    pub service: String,
-    pub node_id: Uuid,
-    pub node: String,
-    /// create, update, repair, remove, rollback.
-    pub action: String,
-    pub revision: String,
-    pub previous: Vec<String>,
-    /// The container spec deployed (JSON).
-    #[serde(skip)]
-    pub spec: String,
-    pub trigger: String,
-    /// running, deployed, removed, rolled-back, failed, cancelled, timed-out, lost.
-    pub outcome: String,
-    pub message: Option<String>,
-    pub job_id: Option<Uuid>,
-    pub desired_version: Option<i64>,
-    pub started_at: i64,
-    pub finished_at: Option<i64>,
-}
+pub use nebula_types::api::desired::DeploymentRecord;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PinRecord {

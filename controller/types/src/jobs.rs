@@ -6,6 +6,7 @@ use std::time::Duration;
 use nebula_protocol::deploy::{DeploySpec, DeployWithHostAccess, UndeploySpec};
 use nebula_protocol::jobs::{ExecSpec, JobOutput, JobSpec, ProbeSpec};
 use nebula_protocol::Labels;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -265,7 +266,7 @@ impl Work {
 }
 
 /// Where a job may run: one node by name, or any node matching a selector.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Target {
     Node(String),
@@ -282,7 +283,7 @@ impl std::fmt::Display for Target {
 }
 
 /// All given conditions must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Selector {
     /// Every label must be on the node with this value.
@@ -323,7 +324,7 @@ impl std::fmt::Display for Selector {
 }
 
 /// queued -> dispatched -> running -> succeeded | failed | cancelled | timed_out | lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -380,9 +381,11 @@ impl std::fmt::Display for JobState {
 }
 
 /// A job as stored and shown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct JobRecord {
     pub id: Uuid,
+    /// What to run: `{"kind": ..., ...}` (exec, probe, deploy, model, wake, ...).
+    #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
     pub work: Work,
     pub target: Target,
     pub state: JobState,
@@ -404,6 +407,8 @@ pub struct JobRecord {
     pub reason: Option<String>,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
+    /// The work's result (an exec's, a probe's, a deploy's), by kind.
+    #[schemars(with = "Option<serde_json::Value>")]
     pub output: Option<JobOutput>,
     /// Nodes an earlier attempt was lost on (a retry prefers others).
     pub excluded: Vec<Uuid>,
@@ -412,7 +417,7 @@ pub struct JobRecord {
 }
 
 /// A stored log line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct JobLogLine {
     pub attempt: u32,
     pub seq: u64,
@@ -422,7 +427,7 @@ pub struct JobLogLine {
 }
 
 /// One audit entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AuditRecord {
     pub id: Uuid,
     pub at: i64,

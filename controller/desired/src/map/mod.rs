@@ -316,7 +316,7 @@ pub enum StrategyDecl {
 }
 
 /// One problem found in a map, with where it was written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Problem {
     pub line: u64,
     pub column: u64,

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use nebula_protocol::deploy::{ContainerSpec, DeployPolicySummary, HostAccess, UpdateStrategy};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -172,7 +173,7 @@ pub struct ObservedContainer {
     pub running: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Plan {
     pub actions: Vec<Action>,
     /// Services that need nothing.
@@ -182,7 +183,7 @@ pub struct Plan {
     /// Work the node's deploy policy would refuse (as its agent reported it): not sent, since
     /// the agent would refuse it; the reason is the agent's, naming the rule and the config key
     /// that would allow it. A person changes the map or the node's agent config.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<Waiting>,
 }
 
@@ -192,7 +193,7 @@ impl Plan {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
     /// The service has no container on this node yet.
@@ -202,7 +203,7 @@ pub enum Action {
         node_id: Uuid,
         revision: String,
         replicas: u32,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         after: Vec<String>,
     },
     /// The node runs another revision.
@@ -214,7 +215,7 @@ pub enum Action {
         to: String,
         replicas: u32,
         changes: Vec<FieldChange>,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         after: Vec<String>,
     },
     /// The right revision, but replicas are missing, stopped or too many (drift).
@@ -225,7 +226,7 @@ pub enum Action {
         revision: String,
         replicas: u32,
         reason: String,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         after: Vec<String>,
     },
     /// Managed containers that should not be on this node.
@@ -286,14 +287,14 @@ impl Action {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct FieldChange {
     pub field: String,
     pub from: Option<Value>,
     pub to: Option<Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Waiting {
     pub service: String,
     #[serde(skip_serializing_if = "Option::is_none")]
