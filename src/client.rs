@@ -1,11 +1,20 @@
-//! Subcommands that talk to a controller's HTTP API.
+//! Subcommands that talk to a controller's HTTP API, through [`Api`]: a client that sends and
+//! reads the API's own types (`nebula_types::api`), never JSON by string keys.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use nebula_protocol::Labels;
+use nebula_types::api::access::{
+    CreateTokenRequest, CreateUserRequest, CreatedTokenView, TokenRevoked, TokenView, UserList,
+    UserView,
+};
+use nebula_types::api::nodes::{NodeRemoved, NodeView, Wake};
+use nebula_types::api::{ErrorBody, Page};
+use nebula_types::jobs::JobRecord;
 use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::Cli;
 
@@ -87,6 +96,7 @@ impl Api {
             .unwrap_or_else(|_| self.http.clone())
     }
 
+    /// Send a request and read its answer as `T`, or the API's error as an error.
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
         let resp = req
             .bearer_auth(&self.token)
@@ -94,21 +104,28 @@ impl Api {
             .await
             .with_context(|| format!("cannot reach the controller at {}", self.base))?;
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let bytes = resp.bytes().await.unwrap_or_default();
         if !status.is_success() {
-            let code = body["error"]["code"].as_str().unwrap_or("error");
-            if let Some(problems) = body["error"]["problems"].as_array() {
+            let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(&bytes) else {
+                anyhow::bail!("{status}: {}", String::from_utf8_lossy(&bytes).trim());
+            };
+            let problems: Vec<nebula_desired::map::Problem> = error
+                .problems
+                .and_then(|p| serde_json::from_value(p).ok())
+                .unwrap_or_default();
+            if !problems.is_empty() {
                 // One line per problem, `line:column: message`, as compilers print them.
-                let lines: Vec<String> = problems
-                    .iter()
-                    .map(|p| format!("  {}:{}: {}", p["line"], p["column"], s(&p["message"])))
-                    .collect();
-                anyhow::bail!("{status} ({code}):\n{}", lines.join("\n"));
+                let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+                anyhow::bail!("{status} ({}):\n{}", error.code, lines.join("\n"));
             }
-            let msg = body["error"]["message"].as_str().unwrap_or("no details");
-            anyhow::bail!("{status}: {msg} ({code})");
+            anyhow::bail!("{status}: {} ({})", error.message, error.code);
         }
-        Ok(serde_json::from_value(body)?)
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "the controller's answer is not what this CLI reads (versions differ?): {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            )
+        })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -134,13 +151,48 @@ impl Api {
         )
         .await
     }
-    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> anyhow::Result<T> {
+    pub async fn post<T: DeserializeOwned, B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
     }
+
+    /// Every node (all pages), filtered.
+    pub async fn nodes(&self, args: &NodesArgs) -> anyhow::Result<Vec<NodeView>> {
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut q = vec![("limit", "1000".to_owned())];
+            if let Some(c) = &cursor {
+                q.push(("cursor", c.clone()));
+            }
+            if let Some(l) = &args.label {
+                q.push(("label", l.clone()));
+            }
+            if let Some(st) = &args.status {
+                q.push(("status", st.clone()));
+            }
+            let url = format!("{}/api/v1/nodes", self.base);
+            let page: Page<NodeView> = self.send(self.http.get(url).query(&q)).await?;
+            items.extend(page.items);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        Ok(items)
+    }
+
+    pub async fn node(&self, name: &str) -> anyhow::Result<NodeView> {
+        self.get(&format!("/api/v1/nodes/{name}")).await
+    }
 }
 
-pub fn print_json(v: &Value) {
+/// Print a value as the API's JSON (for `--json`).
+pub fn print_json<T: Serialize + ?Sized>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -168,24 +220,19 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-pub fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// A value for a table cell: `-` when absent.
+pub fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-fn labels(v: &Value) -> String {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", s(v)))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "-".into())
+pub fn labels(l: &Labels) -> String {
+    if l.is_empty() {
+        return "-".into();
+    }
+    l.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub async fn token(cli: &Cli, cmd: &TokenCommand) -> anyhow::Result<()> {
@@ -197,48 +244,52 @@ pub async fn token(cli: &Cli, cmd: &TokenCommand) -> anyhow::Result<()> {
             labels: ls,
             description,
         } => {
-            let mut map = serde_json::Map::new();
+            let mut labels = Labels::new();
             for l in ls {
                 let (k, v) = l
                     .split_once('=')
                     .with_context(|| format!("label `{l}` must read key=value"))?;
-                map.insert(k.into(), v.into());
+                labels.insert(k.into(), v.into());
             }
-            let body = json!({"ttl": ttl, "uses": uses, "labels": map, "description": description});
-            let created: Value = api.post("/api/v1/tokens", &body).await?;
+            let body = CreateTokenRequest {
+                ttl: Some(ttl.clone()),
+                uses: Some(*uses),
+                labels,
+                description: description.clone(),
+            };
+            let created: CreatedTokenView = api.post("/api/v1/tokens", &body).await?;
             if cli.json {
                 print_json(&created);
             } else {
-                println!("{}", s(&created["token"]));
+                let t = &created.record;
+                println!("{}", created.token);
                 eprintln!(
                     "token {} expires {} with {} use(s); join with:\n  nebula-agent join --controller HOST:4433 --token {}",
-                    s(&created["id"]),
-                    s(&created["expires_at"]),
-                    s(&created["uses_left"]),
-                    s(&created["token"])
+                    t.id,
+                    opt(t.expires_at.as_ref()),
+                    opt(t.uses_left),
+                    created.token
                 );
             }
         }
         TokenCommand::List => {
-            let page: Value = api.get("/api/v1/tokens").await?;
+            let page: Page<TokenView> = api.get("/api/v1/tokens").await?;
             if cli.json {
-                print_json(&page["items"]);
+                print_json(&page.items);
                 return Ok(());
             }
-            let rows = page["items"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
+            let rows = page
+                .items
                 .iter()
                 .map(|t| {
                     vec![
-                        s(&t["id"]),
-                        s(&t["state"]),
-                        s(&t["uses_left"]),
-                        s(&t["uses"]),
-                        s(&t["expires_at"]),
-                        labels(&t["labels"]),
-                        s(&t["description"]),
+                        t.id.clone(),
+                        t.state.clone(),
+                        opt(t.uses_left),
+                        t.uses.to_string(),
+                        opt(t.expires_at.as_ref()),
+                        labels(&t.labels),
+                        t.description.clone(),
                     ]
                 })
                 .collect();
@@ -256,40 +307,15 @@ pub async fn token(cli: &Cli, cmd: &TokenCommand) -> anyhow::Result<()> {
             );
         }
         TokenCommand::Revoke { id } => {
-            let v: Value = api.delete(&format!("/api/v1/tokens/{id}")).await?;
+            let v: TokenRevoked = api.delete(&format!("/api/v1/tokens/{id}")).await?;
             if cli.json {
                 print_json(&v);
             } else {
-                println!("revoked {id}");
+                println!("revoked {}", v.revoked);
             }
         }
     }
     Ok(())
-}
-
-async fn fetch_nodes(api: &Api, args: &NodesArgs) -> anyhow::Result<Vec<Value>> {
-    let mut items = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut q = vec![("limit", "1000".to_owned())];
-        if let Some(c) = &cursor {
-            q.push(("cursor", c.clone()));
-        }
-        if let Some(l) = &args.label {
-            q.push(("label", l.clone()));
-        }
-        if let Some(st) = &args.status {
-            q.push(("status", st.clone()));
-        }
-        let url = format!("{}/api/v1/nodes", api.base);
-        let page: Value = api.send(api.http.get(url).query(&q)).await?;
-        items.extend(page["items"].as_array().cloned().unwrap_or_default());
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => break,
-        }
-    }
-    Ok(items)
 }
 
 fn gib(b: u64) -> String {
@@ -309,70 +335,67 @@ fn bar(pct: f64, width: usize) -> String {
     )
 }
 
-fn node_rows(items: &[Value], bars: bool) -> Vec<Vec<String>> {
+fn node_rows(items: &[NodeView], bars: bool) -> Vec<Vec<String>> {
     items
         .iter()
         .map(|n| {
-            let t = &n["telemetry"];
-            let (cpu, mem, gpu, ctr) = if t.is_object() {
-                let cpu = t["cpu_percent"].as_f64().unwrap_or(0.0);
-                let used = t["memory_used_bytes"].as_u64().unwrap_or(0);
-                let total = t["memory_total_bytes"].as_u64().unwrap_or(0).max(1);
-                let mem_pct = used as f64 * 100.0 / total as f64;
-                let gpu = match t["gpu_utilization_percent"].as_f64() {
-                    Some(u) => {
-                        let vram = match (
-                            t["gpu_memory_used_bytes"].as_u64(),
-                            t["gpu_memory_total_bytes"].as_u64(),
-                        ) {
-                            (Some(u), Some(tt)) => format!(" {}/{} GiB", gib(u), gib(tt)),
-                            _ => String::new(),
-                        };
-                        if bars {
-                            format!("{}{vram}", bar(u, 10))
-                        } else {
-                            format!("{u:.0}%{vram}")
+            let (cpu, mem, gpu, ctr) = match &n.telemetry {
+                Some(t) => {
+                    let cpu = f64::from(t.cpu_percent);
+                    let used = t.memory_used_bytes;
+                    let total = t.memory_total_bytes.max(1);
+                    let mem_pct = used as f64 * 100.0 / total as f64;
+                    let gpu = match t.gpu_utilization_percent.map(f64::from) {
+                        Some(u) => {
+                            let vram = match (t.gpu_memory_used_bytes, t.gpu_memory_total_bytes) {
+                                (Some(u), Some(tt)) => format!(" {}/{} GiB", gib(u), gib(tt)),
+                                _ => String::new(),
+                            };
+                            if bars {
+                                format!("{}{vram}", bar(u, 10))
+                            } else {
+                                format!("{u:.0}%{vram}")
+                            }
                         }
-                    }
-                    None => "-".into(),
-                };
-                let unhealthy = t["containers_unhealthy"].as_u64().unwrap_or(0);
-                let ctr = format!(
-                    "{}/{}{}",
-                    t["containers_running"].as_u64().unwrap_or(0),
-                    t["containers_total"].as_u64().unwrap_or(0),
-                    if unhealthy > 0 {
-                        format!(" ({unhealthy} unhealthy)")
+                        None => "-".into(),
+                    };
+                    let unhealthy = t.containers_unhealthy;
+                    let ctr = format!(
+                        "{}/{}{}",
+                        t.containers_running,
+                        t.containers_total,
+                        if unhealthy > 0 {
+                            format!(" ({unhealthy} unhealthy)")
+                        } else {
+                            String::new()
+                        }
+                    );
+                    if bars {
+                        (
+                            bar(cpu, 10),
+                            format!("{} {}/{} GiB", bar(mem_pct, 10), gib(used), gib(total)),
+                            gpu,
+                            ctr,
+                        )
                     } else {
-                        String::new()
+                        (
+                            format!("{cpu:.0}%"),
+                            format!("{}/{} GiB", gib(used), gib(total)),
+                            gpu,
+                            ctr,
+                        )
                     }
-                );
-                if bars {
-                    (
-                        bar(cpu, 10),
-                        format!("{} {}/{} GiB", bar(mem_pct, 10), gib(used), gib(total)),
-                        gpu,
-                        ctr,
-                    )
-                } else {
-                    (
-                        format!("{cpu:.0}%"),
-                        format!("{}/{} GiB", gib(used), gib(total)),
-                        gpu,
-                        ctr,
-                    )
                 }
-            } else {
-                ("-".into(), "-".into(), "-".into(), "-".into())
+                None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
             vec![
-                s(&n["name"]),
-                s(&n["status"]),
+                n.name.clone(),
+                n.status.as_str().to_owned(),
                 cpu,
                 mem,
                 gpu,
                 ctr,
-                s(&n["last_seen_at"]),
+                opt(n.last_seen_at.as_ref()),
             ]
         })
         .collect()
@@ -390,9 +413,9 @@ const NODE_HEADERS: [&str; 7] = [
 
 pub async fn nodes(cli: &Cli, args: &NodesArgs) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let items = fetch_nodes(&api, args).await?;
+    let items = api.nodes(args).await?;
     if cli.json {
-        print_json(&Value::Array(items));
+        print_json(&items);
         return Ok(());
     }
     table(&NODE_HEADERS, node_rows(&items, false));
@@ -413,14 +436,19 @@ pub struct TopArgs {
 
 /// A live, refreshing view of the fleet.
 pub async fn top(cli: &Cli, args: &TopArgs) -> anyhow::Result<()> {
+    use nebula_types::api::nodes::NodeStatus;
     let api = Api::new(cli)?;
     let mut n = 0u64;
     loop {
-        let items = fetch_nodes(&api, &args.filter).await?;
-        let online = items.iter().filter(|i| i["status"] == "online").count();
-        let running: u64 = items
+        let items = api.nodes(&args.filter).await?;
+        let online = items
             .iter()
-            .filter_map(|i| i["telemetry"]["containers_running"].as_u64())
+            .filter(|i| i.status == NodeStatus::Online)
+            .count();
+        let running: usize = items
+            .iter()
+            .filter_map(|i| i.telemetry.as_ref())
+            .map(|t| t.containers_running)
             .sum();
         // Clear the screen and home the cursor, then draw.
         print!("\x1b[2J\x1b[H");
@@ -447,40 +475,41 @@ pub async fn node(cli: &Cli, cmd: &NodeCommand) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
     match cmd {
         NodeCommand::Show { name } => {
-            let n: Value = api.get(&format!("/api/v1/nodes/{name}")).await?;
+            let n = api.node(name).await?;
             if cli.json {
                 print_json(&n);
                 return Ok(());
             }
+            let f = &n.facts;
             for (k, v) in [
-                ("name", s(&n["name"])),
-                ("id", s(&n["id"])),
-                ("status", s(&n["status"])),
-                ("labels", labels(&n["labels"])),
-                ("hostname", s(&n["facts"]["hostname"])),
-                (
-                    "os",
-                    format!("{} {}", s(&n["facts"]["os"]), s(&n["facts"]["os_version"])),
-                ),
-                ("kernel", s(&n["facts"]["kernel"])),
-                ("arch", s(&n["facts"]["arch"])),
-                ("cpus", s(&n["facts"]["cpu_count"])),
-                ("agent", s(&n["agent_version"])),
-                ("address", s(&n["remote_addr"])),
-                ("connected since", s(&n["connected_since"])),
-                ("last seen", s(&n["last_seen_at"])),
-                ("enrolled", s(&n["enrolled_at"])),
-                ("certificate expires", s(&n["cert_not_after"])),
+                ("name", n.name.clone()),
+                ("id", n.id.to_string()),
+                ("status", n.status.as_str().to_owned()),
+                ("labels", labels(&n.labels)),
+                ("hostname", f.hostname.clone()),
+                ("os", format!("{} {}", f.os, f.os_version)),
+                ("kernel", f.kernel.clone()),
+                ("arch", f.arch.clone()),
+                ("cpus", f.cpu_count.to_string()),
+                ("agent", n.agent_version.clone()),
+                ("address", opt(n.remote_addr.as_ref())),
+                ("connected since", opt(n.connected_since.as_ref())),
+                ("last seen", opt(n.last_seen_at.as_ref())),
+                ("enrolled", n.enrolled_at.clone()),
+                ("certificate expires", opt(n.cert_not_after.as_ref())),
             ] {
                 println!("{k:>20}: {v}");
             }
         }
         NodeCommand::Remove { name } => {
-            let v: Value = api.delete(&format!("/api/v1/nodes/{name}")).await?;
+            let v: NodeRemoved = api.delete(&format!("/api/v1/nodes/{name}")).await?;
             if cli.json {
                 print_json(&v);
             } else {
-                println!("removed {name}: certificate revoked, connection closed");
+                println!(
+                    "removed {}: certificate revoked, connection closed",
+                    v.removed
+                );
             }
         }
     }
@@ -526,36 +555,40 @@ pub async fn user(cli: &Cli, cmd: &UserCommand) -> anyhow::Result<()> {
                 None => (uuid::Uuid::new_v4().simple().to_string(), true),
             };
             let role = if *admin { "admin" } else { role.as_str() };
-            let v: Value = api
-                .post(
-                    "/api/v1/users",
-                    &json!({"username": username, "password": password, "role": role}),
-                )
-                .await?;
+            let body = CreateUserRequest {
+                username: username.clone(),
+                password: password.clone(),
+                role: Some(role.to_owned()),
+            };
+            let v: UserView = api.post("/api/v1/users", &body).await?;
             if cli.json {
-                let mut v = v;
-                if generated {
-                    v["password"] = json!(password);
+                /// The user, with the password when it was generated (shown once).
+                #[derive(Serialize)]
+                struct Created<'a> {
+                    #[serde(flatten)]
+                    user: &'a UserView,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    password: Option<&'a str>,
                 }
-                print_json(&v);
+                let password = generated.then_some(password.as_str());
+                print_json(&Created { user: &v, password });
             } else {
-                println!("Created {} user `{}`.", s(&v["role"]), s(&v["username"]));
+                println!("Created {} user `{}`.", v.role, v.username);
                 if generated {
                     println!("Password (shown once): {password}");
                 }
             }
         }
         UserCommand::List => {
-            let v: Value = api.get("/api/v1/users").await?;
+            let v: UserList = api.get("/api/v1/users").await?;
             if cli.json {
                 print_json(&v);
                 return Ok(());
             }
-            let rows = v["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|u| vec![s(&u["username"]), s(&u["role"])])
+            let rows = v
+                .items
+                .iter()
+                .map(|u| vec![u.username.clone(), u.role.clone()])
                 .collect();
             table(&["USERNAME", "ROLE"], rows);
         }
@@ -565,33 +598,37 @@ pub async fn user(cli: &Cli, cmd: &UserCommand) -> anyhow::Result<()> {
 
 /// `nebula wake NODE`: through a relay on its LAN; waits (up to `wait`) for it to register.
 pub async fn wake(cli: &Cli, node: &str, wait: Option<Duration>) -> anyhow::Result<()> {
+    use nebula_types::api::nodes::NodeStatus;
     let api = Api::new(cli)?;
-    let w: Value = api
-        .post(&format!("/api/v1/nodes/{node}/wake"), &json!({}))
+    let w: Wake = api
+        .post(
+            &format!("/api/v1/nodes/{node}/wake"),
+            &serde_json::Map::new(),
+        )
         .await?;
     if cli.json && wait.is_none() {
         print_json(&w);
         return Ok(());
     }
     if !cli.json {
-        println!(
-            "Waking {node} through {} (job {}).",
-            s(&w["relay"]),
-            s(&w["job"])
-        );
+        println!("Waking {node} through {} (job {}).", w.relay, w.job);
     }
     let Some(wait) = wait else { return Ok(()) };
     let started = std::time::Instant::now();
     loop {
-        let n: Value = api.get(&format!("/api/v1/nodes/{node}")).await?;
-        let status = s(&n["status"]);
-        if status == "online" || status == "wake_failed" || started.elapsed() > wait {
+        let n = api.node(node).await?;
+        let done = matches!(n.status, NodeStatus::Online | NodeStatus::WakeFailed);
+        if done || started.elapsed() > wait {
             if cli.json {
                 print_json(&n);
             } else {
-                println!("{node} is {status} after {}s.", started.elapsed().as_secs());
+                println!(
+                    "{node} is {} after {}s.",
+                    n.status.as_str(),
+                    started.elapsed().as_secs()
+                );
             }
-            if status != "online" {
+            if n.status != NodeStatus::Online {
                 anyhow::bail!("{node} did not come online");
             }
             return Ok(());
@@ -603,13 +640,16 @@ pub async fn wake(cli: &Cli, node: &str, wait: Option<Duration>) -> anyhow::Resu
 /// `nebula sleep NODE`: the node's allow-listed suspend or power-off command.
 pub async fn sleep(cli: &Cli, node: &str) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let job: Value = api
-        .post(&format!("/api/v1/nodes/{node}/sleep"), &json!({}))
+    let job: JobRecord = api
+        .post(
+            &format!("/api/v1/nodes/{node}/sleep"),
+            &serde_json::Map::new(),
+        )
         .await?;
     if cli.json {
         print_json(&job);
     } else {
-        println!("Sent {node} to sleep (job {}).", s(&job["id"]));
+        println!("Sent {node} to sleep (job {}).", job.id);
     }
     Ok(())
 }

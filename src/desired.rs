@@ -7,9 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
+use nebula_desired::plan::{Action, Waiting};
+use nebula_types::api::desired::{
+    Applied, DesiredView, PlanView, RollbackRequest, RolledBack, ServiceDetail, ServiceView,
+};
+use serde::Serialize;
 
-use crate::client::{print_json, s, table, Api};
+use crate::client::{opt, print_json, table, Api};
 use crate::jobs::{age, ExitStatus};
 use crate::Cli;
 
@@ -50,7 +54,7 @@ fn read_map(file: &PathBuf) -> anyhow::Result<String> {
 
 pub async fn plan(cli: &Cli, a: &PlanArgs) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let plan: Value = match &a.file {
+    let plan: PlanView = match &a.file {
         Some(f) => api
             .send_text(reqwest::Method::POST, "/api/v1/plan", read_map(f)?)
             .await
@@ -59,119 +63,117 @@ pub async fn plan(cli: &Cli, a: &PlanArgs) -> anyhow::Result<()> {
     };
     if cli.json {
         print_json(&plan);
-    } else if a.file.is_none() && plan["version"].is_null() {
+    } else if a.file.is_none() && plan.version.is_none() {
         println!("No service map is in force: `nebula apply FILE` sets one.");
     } else {
-        print_plan(&plan);
+        print_warnings(&plan.warnings);
+        print_plan(&plan.plan);
     }
-    let changes = plan["actions"].as_array().map_or(0, Vec::len)
-        + plan["refused"].as_array().map_or(0, Vec::len);
+    let changes = plan.plan.actions.len() + plan.plan.refused.len();
     if a.exit_code && changes > 0 {
         return Err(ExitStatus(2).into());
     }
     Ok(())
 }
 
-fn short(rev: &Value) -> String {
-    let r = s(rev);
-    r.chars().take(12).collect()
+fn short(rev: &str) -> String {
+    rev.chars().take(12).collect()
 }
 
-fn print_plan(plan: &Value) {
-    for w in plan["warnings"].as_array().into_iter().flatten() {
-        println!(
-            "warning: {}:{}: {}",
-            w["line"],
-            w["column"],
-            s(&w["message"])
-        );
+fn print_warnings(warnings: &[nebula_desired::map::Problem]) {
+    for w in warnings {
+        println!("warning: {w}");
     }
-    let actions = plan["actions"].as_array().cloned().unwrap_or_default();
-    for a in &actions {
-        let who = format!("{} on {}", s(&a["service"]), s(&a["node"]));
-        let after = a["after"]
-            .as_array()
-            .filter(|d| !d.is_empty())
-            .map(|d| {
-                format!(
-                    " (after {})",
-                    d.iter().map(s).collect::<Vec<_>>().join(", ")
-                )
-            })
-            .unwrap_or_default();
-        match a["action"].as_str().unwrap_or("") {
-            "create" => println!(
-                "  + {who}: create {} x revision {}{after}",
-                a["replicas"],
-                short(&a["revision"])
-            ),
-            "update" => {
-                let from: Vec<String> = a["from"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(short)
-                    .collect();
-                println!(
-                    "  ~ {who}: update {} -> {} ({} replica(s)){after}",
-                    from.join(","),
-                    short(&a["to"]),
-                    a["replicas"]
-                );
-                for c in a["changes"].as_array().into_iter().flatten() {
-                    let v = |x: &Value| {
-                        if x.is_null() {
-                            "(none)".to_owned()
-                        } else {
-                            x.to_string()
-                        }
-                    };
-                    println!(
-                        "        {}: {} -> {}",
-                        s(&c["field"]),
-                        v(&c["from"]),
-                        v(&c["to"])
-                    );
-                }
-            }
-            "repair" => println!(
-                "  ! {who}: repair to {} x revision {} ({}){after}",
-                a["replicas"],
-                short(&a["revision"]),
-                s(&a["reason"])
-            ),
-            "remove" => println!(
-                "  - {who}: remove {} container(s) ({})",
-                a["containers"],
-                s(&a["reason"])
-            ),
-            other => println!("  ? {who}: {other}"),
+}
+
+fn print_action(a: &Action) {
+    let after = |after: &[String]| {
+        if after.is_empty() {
+            String::new()
+        } else {
+            format!(" (after {})", after.join(", "))
         }
+    };
+    match a {
+        Action::Create {
+            service,
+            node,
+            revision,
+            replicas,
+            after: deps,
+            ..
+        } => println!(
+            "  + {service} on {node}: create {replicas} x revision {}{}",
+            short(revision),
+            after(deps)
+        ),
+        Action::Update {
+            service,
+            node,
+            from,
+            to,
+            replicas,
+            changes,
+            after: deps,
+            ..
+        } => {
+            let from: Vec<String> = from.iter().map(|r| short(r)).collect();
+            println!(
+                "  ~ {service} on {node}: update {} -> {} ({replicas} replica(s)){}",
+                from.join(","),
+                short(to),
+                after(deps)
+            );
+            let v = |x: &Option<serde_json::Value>| match x {
+                None | Some(serde_json::Value::Null) => "(none)".to_owned(),
+                Some(x) => x.to_string(),
+            };
+            for c in changes {
+                println!("        {}: {} -> {}", c.field, v(&c.from), v(&c.to));
+            }
+        }
+        Action::Repair {
+            service,
+            node,
+            revision,
+            replicas,
+            reason,
+            after: deps,
+            ..
+        } => println!(
+            "  ! {service} on {node}: repair to {replicas} x revision {} ({reason}){}",
+            short(revision),
+            after(deps)
+        ),
+        Action::Remove {
+            service,
+            node,
+            containers,
+            reason,
+            ..
+        } => println!("  - {service} on {node}: remove {containers} container(s) ({reason})"),
     }
-    let on = |w: &Value| {
-        w["node"]
-            .as_str()
+}
+
+fn print_plan(plan: &nebula_desired::plan::Plan) {
+    for a in &plan.actions {
+        print_action(a);
+    }
+    let on = |w: &Waiting| {
+        w.node
+            .as_ref()
             .map(|n| format!(" on {n}"))
             .unwrap_or_default()
     };
-    for w in plan["refused"].as_array().into_iter().flatten() {
-        println!(
-            "  ✘ {}{}: refused: {}",
-            s(&w["service"]),
-            on(w),
-            s(&w["reason"])
-        );
+    for w in &plan.refused {
+        println!("  ✘ {}{}: refused: {}", w.service, on(w), w.reason);
     }
-    for w in plan["waiting"].as_array().into_iter().flatten() {
-        println!("  … {}{}: {}", s(&w["service"]), on(w), s(&w["reason"]));
+    for w in &plan.waiting {
+        println!("  … {}{}: {}", w.service, on(w), w.reason);
     }
-    let waiting = plan["waiting"].as_array().map_or(0, Vec::len);
-    let refused = plan["refused"].as_array().map_or(0, Vec::len);
-    if actions.is_empty() && waiting == 0 && refused == 0 {
-        println!(
-            "No changes: {} service(s) match the map.",
-            plan["unchanged"].as_u64().unwrap_or(0)
-        );
+    let (waiting, refused) = (plan.waiting.len(), plan.refused.len());
+    if plan.actions.is_empty() && waiting == 0 && refused == 0 {
+        println!("No changes: {} service(s) match the map.", plan.unchanged);
     } else {
         let refused = if refused > 0 {
             format!(", {refused} refused by a node's deploy policy")
@@ -179,11 +181,25 @@ fn print_plan(plan: &Value) {
             String::new()
         };
         println!(
-            "{} to change, {} unchanged, {} waiting{refused}.",
-            actions.len(),
-            plan["unchanged"].as_u64().unwrap_or(0),
-            waiting
+            "{} to change, {} unchanged, {waiting} waiting{refused}.",
+            plan.actions.len(),
+            plan.unchanged,
         );
+    }
+}
+
+/// How a followed service ended: as the API showed it last, or still unsettled at the end of
+/// the wait (`{"status": "timeout"}`).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Settled {
+    Service(Box<ServiceView>),
+    Timeout { status: &'static str },
+}
+
+impl Settled {
+    fn converged(&self) -> bool {
+        matches!(self, Settled::Service(s) if s.status == "converged")
     }
 }
 
@@ -192,14 +208,14 @@ pub async fn apply(cli: &Cli, a: &ApplyArgs) -> anyhow::Result<()> {
     let (text, shown) = match &a.file {
         Some(f) => (read_map(f)?, f.display().to_string()),
         None => {
-            let current: Value = api.get("/api/v1/desired").await?;
-            let doc = current["document"]
-                .as_str()
+            let current: DesiredView = api.get("/api/v1/desired").await?;
+            let doc = current
+                .document
                 .context("no service map is in force; give a file")?;
-            (doc.to_owned(), format!("version {}", current["version"]))
+            (doc, format!("version {}", opt(current.version)))
         }
     };
-    let applied: Value = api
+    let applied: Applied = api
         .send_text(reqwest::Method::PUT, "/api/v1/desired", text)
         .await
         .with_context(|| format!("{shown} was refused; the map in force is unchanged"))?;
@@ -210,20 +226,23 @@ pub async fn apply(cli: &Cli, a: &ApplyArgs) -> anyhow::Result<()> {
     if !cli.json {
         println!(
             "Applied {shown} as version {}{}.",
-            applied["version"],
-            if applied["changed"] == json!(false) {
-                " (unchanged; failed revisions are retried)"
-            } else {
+            applied.version,
+            if applied.changed {
                 ""
+            } else {
+                " (unchanged; failed revisions are retried)"
             }
         );
-        print_plan(&applied["plan"]);
+        print_warnings(&applied.warnings);
+        print_plan(&applied.plan);
     }
     // Services refused by a node's policy are followed too: they end `refused` (not converged).
-    let services: BTreeSet<String> = ["actions", "refused"]
+    let services: BTreeSet<String> = applied
+        .plan
+        .actions
         .iter()
-        .flat_map(|k| applied["plan"][k].as_array().cloned().unwrap_or_default())
-        .map(|a| s(&a["service"]))
+        .map(|a| a.service().to_owned())
+        .chain(applied.plan.refused.iter().map(|w| w.service.clone()))
         .collect();
     if a.no_wait || services.is_empty() {
         if cli.json {
@@ -233,12 +252,20 @@ pub async fn apply(cli: &Cli, a: &ApplyArgs) -> anyhow::Result<()> {
     }
     let outcome = follow(&api, &services, a.timeout, !cli.json).await?;
     if cli.json {
-        print_json(&json!({ "applied": applied, "services": outcome }));
+        #[derive(Serialize)]
+        struct Followed<'a> {
+            applied: &'a Applied,
+            services: &'a BTreeMap<String, Settled>,
+        }
+        print_json(&Followed {
+            applied: &applied,
+            services: &outcome,
+        });
     }
-    let failed: Vec<&String> = outcome
+    let failed: Vec<&str> = outcome
         .iter()
-        .filter(|(_, v)| v["status"] != "converged")
-        .map(|(k, _)| k)
+        .filter(|(_, v)| !v.converged())
+        .map(|(k, _)| k.as_str())
         .collect();
     if failed.is_empty() {
         if !cli.json {
@@ -247,14 +274,7 @@ pub async fn apply(cli: &Cli, a: &ApplyArgs) -> anyhow::Result<()> {
         Ok(())
     } else {
         if !cli.json {
-            eprintln!(
-                "Not converged: {}",
-                failed
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            eprintln!("Not converged: {}", failed.join(", "));
         }
         Err(ExitStatus(1).into())
     }
@@ -267,7 +287,7 @@ async fn follow(
     services: &BTreeSet<String>,
     timeout: Duration,
     show: bool,
-) -> anyhow::Result<BTreeMap<String, Value>> {
+) -> anyhow::Result<BTreeMap<String, Settled>> {
     let multi = MultiProgress::new();
     if !show {
         multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -292,44 +312,45 @@ async fn follow(
         })
         .collect();
     let started = Instant::now();
-    let mut settled: BTreeMap<String, Value> = BTreeMap::new();
+    let mut settled: BTreeMap<String, Settled> = BTreeMap::new();
     // A service counts as settled only once the reconciler has had time to pick the map up.
     let mut seen_busy: BTreeSet<String> = BTreeSet::new();
     while settled.len() < services.len() && started.elapsed() < timeout {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let list: Vec<Value> = match api.get("/api/v1/services").await {
+        let list: Vec<ServiceView> = match api.get("/api/v1/services").await {
             Ok(l) => l,
             Err(_) => continue,
         };
         for svc in list {
-            let name = s(&svc["name"]);
+            let name = svc.name.clone();
             if !services.contains(&name) || settled.contains_key(&name) {
                 continue;
             }
-            let status = s(&svc["status"]);
+            let status = svc.status.as_str();
             let bar = &bars[&name];
+            let message = svc.message.as_deref().unwrap_or("");
             let detail = format!(
                 "{status} {}/{} running{}",
-                svc["running"],
-                svc["replicas"],
-                svc["message"]
-                    .as_str()
+                svc.running,
+                svc.replicas,
+                svc.message
+                    .as_ref()
                     .map(|m| format!(": {m}"))
                     .unwrap_or_default()
             );
             bar.set_message(detail.clone());
-            if matches!(status.as_str(), "deploying" | "pending") {
+            if matches!(status, "deploying" | "pending") {
                 seen_busy.insert(name.clone());
             }
             let grace = started.elapsed() > Duration::from_secs(3);
-            let done = match status.as_str() {
+            let done = match status {
                 "converged" | "orphan" => seen_busy.contains(&name) || grace,
                 "failed" | "refused" => true,
-                "waiting" => grace && !svc["message"].as_str().unwrap_or("").contains("progress"),
+                "waiting" => grace && !message.contains("progress"),
                 _ => false,
             };
             if done {
-                let mark = if status == "converged" || status == "orphan" {
+                let mark = if matches!(status, "converged" | "orphan") {
                     "✔"
                 } else {
                     "✘"
@@ -340,14 +361,14 @@ async fn follow(
                     println!("  {mark} {name}: {detail}");
                 }
                 total.inc(1);
-                settled.insert(name, svc);
+                settled.insert(name, Settled::Service(Box::new(svc)));
             }
         }
     }
     for (name, bar) in &bars {
         if !settled.contains_key(name) {
             bar.abandon_with_message("✘ still in progress when the wait ended");
-            settled.insert(name.clone(), json!({ "status": "timeout" }));
+            settled.insert(name.clone(), Settled::Timeout { status: "timeout" });
         }
     }
     total.finish();
@@ -356,35 +377,27 @@ async fn follow(
 
 pub async fn services(cli: &Cli) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let list: Vec<Value> = api.get("/api/v1/services").await?;
+    let list: Vec<ServiceView> = api.get("/api/v1/services").await?;
     if cli.json {
-        print_json(&Value::Array(list));
+        print_json(&list);
         return Ok(());
     }
     let rows = list
         .iter()
         .map(|v| {
-            let nodes: BTreeSet<String> = v["containers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|c| s(&c["node"]))
-                .collect();
+            let nodes: BTreeSet<&str> = v.containers.iter().map(|c| c.node.as_str()).collect();
+            let revision = opt(v.revision.as_deref().map(short));
             vec![
-                s(&v["name"]),
-                s(&v["status"]),
-                match v["serving_revision"].as_str() {
-                    Some(_) => format!(
-                        "{} (runs {})",
-                        short(&v["revision"]),
-                        short(&v["serving_revision"])
-                    ),
-                    None => short(&v["revision"]),
+                v.name.clone(),
+                v.status.clone(),
+                match &v.serving_revision {
+                    Some(r) => format!("{revision} (runs {})", short(r)),
+                    None => revision,
                 },
-                s(&v["image"]),
-                format!("{}/{}/{}", v["healthy"], v["running"], v["replicas"]),
+                opt(v.image.as_ref()),
+                format!("{}/{}/{}", v.healthy, v.running, v.replicas),
                 nodes.into_iter().collect::<Vec<_>>().join(","),
-                s(&v["message"]),
+                opt(v.message.as_ref()),
             ]
         })
         .collect();
@@ -405,63 +418,57 @@ pub async fn services(cli: &Cli) -> anyhow::Result<()> {
 
 pub async fn service(cli: &Cli, name: &str) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let v: Value = api.get(&format!("/api/v1/services/{name}")).await?;
+    let v: ServiceDetail = api.get(&format!("/api/v1/services/{name}")).await?;
     if cli.json {
         print_json(&v);
         return Ok(());
     }
-    let svc = &v["service"];
-    if !svc.is_null() {
-        println!("service   {}", s(&svc["name"]));
-        println!("status    {}", s(&svc["status"]));
-        if let Some(m) = svc["message"].as_str() {
+    if let Some(svc) = &v.service {
+        println!("service   {}", svc.name);
+        println!("status    {}", svc.status);
+        if let Some(m) = &svc.message {
             println!("message   {m}");
         }
-        println!("image     {}", s(&svc["image"]));
-        println!("revision  {}", s(&svc["revision"]));
-        if svc["serving_revision"].is_string() {
-            println!(
-                "runs      revision {} (the counts below are its containers)",
-                s(&svc["serving_revision"])
-            );
+        println!("image     {}", opt(svc.image.as_ref()));
+        println!("revision  {}", opt(svc.revision.as_ref()));
+        if let Some(r) = &svc.serving_revision {
+            println!("runs      revision {r} (the counts below are its containers)");
         }
-        if let Some(p) = svc["pinned_over"].as_str() {
+        if let Some(p) = &svc.pinned_over {
             println!("pinned    by a rollback, over the map's revision {p}");
         }
         println!(
             "replicas  {} wanted, {} running, {} healthy",
-            svc["replicas"], svc["running"], svc["healthy"]
+            svc.replicas, svc.running, svc.healthy
         );
-        let rows = svc["containers"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let rows = svc
+            .containers
+            .iter()
             .map(|c| {
                 vec![
-                    s(&c["node"]),
-                    s(&c["name"]),
-                    short(&c["revision"]),
-                    s(&c["state"]),
-                    s(&c["health"]),
+                    c.node.clone(),
+                    c.name.clone(),
+                    short(&c.revision),
+                    c.state.clone(),
+                    c.health.clone(),
                 ]
             })
             .collect();
         println!();
         table(&["NODE", "CONTAINER", "REVISION", "STATE", "HEALTH"], rows);
     }
-    let rows = v["history"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows = v
+        .history
+        .iter()
         .map(|d| {
             vec![
-                age(d["started_at"].as_i64()),
-                s(&d["action"]),
-                s(&d["node"]),
-                short(&d["revision"]),
-                s(&d["outcome"]),
-                s(&d["trigger"]),
-                s(&d["message"]),
+                age(Some(d.started_at)),
+                d.action.clone(),
+                d.node.clone(),
+                short(&d.revision),
+                d.outcome.clone(),
+                d.trigger.clone(),
+                opt(d.message.as_ref()),
             ]
         })
         .collect();
@@ -477,11 +484,8 @@ pub async fn service(cli: &Cli, name: &str) -> anyhow::Result<()> {
 
 pub async fn rollback(cli: &Cli, a: &RollbackArgs) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let body = match &a.to {
-        Some(t) => json!({ "to": t }),
-        None => json!({}),
-    };
-    let v: Value = api
+    let body = RollbackRequest { to: a.to.clone() };
+    let v: RolledBack = api
         .post(&format!("/api/v1/services/{}/rollback", a.service), &body)
         .await?;
     if cli.json {
@@ -489,8 +493,7 @@ pub async fn rollback(cli: &Cli, a: &RollbackArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "{} is going back to revision {} (until the map changes it); follow with `nebula services`.",
-            s(&v["service"]),
-            s(&v["revision"])
+            v.service, v.revision
         );
     }
     Ok(())

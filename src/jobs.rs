@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use serde_json::{json, Value};
+use nebula_types::api::jobs::{CreateJob, JobView};
+use nebula_types::api::Page;
+use nebula_types::jobs::{AuditRecord, JobLogLine, JobRecord, JobState, Selector, Target, Work};
 
-use crate::client::{print_json, s, table, Api};
+use crate::client::{opt, print_json, table, Api};
 use crate::Cli;
 
 /// A non-zero exit status to leave with (the remote command's, where it had one).
@@ -64,11 +66,11 @@ pub struct RunArgs {
     args: Vec<String>,
 }
 
-fn parse_selector(text: Option<&str>, labels: &[String]) -> anyhow::Result<Option<Value>> {
+fn parse_selector(text: Option<&str>, labels: &[String]) -> anyhow::Result<Option<Selector>> {
     if text.is_none() && labels.is_empty() {
         return Ok(None);
     }
-    let mut sel = json!({"labels": {}});
+    let mut sel = Selector::default();
     let parts = text
         .unwrap_or("")
         .split(',')
@@ -81,47 +83,51 @@ fn parse_selector(text: Option<&str>, labels: &[String]) -> anyhow::Result<Optio
             .with_context(|| format!("selector part `{part}` must read key=value"))?;
         match k {
             "gpu" => {
-                sel["gpu"] = json!(v
-                    .parse::<bool>()
-                    .with_context(|| format!("gpu={v}: use true or false"))?)
+                let gpu = v.parse::<bool>();
+                sel.gpu = Some(gpu.with_context(|| format!("gpu={v}: use true or false"))?)
             }
             "min_free_vram_mb" => {
-                sel["min_free_vram_mb"] = json!(v
-                    .parse::<u64>()
-                    .with_context(|| format!("min_free_vram_mb={v}: a number of MiB"))?)
+                let mb = v.parse::<u64>();
+                sel.min_free_vram_mb =
+                    Some(mb.with_context(|| format!("min_free_vram_mb={v}: a number of MiB"))?)
             }
-            "model" => sel["model"] = json!(v),
-            _ => sel["labels"][k] = json!(v),
+            "model" => sel.model = Some(v.to_owned()),
+            _ => {
+                sel.labels.insert(k.to_owned(), v.to_owned());
+            }
         }
     }
     Ok(Some(sel))
 }
 
 /// The work an OP and its arguments name.
-fn work(op: &str, args: &[String], timeout: Option<&str>) -> anyhow::Result<Value> {
+fn work(op: &str, args: &[String], timeout: Option<&str>) -> anyhow::Result<Work> {
     if matches!(op, "ping" | "noop" | "inventory") && !args.is_empty() {
         anyhow::bail!(
             "`{op}` takes no arguments (options such as --deadline go before the node or selector)"
         );
     }
     Ok(match op {
-        "ping" | "noop" => json!({"kind": "noop"}),
-        "inventory" => json!({"kind": "inventory"}),
+        "ping" | "noop" => Work::Noop,
+        "inventory" => Work::Inventory,
         "probe" => {
             let [target] = args else {
                 anyhow::bail!("probe takes one argument: a URL or HOST:PORT");
             };
-            let mut w = if target.starts_with("http://") || target.starts_with("https://") {
-                json!({"kind": "probe", "http": target})
-            } else {
-                json!({"kind": "probe", "tcp": target.trim_start_matches("tcp://")})
-            };
-            if let Some(t) = timeout {
-                w["timeout"] = json!(t);
+            let timeout = timeout
+                .map(|t| humantime::parse_duration(t).with_context(|| format!("--timeout {t}")))
+                .transpose()?;
+            let http = target.starts_with("http://") || target.starts_with("https://");
+            Work::Probe {
+                http: http.then(|| target.clone()),
+                tcp: (!http).then(|| target.trim_start_matches("tcp://").to_owned()),
+                timeout,
             }
-            w
         }
-        _ => json!({"kind": "exec", "op": op, "args": args}),
+        _ => Work::Exec {
+            op: op.to_owned(),
+            args: args.to_vec(),
+        },
     })
 }
 
@@ -129,29 +135,28 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
     let selector = parse_selector(a.selector.as_deref(), &a.labels)?;
     let mut rest = a.args.as_slice();
-    let mut body = json!({"idempotent": a.idempotent});
-    match selector {
-        Some(sel) => body["selector"] = sel,
-        None => {
-            let (node, more) = rest
-                .split_first()
-                .context("name a node (or pass --selector), then the operation")?;
-            body["node"] = json!(node);
-            rest = more;
-        }
+    let mut node = None;
+    if selector.is_none() {
+        let (name, more) = rest
+            .split_first()
+            .context("name a node (or pass --selector), then the operation")?;
+        node = Some(name.clone());
+        rest = more;
     }
     let (op, args) = rest
         .split_first()
         .context("name an operation (see `nebula run --help`)")?;
-    body["work"] = work(op, args, a.timeout.as_deref())?;
-    if let Some(d) = &a.deadline {
-        body["deadline"] = json!(d);
-    }
-    if let Some(m) = a.max_attempts {
-        body["max_attempts"] = json!(m);
-    }
-    let job: Value = api.post("/api/v1/jobs", &body).await?;
-    let id = s(&job["id"]);
+    let body = CreateJob {
+        node,
+        selector,
+        work: work(op, args, a.timeout.as_deref())?,
+        deadline: a.deadline.clone(),
+        idempotent: a.idempotent,
+        max_attempts: a.max_attempts,
+        wait: None,
+    };
+    let job: JobRecord = api.post("/api/v1/jobs", &body).await?;
+    let id = job.id.to_string();
     if a.detach {
         if cli.json {
             print_json(&job);
@@ -161,43 +166,42 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if !cli.json {
-        eprintln!("job {id} ({})", s(&job["work"]["kind"]));
+        eprintln!("job {id} ({})", job.work.kind());
     }
     let end = follow(&api, &id, true, !cli.json).await?;
-    finish(cli, &end)
+    finish(cli, end.as_ref())
 }
 
 /// Print a finished job's outcome; a failed job is an error (with the remote exit status).
-fn finish(cli: &Cli, end: &Value) -> anyhow::Result<()> {
-    let state = s(&end["state"]);
+fn finish(cli: &Cli, end: Option<&JobRecord>) -> anyhow::Result<()> {
+    let Some(end) = end else {
+        anyhow::bail!("the log stream ended before the job did");
+    };
     if cli.json {
         print_json(end);
     } else {
-        if !end["output"].is_null() {
-            print_json(&end["output"]);
+        if let Some(output) = &end.output {
+            print_json(output);
         }
-        let took = match (end["started_at"].as_i64(), end["finished_at"].as_i64()) {
+        let took = match (end.started_at, end.finished_at) {
             (Some(a), Some(b)) => format!(" in {}", humantime::format_duration(ms(b - a))),
             _ => String::new(),
         };
-        let mut line = format!("{state} on {}{took}", s(&end["node"]));
-        if let Some(code) = end["exit_code"].as_i64() {
+        let mut line = format!("{} on {}{took}", end.state.as_str(), opt(end.node.as_ref()));
+        if let Some(code) = end.exit_code {
             line.push_str(&format!(", exit status {code}"));
         }
-        if let Some(e) = end["error"].as_str().or(end["reason"].as_str()) {
-            if state != "succeeded" {
+        if let Some(e) = end.error.as_ref().or(end.reason.as_ref()) {
+            if end.state != JobState::Succeeded {
                 line.push_str(&format!(": {e}"));
             }
         }
         eprintln!("{line}");
     }
-    if state == "succeeded" {
+    if end.state == JobState::Succeeded {
         return Ok(());
     }
-    let code = end["exit_code"]
-        .as_i64()
-        .filter(|c| (1..=255).contains(c))
-        .unwrap_or(1) as u8;
+    let code = end.exit_code.filter(|c| (1..=255).contains(c)).unwrap_or(1) as u8;
     Err(ExitStatus(code).into())
 }
 
@@ -206,8 +210,14 @@ fn ms(v: i64) -> Duration {
 }
 
 /// Follow a job's log stream until its `end` event; lines go to stdout (stderr lines to stderr).
-/// Returns the finished job (or, without `follow`, the job as it is).
-async fn follow(api: &Api, id: &str, follow: bool, print: bool) -> anyhow::Result<Value> {
+/// Returns the finished job (or, without `follow`, the job as it is; `None` when the stream
+/// said nothing of it).
+async fn follow(
+    api: &Api,
+    id: &str,
+    follow: bool,
+    print: bool,
+) -> anyhow::Result<Option<JobRecord>> {
     let url = format!("{}/api/v1/jobs/{id}/logs?follow={follow}", api.base);
     let mut resp = api
         .http_long()
@@ -219,59 +229,53 @@ async fn follow(api: &Api, id: &str, follow: bool, print: bool) -> anyhow::Resul
         .with_context(|| format!("cannot reach the controller at {}", api.base))?;
     if !resp.status().is_success() {
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        anyhow::bail!(
-            "{status}: {}",
-            body["error"]["message"].as_str().unwrap_or("no details")
-        );
+        let body = resp.json::<nebula_types::api::ErrorBody>().await;
+        let message = body.map_or_else(|_| "no details".to_owned(), |b| b.error.message);
+        anyhow::bail!("{status}: {message}");
     }
     let mut buf = String::new();
-    let mut last = Value::Null;
+    let mut last = None;
     let stdout = std::io::stdout();
     while let Some(chunk) = resp.chunk().await.context("reading the log stream")? {
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(pos) = buf.find("\n\n") {
             let block: String = buf.drain(..pos + 2).collect();
-            let mut event = "message";
+            let mut event = String::from("message");
             let mut data = String::new();
             for line in block.lines() {
                 if let Some(e) = line.strip_prefix("event:") {
-                    event = if e.trim() == "log" {
-                        "log"
-                    } else if e.trim() == "end" {
-                        "end"
-                    } else if e.trim() == "state" {
-                        "state"
-                    } else {
-                        "other"
-                    };
+                    event = e.trim().to_owned();
                 } else if let Some(d) = line.strip_prefix("data:") {
                     data.push_str(d.strip_prefix(' ').unwrap_or(d));
                 }
             }
-            let Ok(v) = serde_json::from_str::<Value>(&data) else {
-                continue;
-            };
-            match event {
+            match event.as_str() {
                 "log" if print => {
-                    let text = s(&v["line"]);
-                    if v["stream"] == "stderr" || v["stream"] == "agent" {
-                        eprintln!("{text}");
+                    let Ok(l) = serde_json::from_str::<JobLogLine>(&data) else {
+                        continue;
+                    };
+                    if l.stream == "stderr" || l.stream == "agent" {
+                        eprintln!("{}", l.line);
                     } else {
                         let mut out = stdout.lock();
-                        let _ = writeln!(out, "{text}");
+                        let _ = writeln!(out, "{}", l.line);
                         let _ = out.flush();
                     }
                 }
-                "state" => {
-                    if print && v["state"] == "queued" {
-                        if let Some(r) = v["reason"].as_str() {
+                "state" | "end" => {
+                    let Ok(rec) = serde_json::from_str::<JobRecord>(&data) else {
+                        continue;
+                    };
+                    if event == "end" {
+                        return Ok(Some(rec));
+                    }
+                    if print && rec.state == JobState::Queued {
+                        if let Some(r) = &rec.reason {
                             eprintln!("waiting: {r}");
                         }
                     }
-                    last = v;
+                    last = Some(rec);
                 }
-                "end" => return Ok(v),
                 _ => {}
             }
         }
@@ -306,31 +310,21 @@ pub fn age(created_ms: Option<i64>) -> String {
     }
 }
 
-fn what(job: &Value) -> String {
-    let w = &job["work"];
-    match w["kind"].as_str() {
-        Some("exec") => {
-            let args: Vec<String> = w["args"]
-                .as_array()
-                .map(|a| a.iter().map(s).collect())
-                .unwrap_or_default();
-            format!("{} {}", s(&w["op"]), args.join(" "))
-                .trim()
-                .to_owned()
-        }
-        Some("probe") => format!("probe {}", s(w.get("http").unwrap_or(&w["tcp"]))),
-        Some(k) => k.to_owned(),
-        None => "-".into(),
+fn what(job: &JobRecord) -> String {
+    match &job.work {
+        Work::Exec { op, args } => format!("{op} {}", args.join(" ")).trim().to_owned(),
+        Work::Probe { http, tcp, .. } => format!("probe {}", opt(http.as_ref().or(tcp.as_ref()))),
+        other => other.kind().to_owned(),
     }
 }
 
 /// Fetch one page of a list endpoint with optional filters; `None` when `--json` printed it.
-async fn page(
+async fn page<T: serde::de::DeserializeOwned + serde::Serialize>(
     cli: &Cli,
     path: &str,
     limit: u32,
     filters: &[(&str, &Option<String>)],
-) -> anyhow::Result<Option<Vec<Value>>> {
+) -> anyhow::Result<Option<Vec<T>>> {
     let api = Api::new(cli)?;
     let mut q = vec![format!("limit={limit}")];
     for (k, v) in filters {
@@ -338,29 +332,29 @@ async fn page(
             q.push(format!("{k}={v}"));
         }
     }
-    let page: Value = api.get(&format!("{path}?{}", q.join("&"))).await?;
+    let page: Page<T> = api.get(&format!("{path}?{}", q.join("&"))).await?;
     if cli.json {
-        print_json(&page["items"]);
+        print_json(&page.items);
         return Ok(None);
     }
-    Ok(Some(page["items"].as_array().cloned().unwrap_or_default()))
+    Ok(Some(page.items))
 }
 
 pub async fn jobs(cli: &Cli, a: &JobsArgs) -> anyhow::Result<()> {
     let filters = [("state", &a.state), ("node", &a.node), ("kind", &a.kind)];
-    let Some(items) = page(cli, "/api/v1/jobs", a.limit, &filters).await? else {
+    let Some(items) = page::<JobRecord>(cli, "/api/v1/jobs", a.limit, &filters).await? else {
         return Ok(());
     };
     let rows = items
         .iter()
         .map(|j| {
             vec![
-                s(&j["id"]),
+                j.id.to_string(),
                 what(j),
-                s(&j["state"]),
-                s(&j["node"]),
-                age(j["created_at"].as_i64()),
-                s(&j["created_by"]),
+                j.state.as_str().to_owned(),
+                opt(j.node.as_ref()),
+                age(Some(j.created_at)),
+                j.created_by.clone(),
             ]
         })
         .collect();
@@ -370,43 +364,36 @@ pub async fn jobs(cli: &Cli, a: &JobsArgs) -> anyhow::Result<()> {
 
 pub async fn job(cli: &Cli, id: &str) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let j: Value = api.get(&format!("/api/v1/jobs/{id}")).await?;
+    let view: JobView = api.get(&format!("/api/v1/jobs/{id}")).await?;
     if cli.json {
-        print_json(&j);
+        print_json(&view);
         return Ok(());
     }
-    let target = if let Some(n) = j["target"]["node"].as_str() {
-        format!("node {n}")
-    } else {
-        format!("selector {}", j["target"]["selector"])
+    let j = &view.record;
+    let target = match &j.target {
+        Target::Node(n) => format!("node {n}"),
+        Target::Selector(s) => format!("selector {s}"),
     };
     for (k, v) in [
-        ("id", s(&j["id"])),
-        ("what", what(&j)),
+        ("id", j.id.to_string()),
+        ("what", what(j)),
         ("target", target),
-        ("state", s(&j["state"])),
-        ("node", s(&j["node"])),
-        (
-            "attempt",
-            format!("{} of {}", s(&j["attempt"]), s(&j["max_attempts"])),
-        ),
+        ("state", j.state.as_str().to_owned()),
+        ("node", opt(j.node.as_ref())),
+        ("attempt", format!("{} of {}", j.attempt, j.max_attempts)),
         (
             "created",
-            format!(
-                "{} ago by {}",
-                age(j["created_at"].as_i64()),
-                s(&j["created_by"])
-            ),
+            format!("{} ago by {}", age(Some(j.created_at)), j.created_by),
         ),
-        ("routing", s(&j["routing"])),
-        ("reason", s(&j["reason"])),
-        ("exit code", s(&j["exit_code"])),
-        ("error", s(&j["error"])),
+        ("routing", opt(j.routing.as_ref())),
+        ("reason", opt(j.reason.as_ref())),
+        ("exit code", opt(j.exit_code)),
+        ("error", opt(j.error.as_ref())),
     ] {
         println!("{k:<10} {v}");
     }
-    if !j["output"].is_null() {
-        print_json(&j["output"]);
+    if let Some(output) = &j.output {
+        print_json(output);
     }
     Ok(())
 }
@@ -423,22 +410,25 @@ pub async fn logs(cli: &Cli, a: &LogsArgs) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
     let end = follow(&api, &a.id, a.follow, true).await?;
     if a.follow {
-        finish(cli, &end)?;
+        finish(cli, end.as_ref())?;
     }
     Ok(())
 }
 
 pub async fn cancel(cli: &Cli, id: &str) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let j: Value = api
-        .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
+    let j: JobRecord = api
+        .post(
+            &format!("/api/v1/jobs/{id}/cancel"),
+            &serde_json::Map::new(),
+        )
         .await?;
     if cli.json {
         print_json(&j);
-    } else if j["state"] == "cancelled" {
+    } else if j.state == JobState::Cancelled {
         println!("job {id} cancelled");
     } else {
-        println!("job {id}: cancel sent to {}", s(&j["node"]));
+        println!("job {id}: cancel sent to {}", opt(j.node.as_ref()));
     }
     Ok(())
 }
@@ -456,17 +446,17 @@ pub struct AuditArgs {
 
 pub async fn audit(cli: &Cli, a: &AuditArgs) -> anyhow::Result<()> {
     let filters = [("actor", &a.actor), ("action", &a.action)];
-    let Some(items) = page(cli, "/api/v1/audit", a.limit, &filters).await? else {
+    let Some(items) = page::<AuditRecord>(cli, "/api/v1/audit", a.limit, &filters).await? else {
         return Ok(());
     };
     let rows = items
         .iter()
         .map(|e| {
             vec![
-                age(e["at"].as_i64()),
-                s(&e["actor"]),
-                s(&e["action"]),
-                s(&e["target"]),
+                age(Some(e.at)),
+                e.actor.clone(),
+                e.action.clone(),
+                e.target.clone(),
             ]
         })
         .collect();

@@ -6,9 +6,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
+use nebula_types::api::access::{CreateApiTokenRequest, CreatedApiToken};
+use nebula_types::api::jobs::{CreateJob, JobView};
+use nebula_types::api::models::ModelsInventory;
+use nebula_types::jobs::{JobRecord, JobState, ModelActionKind, Work};
 
-use crate::client::{print_json, s, table, Api};
+use crate::client::{opt, print_json, table, Api};
 use crate::Cli;
 
 #[derive(Subcommand, Debug)]
@@ -44,42 +47,37 @@ pub enum ModelCommand {
 /// `nebula models`: per node and backend, the models on disk and loaded.
 pub async fn models(cli: &Cli) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let inv: Value = api.get("/api/v1/models/inventory").await?;
+    let inv: ModelsInventory = api.get("/api/v1/models/inventory").await?;
     if cli.json {
         print_json(&inv);
         return Ok(());
     }
     let mut rows = Vec::new();
-    for n in inv["nodes"].as_array().into_iter().flatten() {
-        for b in n["backends"].as_array().into_iter().flatten() {
-            if b["models"].as_array().is_none_or(Vec::is_empty) {
+    for n in &inv.nodes {
+        for b in &n.backends {
+            let backend = format!("{} ({})", b.name, b.kind);
+            if b.models.is_empty() {
                 rows.push(vec![
-                    s(&n["node"]),
-                    format!("{} ({})", s(&b["name"]), s(&b["kind"])),
-                    if b["healthy"] == true {
+                    n.node.clone(),
+                    backend.clone(),
+                    if b.healthy {
                         "-".into()
                     } else {
-                        format!("unhealthy: {}", s(&b["error"]))
+                        format!("unhealthy: {}", opt(b.error.as_ref()))
                     },
                     String::new(),
                     String::new(),
                     String::new(),
                 ]);
             }
-            for m in b["models"].as_array().into_iter().flatten() {
+            for m in &b.models {
                 rows.push(vec![
-                    s(&n["node"]),
-                    format!("{} ({})", s(&b["name"]), s(&b["kind"])),
-                    s(&m["name"]),
-                    if m["loaded"] == true {
-                        "loaded".into()
-                    } else {
-                        "on disk".into()
-                    },
-                    m["size_bytes"]
-                        .as_u64()
-                        .map_or(String::new(), |b| format!("{:.1} GB", b as f64 / 1e9)),
-                    s(&m["breaker"]),
+                    n.node.clone(),
+                    backend.clone(),
+                    m.name.clone(),
+                    if m.loaded { "loaded" } else { "on disk" }.into(),
+                    format!("{:.1} GB", m.size_bytes as f64 / 1e9),
+                    m.breaker.clone(),
                 ]);
             }
         }
@@ -93,6 +91,14 @@ pub async fn models(cli: &Cli) -> anyhow::Result<()> {
 
 pub async fn model(cli: &Cli, cmd: &ModelCommand) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
+    let model = |action, name: Option<&String>, backend: Option<&String>| Work::Model {
+        action,
+        name: name.cloned(),
+        url: None,
+        file: None,
+        sha256: None,
+        backend: backend.cloned(),
+    };
     let (node, work, what) = match cmd {
         ModelCommand::Pull {
             node,
@@ -100,7 +106,7 @@ pub async fn model(cli: &Cli, cmd: &ModelCommand) -> anyhow::Result<()> {
             backend,
         } => (
             node,
-            json!({"kind": "model", "action": "pull", "name": name, "backend": backend}),
+            model(ModelActionKind::Pull, Some(name), backend.as_ref()),
             format!("pull {name}"),
         ),
         ModelCommand::Download {
@@ -110,7 +116,14 @@ pub async fn model(cli: &Cli, cmd: &ModelCommand) -> anyhow::Result<()> {
             sha256,
         } => (
             node,
-            json!({"kind": "model", "action": "download", "url": url, "file": file, "sha256": sha256}),
+            Work::Model {
+                action: ModelActionKind::Download,
+                name: None,
+                url: Some(url.clone()),
+                file: Some(file.clone()),
+                sha256: sha256.clone(),
+                backend: None,
+            },
             format!("download {file}"),
         ),
         ModelCommand::Rm {
@@ -119,31 +132,36 @@ pub async fn model(cli: &Cli, cmd: &ModelCommand) -> anyhow::Result<()> {
             backend,
         } => (
             node,
-            json!({"kind": "model", "action": "delete", "name": name, "backend": backend}),
+            model(ModelActionKind::Delete, Some(name), backend.as_ref()),
             format!("delete {name}"),
         ),
     };
-    let job: Value = api
-        .post("/api/v1/jobs", &json!({"node": node, "work": work}))
-        .await?;
-    let id = s(&job["id"]);
+    let body = CreateJob {
+        node: Some(node.clone()),
+        selector: None,
+        work,
+        deadline: None,
+        idempotent: false,
+        max_attempts: None,
+        wait: None,
+    };
+    let job: JobRecord = api.post("/api/v1/jobs", &body).await?;
+    let id = job.id.to_string();
     let end = follow_progress(&api, &id, &format!("{what} on {node}"), !cli.json).await?;
     if cli.json {
         print_json(&end);
     }
-    let state = s(&end["state"]);
-    if state == "succeeded" {
+    let end = &end.record;
+    if end.state == JobState::Succeeded {
         if !cli.json {
             eprintln!("{what} on {node}: done");
         }
         Ok(())
     } else {
         anyhow::bail!(
-            "{what} on {node}: {state}: {}",
-            end["error"]
-                .as_str()
-                .or(end["reason"].as_str())
-                .unwrap_or("")
+            "{what} on {node}: {}: {}",
+            end.state.as_str(),
+            end.error.as_ref().or(end.reason.as_ref()).map_or("", |s| s)
         )
     }
 }
@@ -154,7 +172,7 @@ pub async fn follow_progress(
     id: &str,
     label: &str,
     show: bool,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<JobView> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = (show && tty).then(|| {
         let b = ProgressBar::new(1000);
@@ -168,33 +186,30 @@ pub async fn follow_progress(
     });
     let mut last_line = -10.0f64;
     loop {
-        let job: Value = api
+        let job: JobView = api
             .get(&format!("/api/v1/jobs/{id}"))
             .await
             .with_context(|| format!("reading job {id}"))?;
-        let state = s(&job["state"]);
-        if let Some(p) = job["progress"]["percent"].as_f64() {
-            let msg = s(&job["progress"]["message"]);
+        let state = job.record.state;
+        if let Some(p) = &job.progress {
+            let percent = f64::from(p.percent);
             match &bar {
                 Some(b) => {
-                    b.set_position((p * 10.0) as u64);
-                    b.set_message(msg);
+                    b.set_position((percent * 10.0) as u64);
+                    b.set_message(p.message.clone());
                 }
-                None if show && p - last_line >= 10.0 => {
-                    last_line = p;
-                    eprintln!("{label}: {p:.0}% {msg}");
+                None if show && percent - last_line >= 10.0 => {
+                    last_line = percent;
+                    eprintln!("{label}: {percent:.0}% {}", p.message);
                 }
                 None => {}
             }
         } else if let Some(b) = &bar {
-            b.set_message(state.clone());
+            b.set_message(state.as_str());
         }
-        if matches!(
-            state.as_str(),
-            "succeeded" | "failed" | "cancelled" | "timed_out" | "lost"
-        ) {
+        if state.is_terminal() {
             if let Some(b) = bar {
-                if state == "succeeded" {
+                if state == JobState::Succeeded {
                     b.set_position(1000);
                 }
                 b.finish();
@@ -208,13 +223,15 @@ pub async fn follow_progress(
 /// `nebula api-token create NAME --role ai`: an API token, printed once.
 pub async fn api_token(cli: &Cli, name: &str, role: &str) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
-    let v: Value = api
-        .post("/api/v1/api-tokens", &json!({"name": name, "role": role}))
-        .await?;
+    let body = CreateApiTokenRequest {
+        name: name.to_owned(),
+        role: role.to_owned(),
+    };
+    let v: CreatedApiToken = api.post("/api/v1/api-tokens", &body).await?;
     if cli.json {
         print_json(&v);
     } else {
-        println!("{}", s(&v["token"]));
+        println!("{}", v.token);
         eprintln!("API token `{name}` ({role}); shown once");
     }
     Ok(())

@@ -19,7 +19,7 @@ use crate::authz::{Op, OpCtx};
 use crate::jobs::{JobLogLine, JobRecord, JobState, NewJob, Selector, Target, Work};
 use crate::store::jobs::{AuditFilter, JobFilter};
 use crate::ControlPlane;
-pub use nebula_types::api::jobs::{CreateJob, FanOut, JobView, NodeResult};
+pub use nebula_types::api::jobs::{CreateJob, FanOut, JobView, NodeResult, Progress};
 
 /// Longest a request may wait for jobs to finish.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -167,7 +167,7 @@ pub(super) async fn get_job(
         .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
     let progress = cp
         .job_progress_of(id)
-        .map(|(percent, message)| serde_json::json!({"percent": percent, "message": message}));
+        .map(|(percent, message)| Progress { percent, message });
     Ok(Json(JobView { record, progress }))
 }
 

@@ -38,7 +38,14 @@ pub struct JobView {
     #[serde(flatten)]
     pub record: JobRecord,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<serde_json::Value>,
+    pub progress: Option<Progress>,
+}
+
+/// How far a running job is, as its agent last said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Progress {
+    pub percent: f32,
+    pub message: String,
 }
 
 /// One node's answer in a fan-out.
