@@ -73,7 +73,8 @@ async fn agent(c: &Controller, dir: &std::path::Path, name: &str, kind: &str, ur
         "[ai]\ndiscover = false\npoll_interval = \"300ms\"\n[[ai.backends]]\nname = \"{kind}\"\nkind = \"{kind}\"\nurl = \"{url}\"\n"
     );
     let a = Agent::join_with_config(c, &token, &dir.join(name), name, &[], &config);
-    c.wait_status(name, "online", Duration::from_secs(20)).await;
+    c.wait_status(name, common::NodeStatus::Online, Duration::from_secs(20))
+        .await;
     a
 }
 
@@ -1044,8 +1045,12 @@ async fn a_model_file_download_resumes_after_a_cut_and_is_checked_against_its_sh
         models_dir.display()
     );
     let _a = Agent::join_with_config(&c, &token, &dir.path().join("n"), "file-node", &[], &config);
-    c.wait_status("file-node", "online", Duration::from_secs(20))
-        .await;
+    c.wait_status(
+        "file-node",
+        common::NodeStatus::Online,
+        Duration::from_secs(20),
+    )
+    .await;
     let url = format!("{}/files/model.gguf", server.url());
 
     // The first try is cut off: it fails and says so; the part stays.
@@ -1288,7 +1293,7 @@ async fn ollama_on_a_tailscale_peer_is_found_through_tailscaleds_local_api() {
     let a = Agent::join_with_config(&c, &token, &dir.path().join("a"), "edge", &[], &config);
     let online = tokio::time::timeout(
         Duration::from_secs(20),
-        c.wait_status("edge", "online", Duration::from_secs(25)),
+        c.wait_status("edge", common::NodeStatus::Online, Duration::from_secs(25)),
     )
     .await;
     assert!(online.is_ok(), "agent output:\n{}", a.proc.output());
@@ -1449,13 +1454,12 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
             "{v}"
         );
     }
-    let pulls = c.get("/api/v1/jobs?kind=model").await;
-    let failed: Vec<&str> = pulls["items"]
-        .as_array()
-        .unwrap()
+    let pulls: common::Page<common::JobRecord> = c.get_as("/api/v1/jobs?kind=model").await;
+    let failed: Vec<&str> = pulls
+        .items
         .iter()
-        .filter(|j| j["state"] == "failed")
-        .filter_map(|j| j["node"].as_str())
+        .filter(|j| j.state == common::JobState::Failed)
+        .filter_map(|j| j.node.as_deref())
         .collect();
     assert_eq!(
         (
@@ -1463,7 +1467,7 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
             failed.contains(&"node-a") && failed.contains(&"node-b")
         ),
         (2, true),
-        "one failed pull per node: {pulls}"
+        "one failed pull per node: {pulls:?}"
     );
 }
 

@@ -249,9 +249,13 @@ async fn the_dashboard_in_a_real_browser() {
     let card = b.wait_text("#node-web-host", Duration::from_secs(30)).await;
     assert!(card.contains("web-host"), "{card}");
     let node = c
-        .wait_status("web-host", "online", Duration::from_secs(20))
+        .wait_status(
+            "web-host",
+            common::NodeStatus::Online,
+            Duration::from_secs(20),
+        )
         .await;
-    let node_id = node["id"].as_str().unwrap().to_owned();
+    let node_id = node.id.to_string();
     managed.add(&node_id);
     // Its telemetry arrives without a reload too.
     wait_for("the card's figures", Duration::from_secs(30), || async {
@@ -565,8 +569,12 @@ async fn models_and_chat_pages_in_a_real_browser() {
     );
     let _agent =
         Agent::join_with_config(&c, &token, &dir.path().join("gpu"), "gpu-box", &[], &config);
-    c.wait_status("gpu-box", "online", Duration::from_secs(20))
-        .await;
+    c.wait_status(
+        "gpu-box",
+        common::NodeStatus::Online,
+        Duration::from_secs(20),
+    )
+    .await;
     let b = Browser::start().await;
     b.login(&base, "mo", &pw).await;
 

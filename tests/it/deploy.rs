@@ -117,14 +117,16 @@ async fn join(
 ) -> (Agent, String) {
     let token = c.token(1, "10m", json!({})).await;
     let agent = Agent::join(c, &token, &dir.join(name), name, labels);
-    let node = c.wait_status(name, "online", Duration::from_secs(20)).await;
+    let node = c
+        .wait_status(name, common::NodeStatus::Online, Duration::from_secs(20))
+        .await;
     // The reconciler acts on a node once its first telemetry inventory is in.
     wait_for("the node's telemetry", Duration::from_secs(20), || async {
         let n = c.node(name).await?;
-        (!n["telemetry"].is_null()).then_some(())
+        n.telemetry.is_some().then_some(())
     })
     .await;
-    (agent, node["id"].as_str().unwrap().to_owned())
+    (agent, node.id.to_string())
 }
 
 /// [`join`] with an agent config file (TOML).
@@ -136,13 +138,15 @@ async fn join_with_config(
 ) -> (Agent, String) {
     let token = c.token(1, "10m", json!({})).await;
     let agent = Agent::join_with_config(c, &token, &dir.join(name), name, &[], config);
-    let node = c.wait_status(name, "online", Duration::from_secs(20)).await;
+    let node = c
+        .wait_status(name, common::NodeStatus::Online, Duration::from_secs(20))
+        .await;
     wait_for("the node's telemetry", Duration::from_secs(20), || async {
         let n = c.node(name).await?;
-        (!n["telemetry"].is_null()).then_some(())
+        n.telemetry.is_some().then_some(())
     })
     .await;
-    (agent, node["id"].as_str().unwrap().to_owned())
+    (agent, node.id.to_string())
 }
 
 fn map(web_image: &str, edge_image: &str, edge_port: u16) -> String {

@@ -16,25 +16,31 @@ async fn two_agents_join_and_show_online_with_facts_and_labels() {
     let _a = Agent::join(&c, &token, &dir.path().join("a"), "alpha", &["role=gpu"]);
     let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
     let a = c
-        .wait_status("alpha", "online", Duration::from_secs(20))
+        .wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
     let b = c
-        .wait_status("beta", "online", Duration::from_secs(20))
+        .wait_status("beta", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
-    assert_eq!(a["labels"], json!({"zone": "home", "role": "gpu"}));
-    assert_eq!(b["labels"], json!({"zone": "home"}));
+    let labels = |pairs: &[(&str, &str)]| -> nebula_protocol::Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(a.labels, labels(&[("zone", "home"), ("role", "gpu")]));
+    assert_eq!(b.labels, labels(&[("zone", "home")]));
     for n in [&a, &b] {
-        assert!(n["facts"]["cpu_count"].as_u64().unwrap() >= 1, "{n}");
-        assert!(n["facts"]["memory_bytes"].as_u64().unwrap() > 0);
-        assert_eq!(n["facts"]["arch"], std::env::consts::ARCH);
-        assert!(!n["facts"]["hostname"].as_str().unwrap().is_empty());
-        assert!(!n["facts"]["kernel"].as_str().unwrap().is_empty());
-        assert_eq!(n["agent_version"], env!("CARGO_PKG_VERSION"));
-        assert!(n["cert_not_after"].is_string());
+        assert!(n.facts.cpu_count >= 1, "{n:?}");
+        assert!(n.facts.memory_bytes > 0);
+        assert_eq!(n.facts.arch, std::env::consts::ARCH);
+        assert!(!n.facts.hostname.is_empty());
+        assert!(!n.facts.kernel.is_empty());
+        assert_eq!(n.agent_version, env!("CARGO_PKG_VERSION"));
+        assert!(n.cert_not_after.is_some());
     }
-    assert_ne!(a["id"], b["id"]);
+    assert_ne!(a.id, b.id);
     let list = c.nodes().await;
-    let names: Vec<_> = list.iter().map(|n| n["name"].as_str().unwrap()).collect();
+    let names: Vec<_> = list.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["alpha", "beta"]);
     // Filters and pagination.
     let page = c.get("/api/v1/nodes?limit=1").await;
@@ -59,21 +65,21 @@ async fn killed_agent_goes_offline_within_idle_timeout_and_returns_with_same_id(
     let state = dir.path().join("a");
     let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
     let before = c
-        .wait_status("alpha", "online", Duration::from_secs(20))
+        .wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
     let killed_at = Instant::now();
     a.proc.kill(); // SIGKILL: no Bye, no close; only the idle timeout can tell
-    c.wait_status("alpha", "offline", Duration::from_secs(4))
+    c.wait_status("alpha", common::NodeStatus::Offline, Duration::from_secs(4))
         .await;
     let took = killed_at.elapsed();
     assert!(took <= Duration::from_secs(4), "offline after {took:?}");
     // Restart from saved state: same id, no new enrollment (the single-use token is spent).
     let _a = Agent::run(&state);
     let after = c
-        .wait_status("alpha", "online", Duration::from_secs(20))
+        .wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
-    assert_eq!(before["id"], after["id"]);
-    assert_eq!(before["enrolled_at"], after["enrolled_at"]);
+    assert_eq!(before.id, after.id);
+    assert_eq!(before.enrolled_at, after.enrolled_at);
     assert_eq!(c.nodes().await.len(), 1);
 }
 
@@ -91,26 +97,26 @@ async fn controller_restart_agents_reconnect_by_themselves_within_10s() {
     let _a = Agent::join(&c, &token, &dir.path().join("a"), "alpha", &[]);
     let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
     let a0 = c
-        .wait_status("alpha", "online", Duration::from_secs(20))
+        .wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
     let b0 = c
-        .wait_status("beta", "online", Duration::from_secs(20))
+        .wait_status("beta", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
-    let since0 = a0["connected_since"].clone();
+    let since0 = a0.connected_since.clone();
 
     c.restart_hard().await; // SIGKILL, then a fresh process on the same ports and data dir
     let restarted = Instant::now();
     let a1 = c
-        .wait_status("alpha", "online", Duration::from_secs(10))
+        .wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(10))
         .await;
     let b1 = c
-        .wait_status("beta", "online", Duration::from_secs(10))
+        .wait_status("beta", common::NodeStatus::Online, Duration::from_secs(10))
         .await;
     let took = restarted.elapsed();
     assert!(took < Duration::from_secs(10), "reconnected after {took:?}");
-    assert_eq!(a0["id"], a1["id"]);
-    assert_eq!(b0["id"], b1["id"]);
-    assert_ne!(since0, a1["connected_since"], "a new session");
+    assert_eq!(a0.id, a1.id);
+    assert_eq!(b0.id, b1.id);
+    assert_ne!(since0, a1.connected_since, "a new session");
     assert_eq!(c.nodes().await.len(), 2);
 }
 
@@ -122,9 +128,9 @@ async fn removed_node_is_cut_off_and_refused_on_reconnect() {
     let state = dir.path().join("a");
     let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
     let _b = Agent::join(&c, &token, &dir.path().join("b"), "beta", &[]);
-    c.wait_status("alpha", "online", Duration::from_secs(20))
+    c.wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
-    c.wait_status("beta", "online", Duration::from_secs(20))
+    c.wait_status("beta", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
 
     let (status, v) = c
@@ -144,7 +150,7 @@ async fn removed_node_is_cut_off_and_refused_on_reconnect() {
     assert!(out.contains("revoked"), "{out}");
     assert!(c.node("alpha").await.is_none());
     // The other node is untouched.
-    c.wait_status("beta", "online", Duration::from_secs(1))
+    c.wait_status("beta", common::NodeStatus::Online, Duration::from_secs(1))
         .await;
     // Removing it again: 404 with the error shape.
     let (status, v) = c
@@ -166,9 +172,9 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
     let state = dir.path().join("a");
     let mut a = Agent::join(&c, &token, &state, "alpha", &[]);
     let first = c
-        .wait_status("alpha", "online", Duration::from_secs(20))
+        .wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
-    let first_expiry = first["cert_not_after"].as_str().unwrap().to_owned();
+    let first_expiry = first.cert_not_after.clone().unwrap();
     let first_crt = std::fs::read(state.join("node.crt")).unwrap();
     let first_key = std::fs::read(state.join("node.key")).unwrap();
     // A thief's copy of the node's state (key and certificate) before the renewal.
@@ -186,11 +192,15 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
         let first_expiry = first_expiry.clone();
         async move {
             let n = c.node("alpha").await?;
-            (n["cert_not_after"].as_str()? > first_expiry.as_str()).then_some(n)
+            (n.cert_not_after.as_deref()? > first_expiry.as_str()).then_some(n)
         }
     })
     .await;
-    assert_eq!(renewed["status"], "online", "the session stayed up");
+    assert_eq!(
+        renewed.status,
+        common::NodeStatus::Online,
+        "the session stayed up"
+    );
     common::wait_for(
         "the agent to save its new certificate",
         Duration::from_secs(5),
@@ -213,15 +223,15 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
     assert!(!st.success());
     let out = thief.proc.output();
     assert!(out.contains("revoked"), "{out}");
-    c.wait_status("alpha", "online", Duration::from_secs(1))
+    c.wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(1))
         .await;
     // Once the first certificate has expired, a restarted agent still gets in with the new one.
     tokio::time::sleep(Duration::from_secs(5)).await;
     a.proc.kill();
-    c.wait_status("alpha", "offline", Duration::from_secs(5))
+    c.wait_status("alpha", common::NodeStatus::Offline, Duration::from_secs(5))
         .await;
     let _a = Agent::run(&state);
-    c.wait_status("alpha", "online", Duration::from_secs(15))
+    c.wait_status("alpha", common::NodeStatus::Online, Duration::from_secs(15))
         .await;
 }
 

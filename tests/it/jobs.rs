@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use common::inproc::{gpu, model, InProcAgent};
 use common::{bin, metric, wait_for, Agent, Controller, ControllerOpts};
+use common::{JobRecord, JobState};
+use nebula_protocol::jobs::{JobOutput, ProbeOutput};
+use nebula_types::jobs::JobLogLine;
 use serde_json::{json, Value};
 
 /// An agent config with an allow-list: custom commands (fixed argv), git-pull inside `repos`;
@@ -83,14 +86,11 @@ fn repos(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (inside, outside)
 }
 
-async fn logs(c: &Controller, id: &Value) -> Vec<String> {
+async fn logs(c: &Controller, id: uuid::Uuid) -> Vec<String> {
     // follow=false: what is stored, then the end.
     let resp = c
         .client
-        .get(c.url(&format!(
-            "/api/v1/jobs/{}/logs?follow=false",
-            id.as_str().unwrap()
-        )))
+        .get(c.url(&format!("/api/v1/jobs/{id}/logs?follow=false")))
         .bearer_auth(&c.admin_token)
         .send()
         .await
@@ -100,20 +100,23 @@ async fn logs(c: &Controller, id: &Value) -> Vec<String> {
     text.split("\n\n")
         .filter(|b| b.contains("event: log"))
         .filter_map(|b| b.lines().find_map(|l| l.strip_prefix("data: ")))
-        .map(|d| {
-            serde_json::from_str::<Value>(d).unwrap()["line"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
+        .map(|d| serde_json::from_str::<JobLogLine>(d).unwrap().line)
         .collect()
+}
+
+/// A probe job's result.
+fn probe(job: &JobRecord) -> &ProbeOutput {
+    match &job.output {
+        Some(JobOutput::Probe(p)) => p,
+        other => panic!("not a probe's output: {other:?}"),
+    }
 }
 
 /// One agent named `box` with this config, joined and online.
 async fn one_box(c: &Controller, state: &Path, config: &str) -> Agent {
     let token = c.token(1, "1h", json!({})).await;
     let a = Agent::join_with_config(c, &token, state, "box", &[], config);
-    c.wait_status("box", "online", Duration::from_secs(20))
+    c.wait_status("box", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
     a
 }
@@ -171,13 +174,10 @@ async fn exec_streams_output_and_the_agent_enforces_its_allow_list() {
     let job = c
         .job(json!({"node": "box", "work": {"kind": "exec", "op": "hello"}, "wait": "20s"}))
         .await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(job["exit_code"], 0);
-    assert!(job["routing"]
-        .as_str()
-        .unwrap()
-        .contains("targeted by name"));
-    let lines = logs(&c, &job["id"]).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(job.exit_code, Some(0));
+    assert!(job.routing.as_deref().unwrap().contains("targeted by name"));
+    let lines = logs(&c, job.id).await;
     assert!(
         lines.iter().any(|l| l.starts_with("hello from")),
         "{lines:?}"
@@ -208,8 +208,8 @@ async fn exec_streams_output_and_the_agent_enforces_its_allow_list() {
         let j = c
             .job(json!({"node": "box", "work": {"kind": "exec", "op": op, "args": args}, "wait": "20s"}))
             .await;
-        assert_eq!(j["state"], "failed", "{op}: {j}");
-        let err = j["error"].as_str().unwrap();
+        assert_eq!(j.state, JobState::Failed, "{op}: {j:?}");
+        let err = j.error.as_deref().unwrap();
         assert!(err.starts_with("refused by the agent"), "{err}");
         assert!(err.contains(why), "{op}: {err}");
     }
@@ -228,10 +228,10 @@ async fn exec_streams_output_and_the_agent_enforces_its_allow_list() {
     let pulled = c
         .job(json!({"node": "box", "work": {"kind": "exec", "op": "git-pull", "args": [inside]}, "wait": "20s"}))
         .await;
-    assert_eq!(pulled["state"], "succeeded", "{pulled}");
+    assert_eq!(pulled.state, JobState::Succeeded, "{pulled:?}");
     assert_eq!(head(&inside), head(&dir.path().join("origin")));
     assert_eq!(head(&outside), outside_before);
-    let lines = logs(&c, &pulled["id"]).await;
+    let lines = logs(&c, pulled.id).await;
     assert!(
         lines.iter().any(|l| l.contains("README")),
         "git's output is streamed: {lines:?}"
@@ -241,44 +241,48 @@ async fn exec_streams_output_and_the_agent_enforces_its_allow_list() {
     let inv = c
         .job(json!({"node": "box", "work": {"kind": "inventory"}, "wait": "20s"}))
         .await;
-    assert_eq!(inv["state"], "succeeded", "{inv}");
-    let report = &inv["output"]["Inventory"];
-    assert_eq!(report["agent_version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(report["facts"]["arch"], std::env::consts::ARCH);
-    let repos = report["repositories"].as_array().unwrap();
+    assert_eq!(inv.state, JobState::Succeeded, "{inv:?}");
+    let Some(JobOutput::Inventory(report)) = &inv.output else {
+        panic!("not an inventory: {inv:?}");
+    };
+    assert_eq!(report.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(report.facts.arch, std::env::consts::ARCH);
+    let repos = &report.repositories;
     assert_eq!(repos.len(), 1, "{repos:?}");
-    assert_eq!(repos[0]["branch"], "main");
-    assert_eq!(repos[0]["dirty"], false);
-    assert_eq!(repos[0]["commit"].as_str().unwrap(), head(&inside).trim());
+    assert_eq!(repos[0].branch.as_deref(), Some("main"));
+    assert!(!repos[0].dirty);
+    assert_eq!(repos[0].commit, head(&inside).trim());
 
     // Probes: a TCP connect and an HTTP GET from the node (to the controller's own API).
     let tcp = c
         .job(json!({"node": "box", "work": {"kind": "probe", "tcp": c.http.to_string()}, "wait": "20s"}))
         .await;
-    assert_eq!(tcp["output"]["Probe"]["ok"], true, "{tcp}");
+    assert!(probe(&tcp).ok, "{tcp:?}");
     let http = c
         .job(json!({"node": "box", "work": {"kind": "probe", "http": c.url("/healthz"), "timeout": "2s"}, "wait": "20s"}))
         .await;
-    assert_eq!(http["output"]["Probe"]["status"], 200, "{http}");
-    assert!(http["output"]["Probe"]["latency_us"].as_u64().unwrap() > 0);
+    assert_eq!(probe(&http).status, Some(200), "{http:?}");
+    assert!(probe(&http).latency_us > 0);
     let closed = c
         .job(json!({"node": "box", "work": {"kind": "probe", "tcp": "127.0.0.1:1"}, "wait": "20s"}))
         .await;
-    assert_eq!(closed["state"], "succeeded");
-    assert_eq!(closed["output"]["Probe"]["ok"], false, "{closed}");
-    assert!(closed["output"]["Probe"]["error"]
-        .as_str()
+    assert_eq!(closed.state, JobState::Succeeded);
+    assert!(!probe(&closed).ok, "{closed:?}");
+    assert!(probe(&closed)
+        .error
+        .as_deref()
         .unwrap()
         .contains("127.0.0.1:1"));
 
     // The audit log names who created what.
-    let audit = c.get("/api/v1/audit?action=job.create&limit=100").await;
-    let items = audit["items"].as_array().unwrap();
-    assert!(items.len() >= 10, "{audit}");
-    assert!(items.iter().all(|e| e["actor"] == "admin"));
+    let audit: common::Page<nebula_types::jobs::AuditRecord> =
+        c.get_as("/api/v1/audit?action=job.create&limit=100").await;
+    let items = &audit.items;
+    assert!(items.len() >= 10, "{audit:?}");
+    assert!(items.iter().all(|e| e.actor == "admin"));
     assert!(items
         .iter()
-        .any(|e| e["target"] == job["id"] && e["detail"]["work"]["op"] == "hello"));
+        .any(|e| e.target == job.id.to_string() && e.detail["work"]["op"] == "hello"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,9 +301,9 @@ async fn cancel_kills_the_process_and_a_deadline_times_it_out() {
     let job = c
         .job(json!({"node": "box", "work": {"kind": "exec", "op": "sleeper"}}))
         .await;
-    let id = job["id"].clone();
-    c.wait_job(&id, "sleeper running", Duration::from_secs(20), |j| {
-        j["state"] == "running"
+    let id = job.id;
+    c.wait_job(id, "sleeper running", Duration::from_secs(20), |j| {
+        j.state == JobState::Running
     })
     .await;
     let pid = wait_for("the sleeper's pid", Duration::from_secs(10), || async {
@@ -310,22 +314,22 @@ async fn cancel_kills_the_process_and_a_deadline_times_it_out() {
     let (status, v) = c
         .api(
             reqwest::Method::POST,
-            &format!("/api/v1/jobs/{}/cancel", id.as_str().unwrap()),
+            &format!("/api/v1/jobs/{}/cancel", id),
             None,
         )
         .await;
     assert_eq!(status, 202, "{v}");
     let done = c
-        .wait_job(&id, "cancelled", Duration::from_secs(20), |j| {
-            j["state"] == "cancelled"
+        .wait_job(id, "cancelled", Duration::from_secs(20), |j| {
+            j.state == JobState::Cancelled
         })
         .await;
     assert!(
-        done["error"]
-            .as_str()
+        done.error
+            .as_deref()
             .unwrap()
             .contains("cancelled by admin"),
-        "{done}"
+        "{done:?}"
     );
     wait_for(
         "the process to be gone",
@@ -337,7 +341,7 @@ async fn cancel_kills_the_process_and_a_deadline_times_it_out() {
     let (status, _) = c
         .api(
             reqwest::Method::POST,
-            &format!("/api/v1/jobs/{}/cancel", id.as_str().unwrap()),
+            &format!("/api/v1/jobs/{}/cancel", id),
             None,
         )
         .await;
@@ -352,13 +356,13 @@ async fn cancel_kills_the_process_and_a_deadline_times_it_out() {
     })
     .await;
     let done = c
-        .wait_job(&job["id"], "timed out", Duration::from_secs(20), |j| {
-            j["state"] == "timed_out"
+        .wait_job(job.id, "timed out", Duration::from_secs(20), |j| {
+            j.state == JobState::TimedOut
         })
         .await;
     assert!(
-        done["error"].as_str().unwrap().contains("deadline"),
-        "{done}"
+        done.error.as_deref().unwrap().contains("deadline"),
+        "{done:?}"
     );
     wait_for(
         "the process to be gone",
@@ -366,13 +370,14 @@ async fn cancel_kills_the_process_and_a_deadline_times_it_out() {
         || async { (!pid_alive(pid)).then_some(()) },
     )
     .await;
-    let lines = logs(&c, &job["id"]).await;
+    let lines = logs(&c, job.id).await;
     assert!(lines.iter().any(|l| l == "sleeping"), "{lines:?}");
     assert!(!lines.iter().any(|l| l == "woke"), "{lines:?}");
 
     // The audit log has the cancel.
-    let audit = c.get("/api/v1/audit?action=job.cancel").await;
-    assert_eq!(audit["items"][0]["target"], id);
+    let audit: common::Page<nebula_types::jobs::AuditRecord> =
+        c.get_as("/api/v1/audit?action=job.cancel").await;
+    assert_eq!(audit.items[0].target, id.to_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,28 +391,32 @@ async fn jobs_survive_a_controller_restart_and_none_runs_twice() {
         let j = c
             .job(json!({"node": "box", "work": {"kind": "exec", "op": "slow"}}))
             .await;
-        ids.push(j["id"].clone());
+        ids.push(j.id);
     }
-    for id in &ids {
+    for &id in &ids {
         c.wait_job(id, "job running", Duration::from_secs(20), |j| {
-            j["state"] == "running"
+            j.state == JobState::Running
         })
         .await;
     }
     // SIGKILL the controller while all 20 run (each takes 4 s), and start it again.
     c.restart_hard().await;
-    for id in &ids {
+    for &id in &ids {
         let done = c
             .wait_job(
                 id,
                 "job to finish after the restart",
                 Duration::from_secs(40),
-                |j| j["state"] != "running" && j["state"] != "dispatched" && j["state"] != "queued",
+                |j| {
+                    j.state != JobState::Running
+                        && j.state != JobState::Dispatched
+                        && j.state != JobState::Queued
+                },
             )
             .await;
-        assert_eq!(done["state"], "succeeded", "{done}");
-        assert_eq!(done["attempt"], 1);
-        assert_eq!(done["exit_code"], 0);
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert_eq!(done.attempt, 1);
+        assert_eq!(done.exit_code, Some(0));
         let lines = logs(&c, id).await;
         assert_eq!(
             lines.iter().filter(|l| *l == "finished").count(),
@@ -420,7 +429,7 @@ async fn jobs_survive_a_controller_restart_and_none_runs_twice() {
     assert_eq!(runs.lines().count(), 20, "{runs}");
     let journal = std::fs::read_to_string(state.join("jobs.journal")).unwrap();
     for id in &ids {
-        let id = id.as_str().unwrap();
+        let id = &id.to_string();
         let started = journal
             .lines()
             .filter(|l| l.contains(id) && l.contains("\"event\":\"started\""))
@@ -436,8 +445,8 @@ async fn jobs_survive_a_controller_restart_and_none_runs_twice() {
         );
     }
     // Every job ended exactly once: one `job.create` each, and the list shows 20 succeeded.
-    let list = c.get("/api/v1/jobs?state=succeeded&limit=100").await;
-    assert_eq!(list["items"].as_array().unwrap().len(), 20);
+    let list: common::Page<JobRecord> = c.get_as("/api/v1/jobs?state=succeeded&limit=100").await;
+    assert_eq!(list.items.len(), 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,67 +460,69 @@ async fn a_killed_agent_loses_its_job_and_an_idempotent_job_moves_on() {
     let token = c.token(2, "1h", json!({"pool": "batch"})).await;
     let cfg = exec_config(dir.path(), "");
     let mut a = Agent::join_with_config(&c, &token, &dir.path().join("a"), "a", &[], &cfg);
-    c.wait_status("a", "online", Duration::from_secs(20)).await;
+    c.wait_status("a", common::NodeStatus::Online, Duration::from_secs(20))
+        .await;
 
     // Non-idempotent, on a: lost when a dies and does not come back.
     let plain = c
         .job(json!({"node": "a", "work": {"kind": "exec", "op": "sleeper"}}))
         .await;
-    c.wait_job(&plain["id"], "running on a", Duration::from_secs(20), |j| {
-        j["state"] == "running"
+    c.wait_job(plain.id, "running on a", Duration::from_secs(20), |j| {
+        j.state == JobState::Running
     })
     .await;
     // Idempotent, by selector, while only a is online: it lands on a too.
     let retry = c
         .job(json!({"selector": {"labels": {"pool": "batch"}}, "work": {"kind": "exec", "op": "sleeper"}, "idempotent": true}))
         .await;
-    c.wait_job(&retry["id"], "running on a", Duration::from_secs(20), |j| {
-        j["state"] == "running" && j["node"] == "a"
+    c.wait_job(retry.id, "running on a", Duration::from_secs(20), |j| {
+        j.state == JobState::Running && j.node.as_deref() == Some("a")
     })
     .await;
     let _b = Agent::join_with_config(&c, &token, &dir.path().join("b"), "b", &[], &cfg);
-    c.wait_status("b", "online", Duration::from_secs(20)).await;
+    c.wait_status("b", common::NodeStatus::Online, Duration::from_secs(20))
+        .await;
     a.proc.kill();
 
     let lost = c
         .wait_job(
-            &plain["id"],
+            plain.id,
             "the job to be lost",
             Duration::from_secs(30),
-            |j| j["state"] == "lost",
+            |j| j.state == JobState::Lost,
         )
         .await;
     assert!(
-        lost["reason"]
-            .as_str()
+        lost.reason
+            .as_deref()
             .unwrap()
             .contains("did not come back within 2s"),
-        "{lost}"
+        "{lost:?}"
     );
-    assert_eq!(lost["attempt"], 1);
+    assert_eq!(lost.attempt, 1);
     let moved = c
         .wait_job(
-            &retry["id"],
+            retry.id,
             "the retry to run on b",
             Duration::from_secs(30),
-            |j| j["state"] == "running" && j["node"] == "b",
+            |j| j.state == JobState::Running && j.node.as_deref() == Some("b"),
         )
         .await;
-    assert_eq!(moved["attempt"], 2, "{moved}");
-    let a_id = c.node("a").await.unwrap()["id"].clone();
-    assert_eq!(moved["excluded"], json!([a_id]));
+    assert_eq!(moved.attempt, 2, "{moved:?}");
+    let a_id = c.node("a").await.unwrap().id;
+    assert_eq!(moved.excluded, vec![a_id]);
     assert!(
-        moved["routing"].as_str().unwrap().contains("chose b"),
-        "{moved}"
+        moved.routing.as_deref().unwrap().contains("chose b"),
+        "{moved:?}"
     );
     c.api(
         reqwest::Method::POST,
-        &format!("/api/v1/jobs/{}/cancel", moved["id"].as_str().unwrap()),
+        &format!("/api/v1/jobs/{}/cancel", moved.id),
         None,
     )
     .await;
-    c.wait_job(&retry["id"], "cancelled", Duration::from_secs(20), |j| {
-        j["state"] == "cancelled"
+    c.wait_job(retry.id, "cancelled", Duration::from_secs(20), |j| {
+        j.state == JobState::Cancelled
     })
     .await;
 }
@@ -561,7 +572,8 @@ async fn routing_follows_labels_gpus_vram_and_models_and_waits_for_offline_nodes
     )
     .await;
     for n in ["cpu-1", "gpu-disk", "gpu-big", "gpu-loaded"] {
-        c.wait_status(n, "online", Duration::from_secs(20)).await;
+        c.wait_status(n, common::NodeStatus::Online, Duration::from_secs(20))
+            .await;
     }
     // GPU figures arrive with the first telemetry samples.
     wait_for(
@@ -571,7 +583,11 @@ async fn routing_follows_labels_gpus_vram_and_models_and_waits_for_offline_nodes
             let nodes = c.nodes().await;
             let with_gpu = nodes
                 .iter()
-                .filter(|n| n["telemetry"]["gpu_memory_used_bytes"].is_number())
+                .filter(|n| {
+                    n.telemetry
+                        .as_ref()
+                        .is_some_and(|t| t.gpu_memory_used_bytes.is_some())
+                })
                 .count();
             (with_gpu == 3).then_some(())
         },
@@ -583,10 +599,10 @@ async fn routing_follows_labels_gpus_vram_and_models_and_waits_for_offline_nodes
             let j = c
                 .job(json!({"selector": selector, "work": {"kind": "noop"}, "wait": "20s"}))
                 .await;
-            assert_eq!(j["state"], "succeeded", "{j}");
+            assert_eq!(j.state, JobState::Succeeded, "{j:?}");
             (
-                j["node"].as_str().unwrap().to_owned(),
-                j["routing"].as_str().unwrap().to_owned(),
+                j.node.clone().unwrap(),
+                j.routing.as_deref().unwrap().to_owned(),
             )
         }
     };
@@ -619,21 +635,22 @@ async fn routing_follows_labels_gpus_vram_and_models_and_waits_for_offline_nodes
         .job(json!({"selector": {"model": "mixtral"}, "work": {"kind": "noop"}, "deadline": "2s"}))
         .await;
     let waiting = c
-        .wait_job(&j["id"], "a waiting reason", Duration::from_secs(10), |j| {
-            j["reason"].is_string()
+        .wait_job(j.id, "a waiting reason", Duration::from_secs(10), |j| {
+            j.reason.is_some()
         })
         .await;
-    assert_eq!(waiting["state"], "queued");
-    assert!(waiting["reason"]
-        .as_str()
+    assert_eq!(waiting.state, JobState::Queued);
+    assert!(waiting
+        .reason
+        .as_deref()
         .unwrap()
         .contains("no node matches selector {model=mixtral}"));
     let expired = c
-        .wait_job(&j["id"], "expiry", Duration::from_secs(10), |j| {
-            j["state"] == "timed_out"
+        .wait_job(j.id, "expiry", Duration::from_secs(10), |j| {
+            j.state == JobState::TimedOut
         })
         .await;
-    let reason = expired["reason"].as_str().unwrap();
+    let reason = expired.reason.as_deref().unwrap();
     assert!(
         reason.contains("deadline passed") && reason.contains("model=mixtral"),
         "{reason}"
@@ -641,36 +658,38 @@ async fn routing_follows_labels_gpus_vram_and_models_and_waits_for_offline_nodes
 
     // Only an offline node fits: the job waits for it, then runs there when it is back.
     big.stop().await;
-    c.wait_status("gpu-big", "offline", Duration::from_secs(20))
-        .await;
+    c.wait_status(
+        "gpu-big",
+        common::NodeStatus::Offline,
+        Duration::from_secs(20),
+    )
+    .await;
     let j = c
         .job(json!({"selector": {"min_free_vram_mb": 30_000}, "work": {"kind": "noop"}, "deadline": "60s"}))
         .await;
     let waiting = c
-        .wait_job(
-            &j["id"],
-            "waiting for gpu-big",
-            Duration::from_secs(10),
-            |j| j["reason"].is_string(),
-        )
+        .wait_job(j.id, "waiting for gpu-big", Duration::from_secs(10), |j| {
+            j.reason.is_some()
+        })
         .await;
     assert!(
-        waiting["reason"]
-            .as_str()
+        waiting
+            .reason
+            .as_deref()
             .unwrap()
             .contains("only offline nodes (gpu-big)"),
-        "{waiting}"
+        "{waiting:?}"
     );
     big.start();
     let done = c
         .wait_job(
-            &j["id"],
+            j.id,
             "the job to run on gpu-big",
             Duration::from_secs(30),
-            |j| j["state"] == "succeeded",
+            |j| j.state == JobState::Succeeded,
         )
         .await;
-    assert_eq!(done["node"], "gpu-big");
+    assert_eq!(done.node.as_deref(), Some("gpu-big"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -706,7 +725,8 @@ async fn fan_out_over_five_nodes_gives_five_results() {
         );
     }
     for n in ["n1", "n2", "n3", "n4", "n5"] {
-        c.wait_status(n, "online", Duration::from_secs(20)).await;
+        c.wait_status(n, common::NodeStatus::Online, Duration::from_secs(20))
+            .await;
     }
     let (status, out) = c
         .api(
@@ -716,27 +736,25 @@ async fn fan_out_over_five_nodes_gives_five_results() {
         )
         .await;
     assert_eq!(status, 200, "{out}");
-    let results = out["results"].as_array().unwrap();
-    assert_eq!(results.len(), 5, "{out}");
-    assert_eq!(out["succeeded"], 4);
-    assert_eq!(out["failed"], 1);
+    let out: nebula_types::api::jobs::FanOut = serde_json::from_value(out).unwrap();
+    let results = &out.results;
+    assert_eq!(results.len(), 5, "{out:?}");
+    assert_eq!(out.succeeded, 4);
+    assert_eq!(out.failed, 1);
     for r in results {
-        let node = r["node"].as_str().unwrap();
+        let node = r.node.as_str();
         if node == "n3" {
-            assert_eq!(r["state"], "failed");
+            assert_eq!(r.state, "failed");
             assert!(
-                r["error"]
-                    .as_str()
+                r.error
+                    .as_deref()
                     .unwrap()
                     .contains("not an allowed operation"),
-                "{r}"
+                "{r:?}"
             );
         } else {
-            assert_eq!(r["state"], "succeeded", "{r}");
-            assert_eq!(
-                r["log_tail"].as_array().unwrap().last().unwrap(),
-                &json!(format!("hi from {node}"))
-            );
+            assert_eq!(r.state, "succeeded", "{r:?}");
+            assert_eq!(r.log_tail.last().unwrap(), &format!("hi from {node}"));
         }
     }
     // Counted in the metrics, by final state.
@@ -859,10 +877,10 @@ async fn an_agent_runs_at_most_its_configured_number_of_jobs_at_once() {
         .job(json!({"node": "box", "work": {"kind": "exec", "op": "sleeper"}}))
         .await;
     c.wait_job(
-        &first["id"],
+        first.id,
         "the first job running",
         Duration::from_secs(20),
-        |j| j["state"] == "running",
+        |j| j.state == JobState::Running,
     )
     .await;
     let second = c
@@ -871,37 +889,37 @@ async fn an_agent_runs_at_most_its_configured_number_of_jobs_at_once() {
     // The agent has it (dispatched) but no slot is free: it does not start.
     let held = c
         .wait_job(
-            &second["id"],
+            second.id,
             "the second job dispatched",
             Duration::from_secs(20),
-            |j| j["state"] == "dispatched",
+            |j| j.state == JobState::Dispatched,
         )
         .await;
-    assert!(held["started_at"].is_null(), "{held}");
+    assert!(held.started_at.is_none(), "{held:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let still = c
-        .get(&format!("/api/v1/jobs/{}", second["id"].as_str().unwrap()))
-        .await;
+    let still: common::JobView = c.get_as(&format!("/api/v1/jobs/{}", second.id)).await;
+    let still = still.record;
     assert_eq!(
-        still["state"], "dispatched",
-        "started while the only slot was taken: {still}"
+        still.state,
+        JobState::Dispatched,
+        "started while the only slot was taken: {still:?}"
     );
     // Freeing the slot lets it run.
     c.api(
         reqwest::Method::POST,
-        &format!("/api/v1/jobs/{}/cancel", first["id"].as_str().unwrap()),
+        &format!("/api/v1/jobs/{}/cancel", first.id),
         None,
     )
     .await;
     let done = c
         .wait_job(
-            &second["id"],
+            second.id,
             "the second job to run",
             Duration::from_secs(20),
-            |j| j["state"] == "succeeded",
+            |j| j.state == JobState::Succeeded,
         )
         .await;
-    assert!(done["started_at"].as_i64().unwrap() >= still["dispatched_at"].as_i64().unwrap());
+    assert!(done.started_at.unwrap() >= still.dispatched_at.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -924,18 +942,19 @@ async fn docker_restart_restarts_only_allowed_containers_on_the_real_engine() {
     let ok = c
         .job(json!({"node": "box", "work": {"kind": "exec", "op": "docker-restart", "args": [web]}, "wait": "60s"}))
         .await;
-    assert_eq!(ok["state"], "succeeded", "{ok}");
+    assert_eq!(ok.state, JobState::Succeeded, "{ok:?}");
     assert_ne!(started(&web), web_before, "the container was restarted");
     let refused = c
         .job(json!({"node": "box", "work": {"kind": "exec", "op": "docker-restart", "args": [other]}, "wait": "60s"}))
         .await;
-    assert_eq!(refused["state"], "failed");
+    assert_eq!(refused.state, JobState::Failed);
     assert!(
-        refused["error"]
-            .as_str()
+        refused
+            .error
+            .as_deref()
             .unwrap()
             .contains("docker_containers"),
-        "{refused}"
+        "{refused:?}"
     );
     assert_eq!(
         started(&other),

@@ -37,7 +37,7 @@ async fn bad_join_tokens_are_refused_with_clear_errors() {
     let once = c.token(1, "1h", json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let _first = Agent::join(&c, &once, &dir.path().join("first"), "first", &[]);
-    c.wait_status("first", "online", Duration::from_secs(20))
+    c.wait_status("first", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
     let out = refused_join(&c, &once, "second").await;
     assert!(out.contains("no uses left"), "{out}");
@@ -85,7 +85,7 @@ async fn bad_join_tokens_are_refused_with_clear_errors() {
     assert_eq!(t["uses"], 0);
 
     // The good node was never disturbed.
-    c.wait_status("first", "online", Duration::from_secs(1))
+    c.wait_status("first", common::NodeStatus::Online, Duration::from_secs(1))
         .await;
 }
 
@@ -129,7 +129,10 @@ async fn protocol_major_mismatch_is_refused_naming_both_versions() {
         },
     )
     .await;
-    assert_eq!(c.node("future").await.unwrap()["status"], "offline");
+    assert_eq!(
+        c.node("future").await.unwrap().status,
+        common::NodeStatus::Offline
+    );
 
     // The real agent binary, when refused like this, stops and says why; simulated here by
     // a same-major Hello succeeding on the same identity (the refusal changed nothing).
@@ -148,7 +151,7 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
     let token = c.token(1, "1h", json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let _good = Agent::join(&c, &token, &dir.path().join("good"), "good", &[]);
-    c.wait_status("good", "online", Duration::from_secs(20))
+    c.wait_status("good", common::NodeStatus::Online, Duration::from_secs(20))
         .await;
     let id = enrolled_identity(&c, "noisy", &dir.path().join("noisy")).await;
 
@@ -196,7 +199,7 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
 
     // The controller still serves: the good agent is online, the API answers, and the noisy
     // node can still open a proper session.
-    c.wait_status("good", "online", Duration::from_secs(1))
+    c.wait_status("good", common::NodeStatus::Online, Duration::from_secs(1))
         .await;
     assert!(
         c.proc.child.try_wait().unwrap().is_none(),
@@ -282,7 +285,10 @@ async fn sessions_need_a_client_certificate_from_the_fleet_ca() {
         "{text}"
     );
     // The real node was never marked online by the impostor.
-    assert_eq!(c.node("real").await.unwrap()["status"], "offline");
+    assert_eq!(
+        c.node("real").await.unwrap().status,
+        common::NodeStatus::Offline
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,16 +371,16 @@ async fn a_new_connection_from_the_same_node_replaces_the_old_one() {
     let id = enrolled_identity(&c, "twin", dir.path()).await;
     let (old, _s1, _r1, _) = welcomed(&id, &c).await;
     let first = c
-        .wait_status("twin", "online", Duration::from_secs(5))
+        .wait_status("twin", common::NodeStatus::Online, Duration::from_secs(5))
         .await;
     let (new, _s2, _r2, _) = welcomed(&id, &c).await;
     let (code, reason) = close_reason(&old).await;
     assert_eq!(code, close::REPLACED, "{reason}");
     // Still online (the old session's end did not mark it offline), on the new connection.
     let now = c
-        .wait_status("twin", "online", Duration::from_secs(5))
+        .wait_status("twin", common::NodeStatus::Online, Duration::from_secs(5))
         .await;
-    assert_ne!(first["remote_addr"], now["remote_addr"]);
+    assert_ne!(first.remote_addr, now.remote_addr);
     assert!(new.close_reason().is_none(), "the new connection is alive");
 }
 
@@ -467,7 +473,7 @@ async fn stalled_enrollments_cannot_keep_a_real_agent_out() {
     let started = std::time::Instant::now();
     let agent_dir = tempfile::tempdir().unwrap();
     let _agent = Agent::join(&c, &token_text, &agent_dir.path().join("real"), "real", &[]);
-    c.wait_status("real", "online", Duration::from_secs(5))
+    c.wait_status("real", common::NodeStatus::Online, Duration::from_secs(5))
         .await;
     let joined = started.elapsed();
 
@@ -649,7 +655,8 @@ async fn join_tries_again_while_the_controller_is_busy() {
     // A real agent from the same address: busy at first, then in.
     let agent_dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::join(&c, &token_text, &agent_dir.path().join("n1"), "n1", &[]);
-    c.wait_status("n1", "online", Duration::from_secs(15)).await;
+    c.wait_status("n1", common::NodeStatus::Online, Duration::from_secs(15))
+        .await;
     let out = agent.proc.output();
     assert!(
         out.contains("busy") && out.contains("trying again"),

@@ -13,7 +13,8 @@ async fn joined(c: &Controller, name: &str, env: &[(&str, &str)]) -> (Agent, tem
     let token = c.token(1, "1h", json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let a = Agent::join_with_env(c, &token, &dir.path().join(name), name, &[], env);
-    c.wait_status(name, "online", Duration::from_secs(20)).await;
+    c.wait_status(name, common::NodeStatus::Online, Duration::from_secs(20))
+        .await;
     (a, dir)
 }
 
@@ -63,10 +64,10 @@ async fn host_telemetry_arrives_and_is_served() {
     assert!(latest["gpu_driver"].is_null());
     // A Docker Engine runs here: its version is part of the node's facts now.
     let node = c.node("host1").await.unwrap();
-    let runtime = node["facts"]["container_runtime"].as_str().unwrap_or("");
-    assert!(runtime.starts_with("docker "), "{node}");
-    assert_eq!(node["facts"]["gpus"], json!([]));
-    assert!(node["telemetry"]["memory_total_bytes"].as_u64().unwrap() > 0);
+    let runtime = node.facts.container_runtime.as_deref().unwrap_or("");
+    assert!(runtime.starts_with("docker "), "{node:?}");
+    assert!(node.facts.gpus.is_empty());
+    assert!(node.telemetry.as_ref().unwrap().memory_total_bytes > 0);
     // Points are ordered and the seq keeps rising.
     let pts = t["points"].as_array().unwrap();
     assert!(pts
@@ -197,7 +198,7 @@ async fn containers_appear_and_a_stopped_one_shows_exited_within_two_seconds() {
     assert_eq!(s, 400);
     // The node summary counts them.
     let node = c.node("dock1").await.unwrap();
-    assert!(node["telemetry"]["containers_total"].as_u64().unwrap() >= 2);
+    assert!(node.telemetry.as_ref().unwrap().containers_total >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,7 +215,7 @@ async fn an_agent_without_docker_says_so_then_picks_it_up_when_it_appears() {
     let host = format!("unix://{}", sock.display());
     let (a, _d) = joined(&c, "late", &[("DOCKER_HOST", &host)]).await;
     let node = c.node("late").await.unwrap();
-    assert!(node["facts"]["container_runtime"].is_null(), "{node}");
+    assert!(node.facts.container_runtime.is_none(), "{node:?}");
     // Said once, not every sample.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let said = a.proc.stderr.text().matches("no container runtime").count();
@@ -245,12 +246,14 @@ async fn an_agent_without_docker_says_so_then_picks_it_up_when_it_appears() {
         Duration::from_secs(5),
         || async {
             let n = c.node("late").await?;
-            n["facts"]["container_runtime"].is_string().then_some(n)
+            n.facts.container_runtime.is_some().then_some(n)
         },
     )
     .await;
-    assert!(node["facts"]["container_runtime"]
-        .as_str()
+    assert!(node
+        .facts
+        .container_runtime
+        .as_deref()
         .unwrap()
         .starts_with("docker "));
 }
@@ -404,7 +407,10 @@ async fn malformed_and_oversized_samples_are_dropped_and_counted() {
     );
     // The session survived all of it, and so did the controller.
     assert!(conn.close_reason().is_none());
-    assert_eq!(c.node("noisy").await.unwrap()["status"], "online");
+    assert_eq!(
+        c.node("noisy").await.unwrap().status,
+        common::NodeStatus::Online
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,11 +430,7 @@ async fn rollups_past_the_retention_window_are_deleted() {
     })
     .await;
     let (_a, _d) = joined(&c, "old1", &[]).await;
-    let node_id: uuid::Uuid = c.node("old1").await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let node_id: uuid::Uuid = c.node("old1").await.unwrap().id;
     // Rollups written straight into the controller's database: two past the window, one inside.
     let url = format!(
         "sqlite://{}?mode=rw",
@@ -489,7 +491,7 @@ async fn cli_nodes_and_top_show_live_figures() {
     let c = Controller::start(fast_samples()).await;
     let (_a, _d) = joined(&c, "cli1", &[]).await;
     wait_for("a sample", Duration::from_secs(10), || async {
-        c.node("cli1").await?["telemetry"].is_object().then_some(())
+        c.node("cli1").await?.telemetry.is_some().then_some(())
     })
     .await;
     let run = |args: &[&str]| {
@@ -667,5 +669,8 @@ async fn out_of_range_times_and_numbers_never_panic_a_view() {
         assert_eq!(body["error"]["code"], "bad_request", "{body}");
     }
     assert!(conn.close_reason().is_none());
-    assert_eq!(c.node("odd").await.unwrap()["status"], "online");
+    assert_eq!(
+        c.node("odd").await.unwrap().status,
+        common::NodeStatus::Online
+    );
 }

@@ -161,7 +161,7 @@ async fn wake_through_a_relay_on_demand_and_by_hand() {
         .arg(dir.path().join("relay"))
         .args(["--name", "relay"]);
     let _relay = Proc::spawn(cmd);
-    c.wait_status("relay", "online", Duration::from_secs(30))
+    c.wait_status("relay", common::NodeStatus::Online, Duration::from_secs(30))
         .await;
 
     // The machine to wake: a UDP listener on port 9 on the home LAN only, printing what arrives.
@@ -197,13 +197,10 @@ async fn wake_through_a_relay_on_demand_and_by_hand() {
             "wait": "10s"
         }))
         .await;
-    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job.state, common::JobState::Succeeded, "{job:?}");
     let logs = c
         .client
-        .get(c.url(&format!(
-            "/api/v1/jobs/{}/logs?follow=false",
-            job["id"].as_str().unwrap()
-        )))
+        .get(c.url(&format!("/api/v1/jobs/{}/logs?follow=false", job.id)))
         .bearer_auth(&c.admin_token)
         .send()
         .await
@@ -274,16 +271,32 @@ async fn wake_through_a_relay_on_demand_and_by_hand() {
         "sleeper",
         &[],
     );
-    c.wait_status("target", "online", Duration::from_secs(30))
-        .await;
-    c.wait_status("sleeper", "online", Duration::from_secs(30))
-        .await;
+    c.wait_status(
+        "target",
+        common::NodeStatus::Online,
+        Duration::from_secs(30),
+    )
+    .await;
+    c.wait_status(
+        "sleeper",
+        common::NodeStatus::Online,
+        Duration::from_secs(30),
+    )
+    .await;
     target.proc.kill();
     sleeper.proc.kill();
-    c.wait_status("target", "offline", Duration::from_secs(30))
-        .await;
-    c.wait_status("sleeper", "offline", Duration::from_secs(30))
-        .await;
+    c.wait_status(
+        "target",
+        common::NodeStatus::Offline,
+        Duration::from_secs(30),
+    )
+    .await;
+    c.wait_status(
+        "sleeper",
+        common::NodeStatus::Offline,
+        Duration::from_secs(30),
+    )
+    .await;
     let map = format!(
         "nodes:\n  relay: {{}}\n  target:\n    wake: {{ mac: '52:54:00:00:00:0b', broadcast: 192.168.{n}.255, via: [relay] }}\n    sleep: suspend\n  sleeper:\n    wake: {{ mac: '52:54:00:00:00:0c', broadcast: 192.168.{n}.255, via: [relay] }}\nservices: {{}}\n"
     );
@@ -310,7 +323,10 @@ async fn wake_through_a_relay_on_demand_and_by_hand() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("through relay"));
-    assert_eq!(c.node("target").await.unwrap()["status"], "waking");
+    assert_eq!(
+        c.node("target").await.unwrap().status,
+        common::NodeStatus::Waking
+    );
     wait_for("target's packet", Duration::from_secs(10), || async {
         (packets("52540000000b").len() == 1).then_some(())
     })
@@ -319,21 +335,22 @@ async fn wake_through_a_relay_on_demand_and_by_hand() {
     let job = c
         .job(json!({"node": "target", "work": {"kind": "noop"}, "deadline": "2m"}))
         .await;
-    assert_eq!(job["state"], "queued", "{job}");
+    assert_eq!(job.state, common::JobState::Queued, "{job:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The machine wakes up: its agent starts and registers; the waiting job goes to it.
     let _target = Agent::run_with_config(&dir.path().join("target"));
     let done = c
-        .wait_job(
-            &job["id"],
-            "the waiting job",
-            Duration::from_secs(30),
-            |j| j["state"] == "succeeded",
-        )
+        .wait_job(job.id, "the waiting job", Duration::from_secs(30), |j| {
+            j.state == common::JobState::Succeeded
+        })
         .await;
-    assert_eq!(done["node"], "target");
-    c.wait_status("target", "online", Duration::from_secs(10))
-        .await;
+    assert_eq!(done.node.as_deref(), Some("target"));
+    c.wait_status(
+        "target",
+        common::NodeStatus::Online,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(packets("52540000000b").len(), 1, "woken once");
 
     // Wake on demand: a job that only the sleeping `sleeper` fits wakes it through the relay;
@@ -345,15 +362,22 @@ async fn wake_through_a_relay_on_demand_and_by_hand() {
         (packets("52540000000c").len() == 1).then_some(())
     })
     .await;
-    assert_eq!(c.node("sleeper").await.unwrap()["status"], "waking");
-    c.wait_status("sleeper", "wake_failed", Duration::from_secs(20))
-        .await;
-    let failed = c.get("/api/v1/nodes?status=wake_failed").await;
-    assert_eq!(failed["items"][0]["name"], "sleeper", "{failed}");
+    assert_eq!(
+        c.node("sleeper").await.unwrap().status,
+        common::NodeStatus::Waking
+    );
+    c.wait_status(
+        "sleeper",
+        common::NodeStatus::WakeFailed,
+        Duration::from_secs(20),
+    )
+    .await;
+    let failed: common::Page<common::NodeView> = c.get_as("/api/v1/nodes?status=wake_failed").await;
+    assert_eq!(failed.items[0].name, "sleeper", "{failed:?}");
     let (status, _) = c
         .api(
             reqwest::Method::POST,
-            &format!("/api/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
+            &format!("/api/v1/jobs/{}/cancel", job.id),
             None,
         )
         .await;

@@ -11,6 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use uuid::Uuid;
+
+pub use nebula_types::api::access::CreatedTokenView;
+pub use nebula_types::api::jobs::JobView;
+pub use nebula_types::api::nodes::{NodeStatus, NodeView};
+pub use nebula_types::api::Page;
+pub use nebula_types::jobs::{JobRecord, JobState};
 
 /// Path of a binary built by `cargo build --workspace --bins` in this profile.
 /// rustls's crypto provider for this test process (reqwest needs it even for plain HTTP);
@@ -325,6 +332,14 @@ impl Controller {
             .expect("metrics text")
     }
 
+    /// GET an API path as its type; panics unless it answers 200 with that type.
+    pub async fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let v = self.get(path).await;
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| {
+            panic!("GET {path}: not a {}: {e}: {v}", std::any::type_name::<T>())
+        })
+    }
+
     /// Create a join token through the API.
     pub async fn token(&self, uses: u32, ttl: &str, labels: Value) -> String {
         let (status, v) = self
@@ -335,11 +350,12 @@ impl Controller {
             )
             .await;
         assert_eq!(status, 201, "{v}");
-        v["token"].as_str().unwrap().to_owned()
+        let created: CreatedTokenView = serde_json::from_value(v).expect("a created token");
+        created.token
     }
 
     /// Create a job; panics unless the API accepts it.
-    pub async fn job(&self, body: Value) -> Value {
+    pub async fn job(&self, body: Value) -> JobRecord {
         let (status, v) = self
             .api(reqwest::Method::POST, "/api/v1/jobs", Some(body.clone()))
             .await;
@@ -347,43 +363,44 @@ impl Controller {
             (200..=202).contains(&status),
             "POST /api/v1/jobs {body}: {status} {v}"
         );
-        v
+        serde_json::from_value(v).expect("a job record")
     }
 
-    /// Wait until a job's record satisfies `pred`.
+    /// Wait until a job satisfies `pred`.
     pub async fn wait_job(
         &self,
-        id: &Value,
+        id: Uuid,
         what: &str,
         timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let path = format!("/api/v1/jobs/{}", id.as_str().unwrap());
+        pred: impl Fn(&JobRecord) -> bool,
+    ) -> JobRecord {
+        let path = format!("/api/v1/jobs/{id}");
         wait_for(what, timeout, || async {
             let (status, v) = self.api(reqwest::Method::GET, &path, None).await;
-            (status == 200 && pred(&v)).then_some(v)
+            let job: Option<JobView> =
+                (status == 200).then(|| serde_json::from_value(v).expect("a job"));
+            job.map(|j| j.record).filter(|j| pred(j))
         })
         .await
     }
 
-    pub async fn nodes(&self) -> Vec<Value> {
-        self.get("/api/v1/nodes").await["items"]
-            .as_array()
-            .cloned()
-            .unwrap()
+    pub async fn nodes(&self) -> Vec<NodeView> {
+        self.get_as::<Page<NodeView>>("/api/v1/nodes").await.items
     }
 
-    pub async fn node(&self, name: &str) -> Option<Value> {
+    pub async fn node(&self, name: &str) -> Option<NodeView> {
         let (status, v) = self
             .api(reqwest::Method::GET, &format!("/api/v1/nodes/{name}"), None)
             .await;
-        (status == 200).then_some(v)
+        (status == 200).then(|| serde_json::from_value(v).expect("a node"))
     }
 
-    pub async fn wait_status(&self, name: &str, status: &str, timeout: Duration) -> Value {
-        wait_for(&format!("{name} to be {status}"), timeout, || async {
-            self.node(name).await.filter(|n| n["status"] == status)
-        })
+    pub async fn wait_status(&self, name: &str, status: NodeStatus, timeout: Duration) -> NodeView {
+        wait_for(
+            &format!("{name} to be {}", status.as_str()),
+            timeout,
+            || async { self.node(name).await.filter(|n| n.status == status) },
+        )
         .await
     }
 }
