@@ -20,28 +20,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-/// Where a task runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Scope {
-    /// On every controller replica.
-    EveryReplica,
-    /// Only on the replica that holds leadership.
-    Leader,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Periodic,
-    Service,
-}
+pub use nebula_types::api::tasks::{Kind, LastRun, Scope, State, TaskStatus, Trigger};
 
 /// What a task is, for the registry and the docs.
 #[derive(Debug, Clone, Copy)]
@@ -100,61 +84,6 @@ impl Leadership {
     }
 }
 
-/// Why an activation ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Trigger {
-    /// The first run after the task started.
-    Start,
-    Period,
-    /// Its activator fired.
-    Activated,
-    /// The last run, on the way out (tasks that flush what they buffer).
-    Stopping,
-}
-
-/// The last finished run of a task.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
-pub struct LastRun {
-    /// Unix milliseconds.
-    pub started_at: i64,
-    pub took_ms: u64,
-    pub trigger: Trigger,
-    pub ok: bool,
-    /// What the run did (periodic tasks' summary), or the error.
-    pub result: serde_json::Value,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum State {
-    /// Registered, not started yet.
-    Starting,
-    /// A service running, or a periodic task between runs.
-    Idle,
-    /// A periodic task's activation in progress.
-    Running,
-    /// A leader task on a replica that does not lead.
-    WaitingForLeadership,
-    Stopped,
-}
-
-/// One task's status, as `GET /api/v1/tasks` shows it.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
-pub struct TaskStatus {
-    pub name: &'static str,
-    pub description: &'static str,
-    pub scope: Scope,
-    pub kind: Kind,
-    /// Periodic tasks: the period in milliseconds.
-    pub period_ms: Option<u64>,
-    pub state: State,
-    /// Runs finished since the controller started.
-    pub runs: u64,
-    pub errors: u64,
-    pub last: Option<LastRun>,
-}
-
 /// Every registered task's status.
 #[derive(Debug, Clone, Default)]
 pub struct Tasks(Arc<Mutex<Vec<TaskStatus>>>);
@@ -164,8 +93,8 @@ impl Tasks {
         self.lock().clone()
     }
 
-    pub fn names(&self) -> Vec<&'static str> {
-        self.lock().iter().map(|t| t.name).collect()
+    pub fn names(&self) -> Vec<String> {
+        self.lock().iter().map(|t| t.name.to_string()).collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<TaskStatus>> {
@@ -332,8 +261,8 @@ impl Driver {
 
     fn register(&self, def: TaskDef, kind: Kind, period: Option<Duration>) -> Reporter {
         self.tasks.add(TaskStatus {
-            name: def.name,
-            description: def.description,
+            name: def.name.into(),
+            description: def.description.into(),
             scope: def.scope,
             kind,
             period_ms: period.map(|p| u64::try_from(p.as_millis()).unwrap_or(u64::MAX)),

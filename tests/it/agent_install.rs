@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use common::{bin, docker, wait_for, Agent, Controller, ControllerOpts, Proc};
 use nebula_protocol::release;
+use nebula_types::api::models::AgentReleases;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -69,21 +70,28 @@ fn platform_file() -> String {
     release::file_name(std::env::consts::OS, std::env::consts::ARCH)
 }
 
-async fn node_view(c: &Controller, name: &str) -> Option<Value> {
-    let (status, v) = c
-        .api(reqwest::Method::GET, &format!("/api/v1/nodes/{name}"), None)
-        .await;
-    (status == 200).then_some(v)
+async fn node_view(c: &Controller, name: &str) -> Option<common::NodeView> {
+    c.node(name).await
+}
+
+/// The agent builds the controller serves.
+async fn releases(c: &Controller) -> AgentReleases {
+    c.get_as("/api/v1/agent/releases").await
 }
 
 /// Wait until `name` is online running `version`.
-async fn wait_version(c: &Controller, name: &str, version: &str, timeout: Duration) -> Value {
+async fn wait_version(
+    c: &Controller,
+    name: &str,
+    version: &str,
+    timeout: Duration,
+) -> common::NodeView {
     wait_for(
         &format!("{name} online with agent {version}"),
         timeout,
         || async {
             let n = node_view(c, name).await?;
-            (n["status"] == "online" && n["agent_version"] == version).then_some(n)
+            (n.status == common::NodeStatus::Online && n.agent_version == version).then_some(n)
         },
     )
     .await
@@ -218,8 +226,7 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
         .text()
         .await
         .unwrap();
-    let releases = c.get("/api/v1/agent/releases").await;
-    let key = releases["public_key"].as_str().unwrap().to_owned();
+    let key = releases(&c).await.public_key;
     assert!(
         script.contains(&format!("DEFAULT_URL='{}'", c.url(""))),
         "{script}"
@@ -265,8 +272,8 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
     );
     assert!(out.contains("installed and joined"), "{out}");
     let node = wait_version(&c, "debian-box", "0.1.0", Duration::from_secs(20)).await;
-    let id = node["id"].clone();
-    assert_eq!(node["labels"]["zone"], "lab");
+    let id = node.id;
+    assert_eq!(node.labels["zone"], "lab");
     assert_eq!(b.installed_sha(), sha_hex(&v0));
     let conf = b.ok("cat /etc/nebula-agent/agent.toml");
     assert!(
@@ -298,7 +305,7 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
     );
     assert!(out.contains("upgraded to 0.1.1"), "{out}");
     let node = wait_version(&c, "debian-box", "0.1.1", Duration::from_secs(20)).await;
-    assert_eq!(node["id"], id, "same identity after the upgrade");
+    assert_eq!(node.id, id, "same identity after the upgrade");
     assert_eq!(c.nodes().await.len(), 1);
     assert_eq!(b.installed_sha(), sha_hex(&v1));
 
@@ -322,8 +329,8 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
         "the controller to serve the new bytes",
         Duration::from_secs(10),
         || async {
-            let r = c.get("/api/v1/agent/releases").await;
-            (r["releases"][0]["sha256"] == sha_hex(&tampered)).then_some(())
+            let r = releases(&c).await;
+            (r.releases[0].sha256 == sha_hex(&tampered)).then_some(())
         },
     )
     .await;
@@ -384,7 +391,7 @@ async fn install_sh_installs_upgrades_refuses_bad_downloads_and_uninstalls_in_a_
     assert!(out.contains("removed"), "{out}");
     wait_for("debian-box offline", Duration::from_secs(20), || async {
         let n = node_view(&c, "debian-box").await?;
-        (n["status"] == "offline").then_some(())
+        (n.status == common::NodeStatus::Offline).then_some(())
     })
     .await;
     b.listing("after");
@@ -459,16 +466,13 @@ async fn self_update_swaps_confirms_refuses_a_foreign_key_and_rolls_back_a_build
     );
     assert_eq!(sha_hex(&std::fs::read(&exe).unwrap()), sha_hex(&v0));
     assert_eq!(
-        node_view(&c, "updater").await.unwrap()["agent_version"],
+        node_view(&c, "updater").await.unwrap().agent_version,
         "0.1.0"
     );
 
     // With the controller's key: download, verify, swap, restart in place, confirm.
     agent.proc.terminate();
-    let key = c.get("/api/v1/agent/releases").await["public_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = releases(&c).await.public_key.to_owned();
     write_config(&key);
     let mut cmd = Command::new(&exe);
     cmd.arg("--config")
@@ -521,7 +525,10 @@ async fn self_update_swaps_confirms_refuses_a_foreign_key_and_rolls_back_a_build
     assert!(out.contains("update rolled back"), "{out}");
     // It does not try the same build again.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(node_view(&c, "updater").await.unwrap()["status"], "online");
+    assert_eq!(
+        node_view(&c, "updater").await.unwrap().status,
+        common::NodeStatus::Online
+    );
     assert_eq!(sha_hex(&std::fs::read(&exe).unwrap()), sha_hex(&v1));
     assert_eq!(
         agent

@@ -357,7 +357,7 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
     let r = chat(&c, json!({"model": "no-such-model", "messages": []})).await;
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    assert_eq!(common::error_of(&v).code, "model_not_found", "{v}");
     let r = c
         .client
         .post(c.url("/v1/chat/completions"))
@@ -627,7 +627,11 @@ async fn fallback_only_before_the_first_byte_and_a_backend_killed_mid_stream_end
         "{events:?}"
     );
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "stream_interrupted", "{events:?}");
+    assert_eq!(
+        common::error_of(&last).code,
+        "stream_interrupted",
+        "{events:?}"
+    );
     assert!(!events.iter().any(|e| e == "[DONE]"));
     assert_eq!(
         cloud.requests(),
@@ -675,7 +679,7 @@ async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_fr
     let r = ask("still busy?", Duration::from_secs(10)).await.unwrap();
     assert_eq!(r.status().as_u16(), 503);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "no_node_available", "{v}");
+    assert_eq!(common::error_of(&v).code, "no_node_available", "{v}");
     assert_eq!(backend.requests(), 1);
     no_jobs(&c).await;
 
@@ -797,7 +801,7 @@ async fn a_large_body_reaches_the_node_and_one_too_large_gets_a_clear_413() {
     .await;
     assert_eq!(r.status().as_u16(), 413);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "too_large", "{v}");
+    assert_eq!(common::error_of(&v).code, "too_large", "{v}");
     assert_eq!(backend.requests(), 1);
 }
 
@@ -1422,7 +1426,7 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
     let r = chat_as(&c, &app, "mistral:7b", "not for you").await;
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    assert_eq!(common::error_of(&v).code, "model_not_found", "{v}");
     assert!(
         v["error"]["message"]
             .as_str()
@@ -1491,7 +1495,7 @@ async fn pulls_on_demand_take_only_listed_models_name_the_token_and_are_capped_p
         let r = chat_as(&c, token, "mistral", "x").await;
         assert_eq!(r.status(), 404);
         let v: Value = r.json().await.unwrap();
-        assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+        assert_eq!(common::error_of(&v).code, "model_not_found", "{v}");
         assert!(
             v["error"]["message"]
                 .as_str()
@@ -1530,7 +1534,10 @@ async fn pulls_on_demand_take_only_listed_models_name_the_token_and_are_capped_p
     assert_eq!(r.status(), 429);
     let v: Value = r.json().await.unwrap();
     assert_eq!(
-        (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+        (
+            v["error"]["type"].as_str(),
+            Some(common::error_of(&v).code.as_str())
+        ),
         (Some("rate_limit_error"), Some("too_many_pulls")),
         "{v}"
     );

@@ -7,6 +7,8 @@ use crate::common;
 use std::time::Duration;
 
 use common::*;
+use nebula_types::api::access::CreatedApiToken;
+use nebula_types::jobs::AuditRecord;
 use serde_json::json;
 
 fn client() -> reqwest::Client {
@@ -135,15 +137,14 @@ async fn sign_in_cookies_users_and_refusals() {
         "failed sign-ins in the audit log",
         Duration::from_secs(10),
         || async {
-            let audit = c.get("/api/v1/audit?action=user.login_failed").await;
-            (audit["items"].as_array().unwrap().len() >= 2).then_some(audit)
+            let audit = audit_rows(&c, "user.login_failed").await;
+            (audit.len() >= 2).then_some(audit)
         },
     )
     .await;
-    let rows = audit["items"].as_array().unwrap();
-    assert_eq!(rows.len(), 2, "rate-limited: one row per pair: {audit}");
-    let nobody = rows.iter().find(|r| r["target"] == "nobody").unwrap();
-    assert_eq!(nobody["detail"]["source"], "127.0.0.1", "{nobody}");
+    assert_eq!(audit.len(), 2, "rate-limited: one row per pair: {audit:?}");
+    let nobody = audit.iter().find(|r| r.target == "nobody").unwrap();
+    assert_eq!(nobody.detail["source"], "127.0.0.1", "{nobody:?}");
     // Pages are not cached, scripts come only from the controller, no framing.
     let page = client().get(c.url("/ui/login")).send().await.unwrap();
     let csp = page.headers()["content-security-policy"]
@@ -325,7 +326,8 @@ async fn sign_in_cookies_users_and_refusals() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 403, "{path}");
     }
-    assert_eq!(c.get("/api/v1/desired").await["version"], 1);
+    let desired: nebula_types::api::desired::DesiredView = c.get_as("/api/v1/desired").await;
+    assert_eq!(desired.version, Some(1));
 
     // The same role through the API, with a viewer token: refused by the same check in the
     // control plane, in the same words, and both refusals counted under one operation.
@@ -337,7 +339,8 @@ async fn sign_in_cookies_users_and_refusals() {
         )
         .await;
     assert_eq!(status, 201, "{v}");
-    let viewer_token = v["token"].as_str().unwrap().to_owned();
+    let created: CreatedApiToken = serde_json::from_value(v).unwrap();
+    let viewer_token = created.token;
     let r = http
         .put(c.url("/api/v1/desired"))
         .bearer_auth(&viewer_token)
@@ -347,7 +350,7 @@ async fn sign_in_cookies_users_and_refusals() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
     let refusal: serde_json::Value = r.json().await.unwrap();
-    let words = refusal["error"]["message"].as_str().unwrap().to_owned();
+    let words = common::error_of(&refusal).message.to_owned();
     assert_eq!(words, "this action needs the Admin role", "{refusal}");
     let r = http
         .post(c.url("/ui/services/apply"))
@@ -381,16 +384,12 @@ async fn sign_in_cookies_users_and_refusals() {
     );
     // Creating the token was one change: audited with the front end it came through.
     let row = wait_for("the token's audit row", Duration::from_secs(5), || async {
-        let audit = c.get("/api/v1/audit?action=api_token.create").await;
-        audit["items"]
-            .as_array()?
-            .iter()
-            .find(|a| a["target"] == "viewer-bot")
-            .cloned()
+        let rows = audit_rows(&c, "api_token.create").await;
+        rows.into_iter().find(|a| a.target == "viewer-bot")
     })
     .await;
-    assert_eq!(row["detail"]["via"], "api", "{row}");
-    assert_eq!(row["detail"]["role"], "viewer");
+    assert_eq!(row.detail["via"], "api", "{row:?}");
+    assert_eq!(row.detail["role"], "viewer");
     // Sign-out ends the session.
     let r = http
         .post(c.url("/ui/logout"))
@@ -460,4 +459,10 @@ async fn strangers_cannot_lock_the_admin_out_and_floods_get_429_at_once() {
         took < Duration::from_secs(1),
         "a correct sign-in took {took:?} during the flood"
     );
+}
+
+/// The audit rows of one action.
+async fn audit_rows(c: &Controller, action: &str) -> Vec<AuditRecord> {
+    let page: common::Page<AuditRecord> = c.get_as(&format!("/api/v1/audit?action={action}")).await;
+    page.items
 }

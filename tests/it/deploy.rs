@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use common::docker::{self, docker, require};
 use common::*;
+use nebula_desired::map::Problem;
+use nebula_desired::plan::Action;
+use nebula_types::api::desired::{Applied, DesiredView, ServiceDetail, ServiceView};
 use serde_json::{json, Value};
 
 /// Build the web images (idempotent).
@@ -46,20 +49,26 @@ async fn put_map(c: &Controller, yaml: &str) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-async fn service(c: &Controller, name: &str) -> Option<Value> {
-    let list = c.get("/api/v1/services").await;
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .cloned()
+async fn service(c: &Controller, name: &str) -> Option<ServiceView> {
+    let list: Vec<ServiceView> = c.get_as("/api/v1/services").await;
+    list.into_iter().find(|s| s.name == name)
+}
+
+/// The map in force, as the API shows it.
+async fn desired(c: &Controller) -> DesiredView {
+    c.get_as("/api/v1/desired").await
+}
+
+/// A map's problems in a refusal.
+fn problems(v: &Value) -> Vec<Problem> {
+    serde_json::from_value(common::error_of(v).problems.expect("problems")).expect("problems")
 }
 
 /// Wait until `name` runs its wanted revision with every replica running.
-async fn converged(c: &Controller, name: &str, timeout: Duration) -> Value {
+async fn converged(c: &Controller, name: &str, timeout: Duration) -> ServiceView {
     wait_for(&format!("{name} to converge"), timeout, || async {
         let s = service(c, name).await?;
-        (s["status"] == "converged" && s["running"] == s["replicas"]).then_some(s)
+        (s.status == "converged" && s.running == s.replicas).then_some(s)
     })
     .await
 }
@@ -270,13 +279,15 @@ async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
     );
     let (status, applied) = put_map(&c, &v2).await;
     assert_eq!(status, 200, "{applied}");
-    let want = service(&c, "web").await.unwrap()["revision"].clone();
+    let want = service(&c, "web").await.unwrap().revision;
     wait_for("web at v2", Duration::from_secs(60), || async {
         let s = service(&c, "web").await?;
-        (s["status"] == "converged" && s["revision"] == want && s["running"] == 1).then_some(())
+        (s.status == "converged" && s.revision == want && s.running == 1).then_some(())
     })
     .await;
-    let edge_v2_revision = converged(&c, "edge", Duration::from_secs(60)).await["revision"].clone();
+    let edge_v2_revision = converged(&c, "edge", Duration::from_secs(60))
+        .await
+        .revision;
     let web_now = containers(&alpha, "web");
     assert_eq!(web_now.len(), 1, "the old container is gone: {web_now:?}");
     assert_ne!(web_now[0], web_v1);
@@ -300,22 +311,18 @@ async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
     // Once the old container's restart shows in telemetry, the view says what runs.
     let failed = wait_for("edge v3 to fail", Duration::from_secs(60), || async {
         let s = service(&c, "edge").await?;
-        (s["status"] == "failed" && s["running"] == 1).then_some(s)
+        (s.status == "failed" && s.running == 1).then_some(s)
     })
     .await;
-    let message = failed["message"].as_str().unwrap_or_default();
+    let message = failed.message.as_deref().unwrap_or_default();
     assert!(
         message.contains("404"),
-        "health output in the report: {failed}"
+        "health output in the report: {failed:?}"
     );
     // What runs is shown: the last good revision, its counts, and that the newer one failed.
-    assert_eq!(failed["serving_revision"], edge_v2_revision, "{failed}");
-    assert_eq!(
-        (failed["healthy"].as_u64(), failed["running"].as_u64()),
-        (Some(1), Some(1)),
-        "{failed}"
-    );
-    assert!(message.contains("runs and serves"), "{failed}");
+    assert_eq!(failed.serving_revision, edge_v2_revision, "{failed:?}");
+    assert_eq!((failed.healthy, failed.running), (1, 1), "{failed:?}");
+    assert!(message.contains("runs and serves"), "{failed:?}");
     let (ok, out, _) = cli(&c, &["services"]);
     assert!(ok, "{out}");
     let edge_row = out
@@ -331,17 +338,14 @@ async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
         Some("v2"),
         "v2 serves again after the rollback"
     );
-    let history = c.get("/api/v1/services/edge").await;
-    let last = &history["history"][0];
-    assert_eq!(last["outcome"], "rolled-back", "{history}");
+    let history: ServiceDetail = c.get_as("/api/v1/services/edge").await;
+    let last = &history.history[0];
+    assert_eq!(last.outcome, "rolled-back", "{history:?}");
     assert!(
-        last["message"].as_str().unwrap().contains("/healthz"),
-        "{last}"
+        last.message.as_deref().unwrap().contains("/healthz"),
+        "{last:?}"
     );
-    assert!(
-        last["trigger"].as_str().unwrap().contains("applied"),
-        "{last}"
-    );
+    assert!(last.trigger.contains("applied"), "{last:?}");
     // A failed revision is not retried by later runs: the old container stays.
     let edge_v2 = containers(&beta, "edge");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -363,7 +367,7 @@ async fn a_map_deploys_updates_rolls_back_and_is_rolled_back_by_hand() {
     })
     .await;
     let web = converged(&c, "web", Duration::from_secs(30)).await;
-    assert!(web["pinned_over"].is_string(), "{web}");
+    assert!(web.pinned_over.is_some(), "{web:?}");
     let (ok, out, _) = cli(&c, &["service", "web"]);
     assert!(ok);
     assert!(
@@ -428,14 +432,10 @@ services:
         (docker(&["inspect", "-f", "{{.State.Running}}", &app]) == "true").then_some(())
     })
     .await;
-    let history = c.get("/api/v1/services/app").await;
+    let history: ServiceDetail = c.get_as("/api/v1/services/app").await;
     assert!(
-        history["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|d| d["action"] == "repair"),
-        "{history}"
+        history.history.iter().any(|d| d.action == "repair"),
+        "{history:?}"
     );
 
     // A service dropped from the map is an orphan: removed. The bystander is never touched.
@@ -447,11 +447,12 @@ services:
 "#;
     let (status, v) = put_map(&c, one).await;
     assert_eq!(status, 200, "{v}");
-    assert!(v["plan"]["actions"]
-        .as_array()
-        .unwrap()
+    let applied: Applied = serde_json::from_value(v).unwrap();
+    assert!(applied
+        .plan
+        .actions
         .iter()
-        .any(|a| a["action"] == "remove" && a["service"] == "extra"));
+        .any(|a| matches!(a, Action::Remove { service, .. } if service == "extra")));
     wait_for("extra to be removed", Duration::from_secs(30), || async {
         containers(&node, "extra").is_empty().then_some(())
     })
@@ -497,12 +498,13 @@ async fn broken_maps_are_refused_with_line_and_column_and_change_nothing() {
         ..Default::default()
     })
     .await;
-    let first = c.get("/api/v1/desired").await;
+    let first = desired(&c).await;
     assert_eq!(
-        first["version"], 1,
-        "the watched file is applied at start: {first}"
+        first.version,
+        Some(1),
+        "the watched file is applied at start: {first:?}"
     );
-    assert!(first["source"].as_str().unwrap().starts_with("file:"));
+    assert!(first.source.as_deref().unwrap().starts_with("file:"));
 
     let ports = "nodes:\n  n1: {}\nservices:\n  a:\n    image: x\n    ports: [\"8080:80\"]\n    placement: { node: n1 }\n  b:\n    image: y\n    ports: [\"8080:81\"]\n    placement: { node: n1 }\n";
     // (map, line, column, words the message must hold)
@@ -528,20 +530,17 @@ async fn broken_maps_are_refused_with_line_and_column_and_change_nothing() {
     for (text, line, column, words) in &cases {
         let (status, v) = put_map(&c, text).await;
         assert_eq!(status, 400, "{text}: {v}");
-        assert_eq!(v["error"]["code"], "invalid_service_map", "{v}");
-        let p = &v["error"]["problems"][0];
-        let msg = p["message"].as_str().unwrap();
-        if (p["line"].as_u64(), p["column"].as_u64()) != (Some(*line), Some(*column))
+        assert_eq!(common::error_of(&v).code, "invalid_service_map", "{v}");
+        let p = &problems(&v)[0];
+        let msg = &p.message;
+        if (p.line, p.column) != (*line, *column)
             || !msg.to_lowercase().contains(&words.to_lowercase())
         {
-            wrong.push(format!(
-                "{text:?}: got {}:{}: {msg}",
-                p["line"], p["column"]
-            ));
+            wrong.push(format!("{text:?}: got {p}"));
         }
         // Nothing changed.
-        let now = c.get("/api/v1/desired").await;
-        assert_eq!(now["version"], 1, "{now}");
+        let now = desired(&c).await;
+        assert_eq!(now.version, Some(1), "{now:?}");
         // The plan endpoint refuses it the same way.
         let resp = c
             .client
@@ -570,25 +569,25 @@ async fn broken_maps_are_refused_with_line_and_column_and_change_nothing() {
         "the file to be refused",
         Duration::from_secs(10),
         || async {
-            let d = c.get("/api/v1/desired").await;
-            (!d["file_error"].is_null()).then_some(d)
+            let d = desired(&c).await;
+            d.file_error.is_some().then_some(d)
         },
     )
     .await;
-    assert_eq!(d["version"], 1);
-    assert_eq!(d["file_error"]["problems"][0]["line"], 4, "{d}");
+    assert_eq!(d.version, Some(1));
+    assert_eq!(d.file_error.as_ref().unwrap().problems[0].line, 4, "{d:?}");
     std::fs::write(&file, good.replace("web:v1", "web:v2")).unwrap();
     let d = wait_for(
         "the fixed file to apply",
         Duration::from_secs(10),
         || async {
-            let d = c.get("/api/v1/desired").await;
-            (d["version"] == 2).then_some(d)
+            let d = desired(&c).await;
+            (d.version == Some(2)).then_some(d)
         },
     )
     .await;
-    assert!(d["file_error"].is_null(), "{d}");
-    assert!(d["document"].as_str().unwrap().contains("web:v2"));
+    assert!(d.file_error.is_none(), "{d:?}");
+    assert!(d.document.as_deref().unwrap().contains("web:v2"));
 
     // The schema is public (editors fetch it) and describes the document.
     let schema: Value = reqwest::get(c.url("/api/v1/schema/service-map"))
@@ -713,9 +712,13 @@ async fn binds_and_host_access_need_the_agent_configs_consent() {
     let (status, v) = put_map(&c, &text).await;
     assert_eq!(status, 200, "{v}");
     // The plan that apply answers with says the same, in JSON.
-    let refused = v["plan"]["refused"].as_array().cloned().unwrap_or_default();
-    assert_eq!(refused.len(), 4, "{v}");
-    assert!(refused.iter().all(|r| r["node"] == "strict"), "{v}");
+    let applied: Applied = serde_json::from_value(v).unwrap();
+    let refused = &applied.plan.refused;
+    assert_eq!(refused.len(), 4, "{applied:?}");
+    assert!(
+        refused.iter().all(|r| r.node.as_deref() == Some("strict")),
+        "{applied:?}"
+    );
 
     // Open: the containers run with the binds, privileged, on the host's network.
     let privileged_runs = privileged_containers_run();
@@ -731,16 +734,16 @@ async fn binds_and_host_access_need_the_agent_configs_consent() {
                 Duration::from_secs(30),
                 || async {
                     let s = service(&c, &name).await?;
-                    (s["status"] == "failed").then_some(s)
+                    (s.status == "failed").then_some(s)
                 },
             )
             .await;
-            let message = svc["message"].as_str().unwrap_or_default();
+            let message = svc.message.as_deref().unwrap_or_default();
             assert!(
                 message.starts_with("starting privileged-open-")
                     && message.contains("Docker responded")
                     && !message.contains("refused"),
-                "{name}: {svc}"
+                "{name}: {svc:?}"
             );
             continue;
         }
@@ -773,14 +776,15 @@ async fn binds_and_host_access_need_the_agent_configs_consent() {
             Duration::from_secs(10),
             || async {
                 let s = service(&c, &name).await?;
-                (s["status"] == "refused").then_some(s)
+                (s.status == "refused").then_some(s)
             },
         )
         .await;
-        let message = svc["message"].as_str().unwrap_or_default();
-        assert!(says(message, words), "{name}: {svc}");
+        let message = svc.message.as_deref().unwrap_or_default();
+        assert!(says(message, words), "{name}: {svc:?}");
         assert!(containers(&strict, &name).is_empty(), "nothing for {name}");
     }
-    let jobs = c.get("/api/v1/jobs?node=strict&kind=deploy").await;
-    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
+    let jobs: common::Page<common::JobRecord> =
+        c.get_as("/api/v1/jobs?node=strict&kind=deploy").await;
+    assert!(jobs.items.is_empty(), "{jobs:?}");
 }

@@ -6,6 +6,8 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::{Agent, Controller, ControllerOpts};
+use common::{NodeView, Page};
+use nebula_types::api::access::TokenView;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,18 +45,18 @@ async fn two_agents_join_and_show_online_with_facts_and_labels() {
     let names: Vec<_> = list.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["alpha", "beta"]);
     // Filters and pagination.
-    let page = c.get("/api/v1/nodes?limit=1").await;
-    assert_eq!(page["items"].as_array().unwrap().len(), 1);
-    assert_eq!(page["next_cursor"], "alpha");
-    let page2 = c.get("/api/v1/nodes?limit=1&cursor=alpha").await;
-    assert_eq!(page2["items"][0]["name"], "beta");
-    assert!(page2["next_cursor"].is_null());
-    let gpu = c.get("/api/v1/nodes?label=role=gpu").await;
-    assert_eq!(gpu["items"].as_array().unwrap().len(), 1);
+    let page: Page<NodeView> = c.get_as("/api/v1/nodes?limit=1").await;
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.next_cursor.as_deref(), Some("alpha"));
+    let page2: Page<NodeView> = c.get_as("/api/v1/nodes?limit=1&cursor=alpha").await;
+    assert_eq!(page2.items[0].name, "beta");
+    assert!(page2.next_cursor.is_none());
+    let gpu: Page<NodeView> = c.get_as("/api/v1/nodes?label=role=gpu").await;
+    assert_eq!(gpu.items.len(), 1);
     // The token is used up.
-    let tokens = c.get("/api/v1/tokens").await;
-    assert_eq!(tokens["items"][0]["state"], "used");
-    assert_eq!(tokens["items"][0]["uses"], 2);
+    let tokens: Page<TokenView> = c.get_as("/api/v1/tokens").await;
+    assert_eq!(tokens.items[0].state, "used");
+    assert_eq!(tokens.items[0].uses, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +159,7 @@ async fn removed_node_is_cut_off_and_refused_on_reconnect() {
         .api(reqwest::Method::DELETE, "/api/v1/nodes/alpha", None)
         .await;
     assert_eq!(status, 404);
-    assert_eq!(v["error"]["code"], "not_found");
+    assert_eq!(common::error_of(&v).code, "not_found");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,7 +324,7 @@ async fn readme_quick_start_runs_as_written_and_stops_cleanly_on_ctrl_c() {
     );
     // The admin token works against the printed API, and the local agent is there.
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
-    let nodes: serde_json::Value = reqwest::Client::new()
+    let nodes: Page<NodeView> = reqwest::Client::new()
         .get(format!("{api}/api/v1/nodes"))
         .bearer_auth(token.trim())
         .send()
@@ -331,8 +333,12 @@ async fn readme_quick_start_runs_as_written_and_stops_cleanly_on_ctrl_c() {
         .json()
         .await
         .unwrap();
-    assert_eq!(nodes["items"][0]["status"], "online", "{nodes}");
-    assert_eq!(nodes["items"][0]["labels"]["env"], "dev");
+    assert_eq!(
+        nodes.items[0].status,
+        common::NodeStatus::Online,
+        "{nodes:?}"
+    );
+    assert_eq!(nodes.items[0].labels["env"], "dev");
     // Ctrl-C: every task stops and the process exits cleanly (`cargo run` execs the program,
     // so the signal reaches `nebula` itself).
     let _ = std::process::Command::new("kill")

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
+use nebula_types::api::tasks::{Kind, Scope, State, TaskStatus, Trigger};
 use serde_json::Value;
 
 /// Task names and scopes from ARCHITECTURE.md's table (rows "| `name` | scope | ...").
@@ -29,29 +30,24 @@ fn documented() -> BTreeSet<(String, String)> {
         .collect()
 }
 
-fn task<'a>(tasks: &'a Value, name: &str) -> &'a Value {
+fn task<'a>(tasks: &'a [TaskStatus], name: &str) -> &'a TaskStatus {
     tasks
-        .as_array()
-        .expect("a list")
         .iter()
-        .find(|t| t["name"] == name)
-        .unwrap_or_else(|| panic!("no task {name} in {tasks}"))
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no task {name} in {tasks:?}"))
+}
+
+async fn tasks(c: &Controller) -> Vec<TaskStatus> {
+    c.get_as("/api/v1/tasks").await
 }
 
 #[tokio::test]
 async fn every_background_task_is_listed_with_its_scope_and_last_run() {
     let c = Controller::start(ControllerOpts::default()).await;
-    let tasks = c.get("/api/v1/tasks").await;
-    let served: BTreeSet<(String, String)> = tasks
-        .as_array()
-        .expect("a list")
+    let served: BTreeSet<(String, String)> = tasks(&c)
+        .await
         .iter()
-        .map(|t| {
-            (
-                t["name"].as_str().unwrap().to_owned(),
-                t["scope"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|t| (t.name.to_string(), t.scope.as_str().to_owned()))
         .collect();
     assert_eq!(
         served,
@@ -61,9 +57,9 @@ async fn every_background_task_is_listed_with_its_scope_and_last_run() {
     assert!(served.len() >= 11, "{served:?}");
 
     // Periodic tasks ran at start; the scheduler's first pass is a full one.
-    let tasks = wait_for("first runs", Duration::from_secs(10), || async {
-        let t = c.get("/api/v1/tasks").await;
-        let ran = |n: &str| task(&t, n)["runs"].as_u64().unwrap_or(0) >= 1;
+    let list = wait_for("first runs", Duration::from_secs(10), || async {
+        let t = tasks(&c).await;
+        let ran = |n: &str| task(&t, n).runs >= 1;
         (ran("job-scheduler")
             && ran("release-scan")
             && ran("retention-sweeper")
@@ -71,35 +67,35 @@ async fn every_background_task_is_listed_with_its_scope_and_last_run() {
         .then_some(t)
     })
     .await;
-    let scheduler = task(&tasks, "job-scheduler");
-    assert_eq!(scheduler["kind"], "periodic");
-    assert_eq!(scheduler["scope"], "leader");
-    assert_eq!(scheduler["period_ms"], 250);
-    assert_eq!(scheduler["last"]["ok"], true);
-    assert_eq!(task(&tasks, "http-server")["state"], "idle");
-    assert_eq!(task(&tasks, "quic-listener")["kind"], "service");
+    let scheduler = task(&list, "job-scheduler");
+    assert_eq!(scheduler.kind, Kind::Periodic);
+    assert_eq!(scheduler.scope, Scope::Leader);
+    assert_eq!(scheduler.period_ms, Some(250));
+    assert!(scheduler.last.as_ref().unwrap().ok);
+    assert_eq!(task(&list, "http-server").state, State::Idle);
+    assert_eq!(task(&list, "quic-listener").kind, Kind::Service);
     // No service map file configured: its watcher has nothing to watch.
-    assert_eq!(task(&tasks, "service-map-watch")["state"], "stopped");
-    let reconciler_runs = task(&tasks, "reconciler")["runs"].as_u64().unwrap();
+    assert_eq!(task(&list, "service-map-watch").state, State::Stopped);
+    let reconciler_runs = task(&list, "reconciler").runs;
 
     // "Run now": the reconcile endpoint activates the reconciler, and its run is recorded.
     let (status, body) = c
         .api(reqwest::Method::POST, "/api/v1/reconcile", None)
         .await;
     assert!(status == 200 || status == 202, "{status} {body}");
-    let tasks = wait_for(
+    let list = wait_for(
         "an activated reconciler run",
         Duration::from_secs(10),
         || async {
-            let t = c.get("/api/v1/tasks").await;
-            (task(&t, "reconciler")["runs"].as_u64().unwrap() > reconciler_runs).then_some(t)
+            let t = tasks(&c).await;
+            (task(&t, "reconciler").runs > reconciler_runs).then_some(t)
         },
     )
     .await;
-    let last = &task(&tasks, "reconciler")["last"];
-    assert_eq!(last["trigger"], "activated", "{last}");
-    assert_eq!(last["ok"], true, "{last}");
-    assert!(last["started_at"].as_i64().unwrap() > 1_700_000_000_000);
+    let last = task(&list, "reconciler").last.clone().unwrap();
+    assert_eq!(last.trigger, Trigger::Activated, "{last:?}");
+    assert!(last.ok, "{last:?}");
+    assert!(last.started_at > 1_700_000_000_000);
 
     // Any signed-in role may read it; no token, no list.
     let anonymous = c

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::docker::{self, Containers};
 use common::{wait_for, Agent, Controller, ControllerOpts};
+use nebula_types::api::telemetry::{ContainerRow, MinutePoint, NodeTelemetry, PointView, Points};
 use serde_json::{json, Value};
 
 async fn joined(c: &Controller, name: &str, env: &[(&str, &str)]) -> (Agent, tempfile::TempDir) {
@@ -26,9 +27,22 @@ fn fast_samples() -> ControllerOpts {
     }
 }
 
-async fn telemetry(c: &Controller, name: &str, query: &str) -> Value {
-    c.get(&format!("/api/v1/nodes/{name}/telemetry{query}"))
+async fn telemetry(c: &Controller, name: &str, query: &str) -> NodeTelemetry {
+    c.get_as(&format!("/api/v1/nodes/{name}/telemetry{query}"))
         .await
+}
+
+/// Raw history points (panics on minute rollups).
+fn raw(t: &NodeTelemetry) -> &[PointView] {
+    match &t.points {
+        Points::Raw(p) => p,
+        Points::Minute(_) => panic!("minute points where raw ones were asked for"),
+    }
+}
+
+/// Containers across the fleet, filtered by `query`.
+async fn containers(c: &Controller, query: &str) -> Vec<ContainerRow> {
+    c.get_as::<common::Page<ContainerRow>>(query).await.items
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,30 +52,24 @@ async fn host_telemetry_arrives_and_is_served() {
     // Several samples arrive at the interval the controller set.
     let t = wait_for("three raw points", Duration::from_secs(15), || async {
         let t = telemetry(&c, "host1", "?resolution=raw&since=5m").await;
-        (t["points"].as_array()?.len() >= 3).then_some(t)
+        (raw(&t).len() >= 3).then_some(t)
     })
     .await;
-    let latest = &t["latest"];
-    let host = &latest["host"];
-    assert!(host["memory_total_bytes"].as_u64().unwrap() > 0, "{latest}");
-    assert!(
-        host["memory_used_bytes"].as_u64().unwrap() <= host["memory_total_bytes"].as_u64().unwrap()
-    );
+    let latest = t.latest.as_ref().expect("a latest sample");
+    let host = &latest.host;
+    assert!(host.memory_total_bytes > 0, "{latest:?}");
+    assert!(host.memory_used_bytes <= host.memory_total_bytes);
     assert_eq!(
-        host["per_core_percent"].as_array().unwrap().len(),
+        host.per_core_percent.len(),
         std::thread::available_parallelism().unwrap().get()
     );
-    assert!(host["uptime_secs"].as_u64().unwrap() > 0);
-    assert_eq!(host["load"].as_array().unwrap().len(), 3);
-    assert!(!latest["kernel"].as_str().unwrap().is_empty());
-    assert!(latest["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|d| d["total_bytes"].as_u64().unwrap() > 0));
+    assert!(host.uptime_secs > 0);
+    assert_eq!(host.load.len(), 3);
+    assert!(!latest.kernel.is_empty());
+    assert!(latest.disks.iter().all(|d| d.total_bytes > 0));
     // No NVIDIA driver on this machine: no GPUs, said as "none", not as an error.
-    assert_eq!(latest["gpus"], json!([]));
-    assert!(latest["gpu_driver"].is_null());
+    assert!(latest.gpus.is_empty());
+    assert!(latest.gpu_driver.is_none());
     // A Docker Engine runs here: its version is part of the node's facts now.
     let node = c.node("host1").await.unwrap();
     let runtime = node.facts.container_runtime.as_deref().unwrap_or("");
@@ -69,17 +77,15 @@ async fn host_telemetry_arrives_and_is_served() {
     assert!(node.facts.gpus.is_empty());
     assert!(node.telemetry.as_ref().unwrap().memory_total_bytes > 0);
     // Points are ordered and the seq keeps rising.
-    let pts = t["points"].as_array().unwrap();
-    assert!(pts
-        .windows(2)
-        .all(|w| w[0]["t"].as_str() <= w[1]["t"].as_str()));
-    let seq1 = t["latest"]["seq"].as_u64().unwrap();
+    let pts = raw(&t);
+    assert!(pts.windows(2).all(|w| w[0].t <= w[1].t));
+    let seq1 = latest.seq;
     let later = wait_for("a newer sample", Duration::from_secs(5), || async {
         let t = telemetry(&c, "host1", "").await;
-        (t["latest"]["seq"].as_u64()? > seq1).then_some(t)
+        (t.latest.as_ref()?.seq > seq1).then_some(t)
     })
     .await;
-    assert!(later["latest"]["seq"].as_u64().unwrap() > seq1);
+    assert!(later.latest.unwrap().seq > seq1);
     // Bad queries get clear errors.
     let (s, v) = c
         .api(
@@ -88,7 +94,10 @@ async fn host_telemetry_arrives_and_is_served() {
             None,
         )
         .await;
-    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_request")));
+    assert_eq!(
+        (s, Some(common::error_of(&v).code.as_str())),
+        (400, Some("bad_request"))
+    );
     let (s, _) = c
         .api(
             reqwest::Method::GET,
@@ -132,31 +141,26 @@ async fn containers_appear_and_a_stopped_one_shows_exited_within_two_seconds() {
         "both test containers running",
         Duration::from_secs(15),
         || async {
-            let v = c.get(&q).await;
-            let items = v["items"].as_array()?.clone();
-            (items.len() == 2 && items.iter().all(|i| i["state"] == "running")).then_some(items)
+            let items = containers(&c, &q).await;
+            (items.len() == 2 && items.iter().all(|i| i.state == "running")).then_some(items)
         },
     )
     .await;
-    let w = items.iter().find(|i| i["name"] == web).unwrap();
-    assert_eq!(w["node"], "dock1");
-    assert_eq!(w["image"], docker::IMAGE);
-    assert_eq!(w["labels"]["role"], "web");
-    assert_eq!(w["health"], "none");
-    assert_eq!(w["restart_count"], 0);
-    assert!(w["id"].as_str().unwrap().len() >= 12);
+    let w = items.iter().find(|i| i.name == web).unwrap();
+    assert_eq!(w.node, "dock1");
+    assert_eq!(w.image, docker::IMAGE);
+    assert_eq!(w.labels["role"], "web");
+    assert_eq!(w.health, "none");
+    assert_eq!(w.restart_count, 0);
+    assert!(w.id.len() >= 12);
     // Stats arrive from the second sample on (CPU needs two readings).
     wait_for(
         "container memory and CPU figures",
         Duration::from_secs(15),
         || async {
-            let v = c.get(&format!("{q}&state=running")).await;
-            let i = v["items"]
-                .as_array()?
-                .iter()
-                .find(|i| i["name"] == web)?
-                .clone();
-            (i["memory_used_bytes"].as_u64()? > 0 && i["cpu_percent"].is_number()).then_some(())
+            let items = containers(&c, &format!("{q}&state=running")).await;
+            let i = items.into_iter().find(|i| i.name == web)?;
+            (i.memory_used_bytes? > 0 && i.cpu_percent.is_some()).then_some(())
         },
     )
     .await;
@@ -168,22 +172,18 @@ async fn containers_appear_and_a_stopped_one_shows_exited_within_two_seconds() {
         "the killed container to show exited",
         Duration::from_secs(2),
         || async {
-            let v = c.get(&format!("{q}&state=exited")).await;
-            v["items"]
-                .as_array()?
-                .iter()
-                .any(|i| i["name"] == idle)
-                .then_some(())
+            let items = containers(&c, &format!("{q}&state=exited")).await;
+            items.iter().any(|i| i.name == idle).then_some(())
         },
     )
     .await;
     let took = stopped.elapsed();
     assert!(took <= Duration::from_secs(2), "{took:?}");
     // Filters: node, state, health; an unknown node or a bad state is a clear error.
-    let running = c.get(&format!("{q}&node=dock1&state=running")).await;
-    assert_eq!(running["items"].as_array().unwrap().len(), 1);
-    let healthy = c.get(&format!("{q}&health=healthy")).await;
-    assert_eq!(healthy["items"].as_array().unwrap().len(), 0);
+    let running = containers(&c, &format!("{q}&node=dock1&state=running")).await;
+    assert_eq!(running.len(), 1);
+    let healthy = containers(&c, &format!("{q}&health=healthy")).await;
+    assert!(healthy.is_empty());
     let (s, _) = c
         .api(reqwest::Method::GET, "/api/v1/containers?node=nobody", None)
         .await;
@@ -232,12 +232,8 @@ async fn an_agent_without_docker_says_so_then_picks_it_up_when_it_appears() {
         "the agent to find the daemon and report the container",
         Duration::from_secs(20),
         || async {
-            let v = c.get(&q).await;
-            v["items"]
-                .as_array()?
-                .iter()
-                .any(|i| i["name"] == name)
-                .then_some(())
+            let items = containers(&c, &q).await;
+            items.iter().any(|i| i.name == name).then_some(())
         },
     )
     .await;
@@ -263,9 +259,7 @@ async fn metrics_pass_promtool_and_count_what_they_should() {
     let c = Controller::start(fast_samples()).await;
     let (_a, _d) = joined(&c, "prom1", &[]).await;
     wait_for("a sample", Duration::from_secs(10), || async {
-        telemetry(&c, "prom1", "").await["latest"]
-            .is_object()
-            .then_some(())
+        telemetry(&c, "prom1", "").await.latest.map(|_| ())
     })
     .await;
     // /metrics needs a token like the rest of the API.
@@ -465,14 +459,16 @@ async fn rollups_past_the_retention_window_are_deleted() {
         Duration::from_secs(10),
         || async {
             let t = telemetry(&c, "old1", "?resolution=1m&since=24h").await;
-            let pts = t["points"].as_array()?.clone();
-            (pts.iter().filter(|p| p["samples"] == 12).count() == 1).then_some(pts)
+            let Points::Minute(pts) = t.points else {
+                panic!("raw points where minute ones were asked for");
+            };
+            (pts.iter().filter(|p| p.samples == 12).count() == 1).then_some(pts)
         },
     )
     .await;
-    let ours: Vec<&Value> = kept.iter().filter(|p| p["samples"] == 12).collect();
+    let ours: Vec<&MinutePoint> = kept.iter().filter(|p| p.samples == 12).collect();
     assert_eq!(ours.len(), 1);
-    assert_eq!(ours[0]["cpu_percent"]["max"], 20.0);
+    assert_eq!(ours[0].cpu_percent.max, 20.0);
     assert_eq!(
         store
             .rollups(node_id, 0)
@@ -526,9 +522,9 @@ async fn cli_nodes_and_top_show_live_figures() {
         row.contains("online") && row.contains('%') && row.contains("GiB"),
         "{row}"
     );
-    let json: Value = serde_json::from_str(&run(&["nodes", "--json"])).unwrap();
-    assert_eq!(json[0]["name"], "cli1");
-    assert!(json[0]["telemetry"]["cpu_percent"].is_number());
+    let json: Vec<common::NodeView> = serde_json::from_str(&run(&["nodes", "--json"])).unwrap();
+    assert_eq!(json[0].name, "cli1");
+    assert!(json[0].telemetry.is_some());
     let top = run(&["top", "--iterations", "2", "--interval", "200ms"]);
     assert_eq!(top.matches("\x1b[2J").count(), 2, "refreshed twice");
     assert!(top.contains("1/1 nodes online"), "{top}");
@@ -622,18 +618,15 @@ async fn out_of_range_times_and_numbers_never_panic_a_view() {
                     .await
                     .ok()?;
                 assert!(resp.status().is_success(), "{}", resp.status());
-                let body: Value = resp.json().await.ok()?;
-                (!body["items"].as_array()?.is_empty()).then_some(body)
+                let body: common::Page<ContainerRow> = resp.json().await.ok()?;
+                (!body.items.is_empty()).then_some(body)
             }
         },
     )
     .await;
-    let item = &containers["items"][0];
-    assert_eq!(item["name"], "from-the-future", "{containers}");
-    assert!(
-        item["created"].as_str().unwrap().starts_with("9999-12-31"),
-        "{item}"
-    );
+    let item = &containers.items[0];
+    assert_eq!(item.name, "from-the-future", "{containers:?}");
+    assert!(item.created.starts_with("9999-12-31"), "{item:?}");
     // The node's views stay up too.
     for path in [
         "/api/v1/nodes",
@@ -666,7 +659,7 @@ async fn out_of_range_times_and_numbers_never_panic_a_view() {
             .unwrap();
         assert_eq!(resp.status(), 400, "since={since}");
         let body: Value = resp.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "bad_request", "{body}");
+        assert_eq!(common::error_of(&body).code, "bad_request", "{body}");
     }
     assert!(conn.close_reason().is_none());
     assert_eq!(

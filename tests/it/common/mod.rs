@@ -405,6 +405,13 @@ impl Controller {
     }
 }
 
+/// The API's error body in an answer (panics when it is not one).
+pub fn error_of(v: &Value) -> nebula_types::api::ErrorDetail {
+    serde_json::from_value::<nebula_types::api::ErrorBody>(v.clone())
+        .unwrap_or_else(|e| panic!("not an API error body: {e}: {v}"))
+        .error
+}
+
 /// A `nebula-agent` process.
 pub struct Agent {
     pub proc: Proc,

@@ -7,6 +7,7 @@ pub mod desired;
 pub mod jobs;
 pub mod models;
 pub mod nodes;
+pub mod tasks;
 pub mod telemetry;
 
 use schemars::JsonSchema;
