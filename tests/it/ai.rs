@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::fake_ollama::{FakeOllama, Mode};
 use common::{wait_for, Agent, Controller, ControllerOpts, Proc};
+use nebula_types::api::access::CreatedApiToken;
+use nebula_types::api::models::{AiUsage, ModelView, ModelsInventory, ModelsView};
+use nebula_types::jobs::AuditRecord;
 use serde_json::{json, Value};
 
 /// llama.cpp's server on a free port, serving the model as `alias`.
@@ -103,8 +106,26 @@ async fn one_node(ai_toml: &str) -> OneNode {
 
 /// The gateway has started no job (no model pull).
 async fn no_jobs(c: &Controller) {
-    let jobs = c.get("/api/v1/jobs").await;
-    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
+    let jobs: common::Page<common::JobRecord> = c.get_as("/api/v1/jobs").await;
+    assert!(jobs.items.is_empty(), "{jobs:?}");
+}
+
+/// Audit rows matching a query (`action=...`, `actor=...`).
+async fn audit_rows(c: &Controller, query: &str) -> Vec<AuditRecord> {
+    c.get_as::<common::Page<AuditRecord>>(&format!("/api/v1/audit?{query}"))
+        .await
+        .items
+}
+
+/// The models inventory.
+async fn inventory(c: &Controller) -> ModelsInventory {
+    c.get_as("/api/v1/models/inventory").await
+}
+
+/// The first model of `node`'s first backend.
+fn first_model<'a>(inv: &'a ModelsInventory, node: &str) -> &'a ModelView {
+    let n = inv.nodes.iter().find(|n| n.node == node).unwrap();
+    &n.backends[0].models[0]
 }
 
 /// Wait until the gateway lists `model` on `nodes`.
@@ -160,7 +181,8 @@ async fn ai_token(c: &Controller, name: &str) -> String {
         )
         .await;
     assert_eq!(status, 201, "{v}");
-    v["token"].as_str().unwrap().to_owned()
+    let created: CreatedApiToken = serde_json::from_value(v).unwrap();
+    created.token
 }
 
 /// A chat request for `model` with `token`.
@@ -175,11 +197,10 @@ async fn chat_as(c: &Controller, token: &str, model: &str, content: &str) -> req
 }
 
 /// The model jobs the controller has.
-async fn model_jobs(c: &Controller) -> Vec<Value> {
-    c.get("/api/v1/jobs?kind=model").await["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+async fn model_jobs(c: &Controller) -> Vec<common::JobRecord> {
+    c.get_as::<common::Page<common::JobRecord>>("/api/v1/jobs?kind=model")
+        .await
+        .items
 }
 
 fn node_of(r: &reqwest::Response) -> String {
@@ -236,21 +257,11 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
     wait_model(&c, "beta", &["node-b"]).await;
 
     // Inventory: per node and backend, the model with its size and context, loaded.
-    let inv = c.get("/api/v1/models/inventory").await;
-    let a = inv["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == "node-a")
-        .unwrap();
-    let m = &a["backends"][0]["models"][0];
-    assert_eq!(
-        (m["name"].as_str(), m["loaded"].as_bool()),
-        (Some("alpha"), Some(true)),
-        "{inv}"
-    );
-    assert!(m["size_bytes"].as_u64().unwrap() > 50_000_000, "{m}");
-    assert!(m["context_length"].as_u64().unwrap() >= 256, "{m}");
+    let inv = inventory(&c).await;
+    let m = first_model(&inv, "node-a");
+    assert_eq!((m.name.as_str(), m.loaded), ("alpha", true), "{inv:?}");
+    assert!(m.size_bytes > 50_000_000, "{m:?}");
+    assert!(m.context_length.unwrap() >= 256, "{m:?}");
 
     // Each model goes to the node that has it; the response says which.
     for (model, node) in [("alpha", "node-a"), ("beta", "node-b"), ("alpha", "node-a")] {
@@ -408,50 +419,44 @@ async fn real_llama_cpp_on_two_nodes_routed_by_model_streamed_and_accounted() {
     }
 
     // Usage per token, model and node.
-    let usage = c.get("/api/v1/ai/usage").await;
-    let row = usage["usage"]
-        .as_array()
-        .unwrap()
+    let usage: AiUsage = c.get_as("/api/v1/ai/usage").await;
+    let row = usage
+        .usage
         .iter()
-        .find(|u| u["model"] == "alpha" && u["node"] == "node-a")
+        .find(|u| u.model == "alpha" && u.node == "node-a")
         .cloned()
-        .unwrap_or_else(|| panic!("{usage}"));
-    assert_eq!(row["requests"], 3, "{usage}");
+        .unwrap_or_else(|| panic!("{usage:?}"));
+    assert_eq!(row.requests, 3, "{usage:?}");
     assert!(
-        usage["usage"]
-            .as_array()
-            .unwrap()
+        usage
+            .usage
             .iter()
-            .any(|u| u["token"] == "chat-app" && u["model"] == "beta"),
-        "{usage}"
+            .any(|u| u.token == "chat-app" && u.model == "beta"),
+        "{usage:?}"
     );
     // The stream's tokens are counted too (two whole answers of at least one token each).
     assert!(
-        row["completion_tokens"].as_u64().unwrap() >= streamed_tokens + 2,
-        "{streamed_tokens} streamed: {usage}"
+        row.completion_tokens >= streamed_tokens + 2,
+        "{streamed_tokens} streamed: {usage:?}"
     );
     // And on beta, both streams (one whole chat and one completion of at least one token).
-    let beta = usage["usage"]
-        .as_array()
-        .unwrap()
+    let beta = usage
+        .usage
         .iter()
-        .find(|u| u["model"] == "beta" && u["token"] != "chat-app")
-        .unwrap_or_else(|| panic!("{usage}"));
+        .find(|u| u.model == "beta" && u.token != "chat-app")
+        .unwrap_or_else(|| panic!("{usage:?}"));
     assert!(
-        beta["completion_tokens"].as_u64().unwrap() >= asked_tokens + unasked_tokens + 2,
-        "{asked_tokens} + {unasked_tokens} streamed: {usage}"
+        beta.completion_tokens >= asked_tokens + unasked_tokens + 2,
+        "{asked_tokens} + {unasked_tokens} streamed: {usage:?}"
     );
-    assert!(row["prompt_tokens"].as_u64().unwrap() >= 10, "{usage}");
+    assert!(row.prompt_tokens >= 10, "{usage:?}");
 
     // Usage is added to the store every flush interval: after one, a controller killed and
     // started again reports the same totals.
     tokio::time::sleep(Duration::from_millis(800)).await;
     c.restart_hard().await;
-    let after = c.get("/api/v1/ai/usage").await;
-    assert_eq!(
-        after["usage"], usage["usage"],
-        "before the restart: {usage}"
-    );
+    let after: AiUsage = c.get_as("/api/v1/ai/usage").await;
+    assert_eq!(after.usage, usage.usage, "before the restart: {usage:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,17 +469,11 @@ async fn loaded_model_wins_a_failing_backend_trips_its_breaker_and_a_probe_close
     let _a = agent(&c, dir.path(), "node-a", "ollama", &a_backend.url()).await;
     let _b = agent(&c, dir.path(), "node-b", "ollama", &b_backend.url()).await;
     wait_model(&c, "llama3:latest", &["node-a", "node-b"]).await;
-    let inv = c.get("/api/v1/models/inventory").await;
-    let b = inv["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == "node-b")
-        .unwrap();
-    let m = &b["backends"][0]["models"][0];
-    assert_eq!(m["vram_bytes"], 5_137_025_024u64, "{m}");
-    assert_eq!(m["context_length"], 8192, "{m}");
-    assert_eq!(m["digest"].as_str().map(str::len), Some(64), "{m}");
+    let inv = inventory(&c).await;
+    let m = first_model(&inv, "node-b");
+    assert_eq!(m.vram_bytes, Some(5_137_025_024), "{m:?}");
+    assert_eq!(m.context_length, Some(8192), "{m:?}");
+    assert_eq!(m.digest.as_deref().map(str::len), Some(64), "{m:?}");
 
     let ask = || {
         chat(
@@ -506,21 +505,8 @@ async fn loaded_model_wins_a_failing_backend_trips_its_breaker_and_a_probe_close
         (200, "node-a".to_owned())
     );
     assert_eq!(b_backend.requests(), before + 1);
-    let breaker = |inv: &Value, node: &str| {
-        inv["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node"] == node)
-            .unwrap()["backends"][0]["models"][0]["breaker"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    assert_eq!(
-        breaker(&c.get("/api/v1/models/inventory").await, "node-b"),
-        "open"
-    );
+    let breaker = |inv: &ModelsInventory, node: &str| first_model(inv, node).breaker.clone();
+    assert_eq!(breaker(&inventory(&c).await, "node-b"), "open");
     // While open, node-b is not asked at all.
     for _ in 0..3 {
         let r = ask().await;
@@ -536,10 +522,7 @@ async fn loaded_model_wins_a_failing_backend_trips_its_breaker_and_a_probe_close
         (r.status().as_u16(), node_of(&r)),
         (200, "node-b".to_owned())
     );
-    assert_eq!(
-        breaker(&c.get("/api/v1/models/inventory").await, "node-b"),
-        "closed"
-    );
+    assert_eq!(breaker(&inventory(&c).await, "node-b"), "closed");
 
     // Embeddings go the same way.
     let r = post(
@@ -663,11 +646,8 @@ async fn a_client_gone_before_the_first_token_cancels_the_backend_request_and_fr
             .send()
     };
     let breaker = || async {
-        let inv = c.get("/api/v1/models/inventory").await;
-        inv["nodes"][0]["backends"][0]["models"][0]["breaker"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+        let inv = inventory(&c).await;
+        inv.nodes[0].backends[0].models[0].breaker.clone()
     };
 
     // A 503 opens the breaker at once.
@@ -847,13 +827,10 @@ async fn output_filters_redact_a_key_an_email_and_a_card_even_split_across_chunk
         "filter hits in the audit log",
         Duration::from_secs(10),
         || async {
-            let a = c.get("/api/v1/audit?action=ai.filter&limit=100").await;
-            let hits: Vec<Value> = a["items"]
-                .as_array()
+            let hits: Vec<AuditRecord> = audit_rows(&c, "action=ai.filter&limit=100")
+                .await
                 .into_iter()
-                .flatten()
-                .filter(|e| e["action"] == "ai.filter")
-                .cloned()
+                .filter(|e| e.action == "ai.filter")
                 .collect();
             (hits.len() >= 6).then_some(hits)
         },
@@ -874,12 +851,10 @@ async fn output_filters_redact_a_key_an_email_and_a_card_even_split_across_chunk
     let expected =
         "Here: [REDACTED:api_key] and then run curl -fsSL https://get.example.sh | sh to finish.";
     let injections = || async {
-        let a = c.get("/api/v1/audit?action=ai.filter&limit=100").await;
-        a["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e.to_string().contains("code_injection"))
+        audit_rows(&c, "action=ai.filter&limit=100")
+            .await
+            .iter()
+            .filter(|e| e.detail.to_string().contains("code_injection"))
             .count()
     };
     assert_eq!(injections().await, 0);
@@ -939,16 +914,12 @@ async fn desired_models_are_pulled_with_progress_and_show_up_and_the_cli_pulls_a
             let c = &c;
             let seen = seen_progress.clone();
             async move {
-                let v = c.get("/api/v1/models/desired").await;
-                let row = v["desired"]
-                    .as_array()?
-                    .iter()
-                    .find(|r| r["model"] == "mistral:7b")?
-                    .clone();
-                if let Some(p) = row["percent"].as_f64() {
-                    seen.lock().unwrap().push(p);
+                let v: ModelsView = c.get_as("/api/v1/models/desired").await;
+                let row = v.desired.into_iter().find(|r| r.model == "mistral:7b")?;
+                if let Some(p) = row.percent {
+                    seen.lock().unwrap().push(f64::from(p));
                 }
-                (row["state"] == "present").then_some(())
+                (row.state == "present").then_some(())
             }
         },
     )
@@ -959,24 +930,18 @@ async fn desired_models_are_pulled_with_progress_and_show_up_and_the_cli_pulls_a
         "progress seen while pulling: {seen_progress:?}"
     );
     wait_model(&c, "mistral:7b", &["node-a"]).await;
-    let v = c.get("/api/v1/models/desired").await;
-    let llama = v["desired"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["model"] == "llama3")
-        .unwrap();
+    let v: ModelsView = c.get_as("/api/v1/models/desired").await;
+    let llama = v.desired.iter().find(|r| r.model == "llama3").unwrap();
     assert_eq!(
-        llama["state"], "present",
-        "llama3 matches llama3:latest: {v}"
+        llama.state, "present",
+        "llama3 matches llama3:latest: {v:?}"
     );
     // node-b's model is extra (reported, not removed).
-    let extra = v["extra"].as_array().unwrap();
     assert!(
-        extra
+        v.extra
             .iter()
-            .any(|e| e["node"] == "node-b" && e["model"] == "qwen2.5:7b"),
-        "{v}"
+            .any(|e| e.node == "node-b" && e.model == "qwen2.5:7b"),
+        "{v:?}"
     );
     assert!(b_backend
         .state
@@ -1139,20 +1104,11 @@ async fn images_are_generated_on_the_node_with_stable_diffusion() {
     let _a = agent(&c, dir.path(), "text-node", "ollama", &text_backend.url()).await;
     let _b = agent(&c, dir.path(), "art-node", "sd-webui", &sd.url()).await;
     wait_model(&c, "sdxl_base", &["art-node"]).await;
-    let inv = c.get("/api/v1/models/inventory").await;
-    let art = inv["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == "art-node")
-        .unwrap();
-    let models = &art["backends"][0]["models"];
-    assert_eq!(models.as_array().unwrap().len(), 2, "{inv}");
-    assert!(models
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|m| m["name"] == "sdxl_base" && m["loaded"] == true));
+    let inv = inventory(&c).await;
+    let art = inv.nodes.iter().find(|n| n.node == "art-node").unwrap();
+    let models = &art.backends[0].models;
+    assert_eq!(models.len(), 2, "{inv:?}");
+    assert!(models.iter().any(|m| m.name == "sdxl_base" && m.loaded));
 
     // OpenAI's images API, served by txt2img on the node that has Stable Diffusion.
     let r = post(
@@ -1302,13 +1258,13 @@ async fn ollama_on_a_tailscale_peer_is_found_through_tailscaleds_local_api() {
     .await;
     assert!(online.is_ok(), "agent output:\n{}", a.proc.output());
     wait_model(&c, "llama3.1:8b", &["edge"]).await;
-    let inv = c.get("/api/v1/models/inventory").await;
-    let backends = inv["nodes"][0]["backends"].as_array().unwrap().clone();
-    assert_eq!(backends.len(), 1, "only the online peer: {inv}");
-    assert_eq!(backends[0]["source"], "tailscale:gpu-peer");
-    assert_eq!(backends[0]["name"], "ollama-gpu-peer");
+    let inv = inventory(&c).await;
+    let backends = &inv.nodes[0].backends;
+    assert_eq!(backends.len(), 1, "only the online peer: {inv:?}");
+    assert_eq!(backends[0].source, "tailscale:gpu-peer");
+    assert_eq!(backends[0].name, "ollama-gpu-peer");
     assert_eq!(
-        backends[0]["url"],
+        backends[0].url,
         format!("http://127.0.0.1:{}", peer_ollama.addr.port())
     );
     // And it serves through the gateway like any backend.
@@ -1337,12 +1293,7 @@ async fn a_pull_the_registry_refused_is_not_tried_again_and_the_fallback_answers
             json!({"model": "fail-cloud-only", "messages": [{"role": "user", "content": format!("cloud {n}")}]}),
         )
     };
-    let model_jobs = async || {
-        c.get("/api/v1/jobs?kind=model").await["items"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    };
+    let model_jobs = async || model_jobs(&c).await;
     // The first request tries the local pull, which the registry refuses, then the fallback.
     let r = ask(1).await;
     assert_eq!(
@@ -1353,7 +1304,7 @@ async fn a_pull_the_registry_refused_is_not_tried_again_and_the_fallback_answers
     assert_eq!(v["choices"][0]["message"]["content"], "cloud 1");
     let jobs = model_jobs().await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
-    assert_eq!(jobs[0]["state"], "failed", "{jobs:?}");
+    assert_eq!(jobs[0].state, common::JobState::Failed, "{jobs:?}");
     // The next ones go to the fallback straight away: no second pull.
     for n in 2..=4 {
         let r = ask(n).await;
@@ -1416,10 +1367,10 @@ async fn a_model_no_node_has_is_pulled_onto_a_node_with_ollama_and_then_served()
         1,
         "pulled once: {holders:?}"
     );
-    let pulls = c.get("/api/v1/jobs?kind=model").await;
-    assert_eq!(pulls["items"].as_array().map(Vec::len), Some(1), "{pulls}");
+    let pulls = model_jobs(&c).await;
+    assert_eq!(pulls.len(), 1, "{pulls:?}");
     // The job names the token whose request started it, not the gateway.
-    assert_eq!(pulls["items"][0]["created_by"], "admin", "{pulls}");
+    assert_eq!(pulls[0].created_by, "admin", "{pulls:?}");
     // An `ai` token (the gateway only) pulls nothing by default: a model no node has is a 404
     // that says why, and no job starts.
     let app = ai_token(&c, "chat-app").await;
@@ -1526,8 +1477,8 @@ async fn pulls_on_demand_take_only_listed_models_name_the_token_and_are_capped_p
     })
     .await;
     assert_eq!(
-        (jobs.len(), jobs[0]["created_by"].as_str()),
-        (1, Some("app")),
+        (jobs.len(), jobs[0].created_by.as_str()),
+        (1, "app"),
         "{jobs:?}"
     );
     let r = chat_as(&c, &app, "qwen2.5:7b", "one too many").await;
@@ -1543,7 +1494,7 @@ async fn pulls_on_demand_take_only_listed_models_name_the_token_and_are_capped_p
     );
     assert_eq!(model_jobs(&c).await.len(), 1);
     assert!(
-        model_jobs(&c).await[0]["state"] != "succeeded",
+        model_jobs(&c).await[0].state != common::JobState::Succeeded,
         "the first pull was over before the second request: the cap was not tested"
     );
 
@@ -1556,16 +1507,13 @@ async fn pulls_on_demand_take_only_listed_models_name_the_token_and_are_capped_p
     assert_eq!(v["choices"][0]["message"]["content"], "pulled for app");
     // The audit names the token, for the job and for the pull.
     let audit = wait_for("the pull's audit rows", Duration::from_secs(10), || async {
-        let rows = c.get("/api/v1/audit?actor=app").await["items"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let rows = audit_rows(&c, "actor=app").await;
         (rows.len() >= 2).then_some(rows)
     })
     .await;
     let actions: Vec<(&str, &str)> = audit
         .iter()
-        .filter_map(|r| Some((r["action"].as_str()?, r["target"].as_str()?)))
+        .map(|r| (r.action.as_str(), r.target.as_str()))
         .collect();
     assert!(
         actions.contains(&("ai.pull_on_demand", "phi3:mini"))
@@ -1573,9 +1521,7 @@ async fn pulls_on_demand_take_only_listed_models_name_the_token_and_are_capped_p
         "{audit:?}"
     );
     assert!(
-        c.get("/api/v1/audit?actor=gateway").await["items"]
-            .as_array()
-            .is_some_and(Vec::is_empty),
+        audit_rows(&c, "actor=gateway").await.is_empty(),
         "nothing is audited as the gateway"
     );
 
@@ -1585,5 +1531,5 @@ async fn pulls_on_demand_take_only_listed_models_name_the_token_and_are_capped_p
     assert_eq!(r.status(), 200);
     let jobs = model_jobs(&c).await;
     assert_eq!(jobs.len(), 2, "{jobs:?}");
-    assert!(jobs.iter().all(|j| j["created_by"] == "app"), "{jobs:?}");
+    assert!(jobs.iter().all(|j| j.created_by == "app"), "{jobs:?}");
 }
