@@ -16,9 +16,14 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
+mod ai;
 pub mod desired;
 pub mod jobs;
+mod telemetry;
 pub mod users;
+
+pub use ai::UsageRow;
+pub use telemetry::Rollup;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -30,24 +35,6 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported database URL `{0}` (use sqlite:// or postgres://)")]
     UnsupportedUrl(String),
-}
-
-/// Average and maximum of one node's telemetry over one minute, ready to store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rollup {
-    pub node_id: Uuid,
-    /// Unix milliseconds at the start of the minute.
-    pub minute: i64,
-    pub samples: i64,
-    pub cpu: (f64, f64),
-    pub mem_used: (f64, f64),
-    pub load1: (f64, f64),
-    pub net_rx: (f64, f64),
-    pub net_tx: (f64, f64),
-    pub gpu_util: Option<(f64, f64)>,
-    pub gpu_mem_used: Option<(f64, f64)>,
-    pub gpu_temp: Option<(f64, f64)>,
-    pub containers_running: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,17 +154,6 @@ impl From<sqlx::Error> for EnrollError {
     fn from(e: sqlx::Error) -> Self {
         EnrollError::Store(StoreError::Database(e))
     }
-}
-
-/// AI gateway usage for one (token, model, node).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageRow {
-    pub token: String,
-    pub model: String,
-    pub node: String,
-    pub requests: i64,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
 }
 
 /// An API token as stored.
@@ -595,53 +571,6 @@ impl Store {
 
     // ----- API tokens -----
 
-    /// Add counts to the AI usage totals, all or nothing.
-    pub async fn add_ai_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for r in rows {
-            sqlx::query(
-                "INSERT INTO ai_usage (token, model, node, requests, prompt_tokens, completion_tokens) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (token, model, node) DO UPDATE SET \
-                 requests = ai_usage.requests + excluded.requests, \
-                 prompt_tokens = ai_usage.prompt_tokens + excluded.prompt_tokens, \
-                 completion_tokens = ai_usage.completion_tokens + excluded.completion_tokens",
-            )
-            .bind(&r.token)
-            .bind(&r.model)
-            .bind(&r.node)
-            .bind(r.requests)
-            .bind(r.prompt_tokens)
-            .bind(r.completion_tokens)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// The AI usage totals, by token, model and node.
-    pub async fn ai_usage(&self) -> Result<Vec<UsageRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT token, model, node, requests, prompt_tokens, completion_tokens FROM ai_usage \
-             ORDER BY token, model, node",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageRow {
-                    token: r.try_get("token")?,
-                    model: r.try_get("model")?,
-                    node: r.try_get("node")?,
-                    requests: r.try_get("requests")?,
-                    prompt_tokens: r.try_get("prompt_tokens")?,
-                    completion_tokens: r.try_get("completion_tokens")?,
-                })
-            })
-            .collect()
-    }
-
     pub async fn api_token_count(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query("SELECT COUNT(*) AS n FROM api_tokens")
             .fetch_one(&self.pool)
@@ -701,112 +630,6 @@ impl Store {
 }
 
 impl Store {
-    /// Write rollups in batches (one statement per 50 rows). A minute already stored is kept.
-    pub async fn insert_rollups(&self, rollups: &[Rollup]) -> Result<(), StoreError> {
-        const COLS: usize = 20;
-        let mut tx = self.pool.begin().await?;
-        for chunk in rollups.chunks(50) {
-            let mut sql = String::from(
-                "INSERT INTO telemetry_rollups (node_id, minute, samples, cpu_avg, cpu_max, mem_used_avg, mem_used_max, \
-                 load1_avg, load1_max, net_rx_avg, net_rx_max, net_tx_avg, net_tx_max, gpu_util_avg, gpu_util_max, \
-                 gpu_mem_used_avg, gpu_mem_used_max, gpu_temp_avg, gpu_temp_max, containers_running) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push('(');
-                for c in 0..COLS {
-                    if c > 0 {
-                        sql.push(',');
-                    }
-                    sql.push_str(&format!("${}", i * COLS + c + 1));
-                }
-                sql.push(')');
-            }
-            sql.push_str(" ON CONFLICT (node_id, minute) DO NOTHING");
-            let mut q = sqlx::query(&sql);
-            for r in chunk {
-                q = q
-                    .bind(r.node_id.to_string())
-                    .bind(r.minute)
-                    .bind(r.samples)
-                    .bind(r.cpu.0)
-                    .bind(r.cpu.1)
-                    .bind(r.mem_used.0)
-                    .bind(r.mem_used.1)
-                    .bind(r.load1.0)
-                    .bind(r.load1.1)
-                    .bind(r.net_rx.0)
-                    .bind(r.net_rx.1)
-                    .bind(r.net_tx.0)
-                    .bind(r.net_tx.1)
-                    .bind(r.gpu_util.map(|v| v.0))
-                    .bind(r.gpu_util.map(|v| v.1))
-                    .bind(r.gpu_mem_used.map(|v| v.0))
-                    .bind(r.gpu_mem_used.map(|v| v.1))
-                    .bind(r.gpu_temp.map(|v| v.0))
-                    .bind(r.gpu_temp.map(|v| v.1))
-                    .bind(r.containers_running);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Rollups of one node from `since_ms` on, oldest first.
-    pub async fn rollups(&self, node_id: Uuid, since_ms: i64) -> Result<Vec<Rollup>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT node_id, minute, samples, cpu_avg, cpu_max, mem_used_avg, mem_used_max, load1_avg, load1_max, \
-             net_rx_avg, net_rx_max, net_tx_avg, net_tx_max, gpu_util_avg, gpu_util_max, gpu_mem_used_avg, \
-             gpu_mem_used_max, gpu_temp_avg, gpu_temp_max, containers_running \
-             FROM telemetry_rollups WHERE node_id = $1 AND minute >= $2 ORDER BY minute",
-        )
-        .bind(node_id.to_string())
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let pair = |a: &str, b: &str| -> Result<(f64, f64), sqlx::Error> {
-                    Ok((r.try_get(a)?, r.try_get(b)?))
-                };
-                let opt = |a: &str, b: &str| -> Result<Option<(f64, f64)>, sqlx::Error> {
-                    let x: Option<f64> = r.try_get(a)?;
-                    let y: Option<f64> = r.try_get(b)?;
-                    Ok(x.zip(y))
-                };
-                Ok(Rollup {
-                    node_id,
-                    minute: r.try_get("minute")?,
-                    samples: r.try_get("samples")?,
-                    cpu: pair("cpu_avg", "cpu_max")?,
-                    mem_used: pair("mem_used_avg", "mem_used_max")?,
-                    load1: pair("load1_avg", "load1_max")?,
-                    net_rx: pair("net_rx_avg", "net_rx_max")?,
-                    net_tx: pair("net_tx_avg", "net_tx_max")?,
-                    gpu_util: opt("gpu_util_avg", "gpu_util_max")?,
-                    gpu_mem_used: opt("gpu_mem_used_avg", "gpu_mem_used_max")?,
-                    gpu_temp: opt("gpu_temp_avg", "gpu_temp_max")?,
-                    containers_running: r.try_get("containers_running")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
-    }
-
-    /// Delete rollups older than `before_ms`; returns how many went.
-    pub async fn delete_rollups_before(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(
-            sqlx::query("DELETE FROM telemetry_rollups WHERE minute < $1")
-                .bind(before_ms)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
-    }
-
     /// Replace a node's facts (the GPU list and container runtime change over time).
     pub async fn update_facts(&self, id: Uuid, facts: &NodeFacts) -> Result<(), StoreError> {
         sqlx::query("UPDATE nodes SET facts = $2 WHERE id = $1")

@@ -1,0 +1,119 @@
+//! The writer task: the only writer of jobs, log lines and audit rows, in group commits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+use uuid::Uuid;
+
+use super::{Write, MAX_BATCH};
+use crate::events::Event;
+use crate::store::jobs::JobBatch;
+use crate::ControlPlane;
+
+/// The writer task: group commits until shutdown, then whatever is left.
+pub async fn writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
+    let Some(mut rx) = cp
+        .jobs
+        .writes_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let mut buf: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let got = tokio::select! {
+            n = rx.recv_many(&mut buf, MAX_BATCH) => n,
+            _ = shutdown.cancelled() => {
+                // Drain what is queued (stream tasks may still report for a moment).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while let Ok(w) = rx.try_recv() {
+                    buf.push(w);
+                }
+                commit(&cp, std::mem::take(&mut buf)).await;
+                return;
+            }
+        };
+        if got == 0 {
+            return;
+        }
+        commit(&cp, std::mem::take(&mut buf)).await;
+    }
+}
+
+async fn commit(cp: &ControlPlane, writes: Vec<Write>) {
+    if writes.is_empty() {
+        return;
+    }
+    let mut batch = JobBatch::default();
+    let mut index: HashMap<Uuid, usize> = HashMap::new();
+    let mut after = Vec::new();
+    for w in writes {
+        match w {
+            Write::Job {
+                rec,
+                from,
+                watch,
+                committed,
+            } => {
+                let rec = *rec;
+                after.push((rec.clone(), from, watch, committed));
+                match index.get(&rec.id) {
+                    Some(&i) => batch.jobs[i] = rec,
+                    None => {
+                        index.insert(rec.id, batch.jobs.len());
+                        batch.jobs.push(rec);
+                    }
+                }
+            }
+            Write::Log(id, line) => batch.logs.push((id, line)),
+            Write::Audit(a) => batch.audit.push(a),
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match cp.store.write_job_batch(&batch).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(
+                    jobs = batch.jobs.len(),
+                    "writing jobs failed (retrying): {:#}",
+                    anyhow::Error::from(e)
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    cp.metrics
+        .store_write_seconds
+        .observe(started.elapsed().as_secs_f64());
+    cp.metrics.jobs_active.set(cp.jobs.active_count() as i64);
+    for (rec, from, watch, committed) in after {
+        if from != Some(rec.state) && rec.state.is_terminal() && watch.is_some() {
+            cp.metrics
+                .jobs_finished
+                .get_or_create(&vec![("state", rec.state.as_str())])
+                .inc();
+        }
+        if from != Some(rec.state) {
+            cp.events.publish(Event::JobChanged {
+                id: rec.id,
+                kind: rec.work.kind().to_owned(),
+                state: rec.state.as_str().to_owned(),
+                node: rec.node.clone(),
+            });
+        }
+        if let Some(w) = watch {
+            w.send_replace(Arc::new(rec));
+        }
+        if let Some(c) = committed {
+            c.send_replace(true);
+        }
+    }
+}
