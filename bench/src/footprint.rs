@@ -56,6 +56,9 @@ pub async fn footprint_bench(a: FootprintArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Longer than the usual limit for a reason: one benchmark scenario read top to bottom (start
+/// the processes, load, measure, write the figures); split up, one measurement would be
+/// scattered over helpers that each hold part of its state.
 async fn run(a: &FootprintArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let interval_s = humantime::format_duration(a.interval).to_string();

@@ -380,6 +380,9 @@ async fn pair(
     Ok((ctl, agent))
 }
 
+/// Longer than the usual limit for a reason: one benchmark scenario read top to bottom (start
+/// the processes, load, measure, write the figures); split up, one measurement would be
+/// scattered over helpers that each hold part of its state.
 pub async fn gateway_bench(
     requests: usize,
     ttft_runs: usize,

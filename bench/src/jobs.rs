@@ -157,6 +157,9 @@ async fn fan_out(
     ))
 }
 
+/// Longer than the usual limit for a reason: one benchmark scenario read top to bottom (start
+/// the processes, load, measure, write the figures); split up, one measurement would be
+/// scattered over helpers that each hold part of its state.
 pub async fn jobs_bench(a: JobsArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let ctl = start_controller(

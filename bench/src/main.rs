@@ -449,6 +449,9 @@ async fn wait_all_connected_after(
     }
 }
 
+/// Longer than the usual limit for a reason: one benchmark scenario read top to bottom (start
+/// the processes, load, measure, write the figures); split up, one measurement would be
+/// scattered over helpers that each hold part of its state.
 async fn enroll_bench(n: usize, out: &Path) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut ctl = start_controller(dir.path(), "127.0.0.1:0", "127.0.0.1:0", ONE_ADDRESS)?;

@@ -1,5 +1,7 @@
 //! Services: plan, apply and roll back the service map.
 
+use nebula_controller::desired::plan::{Action, Plan, Waiting};
+
 use crate::prelude::*;
 
 #[derive(Deserialize, Default)]
@@ -10,41 +12,49 @@ pub(crate) struct MapForm {
     document: String,
 }
 
-pub(crate) fn plan_markup(plan: &serde_json::Value) -> Markup {
-    let actions = plan["actions"].as_array().cloned().unwrap_or_default();
-    let waiting = plan["waiting"].as_array().cloned().unwrap_or_default();
-    let refused = plan["refused"].as_array().cloned().unwrap_or_default();
-    let s = |v: &serde_json::Value| {
-        v.as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| v.to_string())
+/// A plan as the dashboard shows it, rendered from the planner's own type.
+pub(crate) fn plan_markup(plan: &Plan) -> Markup {
+    let json = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .map_or_else(|| "null".to_owned(), |v| v.to_string())
+    };
+    let on = |w: &Waiting| {
+        w.node
+            .as_ref()
+            .map(|n| format!(" on {n}"))
+            .unwrap_or_default()
     };
     html! {
         section id="plan" aria-label="Plan" {
-            @if actions.is_empty() && waiting.is_empty() && refused.is_empty() {
-                p { "No changes: " (plan["unchanged"]) " service(s) match the map." }
+            @if plan.actions.is_empty() && plan.waiting.is_empty() && plan.refused.is_empty() {
+                p { "No changes: " (plan.unchanged) " service(s) match the map." }
             }
             ul {
-                @for a in &actions {
-                    li class={"plan-" (s(&a["action"]))} {
-                        b { (s(&a["action"])) } " " (s(&a["service"])) " on " (s(&a["node"]))
-                        @match s(&a["action"]).as_str() {
-                            "update" => {
-                                " (" (a["from"].as_array().map(|f| f.iter().map(&s).collect::<Vec<_>>().join(",")).unwrap_or_default()) " → " (s(&a["to"])) ")"
-                                @for c in a["changes"].as_array().into_iter().flatten() {
-                                    div.diff { code { (s(&c["field"])) ": " (c["from"].to_string()) " → " (c["to"].to_string()) } }
+                @for a in &plan.actions {
+                    li class={"plan-" (a.verb())} {
+                        b { (a.verb()) } " " (a.service()) " on " (a.node())
+                        @match a {
+                            Action::Update { from, to, changes, .. } => {
+                                " (" (from.join(",")) " → " (to) ")"
+                                @for c in changes {
+                                    div.diff { code { (c.field) ": " (json(&c.from)) " → " (json(&c.to)) } }
                                 }
                             }
-                            "create" | "repair" => { ", " (a["replicas"]) " replica(s) of " (s(&a["revision"])) }
-                            _ => { ", " (a["containers"]) " container(s): " (s(&a["reason"])) }
+                            Action::Create { replicas, revision, .. }
+                            | Action::Repair { replicas, revision, .. } => {
+                                ", " (replicas) " replica(s) of " (revision)
+                            }
+                            Action::Remove { containers, reason, .. } => {
+                                ", " (containers) " container(s): " (reason)
+                            }
                         }
                     }
                 }
-                @for w in &refused {
-                    li.refused { "refused: " (s(&w["service"])) @if let Some(n) = w["node"].as_str() { " on " (n) } ": " (s(&w["reason"])) }
+                @for w in &plan.refused {
+                    li.refused { "refused: " (w.service) (on(w)) ": " (w.reason) }
                 }
-                @for w in &waiting {
-                    li.waiting { "waiting: " (s(&w["service"])) @if let Some(n) = w["node"].as_str() { " on " (n) } ": " (s(&w["reason"])) }
+                @for w in &plan.waiting {
+                    li.waiting { "waiting: " (w.service) (on(w)) ": " (w.reason) }
                 }
             }
         }
@@ -147,7 +157,7 @@ pub(crate) async fn plan_map(
         return r.into_response();
     }
     let notice = match cp.preview_plan(&f.document).await {
-        Ok(plan) => plan_markup(&serde_json::to_value(&plan).unwrap_or_default()),
+        Ok(view) => plan_markup(&view.plan),
         Err(nebula_controller::desired::ApplyError::Map(e)) => map_problems(&e),
         Err(nebula_controller::desired::ApplyError::Op(e)) => return op_error(e),
     };
@@ -166,7 +176,7 @@ pub(crate) async fn apply_map(
     let notice = match cp.apply_desired(&f.document, "ui", &user.cx()).await {
         Ok(applied) => html! {
             p id="applied" role="status" { "Applied as version " (applied.version) ". The reconciler is on it." }
-            (plan_markup(&serde_json::to_value(&applied.plan).unwrap_or_default()))
+            (plan_markup(&applied.plan))
         },
         Err(nebula_controller::desired::ApplyError::Map(e)) => map_problems(&e),
         Err(nebula_controller::desired::ApplyError::Op(e)) => return op_error(e),

@@ -42,6 +42,23 @@ struct Index<'a> {
 }
 
 impl Index<'_> {
+    /// A node among `base` that has not reported its containers yet: the service waits for it
+    /// before placing, so that nothing is started twice.
+    fn unknown_among(&self, service: &str, base: &[usize]) -> Option<Waiting> {
+        if self.all_known {
+            return None;
+        }
+        let i = *base.iter().find(|i| !self.nodes[**i].known)?;
+        Some(Waiting {
+            service: service.to_owned(),
+            node: None,
+            reason: format!(
+                "waiting for node {} to report its containers before placing",
+                self.nodes[i].name
+            ),
+        })
+    }
+
     /// Node `i` fits `rule`, host ports and agent policy aside.
     fn fits(&self, rule: &super::PlacementRule, i: usize) -> bool {
         let node = &self.nodes[i];
@@ -233,19 +250,12 @@ impl<'a> Fleet<'a> {
             (None, Some(id)) => &self.rule_bases[id],
             (None, None) => &[],
         };
-        if rule.node.is_none() && !ix.all_known {
-            if let Some(&i) = base.iter().find(|i| !nodes[**i].known) {
+        if rule.node.is_none() {
+            if let Some(wait) = ix.unknown_among(name, base) {
                 for &i in &touched {
                     self.existing[i] = 0;
                 }
-                return Err(Waiting {
-                    service: name.to_owned(),
-                    node: None,
-                    reason: format!(
-                        "waiting for node {} to report its containers before placing",
-                        nodes[i].name
-                    ),
-                });
+                return Err(wait);
             }
         }
         let ports_ok = |claims: &[Vec<PortKey>], i: usize| {
