@@ -339,7 +339,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     waiting: placement.waiting,
                     refused: placement.refused,
                 };
-                for (i, want) in placement.nodes {
+                let mine = fleet.containers_of(&name);
+                for &(i, want) in fleet.placed() {
                     let node = fleet.node(i);
                     let one = steps::NodeWork {
                         name: &name,
@@ -349,7 +350,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                         want,
                         after: &after,
                     };
-                    match one.step(fleet.containers_on(&name, i), observed, || refusal_at(i)) {
+                    let here = mine.iter().filter(|(j, _)| *j == i).map(|(_, c)| *c);
+                    match one.step(here, observed, || refusal_at(i)) {
                         steps::Step::Done => {}
                         steps::Step::Act(a) => work.actions.push(a),
                         steps::Step::Wait(w) => work.waiting.push(w),

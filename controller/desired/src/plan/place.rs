@@ -74,11 +74,8 @@ impl Index<'_> {
     }
 }
 
-/// Where one service's replicas go.
+/// Why one service's replicas are short (the nodes they go to are [`Fleet::placed`]).
 pub(super) struct Placement {
-    /// (node index, replicas wanted there), by node index, for every node the service runs on
-    /// or is placed on (0: its containers there go).
-    pub nodes: Vec<(usize, u32)>,
     /// Why fewer replicas than asked could be placed.
     pub waiting: Vec<Waiting>,
     /// Nodes that could take a replica but whose policy refuses the service.
@@ -102,6 +99,8 @@ pub(super) struct Fleet<'a> {
     /// Scratch per service, indexed by node, reset after each service.
     assigned: Vec<u32>,
     existing: Vec<u32>,
+    /// The last placement's nodes (kept to spare an allocation per service).
+    placed: Vec<(usize, u32)>,
 }
 
 impl<'a> Fleet<'a> {
@@ -156,6 +155,7 @@ impl<'a> Fleet<'a> {
             node_rules: vec![Vec::new(); n],
             assigned: vec![0; n],
             existing: vec![0; n],
+            placed: Vec::new(),
         }
     }
 
@@ -163,19 +163,18 @@ impl<'a> Fleet<'a> {
         &self.ix.nodes[i]
     }
 
-    /// The service's managed containers on node `i`.
-    pub fn containers_on(
-        &self,
-        service: &str,
-        i: usize,
-    ) -> impl Iterator<Item = &ObservedContainer> {
+    /// The service's managed containers, with their node.
+    pub fn containers_of(&self, service: &str) -> &[(usize, &'a ObservedContainer)] {
         self.ix
             .by_service
             .get(service)
-            .into_iter()
-            .flatten()
-            .filter(move |(j, _)| *j == i)
-            .map(|(_, c)| *c)
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Where the last [`Fleet::place`] put the service: (node index, replicas wanted there), by
+    /// node index, for every node it runs on or is placed on (0: its containers there go).
+    pub fn placed(&self) -> &[(usize, u32)] {
+        &self.placed
     }
 
     /// The nodes that fit a rule without a pinned node, by rule id (computed on first use).
@@ -215,6 +214,7 @@ impl<'a> Fleet<'a> {
             Some(_) => None,
             None => Some(self.rule_id(svc)),
         };
+        self.placed.clear();
         let ix = &self.ix;
         let nodes = ix.nodes;
         let allowed = |i: usize| refusal_at(i).is_none();
@@ -325,7 +325,6 @@ impl<'a> Fleet<'a> {
             }
         }
         let mut placement = Placement {
-            nodes: Vec::new(),
             waiting: Vec::new(),
             refused: Vec::new(),
         };
@@ -347,7 +346,7 @@ impl<'a> Fleet<'a> {
             if assigned[i] > 0 {
                 self.claims[i].extend(fixed_ports.iter().cloned());
             }
-            placement.nodes.push((i, assigned[i]));
+            self.placed.push((i, assigned[i]));
             assigned[i] = 0;
             existing[i] = 0;
         }
