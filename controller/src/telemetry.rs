@@ -86,6 +86,24 @@ impl HistoryPoint {
 
 pub use nebula_types::api::telemetry::PointView;
 
+/// Figures an agent reported that are not numbers (NaN, infinities) become 0 (or unknown, where
+/// a figure may be unknown): every view stays a number its clients can read.
+fn finite_figures(sample: &mut TelemetrySample) {
+    let finite = |v: &mut f32| {
+        if !v.is_finite() {
+            *v = 0.0;
+        }
+    };
+    finite(&mut sample.host.cpu_percent);
+    sample.host.per_core_percent.iter_mut().for_each(finite);
+    sample.host.load.iter_mut().for_each(finite);
+    for c in &mut sample.containers {
+        if c.cpu_percent.is_some_and(|v| !v.is_finite()) {
+            c.cpu_percent = None;
+        }
+    }
+}
+
 /// Sum of numbers an agent reported: saturates instead of overflowing.
 pub fn saturating_sum(values: impl Iterator<Item = u64>) -> u64 {
     values.fold(0, u64::saturating_add)
@@ -342,8 +360,9 @@ impl TelemetryHub {
     pub fn ingest(
         &self,
         id: Uuid,
-        sample: TelemetrySample,
+        mut sample: TelemetrySample,
     ) -> Result<Vec<ContainerChange>, DropReason> {
+        finite_figures(&mut sample);
         let node = self.node(id).ok_or(DropReason::UnknownNode)?;
         let now = SystemTime::now();
         let now_ms = millis(now);

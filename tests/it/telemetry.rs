@@ -643,6 +643,14 @@ async fn out_of_range_times_and_numbers_never_panic_a_view() {
             .unwrap();
         assert!(resp.status().is_success(), "{path}: {}", resp.status());
     }
+    // ...and read as their types: figures that were no numbers are numbers now.
+    let node = c.node("odd").await.unwrap();
+    let summary = node.telemetry.expect("a summary");
+    assert_eq!(summary.cpu_percent, 0.0, "NaN CPU: {summary:?}");
+    assert_eq!(summary.load1, 0.0, "infinite load: {summary:?}");
+    let t: NodeTelemetry = c.get_as("/api/v1/nodes/odd/telemetry").await;
+    let host = &t.latest.expect("the odd sample").host;
+    assert!(host.load.iter().all(|l| l.is_finite()), "{host:?}");
     // Times before 1970 are refused with a clear error, not a panic.
     for since in [
         "60y",
