@@ -15,13 +15,15 @@ use uuid::Uuid;
 use super::super::{AiConfig, Candidate, Outcome};
 use crate::ControlPlane;
 
-/// Up to `max_attempts` tries, each on the best candidate not tried yet (`candidates` is asked
-/// again before each try, so that a node that failed or went away meanwhile drops out). A
-/// breaker that allows no try passes its node over. `Ok`: the candidate whose backend
-/// answered, and its answer's start; `Err`: no try started an answer, with the last failure.
+/// Up to `max_attempts` tries, each on the best candidate not tried yet: the first from `first`
+/// (the caller's list, already asked for), later ones from `candidates`, asked again before each
+/// try so that a node that failed or went away meanwhile drops out. A breaker that allows no try
+/// passes its node over. `Ok`: the candidate whose backend answered, and its answer's start;
+/// `Err`: no try started an answer, with the last failure.
 pub(super) async fn first_answer(
     cp: &ControlPlane,
     cfg: &AiConfig,
+    first: Vec<Candidate>,
     candidates: impl Fn() -> Vec<Candidate>,
     path: &str,
     body: &[u8],
@@ -29,11 +31,10 @@ pub(super) async fn first_answer(
 ) -> Result<(Candidate, Started), Option<String>> {
     let mut tried: Vec<Uuid> = Vec::new();
     let mut last_error: Option<String> = None;
+    let mut listed = Some(first);
     for _ in 0..cfg.max_attempts.max(1) {
-        let Some(c) = candidates()
-            .into_iter()
-            .find(|c| !tried.contains(&c.node_id))
-        else {
+        let list = listed.take().unwrap_or_else(&candidates);
+        let Some(c) = list.into_iter().find(|c| !tried.contains(&c.node_id)) else {
             break;
         };
         tried.push(c.node_id);
@@ -89,6 +90,16 @@ struct Failed {
 }
 
 impl Failed {
+    /// The backend's own error; `timeout`: it timed out.
+    fn backend(message: String, timeout: bool) -> Self {
+        let outcome = if timeout {
+            Outcome::Timeout
+        } else {
+            Outcome::Failure
+        };
+        Failed::new(outcome, message)
+    }
+
     fn new(outcome: Outcome, message: impl Into<String>) -> Self {
         Failed {
             outcome,
@@ -204,16 +215,7 @@ async fn start(
             status,
             content_type,
         } => (status, content_type),
-        InferEvent::Error { message, timeout } => {
-            return Err(Failed::new(
-                if timeout {
-                    Outcome::Timeout
-                } else {
-                    Outcome::Failure
-                },
-                message,
-            ))
-        }
+        InferEvent::Error { message, timeout } => return Err(Failed::backend(message, timeout)),
         other => {
             return Err(Failed::new(
                 Outcome::Failure,
@@ -225,16 +227,7 @@ async fn start(
     let (first, done) = match next(&mut frames, &mut recv).await? {
         InferEvent::Chunk(b) => (b, false),
         InferEvent::End => (Vec::new(), true),
-        InferEvent::Error { message, timeout } => {
-            return Err(Failed::new(
-                if timeout {
-                    Outcome::Timeout
-                } else {
-                    Outcome::Failure
-                },
-                message,
-            ))
-        }
+        InferEvent::Error { message, timeout } => return Err(Failed::backend(message, timeout)),
         InferEvent::Head { .. } => return Err(Failed::new(Outcome::Failure, "a second head")),
     };
     match status {

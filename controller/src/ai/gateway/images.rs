@@ -11,19 +11,15 @@ use serde_json::{json, Value};
 
 use super::attempt::first_answer;
 use super::relay::{collect, Finish};
-use super::{admit, authenticate, error, read_body, GATEWAY_HEADER, NODE_HEADER};
+use super::{admit, caller_and_body, error, GATEWAY_HEADER, NODE_HEADER};
 use crate::ControlPlane;
 
 /// `POST /v1/images/generations` (OpenAI's shape: `prompt`, `n`, `size`, optional `model` naming
 /// a checkpoint), served by Stable Diffusion WebUI's txt2img on a node that has it; the images
 /// come back as `b64_json`.
 pub async fn images(State(cp): State<Arc<ControlPlane>>, req: Request) -> Response {
-    let who = match authenticate(&cp, req.headers()).await {
-        Ok(c) => c.name,
-        Err(r) => return r,
-    };
-    let (body, _budget) = match read_body(&cp, req).await {
-        Ok(b) => b,
+    let (who, body, _budget) = match caller_and_body(&cp, req).await {
+        Ok((caller, body, budget)) => (caller.name, body, budget),
         Err(r) => return r,
     };
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
@@ -86,12 +82,8 @@ pub async fn sd_passthrough(
     axum::extract::Path(op): axum::extract::Path<String>,
     req: Request,
 ) -> Response {
-    let who = match authenticate(&cp, req.headers()).await {
-        Ok(c) => c.name,
-        Err(r) => return r,
-    };
-    let (body, _budget) = match read_body(&cp, req).await {
-        Ok(b) => b,
+    let (who, body, _budget) = match caller_and_body(&cp, req).await {
+        Ok((caller, body, budget)) => (caller.name, body, budget),
         Err(r) => return r,
     };
     let path = match op.as_str() {
@@ -141,7 +133,8 @@ async fn sd_serve(
             |id| cp.telemetry.free_vram(id),
         )
     };
-    let (c, started) = match first_answer(&cp, &cfg, candidates, path, &body, false).await {
+    let tries = first_answer(&cp, &cfg, candidates(), candidates, path, &body, false);
+    let (c, started) = match tries.await {
         Ok(answer) => answer,
         Err(None) => {
             return error(

@@ -228,13 +228,20 @@ impl Drop for Admitted {
     }
 }
 
+/// A request's caller and then its body, with the body's share of the budget (hold it while the
+/// body is in use), or the answer to give.
+async fn caller_and_body(
+    cp: &ControlPlane,
+    req: Request,
+) -> Result<(Caller, Bytes, tokio::sync::OwnedSemaphorePermit), Response> {
+    let caller = authenticate(cp, req.headers()).await?;
+    let (body, budget) = read_body(cp, req).await?;
+    Ok((caller, body, budget))
+}
+
 async fn serve(cp: Arc<ControlPlane>, req: Request, path: &'static str) -> Response {
-    let caller = match authenticate(&cp, req.headers()).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let (body, _budget) = match read_body(&cp, req).await {
-        Ok(b) => b,
+    let (caller, body, _budget) = match caller_and_body(&cp, req).await {
+        Ok(r) => r,
         Err(r) => return r,
     };
     serve_for(cp, caller, body, path).await
@@ -297,10 +304,11 @@ pub async fn serve_for(
             req.embeddings,
         )
     };
+    let mut first = routable();
     // Why pulling the model failed, or was not allowed, when no node had it.
     let mut pull_error: Option<String> = None;
     if !req.embeddings
-        && routable().is_empty()
+        && first.is_empty()
         && !fallback::lists(&cfg, model)
         && !cp.ai.has_model(model, online)
     {
@@ -308,13 +316,14 @@ pub async fn serve_for(
             Ok(why) => pull_error = why,
             Err(r) => return r,
         }
+        first = routable();
     }
     let shape = (req.stream, req.strip_usage);
-    let last_error =
-        match attempt::first_answer(&cp, &cfg, routable, path, &req.body, req.stream).await {
-            Ok((c, started)) => return relay::respond(cp, c, started, shape, admitted, cfg).await,
-            Err(last_error) => last_error,
-        };
+    let tries = attempt::first_answer(&cp, &cfg, first, routable, path, &req.body, req.stream);
+    let last_error = match tries.await {
+        Ok((c, started)) => return relay::respond(cp, c, started, shape, admitted, cfg).await,
+        Err(last_error) => last_error,
+    };
     if let Some(fb) = cfg.fallback.clone() {
         if fb.models.is_empty() || fb.models.iter().any(|m| same_model(m, model)) {
             let model = req.model.clone();
