@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use nebula_placement::{labels_match, vram_fits};
+use nebula_placement::{gpu_misfit, labels_match, vram_fits};
 use nebula_protocol::deploy::PortProtocol;
 
 use super::{Desired, DesiredService, Labels, Observed, ObservedContainer, ObservedNode, Waiting};
@@ -66,7 +66,7 @@ impl Index<'_> {
             node.docker
                 && rule.node.as_ref().is_none_or(|want| *want == node.name)
                 && labels_match(&rule.labels, l)
-                && (!rule.gpu || node.gpus > 0)
+                && gpu_misfit(rule.gpu.then_some(true), node.gpus as usize).is_none()
                 && rule
                     .min_vram_mb
                     .is_none_or(|m| vram_fits(m, node.max_free_vram_mb))
