@@ -173,7 +173,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<()> {
 }
 
 /// Print a finished job's outcome; a failed job is an error (with the remote exit status).
-fn finish(cli: &Cli, end: Option<&JobRecord>) -> anyhow::Result<()> {
+pub(crate) fn finish(cli: &Cli, end: Option<&JobRecord>) -> anyhow::Result<()> {
     let Some(end) = end else {
         anyhow::bail!("the log stream ended before the job did");
     };
@@ -212,72 +212,46 @@ fn ms(v: i64) -> Duration {
 /// Follow a job's log stream until its `end` event; lines go to stdout (stderr lines to stderr).
 /// Returns the finished job (or, without `follow`, the job as it is; `None` when the stream
 /// said nothing of it).
-async fn follow(
+pub(crate) async fn follow(
     api: &Api,
     id: &str,
     follow: bool,
     print: bool,
 ) -> anyhow::Result<Option<JobRecord>> {
     let url = format!("{}/api/v1/jobs/{id}/logs?follow={follow}", api.base);
-    let mut resp = api
-        .http_long()
-        .get(url)
-        .bearer_auth(&api.token)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the controller at {}", api.base))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body = resp.json::<nebula_types::api::ErrorBody>().await;
-        let message = body.map_or_else(|_| "no details".to_owned(), |b| b.error.message);
-        anyhow::bail!("{status}: {message}");
-    }
-    let mut buf = String::new();
+    let req = api.http_long().get(url).bearer_auth(&api.token);
+    let mut events = crate::sse::Events::open(req, &api.base).await?;
     let mut last = None;
     let stdout = std::io::stdout();
-    while let Some(chunk) = resp.chunk().await.context("reading the log stream")? {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(pos) = buf.find("\n\n") {
-            let block: String = buf.drain(..pos + 2).collect();
-            let mut event = String::from("message");
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(e) = line.strip_prefix("event:") {
-                    event = e.trim().to_owned();
-                } else if let Some(d) = line.strip_prefix("data:") {
-                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
+    while let Some((event, data)) = events.next().await? {
+        match event.as_str() {
+            "log" if print => {
+                let Ok(l) = serde_json::from_str::<JobLogLine>(&data) else {
+                    continue;
+                };
+                if l.stream == "stderr" || l.stream == "agent" {
+                    eprintln!("{}", l.line);
+                } else {
+                    let mut out = stdout.lock();
+                    let _ = writeln!(out, "{}", l.line);
+                    let _ = out.flush();
                 }
             }
-            match event.as_str() {
-                "log" if print => {
-                    let Ok(l) = serde_json::from_str::<JobLogLine>(&data) else {
-                        continue;
-                    };
-                    if l.stream == "stderr" || l.stream == "agent" {
-                        eprintln!("{}", l.line);
-                    } else {
-                        let mut out = stdout.lock();
-                        let _ = writeln!(out, "{}", l.line);
-                        let _ = out.flush();
+            "state" | "end" => {
+                let Ok(rec) = serde_json::from_str::<JobRecord>(&data) else {
+                    continue;
+                };
+                if event == "end" {
+                    return Ok(Some(rec));
+                }
+                if print && rec.state == JobState::Queued {
+                    if let Some(r) = &rec.reason {
+                        eprintln!("waiting: {r}");
                     }
                 }
-                "state" | "end" => {
-                    let Ok(rec) = serde_json::from_str::<JobRecord>(&data) else {
-                        continue;
-                    };
-                    if event == "end" {
-                        return Ok(Some(rec));
-                    }
-                    if print && rec.state == JobState::Queued {
-                        if let Some(r) = &rec.reason {
-                            eprintln!("waiting: {r}");
-                        }
-                    }
-                    last = Some(rec);
-                }
-                _ => {}
+                last = Some(rec);
             }
+            _ => {}
         }
     }
     if follow {

@@ -9,10 +9,12 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod client;
+mod containers;
 mod desired;
 mod jobs;
 mod models;
 mod serve;
+mod sse;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,6 +63,11 @@ enum Command {
     /// One node: show, remove.
     #[command(subcommand)]
     Node(client::NodeCommand),
+    /// Every container in the fleet, filtered and searched.
+    Containers(containers::ContainersArgs),
+    /// One container: show, logs, start, stop, restart, kill, rm, pull.
+    #[command(subcommand)]
+    Container(containers::ContainerCommand),
     /// Run an operation on a node (or the best node for a selector), streaming its output.
     Run(jobs::RunArgs),
     /// List jobs.
@@ -146,6 +153,8 @@ fn main() -> ExitCode {
             Command::Nodes(ref args) => client::nodes(&cli, args).await,
             Command::Top(ref args) => client::top(&cli, args).await,
             Command::Node(ref cmd) => client::node(&cli, cmd).await,
+            Command::Containers(ref args) => containers::containers(&cli, args).await,
+            Command::Container(ref cmd) => containers::container(&cli, cmd).await,
             Command::Run(ref args) => jobs::run(&cli, args).await,
             Command::Jobs(ref args) => jobs::jobs(&cli, args).await,
             Command::Job { ref id } => jobs::job(&cli, id).await,

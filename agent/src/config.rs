@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nebula_protocol::containers::{DockerPolicySummary, Reach};
 use nebula_protocol::Labels;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,9 @@ pub struct AgentConfig {
     /// What `deploy` jobs may ask of this host's container runtime. The controller cannot
     /// widen it.
     pub deploy: DeployConfig,
+    /// What the controller may do to this host's containers beyond deploys (actions, logs,
+    /// shells), and where the container runtime is. The controller cannot widen it.
+    pub docker: DockerConfig,
     /// What `inventory` jobs look at.
     pub inventory: InventoryConfig,
     /// Self-update from the controller's agent builds.
@@ -179,6 +183,44 @@ impl DeployConfig {
     }
 }
 
+/// `[docker]`: how far the controller reaches into containers on this host. Each key is
+/// `none` (also `off`), `managed` (only containers Nebula deployed here) or `all`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    /// Start, stop, restart, kill, remove, pull again. Default `managed`.
+    pub control: Reach,
+    /// Interactive shells (`nebula container exec`). Default `managed`.
+    pub exec: Reach,
+    /// Reading logs (`nebula container logs`). Default `all`: reading changes nothing.
+    pub logs: Reach,
+    /// The runtime's local socket (`unix:///run/podman/podman.sock`); default: `DOCKER_HOST`,
+    /// then Docker's socket, then Podman's.
+    pub socket: Option<String>,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            control: Reach::Managed,
+            exec: Reach::Managed,
+            logs: Reach::All,
+            socket: None,
+        }
+    }
+}
+
+impl DockerConfig {
+    /// What this host allows, for the controller (sent after `Welcome`).
+    pub fn summary(&self) -> DockerPolicySummary {
+        DockerPolicySummary {
+            control: self.control,
+            exec: self.exec,
+            logs: self.logs,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandConfig {
@@ -211,6 +253,7 @@ impl Default for AgentConfig {
             jobs: JobsConfig::default(),
             exec: ExecConfig::default(),
             deploy: DeployConfig::default(),
+            docker: DockerConfig::default(),
             inventory: InventoryConfig::default(),
             update: UpdateConfig::default(),
             ai: crate::ai::AiConfig::default(),
@@ -261,5 +304,20 @@ mod tests {
         let summary = cfg.deploy.summary();
         assert_eq!(summary.allow_bind_paths, vec!["/srv".to_string()]);
         assert!(summary.allow_privileged && !summary.allow_gpus);
+    }
+
+    #[test]
+    fn docker_reach_defaults_to_managed_and_reads_off() {
+        let example = include_str!("../../config/agent.example.toml");
+        let cfg: AgentConfig = toml::from_str(example).expect("example parses");
+        assert_eq!(cfg.docker, DockerConfig::default());
+        assert_eq!(cfg.docker.control, Reach::Managed);
+        assert_eq!(cfg.docker.exec, Reach::Managed);
+        let cfg: AgentConfig =
+            toml::from_str("[docker]\ncontrol = \"all\"\nexec = \"off\"\nlogs = \"none\"").unwrap();
+        assert_eq!(cfg.docker.summary().control, Reach::All);
+        assert_eq!(cfg.docker.summary().exec, Reach::None);
+        assert_eq!(cfg.docker.summary().logs, Reach::None);
+        assert!(toml::from_str::<AgentConfig>("[docker]\ncontrol = \"some\"").is_err());
     }
 }

@@ -24,10 +24,12 @@ use tokio_util::task::TaskTracker;
 
 pub mod ai;
 pub mod config;
+pub mod docker;
 pub mod enroll;
 pub mod facts;
 pub mod identity;
 pub mod jobs;
+pub mod logs;
 pub mod process;
 pub mod session;
 pub mod telemetry;
@@ -262,11 +264,14 @@ impl Agent {
             .unwrap_or(Duration::from_secs(5));
         let (sink, mut feed) = telemetry::channels(interval);
         let tracker = TaskTracker::new();
-        let mut collectors = telemetry::Collectors::new(match &self.gpu {
-            GpuSource::Nvml => telemetry::gpu::GpuCollector::new(),
-            GpuSource::None => telemetry::gpu::GpuCollector::none(),
-            GpuSource::Simulated(gpus) => telemetry::gpu::GpuCollector::simulated(gpus.clone()),
-        });
+        let mut collectors = telemetry::Collectors::new(
+            match &self.gpu {
+                GpuSource::Nvml => telemetry::gpu::GpuCollector::new(),
+                GpuSource::None => telemetry::gpu::GpuCollector::none(),
+                GpuSource::Simulated(gpus) => telemetry::gpu::GpuCollector::simulated(gpus.clone()),
+            },
+            self.config.docker.socket.clone(),
+        );
         collectors.models = self.models.clone();
         let telemetry_stop = shutdown.child_token();
         tracker.spawn(telemetry::run(
@@ -303,6 +308,7 @@ impl Agent {
                 jobs: self.config.jobs.clone(),
                 exec: self.config.exec.clone(),
                 deploy: self.config.deploy.clone(),
+                docker: self.config.docker.clone(),
                 repo_dirs: self.config.inventory.repo_dirs.clone(),
                 facts: facts.clone(),
                 node_id: Some(identity.state.node_id),

@@ -215,6 +215,7 @@ async fn session(
         saved_settings: Some(welcome.settings.clone()),
         // Controllers from 1.4 on hear about inference backends.
         ai_aware: welcome.controller_version.minor >= 4,
+        controller_minor: welcome.controller_version.minor,
         renew_timer: Box::pin(tokio::time::sleep(until(renew_at))),
         pending_key: None,
         samples_sent: 0,
@@ -292,6 +293,8 @@ struct Session<'a> {
     keep_alive: Duration,
     saved_settings: Option<SessionSettings>,
     ai_aware: bool,
+    /// The controller's protocol minor (what it can read).
+    controller_minor: u16,
     renew_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// The key of a renewal asked for and not answered yet.
     pending_key: Option<rcgen::KeyPair>,
@@ -317,6 +320,10 @@ impl Session<'_> {
         // would answer `Unsupported`, which is logged and ignored anyway).
         if welcome.controller_version.minor >= 5 {
             let policy = AgentMessage::DeployPolicy(self.config.deploy.summary());
+            proto::write_message(&mut self.send, &policy).await?;
+        }
+        if welcome.controller_version.minor >= 6 {
+            let policy = AgentMessage::DockerPolicy(self.config.docker.summary());
             proto::write_message(&mut self.send, &policy).await?;
         }
         // The inventory first, so every sample that follows can be read.
@@ -374,10 +381,15 @@ impl Session<'_> {
         }
     }
 
+    /// The telemetry inventory, then (to a 1.6 controller) its containers' details.
     async fn inventory(&mut self, feed: &mut TelemetryFeed) -> Result<(), AgentError> {
         let inventory = feed.inventory.borrow_and_update().clone();
-        let msg = AgentMessage::TelemetryInventory((*inventory).clone());
+        let msg = AgentMessage::TelemetryInventory(inventory.telemetry.clone());
         proto::write_message(&mut self.send, &msg).await?;
+        if self.controller_minor >= 6 {
+            let msg = AgentMessage::ContainerDetails(inventory.details.clone());
+            proto::write_message(&mut self.send, &msg).await?;
+        }
         Ok(())
     }
 

@@ -573,6 +573,7 @@ impl SimFleet {
                         jobs: JobsConfig::default(),
                         exec: ExecConfig::default(),
                         deploy: Default::default(),
+                        docker: Default::default(),
                         repo_dirs: Vec::new(),
                         facts: NodeFacts {
                             hostname: identity.state.name.clone(),

@@ -33,6 +33,7 @@ pub mod authz;
 mod background;
 pub mod ca;
 pub mod config;
+pub mod containers;
 pub mod desired;
 pub mod events;
 pub mod http;
@@ -88,6 +89,8 @@ pub struct ControlPlane {
     pub signin: signin::SignInGuard,
     /// The gateway's budget for request bodies held at once, in bytes (`ai.max_buffered_bytes`).
     pub(crate) gateway_bodies: Arc<tokio::sync::Semaphore>,
+    /// Container logs being followed (at most [`containers::MAX_LOG_FOLLOWERS`]).
+    pub(crate) log_followers: Arc<tokio::sync::Semaphore>,
     /// Owns every task the controller spawns (stopped by the shutdown token); the dashboard's
     /// live streams run on it too.
     pub tracker: TaskTracker,
@@ -435,6 +438,7 @@ impl Controller {
             tasks: Default::default(),
             quic_limits: Default::default(),
             signin: Default::default(),
+            log_followers: Arc::new(tokio::sync::Semaphore::new(containers::MAX_LOG_FOLLOWERS)),
             gateway_bodies: Arc::new(tokio::sync::Semaphore::new(
                 config
                     .ai

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use nebula_protocol::containers::DockerPolicySummary;
 use nebula_protocol::deploy::DeployPolicySummary;
 use uuid::Uuid;
 
@@ -30,6 +31,7 @@ struct Entry {
     /// with the session (an agent sends it again on every connection, and its config may have
     /// changed in between), and is `None` for older agents.
     deploy_policy: Option<DeployPolicySummary>,
+    docker_policy: Option<DockerPolicySummary>,
 }
 
 #[derive(Default)]
@@ -71,6 +73,7 @@ impl Registry {
                     info,
                     conn,
                     deploy_policy: None,
+                    docker_policy: None,
                 },
             )
             .map(|e| e.conn);
@@ -122,6 +125,21 @@ impl Registry {
             }
             _ => false,
         }
+    }
+
+    /// Record the `[docker]` policy a session's agent reported (ignored when `generation` is
+    /// no longer the node's session).
+    pub fn set_docker_policy(&self, node: Uuid, generation: u64, policy: DockerPolicySummary) {
+        if let Some(e) = self.lock().get_mut(&node) {
+            if e.info.generation == generation {
+                e.docker_policy = Some(policy);
+            }
+        }
+    }
+
+    /// The `[docker]` policy the node's live session reported, if any.
+    pub fn docker_policy(&self, node: Uuid) -> Option<DockerPolicySummary> {
+        self.lock().get(&node).and_then(|e| e.docker_policy.clone())
     }
 
     /// The deploy policy the node's live session reported, if any.

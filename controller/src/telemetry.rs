@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use nebula_protocol::containers::ContainerDetails;
 use nebula_protocol::telemetry::{
     ContainerHealth, ContainerInfo, ContainerState, TelemetryInventory, TelemetrySample,
 };
@@ -255,6 +256,8 @@ pub struct ContainerChange {
 pub struct NodeTelemetry {
     pub name: String,
     pub inventory: Option<Arc<TelemetryInventory>>,
+    /// Ports and start times of the inventory's containers (agents from 1.6 on).
+    pub details: Option<Arc<ContainerDetails>>,
     pub latest: Option<Arc<TelemetrySample>>,
     /// Unix milliseconds when `latest` arrived.
     pub received_at_ms: i64,
@@ -268,8 +271,21 @@ pub struct NodeView {
     pub id: Uuid,
     pub name: String,
     pub inventory: Option<Arc<TelemetryInventory>>,
+    /// Ports and start times of the inventory's containers, when the agent sent them for
+    /// the inventory's epoch.
+    pub details: Option<Arc<ContainerDetails>>,
     pub latest: Option<Arc<TelemetrySample>>,
     pub received_at_ms: i64,
+}
+
+impl NodeTelemetry {
+    /// The details, when they belong to the inventory in force (same epoch and length).
+    fn current_details(&self) -> Option<Arc<ContainerDetails>> {
+        let inv = self.inventory.as_ref()?;
+        self.details
+            .clone()
+            .filter(|d| d.epoch == inv.epoch && d.containers.len() == inv.containers.len())
+    }
 }
 
 #[derive(Debug)]
@@ -317,6 +333,7 @@ impl TelemetryHub {
             Arc::new(Mutex::new(NodeTelemetry {
                 name: name.to_owned(),
                 inventory: None,
+                details: None,
                 latest: None,
                 received_at_ms: 0,
                 history: VecDeque::new(),
@@ -354,6 +371,13 @@ impl TelemetryHub {
         };
         n.inventory = Some(Arc::new(inv));
         Ok(removed)
+    }
+
+    /// Take the details of an inventory's containers (sent right after it).
+    pub fn set_details(&self, id: Uuid, details: ContainerDetails) -> Result<(), DropReason> {
+        let node = self.node(id).ok_or(DropReason::UnknownNode)?;
+        lock(&node).details = Some(Arc::new(details));
+        Ok(())
     }
 
     /// Take a sample. Returns the container changes since the previous sample.
@@ -463,6 +487,7 @@ impl TelemetryHub {
             id,
             name: n.name.clone(),
             inventory: n.inventory.clone(),
+            details: n.current_details(),
             latest: n.latest.clone(),
             received_at_ms: n.received_at_ms,
         })
@@ -504,6 +529,7 @@ impl TelemetryHub {
                     id,
                     name: n.name.clone(),
                     inventory: n.inventory.clone(),
+                    details: n.current_details(),
                     latest: n.latest.clone(),
                     received_at_ms: n.received_at_ms,
                 }

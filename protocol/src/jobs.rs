@@ -34,6 +34,9 @@ pub enum JobControl {
     },
     /// An inference request (1.4): not a stored job; answered with `ai::InferEvent`s.
     Infer(crate::ai::InferRequest),
+    /// Follow a container's log (1.6): not a stored job; answered with
+    /// `containers::LogEvent`s until the log ends or the controller stops reading.
+    Logs(crate::containers::LogsRequest),
 }
 
 /// One job for one agent. The first four fields are frozen in every major: see [`decode_request`].
@@ -72,11 +75,14 @@ pub enum JobSpec {
     /// namespace, capabilities, devices) (1.5). Only such services are sent this way: an agent
     /// older than 1.5 refuses it as an unknown kind and runs every other deploy as before.
     DeployWithHostAccess(Box<DeployWithHostAccess>),
+    /// Start, stop, restart, kill, remove a container or pull its image again (1.6), within
+    /// what the node's `docker.control` allows.
+    Container(crate::containers::ContainerJob),
 }
 
 impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
-    pub const KINDS: u32 = 9;
+    pub const KINDS: u32 = 10;
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -88,6 +94,7 @@ impl JobSpec {
             JobSpec::Undeploy(_) => "undeploy",
             JobSpec::Wake(_) => "wake",
             JobSpec::Model(_) => "model",
+            JobSpec::Container(_) => "container",
         }
     }
 
@@ -254,7 +261,7 @@ pub struct GitRepository {
 
 impl crate::Message for JobControl {
     const NAME: &'static str = "JobControl";
-    const VARIANTS: Option<u32> = Some(3);
+    const VARIANTS: Option<u32> = Some(4);
 }
 
 impl crate::Message for JobEvent {
@@ -376,10 +383,10 @@ mod tests {
         };
         let mut bytes = crate::encode(&JobControl::Request(req.clone())).unwrap();
         // The kind is the last byte for `Inventory` (a unit variant): make it a future kind.
-        *bytes.last_mut().unwrap() = 9;
+        *bytes.last_mut().unwrap() = JobSpec::KINDS as u8;
         match decode_request(&bytes).unwrap() {
             DecodedControl::UnknownKind { header, kind } => {
-                assert_eq!(kind, 9);
+                assert_eq!(kind, JobSpec::KINDS);
                 assert_eq!(header.id, req.id);
                 assert_eq!(header.attempt, 2);
                 assert_eq!(header.logs_from, 3);

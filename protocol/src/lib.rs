@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub mod ai;
+pub mod containers;
 pub mod deploy;
 pub mod framing;
 
@@ -68,7 +69,7 @@ pub const CONTROLLER_SERVER_NAME: &str = "controller.nebula.internal";
 pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -267,6 +268,12 @@ pub enum AgentMessage {
     /// `Welcome`, before the telemetry inventory, so that plans can show what the node would
     /// refuse before anything is sent to it.
     DeployPolicy(deploy::DeployPolicySummary),
+    /// What this host's `[docker]` config allows for its containers (1.6): sent after the
+    /// deploy policy.
+    DockerPolicy(containers::DockerPolicySummary),
+    /// Published ports and start times of the containers in the telemetry inventory with the
+    /// same epoch (1.6): sent right after each inventory.
+    ContainerDetails(containers::ContainerDetails),
 }
 
 /// Session-stream messages from the controller after `ServerHello`.
@@ -315,7 +322,7 @@ message!(EnrollRequest, "EnrollRequest");
 message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
-message!(AgentMessage, "AgentMessage", 7);
+message!(AgentMessage, "AgentMessage", 9);
 message!(ControllerMessage, "ControllerMessage", 6);
 
 /// Errors reading or decoding a frame.

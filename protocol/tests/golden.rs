@@ -272,6 +272,29 @@ fn agent_messages() {
         &AgentMessage::TelemetryInventory(inventory()),
     );
     check(
+        "agent_docker_policy",
+        &AgentMessage::DockerPolicy(containers::DockerPolicySummary {
+            control: containers::Reach::All,
+            exec: containers::Reach::Managed,
+            logs: containers::Reach::None,
+        }),
+    );
+    check(
+        "agent_container_details",
+        &AgentMessage::ContainerDetails(containers::ContainerDetails {
+            epoch: 3,
+            containers: vec![containers::ContainerDetail {
+                started_unix_ms: Some(1_764_000_000_500),
+                ports: vec![deploy::PortMapping {
+                    host_ip: None,
+                    host_port: Some(11434),
+                    container_port: 11434,
+                    protocol: deploy::PortProtocol::Tcp,
+                }],
+            }],
+        }),
+    );
+    check(
         "agent_ai_inventory",
         &AgentMessage::AiInventory(ai::AiInventory {
             backends: vec![ai::BackendStatus {
@@ -513,6 +536,48 @@ fn job_control() {
             first_byte_timeout_ms: 30_000,
             total_timeout_ms: 600_000,
         }),
+    );
+    check(
+        "job_logs",
+        &JobControl::Logs(containers::LogsRequest {
+            container: "ollama".into(),
+            since_unix_ms: Some(1_764_000_000_000),
+            tail: Some(100),
+            follow: true,
+        }),
+    );
+    check(
+        "job_request_container",
+        &req(JobSpec::Container(containers::ContainerJob {
+            container: "ollama".into(),
+            action: containers::ContainerAction::Restart,
+        })),
+    );
+}
+
+#[test]
+fn log_events() {
+    use containers::*;
+    check(
+        "log_lines",
+        &LogEvent::Lines(vec![LogEntry {
+            at_unix_ms: 1_764_000_000_123,
+            stream: jobs::LogStream::Stdout,
+            line: "listening on :11434".into(),
+        }]),
+    );
+    check(
+        "log_error",
+        &LogEvent::Error {
+            message: "no container named `x`".into(),
+        },
+    );
+    check("log_end", &LogEvent::End);
+    check(
+        "log_refused",
+        &LogEvent::Refused {
+            message: "refused by the node's docker.logs = \"none\" (agent config)".into(),
+        },
     );
 }
 

@@ -124,18 +124,7 @@ async fn join(
     name: &str,
     labels: &[&str],
 ) -> (Agent, String) {
-    let token = c.token(1, "10m", json!({})).await;
-    let agent = Agent::join(c, &token, &dir.join(name), name, labels);
-    let node = c
-        .wait_status(name, common::NodeStatus::Online, Duration::from_secs(20))
-        .await;
-    // The reconciler acts on a node once its first telemetry inventory is in.
-    wait_for("the node's telemetry", Duration::from_secs(20), || async {
-        let n = c.node(name).await?;
-        n.telemetry.is_some().then_some(())
-    })
-    .await;
-    (agent, node.id.to_string())
+    join_ready(c, dir, name, labels, None).await
 }
 
 /// [`join`] with an agent config file (TOML).
@@ -145,17 +134,7 @@ async fn join_with_config(
     name: &str,
     config: &str,
 ) -> (Agent, String) {
-    let token = c.token(1, "10m", json!({})).await;
-    let agent = Agent::join_with_config(c, &token, &dir.join(name), name, &[], config);
-    let node = c
-        .wait_status(name, common::NodeStatus::Online, Duration::from_secs(20))
-        .await;
-    wait_for("the node's telemetry", Duration::from_secs(20), || async {
-        let n = c.node(name).await?;
-        n.telemetry.is_some().then_some(())
-    })
-    .await;
-    (agent, node.id.to_string())
+    join_ready(c, dir, name, &[], Some(config)).await
 }
 
 fn map(web_image: &str, edge_image: &str, edge_port: u16) -> String {

@@ -26,9 +26,8 @@ use gate::{cut, gate};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use bollard::query_parameters::{CreateContainerOptionsBuilder, CreateImageOptionsBuilder};
+use bollard::query_parameters::CreateContainerOptionsBuilder;
 use bollard::Docker;
-use futures::StreamExt;
 use nebula_protocol::deploy::{
     DeployOutcome, DeployReport, DeploySpec, HostAccess, UndeploySpec, UpdateStrategy,
 };
@@ -75,9 +74,9 @@ pub async fn deploy(
         ctx.log(LogStream::Agent, violation.to_string());
         return JobResult::new(JobStatus::Refused, Some(violation.to_string()));
     }
-    let docker = match Docker::connect_with_local_defaults() {
+    let docker = match ctx.docker() {
         Ok(d) => d,
-        Err(e) => return failed(format!("no container runtime reachable: {e}")),
+        Err(e) => return failed(e),
     };
     let exec = Executor {
         ctx,
@@ -97,9 +96,9 @@ pub async fn undeploy(ctx: &JobContext, spec: &UndeploySpec, own: Option<uuid::U
     {
         return JobResult::new(JobStatus::Refused, Some(e));
     }
-    let docker = match Docker::connect_with_local_defaults() {
+    let docker = match ctx.docker() {
         Ok(d) => d,
-        Err(e) => return failed(format!("no container runtime reachable: {e}")),
+        Err(e) => return failed(e),
     };
     let existing = match list(&docker, &spec.service, &spec.node).await {
         Ok(l) => l,
@@ -392,34 +391,7 @@ impl Executor<'_> {
             return Ok(());
         }
         self.log(format!("image {image} is not on this node; pulling it"));
-        let (from, tag) = split_image(image);
-        let opts = CreateImageOptionsBuilder::default()
-            .from_image(from)
-            .tag(tag)
-            .build();
-        let mut pull = self.docker.create_image(Some(opts), None, None);
-        let mut last_status = String::new();
-        while let Some(item) = pull.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
-                        return Err(pull_error(image, &e));
-                    }
-                    if let Some(status) = info.status {
-                        if status != last_status {
-                            self.log(format!("pull: {status}"));
-                            last_status = status;
-                        }
-                    }
-                }
-                Err(e) => return Err(pull_error(image, &e.to_string())),
-            }
-        }
-        self.docker
-            .inspect_image(image)
-            .await
-            .map(|_| ())
-            .map_err(|e| pull_error(image, &e.to_string()))
+        crate::docker::pull(self.docker, image, |line| self.log(line)).await
     }
 
     async fn report(
@@ -438,21 +410,6 @@ impl Executor<'_> {
             containers,
             health_output: health_output.map(|o| cut(o, MAX_OUTPUT)),
         }
-    }
-}
-
-fn pull_error(image: &str, e: &str) -> String {
-    format!(
-        "image {image} is not on this node and pulling it failed (is a registry reachable, \
-         or build/load the image on the node?): {e}"
-    )
-}
-
-/// `repo[:tag]` (a registry port is not a tag).
-fn split_image(image: &str) -> (&str, &str) {
-    match image.rsplit_once(':') {
-        Some((repo, tag)) if !tag.contains('/') && !image.contains('@') => (repo, tag),
-        _ => (image, "latest"),
     }
 }
 
@@ -678,20 +635,6 @@ mod tests {
             .unwrap()
             .device_requests
             .is_none());
-    }
-
-    #[test]
-    fn image_references_split_into_repository_and_tag() {
-        assert_eq!(split_image("busybox"), ("busybox", "latest"));
-        assert_eq!(split_image("nebula-test/web:v2"), ("nebula-test/web", "v2"));
-        assert_eq!(
-            split_image("registry.local:5000/app"),
-            ("registry.local:5000/app", "latest")
-        );
-        assert_eq!(
-            split_image("registry.local:5000/app:1.2"),
-            ("registry.local:5000/app", "1.2")
-        );
     }
 
     #[test]

@@ -440,14 +440,9 @@ fn signal_group(_pid: Option<u32>, _kill: bool) {
 
 async fn docker_restart(ctx: &JobContext, container: &str) -> JobResult {
     use bollard::query_parameters::RestartContainerOptions;
-    let docker = match bollard::Docker::connect_with_local_defaults() {
+    let docker = match ctx.docker() {
         Ok(d) => d,
-        Err(e) => {
-            return JobResult::new(
-                JobStatus::Failed,
-                Some(format!("no container runtime reachable: {e}")),
-            )
-        }
+        Err(e) => return JobResult::new(JobStatus::Failed, Some(e)),
     };
     ctx.log(
         LogStream::Agent,
@@ -641,6 +636,7 @@ mod tests {
         let ctx = JobContext {
             running: running.clone(),
             deadline: None,
+            docker_socket: None,
         };
         let result = run(&ctx, plan).await;
         let log: Vec<String> = running.read_from(0).0.into_iter().map(|l| l.line).collect();

@@ -13,8 +13,8 @@ const MAX_DEPTH: usize = 3;
 /// Repositories reported at most (a directory full of checkouts stays a bounded answer).
 const MAX_REPOS: usize = 256;
 
-pub async fn run(facts: NodeFacts, repo_dirs: &[PathBuf]) -> JobResult {
-    let (containers, container_states) = containers().await;
+pub async fn run(facts: NodeFacts, repo_dirs: &[PathBuf], socket: Option<&str>) -> JobResult {
+    let (containers, container_states) = containers(socket).await;
     let mut repositories = Vec::new();
     for path in find_repos(repo_dirs) {
         if let Some(r) = describe(&path).await {
@@ -33,9 +33,9 @@ pub async fn run(facts: NodeFacts, repo_dirs: &[PathBuf]) -> JobResult {
     }
 }
 
-async fn containers() -> (Vec<ContainerInfo>, Labels) {
+async fn containers(socket: Option<&str>) -> (Vec<ContainerInfo>, Labels) {
     use bollard::query_parameters::ListContainersOptionsBuilder;
-    let Ok(docker) = bollard::Docker::connect_with_local_defaults() else {
+    let Ok(docker) = crate::docker::connect(socket) else {
         return (Vec::new(), Labels::new());
     };
     let opts = ListContainersOptionsBuilder::default().all(true).build();

@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{DeployConfig, ExecConfig, JobsConfig};
+use crate::config::{DeployConfig, DockerConfig, ExecConfig, JobsConfig};
 
+pub mod container;
 pub mod deploy;
 pub mod exec;
 pub mod inventory;
@@ -45,6 +46,8 @@ const AGENT_STOPPING: &str = "the agent is stopping";
 
 /// Log lines kept per run for streams that attach later.
 pub const KEPT_LINES: usize = 10_000;
+/// Log streams served at once (each holds one batch of lines and a runtime connection).
+pub const MAX_LOG_STREAMS: usize = 64;
 /// Largest frame accepted on a job stream from the controller.
 const MAX_CONTROL_FRAME: usize = 1024 * 1024;
 /// Largest first frame of a stream: an inference request carries its client's body (a long
@@ -58,6 +61,8 @@ pub struct RunnerConfig {
     pub exec: ExecConfig,
     /// What deploys may ask of the container runtime here.
     pub deploy: DeployConfig,
+    /// How far the controller reaches into containers here, and the runtime's socket.
+    pub docker: DockerConfig,
     pub repo_dirs: Vec<PathBuf>,
     pub facts: NodeFacts,
     /// This node's id (from its certificate): deploys for another node's containers are refused.
@@ -71,6 +76,7 @@ pub struct JobRunner {
     config: RunnerConfig,
     state: Mutex<RunnerState>,
     slots: Arc<Semaphore>,
+    log_streams: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -161,9 +167,17 @@ impl Running {
 pub struct JobContext {
     running: Arc<Running>,
     deadline: Option<tokio::time::Instant>,
+    /// The container runtime's socket from the agent's config (`None`: look for one).
+    docker_socket: Option<String>,
 }
 
 impl JobContext {
+    /// A client for this host's container runtime.
+    pub fn docker(&self) -> Result<bollard::Docker, String> {
+        crate::docker::connect(self.docker_socket.as_deref())
+            .map_err(|e| format!("no container runtime reachable: {e}"))
+    }
+
     pub fn log(&self, stream: LogStream, line: String) {
         // Text columns (PostgreSQL) and terminals take no NUL bytes.
         let mut line = if line.contains('\0') {
@@ -236,6 +250,7 @@ impl JobRunner {
         let journal = Journal::open(&state_dir.join("jobs.journal"), config.jobs.journal_entries)?;
         Ok(Arc::new(JobRunner {
             slots: Arc::new(Semaphore::new(config.jobs.max_concurrent.max(1))),
+            log_streams: Arc::new(Semaphore::new(MAX_LOG_STREAMS)),
             config,
             state: Mutex::new(RunnerState {
                 journal,
@@ -327,6 +342,23 @@ impl JobRunner {
                             },
                         )
                         .await;
+                        let _ = send.finish();
+                    }
+                }
+                return;
+            }
+            Ok(DecodedControl::Control(JobControl::Logs(r))) => {
+                // Each follower holds a batch and the runtime's log connection: bounded.
+                match self.log_streams.clone().try_acquire_owned() {
+                    Ok(_permit) => {
+                        crate::logs::serve(r, send, &self.config.docker, self.config.node_id).await
+                    }
+                    Err(_) => {
+                        let message = format!(
+                            "this node already serves {MAX_LOG_STREAMS} log streams; try again later"
+                        );
+                        let ev = nebula_protocol::containers::LogEvent::Error { message };
+                        let _ = proto::write_message(&mut send, &ev).await;
                         let _ = send.finish();
                     }
                 }
@@ -473,7 +505,7 @@ impl JobRunner {
                             info!(%reason, "job cancelled by the controller");
                             running.cancel(reason);
                         }
-                        Ok(JobControl::Request(_) | JobControl::Infer(_)) => debug!("second request on a job stream ignored"),
+                        Ok(JobControl::Request(_) | JobControl::Infer(_) | JobControl::Logs(_)) => debug!("second request on a job stream ignored"),
                         Err(FrameError::Closed) => reading = false,
                         Err(e) => {
                             debug!("job stream lost ({e}); the run goes on");
@@ -503,6 +535,7 @@ impl JobRunner {
         let ctx = JobContext {
             running: running.clone(),
             deadline,
+            docker_socket: self.config.docker.socket.clone(),
         };
         let permit = tokio::select! {
             p = self.slots.clone().acquire_owned() => p.ok(),
@@ -540,6 +573,10 @@ impl JobRunner {
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Wake(spec) => wake::run(&ctx, spec).await,
+                JobSpec::Container(job) => tokio::select! {
+                    r = container::run(&ctx, job, &self.config.docker, self.config.node_id) => r,
+                    stop = ctx.stopped() => stop.result(),
+                },
                 JobSpec::Model(spec) => match &self.config.ai {
                     Some(backends) => tokio::select! {
                         r = model::run(&ctx, spec, backends) => r,
@@ -557,7 +594,7 @@ impl JobRunner {
                         &self.config.repo_dirs
                     };
                     tokio::select! {
-                        r = inventory::run(self.config.facts.clone(), dirs) => r,
+                        r = inventory::run(self.config.facts.clone(), dirs, self.config.docker.socket.as_deref()) => r,
                         stop = ctx.stopped() => stop.result(),
                     }
                 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use bollard::query_parameters::{EventsOptions, ListContainersOptions, StatsOptions};
 use bollard::Docker;
 use futures::StreamExt;
+use nebula_protocol::containers::ContainerDetail;
+use nebula_protocol::deploy::{PortMapping, PortProtocol};
 use nebula_protocol::telemetry::{ContainerHealth, ContainerInfo, ContainerSample, ContainerState};
 use tokio::sync::mpsc;
 
@@ -30,13 +32,16 @@ pub struct ContainerEvent {
 }
 
 pub struct ContainerCollector {
+    /// The runtime's socket from the agent's config (`None`: look for one).
+    socket: Option<String>,
     docker: Option<Docker>,
     runtime: Option<String>,
     said_missing: bool,
     last_attempt: Option<Instant>,
     prev_cpu: HashMap<String, (u64, u64)>,
-    /// Per container: restart count and init PID, from inspect (refreshed on events).
-    restarts: HashMap<String, (u32, u32)>,
+    /// Per container: restart count, init PID and start time, from inspect (refreshed on
+    /// events).
+    restarts: HashMap<String, Inspected>,
     /// Where the kernel keeps container cgroups, when readable (the fast path).
     cgroups: Option<cgroup::Layout>,
     /// Previous cgroup CPU reading per container: (CPU ns, when).
@@ -45,12 +50,29 @@ pub struct ContainerCollector {
     cgroup_dirs: HashMap<String, cgroup::Dirs>,
     /// The container list as last read, and when. Events mark it stale; otherwise it is read
     /// again every [`RESYNC_EVERY`] (in case an event was missed).
-    rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)>,
+    rows: Vec<Row>,
     listed_at: Option<Instant>,
     /// An event was seen: the list read right after it is read once more at the next sample
     /// (some daemons, Docker 20.10 among them, send `die` before the container's state says
     /// it stopped, so the first read can still say running).
     confirm: bool,
+}
+
+/// A container as listed: what the inventory says of it, its state and health, and its
+/// published ports.
+type Row = (
+    ContainerInfo,
+    ContainerState,
+    ContainerHealth,
+    Vec<PortMapping>,
+);
+
+/// What inspect says that the list does not.
+#[derive(Debug, Clone, Copy)]
+struct Inspected {
+    restarts: u32,
+    pid: u32,
+    started_unix_ms: Option<i64>,
 }
 
 /// How long a container list is trusted without an event saying it changed.
@@ -64,15 +86,10 @@ impl std::fmt::Debug for ContainerCollector {
     }
 }
 
-impl Default for ContainerCollector {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl ContainerCollector {
-    pub fn new() -> Self {
+    pub fn new(socket: Option<String>) -> Self {
         ContainerCollector {
+            socket,
             docker: None,
             runtime: None,
             said_missing: false,
@@ -106,10 +123,10 @@ impl ContainerCollector {
             return None;
         }
         self.last_attempt = Some(Instant::now());
-        match connect().await {
+        match connect(self.socket.as_deref()).await {
             Ok((docker, version)) => {
                 tracing::info!(%version, "container runtime found");
-                self.runtime = Some(format!("docker {version}"));
+                self.runtime = Some(version.clone());
                 self.docker = Some(docker.clone());
                 self.said_missing = false;
                 Some(docker)
@@ -142,10 +159,16 @@ impl ContainerCollector {
         self.confirm = true;
     }
 
-    /// Every container (running or not), sorted by name, with a sample for each.
-    pub async fn collect(&mut self) -> (Vec<ContainerInfo>, Vec<ContainerSample>) {
+    /// Every container (running or not), sorted by name, with a sample and details for each.
+    pub async fn collect(
+        &mut self,
+    ) -> (
+        Vec<ContainerInfo>,
+        Vec<ContainerSample>,
+        Vec<ContainerDetail>,
+    ) {
         let Some(docker) = self.docker.clone() else {
-            return (Vec::new(), Vec::new());
+            return (Vec::new(), Vec::new(), Vec::new());
         };
         if self.listed_at.is_none_or(|t| t.elapsed() >= RESYNC_EVERY) {
             match self.list(&docker).await {
@@ -156,7 +179,7 @@ impl ContainerCollector {
                 }
                 Err(e) => {
                     self.lost(&e);
-                    return (Vec::new(), Vec::new());
+                    return (Vec::new(), Vec::new(), Vec::new());
                 }
             }
         }
@@ -165,17 +188,14 @@ impl ContainerCollector {
     }
 
     /// Every container with its state and health, sorted by name.
-    async fn list(
-        &self,
-        docker: &Docker,
-    ) -> Result<Vec<(ContainerInfo, ContainerState, ContainerHealth)>, bollard::errors::Error> {
+    async fn list(&self, docker: &Docker) -> Result<Vec<Row>, bollard::errors::Error> {
         let list = docker
             .list_containers(Some(ListContainersOptions {
                 all: true,
                 ..Default::default()
             }))
             .await?;
-        let mut rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)> = list
+        let mut rows: Vec<Row> = list
             .into_iter()
             .filter_map(|c| {
                 let id = c.id?;
@@ -195,6 +215,22 @@ impl ContainerCollector {
                     .unwrap_or_else(|| health_from_status(c.status.as_deref().unwrap_or("")));
                 let labels: BTreeMap<String, String> =
                     c.labels.unwrap_or_default().into_iter().collect();
+                let mut ports: Vec<PortMapping> = c
+                    .ports
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| PortMapping {
+                        host_ip: p.ip.filter(|ip| !ip.is_empty()),
+                        host_port: p.public_port,
+                        container_port: p.private_port,
+                        protocol: match p.typ {
+                            Some(bollard::models::PortSummaryTypeEnum::UDP) => PortProtocol::Udp,
+                            _ => PortProtocol::Tcp,
+                        },
+                    })
+                    .collect();
+                ports.sort();
+                ports.dedup();
                 Some((
                     ContainerInfo {
                         id,
@@ -205,6 +241,7 @@ impl ContainerCollector {
                     },
                     state,
                     health,
+                    ports,
                 ))
             })
             .collect();
@@ -212,32 +249,55 @@ impl ContainerCollector {
         Ok(rows)
     }
 
-    async fn sample_rows(
-        &mut self,
-        docker: &Docker,
-        rows: Vec<(ContainerInfo, ContainerState, ContainerHealth)>,
-    ) -> (Vec<ContainerInfo>, Vec<ContainerSample>) {
-        // Restart counts: inspect only containers we have no count for.
-        for (info, _, _) in &rows {
+    /// Restart counts, PIDs and start times: inspect only containers we have none for.
+    async fn inspect_new(&mut self, docker: &Docker, rows: &[Row]) {
+        for (info, ..) in rows {
             if !self.restarts.contains_key(&info.id) {
                 if let Ok(i) = docker.inspect_container(&info.id, None).await {
-                    let n = i.restart_count.unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
+                    let restarts = i.restart_count.unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
                     let pid = i
                         .state
+                        .as_ref()
                         .and_then(|s| s.pid)
                         .unwrap_or(0)
                         .clamp(0, u32::MAX as i64) as u32;
-                    self.restarts.insert(info.id.clone(), (n, pid));
+                    let started_unix_ms = i
+                        .state
+                        .and_then(|s| s.started_at)
+                        .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_millis() as i64)
+                        .filter(|ms| *ms > 0);
+                    self.restarts.insert(
+                        info.id.clone(),
+                        Inspected {
+                            restarts,
+                            pid,
+                            started_unix_ms,
+                        },
+                    );
                 }
             }
         }
+    }
+
+    async fn sample_rows(
+        &mut self,
+        docker: &Docker,
+        rows: Vec<Row>,
+    ) -> (
+        Vec<ContainerInfo>,
+        Vec<ContainerSample>,
+        Vec<ContainerDetail>,
+    ) {
+        self.inspect_new(docker, &rows).await;
         // The daemon's stats API for the rest (its one-shot answers take up to a second each,
         // so they run together).
         // Fast path first: the kernel's own counters for running containers.
         let now = Instant::now();
         let mut from_kernel: HashMap<String, ContainerSample> = HashMap::new();
         if let Some(layout) = &self.cgroups {
-            for (info, state, _) in &rows {
+            for (info, state, ..) in &rows {
                 if *state != ContainerState::Running {
                     continue;
                 }
@@ -270,7 +330,7 @@ impl ContainerCollector {
                             Some((c.cpu_ns.saturating_sub(prev_ns) as f64 / wall * 100.0) as f32);
                     }
                 }
-                let pid = self.restarts.get(&info.id).map(|r| r.1).unwrap_or(0);
+                let pid = self.restarts.get(&info.id).map(|r| r.pid).unwrap_or(0);
                 if let Some((rx, tx)) = (pid > 0).then(|| cgroup::net_bytes(pid)).flatten() {
                     s.net_rx_bytes = Some(rx);
                     s.net_tx_bytes = Some(tx);
@@ -280,7 +340,7 @@ impl ContainerCollector {
         }
         let wanted: Vec<(String, bool)> = rows
             .iter()
-            .map(|(info, state, _)| {
+            .map(|(info, state, ..)| {
                 (
                     info.id.clone(),
                     *state == ContainerState::Running && !from_kernel.contains_key(&info.id),
@@ -303,11 +363,17 @@ impl ContainerCollector {
             .retain(|id, _| live.contains(id.as_str()));
         let mut infos = Vec::with_capacity(rows.len());
         let mut samples = Vec::with_capacity(rows.len());
-        for ((info, state, health), st) in rows.into_iter().zip(stats) {
+        let mut details = Vec::with_capacity(rows.len());
+        for ((info, state, health, ports), st) in rows.into_iter().zip(stats) {
             let mut s = from_kernel.remove(&info.id).unwrap_or_default();
             s.state = state;
             s.health = health;
-            s.restart_count = self.restarts.get(&info.id).map(|r| r.0).unwrap_or(0);
+            let inspected = self.restarts.get(&info.id);
+            s.restart_count = inspected.map(|r| r.restarts).unwrap_or(0);
+            details.push(ContainerDetail {
+                started_unix_ms: inspected.and_then(|r| r.started_unix_ms),
+                ports,
+            });
             if let Some(st) = st {
                 let cpu = st.cpu_stats.as_ref();
                 let total = cpu
@@ -348,7 +414,7 @@ impl ContainerCollector {
             infos.push(info);
             samples.push(s);
         }
-        (infos, samples)
+        (infos, samples, details)
     }
 }
 
@@ -387,13 +453,13 @@ fn health_from_status(status: &str) -> ContainerHealth {
     }
 }
 
-async fn connect() -> Result<(Docker, String), bollard::errors::Error> {
-    let docker = Docker::connect_with_local_defaults()?;
+async fn connect(socket: Option<&str>) -> Result<(Docker, String), bollard::errors::Error> {
+    let docker = crate::docker::connect(socket)?;
     let docker = tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version())
         .await
         .map_err(|_| bollard::errors::Error::RequestTimeoutError)??;
     let version = docker.version().await?;
-    Ok((docker, version.version.unwrap_or_else(|| "unknown".into())))
+    Ok((docker, crate::docker::runtime_name(&version)))
 }
 
 /// Follow the daemon's container events and forward those that change what we report. Ends

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use nebula_protocol::containers::ContainerDetails;
 use nebula_protocol::telemetry::{TelemetryInventory, TelemetrySample};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -24,10 +25,26 @@ pub mod containers;
 pub mod gpu;
 pub mod host;
 
+/// What the session sends when it changes: the telemetry inventory, and the details of its
+/// containers under the same epoch (for controllers from 1.6 on).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inventory {
+    pub telemetry: TelemetryInventory,
+    pub details: ContainerDetails,
+}
+
+impl std::ops::Deref for Inventory {
+    type Target = TelemetryInventory;
+
+    fn deref(&self) -> &TelemetryInventory {
+        &self.telemetry
+    }
+}
+
 /// The receiving ends the session reads.
 #[derive(Debug, Clone)]
 pub struct TelemetryFeed {
-    pub inventory: watch::Receiver<Arc<TelemetryInventory>>,
+    pub inventory: watch::Receiver<Arc<Inventory>>,
     pub samples: watch::Receiver<Option<Arc<TelemetrySample>>>,
     pub interval: watch::Sender<Duration>,
 }
@@ -35,13 +52,13 @@ pub struct TelemetryFeed {
 /// Sending ends owned by [`run`].
 #[derive(Debug)]
 pub struct TelemetrySink {
-    inventory: watch::Sender<Arc<TelemetryInventory>>,
+    inventory: watch::Sender<Arc<Inventory>>,
     samples: watch::Sender<Option<Arc<TelemetrySample>>>,
     interval: watch::Receiver<Duration>,
 }
 
 pub fn channels(interval: Duration) -> (TelemetrySink, TelemetryFeed) {
-    let (inv_tx, inv_rx) = watch::channel(Arc::new(TelemetryInventory::default()));
+    let (inv_tx, inv_rx) = watch::channel(Arc::new(Inventory::default()));
     let (s_tx, s_rx) = watch::channel(None);
     let (i_tx, i_rx) = watch::channel(interval);
     (
@@ -63,7 +80,7 @@ pub struct Collectors {
     pub host: host::HostCollector,
     pub gpu: gpu::GpuCollector,
     pub containers: containers::ContainerCollector,
-    inventory: TelemetryInventory,
+    inventory: Inventory,
     seq: u64,
     os: String,
     kernel: String,
@@ -80,7 +97,9 @@ impl std::fmt::Debug for Collectors {
 }
 
 impl Collectors {
-    pub fn new(gpu: gpu::GpuCollector) -> Self {
+    /// `docker_socket`: the container runtime's socket from the agent's config (`None`: look
+    /// for one).
+    pub fn new(gpu: gpu::GpuCollector, docker_socket: Option<String>) -> Self {
         let os = format!(
             "{} {}",
             sysinfo::System::name().unwrap_or_default(),
@@ -91,8 +110,8 @@ impl Collectors {
         Collectors {
             host: host::HostCollector::new(),
             gpu,
-            containers: containers::ContainerCollector::new(),
-            inventory: TelemetryInventory::default(),
+            containers: containers::ContainerCollector::new(docker_socket),
+            inventory: Inventory::default(),
             seq: 0,
             os,
             kernel: sysinfo::System::kernel_version().unwrap_or_default(),
@@ -101,9 +120,9 @@ impl Collectors {
     }
 
     /// Take a sample. Returns a new inventory too when anything it lists changed.
-    pub async fn collect(&mut self) -> (Option<TelemetryInventory>, TelemetrySample) {
+    pub async fn collect(&mut self) -> (Option<Inventory>, TelemetrySample) {
         let host_inv = self.host.inventory();
-        let (containers, container_samples) = self.containers.collect().await;
+        let (containers, container_samples, details) = self.containers.collect().await;
         let (host, disks, nets) = self.host.sample(&host_inv);
         let gpus = self.gpu.sample();
         let mut inv = TelemetryInventory {
@@ -118,10 +137,18 @@ impl Collectors {
             kernel: self.kernel.clone(),
             models: self.models.clone(),
         };
-        let changed = inv != self.inventory || self.seq == 0;
+        let changed = inv != self.inventory.telemetry
+            || details != self.inventory.details.containers
+            || self.seq == 0;
         if changed {
             inv.epoch = self.inventory.epoch.wrapping_add(1);
-            self.inventory = inv;
+            self.inventory = Inventory {
+                details: ContainerDetails {
+                    epoch: inv.epoch,
+                    containers: details,
+                },
+                telemetry: inv,
+            };
         }
         self.seq += 1;
         let sample = TelemetrySample {

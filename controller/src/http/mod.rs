@@ -5,6 +5,7 @@
 //! `ControlPlane` operations they call authorize.
 
 mod auth;
+mod containers;
 mod desired;
 mod error;
 pub mod install;
@@ -19,6 +20,7 @@ mod tokens;
 mod users;
 
 pub use crate::authz::{Role, AI_ROLE};
+pub use containers::log_events as container_log_events;
 pub use error::ApiError;
 pub(crate) use error::ApiResult;
 pub use jobs::log_stream as job_log_stream;
@@ -38,7 +40,7 @@ use auth::authenticate;
 use models::{agent_releases, ai_usage, models_desired, models_inventory};
 use nodes::{get_node, list_nodes, remove_node, sleep_node, wake_node};
 use tasks::list_tasks;
-use telemetry::{list_containers, metrics, node_telemetry};
+use telemetry::{metrics, node_telemetry};
 use tokens::{create_token, list_tokens, revoke_token};
 use users::{create_api_token, create_user, list_users};
 
@@ -72,7 +74,19 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", delete(revoke_token))
         .route("/nodes/{name}/telemetry", get(node_telemetry))
-        .route("/containers", get(list_containers))
+        .route("/containers", get(containers::list_containers))
+        .route(
+            "/nodes/{name}/containers/{container}",
+            get(containers::get_container),
+        )
+        .route(
+            "/nodes/{name}/containers/{container}/actions",
+            axum::routing::post(containers::container_action),
+        )
+        .route(
+            "/nodes/{name}/containers/{container}/logs",
+            get(containers::container_logs),
+        )
         .route("/jobs", get(jobs::list_jobs).post(jobs::create_job))
         .route("/jobs/{id}", get(jobs::get_job))
         .route("/jobs/{id}/logs", get(jobs::job_logs))

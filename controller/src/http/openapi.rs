@@ -7,7 +7,9 @@ use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
 use crate::authz::Op;
-use nebula_types::api::{access, desired, jobs, models, nodes, telemetry, Health, Page};
+use nebula_types::api::{
+    access, containers, desired, jobs, models, nodes, telemetry, Health, Page,
+};
 use nebula_types::jobs::{AuditRecord, JobRecord};
 
 /// Who may call an operation.
@@ -197,12 +199,45 @@ pub const ROUTES: &[Route] = &[
     route(
         "get",
         "/api/v1/containers",
-        "telemetry",
+        "containers",
         Token(Op::ReadFleet),
         (200, "a page of containers"),
-        "Every container in the fleet (?node=, ?label=, ?state=, ?health=)",
+        "Every container in the fleet (?node=, ?label=, ?state=, ?health=, ?managed=, ?q=)",
     )
-    .returns(of::<Page<telemetry::ContainerRow>>),
+    .returns(of::<Page<containers::ContainerRow>>),
+    route(
+        "get",
+        "/api/v1/nodes/{name}/containers/{container}",
+        "containers",
+        Token(Op::ReadFleet),
+        (200, "the container and what its node's policy allows"),
+        "One container (by name or id)",
+    )
+    .returns(of::<containers::ContainerView>),
+    route(
+        "post",
+        "/api/v1/nodes/{name}/containers/{container}/actions",
+        "containers",
+        Token(Op::ControlContainer),
+        (
+            202,
+            "the job that carries it out, and a warning for managed containers",
+        ),
+        "Start, stop, restart, kill, remove a container or pull its image again",
+    )
+    .accepts(of::<containers::ContainerActionRequest>)
+    .returns(of::<containers::ContainerActionView>),
+    route(
+        "get",
+        "/api/v1/nodes/{name}/containers/{container}/logs",
+        "containers",
+        Token(Op::ReadLogs),
+        (
+            200,
+            "server-sent events: `logs` (a JSON array of ContainerLogLine), `end`, `error`",
+        ),
+        "A container's log (?follow=, ?tail=, ?since=)",
+    ),
     route(
         "get",
         "/api/v1/tokens",
@@ -689,6 +724,7 @@ mod tests {
             "/api/v1/openapi.json",
             "/api/v1/schema/service-map",
             "/api/v1/jobs/{id}/logs",
+            "/api/v1/nodes/{name}/containers/{container}/logs",
         ];
         for r in ROUTES {
             if not_json.contains(&r.path) || matches!(r.access, Gateway) {

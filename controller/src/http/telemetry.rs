@@ -1,10 +1,11 @@
-//! Telemetry: Prometheus metrics, a node's figures and history, every container in the fleet.
+//! Telemetry: Prometheus metrics, a node's figures and history.
 
-use super::nodes::{rfc3339, Page};
+use super::nodes::rfc3339;
 use super::prelude::*;
+use crate::containers::container_row;
 use nebula_types::api::telemetry::{
-    ContainerRow, DiskView, GpuProcessView, GpuView, InterfaceView, LatestSample, MinutePoint,
-    NodeTelemetry, Points,
+    DiskView, GpuProcessView, GpuView, InterfaceView, LatestSample, MinutePoint, NodeTelemetry,
+    Points,
 };
 
 pub use nebula_types::api::nodes::TelemetrySummary;
@@ -76,7 +77,7 @@ pub(super) struct TelemetryQuery {
     resolution: Option<String>,
 }
 
-fn parse_since(s: Option<&str>) -> ApiResult<SystemTime> {
+pub(super) fn parse_since(s: Option<&str>) -> ApiResult<SystemTime> {
     let Some(s) = s else {
         return Ok(SystemTime::now() - Duration::from_secs(3600));
     };
@@ -147,11 +148,17 @@ fn sample_view(view: &crate::telemetry::NodeView) -> Option<LatestSample> {
                 .collect(),
         })
         .collect();
+    let now = nebula_protocol::time::UnixMillis::now().as_i64();
+    let details = view.details.as_ref().map(|d| &d.containers);
     let containers = inv
         .containers
         .iter()
         .zip(&s.containers)
-        .map(|(c, v)| container_row(&view.name, c, v))
+        .enumerate()
+        .map(|(i, (c, v))| {
+            let detail = details.and_then(|d| d.get(i));
+            container_row(view.id, &view.name, c, v, detail, now)
+        })
         .collect();
     Some(LatestSample {
         seq: s.seq,
@@ -167,29 +174,6 @@ fn sample_view(view: &crate::telemetry::NodeView) -> Option<LatestSample> {
         gpus,
         containers,
     })
-}
-
-fn container_row(
-    node: &str,
-    c: &nebula_protocol::telemetry::ContainerInfo,
-    v: &nebula_protocol::telemetry::ContainerSample,
-) -> ContainerRow {
-    ContainerRow {
-        node: node.to_owned(),
-        id: c.id.clone(),
-        name: c.name.clone(),
-        image: c.image.clone(),
-        labels: c.labels.clone(),
-        created: rfc3339(c.created_unix.saturating_mul(1000)),
-        state: v.state.as_str().to_owned(),
-        health: v.health.as_str().to_owned(),
-        restart_count: v.restart_count,
-        cpu_percent: v.cpu_percent,
-        memory_used_bytes: v.memory_used_bytes,
-        memory_limit_bytes: v.memory_limit_bytes,
-        net_rx_bytes: v.net_rx_bytes,
-        net_tx_bytes: v.net_tx_bytes,
-    }
 }
 
 pub(super) async fn node_telemetry(
@@ -252,97 +236,6 @@ fn minute_point(r: &crate::store::Rollup) -> MinutePoint {
         gpu_temperature_c: r.gpu_temp.map(Into::into),
         containers_running: r.containers_running,
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ContainerQuery {
-    node: Option<String>,
-    /// `key=value`
-    label: Option<String>,
-    state: Option<String>,
-    health: Option<String>,
-    limit: Option<usize>,
-    cursor: Option<String>,
-}
-
-pub(super) async fn list_containers(
-    State(cp): State<Arc<ControlPlane>>,
-    query: Result<Query<ContainerQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Page<ContainerRow>>> {
-    use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = q.limit.unwrap_or(500);
-    if limit == 0 || limit > 5000 {
-        return Err(ApiError::bad_request("limit must be between 1 and 5000"));
-    }
-    if let Some(s) = q.state.as_deref() {
-        if ContainerState::parse(s) == ContainerState::Unknown && s != "unknown" {
-            return Err(ApiError::bad_request(format!(
-                "state `{s}` is not a container state"
-            )));
-        }
-    }
-    if let Some(h) = q.health.as_deref() {
-        if !["none", "starting", "healthy", "unhealthy"].contains(&h) {
-            return Err(ApiError::bad_request(format!(
-                "health `{h}`: use none, starting, healthy or unhealthy"
-            )));
-        }
-        let _ = ContainerHealth::parse(h);
-    }
-    let label = match q.label.as_deref() {
-        Some(l) => Some(
-            l.split_once('=')
-                .ok_or_else(|| ApiError::bad_request("label filter reads key=value"))?,
-        ),
-        None => None,
-    };
-    if let Some(n) = q.node.as_deref() {
-        if cp.store.node_by_name(n).await?.is_none() {
-            return Err(ApiError::not_found(format!("no node named `{n}`")));
-        }
-    }
-    let mut items = Vec::new();
-    let mut views = cp.telemetry.snapshot();
-    views.sort_by(|a, b| a.name.cmp(&b.name));
-    for view in &views {
-        if q.node.as_deref().is_some_and(|n| n != view.name) {
-            continue;
-        }
-        let (Some(inv), Some(s)) = (view.inventory.as_ref(), view.latest.as_ref()) else {
-            continue;
-        };
-        if inv.epoch != s.epoch {
-            continue;
-        }
-        for (c, v) in inv.containers.iter().zip(&s.containers) {
-            if q.state.as_deref().is_some_and(|st| st != v.state.as_str()) {
-                continue;
-            }
-            if q.health.as_deref().is_some_and(|h| h != v.health.as_str()) {
-                continue;
-            }
-            if label.is_some_and(|(k, val)| c.labels.get(k).map(String::as_str) != Some(val)) {
-                continue;
-            }
-            let key = format!("{}/{}", view.name, c.name);
-            if q.cursor.as_deref().is_some_and(|cur| key.as_str() <= cur) {
-                continue;
-            }
-            items.push((key, container_row(&view.name, c, v)));
-        }
-    }
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|(k, _)| k.clone())
-    } else {
-        None
-    };
-    Ok(Json(Page {
-        items: items.into_iter().map(|(_, v)| v).collect(),
-        next_cursor,
-    }))
 }
 
 #[cfg(test)]
@@ -458,7 +351,7 @@ mod input_tests {
             prop_assert!(serde_json::to_string(&latest).is_ok());
             let inv = view.inventory.as_ref().expect("inventory");
             let s = view.latest.as_ref().expect("sample");
-            let _ = container_row("n1", &inv.containers[0], &s.containers[0]);
+            let _ = container_row(uuid::Uuid::nil(), "n1", &inv.containers[0], &s.containers[0], None, 0);
             let _ = hub.free_vram(id);
             let _ = hub.history(id, 0);
         }

@@ -254,6 +254,15 @@ impl<'a> Session<'a> {
                 }
             }
             Ok(AgentMessage::DeployPolicy(policy)) => self.deploy_policy(policy),
+            Ok(AgentMessage::DockerPolicy(policy)) => {
+                debug!(?policy, "docker policy");
+                let cp = self.cp;
+                cp.registry
+                    .set_docker_policy(self.node_id, self.generation, policy);
+            }
+            Ok(AgentMessage::ContainerDetails(details)) => {
+                let _ = self.cp.telemetry.set_details(self.node_id, details);
+            }
             Ok(AgentMessage::Bye { reason }) => {
                 info!(%reason, "agent said bye");
                 self.conn.close(close::NORMAL.into(), b"bye");

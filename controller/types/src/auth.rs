@@ -39,11 +39,16 @@ pub enum Op {
     ReadFleet,
     /// Plan a service map without applying it.
     PreviewPlan,
+    /// Read a container's log (within what its node's `docker.logs` allows).
+    ReadLogs,
     ReadAudit,
     /// The allow-listed operations each node offers.
     ReadInventory,
     /// Create a job: commands, probes, model pulls and deletes, container restarts.
     RunJob,
+    /// Start, stop, restart, kill, remove a container or pull its image again (within what
+    /// its node's `docker.control` allows).
+    ControlContainer,
     CancelJob,
     WakeNode,
     SleepNode,
@@ -60,12 +65,14 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 18] = [
         Op::ReadFleet,
         Op::PreviewPlan,
+        Op::ReadLogs,
         Op::ReadAudit,
         Op::ReadInventory,
         Op::RunJob,
+        Op::ControlContainer,
         Op::CancelJob,
         Op::WakeNode,
         Op::SleepNode,
@@ -82,10 +89,11 @@ impl Op {
     /// The least role that may do it: the policy, in one place.
     pub const fn needs(self) -> Role {
         match self {
-            Op::ReadFleet | Op::PreviewPlan => Role::Viewer,
+            Op::ReadFleet | Op::PreviewPlan | Op::ReadLogs => Role::Viewer,
             Op::ReadAudit
             | Op::ReadInventory
             | Op::RunJob
+            | Op::ControlContainer
             | Op::CancelJob
             | Op::WakeNode
             | Op::SleepNode
@@ -105,6 +113,8 @@ impl Op {
         match self {
             Op::ReadFleet => "read_fleet",
             Op::PreviewPlan => "preview_plan",
+            Op::ReadLogs => "read_logs",
+            Op::ControlContainer => "control_container",
             Op::ReadAudit => "read_audit",
             Op::ReadInventory => "read_inventory",
             Op::RunJob => "run_job",
@@ -139,7 +149,7 @@ mod tests {
     #[test]
     fn viewers_only_read_and_admins_hold_the_keys() {
         for op in Op::ALL {
-            let read_only = matches!(op, Op::ReadFleet | Op::PreviewPlan);
+            let read_only = matches!(op, Op::ReadFleet | Op::PreviewPlan | Op::ReadLogs);
             assert_eq!(op.needs() == Role::Viewer, read_only, "{op:?}");
         }
         for op in [

@@ -3,6 +3,7 @@
 use nebula_protocol::validate::parse_mac;
 use std::time::Duration;
 
+use nebula_protocol::containers::{valid_container_ref, ContainerAction, ContainerJob};
 use nebula_protocol::deploy::{DeploySpec, DeployWithHostAccess, UndeploySpec};
 use nebula_protocol::jobs::{ExecSpec, JobOutput, JobSpec, ProbeSpec};
 use nebula_protocol::Labels;
@@ -69,6 +70,49 @@ pub enum Work {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend: Option<String>,
     },
+    /// Start, stop, restart, kill, remove a container (by name or id) or pull its image again,
+    /// within what the node's `docker.control` allows.
+    Container {
+        container: String,
+        action: ContainerActionKind,
+    },
+}
+
+/// What a `container` job does (`rm` reads as `remove`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerActionKind {
+    Start,
+    Stop,
+    Restart,
+    Kill,
+    #[serde(alias = "rm")]
+    Remove,
+    Pull,
+}
+
+impl ContainerActionKind {
+    pub fn to_action(self) -> ContainerAction {
+        match self {
+            ContainerActionKind::Start => ContainerAction::Start,
+            ContainerActionKind::Stop => ContainerAction::Stop,
+            ContainerActionKind::Restart => ContainerAction::Restart,
+            ContainerActionKind::Kill => ContainerAction::Kill,
+            ContainerActionKind::Remove => ContainerAction::Remove,
+            ContainerActionKind::Pull => ContainerAction::Pull,
+        }
+    }
+
+    pub fn from_action(a: ContainerAction) -> Self {
+        match a {
+            ContainerAction::Start => ContainerActionKind::Start,
+            ContainerAction::Stop => ContainerActionKind::Stop,
+            ContainerAction::Restart => ContainerActionKind::Restart,
+            ContainerAction::Kill => ContainerActionKind::Kill,
+            ContainerAction::Remove => ContainerActionKind::Remove,
+            ContainerAction::Pull => ContainerActionKind::Pull,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +135,7 @@ impl Work {
             Work::Undeploy(_) => "undeploy",
             Work::Wake { .. } => "wake",
             Work::Model { .. } => "model",
+            Work::Container { .. } => "container",
         }
     }
 
@@ -195,6 +240,15 @@ impl Work {
                     _ => Ok(()),
                 }
             }
+            Work::Container { container, .. } => {
+                if valid_container_ref(container) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "`{container}` is not a container name or id (letters, digits, `_.-`, at most 128)"
+                    ))
+                }
+            }
             Work::Noop
             | Work::Inventory
             | Work::Deploy(_)
@@ -254,6 +308,10 @@ impl Work {
                     },
                 })
             }
+            Work::Container { container, action } => JobSpec::Container(ContainerJob {
+                container: container.clone(),
+                action: action.to_action(),
+            }),
             Work::Wake { mac, broadcast } => JobSpec::Wake(nebula_protocol::jobs::WakeSpec {
                 mac: parse_mac(mac).unwrap_or_default(),
                 broadcast: broadcast

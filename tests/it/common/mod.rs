@@ -405,6 +405,42 @@ impl Controller {
     }
 }
 
+/// Join an agent (with an agent config file when given) and wait until it is online with its
+/// first telemetry in (the reconciler and the container views need it). Returns the agent
+/// and its node id.
+pub async fn join_ready(
+    c: &Controller,
+    dir: &Path,
+    name: &str,
+    labels: &[&str],
+    config: Option<&str>,
+) -> (Agent, String) {
+    let token = c.token(1, "10m", serde_json::json!({})).await;
+    let agent = match config {
+        Some(cfg) => Agent::join_with_config(c, &token, &dir.join(name), name, labels, cfg),
+        None => Agent::join(c, &token, &dir.join(name), name, labels),
+    };
+    let node = c
+        .wait_status(name, NodeStatus::Online, Duration::from_secs(20))
+        .await;
+    wait_for("the node's telemetry", Duration::from_secs(20), || async {
+        let n = c.node(name).await?;
+        n.telemetry.is_some().then_some(())
+    })
+    .await;
+    (agent, node.id.to_string())
+}
+
+/// Resident memory of a process, from `/proc`.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// The API's error body in an answer (panics when it is not one).
 pub fn error_of(v: &Value) -> nebula_types::api::ErrorDetail {
     serde_json::from_value::<nebula_types::api::ErrorBody>(v.clone())

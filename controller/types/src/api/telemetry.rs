@@ -1,7 +1,6 @@
 //! Telemetry: a node's latest figures and history, and every container in the fleet.
 
 use nebula_protocol::telemetry::HostSample;
-use nebula_protocol::Labels;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -82,24 +81,7 @@ pub struct GpuProcessView {
     pub memory_used_bytes: u64,
 }
 
-/// A container as telemetry shows it (`GET /api/v1/containers` lists them fleet-wide).
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-pub struct ContainerRow {
-    pub node: String,
-    pub id: String,
-    pub name: String,
-    pub image: String,
-    pub labels: Labels,
-    pub created: String,
-    pub state: String,
-    pub health: String,
-    pub restart_count: u32,
-    pub cpu_percent: Option<f32>,
-    pub memory_used_bytes: Option<u64>,
-    pub memory_limit_bytes: Option<u64>,
-    pub net_rx_bytes: Option<u64>,
-    pub net_tx_bytes: Option<u64>,
-}
+pub use super::containers::ContainerRow;
 
 /// A history point kept in memory.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

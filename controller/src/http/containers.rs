@@ -1,0 +1,228 @@
+//! Containers: every container in the fleet, one container, actions on it, its log as
+//! server-sent events.
+
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures::Stream;
+use nebula_protocol::containers::{ContainerAction, LogEntry, LogsRequest};
+use nebula_types::api::containers::{
+    ContainerActionRequest, ContainerActionView, ContainerLogLine, ContainerRow, ContainerView,
+};
+use nebula_types::api::jobs::JobView;
+use tokio::sync::mpsc;
+
+use super::nodes::{rfc3339, Page};
+use super::prelude::*;
+use super::telemetry::parse_since;
+use crate::containers::{ContainerFilter, LogFollow, FOLLOW_BUFFER};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ContainerQuery {
+    node: Option<String>,
+    /// `key=value`
+    label: Option<String>,
+    state: Option<String>,
+    health: Option<String>,
+    /// `true`: only containers Nebula manages; `false`: only the others.
+    managed: Option<bool>,
+    /// Case-insensitive search in node, name, image, id and service.
+    q: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/containers`.
+pub(super) async fn list_containers(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+    query: Result<Query<ContainerQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Page<ContainerRow>>> {
+    use nebula_protocol::telemetry::ContainerState;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(500);
+    if limit == 0 || limit > 5000 {
+        return Err(ApiError::bad_request("limit must be between 1 and 5000"));
+    }
+    if let Some(s) = q.state.as_deref() {
+        if ContainerState::parse(s) == ContainerState::Unknown && s != "unknown" {
+            return Err(ApiError::bad_request(format!(
+                "state `{s}` is not a container state"
+            )));
+        }
+    }
+    if let Some(h) = q.health.as_deref() {
+        if !["none", "starting", "healthy", "unhealthy"].contains(&h) {
+            return Err(ApiError::bad_request(format!(
+                "health `{h}`: use none, starting, healthy or unhealthy"
+            )));
+        }
+    }
+    let label = match q.label.as_deref() {
+        Some(l) => Some(
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| ApiError::bad_request("label filter reads key=value"))?,
+        ),
+        None => None,
+    };
+    if q.q.as_deref().is_some_and(|s| s.len() > 200) {
+        return Err(ApiError::bad_request(
+            "search `q` is at most 200 characters",
+        ));
+    }
+    if let Some(n) = q.node.as_deref() {
+        if cp.store.node_by_name(n).await?.is_none() {
+            return Err(ApiError::not_found(format!("no node named `{n}`")));
+        }
+    }
+    let filter = ContainerFilter {
+        node: q.node,
+        label,
+        state: q.state,
+        health: q.health,
+        managed: q.managed,
+        search: q.q,
+    };
+    let mut items: Vec<ContainerRow> = cp
+        .containers(&who, &filter)?
+        .into_iter()
+        .filter(|r| {
+            q.cursor
+                .as_deref()
+                .is_none_or(|cur| format!("{}/{}", r.node, r.name).as_str() > cur)
+        })
+        .take(limit + 1)
+        .collect();
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|r| format!("{}/{}", r.node, r.name))
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+/// `GET /api/v1/nodes/{name}/containers/{container}`.
+pub(super) async fn get_container(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+    Path((node, container)): Path<(String, String)>,
+) -> ApiResult<Json<ContainerView>> {
+    Ok(Json(cp.container(&who, &node, &container).await?))
+}
+
+/// `POST /api/v1/nodes/{name}/containers/{container}/actions`: 202 with the job and, for a
+/// container Nebula manages, a warning.
+pub(super) async fn container_action(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+    Path((node, container)): Path<(String, String)>,
+    body: Result<Json<ContainerActionRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(b) = body?;
+    let action = ContainerAction::parse(&b.action).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "action `{}`: use start, stop, restart, kill, remove or pull",
+            b.action
+        ))
+    })?;
+    let (record, warning) = cp.container_action(&who, &node, &container, action).await?;
+    let view = ContainerActionView {
+        job: JobView {
+            record,
+            progress: None,
+        },
+        warning,
+    };
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LogQuery {
+    /// Keep the stream open for new lines (default true).
+    follow: Option<bool>,
+    /// The last N lines of what is there now.
+    tail: Option<u32>,
+    /// RFC 3339 time or a duration back from now (`10m`).
+    since: Option<String>,
+}
+
+/// `GET /api/v1/nodes/{name}/containers/{container}/logs`: server-sent events. `logs` events
+/// carry a JSON array of lines; `end` says the log ended; `error` says why it broke off.
+pub(super) async fn container_logs(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+    Path((node, container)): Path<(String, String)>,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let since_unix_ms = match q.since.as_deref() {
+        Some(s) => Some(crate::store::millis(parse_since(Some(s))?)),
+        None => None,
+    };
+    let req = LogsRequest {
+        container,
+        since_unix_ms,
+        tail: q.tail,
+        follow: q.follow.unwrap_or(true),
+    };
+    let follow = cp.follow_logs(&who, &node, req).await?;
+    Ok(log_events(&cp, follow))
+}
+
+/// A log follower as server-sent events (the API's and the dashboard's container pages both
+/// read it). The task that reads the node's stream waits while the client is slow: see
+/// [`crate::containers`] for the bound that keeps.
+pub fn log_events(
+    cp: &ControlPlane,
+    mut follow: LogFollow,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let (tx, rx) = mpsc::channel::<SseEvent>(FOLLOW_BUFFER);
+    let shutdown = cp.shutdown.clone();
+    cp.tracker.spawn(async move {
+        loop {
+            let next = tokio::select! {
+                n = follow.next() => n,
+                _ = tx.closed() => return,
+                _ = shutdown.cancelled() => return,
+            };
+            let event = match next {
+                Ok(Some(lines)) => SseEvent::default()
+                    .event("logs")
+                    .data(serde_json::to_string(&lines_view(&lines)).unwrap_or_default()),
+                Ok(None) => {
+                    let _ = tx.send(SseEvent::default().event("end").data("{}")).await;
+                    return;
+                }
+                Err(message) => {
+                    let body = serde_json::json!({ "message": message });
+                    let _ = tx
+                        .send(SseEvent::default().event("error").data(body.to_string()))
+                        .await;
+                    return;
+                }
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|ev| (Ok(ev), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn lines_view(lines: &[LogEntry]) -> Vec<ContainerLogLine> {
+    lines
+        .iter()
+        .map(|l| ContainerLogLine {
+            t: rfc3339(l.at_unix_ms),
+            stream: l.stream.as_str().to_owned(),
+            line: l.line.clone(),
+        })
+        .collect()
+}
