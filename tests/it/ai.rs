@@ -895,16 +895,8 @@ async fn desired_models_are_pulled_with_progress_and_show_up_and_the_cli_pulls_a
 
     // The map asks for mistral on node-a; it is missing there.
     let map = "models:\n  mistral:7b:\n    nodes: [node-a]\n  llama3:\n    nodes: [node-a]\n";
-    let r = c
-        .client
-        .put(c.url("/api/v1/desired"))
-        .bearer_auth(&c.admin_token)
-        .header("content-type", "application/yaml")
-        .body(map)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (status, v) = c.put_map(map).await;
+    assert_eq!(status, 200, "{v}");
     // It is pulled, with progress on the way.
     let seen_progress = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     wait_for(

@@ -476,16 +476,8 @@ async fn a_managed_container_stopped_by_hand_is_put_back_as_the_warning_says() {
     let map = format!(
         "version: 1\nnodes:\n  keeper: {{}}\nservices:\n  sleeper:\n    image: {IMAGE}\n    command: sleep 3600\n    placement: {{ node: keeper }}\n"
     );
-    let resp = c
-        .client
-        .put(c.url("/api/v1/desired"))
-        .bearer_auth(&c.admin_token)
-        .header("content-type", "application/yaml")
-        .body(map)
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let (status, v) = c.put_map(&map).await;
+    assert_eq!(status, 200, "{v}");
     let row = wait_for("the managed container", Duration::from_secs(60), || async {
         let page: Page<ContainerRow> = c.get_as("/api/v1/containers?managed=true").await;
         page.items

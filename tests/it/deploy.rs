@@ -36,17 +36,7 @@ fn free_port() -> u16 {
 }
 
 async fn put_map(c: &Controller, yaml: &str) -> (u16, Value) {
-    let resp = c
-        .client
-        .put(c.url("/api/v1/desired"))
-        .bearer_auth(&c.admin_token)
-        .header("content-type", "application/yaml")
-        .body(yaml.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    c.put_map(yaml).await
 }
 
 async fn service(c: &Controller, name: &str) -> Option<ServiceView> {

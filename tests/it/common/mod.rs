@@ -319,6 +319,21 @@ impl Controller {
             .expect("run nebula")
     }
 
+    /// PUT a service map (YAML) as the desired state: the status and the answer.
+    pub async fn put_map(&self, yaml: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .put(self.url("/api/v1/desired"))
+            .bearer_auth(&self.admin_token)
+            .header("content-type", "application/yaml")
+            .body(yaml.to_owned())
+            .send()
+            .await
+            .expect("PUT /api/v1/desired");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
         self.client
