@@ -285,11 +285,7 @@ pub fn age(created_ms: Option<i64>) -> String {
 }
 
 fn what(job: &JobRecord) -> String {
-    match &job.work {
-        Work::Exec { op, args } => format!("{op} {}", args.join(" ")).trim().to_owned(),
-        Work::Probe { http, tcp, .. } => format!("probe {}", opt(http.as_ref().or(tcp.as_ref()))),
-        other => other.kind().to_owned(),
-    }
+    job.work.summary()
 }
 
 /// Fetch one page of a list endpoint with optional filters; `None` when `--json` printed it.

@@ -22,7 +22,7 @@ use nebula_protocol::deploy::labels;
 use nebula_protocol::jobs::JobControl;
 use nebula_protocol::telemetry::{ContainerInfo, ContainerSample};
 use nebula_protocol::{self as proto, FrameReader};
-use nebula_types::api::containers::{ContainerRow, ContainerView, DockerPolicyView};
+pub use nebula_types::api::containers::{ContainerRow, ContainerView, DockerPolicyView};
 use nebula_types::jobs::{ContainerActionKind, JobRecord, Target, Work};
 use uuid::Uuid;
 

@@ -35,6 +35,7 @@ pub mod charts;
 const CSS: &str = include_str!("../assets/style.css");
 const JS: &str = include_str!("../assets/live.js");
 const CHAT_JS: &str = include_str!("../assets/chat.js");
+const LOGS_JS: &str = include_str!("../assets/logs.js");
 
 mod ai;
 mod pages;
@@ -52,7 +53,19 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/ui/events", get(overview_events))
         .route("/ui/logout", post(logout))
         .route("/ui/nodes/{name}", get(node_page))
-        .route("/ui/nodes/{name}/restart", post(restart_container))
+        .route("/ui/containers", get(containers_page))
+        .route(
+            "/ui/nodes/{name}/containers/{container}",
+            get(container_page),
+        )
+        .route(
+            "/ui/nodes/{name}/containers/{container}/action",
+            post(container_action),
+        )
+        .route(
+            "/ui/nodes/{name}/containers/{container}/logs",
+            get(container_logs),
+        )
         .route("/ui/nodes/{name}/wake", post(wake_node))
         .route("/ui/services", get(services_page))
         .route("/ui/services/plan", post(plan_map))
@@ -86,6 +99,10 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route(
             "/ui/assets/chat.js",
             get(|| async { asset(CHAT_JS, "text/javascript") }),
+        )
+        .route(
+            "/ui/assets/logs.js",
+            get(|| async { asset(LOGS_JS, "text/javascript") }),
         )
         .merge(private)
         .layer(middleware::map_response(security_headers))
@@ -258,6 +275,7 @@ fn op_error(e: OpError) -> Response {
 fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Markup) -> Markup {
     let nav: Vec<(&str, &str)> = [
         ("/ui/", "Overview", Role::Viewer),
+        ("/ui/containers", "Containers", Role::Viewer),
         ("/ui/services", "Services", Role::Viewer),
         ("/ui/jobs", "Jobs", Role::Viewer),
         ("/ui/models", "Models", Role::Viewer),
@@ -318,10 +336,11 @@ fn pct_bar(p: f32) -> Markup {
 }
 
 use pages::admin::{audit_page, tasks_page};
+use pages::containers::{container_action, container_logs, container_page, containers_page};
 use pages::enroll::{enroll, enroll_page};
 use pages::jobs::{job_events, job_page, jobs_page};
 use pages::login::{login, login_page, logout};
-use pages::node::{node_page, restart_container, wake_node};
+use pages::node::{node_page, wake_node};
 pub use pages::overview::{node_card, overview_html};
 use pages::overview::{overview, overview_events};
 use pages::services::{apply_map, plan_map, rollback, services_page};
@@ -344,8 +363,7 @@ mod prelude {
     pub(crate) use nebula_controller::authz::Op;
     pub(crate) use nebula_controller::events::Event;
     pub(crate) use nebula_controller::http::{node_view, NodeStatus, NodeView, Role};
-    pub(crate) use nebula_controller::jobs::model::{JobRecord, Target, Work};
-    pub(crate) use nebula_controller::jobs::NewJob;
+    pub(crate) use nebula_controller::jobs::model::JobRecord;
     pub(crate) use nebula_controller::store::jobs::{AuditFilter, JobFilter};
     pub(crate) use nebula_controller::{ControlPlane, OpError};
     pub(crate) use serde::Deserialize;

@@ -237,14 +237,15 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(!b.has("#node-web-host").await);
     let dir = tempfile::tempdir().unwrap();
     let token = c.token(1, "10m", json!({"zone": "home"})).await;
-    // The agent lets jobs restart any container (for the node page's restart action).
+    // Restarting a managed container from the node page needs nothing more than the
+    // agent's default `docker.control = "managed"`.
     let _agent = Agent::join_with_config(
         &c,
         &token,
         &dir.path().join("a"),
         "web-host",
         &[],
-        "[exec]\ndocker_containers = [\"*\"]\n",
+        "[docker]\ncontrol = \"managed\"\n",
     );
     let card = b.wait_text("#node-web-host", Duration::from_secs(30)).await;
     assert!(card.contains("web-host"), "{card}");
@@ -459,7 +460,7 @@ async fn the_dashboard_in_a_real_browser() {
         .unwrap();
     let jobs = b.text("table").await;
     assert!(
-        jobs.contains("docker-restart") && jobs.contains("deploy hello"),
+        jobs.contains(&format!("restart {hello}")) && jobs.contains("deploy hello"),
         "{jobs}"
     );
     b.shot("jobs").await;
@@ -549,6 +550,122 @@ async fn the_dashboard_in_a_real_browser() {
     b.c().goto(&format!("{base}/ui/enroll")).await.unwrap();
     assert!(b.text("main").await.contains("needs the Admin role"));
     b.shot("viewer-services").await;
+}
+
+/// The Containers pages: the fleet's list (search), a container's page with its log followed
+/// live and filtered by the search box, actions for operators only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_pages_follow_a_log_live_in_a_real_browser() {
+    let ctrs = Containers::new();
+    let c = Controller::start(ControllerOpts::default()).await;
+    let base = c.url("");
+    let admin_pw = create_user(&c, "ana", "admin").await;
+    let viewer_pw = create_user(&c, "vic", "viewer").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The container is not Nebula's: acting on it takes `docker.control = "all"`.
+    let config = "[docker]\ncontrol = \"all\"\n";
+    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(config)).await;
+    let name = format!("ticker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    ctrs.run(
+        &name,
+        &[
+            IMAGE,
+            "sh",
+            "-c",
+            "i=0; while true; do echo \"tick $i\"; echo \"oops $i\" >&2; i=$((i+1)); sleep 0.2; done",
+        ],
+    );
+    let b = Browser::start().await;
+    b.login(&base, "ana", &admin_pw).await;
+    let link = format!("a[href='/ui/nodes/box/containers/{name}']");
+    wait_for(
+        "the container in the list",
+        Duration::from_secs(30),
+        || async {
+            b.c()
+                .goto(&format!("{base}/ui/containers?q={name}"))
+                .await
+                .ok()?;
+            b.has(&link).await.then_some(())
+        },
+    )
+    .await;
+    let table = b.text("#containers").await;
+    assert!(
+        table.contains("box") && table.contains("running") && table.contains("no"),
+        "{table}"
+    );
+    b.shot("containers").await;
+    // A search that matches nothing says so.
+    b.c()
+        .goto(&format!("{base}/ui/containers?q=no-such-thing-here"))
+        .await
+        .unwrap();
+    assert!(b.has("#no-containers").await);
+
+    b.c()
+        .goto(&format!("{base}/ui/nodes/box/containers/{name}"))
+        .await
+        .unwrap();
+    assert!(b.has("#action-stop").await, "an admin may act");
+    // The log arrives live, stdout and stderr.
+    wait_for("the log to follow", Duration::from_secs(20), || async {
+        let log = b.text("#container-log").await;
+        (log.contains("tick 3") && log.contains("oops 3")).then_some(())
+    })
+    .await;
+    b.shot("container-log").await;
+    // The search box keeps only the lines that contain it, also as new ones arrive.
+    b.c()
+        .find(Locator::Id("log-search"))
+        .await
+        .unwrap()
+        .send_keys("oops")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let shown = b.text("#container-log").await;
+    let lines: Vec<&str> = shown.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    assert!(lines.iter().all(|l| l.starts_with("oops ")), "{lines:?}");
+    b.shot("container-log-search").await;
+    // Stop it from the page: a job, and the container is stopped.
+    b.c()
+        .find(Locator::Id("action-stop"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        "the stop job to succeed",
+        Duration::from_secs(30),
+        || async {
+            (b.has("#job-state").await && b.text("#job-state").await == "succeeded").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Status}}", &name]),
+        "exited"
+    );
+
+    // A viewer sees the page and the log, and no actions.
+    b.c()
+        .find(Locator::Css("header form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait_text("form.login", Duration::from_secs(10)).await;
+    b.login(&base, "vic", &viewer_pw).await;
+    b.c()
+        .goto(&format!("{base}/ui/nodes/box/containers/{name}"))
+        .await
+        .unwrap();
+    b.wait_text("#container-log", Duration::from_secs(10)).await;
+    assert!(!b.has("#action-stop").await, "no actions for a viewer");
 }
 
 /// The Models and Chat pages. The backend is the Ollama stand-in (no real Ollama can run here):

@@ -110,7 +110,7 @@ pub async fn run(
             status_code: 304, ..
         }) => {
             let now = match job.action {
-                ContainerAction::Remove => "removed".to_owned(),
+                ContainerAction::Remove => String::new(),
                 _ => docker
                     .inspect_container(name, None)
                     .await
@@ -120,7 +120,20 @@ pub async fn run(
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "unknown".into()),
             };
-            ctx.log(LogStream::Agent, format!("{name} is {now}"));
+            let done = match job.action {
+                ContainerAction::Start => "started",
+                ContainerAction::Stop => "stopped",
+                ContainerAction::Restart => "restarted",
+                ContainerAction::Kill => "killed",
+                ContainerAction::Remove => "removed",
+                ContainerAction::Pull => "pulled",
+            };
+            let line = if job.action == ContainerAction::Remove {
+                format!("{name} {done}")
+            } else {
+                format!("{name} {done}; it is {now}")
+            };
+            ctx.log(LogStream::Agent, line);
             JobResult::new(JobStatus::Succeeded, None)
         }
         Err(e) => JobResult::new(

@@ -139,6 +139,38 @@ impl Work {
         }
     }
 
+    /// What the job does, in a few words for lists: `git-pull /srv/app`, `restart web-1`,
+    /// `deploy web 3f9c2a7d`.
+    pub fn summary(&self) -> String {
+        match self {
+            Work::Exec { op, args } => format!("{op} {}", args.join(" ")).trim().to_owned(),
+            Work::Probe { http, tcp, .. } => {
+                format!("probe {}", http.clone().or(tcp.clone()).unwrap_or_default())
+            }
+            Work::Deploy(d) => format!("deploy {} {}", d.service, d.revision),
+            Work::DeployWithHostAccess(d) => format!(
+                "deploy {} {} (host access)",
+                d.deploy.service, d.deploy.revision
+            ),
+            Work::Undeploy(u) => format!("undeploy {}", u.service),
+            Work::Container { container, action } => {
+                format!("{} {container}", action.to_action().as_str())
+            }
+            Work::Model { action, name, .. } => {
+                let verb = match action {
+                    ModelActionKind::Pull => "pull",
+                    ModelActionKind::Download => "download",
+                    ModelActionKind::Delete => "delete",
+                    ModelActionKind::List => "list",
+                };
+                format!("model {verb} {}", name.as_deref().unwrap_or(""))
+                    .trim()
+                    .to_owned()
+            }
+            w => w.kind().to_owned(),
+        }
+    }
+
     /// Kinds only the controller itself creates (the reconciler); the jobs API refuses them.
     pub fn is_internal(&self) -> bool {
         matches!(

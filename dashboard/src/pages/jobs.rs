@@ -9,19 +9,7 @@ pub(crate) struct JobsQuery {
 }
 
 pub(crate) fn job_what(j: &JobRecord) -> String {
-    match &j.work {
-        Work::Exec { op, args } => format!("{op} {}", args.join(" ")),
-        Work::Probe { http, tcp, .. } => {
-            format!("probe {}", http.clone().or(tcp.clone()).unwrap_or_default())
-        }
-        Work::Deploy(d) => format!("deploy {} {}", d.service, d.revision),
-        Work::DeployWithHostAccess(d) => format!(
-            "deploy {} {} (host access)",
-            d.deploy.service, d.deploy.revision
-        ),
-        Work::Undeploy(u) => format!("undeploy {}", u.service),
-        w => w.kind().to_owned(),
-    }
+    j.work.summary()
 }
 
 pub(crate) async fn jobs_page(

@@ -1,4 +1,4 @@
-//! A node's page: charts, GPU processes, containers (restart), wake.
+//! A node's page: charts, GPU processes, containers (each linking to its page; restart), wake.
 
 use crate::prelude::*;
 
@@ -127,14 +127,14 @@ pub(crate) async fn node_page(
                     @let state = sample.map(|s| s.state.as_str()).unwrap_or("unknown");
                     @let health = sample.map(|s| s.health.as_str()).unwrap_or("none");
                     tr id={"container-" (c.name)} {
-                        td { (c.name) } td { code { (c.image) } }
+                        td { a href={"/ui/nodes/" (view.name) "/containers/" (c.name)} { (c.name) } } td { code { (c.image) } }
                         td { span class={"badge " (state)} { (state) } }
                         td { span class={"badge " (health)} { (health) } }
                         td { (c.labels.get("nebula.service").map(String::as_str).unwrap_or("-")) }
                         @if user.can(Role::Operator) { td {
-                            form.inline method="post" action={"/ui/nodes/" (view.name) "/restart"} {
+                            form.inline method="post" action={"/ui/nodes/" (view.name) "/containers/" (c.name) "/action"} {
                                 (csrf_field(&user))
-                                input type="hidden" name="container" value=(c.name);
+                                input type="hidden" name="action" value="restart";
                                 button.secondary type="submit" aria-label={"Restart " (c.name)} { "Restart" }
                             }
                         } }
@@ -144,45 +144,6 @@ pub(crate) async fn node_page(
         } @else { p.dim { "No container inventory yet." } }
     };
     page(&user, &view.name, "", None, body).into_response()
-}
-
-#[derive(Deserialize, Default)]
-pub(crate) struct RestartForm {
-    #[serde(default)]
-    csrf: String,
-    #[serde(default)]
-    container: String,
-}
-
-pub(crate) async fn restart_container(
-    State(cp): State<Arc<ControlPlane>>,
-    Extension(user): Extension<User>,
-    Path(name): Path<String>,
-    form: Result<Form<RestartForm>, FormRejection>,
-) -> Response {
-    let f = form.map(|Form(f)| f).unwrap_or_default();
-    if let Err(r) = user.check(&f.csrf) {
-        return r.into_response();
-    }
-    let job = cp
-        .create_job(
-            NewJob {
-                work: Work::Exec {
-                    op: "docker-restart".into(),
-                    args: vec![f.container],
-                },
-                target: Target::Node(name),
-                deadline: Some(Duration::from_secs(120)),
-                idempotent: false,
-                max_attempts: None,
-            },
-            &user.cx(),
-        )
-        .await;
-    match job {
-        Ok(j) => Redirect::to(&format!("/ui/jobs/{}", j.id)).into_response(),
-        Err(e) => op_error(e),
-    }
 }
 
 pub(crate) async fn wake_node(
