@@ -56,6 +56,8 @@ pub enum ContainerCommand {
     Rm(ActionArgs),
     /// Pull a container's image again (restart it afterwards to use it).
     Pull(ActionArgs),
+    /// Run a command in a container with a terminal: `exec NODE NAME -- sh`.
+    Exec(crate::exec::ExecArgs),
 }
 
 #[derive(Args, Debug)]
@@ -178,6 +180,7 @@ pub async fn container(cli: &Cli, cmd: &ContainerCommand) -> anyhow::Result<()> 
             return show(cli, &api, node, container).await
         }
         ContainerCommand::Logs(a) => return logs(&api, a).await,
+        ContainerCommand::Exec(a) => return crate::exec::exec(cli, a).await,
         ContainerCommand::Start(a) => (a, "start"),
         ContainerCommand::Stop(a) => (a, "stop"),
         ContainerCommand::Restart(a) => (a, "restart"),

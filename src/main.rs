@@ -11,6 +11,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod client;
 mod containers;
 mod desired;
+mod exec;
 mod jobs;
 mod models;
 mod serve;

@@ -32,6 +32,7 @@ pub mod jobs;
 pub mod logs;
 pub mod process;
 pub mod session;
+pub mod shell;
 pub mod telemetry;
 pub mod tls;
 pub mod update;

@@ -91,6 +91,8 @@ pub struct ControlPlane {
     pub(crate) gateway_bodies: Arc<tokio::sync::Semaphore>,
     /// Container logs being followed (at most [`containers::MAX_LOG_FOLLOWERS`]).
     pub(crate) log_followers: Arc<tokio::sync::Semaphore>,
+    /// Interactive sessions open (at most [`containers::exec::MAX_EXEC_SESSIONS`]).
+    pub(crate) exec_sessions: Arc<tokio::sync::Semaphore>,
     /// Owns every task the controller spawns (stopped by the shutdown token); the dashboard's
     /// live streams run on it too.
     pub tracker: TaskTracker,
@@ -439,6 +441,9 @@ impl Controller {
             quic_limits: Default::default(),
             signin: Default::default(),
             log_followers: Arc::new(tokio::sync::Semaphore::new(containers::MAX_LOG_FOLLOWERS)),
+            exec_sessions: Arc::new(tokio::sync::Semaphore::new(
+                containers::exec::MAX_EXEC_SESSIONS,
+            )),
             gateway_bodies: Arc::new(tokio::sync::Semaphore::new(
                 config
                     .ai

@@ -212,6 +212,67 @@ impl crate::Message for LogEvent {
     const VARIANTS: Option<u32> = Some(4);
 }
 
+/// An interactive command in a container (`docker exec`), on a stream of its own
+/// ([`crate::jobs::JobControl::Exec`]). After this request the controller sends
+/// [`ExecInput`] frames and the agent answers with [`ExecOutput`] frames: `Started` (or
+/// `Refused`/`Error`), output as it comes, and `Exit` last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The container's name or id.
+    pub container: String,
+    /// Program and arguments (`["sh"]`).
+    pub command: Vec<String>,
+    /// Allocate a terminal: raw bytes both ways, window size from `rows` and `cols`.
+    pub tty: bool,
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Frames from the controller on an exec stream, after the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecInput {
+    /// Bytes for the command's standard input (keystrokes, with a terminal).
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The client's window changed size.
+    Resize { rows: u16, cols: u16 },
+    /// No more input (the command sees end of file).
+    Eof,
+}
+
+/// Frames from the agent on an exec stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecOutput {
+    /// The command runs.
+    Started,
+    /// Standard output (everything, with a terminal).
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The command ended with this status (`None`: the runtime did not say).
+    Exit {
+        code: Option<i64>,
+    },
+    /// The node's `docker.exec` rule says no.
+    Refused {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl crate::Message for ExecInput {
+    const NAME: &'static str = "ExecInput";
+    const VARIANTS: Option<u32> = Some(3);
+}
+
+impl crate::Message for ExecOutput {
+    const NAME: &'static str = "ExecOutput";
+    const VARIANTS: Option<u32> = Some(6);
+}
+
+/// Largest data frame either way on an exec stream.
+pub const EXEC_CHUNK: usize = 32 * 1024;
+
 /// What the telemetry inventory does not say about its containers, in the inventory's order,
 /// tagged with its epoch (sent right after each inventory to a 1.6 controller).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

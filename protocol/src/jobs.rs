@@ -37,6 +37,9 @@ pub enum JobControl {
     /// Follow a container's log (1.6): not a stored job; answered with
     /// `containers::LogEvent`s until the log ends or the controller stops reading.
     Logs(crate::containers::LogsRequest),
+    /// An interactive command in a container (1.6): not a stored job; followed by
+    /// `containers::ExecInput` frames, answered with `containers::ExecOutput`s.
+    Exec(crate::containers::ExecRequest),
 }
 
 /// One job for one agent. The first four fields are frozen in every major: see [`decode_request`].
@@ -261,7 +264,7 @@ pub struct GitRepository {
 
 impl crate::Message for JobControl {
     const NAME: &'static str = "JobControl";
-    const VARIANTS: Option<u32> = Some(4);
+    const VARIANTS: Option<u32> = Some(5);
 }
 
 impl crate::Message for JobEvent {

@@ -547,6 +547,16 @@ fn job_control() {
         }),
     );
     check(
+        "job_exec",
+        &JobControl::Exec(containers::ExecRequest {
+            container: "ollama".into(),
+            command: vec!["sh".into()],
+            tty: true,
+            rows: 24,
+            cols: 80,
+        }),
+    );
+    check(
         "job_request_container",
         &req(JobSpec::Container(containers::ContainerJob {
             container: "ollama".into(),
@@ -573,6 +583,18 @@ fn log_events() {
         },
     );
     check("log_end", &LogEvent::End);
+    check("exec_data", &ExecInput::Data(b"ls\r".to_vec()));
+    check(
+        "exec_resize",
+        &ExecInput::Resize {
+            rows: 40,
+            cols: 120,
+        },
+    );
+    check("exec_eof", &ExecInput::Eof);
+    check("exec_started", &ExecOutput::Started);
+    check("exec_stdout", &ExecOutput::Stdout(b"bin  etc\r\n".to_vec()));
+    check("exec_exit", &ExecOutput::Exit { code: Some(0) });
     check(
         "log_refused",
         &LogEvent::Refused {

@@ -670,3 +670,219 @@ async fn the_cli_lists_every_container_with_ports_uptime_and_filters() {
     );
     assert!(text.contains("no control"), "{text}");
 }
+
+/// An exec WebSocket as a terminal client would use it.
+struct Terminal {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    screen: String,
+}
+
+impl Terminal {
+    async fn open(
+        c: &Controller,
+        token: &str,
+        node: &str,
+        name: &str,
+        query: &str,
+    ) -> Result<Terminal, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!(
+            "ws://{}/api/v1/nodes/{node}/containers/{name}/exec?{query}",
+            c.http
+        );
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((socket, _)) => Ok(Terminal {
+                socket,
+                screen: String::new(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("exec socket: {e}"),
+        }
+    }
+
+    async fn send(&mut self, keys: &str) {
+        use futures::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        self.socket
+            .send(Message::binary(keys.as_bytes().to_vec()))
+            .await
+            .unwrap();
+    }
+
+    async fn control(&mut self, json: Value) {
+        use futures::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        self.socket
+            .send(Message::text(json.to_string()))
+            .await
+            .unwrap();
+    }
+
+    /// Read output until `want` shows (returns the time it took), or a control message comes
+    /// (returned as the error).
+    async fn until(&mut self, want: &str) -> Result<Duration, Value> {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let t = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while !self.screen.contains(want) {
+            let msg = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("no `{want}` in: {:?}", self.screen))
+                .expect("the socket closed")
+                .unwrap();
+            match msg {
+                Message::Binary(b) => {
+                    assert!(b[0] == 1 || b[0] == 2, "output is tagged by stream");
+                    self.screen.push_str(&String::from_utf8_lossy(&b[1..]));
+                }
+                Message::Text(t) => return Err(serde_json::from_str(t.as_str()).unwrap()),
+                _ => {}
+            }
+        }
+        let elapsed = t.elapsed();
+        self.screen.clear();
+        Ok(elapsed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_a_shell_with_a_real_terminal_under_each_nodes_policy() {
+    let ctrs = docker::Containers::new();
+    let c = Controller::start(ControllerOpts::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_s, _) = join_ready(&c, dir.path(), "strict", &[], None).await;
+    let open = "[docker]\nexec = \"all\"\n";
+    let (_o, _) = join_ready(&c, dir.path(), "open", &[], Some(open)).await;
+    let name = unique("shell");
+    ctrs.run(&name, &[IMAGE, "sleep", "3600"]);
+    listed(&c, &name).await;
+    wait_for("both nodes to list it", Duration::from_secs(20), || async {
+        let page: Page<ContainerRow> = c.get_as(&format!("/api/v1/containers?q={name}")).await;
+        (page.items.len() == 2).then_some(())
+    })
+    .await;
+
+    // A shell with a terminal: an echo round trip, the terminal's size, a resize, the exit.
+    let mut t = Terminal::open(&c, &c.admin_token, "open", &name, "cmd=sh&rows=24&cols=80")
+        .await
+        .unwrap();
+    t.send("echo hello-$((6*7))\r").await;
+    t.until("hello-42").await.unwrap();
+    t.send("stty size\r").await;
+    t.until("24 80").await.unwrap();
+    t.control(json!({"resize": {"rows": 40, "cols": 132}}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    t.send("stty size\r").await;
+    t.until("40 132").await.unwrap();
+    t.send("tty\r").await;
+    t.until("/dev/pts/").await.unwrap();
+    t.send("exit 3\r").await;
+    let end = t.until("never printed").await.unwrap_err();
+    assert_eq!(end, json!({"exit": 3}));
+
+    // The CLI without a terminal: stdout and stderr apart, the exit status passed on, piped
+    // input read to its end.
+    let out = c.cli(&[
+        "container",
+        "exec",
+        "open",
+        &name,
+        "-T",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 5",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
+    let mut cmd = std::process::Command::new(bin("nebula"));
+    cmd.args([
+        "container",
+        "exec",
+        "open",
+        &name,
+        "-T",
+        "--",
+        "sh",
+        "-c",
+        "n=0; while read l; do n=$((n+1)); done; echo $n",
+    ])
+    .env("NEBULA_CONTROLLER", c.url(""))
+    .env("NEBULA_TOKEN", &c.admin_token)
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"one\ntwo\nthree\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+
+    // Refused: where the node's policy says no (by the rule's name), and for a viewer.
+    let (status, v) = c
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/nodes/strict/containers/{name}/exec"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "a plain GET is not a WebSocket: {v}");
+    let refused = Terminal::open(&c, &c.admin_token, "strict", &name, "cmd=sh").await;
+    assert_eq!(refused.err(), Some(403));
+    let out = c.cli(&["container", "exec", "strict", &name, "-T", "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("docker.exec = \"managed\""),
+        "{err}"
+    );
+    let viewer = api_token(&c, "peeker", "viewer").await;
+    let refused = Terminal::open(&c, &viewer, "open", &name, "cmd=sh").await;
+    assert_eq!(refused.err(), Some(403));
+
+    // Audited: who, where, what, how long and how it ended; never what was typed.
+    let audit: Page<nebula_types::jobs::AuditRecord> = c.get_as("/api/v1/audit?limit=200").await;
+    let target = format!("open/{name}");
+    let opened: Vec<_> = audit
+        .items
+        .iter()
+        .filter(|a| a.action == "container.exec" && a.target == target)
+        .collect();
+    assert_eq!(opened.len(), 3, "three sessions on the open node");
+    assert!(opened.iter().all(|a| a.actor == "admin"));
+    let ended: Vec<_> = audit
+        .items
+        .iter()
+        .filter(|a| a.action == "container.exec.end" && a.target == target)
+        .collect();
+    assert_eq!(ended.len(), 3);
+    assert!(ended.iter().any(|a| a.detail["exit_code"] == 3));
+    assert!(ended
+        .iter()
+        .all(|a| a.detail["duration_ms"].as_u64().is_some()));
+    let all = serde_json::to_string(&audit.items).unwrap();
+    assert!(!all.contains("hello-"), "keystrokes stay out of the audit");
+}

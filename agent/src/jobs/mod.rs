@@ -48,6 +48,8 @@ const AGENT_STOPPING: &str = "the agent is stopping";
 pub const KEPT_LINES: usize = 10_000;
 /// Log streams served at once (each holds one batch of lines and a runtime connection).
 pub const MAX_LOG_STREAMS: usize = 64;
+/// Interactive commands served at once.
+pub const MAX_EXEC_STREAMS: usize = 32;
 /// Largest frame accepted on a job stream from the controller.
 const MAX_CONTROL_FRAME: usize = 1024 * 1024;
 /// Largest first frame of a stream: an inference request carries its client's body (a long
@@ -77,6 +79,7 @@ pub struct JobRunner {
     state: Mutex<RunnerState>,
     slots: Arc<Semaphore>,
     log_streams: Arc<Semaphore>,
+    exec_streams: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -251,6 +254,7 @@ impl JobRunner {
         Ok(Arc::new(JobRunner {
             slots: Arc::new(Semaphore::new(config.jobs.max_concurrent.max(1))),
             log_streams: Arc::new(Semaphore::new(MAX_LOG_STREAMS)),
+            exec_streams: Arc::new(Semaphore::new(MAX_EXEC_STREAMS)),
             config,
             state: Mutex::new(RunnerState {
                 journal,
@@ -358,6 +362,23 @@ impl JobRunner {
                             "this node already serves {MAX_LOG_STREAMS} log streams; try again later"
                         );
                         let ev = nebula_protocol::containers::LogEvent::Error { message };
+                        let _ = proto::write_message(&mut send, &ev).await;
+                        let _ = send.finish();
+                    }
+                }
+                return;
+            }
+            Ok(DecodedControl::Control(JobControl::Exec(r))) => {
+                match self.exec_streams.clone().try_acquire_owned() {
+                    Ok(_permit) => {
+                        crate::shell::serve(r, send, recv, &self.config.docker, self.config.node_id)
+                            .await
+                    }
+                    Err(_) => {
+                        let message = format!(
+                            "this node already runs {MAX_EXEC_STREAMS} interactive commands; try again later"
+                        );
+                        let ev = nebula_protocol::containers::ExecOutput::Error { message };
                         let _ = proto::write_message(&mut send, &ev).await;
                         let _ = send.finish();
                     }
@@ -505,7 +526,7 @@ impl JobRunner {
                             info!(%reason, "job cancelled by the controller");
                             running.cancel(reason);
                         }
-                        Ok(JobControl::Request(_) | JobControl::Infer(_) | JobControl::Logs(_)) => debug!("second request on a job stream ignored"),
+                        Ok(JobControl::Request(_) | JobControl::Infer(_) | JobControl::Logs(_) | JobControl::Exec(_)) => debug!("second request on a job stream ignored"),
                         Err(FrameError::Closed) => reading = false,
                         Err(e) => {
                             debug!("job stream lost ({e}); the run goes on");

@@ -3,9 +3,13 @@
 
 use std::convert::Infallible;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::Stream;
-use nebula_protocol::containers::{ContainerAction, LogEntry, LogsRequest};
+use nebula_protocol::containers::{
+    ContainerAction, ExecOutput, ExecRequest, LogEntry, LogsRequest,
+};
 use nebula_types::api::containers::{
     ContainerActionRequest, ContainerActionView, ContainerLogLine, ContainerRow, ContainerView,
 };
@@ -15,6 +19,7 @@ use tokio::sync::mpsc;
 use super::nodes::{rfc3339, Page};
 use super::prelude::*;
 use super::telemetry::parse_since;
+use crate::containers::exec::ExecSession;
 use crate::containers::{ContainerFilter, LogFollow, FOLLOW_BUFFER};
 
 #[derive(Debug, Deserialize)]
@@ -225,4 +230,135 @@ fn lines_view(lines: &[LogEntry]) -> Vec<ContainerLogLine> {
             line: l.line.clone(),
         })
         .collect()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExecQuery {
+    /// The command as shell words (`sh -c 'echo hi'`); default `sh`.
+    cmd: Option<String>,
+    /// Allocate a terminal (default true).
+    tty: Option<bool>,
+    rows: Option<u16>,
+    cols: Option<u16>,
+}
+
+/// The command and terminal an exec asks for, read from its query.
+pub fn exec_request(
+    container: String,
+    cmd: Option<&str>,
+    tty: Option<bool>,
+    rows: Option<u16>,
+    cols: Option<u16>,
+) -> Result<ExecRequest, ApiError> {
+    let command = match cmd.map(str::trim).filter(|c| !c.is_empty()) {
+        Some(c) => shlex::split(c)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| ApiError::bad_request(format!("`cmd` is not shell words: {c}")))?,
+        None => vec!["sh".to_owned()],
+    };
+    Ok(ExecRequest {
+        container,
+        command,
+        tty: tty.unwrap_or(true),
+        rows: rows.unwrap_or(24).clamp(1, 1000),
+        cols: cols.unwrap_or(80).clamp(1, 1000),
+    })
+}
+
+/// `GET /api/v1/nodes/{name}/containers/{container}/exec`: a WebSocket. Binary messages from
+/// the client are the command's input; text messages are `{"resize":{"rows":R,"cols":C}}` or
+/// `{"eof":true}`. Binary messages to the client are output, the first byte saying which
+/// stream (1 stdout, 2 stderr); the last text message is `{"exit":CODE}` or `{"error":"..."}`.
+pub(super) async fn container_exec(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+    Path((node, container)): Path<(String, String)>,
+    query: Result<Query<ExecQuery>, axum::extract::rejection::QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let ws = ws.map_err(|e| {
+        ApiError::bad_request(format!(
+            "this endpoint speaks WebSocket only ({})",
+            e.body_text()
+        ))
+    })?;
+    let req = exec_request(container, q.cmd.as_deref(), q.tty, q.rows, q.cols)?;
+    let session = cp.open_exec(&who, &node, req).await?;
+    Ok(ws.on_upgrade(move |socket| exec_bridge(socket, session)))
+}
+
+/// What a client sends as text on an exec socket.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ClientControl {
+    Resize { rows: u16, cols: u16 },
+    Eof(bool),
+}
+
+/// Carry an exec session over a WebSocket (the API's and the dashboard's terminals) until the
+/// command exits or the client goes away.
+pub async fn exec_bridge(socket: WebSocket, session: ExecSession) {
+    use futures::{SinkExt, StreamExt};
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let ExecSession {
+        mut input,
+        mut output,
+    } = session;
+    let to_node = async move {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let sent = match msg {
+                Message::Binary(b) => input.data(&b).await,
+                Message::Text(t) => match serde_json::from_str::<ClientControl>(t.as_str()) {
+                    Ok(ClientControl::Resize { rows, cols }) => {
+                        input.resize(rows.clamp(1, 1000), cols.clamp(1, 1000)).await
+                    }
+                    Ok(ClientControl::Eof(true)) => input.eof().await,
+                    Ok(ClientControl::Eof(false)) | Err(_) => Ok(()),
+                },
+                Message::Close(_) => break,
+                _ => Ok(()),
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+    };
+    let to_client = async move {
+        loop {
+            let (msg, last) = match output.next().await {
+                Ok(ExecOutput::Stdout(b)) => (Message::Binary(tagged(1, &b)), false),
+                Ok(ExecOutput::Stderr(b)) => (Message::Binary(tagged(2, &b)), false),
+                Ok(ExecOutput::Exit { code }) => (text(json!({ "exit": code })), true),
+                Ok(ExecOutput::Started) => continue,
+                Ok(ExecOutput::Error { message } | ExecOutput::Refused { message })
+                | Err(message) => (text(json!({ "error": message })), true),
+            };
+            if ws_tx.send(msg).await.is_err() {
+                return;
+            }
+            if last {
+                let _ = ws_tx.send(Message::Close(None)).await;
+                return;
+            }
+        }
+    };
+    // The session ends when the command does, or when the client goes away (its input then
+    // ends on the node).
+    tokio::select! {
+        _ = to_client => {}
+        _ = to_node => {}
+    }
+}
+
+fn tagged(stream: u8, bytes: &[u8]) -> axum::body::Bytes {
+    let mut v = Vec::with_capacity(bytes.len() + 1);
+    v.push(stream);
+    v.extend_from_slice(bytes);
+    v.into()
+}
+
+fn text(v: serde_json::Value) -> Message {
+    Message::Text(v.to_string().into())
 }

@@ -20,7 +20,7 @@ mod tokens;
 mod users;
 
 pub use crate::authz::{Role, AI_ROLE};
-pub use containers::log_events as container_log_events;
+pub use containers::{exec_bridge, exec_request, log_events as container_log_events};
 pub use error::ApiError;
 pub(crate) use error::ApiResult;
 pub use jobs::log_stream as job_log_stream;
@@ -86,6 +86,10 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route(
             "/nodes/{name}/containers/{container}/logs",
             get(containers::container_logs),
+        )
+        .route(
+            "/nodes/{name}/containers/{container}/exec",
+            get(containers::container_exec),
         )
         .route("/jobs", get(jobs::list_jobs).post(jobs::create_job))
         .route("/jobs/{id}", get(jobs::get_job))

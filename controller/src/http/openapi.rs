@@ -240,6 +240,14 @@ pub const ROUTES: &[Route] = &[
     ),
     route(
         "get",
+        "/api/v1/nodes/{name}/containers/{container}/exec",
+        "containers",
+        Token(Op::ExecContainer),
+        (101, "a WebSocket: binary input; output tagged 1 stdout, 2 stderr; text {\"resize\"}, {\"eof\"}, {\"exit\"}, {\"error\"}"),
+        "An interactive command in a container (?cmd=, ?tty=, ?rows=, ?cols=)",
+    ),
+    route(
+        "get",
         "/api/v1/tokens",
         "tokens",
         Token(Op::ReadFleet),
@@ -725,6 +733,7 @@ mod tests {
             "/api/v1/schema/service-map",
             "/api/v1/jobs/{id}/logs",
             "/api/v1/nodes/{name}/containers/{container}/logs",
+            "/api/v1/nodes/{name}/containers/{container}/exec",
         ];
         for r in ROUTES {
             if not_json.contains(&r.path) || matches!(r.access, Gateway) {

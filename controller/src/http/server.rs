@@ -86,7 +86,9 @@ async fn serve_connection(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(tcp), service);
+        .serve_connection(TokioIo::new(tcp), service)
+        // WebSockets (container terminals) take the connection over after the upgrade.
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {

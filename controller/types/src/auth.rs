@@ -49,6 +49,9 @@ pub enum Op {
     /// Start, stop, restart, kill, remove a container or pull its image again (within what
     /// its node's `docker.control` allows).
     ControlContainer,
+    /// Run an interactive command in a container (within what its node's `docker.exec`
+    /// allows).
+    ExecContainer,
     CancelJob,
     WakeNode,
     SleepNode,
@@ -65,7 +68,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 18] = [
+    pub const ALL: [Op; 19] = [
         Op::ReadFleet,
         Op::PreviewPlan,
         Op::ReadLogs,
@@ -73,6 +76,7 @@ impl Op {
         Op::ReadInventory,
         Op::RunJob,
         Op::ControlContainer,
+        Op::ExecContainer,
         Op::CancelJob,
         Op::WakeNode,
         Op::SleepNode,
@@ -94,6 +98,7 @@ impl Op {
             | Op::ReadInventory
             | Op::RunJob
             | Op::ControlContainer
+            | Op::ExecContainer
             | Op::CancelJob
             | Op::WakeNode
             | Op::SleepNode
@@ -115,6 +120,7 @@ impl Op {
             Op::PreviewPlan => "preview_plan",
             Op::ReadLogs => "read_logs",
             Op::ControlContainer => "control_container",
+            Op::ExecContainer => "exec_container",
             Op::ReadAudit => "read_audit",
             Op::ReadInventory => "read_inventory",
             Op::RunJob => "run_job",

@@ -26,6 +26,8 @@ pub use nebula_types::api::containers::{ContainerRow, ContainerView, DockerPolic
 use nebula_types::jobs::{ContainerActionKind, JobRecord, Target, Work};
 use uuid::Uuid;
 
+pub mod exec;
+
 use crate::authz::{Change, Op, OpCtx};
 use crate::jobs::NewJob;
 use crate::{ControlPlane, OpError};
