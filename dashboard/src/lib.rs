@@ -36,6 +36,10 @@ const CSS: &str = include_str!("../assets/style.css");
 const JS: &str = include_str!("../assets/live.js");
 const CHAT_JS: &str = include_str!("../assets/chat.js");
 const LOGS_JS: &str = include_str!("../assets/logs.js");
+const TERMINAL_JS: &str = include_str!("../assets/terminal.js");
+/// xterm.js from Debian's packages (see `scripts/bundle-xterm`).
+const XTERM_JS: &str = include_str!("../assets/vendor/xterm.js");
+const XTERM_CSS: &str = include_str!("../assets/vendor/xterm.css");
 
 mod ai;
 mod pages;
@@ -65,6 +69,10 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route(
             "/ui/nodes/{name}/containers/{container}/logs",
             get(container_logs),
+        )
+        .route(
+            "/ui/nodes/{name}/containers/{container}/exec",
+            get(container_exec),
         )
         .route("/ui/nodes/{name}/wake", post(wake_node))
         .route("/ui/services", get(services_page))
@@ -103,6 +111,18 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route(
             "/ui/assets/logs.js",
             get(|| async { asset(LOGS_JS, "text/javascript") }),
+        )
+        .route(
+            "/ui/assets/terminal.js",
+            get(|| async { asset(TERMINAL_JS, "text/javascript") }),
+        )
+        .route(
+            "/ui/assets/xterm.js",
+            get(|| async { asset(XTERM_JS, "text/javascript") }),
+        )
+        .route(
+            "/ui/assets/xterm.css",
+            get(|| async { asset(XTERM_CSS, "text/css") }),
         )
         .merge(private)
         .layer(middleware::map_response(security_headers))
@@ -336,7 +356,9 @@ fn pct_bar(p: f32) -> Markup {
 }
 
 use pages::admin::{audit_page, tasks_page};
-use pages::containers::{container_action, container_logs, container_page, containers_page};
+use pages::containers::{
+    container_action, container_exec, container_logs, container_page, containers_page,
+};
 use pages::enroll::{enroll, enroll_page};
 use pages::jobs::{job_events, job_page, jobs_page};
 use pages::login::{login, login_page, logout};

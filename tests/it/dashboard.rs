@@ -562,8 +562,8 @@ async fn containers_pages_follow_a_log_live_in_a_real_browser() {
     let admin_pw = create_user(&c, "ana", "admin").await;
     let viewer_pw = create_user(&c, "vic", "viewer").await;
     let dir = tempfile::tempdir().unwrap();
-    // The container is not Nebula's: acting on it takes `docker.control = "all"`.
-    let config = "[docker]\ncontrol = \"all\"\n";
+    // The container is not Nebula's: acting on it, or a shell in it, takes "all".
+    let config = "[docker]\ncontrol = \"all\"\nexec = \"all\"\n";
     let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(config)).await;
     let name = format!("ticker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     ctrs.run(
@@ -629,6 +629,41 @@ async fn containers_pages_follow_a_log_live_in_a_real_browser() {
     assert!(!lines.is_empty());
     assert!(lines.iter().all(|l| l.starts_with("oops ")), "{lines:?}");
     b.shot("container-log-search").await;
+
+    // A terminal: open it, type a command, read its output, leave with a status.
+    b.c()
+        .find(Locator::Id("terminal-open"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        "the terminal to connect",
+        Duration::from_secs(15),
+        || async { (b.text("#terminal-status").await == "connected").then_some(()) },
+    )
+    .await;
+    let keys = b
+        .c()
+        .find(Locator::Css("#terminal .xterm-helper-textarea"))
+        .await
+        .unwrap();
+    keys.send_keys("echo web-$((6*7))\u{E007}").await.unwrap();
+    wait_for("the command's output", Duration::from_secs(15), || async {
+        b.text("#terminal .xterm-rows")
+            .await
+            .contains("web-42")
+            .then_some(())
+    })
+    .await;
+    b.shot("container-terminal").await;
+    keys.send_keys("exit 4\u{E007}").await.unwrap();
+    wait_for("the shell to exit", Duration::from_secs(15), || async {
+        (b.text("#terminal-status").await == "exited with status 4").then_some(())
+    })
+    .await;
+
     // Stop it from the page: a job, and the container is stopped.
     b.c()
         .find(Locator::Id("action-stop"))
@@ -666,6 +701,7 @@ async fn containers_pages_follow_a_log_live_in_a_real_browser() {
         .unwrap();
     b.wait_text("#container-log", Duration::from_secs(10)).await;
     assert!(!b.has("#action-stop").await, "no actions for a viewer");
+    assert!(!b.has("#terminal-open").await, "no terminal for a viewer");
 }
 
 /// The Models and Chat pages. The backend is the Ollama stand-in (no real Ollama can run here):

@@ -4,6 +4,9 @@
 use nebula_controller::containers::{ContainerFilter, ContainerRow};
 use nebula_protocol::containers::{ContainerAction, LogsRequest};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+
 use crate::prelude::*;
 
 #[derive(Deserialize, Default)]
@@ -132,6 +135,8 @@ pub(crate) async fn container_page(
     let operator = user.authorize(&cp, Op::ControlContainer).is_ok();
     let control_refused = view.refusals.get("control");
     let logs_refused = view.refusals.get("logs");
+    let exec_refused = view.refusals.get("exec");
+    let may_exec = user.authorize(&cp, Op::ExecContainer).is_ok();
     let log_src = format!("/ui/nodes/{node}/containers/{}/logs?tail=500", r.name);
     let body = html! {
         h1 { (r.name) " " span id="container-state" class={"badge " (r.state)} { (r.state) } }
@@ -174,6 +179,23 @@ pub(crate) async fn container_page(
                 None => { span.dim { "not reported (the agent is offline or older than 1.6)" } },
             } } }
         } }
+        @if may_exec {
+            h2 { "Terminal" }
+            @if let Some(why) = exec_refused { p.dim id="exec-refused" { (why) } }
+            @else if r.state != "running" { p.dim { "The container is not running." } }
+            @else {
+                link rel="stylesheet" href="/ui/assets/xterm.css";
+                div.actions {
+                    label for="terminal-cmd" { "Command" }
+                    input id="terminal-cmd" value="sh" spellcheck="false";
+                    button type="button" id="terminal-open" { "Open a terminal" }
+                    span.dim id="terminal-status" aria-live="polite" {}
+                }
+                div id="terminal" data-src={"/ui/nodes/" (r.node) "/containers/" (r.name) "/exec"} {}
+                script src="/ui/assets/xterm.js" defer {}
+                script src="/ui/assets/terminal.js" defer {}
+            }
+        }
         h2 { "Log" }
         @if let Some(why) = logs_refused { p.dim id="logs-refused" { (why) } }
         @else {
@@ -244,5 +266,92 @@ pub(crate) async fn container_logs(
     match cp.follow_logs(&user.cx(), &node, req).await {
         Ok(follow) => nebula_controller::http::container_log_events(&cp, follow).into_response(),
         Err(e) => op_error(e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+pub(crate) struct ExecQuery {
+    cmd: Option<String>,
+    rows: Option<u16>,
+    cols: Option<u16>,
+}
+
+/// True when the page that opens a WebSocket is this dashboard's: a cookie alone must not let
+/// another site's page open a terminal (browsers send cookies with cross-site WebSockets
+/// unless `SameSite` stops them; this does not rely on it).
+fn same_origin(headers: &HeaderMap) -> bool {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    match (host, origin) {
+        (Some(host), Some(origin)) => origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host)),
+        _ => false,
+    }
+}
+
+/// The terminal's WebSocket: the API's exec bridge, for the signed-in operator.
+pub(crate) async fn container_exec(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(user): Extension<User>,
+    Path((node, container)): Path<(String, String)>,
+    Query(q): Query<ExecQuery>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if !same_origin(&headers) {
+        return problem(
+            StatusCode::FORBIDDEN,
+            "a terminal opens only from this dashboard's pages",
+        );
+    }
+    let Ok(ws) = ws else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "this address speaks WebSocket only",
+        );
+    };
+    let req = match nebula_controller::http::exec_request(
+        container,
+        q.cmd.as_deref(),
+        Some(true),
+        q.rows,
+        q.cols,
+    ) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match cp.open_exec(&user.cx(), &node, req).await {
+        Ok(session) => {
+            ws.on_upgrade(move |socket| nebula_controller::http::exec_bridge(socket, session))
+        }
+        Err(e) => op_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_dashboards_pages_open_a_terminal() {
+        let h = |origin: Option<&str>| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, HeaderValue::from_static("nebula.home:8080"));
+            if let Some(o) = origin {
+                m.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
+            }
+            m
+        };
+        assert!(same_origin(&h(Some("http://nebula.home:8080"))));
+        assert!(same_origin(&h(Some("https://NEBULA.home:8080"))));
+        assert!(!same_origin(&h(Some("https://evil.example"))));
+        assert!(!same_origin(&h(Some(
+            "http://nebula.home:8080.evil.example"
+        ))));
+        assert!(
+            !same_origin(&h(None)),
+            "no Origin: not a browser page of ours"
+        );
     }
 }
