@@ -16,6 +16,7 @@ mod jobs;
 mod models;
 mod serve;
 mod sse;
+mod storage;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,6 +70,12 @@ enum Command {
     /// One container: show, logs, start, stop, restart, kill, rm, pull.
     #[command(subcommand)]
     Container(containers::ContainerCommand),
+    /// A node's images: size, tags and the containers made from each.
+    Images { node: String },
+    /// A node's volumes: size and the containers that mount each.
+    Volumes { node: String },
+    /// Remove a node's unused images (and volumes, with --volumes), after showing what goes.
+    Prune(storage::PruneArgs),
     /// Run an operation on a node (or the best node for a selector), streaming its output.
     Run(jobs::RunArgs),
     /// List jobs.
@@ -156,6 +163,9 @@ fn main() -> ExitCode {
             Command::Node(ref cmd) => client::node(&cli, cmd).await,
             Command::Containers(ref args) => containers::containers(&cli, args).await,
             Command::Container(ref cmd) => containers::container(&cli, cmd).await,
+            Command::Images { ref node } => storage::images(&cli, node).await,
+            Command::Volumes { ref node } => storage::volumes(&cli, node).await,
+            Command::Prune(ref args) => storage::prune(&cli, args).await,
             Command::Run(ref args) => jobs::run(&cli, args).await,
             Command::Jobs(ref args) => jobs::jobs(&cli, args).await,
             Command::Job { ref id } => jobs::job(&cli, id).await,

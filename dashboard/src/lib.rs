@@ -74,6 +74,11 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             "/ui/nodes/{name}/containers/{container}/exec",
             get(container_exec),
         )
+        .route("/ui/nodes/{name}/storage", get(storage_page))
+        .route(
+            "/ui/nodes/{name}/storage/prune",
+            get(prune_preview_page).post(prune),
+        )
         .route("/ui/nodes/{name}/wake", post(wake_node))
         .route("/ui/services", get(services_page))
         .route("/ui/services/plan", post(plan_map))
@@ -366,6 +371,7 @@ use pages::node::{node_page, wake_node};
 pub use pages::overview::{node_card, overview_html};
 use pages::overview::{overview, overview_events};
 use pages::services::{apply_map, plan_map, rollback, services_page};
+use pages::storage::{prune, prune_preview_page, storage_page};
 
 /// What every page file uses.
 mod prelude {

@@ -273,6 +273,54 @@ impl crate::Message for ExecOutput {
 /// Largest data frame either way on an exec stream.
 pub const EXEC_CHUNK: usize = 32 * 1024;
 
+/// Images and volumes of a node (1.6): list them with sizes and users, or remove exactly the
+/// unused ones named (the list a preview showed, so that what goes is what was shown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StorageAction {
+    List,
+    Prune {
+        /// Image ids.
+        images: Vec<String>,
+        /// Volume names.
+        volumes: Vec<String>,
+    },
+}
+
+/// What a `storage` job reports: the node's images and volumes (after a prune, as they are
+/// then), and what a prune removed or left.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageReport {
+    pub images: Vec<ImageInfo>,
+    pub volumes: Vec<VolumeInfo>,
+    /// Bytes in containers' writable layers.
+    pub containers_bytes: u64,
+    /// Removed by this prune (image ids, volume names).
+    pub removed: Vec<String>,
+    /// Named for removal but left, and why (in use since the preview, gone already, ...).
+    pub skipped: Vec<(String, String)>,
+    pub reclaimed_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub id: String,
+    pub tags: Vec<String>,
+    pub size_bytes: u64,
+    pub created_unix: i64,
+    /// Names of the containers (running or not) made from it.
+    pub containers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub driver: String,
+    /// `None` when the agent cannot read it (another driver, or no access).
+    pub size_bytes: Option<u64>,
+    /// Names of the containers (running or not) that mount it.
+    pub containers: Vec<String>,
+}
+
 /// What the telemetry inventory does not say about its containers, in the inventory's order,
 /// tagged with its epoch (sent right after each inventory to a 1.6 controller).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -81,11 +81,13 @@ pub enum JobSpec {
     /// Start, stop, restart, kill, remove a container or pull its image again (1.6), within
     /// what the node's `docker.control` allows.
     Container(crate::containers::ContainerJob),
+    /// List the node's images and volumes, or remove the unused ones named (1.6).
+    Storage(crate::containers::StorageAction),
 }
 
 impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
-    pub const KINDS: u32 = 10;
+    pub const KINDS: u32 = 11;
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -98,6 +100,7 @@ impl JobSpec {
             JobSpec::Wake(_) => "wake",
             JobSpec::Model(_) => "model",
             JobSpec::Container(_) => "container",
+            JobSpec::Storage(_) => "storage",
         }
     }
 
@@ -112,6 +115,7 @@ impl JobSpec {
                     action: crate::ai::ModelAction::List,
                     ..
                 })
+                | JobSpec::Storage(crate::containers::StorageAction::List)
         )
     }
 }
@@ -232,6 +236,8 @@ pub enum JobOutput {
     Probe(ProbeOutput),
     Inventory(Box<InventoryReport>),
     Deploy(DeployReport),
+    /// A `storage` job's answer (1.6).
+    Storage(crate::containers::StorageReport),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

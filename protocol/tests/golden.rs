@@ -557,6 +557,13 @@ fn job_control() {
         }),
     );
     check(
+        "job_request_storage_prune",
+        &req(JobSpec::Storage(containers::StorageAction::Prune {
+            images: vec!["sha256:0c0c80f9".into()],
+            volumes: vec!["old-data".into()],
+        })),
+    );
+    check(
         "job_request_container",
         &req(JobSpec::Container(containers::ContainerJob {
             container: "ollama".into(),
@@ -709,6 +716,33 @@ fn job_events() {
                 status: Some(200),
                 latency_us: 1830,
                 error: None,
+            }),
+        }),
+    );
+    check(
+        "job_finished_storage",
+        &JobEvent::Finished(JobResult {
+            status: JobStatus::Succeeded,
+            exit_code: None,
+            error: None,
+            output: JobOutput::Storage(containers::StorageReport {
+                images: vec![containers::ImageInfo {
+                    id: "sha256:0c0c80f9".into(),
+                    tags: vec!["nebula-test/busybox:1".into()],
+                    size_bytes: 1_982_338,
+                    created_unix: 1_764_000_000,
+                    containers: vec!["web-1".into()],
+                }],
+                volumes: vec![containers::VolumeInfo {
+                    name: "web-data".into(),
+                    driver: "local".into(),
+                    size_bytes: Some(4096),
+                    containers: Vec::new(),
+                }],
+                containers_bytes: 12_288,
+                removed: vec!["old-data".into()],
+                skipped: vec![("sha256:1e63b4a1".into(), "in use by db".into())],
+                reclaimed_bytes: 8192,
             }),
         }),
     );

@@ -886,3 +886,201 @@ async fn exec_runs_a_shell_with_a_real_terminal_under_each_nodes_policy() {
     let all = serde_json::to_string(&audit.items).unwrap();
     assert!(!all.contains("hello-"), "keystrokes stay out of the audit");
 }
+
+/// An image of its own (a one-file root filesystem imported under a unique name), so that no
+/// other test's image is ever in a prune.
+pub(crate) fn unique_image(tag: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("marker"), tag).unwrap();
+    let tar = std::process::Command::new("tar")
+        .args(["-C", dir.path().to_str().unwrap(), "-cf", "-", "."])
+        .output()
+        .unwrap();
+    assert!(tar.status.success());
+    let mut import = std::process::Command::new("docker")
+        .args(["import", "-", tag])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+    let out = import.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_removes_what_its_preview_showed_and_no_more() {
+    let ctrs = docker::Containers::new();
+    let c = Controller::start(ControllerOpts::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_s, _) = join_ready(&c, dir.path(), "keeps", &[], None).await;
+    let open = "[docker]\ncontrol = \"all\"\n";
+    let (_o, _) = join_ready(&c, dir.path(), "frees", &[], Some(open)).await;
+    let tag = unique("prune");
+    // Two unused images, an unused volume with data, and a volume and an image in use.
+    let unused_a = unique_image(&format!("nebula-test/{tag}-a:1"));
+    let unused_b = unique_image(&format!("nebula-test/{tag}-b:1"));
+    let spare = format!("{tag}-spare");
+    let kept = format!("{tag}-kept");
+    let late = format!("{tag}-late");
+    for v in [&spare, &kept, &late] {
+        docker(&["volume", "create", v]);
+    }
+    let user = unique("user");
+    ctrs.run(
+        &user,
+        &[
+            "-v",
+            &format!("{kept}:/data"),
+            IMAGE,
+            "sh",
+            "-c",
+            "echo x > /data/f; sleep 3600",
+        ],
+    );
+    listed(&c, &user).await;
+    let cleanup_volumes = [spare.clone(), kept.clone(), late.clone()];
+    struct Volumes([String; 3]);
+    impl Drop for Volumes {
+        fn drop(&mut self) {
+            // Dropped before the containers that mount them: those go first.
+            for v in &self.0 {
+                let users = docker(&["ps", "-aq", "--filter", &format!("volume={v}")]);
+                for id in users.lines().filter(|l| !l.is_empty()) {
+                    let _ = std::process::Command::new("docker")
+                        .args(["rm", "-f", id])
+                        .output();
+                }
+                let _ = std::process::Command::new("docker")
+                    .args(["volume", "rm", "-f", v])
+                    .output();
+            }
+        }
+    }
+    let _volumes = Volumes(cleanup_volumes);
+
+    // The listing: sizes and users.
+    let v: nebula_types::api::containers::StorageView =
+        c.get_as("/api/v1/nodes/frees/storage").await;
+    let a = v.images.iter().find(|i| i.id == unused_a).expect("listed");
+    assert!(a.containers.is_empty() && a.size_bytes > 0, "{a:?}");
+    let busybox = v
+        .images
+        .iter()
+        .find(|i| i.tags.iter().any(|t| t == IMAGE))
+        .unwrap();
+    assert!(busybox.containers.contains(&user), "{busybox:?}");
+    let k = v.volumes.iter().find(|x| x.name == kept).unwrap();
+    assert_eq!(k.containers, vec![user.clone()]);
+    assert!(v.disk.images_bytes >= a.size_bytes && v.disk.reclaimable_bytes >= a.size_bytes);
+    let out = c.cli(&["images", "frees"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{tag}-a:1")) && text.contains("unused"),
+        "{text}"
+    );
+    let out = c.cli(&["volumes", "frees"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with(&kept)).unwrap();
+    assert!(line.contains(&user), "{line}");
+
+    // The preview: this test's unused images and volumes, and not what is in use.
+    let preview: nebula_types::api::containers::PrunePreview = c
+        .get_as(&format!(
+            "/api/v1/nodes/frees/storage/prune?volumes=true&match={tag}"
+        ))
+        .await;
+    let mut shown: Vec<String> = preview
+        .images
+        .iter()
+        .map(|i| i.id.clone())
+        .chain(preview.volumes.iter().map(|v| v.name.clone()))
+        .collect();
+    shown.sort();
+    let mut expected = vec![
+        unused_a.clone(),
+        unused_b.clone(),
+        spare.clone(),
+        late.clone(),
+    ];
+    expected.sort();
+    assert_eq!(shown, expected);
+
+    // Refused: volumes where the node keeps to managed containers, and for a viewer.
+    let body = json!({"images": [], "volumes": [spare]});
+    let (status, v) = c
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/nodes/keeps/storage/prune",
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        error_of(&v).message.contains("docker.control = \"all\""),
+        "{v}"
+    );
+    let viewer = api_token(&c, "looker", "viewer").await;
+    let resp = c
+        .client
+        .post(c.url("/api/v1/nodes/frees/storage/prune"))
+        .bearer_auth(&viewer)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    // Between the preview and the prune, a container starts using one volume: it stays.
+    let late_user = unique("late");
+    ctrs.run(
+        &late_user,
+        &["-v", &format!("{late}:/data"), IMAGE, "sleep", "3600"],
+    );
+    let body = json!({
+        "images": preview.images.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+        "volumes": preview.volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+    });
+    let (status, v) = c
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/nodes/frees/storage/prune",
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let done: nebula_types::api::containers::PruneResult = serde_json::from_value(v).unwrap();
+    let mut removed = done.removed.clone();
+    removed.sort();
+    let mut want = vec![unused_a.clone(), unused_b.clone(), spare.clone()];
+    want.sort();
+    assert_eq!(
+        removed, want,
+        "what the preview showed, less what is in use now"
+    );
+    assert_eq!(done.skipped.len(), 1);
+    assert_eq!(done.skipped[0].0, late);
+    assert!(done.skipped[0].1.contains(&late_user), "{:?}", done.skipped);
+    assert!(done.reclaimed_bytes > 0);
+    // And the runtime agrees.
+    for id in [&unused_a, &unused_b] {
+        let r = std::process::Command::new("docker")
+            .args(["image", "inspect", id])
+            .output()
+            .unwrap();
+        assert!(!r.status.success(), "{id} removed");
+    }
+    let left = docker(&["volume", "ls", "--format", "{{.Name}}"]);
+    assert!(
+        !left.lines().any(|l| l == spare)
+            && left.lines().any(|l| l == kept)
+            && left.lines().any(|l| l == late)
+    );
+    docker(&["image", "inspect", IMAGE]);
+    let audit: Page<nebula_types::jobs::AuditRecord> = c.get_as("/api/v1/audit?limit=100").await;
+    assert!(audit
+        .items
+        .iter()
+        .any(|a| a.action == "node.prune" && a.target == "frees"));
+}

@@ -685,6 +685,61 @@ async fn containers_pages_follow_a_log_live_in_a_real_browser() {
         "exited"
     );
 
+    // The node's disk usage, its images and volumes, and a prune that removes what it showed.
+    let tag = format!(
+        "nebula-test/dash-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let image = crate::containers::unique_image(&format!("{tag}:1"));
+    b.c().goto(&format!("{base}/ui/nodes/box")).await.unwrap();
+    let usage = b.wait_text("#disk-usage", Duration::from_secs(10)).await;
+    assert!(
+        usage.contains("Images") && usage.contains("reclaimable"),
+        "{usage}"
+    );
+    b.c()
+        .goto(&format!("{base}/ui/nodes/box/storage"))
+        .await
+        .unwrap();
+    let images = b.text("#images").await;
+    assert!(
+        images.contains(&format!("{tag}:1")) && images.contains("unused"),
+        "{images}"
+    );
+    b.shot("node-storage").await;
+    b.c()
+        .find(Locator::Id("prune-match"))
+        .await
+        .unwrap()
+        .send_keys(&tag)
+        .await
+        .unwrap();
+    b.c()
+        .find(Locator::Id("prune-preview"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let list = b.wait_text("#prune-list", Duration::from_secs(15)).await;
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.contains(&format!("{tag}:1")), "{list}");
+    b.shot("prune-preview").await;
+    b.c()
+        .find(Locator::Id("prune-confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let result = b.wait_text("#prune-result", Duration::from_secs(30)).await;
+    assert!(result.starts_with("Removed 1,"), "{result}");
+    let gone = Command::new("docker")
+        .args(["image", "inspect", &image])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the image is gone");
+
     // A viewer sees the page and the log, and no actions.
     b.c()
         .find(Locator::Css("header form button"))

@@ -36,6 +36,7 @@ pub mod inventory;
 pub mod journal;
 pub mod model;
 pub mod probe;
+pub mod storage;
 pub mod wake;
 
 pub use journal::{Journal, RunKey};
@@ -594,6 +595,10 @@ impl JobRunner {
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Wake(spec) => wake::run(&ctx, spec).await,
+                JobSpec::Storage(action) => tokio::select! {
+                    r = storage::run(&ctx, action, &self.config.docker) => r,
+                    stop = ctx.stopped() => stop.result(),
+                },
                 JobSpec::Container(job) => tokio::select! {
                     r = container::run(&ctx, job, &self.config.docker, self.config.node_id) => r,
                     stop = ctx.stopped() => stop.result(),

@@ -27,6 +27,7 @@ use nebula_types::jobs::{ContainerActionKind, JobRecord, Target, Work};
 use uuid::Uuid;
 
 pub mod exec;
+pub mod storage;
 
 use crate::authz::{Change, Op, OpCtx};
 use crate::jobs::NewJob;

@@ -1,5 +1,5 @@
 //! Containers: every container in the fleet, one container, actions on it, its log as
-//! server-sent events.
+//! server-sent events, a terminal in it (WebSocket); a node's images and volumes, and prune.
 
 use std::convert::Infallible;
 
@@ -12,6 +12,7 @@ use nebula_protocol::containers::{
 };
 use nebula_types::api::containers::{
     ContainerActionRequest, ContainerActionView, ContainerLogLine, ContainerRow, ContainerView,
+    PrunePreview, PruneRequest, PruneResult, StorageView,
 };
 use nebula_types::api::jobs::JobView;
 use tokio::sync::mpsc;
@@ -361,4 +362,53 @@ fn tagged(stream: u8, bytes: &[u8]) -> axum::body::Bytes {
 
 fn text(v: serde_json::Value) -> Message {
     Message::Text(v.to_string().into())
+}
+
+/// `GET /api/v1/nodes/{name}/storage`.
+pub(super) async fn node_storage(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+    Path(node): Path<String>,
+) -> ApiResult<Json<StorageView>> {
+    Ok(Json(cp.node_storage(&who, &node).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PreviewQuery {
+    /// List unused volumes too (they hold data).
+    volumes: Option<bool>,
+    /// Only images whose tag or id, and volumes whose name, contain this.
+    #[serde(rename = "match")]
+    matching: Option<String>,
+}
+
+/// `GET /api/v1/nodes/{name}/storage/prune`: what a prune would remove now.
+pub(super) async fn prune_preview(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+    Path(node): Path<String>,
+    query: Result<Query<PreviewQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<PrunePreview>> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    Ok(Json(
+        cp.prune_preview(
+            &who,
+            &node,
+            q.volumes.unwrap_or(false),
+            q.matching.as_deref().filter(|m| !m.is_empty()),
+        )
+        .await?,
+    ))
+}
+
+/// `POST /api/v1/nodes/{name}/storage/prune`: remove exactly what the body names.
+pub(super) async fn prune(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+    Path(node): Path<String>,
+    body: Result<Json<PruneRequest>, JsonRejection>,
+) -> ApiResult<Json<PruneResult>> {
+    let Json(req) = body?;
+    Ok(Json(cp.prune(&who, &node, req).await?))
 }

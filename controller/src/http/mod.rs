@@ -91,6 +91,11 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             "/nodes/{name}/containers/{container}/exec",
             get(containers::container_exec),
         )
+        .route("/nodes/{name}/storage", get(containers::node_storage))
+        .route(
+            "/nodes/{name}/storage/prune",
+            get(containers::prune_preview).post(containers::prune),
+        )
         .route("/jobs", get(jobs::list_jobs).post(jobs::create_job))
         .route("/jobs/{id}", get(jobs::get_job))
         .route("/jobs/{id}/logs", get(jobs::job_logs))

@@ -248,6 +248,34 @@ pub const ROUTES: &[Route] = &[
     ),
     route(
         "get",
+        "/api/v1/nodes/{name}/storage",
+        "containers",
+        Token(Op::ReadFleet),
+        (200, "images and volumes with sizes and users, and the runtime's disk usage"),
+        "A node's images and volumes",
+    )
+    .returns(of::<containers::StorageView>),
+    route(
+        "get",
+        "/api/v1/nodes/{name}/storage/prune",
+        "containers",
+        Token(Op::PruneStorage),
+        (200, "the unused images (and volumes, with ?volumes=true) a prune would remove"),
+        "Preview a prune (?volumes=, ?match=)",
+    )
+    .returns(of::<containers::PrunePreview>),
+    route(
+        "post",
+        "/api/v1/nodes/{name}/storage/prune",
+        "containers",
+        Token(Op::PruneStorage),
+        (200, "what was removed, what was left and why, and the bytes freed"),
+        "Remove exactly the unused images and volumes named (a preview's)",
+    )
+    .accepts(of::<containers::PruneRequest>)
+    .returns(of::<containers::PruneResult>),
+    route(
+        "get",
         "/api/v1/tokens",
         "tokens",
         Token(Op::ReadFleet),

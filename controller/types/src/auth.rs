@@ -52,6 +52,8 @@ pub enum Op {
     /// Run an interactive command in a container (within what its node's `docker.exec`
     /// allows).
     ExecContainer,
+    /// Remove a node's unused images and volumes (within what its `docker.control` allows).
+    PruneStorage,
     CancelJob,
     WakeNode,
     SleepNode,
@@ -68,7 +70,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 19] = [
+    pub const ALL: [Op; 20] = [
         Op::ReadFleet,
         Op::PreviewPlan,
         Op::ReadLogs,
@@ -77,6 +79,7 @@ impl Op {
         Op::RunJob,
         Op::ControlContainer,
         Op::ExecContainer,
+        Op::PruneStorage,
         Op::CancelJob,
         Op::WakeNode,
         Op::SleepNode,
@@ -99,6 +102,7 @@ impl Op {
             | Op::RunJob
             | Op::ControlContainer
             | Op::ExecContainer
+            | Op::PruneStorage
             | Op::CancelJob
             | Op::WakeNode
             | Op::SleepNode
@@ -121,6 +125,7 @@ impl Op {
             Op::ReadLogs => "read_logs",
             Op::ControlContainer => "control_container",
             Op::ExecContainer => "exec_container",
+            Op::PruneStorage => "prune_storage",
             Op::ReadAudit => "read_audit",
             Op::ReadInventory => "read_inventory",
             Op::RunJob => "run_job",

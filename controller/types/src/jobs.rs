@@ -3,7 +3,9 @@
 use nebula_protocol::validate::parse_mac;
 use std::time::Duration;
 
-use nebula_protocol::containers::{valid_container_ref, ContainerAction, ContainerJob};
+use nebula_protocol::containers::{
+    valid_container_ref, ContainerAction, ContainerJob, StorageAction,
+};
 use nebula_protocol::deploy::{DeploySpec, DeployWithHostAccess, UndeploySpec};
 use nebula_protocol::jobs::{ExecSpec, JobOutput, JobSpec, ProbeSpec};
 use nebula_protocol::Labels;
@@ -76,6 +78,22 @@ pub enum Work {
         container: String,
         action: ContainerActionKind,
     },
+    /// `list` the node's images and volumes, or `prune` exactly the unused `images` (ids)
+    /// and `volumes` (names) named.
+    Storage {
+        action: StorageActionKind,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        images: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        volumes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageActionKind {
+    List,
+    Prune,
 }
 
 /// What a `container` job does (`rm` reads as `remove`).
@@ -136,6 +154,7 @@ impl Work {
             Work::Wake { .. } => "wake",
             Work::Model { .. } => "model",
             Work::Container { .. } => "container",
+            Work::Storage { .. } => "storage",
         }
     }
 
@@ -156,6 +175,17 @@ impl Work {
             Work::Container { container, action } => {
                 format!("{} {container}", action.to_action().as_str())
             }
+            Work::Storage {
+                action: StorageActionKind::List,
+                ..
+            } => "list images and volumes".into(),
+            Work::Storage {
+                images, volumes, ..
+            } => format!(
+                "prune {} image(s), {} volume(s)",
+                images.len(),
+                volumes.len()
+            ),
             Work::Model { action, name, .. } => {
                 let verb = match action {
                     ModelActionKind::Pull => "pull",
@@ -272,6 +302,30 @@ impl Work {
                     _ => Ok(()),
                 }
             }
+            Work::Storage {
+                action,
+                images,
+                volumes,
+            } => {
+                if *action == StorageActionKind::List && !(images.is_empty() && volumes.is_empty())
+                {
+                    return Err("a storage `list` names no images or volumes".into());
+                }
+                if images.len() + volumes.len() > 10_000 {
+                    return Err("a prune names at most 10000 images and volumes".into());
+                }
+                let bad = images.iter().chain(volumes).find(|n| {
+                    n.is_empty()
+                        || n.len() > 255
+                        || !n
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_.-:".contains(&b))
+                });
+                match bad {
+                    Some(n) => Err(format!("`{n}` is not an image id or volume name")),
+                    None => Ok(()),
+                }
+            }
             Work::Container { container, .. } => {
                 if valid_container_ref(container) {
                     Ok(())
@@ -343,6 +397,16 @@ impl Work {
             Work::Container { container, action } => JobSpec::Container(ContainerJob {
                 container: container.clone(),
                 action: action.to_action(),
+            }),
+            Work::Storage {
+                action: StorageActionKind::List,
+                ..
+            } => JobSpec::Storage(StorageAction::List),
+            Work::Storage {
+                images, volumes, ..
+            } => JobSpec::Storage(StorageAction::Prune {
+                images: images.clone(),
+                volumes: volumes.clone(),
             }),
             Work::Wake { mac, broadcast } => JobSpec::Wake(nebula_protocol::jobs::WakeSpec {
                 mac: parse_mac(mac).unwrap_or_default(),

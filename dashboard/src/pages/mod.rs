@@ -8,3 +8,4 @@ pub(crate) mod login;
 pub(crate) mod node;
 pub(crate) mod overview;
 pub(crate) mod services;
+pub(crate) mod storage;

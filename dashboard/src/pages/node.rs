@@ -75,6 +75,11 @@ pub(crate) async fn node_page(
         .desired
         .active()
         .is_some_and(|a| a.desired.wake.contains_key(&view.name));
+    let disk = if view.status == NodeStatus::Online {
+        Some(super::storage::disk_usage(&cp, &user, &view.name).await)
+    } else {
+        None
+    };
     let telemetry = cp.telemetry.view(id);
     let inventory = telemetry.as_ref().and_then(|v| v.inventory.clone());
     let latest = telemetry.as_ref().and_then(|v| v.latest.clone());
@@ -119,6 +124,7 @@ pub(crate) async fn node_page(
             }
         }
         h2 { "Containers" }
+        @if let Some(d) = disk { (d) }
         @if let Some(inv) = &inventory {
             div.scroll { table {
                 thead { tr { th { "Name" } th { "Image" } th { "State" } th { "Health" } th { "Service" } @if user.can(Role::Operator) { th { "Action" } } } }

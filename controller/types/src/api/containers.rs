@@ -87,3 +87,74 @@ pub struct ContainerLogLine {
     pub stream: String,
     pub line: String,
 }
+
+/// `GET /api/v1/nodes/{name}/storage`: a node's images and volumes and what they take.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct StorageView {
+    pub node: String,
+    pub disk: DiskUsageView,
+    pub images: Vec<ImageView>,
+    pub volumes: Vec<VolumeView>,
+}
+
+/// Bytes the container runtime takes on a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DiskUsageView {
+    pub images_bytes: u64,
+    pub containers_bytes: u64,
+    /// Volumes whose size the agent could read.
+    pub volumes_bytes: u64,
+    /// What removing every unused image and volume would free.
+    pub reclaimable_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ImageView {
+    pub id: String,
+    pub tags: Vec<String>,
+    pub size_bytes: u64,
+    pub created: String,
+    /// Containers (running or not) made from it; none: unused.
+    pub containers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VolumeView {
+    pub name: String,
+    pub driver: String,
+    pub size_bytes: Option<u64>,
+    /// Containers (running or not) that mount it; none: unused.
+    pub containers: Vec<String>,
+}
+
+/// `GET /api/v1/nodes/{name}/storage/prune`: what a prune would remove now.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PrunePreview {
+    pub node: String,
+    pub images: Vec<ImageView>,
+    /// Listed only when asked for (`?volumes=true`): volumes hold data.
+    pub volumes: Vec<VolumeView>,
+    pub bytes: u64,
+}
+
+/// `POST /api/v1/nodes/{name}/storage/prune`: remove exactly these (a preview's ids and
+/// names); each is checked again on the node and left when something uses it by then.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRequest {
+    #[serde(default)]
+    pub images: Vec<String>,
+    #[serde(default)]
+    pub volumes: Vec<String>,
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PruneResult {
+    pub node: String,
+    pub job: uuid::Uuid,
+    pub removed: Vec<String>,
+    /// `[name, why]` for each one left.
+    pub skipped: Vec<(String, String)>,
+    pub reclaimed_bytes: u64,
+}
