@@ -1084,3 +1084,208 @@ async fn a_prune_removes_what_its_preview_showed_and_no_more() {
         .iter()
         .any(|a| a.action == "node.prune" && a.target == "frees"));
 }
+
+/// Podman's API socket, as `scripts/test` starts it (Debian's podman package, its own storage
+/// under `target/podman/`). Without it these tests fail: they never pass by skipping.
+fn podman_socket() -> String {
+    let path = std::env::var("NEBULA_TEST_PODMAN_SOCK").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/podman/podman.sock").to_owned()
+    });
+    let ok = std::process::Command::new("docker")
+        .args([
+            "-H",
+            &format!("unix://{path}"),
+            "version",
+            "--format",
+            "{{.Server.Version}}",
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "Podman's API socket is not up at {path}; scripts/test starts it (podman system service)"
+    );
+    path
+}
+
+/// `docker` against Podman's socket (the same Docker-compatible API the agent speaks).
+fn podman(sock: &str, args: &[&str]) -> String {
+    let host = format!("unix://{sock}");
+    let mut all = vec!["-H", host.as_str()];
+    all.extend_from_slice(args);
+    docker(&all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_podman_reports_deploys_follows_logs_and_runs_commands() {
+    docker::ensure_image();
+    let sock = podman_socket();
+    // The local test image, into Podman's store (no registry is reachable).
+    let saved = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("docker save {IMAGE} | docker -H unix://{sock} load"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        saved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    let name = unique("pod");
+    struct Gone(String, String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let host = format!("unix://{}", self.0);
+            let ids = std::process::Command::new("docker")
+                .args([
+                    "-H",
+                    &host,
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &format!("label={}", self.1),
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for id in ids.lines().filter(|l| !l.is_empty()) {
+                let _ = std::process::Command::new("docker")
+                    .args(["-H", &host, "rm", "-f", id])
+                    .output();
+            }
+        }
+    }
+    let label = format!("nebula.test={name}");
+    let _gone = Gone(sock.clone(), label.clone());
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--reconcile-interval", "1s"],
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        format!("[docker]\nsocket = \"unix://{sock}\"\ncontrol = \"all\"\nexec = \"all\"\n");
+    let (_a, node_id) = join_ready(&c, dir.path(), "podnode", &[], Some(&config)).await;
+    struct Managed(String, String);
+    impl Drop for Managed {
+        fn drop(&mut self) {
+            let host = format!("unix://{}", self.0);
+            let ids = std::process::Command::new("docker")
+                .args([
+                    "-H",
+                    &host,
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &format!("label=nebula.node={}", self.1),
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for id in ids.lines().filter(|l| !l.is_empty()) {
+                let _ = std::process::Command::new("docker")
+                    .args(["-H", &host, "rm", "-f", id])
+                    .output();
+            }
+        }
+    }
+    let _managed = Managed(sock.clone(), node_id.clone());
+
+    // Telemetry: the runtime is Podman, and its containers are listed.
+    let node = c.node("podnode").await.unwrap();
+    let runtime = node.facts.container_runtime.clone().unwrap_or_default();
+    assert!(runtime.starts_with("podman "), "{runtime}");
+    podman(
+        &sock,
+        &[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--label",
+            &label,
+            IMAGE,
+            "sh",
+            "-c",
+            "i=0; while true; do echo \"pod $i\"; i=$((i+1)); sleep 0.1; done",
+        ],
+    );
+    let row = listed(&c, &name).await;
+    assert_eq!(row.node, "podnode");
+
+    // Logs, followed.
+    let logs = format!("/api/v1/nodes/podnode/containers/{name}/logs?follow=true&tail=0");
+    let mut sse = Sse::open(&c, &c.admin_token, &logs).await.unwrap();
+    let (got, end) = sse.lines(Duration::from_secs(15), |g| g.len() >= 10).await;
+    assert_eq!(end, None);
+    let nums: Vec<u64> = got.iter().map(|(_, l)| number(&l.line)).collect();
+    assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "{nums:?}");
+    drop(sse);
+
+    // A command, with its output and status.
+    let out = c.cli(&[
+        "container",
+        "exec",
+        "podnode",
+        &name,
+        "-T",
+        "--",
+        "sh",
+        "-c",
+        "echo in-podman; exit 7",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in-podman\n");
+    let mut t = Terminal::open(
+        &c,
+        &c.admin_token,
+        "podnode",
+        &name,
+        "cmd=sh&rows=30&cols=100",
+    )
+    .await
+    .unwrap();
+    t.send("stty size\r").await;
+    t.until("30 100").await.unwrap();
+    t.send("exit\r").await;
+    assert_eq!(t.until("never").await.unwrap_err(), json!({"exit": 0}));
+
+    // A deploy from the local image.
+    let map = format!(
+        "version: 1\nnodes:\n  podnode: {{}}\nservices:\n  podsvc:\n    image: {IMAGE}\n    command: sleep 3600\n    placement: {{ node: podnode }}\n"
+    );
+    let (status, v) = c.put_map(&map).await;
+    assert_eq!(status, 200, "{v}");
+    wait_for(
+        "the service to run on Podman",
+        Duration::from_secs(90),
+        || async {
+            let page: Page<ContainerRow> = c
+                .get_as("/api/v1/containers?node=podnode&managed=true")
+                .await;
+            page.items
+                .into_iter()
+                .find(|r| r.service.as_deref() == Some("podsvc") && r.state == "running")
+        },
+    )
+    .await;
+    let running = podman(
+        &sock,
+        &[
+            "ps",
+            "--filter",
+            "label=nebula.service=podsvc",
+            "--format",
+            "{{.Names}}",
+        ],
+    );
+    assert!(!running.is_empty(), "Podman runs the service's container");
+}
