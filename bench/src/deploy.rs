@@ -37,7 +37,7 @@ fn remove_labelled(label: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent_bin() -> anyhow::Result<PathBuf> {
+pub(crate) fn agent_bin() -> anyhow::Result<PathBuf> {
     let p = std::env::current_exe()?.with_file_name("nebula-agent");
     if !p.exists() {
         bail!(

@@ -28,6 +28,7 @@ struct Cli {
     command: Cmd,
 }
 
+mod containers;
 mod dashboard;
 mod deploy;
 mod fleet;
@@ -140,6 +141,19 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/gateway.json")]
         out: PathBuf,
     },
+    /// A container's log through Nebula against `docker logs` (lines/s, controller CPU per
+    /// 10k lines), and a keystroke's round trip through `container exec` against the runtime's
+    /// exec API directly.
+    Containers {
+        #[arg(long, default_value_t = 200_000)]
+        lines: usize,
+        #[arg(long, default_value_t = 200)]
+        round_trips: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value = "bench/results/containers.json")]
+        out: PathBuf,
+    },
     /// Enroll and connect N agents at once; controller RSS; reconnect after restarts.
     Enroll {
         #[arg(long, default_value_t = 200)]
@@ -232,6 +246,17 @@ fn main() -> anyhow::Result<()> {
             containers,
             duration,
             interval,
+            out,
+        })),
+        Cmd::Containers {
+            lines,
+            round_trips,
+            runs,
+            out,
+        } => rt.block_on(containers::containers_bench(containers::ContainersArgs {
+            lines,
+            round_trips,
+            runs,
             out,
         })),
         Cmd::Enroll { agents, out } => {

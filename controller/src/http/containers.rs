@@ -11,13 +11,13 @@ use nebula_protocol::containers::{
     ContainerAction, ExecOutput, ExecRequest, LogEntry, LogsRequest,
 };
 use nebula_types::api::containers::{
-    ContainerActionRequest, ContainerActionView, ContainerLogLine, ContainerRow, ContainerView,
-    PrunePreview, PruneRequest, PruneResult, StorageView,
+    ContainerActionRequest, ContainerActionView, ContainerRow, ContainerView, PrunePreview,
+    PruneRequest, PruneResult, StorageView,
 };
 use nebula_types::api::jobs::JobView;
 use tokio::sync::mpsc;
 
-use super::nodes::{rfc3339, Page};
+use super::nodes::Page;
 use super::prelude::*;
 use super::telemetry::parse_since;
 use crate::containers::exec::ExecSession;
@@ -196,9 +196,7 @@ pub fn log_events(
                 _ = shutdown.cancelled() => return,
             };
             let event = match next {
-                Ok(Some(lines)) => SseEvent::default()
-                    .event("logs")
-                    .data(serde_json::to_string(&lines_view(&lines)).unwrap_or_default()),
+                Ok(Some(lines)) => SseEvent::default().event("logs").data(lines_json(&lines)),
                 Ok(None) => {
                     let _ = tx.send(SseEvent::default().event("end").data("{}")).await;
                     return;
@@ -222,15 +220,29 @@ pub fn log_events(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-fn lines_view(lines: &[LogEntry]) -> Vec<ContainerLogLine> {
-    lines
+/// A batch as the JSON array of [`ContainerLogLine`]s, written straight from the agent's
+/// entries (no copy of each line, no string per timestamp: this runs for every line).
+fn lines_json(lines: &[LogEntry]) -> String {
+    #[derive(serde::Serialize)]
+    struct LineRef<'a> {
+        #[serde(serialize_with = "millis_rfc3339")]
+        t: i64,
+        stream: &'static str,
+        line: &'a str,
+    }
+    fn millis_rfc3339<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        let t = crate::store::from_millis(*ms);
+        s.collect_str(&humantime::format_rfc3339_millis(t))
+    }
+    let refs: Vec<LineRef<'_>> = lines
         .iter()
-        .map(|l| ContainerLogLine {
-            t: rfc3339(l.at_unix_ms),
-            stream: l.stream.as_str().to_owned(),
-            line: l.line.clone(),
+        .map(|l| LineRef {
+            t: l.at_unix_ms,
+            stream: l.stream.as_str(),
+            line: &l.line,
         })
-        .collect()
+        .collect();
+    serde_json::to_string(&refs).unwrap_or_else(|_| "[]".into())
 }
 
 #[derive(Debug, Deserialize)]
@@ -411,4 +423,33 @@ pub(super) async fn prune(
 ) -> ApiResult<Json<PruneResult>> {
     let Json(req) = body?;
     Ok(Json(cp.prune(&who, &node, req).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nebula_protocol::jobs::LogStream;
+    use nebula_types::api::containers::ContainerLogLine;
+
+    #[test]
+    fn a_batch_reads_back_as_the_api_type() {
+        let lines = vec![
+            LogEntry {
+                at_unix_ms: 1_796_568_001_123,
+                stream: LogStream::Stdout,
+                line: "tick \"1\"\n\u{1b}[0m".into(),
+            },
+            LogEntry {
+                at_unix_ms: 0,
+                stream: LogStream::Stderr,
+                line: String::new(),
+            },
+        ];
+        let back: Vec<ContainerLogLine> = serde_json::from_str(&lines_json(&lines)).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].t, "2026-12-06T14:40:01.123Z");
+        assert_eq!(back[0].line, lines[0].line);
+        assert_eq!(back[1].stream, "stderr");
+        assert_eq!(back[1].t, "1970-01-01T00:00:00.000Z");
+    }
 }
