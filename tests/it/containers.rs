@@ -236,6 +236,10 @@ async fn a_followed_log_arrives_in_order_within_a_second_with_tail_and_since() {
         let arrived_ms = now_ms - started.duration_since(*arrived).as_millis() as i64;
         worst = worst.max(arrived_ms - unix_ms(&l.t));
     }
+    eprintln!(
+        "api log lateness: worst {worst} ms over {} lines",
+        got.len()
+    );
     assert!(worst < 1000, "a line took {worst} ms to arrive");
     drop(sse);
 

@@ -615,6 +615,35 @@ async fn containers_pages_follow_a_log_live_in_a_real_browser() {
     })
     .await;
     b.shot("container-log").await;
+    // Each line shows within a second of being written (its runtime timestamp against the
+    // browser's clock, on the same host), measured as lines are added to the page.
+    b.c()
+        .execute(
+            "window.__lateness = [];
+             new MutationObserver(ms => ms.forEach(m => m.addedNodes.forEach(n => {
+               if (n.title) window.__lateness.push(Date.now() - Date.parse(n.title));
+             }))).observe(document.getElementById('container-log'), {childList: true});",
+            vec![],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lateness = b
+        .c()
+        .execute("return window.__lateness;", vec![])
+        .await
+        .unwrap();
+    let lateness: Vec<f64> = serde_json::from_value(lateness).unwrap();
+    assert!(lateness.len() >= 10, "lines kept coming: {lateness:?}");
+    let worst = lateness.iter().copied().fold(0.0, f64::max);
+    eprintln!(
+        "dashboard log lateness: {} lines, worst {worst} ms",
+        lateness.len()
+    );
+    assert!(
+        worst < 1000.0,
+        "a line took {worst} ms to show: {lateness:?}"
+    );
     // The search box keeps only the lines that contain it, also as new ones arrive.
     b.c()
         .find(Locator::Id("log-search"))
