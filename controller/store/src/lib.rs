@@ -17,6 +17,7 @@ use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
 mod ai;
+pub mod alerts;
 pub mod desired;
 pub mod jobs;
 mod telemetry;

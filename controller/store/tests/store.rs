@@ -706,3 +706,98 @@ async fn ai_usage_adds_up_per_token_model_and_node(s: &Store) {
     assert_eq!(s.ai_usage().await.unwrap().len(), 3);
 }
 both!(ai_usage_adds_up_per_token_model_and_node);
+
+async fn alert_steps_outbox_sinks_and_silences(s: &Store) {
+    use nebula_store::alerts::{OutboxRecord, SilenceRecord, SinkRecord};
+    assert_eq!(s.alert_engine().await.unwrap(), None);
+    let t = now();
+    let note = |id: &str, at: i64| OutboxRecord {
+        id: id.into(),
+        sink: "ops".into(),
+        payload: format!("{{\"n\":\"{id}\"}}"),
+        state: "pending".into(),
+        attempts: 0,
+        next_at: at,
+        last_error: None,
+        created_at: at,
+        sent_at: None,
+    };
+    // The state and its notifications land together.
+    s.save_alert_step("{\"v\":1}", &[note("a", t), note("b", t + 1)], t)
+        .await
+        .unwrap();
+    s.save_alert_step("{\"v\":2}", &[], t + 2).await.unwrap();
+    assert_eq!(
+        s.alert_engine().await.unwrap().as_deref(),
+        Some("{\"v\":2}")
+    );
+    // A duplicate notification id fails the whole step: the state stays as it was.
+    assert!(s
+        .save_alert_step("{\"v\":3}", &[note("a", t)], t + 3)
+        .await
+        .is_err());
+    assert_eq!(
+        s.alert_engine().await.unwrap().as_deref(),
+        Some("{\"v\":2}")
+    );
+    let due = s.due_outbox(t + 1, 10).await.unwrap();
+    assert_eq!(
+        due.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(),
+        vec!["a", "b"]
+    );
+    assert_eq!(s.due_outbox(t, 10).await.unwrap().len(), 1);
+    s.outbox_attempt("a", "sent", t, None, t + 5).await.unwrap();
+    s.outbox_attempt("b", "pending", t + 60_000, Some("HTTP 500"), t + 5)
+        .await
+        .unwrap();
+    assert!(s.due_outbox(t + 10, 10).await.unwrap().is_empty());
+    let history = s.outbox(10).await.unwrap();
+    let a = history.iter().find(|o| o.id == "a").unwrap();
+    assert_eq!(
+        (a.state.as_str(), a.attempts, a.sent_at),
+        ("sent", 1, Some(t + 5))
+    );
+    let b = history.iter().find(|o| o.id == "b").unwrap();
+    assert_eq!(
+        (b.attempts, b.last_error.as_deref(), b.sent_at),
+        (1, Some("HTTP 500"), None)
+    );
+
+    let sink = SinkRecord {
+        name: "ops".into(),
+        kind: "webhook".into(),
+        url: "http://127.0.0.1:9/hook".into(),
+        secret: "whsec_c2VjcmV0".into(),
+        min_severity: "warning".into(),
+        created_by: "ana".into(),
+        created_at: t,
+    };
+    s.put_sink(&sink).await.unwrap();
+    s.put_sink(&SinkRecord {
+        min_severity: "critical".into(),
+        ..sink.clone()
+    })
+    .await
+    .unwrap();
+    let sinks = s.sinks().await.unwrap();
+    assert_eq!(sinks.len(), 1);
+    assert_eq!(sinks[0].min_severity, "critical");
+    assert!(s.delete_sink("ops").await.unwrap());
+    assert!(!s.delete_sink("ops").await.unwrap());
+
+    let silence = SilenceRecord {
+        id: "s1".into(),
+        matchers: "[{\"label\":\"node\",\"value\":\"a\"}]".into(),
+        starts_at: t,
+        ends_at: t + 3_600_000,
+        created_by: "ana".into(),
+        comment: "maintenance".into(),
+        created_at: t,
+    };
+    s.add_silence(&silence).await.unwrap();
+    assert_eq!(s.silences(t).await.unwrap(), vec![silence.clone()]);
+    assert!(s.expire_silence("s1", t + 10).await.unwrap());
+    assert!(!s.expire_silence("s1", t + 20).await.unwrap());
+    assert!(s.silences(t + 10).await.unwrap().is_empty());
+}
+both!(alert_steps_outbox_sinks_and_silences);
