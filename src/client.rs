@@ -141,6 +141,33 @@ impl Api {
         self.send(self.http.get(format!("{}{path}", self.base)).query(query))
             .await
     }
+    /// Send a request whose answer has no body (204); the API's error is an error.
+    async fn send_empty(&self, req: reqwest::RequestBuilder) -> anyhow::Result<()> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        let status = resp.status();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(ErrorBody { error }) => {
+                anyhow::bail!("{status}: {} ({})", error.message, error.code)
+            }
+            Err(_) => anyhow::bail!("{status}: {}", String::from_utf8_lossy(&bytes).trim()),
+        }
+    }
+    pub async fn delete_empty(&self, path: &str) -> anyhow::Result<()> {
+        self.send_empty(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+    pub async fn post_empty(&self, path: &str) -> anyhow::Result<()> {
+        self.send_empty(self.http.post(format!("{}{path}", self.base)))
+            .await
+    }
     async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod alerts;
 mod client;
 mod containers;
 mod desired;
@@ -65,6 +66,14 @@ enum Command {
     /// One node: show, remove.
     #[command(subcommand)]
     Node(client::NodeCommand),
+    /// Alerts pending and firing now.
+    Alerts,
+    /// Silences: add, list, expire.
+    #[command(subcommand)]
+    Silence(alerts::SilenceCommand),
+    /// Where notifications go: add, list, test, rm, history.
+    #[command(subcommand)]
+    Sink(alerts::SinkCommand),
     /// Every container in the fleet, filtered and searched.
     Containers(containers::ContainersArgs),
     /// One container: show, logs, start, stop, restart, kill, rm, pull.
@@ -161,6 +170,9 @@ fn main() -> ExitCode {
             Command::Nodes(ref args) => client::nodes(&cli, args).await,
             Command::Top(ref args) => client::top(&cli, args).await,
             Command::Node(ref cmd) => client::node(&cli, cmd).await,
+            Command::Alerts => alerts::alerts(&cli).await,
+            Command::Silence(ref cmd) => alerts::silence(&cli, cmd).await,
+            Command::Sink(ref cmd) => alerts::sink(&cli, cmd).await,
             Command::Containers(ref args) => containers::containers(&cli, args).await,
             Command::Container(ref cmd) => containers::container(&cli, cmd).await,
             Command::Images { ref node } => storage::images(&cli, node).await,

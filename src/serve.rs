@@ -91,6 +91,24 @@ pub struct ServeArgs {
     /// How often the agent directory is looked at for new builds.
     #[arg(long, env = "NEBULA_RELEASE_SCAN_INTERVAL", value_parser = humantime::parse_duration)]
     release_scan_interval: Option<Duration>,
+    /// How often alert rules are evaluated (`alerts.evaluate_interval`).
+    #[arg(long, env = "NEBULA_ALERT_INTERVAL", value_parser = humantime::parse_duration)]
+    alert_interval: Option<Duration>,
+    /// A new alert group waits this long before its first notification.
+    #[arg(long, env = "NEBULA_ALERT_GROUP_WAIT", value_parser = humantime::parse_duration)]
+    alert_group_wait: Option<Duration>,
+    /// An alert group's changes go out at most this often.
+    #[arg(long, env = "NEBULA_ALERT_GROUP_INTERVAL", value_parser = humantime::parse_duration)]
+    alert_group_interval: Option<Duration>,
+    /// A node offline this long is unreachable (alert).
+    #[arg(long, env = "NEBULA_ALERT_NODE_UNREACHABLE_FOR", value_parser = humantime::parse_duration)]
+    alert_node_unreachable_for: Option<Duration>,
+    /// A managed container not running this long is down (alert).
+    #[arg(long, env = "NEBULA_ALERT_CONTAINER_DOWN_FOR", value_parser = humantime::parse_duration)]
+    alert_container_down_for: Option<Duration>,
+    /// A firing alert stays firing this long after its condition stops.
+    #[arg(long, env = "NEBULA_ALERT_KEEP_FIRING_FOR", value_parser = humantime::parse_duration)]
+    alert_keep_firing_for: Option<Duration>,
     /// Enrollment connections at once from one address (`quic_limits`); more hear "busy".
     #[arg(long, env = "NEBULA_MAX_UNAUTHENTICATED_PER_SOURCE")]
     max_unauthenticated_per_source: Option<usize>,
@@ -141,6 +159,24 @@ impl ServeArgs {
         set!(public_url, opt);
         set!(public_address, opt);
         set!(release_scan_interval);
+        for (flag, field) in [
+            (self.alert_interval, &mut c.alerts.evaluate_interval),
+            (self.alert_group_wait, &mut c.alerts.group_wait),
+            (self.alert_group_interval, &mut c.alerts.group_interval),
+            (
+                self.alert_node_unreachable_for,
+                &mut c.alerts.node_unreachable_for,
+            ),
+            (
+                self.alert_container_down_for,
+                &mut c.alerts.container_down_for,
+            ),
+            (self.alert_keep_firing_for, &mut c.alerts.keep_firing_for),
+        ] {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
         if let Some(n) = self.max_unauthenticated_per_source {
             c.quic_limits.max_unauthenticated_per_source = n;
         }

@@ -62,6 +62,16 @@ pub const RETENTION: TaskDef = TaskDef {
     description: "deletes telemetry rollups past the retention window",
     scope: Scope::Leader,
 };
+pub const ALERT_EVALUATOR: TaskDef = TaskDef {
+    name: "alert-evaluator",
+    description: "evaluates the alert rules and queues their notifications",
+    scope: Scope::Leader,
+};
+pub const ALERT_SENDER: TaskDef = TaskDef {
+    name: "alert-sender",
+    description: "delivers queued notifications to their sinks, with retries",
+    scope: Scope::Leader,
+};
 pub const HTTP_SERVER: TaskDef = TaskDef {
     name: "http-server",
     description: "serves the API, the dashboard and the AI gateway",
@@ -150,6 +160,27 @@ pub fn register(
         move |_| {
             let cp = c.clone();
             async move { sweep(&cp).await }
+        },
+    );
+    let c = cp.clone();
+    d.periodic(
+        ALERT_EVALUATOR,
+        cp.config.alerts.evaluate_interval,
+        false,
+        move |_| {
+            let cp = c.clone();
+            async move { crate::alerts::evaluate(&cp).await }
+        },
+    );
+    let c = cp.clone();
+    d.periodic_with(
+        ALERT_SENDER,
+        std::time::Duration::from_secs(1),
+        cp.alerts.send_now.clone(),
+        false,
+        move |_| {
+            let cp = c.clone();
+            async move { crate::alerts::sinks::send_due(&cp).await }
         },
     );
     let c = cp.clone();

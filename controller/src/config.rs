@@ -84,6 +84,8 @@ pub struct ControllerConfig {
     pub reconcile_interval: Duration,
     /// The AI gateway: timeouts, retries, breakers, limits, the fallback provider.
     pub ai: crate::ai::AiConfig,
+    /// Alert rules' timing and thresholds.
+    pub alerts: crate::alerts::AlertsConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
@@ -167,6 +169,7 @@ impl Default for ControllerConfig {
             agent_dir: None,
             release_scan_interval: Duration::from_secs(30),
             ai: crate::ai::AiConfig::default(),
+            alerts: crate::alerts::AlertsConfig::default(),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),
@@ -235,6 +238,9 @@ impl ControllerConfig {
         }
         if self.reconcile_interval < Duration::from_millis(100) {
             return Err("reconcile_interval must be at least 100ms".into());
+        }
+        if self.alerts.evaluate_interval < Duration::from_millis(100) {
+            return Err("alerts.evaluate_interval must be at least 100ms".into());
         }
         if self.job_default_deadline.is_zero() {
             return Err("job_default_deadline must be above zero".into());

@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 pub mod ai;
+pub mod alerts;
 pub mod authz;
 mod background;
 pub mod ca;
@@ -89,6 +90,8 @@ pub struct ControlPlane {
     pub signin: signin::SignInGuard,
     /// The gateway's budget for request bodies held at once, in bytes (`ai.max_buffered_bytes`).
     pub(crate) gateway_bodies: Arc<tokio::sync::Semaphore>,
+    /// Alerting: the engine's state and the sender's activator.
+    pub alerts: alerts::AlertBook,
     /// Container logs being followed (at most [`containers::MAX_LOG_FOLLOWERS`]).
     pub(crate) log_followers: Arc<tokio::sync::Semaphore>,
     /// Interactive sessions open (at most [`containers::exec::MAX_EXEC_SESSIONS`]).
@@ -441,6 +444,7 @@ impl Controller {
             quic_limits: Default::default(),
             signin: Default::default(),
             log_followers: Arc::new(tokio::sync::Semaphore::new(containers::MAX_LOG_FOLLOWERS)),
+            alerts: Default::default(),
             exec_sessions: Arc::new(tokio::sync::Semaphore::new(
                 containers::exec::MAX_EXEC_SESSIONS,
             )),

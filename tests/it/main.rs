@@ -6,6 +6,7 @@ mod common;
 
 mod agent_install;
 mod ai;
+mod alerts;
 mod containers;
 mod dashboard;
 mod dashboard_http;

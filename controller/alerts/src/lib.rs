@@ -227,6 +227,20 @@ impl EngineState {
     /// Take one rule's observations at `now` (every instance it sees; one it no longer lists
     /// counts as inactive). Returns nothing: notifications come from [`EngineState::flush`].
     pub fn observe(&mut self, rule: &Rule, seen: &[Observation], now: i64) {
+        self.observe_where(rule, seen, now, |_| true);
+    }
+
+    /// [`EngineState::observe`] where only part of the world could be looked at: an instance
+    /// that is not listed counts as inactive only when `observed` says its labels were in view
+    /// (a node whose figures are not in yet, after a restart or while it is offline, leaves its
+    /// alerts as they were rather than resolving them).
+    pub fn observe_where(
+        &mut self,
+        rule: &Rule,
+        seen: &[Observation],
+        now: i64,
+        observed: impl Fn(&Labels) -> bool,
+    ) {
         let mut listed = BTreeSet::new();
         for o in seen {
             let fp = fingerprint(&rule.name, &o.labels);
@@ -236,7 +250,7 @@ impl EngineState {
         let gone: Vec<String> = self
             .alerts
             .iter()
-            .filter(|(fp, a)| a.rule == rule.name && !listed.contains(*fp))
+            .filter(|(fp, a)| a.rule == rule.name && !listed.contains(*fp) && observed(&a.labels))
             .map(|(fp, _)| fp.clone())
             .collect();
         for fp in gone {

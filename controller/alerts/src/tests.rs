@@ -228,3 +228,31 @@ fn alerts_that_start_together_go_together_and_an_acknowledged_one_is_not_repeate
     sim.run(10 * 60 * M, &two);
     assert_eq!(sim.sent.len(), 1, "acknowledged: not repeated");
 }
+
+#[test]
+fn an_instance_out_of_view_keeps_its_state() {
+    let r = rule("container_down", 0, 0);
+    let rules: BTreeMap<String, Rule> = [(r.name.clone(), r.clone())].into();
+    let mut state = EngineState::default();
+    state.observe(&r, &[obs("a", true)], 0);
+    assert!(state.flush(&rules, &[], 0).is_empty(), "group_wait first");
+    assert_eq!(state.flush(&rules, &[], 60 * S).len(), 1);
+    // Node a's figures are not in (a restart, or it is offline): nothing is listed for it.
+    for t in 1..10 {
+        state.observe_where(&r, &[], 60 * S + t * 15 * S, |l| {
+            l.get("node").map(String::as_str) != Some("a")
+        });
+        assert!(state.flush(&rules, &[], 60 * S + t * 15 * S).is_empty());
+    }
+    assert_eq!(
+        state.alerts["container_down{node=a}"].state,
+        AlertState::Firing
+    );
+    // In view again and still down: no new notification; when it comes back, one resolution.
+    state.observe(&r, &[obs("a", true)], 10 * M);
+    assert!(state.flush(&rules, &[], 10 * M).is_empty());
+    state.observe(&r, &[obs("a", false)], 11 * M);
+    let sent = state.flush(&rules, &[], 11 * M);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].status, AlertState::Resolved);
+}

@@ -4,6 +4,7 @@
 //! serves them with the dashboard. One file per noun; handlers authenticate and render, the
 //! `ControlPlane` operations they call authorize.
 
+mod alerts;
 mod auth;
 mod containers;
 mod desired;
@@ -74,6 +75,26 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", delete(revoke_token))
         .route("/nodes/{name}/telemetry", get(node_telemetry))
+        .route("/alerts", get(alerts::list_alerts))
+        .route(
+            "/alerts/{fingerprint}/ack",
+            axum::routing::post(alerts::acknowledge),
+        )
+        .route(
+            "/alerts/sinks",
+            get(alerts::list_sinks).post(alerts::add_sink),
+        )
+        .route("/alerts/sinks/{name}", delete(alerts::remove_sink))
+        .route(
+            "/alerts/sinks/{name}/test",
+            axum::routing::post(alerts::test_sink),
+        )
+        .route(
+            "/alerts/silences",
+            get(alerts::list_silences).post(alerts::add_silence),
+        )
+        .route("/alerts/silences/{id}", delete(alerts::expire_silence))
+        .route("/alerts/notifications", get(alerts::notifications))
         .route("/containers", get(containers::list_containers))
         .route(
             "/nodes/{name}/containers/{container}",

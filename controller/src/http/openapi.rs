@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use crate::authz::Op;
 use nebula_types::api::{
-    access, containers, desired, jobs, models, nodes, telemetry, Health, Page,
+    access, alerts, containers, desired, jobs, models, nodes, telemetry, Health, Page,
 };
 use nebula_types::jobs::{AuditRecord, JobRecord};
 
@@ -196,6 +196,94 @@ pub const ROUTES: &[Route] = &[
         "A node's telemetry (?since=, ?step=)",
     )
     .returns(of::<telemetry::NodeTelemetry>),
+    route(
+        "get",
+        "/api/v1/alerts",
+        "alerts",
+        Token(Op::ReadFleet),
+        (200, "alerts pending and firing, most severe first"),
+        "What fires now",
+    )
+    .returns(of::<Vec<alerts::AlertView>>),
+    route(
+        "post",
+        "/api/v1/alerts/{fingerprint}/ack",
+        "alerts",
+        Token(Op::ManageAlerts),
+        (204, "acknowledged: not repeated; its resolution is still sent"),
+        "Acknowledge a firing alert",
+    ),
+    route(
+        "get",
+        "/api/v1/alerts/sinks",
+        "alerts",
+        Token(Op::ReadFleet),
+        (200, "where notifications go"),
+        "List notification sinks",
+    )
+    .returns(of::<Vec<alerts::SinkView>>),
+    route(
+        "post",
+        "/api/v1/alerts/sinks",
+        "alerts",
+        Token(Op::ManageSinks),
+        (201, "the sink and its signing secret, shown once"),
+        "Add (or replace) a notification sink",
+    )
+    .accepts(of::<alerts::CreateSink>)
+    .returns(of::<alerts::CreatedSink>),
+    route(
+        "delete",
+        "/api/v1/alerts/sinks/{name}",
+        "alerts",
+        Token(Op::ManageSinks),
+        (204, "removed"),
+        "Remove a notification sink",
+    ),
+    route(
+        "post",
+        "/api/v1/alerts/sinks/{name}/test",
+        "alerts",
+        Token(Op::ManageAlerts),
+        (204, "the receiver took the test message"),
+        "Send a test message to a sink",
+    ),
+    route(
+        "get",
+        "/api/v1/alerts/silences",
+        "alerts",
+        Token(Op::ReadFleet),
+        (200, "silences in force or to come"),
+        "List silences",
+    )
+    .returns(of::<Vec<alerts::SilenceView>>),
+    route(
+        "post",
+        "/api/v1/alerts/silences",
+        "alerts",
+        Token(Op::ManageAlerts),
+        (201, "the silence"),
+        "Silence alerts that match, for a while",
+    )
+    .accepts(of::<alerts::CreateSilence>)
+    .returns(of::<alerts::SilenceView>),
+    route(
+        "delete",
+        "/api/v1/alerts/silences/{id}",
+        "alerts",
+        Token(Op::ManageAlerts),
+        (204, "ended now"),
+        "End a silence",
+    ),
+    route(
+        "get",
+        "/api/v1/alerts/notifications",
+        "alerts",
+        Token(Op::ReadFleet),
+        (200, "the newest notifications and their delivery (?limit=)"),
+        "Notification delivery history",
+    )
+    .returns(of::<Vec<alerts::NotificationView>>),
     route(
         "get",
         "/api/v1/containers",
@@ -764,7 +852,8 @@ mod tests {
             "/api/v1/nodes/{name}/containers/{container}/exec",
         ];
         for r in ROUTES {
-            if not_json.contains(&r.path) || matches!(r.access, Gateway) {
+            // 204: no body at all.
+            if not_json.contains(&r.path) || matches!(r.access, Gateway) || r.ok.0 == 204 {
                 continue;
             }
             assert!(

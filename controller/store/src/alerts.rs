@@ -124,7 +124,8 @@ impl Store {
         rows.iter().map(outbox_row).collect()
     }
 
-    /// Record one delivery attempt: `sent`, or `pending` again at `next_at`, or `failed`.
+    /// Record one delivery attempt: `sent`, or `pending` again at `next_at`, or `failed`. The
+    /// last error stays after a later success (the history says what was retried).
     pub async fn outbox_attempt(
         &self,
         id: &str,
@@ -135,7 +136,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE alert_outbox SET state = $1, attempts = attempts + 1, next_at = $2, \
-             last_error = $3, sent_at = CASE WHEN $1 = 'sent' THEN $4 ELSE sent_at END WHERE id = $5",
+             last_error = COALESCE($3, last_error), sent_at = CASE WHEN $1 = 'sent' THEN $4 ELSE sent_at END WHERE id = $5",
         )
         .bind(state)
         .bind(next_at)

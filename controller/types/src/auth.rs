@@ -54,6 +54,10 @@ pub enum Op {
     ExecContainer,
     /// Remove a node's unused images and volumes (within what its `docker.control` allows).
     PruneStorage,
+    /// Silence and acknowledge alerts.
+    ManageAlerts,
+    /// Add and remove notification sinks (they hold URLs and secrets).
+    ManageSinks,
     CancelJob,
     WakeNode,
     SleepNode,
@@ -70,7 +74,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 20] = [
+    pub const ALL: [Op; 22] = [
         Op::ReadFleet,
         Op::PreviewPlan,
         Op::ReadLogs,
@@ -80,6 +84,8 @@ impl Op {
         Op::ControlContainer,
         Op::ExecContainer,
         Op::PruneStorage,
+        Op::ManageAlerts,
+        Op::ManageSinks,
         Op::CancelJob,
         Op::WakeNode,
         Op::SleepNode,
@@ -103,6 +109,7 @@ impl Op {
             | Op::ControlContainer
             | Op::ExecContainer
             | Op::PruneStorage
+            | Op::ManageAlerts
             | Op::CancelJob
             | Op::WakeNode
             | Op::SleepNode
@@ -110,6 +117,7 @@ impl Op {
             | Op::Reconcile
             | Op::Chat => Role::Operator,
             Op::ApplyMap
+            | Op::ManageSinks
             | Op::ManageJoinTokens
             | Op::RemoveNode
             | Op::ManageUsers
@@ -126,6 +134,8 @@ impl Op {
             Op::ControlContainer => "control_container",
             Op::ExecContainer => "exec_container",
             Op::PruneStorage => "prune_storage",
+            Op::ManageAlerts => "manage_alerts",
+            Op::ManageSinks => "manage_sinks",
             Op::ReadAudit => "read_audit",
             Op::ReadInventory => "read_inventory",
             Op::RunJob => "run_job",

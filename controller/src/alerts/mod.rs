@@ -1,0 +1,360 @@
+//! Alerting in the control plane: the built-in rules read what the controller observes (nodes,
+//! containers, telemetry), the pure engine (`nebula-alerts`) decides what fires and when to
+//! tell, and every notification is written to the outbox with the engine's new state in one
+//! transaction before a sender delivers it (`sinks`).
+//!
+//! Tasks: `alert-evaluator` (leader, every `alerts.evaluate_interval`) and `alert-sender`
+//! (leader, every second and when the evaluator queued something).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nebula_alerts::{EngineState, Labels, Observation, Rule, RuleTiming, Severity, Silence};
+use nebula_protocol::deploy::labels as managed_labels;
+use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ControlPlane;
+
+mod ops;
+pub mod sinks;
+
+/// `[alerts]` in the controller's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// How often the rules are evaluated.
+    #[serde(with = "humantime_serde")]
+    pub evaluate_interval: Duration,
+    /// A new group waits this long before its first notification.
+    #[serde(with = "humantime_serde")]
+    pub group_wait: Duration,
+    /// A group's changes go out at most this often.
+    #[serde(with = "humantime_serde")]
+    pub group_interval: Duration,
+    /// A group still firing is notified again this often.
+    #[serde(with = "humantime_serde")]
+    pub repeat_interval: Duration,
+    /// A node offline this long is unreachable.
+    #[serde(with = "humantime_serde")]
+    pub node_unreachable_for: Duration,
+    /// A managed container not running this long is down.
+    #[serde(with = "humantime_serde")]
+    pub container_down_for: Duration,
+    /// CPU and memory thresholds (percent), averaged over `resource_window` with at least
+    /// `resource_min_samples` samples, held for `resource_for`.
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+    #[serde(with = "humantime_serde")]
+    pub resource_window: Duration,
+    pub resource_min_samples: usize,
+    #[serde(with = "humantime_serde")]
+    pub resource_for: Duration,
+    /// A firing alert stays firing this long after its condition stops.
+    #[serde(with = "humantime_serde")]
+    pub keep_firing_for: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            evaluate_interval: Duration::from_secs(15),
+            group_wait: Duration::from_secs(30),
+            group_interval: Duration::from_secs(300),
+            repeat_interval: Duration::from_secs(4 * 3600),
+            node_unreachable_for: Duration::from_secs(60),
+            container_down_for: Duration::from_secs(30),
+            cpu_percent: 90.0,
+            memory_percent: 90.0,
+            resource_window: Duration::from_secs(300),
+            resource_min_samples: 3,
+            resource_for: Duration::from_secs(300),
+            keep_firing_for: Duration::from_secs(60),
+        }
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The built-in rules with this config's timing.
+pub fn rules(cfg: &AlertsConfig) -> BTreeMap<String, Rule> {
+    let timing = |for_: Duration| RuleTiming {
+        for_ms: ms(for_),
+        keep_firing_for_ms: ms(cfg.keep_firing_for),
+        group_wait_ms: ms(cfg.group_wait),
+        group_interval_ms: ms(cfg.group_interval),
+        repeat_interval_ms: ms(cfg.repeat_interval),
+    };
+    let rule = |name: &str, severity, for_: Duration, inhibits: bool| Rule {
+        name: name.to_owned(),
+        severity,
+        timing: timing(for_),
+        group_by: vec!["node".into()],
+        inhibits_by: if inhibits {
+            vec!["node".into()]
+        } else {
+            Vec::new()
+        },
+    };
+    [
+        rule(
+            "node_unreachable",
+            Severity::Critical,
+            cfg.node_unreachable_for,
+            true,
+        ),
+        rule(
+            "container_down",
+            Severity::Warning,
+            cfg.container_down_for,
+            false,
+        ),
+        rule(
+            "container_unhealthy",
+            Severity::Warning,
+            cfg.container_down_for,
+            false,
+        ),
+        rule("cpu_high", Severity::Warning, cfg.resource_for, false),
+        rule("memory_high", Severity::Warning, cfg.resource_for, false),
+    ]
+    .into_iter()
+    .map(|r| (r.name.clone(), r))
+    .collect()
+}
+
+/// The engine's state in memory (loaded from the store at the first evaluation).
+#[derive(Debug, Default)]
+pub struct AlertBook {
+    state: std::sync::Mutex<Option<EngineState>>,
+    /// Wakes the sender when the evaluator queued notifications.
+    pub(crate) send_now: crate::tasks::Activator,
+}
+
+impl AlertBook {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<EngineState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The alerts as they are now (pending and firing, and resolutions not yet sent).
+    pub fn current(&self) -> Vec<nebula_alerts::Alert> {
+        self.lock()
+            .as_ref()
+            .map(|s| s.alerts.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// What the built-in rules see now, and which nodes' figures were in view (rules about a
+/// node's containers and figures leave the alerts of a node out of view as they are).
+struct Seen {
+    by_rule: BTreeMap<String, Vec<Observation>>,
+    /// Nodes with current telemetry (containers, memory).
+    in_view: std::collections::BTreeSet<String>,
+    /// Nodes with enough samples for the CPU average.
+    cpu_in_view: std::collections::BTreeSet<String>,
+}
+
+/// What each built-in rule sees now.
+async fn observe(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> {
+    let mut seen: BTreeMap<String, Vec<Observation>> = BTreeMap::new();
+    let mut in_view = std::collections::BTreeSet::new();
+    let mut cpu_in_view = std::collections::BTreeSet::new();
+    let nodes = cp.store.list_nodes().await?;
+    let now_s = (nebula_protocol::time::UnixMillis::now().as_i64() / 1000) as u32;
+    for n in &nodes {
+        let online = cp.registry.get(n.id).is_some();
+        seen.entry("node_unreachable".into())
+            .or_default()
+            .push(Observation {
+                labels: labels(&[("node", &n.name)]),
+                active: !online,
+                value: None,
+                summary: format!("{} is not connected to the controller", n.name),
+            });
+        // CPU and memory averaged over the window, when there are enough samples.
+        let window = now_s.saturating_sub(cfg.resource_window.as_secs() as u32);
+        let hist = cp.telemetry.history(n.id, window);
+        if online && hist.len() >= cfg.resource_min_samples.max(1) {
+            cpu_in_view.insert(n.name.clone());
+            let cpu =
+                hist.iter().map(|p| f64::from(p.cpu) / 100.0).sum::<f64>() / hist.len() as f64;
+            seen.entry("cpu_high".into())
+                .or_default()
+                .push(Observation {
+                    labels: labels(&[("node", &n.name)]),
+                    active: cpu >= cfg.cpu_percent,
+                    value: Some(cpu),
+                    summary: format!(
+                        "CPU on {} at {cpu:.0}% over {} (threshold {:.0}%)",
+                        n.name,
+                        humantime::format_duration(cfg.resource_window),
+                        cfg.cpu_percent
+                    ),
+                });
+        }
+        if let Some(view) = cp.telemetry.view(n.id) {
+            if let Some(s) = view
+                .latest
+                .as_ref()
+                .filter(|s| s.host.memory_total_bytes > 0)
+            {
+                let used =
+                    s.host.memory_used_bytes as f64 / s.host.memory_total_bytes as f64 * 100.0;
+                seen.entry("memory_high".into())
+                    .or_default()
+                    .push(Observation {
+                        labels: labels(&[("node", &n.name)]),
+                        active: used >= cfg.memory_percent,
+                        value: Some(used),
+                        summary: format!(
+                            "memory on {} at {used:.0}% (threshold {:.0}%)",
+                            n.name, cfg.memory_percent
+                        ),
+                    });
+            }
+            let (Some(inv), Some(s)) = (view.inventory.as_ref(), view.latest.as_ref()) else {
+                continue;
+            };
+            if inv.epoch != s.epoch || !online {
+                continue;
+            }
+            in_view.insert(n.name.clone());
+            for (c, v) in inv.containers.iter().zip(&s.containers) {
+                let managed = c.labels.get(managed_labels::MANAGED).map(String::as_str)
+                    == Some("true")
+                    && c.labels.get(managed_labels::NODE) == Some(&n.id.to_string());
+                let mut l = labels(&[("node", &n.name), ("container", &c.name)]);
+                if let Some(svc) = c.labels.get(managed_labels::SERVICE) {
+                    l.insert("service".into(), svc.clone());
+                }
+                if managed {
+                    seen.entry("container_down".into())
+                        .or_default()
+                        .push(Observation {
+                            labels: l.clone(),
+                            active: v.state != ContainerState::Running,
+                            value: None,
+                            summary: format!("{} on {} is {}", c.name, n.name, v.state.as_str()),
+                        });
+                }
+                seen.entry("container_unhealthy".into())
+                    .or_default()
+                    .push(Observation {
+                        labels: l,
+                        active: v.health == ContainerHealth::Unhealthy,
+                        value: None,
+                        summary: format!("{} on {} is {}", c.name, n.name, v.health.as_str()),
+                    });
+            }
+        }
+    }
+    Ok(Seen {
+        by_rule: seen,
+        in_view,
+        cpu_in_view,
+    })
+}
+
+/// The silences in force, as the engine reads them.
+pub(crate) fn engine_silences(records: &[crate::store::alerts::SilenceRecord]) -> Vec<Silence> {
+    records
+        .iter()
+        .map(|r| Silence {
+            id: r.id.clone(),
+            matchers: serde_json::from_str(&r.matchers).unwrap_or_default(),
+            starts_at: r.starts_at,
+            ends_at: r.ends_at,
+            created_by: r.created_by.clone(),
+            comment: r.comment.clone(),
+        })
+        .collect()
+}
+
+/// One evaluation: observe, step the engine, flush, and store the new state with the
+/// notifications for every sink that takes them (one transaction). On a failed write the
+/// state stays as it was, so the next evaluation produces the same notifications again.
+pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Value> {
+    let cfg = &cp.config.alerts;
+    let rules = rules(cfg);
+    let now = nebula_protocol::time::UnixMillis::now().as_i64();
+    let mut state = {
+        let loaded = cp.alerts.lock().clone();
+        match loaded {
+            Some(s) => s,
+            None => match cp.store.alert_engine().await? {
+                Some(json) => serde_json::from_str(&json).unwrap_or_default(),
+                None => EngineState::default(),
+            },
+        }
+    };
+    let seen = observe(cp, cfg).await?;
+    for rule in rules.values() {
+        let obs = seen
+            .by_rule
+            .get(&rule.name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let view = match rule.name.as_str() {
+            "node_unreachable" => None,
+            "cpu_high" => Some(&seen.cpu_in_view),
+            _ => Some(&seen.in_view),
+        };
+        state.observe_where(rule, obs, now, |labels| {
+            view.is_none_or(|v| labels.get("node").is_some_and(|n| v.contains(n)))
+        });
+    }
+    let silences = engine_silences(&cp.store.silences(now).await?);
+    let notes = state.flush(&rules, &silences, now);
+    let sinks = cp.store.sinks().await?;
+    let mut outbox = Vec::new();
+    for note in &notes {
+        for sink in &sinks {
+            if let Some(payload) = sinks::payload_for(sink, note) {
+                outbox.push(crate::store::alerts::OutboxRecord {
+                    id: format!("msg_{}", Uuid::now_v7().simple()),
+                    sink: sink.name.clone(),
+                    payload,
+                    state: "pending".into(),
+                    attempts: 0,
+                    next_at: now,
+                    last_error: None,
+                    created_at: now,
+                    sent_at: None,
+                });
+            }
+        }
+    }
+    cp.store
+        .save_alert_step(&serde_json::to_string(&state)?, &outbox, now)
+        .await?;
+    let (firing, pending) = state
+        .alerts
+        .values()
+        .fold((0, 0), |(f, p), a| match a.state {
+            nebula_alerts::AlertState::Firing => (f + 1, p),
+            nebula_alerts::AlertState::Pending => (f, p + 1),
+            nebula_alerts::AlertState::Resolved => (f, p),
+        });
+    *cp.alerts.lock() = Some(state);
+    if !outbox.is_empty() {
+        cp.alerts.send_now.activate();
+    }
+    Ok(serde_json::json!({
+        "firing": firing,
+        "pending": pending,
+        "notifications": notes.len(),
+        "queued": outbox.len(),
+    }))
+}

@@ -1,0 +1,222 @@
+//! `nebula alerts`, `nebula silence ...`, `nebula sink ...`: what fires now, silences and where
+//! notifications go.
+
+use clap::Subcommand;
+use nebula_types::api::alerts::{
+    AlertView, CreateSilence, CreateSink, CreatedSink, NotificationView, SilenceView, SinkView,
+};
+
+use crate::client::{labels, print_json, table, Api};
+use crate::Cli;
+
+#[derive(Subcommand, Debug)]
+pub enum SilenceCommand {
+    /// Silence alerts matching every MATCHER (`node=gpu-box`, `alertname=cpu_high`,
+    /// `container!=db`) for a while.
+    Add {
+        #[arg(required = true)]
+        matchers: Vec<String>,
+        /// How long (e.g. 2h).
+        #[arg(long = "for", default_value = "1h")]
+        duration: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Silences in force.
+    List,
+    /// End a silence now.
+    Expire { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SinkCommand {
+    /// Add (or replace) a webhook sink; prints its signing secret once.
+    Add {
+        name: String,
+        url: String,
+        /// info, warning or critical: less severe alerts are not sent here.
+        #[arg(long)]
+        min_severity: Option<String>,
+    },
+    List,
+    /// Send a test message now.
+    Test {
+        name: String,
+    },
+    Rm {
+        name: String,
+    },
+    /// The newest notifications and how their delivery went.
+    History,
+}
+
+pub async fn alerts(cli: &Cli) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    let items: Vec<AlertView> = api.get("/api/v1/alerts").await?;
+    if cli.json {
+        print_json(&items);
+        return Ok(());
+    }
+    if items.is_empty() {
+        println!("no alerts");
+        return Ok(());
+    }
+    let rows = items
+        .iter()
+        .map(|a| {
+            let mut state = a.state.clone();
+            if a.silenced {
+                state.push_str(" (silenced)");
+            }
+            if let Some(by) = &a.acknowledged_by {
+                state.push_str(&format!(" (ack {by})"));
+            }
+            vec![
+                state,
+                a.severity.clone(),
+                a.rule.clone(),
+                labels(&a.labels),
+                a.active_since.clone(),
+                a.summary.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["STATE", "SEVERITY", "RULE", "LABELS", "SINCE", "SUMMARY"],
+        rows,
+    );
+    Ok(())
+}
+
+pub async fn silence(cli: &Cli, cmd: &SilenceCommand) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    match cmd {
+        SilenceCommand::Add {
+            matchers,
+            duration,
+            comment,
+        } => {
+            let body = CreateSilence {
+                matchers: matchers.clone(),
+                duration: duration.clone(),
+                comment: comment.clone(),
+            };
+            let s: SilenceView = api.post("/api/v1/alerts/silences", &body).await?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                println!("{} until {}", s.id, s.ends_at);
+            }
+        }
+        SilenceCommand::List => {
+            let items: Vec<SilenceView> = api.get("/api/v1/alerts/silences").await?;
+            if cli.json {
+                print_json(&items);
+                return Ok(());
+            }
+            let rows = items
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.matchers.join(","),
+                        s.ends_at.clone(),
+                        s.created_by.clone(),
+                        s.comment.clone(),
+                    ]
+                })
+                .collect();
+            table(&["ID", "MATCHERS", "ENDS", "BY", "COMMENT"], rows);
+        }
+        SilenceCommand::Expire { id } => {
+            api.delete_empty(&format!("/api/v1/alerts/silences/{id}"))
+                .await?;
+            println!("silence {id} ended");
+        }
+    }
+    Ok(())
+}
+
+pub async fn sink(cli: &Cli, cmd: &SinkCommand) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    match cmd {
+        SinkCommand::Add {
+            name,
+            url,
+            min_severity,
+        } => {
+            let body = CreateSink {
+                name: name.clone(),
+                kind: "webhook".into(),
+                url: url.clone(),
+                min_severity: min_severity.clone(),
+            };
+            let created: CreatedSink = api.post("/api/v1/alerts/sinks", &body).await?;
+            if cli.json {
+                print_json(&created);
+            } else {
+                println!("{}", created.secret);
+                eprintln!(
+                    "sink {name} added; verify its messages with the secret above (shown once)"
+                );
+            }
+        }
+        SinkCommand::List => {
+            let items: Vec<SinkView> = api.get("/api/v1/alerts/sinks").await?;
+            if cli.json {
+                print_json(&items);
+                return Ok(());
+            }
+            let rows = items
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.kind.clone(),
+                        s.url.clone(),
+                        s.min_severity.clone(),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "KIND", "URL", "MIN SEVERITY"], rows);
+        }
+        SinkCommand::Test { name } => {
+            api.post_empty(&format!("/api/v1/alerts/sinks/{name}/test"))
+                .await?;
+            println!("test message delivered to {name}");
+        }
+        SinkCommand::Rm { name } => {
+            api.delete_empty(&format!("/api/v1/alerts/sinks/{name}"))
+                .await?;
+            println!("sink {name} removed");
+        }
+        SinkCommand::History => {
+            let items: Vec<NotificationView> = api.get("/api/v1/alerts/notifications").await?;
+            if cli.json {
+                print_json(&items);
+                return Ok(());
+            }
+            let rows = items
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.created_at.clone(),
+                        n.sink.clone(),
+                        n.payload["type"].as_str().unwrap_or("").to_owned(),
+                        n.payload["data"]["group"].as_str().unwrap_or("").to_owned(),
+                        n.state.clone(),
+                        n.attempts.to_string(),
+                        n.last_error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "CREATED", "SINK", "TYPE", "GROUP", "STATE", "TRIES", "ERROR",
+                ],
+                rows,
+            );
+        }
+    }
+    Ok(())
+}
