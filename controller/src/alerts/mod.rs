@@ -131,6 +131,8 @@ pub fn rules(cfg: &AlertsConfig) -> BTreeMap<String, Rule> {
 #[derive(Debug, Default)]
 pub struct AlertBook {
     state: std::sync::Mutex<Option<EngineState>>,
+    /// The state as last stored, so that an evaluation that changed nothing writes nothing.
+    stored: std::sync::Mutex<String>,
     /// Wakes the sender when the evaluator queued notifications.
     pub(crate) send_now: crate::tasks::Activator,
 }
@@ -336,9 +338,13 @@ pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
             }
         }
     }
-    cp.store
-        .save_alert_step(&serde_json::to_string(&state)?, &outbox, now)
-        .await?;
+    let json = serde_json::to_string(&state)?;
+    let unchanged =
+        outbox.is_empty() && *cp.alerts.stored.lock().unwrap_or_else(|p| p.into_inner()) == json;
+    if !unchanged {
+        cp.store.save_alert_step(&json, &outbox, now).await?;
+        *cp.alerts.stored.lock().unwrap_or_else(|p| p.into_inner()) = json;
+    }
     let (firing, pending) = state
         .alerts
         .values()
