@@ -30,10 +30,14 @@ pub enum SilenceCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum SinkCommand {
-    /// Add (or replace) a webhook sink; prints its signing secret once.
+    /// Add (or replace) a sink; prints its secret once (webhooks are signed with it).
     Add {
         name: String,
+        /// The webhook's URL, the ntfy topic's URL, or the Discord webhook's URL.
         url: String,
+        /// webhook, ntfy or discord.
+        #[arg(long, default_value = "webhook")]
+        kind: String,
         /// info, warning or critical: less severe alerts are not sent here.
         #[arg(long)]
         min_severity: Option<String>,
@@ -143,11 +147,12 @@ pub async fn sink(cli: &Cli, cmd: &SinkCommand) -> anyhow::Result<()> {
         SinkCommand::Add {
             name,
             url,
+            kind,
             min_severity,
         } => {
             let body = CreateSink {
                 name: name.clone(),
-                kind: "webhook".into(),
+                kind: kind.clone(),
                 url: url.clone(),
                 min_severity: min_severity.clone(),
             };

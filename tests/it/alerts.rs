@@ -53,6 +53,35 @@ async fn receiver(fail_first: usize) -> (String, Got) {
     (format!("http://{addr}/hook"), got)
 }
 
+/// Every request a stand-in got: (headers, body).
+type Raw = Arc<Mutex<Vec<(std::collections::BTreeMap<String, String>, String)>>>;
+
+/// A stand-in for ntfy's publish API or a Discord webhook (no internet here: the real services
+/// cannot be reached), recording what the controller sends so the test can check it against
+/// their documented formats.
+async fn stand_in() -> (String, Raw) {
+    let got: Raw = Arc::default();
+    let seen = got.clone();
+    let app = axum::Router::new().route(
+        "/{*path}",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let seen = seen.clone();
+            async move {
+                let h = headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                    .collect();
+                seen.lock().unwrap().push((h, body));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), got)
+}
+
 /// Check a message's signature as a receiver would, with its own HMAC (not the controller's
 /// code).
 fn verified(secret: &str, (id, ts, sig, body): &(String, String, String, String)) -> Value {
@@ -96,6 +125,9 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
             "1s",
             "--alert-keep-firing-for",
             "0s",
+            // Acknowledge links name this address; the test sends them to the real one.
+            "--public-url",
+            "http://nebula.example",
         ],
         ..Default::default()
     })
@@ -112,6 +144,19 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     );
     let secret = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(secret.starts_with("whsec_"), "{secret}");
+    let (ntfy, ntfy_got) = stand_in().await;
+    let (discord, discord_got) = stand_in().await;
+    for (name, kind, url) in [
+        ("phone", "ntfy", format!("{ntfy}/nebula-alerts")),
+        ("chat", "discord", format!("{discord}/api/webhooks/1/abc")),
+    ] {
+        let out = c.cli(&["sink", "add", name, &url, "--kind", kind]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = c.cli(&["sink", "test", "ops"]);
     assert!(
         !out.status.success(),
@@ -167,6 +212,47 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     let out = c.cli(&["alerts"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("container_unhealthy"));
 
+    // ntfy: its publish API's headers, and a button that acknowledges through a signed link.
+    let (h, body) = wait_for("the ntfy message", Duration::from_secs(15), || async {
+        ntfy_got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(h["title"], "Firing: container_unhealthy{node=watched}");
+    assert_eq!(
+        (h["priority"].as_str(), h["tags"].as_str()),
+        ("4", "rotating_light")
+    );
+    assert!(
+        body.contains(&format!("{name} on watched is unhealthy")),
+        "{body}"
+    );
+    let action = h["actions"].clone();
+    let link = action
+        .split(", ")
+        .find(|p| p.starts_with("http://nebula.example/"))
+        .expect("an acknowledge link")
+        .replacen("http://nebula.example", &c.url(""), 1);
+    assert!(action.starts_with("http, Acknowledge, ") && action.contains("method=POST"));
+    let forged = link.replacen("sig=", "sig=00", 1);
+    let resp = c.client.post(&forged).send().await.unwrap();
+    assert_eq!(resp.status(), 403, "a forged link does nothing");
+    let resp = c.client.post(&link).send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    let alerts: Vec<nebula_types::api::alerts::AlertView> = c.get_as("/api/v1/alerts").await;
+    let acked = alerts.iter().find(|a| a.fingerprint == fp).unwrap();
+    assert_eq!(acked.acknowledged_by.as_deref(), Some("sink:phone"));
+    // Discord: a webhook's JSON with one embed.
+    let (_, body) = wait_for("the Discord message", Duration::from_secs(15), || async {
+        discord_got.lock().unwrap().first().cloned()
+    })
+    .await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let embed = &v["embeds"][0];
+    assert_eq!(embed["title"], "Firing: container_unhealthy{node=watched}");
+    assert_eq!(embed["color"], 0xd2_99_22, "orange for a warning");
+    assert!(embed["description"].as_str().unwrap().contains(&name));
+    assert_eq!(embed["fields"][0]["value"], "warning");
+
     // A restart while it fires: no second firing notification.
     c.restart_hard().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -188,6 +274,17 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     let m = messages(&got, &secret, &name);
     let kinds: Vec<&str> = m.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(kinds, vec!["alert.firing", "alert.resolved"]);
+    let ntfy_msgs = ntfy_got.lock().unwrap().clone();
+    assert_eq!(ntfy_msgs.len(), 2, "one firing, one resolution");
+    assert_eq!(ntfy_msgs[1].0["tags"], "white_check_mark");
+    assert!(
+        !ntfy_msgs[1].0.contains_key("actions"),
+        "nothing to acknowledge once resolved"
+    );
+    let discord_msgs = discord_got.lock().unwrap().clone();
+    assert_eq!(discord_msgs.len(), 2);
+    let v: Value = serde_json::from_str(&discord_msgs[1].1).unwrap();
+    assert_eq!(v["embeds"][0]["color"], 0x3f_b9_50, "green when resolved");
 
     // Silenced: it goes bad again and nothing is sent; the list says silenced.
     let out = c.cli(&[
@@ -225,7 +322,11 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     let history: Vec<nebula_types::api::alerts::NotificationView> =
         c.get_as("/api/v1/alerts/notifications").await;
     assert!(history.iter().all(|n| n.state == "sent"), "{history:?}");
-    let first = history.last().expect("the first notification");
+    let first = history
+        .iter()
+        .rev()
+        .find(|n| n.sink == "ops")
+        .expect("the first webhook notification");
     assert_eq!(first.payload["type"], "alert.firing");
     assert_eq!(first.attempts, 2, "delivered on the retry: {first:?}");
     assert!(first.last_error.as_deref().unwrap_or("").contains("500"));

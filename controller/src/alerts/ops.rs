@@ -120,6 +120,32 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Acknowledge through a link a sink sent (ntfy's button): the link's signature, made with
+    /// the sink's secret, stands for the person it was sent to.
+    pub async fn acknowledge_by_link(
+        &self,
+        sink: &str,
+        fingerprint: &str,
+        exp: i64,
+        sig: &str,
+    ) -> Result<(), OpError> {
+        let sinks = self.store.sinks().await?;
+        let refused = || OpError::Forbidden("this acknowledge link is not valid".into());
+        let s = sinks.iter().find(|s| s.name == sink).ok_or_else(refused)?;
+        let want = sinks::ack_signature(&s.secret, sink, fingerprint, exp);
+        let same = want.len() == sig.len()
+            && want
+                .bytes()
+                .zip(sig.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0;
+        if !same || exp < now() / 1000 {
+            return Err(refused());
+        }
+        let cx = OpCtx::internal(format!("sink:{sink}"));
+        self.acknowledge_alert(&cx, fingerprint).await
+    }
+
     pub async fn sinks(&self, cx: &OpCtx) -> Result<Vec<SinkView>, OpError> {
         self.authorize(cx, Op::ReadFleet)?;
         Ok(self.store.sinks().await?.iter().map(sink_view).collect())
@@ -134,9 +160,9 @@ impl ControlPlane {
                 req.name
             )));
         }
-        if req.kind != "webhook" {
+        if !sinks::KINDS.contains(&req.kind.as_str()) {
             return Err(OpError::Invalid(format!(
-                "sink kind `{}`: this controller sends `webhook`",
+                "sink kind `{}`: webhook, ntfy or discord",
                 req.kind
             )));
         }
@@ -208,9 +234,15 @@ impl ControlPlane {
         })
         .to_string();
         let id = format!("msg_{}", Uuid::now_v7().simple());
-        sinks::deliver(&self.http_client, sink, &id, &body)
-            .await
-            .map_err(|e| OpError::Conflict(format!("the test message was not delivered: {e}")))
+        sinks::deliver(
+            &self.http_client,
+            sink,
+            &id,
+            &body,
+            self.config.public_url.as_deref(),
+        )
+        .await
+        .map_err(|e| OpError::Conflict(format!("the test message was not delivered: {e}")))
     }
 
     pub async fn silences(&self, cx: &OpCtx) -> Result<Vec<SilenceView>, OpError> {

@@ -2,10 +2,18 @@
 //! it is sent; the sender delivers what is due, retries with capped backoff, and keeps each
 //! attempt's outcome.
 //!
-//! A `webhook` sink gets a JSON body signed per the Standard Webhooks specification:
-//! `webhook-id` (the message id, the same on every retry), `webhook-timestamp` (Unix seconds)
-//! and `webhook-signature` (`v1,` and the base64 HMAC-SHA256, keyed with the base64 part of the
-//! sink's `whsec_` secret, of `id.timestamp.body`).
+//! The outbox holds one JSON document per message (this module's `payload_for`); each kind
+//! renders it when it is sent:
+//!
+//! * `webhook`: the document, signed per the Standard Webhooks specification: `webhook-id`
+//!   (the message id, the same on every retry), `webhook-timestamp` (Unix seconds) and
+//!   `webhook-signature` (`v1,` and the base64 HMAC-SHA256, keyed with the base64 part of the
+//!   sink's `whsec_` secret, of `id.timestamp.body`).
+//! * `ntfy`: ntfy's publish API (the sink's URL is the topic's): the summary as the body,
+//!   `Title`, `Priority` (5 critical, 4 warning, 3 info), `Tags`, and, when the controller
+//!   knows its public URL, an `Actions` button that acknowledges the alert through a link
+//!   signed with the sink's secret.
+//! * `discord`: a Discord webhook's JSON (`embeds` with title, description, colour, fields).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,26 +124,148 @@ pub fn new_secret() -> String {
     )
 }
 
-/// Deliver one message to one sink.
+/// The kinds of sink.
+pub const KINDS: [&str; 3] = ["webhook", "ntfy", "discord"];
+
+/// The signed acknowledge link of an alert, for a sink (valid a week).
+pub fn ack_link(public_url: &str, sink: &SinkRecord, fingerprint: &str, now_s: i64) -> String {
+    let exp = now_s + 7 * 86_400;
+    let sig = ack_signature(&sink.secret, &sink.name, fingerprint, exp);
+    let mut url = reqwest::Url::parse(&format!("{}/alerts/ack", public_url.trim_end_matches('/')))
+        .expect("the public URL is checked at start");
+    url.query_pairs_mut()
+        .append_pair("sink", &sink.name)
+        .append_pair("alert", fingerprint)
+        .append_pair("exp", &exp.to_string())
+        .append_pair("sig", &sig);
+    url.to_string()
+}
+
+/// The signature an acknowledge link carries.
+pub fn ack_signature(secret: &str, sink: &str, fingerprint: &str, exp: i64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("ack.{sink}.{fingerprint}.{exp}").as_bytes());
+    hex::encode(tag.as_ref())
+}
+
+/// Discord's embed colours: red, orange, blue; green when resolved.
+fn discord_colour(doc: &serde_json::Value) -> u32 {
+    match (
+        doc["data"]["status"].as_str(),
+        doc["data"]["severity"].as_str(),
+    ) {
+        (Some("resolved"), _) => 0x3f_b9_50,
+        (_, Some("critical")) => 0xf8_51_49,
+        (_, Some("warning")) => 0xd2_99_22,
+        _ => 0x58_a6_ff,
+    }
+}
+
+fn title(doc: &serde_json::Value) -> String {
+    let status = doc["data"]["status"].as_str().unwrap_or("");
+    let group = doc["data"]["group"].as_str().unwrap_or("");
+    let word = if status == "resolved" {
+        "Resolved"
+    } else {
+        "Firing"
+    };
+    let mut t = format!("{word}: {group}");
+    t.truncate(250);
+    t
+}
+
+fn lines(doc: &serde_json::Value) -> String {
+    doc["data"]["alerts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    format!(
+                        "{} ({})",
+                        x["summary"].as_str().unwrap_or(""),
+                        x["state"].as_str().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+/// Deliver one message to one sink, rendered for its kind.
 pub async fn deliver(
     client: &reqwest::Client,
     sink: &SinkRecord,
     id: &str,
     body: &str,
+    public_url: Option<&str>,
 ) -> Result<(), String> {
-    let ts = nebula_protocol::time::UnixMillis::now().as_i64() / 1000;
-    let signature = sign(&sink.secret, id, ts, body)?;
-    let resp = client
-        .post(&sink.url)
-        .timeout(Duration::from_secs(10))
-        .header("content-type", "application/json")
-        .header("webhook-id", id)
-        .header("webhook-timestamp", ts.to_string())
-        .header("webhook-signature", signature)
-        .body(body.to_owned())
-        .send()
-        .await
-        .map_err(|e| format!("sending: {e}"))?;
+    let req = client.post(&sink.url).timeout(Duration::from_secs(10));
+    let req = match sink.kind.as_str() {
+        "ntfy" => {
+            let doc: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let resolved = doc["data"]["status"] == "resolved";
+            let priority = match (resolved, doc["data"]["severity"].as_str()) {
+                (true, _) => "3",
+                (_, Some("critical")) => "5",
+                (_, Some("warning")) => "4",
+                _ => "3",
+            };
+            let tags = if resolved {
+                "white_check_mark"
+            } else {
+                "rotating_light"
+            };
+            let mut req = req
+                .header("Title", title(&doc))
+                .header("Priority", priority)
+                .header("Tags", tags);
+            let first = doc["data"]["alerts"][0]["fingerprint"].as_str();
+            if let (false, Some(base), Some(fp)) = (resolved, public_url, first) {
+                let now_s = nebula_protocol::time::UnixMillis::now().as_i64() / 1000;
+                let link = ack_link(base, sink, fp, now_s);
+                req = req.header(
+                    "Actions",
+                    format!("http, Acknowledge, {link}, method=POST, clear=true"),
+                );
+            }
+            let text = lines(&doc);
+            req.body(if text.is_empty() {
+                doc["type"].as_str().unwrap_or("").to_owned()
+            } else {
+                text
+            })
+        }
+        "discord" => {
+            let doc: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let mut description = lines(&doc);
+            description.truncate(4000);
+            let embed = json!({
+                "embeds": [{
+                    "title": title(&doc),
+                    "description": description,
+                    "color": discord_colour(&doc),
+                    "timestamp": doc["timestamp"],
+                    "fields": [
+                        {"name": "Severity", "value": doc["data"]["severity"].as_str().unwrap_or("-"), "inline": true},
+                        {"name": "Alerts", "value": doc["data"]["alerts"].as_array().map_or(0, Vec::len).to_string(), "inline": true},
+                    ],
+                }],
+            });
+            req.header("content-type", "application/json")
+                .body(embed.to_string())
+        }
+        _ => {
+            let ts = nebula_protocol::time::UnixMillis::now().as_i64() / 1000;
+            let signature = sign(&sink.secret, id, ts, body)?;
+            req.header("content-type", "application/json")
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", signature)
+                .body(body.to_owned())
+        }
+    };
+    let resp = req.send().await.map_err(|e| format!("sending: {e}"))?;
     if resp.status().is_success() {
         Ok(())
     } else {
@@ -161,7 +291,10 @@ pub async fn send_due(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
     let (mut sent, mut failed) = (0, 0);
     for o in due {
         let outcome = match sinks.iter().find(|s| s.name == o.sink) {
-            Some(sink) => deliver(&cp.http_client, sink, &o.id, &o.payload).await,
+            Some(sink) => {
+                let public = cp.config.public_url.as_deref();
+                deliver(&cp.http_client, sink, &o.id, &o.payload, public).await
+            }
             None => Err(format!("the sink `{}` was removed", o.sink)),
         };
         record(cp, &o, outcome, &mut sent, &mut failed).await?;

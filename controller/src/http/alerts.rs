@@ -96,3 +96,24 @@ pub(super) async fn notifications(
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     Ok(Json(cp.notifications(&who, q.limit.unwrap_or(100)).await?))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AckLink {
+    sink: String,
+    alert: String,
+    exp: i64,
+    sig: String,
+}
+
+/// `POST /alerts/ack?sink=&alert=&exp=&sig=`: a signed acknowledge link from a notification
+/// (ntfy's action button); no token, the signature is the credential.
+pub(super) async fn ack_link(
+    State(cp): State<Arc<ControlPlane>>,
+    query: Result<Query<AckLink>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    cp.acknowledge_by_link(&q.sink, &q.alert, q.exp, &q.sig)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -152,6 +152,8 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/healthz", get(healthz))
         // Public: editors fetch it to validate service maps.
         .route("/api/v1/schema/service-map", get(desired::schema))
+        // Public, signed: acknowledge links in notifications (ntfy's button).
+        .route("/alerts/ack", axum::routing::post(alerts::ack_link))
         // Public: the API's own description.
         .route("/api/v1/openapi.json", get(openapi_json))
         // Public: `curl | sh` fetches these without a token; they hold no secret.

@@ -276,6 +276,14 @@ pub const ROUTES: &[Route] = &[
         "End a silence",
     ),
     route(
+        "post",
+        "/alerts/ack",
+        "alerts",
+        Public,
+        (204, "acknowledged"),
+        "Acknowledge through a signed link from a notification (?sink=&alert=&exp=&sig=)",
+    ),
+    route(
         "get",
         "/api/v1/alerts/notifications",
         "alerts",

@@ -29,7 +29,8 @@ pub struct AlertView {
 #[serde(deny_unknown_fields)]
 pub struct CreateSink {
     pub name: String,
-    /// `webhook` (JSON, signed per Standard Webhooks).
+    /// `webhook` (JSON, signed per Standard Webhooks), `ntfy` (the topic's URL) or `discord`
+    /// (a Discord webhook's URL).
     #[serde(default = "webhook")]
     pub kind: String,
     pub url: String,
