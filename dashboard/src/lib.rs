@@ -57,6 +57,14 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/ui/events", get(overview_events))
         .route("/ui/logout", post(logout))
         .route("/ui/nodes/{name}", get(node_page))
+        .route("/ui/alerts", get(pages::alerts::alerts_page))
+        .route("/ui/alerts/ack", post(pages::alerts::acknowledge))
+        .route("/ui/alerts/silences", post(pages::alerts::add_silence))
+        .route(
+            "/ui/alerts/silences/expire",
+            post(pages::alerts::expire_silence),
+        )
+        .route("/ui/alerts/sinks/test", post(pages::alerts::test_sink))
         .route("/ui/containers", get(containers_page))
         .route(
             "/ui/nodes/{name}/containers/{container}",
@@ -301,6 +309,7 @@ fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Marku
     let nav: Vec<(&str, &str)> = [
         ("/ui/", "Overview", Role::Viewer),
         ("/ui/containers", "Containers", Role::Viewer),
+        ("/ui/alerts", "Alerts", Role::Viewer),
         ("/ui/services", "Services", Role::Viewer),
         ("/ui/jobs", "Jobs", Role::Viewer),
         ("/ui/models", "Models", Role::Viewer),

@@ -466,3 +466,118 @@ async fn audit_rows(c: &Controller, action: &str) -> Vec<AuditRecord> {
     let page: common::Page<AuditRecord> = c.get_as(&format!("/api/v1/audit?action={action}")).await;
     page.items
 }
+
+/// The Alerts page: a silence added and ended through its forms; a viewer sees the page and no
+/// forms, and its POST is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_page_silences_and_lists() {
+    let c = Controller::start(ControllerOpts::default()).await;
+    let admin = session_pair(
+        &sign_in(&c, "admin", &first_admin_password(&c).await, false)
+            .await
+            .unwrap(),
+    );
+    let http = client();
+    let page = |cookie: String| {
+        let http = http.clone();
+        let url = c.url("/ui/alerts");
+        async move {
+            let resp = http.get(url).header("cookie", cookie).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.text().await.unwrap()
+        }
+    };
+    let html = page(admin.clone()).await;
+    assert!(html.contains("Nothing fires.") && html.contains("id=\"silence-form\""));
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let resp = http
+        .post(c.url("/ui/alerts/silences"))
+        .header("cookie", &admin)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("matchers", "node=box alertname=cpu_high"),
+            ("duration", "2h"),
+            ("comment", "new fans"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let html = page(admin.clone()).await;
+    assert!(
+        html.contains("node=box") && html.contains("new fans"),
+        "listed"
+    );
+    let silences: Vec<nebula_types::api::alerts::SilenceView> =
+        c.get_as("/api/v1/alerts/silences").await;
+    assert_eq!(silences.len(), 1);
+    assert_eq!(silences[0].created_by, "admin");
+    // A bad matcher is refused with its reason, and adds nothing.
+    let resp = http
+        .post(c.url("/ui/alerts/silences"))
+        .header("cookie", &admin)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("matchers", "node"),
+            ("duration", "2h"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("label=value"));
+    // Ended through the page.
+    let resp = http
+        .post(c.url("/ui/alerts/silences/expire"))
+        .header("cookie", &admin)
+        .form(&[("csrf", csrf.as_str()), ("id", silences[0].id.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let silences: Vec<nebula_types::api::alerts::SilenceView> =
+        c.get_as("/api/v1/alerts/silences").await;
+    assert!(silences.is_empty());
+
+    // A viewer: the page, no forms; a POST refused by the control plane.
+    let out = c.cli(&["user", "create", "vera", "--role", "viewer"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let password = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Password (shown once): "))
+        .expect("a generated password")
+        .to_owned();
+    let viewer = session_pair(&sign_in(&c, "vera", &password, false).await.unwrap());
+    let html = page(viewer.clone()).await;
+    assert!(
+        !html.contains("id=\"silence-form\""),
+        "no form for a viewer"
+    );
+    let viewer_csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let resp = http
+        .post(c.url("/ui/alerts/silences"))
+        .header("cookie", &viewer)
+        .form(&[
+            ("csrf", viewer_csrf.as_str()),
+            ("matchers", "node=box"),
+            ("duration", "1h"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+}

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::ControlPlane;
 
 mod ops;
+pub use nebula_types::api::alerts::CreateSilence;
 pub mod sinks;
 
 /// `[alerts]` in the controller's config.

@@ -1,6 +1,7 @@
 //! One file per page.
 
 pub(crate) mod admin;
+pub(crate) mod alerts;
 pub(crate) mod containers;
 pub(crate) mod enroll;
 pub(crate) mod jobs;

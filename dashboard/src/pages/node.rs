@@ -80,6 +80,7 @@ pub(crate) async fn node_page(
     } else {
         None
     };
+    let alerts = super::alerts::node_alerts(&cp, &user, &view.name).await;
     let telemetry = cp.telemetry.view(id);
     let inventory = telemetry.as_ref().and_then(|v| v.inventory.clone());
     let latest = telemetry.as_ref().and_then(|v| v.latest.clone());
@@ -103,6 +104,7 @@ pub(crate) async fn node_page(
             (charts::line_chart("GPU", "%", &[series("utilisation", "#d29922", &|r| r.3)], from, now, Some(100.0)))
             (charts::line_chart("Network", "KiB/s", &[series("rx", "#58a6ff", &|r| Some(r.4)), series("tx", "#f778ba", &|r| Some(r.5))], from, now, None))
         }
+        (alerts)
         h2 { "Facts" }
         table { tbody {
             tr { th { "Agent" } td { (view.agent_version) } }
