@@ -123,6 +123,8 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
             "1s",
             "--alert-container-down-for",
             "1s",
+            "--alert-node-unreachable-for",
+            "1s",
             "--alert-keep-firing-for",
             "0s",
             // Acknowledge links name this address; the test sends them to the real one.
@@ -133,7 +135,7 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let (_agent, _) = join_ready(&c, dir.path(), "watched", &[], None).await;
+    let (mut agent, _) = join_ready(&c, dir.path(), "watched", &[], None).await;
 
     // A sink, through the CLI: the secret is printed once.
     let out = c.cli(&["sink", "add", "ops", &url]);
@@ -330,6 +332,26 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     assert_eq!(first.payload["type"], "alert.firing");
     assert_eq!(first.attempts, 2, "delivered on the retry: {first:?}");
     assert!(first.last_error.as_deref().unwrap_or("").contains("500"));
+    // The node goes away: one critical notification for it; its other alerts are muted, not
+    // resolved (their figures are not in view).
+    agent.proc.kill();
+    let down = wait_for("node_unreachable", Duration::from_secs(30), || async {
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|m| verified(&secret, m))
+            .find(|v| v["data"]["group"] == "node_unreachable{node=watched}")
+    })
+    .await;
+    assert_eq!(down["data"]["severity"], "critical");
+    let alerts: Vec<nebula_types::api::alerts::AlertView> = c.get_as("/api/v1/alerts").await;
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.fingerprint == fp && a.state == "firing"),
+        "the container's alert is kept while its node is out of view: {alerts:?}"
+    );
+
     // Bad input changes nothing.
     let (status, _) = c
         .api(

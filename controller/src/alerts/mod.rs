@@ -56,6 +56,12 @@ pub struct AlertsConfig {
     /// A firing alert stays firing this long after its condition stops.
     #[serde(with = "humantime_serde")]
     pub keep_firing_for: Duration,
+    /// A service deploying, pending, waiting or refused this long has not converged.
+    #[serde(with = "humantime_serde")]
+    pub service_for: Duration,
+    /// A node certificate that expires within this is about to.
+    #[serde(with = "humantime_serde")]
+    pub certificate_warning: Duration,
 }
 
 impl Default for AlertsConfig {
@@ -73,9 +79,14 @@ impl Default for AlertsConfig {
             resource_min_samples: 3,
             resource_for: Duration::from_secs(300),
             keep_firing_for: Duration::from_secs(60),
+            service_for: Duration::from_secs(600),
+            certificate_warning: Duration::from_secs(7 * 86_400),
         }
     }
 }
+
+/// Agents built from another version than this controller are behind (or ahead).
+const CONTROLLER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -176,16 +187,62 @@ async fn observe(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> 
     let mut cpu_in_view = std::collections::BTreeSet::new();
     let nodes = cp.store.list_nodes().await?;
     let now_s = (nebula_protocol::time::UnixMillis::now().as_i64() / 1000) as u32;
+    let now_ms = nebula_protocol::time::UnixMillis::now().as_i64();
+    let mut push = |rule: &str, o: Observation| seen.entry(rule.to_owned()).or_default().push(o);
     for n in &nodes {
         let online = cp.registry.get(n.id).is_some();
-        seen.entry("node_unreachable".into())
-            .or_default()
-            .push(Observation {
+        let node = labels(&[("node", &n.name)]);
+        let wake = cp.wakes.get(n.id);
+        push(
+            "wake_failed",
+            Observation {
+                labels: node.clone(),
+                active: wake.as_ref().is_some_and(|w| w.failed),
+                value: None,
+                summary: format!("waking {} failed: it did not register in time", n.name),
+            },
+        );
+        if online {
+            push(
+                "agent_outdated",
+                Observation {
+                    labels: node.clone(),
+                    active: n.agent_version != CONTROLLER_VERSION,
+                    value: None,
+                    summary: format!(
+                        "{} runs nebula-agent {} (the controller is {})",
+                        n.name, n.agent_version, CONTROLLER_VERSION
+                    ),
+                },
+            );
+        }
+        if let Some(after) = n.cert_not_after {
+            let left = after - now_ms;
+            push(
+                "node_certificate_expiring",
+                Observation {
+                    labels: node.clone(),
+                    active: online && left < ms(cfg.certificate_warning),
+                    value: Some((left / 86_400_000) as f64),
+                    summary: format!(
+                        "the certificate of {} expires in {}",
+                        n.name,
+                        humantime::format_duration(Duration::from_secs(
+                            (left.max(0) / 1000) as u64
+                        ))
+                    ),
+                },
+            );
+        }
+        push(
+            "node_unreachable",
+            Observation {
                 labels: labels(&[("node", &n.name)]),
                 active: !online,
                 value: None,
                 summary: format!("{} is not connected to the controller", n.name),
-            });
+            },
+        );
         // CPU and memory averaged over the window, when there are enough samples.
         let window = now_s.saturating_sub(cfg.resource_window.as_secs() as u32);
         let hist = cp.telemetry.history(n.id, window);
@@ -193,9 +250,9 @@ async fn observe(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> 
             cpu_in_view.insert(n.name.clone());
             let cpu =
                 hist.iter().map(|p| f64::from(p.cpu) / 100.0).sum::<f64>() / hist.len() as f64;
-            seen.entry("cpu_high".into())
-                .or_default()
-                .push(Observation {
+            push(
+                "cpu_high",
+                Observation {
                     labels: labels(&[("node", &n.name)]),
                     active: cpu >= cfg.cpu_percent,
                     value: Some(cpu),
@@ -205,7 +262,8 @@ async fn observe(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> 
                         humantime::format_duration(cfg.resource_window),
                         cfg.cpu_percent
                     ),
-                });
+                },
+            );
         }
         if let Some(view) = cp.telemetry.view(n.id) {
             if let Some(s) = view
@@ -215,9 +273,9 @@ async fn observe(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> 
             {
                 let used =
                     s.host.memory_used_bytes as f64 / s.host.memory_total_bytes as f64 * 100.0;
-                seen.entry("memory_high".into())
-                    .or_default()
-                    .push(Observation {
+                push(
+                    "memory_high",
+                    Observation {
                         labels: labels(&[("node", &n.name)]),
                         active: used >= cfg.memory_percent,
                         value: Some(used),
@@ -225,7 +283,8 @@ async fn observe(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> 
                             "memory on {} at {used:.0}% (threshold {:.0}%)",
                             n.name, cfg.memory_percent
                         ),
-                    });
+                    },
+                );
             }
             let (Some(inv), Some(s)) = (view.inventory.as_ref(), view.latest.as_ref()) else {
                 continue;
@@ -243,24 +302,60 @@ async fn observe(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> 
                     l.insert("service".into(), svc.clone());
                 }
                 if managed {
-                    seen.entry("container_down".into())
-                        .or_default()
-                        .push(Observation {
+                    push(
+                        "container_down",
+                        Observation {
                             labels: l.clone(),
                             active: v.state != ContainerState::Running,
                             value: None,
                             summary: format!("{} on {} is {}", c.name, n.name, v.state.as_str()),
-                        });
+                        },
+                    );
                 }
-                seen.entry("container_unhealthy".into())
-                    .or_default()
-                    .push(Observation {
+                push(
+                    "container_unhealthy",
+                    Observation {
                         labels: l,
                         active: v.health == ContainerHealth::Unhealthy,
                         value: None,
                         summary: format!("{} on {} is {}", c.name, n.name, v.health.as_str()),
-                    });
+                    },
+                );
             }
+        }
+    }
+    // Services, desired against actual.
+    if cp.desired.active().is_some() {
+        for svc in cp.services().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+            if !svc.declared {
+                continue;
+            }
+            let l = labels(&[("service", &svc.name)]);
+            let why = svc.message.clone().unwrap_or_default();
+            push(
+                "service_failed",
+                Observation {
+                    labels: l.clone(),
+                    active: svc.status == "failed",
+                    value: None,
+                    summary: format!("service {} failed: {why}", svc.name),
+                },
+            );
+            push(
+                "service_not_converged",
+                Observation {
+                    labels: l,
+                    active: matches!(
+                        svc.status.as_str(),
+                        "deploying" | "pending" | "waiting" | "refused"
+                    ),
+                    value: Some(f64::from(svc.running)),
+                    summary: format!(
+                        "service {} is {} ({} of {} running) {why}",
+                        svc.name, svc.status, svc.running, svc.replicas
+                    ),
+                },
+            );
         }
     }
     Ok(Seen {
@@ -310,9 +405,11 @@ pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         let view = match rule.name.as_str() {
-            "node_unreachable" => None,
+            "container_down" | "container_restarting" | "container_unhealthy" | "memory_high" => {
+                Some(&seen.in_view)
+            }
             "cpu_high" => Some(&seen.cpu_in_view),
-            _ => Some(&seen.in_view),
+            _ => None,
         };
         state.observe_where(rule, obs, now, |labels| {
             view.is_none_or(|v| labels.get("node").is_some_and(|n| v.contains(n)))
