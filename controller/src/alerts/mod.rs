@@ -10,14 +10,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nebula_alerts::{EngineState, Labels, Observation, Rule, RuleTiming, Severity, Silence};
-use nebula_protocol::deploy::labels as managed_labels;
-use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
+use nebula_alerts::{EngineState, Labels, Rule, RuleTiming, Severity, Silence};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::ControlPlane;
 
+mod observe;
 mod ops;
 pub use nebula_types::api::alerts::CreateSilence;
 pub mod sinks;
@@ -170,201 +169,6 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// What the built-in rules see now, and which nodes' figures were in view (rules about a
-/// node's containers and figures leave the alerts of a node out of view as they are).
-struct Seen {
-    by_rule: BTreeMap<String, Vec<Observation>>,
-    /// Nodes with current telemetry (containers, memory).
-    in_view: std::collections::BTreeSet<String>,
-    /// Nodes with enough samples for the CPU average.
-    cpu_in_view: std::collections::BTreeSet<String>,
-}
-
-/// What each built-in rule sees now.
-async fn observe(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> {
-    let mut seen: BTreeMap<String, Vec<Observation>> = BTreeMap::new();
-    let mut in_view = std::collections::BTreeSet::new();
-    let mut cpu_in_view = std::collections::BTreeSet::new();
-    let nodes = cp.store.list_nodes().await?;
-    let now_s = (nebula_protocol::time::UnixMillis::now().as_i64() / 1000) as u32;
-    let now_ms = nebula_protocol::time::UnixMillis::now().as_i64();
-    let mut push = |rule: &str, o: Observation| seen.entry(rule.to_owned()).or_default().push(o);
-    for n in &nodes {
-        let online = cp.registry.get(n.id).is_some();
-        let node = labels(&[("node", &n.name)]);
-        let wake = cp.wakes.get(n.id);
-        push(
-            "wake_failed",
-            Observation {
-                labels: node.clone(),
-                active: wake.as_ref().is_some_and(|w| w.failed),
-                value: None,
-                summary: format!("waking {} failed: it did not register in time", n.name),
-            },
-        );
-        if online {
-            push(
-                "agent_outdated",
-                Observation {
-                    labels: node.clone(),
-                    active: n.agent_version != CONTROLLER_VERSION,
-                    value: None,
-                    summary: format!(
-                        "{} runs nebula-agent {} (the controller is {})",
-                        n.name, n.agent_version, CONTROLLER_VERSION
-                    ),
-                },
-            );
-        }
-        if let Some(after) = n.cert_not_after {
-            let left = after - now_ms;
-            push(
-                "node_certificate_expiring",
-                Observation {
-                    labels: node.clone(),
-                    active: online && left < ms(cfg.certificate_warning),
-                    value: Some((left / 86_400_000) as f64),
-                    summary: format!(
-                        "the certificate of {} expires in {}",
-                        n.name,
-                        humantime::format_duration(Duration::from_secs(
-                            (left.max(0) / 1000) as u64
-                        ))
-                    ),
-                },
-            );
-        }
-        push(
-            "node_unreachable",
-            Observation {
-                labels: labels(&[("node", &n.name)]),
-                active: !online,
-                value: None,
-                summary: format!("{} is not connected to the controller", n.name),
-            },
-        );
-        // CPU and memory averaged over the window, when there are enough samples.
-        let window = now_s.saturating_sub(cfg.resource_window.as_secs() as u32);
-        let hist = cp.telemetry.history(n.id, window);
-        if online && hist.len() >= cfg.resource_min_samples.max(1) {
-            cpu_in_view.insert(n.name.clone());
-            let cpu =
-                hist.iter().map(|p| f64::from(p.cpu) / 100.0).sum::<f64>() / hist.len() as f64;
-            push(
-                "cpu_high",
-                Observation {
-                    labels: labels(&[("node", &n.name)]),
-                    active: cpu >= cfg.cpu_percent,
-                    value: Some(cpu),
-                    summary: format!(
-                        "CPU on {} at {cpu:.0}% over {} (threshold {:.0}%)",
-                        n.name,
-                        humantime::format_duration(cfg.resource_window),
-                        cfg.cpu_percent
-                    ),
-                },
-            );
-        }
-        if let Some(view) = cp.telemetry.view(n.id) {
-            if let Some(s) = view
-                .latest
-                .as_ref()
-                .filter(|s| s.host.memory_total_bytes > 0)
-            {
-                let used =
-                    s.host.memory_used_bytes as f64 / s.host.memory_total_bytes as f64 * 100.0;
-                push(
-                    "memory_high",
-                    Observation {
-                        labels: labels(&[("node", &n.name)]),
-                        active: used >= cfg.memory_percent,
-                        value: Some(used),
-                        summary: format!(
-                            "memory on {} at {used:.0}% (threshold {:.0}%)",
-                            n.name, cfg.memory_percent
-                        ),
-                    },
-                );
-            }
-            let (Some(inv), Some(s)) = (view.inventory.as_ref(), view.latest.as_ref()) else {
-                continue;
-            };
-            if inv.epoch != s.epoch || !online {
-                continue;
-            }
-            in_view.insert(n.name.clone());
-            for (c, v) in inv.containers.iter().zip(&s.containers) {
-                let managed = c.labels.get(managed_labels::MANAGED).map(String::as_str)
-                    == Some("true")
-                    && c.labels.get(managed_labels::NODE) == Some(&n.id.to_string());
-                let mut l = labels(&[("node", &n.name), ("container", &c.name)]);
-                if let Some(svc) = c.labels.get(managed_labels::SERVICE) {
-                    l.insert("service".into(), svc.clone());
-                }
-                if managed {
-                    push(
-                        "container_down",
-                        Observation {
-                            labels: l.clone(),
-                            active: v.state != ContainerState::Running,
-                            value: None,
-                            summary: format!("{} on {} is {}", c.name, n.name, v.state.as_str()),
-                        },
-                    );
-                }
-                push(
-                    "container_unhealthy",
-                    Observation {
-                        labels: l,
-                        active: v.health == ContainerHealth::Unhealthy,
-                        value: None,
-                        summary: format!("{} on {} is {}", c.name, n.name, v.health.as_str()),
-                    },
-                );
-            }
-        }
-    }
-    // Services, desired against actual.
-    if cp.desired.active().is_some() {
-        for svc in cp.services().await.map_err(|e| anyhow::anyhow!("{e}"))? {
-            if !svc.declared {
-                continue;
-            }
-            let l = labels(&[("service", &svc.name)]);
-            let why = svc.message.clone().unwrap_or_default();
-            push(
-                "service_failed",
-                Observation {
-                    labels: l.clone(),
-                    active: svc.status == "failed",
-                    value: None,
-                    summary: format!("service {} failed: {why}", svc.name),
-                },
-            );
-            push(
-                "service_not_converged",
-                Observation {
-                    labels: l,
-                    active: matches!(
-                        svc.status.as_str(),
-                        "deploying" | "pending" | "waiting" | "refused"
-                    ),
-                    value: Some(f64::from(svc.running)),
-                    summary: format!(
-                        "service {} is {} ({} of {} running) {why}",
-                        svc.name, svc.status, svc.running, svc.replicas
-                    ),
-                },
-            );
-        }
-    }
-    Ok(Seen {
-        by_rule: seen,
-        in_view,
-        cpu_in_view,
-    })
-}
-
 /// The silences in force, as the engine reads them.
 pub(crate) fn engine_silences(records: &[crate::store::alerts::SilenceRecord]) -> Vec<Silence> {
     records
@@ -397,7 +201,7 @@ pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
             },
         }
     };
-    let seen = observe(cp, cfg).await?;
+    let seen = observe::Seen::gather(cp, cfg).await?;
     for rule in rules.values() {
         let obs = seen
             .by_rule
