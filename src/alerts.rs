@@ -35,9 +35,12 @@ pub enum SinkCommand {
         name: String,
         /// The webhook's URL, the ntfy topic's URL, or the Discord webhook's URL.
         url: String,
-        /// webhook, ntfy or discord.
+        /// webhook, ntfy, discord or email (url smtp://[USER@]HOST[:PORT]?from=..&to=..).
         #[arg(long, default_value = "webhook")]
         kind: String,
+        /// An e-mail sink's SMTP password, read from this file.
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
         /// info, warning or critical: less severe alerts are not sent here.
         #[arg(long)]
         min_severity: Option<String>,
@@ -148,17 +151,25 @@ pub async fn sink(cli: &Cli, cmd: &SinkCommand) -> anyhow::Result<()> {
             name,
             url,
             kind,
+            password_file,
             min_severity,
         } => {
+            let password = match password_file {
+                Some(p) => Some(std::fs::read_to_string(p)?.trim().to_owned()),
+                None => None,
+            };
             let body = CreateSink {
                 name: name.clone(),
                 kind: kind.clone(),
                 url: url.clone(),
                 min_severity: min_severity.clone(),
+                password,
             };
             let created: CreatedSink = api.post("/api/v1/alerts/sinks", &body).await?;
             if cli.json {
                 print_json(&created);
+            } else if kind == "email" {
+                eprintln!("sink {name} added");
             } else {
                 println!("{}", created.secret);
                 eprintln!(

@@ -82,6 +82,42 @@ async fn stand_in() -> (String, Raw) {
     (format!("http://{addr}"), got)
 }
 
+/// A real SMTP server (PyPI's aiosmtpd, installed by `scripts/test`) on 127.0.0.1 that stores
+/// what it receives in a Maildir; (its port, the Maildir, the process).
+fn smtp_server(dir: &std::path::Path) -> (u16, std::path::PathBuf, Proc) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let maildir = dir.join("maildir");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+        .args(["-c", "aiosmtpd.handlers.Mailbox"])
+        .arg(&maildir);
+    (port, maildir, Proc::spawn(cmd))
+}
+
+/// The messages in a Maildir: (subject, whole text).
+fn mails(maildir: &std::path::Path) -> Vec<(String, String)> {
+    let mut files: Vec<_> = std::fs::read_dir(maildir.join("new"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| {
+            let subject = t
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or("")
+                .to_owned();
+            (subject, t)
+        })
+        .collect()
+}
+
 /// Check a message's signature as a receiver would, with its own HMAC (not the controller's
 /// code).
 fn verified(secret: &str, (id, ts, sig, body): &(String, String, String, String)) -> Value {
@@ -146,6 +182,23 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     );
     let secret = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(secret.starts_with("whsec_"), "{secret}");
+    let mail_dir = tempfile::tempdir().unwrap();
+    let (smtp_port, maildir, _smtp) = smtp_server(mail_dir.path());
+    let out = c.cli(&[
+        "sink",
+        "add",
+        "mail",
+        &format!(
+            "smtp://127.0.0.1:{smtp_port}?from=nebula@example.test&to=ops@example.test&tls=none"
+        ),
+        "--kind",
+        "email",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (ntfy, ntfy_got) = stand_in().await;
     let (discord, discord_got) = stand_in().await;
     for (name, kind, url) in [
@@ -213,6 +266,18 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
         .expect("listed");
     let out = c.cli(&["alerts"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("container_unhealthy"));
+
+    // E-mail: one message, through a real SMTP server.
+    let (subject, text) = wait_for("the e-mail", Duration::from_secs(15), || async {
+        mails(&maildir).into_iter().next()
+    })
+    .await;
+    assert_eq!(subject, "Firing: container_unhealthy{node=watched}");
+    assert!(
+        text.contains(&format!("{name} on watched is unhealthy")),
+        "{text}"
+    );
+    assert!(text.contains("To: ops@example.test"), "{text}");
 
     // ntfy: its publish API's headers, and a button that acknowledges through a signed link.
     let (h, body) = wait_for("the ntfy message", Duration::from_secs(15), || async {
@@ -282,6 +347,15 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     assert!(
         !ntfy_msgs[1].0.contains_key("actions"),
         "nothing to acknowledge once resolved"
+    );
+    let subjects: Vec<String> = mails(&maildir).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        subjects,
+        vec![
+            "Firing: container_unhealthy{node=watched}".to_owned(),
+            "Resolved: container_unhealthy{node=watched}".to_owned()
+        ],
+        "one e-mail each way"
     );
     let discord_msgs = discord_got.lock().unwrap().clone();
     assert_eq!(discord_msgs.len(), 2);

@@ -162,14 +162,21 @@ impl ControlPlane {
         }
         if !sinks::KINDS.contains(&req.kind.as_str()) {
             return Err(OpError::Invalid(format!(
-                "sink kind `{}`: webhook, ntfy or discord",
+                "sink kind `{}`: webhook, ntfy, discord or email",
                 req.kind
             )));
         }
-        let url =
-            reqwest::Url::parse(&req.url).map_err(|e| OpError::Invalid(format!("`url`: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(OpError::Invalid("a webhook `url` is http or https".into()));
+        if req.kind == "email" {
+            sinks::Smtp::parse(&req.url).map_err(OpError::Invalid)?;
+        } else {
+            let url = reqwest::Url::parse(&req.url)
+                .map_err(|e| OpError::Invalid(format!("`url`: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(OpError::Invalid(format!(
+                    "a {} sink's `url` is http or https",
+                    req.kind
+                )));
+            }
         }
         let min_severity = req.min_severity.unwrap_or_else(|| "info".into());
         if sinks::parse_severity(&min_severity).is_none() {
@@ -177,11 +184,16 @@ impl ControlPlane {
                 "`min_severity` is info, warning or critical, not `{min_severity}`"
             )));
         }
+        let is_email = req.kind == "email";
         let rec = SinkRecord {
             name: req.name,
             kind: req.kind,
             url: req.url,
-            secret: sinks::new_secret(),
+            // An e-mail sink's secret is its SMTP password; the others sign with one of ours.
+            secret: match (req.password, is_email) {
+                (Some(p), true) => p,
+                _ => sinks::new_secret(),
+            },
             min_severity,
             created_by: cx.actor.clone(),
             created_at: now(),
@@ -198,7 +210,12 @@ impl ControlPlane {
         );
         Ok(CreatedSink {
             sink: sink_view(&rec),
-            secret: rec.secret,
+            // A password given to us is not echoed back.
+            secret: if rec.kind == "email" {
+                String::new()
+            } else {
+                rec.secret
+            },
         })
     }
 

@@ -14,6 +14,10 @@
 //!   knows its public URL, an `Actions` button that acknowledges the alert through a link
 //!   signed with the sink's secret.
 //! * `discord`: a Discord webhook's JSON (`embeds` with title, description, colour, fields).
+//! * `email`: a plain-text message over SMTP; the sink's URL reads
+//!   `smtp://[USER@]HOST[:PORT]?from=ADDR&to=ADDR[&to=ADDR]&tls=starttls|tls|none` (STARTTLS on
+//!   587 by default, `tls` on 465; `none` only for a relay on the same host) and its secret is
+//!   the SMTP password.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,7 +129,97 @@ pub fn new_secret() -> String {
 }
 
 /// The kinds of sink.
-pub const KINDS: [&str; 3] = ["webhook", "ntfy", "discord"];
+pub const KINDS: [&str; 4] = ["webhook", "ntfy", "discord", "email"];
+
+/// Where an `email` sink sends, read from its URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smtp {
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub from: String,
+    pub to: Vec<String>,
+    /// `starttls`, `tls` or `none`.
+    pub tls: String,
+}
+
+impl Smtp {
+    pub fn parse(url: &str) -> Result<Smtp, String> {
+        let u = reqwest::Url::parse(url).map_err(|e| format!("`url`: {e}"))?;
+        if u.scheme() != "smtp" {
+            return Err(
+                "an e-mail sink's url reads smtp://[USER@]HOST[:PORT]?from=..&to=..".into(),
+            );
+        }
+        let host = u.host_str().ok_or("the SMTP url names no host")?.to_owned();
+        let mut from = None;
+        let mut to = Vec::new();
+        let mut tls = "starttls".to_owned();
+        for (k, v) in u.query_pairs() {
+            match k.as_ref() {
+                "from" => from = Some(v.into_owned()),
+                "to" => to.push(v.into_owned()),
+                "tls" if ["starttls", "tls", "none"].contains(&v.as_ref()) => tls = v.into_owned(),
+                other => return Err(format!("the SMTP url's `{other}={v}` is not understood")),
+            }
+        }
+        let from = from.ok_or("the SMTP url needs from=ADDRESS")?;
+        if to.is_empty() {
+            return Err("the SMTP url needs at least one to=ADDRESS".into());
+        }
+        for a in std::iter::once(&from).chain(&to) {
+            a.parse::<lettre::Address>()
+                .map_err(|e| format!("`{a}` is not an e-mail address: {e}"))?;
+        }
+        let port = u.port().unwrap_or(if tls == "tls" { 465 } else { 587 });
+        let user = (!u.username().is_empty()).then(|| u.username().to_owned());
+        Ok(Smtp {
+            host,
+            port,
+            user,
+            from,
+            to,
+            tls,
+        })
+    }
+}
+
+async fn send_email(sink: &SinkRecord, subject: &str, text: String) -> Result<(), String> {
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+    let smtp = Smtp::parse(&sink.url)?;
+    let mut msg = Message::builder()
+        .from(smtp.from.parse().map_err(|e| format!("from: {e}"))?)
+        .subject(subject);
+    for to in &smtp.to {
+        msg = msg.to(to.parse().map_err(|e| format!("to: {e}"))?);
+    }
+    let msg = msg
+        .body(text)
+        .map_err(|e| format!("building the message: {e}"))?;
+    let builder = match smtp.tls.as_str() {
+        "none" => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
+        "tls" => {
+            AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host).map_err(|e| e.to_string())?
+        }
+        _ => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)
+            .map_err(|e| e.to_string())?,
+    };
+    let mut builder = builder
+        .port(smtp.port)
+        .timeout(Some(Duration::from_secs(20)));
+    if let Some(user) = &smtp.user {
+        builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+            user.clone(),
+            sink.secret.clone(),
+        ));
+    }
+    builder
+        .build()
+        .send(msg)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("SMTP: {e}"))
+}
 
 /// The signed acknowledge link of an alert, for a sink (valid a week).
 pub fn ack_link(public_url: &str, sink: &SinkRecord, fingerprint: &str, now_s: i64) -> String {
@@ -200,6 +294,19 @@ pub async fn deliver(
     body: &str,
     public_url: Option<&str>,
 ) -> Result<(), String> {
+    if sink.kind == "email" {
+        let doc: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let mut text = lines(&doc);
+        if text.is_empty() {
+            text = doc.to_string();
+        }
+        let subject = if doc["type"] == "alert.test" {
+            "Nebula Command: test message".to_owned()
+        } else {
+            title(&doc)
+        };
+        return send_email(sink, &subject, format!("{text}\n\nmessage {id}\n")).await;
+    }
     let req = client.post(&sink.url).timeout(Duration::from_secs(10));
     let req = match sink.kind.as_str() {
         "ntfy" => {
@@ -345,6 +452,41 @@ mod tests {
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert!(sign("whsec_***", id, 0, body).is_err());
         assert!(new_secret().starts_with("whsec_"));
+    }
+
+    #[test]
+    fn smtp_urls_name_the_server_the_addresses_and_the_tls() {
+        let s = Smtp::parse(
+            "smtp://alerts@mail.example:2525?from=n@example.org&to=a@example.org&to=b@example.org",
+        )
+        .unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.port, s.user.as_deref()),
+            ("mail.example", 2525, Some("alerts"))
+        );
+        assert_eq!((s.tls.as_str(), s.to.len()), ("starttls", 2));
+        assert_eq!(
+            Smtp::parse("smtp://m.example?from=n@e.org&to=a@e.org&tls=tls")
+                .unwrap()
+                .port,
+            465
+        );
+        assert_eq!(
+            Smtp::parse("smtp://m.example?from=n@e.org&to=a@e.org")
+                .unwrap()
+                .port,
+            587
+        );
+        assert!(Smtp::parse("http://m.example?from=n@e.org&to=a@e.org").is_err());
+        assert!(
+            Smtp::parse("smtp://m.example?from=n@e.org").is_err(),
+            "no recipient"
+        );
+        assert!(
+            Smtp::parse("smtp://m.example?from=nobody&to=a@e.org").is_err(),
+            "bad address"
+        );
+        assert!(Smtp::parse("smtp://m.example?from=n@e.org&to=a@e.org&tls=maybe").is_err());
     }
 
     #[test]

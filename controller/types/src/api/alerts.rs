@@ -29,14 +29,17 @@ pub struct AlertView {
 #[serde(deny_unknown_fields)]
 pub struct CreateSink {
     pub name: String,
-    /// `webhook` (JSON, signed per Standard Webhooks), `ntfy` (the topic's URL) or `discord`
-    /// (a Discord webhook's URL).
+    /// `webhook` (JSON, signed per Standard Webhooks), `ntfy` (the topic's URL), `discord`
+    /// (a Discord webhook's URL) or `email` (`smtp://[USER@]HOST[:PORT]?from=..&to=..&tls=`).
     #[serde(default = "webhook")]
     pub kind: String,
     pub url: String,
     /// `info` (default), `warning` or `critical`: less severe alerts are not sent here.
     #[serde(default)]
     pub min_severity: Option<String>,
+    /// An `email` sink's SMTP password (with a user in its url).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 fn webhook() -> String {
