@@ -85,6 +85,42 @@ pub fn is_managed(container_labels: &Labels, node_id: Option<uuid::Uuid>) -> boo
     managed && ours
 }
 
+/// A container looked up by name or id for an action, a log or a shell.
+pub struct Found {
+    pub inspect: bollard::models::ContainerInspectResponse,
+    pub labels: Labels,
+    /// Nebula manages it for this node.
+    pub managed: bool,
+}
+
+/// Look a container up; the error says plainly when there is none.
+pub async fn find(
+    docker: &Docker,
+    name: &str,
+    node_id: Option<uuid::Uuid>,
+) -> Result<Found, String> {
+    let inspect = match docker.inspect_container(name, None).await {
+        Ok(c) => c,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Err(format!("no container named `{name}` on this node")),
+        Err(e) => return Err(format!("inspecting {name}: {e}")),
+    };
+    let labels: Labels = inspect
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let managed = is_managed(&labels, node_id);
+    Ok(Found {
+        inspect,
+        labels,
+        managed,
+    })
+}
+
 /// Pull `image`, telling `log` each new status line. The error says what to do about it.
 pub async fn pull(docker: &Docker, image: &str, mut log: impl FnMut(String)) -> Result<(), String> {
     let (from, tag) = split_image(image);

@@ -73,25 +73,10 @@ async fn follow(
     }
     let docker = crate::docker::connect(policy.socket.as_deref())
         .map_err(|e| Ended::Error(format!("no container runtime reachable: {e}")))?;
-    let found = match docker.inspect_container(name, None).await {
-        Ok(c) => c,
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {
-            return Err(Ended::Error(format!(
-                "no container named `{name}` on this node"
-            )))
-        }
-        Err(e) => return Err(Ended::Error(format!("inspecting {name}: {e}"))),
-    };
-    let container_labels = found
-        .config
-        .and_then(|c| c.labels)
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let managed = crate::docker::is_managed(&container_labels, node_id);
-    if let Some(refusal) = policy_refusal(PolicyKey::Logs, policy.logs, name, managed) {
+    let found = crate::docker::find(&docker, name, node_id)
+        .await
+        .map_err(Ended::Error)?;
+    if let Some(refusal) = policy_refusal(PolicyKey::Logs, policy.logs, name, found.managed) {
         return Err(Ended::Refused(refusal));
     }
     // Accepted: say so at once, so that the controller can answer its client before the

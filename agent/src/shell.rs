@@ -79,28 +79,13 @@ async fn run(
     let name = &req.container;
     let docker = crate::docker::connect(policy.socket.as_deref())
         .map_err(|e| Ended::Error(format!("no container runtime reachable: {e}")))?;
-    let found = match docker.inspect_container(name, None).await {
-        Ok(c) => c,
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {
-            return Err(Ended::Error(format!(
-                "no container named `{name}` on this node"
-            )))
-        }
-        Err(e) => return Err(Ended::Error(format!("inspecting {name}: {e}"))),
-    };
-    let container_labels = found
-        .config
-        .and_then(|c| c.labels)
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let managed = crate::docker::is_managed(&container_labels, node_id);
-    if let Some(refusal) = policy_refusal(PolicyKey::Exec, policy.exec, name, managed) {
+    let found = crate::docker::find(&docker, name, node_id)
+        .await
+        .map_err(Ended::Error)?;
+    if let Some(refusal) = policy_refusal(PolicyKey::Exec, policy.exec, name, found.managed) {
         return Err(Ended::Refused(refusal));
     }
-    if found.state.and_then(|s| s.running) != Some(true) {
+    if found.inspect.state.and_then(|s| s.running) != Some(true) {
         return Err(Ended::Error(format!("{name} is not running")));
     }
     let config = ExecConfig {

@@ -30,23 +30,12 @@ pub async fn run(
         Ok(d) => d,
         Err(e) => return JobResult::new(JobStatus::Failed, Some(e)),
     };
-    let found = match docker.inspect_container(name, None).await {
-        Ok(c) => c,
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {
-            return JobResult::new(
-                JobStatus::Failed,
-                Some(format!("no container named `{name}` on this node")),
-            )
-        }
-        Err(e) => {
-            return JobResult::new(JobStatus::Failed, Some(format!("inspecting {name}: {e}")))
-        }
+    let found = match crate::docker::find(&docker, name, node_id).await {
+        Ok(f) => f,
+        Err(e) => return JobResult::new(JobStatus::Failed, Some(e)),
     };
-    let config = found.config.unwrap_or_default();
-    let container_labels = config.labels.unwrap_or_default().into_iter().collect();
-    let managed = crate::docker::is_managed(&container_labels, node_id);
+    let (managed, container_labels) = (found.managed, found.labels);
+    let config = found.inspect.config.unwrap_or_default();
     if let Some(refusal) = policy_refusal(PolicyKey::Control, policy.control, name, managed) {
         warn!(container = %name, action = job.action.as_str(), "{refusal}");
         ctx.log(LogStream::Agent, refusal.clone());

@@ -8,9 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nebula_protocol::containers::{
-    valid_container_ref, ExecInput, ExecOutput, ExecRequest, PolicyKey, EXEC_CHUNK,
-};
+use nebula_protocol::containers::{ExecInput, ExecOutput, ExecRequest, PolicyKey, EXEC_CHUNK};
 use nebula_protocol::jobs::JobControl;
 use nebula_protocol::{self as proto, FrameReader};
 
@@ -128,37 +126,22 @@ impl ControlPlane {
         req: ExecRequest,
     ) -> Result<ExecSession, OpError> {
         self.authorize(cx, Op::ExecContainer)?;
-        if !valid_container_ref(&req.container) {
-            return Err(OpError::Invalid(format!(
-                "`{}` is not a container name or id",
-                req.container
-            )));
-        }
         if req.command.is_empty() || req.command.len() > 64 {
             return Err(OpError::Invalid("a command is 1 to 64 arguments".into()));
         }
-        let node_id = self.node_id(node).await?;
-        let row = self.find_container(node_id, node, &req.container)?;
-        if let (Some(policy), Some(r)) = (self.registry.docker_policy(node_id), &row) {
-            if let Some(refusal) = policy.refusal(PolicyKey::Exec, &r.name, r.managed) {
-                return Err(OpError::Forbidden(refusal));
-            }
-        }
-        let conn = self
-            .registry
-            .connection(node_id)
-            .ok_or_else(|| OpError::Conflict(format!("node `{node}` is offline")))?;
-        let permit = self
-            .exec_sessions
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
+        let reached = self
+            .reach(node, &req.container, PolicyKey::Exec, &self.exec_sessions)
+            .await?;
+        let (conn, permit) = (
+            reached.conn,
+            reached.permit.ok_or_else(|| {
                 OpError::TooManyRequests(format!(
                     "{MAX_EXEC_SESSIONS} interactive sessions are open already; try again later"
                 ))
-            })?;
+            })?,
+        );
         let req = ExecRequest {
-            container: row.map(|r| r.name).unwrap_or(req.container),
+            container: reached.name,
             ..req
         };
         let target = format!("{node}/{}", req.container);

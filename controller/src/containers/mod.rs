@@ -158,6 +158,13 @@ fn managed_warning(row: &ContainerRow, action: ContainerAction) -> Option<String
     ))
 }
 
+/// A container reached for a stream: see [`ControlPlane::reach`].
+pub(crate) struct Reached {
+    pub name: String,
+    pub conn: quinn::Connection,
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// A container's log as it arrives from its agent.
 pub struct LogFollow {
     recv: quinn::RecvStream,
@@ -383,6 +390,40 @@ impl ControlPlane {
         Ok((job, warning))
     }
 
+    /// What a log follower or a shell needs before it opens a stream: a valid name, the node,
+    /// the container's own name (when the node has reported it), no refusal by the node's
+    /// reported policy for `key`, its live connection, and one of `slots` (`None` when none
+    /// is free; the caller says which limit was hit).
+    pub(crate) async fn reach(
+        &self,
+        node: &str,
+        container: &str,
+        key: PolicyKey,
+        slots: &Arc<tokio::sync::Semaphore>,
+    ) -> Result<Reached, OpError> {
+        if !valid_container_ref(container) {
+            return Err(OpError::Invalid(format!(
+                "`{container}` is not a container name or id"
+            )));
+        }
+        let node_id = self.node_id(node).await?;
+        let row = self.find_container(node_id, node, container)?;
+        if let (Some(policy), Some(r)) = (self.registry.docker_policy(node_id), &row) {
+            if let Some(refusal) = policy.refusal(key, &r.name, r.managed) {
+                return Err(OpError::Forbidden(refusal));
+            }
+        }
+        let conn = self
+            .registry
+            .connection(node_id)
+            .ok_or_else(|| OpError::Conflict(format!("node `{node}` is offline")))?;
+        Ok(Reached {
+            name: row.map(|r| r.name).unwrap_or_else(|| container.to_owned()),
+            conn,
+            permit: slots.clone().try_acquire_owned().ok(),
+        })
+    }
+
     /// Follow (or read) a container's log from its node. Answers once the node has accepted
     /// the request (or refused it: the refusal names the node's rule).
     pub async fn follow_logs(
@@ -392,34 +433,19 @@ impl ControlPlane {
         req: LogsRequest,
     ) -> Result<LogFollow, OpError> {
         self.authorize(cx, Op::ReadLogs)?;
-        if !valid_container_ref(&req.container) {
-            return Err(OpError::Invalid(format!(
-                "`{}` is not a container name or id",
-                req.container
-            )));
-        }
-        let node_id = self.node_id(node).await?;
-        let row = self.find_container(node_id, node, &req.container)?;
-        if let (Some(policy), Some(r)) = (self.registry.docker_policy(node_id), &row) {
-            if let Some(refusal) = policy.refusal(PolicyKey::Logs, &r.name, r.managed) {
-                return Err(OpError::Forbidden(refusal));
-            }
-        }
-        let conn = self
-            .registry
-            .connection(node_id)
-            .ok_or_else(|| OpError::Conflict(format!("node `{node}` is offline")))?;
-        let permit = self
-            .log_followers
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
+        let reached = self
+            .reach(node, &req.container, PolicyKey::Logs, &self.log_followers)
+            .await?;
+        let (conn, permit) = (
+            reached.conn,
+            reached.permit.ok_or_else(|| {
                 OpError::TooManyRequests(format!(
                     "{MAX_LOG_FOLLOWERS} logs are being followed already; try again later"
                 ))
-            })?;
+            })?,
+        );
         let req = LogsRequest {
-            container: row.map(|r| r.name).unwrap_or(req.container),
+            container: reached.name,
             ..req
         };
         let opened = async {
