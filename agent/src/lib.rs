@@ -30,6 +30,7 @@ pub mod facts;
 pub mod identity;
 pub mod jobs;
 pub mod logs;
+pub mod monitors;
 pub mod process;
 pub mod session;
 pub mod shell;
@@ -318,6 +319,11 @@ impl Agent {
             self.state.path(),
         )
         .map_err(|e| AgentError::Other(anyhow::Error::new(e).context("opening the job journal")))?;
+        let (monitors_tx, monitor_results) = monitors::spawn(
+            self.config.docker.socket.clone(),
+            &tracker,
+            telemetry_stop.clone(),
+        );
         let (releases_tx, releases_rx) = watch::channel(Vec::new());
         tracker.spawn(updater(
             self.config.update.clone(),
@@ -346,6 +352,8 @@ impl Agent {
             session::Channels {
                 releases: releases_tx,
                 ai: ai_rx,
+                monitors: monitors_tx,
+                monitor_results,
             },
             shutdown.clone(),
         )

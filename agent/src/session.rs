@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use nebula_protocol::monitors::MAX_RESULTS_PER_BATCH;
 use nebula_protocol::release::AgentRelease;
 use nebula_protocol::{
     self as proto, close, AgentMessage, ControllerMessage, FrameError, Hello, NodeFacts,
@@ -88,6 +89,10 @@ pub struct Channels {
     pub releases: watch::Sender<Vec<AgentRelease>>,
     /// The inference backends' inventory, sent when it changes (to 1.4+ controllers).
     pub ai: watch::Receiver<nebula_protocol::ai::AiInventory>,
+    /// The monitors the controller assigned (1.7), for the monitor runner.
+    pub monitors: watch::Sender<Vec<nebula_protocol::monitors::MonitorSpec>>,
+    /// Their results, sent in batches.
+    pub monitor_results: tokio::sync::mpsc::Receiver<nebula_protocol::monitors::MonitorResult>,
 }
 
 /// Run sessions until `shutdown` fires or the controller refuses for good.
@@ -347,6 +352,8 @@ impl Session<'_> {
         // Cancel-safe: the select below may drop a read in the middle of a frame.
         let mut frames = proto::FrameReader::new(proto::DEFAULT_MAX_FRAME);
         let conn = self.conn.clone();
+        let mut results = Vec::with_capacity(MAX_RESULTS_PER_BATCH);
+        let mut results_open = true;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(self.stop().await),
@@ -369,6 +376,14 @@ impl Session<'_> {
                 changed = feed.samples.changed() => {
                     if changed.is_ok() {
                         self.sample(feed).await?;
+                    }
+                }
+                n = channels.monitor_results.recv_many(&mut results, MAX_RESULTS_PER_BATCH), if self.controller_minor >= 7 && results_open => {
+                    // Zero: the runner is gone (the agent is stopping).
+                    results_open = n > 0;
+                    if n > 0 {
+                        let batch = AgentMessage::MonitorResults(std::mem::take(&mut results));
+                        proto::write_message(&mut self.send, &batch).await?;
                     }
                 }
                 _ = &mut self.renew_timer, if self.pending_key.is_none() => self.renew().await?,
@@ -478,6 +493,10 @@ impl Session<'_> {
             }
             Ok(ControllerMessage::Unsupported { variant }) => {
                 debug!(variant, "controller does not support a message we sent");
+            }
+            Ok(ControllerMessage::Monitors(list)) => {
+                debug!(count = list.len(), "monitors assigned");
+                channels.monitors.send_replace(list);
             }
             Ok(ControllerMessage::AgentReleases(list)) => {
                 debug!(count = list.len(), "the controller's agent builds");

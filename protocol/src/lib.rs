@@ -49,6 +49,7 @@ pub mod time;
 pub mod validate;
 pub use validate::valid_name;
 pub mod jobs;
+pub mod monitors;
 pub mod release;
 pub mod telemetry;
 
@@ -69,7 +70,7 @@ pub const CONTROLLER_SERVER_NAME: &str = "controller.nebula.internal";
 pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 7 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -274,6 +275,9 @@ pub enum AgentMessage {
     /// Published ports and start times of the containers in the telemetry inventory with the
     /// same epoch (1.6): sent right after each inventory.
     ContainerDetails(containers::ContainerDetails),
+    /// Results of the node's monitors (1.7), in batches of at most
+    /// [`monitors::MAX_RESULTS_PER_BATCH`].
+    MonitorResults(Vec<monitors::MonitorResult>),
 }
 
 /// Session-stream messages from the controller after `ServerHello`.
@@ -293,6 +297,9 @@ pub enum ControllerMessage {
     /// The agent builds the controller serves (1.3): sent after `Welcome` and whenever they
     /// change. An agent that opted in updates itself from the one for its platform.
     AgentReleases(Vec<release::AgentRelease>),
+    /// Every monitor this node runs (1.7): sent after `Welcome` and whenever the set changes;
+    /// it replaces the previous set.
+    Monitors(Vec<monitors::MonitorSpec>),
 }
 
 /// A type that travels as one frame.
@@ -322,8 +329,8 @@ message!(EnrollRequest, "EnrollRequest");
 message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
-message!(AgentMessage, "AgentMessage", 9);
-message!(ControllerMessage, "ControllerMessage", 6);
+message!(AgentMessage, "AgentMessage", 10);
+message!(ControllerMessage, "ControllerMessage", 7);
 
 /// Errors reading or decoding a frame.
 #[derive(Debug, thiserror::Error)]

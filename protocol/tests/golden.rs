@@ -295,6 +295,55 @@ fn agent_messages() {
         }),
     );
     check(
+        "agent_monitor_results",
+        &AgentMessage::MonitorResults(vec![monitors::MonitorResult {
+            name: "home-nas".into(),
+            at_ms: 1_764_000_000_000,
+            up: true,
+            latency_us: 1_250,
+            status: Some(200),
+            cert_expires_ms: Some(1_770_000_000_000),
+            method: None,
+            error: None,
+        }]),
+    );
+    check(
+        "controller_monitors",
+        &ControllerMessage::Monitors(vec![
+            monitors::MonitorSpec {
+                name: "home-nas".into(),
+                check: monitors::MonitorCheck::Http {
+                    url: "https://nas.home/health".into(),
+                    statuses: vec![200],
+                    body_contains: Some("ok".into()),
+                    insecure: true,
+                },
+                interval_ms: 30_000,
+                timeout_ms: 5_000,
+            },
+            monitors::MonitorSpec {
+                name: "resolver".into(),
+                check: monitors::MonitorCheck::Dns {
+                    name: "example.org".into(),
+                    record: monitors::DnsRecord::A,
+                    server: Some("192.168.1.1".into()),
+                    expect: None,
+                },
+                interval_ms: 60_000,
+                timeout_ms: 2_000,
+            },
+            monitors::MonitorSpec {
+                name: "router".into(),
+                check: monitors::MonitorCheck::Ping {
+                    host: "192.168.1.1".into(),
+                    tcp_port: 80,
+                },
+                interval_ms: 30_000,
+                timeout_ms: 2_000,
+            },
+        ]),
+    );
+    check(
         "agent_ai_inventory",
         &AgentMessage::AiInventory(ai::AiInventory {
             backends: vec![ai::BackendStatus {
