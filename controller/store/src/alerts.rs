@@ -17,6 +17,8 @@ pub struct SinkRecord {
     pub secret: String,
     /// `info`, `warning` or `critical`: less severe alerts are not sent here.
     pub min_severity: String,
+    /// JSON: which alerts it takes beyond the severity (rules, nodes, services, labels).
+    pub filters: String,
     pub created_by: String,
     pub created_at: i64,
 }
@@ -162,10 +164,10 @@ impl Store {
     /// Add a sink or replace the one of that name.
     pub async fn put_sink(&self, s: &SinkRecord) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO alert_sinks (name, kind, url, secret, min_severity, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, \
+            "INSERT INTO alert_sinks (name, kind, url, secret, min_severity, created_by, created_at, filters) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, \
              url = excluded.url, secret = excluded.secret, min_severity = excluded.min_severity, \
-             created_by = excluded.created_by, created_at = excluded.created_at",
+             created_by = excluded.created_by, created_at = excluded.created_at, filters = excluded.filters",
         )
         .bind(&s.name)
         .bind(&s.kind)
@@ -174,6 +176,7 @@ impl Store {
         .bind(&s.min_severity)
         .bind(&s.created_by)
         .bind(s.created_at)
+        .bind(&s.filters)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -181,7 +184,7 @@ impl Store {
 
     pub async fn sinks(&self) -> Result<Vec<SinkRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT name, kind, url, secret, min_severity, created_by, created_at FROM alert_sinks \
+            "SELECT name, kind, url, secret, min_severity, created_by, created_at, filters FROM alert_sinks \
              ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -194,6 +197,7 @@ impl Store {
                     url: r.try_get("url")?,
                     secret: r.try_get("secret")?,
                     min_severity: r.try_get("min_severity")?,
+                    filters: r.try_get("filters")?,
                     created_by: r.try_get("created_by")?,
                     created_at: r.try_get("created_at")?,
                 })

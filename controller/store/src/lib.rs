@@ -20,6 +20,7 @@ mod ai;
 pub mod alerts;
 pub mod desired;
 pub mod jobs;
+pub mod monitors;
 mod telemetry;
 pub mod users;
 

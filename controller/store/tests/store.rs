@@ -769,12 +769,14 @@ async fn alert_steps_outbox_sinks_and_silences(s: &Store) {
         url: "http://127.0.0.1:9/hook".into(),
         secret: "whsec_c2VjcmV0".into(),
         min_severity: "warning".into(),
+        filters: "{}".into(),
         created_by: "ana".into(),
         created_at: t,
     };
     s.put_sink(&sink).await.unwrap();
     s.put_sink(&SinkRecord {
         min_severity: "critical".into(),
+        filters: "{\"nodes\":[\"a\"]}".into(),
         ..sink.clone()
     })
     .await
@@ -782,6 +784,7 @@ async fn alert_steps_outbox_sinks_and_silences(s: &Store) {
     let sinks = s.sinks().await.unwrap();
     assert_eq!(sinks.len(), 1);
     assert_eq!(sinks[0].min_severity, "critical");
+    assert_eq!(sinks[0].filters, "{\"nodes\":[\"a\"]}");
     assert!(s.delete_sink("ops").await.unwrap());
     assert!(!s.delete_sink("ops").await.unwrap());
 
@@ -801,3 +804,62 @@ async fn alert_steps_outbox_sinks_and_silences(s: &Store) {
     assert!(s.silences(t + 10).await.unwrap().is_empty());
 }
 both!(alert_steps_outbox_sinks_and_silences);
+
+async fn monitors_and_their_hours_add_up(s: &Store) {
+    use nebula_store::monitors::{HourRollup, MonitorRecord};
+    let m = MonitorRecord {
+        name: "nas".into(),
+        spec: "{\"http\":\"http://nas.home/\",\"nodes\":[\"a\"]}".into(),
+        created_by: "ana".into(),
+        created_at: now(),
+    };
+    s.put_monitor(&m).await.unwrap();
+    s.put_monitor(&MonitorRecord {
+        created_by: "bo".into(),
+        ..m.clone()
+    })
+    .await
+    .unwrap();
+    let all = s.monitors().await.unwrap();
+    assert_eq!((all.len(), all[0].created_by.as_str()), (1, "bo"));
+    let h = |hour, checks, up, max| HourRollup {
+        hour,
+        checks,
+        up,
+        latency_sum_us: checks * 1000,
+        latency_max_us: max,
+    };
+    // 450 rows: more than one statement's worth.
+    let mut rows: Vec<_> = (0..450)
+        .map(|i| (format!("m{i}"), "a".to_string(), h(100, 2, 1, 1500)))
+        .collect();
+    rows.push(("nas".into(), "a".into(), h(100, 2, 2, 900)));
+    s.add_monitor_hours(&rows).await.unwrap();
+    s.add_monitor_hours(&[
+        ("nas".into(), "a".into(), h(100, 3, 1, 700)),
+        ("nas".into(), "b".into(), h(101, 1, 0, 5000)),
+        ("nas".into(), "a".into(), h(90, 1, 1, 5000)),
+    ])
+    .await
+    .unwrap();
+    let got = s.monitor_hours(95).await.unwrap();
+    assert_eq!(got.len(), 452);
+    let nas: Vec<_> = got.iter().filter(|(m, _, _)| m == "nas").collect();
+    assert_eq!(nas[0].1, "a");
+    assert_eq!(
+        nas[0].2,
+        HourRollup {
+            hour: 100,
+            checks: 5,
+            up: 3,
+            latency_sum_us: 5000,
+            latency_max_us: 900
+        },
+        "counts add up, the maximum stays the maximum"
+    );
+    assert_eq!((nas[1].1.as_str(), nas[1].2.hour), ("b", 101));
+    assert_eq!(s.prune_monitor_hours(100).await.unwrap(), 1);
+    assert!(s.delete_monitor("nas").await.unwrap());
+    assert!(s.monitors().await.unwrap().is_empty());
+}
+both!(monitors_and_their_hours_add_up);

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::plan::{Desired, RevisionSpec};
 pub use nebula_protocol::valid_name;
 
+pub mod monitors;
 mod resolve;
 mod values;
 
@@ -98,6 +99,12 @@ pub struct ServiceMap {
     /// (`llama3:8b`). Missing ones are pulled; extra ones are reported, never removed.
     #[serde(default)]
     pub models: BTreeMap<String, Loc<ModelDecl>>,
+    /// Health monitors (HTTP, TCP, ping, DNS), each run on a schedule from chosen nodes.
+    #[serde(default)]
+    pub monitors: BTreeMap<String, Loc<monitors::MonitorDecl>>,
+    /// Alert rules of your own: thresholds on node figures averaged over a window.
+    #[serde(default)]
+    pub alert_rules: BTreeMap<String, Loc<monitors::RuleDecl>>,
 }
 
 /// Where a model must be.
@@ -192,6 +199,10 @@ pub struct ServiceDecl {
     /// Services that must be deployed and healthy before this one is.
     #[serde(default)]
     pub depends_on: Vec<Loc<String>>,
+    /// Also run the `health` check (HTTP or TCP, through its published port) as a monitor
+    /// from the nodes the service runs on, with uptime kept and an alert when it is down.
+    #[serde(default)]
+    pub monitor: Option<Loc<bool>>,
     /// Run the container privileged (default false). The node's agent refuses it unless its
     /// config sets `deploy.allow_privileged`.
     #[serde(default)]

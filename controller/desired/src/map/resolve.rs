@@ -37,6 +37,11 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
         services.insert(name.clone(), service);
     }
     let models = r.models();
+    let known = |n: &str| r.node_known(n);
+    let mut problems = Vec::new();
+    let monitors = super::monitors::monitors(&map.monitors, &map.services, &known, &mut problems);
+    let alert_rules = super::monitors::rules(&map.alert_rules, &known, &mut problems);
+    r.errors.extend(problems);
     r.check_cycles();
     if !r.errors.is_empty() {
         let mut errors = r.errors;
@@ -51,6 +56,8 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             sleep,
             models,
             host_access,
+            monitors,
+            alert_rules,
         },
         warnings: r.warnings,
     })

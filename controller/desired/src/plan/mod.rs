@@ -43,6 +43,10 @@ pub struct Desired {
     /// Host access (privileged, host namespaces, capabilities, devices) by service, only for
     /// services that ask for some; part of their revision.
     pub host_access: BTreeMap<String, HostAccess>,
+    /// Monitors declared in the map (and by services' `monitor: true`), by name.
+    pub monitors: BTreeMap<String, crate::map::monitors::DesiredMonitor>,
+    /// The map's own alert rules, by name.
+    pub alert_rules: BTreeMap<String, crate::map::monitors::DesiredRule>,
 }
 
 /// No host access: what services without an entry in [`Desired::host_access`] get.
