@@ -72,6 +72,16 @@ pub const ALERT_SENDER: TaskDef = TaskDef {
     description: "delivers queued notifications to their sinks, with retries",
     scope: Scope::Leader,
 };
+pub const MONITOR_ASSIGN: TaskDef = TaskDef {
+    name: "monitor-assign",
+    description: "works out which monitors each node runs (sessions send changed sets)",
+    scope: Scope::EveryReplica,
+};
+pub const MONITOR_WRITER: TaskDef = TaskDef {
+    name: "monitor-writer",
+    description: "adds monitor results, counted per hour, to the store",
+    scope: Scope::EveryReplica,
+};
 pub const HTTP_SERVER: TaskDef = TaskDef {
     name: "http-server",
     description: "serves the API, the dashboard and the AI gateway",
@@ -184,6 +194,27 @@ pub fn register(
         },
     );
     let c = cp.clone();
+    d.periodic_with(
+        MONITOR_ASSIGN,
+        cp.config.monitors.assign_interval,
+        cp.monitors.assign_now.clone(),
+        false,
+        move |_| {
+            let cp = c.clone();
+            async move { crate::monitors::assign(&cp).await }
+        },
+    );
+    let c = cp.clone();
+    d.periodic(
+        MONITOR_WRITER,
+        cp.config.monitors.flush_interval,
+        true,
+        move |_| {
+            let cp = c.clone();
+            async move { crate::monitors::flush(&cp).await }
+        },
+    );
+    let c = cp.clone();
     let t = tracker.clone();
     let mut serve = Some((listener, router));
     d.service(HTTP_SERVER, move |cx| {
@@ -267,6 +298,11 @@ async fn write_usage(cp: &ControlPlane) -> serde_json::Value {
 
 /// Delete rollups older than the retention window.
 async fn sweep(cp: &ControlPlane) -> anyhow::Result<serde_json::Value> {
+    let hour = millis(SystemTime::now()) / 3_600_000;
+    let hours = cp
+        .store
+        .prune_monitor_hours(hour - crate::monitors::KEEP_DAYS * 24)
+        .await?;
     let cutoff = millis(SystemTime::now() - cp.config.rollup_retention);
     let n = cp.store.delete_rollups_before(cutoff).await?;
     if n > 0 {
@@ -275,5 +311,5 @@ async fn sweep(cp: &ControlPlane) -> anyhow::Result<serde_json::Value> {
             "deleted telemetry rollups past the retention window"
         );
     }
-    Ok(json!({ "deleted": n }))
+    Ok(json!({ "deleted": n, "monitor_hours_deleted": hours }))
 }

@@ -86,6 +86,8 @@ pub struct ControllerConfig {
     pub ai: crate::ai::AiConfig,
     /// Alert rules' timing and thresholds.
     pub alerts: crate::alerts::AlertsConfig,
+    /// Built-in monitors and how often sets and uptime are worked out and written.
+    pub monitors: crate::monitors::MonitorsConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
@@ -170,6 +172,7 @@ impl Default for ControllerConfig {
             release_scan_interval: Duration::from_secs(30),
             ai: crate::ai::AiConfig::default(),
             alerts: crate::alerts::AlertsConfig::default(),
+            monitors: crate::monitors::MonitorsConfig::default(),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),

@@ -40,6 +40,7 @@ pub mod events;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
+pub mod monitors;
 pub mod registry;
 pub mod releases;
 pub mod signin;
@@ -92,6 +93,8 @@ pub struct ControlPlane {
     pub(crate) gateway_bodies: Arc<tokio::sync::Semaphore>,
     /// Alerting: the engine's state and the sender's activator.
     pub alerts: alerts::AlertBook,
+    /// Monitors, their assignments to nodes and their results.
+    pub monitors: monitors::MonitorBook,
     /// Container logs being followed (at most [`containers::MAX_LOG_FOLLOWERS`]).
     pub(crate) log_followers: Arc<tokio::sync::Semaphore>,
     /// Interactive sessions open (at most [`containers::exec::MAX_EXEC_SESSIONS`]).
@@ -445,6 +448,7 @@ impl Controller {
             signin: Default::default(),
             log_followers: Arc::new(tokio::sync::Semaphore::new(containers::MAX_LOG_FOLLOWERS)),
             alerts: Default::default(),
+            monitors: Default::default(),
             exec_sessions: Arc::new(tokio::sync::Semaphore::new(
                 containers::exec::MAX_EXEC_SESSIONS,
             )),
@@ -487,6 +491,9 @@ impl Controller {
         cp.load_desired()
             .await
             .context("loading the desired state")?;
+        monitors::load(&cp)
+            .await
+            .context("loading monitors and their uptime")?;
         let mut router = http::router(cp.clone());
         if let Some(extra) = extra_routes {
             router = router.merge(extra(cp.clone()));

@@ -51,6 +51,11 @@ const RATIO_WINDOW: usize = 20;
 const RATIO_MIN: usize = 10;
 
 impl Breaker {
+    /// Open or half-open: requests are being kept away.
+    pub(super) fn is_open(&self) -> bool {
+        self.state != BreakerState::Closed
+    }
+
     pub(super) fn may_try(&self, now: Instant) -> bool {
         match self.state {
             BreakerState::Closed => true,

@@ -312,6 +312,15 @@ impl AiFleet {
         }
     }
 
+    /// (node, model) pairs whose breaker is open or half-open.
+    pub fn open_breakers(&self) -> Vec<(Uuid, String)> {
+        lock(&self.breakers)
+            .iter()
+            .filter(|(_, b)| b.is_open())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Every node's inventory (for the API), by node name.
     pub fn inventory(&self) -> BTreeMap<String, (Uuid, AiInventory)> {
         lock(&self.nodes)

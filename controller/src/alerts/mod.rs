@@ -10,14 +10,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nebula_alerts::{EngineState, Labels, Rule, RuleTiming, Severity, Silence};
+use nebula_alerts::{EngineState, Labels, Notification, Rule, Silence};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::ControlPlane;
 
+mod figures;
 mod observe;
 mod ops;
+pub mod rules;
 pub use nebula_types::api::alerts::CreateSilence;
 pub mod sinks;
 
@@ -61,6 +63,24 @@ pub struct AlertsConfig {
     /// A node certificate that expires within this is about to.
     #[serde(with = "humantime_serde")]
     pub certificate_warning: Duration,
+    /// Disk (fullest filesystem, percent), load (1-minute average per CPU core), hottest GPU
+    /// (°C) and GPU memory (percent) thresholds, with the CPU and memory timing.
+    pub disk_percent: f64,
+    pub load_per_core: f64,
+    pub gpu_temperature_c: f64,
+    pub vram_percent: f64,
+    /// A monitor down this long on a node fires.
+    #[serde(with = "humantime_serde")]
+    pub monitor_down_for: Duration,
+    /// A monitored HTTPS certificate that expires within this is about to.
+    #[serde(with = "humantime_serde")]
+    pub monitor_certificate_warning: Duration,
+    /// An inference backend unhealthy (or a model's breaker open) this long fires.
+    #[serde(with = "humantime_serde")]
+    pub ai_unavailable_for: Duration,
+    /// An agent on another version than the controller this long is reported.
+    #[serde(with = "humantime_serde")]
+    pub agent_outdated_for: Duration,
 }
 
 impl Default for AlertsConfig {
@@ -80,6 +100,14 @@ impl Default for AlertsConfig {
             keep_firing_for: Duration::from_secs(60),
             service_for: Duration::from_secs(600),
             certificate_warning: Duration::from_secs(7 * 86_400),
+            disk_percent: 90.0,
+            load_per_core: 2.0,
+            gpu_temperature_c: 85.0,
+            vram_percent: 95.0,
+            monitor_down_for: Duration::from_secs(60),
+            monitor_certificate_warning: Duration::from_secs(14 * 86_400),
+            ai_unavailable_for: Duration::from_secs(120),
+            agent_outdated_for: Duration::from_secs(3600),
         }
     }
 }
@@ -91,53 +119,6 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The built-in rules with this config's timing.
-pub fn rules(cfg: &AlertsConfig) -> BTreeMap<String, Rule> {
-    let timing = |for_: Duration| RuleTiming {
-        for_ms: ms(for_),
-        keep_firing_for_ms: ms(cfg.keep_firing_for),
-        group_wait_ms: ms(cfg.group_wait),
-        group_interval_ms: ms(cfg.group_interval),
-        repeat_interval_ms: ms(cfg.repeat_interval),
-    };
-    let rule = |name: &str, severity, for_: Duration, inhibits: bool| Rule {
-        name: name.to_owned(),
-        severity,
-        timing: timing(for_),
-        group_by: vec!["node".into()],
-        inhibits_by: if inhibits {
-            vec!["node".into()]
-        } else {
-            Vec::new()
-        },
-    };
-    [
-        rule(
-            "node_unreachable",
-            Severity::Critical,
-            cfg.node_unreachable_for,
-            true,
-        ),
-        rule(
-            "container_down",
-            Severity::Warning,
-            cfg.container_down_for,
-            false,
-        ),
-        rule(
-            "container_unhealthy",
-            Severity::Warning,
-            cfg.container_down_for,
-            false,
-        ),
-        rule("cpu_high", Severity::Warning, cfg.resource_for, false),
-        rule("memory_high", Severity::Warning, cfg.resource_for, false),
-    ]
-    .into_iter()
-    .map(|r| (r.name.clone(), r))
-    .collect()
-}
-
 /// The engine's state in memory (loaded from the store at the first evaluation).
 #[derive(Debug, Default)]
 pub struct AlertBook {
@@ -146,11 +127,39 @@ pub struct AlertBook {
     stored: std::sync::Mutex<String>,
     /// Wakes the sender when the evaluator queued notifications.
     pub(crate) send_now: crate::tasks::Activator,
+    /// Sink kinds served by other parts of the controller, by kind.
+    channels: std::sync::RwLock<std::collections::HashMap<String, Arc<dyn sinks::Channel>>>,
+}
+
+impl std::fmt::Debug for dyn sinks::Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Channel")
+    }
 }
 
 impl AlertBook {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<EngineState>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serve sinks of `kind` (a kind not built in) with `channel`.
+    pub fn register_channel(&self, kind: &str, channel: Arc<dyn sinks::Channel>) {
+        self.channels
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(kind.to_owned(), channel);
+    }
+
+    pub(crate) fn channel(&self, kind: &str) -> Option<Arc<dyn sinks::Channel>> {
+        self.channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kind)
+            .cloned()
+    }
+
+    pub(crate) fn has_channel(&self, kind: &str) -> bool {
+        self.channel(kind).is_some()
     }
 
     /// The alerts as they are now (pending and firing, and resolutions not yet sent).
@@ -184,12 +193,40 @@ pub(crate) fn engine_silences(records: &[crate::store::alerts::SilenceRecord]) -
         .collect()
 }
 
+/// One step of the engine: every rule takes what was seen (instances of nodes out of view
+/// stay as they were), then what is due is flushed.
+pub(crate) fn step(
+    state: &mut EngineState,
+    rules: &BTreeMap<String, Rule>,
+    seen: &observe::Seen,
+    silences: &[Silence],
+    now: i64,
+) -> Vec<Notification> {
+    for rule in rules.values() {
+        let obs = seen
+            .by_rule
+            .get(&rule.name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let view = seen.views.get(&rule.name);
+        state.observe_where(rule, obs, now, |labels| {
+            view.is_none_or(|v| labels.get("node").is_some_and(|n| v.contains(n)))
+        });
+    }
+    state.flush(rules, silences, now)
+}
+
 /// One evaluation: observe, step the engine, flush, and store the new state with the
 /// notifications for every sink that takes them (one transaction). On a failed write the
 /// state stays as it was, so the next evaluation produces the same notifications again.
 pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Value> {
     let cfg = &cp.config.alerts;
-    let rules = rules(cfg);
+    let own = cp
+        .desired
+        .active()
+        .map(|a| a.desired.alert_rules.clone())
+        .unwrap_or_default();
+    let catalogue = rules::catalogue(cfg, &own);
     let now = nebula_protocol::time::UnixMillis::now().as_i64();
     let mut state = {
         let loaded = cp.alerts.lock().clone();
@@ -201,26 +238,9 @@ pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
             },
         }
     };
-    let seen = observe::Seen::gather(cp, cfg).await?;
-    for rule in rules.values() {
-        let obs = seen
-            .by_rule
-            .get(&rule.name)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        let view = match rule.name.as_str() {
-            "container_down" | "container_restarting" | "container_unhealthy" | "memory_high" => {
-                Some(&seen.in_view)
-            }
-            "cpu_high" => Some(&seen.cpu_in_view),
-            _ => None,
-        };
-        state.observe_where(rule, obs, now, |labels| {
-            view.is_none_or(|v| labels.get("node").is_some_and(|n| v.contains(n)))
-        });
-    }
+    let seen = observe::Seen::gather(cp, cfg, &catalogue.thresholds).await?;
     let silences = engine_silences(&cp.store.silences(now).await?);
-    let notes = state.flush(&rules, &silences, now);
+    let notes = step(&mut state, &catalogue.rules, &seen, &silences, now);
     let sinks = cp.store.sinks().await?;
     let mut outbox = Vec::new();
     for note in &notes {
@@ -266,3 +286,6 @@ pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
         "queued": outbox.len(),
     }))
 }
+
+#[cfg(test)]
+mod paused_tests;

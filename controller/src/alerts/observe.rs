@@ -1,5 +1,6 @@
-//! What the built-in rules see: one pass over the nodes (connection, wake, agent version,
-//! certificate, CPU and memory figures, containers) and the services.
+//! What the rules see: one pass over the nodes (connection, wake, agent version, certificate,
+//! figures against every threshold rule, containers), then the services, the monitors' last
+//! results and the inference backends.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -8,19 +9,18 @@ use nebula_alerts::Observation;
 use nebula_protocol::deploy::labels as managed_labels;
 use nebula_protocol::telemetry::{ContainerHealth, ContainerState};
 
-use super::{labels, ms, AlertsConfig, CONTROLLER_VERSION};
+use super::rules::Threshold;
+use super::{figures, labels as labels_of, ms, AlertsConfig, CONTROLLER_VERSION};
 use crate::store::NodeRecord;
 use crate::ControlPlane;
 
-/// What the built-in rules see now, and which nodes' figures were in view (rules about a
-/// node's containers and figures leave the alerts of a node out of view as they are).
+/// What the rules see now, and which nodes each rule had in view (rules about a node's
+/// figures, containers and monitors leave the alerts of a node out of view as they are).
 #[derive(Default)]
-pub(super) struct Seen {
+pub(crate) struct Seen {
     pub by_rule: BTreeMap<String, Vec<Observation>>,
-    /// Nodes with current telemetry (containers, memory).
-    pub in_view: BTreeSet<String>,
-    /// Nodes with enough samples for the CPU average.
-    pub cpu_in_view: BTreeSet<String>,
+    /// Per rule, the nodes in view; a rule not listed sees every node.
+    pub views: BTreeMap<String, BTreeSet<String>>,
 }
 
 fn obs(
@@ -42,21 +42,57 @@ impl Seen {
         self.by_rule.entry(rule.to_owned()).or_default().push(o);
     }
 
-    /// Everything the built-in rules look at, now.
-    pub async fn gather(cp: &ControlPlane, cfg: &AlertsConfig) -> anyhow::Result<Seen> {
+    fn in_view(&mut self, rule: &str, node: &str) {
+        self.views
+            .entry(rule.to_owned())
+            .or_default()
+            .insert(node.to_owned());
+    }
+
+    /// Everything the rules look at, now.
+    pub async fn gather(
+        cp: &ControlPlane,
+        cfg: &AlertsConfig,
+        thresholds: &[Threshold],
+    ) -> anyhow::Result<Seen> {
         let mut seen = Seen::default();
+        for t in thresholds {
+            seen.views.entry(t.rule.clone()).or_default();
+        }
+        for rule in [
+            "container_down",
+            "container_restarting",
+            "container_unhealthy",
+            "monitor_down",
+            "monitor_certificate_expiring",
+            "ai_backend_unavailable",
+        ] {
+            seen.views.entry(rule.to_owned()).or_default();
+        }
         let now_ms = nebula_protocol::time::UnixMillis::now().as_i64();
+        let active = cp.desired.active();
+        let mut online = BTreeSet::new();
         for n in &cp.store.list_nodes().await? {
-            let online = cp.registry.get(n.id).is_some();
-            seen.node(cp, cfg, n, online, now_ms);
-            if online {
-                seen.figures(cp, cfg, n, now_ms);
+            let is_online = cp.registry.get(n.id).is_some();
+            seen.node(cp, cfg, n, is_online, now_ms);
+            if is_online {
+                online.insert(n.name.clone());
+                let mut labels = n.labels.clone();
+                if let Some(extra) = active
+                    .as_ref()
+                    .and_then(|a| a.desired.nodes.as_ref()?.get(&n.name))
+                {
+                    labels.extend(extra.clone());
+                }
+                seen.figures(cp, n, &labels, thresholds, now_ms);
                 seen.containers(cp, n);
             }
         }
-        if cp.desired.active().is_some() {
+        if active.is_some() {
             seen.services(cp).await?;
         }
+        seen.monitors(cp, cfg, &online, now_ms);
+        seen.ai(cp, &online);
         Ok(seen)
     }
 
@@ -69,7 +105,7 @@ impl Seen {
         online: bool,
         now_ms: i64,
     ) {
-        let node = labels(&[("node", &n.name)]);
+        let node = labels_of(&[("node", &n.name)]);
         self.push(
             "node_unreachable",
             obs(
@@ -119,41 +155,53 @@ impl Seen {
         }
     }
 
-    /// CPU averaged over the window (with enough samples) and memory now.
-    fn figures(&mut self, cp: &ControlPlane, cfg: &AlertsConfig, n: &NodeRecord, now_ms: i64) {
-        let node = labels(&[("node", &n.name)]);
-        let since = ((now_ms / 1000) as u32).saturating_sub(cfg.resource_window.as_secs() as u32);
+    /// Every threshold rule that applies to this node, on its figures.
+    fn figures(
+        &mut self,
+        cp: &ControlPlane,
+        n: &NodeRecord,
+        labels: &nebula_alerts::Labels,
+        thresholds: &[Threshold],
+        now_ms: i64,
+    ) {
+        let Some(widest) = thresholds.iter().map(|t| t.window).max() else {
+            return;
+        };
+        let since = ((now_ms / 1000) as u32).saturating_sub(widest.as_secs() as u32);
         let hist = cp.telemetry.history(n.id, since);
-        if hist.len() >= cfg.resource_min_samples.max(1) {
-            self.cpu_in_view.insert(n.name.clone());
-            let cpu =
-                hist.iter().map(|p| f64::from(p.cpu) / 100.0).sum::<f64>() / hist.len() as f64;
-            let window = humantime::format_duration(cfg.resource_window);
+        let view = cp.telemetry.view(n.id);
+        let figures = figures::Figures::new(n, view.as_ref(), &hist);
+        for t in thresholds {
+            let applies = (t.nodes.is_empty() || t.nodes.contains(&n.name))
+                && nebula_placement::labels_match(labels, &t.node_labels);
+            if !applies {
+                continue;
+            }
+            let from = ((now_ms / 1000) as u32).saturating_sub(t.window.as_secs() as u32);
+            let Some(value) = figures.average(t.metric, from, t.min_samples) else {
+                continue;
+            };
+            self.in_view(&t.rule, &n.name);
+            let mut l = labels_of(&[("node", &n.name)]);
+            l.extend(t.labels.clone());
+            let window = humantime::format_duration(t.window);
+            let unit = t.metric.unit();
+            let (word, sign) = if t.above {
+                ("above", ">")
+            } else {
+                ("below", "<")
+            };
             self.push(
-                "cpu_high",
+                &t.rule,
                 obs(
-                    node.clone(),
-                    cpu >= cfg.cpu_percent,
-                    Some(cpu),
+                    l,
+                    t.breached(value),
+                    Some(value),
                     format!(
-                        "CPU on {} at {cpu:.0}% over {window} (threshold {:.0}%)",
-                        n.name, cfg.cpu_percent
-                    ),
-                ),
-            );
-        }
-        let latest = cp.telemetry.view(n.id).and_then(|v| v.latest);
-        if let Some(s) = latest.filter(|s| s.host.memory_total_bytes > 0) {
-            let used = s.host.memory_used_bytes as f64 / s.host.memory_total_bytes as f64 * 100.0;
-            self.push(
-                "memory_high",
-                obs(
-                    node,
-                    used >= cfg.memory_percent,
-                    Some(used),
-                    format!(
-                        "memory on {} at {used:.0}% (threshold {:.0}%)",
-                        n.name, cfg.memory_percent
+                        "{} on {} at {value:.1}{unit} over {window} ({word} the threshold: {sign} {}{unit})",
+                        t.metric.as_str(),
+                        n.name,
+                        t.threshold
                     ),
                 ),
             );
@@ -171,12 +219,18 @@ impl Seen {
         if inv.epoch != s.epoch {
             return;
         }
-        self.in_view.insert(n.name.clone());
+        for rule in [
+            "container_down",
+            "container_restarting",
+            "container_unhealthy",
+        ] {
+            self.in_view(rule, &n.name);
+        }
         let node_id = n.id.to_string();
         for (c, v) in inv.containers.iter().zip(&s.containers) {
             let managed = c.labels.get(managed_labels::MANAGED).map(String::as_str) == Some("true")
                 && c.labels.get(managed_labels::NODE) == Some(&node_id);
-            let mut l = labels(&[("node", &n.name), ("container", &c.name)]);
+            let mut l = labels_of(&[("node", &n.name), ("container", &c.name)]);
             if let Some(svc) = c.labels.get(managed_labels::SERVICE) {
                 l.insert("service".into(), svc.clone());
             }
@@ -207,16 +261,16 @@ impl Seen {
             if !svc.declared {
                 continue;
             }
-            let l = labels(&[("service", &svc.name)]);
+            let l = labels_of(&[("service", &svc.name)]);
             let why = svc.message.clone().unwrap_or_default();
             let failed = svc.status == "failed";
             self.push(
-                "service_failed",
+                "deploy_failed",
                 obs(
                     l.clone(),
                     failed,
                     None,
-                    format!("service {} failed: {why}", svc.name),
+                    format!("the deploy of service {} failed: {why}", svc.name),
                 ),
             );
             let unsettled = matches!(
@@ -233,5 +287,82 @@ impl Seen {
             );
         }
         Ok(())
+    }
+
+    /// Monitors: the last result of each (monitor, node) that is still assigned, for online
+    /// nodes.
+    fn monitors(
+        &mut self,
+        cp: &ControlPlane,
+        cfg: &AlertsConfig,
+        online: &BTreeSet<String>,
+        now_ms: i64,
+    ) {
+        for node in online {
+            self.in_view("monitor_down", node);
+            self.in_view("monitor_certificate_expiring", node);
+        }
+        let defs = cp.monitors.defs();
+        for (monitor, node, r) in cp.monitors.latest() {
+            let Some(def) = defs.get(&monitor) else {
+                continue;
+            };
+            if !online.contains(&node) || !def.nodes.contains(&node) {
+                continue;
+            }
+            let mut l = labels_of(&[("monitor", &monitor), ("node", &node)]);
+            if let Some(svc) = &def.monitor.service {
+                l.insert("service".into(), svc.clone());
+            }
+            let target = def.monitor.check.target();
+            let words = match &r.error {
+                Some(e) => format!("{monitor} ({target}) is down from {node}: {e}"),
+                None => format!("{monitor} ({target}) is up from {node}"),
+            };
+            let latency = r.latency_us as f64 / 1000.0;
+            self.push("monitor_down", obs(l.clone(), !r.up, Some(latency), words));
+            if let Some(expires) = r.cert_expires_ms {
+                let left = expires - now_ms;
+                let days = left as f64 / 86_400_000.0;
+                let words =
+                    format!("the certificate of {target} ({monitor}) expires in {days:.1} days");
+                let soon = left < ms(cfg.monitor_certificate_warning);
+                self.push(
+                    "monitor_certificate_expiring",
+                    obs(l, soon, Some(days), words),
+                );
+            }
+        }
+    }
+
+    /// Inference backends: unhealthy ones, and models whose breaker is open.
+    fn ai(&mut self, cp: &ControlPlane, online: &BTreeSet<String>) {
+        for node in online {
+            self.in_view("ai_backend_unavailable", node);
+        }
+        let inventory = cp.ai.inventory();
+        for (node, (_, inv)) in &inventory {
+            if !online.contains(node) {
+                continue;
+            }
+            for b in &inv.backends {
+                let l = labels_of(&[("node", node), ("backend", &b.name)]);
+                let why = b.error.clone().unwrap_or_else(|| "unhealthy".into());
+                let words = format!("the {} backend on {node} is unavailable: {why}", b.name);
+                self.push("ai_backend_unavailable", obs(l, !b.healthy, None, words));
+            }
+        }
+        for (node_id, model) in cp.ai.open_breakers() {
+            let Some(node) = inventory
+                .iter()
+                .find(|(_, (id, _))| *id == node_id)
+                .map(|(n, _)| n.clone())
+            else {
+                continue;
+            };
+            let l = labels_of(&[("node", &node), ("model", &model)]);
+            let words = format!("requests for {model} on {node} keep failing: its breaker is open");
+            self.push("ai_backend_unavailable", obs(l, true, None, words));
+        }
     }
 }

@@ -24,6 +24,7 @@ fn sink_view(s: &SinkRecord) -> SinkView {
         kind: s.kind.clone(),
         url: s.url.clone(),
         min_severity: s.min_severity.clone(),
+        filters: serde_json::from_str(&s.filters).unwrap_or_default(),
         created_by: s.created_by.clone(),
         created_at: rfc3339(s.created_at),
     }
@@ -160,7 +161,18 @@ impl ControlPlane {
                 req.name
             )));
         }
-        if !sinks::KINDS.contains(&req.kind.as_str()) {
+        let filters = &req.filters;
+        let too_many = filters.rules.len()
+            + filters.nodes.len()
+            + filters.services.len()
+            + filters.labels.len()
+            > 100;
+        if too_many {
+            return Err(OpError::Invalid(
+                "a sink's filters hold at most 100 entries".into(),
+            ));
+        }
+        if !sinks::KINDS.contains(&req.kind.as_str()) && !self.alerts.has_channel(&req.kind) {
             return Err(OpError::Invalid(format!(
                 "sink kind `{}`: webhook, ntfy, discord or email",
                 req.kind
@@ -195,6 +207,7 @@ impl ControlPlane {
                 _ => sinks::new_secret(),
             },
             min_severity,
+            filters: serde_json::to_string(&req.filters).unwrap_or_else(|_| "{}".into()),
             created_by: cx.actor.clone(),
             created_at: now(),
         };
@@ -204,7 +217,7 @@ impl ControlPlane {
             Change {
                 action: "alert.sink.add",
                 target: rec.name.clone(),
-                detail: serde_json::json!({ "url": rec.url, "min_severity": rec.min_severity }),
+                detail: serde_json::json!({ "url": rec.url, "min_severity": rec.min_severity, "filters": req.filters }),
                 event: None,
             },
         );

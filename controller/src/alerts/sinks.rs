@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use nebula_alerts::{AlertState, Notification, Severity};
+use nebula_types::api::alerts::SinkFilters;
 use serde_json::json;
 
 use crate::store::alerts::{OutboxRecord, SinkRecord};
@@ -64,15 +65,21 @@ fn rfc3339(ms: i64) -> String {
 }
 
 /// The body `sink` gets for `note`, or `None` when the sink does not take it (below its
-/// severity).
+/// severity, or no alert of the group passes its filters).
 pub fn payload_for(sink: &SinkRecord, note: &Notification) -> Option<String> {
     let min = parse_severity(&sink.min_severity).unwrap_or(Severity::Info);
-    let worst = note.alerts.iter().map(|a| a.severity).max()?;
+    let filters: SinkFilters = serde_json::from_str(&sink.filters).unwrap_or_default();
+    // The sink gets the alerts of the group that pass its filters, if any.
+    let taken: Vec<&nebula_alerts::Alert> = note
+        .alerts
+        .iter()
+        .filter(|a| filters.take(&a.rule, &a.labels))
+        .collect();
+    let worst = taken.iter().map(|a| a.severity).max()?;
     if worst < min {
         return None;
     }
-    let alerts: Vec<serde_json::Value> = note
-        .alerts
+    let alerts: Vec<serde_json::Value> = taken
         .iter()
         .map(|a| {
             json!({
@@ -286,6 +293,35 @@ fn lines(doc: &serde_json::Value) -> String {
         .unwrap_or_default()
 }
 
+/// A kind of sink that lives elsewhere in the controller (the Discord bot posts alerts with
+/// buttons through one): registered under its kind with [`super::AlertBook::register_channel`],
+/// it is handed every message for sinks of that kind, after the outbox stored it, and its
+/// outcome is recorded and retried like any other.
+pub trait Channel: Send + Sync + 'static {
+    /// Deliver one message: `body` is the JSON a webhook gets (`type`, `timestamp`, `data`).
+    fn deliver<'a>(
+        &'a self,
+        sink: &'a SinkRecord,
+        id: &'a str,
+        body: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>>;
+}
+
+/// Deliver through a registered channel when the sink's kind has one, else by its kind.
+pub async fn deliver_to(
+    channel: Option<Arc<dyn Channel>>,
+    client: &reqwest::Client,
+    sink: &SinkRecord,
+    id: &str,
+    body: &str,
+    public_url: Option<&str>,
+) -> Result<(), String> {
+    match channel {
+        Some(c) => c.deliver(sink, id, body).await,
+        None => deliver(client, sink, id, body, public_url).await,
+    }
+}
+
 /// Deliver one message to one sink, rendered for its kind.
 pub async fn deliver(
     client: &reqwest::Client,
@@ -400,7 +436,8 @@ pub async fn send_due(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
         let outcome = match sinks.iter().find(|s| s.name == o.sink) {
             Some(sink) => {
                 let public = cp.config.public_url.as_deref();
-                deliver(&cp.http_client, sink, &o.id, &o.payload, public).await
+                let channel = cp.alerts.channel(&sink.kind);
+                deliver_to(channel, &cp.http_client, sink, &o.id, &o.payload, public).await
             }
             None => Err(format!("the sink `{}` was removed", o.sink)),
         };

@@ -320,6 +320,8 @@ impl ControlPlane {
         );
         let plan = self.current_plan().await?.plan;
         self.desired.kick("desired state applied");
+        // Monitors declared in the map go out to their nodes now.
+        self.monitors.assign_now.activate();
         Ok(Applied {
             version,
             changed,

@@ -12,6 +12,7 @@ mod error;
 pub mod install;
 mod jobs;
 mod models;
+mod monitors;
 mod nodes;
 pub mod openapi;
 pub mod server;
@@ -25,6 +26,7 @@ pub use containers::{exec_bridge, exec_request, log_events as container_log_even
 pub use error::ApiError;
 pub(crate) use error::ApiResult;
 pub use jobs::log_stream as job_log_stream;
+pub use nebula_types::api::monitors::{MonitorNodeView, MonitorPoint};
 pub use nodes::{node_view, NodeStatus, NodeView, Page};
 pub use telemetry::TelemetrySummary;
 pub use tokens::{CreateTokenRequest, CreatedTokenView, TokenView};
@@ -95,6 +97,11 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         )
         .route("/alerts/silences/{id}", delete(alerts::expire_silence))
         .route("/alerts/notifications", get(alerts::notifications))
+        .route("/monitors", get(monitors::list).post(monitors::create))
+        .route(
+            "/monitors/{name}",
+            get(monitors::get_one).delete(monitors::remove),
+        )
         .route("/containers", get(containers::list_containers))
         .route(
             "/nodes/{name}/containers/{container}",

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use crate::authz::Op;
 use nebula_types::api::{
-    access, alerts, containers, desired, jobs, models, nodes, telemetry, Health, Page,
+    access, alerts, containers, desired, jobs, models, monitors, nodes, telemetry, Health, Page,
 };
 use nebula_types::jobs::{AuditRecord, JobRecord};
 
@@ -292,6 +292,42 @@ pub const ROUTES: &[Route] = &[
         "Notification delivery history",
     )
     .returns(of::<Vec<alerts::NotificationView>>),
+    route(
+        "get",
+        "/api/v1/monitors",
+        "monitors",
+        Token(Op::ReadFleet),
+        (200, "every monitor with each node's state and uptime, down ones first"),
+        "List monitors",
+    )
+    .returns(of::<Vec<monitors::MonitorView>>),
+    route(
+        "post",
+        "/api/v1/monitors",
+        "monitors",
+        Token(Op::ManageAlerts),
+        (201, "the monitor, as assigned to its nodes"),
+        "Add (or replace) a monitor",
+    )
+    .accepts(of::<monitors::CreateMonitor>)
+    .returns(of::<monitors::MonitorView>),
+    route(
+        "get",
+        "/api/v1/monitors/{name}",
+        "monitors",
+        Token(Op::ReadFleet),
+        (200, "the monitor, its recent results and hours per node"),
+        "One monitor",
+    )
+    .returns(of::<monitors::MonitorDetail>),
+    route(
+        "delete",
+        "/api/v1/monitors/{name}",
+        "monitors",
+        Token(Op::ManageAlerts),
+        (204, "removed (only monitors made through the API)"),
+        "Remove a monitor",
+    ),
     route(
         "get",
         "/api/v1/containers",

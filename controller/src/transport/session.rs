@@ -28,6 +28,7 @@ use crate::store::millis;
 use crate::ControlPlane;
 
 type Releases = watch::Receiver<Arc<Vec<AgentRelease>>>;
+type Monitors = watch::Receiver<Arc<crate::monitors::Assignments>>;
 
 /// Serve a connection on the session ALPN: verify who it is, read its `Hello`, register it,
 /// serve it, and mark the node offline when it ends (unless a newer connection replaced it).
@@ -51,7 +52,13 @@ pub(super) async fn session_connection(
             rx.mark_changed();
             rx
         });
-        session.serve(recv, releases, shutdown).await
+        // Agents from 1.7 on run monitors: their set goes out now and whenever it changes.
+        let monitors = (version.minor >= 7).then(|| {
+            let mut rx = cp.monitors.subscribe();
+            rx.mark_changed();
+            rx
+        });
+        session.serve(recv, releases, monitors, shutdown).await
     }
     .instrument(span.clone())
     .await;
@@ -73,6 +80,8 @@ pub(super) struct Session<'a> {
     facts: NodeFacts,
     /// The certificate issued on this session and not yet confirmed saved.
     renewed: Option<String>,
+    /// The monitors last sent to the agent.
+    monitors_sent: Option<Arc<Vec<proto::monitors::MonitorSpec>>>,
 }
 
 /// Whether the session goes on after an input.
@@ -168,6 +177,7 @@ impl<'a> Session<'a> {
             generation,
             facts: hello.facts.clone(),
             renewed: None,
+            monitors_sent: None,
         };
         Ok(Some((session, recv, hello, version)))
     }
@@ -181,6 +191,8 @@ impl<'a> Session<'a> {
         });
         // Jobs waiting for this node (or out on it before a restart) go now.
         cp.jobs.nodes_changed();
+        // Its monitors (by labels, built-ins for what it runs) are worked out now.
+        cp.monitors.assign_now.activate();
         let welcome = ServerHello::Welcome(Welcome {
             node_id: self.node_id,
             name: self.name.clone(),
@@ -198,6 +210,7 @@ impl<'a> Session<'a> {
         &mut self,
         mut recv: quinn::RecvStream,
         mut releases: Option<Releases>,
+        mut monitors: Option<Monitors>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         // Cancel-safe: the select below may drop a read in the middle of a frame.
@@ -213,6 +226,18 @@ impl<'a> Session<'a> {
                         }
                         _ => {
                             releases = None;
+                            Flow::Continue
+                        }
+                    }
+                }
+                changed = async { monitors.as_mut()?.changed().await.ok() }, if monitors.is_some() => {
+                    match (changed, monitors.as_mut()) {
+                        (Some(()), Some(rx)) => {
+                            let all = rx.borrow_and_update().clone();
+                            self.monitors(&all).await?
+                        }
+                        _ => {
+                            monitors = None;
                             Flow::Continue
                         }
                     }
@@ -271,6 +296,7 @@ impl<'a> Session<'a> {
             Ok(AgentMessage::Unsupported { variant }) => {
                 debug!(variant, "agent does not support a message we sent");
             }
+            Ok(AgentMessage::MonitorResults(batch)) => self.monitor_results(batch),
             Ok(AgentMessage::AiInventory(inv)) => self.ai_inventory(inv),
             Ok(AgentMessage::TelemetryInventory(inv)) => self.telemetry_inventory(inv).await?,
             Err(FrameError::UnknownVariant { index, .. }) => {
@@ -322,6 +348,37 @@ impl<'a> Session<'a> {
 
     /// The deploy policy, kept with the session; a change may turn refusals into actions or
     /// back.
+    /// Monitors: send this node's set when it differs from what the agent has (always once,
+    /// at session start: the agent may still run a set from before).
+    async fn monitors(&mut self, all: &crate::monitors::Assignments) -> anyhow::Result<Flow> {
+        let mine = all.get(&self.node_id).cloned().unwrap_or_default();
+        if self.monitors_sent.as_ref() == Some(&mine) {
+            return Ok(Flow::Continue);
+        }
+        let msg = ControllerMessage::Monitors(mine.as_ref().clone());
+        proto::write_message(&mut self.send, &msg).await?;
+        debug!(count = mine.len(), "monitors sent");
+        self.monitors_sent = Some(mine);
+        Ok(Flow::Continue)
+    }
+
+    /// Monitors: results, kept (only for monitors this node runs); a change of state is an
+    /// event.
+    fn monitor_results(&self, batch: Vec<proto::monitors::MonitorResult>) {
+        let now = crate::store::millis(SystemTime::now());
+        for (monitor, up) in self
+            .cp
+            .monitors
+            .ingest(self.node_id, &self.name, batch, now)
+        {
+            self.cp.events.publish(Event::MonitorChanged {
+                monitor,
+                node: self.name.clone(),
+                up,
+            });
+        }
+    }
+
     fn deploy_policy(&self, policy: proto::deploy::DeployPolicySummary) {
         debug!(?policy, "deploy policy");
         if self

@@ -117,4 +117,10 @@ pub enum Event {
         state: String,
         health: String,
     },
+    /// A monitor went up or down on a node (or reported for the first time).
+    MonitorChanged {
+        monitor: String,
+        node: String,
+        up: bool,
+    },
 }

@@ -40,6 +40,37 @@ pub struct CreateSink {
     /// An `email` sink's SMTP password (with a user in its url).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// Which alerts it takes beyond the severity (default: all).
+    #[serde(default)]
+    pub filters: SinkFilters,
+}
+
+/// Which alerts a sink takes: each list given must hold the alert's rule, node or service,
+/// and every label given must match. Empty: any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkFilters {
+    pub rules: Vec<String>,
+    pub nodes: Vec<String>,
+    pub services: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SinkFilters {
+    pub fn is_empty(&self) -> bool {
+        self == &SinkFilters::default()
+    }
+
+    /// Does an alert of `rule` with `labels` pass?
+    pub fn take(&self, rule: &str, labels: &BTreeMap<String, String>) -> bool {
+        let within = |list: &[String], label: &str| {
+            list.is_empty() || labels.get(label).is_some_and(|v| list.contains(v))
+        };
+        (self.rules.is_empty() || self.rules.iter().any(|r| r == rule))
+            && within(&self.nodes, "node")
+            && within(&self.services, "service")
+            && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 fn webhook() -> String {
@@ -53,6 +84,7 @@ pub struct SinkView {
     pub kind: String,
     pub url: String,
     pub min_severity: String,
+    pub filters: SinkFilters,
     pub created_by: String,
     pub created_at: String,
 }

@@ -8,6 +8,7 @@ pub mod containers;
 pub mod desired;
 pub mod jobs;
 pub mod models;
+pub mod monitors;
 pub mod nodes;
 pub mod tasks;
 pub mod telemetry;
