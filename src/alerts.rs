@@ -3,7 +3,8 @@
 
 use clap::Subcommand;
 use nebula_types::api::alerts::{
-    AlertView, CreateSilence, CreateSink, CreatedSink, NotificationView, SilenceView, SinkView,
+    AlertView, CreateSilence, CreateSink, CreatedSink, NotificationView, SilenceView, SinkFilters,
+    SinkView,
 };
 
 use crate::client::{labels, print_json, table, Api};
@@ -44,6 +45,18 @@ pub enum SinkCommand {
         /// info, warning or critical: less severe alerts are not sent here.
         #[arg(long)]
         min_severity: Option<String>,
+        /// Only alerts of this rule (repeat for more).
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+        /// Only alerts about this node (repeat for more).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// Only alerts about this service (repeat for more).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Only alerts with this label KEY=VALUE (repeat for more).
+        #[arg(long = "label")]
+        labels: Vec<String>,
     },
     List,
     /// Send a test message now.
@@ -153,7 +166,25 @@ pub async fn sink(cli: &Cli, cmd: &SinkCommand) -> anyhow::Result<()> {
             kind,
             password_file,
             min_severity,
+            rules,
+            nodes,
+            services,
+            labels: label_args,
         } => {
+            let labels = label_args
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| anyhow::anyhow!("--label {l}: use KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let filters = SinkFilters {
+                rules: rules.clone(),
+                nodes: nodes.clone(),
+                services: services.clone(),
+                labels,
+            };
             let password = match password_file {
                 Some(p) => Some(std::fs::read_to_string(p)?.trim().to_owned()),
                 None => None,
@@ -164,6 +195,7 @@ pub async fn sink(cli: &Cli, cmd: &SinkCommand) -> anyhow::Result<()> {
                 url: url.clone(),
                 min_severity: min_severity.clone(),
                 password,
+                filters,
             };
             let created: CreatedSink = api.post("/api/v1/alerts/sinks", &body).await?;
             if cli.json {

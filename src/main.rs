@@ -15,6 +15,7 @@ mod desired;
 mod exec;
 mod jobs;
 mod models;
+mod monitors;
 mod serve;
 mod sse;
 mod storage;
@@ -74,6 +75,11 @@ enum Command {
     /// Where notifications go: add, list, test, rm, history.
     #[command(subcommand)]
     Sink(alerts::SinkCommand),
+    /// Monitors: each node's state, latency and uptime over 24 hours, 7 and 30 days.
+    Monitors,
+    /// One monitor: show, add, rm.
+    #[command(subcommand)]
+    Monitor(monitors::MonitorCommand),
     /// Every container in the fleet, filtered and searched.
     Containers(containers::ContainersArgs),
     /// One container: show, logs, start, stop, restart, kill, rm, pull.
@@ -171,6 +177,8 @@ fn main() -> ExitCode {
             Command::Top(ref args) => client::top(&cli, args).await,
             Command::Node(ref cmd) => client::node(&cli, cmd).await,
             Command::Alerts => alerts::alerts(&cli).await,
+            Command::Monitors => monitors::list(&cli).await,
+            Command::Monitor(ref cmd) => monitors::command(&cli, cmd).await,
             Command::Silence(ref cmd) => alerts::silence(&cli, cmd).await,
             Command::Sink(ref cmd) => alerts::sink(&cli, cmd).await,
             Command::Containers(ref args) => containers::containers(&cli, args).await,

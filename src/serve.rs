@@ -109,6 +109,12 @@ pub struct ServeArgs {
     /// A firing alert stays firing this long after its condition stops.
     #[arg(long, env = "NEBULA_ALERT_KEEP_FIRING_FOR", value_parser = humantime::parse_duration)]
     alert_keep_firing_for: Option<Duration>,
+    /// A monitor down this long on a node fires (alert).
+    #[arg(long, env = "NEBULA_ALERT_MONITOR_DOWN_FOR", value_parser = humantime::parse_duration)]
+    alert_monitor_down_for: Option<Duration>,
+    /// How often each node's monitors are worked out again (also at once on a change).
+    #[arg(long, env = "NEBULA_MONITOR_ASSIGN_INTERVAL", value_parser = humantime::parse_duration)]
+    monitor_assign_interval: Option<Duration>,
     /// Enrollment connections at once from one address (`quic_limits`); more hear "busy".
     #[arg(long, env = "NEBULA_MAX_UNAUTHENTICATED_PER_SOURCE")]
     max_unauthenticated_per_source: Option<usize>,
@@ -172,6 +178,11 @@ impl ServeArgs {
                 &mut c.alerts.container_down_for,
             ),
             (self.alert_keep_firing_for, &mut c.alerts.keep_firing_for),
+            (self.alert_monitor_down_for, &mut c.alerts.monitor_down_for),
+            (
+                self.monitor_assign_interval,
+                &mut c.monitors.assign_interval,
+            ),
         ] {
             if let Some(v) = flag {
                 *field = v;

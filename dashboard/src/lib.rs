@@ -57,6 +57,8 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/ui/events", get(overview_events))
         .route("/ui/logout", post(logout))
         .route("/ui/nodes/{name}", get(node_page))
+        .route("/ui/monitors", get(pages::monitors::monitors_page))
+        .route("/ui/monitors/{name}", get(pages::monitors::monitor_page))
         .route("/ui/alerts", get(pages::alerts::alerts_page))
         .route("/ui/alerts/ack", post(pages::alerts::acknowledge))
         .route("/ui/alerts/silences", post(pages::alerts::add_silence))
@@ -310,6 +312,7 @@ fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Marku
         ("/ui/", "Overview", Role::Viewer),
         ("/ui/containers", "Containers", Role::Viewer),
         ("/ui/alerts", "Alerts", Role::Viewer),
+        ("/ui/monitors", "Monitors", Role::Viewer),
         ("/ui/services", "Services", Role::Viewer),
         ("/ui/jobs", "Jobs", Role::Viewer),
         ("/ui/models", "Models", Role::Viewer),

@@ -183,17 +183,28 @@ pub(crate) async fn test_sink(
 
 /// The alerts of one node, for its page.
 pub(crate) async fn node_alerts(cp: &ControlPlane, user: &User, node: &str) -> Markup {
+    labelled_alerts(cp, user, "node", node, "node-alerts").await
+}
+
+/// Alerts (pending, firing, resolving) whose `label` is `value`, as a list under a heading.
+pub(crate) async fn labelled_alerts(
+    cp: &ControlPlane,
+    user: &User,
+    label: &str,
+    value: &str,
+    id: &str,
+) -> Markup {
     let Ok(alerts) = cp.alerts_now(&user.cx()).await else {
         return html! {};
     };
     let mine: Vec<_> = alerts
         .iter()
-        .filter(|a| a.labels.get("node").map(String::as_str) == Some(node))
+        .filter(|a| a.labels.get(label).map(String::as_str) == Some(value))
         .collect();
     html! {
         @if !mine.is_empty() {
             h2 { "Alerts" }
-            ul id="node-alerts" { @for a in mine {
+            ul id=(id) { @for a in mine {
                 li { span class={"badge " (a.state)} { (a.state) } " " code { (a.rule) } " " (a.summary) }
             } }
         }

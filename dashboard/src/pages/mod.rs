@@ -6,6 +6,7 @@ pub(crate) mod containers;
 pub(crate) mod enroll;
 pub(crate) mod jobs;
 pub(crate) mod login;
+pub(crate) mod monitors;
 pub(crate) mod node;
 pub(crate) mod overview;
 pub(crate) mod services;

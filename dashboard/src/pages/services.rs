@@ -76,6 +76,14 @@ pub(crate) async fn services_view(
         Err(e) => return op_error(e.into()),
     };
     let active = cp.desired.active();
+    let alerts = cp.alerts_now(&user.cx()).await.unwrap_or_default();
+    let alerts_of = |svc: &str| {
+        alerts
+            .iter()
+            .filter(|a| a.labels.get("service").map(String::as_str) == Some(svc))
+            .collect::<Vec<_>>()
+    };
+    let monitors = cp.monitors_list(&user.cx()).unwrap_or_default();
     let document = document
         .or_else(|| active.as_ref().map(|a| a.record.document.clone()))
         .unwrap_or_default();
@@ -90,7 +98,13 @@ pub(crate) async fn services_view(
             tbody { @for s in &services {
                 tr id={"service-" (s.name)} {
                     td { (s.name) }
-                    td { span class={"badge " (s.status)} { (s.status) } @if let Some(m) = &s.message { div.dim { (m) } } }
+                    td { span class={"badge " (s.status)} { (s.status) } @if let Some(m) = &s.message { div.dim { (m) } }
+                        @for m in monitors.iter().filter(|m| m.service.as_deref() == Some(s.name.as_str())) {
+                            div { "monitor " a href={"/ui/monitors/" (m.name)} { span class={"badge " (m.status)} { (m.status) } } }
+                        }
+                        @for a in alerts_of(&s.name) {
+                            div.service-alert { span class={"badge " (a.state)} { (a.state) } " " code { (a.rule) } " " span.dim { (a.summary) } }
+                        } }
                     td { code { (s.revision.as_deref().unwrap_or("-")) } @if let Some(r) = &s.serving_revision { div.dim { "runs " code { (r) } } } }
                     td { code { (s.image.as_deref().unwrap_or("-")) } }
                     td { (s.healthy) " / " (s.running) " / " (s.replicas) }
