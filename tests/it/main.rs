@@ -13,6 +13,7 @@ mod dashboard_http;
 mod deploy;
 mod fleet;
 mod jobs;
+mod monitors;
 mod refusals;
 mod tasks;
 mod telemetry;
