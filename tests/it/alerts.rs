@@ -464,3 +464,150 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
         .unwrap();
     assert_eq!(resp.status(), 403, "viewers do not silence");
 }
+
+/// A managed container killed and kept down (its image untagged, so the reconciler's repair
+/// cannot pull it back: no registry is reachable) is notified once on a signed webhook and once
+/// by e-mail through a real SMTP server, then resolved once each way when the image is back
+/// and the map is applied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_container_killed_and_kept_down_is_notified_once_then_resolved() {
+    docker::ensure_image();
+    let cleanup = docker::Managed::default();
+    let (url, got) = receiver(0).await;
+    let c = Controller::start(ControllerOpts {
+        extra: vec![
+            "--reconcile-interval",
+            "1s",
+            "--alert-interval",
+            "300ms",
+            "--alert-group-wait",
+            "0s",
+            "--alert-group-interval",
+            "1s",
+            "--alert-container-down-for",
+            "2s",
+            "--alert-keep-firing-for",
+            "0s",
+        ],
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, node_id) = join_ready(&c, dir.path(), "keeper", &[], None).await;
+    cleanup.add(&node_id);
+    let out = c.cli(&["sink", "add", "ops", &url, "--rule", "container_down"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mail_dir = tempfile::tempdir().unwrap();
+    let (smtp_port, maildir, _smtp) = smtp_server(mail_dir.path());
+    let mail = format!(
+        "smtp://127.0.0.1:{smtp_port}?from=nebula@example.test&to=ops@example.test&tls=none"
+    );
+    let out = c.cli(&[
+        "sink", "add", "mail", &mail, "--kind", "email", "--node", "keeper",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tag = format!(
+        "nebula-test/keepdown:{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    docker(&["tag", IMAGE, &tag]);
+    let map = format!(
+        "services:\n  keep:\n    image: {tag}\n    command: [sleep, \"3600\"]\n    placement: {{node: keeper}}\n"
+    );
+    let (status, v) = c.put_map(&map).await;
+    assert_eq!(status, 200, "{v}");
+    wait_for("the service converged", Duration::from_secs(60), || async {
+        let list: Vec<nebula_types::api::desired::ServiceView> = c.get_as("/api/v1/services").await;
+        list.into_iter()
+            .any(|s| s.name == "keep" && s.status == "converged" && s.running == 1)
+            .then_some(())
+    })
+    .await;
+    let container = wait_for("the service running", Duration::from_secs(60), || async {
+        let ids = docker(&[
+            "ps",
+            "--filter",
+            "label=nebula.service=keep",
+            "--format",
+            "{{.Names}}",
+        ]);
+        ids.lines().next().map(str::to_owned)
+    })
+    .await;
+
+    // Killed, and its image gone: it stays down.
+    docker(&["rmi", &tag]);
+    docker(&["kill", &container]);
+    let down = |got: &Got| -> Vec<(String, Value)> {
+        messages(got, &secret, &container)
+            .into_iter()
+            .filter(|(_, v)| v["data"]["alerts"][0]["rule"] == "container_down")
+            .collect()
+    };
+    let firing = wait_for(
+        "the firing notification",
+        Duration::from_secs(60),
+        || async { down(&got).into_iter().find(|(t, _)| t == "alert.firing") },
+    )
+    .await;
+    let alert = &firing.1["data"]["alerts"][0];
+    assert_eq!(alert["labels"]["service"], "keep");
+    assert_eq!(alert["labels"]["node"], "keeper");
+    let subject = wait_for("the e-mail", Duration::from_secs(30), || async {
+        mails(&maildir)
+            .into_iter()
+            .map(|(s, _)| s)
+            .find(|s| s.contains("container_down"))
+    })
+    .await;
+    assert_eq!(subject, "Firing: container_down{node=keeper}");
+    // Kept down a while longer: still one notification each way, nothing else to these sinks
+    // (the failed repair's deploy_failed alert is filtered out of both).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(down(&got).len(), 1, "{:?}", down(&got));
+    assert_eq!(
+        got.lock().unwrap().len(),
+        1,
+        "only container_down reaches this sink"
+    );
+
+    // Back: the image returns and the map is applied again, so the repair succeeds.
+    docker(&["tag", IMAGE, &tag]);
+    let (status, v) = c.put_map(&map).await;
+    assert_eq!(status, 200, "{v}");
+    wait_for("the resolution", Duration::from_secs(60), || async {
+        down(&got)
+            .iter()
+            .any(|(t, _)| t == "alert.resolved")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kinds: Vec<String> = down(&got).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(kinds, vec!["alert.firing", "alert.resolved"]);
+    let subjects: Vec<String> = mails(&maildir)
+        .into_iter()
+        .map(|(s, _)| s)
+        .filter(|s| s.contains("container_down"))
+        .collect();
+    assert_eq!(
+        subjects,
+        vec![
+            "Firing: container_down{node=keeper}".to_owned(),
+            "Resolved: container_down{node=keeper}".to_owned()
+        ]
+    );
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &tag])
+        .output();
+}

@@ -69,16 +69,14 @@ fn rfc3339(ms: i64) -> String {
 pub fn payload_for(sink: &SinkRecord, note: &Notification) -> Option<String> {
     let min = parse_severity(&sink.min_severity).unwrap_or(Severity::Info);
     let filters: SinkFilters = serde_json::from_str(&sink.filters).unwrap_or_default();
-    // The sink gets the alerts of the group that pass its filters, if any.
+    // The sink gets the alerts of the group at its severity or above that pass its filters,
+    // if any.
     let taken: Vec<&nebula_alerts::Alert> = note
         .alerts
         .iter()
-        .filter(|a| filters.take(&a.rule, &a.labels))
+        .filter(|a| a.severity >= min && filters.take(&a.rule, &a.labels))
         .collect();
     let worst = taken.iter().map(|a| a.severity).max()?;
-    if worst < min {
-        return None;
-    }
     let alerts: Vec<serde_json::Value> = taken
         .iter()
         .map(|a| {
@@ -478,6 +476,134 @@ async fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nebula_alerts::{Alert, Labels};
+
+    fn sink(kind: &str, min: &str, filters: &str) -> SinkRecord {
+        SinkRecord {
+            name: "s".into(),
+            kind: kind.into(),
+            url: "http://127.0.0.1:9/".into(),
+            secret: "whsec_c2VjcmV0".into(),
+            min_severity: min.into(),
+            filters: filters.into(),
+            created_by: "t".into(),
+            created_at: 0,
+        }
+    }
+
+    fn note(alerts: &[(&str, Severity, &[(&str, &str)])]) -> Notification {
+        Notification {
+            group: "g".into(),
+            status: AlertState::Firing,
+            alerts: alerts
+                .iter()
+                .map(|(rule, sev, labels)| Alert {
+                    rule: (*rule).into(),
+                    severity: *sev,
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect::<Labels>(),
+                    state: AlertState::Firing,
+                    summary: String::new(),
+                    value: None,
+                    active_since: 0,
+                    fired_at: Some(0),
+                    last_active: 0,
+                    resolved_at: None,
+                    acknowledged_by: None,
+                })
+                .collect(),
+            repeat: false,
+            at: 0,
+        }
+    }
+
+    #[test]
+    fn sinks_take_what_passes_their_severity_and_filters() {
+        let n = note(&[
+            (
+                "container_down",
+                Severity::Warning,
+                &[("node", "a"), ("service", "web")],
+            ),
+            ("cpu_high", Severity::Critical, &[("node", "b")]),
+        ]);
+        let rules = |s: &SinkRecord| -> Vec<String> {
+            payload_for(s, &n).map_or(Vec::new(), |p| {
+                let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+                v["data"]["alerts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a["rule"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+        };
+        assert_eq!(rules(&sink("webhook", "info", "{}")).len(), 2);
+        assert_eq!(rules(&sink("webhook", "critical", "{}")), vec!["cpu_high"]);
+        assert_eq!(
+            rules(&sink("webhook", "info", r#"{"nodes":["a"]}"#)),
+            vec!["container_down"]
+        );
+        assert_eq!(
+            rules(&sink("webhook", "info", r#"{"services":["web"]}"#)),
+            vec!["container_down"]
+        );
+        assert_eq!(
+            rules(&sink("webhook", "info", r#"{"rules":["cpu_high"]}"#)),
+            vec!["cpu_high"]
+        );
+        assert!(
+            rules(&sink("webhook", "critical", r#"{"nodes":["a"]}"#)).is_empty(),
+            "nothing left"
+        );
+        assert!(rules(&sink("webhook", "info", r#"{"labels":{"team":"ml"}}"#)).is_empty());
+    }
+
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    impl Channel for Recorder {
+        fn deliver<'a>(
+            &'a self,
+            sink: &'a SinkRecord,
+            id: &'a str,
+            body: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+            Box::pin(async move {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {id} {body}", sink.name));
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registered_channel_gets_its_kind_of_sink() {
+        let book = super::super::AlertBook::default();
+        let rec = Arc::new(Recorder(std::sync::Mutex::new(Vec::new())));
+        book.register_channel("discord-bot", rec.clone());
+        assert!(book.has_channel("discord-bot") && !book.has_channel("pager"));
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+        let s = sink("discord-bot", "info", "{}");
+        let out = deliver_to(
+            book.channel(&s.kind),
+            &client,
+            &s,
+            "msg_1",
+            "{\"type\":\"alert.test\"}",
+            None,
+        )
+        .await;
+        assert_eq!(out, Ok(()));
+        assert_eq!(
+            rec.0.lock().unwrap().as_slice(),
+            ["s msg_1 {\"type\":\"alert.test\"}"]
+        );
+    }
 
     #[test]
     fn signatures_follow_standard_webhooks() {
