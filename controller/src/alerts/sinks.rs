@@ -491,7 +491,10 @@ mod tests {
         }
     }
 
-    fn note(alerts: &[(&str, Severity, &[(&str, &str)])]) -> Notification {
+    /// (rule, severity, labels) of each alert in a group.
+    type Spec<'a> = (&'a str, Severity, &'a [(&'a str, &'a str)]);
+
+    fn note(alerts: &[Spec<'_>]) -> Notification {
         Notification {
             group: "g".into(),
             status: AlertState::Firing,
