@@ -39,7 +39,7 @@ pub struct FleetArgs {
     pub out: std::path::PathBuf,
 }
 
-fn inventory(i: usize, containers: usize, gpu: bool) -> TelemetryInventory {
+pub(crate) fn inventory(i: usize, containers: usize, gpu: bool) -> TelemetryInventory {
     TelemetryInventory {
         epoch: 1,
         disks: vec![
@@ -86,7 +86,7 @@ fn inventory(i: usize, containers: usize, gpu: bool) -> TelemetryInventory {
     }
 }
 
-fn sample(rng: &mut impl Rng, seq: u64, inv: &TelemetryInventory) -> TelemetrySample {
+pub(crate) fn sample(rng: &mut impl Rng, seq: u64, inv: &TelemetryInventory) -> TelemetrySample {
     let cores = 8;
     TelemetrySample {
         epoch: inv.epoch,
@@ -144,7 +144,7 @@ fn sample(rng: &mut impl Rng, seq: u64, inv: &TelemetryInventory) -> TelemetrySa
     }
 }
 
-async fn enroll_one(
+pub(crate) async fn enroll_one(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     token: &JoinToken,

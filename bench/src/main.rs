@@ -36,6 +36,7 @@ mod footprint;
 mod gateway;
 mod gpu;
 mod jobs;
+mod monitors;
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -154,6 +155,24 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/containers.json")]
         out: PathBuf,
     },
+    /// Monitors and alert rules at scale: M monitors over N simulated agents reporting at
+    /// their interval, every rule evaluated over the fleet; controller CPU and memory.
+    Monitors {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 10_000)]
+        monitors: usize,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        #[arg(long, default_value_t = 10)]
+        rules: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        evaluate_every: Duration,
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "bench/results/monitors.json")]
+        out: PathBuf,
+    },
     /// Enroll and connect N agents at once; controller RSS; reconnect after restarts.
     Enroll {
         #[arg(long, default_value_t = 200)]
@@ -257,6 +276,23 @@ fn main() -> anyhow::Result<()> {
             lines,
             round_trips,
             runs,
+            out,
+        })),
+        Cmd::Monitors {
+            agents,
+            monitors,
+            interval,
+            rules,
+            evaluate_every,
+            duration,
+            out,
+        } => rt.block_on(monitors::monitors_bench(monitors::MonitorsArgs {
+            agents,
+            monitors,
+            interval,
+            rules,
+            evaluate_every,
+            duration,
             out,
         })),
         Cmd::Enroll { agents, out } => {

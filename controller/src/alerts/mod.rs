@@ -280,6 +280,7 @@ pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
         cp.alerts.send_now.activate();
     }
     Ok(serde_json::json!({
+        "observations": seen.by_rule.values().map(Vec::len).sum::<usize>(),
         "firing": firing,
         "pending": pending,
         "notifications": notes.len(),
