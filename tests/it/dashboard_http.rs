@@ -581,3 +581,57 @@ async fn the_alerts_page_silences_and_lists() {
         .unwrap();
     assert_eq!(resp.status(), 403);
 }
+
+/// The monitors board and a monitor's page, with a real agent checking a TCP port: the row
+/// shows it up with its last checks as a bar, the page draws its latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitors_board_shows_each_node_and_the_latency() {
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--monitor-assign-interval", "1s"],
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, _) = join_ready(&c, dir.path(), "watcher", &[], None).await;
+    let admin = session_pair(
+        &sign_in(&c, "admin", &first_admin_password(&c).await, false)
+            .await
+            .unwrap(),
+    );
+    let http = client();
+    let get = |path: &str| {
+        let (http, url, cookie) = (http.clone(), c.url(path), admin.clone());
+        async move {
+            let resp = http.get(url).header("cookie", cookie).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let (status, html) = get("/ui/monitors").await;
+    assert_eq!(status, 200);
+    assert!(!html.contains("api-port"), "not there before the map");
+    let map = format!(
+        "monitors:\n  api-port:\n    tcp: {}\n    interval: 5s\n    nodes: [watcher]\n",
+        c.http
+    );
+    let (status, v) = c.put_map(&map).await;
+    assert_eq!(status, 200, "{v}");
+    let html = wait_for("the monitor up on the board", Duration::from_secs(30), || async {
+        let (_, html) = get("/ui/monitors").await;
+        html.contains("id=\"monitor-api-port-watcher\"")
+            .then_some(html)
+            .filter(|h| h.contains("class=\"badge up\""))
+    })
+    .await;
+    let row = html
+        .split("id=\"monitor-api-port-watcher\"")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap();
+    assert!(row.contains("<i class=\"up\""), "a cell per check: {row}");
+    assert!(row.contains("100.00%"), "uptime: {row}");
+    let (status, page) = get("/ui/monitors/api-port").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("Latency from watcher") && page.contains("<svg"), "{page}");
+    let (status, _) = get("/ui/monitors/nope").await;
+    assert_eq!(status, 404);
+}
