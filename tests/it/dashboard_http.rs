@@ -615,12 +615,16 @@ async fn the_monitors_board_shows_each_node_and_the_latency() {
     );
     let (status, v) = c.put_map(&map).await;
     assert_eq!(status, 200, "{v}");
-    let html = wait_for("the monitor up on the board", Duration::from_secs(30), || async {
-        let (_, html) = get("/ui/monitors").await;
-        html.contains("id=\"monitor-api-port-watcher\"")
-            .then_some(html)
-            .filter(|h| h.contains("class=\"badge up\""))
-    })
+    let html = wait_for(
+        "the monitor up on the board",
+        Duration::from_secs(30),
+        || async {
+            let (_, html) = get("/ui/monitors").await;
+            html.contains("id=\"monitor-api-port-watcher\"")
+                .then_some(html)
+                .filter(|h| h.contains("class=\"badge up\""))
+        },
+    )
     .await;
     let row = html
         .split("id=\"monitor-api-port-watcher\"")
@@ -631,7 +635,10 @@ async fn the_monitors_board_shows_each_node_and_the_latency() {
     assert!(row.contains("100.00%"), "uptime: {row}");
     let (status, page) = get("/ui/monitors/api-port").await;
     assert_eq!(status, 200);
-    assert!(page.contains("Latency from watcher") && page.contains("<svg"), "{page}");
+    assert!(
+        page.contains("Latency from watcher") && page.contains("<svg"),
+        "{page}"
+    );
     let (status, _) = get("/ui/monitors/nope").await;
     assert_eq!(status, 404);
 }
