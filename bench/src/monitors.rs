@@ -231,6 +231,8 @@ async fn evaluator_runs(
         }))
 }
 
+// Longer than the usual limit: one scenario, read top to bottom (start, enroll and connect,
+// apply, warm up, measure, report), as the other benches are.
 pub async fn monitors_bench(a: MonitorsArgs) -> anyhow::Result<()> {
     let n = a.agents;
     let dir = tempfile::tempdir()?;

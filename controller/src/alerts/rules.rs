@@ -182,6 +182,19 @@ pub fn catalogue(cfg: &AlertsConfig, own: &BTreeMap<String, DesiredRule>) -> Cat
         ),
         builtin("vram_high", Metric::Vram, cfg.vram_percent),
     ];
+    add_own(&mut c, cfg, own);
+    c
+}
+
+/// The map's own rules: thresholds on node figures, grouped by node.
+fn add_own(c: &mut Catalogue, cfg: &AlertsConfig, own: &BTreeMap<String, DesiredRule>) {
+    let timing = |for_: Duration, keep: Duration| RuleTiming {
+        for_ms: ms(for_),
+        keep_firing_for_ms: ms(keep),
+        group_wait_ms: ms(cfg.group_wait),
+        group_interval_ms: ms(cfg.group_interval),
+        repeat_interval_ms: ms(cfg.repeat_interval),
+    };
     for (name, r) in own {
         let keep = r.keep_firing_for.unwrap_or(cfg.keep_firing_for);
         c.rules.insert(
@@ -206,7 +219,6 @@ pub fn catalogue(cfg: &AlertsConfig, own: &BTreeMap<String, DesiredRule>) -> Cat
             labels: r.labels.clone(),
         });
     }
-    c
 }
 
 #[cfg(test)]
