@@ -184,6 +184,8 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
     assert!(secret.starts_with("whsec_"), "{secret}");
     let mail_dir = tempfile::tempdir().unwrap();
     let (smtp_port, maildir, _smtp) = smtp_server(mail_dir.path());
+    // The e-mail, ntfy and Discord sinks take this container's rule only (the test
+    // controller's short-lived node certificates are "expiring" all along).
     let out = c.cli(&[
         "sink",
         "add",
@@ -193,6 +195,8 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
         ),
         "--kind",
         "email",
+        "--rule",
+        "container_unhealthy",
     ]);
     assert!(
         out.status.success(),
@@ -205,7 +209,16 @@ async fn an_unhealthy_container_is_notified_once_silenced_and_resolved_across_a_
         ("phone", "ntfy", format!("{ntfy}/nebula-alerts")),
         ("chat", "discord", format!("{discord}/api/webhooks/1/abc")),
     ] {
-        let out = c.cli(&["sink", "add", name, &url, "--kind", kind]);
+        let out = c.cli(&[
+            "sink",
+            "add",
+            name,
+            &url,
+            "--kind",
+            kind,
+            "--rule",
+            "container_unhealthy",
+        ]);
         assert!(
             out.status.success(),
             "{}",

@@ -174,10 +174,14 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
     // the session goes on; then a malformed message closes the connection.
     let (conn, mut send, mut recv, _welcome) = welcomed(&id, &c).await;
     proto::write_frame(&mut send, &[200]).await.unwrap();
-    // (A 1.3 session first hears which agent builds the controller serves.)
+    // (A 1.3 session first hears which agent builds the controller serves, a 1.7 one which
+    // monitors it runs.)
     let reply = loop {
         let m: proto::ControllerMessage = proto::read_message(&mut recv, 1 << 20).await.unwrap();
-        if !matches!(m, proto::ControllerMessage::AgentReleases(_)) {
+        if !matches!(
+            m,
+            proto::ControllerMessage::AgentReleases(_) | proto::ControllerMessage::Monitors(_)
+        ) {
             break m;
         }
     };
