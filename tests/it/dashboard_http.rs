@@ -615,22 +615,20 @@ async fn the_monitors_board_shows_each_node_and_the_latency() {
     );
     let (status, v) = c.put_map(&map).await;
     assert_eq!(status, 200, "{v}");
-    let html = wait_for(
+    let row = wait_for(
         "the monitor up on the board",
         Duration::from_secs(30),
         || async {
             let (_, html) = get("/ui/monitors").await;
-            html.contains("id=\"monitor-api-port-watcher\"")
-                .then_some(html)
-                .filter(|h| h.contains("class=\"badge up\""))
+            let row = html
+                .split("id=\"monitor-api-port-watcher\"")
+                .nth(1)
+                .and_then(|r| r.split("</tr>").next())
+                .map(str::to_owned)?;
+            row.contains("class=\"badge up\"").then_some(row)
         },
     )
     .await;
-    let row = html
-        .split("id=\"monitor-api-port-watcher\"")
-        .nth(1)
-        .and_then(|r| r.split("</tr>").next())
-        .unwrap();
     assert!(row.contains("<i class=\"up\""), "a cell per check: {row}");
     assert!(row.contains("100.00%"), "uptime: {row}");
     let (status, page) = get("/ui/monitors/api-port").await;
