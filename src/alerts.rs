@@ -70,8 +70,11 @@ pub enum SinkCommand {
     History,
 }
 
-pub async fn alerts(cli: &Cli) -> anyhow::Result<()> {
+pub async fn alerts(cli: &Cli, show_history: bool) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
+    if show_history {
+        return history(cli, &api).await;
+    }
     let items: Vec<AlertView> = api.get("/api/v1/alerts").await?;
     if cli.json {
         print_json(&items);
@@ -238,33 +241,37 @@ pub async fn sink(cli: &Cli, cmd: &SinkCommand) -> anyhow::Result<()> {
                 .await?;
             println!("sink {name} removed");
         }
-        SinkCommand::History => {
-            let items: Vec<NotificationView> = api.get("/api/v1/alerts/notifications").await?;
-            if cli.json {
-                print_json(&items);
-                return Ok(());
-            }
-            let rows = items
-                .iter()
-                .map(|n| {
-                    vec![
-                        n.created_at.clone(),
-                        n.sink.clone(),
-                        n.payload["type"].as_str().unwrap_or("").to_owned(),
-                        n.payload["data"]["group"].as_str().unwrap_or("").to_owned(),
-                        n.state.clone(),
-                        n.attempts.to_string(),
-                        n.last_error.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            table(
-                &[
-                    "CREATED", "SINK", "TYPE", "GROUP", "STATE", "TRIES", "ERROR",
-                ],
-                rows,
-            );
-        }
+        SinkCommand::History => history(cli, &api).await?,
     }
+    Ok(())
+}
+
+/// The newest notifications and how their delivery went.
+async fn history(cli: &Cli, api: &Api) -> anyhow::Result<()> {
+    let items: Vec<NotificationView> = api.get("/api/v1/alerts/notifications").await?;
+    if cli.json {
+        print_json(&items);
+        return Ok(());
+    }
+    let rows = items
+        .iter()
+        .map(|n| {
+            vec![
+                n.created_at.clone(),
+                n.sink.clone(),
+                n.payload["type"].as_str().unwrap_or("").to_owned(),
+                n.payload["data"]["group"].as_str().unwrap_or("").to_owned(),
+                n.state.clone(),
+                n.attempts.to_string(),
+                n.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "CREATED", "SINK", "TYPE", "GROUP", "STATE", "TRIES", "ERROR",
+        ],
+        rows,
+    );
     Ok(())
 }

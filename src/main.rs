@@ -67,8 +67,12 @@ enum Command {
     /// One node: show, remove.
     #[command(subcommand)]
     Node(client::NodeCommand),
-    /// Alerts pending and firing now.
-    Alerts,
+    /// Alerts pending and firing now; with --history, the notifications sent and their
+    /// delivery.
+    Alerts {
+        #[arg(long)]
+        history: bool,
+    },
     /// Silences: add, list, expire.
     #[command(subcommand)]
     Silence(alerts::SilenceCommand),
@@ -176,7 +180,7 @@ fn main() -> ExitCode {
             Command::Nodes(ref args) => client::nodes(&cli, args).await,
             Command::Top(ref args) => client::top(&cli, args).await,
             Command::Node(ref cmd) => client::node(&cli, cmd).await,
-            Command::Alerts => alerts::alerts(&cli).await,
+            Command::Alerts { history } => alerts::alerts(&cli, history).await,
             Command::Monitors => monitors::list(&cli).await,
             Command::Monitor(ref cmd) => monitors::command(&cli, cmd).await,
             Command::Silence(ref cmd) => alerts::silence(&cli, cmd).await,

@@ -620,6 +620,15 @@ async fn a_managed_container_killed_and_kept_down_is_notified_once_then_resolved
             "Resolved: container_down{node=keeper}".to_owned()
         ]
     );
+    // The history, from the CLI: both notifications to both sinks, delivered.
+    let out = c.cli(&["alerts", "--history"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("container_down{node=keeper}"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    assert!(rows.iter().all(|r| r.contains(" sent ")), "{text}");
     let _ = std::process::Command::new("docker")
         .args(["rmi", &tag])
         .output();

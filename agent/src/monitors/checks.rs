@@ -301,6 +301,63 @@ mod tests {
         assert!(r.error.unwrap().contains("not an http"));
     }
 
+    /// An HTTPS server with a self-signed certificate valid until `not_after` (rustls over a
+    /// blocking socket, one thread, `n` connections).
+    fn https(not_after: std::time::SystemTime, n: usize) -> u16 {
+        crate::tls::install_provider();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_after = not_after.into();
+        let cert = params.self_signed(&key).unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let cfg = std::sync::Arc::new(
+            rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.der().clone()], der)
+                .unwrap(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for tcp in listener.incoming().take(n) {
+                let Ok(mut tcp) = tcp else { continue };
+                let mut conn = rustls::ServerConnection::new(cfg.clone()).unwrap();
+                let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+                let mut buf = [0u8; 4096];
+                if tls.read(&mut buf).is_ok() {
+                    let _ = tls.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    );
+                    let _ = tls.flush();
+                }
+                conn.send_close_notify();
+                let _ = conn.write_tls(&mut tcp);
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn https_reports_when_the_certificate_expires() {
+        let ctx = CheckContext::default();
+        let expires = std::time::UNIX_EPOCH + Duration::from_secs(1_924_992_000); // 2031-01-01
+        let port = https(expires, 2);
+        let url = format!("https://localhost:{port}/");
+        let mut check = http_check(&url, vec![], Some("ok"));
+        let r = run(&ctx, &spec(check.clone())).await;
+        assert!(
+            !r.up,
+            "no root vouches for a self-signed certificate: {r:?}"
+        );
+        if let MonitorCheck::Http { insecure, .. } = &mut check {
+            *insecure = true;
+        }
+        let r = run(&ctx, &spec(check)).await;
+        assert!(r.up, "{r:?}");
+        assert_eq!(r.cert_expires_ms, Some(1_924_992_000_000));
+    }
+
     #[tokio::test]
     async fn a_check_that_hangs_ends_at_its_timeout() {
         crate::tls::install_provider();
