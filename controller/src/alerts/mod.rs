@@ -202,13 +202,49 @@ pub(crate) fn step(
     silences: &[Silence],
     now: i64,
 ) -> Vec<Notification> {
+    // Alerts of a rule that is gone (removed from the map) resolve: the rule is kept for this
+    // step with no observations, so its alerts go inactive and their resolution is sent.
+    let mut retired = BTreeMap::new();
+    for a in state.alerts.values() {
+        if !rules.contains_key(&a.rule) && !retired.contains_key(&a.rule) {
+            retired.insert(
+                a.rule.clone(),
+                Rule {
+                    name: a.rule.clone(),
+                    severity: a.severity,
+                    timing: nebula_alerts::RuleTiming {
+                        for_ms: 0,
+                        keep_firing_for_ms: 0,
+                        group_wait_ms: 0,
+                        group_interval_ms: 0,
+                        repeat_interval_ms: i64::MAX / 4,
+                    },
+                    group_by: vec!["node".into()],
+                    inhibits_by: Vec::new(),
+                },
+            );
+        }
+    }
+    let gone: std::collections::BTreeSet<String> = retired.keys().cloned().collect();
+    let all: std::borrow::Cow<'_, BTreeMap<String, Rule>> = if retired.is_empty() {
+        std::borrow::Cow::Borrowed(rules)
+    } else {
+        let mut r = rules.clone();
+        r.extend(retired);
+        std::borrow::Cow::Owned(r)
+    };
+    let rules = all.as_ref();
     for rule in rules.values() {
         let obs = seen
             .by_rule
             .get(&rule.name)
+            .filter(|_| !gone.contains(&rule.name))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let view = seen.views.get(&rule.name);
+        let view = seen
+            .views
+            .get(&rule.name)
+            .filter(|_| !gone.contains(&rule.name));
         state.observe_where(rule, obs, now, |labels| {
             view.is_none_or(|v| labels.get("node").is_some_and(|n| v.contains(n)))
         });

@@ -175,6 +175,8 @@ impl Seen {
             let applies = (t.nodes.is_empty() || t.nodes.contains(&n.name))
                 && nebula_placement::labels_match(labels, &t.node_labels);
             if !applies {
+                // Out of its scope (now): what it fired for here resolves.
+                self.in_view(&t.rule, &n.name);
                 continue;
             }
             let from = ((now_ms / 1000) as u32).saturating_sub(t.window.as_secs() as u32);
@@ -322,7 +324,7 @@ impl Seen {
             let latency = r.latency_us as f64 / 1000.0;
             self.push("monitor_down", obs(l.clone(), !r.up, Some(latency), words));
             if let Some(expires) = r.cert_expires_ms {
-                let left = expires - now_ms;
+                let left = expires.saturating_sub(now_ms);
                 let days = left as f64 / 86_400_000.0;
                 let words =
                     format!("the certificate of {target} ({monitor}) expires in {days:.1} days");

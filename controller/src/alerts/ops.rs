@@ -264,7 +264,8 @@ impl ControlPlane {
         })
         .to_string();
         let id = format!("msg_{}", Uuid::now_v7().simple());
-        sinks::deliver(
+        sinks::deliver_to(
+            self.alerts.channel(&sink.kind),
             &self.http_client,
             sink,
             &id,

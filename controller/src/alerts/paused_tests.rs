@@ -108,6 +108,36 @@ fn cpu_on_a(active: impl Fn(u64) -> bool + 'static) -> Box<Signal> {
     Box::new(move |t| BTreeMap::from([("cpu_high", vec![cpu("a", active(t))])]))
 }
 
+#[test]
+fn an_alert_of_a_rule_that_is_gone_resolves_once() {
+    let mut c = catalogue(&cfg(), &BTreeMap::new());
+    let mut state = EngineState::default();
+    let mut seen = Seen::default();
+    seen.by_rule.insert("cpu_high".into(), vec![cpu("a", true)]);
+    let t0 = 1_800_000_000_000_i64;
+    let mut sent = Vec::new();
+    for i in 0..40 {
+        sent.extend(step(&mut state, &c.rules, &seen, &[], t0 + i * 15_000));
+    }
+    assert_eq!(sent.len(), 1, "fired: {sent:?}");
+    // The rule leaves the catalogue (a rule of the map, removed from it).
+    c.rules.remove("cpu_high");
+    let mut after = Vec::new();
+    // Resolved at the group's next interval (5 min after what it last sent).
+    for i in 40..80 {
+        after.extend(step(&mut state, &c.rules, &seen, &[], t0 + i * 15_000));
+    }
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].status, AlertState::Resolved);
+    assert!(
+        state.alerts.is_empty()
+            || state
+                .alerts
+                .values()
+                .all(|a| a.state == AlertState::Resolved)
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_short_spike_does_not_fire() {
     let r = run(&*cpu_on_a(|t| (60..150).contains(&t)), &[], 20, None).await;

@@ -94,12 +94,18 @@ pub fn payload_for(sink: &SinkRecord, note: &Notification) -> Option<String> {
             })
         })
         .collect();
+    // What this sink is told: firing while any alert it takes fires.
+    let status = if taken.iter().any(|a| a.state == AlertState::Firing) {
+        AlertState::Firing
+    } else {
+        AlertState::Resolved
+    };
     let body = json!({
-        "type": format!("alert.{}", state_str(note.status)),
+        "type": format!("alert.{}", state_str(status)),
         "timestamp": rfc3339(note.at),
         "data": {
             "group": note.group,
-            "status": state_str(note.status),
+            "status": state_str(status),
             "repeat": note.repeat,
             "severity": severity_str(worst),
             "alerts": alerts,
@@ -562,6 +568,18 @@ mod tests {
             "nothing left"
         );
         assert!(rules(&sink("webhook", "info", r#"{"labels":{"team":"ml"}}"#)).is_empty());
+        // A sink told only of a resolved alert hears "resolved", whatever else fires in the group.
+        let mut mixed = note(&[
+            ("container_down", Severity::Warning, &[("service", "web")]),
+            ("container_down", Severity::Warning, &[("service", "db")]),
+        ]);
+        mixed.alerts[0].state = AlertState::Resolved;
+        let p = payload_for(&sink("webhook", "info", r#"{"services":["web"]}"#), &mixed).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["data"]["status"].as_str()),
+            (Some("alert.resolved"), Some("resolved"))
+        );
     }
 
     struct Recorder(std::sync::Mutex<Vec<String>>);

@@ -58,10 +58,12 @@ pub(super) fn monitors(cp: &ControlPlane, nodes: &[NodeRecord]) -> Vec<(String, 
     for n in nodes {
         let view = cp.telemetry.view(n.id);
         let inventory = view.as_ref().and_then(|v| v.inventory.clone());
-        let has_runtime = inventory
-            .as_ref()
-            .map(|i| i.container_runtime.is_some())
-            .unwrap_or(n.facts.container_runtime.is_some());
+        // The runtime the node reported at its session start counts too: when the daemon
+        // dies, the inventory loses it, and that is when its monitor must stay (and fail).
+        let has_runtime = n.facts.container_runtime.is_some()
+            || inventory
+                .as_ref()
+                .is_some_and(|i| i.container_runtime.is_some());
         if has_runtime {
             out.push((
                 name(&["docker", &n.name]),
@@ -104,19 +106,24 @@ pub(super) fn monitors(cp: &ControlPlane, nodes: &[NodeRecord]) -> Vec<(String, 
             .zip(&details.containers)
             .zip(&sample.containers)
         {
-            if !is_postgres(&c.image) || s.state != ContainerState::Running {
+            if !is_postgres(&c.image) {
                 continue;
             }
-            let port = d
+            // A stopped container lists no published ports: its monitor keeps the port it
+            // had while running (and fails), as long as the container exists.
+            let key = name(&["postgres", &n.name, &c.name]);
+            let published = d
                 .ports
                 .iter()
                 .find(|p| p.container_port == 5432)
-                .and_then(|p| p.host_port);
+                .and_then(|p| p.host_port)
+                .filter(|_| s.state == ContainerState::Running);
+            let port = cp.monitors.builtin_port(&key, published);
             if let Some(port) = port {
                 let check = MonitorCheck::Tcp {
                     address: format!("127.0.0.1:{port}"),
                 };
-                out.push((name(&["postgres", &n.name, &c.name]), on(&n.name, check)));
+                out.push((key, on(&n.name, check)));
             }
         }
     }

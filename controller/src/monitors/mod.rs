@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nebula_desired::map::monitors::{DesiredMonitor, MonitorDecl};
 use nebula_protocol::monitors::{
-    MonitorResult, MonitorSpec, MAX_ERROR_BYTES, MAX_RESULTS_PER_BATCH,
+    MonitorResult, MonitorSpec, MAX_ERROR_BYTES, MAX_RESULTS_PER_BATCH, MAX_TIMEOUT_MS,
 };
 use nebula_store::monitors::HourRollup;
 use serde::{Deserialize, Serialize};
@@ -132,8 +132,8 @@ impl Stats {
         let (checks, up) = (hour.checks, hour.up);
         match self.days.iter().rposition(|d| d.day <= day) {
             Some(i) if self.days[i].day == day => {
-                self.days[i].checks += checks;
-                self.days[i].up += up;
+                self.days[i].checks = self.days[i].checks.saturating_add(checks);
+                self.days[i].up = self.days[i].up.saturating_add(up);
             }
             Some(i) => self.days.insert(i + 1, Day { day, checks, up }),
             None => self.days.push_front(Day { day, checks, up }),
@@ -143,7 +143,9 @@ impl Stats {
         }
     }
 
-    /// Percent of checks up over the last `hours` hours (`None`: no checks).
+    /// Percent of checks up over the last `hours` hours (`None`: no checks), in whole buckets:
+    /// up to 24 hours, the current hour and the ones before it (24 in all); beyond, the
+    /// current day (UTC) and the days before it (7 or 30 in all).
     pub fn uptime(&self, now_ms: i64, hours: i64) -> Option<f64> {
         let (checks, up) = if hours <= 24 {
             let from = now_ms / HOUR_MS - hours + 1;
@@ -163,9 +165,9 @@ impl Stats {
 }
 
 fn merge(into: &mut HourRollup, h: &HourRollup) {
-    into.checks += h.checks;
-    into.up += h.up;
-    into.latency_sum_us += h.latency_sum_us;
+    into.checks = into.checks.saturating_add(h.checks);
+    into.up = into.up.saturating_add(h.up);
+    into.latency_sum_us = into.latency_sum_us.saturating_add(h.latency_sum_us);
     into.latency_max_us = into.latency_max_us.max(h.latency_max_us);
 }
 
@@ -194,6 +196,8 @@ pub struct MonitorBook {
     pending: Mutex<HashMap<(String, String, i64), HourRollup>>,
     /// Work the sets out again now.
     pub(crate) assign_now: crate::tasks::Activator,
+    /// The port each built-in PostgreSQL monitor checks, as last published.
+    builtin_ports: Mutex<HashMap<String, u16>>,
 }
 
 impl Default for MonitorBook {
@@ -205,6 +209,7 @@ impl Default for MonitorBook {
             stats: Mutex::default(),
             pending: Mutex::default(),
             assign_now: crate::tasks::Activator::default(),
+            builtin_ports: Mutex::default(),
         }
     }
 }
@@ -217,6 +222,19 @@ impl MonitorBook {
     /// Every monitor, by name.
     pub fn defs(&self) -> Arc<BTreeMap<String, MonitorDef>> {
         self.defs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The port a built-in monitor checks: the one published now (remembered), else the one
+    /// published last.
+    pub(crate) fn builtin_port(&self, name: &str, published: Option<u16>) -> Option<u16> {
+        let mut ports = lock(&self.builtin_ports);
+        match published {
+            Some(p) => {
+                ports.insert(name.to_owned(), p);
+                Some(p)
+            }
+            None => ports.get(name).copied(),
+        }
     }
 
     /// Sessions watch this for their node's set.
@@ -239,8 +257,12 @@ impl MonitorBook {
             .collect()
     }
 
-    /// Results from a node: only for monitors assigned to it; errors cut, times from the
-    /// future or far past taken as now. Returns the (monitor, up) pairs that changed state.
+    /// Results from a node: only for monitors assigned to it, and only what a real run can
+    /// report (a latency within the longest timeout, a plausible certificate expiry, `icmp` or
+    /// `tcp` as a ping's method, an error cut to its limit); results more than a day old are
+    /// dropped (a queue kept through a long disconnect), times ahead of the controller's clock
+    /// taken as now, and an older result never replaces a newer one as the last. Returns the
+    /// (monitor, up) pairs that changed state.
     pub fn ingest(
         &self,
         node_id: Uuid,
@@ -260,9 +282,15 @@ impl MonitorBook {
             if !assigned.iter().any(|s| s.name == r.name) {
                 continue;
             }
-            if (r.at_ms - now_ms).abs() > DAY_MS {
-                r.at_ms = now_ms;
+            if r.at_ms < now_ms.saturating_sub(DAY_MS) {
+                continue;
             }
+            r.at_ms = r.at_ms.min(now_ms);
+            r.latency_us = r.latency_us.min(u64::from(MAX_TIMEOUT_MS) * 1000);
+            r.cert_expires_ms = r
+                .cert_expires_ms
+                .filter(|e| (0..=now_ms.saturating_add(100 * 365 * DAY_MS)).contains(e));
+            r.method = r.method.filter(|m| m == "icmp" || m == "tcp");
             if let Some(e) = r.error.as_mut().filter(|e| e.len() > MAX_ERROR_BYTES) {
                 let mut cut = MAX_ERROR_BYTES;
                 while !e.is_char_boundary(cut) {
@@ -272,7 +300,8 @@ impl MonitorBook {
             }
             let key = (r.name.clone(), node.to_owned());
             let s = stats.entry(key).or_default();
-            let flipped = s.last.as_ref().is_none_or(|l| l.up != r.up);
+            let newest = s.last.as_ref().is_none_or(|l| l.at_ms <= r.at_ms);
+            let flipped = newest && s.last.as_ref().is_none_or(|l| l.up != r.up);
             if flipped {
                 s.since_ms = r.at_ms;
                 changed.push((r.name.clone(), r.up));
@@ -294,7 +323,9 @@ impl MonitorBook {
             while s.recent.len() > RECENT {
                 s.recent.pop_front();
             }
-            s.last = Some(r);
+            if newest {
+                s.last = Some(r);
+            }
         }
         changed
     }
@@ -329,11 +360,10 @@ impl MonitorBook {
 
     /// Publish a new set of monitors and assignments; true when a node's set changed.
     fn publish(&self, defs: BTreeMap<String, MonitorDef>, next: Assignments) -> bool {
-        let defs = Arc::new(defs);
-        *self.defs.write().unwrap_or_else(|p| p.into_inner()) = defs.clone();
-        // Results of monitors that are gone are forgotten in memory (their hours stay in the
-        // store).
-        lock(&self.stats).retain(|(m, _), _| defs.contains_key(m));
+        // Results stay in memory when a monitor leaves the set (a built-in whose node has not
+        // reported yet after a restart comes back with its history); lists and rules read
+        // only the monitors defined now.
+        *self.defs.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(defs);
         self.assignments.send_if_modified(|cur| {
             if **cur == next {
                 false
@@ -355,12 +385,9 @@ pub async fn assign(cp: &ControlPlane) -> anyhow::Result<serde_json::Value> {
             defs.insert(name.clone(), (Source::Map, m.clone(), None));
         }
     }
-    let api = cp
-        .monitors
-        .api
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    // Read again each pass: with several controllers, another one may have changed them.
+    let api = Arc::new(cp.store.monitors().await?);
+    *cp.monitors.api.write().unwrap_or_else(|p| p.into_inner()) = api.clone();
     for rec in api.iter() {
         if defs.contains_key(&rec.name) {
             continue; // the map's own wins
@@ -478,6 +505,53 @@ mod tests {
             method: None,
             error: None,
         }
+    }
+
+    #[test]
+    fn results_are_taken_only_as_a_real_run_could_report_them() {
+        let book = MonitorBook::default();
+        let node = Uuid::now_v7();
+        let spec = MonitorSpec {
+            name: "m".into(),
+            check: nebula_protocol::monitors::MonitorCheck::Docker,
+            interval_ms: 30_000,
+            timeout_ms: 5_000,
+        };
+        book.publish(
+            BTreeMap::new(),
+            HashMap::from([(node, Arc::new(vec![spec]))]),
+        );
+        let now = 100 * DAY_MS;
+        let mut wild = result(now + 3_600_000, false, u64::MAX);
+        wild.cert_expires_ms = Some(i64::MAX);
+        wild.method = Some("x".repeat(10_000));
+        let mut other = result(now, true, 10);
+        other.name = "not-assigned".into();
+        let changed = book.ingest(
+            node,
+            "n",
+            vec![wild, other, result(now - 2 * DAY_MS, true, 10)],
+            now,
+        );
+        assert_eq!(changed, vec![("m".to_owned(), false)]);
+        let s = book.stats("m", "n").unwrap();
+        let last = s.last.as_ref().unwrap();
+        assert_eq!(last.at_ms, now, "a time ahead is taken as now");
+        assert_eq!(last.latency_us, u64::from(MAX_TIMEOUT_MS) * 1000);
+        assert_eq!((last.cert_expires_ms, last.method.as_deref()), (None, None));
+        assert_eq!(s.recent.len(), 1, "the day-old one is dropped");
+        assert!(book.stats("not-assigned", "n").is_none());
+        // An older result arriving late does not become the last.
+        book.ingest(node, "n", vec![result(now - 60_000, true, 10)], now);
+        let s = book.stats("m", "n").unwrap();
+        assert!(!s.last.unwrap().up);
+        assert_eq!(
+            book.take_pending()
+                .iter()
+                .map(|(_, _, h)| h.checks)
+                .sum::<i64>(),
+            2
+        );
     }
 
     #[test]

@@ -346,8 +346,6 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// The deploy policy, kept with the session; a change may turn refusals into actions or
-    /// back.
     /// Monitors: send this node's set when it differs from what the agent has (always once,
     /// at session start: the agent may still run a set from before).
     async fn monitors(&mut self, all: &crate::monitors::Assignments) -> anyhow::Result<Flow> {
@@ -379,6 +377,8 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The deploy policy, kept with the session; a change may turn refusals into actions or
+    /// back.
     fn deploy_policy(&self, policy: proto::deploy::DeployPolicySummary) {
         debug!(?policy, "deploy policy");
         if self

@@ -540,6 +540,16 @@ pub(super) fn rules(
             err("window: between 1s and 1h (the controller keeps an hour of figures)".into());
             continue;
         }
+        if let Some(k) = d
+            .labels
+            .keys()
+            .find(|k| matches!(k.as_str(), "node" | "monitor" | "service" | "alertname"))
+        {
+            err(format!(
+                "label `{k}` is set by the rule itself; choose another key"
+            ));
+            continue;
+        }
         let severity = d.severity.clone().unwrap_or_else(|| "warning".into());
         if !SEVERITIES.contains(&severity.as_str()) {
             err(format!(
@@ -678,6 +688,10 @@ mod tests {
             (
                 "alert_rules:\n  x:\n    metric: cpu\n    above: 5\n    window: 2h\n",
                 "window",
+            ),
+            (
+                "alert_rules:\n  x:\n    metric: cpu\n    above: 5\n    labels: {node: a}\n",
+                "label `node`",
             ),
         ] {
             let e = errors(yaml);
