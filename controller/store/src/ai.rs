@@ -20,7 +20,7 @@ pub struct UsageRow {
 impl Store {
     /// Add counts to the AI usage totals, all or nothing.
     pub async fn add_ai_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for r in rows {
             sqlx::query(
                 "INSERT INTO ai_usage (token, model, node, requests, prompt_tokens, completion_tokens) \

@@ -84,7 +84,7 @@ impl Store {
         outbox: &[OutboxRecord],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO alert_engine (id, state, updated_at) VALUES (1, $1, $2) \
              ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",

@@ -45,7 +45,7 @@ impl Store {
         created_by: &str,
         now: i64,
     ) -> Result<DesiredRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let version: i64 =
             sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM desired_state")
                 .fetch_one(&mut *tx)
@@ -221,7 +221,7 @@ impl Store {
     }
 
     pub async fn set_pin(&self, p: &PinRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM service_pins WHERE service = $1")
             .bind(&p.service)
             .execute(&mut *tx)

@@ -63,7 +63,7 @@ impl Store {
             super::Backend::Sqlite => (32, 64),
             super::Backend::Postgres => (32, 100),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for chunk in batch.jobs.chunks(job_rows) {
             let mut sql = format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES ");
             push_placeholders(&mut sql, self.backend, chunk.len(), JOB_COLS);

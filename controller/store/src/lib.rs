@@ -236,6 +236,20 @@ impl Store {
         self.backend
     }
 
+    /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`): a
+    /// deferred transaction that reads before it writes fails at once with `SQLITE_BUSY` when
+    /// another connection commits a write in between (the busy timeout does not apply to that
+    /// upgrade), which a busy controller with several writers (rollups, alerts, monitor
+    /// hours, jobs) meets; taken at the start, the lock is waited for instead.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -298,7 +312,7 @@ impl Store {
     /// Consume one use of the token and create the node, its labels and its first certificate,
     /// all or nothing. Returns the node's effective labels (token labels win over requested ones).
     pub async fn enroll(&self, e: &Enrollment<'_>) -> Result<Labels, EnrollError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // The conditional update is the atomic check-and-consume: two agents racing for the last
         // use cannot both succeed.
         let consumed = sqlx::query(
@@ -468,7 +482,7 @@ impl Store {
     /// Remove a node: revoke all its certificates and delete it (labels go with it).
     /// Returns its id, or `None` when no node has that name.
     pub async fn remove_node(&self, name: &str, now: i64) -> Result<Option<Uuid>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT id FROM nodes WHERE name = $1")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -502,7 +516,7 @@ impl Store {
     // ----- certificates -----
 
     pub async fn add_certificate(&self, cert: &CertRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         insert_cert(&mut tx, cert).await?;
         tx.commit().await?;
         Ok(())
@@ -587,7 +601,7 @@ impl Store {
         token_hash: &str,
         role: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM api_tokens WHERE name = $1 OR token_hash = $2")
             .bind(name)
             .bind(token_hash)

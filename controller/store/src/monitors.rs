@@ -76,7 +76,7 @@ impl Store {
         &self,
         rows: &[(String, String, HourRollup)],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut sql = String::from(
                 "INSERT INTO monitor_hours (monitor, node, hour, checks, up, latency_sum_us, latency_max_us) VALUES ",

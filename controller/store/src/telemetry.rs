@@ -27,7 +27,7 @@ impl Store {
     /// Write rollups in batches (one statement per 50 rows). A minute already stored is kept.
     pub async fn insert_rollups(&self, rollups: &[Rollup]) -> Result<(), StoreError> {
         const COLS: usize = 20;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for chunk in rollups.chunks(50) {
             let mut sql = String::from(
                 "INSERT INTO telemetry_rollups (node_id, minute, samples, cpu_avg, cpu_max, mem_used_avg, mem_used_max, \
