@@ -218,17 +218,11 @@ impl ControlPlane {
             let (Some(inv), Some(s)) = (view.inventory.as_ref(), view.latest.as_ref()) else {
                 continue;
             };
-            // A new inventory whose first sample is not in yet: its containers are listed in
-            // an unknown state rather than leaving the list for a moment.
-            let unknown = nebula_protocol::telemetry::ContainerSample::default();
-            let current = inv.epoch == s.epoch;
+            if inv.epoch != s.epoch {
+                continue;
+            }
             let details = view.details.as_ref().map(|d| &d.containers);
-            for (i, c) in inv.containers.iter().enumerate() {
-                let v = if current {
-                    s.containers.get(i).unwrap_or(&unknown)
-                } else {
-                    &unknown
-                };
+            for (i, (c, v)) in inv.containers.iter().zip(&s.containers).enumerate() {
                 let detail = details.and_then(|d| d.get(i));
                 let row = container_row(view.id, &view.name, c, v, detail, now);
                 if filter.keeps(&row) {
