@@ -280,6 +280,17 @@ mod tests {
         .await;
         assert!(r.up, "{r:?}");
         drop(l);
+        // A port held bound but not listening: refused, and no other test can take it.
+        let held =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        held.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        let addr = held.local_addr().unwrap().as_socket().unwrap().to_string();
         let r = run(
             &ctx,
             &spec(MonitorCheck::Tcp {
