@@ -46,6 +46,14 @@ impl Store {
         now: i64,
     ) -> Result<DesiredRecord, StoreError> {
         let mut tx = self.begin_write().await?;
+        // The next version is read, then written: on PostgreSQL two applies at once (two
+        // controllers) would both read the same one, so the table is locked against other
+        // writers first (SQLite's BEGIN IMMEDIATE already serializes them).
+        if self.backend == super::Backend::Postgres {
+            sqlx::query("LOCK TABLE desired_state IN SHARE ROW EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
+        }
         let version: i64 =
             sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM desired_state")
                 .fetch_one(&mut *tx)
