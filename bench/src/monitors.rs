@@ -205,6 +205,21 @@ async fn run_agent(
     Ok(())
 }
 
+/// `GET /api/v1/monitors`, as the dashboard and CLI read it.
+async fn monitors_list(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    admin: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    Ok(client
+        .get(format!("http://{http}/api/v1/monitors"))
+        .bearer_auth(admin)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
 /// The alert evaluator's passes so far: (started_at, took_ms, observations).
 async fn evaluator_runs(
     client: &reqwest::Client,
@@ -349,13 +364,7 @@ pub async fn monitors_bench(a: MonitorsArgs) -> anyhow::Result<()> {
         }
         // The status board's list, as the dashboard and CLI read it.
         let s = Instant::now();
-        let list: Vec<serde_json::Value> = client
-            .get(format!("http://{http}/api/v1/monitors"))
-            .bearer_auth(&admin)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let list = monitors_list(&client, http, &admin).await?;
         list_ms.push(s.elapsed().as_secs_f64() * 1e3);
         if list.len() < a.monitors {
             bail!("the list has {} monitors", list.len());
@@ -367,13 +376,7 @@ pub async fn monitors_bench(a: MonitorsArgs) -> anyhow::Result<()> {
     let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
     let results = counters.results.load(Ordering::Relaxed) - res0;
     // Every monitor has a result from its node.
-    let list: Vec<serde_json::Value> = client
-        .get(format!("http://{http}/api/v1/monitors"))
-        .bearer_auth(&admin)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let list = monitors_list(&client, http, &admin).await?;
     let reporting = list
         .iter()
         .filter(|m| m["nodes"][0]["status"] != "pending" && m["nodes"][0]["uptime_24h"].is_number())
