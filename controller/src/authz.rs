@@ -30,6 +30,8 @@ pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 pub enum Via {
     Api,
     Dashboard,
+    /// The Discord bot (the audit detail names the Discord user and server).
+    Discord,
     /// The controller itself (the reconciler, the gateway's pull on demand, wake-ups).
     Internal,
 }
@@ -39,6 +41,7 @@ impl Via {
         match self {
             Via::Api => "api",
             Via::Dashboard => "dashboard",
+            Via::Discord => "discord",
             Via::Internal => "internal",
         }
     }
@@ -53,6 +56,9 @@ pub struct OpCtx {
     pub via: Via,
     /// Ties the audit row and the logs of one request together.
     pub request_id: Uuid,
+    /// Where the request came from beyond the front end, added to every audit row it makes
+    /// (the Discord bot: `{"discord": {"user", "name", "guild"}}`).
+    pub origin: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl OpCtx {
@@ -62,6 +68,7 @@ impl OpCtx {
             role,
             via,
             request_id: Uuid::now_v7(),
+            origin: None,
         }
     }
 
@@ -119,6 +126,9 @@ impl ControlPlane {
         if let Some(d) = detail.as_object_mut() {
             d.insert("via".into(), cx.via.as_str().into());
             d.insert("request".into(), cx.request_id.to_string().into());
+            if let Some(origin) = &cx.origin {
+                d.extend(origin.clone());
+            }
         }
         self.audit(&cx.actor, change.action, &change.target, detail);
         if let Some(event) = change.event {

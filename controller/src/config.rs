@@ -88,6 +88,8 @@ pub struct ControllerConfig {
     pub alerts: crate::alerts::AlertsConfig,
     /// Built-in monitors and how often sets and uptime are worked out and written.
     pub monitors: crate::monitors::MonitorsConfig,
+    /// The Discord bot (runs when a token file is given).
+    pub discord: crate::discord::DiscordConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
@@ -173,6 +175,7 @@ impl Default for ControllerConfig {
             ai: crate::ai::AiConfig::default(),
             alerts: crate::alerts::AlertsConfig::default(),
             monitors: crate::monitors::MonitorsConfig::default(),
+            discord: crate::discord::DiscordConfig::default(),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),

@@ -36,6 +36,7 @@ pub mod ca;
 pub mod config;
 pub mod containers;
 pub mod desired;
+pub mod discord;
 pub mod events;
 pub mod http;
 pub mod jobs;
@@ -60,6 +61,9 @@ use store::{millis, JoinTokenRecord, NewJoinToken, Store};
 
 /// Builds more routes for the controller's HTTP server from the shared state.
 pub type ExtraRoutes = Box<dyn FnOnce(Arc<ControlPlane>) -> axum::Router + Send>;
+/// More background tasks (the Discord bot), registered with the controller's own driver so
+/// they get its scopes (a leader task runs on one replica only) and show in its task list.
+pub type ExtraTasks = Box<dyn FnOnce(&mut tasks::Driver, &Arc<ControlPlane>) + Send>;
 
 /// Shared state of a running controller.
 pub struct ControlPlane {
@@ -95,6 +99,8 @@ pub struct ControlPlane {
     pub alerts: alerts::AlertBook,
     /// Monitors, their assignments to nodes and their results.
     pub monitors: monitors::MonitorBook,
+    /// The Discord bot's servers, status and settings cache.
+    pub discord: discord::DiscordBook,
     /// Container logs being followed (at most [`containers::MAX_LOG_FOLLOWERS`]).
     pub(crate) log_followers: Arc<tokio::sync::Semaphore>,
     /// Interactive sessions open (at most [`containers::exec::MAX_EXEC_SESSIONS`]).
@@ -387,6 +393,16 @@ impl Controller {
         shutdown: CancellationToken,
         extra_routes: Option<ExtraRoutes>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_tasks(config, shutdown, extra_routes, None).await
+    }
+
+    /// [`Controller::start_with`], with more background tasks.
+    pub async fn start_with_tasks(
+        config: ControllerConfig,
+        shutdown: CancellationToken,
+        extra_routes: Option<ExtraRoutes>,
+        extra_tasks: Option<ExtraTasks>,
+    ) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
@@ -449,6 +465,7 @@ impl Controller {
             log_followers: Arc::new(tokio::sync::Semaphore::new(containers::MAX_LOG_FOLLOWERS)),
             alerts: Default::default(),
             monitors: Default::default(),
+            discord: Default::default(),
             exec_sessions: Arc::new(tokio::sync::Semaphore::new(
                 containers::exec::MAX_EXEC_SESSIONS,
             )),
@@ -500,6 +517,9 @@ impl Controller {
         }
         let mut driver = tasks::Driver::new(cp.tasks.clone());
         background::register(&mut driver, &cp, endpoint, listener, router, &tracker);
+        if let Some(extra) = extra_tasks {
+            extra(&mut driver, &cp);
+        }
         driver.start(leadership, shutdown.clone(), &tracker);
         info!(%quic_addr, %http_addr, ca_pin = %cp.ca.pin_hex(), backend = ?cp.store.backend(), "controller started");
         Ok(Controller {

@@ -82,6 +82,30 @@ impl FilterConfig {
     }
 }
 
+/// The rules' names, as hits carry them (and moderation settings name them).
+pub const RULE_KINDS: [&str; 6] = [
+    "api_key",
+    "email",
+    "phone",
+    "card",
+    "profanity",
+    "code_injection",
+];
+
+/// Every rule on with `action`: moderation checks a message against all of them and decides
+/// per rule what to do.
+pub fn all_rules(action: Action) -> FilterConfig {
+    FilterConfig {
+        api_keys: action,
+        email: action,
+        phone: action,
+        card: action,
+        profanity: action,
+        code_injection: action,
+        ..FilterConfig::default()
+    }
+}
+
 /// The least `hold_back`: a secret shorter than this is always whole when it is scanned.
 pub const MIN_HOLD_BACK: usize = 64;
 

@@ -180,6 +180,11 @@ impl ControlPlane {
         }
         if req.kind == "email" {
             sinks::Smtp::parse(&req.url).map_err(OpError::Invalid)?;
+        } else if self.alerts.has_channel(&req.kind) {
+            // A channel (the Discord bot) reads its own address.
+            if req.url.is_empty() || req.url.len() > 200 {
+                return Err(OpError::Invalid("`url`: 1 to 200 characters".into()));
+            }
         } else {
             let url = reqwest::Url::parse(&req.url)
                 .map_err(|e| OpError::Invalid(format!("`url`: {e}")))?;

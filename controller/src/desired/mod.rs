@@ -351,6 +351,19 @@ impl ControlPlane {
     pub fn request_reconcile(&self, cx: &OpCtx) -> Result<(), OpError> {
         self.authorize(cx, Op::Reconcile)?;
         self.desired.kick(&format!("asked by {}", cx.actor));
+        self.record(
+            cx,
+            crate::authz::Change {
+                action: "map.reconcile",
+                target: self
+                    .desired
+                    .active()
+                    .map(|a| a.record.version.to_string())
+                    .unwrap_or_default(),
+                detail: serde_json::json!({}),
+                event: None,
+            },
+        );
         Ok(())
     }
 

@@ -581,6 +581,8 @@ pub(super) async fn execute(
 pub(super) struct AuditQuery {
     actor: Option<String>,
     action: Option<String>,
+    /// The front end: `api`, `dashboard`, `discord`, `internal`.
+    via: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
 }
@@ -596,6 +598,14 @@ pub(super) async fn audit(
     if limit == 0 || limit > 1000 {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
+    if q.via
+        .as_deref()
+        .is_some_and(|v| v.is_empty() || !v.bytes().all(|b| b.is_ascii_lowercase()))
+    {
+        return Err(ApiError::bad_request(
+            "via: api, dashboard, discord or internal",
+        ));
+    }
     let before = q
         .cursor
         .as_deref()
@@ -606,6 +616,7 @@ pub(super) async fn audit(
         .list_audit(&AuditFilter {
             actor: q.actor,
             action: q.action,
+            via: q.via,
             before,
             limit: limit + 1,
         })

@@ -8,6 +8,7 @@ mod alerts;
 mod auth;
 mod containers;
 mod desired;
+mod discord;
 mod error;
 pub mod install;
 mod jobs;
@@ -97,6 +98,16 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         )
         .route("/alerts/silences/{id}", delete(alerts::expire_silence))
         .route("/alerts/notifications", get(alerts::notifications))
+        .route("/discord", get(discord::overview))
+        .route("/discord/links", get(discord::links))
+        .route(
+            "/discord/guilds/{id}",
+            axum::routing::put(discord::put_guild),
+        )
+        .route(
+            "/users/{name}/discord-link-code",
+            axum::routing::post(discord::link_code),
+        )
         .route("/monitors", get(monitors::list).post(monitors::create))
         .route(
             "/monitors/{name}",

@@ -129,3 +129,17 @@ pub(super) async fn sleep_node(
     let job = cp.sleep_node(&name, &who).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
+
+impl ControlPlane {
+    /// Every node as the API lists it (the Discord bot's `/fleet` and `/node`).
+    pub async fn nodes_view(&self, cx: &OpCtx) -> Result<Vec<NodeView>, OpError> {
+        self.authorize(cx, crate::authz::Op::ReadFleet)?;
+        Ok(self
+            .store
+            .list_nodes()
+            .await?
+            .into_iter()
+            .map(|n| node_view(self, n))
+            .collect())
+    }
+}

@@ -43,6 +43,8 @@ pub struct AuditFilter {
     pub actor: Option<String>,
     pub action: Option<String>,
     pub before: Option<Uuid>,
+    /// The front end (`api`, `dashboard`, `discord`, `internal`).
+    pub via: Option<String>,
     pub limit: u32,
 }
 
@@ -254,6 +256,11 @@ impl Store {
                     ("actor", "=", f.actor.clone()),
                     ("action", "=", f.action.clone()),
                     ("id", "<", f.before.map(|b| b.to_string())),
+                    (
+                        "detail",
+                        "LIKE",
+                        f.via.as_ref().map(|v| format!("%\"via\":\"{v}\"%")),
+                    ),
                 ],
                 f.limit,
             )

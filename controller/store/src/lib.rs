@@ -19,6 +19,7 @@ use uuid::Uuid;
 mod ai;
 pub mod alerts;
 pub mod desired;
+pub mod discord;
 pub mod jobs;
 pub mod monitors;
 mod telemetry;

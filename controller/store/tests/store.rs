@@ -569,6 +569,7 @@ async fn jobs_logs_and_audit_round_trip(s: &Store) {
             actor: Some("admin".into()),
             action: Some("job.create".into()),
             before: None,
+            via: None,
             limit: 100,
         })
         .await

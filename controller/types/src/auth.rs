@@ -1,10 +1,13 @@
 //! Roles and the operations the control plane authorizes: one table ([`Op::needs`]) that every
 //! front end (the HTTP API, the dashboard, later the bots) is judged by.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What a user or API token may do, least to most.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Viewer,
@@ -71,10 +74,13 @@ pub enum Op {
     RemoveNode,
     ManageUsers,
     ManageApiTokens,
+    /// Connect the Discord bot, edit any server's settings (role mappings included), make
+    /// link codes for other users.
+    ManageBot,
 }
 
 impl Op {
-    pub const ALL: [Op; 22] = [
+    pub const ALL: [Op; 23] = [
         Op::ReadFleet,
         Op::PreviewPlan,
         Op::ReadLogs,
@@ -97,6 +103,7 @@ impl Op {
         Op::RemoveNode,
         Op::ManageUsers,
         Op::ManageApiTokens,
+        Op::ManageBot,
     ];
 
     /// The least role that may do it: the policy, in one place.
@@ -121,7 +128,8 @@ impl Op {
             | Op::ManageJoinTokens
             | Op::RemoveNode
             | Op::ManageUsers
-            | Op::ManageApiTokens => Role::Admin,
+            | Op::ManageApiTokens
+            | Op::ManageBot => Role::Admin,
         }
     }
 
@@ -150,6 +158,7 @@ impl Op {
             Op::RemoveNode => "remove_node",
             Op::ManageUsers => "manage_users",
             Op::ManageApiTokens => "manage_api_tokens",
+            Op::ManageBot => "manage_bot",
         }
     }
 }

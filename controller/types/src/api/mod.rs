@@ -6,6 +6,7 @@ pub mod access;
 pub mod alerts;
 pub mod containers;
 pub mod desired;
+pub mod discord;
 pub mod jobs;
 pub mod models;
 pub mod monitors;
