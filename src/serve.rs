@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// How often each node's monitors are worked out again (also at once on a change).
     #[arg(long, env = "NEBULA_MONITOR_ASSIGN_INTERVAL", value_parser = humantime::parse_duration)]
     monitor_assign_interval: Option<Duration>,
+    /// File holding the Discord bot's token (`[discord] token_file`): the bot runs in this
+    /// controller.
+    #[arg(long, env = "NEBULA_DISCORD_TOKEN_FILE")]
+    discord_token_file: Option<PathBuf>,
     /// Enrollment connections at once from one address (`quic_limits`); more hear "busy".
     #[arg(long, env = "NEBULA_MAX_UNAUTHENTICATED_PER_SOURCE")]
     max_unauthenticated_per_source: Option<usize>,
@@ -193,6 +197,9 @@ impl ServeArgs {
         }
         set!(database_url, opt);
         set!(admin_token_file, opt);
+        if let Some(f) = &self.discord_token_file {
+            c.discord.token_file = Some(f.clone());
+        }
         if let Some(f) = &self.database_url_file {
             let url =
                 std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
@@ -221,10 +228,11 @@ pub async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     log_config(&config);
     let shutdown = CancellationToken::new();
-    let controller = Controller::start_with(
+    let controller = Controller::start_with_tasks(
         config,
         shutdown.clone(),
         Some(Box::new(nebula_dashboard::router)),
+        Some(Box::new(nebula_bots::discord::register)),
     )
     .await?;
     if let Some(token) = &controller.new_admin_token {
@@ -269,10 +277,11 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
     log_config(&config);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let controller = Controller::start_with(
+    let controller = Controller::start_with_tasks(
         config,
         shutdown.clone(),
         Some(Box::new(nebula_dashboard::router)),
+        Some(Box::new(nebula_bots::discord::register)),
     )
     .await?;
     let token_path = args.data_dir.join("admin.token");

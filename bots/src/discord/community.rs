@@ -1,0 +1,382 @@
+//! Community features, per server: welcome and goodbye messages, self-assigned roles,
+//! moderation with the AI gateway's output-filter rules, and `/ask` with the server's persona
+//! under its rate limits.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nebula_ai_filters::{Action as FilterAction, Filters};
+use nebula_controller::ai::gateway::Caller;
+use nebula_controller::ai::pulls::Scope;
+use nebula_controller::authz::{Op, Role};
+use nebula_types::api::discord::{GuildSettings, ModAction};
+use serenity::all::{
+    ButtonStyle, CommandInteraction, ComponentInteraction, CreateActionRow, CreateButton,
+    CreateInteractionResponse, CreateInteractionResponseMessage, GuildId, Message, RoleId, User,
+};
+
+use super::commands::opt;
+use super::{clip, edit, post, principal, refusal, reply, who_of_command, Bot};
+
+/// Welcome (`joined`) or goodbye message for `user` in `guild`.
+pub(crate) async fn greet(bot: &Bot, guild: GuildId, user: &User, joined: bool) {
+    let Ok(s) = bot.cp.guild_settings(&guild.to_string()).await else {
+        return;
+    };
+    let g = if joined { &s.welcome } else { &s.goodbye };
+    if !s.groups.community || g.channel.is_empty() || g.template.is_empty() {
+        return;
+    }
+    let server = bot
+        .cp
+        .store
+        .discord_guild(&guild.to_string())
+        .await
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "the server".into());
+    let text = render(&g.template, user, &server);
+    post(bot, &g.channel, &text).await;
+}
+
+/// A greeting's text: `{user}` (a mention), `{name}`, `{server}`.
+fn render(template: &str, user: &User, server: &str) -> String {
+    template
+        .replace("{user}", &format!("<@{}>", user.id))
+        .replace("{name}", &user.name)
+        .replace("{server}", server)
+}
+
+/// Every output-filter rule, on (each server's settings choose what a hit does).
+fn filters() -> &'static Filters {
+    static FILTERS: OnceLock<Filters> = OnceLock::new();
+    FILTERS.get_or_init(|| {
+        Filters::new(nebula_ai_filters::all_rules(FilterAction::Log))
+            .expect("the built-in rules compile")
+    })
+}
+
+/// What moderation does with a message: the strongest action of the rules it hits, and the
+/// hits (`rule: masked sample`).
+fn verdict(s: &GuildSettings, text: &str) -> Option<(ModAction, Vec<String>)> {
+    if !s.groups.community || s.moderation.rules.is_empty() {
+        return None;
+    }
+    let (_, hits) = filters().apply(text);
+    let mut worst: Option<ModAction> = None;
+    let mut seen = Vec::new();
+    for h in hits {
+        let Some(a) = s.moderation.rules.get(h.rule).copied() else {
+            continue;
+        };
+        seen.push(format!("{}: {}", h.rule, h.sample));
+        let rank = |a: ModAction| match a {
+            ModAction::Log => 0,
+            ModAction::Warn => 1,
+            ModAction::Delete => 2,
+        };
+        if worst.is_none_or(|w| rank(a) > rank(w)) {
+            worst = Some(a);
+        }
+    }
+    worst.map(|w| (w, seen))
+}
+
+/// Check a member's message against the server's moderation rules.
+pub(crate) async fn moderate(bot: &Bot, msg: &Message) {
+    let Some(guild) = msg.guild_id else { return };
+    let Ok(s) = bot.cp.guild_settings(&guild.to_string()).await else {
+        return;
+    };
+    let Some((action, hits)) = verdict(&s, &msg.content) else {
+        return;
+    };
+    let what = hits.join(", ");
+    let done = match action {
+        ModAction::Delete => match msg.delete(&bot.http).await {
+            Ok(()) => "deleted",
+            Err(e) => {
+                tracing::warn!(%guild, "could not delete a message: {e}");
+                "could not delete"
+            }
+        },
+        ModAction::Warn => {
+            let text = format!(
+                "<@{}>, please do not post that here ({}).",
+                msg.author.id,
+                hits.iter()
+                    .map(|h| h.split(':').next().unwrap_or(""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if let Err(e) = msg.reply(&bot.http, text).await {
+                tracing::warn!(%guild, "could not warn: {e}");
+            }
+            "warned"
+        }
+        ModAction::Log => "logged",
+    };
+    bot.cp.audit(
+        &format!("discord:{}", msg.author.name),
+        "discord.moderation",
+        &msg.id.to_string(),
+        serde_json::json!({
+            "via": "discord",
+            "discord": { "user": msg.author.id.to_string(), "name": msg.author.name, "guild": guild.to_string() },
+            "channel": msg.channel_id.to_string(),
+            "action": done,
+            "hits": hits,
+        }),
+    );
+    if !s.moderation.log_channel.is_empty() {
+        let text = format!(
+            "🛡️ Message by <@{}> in <#{}> {done}: {what}",
+            msg.author.id, msg.channel_id
+        );
+        post(bot, &s.moderation.log_channel, &text).await;
+    }
+}
+
+/// `/roles`: buttons for the roles members may give themselves.
+pub(crate) async fn roles(bot: &Arc<Bot>, cmd: &CommandInteraction) {
+    let Some(guild) = cmd.guild_id else { return };
+    let Ok(s) = bot.cp.guild_settings(&guild.to_string()).await else {
+        return;
+    };
+    if s.self_roles.is_empty() {
+        return reply(bot, cmd, "This server offers no self-assigned roles.", true).await;
+    }
+    let rows: Vec<CreateActionRow> = s
+        .self_roles
+        .chunks(5)
+        .map(|chunk| {
+            CreateActionRow::Buttons(
+                chunk
+                    .iter()
+                    .map(|r| {
+                        CreateButton::new(format!("nebula:role:{}", r.role))
+                            .label(r.label.clone())
+                            .style(ButtonStyle::Secondary)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let msg = CreateInteractionResponseMessage::new()
+        .content("Pick a role (click again to drop it):")
+        .components(rows)
+        .ephemeral(true);
+    if let Err(e) = cmd
+        .create_response(&bot.http, CreateInteractionResponse::Message(msg))
+        .await
+    {
+        tracing::warn!("could not offer roles: {e}");
+    }
+}
+
+/// A self-assigned role's button: add the role, or remove it when the member has it. Only
+/// roles the server's settings offer.
+pub(crate) async fn role_clicked(bot: &Arc<Bot>, c: &ComponentInteraction, role: &str) {
+    let (Some(guild), Some(member)) = (c.guild_id, c.member.as_ref()) else {
+        return;
+    };
+    let Ok(s) = bot.cp.guild_settings(&guild.to_string()).await else {
+        return;
+    };
+    let text = match role.parse::<u64>() {
+        Ok(id) if s.self_roles.iter().any(|r| r.role == role) => {
+            let role_id = RoleId::new(id);
+            let has = member.roles.contains(&role_id);
+            let r = if has {
+                bot.http
+                    .remove_member_role(guild, c.user.id, role_id, Some("self-assigned"))
+                    .await
+            } else {
+                bot.http
+                    .add_member_role(guild, c.user.id, role_id, Some("self-assigned"))
+                    .await
+            };
+            match r {
+                Ok(()) if has => format!("Removed <@&{role}>."),
+                Ok(()) => format!("You have <@&{role}> now."),
+                Err(e) => format!("⚠️ Discord refused: {e}"),
+            }
+        }
+        _ => "⛔ That role is not offered here.".into(),
+    };
+    let msg = CreateInteractionResponseMessage::new()
+        .content(text)
+        .ephemeral(true);
+    let _ = c
+        .create_response(&bot.http, CreateInteractionResponse::Message(msg))
+        .await;
+}
+
+/// Per-server rate limits on AI commands: a cooldown per member and a budget per hour.
+#[derive(Default)]
+pub(crate) struct AiLimiter {
+    inner: Mutex<LimiterState>,
+}
+
+#[derive(Default)]
+struct LimiterState {
+    last: HashMap<(String, String), Instant>,
+    hour: HashMap<String, VecDeque<Instant>>,
+}
+
+impl AiLimiter {
+    /// Take one use, or say how long to wait.
+    pub(crate) fn take(&self, guild: &str, user: &str, s: &GuildSettings) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let cooldown = Duration::from_secs(u64::from(s.ai_limits.cooldown_s));
+        let key = (guild.to_owned(), user.to_owned());
+        if let Some(t) = st.last.get(&key) {
+            if now.duration_since(*t) < cooldown {
+                return Err(cooldown - now.duration_since(*t));
+            }
+        }
+        let window = st.hour.entry(guild.to_owned()).or_default();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(3600))
+        {
+            window.pop_front();
+        }
+        if window.len() >= s.ai_limits.per_hour as usize {
+            let oldest = window.front().copied().unwrap_or(now);
+            return Err(Duration::from_secs(3600).saturating_sub(now.duration_since(oldest)));
+        }
+        window.push_back(now);
+        st.last.insert(key, now);
+        st.last
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
+        Ok(())
+    }
+}
+
+const DEFAULT_PERSONA: &str =
+    "You are Nebula, the assistant of a homelab fleet's Discord server. Answer briefly.";
+
+/// `/ask PROMPT`: a chat answer through the AI gateway (local nodes first), with the server's
+/// persona; the gateway's output filters apply as for any caller.
+pub(crate) async fn ask(bot: &Arc<Bot>, cmd: &CommandInteraction) {
+    let who = who_of_command(cmd);
+    let cx = match principal(bot, &who).await {
+        Ok(cx) => cx,
+        Err(why) => return reply(bot, cmd, &why, true).await,
+    };
+    if let Err(e) = bot.cp.authorize(&cx, Op::Chat) {
+        return reply(bot, cmd, &refusal(&e), true).await;
+    }
+    let guild = cmd.guild_id.map(|g| g.to_string()).unwrap_or_default();
+    let s = match bot.cp.guild_settings(&guild).await {
+        Ok(s) => s,
+        Err(e) => return reply(bot, cmd, &refusal(&e), true).await,
+    };
+    if let Err(wait) = bot.limits.take(&guild, &who.id, &s) {
+        let text = format!("⏳ Slow down: try again in {} s.", wait.as_secs().max(1));
+        return reply(bot, cmd, &text, true).await;
+    }
+    let prompt = opt(cmd, "prompt").unwrap_or("").to_owned();
+    let model = opt(cmd, "model")
+        .map(str::to_owned)
+        .or_else(|| (!s.persona.model.is_empty()).then(|| s.persona.model.clone()))
+        .or_else(|| super::fleet::model_names(bot).into_iter().next());
+    let Some(model) = model else {
+        return reply(bot, cmd, "⚠️ No model is served in the fleet now.", true).await;
+    };
+    if let Err(e) = cmd.defer(&bot.http).await {
+        tracing::warn!("could not defer /ask: {e}");
+        return;
+    }
+    let system = if s.persona.system.is_empty() {
+        DEFAULT_PERSONA
+    } else {
+        &s.persona.system
+    };
+    let body = serde_json::json!({
+        "model": model,
+        "stream": false,
+        "messages": [
+            { "role": "system", "content": system },
+            { "role": "user", "content": prompt },
+        ],
+    });
+    let caller = Caller {
+        name: format!("discord:{}", cx.actor),
+        scope: if cx.role >= Role::Operator {
+            Scope::Operator
+        } else {
+            Scope::ReadOnly
+        },
+    };
+    let resp = nebula_controller::ai::gateway::serve_for(
+        bot.cp.clone(),
+        caller,
+        body.to_string().into(),
+        "/v1/chat/completions",
+    )
+    .await;
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 4 << 20)
+        .await
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let text = if status.is_success() {
+        let answer = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("(no answer)");
+        format!("{answer}\n-# {model}")
+    } else {
+        let why = v["error"]["message"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| status.to_string());
+        format!("⚠️ The gateway could not answer: {why}")
+    };
+    edit(bot, cmd, &clip(&text)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn the_strongest_action_of_the_rules_hit_wins() {
+        let mut s = GuildSettings::default();
+        assert!(verdict(&s, "key sk-abcdefghijklmnopqrstuvwxyz012345").is_none());
+        s.moderation.rules = BTreeMap::from([
+            ("api_key".to_owned(), ModAction::Delete),
+            ("email".to_owned(), ModAction::Warn),
+        ]);
+        let (a, hits) = verdict(&s, "mail me: someone@example.com").unwrap();
+        assert_eq!(a, ModAction::Warn);
+        assert!(hits[0].starts_with("email: "));
+        let (a, _) = verdict(&s, "me@example.com and sk-abcdefghijklmnopqrstuvwxyz012345").unwrap();
+        assert_eq!(a, ModAction::Delete);
+        assert!(verdict(&s, "a friendly hello").is_none());
+        s.groups.community = false;
+        assert!(verdict(&s, "mail me: someone@example.com").is_none());
+    }
+
+    #[test]
+    fn ai_commands_wait_for_their_cooldown_and_the_hourly_budget() {
+        let mut s = GuildSettings::default();
+        s.ai_limits.cooldown_s = 60;
+        s.ai_limits.per_hour = 2;
+        let l = AiLimiter::default();
+        assert!(l.take("g", "alice", &s).is_ok());
+        assert!(l.take("g", "alice", &s).unwrap_err() > Duration::from_secs(50));
+        assert!(l.take("g", "bob", &s).is_ok());
+        assert!(
+            l.take("g", "carol", &s).is_err(),
+            "the server's hour is spent"
+        );
+        assert!(l.take("other", "carol", &s).is_ok(), "per server");
+    }
+}

@@ -1,0 +1,388 @@
+//! The Discord bot, on serenity: one gateway connection per token, slash commands registered
+//! per server (only the groups that server has on), fleet operations behind the control
+//! plane's own authorization, confirmation buttons for destructive actions, alerts with
+//! Acknowledge and Silence buttons, and the community features (welcome and goodbye messages,
+//! self-assigned roles, moderation with the output-filter rules).
+//!
+//! Identity: [`ControlPlane::discord_principal`] turns the Discord user of an interaction into
+//! an [`OpCtx`] (a linked account's role, a mapped Discord role, or what the server gives
+//! everyone); every operation is then the same call the HTTP API makes.
+
+mod alerts;
+mod commands;
+mod community;
+mod confirm;
+mod fleet;
+mod settings;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nebula_controller::authz::OpCtx;
+use nebula_controller::discord::DiscordUser;
+use nebula_controller::tasks::{Driver, Scope, TaskDef};
+use nebula_controller::{ControlPlane, OpError};
+use serenity::all::{
+    ChannelId, CommandInteraction, ComponentInteraction, Context, CreateInteractionResponse,
+    CreateInteractionResponseMessage, EditInteractionResponse, EventHandler, GatewayIntents,
+    GuildId, Http, HttpBuilder, Interaction, Member, Message, Permissions, Ready, ResumedEvent,
+    User,
+};
+use tokio_util::sync::CancellationToken;
+
+/// How the bot connects.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The bot token (from `discord.token_file` or `NEBULA_DISCORD_TOKEN_FILE`).
+    pub token: String,
+    /// Discord's address (`https://discord.com`); a stand-in's in tests.
+    pub api_url: Option<String>,
+    /// How long a destructive action waits for its confirmation.
+    pub confirm_ttl: Duration,
+}
+
+/// The bot's shared state.
+pub(crate) struct Bot {
+    cp: Arc<ControlPlane>,
+    http: Arc<Http>,
+    confirm: confirm::Pending,
+    /// Interactions already handled: a gateway that delivers one twice (after a resume) does
+    /// not run it twice.
+    seen: Mutex<(HashSet<u64>, VecDeque<u64>)>,
+    limits: community::AiLimiter,
+    /// The servers from the last READY (their commands are registered again when their
+    /// settings change).
+    guilds: Mutex<Vec<GuildId>>,
+}
+
+/// Start the bot; it runs until `shutdown`. Errors only when it cannot start (a bad token is
+/// reported by the gateway and logged).
+pub async fn start(
+    cp: Arc<ControlPlane>,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut http = HttpBuilder::new(&cfg.token);
+    if let Some(url) = &cfg.api_url {
+        // serenity sends every REST call (and the gateway lookup) to this base instead; a
+        // stand-in on this host is reached directly, never through a proxy from the environment.
+        let url = url.trim_end_matches('/');
+        http = http.proxy(url).ratelimiter_disabled(true);
+        if url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost") {
+            http = http.client(reqwest::Client::builder().no_proxy().build()?);
+        }
+    }
+    let intents = GatewayIntents::GUILDS
+        | GatewayIntents::GUILD_MEMBERS
+        | GatewayIntents::GUILD_MESSAGES
+        | GatewayIntents::MESSAGE_CONTENT;
+    let handler = Arc::new(Handler(std::sync::OnceLock::new()));
+    let mut client = serenity::all::ClientBuilder::new_with_http(http.build(), intents)
+        .event_handler_arc(handler.clone())
+        .await?;
+    let http = client.http.clone();
+    let bot = Arc::new(Bot {
+        cp: cp.clone(),
+        http: http.clone(),
+        confirm: confirm::Pending::new(cfg.confirm_ttl),
+        seen: Mutex::default(),
+        limits: community::AiLimiter::default(),
+        guilds: Mutex::default(),
+    });
+    let _ = handler.0.set(bot.clone());
+    cp.alerts.register_channel(
+        nebula_controller::discord::SINK_KIND,
+        Arc::new(alerts::AlertChannel::new(cp.clone(), http.clone())),
+    );
+    cp.discord.set_status(|s| s.configured = true);
+    let shards = client.shard_manager.clone();
+    let settings_task = tokio::spawn(settings_changes(bot.clone(), shutdown.clone()));
+    Ok(tokio::spawn(async move {
+        tokio::select! {
+            r = client.start() => {
+                if let Err(e) = r {
+                    tracing::error!("the Discord bot stopped: {e}");
+                }
+            }
+            () = shutdown.cancelled() => shards.shutdown_all().await,
+        }
+        settings_task.abort();
+        cp.discord.set_status(|s| s.connected = false);
+    }))
+}
+
+/// The bot as a leader task of the controller's driver (one gateway connection per token,
+/// on the replica that leads), when `[discord] token_file` is set.
+pub const TASK: TaskDef = TaskDef {
+    name: "discord-bot",
+    description:
+        "The Discord bot's gateway connection: commands, alerts with buttons, community features",
+    scope: Scope::Leader,
+};
+
+/// Register the bot with the controller's task driver when a token file is configured.
+pub fn register(driver: &mut Driver, cp: &Arc<ControlPlane>) {
+    let cfg = cp.config.discord.clone();
+    let Some(token_file) = cfg.token_file.clone() else {
+        return;
+    };
+    let cp = cp.clone();
+    driver.service(TASK, move |tcx| {
+        let cp = cp.clone();
+        let token_file = token_file.clone();
+        let cfg = cfg.clone();
+        async move {
+            let token = match std::fs::read_to_string(&token_file) {
+                Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+                Ok(_) | Err(_) => {
+                    tracing::error!(
+                        file = %token_file.display(),
+                        "the Discord bot token file cannot be read or is empty; the bot is off"
+                    );
+                    return;
+                }
+            };
+            let config = Config {
+                token,
+                api_url: cfg.api_url,
+                confirm_ttl: cfg.confirm_timeout,
+            };
+            match start(cp, config, tcx.cancel.clone()).await {
+                Ok(h) => {
+                    let _ = h.await;
+                }
+                Err(e) => tracing::error!("the Discord bot could not start: {e:#}"),
+            }
+        }
+    });
+}
+
+/// Register a server's commands again when its settings change (a toggle hides or shows a
+/// group there at once).
+async fn settings_changes(bot: Arc<Bot>, shutdown: CancellationToken) {
+    let mut rx = bot.cp.discord.subscribe();
+    loop {
+        let guild = tokio::select! {
+            g = rx.recv() => g,
+            () = shutdown.cancelled() => return,
+        };
+        match guild {
+            Ok(g) => {
+                if let Ok(id) = g.parse::<u64>() {
+                    commands::register(&bot, GuildId::new(id)).await;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                let guilds = bot.guilds.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for g in guilds {
+                    commands::register(&bot, g).await;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Set once the client exists (events arrive only after it starts).
+struct Handler(std::sync::OnceLock<Arc<Bot>>);
+
+impl Handler {
+    fn bot(&self) -> Option<&Arc<Bot>> {
+        self.0.get()
+    }
+}
+
+#[serenity::async_trait]
+impl EventHandler for Handler {
+    async fn ready(&self, _ctx: Context, ready: Ready) {
+        let Some(bot) = self.bot() else { return };
+        bot.cp.discord.set_status(|s| {
+            s.connected = true;
+            s.account = Some(format!("{}#{}", ready.user.name, ready.user.id));
+        });
+        tracing::info!(
+            account = %ready.user.name,
+            servers = ready.guilds.len(),
+            "the Discord bot is connected"
+        );
+        let ids: Vec<GuildId> = ready.guilds.iter().map(|g| g.id).collect();
+        *bot.guilds.lock().unwrap_or_else(|e| e.into_inner()) = ids.clone();
+        for g in ids {
+            if let Err(e) = bot.cp.discord_guild_seen(&g.to_string(), "").await {
+                tracing::warn!(guild = %g, "could not record the server: {e}");
+            }
+            commands::register(bot, g).await;
+        }
+    }
+
+    async fn resume(&self, _ctx: Context, _event: ResumedEvent) {
+        tracing::info!("the Discord gateway session resumed");
+        if let Some(bot) = self.bot() {
+            bot.cp.discord.set_status(|s| s.connected = true);
+        }
+    }
+
+    async fn interaction_create(&self, _ctx: Context, interaction: Interaction) {
+        let Some(bot) = self.bot() else { return };
+        if !bot.first_time(interaction.id().get()) {
+            tracing::debug!(id = %interaction.id(), "an interaction delivered again; ignored");
+            return;
+        }
+        match interaction {
+            Interaction::Command(cmd) => commands::dispatch(bot, cmd).await,
+            Interaction::Autocomplete(cmd) => commands::autocomplete(bot, cmd).await,
+            Interaction::Component(c) => component(bot, c).await,
+            _ => {}
+        }
+    }
+
+    async fn guild_member_addition(&self, _ctx: Context, member: Member) {
+        if let Some(bot) = self.bot() {
+            community::greet(bot, member.guild_id, &member.user, true).await;
+        }
+    }
+
+    async fn guild_member_removal(
+        &self,
+        _ctx: Context,
+        guild: GuildId,
+        user: User,
+        _member: Option<Member>,
+    ) {
+        if let Some(bot) = self.bot() {
+            community::greet(bot, guild, &user, false).await;
+        }
+    }
+
+    async fn message(&self, _ctx: Context, msg: Message) {
+        if let (false, Some(bot)) = (msg.author.bot, self.bot()) {
+            community::moderate(bot, &msg).await;
+        }
+    }
+}
+
+/// A button or select menu: confirmations, alert buttons, self-assigned roles.
+async fn component(bot: &Arc<Bot>, c: ComponentInteraction) {
+    let id = c.data.custom_id.clone();
+    let mut parts = id.splitn(3, ':');
+    let (Some("nebula"), Some(kind), rest) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    let rest = rest.unwrap_or("");
+    match kind {
+        "confirm" | "cancel" => confirm::clicked(bot, &c, rest, kind == "confirm").await,
+        "ack" | "silence" => alerts::clicked(bot, &c, kind, rest).await,
+        "role" => community::role_clicked(bot, &c, rest).await,
+        _ => {}
+    }
+}
+
+impl Bot {
+    fn first_time(&self, id: u64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.0.insert(id) {
+            return false;
+        }
+        seen.1.push_back(id);
+        if seen.1.len() > 4096 {
+            if let Some(old) = seen.1.pop_front() {
+                seen.0.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// The Discord user behind an interaction, as the control plane reads identities.
+pub(crate) fn who(user: &User, member: Option<&Member>, guild: Option<GuildId>) -> DiscordUser {
+    let perms = member.and_then(|m| m.permissions).unwrap_or_default();
+    DiscordUser {
+        id: user.id.to_string(),
+        name: user.name.clone(),
+        guild: guild.map(|g| g.to_string()),
+        roles: member
+            .map(|m| m.roles.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
+        guild_admin: perms.contains(Permissions::ADMINISTRATOR)
+            || perms.contains(Permissions::MANAGE_GUILD),
+    }
+}
+
+pub(crate) fn who_of_command(cmd: &CommandInteraction) -> DiscordUser {
+    who(&cmd.user, cmd.member.as_deref(), cmd.guild_id)
+}
+
+pub(crate) fn who_of_component(c: &ComponentInteraction) -> DiscordUser {
+    who(&c.user, c.member.as_ref(), c.guild_id)
+}
+
+/// The principal for a command, or its refusal as the answer.
+pub(crate) async fn principal(bot: &Bot, who: &DiscordUser) -> Result<OpCtx, String> {
+    bot.cp.discord_principal(who).await.map_err(|e| refusal(&e))
+}
+
+/// An operation's error as a person reads it in Discord.
+pub(crate) fn refusal(e: &OpError) -> String {
+    match e {
+        OpError::Forbidden(m) => format!("⛔ Refused: {m}."),
+        OpError::NotFound(m) | OpError::Invalid(m) | OpError::Conflict(m) => format!("⚠️ {m}"),
+        OpError::TooManyRequests(m) => format!("⏳ {m}"),
+        OpError::Store(_) => "⚠️ The controller could not do it (see its log).".into(),
+    }
+}
+
+/// Answer an interaction at once with text, visible to its user only or to the channel.
+pub(crate) async fn reply(bot: &Bot, cmd: &CommandInteraction, text: &str, ephemeral: bool) {
+    let msg = CreateInteractionResponseMessage::new()
+        .content(clip(text))
+        .ephemeral(ephemeral);
+    if let Err(e) = cmd
+        .create_response(&bot.http, CreateInteractionResponse::Message(msg))
+        .await
+    {
+        tracing::warn!(command = %cmd.data.name, "could not answer: {e}");
+    }
+}
+
+/// Replace a deferred answer's text.
+pub(crate) async fn edit(bot: &Bot, cmd: &CommandInteraction, text: &str) {
+    if let Err(e) = cmd
+        .edit_response(
+            &bot.http,
+            EditInteractionResponse::new().content(clip(text)),
+        )
+        .await
+    {
+        tracing::warn!(command = %cmd.data.name, "could not edit the answer: {e}");
+    }
+}
+
+/// Discord's message limit is 2,000 characters.
+pub(crate) fn clip(text: &str) -> String {
+    const MAX: usize = 1990;
+    if text.chars().count() <= MAX {
+        return text.to_owned();
+    }
+    let mut out: String = text.chars().take(MAX - 2).collect();
+    out.push_str(" …");
+    out
+}
+
+/// Post to a channel given by id (settings hold ids as text).
+pub(crate) async fn post(bot: &Bot, channel: &str, text: &str) -> Option<Message> {
+    let id = channel.parse::<u64>().ok().filter(|i| *i != 0)?;
+    match ChannelId::new(id)
+        .send_message(
+            &bot.http,
+            serenity::all::CreateMessage::new().content(clip(text)),
+        )
+        .await
+    {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(channel, "could not post: {e}");
+            None
+        }
+    }
+}
