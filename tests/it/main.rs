@@ -11,6 +11,7 @@ mod containers;
 mod dashboard;
 mod dashboard_http;
 mod deploy;
+mod discord;
 mod fleet;
 mod jobs;
 mod monitors;

@@ -556,6 +556,7 @@ impl Agent {
 
 /// The real Docker Engine, with a test image built locally (no registry is reachable): a root
 /// filesystem holding Debian's static busybox, imported as an image.
+pub mod fake_discord;
 pub mod fake_ollama;
 pub mod netlab;
 

@@ -1,0 +1,569 @@
+//! The Discord bot, end to end: a `nebula serve` with a bot token runs the real serenity client,
+//! which connects to `common::fake_discord` (a stand-in on 127.0.0.1 that speaks Discord's REST
+//! and gateway wire formats, since Discord is not reachable here), receives interactions and
+//! messages through the gateway and answers over REST.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::common::fake_discord::{buttons, content, names, Call, FakeDiscord};
+use crate::common::{self, join_ready, wait_for, Controller, ControllerOpts};
+
+const GUILD: u64 = 700_000_000_000_000_001;
+const GUILD_S: &str = "700000000000000001";
+const OTHER_GUILD: u64 = 700_000_000_000_000_002;
+const VIEWERS: u64 = 111;
+const OPERATORS: u64 = 222;
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// A controller whose bot talks to `fake`, confirmations valid `confirm`; more flags in `extra`.
+async fn controller(
+    fake: &FakeDiscord,
+    confirm: &str,
+    extra: &[&'static str],
+) -> (Controller, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("discord.token");
+    std::fs::write(&token, "fake-bot-token\n").unwrap();
+    let path = dir.path().join("controller.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[discord]\ntoken_file = \"{}\"\napi_url = \"{}\"\nconfirm_timeout = \"{confirm}\"\n",
+            token.display(),
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let mut flags = vec!["--config", leak(path.display().to_string())];
+    flags.extend_from_slice(extra);
+    let c = Controller::start(ControllerOpts {
+        extra: flags,
+        ..ControllerOpts::default()
+    })
+    .await;
+    (c, dir)
+}
+
+/// Replace a server's settings through the API (as a Nebula admin).
+async fn settings(c: &Controller, guild: u64, s: Value) {
+    let (code, body) = c
+        .api(
+            Method::PUT,
+            &format!("/api/v1/discord/guilds/{guild}"),
+            Some(s),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+}
+
+/// The answer to interaction `id`: its callback.
+async fn callback(fake: &FakeDiscord, id: u64) -> Call {
+    fake.wait_call(&format!("the answer to interaction {id}"), 0, |c| {
+        c.method == "POST" && c.path.contains(&format!("/interactions/{id}/"))
+    })
+    .await
+}
+
+/// The next edit of an interaction's first message whose text holds `text`.
+async fn edited(fake: &FakeDiscord, token: &str, text: &str) -> Call {
+    fake.wait_call(&format!("an edit of {token} saying `{text}`"), 0, |c| {
+        c.method == "PATCH"
+            && c.path.contains(&format!("/{token}/messages/@original"))
+            && content(c).contains(text)
+    })
+    .await
+}
+
+fn ephemeral(c: &Call) -> bool {
+    c.body["data"]["flags"].as_u64().unwrap_or(0) & 64 != 0
+}
+
+/// The confirmation id offered by a deferred destructive command.
+async fn confirmation(fake: &FakeDiscord, token: &str) -> String {
+    let ask = edited(fake, token, "Confirm").await;
+    buttons(&ask)
+        .into_iter()
+        .find_map(|b| b.strip_prefix("nebula:confirm:").map(str::to_owned))
+        .expect("a Confirm button")
+}
+
+async fn audit(c: &Controller, action: &str) -> Vec<Value> {
+    let page = c
+        .get(&format!("/api/v1/audit?via=discord&action={action}"))
+        .await;
+    page["items"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_follow_roles_links_and_confirmations_and_are_audited() {
+    let fake = FakeDiscord::start(&[GUILD]).await;
+    let (c, _dir) = controller(&fake, "3s", &[]).await;
+    let first = fake.wait_ready(GUILD).await;
+    for cmd in ["fleet", "node", "deploy", "run", "ask", "link", "settings"] {
+        assert!(first.contains(&cmd.to_owned()), "{cmd} in {first:?}");
+    }
+    let status = c.get("/api/v1/discord").await;
+    assert_eq!(status["bot"]["connected"], true, "{status}");
+    assert!(status["guilds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["id"] == GUILD_S));
+    settings(
+        &c,
+        GUILD,
+        json!({ "roles": { VIEWERS.to_string(): "viewer", OPERATORS.to_string(): "operator" } }),
+    )
+    .await;
+
+    // No link and no mapped role: refused, told how to link.
+    let (id, _) = fake.command(GUILD, 5, &[], "fleet", &[]);
+    let answer = callback(&fake, id).await;
+    assert!(content(&answer).contains("/link"), "{answer:?}");
+    assert!(ephemeral(&answer));
+
+    // A viewer reads the fleet but may not deploy.
+    let (id, _) = fake.command(GUILD, 6, &[VIEWERS], "fleet", &[]);
+    let answer = callback(&fake, id).await;
+    assert!(content(&answer).contains("**Fleet**"), "{answer:?}");
+    let (id, _) = fake.command(GUILD, 6, &[VIEWERS], "deploy", &[]);
+    let answer = callback(&fake, id).await;
+    assert!(content(&answer).contains("Refused"), "{answer:?}");
+    assert!(content(&answer).contains("Operator"), "{answer:?}");
+    assert!(ephemeral(&answer));
+
+    // An operator's deploy is deferred, then waits for the same user's click.
+    let (id, token) = fake.command(GUILD, 7, &[OPERATORS], "deploy", &[]);
+    let deferred = callback(&fake, id).await;
+    assert_eq!(deferred.body["type"], 5, "deferred: {deferred:?}");
+    assert!(ephemeral(&deferred));
+    let confirm = confirmation(&fake, &token).await;
+    let (other, _) = fake.click(
+        GUILD,
+        8,
+        &[OPERATORS],
+        &format!("nebula:confirm:{confirm}"),
+        1,
+    );
+    let refused = callback(&fake, other).await;
+    assert!(
+        content(&refused).contains("Only the person who asked"),
+        "{refused:?}"
+    );
+    assert!(
+        audit(&c, "map.reconcile").await.is_empty(),
+        "nothing ran on another user's click"
+    );
+    let (click, click_token) = fake.click(
+        GUILD,
+        7,
+        &[OPERATORS],
+        &format!("nebula:confirm:{confirm}"),
+        1,
+    );
+    let running = callback(&fake, click).await;
+    assert_eq!(
+        running.body["type"], 7,
+        "the confirmation message is updated: {running:?}"
+    );
+    edited(&fake, &click_token, "reconciler").await;
+    let rows = wait_for("the reconcile's audit row", Duration::from_secs(10), || {
+        let c = &c;
+        async move {
+            let rows = audit(c, "map.reconcile").await;
+            (!rows.is_empty()).then_some(rows)
+        }
+    })
+    .await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["actor"], "discord:user7");
+    assert_eq!(rows[0]["detail"]["via"], "discord");
+    assert_eq!(rows[0]["detail"]["discord"]["user"], "7");
+    assert_eq!(rows[0]["detail"]["discord"]["guild"], GUILD.to_string());
+
+    // A confirmation answered after its time runs nothing.
+    let (_, token) = fake.command(GUILD, 7, &[OPERATORS], "deploy", &[]);
+    let confirm = confirmation(&fake, &token).await;
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    let (late, _) = fake.click(
+        GUILD,
+        7,
+        &[OPERATORS],
+        &format!("nebula:confirm:{confirm}"),
+        2,
+    );
+    let expired = callback(&fake, late).await;
+    assert!(content(&expired).contains("Expired"), "{expired:?}");
+    assert_eq!(audit(&c, "map.reconcile").await.len(), 1);
+
+    // A linked account acts as its Nebula user: here an operator who runs a command on a node,
+    // its output streamed by edits.
+    let (code, _) = c
+        .api(
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({ "username": "alice", "password": "correct horse battery", "role": "operator" })),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let (code, link) = c
+        .api(Method::POST, "/api/v1/users/alice/discord-link-code", None)
+        .await;
+    assert_eq!(code, 201, "{link}");
+    let (id, _) = fake.command(
+        GUILD,
+        9,
+        &[],
+        "link",
+        &[("code", link["code"].as_str().unwrap())],
+    );
+    assert!(content(&callback(&fake, id).await).contains("`alice`"));
+    let (id, _) = fake.command(
+        GUILD,
+        10,
+        &[],
+        "link",
+        &[("code", link["code"].as_str().unwrap())],
+    );
+    assert!(
+        content(&callback(&fake, id).await).contains("unknown, used or expired"),
+        "a code links once"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let agent_cfg = "[exec.commands.count]\nargv = [\"sh\", \"-c\", \"for i in 1 2 3; do echo tick-$i; sleep 1; done\"]\n";
+    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(agent_cfg)).await;
+    let (id, token) = fake.command(
+        GUILD,
+        9,
+        &[],
+        "run",
+        &[("node", "box"), ("operation", "count")],
+    );
+    assert_eq!(callback(&fake, id).await.body["type"], 5);
+    let confirm = confirmation(&fake, &token).await;
+    let (_, click_token) = fake.click(GUILD, 9, &[], &format!("nebula:confirm:{confirm}"), 3);
+    edited(&fake, &click_token, "tick-1").await;
+    let done = edited(&fake, &click_token, "✅ done").await;
+    assert!(content(&done).contains("tick-3"), "{done:?}");
+    let edits = fake
+        .calls()
+        .iter()
+        .filter(|c| {
+            c.method == "PATCH"
+                && c.path
+                    .contains(&format!("/{click_token}/messages/@original"))
+        })
+        .count();
+    assert!(edits >= 3, "the output came in {edits} edits");
+    let runs = wait_for("the job's audit row", Duration::from_secs(10), || {
+        let c = &c;
+        async move {
+            let rows = audit(c, "job.create").await;
+            (!rows.is_empty()).then_some(rows)
+        }
+    })
+    .await;
+    assert_eq!(runs[0]["actor"], "alice");
+    assert_eq!(runs[0]["detail"]["discord"]["user"], "9");
+    let links = c.get("/api/v1/discord/links").await;
+    assert_eq!(links[0]["user"], "alice", "{links}");
+    assert_eq!(links[0]["discord_user"], "9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_settings_toggle_commands_greet_members_and_moderate_messages() {
+    let fake = FakeDiscord::start(&[GUILD, OTHER_GUILD]).await;
+    let (c, _dir) = controller(&fake, "2m", &[]).await;
+    fake.wait_ready(GUILD).await;
+    fake.wait_ready(OTHER_GUILD).await;
+    // A server admin (Manage Server) changes settings with /settings; no Nebula role needed.
+    let admin_perms = "32";
+    let set = |key: &'static str, value: &'static str| {
+        let (id, _) = fake.command_with(
+            GUILD,
+            20,
+            &[],
+            "settings",
+            &[("key", key), ("value", value)],
+            admin_perms,
+        );
+        id
+    };
+    let before = fake.calls().len();
+    let id = set("group", "ai off");
+    assert!(content(&callback(&fake, id).await).contains("changed"));
+    let again = fake
+        .wait_call("the server's commands registered again", before, |c| {
+            c.method == "PUT" && c.path.ends_with(&format!("/guilds/{GUILD}/commands"))
+        })
+        .await;
+    let now = names(&again.body);
+    assert!(
+        !now.contains(&"ask".to_owned()) && now.contains(&"fleet".to_owned()),
+        "{now:?}"
+    );
+    let other = fake
+        .calls()
+        .into_iter()
+        .rfind(|c| {
+            c.method == "PUT" && c.path.ends_with(&format!("/guilds/{OTHER_GUILD}/commands"))
+        })
+        .unwrap();
+    assert!(
+        names(&other.body).contains(&"ask".to_owned()),
+        "the other server keeps /ask"
+    );
+    let (id, _) = fake.command(GUILD, 21, &[], "ask", &[("prompt", "hi")]);
+    assert!(content(&callback(&fake, id).await).contains("switched off"));
+    // A member without Manage Server may not change settings, and a server admin may not
+    // grant Nebula roles.
+    let (id, _) = fake.command(
+        GUILD,
+        21,
+        &[],
+        "settings",
+        &[("key", "nickname"), ("value", "x")],
+    );
+    assert!(content(&callback(&fake, id).await).contains("Manage Server"));
+    let stored = c.get("/api/v1/discord").await;
+    let g = stored["guilds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == GUILD_S)
+        .unwrap()
+        .clone();
+    assert_eq!(g["settings"]["groups"]["ai"], false);
+    assert_eq!(g["settings"]["nickname"], "");
+
+    for (key, value) in [
+        ("welcome", "<#66> Welcome {user} to {server}!"),
+        ("moderation", "api_key=delete"),
+        ("log", "<#77>"),
+    ] {
+        let id = set(key, value);
+        assert!(
+            content(&callback(&fake, id).await).contains("changed"),
+            "{key}"
+        );
+    }
+    fake.join(GUILD, 12, "newbie");
+    let welcome = fake
+        .wait_call("the welcome message", 0, |c| {
+            c.method == "POST" && c.path.ends_with("/channels/66/messages")
+        })
+        .await;
+    assert!(content(&welcome).contains("Welcome <@12>"), "{welcome:?}");
+
+    let clean = fake.say(GUILD, 5, 13, "hello everyone");
+    let leaked = fake.say(
+        GUILD,
+        5,
+        13,
+        "my key is sk-proj-abcdefghijklmnopqrstuvwxyz0123456789",
+    );
+    let deleted = fake
+        .wait_call("the message with a key deleted", 0, |c| {
+            c.method == "DELETE" && c.path.contains("/messages/")
+        })
+        .await;
+    assert!(
+        deleted
+            .path
+            .ends_with(&format!("/channels/5/messages/{leaked}")),
+        "{deleted:?}"
+    );
+    let log = fake
+        .wait_call("the moderators' log", 0, |c| {
+            c.method == "POST" && c.path.ends_with("/channels/77/messages")
+        })
+        .await;
+    assert!(
+        content(&log).contains("deleted") && content(&log).contains("api_key"),
+        "{log:?}"
+    );
+    assert!(
+        !content(&log).contains("abcdefghijklmnopqrstuvwxyz"),
+        "the log masks the key"
+    );
+    assert!(
+        !fake
+            .calls()
+            .iter()
+            .any(|c| c.method == "DELETE" && c.path.ends_with(&format!("/{clean}"))),
+        "a clean message stays"
+    );
+    let rows = audit(&c, "discord.moderation").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_post_with_buttons_that_work_after_a_restart_and_resolve_in_place() {
+    let fake = FakeDiscord::start(&[GUILD]).await;
+    let (mut c, _dir) = controller(
+        &fake,
+        "2m",
+        &[
+            "--alert-interval",
+            "300ms",
+            "--alert-group-wait",
+            "0s",
+            "--alert-group-interval",
+            "1s",
+            "--alert-node-unreachable-for",
+            "1s",
+            "--alert-keep-firing-for",
+            "0s",
+        ],
+    )
+    .await;
+    fake.wait_ready(GUILD).await;
+    settings(
+        &c,
+        GUILD,
+        json!({
+            "roles": { OPERATORS.to_string(): "operator" },
+            "alerts": { "channel": "55", "filters": { "rules": ["node_unreachable"] } },
+        }),
+    )
+    .await;
+    let sinks = c.get("/api/v1/alerts/sinks").await;
+    assert!(
+        sinks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["kind"] == "discord-bot"),
+        "{sinks}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, _) = join_ready(&c, dir.path(), "flaky", &[], None).await;
+    agent.proc.kill();
+    let posted = fake
+        .wait_call("the alert posted", 0, |c| {
+            c.method == "POST" && c.path.ends_with("/channels/55/messages")
+        })
+        .await;
+    assert!(content(&posted).contains("node_unreachable"), "{posted:?}");
+    let ack = buttons(&posted)
+        .into_iter()
+        .find(|b| b.starts_with("nebula:ack:"))
+        .expect("an Acknowledge button");
+    assert!(buttons(&posted)
+        .iter()
+        .any(|b| b.starts_with("nebula:silence:")));
+    let fingerprint = ack.trim_start_matches("nebula:ack:").to_owned();
+
+    // The controller restarts; the button still works.
+    let identified = fake.identifies();
+    c.restart_hard().await;
+    wait_for("the bot to connect again", Duration::from_secs(30), || {
+        let n = fake.identifies();
+        async move { (n > identified).then_some(()) }
+    })
+    .await;
+    wait_for(
+        "the alert to fire again after the restart",
+        Duration::from_secs(20),
+        || {
+            let c = &c;
+            let fp = fingerprint.clone();
+            async move {
+                let a = c.get("/api/v1/alerts").await;
+                a.as_array()?
+                    .iter()
+                    .any(|a| a["fingerprint"] == fp.as_str() && a["state"] == "firing")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // A viewer's click is refused; an operator's acknowledges.
+    let (id, _) = fake.click(GUILD, 30, &[], &ack, 1);
+    assert!(content(&callback(&fake, id).await).contains("Refused"));
+    let (id, _) = fake.click(GUILD, 31, &[OPERATORS], &ack, 1);
+    let answer = callback(&fake, id).await;
+    assert!(content(&answer).contains("Acknowledged"), "{answer:?}");
+    let alerts = c.get("/api/v1/alerts").await;
+    let a = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["fingerprint"] == fingerprint.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(a["acknowledged_by"], "discord:user31", "{a}");
+    let rows = audit(&c, "alert.acknowledge").await;
+    assert_eq!(rows[0]["detail"]["discord"]["user"], "31");
+
+    // The node comes back: the resolution edits the message it was posted as.
+    let message = posted_id(&posted);
+    let _agent = common::Agent::run(&dir.path().join("flaky"));
+    let resolved = fake
+        .wait_call("the alert message edited as resolved", 0, |c| {
+            c.method == "PATCH"
+                && c.path
+                    .ends_with(&format!("/channels/55/messages/{message}"))
+                && content(c).contains("resolved")
+        })
+        .await;
+    assert!(
+        buttons(&resolved).is_empty(),
+        "a resolved alert has no buttons"
+    );
+}
+
+/// The id the stand-in gave a posted message.
+fn posted_id(posted: &Call) -> String {
+    posted.response["id"]
+        .as_str()
+        .expect("a message id")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_resumes_after_a_drop_without_running_anything_twice() {
+    let fake = FakeDiscord::start(&[GUILD]).await;
+    let (c, _dir) = controller(&fake, "2m", &[]).await;
+    fake.wait_ready(GUILD).await;
+    settings(&c, GUILD, json!({ "everyone": "operator" })).await;
+    let (id, _) = fake.command(
+        GUILD,
+        40,
+        &[],
+        "silence",
+        &[("match", "node=a"), ("for", "1h")],
+    );
+    assert!(content(&callback(&fake, id).await).contains("Silenced"));
+    // The connection drops; Discord sends the last dispatch again on RESUME.
+    fake.redeliver_on_resume(1);
+    fake.drop_connection();
+    wait_for("the bot to resume", Duration::from_secs(30), || {
+        let n = fake.resumes();
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    let (id2, _) = fake.command(
+        GUILD,
+        40,
+        &[],
+        "silence",
+        &[("match", "node=b"), ("for", "1h")],
+    );
+    assert!(content(&callback(&fake, id2).await).contains("Silenced"));
+    assert_eq!(fake.identifies(), 1, "resumed, not identified again");
+    let answers = fake
+        .calls()
+        .iter()
+        .filter(|c| c.path.contains(&format!("/interactions/{id}/")))
+        .count();
+    assert_eq!(answers, 1, "the redelivered interaction ran once");
+    let silences = c.get("/api/v1/alerts/silences").await;
+    assert_eq!(silences.as_array().unwrap().len(), 2, "{silences}");
+}
