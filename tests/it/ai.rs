@@ -20,7 +20,7 @@ use nebula_types::jobs::AuditRecord;
 use serde_json::{json, Value};
 
 /// llama.cpp's server on a free port, serving the model as `alias`.
-async fn llama_server(alias: &str) -> (Proc, String) {
+pub(crate) async fn llama_server(alias: &str) -> (Proc, String) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -70,7 +70,13 @@ async fn controller(ai_toml: &str) -> (Controller, tempfile::TempDir) {
 }
 
 /// An agent named `name` whose only inference backend is `url` (of `kind`).
-async fn agent(c: &Controller, dir: &std::path::Path, name: &str, kind: &str, url: &str) -> Agent {
+pub(crate) async fn agent(
+    c: &Controller,
+    dir: &std::path::Path,
+    name: &str,
+    kind: &str,
+    url: &str,
+) -> Agent {
     let token = c.token(1, "10m", json!({})).await;
     let config = format!(
         "[ai]\ndiscover = false\npoll_interval = \"300ms\"\n[[ai.backends]]\nname = \"{kind}\"\nkind = \"{kind}\"\nurl = \"{url}\"\n"
@@ -129,7 +135,7 @@ fn first_model<'a>(inv: &'a ModelsInventory, node: &str) -> &'a ModelView {
 }
 
 /// Wait until the gateway lists `model` on `nodes`.
-async fn wait_model(c: &Controller, model: &str, nodes: &[&str]) {
+pub(crate) async fn wait_model(c: &Controller, model: &str, nodes: &[&str]) {
     wait_for(
         &format!("{model} on {nodes:?}"),
         Duration::from_secs(20),

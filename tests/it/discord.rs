@@ -567,3 +567,86 @@ async fn the_gateway_resumes_after_a_drop_without_running_anything_twice() {
     let silences = c.get("/api/v1/alerts/silences").await;
     assert_eq!(silences.as_array().unwrap().len(), 2, "{silences}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_answers_through_llama_cpp_with_the_servers_persona_and_imagine_posts_an_image() {
+    use crate::common::fake_ollama::FakeSd;
+    let (_llama, llama_url) = crate::ai::llama_server("smol").await;
+    let sd = FakeSd::start(&["sdxl_base"], "sdxl_base").await;
+    let fake = FakeDiscord::start(&[GUILD]).await;
+    let (c, _dir) = controller(&fake, "2m", &[]).await;
+    fake.wait_ready(GUILD).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = crate::ai::agent(&c, dir.path(), "llm-node", "openai", &llama_url).await;
+    let _b = crate::ai::agent(&c, dir.path(), "art-node", "sd-webui", &sd.url()).await;
+    crate::ai::wait_model(&c, "smol", &["llm-node"]).await;
+    crate::ai::wait_model(&c, "sdxl_base", &["art-node"]).await;
+    let limits = json!({ "cooldown_s": 0, "per_hour": 100 });
+    settings(
+        &c,
+        GUILD,
+        json!({ "everyone": "operator", "ai_limits": limits }),
+    )
+    .await;
+
+    // The prompt's size shows which persona went to the model: the default one, then the
+    // server's own (a long one).
+    let tokens = |call: &Call| -> u64 {
+        let text = content(call);
+        let tail = text.rsplit("· ").next().unwrap_or("");
+        tail.trim_end_matches(" prompt tokens").parse().unwrap_or(0)
+    };
+    let (id, token) = fake.command(GUILD, 50, &[], "ask", &[("prompt", "Say hello.")]);
+    assert_eq!(callback(&fake, id).await.body["type"], 5, "deferred");
+    let plain = edited(&fake, &token, "prompt tokens").await;
+    assert!(content(&plain).contains("-# smol"), "{plain:?}");
+    let persona =
+        "You are Captain Nebula, keeper of the homelab, and you answer as a ship's captain would. "
+            .repeat(12);
+    settings(
+        &c,
+        GUILD,
+        json!({ "everyone": "operator", "ai_limits": limits, "persona": { "system": persona, "model": "smol" } }),
+    )
+    .await;
+    let (_, token) = fake.command(GUILD, 50, &[], "ask", &[("prompt", "Say hello.")]);
+    let captain = edited(&fake, &token, "prompt tokens").await;
+    assert!(
+        tokens(&captain) > tokens(&plain) + 150,
+        "the persona reached the model: {} then {} prompt tokens",
+        tokens(&plain),
+        tokens(&captain)
+    );
+    let usage = c.get("/api/v1/ai/usage").await;
+    assert!(
+        usage.to_string().contains("discord:"),
+        "accounted to the Discord caller: {usage}"
+    );
+
+    let (_, token) = fake.command(GUILD, 50, &[], "imagine", &[("prompt", "a red fox")]);
+    let image = fake
+        .wait_call("the image", 0, |call| {
+            call.method == "PATCH" && call.path.contains(&token) && !call.files.is_empty()
+        })
+        .await;
+    assert!(
+        image.files[0].1.starts_with(b"\x89PNG"),
+        "a PNG: {:?}",
+        image.files[0].0
+    );
+    assert!(content(&image).contains("art-node"), "{image:?}");
+    assert_eq!(sd.requests.lock().unwrap()[0]["prompt"], "a red fox");
+
+    // The server's cooldown holds a member back.
+    let limits = json!({ "cooldown_s": 60, "per_hour": 100 });
+    settings(
+        &c,
+        GUILD,
+        json!({ "everyone": "operator", "ai_limits": limits }),
+    )
+    .await;
+    let (id, _) = fake.command(GUILD, 51, &[], "ask", &[("prompt", "one")]);
+    assert_eq!(callback(&fake, id).await.body["type"], 5);
+    let (id, _) = fake.command(GUILD, 51, &[], "ask", &[("prompt", "two")]);
+    assert!(content(&callback(&fake, id).await).contains("Slow down"));
+}

@@ -9,7 +9,7 @@ use serenity::all::{
     CreateCommandOption, CreateInteractionResponse, GuildId, Permissions,
 };
 
-use super::{community, fleet, reply, settings, Bot};
+use super::{ai, community, fleet, reply, settings, Bot};
 
 /// A command group, switched per server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +124,12 @@ pub(crate) fn definitions() -> Vec<(Group, CreateCommand)> {
                 ),
         ),
         (
+            Group::Ai,
+            CreateCommand::new("imagine")
+                .description("An image from the fleet's Stable Diffusion")
+                .add_option(text("prompt", "What to draw", true)),
+        ),
+        (
             Group::Community,
             CreateCommand::new("roles").description("Give yourself roles"),
         ),
@@ -223,7 +229,8 @@ pub(crate) async fn dispatch(bot: &Arc<Bot>, cmd: CommandInteraction) {
         "link" => settings::link(bot, &cmd).await,
         "settings" => settings::settings(bot, &cmd).await,
         "roles" => community::roles(bot, &cmd).await,
-        "ask" => community::ask(bot, &cmd).await,
+        "ask" => ai::ask(bot, &cmd).await,
+        "imagine" => ai::imagine(bot, &cmd).await,
         _ => fleet::command(bot, &cmd).await,
     }
 }

@@ -1,23 +1,16 @@
-//! Community features, per server: welcome and goodbye messages, self-assigned roles,
-//! moderation with the AI gateway's output-filter rules, and `/ask` with the server's persona
-//! under its rate limits.
+//! Community features, per server: welcome and goodbye messages, self-assigned roles, and
+//! moderation with the AI gateway's output-filter rules.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
 
 use nebula_ai_filters::{Action as FilterAction, Filters};
-use nebula_controller::ai::gateway::Caller;
-use nebula_controller::ai::pulls::Scope;
-use nebula_controller::authz::{Op, Role};
 use nebula_types::api::discord::{GuildSettings, ModAction};
 use serenity::all::{
     ButtonStyle, CommandInteraction, ComponentInteraction, CreateActionRow, CreateButton,
     CreateInteractionResponse, CreateInteractionResponseMessage, GuildId, Message, RoleId, User,
 };
 
-use super::commands::opt;
-use super::{clip, edit, post, principal, refusal, reply, who_of_command, Bot};
+use super::{post, reply, Bot};
 
 /// Welcome (`joined`) or goodbye message for `user` in `guild`.
 pub(crate) async fn greet(bot: &Bot, guild: GuildId, user: &User, joined: bool) {
@@ -215,132 +208,6 @@ pub(crate) async fn role_clicked(bot: &Arc<Bot>, c: &ComponentInteraction, role:
         .await;
 }
 
-/// Per-server rate limits on AI commands: a cooldown per member and a budget per hour.
-#[derive(Default)]
-pub(crate) struct AiLimiter {
-    inner: Mutex<LimiterState>,
-}
-
-#[derive(Default)]
-struct LimiterState {
-    last: HashMap<(String, String), Instant>,
-    hour: HashMap<String, VecDeque<Instant>>,
-}
-
-impl AiLimiter {
-    /// Take one use, or say how long to wait.
-    pub(crate) fn take(&self, guild: &str, user: &str, s: &GuildSettings) -> Result<(), Duration> {
-        let now = Instant::now();
-        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let cooldown = Duration::from_secs(u64::from(s.ai_limits.cooldown_s));
-        let key = (guild.to_owned(), user.to_owned());
-        if let Some(t) = st.last.get(&key) {
-            if now.duration_since(*t) < cooldown {
-                return Err(cooldown - now.duration_since(*t));
-            }
-        }
-        let window = st.hour.entry(guild.to_owned()).or_default();
-        while window
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(3600))
-        {
-            window.pop_front();
-        }
-        if window.len() >= s.ai_limits.per_hour as usize {
-            let oldest = window.front().copied().unwrap_or(now);
-            return Err(Duration::from_secs(3600).saturating_sub(now.duration_since(oldest)));
-        }
-        window.push_back(now);
-        st.last.insert(key, now);
-        st.last
-            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
-        Ok(())
-    }
-}
-
-const DEFAULT_PERSONA: &str =
-    "You are Nebula, the assistant of a homelab fleet's Discord server. Answer briefly.";
-
-/// `/ask PROMPT`: a chat answer through the AI gateway (local nodes first), with the server's
-/// persona; the gateway's output filters apply as for any caller.
-pub(crate) async fn ask(bot: &Arc<Bot>, cmd: &CommandInteraction) {
-    let who = who_of_command(cmd);
-    let cx = match principal(bot, &who).await {
-        Ok(cx) => cx,
-        Err(why) => return reply(bot, cmd, &why, true).await,
-    };
-    if let Err(e) = bot.cp.authorize(&cx, Op::Chat) {
-        return reply(bot, cmd, &refusal(&e), true).await;
-    }
-    let guild = cmd.guild_id.map(|g| g.to_string()).unwrap_or_default();
-    let s = match bot.cp.guild_settings(&guild).await {
-        Ok(s) => s,
-        Err(e) => return reply(bot, cmd, &refusal(&e), true).await,
-    };
-    if let Err(wait) = bot.limits.take(&guild, &who.id, &s) {
-        let text = format!("⏳ Slow down: try again in {} s.", wait.as_secs().max(1));
-        return reply(bot, cmd, &text, true).await;
-    }
-    let prompt = opt(cmd, "prompt").unwrap_or("").to_owned();
-    let model = opt(cmd, "model")
-        .map(str::to_owned)
-        .or_else(|| (!s.persona.model.is_empty()).then(|| s.persona.model.clone()))
-        .or_else(|| super::fleet::model_names(bot).into_iter().next());
-    let Some(model) = model else {
-        return reply(bot, cmd, "⚠️ No model is served in the fleet now.", true).await;
-    };
-    if let Err(e) = cmd.defer(&bot.http).await {
-        tracing::warn!("could not defer /ask: {e}");
-        return;
-    }
-    let system = if s.persona.system.is_empty() {
-        DEFAULT_PERSONA
-    } else {
-        &s.persona.system
-    };
-    let body = serde_json::json!({
-        "model": model,
-        "stream": false,
-        "messages": [
-            { "role": "system", "content": system },
-            { "role": "user", "content": prompt },
-        ],
-    });
-    let caller = Caller {
-        name: format!("discord:{}", cx.actor),
-        scope: if cx.role >= Role::Operator {
-            Scope::Operator
-        } else {
-            Scope::ReadOnly
-        },
-    };
-    let resp = nebula_controller::ai::gateway::serve_for(
-        bot.cp.clone(),
-        caller,
-        body.to_string().into(),
-        "/v1/chat/completions",
-    )
-    .await;
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 4 << 20)
-        .await
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    let text = if status.is_success() {
-        let answer = v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or("(no answer)");
-        format!("{answer}\n-# {model}")
-    } else {
-        let why = v["error"]["message"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| status.to_string());
-        format!("⚠️ The gateway could not answer: {why}")
-    };
-    edit(bot, cmd, &clip(&text)).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,21 +229,5 @@ mod tests {
         assert!(verdict(&s, "a friendly hello").is_none());
         s.groups.community = false;
         assert!(verdict(&s, "mail me: someone@example.com").is_none());
-    }
-
-    #[test]
-    fn ai_commands_wait_for_their_cooldown_and_the_hourly_budget() {
-        let mut s = GuildSettings::default();
-        s.ai_limits.cooldown_s = 60;
-        s.ai_limits.per_hour = 2;
-        let l = AiLimiter::default();
-        assert!(l.take("g", "alice", &s).is_ok());
-        assert!(l.take("g", "alice", &s).unwrap_err() > Duration::from_secs(50));
-        assert!(l.take("g", "bob", &s).is_ok());
-        assert!(
-            l.take("g", "carol", &s).is_err(),
-            "the server's hour is spent"
-        );
-        assert!(l.take("other", "carol", &s).is_ok(), "per server");
     }
 }

@@ -484,13 +484,22 @@ pub(crate) async fn service_names(bot: &Bot) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Models some online node serves, for autocomplete.
+/// Chat models some online node serves (not Stable Diffusion checkpoints), for autocomplete
+/// and `/ask`'s default.
 pub(crate) fn model_names(bot: &Bot) -> Vec<String> {
-    bot.cp
+    let mut out: Vec<String> = bot
+        .cp
         .ai
-        .models(|id| bot.cp.registry.is_online(id))
-        .into_keys()
-        .collect()
+        .inventory()
+        .into_values()
+        .filter(|(id, _)| bot.cp.registry.is_online(*id))
+        .flat_map(|(_, inv)| inv.backends)
+        .filter(|b| b.healthy && b.kind != nebula_protocol::ai::BackendKind::StableDiffusion)
+        .flat_map(|b| b.models.into_iter().map(|m| m.name))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! an [`OpCtx`] (a linked account's role, a mapped Discord role, or what the server gives
 //! everyone); every operation is then the same call the HTTP API makes.
 
+mod ai;
 mod alerts;
 mod commands;
 mod community;
@@ -50,7 +51,7 @@ pub(crate) struct Bot {
     /// Interactions already handled: a gateway that delivers one twice (after a resume) does
     /// not run it twice.
     seen: Mutex<(HashSet<u64>, VecDeque<u64>)>,
-    limits: community::AiLimiter,
+    limits: ai::AiLimiter,
     /// The servers from the last READY (their commands are registered again when their
     /// settings change).
     guilds: Mutex<Vec<GuildId>>,
@@ -87,7 +88,7 @@ pub async fn start(
         http: http.clone(),
         confirm: confirm::Pending::new(cfg.confirm_ttl),
         seen: Mutex::default(),
-        limits: community::AiLimiter::default(),
+        limits: ai::AiLimiter::default(),
         guilds: Mutex::default(),
     });
     let _ = handler.0.set(bot.clone());

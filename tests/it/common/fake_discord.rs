@@ -28,6 +28,8 @@ pub struct Call {
     pub body: Value,
     /// What the stand-in answered (`null` for no content).
     pub response: Value,
+    /// Files sent with the call (multipart uploads): name and bytes.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 enum Ctl {
@@ -371,10 +373,22 @@ async fn session(inner: Arc<Inner>, mut socket: WebSocket) {
 async fn rest(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
+    let boundary = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once("boundary="))
+        .map(|(_, b)| b.trim_matches('"').to_owned());
     let bytes = axum::body::to_bytes(req.into_body(), 16 << 20)
         .await
         .unwrap_or_default();
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let (body, files) = match boundary {
+        Some(b) => multipart(&bytes, &b),
+        None => (
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            Vec::new(),
+        ),
+    };
     let addr = inner.addr.lock().unwrap().expect("address");
     let parts: Vec<&str> = path.trim_start_matches("/api/v10/").split('/').collect();
     let id = || inner.next_id.fetch_add(1, Ordering::SeqCst);
@@ -433,12 +447,51 @@ async fn rest(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         path,
         body,
         response: answer.1.clone(),
+        files,
     });
     if answer.1.is_null() {
         answer.0.into_response()
     } else {
         (answer.0, axum::Json(answer.1)).into_response()
     }
+}
+
+/// A `multipart/form-data` body as Discord reads it: the `payload_json` part is the JSON
+/// body, the others are files.
+fn multipart(bytes: &[u8], boundary: &str) -> (Value, Vec<(String, Vec<u8>)>) {
+    let delim = format!("--{boundary}");
+    let mut body = Value::Null;
+    let mut files = Vec::new();
+    let mut rest = bytes;
+    while let Some(start) = find(rest, delim.as_bytes()) {
+        rest = &rest[start + delim.len()..];
+        let Some(head_end) = find(rest, b"\r\n\r\n") else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&rest[..head_end]).to_string();
+        let content = &rest[head_end + 4..];
+        let end = find(content, delim.as_bytes()).unwrap_or(content.len());
+        let part = content[..end]
+            .strip_suffix(b"\r\n")
+            .unwrap_or(&content[..end]);
+        let name = head
+            .split("name=\"")
+            .nth(1)
+            .and_then(|n| n.split('"').next())
+            .unwrap_or("")
+            .to_owned();
+        if name == "payload_json" {
+            body = serde_json::from_slice(part).unwrap_or(Value::Null);
+        } else {
+            files.push((name, part.to_vec()));
+        }
+        rest = &content[end..];
+    }
+    (body, files)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 fn no_content() -> (axum::http::StatusCode, Value) {

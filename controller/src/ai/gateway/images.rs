@@ -22,6 +22,12 @@ pub async fn images(State(cp): State<Arc<ControlPlane>>, req: Request) -> Respon
         Ok((caller, body, budget)) => (caller.name, body, budget),
         Err(r) => return r,
     };
+    generate(cp, who, body).await
+}
+
+/// [`images`] for a caller already authenticated (accounted under `who`): the Discord bot's
+/// `/imagine`.
+pub async fn generate(cp: Arc<ControlPlane>, who: String, body: Bytes) -> Response {
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
         return error(
             StatusCode::BAD_REQUEST,

@@ -27,6 +27,7 @@ use crate::ControlPlane;
 mod attempt;
 mod fallback;
 mod images;
+pub use images::generate as generate_images;
 mod pull;
 mod relay;
 mod request;
