@@ -187,6 +187,20 @@ impl Api {
         )
         .await
     }
+    pub async fn send_json<T: DeserializeOwned, B: Serialize + ?Sized>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(
+            self.http
+                .request(method, format!("{}{path}", self.base))
+                .json(body),
+        )
+        .await
+    }
+
     pub async fn post<T: DeserializeOwned, B: Serialize + ?Sized>(
         &self,
         path: &str,
@@ -569,11 +583,31 @@ pub enum UserCommand {
     },
     /// List dashboard users.
     List,
+    /// A one-time code that links a Discord account to this user: send `/link CODE` to the bot
+    /// within 15 minutes (your own; an admin makes them for anyone).
+    LinkDiscord { username: String },
 }
 
 pub async fn user(cli: &Cli, cmd: &UserCommand) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
     match cmd {
+        UserCommand::LinkDiscord { username } => {
+            let v: nebula_types::api::discord::LinkCode = api
+                .post(
+                    &format!("/api/v1/users/{username}/discord-link-code"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "Send this to the Nebula bot in Discord before {}:",
+                    v.expires_at
+                );
+                println!("/link {}", v.code);
+            }
+        }
         UserCommand::Create {
             username,
             admin,

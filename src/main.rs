@@ -12,6 +12,7 @@ mod alerts;
 mod client;
 mod containers;
 mod desired;
+mod discord;
 mod exec;
 mod jobs;
 mod models;
@@ -84,6 +85,9 @@ enum Command {
     /// One monitor: show, add, rm.
     #[command(subcommand)]
     Monitor(monitors::MonitorCommand),
+    /// The Discord bot: its connection and servers, a server's settings, linked accounts.
+    #[command(subcommand)]
+    Discord(discord::DiscordCommand),
     /// Every container in the fleet, filtered and searched.
     Containers(containers::ContainersArgs),
     /// One container: show, logs, start, stop, restart, kill, rm, pull.
@@ -183,6 +187,7 @@ fn main() -> ExitCode {
             Command::Alerts { history } => alerts::alerts(&cli, history).await,
             Command::Monitors => monitors::list(&cli).await,
             Command::Monitor(ref cmd) => monitors::command(&cli, cmd).await,
+            Command::Discord(ref cmd) => discord::discord(&cli, cmd).await,
             Command::Silence(ref cmd) => alerts::silence(&cli, cmd).await,
             Command::Sink(ref cmd) => alerts::sink(&cli, cmd).await,
             Command::Containers(ref args) => containers::containers(&cli, args).await,

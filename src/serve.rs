@@ -263,6 +263,9 @@ pub struct DevArgs {
     /// this host's name with the label env=dev.
     #[arg(long)]
     service_map: Option<PathBuf>,
+    /// File holding a Discord bot token: the bot runs in the dev controller too.
+    #[arg(long, env = "NEBULA_DISCORD_TOKEN_FILE")]
+    discord_token_file: Option<PathBuf>,
 }
 
 /// Controller + join token + local agent, in one process, until Ctrl-C.
@@ -272,6 +275,10 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         quic_listen: args.quic_listen,
         service_map: args.service_map.clone(),
+        discord: nebula_controller::discord::DiscordConfig {
+            token_file: args.discord_token_file.clone(),
+            ..Default::default()
+        },
         ..ControllerConfig::default()
     };
     log_config(&config);

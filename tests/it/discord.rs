@@ -50,16 +50,34 @@ async fn controller(
     (c, dir)
 }
 
-/// Replace a server's settings through the API (as a Nebula admin).
+/// Replace a server's settings as a Nebula admin, with `nebula discord set` (the API's PUT).
 async fn settings(c: &Controller, guild: u64, s: Value) {
-    let (code, body) = c
-        .api(
-            Method::PUT,
-            &format!("/api/v1/discord/guilds/{guild}"),
-            Some(s),
-        )
-        .await;
-    assert_eq!(code, 200, "{body}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), s.to_string()).unwrap();
+    let out = c.cli(&[
+        "discord",
+        "set",
+        &guild.to_string(),
+        &file.path().display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.cli(&["discord", "show", &guild.to_string()]);
+    let shown: Value = serde_json::from_slice(&out.stdout).expect("settings as JSON");
+    assert!(holds(&shown, &s), "stored {shown}, sent {s}");
+}
+
+/// Does `big` hold every value of `small` (objects compared key by key, defaults ignored)?
+fn holds(big: &Value, small: &Value) -> bool {
+    match (big, small) {
+        (Value::Object(b), Value::Object(s)) => s
+            .iter()
+            .all(|(k, v)| b.get(k).is_some_and(|bv| holds(bv, v))),
+        _ => big == small,
+    }
 }
 
 /// The answer to interaction `id`: its callback.
@@ -108,6 +126,12 @@ async fn commands_follow_roles_links_and_confirmations_and_are_audited() {
     for cmd in ["fleet", "node", "deploy", "run", "ask", "link", "settings"] {
         assert!(first.contains(&cmd.to_owned()), "{cmd} in {first:?}");
     }
+    let out = c.cli(&["discord", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("connected as nebula#") && text.contains(GUILD_S),
+        "{text}"
+    );
     let status = c.get("/api/v1/discord").await;
     assert_eq!(status["bot"]["connected"], true, "{status}");
     assert!(status["guilds"]
@@ -212,10 +236,20 @@ async fn commands_follow_roles_links_and_confirmations_and_are_audited() {
         )
         .await;
     assert_eq!(code, 201);
-    let (code, link) = c
-        .api(Method::POST, "/api/v1/users/alice/discord-link-code", None)
-        .await;
-    assert_eq!(code, 201, "{link}");
+    // The code from the CLI, as a person would get it.
+    let out = c.cli(&["user", "link-discord", "alice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let code = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("/link "))
+        .expect("a /link line")
+        .to_owned();
+    let link = json!({ "code": code });
     let (id, _) = fake.command(
         GUILD,
         9,

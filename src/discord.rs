@@ -1,0 +1,128 @@
+//! `nebula discord`: the bot's connection and servers, a server's settings, linked accounts.
+//! (`nebula user link-discord` makes a link code.)
+
+use clap::Subcommand;
+use nebula_types::api::discord::{DiscordLink, DiscordOverview, GuildSettings, GuildView};
+
+use crate::client::{print_json, table, Api};
+use crate::Cli;
+
+#[derive(Subcommand, Debug)]
+pub enum DiscordCommand {
+    /// The bot's connection and the servers it is in.
+    Status,
+    /// One server's settings, as JSON (what `set` takes).
+    Show { guild: String },
+    /// Replace a server's settings from a JSON file (`-`: standard input). Role mappings and
+    /// the everyone role are set here, by an admin.
+    Set { guild: String, file: String },
+    /// Discord accounts linked to users.
+    Links,
+}
+
+pub async fn discord(cli: &Cli, cmd: &DiscordCommand) -> anyhow::Result<()> {
+    let api = Api::new(cli)?;
+    match cmd {
+        DiscordCommand::Status => {
+            let v: DiscordOverview = api.get("/api/v1/discord").await?;
+            if cli.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let state = match (v.bot.configured, v.bot.connected) {
+                (false, _) => "not configured (set [discord] token_file)".to_owned(),
+                (true, false) => "configured, not connected".to_owned(),
+                (true, true) => format!("connected as {}", v.bot.account.unwrap_or_default()),
+            };
+            println!("Bot: {state}");
+            let rows = v
+                .guilds
+                .iter()
+                .map(|g| {
+                    let s = &g.settings;
+                    let groups: Vec<&str> = [
+                        (s.groups.fleet, "fleet"),
+                        (s.groups.ai, "ai"),
+                        (s.groups.community, "community"),
+                    ]
+                    .into_iter()
+                    .filter_map(|(on, n)| on.then_some(n))
+                    .collect();
+                    vec![
+                        g.id.clone(),
+                        if g.name.is_empty() {
+                            "-".into()
+                        } else {
+                            g.name.clone()
+                        },
+                        groups.join(","),
+                        s.roles.len().to_string(),
+                        if s.alerts.channel.is_empty() {
+                            "-".into()
+                        } else {
+                            s.alerts.channel.clone()
+                        },
+                        g.updated_by.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "SERVER",
+                    "NAME",
+                    "GROUPS",
+                    "ROLE MAPS",
+                    "ALERTS",
+                    "CHANGED BY",
+                ],
+                rows,
+            );
+        }
+        DiscordCommand::Show { guild } => {
+            let v: DiscordOverview = api.get("/api/v1/discord").await?;
+            let g = v
+                .guilds
+                .into_iter()
+                .find(|g| &g.id == guild)
+                .ok_or_else(|| anyhow::anyhow!("the bot is not in server {guild}"))?;
+            print_json(&g.settings);
+        }
+        DiscordCommand::Set { guild, file } => {
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(file)?
+            };
+            let settings: GuildSettings = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{file}: not server settings: {e}"))?;
+            let v: GuildView = api
+                .send_json(
+                    reqwest::Method::PUT,
+                    &format!("/api/v1/discord/guilds/{guild}"),
+                    &settings,
+                )
+                .await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "Server {} settings stored; its commands are registered again.",
+                    v.id
+                );
+            }
+        }
+        DiscordCommand::Links => {
+            let v: Vec<DiscordLink> = api.get("/api/v1/discord/links").await?;
+            if cli.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows = v
+                .into_iter()
+                .map(|l| vec![l.user, l.discord_name, l.discord_user, l.linked_at])
+                .collect();
+            table(&["USER", "DISCORD", "DISCORD ID", "LINKED"], rows);
+        }
+    }
+    Ok(())
+}
