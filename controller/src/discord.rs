@@ -21,6 +21,8 @@ use crate::{ControlPlane, OpError};
 
 /// How long a link code stays valid.
 pub const LINK_CODE_TTL: Duration = Duration::from_secs(15 * 60);
+/// The token stored from the dashboard, in the data dir.
+pub const TOKEN_FILE: &str = "discord.token";
 /// The sink kind the bot registers for alerts with buttons.
 pub const SINK_KIND: &str = "discord-bot";
 
@@ -54,6 +56,8 @@ pub struct DiscordBook {
     /// Sent when a server's settings change (the bot registers that server's commands again);
     /// the value is the server's id.
     changed: tokio::sync::broadcast::Sender<String>,
+    /// A token was stored from the dashboard or the API: the bot (re)connects with it.
+    pub token_changed: tokio::sync::Notify,
 }
 
 impl Default for DiscordBook {
@@ -64,8 +68,10 @@ impl Default for DiscordBook {
                 configured: false,
                 connected: false,
                 account: None,
+                application_id: None,
             }),
             changed: tokio::sync::broadcast::channel(64).0,
+            token_changed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -125,6 +131,20 @@ fn now() -> i64 {
 
 fn rfc3339(ms: i64) -> String {
     crate::store::rfc3339_millis(crate::store::from_millis(ms))
+}
+
+/// Write `text` to a file only its owner may read.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 fn code_hash(code: &str) -> String {
@@ -227,6 +247,54 @@ impl ControlPlane {
             .unwrap_or_else(|e| e.into_inner())
             .insert(guild.to_owned(), settings.clone());
         Ok(settings)
+    }
+
+    /// The bot's token: `[discord] token_file` when set, else the one stored in the data dir
+    /// from the dashboard (`discord.token`); `None` when there is none.
+    pub fn discord_token(&self) -> Option<String> {
+        let path = self
+            .config
+            .discord
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.config.data_dir.join(TOKEN_FILE));
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Store the bot's token in the data dir (0600) and (re)connect the bot with it. Refused
+    /// when `[discord] token_file` is set (that file is the token then).
+    pub async fn set_discord_token(&self, cx: &OpCtx, token: &str) -> Result<(), OpError> {
+        self.authorize(cx, Op::ManageBot)?;
+        let token = token.trim();
+        if token.len() < 20 || token.len() > 200 || token.chars().any(char::is_whitespace) {
+            return Err(OpError::Invalid(
+                "that does not look like a Discord bot token".into(),
+            ));
+        }
+        if self.config.discord.token_file.is_some() {
+            return Err(OpError::Conflict(
+                "the token comes from [discord] token_file in the controller's config".into(),
+            ));
+        }
+        let path = self.config.data_dir.join(TOKEN_FILE);
+        write_private(&path, token).map_err(|e| {
+            tracing::error!(path = %path.display(), "could not store the Discord token: {e}");
+            OpError::Conflict("the controller could not store the token (see its log)".into())
+        })?;
+        self.record(
+            cx,
+            Change {
+                action: "discord.token",
+                target: "discord".into(),
+                detail: json!({}),
+                event: None,
+            },
+        );
+        self.discord.token_changed.notify_waiters();
+        Ok(())
     }
 
     /// Record a server the bot is in.

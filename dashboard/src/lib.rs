@@ -67,6 +67,10 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             post(pages::alerts::expire_silence),
         )
         .route("/ui/alerts/sinks/test", post(pages::alerts::test_sink))
+        .route("/ui/discord", get(pages::discord::discord_page))
+        .route("/ui/discord/token", post(pages::discord::set_token))
+        .route("/ui/discord/link", post(pages::discord::link_code))
+        .route("/ui/discord/guilds/{id}", post(pages::discord::save_guild))
         .route("/ui/containers", get(containers_page))
         .route(
             "/ui/nodes/{name}/containers/{container}",
@@ -317,6 +321,7 @@ fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Marku
         ("/ui/jobs", "Jobs", Role::Viewer),
         ("/ui/models", "Models", Role::Viewer),
         ("/ui/chat", "Chat", Role::Operator),
+        ("/ui/discord", "Discord", Role::Viewer),
         ("/ui/enroll", "Enroll", Role::Admin),
         ("/ui/audit", "Audit", Role::Operator),
         ("/ui/tasks", "Tasks", Role::Viewer),

@@ -11,7 +11,7 @@ use nebula_types::api::access::CreatedApiToken;
 use nebula_types::jobs::AuditRecord;
 use serde_json::json;
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -28,7 +28,12 @@ fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
 }
 
 /// Sign in; the whole `Set-Cookie` of the session (or the status when refused).
-async fn sign_in(c: &Controller, user: &str, password: &str, tls: bool) -> Result<String, u16> {
+pub(crate) async fn sign_in(
+    c: &Controller,
+    user: &str,
+    password: &str,
+    tls: bool,
+) -> Result<String, u16> {
     sign_in_with(client(), c, user, password, tls).await
 }
 
@@ -87,7 +92,7 @@ async fn sign_in_with(
 }
 
 /// The first admin's password, printed once at first start.
-async fn first_admin_password(c: &Controller) -> String {
+pub(crate) async fn first_admin_password(c: &Controller) -> String {
     wait_for(
         "the first admin's password",
         Duration::from_secs(10),
@@ -100,7 +105,7 @@ async fn first_admin_password(c: &Controller) -> String {
     .await
 }
 
-fn session_pair(set_cookie: &str) -> String {
+pub(crate) fn session_pair(set_cookie: &str) -> String {
     set_cookie.split(';').next().unwrap().to_owned()
 }
 

@@ -684,3 +684,140 @@ async fn ask_answers_through_llama_cpp_with_the_servers_persona_and_imagine_post
     let (id, _) = fake.command(GUILD, 51, &[], "ask", &[("prompt", "two")]);
     assert!(content(&callback(&fake, id).await).contains("Slow down"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_connects_the_bot_links_an_account_and_edits_a_server() {
+    use crate::dashboard_http::{client, first_admin_password, session_pair, sign_in};
+    let fake = FakeDiscord::start(&[GUILD]).await;
+    // No token in the config: the dashboard gives it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("controller.toml");
+    std::fs::write(&path, format!("[discord]\napi_url = \"{}\"\n", fake.url())).unwrap();
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--config", leak(path.display().to_string())],
+        ..ControllerOpts::default()
+    })
+    .await;
+    assert_eq!(c.get("/api/v1/discord").await["bot"]["configured"], false);
+    let password = first_admin_password(&c).await;
+    let cookie = session_pair(&sign_in(&c, "admin", &password, false).await.unwrap());
+    let http = client();
+    let get = |path: &'static str| {
+        let (http, cookie, url) = (http.clone(), cookie.clone(), c.url(path));
+        async move {
+            let r = http.get(url).header("cookie", cookie).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    let post = |path: String, form: Vec<(String, String)>| {
+        let (http, cookie, url) = (http.clone(), cookie.clone(), c.url(&path));
+        async move {
+            http.post(url)
+                .header("cookie", cookie)
+                .form(&form)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let page = get("/ui/discord").await;
+    assert!(
+        page.contains("no token") && page.contains("token-form"),
+        "{page}"
+    );
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+    let f = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut v = vec![("csrf".to_owned(), csrf.clone())];
+        v.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        v
+    };
+
+    // Connect: the token is stored (owner-only) and the bot connects at once.
+    let r = post(
+        "/ui/discord/token".into(),
+        f(&[("token", "fake-bot-token-0123456789abcdef")]),
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    fake.wait_ready(GUILD).await;
+    let stored = c.dir.path().join("data").join("discord.token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let page = get("/ui/discord").await;
+    assert!(
+        page.contains("connected") && page.contains(&format!("guild-{GUILD_S}")),
+        "{page}"
+    );
+    assert!(
+        page.contains("client_id=900000000000000001"),
+        "the invite link"
+    );
+
+    // A server's settings from its form: AI off, a role mapping, a moderation rule.
+    let before = fake.calls().len();
+    let r = post(
+        format!("/ui/discord/guilds/{GUILD}"),
+        f(&[
+            ("fleet", "on"),
+            ("community", "on"),
+            ("cooldown_s", "5"),
+            ("per_hour", "10"),
+            ("min_severity", "warning"),
+            ("alert_channel", "55"),
+            ("mod_api_key", "delete"),
+            ("roles", "222=operator"),
+            ("everyone", ""),
+        ]),
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    let v = c.get("/api/v1/discord").await;
+    let s = &v["guilds"][0]["settings"];
+    assert_eq!(s["groups"]["ai"], false, "{s}");
+    assert_eq!(s["roles"]["222"], "operator");
+    assert_eq!(s["moderation"]["rules"]["api_key"], "delete");
+    assert_eq!(s["alerts"]["min_severity"], "warning");
+    let again = fake
+        .wait_call("commands registered again", before, |c| {
+            c.method == "PUT" && c.path.ends_with("/commands")
+        })
+        .await;
+    assert!(!names(&again.body).contains(&"ask".to_owned()));
+    // A bad form changes nothing.
+    let r = post(
+        format!("/ui/discord/guilds/{GUILD}"),
+        f(&[("cooldown_s", "soon"), ("per_hour", "1")]),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        c.get("/api/v1/discord").await["guilds"][0]["settings"]["ai_limits"]["cooldown_s"],
+        5
+    );
+
+    // Link my account from the dashboard.
+    let r = post("/ui/discord/link".into(), f(&[])).await;
+    let text = r.text().await.unwrap();
+    let code = text
+        .split("/link ")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .expect("a code")
+        .to_owned();
+    let (id, _) = fake.command(GUILD, 60, &[], "link", &[("code", code.as_str())]);
+    assert!(content(&callback(&fake, id).await).contains("`admin`"));
+    let page = get("/ui/discord").await;
+    assert!(
+        page.contains("bot-actions") && page.contains("discord.link"),
+        "{page}"
+    );
+}

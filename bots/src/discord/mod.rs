@@ -122,41 +122,53 @@ pub const TASK: TaskDef = TaskDef {
     scope: Scope::Leader,
 };
 
-/// Register the bot with the controller's task driver when a token file is configured.
+/// Register the bot with the controller's task driver. It runs while a token is known
+/// (`[discord] token_file`, or one stored from the dashboard) and starts again with a new one.
 pub fn register(driver: &mut Driver, cp: &Arc<ControlPlane>) {
-    let cfg = cp.config.discord.clone();
-    let Some(token_file) = cfg.token_file.clone() else {
-        return;
-    };
     let cp = cp.clone();
-    driver.service(TASK, move |tcx| {
-        let cp = cp.clone();
-        let token_file = token_file.clone();
-        let cfg = cfg.clone();
-        async move {
-            let token = match std::fs::read_to_string(&token_file) {
-                Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
-                Ok(_) | Err(_) => {
-                    tracing::error!(
-                        file = %token_file.display(),
-                        "the Discord bot token file cannot be read or is empty; the bot is off"
-                    );
-                    return;
-                }
-            };
+    driver.service(TASK, move |tcx| run(cp.clone(), tcx.cancel))
+}
+
+async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
+    let cfg = cp.config.discord.clone();
+    loop {
+        let changed = cp.discord.token_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if let Some(token) = cp.discord_token() {
             let config = Config {
                 token,
-                api_url: cfg.api_url,
+                api_url: cfg.api_url.clone(),
                 confirm_ttl: cfg.confirm_timeout,
             };
-            match start(cp, config, tcx.cancel.clone()).await {
-                Ok(h) => {
-                    let _ = h.await;
+            let stop = cancel.child_token();
+            match start(cp.clone(), config, stop.clone()).await {
+                Ok(mut h) => {
+                    tokio::select! {
+                        _ = &mut h => {}
+                        () = &mut changed => {
+                            tracing::info!("a new Discord token: the bot connects again");
+                            stop.cancel();
+                            let _ = h.await;
+                            continue;
+                        }
+                        () = cancel.cancelled() => {
+                            let _ = h.await;
+                            return;
+                        }
+                    }
                 }
                 Err(e) => tracing::error!("the Discord bot could not start: {e:#}"),
             }
+        } else {
+            cp.discord.set_status(|s| s.configured = false);
         }
-    });
+        // No token, or the bot stopped (a token Discord refused): wait for a new one.
+        tokio::select! {
+            () = &mut changed => {}
+            () = cancel.cancelled() => return,
+        }
+    }
 }
 
 /// Register a server's commands again when its settings change (a toggle hides or shows a
@@ -201,6 +213,7 @@ impl EventHandler for Handler {
         bot.cp.discord.set_status(|s| {
             s.connected = true;
             s.account = Some(format!("{}#{}", ready.user.name, ready.user.id));
+            s.application_id = Some(ready.application.id.to_string());
         });
         tracing::info!(
             account = %ready.user.name,

@@ -3,6 +3,7 @@
 pub(crate) mod admin;
 pub(crate) mod alerts;
 pub(crate) mod containers;
+pub(crate) mod discord;
 pub(crate) mod enroll;
 pub(crate) mod jobs;
 pub(crate) mod login;

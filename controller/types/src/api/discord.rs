@@ -175,6 +175,21 @@ pub struct BotStatus {
     pub connected: bool,
     /// The bot's account (`name#id`), once connected.
     pub account: Option<String>,
+    /// Its Discord application, once connected (for the invite link).
+    pub application_id: Option<String>,
+}
+
+impl BotStatus {
+    /// The link that adds the bot to a server, with the permissions its features use (view
+    /// channels, read history, send messages, attach files, manage messages and roles, change
+    /// its nickname) and slash commands.
+    pub fn invite_url(&self) -> Option<String> {
+        self.application_id.as_ref().map(|id| {
+            format!(
+                "https://discord.com/oauth2/authorize?client_id={id}&scope=bot%20applications.commands&permissions=335653888"
+            )
+        })
+    }
 }
 
 /// `GET /api/v1/discord`: the bot and the servers it is in.
