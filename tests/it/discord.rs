@@ -305,6 +305,26 @@ async fn commands_follow_roles_links_and_confirmations_and_are_audited() {
     .await;
     assert_eq!(runs[0]["actor"], "alice");
     assert_eq!(runs[0]["detail"]["discord"]["user"], "9");
+    // Reads as the linked operator: a node's figures, recent jobs, names offered as typed.
+    let (id, _) = fake.command(GUILD, 9, &[], "node", &[("node", "box")]);
+    let node = content(&callback(&fake, id).await);
+    assert!(node.contains("**box**") && node.contains("CPU"), "{node}");
+    let (id, _) = fake.command(GUILD, 9, &[], "jobs", &[]);
+    let jobs = content(&callback(&fake, id).await);
+    assert!(
+        jobs.contains("count") && jobs.contains("by alice"),
+        "{jobs}"
+    );
+    let (id, _) = fake.command(GUILD, 9, &[], "services", &[]);
+    assert!(content(&callback(&fake, id).await).contains("No services"));
+    let id = fake.autocomplete(GUILD, 9, &[], "node", "node", "bo");
+    let offered = callback(&fake, id).await;
+    assert_eq!(offered.body["type"], 8, "{offered:?}");
+    assert_eq!(offered.body["data"]["choices"][0]["value"], "box");
+    // Someone with no role is offered nothing.
+    let id = fake.autocomplete(GUILD, 5, &[], "node", "node", "bo");
+    let offered = callback(&fake, id).await;
+    assert_eq!(offered.body["data"]["choices"], json!([]), "{offered:?}");
     let links = c.get("/api/v1/discord/links").await;
     assert_eq!(links[0]["user"], "alice", "{links}");
     assert_eq!(links[0]["discord_user"], "9");
@@ -395,6 +415,67 @@ async fn server_settings_toggle_commands_greet_members_and_moderate_messages() {
         .await;
     assert!(content(&welcome).contains("Welcome <@12>"), "{welcome:?}");
 
+    let id = set("goodbye", "<#66> {name} left {server}.");
+    assert!(content(&callback(&fake, id).await).contains("changed"));
+    fake.leave(GUILD, 14, "leaver");
+    let bye = fake
+        .wait_call("the goodbye message", 0, |c| {
+            c.method == "POST"
+                && c.path.ends_with("/channels/66/messages")
+                && content(c).contains("leaver left")
+        })
+        .await;
+    assert!(!content(&bye).contains("{server}"), "{bye:?}");
+
+    // Self-assigned roles (set by a Nebula admin here, with the CLI): a button per role, a
+    // click adds it, a click by someone who has it removes it; roles not offered are refused.
+    settings(
+        &c,
+        GUILD,
+        json!({ "groups": { "fleet": true, "ai": false, "community": true },
+        "self_roles": [{ "role": "333", "label": "Gamer" }] }),
+    )
+    .await;
+    let (id, _) = fake.command(GUILD, 15, &[], "roles", &[]);
+    let offer = callback(&fake, id).await;
+    assert_eq!(buttons(&offer), ["nebula:role:333"]);
+    let (id, _) = fake.click(GUILD, 15, &[], "nebula:role:333", 9);
+    assert!(content(&callback(&fake, id).await).contains("You have"));
+    assert!(fake
+        .calls()
+        .iter()
+        .any(|c| c.method == "PUT" && c.path.ends_with("/members/15/roles/333")));
+    let (id, _) = fake.click(GUILD, 15, &[333], "nebula:role:333", 9);
+    assert!(content(&callback(&fake, id).await).contains("Removed"));
+    assert!(fake
+        .calls()
+        .iter()
+        .any(|c| c.method == "DELETE" && c.path.ends_with("/members/15/roles/333")));
+    let (id, _) = fake.click(GUILD, 15, &[], "nebula:role:444", 9);
+    assert!(content(&callback(&fake, id).await).contains("not offered"));
+
+    // Commands answer only in the channels listed (the stand-in's interactions come from 1).
+    let id = set("channels", "<#5>");
+    assert!(
+        content(&callback(&fake, id).await).contains("changed"),
+        "/settings still answers"
+    );
+    let (id, _) = fake.command(GUILD, 15, &[], "roles", &[]);
+    assert!(content(&callback(&fake, id).await).contains("I answer in <#5>"));
+    let id = set("channels", "");
+    assert!(content(&callback(&fake, id).await).contains("changed"));
+
+    for (key, value) in [
+        ("moderation", "api_key=delete"),
+        ("log", "<#77>"),
+        ("welcome", "<#66> Welcome {user} to {server}!"),
+    ] {
+        let id = set(key, value);
+        assert!(
+            content(&callback(&fake, id).await).contains("changed"),
+            "{key}"
+        );
+    }
     let clean = fake.say(GUILD, 5, 13, "hello everyone");
     let leaked = fake.say(
         GUILD,

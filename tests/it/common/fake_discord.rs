@@ -203,6 +203,35 @@ impl FakeDiscord {
         id
     }
 
+    /// A member types `typed` into option `option` of `/name`: an autocomplete interaction.
+    pub fn autocomplete(
+        &self,
+        guild: u64,
+        user: u64,
+        roles: &[u64],
+        name: &str,
+        option: &str,
+        typed: &str,
+    ) -> u64 {
+        let id = self.id();
+        let token = format!("itoken-{id}");
+        let mut d = interaction(id, &token, 4, guild, user, roles, "0");
+        d["data"] = json!({
+            "id": self.id().to_string(), "name": name, "type": 1,
+            "options": [{ "name": option, "type": 3, "value": typed, "focused": true }],
+        });
+        self.dispatch("INTERACTION_CREATE", d);
+        id
+    }
+
+    /// `user` leaves `guild`.
+    pub fn leave(&self, guild: u64, user: u64, name: &str) {
+        self.dispatch(
+            "GUILD_MEMBER_REMOVE",
+            json!({ "guild_id": guild.to_string(), "user": user_json(user, name) }),
+        );
+    }
+
     /// `user` joins `guild`.
     pub fn join(&self, guild: u64, user: u64, name: &str) {
         self.dispatch(
