@@ -410,12 +410,15 @@ pub struct AuditArgs {
     /// e.g. job.create, job.cancel, token.create, node.remove
     #[arg(long)]
     action: Option<String>,
+    /// The front end: api, dashboard, discord, internal.
+    #[arg(long)]
+    via: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: u32,
 }
 
 pub async fn audit(cli: &Cli, a: &AuditArgs) -> anyhow::Result<()> {
-    let filters = [("actor", &a.actor), ("action", &a.action)];
+    let filters = [("actor", &a.actor), ("action", &a.action), ("via", &a.via)];
     let Some(items) = page::<AuditRecord>(cli, "/api/v1/audit", a.limit, &filters).await? else {
         return Ok(());
     };
@@ -425,11 +428,12 @@ pub async fn audit(cli: &Cli, a: &AuditArgs) -> anyhow::Result<()> {
             vec![
                 age(Some(e.at)),
                 e.actor.clone(),
+                e.detail["via"].as_str().unwrap_or("").to_owned(),
                 e.action.clone(),
                 e.target.clone(),
             ]
         })
         .collect();
-    table(&["AGO", "WHO", "ACTION", "TARGET"], rows);
+    table(&["AGO", "WHO", "VIA", "ACTION", "TARGET"], rows);
     Ok(())
 }

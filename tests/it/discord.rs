@@ -210,6 +210,12 @@ async fn commands_follow_roles_links_and_confirmations_and_are_audited() {
     assert_eq!(rows[0]["detail"]["via"], "discord");
     assert_eq!(rows[0]["detail"]["discord"]["user"], "7");
     assert_eq!(rows[0]["detail"]["discord"]["guild"], GUILD.to_string());
+    let out = c.cli(&["audit", "--via", "discord", "--action", "map.reconcile"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("discord:user7") && text.contains("discord"),
+        "{text}"
+    );
 
     // A confirmation answered after its time runs nothing.
     let (_, token) = fake.command(GUILD, 7, &[OPERATORS], "deploy", &[]);
