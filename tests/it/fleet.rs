@@ -241,6 +241,29 @@ async fn certificates_renew_over_the_session_and_the_new_one_works() {
 /// suite built are reused): `cargo run` must resolve to `nebula`, `dev` must come up with its
 /// banner and a healthy API, the next command it prints must work as printed, and Ctrl-C must
 /// stop everything cleanly.
+/// A command as a person types it in a shell: without the variables `cargo test` gives this
+/// test (`CARGO_MANIFEST_DIR` and the like). Cargo fingerprints some crates by them, so with
+/// them the nested `cargo run` would build the workspace a second time.
+fn as_typed(cmd: &mut std::process::Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().to_string();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || k.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                k.as_str(),
+                "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "LD_LIBRARY_PATH"
+                    | "RUST_RECURSION_COUNT"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_quick_start_runs_as_written_and_stops_cleanly_on_ctrl_c() {
     common::tls_provider();
@@ -280,6 +303,7 @@ async fn readme_quick_start_runs_as_written_and_stops_cleanly_on_ctrl_c() {
             "--quic-listen",
             "127.0.0.1:0",
         ]);
+    as_typed(&mut cmd);
     let mut dev = common::Proc::spawn(cmd);
     let (api, try_line) = common::wait_for(
         "nebula dev's banner with its agent online",
@@ -305,13 +329,10 @@ async fn readme_quick_start_runs_as_written_and_stops_cleanly_on_ctrl_c() {
     let health = reqwest::get(format!("{api}/healthz")).await.unwrap();
     assert!(health.status().is_success(), "{}", health.status());
     // The next command works exactly as printed (from the same directory, with a shell).
-    let next = std::process::Command::new("sh")
-        .current_dir(root)
-        .arg("-c")
-        .arg(&try_line)
-        .env("CARGO", &cargo)
-        .output()
-        .unwrap();
+    let mut sh = std::process::Command::new("sh");
+    sh.current_dir(root).arg("-c").arg(&try_line);
+    as_typed(&mut sh);
+    let next = sh.env("CARGO", &cargo).output().unwrap();
     let listing = String::from_utf8_lossy(&next.stdout);
     assert!(
         next.status.success(),
