@@ -19,14 +19,24 @@ use serenity::all::{
 
 use super::{clip, principal, refusal, who_of_component, Bot};
 
+/// Registered when the controller starts, so servers' alert sinks exist (and queue) before the
+/// bot connects; deliveries while it is not connected fail and the outbox retries them.
 pub(crate) struct AlertChannel {
     cp: Arc<ControlPlane>,
-    http: Arc<Http>,
+    http: std::sync::RwLock<Option<Arc<Http>>>,
 }
 
 impl AlertChannel {
-    pub(crate) fn new(cp: Arc<ControlPlane>, http: Arc<Http>) -> Self {
-        Self { cp, http }
+    pub(crate) fn new(cp: Arc<ControlPlane>) -> Self {
+        Self {
+            cp,
+            http: std::sync::RwLock::default(),
+        }
+    }
+
+    /// The connected bot's client (`None`: not connected).
+    pub(crate) fn connect(&self, http: Option<Arc<Http>>) {
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = http;
     }
 }
 
@@ -92,6 +102,12 @@ fn buttons(fingerprint: &str) -> Vec<CreateActionRow> {
 impl AlertChannel {
     async fn send(&self, sink: &SinkRecord, body: &str) -> Result<(), String> {
         let channel = channel_of(&sink.url)?;
+        let http = self
+            .http
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or("the Discord bot is not connected")?;
         let doc: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
         if doc["type"] == "alert.test" {
             let t = format!(
@@ -100,7 +116,7 @@ impl AlertChannel {
                 doc["data"]["by"].as_str().unwrap_or("?")
             );
             channel
-                .send_message(&self.http, CreateMessage::new().content(t))
+                .send_message(&http, CreateMessage::new().content(t))
                 .await
                 .map_err(|e| e.to_string())?;
             return Ok(());
@@ -124,7 +140,7 @@ impl AlertChannel {
                         .content(clip(&text(a)))
                         .components(components);
                     channel
-                        .edit_message(&self.http, MessageId::new(m), edit)
+                        .edit_message(&http, MessageId::new(m), edit)
                         .await
                         .map_err(|e| e.to_string())?;
                 }
@@ -135,7 +151,7 @@ impl AlertChannel {
                         .content(clip(&text(a)))
                         .components(components);
                     let posted = channel
-                        .send_message(&self.http, msg)
+                        .send_message(&http, msg)
                         .await
                         .map_err(|e| e.to_string())?;
                     store

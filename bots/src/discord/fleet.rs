@@ -141,8 +141,13 @@ async fn preview(bot: &Bot, cx: &OpCtx, action: &Action) -> String {
                     if p.plan.actions.len() > 15 {
                         let _ = write!(s, "\n• … {} more", p.plan.actions.len() - 15);
                     }
-                    for w in p.plan.waiting.iter().take(5) {
-                        let _ = write!(s, "\n⏸ {w:?}");
+                    for w in p.plan.waiting.iter().chain(&p.plan.refused).take(5) {
+                        let on = w
+                            .node
+                            .as_deref()
+                            .map(|n| format!(" on `{n}`"))
+                            .unwrap_or_default();
+                        let _ = write!(s, "\n⏸ `{}`{on}: {}", w.service, w.reason);
                     }
                     s
                 }

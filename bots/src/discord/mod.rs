@@ -26,7 +26,7 @@ use nebula_controller::tasks::{Driver, Scope, TaskDef};
 use nebula_controller::{ControlPlane, OpError};
 use serenity::all::{
     ChannelId, CommandInteraction, ComponentInteraction, Context, CreateInteractionResponse,
-    CreateInteractionResponseMessage, EditInteractionResponse, EventHandler, GatewayIntents,
+    CreateInteractionResponseMessage, EditInteractionResponse, EventHandler, GatewayIntents, Guild,
     GuildId, Http, HttpBuilder, Interaction, Member, Message, Permissions, Ready, ResumedEvent,
     User,
 };
@@ -59,9 +59,10 @@ pub(crate) struct Bot {
 
 /// Start the bot; it runs until `shutdown`. Errors only when it cannot start (a bad token is
 /// reported by the gateway and logged).
-pub async fn start(
+async fn start(
     cp: Arc<ControlPlane>,
     cfg: Config,
+    alerts: Arc<alerts::AlertChannel>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut http = HttpBuilder::new(&cfg.token);
@@ -92,10 +93,7 @@ pub async fn start(
         guilds: Mutex::default(),
     });
     let _ = handler.0.set(bot.clone());
-    cp.alerts.register_channel(
-        nebula_controller::discord::SINK_KIND,
-        Arc::new(alerts::AlertChannel::new(cp.clone(), http.clone())),
-    );
+    alerts.connect(Some(http.clone()));
     cp.discord.set_status(|s| s.configured = true);
     let shards = client.shard_manager.clone();
     let settings_task = tokio::spawn(settings_changes(bot.clone(), shutdown.clone()));
@@ -109,12 +107,13 @@ pub async fn start(
             () = shutdown.cancelled() => shards.shutdown_all().await,
         }
         settings_task.abort();
+        alerts.connect(None);
         cp.discord.set_status(|s| s.connected = false);
     }))
 }
 
 /// The bot as a leader task of the controller's driver (one gateway connection per token,
-/// on the replica that leads), when `[discord] token_file` is set.
+/// on the replica that leads).
 pub const TASK: TaskDef = TaskDef {
     name: "discord-bot",
     description:
@@ -125,11 +124,14 @@ pub const TASK: TaskDef = TaskDef {
 /// Register the bot with the controller's task driver. It runs while a token is known
 /// (`[discord] token_file`, or one stored from the dashboard) and starts again with a new one.
 pub fn register(driver: &mut Driver, cp: &Arc<ControlPlane>) {
+    let alerts = Arc::new(alerts::AlertChannel::new(cp.clone()));
+    cp.alerts
+        .register_channel(nebula_controller::discord::SINK_KIND, alerts.clone());
     let cp = cp.clone();
-    driver.service(TASK, move |tcx| run(cp.clone(), tcx.cancel))
+    driver.service(TASK, move |tcx| run(cp.clone(), alerts.clone(), tcx.cancel))
 }
 
-async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
+async fn run(cp: Arc<ControlPlane>, alerts: Arc<alerts::AlertChannel>, cancel: CancellationToken) {
     let cfg = cp.config.discord.clone();
     loop {
         let changed = cp.discord.token_changed.notified();
@@ -142,7 +144,7 @@ async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
                 confirm_ttl: cfg.confirm_timeout,
             };
             let stop = cancel.child_token();
-            match start(cp.clone(), config, stop.clone()).await {
+            match start(cp.clone(), config, alerts.clone(), stop.clone()).await {
                 Ok(mut h) => {
                     tokio::select! {
                         _ = &mut h => {}
@@ -227,6 +229,31 @@ impl EventHandler for Handler {
                 tracing::warn!(guild = %g, "could not record the server: {e}");
             }
             commands::register(bot, g).await;
+        }
+    }
+
+    /// A server as the gateway describes it: after READY for each server the bot is in, and
+    /// when it is added to a new one (whose commands are registered then).
+    async fn guild_create(&self, _ctx: Context, guild: Guild, _is_new: Option<bool>) {
+        let Some(bot) = self.bot() else { return };
+        if let Err(e) = bot
+            .cp
+            .discord_guild_seen(&guild.id.to_string(), &guild.name)
+            .await
+        {
+            tracing::warn!(guild = %guild.id, "could not record the server: {e}");
+        }
+        let new = {
+            let mut known = bot.guilds.lock().unwrap_or_else(|e| e.into_inner());
+            let new = !known.contains(&guild.id);
+            if new {
+                known.push(guild.id);
+            }
+            new
+        };
+        if new {
+            tracing::info!(guild = %guild.id, name = %guild.name, "the bot joined a server");
+            commands::register(bot, guild.id).await;
         }
     }
 

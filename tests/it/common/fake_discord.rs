@@ -224,6 +224,34 @@ impl FakeDiscord {
         id
     }
 
+    /// The bot is added to a server while connected: GUILD_CREATE with the whole guild.
+    pub fn add_guild(&self, guild: u64, name: &str) {
+        let mut g: Value = serde_json::from_str(
+            r#"{
+                "icon": null, "icon_hash": null, "splash": null, "discovery_splash": null,
+                "owner_id": "1", "afk_channel_id": null, "afk_timeout": 300,
+                "widget_enabled": false, "widget_channel_id": null, "verification_level": 0,
+                "default_message_notifications": 0, "explicit_content_filter": 0, "roles": [],
+                "emojis": [], "features": [], "mfa_level": 0, "application_id": null,
+                "system_channel_id": null, "system_channel_flags": 0, "rules_channel_id": null,
+                "max_presences": null, "max_members": 250000, "vanity_url_code": null,
+                "description": null, "banner": null, "premium_tier": 0,
+                "premium_subscription_count": 0, "preferred_locale": "en-US",
+                "public_updates_channel_id": null, "max_video_channel_users": 25,
+                "max_stage_video_channel_users": 50, "nsfw_level": 0, "stickers": [],
+                "premium_progress_bar_enabled": false, "safety_alerts_channel_id": null,
+                "joined_at": "2026-12-06T12:00:00.000000+00:00", "large": false,
+                "unavailable": false, "member_count": 2, "voice_states": [], "members": [],
+                "channels": [], "threads": [], "presences": [], "stage_instances": [],
+                "guild_scheduled_events": []
+            }"#,
+        )
+        .unwrap();
+        g["id"] = json!(guild.to_string());
+        g["name"] = json!(name);
+        self.dispatch("GUILD_CREATE", g);
+    }
+
     /// `user` leaves `guild`.
     pub fn leave(&self, guild: u64, user: u64, name: &str) {
         self.dispatch(
