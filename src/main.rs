@@ -153,7 +153,8 @@ enum ApiTokenCommand {
     /// Create (or replace) an API token and print it once.
     Create {
         name: String,
-        /// ai (the gateway only), viewer, operator or admin.
+        /// ai (the gateway only), bot (acts for the Discord user each request names), viewer,
+        /// operator or admin.
         #[arg(long, default_value = "ai")]
         role: String,
     },

@@ -14,6 +14,10 @@ use crate::{ControlPlane, OpError};
 
 /// The role of API tokens that may use the AI gateway and nothing else.
 pub const AI_ROLE: &str = "ai";
+/// The role of API tokens a Discord bot running elsewhere uses: each request acts for the
+/// Discord user its `x-nebula-discord-*` headers name, with the role the control plane gives
+/// that user ([`ControlPlane::discord_principal`]), never a role of its own.
+pub const BOT_ROLE: &str = "bot";
 
 /// The token of an `Authorization: Bearer <token>` header.
 pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {

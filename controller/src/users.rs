@@ -131,9 +131,10 @@ impl ControlPlane {
         cx: &OpCtx,
     ) -> Result<String, OpError> {
         self.authorize(cx, Op::ManageApiTokens)?;
-        if role != crate::authz::AI_ROLE && !ROLES.contains(&role) {
+        if role != crate::authz::AI_ROLE && role != crate::authz::BOT_ROLE && !ROLES.contains(&role)
+        {
             return Err(OpError::Invalid(format!(
-                "role `{role}` is not one of ai, viewer, operator, admin"
+                "role `{role}` is not one of ai, bot, viewer, operator, admin"
             )));
         }
         if !nebula_protocol::valid_name(name) || name == "admin" {

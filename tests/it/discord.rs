@@ -379,6 +379,12 @@ async fn server_settings_toggle_commands_greet_members_and_moderate_messages() {
         names(&other.body).contains(&"ask".to_owned()),
         "the other server keeps /ask"
     );
+    // Added to a third server while connected: its commands are registered, its name kept.
+    fake.add_guild(700_000_000_000_000_003, "Homelab Friends");
+    fake.wait_ready(700_000_000_000_000_003).await;
+    let out = c.cli(&["discord", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("Homelab Friends"), "{text}");
     let (id, _) = fake.command(GUILD, 21, &[], "ask", &[("prompt", "hi")]);
     assert!(content(&callback(&fake, id).await).contains("switched off"));
     // A member without Manage Server may not change settings, and a server admin may not
@@ -907,4 +913,81 @@ async fn the_dashboard_connects_the_bot_links_an_account_and_edits_a_server() {
         page.contains("bot-actions") && page.contains("discord.link"),
         "{page}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_token_acts_for_the_discord_user_each_request_names() {
+    // No bot runs here: a bot elsewhere reaches the API with a `bot` token.
+    let c = Controller::start(ControllerOpts::default()).await;
+    // Settings (an alert channel too) are kept while no bot is connected.
+    settings(
+        &c,
+        GUILD,
+        json!({ "roles": { VIEWERS.to_string(): "viewer", OPERATORS.to_string(): "operator" },
+                "alerts": { "channel": "55" } }),
+    )
+    .await;
+    let sinks = c.get("/api/v1/alerts/sinks").await;
+    assert!(sinks.to_string().contains("discord-bot"), "{sinks}");
+    let out = c.cli(&["api-token", "create", "remote-bot", "--role", "bot"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let call = |method: Method, path: &str, headers: &[(&str, &str)]| {
+        let mut req = c.client.request(method, c.url(path)).bearer_auth(&token);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let guild = GUILD.to_string();
+    let as_member = |user: &'static str, roles: &'static str| {
+        vec![
+            ("x-nebula-discord-user", user),
+            ("x-nebula-discord-name", "member"),
+            ("x-nebula-discord-guild", leak(guild.clone())),
+            ("x-nebula-discord-roles", roles),
+        ]
+    };
+    // Without a Discord user it is nobody.
+    let (status, body) = call(Method::GET, "/api/v1/nodes", &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.to_string().contains("x-nebula-discord-user"), "{body}");
+    let (status, _) = call(
+        Method::GET,
+        "/api/v1/nodes",
+        &[("x-nebula-discord-user", "abc")],
+    )
+    .await;
+    assert_eq!(status, 403, "an id is digits");
+    // A member with no mapped role is told to link.
+    let (status, body) = call(Method::GET, "/api/v1/nodes", &as_member("70", "")).await;
+    assert_eq!(status, 403);
+    assert!(body.to_string().contains("/link"), "{body}");
+    // A viewer-mapped member reads, and may not reconcile.
+    let (status, _) = call(Method::GET, "/api/v1/nodes", &as_member("71", "111")).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(Method::POST, "/api/v1/reconcile", &as_member("71", "111")).await;
+    assert_eq!(status, 403);
+    // An operator-mapped member may; the audit row names the member, the server and the bot.
+    let (status, body) = call(
+        Method::POST,
+        "/api/v1/reconcile",
+        &as_member("72", "111,222"),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let rows = audit(&c, "map.reconcile").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["actor"], "discord:member");
+    assert_eq!(rows[0]["detail"]["discord"]["user"], "72");
+    assert_eq!(rows[0]["detail"]["discord"]["guild"], GUILD_S);
+    assert_eq!(rows[0]["detail"]["bot"], "remote-bot");
 }

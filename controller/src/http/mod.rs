@@ -64,7 +64,7 @@ mod prelude {
     pub(super) use serde_json::json;
 
     pub(super) use super::error::{ApiError, ApiResult};
-    pub(super) use crate::authz::{bearer, Op, OpCtx, Role, Via, AI_ROLE};
+    pub(super) use crate::authz::{bearer, Op, OpCtx, Role, Via, AI_ROLE, BOT_ROLE};
     pub(super) use crate::store::{JoinTokenRecord, NodeRecord};
     pub(super) use crate::{ControlPlane, OpError};
 }
