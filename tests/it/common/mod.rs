@@ -108,7 +108,18 @@ impl Proc {
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
         cmd.env("RUST_LOG", "info");
-        let mut child = cmd.spawn().expect("spawn");
+        // A binary a test has just written (an agent build) can be "busy" for a moment: a
+        // process forked meanwhile by another test holds its write descriptor until it execs.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r.expect("spawn"),
+            }
+        };
         let stdout = Lines::default().spawn(child.stdout.take().unwrap());
         let stderr = Lines::default().spawn(child.stderr.take().unwrap());
         Proc {
