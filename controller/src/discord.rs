@@ -21,6 +21,8 @@ use crate::{ControlPlane, OpError};
 
 /// How long a link code stays valid.
 pub const LINK_CODE_TTL: Duration = Duration::from_secs(15 * 60);
+/// The output-filter rules moderation can act on.
+pub use nebula_ai_filters::RULE_KINDS as MODERATION_RULES;
 /// The token stored from the dashboard, in the data dir.
 pub const TOKEN_FILE: &str = "discord.token";
 /// The sink kind the bot registers for alerts with buttons.

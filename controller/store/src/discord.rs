@@ -23,6 +23,15 @@ pub struct LinkRecord {
     pub linked_at: i64,
 }
 
+fn link_row(r: &sqlx::any::AnyRow) -> Result<LinkRecord, StoreError> {
+    Ok(LinkRecord {
+        discord_user: r.try_get("discord_user")?,
+        discord_name: r.try_get("discord_name")?,
+        username: r.try_get("username")?,
+        linked_at: r.try_get("linked_at")?,
+    })
+}
+
 fn guild_row(r: &sqlx::any::AnyRow) -> Result<GuildRecord, StoreError> {
     Ok(GuildRecord {
         guild_id: r.try_get("guild_id")?,
@@ -162,15 +171,7 @@ impl Store {
         .bind(discord_user.to_owned())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok(LinkRecord {
-                discord_user: r.try_get("discord_user")?,
-                discord_name: r.try_get("discord_name")?,
-                username: r.try_get("username")?,
-                linked_at: r.try_get("linked_at")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(link_row).transpose()
     }
 
     pub async fn discord_links(&self) -> Result<Vec<LinkRecord>, StoreError> {
@@ -180,16 +181,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LinkRecord {
-                    discord_user: r.try_get("discord_user")?,
-                    discord_name: r.try_get("discord_name")?,
-                    username: r.try_get("username")?,
-                    linked_at: r.try_get("linked_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(link_row).collect()
     }
 
     pub async fn delete_discord_link(&self, discord_user: &str) -> Result<bool, StoreError> {

@@ -4,18 +4,10 @@
 use std::collections::BTreeMap;
 
 use nebula_controller::authz::Role as AuthRole;
+use nebula_controller::discord::MODERATION_RULES as RULES;
 use nebula_types::api::discord::{GuildSettings, GuildView, ModAction, SelfRole};
 
 use crate::prelude::*;
-
-const RULES: [&str; 6] = [
-    "api_key",
-    "email",
-    "phone",
-    "card",
-    "profanity",
-    "code_injection",
-];
 
 fn action_name(a: Option<&ModAction>) -> &'static str {
     match a {
