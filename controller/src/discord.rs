@@ -158,7 +158,8 @@ fn code_hash(code: &str) -> String {
     hex::encode(sha2::Sha256::digest(normal.as_bytes()))
 }
 
-fn valid_snowflake(s: &str) -> bool {
+/// A Discord id: 1 to 20 digits.
+pub(crate) fn valid_snowflake(s: &str) -> bool {
     !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit())
 }
 

@@ -45,8 +45,7 @@ pub(super) async fn authenticate(
 /// (id) and `-roles` (comma-separated ids).
 fn discord_user(h: &axum::http::HeaderMap) -> Result<crate::discord::DiscordUser, &'static str> {
     let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::trim);
-    let snowflake =
-        |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    let snowflake = crate::discord::valid_snowflake;
     let id = get("x-nebula-discord-user")
         .filter(|s| snowflake(s))
         .ok_or("a bot token acts for a Discord user: x-nebula-discord-user is their id")?;
