@@ -20,6 +20,51 @@ pub enum DiscordCommand {
     Links,
 }
 
+/// `nebula bot`: the Discord bot in its own process against a controller (`--controller`,
+/// with a `bot` API token from `--token-file`).
+#[derive(clap::Args, Debug)]
+pub struct BotArgs {
+    /// File holding the Discord bot's token.
+    #[arg(long, env = "NEBULA_DISCORD_TOKEN_FILE")]
+    discord_token_file: std::path::PathBuf,
+    /// Discord's address (default https://discord.com).
+    #[arg(long, env = "NEBULA_DISCORD_API_URL", hide = true)]
+    discord_api_url: Option<String>,
+    /// How long a destructive command waits for its user's confirmation.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    confirm_timeout: std::time::Duration,
+}
+
+pub async fn bot(cli: &Cli, args: &BotArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let api = Api::new(cli)?;
+    let token = std::fs::read_to_string(&args.discord_token_file)
+        .with_context(|| format!("reading {}", args.discord_token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "{} holds no token",
+        args.discord_token_file.display()
+    );
+    let cfg = nebula_bots::discord::remote::RemoteConfig {
+        controller: api.base.clone(),
+        api_token: api.token.clone(),
+        discord: nebula_bots::discord::Config {
+            token,
+            api_url: args.discord_api_url.clone(),
+            confirm_ttl: args.confirm_timeout,
+        },
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        nebula_agent::process::wait_for_signal().await;
+        stop.cancel();
+    });
+    nebula_bots::discord::remote::run(cfg, shutdown).await
+}
+
 pub async fn discord(cli: &Cli, cmd: &DiscordCommand) -> anyhow::Result<()> {
     let api = Api::new(cli)?;
     match cmd {
@@ -29,10 +74,18 @@ pub async fn discord(cli: &Cli, cmd: &DiscordCommand) -> anyhow::Result<()> {
                 print_json(&v);
                 return Ok(());
             }
-            let state = match (v.bot.configured, v.bot.connected) {
-                (false, _) => "not configured (set [discord] token_file)".to_owned(),
-                (true, false) => "configured, not connected".to_owned(),
-                (true, true) => format!("connected as {}", v.bot.account.unwrap_or_default()),
+            let state = match (v.bot.configured, v.bot.connected, &v.bot.remote) {
+                (_, true, Some(host)) => format!(
+                    "connected as {}, as `nebula bot` on {host}",
+                    v.bot.account.clone().unwrap_or_default()
+                ),
+                (false, _, _) => {
+                    "not configured (set [discord] token_file, or run `nebula bot`)".to_owned()
+                }
+                (true, false, _) => "configured, not connected".to_owned(),
+                (true, true, _) => {
+                    format!("connected as {}", v.bot.account.clone().unwrap_or_default())
+                }
             };
             println!("Bot: {state}");
             let rows = v

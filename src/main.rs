@@ -88,6 +88,9 @@ enum Command {
     /// The Discord bot: its connection and servers, a server's settings, linked accounts.
     #[command(subcommand)]
     Discord(discord::DiscordCommand),
+    /// Run the Discord bot in its own process against a controller (a `bot` API token:
+    /// `nebula api-token create NAME --role bot`), instead of inside the controller.
+    Bot(discord::BotArgs),
     /// Every container in the fleet, filtered and searched.
     Containers(containers::ContainersArgs),
     /// One container: show, logs, start, stop, restart, kill, rm, pull.
@@ -164,7 +167,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS crypto provider for the whole process (quinn and the HTTP client both use ring).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
+    if matches!(
+        cli.command,
+        Command::Serve(_) | Command::Dev(_) | Command::Bot(_)
+    ) {
         nebula_agent::process::init_logging(&cli.log_format);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -189,6 +195,7 @@ fn main() -> ExitCode {
             Command::Monitors => monitors::list(&cli).await,
             Command::Monitor(ref cmd) => monitors::command(&cli, cmd).await,
             Command::Discord(ref cmd) => discord::discord(&cli, cmd).await,
+            Command::Bot(ref args) => discord::bot(&cli, args).await,
             Command::Silence(ref cmd) => alerts::silence(&cli, cmd).await,
             Command::Sink(ref cmd) => alerts::sink(&cli, cmd).await,
             Command::Containers(ref args) => containers::containers(&cli, args).await,

@@ -86,10 +86,9 @@ impl ControlPlane {
     /// May `cx` do `op`? A refusal is counted (`nebula_operations_refused_total`) and says
     /// which role the operation needs.
     pub fn authorize(&self, cx: &OpCtx, op: Op) -> Result<(), OpError> {
-        let needs = op.needs();
-        if cx.role >= needs {
+        let Err(refused) = permits(cx.role, op) else {
             return Ok(());
-        }
+        };
         self.metrics
             .refused_ops
             .get_or_create(&vec![("op", op.as_str()), ("via", cx.via.as_str())])
@@ -102,6 +101,17 @@ impl ControlPlane {
             "operation refused: the {} role does not allow it",
             cx.role.as_str()
         );
+        Err(refused)
+    }
+}
+
+/// Does `role` allow `op`? The one rule [`ControlPlane::authorize`] applies (a bot in its own
+/// process asks it before offering a confirmation; the controller judges again when it runs).
+pub fn permits(role: Role, op: Op) -> Result<(), OpError> {
+    let needs = op.needs();
+    if role >= needs {
+        Ok(())
+    } else {
         Err(OpError::Forbidden(format!(
             "this action needs the {needs:?} role"
         )))

@@ -17,6 +17,20 @@ const OTHER_GUILD: u64 = 700_000_000_000_000_002;
 const VIEWERS: u64 = 111;
 const OPERATORS: u64 = 222;
 
+/// Alerts evaluated, grouped and resolved at once (a node unreachable for a second fires).
+const FAST_ALERTS: [&str; 10] = [
+    "--alert-interval",
+    "300ms",
+    "--alert-group-wait",
+    "0s",
+    "--alert-group-interval",
+    "1s",
+    "--alert-node-unreachable-for",
+    "1s",
+    "--alert-keep-firing-for",
+    "0s",
+];
+
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
@@ -533,23 +547,7 @@ async fn server_settings_toggle_commands_greet_members_and_moderate_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_post_with_buttons_that_work_after_a_restart_and_resolve_in_place() {
     let fake = FakeDiscord::start(&[GUILD]).await;
-    let (mut c, _dir) = controller(
-        &fake,
-        "2m",
-        &[
-            "--alert-interval",
-            "300ms",
-            "--alert-group-wait",
-            "0s",
-            "--alert-group-interval",
-            "1s",
-            "--alert-node-unreachable-for",
-            "1s",
-            "--alert-keep-firing-for",
-            "0s",
-        ],
-    )
-    .await;
+    let (mut c, _dir) = controller(&fake, "2m", &FAST_ALERTS).await;
     fake.wait_ready(GUILD).await;
     settings(
         &c,
@@ -990,4 +988,268 @@ async fn a_bot_token_acts_for_the_discord_user_each_request_names() {
     assert_eq!(rows[0]["detail"]["discord"]["user"], "72");
     assert_eq!(rows[0]["detail"]["discord"]["guild"], GUILD_S);
     assert_eq!(rows[0]["detail"]["bot"], "remote-bot");
+    // The AI gateway takes the same token for the same users (`/ask` from a bot process).
+    let chat =
+        json!({ "model": "no-such-model", "messages": [{ "role": "user", "content": "hi" }] });
+    let ask = |headers: Vec<(&'static str, &'static str)>| {
+        let mut req = c
+            .client
+            .post(c.url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .json(&chat);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    let (status, body) = ask(as_member("70", "")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("/link"), "{body}");
+    let (status, body) = ask(as_member("71", "111")).await;
+    assert_eq!(status, 403, "a viewer may not chat: {body}");
+    let (status, body) = ask(as_member("72", "111,222")).await;
+    assert_eq!(
+        status, 404,
+        "an operator gets past authorization to no such model: {body}"
+    );
+}
+
+/// `nebula bot` with the flags that reach this controller and the stand-in.
+fn bot_process(c: &Controller, fake: &FakeDiscord, dir: &std::path::Path) -> common::Proc {
+    let mut cmd = std::process::Command::new(common::bin("nebula"));
+    cmd.args(["bot", "--controller", &c.url("")])
+        .arg("--token-file")
+        .arg(dir.join("api.token"))
+        .arg("--discord-token-file")
+        .arg(dir.join("discord.token"))
+        .args(["--discord-api-url", &fake.url(), "--confirm-timeout", "1m"])
+        .env_remove("NEBULA_TOKEN")
+        .env("RUST_LOG", "info");
+    common::Proc::spawn(cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nebula_bot_runs_in_its_own_process_against_a_remote_controller() {
+    // The controller has no Discord token: the bot is its own process with a `bot` API token.
+    let fake = FakeDiscord::start(&[GUILD]).await;
+    let c = Controller::start(ControllerOpts {
+        extra: FAST_ALERTS.to_vec(),
+        ..ControllerOpts::default()
+    })
+    .await;
+    settings(
+        &c,
+        GUILD,
+        json!({
+            "roles": { VIEWERS.to_string(): "viewer", OPERATORS.to_string(): "operator" },
+            "alerts": { "channel": "55", "filters": { "rules": ["node_unreachable"] } },
+            "moderation": { "rules": { "api_key": "delete" } },
+        }),
+    )
+    .await;
+    let out = c.cli(&["api-token", "create", "homelab-bot", "--role", "bot"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api.token"), &out.stdout).unwrap();
+    std::fs::write(dir.path().join("discord.token"), "fake-bot-token\n").unwrap();
+    let mut bot = bot_process(&c, &fake, dir.path());
+    let first = fake.wait_ready(GUILD).await;
+    assert!(first.contains(&"deploy".to_owned()), "{first:?}");
+    let status = wait_for("the bot process attached", Duration::from_secs(20), || {
+        let c = &c;
+        async move {
+            let s = c.get("/api/v1/discord").await;
+            (s["bot"]["connected"] == true && s["bot"]["remote"].is_string()).then_some(s)
+        }
+    })
+    .await;
+    assert!(
+        status["guilds"].to_string().contains(GUILD_S),
+        "the server is recorded through the API: {status}"
+    );
+
+    // One gateway connection per token: a second process is refused and says why.
+    let mut second = bot_process(&c, &fake, dir.path());
+    let st = second.exit(Duration::from_secs(30)).await;
+    assert!(!st.success());
+    assert!(
+        second
+            .output()
+            .contains("holds this controller's Discord connection"),
+        "{}",
+        second.output()
+    );
+
+    // Reads and refusals come from the controller's own checks.
+    let (id, _) = fake.command(GUILD, 5, &[], "fleet", &[]);
+    assert!(content(&callback(&fake, id).await).contains("/link"));
+    let (id, _) = fake.command(GUILD, 6, &[VIEWERS], "fleet", &[]);
+    assert!(content(&callback(&fake, id).await).contains("**Fleet**"));
+    let (id, _) = fake.command(GUILD, 6, &[VIEWERS], "deploy", &[]);
+    assert!(content(&callback(&fake, id).await).contains("Refused"));
+    // An operator's confirmed deploy is audited with the Discord user, the server and the bot.
+    let (id, token) = fake.command(GUILD, 7, &[OPERATORS], "deploy", &[]);
+    assert_eq!(callback(&fake, id).await.body["type"], 5);
+    let confirm = confirmation(&fake, &token).await;
+    let (_, click_token) = fake.click(
+        GUILD,
+        7,
+        &[OPERATORS],
+        &format!("nebula:confirm:{confirm}"),
+        1,
+    );
+    edited(&fake, &click_token, "reconciler").await;
+    let rows = audit(&c, "map.reconcile").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["actor"], "discord:user7");
+    assert_eq!(rows[0]["detail"]["discord"]["user"], "7");
+    assert_eq!(rows[0]["detail"]["discord"]["guild"], GUILD_S);
+    assert_eq!(rows[0]["detail"]["bot"], "homelab-bot");
+
+    // /link through the bot's endpoint; then /run streams a node's output by edits.
+    let (code, _) = c
+        .api(
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({ "username": "alice", "password": "correct horse battery", "role": "operator" })),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let out = c.cli(&["user", "link-discord", "alice"]);
+    let code = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("/link ").map(str::to_owned))
+        .expect("a /link line");
+    let (id, _) = fake.command(GUILD, 9, &[], "link", &[("code", code.as_str())]);
+    assert!(content(&callback(&fake, id).await).contains("`alice`"));
+    let agent_dir = tempfile::tempdir().unwrap();
+    let agent_cfg = "[exec.commands.count]\nargv = [\"sh\", \"-c\", \"for i in 1 2 3; do echo tick-$i; sleep 1; done\"]\n";
+    let (mut agent, _) = join_ready(&c, agent_dir.path(), "box", &[], Some(agent_cfg)).await;
+    let (id, token) = fake.command(
+        GUILD,
+        9,
+        &[],
+        "run",
+        &[("node", "box"), ("operation", "count")],
+    );
+    assert_eq!(callback(&fake, id).await.body["type"], 5);
+    let confirm = confirmation(&fake, &token).await;
+    let (_, click_token) = fake.click(GUILD, 9, &[], &format!("nebula:confirm:{confirm}"), 2);
+    let done = edited(&fake, &click_token, "✅ done").await;
+    assert!(content(&done).contains("tick-3"), "{done:?}");
+    let runs = audit(&c, "job.create").await;
+    assert_eq!(runs[0]["actor"], "alice");
+    let id = fake.autocomplete(GUILD, 9, &[], "node", "node", "bo");
+    assert_eq!(
+        callback(&fake, id).await.body["data"]["choices"][0]["value"],
+        "box"
+    );
+
+    // A toggle switched off on the controller reaches the bot: the server's commands change.
+    let before = fake.calls().len();
+    settings(
+        &c,
+        GUILD,
+        json!({
+            "roles": { VIEWERS.to_string(): "viewer", OPERATORS.to_string(): "operator" },
+            "alerts": { "channel": "55", "filters": { "rules": ["node_unreachable"] } },
+            "moderation": { "rules": { "api_key": "delete" } },
+            "groups": { "ai": false },
+        }),
+    )
+    .await;
+    let again = fake
+        .wait_call("the server's commands registered again", before, |c| {
+            c.method == "PUT" && c.path.ends_with(&format!("/guilds/{GUILD}/commands"))
+        })
+        .await;
+    assert!(!names(&again.body).contains(&"ask".to_owned()));
+    // /settings by a server admin goes through the controller's check.
+    let (id, _) = fake.command_with(
+        GUILD,
+        20,
+        &[],
+        "settings",
+        &[("key", "nickname"), ("value", "Nebby")],
+        "32",
+    );
+    assert!(content(&callback(&fake, id).await).contains("changed"));
+    assert_eq!(
+        c.get("/api/v1/discord").await["guilds"][0]["settings"]["nickname"],
+        "Nebby"
+    );
+
+    // Moderation: the message is deleted and the audit row is the controller's.
+    let leaked = fake.say(
+        GUILD,
+        5,
+        13,
+        "key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789",
+    );
+    fake.wait_call("the message deleted", 0, |c| {
+        c.method == "DELETE" && c.path.ends_with(&format!("/messages/{leaked}"))
+    })
+    .await;
+    let rows = wait_for("the moderation audit row", Duration::from_secs(10), || {
+        let c = &c;
+        async move {
+            let rows = audit(c, "discord.moderation").await;
+            (!rows.is_empty()).then_some(rows)
+        }
+    })
+    .await;
+    assert_eq!(rows[0]["detail"]["action"], "deleted");
+
+    // An alert: the controller hands it to the bot process, which posts it with buttons.
+    agent.proc.kill();
+    let posted = fake
+        .wait_call("the alert posted by the bot process", 0, |c| {
+            c.method == "POST" && c.path.ends_with("/channels/55/messages")
+        })
+        .await;
+    assert!(content(&posted).contains("node_unreachable"), "{posted:?}");
+    let ack = buttons(&posted)
+        .into_iter()
+        .find(|b| b.starts_with("nebula:ack:"))
+        .expect("an Acknowledge button");
+    let (id, _) = fake.click(GUILD, 31, &[OPERATORS], &ack, 3);
+    assert!(content(&callback(&fake, id).await).contains("Acknowledged"));
+    // The bot process reported the delivery: the outbox has it as sent.
+    wait_for(
+        "the notification marked sent",
+        Duration::from_secs(10),
+        || {
+            let c = &c;
+            async move {
+                let h = c.get("/api/v1/alerts/notifications").await;
+                h.as_array()?
+                    .iter()
+                    .any(|n| n["sink"] == format!("discord-{GUILD}") && n["state"] == "sent")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // The node comes back: the resolution edits the message through the remembered id.
+    let message = posted_id(&posted);
+    let _agent = common::Agent::run(&agent_dir.path().join("box"));
+    fake.wait_call("the alert message edited as resolved", 0, |c| {
+        c.method == "PATCH"
+            && c.path
+                .ends_with(&format!("/channels/55/messages/{message}"))
+            && content(c).contains("resolved")
+    })
+    .await;
+
+    // Stopped, it detaches: the dashboard says it is not connected.
+    assert!(bot.terminate().success() || cfg!(not(unix)));
+    let s = c.get("/api/v1/discord").await;
+    assert_eq!(s["bot"]["connected"], false, "{s}");
 }

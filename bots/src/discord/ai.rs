@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use nebula_controller::ai::gateway::Caller;
-use nebula_controller::ai::pulls::Scope;
-use nebula_controller::authz::{Op, OpCtx, Role};
+use nebula_controller::authz::Op;
 use nebula_types::api::discord::GuildSettings;
 use serenity::all::{CommandInteraction, CreateAttachment, EditInteractionResponse};
+
+use super::backend::Principal;
 
 use super::commands::opt;
 use super::{clip, edit, principal, refusal, reply, who_of_command, Bot};
@@ -64,21 +64,21 @@ const DEFAULT_PERSONA: &str =
 
 /// Who may run an AI command here, under this server's settings and limits; `None` when the
 /// answer (a refusal or "slow down") was sent already.
-async fn admit(bot: &Bot, cmd: &CommandInteraction) -> Option<(OpCtx, Arc<GuildSettings>)> {
+async fn admit(bot: &Bot, cmd: &CommandInteraction) -> Option<(Principal, Arc<GuildSettings>)> {
     let who = who_of_command(cmd);
-    let cx = match principal(bot, &who).await {
-        Ok(cx) => cx,
+    let p = match principal(bot, &who).await {
+        Ok(p) => p,
         Err(why) => {
             reply(bot, cmd, &why, true).await;
             return None;
         }
     };
-    if let Err(e) = bot.cp.authorize(&cx, Op::Chat) {
+    if let Err(e) = p.allows(Op::Chat) {
         reply(bot, cmd, &refusal(&e), true).await;
         return None;
     }
     let guild = cmd.guild_id.map(|g| g.to_string()).unwrap_or_default();
-    let s = match bot.cp.guild_settings(&guild).await {
+    let s = match bot.backend.guild_settings(&guild).await {
         Ok(s) => s,
         Err(e) => {
             reply(bot, cmd, &refusal(&e), true).await;
@@ -94,48 +94,28 @@ async fn admit(bot: &Bot, cmd: &CommandInteraction) -> Option<(OpCtx, Arc<GuildS
         tracing::warn!(command = %cmd.data.name, "could not defer: {e}");
         return None;
     }
-    Some((cx, s))
+    Some((p, s))
 }
 
-/// The gateway's caller for a Discord principal: accounted as `discord:ACTOR`; only operators
-/// may start model pulls.
-fn caller(cx: &OpCtx) -> Caller {
-    Caller {
-        name: format!("discord:{}", cx.actor),
-        scope: if cx.role >= Role::Operator {
-            Scope::Operator
-        } else {
-            Scope::ReadOnly
-        },
-    }
-}
-
-/// A gateway answer's status and JSON body.
-async fn read(resp: axum::response::Response) -> (axum::http::StatusCode, serde_json::Value) {
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
-        .await
-        .unwrap_or_default();
-    (status, serde_json::from_slice(&bytes).unwrap_or_default())
-}
-
-fn gateway_error(status: axum::http::StatusCode, v: &serde_json::Value) -> String {
+fn gateway_error(status: u16, v: &serde_json::Value) -> String {
     let why = v["error"]["message"]
         .as_str()
         .map(str::to_owned)
-        .unwrap_or_else(|| status.to_string());
+        .unwrap_or_else(|| format!("status {status}"));
     format!("⚠️ The gateway could not answer: {why}")
 }
 
 /// `/ask PROMPT [model]`.
 pub(crate) async fn ask(bot: &Arc<Bot>, cmd: &CommandInteraction) {
-    let Some((cx, s)) = admit(bot, cmd).await else {
+    let Some((p, s)) = admit(bot, cmd).await else {
         return;
     };
-    let model = opt(cmd, "model")
+    let mut model = opt(cmd, "model")
         .map(str::to_owned)
-        .or_else(|| (!s.persona.model.is_empty()).then(|| s.persona.model.clone()))
-        .or_else(|| super::fleet::model_names(bot).into_iter().next());
+        .or_else(|| (!s.persona.model.is_empty()).then(|| s.persona.model.clone()));
+    if model.is_none() {
+        model = bot.backend.model_names(&p).await.into_iter().next();
+    }
     let Some(model) = model else {
         return edit(bot, cmd, "⚠️ No model is served in the fleet now.").await;
     };
@@ -152,15 +132,9 @@ pub(crate) async fn ask(bot: &Arc<Bot>, cmd: &CommandInteraction) {
             { "role": "user", "content": opt(cmd, "prompt").unwrap_or("") },
         ],
     });
-    let resp = nebula_controller::ai::gateway::serve_for(
-        bot.cp.clone(),
-        caller(&cx),
-        body.to_string().into(),
-        "/v1/chat/completions",
-    )
-    .await;
-    let (status, v) = read(resp).await;
-    let text = if status.is_success() {
+    let answer = bot.backend.chat(&p, body).await;
+    let (status, v) = (answer.status, answer.body);
+    let text = if (200..300).contains(&status) {
         let answer = v["choices"][0]["message"]["content"]
             .as_str()
             .unwrap_or("(no answer)");
@@ -177,7 +151,7 @@ pub(crate) async fn ask(bot: &Arc<Bot>, cmd: &CommandInteraction) {
 /// `/imagine PROMPT`: one image from a node with Stable Diffusion (the server's checkpoint, if
 /// it names one), posted as an attachment.
 pub(crate) async fn imagine(bot: &Arc<Bot>, cmd: &CommandInteraction) {
-    let Some((cx, s)) = admit(bot, cmd).await else {
+    let Some((p, s)) = admit(bot, cmd).await else {
         return;
     };
     let prompt = opt(cmd, "prompt").unwrap_or("");
@@ -185,23 +159,13 @@ pub(crate) async fn imagine(bot: &Arc<Bot>, cmd: &CommandInteraction) {
     if !s.persona.image_model.is_empty() {
         body["model"] = s.persona.image_model.clone().into();
     }
-    let resp = nebula_controller::ai::gateway::generate_images(
-        bot.cp.clone(),
-        caller(&cx).name,
-        body.to_string().into(),
-    )
-    .await;
-    let node = resp
-        .headers()
-        .get(nebula_controller::ai::gateway::NODE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_owned();
-    let (status, v) = read(resp).await;
+    let answer = bot.backend.image(&p, body).await;
+    let node = answer.node.unwrap_or_else(|| "?".into());
+    let (status, v) = (answer.status, answer.body);
     let png = v["data"][0]["b64_json"]
         .as_str()
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
-    let edit_with = match (status.is_success(), png) {
+    let edit_with = match ((200..300).contains(&status), png) {
         (true, Some(png)) => EditInteractionResponse::new()
             .content(clip(&format!("🎨 {prompt}\n-# made on {node}")))
             .new_attachment(CreateAttachment::bytes(png, "image.png")),

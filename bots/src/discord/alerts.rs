@@ -1,7 +1,8 @@
 //! Alerts in Discord: the bot is a notification channel (sinks of kind `discord-bot`, one per
 //! server with an alert channel). Each alert is one message with Acknowledge and Silence 1 h
 //! buttons; its custom ids carry the alert's fingerprint (stable across restarts) and the
-//! message it was posted as is stored, so its resolution edits it.
+//! message it was posted as is stored, so its resolution edits it. A bot in its own process
+//! gets the notifications from the controller and posts them with the same [`post`].
 
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use nebula_controller::alerts::sinks::Channel;
 use nebula_controller::store::alerts::SinkRecord;
 use nebula_controller::ControlPlane;
 use nebula_types::api::alerts::CreateSilence;
+
+use super::backend::Backend;
 use serde_json::Value;
 use serenity::all::{
     ButtonStyle, ChannelId, ComponentInteraction, CreateActionRow, CreateButton,
@@ -20,7 +23,8 @@ use serenity::all::{
 use super::{clip, principal, refusal, who_of_component, Bot};
 
 /// Registered when the controller starts, so servers' alert sinks exist (and queue) before the
-/// bot connects; deliveries while it is not connected fail and the outbox retries them.
+/// bot connects. While the bot runs in this process it posts them; otherwise they go to a bot
+/// process attached to the controller, if any. Deliveries that fail are retried by the outbox.
 pub(crate) struct AlertChannel {
     cp: Arc<ControlPlane>,
     http: std::sync::RwLock<Option<Arc<Http>>>,
@@ -38,10 +42,6 @@ impl AlertChannel {
     pub(crate) fn connect(&self, http: Option<Arc<Http>>) {
         *self.http.write().unwrap_or_else(|e| e.into_inner()) = http;
     }
-}
-
-fn now() -> i64 {
-    nebula_protocol::time::UnixMillis::now().as_i64()
 }
 
 /// The channel of a sink's address (`discord:GUILD/CHANNEL`).
@@ -101,77 +101,85 @@ fn buttons(fingerprint: &str) -> Vec<CreateActionRow> {
 
 impl AlertChannel {
     async fn send(&self, sink: &SinkRecord, body: &str) -> Result<(), String> {
-        let channel = channel_of(&sink.url)?;
-        let http = self
-            .http
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or("the Discord bot is not connected")?;
-        let doc: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
-        if doc["type"] == "alert.test" {
-            let t = format!(
-                "🔔 Test message from Nebula Command (sink `{}`, by {}).",
-                sink.name,
-                doc["data"]["by"].as_str().unwrap_or("?")
-            );
-            channel
-                .send_message(&http, CreateMessage::new().content(t))
-                .await
-                .map_err(|e| e.to_string())?;
-            return Ok(());
-        }
-        let alerts = doc["data"]["alerts"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let store = &self.cp.store;
-        for a in &alerts {
-            let fp = a["fingerprint"].as_str().unwrap_or("");
-            let resolved = a["state"] == "resolved";
-            let known = store
-                .discord_alert_message(fp, &channel.to_string())
-                .await
-                .map_err(|e| e.to_string())?;
-            let components = if resolved { Vec::new() } else { buttons(fp) };
-            match known.and_then(|m| m.parse::<u64>().ok()) {
-                Some(m) => {
-                    let edit = EditMessage::new()
-                        .content(clip(&text(a)))
-                        .components(components);
-                    channel
-                        .edit_message(&http, MessageId::new(m), edit)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                // A resolution of an alert never posted here says nothing.
-                None if resolved => {}
-                None => {
-                    let msg = CreateMessage::new()
-                        .content(clip(&text(a)))
-                        .components(components);
-                    let posted = channel
-                        .send_message(&http, msg)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    store
-                        .put_discord_alert_message(
-                            fp,
-                            &channel.to_string(),
-                            &posted.id.to_string(),
-                            now(),
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
+        let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match http {
+            Some(http) => {
+                let local = super::local::Local(self.cp.clone());
+                post(&http, &local, &sink.name, &sink.url, body).await
+            }
+            None => {
+                self.cp
+                    .discord
+                    .remote
+                    .deliver(&sink.name, &sink.url, body)
+                    .await
             }
         }
-        // Messages of alerts resolved a month ago are not edited again.
-        let _ = store
-            .prune_discord_alert_messages(now() - 31 * 86_400_000)
-            .await;
-        Ok(())
     }
+}
+
+/// Post a notification (`body`, as webhooks receive it) for sink `sink` at `url`: a message
+/// per new alert, an edit of its message for a change or its resolution.
+pub(crate) async fn post(
+    http: &Http,
+    backend: &dyn Backend,
+    sink: &str,
+    url: &str,
+    body: &str,
+) -> Result<(), String> {
+    let channel = channel_of(url)?;
+    let doc: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    if doc["type"] == "alert.test" {
+        let t = format!(
+            "🔔 Test message from Nebula Command (sink `{sink}`, by {}).",
+            doc["data"]["by"].as_str().unwrap_or("?")
+        );
+        channel
+            .send_message(http, CreateMessage::new().content(t))
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    let alerts = doc["data"]["alerts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for a in &alerts {
+        let fp = a["fingerprint"].as_str().unwrap_or("");
+        let resolved = a["state"] == "resolved";
+        let known = backend
+            .alert_message(fp, &channel.to_string())
+            .await
+            .map_err(|e| e.to_string())?;
+        let components = if resolved { Vec::new() } else { buttons(fp) };
+        match known.and_then(|m| m.parse::<u64>().ok()) {
+            Some(m) => {
+                let edit = EditMessage::new()
+                    .content(clip(&text(a)))
+                    .components(components);
+                channel
+                    .edit_message(http, MessageId::new(m), edit)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            // A resolution of an alert never posted here says nothing.
+            None if resolved => {}
+            None => {
+                let msg = CreateMessage::new()
+                    .content(clip(&text(a)))
+                    .components(components);
+                let posted = channel
+                    .send_message(http, msg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                backend
+                    .remember_alert_message(fp, &channel.to_string(), &posted.id.to_string())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Channel for AlertChannel {
@@ -190,11 +198,11 @@ pub(crate) async fn clicked(bot: &Arc<Bot>, c: &ComponentInteraction, kind: &str
     let who = who_of_component(c);
     let answer = match principal(bot, &who).await {
         Err(why) => why,
-        Ok(cx) if kind == "ack" => match bot.cp.acknowledge_alert(&cx, fp).await {
-            Ok(()) => format!("👍 Acknowledged by {}.", cx.actor),
+        Ok(p) if kind == "ack" => match bot.backend.acknowledge(&p, fp).await {
+            Ok(()) => format!("👍 Acknowledged by {}.", p.actor),
             Err(e) => refusal(&e),
         },
-        Ok(cx) => match bot.cp.alerts_now(&cx).await {
+        Ok(p) => match bot.backend.alerts(&p).await {
             Err(e) => refusal(&e),
             Ok(list) => match list.into_iter().find(|a| a.fingerprint == fp) {
                 None => "⚠️ That alert is not active any more.".into(),
@@ -206,9 +214,9 @@ pub(crate) async fn clicked(bot: &Arc<Bot>, c: &ComponentInteraction, kind: &str
                         duration: "1h".into(),
                         comment: format!("from Discord by {}", who.name),
                     };
-                    match bot.cp.add_silence(&cx, req).await {
+                    match bot.backend.silence(&p, req).await {
                         Ok(s) => {
-                            format!("🔕 Silenced for 1 h by {} (until {}).", cx.actor, s.ends_at)
+                            format!("🔕 Silenced for 1 h by {} (until {}).", p.actor, s.ends_at)
                         }
                         Err(e) => refusal(&e),
                     }

@@ -165,7 +165,7 @@ pub(crate) fn definitions() -> Vec<(Group, CreateCommand)> {
 
 /// Register `guild`'s commands: the groups it has on (a switched-off group disappears there).
 pub(crate) async fn register(bot: &Bot, guild: GuildId) {
-    let settings = match bot.cp.guild_settings(&guild.to_string()).await {
+    let settings = match bot.backend.guild_settings(&guild.to_string()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%guild, "no settings for the server: {e}");
@@ -205,7 +205,7 @@ pub(crate) async fn dispatch(bot: &Arc<Bot>, cmd: CommandInteraction) {
     let name = cmd.data.name.clone();
     let group = group_of(&name);
     if let Some(guild) = cmd.guild_id {
-        let s = match bot.cp.guild_settings(&guild.to_string()).await {
+        let s = match bot.backend.guild_settings(&guild.to_string()).await {
             Ok(s) => s,
             Err(e) => return reply(bot, &cmd, &super::refusal(&e), true).await,
         };
@@ -242,18 +242,15 @@ pub(crate) async fn autocomplete(bot: &Arc<Bot>, cmd: CommandInteraction) {
     };
     let typed = focused.value.to_lowercase();
     // Names are fleet data: only for someone who may read the fleet.
-    let allowed = match super::principal(bot, &super::who_of_command(&cmd)).await {
-        Ok(cx) => bot
-            .cp
-            .authorize(&cx, nebula_controller::authz::Op::ReadFleet)
-            .is_ok(),
-        Err(_) => false,
-    };
-    let names: Vec<String> = match focused.name {
-        _ if !allowed => Vec::new(),
-        "node" => fleet::node_names(bot).await,
-        "rollback" => fleet::service_names(bot).await,
-        "model" => fleet::model_names(bot),
+    let p = super::principal(bot, &super::who_of_command(&cmd))
+        .await
+        .ok()
+        .filter(|p| p.allows(nebula_controller::authz::Op::ReadFleet).is_ok());
+    let names: Vec<String> = match (focused.name, p) {
+        (_, None) => Vec::new(),
+        ("node", Some(p)) => fleet::node_names(bot, &p).await,
+        ("rollback", Some(p)) => fleet::service_names(bot, &p).await,
+        ("model", Some(p)) => bot.backend.model_names(&p).await,
         _ => Vec::new(),
     };
     let mut resp = CreateAutocompleteResponse::new();

@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use nebula_ai_filters::{Action as FilterAction, Filters};
-use nebula_types::api::discord::{GuildSettings, ModAction};
+use nebula_types::api::discord::{GuildSettings, ModAction, Moderated};
 use serenity::all::{
     ButtonStyle, CommandInteraction, ComponentInteraction, CreateActionRow, CreateButton,
     CreateInteractionResponse, CreateInteractionResponseMessage, GuildId, Message, RoleId, User,
@@ -14,7 +14,7 @@ use super::{post, reply, Bot};
 
 /// Welcome (`joined`) or goodbye message for `user` in `guild`.
 pub(crate) async fn greet(bot: &Bot, guild: GuildId, user: &User, joined: bool) {
-    let Ok(s) = bot.cp.guild_settings(&guild.to_string()).await else {
+    let Ok(s) = bot.backend.guild_settings(&guild.to_string()).await else {
         return;
     };
     let g = if joined { &s.welcome } else { &s.goodbye };
@@ -22,13 +22,11 @@ pub(crate) async fn greet(bot: &Bot, guild: GuildId, user: &User, joined: bool) 
         return;
     }
     let server = bot
-        .cp
-        .store
-        .discord_guild(&guild.to_string())
-        .await
-        .ok()
-        .flatten()
-        .map(|g| g.name)
+        .names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&guild)
+        .cloned()
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "the server".into());
     let text = render(&g.template, user, &server);
@@ -81,7 +79,7 @@ fn verdict(s: &GuildSettings, text: &str) -> Option<(ModAction, Vec<String>)> {
 /// Check a member's message against the server's moderation rules.
 pub(crate) async fn moderate(bot: &Bot, msg: &Message) {
     let Some(guild) = msg.guild_id else { return };
-    let Ok(s) = bot.cp.guild_settings(&guild.to_string()).await else {
+    let Ok(s) = bot.backend.guild_settings(&guild.to_string()).await else {
         return;
     };
     let Some((action, hits)) = verdict(&s, &msg.content) else {
@@ -112,18 +110,16 @@ pub(crate) async fn moderate(bot: &Bot, msg: &Message) {
         }
         ModAction::Log => "logged",
     };
-    bot.cp.audit(
-        &format!("discord:{}", msg.author.name),
-        "discord.moderation",
-        &msg.id.to_string(),
-        serde_json::json!({
-            "via": "discord",
-            "discord": { "user": msg.author.id.to_string(), "name": msg.author.name, "guild": guild.to_string() },
-            "channel": msg.channel_id.to_string(),
-            "action": done,
-            "hits": hits,
-        }),
-    );
+    let who = super::who(&msg.author, None, Some(guild));
+    let record = Moderated {
+        message: msg.id.to_string(),
+        channel: msg.channel_id.to_string(),
+        action: done.to_owned(),
+        hits: hits.clone(),
+    };
+    if let Err(e) = bot.backend.moderated(&who, record).await {
+        tracing::warn!(%guild, "could not record a moderated message: {e}");
+    }
     if !s.moderation.log_channel.is_empty() {
         let text = format!(
             "🛡️ Message by <@{}> in <#{}> {done}: {what}",
@@ -136,7 +132,7 @@ pub(crate) async fn moderate(bot: &Bot, msg: &Message) {
 /// `/roles`: buttons for the roles members may give themselves.
 pub(crate) async fn roles(bot: &Arc<Bot>, cmd: &CommandInteraction) {
     let Some(guild) = cmd.guild_id else { return };
-    let Ok(s) = bot.cp.guild_settings(&guild.to_string()).await else {
+    let Ok(s) = bot.backend.guild_settings(&guild.to_string()).await else {
         return;
     };
     if s.self_roles.is_empty() {
@@ -176,7 +172,7 @@ pub(crate) async fn role_clicked(bot: &Arc<Bot>, c: &ComponentInteraction, role:
     let (Some(guild), Some(member)) = (c.guild_id, c.member.as_ref()) else {
         return;
     };
-    let Ok(s) = bot.cp.guild_settings(&guild.to_string()).await else {
+    let Ok(s) = bot.backend.guild_settings(&guild.to_string()).await else {
         return;
     };
     let text = match role.parse::<u64>() {

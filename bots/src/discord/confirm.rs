@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nebula_controller::authz::OpCtx;
+use super::backend::Principal;
 use serenity::all::{
     ButtonStyle, CommandInteraction, ComponentInteraction, CreateActionRow, CreateButton,
     CreateInteractionResponse, CreateInteractionResponseMessage, EditInteractionResponse,
@@ -54,7 +54,7 @@ impl Action {
 
 struct Entry {
     user: String,
-    cx: OpCtx,
+    principal: Principal,
     action: Action,
     at: Instant,
 }
@@ -82,7 +82,7 @@ impl Pending {
 pub(crate) async fn ask(
     bot: &Bot,
     cmd: &CommandInteraction,
-    cx: OpCtx,
+    principal: Principal,
     action: Action,
     detail: &str,
 ) {
@@ -95,7 +95,7 @@ pub(crate) async fn ask(
             id.clone(),
             Entry {
                 user: cmd.user.id.to_string(),
-                cx,
+                principal,
                 action: action.clone(),
                 at: Instant::now(),
             },
@@ -173,7 +173,7 @@ pub(crate) async fn clicked(bot: &Arc<Bot>, c: &ComponentInteraction, id: &str, 
         return;
     }
     let _ = update(bot, c, &format!("⏳ Running: {}…", entry.action.what())).await;
-    fleet::run_confirmed(bot, c, &entry.cx, entry.action).await;
+    fleet::run_confirmed(bot, c, &entry.principal, entry.action).await;
 }
 
 /// Replace the message the buttons were on (and drop the buttons).

@@ -6,12 +6,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nebula_controller::authz::{Op, OpCtx};
-use nebula_controller::jobs::NewJob;
+use nebula_controller::authz::Op;
 use nebula_types::api::alerts::CreateSilence;
 use nebula_types::api::nodes::NodeStatus;
-use nebula_types::jobs::{JobState, Target, Work};
+use nebula_types::jobs::JobState;
 use serenity::all::{CommandInteraction, ComponentInteraction, EditInteractionResponse};
+
+use super::backend::Principal;
 
 use super::commands::opt;
 use super::confirm::{self, Action};
@@ -19,8 +20,8 @@ use super::{clip, principal, refusal, reply, who_of_command, Bot};
 
 /// A fleet command.
 pub(crate) async fn command(bot: &Arc<Bot>, cmd: &CommandInteraction) {
-    let cx = match principal(bot, &who_of_command(cmd)).await {
-        Ok(cx) => cx,
+    let p = match principal(bot, &who_of_command(cmd)).await {
+        Ok(p) => p,
         Err(why) => return reply(bot, cmd, &why, true).await,
     };
     let name = cmd.data.name.as_str();
@@ -59,23 +60,23 @@ pub(crate) async fn command(bot: &Arc<Bot>, cmd: &CommandInteraction) {
         _ => None,
     };
     if let Some((op, action)) = destructive {
-        if let Err(e) = bot.cp.authorize(&cx, op) {
+        if let Err(e) = p.allows(op) {
             return reply(bot, cmd, &refusal(&e), true).await;
         }
         if let Err(e) = cmd.defer_ephemeral(&bot.http).await {
             tracing::warn!("could not defer /{name}: {e}");
             return;
         }
-        let detail = preview(bot, &cx, &action).await;
-        return confirm::ask(bot, cmd, cx, action, &detail).await;
+        let detail = preview(bot, &p, &action).await;
+        return confirm::ask(bot, cmd, p, action, &detail).await;
     }
     let answer = match name {
-        "fleet" => fleet(bot, &cx).await,
-        "node" => node(bot, &cx, &node_arg(cmd)).await,
-        "services" => services(bot, &cx).await,
-        "jobs" => jobs(bot, &cx).await,
-        "alerts" => alerts(bot, &cx).await,
-        "silence" => silence(bot, &cx, cmd).await,
+        "fleet" => fleet(bot, &p).await,
+        "node" => node(bot, &p, &node_arg(cmd)).await,
+        "services" => services(bot, &p).await,
+        "jobs" => jobs(bot, &p).await,
+        "alerts" => alerts(bot, &p).await,
+        "silence" => silence(bot, &p, cmd).await,
         other => Err(format!("`/{other}` is not a command here")),
     };
     match answer {
@@ -122,38 +123,33 @@ fn shell_words(s: &str) -> Vec<String> {
 }
 
 /// What a destructive action will do, for its confirmation.
-async fn preview(bot: &Bot, cx: &OpCtx, action: &Action) -> String {
+async fn preview(bot: &Bot, p: &Principal, action: &Action) -> String {
     match action {
-        Action::Deploy => {
-            if let Err(e) = bot.cp.authorize(cx, Op::PreviewPlan) {
-                return refusal(&e);
-            }
-            match bot.cp.current_plan().await {
-                Ok(p) if p.version.is_none() => "No service map is in force.".into(),
-                Ok(p) => {
-                    let mut s = format!("Map version {}:", p.version.unwrap_or_default());
-                    if p.plan.actions.is_empty() {
-                        let _ = write!(s, " nothing to change ({} unchanged).", p.plan.unchanged);
-                    }
-                    for a in p.plan.actions.iter().take(15) {
-                        let _ = write!(s, "\n• {} `{}` on `{}`", a.verb(), a.service(), a.node());
-                    }
-                    if p.plan.actions.len() > 15 {
-                        let _ = write!(s, "\n• … {} more", p.plan.actions.len() - 15);
-                    }
-                    for w in p.plan.waiting.iter().chain(&p.plan.refused).take(5) {
-                        let on = w
-                            .node
-                            .as_deref()
-                            .map(|n| format!(" on `{n}`"))
-                            .unwrap_or_default();
-                        let _ = write!(s, "\n⏸ `{}`{on}: {}", w.service, w.reason);
-                    }
-                    s
+        Action::Deploy => match bot.backend.plan(p).await {
+            Ok(p) if p.version.is_none() => "No service map is in force.".into(),
+            Ok(p) => {
+                let mut s = format!("Map version {}:", p.version.unwrap_or_default());
+                if p.plan.actions.is_empty() {
+                    let _ = write!(s, " nothing to change ({} unchanged).", p.plan.unchanged);
                 }
-                Err(e) => refusal(&e),
+                for a in p.plan.actions.iter().take(15) {
+                    let _ = write!(s, "\n• {} `{}` on `{}`", a.verb(), a.service(), a.node());
+                }
+                if p.plan.actions.len() > 15 {
+                    let _ = write!(s, "\n• … {} more", p.plan.actions.len() - 15);
+                }
+                for w in p.plan.waiting.iter().chain(&p.plan.refused).take(5) {
+                    let on = w
+                        .node
+                        .as_deref()
+                        .map(|n| format!(" on `{n}`"))
+                        .unwrap_or_default();
+                    let _ = write!(s, "\n⏸ `{}`{on}: {}", w.service, w.reason);
+                }
+                s
             }
-        }
+            Err(e) => refusal(&e),
+        },
         Action::Rollback { service } => {
             format!("`{service}` goes back to its previous deployed revision.")
         }
@@ -162,37 +158,37 @@ async fn preview(bot: &Bot, cx: &OpCtx, action: &Action) -> String {
     }
 }
 
-/// Run a confirmed action as `cx` and report on the confirmation message.
+/// Run a confirmed action as `p` and report on the confirmation message.
 pub(crate) async fn run_confirmed(
     bot: &Arc<Bot>,
     c: &ComponentInteraction,
-    cx: &OpCtx,
+    p: &Principal,
     action: Action,
 ) {
-    let cp = &bot.cp;
+    let b = &bot.backend;
     let text = match action {
-        Action::Deploy => match cp.request_reconcile(cx) {
+        Action::Deploy => match b.reconcile(p).await {
             Ok(()) => {
                 "✅ The reconciler is making the fleet match the map in force now.".to_owned()
             }
             Err(e) => refusal(&e),
         },
-        Action::Rollback { service } => match cp.rollback_service(&service, None, cx).await {
-            Ok(pin) => format!("✅ `{service}` rolls back to revision `{}`.", pin.revision),
+        Action::Rollback { service } => match b.rollback(p, &service).await {
+            Ok(revision) => format!("✅ `{service}` rolls back to revision `{revision}`."),
             Err(e) => refusal(&e),
         },
-        Action::Wake { node } => match cp.wake_node(&node, cx).await {
+        Action::Wake { node } => match b.wake(p, &node).await {
             Ok(w) => format!(
                 "✅ Waking `{node}` through `{}` (job `{}`).",
                 w.relay, w.job
             ),
             Err(e) => refusal(&e),
         },
-        Action::Sleep { node } => match cp.sleep_node(&node, cx).await {
-            Ok(j) => format!("✅ `{node}` is going to sleep (job `{}`).", j.id),
+        Action::Sleep { node } => match b.sleep(p, &node).await {
+            Ok(job) => format!("✅ `{node}` is going to sleep (job `{job}`)."),
             Err(e) => refusal(&e),
         },
-        Action::Run { node, op, args } => return run_streaming(bot, c, cx, node, op, args).await,
+        Action::Run { node, op, args } => return run_streaming(bot, c, p, node, op, args).await,
     };
     edit_component(bot, c, &text).await;
 }
@@ -214,40 +210,21 @@ async fn edit_component(bot: &Bot, c: &ComponentInteraction, text: &str) {
 async fn run_streaming(
     bot: &Arc<Bot>,
     c: &ComponentInteraction,
-    cx: &OpCtx,
+    p: &Principal,
     node: String,
     op: String,
     args: Vec<String>,
 ) {
-    let cp = &bot.cp;
-    let new = NewJob {
-        work: Work::Exec {
-            op: op.clone(),
-            args,
-        },
-        target: Target::Node(node.clone()),
-        deadline: None,
-        idempotent: false,
-        max_attempts: None,
-    };
-    let job = match cp.create_job(new, cx).await {
+    let job = match bot.backend.run(p, &node, &op, args).await {
         Ok(j) => j,
         Err(e) => return edit_component(bot, c, &refusal(&e)).await,
     };
-    let head = format!("`{op}` on `{node}` (job `{}`)", job.id);
+    let head = format!("`{op}` on `{node}` (job `{job}`)");
     let mut shown = String::new();
     loop {
-        let rec = cp.job(job.id).await.ok().flatten();
+        let (rec, lines) = bot.backend.job_output(p, job).await.unwrap_or_default();
         let done = rec.as_ref().is_none_or(|r| r.state.is_terminal());
-        let lines = match cp.watch_job(job.id) {
-            Some(w) if !done => w.recent,
-            _ => cp
-                .store
-                .job_logs(job.id, None, 10_000)
-                .await
-                .unwrap_or_default(),
-        };
-        let out = tail(lines.iter().map(|l| l.line.as_str()), 1500);
+        let out = tail(lines.iter().map(String::as_str), 1500);
         let state = rec.as_ref().map_or(JobState::Lost, |r| r.state);
         let status = match (state, rec.as_ref().and_then(|r| r.exit_code)) {
             (JobState::Succeeded, _) => "✅ done".to_owned(),
@@ -293,21 +270,23 @@ fn gib(b: u64) -> String {
     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
-async fn fleet(bot: &Bot, cx: &OpCtx) -> Result<String, String> {
-    let nodes = bot.cp.nodes_view(cx).await.map_err(|e| refusal(&e))?;
+async fn fleet(bot: &Bot, p: &Principal) -> Result<String, String> {
+    let b = &bot.backend;
+    let nodes = b.nodes(p).await.map_err(|e| refusal(&e))?;
     let online = nodes
         .iter()
         .filter(|n| n.status == NodeStatus::Online)
         .count();
-    let services = bot.cp.services().await.map_err(|e| refusal(&e))?;
+    let services = b.services(p).await.map_err(|e| refusal(&e))?;
     let converged = services.iter().filter(|s| s.status == "converged").count();
-    let alerts = bot.cp.alerts_now(cx).await.map_err(|e| refusal(&e))?;
+    let alerts = b.alerts(p).await.map_err(|e| refusal(&e))?;
+    let active = b.active_jobs(p).await.map_err(|e| refusal(&e))?;
     let firing = alerts.iter().filter(|a| a.state == "firing").count();
     let mut s = format!(
         "**Fleet**: {online}/{} nodes online · {converged}/{} services converged · {firing} alert(s) firing · {} job(s) active",
         nodes.len(),
         services.len(),
-        bot.cp.jobs.active_count()
+        active
     );
     for n in nodes.iter().take(20) {
         let mark = if n.status == NodeStatus::Online {
@@ -332,8 +311,8 @@ async fn fleet(bot: &Bot, cx: &OpCtx) -> Result<String, String> {
     Ok(s)
 }
 
-async fn node(bot: &Bot, cx: &OpCtx, name: &str) -> Result<String, String> {
-    let nodes = bot.cp.nodes_view(cx).await.map_err(|e| refusal(&e))?;
+async fn node(bot: &Bot, p: &Principal, name: &str) -> Result<String, String> {
+    let nodes = bot.backend.nodes(p).await.map_err(|e| refusal(&e))?;
     let n = nodes
         .iter()
         .find(|n| n.name == name)
@@ -355,30 +334,28 @@ async fn node(bot: &Bot, cx: &OpCtx, name: &str) -> Result<String, String> {
             t.containers_unhealthy
         );
     }
-    if let Some(view) = bot.cp.telemetry.view(n.id) {
-        if let Some(inv) = &view.inventory {
-            for g in &inv.gpus {
-                let _ = write!(s, "\nGPU {} · {}", g.name, gib(g.memory_total_bytes));
+    if let Some(latest) = bot
+        .backend
+        .node_latest(p, name)
+        .await
+        .map_err(|e| refusal(&e))?
+    {
+        for g in &latest.gpus {
+            let _ = write!(s, "\nGPU {} · {}", g.name, gib(g.memory_total_bytes));
+            if let (Some(u), Some(m)) = (g.utilization_percent, g.memory_used_bytes) {
+                let _ = write!(s, " · {u}% busy · {} used", gib(m));
             }
-            if let Some(t) = &n.telemetry {
-                if let (Some(u), Some(m)) = (t.gpu_utilization_percent, t.gpu_memory_used_bytes) {
-                    let _ = write!(s, " · {u:.0}% busy · {} used", gib(m));
-                }
-            }
-            let names: Vec<&str> = inv.containers.iter().map(|c| c.name.as_str()).collect();
-            if !names.is_empty() {
-                let _ = write!(s, "\nContainers: {}", names.join(", "));
-            }
+        }
+        let names: Vec<&str> = latest.containers.iter().map(|c| c.name.as_str()).collect();
+        if !names.is_empty() {
+            let _ = write!(s, "\nContainers: {}", names.join(", "));
         }
     }
     Ok(s)
 }
 
-async fn services(bot: &Bot, cx: &OpCtx) -> Result<String, String> {
-    bot.cp
-        .authorize(cx, Op::ReadFleet)
-        .map_err(|e| refusal(&e))?;
-    let list = bot.cp.services().await.map_err(|e| refusal(&e))?;
+async fn services(bot: &Bot, p: &Principal) -> Result<String, String> {
+    let list = bot.backend.services(p).await.map_err(|e| refusal(&e))?;
     if list.is_empty() {
         return Ok("No services are declared.".into());
     }
@@ -398,19 +375,8 @@ async fn services(bot: &Bot, cx: &OpCtx) -> Result<String, String> {
     Ok(s)
 }
 
-async fn jobs(bot: &Bot, cx: &OpCtx) -> Result<String, String> {
-    bot.cp
-        .authorize(cx, Op::ReadFleet)
-        .map_err(|e| refusal(&e))?;
-    let list = bot
-        .cp
-        .store
-        .list_jobs(&nebula_controller::store::jobs::JobFilter {
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| refusal(&e.into()))?;
+async fn jobs(bot: &Bot, p: &Principal) -> Result<String, String> {
+    let list = bot.backend.jobs(p, 10).await.map_err(|e| refusal(&e))?;
     if list.is_empty() {
         return Ok("No jobs yet.".into());
     }
@@ -429,8 +395,8 @@ async fn jobs(bot: &Bot, cx: &OpCtx) -> Result<String, String> {
     Ok(s)
 }
 
-async fn alerts(bot: &Bot, cx: &OpCtx) -> Result<String, String> {
-    let list = bot.cp.alerts_now(cx).await.map_err(|e| refusal(&e))?;
+async fn alerts(bot: &Bot, p: &Principal) -> Result<String, String> {
+    let list = bot.backend.alerts(p).await.map_err(|e| refusal(&e))?;
     if list.is_empty() {
         return Ok("✅ Nothing fires.".into());
     }
@@ -449,7 +415,7 @@ async fn alerts(bot: &Bot, cx: &OpCtx) -> Result<String, String> {
     Ok(s)
 }
 
-async fn silence(bot: &Bot, cx: &OpCtx, cmd: &CommandInteraction) -> Result<String, String> {
+async fn silence(bot: &Bot, p: &Principal, cmd: &CommandInteraction) -> Result<String, String> {
     let matchers: Vec<String> = opt(cmd, "match")
         .unwrap_or("")
         .split([' ', ','])
@@ -461,7 +427,7 @@ async fn silence(bot: &Bot, cx: &OpCtx, cmd: &CommandInteraction) -> Result<Stri
         duration: opt(cmd, "for").unwrap_or("").to_owned(),
         comment: opt(cmd, "comment").unwrap_or("from Discord").to_owned(),
     };
-    let v = bot.cp.add_silence(cx, req).await.map_err(|e| refusal(&e))?;
+    let v = bot.backend.silence(p, req).await.map_err(|e| refusal(&e))?;
     Ok(format!(
         "🔕 Silenced {} until {} (id `{}`).",
         v.matchers.join(" "),
@@ -471,40 +437,21 @@ async fn silence(bot: &Bot, cx: &OpCtx, cmd: &CommandInteraction) -> Result<Stri
 }
 
 /// Node names, for autocomplete.
-pub(crate) async fn node_names(bot: &Bot) -> Vec<String> {
-    bot.cp
-        .store
-        .list_nodes()
+pub(crate) async fn node_names(bot: &Bot, p: &Principal) -> Vec<String> {
+    bot.backend
+        .nodes(p)
         .await
         .map(|n| n.into_iter().map(|n| n.name).collect())
         .unwrap_or_default()
 }
 
 /// Declared service names, for autocomplete.
-pub(crate) async fn service_names(bot: &Bot) -> Vec<String> {
-    bot.cp
-        .desired
-        .active()
-        .map(|a| a.desired.services.keys().cloned().collect())
+pub(crate) async fn service_names(bot: &Bot, p: &Principal) -> Vec<String> {
+    bot.backend
+        .services(p)
+        .await
+        .map(|s| s.into_iter().map(|s| s.name).collect())
         .unwrap_or_default()
-}
-
-/// Chat models some online node serves (not Stable Diffusion checkpoints), for autocomplete
-/// and `/ask`'s default.
-pub(crate) fn model_names(bot: &Bot) -> Vec<String> {
-    let mut out: Vec<String> = bot
-        .cp
-        .ai
-        .inventory()
-        .into_values()
-        .filter(|(id, _)| bot.cp.registry.is_online(*id))
-        .flat_map(|(_, inv)| inv.backends)
-        .filter(|b| b.healthy && b.kind != nebula_protocol::ai::BackendKind::StableDiffusion)
-        .flat_map(|b| b.models.into_iter().map(|m| m.name))
-        .collect();
-    out.sort();
-    out.dedup();
-    out
 }
 
 #[cfg(test)]

@@ -4,23 +4,28 @@
 //! Acknowledge and Silence buttons, and the community features (welcome and goodbye messages,
 //! self-assigned roles, moderation with the output-filter rules).
 //!
-//! Identity: [`ControlPlane::discord_principal`] turns the Discord user of an interaction into
-//! an [`OpCtx`] (a linked account's role, a mapped Discord role, or what the server gives
-//! everyone); every operation is then the same call the HTTP API makes.
+//! Identity: the control plane turns the Discord user of an interaction into a principal (a
+//! linked account's role, a mapped Discord role, or what the server gives everyone); every
+//! operation is then the same call the HTTP API makes. The bot reaches the control plane
+//! through [`backend::Backend`]: in this process (a controller task) or over the HTTP API
+//! (`nebula bot`, [`remote`]).
 
 mod ai;
 mod alerts;
+mod backend;
 mod commands;
 mod community;
 mod confirm;
 mod fleet;
+mod local;
+pub mod remote;
 mod settings;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nebula_controller::authz::OpCtx;
+use backend::{Backend, Connection, Principal};
 use nebula_controller::discord::DiscordUser;
 use nebula_controller::tasks::{Driver, Scope, TaskDef};
 use nebula_controller::{ControlPlane, OpError};
@@ -45,7 +50,7 @@ pub struct Config {
 
 /// The bot's shared state.
 pub(crate) struct Bot {
-    cp: Arc<ControlPlane>,
+    backend: Arc<dyn Backend>,
     http: Arc<Http>,
     confirm: confirm::Pending,
     /// Interactions already handled: a gateway that delivers one twice (after a resume) does
@@ -55,16 +60,17 @@ pub(crate) struct Bot {
     /// The servers from the last READY (their commands are registered again when their
     /// settings change).
     guilds: Mutex<Vec<GuildId>>,
+    /// Servers' names, as the gateway gave them (for `{server}` in greetings).
+    names: Mutex<std::collections::HashMap<GuildId, String>>,
 }
 
 /// Start the bot; it runs until `shutdown`. Errors only when it cannot start (a bad token is
-/// reported by the gateway and logged).
+/// reported by the gateway and logged). Gives its task and its REST client.
 async fn start(
-    cp: Arc<ControlPlane>,
+    backend: Arc<dyn Backend>,
     cfg: Config,
-    alerts: Arc<alerts::AlertChannel>,
     shutdown: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<Http>)> {
     let mut http = HttpBuilder::new(&cfg.token);
     if let Some(url) = &cfg.api_url {
         // serenity sends every REST call (and the gateway lookup) to this base instead; a
@@ -85,19 +91,18 @@ async fn start(
         .await?;
     let http = client.http.clone();
     let bot = Arc::new(Bot {
-        cp: cp.clone(),
+        backend: backend.clone(),
         http: http.clone(),
         confirm: confirm::Pending::new(cfg.confirm_ttl),
         seen: Mutex::default(),
         limits: ai::AiLimiter::default(),
         guilds: Mutex::default(),
+        names: Mutex::default(),
     });
     let _ = handler.0.set(bot.clone());
-    alerts.connect(Some(http.clone()));
-    cp.discord.set_status(|s| s.configured = true);
     let shards = client.shard_manager.clone();
     let settings_task = tokio::spawn(settings_changes(bot.clone(), shutdown.clone()));
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         tokio::select! {
             r = client.start() => {
                 if let Err(e) = r {
@@ -107,9 +112,9 @@ async fn start(
             () = shutdown.cancelled() => shards.shutdown_all().await,
         }
         settings_task.abort();
-        alerts.connect(None);
-        cp.discord.set_status(|s| s.connected = false);
-    }))
+        backend.connection(Connection::default()).await;
+    });
+    Ok((task, http))
 }
 
 /// The bot as a leader task of the controller's driver (one gateway connection per token,
@@ -144,20 +149,29 @@ async fn run(cp: Arc<ControlPlane>, alerts: Arc<alerts::AlertChannel>, cancel: C
                 confirm_ttl: cfg.confirm_timeout,
             };
             let stop = cancel.child_token();
-            match start(cp.clone(), config, alerts.clone(), stop.clone()).await {
-                Ok(mut h) => {
-                    tokio::select! {
-                        _ = &mut h => {}
+            let backend: Arc<dyn Backend> = Arc::new(local::Local(cp.clone()));
+            match start(backend, config, stop.clone()).await {
+                Ok((mut h, http)) => {
+                    alerts.connect(Some(http));
+                    cp.discord.set_status(|s| s.configured = true);
+                    let next = tokio::select! {
+                        _ = &mut h => None,
                         () = &mut changed => {
                             tracing::info!("a new Discord token: the bot connects again");
                             stop.cancel();
                             let _ = h.await;
-                            continue;
+                            Some(true)
                         }
                         () = cancel.cancelled() => {
                             let _ = h.await;
-                            return;
+                            Some(false)
                         }
+                    };
+                    alerts.connect(None);
+                    match next {
+                        Some(true) => continue,
+                        Some(false) => return,
+                        None => {}
                     }
                 }
                 Err(e) => tracing::error!("the Discord bot could not start: {e:#}"),
@@ -176,26 +190,41 @@ async fn run(cp: Arc<ControlPlane>, alerts: Arc<alerts::AlertChannel>, cancel: C
 /// Register a server's commands again when its settings change (a toggle hides or shows a
 /// group there at once).
 async fn settings_changes(bot: Arc<Bot>, shutdown: CancellationToken) {
-    let mut rx = bot.cp.discord.subscribe();
+    let mut since = None;
     loop {
-        let guild = tokio::select! {
-            g = rx.recv() => g,
+        let changes = tokio::select! {
+            c = bot.backend.changes(since, Duration::from_secs(25)) => c,
             () = shutdown.cancelled() => return,
         };
-        match guild {
-            Ok(g) => {
-                if let Ok(id) = g.parse::<u64>() {
-                    commands::register(&bot, GuildId::new(id)).await;
+        let changes = match changes {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("could not follow settings changes: {e}");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    () = shutdown.cancelled() => return,
                 }
             }
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                let guilds = bot.guilds.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                for g in guilds {
-                    commands::register(&bot, g).await;
-                }
+        };
+        let guilds: Vec<GuildId> = if changes.all {
+            bot.guilds.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        } else {
+            let mut ids: Vec<GuildId> = changes
+                .guilds
+                .iter()
+                .filter_map(|g| g.parse::<u64>().ok().filter(|i| *i != 0))
+                .map(GuildId::new)
+                .collect();
+            ids.dedup();
+            ids
+        };
+        // The first answer only says where changes start.
+        if since.is_some() {
+            for g in guilds {
+                commands::register(&bot, g).await;
             }
-            Err(_) => return,
         }
+        since = Some(changes.seq);
     }
 }
 
@@ -212,11 +241,13 @@ impl Handler {
 impl EventHandler for Handler {
     async fn ready(&self, _ctx: Context, ready: Ready) {
         let Some(bot) = self.bot() else { return };
-        bot.cp.discord.set_status(|s| {
-            s.connected = true;
-            s.account = Some(format!("{}#{}", ready.user.name, ready.user.id));
-            s.application_id = Some(ready.application.id.to_string());
-        });
+        bot.backend
+            .connection(Connection {
+                connected: true,
+                account: Some(format!("{}#{}", ready.user.name, ready.user.id)),
+                application_id: Some(ready.application.id.to_string()),
+            })
+            .await;
         tracing::info!(
             account = %ready.user.name,
             servers = ready.guilds.len(),
@@ -225,7 +256,7 @@ impl EventHandler for Handler {
         let ids: Vec<GuildId> = ready.guilds.iter().map(|g| g.id).collect();
         *bot.guilds.lock().unwrap_or_else(|e| e.into_inner()) = ids.clone();
         for g in ids {
-            if let Err(e) = bot.cp.discord_guild_seen(&g.to_string(), "").await {
+            if let Err(e) = bot.backend.guild_seen(&g.to_string(), "").await {
                 tracing::warn!(guild = %g, "could not record the server: {e}");
             }
             commands::register(bot, g).await;
@@ -237,12 +268,16 @@ impl EventHandler for Handler {
     async fn guild_create(&self, _ctx: Context, guild: Guild, _is_new: Option<bool>) {
         let Some(bot) = self.bot() else { return };
         if let Err(e) = bot
-            .cp
-            .discord_guild_seen(&guild.id.to_string(), &guild.name)
+            .backend
+            .guild_seen(&guild.id.to_string(), &guild.name)
             .await
         {
             tracing::warn!(guild = %guild.id, "could not record the server: {e}");
         }
+        bot.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(guild.id, guild.name.clone());
         let new = {
             let mut known = bot.guilds.lock().unwrap_or_else(|e| e.into_inner());
             let new = !known.contains(&guild.id);
@@ -260,7 +295,12 @@ impl EventHandler for Handler {
     async fn resume(&self, _ctx: Context, _event: ResumedEvent) {
         tracing::info!("the Discord gateway session resumed");
         if let Some(bot) = self.bot() {
-            bot.cp.discord.set_status(|s| s.connected = true);
+            bot.backend
+                .connection(Connection {
+                    connected: true,
+                    ..Connection::default()
+                })
+                .await;
         }
     }
 
@@ -359,8 +399,8 @@ pub(crate) fn who_of_component(c: &ComponentInteraction) -> DiscordUser {
 }
 
 /// The principal for a command, or its refusal as the answer.
-pub(crate) async fn principal(bot: &Bot, who: &DiscordUser) -> Result<OpCtx, String> {
-    bot.cp.discord_principal(who).await.map_err(|e| refusal(&e))
+pub(crate) async fn principal(bot: &Bot, who: &DiscordUser) -> Result<Principal, String> {
+    bot.backend.principal(who).await.map_err(|e| refusal(&e))
 }
 
 /// An operation's error as a person reads it in Discord.

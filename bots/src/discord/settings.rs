@@ -12,8 +12,8 @@ use super::{refusal, reply, who_of_command, Bot};
 pub(crate) async fn link(bot: &Arc<Bot>, cmd: &CommandInteraction) {
     let who = who_of_command(cmd);
     let code = opt(cmd, "code").unwrap_or("");
-    let text = match bot.cp.redeem_discord_link(&who, code).await {
-        Ok(user) => format!("🔗 Linked: you are `{user}` here now."),
+    let text = match bot.backend.redeem_link(&who, code).await {
+        Ok(p) => format!("🔗 Linked: you are `{}` here now.", p.actor),
         Err(e) => refusal(&e),
     };
     reply(bot, cmd, &text, true).await;
@@ -32,11 +32,13 @@ pub(crate) async fn settings(bot: &Arc<Bot>, cmd: &CommandInteraction) {
     };
     let guild = guild.to_string();
     let who = who_of_command(cmd);
-    let cx = match bot.cp.discord_guild_admin(&who).await {
-        Ok(cx) => cx,
-        Err(e) => return reply(bot, cmd, &refusal(&e), true).await,
-    };
-    let current = match bot.cp.guild_settings(&guild).await {
+    // Discord's word on who manages the server; the control plane checks it again on a change.
+    if !who.guild_admin {
+        let why =
+            "⛔ Refused: only the server's admins (Manage Server) see and change its settings.";
+        return reply(bot, cmd, why, true).await;
+    }
+    let current = match bot.backend.guild_settings(&guild).await {
         Ok(s) => (*s).clone(),
         Err(e) => return reply(bot, cmd, &refusal(&e), true).await,
     };
@@ -48,7 +50,7 @@ pub(crate) async fn settings(bot: &Arc<Bot>, cmd: &CommandInteraction) {
         Ok(s) => s,
         Err(why) => return reply(bot, cmd, &format!("⚠️ {why}"), true).await,
     };
-    let text = match bot.cp.set_guild_settings(&cx, &guild, next, true).await {
+    let text = match bot.backend.set_settings(&who, &guild, next).await {
         Ok(_) => format!("✅ `{key}` changed."),
         Err(e) => refusal(&e),
     };

@@ -201,8 +201,53 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             axum::routing::post(crate::ai::gateway::sd_passthrough),
         )
         .merge(metrics)
+        .merge(bot_routes(&cp))
         .nest("/api/v1", v1)
         .with_state(cp)
+}
+
+/// The bot's own routes (`nebula bot`, a Discord bot in its own process): `bot` tokens only.
+/// (Full paths: the OpenAPI test reads these after the main router.)
+fn bot_routes(cp: &Arc<ControlPlane>) -> Router<Arc<ControlPlane>> {
+    Router::new()
+        .route(
+            "/api/v1/discord/bot/attach",
+            axum::routing::put(discord::attach).delete(discord::detach),
+        )
+        .route(
+            "/api/v1/discord/bot/principal",
+            axum::routing::post(discord::principal),
+        )
+        .route(
+            "/api/v1/discord/bot/guilds/{id}",
+            axum::routing::post(discord::guild_seen),
+        )
+        .route(
+            "/api/v1/discord/bot/guilds/{id}/settings",
+            get(discord::guild_settings).put(discord::settings_by_admin),
+        )
+        .route(
+            "/api/v1/discord/bot/link",
+            axum::routing::post(discord::redeem_link),
+        )
+        .route(
+            "/api/v1/discord/bot/moderation",
+            axum::routing::post(discord::moderated),
+        )
+        .route("/api/v1/discord/bot/changes", get(discord::changes))
+        .route(
+            "/api/v1/discord/bot/alert-messages/{fingerprint}/{channel}",
+            get(discord::get_alert_message).put(discord::put_alert_message),
+        )
+        .route("/api/v1/discord/bot/deliveries", get(discord::deliveries))
+        .route(
+            "/api/v1/discord/bot/deliveries/{id}",
+            axum::routing::post(discord::delivered),
+        )
+        .layer(middleware::from_fn_with_state(
+            cp.clone(),
+            auth::authenticate_bot,
+        ))
 }
 
 /// `GET /api/v1/openapi.json`: the OpenAPI 3.1 document of this API.

@@ -30,39 +30,47 @@ pub(super) async fn agent_releases(
 
 /// `GET /api/v1/models/inventory`: per node and backend, the models on disk and loaded.
 pub(super) async fn models_inventory(State(cp): State<Arc<ControlPlane>>) -> Json<ModelsInventory> {
-    let backend = |id: uuid::Uuid, b: &nebula_protocol::ai::BackendStatus| BackendView {
-        name: b.name.clone(),
-        kind: b.kind.as_str().to_owned(),
-        url: b.url.clone(),
-        source: b.source.clone(),
-        healthy: b.healthy,
-        error: b.error.clone(),
-        models: b
-            .models
-            .iter()
-            .map(|m| ModelView {
-                name: m.name.clone(),
-                digest: m.digest.clone(),
-                size_bytes: m.size_bytes,
-                vram_bytes: m.vram_bytes,
-                context_length: m.context_length,
-                loaded: m.loaded,
-                breaker: cp.ai.breaker_state(id, &m.name).to_owned(),
+    Json(cp.models_inventory())
+}
+
+impl ControlPlane {
+    /// Per node and backend, the models on disk and loaded (also the Discord bot's model names).
+    pub fn models_inventory(&self) -> ModelsInventory {
+        let cp = self;
+        let backend = |id: uuid::Uuid, b: &nebula_protocol::ai::BackendStatus| BackendView {
+            name: b.name.clone(),
+            kind: b.kind.as_str().to_owned(),
+            url: b.url.clone(),
+            source: b.source.clone(),
+            healthy: b.healthy,
+            error: b.error.clone(),
+            models: b
+                .models
+                .iter()
+                .map(|m| ModelView {
+                    name: m.name.clone(),
+                    digest: m.digest.clone(),
+                    size_bytes: m.size_bytes,
+                    vram_bytes: m.vram_bytes,
+                    context_length: m.context_length,
+                    loaded: m.loaded,
+                    breaker: cp.ai.breaker_state(id, &m.name).to_owned(),
+                })
+                .collect(),
+        };
+        let nodes = cp
+            .ai
+            .inventory()
+            .into_iter()
+            .map(|(name, (id, inv))| NodeModels {
+                node: name,
+                node_id: id,
+                online: cp.registry.is_online(id),
+                backends: inv.backends.iter().map(|b| backend(id, b)).collect(),
             })
-            .collect(),
-    };
-    let nodes = cp
-        .ai
-        .inventory()
-        .into_iter()
-        .map(|(name, (id, inv))| NodeModels {
-            node: name,
-            node_id: id,
-            online: cp.registry.is_online(id),
-            backends: inv.backends.iter().map(|b| backend(id, b)).collect(),
-        })
-        .collect();
-    Json(ModelsInventory { nodes })
+            .collect();
+        ModelsInventory { nodes }
+    }
 }
 
 /// `GET /api/v1/ai/usage`: requests and tokens per API token, model and node: the stored

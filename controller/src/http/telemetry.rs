@@ -96,6 +96,13 @@ pub(super) fn parse_since(s: Option<&str>) -> ApiResult<SystemTime> {
     )))
 }
 
+impl ControlPlane {
+    /// A node's latest sample as the API shows it (the Discord bot's `/node`).
+    pub fn latest_sample(&self, node: uuid::Uuid) -> Option<LatestSample> {
+        self.telemetry.view(node).as_ref().and_then(sample_view)
+    }
+}
+
 /// The latest sample with names filled in from the inventory.
 fn sample_view(view: &crate::telemetry::NodeView) -> Option<LatestSample> {
     let s = view.latest.as_ref()?;

@@ -107,9 +107,10 @@ pub(crate) async fn discord_page(
             @if status.connected { span.badge.up { "connected" } " as " code { (status.account.clone().unwrap_or_default()) } }
             @else if status.configured { span.badge.down { "not connected" } }
             @else { span.badge { "no token" } }
+            @if let Some(host) = &status.remote { " · runs as " code { "nebula bot" } " on " code { (host) } }
             @if let Some(url) = status.invite_url() { " · " a href=(url) rel="noopener" target="_blank" { "Add the bot to a server" } }
         }
-        @if admin && !from_file {
+        @if admin && !from_file && status.remote.is_none() {
             form.actions method="post" action="/ui/discord/token" id="token-form" {
                 (csrf_field(&user))
                 label for="token" { "Bot token" }

@@ -150,6 +150,21 @@ pub struct Caller {
     pub scope: Scope,
 }
 
+impl Caller {
+    /// A Discord user's caller (the bot's `/ask` and `/imagine`): accounted as
+    /// `discord:ACTOR`; only operators may start model pulls.
+    pub fn for_discord(cx: &crate::authz::OpCtx) -> Caller {
+        Caller {
+            name: format!("discord:{}", cx.actor),
+            scope: if cx.role >= crate::authz::Role::Operator {
+                Scope::Operator
+            } else {
+                Scope::ReadOnly
+            },
+        }
+    }
+}
+
 /// The API token's caller, or the 401 to answer.
 async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<Caller, Response> {
     let Some(token) = crate::authz::bearer(headers) else {
@@ -161,6 +176,20 @@ async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<Caller, 
         ));
     };
     match cp.api_token(&crate::hash_secret(token)).await {
+        // A bot in its own process asks for the Discord user each request names.
+        Ok(Some(rec)) if rec.role == crate::authz::BOT_ROLE => {
+            let forbidden =
+                |why: String| error(StatusCode::FORBIDDEN, "permission_error", "forbidden", why);
+            let who =
+                crate::discord::user_from_headers(headers).map_err(|w| forbidden(w.to_owned()))?;
+            let cx = cp
+                .discord_principal(&who)
+                .await
+                .map_err(|e| forbidden(e.to_string()))?;
+            cp.authorize(&cx, crate::authz::Op::Chat)
+                .map_err(|e| forbidden(e.to_string()))?;
+            Ok(Caller::for_discord(&cx))
+        }
         Ok(Some(rec)) => Ok(Caller {
             scope: Scope::of_role(&rec.role),
             name: rec.name,

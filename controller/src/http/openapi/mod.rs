@@ -17,6 +17,8 @@ pub enum Access {
     Token(Op),
     /// An API token allowed on the AI gateway (any role, `ai` tokens included).
     Gateway,
+    /// A `bot` API token: a Discord bot in its own process (`nebula bot`).
+    Bot,
 }
 
 /// One operation of the HTTP API.
@@ -77,10 +79,17 @@ impl Route {
     }
 }
 
+mod bot_routes;
 mod routes;
 
+pub use bot_routes::BOT_ROUTES;
 pub use routes::ROUTES;
-use Access::{Gateway, Public, Token};
+use Access::{Bot, Gateway, Public, Token};
+
+/// Every operation: [`ROUTES`], then the bot's own ([`BOT_ROUTES`]).
+pub fn all_routes() -> impl Iterator<Item = &'static Route> {
+    ROUTES.iter().chain(BOT_ROUTES)
+}
 
 /// The document.
 pub fn document() -> Value {
@@ -88,7 +97,7 @@ pub fn document() -> Value {
         .with(|s| s.definitions_path = "/components/schemas".into())
         .into_generator();
     let mut paths = Map::new();
-    for r in ROUTES {
+    for r in all_routes() {
         let error = |what: &str| json!({"description": what, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
         let mut responses = Map::new();
         let mut ok = json!({"description": r.ok.1});
@@ -115,6 +124,12 @@ pub fn document() -> Value {
                     "403".into(),
                     error(&format!("the token's role is below {}", o.needs().as_str())),
                 );
+            }
+            Bot => {
+                op["security"] = json!([{"bearer": []}]);
+                op["x-nebula-role"] = json!("bot");
+                responses.insert("401".into(), error("no token, or an unknown one"));
+                responses.insert("403".into(), error("the token's role is not bot"));
             }
             Gateway => {
                 op["security"] = json!([{"bearer": []}]);
@@ -215,13 +230,12 @@ mod tests {
     fn every_route_is_documented_and_every_documented_route_is_served() {
         let served = served();
         assert!(served.len() > 40, "{served:?}");
-        let documented: BTreeSet<(String, String)> = ROUTES
-            .iter()
+        let documented: BTreeSet<(String, String)> = all_routes()
             .map(|r| (r.method.to_owned(), r.path.to_owned()))
             .collect();
         assert_eq!(
             documented.len(),
-            ROUTES.len(),
+            all_routes().count(),
             "a route is documented twice"
         );
         let missing: Vec<_> = served.difference(&documented).collect();
@@ -274,7 +288,7 @@ mod tests {
             "/api/v1/nodes/{name}/containers/{container}/logs",
             "/api/v1/nodes/{name}/containers/{container}/exec",
         ];
-        for r in ROUTES {
+        for r in all_routes() {
             // 204: no body at all.
             if not_json.contains(&r.path) || matches!(r.access, Gateway) || r.ok.0 == 204 {
                 continue;

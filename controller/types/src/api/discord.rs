@@ -177,6 +177,9 @@ pub struct BotStatus {
     pub account: Option<String>,
     /// Its Discord application, once connected (for the invite link).
     pub application_id: Option<String>,
+    /// The bot runs in its own process (`nebula bot`) on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
 }
 
 impl BotStatus {
@@ -190,6 +193,108 @@ impl BotStatus {
             )
         })
     }
+}
+
+/// A Discord user as the bot saw them in one interaction or message. A bot in its own process
+/// (`nebula bot`) sends it with its `bot` API token, which the controller trusts to say what
+/// Discord said.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscordUser {
+    pub id: String,
+    pub name: String,
+    /// The server (none in a direct message).
+    #[serde(default)]
+    pub guild: Option<String>,
+    /// Their Discord role ids in that server.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Discord says they may manage the server (`MANAGE_GUILD` or `ADMINISTRATOR`).
+    #[serde(default)]
+    pub guild_admin: bool,
+}
+
+/// `PUT /api/v1/discord/bot/attach`: a bot in its own process says it holds the gateway
+/// connection (again every few seconds while it runs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BotAttach {
+    /// Random per process: a second process with the same token is refused.
+    pub instance: String,
+    /// Where it runs (host name), for the dashboard.
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub connected: bool,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub application_id: Option<String>,
+}
+
+/// Who a Discord user is to the control plane (`POST /api/v1/discord/bot/principal`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BotPrincipal {
+    pub actor: String,
+    pub role: Role,
+}
+
+/// A request a bot makes for one Discord user: link redemption, settings by a server admin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForUser<T> {
+    pub user: DiscordUser,
+    pub body: T,
+}
+
+/// A message the bot moderated, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Moderated {
+    pub message: String,
+    pub channel: String,
+    /// What was done: `deleted`, `warned`, `logged`, `could not delete`.
+    pub action: String,
+    /// The output-filter rules it matched (`kind: excerpt`).
+    pub hits: Vec<String>,
+}
+
+/// Servers whose settings changed since a sequence number (`GET /api/v1/discord/bot/changes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GuildChanges {
+    /// Ask again with `since` this.
+    pub seq: u64,
+    pub guilds: Vec<String>,
+    /// Changes were missed (the controller restarted, or too many): look at every server.
+    pub all: bool,
+}
+
+/// An alert notification for a bot in its own process to post (`GET
+/// /api/v1/discord/bot/deliveries`); it reports the outcome by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AlertDelivery {
+    pub id: String,
+    pub sink: String,
+    /// `discord:GUILD/CHANNEL`.
+    pub url: String,
+    /// The notification document (JSON), as webhooks receive it.
+    pub body: String,
+}
+
+/// How a delivery went (`POST /api/v1/discord/bot/deliveries/{id}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryOutcome {
+    /// `None`: posted.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The message an alert was posted as in a channel (its resolution edits it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlertMessage {
+    pub message: String,
 }
 
 /// `GET /api/v1/discord`: the bot and the servers it is in.

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nebula_types::api::alerts::CreateSink;
-use nebula_types::api::discord::{BotStatus, DiscordLink, GuildSettings, GuildView, LinkCode};
+use nebula_types::api::discord::{
+    BotStatus, DiscordLink, GuildChanges, GuildSettings, GuildView, LinkCode, Moderated,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::Digest;
@@ -18,6 +20,8 @@ use sha2::Digest;
 use crate::authz::{Change, Op, OpCtx, Role, Via};
 use crate::store::discord::GuildRecord;
 use crate::{ControlPlane, OpError};
+
+pub mod remote;
 
 /// How long a link code stays valid.
 pub const LINK_CODE_TTL: Duration = Duration::from_secs(15 * 60);
@@ -51,13 +55,53 @@ impl Default for DiscordConfig {
     }
 }
 
+/// The last changes of servers' settings, numbered.
+#[derive(Default)]
+struct ChangeLog {
+    seq: u64,
+    recent: std::collections::VecDeque<(u64, String)>,
+}
+
+impl ChangeLog {
+    const KEEP: usize = 256;
+
+    fn since(&self, since: Option<u64>) -> GuildChanges {
+        let Some(since) = since else {
+            return GuildChanges {
+                seq: self.seq,
+                ..GuildChanges::default()
+            };
+        };
+        let oldest = self.recent.front().map_or(self.seq + 1, |(s, _)| *s);
+        // Ahead of this controller (it restarted) or older than what is kept: look at all.
+        let all = since > self.seq || since + 1 < oldest;
+        let mut guilds: Vec<String> = if all {
+            Vec::new()
+        } else {
+            self.recent
+                .iter()
+                .filter(|(s, _)| *s > since)
+                .map(|(_, g)| g.clone())
+                .collect()
+        };
+        guilds.dedup();
+        GuildChanges {
+            seq: self.seq,
+            guilds,
+            all,
+        }
+    }
+}
+
 /// The bot's state inside the control plane.
 pub struct DiscordBook {
     guilds: Mutex<HashMap<String, Arc<GuildSettings>>>,
     status: Mutex<BotStatus>,
-    /// Sent when a server's settings change (the bot registers that server's commands again);
-    /// the value is the server's id.
-    changed: tokio::sync::broadcast::Sender<String>,
+    /// Servers whose settings changed, in order (the bot registers their commands again).
+    changes: Mutex<ChangeLog>,
+    changed: tokio::sync::Notify,
+    /// A bot in its own process (`nebula bot`), when one is attached.
+    pub remote: remote::Remote,
     /// A token was stored from the dashboard or the API: the bot (re)connects with it.
     pub token_changed: tokio::sync::Notify,
 }
@@ -71,8 +115,11 @@ impl Default for DiscordBook {
                 connected: false,
                 account: None,
                 application_id: None,
+                remote: None,
             }),
-            changed: tokio::sync::broadcast::channel(64).0,
+            changes: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+            remote: remote::Remote::default(),
             token_changed: tokio::sync::Notify::new(),
         }
     }
@@ -80,51 +127,73 @@ impl Default for DiscordBook {
 
 impl DiscordBook {
     pub fn status(&self) -> BotStatus {
-        self.status
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        // A bot process that stopped calling is gone.
+        if s.remote.is_some() && self.remote.live().is_none() {
+            s.remote = None;
+            s.connected = false;
+        }
+        s
     }
 
     pub fn set_status(&self, f: impl FnOnce(&mut BotStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    /// Servers whose settings changed, by id.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
-        self.changed.subscribe()
+    fn note_change(&self, guild: &str) {
+        let mut log = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        log.seq += 1;
+        let seq = log.seq;
+        log.recent.push_back((seq, guild.to_owned()));
+        if log.recent.len() > ChangeLog::KEEP {
+            log.recent.pop_front();
+        }
+        drop(log);
+        self.changed.notify_waiters();
+    }
+
+    /// Servers whose settings changed after `since` (`None`: from now on), waiting up to
+    /// `wait` for one when there is none yet.
+    pub async fn changes_since(&self, since: Option<u64>, wait: Duration) -> GuildChanges {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let answer = {
+                let log = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+                log.since(since)
+            };
+            if answer.all || !answer.guilds.is_empty() || since.is_none() {
+                return answer;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return answer;
+            }
+        }
     }
 }
 
-/// A Discord user as the bot saw them in one interaction or message.
-#[derive(Debug, Clone, Default)]
-pub struct DiscordUser {
-    pub id: String,
-    pub name: String,
-    /// The server (none in a direct message).
-    pub guild: Option<String>,
-    /// Their Discord role ids in that server.
-    pub roles: Vec<String>,
-    /// Discord says they may manage the server (`MANAGE_GUILD` or `ADMINISTRATOR`).
-    pub guild_admin: bool,
+pub use nebula_types::api::discord::DiscordUser;
+
+fn origin(who: &DiscordUser) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "discord".into(),
+        json!({ "user": who.id, "name": who.name, "guild": who.guild }),
+    );
+    m
 }
 
-impl DiscordUser {
-    fn origin(&self) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        m.insert(
-            "discord".into(),
-            json!({ "user": self.id, "name": self.name, "guild": self.guild }),
-        );
-        m
-    }
-
-    /// A context for `role` on this user's behalf, named `actor`.
-    fn cx(&self, actor: String, role: Role) -> OpCtx {
-        let mut cx = OpCtx::new(actor, role, Via::Discord);
-        cx.origin = Some(self.origin());
-        cx
-    }
+/// A context for `role` on this user's behalf, named `actor`.
+fn cx_for(who: &DiscordUser, actor: String, role: Role) -> OpCtx {
+    let mut cx = OpCtx::new(actor, role, Via::Discord);
+    cx.origin = Some(origin(who));
+    cx
 }
 
 fn now() -> i64 {
@@ -161,6 +230,83 @@ fn code_hash(code: &str) -> String {
 /// A Discord id: 1 to 20 digits.
 pub(crate) fn valid_snowflake(s: &str) -> bool {
     !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The Discord user a bot token acts for, from `x-nebula-discord-user` (id), `-name`, `-guild`
+/// (id) and `-roles` (comma-separated ids).
+pub(crate) fn user_from_headers(h: &axum::http::HeaderMap) -> Result<DiscordUser, &'static str> {
+    let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::trim);
+    let snowflake = valid_snowflake;
+    let id = get("x-nebula-discord-user")
+        .filter(|s| snowflake(s))
+        .ok_or("a bot token acts for a Discord user: x-nebula-discord-user is their id")?;
+    let guild = get("x-nebula-discord-guild").filter(|s| !s.is_empty());
+    if guild.is_some_and(|g| !snowflake(g)) {
+        return Err("x-nebula-discord-guild is a server id");
+    }
+    let roles: Vec<String> = get("x-nebula-discord-roles")
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if roles.len() > 250 || !roles.iter().all(|r| snowflake(r)) {
+        return Err("x-nebula-discord-roles lists role ids");
+    }
+    Ok(DiscordUser {
+        id: id.to_owned(),
+        name: percent_decode(get("x-nebula-discord-name").unwrap_or(id))
+            .chars()
+            .take(64)
+            .collect(),
+        guild: guild.map(str::to_owned),
+        roles,
+        // Only Discord's own payloads say who manages a server; a header does not.
+        guild_admin: false,
+    })
+}
+
+/// A header's `%XX` escapes decoded (a bot in its own process sends names that way).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Check a Discord user a bot sends in a body: ids are snowflakes, the name is bounded.
+pub fn check_user(who: &DiscordUser) -> Result<(), String> {
+    if !valid_snowflake(&who.id) {
+        return Err("`user.id` is a Discord user id (digits)".into());
+    }
+    if who.guild.as_deref().is_some_and(|g| !valid_snowflake(g)) {
+        return Err("`user.guild` is a server id".into());
+    }
+    if who.roles.len() > 250 || !who.roles.iter().all(|r| valid_snowflake(r)) {
+        return Err("`user.roles` lists role ids".into());
+    }
+    if who.name.is_empty() || who.name.chars().count() > 64 {
+        return Err("`user.name` has 1 to 64 characters".into());
+    }
+    Ok(())
 }
 
 /// Check a server's settings: ids are Discord snowflakes, texts are bounded, moderation rules
@@ -282,6 +428,11 @@ impl ControlPlane {
                 "the token comes from [discord] token_file in the controller's config".into(),
             ));
         }
+        if let Some(host) = self.discord.remote.live() {
+            return Err(OpError::Conflict(format!(
+                "the bot runs as `nebula bot` on `{host}`: one gateway connection per token"
+            )));
+        }
         let path = self.config.data_dir.join(TOKEN_FILE);
         write_private(&path, token).map_err(|e| {
             tracing::error!(path = %path.display(), "could not store the Discord token: {e}");
@@ -389,7 +540,7 @@ impl ControlPlane {
                 event: None,
             },
         );
-        let _ = self.discord.changed.send(guild.to_owned());
+        self.discord.note_change(guild);
         Ok(GuildView {
             id: guild.to_owned(),
             name,
@@ -485,7 +636,7 @@ impl ControlPlane {
             .map(|u| Role::parse(&u.role))
             .unwrap_or(Role::Viewer);
         self.record(
-            &who.cx(user.clone(), role),
+            &cx_for(who, user.clone(), role),
             Change {
                 action: "discord.link",
                 target: user.clone(),
@@ -517,7 +668,7 @@ impl ControlPlane {
     pub async fn discord_principal(&self, who: &DiscordUser) -> Result<OpCtx, OpError> {
         if let Some(link) = self.store.discord_link(&who.id).await? {
             if let Some(u) = self.store.user_by_name(&link.username).await? {
-                return Ok(who.cx(u.username, Role::parse(&u.role)));
+                return Ok(cx_for(who, u.username, Role::parse(&u.role)));
             }
         }
         let actor = format!("discord:{}", who.name);
@@ -525,7 +676,7 @@ impl ControlPlane {
             let s = self.guild_settings(guild).await?;
             let mapped = who.roles.iter().filter_map(|r| s.roles.get(r)).max();
             if let Some(role) = mapped.copied().or(s.everyone) {
-                return Ok(who.cx(actor, role));
+                return Ok(cx_for(who, actor, role));
             }
         }
         Err(OpError::Forbidden(
@@ -546,8 +697,83 @@ impl ControlPlane {
         }
         Ok(match self.discord_principal(who).await {
             Ok(cx) => cx,
-            Err(_) => who.cx(format!("discord:{}", who.name), Role::Viewer),
+            Err(_) => cx_for(who, format!("discord:{}", who.name), Role::Viewer),
         })
+    }
+
+    /// The message an alert was posted as in a channel.
+    pub async fn discord_alert_message(
+        &self,
+        fingerprint: &str,
+        channel: &str,
+    ) -> Result<Option<String>, OpError> {
+        Ok(self
+            .store
+            .discord_alert_message(fingerprint, channel)
+            .await?)
+    }
+
+    /// Remember the message an alert was posted as (a month: older ones are not edited again).
+    pub async fn remember_discord_alert_message(
+        &self,
+        fingerprint: &str,
+        channel: &str,
+        message: &str,
+    ) -> Result<(), OpError> {
+        self.store
+            .put_discord_alert_message(fingerprint, channel, message, now())
+            .await?;
+        let _ = self
+            .store
+            .prune_discord_alert_messages(now() - 31 * 86_400_000)
+            .await;
+        Ok(())
+    }
+
+    /// A bot in its own process attaches (or says again that it holds the connection).
+    pub fn attach_remote_bot(
+        &self,
+        who: &nebula_types::api::discord::BotAttach,
+    ) -> Result<BotStatus, OpError> {
+        if self.discord_token().is_some() {
+            return Err(OpError::Conflict(
+                "this controller runs the Discord bot itself (it has a token): one gateway \
+                 connection per token"
+                    .into(),
+            ));
+        }
+        self.discord.remote.attach(who)?;
+        self.discord.set_status(|s| {
+            s.connected = who.connected;
+            s.account.clone_from(&who.account);
+            s.application_id.clone_from(&who.application_id);
+            s.remote = Some(who.host.clone());
+        });
+        Ok(self.discord.status())
+    }
+
+    pub fn detach_remote_bot(&self, instance: &str) {
+        if self.discord.remote.detach(instance) {
+            self.discord.set_status(|s| {
+                s.connected = false;
+                s.remote = None;
+            });
+        }
+    }
+
+    /// Record a message the bot moderated (the author is not a principal: nothing runs as them).
+    pub fn discord_moderated(&self, who: &DiscordUser, m: &Moderated) {
+        let mut detail = origin(who);
+        detail.insert("via".into(), "discord".into());
+        detail.insert("channel".into(), m.channel.clone().into());
+        detail.insert("action".into(), m.action.clone().into());
+        detail.insert("hits".into(), json!(m.hits));
+        self.audit(
+            &format!("discord:{}", who.name),
+            "discord.moderation",
+            &m.message,
+            serde_json::Value::Object(detail),
+        );
     }
 
     /// The newest actions taken through the bot (the audit log's `via: discord` rows).
@@ -564,6 +790,34 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_change_log_says_what_changed_and_when_to_look_at_everything() {
+        let mut log = ChangeLog::default();
+        assert_eq!(log.since(None).seq, 0);
+        assert!(log.since(Some(0)).guilds.is_empty());
+        for g in ["1", "2", "2"] {
+            log.seq += 1;
+            log.recent.push_back((log.seq, g.to_owned()));
+        }
+        let c = log.since(Some(1));
+        assert_eq!(
+            (c.seq, c.guilds.clone(), c.all),
+            (3, vec!["2".to_owned()], false)
+        );
+        // Ahead of this controller: it restarted; look at every server.
+        assert!(log.since(Some(9)).all);
+        log.recent.pop_front();
+        assert!(!log.since(Some(1)).all, "the change after 1 is still kept");
+        assert!(log.since(Some(0)).all, "the change after 0 was dropped");
+    }
+
+    #[test]
+    fn names_in_headers_are_percent_decoded() {
+        assert_eq!(percent_decode("zo%C3%AB%25"), "zoë%");
+        assert_eq!(percent_decode("50%"), "50%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
 
     #[test]
     fn link_codes_hash_the_same_however_they_are_typed() {

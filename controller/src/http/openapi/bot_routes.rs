@@ -1,0 +1,130 @@
+//! The operations of a Discord bot in its own process (`nebula bot`), with a `bot` API token.
+//! Fleet commands go through the ordinary routes with the `x-nebula-discord-*` headers; these
+//! are the bot's own bookkeeping.
+
+use super::{of, route, Access, Route};
+use nebula_types::api::discord;
+
+use Access::Bot;
+
+pub const BOT_ROUTES: &[Route] = &[
+    route(
+        "put",
+        "/api/v1/discord/bot/attach",
+        "discord bot",
+        Bot,
+        (200, "the bot's status as the dashboard shows it"),
+        "Attach a bot process (again every few seconds; 409 while another one holds the connection)",
+    )
+    .accepts(of::<discord::BotAttach>)
+    .returns(of::<discord::BotStatus>),
+    route(
+        "delete",
+        "/api/v1/discord/bot/attach",
+        "discord bot",
+        Bot,
+        (204, "detached (?instance=)"),
+        "Detach a bot process",
+    ),
+    route(
+        "post",
+        "/api/v1/discord/bot/principal",
+        "discord bot",
+        Bot,
+        (200, "the user's name and role here; 403 with how to link when none"),
+        "Who a Discord user is to the control plane",
+    )
+    .accepts(of::<discord::DiscordUser>)
+    .returns(of::<discord::BotPrincipal>),
+    route(
+        "post",
+        "/api/v1/discord/bot/guilds/{id}",
+        "discord bot",
+        Bot,
+        (204, "recorded"),
+        "Record a server the bot is in (body: {\"name\"})",
+    ),
+    route(
+        "get",
+        "/api/v1/discord/bot/guilds/{id}/settings",
+        "discord bot",
+        Bot,
+        (200, "the server's settings (the defaults for a new one)"),
+        "A server's settings",
+    )
+    .returns(of::<discord::GuildSettings>),
+    route(
+        "put",
+        "/api/v1/discord/bot/guilds/{id}/settings",
+        "discord bot",
+        Bot,
+        (200, "the settings as stored"),
+        "`/settings` by a server admin (role mappings stay a Nebula admin's)",
+    )
+    .accepts(of::<discord::ForUser<discord::GuildSettings>>)
+    .returns(of::<discord::GuildView>),
+    route(
+        "post",
+        "/api/v1/discord/bot/link",
+        "discord bot",
+        Bot,
+        (200, "the linked account's name and role"),
+        "`/link CODE`: link a Discord user with a one-time code",
+    )
+    .accepts(of::<discord::ForUser<String>>)
+    .returns(of::<discord::BotPrincipal>),
+    route(
+        "post",
+        "/api/v1/discord/bot/moderation",
+        "discord bot",
+        Bot,
+        (204, "audited"),
+        "Record a moderated message",
+    )
+    .accepts(of::<discord::ForUser<discord::Moderated>>),
+    route(
+        "get",
+        "/api/v1/discord/bot/changes",
+        "discord bot",
+        Bot,
+        (200, "servers whose settings changed after ?since= (long poll: ?wait= seconds, at most 30)"),
+        "Changed server settings",
+    )
+    .returns(of::<discord::GuildChanges>),
+    route(
+        "get",
+        "/api/v1/discord/bot/alert-messages/{fingerprint}/{channel}",
+        "discord bot",
+        Bot,
+        (200, "the message the alert was posted as"),
+        "An alert's message in a channel",
+    )
+    .returns(of::<discord::AlertMessage>),
+    route(
+        "put",
+        "/api/v1/discord/bot/alert-messages/{fingerprint}/{channel}",
+        "discord bot",
+        Bot,
+        (204, "remembered (a month)"),
+        "Remember an alert's message",
+    )
+    .accepts(of::<discord::AlertMessage>),
+    route(
+        "get",
+        "/api/v1/discord/bot/deliveries",
+        "discord bot",
+        Bot,
+        (200, "alert notifications to post (long poll: ?instance=&wait=)"),
+        "Alert notifications for the bot",
+    )
+    .returns(of::<Vec<discord::AlertDelivery>>),
+    route(
+        "post",
+        "/api/v1/discord/bot/deliveries/{id}",
+        "discord bot",
+        Bot,
+        (204, "the outbox has the outcome; 404 when it timed out (it is retried)"),
+        "Report a delivery's outcome",
+    )
+    .accepts(of::<discord::DeliveryOutcome>),
+];
