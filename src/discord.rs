@@ -79,6 +79,9 @@ pub async fn discord(cli: &Cli, cmd: &DiscordCommand) -> anyhow::Result<()> {
                     "connected as {}, as `nebula bot` on {host}",
                     v.bot.account.clone().unwrap_or_default()
                 ),
+                (_, false, Some(host)) => {
+                    format!("`nebula bot` on {host}, not connected to Discord")
+                }
                 (false, _, _) => {
                     "not configured (set [discord] token_file, or run `nebula bot`)".to_owned()
                 }

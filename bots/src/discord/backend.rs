@@ -82,8 +82,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn moderated(&self, who: &DiscordUser, m: Moderated) -> Result<(), OpError>;
     async fn guild_seen(&self, guild: &str, name: &str) -> Result<(), OpError>;
     async fn guild_settings(&self, guild: &str) -> Result<Arc<GuildSettings>, OpError>;
-    /// Servers whose settings changed after `since`, waiting up to `wait`.
-    async fn changes(&self, since: Option<u64>, wait: Duration) -> Result<GuildChanges, OpError>;
+    /// Servers whose settings changed after `since` (an earlier answer's epoch and number),
+    /// waiting up to `wait`.
+    async fn changes(
+        &self,
+        since: Option<(String, u64)>,
+        wait: Duration,
+    ) -> Result<GuildChanges, OpError>;
     async fn connection(&self, c: Connection);
     async fn alert_message(&self, fp: &str, channel: &str) -> Result<Option<String>, OpError>;
     async fn remember_alert_message(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nebula_controller::authz::Op;
+use nebula_controller::OpError;
 use nebula_types::api::alerts::CreateSilence;
 use nebula_types::api::nodes::NodeStatus;
 use nebula_types::jobs::JobState;
@@ -221,8 +222,19 @@ async fn run_streaming(
     };
     let head = format!("`{op}` on `{node}` (job `{job}`)");
     let mut shown = String::new();
+    let mut failures = 0;
     loop {
-        let (rec, lines) = bot.backend.job_output(p, job).await.unwrap_or_default();
+        let (rec, lines) = match bot.backend.job_output(p, job).await {
+            Ok(out) => out,
+            // The controller unreachable a moment: try again (for a minute).
+            Err(OpError::Conflict(why)) if failures < 30 => {
+                failures += 1;
+                tracing::warn!(%job, "could not read the job's output: {why}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(e) => return edit_component(bot, c, &refusal(&e)).await,
+        };
         let done = rec.as_ref().is_none_or(|r| r.state.is_terminal());
         let out = tail(lines.iter().map(String::as_str), 1500);
         let state = rec.as_ref().map_or(JobState::Lost, |r| r.state);

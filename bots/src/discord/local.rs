@@ -70,7 +70,7 @@ impl Backend for Local {
     }
 
     async fn redeem_link(&self, who: &DiscordUser, code: &str) -> Result<Principal, OpError> {
-        self.0.redeem_discord_link(who, code).await?;
+        self.0.redeem_discord_link(who, code, None).await?;
         self.principal(who).await
     }
 
@@ -85,7 +85,7 @@ impl Backend for Local {
     }
 
     async fn moderated(&self, who: &DiscordUser, m: Moderated) -> Result<(), OpError> {
-        self.0.discord_moderated(who, &m);
+        self.0.discord_moderated(who, &m, None);
         Ok(())
     }
 
@@ -97,7 +97,12 @@ impl Backend for Local {
         self.0.guild_settings(guild).await
     }
 
-    async fn changes(&self, since: Option<u64>, wait: Duration) -> Result<GuildChanges, OpError> {
+    async fn changes(
+        &self,
+        since: Option<(String, u64)>,
+        wait: Duration,
+    ) -> Result<GuildChanges, OpError> {
+        let since = since.as_ref().map(|(e, n)| (e.as_str(), *n));
         Ok(self.0.discord.changes_since(since, wait).await)
     }
 

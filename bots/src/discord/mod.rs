@@ -193,7 +193,7 @@ async fn settings_changes(bot: Arc<Bot>, shutdown: CancellationToken) {
     let mut since = None;
     loop {
         let changes = tokio::select! {
-            c = bot.backend.changes(since, Duration::from_secs(25)) => c,
+            c = bot.backend.changes(since.clone(), Duration::from_secs(25)) => c,
             () = shutdown.cancelled() => return,
         };
         let changes = match changes {
@@ -224,7 +224,7 @@ async fn settings_changes(bot: Arc<Bot>, shutdown: CancellationToken) {
                 commands::register(&bot, g).await;
             }
         }
-        since = Some(changes.seq);
+        since = Some((changes.epoch, changes.seq));
     }
 }
 

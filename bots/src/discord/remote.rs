@@ -5,8 +5,9 @@
 //! controller: one gateway connection per token), says so again every 15 s, long-polls for
 //! settings changes and for alert notifications to post, and reports each delivery.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nebula_controller::OpError;
 use nebula_types::api::alerts::{AlertView, CreateSilence, SilenceView};
@@ -46,6 +47,9 @@ pub(crate) struct Remote {
     instance: String,
     host: String,
     state: Mutex<Connection>,
+    /// Servers' settings, read once and dropped when the controller says they changed (the
+    /// settings-changes long poll) or after a minute.
+    settings: Mutex<HashMap<String, (Instant, Arc<GuildSettings>)>>,
 }
 
 /// A Discord name in a header: bytes outside plain ASCII are percent-encoded (the controller
@@ -72,6 +76,7 @@ fn op_error(status: reqwest::StatusCode, body: &[u8]) -> OpError {
         400 | 422 => OpError::Invalid(msg),
         401 | 403 => OpError::Forbidden(msg),
         404 => OpError::NotFound(msg),
+        409 => OpError::Conflict(msg),
         429 => OpError::TooManyRequests(msg),
         _ => OpError::Conflict(format!("the controller could not do it: {msg}")),
     }
@@ -95,6 +100,7 @@ impl Remote {
             instance: Uuid::new_v4().to_string(),
             host: hostname(),
             state: Mutex::default(),
+            settings: Mutex::default(),
         })
     }
 
@@ -134,7 +140,9 @@ impl Remote {
             .map_err(|e| OpError::Conflict(format!("the controller's answer did not parse ({e})")))
     }
 
-    async fn attach(&self) -> Result<(), OpError> {
+    /// Attach, or say again that this process holds the connection. `Ok(false)`: refused
+    /// (another process holds it, or the controller runs its own bot).
+    async fn attach(&self) -> Result<Result<(), String>, OpError> {
         let c = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let body = BotAttach {
             instance: self.instance.clone(),
@@ -143,12 +151,17 @@ impl Remote {
             account: c.account,
             application_id: c.application_id,
         };
-        self.send_raw(
-            self.req(Method::PUT, "/api/v1/discord/bot/attach")
-                .json(&body),
-        )
-        .await
-        .map(|_| ())
+        let req = self
+            .req(Method::PUT, "/api/v1/discord/bot/attach")
+            .json(&body);
+        let resp = req.send().await.map_err(|e| unreachable(&e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        match status.as_u16() {
+            200..=299 => Ok(Ok(())),
+            401 | 403 | 409 => Ok(Err(op_error(status, &bytes).to_string())),
+            _ => Err(op_error(status, &bytes)),
+        }
     }
 
     async fn detach(&self) {
@@ -179,6 +192,19 @@ impl Remote {
                 let body = r.json().await.unwrap_or_default();
                 AiAnswer { status, body, node }
             }
+        }
+    }
+}
+
+impl Remote {
+    /// Drop cached settings: one server's, or all.
+    fn forget(&self, guild: Option<&str>) {
+        let mut cache = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        match guild {
+            Some(g) => {
+                cache.remove(g);
+            }
+            None => cache.clear(),
         }
     }
 }
@@ -236,6 +262,7 @@ impl Backend for Remote {
             body: settings,
         };
         let path = format!("/api/v1/discord/bot/guilds/{guild}/settings");
+        self.forget(Some(guild));
         self.send(self.req(Method::PUT, &path).json(&body)).await
     }
 
@@ -256,16 +283,42 @@ impl Backend for Remote {
     }
 
     async fn guild_settings(&self, guild: &str) -> Result<Arc<GuildSettings>, OpError> {
+        if let Some((at, s)) = self
+            .settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(guild)
+        {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Ok(s.clone());
+            }
+        }
         let path = format!("/api/v1/discord/bot/guilds/{guild}/settings");
-        self.send(self.req(Method::GET, &path)).await.map(Arc::new)
+        let s: Arc<GuildSettings> = Arc::new(self.send(self.req(Method::GET, &path)).await?);
+        self.settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(guild.to_owned(), (Instant::now(), s.clone()));
+        Ok(s)
     }
 
-    async fn changes(&self, since: Option<u64>, wait: Duration) -> Result<GuildChanges, OpError> {
+    async fn changes(
+        &self,
+        since: Option<(String, u64)>,
+        wait: Duration,
+    ) -> Result<GuildChanges, OpError> {
         let mut path = format!("/api/v1/discord/bot/changes?wait={}", wait.as_secs());
-        if let Some(s) = since {
-            path.push_str(&format!("&since={s}"));
+        if let Some((epoch, seq)) = since {
+            path.push_str(&format!("&epoch={}&since={seq}", enc(&epoch)));
         }
-        self.send(self.req(Method::GET, &path)).await
+        let c: GuildChanges = self.send(self.req(Method::GET, &path)).await?;
+        if c.all {
+            self.forget(None);
+        }
+        for g in &c.guilds {
+            self.forget(Some(g));
+        }
+        Ok(c)
     }
 
     async fn connection(&self, c: Connection) {
@@ -277,8 +330,10 @@ impl Backend for Remote {
                 s.application_id = c.application_id;
             }
         }
-        if let Err(e) = self.attach().await {
-            tracing::warn!("could not tell the controller about the connection: {e}");
+        match self.attach().await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => tracing::warn!("the controller refused this bot process: {why}"),
+            Err(e) => tracing::warn!("could not tell the controller about the connection: {e}"),
         }
     }
 
@@ -464,10 +519,11 @@ fn log_lines(sse: &str) -> Vec<String> {
 /// the token is not a `bot` token) or cannot be reached at start.
 pub async fn run(cfg: RemoteConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let remote = Arc::new(Remote::new(&cfg)?);
-    remote
-        .attach()
-        .await
-        .map_err(|e| anyhow::anyhow!("the controller at {} refused the bot: {e}", remote.base))?;
+    match remote.attach().await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => anyhow::bail!("the controller at {} refused the bot: {why}", remote.base),
+        Err(e) => anyhow::bail!("the controller at {} did not answer: {e}", remote.base),
+    }
     tracing::info!(controller = %remote.base, "attached to the controller");
     let backend: Arc<dyn Backend> = remote.clone();
     let stop = shutdown.child_token();
@@ -483,26 +539,33 @@ pub async fn run(cfg: RemoteConfig, shutdown: CancellationToken) -> anyhow::Resu
     let posts = tokio::spawn(deliveries(remote.clone(), http, stop.clone()));
     let _ = handle.await;
     stop.cancel();
-    let _ = tokio::join!(beat, posts);
+    let (refused, _) = tokio::join!(beat, posts);
     remote.detach().await;
-    Ok(())
+    match refused {
+        Ok(Some(why)) => anyhow::bail!("the controller refused this bot process: {why}"),
+        _ if !shutdown.is_cancelled() => {
+            anyhow::bail!("the Discord connection ended (is the token valid? see the log)")
+        }
+        _ => Ok(()),
+    }
 }
 
-/// Say every 15 s that this process holds the connection; stop when another one does.
-async fn heartbeat(remote: Arc<Remote>, stop: CancellationToken) {
+/// Say every 15 s that this process holds the connection; stop the bot when the controller
+/// refuses it (another process holds the connection, or it has a token itself). Gives why.
+async fn heartbeat(remote: Arc<Remote>, stop: CancellationToken) -> Option<String> {
     loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(15)) => {}
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return None,
         }
         match remote.attach().await {
-            Err(OpError::Conflict(m)) if !m.starts_with("the controller") => {
-                tracing::error!("{m}: this bot process stops");
+            Ok(Err(why)) => {
+                tracing::error!("{why}: this bot process stops");
                 stop.cancel();
-                return;
+                return Some(why);
             }
             Err(e) => tracing::warn!("the controller did not take the heartbeat: {e}"),
-            Ok(()) => {}
+            Ok(Ok(())) => {}
         }
     }
 }

@@ -21,7 +21,11 @@ use crate::authz::{Change, Op, OpCtx, Role, Via};
 use crate::store::discord::GuildRecord;
 use crate::{ControlPlane, OpError};
 
+mod checks;
 pub mod remote;
+
+pub use checks::{check_settings, check_user};
+pub(crate) use checks::{user_from_headers, valid_snowflake};
 
 /// How long a link code stays valid.
 pub const LINK_CODE_TTL: Duration = Duration::from_secs(15 * 60);
@@ -55,41 +59,49 @@ impl Default for DiscordConfig {
     }
 }
 
-/// The last changes of servers' settings, numbered.
-#[derive(Default)]
+/// The last changes of servers' settings, numbered within this process's run (`epoch`).
 struct ChangeLog {
+    epoch: String,
     seq: u64,
     recent: std::collections::VecDeque<(u64, String)>,
+}
+
+impl Default for ChangeLog {
+    fn default() -> Self {
+        Self {
+            epoch: uuid::Uuid::new_v4().simple().to_string(),
+            seq: 0,
+            recent: std::collections::VecDeque::new(),
+        }
+    }
 }
 
 impl ChangeLog {
     const KEEP: usize = 256;
 
-    fn since(&self, since: Option<u64>) -> GuildChanges {
-        let Some(since) = since else {
-            return GuildChanges {
-                seq: self.seq,
-                ..GuildChanges::default()
-            };
+    fn since(&self, since: Option<(&str, u64)>) -> GuildChanges {
+        let mut out = GuildChanges {
+            epoch: self.epoch.clone(),
+            seq: self.seq,
+            ..GuildChanges::default()
+        };
+        let Some((epoch, since)) = since else {
+            return out;
         };
         let oldest = self.recent.front().map_or(self.seq + 1, |(s, _)| *s);
-        // Ahead of this controller (it restarted) or older than what is kept: look at all.
-        let all = since > self.seq || since + 1 < oldest;
-        let mut guilds: Vec<String> = if all {
-            Vec::new()
-        } else {
-            self.recent
+        // Another run of the controller (it restarted), or older than what is kept: look at
+        // every server.
+        out.all = epoch != self.epoch || since > self.seq || since + 1 < oldest;
+        if !out.all {
+            out.guilds = self
+                .recent
                 .iter()
                 .filter(|(s, _)| *s > since)
                 .map(|(_, g)| g.clone())
-                .collect()
-        };
-        guilds.dedup();
-        GuildChanges {
-            seq: self.seq,
-            guilds,
-            all,
+                .collect();
+            out.guilds.dedup();
         }
+        out
     }
 }
 
@@ -136,6 +148,8 @@ impl DiscordBook {
         if s.remote.is_some() && self.remote.live().is_none() {
             s.remote = None;
             s.connected = false;
+            s.account = None;
+            s.application_id = None;
         }
         s
     }
@@ -156,9 +170,9 @@ impl DiscordBook {
         self.changed.notify_waiters();
     }
 
-    /// Servers whose settings changed after `since` (`None`: from now on), waiting up to
-    /// `wait` for one when there is none yet.
-    pub async fn changes_since(&self, since: Option<u64>, wait: Duration) -> GuildChanges {
+    /// Servers whose settings changed after `since` (the epoch and number of an earlier answer;
+    /// `None`: from now on), waiting up to `wait` for one when there is none yet.
+    pub async fn changes_since(&self, since: Option<(&str, u64)>, wait: Duration) -> GuildChanges {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
@@ -187,6 +201,15 @@ fn origin(who: &DiscordUser) -> serde_json::Map<String, serde_json::Value> {
         json!({ "user": who.id, "name": who.name, "guild": who.guild }),
     );
     m
+}
+
+/// `cx` with the name of the `bot` API token that asked (a bot in its own process), for the
+/// audit row beside the Discord user.
+pub(crate) fn by_bot(mut cx: OpCtx, bot: Option<&str>) -> OpCtx {
+    if let (Some(o), Some(b)) = (cx.origin.as_mut(), bot) {
+        o.insert("bot".into(), b.into());
+    }
+    cx
 }
 
 /// A context for `role` on this user's behalf, named `actor`.
@@ -227,146 +250,6 @@ fn code_hash(code: &str) -> String {
     hex::encode(sha2::Sha256::digest(normal.as_bytes()))
 }
 
-/// A Discord id: 1 to 20 digits.
-pub(crate) fn valid_snowflake(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// The Discord user a bot token acts for, from `x-nebula-discord-user` (id), `-name`, `-guild`
-/// (id) and `-roles` (comma-separated ids).
-pub(crate) fn user_from_headers(h: &axum::http::HeaderMap) -> Result<DiscordUser, &'static str> {
-    let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::trim);
-    let snowflake = valid_snowflake;
-    let id = get("x-nebula-discord-user")
-        .filter(|s| snowflake(s))
-        .ok_or("a bot token acts for a Discord user: x-nebula-discord-user is their id")?;
-    let guild = get("x-nebula-discord-guild").filter(|s| !s.is_empty());
-    if guild.is_some_and(|g| !snowflake(g)) {
-        return Err("x-nebula-discord-guild is a server id");
-    }
-    let roles: Vec<String> = get("x-nebula-discord-roles")
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if roles.len() > 250 || !roles.iter().all(|r| snowflake(r)) {
-        return Err("x-nebula-discord-roles lists role ids");
-    }
-    Ok(DiscordUser {
-        id: id.to_owned(),
-        name: percent_decode(get("x-nebula-discord-name").unwrap_or(id))
-            .chars()
-            .take(64)
-            .collect(),
-        guild: guild.map(str::to_owned),
-        roles,
-        // Only Discord's own payloads say who manages a server; a header does not.
-        guild_admin: false,
-    })
-}
-
-/// A header's `%XX` escapes decoded (a bot in its own process sends names that way).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Check a Discord user a bot sends in a body: ids are snowflakes, the name is bounded.
-pub fn check_user(who: &DiscordUser) -> Result<(), String> {
-    if !valid_snowflake(&who.id) {
-        return Err("`user.id` is a Discord user id (digits)".into());
-    }
-    if who.guild.as_deref().is_some_and(|g| !valid_snowflake(g)) {
-        return Err("`user.guild` is a server id".into());
-    }
-    if who.roles.len() > 250 || !who.roles.iter().all(|r| valid_snowflake(r)) {
-        return Err("`user.roles` lists role ids".into());
-    }
-    if who.name.is_empty() || who.name.chars().count() > 64 {
-        return Err("`user.name` has 1 to 64 characters".into());
-    }
-    Ok(())
-}
-
-/// Check a server's settings: ids are Discord snowflakes, texts are bounded, moderation rules
-/// name rule kinds the output filters know.
-pub fn check_settings(s: &GuildSettings) -> Result<(), String> {
-    let channel = |what: &str, v: &str| {
-        if v.is_empty() || valid_snowflake(v) {
-            Ok(())
-        } else {
-            Err(format!("`{what}` is a channel id (digits), not `{v}`"))
-        }
-    };
-    channel("alerts.channel", &s.alerts.channel)?;
-    channel("welcome.channel", &s.welcome.channel)?;
-    channel("goodbye.channel", &s.goodbye.channel)?;
-    channel("moderation.log_channel", &s.moderation.log_channel)?;
-    for c in &s.channels {
-        channel("channels", c)?;
-    }
-    for r in s.roles.keys().chain(s.self_roles.iter().map(|r| &r.role)) {
-        if !valid_snowflake(r) {
-            return Err(format!("`{r}` is not a Discord role id"));
-        }
-    }
-    if s.self_roles.len() > 25 || s.channels.len() > 100 || s.roles.len() > 100 {
-        return Err("at most 25 self-assigned roles, 100 channels and 100 role mappings".into());
-    }
-    if s.nickname.chars().count() > 32 {
-        return Err("a nickname has at most 32 characters".into());
-    }
-    for (what, text, max) in [
-        ("persona.system", &s.persona.system, 4000),
-        ("persona.model", &s.persona.model, 200),
-        ("persona.image_model", &s.persona.image_model, 200),
-        ("welcome.template", &s.welcome.template, 1800),
-        ("goodbye.template", &s.goodbye.template, 1800),
-    ] {
-        if text.chars().count() > max {
-            return Err(format!("`{what}` has at most {max} characters"));
-        }
-    }
-    if !s.alerts.min_severity.is_empty()
-        && !matches!(
-            s.alerts.min_severity.as_str(),
-            "info" | "warning" | "critical"
-        )
-    {
-        return Err("`alerts.min_severity` is info, warning or critical".into());
-    }
-    for kind in s.moderation.rules.keys() {
-        if !nebula_ai_filters::RULE_KINDS.contains(&kind.as_str()) {
-            return Err(format!(
-                "moderation rule `{kind}`: one of {}",
-                nebula_ai_filters::RULE_KINDS.join(", ")
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl ControlPlane {
     /// A server's settings (the defaults for a server never seen).
     pub async fn guild_settings(&self, guild: &str) -> Result<Arc<GuildSettings>, OpError> {
@@ -387,7 +270,8 @@ impl ControlPlane {
                 );
                 GuildSettings::default()
             }),
-            None => GuildSettings::default(),
+            // Not cached: any id may be asked about, only known servers are kept.
+            None => return Ok(Arc::new(GuildSettings::default())),
         };
         let settings = Arc::new(settings);
         self.discord
@@ -617,10 +501,12 @@ impl ControlPlane {
     }
 
     /// Link the Discord account `who` to the user whose code this is (once).
+    /// `/link CODE` (`bot`: the API token of a bot in its own process that asked).
     pub async fn redeem_discord_link(
         &self,
         who: &DiscordUser,
         code: &str,
+        bot: Option<&str>,
     ) -> Result<String, OpError> {
         let user = self
             .store
@@ -636,7 +522,7 @@ impl ControlPlane {
             .map(|u| Role::parse(&u.role))
             .unwrap_or(Role::Viewer);
         self.record(
-            &cx_for(who, user.clone(), role),
+            &by_bot(cx_for(who, user.clone(), role), bot),
             Change {
                 action: "discord.link",
                 target: user.clone(),
@@ -757,13 +643,18 @@ impl ControlPlane {
             self.discord.set_status(|s| {
                 s.connected = false;
                 s.remote = None;
+                s.account = None;
+                s.application_id = None;
             });
         }
     }
 
     /// Record a message the bot moderated (the author is not a principal: nothing runs as them).
-    pub fn discord_moderated(&self, who: &DiscordUser, m: &Moderated) {
+    pub fn discord_moderated(&self, who: &DiscordUser, m: &Moderated, bot: Option<&str>) {
         let mut detail = origin(who);
+        if let Some(b) = bot {
+            detail.insert("bot".into(), b.into());
+        }
         detail.insert("via".into(), "discord".into());
         detail.insert("channel".into(), m.channel.clone().into());
         detail.insert("action".into(), m.action.clone().into());
@@ -794,29 +685,25 @@ mod tests {
     #[test]
     fn the_change_log_says_what_changed_and_when_to_look_at_everything() {
         let mut log = ChangeLog::default();
+        let epoch = log.epoch.clone();
+        let at = |n: u64| Some((epoch.as_str(), n));
         assert_eq!(log.since(None).seq, 0);
-        assert!(log.since(Some(0)).guilds.is_empty());
+        assert!(log.since(at(0)).guilds.is_empty());
         for g in ["1", "2", "2"] {
             log.seq += 1;
             log.recent.push_back((log.seq, g.to_owned()));
         }
-        let c = log.since(Some(1));
+        let c = log.since(at(1));
         assert_eq!(
             (c.seq, c.guilds.clone(), c.all),
             (3, vec!["2".to_owned()], false)
         );
-        // Ahead of this controller: it restarted; look at every server.
-        assert!(log.since(Some(9)).all);
+        // Another run of the controller: look at every server, whatever the numbers.
+        assert!(log.since(Some(("earlier-run", 1))).all);
+        assert!(log.since(at(9)).all);
         log.recent.pop_front();
-        assert!(!log.since(Some(1)).all, "the change after 1 is still kept");
-        assert!(log.since(Some(0)).all, "the change after 0 was dropped");
-    }
-
-    #[test]
-    fn names_in_headers_are_percent_decoded() {
-        assert_eq!(percent_decode("zo%C3%AB%25"), "zoë%");
-        assert_eq!(percent_decode("50%"), "50%");
-        assert_eq!(percent_decode("%zz"), "%zz");
+        assert!(!log.since(at(1)).all, "the change after 1 is still kept");
+        assert!(log.since(at(0)).all, "the change after 0 was dropped");
     }
 
     #[test]

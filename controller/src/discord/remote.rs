@@ -18,6 +18,9 @@ use crate::OpError;
 pub const ATTACH_TTL: Duration = Duration::from_secs(45);
 /// How long a handed-over notification waits for its outcome.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A bot process that has not asked for notifications for this long is not taking them (the
+/// outbox's other sinks do not wait on it).
+pub const POLL_GAP: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct Remote {
@@ -25,6 +28,26 @@ pub struct Remote {
     queue: Mutex<VecDeque<AlertDelivery>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<Result<(), String>>>>,
     arrived: tokio::sync::Notify,
+    /// Long polls for notifications in progress, and when the last one ended.
+    polls: Mutex<(usize, Option<Instant>)>,
+}
+
+/// One long poll in progress (counted until dropped).
+struct Polling<'a>(&'a Remote);
+
+impl<'a> Polling<'a> {
+    fn start(r: &'a Remote) -> Self {
+        r.polls.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        Polling(r)
+    }
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        let mut p = self.0.polls.lock().unwrap_or_else(|e| e.into_inner());
+        p.0 = p.0.saturating_sub(1);
+        p.1 = Some(Instant::now());
+    }
 }
 
 struct Attached {
@@ -83,10 +106,19 @@ impl Remote {
         }
     }
 
+    /// Is the attached process asking for notifications (now, or a moment ago)?
+    fn taking(&self) -> bool {
+        let p = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        p.0 > 0 || p.1.is_some_and(|t| t.elapsed() < POLL_GAP)
+    }
+
     /// Hand a notification to the attached process and wait for how it went.
     pub async fn deliver(&self, sink: &str, url: &str, body: &str) -> Result<(), String> {
         if self.live().is_none() {
             return Err("the Discord bot is not connected".into());
+        }
+        if !self.taking() {
+            return Err("the Discord bot process is not taking notifications now".into());
         }
         let id = uuid::Uuid::now_v7().to_string();
         let (tx, rx) = oneshot::channel();
@@ -127,6 +159,7 @@ impl Remote {
         wait: Duration,
     ) -> Result<Vec<AlertDelivery>, OpError> {
         let deadline = tokio::time::Instant::now() + wait;
+        let mut polling = None;
         loop {
             if !self.touch(instance) {
                 return Err(OpError::Conflict(
@@ -134,6 +167,7 @@ impl Remote {
                         .into(),
                 ));
             }
+            polling.get_or_insert_with(|| Polling::start(self));
             let notified = self.arrived.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -189,6 +223,11 @@ mod tests {
             "a second process is refused"
         );
         assert!(r.take("b", Duration::ZERO).await.is_err());
+        assert!(
+            r.deliver("s", "discord:1/2", "{}").await.is_err(),
+            "attached but not asking for notifications: nothing waits on it"
+        );
+        assert!(r.take("a", Duration::ZERO).await.unwrap().is_empty());
         let r2 = r.clone();
         let sent = tokio::spawn(async move { r2.deliver("s", "discord:1/2", "{}").await });
         let got = r.take("a", Duration::from_secs(5)).await.unwrap();

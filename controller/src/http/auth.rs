@@ -18,11 +18,9 @@ pub(super) async fn authenticate(
             match crate::discord::user_from_headers(req.headers()) {
                 Err(why) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", why).into_response(),
                 Ok(who) => match cp.discord_principal(&who).await {
-                    Ok(mut cx) => {
+                    Ok(cx) => {
                         // The bot's own name stays in the audit row beside the Discord user.
-                        if let Some(o) = cx.origin.as_mut() {
-                            o.insert("bot".into(), rec.name.into());
-                        }
+                        let cx = crate::discord::by_bot(cx, Some(&rec.name));
                         req.extensions_mut().insert(cx);
                         next.run(req).await
                     }

@@ -78,14 +78,6 @@ fn user(who: &DiscordUser) -> ApiResult<()> {
     crate::discord::check_user(who).map_err(ApiError::bad_request)
 }
 
-/// The bot token's name beside the Discord user in audit rows.
-fn by_bot(mut cx: OpCtx, bot: &BotToken) -> OpCtx {
-    if let Some(o) = cx.origin.as_mut() {
-        o.insert("bot".into(), bot.0.clone().into());
-    }
-    cx
-}
-
 pub(super) async fn attach(
     State(cp): State<Arc<ControlPlane>>,
     body: Result<Json<BotAttach>, JsonRejection>,
@@ -94,6 +86,19 @@ pub(super) async fn attach(
     if who.instance.is_empty() || who.instance.len() > 64 || who.host.len() > 255 {
         return Err(ApiError::bad_request(
             "`instance` has 1 to 64 characters, `host` at most 255",
+        ));
+    }
+    if who
+        .account
+        .as_ref()
+        .is_some_and(|a| a.chars().count() > 100)
+        || who
+            .application_id
+            .as_deref()
+            .is_some_and(|a| !crate::discord::valid_snowflake(a))
+    {
+        return Err(ApiError::bad_request(
+            "`account` has at most 100 characters; `application_id` is a Discord id",
         ));
     }
     Ok(Json(cp.attach_remote_bot(&who)?))
@@ -168,13 +173,14 @@ pub(super) async fn settings_by_admin(
     if who.guild.as_deref() != Some(id.as_str()) {
         return Err(ApiError::bad_request("`user.guild` is this server"));
     }
-    let cx = by_bot(cp.discord_guild_admin(&who).await?, &bot);
+    let cx = crate::discord::by_bot(cp.discord_guild_admin(&who).await?, Some(&bot.0));
     Ok(Json(cp.set_guild_settings(&cx, &id, body, true).await?))
 }
 
 /// `/link CODE`.
 pub(super) async fn redeem_link(
     State(cp): State<Arc<ControlPlane>>,
+    Extension(bot): Extension<BotToken>,
     body: Result<Json<ForUser<String>>, JsonRejection>,
 ) -> ApiResult<Json<BotPrincipal>> {
     let ForUser {
@@ -185,7 +191,7 @@ pub(super) async fn redeem_link(
     if code.len() > 64 {
         return Err(ApiError::bad_request("a link code is short"));
     }
-    cp.redeem_discord_link(&who, &code).await?;
+    cp.redeem_discord_link(&who, &code, Some(&bot.0)).await?;
     let cx = cp.discord_principal(&who).await?;
     Ok(Json(BotPrincipal {
         actor: cx.actor,
@@ -195,6 +201,7 @@ pub(super) async fn redeem_link(
 
 pub(super) async fn moderated(
     State(cp): State<Arc<ControlPlane>>,
+    Extension(bot): Extension<BotToken>,
     body: Result<Json<ForUser<Moderated>>, JsonRejection>,
 ) -> ApiResult<StatusCode> {
     let ForUser { user: who, body: m } = json_body(body)?;
@@ -202,13 +209,14 @@ pub(super) async fn moderated(
     if m.hits.len() > 50 || m.action.len() > 32 || m.message.len() > 32 || m.channel.len() > 32 {
         return Err(ApiError::bad_request("a moderation record is small"));
     }
-    cp.discord_moderated(&who, &m);
+    cp.discord_moderated(&who, &m, Some(&bot.0));
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Since {
+    epoch: Option<String>,
     since: Option<u64>,
     wait: Option<u64>,
 }
@@ -219,7 +227,16 @@ pub(super) async fn changes(
 ) -> ApiResult<Json<GuildChanges>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
-    Ok(Json(cp.discord.changes_since(q.since, wait).await))
+    let since = match (&q.epoch, q.since) {
+        (Some(e), Some(n)) => Some((e.as_str(), n)),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give both `epoch` and `since`, or neither",
+            ))
+        }
+    };
+    Ok(Json(cp.discord.changes_since(since, wait).await))
 }
 
 pub(super) async fn get_alert_message(

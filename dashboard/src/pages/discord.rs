@@ -105,7 +105,7 @@ pub(crate) async fn discord_page(
         h1 { "Discord" }
         p id="bot-status" {
             @if status.connected { span.badge.up { "connected" } " as " code { (status.account.clone().unwrap_or_default()) } }
-            @else if status.configured { span.badge.down { "not connected" } }
+            @else if status.configured || status.remote.is_some() { span.badge.down { "not connected" } }
             @else { span.badge { "no token" } }
             @if let Some(host) = &status.remote { " · runs as " code { "nebula bot" } " on " code { (host) } }
             @if let Some(url) = status.invite_url() { " · " a href=(url) rel="noopener" target="_blank" { "Add the bot to a server" } }

@@ -262,6 +262,8 @@ pub struct Moderated {
 /// Servers whose settings changed since a sequence number (`GET /api/v1/discord/bot/changes`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct GuildChanges {
+    /// This controller process's run (a restart starts a new one): ask again with it.
+    pub epoch: String,
     /// Ask again with `since` this.
     pub seq: u64,
     pub guilds: Vec<String>,
