@@ -17,6 +17,7 @@ mod exec;
 mod jobs;
 mod models;
 mod monitors;
+mod secrets;
 mod serve;
 mod sse;
 mod storage;
@@ -88,6 +89,9 @@ enum Command {
     /// The Discord bot: its connection and servers, a server's settings, linked accounts.
     #[command(subcommand)]
     Discord(discord::DiscordCommand),
+    /// Secrets, encrypted at rest: set (from stdin or a file), list, show, rm, import, rekey.
+    #[command(subcommand)]
+    Secret(secrets::SecretCommand),
     /// Run the Discord bot in its own process against a controller (a `bot` API token:
     /// `nebula api-token create NAME --role bot`), instead of inside the controller.
     Bot(discord::BotArgs),
@@ -196,6 +200,7 @@ fn main() -> ExitCode {
             Command::Monitor(ref cmd) => monitors::command(&cli, cmd).await,
             Command::Discord(ref cmd) => discord::discord(&cli, cmd).await,
             Command::Bot(ref args) => discord::bot(&cli, args).await,
+            Command::Secret(ref cmd) => secrets::secret(&cli, cmd).await,
             Command::Silence(ref cmd) => alerts::silence(&cli, cmd).await,
             Command::Sink(ref cmd) => alerts::sink(&cli, cmd).await,
             Command::Containers(ref args) => containers::containers(&cli, args).await,

@@ -119,6 +119,10 @@ pub struct ServeArgs {
     /// controller.
     #[arg(long, env = "NEBULA_DISCORD_TOKEN_FILE")]
     discord_token_file: Option<PathBuf>,
+    /// The key file secrets are encrypted under (`[secrets] key_file`; default
+    /// `<data_dir>/secret.key`, created on first start). Back it up.
+    #[arg(long, env = "NEBULA_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
     /// Enrollment connections at once from one address (`quic_limits`); more hear "busy".
     #[arg(long, env = "NEBULA_MAX_UNAUTHENTICATED_PER_SOURCE")]
     max_unauthenticated_per_source: Option<usize>,
@@ -199,6 +203,9 @@ impl ServeArgs {
         set!(admin_token_file, opt);
         if let Some(f) = &self.discord_token_file {
             c.discord.token_file = Some(f.clone());
+        }
+        if let Some(f) = &self.secret_key_file {
+            c.secrets.key_file = Some(f.clone());
         }
         if let Some(f) = &self.database_url_file {
             let url =

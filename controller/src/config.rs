@@ -90,6 +90,8 @@ pub struct ControllerConfig {
     pub monitors: crate::monitors::MonitorsConfig,
     /// The Discord bot (runs when a token file is given).
     pub discord: crate::discord::DiscordConfig,
+    /// The secret store's key file.
+    pub secrets: crate::secrets::SecretsConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
@@ -176,6 +178,7 @@ impl Default for ControllerConfig {
             alerts: crate::alerts::AlertsConfig::default(),
             monitors: crate::monitors::MonitorsConfig::default(),
             discord: crate::discord::DiscordConfig::default(),
+            secrets: crate::secrets::SecretsConfig::default(),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),
@@ -201,6 +204,14 @@ impl Default for ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// The secret store's key file (`[secrets] key_file`, else `<data_dir>/secret.key`).
+    pub fn secret_key_file(&self) -> PathBuf {
+        self.secrets
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(crate::secrets::KEY_FILE))
+    }
+
     pub fn agent_dir(&self) -> PathBuf {
         self.agent_dir
             .clone()

@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod monitors;
 pub mod registry;
 pub mod releases;
+pub mod secrets;
 pub mod signin;
 pub use nebula_store as store;
 pub mod tasks;
@@ -101,6 +102,8 @@ pub struct ControlPlane {
     pub monitors: monitors::MonitorBook,
     /// The Discord bot's servers, status and settings cache.
     pub discord: discord::DiscordBook,
+    /// The key secrets are sealed under (the secret store's rows are in `store`).
+    pub secrets: secrets::SecretBook,
     /// Container logs being followed (at most [`containers::MAX_LOG_FOLLOWERS`]).
     pub(crate) log_followers: Arc<tokio::sync::Semaphore>,
     /// Interactive sessions open (at most [`containers::exec::MAX_EXEC_SESSIONS`]).
@@ -410,12 +413,14 @@ impl Controller {
         let store = Store::connect(&url)
             .await
             .with_context(|| format!("opening database {}", store::redact_url(&url)))?;
+        owner_only(&config).context("making the data dir the owner's only")?;
         let ca = CertificateAuthority::load_or_create(
             &config.data_dir.join("pki"),
             &config.server_names,
         )
         .context("loading the fleet CA")?;
         let reset_key = load_or_create_secret(&config.data_dir.join("pki").join("reset.key"))?;
+        let secret_keys = secrets::keyring::Keyring::load_or_create(&config.secret_key_file())?;
         let new_admin_token = bootstrap_admin_token(&store, &config).await?;
         let hub = Arc::new(telemetry::TelemetryHub::new(config.telemetry_history));
         let mut metrics = metrics::Metrics::new();
@@ -466,6 +471,7 @@ impl Controller {
             alerts: Default::default(),
             monitors: Default::default(),
             discord: Default::default(),
+            secrets: secrets::SecretBook::new(secret_keys),
             exec_sessions: Arc::new(tokio::sync::Semaphore::new(
                 containers::exec::MAX_EXEC_SESSIONS,
             )),
@@ -579,6 +585,34 @@ async fn bootstrap_admin_token(
         .upsert_api_token("admin", &hash_secret(&token), "admin")
         .await?;
     Ok(Some(token))
+}
+
+/// The data dir (0700) and the embedded database's files (0600) are the owner's only, whatever
+/// the umask: they hold the CA key, the secret key and sealed secrets.
+fn owner_only(config: &ControllerConfig) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &std::path::Path, mode: u32| match std::fs::set_permissions(
+            p,
+            std::fs::Permissions::from_mode(mode),
+        ) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        };
+        set(&config.data_dir, 0o700)?;
+        if config.database_url.is_none() {
+            let db = config.data_dir.join("nebula.db");
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = db.clone().into_os_string();
+                p.push(suffix);
+                set(std::path::Path::new(&p), 0o600)?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = config;
+    Ok(())
 }
 
 fn load_or_create_secret(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {

@@ -16,6 +16,7 @@ mod models;
 mod monitors;
 mod nodes;
 pub mod openapi;
+mod secrets;
 pub mod server;
 mod tasks;
 mod telemetry;
@@ -108,6 +109,15 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             "/users/{name}/discord-link-code",
             axum::routing::post(discord::link_code),
         )
+        .route("/secrets", get(secrets::list))
+        .route(
+            "/secrets/{name}",
+            get(secrets::get_one)
+                .put(secrets::set)
+                .delete(secrets::remove),
+        )
+        .route("/secrets/import", axum::routing::post(secrets::import))
+        .route("/secrets/rekey", axum::routing::post(secrets::rekey))
         .route("/monitors", get(monitors::list).post(monitors::create))
         .route(
             "/monitors/{name}",

@@ -22,6 +22,7 @@ pub mod desired;
 pub mod discord;
 pub mod jobs;
 pub mod monitors;
+pub mod secrets;
 mod telemetry;
 pub mod users;
 

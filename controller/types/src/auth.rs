@@ -77,10 +77,14 @@ pub enum Op {
     /// Connect the Discord bot, edit any server's settings (role mappings included), make
     /// link codes for other users.
     ManageBot,
+    /// Secrets' names, versions, who and when (never values).
+    ReadSecrets,
+    /// Store, import and remove secrets; rotate the key they are encrypted under.
+    ManageSecrets,
 }
 
 impl Op {
-    pub const ALL: [Op; 23] = [
+    pub const ALL: [Op; 25] = [
         Op::ReadFleet,
         Op::PreviewPlan,
         Op::ReadLogs,
@@ -104,6 +108,8 @@ impl Op {
         Op::ManageUsers,
         Op::ManageApiTokens,
         Op::ManageBot,
+        Op::ReadSecrets,
+        Op::ManageSecrets,
     ];
 
     /// The least role that may do it: the policy, in one place.
@@ -122,6 +128,7 @@ impl Op {
             | Op::SleepNode
             | Op::RollbackService
             | Op::Reconcile
+            | Op::ReadSecrets
             | Op::Chat => Role::Operator,
             Op::ApplyMap
             | Op::ManageSinks
@@ -129,7 +136,8 @@ impl Op {
             | Op::RemoveNode
             | Op::ManageUsers
             | Op::ManageApiTokens
-            | Op::ManageBot => Role::Admin,
+            | Op::ManageBot
+            | Op::ManageSecrets => Role::Admin,
         }
     }
 
@@ -159,6 +167,8 @@ impl Op {
             Op::ManageUsers => "manage_users",
             Op::ManageApiTokens => "manage_api_tokens",
             Op::ManageBot => "manage_bot",
+            Op::ReadSecrets => "read_secrets",
+            Op::ManageSecrets => "manage_secrets",
         }
     }
 }

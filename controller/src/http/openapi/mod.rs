@@ -79,16 +79,16 @@ impl Route {
     }
 }
 
-mod bot_routes;
+mod more_routes;
 mod routes;
 
-pub use bot_routes::BOT_ROUTES;
+pub use more_routes::MORE_ROUTES;
 pub use routes::ROUTES;
 use Access::{Bot, Gateway, Public, Token};
 
-/// Every operation: [`ROUTES`], then the bot's own ([`BOT_ROUTES`]).
+/// Every operation: [`ROUTES`], then [`MORE_ROUTES`] (the Discord bot's own, secrets).
 pub fn all_routes() -> impl Iterator<Item = &'static Route> {
-    ROUTES.iter().chain(BOT_ROUTES)
+    ROUTES.iter().chain(MORE_ROUTES)
 }
 
 /// The document.

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod models;
 pub mod monitors;
 pub mod nodes;
+pub mod secrets;
 pub mod tasks;
 pub mod telemetry;
 

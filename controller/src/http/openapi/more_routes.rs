@@ -1,13 +1,14 @@
-//! The operations of a Discord bot in its own process (`nebula bot`), with a `bot` API token.
-//! Fleet commands go through the ordinary routes with the `x-nebula-discord-*` headers; these
-//! are the bot's own bookkeeping.
+//! The operations added since the main list: a Discord bot in its own process (`nebula bot`,
+//! with a `bot` API token: fleet commands go through the ordinary routes with the
+//! `x-nebula-discord-*` headers; these are the bot's own bookkeeping) and the secret store.
 
 use super::{of, route, Access, Route};
-use nebula_types::api::discord;
+use crate::authz::Op;
+use nebula_types::api::{discord, secrets};
 
-use Access::Bot;
+use Access::{Bot, Token};
 
-pub const BOT_ROUTES: &[Route] = &[
+pub const MORE_ROUTES: &[Route] = &[
     route(
         "put",
         "/api/v1/discord/bot/attach",
@@ -127,4 +128,59 @@ pub const BOT_ROUTES: &[Route] = &[
         "Report a delivery's outcome",
     )
     .accepts(of::<discord::DeliveryOutcome>),
+    route(
+        "get",
+        "/api/v1/secrets",
+        "secrets",
+        Token(Op::ReadSecrets),
+        (200, "every secret's name and versions, who and when (never a value)"),
+        "Secrets",
+    )
+    .returns(of::<Vec<secrets::SecretView>>),
+    route(
+        "get",
+        "/api/v1/secrets/{name}",
+        "secrets",
+        Token(Op::ReadSecrets),
+        (200, "the secret's versions (never a value)"),
+        "One secret",
+    )
+    .returns(of::<secrets::SecretView>),
+    route(
+        "put",
+        "/api/v1/secrets/{name}",
+        "secrets",
+        Token(Op::ManageSecrets),
+        (201, "stored, encrypted, as the next version"),
+        "Store a secret's new version",
+    )
+    .accepts(of::<secrets::SetSecret>)
+    .returns(of::<secrets::SecretSet>),
+    route(
+        "delete",
+        "/api/v1/secrets/{name}",
+        "secrets",
+        Token(Op::ManageSecrets),
+        (204, "removed with every version"),
+        "Remove a secret",
+    ),
+    route(
+        "post",
+        "/api/v1/secrets/import",
+        "secrets",
+        Token(Op::ManageSecrets),
+        (200, "what was stored, unchanged, or refused (by line)"),
+        "Import a .env file",
+    )
+    .accepts(of::<secrets::ImportEnv>)
+    .returns(of::<secrets::Imported>),
+    route(
+        "post",
+        "/api/v1/secrets/rekey",
+        "secrets",
+        Token(Op::ManageSecrets),
+        (200, "every version encrypted under a new key; keys no version uses removed"),
+        "Rotate the secret key (run again to resume)",
+    )
+    .returns(of::<secrets::Rekeyed>),
 ];
