@@ -67,6 +67,14 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             post(pages::alerts::expire_silence),
         )
         .route("/ui/alerts/sinks/test", post(pages::alerts::test_sink))
+        .route(
+            "/ui/secrets",
+            get(pages::secrets::secrets_page).post(pages::secrets::set_secret),
+        )
+        .route(
+            "/ui/secrets/{name}/remove",
+            post(pages::secrets::remove_secret),
+        )
         .route("/ui/discord", get(pages::discord::discord_page))
         .route("/ui/discord/token", post(pages::discord::set_token))
         .route("/ui/discord/link", post(pages::discord::link_code))
@@ -322,6 +330,7 @@ fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Marku
         ("/ui/models", "Models", Role::Viewer),
         ("/ui/chat", "Chat", Role::Operator),
         ("/ui/discord", "Discord", Role::Viewer),
+        ("/ui/secrets", "Secrets", Role::Operator),
         ("/ui/enroll", "Enroll", Role::Admin),
         ("/ui/audit", "Audit", Role::Operator),
         ("/ui/tasks", "Tasks", Role::Viewer),

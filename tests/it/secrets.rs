@@ -92,6 +92,8 @@ fn sql(c: &Controller, statement: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_write_only_encrypted_at_rest_and_rotation_keeps_them_readable() {
     let mut c = Controller::start(ControllerOpts::default()).await;
+    // Printed once, at first start (the dashboard part below comes after restarts).
+    let password = crate::dashboard_http::first_admin_password(&c).await;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -302,6 +304,60 @@ async fn secrets_are_write_only_encrypted_at_rest_and_rotation_keeps_them_readab
     assert_eq!(done["removed_keys"], json!([old_key]), "{done}");
     let out = c.cli(&["secret", "import", &env.path().display().to_string()]);
     assert_eq!(text(&out).matches("unchanged").count(), 3, "{}", text(&out));
+
+    // The dashboard: names and versions, a form that stores a value it never shows again.
+    {
+        use crate::dashboard_http::{client, session_pair, sign_in};
+        let cookie = session_pair(&sign_in(&c, "admin", &password, false).await.unwrap());
+        let http = client();
+        let page = |http: reqwest::Client, cookie: String| {
+            let url = c.url("/ui/secrets");
+            async move {
+                let r = http.get(url).header("cookie", cookie).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.text().await.unwrap()
+            }
+        };
+        let html = page(http.clone(), cookie.clone()).await;
+        assert!(
+            html.contains("secret-db_password") && html.contains("secret-form"),
+            "{html}"
+        );
+        let csrf = html
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap()
+            .to_owned();
+        let r = http
+            .post(c.url("/ui/secrets"))
+            .header("cookie", cookie.clone())
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("name", "smtp_password"),
+                ("value", PLANTED),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303);
+        let html = page(http.clone(), cookie.clone()).await;
+        assert!(html.contains("secret-smtp_password"), "{html}");
+        assert!(!html.contains(PLANTED), "the page shows no value");
+        let r = http
+            .post(c.url("/ui/secrets/smtp_password/remove"))
+            .header("cookie", cookie.clone())
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303);
+        assert!(!page(http, cookie).await.contains("secret-smtp_password"));
+        assert!(
+            !data_dir_bytes(&c).contains(PLANTED),
+            "the data dir holds the value"
+        );
+    }
 
     // Removed with every version.
     let out = c.cli(&["secret", "rm", "API_KEY"]);

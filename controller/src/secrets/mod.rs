@@ -57,6 +57,10 @@ impl std::fmt::Debug for SecretValue {
 pub struct SecretBook {
     keyring: RwLock<Keyring>,
     rekey: tokio::sync::Mutex<()>,
+    /// Held (shared) from sealing a value to storing it; a rotation holds it alone while it
+    /// works out which keys are unused, so no value sealed under a key lands after its key
+    /// was dropped.
+    writes: tokio::sync::RwLock<()>,
 }
 
 impl SecretBook {
@@ -64,6 +68,7 @@ impl SecretBook {
         Self {
             keyring: RwLock::new(keyring),
             rekey: tokio::sync::Mutex::new(()),
+            writes: tokio::sync::RwLock::new(()),
         }
     }
 
@@ -179,6 +184,7 @@ impl ControlPlane {
         name: &str,
         value: &SecretValue,
     ) -> Result<u32, OpError> {
+        let _writing = self.secrets.writes.read().await;
         for _ in 0..5 {
             let version = self.store.next_secret_version(name).await?;
             let sealed = self.secrets.seal(name, version, &value.0);
@@ -293,6 +299,30 @@ impl ControlPlane {
         Ok(out)
     }
 
+    /// Seal every version not under `key_id` again under it (the active key); how many.
+    async fn reseal_all(&self, key_id: &str) -> Result<u64, OpError> {
+        let mut n = 0u64;
+        loop {
+            let batch = self.store.secrets_not_under(key_id, 100).await?;
+            if batch.is_empty() {
+                return Ok(n);
+            }
+            for rec in batch {
+                let value = self.secrets.open(&rec)?;
+                let sealed = self.secrets.seal(&rec.name, rec.version, &value.0);
+                let old_key = rec.key_id.clone();
+                let next = SecretRecord {
+                    key_id: sealed.key_id,
+                    sealed: sealed.data,
+                    ..rec
+                };
+                if self.store.reseal_secret(&next, &old_key).await? {
+                    n += 1;
+                }
+            }
+        }
+    }
+
     /// Rotate the key: a new key seals new values at once, every stored version is sealed
     /// again under it (batch by batch; run again to resume after an interruption), then the
     /// keys no version uses are removed from the key file.
@@ -327,26 +357,11 @@ impl ControlPlane {
                 .rotate()
                 .map_err(io)?
         };
-        let mut reencrypted = 0u64;
-        loop {
-            let batch = self.store.secrets_not_under(&key_id, 100).await?;
-            if batch.is_empty() {
-                break;
-            }
-            for rec in batch {
-                let value = self.secrets.open(&rec)?;
-                let sealed = self.secrets.seal(&rec.name, rec.version, &value.0);
-                let old_key = rec.key_id.clone();
-                let next = SecretRecord {
-                    key_id: sealed.key_id,
-                    sealed: sealed.data,
-                    ..rec
-                };
-                if self.store.reseal_secret(&next, &old_key).await? {
-                    reencrypted += 1;
-                }
-            }
-        }
+        let mut reencrypted = self.reseal_all(&key_id).await?;
+        // Values sealed while that ran are stored now; none can start until the unused keys
+        // are dropped.
+        let _alone = self.secrets.writes.write().await;
+        reencrypted += self.reseal_all(&key_id).await?;
         let in_use = self.store.secret_key_ids().await?;
         let removed_keys = self
             .secrets

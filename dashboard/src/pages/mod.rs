@@ -10,5 +10,6 @@ pub(crate) mod login;
 pub(crate) mod monitors;
 pub(crate) mod node;
 pub(crate) mod overview;
+pub(crate) mod secrets;
 pub(crate) mod services;
 pub(crate) mod storage;
