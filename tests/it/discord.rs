@@ -570,16 +570,7 @@ async fn alerts_post_with_buttons_that_work_after_a_restart_and_resolve_in_place
     let dir = tempfile::tempdir().unwrap();
     let (mut agent, _) = join_ready(&c, dir.path(), "flaky", &[], None).await;
     agent.proc.kill();
-    let posted = fake
-        .wait_call("the alert posted", 0, |c| {
-            c.method == "POST" && c.path.ends_with("/channels/55/messages")
-        })
-        .await;
-    assert!(content(&posted).contains("node_unreachable"), "{posted:?}");
-    let ack = buttons(&posted)
-        .into_iter()
-        .find(|b| b.starts_with("nebula:ack:"))
-        .expect("an Acknowledge button");
+    let (posted, ack) = unreachable_posted(&fake).await;
     assert!(buttons(&posted)
         .iter()
         .any(|b| b.starts_with("nebula:silence:")));
@@ -642,6 +633,21 @@ async fn alerts_post_with_buttons_that_work_after_a_restart_and_resolve_in_place
         buttons(&resolved).is_empty(),
         "a resolved alert has no buttons"
     );
+}
+
+/// The `node_unreachable` alert posted in channel 55, and its Acknowledge button's id.
+async fn unreachable_posted(fake: &FakeDiscord) -> (Call, String) {
+    let posted = fake
+        .wait_call("the alert posted", 0, |c| {
+            c.method == "POST" && c.path.ends_with("/channels/55/messages")
+        })
+        .await;
+    assert!(content(&posted).contains("node_unreachable"), "{posted:?}");
+    let ack = buttons(&posted)
+        .into_iter()
+        .find(|b| b.starts_with("nebula:ack:"))
+        .expect("an Acknowledge button");
+    (posted, ack)
 }
 
 /// The id the stand-in gave a posted message.
@@ -1209,16 +1215,7 @@ async fn nebula_bot_runs_in_its_own_process_against_a_remote_controller() {
 
     // An alert: the controller hands it to the bot process, which posts it with buttons.
     agent.proc.kill();
-    let posted = fake
-        .wait_call("the alert posted by the bot process", 0, |c| {
-            c.method == "POST" && c.path.ends_with("/channels/55/messages")
-        })
-        .await;
-    assert!(content(&posted).contains("node_unreachable"), "{posted:?}");
-    let ack = buttons(&posted)
-        .into_iter()
-        .find(|b| b.starts_with("nebula:ack:"))
-        .expect("an Acknowledge button");
+    let (posted, ack) = unreachable_posted(&fake).await;
     let (id, _) = fake.click(GUILD, 31, &[OPERATORS], &ack, 3);
     assert!(content(&callback(&fake, id).await).contains("Acknowledged"));
     // The bot process reported the delivery: the outbox has it as sent.
