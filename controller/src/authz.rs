@@ -76,6 +76,11 @@ impl OpCtx {
         }
     }
 
+    /// Whether its role allows `op` (nothing is counted or logged: for what a view shows).
+    pub fn may(&self, op: Op) -> bool {
+        permits(self.role, op).is_ok()
+    }
+
     /// The controller acting on its own behalf (`actor` names the part: `reconciler`).
     pub fn internal(actor: impl Into<String>) -> Self {
         Self::new(actor, Role::Admin, Via::Internal)

@@ -238,6 +238,42 @@ pub struct DeployWithHostAccess {
     pub host_access: HostAccess,
 }
 
+/// A file a deploy writes into each new container before it starts (1.8): a secret from the
+/// controller's store, for a service that asks for one as a file (`secrets:` in the map).
+/// Stored jobs and revisions carry only the reference; the bytes travel in
+/// [`DeployWithFiles::contents`] on the job's stream to the node that runs the container.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SecretFile {
+    /// An absolute path in the container (`/run/secrets/db_password`).
+    pub target: String,
+    /// The secret and its version, `NAME@3`.
+    pub secret: String,
+    /// Unix permission bits (`0o400`: read by the owner only).
+    pub mode: u32,
+}
+
+/// A secret file's bytes. `Debug` shows the length only, so no log line can carry them.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBytes(<{} bytes>)", self.0.len())
+    }
+}
+
+/// A deploy whose containers get secret files (1.8): `JobSpec::DeployWithFiles`, sent only for
+/// services that ask for some (an agent older than 1.8 refuses it as an unknown kind).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployWithFiles {
+    pub deploy: DeploySpec,
+    pub host_access: HostAccess,
+    pub files: Vec<SecretFile>,
+    /// The bytes of each of `files`, in the same order: empty wherever the job is stored or
+    /// shown, filled in by the controller only on the stream to the node.
+    pub contents: Vec<SecretBytes>,
+}
+
 /// The agent config keys of the deploy policy, named in every refusal.
 pub mod policy_keys {
     pub const BIND_PATHS: &str = "deploy.allow_bind_paths";

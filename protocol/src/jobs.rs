@@ -83,11 +83,15 @@ pub enum JobSpec {
     Container(crate::containers::ContainerJob),
     /// List the node's images and volumes, or remove the unused ones named (1.6).
     Storage(crate::containers::StorageAction),
+    /// `Deploy` (with any host access) for a service that asks for secret files (1.8): the
+    /// files are written into each new container before it starts. Only such services are
+    /// sent this way.
+    DeployWithFiles(Box<crate::deploy::DeployWithFiles>),
 }
 
 impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
-    pub const KINDS: u32 = 11;
+    pub const KINDS: u32 = 12;
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -95,7 +99,9 @@ impl JobSpec {
             JobSpec::Exec(_) => "exec",
             JobSpec::Probe(_) => "probe",
             JobSpec::Inventory => "inventory",
-            JobSpec::Deploy(_) | JobSpec::DeployWithHostAccess(_) => "deploy",
+            JobSpec::Deploy(_) | JobSpec::DeployWithHostAccess(_) | JobSpec::DeployWithFiles(_) => {
+                "deploy"
+            }
             JobSpec::Undeploy(_) => "undeploy",
             JobSpec::Wake(_) => "wake",
             JobSpec::Model(_) => "model",

@@ -70,7 +70,7 @@ pub const CONTROLLER_SERVER_NAME: &str = "controller.nebula.internal";
 pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 7 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 8 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

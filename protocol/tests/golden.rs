@@ -541,6 +541,21 @@ fn job_control() {
         ))),
     );
     check(
+        "job_request_deploy_with_files",
+        &req(JobSpec::DeployWithFiles(Box::new(
+            deploy::DeployWithFiles {
+                deploy: deploy_spec(),
+                host_access: deploy::HostAccess::default(),
+                files: vec![deploy::SecretFile {
+                    target: "/run/secrets/db_password".into(),
+                    secret: "db_password@3".into(),
+                    mode: 0o400,
+                }],
+                contents: vec![deploy::SecretBytes(b"hunter2".to_vec())],
+            },
+        ))),
+    );
+    check(
         "job_request_wake",
         &req(JobSpec::Wake(WakeSpec {
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],

@@ -16,6 +16,7 @@ mod fleet;
 mod jobs;
 mod monitors;
 mod refusals;
+mod secret_deploys;
 mod secrets;
 mod tasks;
 mod telemetry;

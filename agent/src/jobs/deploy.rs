@@ -20,7 +20,7 @@ mod docker;
 mod gate;
 pub mod policy;
 
-use docker::{container_body, list, remove, stop};
+use docker::{check_target, container_body, list, remove, stop, upload_files};
 use gate::{cut, gate};
 
 use std::collections::BTreeSet;
@@ -29,7 +29,8 @@ use std::time::Duration;
 use bollard::query_parameters::CreateContainerOptionsBuilder;
 use bollard::Docker;
 use nebula_protocol::deploy::{
-    DeployOutcome, DeployReport, DeploySpec, HostAccess, UndeploySpec, UpdateStrategy,
+    DeployOutcome, DeployReport, DeploySpec, HostAccess, SecretBytes, SecretFile, UndeploySpec,
+    UpdateStrategy,
 };
 use nebula_protocol::jobs::{JobOutput, JobResult, JobStatus, LogStream};
 use rand::Rng;
@@ -55,19 +56,51 @@ struct Managed {
     running: bool,
 }
 
-/// Converge to `spec`, its containers created with `host` (the default: no host access).
+/// What new containers get beyond the spec: host access (the default: none) and secret files
+/// with their bytes (1.8).
+#[derive(Debug, Clone, Copy)]
+pub struct Extras<'a> {
+    pub host: &'a HostAccess,
+    pub files: &'a [SecretFile],
+    pub contents: &'a [SecretBytes],
+}
+
+impl<'a> Extras<'a> {
+    pub fn host(host: &'a HostAccess) -> Self {
+        Self {
+            host,
+            files: &[],
+            contents: &[],
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.files.len() != self.contents.len() {
+            return Err(format!(
+                "{} secret file(s) but {} content(s)",
+                self.files.len(),
+                self.contents.len()
+            ));
+        }
+        self.files.iter().try_for_each(|f| check_target(&f.target))
+    }
+}
+
+/// Converge to `spec`, its containers created with `extras`.
 pub async fn deploy(
     ctx: &JobContext,
     spec: &DeploySpec,
-    host: &HostAccess,
+    extras: Extras<'_>,
     own: Option<uuid::Uuid>,
     policy: &DeployConfig,
 ) -> JobResult {
-    if let Err(e) =
-        check_names(&spec.service, &spec.node).and_then(|()| check_node(&spec.node, own))
+    if let Err(e) = check_names(&spec.service, &spec.node)
+        .and_then(|()| check_node(&spec.node, own))
+        .and_then(|()| extras.check())
     {
         return JobResult::new(JobStatus::Refused, Some(e));
     }
+    let host = extras.host;
     // Before any container is listed, created or touched. Replicas differ only in labels.
     if let Err(violation) = policy::check(policy, &container_body(spec, host, 0)) {
         warn!(service = %spec.service, "{violation}");
@@ -83,6 +116,7 @@ pub async fn deploy(
         docker: &docker,
         spec,
         host,
+        extras,
     };
     match exec.run().await {
         Ok(report) => report_result(report),
@@ -187,6 +221,7 @@ struct Executor<'a> {
     docker: &'a Docker,
     spec: &'a DeploySpec,
     host: &'a HostAccess,
+    extras: Extras<'a>,
 }
 
 impl Executor<'_> {
@@ -383,6 +418,23 @@ impl Executor<'_> {
             .create_container(Some(opts), body)
             .await
             .map_err(|e| format!("creating {name}: {e}"))?;
+        if !self.extras.files.is_empty() {
+            self.log(format!(
+                "writing {} secret file(s) into {name}",
+                self.extras.files.len()
+            ));
+            let written = upload_files(
+                self.docker,
+                &created.id,
+                self.extras.files,
+                self.extras.contents,
+            )
+            .await;
+            if let Err(e) = written {
+                let _ = remove(self.docker, &created.id, false).await;
+                return Err(format!("{name}: {e}"));
+            }
+        }
         Ok((created.id, name))
     }
 
@@ -644,6 +696,75 @@ mod tests {
         assert!(check_names("", "n1").is_err());
         assert!(check_names("-web", "n1").is_err());
         assert!(check_names("web", "a b").is_err());
+    }
+
+    #[test]
+    fn secret_files_go_in_as_a_tar_at_their_targets_with_their_modes() {
+        use nebula_protocol::deploy::{SecretBytes, SecretFile};
+        let files = vec![
+            SecretFile {
+                target: "/run/secrets/db_password".into(),
+                secret: "db_password@2".into(),
+                mode: 0o400,
+            },
+            SecretFile {
+                target: "/etc/app/token".into(),
+                secret: "token@1".into(),
+                mode: 0o444,
+            },
+        ];
+        let contents = vec![
+            SecretBytes(b"hunter2".to_vec()),
+            SecretBytes(b"tok".to_vec()),
+        ];
+        let archive = docker::files_archive(&files, &contents).unwrap();
+        let mut read = tar::Archive::new(archive.as_slice());
+        let mut seen = Vec::new();
+        for entry in read.entries().unwrap() {
+            let mut e = entry.unwrap();
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut e, &mut body).unwrap();
+            let h = e.header();
+            seen.push((
+                e.path().unwrap().display().to_string(),
+                h.mode().unwrap(),
+                h.uid().unwrap(),
+                body,
+            ));
+        }
+        assert_eq!(
+            seen,
+            [
+                ("run/secrets/db_password".into(), 0o400, 0, "hunter2".into()),
+                ("etc/app/token".into(), 0o444, 0, "tok".into()),
+            ]
+        );
+        // Paths that could leave the container's root, and bytes that do not match, are refused.
+        let host = HostAccess::default();
+        for bad in ["/run/../../etc/passwd", "relative", "/", "/a//b"] {
+            let f = vec![SecretFile {
+                target: bad.into(),
+                secret: "x@1".into(),
+                mode: 0o400,
+            }];
+            let extras = Extras {
+                host: &host,
+                files: &f,
+                contents: &contents[..1],
+            };
+            assert!(extras.check().is_err(), "{bad}");
+        }
+        let extras = Extras {
+            host: &host,
+            files: &files,
+            contents: &contents[..1],
+        };
+        assert!(extras
+            .check()
+            .unwrap_err()
+            .contains("2 secret file(s) but 1"));
+        // `Debug` never shows the bytes.
+        assert!(!format!("{contents:?}").contains("hunter2"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{DeployConfig, DockerConfig, ExecConfig, JobsConfig};
+use deploy::Extras;
 
 pub mod container;
 pub mod deploy;
@@ -583,13 +584,24 @@ impl JobRunner {
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::Deploy(spec) => tokio::select! {
-                    r = deploy::deploy(&ctx, spec, &no_host_access, self.config.node_id, &self.config.deploy) => r,
+                    r = deploy::deploy(&ctx, spec, Extras::host(&no_host_access), self.config.node_id, &self.config.deploy) => r,
                     stop = ctx.stopped() => stop.result(),
                 },
                 JobSpec::DeployWithHostAccess(d) => tokio::select! {
-                    r = deploy::deploy(&ctx, &d.deploy, &d.host_access, self.config.node_id, &self.config.deploy) => r,
+                    r = deploy::deploy(&ctx, &d.deploy, Extras::host(&d.host_access), self.config.node_id, &self.config.deploy) => r,
                     stop = ctx.stopped() => stop.result(),
                 },
+                JobSpec::DeployWithFiles(d) => {
+                    let extras = Extras {
+                        host: &d.host_access,
+                        files: &d.files,
+                        contents: &d.contents,
+                    };
+                    tokio::select! {
+                        r = deploy::deploy(&ctx, &d.deploy, extras, self.config.node_id, &self.config.deploy) => r,
+                        stop = ctx.stopped() => stop.result(),
+                    }
+                }
                 JobSpec::Undeploy(spec) => tokio::select! {
                     r = deploy::undeploy(&ctx, spec, self.config.node_id) => r,
                     stop = ctx.stopped() => stop.result(),

@@ -32,7 +32,9 @@ use crate::store::desired::{DesiredRecord, PinRecord};
 use crate::store::millis;
 use crate::{ControlPlane, OpError};
 
+mod inline;
 pub mod models;
+mod pinning;
 pub use nebula_desired::{map, plan};
 mod reconciler;
 
@@ -45,7 +47,11 @@ use plan::{Desired, Plan, RevisionSpec};
 #[derive(Debug, Clone)]
 pub struct Active {
     pub record: DesiredRecord,
+    /// Resolved, its secret references pinned to versions (`crate::secrets::refs`): what
+    /// revisions, plans and deploys are made from.
     pub desired: Desired,
+    /// Resolved as written (references without versions).
+    pub raw: Desired,
     pub warnings: Vec<Problem>,
 }
 
@@ -146,6 +152,20 @@ fn short_revision(r: &str) -> &str {
     r.get(..12).unwrap_or(r)
 }
 
+/// The problems of a map naming secrets the store does not have, as map errors.
+fn secrets_missing(missing: Vec<String>) -> MapErrors {
+    MapErrors(
+        missing
+            .into_iter()
+            .map(|message| Problem {
+                line: 1,
+                column: 1,
+                message,
+            })
+            .collect(),
+    )
+}
+
 pub(crate) fn digest(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
@@ -170,6 +190,26 @@ impl ControlPlane {
         let specs = self.store.revision_specs().await?;
         let history = self.store.deployments(None, 2000).await?;
         let unfinished = self.store.unfinished_deployments().await?;
+        // Accepted before: the fleet is not checked again (nodes may have gone since).
+        let checked = match &latest {
+            Some(rec) => match map::check(&rec.document, &FleetNames(None)) {
+                Ok(checked) => {
+                    let (pinned, problems) = self.pin_desired(&checked.desired).await?;
+                    for p in problems {
+                        tracing::warn!("{p}");
+                    }
+                    Some((checked, pinned))
+                }
+                Err(e) => {
+                    tracing::error!(
+                        version = rec.version,
+                        "the stored service map no longer validates: {e}"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         {
             let mut st = self.desired.lock();
             st.started_at = millis(std::time::SystemTime::now());
@@ -183,35 +223,26 @@ impl ControlPlane {
                     st.pins.insert(p.service.clone(), Pin { record: p, spec });
                 }
             }
-            if let Some(rec) = latest {
-                // Accepted before: the fleet is not checked again (nodes may have gone since).
-                match map::check(&rec.document, &FleetNames(None)) {
-                    Ok(checked) => {
-                        let since = rec.created_at;
-                        for d in history.iter().filter(|d| d.started_at >= since) {
-                            if matches!(d.outcome.as_str(), "failed" | "rolled-back" | "timed-out")
-                            {
-                                let key = if d.action == "remove" {
-                                    (d.service.clone(), plan::removal_key(&d.node))
-                                } else {
-                                    (d.service.clone(), d.revision.clone())
-                                };
-                                st.blocked
-                                    .entry(key)
-                                    .or_insert_with(|| d.message.clone().unwrap_or_default());
-                            }
-                        }
-                        st.active = Some(Arc::new(Active {
-                            record: rec,
-                            desired: checked.desired,
-                            warnings: checked.warnings,
-                        }));
+            if let (Some(rec), Some((checked, pinned))) = (latest, checked) {
+                let since = rec.created_at;
+                for d in history.iter().filter(|d| d.started_at >= since) {
+                    if matches!(d.outcome.as_str(), "failed" | "rolled-back" | "timed-out") {
+                        let key = if d.action == "remove" {
+                            (d.service.clone(), plan::removal_key(&d.node))
+                        } else {
+                            (d.service.clone(), d.revision.clone())
+                        };
+                        st.blocked
+                            .entry(key)
+                            .or_insert_with(|| d.message.clone().unwrap_or_default());
                     }
-                    Err(e) => tracing::error!(
-                        version = rec.version,
-                        "the stored service map no longer validates: {e}"
-                    ),
                 }
+                st.active = Some(Arc::new(Active {
+                    record: rec,
+                    raw: checked.desired,
+                    desired: pinned,
+                    warnings: checked.warnings,
+                }));
             }
         }
         for d in unfinished {
@@ -256,13 +287,31 @@ impl ControlPlane {
         let by = cx.actor.as_str();
         let fleet = self.fleet_names().await?;
         let checked = map::check(document, &fleet).map_err(ApplyError::Map)?;
+        // Every secret it names must be in the store before anything changes.
+        let (_, missing) = self.pin_desired(&checked.desired).await?;
+        if !missing.is_empty() {
+            return Err(ApplyError::Map(secrets_missing(missing)));
+        }
+        let (stored, inline_warnings) = self.keep_inline_secrets(cx, document).await?;
+        let checked = if stored == document {
+            checked
+        } else {
+            map::check(&stored, &fleet).map_err(ApplyError::Map)?
+        };
+        let (pinned, missing) = self.pin_desired(&checked.desired).await?;
+        if !missing.is_empty() {
+            return Err(ApplyError::Map(secrets_missing(missing)));
+        }
+        let mut warnings = checked.warnings.clone();
+        warnings.extend(inline_warnings);
+        // The digest of the document as given: the watched file is compared with it.
         let digest = digest(document);
         let current = self.desired.active();
         let changed = current.as_ref().is_none_or(|a| a.record.digest != digest);
         let record = if changed {
             self.store
                 .insert_desired(
-                    document,
+                    &stored,
                     &digest,
                     source,
                     by,
@@ -283,7 +332,7 @@ impl ControlPlane {
             let mut st = self.desired.lock();
             // A new map version ends pins on the services it changes.
             for (name, pin) in &st.pins {
-                let svc = checked.desired.services.get(name);
+                let svc = pinned.services.get(name);
                 if svc.is_none_or(|s| s.revision != pin.record.base_revision) {
                     dropped_pins.push(name.clone());
                 }
@@ -298,8 +347,9 @@ impl ControlPlane {
             }
             st.active = Some(Arc::new(Active {
                 record,
-                desired: checked.desired,
-                warnings: checked.warnings.clone(),
+                desired: pinned,
+                raw: checked.desired,
+                warnings: warnings.clone(),
             }));
         }
         for name in dropped_pins {
@@ -325,7 +375,7 @@ impl ControlPlane {
         Ok(Applied {
             version,
             changed,
-            warnings: checked.warnings,
+            warnings,
             plan,
         })
     }
@@ -386,15 +436,32 @@ impl ControlPlane {
         })
     }
 
+    /// The plan in force as `cx` may see it: inline `env` values are `***` for a role that may
+    /// not read them (secret references are shown to everyone).
+    pub async fn current_plan_for(&self, cx: &OpCtx) -> Result<PlanView, OpError> {
+        self.authorize(cx, Op::ReadFleet)?;
+        let mut view = self.current_plan().await?;
+        if !cx.may(Op::ReadMapValues) {
+            view.redact_inline_values();
+        }
+        Ok(view)
+    }
+
     /// The plan a proposed map would have (nothing is stored).
     pub async fn preview_plan(&self, document: &str) -> Result<PlanView, ApplyError> {
         let fleet = self.fleet_names().await?;
         let checked = map::check(document, &fleet).map_err(ApplyError::Map)?;
+        let (pinned, missing) = self.pin_desired(&checked.desired).await?;
+        if !missing.is_empty() {
+            return Err(ApplyError::Map(secrets_missing(missing)));
+        }
         let observed = self.observe().await?;
+        let mut warnings = checked.warnings;
+        warnings.extend(inline::preview_warnings(document));
         Ok(PlanView {
             version: None,
-            warnings: checked.warnings,
-            plan: plan::plan(&checked.desired, &observed),
+            warnings,
+            plan: plan::plan(&pinned, &observed),
         })
     }
 
@@ -412,6 +479,11 @@ impl ControlPlane {
                     } else {
                         out.host_access
                             .insert(name.clone(), pin.spec.host_access.clone());
+                    }
+                    if pin.spec.files.is_empty() {
+                        out.files.remove(name);
+                    } else {
+                        out.files.insert(name.clone(), pin.spec.files.clone());
                     }
                 }
             }

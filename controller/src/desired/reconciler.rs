@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nebula_protocol::deploy::{labels, DeploySpec, DeployWithHostAccess, UndeploySpec};
+use nebula_protocol::deploy::{
+    labels, DeploySpec, DeployWithFiles, DeployWithHostAccess, UndeploySpec,
+};
 use nebula_protocol::jobs::JobOutput;
 use nebula_protocol::telemetry::ContainerState;
 use tokio::sync::broadcast::error::RecvError;
@@ -163,6 +165,11 @@ pub async fn reconciler(cp: Arc<ControlPlane>, cx: crate::tasks::TaskCx) {
 
 /// One run: read everything, plan, start what can start. Answers with a summary of the plan.
 async fn run_once(cp: &Arc<ControlPlane>, trigger: &str) -> Result<serde_json::Value, OpError> {
+    if cp.desired.active().is_none() {
+        return Ok(serde_json::json!({"map": null}));
+    }
+    // A secret changed somewhere this controller did not see: the services using it roll.
+    cp.repin_secrets("a secret the map uses changed").await;
     let Some(active) = cp.desired.active() else {
         return Ok(serde_json::json!({"map": null}));
     };
@@ -252,13 +259,22 @@ async fn start(
                 health_timeout_ms: svc.health_timeout.as_millis().min(u32::MAX as u128) as u32,
             };
             let host_access = desired.host_access(&service);
+            let files = desired.files(&service);
             let spec = plan::RevisionSpec {
                 container: svc.spec.clone(),
                 host_access: host_access.clone(),
+                files: files.to_vec(),
             };
-            // Only a service with host access needs a 1.5 agent: every other one goes as
-            // before, so older agents keep running it.
-            let work = if host_access.is_empty() {
+            // Only a service with host access needs a 1.5 agent, one with secret files a 1.8
+            // agent: every other one goes as before, so older agents keep running it.
+            let work = if !files.is_empty() {
+                Work::DeployWithFiles(Box::new(DeployWithFiles {
+                    deploy,
+                    host_access: host_access.clone(),
+                    files: files.to_vec(),
+                    contents: Vec::new(),
+                }))
+            } else if host_access.is_empty() {
                 Work::Deploy(Box::new(deploy))
             } else {
                 Work::DeployWithHostAccess(Box::new(DeployWithHostAccess {
@@ -346,17 +362,29 @@ async fn start(
     Ok(())
 }
 
-/// An agent older than 1.5 refuses a deploy with host access as a job kind it does not know
-/// (`job kind #8 is not supported by nebula-agent X; upgrade the agent`): say what that means.
-fn explain_refusal(host_access: bool, node: &str, error: String) -> String {
-    if host_access && error.contains("job kind #") && error.contains("not supported") {
-        format!(
-            "nebula-agent on {node} is too old for host access (privileged, network_mode, pid, \
-             cap_add or devices need an agent that speaks protocol 1.5 or newer): upgrade the \
-             agent on {node}, or run the service without them ({error})"
-        )
-    } else {
-        error
+/// An agent older than 1.5 refuses a deploy with host access (older than 1.8, one with secret
+/// files) as a job kind it does not know (`job kind #8 is not supported by nebula-agent X;
+/// upgrade the agent`): say what that means.
+fn explain_refusal(work: &Work, node: &str, error: String) -> String {
+    let needs = match work {
+        Work::DeployWithHostAccess(_) => Some((
+            "host access (privileged, network_mode, pid, cap_add or devices",
+            "1.5",
+        )),
+        Work::DeployWithFiles(_) => Some(("secret files (`secrets:`", "1.8")),
+        _ => None,
+    };
+    match needs {
+        Some((what, version))
+            if error.contains("job kind #") && error.contains("not supported") =>
+        {
+            format!(
+                "nebula-agent on {node} is too old for {what} need an agent that speaks \
+                 protocol {version} or newer): upgrade the agent on {node}, or run the service \
+                 without them ({error})"
+            )
+        }
+        _ => error,
     }
 }
 
@@ -383,7 +411,6 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
             Some(JobOutput::Deploy(r)) => Some(r.clone()),
             _ => None,
         };
-        let host_access = matches!(rec.work, Work::DeployWithHostAccess(_));
         let (outcome, message) = match (rec.state, &report) {
             (_, Some(r)) => (
                 r.outcome.as_str().to_owned(),
@@ -400,7 +427,7 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
                 .to_owned(),
                 rec.error
                     .clone()
-                    .map(|e| explain_refusal(host_access, &d.node, e))
+                    .map(|e| explain_refusal(&rec.work, &d.node, e))
                     .or(rec.reason.clone()),
             ),
         };
@@ -692,22 +719,60 @@ pub async fn watch_file(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
 mod tests {
     use super::*;
 
+    fn deploy() -> DeploySpec {
+        DeploySpec {
+            service: "web".into(),
+            revision: "abc".into(),
+            node: uuid::Uuid::nil().to_string(),
+            replicas: 1,
+            container: nebula_protocol::deploy::ContainerSpec {
+                image: "web:1".into(),
+                command: None,
+                env: Vec::new(),
+                ports: Vec::new(),
+                volumes: Vec::new(),
+                restart: nebula_protocol::deploy::RestartPolicy::No,
+                gpus: nebula_protocol::deploy::GpuRequest::None,
+                health: None,
+            },
+            strategy: nebula_protocol::deploy::UpdateStrategy::StartFirst,
+            health_timeout_ms: 1000,
+        }
+    }
+
     #[test]
     fn an_old_agents_refusal_of_host_access_says_to_upgrade_it() {
         let old = "refused by the agent: job kind #8 is not supported by nebula-agent 0.1.0; \
                    upgrade the agent"
             .to_owned();
-        let told = explain_refusal(true, "box", old.clone());
+        let with_host = Work::DeployWithHostAccess(Box::new(DeployWithHostAccess {
+            deploy: deploy(),
+            host_access: nebula_protocol::deploy::HostAccess {
+                privileged: true,
+                ..Default::default()
+            },
+        }));
+        let told = explain_refusal(&with_host, "box", old.clone());
         assert!(
             told.contains("nebula-agent on box is too old for host access"),
             "{told}"
         );
         assert!(told.contains("privileged, network_mode"), "{told}");
         assert!(told.contains(&old), "the agent's words stay: {told}");
-        // Other failures, and deploys without host access, keep their own words.
-        assert_eq!(explain_refusal(false, "box", old.clone()), old);
+        let with_files = Work::DeployWithFiles(Box::new(DeployWithFiles {
+            deploy: deploy(),
+            host_access: Default::default(),
+            files: Vec::new(),
+            contents: Vec::new(),
+        }));
+        let told = explain_refusal(&with_files, "box", old.clone());
+        assert!(told.contains("too old for secret files"), "{told}");
+        assert!(told.contains("protocol 1.8"), "{told}");
+        // Other failures, and plain deploys, keep their own words.
+        let plain = Work::Deploy(Box::new(deploy()));
+        assert_eq!(explain_refusal(&plain, "box", old.clone()), old);
         assert_eq!(
-            explain_refusal(true, "box", "pulling failed".into()),
+            explain_refusal(&with_host, "box", "pulling failed".into()),
             "pulling failed"
         );
     }

@@ -54,7 +54,12 @@ pub(super) async fn get_desired(
             created_by: Some(a.record.created_by.clone()),
             created_at: Some(a.record.created_at),
             digest: Some(a.record.digest.clone()),
-            document: Some(a.record.document.clone()),
+            document: if who.may(Op::ReadMapValues) {
+                Some(a.record.document.clone())
+            } else {
+                // Variables' names and secret references; `***` for inline values.
+                map::secrets::redact_document(&a.record.document)
+            },
             warnings: a.warnings.clone(),
             file_error,
         },
@@ -93,8 +98,7 @@ pub(super) async fn get_plan(
     State(cp): State<Arc<ControlPlane>>,
     Extension(who): Extension<OpCtx>,
 ) -> ApiResult<Json<PlanView>> {
-    cp.authorize(&who, Op::ReadFleet)?;
-    Ok(Json(cp.current_plan().await?))
+    Ok(Json(cp.current_plan_for(&who).await?))
 }
 
 pub(super) async fn preview_plan(

@@ -111,6 +111,7 @@ pub(super) struct JobQuery {
 
 pub(super) async fn list_jobs(
     State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
     query: Result<Query<JobQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Page<JobRecord>>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -147,6 +148,9 @@ pub(super) async fn list_jobs(
             }
         }
     }
+    if !who.may(Op::ReadMapValues) {
+        items.iter_mut().for_each(|j| j.work.redact_inline_values());
+    }
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
         items.last().map(|j| j.id.to_string())
@@ -158,13 +162,17 @@ pub(super) async fn list_jobs(
 
 pub(super) async fn get_job(
     State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobView>> {
     let id = parse_uuid(&id)?;
-    let record = cp
+    let mut record = cp
         .job(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+    if !who.may(Op::ReadMapValues) {
+        record.work.redact_inline_values();
+    }
     let progress = cp
         .job_progress_of(id)
         .map(|(percent, message)| Progress { percent, message });

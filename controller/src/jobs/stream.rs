@@ -1,10 +1,14 @@
 //! One job's stream: open it on the node's connection, send the request, follow the agent's
 //! events until the result, pass cancels along.
+//!
+//! A deploy's secret references are resolved here and nowhere else: the request that goes on
+//! the stream carries the values, and whatever comes back (log lines, progress, the result)
+//! has them replaced by their references before it is kept.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use nebula_protocol::jobs::{JobControl, JobEvent, JobRequest};
+use nebula_protocol::jobs::{JobControl, JobEvent, JobRequest, JobResult, JobStatus};
 use nebula_protocol::{self as proto, FrameError};
 use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
@@ -36,11 +40,22 @@ async fn follow(
     cancel: &mut mpsc::UnboundedReceiver<String>,
 ) -> Result<(), String> {
     let (id, attempt) = (req.id, req.attempt);
+    let mut req = req;
+    let redact = match cp.expand_secrets(&mut req.spec).await {
+        Ok(r) => r,
+        Err(why) => {
+            // Nothing was sent: the job fails here, saying which secret is missing.
+            let why = format!("cannot resolve the deploy's secrets: {why}");
+            cp.job_finished(id, attempt, JobResult::new(JobStatus::Failed, Some(why)));
+            return Ok(());
+        }
+    };
     let (mut send, mut recv) = conn
         .open_bi()
         .await
         .map_err(|e| format!("opening the job stream: {e}"))?;
     let frame = proto::encode_frame(&JobControl::Request(req)).map_err(|e| e.to_string())?;
+    let redacting = !redact.is_empty();
     send.write_all(&frame)
         .await
         .map_err(|e| format!("sending the job: {e}"))?;
@@ -76,11 +91,19 @@ async fn follow(
                 cp.job_progress(id, attempt, false);
             }
             Ok(JobEvent::Started) => cp.job_progress(id, attempt, true),
-            Ok(JobEvent::Log(line)) => cp.job_logs(id, attempt, vec![line]),
-            Ok(JobEvent::Progress { percent, message }) => {
-                cp.job_percent(id, attempt, percent, message)
+            Ok(JobEvent::Log(mut line)) => {
+                if redacting {
+                    line.line = redact.apply(&line.line);
+                }
+                cp.job_logs(id, attempt, vec![line])
             }
-            Ok(JobEvent::Finished(result)) => {
+            Ok(JobEvent::Progress { percent, message }) => {
+                cp.job_percent(id, attempt, percent, redact.apply(&message))
+            }
+            Ok(JobEvent::Finished(mut result)) => {
+                if redacting {
+                    result = redact_result(&redact, result);
+                }
                 cp.job_finished(id, attempt, result);
                 let _ = send.finish();
                 return Ok(());
@@ -91,4 +114,13 @@ async fn follow(
             Err(e) => return Err(format!("job stream: {e}")),
         }
     }
+}
+
+/// A result with the values of the request's secrets replaced by their references.
+fn redact_result(redact: &crate::secrets::refs::Redactions, result: JobResult) -> JobResult {
+    let Ok(mut v) = serde_json::to_value(&result) else {
+        return result;
+    };
+    redact.apply_json(&mut v);
+    serde_json::from_value(v).unwrap_or(result)
 }

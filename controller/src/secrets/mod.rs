@@ -5,6 +5,7 @@
 
 pub mod dotenv;
 pub mod keyring;
+pub(crate) mod refs;
 
 use std::path::PathBuf;
 use std::sync::RwLock;
@@ -101,15 +102,8 @@ impl SecretBook {
 
 /// A secret's name: a letter or `_`, then letters, digits, `_`, `.` or `-`; at most 128.
 pub fn check_name(name: &str) -> Result<(), OpError> {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     // `import` and `rekey` are the API's own paths under /api/v1/secrets/.
-    if !first_ok
-        || matches!(name, "import" | "rekey")
-        || name.len() > 128
-        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    if !nebula_desired::map::secrets::valid_secret_name(name) || matches!(name, "import" | "rekey")
     {
         return Err(OpError::Invalid(format!(
             "`{}` is not a secret name (a letter or _, then letters, digits, _ . -; at most 128)",
@@ -172,10 +166,25 @@ impl ControlPlane {
         check_name(name)?;
         check_value(name, &value)?;
         let version = self.store_secret(cx, name, &value).await?;
+        self.repin_secrets(&format!("secret {name} changed to version {version}"))
+            .await;
         Ok(SecretSet {
             name: name.to_owned(),
             version,
         })
+    }
+
+    /// Store a new version for an operation already allowed (an applied map's inline values),
+    /// without asking for `manage_secrets`.
+    pub(crate) async fn store_secret_checked(
+        &self,
+        cx: &OpCtx,
+        name: &str,
+        value: &SecretValue,
+    ) -> Result<u32, OpError> {
+        check_name(name)?;
+        check_value(name, value)?;
+        self.store_secret(cx, name, value).await
     }
 
     async fn store_secret(
@@ -252,6 +261,8 @@ impl ControlPlane {
                 event: None,
             },
         );
+        self.repin_secrets(&format!("secret {name} was removed"))
+            .await;
         Ok(())
     }
 
@@ -295,6 +306,11 @@ impl ControlPlane {
             }
             let version = self.store_secret(cx, &name, &value).await?;
             out.set.push(SecretSet { name, version });
+        }
+        if !out.set.is_empty() {
+            let names: Vec<&str> = out.set.iter().map(|s| s.name.as_str()).collect();
+            self.repin_secrets(&format!("secrets imported: {}", names.join(", ")))
+                .await;
         }
         Ok(out)
     }

@@ -68,6 +68,23 @@ impl Store {
         rows.iter().map(row).collect()
     }
 
+    /// The newest version of each secret, by name.
+    pub async fn latest_secret_versions(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, u32>, StoreError> {
+        let rows = sqlx::query("SELECT name, MAX(version) AS v FROM secrets GROUP BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let v: i64 = r.try_get("v")?;
+                let v = u32::try_from(v)
+                    .map_err(|_| StoreError::Corrupt(format!("secret version {v}")))?;
+                Ok((r.try_get("name")?, v))
+            })
+            .collect()
+    }
+
     /// One version of `name` (`None`: the latest).
     pub async fn secret(
         &self,

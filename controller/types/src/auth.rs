@@ -81,10 +81,13 @@ pub enum Op {
     ReadSecrets,
     /// Store, import and remove secrets; rotate the key they are encrypted under.
     ManageSecrets,
+    /// Inline `env` values of the service map, its plans and deploy jobs (viewers see the
+    /// variables' names and secret references, `***` for inline values).
+    ReadMapValues,
 }
 
 impl Op {
-    pub const ALL: [Op; 25] = [
+    pub const ALL: [Op; 26] = [
         Op::ReadFleet,
         Op::PreviewPlan,
         Op::ReadLogs,
@@ -110,6 +113,7 @@ impl Op {
         Op::ManageBot,
         Op::ReadSecrets,
         Op::ManageSecrets,
+        Op::ReadMapValues,
     ];
 
     /// The least role that may do it: the policy, in one place.
@@ -129,6 +133,7 @@ impl Op {
             | Op::RollbackService
             | Op::Reconcile
             | Op::ReadSecrets
+            | Op::ReadMapValues
             | Op::Chat => Role::Operator,
             Op::ApplyMap
             | Op::ManageSinks
@@ -169,6 +174,7 @@ impl Op {
             Op::ManageBot => "manage_bot",
             Op::ReadSecrets => "read_secrets",
             Op::ManageSecrets => "manage_secrets",
+            Op::ReadMapValues => "read_map_values",
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use nebula_protocol::containers::{
     valid_container_ref, ContainerAction, ContainerJob, StorageAction,
 };
-use nebula_protocol::deploy::{DeploySpec, DeployWithHostAccess, UndeploySpec};
+use nebula_protocol::deploy::{DeploySpec, DeployWithFiles, DeployWithHostAccess, UndeploySpec};
 use nebula_protocol::jobs::{ExecSpec, JobOutput, JobSpec, ProbeSpec};
 use nebula_protocol::Labels;
 use schemars::JsonSchema;
@@ -45,6 +45,9 @@ pub enum Work {
     /// `deploy` for a service with host access (privileged, host namespaces, capabilities,
     /// devices), which needs an agent from protocol 1.5 on (created by the reconciler only).
     DeployWithHostAccess(Box<DeployWithHostAccess>),
+    /// `deploy` for a service with secret files, which needs an agent from protocol 1.8 on
+    /// (created by the reconciler only). Stored and shown with the files' references only.
+    DeployWithFiles(Box<DeployWithFiles>),
     /// Remove one service's containers from one node (created by the reconciler only).
     Undeploy(UndeploySpec),
     /// Send a Wake-on-LAN magic packet from the node (a relay on the sleeping host's LAN).
@@ -149,7 +152,7 @@ impl Work {
             Work::Exec { .. } => "exec",
             Work::Probe { .. } => "probe",
             Work::Inventory => "inventory",
-            Work::Deploy(_) | Work::DeployWithHostAccess(_) => "deploy",
+            Work::Deploy(_) | Work::DeployWithHostAccess(_) | Work::DeployWithFiles(_) => "deploy",
             Work::Undeploy(_) => "undeploy",
             Work::Wake { .. } => "wake",
             Work::Model { .. } => "model",
@@ -170,6 +173,12 @@ impl Work {
             Work::DeployWithHostAccess(d) => format!(
                 "deploy {} {} (host access)",
                 d.deploy.service, d.deploy.revision
+            ),
+            Work::DeployWithFiles(d) => format!(
+                "deploy {} {} ({} secret file(s))",
+                d.deploy.service,
+                d.deploy.revision,
+                d.files.len()
             ),
             Work::Undeploy(u) => format!("undeploy {}", u.service),
             Work::Container { container, action } => {
@@ -201,11 +210,28 @@ impl Work {
         }
     }
 
+    /// The work as someone who may not read inline values sees it: a deploy's `env` values
+    /// keep their secret references, `***` in place of any other text.
+    pub fn redact_inline_values(&mut self) {
+        let deploy = match self {
+            Work::Deploy(d) => d.as_mut(),
+            Work::DeployWithHostAccess(d) => &mut d.deploy,
+            Work::DeployWithFiles(d) => &mut d.deploy,
+            _ => return,
+        };
+        for (_, v) in deploy.container.env.iter_mut() {
+            *v = nebula_desired::map::secrets::redact_inline(v);
+        }
+    }
+
     /// Kinds only the controller itself creates (the reconciler); the jobs API refuses them.
     pub fn is_internal(&self) -> bool {
         matches!(
             self,
-            Work::Deploy(_) | Work::DeployWithHostAccess(_) | Work::Undeploy(_)
+            Work::Deploy(_)
+                | Work::DeployWithHostAccess(_)
+                | Work::DeployWithFiles(_)
+                | Work::Undeploy(_)
         )
     }
 
@@ -339,6 +365,7 @@ impl Work {
             | Work::Inventory
             | Work::Deploy(_)
             | Work::DeployWithHostAccess(_)
+            | Work::DeployWithFiles(_)
             | Work::Undeploy(_) => Ok(()),
         }
     }
@@ -369,6 +396,7 @@ impl Work {
             Work::Inventory => JobSpec::Inventory,
             Work::Deploy(spec) => JobSpec::Deploy(spec.clone()),
             Work::DeployWithHostAccess(d) => JobSpec::DeployWithHostAccess(d.clone()),
+            Work::DeployWithFiles(d) => JobSpec::DeployWithFiles(d.clone()),
             Work::Undeploy(spec) => JobSpec::Undeploy(spec.clone()),
             Work::Model {
                 action,

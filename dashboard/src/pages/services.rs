@@ -84,8 +84,18 @@ pub(crate) async fn services_view(
             .collect::<Vec<_>>()
     };
     let monitors = cp.monitors_list(&user.cx()).unwrap_or_default();
+    let may_read_values = user.cx().may(nebula_controller::authz::Op::ReadMapValues);
     let document = document
-        .or_else(|| active.as_ref().map(|a| a.record.document.clone()))
+        .or_else(|| {
+            active.as_ref().and_then(|a| {
+                if may_read_values {
+                    Some(a.record.document.clone())
+                } else {
+                    // Variables' names and secret references; `***` for inline values.
+                    nebula_controller::desired::map::secrets::redact_document(&a.record.document)
+                }
+            })
+        })
         .unwrap_or_default();
     let body = html! {
         h1 { "Services" }

@@ -107,7 +107,10 @@ impl Proc {
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
-        cmd.env("RUST_LOG", "info");
+        // `info` unless the test asked for more.
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         // A binary a test has just written (an agent build) can be "busy" for a moment: a
         // process forked meanwhile by another test holds its write descriptor until it execs.
         let mut tries = 0;
@@ -188,6 +191,8 @@ pub struct ControllerOpts {
     pub extra: Vec<&'static str>,
     /// The QUIC listen address (default `127.0.0.1:0`).
     pub quic_listen: Option<SocketAddr>,
+    /// Environment variables for the process (`RUST_LOG`).
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for ControllerOpts {
@@ -199,6 +204,7 @@ impl Default for ControllerOpts {
             max_frame_bytes: None,
             extra: Vec::new(),
             quic_listen: None,
+            env: Vec::new(),
         }
     }
 }
@@ -265,6 +271,7 @@ impl Controller {
             cmd.arg("--max-frame-bytes").arg(m.to_string());
         }
         cmd.args(&opts.extra);
+        cmd.envs(opts.env.iter().copied());
         let proc = Proc::spawn(cmd);
         let (http, quic) = wait_for(
             "controller to print its addresses",

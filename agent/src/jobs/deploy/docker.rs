@@ -9,11 +9,12 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use nebula_protocol::deploy::{
     labels, ContainerSpec, DeploySpec, GpuRequest, HealthProbe, HostAccess, NetworkMode,
-    RestartPolicy,
+    RestartPolicy, SecretBytes, SecretFile,
 };
 
 use super::{Managed, STOP_GRACE_SECS};
@@ -226,4 +227,63 @@ pub(super) async fn remove(
         }) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// A secret file's target: an absolute path without `.`, `..` or empty parts, not `/` itself.
+pub(super) fn check_target(target: &str) -> Result<(), String> {
+    let ok = target.len() <= 1024
+        && target.starts_with('/')
+        && target.len() > 1
+        && !target.contains('\0')
+        && target[1..]
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{target}` is not an absolute file path in the container"
+        ))
+    }
+}
+
+/// A tar archive (extracted at `/`) holding each file at its target with its mode, owned by
+/// root: Docker's archive upload writes it into the container before it starts.
+pub(super) fn files_archive(
+    files: &[SecretFile],
+    contents: &[SecretBytes],
+) -> Result<Vec<u8>, String> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (file, bytes) in files.iter().zip(contents) {
+        check_target(&file.target)?;
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.0.len() as u64);
+        header.set_mode(file.mode & 0o7777);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, &file.target[1..], bytes.0.as_slice())
+            .map_err(|e| format!("packing {}: {e}", file.target))?;
+    }
+    tar.into_inner()
+        .map_err(|e| format!("packing the secret files: {e}"))
+}
+
+/// Write the secret files into a created (not yet started) container.
+pub(super) async fn upload_files(
+    docker: &Docker,
+    id: &str,
+    files: &[SecretFile],
+    contents: &[SecretBytes],
+) -> Result<(), String> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let archive = files_archive(files, contents)?;
+    let opts = UploadToContainerOptionsBuilder::default().path("/").build();
+    docker
+        .upload_to_container(id, Some(opts), bollard::body_full(archive.into()))
+        .await
+        .map_err(|e| format!("writing the secret files: {e}"))
 }

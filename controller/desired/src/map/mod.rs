@@ -24,6 +24,7 @@ pub use nebula_protocol::valid_name;
 
 pub mod monitors;
 mod resolve;
+pub mod secrets;
 mod values;
 
 pub use resolve::resolve;
@@ -45,6 +46,8 @@ pub struct Loc<T> {
     pub value: T,
     pub line: u64,
     pub column: u64,
+    /// Byte offset and length of the value in the document, where the parser knows them.
+    pub span: Option<(usize, usize)>,
 }
 
 impl<T> std::ops::Deref for Loc<T> {
@@ -57,9 +60,14 @@ impl<T> std::ops::Deref for Loc<T> {
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Loc<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = serde_saphyr::Spanned::<T>::deserialize(d)?;
+        let span = s.referenced.span();
         Ok(Loc {
             line: s.referenced.line(),
             column: s.referenced.column(),
+            span: span
+                .byte_offset()
+                .zip(span.byte_len())
+                .and_then(|(o, l)| Some((usize::try_from(o).ok()?, usize::try_from(l).ok()?))),
             value: s.value,
         })
     }
@@ -168,9 +176,15 @@ pub struct ServiceDecl {
     /// Replaces the image's command: a list of arguments, or a string split like a shell would.
     #[serde(default)]
     pub command: Option<Loc<CommandLine>>,
-    /// Environment variables.
+    /// Environment variables. A value may hold references to the controller's secret store,
+    /// `${secret:NAME}` (the latest version) or `${secret:NAME@3}`: resolved only on the deploy
+    /// job's stream to the node that runs the container.
     #[serde(default)]
-    pub env: BTreeMap<String, EnvValue>,
+    pub env: BTreeMap<String, Loc<EnvValue>>,
+    /// Secrets from the controller's store written into each container as files before it
+    /// starts: `{name: NAME[@VERSION], target: /run/secrets/NAME, mode: "0444"}`.
+    #[serde(default)]
+    pub secrets: Vec<Loc<secrets::SecretFileDecl>>,
     /// Published ports: `"CONTAINER"`, `"HOST:CONTAINER"` or `"IP:HOST:CONTAINER"`, with an
     /// optional `/tcp` or `/udp`.
     #[serde(default)]
@@ -434,14 +448,20 @@ pub fn revision(spec: &ContainerSpec) -> String {
 /// asks for none (so its revision did not change when host access came), else the hash of the
 /// [`RevisionSpec`] JSON, which adds a `host_access` object to the spec's.
 pub fn revision_with(spec: &ContainerSpec, host: &HostAccess) -> String {
-    if host.is_empty() {
-        return revision(spec);
-    }
-    let full = RevisionSpec {
+    revision_of(&RevisionSpec {
         container: spec.clone(),
         host_access: host.clone(),
-    };
-    let json = serde_json::to_vec(&full).expect("a revision spec always serializes");
+        files: Vec::new(),
+    })
+}
+
+/// The revision of everything a revision pins: [`revision`] of the container spec alone when
+/// there is no host access and no secret file, else the hash of the [`RevisionSpec`] JSON.
+pub fn revision_of(full: &RevisionSpec) -> String {
+    if full.host_access.is_empty() && full.files.is_empty() {
+        return revision(&full.container);
+    }
+    let json = serde_json::to_vec(full).expect("a revision spec always serializes");
     hex::encode(&Sha256::digest(&json)[..6])
 }
 

@@ -10,16 +10,18 @@ use std::time::Duration;
 
 use nebula_protocol::deploy::{
     ContainerSpec, GpuRequest, HealthCheck, HealthProbe, HostAccess, NetworkMode, PortMapping,
-    PortProtocol, RestartPolicy, UpdateStrategy, VolumeMount,
+    PortProtocol, RestartPolicy, SecretFile, UpdateStrategy, VolumeMount,
 };
 use nebula_protocol::validate::{parse_mac, validate_label, validate_node_name};
 
 use super::{
-    parse_capability, valid_name, Checked, FleetNames, HealthDecl, Loc, MapErrors, NetworkModeDecl,
-    NodeDecl, PlacementDecl, Problem, ServiceDecl, ServiceMap, StrategyDecl, MAX_REPLICAS,
-    MAX_SERVICES,
+    parse_capability, secrets, valid_name, Checked, FleetNames, HealthDecl, Loc, MapErrors,
+    NetworkModeDecl, NodeDecl, PlacementDecl, Problem, ServiceDecl, ServiceMap, StrategyDecl,
+    MAX_REPLICAS, MAX_SERVICES,
 };
-use crate::plan::{Desired, DesiredModel, DesiredService, Labels, PlacementRule, WakeRule};
+use crate::plan::{
+    Desired, DesiredModel, DesiredService, Labels, PlacementRule, RevisionSpec, WakeRule,
+};
 
 /// Validation beyond parsing, and resolution to [`Desired`].
 pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapErrors> {
@@ -29,10 +31,14 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
     let (wake, sleep) = r.wake_and_sleep();
     let mut services = BTreeMap::new();
     let mut host_access = BTreeMap::new();
+    let mut files = BTreeMap::new();
     for (name, svc) in &map.services {
-        let (service, host) = r.service(name, svc);
+        let (service, host, secret_files) = r.service(name, svc);
         if !host.is_empty() {
             host_access.insert(name.clone(), host);
+        }
+        if !secret_files.is_empty() {
+            files.insert(name.clone(), secret_files);
         }
         services.insert(name.clone(), service);
     }
@@ -56,6 +62,7 @@ pub fn resolve(map: &ServiceMap, fleet: &FleetNames) -> Result<Checked, MapError
             sleep,
             models,
             host_access,
+            files,
             monitors,
             alert_rules,
         },
@@ -262,20 +269,33 @@ impl<'a> Resolver<'a> {
         None
     }
 
-    /// One service, checked and resolved, with its host access.
-    fn service(&mut self, name: &str, svc: &Loc<ServiceDecl>) -> (DesiredService, HostAccess) {
+    /// One service, checked and resolved, with its host access and secret files.
+    fn service(
+        &mut self,
+        name: &str,
+        svc: &Loc<ServiceDecl>,
+    ) -> (DesiredService, HostAccess, Vec<SecretFile>) {
         let (line, column) = (svc.line, svc.column);
         if !valid_name(name) {
             self.err(line, column, format!("`{name}` is not a valid service name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"));
         }
         let image = self.image(name, svc);
         let command = svc.command.as_ref().and_then(|c| match c.args() {
-            Ok(a) => Some(a),
+            Ok(a) => {
+                for arg in &a {
+                    if let Err(e) = secrets::pieces(arg) {
+                        self.err(c.line, c.column, format!("service `{name}`: command: {e}"));
+                    }
+                }
+                Some(a)
+            }
             Err(e) => {
                 self.err(c.line, c.column, format!("service `{name}`: {e}"));
                 None
             }
         });
+        let (files, problems) = secrets::files_of(name, &svc.secrets);
+        self.errors.extend(problems);
         let env = self.env(name, svc);
         let replicas = self.replicas(name, svc);
         let placement = self.placement(name, svc);
@@ -316,7 +336,11 @@ impl<'a> Resolver<'a> {
             health,
         };
         let service = DesiredService {
-            revision: super::revision_with(&spec, &host_access),
+            revision: super::revision_of(&RevisionSpec {
+                container: spec.clone(),
+                host_access: host_access.clone(),
+                files: files.clone(),
+            }),
             spec,
             replicas,
             placement: PlacementRule {
@@ -329,7 +353,7 @@ impl<'a> Resolver<'a> {
             health_timeout,
             depends_on,
         };
-        (service, host_access)
+        (service, host_access, files)
     }
 
     fn image(&mut self, name: &str, svc: &ServiceDecl) -> String {
@@ -352,6 +376,13 @@ impl<'a> Resolver<'a> {
                     svc.line,
                     svc.column,
                     format!("service `{name}`: environment variable `{k}` is not a valid name"),
+                );
+            }
+            if let Err(e) = secrets::pieces(&v.0) {
+                self.err(
+                    v.line,
+                    v.column,
+                    format!("service `{name}`: env `{k}`: {e}"),
                 );
             }
             env.push((k.clone(), v.0.clone()));

@@ -17,7 +17,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use nebula_protocol::deploy::{ContainerSpec, DeployPolicySummary, HostAccess, UpdateStrategy};
+use nebula_protocol::deploy::{
+    ContainerSpec, DeployPolicySummary, HostAccess, SecretFile, UpdateStrategy,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -43,6 +45,8 @@ pub struct Desired {
     /// Host access (privileged, host namespaces, capabilities, devices) by service, only for
     /// services that ask for some; part of their revision.
     pub host_access: BTreeMap<String, HostAccess>,
+    /// Secret files by service, only for services that ask for some; part of their revision.
+    pub files: BTreeMap<String, Vec<SecretFile>>,
     /// Monitors declared in the map (and by services' `monitor: true`), by name.
     pub monitors: BTreeMap<String, crate::map::monitors::DesiredMonitor>,
     /// The map's own alert rules, by name.
@@ -69,7 +73,13 @@ impl Desired {
         self.services.get(service).map(|s| RevisionSpec {
             container: s.spec.clone(),
             host_access: self.host_access(service).clone(),
+            files: self.files(service).to_vec(),
         })
+    }
+
+    /// The secret files `service` asks for (none for most).
+    pub fn files(&self, service: &str) -> &[SecretFile] {
+        self.files.get(service).map(Vec::as_slice).unwrap_or(&[])
     }
 }
 
@@ -83,6 +93,10 @@ pub struct RevisionSpec {
     pub container: ContainerSpec,
     #[serde(default, skip_serializing_if = "HostAccess::is_empty")]
     pub host_access: HostAccess,
+    /// Secret files (references with their versions, never the bytes); written only when
+    /// there are some, like `host_access`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<SecretFile>,
 }
 
 /// Where a model must be: named nodes, or every node with these labels.
@@ -350,6 +364,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                         name: &name,
                         svc,
                         host,
+                        files: desired.files(&name),
                         node,
                         want,
                         after: &after,
@@ -439,8 +454,8 @@ pub fn dependency_order(desired: &Desired) -> Vec<String> {
     order
 }
 
-/// Field-level differences between two specs (`env.NAME` per variable, `health.*` and
-/// `host_access.*` per field).
+/// Field-level differences between two specs (`env.NAME` per variable, `files.TARGET` per
+/// secret file, `health.*` and `host_access.*` per field).
 pub fn diff(from: &RevisionSpec, to: &RevisionSpec) -> Vec<FieldChange> {
     let flat = |spec: &RevisionSpec| -> BTreeMap<String, Value> {
         let mut out = BTreeMap::new();
@@ -449,6 +464,12 @@ pub fn diff(from: &RevisionSpec, to: &RevisionSpec) -> Vec<FieldChange> {
             for (hk, hv) in h {
                 out.insert(format!("host_access.{hk}"), hv);
             }
+        }
+        for f in &spec.files {
+            out.insert(
+                format!("files.{}", f.target),
+                Value::String(format!("{} (mode {:04o})", f.secret, f.mode)),
+            );
         }
         let Ok(Value::Object(map)) = serde_json::to_value(&spec.container) else {
             return out;
@@ -621,6 +642,7 @@ mod tests {
                 RevisionSpec {
                     container: v1.spec.clone(),
                     host_access: HostAccess::default(),
+                    files: Vec::new(),
                 },
             )]),
             ..Default::default()
@@ -954,6 +976,7 @@ mod tests {
                 RevisionSpec {
                     container: plain.spec.clone(),
                     host_access: HostAccess::default(),
+                    files: Vec::new(),
                 },
             )]),
             ..Default::default()

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nebula_protocol::deploy::HostAccess;
+use nebula_protocol::deploy::{HostAccess, SecretFile};
 
 use super::{
     diff, removal_key, Action, Desired, DesiredService, Observed, ObservedContainer, ObservedNode,
@@ -28,6 +28,7 @@ pub(super) struct NodeWork<'a> {
     pub name: &'a str,
     pub svc: &'a DesiredService,
     pub host: &'a HostAccess,
+    pub files: &'a [SecretFile],
     pub node: &'a ObservedNode,
     pub want: u32,
     /// Services this one waits for (the dependency gate).
@@ -123,6 +124,7 @@ impl NodeWork<'_> {
                     let to = RevisionSpec {
                         container: svc.spec.clone(),
                         host_access: self.host.clone(),
+                        files: self.files.to_vec(),
                     };
                     diff(from, &to)
                 })

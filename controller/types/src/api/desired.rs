@@ -58,6 +58,31 @@ pub struct PlanView {
     pub plan: Plan,
 }
 
+impl PlanView {
+    /// The plan as someone who may not read inline values sees it: `env.*` changes keep
+    /// their secret references, `***` in place of any other text.
+    pub fn redact_inline_values(&mut self) {
+        redact_changes(&mut self.plan);
+    }
+}
+
+/// `env.*` field changes of a plan's updates, redacted (see [`PlanView::redact_inline_values`]).
+pub fn redact_changes(plan: &mut Plan) {
+    use nebula_desired::map::secrets::redact_inline;
+    use nebula_desired::plan::Action;
+    for a in plan.actions.iter_mut() {
+        if let Action::Update { changes, .. } = a {
+            for c in changes.iter_mut().filter(|c| c.field.starts_with("env.")) {
+                for v in [&mut c.from, &mut c.to].into_iter().flatten() {
+                    if let serde_json::Value::String(s) = v {
+                        *s = redact_inline(s);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One container of a service as observed.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ServiceContainer {
