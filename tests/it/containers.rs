@@ -656,7 +656,12 @@ async fn the_cli_lists_every_container_with_ports_uptime_and_filters() {
     let out = c.cli(&["containers", &name, "--managed"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&name));
     let out = c.cli(&["containers", &name, "--unmanaged"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&name));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&name),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = c.cli(&["containers", "--state", "sleepy"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a container state"));

@@ -56,6 +56,9 @@ pub struct ContainerCollector {
     /// (some daemons, Docker 20.10 among them, send `die` before the container's state says
     /// it stopped, so the first read can still say running).
     confirm: bool,
+    /// Lists that failed in a row: one failure (a daemon slow to answer under load) keeps
+    /// the last list; the next one means the runtime is gone.
+    list_failures: u32,
 }
 
 /// A container as listed: what the inventory says of it, its state and health, and its
@@ -102,6 +105,7 @@ impl ContainerCollector {
             rows: Vec::new(),
             listed_at: None,
             confirm: false,
+            list_failures: 0,
         }
     }
 
@@ -146,6 +150,8 @@ impl ContainerCollector {
         self.docker = None;
         self.runtime = None;
         self.said_missing = true;
+        self.list_failures = 0;
+        self.rows.clear();
         self.prev_cpu.clear();
         self.restarts.clear();
         self.prev_cgroup_cpu.clear();
@@ -173,9 +179,16 @@ impl ContainerCollector {
         if self.listed_at.is_none_or(|t| t.elapsed() >= RESYNC_EVERY) {
             match self.list(&docker).await {
                 Ok(rows) => {
+                    self.list_failures = 0;
                     self.rows = rows;
                     // After an event, the next sample reads the list again.
                     self.listed_at = (!std::mem::take(&mut self.confirm)).then(Instant::now);
+                }
+                Err(e) if self.list_failures == 0 && !self.rows.is_empty() => {
+                    // Containers do not vanish because one answer was slow: the last list
+                    // stands until the next sample asks again.
+                    self.list_failures = 1;
+                    tracing::warn!("listing containers failed; keeping the last list: {e}");
                 }
                 Err(e) => {
                     self.lost(&e);
