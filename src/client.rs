@@ -62,6 +62,18 @@ pub struct Api {
     http: reqwest::Client,
     pub base: String,
     pub token: String,
+    /// The extra CA to trust (`--ca-file`).
+    ca: Option<reqwest::Certificate>,
+}
+
+/// A client builder trusting `ca` besides the public roots.
+fn builder(ca: &Option<reqwest::Certificate>) -> reqwest::ClientBuilder {
+    let b =
+        reqwest::Client::builder().user_agent(concat!("nebula-cli/", env!("CARGO_PKG_VERSION")));
+    match ca {
+        Some(ca) => b.add_root_certificate(ca.clone()),
+        None => b,
+    }
 }
 
 impl Api {
@@ -76,22 +88,29 @@ impl Api {
                 "no API token: set NEBULA_TOKEN, NEBULA_TOKEN_FILE or pass --token-file"
             ),
         };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .user_agent(concat!("nebula-cli/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let ca = match &cli.ca_file {
+            Some(f) => {
+                let pem = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                Some(
+                    reqwest::Certificate::from_pem(&pem)
+                        .with_context(|| format!("{} holds no PEM certificate", f.display()))?,
+                )
+            }
+            None => None,
+        };
+        let http = builder(&ca).timeout(Duration::from_secs(30)).build()?;
         Ok(Api {
             http,
             base: cli.controller.trim_end_matches('/').to_owned(),
             token,
+            ca,
         })
     }
 
     /// A client without the overall timeout, for streams that last as long as a job.
     pub fn http_long(&self) -> reqwest::Client {
-        reqwest::Client::builder()
+        builder(&self.ca)
             .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("nebula-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_else(|_| self.http.clone())
     }

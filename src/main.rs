@@ -43,6 +43,10 @@ pub struct Cli {
     /// File holding the API token.
     #[arg(long, env = "NEBULA_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust besides the public roots: the fleet CA's `ca.crt` for
+    /// a controller serving HTTPS with `fleet-ca`.
+    #[arg(long, env = "NEBULA_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,

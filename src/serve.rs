@@ -123,6 +123,22 @@ pub struct ServeArgs {
     /// `<data_dir>/secret.key`, created on first start). Back it up.
     #[arg(long, env = "NEBULA_SECRET_KEY_FILE")]
     secret_key_file: Option<PathBuf>,
+    /// TLS on the HTTP listener (`[https] mode`): `auto` (certificate files when given, else
+    /// plain HTTP), `off`, `files`, `fleet-ca` (a certificate from the fleet CA).
+    #[arg(long, env = "NEBULA_HTTPS", value_parser = parse_https_mode)]
+    https: Option<nebula_controller::https::HttpsMode>,
+    /// PEM certificate chain for HTTPS (`[https] cert_file`), read again when it changes.
+    #[arg(long, env = "NEBULA_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// Its PEM private key (`[https] key_file`).
+    #[arg(long, env = "NEBULA_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// A name (DNS name or IP) of the fleet-CA certificate (`[https] names`); repeatable.
+    #[arg(long = "https-name")]
+    https_names: Vec<String>,
+    /// A plain-HTTP listener that redirects to HTTPS (`[https] redirect_listen`).
+    #[arg(long, env = "NEBULA_HTTPS_REDIRECT_LISTEN")]
+    https_redirect_listen: Option<std::net::SocketAddr>,
     /// Enrollment connections at once from one address (`quic_limits`); more hear "busy".
     #[arg(long, env = "NEBULA_MAX_UNAUTHENTICATED_PER_SOURCE")]
     max_unauthenticated_per_source: Option<usize>,
@@ -207,6 +223,19 @@ impl ServeArgs {
         if let Some(f) = &self.secret_key_file {
             c.secrets.key_file = Some(f.clone());
         }
+        if let Some(m) = self.https {
+            c.https.mode = m;
+        }
+        if let Some(f) = &self.tls_cert_file {
+            c.https.cert_file = Some(f.clone());
+        }
+        if let Some(f) = &self.tls_key_file {
+            c.https.key_file = Some(f.clone());
+        }
+        if let Some(a) = self.https_redirect_listen {
+            c.https.redirect_listen = Some(a);
+        }
+        c.https.names.extend(self.https_names.iter().cloned());
         if let Some(f) = &self.database_url_file {
             let url =
                 std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
@@ -248,7 +277,11 @@ pub async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(password) = controller.control_plane.bootstrap_admin_user().await? {
         println!("Dashboard user `admin`, password (shown once, stored hashed): {password}");
     }
-    println!("API: http://{}", controller.http_addr);
+    let scheme = match &controller.control_plane.https {
+        Some(_) => "https",
+        None => "http",
+    };
+    println!("API: {scheme}://{}", controller.http_addr);
     println!("QUIC: {}", controller.quic_addr);
     println!("CA pin: {}", controller.control_plane.ca.pin_hex());
     wait_for_signal().await;
@@ -455,5 +488,16 @@ fn shell_quote(s: &str) -> String {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn parse_https_mode(s: &str) -> Result<nebula_controller::https::HttpsMode, String> {
+    use nebula_controller::https::HttpsMode;
+    match s {
+        "auto" => Ok(HttpsMode::Auto),
+        "off" => Ok(HttpsMode::Off),
+        "files" => Ok(HttpsMode::Files),
+        "fleet-ca" => Ok(HttpsMode::FleetCa),
+        _ => Err(format!("`{s}`: one of auto, off, files, fleet-ca")),
     }
 }

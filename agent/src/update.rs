@@ -370,13 +370,19 @@ pub async fn apply(
     let download = sibling(&exe, "download");
     info!(from = %current, to = %r.version, %url, "downloading a newer agent");
     crate::tls::install_provider();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()
-        .map_err(|e| UpdateError::Download {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(600));
+    // A controller serving HTTPS with the fleet CA's certificate: the CA this agent pinned at
+    // enrollment is trusted for the download too (besides the public roots).
+    if let Some(ca) = std::fs::read(state_dir.join("ca.crt"))
+        .ok()
+        .and_then(|pem| reqwest::Certificate::from_pem(&pem).ok())
+    {
+        client = client.add_root_certificate(ca);
+    }
+    let client = client.build().map_err(|e| UpdateError::Download {
+        url: url.clone(),
+        message: e.to_string(),
+    })?;
     download_verified(&client, &url, &r.sha256, &download).await?;
     swap(state_dir, &exe, &download, current, r)?;
     info!(from = %current, to = %r.version, "checksum and signature verified; binary swapped, restarting");

@@ -87,6 +87,16 @@ pub const HTTP_SERVER: TaskDef = TaskDef {
     description: "serves the API, the dashboard and the AI gateway",
     scope: Scope::EveryReplica,
 };
+pub const HTTPS_CERTIFICATE: TaskDef = TaskDef {
+    name: "https-certificate",
+    description: "keeps the HTTP listener's certificate current (files reloaded, renewals)",
+    scope: Scope::EveryReplica,
+};
+pub const HTTP_REDIRECT: TaskDef = TaskDef {
+    name: "http-redirect",
+    description: "answers plain HTTP with a redirect to HTTPS",
+    scope: Scope::EveryReplica,
+};
 
 /// Every task but the job writer (started first, so that recovery can write through it).
 pub fn register(
@@ -95,6 +105,7 @@ pub fn register(
     endpoint: quinn::Endpoint,
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    redirect: Option<(tokio::net::TcpListener, axum::Router)>,
     tracker: &TaskTracker,
 ) {
     let c = cp.clone();
@@ -214,6 +225,18 @@ pub fn register(
             async move { crate::monitors::flush(&cp).await }
         },
     );
+    register_http(d, cp, listener, router, redirect, tracker);
+}
+
+/// The HTTP listener, and with HTTPS its certificate keeper and the plain redirect listener.
+fn register_http(
+    d: &mut tasks::Driver,
+    cp: &Arc<ControlPlane>,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    redirect: Option<(tokio::net::TcpListener, axum::Router)>,
+    tracker: &TaskTracker,
+) {
     let c = cp.clone();
     let t = tracker.clone();
     let mut serve = Some((listener, router));
@@ -226,6 +249,7 @@ pub fn register(
                     listener,
                     router,
                     cp.config.http_limits.clone(),
+                    cp.https.as_ref().map(|h| h.acceptor.clone()),
                     cx.cancel,
                     tracker,
                 )
@@ -233,6 +257,34 @@ pub fn register(
             }
         }
     });
+    if let Some(https) = cp.https.clone() {
+        let c = cp.clone();
+        d.service(HTTPS_CERTIFICATE, move |cx| {
+            crate::https::keep_current(c.clone(), https.clone(), cx.cancel)
+        });
+    }
+    if let Some((listener, router)) = redirect {
+        let c = cp.clone();
+        let t = tracker.clone();
+        let mut serve = Some((listener, router));
+        d.service(HTTP_REDIRECT, move |cx| {
+            let serve = serve.take();
+            let (cp, tracker) = (c.clone(), t.clone());
+            async move {
+                if let Some((listener, router)) = serve {
+                    crate::http::server::serve(
+                        listener,
+                        router,
+                        cp.config.http_limits.clone(),
+                        None,
+                        cx.cancel,
+                        tracker,
+                    )
+                    .await;
+                }
+            }
+        });
+    }
 }
 
 /// Write finished one-minute rollups in one batch; on the way out, the open minutes too. A

@@ -92,6 +92,8 @@ pub struct ControllerConfig {
     pub discord: crate::discord::DiscordConfig,
     /// The secret store's key file.
     pub secrets: crate::secrets::SecretsConfig,
+    /// TLS on the HTTP listener: certificate files or the fleet CA.
+    pub https: crate::https::HttpsConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
@@ -179,6 +181,7 @@ impl Default for ControllerConfig {
             monitors: crate::monitors::MonitorsConfig::default(),
             discord: crate::discord::DiscordConfig::default(),
             secrets: crate::secrets::SecretsConfig::default(),
+            https: crate::https::HttpsConfig::default(),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),

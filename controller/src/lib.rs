@@ -39,6 +39,7 @@ pub mod desired;
 pub mod discord;
 pub mod events;
 pub mod http;
+pub mod https;
 pub mod jobs;
 pub mod metrics;
 pub mod monitors;
@@ -71,6 +72,8 @@ pub struct ControlPlane {
     pub config: ControllerConfig,
     pub store: Store,
     pub ca: CertificateAuthority,
+    /// TLS on the HTTP listener (`None`: plain HTTP).
+    pub https: Option<Arc<https::Https>>,
     pub registry: Registry,
     pub events: EventBus,
     pub telemetry: Arc<telemetry::TelemetryHub>,
@@ -420,6 +423,8 @@ impl Controller {
         )
         .context("loading the fleet CA")?;
         let reset_key = load_or_create_secret(&config.data_dir.join("pki").join("reset.key"))?;
+        let https = https::Https::from_config(&config.https, &config.server_names, &ca)
+            .map_err(anyhow::Error::msg)?;
         let secret_keys = secrets::keyring::Keyring::load_or_create(&config.secret_key_file())?;
         let new_admin_token = bootstrap_admin_token(&store, &config).await?;
         let hub = Arc::new(telemetry::TelemetryHub::new(config.telemetry_history));
@@ -487,6 +492,7 @@ impl Controller {
             config,
             store,
             ca,
+            https,
             registry: Registry::default(),
             events: EventBus::new(1024),
             telemetry: hub,
@@ -501,6 +507,7 @@ impl Controller {
             .await
             .with_context(|| format!("binding HTTP on {}", cp.config.http_listen))?;
         let http_addr = listener.local_addr()?;
+        let redirect = https::bind_redirect(&cp, http_addr.port()).await?;
         // One controller leads alone (HA replicas on PostgreSQL will follow an election).
         let leadership = tasks::Leadership::always();
         // The writer first: recovering and creating jobs go through it.
@@ -521,8 +528,17 @@ impl Controller {
         if let Some(extra) = extra_routes {
             router = router.merge(extra(cp.clone()));
         }
+        let router = https::with_hsts(router, cp.https.is_some());
         let mut driver = tasks::Driver::new(cp.tasks.clone());
-        background::register(&mut driver, &cp, endpoint, listener, router, &tracker);
+        background::register(
+            &mut driver,
+            &cp,
+            endpoint,
+            listener,
+            router,
+            redirect,
+            &tracker,
+        );
         if let Some(extra) = extra_tasks {
             extra(&mut driver, &cp);
         }

@@ -18,10 +18,22 @@ struct Browser {
     driver: std::process::Child,
     client: Option<Client>,
     shots: PathBuf,
+    /// The browser's own home (its certificate store), when it was told to trust a CA.
+    _home: Option<tempfile::TempDir>,
 }
 
 impl Browser {
     async fn start() -> Browser {
+        Self::launch(None).await
+    }
+
+    /// A browser whose certificate store (NSS, as Chromium on Linux reads it) trusts the CA
+    /// in the PEM file `ca`, in a home of its own.
+    async fn start_trusting(ca: &std::path::Path) -> Browser {
+        Self::launch(Some(ca)).await
+    }
+
+    async fn launch(trust: Option<&std::path::Path>) -> Browser {
         for tool in ["chromium", "chromedriver"] {
             let found = Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
@@ -38,12 +50,40 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
-        let driver = Command::new("chromedriver")
+        let home = trust.map(|ca| {
+            let home = tempfile::tempdir().unwrap();
+            let db = home.path().join(".pki/nssdb");
+            std::fs::create_dir_all(&db).unwrap();
+            let db = format!("sql:{}", db.display());
+            for args in [
+                vec!["-N", "-d", &db, "--empty-password"],
+                vec!["-A", "-d", &db, "-t", "C,,", "-n", "nebula-fleet-ca", "-i"],
+            ] {
+                let mut cmd = Command::new("certutil");
+                cmd.args(&args);
+                if args[0] == "-A" {
+                    cmd.arg(ca);
+                }
+                let out = cmd
+                    .output()
+                    .expect("certutil (Debian's libnss3-tools; scripts/test installs it)");
+                assert!(
+                    out.status.success(),
+                    "certutil {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            home
+        });
+        let mut driver = Command::new("chromedriver");
+        driver
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
+            .stderr(Stdio::null());
+        if let Some(h) = &home {
+            driver.env("HOME", h.path());
+        }
+        let driver = driver.spawn().expect("start chromedriver");
         let url = format!("http://127.0.0.1:{port}");
         let caps: serde_json::Map<String, Value> = serde_json::from_value(json!({
             "browserName": "chrome",
@@ -77,6 +117,7 @@ impl Browser {
             driver,
             client: Some(client),
             shots,
+            _home: home,
         }
     }
 
@@ -895,4 +936,40 @@ async fn models_and_chat_pages_in_a_real_browser() {
 async fn desired_version(c: &Controller) -> Option<i64> {
     let d: nebula_types::api::desired::DesiredView = c.get_as("/api/v1/desired").await;
     d.version
+}
+
+/// Built-in HTTPS with a certificate from the fleet CA: a browser told to trust that CA (and
+/// nothing else) signs in, and the session cookie carries `Secure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_signs_in_over_https_with_the_fleet_ca() {
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--https", "fleet-ca", "--https-name", "127.0.0.1"],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(c.scheme, "https", "the controller says it serves HTTPS");
+    let password = crate::dashboard_http::first_admin_password(&c).await;
+    let ca = c.dir.path().join("data/pki/ca.crt");
+    let b = Browser::start_trusting(&ca).await;
+    let base = c.url("");
+    assert!(base.starts_with("https://127.0.0.1:"), "{base}");
+    b.login(&base, "admin", &password).await;
+    let url = b.c().current_url().await.unwrap();
+    assert_eq!(url.scheme(), "https");
+    let cookies = b.c().get_all_cookies().await.unwrap();
+    let session = cookies
+        .iter()
+        .find(|k| k.name() == "nebula_session")
+        .expect("the session cookie");
+    assert_eq!(session.secure(), Some(true), "{session:?}");
+    assert_eq!(session.http_only(), Some(true), "{session:?}");
+    b.shot("https-overview").await;
+
+    // A browser that was not told to trust the CA gets no page from it.
+    let untrusting = Browser::start().await;
+    untrusting.c().goto(&format!("{base}/ui/login")).await.ok();
+    assert!(
+        !untrusting.has("form.login").await,
+        "an untrusted certificate must not show the sign-in form"
+    );
 }

@@ -13,6 +13,7 @@ mod dashboard_http;
 mod deploy;
 mod discord;
 mod fleet;
+mod https;
 mod jobs;
 mod monitors;
 mod refusals;

@@ -26,11 +26,12 @@ use crate::config::HttpLimits;
 /// themselves on shutdown; this bounds everything else).
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Serve `router` on `listener` until `shutdown`.
+/// Serve `router` on `listener` until `shutdown`, over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -64,29 +65,55 @@ pub async fn serve(
         let router = router.clone();
         let shutdown = shutdown.clone();
         let header_timeout = limits.header_timeout;
+        let tls = tls.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            serve_connection(tcp, peer, router, header_timeout, shutdown).await;
+            match tls {
+                None => serve_connection(tcp, peer, router, header_timeout, false, shutdown).await,
+                Some(tls) => {
+                    // The handshake shares the headers' deadline: a client that stalls in it
+                    // holds its slot no longer than one that stalls in its headers.
+                    match tokio::time::timeout(header_timeout, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, router, header_timeout, true, shutdown)
+                                .await
+                        }
+                        Ok(Err(e)) => debug!(%peer, "TLS handshake: {e}"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
         });
     }
 }
 
-async fn serve_connection(
-    tcp: tokio::net::TcpStream,
+async fn serve_connection<IO>(
+    io: IO,
     peer: SocketAddr,
     router: Router,
     header_timeout: Duration,
+    over_tls: bool,
     shutdown: CancellationToken,
-) {
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            if over_tls {
+                // Said by the listener, whatever the client sent: cookies get `Secure`, and
+                // HSTS goes out.
+                req.headers_mut().insert(
+                    "x-forwarded-proto",
+                    axum::http::HeaderValue::from_static("https"),
+                );
+            }
             router.clone().oneshot(req.map(axum::body::Body::new))
         });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         // WebSockets (container terminals) take the connection over after the upgrade.
         .with_upgrades();
     tokio::pin!(conn);

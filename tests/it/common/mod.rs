@@ -217,6 +217,8 @@ pub struct Controller {
     pub quic: SocketAddr,
     pub admin_token: String,
     pub opts: ControllerOpts,
+    /// `http`, or `https` when the controller serves TLS (its client then trusts the fleet CA).
+    pub scheme: &'static str,
     pub client: reqwest::Client,
 }
 
@@ -234,6 +236,14 @@ impl Controller {
         )
         .await;
         tls_provider();
+        let https = proc.stdout.find("API: https://").is_some();
+        let client = match std::fs::read(dir.path().join("data/pki/ca.crt")) {
+            Ok(ca) if https => reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+                .build()
+                .unwrap(),
+            _ => reqwest::Client::new(),
+        };
         Controller {
             proc,
             dir,
@@ -241,7 +251,8 @@ impl Controller {
             quic,
             admin_token,
             opts,
-            client: reqwest::Client::new(),
+            scheme: if https { "https" } else { "http" },
+            client,
         }
     }
 
@@ -279,7 +290,11 @@ impl Controller {
             || {
                 let out = &proc.stdout;
                 async move {
-                    let http = out.find("API: http://")?.parse().ok()?;
+                    let http = out
+                        .find("API: http://")
+                        .or_else(|| out.find("API: https://"))?
+                        .parse()
+                        .ok()?;
                     let quic = out.find("QUIC: ")?.parse().ok()?;
                     Some((http, quic))
                 }
@@ -299,7 +314,7 @@ impl Controller {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http)
+        format!("{}://{}{path}", self.scheme, self.http)
     }
 
     pub async fn api(

@@ -1,0 +1,497 @@
+//! HTTPS on the HTTP listener: one certificate resolver, fed by one source.
+//!
+//! * `files`: a certificate chain and key in PEM files (from certbot, a company CA, ...),
+//!   read again whenever either changes on disk; a pair that does not load is logged and the
+//!   certificate in use stays.
+//! * `fleet-ca`: a certificate from the fleet's own CA (the one agents already pin) for the
+//!   names listed, issued at start and again at two thirds of its lifetime. Browsers must be
+//!   told to trust the CA (`<data_dir>/ca.crt`).
+//!
+//! The listener hands each accepted connection to [`Https::acceptor`] before HTTP; requests that
+//! came over TLS carry `x-forwarded-proto: https` (set by the listener, whatever the client
+//! sent), so cookies get `Secure`. [`hsts`] adds `Strict-Transport-Security` when the name the
+//! browser used is a public one. A second, plain listener (`redirect_listen`) answers every
+//! request with a redirect to the HTTPS address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ca::CertificateAuthority;
+
+/// Lifetime of a certificate from the fleet CA for the HTTP listener.
+pub const FLEET_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Where the HTTP listener's certificate comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HttpsMode {
+    /// Certificate files when `cert_file` is set, else plain HTTP.
+    #[default]
+    Auto,
+    Off,
+    Files,
+    FleetCa,
+}
+
+/// `[https]`: TLS on the HTTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpsConfig {
+    pub mode: HttpsMode,
+    /// PEM certificate chain (leaf first) and its key, for `files`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Names (DNS names or IPs) of the `fleet-ca` certificate; default `localhost` and the
+    /// controller's `server_names`.
+    pub names: Vec<String>,
+    /// A plain-HTTP listener whose every answer is a redirect to HTTPS (`0.0.0.0:80`).
+    pub redirect_listen: Option<SocketAddr>,
+    /// How often the certificate files are looked at for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for HttpsConfig {
+    fn default() -> Self {
+        HttpsConfig {
+            mode: HttpsMode::Auto,
+            cert_file: None,
+            key_file: None,
+            names: Vec::new(),
+            redirect_listen: None,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl HttpsConfig {
+    /// The source in force (`None`: plain HTTP), or why the settings do not make one.
+    pub fn source(&self, server_names: &[String]) -> Result<Option<Source>, String> {
+        let files = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => return Err("https: give both cert_file and key_file".into()),
+        };
+        Ok(match (self.mode, files) {
+            (HttpsMode::Off, _) | (HttpsMode::Auto, None) => None,
+            (HttpsMode::Auto | HttpsMode::Files, Some((cert, key))) => {
+                Some(Source::Files { cert, key })
+            }
+            (HttpsMode::Files, None) => {
+                return Err("https: mode `files` needs cert_file and key_file".into())
+            }
+            (HttpsMode::FleetCa, _) => {
+                let mut names = vec!["localhost".to_owned()];
+                names.extend(server_names.iter().cloned());
+                names.extend(self.names.iter().cloned());
+                names.sort();
+                names.dedup();
+                Some(Source::FleetCa { names })
+            }
+        })
+    }
+}
+
+/// Where the certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Files { cert: PathBuf, key: PathBuf },
+    FleetCa { names: Vec<String> },
+}
+
+impl Source {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Files { .. } => "files",
+            Source::FleetCa { .. } => "fleet-ca",
+        }
+    }
+}
+
+/// The certificate in use, swapped whole when its source has a new one.
+#[derive(Debug, Default)]
+pub struct Resolver {
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+}
+
+impl Resolver {
+    pub fn set(&self, key: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(key));
+    }
+
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+/// TLS for the HTTP listener.
+pub struct Https {
+    pub source: Source,
+    pub resolver: Arc<Resolver>,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for Https {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Https")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl Https {
+    /// HTTPS as the config asks for it (`None`: plain HTTP).
+    pub fn from_config(
+        config: &HttpsConfig,
+        server_names: &[String],
+        ca: &CertificateAuthority,
+    ) -> Result<Option<Arc<Self>>, String> {
+        match config.source(server_names)? {
+            Some(source) => Ok(Some(Arc::new(Self::start(source, ca)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Load the first certificate from `source` (an error stops the controller: it would
+    /// otherwise serve no HTTPS at all).
+    pub fn start(source: Source, ca: &CertificateAuthority) -> Result<Self, String> {
+        let resolver = Arc::new(Resolver::default());
+        resolver.set(match &source {
+            Source::Files { cert, key } => load_files(cert, key)?,
+            Source::FleetCa { names } => fleet_cert(ca, names)?,
+        });
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Https {
+            source,
+            resolver,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+/// A certificate chain and key as rustls serves them.
+pub fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, String> {
+    if chain.is_empty() {
+        return Err("no certificate".into());
+    }
+    let signing = rustls::crypto::ring::sign::any_supported_type(key)
+        .map_err(|e| format!("the key cannot sign: {e}"))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| format!("the key does not belong to the certificate: {e}"))?;
+    Ok(ck)
+}
+
+/// Read a PEM chain and key.
+pub fn load_files(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    certified(chain, &key_der).map_err(|e| format!("{}: {e}", cert.display()))
+}
+
+/// What the files hold now (a change of any byte is a change).
+fn fingerprint(paths: &[&Path]) -> Option<[u8; 32]> {
+    let mut h = Sha256::new();
+    for p in paths {
+        h.update(std::fs::read(p).ok()?);
+    }
+    Some(h.finalize().into())
+}
+
+fn fleet_cert(ca: &CertificateAuthority, names: &[String]) -> Result<CertifiedKey, String> {
+    let (chain, key) = ca
+        .issue_web_cert(names, FLEET_CERT_LIFETIME)
+        .map_err(|e| format!("issuing the HTTPS certificate: {e}"))?;
+    certified(chain, &key)
+}
+
+/// Keep the certificate current: files read again when they change, a fleet-CA certificate
+/// issued again at two thirds of its lifetime. Runs until `cancel`.
+pub async fn keep_current(
+    cp: Arc<crate::ControlPlane>,
+    https: Arc<Https>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let (ca, reload_interval) = (&cp.ca, cp.config.https.reload_interval);
+    match https.source.clone() {
+        Source::Files { cert, key } => {
+            let mut seen = fingerprint(&[&cert, &key]);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(reload_interval) => {}
+                }
+                let now = fingerprint(&[&cert, &key]);
+                if now.is_none() || now == seen {
+                    continue;
+                }
+                match load_files(&cert, &key) {
+                    Ok(k) => {
+                        https.resolver.set(k);
+                        seen = now;
+                        tracing::info!(cert = %cert.display(), "HTTPS certificate reloaded");
+                    }
+                    // Half-written (a copy in progress) or wrong: the one in use stays, and
+                    // the next change is tried again.
+                    Err(e) => tracing::warn!("HTTPS certificate not reloaded: {e}"),
+                }
+            }
+        }
+        Source::FleetCa { names } => loop {
+            let renew_in = FLEET_CERT_LIFETIME * 2 / 3;
+            let until = SystemTime::now() + renew_in;
+            while SystemTime::now() < until {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(3600).min(renew_in)) => {}
+                }
+            }
+            match fleet_cert(ca, &names) {
+                Ok(k) => {
+                    https.resolver.set(k);
+                    tracing::info!("HTTPS certificate renewed from the fleet CA");
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+        },
+    }
+}
+
+/// Whether a browser that used `host` (the request's `Host`, port included or not) should be
+/// told to keep to HTTPS: a DNS name under a public suffix, not an address, `localhost` or a
+/// name only a LAN knows.
+pub fn public_host(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((n, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !n.ends_with(':') => n,
+        _ => host,
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name.starts_with('[') || name.parse::<IpAddr>().is_ok() || !name.contains('.') {
+        return false;
+    }
+    const PRIVATE: [&str; 9] = [
+        ".local",
+        ".lan",
+        ".home",
+        ".internal",
+        ".localdomain",
+        ".home.arpa",
+        ".test",
+        ".localhost",
+        ".invalid",
+    ];
+    !PRIVATE.iter().any(|s| name.ends_with(s))
+}
+
+/// `router` with [`hsts`] when TLS is on.
+pub fn with_hsts(router: axum::Router, tls: bool) -> axum::Router {
+    if tls {
+        router.layer(axum::middleware::from_fn(hsts))
+    } else {
+        router
+    }
+}
+
+/// `Strict-Transport-Security` on answers over TLS to a public name.
+pub async fn hsts(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let over_tls = req
+        .headers()
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    let public = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(public_host);
+    let mut resp = next.run(req).await;
+    if over_tls && public {
+        resp.headers_mut().insert(
+            axum::http::header::STRICT_TRANSPORT_SECURITY,
+            axum::http::HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    resp
+}
+
+/// Where a plain-HTTP request is sent: the same host and path on the HTTPS port.
+pub fn redirect_target(
+    host: Option<&str>,
+    path_and_query: &str,
+    https_port: u16,
+) -> Option<String> {
+    let host = host?.trim();
+    // `[v6]:port`, `name:port` or a bare name; the port is replaced.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        format!("[{}]", rest.split_once(']')?.0)
+    } else {
+        host.split(':').next()?.to_owned()
+    };
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b));
+    if !valid {
+        return None;
+    }
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = if path_and_query.starts_with('/') {
+        path_and_query
+    } else {
+        "/"
+    };
+    Some(format!("https://{name}{port}{path}"))
+}
+
+/// The plain listener of `redirect_listen`, bound, with its router.
+pub async fn bind_redirect(
+    cp: &crate::ControlPlane,
+    https_port: u16,
+) -> anyhow::Result<Option<(tokio::net::TcpListener, axum::Router)>> {
+    use anyhow::Context;
+    match (cp.config.https.redirect_listen, &cp.https) {
+        (Some(addr), Some(_)) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the HTTP redirect on {addr}"))?;
+            Ok(Some((l, redirect_router(https_port))))
+        }
+        (Some(_), None) => anyhow::bail!("https.redirect_listen needs HTTPS on"),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The plain listener's one answer: `308 Permanent Redirect` to HTTPS.
+pub fn redirect_router(https_port: u16) -> axum::Router {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    axum::Router::new().fallback(move |req: axum::extract::Request| async move {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        match redirect_target(host, path, https_port) {
+            Some(to) => (StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, to)]).into_response(),
+            None => (StatusCode::BAD_REQUEST, "a Host header is needed").into_response(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_requests_go_to_the_same_host_and_path_on_the_https_port() {
+        assert_eq!(
+            redirect_target(Some("ctl.example.net"), "/ui/login?next=%2F", 443).as_deref(),
+            Some("https://ctl.example.net/ui/login?next=%2F")
+        );
+        assert_eq!(
+            redirect_target(Some("10.0.0.5:80"), "/", 8443).as_deref(),
+            Some("https://10.0.0.5:8443/")
+        );
+        assert_eq!(
+            redirect_target(Some("[fd00::5]:80"), "/x", 8443).as_deref(),
+            Some("https://[fd00::5]:8443/x")
+        );
+        assert_eq!(redirect_target(None, "/", 443), None);
+        assert_eq!(redirect_target(Some("evil.com/@x"), "/", 443), None);
+    }
+
+    #[test]
+    fn only_public_names_get_hsts() {
+        for public in [
+            "nebula.example.net",
+            "nebula.example.net:8443",
+            "box.tail1234.ts.net",
+        ] {
+            assert!(public_host(public), "{public}");
+        }
+        for private in [
+            "localhost",
+            "localhost:8443",
+            "127.0.0.1:8443",
+            "[::1]:8443",
+            "nas.local",
+            "vps.lan",
+            "ctl.home.arpa",
+            "controller.nebula.internal",
+            "router",
+        ] {
+            assert!(!public_host(private), "{private}");
+        }
+    }
+
+    #[test]
+    fn settings_make_one_source_or_say_what_is_missing() {
+        let names = ["vps.example.net".to_owned()];
+        let mut c = HttpsConfig::default();
+        assert_eq!(c.source(&names), Ok(None), "plain HTTP by default");
+        c.cert_file = Some("/c.pem".into());
+        assert!(c.source(&names).unwrap_err().contains("both"));
+        c.key_file = Some("/k.pem".into());
+        assert_eq!(c.source(&names).unwrap().unwrap().kind(), "files");
+        c.mode = HttpsMode::Off;
+        assert_eq!(c.source(&names), Ok(None));
+        let c = HttpsConfig {
+            mode: HttpsMode::FleetCa,
+            names: vec!["10.0.0.5".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            c.source(&names),
+            Ok(Some(Source::FleetCa {
+                names: vec![
+                    "10.0.0.5".into(),
+                    "localhost".into(),
+                    "vps.example.net".into()
+                ]
+            }))
+        );
+        let c = HttpsConfig {
+            mode: HttpsMode::Files,
+            ..Default::default()
+        };
+        assert!(c.source(&names).unwrap_err().contains("mode `files`"));
+    }
+}
