@@ -124,7 +124,8 @@ pub struct ServeArgs {
     #[arg(long, env = "NEBULA_SECRET_KEY_FILE")]
     secret_key_file: Option<PathBuf>,
     /// TLS on the HTTP listener (`[https] mode`): `auto` (certificate files when given, else
-    /// plain HTTP), `off`, `files`, `fleet-ca` (a certificate from the fleet CA).
+    /// plain HTTP), `off`, `files`, `fleet-ca` (a certificate from the fleet CA), `tailscale`
+    /// (this node's tailnet name, from tailscaled).
     #[arg(long, env = "NEBULA_HTTPS", value_parser = parse_https_mode)]
     https: Option<nebula_controller::https::HttpsMode>,
     /// PEM certificate chain for HTTPS (`[https] cert_file`), read again when it changes.
@@ -136,6 +137,9 @@ pub struct ServeArgs {
     /// A name (DNS name or IP) of the fleet-CA certificate (`[https] names`); repeatable.
     #[arg(long = "https-name")]
     https_names: Vec<String>,
+    /// tailscaled's socket for `--https tailscale` (`[https] tailscale_socket`).
+    #[arg(long, env = "NEBULA_TAILSCALE_SOCKET")]
+    tailscale_socket: Option<PathBuf>,
     /// A plain-HTTP listener that redirects to HTTPS (`[https] redirect_listen`).
     #[arg(long, env = "NEBULA_HTTPS_REDIRECT_LISTEN")]
     https_redirect_listen: Option<std::net::SocketAddr>,
@@ -231,6 +235,9 @@ impl ServeArgs {
         }
         if let Some(f) = &self.tls_key_file {
             c.https.key_file = Some(f.clone());
+        }
+        if let Some(s) = &self.tailscale_socket {
+            c.https.tailscale_socket = s.clone();
         }
         if let Some(a) = self.https_redirect_listen {
             c.https.redirect_listen = Some(a);
@@ -498,6 +505,9 @@ fn parse_https_mode(s: &str) -> Result<nebula_controller::https::HttpsMode, Stri
         "off" => Ok(HttpsMode::Off),
         "files" => Ok(HttpsMode::Files),
         "fleet-ca" => Ok(HttpsMode::FleetCa),
-        _ => Err(format!("`{s}`: one of auto, off, files, fleet-ca")),
+        "tailscale" => Ok(HttpsMode::Tailscale),
+        _ => Err(format!(
+            "`{s}`: one of auto, off, files, fleet-ca, tailscale"
+        )),
     }
 }

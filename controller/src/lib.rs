@@ -423,8 +423,7 @@ impl Controller {
         )
         .context("loading the fleet CA")?;
         let reset_key = load_or_create_secret(&config.data_dir.join("pki").join("reset.key"))?;
-        let https = https::Https::from_config(&config.https, &config.server_names, &ca)
-            .map_err(anyhow::Error::msg)?;
+        let https = https::Https::from_config(&config.https, &config.server_names, &ca).await?;
         let secret_keys = secrets::keyring::Keyring::load_or_create(&config.secret_key_file())?;
         let new_admin_token = bootstrap_admin_token(&store, &config).await?;
         let hub = Arc::new(telemetry::TelemetryHub::new(config.telemetry_history));

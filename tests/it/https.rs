@@ -224,3 +224,137 @@ async fn certificate_files_are_served_and_reloaded_when_they_change() {
     let resp = get().await.unwrap();
     assert_eq!(served(&resp), second, "the certificate in use stays");
 }
+
+/// tailscaled's local API on a Unix socket, as far as the controller uses it: a stand-in,
+/// since no real tailscaled (and no tailnet or Let's Encrypt) can run here. It answers
+/// `GET /localapi/v0/status` with a status document in tailscaled's own shape and
+/// `GET /localapi/v0/cert/NAME?type=pair` with the key and chain in PEM, as tailscaled does.
+async fn fake_tailscaled(
+    socket: &std::path::Path,
+    name: &'static str,
+    pair_pem: String,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use axum::extract::Request;
+    use axum::response::IntoResponse;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let status = serde_json::json!({
+        "Version": "1.76.1-t1234567-g89abcdef",
+        "BackendState": "Running",
+        "AuthURL": "",
+        "TailscaleIPs": ["100.101.102.103", "fd7a:115c:a1e0::1"],
+        "Self": {
+            "ID": "nABCDEF1CNTRL", "PublicKey": "nodekey:0123456789abcdef",
+            "HostName": "box", "DNSName": format!("{name}."), "OS": "linux", "UserID": 1,
+            "TailscaleIPs": ["100.101.102.103"], "Addrs": null, "CurAddr": "", "Relay": "fra",
+            "RxBytes": 0, "TxBytes": 0,
+            "Created": "2026-01-02T03:04:05Z", "LastWrite": "0001-01-01T00:00:00Z",
+            "LastSeen": "0001-01-01T00:00:00Z", "LastHandshake": "0001-01-01T00:00:00Z",
+            "Online": true, "ExitNode": false, "ExitNodeOption": false, "Active": false,
+            "PeerAPIURL": ["http://100.101.102.103:40123"], "InNetworkMap": true,
+            "InMagicSock": false, "InEngine": false
+        },
+        "Health": null,
+        "CurrentTailnet": {"Name": "example.github", "MagicDNSSuffix": "tail1234.ts.net", "MagicDNSEnabled": true},
+        "CertDomains": [name],
+        "Peer": {},
+        "User": {}
+    });
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let log = log.clone();
+        let status = status.clone();
+        let pair = pair_pem.clone();
+        async move {
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            log.lock().unwrap().push(path.clone());
+            if path == "/localapi/v0/status" {
+                axum::Json(status).into_response()
+            } else if path == format!("/localapi/v0/cert/{name}?type=pair") {
+                pair.into_response()
+            } else {
+                (axum::http::StatusCode::NOT_FOUND, "not found").into_response()
+            }
+        }
+    });
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tailscale_source_serves_the_tailnet_name_from_tailscaled() {
+    const NAME: &str = "box.tail1234.ts.net";
+    let ca = TestCa::new();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![NAME.to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca.issuer)
+        .unwrap();
+    let digest = hex::encode(Sha256::digest(leaf.der()));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tailscaled.sock");
+    let seen = fake_tailscaled(
+        &socket,
+        NAME,
+        format!("{}{}{}", key.serialize_pem(), leaf.pem(), ca.pem),
+    )
+    .await;
+    let socket_arg: &'static str = Box::leak(socket.display().to_string().into_boxed_str());
+    let c = Controller::start(ControllerOpts {
+        extra: vec!["--https", "tailscale", "--tailscale-socket", socket_arg],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(c.scheme, "https");
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap())
+        .resolve(NAME, "127.0.0.1:0".parse().unwrap())
+        .tls_info(true)
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("https://{NAME}:{}/ui/login", c.http.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(served(&resp), digest, "the certificate tailscaled gave");
+    assert_eq!(
+        resp.headers()["strict-transport-security"],
+        "max-age=31536000",
+        "a tailnet name is a public DNS name"
+    );
+    let asked = seen.lock().unwrap().clone();
+    assert!(
+        asked.contains(&"/localapi/v0/status".to_owned()),
+        "{asked:?}"
+    );
+    assert!(
+        asked.contains(&format!("/localapi/v0/cert/{NAME}?type=pair")),
+        "{asked:?}"
+    );
+
+    // Without tailscaled the controller does not start, and says why.
+    let out = std::process::Command::new(bin("nebula"))
+        .args([
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("other"))
+        .args(["--https", "tailscale", "--tailscale-socket"])
+        .arg(dir.path().join("missing.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tailscaled at"), "{err}");
+}

@@ -27,6 +27,8 @@ use sha2::{Digest, Sha256};
 
 use crate::ca::CertificateAuthority;
 
+mod tailscale;
+
 /// Lifetime of a certificate from the fleet CA for the HTTP listener.
 pub const FLEET_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -40,6 +42,8 @@ pub enum HttpsMode {
     Off,
     Files,
     FleetCa,
+    /// The certificate of this node's tailnet name (`*.ts.net`), from tailscaled.
+    Tailscale,
 }
 
 /// `[https]`: TLS on the HTTP listener.
@@ -53,6 +57,8 @@ pub struct HttpsConfig {
     /// Names (DNS names or IPs) of the `fleet-ca` certificate; default `localhost` and the
     /// controller's `server_names`.
     pub names: Vec<String>,
+    /// tailscaled's local API socket, for `tailscale`.
+    pub tailscale_socket: PathBuf,
     /// A plain-HTTP listener whose every answer is a redirect to HTTPS (`0.0.0.0:80`).
     pub redirect_listen: Option<SocketAddr>,
     /// How often the certificate files are looked at for changes.
@@ -67,6 +73,7 @@ impl Default for HttpsConfig {
             cert_file: None,
             key_file: None,
             names: Vec::new(),
+            tailscale_socket: PathBuf::from(tailscale::DEFAULT_SOCKET),
             redirect_listen: None,
             reload_interval: Duration::from_secs(5),
         }
@@ -89,6 +96,9 @@ impl HttpsConfig {
             (HttpsMode::Files, None) => {
                 return Err("https: mode `files` needs cert_file and key_file".into())
             }
+            (HttpsMode::Tailscale, _) => Some(Source::Tailscale {
+                socket: self.tailscale_socket.clone(),
+            }),
             (HttpsMode::FleetCa, _) => {
                 let mut names = vec!["localhost".to_owned()];
                 names.extend(server_names.iter().cloned());
@@ -106,6 +116,7 @@ impl HttpsConfig {
 pub enum Source {
     Files { cert: PathBuf, key: PathBuf },
     FleetCa { names: Vec<String> },
+    Tailscale { socket: PathBuf },
 }
 
 impl Source {
@@ -113,6 +124,7 @@ impl Source {
         match self {
             Source::Files { .. } => "files",
             Source::FleetCa { .. } => "fleet-ca",
+            Source::Tailscale { .. } => "tailscale",
         }
     }
 }
@@ -159,24 +171,28 @@ impl std::fmt::Debug for Https {
 
 impl Https {
     /// HTTPS as the config asks for it (`None`: plain HTTP).
-    pub fn from_config(
+    pub async fn from_config(
         config: &HttpsConfig,
         server_names: &[String],
         ca: &CertificateAuthority,
-    ) -> Result<Option<Arc<Self>>, String> {
-        match config.source(server_names)? {
-            Some(source) => Ok(Some(Arc::new(Self::start(source, ca)?))),
+    ) -> anyhow::Result<Option<Arc<Self>>> {
+        let source = config.source(server_names).map_err(anyhow::Error::msg)?;
+        match source {
+            Some(source) => Ok(Some(Arc::new(
+                Self::start(source, ca).await.map_err(anyhow::Error::msg)?,
+            ))),
             None => Ok(None),
         }
     }
 
     /// Load the first certificate from `source` (an error stops the controller: it would
     /// otherwise serve no HTTPS at all).
-    pub fn start(source: Source, ca: &CertificateAuthority) -> Result<Self, String> {
+    pub async fn start(source: Source, ca: &CertificateAuthority) -> Result<Self, String> {
         let resolver = Arc::new(Resolver::default());
         resolver.set(match &source {
             Source::Files { cert, key } => load_files(cert, key)?,
             Source::FleetCa { names } => fleet_cert(ca, names)?,
+            Source::Tailscale { socket } => tailscale::fetch(socket).await?.0,
         });
         let mut config = rustls::ServerConfig::builder()
             .with_no_client_auth()
@@ -265,6 +281,30 @@ pub async fn keep_current(
                 }
             }
         }
+        Source::Tailscale { socket } => loop {
+            // tailscaled renews the certificate itself: asked again at two thirds of the life
+            // of the one held (at least hourly, in case the node's name changed).
+            let wait = https
+                .resolver
+                .current()
+                .and_then(|k| k.cert.first().and_then(|c| renew_after(c.as_ref())))
+                .unwrap_or(Duration::from_secs(3600))
+                .min(Duration::from_secs(3600));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match tailscale::fetch(&socket).await {
+                Ok((k, name)) => {
+                    let changed = https.resolver.current().is_none_or(|c| c.cert != k.cert);
+                    if changed {
+                        https.resolver.set(k);
+                        tracing::info!(%name, "HTTPS certificate from tailscaled renewed");
+                    }
+                }
+                Err(e) => tracing::warn!("HTTPS certificate from tailscaled: {e}"),
+            }
+        },
         Source::FleetCa { names } => loop {
             let renew_in = FLEET_CERT_LIFETIME * 2 / 3;
             let until = SystemTime::now() + renew_in;
@@ -283,6 +323,19 @@ pub async fn keep_current(
             }
         },
     }
+}
+
+/// How long until two thirds of a certificate's life have passed (zero when they have).
+pub fn renew_after(der: &[u8]) -> Option<Duration> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let from = cert.validity().not_before.timestamp();
+    let to = cert.validity().not_after.timestamp();
+    let at = from + (to - from) * 2 / 3;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    Some(Duration::from_secs(at.saturating_sub(now).max(0) as u64))
 }
 
 /// Whether a browser that used `host` (the request's `Host`, port included or not) should be
