@@ -125,7 +125,8 @@ pub struct ServeArgs {
     secret_key_file: Option<PathBuf>,
     /// TLS on the HTTP listener (`[https] mode`): `auto` (certificate files when given, else
     /// plain HTTP), `off`, `files`, `fleet-ca` (a certificate from the fleet CA), `tailscale`
-    /// (this node's tailnet name, from tailscaled).
+    /// (this node's tailnet name, from tailscaled), `acme` (from an ACME CA for the
+    /// `--https-name`s).
     #[arg(long, env = "NEBULA_HTTPS", value_parser = parse_https_mode)]
     https: Option<nebula_controller::https::HttpsMode>,
     /// PEM certificate chain for HTTPS (`[https] cert_file`), read again when it changes.
@@ -137,6 +138,26 @@ pub struct ServeArgs {
     /// A name (DNS name or IP) of the fleet-CA certificate (`[https] names`); repeatable.
     #[arg(long = "https-name")]
     https_names: Vec<String>,
+    /// The ACME directory for `--https acme` (`[https.acme] directory`; default Let's
+    /// Encrypt).
+    #[arg(long, env = "NEBULA_ACME_DIRECTORY")]
+    acme_directory: Option<String>,
+    /// A CA certificate (PEM) to trust for the ACME directory's own HTTPS.
+    #[arg(long, env = "NEBULA_ACME_DIRECTORY_CA_FILE")]
+    acme_directory_ca_file: Option<PathBuf>,
+    /// `http-01` or `tls-alpn-01` (`[https.acme] challenge`).
+    #[arg(long, value_parser = parse_challenge)]
+    acme_challenge: Option<nebula_controller::https::acme::ChallengeKind>,
+    /// A contact for the ACME account (`mailto:ops@example.net`); repeatable.
+    #[arg(long = "acme-contact")]
+    acme_contacts: Vec<String>,
+    /// How often certificate files are checked for changes, and the least pause between
+    /// ACME tries (`[https] reload_interval`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    https_reload_interval: Option<Duration>,
+    /// Renewals judge certificates' age by a clock this far ahead (for tests).
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    https_clock_skew: Option<Duration>,
     /// tailscaled's socket for `--https tailscale` (`[https] tailscale_socket`).
     #[arg(long, env = "NEBULA_TAILSCALE_SOCKET")]
     tailscale_socket: Option<PathBuf>,
@@ -235,6 +256,25 @@ impl ServeArgs {
         }
         if let Some(f) = &self.tls_key_file {
             c.https.key_file = Some(f.clone());
+        }
+        if let Some(d) = &self.acme_directory {
+            c.https.acme.directory = d.clone();
+        }
+        if let Some(f) = &self.acme_directory_ca_file {
+            c.https.acme.directory_ca_file = Some(f.clone());
+        }
+        if let Some(k) = self.acme_challenge {
+            c.https.acme.challenge = Some(k);
+        }
+        c.https
+            .acme
+            .contact
+            .extend(self.acme_contacts.iter().cloned());
+        if let Some(i) = self.https_reload_interval {
+            c.https.reload_interval = i;
+        }
+        if let Some(s) = self.https_clock_skew {
+            c.https.clock_skew = s;
         }
         if let Some(s) = &self.tailscale_socket {
             c.https.tailscale_socket = s.clone();
@@ -506,8 +546,18 @@ fn parse_https_mode(s: &str) -> Result<nebula_controller::https::HttpsMode, Stri
         "files" => Ok(HttpsMode::Files),
         "fleet-ca" => Ok(HttpsMode::FleetCa),
         "tailscale" => Ok(HttpsMode::Tailscale),
+        "acme" => Ok(HttpsMode::Acme),
         _ => Err(format!(
-            "`{s}`: one of auto, off, files, fleet-ca, tailscale"
+            "`{s}`: one of auto, off, files, fleet-ca, tailscale, acme"
         )),
+    }
+}
+
+fn parse_challenge(s: &str) -> Result<nebula_controller::https::acme::ChallengeKind, String> {
+    use nebula_controller::https::acme::ChallengeKind;
+    match s {
+        "http-01" => Ok(ChallengeKind::Http01),
+        "tls-alpn-01" => Ok(ChallengeKind::TlsAlpn01),
+        _ => Err(format!("`{s}`: http-01 or tls-alpn-01")),
     }
 }

@@ -423,7 +423,7 @@ impl Controller {
         )
         .context("loading the fleet CA")?;
         let reset_key = load_or_create_secret(&config.data_dir.join("pki").join("reset.key"))?;
-        let https = https::Https::from_config(&config.https, &config.server_names, &ca).await?;
+        let https = https_of(&config, &ca).await?;
         let secret_keys = secrets::keyring::Keyring::load_or_create(&config.secret_key_file())?;
         let new_admin_token = bootstrap_admin_token(&store, &config).await?;
         let hub = Arc::new(telemetry::TelemetryHub::new(config.telemetry_history));
@@ -568,6 +568,14 @@ impl Controller {
         self.control_plane.store.close().await;
         tracing::debug!(took = ?started.elapsed(), "store closed");
     }
+}
+
+/// TLS for the HTTP listener as the config asks for it (`None`: plain HTTP).
+async fn https_of(
+    config: &ControllerConfig,
+    ca: &CertificateAuthority,
+) -> anyhow::Result<Option<Arc<https::Https>>> {
+    https::Https::from_config(&config.https, &config.server_names, &config.data_dir, ca).await
 }
 
 /// Make sure an admin API token exists. Returns the token when it was generated now.

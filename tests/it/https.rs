@@ -358,3 +358,179 @@ async fn the_tailscale_source_serves_the_tailnet_name_from_tailscaled() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tailscaled at"), "{err}");
 }
+
+/// Debian's `pebble` (a real ACME server, Let's Encrypt's test CA) on 127.0.0.1, serving its
+/// directory over HTTPS with a certificate from `ca`, validating challenges on the given
+/// ports of `localhost`.
+struct Pebble {
+    /// Killed on drop.
+    proc: Proc,
+    directory: String,
+    management: u16,
+}
+
+impl Pebble {
+    fn start(dir: &std::path::Path, ca: &TestCa, http_port: u16, tls_port: u16) -> Pebble {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca.issuer)
+            .unwrap();
+        std::fs::write(dir.join("pebble.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("pebble.key"), key.serialize_pem()).unwrap();
+        let (listen, management) = (free_port(), free_port());
+        let config = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{listen}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": dir.join("pebble.crt"),
+            "privateKey": dir.join("pebble.key"),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false
+        }});
+        std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
+        let mut cmd = std::process::Command::new("pebble");
+        cmd.arg("-config")
+            .arg(dir.join("pebble.json"))
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0");
+        let proc = Proc::spawn(cmd);
+        Pebble {
+            proc,
+            directory: format!("https://localhost:{listen}/dir"),
+            management,
+        }
+    }
+
+    /// The root pebble issues under (made anew by every pebble process).
+    async fn root(&self, ca: &TestCa) -> String {
+        let client = client_trusting(ca.pem.as_bytes());
+        let url = format!("https://localhost:{}/roots/0", self.management);
+        wait_for("pebble's root", Duration::from_secs(20), || async {
+            let r = client.get(&url).send().await.ok()?;
+            r.status().is_success().then_some(())?;
+            r.text().await.ok()
+        })
+        .await
+    }
+}
+
+/// The certificate `localhost:port` serves, checked against `root` alone (a new connection).
+async fn served_under(root: &str, port: u16) -> Option<String> {
+    let resp = client_trusting(root.as_bytes())
+        .get(format!("https://localhost:{port}/ui/login"))
+        .send()
+        .await
+        .ok()?;
+    resp.status().is_success().then(|| served(&resp))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_against_pebble_issues_keeps_and_renews_the_certificate() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (https_port, http_port) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), &ca, http_port, https_port);
+    let root = pebble.root(&ca).await;
+    std::fs::write(dir.path().join("test-ca.pem"), &ca.pem).unwrap();
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let mut c = Controller::start(ControllerOpts {
+        http_listen: Some(format!("127.0.0.1:{https_port}").parse().unwrap()),
+        extra: vec![
+            "--https",
+            "acme",
+            "--https-name",
+            "localhost",
+            "--acme-directory",
+            leak(pebble.directory.clone()),
+            "--acme-directory-ca-file",
+            leak(dir.path().join("test-ca.pem").display().to_string()),
+            "--acme-challenge",
+            "tls-alpn-01",
+            "--acme-contact",
+            "mailto:ops@example.net",
+            "--https-reload-interval",
+            "1s",
+        ],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(c.scheme, "https");
+    // TLS-ALPN-01 on the HTTPS listener itself: pebble connects to it with `acme-tls/1`.
+    let mut first = None;
+    for _ in 0..120 {
+        first = served_under(&root, https_port).await;
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let Some(first) = first else {
+        panic!(
+            "no certificate from pebble\ncontroller:\n{}\npebble:\n{}",
+            c.proc.output(),
+            pebble.proc.output()
+        );
+    };
+    let acme_dir = c.dir.path().join("data/acme");
+    for f in ["account.json", "cert.pem", "key.pem"] {
+        assert!(acme_dir.join(f).exists(), "{f} kept in the data dir");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(acme_dir.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // A restart serves the kept certificate and orders nothing.
+    c.restart_hard().await;
+    assert_eq!(
+        served_under(&root, https_port).await.as_deref(),
+        Some(first.as_str())
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !c.proc.output().contains("ordering the HTTPS certificate"),
+        "a certificate with most of its life left is kept"
+    );
+
+    // With the clock past two thirds of its life it is renewed, this time by HTTP-01 on the
+    // plain listener (which otherwise redirects to HTTPS).
+    let at = c
+        .opts
+        .extra
+        .iter()
+        .position(|a| *a == "tls-alpn-01")
+        .unwrap();
+    c.opts.extra[at] = "http-01";
+    c.opts.extra.extend([
+        "--https-clock-skew",
+        "1500days",
+        "--https-redirect-listen",
+        leak(format!("127.0.0.1:{http_port}")),
+    ]);
+    c.restart_hard().await;
+    let renewed = wait_for(
+        "the renewed certificate",
+        Duration::from_secs(60),
+        || async {
+            served_under(&root, https_port)
+                .await
+                .filter(|s| *s != first)
+        },
+    )
+    .await;
+    assert_ne!(renewed, first);
+    let log = c.proc.output();
+    assert!(log.contains("ordering the HTTPS certificate"), "{log}");
+    assert!(
+        pebble.proc.output().contains("Issued certificate"),
+        "pebble says it issued: {}",
+        pebble.proc.output()
+    );
+}

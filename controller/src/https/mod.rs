@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ca::CertificateAuthority;
 
+pub mod acme;
 mod tailscale;
 
 /// Lifetime of a certificate from the fleet CA for the HTTP listener.
@@ -44,6 +45,8 @@ pub enum HttpsMode {
     FleetCa,
     /// The certificate of this node's tailnet name (`*.ts.net`), from tailscaled.
     Tailscale,
+    /// A certificate for `names` from an ACME CA (Let's Encrypt by default).
+    Acme,
 }
 
 /// `[https]`: TLS on the HTTP listener.
@@ -59,6 +62,11 @@ pub struct HttpsConfig {
     pub names: Vec<String>,
     /// tailscaled's local API socket, for `tailscale`.
     pub tailscale_socket: PathBuf,
+    /// The ACME CA and challenge, for `acme`.
+    pub acme: acme::AcmeConfig,
+    /// How far ahead of the system clock renewals judge a certificate's age (tests only).
+    #[serde(skip)]
+    pub clock_skew: Duration,
     /// A plain-HTTP listener whose every answer is a redirect to HTTPS (`0.0.0.0:80`).
     pub redirect_listen: Option<SocketAddr>,
     /// How often the certificate files are looked at for changes.
@@ -74,6 +82,8 @@ impl Default for HttpsConfig {
             key_file: None,
             names: Vec::new(),
             tailscale_socket: PathBuf::from(tailscale::DEFAULT_SOCKET),
+            acme: acme::AcmeConfig::default(),
+            clock_skew: Duration::ZERO,
             redirect_listen: None,
             reload_interval: Duration::from_secs(5),
         }
@@ -82,7 +92,11 @@ impl Default for HttpsConfig {
 
 impl HttpsConfig {
     /// The source in force (`None`: plain HTTP), or why the settings do not make one.
-    pub fn source(&self, server_names: &[String]) -> Result<Option<Source>, String> {
+    pub fn source(
+        &self,
+        server_names: &[String],
+        data_dir: &Path,
+    ) -> Result<Option<Source>, String> {
         let files = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             (None, None) => None,
@@ -95,6 +109,25 @@ impl HttpsConfig {
             }
             (HttpsMode::Files, None) => {
                 return Err("https: mode `files` needs cert_file and key_file".into())
+            }
+            (HttpsMode::Acme, _) => {
+                if self.names.is_empty() {
+                    return Err(
+                        "https: mode `acme` needs the names to get a certificate for".into(),
+                    );
+                }
+                let challenge = self.acme.challenge.unwrap_or(match self.redirect_listen {
+                    Some(_) => acme::ChallengeKind::Http01,
+                    None => acme::ChallengeKind::TlsAlpn01,
+                });
+                Some(Source::Acme(acme::Order {
+                    names: self.names.clone(),
+                    directory: self.acme.directory.clone(),
+                    contact: self.acme.contact.clone(),
+                    challenge,
+                    directory_ca_file: self.acme.directory_ca_file.clone(),
+                    dir: data_dir.join("acme"),
+                }))
             }
             (HttpsMode::Tailscale, _) => Some(Source::Tailscale {
                 socket: self.tailscale_socket.clone(),
@@ -117,6 +150,7 @@ pub enum Source {
     Files { cert: PathBuf, key: PathBuf },
     FleetCa { names: Vec<String> },
     Tailscale { socket: PathBuf },
+    Acme(acme::Order),
 }
 
 impl Source {
@@ -125,14 +159,17 @@ impl Source {
             Source::Files { .. } => "files",
             Source::FleetCa { .. } => "fleet-ca",
             Source::Tailscale { .. } => "tailscale",
+            Source::Acme(_) => "acme",
         }
     }
 }
 
-/// The certificate in use, swapped whole when its source has a new one.
+/// The certificate in use, swapped whole when its source has a new one; during an ACME
+/// TLS-ALPN-01 validation, the challenge's certificate for the `acme-tls/1` protocol.
 #[derive(Debug, Default)]
 pub struct Resolver {
     current: RwLock<Option<Arc<CertifiedKey>>>,
+    pub challenges: Arc<acme::Challenges>,
 }
 
 impl Resolver {
@@ -149,7 +186,15 @@ impl Resolver {
 }
 
 impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == acme::ACME_TLS_ALPN));
+        if acme {
+            return hello
+                .server_name()
+                .and_then(|name| self.challenges.tls_answer(name));
+        }
         self.current()
     }
 }
@@ -174,9 +219,12 @@ impl Https {
     pub async fn from_config(
         config: &HttpsConfig,
         server_names: &[String],
+        data_dir: &Path,
         ca: &CertificateAuthority,
     ) -> anyhow::Result<Option<Arc<Self>>> {
-        let source = config.source(server_names).map_err(anyhow::Error::msg)?;
+        let source = config
+            .source(server_names, data_dir)
+            .map_err(anyhow::Error::msg)?;
         match source {
             Some(source) => Ok(Some(Arc::new(
                 Self::start(source, ca).await.map_err(anyhow::Error::msg)?,
@@ -189,15 +237,23 @@ impl Https {
     /// otherwise serve no HTTPS at all).
     pub async fn start(source: Source, ca: &CertificateAuthority) -> Result<Self, String> {
         let resolver = Arc::new(Resolver::default());
-        resolver.set(match &source {
-            Source::Files { cert, key } => load_files(cert, key)?,
-            Source::FleetCa { names } => fleet_cert(ca, names)?,
-            Source::Tailscale { socket } => tailscale::fetch(socket).await?.0,
-        });
+        let first = match &source {
+            Source::Files { cert, key } => Some(load_files(cert, key)?),
+            Source::FleetCa { names } => Some(fleet_cert(ca, names)?),
+            Source::Tailscale { socket } => Some(tailscale::fetch(socket).await?.0),
+            // The one from an earlier run, else none until the first order is done.
+            Source::Acme(order) => acme::saved(order),
+        };
+        if let Some(k) = first {
+            resolver.set(k);
+        }
         let mut config = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if matches!(source, Source::Acme(_)) {
+            config.alpn_protocols.push(acme::ACME_TLS_ALPN.to_vec());
+        }
         Ok(Https {
             source,
             resolver,
@@ -257,6 +313,7 @@ pub async fn keep_current(
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let (ca, reload_interval) = (&cp.ca, cp.config.https.reload_interval);
+    let skew = cp.config.https.clock_skew;
     match https.source.clone() {
         Source::Files { cert, key } => {
             let mut seen = fingerprint(&[&cert, &key]);
@@ -287,7 +344,7 @@ pub async fn keep_current(
             let wait = https
                 .resolver
                 .current()
-                .and_then(|k| k.cert.first().and_then(|c| renew_after(c.as_ref())))
+                .and_then(|k| k.cert.first().and_then(|c| renew_after(c.as_ref(), skew)))
                 .unwrap_or(Duration::from_secs(3600))
                 .min(Duration::from_secs(3600));
             tokio::select! {
@@ -305,6 +362,48 @@ pub async fn keep_current(
                 Err(e) => tracing::warn!("HTTPS certificate from tailscaled: {e}"),
             }
         },
+        Source::Acme(order) => {
+            let mut pause = reload_interval;
+            loop {
+                let due = https
+                    .resolver
+                    .current()
+                    .and_then(|k| k.cert.first().and_then(|c| renew_after(c.as_ref(), skew)));
+                if let Some(wait) = due.filter(|w| !w.is_zero()) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
+                    }
+                    continue;
+                }
+                tracing::info!(names = ?order.names, directory = %order.directory, "ordering the HTTPS certificate (ACME)");
+                let done = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = acme::obtain(&order, &https.resolver.challenges) => r,
+                };
+                let next = match done {
+                    Ok(k) => {
+                        https.resolver.set(k);
+                        tracing::info!(names = ?order.names, "HTTPS certificate from the ACME CA in use");
+                        pause = reload_interval;
+                        reload_interval
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "ACME: {e}; trying again in {}",
+                            humantime::format_duration(pause)
+                        );
+                        let p = pause;
+                        pause = (pause * 2).min(Duration::from_secs(3600));
+                        p
+                    }
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(next) => {}
+                }
+            }
+        }
         Source::FleetCa { names } => loop {
             let renew_in = FLEET_CERT_LIFETIME * 2 / 3;
             let until = SystemTime::now() + renew_in;
@@ -325,8 +424,9 @@ pub async fn keep_current(
     }
 }
 
-/// How long until two thirds of a certificate's life have passed (zero when they have).
-pub fn renew_after(der: &[u8]) -> Option<Duration> {
+/// How long until two thirds of a certificate's life have passed (zero when they have), by a
+/// clock `skew` ahead of the system's.
+pub fn renew_after(der: &[u8], skew: Duration) -> Option<Duration> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let from = cert.validity().not_before.timestamp();
     let to = cert.validity().not_after.timestamp();
@@ -334,7 +434,8 @@ pub fn renew_after(der: &[u8]) -> Option<Duration> {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()?
-        .as_secs() as i64;
+        .as_secs() as i64
+        + skew.as_secs() as i64;
     Some(Duration::from_secs(at.saturating_sub(now).max(0) as u64))
 }
 
@@ -437,11 +538,12 @@ pub async fn bind_redirect(
 ) -> anyhow::Result<Option<(tokio::net::TcpListener, axum::Router)>> {
     use anyhow::Context;
     match (cp.config.https.redirect_listen, &cp.https) {
-        (Some(addr), Some(_)) => {
+        (Some(addr), Some(https)) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the HTTP redirect on {addr}"))?;
-            Ok(Some((l, redirect_router(https_port))))
+            let challenges = https.resolver.challenges.clone();
+            Ok(Some((l, redirect_router(https_port, challenges))))
         }
         (Some(_), None) => anyhow::bail!("https.redirect_listen needs HTTPS on"),
         (None, _) => Ok(None),
@@ -449,10 +551,21 @@ pub async fn bind_redirect(
 }
 
 /// The plain listener's one answer: `308 Permanent Redirect` to HTTPS.
-pub fn redirect_router(https_port: u16) -> axum::Router {
+pub fn redirect_router(https_port: u16, challenges: Arc<acme::Challenges>) -> axum::Router {
     use axum::http::{header, StatusCode};
     use axum::response::IntoResponse;
     axum::Router::new().fallback(move |req: axum::extract::Request| async move {
+        // ACME HTTP-01 answers are served here, never redirected.
+        if let Some(token) = req
+            .uri()
+            .path()
+            .strip_prefix("/.well-known/acme-challenge/")
+        {
+            return match challenges.http_answer(token) {
+                Some(answer) => answer.into_response(),
+                None => (StatusCode::NOT_FOUND, "no such challenge").into_response(),
+            };
+        }
         let host = req
             .headers()
             .get(header::HOST)
@@ -519,20 +632,33 @@ mod tests {
     fn settings_make_one_source_or_say_what_is_missing() {
         let names = ["vps.example.net".to_owned()];
         let mut c = HttpsConfig::default();
-        assert_eq!(c.source(&names), Ok(None), "plain HTTP by default");
+        assert_eq!(
+            c.source(&names, Path::new("/data")),
+            Ok(None),
+            "plain HTTP by default"
+        );
         c.cert_file = Some("/c.pem".into());
-        assert!(c.source(&names).unwrap_err().contains("both"));
+        assert!(c
+            .source(&names, Path::new("/data"))
+            .unwrap_err()
+            .contains("both"));
         c.key_file = Some("/k.pem".into());
-        assert_eq!(c.source(&names).unwrap().unwrap().kind(), "files");
+        assert_eq!(
+            c.source(&names, Path::new("/data"))
+                .unwrap()
+                .unwrap()
+                .kind(),
+            "files"
+        );
         c.mode = HttpsMode::Off;
-        assert_eq!(c.source(&names), Ok(None));
+        assert_eq!(c.source(&names, Path::new("/data")), Ok(None));
         let c = HttpsConfig {
             mode: HttpsMode::FleetCa,
             names: vec!["10.0.0.5".into()],
             ..Default::default()
         };
         assert_eq!(
-            c.source(&names),
+            c.source(&names, Path::new("/data")),
             Ok(Some(Source::FleetCa {
                 names: vec![
                     "10.0.0.5".into(),
@@ -545,6 +671,9 @@ mod tests {
             mode: HttpsMode::Files,
             ..Default::default()
         };
-        assert!(c.source(&names).unwrap_err().contains("mode `files`"));
+        assert!(c
+            .source(&names, Path::new("/data"))
+            .unwrap_err()
+            .contains("mode `files`"));
     }
 }

@@ -193,6 +193,8 @@ pub struct ControllerOpts {
     pub quic_listen: Option<SocketAddr>,
     /// Environment variables for the process (`RUST_LOG`).
     pub env: Vec<(&'static str, &'static str)>,
+    /// The HTTP listen address (default `127.0.0.1:0`).
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Default for ControllerOpts {
@@ -205,6 +207,7 @@ impl Default for ControllerOpts {
             extra: Vec::new(),
             quic_listen: None,
             env: Vec::new(),
+            http_listen: None,
         }
     }
 }
@@ -230,7 +233,8 @@ impl Controller {
         let (proc, http, quic) = Self::spawn(
             dir.path(),
             &opts,
-            "127.0.0.1:0".parse().unwrap(),
+            opts.http_listen
+                .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
             opts.quic_listen
                 .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
         )
@@ -283,25 +287,31 @@ impl Controller {
         }
         cmd.args(&opts.extra);
         cmd.envs(opts.env.iter().copied());
-        let proc = Proc::spawn(cmd);
-        let (http, quic) = wait_for(
-            "controller to print its addresses",
-            Duration::from_secs(20),
-            || {
-                let out = &proc.stdout;
-                async move {
-                    let http = out
-                        .find("API: http://")
-                        .or_else(|| out.find("API: https://"))?
-                        .parse()
-                        .ok()?;
-                    let quic = out.find("QUIC: ")?.parse().ok()?;
-                    Some((http, quic))
-                }
-            },
-        )
-        .await;
-        (proc, http, quic)
+        let mut proc = Proc::spawn(cmd);
+        let addresses = |out: &Lines| -> Option<(SocketAddr, SocketAddr)> {
+            let http = out
+                .find("API: http://")
+                .or_else(|| out.find("API: https://"))?
+                .parse()
+                .ok()?;
+            let quic = out.find("QUIC: ")?.parse().ok()?;
+            Some((http, quic))
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some((http, quic)) = addresses(&proc.stdout) {
+                return (proc, http, quic);
+            }
+            let exited = proc.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                panic!(
+                    "the controller did not print its addresses ({exited:?}):\n{}",
+                    proc.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Kill (SIGKILL) and start again on the same ports and data dir.
