@@ -22,6 +22,8 @@ set -eu
 DEFAULT_URL=''
 DEFAULT_CONTROLLER=''
 CA_PIN=''
+# The fleet CA (PEM) when the controller's HTTPS certificate comes from it: downloads trust it.
+CA_PEM=''
 RELEASE_KEY_HEX=''
 RELEASE_KEY_PEM=''
 # The SHA-256 the controller computed for each binary when it served this script.
@@ -122,11 +124,20 @@ FILE=nebula-agent-linux-$ARCH
 [ -n "$URL" ] || die "no controller URL: pass --url https://CONTROLLER"
 URL=${URL%/}
 
+# Downloads trust the fleet CA (written to $TMP/ca.pem below) when the controller serves one.
 fetch() {
     if command -v curl >/dev/null 2>&1; then
-        curl -fsSL --retry 3 -o "$2" "$1"
+        if [ -n "$CA_PEM" ]; then
+            curl -fsSL --retry 3 --cacert "$TMP/ca.pem" -o "$2" "$1"
+        else
+            curl -fsSL --retry 3 -o "$2" "$1"
+        fi
     elif command -v wget >/dev/null 2>&1; then
-        wget -q -O "$2" "$1"
+        if [ -n "$CA_PEM" ]; then
+            wget -q --ca-certificate="$TMP/ca.pem" -O "$2" "$1"
+        else
+            wget -q -O "$2" "$1"
+        fi
     else
         die "neither curl nor wget is installed"
     fi
@@ -144,6 +155,15 @@ sha256_of() {
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT INT TERM
+
+if [ -n "$CA_PEM" ]; then
+    printf '%s\n' "$CA_PEM" > "$TMP/ca.pem"
+    # The CA must be the one the join token pins.
+    if command -v openssl >/dev/null 2>&1; then
+        openssl x509 -in "$TMP/ca.pem" -outform der -out "$TMP/ca.der" || die "the fleet CA in this script is not a certificate"
+        [ "$(sha256_of "$TMP/ca.der")" = "$CA_PIN" ] || die "the fleet CA in this script is not the one its pin names; refusing to install"
+    fi
+fi
 
 # ---- download and check ----
 say "downloading $FILE from $URL"

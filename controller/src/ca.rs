@@ -163,6 +163,18 @@ impl CertificateAuthority {
         &self.ca_der
     }
 
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> String {
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &self.ca_der);
+        let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----");
+        out
+    }
+
     /// SHA-256 of the CA certificate (DER): the pin in every join token.
     pub fn pin(&self) -> [u8; 32] {
         self.pin

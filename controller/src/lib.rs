@@ -575,7 +575,14 @@ async fn https_of(
     config: &ControllerConfig,
     ca: &CertificateAuthority,
 ) -> anyhow::Result<Option<Arc<https::Https>>> {
-    https::Https::from_config(&config.https, &config.server_names, &config.data_dir, ca).await
+    https::Https::from_config(
+        &config.https,
+        config.http_listen,
+        &config.server_names,
+        &config.data_dir,
+        ca,
+    )
+    .await
 }
 
 /// Make sure an admin API token exists. Returns the token when it was generated now.

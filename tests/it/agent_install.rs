@@ -541,3 +541,93 @@ async fn self_update_swaps_confirms_refuses_a_foreign_key_and_rolls_back_a_build
         agent.proc.output()
     );
 }
+
+/// With HTTPS from the fleet CA (which no public root vouches for), the dashboard's one-liner
+/// pins the key the controller serves (`curl --pinnedpubkey`), and the script then trusts the
+/// fleet CA it carries, checked against the join token's pin, for every download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_sh_over_https_trusts_the_fleet_ca_the_dashboard_pins() {
+    let agents = tempfile::tempdir().unwrap();
+    put(&agents.path().join(platform_file()), &stamped("0.1.0"));
+    let agent_dir: &'static str = Box::leak(agents.path().display().to_string().into_boxed_str());
+    let c = Controller::start(ControllerOpts {
+        extra: vec![
+            "--https",
+            "fleet-ca",
+            "--release-scan-interval",
+            "200ms",
+            "--agent-dir",
+            agent_dir,
+        ],
+        ..ControllerOpts::default()
+    })
+    .await;
+    assert_eq!(c.scheme, "https");
+    let password = crate::dashboard_http::first_admin_password(&c).await;
+    let ca = std::fs::read(c.dir.path().join("data/pki/ca.crt")).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cookie = crate::dashboard_http::sign_in_with(http.clone(), &c, "admin", &password, false)
+        .await
+        .expect("signed in");
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let page = http
+        .get(c.url("/ui/enroll"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let created = http
+        .post(c.url("/ui/enroll"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str()), ("ttl", "1h"), ("uses", "1")])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = created
+        .split("id=\"install-linux\">")
+        .nth(1)
+        .and_then(|s| s.split("</pre>").next())
+        .unwrap_or_else(|| panic!("the Linux one-liner in: {created}"))
+        .replace("&#39;", "'")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&");
+    assert!(line.contains("--pinnedpubkey 'sha256//"), "{line}");
+    assert!(line.contains(&c.url("/install.sh")), "{line}");
+    let line = line.replace("| sudo sh", "| sh");
+
+    let b = Box_::start();
+    // Without the pin, curl refuses the certificate; with a wrong one too.
+    let out = b.exec(&format!("curl -fsS {}", c.url("/install.sh")));
+    assert!(!out.status.success(), "{}", text(&out));
+    let fetch = line.split('|').next().unwrap();
+    let wrong = fetch.replacen("sha256//", "sha256//AAAA", 1);
+    let out = b.exec(&format!("{wrong} -o /dev/null"));
+    assert!(!out.status.success(), "{}", text(&out));
+    b.ok(&format!("{fetch} -o /dev/null"));
+    let out = b.ok(&format!("{line} --name tls-box"));
+    assert!(
+        out.contains("checksum and signature verified (0.1.0)"),
+        "{out}"
+    );
+    assert!(out.contains("installed and joined"), "{out}");
+    let node = wait_version(&c, "tls-box", "0.1.0", Duration::from_secs(20)).await;
+    assert_eq!(node.name, "tls-box");
+}

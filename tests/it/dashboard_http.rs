@@ -52,7 +52,7 @@ async fn sign_in_from(
     sign_in_with(http, c, user, password, false).await
 }
 
-async fn sign_in_with(
+pub(crate) async fn sign_in_with(
     http: reqwest::Client,
     c: &Controller,
     user: &str,

@@ -158,6 +158,17 @@ async fn secret_values_reach_only_the_container_and_a_new_version_rolls_the_serv
 
     set_secret(&c, "db_password", PLANTED_DB);
     set_secret(&c, "api_token", PLANTED_FILE);
+    // `nebula plan` warns about the inline value that looks like a key.
+    let file = dir.path().join("service-map.yml");
+    std::fs::write(&file, map()).unwrap();
+    let out = c.cli(&["plan", file.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("warning:") && said.contains("env `OPENAI_API_KEY` looks like a secret"),
+        "{said}"
+    );
+    assert!(said.contains("nebula secret set"), "{said}");
     let (status, applied) = c.put_map(&map()).await;
     assert_eq!(status, 200, "{applied}");
     let warnings = applied["warnings"].to_string();

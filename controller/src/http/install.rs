@@ -128,12 +128,17 @@ pub async fn install_sh(
          DEFAULT_URL='{url}'\n\
          DEFAULT_CONTROLLER='{quic}'\n\
          CA_PIN='{pin}'\n\
+         CA_PEM='{ca_pem}'\n\
          RELEASE_KEY_HEX='{key}'\n\
          RELEASE_KEY_PEM='{pem}'\n\
          expected_sha256() {{\n    case \"$1\" in\n{cases}        *) ;;\n    esac\n}}\n",
         url = addrs.url,
         quic = addrs.quic,
         pin = cp.ca.pin_hex(),
+        ca_pem = match cp.https.as_ref().map(|h| &h.source) {
+            Some(crate::https::Source::FleetCa { .. }) => cp.ca.ca_pem(),
+            _ => String::new(),
+        },
         key = signer.public_key_hex(),
         pem = signer.public_key_pem().trim_end(),
     );

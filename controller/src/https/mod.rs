@@ -37,7 +37,8 @@ pub const FLEET_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HttpsMode {
-    /// Certificate files when `cert_file` is set, else plain HTTP.
+    /// Certificate files when `cert_file` is set; else the fleet CA's certificate when the
+    /// listener is on a non-loopback address, plain HTTP on loopback.
     #[default]
     Auto,
     Off,
@@ -94,6 +95,7 @@ impl HttpsConfig {
     /// The source in force (`None`: plain HTTP), or why the settings do not make one.
     pub fn source(
         &self,
+        listen: SocketAddr,
         server_names: &[String],
         data_dir: &Path,
     ) -> Result<Option<Source>, String> {
@@ -102,7 +104,11 @@ impl HttpsConfig {
             (None, None) => None,
             _ => return Err("https: give both cert_file and key_file".into()),
         };
-        Ok(match (self.mode, files) {
+        let mode = match (self.mode, &files) {
+            (HttpsMode::Auto, None) if !listen.ip().is_loopback() => HttpsMode::FleetCa,
+            (m, _) => m,
+        };
+        Ok(match (mode, files) {
             (HttpsMode::Off, _) | (HttpsMode::Auto, None) => None,
             (HttpsMode::Auto | HttpsMode::Files, Some((cert, key))) => {
                 Some(Source::Files { cert, key })
@@ -134,6 +140,10 @@ impl HttpsConfig {
             }),
             (HttpsMode::FleetCa, _) => {
                 let mut names = vec!["localhost".to_owned()];
+                // A specific address it listens on is a name browsers use.
+                if !listen.ip().is_unspecified() {
+                    names.push(listen.ip().to_string());
+                }
                 names.extend(server_names.iter().cloned());
                 names.extend(self.names.iter().cloned());
                 names.sort();
@@ -218,12 +228,13 @@ impl Https {
     /// HTTPS as the config asks for it (`None`: plain HTTP).
     pub async fn from_config(
         config: &HttpsConfig,
+        listen: SocketAddr,
         server_names: &[String],
         data_dir: &Path,
         ca: &CertificateAuthority,
     ) -> anyhow::Result<Option<Arc<Self>>> {
         let source = config
-            .source(server_names, data_dir)
+            .source(listen, server_names, data_dir)
             .map_err(anyhow::Error::msg)?;
         match source {
             Some(source) => Ok(Some(Arc::new(
@@ -259,6 +270,26 @@ impl Https {
             resolver,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         })
+    }
+}
+
+impl Https {
+    /// For the install one-liner when the certificate comes from the fleet CA (which `curl`
+    /// does not trust yet): `sha256//BASE64` of the served key, for `curl --pinnedpubkey`.
+    pub fn install_pin(&self) -> Option<String> {
+        if !matches!(self.source, Source::FleetCa { .. }) {
+            return None;
+        }
+        let key = self.resolver.current()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(key.cert.first()?.as_ref()).ok()?;
+        let spki = cert.tbs_certificate.subject_pki.raw;
+        Some(format!(
+            "sha256//{}",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                Sha256::digest(spki)
+            )
+        ))
     }
 }
 
@@ -631,48 +662,82 @@ mod tests {
     #[test]
     fn settings_make_one_source_or_say_what_is_missing() {
         let names = ["vps.example.net".to_owned()];
+        let lo: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let mut c = HttpsConfig::default();
         assert_eq!(
-            c.source(&names, Path::new("/data")),
+            c.source(lo, &names, Path::new("/data")),
             Ok(None),
             "plain HTTP by default"
         );
         c.cert_file = Some("/c.pem".into());
         assert!(c
-            .source(&names, Path::new("/data"))
+            .source(lo, &names, Path::new("/data"))
             .unwrap_err()
             .contains("both"));
         c.key_file = Some("/k.pem".into());
         assert_eq!(
-            c.source(&names, Path::new("/data"))
+            c.source(lo, &names, Path::new("/data"))
                 .unwrap()
                 .unwrap()
                 .kind(),
             "files"
         );
         c.mode = HttpsMode::Off;
-        assert_eq!(c.source(&names, Path::new("/data")), Ok(None));
+        assert_eq!(c.source(lo, &names, Path::new("/data")), Ok(None));
         let c = HttpsConfig {
             mode: HttpsMode::FleetCa,
             names: vec!["10.0.0.5".into()],
             ..Default::default()
         };
         assert_eq!(
-            c.source(&names, Path::new("/data")),
+            c.source(lo, &names, Path::new("/data")),
             Ok(Some(Source::FleetCa {
                 names: vec![
                     "10.0.0.5".into(),
+                    "127.0.0.1".into(),
                     "localhost".into(),
                     "vps.example.net".into()
                 ]
             }))
         );
+        // Nothing set: plain HTTP on loopback, the fleet CA's certificate anywhere else.
+        let auto = HttpsConfig::default();
+        assert_eq!(auto.source(lo, &names, Path::new("/data")), Ok(None));
+        let all: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let Ok(Some(Source::FleetCa { names: got })) = auto.source(all, &names, Path::new("/d"))
+        else {
+            panic!("the fleet CA by default off loopback");
+        };
+        assert_eq!(got, ["localhost", "vps.example.net"], "no 0.0.0.0 name");
+        let lan: SocketAddr = "192.168.1.5:8443".parse().unwrap();
+        let Ok(Some(Source::FleetCa { names: got })) = auto.source(lan, &[], Path::new("/d"))
+        else {
+            panic!("the fleet CA by default off loopback");
+        };
+        assert_eq!(got, ["192.168.1.5", "localhost"]);
+        // ACME needs names, and picks its challenge by whether a plain listener exists.
+        let mut acme_cfg = HttpsConfig {
+            mode: HttpsMode::Acme,
+            ..Default::default()
+        };
+        assert!(acme_cfg.source(lo, &[], Path::new("/d")).is_err());
+        acme_cfg.names = vec!["nebula.example.net".into()];
+        let Ok(Some(Source::Acme(order))) = acme_cfg.source(lo, &[], Path::new("/d")) else {
+            panic!("an ACME source");
+        };
+        assert_eq!(order.challenge, acme::ChallengeKind::TlsAlpn01);
+        assert_eq!(order.dir, Path::new("/d/acme"));
+        acme_cfg.redirect_listen = Some("0.0.0.0:80".parse().unwrap());
+        let Ok(Some(Source::Acme(order))) = acme_cfg.source(lo, &[], Path::new("/d")) else {
+            panic!("an ACME source");
+        };
+        assert_eq!(order.challenge, acme::ChallengeKind::Http01);
         let c = HttpsConfig {
             mode: HttpsMode::Files,
             ..Default::default()
         };
         assert!(c
-            .source(&names, Path::new("/data"))
+            .source(lo, &names, Path::new("/data"))
             .unwrap_err()
             .contains("mode `files`"));
     }

@@ -91,7 +91,13 @@ pub(crate) async fn enroll(
         p role="status" { "Join token for " (uses) " node(s), valid for " (humantime::format_duration(ttl)) ". It is shown once:" }
         pre id="join-token" { (token) }
         h2 { "Linux (x86_64, aarch64)" }
-        pre id="install-linux" { "curl -fsSL " (url) "/install.sh | sudo sh -s -- --token " (token) }
+        // With the fleet CA's certificate, curl is told the served key instead (the script then
+        // trusts the CA it carries, checked against the token's pin).
+        @let pin = cp.https.as_ref().and_then(|h| h.install_pin());
+        @match pin {
+            Some(pin) => pre id="install-linux" { "curl -fsSL --pinnedpubkey '" (pin) "' -k " (url) "/install.sh | sudo sh -s -- --token " (token) },
+            None => pre id="install-linux" { "curl -fsSL " (url) "/install.sh | sudo sh -s -- --token " (token) },
+        }
         h2 { "Windows (PowerShell as administrator)" }
         pre id="install-windows" { "& ([scriptblock]::Create((irm " (url) "/install.ps1))) -Token " (token) }
         h2 { "By hand" }
