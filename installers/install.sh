@@ -156,12 +156,21 @@ sha256_of() {
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT INT TERM
 
+# A join token names its controller's CA: the script must be that controller's.
+if [ -n "$TOKEN" ] && [ -n "$CA_PIN" ]; then
+    case "$TOKEN" in
+        *"@$CA_PIN") ;;
+        *) die "this join token is for another controller (its CA pin differs from $URL's)" ;;
+    esac
+fi
 if [ -n "$CA_PEM" ]; then
     printf '%s\n' "$CA_PEM" > "$TMP/ca.pem"
-    # The CA must be the one the join token pins.
+    # The CA the downloads trust must be the one that pin names.
     if command -v openssl >/dev/null 2>&1; then
         openssl x509 -in "$TMP/ca.pem" -outform der -out "$TMP/ca.der" || die "the fleet CA in this script is not a certificate"
         [ "$(sha256_of "$TMP/ca.der")" = "$CA_PIN" ] || die "the fleet CA in this script is not the one its pin names; refusing to install"
+    else
+        say "openssl is not installed: the fleet CA was not checked against the pin"
     fi
 fi
 
@@ -207,13 +216,6 @@ UPGRADE=false
 if [ "$UPGRADE" = false ] && [ -z "$TOKEN" ]; then
     die "a join token is needed for a new install: --token TOKEN"
 fi
-if [ -n "$TOKEN" ] && [ -n "$CA_PIN" ]; then
-    case "$TOKEN" in
-        *"@$CA_PIN") ;;
-        *) die "this join token is for another controller (its CA pin differs from $URL's)" ;;
-    esac
-fi
-
 install -d -m 0755 "$(dirname "$BIN")" "$CONF_DIR"
 install -d -m 0700 "$STATE_DIR"
 install -m 0755 "$TMP/agent" "$BIN.new"

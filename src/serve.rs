@@ -123,8 +123,8 @@ pub struct ServeArgs {
     /// `<data_dir>/secret.key`, created on first start). Back it up.
     #[arg(long, env = "NEBULA_SECRET_KEY_FILE")]
     secret_key_file: Option<PathBuf>,
-    /// TLS on the HTTP listener (`[https] mode`): `auto` (certificate files when given, else
-    /// plain HTTP), `off`, `files`, `fleet-ca` (a certificate from the fleet CA), `tailscale`
+    /// TLS on the HTTP listener (`[https] mode`): `auto` (certificate files when given, else the
+    /// fleet CA off loopback and plain HTTP on it), `off`, `files`, `fleet-ca` (a certificate from the fleet CA), `tailscale`
     /// (this node's tailnet name, from tailscaled), `acme` (from an ACME CA for the
     /// `--https-name`s).
     #[arg(long, env = "NEBULA_HTTPS", value_parser = parse_https_mode)]

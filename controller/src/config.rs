@@ -92,7 +92,7 @@ pub struct ControllerConfig {
     pub discord: crate::discord::DiscordConfig,
     /// The secret store's key file.
     pub secrets: crate::secrets::SecretsConfig,
-    /// TLS on the HTTP listener: certificate files or the fleet CA.
+    /// TLS on the HTTP listener: certificate files, the fleet CA, tailscaled or ACME.
     pub https: crate::https::HttpsConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]

@@ -575,10 +575,18 @@ async fn https_of(
     config: &ControllerConfig,
     ca: &CertificateAuthority,
 ) -> anyhow::Result<Option<Arc<https::Https>>> {
+    // The names people and agents reach this controller by are names of its certificate.
+    let mut names = config.server_names.clone();
+    for addr in [&config.public_url, &config.public_address]
+        .into_iter()
+        .flatten()
+    {
+        names.extend(https::host_of(addr));
+    }
     https::Https::from_config(
         &config.https,
         config.http_listen,
-        &config.server_names,
+        &names,
         &config.data_dir,
         ca,
     )

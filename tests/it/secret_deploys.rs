@@ -248,6 +248,32 @@ async fn secret_values_reach_only_the_container_and_a_new_version_rolls_the_serv
     assert!(!env_seen.contains(INLINE_PLAIN), "{env_seen}");
     assert_eq!(deploy["files"][0]["secret"], "api_token@1", "{deploy}");
     assert_eq!(deploy["contents"], json!([]), "no bytes in a stored job");
+    // A viewer's plan preview names the changed variable without its values.
+    let changed = map().replace(INLINE_PLAIN, "another-mode");
+    let preview = |token: String| {
+        let body = changed.clone();
+        let c = &c;
+        async move {
+            c.client
+                .post(c.url("/api/v1/plan"))
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let seen = preview(viewer.clone()).await;
+    assert!(seen.contains("env.MODE"), "{seen}");
+    assert!(
+        !seen.contains(INLINE_PLAIN) && !seen.contains("another-mode"),
+        "{seen}"
+    );
+    let admin_seen = preview(c.admin_token.clone()).await;
+    assert!(admin_seen.contains(INLINE_PLAIN), "{admin_seen}");
     // An operator sees inline values (those the map keeps), still only references for secrets.
     let admin_jobs = c.get("/api/v1/jobs?kind=deploy").await.to_string();
     assert!(admin_jobs.contains(INLINE_PLAIN));

@@ -364,5 +364,9 @@ async fn secrets_are_write_only_encrypted_at_rest_and_rotation_keeps_them_readab
     assert!(out.status.success(), "{}", text(&out));
     let (status, _) = c.api(Method::GET, "/api/v1/secrets/API_KEY", None).await;
     assert_eq!(status, 404);
+    // Set again after `rm`: the numbering goes on (a version never names two values).
+    let out = cli_stdin(&c, &["secret", "set", "API_KEY"], "sk-new-value");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("API_KEY version 2"), "{}", text(&out));
     tokio::time::sleep(Duration::from_millis(10)).await;
 }

@@ -448,7 +448,10 @@ impl ControlPlane {
     }
 
     /// The plan a proposed map would have (nothing is stored).
-    pub async fn preview_plan(&self, document: &str) -> Result<PlanView, ApplyError> {
+    /// Inline `env` values in it (the running revisions' included) are `***` for a role that
+    /// may not read them.
+    pub async fn preview_plan(&self, cx: &OpCtx, document: &str) -> Result<PlanView, ApplyError> {
+        self.authorize(cx, Op::PreviewPlan)?;
         let fleet = self.fleet_names().await?;
         let checked = map::check(document, &fleet).map_err(ApplyError::Map)?;
         let (pinned, missing) = self.pin_desired(&checked.desired).await?;
@@ -458,11 +461,15 @@ impl ControlPlane {
         let observed = self.observe().await?;
         let mut warnings = checked.warnings;
         warnings.extend(inline::preview_warnings(document));
-        Ok(PlanView {
+        let mut view = PlanView {
             version: None,
             warnings,
             plan: plan::plan(&pinned, &observed),
-        })
+        };
+        if !cx.may(Op::ReadMapValues) {
+            view.redact_inline_values();
+        }
+        Ok(view)
     }
 
     /// The map with rollback pins applied.

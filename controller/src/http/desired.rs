@@ -106,8 +106,7 @@ pub(super) async fn preview_plan(
     Extension(who): Extension<OpCtx>,
     body: String,
 ) -> ApiResult<Json<PlanView>> {
-    cp.authorize(&who, Op::PreviewPlan)?;
-    Ok(Json(cp.preview_plan(&document(body)?).await?))
+    Ok(Json(cp.preview_plan(&who, &document(body)?).await?))
 }
 
 pub(super) async fn list_services(

@@ -104,26 +104,16 @@ pub struct Order {
     pub dir: PathBuf,
 }
 
-/// The certificate kept from an earlier run, when it still names every name.
+/// The certificate kept from an earlier run, when it came from the same directory and still
+/// names every name.
 pub fn saved(order: &Order) -> Option<CertifiedKey> {
+    let account: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(order.dir.join("account.json")).ok()?).ok()?;
+    if account["directory"] != order.directory.as_str() {
+        return None;
+    }
     let k = super::load_files(&order.dir.join("cert.pem"), &order.dir.join("key.pem")).ok()?;
-    let der = k.cert.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let sans: Vec<String> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let sans = super::sans(k.cert.first()?.as_ref());
     order.names.iter().all(|n| sans.contains(n)).then_some(k)
 }
 

@@ -4,8 +4,10 @@
 //!   read again whenever either changes on disk; a pair that does not load is logged and the
 //!   certificate in use stays.
 //! * `fleet-ca`: a certificate from the fleet's own CA (the one agents already pin) for the
-//!   names listed, issued at start and again at two thirds of its lifetime. Browsers must be
-//!   told to trust the CA (`<data_dir>/ca.crt`).
+//!   names listed, kept in `<data_dir>/pki/https.{crt,key}` and issued again at two thirds of
+//!   its lifetime. Browsers must be told to trust the CA (`<data_dir>/pki/ca.crt`).
+//! * `tailscale`: the node's tailnet certificate from tailscaled's local API.
+//! * `acme`: a certificate from an ACME CA ([`acme`]).
 //!
 //! The listener hands each accepted connection to [`Https::acceptor`] before HTTP; requests that
 //! came over TLS carry `x-forwarded-proto: https` (set by the listener, whatever the client
@@ -126,6 +128,13 @@ impl HttpsConfig {
                     Some(_) => acme::ChallengeKind::Http01,
                     None => acme::ChallengeKind::TlsAlpn01,
                 });
+                if challenge == acme::ChallengeKind::Http01 && self.redirect_listen.is_none() {
+                    return Err(
+                        "https: the ACME challenge http-01 is answered on the plain \
+                                listener: set redirect_listen (port 80 of the names)"
+                            .into(),
+                    );
+                }
                 Some(Source::Acme(acme::Order {
                     names: self.names.clone(),
                     directory: self.acme.directory.clone(),
@@ -148,7 +157,10 @@ impl HttpsConfig {
                 names.extend(self.names.iter().cloned());
                 names.sort();
                 names.dedup();
-                Some(Source::FleetCa { names })
+                Some(Source::FleetCa {
+                    names,
+                    dir: data_dir.join("pki"),
+                })
             }
         })
     }
@@ -157,9 +169,18 @@ impl HttpsConfig {
 /// Where the certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    Files { cert: PathBuf, key: PathBuf },
-    FleetCa { names: Vec<String> },
-    Tailscale { socket: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// `dir`: where the certificate is kept (`<data_dir>/pki`).
+    FleetCa {
+        names: Vec<String>,
+        dir: PathBuf,
+    },
+    Tailscale {
+        socket: PathBuf,
+    },
     Acme(acme::Order),
 }
 
@@ -250,7 +271,7 @@ impl Https {
         let resolver = Arc::new(Resolver::default());
         let first = match &source {
             Source::Files { cert, key } => Some(load_files(cert, key)?),
-            Source::FleetCa { names } => Some(fleet_cert(ca, names)?),
+            Source::FleetCa { names, dir } => Some(fleet_cert(ca, names, dir, false)?),
             Source::Tailscale { socket } => Some(tailscale::fetch(socket).await?.0),
             // The one from an earlier run, else none until the first order is done.
             Source::Acme(order) => acme::saved(order),
@@ -329,10 +350,74 @@ fn fingerprint(paths: &[&Path]) -> Option<[u8; 32]> {
     Some(h.finalize().into())
 }
 
-fn fleet_cert(ca: &CertificateAuthority, names: &[String]) -> Result<CertifiedKey, String> {
+/// The names (DNS names and IP addresses) a certificate is for.
+pub fn sans(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(ext)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    ext.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => Some(IpAddr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                16 => Some(IpAddr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// The fleet-CA certificate kept in `dir` (`https.crt`, `https.key`) while it names exactly
+/// `names` and has a third of its life left, unless `renew`; else a new one, kept there. So a
+/// restart serves the same key (install one-liners pin it).
+fn fleet_cert(
+    ca: &CertificateAuthority,
+    names: &[String],
+    dir: &Path,
+    renew: bool,
+) -> Result<CertifiedKey, String> {
+    let (crt, key_path) = (dir.join("https.crt"), dir.join("https.key"));
+    if !renew {
+        if let Ok(k) = load_files(&crt, &key_path) {
+            let leaf = k
+                .cert
+                .first()
+                .map(|c| c.as_ref().to_vec())
+                .unwrap_or_default();
+            let mut have = sans(&leaf);
+            have.sort();
+            let fresh = renew_after(&leaf, Duration::ZERO).is_some_and(|d| !d.is_zero());
+            if fresh && have == names {
+                return Ok(k);
+            }
+        }
+    }
     let (chain, key) = ca
         .issue_web_cert(names, FLEET_CERT_LIFETIME)
         .map_err(|e| format!("issuing the HTTPS certificate: {e}"))?;
+    let pem = |label: &str, der: &[u8]| {
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    };
+    let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    crate::ca::write_private(&key_path, pem("PRIVATE KEY", key.secret_der()).as_bytes())
+        .and_then(|()| crate::ca::write_private(&crt, chain_pem.as_bytes()))
+        .map_err(|e| format!("keeping the HTTPS certificate: {e}"))?;
     certified(chain, &key)
 }
 
@@ -377,7 +462,9 @@ pub async fn keep_current(
                 .current()
                 .and_then(|k| k.cert.first().and_then(|c| renew_after(c.as_ref(), skew)))
                 .unwrap_or(Duration::from_secs(3600))
-                .min(Duration::from_secs(3600));
+                .min(Duration::from_secs(3600))
+                // tailscaled may keep handing out the old one while it renews: no busy loop.
+                .max(reload_interval.max(Duration::from_secs(60)));
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -435,21 +522,30 @@ pub async fn keep_current(
                 }
             }
         }
-        Source::FleetCa { names } => loop {
-            let renew_in = FLEET_CERT_LIFETIME * 2 / 3;
-            let until = SystemTime::now() + renew_in;
-            while SystemTime::now() < until {
+        Source::FleetCa { names, dir } => loop {
+            let wait = https
+                .resolver
+                .current()
+                .and_then(|k| k.cert.first().and_then(|c| renew_after(c.as_ref(), skew)))
+                .unwrap_or(Duration::ZERO)
+                .min(Duration::from_secs(3600));
+            if !wait.is_zero() {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(3600).min(renew_in)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
+                continue;
             }
-            match fleet_cert(ca, &names) {
+            match fleet_cert(ca, &names, &dir, true) {
                 Ok(k) => {
                     https.resolver.set(k);
                     tracing::info!("HTTPS certificate renewed from the fleet CA");
                 }
                 Err(e) => tracing::warn!("{e}"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(reload_interval.max(Duration::from_secs(60))) => {}
             }
         },
     }
@@ -468,6 +564,21 @@ pub fn renew_after(der: &[u8], skew: Duration) -> Option<Duration> {
         .as_secs() as i64
         + skew.as_secs() as i64;
     Some(Duration::from_secs(at.saturating_sub(now).max(0) as u64))
+}
+
+/// The host of a URL or `HOST:PORT` (`https://nebula.example.net:8443/x` -> `nebula.example.net`,
+/// `[fd00::1]:4433` -> `fd00::1`).
+pub fn host_of(addr: &str) -> Option<String> {
+    let rest = addr.split_once("://").map(|(_, r)| r).unwrap_or(addr);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?.0,
+        None => authority
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(authority),
+    };
+    (!host.is_empty()).then(|| host.to_owned())
 }
 
 /// Whether a browser that used `host` (the request's `Host`, port included or not) should be
@@ -636,6 +747,21 @@ mod tests {
     }
 
     #[test]
+    fn hosts_come_out_of_urls_and_addresses() {
+        assert_eq!(
+            host_of("https://nebula.example.net:8443/ui").as_deref(),
+            Some("nebula.example.net")
+        );
+        assert_eq!(host_of("http://10.0.0.5").as_deref(), Some("10.0.0.5"));
+        assert_eq!(
+            host_of("vps.example.net:4433").as_deref(),
+            Some("vps.example.net")
+        );
+        assert_eq!(host_of("[fd00::1]:4433").as_deref(), Some("fd00::1"));
+        assert_eq!(host_of("https://"), None);
+    }
+
+    #[test]
     fn only_public_names_get_hsts() {
         for public in [
             "nebula.example.net",
@@ -697,20 +823,22 @@ mod tests {
                     "127.0.0.1".into(),
                     "localhost".into(),
                     "vps.example.net".into()
-                ]
+                ],
+                dir: "/data/pki".into(),
             }))
         );
         // Nothing set: plain HTTP on loopback, the fleet CA's certificate anywhere else.
         let auto = HttpsConfig::default();
         assert_eq!(auto.source(lo, &names, Path::new("/data")), Ok(None));
         let all: SocketAddr = "0.0.0.0:8080".parse().unwrap();
-        let Ok(Some(Source::FleetCa { names: got })) = auto.source(all, &names, Path::new("/d"))
+        let Ok(Some(Source::FleetCa { names: got, .. })) =
+            auto.source(all, &names, Path::new("/d"))
         else {
             panic!("the fleet CA by default off loopback");
         };
         assert_eq!(got, ["localhost", "vps.example.net"], "no 0.0.0.0 name");
         let lan: SocketAddr = "192.168.1.5:8443".parse().unwrap();
-        let Ok(Some(Source::FleetCa { names: got })) = auto.source(lan, &[], Path::new("/d"))
+        let Ok(Some(Source::FleetCa { names: got, .. })) = auto.source(lan, &[], Path::new("/d"))
         else {
             panic!("the fleet CA by default off loopback");
         };

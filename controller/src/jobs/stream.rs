@@ -118,9 +118,13 @@ async fn follow(
 
 /// A result with the values of the request's secrets replaced by their references.
 fn redact_result(redact: &crate::secrets::refs::Redactions, result: JobResult) -> JobResult {
+    let fallback = |r: &JobResult| {
+        // Never the unredacted whole: its status, and its error redacted.
+        JobResult::new(r.status, r.error.as_deref().map(|e| redact.apply(e)))
+    };
     let Ok(mut v) = serde_json::to_value(&result) else {
-        return result;
+        return fallback(&result);
     };
     redact.apply_json(&mut v);
-    serde_json::from_value(v).unwrap_or(result)
+    serde_json::from_value(v).unwrap_or_else(|_| fallback(&result))
 }

@@ -31,13 +31,22 @@ fn row(r: &sqlx::any::AnyRow) -> Result<SecretRecord, StoreError> {
 const COLUMNS: &str = "name, version, key_id, sealed, created_by, created_at";
 
 impl Store {
-    /// The number the next version of `name` gets.
+    /// The number the next version of `name` gets: after its newest, or after the last one it
+    /// had before it was removed (numbers are never used twice).
     pub async fn next_secret_version(&self, name: &str) -> Result<u32, StoreError> {
         let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM secrets WHERE name = $1")
             .bind(name.to_owned())
             .fetch_one(&self.pool)
             .await?;
-        let v: i64 = row.try_get("v")?;
+        let kept: i64 = row.try_get("v")?;
+        let removed: Option<i64> =
+            sqlx::query("SELECT last_version FROM secret_removals WHERE name = $1")
+                .bind(name.to_owned())
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.try_get("last_version"))
+                .transpose()?;
+        let v = kept.max(removed.unwrap_or(0));
         u32::try_from(v + 1).map_err(|_| StoreError::Corrupt(format!("secret version {v}")))
     }
 
@@ -109,8 +118,16 @@ impl Store {
             .transpose()
     }
 
-    /// Remove every version of `name`; how many there were.
+    /// Remove every version of `name`; how many there were. The last version number is kept.
     pub async fn delete_secret(&self, name: &str) -> Result<u64, StoreError> {
+        sqlx::query(
+            "INSERT INTO secret_removals (name, last_version) \
+             SELECT name, MAX(version) FROM secrets WHERE name = $1 GROUP BY name \
+             ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version",
+        )
+        .bind(name.to_owned())
+        .execute(&self.pool)
+        .await?;
         let r = sqlx::query("DELETE FROM secrets WHERE name = $1")
             .bind(name.to_owned())
             .execute(&self.pool)

@@ -180,7 +180,7 @@ pub(crate) async fn plan_map(
     if let Err(r) = user.check(&f.csrf) {
         return r.into_response();
     }
-    let notice = match cp.preview_plan(&f.document).await {
+    let notice = match cp.preview_plan(&user.cx(), &f.document).await {
         Ok(view) => plan_markup(&view.plan),
         Err(nebula_controller::desired::ApplyError::Map(e)) => map_problems(&e),
         Err(nebula_controller::desired::ApplyError::Op(e)) => return op_error(e),

@@ -332,14 +332,27 @@ pub fn replace_spans(text: &str, mut spans: Vec<(usize, usize, String)>) -> Stri
 }
 
 /// The document as a viewer sees it: inline `env` values replaced by `***` (references stay).
-/// A document that no longer parses is not shown at all.
+/// Checked by parsing the result: when any value is not what a viewer may see (written
+/// through a YAML alias or merge, say, so its place is not its own), nothing is shown.
 pub fn redact_document(text: &str) -> Option<String> {
     let map = super::parse(text).ok()?;
-    let spans = inline_env_spans(&map);
-    if spans.is_empty() {
-        return Some(text.to_owned());
-    }
-    Some(replace_spans(text, spans))
+    let out = replace_spans(text, inline_env_spans(&map));
+    let seen = super::parse(&out).ok()?;
+    let every_value = |m: &ServiceMap| -> Vec<(String, String, String)> {
+        m.services
+            .iter()
+            .flat_map(|(s, svc)| {
+                svc.env
+                    .iter()
+                    .map(move |(k, v)| (s.clone(), k.clone(), v.value.0.clone()))
+            })
+            .collect()
+    };
+    let wanted: Vec<(String, String, String)> = every_value(&map)
+        .into_iter()
+        .map(|(s, k, v)| (s, k, redact_inline(&v)))
+        .collect();
+    (every_value(&seen) == wanted).then_some(out)
 }
 
 #[cfg(test)]
@@ -497,5 +510,14 @@ mod tests {
         assert_eq!(map.services["web"].env["N"].value.0, "***");
         assert_eq!(map.services["api"].env["REF"].value.0, "${secret:k}");
         assert_eq!(map.services["api"].env["KEY"].value.0, "***");
+        // A value written through an alias has no place of its own: nothing is shown rather
+        // than something unredacted.
+        let aliased = "services:\n  web:\n    image: web:1\n    env: &shared\n      TOKEN: tok-123\n  api:\n    image: api:1\n    env: *shared\n";
+        super::super::parse(aliased).expect("aliases are valid YAML");
+        let shown = redact_document(aliased);
+        assert!(
+            shown.as_deref().is_none_or(|s| !s.contains("tok-123")),
+            "{shown:?}"
+        );
     }
 }
