@@ -43,7 +43,18 @@ async fn tasks(c: &Controller) -> Vec<TaskStatus> {
 
 #[tokio::test]
 async fn every_background_task_is_listed_with_its_scope_and_last_run() {
-    let c = Controller::start(ControllerOpts::default()).await;
+    // With HTTPS and its plain redirect listener, so that the tasks they add are there too.
+    let c = Controller::start(ControllerOpts {
+        extra: vec![
+            "--https",
+            "fleet-ca",
+            "--https-redirect-listen",
+            "127.0.0.1:0",
+        ],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(c.scheme, "https");
     let served: BTreeSet<(String, String)> = tasks(&c)
         .await
         .iter()
