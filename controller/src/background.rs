@@ -237,19 +237,41 @@ fn register_http(
     redirect: Option<(tokio::net::TcpListener, axum::Router)>,
     tracker: &TaskTracker,
 ) {
+    let tls = cp.https.as_ref().map(|h| h.acceptor.clone());
+    http_service(d, HTTP_SERVER, cp, (listener, router), tls, tracker);
+    if let Some(https) = cp.https.clone() {
+        let c = cp.clone();
+        d.service(HTTPS_CERTIFICATE, move |cx| {
+            crate::https::keep_current(c.clone(), https.clone(), cx.cancel)
+        });
+    }
+    if let Some(plain) = redirect {
+        http_service(d, HTTP_REDIRECT, cp, plain, None, tracker);
+    }
+}
+
+/// One HTTP listener as a service (TLS when `tls` is given), under the HTTP limits.
+fn http_service(
+    d: &mut tasks::Driver,
+    def: TaskDef,
+    cp: &Arc<ControlPlane>,
+    serve: (tokio::net::TcpListener, axum::Router),
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tracker: &TaskTracker,
+) {
     let c = cp.clone();
     let t = tracker.clone();
-    let mut serve = Some((listener, router));
-    d.service(HTTP_SERVER, move |cx| {
+    let mut serve = Some(serve);
+    d.service(def, move |cx| {
         let serve = serve.take();
-        let (cp, tracker) = (c.clone(), t.clone());
+        let (cp, tracker, tls) = (c.clone(), t.clone(), tls.clone());
         async move {
             if let Some((listener, router)) = serve {
                 crate::http::server::serve(
                     listener,
                     router,
                     cp.config.http_limits.clone(),
-                    cp.https.as_ref().map(|h| h.acceptor.clone()),
+                    tls,
                     cx.cancel,
                     tracker,
                 )
@@ -257,34 +279,6 @@ fn register_http(
             }
         }
     });
-    if let Some(https) = cp.https.clone() {
-        let c = cp.clone();
-        d.service(HTTPS_CERTIFICATE, move |cx| {
-            crate::https::keep_current(c.clone(), https.clone(), cx.cancel)
-        });
-    }
-    if let Some((listener, router)) = redirect {
-        let c = cp.clone();
-        let t = tracker.clone();
-        let mut serve = Some((listener, router));
-        d.service(HTTP_REDIRECT, move |cx| {
-            let serve = serve.take();
-            let (cp, tracker) = (c.clone(), t.clone());
-            async move {
-                if let Some((listener, router)) = serve {
-                    crate::http::server::serve(
-                        listener,
-                        router,
-                        cp.config.http_limits.clone(),
-                        None,
-                        cx.cancel,
-                        tracker,
-                    )
-                    .await;
-                }
-            }
-        });
-    }
 }
 
 /// Write finished one-minute rollups in one batch; on the way out, the open minutes too. A

@@ -583,14 +583,7 @@ async fn install_sh_over_https_trusts_the_fleet_ca_the_dashboard_pins() {
         .text()
         .await
         .unwrap();
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let csrf = crate::dashboard_http::csrf_of(&page);
     let created = http
         .post(c.url("/ui/enroll"))
         .header("cookie", &cookie)

@@ -27,6 +27,17 @@ fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The CSRF token a dashboard page's forms carry.
+pub(crate) fn csrf_of(page: &str) -> String {
+    page.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .expect("a form with a CSRF token")
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
 /// Sign in; the whole `Set-Cookie` of the session (or the status when refused).
 pub(crate) async fn sign_in(
     c: &Controller,
@@ -280,14 +291,7 @@ async fn sign_in_cookies_users_and_refusals() {
         .text()
         .await
         .unwrap();
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let csrf = csrf_of(&page);
     let r = http
         .post(c.url("/ui/services/apply"))
         .header("cookie", &admin)
@@ -307,14 +311,7 @@ async fn sign_in_cookies_users_and_refusals() {
         .await
         .unwrap();
     assert!(!viewer_page.contains("apply-button"));
-    let viewer_csrf = viewer_page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let viewer_csrf = csrf_of(&viewer_page);
     for (path, fields) in [
         ("/ui/services/apply", vec![("document", "services: {}\n")]),
         ("/ui/enroll", vec![("ttl", "1h"), ("uses", "1")]),
@@ -494,14 +491,7 @@ async fn the_alerts_page_silences_and_lists() {
     };
     let html = page(admin.clone()).await;
     assert!(html.contains("Nothing fires.") && html.contains("id=\"silence-form\""));
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let csrf = csrf_of(&html);
     let resp = http
         .post(c.url("/ui/alerts/silences"))
         .header("cookie", &admin)
@@ -565,14 +555,7 @@ async fn the_alerts_page_silences_and_lists() {
         !html.contains("id=\"silence-form\""),
         "no form for a viewer"
     );
-    let viewer_csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let viewer_csrf = csrf_of(&html);
     let resp = http
         .post(c.url("/ui/alerts/silences"))
         .header("cookie", &viewer)

@@ -80,6 +80,9 @@ pub(crate) struct Inner {
     pub started_at: i64,
     /// Pulls of desired models, by (model, node).
     pub model_pulls: BTreeMap<(String, String), models::ModelPull>,
+    /// The map in force and the secret versions it was last pinned with: a reconcile run
+    /// with nothing changed pins nothing again.
+    pub pinned_with: Option<(std::sync::Weak<Active>, BTreeMap<String, u32>)>,
 }
 
 /// Shared state of the desired-state machinery.

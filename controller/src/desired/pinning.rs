@@ -34,13 +34,23 @@ impl ControlPlane {
             let Some(active) = self.desired.active() else {
                 return Vec::new();
             };
-            let (pinned, problems) = match self.pin_desired(&active.raw).await {
-                Ok(p) => p,
+            let latest = match self.store.latest_secret_versions().await {
+                Ok(l) => l,
                 Err(e) => {
                     tracing::warn!("pinning the service map's secrets: {e}");
                     return Vec::new();
                 }
             };
+            // The same map pinned with the same versions already (every reconcile run asks).
+            let same = |st: &super::Inner| {
+                st.pinned_with.as_ref().is_some_and(|(map, versions)| {
+                    *versions == latest && map.upgrade().is_some_and(|a| Arc::ptr_eq(&a, &active))
+                })
+            };
+            if same(&self.desired.lock()) {
+                return Vec::new();
+            }
+            let (pinned, problems) = refs::pin(&active.raw, &latest);
             let changed: Vec<String> = pinned
                 .services
                 .iter()
@@ -54,6 +64,7 @@ impl ControlPlane {
                 .map(|(n, _)| n.clone())
                 .collect();
             if changed.is_empty() {
+                self.desired.lock().pinned_with = Some((Arc::downgrade(&active), latest));
                 return changed;
             }
             let dropped = {
@@ -67,12 +78,14 @@ impl ControlPlane {
                     .filter(|n| st.pins.remove(*n).is_some())
                     .cloned()
                     .collect();
-                st.active = Some(Arc::new(Active {
+                let now = Arc::new(Active {
                     record: active.record.clone(),
                     raw: active.raw.clone(),
                     desired: pinned,
                     warnings: active.warnings.clone(),
-                }));
+                });
+                st.pinned_with = Some((Arc::downgrade(&now), latest));
+                st.active = Some(now);
                 dropped
             };
             for p in &problems {

@@ -228,6 +228,13 @@ pub fn pin(desired: &Desired, latest: &BTreeMap<String, u32>) -> (Desired, Vec<S
     let mut out = desired.clone();
     let mut problems = Vec::new();
     for (name, svc) in out.services.iter_mut() {
+        let uses = svc.spec.env.iter().any(|(_, v)| has_reference(v))
+            || svc.spec.command.iter().flatten().any(|a| has_reference(a))
+            || desired.files.contains_key(name);
+        if !uses {
+            // Nothing to pin: spec and revision stay as they are.
+            continue;
+        }
         let mut missing: Vec<String> = Vec::new();
         let mut pin_ref = |r: &SecretRef| -> Result<SecretRef, ()> {
             match (latest.get(&r.name), r.version) {
