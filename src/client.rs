@@ -76,6 +76,26 @@ fn builder(ca: &Option<reqwest::Certificate>) -> reqwest::ClientBuilder {
     }
 }
 
+/// The API's error answer as an error: `STATUS: message (code)`, with the problems of a map
+/// one per line.
+pub async fn error_of(resp: reqwest::Response) -> anyhow::Error {
+    let status = resp.status();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(&bytes) else {
+        return anyhow::anyhow!("{status}: {}", String::from_utf8_lossy(&bytes).trim());
+    };
+    let problems: Vec<nebula_desired::map::Problem> = error
+        .problems
+        .and_then(|p| serde_json::from_value(p).ok())
+        .unwrap_or_default();
+    if !problems.is_empty() {
+        // One line per problem, `line:column: message`, as compilers print them.
+        let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        return anyhow::anyhow!("{status} ({}):\n{}", error.code, lines.join("\n"));
+    }
+    anyhow::anyhow!("{status}: {} ({})", error.message, error.code)
+}
+
 impl Api {
     pub fn new(cli: &Cli) -> anyhow::Result<Self> {
         let token = match (&cli.token, &cli.token_file) {
@@ -123,22 +143,10 @@ impl Api {
             .await
             .with_context(|| format!("cannot reach the controller at {}", self.base))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.unwrap_or_default();
         if !status.is_success() {
-            let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(&bytes) else {
-                anyhow::bail!("{status}: {}", String::from_utf8_lossy(&bytes).trim());
-            };
-            let problems: Vec<nebula_desired::map::Problem> = error
-                .problems
-                .and_then(|p| serde_json::from_value(p).ok())
-                .unwrap_or_default();
-            if !problems.is_empty() {
-                // One line per problem, `line:column: message`, as compilers print them.
-                let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-                anyhow::bail!("{status} ({}):\n{}", error.code, lines.join("\n"));
-            }
-            anyhow::bail!("{status}: {} ({})", error.message, error.code);
+            return Err(error_of(resp).await);
         }
+        let bytes = resp.bytes().await.unwrap_or_default();
         serde_json::from_slice(&bytes).with_context(|| {
             format!(
                 "the controller's answer is not what this CLI reads (versions differ?): {}",

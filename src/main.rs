@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod alerts;
+mod backup;
 mod client;
 mod containers;
 mod desired;
@@ -96,6 +97,12 @@ enum Command {
     /// Secrets, encrypted at rest: set (from stdin or a file), list, show, rm, import, rekey.
     #[command(subcommand)]
     Secret(secrets::SecretCommand),
+    /// Backups: create (of the running controller), restore (into a new data dir), inspect.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
+    /// Move a stopped controller's database to another one (SQLite to PostgreSQL), rows and
+    /// all; agents reconnect without joining again.
+    Migrate(backup::MigrateArgs),
     /// Run the Discord bot in its own process against a controller (a `bot` API token:
     /// `nebula api-token create NAME --role bot`), instead of inside the controller.
     Bot(discord::BotArgs),
@@ -205,6 +212,8 @@ fn main() -> ExitCode {
             Command::Discord(ref cmd) => discord::discord(&cli, cmd).await,
             Command::Bot(ref args) => discord::bot(&cli, args).await,
             Command::Secret(ref cmd) => secrets::secret(&cli, cmd).await,
+            Command::Backup(ref cmd) => backup::backup(&cli, cmd).await,
+            Command::Migrate(ref args) => backup::migrate(args).await,
             Command::Silence(ref cmd) => alerts::silence(&cli, cmd).await,
             Command::Sink(ref cmd) => alerts::sink(&cli, cmd).await,
             Command::Containers(ref args) => containers::containers(&cli, args).await,

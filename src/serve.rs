@@ -167,18 +167,35 @@ pub struct ServeArgs {
     /// Enrollment connections at once from one address (`quic_limits`); more hear "busy".
     #[arg(long, env = "NEBULA_MAX_UNAUTHENTICATED_PER_SOURCE")]
     max_unauthenticated_per_source: Option<usize>,
+    /// Take a backup into this directory every `--backup-interval` (`[backup] dir`).
+    #[arg(long, env = "NEBULA_BACKUP_DIR")]
+    backup_dir: Option<PathBuf>,
+    /// How often a scheduled backup is taken (default 24h).
+    #[arg(long, env = "NEBULA_BACKUP_INTERVAL", value_parser = humantime::parse_duration)]
+    backup_interval: Option<Duration>,
+    /// How many scheduled backups are kept (default 7).
+    #[arg(long, env = "NEBULA_BACKUP_KEEP")]
+    backup_keep: Option<usize>,
+    /// The file holding the passphrase scheduled backups seal the keys with.
+    #[arg(long, env = "NEBULA_BACKUP_PASSPHRASE_FILE")]
+    backup_passphrase_file: Option<PathBuf>,
+}
+
+/// Reads a controller's config file (defaults without one).
+pub fn config_file(path: Option<&std::path::Path>) -> anyhow::Result<ControllerConfig> {
+    Ok(match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => ControllerConfig::default(),
+    })
 }
 
 impl ServeArgs {
     fn config(&self) -> anyhow::Result<ControllerConfig> {
-        let mut c: ControllerConfig = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
-            }
-            None => ControllerConfig::default(),
-        };
+        let mut c = config_file(self.config.as_deref())?;
         macro_rules! set {
             ($field:ident) => {
                 if let Some(v) = &self.$field {
@@ -247,6 +264,18 @@ impl ServeArgs {
         }
         if let Some(f) = &self.secret_key_file {
             c.secrets.key_file = Some(f.clone());
+        }
+        if let Some(d) = &self.backup_dir {
+            c.backup.dir = Some(d.clone());
+        }
+        if let Some(i) = self.backup_interval {
+            c.backup.interval = i;
+        }
+        if let Some(k) = self.backup_keep {
+            c.backup.keep = k;
+        }
+        if let Some(f) = &self.backup_passphrase_file {
+            c.backup.passphrase_file = Some(f.clone());
         }
         if let Some(m) = self.https {
             c.https.mode = m;

@@ -62,6 +62,11 @@ pub const RETENTION: TaskDef = TaskDef {
     description: "deletes telemetry rollups past the retention window",
     scope: Scope::Leader,
 };
+pub const BACKUP: TaskDef = TaskDef {
+    name: "backup-scheduler",
+    description: "writes a backup into [backup] dir every interval and keeps the newest ones",
+    scope: Scope::Leader,
+};
 pub const ALERT_EVALUATOR: TaskDef = TaskDef {
     name: "alert-evaluator",
     description: "evaluates the alert rules and queues their notifications",
@@ -183,6 +188,11 @@ pub fn register(
             async move { sweep(&cp).await }
         },
     );
+    let c = cp.clone();
+    d.periodic(BACKUP, cp.config.backup.interval, false, move |trigger| {
+        let cp = c.clone();
+        async move { crate::backup::run_scheduled(&cp, trigger).await }
+    });
     let c = cp.clone();
     d.periodic(
         ALERT_EVALUATOR,

@@ -94,6 +94,8 @@ pub struct ControllerConfig {
     pub secrets: crate::secrets::SecretsConfig,
     /// TLS on the HTTP listener: certificate files, the fleet CA, tailscaled or ACME.
     pub https: crate::https::HttpsConfig,
+    /// Scheduled backups: where, how often, how many kept.
+    pub backup: crate::backup::BackupConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
@@ -182,6 +184,7 @@ impl Default for ControllerConfig {
             discord: crate::discord::DiscordConfig::default(),
             secrets: crate::secrets::SecretsConfig::default(),
             https: crate::https::HttpsConfig::default(),
+            backup: crate::backup::BackupConfig::default(),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),
@@ -277,7 +280,7 @@ impl ControllerConfig {
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
         }
-        Ok(())
+        self.backup.validate()
     }
 }
 

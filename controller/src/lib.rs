@@ -32,6 +32,7 @@ pub mod ai;
 pub mod alerts;
 pub mod authz;
 mod background;
+pub mod backup;
 pub mod ca;
 pub mod config;
 pub mod containers;

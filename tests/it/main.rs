@@ -7,6 +7,7 @@ mod common;
 mod agent_install;
 mod ai;
 mod alerts;
+mod backup;
 mod containers;
 mod dashboard;
 mod dashboard_http;

@@ -6,6 +6,7 @@
 
 mod alerts;
 mod auth;
+mod backup;
 mod containers;
 mod desired;
 mod discord;
@@ -118,6 +119,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         )
         .route("/secrets/import", axum::routing::post(secrets::import))
         .route("/secrets/rekey", axum::routing::post(secrets::rekey))
+        .route("/backup", axum::routing::post(backup::take))
         .route("/monitors", get(monitors::list).post(monitors::create))
         .route(
             "/monitors/{name}",

@@ -73,6 +73,11 @@ impl SecretBook {
         }
     }
 
+    /// Hold off key rotations (a backup reads the key file and every sealed value meanwhile).
+    pub(crate) async fn hold_keys(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.rekey.lock().await
+    }
+
     fn seal(&self, name: &str, version: u32, value: &str) -> Sealed {
         self.keyring
             .read()

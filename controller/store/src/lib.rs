@@ -20,6 +20,7 @@ mod ai;
 pub mod alerts;
 pub mod desired;
 pub mod discord;
+pub mod dump;
 pub mod jobs;
 pub mod monitors;
 pub mod secrets;
@@ -39,6 +40,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported database URL `{0}` (use sqlite:// or postgres://)")]
     UnsupportedUrl(String),
+    #[error("the database is not empty: restore and migrate need a new one")]
+    NotEmpty,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -84,10 +84,12 @@ pub enum Op {
     /// Inline `env` values of the service map, its plans and deploy jobs (viewers see the
     /// variables' names and secret references, `***` for inline values).
     ReadMapValues,
+    /// Take a backup (every table and the key files, sealed with a passphrase).
+    Backup,
 }
 
 impl Op {
-    pub const ALL: [Op; 26] = [
+    pub const ALL: [Op; 27] = [
         Op::ReadFleet,
         Op::PreviewPlan,
         Op::ReadLogs,
@@ -114,6 +116,7 @@ impl Op {
         Op::ReadSecrets,
         Op::ManageSecrets,
         Op::ReadMapValues,
+        Op::Backup,
     ];
 
     /// The least role that may do it: the policy, in one place.
@@ -142,7 +145,8 @@ impl Op {
             | Op::ManageUsers
             | Op::ManageApiTokens
             | Op::ManageBot
-            | Op::ManageSecrets => Role::Admin,
+            | Op::ManageSecrets
+            | Op::Backup => Role::Admin,
         }
     }
 
@@ -175,6 +179,7 @@ impl Op {
             Op::ReadSecrets => "read_secrets",
             Op::ManageSecrets => "manage_secrets",
             Op::ReadMapValues => "read_map_values",
+            Op::Backup => "backup",
         }
     }
 }

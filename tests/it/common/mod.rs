@@ -602,6 +602,7 @@ impl Agent {
 pub mod fake_discord;
 pub mod fake_ollama;
 pub mod netlab;
+pub mod pg;
 
 pub mod docker {
     use std::process::Command;

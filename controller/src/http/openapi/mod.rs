@@ -287,6 +287,7 @@ mod tests {
             "/api/v1/jobs/{id}/logs",
             "/api/v1/nodes/{name}/containers/{container}/logs",
             "/api/v1/nodes/{name}/containers/{container}/exec",
+            "/api/v1/backup",
         ];
         for r in all_routes() {
             // 204: no body at all.

@@ -183,4 +183,13 @@ pub const MORE_ROUTES: &[Route] = &[
         "Rotate the secret key (run again to resume)",
     )
     .returns(of::<secrets::Rekeyed>),
+    route(
+        "post",
+        "/api/v1/backup",
+        "backup",
+        Token(Op::Backup),
+        (200, "a gzip file of JSON lines: every table, and the key files sealed with the passphrase; streamed as it is read (a failed backup breaks the response)"),
+        "Take a backup of the running controller",
+    )
+    .accepts(of::<secrets::TakeBackup>),
 ];

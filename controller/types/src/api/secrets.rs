@@ -78,3 +78,17 @@ pub struct Rekeyed {
     /// Keys no version uses any more, removed from the key file.
     pub removed_keys: Vec<String>,
 }
+
+/// `POST /api/v1/backup`: the passphrase the backup's key files are sealed with (at least 10
+/// characters; keep it apart from the file).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TakeBackup {
+    pub passphrase: String,
+}
+
+impl std::fmt::Debug for TakeBackup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TakeBackup { passphrase: *** }")
+    }
+}
