@@ -47,7 +47,7 @@ pub struct Passphrase {
 }
 
 impl Passphrase {
-    fn read(&self) -> anyhow::Result<String> {
+    pub fn read(&self) -> anyhow::Result<String> {
         let mut text = String::new();
         match &self.passphrase_file {
             Some(f) => {
@@ -86,7 +86,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn config(&self) -> anyhow::Result<nebula_controller::ControllerConfig> {
+    pub fn config(&self) -> anyhow::Result<nebula_controller::ControllerConfig> {
         let mut c = crate::serve::config_file(self.config.as_deref())?;
         if let Some(d) = &self.data_dir {
             c.data_dir = d.clone();

@@ -18,6 +18,7 @@ mod exec;
 mod jobs;
 mod models;
 mod monitors;
+mod replicas;
 mod secrets;
 mod serve;
 mod sse;
@@ -100,6 +101,11 @@ enum Command {
     /// Backups: create (of the running controller), restore (into a new data dir), inspect.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// The controllers of this control plane (replicas on PostgreSQL) and which one leads.
+    Replicas,
+    /// Add a replica: a bundle of the fleet's keys (add), installed on the new host (join).
+    #[command(subcommand)]
+    Replica(replicas::ReplicaCommand),
     /// Move a stopped controller's database to another one (SQLite to PostgreSQL), rows and
     /// all; agents reconnect without joining again.
     Migrate(backup::MigrateArgs),
@@ -214,6 +220,8 @@ fn main() -> ExitCode {
             Command::Secret(ref cmd) => secrets::secret(&cli, cmd).await,
             Command::Backup(ref cmd) => backup::backup(&cli, cmd).await,
             Command::Migrate(ref args) => backup::migrate(args).await,
+            Command::Replicas => replicas::replicas(&cli).await,
+            Command::Replica(ref cmd) => replicas::replica(cmd),
             Command::Silence(ref cmd) => alerts::silence(&cli, cmd).await,
             Command::Sink(ref cmd) => alerts::sink(&cli, cmd).await,
             Command::Containers(ref args) => containers::containers(&cli, args).await,

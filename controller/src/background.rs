@@ -62,6 +62,12 @@ pub const RETENTION: TaskDef = TaskDef {
     description: "deletes telemetry rollups past the retention window",
     scope: Scope::Leader,
 };
+pub const LEADER_ELECTION: TaskDef = TaskDef {
+    name: "leader-election",
+    description:
+        "takes or renews the leader lease (replicas on PostgreSQL); stops at once on SQLite",
+    scope: Scope::EveryReplica,
+};
 pub const BACKUP: TaskDef = TaskDef {
     name: "backup-scheduler",
     description: "writes a backup into [backup] dir every interval and keeps the newest ones",
@@ -188,6 +194,11 @@ pub fn register(
             async move { sweep(&cp).await }
         },
     );
+    let c = cp.clone();
+    d.service(LEADER_ELECTION, move |cx| {
+        c.ha.clone()
+            .run(c.store.clone(), c.config.ha.clone(), cx.cancel)
+    });
     let c = cp.clone();
     d.periodic(BACKUP, cp.config.backup.interval, false, move |trigger| {
         let cp = c.clone();
@@ -360,7 +371,11 @@ async fn sweep(cp: &ControlPlane) -> anyhow::Result<serde_json::Value> {
         .prune_monitor_hours(hour - crate::monitors::KEEP_DAYS * 24)
         .await?;
     let cutoff = millis(SystemTime::now() - cp.config.rollup_retention);
-    let n = cp.store.delete_rollups_before(cutoff).await?;
+    let fence = cp.ha.fence()?;
+    let n = cp
+        .store
+        .delete_rollups_before(fence.as_ref(), cutoff)
+        .await?;
     if n > 0 {
         tracing::info!(
             rows = n,

@@ -96,6 +96,8 @@ pub struct ControllerConfig {
     pub https: crate::https::HttpsConfig,
     /// Scheduled backups: where, how often, how many kept.
     pub backup: crate::backup::BackupConfig,
+    /// Replicas on PostgreSQL: the leader lease's timing.
+    pub ha: crate::ha::HaConfig,
     /// A woken node that has not registered within this time is `wake_failed`.
     #[serde(with = "humantime_serde")]
     pub wake_timeout: Duration,
@@ -185,6 +187,7 @@ impl Default for ControllerConfig {
             secrets: crate::secrets::SecretsConfig::default(),
             https: crate::https::HttpsConfig::default(),
             backup: crate::backup::BackupConfig::default(),
+            ha: crate::ha::HaConfig::default(),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),
@@ -280,7 +283,8 @@ impl ControllerConfig {
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
         }
-        self.backup.validate()
+        self.backup.validate()?;
+        self.ha.validate()
     }
 }
 

@@ -39,6 +39,7 @@ pub mod containers;
 pub mod desired;
 pub mod discord;
 pub mod events;
+pub mod ha;
 pub mod http;
 pub mod https;
 pub mod jobs;
@@ -118,6 +119,8 @@ pub struct ControlPlane {
     pub shutdown: CancellationToken,
     /// Every background task's status (`GET /api/v1/tasks`).
     pub tasks: tasks::Tasks,
+    /// This replica, and whether it leads.
+    pub ha: Arc<ha::Ha>,
     /// API tokens recently checked (by hash), so that a busy client does not cost a database
     /// read per request. Entries live [`TOKEN_CACHE_TTL`].
     pub(crate) token_cache: std::sync::Mutex<
@@ -418,11 +421,7 @@ impl Controller {
             .await
             .with_context(|| format!("opening database {}", store::redact_url(&url)))?;
         owner_only(&config).context("making the data dir the owner's only")?;
-        let ca = CertificateAuthority::load_or_create(
-            &config.data_dir.join("pki"),
-            &config.server_names,
-        )
-        .context("loading the fleet CA")?;
+        let ca = load_fleet_ca(&store, &config).await?;
         let reset_key = load_or_create_secret(&config.data_dir.join("pki").join("reset.key"))?;
         let https = https_of(&config, &ca).await?;
         let secret_keys = secrets::keyring::Keyring::load_or_create(&config.secret_key_file())?;
@@ -470,6 +469,7 @@ impl Controller {
             shutdown: shutdown.clone(),
             token_cache: Default::default(),
             tasks: Default::default(),
+            ha: Arc::new(ha::Ha::new(store.backend())),
             quic_limits: Default::default(),
             signin: Default::default(),
             log_followers: Arc::new(tokio::sync::Semaphore::new(containers::MAX_LOG_FOLLOWERS)),
@@ -508,8 +508,10 @@ impl Controller {
             .with_context(|| format!("binding HTTP on {}", cp.config.http_listen))?;
         let http_addr = listener.local_addr()?;
         let redirect = https::bind_redirect(&cp, http_addr.port()).await?;
-        // One controller leads alone (HA replicas on PostgreSQL will follow an election).
-        let leadership = tasks::Leadership::always();
+        // On SQLite this controller leads alone; replicas on PostgreSQL follow the election.
+        cp.ha
+            .listening(&cp.config, cp.https.is_some(), http_addr, quic_addr);
+        let leadership = cp.ha.leadership();
         // The writer first: recovering and creating jobs go through it.
         let mut first = tasks::Driver::new(cp.tasks.clone());
         first.service(background::JOB_WRITER, {
@@ -566,9 +568,45 @@ impl Controller {
         self.tracker.close();
         self.tracker.wait().await;
         tracing::debug!(took = ?started.elapsed(), "every task stopped");
+        self.control_plane
+            .ha
+            .release(&self.control_plane.store)
+            .await;
         self.control_plane.store.close().await;
         tracing::debug!(took = ?started.elapsed(), "store closed");
     }
+}
+
+/// The fleet CA of the data dir, made on the first start only: a database that has a fleet
+/// (or records another CA) is refused, so a second CA is never made silently.
+async fn load_fleet_ca(
+    store: &Store,
+    config: &ControllerConfig,
+) -> anyhow::Result<CertificateAuthority> {
+    let recorded = store.fleet_ca_pin().await?;
+    if !config.data_dir.join("pki").join("ca.key").exists()
+        && (recorded.is_some() || store.has_fleet().await?)
+    {
+        anyhow::bail!(
+            "the database holds a fleet but {} has no fleet CA: a new CA would cut every agent off. \
+             Restore the data dir from a backup, or add this controller as a replica \
+             (`nebula replica add` on a running one, `nebula replica join` here)",
+            config.data_dir.display()
+        );
+    }
+    let ca =
+        CertificateAuthority::load_or_create(&config.data_dir.join("pki"), &config.server_names)
+            .context("loading the fleet CA")?;
+    let pin = store
+        .claim_fleet_ca_pin(&ca.pin_hex(), store::millis(std::time::SystemTime::now()))
+        .await?;
+    anyhow::ensure!(
+        pin == ca.pin_hex(),
+        "the fleet CA in {} (pin {}) is not this database's (pin {pin}): this data dir belongs to another fleet",
+        config.data_dir.display(),
+        ca.pin_hex()
+    );
+    Ok(ca)
 }
 
 /// TLS for the HTTP listener as the config asks for it (`None`: plain HTTP).

@@ -14,6 +14,7 @@ mod dashboard_http;
 mod deploy;
 mod discord;
 mod fleet;
+mod ha;
 mod https;
 mod jobs;
 mod monitors;

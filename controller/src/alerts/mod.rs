@@ -300,7 +300,10 @@ pub async fn evaluate(cp: &Arc<ControlPlane>) -> anyhow::Result<serde_json::Valu
     let unchanged =
         outbox.is_empty() && *cp.alerts.stored.lock().unwrap_or_else(|p| p.into_inner()) == json;
     if !unchanged {
-        cp.store.save_alert_step(&json, &outbox, now).await?;
+        let fence = cp.ha.fence()?;
+        cp.store
+            .save_alert_step(fence.as_ref(), &json, &outbox, now)
+            .await?;
         *cp.alerts.stored.lock().unwrap_or_else(|p| p.into_inner()) = json;
     }
     let (firing, pending) = state

@@ -23,6 +23,7 @@ use crate::store::{Store, StoreError};
 use crate::{ControlPlane, ControllerConfig, OpError};
 
 pub mod keys;
+pub mod replica;
 mod schedule;
 
 pub use keys::{KeyFiles, SealedKeys};

@@ -170,6 +170,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/api-tokens", axum::routing::post(create_api_token))
         .route("/agent/releases", get(agent_releases))
         .route("/tasks", get(list_tasks))
+        .route("/replicas", get(tasks::replicas))
         .route("/models/inventory", get(models_inventory))
         .route("/models/desired", get(models_desired))
         .route("/ai/usage", get(ai_usage))

@@ -8,3 +8,11 @@ pub(super) async fn list_tasks(
 ) -> Json<Vec<crate::tasks::TaskStatus>> {
     Json(cp.tasks.list())
 }
+
+/// The replicas of this control plane and the leader lease.
+pub(super) async fn replicas(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(who): Extension<OpCtx>,
+) -> ApiResult<Json<nebula_types::api::tasks::ReplicasView>> {
+    Ok(Json(cp.replicas(&who).await?))
+}

@@ -77,14 +77,16 @@ impl Store {
         Ok(row.map(|r| r.try_get("state")).transpose()?)
     }
 
-    /// Store the evaluator's state and the notifications it produced, together.
+    /// Store the evaluator's state and the notifications it produced, together, if `fence`
+    /// still leads (the evaluator is a leader task).
     pub async fn save_alert_step(
         &self,
+        fence: Option<&crate::lease::Fence>,
         state: &str,
         outbox: &[OutboxRecord],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_fenced(fence).await?;
         sqlx::query(
             "INSERT INTO alert_engine (id, state, updated_at) VALUES (1, $1, $2) \
              ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",

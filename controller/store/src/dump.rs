@@ -68,6 +68,9 @@ pub struct Counts {
     pub rows: u64,
 }
 
+/// Tables of running processes only (which replicas are up), not part of a dump.
+const RUNTIME_TABLES: &[&str] = &["replicas"];
+
 /// Most rows in one multi-row `INSERT` (PostgreSQL allows 65,535 parameters).
 const INSERT_ROWS: usize = 200;
 
@@ -95,7 +98,11 @@ impl Store {
                 let w: Vec<&str> = words.iter().map(String::as_str).collect();
                 match w.as_slice() {
                     ["create", "table", "if", "not", "exists", name, ..]
-                    | ["create", "table", name, ..] => tables.push(name.to_string()),
+                    | ["create", "table", name, ..]
+                        if !RUNTIME_TABLES.contains(name) =>
+                    {
+                        tables.push(name.to_string())
+                    }
                     ["drop", "table", "if", "exists", name, ..] | ["drop", "table", name, ..] => {
                         tables.retain(|t| t != name)
                     }

@@ -22,6 +22,7 @@ pub mod desired;
 pub mod discord;
 pub mod dump;
 pub mod jobs;
+pub mod lease;
 pub mod monitors;
 pub mod secrets;
 mod telemetry;
@@ -42,6 +43,9 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("the database is not empty: restore and migrate need a new one")]
     NotEmpty,
+    /// A leader-only write under a term that is over.
+    #[error("refused: term {term} is over (term {current} leads)")]
+    Fenced { term: i64, current: i64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +181,8 @@ pub struct ApiTokenRecord {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// For connections outside the pool (notification listeners).
+    url: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for Store {
@@ -234,7 +240,11 @@ impl Store {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            url: url.into(),
+        })
     }
 
     pub fn backend(&self) -> Backend {

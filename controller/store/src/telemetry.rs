@@ -119,14 +119,20 @@ impl Store {
             .map_err(StoreError::from)
     }
 
-    /// Delete rollups older than `before_ms`; returns how many went.
-    pub async fn delete_rollups_before(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(
-            sqlx::query("DELETE FROM telemetry_rollups WHERE minute < $1")
-                .bind(before_ms)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
+    /// Delete rollups older than `before_ms` if `fence` still leads (retention is a leader
+    /// task); returns how many went.
+    pub async fn delete_rollups_before(
+        &self,
+        fence: Option<&crate::lease::Fence>,
+        before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin_fenced(fence).await?;
+        let n = sqlx::query("DELETE FROM telemetry_rollups WHERE minute < $1")
+            .bind(before_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
     }
 }

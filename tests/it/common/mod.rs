@@ -180,6 +180,9 @@ impl Drop for Proc {
     }
 }
 
+/// A step run on a controller's test directory before its first start.
+pub type Prepare = Arc<dyn Fn(&Path) + Send + Sync>;
+
 /// Options for a controller under test.
 #[derive(Clone)]
 pub struct ControllerOpts {
@@ -195,6 +198,10 @@ pub struct ControllerOpts {
     pub env: Vec<(&'static str, &'static str)>,
     /// The HTTP listen address (default `127.0.0.1:0`).
     pub http_listen: Option<SocketAddr>,
+    /// The admin API token (default: a new random one).
+    pub admin_token: Option<String>,
+    /// Runs on the test's directory before the first start (the data dir is `<dir>/data`).
+    pub prepare: Option<Prepare>,
 }
 
 impl Default for ControllerOpts {
@@ -208,6 +215,8 @@ impl Default for ControllerOpts {
             quic_listen: None,
             env: Vec::new(),
             http_listen: None,
+            admin_token: None,
+            prepare: None,
         }
     }
 }
@@ -228,8 +237,14 @@ pub struct Controller {
 impl Controller {
     pub async fn start(opts: ControllerOpts) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let admin_token = format!("nbl_test_{}", uuid::Uuid::new_v4().simple());
+        let admin_token = opts
+            .admin_token
+            .clone()
+            .unwrap_or_else(|| format!("nbl_test_{}", uuid::Uuid::new_v4().simple()));
         std::fs::write(dir.path().join("admin.token"), &admin_token).unwrap();
+        if let Some(prepare) = &opts.prepare {
+            prepare(dir.path());
+        }
         let (proc, http, quic) = Self::spawn(
             dir.path(),
             &opts,

@@ -184,6 +184,15 @@ pub const MORE_ROUTES: &[Route] = &[
     )
     .returns(of::<secrets::Rekeyed>),
     route(
+        "get",
+        "/api/v1/replicas",
+        "tasks",
+        Token(Op::ReadFleet),
+        (200, "the controllers of this control plane, which one leads, and the lease's term"),
+        "Replicas and the leader",
+    )
+    .returns(of::<nebula_types::api::tasks::ReplicasView>),
+    route(
         "post",
         "/api/v1/backup",
         "backup",

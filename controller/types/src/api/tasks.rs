@@ -85,3 +85,32 @@ pub struct TaskStatus {
     pub errors: u64,
     pub last: Option<LastRun>,
 }
+
+/// `GET /api/v1/replicas`: the controllers of this control plane and which one leads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplicasView {
+    /// `single` (SQLite: one controller, always the leader) or `replicas` (PostgreSQL).
+    pub mode: String,
+    /// The replica that answered.
+    pub this: String,
+    /// The replica holding the lease, while one does.
+    pub leader: Option<String>,
+    /// The lease's term (raised on every takeover).
+    pub term: Option<i64>,
+    /// When the lease runs out unless renewed (Unix ms, the database's clock).
+    pub lease_expires_at: Option<i64>,
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// One replica, as it registered itself (seen within the last minute).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplicaView {
+    pub id: String,
+    pub hostname: String,
+    pub http_url: String,
+    pub quic_addr: String,
+    pub version: String,
+    pub started_at: i64,
+    pub seen_at: i64,
+    pub leader: bool,
+}

@@ -1,0 +1,360 @@
+//! Replicas and the leader election.
+//!
+//! Controllers on one PostgreSQL are replicas of one control plane. Each registers itself in
+//! the `replicas` table and runs the `leader-election` task: a follower tries to take the lease
+//! every `poll` (and at once when a leader announces its release); the leader renews it every
+//! `renew`. Leadership is a [`watch`] the task driver follows: leader tasks start when it turns
+//! true and are cancelled by their own tokens when it turns false.
+//!
+//! The leader steps down by itself, without waiting for the database, when a renewal has not
+//! succeeded within `lease_ttl - margin` of the moment the last successful one was sent: the
+//! database's lease outlives that moment, so two replicas never both believe they lead for
+//! long, and the fence ([`Ha::fence`], checked by the store in each leader-only write's own
+//! transaction) refuses whatever a deposed leader still tries.
+//!
+//! On SQLite there is one controller; it always leads and nothing is fenced.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::store::lease::{Fence, ReplicaRecord, LEADER_CHANNEL};
+use crate::store::{millis, Backend, Store};
+use crate::tasks::Leadership;
+use crate::OpError;
+
+/// `[ha]` in the controller's config: the lease's timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HaConfig {
+    /// How long a lease lasts without renewal. A leader that dies is replaced within about
+    /// this long (plus `poll`).
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often the leader renews.
+    #[serde(with = "humantime_serde")]
+    pub renew: Duration,
+    /// How often a follower tries to take a free lease.
+    #[serde(with = "humantime_serde")]
+    pub poll: Duration,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(6),
+            renew: Duration::from_secs(2),
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+impl HaConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.renew.is_zero() || self.poll.is_zero() {
+            return Err("[ha] renew and poll must be above zero".into());
+        }
+        if self.lease_ttl < self.renew * 2 + self.margin() {
+            return Err(format!(
+                "[ha] lease_ttl ({}) must be at least twice renew plus {} ms",
+                humantime::format_duration(self.lease_ttl),
+                self.margin().as_millis()
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long before the lease's end the leader stops believing it leads.
+    fn margin(&self) -> Duration {
+        (self.lease_ttl / 6).max(Duration::from_millis(100))
+    }
+}
+
+/// This replica's place in the control plane.
+pub struct Ha {
+    pub replica: String,
+    hostname: String,
+    started_at: i64,
+    /// `None` on SQLite (always the leader).
+    state: Option<Mutex<Option<Fence>>>,
+    leading: watch::Sender<bool>,
+    /// Where this replica is reached, once the listeners are bound.
+    addresses: Mutex<(String, String)>,
+}
+
+impl Ha {
+    pub fn new(backend: Backend) -> Self {
+        let replicated = backend == Backend::Postgres;
+        let (leading, _) = watch::channel(!replicated);
+        Self {
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            hostname: hostname(),
+            started_at: millis(SystemTime::now()),
+            state: replicated.then(|| Mutex::new(None)),
+            leading,
+            addresses: Mutex::new((String::new(), String::new())),
+        }
+    }
+
+    /// Whether this controller is one of several replicas (PostgreSQL).
+    pub fn replicated(&self) -> bool {
+        self.state.is_some()
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        if self.replicated() {
+            Leadership::from_watch(self.leading.subscribe())
+        } else {
+            Leadership::always()
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// The fence a leader-only write carries: `None` on SQLite, this replica's term while it
+    /// leads, and a refusal otherwise.
+    pub fn fence(&self) -> Result<Option<Fence>, OpError> {
+        match &self.state {
+            None => Ok(None),
+            Some(s) => match lock(s).clone() {
+                Some(f) => Ok(Some(f)),
+                None => Err(OpError::Conflict(
+                    "this replica does not lead (a leader-only write was refused)".into(),
+                )),
+            },
+        }
+    }
+
+    /// The current term while this replica leads.
+    pub fn term(&self) -> Option<i64> {
+        self.state
+            .as_ref()
+            .and_then(|s| lock(s).as_ref().map(|f| f.term))
+    }
+
+    /// Where this replica is reached: the configured public URL and address, else the bound
+    /// listeners.
+    pub fn listening(
+        &self,
+        config: &crate::ControllerConfig,
+        https: bool,
+        http: std::net::SocketAddr,
+        quic: std::net::SocketAddr,
+    ) {
+        let scheme = if https { "https" } else { "http" };
+        let http_url = (config.public_url.clone()).unwrap_or_else(|| format!("{scheme}://{http}"));
+        let quic_addr = (config.public_address.clone()).unwrap_or_else(|| quic.to_string());
+        *lock(&self.addresses) = (http_url, quic_addr);
+    }
+
+    fn record(&self) -> ReplicaRecord {
+        let (http_url, quic_addr) = lock(&self.addresses).clone();
+        ReplicaRecord {
+            id: self.replica.clone(),
+            hostname: self.hostname.clone(),
+            http_url,
+            quic_addr,
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: self.started_at,
+            seen_at: millis(SystemTime::now()),
+        }
+    }
+
+    fn lead(&self, term: Option<i64>) {
+        if let Some(s) = &self.state {
+            *lock(s) = term.map(|term| Fence {
+                holder: self.replica.clone(),
+                term,
+            });
+        }
+        self.leading.send_replace(term.is_some());
+    }
+
+    /// The `leader-election` task: runs until cancelled (then steps down; the lease is
+    /// released by [`Ha::release`] once every task has stopped).
+    pub async fn run(self: Arc<Self>, store: Store, cfg: HaConfig, cancel: CancellationToken) {
+        if !self.replicated() {
+            return;
+        }
+        let ttl_ms = i64::try_from(cfg.lease_ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut listener = None;
+        let mut held: Option<(Fence, Instant)> = None;
+        loop {
+            if listener.is_none() {
+                listener = store.listen(&[LEADER_CHANNEL]).await.ok();
+            }
+            if let Err(e) = store.replica_seen(&self.record()).await {
+                warn!("registering this replica: {e:#}");
+            }
+            match held.take() {
+                None => match store.lease_acquire(&self.replica, ttl_ms).await {
+                    Ok(Some(term)) => {
+                        info!(term, replica = %self.replica, "elected leader");
+                        self.lead(Some(term));
+                        held = Some((
+                            Fence {
+                                holder: self.replica.clone(),
+                                term,
+                            },
+                            Instant::now(),
+                        ));
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!("taking the leader lease: {e:#}"),
+                },
+                Some((fence, last_ok)) => {
+                    let deadline = last_ok + cfg.lease_ttl - cfg.margin();
+                    let sent = Instant::now();
+                    let renewed = if sent >= deadline {
+                        Ok(false)
+                    } else {
+                        tokio::time::timeout(deadline - sent, store.lease_renew(&fence, ttl_ms))
+                            .await
+                            .unwrap_or(Ok(false))
+                    };
+                    match renewed {
+                        Ok(true) => held = Some((fence, sent)),
+                        Ok(false) => {
+                            warn!(term = fence.term, "leadership lost: stepping down");
+                            self.lead(None);
+                        }
+                        Err(e) if Instant::now() < deadline => {
+                            warn!("renewing the leader lease: {e:#}");
+                            held = Some((fence, last_ok));
+                        }
+                        Err(e) => {
+                            warn!(
+                                term = fence.term,
+                                "leader lease not renewed in time ({e:#}): stepping down"
+                            );
+                            self.lead(None);
+                        }
+                    }
+                }
+            }
+            let wait = match &held {
+                Some((_, last_ok)) => {
+                    let deadline = *last_ok + cfg.lease_ttl - cfg.margin();
+                    cfg.renew
+                        .min(deadline.saturating_duration_since(Instant::now()))
+                }
+                None => cfg.poll,
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+                heard = recv(&mut listener), if held.is_none() => {
+                    if heard.is_none() {
+                        // Dropped: reconnect on the next round (and poll meanwhile).
+                        listener = None;
+                    }
+                }
+            }
+        }
+        // Leader tasks stop with the process; the lease is released after they have.
+        if held.is_some() {
+            self.leading.send_replace(false);
+        }
+    }
+
+    /// Give the lease up and leave the replica list (a clean shutdown, after every task
+    /// stopped), so that another replica takes over at once.
+    pub async fn release(&self, store: &Store) {
+        let Some(s) = &self.state else { return };
+        let fence = lock(s).take();
+        if let Some(f) = fence {
+            match store.lease_release(&f).await {
+                Ok(true) => info!(term = f.term, "released the leader lease"),
+                Ok(false) => {}
+                Err(e) => warn!("releasing the leader lease: {e:#}"),
+            }
+        }
+        if let Err(e) = store.replica_gone(&self.replica).await {
+            warn!("leaving the replica list: {e:#}");
+        }
+    }
+}
+
+async fn recv(listener: &mut Option<crate::store::lease::Listener>) -> Option<()> {
+    match listener {
+        Some(l) => l.recv().await.ok().flatten().map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+impl crate::ControlPlane {
+    /// The replicas seen in the last minute and the lease (viewers and up).
+    pub async fn replicas(
+        &self,
+        cx: &crate::authz::OpCtx,
+    ) -> Result<nebula_types::api::tasks::ReplicasView, OpError> {
+        use nebula_types::api::tasks::{ReplicaView, ReplicasView};
+        self.authorize(cx, crate::authz::Op::ReadFleet)?;
+        if !self.ha.replicated() {
+            let r = self.ha.record();
+            return Ok(ReplicasView {
+                mode: "single".into(),
+                this: r.id.clone(),
+                leader: Some(r.id.clone()),
+                term: None,
+                lease_expires_at: None,
+                replicas: vec![view(r, true)],
+            });
+        }
+        let lease = self.store.lease().await?;
+        let since = millis(SystemTime::now()) - 60_000;
+        let holder = lease
+            .as_ref()
+            .filter(|l| !l.holder.is_empty())
+            .map(|l| l.holder.clone());
+        let replicas = self
+            .store
+            .replicas(since)
+            .await?
+            .into_iter()
+            .map(|r| {
+                let leads = holder.as_deref() == Some(r.id.as_str());
+                view(r, leads)
+            })
+            .collect();
+        fn view(r: ReplicaRecord, leader: bool) -> ReplicaView {
+            ReplicaView {
+                id: r.id,
+                hostname: r.hostname,
+                http_url: r.http_url,
+                quic_addr: r.quic_addr,
+                version: r.version,
+                started_at: r.started_at,
+                seen_at: r.seen_at,
+                leader,
+            }
+        }
+        Ok(ReplicasView {
+            mode: "replicas".into(),
+            this: self.ha.replica.clone(),
+            leader: holder,
+            term: lease.as_ref().map(|l| l.term),
+            lease_expires_at: lease.map(|l| l.expires_at),
+            replicas,
+        })
+    }
+}
