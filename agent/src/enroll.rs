@@ -68,6 +68,7 @@ pub async fn enroll(
                 node_id: e.node_id,
                 name: e.name.clone(),
                 settings: Some(e.settings.clone()),
+                replicas: Vec::new(),
             };
             state.save(&st, &key, &e.cert_der, &e.ca_der)?;
             info!(node = %e.node_id, name = %e.name, labels = ?e.labels, "enrolled");

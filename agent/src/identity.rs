@@ -36,6 +36,10 @@ pub struct AgentState {
     /// The controller's latest session settings (from enrollment, then every `Welcome`).
     #[serde(default)]
     pub settings: Option<nebula_protocol::SessionSettings>,
+    /// Every controller replica's QUIC address, as the controller last said (1.9); tried in
+    /// turn when the connection is lost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 /// A loaded identity.
@@ -146,6 +150,19 @@ impl StateDir {
         let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
             .map_err(|_| IdentityError::Invalid(path.clone()))?;
         state.settings = Some(settings.clone());
+        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+        self.write("agent.json", &json)
+    }
+
+    /// Save the replicas' addresses the controller sent.
+    pub fn save_replicas(&self, replicas: &[String]) -> Result<(), IdentityError> {
+        let path = self.dir.join("agent.json");
+        let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
+            .map_err(|_| IdentityError::Invalid(path.clone()))?;
+        if state.replicas == replicas {
+            return Ok(());
+        }
+        state.replicas = replicas.to_vec();
         let json = serde_json::to_vec_pretty(&state).expect("state serialises");
         self.write("agent.json", &json)
     }
@@ -280,6 +297,7 @@ mod tests {
             node_id: Uuid::now_v7(),
             name: "n1".into(),
             settings: None,
+            replicas: Vec::new(),
         };
         sd.save(&state, &key, cert.der(), cert.der()).unwrap();
         let id = sd.load().unwrap();

@@ -257,7 +257,6 @@ impl Agent {
             .controller
             .clone()
             .unwrap_or_else(|| identity.state.controller.clone());
-        let addr = resolve(&controller).await?;
         let interval = identity
             .state
             .settings
@@ -344,7 +343,7 @@ impl Agent {
         let result = session::run(
             &self.config,
             &self.state,
-            addr,
+            &controller,
             facts,
             feed,
             &runner,

@@ -95,12 +95,28 @@ pub struct Channels {
     pub monitor_results: tokio::sync::mpsc::Receiver<nebula_protocol::monitors::MonitorResult>,
 }
 
-/// Run sessions until `shutdown` fires or the controller refuses for good.
+/// The addresses to try, in order: the configured controller, then every replica the
+/// controller named (1.9), each once.
+fn addresses(primary: &str, state: &StateDir) -> Vec<String> {
+    let mut all = vec![primary.to_owned()];
+    if let Ok(id) = state.load() {
+        for r in id.state.replicas {
+            if !all.contains(&r) {
+                all.push(r);
+            }
+        }
+    }
+    all
+}
+
+/// Run sessions until `shutdown` fires or the controller refuses for good. When a connection
+/// is lost or refused, the next address is tried at once (with a little jitter); the backoff
+/// applies only after every address failed in a row.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &AgentConfig,
     state: &StateDir,
-    addr: SocketAddr,
+    primary: &str,
     facts: NodeFacts,
     mut feed: TelemetryFeed,
     runner: &Arc<JobRunner>,
@@ -108,12 +124,29 @@ pub async fn run(
     mut channels: Channels,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let endpoint = tls::client_endpoint(addr).map_err(|e| AgentError::Other(e.into()))?;
+    let first = crate::resolve(primary).await?;
+    let endpoint = tls::client_endpoint(first).map_err(|e| AgentError::Other(e.into()))?;
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    let mut next = 0usize;
+    let mut failed_in_a_row = 0usize;
     let result = loop {
         status.send_replace(AgentStatus::Connecting {
             attempt: backoff.attempt(),
         });
+        let all = addresses(primary, state);
+        let target = all[next % all.len()].clone();
+        let addr = match crate::resolve(&target).await {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(%target, "{e:#}");
+                next += 1;
+                failed_in_a_row += 1;
+                if !pause(&mut backoff, failed_in_a_row, all.len(), &shutdown).await {
+                    break Ok(());
+                }
+                continue;
+            }
+        };
         match session(
             config,
             state,
@@ -135,22 +168,42 @@ pub async fn run(
             }) => {
                 if established {
                     backoff.reset();
+                    failed_in_a_row = 0;
                 }
-                warn!(%reason, "connection to the controller lost; reconnecting");
+                warn!(%reason, controller = %target, "connection to the controller lost; reconnecting");
             }
             Err(e) if e.is_permanent() => break Err(e),
-            Err(e) => debug!("connecting failed: {e:#}"),
+            Err(e) => debug!(controller = %target, "connecting failed: {e:#}"),
         }
-        let delay = backoff.next_delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = tokio::time::sleep(delay) => {}
+        next += 1;
+        failed_in_a_row += 1;
+        if !pause(&mut backoff, failed_in_a_row, all.len(), &shutdown).await {
+            break Ok(());
         }
     };
     status.send_replace(AgentStatus::Stopped);
     endpoint.close(close::NORMAL.into(), b"agent stopping");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result
+}
+
+/// Wait before the next try: the backoff once every address failed in a row, else a short
+/// jitter (a replica's agents do not all arrive at the next one at once). False on shutdown.
+async fn pause(
+    backoff: &mut Backoff,
+    failed_in_a_row: usize,
+    addresses: usize,
+    shutdown: &CancellationToken,
+) -> bool {
+    let delay = if failed_in_a_row.is_multiple_of(addresses.max(1)) {
+        backoff.next_delay()
+    } else {
+        Duration::from_millis(rand::thread_rng().gen_range(0..=250))
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
 }
 
 /// Keep-alive and idle timeout for the next connection: the controller's latest settings when
@@ -190,7 +243,8 @@ async fn session(
         .map_err(|e| AgentError::Other(e.into()))?;
     let conn = tokio::select! {
         _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        c = tokio::time::timeout(Duration::from_secs(10), connecting) => c
+        // Short: with several replicas, a dead one must not hold the next try up for long.
+        c = tokio::time::timeout(Duration::from_secs(5), connecting) => c
             .map_err(|_| AgentError::Timeout("connecting"))?
             .map_err(|e| AgentError::Connect(identity.state.controller.clone(), e))?,
     };
@@ -497,6 +551,13 @@ impl Session<'_> {
             Ok(ControllerMessage::Monitors(list)) => {
                 debug!(count = list.len(), "monitors assigned");
                 channels.monitors.send_replace(list);
+            }
+            Ok(ControllerMessage::Replicas(list)) => {
+                debug!(?list, "the controller's replicas");
+                let list: Vec<String> = list.into_iter().take(64).collect();
+                if let Err(e) = self.state.save_replicas(&list) {
+                    warn!("saving the replicas' addresses: {e}");
+                }
             }
             Ok(ControllerMessage::AgentReleases(list)) => {
                 debug!(count = list.len(), "the controller's agent builds");

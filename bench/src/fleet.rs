@@ -182,6 +182,7 @@ pub(crate) async fn enroll_one(
                 node_id: e.node_id,
                 name: e.name,
                 settings: Some(e.settings),
+                replicas: Vec::new(),
             },
             key_der: key.serialize_der(),
             cert_der: e.cert_der,

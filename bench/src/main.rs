@@ -31,6 +31,7 @@ struct Cli {
 mod containers;
 mod dashboard;
 mod deploy;
+mod failover;
 mod fleet;
 mod footprint;
 mod gateway;
@@ -40,6 +41,18 @@ mod monitors;
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Three replicas on one PostgreSQL: time to a new leader after killing the leader.
+    Failover {
+        /// An empty PostgreSQL database for the replicas.
+        #[arg(long)]
+        database_url: String,
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        #[arg(long, default_value_t = 5)]
+        stops: usize,
+        #[arg(long, default_value = "bench/results/failover.json")]
+        out: PathBuf,
+    },
     /// The agent's RSS and CPU next to prometheus-node-exporter, with containers running.
     Footprint {
         #[arg(long, default_value_t = 20)]
@@ -278,6 +291,12 @@ fn main() -> anyhow::Result<()> {
             runs,
             out,
         })),
+        Cmd::Failover {
+            database_url,
+            kills,
+            stops,
+            out,
+        } => rt.block_on(failover::failover_bench(&database_url, kills, stops, &out)),
         Cmd::Monitors {
             agents,
             monitors,

@@ -30,7 +30,7 @@ pub const RECONCILER: TaskDef = TaskDef {
 pub const MAP_WATCH: TaskDef = TaskDef {
     name: "service-map-watch",
     description: "applies service-map.yml when the file changes (last good map kept)",
-    scope: Scope::EveryReplica,
+    scope: Scope::Leader,
 };
 pub const WAKE_WATCH: TaskDef = TaskDef {
     name: "wake-watch",
@@ -196,8 +196,12 @@ pub fn register(
     );
     let c = cp.clone();
     d.service(LEADER_ELECTION, move |cx| {
+        let cp = c.clone();
         c.ha.clone()
-            .run(c.store.clone(), c.config.ha.clone(), cx.cancel)
+            .run(c.store.clone(), c.config.ha.clone(), cx.cancel, move || {
+                let cp = cp.clone();
+                async move { cp.take_over().await }
+            })
     });
     let c = cp.clone();
     d.periodic(BACKUP, cp.config.backup.interval, false, move |trigger| {

@@ -84,6 +84,12 @@ pub struct Ha {
     leading: watch::Sender<bool>,
     /// Where this replica is reached, once the listeners are bound.
     addresses: Mutex<(String, String)>,
+    /// Every live replica's QUIC address (sessions send it to agents), and the leader's.
+    quic_addrs: watch::Sender<Arc<Vec<String>>>,
+    /// The leader's QUIC address and HTTP URL, when known.
+    leader_at: Mutex<Option<(String, String)>>,
+    /// The client requests are passed on to the leader with.
+    client: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl Ha {
@@ -97,6 +103,9 @@ impl Ha {
             state: replicated.then(|| Mutex::new(None)),
             leading,
             addresses: Mutex::new((String::new(), String::new())),
+            quic_addrs: watch::channel(Arc::new(Vec::new())).0,
+            leader_at: Mutex::new(None),
+            client: std::sync::OnceLock::new(),
         }
     }
 
@@ -115,6 +124,55 @@ impl Ha {
 
     pub fn is_leader(&self) -> bool {
         *self.leading.borrow()
+    }
+
+    /// Follows whether this replica leads (sessions end when it stops leading).
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.subscribe()
+    }
+
+    /// Every live replica's QUIC address, for agents (1.9); empty on SQLite.
+    pub fn quic_addrs(&self) -> watch::Receiver<Arc<Vec<String>>> {
+        self.quic_addrs.subscribe()
+    }
+
+    /// The leader's QUIC address, when known (named to agents this replica turns away).
+    pub fn leader_quic(&self) -> Option<String> {
+        lock(&self.leader_at).as_ref().map(|(q, _)| q.clone())
+    }
+
+    /// The leader's HTTP URL, when known (followers pass requests on to it).
+    pub fn leader_http(&self) -> Option<String> {
+        lock(&self.leader_at)
+            .as_ref()
+            .map(|(_, h)| h.clone())
+            .filter(|h| !h.is_empty())
+    }
+
+    /// Read the lease and the live replicas: who leads, and every replica's address.
+    async fn refresh(&self, store: &Store, cfg: &HaConfig) {
+        let since = millis(SystemTime::now())
+            - i64::try_from((cfg.lease_ttl * 3).as_millis()).unwrap_or(60_000);
+        let (lease, replicas) = match (store.lease().await, store.replicas(since).await) {
+            (Ok(l), Ok(r)) => (l, r),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("reading the replica list: {e:#}");
+                return;
+            }
+        };
+        let holder = lease.map(|l| l.holder).unwrap_or_default();
+        *lock(&self.leader_at) = replicas
+            .iter()
+            .find(|r| r.id == holder)
+            .map(|r| (r.quic_addr.clone(), r.http_url.clone()));
+        let addrs: Vec<String> = replicas.into_iter().map(|r| r.quic_addr).collect();
+        self.quic_addrs.send_if_modified(|cur| {
+            let changed = **cur != addrs;
+            if changed {
+                *cur = Arc::new(addrs);
+            }
+            changed
+        });
     }
 
     /// The fence a leader-only write carries: `None` on SQLite, this replica's term while it
@@ -178,7 +236,16 @@ impl Ha {
 
     /// The `leader-election` task: runs until cancelled (then steps down; the lease is
     /// released by [`Ha::release`] once every task has stopped).
-    pub async fn run(self: Arc<Self>, store: Store, cfg: HaConfig, cancel: CancellationToken) {
+    pub async fn run<F, Fut>(
+        self: Arc<Self>,
+        store: Store,
+        cfg: HaConfig,
+        cancel: CancellationToken,
+        take_over: F,
+    ) where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
         if !self.replicated() {
             return;
         }
@@ -192,18 +259,26 @@ impl Ha {
             if let Err(e) = store.replica_seen(&self.record()).await {
                 warn!("registering this replica: {e:#}");
             }
+            self.refresh(&store, &cfg).await;
             match held.take() {
                 None => match store.lease_acquire(&self.replica, ttl_ms).await {
                     Ok(Some(term)) => {
-                        info!(term, replica = %self.replica, "elected leader");
-                        self.lead(Some(term));
-                        held = Some((
-                            Fence {
-                                holder: self.replica.clone(),
-                                term,
-                            },
-                            Instant::now(),
-                        ));
+                        let got = Instant::now();
+                        let fence = Fence {
+                            holder: self.replica.clone(),
+                            term,
+                        };
+                        match take_over().await {
+                            Ok(()) => {
+                                info!(term, replica = %self.replica, "elected leader");
+                                self.lead(Some(term));
+                                held = Some((fence, got));
+                            }
+                            Err(e) => {
+                                warn!("taking over failed, giving the lease back: {e:#}");
+                                let _ = store.lease_release(&fence).await;
+                            }
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => warn!("taking the leader lease: {e:#}"),
@@ -302,6 +377,36 @@ fn hostname() -> String {
 }
 
 impl crate::ControlPlane {
+    /// Before a replica leads: read the unfinished jobs and the desired state again (the old
+    /// leader changed them since this replica loaded them).
+    pub(crate) async fn take_over(self: &Arc<Self>) -> anyhow::Result<()> {
+        self.jobs.forget_all();
+        let n = self.recover_jobs().await?;
+        self.load_desired().await?;
+        info!(
+            jobs = n,
+            "took over the unfinished jobs and the desired state"
+        );
+        Ok(())
+    }
+
+    /// The HTTP client requests are passed on to the leader with: the public roots and the
+    /// fleet CA (a leader serving HTTPS from the fleet CA), no overall timeout (event streams).
+    pub fn replica_client(&self) -> reqwest::Client {
+        self.ha
+            .client
+            .get_or_init(|| {
+                let mut b = reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .redirect(reqwest::redirect::Policy::none());
+                if let Ok(ca) = reqwest::Certificate::from_der(self.ca.ca_der()) {
+                    b = b.add_root_certificate(ca);
+                }
+                b.build().unwrap_or_default()
+            })
+            .clone()
+    }
+
     /// The replicas seen in the last minute and the lease (viewers and up).
     pub async fn replicas(
         &self,

@@ -530,7 +530,9 @@ impl Controller {
         if let Some(extra) = extra_routes {
             router = router.merge(extra(cp.clone()));
         }
-        let router = https::with_hsts(router, cp.https.is_some());
+        let router = https::with_hsts(router, cp.https.is_some()).layer(
+            axum::middleware::from_fn_with_state(cp.clone(), http::replica_proxy::to_leader),
+        );
         let mut driver = tasks::Driver::new(cp.tasks.clone());
         background::register(
             &mut driver,

@@ -70,7 +70,7 @@ pub const CONTROLLER_SERVER_NAME: &str = "controller.nebula.internal";
 pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 8 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 9 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,6 +109,9 @@ pub mod close {
     /// The controller is busy (too many connections, or too many from this address); the
     /// reason says which. Try again later.
     pub const BUSY: u32 = 6;
+    /// This replica does not lead and does not hold sessions (1.9): try another replica at
+    /// once (the reason names the leader's address when known).
+    pub const NOT_LEADER: u32 = 7;
 }
 
 /// Key/value labels on nodes and join tokens.
@@ -300,6 +303,10 @@ pub enum ControllerMessage {
     /// Every monitor this node runs (1.7): sent after `Welcome` and whenever the set changes;
     /// it replaces the previous set.
     Monitors(Vec<monitors::MonitorSpec>),
+    /// The QUIC addresses (`HOST:PORT`) of every controller replica (1.9): sent after
+    /// `Welcome` and whenever the list changes. The agent keeps it and, when its connection is
+    /// lost, tries the others in turn.
+    Replicas(Vec<String>),
 }
 
 /// A type that travels as one frame.
@@ -330,7 +337,7 @@ message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
 message!(AgentMessage, "AgentMessage", 10);
-message!(ControllerMessage, "ControllerMessage", 7);
+message!(ControllerMessage, "ControllerMessage", 8);
 
 /// Errors reading or decoding a frame.
 #[derive(Debug, thiserror::Error)]

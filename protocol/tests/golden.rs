@@ -308,6 +308,13 @@ fn agent_messages() {
         }]),
     );
     check(
+        "controller_replicas",
+        &ControllerMessage::Replicas(vec![
+            "nebula-a.example.net:4433".into(),
+            "203.0.113.7:4433".into(),
+        ]),
+    );
+    check(
         "controller_monitors",
         &ControllerMessage::Monitors(vec![
             monitors::MonitorSpec {

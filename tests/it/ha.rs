@@ -237,3 +237,119 @@ async fn a_paused_leader_steps_down_when_it_wakes() {
         "the new leader keeps leading"
     );
 }
+
+/// The agent dials the leader and learns every replica's address; jobs are created through a
+/// follower's address (passed on to the leader) while the leader is killed: the agent moves
+/// to the new leader by itself, no job is lost or run twice, and the follower's API keeps
+/// answering once the new leader is elected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_and_jobs_follow_the_leader_through_a_kill() {
+    let Some(db) = PgDb::create() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let mut all = three(&db, work.path()).await;
+    let alive = vec![true; 3];
+    let (lead, _) = leader(&all, &alive, Duration::from_secs(20)).await;
+    let marks = work.path().join("marks");
+    let config = format!(
+        "[exec.commands.mark]\nargv = [\"sh\", \"-c\", \"echo run >> {}; sleep 0.2\"]\n",
+        marks.display()
+    );
+    let token = all[lead].token(1, "10m", serde_json::json!({})).await;
+    let agent_dir = work.path().join("agent");
+    let agent =
+        crate::common::Agent::join_with_config(&all[lead], &token, &agent_dir, "box", &[], &config);
+    all[lead]
+        .wait_status(
+            "box",
+            crate::common::NodeStatus::Online,
+            Duration::from_secs(20),
+        )
+        .await;
+    // The agent heard about every replica.
+    wait_for(
+        "the agent to save the replicas",
+        Duration::from_secs(10),
+        || async {
+            let state = std::fs::read_to_string(agent_dir.join("agent.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&state).ok()?;
+            (v["replicas"].as_array()?.len() == 3).then_some(())
+        },
+    )
+    .await;
+
+    // Jobs go in through a follower, before, during and after the kill.
+    let entry = (lead + 1) % 3;
+    let (url, admin) = (
+        all[entry].url("/api/v1/jobs"),
+        all[entry].admin_token.clone(),
+    );
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    let mut refused = 0;
+    let started = Instant::now();
+    let mut killed_at = None;
+    while started.elapsed() < Duration::from_secs(16) {
+        if killed_at.is_none() && started.elapsed() > Duration::from_secs(2) {
+            all[lead].proc.kill();
+            killed_at = Some(Instant::now());
+        }
+        let r = http
+            .post(&url)
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"node": "box", "work": {"kind": "exec", "op": "mark"}}))
+            .send()
+            .await
+            .expect("the follower answers");
+        match r.status().as_u16() {
+            200..=202 => {
+                let v: serde_json::Value = r.json().await.unwrap();
+                ids.push(v["id"].as_str().unwrap().to_owned());
+            }
+            503 => refused += 1,
+            s => panic!("{s}: {}", r.text().await.unwrap_or_default()),
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(refused > 0, "the follower said 503 while no replica led");
+    let mut alive = alive;
+    alive[lead] = false;
+    let (now_leads, _) = leader(&all, &alive, Duration::from_secs(10)).await;
+    all[now_leads]
+        .wait_status(
+            "box",
+            crate::common::NodeStatus::Online,
+            Duration::from_secs(20),
+        )
+        .await;
+    let back = killed_at.unwrap().elapsed();
+    // Every accepted job ends, succeeded, and ran once.
+    for id in &ids {
+        let path = format!("/api/v1/jobs/{id}");
+        let j = wait_for(
+            &format!("job {id} to end"),
+            Duration::from_secs(90),
+            || async {
+                let (status, v) = all[entry].api(reqwest::Method::GET, &path, None).await;
+                let state = v["state"].as_str()?.to_owned();
+                (status == 200
+                    && ["succeeded", "failed", "lost", "cancelled", "expired"]
+                        .contains(&state.as_str()))
+                .then_some(v)
+            },
+        )
+        .await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+    let runs = std::fs::read_to_string(&marks)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert_eq!(runs, ids.len(), "every job ran exactly once");
+    eprintln!(
+        "{} jobs through the kill, {} refusals while electing, the agent online on the new leader {:?} after the kill (or sooner)",
+        ids.len(),
+        refused,
+        back
+    );
+    drop(agent);
+}

@@ -17,6 +17,7 @@ mod models;
 mod monitors;
 mod nodes;
 pub mod openapi;
+pub mod replica_proxy;
 mod secrets;
 pub mod server;
 mod tasks;

@@ -152,6 +152,12 @@ impl Default for JobTable {
 }
 
 impl JobTable {
+    /// Forget every unfinished job (a replica taking over reads them again from the store:
+    /// what it loaded at its start may have been finished by the leader since).
+    pub(crate) fn forget_all(&self) {
+        *self.lock() = TableInner::default();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -37,6 +37,15 @@ pub(super) async fn session_connection(
     conn: quinn::Connection,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Replicas on PostgreSQL: sessions go to the leader, which dispatches the jobs.
+    if !cp.ha.is_leader() {
+        let reason = match cp.ha.leader_quic() {
+            Some(at) => format!("this replica does not lead; the leader is at {at}"),
+            None => "this replica does not lead; try another".to_owned(),
+        };
+        conn.close(close::NOT_LEADER.into(), reason.as_bytes());
+        return Ok(());
+    }
     let Some((session, recv, hello, version)) = Session::open(cp, conn).await? else {
         return Ok(());
     };
@@ -58,7 +67,15 @@ pub(super) async fn session_connection(
             rx.mark_changed();
             rx
         });
-        session.serve(recv, releases, monitors, shutdown).await
+        // Agents from 1.9 on hear every replica's address (to reconnect to another).
+        let replicas = (version.minor >= 9 && cp.ha.replicated()).then(|| {
+            let mut rx = cp.ha.quic_addrs();
+            rx.mark_changed();
+            rx
+        });
+        session
+            .serve(recv, releases, monitors, replicas, shutdown)
+            .await
     }
     .instrument(span.clone())
     .await;
@@ -211,13 +228,38 @@ impl<'a> Session<'a> {
         mut recv: quinn::RecvStream,
         mut releases: Option<Releases>,
         mut monitors: Option<Monitors>,
+        mut replicas: Option<watch::Receiver<Arc<Vec<String>>>>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         // Cancel-safe: the select below may drop a read in the middle of a frame.
         let mut frames = proto::FrameReader::new(self.cp.config.max_frame_bytes);
         let conn = self.conn.clone();
+        let mut leading = self.cp.ha.leading();
         loop {
             let flow = tokio::select! {
+                changed = async { replicas.as_mut()?.changed().await.ok() }, if replicas.is_some() => {
+                    match (changed, replicas.as_mut()) {
+                        (Some(()), Some(rx)) => {
+                            let list = rx.borrow_and_update().clone();
+                            let msg = ControllerMessage::Replicas(list.as_ref().clone());
+                            proto::write_message(&mut self.send, &msg).await?;
+                            Flow::Continue
+                        }
+                        _ => {
+                            replicas = None;
+                            Flow::Continue
+                        }
+                    }
+                }
+                Ok(()) = leading.changed(), if self.cp.ha.replicated() => {
+                    if *leading.borrow_and_update() {
+                        Flow::Continue
+                    } else {
+                        info!("this replica stopped leading: the agent goes to the new leader");
+                        self.conn.close(close::NOT_LEADER.into(), b"this replica stopped leading");
+                        Flow::End
+                    }
+                }
                 changed = async { releases.as_mut()?.changed().await.ok() }, if releases.is_some() => {
                     match (changed, releases.as_mut()) {
                         (Some(()), Some(rx)) => {
