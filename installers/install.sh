@@ -21,6 +21,8 @@ set -eu
 # @nebula-defaults-begin (the controller fills this block in when it serves the script)
 DEFAULT_URL=''
 DEFAULT_CONTROLLER=''
+# Every controller replica's QUIC address (space-separated), tried in turn by the agent.
+DEFAULT_REPLICAS=''
 CA_PIN=''
 # The fleet CA (PEM) when the controller's HTTPS certificate comes from it: downloads trust it.
 CA_PEM=''
@@ -227,6 +229,11 @@ if [ ! -f "$CONF" ]; then
     {
         echo "# Written by install.sh; edit freely (re-running the installer keeps this file)."
         echo "controller = \"$CONTROLLER\""
+        if [ -n "$DEFAULT_REPLICAS" ]; then
+            list=''
+            for r in $DEFAULT_REPLICAS; do list="$list${list:+, }\"$r\""; done
+            echo "replicas = [$list]"
+        fi
         echo "state_dir = \"$STATE_DIR\""
         echo
         echo "[update]"

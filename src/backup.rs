@@ -189,7 +189,7 @@ async fn create(cli: &Cli, file: &Path, passphrase: &str) -> anyhow::Result<()> 
         return Err(error_of(resp).await);
     }
     let partial = file.with_extension("partial");
-    let mut out = tokio::fs::File::create(&partial)
+    let mut out = nebula_controller::backup::create_private(&partial)
         .await
         .with_context(|| format!("creating {}", partial.display()))?;
     let bar = spinner("{spinner} backing up: {msg} ({elapsed})");

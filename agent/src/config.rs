@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub struct AgentConfig {
     /// `HOST:PORT` of the controller's QUIC endpoint.
     pub controller: Option<String>,
+    /// More controller replicas (`HOST:PORT`), tried in turn when the connection is lost
+    /// (`install.sh` writes every replica it knows; sessions keep the list current).
+    pub replicas: Vec<String>,
     /// Key, certificate, CA and session state. Holds secrets: 0700.
     pub state_dir: PathBuf,
     /// Name to ask for at enrollment (default: the hostname).
@@ -242,6 +245,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             controller: None,
+            replicas: Vec::new(),
             state_dir: PathBuf::from("/var/lib/nebula-agent"),
             name: None,
             labels: Labels::new(),

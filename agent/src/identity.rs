@@ -154,6 +154,17 @@ impl StateDir {
         self.write("agent.json", &json)
     }
 
+    /// Put the leader a replica named (turning this agent away) first among the replicas, so
+    /// that it is tried next.
+    pub fn remember_leader(&self, addr: &str) -> Result<(), IdentityError> {
+        let path = self.dir.join("agent.json");
+        let state: AgentState = serde_json::from_slice(&self.read(&path)?)
+            .map_err(|_| IdentityError::Invalid(path.clone()))?;
+        let mut list = vec![addr.to_owned()];
+        list.extend(state.replicas.into_iter().filter(|r| r != addr).take(63));
+        self.save_replicas(&list)
+    }
+
     /// Save the replicas' addresses the controller sent.
     pub fn save_replicas(&self, replicas: &[String]) -> Result<(), IdentityError> {
         let path = self.dir.join("agent.json");

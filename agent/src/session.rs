@@ -95,15 +95,15 @@ pub struct Channels {
     pub monitor_results: tokio::sync::mpsc::Receiver<nebula_protocol::monitors::MonitorResult>,
 }
 
-/// The addresses to try, in order: the configured controller, then every replica the
-/// controller named (1.9), each once.
-fn addresses(primary: &str, state: &StateDir) -> Vec<String> {
+/// The addresses to try, in order: the configured controller, every replica the controller
+/// named (1.9; the leader first when a replica named it), then the configured replicas, each
+/// once.
+fn addresses(primary: &str, configured: &[String], state: &StateDir) -> Vec<String> {
     let mut all = vec![primary.to_owned()];
-    if let Ok(id) = state.load() {
-        for r in id.state.replicas {
-            if !all.contains(&r) {
-                all.push(r);
-            }
+    let saved = state.load().map(|id| id.state.replicas).unwrap_or_default();
+    for r in saved.iter().chain(configured) {
+        if !all.contains(r) {
+            all.push(r.clone());
         }
     }
     all
@@ -124,7 +124,15 @@ pub async fn run(
     mut channels: Channels,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let first = crate::resolve(primary).await?;
+    // The socket's address family from the first address that resolves (any replica will
+    // do; none resolving now is not fatal: they are tried again in turn).
+    let mut first: SocketAddr = ([0, 0, 0, 0], 0).into();
+    for a in addresses(primary, &config.replicas, state) {
+        if let Ok(addr) = crate::resolve(&a).await {
+            first = addr;
+            break;
+        }
+    }
     let endpoint = tls::client_endpoint(first).map_err(|e| AgentError::Other(e.into()))?;
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut next = 0usize;
@@ -133,7 +141,7 @@ pub async fn run(
         status.send_replace(AgentStatus::Connecting {
             attempt: backoff.attempt(),
         });
-        let all = addresses(primary, state);
+        let all = addresses(primary, &config.replicas, state);
         let target = all[next % all.len()].clone();
         let addr = match crate::resolve(&target).await {
             Ok(a) => a,
@@ -248,7 +256,19 @@ async fn session(
             .map_err(|_| AgentError::Timeout("connecting"))?
             .map_err(|e| AgentError::Connect(identity.state.controller.clone(), e))?,
     };
-    let (send, recv, welcome) = handshake(&conn, facts, feed).await?;
+    let (send, recv, welcome) = match handshake(&conn, facts, feed).await {
+        Ok(h) => h,
+        Err(e) => {
+            // A replica that does not lead names the leader: try it next.
+            if let Some(at) = leader_hint(&conn) {
+                debug!(leader = %at, "turned away by a replica that does not lead");
+                if let Err(e) = state.remember_leader(&at) {
+                    warn!("saving the leader's address: {e}");
+                }
+            }
+            return Err(e);
+        }
+    };
     if welcome.node_id != identity.state.node_id {
         warn!(ours = %identity.state.node_id, theirs = %welcome.node_id, "controller names another node id than our certificate");
     }
@@ -323,6 +343,21 @@ async fn handshake(
             let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
             Err(permanent_close(conn).unwrap_or(AgentError::Frame(e)))
         }
+    }
+}
+
+/// The leader's address from a `NOT_LEADER` close ("... the leader is at HOST:PORT").
+fn leader_hint(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == close::NOT_LEADER.into() =>
+        {
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            let at = reason.rsplit_once(" at ")?.1.trim();
+            (!at.is_empty() && at.len() <= 255 && !at.contains(char::is_whitespace))
+                .then(|| at.to_owned())
+        }
+        _ => None,
     }
 }
 

@@ -90,6 +90,9 @@ pub struct Ha {
     leader_at: Mutex<Option<(String, String)>>,
     /// The client requests are passed on to the leader with.
     client: std::sync::OnceLock<reqwest::Client>,
+    /// Until when this replica may act as the leader, by its own clock (the last good
+    /// renewal's send time plus the lease less the margin); `None` while it follows.
+    valid_until: Mutex<Option<Instant>>,
 }
 
 impl Ha {
@@ -106,6 +109,7 @@ impl Ha {
             quic_addrs: watch::channel(Arc::new(Vec::new())).0,
             leader_at: Mutex::new(None),
             client: std::sync::OnceLock::new(),
+            valid_until: Mutex::new(None),
         }
     }
 
@@ -151,9 +155,8 @@ impl Ha {
 
     /// Read the lease and the live replicas: who leads, and every replica's address.
     async fn refresh(&self, store: &Store, cfg: &HaConfig) {
-        let since = millis(SystemTime::now())
-            - i64::try_from((cfg.lease_ttl * 3).as_millis()).unwrap_or(60_000);
-        let (lease, replicas) = match (store.lease().await, store.replicas(since).await) {
+        let window = i64::try_from((cfg.lease_ttl * 3).as_millis()).unwrap_or(60_000);
+        let (lease, replicas) = match (store.lease().await, store.replicas(window).await) {
             (Ok(l), Ok(r)) => (l, r),
             (Err(e), _) | (_, Err(e)) => {
                 warn!("reading the replica list: {e:#}");
@@ -181,12 +184,28 @@ impl Ha {
         match &self.state {
             None => Ok(None),
             Some(s) => match lock(s).clone() {
-                Some(f) => Ok(Some(f)),
-                None => Err(OpError::Conflict(
+                Some(f) if self.lease_valid() => Ok(Some(f)),
+                _ => Err(OpError::Conflict(
                     "this replica does not lead (a leader-only write was refused)".into(),
                 )),
             },
         }
+    }
+
+    /// Whether this replica may act as the leader now, by its own clock: always on SQLite;
+    /// on PostgreSQL only before its lease (as last renewed) could have run out. Checked right
+    /// before a side effect that a deposed leader must not cause (a job sent to an agent): a
+    /// process that was paused past its lease finds it false the moment it wakes, before its
+    /// election loop has run.
+    pub fn lease_valid(&self) -> bool {
+        if !self.replicated() {
+            return true;
+        }
+        lock(&self.valid_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    fn valid_until(&self, until: Option<Instant>) {
+        *lock(&self.valid_until) = until;
     }
 
     /// The current term while this replica leads.
@@ -204,11 +223,23 @@ impl Ha {
         https: bool,
         http: std::net::SocketAddr,
         quic: std::net::SocketAddr,
-    ) {
+    ) -> anyhow::Result<()> {
+        // Other replicas and agents reach this one by these: a wildcard address will not do.
+        if self.replicated() {
+            anyhow::ensure!(
+                config.public_url.is_some() || !http.ip().is_unspecified(),
+                "replicas on PostgreSQL need --public-url (how the other replicas reach this one's HTTP listener, {http})"
+            );
+            anyhow::ensure!(
+                config.public_address.is_some() || !quic.ip().is_unspecified(),
+                "replicas on PostgreSQL need --public-address (how agents reach this one's QUIC listener, {quic})"
+            );
+        }
         let scheme = if https { "https" } else { "http" };
         let http_url = (config.public_url.clone()).unwrap_or_else(|| format!("{scheme}://{http}"));
         let quic_addr = (config.public_address.clone()).unwrap_or_else(|| quic.to_string());
         *lock(&self.addresses) = (http_url, quic_addr);
+        Ok(())
     }
 
     fn record(&self) -> ReplicaRecord {
@@ -225,6 +256,9 @@ impl Ha {
     }
 
     fn lead(&self, term: Option<i64>) {
+        if term.is_none() {
+            self.valid_until(None);
+        }
         if let Some(s) = &self.state {
             *lock(s) = term.map(|term| Fence {
                 holder: self.replica.clone(),
@@ -250,81 +284,78 @@ impl Ha {
             return;
         }
         let ttl_ms = i64::try_from(cfg.lease_ttl.as_millis()).unwrap_or(i64::MAX);
+        let deadline_of = |last_ok: Instant| last_ok + cfg.lease_ttl - cfg.margin();
         let mut listener = None;
         let mut held: Option<(Fence, Instant)> = None;
+        // After a failed take-over: no new try (and no reaction to releases) before this.
+        let mut quiet_until = Instant::now();
         loop {
-            if listener.is_none() {
-                listener = store.listen(&[LEADER_CHANNEL]).await.ok();
-            }
-            if let Err(e) = store.replica_seen(&self.record()).await {
-                warn!("registering this replica: {e:#}");
-            }
-            self.refresh(&store, &cfg).await;
-            match held.take() {
-                None => match store.lease_acquire(&self.replica, ttl_ms).await {
-                    Ok(Some(term)) => {
-                        let got = Instant::now();
-                        let fence = Fence {
-                            holder: self.replica.clone(),
-                            term,
-                        };
-                        match take_over().await {
-                            Ok(()) => {
-                                info!(term, replica = %self.replica, "elected leader");
-                                self.lead(Some(term));
-                                held = Some((fence, got));
-                            }
-                            Err(e) => {
-                                warn!("taking over failed, giving the lease back: {e:#}");
-                                let _ = store.lease_release(&fence).await;
-                            }
-                        }
+            // The leader renews first, and no call waits past its deadline: when the database
+            // does not answer in time, it steps down on its own clock.
+            if let Some((fence, last_ok)) = held.take() {
+                let deadline = deadline_of(last_ok);
+                let sent = Instant::now();
+                let renewed = match deadline.checked_duration_since(sent) {
+                    None => Ok(false),
+                    Some(left) => tokio::time::timeout(left, store.lease_renew(&fence, ttl_ms))
+                        .await
+                        .unwrap_or(Ok(false)),
+                };
+                match renewed {
+                    Ok(true) => {
+                        self.valid_until(Some(deadline_of(sent)));
+                        held = Some((fence, sent));
                     }
+                    Ok(false) => {
+                        warn!(term = fence.term, "leadership lost: stepping down");
+                        self.lead(None);
+                    }
+                    Err(e) if Instant::now() < deadline => {
+                        warn!("renewing the leader lease: {e:#}");
+                        held = Some((fence, last_ok));
+                    }
+                    Err(e) => {
+                        warn!(
+                            term = fence.term,
+                            "leader lease not renewed in time ({e:#}): stepping down"
+                        );
+                        self.lead(None);
+                    }
+                }
+            }
+            // Bookkeeping (the replica list, the listener), bounded the same way.
+            let budget = match &held {
+                Some((_, ok)) => deadline_of(*ok).saturating_duration_since(Instant::now()),
+                None => cfg.lease_ttl,
+            };
+            let _ = tokio::time::timeout(budget, async {
+                if listener.is_none() {
+                    listener = store.listen(&[LEADER_CHANNEL]).await.ok();
+                }
+                if let Err(e) = store.replica_seen(&self.record()).await {
+                    warn!("registering this replica: {e:#}");
+                }
+                self.refresh(&store, &cfg).await;
+            })
+            .await;
+            if held.is_none() && Instant::now() >= quiet_until {
+                match self.try_to_lead(&store, &cfg, ttl_ms, &take_over).await {
+                    Ok(Some(h)) => held = Some(h),
                     Ok(None) => {}
-                    Err(e) => warn!("taking the leader lease: {e:#}"),
-                },
-                Some((fence, last_ok)) => {
-                    let deadline = last_ok + cfg.lease_ttl - cfg.margin();
-                    let sent = Instant::now();
-                    let renewed = if sent >= deadline {
-                        Ok(false)
-                    } else {
-                        tokio::time::timeout(deadline - sent, store.lease_renew(&fence, ttl_ms))
-                            .await
-                            .unwrap_or(Ok(false))
-                    };
-                    match renewed {
-                        Ok(true) => held = Some((fence, sent)),
-                        Ok(false) => {
-                            warn!(term = fence.term, "leadership lost: stepping down");
-                            self.lead(None);
-                        }
-                        Err(e) if Instant::now() < deadline => {
-                            warn!("renewing the leader lease: {e:#}");
-                            held = Some((fence, last_ok));
-                        }
-                        Err(e) => {
-                            warn!(
-                                term = fence.term,
-                                "leader lease not renewed in time ({e:#}): stepping down"
-                            );
-                            self.lead(None);
-                        }
-                    }
+                    Err(()) => quiet_until = Instant::now() + cfg.lease_ttl,
                 }
             }
             let wait = match &held {
-                Some((_, last_ok)) => {
-                    let deadline = *last_ok + cfg.lease_ttl - cfg.margin();
-                    cfg.renew
-                        .min(deadline.saturating_duration_since(Instant::now()))
-                }
+                Some((_, last_ok)) => cfg
+                    .renew
+                    .min(deadline_of(*last_ok).saturating_duration_since(Instant::now())),
                 None => cfg.poll,
             };
+            let hear = held.is_none() && Instant::now() >= quiet_until;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
-                heard = recv(&mut listener), if held.is_none() => {
+                heard = recv(&mut listener), if hear => {
                     if heard.is_none() {
                         // Dropped: reconnect on the next round (and poll meanwhile).
                         listener = None;
@@ -336,6 +367,64 @@ impl Ha {
         if held.is_some() {
             self.leading.send_replace(false);
         }
+    }
+
+    /// Take the lease when it is free, reload what the old leader changed, renew (the reload
+    /// took time), then lead. `Err` after a failed take-over (the lease was given back).
+    async fn try_to_lead<F, Fut>(
+        &self,
+        store: &Store,
+        cfg: &HaConfig,
+        ttl_ms: i64,
+        take_over: &F,
+    ) -> Result<Option<(Fence, Instant)>, ()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let sent = Instant::now();
+        let term =
+            match tokio::time::timeout(cfg.lease_ttl, store.lease_acquire(&self.replica, ttl_ms))
+                .await
+            {
+                Ok(Ok(Some(term))) => term,
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Err(e)) => {
+                    warn!("taking the leader lease: {e:#}");
+                    return Ok(None);
+                }
+                Err(_) => return Ok(None),
+            };
+        let fence = Fence {
+            holder: self.replica.clone(),
+            term,
+        };
+        let deadline = sent + cfg.lease_ttl - cfg.margin();
+        let failed = match tokio::time::timeout_at(deadline.into(), take_over()).await {
+            Ok(Ok(())) => {
+                let renewed_at = Instant::now();
+                let renewed = match deadline.checked_duration_since(renewed_at) {
+                    Some(left) => tokio::time::timeout(left, store.lease_renew(&fence, ttl_ms))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or(false),
+                    None => false,
+                };
+                if renewed {
+                    info!(term, replica = %self.replica, "elected leader");
+                    self.valid_until(Some(renewed_at + cfg.lease_ttl - cfg.margin()));
+                    self.lead(Some(term));
+                    return Ok(Some((fence, renewed_at)));
+                }
+                "the lease ran out while taking over".to_owned()
+            }
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "taking over took longer than the lease".to_owned(),
+        };
+        warn!(term, "taking over failed, giving the lease back: {failed}");
+        let _ = tokio::time::timeout(cfg.lease_ttl, store.lease_release(&fence)).await;
+        Err(())
     }
 
     /// Give the lease up and leave the replica list (a clean shutdown, after every task
@@ -377,10 +466,11 @@ fn hostname() -> String {
 }
 
 impl crate::ControlPlane {
-    /// Before a replica leads: read the unfinished jobs and the desired state again (the old
-    /// leader changed them since this replica loaded them).
+    /// Before a replica leads: read the unfinished jobs, the desired state and the alert
+    /// engine's state again (the old leader changed them since this replica loaded them).
     pub(crate) async fn take_over(self: &Arc<Self>) -> anyhow::Result<()> {
         self.jobs.forget_all();
+        self.alerts.forget();
         let n = self.recover_jobs().await?;
         self.load_desired().await?;
         info!(
@@ -426,14 +516,13 @@ impl crate::ControlPlane {
             });
         }
         let lease = self.store.lease().await?;
-        let since = millis(SystemTime::now()) - 60_000;
         let holder = lease
             .as_ref()
             .filter(|l| !l.holder.is_empty())
             .map(|l| l.holder.clone());
         let replicas = self
             .store
-            .replicas(since)
+            .replicas(60_000)
             .await?
             .into_iter()
             .map(|r| {

@@ -510,7 +510,7 @@ impl Controller {
         let redirect = https::bind_redirect(&cp, http_addr.port()).await?;
         // On SQLite this controller leads alone; replicas on PostgreSQL follow the election.
         cp.ha
-            .listening(&cp.config, cp.https.is_some(), http_addr, quic_addr);
+            .listening(&cp.config, cp.https.is_some(), http_addr, quic_addr)?;
         let leadership = cp.ha.leadership();
         // The writer first: recovering and creating jobs go through it.
         let mut first = tasks::Driver::new(cp.tasks.clone());

@@ -310,12 +310,22 @@ async fn supervise(
         tokio::pin!(run);
         if def.scope == Scope::Leader {
             let mut watching = leadership.clone();
-            tokio::select! {
-                _ = &mut run => {}
+            let ended_by_itself = tokio::select! {
+                _ = &mut run => true,
                 _ = watching.until(false) => {
                     warn!(task = def.name, "leadership lost: stopping the task");
                     cancel.cancel();
                     run.await;
+                    false
+                }
+            };
+            // A leader task that ended by itself (nothing to do) starts again with the next
+            // term only.
+            if ended_by_itself && !shutdown.is_cancelled() {
+                report.state(State::Stopped);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = watching.until(false) => {}
                 }
             }
         } else {
@@ -432,6 +442,51 @@ mod tests {
         assert_eq!(t.last.as_ref().unwrap().trigger, Trigger::Stopping);
         assert_eq!(t.state, State::Stopped);
         assert_eq!(n.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_leader_task_with_nothing_to_do_runs_once_per_term() {
+        let tasks = Tasks::default();
+        let mut d = Driver::new(tasks.clone());
+        let starts = Arc::new(AtomicUsize::new(0));
+        let s = starts.clone();
+        d.service(
+            TaskDef {
+                name: "idle-leader",
+                description: "ends at once",
+                scope: Scope::Leader,
+            },
+            move |_cx| {
+                s.fetch_add(1, Ordering::SeqCst);
+                async {}
+            },
+        );
+        let (tx, rx) = watch::channel(true);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        d.start(Leadership::from_watch(rx), shutdown.clone(), &tracker);
+        eventually(&tasks, "stopped", |t| t.state == State::Stopped).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            1,
+            "not started again and again"
+        );
+        tx.send(false).unwrap();
+        eventually(&tasks, "waiting", |t| {
+            t.state == State::WaitingForLeadership
+        })
+        .await;
+        tx.send(true).unwrap();
+        eventually(&tasks, "stopped again", |t| t.state == State::Stopped).await;
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            2,
+            "once more in the next term"
+        );
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
     }
 
     #[tokio::test]

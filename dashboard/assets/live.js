@@ -3,7 +3,24 @@
 (function () {
   var src = document.body.getAttribute("data-live");
   if (!src || !window.EventSource) return;
-  var es = new EventSource(src);
+  var opened = false;
+  var es;
+  // After the stream was lost (a controller restart, a replica taking over as leader), events
+  // may have been missed: once it opens again, the page is loaded afresh. A stream the browser
+  // gave up on (an error answer while no replica led) is opened again after a few seconds.
+  function connect() {
+    es = new EventSource(src);
+    es.onopen = function () {
+      if (opened) location.reload();
+      opened = true;
+    };
+    es.onerror = function () {
+      if (es.readyState === EventSource.CLOSED) {
+        setTimeout(connect, 2000 + Math.random() * 3000);
+      }
+    };
+    listen(es);
+  }
   function place(html, container) {
     var t = document.createElement("template");
     t.innerHTML = html.trim();
@@ -18,22 +35,26 @@
       if (empty) empty.remove();
     }
   }
-  es.addEventListener("node", function (e) { place(e.data, "cards"); });
-  es.addEventListener("gone", function (e) {
-    var el = document.getElementById(e.data);
-    if (el) el.remove();
-  });
-  es.addEventListener("fragment", function (e) { place(e.data, null); });
-  es.addEventListener("log", function (e) {
-    var pre = document.getElementById("log");
-    if (!pre) return;
-    var line = JSON.parse(e.data);
-    pre.appendChild(document.createTextNode(line.line + "\n"));
-  });
-  es.addEventListener("end", function (e) {
-    var s = document.getElementById("job-state");
-    var rec = JSON.parse(e.data);
-    if (s) { s.textContent = rec.state; s.className = "badge " + rec.state; }
-    es.close();
-  });
+  function listen(es) {
+    es.addEventListener("node", function (e) { place(e.data, "cards"); });
+    es.addEventListener("gone", function (e) {
+      var el = document.getElementById(e.data);
+      if (el) el.remove();
+    });
+    es.addEventListener("fragment", function (e) { place(e.data, null); });
+    es.addEventListener("log", function (e) {
+      var pre = document.getElementById("log");
+      if (!pre) return;
+      var line = JSON.parse(e.data);
+      pre.appendChild(document.createTextNode(line.line + "\n"));
+    });
+    es.addEventListener("end", function (e) {
+      var s = document.getElementById("job-state");
+      var rec = JSON.parse(e.data);
+      if (s) { s.textContent = rec.state; s.className = "badge " + rec.state; }
+      opened = false;
+      es.close();
+    });
+  }
+  connect();
 })();

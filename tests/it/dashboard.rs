@@ -973,3 +973,137 @@ async fn a_browser_signs_in_over_https_with_the_fleet_ca() {
         "an untrusted certificate must not show the sign-in form"
     );
 }
+
+/// Replicas on PostgreSQL: a browser signed in on a follower's address, and the AI gateway
+/// reached through that address, keep working while the leader is killed. The follower passes
+/// both on to whichever replica leads; the page loads afresh once its event stream is back
+/// (so it misses nothing), then keeps receiving the node's live updates from the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_gateway_through_a_leader_kill_on_a_follower() {
+    let Some(db) = common::pg::PgDb::create() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let mut all = crate::ha::three(&db, work.path()).await;
+    let mut alive = vec![true; 3];
+    let (lead, _) = crate::ha::leader(&all, &alive, Duration::from_secs(20)).await;
+    let follower = (lead + 1) % 3;
+    let backend = common::fake_ollama::FakeOllama::start(&[("llama3", true)]).await;
+    let agent =
+        crate::ai::agent(&all[lead], work.path(), "gpu-box", "ollama", &backend.url()).await;
+    let (f_client, f_base, f_token) = (
+        all[follower].client.clone(),
+        all[follower].url(""),
+        all[follower].admin_token.clone(),
+    );
+    let chat = || async {
+        f_client
+            .post(format!("{f_base}/v1/chat/completions"))
+            .bearer_auth(&f_token)
+            .json(&json!({"model": "llama3", "messages": [{"role": "user", "content": "ping"}]}))
+            .send()
+            .await
+            .unwrap()
+    };
+    wait_for(
+        "the gateway through the follower",
+        Duration::from_secs(30),
+        || async { (chat().await.status() == 200).then_some(()) },
+    )
+    .await;
+
+    let pw = create_user(&all[follower], "ana", "admin").await;
+    let b = Browser::start().await;
+    b.login(&f_base, "ana", &pw).await;
+    b.wait_text("#node-gpu-box", Duration::from_secs(20)).await;
+
+    b.c()
+        .execute("window.__before_failover = true;", vec![])
+        .await
+        .unwrap();
+    // The agent has heard of every replica (sent within a renewal of the list changing).
+    wait_for(
+        "the agent to know every replica",
+        Duration::from_secs(10),
+        || async {
+            let state = std::fs::read_to_string(work.path().join("gpu-box/agent.json")).ok()?;
+            let v: Value = serde_json::from_str(&state).ok()?;
+            (v["replicas"].as_array()?.len() == 3).then_some(())
+        },
+    )
+    .await;
+    all[lead].proc.kill();
+    alive[lead] = false;
+    let (now_leads, _) = crate::ha::leader(&all, &alive, Duration::from_secs(15)).await;
+    let back = tokio::time::timeout(
+        Duration::from_secs(30),
+        all[now_leads].wait_status(
+            "gpu-box",
+            common::NodeStatus::Online,
+            Duration::from_secs(31),
+        ),
+    )
+    .await;
+    assert!(
+        back.is_ok(),
+        "the agent did not come back:\n{}\n{:?}",
+        agent.proc.output(),
+        std::fs::read_to_string(work.path().join("gpu-box/agent.json"))
+    );
+    // Once its stream is back the page loads afresh (signed in still: sessions are in the
+    // database), then a live update from the new leader replaces the card (the mark set on
+    // the card goes with the old element).
+    wait_for(
+        "the page to load afresh",
+        Duration::from_secs(40),
+        || async {
+            let v = run_js(
+                &b,
+                "const h = document.querySelector('h1');
+                    return !window.__before_failover && !!h && h.innerText === 'Command center'
+                        && !!document.getElementById('node-gpu-box');",
+            )
+            .await?;
+            (v == json!(true)).then_some(())
+        },
+    )
+    .await;
+    run_js(
+        &b,
+        "document.getElementById('node-gpu-box').dataset.mark = 'old';",
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "a live node update from the new leader",
+        Duration::from_secs(40),
+        || async {
+            let v = run_js(
+                &b,
+                "const e = document.getElementById('node-gpu-box');
+                    return !!e && !e.dataset.mark && !window.__before_failover;",
+            )
+            .await?;
+            (v == json!(true)).then_some(())
+        },
+    )
+    .await;
+    let card = b.text("#node-gpu-box").await;
+    assert!(card.contains("gpu-box"), "{card}");
+    b.shot("failover-follower").await;
+    // The gateway through the same follower answers again, from the node's backend.
+    wait_for(
+        "the gateway after the failover",
+        Duration::from_secs(30),
+        || async {
+            let r = chat().await;
+            (r.status() == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Run a script in the page; its value (`None` when the page was between loads).
+async fn run_js(b: &Browser, script: &str) -> Option<Value> {
+    b.c().execute(script, vec![]).await.ok()
+}

@@ -138,6 +138,16 @@ impl std::fmt::Debug for dyn sinks::Channel {
 }
 
 impl AlertBook {
+    /// Forget the state in memory: the next evaluation reads it from the store (a replica
+    /// taking over, after another leader changed it).
+    pub(crate) fn forget(&self) {
+        *self.lock() = None;
+        self.stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<EngineState>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

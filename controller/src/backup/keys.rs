@@ -156,8 +156,8 @@ impl KeyFiles {
         if sealed.kdf != "argon2id" {
             bail!("unknown key derivation `{}`", sealed.kdf);
         }
-        // Bounds that keep a hostile file from asking for gigabytes or hours.
-        if sealed.m_kib > 1 << 20 || sealed.t > 16 || sealed.p > 16 {
+        // Bounds that keep a hostile file from asking for gigabytes or minutes.
+        if sealed.m_kib > 256 * 1024 || sealed.t > 10 || sealed.p > 16 {
             bail!("the key derivation asks for more than this controller allows");
         }
         let salt = B64.decode(&sealed.salt).context("salt")?;
@@ -207,8 +207,12 @@ fn derive(
     Ok(LessSafeKey::new(unbound))
 }
 
-/// A directory (and its parents) readable by its owner only.
+/// A directory made readable by its owner only when this creates it (an existing one, such
+/// as a shared `/var/backups`, keeps its permissions).
 pub(crate) fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     #[cfg(unix)]
     {

@@ -127,6 +127,16 @@ impl<W: AsyncWrite + Unpin + Send> DumpSink for LineWriter<W> {
     }
 }
 
+/// A new backup file, readable by its owner only (it holds sink URLs and their signing
+/// secrets as stored, beside the sealed keys).
+pub async fn create_private(path: &Path) -> std::io::Result<tokio::fs::File> {
+    let mut o = tokio::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    o.open(path).await
+}
+
 /// Write a backup of `store` and the key files of `config` to `out`.
 pub async fn create<W: AsyncWrite + Unpin + Send>(
     store: &Store,
@@ -235,14 +245,33 @@ struct Reader {
     lines: tokio::sync::mpsc::Receiver<anyhow::Result<(u64, String)>>,
 }
 
+/// Longest line a backup may have (one row; job outputs and map documents are the big ones).
+const MAX_LINE: u64 = 64 << 20;
+
+/// The next line, at most [`MAX_LINE`] bytes: `None` at the end.
+fn next_line(r: &mut impl std::io::BufRead) -> anyhow::Result<Option<String>> {
+    use std::io::{BufRead as _, Read as _};
+    let mut buf = Vec::new();
+    let n = r.by_ref().take(MAX_LINE + 1).read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if n as u64 > MAX_LINE {
+        bail!("a line longer than {} MiB", MAX_LINE >> 20);
+    }
+    Ok(Some(
+        String::from_utf8(buf).context("a line that is not UTF-8")?,
+    ))
+}
+
 fn open_backup(path: &Path) -> anyhow::Result<Reader> {
-    use std::io::BufRead as _;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut lines = std::io::BufReader::new(flate2::read::GzDecoder::new(file)).lines();
-    let first = lines
-        .next()
-        .context("the file is empty")?
-        .context("the file is not a Nebula backup (not gzip)")?;
+    let mut lines = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
+    let first = next_line(&mut lines)
+        .context("the file is not a Nebula backup (not gzip)")?
+        .context("the file is empty")?;
     let header: Header = serde_json::from_str(&first)
         .ok()
         .filter(|h: &Header| h.format == FORMAT)
@@ -252,10 +281,12 @@ fn open_backup(path: &Path) -> anyhow::Result<Reader> {
     }
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     std::thread::spawn(move || {
-        for (n, line) in lines.enumerate() {
-            let item = line
-                .map(|l| (n as u64 + 2, l))
-                .map_err(|e| anyhow::anyhow!("reading the backup: {e}"));
+        for n in 2u64.. {
+            let item = match next_line(&mut lines) {
+                Ok(None) => return,
+                Ok(Some(l)) => Ok((n, l)),
+                Err(e) => Err(anyhow::anyhow!("reading line {n} of the backup: {e:#}")),
+            };
             let stop = item.is_err();
             if tx.blocking_send(item).is_err() || stop {
                 return;

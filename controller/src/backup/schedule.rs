@@ -120,7 +120,7 @@ pub async fn run_scheduled(
     super::keys::private_dir(dir)?;
     let path = dir.join(file_name(SystemTime::now()));
     let partial = path.with_extension("partial");
-    let file = tokio::fs::File::create(&partial)
+    let file = super::create_private(&partial)
         .await
         .with_context(|| format!("creating {}", partial.display()))?;
     let result = cp.backup_unchecked(passphrase, file).await;

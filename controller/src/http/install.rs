@@ -100,6 +100,18 @@ fn quotable(v: &str) -> bool {
     !v.contains('\'') && !v.contains('\n') && !v.contains('\r')
 }
 
+/// Every replica's QUIC address, space-separated, for the script (addresses that could not be
+/// quoted safely, or hold spaces or quotes, are left out).
+fn replica_list(cp: &ControlPlane) -> String {
+    let list = cp.ha.quic_addrs();
+    let list = list.borrow();
+    list.iter()
+        .filter(|a| quotable(a) && !a.contains([' ', '"', '\\', '$', '`']))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Fill in the script's defaults block.
 fn render(template: &str, block: &str) -> Option<String> {
     let start = template.find(BEGIN)?;
@@ -127,6 +139,7 @@ pub async fn install_sh(
         "# Filled in by the controller at {url}.\n\
          DEFAULT_URL='{url}'\n\
          DEFAULT_CONTROLLER='{quic}'\n\
+         DEFAULT_REPLICAS='{replicas}'\n\
          CA_PIN='{pin}'\n\
          CA_PEM='{ca_pem}'\n\
          RELEASE_KEY_HEX='{key}'\n\
@@ -134,6 +147,7 @@ pub async fn install_sh(
          expected_sha256() {{\n    case \"$1\" in\n{cases}        *) ;;\n    esac\n}}\n",
         url = addrs.url,
         quic = addrs.quic,
+        replicas = replica_list(&cp),
         pin = cp.ca.pin_hex(),
         ca_pem = match cp.https.as_ref().map(|h| &h.source) {
             Some(crate::https::Source::FleetCa { .. }) => cp.ca.ca_pem(),

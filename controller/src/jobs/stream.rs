@@ -50,6 +50,11 @@ async fn follow(
             return Ok(());
         }
     };
+    // A replica whose lease may have run out (it was paused, or could not renew) sends
+    // nothing: the next leader delivers the job from the store.
+    if !cp.ha.lease_valid() {
+        return Err("this replica's leadership ran out before the job was sent".into());
+    }
     let (mut send, mut recv) = conn
         .open_bi()
         .await

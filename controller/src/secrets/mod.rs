@@ -351,13 +351,12 @@ impl ControlPlane {
         self.authorize(cx, Op::ManageSecrets)?;
         // The key file is each replica's own: a new key written here would be missing on the
         // others.
-        if self.ha.replicated() {
-            let since = crate::store::millis(std::time::SystemTime::now()) - 60_000;
-            if self.store.replicas(since).await?.len() > 1 {
-                return Err(OpError::Conflict(
-                    "the secret key cannot be rotated while several replicas run: stop the others, rotate, then add them again with a new `nebula replica add` bundle".into(),
-                ));
-            }
+        if self.ha.replicated() && self.store.replicas(60_000).await?.len() > 1 {
+            return Err(OpError::Conflict(
+                "the secret key cannot be rotated while several replicas run: stop the others, \
+                 rotate, then add them again with a new `nebula replica add` bundle"
+                    .into(),
+            ));
         }
         let _one = self
             .secrets

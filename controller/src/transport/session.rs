@@ -37,8 +37,10 @@ pub(super) async fn session_connection(
     conn: quinn::Connection,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Replicas on PostgreSQL: sessions go to the leader, which dispatches the jobs.
-    if !cp.ha.is_leader() {
+    // Replicas on PostgreSQL: sessions go to the leader, which dispatches the jobs. Followed
+    // from here on, so that a step-down during the handshake is not missed.
+    let mut leading = cp.ha.leading();
+    if !*leading.borrow_and_update() {
         let reason = match cp.ha.leader_quic() {
             Some(at) => format!("this replica does not lead; the leader is at {at}"),
             None => "this replica does not lead; try another".to_owned(),
@@ -74,7 +76,7 @@ pub(super) async fn session_connection(
             rx
         });
         session
-            .serve(recv, releases, monitors, replicas, shutdown)
+            .serve(recv, releases, monitors, replicas, leading, shutdown)
             .await
     }
     .instrument(span.clone())
@@ -229,12 +231,14 @@ impl<'a> Session<'a> {
         mut releases: Option<Releases>,
         mut monitors: Option<Monitors>,
         mut replicas: Option<watch::Receiver<Arc<Vec<String>>>>,
+        mut leading: watch::Receiver<bool>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         // Cancel-safe: the select below may drop a read in the middle of a frame.
         let mut frames = proto::FrameReader::new(self.cp.config.max_frame_bytes);
         let conn = self.conn.clone();
-        let mut leading = self.cp.ha.leading();
+        // A step-down while the session was being set up counts too.
+        leading.mark_changed();
         loop {
             let flow = tokio::select! {
                 changed = async { replicas.as_mut()?.changed().await.ok() }, if replicas.is_some() => {

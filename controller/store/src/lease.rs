@@ -158,32 +158,36 @@ impl Store {
         Ok(tx)
     }
 
-    /// Register this replica or say it is still here.
+    /// Register this replica or say it is still here (`seen_at` by the database's clock).
     pub async fn replica_seen(&self, r: &ReplicaRecord) -> Result<(), StoreError> {
-        sqlx::query(
+        self.require_postgres()?;
+        sqlx::query(&format!(
             "INSERT INTO replicas (id, hostname, http_url, quic_addr, version, started_at, seen_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             VALUES ($1, $2, $3, $4, $5, $6, {NOW_MS}) \
              ON CONFLICT (id) DO UPDATE SET http_url = excluded.http_url, \
-               quic_addr = excluded.quic_addr, seen_at = excluded.seen_at",
-        )
+               quic_addr = excluded.quic_addr, seen_at = excluded.seen_at"
+        ))
         .bind(&r.id)
         .bind(&r.hostname)
         .bind(&r.http_url)
         .bind(&r.quic_addr)
         .bind(&r.version)
         .bind(r.started_at)
-        .bind(r.seen_at)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Replicas seen since `since` (Unix ms), oldest first; older rows are removed.
-    pub async fn replicas(&self, since: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
-        sqlx::query("DELETE FROM replicas WHERE seen_at < $1")
-            .bind(since)
-            .execute(&self.pool)
-            .await?;
+    /// Replicas seen within the last `window_ms` (by the database's clock), oldest first;
+    /// older rows are removed.
+    pub async fn replicas(&self, window_ms: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        self.require_postgres()?;
+        sqlx::query(&format!(
+            "DELETE FROM replicas WHERE seen_at < {NOW_MS} - $1"
+        ))
+        .bind(window_ms)
+        .execute(&self.pool)
+        .await?;
         let rows = sqlx::query(
             "SELECT id, hostname, http_url, quic_addr, version, started_at, seen_at FROM replicas \
              ORDER BY started_at, id",
