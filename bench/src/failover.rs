@@ -48,7 +48,7 @@ async fn leader(c: &reqwest::Client, all: &[Option<ControllerProc>]) -> Option<(
     found
 }
 
-async fn wait_leader(
+pub(crate) async fn wait_leader(
     c: &reqwest::Client,
     all: &[Option<ControllerProc>],
     above: i64,
@@ -65,25 +65,27 @@ async fn wait_leader(
     bail!("no leader above term {above} within 60 s")
 }
 
-fn start(dir: &Path, url: &str) -> anyhow::Result<ControllerProc> {
-    start_controller(dir, "127.0.0.1:0", "127.0.0.1:0", &["--database-url", url])
+fn start(dir: &Path, url: &str, flags: &[&str]) -> anyhow::Result<ControllerProc> {
+    let mut all = vec!["--database-url", url];
+    all.extend_from_slice(flags);
+    start_controller(dir, "127.0.0.1:0", "127.0.0.1:0", &all)
 }
 
-pub async fn failover_bench(
+/// Three replicas on the database at `url`, in `work/r0..r2`: the first makes the keys, the
+/// others get them with `nebula replica add`/`join`.
+pub(crate) fn three_replicas(
+    work: &Path,
     url: &str,
-    kills: usize,
-    stops: usize,
-    out: &Path,
-) -> anyhow::Result<()> {
-    let work = tempfile::tempdir()?;
-    let dirs: Vec<_> = (0..3).map(|i| work.path().join(format!("r{i}"))).collect();
+    flags: &[&str],
+) -> anyhow::Result<Vec<Option<ControllerProc>>> {
+    let dirs: Vec<_> = (0..3).map(|i| work.join(format!("r{i}"))).collect();
     for d in &dirs {
         std::fs::create_dir_all(d)?;
     }
-    let first = start(&dirs[0], url)?;
-    let pass = work.path().join("pass");
+    let first = start(&dirs[0], url, flags)?;
+    let pass = work.join("pass");
     std::fs::write(&pass, "bench replica passphrase")?;
-    let bundle = work.path().join("bundle");
+    let bundle = work.join("bundle");
     let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
         let o = Command::new(nebula_bin()?).args(args).output()?;
         if !o.status.success() {
@@ -113,8 +115,20 @@ pub async fn failover_bench(
             "--passphrase-file".as_ref(),
             pass.as_os_str(),
         ])?;
-        all.push(Some(start(d, url)?));
+        all.push(Some(start(d, url, flags)?));
     }
+    Ok(all)
+}
+
+pub async fn failover_bench(
+    url: &str,
+    kills: usize,
+    stops: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let dirs: Vec<_> = (0..3).map(|i| work.path().join(format!("r{i}"))).collect();
+    let mut all = three_replicas(work.path(), url, &[])?;
     let c = reqwest::Client::new();
     let (mut lead, mut term, _) = wait_leader(&c, &all, 0).await?;
     let mut after_kill = Vec::new();
@@ -131,7 +145,7 @@ pub async fn failover_bench(
         );
         after_kill.push(t);
         drop(p);
-        all[lead] = Some(start(&dirs[lead], url)?);
+        all[lead] = Some(start(&dirs[lead], url, &[])?);
         (lead, term) = (next, next_term);
     }
     let mut after_stop = Vec::new();
@@ -150,7 +164,7 @@ pub async fn failover_bench(
         after_stop.push(t);
         p.child.wait()?;
         drop(p);
-        all[lead] = Some(start(&dirs[lead], url)?);
+        all[lead] = Some(start(&dirs[lead], url, &[])?);
         (lead, term) = (next, next_term);
     }
     let result = json!({

@@ -38,9 +38,23 @@ mod gateway;
 mod gpu;
 mod jobs;
 mod monitors;
+mod replicas;
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// N simulated agents on three replicas of one PostgreSQL: each replica's RSS and CPU, and
+    /// the time until every agent is back after the leader is killed.
+    Replicas {
+        /// An empty PostgreSQL database for the replicas.
+        #[arg(long)]
+        database_url: String,
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        #[arg(long, default_value = "bench/results/replicas.json")]
+        out: PathBuf,
+    },
     /// Three replicas on one PostgreSQL: time to a new leader after killing the leader.
     Failover {
         /// An empty PostgreSQL database for the replicas.
@@ -291,6 +305,17 @@ fn main() -> anyhow::Result<()> {
             runs,
             out,
         })),
+        Cmd::Replicas {
+            database_url,
+            agents,
+            interval,
+            out,
+        } => rt.block_on(replicas::replicas_bench(
+            &database_url,
+            agents,
+            interval,
+            &out,
+        )),
         Cmd::Failover {
             database_url,
             kills,

@@ -2,7 +2,8 @@
 //! streams) on to the leader, so every replica's address serves the whole product; the leader
 //! holds the agents' sessions and the job engine. A few answers stay local: `/healthz`,
 //! `/metrics`, `GET /api/v1/replicas` and `GET /api/v1/tasks` (each replica's own view). While no leader is known
-//! (an election under way, a few seconds) the answer is `503` with `Retry-After`.
+//! (an election under way, a few seconds) the answer is `503` with `Retry-After`; when the
+//! leader stops answering after a request was sent, `502`: it may have been carried out.
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -105,11 +106,25 @@ pub async fn to_leader(State(cp): State<Arc<ControlPlane>>, req: Request, next: 
             b.body(Body::from_stream(stream))
                 .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
         }
-        Err(e) => {
+        // Not connected: the request never reached the leader, so trying again is safe.
+        Err(e) if e.is_connect() => {
             tracing::warn!(%url, "passing a request on to the leader: {e}");
             unavailable(format!(
                 "the leading replica did not answer ({e}); try again in a moment"
             ))
+        }
+        // Sent, but no answer: it may have been carried out.
+        Err(e) => {
+            tracing::warn!(%url, "the leader did not answer a request passed on: {e}");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "no_answer",
+                format!(
+                    "the leading replica stopped answering after the request was sent ({e}): \
+                     it may have been carried out; look before trying again"
+                ),
+            )
+            .into_response()
         }
     }
 }

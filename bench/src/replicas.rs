@@ -1,0 +1,304 @@
+//! `nebula-bench replicas`: N simulated agents on three replicas of one PostgreSQL database.
+//! Each agent has its own enrolled identity and QUIC connection and behaves as the real agent
+//! does with several controller addresses: sessions go to the leader (a follower turns it away
+//! with `NOT_LEADER`), and when its connection is lost it tries the next address at once with up
+//! to 250 ms of jitter, backing off only after every address failed in a row. The bench
+//! measures each replica's RSS and CPU with the fleet connected and sending telemetry, then
+//! kills the leader and measures how long until another replica leads and until every agent
+//! is connected to it again.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nebula_agent::identity::Identity;
+use nebula_agent::tls;
+use nebula_protocol::telemetry::Datagram;
+use nebula_protocol::{
+    self as proto, AgentMessage, Hello, NodeFacts, ServerHello, CONTROLLER_SERVER_NAME,
+};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::fleet::{enroll_one, inventory, sample};
+use crate::{cpu_ns, join_token, rss_kib, stats, ControllerProc};
+
+const AGENTS_PER_ENDPOINT: usize = 500;
+
+/// When each agent last became connected, and to which replica.
+type Connected = Arc<Mutex<Vec<Option<(Instant, usize)>>>>;
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    identity: &Identity,
+) -> anyhow::Result<(quinn::Connection, quinn::SendStream)> {
+    let cfg = tls::session_config(identity, Duration::from_secs(5), Duration::from_secs(15))?;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        endpoint.connect_with(cfg, addr, CONTROLLER_SERVER_NAME)?,
+    )
+    .await??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = Hello {
+        version: proto::PROTOCOL_VERSION,
+        agent_version: "sim".into(),
+        facts: NodeFacts {
+            hostname: identity.state.name.clone(),
+            ..Default::default()
+        },
+    };
+    proto::write_message(&mut send, &hello).await?;
+    match proto::read_message::<ServerHello, _>(&mut recv, 1 << 20).await? {
+        ServerHello::Welcome(_) => Ok((conn, send)),
+        ServerHello::Refused(r) => anyhow::bail!("refused: {r}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_agent(
+    idx: usize,
+    endpoint: quinn::Endpoint,
+    addrs: Arc<Vec<SocketAddr>>,
+    start_at: usize,
+    identity: Identity,
+    interval: Duration,
+    connected: Connected,
+    gate: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let inv = inventory(idx, 5, false);
+    let mut next = start_at;
+    let mut failed_in_a_row = 0usize;
+    let mut backoff = Duration::from_millis(500);
+    while !shutdown.is_cancelled() {
+        let target = next % addrs.len();
+        let attempt = {
+            let _permit = gate.acquire().await;
+            session(&endpoint, addrs[target], &identity).await
+        };
+        match attempt {
+            Ok((conn, mut send)) => {
+                failed_in_a_row = 0;
+                backoff = Duration::from_millis(500);
+                connected.lock().unwrap()[idx] = Some((Instant::now(), target));
+                let _ =
+                    proto::write_message(&mut send, &AgentMessage::TelemetryInventory(inv.clone()))
+                        .await;
+                let mut seq = 0u64;
+                let phase =
+                    Duration::from_micros(rng.gen_range(0..interval.as_micros().max(1) as u64));
+                let mut tick = tokio::time::Instant::now() + phase;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            conn.close(0u32.into(), b"simulation over");
+                            return;
+                        }
+                        _ = conn.closed() => break,
+                        _ = tokio::time::sleep_until(tick) => {
+                            seq += 1;
+                            if let Ok(b) = proto::encode(&Datagram::Sample(sample(&mut rng, seq, &inv))) {
+                                let _ = conn.send_datagram(b.into());
+                            }
+                            tick += interval;
+                        }
+                    }
+                }
+                connected.lock().unwrap()[idx] = None;
+            }
+            Err(_) => failed_in_a_row += 1,
+        }
+        next += 1;
+        let pause = if failed_in_a_row > 0 && failed_in_a_row.is_multiple_of(addrs.len()) {
+            let d = backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(8));
+            d / 2 + Duration::from_millis(rng.gen_range(0..=d.as_millis() as u64 / 2))
+        } else {
+            Duration::from_millis(rng.gen_range(0..=250))
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+fn usage(p: &ControllerProc, window: Duration, before: u64) -> (f64, u64) {
+    let cores = (cpu_ns(p.child.id()) - before) as f64 / window.as_nanos() as f64;
+    (cores, rss_kib(p.child.id()))
+}
+
+pub async fn replicas_bench(
+    url: &str,
+    n: usize,
+    interval: Duration,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let interval_s = humantime::format_duration(interval).to_string();
+    let flags = [
+        "--telemetry-interval",
+        interval_s.as_str(),
+        "--max-unauthenticated-per-source",
+        "1024",
+    ];
+    let mut all = crate::failover::three_replicas(work.path(), url, &flags)?;
+    let c = reqwest::Client::new();
+    let (lead, term, _) = crate::failover::wait_leader(&c, &all, 0).await?;
+    let quic: Arc<Vec<SocketAddr>> = Arc::new(
+        all.iter()
+            .map(|p| {
+                p.as_ref()
+                    .map(|p| p.quic)
+                    .unwrap_or(([127, 0, 0, 1], 0).into())
+            })
+            .collect(),
+    );
+    let leader = all[lead].as_ref().expect("the leader runs");
+    let token = join_token(&c, leader.http, leader.admin.trim(), n).await?;
+    println!("enrolling {n} agents through the leader");
+    let t0 = Instant::now();
+    let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(AGENTS_PER_ENDPOINT))
+        .map(|_| tls::client_endpoint(quic[lead]))
+        .collect::<Result<_, _>>()?;
+    let gate = Arc::new(Semaphore::new(256));
+    let mut ids = Vec::with_capacity(n);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (ep, gate, token, addr) = (
+            endpoints[i / AGENTS_PER_ENDPOINT].clone(),
+            gate.clone(),
+            token.clone(),
+            quic[lead],
+        );
+        set.spawn(async move {
+            let _p = gate.acquire().await;
+            (
+                i,
+                enroll_one(&ep, addr, &token, &format!("sim-{i:05}")).await,
+            )
+        });
+    }
+    let mut slots: Vec<Option<Identity>> = (0..n).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, id) = r?;
+        slots[i] = Some(id?);
+    }
+    ids.extend(slots.into_iter().map(|s| s.expect("enrolled")));
+    let enrolled = t0.elapsed();
+    let connected: Connected = Arc::new(Mutex::new(vec![None; n]));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    for (i, id) in ids.into_iter().enumerate() {
+        tracker.spawn(run_agent(
+            i,
+            endpoints[i / AGENTS_PER_ENDPOINT].clone(),
+            quic.clone(),
+            lead,
+            id,
+            interval,
+            connected.clone(),
+            gate.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let count_on = |r: usize| {
+        connected
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.is_some_and(|(_, at)| at == r))
+            .count()
+    };
+    let t1 = Instant::now();
+    while count_on(lead) < n {
+        anyhow::ensure!(
+            t1.elapsed() < Duration::from_secs(300),
+            "only {} of {n} connected",
+            count_on(lead)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_connected = t0.elapsed();
+    println!(
+        "all {n} connected to the leader {:.1} s after the start",
+        all_connected.as_secs_f64()
+    );
+    // Steady state: each replica's CPU and memory while the fleet sends telemetry.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let window = Duration::from_secs(30);
+    let before: Vec<u64> = all
+        .iter()
+        .map(|p| p.as_ref().map(|p| cpu_ns(p.child.id())).unwrap_or(0))
+        .collect();
+    tokio::time::sleep(window).await;
+    let steady: Vec<serde_json::Value> = all
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let p = p.as_ref().expect("running");
+            let (cores, rss) = usage(p, window, before[i]);
+            json!({"replica": i, "leader": i == lead, "cpu_cores": cores, "rss_mib": rss as f64 / 1024.0})
+        })
+        .collect();
+    println!("steady: {}", serde_json::to_string(&steady)?);
+
+    // The leader dies: how long until another leads, and until every agent is back on it.
+    let killed = Instant::now();
+    {
+        let p = all[lead].as_mut().expect("the leader runs");
+        p.child.kill()?;
+        p.child.wait()?;
+    }
+    all[lead] = None;
+    let (next, next_term, _) = crate::failover::wait_leader(&c, &all, term).await?;
+    let new_leader_s = killed.elapsed().as_secs_f64();
+    while count_on(next) < n {
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(300),
+            "only {} of {n} back",
+            count_on(next)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all_back_s = killed.elapsed().as_secs_f64();
+    let per_agent: Vec<f64> = connected
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.map(|(t, _)| t.saturating_duration_since(killed).as_secs_f64()))
+        .collect();
+    println!("new leader (term {next_term}) after {new_leader_s:.2} s; all {n} agents back on it after {all_back_s:.2} s");
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let result = json!({
+        "bench": "replicas",
+        "agents": n,
+        "telemetry_interval_s": interval.as_secs_f64(),
+        "replicas": 3,
+        "enrolled_s": enrolled.as_secs_f64(),
+        "all_connected_s": all_connected.as_secs_f64(),
+        "steady_window_s": window.as_secs_f64(),
+        "steady": steady,
+        "after_leader_kill": {
+            "new_leader_s": new_leader_s,
+            "all_agents_back_s": all_back_s,
+            "agent_back_s": stats(per_agent),
+        },
+        "note": "sessions are held by the leader (followers turn agents away), so the followers' figures are those of a standing-by replica",
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "command": format!("nebula-bench replicas --database-url postgres://… --agents {n} --interval {interval_s}"),
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&result)? + "\n")?;
+    Ok(())
+}
