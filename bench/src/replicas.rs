@@ -133,6 +133,58 @@ fn usage(p: &ControllerProc, window: Duration, before: u64) -> (f64, u64) {
     (cores, rss_kib(p.child.id()))
 }
 
+/// `n` simulated agents enrolled (256 at a time), spread over the endpoints.
+async fn enroll_all(
+    n: usize,
+    endpoints: &[quinn::Endpoint],
+    gate: &Arc<Semaphore>,
+    token: &nebula_protocol::JoinToken,
+    addr: SocketAddr,
+) -> anyhow::Result<Vec<Identity>> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (ep, gate, token) = (
+            endpoints[i / AGENTS_PER_ENDPOINT].clone(),
+            gate.clone(),
+            token.clone(),
+        );
+        set.spawn(async move {
+            let _p = gate.acquire().await;
+            (
+                i,
+                enroll_one(&ep, addr, &token, &format!("sim-{i:05}")).await,
+            )
+        });
+    }
+    let mut slots: Vec<Option<Identity>> = (0..n).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, id) = r?;
+        slots[i] = Some(id?);
+    }
+    Ok(slots.into_iter().map(|s| s.expect("enrolled")).collect())
+}
+
+/// Each replica's CPU (cores) and RSS over `window`.
+async fn steady(
+    all: &[Option<ControllerProc>],
+    lead: usize,
+    window: Duration,
+) -> Vec<serde_json::Value> {
+    let before: Vec<u64> = all
+        .iter()
+        .map(|p| p.as_ref().map(|p| cpu_ns(p.child.id())).unwrap_or(0))
+        .collect();
+    tokio::time::sleep(window).await;
+    all.iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let p = p.as_ref()?;
+            let (cores, rss) = usage(p, window, before[i]);
+            Some(json!({"replica": i, "leader": i == lead, "cpu_cores": cores, "rss_mib": rss as f64 / 1024.0}))
+        })
+        .collect()
+}
+
 pub async fn replicas_bench(
     url: &str,
     n: usize,
@@ -167,29 +219,7 @@ pub async fn replicas_bench(
         .map(|_| tls::client_endpoint(quic[lead]))
         .collect::<Result<_, _>>()?;
     let gate = Arc::new(Semaphore::new(256));
-    let mut ids = Vec::with_capacity(n);
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let (ep, gate, token, addr) = (
-            endpoints[i / AGENTS_PER_ENDPOINT].clone(),
-            gate.clone(),
-            token.clone(),
-            quic[lead],
-        );
-        set.spawn(async move {
-            let _p = gate.acquire().await;
-            (
-                i,
-                enroll_one(&ep, addr, &token, &format!("sim-{i:05}")).await,
-            )
-        });
-    }
-    let mut slots: Vec<Option<Identity>> = (0..n).map(|_| None).collect();
-    while let Some(r) = set.join_next().await {
-        let (i, id) = r?;
-        slots[i] = Some(id?);
-    }
-    ids.extend(slots.into_iter().map(|s| s.expect("enrolled")));
+    let ids = enroll_all(n, &endpoints, &gate, &token, quic[lead]).await?;
     let enrolled = t0.elapsed();
     let connected: Connected = Arc::new(Mutex::new(vec![None; n]));
     let shutdown = CancellationToken::new();
@@ -232,20 +262,7 @@ pub async fn replicas_bench(
     // Steady state: each replica's CPU and memory while the fleet sends telemetry.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let window = Duration::from_secs(30);
-    let before: Vec<u64> = all
-        .iter()
-        .map(|p| p.as_ref().map(|p| cpu_ns(p.child.id())).unwrap_or(0))
-        .collect();
-    tokio::time::sleep(window).await;
-    let steady: Vec<serde_json::Value> = all
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let p = p.as_ref().expect("running");
-            let (cores, rss) = usage(p, window, before[i]);
-            json!({"replica": i, "leader": i == lead, "cpu_cores": cores, "rss_mib": rss as f64 / 1024.0})
-        })
-        .collect();
+    let steady = steady(&all, lead, window).await;
     println!("steady: {}", serde_json::to_string(&steady)?);
 
     // The leader dies: how long until another leads, and until every agent is back on it.
