@@ -638,13 +638,18 @@ async fn the_cli_lists_every_container_with_ports_uptime_and_filters() {
         row.ports
     );
     assert!(row.started_at.is_some());
-    let out = c.cli(&["containers", &name]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    // The CLI reads the same list (a busy host's agent may miss one listing; look again).
+    let text = wait_for("the CLI to list it", Duration::from_secs(20), || async {
+        let out = c.cli(&["containers", &name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines().any(|l| l.contains(&name)).then_some(text)
+    })
+    .await;
     assert!(text.starts_with("NODE"), "{text}");
     let line = text.lines().find(|l| l.contains(&name)).expect("listed");
     assert!(

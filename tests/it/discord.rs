@@ -132,6 +132,19 @@ async fn audit(c: &Controller, action: &str) -> Vec<Value> {
     page["items"].as_array().cloned().unwrap_or_default()
 }
 
+/// [`audit`] once it has a row (audit rows are written by the job writer, a batch later).
+async fn audit_rows(c: &Controller, action: &str) -> Vec<Value> {
+    wait_for(
+        &format!("an audit row for {action}"),
+        Duration::from_secs(10),
+        || async {
+            let rows = audit(c, action).await;
+            (!rows.is_empty()).then_some(rows)
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_follow_roles_links_and_confirmations_and_are_audited() {
     let fake = FakeDiscord::start(&[GUILD]).await;
@@ -540,7 +553,7 @@ async fn server_settings_toggle_commands_greet_members_and_moderate_messages() {
             .any(|c| c.method == "DELETE" && c.path.ends_with(&format!("/{clean}"))),
         "a clean message stays"
     );
-    let rows = audit(&c, "discord.moderation").await;
+    let rows = audit_rows(&c, "discord.moderation").await;
     assert_eq!(rows.len(), 1, "{rows:?}");
 }
 
@@ -615,7 +628,7 @@ async fn alerts_post_with_buttons_that_work_after_a_restart_and_resolve_in_place
         .unwrap()
         .clone();
     assert_eq!(a["acknowledged_by"], "discord:user31", "{a}");
-    let rows = audit(&c, "alert.acknowledge").await;
+    let rows = audit_rows(&c, "alert.acknowledge").await;
     assert_eq!(rows[0]["detail"]["discord"]["user"], "31");
 
     // The node comes back: the resolution edits the message it was posted as.
@@ -988,7 +1001,7 @@ async fn a_bot_token_acts_for_the_discord_user_each_request_names() {
     )
     .await;
     assert_eq!(status, 202, "{body}");
-    let rows = audit(&c, "map.reconcile").await;
+    let rows = audit_rows(&c, "map.reconcile").await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["actor"], "discord:member");
     assert_eq!(rows[0]["detail"]["discord"]["user"], "72");
@@ -1112,7 +1125,7 @@ async fn nebula_bot_runs_in_its_own_process_against_a_remote_controller() {
         1,
     );
     edited(&fake, &click_token, "reconciler").await;
-    let rows = audit(&c, "map.reconcile").await;
+    let rows = audit_rows(&c, "map.reconcile").await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["actor"], "discord:user7");
     assert_eq!(rows[0]["detail"]["discord"]["user"], "7");
@@ -1150,7 +1163,7 @@ async fn nebula_bot_runs_in_its_own_process_against_a_remote_controller() {
     let (_, click_token) = fake.click(GUILD, 9, &[], &format!("nebula:confirm:{confirm}"), 2);
     let done = edited(&fake, &click_token, "✅ done").await;
     assert!(content(&done).contains("tick-3"), "{done:?}");
-    let runs = audit(&c, "job.create").await;
+    let runs = audit_rows(&c, "job.create").await;
     assert_eq!(runs[0]["actor"], "alice");
     let id = fake.autocomplete(GUILD, 9, &[], "node", "node", "bo");
     assert_eq!(
