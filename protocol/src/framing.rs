@@ -417,7 +417,7 @@ mod tests {
                 err,
                 FrameError::UnknownVariant {
                     index: 9,
-                    known: 7,
+                    known: 8,
                     ..
                 }
             ),
