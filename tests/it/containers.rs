@@ -660,7 +660,18 @@ async fn the_cli_lists_every_container_with_ports_uptime_and_filters() {
     // Filters: --managed leaves it out, --unmanaged keeps it; an unknown state is refused.
     let out = c.cli(&["containers", &name, "--managed"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&name));
-    let out = c.cli(&["containers", &name, "--unmanaged"]);
+    let unmanaged = || c.cli(&["containers", &name, "--unmanaged"]);
+    let out = wait_for(
+        "--unmanaged to list it",
+        Duration::from_secs(20),
+        || async {
+            let out = unmanaged();
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&name)
+                .then_some(out)
+        },
+    )
+    .await;
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&name),
         "{}\n{}",
