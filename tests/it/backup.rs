@@ -27,6 +27,24 @@ fn nebula(args: &[&str]) -> std::process::Output {
         .expect("run nebula")
 }
 
+/// `nebula backup restore FILE --data-dir DATA --passphrase-file PASS`.
+fn restore(
+    file: &std::path::Path,
+    data: &std::path::Path,
+    pass: &std::path::Path,
+) -> std::process::Output {
+    Command::new(bin("nebula"))
+        .args(["backup", "restore"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--passphrase-file")
+        .arg(pass)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nebula")
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -230,18 +248,9 @@ async fn a_backup_taken_under_load_restores_into_a_new_data_dir_with_the_same_fl
     // keys or rows, and a later good restore into it works.
     let data = c.dir.path().join("data");
     std::fs::rename(&data, c.dir.path().join("data.old")).unwrap();
-    let data_s = data.display().to_string();
     let wrong = work.path().join("wrong");
     std::fs::write(&wrong, "not the passphrase at all").unwrap();
-    let o = nebula(&[
-        "backup",
-        "restore",
-        &file.display().to_string(),
-        "--data-dir",
-        &data_s,
-        "--passphrase-file",
-        &wrong.display().to_string(),
-    ]);
+    let o = restore(&file, &data, &wrong);
     assert!(
         !o.status.success() && text(&o).contains("wrong passphrase"),
         "{}",
@@ -261,15 +270,7 @@ async fn a_backup_taken_under_load_restores_into_a_new_data_dir_with_the_same_fl
             .unwrap();
         gz.finish().unwrap();
     }
-    let o = nebula(&[
-        "backup",
-        "restore",
-        &cut.display().to_string(),
-        "--data-dir",
-        &data_s,
-        "--passphrase-file",
-        &pass_file.display().to_string(),
-    ]);
+    let o = restore(&cut, &data, &pass_file);
     assert!(
         !o.status.success() && text(&o).contains("cut short"),
         "{}",
@@ -280,27 +281,11 @@ async fn a_backup_taken_under_load_restores_into_a_new_data_dir_with_the_same_fl
         "no keys after a failed restore"
     );
 
-    let o = nebula(&[
-        "backup",
-        "restore",
-        &file.display().to_string(),
-        "--data-dir",
-        &data_s,
-        "--passphrase-file",
-        &pass_file.display().to_string(),
-    ]);
+    let o = restore(&file, &data, &pass_file);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("restored"), "{}", text(&o));
     // Again into the same dir: refused, nothing changed.
-    let o = nebula(&[
-        "backup",
-        "restore",
-        &file.display().to_string(),
-        "--data-dir",
-        &data_s,
-        "--passphrase-file",
-        &pass_file.display().to_string(),
-    ]);
+    let o = restore(&file, &data, &pass_file);
     assert!(
         !o.status.success() && text(&o).contains("exists already"),
         "{}",
