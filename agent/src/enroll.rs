@@ -69,6 +69,7 @@ pub async fn enroll(
                 name: e.name.clone(),
                 settings: Some(e.settings.clone()),
                 replicas: Vec::new(),
+                term: 0,
             };
             state.save(&st, &key, &e.cert_der, &e.ca_der)?;
             info!(node = %e.node_id, name = %e.name, labels = ?e.labels, "enrolled");

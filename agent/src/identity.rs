@@ -40,6 +40,14 @@ pub struct AgentState {
     /// turn when the connection is lost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<String>,
+    /// The highest leader term seen (1.10): a controller replica of a lower term is a deposed
+    /// leader, whose session and jobs are refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub term: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A loaded identity.
@@ -178,6 +186,19 @@ impl StateDir {
         self.write("agent.json", &json)
     }
 
+    /// Save the highest leader term seen (only ever raised).
+    pub fn save_term(&self, term: u64) -> Result<(), IdentityError> {
+        let path = self.dir.join("agent.json");
+        let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
+            .map_err(|_| IdentityError::Invalid(path.clone()))?;
+        if state.term >= term {
+            return Ok(());
+        }
+        state.term = term;
+        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+        self.write("agent.json", &json)
+    }
+
     /// Replace key and certificate (after renewal). Both are written in full as `*.next` files
     /// before either is renamed into place, and [`StateDir::load`] completes an interrupted swap,
     /// so a crash never leaves a key that does not match its certificate.
@@ -309,10 +330,15 @@ mod tests {
             name: "n1".into(),
             settings: None,
             replicas: Vec::new(),
+            term: 0,
         };
         sd.save(&state, &key, cert.der(), cert.der()).unwrap();
         let id = sd.load().unwrap();
         assert_eq!(id.state, state);
+        // The leader's term is only ever raised.
+        sd.save_term(7).unwrap();
+        sd.save_term(3).unwrap();
+        assert_eq!(sd.load().unwrap().state.term, 7);
         assert_eq!(id.cert_der, cert.der().to_vec());
         assert_eq!(id.key_der, key.serialize_der());
         #[cfg(unix)]

@@ -35,6 +35,7 @@ pub mod process;
 pub mod session;
 pub mod shell;
 pub mod telemetry;
+pub mod term;
 pub mod tls;
 pub mod update;
 #[cfg(windows)]
@@ -318,6 +319,8 @@ impl Agent {
             self.state.path(),
         )
         .map_err(|e| AgentError::Other(anyhow::Error::new(e).context("opening the job journal")))?;
+        // The highest leader term this node has seen, kept over restarts (replicas, 1.10).
+        let _ = runner.terms.admit(identity.state.term);
         let (monitors_tx, monitor_results) = monitors::spawn(
             self.config.docker.socket.clone(),
             &tracker,
@@ -353,6 +356,7 @@ impl Agent {
                 ai: ai_rx,
                 monitors: monitors_tx,
                 monitor_results,
+                terms: runner.terms.clone(),
             },
             shutdown.clone(),
         )

@@ -93,6 +93,8 @@ pub struct Channels {
     pub monitors: watch::Sender<Vec<nebula_protocol::monitors::MonitorSpec>>,
     /// Their results, sent in batches.
     pub monitor_results: tokio::sync::mpsc::Receiver<nebula_protocol::monitors::MonitorResult>,
+    /// The highest leader term seen (1.10), shared with the job runner.
+    pub terms: Arc<crate::term::Terms>,
 }
 
 /// The addresses to try, in order: the configured controller, every replica the controller
@@ -594,6 +596,24 @@ impl Session<'_> {
                     warn!("saving the replicas' addresses: {e}");
                 }
             }
+            Ok(ControllerMessage::Term(term)) => match channels.terms.admit(term) {
+                Ok(raised) => {
+                    debug!(term, "the leader's term");
+                    if raised {
+                        if let Err(e) = self.state.save_term(term) {
+                            warn!("saving the leader's term: {e}");
+                        }
+                    }
+                }
+                Err(why) => {
+                    warn!("leaving a deposed leader: {why}");
+                    self.conn.close(close::NORMAL.into(), why.as_bytes());
+                    return Ok(Some(SessionEnd::Lost {
+                        established: true,
+                        reason: format!("the controller is a deposed leader ({why})"),
+                    }));
+                }
+            },
             Ok(ControllerMessage::AgentReleases(list)) => {
                 debug!(count = list.len(), "the controller's agent builds");
                 channels.releases.send_replace(list);

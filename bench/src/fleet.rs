@@ -183,6 +183,7 @@ pub(crate) async fn enroll_one(
                 name: e.name,
                 settings: Some(e.settings),
                 replicas: Vec::new(),
+                term: 0,
             },
             key_der: key.serialize_der(),
             cert_der: e.cert_der,

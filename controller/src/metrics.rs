@@ -38,6 +38,8 @@ pub struct Metrics {
     pub connections_refused: Family<DropLabels, Counter>,
     /// Operations refused by authorization, by operation and front end.
     pub refused_ops: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Job-engine write batches refused because this replica no longer leads (its term).
+    pub job_writes_refused: Counter,
 }
 
 impl Metrics {
@@ -117,7 +119,15 @@ impl Metrics {
              front end (api, dashboard)",
             refused_ops.clone(),
         );
+        let job_writes_refused = Counter::default();
+        registry.register(
+            "job_writes_refused",
+            "Batches of job states and log lines refused because this replica no longer leads \
+             (a deposed leader's term)",
+            job_writes_refused.clone(),
+        );
         Metrics {
+            job_writes_refused,
             refused_ops,
             connections_refused,
             registry,

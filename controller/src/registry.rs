@@ -22,6 +22,8 @@ pub struct SessionInfo {
     pub connected_at: SystemTime,
     /// From this session's `Hello` (the store may not show it yet to a concurrent reader).
     pub agent_version: String,
+    /// The protocol minor the agent speaks (what it may be sent).
+    pub protocol_minor: u32,
 }
 
 struct Entry {
@@ -55,6 +57,7 @@ impl Registry {
         node: Uuid,
         name: String,
         agent_version: String,
+        protocol_minor: u32,
         conn: quinn::Connection,
     ) -> (u64, Option<quinn::Connection>) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -64,6 +67,7 @@ impl Registry {
             remote: conn.remote_address(),
             connected_at: SystemTime::now(),
             agent_version,
+            protocol_minor,
         };
         let old = self
             .lock()
@@ -154,6 +158,11 @@ impl Registry {
     /// The live connection of a node, to open job streams on.
     pub fn connection(&self, node: Uuid) -> Option<quinn::Connection> {
         self.lock().get(&node).map(|e| e.conn.clone())
+    }
+
+    /// The protocol minor of the node's session, when it has one.
+    pub fn protocol_minor(&self, node: Uuid) -> Option<u32> {
+        self.lock().get(&node).map(|e| e.info.protocol_minor)
     }
 
     pub fn is_online(&self, node: Uuid) -> bool {

@@ -417,7 +417,7 @@ mod tests {
                 err,
                 FrameError::UnknownVariant {
                     index: 9,
-                    known: 8,
+                    known: 9,
                     ..
                 }
             ),

@@ -40,6 +40,15 @@ pub enum JobControl {
     /// An interactive command in a container (1.6): not a stored job; followed by
     /// `containers::ExecInput` frames, answered with `containers::ExecOutput`s.
     Exec(crate::containers::ExecRequest),
+    /// A job from a leader of replicas on PostgreSQL (1.10), with the leader's term. The agent
+    /// keeps the highest term it has seen and refuses a job from a lower one (a deposed leader
+    /// that woke up): it answers `Finished` with [`JobStatus::Refused`] and a reason naming both
+    /// terms, runs nothing and keeps nothing in its journal (the real leader may send the same
+    /// job).
+    Fenced {
+        term: u64,
+        request: JobRequest,
+    },
 }
 
 /// One job for one agent. The first four fields are frozen in every major: see [`decode_request`].
@@ -276,7 +285,7 @@ pub struct GitRepository {
 
 impl crate::Message for JobControl {
     const NAME: &'static str = "JobControl";
-    const VARIANTS: Option<u32> = Some(5);
+    const VARIANTS: Option<u32> = Some(6);
 }
 
 impl crate::Message for JobEvent {
@@ -301,6 +310,8 @@ pub enum DecodedControl {
     UnknownKind {
         header: RequestHeader,
         kind: u32,
+        /// The leader's term when it came as [`JobControl::Fenced`].
+        term: Option<u64>,
     },
 }
 
@@ -309,10 +320,18 @@ pub fn decode_request(payload: &[u8]) -> Result<DecodedControl, FrameError> {
     match crate::decode::<JobControl>(payload) {
         Ok(c) => Ok(DecodedControl::Control(c)),
         Err(e) => {
-            // Variant 0 (`Request`), then the frozen header, then the kind's variant index.
+            // Variant 0 (`Request`), or 5 (`Fenced`) and its term, then the frozen header,
+            // then the kind's variant index.
             let cfg = bincode::config::standard().with_limit::<{ crate::DEFAULT_MAX_FRAME }>();
-            let Ok((0u32, used)) = bincode::decode_from_slice::<u32, _>(payload, cfg) else {
-                return Err(e);
+            let (term, used) = match bincode::decode_from_slice::<u32, _>(payload, cfg) {
+                Ok((0, used)) => (None, used),
+                Ok((5, used)) => {
+                    match bincode::decode_from_slice::<u64, _>(&payload[used..], cfg) {
+                        Ok((term, more)) => (Some(term), used + more),
+                        Err(_) => return Err(e),
+                    }
+                }
+                _ => return Err(e),
             };
             let Ok((header, more)) =
                 bincode::serde::decode_from_slice::<RequestHeader, _>(&payload[used..], cfg)
@@ -321,7 +340,7 @@ pub fn decode_request(payload: &[u8]) -> Result<DecodedControl, FrameError> {
             };
             match bincode::decode_from_slice::<u32, _>(&payload[used + more..], cfg) {
                 Ok((kind, _)) if kind >= JobSpec::KINDS => {
-                    Ok(DecodedControl::UnknownKind { header, kind })
+                    Ok(DecodedControl::UnknownKind { header, kind, term })
                 }
                 _ => Err(e),
             }
@@ -400,14 +419,32 @@ mod tests {
         // The kind is the last byte for `Inventory` (a unit variant): make it a future kind.
         *bytes.last_mut().unwrap() = JobSpec::KINDS as u8;
         match decode_request(&bytes).unwrap() {
-            DecodedControl::UnknownKind { header, kind } => {
+            DecodedControl::UnknownKind { header, kind, term } => {
                 assert_eq!(kind, JobSpec::KINDS);
                 assert_eq!(header.id, req.id);
                 assert_eq!(header.attempt, 2);
                 assert_eq!(header.logs_from, 3);
+                assert_eq!(term, None);
             }
             other => panic!("expected an unknown kind, got {other:?}"),
         }
+        // The same in a leader's fenced request (1.10): the term is read too.
+        let fenced = JobControl::Fenced {
+            term: 300,
+            request: req.clone(),
+        };
+        let mut bytes = crate::encode(&fenced).unwrap();
+        *bytes.last_mut().unwrap() = JobSpec::KINDS as u8;
+        match decode_request(&bytes).unwrap() {
+            DecodedControl::UnknownKind { header, kind, term } => {
+                assert_eq!((kind, header.id, term), (JobSpec::KINDS, req.id, Some(300)));
+            }
+            other => panic!("expected an unknown kind, got {other:?}"),
+        }
+        assert!(matches!(
+            decode_request(&crate::encode(&fenced).unwrap()).unwrap(),
+            DecodedControl::Control(JobControl::Fenced { term: 300, request }) if request == req
+        ));
         // Garbage stays an error.
         assert!(decode_request(&[0xff, 0xff, 0xff]).is_err());
         // A known request decodes normally.

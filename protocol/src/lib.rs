@@ -70,7 +70,10 @@ pub const CONTROLLER_SERVER_NAME: &str = "controller.nebula.internal";
 pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 9 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion {
+    major: 1,
+    minor: 10,
+};
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -307,6 +310,10 @@ pub enum ControllerMessage {
     /// `Welcome` and whenever the list changes. The agent keeps it and, when its connection is
     /// lost, tries the others in turn.
     Replicas(Vec<String>),
+    /// The term of the leader this session is with (1.10): sent after `Welcome` by a replica on
+    /// PostgreSQL. The agent keeps the highest term it has seen (across restarts); a session
+    /// with a lower one is a deposed leader's, and the agent leaves it for another replica.
+    Term(u64),
 }
 
 /// A type that travels as one frame.
@@ -337,7 +344,7 @@ message!(EnrollResponse, "EnrollResponse", 2);
 message!(Hello, "Hello");
 message!(ServerHello, "ServerHello", 2);
 message!(AgentMessage, "AgentMessage", 10);
-message!(ControllerMessage, "ControllerMessage", 8);
+message!(ControllerMessage, "ControllerMessage", 9);
 
 /// Errors reading or decoding a frame.
 #[derive(Debug, thiserror::Error)]

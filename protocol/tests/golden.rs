@@ -307,6 +307,7 @@ fn agent_messages() {
             error: None,
         }]),
     );
+    check("controller_term", &ControllerMessage::Term(42));
     check(
         "controller_replicas",
         &ControllerMessage::Replicas(vec![
@@ -597,6 +598,19 @@ fn job_control() {
                 },
             }),
         }),
+    );
+    check(
+        "job_fenced",
+        &JobControl::Fenced {
+            term: 42,
+            request: JobRequest {
+                id: job_id(),
+                attempt: 1,
+                deadline_unix_ms: Some(1_764_000_000_000),
+                logs_from: 0,
+                spec: JobSpec::Noop,
+            },
+        },
     );
     check(
         "job_infer",

@@ -280,6 +280,73 @@ async fn a_paused_leader_steps_down_when_it_wakes() {
     );
 }
 
+/// The agent keeps the highest leader term it has seen (protocol 1.10): it saves its leader's
+/// term, and a leader of a lower term (a deposed one that woke up, as far as the agent can
+/// tell) is refused: the agent leaves its session and runs none of its jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_leader_of_a_lower_term() {
+    use crate::common::{Agent, NodeStatus};
+    let Some(db) = PgDb::create() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let all = three(&db, work.path()).await;
+    let (lead, term) = leader(&all, &[true; 3], Duration::from_secs(20)).await;
+    let marks = work.path().join("marks");
+    let config = format!(
+        "[exec.commands.mark]\nargv = [\"sh\", \"-c\", \"echo run >> {}\"]\n",
+        marks.display()
+    );
+    let token = all[lead].token(1, "10m", serde_json::json!({})).await;
+    let dir = work.path().join("agent");
+    let state = dir.join("agent.json");
+    let read_state = || -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(&state).ok()?).ok()
+    };
+    let agent = Agent::join_with_config(&all[lead], &token, &dir, "box", &[], &config);
+    all[lead]
+        .wait_status("box", NodeStatus::Online, Duration::from_secs(20))
+        .await;
+    wait_for(
+        "the agent to save its leader's term",
+        Duration::from_secs(10),
+        || async { (read_state()?["term"].as_i64()? == term).then_some(()) },
+    )
+    .await;
+    drop(agent);
+    // As if a leader of a later term had been seen since.
+    let mut v = read_state().unwrap();
+    v["term"] = serde_json::json!(term + 100);
+    std::fs::write(&state, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let agent = Agent::run_with_config(&dir);
+    let (status, job) = all[lead]
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/jobs",
+            Some(serde_json::json!({"node": "box", "work": {"kind": "exec", "op": "mark"}})),
+        )
+        .await;
+    assert!((200..300).contains(&status), "{status} {job}");
+    let refusal = format!("term {term} is over");
+    wait_for(
+        "the agent to refuse the leader",
+        Duration::from_secs(20),
+        || async { agent.proc.output().contains(&refusal).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!marks.exists(), "a job of a lower term ran");
+    let (_, j) = all[lead]
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/jobs/{}", job["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_ne!(j["state"], "succeeded", "{j}");
+    assert_eq!(read_state().unwrap()["term"], term + 100, "never lowered");
+    let log = agent.proc.output();
+    assert!(log.contains("leaving a deposed leader"), "{log}");
+}
+
 /// The agent dials the leader and learns every replica's address; jobs are created through a
 /// follower's address (passed on to the leader) while the leader is killed: the agent moves
 /// to the new leader by itself, no job is lost or run twice, and the follower's API keeps
@@ -358,7 +425,7 @@ async fn agents_and_jobs_follow_the_leader_through_a_kill() {
     assert!(refused > 0, "the follower said 503 while no replica led");
     let mut alive = alive;
     alive[lead] = false;
-    let (now_leads, _) = leader(&all, &alive, Duration::from_secs(10)).await;
+    let (now_leads, new_term) = leader(&all, &alive, Duration::from_secs(10)).await;
     all[now_leads]
         .wait_status(
             "box",
@@ -367,6 +434,17 @@ async fn agents_and_jobs_follow_the_leader_through_a_kill() {
         )
         .await;
     let back = killed_at.unwrap().elapsed();
+    // The agent keeps the new leader's term (a higher one): the old leader's is refused now.
+    wait_for(
+        "the agent to save the new leader's term",
+        Duration::from_secs(10),
+        || async {
+            let state = std::fs::read_to_string(agent_dir.join("agent.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&state).ok()?;
+            (v["term"].as_i64()? == new_term).then_some(())
+        },
+    )
+    .await;
     // Every accepted job ends, succeeded, and ran once.
     for id in &ids {
         let path = format!("/api/v1/jobs/{id}");

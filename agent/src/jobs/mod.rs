@@ -84,6 +84,9 @@ pub struct JobRunner {
     exec_streams: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// The highest leader term seen (shared with the session): a fenced job of a lower term
+    /// is refused.
+    pub terms: Arc<crate::term::Terms>,
 }
 
 struct RunnerState {
@@ -264,6 +267,7 @@ impl JobRunner {
             }),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            terms: Arc::default(),
         }))
     }
 
@@ -316,8 +320,22 @@ impl JobRunner {
         };
         let req = match decode_request(&payload) {
             Ok(DecodedControl::Control(JobControl::Request(r))) => r,
-            Ok(DecodedControl::UnknownKind { header, kind }) => {
+            Ok(DecodedControl::Control(JobControl::Fenced { term, request })) => {
+                match self.terms.admit(term) {
+                    Ok(_) => request,
+                    Err(why) => {
+                        warn!(job = %request.id, term, "refusing a job from a deposed leader: {why}");
+                        refuse(&mut send, JobStatus::Refused, why).await;
+                        return;
+                    }
+                }
+            }
+            Ok(DecodedControl::UnknownKind { header, kind, term }) => {
                 warn!(job = %header.id, kind, "refusing a job of a kind this agent does not know");
+                if let Some(Err(why)) = term.map(|t| self.terms.admit(t)) {
+                    refuse(&mut send, JobStatus::Refused, why).await;
+                    return;
+                }
                 let result = JobResult::new(
                     JobStatus::Refused,
                     Some(format!(
@@ -528,7 +546,7 @@ impl JobRunner {
                             info!(%reason, "job cancelled by the controller");
                             running.cancel(reason);
                         }
-                        Ok(JobControl::Request(_) | JobControl::Infer(_) | JobControl::Logs(_) | JobControl::Exec(_)) => debug!("second request on a job stream ignored"),
+                        Ok(JobControl::Request(_) | JobControl::Fenced { .. } | JobControl::Infer(_) | JobControl::Logs(_) | JobControl::Exec(_)) => debug!("second request on a job stream ignored"),
                         Err(FrameError::Closed) => reading = false,
                         Err(e) => {
                             debug!("job stream lost ({e}); the run goes on");
@@ -668,6 +686,17 @@ impl JobRunner {
 }
 
 /// Write several events as one write (fewer packets for short jobs).
+/// Answer a request without running it (nothing goes to the journal) and end the stream.
+async fn refuse(send: &mut quinn::SendStream, status: JobStatus, why: String) {
+    let result = JobResult::new(status, Some(why));
+    let events = [
+        JobEvent::Accepted { resumed: false },
+        JobEvent::Finished(result),
+    ];
+    let _ = write_events(send, &events).await;
+    let _ = send.finish();
+}
+
 async fn write_events(send: &mut quinn::SendStream, events: &[JobEvent]) -> Result<(), FrameError> {
     let mut buf = Vec::new();
     for ev in events {

@@ -287,6 +287,12 @@ impl ControlPlane {
             logs_from: a.rec.logs_next,
             spec: a.rec.work.to_spec(),
         };
+        // An agent from 1.10 on gets the job with the leader's term (and refuses a lower one).
+        let fenced = a
+            .rec
+            .node_id
+            .and_then(|n| self.registry.protocol_minor(n))
+            .is_some_and(|m| m >= 10);
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(reason) = &a.cancel {
             let _ = tx.send(reason.clone());
@@ -300,7 +306,7 @@ impl ControlPlane {
                     return;
                 }
             }
-            stream::run(cp, conn, req, rx).await
+            stream::run(cp, conn, req, fenced, rx).await
         });
     }
 }

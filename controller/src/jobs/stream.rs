@@ -22,11 +22,14 @@ pub(super) async fn run(
     cp: Arc<ControlPlane>,
     conn: quinn::Connection,
     req: JobRequest,
+    fenced: bool,
     mut cancel: mpsc::UnboundedReceiver<String>,
 ) {
     let (id, attempt) = (req.id, req.attempt);
     let span = tracing::debug_span!("job", %id, attempt);
-    let why = follow(&cp, &conn, req, &mut cancel).instrument(span).await;
+    let why = follow(&cp, &conn, req, fenced, &mut cancel)
+        .instrument(span)
+        .await;
     if let Err(why) = why {
         cp.job_detached(id, attempt, &why);
     }
@@ -37,6 +40,7 @@ async fn follow(
     cp: &ControlPlane,
     conn: &quinn::Connection,
     req: JobRequest,
+    fenced: bool,
     cancel: &mut mpsc::UnboundedReceiver<String>,
 ) -> Result<(), String> {
     let (id, attempt) = (req.id, req.attempt);
@@ -59,7 +63,16 @@ async fn follow(
         .open_bi()
         .await
         .map_err(|e| format!("opening the job stream: {e}"))?;
-    let frame = proto::encode_frame(&JobControl::Request(req)).map_err(|e| e.to_string())?;
+    // With the term this replica leads in (on PostgreSQL): the agent refuses a lower one.
+    let term = cp.ha.term().filter(|_| fenced);
+    let control = match term {
+        Some(term) => JobControl::Fenced {
+            term: u64::try_from(term).unwrap_or_default(),
+            request: req,
+        },
+        None => JobControl::Request(req),
+    };
+    let frame = proto::encode_frame(&control).map_err(|e| e.to_string())?;
     let redacting = !redact.is_empty();
     send.write_all(&frame)
         .await

@@ -75,10 +75,28 @@ async fn commit(cp: &ControlPlane, writes: Vec<Write>) {
         }
     }
     let started = std::time::Instant::now();
+    // Job states and log lines are the leader's (replicas on PostgreSQL): they carry its term,
+    // and a replica that no longer leads has them refused (audit rows are anyone's).
+    let fence = if batch.jobs.is_empty() && batch.logs.is_empty() {
+        Ok(None)
+    } else {
+        cp.ha.fence().map_err(|e| e.to_string())
+    };
     let mut delay = Duration::from_millis(100);
     loop {
-        match cp.store.write_job_batch(&batch).await {
+        let written = match &fence {
+            Ok(f) => cp.store.write_job_batch_fenced(&batch, f.as_ref()).await,
+            Err(why) => {
+                refused(cp, batch, why).await;
+                return;
+            }
+        };
+        match written {
             Ok(()) => break,
+            Err(e @ crate::store::StoreError::Fenced { .. }) => {
+                refused(cp, batch, &e.to_string()).await;
+                return;
+            }
             Err(e) => {
                 warn!(
                     jobs = batch.jobs.len(),
@@ -115,5 +133,27 @@ async fn commit(cp: &ControlPlane, writes: Vec<Write>) {
         if let Some(c) = committed {
             c.send_replace(true);
         }
+    }
+}
+
+/// A deposed leader's batch: its job states and log lines are dropped (the leader has the jobs
+/// from the store and delivers them again; agents answer from their journals), its audit rows
+/// still go in. Nobody waiting on these writes hears they were committed.
+async fn refused(cp: &ControlPlane, batch: JobBatch, why: &str) {
+    warn!(
+        jobs = batch.jobs.len(),
+        logs = batch.logs.len(),
+        "job writes refused, this replica does not lead: {why}"
+    );
+    cp.metrics.job_writes_refused.inc();
+    if batch.audit.is_empty() {
+        return;
+    }
+    let audit = JobBatch {
+        audit: batch.audit,
+        ..JobBatch::default()
+    };
+    if let Err(e) = cp.store.write_job_batch(&audit).await {
+        warn!("writing audit rows: {:#}", anyhow::Error::from(e));
     }
 }

@@ -57,6 +57,10 @@ pub(super) async fn session_connection(
     let result = async {
         info!(%remote, agent_version = %hello.agent_version, "node online");
         session.welcome().await?;
+        // Agents from 1.10 on keep the highest leader term seen and refuse a lower one.
+        if version.minor >= 10 {
+            session.term().await?;
+        }
         // Agents from 1.3 on hear which agent builds this controller serves (self-update).
         let releases = (version.minor >= 3).then(|| {
             let mut rx = cp.releases.subscribe();
@@ -174,6 +178,7 @@ impl<'a> Session<'a> {
             node_id,
             node.name.clone(),
             hello.agent_version.clone(),
+            u32::from(version.minor),
             conn.clone(),
         );
         cp.metrics
@@ -220,6 +225,15 @@ impl<'a> Session<'a> {
             settings: cp.session_settings(),
         });
         proto::write_message(&mut self.send, &welcome).await?;
+        Ok(())
+    }
+
+    /// Say this replica's term as leader (replicas on PostgreSQL; nothing on SQLite).
+    async fn term(&mut self) -> anyhow::Result<()> {
+        if let Some(term) = self.cp.ha.term() {
+            let msg = ControllerMessage::Term(u64::try_from(term).unwrap_or_default());
+            proto::write_message(&mut self.send, &msg).await?;
+        }
         Ok(())
     }
 

@@ -56,6 +56,17 @@ const JOB_COLS: usize = 23;
 impl Store {
     /// Write a batch in one transaction.
     pub async fn write_job_batch(&self, batch: &JobBatch) -> Result<(), StoreError> {
+        self.write_job_batch_fenced(batch, None).await
+    }
+
+    /// [`Store::write_job_batch`] in a transaction only the holder of `fence` may commit
+    /// (replicas on PostgreSQL): a deposed leader's job states, log lines and audit rows are
+    /// refused with [`StoreError::Fenced`] and nothing is written.
+    pub async fn write_job_batch_fenced(
+        &self,
+        batch: &JobBatch,
+        fence: Option<&super::lease::Fence>,
+    ) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -65,7 +76,7 @@ impl Store {
             super::Backend::Sqlite => (32, 64),
             super::Backend::Postgres => (32, 100),
         };
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_fenced(fence).await?;
         for chunk in batch.jobs.chunks(job_rows) {
             let mut sql = format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES ");
             push_placeholders(&mut sql, self.backend, chunk.len(), JOB_COLS);

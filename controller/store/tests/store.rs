@@ -1032,7 +1032,8 @@ async fn a_dump_loads_into_an_empty_database_of_either_engine_row_for_row() {
 }
 
 /// The lease: one holder at a time, a higher term on every takeover, renewals only by the
-/// holder under its term, a deposed leader's write refused in its own transaction, a takeover
+/// holder under its term, a deposed leader's write (a job batch included) refused in its own
+/// transaction, a takeover
 /// waiting for a leader write in progress, and a release announced to listeners.
 #[tokio::test]
 async fn the_leader_lease_fences_writes_by_term() {
@@ -1084,6 +1085,23 @@ async fn the_leader_lease_fences_writes_by_term() {
         ),
     }
     assert_eq!(s.lease().await.unwrap().unwrap().holder, "b");
+    // The job engine's writes too: a's batch is refused whole, b's lands.
+    let stale = job(1, "n1");
+    let batch = nebula_store::jobs::JobBatch {
+        jobs: vec![stale.clone()],
+        logs: Vec::new(),
+        audit: Vec::new(),
+    };
+    assert!(matches!(
+        s.write_job_batch_fenced(&batch, Some(&a)).await,
+        Err(StoreError::Fenced {
+            term: 1,
+            current: 2
+        })
+    ));
+    assert!(s.job(stale.id).await.unwrap().is_none(), "nothing written");
+    s.write_job_batch_fenced(&batch, Some(&b)).await.unwrap();
+    assert!(s.job(stale.id).await.unwrap().is_some());
 
     // A takeover waits for the write b has under way, so that write lands under term 2.
     let tx = s.begin_fenced(Some(&b)).await.unwrap();
