@@ -102,6 +102,17 @@ impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
     pub const KINDS: u32 = 12;
 
+    /// The service a deploy or an undeploy changes (one at a time per service on a node).
+    pub fn deploy_service(&self) -> Option<&str> {
+        match self {
+            JobSpec::Deploy(d) => Some(&d.service),
+            JobSpec::DeployWithHostAccess(d) => Some(&d.deploy.service),
+            JobSpec::DeployWithFiles(d) => Some(&d.deploy.service),
+            JobSpec::Undeploy(u) => Some(&u.service),
+            _ => None,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             JobSpec::Noop => "noop",

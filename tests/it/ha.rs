@@ -542,7 +542,7 @@ async fn chaos_ten_leader_kills_during_applies_and_job_streams() {
         marks.display()
     );
     let token = all[lead].token(1, "10m", serde_json::json!({})).await;
-    let _agent = crate::common::Agent::join_with_config(
+    let agent = crate::common::Agent::join_with_config(
         &all[lead],
         &token,
         &work.path().join("agent"),
@@ -591,16 +591,7 @@ async fn chaos_ten_leader_kills_during_applies_and_job_streams() {
         )
         .await;
         let back = killed.elapsed();
-        wait_for(
-            &format!("round {round}: the service to converge"),
-            Duration::from_secs(60),
-            || async {
-                let list: Vec<serde_json::Value> = e.get_as("/api/v1/services").await;
-                let w = list.into_iter().find(|s| s["name"] == "worker")?;
-                (w["status"] == "converged" && w["running"] == 2).then_some(())
-            },
-        )
-        .await;
+        converged(e, round, &all, &agent.proc).await;
         let running = docker::docker(&[
             "ps",
             "-a",
@@ -663,6 +654,48 @@ async fn chaos_ten_leader_kills_during_applies_and_job_streams() {
         lead = next;
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// Wait until the `worker` service is converged with its two containers; on a timeout, say
+/// what the service, its deploys and every replica's log showed.
+async fn converged(e: &Controller, round: usize, all: &[Controller], agent: &crate::common::Proc) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list: Vec<serde_json::Value> = e.get_as("/api/v1/services").await;
+        let w = list.into_iter().find(|s| s["name"] == "worker");
+        if w.as_ref()
+            .is_some_and(|w| w["status"] == "converged" && w["running"] == 2)
+        {
+            return;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = all
+                .iter()
+                .map(|c| {
+                    c.proc
+                        .output()
+                        .lines()
+                        .filter(|l| {
+                            l.contains("deploy") || l.contains("leader") || l.contains("WARN")
+                        })
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .collect();
+            let agent_log = agent.output();
+            let agent: Vec<&str> = agent_log
+                .lines()
+                .filter(|l| l.contains("job") || l.contains("deploy") || l.contains("WARN"))
+                .collect::<Vec<_>>();
+            panic!(
+                "round {round}: the service did not converge within 60 s: {w:?}\nreplica logs:\n{}\n----\nagent:\n{}",
+                logs.join("\n----\n"),
+                agent.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Every `exec` job the store has (accepted ones, and any whose answer was lost with the

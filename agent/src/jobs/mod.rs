@@ -92,6 +92,7 @@ pub struct JobRunner {
 struct RunnerState {
     journal: Journal,
     running: HashMap<RunKey, Arc<Running>>,
+    service_locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl std::fmt::Debug for JobRunner {
@@ -264,11 +265,23 @@ impl JobRunner {
             state: Mutex::new(RunnerState {
                 journal,
                 running: HashMap::new(),
+                service_locks: HashMap::new(),
             }),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             terms: Arc::default(),
         }))
+    }
+
+    /// The lock a service's deploys and undeploys take on this node.
+    fn service_lock(&self, service: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut st = self.lock();
+        // Locks nobody holds or waits for go (a service removed from the map).
+        st.service_locks.retain(|_, l| Arc::strong_count(l) > 1);
+        st.service_locks
+            .entry(service.to_owned())
+            .or_default()
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RunnerState> {
@@ -577,6 +590,19 @@ impl JobRunner {
             running: running.clone(),
             deadline,
             docker_socket: self.config.docker.socket.clone(),
+        };
+        // One deploy or undeploy of a service at a time: a second one (sent by a new leader
+        // that did not know of the first, or by hand) waits, then finds the first's work done.
+        let service_lock = req.spec.deploy_service().map(|s| self.service_lock(s));
+        let _service = match &service_lock {
+            Some(lock) => tokio::select! {
+                g = lock.lock() => Some(g),
+                stop = ctx.stopped() => {
+                    self.finish(key, &running, stop.result(), !req.spec.is_read_only());
+                    return;
+                }
+            },
+            None => None,
         };
         let permit = tokio::select! {
             p = self.slots.clone().acquire_owned() => p.ok(),

@@ -271,6 +271,17 @@ impl ControlPlane {
                 }
             }
         }
+        // A deploy job without its history row (a leader died between writing the two): its
+        // service stays claimed until the job ends, so no second deploy starts beside it.
+        let claimed: std::collections::HashSet<Uuid> = (self.desired.lock().in_flight.values())
+            .map(|f| f.job)
+            .collect();
+        for (job, service, node) in self.jobs.unfinished_deploys() {
+            if !claimed.contains(&job) {
+                tracing::warn!(%job, %service, %node, "a deploy job without its history row: the service waits for it");
+                reconciler::watch_unrecorded(self.clone(), job, service, node);
+            }
+        }
         if let Some(path) = self.config.service_map.clone() {
             reconciler::apply_file(self, &path).await;
         }

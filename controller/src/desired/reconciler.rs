@@ -495,6 +495,40 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
     });
 }
 
+/// Hold a service's claim on a node while a deploy job that has no history row runs (see
+/// `load_desired`), then plan again.
+pub(super) fn watch_unrecorded(cp: Arc<ControlPlane>, job: Uuid, service: String, node: String) {
+    let key = (service, node);
+    cp.desired
+        .lock()
+        .in_flight
+        .insert(key.clone(), InFlight { job });
+    let shutdown = cp.shutdown.clone();
+    cp.tracker.clone().spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = cp.wait_job(job, Duration::from_secs(3600)) => match r {
+                    Ok(rec) if rec.state.is_terminal() => break,
+                    Ok(_) => continue,
+                    Err(OpError::NotFound(_)) => break,
+                    Err(e) => {
+                        warn!(%job, "watching a deploy job: {e}");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                },
+            }
+        }
+        {
+            let mut st = cp.desired.lock();
+            if st.in_flight.get(&key).is_some_and(|f| f.job == job) {
+                st.in_flight.remove(&key);
+            }
+        }
+        cp.desired.kick("a deploy finished");
+    });
+}
+
 impl ControlPlane {
     /// What runs: every node (an offline one only within `job_lost_grace` of leaving) with the
     /// managed containers that carry its id, from telemetry; deploys in flight; failed revisions;

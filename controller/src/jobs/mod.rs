@@ -188,6 +188,20 @@ impl JobTable {
         self.kick();
     }
 
+    /// Unfinished deploy and undeploy jobs: id, service and node.
+    pub(crate) fn unfinished_deploys(&self) -> Vec<(Uuid, String, String)> {
+        self.lock()
+            .active
+            .values()
+            .filter_map(|a| match (&a.rec.target, a.rec.work.deploy_service()) {
+                (Target::Node(node), Some(service)) => {
+                    Some((a.rec.id, service.to_owned(), node.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Unfinished jobs right now.
     pub fn active_count(&self) -> usize {
         self.lock().active.len()

@@ -146,6 +146,17 @@ pub enum ModelActionKind {
 }
 
 impl Work {
+    /// The service a deploy or an undeploy job changes.
+    pub fn deploy_service(&self) -> Option<&str> {
+        match self {
+            Work::Deploy(d) => Some(&d.service),
+            Work::DeployWithHostAccess(d) => Some(&d.deploy.service),
+            Work::DeployWithFiles(d) => Some(&d.deploy.service),
+            Work::Undeploy(u) => Some(&u.service),
+            _ => None,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Work::Noop => "noop",
