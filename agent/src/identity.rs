@@ -149,54 +149,62 @@ impl StateDir {
         self.write("agent.json", &json)
     }
 
+    /// Read `agent.json`, change it, and write it back when `change` says it changed. One at a
+    /// time in this process (the session and the job runner both save to it).
+    fn update_state(
+        &self,
+        change: impl FnOnce(&mut AgentState) -> bool,
+    ) -> Result<(), IdentityError> {
+        static AGENT_JSON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = AGENT_JSON.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.dir.join("agent.json");
+        let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
+            .map_err(|_| IdentityError::Invalid(path.clone()))?;
+        if !change(&mut state) {
+            return Ok(());
+        }
+        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+        self.write("agent.json", &json)
+    }
+
     /// Save new session settings from the controller.
     pub fn save_settings(
         &self,
         settings: &nebula_protocol::SessionSettings,
     ) -> Result<(), IdentityError> {
-        let path = self.dir.join("agent.json");
-        let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
-            .map_err(|_| IdentityError::Invalid(path.clone()))?;
-        state.settings = Some(settings.clone());
-        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
-        self.write("agent.json", &json)
+        self.update_state(|state| {
+            state.settings = Some(settings.clone());
+            true
+        })
     }
 
     /// Put the leader a replica named (turning this agent away) first among the replicas, so
     /// that it is tried next.
     pub fn remember_leader(&self, addr: &str) -> Result<(), IdentityError> {
-        let path = self.dir.join("agent.json");
-        let state: AgentState = serde_json::from_slice(&self.read(&path)?)
-            .map_err(|_| IdentityError::Invalid(path.clone()))?;
-        let mut list = vec![addr.to_owned()];
-        list.extend(state.replicas.into_iter().filter(|r| r != addr).take(63));
-        self.save_replicas(&list)
+        self.update_state(|state| {
+            let mut list = vec![addr.to_owned()];
+            list.extend(state.replicas.drain(..).filter(|r| r != addr).take(63));
+            state.replicas = list;
+            true
+        })
     }
 
     /// Save the replicas' addresses the controller sent.
     pub fn save_replicas(&self, replicas: &[String]) -> Result<(), IdentityError> {
-        let path = self.dir.join("agent.json");
-        let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
-            .map_err(|_| IdentityError::Invalid(path.clone()))?;
-        if state.replicas == replicas {
-            return Ok(());
-        }
-        state.replicas = replicas.to_vec();
-        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
-        self.write("agent.json", &json)
+        self.update_state(|state| {
+            let changed = state.replicas != replicas;
+            state.replicas = replicas.to_vec();
+            changed
+        })
     }
 
     /// Save the highest leader term seen (only ever raised).
     pub fn save_term(&self, term: u64) -> Result<(), IdentityError> {
-        let path = self.dir.join("agent.json");
-        let mut state: AgentState = serde_json::from_slice(&self.read(&path)?)
-            .map_err(|_| IdentityError::Invalid(path.clone()))?;
-        if state.term >= term {
-            return Ok(());
-        }
-        state.term = term;
-        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
-        self.write("agent.json", &json)
+        self.update_state(|state| {
+            let raised = term > state.term;
+            state.term = state.term.max(term);
+            raised
+        })
     }
 
     /// Replace key and certificate (after renewal). Both are written in full as `*.next` files

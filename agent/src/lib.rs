@@ -320,7 +320,7 @@ impl Agent {
         )
         .map_err(|e| AgentError::Other(anyhow::Error::new(e).context("opening the job journal")))?;
         // The highest leader term this node has seen, kept over restarts (replicas, 1.10).
-        let _ = runner.terms.admit(identity.state.term);
+        runner.terms.keep_in(self.state.path(), identity.state.term);
         let (monitors_tx, monitor_results) = monitors::spawn(
             self.config.docker.socket.clone(),
             &tracker,

@@ -597,14 +597,7 @@ impl Session<'_> {
                 }
             }
             Ok(ControllerMessage::Term(term)) => match channels.terms.admit(term) {
-                Ok(raised) => {
-                    debug!(term, "the leader's term");
-                    if raised {
-                        if let Err(e) = self.state.save_term(term) {
-                            warn!("saving the leader's term: {e}");
-                        }
-                    }
-                }
+                Ok(_) => debug!(term, "the leader's term"),
                 Err(why) => {
                     warn!("leaving a deposed leader: {why}");
                     self.conn.close(close::NORMAL.into(), why.as_bytes());

@@ -6,28 +6,38 @@
 //! in its state file, and refuses a lower one: a leader that was paused past its lease and woke
 //! up after another took over cannot make this node act.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// The highest leader term seen.
 #[derive(Debug, Default)]
 pub struct Terms {
     highest: AtomicU64,
+    /// The state dir a raised term is saved in.
+    state: OnceLock<PathBuf>,
 }
 
 impl Terms {
-    /// Start from the term kept in the state file (0 when none).
     pub fn new(highest: u64) -> Self {
         Terms {
             highest: AtomicU64::new(highest),
+            state: OnceLock::new(),
         }
+    }
+
+    /// Start from the term saved in this state dir, and save every raised term there.
+    pub fn keep_in(&self, dir: &Path, saved: u64) {
+        let _ = self.state.set(dir.to_owned());
+        self.highest.fetch_max(saved, Ordering::SeqCst);
     }
 
     pub fn highest(&self) -> u64 {
         self.highest.load(Ordering::SeqCst)
     }
 
-    /// May a leader of `term` act here? `Ok(true)` when it raised the highest term (to be saved),
-    /// `Ok(false)` when it equals it, and the reason when it is lower.
+    /// May a leader of `term` act here? `Ok(true)` when it raised the highest term (saved in
+    /// the state dir), `Ok(false)` when it equals it, and the reason when it is lower.
     pub fn admit(&self, term: u64) -> Result<bool, String> {
         let before = self.highest.fetch_max(term, Ordering::SeqCst);
         if term < before {
@@ -35,7 +45,13 @@ impl Terms {
                 "term {term} is over: this agent has seen the leader of term {before}"
             ));
         }
-        Ok(term > before)
+        let raised = term > before;
+        if let (true, Some(dir)) = (raised, self.state.get()) {
+            if let Err(e) = crate::identity::StateDir::new(dir).save_term(term) {
+                tracing::warn!("saving the leader's term: {e}");
+            }
+        }
+        Ok(raised)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Jobs: the one stream per job between the controller and an agent.
 //!
-//! The controller opens a bidirectional stream per job and sends [`JobControl::Request`] first;
-//! it may send [`JobControl::Cancel`] later on the same stream. The agent answers with
+//! The controller opens a bidirectional stream per job and sends [`JobControl::Request`] first
+//! ([`JobControl::Fenced`], the request with the leader's term, from a leader of replicas to a
+//! 1.10 agent); it may send [`JobControl::Cancel`] later on the same stream. The agent answers with
 //! [`JobEvent`]s: `Accepted` (it has the job; `resumed` when the job was already running or done
 //! here), `Started` (a concurrency slot was free and the work began), any number of `Log` and
 //! `Progress`, and one `Finished`, after which it finishes the stream.

@@ -40,6 +40,9 @@ pub mod probe;
 pub mod storage;
 pub mod wake;
 
+#[cfg(test)]
+mod fenced_tests;
+
 pub use journal::{Journal, RunKey};
 
 /// The cancel reason of runs stopped because the agent stops: they end `Interrupted`, so the
@@ -349,22 +352,11 @@ impl JobRunner {
                     refuse(&mut send, JobStatus::Refused, why).await;
                     return;
                 }
-                let result = JobResult::new(
-                    JobStatus::Refused,
-                    Some(format!(
-                        "job kind #{kind} is not supported by nebula-agent {}; upgrade the agent",
-                        crate::version()
-                    )),
+                let why = format!(
+                    "job kind #{kind} is not supported by nebula-agent {}; upgrade the agent",
+                    crate::version()
                 );
-                let _ = write_events(
-                    &mut send,
-                    &[
-                        JobEvent::Accepted { resumed: false },
-                        JobEvent::Finished(result),
-                    ],
-                )
-                .await;
-                let _ = send.finish();
+                refuse(&mut send, JobStatus::Refused, why).await;
                 return;
             }
             Ok(DecodedControl::Control(JobControl::Infer(r))) => {
@@ -711,7 +703,6 @@ impl JobRunner {
     }
 }
 
-/// Write several events as one write (fewer packets for short jobs).
 /// Answer a request without running it (nothing goes to the journal) and end the stream.
 async fn refuse(send: &mut quinn::SendStream, status: JobStatus, why: String) {
     let result = JobResult::new(status, Some(why));
@@ -723,6 +714,7 @@ async fn refuse(send: &mut quinn::SendStream, status: JobStatus, why: String) {
     let _ = send.finish();
 }
 
+/// Write several events as one write (fewer packets for short jobs).
 async fn write_events(send: &mut quinn::SendStream, events: &[JobEvent]) -> Result<(), FrameError> {
     let mut buf = Vec::new();
     for ev in events {

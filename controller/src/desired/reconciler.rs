@@ -441,6 +441,11 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
             .as_ref()
             .map(|r| r.previous.clone())
             .unwrap_or_else(|| d.previous.clone());
+        // A replica that no longer leads leaves the outcome to the leader, which watches the
+        // same deployment since it took over.
+        if cp.ha.fence().is_err() {
+            return;
+        }
         let now = millis(SystemTime::now());
         let stored = if outcome == "unchanged" {
             cp.store.delete_deployment(d.id).await
@@ -499,10 +504,13 @@ pub(super) fn watch_deploy(cp: Arc<ControlPlane>, d: DeploymentRecord) {
 /// `load_desired`), then plan again.
 pub(super) fn watch_unrecorded(cp: Arc<ControlPlane>, job: Uuid, service: String, node: String) {
     let key = (service, node);
-    cp.desired
-        .lock()
-        .in_flight
-        .insert(key.clone(), InFlight { job });
+    {
+        let mut st = cp.desired.lock();
+        if st.in_flight.contains_key(&key) {
+            return;
+        }
+        st.in_flight.insert(key.clone(), InFlight { job });
+    }
     let shutdown = cp.shutdown.clone();
     cp.tracker.clone().spawn(async move {
         loop {

@@ -72,9 +72,12 @@ pub struct JobTable {
     inner: Mutex<TableInner>,
     /// The scheduler's "run now".
     pub(crate) kick: crate::tasks::Activator,
-    writes: mpsc::UnboundedSender<Write>,
-    writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
+    writes: mpsc::UnboundedSender<(u64, Write)>,
+    writes_rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, Write)>>>,
     nodes: Mutex<Option<Arc<Vec<NodeMeta>>>>,
+    /// Raised at every take-over: writes queued before it are dropped by the writer (the new
+    /// leadership read the jobs from the store; an older write may undo another leader's).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -147,6 +150,7 @@ impl Default for JobTable {
             writes: tx,
             writes_rx: Mutex::new(Some(rx)),
             nodes: Mutex::new(None),
+            epoch: Default::default(),
         }
     }
 }
@@ -155,7 +159,14 @@ impl JobTable {
     /// Forget every unfinished job (a replica taking over reads them again from the store:
     /// what it loaded at its start may have been finished by the leader since).
     pub(crate) fn forget_all(&self) {
-        *self.lock() = TableInner::default();
+        let mut t = self.lock();
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *t = TableInner::default();
+    }
+
+    /// The current epoch (see `epoch`).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
@@ -209,7 +220,7 @@ impl JobTable {
 
     fn write(&self, w: Write) {
         // The writer lives as long as the controller; after shutdown, writes are dropped.
-        let _ = self.writes.send(w);
+        let _ = self.writes.send((self.epoch(), w));
     }
 
     /// Queue a job's current record for the writer (and its watchers, after the commit).
@@ -399,7 +410,10 @@ impl ControlPlane {
         );
         // Answer once the job is stored.
         if wait.wait_for(|c| *c).await.is_err() {
-            return Err(OpError::Invalid("the controller is shutting down".into()));
+            return Err(OpError::Conflict(
+                "the job was not stored: this controller stopped leading or is shutting down; try again"
+                    .into(),
+            ));
         }
         Ok(rec)
     }
@@ -432,6 +446,7 @@ impl ControlPlane {
         let until = tokio::time::Instant::now() + timeout;
         let Some(mut w) = self.watch_job(id) else {
             // Finished, or finishing: its final record may still be on its way to the store.
+            let mut pause = Duration::from_millis(10);
             loop {
                 let rec = self
                     .store
@@ -446,7 +461,10 @@ impl ControlPlane {
                     let left = until.saturating_duration_since(tokio::time::Instant::now());
                     return Box::pin(self.wait_job(id, left)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // Soon for a final record on its way to the store, then slower (a replica
+                // that stopped leading waits for the leader to finish the job).
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
         };
         loop {
@@ -456,8 +474,12 @@ impl ControlPlane {
             }
             match tokio::time::timeout_at(until, w.record.changed()).await {
                 Ok(Ok(())) => {}
-                // Every sender is gone only after the final record was sent and seen above.
-                Ok(Err(_)) => return Ok((*w.record.borrow().clone()).clone()),
+                // Every sender is gone: the final record was sent and seen above, or this
+                // replica dropped the job (it stopped leading): the store has the rest.
+                Ok(Err(_)) => {
+                    let left = until.saturating_duration_since(tokio::time::Instant::now());
+                    return Box::pin(self.wait_job(id, left)).await;
+                }
                 Err(_) => return Ok((*rec).clone()),
             }
         }

@@ -55,8 +55,10 @@ async fn follow(
         }
     };
     // A replica whose lease may have run out (it was paused, or could not renew) sends
-    // nothing: the next leader delivers the job from the store.
-    if !cp.ha.lease_valid() {
+    // nothing: the next leader delivers the job from the store. The term is read with that
+    // check: a step-down while the stream opens cannot make the job go without it.
+    let term = cp.ha.term();
+    if !cp.ha.lease_valid() || (cp.ha.replicated() && term.is_none()) {
         return Err("this replica's leadership ran out before the job was sent".into());
     }
     let (mut send, mut recv) = conn
@@ -64,7 +66,7 @@ async fn follow(
         .await
         .map_err(|e| format!("opening the job stream: {e}"))?;
     // With the term this replica leads in (on PostgreSQL): the agent refuses a lower one.
-    let term = cp.ha.term().filter(|_| fenced);
+    let term = term.filter(|_| fenced);
     let control = match term {
         Some(term) => JobControl::Fenced {
             term: u64::try_from(term).unwrap_or_default(),

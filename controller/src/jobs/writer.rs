@@ -24,7 +24,7 @@ pub async fn writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
     else {
         return;
     };
-    let mut buf: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    let mut buf: Vec<(u64, Write)> = Vec::with_capacity(MAX_BATCH);
     loop {
         let got = tokio::select! {
             n = rx.recv_many(&mut buf, MAX_BATCH) => n,
@@ -45,7 +45,21 @@ pub async fn writer(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
     }
 }
 
-async fn commit(cp: &ControlPlane, writes: Vec<Write>) {
+async fn commit(cp: &ControlPlane, writes: Vec<(u64, Write)>) {
+    // Queued before a take-over: the new leadership read the jobs from the store since.
+    let epoch = cp.jobs.epoch();
+    let before = writes.len();
+    let writes: Vec<Write> = writes
+        .into_iter()
+        .filter(|(e, w)| *e == epoch || matches!(w, Write::Audit(_)))
+        .map(|(_, w)| w)
+        .collect();
+    if writes.len() < before {
+        warn!(
+            dropped = before - writes.len(),
+            "job writes queued before this replica took over were dropped"
+        );
+    }
     if writes.is_empty() {
         return;
     }

@@ -59,7 +59,9 @@ impl Store {
     }
 
     /// Take the lease when it is free (never held, released, or expired): the new term, or
-    /// `None` while another replica holds it.
+    /// `None` while another replica holds it. A term is the database clock's millisecond at
+    /// the takeover, and at least one more than the last: a database restored from a backup,
+    /// or a new one, never goes back to a term agents have already seen.
     pub async fn lease_acquire(
         &self,
         holder: &str,
@@ -68,8 +70,9 @@ impl Store {
         self.require_postgres()?;
         let row = sqlx::query(&format!(
             "INSERT INTO leader_lease (id, holder, term, expires_at, renewed_at) \
-             VALUES (1, $1, 1, {NOW_MS} + $2, {NOW_MS}) \
-             ON CONFLICT (id) DO UPDATE SET holder = $1, term = leader_lease.term + 1, \
+             VALUES (1, $1, {NOW_MS}, {NOW_MS} + $2, {NOW_MS}) \
+             ON CONFLICT (id) DO UPDATE SET holder = $1, \
+               term = GREATEST(leader_lease.term + 1, {NOW_MS}), \
                expires_at = {NOW_MS} + $2, renewed_at = {NOW_MS} \
              WHERE leader_lease.holder = '' OR leader_lease.expires_at < {NOW_MS} \
              RETURNING term"

@@ -1042,18 +1042,28 @@ async fn the_leader_lease_fences_writes_by_term() {
     let Some((s, _db)) = postgres().await else {
         return;
     };
+    // A term is the database clock's millisecond at the takeover (a restored or new database
+    // never goes back to a term agents have seen), and at least one more than the last.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t1 = s.lease_acquire("a", 300).await.unwrap().unwrap();
+    assert!(
+        t1 >= before - 60_000,
+        "{t1} is not the clock's millisecond ({before})"
+    );
     let a = Fence {
         holder: "a".into(),
-        term: 1,
+        term: t1,
     };
-    assert_eq!(s.lease_acquire("a", 300).await.unwrap(), Some(1));
     assert_eq!(s.lease_acquire("b", 60_000).await.unwrap(), None, "held");
     assert!(s.lease_renew(&a, 300).await.unwrap());
     assert!(!s
         .lease_renew(
             &Fence {
                 holder: "b".into(),
-                term: 1
+                term: t1
             },
             300
         )
@@ -1066,19 +1076,17 @@ async fn the_leader_lease_fences_writes_by_term() {
         .await
         .unwrap();
 
-    // a pauses past its lease; b takes over under term 2.
+    // a pauses past its lease; b takes over under a higher term.
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    assert_eq!(s.lease_acquire("b", 300).await.unwrap(), Some(2));
+    let t2 = s.lease_acquire("b", 300).await.unwrap().unwrap();
+    assert!(t2 > t1);
     let b = Fence {
         holder: "b".into(),
-        term: 2,
+        term: t2,
     };
     assert!(!s.lease_renew(&a, 300).await.unwrap(), "a's term is over");
     match s.begin_fenced(Some(&a)).await {
-        Err(StoreError::Fenced {
-            term: 1,
-            current: 2,
-        }) => {}
+        Err(StoreError::Fenced { term, current }) if term == t1 && current == t2 => {}
         other => panic!(
             "a deposed leader's write went ahead: {:?}",
             other.map(|_| ())
@@ -1094,16 +1102,13 @@ async fn the_leader_lease_fences_writes_by_term() {
     };
     assert!(matches!(
         s.write_job_batch_fenced(&batch, Some(&a)).await,
-        Err(StoreError::Fenced {
-            term: 1,
-            current: 2
-        })
+        Err(StoreError::Fenced { term, current }) if term == t1 && current == t2
     ));
     assert!(s.job(stale.id).await.unwrap().is_none(), "nothing written");
     s.write_job_batch_fenced(&batch, Some(&b)).await.unwrap();
     assert!(s.job(stale.id).await.unwrap().is_some());
 
-    // A takeover waits for the write b has under way, so that write lands under term 2.
+    // A takeover waits for the write b has under way, so that write lands under b's term.
     let tx = s.begin_fenced(Some(&b)).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let c = tokio::spawn({
@@ -1113,13 +1118,14 @@ async fn the_leader_lease_fences_writes_by_term() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!c.is_finished(), "the takeover waited for the fenced write");
     tx.commit().await.unwrap();
-    assert_eq!(c.await.unwrap(), Some(3));
+    let t3 = c.await.unwrap().unwrap();
+    assert!(t3 > t2);
 
     // A release is heard at once, and the lease is free.
     let mut heard = s.listen(&[LEADER_CHANNEL]).await.unwrap();
     let c3 = Fence {
         holder: "c".into(),
-        term: 3,
+        term: t3,
     };
     assert!(s.lease_release(&c3).await.unwrap());
     let (channel, payload) = tokio::time::timeout(std::time::Duration::from_secs(5), heard.recv())
@@ -1127,7 +1133,10 @@ async fn the_leader_lease_fences_writes_by_term() {
         .expect("the release is announced")
         .unwrap()
         .unwrap();
-    assert_eq!((channel.as_str(), payload.as_str()), (LEADER_CHANNEL, "3"));
-    assert_eq!(s.lease_acquire("a", 60_000).await.unwrap(), Some(4));
+    assert_eq!(
+        (channel.as_str(), payload),
+        (LEADER_CHANNEL, t3.to_string())
+    );
+    assert!(s.lease_acquire("a", 60_000).await.unwrap().unwrap() > t3);
     s.close().await;
 }
