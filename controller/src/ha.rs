@@ -473,9 +473,10 @@ impl crate::ControlPlane {
         self.alerts.forget();
         let n = self.recover_jobs().await?;
         self.load_desired().await?;
+        crate::monitors::load(self).await?;
         info!(
             jobs = n,
-            "took over the unfinished jobs and the desired state"
+            "took over the unfinished jobs, the desired state and the monitors' uptime"
         );
         Ok(())
     }

@@ -350,9 +350,15 @@ impl MonitorBook {
         }
     }
 
-    /// The stored hours of the last 30 days, at start.
+    /// The stored hours of the last 30 days, at start and when a replica takes over: they
+    /// replace the hours and days it had (the leader before it wrote the hours since); the
+    /// latest results stay.
     pub(crate) fn load(&self, rows: Vec<(String, String, HourRollup)>) {
         let mut stats = lock(&self.stats);
+        for s in stats.values_mut() {
+            s.hours.clear();
+            s.days.clear();
+        }
         for (m, n, h) in rows {
             stats.entry((m, n)).or_default().add(h);
         }
@@ -552,6 +558,22 @@ mod tests {
                 .sum::<i64>(),
             2
         );
+        // A take-over loads the stored hours again: they replace the hours (never counted
+        // twice), and the latest result stays.
+        let stored = HourRollup {
+            hour: now / HOUR_MS,
+            checks: 5,
+            up: 4,
+            latency_sum_us: 50,
+            latency_max_us: 10,
+        };
+        for _ in 0..2 {
+            book.load(vec![("m".into(), "n".into(), stored)]);
+        }
+        let s = book.stats("m", "n").unwrap();
+        assert_eq!(s.hours.iter().map(|h| h.checks).sum::<i64>(), 5);
+        assert_eq!(s.days.iter().map(|d| d.checks).sum::<i64>(), 5);
+        assert!(!s.last.unwrap().up, "the latest result stays");
     }
 
     #[test]
