@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use nebula_agent::config::{ExecConfig, JobsConfig};
 use nebula_agent::identity::{new_key_and_csr, AgentState, Identity};
 use nebula_agent::jobs::{JobRunner, RunnerConfig};
 use nebula_agent::tls;
@@ -570,19 +569,13 @@ impl SimFleet {
             names.push(identity.state.name.clone());
             let runner = match jobs_dir {
                 Some(dir) => Some(JobRunner::new(
-                    RunnerConfig {
-                        ai: None,
-                        jobs: JobsConfig::default(),
-                        exec: ExecConfig::default(),
-                        deploy: Default::default(),
-                        docker: Default::default(),
-                        repo_dirs: Vec::new(),
-                        facts: NodeFacts {
+                    RunnerConfig::defaults(
+                        NodeFacts {
                             hostname: identity.state.name.clone(),
                             ..Default::default()
                         },
-                        node_id: Some(identity.state.node_id),
-                    },
+                        Some(identity.state.node_id),
+                    ),
                     &dir.join(&identity.state.name),
                 )?),
                 None => None,

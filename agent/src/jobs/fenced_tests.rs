@@ -10,7 +10,6 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::{JobRunner, RunnerConfig};
-use crate::config::{ExecConfig, JobsConfig};
 
 /// A connected pair: (the controller's end, the agent's end).
 async fn pair() -> (quinn::Connection, quinn::Connection, quinn::Endpoint) {
@@ -77,16 +76,7 @@ async fn send(
 async fn a_job_of_a_lower_term_is_refused_and_not_journaled() {
     let dir = tempfile::tempdir().unwrap();
     let runner = JobRunner::new(
-        RunnerConfig {
-            ai: None,
-            jobs: JobsConfig::default(),
-            exec: ExecConfig::default(),
-            deploy: Default::default(),
-            docker: Default::default(),
-            repo_dirs: Vec::new(),
-            facts: NodeFacts::default(),
-            node_id: None,
-        },
+        RunnerConfig::defaults(NodeFacts::default(), None),
         dir.path(),
     )
     .unwrap();

@@ -78,6 +78,23 @@ pub struct RunnerConfig {
     pub ai: Option<Arc<crate::ai::Backends>>,
 }
 
+impl RunnerConfig {
+    /// Every setting at its default, for a host with these facts and this node id (tests, the
+    /// bench's simulated agents).
+    pub fn defaults(facts: NodeFacts, node_id: Option<uuid::Uuid>) -> Self {
+        RunnerConfig {
+            jobs: JobsConfig::default(),
+            exec: ExecConfig::default(),
+            deploy: DeployConfig::default(),
+            docker: DockerConfig::default(),
+            repo_dirs: Vec::new(),
+            facts,
+            node_id,
+            ai: None,
+        }
+    }
+}
+
 /// Runs jobs for one agent.
 pub struct JobRunner {
     config: RunnerConfig,
