@@ -49,6 +49,11 @@ pub struct ReplicaRecord {
 }
 
 impl Store {
+    /// The election's own connections (PostgreSQL), else the pool.
+    fn election_pool(&self) -> &sqlx::AnyPool {
+        self.election.as_ref().unwrap_or(&self.pool)
+    }
+
     fn require_postgres(&self) -> Result<(), StoreError> {
         match self.backend {
             Backend::Postgres => Ok(()),
@@ -79,7 +84,7 @@ impl Store {
         ))
         .bind(holder)
         .bind(ttl_ms)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.election_pool())
         .await?;
         Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?)
     }
@@ -94,7 +99,7 @@ impl Store {
         .bind(&fence.holder)
         .bind(fence.term)
         .bind(ttl_ms)
-        .execute(&self.pool)
+        .execute(self.election_pool())
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -107,7 +112,7 @@ impl Store {
         )
         .bind(&fence.holder)
         .bind(fence.term)
-        .execute(&self.pool)
+        .execute(self.election_pool())
         .await?;
         self.notify(LEADER_CHANNEL, &fence.term.to_string()).await?;
         Ok(done.rows_affected() == 1)
@@ -121,7 +126,7 @@ impl Store {
         let row = sqlx::query(
             "SELECT holder, term, expires_at, renewed_at FROM leader_lease WHERE id = 1",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.election_pool())
         .await?;
         row.map(|r| {
             Ok(Lease {
@@ -176,7 +181,7 @@ impl Store {
         .bind(&r.quic_addr)
         .bind(&r.version)
         .bind(r.started_at)
-        .execute(&self.pool)
+        .execute(self.election_pool())
         .await?;
         Ok(())
     }
@@ -189,13 +194,13 @@ impl Store {
             "DELETE FROM replicas WHERE seen_at < {NOW_MS} - $1"
         ))
         .bind(window_ms)
-        .execute(&self.pool)
+        .execute(self.election_pool())
         .await?;
         let rows = sqlx::query(
             "SELECT id, hostname, http_url, quic_addr, version, started_at, seen_at FROM replicas \
              ORDER BY started_at, id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.election_pool())
         .await?;
         rows.iter()
             .map(|r| {
@@ -217,6 +222,28 @@ impl Store {
     pub async fn replica_gone(&self, id: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM replicas WHERE id = $1")
             .bind(id)
+            .execute(self.election_pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Agent sessions per replica holding them, as recorded when they started.
+    pub async fn sessions_by_replica(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT session_replica, COUNT(*) AS n FROM nodes \
+             WHERE session_replica IS NOT NULL GROUP BY session_replica",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("session_replica")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    /// Forget every session's owner (a new leader: the sessions of the last one are gone, and
+    /// each records its owner again when it starts).
+    pub async fn clear_session_owners(&self) -> Result<(), StoreError> {
+        sqlx::query("UPDATE nodes SET session_replica = NULL WHERE session_replica IS NOT NULL")
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -180,6 +180,10 @@ pub struct ApiTokenRecord {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// PostgreSQL: two connections of their own for the leader election (the lease and the
+    /// replica list), so that a busy pool (a reconnection storm's session writes) cannot
+    /// delay a renewal past the lease.
+    election: Option<AnyPool>,
     backend: Backend,
     /// For connections outside the pool (notification listeners).
     url: std::sync::Arc<str>,
@@ -227,6 +231,15 @@ impl Store {
                 }),
             Backend::Postgres => AnyPoolOptions::new().max_connections(16),
         };
+        let election = match backend {
+            Backend::Postgres => Some(
+                AnyPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_lazy_with(opts.clone()),
+            ),
+            Backend::Sqlite => None,
+        };
         let pool = pool_opts
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
@@ -242,6 +255,7 @@ impl Store {
         }
         Ok(Store {
             pool,
+            election,
             backend,
             url: url.into(),
         })
@@ -466,31 +480,47 @@ impl Store {
     }
 
     /// Record what a node said in its latest `Hello`.
+    /// A session started: the agent's facts and version, and which replica holds its
+    /// connection (`None` on a single controller).
     pub async fn record_session(
         &self,
         id: Uuid,
         facts: &NodeFacts,
         agent_version: &str,
+        replica: Option<&str>,
         now: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE nodes SET facts = $2, agent_version = $3, last_seen_at = $4 WHERE id = $1",
+            "UPDATE nodes SET facts = $2, agent_version = $3, last_seen_at = $4, \
+             session_replica = $5 WHERE id = $1",
         )
         .bind(id.to_string())
         .bind(to_json(facts))
         .bind(agent_version)
         .bind(now)
+        .bind(replica)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    pub async fn touch_last_seen(&self, id: Uuid, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE nodes SET last_seen_at = $2 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+    /// A session ended: when it was last seen; it has no owner any more, unless another
+    /// replica recorded itself since (`owner`: the ended session's).
+    pub async fn touch_last_seen(
+        &self,
+        id: Uuid,
+        owner: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE nodes SET last_seen_at = $2, session_replica = CASE \
+             WHEN session_replica = $3 THEN NULL ELSE session_replica END WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(now)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

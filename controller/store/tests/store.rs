@@ -280,10 +280,27 @@ async fn remove_node_revokes_certificates_and_forgets_labels(s: &Store) {
             ..Default::default()
         },
         "9.9.9",
+        Some("r1"),
         now(),
     )
     .await
     .unwrap();
+    assert_eq!(
+        s.sessions_by_replica().await.unwrap(),
+        vec![("r1".to_owned(), 1)]
+    );
+    s.touch_last_seen(e.node_id, Some("r0"), now())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.sessions_by_replica().await.unwrap().len(),
+        1,
+        "another replica's session ended: the owner stays"
+    );
+    s.touch_last_seen(e.node_id, Some("r1"), now())
+        .await
+        .unwrap();
+    assert!(s.sessions_by_replica().await.unwrap().is_empty());
     let n = s.node_by_id(e.node_id).await.unwrap().unwrap();
     assert_eq!(n.agent_version, "9.9.9");
     assert_eq!(n.facts.hostname, "new");
