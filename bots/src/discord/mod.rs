@@ -142,7 +142,7 @@ async fn run(cp: Arc<ControlPlane>, alerts: Arc<alerts::AlertChannel>, cancel: C
         let changed = cp.discord.token_changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if let Some(token) = cp.discord_token() {
+        if let Some(token) = cp.discord_token().await {
             let config = Config {
                 token,
                 api_url: cfg.api_url.clone(),

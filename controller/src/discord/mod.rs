@@ -33,6 +33,8 @@ pub const LINK_CODE_TTL: Duration = Duration::from_secs(15 * 60);
 pub use nebula_ai_filters::RULE_KINDS as MODERATION_RULES;
 /// The token stored from the dashboard, in the data dir.
 pub const TOKEN_FILE: &str = "discord.token";
+/// The fleet secret a token saved from the dashboard is kept in.
+pub const TOKEN_SECRET: &str = "nebula.discord-token";
 /// The sink kind the bot registers for alerts with buttons.
 pub const SINK_KIND: &str = "discord-bot";
 
@@ -227,20 +229,6 @@ fn rfc3339(ms: i64) -> String {
     crate::store::rfc3339_millis(crate::store::from_millis(ms))
 }
 
-/// Write `text` to a file only its owner may read.
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 fn code_hash(code: &str) -> String {
     let normal: String = code
         .chars()
@@ -282,23 +270,22 @@ impl ControlPlane {
         Ok(settings)
     }
 
-    /// The bot's token: `[discord] token_file` when set, else the one stored in the data dir
-    /// from the dashboard (`discord.token`); `None` when there is none.
-    pub fn discord_token(&self) -> Option<String> {
-        let path = self
-            .config
-            .discord
-            .token_file
-            .clone()
-            .unwrap_or_else(|| self.config.data_dir.join(TOKEN_FILE));
-        std::fs::read_to_string(path)
-            .ok()
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
+    /// The bot's token: `[discord] token_file` when set, else the one saved from the dashboard
+    /// (the fleet secret [`TOKEN_SECRET`], sealed in the database, so that whichever replica
+    /// leads has it; before that, `discord.token` in the data dir); `None` when there is none.
+    pub async fn discord_token(&self) -> Option<String> {
+        let text = match &self.config.discord.token_file {
+            Some(path) => std::fs::read_to_string(path).ok(),
+            None => match self.reveal_secret(TOKEN_SECRET, None).await {
+                Ok((_, v)) => Some(v.expose().to_owned()),
+                Err(_) => std::fs::read_to_string(self.config.data_dir.join(TOKEN_FILE)).ok(),
+            },
+        };
+        text.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty())
     }
 
-    /// Store the bot's token in the data dir (0600) and (re)connect the bot with it. Refused
-    /// when `[discord] token_file` is set (that file is the token then).
+    /// Store the bot's token as the fleet secret [`TOKEN_SECRET`] and (re)connect the bot with
+    /// it. Refused when `[discord] token_file` is set (that file is the token then).
     pub async fn set_discord_token(&self, cx: &OpCtx, token: &str) -> Result<(), OpError> {
         self.authorize(cx, Op::ManageBot)?;
         let token = token.trim();
@@ -317,11 +304,10 @@ impl ControlPlane {
                 "the bot runs as `nebula bot` on `{host}`: one gateway connection per token"
             )));
         }
-        let path = self.config.data_dir.join(TOKEN_FILE);
-        write_private(&path, token).map_err(|e| {
-            tracing::error!(path = %path.display(), "could not store the Discord token: {e}");
-            OpError::Conflict("the controller could not store the token (see its log)".into())
-        })?;
+        self.store_secret_checked(cx, TOKEN_SECRET, &crate::secrets::SecretValue::new(token))
+            .await?;
+        // A token saved by an older version in the data dir is superseded.
+        let _ = std::fs::remove_file(self.config.data_dir.join(TOKEN_FILE));
         self.record(
             cx,
             Change {
@@ -617,11 +603,11 @@ impl ControlPlane {
     }
 
     /// A bot in its own process attaches (or says again that it holds the connection).
-    pub fn attach_remote_bot(
+    pub async fn attach_remote_bot(
         &self,
         who: &nebula_types::api::discord::BotAttach,
     ) -> Result<BotStatus, OpError> {
-        if self.discord_token().is_some() {
+        if self.discord_token().await.is_some() {
             return Err(OpError::Conflict(
                 "this controller runs the Discord bot itself (it has a token): one gateway \
                  connection per token"

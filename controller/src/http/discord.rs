@@ -101,7 +101,7 @@ pub(super) async fn attach(
             "`account` has at most 100 characters; `application_id` is a Discord id",
         ));
     }
-    Ok(Json(cp.attach_remote_bot(&who)?))
+    Ok(Json(cp.attach_remote_bot(&who).await?))
 }
 
 #[derive(Debug, Deserialize)]
