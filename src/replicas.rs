@@ -31,13 +31,16 @@ pub async fn replicas(cli: &Cli) -> anyhow::Result<()> {
                 },
                 r.http_url.clone(),
                 r.quic_addr.clone(),
+                r.sessions.to_string(),
                 r.version.clone(),
                 format!("{}s ago", (now - r.seen_at).max(0) / 1000),
             ]
         })
         .collect();
     table(
-        &["REPLICA", "HOST", "ROLE", "HTTP", "QUIC", "VERSION", "SEEN"],
+        &[
+            "REPLICA", "HOST", "ROLE", "HTTP", "QUIC", "AGENTS", "VERSION", "SEEN",
+        ],
         rows,
     );
     match (v.mode.as_str(), v.term) {

@@ -239,23 +239,44 @@ impl CertificateAuthority {
         names: &[String],
         lifetime: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Nebula Command controller (HTTPS)");
-        params.subject_alt_names = names
+        let sans = names
             .iter()
             .map(|n| match n.parse::<std::net::IpAddr>() {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
                 Err(_) => n.clone().try_into().map(SanType::DnsName),
             })
             .collect::<Result<_, rcgen::Error>>()?;
+        let (back, until) = (Duration::from_secs(3600), lifetime);
+        self.issue_with_new_key(
+            "Nebula Command controller (HTTPS)",
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            back,
+            until,
+        )
+    }
+
+    /// A certificate for a new key: the chain (leaf, CA) and the key. Valid from `back` ago
+    /// (clock skew) for `lifetime`.
+    fn issue_with_new_key(
+        &self,
+        common_name: &str,
+        sans: Vec<SanType>,
+        usage: ExtendedKeyUsagePurpose,
+        back: Duration,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.subject_alt_names = sans;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![usage];
         let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(3600)).into();
+        params.not_before = (now - back).into();
         params.not_after = (now + lifetime).into();
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -264,6 +285,40 @@ impl CertificateAuthority {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         ))
     }
+}
+
+/// The SAN suffix of a replica's own client certificate (`<replica id>.replica...`), which
+/// it presents to the leader to relay its agents' sessions. No node certificate carries it.
+pub const REPLICA_SAN_SUFFIX: &str = ".replica.nebula.internal";
+
+impl CertificateAuthority {
+    /// A short-lived client certificate and a new key for this replica (`replica` is its id),
+    /// which other replicas accept on the relay ALPN. Made at every start, never stored: every
+    /// replica has the CA key.
+    pub fn issue_replica_identity(
+        &self,
+        replica: &str,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let san = SanType::DnsName(format!("{replica}{REPLICA_SAN_SUFFIX}").try_into()?);
+        let usage = ExtendedKeyUsagePurpose::ClientAuth;
+        let back = Duration::from_secs(300);
+        self.issue_with_new_key("Nebula Command replica", vec![san], usage, back, lifetime)
+    }
+}
+
+/// The replica id of a client certificate the TLS layer has verified against the CA, when it
+/// is a replica's (see [`REPLICA_SAN_SUFFIX`]).
+pub fn replica_identity(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => d
+            .strip_suffix(REPLICA_SAN_SUFFIX)
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .map(str::to_owned),
+        _ => None,
+    })
 }
 
 /// Identity read from a verified client certificate.
@@ -394,5 +449,25 @@ mod tests {
         assert!(ca
             .issue_node_cert(id, "box", b"not a csr", Duration::from_secs(60))
             .is_err());
+    }
+
+    #[test]
+    fn replica_and_node_certificates_never_pass_for_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path(), &[]).unwrap();
+        let (chain, _) = ca
+            .issue_replica_identity("0123abcd", Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(replica_identity(&chain[0]).as_deref(), Some("0123abcd"));
+        assert_eq!(peer_identity(&chain[0]), None, "a replica is not a node");
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::new(vec!["x".to_owned()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap();
+        let node = ca
+            .issue_node_cert(Uuid::now_v7(), "box", csr.der(), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(replica_identity(&node.der), None, "a node is not a replica");
     }
 }

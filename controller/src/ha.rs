@@ -145,6 +145,11 @@ impl Ha {
         lock(&self.leader_at).as_ref().map(|(q, _)| q.clone())
     }
 
+    /// This replica's own QUIC address (as agents and other replicas reach it).
+    pub fn quic_addr(&self) -> String {
+        lock(&self.addresses).1.clone()
+    }
+
     /// The leader's HTTP URL, when known (followers pass requests on to it).
     pub fn leader_http(&self) -> Option<String> {
         lock(&self.leader_at)
@@ -471,6 +476,8 @@ impl crate::ControlPlane {
     pub(crate) async fn take_over(self: &Arc<Self>) -> anyhow::Result<()> {
         self.jobs.forget_all();
         self.alerts.forget();
+        // Sessions start again on this leader, each recording its owner.
+        self.store.clear_session_owners().await?;
         let n = self.recover_jobs().await?;
         self.load_desired().await?;
         crate::monitors::load(self).await?;
@@ -513,9 +520,15 @@ impl crate::ControlPlane {
                 leader: Some(r.id.clone()),
                 term: None,
                 lease_expires_at: None,
-                replicas: vec![view(r, true)],
+                replicas: vec![view(r, true, self.registry.online_count() as i64)],
             });
         }
+        let sessions: std::collections::HashMap<String, i64> = self
+            .store
+            .sessions_by_replica()
+            .await?
+            .into_iter()
+            .collect();
         let lease = self.store.lease().await?;
         let holder = lease
             .as_ref()
@@ -528,10 +541,11 @@ impl crate::ControlPlane {
             .into_iter()
             .map(|r| {
                 let leads = holder.as_deref() == Some(r.id.as_str());
-                view(r, leads)
+                let held = sessions.get(&r.id).copied().unwrap_or(0);
+                view(r, leads, held)
             })
             .collect();
-        fn view(r: ReplicaRecord, leader: bool) -> ReplicaView {
+        fn view(r: ReplicaRecord, leader: bool, sessions: i64) -> ReplicaView {
             ReplicaView {
                 id: r.id,
                 hostname: r.hostname,
@@ -541,6 +555,7 @@ impl crate::ControlPlane {
                 started_at: r.started_at,
                 seen_at: r.seen_at,
                 leader,
+                sessions,
             }
         }
         Ok(ReplicasView {

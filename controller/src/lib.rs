@@ -77,6 +77,8 @@ pub struct ControlPlane {
     /// TLS on the HTTP listener (`None`: plain HTTP).
     pub https: Option<Arc<https::Https>>,
     pub registry: Registry,
+    /// A follower's connection to the leader, over which it relays its agents' sessions.
+    pub relay: transport::relay::Relay,
     pub events: EventBus,
     pub telemetry: Arc<telemetry::TelemetryHub>,
     pub metrics: Arc<metrics::Metrics>,
@@ -446,12 +448,10 @@ impl Controller {
             config.public_url.clone().unwrap_or_default(),
             signer,
         ));
-        {
-            let r = releases.clone();
-            tokio::task::spawn_blocking(move || r.scan())
-                .await
-                .context("scanning agent releases")?;
-        }
+        let r = releases.clone();
+        tokio::task::spawn_blocking(move || r.scan())
+            .await
+            .context("scanning agent releases")?;
         let cp = Arc::new(ControlPlane {
             releases,
             ai: ai::AiFleet::new(
@@ -494,6 +494,7 @@ impl Controller {
             ca,
             https,
             registry: Registry::default(),
+            relay: Default::default(),
             events: EventBus::new(1024),
             telemetry: hub,
             metrics: Arc::new(metrics),

@@ -1,4 +1,5 @@
-//! Live sessions: which nodes are connected right now, over which QUIC connection.
+//! Live sessions: which nodes are connected right now, over which link (this replica's own QUIC
+//! connection to the agent, or another replica's, relayed).
 //!
 //! A node has at most one session. A new connection from the same node replaces the old one; each
 //! session carries a generation number so that the old session's cleanup cannot mark the node
@@ -14,6 +15,8 @@ use nebula_protocol::containers::DockerPolicySummary;
 use nebula_protocol::deploy::DeployPolicySummary;
 use uuid::Uuid;
 
+use crate::transport::Link;
+
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
     pub generation: u64,
@@ -24,11 +27,13 @@ pub struct SessionInfo {
     pub agent_version: String,
     /// The protocol minor the agent speaks (what it may be sent).
     pub protocol_minor: u32,
+    /// The replica holding the agent's connection, when another one relays it.
+    pub relayed_by: Option<String>,
 }
 
 struct Entry {
     info: SessionInfo,
-    conn: quinn::Connection,
+    conn: Link,
     /// What the node's agent said its deploy policy allows (1.5+), for this session: it goes
     /// with the session (an agent sends it again on every connection, and its config may have
     /// changed in between), and is `None` for older agents.
@@ -58,8 +63,8 @@ impl Registry {
         name: String,
         agent_version: String,
         protocol_minor: u32,
-        conn: quinn::Connection,
-    ) -> (u64, Option<quinn::Connection>) {
+        conn: Link,
+    ) -> (u64, Option<Link>) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
         let info = SessionInfo {
             generation,
@@ -68,6 +73,7 @@ impl Registry {
             connected_at: SystemTime::now(),
             agent_version,
             protocol_minor,
+            relayed_by: conn.relayed_by().map(str::to_owned),
         };
         let old = self
             .lock()
@@ -104,7 +110,7 @@ impl Registry {
         let entry = self.lock().remove(&node);
         match entry {
             Some(e) => {
-                e.conn.close(code.into(), reason.as_bytes());
+                e.conn.close(code, reason);
                 true
             }
             None => false,
@@ -155,8 +161,8 @@ impl Registry {
         self.lock().get(&node).map(|e| e.info.clone())
     }
 
-    /// The live connection of a node, to open job streams on.
-    pub fn connection(&self, node: Uuid) -> Option<quinn::Connection> {
+    /// The live link of a node, to open job streams on.
+    pub fn connection(&self, node: Uuid) -> Option<Link> {
         self.lock().get(&node).map(|e| e.conn.clone())
     }
 
@@ -176,7 +182,7 @@ impl Registry {
     /// Close every session (controller shutdown).
     pub fn close_all(&self, code: u32, reason: &str) {
         for (_, e) in self.lock().drain() {
-            e.conn.close(code.into(), reason.as_bytes());
+            e.conn.close(code, reason);
         }
     }
 

@@ -485,6 +485,105 @@ async fn agents_and_jobs_follow_the_leader_through_a_kill() {
     drop(agent);
 }
 
+/// An agent that dials a follower keeps its connection there: the follower relays the session
+/// to the leader, which records the follower as the session's owner, sends jobs through it and
+/// gets the agent's telemetry. When the replica holding its connection is killed, the agent
+/// comes back through another; when the leader is killed, through the replica that is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_relays_its_agents_sessions_to_the_leader() {
+    use crate::common::{Agent, NodeStatus};
+    let Some(db) = PgDb::create() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let mut all = three(&db, work.path()).await;
+    let mut alive = vec![true; 3];
+    let (lead, _) = leader(&all, &alive, Duration::from_secs(20)).await;
+    let follower = (lead + 1) % 3;
+    let follower_id = view(&all[follower]).await.unwrap().this;
+    let marks = work.path().join("marks");
+    let config = format!(
+        "[exec.commands.mark]\nargv = [\"sh\", \"-c\", \"echo run >> {}\"]\n",
+        marks.display()
+    );
+    let token = all[lead].token(1, "10m", serde_json::json!({})).await;
+    let dir = work.path().join("agent");
+    let agent = Agent::join_with_config(&all[follower], &token, &dir, "box", &[], &config);
+    let node = all[lead]
+        .wait_status("box", NodeStatus::Online, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        node.session_replica.as_deref(),
+        Some(follower_id.as_str()),
+        "the session's owner is the follower holding the connection: {node:?}\n{}",
+        agent.proc.output()
+    );
+    let v = view(&all[follower]).await.unwrap();
+    let held: Vec<(String, i64)> = v
+        .replicas
+        .iter()
+        .map(|r| (r.id.clone(), r.sessions))
+        .collect();
+    assert!(held.contains(&(follower_id.clone(), 1)), "{held:?}");
+    // Telemetry datagrams reach the leader through the follower.
+    wait_for(
+        "the agent's telemetry through the follower",
+        Duration::from_secs(20),
+        || async { all[lead].node("box").await?.telemetry },
+    )
+    .await;
+    // A job goes to the agent through the follower, and its output comes back.
+    let done = mark_job(&all[lead]).await;
+    assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
+    let runs = || {
+        std::fs::read_to_string(&marks)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(runs(), 1, "the job ran on the agent");
+
+    // The follower holding the connection dies: the agent reconnects to another replica.
+    all[follower].proc.kill();
+    alive[follower] = false;
+    // (The agent notices at its idle timeout; a newer session replaces the relayed one.)
+    wait_for(
+        "the agent online through another replica",
+        Duration::from_secs(40),
+        || async {
+            let n = all[lead].node("box").await?;
+            (n.status == NodeStatus::Online
+                && n.session_replica.is_some()
+                && n.session_replica.as_deref() != Some(follower_id.as_str()))
+            .then_some(())
+        },
+    )
+    .await;
+    let done = mark_job(&all[lead]).await;
+    assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
+
+    // Then the leader dies: the agent comes back through the replica that is left.
+    all[lead].proc.kill();
+    alive[lead] = false;
+    let (now_leads, _) = leader(&all, &alive, Duration::from_secs(15)).await;
+    all[now_leads]
+        .wait_status("box", NodeStatus::Online, Duration::from_secs(40))
+        .await;
+    let done = mark_job(&all[now_leads]).await;
+    assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
+    assert_eq!(runs(), 3, "every job ran once");
+    drop(agent);
+}
+
+/// Run the `mark` command on `box` and wait for the job to end.
+async fn mark_job(c: &Controller) -> crate::common::JobRecord {
+    let job = c
+        .job(serde_json::json!({"node": "box", "work": {"kind": "exec", "op": "mark"}}))
+        .await;
+    c.wait_job(job.id, "the job to end", Duration::from_secs(30), |j| {
+        j.state.is_terminal()
+    })
+    .await
+}
+
 /// Jobs created through `entry` every 150 ms until `stop`: the ids accepted and the `503`s
 /// answered while no replica led.
 fn job_stream(

@@ -161,7 +161,7 @@ fn managed_warning(row: &ContainerRow, action: ContainerAction) -> Option<String
 /// A container reached for a stream: see [`ControlPlane::reach`].
 pub(crate) struct Reached {
     pub name: String,
-    pub conn: quinn::Connection,
+    pub conn: crate::transport::Link,
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 

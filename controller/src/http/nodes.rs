@@ -38,6 +38,11 @@ pub fn node_view(cp: &ControlPlane, n: NodeRecord) -> NodeView {
             .as_ref()
             .map(|s| crate::store::rfc3339_millis(s.connected_at)),
         remote_addr: session.as_ref().map(|s| s.remote.to_string()),
+        session_replica: session.as_ref().and_then(|s| {
+            s.relayed_by
+                .clone()
+                .or_else(|| cp.ha.replicated().then(|| cp.ha.replica.clone()))
+        }),
         cert_not_after: n.cert_not_after.map(rfc3339),
         telemetry: cp.telemetry.view(n.id).as_ref().and_then(summary),
         name: n.name,

@@ -277,7 +277,7 @@ impl ControlPlane {
     pub(super) fn start_stream_locked(
         self: &Arc<Self>,
         a: &mut Active,
-        conn: quinn::Connection,
+        conn: crate::transport::Link,
         stored: Option<watch::Receiver<bool>>,
     ) {
         let req = JobRequest {

@@ -20,7 +20,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub(super) async fn run(
     cp: Arc<ControlPlane>,
-    conn: quinn::Connection,
+    conn: crate::transport::Link,
     req: JobRequest,
     fenced: bool,
     mut cancel: mpsc::UnboundedReceiver<String>,
@@ -38,7 +38,7 @@ pub(super) async fn run(
 /// Ok: the result arrived and was handed over. Err: the stream ended without one.
 async fn follow(
     cp: &ControlPlane,
-    conn: &quinn::Connection,
+    conn: &crate::transport::Link,
     req: JobRequest,
     fenced: bool,
     cancel: &mut mpsc::UnboundedReceiver<String>,

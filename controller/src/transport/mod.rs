@@ -22,7 +22,10 @@ use crate::events::Event;
 use crate::store::millis;
 use crate::ControlPlane;
 
+mod link;
+pub mod relay;
 mod session;
+pub use link::Link;
 use session::session_connection;
 
 /// Enrollment requests are small; an unauthenticated peer gets a much smaller frame limit.
@@ -57,7 +60,11 @@ pub fn endpoint(cp: &ControlPlane, reset_key: &[u8; 32]) -> anyhow::Result<quinn
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    tls.alpn_protocols = vec![ALPN_SESSION.to_vec(), ALPN_ENROLL.to_vec()];
+    tls.alpn_protocols = vec![
+        ALPN_SESSION.to_vec(),
+        ALPN_ENROLL.to_vec(),
+        relay::ALPN_RELAY.to_vec(),
+    ];
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
     // Keep-alives come from the agents (their interval is in `Welcome` and the enrollment
@@ -264,6 +271,7 @@ async fn handle_connection(
             }
         }
         Some(ALPN_SESSION) => session_connection(&cp, conn, shutdown).await,
+        Some(relay::ALPN_RELAY) => relay::serve_replica(&cp, conn, shutdown).await,
         _ => {
             conn.close(close::PROTOCOL_ERROR.into(), b"unknown ALPN");
             Ok(())
@@ -385,7 +393,7 @@ fn version_refusal(agent: proto::ProtocolVersion) -> Refusal {
 
 fn protocol_error(
     cp: &ControlPlane,
-    conn: &quinn::Connection,
+    conn: &Link,
     node: uuid::Uuid,
     e: &FrameError,
 ) -> anyhow::Result<()> {
@@ -394,14 +402,14 @@ fn protocol_error(
     }
     cp.frames_rejected();
     warn!(%node, remote = %conn.remote_address(), "closing connection: {e}");
-    conn.close(close::PROTOCOL_ERROR.into(), reason(e).as_bytes());
+    conn.close(close::PROTOCOL_ERROR, &reason(e));
     Ok(())
 }
 
 /// Send a refusal on the session stream, give the agent a moment to read it, then close with
 /// the same text as the close reason (so the agent sees it either way).
 async fn refuse(
-    conn: &quinn::Connection,
+    conn: &Link,
     send: &mut quinn::SendStream,
     refusal: Refusal,
     code: u32,
@@ -409,9 +417,23 @@ async fn refuse(
     let text = refusal.message.clone();
     let _ = proto::write_message(send, &ServerHello::Refused(refusal)).await;
     let _ = send.finish();
+    if conn.relayed_by().is_some() {
+        // The relaying replica delivers the refusal, then closes with this code.
+        conn.close(code, &text);
+        return Ok(());
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(code.into(), text.as_bytes());
+    conn.close(code, &text);
     Ok(())
+}
+
+/// The client certificate a connection's TLS layer verified against the fleet CA, if any.
+fn client_leaf(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().cloned()
 }
 
 fn reason(e: &FrameError) -> String {

@@ -12,17 +12,17 @@ use nebula_protocol::{
     self as proto, close, AgentMessage, ControllerMessage, FrameError, Hello, NodeFacts, Refusal,
     RefusalCode, ServerHello, Welcome, PROTOCOL_VERSION,
 };
-use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use uuid::Uuid;
 
+use super::Link;
 use super::{
     protocol_error, refuse, version_refusal, FIRST_STREAM_TIMEOUT, SESSION_BIDI_STREAMS,
     SESSION_RECEIVE_WINDOW, SESSION_UNI_STREAMS,
 };
-use crate::ca::peer_identity;
+use crate::ca::{peer_identity, PeerIdentity};
 use crate::events::Event;
 use crate::store::millis;
 use crate::ControlPlane;
@@ -30,32 +30,84 @@ use crate::ControlPlane;
 type Releases = watch::Receiver<Arc<Vec<AgentRelease>>>;
 type Monitors = watch::Receiver<Arc<crate::monitors::Assignments>>;
 
-/// Serve a connection on the session ALPN: verify who it is, read its `Hello`, register it,
-/// serve it, and mark the node offline when it ends (unless a newer connection replaced it).
+/// Serve a connection on the session ALPN: verify who it is, then serve its session here when
+/// this replica leads, or relay it to the leader ([`super::relay`]) when it follows.
 pub(super) async fn session_connection(
-    cp: &ControlPlane,
+    cp: &Arc<ControlPlane>,
     conn: quinn::Connection,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Replicas on PostgreSQL: sessions go to the leader, which dispatches the jobs. Followed
-    // from here on, so that a step-down during the handshake is not missed.
-    let mut leading = cp.ha.leading();
+    let remote = conn.remote_address();
+    let Some(identity) = super::client_leaf(&conn).and_then(|leaf| peer_identity(&leaf)) else {
+        warn!(%remote, "session refused: no client certificate");
+        conn.close(
+            close::REFUSED.into(),
+            b"client certificate required on nebula/1 (enroll first with a join token)",
+        );
+        return Ok(());
+    };
+    // Followed from here on, so that a step-down during the handshake is not missed.
+    let leading = cp.ha.leading();
+    if !*leading.borrow() {
+        return super::relay::relay_agent(cp, conn, identity, shutdown).await;
+    }
+    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await;
+    let (send, recv) = match first {
+        Ok(r) => r?,
+        Err(_) => {
+            conn.close(
+                close::PROTOCOL_ERROR.into(),
+                b"no Hello within the deadline",
+            );
+            return Ok(());
+        }
+    };
+    serve_session(
+        cp,
+        Link::Direct(conn),
+        &identity,
+        (send, recv),
+        leading,
+        shutdown,
+    )
+    .await
+}
+
+/// Serve an agent's session, on this replica's own connection or relayed by another replica:
+/// read its `Hello`, register it, serve it, and mark the node offline when it ends (unless a
+/// newer connection replaced it).
+pub(super) async fn serve_session(
+    cp: &ControlPlane,
+    link: Link,
+    identity: &PeerIdentity,
+    (send, recv): (quinn::SendStream, quinn::RecvStream),
+    mut leading: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    // Replicas on PostgreSQL: the leader serves every session (followers relay theirs).
     if !*leading.borrow_and_update() {
         let reason = match cp.ha.leader_quic() {
             Some(at) => format!("this replica does not lead; the leader is at {at}"),
             None => "this replica does not lead; try another".to_owned(),
         };
-        conn.close(close::NOT_LEADER.into(), reason.as_bytes());
+        link.close(close::NOT_LEADER, &reason);
         return Ok(());
     }
-    let Some((session, recv, hello, version)) = Session::open(cp, conn).await? else {
+    let Some((session, recv, hello, version)) =
+        Session::open(cp, link, identity, send, recv).await?
+    else {
         return Ok(());
     };
     let span = tracing::info_span!("session", node = %session.node_id, name = %session.name);
     let remote = session.conn.remote_address();
     let mut session = session;
     let result = async {
-        info!(%remote, agent_version = %hello.agent_version, "node online");
+        match session.conn.relayed_by() {
+            None => info!(%remote, agent_version = %hello.agent_version, "node online"),
+            Some(by) => {
+                info!(%remote, agent_version = %hello.agent_version, relayed_by = by, "node online")
+            }
+        }
         session.welcome().await?;
         // Agents from 1.10 on keep the highest leader term seen and refuse a lower one.
         if version.minor >= 10 {
@@ -92,7 +144,7 @@ pub(super) async fn session_connection(
 /// One authenticated session.
 pub(super) struct Session<'a> {
     cp: &'a ControlPlane,
-    conn: quinn::Connection,
+    conn: Link,
     send: quinn::SendStream,
     node_id: Uuid,
     name: String,
@@ -105,6 +157,8 @@ pub(super) struct Session<'a> {
     renewed: Option<String>,
     /// The monitors last sent to the agent.
     monitors_sent: Option<Arc<Vec<proto::monitors::MonitorSpec>>>,
+    /// The replica holding the connection, as recorded in the store (replicas only).
+    owner: Option<String>,
 }
 
 /// Whether the session goes on after an input.
@@ -118,26 +172,16 @@ impl<'a> Session<'a> {
     /// the connection was refused (and closed with the reason).
     async fn open(
         cp: &'a ControlPlane,
-        conn: quinn::Connection,
+        conn: Link,
+        identity: &PeerIdentity,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
     ) -> anyhow::Result<Option<(Self, quinn::RecvStream, Hello, proto::ProtocolVersion)>> {
         let remote = conn.remote_address();
-        let certs = conn
-            .peer_identity()
-            .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
-        let Some(identity) = certs
-            .as_ref()
-            .and_then(|c| c.first())
-            .and_then(|leaf| peer_identity(leaf))
-        else {
-            warn!(%remote, "session refused: no client certificate");
-            conn.close(
-                close::REFUSED.into(),
-                b"client certificate required on nebula/1 (enroll first with a join token)",
-            );
-            return Ok(None);
-        };
         let node_id = identity.node_id;
-        let Some((mut send, recv, hello, version)) = read_hello(cp, &conn, node_id).await? else {
+        let Some((mut send, recv, hello, version)) =
+            read_hello(cp, &conn, node_id, send, recv).await?
+        else {
             return Ok(None);
         };
         // Identity comes from the verified certificate; it must be known and live.
@@ -166,12 +210,26 @@ impl<'a> Session<'a> {
             revoke_superseded(cp, node_id, &identity.serial).await;
         }
         // Authenticated: the windows and stream limits of a session.
-        conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
-        conn.set_max_concurrent_bi_streams(SESSION_BIDI_STREAMS.into());
-        conn.set_max_concurrent_uni_streams(SESSION_UNI_STREAMS.into());
+        if let Link::Direct(c) = &conn {
+            c.set_receive_window(SESSION_RECEIVE_WINDOW.into());
+            c.set_max_concurrent_bi_streams(SESSION_BIDI_STREAMS.into());
+            c.set_max_concurrent_uni_streams(SESSION_UNI_STREAMS.into());
+        }
         let now = millis(SystemTime::now());
+        // Replicas: the session's owner (the replica holding the agent's connection) goes in
+        // the store with it.
+        let owner = cp
+            .ha
+            .replicated()
+            .then(|| conn.relayed_by().unwrap_or(&cp.ha.replica).to_owned());
         cp.store
-            .record_session(node_id, &hello.facts, &hello.agent_version, now)
+            .record_session(
+                node_id,
+                &hello.facts,
+                &hello.agent_version,
+                owner.as_deref(),
+                now,
+            )
             .await?;
         cp.telemetry.register(node_id, &node.name);
         let (generation, replaced) = cp.registry.insert(
@@ -187,8 +245,8 @@ impl<'a> Session<'a> {
         if let Some(old) = replaced {
             info!(node = %node_id, name = %node.name, "new connection replaces the old one");
             old.close(
-                close::REPLACED.into(),
-                b"replaced by a newer connection from the same node",
+                close::REPLACED,
+                "replaced by a newer connection from the same node",
             );
         }
         let session = Session {
@@ -202,6 +260,7 @@ impl<'a> Session<'a> {
             facts: hello.facts.clone(),
             renewed: None,
             monitors_sent: None,
+            owner,
         };
         Ok(Some((session, recv, hello, version)))
     }
@@ -274,7 +333,7 @@ impl<'a> Session<'a> {
                         Flow::Continue
                     } else {
                         info!("this replica stopped leading: the agent goes to the new leader");
-                        self.conn.close(close::NOT_LEADER.into(), b"this replica stopped leading");
+                        self.conn.close(close::NOT_LEADER, "this replica stopped leading");
                         Flow::End
                     }
                 }
@@ -350,7 +409,7 @@ impl<'a> Session<'a> {
             }
             Ok(AgentMessage::Bye { reason }) => {
                 info!(%reason, "agent said bye");
-                self.conn.close(close::NORMAL.into(), b"bye");
+                self.conn.close(close::NORMAL, "bye");
                 return Ok(Flow::End);
             }
             Ok(AgentMessage::Unsupported { variant }) => {
@@ -558,8 +617,7 @@ impl<'a> Session<'a> {
             reason: "controller shutting down".into(),
         };
         let _ = proto::write_message(&mut self.send, &bye).await;
-        self.conn
-            .close(close::SHUTDOWN.into(), b"controller shutting down");
+        self.conn.close(close::SHUTDOWN, "controller shutting down");
     }
 
     /// The session is over: unless a newer connection of the node replaced it, the node is
@@ -572,10 +630,14 @@ impl<'a> Session<'a> {
         cp.metrics
             .agents_connected
             .set(cp.registry.online_count() as i64);
-        let reason = self.conn.close_reason().map(|r| r.to_string());
+        let reason = self.conn.close_reason();
         info!(reason = %reason.unwrap_or_default(), "node offline");
         let now = millis(SystemTime::now());
-        if let Err(e) = cp.store.touch_last_seen(self.node_id, now).await {
+        if let Err(e) = cp
+            .store
+            .touch_last_seen(self.node_id, self.owner.as_deref(), now)
+            .await
+        {
             warn!("recording last seen: {e:#}");
         }
         cp.events.publish(Event::NodeOffline {
@@ -585,12 +647,14 @@ impl<'a> Session<'a> {
     }
 }
 
-/// The session stream and its `Hello`, under one deadline. `None` when the connection was
-/// refused for what it sent (and closed with the reason).
+/// The session stream's `Hello`, under one deadline. `None` when the connection was refused
+/// for what it sent (and closed with the reason).
 async fn read_hello(
     cp: &ControlPlane,
-    conn: &quinn::Connection,
+    conn: &Link,
     node_id: uuid::Uuid,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
 ) -> anyhow::Result<
     Option<(
         quinn::SendStream,
@@ -599,25 +663,18 @@ async fn read_hello(
         proto::ProtocolVersion,
     )>,
 > {
-    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, async {
-        let (send, mut recv) = conn.accept_bi().await?;
-        let payload = proto::read_frame(&mut recv, cp.config.max_frame_bytes).await;
-        Ok::<_, quinn::ConnectionError>((send, recv, payload))
-    })
+    let first = tokio::time::timeout(
+        FIRST_STREAM_TIMEOUT,
+        proto::read_frame(&mut recv, cp.config.max_frame_bytes),
+    )
     .await;
-    let (mut send, recv, payload) = match first {
-        Ok(r) => r?,
+    let payload = match first {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return protocol_error(cp, conn, node_id, &e).map(|()| None),
         Err(_) => {
-            conn.close(
-                close::PROTOCOL_ERROR.into(),
-                b"no Hello within the deadline",
-            );
+            conn.close(close::PROTOCOL_ERROR, "no Hello within the deadline");
             return Ok(None);
         }
-    };
-    let payload = match payload {
-        Ok(p) => p,
-        Err(e) => return protocol_error(cp, conn, node_id, &e).map(|()| None),
     };
     let version = match proto::peek_version(&payload) {
         Ok(v) => v,

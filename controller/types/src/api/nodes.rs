@@ -21,6 +21,10 @@ pub struct NodeView {
     pub last_seen_at: Option<String>,
     pub connected_since: Option<String>,
     pub remote_addr: Option<String>,
+    /// Replicas on PostgreSQL: the replica holding the node's connection (a follower relays
+    /// the session to the leader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_replica: Option<String>,
     pub cert_not_after: Option<String>,
     /// The latest telemetry, summarised (absent before the first sample).
     pub telemetry: Option<TelemetrySummary>,

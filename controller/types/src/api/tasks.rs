@@ -113,4 +113,8 @@ pub struct ReplicaView {
     pub started_at: i64,
     pub seen_at: i64,
     pub leader: bool,
+    /// Agent sessions whose connection this replica holds (those of a follower are relayed to
+    /// the leader), as recorded in the store when they started.
+    #[serde(default)]
+    pub sessions: i64,
 }
