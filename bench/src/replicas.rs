@@ -1,11 +1,12 @@
 //! `nebula-bench replicas`: N simulated agents on three replicas of one PostgreSQL database.
 //! Each agent has its own enrolled identity and QUIC connection and behaves as the real agent
-//! does with several controller addresses: sessions go to the leader (a follower turns it away
-//! with `NOT_LEADER`), and when its connection is lost it tries the next address at once with up
-//! to 250 ms of jitter, backing off only after every address failed in a row. The bench
-//! measures each replica's RSS and CPU with the fleet connected and sending telemetry, then
-//! kills the leader and measures how long until another replica leads and until every agent
-//! is connected to it again.
+//! does with several controller addresses: the agents are spread over the three replicas (a
+//! follower relays its agents' sessions to the leader), and when its connection is lost an
+//! agent tries the next address at once with up to 250 ms of jitter, backing off only after
+//! every address failed in a row. The bench measures each replica's RSS and CPU with the fleet
+//! connected and sending telemetry, then kills a follower (how long until its agents are back
+//! through the others), then the leader (how long until another replica leads, and until every
+//! agent has a session again: the followers' relayed sessions move to the new leader too).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -185,6 +186,44 @@ async fn steady(
         .collect()
 }
 
+/// Kill replica `i` (SIGKILL) and wait for it; when it was killed.
+fn kill(all: &mut [Option<ControllerProc>], i: usize) -> anyhow::Result<Instant> {
+    let killed = Instant::now();
+    if let Some(mut p) = all[i].take() {
+        p.child.kill()?;
+        p.child.wait()?;
+    }
+    Ok(killed)
+}
+
+/// Wait until each of `who` has a session again that started after `at`; how long each took.
+async fn wait_back(
+    connected: &Connected,
+    who: Vec<usize>,
+    at: Instant,
+    what: &str,
+) -> anyhow::Result<Vec<f64>> {
+    loop {
+        let back: Option<Vec<f64>> = {
+            let c = connected.lock().unwrap();
+            who.iter()
+                .map(|&i| match c[i] {
+                    Some((t, _)) if t > at => Some(t.duration_since(at).as_secs_f64()),
+                    _ => None,
+                })
+                .collect()
+        };
+        if let Some(times) = back {
+            return Ok(times);
+        }
+        anyhow::ensure!(
+            at.elapsed() < Duration::from_secs(600),
+            "after {what}: not every agent came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn replicas_bench(
     url: &str,
     n: usize,
@@ -229,7 +268,7 @@ pub async fn replicas_bench(
             i,
             endpoints[i / AGENTS_PER_ENDPOINT].clone(),
             quic.clone(),
-            lead,
+            i % 3,
             id,
             interval,
             connected.clone(),
@@ -237,6 +276,14 @@ pub async fn replicas_bench(
             shutdown.clone(),
         ));
     }
+    let count = || {
+        connected
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.is_some())
+            .count()
+    };
     let count_on = |r: usize| {
         connected
             .lock()
@@ -246,17 +293,18 @@ pub async fn replicas_bench(
             .count()
     };
     let t1 = Instant::now();
-    while count_on(lead) < n {
+    while count() < n {
         anyhow::ensure!(
-            t1.elapsed() < Duration::from_secs(300),
+            t1.elapsed() < Duration::from_secs(600),
             "only {} of {n} connected",
-            count_on(lead)
+            count()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_connected = t0.elapsed();
+    let spread: Vec<usize> = (0..3).map(count_on).collect();
     println!(
-        "all {n} connected to the leader {:.1} s after the start",
+        "all {n} connected {:.1} s after the start, per replica {spread:?}",
         all_connected.as_secs_f64()
     );
     // Steady state: each replica's CPU and memory while the fleet sends telemetry.
@@ -265,32 +313,27 @@ pub async fn replicas_bench(
     let steady = steady(&all, lead, window).await;
     println!("steady: {}", serde_json::to_string(&steady)?);
 
-    // The leader dies: how long until another leads, and until every agent is back on it.
-    let killed = Instant::now();
-    {
-        let p = all[lead].as_mut().expect("the leader runs");
-        p.child.kill()?;
-        p.child.wait()?;
-    }
-    all[lead] = None;
+    // A follower dies: its agents come back through the other two.
+    let follower = (lead + 1) % 3;
+    let on_follower: Vec<usize> = (connected.lock().unwrap().iter().enumerate())
+        .filter_map(|(i, c)| c.is_some_and(|(_, at)| at == follower).then_some(i))
+        .collect();
+    let killed = kill(&mut all, follower)?;
+    let follower_agents = on_follower.len();
+    let follower_back = wait_back(&connected, on_follower, killed, "the follower's kill").await?;
+    let follower_all_back_s = follower_back.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "a follower killed: its {follower_agents} agents back through the others after {follower_all_back_s:.2} s"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // The leader dies: how long until another leads, and until every agent is back.
+    let killed = kill(&mut all, lead)?;
     let (next, next_term, _) = crate::failover::wait_leader(&c, &all, term).await?;
     let new_leader_s = killed.elapsed().as_secs_f64();
-    while count_on(next) < n {
-        anyhow::ensure!(
-            killed.elapsed() < Duration::from_secs(300),
-            "only {} of {n} back",
-            count_on(next)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let all_back_s = killed.elapsed().as_secs_f64();
-    let per_agent: Vec<f64> = connected
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|c| c.map(|(t, _)| t.saturating_duration_since(killed).as_secs_f64()))
-        .collect();
-    println!("new leader (term {next_term}) after {new_leader_s:.2} s; all {n} agents back on it after {all_back_s:.2} s");
+    let per_agent = wait_back(&connected, (0..n).collect(), killed, "the leader's kill").await?;
+    let all_back_s = per_agent.iter().cloned().fold(0.0, f64::max);
+    println!("new leader (term {next_term}, replica {next}) after {new_leader_s:.2} s; all {n} agents back after {all_back_s:.2} s");
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
@@ -301,14 +344,20 @@ pub async fn replicas_bench(
         "replicas": 3,
         "enrolled_s": enrolled.as_secs_f64(),
         "all_connected_s": all_connected.as_secs_f64(),
+        "sessions_per_replica": spread,
         "steady_window_s": window.as_secs_f64(),
         "steady": steady,
+        "after_follower_kill": {
+            "agents": follower_agents,
+            "all_agents_back_s": follower_all_back_s,
+            "agent_back_s": stats(follower_back),
+        },
         "after_leader_kill": {
             "new_leader_s": new_leader_s,
             "all_agents_back_s": all_back_s,
             "agent_back_s": stats(per_agent),
         },
-        "note": "sessions are held by the leader (followers turn agents away), so the followers' figures are those of a standing-by replica",
+        "note": "agents dial the replica they were given (spread over the three); followers hold their agents' QUIC connections and relay the sessions to the leader, which serves every session; agents notice a killed replica at their idle timeout (15 s)",
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
         "command": format!("nebula-bench replicas --database-url postgres://… --agents {n} --interval {interval_s}"),
     });
