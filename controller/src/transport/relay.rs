@@ -581,7 +581,10 @@ async fn relay_streams(
     let ended = tokio::select! {
         _ = &mut down => Ended::LeaderFinished,
         _ = end.ended.cancelled() => Ended::Asked,
-        _ = tokio::io::copy(&mut *a_recv, &mut t_send) => Ended::ByAgent,
+        copied = tokio::io::copy(&mut *a_recv, &mut t_send) => match copied {
+            Ok(_) => Ended::AgentFinished,
+            Err(_) => Ended::ByAgent,
+        },
         _ = datagrams(agent, &peer.conn, id) => Ended::ByAgent,
         _ = sample_streams(agent, &peer.conn, id) => Ended::ByAgent,
         _ = agent.closed() => Ended::ByAgent,
@@ -592,6 +595,10 @@ async fn relay_streams(
     match ended {
         Ended::ByAgent => {
             let _ = t_send.reset(0u32.into());
+        }
+        // The agent ended its session stream (after its `Bye`): so does the leader's copy.
+        Ended::AgentFinished => {
+            let _ = t_send.finish();
         }
         Ended::LeaderFinished | Ended::Asked => {
             // The session's last bytes (a refusal, a bye) reach the agent before the close,
@@ -622,7 +629,10 @@ async fn relay_streams(
 }
 
 enum Ended {
+    /// The agent's connection or one of its streams failed.
     ByAgent,
+    /// The agent finished its session stream.
+    AgentFinished,
     /// The leader's side of the session stream ended.
     LeaderFinished,
     /// The leader sent a [`Close`].
