@@ -427,6 +427,23 @@ async fn refuse(
     Ok(())
 }
 
+/// The session stream an agent opens first, within [`FIRST_STREAM_TIMEOUT`]; `None` when it
+/// did not come in time (the connection is then closed with the reason).
+async fn session_stream(
+    conn: &quinn::Connection,
+) -> anyhow::Result<Option<(quinn::SendStream, quinn::RecvStream)>> {
+    match tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await {
+        Ok(r) => Ok(Some(r?)),
+        Err(_) => {
+            conn.close(
+                close::PROTOCOL_ERROR.into(),
+                b"no Hello within the deadline",
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// The client certificate a connection's TLS layer verified against the fleet CA, if any.
 fn client_leaf(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
     let certs = conn

@@ -500,16 +500,8 @@ pub(super) async fn relay_agent(
             return Ok(());
         }
     };
-    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, agent.accept_bi()).await;
-    let (mut a_send, mut a_recv) = match first {
-        Ok(r) => r?,
-        Err(_) => {
-            agent.close(
-                close::PROTOCOL_ERROR.into(),
-                b"no Hello within the deadline",
-            );
-            return Ok(());
-        }
+    let Some((mut a_send, mut a_recv)) = super::session_stream(&agent).await? else {
+        return Ok(());
     };
     // The agent's certificate is the fleet CA's (TLS checked it); the leader checks that it is
     // live before it answers the `Hello`.

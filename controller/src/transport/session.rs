@@ -51,16 +51,8 @@ pub(super) async fn session_connection(
     if !*leading.borrow() {
         return super::relay::relay_agent(cp, conn, identity, shutdown).await;
     }
-    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await;
-    let (send, recv) = match first {
-        Ok(r) => r?,
-        Err(_) => {
-            conn.close(
-                close::PROTOCOL_ERROR.into(),
-                b"no Hello within the deadline",
-            );
-            return Ok(());
-        }
+    let Some((send, recv)) = super::session_stream(&conn).await? else {
+        return Ok(());
     };
     serve_session(
         cp,
