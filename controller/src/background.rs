@@ -68,6 +68,13 @@ pub const LEADER_ELECTION: TaskDef = TaskDef {
         "takes or renews the leader lease (replicas on PostgreSQL); stops at once on SQLite",
     scope: Scope::EveryReplica,
 };
+pub const EVENT_FANOUT: TaskDef = TaskDef {
+    name: "event-fanout",
+    description:
+        "passes events between replicas as PostgreSQL notifications (resync after a gap); \
+                  stops at once on SQLite",
+    scope: Scope::EveryReplica,
+};
 pub const BACKUP: TaskDef = TaskDef {
     name: "backup-scheduler",
     description: "writes a backup into [backup] dir every interval and keeps the newest ones",
@@ -202,6 +209,10 @@ pub fn register(
                 let cp = cp.clone();
                 async move { cp.take_over().await }
             })
+    });
+    let c = cp.clone();
+    d.service(EVENT_FANOUT, move |cx| {
+        crate::events::fanout(c.clone(), cx.cancel)
     });
     let c = cp.clone();
     d.periodic(BACKUP, cp.config.backup.interval, false, move |trigger| {

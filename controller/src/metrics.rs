@@ -40,6 +40,8 @@ pub struct Metrics {
     pub refused_ops: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Job-engine write batches refused because this replica no longer leads (its term).
     pub job_writes_refused: Counter,
+    /// Event notifications between replicas: sent, received, resync.
+    pub events_fanout: Family<DropLabels, Counter>,
 }
 
 impl Metrics {
@@ -126,7 +128,15 @@ impl Metrics {
              (a deposed leader's term)",
             job_writes_refused.clone(),
         );
+        let events_fanout = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "events_fanout",
+            "Notifications of events between replicas (PostgreSQL): sent, received, and resync \
+             (events may have been missed; views refreshed in full)",
+            events_fanout.clone(),
+        );
         Metrics {
+            events_fanout,
             job_writes_refused,
             refused_ops,
             connections_refused,

@@ -55,6 +55,10 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
     let private = Router::new()
         .route("/ui/", get(overview))
         .route("/ui/events", get(overview_events))
+        .route(
+            "/ui/events/fragments",
+            get(pages::overview::overview_fragments),
+        )
         .route("/ui/logout", post(logout))
         .route("/ui/nodes/{name}", get(node_page))
         .route("/ui/monitors", get(pages::monitors::monitors_page))

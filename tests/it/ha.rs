@@ -830,3 +830,179 @@ async fn marks_ended(c: &Controller) -> Vec<(String, serde_json::Value)> {
     })
     .await
 }
+
+/// An overview's live stream on `c` (signed in with `cookie`): its events as they come,
+/// (SSE event name, data), then `None` once it ended.
+type Frames = Arc<std::sync::Mutex<Vec<Option<(String, String)>>>>;
+
+async fn overview_stream(c: &Controller, cookie: &str) -> Frames {
+    use futures::StreamExt;
+    let resp = reqwest::Client::new()
+        .get(c.url("/ui/events"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let frames: Frames = Arc::default();
+    let sink = frames.clone();
+    tokio::spawn(async move {
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let mut event = String::new();
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = e.trim().to_owned();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim_start());
+                    }
+                }
+                if !event.is_empty() {
+                    sink.lock().unwrap().push(Some((event, data)));
+                }
+            }
+        }
+        sink.lock().unwrap().push(None);
+    });
+    frames
+}
+
+/// Events fan out between replicas as PostgreSQL notifications. The overview's live stream,
+/// opened on a follower, is that follower's own: it carries the leader's node events (heard
+/// through `nebula_events`), refreshes in full after its listener's connection is cut (a
+/// resync, since notifications meanwhile are lost), and goes on through the leader's kill,
+/// showing the node back online under the new leader on the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_live_overview_hears_the_leaders_events_through_notifications() {
+    use crate::common::{metric, Agent, NodeStatus};
+    let Some(db) = PgDb::create() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let mut all = three(&db, work.path()).await;
+    let mut alive = vec![true; 3];
+    let (lead, _) = leader(&all, &alive, Duration::from_secs(20)).await;
+    let f = (lead + 1) % 3;
+    let pw = crate::dashboard::create_user(&all[f], "ana", "viewer").await;
+    let set = crate::dashboard_http::sign_in(&all[f], "ana", &pw, false)
+        .await
+        .expect("signed in on the follower");
+    let session = set.split(';').next().unwrap().to_owned();
+    let frames = overview_stream(&all[f], &session).await;
+    let online_card_after = |from: usize| {
+        let frames = frames.clone();
+        async move {
+            let got = frames.lock().unwrap();
+            assert!(
+                !got.contains(&None),
+                "the follower's stream ended: it is not its own"
+            );
+            got.iter().skip(from).flatten().any(|(e, d)| {
+                e == "node" && d.contains("id=\"node-box\"") && d.contains("data-status=\"online\"")
+            })
+        }
+    };
+
+    // A node joins through the leader: its card arrives on the follower's stream.
+    let token = all[lead].token(1, "10m", serde_json::json!({})).await;
+    let agent = Agent::join(&all[lead], &token, &work.path().join("agent"), "box", &[]);
+    wait_for(
+        "the new node's card on the follower's stream",
+        Duration::from_secs(20),
+        || async { online_card_after(0).await.then_some(()) },
+    )
+    .await;
+    let m = all[f].metrics().await;
+    assert!(
+        metric(&m, "nebula_events_fanout_total{what=\"received\"}") >= 1.0,
+        "{m}"
+    );
+
+    // Cut every listening connection: the follower listens again and resyncs.
+    let cut = db.query(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+         AND query ILIKE 'LISTEN%'",
+    );
+    assert!(cut.parse::<i64>().unwrap() >= 3, "listeners cut: {cut}");
+    wait_for(
+        "the follower to resync after its listener was cut",
+        Duration::from_secs(20),
+        || async {
+            let m = all[f].metrics().await;
+            (metric(&m, "nebula_events_fanout_total{what=\"resync\"}") >= 1.0).then_some(())
+        },
+    )
+    .await;
+
+    // The leader dies (once the agent knows every replica); the same stream shows the node
+    // online under the new leader.
+    wait_for(
+        "the agent to know every replica",
+        Duration::from_secs(10),
+        || async {
+            let state = std::fs::read_to_string(work.path().join("agent/agent.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&state).ok()?;
+            (v["replicas"].as_array()?.len() == 3).then_some(())
+        },
+    )
+    .await;
+    all[lead].proc.kill();
+    alive[lead] = false;
+    // Whatever comes after this was made by another replica.
+    let before = frames.lock().unwrap().len();
+    let (now_leads, _) = leader(&all, &alive, Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let node = all[now_leads].node("box").await;
+        let on = node
+            .as_ref()
+            .is_some_and(|n| n.status == NodeStatus::Online);
+        if on && online_card_after(before).await {
+            break;
+        }
+        if Instant::now() > deadline {
+            let since: Vec<String> = (frames.lock().unwrap().iter().skip(before))
+                .flatten()
+                .filter(|(e, _)| e == "node")
+                .map(|(_, d)| d.chars().take(160).collect())
+                .collect();
+            panic!(
+                "the node is not online again on the follower's stream: {node:?}\n\
+                 cards since the kill: {since:#?}\nagent: {}\nleader: {}\nfollower: {}",
+                agent.proc.output(),
+                all[lead].proc.output(),
+                all[f].proc.output(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        !frames.lock().unwrap().contains(&None),
+        "the follower's stream went on through the leader's kill"
+    );
+    // A removal reaches a stream only as an event (no refresh says `gone`): one opened on the
+    // replica that does not lead now hears it from the one that does.
+    let other = (0..3).find(|&i| alive[i] && i != now_leads).unwrap();
+    let frames = overview_stream(&all[other], &session).await;
+    drop(agent);
+    let (status, v) = all[now_leads]
+        .api(reqwest::Method::DELETE, "/api/v1/nodes/box", None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    wait_for(
+        "the removal on the follower's stream",
+        Duration::from_secs(10),
+        || async {
+            let got = frames.lock().unwrap();
+            got.iter()
+                .flatten()
+                .any(|(e, d)| e == "gone" && d == "node-box")
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -66,11 +66,11 @@ fn note(cp: &ControlPlane, ev: Result<Event, RecvError>) -> Noted {
                 .insert("a container stopped".into());
             Noted::Run
         }
-        Ok(_) => Noted::Nothing,
-        Err(RecvError::Lagged(_)) => {
+        Ok(Event::EventsMissed { .. }) | Err(RecvError::Lagged(_)) => {
             cp.desired.lock().reasons.insert("events missed".into());
             Noted::Run
         }
+        Ok(_) => Noted::Nothing,
         Err(RecvError::Closed) => Noted::Closed,
     }
 }

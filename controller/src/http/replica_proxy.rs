@@ -14,9 +14,18 @@ use super::prelude::*;
 
 /// Requests already passed on once carry this; a replica never passes one on twice (no loops
 /// while replicas disagree about the leader for a moment).
-const FORWARDED: &str = "x-nebula-forwarded-by";
+pub const FORWARDED: &str = "x-nebula-forwarded-by";
 
-const LOCAL: &[&str] = &["/healthz", "/metrics", "/api/v1/replicas", "/api/v1/tasks"];
+/// `/ui/events` (the overview's live stream) is served by every replica from its own event bus
+/// (the other replicas' events arrive as notifications); it asks the leader, with the viewer's
+/// own session, for the fragments that changed ([`get_from_leader`]).
+const LOCAL: &[&str] = &[
+    "/healthz",
+    "/metrics",
+    "/api/v1/replicas",
+    "/api/v1/tasks",
+    "/ui/events",
+];
 
 /// Headers that belong to one connection, not to the request.
 fn hop_by_hop(name: &HeaderName) -> bool {
@@ -39,6 +48,33 @@ fn unavailable(message: String) -> Response {
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
     r
+}
+
+/// A `GET` of `path_and_query` on the leading replica, with `headers` (a viewer's session
+/// cookie): the body of a success, or why there is none (no leader known, not answered, not
+/// a success). The request is marked as passed on, so a replica that no longer leads answers
+/// `503` instead of passing it further.
+pub async fn get_from_leader(
+    cp: &ControlPlane,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    let base = cp.ha.leader_http().ok_or("no replica leads")?;
+    let url = format!("{}{path_and_query}", base.trim_end_matches('/'));
+    let mut req = cp
+        .replica_client()
+        .get(&url)
+        .timeout(timeout)
+        .header(FORWARDED, cp.ha.replica.as_str());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: {}", resp.status()));
+    }
+    resp.text().await.map_err(|e| format!("{url}: {e}"))
 }
 
 pub async fn to_leader(State(cp): State<Arc<ControlPlane>>, req: Request, next: Next) -> Response {

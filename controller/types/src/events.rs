@@ -123,4 +123,9 @@ pub enum Event {
         node: String,
         up: bool,
     },
+    /// Events may have been missed (replicas: a notification listener reconnected, or
+    /// another replica could not pass every event on): views refresh in full.
+    EventsMissed {
+        reason: String,
+    },
 }

@@ -161,8 +161,90 @@ pub(crate) async fn overview(
     }
 }
 
+/// What an open overview gets when the nodes in `names` changed (`None`: all of them): their
+/// cards, the totals and the topology, as (SSE event name, HTML).
+pub(crate) async fn fragments(
+    cp: &ControlPlane,
+    names: Option<&[String]>,
+) -> Result<Vec<(String, String)>, OpError> {
+    let nodes = all_nodes(cp).await?;
+    let mut out: Vec<(String, String)> = nodes
+        .iter()
+        .filter(|n| names.is_none_or(|w| w.contains(&n.name)))
+        .map(|n| ("node".to_owned(), node_card(n).into_string()))
+        .collect();
+    for fragment in [totals(&nodes), topology(&nodes)] {
+        out.push(("fragment".to_owned(), fragment.into_string()));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FragmentsQuery {
+    /// Node names, comma-separated; all nodes without it.
+    nodes: Option<String>,
+}
+
+/// `GET /ui/events/fragments`: [`fragments`] as JSON. A replica that serves an overview's
+/// stream without leading asks the leader (which holds the sessions and the telemetry) this.
+pub(crate) async fn overview_fragments(
+    State(cp): State<Arc<ControlPlane>>,
+    query: Result<Query<FragmentsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "nodes=NAME,NAME,... is the only parameter",
+        );
+    };
+    let names: Option<Vec<String>> = q.nodes.map(|n| {
+        n.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
+    match fragments(&cp, names.as_deref()).await {
+        Ok(f) => axum::Json(f).into_response(),
+        Err(e) => op_error(e),
+    }
+}
+
+/// [`fragments`], made here on the leader (or the only controller); a follower asks the
+/// leader with the viewer's own session. `None` when there are none to send now (no leader
+/// known during an election, or it did not answer): the next change or refresh tries again.
+async fn frames(
+    cp: &ControlPlane,
+    token: &str,
+    names: Option<&[String]>,
+) -> Option<Vec<(String, String)>> {
+    if !cp.ha.replicated() || cp.ha.is_leader() {
+        return fragments(cp, names).await.ok();
+    }
+    let query = names
+        .map(|n| format!("?nodes={}", n.join(",")))
+        .unwrap_or_default();
+    let cookie = format!("{SESSION_COOKIE}={token}");
+    let got = nebula_controller::http::replica_proxy::get_from_leader(
+        cp,
+        &format!("/ui/events/fragments{query}"),
+        &[("cookie", &cookie)],
+        REFRESH * 2,
+    )
+    .await;
+    match got.map(|body| serde_json::from_str(&body).map_err(|e| e.to_string())) {
+        Ok(Ok(f)) => Some(f),
+        Ok(Err(e)) | Err(e) => {
+            tracing::debug!("an overview's fragments from the leader: {e}");
+            None
+        }
+    }
+}
+
 /// Live cards: a node's card when something about it changes (changes within [`COALESCE`] go
-/// out together), every card each [`REFRESH`]. The stream ends with the session.
+/// out together), every card each [`REFRESH`]. The stream ends with the session. Every replica
+/// serves it from its own event bus (replicas hear each other's events), so a leader's kill
+/// does not end it: the new leader's events arrive on the same stream.
 pub(crate) async fn overview_events(
     State(cp): State<Arc<ControlPlane>>,
     headers: HeaderMap,
@@ -187,57 +269,40 @@ pub(crate) async fn overview_events(
                     None
                 }
                 ev = events.recv() => match ev {
-                    Ok(Event::NodeOnline { name, .. })
-                    | Ok(Event::NodeOffline { name, .. })
-                    | Ok(Event::NodeEnrolled { name, .. })
-                    | Ok(Event::ContainerChanged { node: name, .. }) => {
-                        // Take what else changes meanwhile into the same update.
-                        let mut names = vec![name];
-                        let until = tokio::time::Instant::now() + COALESCE;
-                        while let Ok(Ok(ev)) = tokio::time::timeout_at(until, events.recv()).await {
-                            match ev {
-                                Event::NodeOnline { name, .. }
-                                | Event::NodeOffline { name, .. }
-                                | Event::NodeEnrolled { name, .. }
-                                | Event::ContainerChanged { node: name, .. }
-                                    if !names.contains(&name) =>
-                                {
-                                    names.push(name);
+                    Ok(ev) => match changed_node(&ev) {
+                        Some(name) => {
+                            // Take what else changes meanwhile into the same update.
+                            let mut names = vec![name.to_owned()];
+                            let until = tokio::time::Instant::now() + COALESCE;
+                            while let Ok(Ok(ev)) = tokio::time::timeout_at(until, events.recv()).await {
+                                match changed_node(&ev) {
+                                    Some(name) if !names.iter().any(|n| n == name) => {
+                                        names.push(name.to_owned());
+                                    }
+                                    _ => {}
                                 }
-                                _ => {}
                             }
+                            Some(names)
                         }
-                        Some(names)
-                    }
-                    Ok(Event::NodeRemoved { name, .. }) => {
-                        let gone = SseEvent::default().event("gone").data(node_dom_id(&name));
-                        if tx.send(gone).await.is_err() { return; }
-                        None
-                    }
-                    Ok(_) => continue,
+                        None => match ev {
+                            Event::NodeRemoved { name, .. } => {
+                                let gone = SseEvent::default().event("gone").data(node_dom_id(&name));
+                                if tx.send(gone).await.is_err() { return; }
+                                continue;
+                            }
+                            Event::EventsMissed { .. } => None,
+                            _ => continue,
+                        },
+                    },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
             };
-            let Ok(nodes) = all_nodes(&cp2).await else {
+            let Some(frames) = frames(&cp2, &token, names.as_deref()).await else {
                 continue;
             };
-            for n in nodes
-                .iter()
-                .filter(|n| names.as_ref().is_none_or(|w| w.contains(&n.name)))
-            {
-                let ev = SseEvent::default()
-                    .event("node")
-                    .data(node_card(n).into_string());
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
-            }
-            for fragment in [totals(&nodes), topology(&nodes)] {
-                let ev = SseEvent::default()
-                    .event("fragment")
-                    .data(fragment.into_string());
-                if tx.send(ev).await.is_err() {
+            for (event, data) in frames {
+                if tx.send(SseEvent::default().event(event).data(data)).await.is_err() {
                     return;
                 }
             }
@@ -247,4 +312,15 @@ pub(crate) async fn overview_events(
         rx.recv().await.map(|ev| (Ok(ev), rx))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// The node whose card an event changes.
+fn changed_node(ev: &Event) -> Option<&str> {
+    match ev {
+        Event::NodeOnline { name, .. }
+        | Event::NodeOffline { name, .. }
+        | Event::NodeEnrolled { name, .. }
+        | Event::ContainerChanged { node: name, .. } => Some(name),
+        _ => None,
+    }
 }
