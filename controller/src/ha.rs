@@ -275,6 +275,11 @@ impl Ha {
 
     /// The `leader-election` task: runs until cancelled (then steps down; the lease is
     /// released by [`Ha::release`] once every task has stopped).
+    ///
+    /// The election runs on a thread and runtime of its own, with its own database
+    /// connections: a runtime busy with thousands of agents' handshakes (a reconnection storm)
+    /// cannot delay a renewal past the lease, which would close every session and start the
+    /// storm again. Taking over (reading what the last leader left) runs on the main runtime.
     pub async fn run<F, Fut>(
         self: Arc<Self>,
         store: Store,
@@ -282,12 +287,68 @@ impl Ha {
         cancel: CancellationToken,
         take_over: F,
     ) where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<()>>,
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         if !self.replicated() {
             return;
         }
+        let main = tokio::runtime::Handle::current();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("nebula-election".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!("the leader election's runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let store = match store.for_election() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!("the leader election's connections: {e:#}");
+                            return;
+                        }
+                    };
+                    let on_main = move || {
+                        let task = main.spawn(take_over());
+                        let abort = AbortOnDrop(task.abort_handle());
+                        async move {
+                            // The take-over stops if the election stops waiting for it.
+                            let _abort = abort;
+                            (task.await)
+                                .unwrap_or_else(|e| Err(anyhow::anyhow!("taking over: {e}")))
+                        }
+                    };
+                    self.elect(&store, cfg, cancel, on_main).await;
+                    store.close_election().await;
+                });
+                let _ = done.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = finished.await;
+            }
+            Err(e) => warn!("the leader election's thread: {e}"),
+        }
+    }
+
+    async fn elect<F, Fut>(
+        &self,
+        store: &Store,
+        cfg: HaConfig,
+        cancel: CancellationToken,
+        take_over: F,
+    ) where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
         let ttl_ms = i64::try_from(cfg.lease_ttl.as_millis()).unwrap_or(i64::MAX);
         let deadline_of = |last_ok: Instant| last_ok + cfg.lease_ttl - cfg.margin();
         let mut listener = None;
@@ -340,11 +401,11 @@ impl Ha {
                 if let Err(e) = store.replica_seen(&self.record()).await {
                     warn!("registering this replica: {e:#}");
                 }
-                self.refresh(&store, &cfg).await;
+                self.refresh(store, &cfg).await;
             })
             .await;
             if held.is_none() && Instant::now() >= quiet_until {
-                match self.try_to_lead(&store, &cfg, ttl_ms, &take_over).await {
+                match self.try_to_lead(store, &cfg, ttl_ms, &take_over).await {
                     Ok(Some(h)) => held = Some(h),
                     Ok(None) => {}
                     Err(()) => quiet_until = Instant::now() + cfg.lease_ttl,
@@ -447,6 +508,15 @@ impl Ha {
         if let Err(e) = store.replica_gone(&self.replica).await {
             warn!("leaving the replica list: {e:#}");
         }
+    }
+}
+
+/// Aborts a task when dropped (a take-over the election stopped waiting for).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

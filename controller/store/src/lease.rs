@@ -49,6 +49,31 @@ pub struct ReplicaRecord {
 }
 
 impl Store {
+    /// A handle for the leader election: on PostgreSQL its lease and replica-list queries
+    /// use two connections of their own, opened when first used, on the runtime that uses
+    /// them (the election's own thread); everything else shares this store's pool. Close them
+    /// with [`Store::close_election`] on that runtime.
+    pub fn for_election(&self) -> Result<Store, StoreError> {
+        let mut s = self.clone();
+        if self.backend == Backend::Postgres {
+            let opts = <sqlx::any::AnyConnectOptions as std::str::FromStr>::from_str(&self.url)?;
+            s.election = Some(
+                sqlx::any::AnyPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(std::time::Duration::from_secs(30))
+                    .connect_lazy_with(opts),
+            );
+        }
+        Ok(s)
+    }
+
+    /// Close the election's own connections (see [`Store::for_election`]).
+    pub async fn close_election(&self) {
+        if let Some(p) = &self.election {
+            p.close().await;
+        }
+    }
+
     /// The election's own connections (PostgreSQL), else the pool.
     fn election_pool(&self) -> &sqlx::AnyPool {
         self.election.as_ref().unwrap_or(&self.pool)

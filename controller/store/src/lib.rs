@@ -180,9 +180,9 @@ pub struct ApiTokenRecord {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    /// PostgreSQL: two connections of their own for the leader election (the lease and the
-    /// replica list), so that a busy pool (a reconnection storm's session writes) cannot
-    /// delay a renewal past the lease.
+    /// PostgreSQL, in the election's own handle ([`Store::for_election`]): two connections
+    /// of its own for the lease and the replica list, so that a busy pool (a reconnection
+    /// storm's session writes) cannot delay a renewal past the lease.
     election: Option<AnyPool>,
     backend: Backend,
     /// For connections outside the pool (notification listeners).
@@ -231,15 +231,6 @@ impl Store {
                 }),
             Backend::Postgres => AnyPoolOptions::new().max_connections(16),
         };
-        let election = match backend {
-            Backend::Postgres => Some(
-                AnyPoolOptions::new()
-                    .max_connections(2)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .connect_lazy_with(opts.clone()),
-            ),
-            Backend::Sqlite => None,
-        };
         let pool = pool_opts
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
@@ -255,7 +246,7 @@ impl Store {
         }
         Ok(Store {
             pool,
-            election,
+            election: None,
             backend,
             url: url.into(),
         })
