@@ -81,11 +81,13 @@ struct Batch {
     /// The sender dropped events before these: listeners resync.
     #[serde(default)]
     gap: bool,
-    events: Vec<Event>,
+    /// Each read on its own: a kind this version does not know (a newer replica's, during a
+    /// rolling upgrade) is skipped, not a reason to drop the batch.
+    events: Vec<serde_json::Value>,
 }
 
 /// Pack events into payloads under [`PAYLOAD_MAX`], in order. An event too large for any
-/// payload is left out, and the next payload says so (`gap`).
+/// payload is left out, and the payload after it says so (`gap`).
 fn pack(from: &str, gap: bool, events: &[Event]) -> Vec<String> {
     let head = |gap: bool| {
         format!(
@@ -131,12 +133,28 @@ fn pack(from: &str, gap: bool, events: &[Event]) -> Vec<String> {
     out
 }
 
-/// What a notification from another replica says: its events, then whether to resync.
-/// `None`: this replica's own, or not a batch (a resync is due).
+/// What a notification says: the events another replica published (kinds this version does
+/// not know left out), then whether to resync; `None` for this replica's own. `Err`: not a
+/// batch at all (a resync is due).
 fn unpack(me: &str, payload: &str) -> Result<Option<(Vec<Event>, bool)>, serde_json::Error> {
     let b: Batch = serde_json::from_str(payload)?;
-    Ok((b.from != me).then_some((b.events, b.gap)))
+    if b.from == me {
+        return Ok(None);
+    }
+    let events = (b.events.into_iter())
+        .filter_map(|v| match serde_json::from_value(v) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::debug!("an event of a kind this replica does not know: {e}");
+                None
+            }
+        })
+        .collect();
+    Ok(Some((events, b.gap)))
 }
+
+/// How long the `event-fanout` task waits before listening again, or sending a gap it owes.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// The `event-fanout` task (replicas on PostgreSQL; it ends at once on SQLite).
 pub async fn fanout(cp: Arc<ControlPlane>, cancel: CancellationToken) {
@@ -147,82 +165,122 @@ pub async fn fanout(cp: Arc<ControlPlane>, cancel: CancellationToken) {
     if cp.events.outbox.tx.set(tx).is_err() {
         return;
     }
-    let me = cp.ha.replica.clone();
-    let metric = |what: &'static str| {
-        cp.metrics
-            .events_fanout
-            .get_or_create(&vec![("what", what)])
-            .inc()
+    let f = Fanout {
+        me: cp.ha.replica.clone(),
+        cp,
     };
     let mut listener = None;
     let mut listened_before = false;
     let mut pending = Vec::new();
     loop {
         if listener.is_none() {
-            match tokio::time::timeout(Duration::from_secs(5), cp.store.listen(&[CHANNEL])).await {
-                Ok(Ok(l)) => {
-                    listener = Some(l);
-                    // Whatever was sent while nobody listened here is lost: views refresh.
-                    if std::mem::replace(&mut listened_before, true) {
-                        metric("resync");
-                        cp.events.publish_here(Event::EventsMissed {
-                            reason: "this replica's notification listener reconnected".into(),
-                        });
-                    }
-                }
-                Ok(Err(e)) => warn!("listening for the other replicas' events: {e:#}"),
-                Err(_) => warn!("listening for the other replicas' events: no answer in 5 s"),
-            }
+            listener = f.listen(&mut listened_before).await;
         }
+        let owed = f.cp.events.outbox.dropped.load(Ordering::Relaxed);
         tokio::select! {
             _ = cancel.cancelled() => return,
             n = rx.recv_many(&mut pending, 1024) => {
                 if n == 0 {
                     return;
                 }
-                let gap = cp.events.outbox.dropped.swap(false, Ordering::Relaxed);
-                for payload in pack(&me, gap, &pending) {
-                    if let Err(e) = cp.store.notify(CHANNEL, &payload).await {
-                        warn!("passing events on to the other replicas: {e:#}");
-                        cp.events.outbox.dropped.store(true, Ordering::Relaxed);
-                    } else {
-                        metric("sent");
-                    }
+                if !f.send(&pending, &cancel).await {
+                    return;
                 }
                 pending.clear();
             }
             heard = recv(&mut listener) => match heard {
-                Some(payload) => match unpack(&me, &payload) {
-                    Ok(None) => {}
-                    Ok(Some((events, gap))) => {
-                        metric("received");
-                        for e in events {
-                            cp.events.publish_here(e);
-                        }
-                        if gap {
-                            metric("resync");
-                            cp.events.publish_here(Event::EventsMissed {
-                                reason: "another replica could not pass every event on".into(),
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        warn!("a notification on {CHANNEL} that is not a batch of events: {e}");
-                        metric("resync");
-                        cp.events.publish_here(Event::EventsMissed {
-                            reason: "a notification from another replica could not be read".into(),
-                        });
-                    }
-                },
+                Some(payload) => f.heard(&payload),
                 // Dropped: listen again (and resync) on the next round.
-                None => {
-                    listener = None;
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                }
+                None => listener = None,
             },
+            // No listener (the database is away), or a gap to announce with no event to
+            // carry it: try again in a moment.
+            _ = tokio::time::sleep(RETRY), if listener.is_none() || owed => {
+                if owed && !f.send(&[], &cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Fanout {
+    cp: Arc<ControlPlane>,
+    me: String,
+}
+
+impl Fanout {
+    fn metric(&self, what: &'static str) {
+        (self.cp.metrics.events_fanout)
+            .get_or_create(&vec![("what", what)])
+            .inc();
+    }
+
+    fn missed(&self, reason: &str) {
+        self.metric("resync");
+        self.cp.events.publish_here(Event::EventsMissed {
+            reason: reason.into(),
+        });
+    }
+
+    /// Listen on [`CHANNEL`]; after a first listener, whatever was sent while nobody listened
+    /// here is lost, so views refresh.
+    async fn listen(&self, listened_before: &mut bool) -> Option<crate::store::lease::Listener> {
+        match tokio::time::timeout(Duration::from_secs(5), self.cp.store.listen(&[CHANNEL])).await {
+            Ok(Ok(l)) => {
+                if std::mem::replace(listened_before, true) {
+                    self.missed("this replica's notification listener reconnected");
+                }
+                Some(l)
+            }
+            Ok(Err(e)) => {
+                warn!("listening for the other replicas' events: {e:#}");
+                None
+            }
+            Err(_) => {
+                warn!("listening for the other replicas' events: no answer in 5 s");
+                None
+            }
+        }
+    }
+
+    /// Send `events` (and a gap owed) in order; a payload that does not go out leaves the
+    /// rest unsent and a gap owed. `false`: cancelled meanwhile.
+    async fn send(&self, events: &[Event], cancel: &CancellationToken) -> bool {
+        let dropped = &self.cp.events.outbox.dropped;
+        let gap = dropped.swap(false, Ordering::Relaxed);
+        for payload in pack(&self.me, gap, events) {
+            let sent = tokio::select! {
+                _ = cancel.cancelled() => return false,
+                r = self.cp.store.notify(CHANNEL, &payload) => r,
+            };
+            if let Err(e) = sent {
+                warn!("passing events on to the other replicas: {e:#}");
+                dropped.store(true, Ordering::Relaxed);
+                break;
+            }
+            self.metric("sent");
+        }
+        true
+    }
+
+    /// Publish here what another replica sent.
+    fn heard(&self, payload: &str) {
+        match unpack(&self.me, payload) {
+            Ok(None) => {}
+            Ok(Some((events, gap))) => {
+                self.metric("received");
+                for e in events {
+                    self.cp.events.publish_here(e);
+                }
+                if gap {
+                    self.missed("another replica could not pass every event on");
+                }
+            }
+            Err(e) => {
+                warn!("a notification on {CHANNEL} that is not a batch of events: {e}");
+                self.missed("a notification from another replica could not be read");
+            }
         }
     }
 }
@@ -289,5 +347,16 @@ mod tests {
         let (evs, gap) = unpack("r2", &only_gap[0]).unwrap().unwrap();
         assert!(evs.is_empty() && gap);
         assert!(unpack("r2", "{not json").is_err());
+    }
+
+    #[test]
+    fn an_event_of_an_unknown_kind_is_skipped_not_the_batch() {
+        let payload = r#"{"from":"r9","gap":false,"events":[
+            {"type":"node_online","id":"01a2511c-938d-7614-b863-eff1244e28c9","name":"box"},
+            {"type":"something_newer","x":1}]}"#;
+        let (events, gap) = unpack("r1", payload).unwrap().unwrap();
+        assert!(!gap);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(matches!(&events[0], Event::NodeOnline { name, .. } if name == "box"));
     }
 }

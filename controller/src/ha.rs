@@ -93,6 +93,9 @@ pub struct Ha {
     /// Until when this replica may act as the leader, by its own clock (the last good
     /// renewal's send time plus the lease less the margin); `None` while it follows.
     valid_until: Mutex<Option<Instant>>,
+    /// When the main runtime last ran the election's heartbeat: the election (on its own
+    /// thread) does not renew for a controller whose main runtime is stuck.
+    main_beat: Mutex<Instant>,
 }
 
 impl Ha {
@@ -110,6 +113,7 @@ impl Ha {
             leader_at: Mutex::new(None),
             client: std::sync::OnceLock::new(),
             valid_until: Mutex::new(None),
+            main_beat: Mutex::new(Instant::now()),
         }
     }
 
@@ -287,14 +291,23 @@ impl Ha {
         cancel: CancellationToken,
         take_over: F,
     ) where
-        F: Fn() -> Fut + Send + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         if !self.replicated() {
             return;
         }
         let main = tokio::runtime::Handle::current();
+        let take_over = Arc::new(take_over);
+        let (started, on_thread) = tokio::sync::oneshot::channel::<bool>();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let (me, store2, cfg2, cancel2, t2) = (
+            self.clone(),
+            store.clone(),
+            cfg.clone(),
+            cancel.clone(),
+            take_over.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name("nebula-election".into())
             .spawn(move || {
@@ -305,19 +318,27 @@ impl Ha {
                     Ok(rt) => rt,
                     Err(e) => {
                         warn!("the leader election's runtime: {e}");
+                        let _ = started.send(false);
                         return;
                     }
                 };
+                // Its connections belong to this runtime (opened inside it).
+                let opened = {
+                    let _in = rt.enter();
+                    store2.for_election()
+                };
+                let store = match opened {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("the leader election's connections: {e:#}");
+                        let _ = started.send(false);
+                        return;
+                    }
+                };
+                let _ = started.send(true);
                 rt.block_on(async move {
-                    let store = match store.for_election() {
-                        Ok(s) => s,
-                        Err(e) => {
-                            warn!("the leader election's connections: {e:#}");
-                            return;
-                        }
-                    };
                     let on_main = move || {
-                        let task = main.spawn(take_over());
+                        let task = main.spawn((*t2)());
                         let abort = AbortOnDrop(task.abort_handle());
                         async move {
                             // The take-over stops if the election stops waiting for it.
@@ -326,17 +347,34 @@ impl Ha {
                                 .unwrap_or_else(|e| Err(anyhow::anyhow!("taking over: {e}")))
                         }
                     };
-                    self.elect(&store, cfg, cancel, on_main).await;
+                    me.elect(&store, cfg2, cancel2, on_main).await;
                     store.close_election().await;
                 });
                 let _ = done.send(());
             });
-        match spawned {
-            Ok(_) => {
-                let _ = finished.await;
-            }
-            Err(e) => warn!("the leader election's thread: {e}"),
+        if spawned.is_err() || !on_thread.await.unwrap_or(false) {
+            warn!("the leader election runs on the main runtime (no thread of its own)");
+            return self
+                .elect(&store, cfg, cancel, move || (*take_over)())
+                .await;
         }
+        // The heartbeat the election checks before each renewal.
+        let mut finished = std::pin::pin!(finished);
+        let mut beat = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = &mut finished => return,
+                _ = beat.tick() => *lock(&self.main_beat) = Instant::now(),
+            }
+        }
+    }
+
+    /// How long the main runtime has not run the heartbeat, when that is longer than a
+    /// busy runtime ever takes ([`STUCK`] or five leases): a leader stuck that way steps
+    /// down rather than hold the lease while its tasks and sessions stand still.
+    fn main_stuck(&self, cfg: &HaConfig) -> Option<Duration> {
+        let silent = lock(&self.main_beat).elapsed();
+        (silent > STUCK.max(cfg.lease_ttl * 5)).then_some(silent)
     }
 
     async fn elect<F, Fut>(
@@ -358,6 +396,16 @@ impl Ha {
         loop {
             // The leader renews first, and no call waits past its deadline: when the database
             // does not answer in time, it steps down on its own clock.
+            if let Some(silent) = self.main_stuck(&cfg) {
+                if let Some((fence, _)) = held.take() {
+                    warn!(
+                        term = fence.term,
+                        "the controller has not run its tasks for {} s: stepping down",
+                        silent.as_secs()
+                    );
+                    self.lead(None);
+                }
+            }
             if let Some((fence, last_ok)) = held.take() {
                 let deadline = deadline_of(last_ok);
                 let sent = Instant::now();
@@ -404,7 +452,7 @@ impl Ha {
                 self.refresh(store, &cfg).await;
             })
             .await;
-            if held.is_none() && Instant::now() >= quiet_until {
+            if held.is_none() && Instant::now() >= quiet_until && self.main_stuck(&cfg).is_none() {
                 match self.try_to_lead(store, &cfg, ttl_ms, &take_over).await {
                     Ok(Some(h)) => held = Some(h),
                     Ok(None) => {}
@@ -510,6 +558,9 @@ impl Ha {
         }
     }
 }
+
+/// A main runtime that has not run a 250 ms heartbeat for this long is stuck, not busy.
+const STUCK: Duration = Duration::from_secs(30);
 
 /// Aborts a task when dropped (a take-over the election stopped waiting for).
 struct AbortOnDrop(tokio::task::AbortHandle);

@@ -42,6 +42,16 @@
       if (el) el.remove();
     });
     es.addEventListener("fragment", function (e) { place(e.data, null); });
+    // After events were missed, the server lists the node cards there are: others are gone.
+    es.addEventListener("present", function (e) {
+      var keep = {};
+      e.data.split(" ").forEach(function (id) { keep[id] = true; });
+      var cards = document.getElementById("cards");
+      if (!cards) return;
+      Array.prototype.slice.call(cards.children).forEach(function (c) {
+        if (c.id && c.id.indexOf("node-") === 0 && !keep[c.id]) c.remove();
+      });
+    });
     es.addEventListener("log", function (e) {
       var pre = document.getElementById("log");
       if (!pre) return;

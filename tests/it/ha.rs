@@ -906,7 +906,8 @@ async fn a_followers_live_overview_hears_the_leaders_events_through_notification
         }
     };
 
-    // A node joins through the leader: its card arrives on the follower's stream.
+    // A node joins through the leader: its card arrives on the follower's stream (from the
+    // event, or the periodic refresh), and the follower has heard notifications.
     let token = all[lead].token(1, "10m", serde_json::json!({})).await;
     let agent = Agent::join(&all[lead], &token, &work.path().join("agent"), "box", &[]);
     wait_for(
@@ -921,7 +922,9 @@ async fn a_followers_live_overview_hears_the_leaders_events_through_notification
         "{m}"
     );
 
-    // Cut every listening connection: the follower listens again and resyncs.
+    // Cut every listening connection: the follower listens again and resyncs, and the
+    // resync's full refresh says which cards there are (no periodic refresh does).
+    let cut_at = frames.lock().unwrap().len();
     let cut = db.query(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
          WHERE datname = current_database() AND pid <> pg_backend_pid() \
@@ -934,6 +937,19 @@ async fn a_followers_live_overview_hears_the_leaders_events_through_notification
         || async {
             let m = all[f].metrics().await;
             (metric(&m, "nebula_events_fanout_total{what=\"resync\"}") >= 1.0).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "the resync's full refresh on the follower's stream",
+        Duration::from_secs(10),
+        || async {
+            let got = frames.lock().unwrap();
+            got.iter()
+                .skip(cut_at)
+                .flatten()
+                .any(|(e, d)| e == "present" && d.split(' ').any(|id| id == "node-box"))
+                .then_some(())
         },
     )
     .await;

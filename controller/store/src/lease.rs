@@ -139,7 +139,11 @@ impl Store {
         .bind(fence.term)
         .execute(self.election_pool())
         .await?;
-        self.notify(LEADER_CHANNEL, &fence.term.to_string()).await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(LEADER_CHANNEL)
+            .bind(fence.term.to_string())
+            .execute(self.election_pool())
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -1,5 +1,7 @@
 //! The overview: node cards, totals, the topology, and its live stream.
 
+use std::collections::HashSet;
+
 use crate::prelude::*;
 
 /// One node's card on the overview.
@@ -161,11 +163,15 @@ pub(crate) async fn overview(
     }
 }
 
+/// The most node names one `/ui/events/fragments` request may ask for.
+const MAX_NAMES: usize = 1_000;
+
 /// What an open overview gets when the nodes in `names` changed (`None`: all of them): their
-/// cards, the totals and the topology, as (SSE event name, HTML).
+/// cards, the totals and the topology, as (SSE event name, data). For all of them it also
+/// says which cards there are (`present`), for a page that may have missed a removal.
 pub(crate) async fn fragments(
     cp: &ControlPlane,
-    names: Option<&[String]>,
+    names: Option<&HashSet<String>>,
 ) -> Result<Vec<(String, String)>, OpError> {
     let nodes = all_nodes(cp).await?;
     let mut out: Vec<(String, String)> = nodes
@@ -175,6 +181,10 @@ pub(crate) async fn fragments(
         .collect();
     for fragment in [totals(&nodes), topology(&nodes)] {
         out.push(("fragment".to_owned(), fragment.into_string()));
+    }
+    if names.is_none() {
+        let ids: Vec<String> = nodes.iter().map(|n| node_dom_id(&n.name)).collect();
+        out.push(("present".to_owned(), ids.join(" ")));
     }
     Ok(out)
 }
@@ -198,13 +208,19 @@ pub(crate) async fn overview_fragments(
             "nodes=NAME,NAME,... is the only parameter",
         );
     };
-    let names: Option<Vec<String>> = q.nodes.map(|n| {
+    let names: Option<HashSet<String>> = q.nodes.map(|n| {
         n.split(',')
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect()
     });
-    match fragments(&cp, names.as_deref()).await {
+    if names.as_ref().is_some_and(|n| n.len() > MAX_NAMES) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            &format!("at most {MAX_NAMES} node names at once"),
+        );
+    }
+    match fragments(&cp, names.as_ref()).await {
         Ok(f) => axum::Json(f).into_response(),
         Err(e) => op_error(e),
     }
@@ -216,13 +232,16 @@ pub(crate) async fn overview_fragments(
 async fn frames(
     cp: &ControlPlane,
     token: &str,
-    names: Option<&[String]>,
+    names: Option<&HashSet<String>>,
 ) -> Option<Vec<(String, String)>> {
     if !cp.ha.replicated() || cp.ha.is_leader() {
         return fragments(cp, names).await.ok();
     }
     let query = names
-        .map(|n| format!("?nodes={}", n.join(",")))
+        .map(|n| {
+            let n: Vec<&str> = n.iter().map(String::as_str).collect();
+            format!("?nodes={}", n.join(","))
+        })
         .unwrap_or_default();
     let cookie = format!("{SESSION_COOKIE}={token}");
     let got = nebula_controller::http::replica_proxy::get_from_leader(
@@ -241,10 +260,37 @@ async fn frames(
     }
 }
 
+/// What an event means to an open overview.
+enum Change {
+    /// This node's card changed.
+    Node(String),
+    /// This node is gone.
+    Gone(String),
+    /// Events may have been missed: everything again, with the cards there are.
+    Resync,
+    Nothing,
+    Closed,
+}
+
+fn change(ev: Result<Event, tokio::sync::broadcast::error::RecvError>) -> Change {
+    use tokio::sync::broadcast::error::RecvError;
+    match ev {
+        Ok(Event::NodeOnline { name, .. })
+        | Ok(Event::NodeOffline { name, .. })
+        | Ok(Event::NodeEnrolled { name, .. })
+        | Ok(Event::ContainerChanged { node: name, .. }) => Change::Node(name),
+        Ok(Event::NodeRemoved { name, .. }) => Change::Gone(name),
+        Ok(Event::EventsMissed { .. }) | Err(RecvError::Lagged(_)) => Change::Resync,
+        Ok(_) => Change::Nothing,
+        Err(RecvError::Closed) => Change::Closed,
+    }
+}
+
 /// Live cards: a node's card when something about it changes (changes within [`COALESCE`] go
-/// out together), every card each [`REFRESH`]. The stream ends with the session. Every replica
-/// serves it from its own event bus (replicas hear each other's events), so a leader's kill
-/// does not end it: the new leader's events arrive on the same stream.
+/// out together), every card each [`REFRESH`], and after events were missed every card with
+/// the list of cards there are. The stream ends with the session. Every replica serves it
+/// from its own event bus (replicas hear each other's events), so a leader's kill does not
+/// end it: the new leader's events arrive on the same stream.
 pub(crate) async fn overview_events(
     State(cp): State<Arc<ControlPlane>>,
     headers: HeaderMap,
@@ -258,7 +304,7 @@ pub(crate) async fn overview_events(
         let mut tick = tokio::time::interval(REFRESH);
         tick.tick().await;
         loop {
-            let names: Option<Vec<String>> = tokio::select! {
+            let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tx.closed() => return,
                 _ = tick.tick() => {
@@ -268,41 +314,55 @@ pub(crate) async fn overview_events(
                     }
                     None
                 }
-                ev = events.recv() => match ev {
-                    Ok(ev) => match changed_node(&ev) {
-                        Some(name) => {
-                            // Take what else changes meanwhile into the same update.
-                            let mut names = vec![name.to_owned()];
-                            let until = tokio::time::Instant::now() + COALESCE;
-                            while let Ok(Ok(ev)) = tokio::time::timeout_at(until, events.recv()).await {
-                                match changed_node(&ev) {
-                                    Some(name) if !names.iter().any(|n| n == name) => {
-                                        names.push(name.to_owned());
-                                    }
-                                    _ => {}
-                                }
-                            }
-                            Some(names)
-                        }
-                        None => match ev {
-                            Event::NodeRemoved { name, .. } => {
-                                let gone = SseEvent::default().event("gone").data(node_dom_id(&name));
-                                if tx.send(gone).await.is_err() { return; }
-                                continue;
-                            }
-                            Event::EventsMissed { .. } => None,
-                            _ => continue,
-                        },
-                    },
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                },
+                ev = events.recv() => Some(change(ev)),
             };
-            let Some(frames) = frames(&cp2, &token, names.as_deref()).await else {
+            // Take what else changes meanwhile into the same update.
+            let mut names = HashSet::new();
+            let mut gone = Vec::new();
+            let mut all = first.is_none();
+            let mut changes: Vec<Change> = first.into_iter().collect();
+            if !all {
+                let until = tokio::time::Instant::now() + COALESCE;
+                while let Ok(ev) = tokio::time::timeout_at(until, events.recv()).await {
+                    let c = change(ev);
+                    let closed = matches!(c, Change::Closed);
+                    changes.push(c);
+                    if closed {
+                        break;
+                    }
+                }
+            }
+            let mut resync = false;
+            for c in changes {
+                match c {
+                    Change::Node(n) => {
+                        names.insert(n);
+                    }
+                    Change::Gone(n) => gone.push(n),
+                    Change::Resync => (all, resync) = (true, true),
+                    Change::Nothing => {}
+                    Change::Closed => return,
+                }
+            }
+            for name in gone {
+                let ev = SseEvent::default().event("gone").data(node_dom_id(&name));
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            if !all && names.is_empty() {
+                continue;
+            }
+            let Some(frames) = frames(&cp2, &token, (!all).then_some(&names)).await else {
                 continue;
             };
-            for (event, data) in frames {
-                if tx.send(SseEvent::default().event(event).data(data)).await.is_err() {
+            // The list of cards goes out only after a gap: otherwise removals came as events.
+            for (event, data) in frames.into_iter().filter(|(e, _)| resync || e != "present") {
+                if tx
+                    .send(SseEvent::default().event(event).data(data))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -312,15 +372,4 @@ pub(crate) async fn overview_events(
         rx.recv().await.map(|ev| (Ok(ev), rx))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
-}
-
-/// The node whose card an event changes.
-fn changed_node(ev: &Event) -> Option<&str> {
-    match ev {
-        Event::NodeOnline { name, .. }
-        | Event::NodeOffline { name, .. }
-        | Event::NodeEnrolled { name, .. }
-        | Event::ContainerChanged { node: name, .. } => Some(name),
-        _ => None,
-    }
 }
