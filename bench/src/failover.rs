@@ -26,7 +26,10 @@ async fn get(c: &reqwest::Client, p: &ControllerProc, path: &str) -> Option<Valu
 }
 
 /// The replica that leads with its reconciler running, if exactly one does now.
-async fn leader(c: &reqwest::Client, all: &[Option<ControllerProc>]) -> Option<(usize, i64)> {
+pub(crate) async fn leader(
+    c: &reqwest::Client,
+    all: &[Option<ControllerProc>],
+) -> Option<(usize, i64)> {
     let mut found = None;
     for (i, p) in all.iter().enumerate() {
         let Some(p) = p else { continue };

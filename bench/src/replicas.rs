@@ -334,6 +334,20 @@ pub async fn replicas_bench(
     let per_agent = wait_back(&connected, (0..n).collect(), killed, "the leader's kill").await?;
     let all_back_s = per_agent.iter().cloned().fold(0.0, f64::max);
     println!("new leader (term {next_term}, replica {next}) after {new_leader_s:.2} s; all {n} agents back after {all_back_s:.2} s");
+    // The one replica left kept its lease through the storm, and keeps it for 30 s more: a
+    // new term would mean it lost the lease (closing every session).
+    let mut terms = vec![next_term];
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(30) {
+        if let Some((_, t)) = crate::failover::leader(&c, &all).await {
+            if !terms.contains(&t) {
+                terms.push(t);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let lease_losses = terms.len() - 1;
+    println!("terms from the take-over to 30 s after every agent was back: {terms:?} ({lease_losses} lease losses)");
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
@@ -356,6 +370,7 @@ pub async fn replicas_bench(
             "new_leader_s": new_leader_s,
             "all_agents_back_s": all_back_s,
             "agent_back_s": stats(per_agent),
+            "lease_losses_until_30s_after_all_back": lease_losses,
         },
         "note": "agents dial the replica they were given (spread over the three); followers hold their agents' QUIC connections and relay the sessions to the leader, which serves every session; agents notice a killed replica at their idle timeout (15 s)",
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
