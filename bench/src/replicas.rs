@@ -196,6 +196,28 @@ fn kill(all: &mut [Option<ControllerProc>], i: usize) -> anyhow::Result<Instant>
     Ok(killed)
 }
 
+/// The terms seen over `window`, starting with `term`: the one replica left kept its lease
+/// through the storm when there is no other (a new term means it lost the lease, closing every
+/// session).
+async fn terms_for(
+    c: &reqwest::Client,
+    all: &[Option<ControllerProc>],
+    term: i64,
+    window: Duration,
+) -> Vec<i64> {
+    let mut terms = vec![term];
+    let hold = Instant::now();
+    while hold.elapsed() < window {
+        if let Some((_, t)) = crate::failover::leader(c, all).await {
+            if !terms.contains(&t) {
+                terms.push(t);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    terms
+}
+
 /// Wait until each of `who` has a session again that started after `at`; how long each took.
 async fn wait_back(
     connected: &Connected,
@@ -334,18 +356,7 @@ pub async fn replicas_bench(
     let per_agent = wait_back(&connected, (0..n).collect(), killed, "the leader's kill").await?;
     let all_back_s = per_agent.iter().cloned().fold(0.0, f64::max);
     println!("new leader (term {next_term}, replica {next}) after {new_leader_s:.2} s; all {n} agents back after {all_back_s:.2} s");
-    // The one replica left kept its lease through the storm, and keeps it for 30 s more: a
-    // new term would mean it lost the lease (closing every session).
-    let mut terms = vec![next_term];
-    let hold = Instant::now();
-    while hold.elapsed() < Duration::from_secs(30) {
-        if let Some((_, t)) = crate::failover::leader(&c, &all).await {
-            if !terms.contains(&t) {
-                terms.push(t);
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let terms = terms_for(&c, &all, next_term, Duration::from_secs(30)).await;
     let lease_losses = terms.len() - 1;
     println!("terms from the take-over to 30 s after every agent was back: {terms:?} ({lease_losses} lease losses)");
     shutdown.cancel();

@@ -689,3 +689,28 @@ impl crate::ControlPlane {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_main_runtime_silent_past_the_limit_is_stuck_and_a_busy_one_is_not() {
+        let ha = Ha::new(Backend::Postgres);
+        let cfg = HaConfig::default();
+        // A runtime a few seconds behind (a reconnection storm) is only busy.
+        *lock(&ha.main_beat) = Instant::now() - Duration::from_secs(5);
+        assert_eq!(ha.main_stuck(&cfg), None);
+        // Past 30 s (five default leases) it is stuck.
+        *lock(&ha.main_beat) = Instant::now() - Duration::from_secs(31);
+        assert!(ha
+            .main_stuck(&cfg)
+            .is_some_and(|s| s >= Duration::from_secs(31)));
+        // A longer lease raises the limit to five leases.
+        let long = HaConfig {
+            lease_ttl: Duration::from_secs(10),
+            ..HaConfig::default()
+        };
+        assert_eq!(ha.main_stuck(&long), None);
+    }
+}
