@@ -3,6 +3,7 @@
 //! followed live from the agent over QUIC to server-sent events and the CLI.
 
 use crate::common;
+use crate::common::Sse;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant, SystemTime};
@@ -23,12 +24,6 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-/// Server-sent events read from a streaming answer.
-struct Sse {
-    resp: reqwest::Response,
-    buf: String,
-}
-
 impl Sse {
     async fn open(c: &Controller, token: &str, path: &str) -> Result<Sse, (u16, Value)> {
         let resp = c
@@ -44,38 +39,7 @@ impl Sse {
             return Err((status, resp.json().await.unwrap_or(Value::Null)));
         }
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        Ok(Sse {
-            resp,
-            buf: String::new(),
-        })
-    }
-
-    /// The next `(event, data)`, or `None` when the stream ended or `timeout` passed.
-    async fn next(&mut self, timeout: Duration) -> Option<(String, String)> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(pos) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..pos + 2).collect();
-                let mut event = None;
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(e) = line.strip_prefix("event:") {
-                        event = Some(e.trim().to_owned());
-                    } else if let Some(d) = line.strip_prefix("data:") {
-                        data.push_str(d.trim_start());
-                    }
-                }
-                match event {
-                    Some(e) => return Some((e, data)),
-                    None => continue,
-                }
-            }
-            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
-                .await
-                .ok()?
-                .ok()??;
-            self.buf.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        Ok(Sse::new(resp))
     }
 
     /// Log lines, batch by batch, with the time each batch arrived, until `enough` says stop

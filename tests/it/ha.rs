@@ -836,7 +836,6 @@ async fn marks_ended(c: &Controller) -> Vec<(String, serde_json::Value)> {
 type Frames = Arc<std::sync::Mutex<Vec<Option<(String, String)>>>>;
 
 async fn overview_stream(c: &Controller, cookie: &str) -> Frames {
-    use futures::StreamExt;
     let resp = reqwest::Client::new()
         .get(c.url("/ui/events"))
         .header("cookie", cookie)
@@ -846,26 +845,10 @@ async fn overview_stream(c: &Controller, cookie: &str) -> Frames {
     assert_eq!(resp.status(), 200);
     let frames: Frames = Arc::default();
     let sink = frames.clone();
+    let mut sse = crate::common::Sse::new(resp);
     tokio::spawn(async move {
-        let mut body = resp.bytes_stream();
-        let mut buf = String::new();
-        while let Some(Ok(chunk)) = body.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let mut event = String::new();
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(e) = line.strip_prefix("event:") {
-                        event = e.trim().to_owned();
-                    } else if let Some(d) = line.strip_prefix("data:") {
-                        data.push_str(d.trim_start());
-                    }
-                }
-                if !event.is_empty() {
-                    sink.lock().unwrap().push(Some((event, data)));
-                }
-            }
+        while let Some(frame) = sse.next(Duration::from_secs(3600)).await {
+            sink.lock().unwrap().push(Some(frame));
         }
         sink.lock().unwrap().push(None);
     });

@@ -139,11 +139,12 @@ impl Store {
         .bind(fence.term)
         .execute(self.election_pool())
         .await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(LEADER_CHANNEL)
-            .bind(fence.term.to_string())
-            .execute(self.election_pool())
-            .await?;
+        notify_on(
+            self.election_pool(),
+            LEADER_CHANNEL,
+            &fence.term.to_string(),
+        )
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -282,11 +283,7 @@ impl Store {
     /// controller hears its own events in process).
     pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
         if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(channel)
-                .bind(payload)
-                .execute(&self.pool)
-                .await?;
+            notify_on(&self.pool, channel, payload).await?;
         }
         Ok(())
     }
@@ -299,6 +296,15 @@ impl Store {
         l.listen_all(channels.iter().copied()).await?;
         Ok(Listener(l))
     }
+}
+
+async fn notify_on(pool: &sqlx::AnyPool, channel: &str, payload: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Notifications from PostgreSQL.
