@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// How often each node's monitors are worked out again (also at once on a change).
     #[arg(long, env = "NEBULA_MONITOR_ASSIGN_INTERVAL", value_parser = humantime::parse_duration)]
     monitor_assign_interval: Option<Duration>,
+    /// Replicas: how often the leader spreads agent sessions over them (`[ha]
+    /// balance_interval`).
+    #[arg(long, env = "NEBULA_BALANCE_INTERVAL", value_parser = humantime::parse_duration)]
+    balance_interval: Option<Duration>,
     /// File holding the Discord bot's token (`[discord] token_file`): the bot runs in this
     /// controller.
     #[arg(long, env = "NEBULA_DISCORD_TOKEN_FILE")]
@@ -249,6 +253,7 @@ impl ServeArgs {
                 self.monitor_assign_interval,
                 &mut c.monitors.assign_interval,
             ),
+            (self.balance_interval, &mut c.ha.balance_interval),
         ] {
             if let Some(v) = flag {
                 *field = v;

@@ -80,6 +80,10 @@ enum SessionEnd {
         established: bool,
         reason: String,
     },
+    /// The controller moved this agent to another replica (1.11): dial it next, at once.
+    Moved {
+        to: String,
+    },
 }
 
 /// Channels between a session and the agent's other tasks.
@@ -139,12 +143,15 @@ pub async fn run(
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut next = 0usize;
     let mut failed_in_a_row = 0usize;
+    let mut moved_to: Option<String> = None;
     let result = loop {
         status.send_replace(AgentStatus::Connecting {
             attempt: backoff.attempt(),
         });
         let all = addresses(primary, &config.replicas, state);
-        let target = all[next % all.len()].clone();
+        let target = moved_to
+            .take()
+            .unwrap_or_else(|| all[next % all.len()].clone());
         let addr = match crate::resolve(&target).await {
             Ok(a) => a,
             Err(e) => {
@@ -172,6 +179,13 @@ pub async fn run(
         .await
         {
             Ok(SessionEnd::Shutdown) => break Ok(()),
+            Ok(SessionEnd::Moved { to }) => {
+                info!(from = %target, %to, "the controller moved this agent to another replica");
+                backoff.reset();
+                failed_in_a_row = 0;
+                moved_to = Some(to);
+                continue;
+            }
             Ok(SessionEnd::Lost {
                 established,
                 reason,
@@ -302,7 +316,14 @@ async fn session(
         samples_sent: 0,
     };
     session.start(&welcome, feed, channels).await?;
-    session.serve(recv, feed, runner, channels, shutdown).await
+    let conn = session.conn.clone();
+    let end = session.serve(recv, feed, runner, channels, shutdown).await;
+    // However the session noticed the close (a read, or a failed write), a move names the
+    // replica to dial next.
+    match move_hint(&conn) {
+        Some(to) => Ok(SessionEnd::Moved { to }),
+        None => end,
+    }
 }
 
 /// Open the session stream, say `Hello` (with the GPUs and container runtime the telemetry
@@ -358,6 +379,17 @@ fn leader_hint(conn: &quinn::Connection) -> Option<String> {
             let at = reason.rsplit_once(" at ")?.1.trim();
             (!at.is_empty() && at.len() <= 255 && !at.contains(char::is_whitespace))
                 .then(|| at.to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The replica a `MOVE` close names (1.11).
+fn move_hint(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::MOVE.into() => {
+            let to = String::from_utf8_lossy(&c.reason).trim().to_owned();
+            (!to.is_empty() && to.len() <= 255 && !to.contains(char::is_whitespace)).then_some(to)
         }
         _ => None,
     }

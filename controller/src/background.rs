@@ -75,6 +75,12 @@ pub const EVENT_FANOUT: TaskDef = TaskDef {
                   stops at once on SQLite",
     scope: Scope::EveryReplica,
 };
+pub const SESSION_BALANCE: TaskDef = TaskDef {
+    name: "session-balance",
+    description: "moves a few agent sessions at a time to replicas holding fewer than their \
+                  share; idle on SQLite",
+    scope: Scope::Leader,
+};
 pub const BACKUP: TaskDef = TaskDef {
     name: "backup-scheduler",
     description: "writes a backup into [backup] dir every interval and keeps the newest ones",
@@ -201,19 +207,7 @@ pub fn register(
             async move { sweep(&cp).await }
         },
     );
-    let c = cp.clone();
-    d.service(LEADER_ELECTION, move |cx| {
-        let cp = c.clone();
-        c.ha.clone()
-            .run(c.store.clone(), c.config.ha.clone(), cx.cancel, move || {
-                let cp = cp.clone();
-                async move { cp.take_over().await }
-            })
-    });
-    let c = cp.clone();
-    d.service(EVENT_FANOUT, move |cx| {
-        crate::events::fanout(c.clone(), cx.cancel)
-    });
+    register_replicas(d, cp);
     let c = cp.clone();
     d.periodic(BACKUP, cp.config.backup.interval, false, move |trigger| {
         let cp = c.clone();
@@ -262,6 +256,33 @@ pub fn register(
         },
     );
     register_http(d, cp, listener, router, redirect, tracker);
+}
+
+/// What replicas on PostgreSQL run: the election, the events' fan-out, spreading sessions.
+fn register_replicas(d: &mut tasks::Driver, cp: &Arc<ControlPlane>) {
+    let c = cp.clone();
+    d.service(LEADER_ELECTION, move |cx| {
+        let cp = c.clone();
+        c.ha.clone()
+            .run(c.store.clone(), c.config.ha.clone(), cx.cancel, move || {
+                let cp = cp.clone();
+                async move { cp.take_over().await }
+            })
+    });
+    let c = cp.clone();
+    d.service(EVENT_FANOUT, move |cx| {
+        crate::events::fanout(c.clone(), cx.cancel)
+    });
+    let c = cp.clone();
+    d.periodic(
+        SESSION_BALANCE,
+        cp.config.ha.balance_interval,
+        false,
+        move |_| {
+            let cp = c.clone();
+            async move { transport::balance::pass(&cp).await }
+        },
+    );
 }
 
 /// The HTTP listener, and with HTTPS its certificate keeper and the plain redirect listener.

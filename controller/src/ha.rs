@@ -41,6 +41,9 @@ pub struct HaConfig {
     /// How often a follower tries to take a free lease.
     #[serde(with = "humantime_serde")]
     pub poll: Duration,
+    /// How often the leader spreads agent sessions over the replicas (a few at a time).
+    #[serde(with = "humantime_serde")]
+    pub balance_interval: Duration,
 }
 
 impl Default for HaConfig {
@@ -49,6 +52,7 @@ impl Default for HaConfig {
             lease_ttl: Duration::from_secs(6),
             renew: Duration::from_secs(2),
             poll: Duration::from_secs(1),
+            balance_interval: Duration::from_secs(30),
         }
     }
 }
@@ -57,6 +61,9 @@ impl HaConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.renew.is_zero() || self.poll.is_zero() {
             return Err("[ha] renew and poll must be above zero".into());
+        }
+        if self.balance_interval < Duration::from_millis(100) {
+            return Err("[ha] balance_interval must be at least 100ms".into());
         }
         if self.lease_ttl < self.renew * 2 + self.margin() {
             return Err(format!(

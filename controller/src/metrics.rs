@@ -42,6 +42,8 @@ pub struct Metrics {
     pub job_writes_refused: Counter,
     /// Event notifications between replicas: sent, received, resync.
     pub events_fanout: Family<DropLabels, Counter>,
+    /// Agent sessions the leader moved to a replica holding fewer.
+    pub sessions_moved: Counter,
 }
 
 impl Metrics {
@@ -135,7 +137,14 @@ impl Metrics {
              (events may have been missed; views refreshed in full)",
             events_fanout.clone(),
         );
+        let sessions_moved = Counter::default();
+        registry.register(
+            "sessions_moved",
+            "Agent sessions the leader moved to a replica holding fewer than its share",
+            sessions_moved.clone(),
+        );
         Metrics {
+            sessions_moved,
             events_fanout,
             job_writes_refused,
             refused_ops,

@@ -117,6 +117,27 @@ impl Registry {
         }
     }
 
+    /// Close a node's session with the given code and reason if it is still the given
+    /// generation (a newer one is left alone); the session's own end marks the node offline.
+    /// True when it was closed.
+    pub fn close_if(&self, node: Uuid, generation: u64, code: u32, reason: &str) -> bool {
+        match self.lock().get(&node) {
+            Some(e) if e.info.generation == generation => {
+                e.conn.close(code, reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every live session: the node and what is known of its session.
+    pub fn sessions(&self) -> Vec<(Uuid, SessionInfo)> {
+        self.lock()
+            .iter()
+            .map(|(node, e)| (*node, e.info.clone()))
+            .collect()
+    }
+
     /// Record the deploy policy a session's agent reported. True when it differs from what the
     /// node's session had (plans for it may change); false when unchanged, or when `generation`
     /// is no longer the node's session.

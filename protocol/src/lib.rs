@@ -72,7 +72,7 @@ pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 /// The protocol version spoken by this build.
 pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion {
     major: 1,
-    minor: 10,
+    minor: 11,
 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.
@@ -115,6 +115,10 @@ pub mod close {
     /// This replica does not lead and does not hold sessions (1.9): try another replica at
     /// once (the reason names the leader's address when known).
     pub const NOT_LEADER: u32 = 7;
+    /// The replicas spread their agents' sessions (1.11): reconnect at once to the replica
+    /// whose QUIC address (`HOST:PORT`) is the reason. An older agent reconnects as after any
+    /// lost connection.
+    pub const MOVE: u32 = 8;
 }
 
 /// Key/value labels on nodes and join tokens.

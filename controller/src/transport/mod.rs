@@ -22,6 +22,7 @@ use crate::events::Event;
 use crate::store::millis;
 use crate::ControlPlane;
 
+pub(crate) mod balance;
 mod link;
 pub mod relay;
 mod session;

@@ -226,10 +226,18 @@ impl Store {
         .bind(window_ms)
         .execute(self.election_pool())
         .await?;
-        let rows = sqlx::query(
+        self.live_replicas(window_ms).await
+    }
+
+    /// Replicas seen within the last `window_ms` (by the database's clock), oldest first,
+    /// leaving the older rows.
+    pub async fn live_replicas(&self, window_ms: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        self.require_postgres()?;
+        let rows = sqlx::query(&format!(
             "SELECT id, hostname, http_url, quic_addr, version, started_at, seen_at FROM replicas \
-             ORDER BY started_at, id",
-        )
+             WHERE seen_at >= {NOW_MS} - $1 ORDER BY started_at, id"
+        ))
+        .bind(window_ms)
         .fetch_all(self.election_pool())
         .await?;
         rows.iter()
