@@ -23,7 +23,11 @@ pub(crate) async fn three(db: &PgDb, work: &std::path::Path) -> Vec<Controller> 
 }
 
 /// [`three`] with more `nebula serve` flags.
-async fn three_with(db: &PgDb, work: &std::path::Path, flags: &[&'static str]) -> Vec<Controller> {
+pub(crate) async fn three_with(
+    db: &PgDb,
+    work: &std::path::Path,
+    flags: &[&'static str],
+) -> Vec<Controller> {
     let token = format!("nbl_test_{}", uuid::Uuid::new_v4().simple());
     let mut extra = vec!["--database-url", leak(db.url.clone())];
     extra.extend_from_slice(flags);
@@ -100,7 +104,7 @@ async fn three_with(db: &PgDb, work: &std::path::Path, flags: &[&'static str]) -
     all
 }
 
-async fn view(c: &Controller) -> Option<ReplicasView> {
+pub(crate) async fn view(c: &Controller) -> Option<ReplicasView> {
     let (status, v) = c.api(reqwest::Method::GET, "/api/v1/replicas", None).await;
     (status == 200).then(|| serde_json::from_value(v).expect("a replicas view"))
 }
@@ -468,11 +472,11 @@ async fn agents_and_jobs_follow_the_leader_through_a_kill() {
         .lines()
         .count();
     let created = marks_ended(&all[entry]).await;
-    for (id, state) in &created {
+    for (id, state, _) in &created {
         assert_eq!(state, "succeeded", "job {id}");
     }
     assert!(
-        ids.iter().all(|id| created.iter().any(|(c, _)| c == id)),
+        ids.iter().all(|id| created.iter().any(|(c, _, _)| c == id)),
         "an accepted job is missing"
     );
     assert_eq!(runs, created.len(), "every job ran exactly once");
@@ -584,222 +588,9 @@ async fn mark_job(c: &Controller) -> crate::common::JobRecord {
     .await
 }
 
-/// Jobs created through `entry` every 150 ms until `stop`: the ids accepted and the `503`s
-/// answered while no replica led.
-fn job_stream(
-    entry: &Controller,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<(Vec<String>, usize)> {
-    let (url, admin) = (entry.url("/api/v1/jobs"), entry.admin_token.clone());
-    tokio::spawn(async move {
-        let http = reqwest::Client::new();
-        let (mut ids, mut refused) = (Vec::new(), 0);
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = http
-                .post(&url)
-                .bearer_auth(&admin)
-                .json(&serde_json::json!({"node": "box", "work": {"kind": "exec", "op": "mark"}}))
-                .send()
-                .await
-                .expect("the follower answers");
-            match r.status().as_u16() {
-                200..=202 => {
-                    let v: serde_json::Value = r.json().await.unwrap();
-                    ids.push(v["id"].as_str().unwrap().to_owned());
-                }
-                503 => refused += 1,
-                // Sent to the leader, which died before answering: it may have been created
-                // (counted below from the store).
-                502 => {}
-                s => panic!("{s}: {}", r.text().await.unwrap_or_default()),
-            }
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
-        (ids, refused)
-    })
-}
-
-/// The chaos test: three replicas, an agent deploying on the real Docker Engine and running
-/// jobs. Ten times: a new map version is applied (every container is replaced) and jobs keep
-/// coming through a follower, then the leader is killed (SIGKILL). Each round: the time until
-/// another replica runs the reconciler (under 10 s), no job lost or run twice, the service
-/// converged with exactly its replicas (none duplicated), and the agent back online.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_ten_leader_kills_during_applies_and_job_streams() {
-    use crate::common::docker;
-    let Some(db) = PgDb::create() else { return };
-    docker::require();
-    docker::ensure_image();
-    let cleanup = docker::Managed::default();
-    let work = tempfile::tempdir().unwrap();
-    let mut all = three_with(&db, work.path(), &["--reconcile-interval", "1s"]).await;
-    let mut alive = vec![true; 3];
-    let (mut lead, _) = leader(&all, &alive, Duration::from_secs(20)).await;
-    let marks = work.path().join("marks");
-    let config = format!(
-        "[exec.commands.mark]\nargv = [\"sh\", \"-c\", \"echo run >> {}\"]\n",
-        marks.display()
-    );
-    let token = all[lead].token(1, "10m", serde_json::json!({})).await;
-    let agent = crate::common::Agent::join_with_config(
-        &all[lead],
-        &token,
-        &work.path().join("agent"),
-        "box",
-        &[],
-        &config,
-    );
-    let node = all[lead]
-        .wait_status(
-            "box",
-            crate::common::NodeStatus::Online,
-            Duration::from_secs(20),
-        )
-        .await;
-    cleanup.add(&node.id.to_string());
-    let mut report = Vec::new();
-    for round in 1..=10 {
-        let entry = (lead + 1) % 3;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stream = job_stream(&all[entry], stop.clone());
-        let map = format!(
-            "services:\n  worker:\n    image: {}\n    command: sleep 3600\n    replicas: 2\n    env: {{ ROUND: \"{round}\" }}\n    placement: {{ node: box }}\n",
-            docker::IMAGE
-        );
-        wait_for("the map to be applied", Duration::from_secs(20), || async {
-            let (status, _) = all[entry].put_map(&map).await;
-            (status == 200).then_some(())
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let killed = Instant::now();
-        all[lead].proc.kill();
-        alive[lead] = false;
-        let (next, _) = leader(&all, &alive, Duration::from_secs(15)).await;
-        let to_leader = killed.elapsed();
-        all[lead].restart_hard().await;
-        alive[lead] = true;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (ids, refused) = stream.await.unwrap();
-        let e = &all[next];
-        e.wait_status(
-            "box",
-            crate::common::NodeStatus::Online,
-            Duration::from_secs(30),
-        )
-        .await;
-        let back = killed.elapsed();
-        converged(e, round, &all, &agent.proc).await;
-        let running = docker::docker(&[
-            "ps",
-            "-a",
-            "--filter",
-            "label=nebula.service=worker",
-            "--filter",
-            &format!("label=nebula.node={}", node.id),
-            "--format",
-            "{{.Names}}",
-        ]);
-        let containers = running.lines().filter(|l| !l.is_empty()).count();
-        assert_eq!(containers, 2, "round {round}: containers {running}");
-        for id in &ids {
-            let path = format!("/api/v1/jobs/{id}");
-            let j = wait_for(
-                &format!("job {id} to end"),
-                Duration::from_secs(90),
-                || async {
-                    let (status, v) = e.api(reqwest::Method::GET, &path, None).await;
-                    let st = v["state"].as_str()?.to_owned();
-                    (status == 200 && !["queued", "dispatched", "running"].contains(&st.as_str()))
-                        .then_some(v)
-                },
-            )
-            .await;
-            assert_eq!(j["state"], "succeeded", "round {round}: {j}");
-        }
-        let runs = std::fs::read_to_string(&marks)
-            .unwrap_or_default()
-            .lines()
-            .count();
-        // Every job the store has (those accepted, and any whose answer was lost with the
-        // leader) ended succeeded, and ran once.
-        let created = marks_ended(e).await;
-        for (id, state) in &created {
-            assert_eq!(state, "succeeded", "round {round}: job {id}");
-        }
-        for id in &ids {
-            assert!(
-                created.iter().any(|(c, _)| c == id),
-                "round {round}: job {id} missing"
-            );
-        }
-        assert_eq!(
-            runs,
-            created.len(),
-            "round {round}: every job ran exactly once"
-        );
-        assert!(
-            to_leader < Duration::from_secs(10),
-            "round {round}: {to_leader:?}"
-        );
-        report.push(format!(
-            "round {round}: new leader after {:.2} s, agent online again after {:.2} s, {} jobs (0 lost, 0 twice), {} answered 503, {containers} containers",
-            to_leader.as_secs_f64(),
-            back.as_secs_f64(),
-            ids.len(),
-            refused
-        ));
-        lead = next;
-    }
-    eprintln!("{}", report.join("\n"));
-}
-
-/// Wait until the `worker` service is converged with its two containers; on a timeout, say
-/// what the service, its deploys and every replica's log showed.
-async fn converged(e: &Controller, round: usize, all: &[Controller], agent: &crate::common::Proc) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let list: Vec<serde_json::Value> = e.get_as("/api/v1/services").await;
-        let w = list.into_iter().find(|s| s["name"] == "worker");
-        if w.as_ref()
-            .is_some_and(|w| w["status"] == "converged" && w["running"] == 2)
-        {
-            return;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = all
-                .iter()
-                .map(|c| {
-                    c.proc
-                        .output()
-                        .lines()
-                        .filter(|l| {
-                            l.contains("deploy") || l.contains("leader") || l.contains("WARN")
-                        })
-                        .map(str::to_owned)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
-                .collect();
-            let agent_log = agent.output();
-            let agent: Vec<&str> = agent_log
-                .lines()
-                .filter(|l| l.contains("job") || l.contains("deploy") || l.contains("WARN"))
-                .collect::<Vec<_>>();
-            panic!(
-                "round {round}: the service did not converge within 60 s: {w:?}\nreplica logs:\n{}\n----\nagent:\n{}",
-                logs.join("\n----\n"),
-                agent.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Every `exec` job the store has (accepted ones, and any whose answer was lost with the
-/// leader), once none is unfinished: id and state.
-async fn marks_ended(c: &Controller) -> Vec<(String, serde_json::Value)> {
+/// leader), once none is unfinished: id, state and node.
+pub(crate) async fn marks_ended(c: &Controller) -> Vec<(String, serde_json::Value, String)> {
     wait_for("every job to end", Duration::from_secs(90), || async {
         let (status, list) = c
             .api(reqwest::Method::GET, "/api/v1/jobs?limit=1000", None)
@@ -823,6 +614,7 @@ async fn marks_ended(c: &Controller) -> Vec<(String, serde_json::Value)> {
                         (
                             j["id"].as_str().unwrap_or("").to_owned(),
                             j["state"].clone(),
+                            j["node"].as_str().unwrap_or("").to_owned(),
                         )
                     })
                     .collect()

@@ -8,6 +8,7 @@ mod agent_install;
 mod ai;
 mod alerts;
 mod backup;
+mod chaos;
 mod containers;
 mod dashboard;
 mod dashboard_http;
