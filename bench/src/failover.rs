@@ -68,7 +68,7 @@ pub(crate) async fn wait_leader(
     bail!("no leader above term {above} within 60 s")
 }
 
-fn start(dir: &Path, url: &str, flags: &[&str]) -> anyhow::Result<ControllerProc> {
+pub(crate) fn start(dir: &Path, url: &str, flags: &[&str]) -> anyhow::Result<ControllerProc> {
     let mut all = vec!["--database-url", url];
     all.extend_from_slice(flags);
     start_controller(dir, "127.0.0.1:0", "127.0.0.1:0", &all)

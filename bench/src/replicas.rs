@@ -7,6 +7,9 @@
 //! connected and sending telemetry, then kills a follower (how long until its agents are back
 //! through the others), then the leader (how long until another replica leads, and until every
 //! agent has a session again: the followers' relayed sessions move to the new leader too).
+//! Last, the two killed replicas are started again, and the bench measures how long the
+//! leader takes to spread the sessions over the three again (`session-balance`, at most 5% of
+//! the fleet each 30 s), honouring `MOVE` closes as the real agent does.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -16,7 +19,7 @@ use nebula_agent::identity::Identity;
 use nebula_agent::tls;
 use nebula_protocol::telemetry::Datagram;
 use nebula_protocol::{
-    self as proto, AgentMessage, Hello, NodeFacts, ServerHello, CONTROLLER_SERVER_NAME,
+    self as proto, close, AgentMessage, Hello, NodeFacts, ServerHello, CONTROLLER_SERVER_NAME,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -29,8 +32,8 @@ use crate::{cpu_ns, join_token, rss_kib, stats, ControllerProc};
 
 const AGENTS_PER_ENDPOINT: usize = 500;
 
-/// When each agent last became connected, and to which replica.
-type Connected = Arc<Mutex<Vec<Option<(Instant, usize)>>>>;
+/// When each agent last became connected, and to which replica (its QUIC address).
+type Connected = Arc<Mutex<Vec<Option<(Instant, SocketAddr)>>>>;
 
 async fn session(
     endpoint: &quinn::Endpoint,
@@ -76,11 +79,13 @@ async fn run_agent(
     let mut next = start_at;
     let mut failed_in_a_row = 0usize;
     let mut backoff = Duration::from_millis(500);
+    // Where a `MOVE` close sent this agent (protocol 1.11), dialled next at once.
+    let mut moved_to: Option<SocketAddr> = None;
     while !shutdown.is_cancelled() {
-        let target = next % addrs.len();
+        let target = moved_to.take().unwrap_or(addrs[next % addrs.len()]);
         let attempt = {
             let _permit = gate.acquire().await;
-            session(&endpoint, addrs[target], &identity).await
+            session(&endpoint, target, &identity).await
         };
         match attempt {
             Ok((conn, mut send)) => {
@@ -111,6 +116,10 @@ async fn run_agent(
                     }
                 }
                 connected.lock().unwrap()[idx] = None;
+                moved_to = move_hint(&conn);
+                if moved_to.is_some() {
+                    continue;
+                }
             }
             Err(_) => failed_in_a_row += 1,
         }
@@ -126,6 +135,16 @@ async fn run_agent(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+/// The replica a `MOVE` close names, as the real agent reads it.
+fn move_hint(conn: &quinn::Connection) -> Option<SocketAddr> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::MOVE.into() => {
+            String::from_utf8_lossy(&c.reason).trim().parse().ok()
+        }
+        _ => None,
     }
 }
 
@@ -218,6 +237,16 @@ async fn terms_for(
     terms
 }
 
+/// Agents with a session (on the replica at `on`, or anywhere).
+fn count_on(connected: &Connected, on: Option<SocketAddr>) -> usize {
+    connected
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.is_some_and(|(_, at)| on.is_none_or(|r| r == at)))
+        .count()
+}
+
 /// Wait until each of `who` has a session again that started after `at`; how long each took.
 async fn wait_back(
     connected: &Connected,
@@ -298,33 +327,20 @@ pub async fn replicas_bench(
             shutdown.clone(),
         ));
     }
-    let count = || {
-        connected
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| c.is_some())
-            .count()
-    };
-    let count_on = |r: usize| {
-        connected
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| c.is_some_and(|(_, at)| at == r))
-            .count()
-    };
     let t1 = Instant::now();
-    while count() < n {
+    while count_on(&connected, None) < n {
         anyhow::ensure!(
             t1.elapsed() < Duration::from_secs(600),
             "only {} of {n} connected",
-            count()
+            count_on(&connected, None)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_connected = t0.elapsed();
-    let spread: Vec<usize> = (0..3).map(count_on).collect();
+    let spread: Vec<usize> = quic
+        .iter()
+        .map(|a| count_on(&connected, Some(*a)))
+        .collect();
     println!(
         "all {n} connected {:.1} s after the start, per replica {spread:?}",
         all_connected.as_secs_f64()
@@ -338,7 +354,7 @@ pub async fn replicas_bench(
     // A follower dies: its agents come back through the other two.
     let follower = (lead + 1) % 3;
     let on_follower: Vec<usize> = (connected.lock().unwrap().iter().enumerate())
-        .filter_map(|(i, c)| c.is_some_and(|(_, at)| at == follower).then_some(i))
+        .filter_map(|(i, c)| c.is_some_and(|(_, at)| at == quic[follower]).then_some(i))
         .collect();
     let killed = kill(&mut all, follower)?;
     let follower_agents = on_follower.len();
@@ -359,6 +375,17 @@ pub async fn replicas_bench(
     let terms = terms_for(&c, &all, next_term, Duration::from_secs(30)).await;
     let lease_losses = terms.len() - 1;
     println!("terms from the take-over to 30 s after every agent was back: {terms:?} ({lease_losses} lease losses)");
+
+    let restart = spread_after_restart(
+        &mut all,
+        work.path(),
+        url,
+        &flags,
+        [follower, lead],
+        (next, next_term),
+        &connected,
+    )
+    .await?;
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
@@ -383,7 +410,8 @@ pub async fn replicas_bench(
             "agent_back_s": stats(per_agent),
             "lease_losses_until_30s_after_all_back": lease_losses,
         },
-        "note": "agents dial the replica they were given (spread over the three); followers hold their agents' QUIC connections and relay the sessions to the leader, which serves every session; agents notice a killed replica at their idle timeout (15 s)",
+        "after_restarting_the_two": restart,
+        "note": "agents dial the replica they were given (spread over the three); followers hold their agents' QUIC connections and relay the sessions to the leader, which serves every session; agents notice a killed replica at their idle timeout (15 s); after the two killed replicas restart, the leader moves at most 5% of the fleet to them every balance interval (30 s)",
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
         "command": format!("nebula-bench replicas --database-url postgres://… --agents {n} --interval {interval_s}"),
     });
@@ -393,4 +421,71 @@ pub async fn replicas_bench(
     }
     std::fs::write(out, serde_json::to_string_pretty(&result)? + "\n")?;
     Ok(())
+}
+
+/// Start the `killed` replicas again and wait until the leader (`leads`: index and term) has
+/// spread the sessions over the three; what it took.
+async fn spread_after_restart(
+    all: &mut [Option<ControllerProc>],
+    work: &std::path::Path,
+    url: &str,
+    flags: &[&str],
+    killed: [usize; 2],
+    leads: (usize, i64),
+    connected: &Connected,
+) -> anyhow::Result<serde_json::Value> {
+    // The two killed replicas come back (new ports, as after a host's restart): the leader
+    // moves agents to them, at most 5% of the fleet each balance interval, until every
+    // replica holds its share (within 5%).
+    for i in killed {
+        let dir = work.join(format!("r{i}"));
+        all[i] = Some(crate::failover::start(&dir, url, flags)?);
+    }
+    let restarted = Instant::now();
+    let addrs: Vec<SocketAddr> = all.iter().flatten().map(|p| p.quic).collect();
+    let n = connected.lock().unwrap().len();
+    let share = n.div_ceil(3);
+    let mut progress = Vec::new();
+    let per_replica = loop {
+        let counts: Vec<usize> = addrs
+            .iter()
+            .map(|a| count_on(connected, Some(*a)))
+            .collect();
+        let t = restarted.elapsed().as_secs();
+        if progress
+            .last()
+            .is_none_or(|(at, _): &(u64, Vec<usize>)| t >= at + 30)
+        {
+            println!("{t} s after the restart: sessions per replica {counts:?}");
+            progress.push((t, counts.clone()));
+        }
+        if counts.iter().sum::<usize>() == n && counts.iter().all(|&c| c <= share + share / 20) {
+            break counts;
+        }
+        anyhow::ensure!(
+            restarted.elapsed() < Duration::from_secs(1200),
+            "not spread 20 minutes after the restart: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let balanced_s = restarted.elapsed().as_secs_f64();
+    let leader = all[leads.0].as_ref().expect("the leader runs");
+    let moved =
+        crate::fleet::metrics_text(&reqwest::Client::new(), leader.http, leader.admin.trim())
+            .await?
+            .lines()
+            .find_map(|l| l.strip_prefix("nebula_sessions_moved_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let kept = crate::failover::leader(&reqwest::Client::new(), all)
+        .await
+        .is_some_and(|(i, t)| (i, t) == leads);
+    println!("spread again {balanced_s:.1} s after the restart: {per_replica:?}, {moved} sessions moved, lease kept: {kept}");
+    Ok(json!({
+        "spread_s": balanced_s,
+        "sessions_per_replica": per_replica,
+        "sessions_moved": moved,
+        "leader_kept_its_lease": kept,
+        "progress": progress.iter().map(|(t, c)| json!({"s": t, "sessions_per_replica": c})).collect::<Vec<_>>(),
+    }))
 }
