@@ -152,6 +152,7 @@ pub async fn run(
         let target = moved_to
             .take()
             .unwrap_or_else(|| all[next % all.len()].clone());
+        let started = std::time::Instant::now();
         let addr = match crate::resolve(&target).await {
             Ok(a) => a,
             Err(e) => {
@@ -179,12 +180,22 @@ pub async fn run(
         .await
         {
             Ok(SessionEnd::Shutdown) => break Ok(()),
-            Ok(SessionEnd::Moved { to }) => {
+            // A move to where it is, or right after connecting, is an ordinary loss: a faulty
+            // controller cannot make the agent reconnect in a tight loop.
+            Ok(SessionEnd::Moved { to })
+                if to != target
+                    && started.elapsed() >= config.reconnect_min.max(Duration::from_secs(1)) =>
+            {
                 info!(from = %target, %to, "the controller moved this agent to another replica");
                 backoff.reset();
                 failed_in_a_row = 0;
+                // Later tries go on from there.
+                next = all.iter().position(|a| *a == to).unwrap_or(next);
                 moved_to = Some(to);
                 continue;
+            }
+            Ok(SessionEnd::Moved { to }) => {
+                warn!(controller = %target, %to, "a move right after connecting: reconnecting as after a loss");
             }
             Ok(SessionEnd::Lost {
                 established,
@@ -318,11 +329,12 @@ async fn session(
     session.start(&welcome, feed, channels).await?;
     let conn = session.conn.clone();
     let end = session.serve(recv, feed, runner, channels, shutdown).await;
-    // However the session noticed the close (a read, or a failed write), a move names the
-    // replica to dial next.
-    match move_hint(&conn) {
-        Some(to) => Ok(SessionEnd::Moved { to }),
-        None => end,
+    // However the session noticed a lost connection (a read, or a failed write), a move names
+    // the replica to dial next.
+    match (&end, move_hint(&conn)) {
+        (Ok(SessionEnd::Lost { .. }), Some(to)) => Ok(SessionEnd::Moved { to }),
+        (Err(e), Some(to)) if !e.is_permanent() => Ok(SessionEnd::Moved { to }),
+        _ => end,
     }
 }
 
@@ -371,25 +383,18 @@ async fn handshake(
 
 /// The leader's address from a `NOT_LEADER` close ("... the leader is at HOST:PORT").
 fn leader_hint(conn: &quinn::Connection) -> Option<String> {
-    match conn.close_reason()? {
-        quinn::ConnectionError::ApplicationClosed(c)
-            if c.error_code == close::NOT_LEADER.into() =>
-        {
-            let reason = String::from_utf8_lossy(&c.reason).into_owned();
-            let at = reason.rsplit_once(" at ")?.1.trim();
-            (!at.is_empty() && at.len() <= 255 && !at.contains(char::is_whitespace))
-                .then(|| at.to_owned())
-        }
-        _ => None,
-    }
+    named(conn, close::NOT_LEADER)
 }
 
 /// The replica a `MOVE` close names (1.11).
 fn move_hint(conn: &quinn::Connection) -> Option<String> {
+    named(conn, close::MOVE)
+}
+
+fn named(conn: &quinn::Connection, code: u32) -> Option<String> {
     match conn.close_reason()? {
-        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::MOVE.into() => {
-            let to = String::from_utf8_lossy(&c.reason).trim().to_owned();
-            (!to.is_empty() && to.len() <= 255 && !to.contains(char::is_whitespace)).then_some(to)
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code.into() => {
+            close::named_address(code, &c.reason)
         }
         _ => None,
     }

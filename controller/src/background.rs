@@ -274,13 +274,14 @@ fn register_replicas(d: &mut tasks::Driver, cp: &Arc<ControlPlane>) {
         crate::events::fanout(c.clone(), cx.cancel)
     });
     let c = cp.clone();
+    let balancer = Arc::new(transport::balance::Balancer::default());
     d.periodic(
         SESSION_BALANCE,
         cp.config.ha.balance_interval,
         false,
         move |_| {
-            let cp = c.clone();
-            async move { transport::balance::pass(&cp).await }
+            let (cp, balancer) = (c.clone(), balancer.clone());
+            async move { balancer.pass(&cp).await }
         },
     );
 }

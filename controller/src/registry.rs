@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use nebula_protocol::containers::DockerPolicySummary;
@@ -39,6 +39,19 @@ struct Entry {
     /// changed in between), and is `None` for older agents.
     deploy_policy: Option<DeployPolicySummary>,
     docker_policy: Option<DockerPolicySummary>,
+    /// Long-lived streams open on this session ([`Busy`]).
+    busy: Arc<AtomicUsize>,
+}
+
+/// Something long-lived open on a node's session (a followed log, a terminal, an inference
+/// stream), held while it lasts: a busy session is not moved to another replica.
+#[derive(Debug)]
+pub struct Busy(Arc<AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -84,6 +97,7 @@ impl Registry {
                     conn,
                     deploy_policy: None,
                     docker_policy: None,
+                    busy: Arc::default(),
                 },
             )
             .map(|e| e.conn);
@@ -130,12 +144,23 @@ impl Registry {
         }
     }
 
-    /// Every live session: the node and what is known of its session.
-    pub fn sessions(&self) -> Vec<(Uuid, SessionInfo)> {
+    /// Every live session: the node, what is known of its session, and whether it is busy.
+    pub fn sessions(&self) -> Vec<(Uuid, SessionInfo, bool)> {
         self.lock()
             .iter()
-            .map(|(node, e)| (*node, e.info.clone()))
+            .map(|(node, e)| {
+                let busy = e.busy.load(Ordering::Relaxed) > 0;
+                (*node, e.info.clone(), busy)
+            })
             .collect()
+    }
+
+    /// Mark the node's session busy while the guard lives (`None` when it is offline).
+    pub fn busy(&self, node: Uuid) -> Option<Busy> {
+        self.lock().get(&node).map(|e| {
+            e.busy.fetch_add(1, Ordering::Relaxed);
+            Busy(e.busy.clone())
+        })
     }
 
     /// Record the deploy policy a session's agent reported. True when it differs from what the

@@ -119,6 +119,20 @@ pub mod close {
     /// whose QUIC address (`HOST:PORT`) is the reason. An older agent reconnects as after any
     /// lost connection.
     pub const MOVE: u32 = 8;
+
+    /// The replica a close names for the agent to dial next: the whole reason of a `MOVE`, the
+    /// end of a `NOT_LEADER`'s ("... the leader is at HOST:PORT"). `None` for other codes or a
+    /// reason that is not one address.
+    pub fn named_address(code: u32, reason: &[u8]) -> Option<String> {
+        let text = String::from_utf8_lossy(reason);
+        let at = match code {
+            MOVE => text.trim(),
+            NOT_LEADER => text.rsplit_once(" at ")?.1.trim(),
+            _ => return None,
+        };
+        (!at.is_empty() && at.len() <= 255 && !at.contains(char::is_whitespace))
+            .then(|| at.to_owned())
+    }
 }
 
 /// Key/value labels on nodes and join tokens.
@@ -597,6 +611,32 @@ mod token_tests {
             Err(JoinTokenError::Pin)
         );
         assert!(!format!("{t:?}").contains("S3cret"));
+    }
+}
+
+#[cfg(test)]
+mod close_tests {
+    use super::close::{named_address, MOVE, NOT_LEADER, SHUTDOWN};
+
+    #[test]
+    fn closes_name_the_replica_to_dial_next() {
+        assert_eq!(
+            named_address(MOVE, b"10.0.0.2:4433").as_deref(),
+            Some("10.0.0.2:4433")
+        );
+        assert_eq!(
+            named_address(
+                NOT_LEADER,
+                b"not the leader: the leader is at c1.example.net:4433"
+            )
+            .as_deref(),
+            Some("c1.example.net:4433")
+        );
+        assert_eq!(named_address(NOT_LEADER, b"no leader known"), None);
+        assert_eq!(named_address(MOVE, b""), None);
+        assert_eq!(named_address(MOVE, b"two words"), None);
+        assert_eq!(named_address(MOVE, "x".repeat(256).as_bytes()), None);
+        assert_eq!(named_address(SHUTDOWN, b"10.0.0.2:4433"), None);
     }
 }
 

@@ -99,6 +99,7 @@ async fn chaos_ten_leader_kills_during_applies_and_job_streams() {
         stop.store(true, Ordering::Relaxed);
         let (ids, refused) = stream.await.unwrap();
         let e = &all[next];
+        let moves_before = moved(&agents);
         let mut holders = BTreeSet::new();
         for name in NODES {
             let node = e
@@ -123,6 +124,13 @@ async fn chaos_ten_leader_kills_during_applies_and_job_streams() {
         )
         .await;
         let spread = spread.elapsed();
+        // Spread by the leader's `MOVE` closes (protocol 1.11), not by chance.
+        if holders.len() < 3 {
+            assert!(
+                moved(&agents) > moves_before,
+                "round {round}: spread again without a move"
+            );
+        }
         converged(e, round, &all, &agents).await;
         for (i, id) in node_ids.iter().enumerate() {
             // Every container on the node, whichever service: exactly its own two.
@@ -159,6 +167,19 @@ async fn chaos_ten_leader_kills_during_applies_and_job_streams() {
         lead = next;
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// How many times the agents were moved to another replica, by their logs.
+fn moved(agents: &[Agent]) -> usize {
+    agents
+        .iter()
+        .map(|a| {
+            a.proc
+                .output()
+                .matches("the controller moved this agent to another replica")
+                .count()
+        })
+        .sum()
 }
 
 /// Jobs created through `entry` every 150 ms, for each node in turn, until `stop`: the ids

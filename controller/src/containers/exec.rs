@@ -96,6 +96,7 @@ struct EndRecord {
     opened: Instant,
     code: std::sync::Mutex<Option<i64>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _busy: Option<crate::registry::Busy>,
 }
 
 impl Drop for EndRecord {
@@ -132,6 +133,7 @@ impl ControlPlane {
         let reached = self
             .reach(node, &req.container, PolicyKey::Exec, &self.exec_sessions)
             .await?;
+        let busy = reached.busy;
         let (conn, permit) = (
             reached.conn,
             reached.permit.ok_or_else(|| {
@@ -192,6 +194,7 @@ impl ControlPlane {
             opened: Instant::now(),
             code: std::sync::Mutex::new(None),
             _permit: permit,
+            _busy: busy,
         });
         Ok(ExecSession {
             input: ExecWriter {

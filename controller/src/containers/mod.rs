@@ -163,6 +163,8 @@ pub(crate) struct Reached {
     pub name: String,
     pub conn: crate::transport::Link,
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Keeps the session where it is while the stream is open.
+    pub busy: Option<crate::registry::Busy>,
 }
 
 /// A container's log as it arrives from its agent.
@@ -170,6 +172,7 @@ pub struct LogFollow {
     recv: quinn::RecvStream,
     frames: FrameReader,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _busy: Option<crate::registry::Busy>,
 }
 
 impl LogFollow {
@@ -421,6 +424,7 @@ impl ControlPlane {
             name: row.map(|r| r.name).unwrap_or_else(|| container.to_owned()),
             conn,
             permit: slots.clone().try_acquire_owned().ok(),
+            busy: self.registry.busy(node_id),
         })
     }
 
@@ -436,6 +440,7 @@ impl ControlPlane {
         let reached = self
             .reach(node, &req.container, PolicyKey::Logs, &self.log_followers)
             .await?;
+        let busy = reached.busy;
         let (conn, permit) = (
             reached.conn,
             reached.permit.ok_or_else(|| {
@@ -471,6 +476,7 @@ impl ControlPlane {
                 recv,
                 frames,
                 _permit: permit,
+                _busy: busy,
             }),
             LogEvent::Refused { message } => Err(OpError::Forbidden(message)),
             LogEvent::Error { message } if message.starts_with("no container") => {

@@ -9,10 +9,14 @@
 //! once (protocol 1.11; an older agent is never asked).
 //!
 //! Bounded so that balancing never becomes a storm: a pass moves at most 5% of the fleet (at
-//! least one session), never a session younger than the interval, and nothing while more
+//! least one session), never a session younger than the interval or one with a followed log,
+//! a terminal or an inference stream open (a busy session), and nothing while more
 //! than 10% of the sessions are that young (the fleet is still reconnecting after a failover).
+//! A replica the moved agents did not reach (a wrong `public_address`, a replica that turns
+//! agents away) gets none for 2, 4, ... 64 passes before it is tried again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use nebula_protocol::close;
@@ -33,8 +37,16 @@ pub(crate) struct Held {
     /// The replica holding the agent's connection.
     pub replica: String,
     pub age: Duration,
-    /// The agent understands a move.
+    /// The agent understands a move, and nothing long-lived is open on its session.
     pub movable: bool,
+}
+
+/// A live replica: its id, QUIC address, and whether agents may be moved to it.
+#[derive(Debug, Clone)]
+pub(crate) struct Replica {
+    pub id: String,
+    pub addr: String,
+    pub takes: bool,
 }
 
 /// One session to close with a move to `to` (a replica's QUIC address).
@@ -43,21 +55,25 @@ pub(crate) struct Move {
     pub node: Uuid,
     pub generation: u64,
     pub from: String,
+    /// The target's QUIC address (the close reason) and id.
     pub to: String,
+    pub to_id: String,
 }
 
-/// The moves that bring every live replica (id, QUIC address) near its share of `sessions`.
-pub(crate) fn plan(
-    sessions: &[Held],
-    replicas: &[(String, String)],
-    min_age: Duration,
-) -> Vec<Move> {
+/// The moves that bring every live replica near its share of the sessions it and the other
+/// live replicas hold (sessions of a replica not in `replicas` are left out: it is gone).
+pub(crate) fn plan(sessions: &[Held], replicas: &[Replica], min_age: Duration) -> Vec<Move> {
+    let live: HashSet<&str> = replicas.iter().map(|r| r.id.as_str()).collect();
+    let sessions: Vec<&Held> = sessions
+        .iter()
+        .filter(|s| live.contains(s.replica.as_str()))
+        .collect();
     let total = sessions.len();
     if replicas.len() < 2 || total == 0 {
         return Vec::new();
     }
     let young = sessions.iter().filter(|s| s.age < min_age).count();
-    if young * 10 > total {
+    if young > (total / 10).max(1) {
         return Vec::new();
     }
     let share = total.div_ceil(replicas.len());
@@ -68,18 +84,19 @@ pub(crate) fn plan(
         held.entry(s.replica.as_str()).or_default().push(s);
     }
     // Replicas under their share: how many each may take.
-    let mut room: Vec<(usize, &str)> = replicas
+    let mut room: Vec<(usize, &str, &str)> = replicas
         .iter()
-        .map(|(id, addr)| {
-            let n = held.get(id.as_str()).map_or(0, Vec::len);
-            (share.saturating_sub(n), addr.as_str())
+        .filter(|r| r.takes)
+        .map(|r| {
+            let n = held.get(r.id.as_str()).map_or(0, Vec::len);
+            (share.saturating_sub(n), r.addr.as_str(), r.id.as_str())
         })
         .collect();
     // Replicas over their share (plus the slack): how many they hold, and the sessions that
     // may move, the longest-held last (taken first: a session that just moved stays put).
     let mut over: Vec<(usize, &str, Vec<&Held>)> = replicas
         .iter()
-        .filter_map(|(id, _)| {
+        .filter_map(|Replica { id, .. }| {
             let list = held.remove(id.as_str())?;
             (list.len() > share + slack).then(|| {
                 let mut movable: Vec<&Held> = list
@@ -104,7 +121,7 @@ pub(crate) fn plan(
         };
         let Some(to) = room
             .iter_mut()
-            .filter(|(r, _)| *r > 0)
+            .filter(|(r, _, _)| *r > 0)
             .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)))
         else {
             break;
@@ -117,58 +134,126 @@ pub(crate) fn plan(
             generation: s.generation,
             from: from.1.to_owned(),
             to: to.1.to_owned(),
+            to_id: to.2.to_owned(),
         });
     }
     moves
 }
 
-/// One pass: plan from the live sessions and the replicas seen within a lease, then close the
-/// sessions to move.
-pub(crate) async fn pass(cp: &ControlPlane) -> anyhow::Result<serde_json::Value> {
-    if !cp.ha.replicated() {
-        return Ok(json!({ "moved": 0 }));
-    }
-    let window = i64::try_from(cp.config.ha.lease_ttl.as_millis()).unwrap_or(6_000);
-    let replicas: Vec<(String, String)> = cp
-        .store
-        .live_replicas(window)
-        .await?
-        .into_iter()
-        .map(|r| (r.id, r.quic_addr))
-        .collect();
-    let now = SystemTime::now();
-    let sessions: Vec<Held> = cp
-        .registry
-        .sessions()
-        .into_iter()
-        .map(|(node, s)| Held {
-            node,
-            generation: s.generation,
-            replica: s.relayed_by.unwrap_or_else(|| cp.ha.replica.clone()),
-            age: now.duration_since(s.connected_at).unwrap_or_default(),
-            movable: s.protocol_minor >= MOVE_MINOR,
-        })
-        .collect();
-    let moves = plan(&sessions, &replicas, cp.config.ha.balance_interval);
-    let mut moved = 0u64;
-    for m in &moves {
-        if cp
-            .registry
-            .close_if(m.node, m.generation, close::MOVE, &m.to)
-        {
-            moved += 1;
+/// What the task remembers between passes: the moves sent to each replica, and the replicas
+/// the moved agents did not reach.
+#[derive(Debug, Default)]
+pub(crate) struct Balancer {
+    memory: Mutex<Memory>,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    /// Per target replica: its sessions when the last moves to it were sent, and how many.
+    sent: HashMap<String, (usize, usize)>,
+    /// Per replica the moved agents did not reach: failures in a row, passes left without
+    /// moves to it.
+    shunned: HashMap<String, (u32, u32)>,
+}
+
+impl Memory {
+    /// Check the last pass's moves against the sessions each replica holds now (at least half
+    /// of them arrived, or the replica is shunned for longer each time); the replicas to send
+    /// none to in this pass.
+    fn review(&mut self, held: &HashMap<String, usize>) -> HashSet<String> {
+        for (id, (before, sent)) in std::mem::take(&mut self.sent) {
+            let now = held.get(&id).copied().unwrap_or(0);
+            if now >= before + sent.div_ceil(2) {
+                self.shunned.remove(&id);
+            } else {
+                let e = self.shunned.entry(id).or_insert((0, 0));
+                e.0 += 1;
+                e.1 = 1 << e.0.min(6);
+            }
         }
+        let mut skip = HashSet::new();
+        for (id, (_, left)) in &mut self.shunned {
+            if *left > 0 {
+                *left -= 1;
+                skip.insert(id.clone());
+            }
+        }
+        skip
     }
-    if moved > 0 {
-        cp.metrics.sessions_moved.inc_by(moved);
-        info!(
-            moved,
-            sessions = sessions.len(),
-            replicas = replicas.len(),
-            "moved agent sessions to replicas holding fewer than their share"
-        );
+}
+
+impl Balancer {
+    /// One pass: plan from the live sessions and the replicas seen within a lease, then close
+    /// the sessions to move.
+    pub(crate) async fn pass(&self, cp: &ControlPlane) -> anyhow::Result<serde_json::Value> {
+        if !cp.ha.replicated() {
+            return Ok(json!({ "moved": 0 }));
+        }
+        let window = i64::try_from(cp.config.ha.lease_ttl.as_millis()).unwrap_or(6_000);
+        let live = cp.store.live_replicas(window).await?;
+        let now = SystemTime::now();
+        let sessions: Vec<Held> = cp
+            .registry
+            .sessions()
+            .into_iter()
+            .map(|(node, s, busy)| Held {
+                node,
+                generation: s.generation,
+                replica: s.relayed_by.unwrap_or_else(|| cp.ha.replica.clone()),
+                age: now.duration_since(s.connected_at).unwrap_or_default(),
+                movable: s.protocol_minor >= MOVE_MINOR && !busy,
+            })
+            .collect();
+        let mut held: HashMap<String, usize> = HashMap::new();
+        for s in &sessions {
+            *held.entry(s.replica.clone()).or_default() += 1;
+        }
+        let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        let skip = memory.review(&held);
+        let replicas: Vec<Replica> = live
+            .into_iter()
+            .map(|r| Replica {
+                takes: !skip.contains(&r.id),
+                id: r.id,
+                addr: r.quic_addr,
+            })
+            .collect();
+        let moves = plan(&sessions, &replicas, cp.config.ha.balance_interval);
+        let mut moved = 0u64;
+        for m in &moves {
+            if cp
+                .registry
+                .close_if(m.node, m.generation, close::MOVE, &m.to)
+            {
+                moved += 1;
+                let before = held.get(&m.to_id).copied().unwrap_or(0);
+                memory.sent.entry(m.to_id.clone()).or_insert((before, 0)).1 += 1;
+            }
+        }
+        drop(memory);
+        if moved > 0 {
+            cp.metrics.sessions_moved.inc_by(moved);
+            info!(
+                moved,
+                sessions = sessions.len(),
+                replicas = replicas.len(),
+                "moved agent sessions to replicas holding fewer than their share"
+            );
+        }
+        if !skip.is_empty() {
+            tracing::warn!(
+                replicas = ?skip,
+                "agents moved to these replicas did not arrive: none are sent there for now \
+                 (check their public_address)"
+            );
+        }
+        Ok(json!({
+            "moved": moved,
+            "sessions": sessions.len(),
+            "replicas": replicas.len(),
+            "shunned": skip.len(),
+        }))
     }
-    Ok(json!({ "moved": moved, "sessions": sessions.len(), "replicas": replicas.len() }))
 }
 
 #[cfg(test)]
@@ -177,9 +262,13 @@ mod tests {
 
     const MIN: Duration = Duration::from_secs(30);
 
-    fn replicas(n: usize) -> Vec<(String, String)> {
+    fn replicas(n: usize) -> Vec<Replica> {
         (0..n)
-            .map(|i| (format!("r{i}"), format!("10.0.0.{i}:7443")))
+            .map(|i| Replica {
+                id: format!("r{i}"),
+                addr: format!("10.0.0.{i}:7443"),
+                takes: true,
+            })
             .collect()
     }
 
@@ -205,13 +294,7 @@ mod tests {
             let at = moves
                 .iter()
                 .find(|m| m.node == s.node)
-                .map(|m| m.to.clone())
-                .map_or(s.replica.clone(), |to| {
-                    format!(
-                        "r{}",
-                        to.trim_end_matches(":7443").rsplit('.').next().unwrap()
-                    )
-                });
+                .map_or(s.replica.clone(), |m| m.to_id.clone());
             counts[at[1..].parse::<usize>().unwrap()] += 1;
         }
         counts
@@ -257,18 +340,52 @@ mod tests {
         assert!(plan(&s, &replicas(3), MIN).is_empty());
         assert!(plan(&held(&[10], MIN * 2), &replicas(1), MIN).is_empty());
         assert!(plan(&[], &replicas(3), MIN).is_empty());
+        // In a small fleet one young session does not hold balancing up.
+        let mut s = held(&[3, 0, 0], MIN * 2);
+        s.extend(held(&[0, 1, 0], Duration::from_secs(1)));
+        assert_eq!(plan(&s, &replicas(3), MIN).len(), 1);
     }
 
     #[test]
-    fn agents_before_1_11_and_a_dead_replicas_sessions_are_not_moved() {
+    fn old_or_busy_agents_a_dead_replicas_sessions_and_a_shunned_replica_are_left_alone() {
         let mut s = held(&[4, 0], MIN * 2);
         for h in &mut s {
             h.movable = false;
         }
-        assert!(plan(&s, &replicas(2), MIN).is_empty(), "agents before 1.11");
-        // Sessions of a dead replica (not live) are not counted as a place to go.
-        let s = held(&[0, 0, 6], MIN * 2);
+        assert!(plan(&s, &replicas(2), MIN).is_empty(), "not movable");
+        // r2 is gone: its six sessions count for nobody's share, and r1 gets r0's extra ones.
+        let s = held(&[6, 0, 6], MIN * 2);
         let moves = plan(&s, &replicas(2), MIN);
-        assert!(moves.is_empty(), "{moves:?}");
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert!(moves.iter().all(|m| m.from == "r0" && m.to_id == "r1"));
+        // A replica that takes none gets none; another one under its share does.
+        let mut r = replicas(3);
+        r[1].takes = false;
+        let s = held(&[60, 0, 0], MIN * 2);
+        let moves = plan(&s, &r, MIN);
+        assert_eq!(moves.len(), 3);
+        assert!(moves.iter().all(|m| m.to_id == "r2"), "{moves:?}");
+    }
+
+    #[test]
+    fn a_replica_the_moved_agents_do_not_reach_is_shunned_longer_each_time() {
+        let mut m = Memory::default();
+        let held = |n: usize| HashMap::from([("r1".to_owned(), n)]);
+        // Four sent to r1 holding 0; two or more arrived: fine.
+        m.sent.insert("r1".into(), (0, 4));
+        assert!(m.review(&held(2)).is_empty());
+        // Four more, none arrived: no moves to it for two passes, then a try.
+        m.sent.insert("r1".into(), (2, 4));
+        assert!(m.review(&held(2)).contains("r1"));
+        assert!(m.review(&held(2)).contains("r1"));
+        assert!(m.review(&held(2)).is_empty());
+        // Failing again: four passes.
+        m.sent.insert("r1".into(), (2, 1));
+        let skipped = (0..6).filter(|_| m.review(&held(2)).contains("r1")).count();
+        assert_eq!(skipped, 4);
+        // Arriving again clears it.
+        m.sent.insert("r1".into(), (2, 2));
+        assert!(m.review(&held(3)).is_empty());
+        assert!(!m.shunned.contains_key("r1"));
     }
 }

@@ -119,6 +119,8 @@ pub(super) struct Started {
     pub done: bool,
     pub recv: quinn::RecvStream,
     pub frames: FrameReader,
+    /// Keeps the node's session where it is while the answer streams.
+    pub _busy: Option<crate::registry::Busy>,
 }
 
 /// One try on a candidate, counted by its breaker: `None` when the breaker allows no try now.
@@ -160,6 +162,7 @@ async fn start(
         .registry
         .connection(c.node_id)
         .ok_or_else(|| Failed::new(Outcome::Neutral, "went offline"))?;
+    let busy = cp.registry.busy(c.node_id);
     let first_timeout = if !stream {
         cfg.total_timeout
     } else if c.loaded {
@@ -248,6 +251,7 @@ async fn start(
             done,
             recv,
             frames,
+            _busy: busy,
         }),
     }
 }
