@@ -81,8 +81,10 @@ enum SessionEnd {
         reason: String,
     },
     /// The controller moved this agent to another replica (1.11): dial it next, at once.
+    /// `lasted`: how long the session was up.
     Moved {
         to: String,
+        lasted: Duration,
     },
 }
 
@@ -152,7 +154,6 @@ pub async fn run(
         let target = moved_to
             .take()
             .unwrap_or_else(|| all[next % all.len()].clone());
-        let started = std::time::Instant::now();
         let addr = match crate::resolve(&target).await {
             Ok(a) => a,
             Err(e) => {
@@ -182,20 +183,20 @@ pub async fn run(
             Ok(SessionEnd::Shutdown) => break Ok(()),
             // A move to where it is, or right after connecting, is an ordinary loss: a faulty
             // controller cannot make the agent reconnect in a tight loop.
-            Ok(SessionEnd::Moved { to })
-                if to != target
-                    && started.elapsed() >= config.reconnect_min.max(Duration::from_secs(1)) =>
-            {
-                info!(from = %target, %to, "the controller moved this agent to another replica");
-                backoff.reset();
-                failed_in_a_row = 0;
-                // Later tries go on from there.
-                next = all.iter().position(|a| *a == to).unwrap_or(next);
-                moved_to = Some(to);
-                continue;
-            }
-            Ok(SessionEnd::Moved { to }) => {
-                warn!(controller = %target, %to, "a move right after connecting: reconnecting as after a loss");
+            Ok(SessionEnd::Moved { to, lasted }) => {
+                let settled = lasted >= config.reconnect_min.max(Duration::from_secs(1));
+                if settled {
+                    backoff.reset();
+                    failed_in_a_row = 0;
+                }
+                if settled && to != target {
+                    info!(from = %target, %to, "the controller moved this agent to another replica");
+                    // Later tries go on from there.
+                    next = all.iter().position(|a| *a == to).unwrap_or(next);
+                    moved_to = Some(to);
+                    continue;
+                }
+                warn!(controller = %target, %to, ?lasted, "a move to the same replica or right after connecting: reconnecting as after a lost connection");
             }
             Ok(SessionEnd::Lost {
                 established,
@@ -328,12 +329,14 @@ async fn session(
     };
     session.start(&welcome, feed, channels).await?;
     let conn = session.conn.clone();
+    let up = std::time::Instant::now();
     let end = session.serve(recv, feed, runner, channels, shutdown).await;
+    let lasted = up.elapsed();
     // However the session noticed a lost connection (a read, or a failed write), a move names
     // the replica to dial next.
     match (&end, move_hint(&conn)) {
-        (Ok(SessionEnd::Lost { .. }), Some(to)) => Ok(SessionEnd::Moved { to }),
-        (Err(e), Some(to)) if !e.is_permanent() => Ok(SessionEnd::Moved { to }),
+        (Ok(SessionEnd::Lost { .. }), Some(to)) => Ok(SessionEnd::Moved { to, lasted }),
+        (Err(e), Some(to)) if !e.is_permanent() => Ok(SessionEnd::Moved { to, lasted }),
         _ => end,
     }
 }

@@ -132,11 +132,11 @@ impl Registry {
     }
 
     /// Close a node's session with the given code and reason if it is still the given
-    /// generation (a newer one is left alone); the session's own end marks the node offline.
-    /// True when it was closed.
-    pub fn close_if(&self, node: Uuid, generation: u64, code: u32, reason: &str) -> bool {
+    /// generation (a newer one is left alone) and nothing long-lived is open on it ([`Busy`]);
+    /// the session's own end marks the node offline. True when it was closed.
+    pub fn close_if_idle(&self, node: Uuid, generation: u64, code: u32, reason: &str) -> bool {
         match self.lock().get(&node) {
-            Some(e) if e.info.generation == generation => {
+            Some(e) if e.info.generation == generation && e.busy.load(Ordering::Relaxed) == 0 => {
                 e.conn.close(code, reason);
                 true
             }

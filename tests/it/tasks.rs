@@ -1,7 +1,7 @@
 //! The background-task driver seen from outside: `GET /api/v1/tasks` lists every task with its
-//! scope and last run, "run now" (the reconcile endpoint) activates a run, and the task table
-//! in ARCHITECTURE.md names exactly the tasks the controller registers. The OpenAPI document is
-//! served the same way.
+//! scope and last run, "run now" (the reconcile endpoint) activates a run, and the task
+//! tables in ARCHITECTURE.md and docs/tasks.md name exactly the tasks the controller
+//! registers. The OpenAPI document is served the same way.
 
 use crate::common;
 
@@ -12,16 +12,20 @@ use common::*;
 use nebula_types::api::tasks::{Kind, Scope, State, TaskStatus, Trigger};
 use serde_json::Value;
 
-/// Task names and scopes from ARCHITECTURE.md's table (rows "| `name` | scope | ...").
-fn documented() -> BTreeSet<(String, String)> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ARCHITECTURE.md"))
-        .expect("ARCHITECTURE.md");
-    let section = doc
-        .split("## Tasks and Shutdown")
-        .nth(1)
-        .expect("a Tasks and Shutdown section");
+/// Task names and scopes from the task table in `file` (rows "| `name` | scope | ..." from the
+/// "| Task |" header to the table's end), after the heading `after` when given.
+fn documented(file: &str, after: Option<&str>) -> BTreeSet<(String, String)> {
+    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(&path).expect(file);
+    let section = match after {
+        Some(h) => doc.split(h).nth(1).expect("the task table's section"),
+        None => doc.as_str(),
+    };
     section
         .lines()
+        .skip_while(|l| !l.starts_with("| Task |"))
+        .take_while(|l| l.starts_with('|'))
+        .filter(|l| l.starts_with("| `"))
         .filter_map(|l| {
             let cells: Vec<&str> = l.split('|').map(str::trim).collect();
             let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
@@ -62,8 +66,13 @@ async fn every_background_task_is_listed_with_its_scope_and_last_run() {
         .collect();
     assert_eq!(
         served,
-        documented(),
+        documented("ARCHITECTURE.md", Some("## Tasks and Shutdown")),
         "ARCHITECTURE.md's task table and the controller's registry differ"
+    );
+    assert_eq!(
+        served,
+        documented("docs/tasks.md", None),
+        "docs/tasks.md's task table and the controller's registry differ"
     );
     assert!(served.len() >= 11, "{served:?}");
 

@@ -11,7 +11,8 @@
 //! Bounded so that balancing never becomes a storm: a pass moves at most 5% of the fleet (at
 //! least one session), never a session younger than the interval or one with a followed log,
 //! a terminal or an inference stream open (a busy session), and nothing while more
-//! than 10% of the sessions are that young (the fleet is still reconnecting after a failover).
+//! than 10% of the sessions (more than one, in a fleet under 20) are that young: the fleet is
+//! still reconnecting after a failover.
 //! A replica the moved agents did not reach (a wrong `public_address`, a replica that turns
 //! agents away) gets none for 2, 4, ... 64 passes before it is tried again.
 
@@ -149,26 +150,41 @@ pub(crate) struct Balancer {
 
 #[derive(Debug, Default)]
 struct Memory {
-    /// Per target replica: its sessions when the last moves to it were sent, and how many.
-    sent: HashMap<String, (usize, usize)>,
+    /// The nodes moved to each replica in the last pass.
+    sent: HashMap<String, Vec<Uuid>>,
     /// Per replica the moved agents did not reach: failures in a row, passes left without
     /// moves to it.
     shunned: HashMap<String, (u32, u32)>,
 }
 
 impl Memory {
-    /// Check the last pass's moves against the sessions each replica holds now (at least half
-    /// of them arrived, or the replica is shunned for longer each time); the replicas to send
-    /// none to in this pass.
-    fn review(&mut self, held: &HashMap<String, usize>) -> HashSet<String> {
-        for (id, (before, sent)) in std::mem::take(&mut self.sent) {
-            let now = held.get(&id).copied().unwrap_or(0);
-            if now >= before + sent.div_ceil(2) {
+    /// Judge the last pass's moves by where those nodes' sessions are now (`at`; a node not
+    /// back yet is not judged): when fewer than half reached their replica, it gets none for
+    /// 2, 4, ... 64 passes. The replicas to send none to in this pass, and those shunned just
+    /// now.
+    fn review(
+        &mut self,
+        at: &HashMap<Uuid, &str>,
+        live: &HashSet<String>,
+    ) -> (HashSet<String>, Vec<String>) {
+        self.shunned.retain(|id, _| live.contains(id));
+        let mut new = Vec::new();
+        for (id, nodes) in std::mem::take(&mut self.sent) {
+            let back: Vec<bool> = nodes
+                .iter()
+                .filter_map(|n| at.get(n).map(|r| *r == id))
+                .collect();
+            let arrived = back.iter().filter(|b| **b).count();
+            if back.is_empty() || !live.contains(&id) {
+                continue;
+            }
+            if arrived * 2 >= back.len() {
                 self.shunned.remove(&id);
             } else {
-                let e = self.shunned.entry(id).or_insert((0, 0));
+                let e = self.shunned.entry(id.clone()).or_insert((0, 0));
                 e.0 += 1;
                 e.1 = 1 << e.0.min(6);
+                new.push(id);
             }
         }
         let mut skip = HashSet::new();
@@ -178,7 +194,7 @@ impl Memory {
                 skip.insert(id.clone());
             }
         }
-        skip
+        (skip, new)
     }
 }
 
@@ -204,12 +220,13 @@ impl Balancer {
                 movable: s.protocol_minor >= MOVE_MINOR && !busy,
             })
             .collect();
-        let mut held: HashMap<String, usize> = HashMap::new();
-        for s in &sessions {
-            *held.entry(s.replica.clone()).or_default() += 1;
-        }
+        let at: HashMap<Uuid, &str> = sessions
+            .iter()
+            .map(|s| (s.node, s.replica.as_str()))
+            .collect();
+        let ids: HashSet<String> = live.iter().map(|r| r.id.clone()).collect();
         let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-        let skip = memory.review(&held);
+        let (skip, shunned) = memory.review(&at, &ids);
         let replicas: Vec<Replica> = live
             .into_iter()
             .map(|r| Replica {
@@ -223,11 +240,10 @@ impl Balancer {
         for m in &moves {
             if cp
                 .registry
-                .close_if(m.node, m.generation, close::MOVE, &m.to)
+                .close_if_idle(m.node, m.generation, close::MOVE, &m.to)
             {
                 moved += 1;
-                let before = held.get(&m.to_id).copied().unwrap_or(0);
-                memory.sent.entry(m.to_id.clone()).or_insert((before, 0)).1 += 1;
+                memory.sent.entry(m.to_id.clone()).or_default().push(m.node);
             }
         }
         drop(memory);
@@ -240,10 +256,10 @@ impl Balancer {
                 "moved agent sessions to replicas holding fewer than their share"
             );
         }
-        if !skip.is_empty() {
+        if !shunned.is_empty() {
             tracing::warn!(
-                replicas = ?skip,
-                "agents moved to these replicas did not arrive: none are sent there for now \
+                replicas = ?shunned,
+                "agents moved to these replicas did not arrive: none are sent there for a while \
                  (check their public_address)"
             );
         }
@@ -370,22 +386,39 @@ mod tests {
     #[test]
     fn a_replica_the_moved_agents_do_not_reach_is_shunned_longer_each_time() {
         let mut m = Memory::default();
-        let held = |n: usize| HashMap::from([("r1".to_owned(), n)]);
-        // Four sent to r1 holding 0; two or more arrived: fine.
-        m.sent.insert("r1".into(), (0, 4));
-        assert!(m.review(&held(2)).is_empty());
-        // Four more, none arrived: no moves to it for two passes, then a try.
-        m.sent.insert("r1".into(), (2, 4));
-        assert!(m.review(&held(2)).contains("r1"));
-        assert!(m.review(&held(2)).contains("r1"));
-        assert!(m.review(&held(2)).is_empty());
+        let live: HashSet<String> = ["r0", "r1"].into_iter().map(String::from).collect();
+        let (a, b, c, d) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        // Two of three sent to r1 arrived; the fourth is not back yet (not judged).
+        m.sent.insert("r1".into(), vec![a, b, c, d]);
+        let at = HashMap::from([(a, "r1"), (b, "r1"), (c, "r0")]);
+        assert!(m.review(&at, &live).0.is_empty());
+        // None arrived: no moves to it for two passes, then a try.
+        m.sent.insert("r1".into(), vec![a, b]);
+        let away = HashMap::from([(a, "r0"), (b, "r0")]);
+        let (skip, new) = m.review(&away, &live);
+        assert!(skip.contains("r1") && new == ["r1"]);
+        let (skip, new) = m.review(&away, &live);
+        assert!(skip.contains("r1") && new.is_empty(), "warned once");
+        assert!(m.review(&away, &live).0.is_empty());
         // Failing again: four passes.
-        m.sent.insert("r1".into(), (2, 1));
-        let skipped = (0..6).filter(|_| m.review(&held(2)).contains("r1")).count();
+        m.sent.insert("r1".into(), vec![a]);
+        let skipped = (0..6)
+            .filter(|_| m.review(&away, &live).0.contains("r1"))
+            .count();
         assert_eq!(skipped, 4);
-        // Arriving again clears it.
-        m.sent.insert("r1".into(), (2, 2));
-        assert!(m.review(&held(3)).is_empty());
+        // Arriving again clears it; a replica gone is forgotten.
+        m.sent.insert("r1".into(), vec![a]);
+        assert!(m.review(&HashMap::from([(a, "r1")]), &live).0.is_empty());
         assert!(!m.shunned.contains_key("r1"));
+        m.sent.insert("r1".into(), vec![a]);
+        m.review(&away, &live);
+        assert!(m.shunned.contains_key("r1"));
+        m.review(&away, &HashSet::from(["r0".to_owned()]));
+        assert!(m.shunned.is_empty());
     }
 }
