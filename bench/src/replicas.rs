@@ -35,11 +35,13 @@ const AGENTS_PER_ENDPOINT: usize = 500;
 /// When each agent last became connected, and to which replica (its QUIC address).
 type Connected = Arc<Mutex<Vec<Option<(Instant, SocketAddr)>>>>;
 
+/// A session: the connection and both halves of the session stream (kept open: a dropped
+/// receiving half would stop the controller's next message, which ends the session).
 async fn session(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     identity: &Identity,
-) -> anyhow::Result<(quinn::Connection, quinn::SendStream)> {
+) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
     let cfg = tls::session_config(identity, Duration::from_secs(5), Duration::from_secs(15))?;
     let conn = tokio::time::timeout(
         Duration::from_secs(5),
@@ -57,7 +59,7 @@ async fn session(
     };
     proto::write_message(&mut send, &hello).await?;
     match proto::read_message::<ServerHello, _>(&mut recv, 1 << 20).await? {
-        ServerHello::Welcome(_) => Ok((conn, send)),
+        ServerHello::Welcome(_) => Ok((conn, send, recv)),
         ServerHello::Refused(r) => anyhow::bail!("refused: {r}"),
     }
 }
@@ -88,7 +90,7 @@ async fn run_agent(
             session(&endpoint, target, &identity).await
         };
         match attempt {
-            Ok((conn, mut send)) => {
+            Ok((conn, mut send, _recv)) => {
                 failed_in_a_row = 0;
                 backoff = Duration::from_millis(500);
                 connected.lock().unwrap()[idx] = Some((Instant::now(), target));
