@@ -196,28 +196,50 @@ fn job_stream(
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let r = http
-                .post(&url)
-                .bearer_auth(&admin)
-                .json(&serde_json::json!({"node": node, "work": {"kind": "exec", "op": "mark"}}))
-                .send()
-                .await
-                .expect("the follower answers");
-            match r.status().as_u16() {
-                200..=202 => {
-                    let v: serde_json::Value = r.json().await.unwrap();
-                    ids.push(v["id"].as_str().unwrap().to_owned());
-                }
-                503 => refused += 1,
-                // Sent to the leader, which died before answering: it may have been created
-                // (counted from the store).
-                502 => {}
-                s => panic!("{s}: {}", r.text().await.unwrap_or_default()),
+            match post_mark(&http, &url, &admin, node).await {
+                Posted::Accepted(id) => ids.push(id),
+                Posted::Refused => refused += 1,
+                Posted::Unknown => {}
             }
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
         (ids, refused)
     })
+}
+
+/// What creating a job through a replica during a failover came to.
+pub(crate) enum Posted {
+    Accepted(String),
+    /// `503`: no replica leads right now.
+    Refused,
+    /// `502`: passed on to the leader, which died before answering; it may have been created
+    /// (counted from the store).
+    Unknown,
+}
+
+/// Create a `mark` job on `node` through `url` (a replica's `/api/v1/jobs`).
+pub(crate) async fn post_mark(
+    http: &reqwest::Client,
+    url: &str,
+    admin: &str,
+    node: &str,
+) -> Posted {
+    let r = http
+        .post(url)
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"node": node, "work": {"kind": "exec", "op": "mark"}}))
+        .send()
+        .await
+        .expect("the replica answers");
+    match r.status().as_u16() {
+        200..=202 => {
+            let v: serde_json::Value = r.json().await.unwrap();
+            Posted::Accepted(v["id"].as_str().unwrap().to_owned())
+        }
+        503 => Posted::Refused,
+        502 => Posted::Unknown,
+        s => panic!("{s}: {}", r.text().await.unwrap_or_default()),
+    }
 }
 
 /// Every accepted job ended succeeded; every job the store has (those accepted, and any whose

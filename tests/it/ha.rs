@@ -406,23 +406,10 @@ async fn agents_and_jobs_follow_the_leader_through_a_kill() {
             all[lead].proc.kill();
             killed_at = Some(Instant::now());
         }
-        let r = http
-            .post(&url)
-            .bearer_auth(&admin)
-            .json(&serde_json::json!({"node": "box", "work": {"kind": "exec", "op": "mark"}}))
-            .send()
-            .await
-            .expect("the follower answers");
-        match r.status().as_u16() {
-            200..=202 => {
-                let v: serde_json::Value = r.json().await.unwrap();
-                ids.push(v["id"].as_str().unwrap().to_owned());
-            }
-            503 => refused += 1,
-            // Sent to the leader, which died before answering: it may have been created
-            // (counted below from the store).
-            502 => {}
-            s => panic!("{s}: {}", r.text().await.unwrap_or_default()),
+        match crate::chaos::post_mark(&http, &url, &admin, "box").await {
+            crate::chaos::Posted::Accepted(id) => ids.push(id),
+            crate::chaos::Posted::Refused => refused += 1,
+            crate::chaos::Posted::Unknown => {}
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
