@@ -143,11 +143,8 @@ async fn run_agent(
 /// The replica a `MOVE` close names, as the real agent reads it.
 fn move_hint(conn: &quinn::Connection) -> Option<SocketAddr> {
     match conn.close_reason()? {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            close::named_address(close::MOVE, &c.reason)
-                .filter(|_| c.error_code == close::MOVE.into())?
-                .parse()
-                .ok()
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::MOVE.into() => {
+            close::named_address(close::MOVE, &c.reason)?.parse().ok()
         }
         _ => None,
     }
