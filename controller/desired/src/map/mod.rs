@@ -386,18 +386,28 @@ pub struct Checked {
 
 /// Parse YAML text into the typed document (syntax, types, unknown fields, duplicate keys).
 pub fn parse(text: &str) -> Result<ServiceMap, MapErrors> {
-    if text.len() > MAX_MAP_BYTES {
+    if text.trim().is_empty() && text.len() <= MAX_MAP_BYTES {
+        return Ok(ServiceMap::default());
+    }
+    parse_yaml(text, MAX_MAP_BYTES, "the map")
+}
+
+/// Parse a YAML (or JSON) document of at most `max_bytes` into `T`, with the first error's
+/// line and column: shared by every file Nebula reads this way (`what` names it in errors).
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    max_bytes: usize,
+    what: &str,
+) -> Result<T, MapErrors> {
+    if text.len() > max_bytes {
         return Err(MapErrors(vec![Problem {
             line: 1,
             column: 1,
-            message: format!("the map is larger than {} KiB", MAX_MAP_BYTES / 1024),
+            message: format!("{what} is larger than {} KiB", max_bytes / 1024),
         }]));
     }
-    if text.trim().is_empty() {
-        return Ok(ServiceMap::default());
-    }
     let options = serde_saphyr::options! { with_snippet: false };
-    serde_saphyr::from_str_with_options::<ServiceMap>(text, options).map_err(|e| {
+    serde_saphyr::from_str_with_options::<T>(text, options).map_err(|e| {
         let (line, column) = e
             .location()
             .map(|l| (l.line(), l.column()))

@@ -1,0 +1,8 @@
+//! Workflows, pure: the `workflows.yml` schema and its checks ([`spec`]), expressions
+//! ([`expr`]), and the step state machine with its concurrency rules ([`engine`]). Nothing here
+//! does I/O or needs a runtime: the controller stores what these return and carries it out
+//! (steps on nodes as jobs of its job engine).
+
+pub mod engine;
+pub mod expr;
+pub mod spec;
