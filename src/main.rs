@@ -23,6 +23,7 @@ mod secrets;
 mod serve;
 mod sse;
 mod storage;
+mod workflows;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -92,6 +93,9 @@ enum Command {
     /// One monitor: show, add, rm.
     #[command(subcommand)]
     Monitor(monitors::MonitorCommand),
+    /// Workflows: list, run (and follow), runs, show, logs, cancel, approve, put, rm.
+    #[command(subcommand)]
+    Workflow(workflows::WorkflowCommand),
     /// The Discord bot: its connection and servers, a server's settings, linked accounts.
     #[command(subcommand)]
     Discord(discord::DiscordCommand),
@@ -215,6 +219,7 @@ fn main() -> ExitCode {
             Command::Alerts { history } => alerts::alerts(&cli, history).await,
             Command::Monitors => monitors::list(&cli).await,
             Command::Monitor(ref cmd) => monitors::command(&cli, cmd).await,
+            Command::Workflow(ref cmd) => workflows::workflow(&cli, cmd).await,
             Command::Discord(ref cmd) => discord::discord(&cli, cmd).await,
             Command::Bot(ref args) => discord::bot(&cli, args).await,
             Command::Secret(ref cmd) => secrets::secret(&cli, cmd).await,

@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// The service map to watch and apply (service-map.yml).
     #[arg(long, env = "NEBULA_SERVICE_MAP")]
     service_map: Option<PathBuf>,
+    /// The workflows file to watch and load (workflows.yml).
+    #[arg(long, env = "NEBULA_WORKFLOWS")]
+    workflows: Option<PathBuf>,
     /// The reconciler runs at least this often.
     #[arg(long, env = "NEBULA_RECONCILE_INTERVAL", value_parser = humantime::parse_duration)]
     reconcile_interval: Option<Duration>,
@@ -231,6 +234,9 @@ impl ServeArgs {
         set!(reconcile_interval);
         set!(wake_timeout);
         set!(service_map, opt);
+        if let Some(v) = self.workflows.clone() {
+            c.workflows_file = Some(v);
+        }
         set!(agent_dir, opt);
         set!(public_url, opt);
         set!(public_address, opt);
@@ -384,6 +390,9 @@ pub struct DevArgs {
     /// this host's name with the label env=dev.
     #[arg(long)]
     service_map: Option<PathBuf>,
+    /// A workflows file to watch and load (e.g. workflows.yml).
+    #[arg(long)]
+    workflows: Option<PathBuf>,
     /// File holding a Discord bot token: the bot runs in the dev controller too.
     #[arg(long, env = "NEBULA_DISCORD_TOKEN_FILE")]
     discord_token_file: Option<PathBuf>,
@@ -396,6 +405,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         quic_listen: args.quic_listen,
         service_map: args.service_map.clone(),
+        workflows_file: args.workflows.clone(),
         discord: nebula_controller::discord::DiscordConfig {
             token_file: args.discord_token_file.clone(),
             ..Default::default()

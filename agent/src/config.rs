@@ -232,6 +232,10 @@ pub struct CommandConfig {
     /// Working directory.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// The caller's arguments are added after `argv`, each one argv item (never through a
+    /// shell). Off: the command takes no arguments.
+    #[serde(default)]
+    pub accept_args: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -106,6 +106,16 @@ pub const MONITOR_WRITER: TaskDef = TaskDef {
     description: "adds monitor results, counted per hour, to the store",
     scope: Scope::EveryReplica,
 };
+pub const WORKFLOW_DRIVER: TaskDef = TaskDef {
+    name: "workflow-driver",
+    description: "advances workflow runs: starts steps as jobs, applies their outcomes, retries",
+    scope: Scope::Leader,
+};
+pub const WORKFLOWS_WATCH: TaskDef = TaskDef {
+    name: "workflows-watch",
+    description: "loads workflows.yml at start and when the file changes (last good set kept)",
+    scope: Scope::Leader,
+};
 pub const HTTP_SERVER: TaskDef = TaskDef {
     name: "http-server",
     description: "serves the API, the dashboard and the AI gateway",
@@ -255,6 +265,14 @@ pub fn register(
             async move { crate::monitors::flush(&cp).await }
         },
     );
+    let c = cp.clone();
+    d.service(WORKFLOW_DRIVER, move |cx| {
+        crate::workflows::drive(c.clone(), cx.cancel)
+    });
+    let c = cp.clone();
+    d.service(WORKFLOWS_WATCH, move |cx| {
+        crate::workflows::watch_file(c.clone(), cx.cancel)
+    });
     register_http(d, cp, listener, router, redirect, tracker);
 }
 

@@ -79,6 +79,8 @@ pub struct ControllerConfig {
     /// The service map to watch (`service-map.yml`); changes are applied when saved. Without
     /// one, the desired state comes from the API only.
     pub service_map: Option<PathBuf>,
+    /// The workflows file to watch (workflows.yml).
+    pub workflows_file: Option<PathBuf>,
     /// The reconciler runs at least this often (and whenever something changes).
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Duration,
@@ -204,6 +206,7 @@ impl Default for ControllerConfig {
             job_default_deadline: Duration::from_secs(3600),
             job_max_attempts: 3,
             service_map: None,
+            workflows_file: None,
             reconcile_interval: Duration::from_secs(30),
             wake_timeout: Duration::from_secs(180),
             quic_limits: QuicLimits::default(),

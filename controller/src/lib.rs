@@ -55,6 +55,7 @@ pub mod telemetry;
 pub mod transport;
 pub mod users;
 pub mod wake;
+pub mod workflows;
 
 pub use config::ControllerConfig;
 
@@ -111,6 +112,8 @@ pub struct ControlPlane {
     pub discord: discord::DiscordBook,
     /// The key secrets are sealed under (the secret store's rows are in `store`).
     pub secrets: secrets::SecretBook,
+    /// The workflow driver's mailbox.
+    pub workflows: workflows::WorkflowBook,
     /// Container logs being followed (at most [`containers::MAX_LOG_FOLLOWERS`]).
     pub(crate) log_followers: Arc<tokio::sync::Semaphore>,
     /// Interactive sessions open (at most [`containers::exec::MAX_EXEC_SESSIONS`]).
@@ -477,6 +480,7 @@ impl Controller {
             monitors: Default::default(),
             discord: Default::default(),
             secrets: secrets::SecretBook::new(secret_keys),
+            workflows: workflows::WorkflowBook::default(),
             exec_sessions: Arc::new(tokio::sync::Semaphore::new(
                 containers::exec::MAX_EXEC_SESSIONS,
             )),

@@ -715,6 +715,7 @@ async fn fan_out_over_five_nodes_gives_five_results() {
                             nebula_agent::config::CommandConfig {
                                 argv: vec!["echo".into(), format!("hi from {name}")],
                                 cwd: None,
+                                accept_args: false,
                             },
                         );
                     }

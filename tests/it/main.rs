@@ -25,3 +25,4 @@ mod secrets;
 mod tasks;
 mod telemetry;
 mod wake;
+mod workflows;

@@ -109,13 +109,15 @@ pub fn resolve(cfg: &ExecConfig, spec: &ExecSpec) -> Result<Plan, String> {
         }
         name => match cfg.commands.get(name) {
             Some(cmd) if !cmd.argv.is_empty() => {
-                if !args.is_empty() {
+                if !args.is_empty() && !cmd.accept_args {
                     return Err(format!(
                         "`{name}` is a fixed command on this host and takes no arguments"
                     ));
                 }
+                let mut argv = cmd.argv.clone();
+                argv.extend(args.iter().cloned());
                 Ok(Plan::Run {
-                    argv: cmd.argv.clone(),
+                    argv,
                     cwd: cmd.cwd.clone(),
                 })
             }
@@ -518,6 +520,15 @@ mod tests {
             CommandConfig {
                 argv: vec!["/bin/echo".into(), "ok".into()],
                 cwd: None,
+                accept_args: false,
+            },
+        );
+        cfg.commands.insert(
+            "say".into(),
+            CommandConfig {
+                argv: vec!["/bin/echo".into()],
+                cwd: None,
+                accept_args: true,
             },
         );
         assert!(matches!(
@@ -550,6 +561,13 @@ mod tests {
         .is_err());
         assert!(resolve(&cfg, &spec("backup", &[])).is_ok());
         assert!(resolve(&cfg, &spec("backup", &["--all"])).is_err());
+        // A command that takes arguments gets each as one argv item, as given.
+        match resolve(&cfg, &spec("say", &["a; rm -rf /", "$(reboot)"])) {
+            Ok(Plan::Run { argv, .. }) => {
+                assert_eq!(argv, vec!["/bin/echo", "a; rm -rf /", "$(reboot)"])
+            }
+            other => panic!("{other:?}"),
+        }
         let refused = resolve(&cfg, &spec("sh", &["rm -rf /"])).unwrap_err();
         assert!(refused.contains("allow_any"), "{refused}");
         let unknown = resolve(&cfg, &spec("reboot", &[])).unwrap_err();

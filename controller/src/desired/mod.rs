@@ -38,7 +38,7 @@ mod pinning;
 pub use nebula_desired::{map, plan};
 mod reconciler;
 
-pub use reconciler::{reconciler, watch_file};
+pub use reconciler::{reconciler, watch_file, watch_path};
 
 use map::{FleetNames, MapErrors, Problem};
 use plan::{Desired, Plan, RevisionSpec};

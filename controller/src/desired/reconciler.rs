@@ -700,11 +700,24 @@ pub(super) async fn apply_file(cp: &Arc<ControlPlane>, path: &Path) {
 
 /// Watch the configured service map and apply it when saved.
 pub async fn watch_file(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
-    use notify::{RecursiveMode, Watcher};
     let Some(path) = cp.config.service_map.clone() else {
         return;
     };
     let path = std::path::absolute(&path).unwrap_or(path);
+    info!(path = %path.display(), "watching the service map");
+    watch_path(&path, shutdown, || apply_file(&cp, &path)).await;
+}
+
+/// Call `changed` each time `path` is saved (a burst of events counted once), until
+/// `shutdown`. The directory is watched, not the file: editors save by writing a new file and
+/// renaming it.
+pub async fn watch_path<F, Fut>(path: &Path, shutdown: CancellationToken, mut changed: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use notify::{RecursiveMode, Watcher};
+    let path = std::path::absolute(path).unwrap_or(path.to_path_buf());
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -726,21 +739,19 @@ pub async fn watch_file(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
             Ok(w) => w,
             Err(e) => {
                 warn!(
-                    "cannot watch {}: {e}; changes need `nebula apply`",
+                    "cannot watch {}: {e}; changes need a restart or the API",
                     path.display()
                 );
                 return;
             }
         };
-    // The directory, not the file: editors save by writing a new file and renaming it.
     if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         warn!(
-            "cannot watch {}: {e}; changes need `nebula apply`",
+            "cannot watch {}: {e}; changes need a restart or the API",
             dir.display()
         );
         return;
     }
-    info!(path = %path.display(), "watching the service map");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -751,7 +762,7 @@ pub async fn watch_file(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
                 // Take the whole burst of events of one save.
                 tokio::time::sleep(FILE_DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
-                apply_file(&cp, &path).await;
+                changed().await;
             }
         }
     }

@@ -24,6 +24,7 @@ mod tasks;
 mod telemetry;
 mod tokens;
 mod users;
+mod workflows;
 
 pub use crate::authz::{Role, AI_ROLE};
 pub use containers::{exec_bridge, exec_request, log_events as container_log_events};
@@ -72,6 +73,8 @@ mod prelude {
     pub(super) use crate::{ControlPlane, OpError};
 }
 
+/// Every route of the API, the metrics and the downloads. Longer than the usual limit: it is
+/// the one list of routes, which the OpenAPI test reads as it is written here.
 pub fn router(cp: Arc<ControlPlane>) -> Router {
     let v1 = Router::new()
         .route("/nodes", get(list_nodes))
@@ -121,6 +124,27 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/secrets/import", axum::routing::post(secrets::import))
         .route("/secrets/rekey", axum::routing::post(secrets::rekey))
         .route("/backup", axum::routing::post(backup::take))
+        .route("/workflows", get(workflows::list))
+        .route(
+            "/workflows/{name}",
+            get(workflows::get_one)
+                .put(workflows::put)
+                .delete(workflows::remove),
+        )
+        .route(
+            "/workflows/{name}/runs",
+            axum::routing::post(workflows::start),
+        )
+        .route("/workflow-runs", get(workflows::runs))
+        .route("/workflow-runs/{id}", get(workflows::run))
+        .route(
+            "/workflow-runs/{id}/cancel",
+            axum::routing::post(workflows::cancel),
+        )
+        .route(
+            "/workflow-runs/{id}/approve",
+            axum::routing::post(workflows::approve),
+        )
         .route("/monitors", get(monitors::list).post(monitors::create))
         .route(
             "/monitors/{name}",

@@ -67,6 +67,13 @@ pub struct NewJob {
     pub max_attempts: Option<u32>,
 }
 
+/// A job's id and idempotency key, chosen by its creator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobKey {
+    pub id: Uuid,
+    pub key: String,
+}
+
 /// The unfinished jobs.
 pub struct JobTable {
     inner: Mutex<TableInner>,
@@ -275,7 +282,25 @@ impl ControlPlane {
         new: NewJob,
         cx: &OpCtx,
     ) -> Result<JobRecord, OpError> {
+        self.create_job_keyed(new, None, cx).await
+    }
+
+    /// [`ControlPlane::create_job`] with an id and idempotency key chosen by the caller: when
+    /// a job with that key exists (running, or stored), it is returned and nothing is created.
+    /// A workflow step's job is made this way, so that a controller that stops between
+    /// storing the step and storing its job makes the same job again, never a second one.
+    pub async fn create_job_keyed(
+        self: &Arc<Self>,
+        new: NewJob,
+        key: Option<JobKey>,
+        cx: &OpCtx,
+    ) -> Result<JobRecord, OpError> {
         self.authorize(cx, Op::RunJob)?;
+        if let Some(k) = &key {
+            if let Some(rec) = self.job_by_key(&k.key).await? {
+                return Ok(rec);
+            }
+        }
         let by = cx.actor.as_str();
         new.work.validate().map_err(OpError::Invalid)?;
         if let Target::Node(name) = &new.target {
@@ -291,25 +316,14 @@ impl ControlPlane {
                 nebula_protocol::validate::validate_label(k, v).map_err(OpError::Invalid)?;
             }
         }
-        let max_attempts = match (new.idempotent, new.max_attempts) {
-            (false, _) => 1,
-            (true, Some(n)) if (1..=10).contains(&n) => n,
-            (true, Some(n)) => {
-                return Err(OpError::Invalid(format!(
-                    "max_attempts must be between 1 and 10, not {n}"
-                )))
-            }
-            (true, None) => self.config.job_max_attempts,
-        };
-        let deadline = new.deadline.unwrap_or(self.config.job_default_deadline);
-        if deadline.is_zero() || deadline > Duration::from_secs(30 * 24 * 3600) {
-            return Err(OpError::Invalid(
-                "deadline must be between 1ms and 30 days from now".into(),
-            ));
-        }
+        let (max_attempts, deadline) = self.job_limits(&new)?;
         let now = UnixMillis::now().as_i64();
+        let (id, key) = match key {
+            Some(k) => (k.id, Some(k.key)),
+            None => (Uuid::now_v7(), None),
+        };
         let rec = JobRecord {
-            id: Uuid::now_v7(),
+            id,
             work: new.work,
             target: new.target,
             state: JobState::Queued,
@@ -331,6 +345,7 @@ impl ControlPlane {
             output: None,
             excluded: Vec::new(),
             logs_next: 0,
+            key,
         };
         // Route it now when a node is free: the row is then written once, already assigned,
         // and the stream opens as soon as it is committed. Otherwise it is queued for the
@@ -416,6 +431,43 @@ impl ControlPlane {
             ));
         }
         Ok(rec)
+    }
+
+    /// The job made with idempotency key `key`: from the table while it runs, else from the
+    /// store.
+    async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>, OpError> {
+        let running = self
+            .jobs
+            .lock()
+            .active
+            .values()
+            .find(|a| a.rec.key.as_deref() == Some(key))
+            .map(|a| a.rec.clone());
+        match running {
+            Some(rec) => Ok(Some(rec)),
+            None => Ok(self.store.job_by_key(key).await?),
+        }
+    }
+
+    /// A new job's tries in all and deadline, checked.
+    fn job_limits(&self, new: &NewJob) -> Result<(u32, Duration), OpError> {
+        let max_attempts = match (new.idempotent, new.max_attempts) {
+            (false, _) => 1,
+            (true, Some(n)) if (1..=10).contains(&n) => n,
+            (true, Some(n)) => {
+                return Err(OpError::Invalid(format!(
+                    "max_attempts must be between 1 and 10, not {n}"
+                )))
+            }
+            (true, None) => self.config.job_max_attempts,
+        };
+        let deadline = new.deadline.unwrap_or(self.config.job_default_deadline);
+        if deadline.is_zero() || deadline > Duration::from_secs(30 * 24 * 3600) {
+            return Err(OpError::Invalid(
+                "deadline must be between 1ms and 30 days from now".into(),
+            ));
+        }
+        Ok((max_attempts, deadline))
     }
 
     /// A job by id: from the table while it runs, else from the store.

@@ -50,8 +50,8 @@ pub struct AuditFilter {
 
 const JOB_COLUMNS: &str = "id, kind, work, target, state, node_id, node_name, attempt, max_attempts, idempotent, \
     created_by, created_at, dispatched_at, started_at, finished_at, deadline, routing, reason, exit_code, error, \
-    output, excluded_nodes, logs_next";
-const JOB_COLS: usize = 23;
+    output, excluded_nodes, logs_next, idem_key";
+const JOB_COLS: usize = 24;
 
 impl Store {
     /// Write a batch in one transaction.
@@ -112,7 +112,8 @@ impl Store {
                     .bind(opt_text(&j.error))
                     .bind(j.output.as_ref().map(to_json))
                     .bind(to_json(&j.excluded))
-                    .bind(j.logs_next as i64);
+                    .bind(j.logs_next as i64)
+                    .bind(opt_text(&j.key));
             }
             q.execute(&mut *tx).await?;
         }
@@ -160,6 +161,17 @@ impl Store {
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// The job created with idempotency key `key`, if any.
+    pub async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE idem_key = $1 ORDER BY id LIMIT 1"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -365,5 +377,6 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
         output: output.as_deref().map(from_json).transpose()?,
         excluded: from_json(&excluded)?,
         logs_next: r.try_get::<i64, _>("logs_next")? as u64,
+        key: r.try_get("idem_key")?,
     })
 }

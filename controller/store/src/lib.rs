@@ -27,6 +27,7 @@ pub mod monitors;
 pub mod secrets;
 mod telemetry;
 pub mod users;
+pub mod workflows;
 
 pub use ai::UsageRow;
 pub use telemetry::Rollup;

@@ -429,6 +429,7 @@ fn job(n: u32, node: &str) -> nebula_types::jobs::JobRecord {
         output: None,
         excluded: Vec::new(),
         logs_next: 0,
+        key: None,
     }
 }
 
@@ -824,6 +825,97 @@ async fn alert_steps_outbox_sinks_and_silences(s: &Store) {
     assert!(s.silences(t + 10).await.unwrap().is_empty());
 }
 both!(alert_steps_outbox_sinks_and_silences);
+
+both!(workflows_runs_and_step_attempts_round_trip);
+async fn workflows_runs_and_step_attempts_round_trip(s: &Store) {
+    use nebula_store::workflows::{RunRecord, StepRecord, WorkflowDefRecord};
+    let def = |name: &str, source: &str| WorkflowDefRecord {
+        name: name.into(),
+        source: source.into(),
+        definition: format!("{{\"name\":\"{name}\"}}"),
+        updated_by: "admin".into(),
+        updated_at: now(),
+    };
+    s.put_workflow_def(&def("by-api", "api")).await.unwrap();
+    s.replace_file_workflows(&[def("a", "file"), def("b", "file")])
+        .await
+        .unwrap();
+    s.replace_file_workflows(&[def("b", "file"), def("c", "file")])
+        .await
+        .unwrap();
+    let names: Vec<String> = s
+        .workflow_defs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(
+        names,
+        vec!["b", "by-api", "c"],
+        "the file's set replaces the file's set only"
+    );
+    assert!(s.delete_workflow_def("by-api").await.unwrap());
+    assert!(!s.delete_workflow_def("by-api").await.unwrap());
+
+    let run = |state: &str| RunRecord {
+        id: Uuid::now_v7(),
+        workflow: "b".into(),
+        definition: "{}".into(),
+        state: state.into(),
+        inputs: "{}".into(),
+        trigger: "{\"kind\":\"manual\"}".into(),
+        group: Some("g".into()),
+        cancelled: false,
+        created_by: "admin".into(),
+        created_role: "admin".into(),
+        created_at: now(),
+        started_at: None,
+        finished_at: None,
+        error: None,
+    };
+    let (open, mut done) = (run("running"), run("succeeded"));
+    let job = Uuid::now_v7();
+    let step = |run_id: Uuid, attempt: u32, state: &str| StepRecord {
+        run_id,
+        step: "probe".into(),
+        attempt,
+        state: state.into(),
+        job_id: Some(job),
+        outputs: None,
+        error: None,
+        not_before: None,
+        started_at: Some(now()),
+        finished_at: None,
+    };
+    s.save_workflow_changes(
+        None,
+        &[open.clone(), done.clone()],
+        &[step(open.id, 1, "running"), step(done.id, 1, "succeeded")],
+    )
+    .await
+    .unwrap();
+    // The first attempt failed and waits; the second runs.
+    let mut failed = step(open.id, 1, "waiting");
+    failed.error = Some("exit 1".into());
+    failed.not_before = Some(now() + 1000);
+    done.finished_at = Some(now());
+    let second = step(open.id, 2, "running");
+    s.save_workflow_changes(None, &[done.clone()], &[failed.clone(), second.clone()])
+        .await
+        .unwrap();
+    let (runs, steps) = s.open_workflow_runs().await.unwrap();
+    assert_eq!(runs, vec![open.clone()]);
+    assert_eq!(steps, vec![failed, second]);
+    assert_eq!(s.workflow_run(done.id).await.unwrap(), Some(done.clone()));
+    let listed = s.workflow_runs(Some("b"), 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![done.id, open.id]
+    );
+    assert!(s.workflow_runs(Some("zzz"), 10).await.unwrap().is_empty());
+    assert_eq!(s.workflow_steps(done.id).await.unwrap().len(), 1);
+}
 
 async fn monitors_and_their_hours_add_up(s: &Store) {
     use nebula_store::monitors::{HourRollup, MonitorRecord};

@@ -86,10 +86,16 @@ pub enum Op {
     ReadMapValues,
     /// Take a backup (every table and the key files, sealed with a passphrase).
     Backup,
+    /// Start and cancel workflow runs (their steps may do what the starter's role may).
+    RunWorkflow,
+    /// Approve or reject a workflow step that waits for a person.
+    ApproveStep,
+    /// Define and remove workflows through the API.
+    ManageWorkflows,
 }
 
 impl Op {
-    pub const ALL: [Op; 27] = [
+    pub const ALL: [Op; 30] = [
         Op::ReadFleet,
         Op::PreviewPlan,
         Op::ReadLogs,
@@ -117,6 +123,9 @@ impl Op {
         Op::ManageSecrets,
         Op::ReadMapValues,
         Op::Backup,
+        Op::RunWorkflow,
+        Op::ApproveStep,
+        Op::ManageWorkflows,
     ];
 
     /// The least role that may do it: the policy, in one place.
@@ -137,6 +146,8 @@ impl Op {
             | Op::Reconcile
             | Op::ReadSecrets
             | Op::ReadMapValues
+            | Op::RunWorkflow
+            | Op::ApproveStep
             | Op::Chat => Role::Operator,
             Op::ApplyMap
             | Op::ManageSinks
@@ -146,7 +157,8 @@ impl Op {
             | Op::ManageApiTokens
             | Op::ManageBot
             | Op::ManageSecrets
-            | Op::Backup => Role::Admin,
+            | Op::Backup
+            | Op::ManageWorkflows => Role::Admin,
         }
     }
 
@@ -180,6 +192,9 @@ impl Op {
             Op::ManageSecrets => "manage_secrets",
             Op::ReadMapValues => "read_map_values",
             Op::Backup => "backup",
+            Op::RunWorkflow => "run_workflow",
+            Op::ApproveStep => "approve_step",
+            Op::ManageWorkflows => "manage_workflows",
         }
     }
 }

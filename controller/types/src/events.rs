@@ -64,6 +64,12 @@ pub enum Event {
         permille: u16,
         message: String,
     },
+    /// A workflow run started, moved on (a step changed) or ended.
+    WorkflowRunChanged {
+        id: Uuid,
+        workflow: String,
+        state: String,
+    },
     /// A service map was accepted and is in force.
     DesiredApplied {
         version: i64,

@@ -607,6 +607,9 @@ pub struct JobRecord {
     pub excluded: Vec<Uuid>,
     /// Next log line (of this attempt) the controller expects.
     pub logs_next: u64,
+    /// Its idempotency key (a workflow step's `RUN/STEP/ATTEMPT`), if it was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A stored log line.

@@ -170,7 +170,7 @@ pub enum Action {
     Skip { step: String, reason: String },
     /// It cannot start (its parameters did not render): failed without an attempt.
     Fail { step: String, error: String },
-    /// A step that runs on the controller went past its timeout.
+    /// A step that the controller carries out (an approval, a wake-up) went past its timeout.
     Expire { step: String },
     /// Every step has ended.
     Finish {
@@ -304,7 +304,9 @@ pub fn advance(run: &RunView<'_>, now: i64) -> Plan {
                 Some(at) if at > now => wake(at, &mut plan),
                 _ => plan.actions.push(start(run, step, cur.attempt + 1)),
             },
-            StepState::Approval => {
+            // Steps the controller carries out itself keep their own time; a job has its
+            // deadline.
+            StepState::Approval | StepState::Running if !step.kind.on_node() => {
                 if let (Some(t), Some(since)) = (step.timeout, cur.started_at) {
                     let at = since + t.as_millis() as i64;
                     if at <= now {

@@ -81,14 +81,17 @@ impl Route {
 
 mod more_routes;
 mod routes;
+mod workflow_routes;
 
 pub use more_routes::MORE_ROUTES;
 pub use routes::ROUTES;
+pub use workflow_routes::WORKFLOW_ROUTES;
 use Access::{Bot, Gateway, Public, Token};
 
-/// Every operation: [`ROUTES`], then [`MORE_ROUTES`] (the Discord bot's own, secrets).
+/// Every operation: [`ROUTES`], then [`MORE_ROUTES`] (the Discord bot's own, secrets), then
+/// [`WORKFLOW_ROUTES`].
 pub fn all_routes() -> impl Iterator<Item = &'static Route> {
-    ROUTES.iter().chain(MORE_ROUTES)
+    ROUTES.iter().chain(MORE_ROUTES).chain(WORKFLOW_ROUTES)
 }
 
 /// The document.

@@ -14,6 +14,7 @@ pub mod nodes;
 pub mod secrets;
 pub mod tasks;
 pub mod telemetry;
+pub mod workflows;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

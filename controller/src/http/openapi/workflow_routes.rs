@@ -1,0 +1,93 @@
+//! Workflows: definitions, runs, cancelling and approving.
+
+use super::{of, route, Access, Route};
+use crate::authz::Op;
+use nebula_types::api::workflows;
+
+use Access::Token;
+
+pub const WORKFLOW_ROUTES: &[Route] = &[
+    route(
+        "get",
+        "/api/v1/workflows",
+        "workflows",
+        Token(Op::ReadFleet),
+        (200, "every workflow, from workflows.yml and the API"),
+        "List workflows",
+    )
+    .returns(of::<Vec<workflows::WorkflowView>>),
+    route(
+        "get",
+        "/api/v1/workflows/{name}",
+        "workflows",
+        Token(Op::ReadFleet),
+        (200, "the workflow with its checked definition"),
+        "One workflow",
+    )
+    .returns(of::<workflows::WorkflowView>),
+    route(
+        "put",
+        "/api/v1/workflows/{name}",
+        "workflows",
+        Token(Op::ManageWorkflows),
+        (200, "the workflow as stored; 400 with line and column when it does not check; 409 for one defined in workflows.yml"),
+        "Define (or replace) a workflow",
+    )
+    .accepts(of::<workflows::PutWorkflow>)
+    .returns(of::<workflows::WorkflowView>),
+    route(
+        "delete",
+        "/api/v1/workflows/{name}",
+        "workflows",
+        Token(Op::ManageWorkflows),
+        (204, "removed (only workflows defined through the API)"),
+        "Remove a workflow",
+    ),
+    route(
+        "post",
+        "/api/v1/workflows/{name}/runs",
+        "workflows",
+        Token(Op::RunWorkflow),
+        (201, "the run, `running` or `queued` behind its concurrency group; 409 when its group's policy forbids it"),
+        "Start a run",
+    )
+    .accepts(of::<workflows::StartRun>)
+    .returns(of::<workflows::RunView>),
+    route(
+        "get",
+        "/api/v1/workflow-runs",
+        "workflows",
+        Token(Op::ReadFleet),
+        (200, "runs, newest first (?workflow=, ?limit= up to 500)"),
+        "List runs",
+    )
+    .returns(of::<Vec<workflows::RunView>>),
+    route(
+        "get",
+        "/api/v1/workflow-runs/{id}",
+        "workflows",
+        Token(Op::ReadFleet),
+        (200, "the run with each step's latest attempt"),
+        "One run",
+    )
+    .returns(of::<workflows::RunView>),
+    route(
+        "post",
+        "/api/v1/workflow-runs/{id}/cancel",
+        "workflows",
+        Token(Op::RunWorkflow),
+        (200, "the run, cancelling (its jobs are cancelled, steps not started are skipped)"),
+        "Cancel a run",
+    )
+    .returns(of::<workflows::RunView>),
+    route(
+        "post",
+        "/api/v1/workflow-runs/{id}/approve",
+        "workflows",
+        Token(Op::ApproveStep),
+        (200, "the run after the decision; 409 when the step is not waiting for one"),
+        "Approve or reject a step that waits for a person",
+    )
+    .accepts(of::<workflows::Decide>)
+    .returns(of::<workflows::RunView>),
+];

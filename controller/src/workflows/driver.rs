@@ -1,0 +1,440 @@
+//! The `workflow-driver` task (leader scope): the only writer of runs and steps.
+//!
+//! It keeps the open runs in memory, loaded from the store when it starts. Each pass takes the
+//! runs something happened to (a command, a job that ended, a wake-up that came, a retry that
+//! is due), asks the engine what comes next, stores every change in one fenced transaction,
+//! and only then acts: creates the steps' jobs (each with the idempotency key
+//! `RUN/STEP/ATTEMPT`, so that a job stored before a crash is found again, not made twice),
+//! cancels jobs, answers commands. A driver that starts again (a restart, a new leader) reads
+//! the same rows: finished steps stay finished, running ones are matched to their jobs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nebula_protocol::time::UnixMillis;
+use nebula_types::events::Event;
+use nebula_workflows::engine::{self, Outcome, RunView, StepRun, StepState};
+use nebula_workflows::spec::{StepKind, Workflow};
+use serde_json::{json, Value as Json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::steps::{self, Start};
+use super::Cmd;
+use crate::jobs::JobKey;
+use crate::store::workflows::{RunRecord, StepRecord};
+use crate::{ControlPlane, OpError};
+
+/// How often the driver looks at open runs without being woken (due retries, timeouts, and a
+/// safety net for a missed event).
+const TICK: Duration = Duration::from_secs(1);
+
+pub(super) struct Open {
+    pub rec: RunRecord,
+    pub wf: Arc<Workflow>,
+    pub id: String,
+    pub inputs: Json,
+    pub trigger: Json,
+    pub steps: BTreeMap<String, StepRun>,
+    /// The job of each step's latest attempt.
+    pub jobs: BTreeMap<String, Uuid>,
+}
+
+impl Open {
+    pub fn new(rec: RunRecord, wf: Arc<Workflow>) -> Open {
+        Open {
+            id: rec.id.to_string(),
+            inputs: serde_json::from_str(&rec.inputs).unwrap_or(Json::Null),
+            trigger: serde_json::from_str(&rec.trigger).unwrap_or(Json::Null),
+            rec,
+            wf,
+            steps: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+        }
+    }
+}
+
+/// Changes waiting to be stored, and what to do once they are.
+#[derive(Default)]
+pub(super) struct Pass {
+    pub runs: BTreeMap<Uuid, RunRecord>,
+    pub steps: Vec<StepRecord>,
+    /// After the commit: jobs to create, jobs to cancel, wake-ups, replies.
+    pub effects: Vec<Effect>,
+}
+
+pub(super) enum Effect {
+    CreateJob {
+        run: Uuid,
+        step: String,
+        key: JobKey,
+        job: Box<crate::jobs::NewJob>,
+    },
+    CancelJob(Uuid),
+    Wake {
+        run: Uuid,
+        step: String,
+        node: String,
+    },
+    Reply(Box<dyn FnOnce() + Send + Sync>),
+    Finished(Uuid),
+}
+
+pub(super) struct Driver {
+    pub cp: Arc<ControlPlane>,
+    pub open: HashMap<Uuid, Open>,
+    pub by_job: HashMap<Uuid, (Uuid, String)>,
+    /// Wake steps waiting for their node: node name -> (run, step).
+    pub waking: HashMap<String, Vec<(Uuid, String)>>,
+    pub dirty: BTreeSet<Uuid>,
+    /// Outcomes of attempts that ended, applied in the next pass.
+    pub ended: Vec<(Uuid, String, Outcome)>,
+    /// Changes made by commands, stored with the next pass.
+    pub pending: Pass,
+    /// When runs want to be looked at again (a retry, a timeout), unix ms.
+    pub wakes: HashMap<Uuid, i64>,
+}
+
+pub(super) fn now() -> i64 {
+    UnixMillis::now().as_i64()
+}
+
+pub(super) fn step_record(run: Uuid, step: &str, s: &StepRun, job: Option<Uuid>) -> StepRecord {
+    StepRecord {
+        run_id: run,
+        step: step.to_owned(),
+        attempt: s.attempt,
+        state: s.state.as_str().to_owned(),
+        job_id: job,
+        outputs: (!s.outputs.is_null()).then(|| s.outputs.to_string()),
+        error: s.error.clone(),
+        not_before: s.not_before,
+        started_at: s.started_at,
+        finished_at: s.state.is_terminal().then(now),
+    }
+}
+
+/// The latest attempt of each step, from stored rows (ordered by step, attempt).
+pub(super) fn latest(rows: &[StepRecord]) -> BTreeMap<String, (StepRun, Option<Uuid>)> {
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let run = StepRun {
+            state: StepState::parse(&r.state).unwrap_or(StepState::Failed),
+            attempt: r.attempt,
+            outputs: r
+                .outputs
+                .as_deref()
+                .and_then(|o| serde_json::from_str(o).ok())
+                .unwrap_or(Json::Null),
+            error: r.error.clone(),
+            not_before: r.not_before,
+            started_at: r.started_at,
+        };
+        out.insert(r.step.clone(), (run, r.job_id));
+    }
+    out
+}
+
+impl Driver {
+    pub(super) fn new(cp: Arc<ControlPlane>) -> Self {
+        Driver {
+            cp,
+            open: HashMap::new(),
+            by_job: HashMap::new(),
+            waking: HashMap::new(),
+            dirty: BTreeSet::new(),
+            ended: Vec::new(),
+            pending: Pass::default(),
+            wakes: HashMap::new(),
+        }
+    }
+
+    /// Read the open runs from the store; steps that were running are matched to their jobs
+    /// (made again, with the same id and key, when the job was never stored).
+    async fn load(&mut self) -> Result<(), OpError> {
+        self.open.clear();
+        self.wakes.clear();
+        self.by_job.clear();
+        self.waking.clear();
+        let (runs, rows) = self.cp.store.open_workflow_runs().await?;
+        let mut by_run: HashMap<Uuid, Vec<StepRecord>> = HashMap::new();
+        for r in rows {
+            by_run.entry(r.run_id).or_default().push(r);
+        }
+        for rec in runs {
+            let wf: Workflow = match serde_json::from_str(&rec.definition) {
+                Ok(w) => w,
+                Err(e) => {
+                    warn!(run = %rec.id, "a stored run's workflow does not read: {e}");
+                    continue;
+                }
+            };
+            let mut open = Open::new(rec, Arc::new(wf));
+            let rows = by_run.remove(&open.rec.id).unwrap_or_default();
+            for (id, (s, job)) in latest(&rows) {
+                if let Some(j) = job {
+                    open.jobs.insert(id.clone(), j);
+                    if s.state == StepState::Running {
+                        self.by_job.insert(j, (open.rec.id, id.clone()));
+                    }
+                }
+                open.steps.insert(id, s);
+            }
+            self.dirty.insert(open.rec.id);
+            self.open.insert(open.rec.id, open);
+        }
+        // Running steps: their jobs may have ended while no driver ran, or never been stored.
+        self.recheck().await;
+        for open in self.open.values() {
+            for (id, s) in &open.steps {
+                let kind = open.wf.step(id).map(|s| s.kind);
+                if s.state == StepState::Running && kind == Some(StepKind::Wake) {
+                    if let Some(node) = s.outputs.get("node").and_then(Json::as_str) {
+                        self.waking
+                            .entry(node.to_owned())
+                            .or_default()
+                            .push((open.rec.id, id.clone()));
+                    }
+                }
+            }
+        }
+        info!(runs = self.open.len(), "workflow runs loaded");
+        Ok(())
+    }
+
+    /// A running step's job: ended (its outcome is taken), running (followed), or missing
+    /// (made again from the step's stored attempt).
+    async fn check_job(&mut self, job: Uuid, run: Uuid, step: &str) -> Result<(), OpError> {
+        match self.cp.job(job).await? {
+            Some(rec) if rec.state.is_terminal() => {
+                let out = self.outcome_of(&rec).await;
+                self.by_job.remove(&job);
+                self.ended.push((run, step.to_owned(), out));
+                self.dirty.insert(run);
+            }
+            Some(_) => {}
+            None => {
+                let Some(open) = self.open.get(&run) else {
+                    return Ok(());
+                };
+                let Some(s) = open.steps.get(step) else {
+                    return Ok(());
+                };
+                // Rendered again from the same rows: the same parameters.
+                let view = view(open);
+                let plan_step = open.wf.step(step).cloned();
+                let scope_with = plan_step.as_ref().map(|ps| {
+                    let sc = engine::scope(&view, ps);
+                    (
+                        nebula_workflows::expr::render(&Json::Object(ps.with.clone()), &sc),
+                        ps.node
+                            .as_ref()
+                            .map(|n| nebula_workflows::expr::render(&Json::String(n.clone()), &sc)),
+                    )
+                });
+                let attempt = s.attempt;
+                if let (Some(ps), Some((Ok(with), node))) = (plan_step, scope_with) {
+                    let node = match node {
+                        Some(Ok(Json::String(n))) => Some(n),
+                        _ => None,
+                    };
+                    let deadline = self.cp.config.job_default_deadline;
+                    match steps::start(&ps, &with, node.as_deref(), deadline) {
+                        Ok(Start::Job(new)) => {
+                            self.pending.effects.push(Effect::CreateJob {
+                                run,
+                                step: step.to_owned(),
+                                key: JobKey {
+                                    id: job,
+                                    key: format!("{run}/{step}/{attempt}"),
+                                },
+                                job: new,
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.ended.push((run, step.to_owned(), Outcome::Failed(e)));
+                            self.dirty.insert(run);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn outcome_of(&self, rec: &crate::jobs::JobRecord) -> Outcome {
+        let stdout = if matches!(rec.work, crate::jobs::Work::Exec { .. }) {
+            match self.cp.store.job_logs(rec.id, None, 10_000).await {
+                Ok(lines) => Some(steps::tail(
+                    &lines
+                        .iter()
+                        .filter(|l| l.stream == "stdout" && l.attempt == rec.attempt)
+                        .map(|l| format!("{}\n", l.line))
+                        .collect::<String>(),
+                )),
+                Err(e) => {
+                    warn!(job = %rec.id, "reading an exec step's output: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        steps::outcome(rec, stdout)
+    }
+
+    pub(super) async fn run(
+        mut self,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+        cancel: CancellationToken,
+    ) {
+        let mut events = self.cp.events.subscribe();
+        loop {
+            match self.load().await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!("loading workflow runs: {e}; trying again");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(TICK) => {}
+                    }
+                }
+            }
+        }
+        loop {
+            self.pass();
+            if let Err(e) = self.commit().await {
+                warn!("storing workflow changes: {e}; reading the runs again");
+                tokio::time::sleep(TICK).await;
+                let _ = self.load().await;
+            }
+            let sleep = self
+                .wakes
+                .values()
+                .min()
+                .map(|at| Duration::from_millis((at - now()).clamp(0, 1000) as u64))
+                .unwrap_or(TICK);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                cmd = rx.recv() => match cmd {
+                    Some(c) => self.command(c),
+                    None => return,
+                },
+                ev = events.recv() => match ev {
+                    Ok(e) => self.event(e).await,
+                    Err(RecvError::Lagged(_)) => self.recheck().await,
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tokio::time::sleep(sleep) => {
+                    let now = now();
+                    let due: Vec<Uuid> = self
+                        .wakes
+                        .iter()
+                        .filter(|(_, at)| **at <= now)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    self.dirty.extend(due);
+                }
+            }
+            // Take everything else that is waiting, for one transaction.
+            while let Ok(c) = rx.try_recv() {
+                self.command(c);
+            }
+            loop {
+                match events.try_recv() {
+                    Ok(e) => self.event(e).await,
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
+                        self.recheck().await
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Every running step's job, looked at again (events were missed).
+    async fn recheck(&mut self) {
+        let running: Vec<(Uuid, Uuid, String)> = self
+            .by_job
+            .iter()
+            .map(|(j, (r, s))| (*j, *r, s.clone()))
+            .collect();
+        for (job, run, step) in running {
+            if let Err(e) = self.check_job(job, run, &step).await {
+                warn!(%job, "checking a workflow step's job: {e}");
+            }
+        }
+    }
+
+    async fn event(&mut self, e: Event) {
+        match e {
+            Event::JobChanged { id, state, .. } => {
+                let terminal =
+                    crate::jobs::JobState::parse(&state).is_some_and(|s| s.is_terminal());
+                if !terminal {
+                    return;
+                }
+                if let Some((run, step)) = self.by_job.get(&id).cloned() {
+                    if let Err(e) = self.check_job(id, run, &step).await {
+                        warn!(job = %id, "reading a workflow step's job: {e}");
+                    }
+                }
+            }
+            Event::NodeOnline { name, .. } => {
+                let out = json!({"node": name, "online": true});
+                self.woke(&name, out);
+            }
+            Event::NodeWakeFailed { name, .. } => {
+                for (run, step) in self.waking.remove(&name).unwrap_or_default() {
+                    self.ended.push((
+                        run,
+                        step,
+                        Outcome::Failed(format!("`{name}` did not come online")),
+                    ));
+                    self.dirty.insert(run);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Start { run, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                let r = self.admit(*run);
+                self.reply(reply, r);
+            }
+            Cmd::Cancel { id, by, reply } => {
+                let r = self.cancel(id, &by);
+                self.reply(reply, r);
+            }
+            Cmd::Decide {
+                id,
+                decision,
+                by,
+                reply,
+            } => {
+                let r = self.decide(id, &decision, &by);
+                self.reply(reply, r);
+            }
+        }
+    }
+}
+
+pub(super) fn view(open: &Open) -> RunView<'_> {
+    RunView {
+        workflow: &open.wf,
+        run_id: &open.id,
+        inputs: &open.inputs,
+        trigger: &open.trigger,
+        cancelled: open.rec.cancelled,
+        steps: &open.steps,
+    }
+}

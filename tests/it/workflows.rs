@@ -1,0 +1,437 @@
+//! Workflows against a real controller and agent: a DAG that fans out and in with a retry and
+//! an input full of shell metacharacters, a controller killed mid-run, approvals, timeouts,
+//! every concurrency policy, and definitions refused without harm.
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::common::{join_ready, wait_for, Controller, ControllerOpts};
+
+/// An agent whose allow-list has: `say` (prints each argument on its own line, after a second),
+/// `flaky` (fails the first time, then succeeds), `mark NAME` (appends NAME to a log, for
+/// counting runs), `slow-mark NAME` (the same after 3 seconds).
+fn agent_config(dir: &Path) -> String {
+    let marks = dir.join("marks.log");
+    let flag = dir.join("flaky.flag");
+    format!(
+        r#"
+[exec.commands.say]
+argv = ["sh", "-c", "sleep 1; for a in \"$@\"; do printf '%s\n' \"$a\"; done", "say"]
+accept_args = true
+
+[exec.commands.flaky]
+argv = ["sh", "-c", "if [ -e {flag} ]; then echo recovered; else touch {flag}; echo first try fails; exit 3; fi"]
+
+[exec.commands.mark]
+argv = ["sh", "-c", "echo \"$1\" >> {marks}; echo marked \"$1\"", "mark"]
+accept_args = true
+
+[exec.commands.slow-mark]
+argv = ["sh", "-c", "sleep 3; echo \"$1\" >> {marks}; echo marked \"$1\"", "slow-mark"]
+accept_args = true
+"#,
+        flag = flag.display(),
+        marks = marks.display(),
+    )
+}
+
+async fn controller_with(dir: &Path, workflows: &str) -> Controller {
+    let file = dir.join("workflows.yml");
+    std::fs::write(&file, workflows).unwrap();
+    Controller::start(ControllerOpts {
+        extra: vec![
+            "--workflows",
+            Box::leak(file.display().to_string().into_boxed_str()),
+        ],
+        ..Default::default()
+    })
+    .await
+}
+
+async fn start(c: &Controller, name: &str, inputs: Value) -> (u16, Value) {
+    c.api(
+        Method::POST,
+        &format!("/api/v1/workflows/{name}/runs"),
+        Some(json!({ "inputs": inputs })),
+    )
+    .await
+}
+
+async fn run_of(c: &Controller, id: &str) -> Value {
+    c.get(&format!("/api/v1/workflow-runs/{id}")).await
+}
+
+fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {run}"))
+}
+
+/// Wait until the run is in one of `states`.
+async fn wait_run(c: &Controller, id: &str, states: &[&str], timeout: Duration) -> Value {
+    let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+    wait_for(&format!("run {id} in {states:?}"), timeout, || async {
+        let r = run_of(c, id).await;
+        states
+            .contains(&r["state"].as_str()?.to_owned())
+            .then_some(r)
+    })
+    .await
+}
+
+async fn wait_step(c: &Controller, id: &str, step_id: &str, state: &str) -> Value {
+    wait_for(
+        &format!("step {step_id} of {id} {state}"),
+        Duration::from_secs(30),
+        || async {
+            let r = run_of(c, id).await;
+            (step(&r, step_id)["state"] == state).then_some(r)
+        },
+    )
+    .await
+}
+
+fn ms(v: &Value) -> i64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("a time, not {v}"));
+    humantime::parse_rfc3339_weak(s)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+const FAN: &str = r#"
+workflows:
+  fan:
+    description: fan out, retry, fan in
+    inputs:
+      payload: {}
+    steps:
+      - id: start
+        type: exec
+        node: box
+        with: { op: mark, args: [start] }
+      - id: left
+        type: exec
+        node: box
+        needs: [start]
+        with: { op: say, args: ["${{ inputs.payload }}"] }
+      - id: right
+        type: exec
+        node: box
+        needs: [start]
+        with: { op: flaky }
+        retry: { attempts: 3, backoff: 200ms }
+      - id: join
+        type: exec
+        node: box
+        needs: [left, right]
+        with: { op: mark, args: ["join after ${{ steps.right.attempt }} tries"] }
+      - id: rescue
+        type: noop
+        node: box
+        needs: [join]
+        if: "${{ failure() }}"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dag_fans_out_retries_and_fans_in_and_inputs_stay_one_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = controller_with(dir.path(), FAN).await;
+    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(&agent_config(dir.path()))).await;
+    let pwned = dir.path().join("pwned");
+    let payload = format!(
+        "x'; touch {p}; echo \"$(touch {p})\" `touch {p}` && rm -rf / #",
+        p = pwned.display()
+    );
+    let (status, run) = start(&c, "fan", json!({ "payload": payload })).await;
+    assert_eq!(status, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    let done = wait_run(&c, &id, &["succeeded", "failed"], Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+
+    // The input reached the command as one argument, printed, never run.
+    let left = step(&done, "left");
+    assert_eq!(left["outputs"]["stdout"], format!("{payload}\n"), "{left}");
+    assert!(!pwned.exists(), "the payload was executed");
+
+    // Fan-out: both branches started once `start` ended, and `right` (retried once) ran while
+    // `left` (a second long) was still running; `join` waited for both.
+    let right = step(&done, "right");
+    assert_eq!(right["attempt"], 2, "{right}");
+    let start_end = ms(&step(&done, "start")["finished_at"]);
+    assert!(ms(&left["started_at"]) >= start_end);
+    assert!(
+        ms(&right["finished_at"]) < ms(&left["finished_at"]),
+        "{done:#}"
+    );
+    let join = step(&done, "join");
+    assert!(ms(&join["started_at"]) >= ms(&left["finished_at"]).max(ms(&right["finished_at"])));
+    assert_eq!(join["outputs"]["stdout"], "marked join after 2 tries\n");
+    assert_eq!(step(&done, "rescue")["state"], "skipped");
+
+    // Each step's job carries the key of its run, step and attempt.
+    let job = c
+        .get(&format!("/api/v1/jobs/{}", right["job"].as_str().unwrap()))
+        .await;
+    assert_eq!(job["key"], format!("{id}/right/2"));
+    let marks = std::fs::read_to_string(dir.path().join("marks.log")).unwrap();
+    assert_eq!(marks, "start\njoin after 2 tries\n");
+
+    // The CLI shows the same run.
+    let out = c.cli(&["workflow", "show", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("succeeded") && text.contains("rescue"),
+        "{text}"
+    );
+    let audit = c.get("/api/v1/audit?action=workflow.run").await;
+    assert!(audit.to_string().contains(&id), "{audit}");
+}
+
+const DURABLE: &str = r#"
+workflows:
+  durable:
+    steps:
+      - { id: first, type: exec, node: box, with: { op: mark, args: [first] } }
+      - { id: long, type: exec, node: box, with: { op: slow-mark, args: [long] } }
+      - { id: gate, type: approval, with: { message: "ship it?" } }
+      - { id: last, type: exec, node: box, with: { op: mark, args: [last] } }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_continues_after_a_controller_kill_without_running_a_step_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = controller_with(dir.path(), DURABLE).await;
+    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(&agent_config(dir.path()))).await;
+    let (status, run) = start(&c, "durable", json!({})).await;
+    assert_eq!(status, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    wait_step(&c, &id, "long", "running").await;
+    // kill -9 while `long` runs on the agent.
+    c.restart_hard().await;
+    let r = wait_step(&c, &id, "gate", "approval").await;
+    assert_eq!(step(&r, "gate")["outputs"]["message"], "ship it?");
+    // Approving a step that does not wait is refused; this one is approved from the API.
+    let (status, body) = c
+        .api(
+            Method::POST,
+            &format!("/api/v1/workflow-runs/{id}/approve"),
+            Some(json!({"step": "last"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = c
+        .api(
+            Method::POST,
+            &format!("/api/v1/workflow-runs/{id}/approve"),
+            Some(json!({"step": "gate", "comment": "go"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let done = wait_run(&c, &id, &["succeeded", "failed"], Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(step(&done, "gate")["outputs"]["by"], "admin");
+    for s in ["first", "long", "last"] {
+        assert_eq!(step(&done, s)["attempt"], 1, "{s}: {done:#}");
+    }
+    let marks = std::fs::read_to_string(dir.path().join("marks.log")).unwrap();
+    assert_eq!(marks, "first\nlong\nlast\n", "each step ran exactly once");
+}
+
+const POLICIES: &str = r#"
+workflows:
+  forbid:
+    inputs: { k: {} }
+    concurrency: { group: "f-${{ inputs.k }}", policy: forbid }
+    steps: [{ id: hold, type: approval }]
+  replace:
+    concurrency: { group: r, policy: replace }
+    steps: [{ id: hold, type: approval }]
+  queue:
+    concurrency: { group: q, policy: queue }
+    steps: [{ id: hold, type: approval }]
+  allow:
+    concurrency: { group: a }
+    steps: [{ id: hold, type: approval }]
+  expire:
+    steps:
+      - { id: hold, type: approval, timeout: 1s }
+      - { id: after, type: approval, if: "${{ failure() }}" }
+"#;
+
+async fn approve(c: &Controller, id: &str, approve: bool) -> (u16, Value) {
+    c.api(
+        Method::POST,
+        &format!("/api/v1/workflow-runs/{id}/approve"),
+        Some(json!({"step": "hold", "approve": approve})),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_concurrency_policy_approvals_and_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = controller_with(dir.path(), POLICIES).await;
+    let id = |v: &Value| v["id"].as_str().unwrap().to_owned();
+
+    // forbid: a second run of the same group is refused; another group is not.
+    let (s, f1) = start(&c, "forbid", json!({"k": 1})).await;
+    assert_eq!((s, f1["state"].as_str()), (201, Some("running")), "{f1}");
+    let (s, refused) = start(&c, "forbid", json!({"k": 1})).await;
+    assert_eq!(s, 409, "{refused}");
+    assert!(refused.to_string().contains("f-1"), "{refused}");
+    let (s, _) = start(&c, "forbid", json!({"k": 2})).await;
+    assert_eq!(s, 201);
+
+    // replace: the open run is cancelled, the new one runs.
+    let (_, r1) = start(&c, "replace", json!({})).await;
+    let (_, r2) = start(&c, "replace", json!({})).await;
+    assert_eq!(r2["state"], "running");
+    let r1 = wait_run(&c, &id(&r1), &["cancelled"], Duration::from_secs(10)).await;
+    assert_eq!(step(&r1, "hold")["state"], "cancelled", "{r1:#}");
+
+    // queue: one waits; a newer one takes its place; it starts when the group frees.
+    let (_, q1) = start(&c, "queue", json!({})).await;
+    let (_, q2) = start(&c, "queue", json!({})).await;
+    let (_, q3) = start(&c, "queue", json!({})).await;
+    assert_eq!(
+        (
+            q1["state"].as_str(),
+            q2["state"].as_str(),
+            q3["state"].as_str()
+        ),
+        (Some("running"), Some("queued"), Some("queued"))
+    );
+    wait_run(&c, &id(&q2), &["cancelled"], Duration::from_secs(10)).await;
+    assert_eq!(approve(&c, &id(&q1), true).await.0, 200);
+    wait_run(&c, &id(&q1), &["succeeded"], Duration::from_secs(10)).await;
+    wait_step(&c, &id(&q3), "hold", "approval").await;
+    // A rejection fails the step and the run.
+    assert_eq!(approve(&c, &id(&q3), false).await.0, 200);
+    let q3 = wait_run(&c, &id(&q3), &["failed"], Duration::from_secs(10)).await;
+    assert!(step(&q3, "hold")["error"]
+        .as_str()
+        .unwrap()
+        .contains("rejected by admin"));
+
+    // allow: both run.
+    let (_, a1) = start(&c, "allow", json!({})).await;
+    let (_, a2) = start(&c, "allow", json!({})).await;
+    assert_eq!(
+        (a1["state"].as_str(), a2["state"].as_str()),
+        (Some("running"), Some("running"))
+    );
+
+    // A step's timeout: nobody decides within a second.
+    let (_, e) = start(&c, "expire", json!({})).await;
+    let e = wait_step(&c, &id(&e), "after", "approval").await;
+    assert_eq!(step(&e, "hold")["state"], "timed_out", "{e:#}");
+    let started = ms(&step(&e, "hold")["started_at"]);
+    let ended = ms(&step(&e, "hold")["finished_at"]);
+    assert!((1000..3000).contains(&(ended - started)), "{e:#}");
+
+    // Cancel from the CLI.
+    let out = c.cli(&["workflow", "cancel", &id(&a1)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_run(&c, &id(&a1), &["cancelled"], Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_definitions_and_requests_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = controller_with(dir.path(), POLICIES).await;
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = names(&c.get("/api/v1/workflows").await);
+    assert_eq!(
+        before,
+        vec!["allow", "expire", "forbid", "queue", "replace"]
+    );
+
+    // A broken file: refused, the last good set stays.
+    std::fs::write(
+        dir.path().join("workflows.yml"),
+        "workflows:\n  w:\n    steps:\n      - { id: a, type: noop, node: x, needs: [ghost] }\n",
+    )
+    .unwrap();
+    wait_for("the refusal logged", Duration::from_secs(10), || async {
+        c.proc
+            .output()
+            .contains("workflows.yml refused")
+            .then_some(())
+    })
+    .await;
+    assert!(c.proc.output().contains("4:"), "{}", c.proc.output());
+    assert_eq!(names(&c.get("/api/v1/workflows").await), before);
+
+    // Through the API: located errors, no overwriting the file's, a good one stored.
+    let c = &c;
+    let put = |name: &str, text: &str| {
+        let body = json!({"definition": text});
+        let path = format!("/api/v1/workflows/{name}");
+        async move { c.api(Method::PUT, &path, Some(body)).await }
+    };
+    let (s, e) = put(
+        "new",
+        "steps:\n  - { id: a, type: exec, node: x, with: { op: \"${{ inputs.nope }}\" } }\n",
+    )
+    .await;
+    assert_eq!(s, 400, "{e}");
+    assert!(
+        e.to_string().contains("2:") && e.to_string().contains("not an input"),
+        "{e}"
+    );
+    let (s, e) = put("queue", "steps: [{ id: a, type: noop, node: x }]").await;
+    assert_eq!(s, 409, "{e}");
+    let (s, w) = put("new", "steps: [{ id: a, type: approval }]").await;
+    assert_eq!((s, w["source"].as_str()), (200, Some("api")), "{w}");
+
+    // Runs: unknown workflow, unknown or missing inputs, malformed bodies.
+    assert_eq!(start(c, "ghost", json!({})).await.0, 404);
+    let (s, e) = start(c, "forbid", json!({})).await;
+    assert_eq!(s, 400, "{e}");
+    assert!(e.to_string().contains("`k` is required"), "{e}");
+    assert_eq!(start(c, "allow", json!({"colour": 1})).await.0, 400);
+    let (s, _) = c
+        .api(
+            Method::POST,
+            "/api/v1/workflows/allow/runs",
+            Some(json!({"inputs": [1]})),
+        )
+        .await;
+    assert_eq!(s, 422);
+    let (s, _) = c
+        .api(Method::GET, "/api/v1/workflow-runs/not-a-uuid", None)
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = c
+        .api(
+            Method::POST,
+            &format!("/api/v1/workflow-runs/{}/cancel", uuid::Uuid::now_v7()),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+    let runs = c.get("/api/v1/workflow-runs").await;
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        0,
+        "nothing was started: {runs}"
+    );
+}
