@@ -6,3 +6,4 @@
 pub mod engine;
 pub mod expr;
 pub mod spec;
+pub mod trigger;

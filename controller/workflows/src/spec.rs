@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::expr;
+use crate::trigger::{self, Triggers};
 
 /// The largest `workflows.yml` accepted (bytes).
 pub const MAX_FILE_BYTES: usize = 1 << 20;
@@ -58,6 +59,9 @@ pub struct WorkflowDecl {
     pub inputs: BTreeMap<String, Input>,
     #[serde(default)]
     pub concurrency: Option<Loc<Concurrency>>,
+    /// What starts it besides a person: schedules, a webhook, events.
+    #[serde(default)]
+    pub on: Option<Loc<Triggers>>,
     pub steps: Vec<Loc<StepDecl>>,
 }
 
@@ -255,6 +259,8 @@ pub struct Workflow {
     pub description: String,
     pub inputs: BTreeMap<String, Input>,
     pub concurrency: Option<Concurrency>,
+    #[serde(default)]
+    pub on: Triggers,
     pub steps: Vec<Step>,
 }
 
@@ -406,6 +412,11 @@ fn resolve(name: &str, decl: &Loc<WorkflowDecl>) -> Result<Workflow, Vec<Problem
             problems.push(problem(c, format!("concurrency group: {e}")));
         }
     }
+    if let Some(on) = &decl.on {
+        for m in trigger::check(on) {
+            problems.push(problem(on, format!("workflow `{name}`: {m}")));
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -414,6 +425,11 @@ fn resolve(name: &str, decl: &Loc<WorkflowDecl>) -> Result<Workflow, Vec<Problem
         description: decl.description.clone(),
         inputs: decl.inputs.clone(),
         concurrency: decl.concurrency.as_ref().map(|c| c.value.clone()),
+        on: decl
+            .on
+            .as_ref()
+            .map(|o| o.value.clone())
+            .unwrap_or_default(),
         steps,
     })
 }
