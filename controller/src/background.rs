@@ -116,6 +116,11 @@ pub const WORKFLOWS_WATCH: TaskDef = TaskDef {
     description: "loads workflows.yml at start and when the file changes (last good set kept)",
     scope: Scope::Leader,
 };
+pub const WORKFLOW_TRIGGERS: TaskDef = TaskDef {
+    name: "workflow-triggers",
+    description: "starts workflow runs on their schedules and on the fleet's events",
+    scope: Scope::Leader,
+};
 pub const HTTP_SERVER: TaskDef = TaskDef {
     name: "http-server",
     description: "serves the API, the dashboard and the AI gateway",
@@ -272,6 +277,10 @@ pub fn register(
     let c = cp.clone();
     d.service(WORKFLOWS_WATCH, move |cx| {
         crate::workflows::watch_file(c.clone(), cx.cancel)
+    });
+    let c = cp.clone();
+    d.service(WORKFLOW_TRIGGERS, move |cx| {
+        crate::workflows::triggers::run(c.clone(), cx.cancel)
     });
     register_http(d, cp, listener, router, redirect, tracker);
 }

@@ -263,6 +263,9 @@ pub struct NodeTelemetry {
     pub received_at_ms: i64,
     history: VecDeque<HistoryPoint>,
     minute: Option<MinuteAcc>,
+    /// Each container's last state and health, by id: changes are found by id, so that one
+    /// that also changes the inventory (a killed container's exit code) is still reported.
+    states: HashMap<String, (ContainerState, ContainerHealth)>,
 }
 
 /// A copy of one node's current telemetry.
@@ -338,6 +341,7 @@ impl TelemetryHub {
                 received_at_ms: 0,
                 history: VecDeque::new(),
                 minute: None,
+                states: HashMap::new(),
             }))
         });
         lock(entry).name = name.to_owned();
@@ -404,24 +408,27 @@ impl TelemetryHub {
         {
             return Err(DropReason::Shape);
         }
-        let mut changes = Vec::new();
         if let Some(prev) = n.latest.as_ref() {
             if prev.seq >= sample.seq && prev.epoch == sample.epoch {
                 return Err(DropReason::OutOfOrder);
             }
-            if prev.epoch == sample.epoch {
-                for (i, (a, b)) in prev.containers.iter().zip(&sample.containers).enumerate() {
-                    if a.state != b.state || a.health != b.health {
-                        changes.push(ContainerChange {
-                            container: inv.containers[i].id.clone(),
-                            name: inv.containers[i].name.clone(),
-                            state: b.state,
-                            health: b.health,
-                        });
-                    }
-                }
-            }
         }
+        let mut changes = Vec::new();
+        let first = n.latest.is_none();
+        let mut states = HashMap::with_capacity(sample.containers.len());
+        for (c, s) in inv.containers.iter().zip(&sample.containers) {
+            let now = (s.state, s.health);
+            if !first && n.states.get(&c.id).is_some_and(|before| *before != now) {
+                changes.push(ContainerChange {
+                    container: c.id.clone(),
+                    name: c.name.clone(),
+                    state: s.state,
+                    health: s.health,
+                });
+            }
+            states.insert(c.id.clone(), now);
+        }
+        n.states = states;
         // Timestamps are the controller's (agents' clocks may be off).
         let t = (now_ms / 1000) as u32;
         let point = HistoryPoint::from_sample(&sample, t);

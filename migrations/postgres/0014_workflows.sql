@@ -48,3 +48,20 @@ CREATE TABLE workflow_steps (
     finished_at BIGINT,
     PRIMARY KEY (run_id, step, attempt)
 );
+
+-- Webhook deliveries taken, by the sender's delivery id: a replayed one starts nothing.
+CREATE TABLE workflow_deliveries (
+    workflow    TEXT NOT NULL,
+    delivery    TEXT NOT NULL,
+    run_id      TEXT,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (workflow, delivery)
+);
+
+-- Each schedule's last look (`schedule`: its cron and zone): times after it are due.
+CREATE TABLE workflow_schedules (
+    workflow     TEXT NOT NULL,
+    schedule     TEXT NOT NULL,
+    last_checked BIGINT NOT NULL,
+    PRIMARY KEY (workflow, schedule)
+);

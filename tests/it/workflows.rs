@@ -41,14 +41,30 @@ accept_args = true
 async fn controller_with(dir: &Path, workflows: &str) -> Controller {
     let file = dir.join("workflows.yml");
     std::fs::write(&file, workflows).unwrap();
-    Controller::start(ControllerOpts {
+    let c = Controller::start(ControllerOpts {
         extra: vec![
             "--workflows",
             Box::leak(file.display().to_string().into_boxed_str()),
         ],
         ..Default::default()
     })
-    .await
+    .await;
+    // The file is read by a task of its own once the controller runs.
+    let names: Vec<String> = nebula_workflows::spec::check(workflows)
+        .unwrap()
+        .into_keys()
+        .collect();
+    for _ in 0..100 {
+        let listed = c.get("/api/v1/workflows").await.to_string();
+        if names
+            .iter()
+            .all(|n| listed.contains(&format!("\"name\":\"{n}\"")))
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("workflows.yml was not loaded: {}", c.proc.output());
 }
 
 async fn start(c: &Controller, name: &str, inputs: Value) -> (u16, Value) {
@@ -433,5 +449,158 @@ async fn bad_definitions_and_requests_are_refused_and_change_nothing() {
         runs.as_array().unwrap().len(),
         0,
         "nothing was started: {runs}"
+    );
+}
+
+fn hook_workflow() -> &'static str {
+    r#"
+workflows:
+  hook:
+    inputs:
+      ref: {}
+    on:
+      webhook:
+        scheme: github
+        secret: hook_secret
+        inputs: { ref: "${{ trigger.body.ref }}" }
+    steps:
+      - { id: echo, type: exec, node: box, with: { op: say, args: ["${{ inputs.ref }}"] } }
+"#
+}
+
+/// A GitHub delivery of `body`, signed with `secret`.
+async fn deliver(c: &Controller, secret: &str, id: &str, body: &str) -> (u16, Value) {
+    use ring::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let sig = format!(
+        "sha256={}",
+        hex::encode(hmac::sign(&key, body.as_bytes()).as_ref())
+    );
+    let resp = c
+        .client
+        .post(c.url("/hooks/workflows/hook"))
+        .header("X-Hub-Signature-256", sig)
+        .header("X-GitHub-Delivery", id)
+        .header("X-GitHub-Event", "push")
+        .header("Content-Type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_webhook_starts_one_run_and_its_body_stays_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = controller_with(dir.path(), hook_workflow()).await;
+    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(&agent_config(dir.path()))).await;
+    let (s, _) = c
+        .api(
+            Method::PUT,
+            "/api/v1/secrets/hook_secret",
+            Some(json!({"value": "s3cret"})),
+        )
+        .await;
+    assert!((200..300).contains(&s));
+    let pwned = dir.path().join("pwned");
+    let evil = format!(
+        "main; touch {p} $(touch {p}) `touch {p}` | sh",
+        p = pwned.display()
+    );
+    let body = json!({"ref": evil, "after": "abc"}).to_string();
+
+    // A bad signature starts nothing and is audited.
+    let (s, e) = deliver(&c, "not-the-secret", "d-1", &body).await;
+    assert_eq!(s, 403, "{e}");
+    let audit = c.get("/api/v1/audit?action=workflow.webhook_refused").await;
+    assert!(audit.to_string().contains("does not match"), "{audit}");
+
+    let (s, first) = deliver(&c, "s3cret", "d-1", &body).await;
+    assert_eq!(s, 202, "{first}");
+    let run = first["run"].as_str().unwrap().to_owned();
+    // GitHub redelivers the same delivery id: nothing new starts.
+    let (s, again) = deliver(&c, "s3cret", "d-1", &body).await;
+    assert_eq!(
+        (s, again["duplicate"].as_bool()),
+        (200, Some(true)),
+        "{again}"
+    );
+    assert_eq!(again["run"], first["run"]);
+
+    let done = wait_run(&c, &run, &["succeeded", "failed"], Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["trigger"]["kind"], "webhook");
+    assert_eq!(done["trigger"]["headers"]["x-github-event"], "push");
+    assert_eq!(
+        step(&done, "echo")["outputs"]["stdout"],
+        format!("{evil}\n")
+    );
+    assert!(!pwned.exists(), "the body was executed");
+    let runs = c.get("/api/v1/workflow-runs?workflow=hook").await;
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_container_on_the_engine_starts_an_event_workflow() {
+    use crate::common::docker;
+    let containers = docker::Containers::new();
+    let dir = tempfile::tempdir().unwrap();
+    let victim = format!(
+        "wf-victim-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let workflows = format!(
+        r#"
+workflows:
+  on-exit:
+    inputs:
+      name: {{}}
+    on:
+      events:
+        - on: container-changed
+          if: "trigger.event.name == '{victim}' and trigger.event.state == 'exited'"
+          inputs: {{ name: "${{{{ trigger.event.name }}}}" }}
+    steps:
+      - {{ id: note, type: exec, node: box, with: {{ op: mark, args: ["${{{{ inputs.name }}}} exited"] }} }}
+"#
+    );
+    let c = controller_with(dir.path(), &workflows).await;
+    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(&agent_config(dir.path()))).await;
+    containers.run(&victim, &[docker::IMAGE, "sleep", "600"]);
+    // Seen running first (no run for that), then killed.
+    wait_for(
+        "the container in the fleet's view",
+        Duration::from_secs(30),
+        || async {
+            let v = c.get("/api/v1/containers").await;
+            v.to_string().contains(&victim).then_some(())
+        },
+    )
+    .await;
+    docker::docker(&["kill", &victim]);
+    let mut run = Value::Null;
+    for _ in 0..80 {
+        let runs = c.get("/api/v1/workflow-runs?workflow=on-exit").await;
+        if let Some(r) = runs.as_array().and_then(|a| a.first()) {
+            run = r.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!run.is_null(), "no run: {}", c.proc.output());
+    let id = run["id"].as_str().unwrap().to_owned();
+    let done = wait_run(&c, &id, &["succeeded", "failed"], Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["trigger"]["event_kind"], "container-changed");
+    assert_eq!(done["created_by"], "event:container-changed");
+    let marks = std::fs::read_to_string(dir.path().join("marks.log")).unwrap();
+    assert_eq!(marks, format!("{victim} exited\n"));
+    let runs = c.get("/api/v1/workflow-runs?workflow=on-exit").await;
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        1,
+        "one event, one run: {runs}"
     );
 }

@@ -210,6 +210,11 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/api/v1/schema/service-map", get(desired::schema))
         // Public, signed: acknowledge links in notifications (ntfy's button).
         .route("/alerts/ack", axum::routing::post(alerts::ack_link))
+        // Public, signed: a workflow's webhook deliveries.
+        .route(
+            "/hooks/workflows/{name}",
+            axum::routing::post(workflows::hook),
+        )
         // Public: the API's own description.
         .route("/api/v1/openapi.json", get(openapi_json))
         // Public: `curl | sh` fetches these without a token; they hold no secret.

@@ -1,6 +1,8 @@
 //! Workflows: definitions, runs, cancelling and approving.
 
-use nebula_types::api::workflows::{Decide, PutWorkflow, RunView, StartRun, WorkflowView};
+use nebula_types::api::workflows::{
+    Decide, Delivered, PutWorkflow, RunView, StartRun, WorkflowView,
+};
 use uuid::Uuid;
 
 use super::prelude::*;
@@ -99,4 +101,32 @@ pub(super) async fn approve(
 ) -> ApiResult<Json<RunView>> {
     let Json(req) = body?;
     Ok(Json(cp.workflow_decide(&who, run_id(&id)?, req).await?))
+}
+
+/// A signed delivery from GitHub, GitLab or a Standard Webhooks sender (no API token: the
+/// signature is the proof).
+pub(super) async fn hook(
+    State(cp): State<Arc<ControlPlane>>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Delivered>)> {
+    if body.len() > crate::workflows::triggers::MAX_WEBHOOK_BODY {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "a webhook body is at most 1 MiB",
+        ));
+    }
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let d = cp.workflow_webhook(&name, &headers, &body).await?;
+    let status = if d.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(d)))
 }

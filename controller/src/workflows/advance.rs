@@ -21,6 +21,7 @@ impl Driver {
     /// be looked at again: a retry, a timeout).
     pub(super) fn pass(&mut self) {
         let now = now();
+        self.clock = now;
         // Finishing a run can start a queued one: go on until nothing changes.
         for _ in 0..16 {
             for (run, step, out) in std::mem::take(&mut self.ended) {
@@ -69,14 +70,17 @@ impl Driver {
         if let Some(j) = job {
             self.by_job.remove(&j);
         }
-        self.pending.steps.push(step_record(run, step, &next, job));
+        self.pending
+            .steps
+            .push(step_record(run, step, &next, job, now));
         open.steps.insert(step.to_owned(), next);
         self.dirty.insert(run);
     }
 
     fn set_step(&mut self, run: Uuid, step: &str, s: StepRun, job: Option<Uuid>) {
         if let Some(open) = self.open.get_mut(&run) {
-            self.pending.steps.push(step_record(run, step, &s, job));
+            let at = self.clock;
+            self.pending.steps.push(step_record(run, step, &s, job, at));
             open.steps.insert(step.to_owned(), s);
             match job {
                 Some(j) => {

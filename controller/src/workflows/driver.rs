@@ -96,13 +96,22 @@ pub(super) struct Driver {
     pub pending: Pass,
     /// When runs want to be looked at again (a retry, a timeout), unix ms.
     pub wakes: HashMap<Uuid, i64>,
+    /// The time of the pass under way: every change it makes is stamped with it.
+    pub clock: i64,
 }
 
 pub(super) fn now() -> i64 {
     UnixMillis::now().as_i64()
 }
 
-pub(super) fn step_record(run: Uuid, step: &str, s: &StepRun, job: Option<Uuid>) -> StepRecord {
+/// A step's row; `now` (the pass's time) is its end when it has ended.
+pub(super) fn step_record(
+    run: Uuid,
+    step: &str,
+    s: &StepRun,
+    job: Option<Uuid>,
+    now: i64,
+) -> StepRecord {
     StepRecord {
         run_id: run,
         step: step.to_owned(),
@@ -113,7 +122,7 @@ pub(super) fn step_record(run: Uuid, step: &str, s: &StepRun, job: Option<Uuid>)
         error: s.error.clone(),
         not_before: s.not_before,
         started_at: s.started_at,
-        finished_at: s.state.is_terminal().then(now),
+        finished_at: s.state.is_terminal().then_some(now),
     }
 }
 
@@ -149,6 +158,7 @@ impl Driver {
             ended: Vec::new(),
             pending: Pass::default(),
             wakes: HashMap::new(),
+            clock: 0,
         }
     }
 

@@ -10,6 +10,7 @@
 mod advance;
 mod driver;
 mod steps;
+pub mod triggers;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -68,6 +69,15 @@ pub(crate) enum Cmd {
 pub struct WorkflowBook {
     tx: mpsc::UnboundedSender<Cmd>,
     rx: Mutex<mpsc::UnboundedReceiver<Cmd>>,
+    /// Raised whenever a definition changes (the triggers read them again).
+    pub(crate) version: std::sync::atomic::AtomicU64,
+}
+
+impl WorkflowBook {
+    fn changed(&self) {
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Default for WorkflowBook {
@@ -76,6 +86,7 @@ impl Default for WorkflowBook {
         WorkflowBook {
             tx,
             rx: Mutex::new(rx),
+            version: Default::default(),
         }
     }
 }
@@ -194,6 +205,7 @@ impl ControlPlane {
             updated_at: driver::now(),
         };
         self.store.put_workflow_def(&rec).await?;
+        self.workflows.changed();
         self.record(
             cx,
             Change {
@@ -218,6 +230,7 @@ impl ControlPlane {
             Some(_) => {}
         }
         self.store.delete_workflow_def(name).await?;
+        self.workflows.changed();
         self.record(
             cx,
             Change {
@@ -443,6 +456,7 @@ impl ControlPlane {
             })
             .collect();
         self.store.replace_file_workflows(&defs).await?;
+        self.workflows.changed();
         self.audit(
             &format!("file:{}", path.display()),
             "workflow.file",
@@ -460,9 +474,24 @@ pub async fn watch_file(cp: Arc<ControlPlane>, shutdown: CancellationToken) {
         return;
     };
     let load = |cp: Arc<ControlPlane>, path: std::path::PathBuf| async move {
-        match cp.load_workflows_file(&path).await {
-            Ok(n) => info!(path = %path.display(), workflows = n, "workflows loaded"),
-            Err(e) => warn!("workflows.yml refused, the last good set stays: {e}"),
+        for _ in 0..5 {
+            match cp.load_workflows_file(&path).await {
+                Ok(n) => {
+                    info!(path = %path.display(), workflows = n, "workflows loaded");
+                    return;
+                }
+                Err(OpError::Store(e)) => {
+                    warn!(
+                        "storing the workflows of {}: {e}; trying again",
+                        path.display()
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    warn!("workflows.yml refused, the last good set stays: {e}");
+                    return;
+                }
+            }
         }
     };
     load(cp.clone(), path.clone()).await;

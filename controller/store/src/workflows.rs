@@ -146,7 +146,7 @@ impl Store {
         &self,
         defs: &[WorkflowDefRecord],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let old: Vec<String> = sqlx::query("SELECT name FROM workflows WHERE source = 'file'")
             .fetch_all(&mut *tx)
             .await?
@@ -330,5 +330,127 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(step_row).collect()
+    }
+
+    /// Runs of one workflow that have not ended, oldest first.
+    pub async fn open_runs_of(&self, workflow: &str) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE workflow = $1 \
+             AND state IN ('queued', 'running') ORDER BY id"
+        ))
+        .bind(workflow)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_row).collect()
+    }
+
+    /// Take a webhook delivery: `false` when this workflow has taken its id before.
+    pub async fn claim_delivery(
+        &self,
+        workflow: &str,
+        delivery: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO workflow_deliveries (workflow, delivery, run_id, received_at) \
+             VALUES ($1, $2, NULL, $3) ON CONFLICT (workflow, delivery) DO NOTHING",
+        )
+        .bind(workflow)
+        .bind(delivery)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Give a delivery id back (its run was not started).
+    pub async fn unclaim_delivery(&self, workflow: &str, delivery: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM workflow_deliveries WHERE workflow = $1 AND delivery = $2")
+            .bind(workflow)
+            .bind(delivery)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The run a delivery started (`None` while none has, or when it started none).
+    pub async fn delivery_run(
+        &self,
+        workflow: &str,
+        delivery: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query(
+            "SELECT run_id FROM workflow_deliveries WHERE workflow = $1 AND delivery = $2",
+        )
+        .bind(workflow)
+        .bind(delivery)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.try_get("run_id")).transpose()?.flatten())
+    }
+
+    pub async fn set_delivery_run(
+        &self,
+        workflow: &str,
+        delivery: &str,
+        run: Uuid,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE workflow_deliveries SET run_id = $1 WHERE workflow = $2 AND delivery = $3",
+        )
+        .bind(run.to_string())
+        .bind(workflow)
+        .bind(delivery)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forget deliveries received before `before` (their senders stopped retrying long ago).
+    pub async fn prune_deliveries(&self, before: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM workflow_deliveries WHERE received_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Every schedule's last look: (workflow, schedule, unix ms).
+    pub async fn schedule_marks(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT workflow, schedule, last_checked FROM workflow_schedules")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("workflow")?,
+                    r.try_get("schedule")?,
+                    r.try_get("last_checked")?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Record a schedule's last look, if `fence` still leads.
+    pub async fn set_schedule_mark(
+        &self,
+        fence: Option<&crate::lease::Fence>,
+        workflow: &str,
+        schedule: &str,
+        last_checked: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_fenced(fence).await?;
+        sqlx::query(
+            "INSERT INTO workflow_schedules (workflow, schedule, last_checked) VALUES ($1, $2, $3) \
+             ON CONFLICT (workflow, schedule) DO UPDATE SET last_checked = excluded.last_checked",
+        )
+        .bind(workflow)
+        .bind(schedule)
+        .bind(last_checked)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }

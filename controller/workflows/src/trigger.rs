@@ -127,8 +127,6 @@ pub enum EventKind {
     ContainerChanged,
     MonitorDown,
     MonitorUp,
-    AlertFired,
-    AlertResolved,
 }
 
 impl EventKind {
@@ -141,8 +139,6 @@ impl EventKind {
             EventKind::ContainerChanged => "container-changed",
             EventKind::MonitorDown => "monitor-down",
             EventKind::MonitorUp => "monitor-up",
-            EventKind::AlertFired => "alert-fired",
-            EventKind::AlertResolved => "alert-resolved",
         }
     }
 }

@@ -4,7 +4,7 @@ use super::{of, route, Access, Route};
 use crate::authz::Op;
 use nebula_types::api::workflows;
 
-use Access::Token;
+use Access::{Public, Token};
 
 pub const WORKFLOW_ROUTES: &[Route] = &[
     route(
@@ -90,4 +90,13 @@ pub const WORKFLOW_ROUTES: &[Route] = &[
     )
     .accepts(of::<workflows::Decide>)
     .returns(of::<workflows::RunView>),
+    route(
+        "post",
+        "/hooks/workflows/{name}",
+        "workflows",
+        Public,
+        (202, "the run it started; 200 for a replayed delivery id (nothing started); 403 when the signature does not match"),
+        "A webhook delivery (signed: GitHub X-Hub-Signature-256, GitLab X-Gitlab-Token, or Standard Webhooks)",
+    )
+    .returns(of::<workflows::Delivered>),
 ];

@@ -95,3 +95,12 @@ pub struct Decide {
 fn yes() -> bool {
     true
 }
+
+/// `POST /hooks/workflows/{name}`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Delivered {
+    /// The run it started (for a replay: the one the first delivery started).
+    pub run: Option<Uuid>,
+    /// This delivery id was taken before: nothing was started.
+    pub duplicate: bool,
+}
