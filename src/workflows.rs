@@ -43,6 +43,8 @@ pub enum WorkflowCommand {
     Put { name: String, file: PathBuf },
     /// Remove a workflow defined with `put`.
     Rm { name: String },
+    /// Check a workflows.yml here, without a controller: every problem with its line and column.
+    Check { file: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -114,30 +116,57 @@ async fn wait(api: &Api, id: &str) -> anyhow::Result<RunView> {
     }
 }
 
+async fn list(cli: &Cli, api: &Api) -> anyhow::Result<()> {
+    let items: Vec<WorkflowView> = api.get("/api/v1/workflows").await?;
+    if cli.json {
+        print_json(&items);
+    } else if items.is_empty() {
+        println!("no workflows (write them in workflows.yml, or `nebula workflow put`)");
+    } else {
+        let rows = items
+            .iter()
+            .map(|w| {
+                vec![
+                    w.name.clone(),
+                    w.steps.to_string(),
+                    w.source.clone(),
+                    w.description.clone(),
+                ]
+            })
+            .collect();
+        table(&["NAME", "STEPS", "SOURCE", "DESCRIPTION"], rows);
+    }
+    Ok(())
+}
+
+/// `nebula workflow check FILE`.
+fn check(file: &std::path::Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    match nebula_workflows::spec::check(&text) {
+        Ok(w) => {
+            for (name, wf) in &w {
+                println!("{name}: {} steps", wf.steps.len());
+            }
+            println!("{}: {} workflows, no problems", file.display(), w.len());
+            Ok(())
+        }
+        Err(errors) => {
+            for p in &errors.0 {
+                eprintln!("{}:{p}", file.display());
+            }
+            anyhow::bail!("{} problems in {}", errors.0.len(), file.display())
+        }
+    }
+}
+
 pub async fn workflow(cli: &Cli, cmd: &WorkflowCommand) -> anyhow::Result<()> {
+    if let WorkflowCommand::Check { file } = cmd {
+        return check(file);
+    }
     let api = Api::new(cli)?;
     match cmd {
-        WorkflowCommand::List => {
-            let items: Vec<WorkflowView> = api.get("/api/v1/workflows").await?;
-            if cli.json {
-                print_json(&items);
-            } else if items.is_empty() {
-                println!("no workflows (write them in workflows.yml, or `nebula workflow put`)");
-            } else {
-                let rows = items
-                    .iter()
-                    .map(|w| {
-                        vec![
-                            w.name.clone(),
-                            w.steps.to_string(),
-                            w.source.clone(),
-                            w.description.clone(),
-                        ]
-                    })
-                    .collect();
-                table(&["NAME", "STEPS", "SOURCE", "DESCRIPTION"], rows);
-            }
-        }
+        WorkflowCommand::List => list(cli, &api).await?,
         WorkflowCommand::Run(a) => {
             let body = StartRun {
                 inputs: inputs(&a.inputs)?,
@@ -261,6 +290,7 @@ pub async fn workflow(cli: &Cli, cmd: &WorkflowCommand) -> anyhow::Result<()> {
                 .await?;
             println!("workflow {} stored ({} steps)", w.name, w.steps);
         }
+        WorkflowCommand::Check { .. } => {}
         WorkflowCommand::Rm { name } => {
             api.delete_empty(&format!("/api/v1/workflows/{name}"))
                 .await?;

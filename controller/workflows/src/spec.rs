@@ -735,6 +735,13 @@ workflows:
     }
 
     #[test]
+    fn the_example_file_checks() {
+        let w = check(include_str!("../../../config/workflows.example.yml")).unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(w["nightly-verify"].on.schedule[0].timezone, "Europe/Berlin");
+    }
+
+    #[test]
     fn one_workflow_reads_as_yaml_or_json() {
         let w = check_one(
             "solo",
