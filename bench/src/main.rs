@@ -39,9 +39,22 @@ mod gpu;
 mod jobs;
 mod monitors;
 mod replicas;
+mod workflows;
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Concurrent runs of a workflow of no-op steps against the same chains of bare jobs: the
+    /// workflow engine's time per step, the controller's CPU and memory.
+    Workflows {
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        #[arg(long, default_value_t = 1000)]
+        runs: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value = "bench/results/workflows.json")]
+        out: PathBuf,
+    },
     /// N simulated agents on three replicas of one PostgreSQL: each replica's RSS and CPU, and
     /// the time until every agent is back after the leader is killed.
     Replicas {
@@ -240,6 +253,17 @@ fn main() -> anyhow::Result<()> {
                 out,
             }))
         }
+        Cmd::Workflows {
+            agents,
+            runs,
+            steps,
+            out,
+        } => rt.block_on(workflows::workflows_bench(workflows::WorkflowArgs {
+            agents,
+            runs,
+            steps,
+            out,
+        })),
         Cmd::Jobs {
             agents,
             background,

@@ -499,7 +499,8 @@ impl Controller {
             https,
             registry: Registry::default(),
             relay: Default::default(),
-            events: EventBus::new(1024),
+            // Room for a burst (1,000 workflow runs' job events) before a slow subscriber lags.
+            events: EventBus::new(4096),
             telemetry: hub,
             metrics: Arc::new(metrics),
         });

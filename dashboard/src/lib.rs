@@ -110,6 +110,24 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/ui/services/plan", post(plan_map))
         .route("/ui/services/apply", post(apply_map))
         .route("/ui/services/{name}/rollback", post(rollback))
+        .route("/ui/workflows", get(pages::workflows::workflows_page))
+        .route(
+            "/ui/workflows/{name}/run",
+            post(pages::workflows::start_run),
+        )
+        .route("/ui/workflows/runs/{id}", get(pages::workflows::run_page))
+        .route(
+            "/ui/workflows/runs/{id}/events",
+            get(pages::workflows::run_events),
+        )
+        .route(
+            "/ui/workflows/runs/{id}/decide",
+            post(pages::workflows::decide),
+        )
+        .route(
+            "/ui/workflows/runs/{id}/cancel",
+            post(pages::workflows::cancel),
+        )
         .route("/ui/jobs", get(jobs_page))
         .route("/ui/jobs/{id}", get(job_page))
         .route("/ui/jobs/{id}/events", get(job_events))
@@ -331,6 +349,7 @@ fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Marku
         ("/ui/monitors", "Monitors", Role::Viewer),
         ("/ui/services", "Services", Role::Viewer),
         ("/ui/jobs", "Jobs", Role::Viewer),
+        ("/ui/workflows", "Workflows", Role::Viewer),
         ("/ui/models", "Models", Role::Viewer),
         ("/ui/chat", "Chat", Role::Operator),
         ("/ui/discord", "Discord", Role::Viewer),

@@ -514,8 +514,11 @@ async fn a_signed_webhook_starts_one_run_and_its_body_stays_data() {
     // A bad signature starts nothing and is audited.
     let (s, e) = deliver(&c, "not-the-secret", "d-1", &body).await;
     assert_eq!(s, 403, "{e}");
-    let audit = c.get("/api/v1/audit?action=workflow.webhook_refused").await;
-    assert!(audit.to_string().contains("does not match"), "{audit}");
+    wait_for("the refusal audited", Duration::from_secs(10), || async {
+        let audit = c.get("/api/v1/audit?action=workflow.webhook_refused").await;
+        audit.to_string().contains("does not match").then_some(())
+    })
+    .await;
 
     let (s, first) = deliver(&c, "s3cret", "d-1", &body).await;
     assert_eq!(s, 202, "{first}");
@@ -603,4 +606,122 @@ workflows:
         1,
         "one event, one run: {runs}"
     );
+}
+
+const GATED: &str = r#"
+workflows:
+  gated:
+    description: ask, then go
+    inputs:
+      what: { default: "the thing" }
+    steps:
+      - { id: ask, type: approval, with: { message: "ship ${{ inputs.what }}?" } }
+      - { id: ship, type: approval, needs: [ask] }
+      - { id: tidy, type: approval, needs: [ask] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_starts_a_run_draws_its_graph_live_and_takes_a_decision() {
+    use crate::dashboard_http::{csrf_of, first_admin_password, session_pair, sign_in};
+    let dir = tempfile::tempdir().unwrap();
+    let c = controller_with(dir.path(), GATED).await;
+    let admin = session_pair(
+        &sign_in(&c, "admin", &first_admin_password(&c).await, false)
+            .await
+            .unwrap(),
+    );
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |path: String| {
+        let (http, url, cookie) = (http.clone(), c.url(&path), admin.clone());
+        async move {
+            let resp = http.get(url).header("cookie", cookie).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{path}");
+            resp.text().await.unwrap()
+        }
+    };
+    let list = get("/ui/workflows".into()).await;
+    assert!(
+        list.contains("id=\"wf-gated\"") && list.contains("ask, then go"),
+        "{list}"
+    );
+    let resp = http
+        .post(c.url("/ui/workflows/gated/run"))
+        .header("cookie", &admin)
+        .form(&[("csrf", csrf_of(&list).as_str()), ("input.what", "v2")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let at = resp.headers()["location"].to_str().unwrap().to_owned();
+    let id = at.rsplit('/').next().unwrap().to_owned();
+    wait_step(&c, &id, "ask", "approval").await;
+
+    // The live stream sends the run's section; the graph has a box per step by state.
+    let mut sse = crate::common::Sse::new(
+        http.get(c.url(&format!("/ui/workflows/runs/{id}/events")))
+            .header("cookie", &admin)
+            .send()
+            .await
+            .unwrap(),
+    );
+    let (kind, first) = sse.next(Duration::from_secs(10)).await.expect("a fragment");
+    assert_eq!(kind, "fragment");
+    assert!(
+        first.contains("<svg") && first.contains("id=\"step-ask\" data-state=\"approval\""),
+        "{first}"
+    );
+    assert!(
+        first.contains("id=\"step-ship\" data-state=\"pending\""),
+        "{first}"
+    );
+    assert!(
+        first.contains("ship v2?"),
+        "the message rendered from the input: {first}"
+    );
+
+    let page = get(at.clone()).await;
+    let resp = http
+        .post(c.url(&format!("/ui/workflows/runs/{id}/decide")))
+        .header("cookie", &admin)
+        .form(&[
+            ("csrf", csrf_of(&page).as_str()),
+            ("step", "ask"),
+            ("approve", "true"),
+            ("comment", "looks fine"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    // The stream follows: `ask` succeeded, both branches now wait.
+    let mut seen = String::new();
+    for _ in 0..10 {
+        let Some((_, frag)) = sse.next(Duration::from_secs(10)).await else {
+            break;
+        };
+        seen = frag;
+        if seen.contains("id=\"step-ship\" data-state=\"approval\"")
+            && seen.contains("id=\"step-tidy\" data-state=\"approval\"")
+        {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("id=\"step-ask\" data-state=\"succeeded\""),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("id=\"step-tidy\" data-state=\"approval\""),
+        "{seen}"
+    );
+    let run = run_of(&c, &id).await;
+    assert_eq!(step(&run, "ask")["outputs"]["comment"], "looks fine");
+    wait_for("the decision audited", Duration::from_secs(10), || async {
+        let audit = c.get("/api/v1/audit?action=workflow.approve").await;
+        audit.to_string().contains("dashboard").then_some(())
+    })
+    .await;
 }

@@ -72,6 +72,9 @@ pub struct NewJob {
 pub struct JobKey {
     pub id: Uuid,
     pub key: String,
+    /// The creator has just made `id` and knows no job holds the key yet: it is not looked
+    /// up (a creator that may be repeating itself, after a restart, says `false`).
+    pub fresh: bool,
 }
 
 /// The unfinished jobs.
@@ -296,7 +299,7 @@ impl ControlPlane {
         cx: &OpCtx,
     ) -> Result<JobRecord, OpError> {
         self.authorize(cx, Op::RunJob)?;
-        if let Some(k) = &key {
+        if let Some(k) = key.as_ref().filter(|k| !k.fresh) {
             if let Some(rec) = self.job_by_key(&k.key).await? {
                 return Ok(rec);
             }
@@ -490,6 +493,15 @@ impl ControlPlane {
                 .subscribe(),
             recent: a.recent.iter().cloned().collect(),
         })
+    }
+
+    /// Follow a job's record only (`None` when it has finished: read it from the store).
+    pub fn watch_record(&self, id: Uuid) -> Option<watch::Receiver<Arc<JobRecord>>> {
+        self.jobs
+            .lock()
+            .active
+            .get(&id)
+            .map(|a| a.watch.subscribe())
     }
 
     /// Wait until the job has finished (and is stored) or `timeout` passes; returns the latest

@@ -169,6 +169,7 @@ impl Driver {
                     key: JobKey {
                         id,
                         key: format!("{run}/{step}/{attempt}"),
+                        fresh: true,
                     },
                     job,
                 });
@@ -332,7 +333,14 @@ impl Driver {
                     self.ended.push((run, step, out));
                     self.dirty.insert(run);
                 }
-                Ok(_) => {}
+                Ok(rec) => {
+                    if !self.follow(rec.id) {
+                        // Ended between its creation and now: read it.
+                        if let Err(e) = self.check_job(rec.id, run, &step).await {
+                            tracing::warn!(job = %rec.id, "reading a workflow step's job: {e}");
+                        }
+                    }
+                }
                 Err(e) => {
                     self.by_job.retain(|_, (r, s)| !(*r == run && *s == step));
                     self.ended.push((

@@ -8,7 +8,7 @@
 //! cancels jobs, answers commands. A driver that starts again (a restart, a new leader) reads
 //! the same rows: finished steps stay finished, running ones are matched to their jobs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use nebula_workflows::engine::{self, Outcome, RunView, StepRun, StepState};
 use nebula_workflows::spec::{StepKind, Workflow};
 use serde_json::{json, Value as Json};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -98,6 +99,10 @@ pub(super) struct Driver {
     pub wakes: HashMap<Uuid, i64>,
     /// The time of the pass under way: every change it makes is stamped with it.
     pub clock: i64,
+    /// Jobs followed through their own watch channel (their end comes on `done`).
+    pub watched: HashSet<Uuid>,
+    pub done_tx: mpsc::UnboundedSender<Arc<crate::jobs::JobRecord>>,
+    done_rx: Option<mpsc::UnboundedReceiver<Arc<crate::jobs::JobRecord>>>,
 }
 
 pub(super) fn now() -> i64 {
@@ -149,6 +154,7 @@ pub(super) fn latest(rows: &[StepRecord]) -> BTreeMap<String, (StepRun, Option<U
 
 impl Driver {
     pub(super) fn new(cp: Arc<ControlPlane>) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         Driver {
             cp,
             open: HashMap::new(),
@@ -159,6 +165,9 @@ impl Driver {
             pending: Pass::default(),
             wakes: HashMap::new(),
             clock: 0,
+            watched: HashSet::new(),
+            done_tx,
+            done_rx: Some(done_rx),
         }
     }
 
@@ -217,7 +226,12 @@ impl Driver {
 
     /// A running step's job: ended (its outcome is taken), running (followed), or missing
     /// (made again from the step's stored attempt).
-    async fn check_job(&mut self, job: Uuid, run: Uuid, step: &str) -> Result<(), OpError> {
+    pub(super) async fn check_job(
+        &mut self,
+        job: Uuid,
+        run: Uuid,
+        step: &str,
+    ) -> Result<(), OpError> {
         match self.cp.job(job).await? {
             Some(rec) if rec.state.is_terminal() => {
                 let out = self.outcome_of(&rec).await;
@@ -225,7 +239,11 @@ impl Driver {
                 self.ended.push((run, step.to_owned(), out));
                 self.dirty.insert(run);
             }
-            Some(_) => {}
+            Some(_) => {
+                if !self.watched.contains(&job) {
+                    self.follow(job);
+                }
+            }
             None => {
                 let Some(open) = self.open.get(&run) else {
                     return Ok(());
@@ -260,6 +278,7 @@ impl Driver {
                                 key: JobKey {
                                     id: job,
                                     key: format!("{run}/{step}/{attempt}"),
+                                    fresh: false,
                                 },
                                 job: new,
                             });
@@ -303,6 +322,9 @@ impl Driver {
         cancel: CancellationToken,
     ) {
         let mut events = self.cp.events.subscribe();
+        let Some(mut done) = self.done_rx.take() else {
+            return;
+        };
         loop {
             match self.load().await {
                 Ok(()) => break,
@@ -334,6 +356,7 @@ impl Driver {
                     Some(c) => self.command(c),
                     None => return,
                 },
+                Some(rec) = done.recv() => self.job_ended(rec).await,
                 ev = events.recv() => match ev {
                     Ok(e) => self.event(e).await,
                     Err(RecvError::Lagged(_)) => self.recheck().await,
@@ -354,6 +377,9 @@ impl Driver {
             while let Ok(c) = rx.try_recv() {
                 self.command(c);
             }
+            while let Ok(rec) = done.try_recv() {
+                self.job_ended(rec).await;
+            }
             loop {
                 match events.try_recv() {
                     Ok(e) => self.event(e).await,
@@ -366,11 +392,53 @@ impl Driver {
         }
     }
 
-    /// Every running step's job, looked at again (events were missed).
+    /// A followed job's last record (it has ended, or its channel closed).
+    async fn job_ended(&mut self, rec: Arc<crate::jobs::JobRecord>) {
+        self.watched.remove(&rec.id);
+        let Some((run, step)) = self.by_job.get(&rec.id).cloned() else {
+            return;
+        };
+        if rec.state.is_terminal() {
+            let out = self.outcome_of(&rec).await;
+            self.by_job.remove(&rec.id);
+            self.ended.push((run, step, out));
+            self.dirty.insert(run);
+        } else if let Err(e) = self.check_job(rec.id, run, &step).await {
+            warn!(job = %rec.id, "reading a workflow step's job: {e}");
+        }
+    }
+
+    /// Follow a step's job on its own watch channel: its end reaches the driver without a
+    /// read of the store (`false`: it has ended already).
+    pub(super) fn follow(&mut self, id: Uuid) -> bool {
+        let Some(mut w) = self.cp.watch_record(id) else {
+            return false;
+        };
+        self.watched.insert(id);
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let rec = w.borrow_and_update().clone();
+                if rec.state.is_terminal() {
+                    let _ = tx.send(rec);
+                    return;
+                }
+                if w.changed().await.is_err() {
+                    let _ = tx.send(w.borrow().clone());
+                    return;
+                }
+            }
+        });
+        true
+    }
+
+    /// Every running step's job not followed on its own channel, looked at again (events
+    /// were missed).
     async fn recheck(&mut self) {
         let running: Vec<(Uuid, Uuid, String)> = self
             .by_job
             .iter()
+            .filter(|(j, _)| !self.watched.contains(j))
             .map(|(j, (r, s))| (*j, *r, s.clone()))
             .collect();
         for (job, run, step) in running {
@@ -385,7 +453,7 @@ impl Driver {
             Event::JobChanged { id, state, .. } => {
                 let terminal =
                     crate::jobs::JobState::parse(&state).is_some_and(|s| s.is_terminal());
-                if !terminal {
+                if !terminal || self.watched.contains(&id) {
                     return;
                 }
                 if let Some((run, step)) = self.by_job.get(&id).cloned() {

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nebula_types::api::workflows::{Decide, RunView, StepView, WorkflowView};
+pub use nebula_types::api::workflows::{Decide, RunView, StepView, WorkflowView};
 use nebula_types::auth::Role;
 use nebula_workflows::engine::{self, StepRun};
 use nebula_workflows::spec::{self, Workflow};

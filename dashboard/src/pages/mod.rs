@@ -13,3 +13,4 @@ pub(crate) mod overview;
 pub(crate) mod secrets;
 pub(crate) mod services;
 pub(crate) mod storage;
+pub(crate) mod workflows;
