@@ -499,7 +499,6 @@ impl Controller {
             https,
             registry: Registry::default(),
             relay: Default::default(),
-            // Room for a burst (1,000 workflow runs' job events) before a slow subscriber lags.
             events: EventBus::new(4096),
             telemetry: hub,
             metrics: Arc::new(metrics),

@@ -187,8 +187,8 @@ pub(crate) async fn workflows_page(
     page(&user, "Workflows", "/ui/workflows", None, body).into_response()
 }
 
-fn run_id(id: &str) -> Result<uuid::Uuid, Response> {
-    uuid::Uuid::parse_str(id).map_err(|_| problem(StatusCode::NOT_FOUND, "no such run"))
+fn run_id(id: &str) -> Result<uuid::Uuid, Box<Response>> {
+    uuid::Uuid::parse_str(id).map_err(|_| Box::new(problem(StatusCode::NOT_FOUND, "no such run")))
 }
 
 pub(crate) async fn run_page(
@@ -198,7 +198,7 @@ pub(crate) async fn run_page(
 ) -> Response {
     let id = match run_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let run = match cp.workflow_run_get(&user.cx(), id).await {
         Ok(r) => r,
@@ -317,7 +317,7 @@ pub(crate) async fn decide(
     }
     let id = match run_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let d = nebula_controller::workflows::Decide {
         step: f.step,
@@ -342,7 +342,7 @@ pub(crate) async fn cancel(
     }
     let id = match run_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match cp.workflow_cancel(&user.cx(), id).await {
         Ok(_) => Redirect::to(&format!("/ui/workflows/runs/{id}")).into_response(),
