@@ -393,7 +393,11 @@ async fn bad_definitions_and_requests_are_refused_and_change_nothing() {
             .then_some(())
     })
     .await;
-    assert!(c.proc.output().contains("4:"), "{}", c.proc.output());
+    assert!(
+        c.proc.output().contains("workflows.yml: 4:"),
+        "{}",
+        c.proc.output()
+    );
     assert_eq!(names(&c.get("/api/v1/workflows").await), before);
 
     // Through the API: located errors, no overwriting the file's, a good one stored.

@@ -503,8 +503,8 @@ impl Driver {
                 }
             ))
         };
-        self.ended.push((id, d.step.clone(), out));
-        self.dirty.insert(id);
+        // Applied at once: a second decision in the same batch finds the step decided.
+        self.apply_outcome(id, &d.step, out, now());
         Ok(())
     }
 }

@@ -174,11 +174,14 @@ impl Driver {
     /// Read the open runs from the store; steps that were running are matched to their jobs
     /// (made again, with the same id and key, when the job was never stored).
     async fn load(&mut self) -> Result<(), OpError> {
+        // Read first: a failed read leaves what is in memory as it was.
+        let (runs, rows) = self.cp.store.open_workflow_runs().await?;
         self.open.clear();
         self.wakes.clear();
         self.by_job.clear();
         self.waking.clear();
-        let (runs, rows) = self.cp.store.open_workflow_runs().await?;
+        self.pending = Pass::default();
+        self.ended.clear();
         let mut by_run: HashMap<Uuid, Vec<StepRecord>> = HashMap::new();
         for r in rows {
             by_run.entry(r.run_id).or_default().push(r);
@@ -220,6 +223,7 @@ impl Driver {
                 }
             }
         }
+        self.woken().await;
         info!(runs = self.open.len(), "workflow runs loaded");
         Ok(())
     }
@@ -297,7 +301,18 @@ impl Driver {
 
     async fn outcome_of(&self, rec: &crate::jobs::JobRecord) -> Outcome {
         let stdout = if matches!(rec.work, crate::jobs::Work::Exec { .. }) {
-            match self.cp.store.job_logs(rec.id, None, 10_000).await {
+            // The attempt's last lines (at most 2,000), not its first.
+            let next = self
+                .cp
+                .store
+                .next_log_seq(rec.id, rec.attempt)
+                .await
+                .unwrap_or(0);
+            let after = match next.checked_sub(2001) {
+                Some(s) => (rec.attempt, s),
+                None => (rec.attempt.saturating_sub(1), u64::MAX),
+            };
+            match self.cp.store.job_logs(rec.id, Some(after), 2000).await {
                 Ok(lines) => Some(steps::tail(
                     &lines
                         .iter()
@@ -341,8 +356,16 @@ impl Driver {
             self.pass();
             if let Err(e) = self.commit().await {
                 warn!("storing workflow changes: {e}; reading the runs again");
-                tokio::time::sleep(TICK).await;
-                let _ = self.load().await;
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(TICK) => {}
+                    }
+                    match self.load().await {
+                        Ok(()) => break,
+                        Err(e) => warn!("reading workflow runs: {e}; trying again"),
+                    }
+                }
             }
             let sleep = self
                 .wakes
@@ -359,7 +382,10 @@ impl Driver {
                 Some(rec) = done.recv() => self.job_ended(rec).await,
                 ev = events.recv() => match ev {
                     Ok(e) => self.event(e).await,
-                    Err(RecvError::Lagged(_)) => self.recheck().await,
+                    Err(RecvError::Lagged(_)) => {
+                        self.recheck().await;
+                        self.woken().await;
+                    }
                     Err(RecvError::Closed) => return,
                 },
                 _ = tokio::time::sleep(sleep) => {
@@ -387,6 +413,19 @@ impl Driver {
                         self.recheck().await
                     }
                     Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Wake steps whose node is online already (it came up while no driver ran, or its event
+    /// was missed) succeed.
+    async fn woken(&mut self) {
+        let nodes: Vec<String> = self.waking.keys().cloned().collect();
+        for node in nodes {
+            if let Ok(Some(n)) = self.cp.store.node_by_name(&node).await {
+                if self.cp.registry.is_online(n.id) {
+                    self.woke(&node, json!({"node": node, "online": true}));
                 }
             }
         }

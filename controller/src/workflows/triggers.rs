@@ -127,32 +127,41 @@ async fn schedules(cp: &Arc<ControlPlane>, defs: &[Workflow]) {
                 continue;
             };
             let key = schedule_key(s);
-            let due = match marks.get(&(w.name.clone(), key.clone())) {
+            let Some(&last) = marks.get(&(w.name.clone(), key.clone())) else {
                 // A schedule seen for the first time runs from now on.
-                None => None,
-                Some(&last) => match table.due(last, now) {
-                    None => continue,
-                    Some(t) => Some(t),
-                },
+                mark(cp, &w.name, &key, now).await;
+                continue;
             };
-            if let Some(t) = due {
-                if trigger::in_window(s, t, now, TICK) {
-                    fire(cp, w, s, t).await;
-                } else {
-                    warn!(workflow = %w.name, cron = %s.cron, "a scheduled time was missed and is past its catch-up window");
-                }
-            }
-            let fence = match cp.ha.fence() {
-                Ok(f) => f,
-                Err(_) => return,
+            // Times older than the catch-up window are not looked for.
+            let window = s.catch_up.unwrap_or_default().max(TICK * 5).as_millis() as i64;
+            let Some(due) = table.due(last.max(now - window), now) else {
+                continue;
             };
-            if let Err(e) = cp
-                .store
-                .set_schedule_mark(fence.as_ref(), &w.name, &key, now)
-                .await
-            {
-                warn!("recording a schedule's mark: {e}");
+            // Marked before it fires: a failover after this never fires the same time twice.
+            if !mark(cp, &w.name, &key, now).await {
+                return;
             }
+            if trigger::in_window(s, due, now, TICK) {
+                fire(cp, w, s, due).await;
+            }
+        }
+    }
+}
+
+/// Record a schedule's last look; `false` when this replica no longer leads or the write failed.
+async fn mark(cp: &ControlPlane, workflow: &str, key: &str, now: i64) -> bool {
+    let Ok(fence) = cp.ha.fence() else {
+        return false;
+    };
+    match cp
+        .store
+        .set_schedule_mark(fence.as_ref(), workflow, key, now)
+        .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("recording a schedule's mark: {e}");
+            false
         }
     }
 }
@@ -400,8 +409,9 @@ impl ControlPlane {
         let run = match self.start_run(&cx, name, inputs, trigger).await {
             Ok(r) => r,
             Err(e) => {
-                // Not started: the sender's retry of this delivery may start it.
-                if let Some(d) = &delivery {
+                // Refused, nothing started: the sender's retry may start it. (After a timeout
+                // the run may have been stored: the claim stays.)
+                if let (Some(d), false) = (&delivery, matches!(e, OpError::Conflict(_))) {
                     self.store.unclaim_delivery(name, d).await?;
                 }
                 return Err(e);

@@ -443,9 +443,14 @@ pub fn after_attempt(
             next.outputs = out;
             next.error = None;
         }
-        Outcome::Cancelled(e) => {
+        Outcome::Cancelled(e) if cancelled => {
             next.state = StepState::Cancelled;
             next.error = Some(e);
+        }
+        // Its job was cancelled by someone, not with its run: the step failed (no retry).
+        Outcome::Cancelled(e) => {
+            next.state = StepState::Failed;
+            next.error = Some(format!("its job was cancelled: {e}"));
         }
         Outcome::Failed(e) | Outcome::TimedOut(e)
             if cur.attempt < step.retry.attempts && !cancelled =>

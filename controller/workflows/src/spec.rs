@@ -39,6 +39,12 @@ pub const MAX_FILE_BYTES: usize = 1 << 20;
 pub const MAX_STEPS: usize = 200;
 /// The most attempts a step may be given.
 pub const MAX_ATTEMPTS: u32 = 20;
+/// The longest wait between attempts.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// The longest step timeout (a job's deadline is at most 30 days away).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A wake step's timeout when it gives none.
+pub const WAKE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The file: workflows by name.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
@@ -248,7 +254,7 @@ impl Retry {
     pub fn delay(&self, attempt: u32) -> Duration {
         let grow = self.factor.powi(attempt.saturating_sub(1).min(60) as i32);
         let secs = (self.backoff.as_secs_f64() * grow).min(self.max_backoff.as_secs_f64());
-        Duration::from_secs_f64(secs.max(0.0))
+        Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(MAX_WAIT)
     }
 }
 
@@ -352,7 +358,7 @@ fn resolve(name: &str, decl: &Loc<WorkflowDecl>) -> Result<Workflow, Vec<Problem
         if !valid_step_id(&id) {
             problems.push(problem(
                 &s.id,
-                format!("invalid step id `{id}`: use 1-63 letters, digits, '_' or '-', starting with a letter or '_'"),
+                format!("invalid step id `{id}`: use 1-63 letters, digits or '_', starting with a letter or '_'"),
             ));
         }
         if !seen.insert(id.clone()) {
@@ -386,7 +392,9 @@ fn resolve(name: &str, decl: &Loc<WorkflowDecl>) -> Result<Workflow, Vec<Problem
             node: s.node.clone(),
             selector: s.selector.clone(),
             retry: s.retry.clone().unwrap_or_else(Retry::none),
-            timeout: s.timeout,
+            timeout: s
+                .timeout
+                .or((s.kind == StepKind::Wake).then_some(WAKE_TIMEOUT)),
             continue_on_error: s.continue_on_error,
         });
     }
@@ -488,6 +496,12 @@ fn check_step(s: &Loc<StepDecl>, problems: &mut Vec<Problem>) {
                 format!("step `{id}`: retry.attempts must be 1 to {MAX_ATTEMPTS}"),
             ));
         }
+        if r.backoff > MAX_WAIT || r.max_backoff > MAX_WAIT {
+            problems.push(problem(
+                s,
+                format!("step `{id}`: retry waits are at most 24 hours"),
+            ));
+        }
         if !(1.0..=10.0).contains(&r.factor) {
             problems.push(problem(
                 s,
@@ -495,8 +509,11 @@ fn check_step(s: &Loc<StepDecl>, problems: &mut Vec<Problem>) {
             ));
         }
     }
-    if s.timeout.is_some_and(|t| t.is_zero()) {
-        problems.push(problem(s, format!("step `{id}`: timeout must be above 0")));
+    if s.timeout.is_some_and(|t| t.is_zero() || t > MAX_TIMEOUT) {
+        problems.push(problem(
+            s,
+            format!("step `{id}`: timeout must be above 0 and at most 30 days"),
+        ));
     }
 }
 
@@ -547,6 +564,7 @@ fn bad_reference(
         (Some("steps"), Some(s)) if !ancestors.contains(s) => Some(format!(
             "`steps.{s}` is not a step this one needs (directly or through others)"
         )),
+        (Some("steps"), None) => Some("read a step as `steps.ID`".into()),
         (Some("inputs" | "steps" | "trigger" | "run"), _) => None,
         (Some("secrets"), _) => Some(
             "secrets are not read in expressions; fields that take one name it (`secret: NAME`)"
@@ -559,16 +577,14 @@ fn bad_reference(
     }
 }
 
-/// A step id: read in expressions as `steps.ID` (or `steps['ID']` when it holds a `-`).
+/// A step id: read in expressions as `steps.ID`.
 fn valid_step_id(id: &str) -> bool {
     id.len() <= 63
         && id
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// The steps `id` waits for, directly or through others.

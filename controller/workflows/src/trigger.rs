@@ -94,9 +94,11 @@ pub struct Webhook {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheme {
-    /// `X-Hub-Signature-256: sha256=HEX(HMAC-SHA256(secret, body))`; `X-GitHub-Delivery`.
+    /// `X-Hub-Signature-256: sha256=HEX(HMAC-SHA256(secret, body))`; a body delivered again
+    /// (same signature) starts nothing.
     Github,
-    /// `X-Gitlab-Token: SECRET`; `X-Gitlab-Event-UUID`.
+    /// `X-Gitlab-Token: SECRET` (a token, not a signature: use it only over HTTPS);
+    /// `X-Gitlab-Event-UUID` drops GitLab's retries.
     Gitlab,
     /// `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,BASE64(HMAC-SHA256(key,
     /// id.timestamp.body))` with a `whsec_` key.
@@ -287,7 +289,9 @@ pub fn verify(
             let given = hex::decode(hex_sig).map_err(|_| "X-Hub-Signature-256 is not hex")?;
             let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
             hmac::verify(&key, body, &given).map_err(|_| "the signature does not match")?;
-            Ok(header("x-github-delivery"))
+            // The delivery header is not signed (a replay could change it): the signature,
+            // which is the same for GitHub's redelivery of the same body, is the id.
+            Ok(Some(format!("sha256:{}", hex::encode(&given))))
         }
         Scheme::Gitlab => {
             let token = header("x-gitlab-token").ok_or("no X-Gitlab-Token header")?;
@@ -361,6 +365,11 @@ pub fn check(t: &Triggers) -> Vec<String> {
     for s in &t.schedule {
         if let Err(e) = Timetable::new(s) {
             out.push(e);
+        }
+        if s.catch_up
+            .is_some_and(|c| c > Duration::from_secs(7 * 24 * 3600))
+        {
+            out.push(format!("schedule `{}`: catch_up is at most 7 days", s.cron));
         }
         out.extend(check_inputs(&s.inputs, "a schedule's"));
     }

@@ -318,3 +318,20 @@ workflows:
         .contains("no input `colour`"));
     assert!(check_inputs(&w, &json!([1])).is_err());
 }
+
+#[test]
+fn a_step_job_cancelled_from_outside_fails_the_run() {
+    let mut s = Sim::new(wf(r#"
+workflows:
+  w:
+    steps:
+      - { id: a, type: noop, node: n, retry: { attempts: 3 } }
+      - { id: b, type: noop, node: n }
+"#));
+    s.step(0);
+    s.end("a", Outcome::Cancelled("cancelled by bob".into()), 1);
+    assert_eq!(s.state("a"), StepState::Failed, "no retry either");
+    s.step(1);
+    s.step(1);
+    assert_eq!(s.finished.as_ref().unwrap().0, RunState::Failed);
+}

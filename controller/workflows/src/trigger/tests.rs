@@ -127,7 +127,8 @@ fn github_signatures_are_checked() {
     ];
     assert_eq!(
         verify(Scheme::Github, "s3cret", &headers(&h), body, 0),
-        Ok(Some("d-1".into()))
+        Ok(Some(format!("sha256:{}", &good[7..]))),
+        "the signature identifies the delivery"
     );
     assert!(verify(Scheme::Github, "other", &headers(&h), body, 0).is_err());
     assert!(verify(
