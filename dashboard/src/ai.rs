@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
 use futures::Stream;
@@ -307,12 +307,7 @@ pub(crate) async fn models_events(
             }
         }
     });
-    let stream =
-        futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
-        );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    crate::sse_of(rx)
 }
 
 pub(crate) async fn chat_page(

@@ -393,6 +393,18 @@ fn page(user: &User, title: &str, current: &str, live: Option<&str>, body: Marku
     }
 }
 
+/// A live view's server-sent events, from the channel its task sends them on.
+fn sse_of(
+    rx: tokio::sync::mpsc::Receiver<axum::response::sse::Event>,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|ev| (Ok(ev), rx))
+    });
+    axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
+}
+
 fn csrf_field(user: &User) -> Markup {
     html! { input type="hidden" name="csrf" value=(user.csrf); }
 }
@@ -432,7 +444,7 @@ mod prelude {
     pub(crate) use axum::extract::rejection::FormRejection;
     pub(crate) use axum::extract::{ConnectInfo, Form, Path, Query, State};
     pub(crate) use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-    pub(crate) use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    pub(crate) use axum::response::sse::{Event as SseEvent, Sse};
     pub(crate) use axum::response::{IntoResponse, Redirect, Response};
     pub(crate) use axum::Extension;
     pub(crate) use futures::Stream;
@@ -448,6 +460,6 @@ mod prelude {
     pub(crate) use super::pages::login::CsrfForm;
     pub(crate) use super::{
         charts, constant_eq, cookie, csrf_field, gib, node_dom_id, op_error, page, pct_bar,
-        problem, secure, User, COALESCE, LOGIN_COOKIE, REFRESH, SESSION_COOKIE,
+        problem, secure, sse_of, User, COALESCE, LOGIN_COOKIE, REFRESH, SESSION_COOKIE,
     };
 }

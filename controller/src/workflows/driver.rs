@@ -256,42 +256,29 @@ impl Driver {
                     return Ok(());
                 };
                 // Rendered again from the same rows: the same parameters.
-                let view = view(open);
-                let plan_step = open.wf.step(step).cloned();
-                let scope_with = plan_step.as_ref().map(|ps| {
-                    let sc = engine::scope(&view, ps);
-                    (
-                        nebula_workflows::expr::render(&Json::Object(ps.with.clone()), &sc),
-                        ps.node
-                            .as_ref()
-                            .map(|n| nebula_workflows::expr::render(&Json::String(n.clone()), &sc)),
-                    )
-                });
                 let attempt = s.attempt;
-                if let (Some(ps), Some((Ok(with), node))) = (plan_step, scope_with) {
-                    let node = match node {
-                        Some(Ok(Json::String(n))) => Some(n),
-                        _ => None,
-                    };
-                    let deadline = self.cp.config.job_default_deadline;
-                    match steps::start(&ps, &with, node.as_deref(), deadline) {
-                        Ok(Start::Job(new)) => {
-                            self.pending.effects.push(Effect::CreateJob {
-                                run,
-                                step: step.to_owned(),
-                                key: JobKey {
-                                    id: job,
-                                    key: format!("{run}/{step}/{attempt}"),
-                                    fresh: false,
-                                },
-                                job: new,
-                            });
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            self.ended.push((run, step.to_owned(), Outcome::Failed(e)));
-                            self.dirty.insert(run);
-                        }
+                let Some(ps) = open.wf.step(step).cloned() else {
+                    return Ok(());
+                };
+                let rendered = engine::parameters(&engine::scope(&view(open), &ps), &ps);
+                let deadline = self.cp.config.job_default_deadline;
+                let started = rendered
+                    .and_then(|(with, node)| steps::start(&ps, &with, node.as_deref(), deadline));
+                match started {
+                    Ok(Start::Job(new)) => self.pending.effects.push(Effect::CreateJob {
+                        run,
+                        step: step.to_owned(),
+                        key: JobKey {
+                            id: job,
+                            key: format!("{run}/{step}/{attempt}"),
+                            fresh: false,
+                        },
+                        job: new,
+                    }),
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.ended.push((run, step.to_owned(), Outcome::Failed(e)));
+                        self.dirty.insert(run);
                     }
                 }
             }

@@ -356,32 +356,14 @@ fn start(run: &RunView<'_>, step: &Step, attempt: u32) -> Action {
         }
         Ok(true) => {}
     }
-    let with = match expr::render(&Json::Object(step.with.clone()), &scope) {
-        Ok(w) => w,
-        Err(e) => {
+    let (with, node) = match parameters(&scope, step) {
+        Ok(p) => p,
+        Err(error) => {
             return Action::Fail {
                 step: step.id.clone(),
-                error: format!("its parameters: {e}"),
+                error,
             }
         }
-    };
-    let node = match &step.node {
-        None => None,
-        Some(n) => match expr::render(&Json::String(n.clone()), &scope) {
-            Ok(Json::String(s)) => Some(s),
-            Ok(other) => {
-                return Action::Fail {
-                    step: step.id.clone(),
-                    error: format!("its node rendered to {other}, not a name"),
-                }
-            }
-            Err(e) => {
-                return Action::Fail {
-                    step: step.id.clone(),
-                    error: format!("its node: {e}"),
-                }
-            }
-        },
     };
     Action::Start {
         step: step.id.clone(),
@@ -389,6 +371,22 @@ fn start(run: &RunView<'_>, step: &Step, attempt: u32) -> Action {
         with,
         node,
     }
+}
+
+/// A step's `with` and `node`, rendered against `scope` (the same rows give the same values:
+/// a controller that makes a lost step job again renders it with this too).
+pub fn parameters(scope: &Scope, step: &Step) -> Result<(Json, Option<String>), String> {
+    let with = expr::render(&Json::Object(step.with.clone()), scope)
+        .map_err(|e| format!("its parameters: {e}"))?;
+    let node = match &step.node {
+        None => None,
+        Some(n) => match expr::render(&Json::String(n.clone()), scope) {
+            Ok(Json::String(s)) => Some(s),
+            Ok(other) => return Err(format!("its node rendered to {other}, not a name")),
+            Err(e) => return Err(format!("its node: {e}")),
+        },
+    };
+    Ok((with, node))
 }
 
 fn finish(run: &RunView<'_>) -> Action {

@@ -368,8 +368,5 @@ pub(crate) async fn overview_events(
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|ev| (Ok(ev), rx))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    sse_of(rx)
 }

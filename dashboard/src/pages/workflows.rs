@@ -257,12 +257,7 @@ pub(crate) async fn run_events(
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-    });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    sse_of(rx).into_response()
 }
 
 pub(crate) async fn start_run(
