@@ -164,6 +164,24 @@ impl Backends {
             .cloned()
     }
 
+    /// The URL of an inference `path` on the backend named `backend`, or why there is none
+    /// (no such backend, or not an inference path of its kind).
+    pub(crate) fn inference_url(&self, backend: &str, path: &str) -> Result<reqwest::Url, String> {
+        let (kind, base, parsed) = self
+            .get(backend)
+            .ok_or_else(|| format!("no backend named `{backend}` on this node"))?;
+        if !allowed_path(kind, path) {
+            return Err(format!(
+                "`{path}` is not an inference path of a {} backend",
+                kind.as_str()
+            ));
+        }
+        let mut url = parsed.ok_or_else(|| format!("`{base}` is not a URL"))?;
+        let full = format!("{}{}", url.path().trim_end_matches('/'), path);
+        url.set_path(&full);
+        Ok(url)
+    }
+
     fn set(&self, list: &[Known]) {
         let map = list
             .iter()
@@ -578,22 +596,9 @@ async fn proxy(
         message,
         timeout: false,
     };
-    let (kind, base, parsed) = backends
-        .get(&req.backend)
-        .ok_or_else(|| fail(format!("no backend named `{}` on this node", req.backend)))?;
-    if !allowed_path(kind, &req.path) {
-        return Err(fail(format!(
-            "`{}` is not an inference path of a {} backend",
-            req.path,
-            kind.as_str()
-        )));
-    }
-    let url = {
-        let mut url = parsed.ok_or_else(|| fail(format!("`{base}` is not a URL")))?;
-        let path = format!("{}{}", url.path().trim_end_matches('/'), req.path);
-        url.set_path(&path);
-        url
-    };
+    let url = backends
+        .inference_url(&req.backend, &req.path)
+        .map_err(fail)?;
     let started = tokio::time::Instant::now();
     let total = Duration::from_millis(req.total_timeout_ms.max(1).into());
     let first = Duration::from_millis(req.first_byte_timeout_ms.max(1).into()).min(total);

@@ -88,6 +88,9 @@ pub struct JobsConfig {
     pub max_concurrent: usize,
     /// Finished jobs remembered in the journal (answers to redelivered jobs).
     pub journal_entries: usize,
+    /// Send HTTP requests for `http` jobs (workflow steps that call a URL from this host).
+    /// `false` refuses them.
+    pub http: bool,
 }
 
 impl Default for JobsConfig {
@@ -95,6 +98,7 @@ impl Default for JobsConfig {
         JobsConfig {
             max_concurrent: 16,
             journal_entries: 4096,
+            http: true,
         }
     }
 }

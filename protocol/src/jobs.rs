@@ -97,11 +97,39 @@ pub enum JobSpec {
     /// files are written into each new container before it starts. Only such services are
     /// sent this way.
     DeployWithFiles(Box<crate::deploy::DeployWithFiles>),
+    /// An HTTP request from this host (1.12), answered with [`JobOutput::Http`].
+    Http(HttpSpec),
+    /// An inference request to one of the node's backends as a stored job (1.12): the same
+    /// request as [`JobControl::Infer`], but journalled, with its whole answer (up to
+    /// [`MAX_HTTP_BODY`]) as [`JobOutput::Http`].
+    Infer(crate::ai::InferRequest),
+}
+
+/// Most response bytes an `http` or `infer` job carries back (the rest is cut and marked).
+pub const MAX_HTTP_BODY: u32 = 4 << 20;
+
+/// An HTTP request from the agent's host. Redirects are not followed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpSpec {
+    /// `GET`, `HEAD`, `POST`, `PUT`, `PATCH` or `DELETE`.
+    pub method: String,
+    /// An `http://` or `https://` URL.
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    pub timeout_ms: u32,
+    /// Response bytes to keep (at most [`MAX_HTTP_BODY`]).
+    pub max_bytes: u32,
+}
+
+impl HttpSpec {
+    pub const METHODS: [&'static str; 6] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
 }
 
 impl JobSpec {
     /// Number of kinds this build knows (the variant count above).
-    pub const KINDS: u32 = 12;
+    pub const KINDS: u32 = 14;
 
     /// The service a deploy or an undeploy changes (one at a time per service on a node).
     pub fn deploy_service(&self) -> Option<&str> {
@@ -128,6 +156,8 @@ impl JobSpec {
             JobSpec::Model(_) => "model",
             JobSpec::Container(_) => "container",
             JobSpec::Storage(_) => "storage",
+            JobSpec::Http(_) => "http",
+            JobSpec::Infer(_) => "infer",
         }
     }
 
@@ -143,7 +173,7 @@ impl JobSpec {
                     ..
                 })
                 | JobSpec::Storage(crate::containers::StorageAction::List)
-        )
+        ) || matches!(self, JobSpec::Http(h) if h.method == "GET" || h.method == "HEAD")
     }
 }
 
@@ -265,6 +295,22 @@ pub enum JobOutput {
     Deploy(DeployReport),
     /// A `storage` job's answer (1.6).
     Storage(crate::containers::StorageReport),
+    /// An `http` or `infer` job's answer (1.12).
+    Http(HttpOutput),
+}
+
+/// What an HTTP request (or a backend) answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpOutput {
+    pub status: u16,
+    pub content_type: String,
+    /// The body's first bytes (at most the request's `max_bytes`). In JSON: the text when it
+    /// is UTF-8, else `{"base64": "..."}`.
+    #[serde(with = "body_bytes")]
+    pub body: Vec<u8>,
+    /// The body was longer than what is kept.
+    pub truncated: bool,
+    pub latency_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,6 +339,52 @@ pub struct GitRepository {
     pub branch: Option<String>,
     pub commit: String,
     pub dirty: bool,
+}
+
+impl HttpOutput {
+    /// The body as text, when it is UTF-8.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.body).ok()
+    }
+}
+
+/// Bytes as bytes on the wire (bincode), and as readable JSON in the controller's store and
+/// API: a string when they are UTF-8, else `{"base64": "..."}`.
+mod body_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Readable {
+        Text(String),
+        Base64 { base64: String },
+    }
+
+    pub fn serialize<S: Serializer>(bytes: &Vec<u8>, s: S) -> Result<S::Ok, S::Error> {
+        if !s.is_human_readable() {
+            return serde_bytes::serialize(bytes, s);
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(t) => Readable::Text(t.to_owned()).serialize(s),
+            Err(_) => Readable::Base64 {
+                base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            }
+            .serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        if !d.is_human_readable() {
+            return serde_bytes::deserialize(d);
+        }
+        match Readable::deserialize(d)? {
+            Readable::Text(t) => Ok(t.into_bytes()),
+            Readable::Base64 { base64 } => base64::engine::general_purpose::STANDARD
+                .decode(base64)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl crate::Message for JobControl {
@@ -363,6 +455,39 @@ pub fn decode_request(payload: &[u8]) -> Result<DecodedControl, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An HTTP answer's body: bytes on the wire, readable JSON in the store (text when it is
+    /// UTF-8, base64 when not), and the same bytes back from either.
+    #[test]
+    fn an_http_body_is_bytes_on_the_wire_and_readable_in_json() {
+        let text = HttpOutput {
+            status: 200,
+            content_type: "application/json".into(),
+            body: br#"{"a":"<b>; rm -rf /"}"#.to_vec(),
+            truncated: false,
+            latency_us: 9,
+        };
+        let json = serde_json::to_value(&text).unwrap();
+        assert_eq!(json["body"], r#"{"a":"<b>; rm -rf /"}"#);
+        assert_eq!(serde_json::from_value::<HttpOutput>(json).unwrap(), text);
+        let png = HttpOutput {
+            body: vec![0x89, b'P', b'N', b'G', 0xff, 0],
+            ..text.clone()
+        };
+        let json = serde_json::to_value(&png).unwrap();
+        assert_eq!(json["body"]["base64"], "iVBOR/8A");
+        assert_eq!(serde_json::from_value::<HttpOutput>(json).unwrap(), png);
+        let done = JobEvent::Finished(JobResult {
+            output: JobOutput::Http(png),
+            ..JobResult::new(JobStatus::Succeeded, None)
+        });
+        let wire = crate::encode(&done).unwrap();
+        assert_eq!(crate::decode::<JobEvent>(&wire).unwrap(), done);
+        assert!(serde_json::from_value::<HttpOutput>(
+            serde_json::json!({"status": 200, "content_type": "", "body": {"base64": "!!"}, "truncated": false, "latency_us": 0})
+        )
+        .is_err());
+    }
 
     /// A 1.4 agent knew 8 kinds: a deploy with host access is kind 8 to it, which it refuses by
     /// name (with the request's header) instead of dropping the stream.

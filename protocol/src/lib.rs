@@ -72,7 +72,7 @@ pub const NODE_SAN_SUFFIX: &str = ".node.nebula.internal";
 /// The protocol version spoken by this build.
 pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion {
     major: 1,
-    minor: 11,
+    minor: 12,
 };
 
 /// `major.minor`. Same major: compatible. Different major: refused at `Hello`.

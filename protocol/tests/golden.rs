@@ -655,6 +655,27 @@ fn job_control() {
             action: containers::ContainerAction::Restart,
         })),
     );
+    check(
+        "job_request_http",
+        &req(JobSpec::Http(jobs::HttpSpec {
+            method: "POST".into(),
+            url: "http://127.0.0.1:8080/hook".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: br#"{"a":1}"#.to_vec(),
+            timeout_ms: 30_000,
+            max_bytes: 1 << 20,
+        })),
+    );
+    check(
+        "job_request_infer",
+        &req(JobSpec::Infer(nebula_protocol::ai::InferRequest {
+            backend: "llama".into(),
+            path: "/v1/chat/completions".into(),
+            body: br#"{"model":"smol"}"#.to_vec(),
+            first_byte_timeout_ms: 300_000,
+            total_timeout_ms: 300_000,
+        })),
+    );
 }
 
 #[test]
@@ -801,6 +822,21 @@ fn job_events() {
                 status: Some(200),
                 latency_us: 1830,
                 error: None,
+            }),
+        }),
+    );
+    check(
+        "job_finished_http",
+        &JobEvent::Finished(JobResult {
+            status: JobStatus::Succeeded,
+            exit_code: None,
+            error: None,
+            output: JobOutput::Http(jobs::HttpOutput {
+                status: 200,
+                content_type: "application/json".into(),
+                body: br#"{"ok":true}"#.to_vec(),
+                truncated: false,
+                latency_us: 2100,
             }),
         }),
     );

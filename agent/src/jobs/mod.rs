@@ -33,6 +33,7 @@ use deploy::Extras;
 pub mod container;
 pub mod deploy;
 pub mod exec;
+pub mod http;
 pub mod inventory;
 pub mod journal;
 pub mod model;
@@ -671,6 +672,27 @@ impl JobRunner {
                 JobSpec::Model(spec) => match &self.config.ai {
                     Some(backends) => tokio::select! {
                         r = model::run(&ctx, spec, backends) => r,
+                        stop = ctx.stopped() => stop.result(),
+                    },
+                    None => JobResult::new(
+                        JobStatus::Refused,
+                        Some("this agent has no inference backends".into()),
+                    ),
+                },
+                JobSpec::Http(spec) if !self.config.jobs.http => JobResult::new(
+                    JobStatus::Refused,
+                    Some(format!(
+                        "this agent sends no HTTP requests for jobs (jobs.http = false); not {} {}",
+                        spec.method, spec.url
+                    )),
+                ),
+                JobSpec::Http(spec) => tokio::select! {
+                    r = http::run(&ctx, spec) => r,
+                    stop = ctx.stopped() => stop.result(),
+                },
+                JobSpec::Infer(req) => match &self.config.ai {
+                    Some(backends) => tokio::select! {
+                        r = http::infer(&ctx, req, backends) => r,
                         stop = ctx.stopped() => stop.result(),
                     },
                     None => JobResult::new(

@@ -84,7 +84,7 @@ async fn http_get(url: &str, timeout: Duration) -> Result<u16, String> {
     Ok(resp.status().as_u16())
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

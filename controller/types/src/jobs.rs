@@ -1,6 +1,7 @@
 //! Job records as the controller keeps them and the API shows them.
 
 use nebula_protocol::validate::parse_mac;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use nebula_protocol::containers::{
@@ -81,6 +82,39 @@ pub enum Work {
         container: String,
         action: ContainerActionKind,
     },
+    /// An HTTP request from the node: `method` (default GET), `url`, `headers`, `body` (text),
+    /// `timeout` (default 30 s, at most 10 min). The answer's first `max_bytes` come back.
+    Http {
+        #[serde(default = "get")]
+        method: String,
+        url: String,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        headers: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<String>,
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        timeout: Option<Duration>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<u32>,
+    },
+    /// A request to one of the node's inference backends (`backend` by name, `path` such as
+    /// `/v1/chat/completions`, `body` the JSON text), made by workflows through the gateway's
+    /// routing (created by the controller only).
+    Infer {
+        backend: String,
+        path: String,
+        body: String,
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        timeout: Option<Duration>,
+    },
     /// `list` the node's images and volumes, or `prune` exactly the unused `images` (ids)
     /// and `volumes` (names) named.
     Storage {
@@ -91,6 +125,17 @@ pub enum Work {
         volumes: Vec<String>,
     },
 }
+
+fn get() -> String {
+    "GET".to_owned()
+}
+
+/// How long an `http` job waits by default.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an `infer` job waits by default (a model load included).
+pub const INFER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Response bytes an `http` job keeps by default.
+pub const HTTP_MAX_BYTES: u32 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -169,6 +214,8 @@ impl Work {
             Work::Model { .. } => "model",
             Work::Container { .. } => "container",
             Work::Storage { .. } => "storage",
+            Work::Http { .. } => "http",
+            Work::Infer { .. } => "infer",
         }
     }
 
@@ -192,6 +239,8 @@ impl Work {
                 d.files.len()
             ),
             Work::Undeploy(u) => format!("undeploy {}", u.service),
+            Work::Http { method, url, .. } => format!("{method} {url}"),
+            Work::Infer { backend, path, .. } => format!("infer {backend} {path}"),
             Work::Container { container, action } => {
                 format!("{} {container}", action.to_action().as_str())
             }
@@ -243,6 +292,7 @@ impl Work {
                 | Work::DeployWithHostAccess(_)
                 | Work::DeployWithFiles(_)
                 | Work::Undeploy(_)
+                | Work::Infer { .. }
         )
     }
 
@@ -372,7 +422,16 @@ impl Work {
                     ))
                 }
             }
+            Work::Http {
+                method,
+                url,
+                headers,
+                body,
+                timeout,
+                max_bytes,
+            } => validate_http(method, url, headers, body.as_deref(), *timeout, *max_bytes),
             Work::Noop
+            | Work::Infer { .. }
             | Work::Inventory
             | Work::Deploy(_)
             | Work::DeployWithHostAccess(_)
@@ -447,6 +506,39 @@ impl Work {
                 images: images.clone(),
                 volumes: volumes.clone(),
             }),
+            Work::Http {
+                method,
+                url,
+                headers,
+                body,
+                timeout,
+                max_bytes,
+            } => JobSpec::Http(nebula_protocol::jobs::HttpSpec {
+                method: method.clone(),
+                url: url.clone(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                body: body.clone().unwrap_or_default().into_bytes(),
+                timeout_ms: millis(timeout.unwrap_or(HTTP_TIMEOUT)),
+                max_bytes: max_bytes.unwrap_or(HTTP_MAX_BYTES),
+            }),
+            Work::Infer {
+                backend,
+                path,
+                body,
+                timeout,
+            } => {
+                let total = millis(timeout.unwrap_or(INFER_TIMEOUT));
+                JobSpec::Infer(nebula_protocol::ai::InferRequest {
+                    backend: backend.clone(),
+                    path: path.clone(),
+                    body: body.clone().into_bytes(),
+                    first_byte_timeout_ms: total,
+                    total_timeout_ms: total,
+                })
+            }
             Work::Wake { mac, broadcast } => JobSpec::Wake(nebula_protocol::jobs::WakeSpec {
                 mac: parse_mac(mac).unwrap_or_default(),
                 broadcast: broadcast
@@ -456,6 +548,55 @@ impl Work {
             }),
         }
     }
+}
+
+/// An `http` job's request, checked before any agent sees it.
+fn validate_http(
+    method: &str,
+    url: &str,
+    headers: &BTreeMap<String, String>,
+    body: Option<&str>,
+    timeout: Option<Duration>,
+    max_bytes: Option<u32>,
+) -> Result<(), String> {
+    use nebula_protocol::jobs::{HttpSpec, MAX_HTTP_BODY};
+    if !HttpSpec::METHODS.contains(&method) {
+        return Err(format!(
+            "http `method` must be one of {}, not `{method}`",
+            HttpSpec::METHODS.join(", ")
+        ));
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 8192 {
+        return Err(format!(
+            "http `url` must be an http:// or https:// URL, not `{url}`"
+        ));
+    }
+    let bad_header = headers.iter().find(|(k, v)| {
+        k.is_empty()
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+            || v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
+    });
+    if let Some((k, _)) = bad_header {
+        return Err(format!(
+            "http header `{k}` is not a header name with a one-line value"
+        ));
+    }
+    if headers.len() > 64 || body.is_some_and(|b| b.len() > 1 << 20) {
+        return Err("http takes at most 64 headers and a body of 1 MiB".into());
+    }
+    if timeout.is_some_and(|t| t > Duration::from_secs(600) || t.is_zero()) {
+        return Err("http timeout must be between 1ms and 10m".into());
+    }
+    if max_bytes.is_some_and(|m| m > MAX_HTTP_BODY) {
+        return Err(format!("http `max_bytes` is at most {MAX_HTTP_BODY}"));
+    }
+    Ok(())
+}
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().min(u32::MAX as u128) as u32
 }
 
 /// Where a job may run: one node by name, or any node matching a selector.
