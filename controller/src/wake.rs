@@ -132,13 +132,9 @@ impl ControlPlane {
         Ok(wake)
     }
 
-    /// Run the node's allow-listed sleep command (`nodes.NAME.sleep` in the service map).
-    pub async fn sleep_node(
-        self: &Arc<Self>,
-        name: &str,
-        cx: &OpCtx,
-    ) -> Result<JobRecord, OpError> {
-        self.authorize(cx, Op::SleepNode)?;
+    /// The job that runs the node's allow-listed sleep command (`nodes.NAME.sleep` in the
+    /// service map).
+    pub(crate) fn sleep_job(&self, name: &str) -> Result<NewJob, OpError> {
         let op = self
             .desired
             .active()
@@ -148,21 +144,26 @@ impl ControlPlane {
                     "`{name}` has no sleep command (nodes.{name}.sleep in the service map)"
                 ))
             })?;
-        let job = self
-            .create_job(
-                NewJob {
-                    work: Work::Exec {
-                        op,
-                        args: Vec::new(),
-                    },
-                    target: Target::Node(name.to_owned()),
-                    deadline: Some(Duration::from_secs(60)),
-                    idempotent: false,
-                    max_attempts: Some(1),
-                },
-                cx,
-            )
-            .await?;
+        Ok(NewJob {
+            work: Work::Exec {
+                op,
+                args: Vec::new(),
+            },
+            target: Target::Node(name.to_owned()),
+            deadline: Some(Duration::from_secs(60)),
+            idempotent: false,
+            max_attempts: Some(1),
+        })
+    }
+
+    /// Run the node's allow-listed sleep command (`nodes.NAME.sleep` in the service map).
+    pub async fn sleep_node(
+        self: &Arc<Self>,
+        name: &str,
+        cx: &OpCtx,
+    ) -> Result<JobRecord, OpError> {
+        self.authorize(cx, Op::SleepNode)?;
+        let job = self.create_job(self.sleep_job(name)?, cx).await?;
         // The job's events say when the node went down.
         self.record(
             cx,

@@ -729,3 +729,313 @@ async fn the_dashboard_starts_a_run_draws_its_graph_live_and_takes_a_decision() 
     })
     .await;
 }
+
+const REACH: &str = r#"
+workflows:
+  reach:
+    inputs: { url: {}, note: {} }
+    steps:
+      - id: ask
+        type: http
+        node: box
+        with:
+          url: "${{ inputs.url }}/echo"
+          method: post
+          headers: { x-run: "${{ run.id }}" }
+          body: { note: "${{ inputs.note }}" }
+      - id: think
+        type: ai-text
+        with:
+          model: smol
+          system: Answer in one short sentence.
+          prompt: "Say hello to ${{ steps.ask.outputs.json.name }}."
+          max_tokens: 12
+      - id: tell
+        type: notify
+        with:
+          sink: ops
+          title: "Run ${{ run.id }}"
+          message: "${{ steps.think.outputs.text }}"
+  lost:
+    steps:
+      - { id: think, type: ai-text, with: { model: nothing-serves-this, prompt: hi } }
+  missing:
+    inputs: { url: {} }
+    steps:
+      - { id: ask, type: http, node: box, with: { url: "${{ inputs.url }}/nowhere" } }
+      - { id: tell, type: notify, with: { sink: no-such-sink, message: x } }
+"#;
+
+/// What the test's HTTP server got: (path, headers as `name: value` lines, body).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+/// An HTTP server on 127.0.0.1: `POST /echo` answers `{"name": "nebula", "got": BODY}`,
+/// `POST /hook` (a webhook sink) answers 200; both record what they got; anything else is 404.
+async fn http_server() -> (String, Seen) {
+    use axum::response::IntoResponse as _;
+    let seen: Seen = Default::default();
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(
+        move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| {
+            let record = record.clone();
+            async move {
+                let head: String = headers
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("")))
+                    .collect();
+                record
+                    .lock()
+                    .unwrap()
+                    .push((uri.path().to_owned(), head, body.clone()));
+                match uri.path() {
+                    "/echo" => {
+                        let got: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                        axum::Json(json!({"name": "nebula", "got": got})).into_response()
+                    }
+                    "/hook" => axum::http::StatusCode::OK.into_response(),
+                    _ => (axum::http::StatusCode::NOT_FOUND, "no such page").into_response(),
+                }
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+/// An http step from a node, an ai-text step on the real llama.cpp backend (routed by the
+/// gateway, as an ordinary job), and a notify step through a webhook sink; a model nothing
+/// serves, a 404 and an unknown sink fail their runs with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_call_a_url_a_real_model_and_a_sink() {
+    let (_llama, llama_url) = crate::ai::llama_server("smol").await;
+    let (url, seen) = http_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = controller_with(dir.path(), REACH).await;
+    let config = format!(
+        "[ai]\ndiscover = false\npoll_interval = \"300ms\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"{llama_url}\"\n"
+    );
+    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(&config)).await;
+    crate::ai::wait_model(&c, "smol", &["box"]).await;
+    let (status, body) = c
+        .api(
+            Method::POST,
+            "/api/v1/alerts/sinks",
+            Some(json!({"name": "ops", "kind": "webhook", "url": format!("{url}/hook")})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let note = "it's $(touch /tmp/pwned); rm -rf / `id` \"quoted\"";
+    let (status, run) = start(&c, "reach", json!({"url": url, "note": note})).await;
+    assert_eq!(status, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    let done = wait_run(&c, &id, &["succeeded", "failed"], Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+
+    // The request went from the node with the rendered header, the body as JSON data.
+    let ask = &step(&done, "ask")["outputs"];
+    assert_eq!(ask["status"], 200, "{ask}");
+    assert_eq!(ask["json"]["got"]["note"], note, "{ask}");
+    assert_eq!(ask["node"], "box");
+    let echo = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _, _)| p == "/echo")
+        .cloned()
+        .unwrap();
+    assert!(echo.1.contains(&format!("x-run: {id}\n")), "{}", echo.1);
+    assert!(
+        echo.1.contains("content-type: application/json\n"),
+        "{}",
+        echo.1
+    );
+    assert!(!Path::new("/tmp/pwned").exists());
+
+    // The model answered through an infer job on the node that serves it.
+    let think = &step(&done, "think")["outputs"];
+    let text = think["text"].as_str().unwrap_or_else(|| panic!("{think}"));
+    assert!(!text.is_empty(), "{think}");
+    assert_eq!(think["node"], "box");
+    assert!(
+        think["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{think}"
+    );
+    let job = c
+        .get(&format!("/api/v1/jobs/{}", think["job"].as_str().unwrap()))
+        .await;
+    assert_eq!(job["work"]["kind"], "infer", "{job}");
+    assert_eq!(job["work"]["backend"], "llama", "{job}");
+
+    // The sink got the model's words, under an id made from the run, step and attempt.
+    let hook = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _, _)| p == "/hook")
+        .cloned()
+        .unwrap();
+    let msg: Value = serde_json::from_str(&hook.2).unwrap();
+    assert_eq!(msg["type"], "workflow.notify", "{msg}");
+    assert_eq!(msg["data"]["text"], text, "{msg}");
+    assert_eq!(msg["data"]["title"], format!("Run {id}"), "{msg}");
+    let simple = id.replace('-', "");
+    assert!(
+        hook.1
+            .contains(&format!("webhook-id: msg_{simple}_tell_1\n")),
+        "{}",
+        hook.1
+    );
+    let tell = &step(&done, "tell")["outputs"];
+    assert_eq!(tell["message_id"], format!("msg_{simple}_tell_1"));
+
+    // A model nothing serves: the step fails with the reason, no job is made.
+    let (_, run) = start(&c, "lost", json!({})).await;
+    let lost = wait_run(
+        &c,
+        run["id"].as_str().unwrap(),
+        &["succeeded", "failed"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(lost["state"], "failed");
+    let err = step(&lost, "think")["error"].as_str().unwrap().to_owned();
+    assert!(
+        err.contains("no online node serves model `nothing-serves-this`"),
+        "{err}"
+    );
+    assert!(step(&lost, "think")["job"].is_null(), "{lost:#}");
+
+    // A 404 fails the http step with the answer; what needs it is skipped.
+    let (_, run) = start(&c, "missing", json!({"url": url})).await;
+    let missing = wait_run(
+        &c,
+        run["id"].as_str().unwrap(),
+        &["succeeded", "failed"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(missing["state"], "failed");
+    let err = step(&missing, "ask")["error"].as_str().unwrap().to_owned();
+    assert!(err.contains("404") && err.contains("no such page"), "{err}");
+    assert_eq!(step(&missing, "tell")["state"], "skipped");
+
+    // The audit names the notification with its run.
+    let audit = c
+        .get("/api/v1/audit?action=workflow.notify")
+        .await
+        .to_string();
+    assert!(audit.contains(&id), "{audit}");
+}
+
+const SHIP: &str = r#"
+workflows:
+  ship:
+    inputs: { service: {} }
+    steps:
+      - { id: up, type: deploy, with: { service: "${{ inputs.service }}" } }
+      - { id: back, type: deploy, with: { service: "${{ inputs.service }}", action: rollback } }
+      - { id: nap, type: sleep, with: { node: box } }
+  nowhere:
+    steps:
+      - { id: up, type: deploy, with: { service: not-declared } }
+"#;
+
+fn ship_map(v: u32) -> String {
+    format!(
+        "version: 1\nnodes:\n  box:\n    sleep: nap\nservices:\n  tick:\n    image: {}\n    command: sleep 3600\n    env: {{ V: \"{v}\" }}\n    placement: {{ node: box }}\n",
+        crate::common::docker::IMAGE
+    )
+}
+
+async fn serving(c: &Controller, service: &str, revision: Option<&str>) -> Value {
+    wait_for(
+        &format!("{service} converged"),
+        Duration::from_secs(60),
+        || async {
+            let list = c.get("/api/v1/services").await;
+            let s = list
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == service)?
+                .clone();
+            let at = revision.is_none_or(|r| s["revision"] == r);
+            (s["status"] == "converged" && s["running"] == s["replicas"] && at).then_some(s)
+        },
+    )
+    .await
+}
+
+/// A deploy step on the real Docker Engine waits for its service; a rollback step pins the
+/// revision before and waits until it runs; a sleep step runs the node's sleep command once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_rollback_and_sleep_steps_act_on_the_fleet() {
+    crate::common::docker::ensure_image();
+    let dir = tempfile::tempdir().unwrap();
+    let c = controller_with(dir.path(), SHIP).await;
+    let config = format!(
+        "{}\n[exec.commands.nap]\nargv = [\"sh\", \"-c\", \"echo nap >> {}\"]\n",
+        agent_config(dir.path()),
+        dir.path().join("marks.log").display()
+    );
+    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(&config)).await;
+    let (status, body) = c.put_map(&ship_map(1)).await;
+    assert_eq!(status, 200, "{body}");
+    let v1 = serving(&c, "tick", None).await["revision"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = c.put_map(&ship_map(2)).await;
+    assert_eq!(status, 200, "{body}");
+    let v2 = wait_for("v2 wanted", Duration::from_secs(10), || async {
+        let s = serving(&c, "tick", None).await;
+        (s["revision"] != v1.as_str()).then(|| s["revision"].as_str().unwrap().to_owned())
+    })
+    .await;
+
+    let (status, run) = start(&c, "ship", json!({"service": "tick"})).await;
+    assert_eq!(status, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    let done = wait_run(&c, &id, &["succeeded", "failed"], Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(
+        step(&done, "up")["outputs"]["revision"],
+        v2.as_str(),
+        "{done:#}"
+    );
+    let back = &step(&done, "back")["outputs"];
+    assert_eq!(
+        (back["revision"].as_str(), back["rolled_back"].as_bool()),
+        (Some(v1.as_str()), Some(true)),
+        "{back}"
+    );
+    // The service runs the revision before, pinned over the map's.
+    let s = serving(&c, "tick", Some(&v1)).await;
+    assert_eq!(s["pinned_over"], v2.as_str(), "{s}");
+    let marks = std::fs::read_to_string(dir.path().join("marks.log")).unwrap();
+    assert_eq!(marks, "nap\n", "the sleep command ran once");
+    let audit = c.get("/api/v1/audit?limit=200").await.to_string();
+    assert!(
+        audit.contains("service.rollback") || audit.contains("rollback"),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("node.sleep") && audit.contains(&id),
+        "{audit}"
+    );
+
+    // A service the map does not declare fails the step with the reason.
+    let (_, run) = start(&c, "nowhere", json!({})).await;
+    let failed = wait_run(
+        &c,
+        run["id"].as_str().unwrap(),
+        &["succeeded", "failed"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(failed["state"], "failed");
+    let err = step(&failed, "up")["error"].as_str().unwrap().to_owned();
+    assert!(err.contains("no service named `not-declared`"), "{err}");
+}

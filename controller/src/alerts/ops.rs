@@ -257,28 +257,49 @@ impl ControlPlane {
     /// Send a test message to a sink now; the receiver's answer is the result.
     pub async fn test_sink(&self, cx: &OpCtx, name: &str) -> Result<(), OpError> {
         self.authorize(cx, Op::ManageAlerts)?;
+        let id = format!("msg_{}", Uuid::now_v7().simple());
+        let data = serde_json::json!({ "sink": name, "by": cx.actor });
+        self.send_to_sink(name, &id, "alert.test", data)
+            .await
+            .map_err(|e| match e {
+                OpError::Conflict(e) => {
+                    OpError::Conflict(format!("the test message was not delivered: {e}"))
+                }
+                e => e,
+            })
+    }
+
+    /// Send one message of type `kind` to a sink now, rendered for its kind (`data.title` and
+    /// `data.text` are what people read); the receiver's answer is the result. `id` is the
+    /// message's id (a webhook's `webhook-id`): the same id for a message sent again.
+    pub async fn send_to_sink(
+        &self,
+        name: &str,
+        id: &str,
+        kind: &str,
+        data: serde_json::Value,
+    ) -> Result<(), OpError> {
         let sinks = self.store.sinks().await?;
         let sink = sinks
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| OpError::NotFound(format!("no sink named `{name}`")))?;
         let body = serde_json::json!({
-            "type": "alert.test",
+            "type": kind,
             "timestamp": rfc3339(now()),
-            "data": { "sink": name, "by": cx.actor },
+            "data": data,
         })
         .to_string();
-        let id = format!("msg_{}", Uuid::now_v7().simple());
         sinks::deliver_to(
             self.alerts.channel(&sink.kind),
             &self.http_client,
             sink,
-            &id,
+            id,
             &body,
             self.config.public_url.as_deref(),
         )
         .await
-        .map_err(|e| OpError::Conflict(format!("the test message was not delivered: {e}")))
+        .map_err(OpError::Conflict)
     }
 
     pub async fn silences(&self, cx: &OpCtx) -> Result<Vec<SilenceView>, OpError> {

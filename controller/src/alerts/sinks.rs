@@ -266,7 +266,22 @@ fn discord_colour(doc: &serde_json::Value) -> u32 {
     }
 }
 
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
 fn title(doc: &serde_json::Value) -> String {
+    if let Some(t) = doc["data"]["title"].as_str() {
+        let mut t = t.to_owned();
+        truncate_at_char(&mut t, 250);
+        return t;
+    }
     let status = doc["data"]["status"].as_str().unwrap_or("");
     let group = doc["data"]["group"].as_str().unwrap_or("");
     let word = if status == "resolved" {
@@ -275,11 +290,14 @@ fn title(doc: &serde_json::Value) -> String {
         "Firing"
     };
     let mut t = format!("{word}: {group}");
-    t.truncate(250);
+    truncate_at_char(&mut t, 250);
     t
 }
 
 fn lines(doc: &serde_json::Value) -> String {
+    if let Some(t) = doc["data"]["text"].as_str() {
+        return t.to_owned();
+    }
     doc["data"]["alerts"]
         .as_array()
         .map(|a| {
@@ -386,7 +404,7 @@ pub async fn deliver(
         "discord" => {
             let doc: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
             let mut description = lines(&doc);
-            description.truncate(4000);
+            truncate_at_char(&mut description, 4000);
             let embed = json!({
                 "embeds": [{
                     "title": title(&doc),

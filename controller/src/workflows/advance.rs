@@ -158,7 +158,15 @@ impl Driver {
             not_before: None,
             started_at: Some(now),
         };
-        match steps::start(&def, with, node, self.cp.config.job_default_deadline) {
+        let route = super::local::FleetRoute(&self.cp);
+        let started = steps::start(
+            &def,
+            with,
+            node,
+            self.cp.config.job_default_deadline,
+            &route,
+        );
+        match started {
             Ok(Start::Job(job)) => {
                 let id = Uuid::now_v7();
                 self.by_job.insert(id, (run, step.to_owned()));
@@ -190,6 +198,24 @@ impl Driver {
                     run,
                     step: step.to_owned(),
                     node,
+                });
+            }
+            Ok(Start::Task(task)) => {
+                self.set_step(run, step, s, None);
+                let workflow = self
+                    .open
+                    .get(&run)
+                    .map(|o| o.rec.workflow.clone())
+                    .unwrap_or_default();
+                self.pending.effects.push(Effect::Task {
+                    at: super::local::Place {
+                        run,
+                        step: step.to_owned(),
+                        attempt,
+                        workflow,
+                    },
+                    task,
+                    resumed: false,
                 });
             }
             Err(e) => {
@@ -317,6 +343,15 @@ impl Driver {
                         }
                     }
                 }
+                Effect::Task { at, task, resumed } => {
+                    let cx = self.ctx(at.run);
+                    let (cp, tx) = (self.cp.clone(), self.task_tx.clone());
+                    tokio::spawn(async move {
+                        let (run, step, attempt) = (at.run, at.step.clone(), at.attempt);
+                        let out = super::local::run(cp, cx, at, task, resumed).await;
+                        let _ = tx.send((run, step, attempt, out));
+                    });
+                }
                 Effect::Reply(f) => f(),
                 Effect::Finished(id) => {
                     self.open.remove(&id);
@@ -328,7 +363,11 @@ impl Driver {
             match r {
                 Ok(rec) if rec.state.is_terminal() => {
                     // A job made before a restart, found by its key, that has ended.
-                    let out = steps::outcome(&rec, None);
+                    let def = self.open.get(&run).and_then(|o| o.wf.step(&step)).cloned();
+                    let out = match def {
+                        Some(def) => steps::outcome(&def, &rec, None, &self.cp.ai.filters),
+                        None => Outcome::Failed("the step is no longer known".into()),
+                    };
                     self.by_job.remove(&rec.id);
                     self.ended.push((run, step, out));
                     self.dirty.insert(run);

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use super::local;
 use super::steps::{self, Start};
 use super::Cmd;
 use crate::jobs::JobKey;
@@ -80,9 +81,18 @@ pub(super) enum Effect {
         step: String,
         node: String,
     },
+    /// A step the controller carries out; its outcome comes back on the task channel.
+    Task {
+        at: local::Place,
+        task: steps::Task,
+        resumed: bool,
+    },
     Reply(Box<dyn FnOnce() + Send + Sync>),
     Finished(Uuid),
 }
+
+/// A controller task's outcome: (run, step, attempt, outcome).
+pub(super) type TaskDone = (Uuid, String, u32, Outcome);
 
 pub(super) struct Driver {
     pub cp: Arc<ControlPlane>,
@@ -103,6 +113,8 @@ pub(super) struct Driver {
     pub watched: HashSet<Uuid>,
     pub done_tx: mpsc::UnboundedSender<Arc<crate::jobs::JobRecord>>,
     done_rx: Option<mpsc::UnboundedReceiver<Arc<crate::jobs::JobRecord>>>,
+    pub task_tx: mpsc::UnboundedSender<TaskDone>,
+    task_rx: Option<mpsc::UnboundedReceiver<TaskDone>>,
 }
 
 pub(super) fn now() -> i64 {
@@ -155,6 +167,7 @@ pub(super) fn latest(rows: &[StepRecord]) -> BTreeMap<String, (StepRun, Option<U
 impl Driver {
     pub(super) fn new(cp: Arc<ControlPlane>) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (task_tx, task_rx) = mpsc::unbounded_channel();
         Driver {
             cp,
             open: HashMap::new(),
@@ -168,6 +181,8 @@ impl Driver {
             watched: HashSet::new(),
             done_tx,
             done_rx: Some(done_rx),
+            task_tx,
+            task_rx: Some(task_rx),
         }
     }
 
@@ -224,8 +239,46 @@ impl Driver {
             }
         }
         self.woken().await;
+        self.resume_tasks();
         info!(runs = self.open.len(), "workflow runs loaded");
         Ok(())
+    }
+
+    /// Steps the controller was carrying out when the driver stopped go on (an action that
+    /// may not be repeated is only waited for).
+    fn resume_tasks(&mut self) {
+        let route = local::FleetRoute(&self.cp);
+        let deadline = self.cp.config.job_default_deadline;
+        let mut effects = Vec::new();
+        for open in self.open.values() {
+            for (id, s) in &open.steps {
+                let Some(ps) = open.wf.step(id) else { continue };
+                if s.state != StepState::Running
+                    || !matches!(
+                        ps.kind,
+                        StepKind::Sleep | StepKind::Notify | StepKind::Deploy
+                    )
+                {
+                    continue;
+                }
+                let started = engine::parameters(&engine::scope(&view(open), ps), ps).and_then(
+                    |(with, node)| steps::start(ps, &with, node.as_deref(), deadline, &route),
+                );
+                if let Ok(Start::Task(task)) = started {
+                    effects.push(Effect::Task {
+                        at: local::Place {
+                            run: open.rec.id,
+                            step: id.clone(),
+                            attempt: s.attempt,
+                            workflow: open.rec.workflow.clone(),
+                        },
+                        task,
+                        resumed: true,
+                    });
+                }
+            }
+        }
+        self.pending.effects.extend(effects);
     }
 
     /// A running step's job: ended (its outcome is taken), running (followed), or missing
@@ -238,7 +291,7 @@ impl Driver {
     ) -> Result<(), OpError> {
         match self.cp.job(job).await? {
             Some(rec) if rec.state.is_terminal() => {
-                let out = self.outcome_of(&rec).await;
+                let out = self.outcome_of(&rec, run, step).await;
                 self.by_job.remove(&job);
                 self.ended.push((run, step.to_owned(), out));
                 self.dirty.insert(run);
@@ -262,8 +315,10 @@ impl Driver {
                 };
                 let rendered = engine::parameters(&engine::scope(&view(open), &ps), &ps);
                 let deadline = self.cp.config.job_default_deadline;
-                let started = rendered
-                    .and_then(|(with, node)| steps::start(&ps, &with, node.as_deref(), deadline));
+                let route = local::FleetRoute(&self.cp);
+                let started = rendered.and_then(|(with, node)| {
+                    steps::start(&ps, &with, node.as_deref(), deadline, &route)
+                });
                 match started {
                     Ok(Start::Job(new)) => self.pending.effects.push(Effect::CreateJob {
                         run,
@@ -286,7 +341,10 @@ impl Driver {
         Ok(())
     }
 
-    async fn outcome_of(&self, rec: &crate::jobs::JobRecord) -> Outcome {
+    async fn outcome_of(&self, rec: &crate::jobs::JobRecord, run: Uuid, step: &str) -> Outcome {
+        let Some(def) = self.open.get(&run).and_then(|o| o.wf.step(step)).cloned() else {
+            return Outcome::Failed("the step is no longer known".into());
+        };
         let stdout = if matches!(rec.work, crate::jobs::Work::Exec { .. }) {
             // The attempt's last lines (at most 2,000), not its first.
             let next = self
@@ -315,7 +373,7 @@ impl Driver {
         } else {
             None
         };
-        steps::outcome(rec, stdout)
+        steps::outcome(&def, rec, stdout, &self.cp.ai.filters)
     }
 
     pub(super) async fn run(
@@ -324,7 +382,7 @@ impl Driver {
         cancel: CancellationToken,
     ) {
         let mut events = self.cp.events.subscribe();
-        let Some(mut done) = self.done_rx.take() else {
+        let (Some(mut done), Some(mut tasks)) = (self.done_rx.take(), self.task_rx.take()) else {
             return;
         };
         loop {
@@ -367,6 +425,7 @@ impl Driver {
                     None => return,
                 },
                 Some(rec) = done.recv() => self.job_ended(rec).await,
+                Some(t) = tasks.recv() => self.task_ended(t),
                 ev = events.recv() => match ev {
                     Ok(e) => self.event(e).await,
                     Err(RecvError::Lagged(_)) => {
@@ -393,6 +452,9 @@ impl Driver {
             while let Ok(rec) = done.try_recv() {
                 self.job_ended(rec).await;
             }
+            while let Ok(t) = tasks.try_recv() {
+                self.task_ended(t);
+            }
             loop {
                 match events.try_recv() {
                     Ok(e) => self.event(e).await,
@@ -418,6 +480,19 @@ impl Driver {
         }
     }
 
+    /// A controller task ended: its outcome counts while its attempt is still the step's.
+    fn task_ended(&mut self, (run, step, attempt, out): TaskDone) {
+        let current = self
+            .open
+            .get(&run)
+            .and_then(|o| o.steps.get(&step))
+            .is_some_and(|s| s.attempt == attempt && s.state == StepState::Running);
+        if current {
+            self.ended.push((run, step, out));
+            self.dirty.insert(run);
+        }
+    }
+
     /// A followed job's last record (it has ended, or its channel closed).
     async fn job_ended(&mut self, rec: Arc<crate::jobs::JobRecord>) {
         self.watched.remove(&rec.id);
@@ -425,7 +500,7 @@ impl Driver {
             return;
         };
         if rec.state.is_terminal() {
-            let out = self.outcome_of(&rec).await;
+            let out = self.outcome_of(&rec, run, &step).await;
             self.by_job.remove(&rec.id);
             self.ended.push((run, step, out));
             self.dirty.insert(run);

@@ -9,6 +9,7 @@
 
 mod advance;
 mod driver;
+mod local;
 mod steps;
 pub mod triggers;
 
@@ -271,11 +272,8 @@ impl ControlPlane {
         let w: Workflow = serde_json::from_str(&d.definition)
             .map_err(|e| OpError::Invalid(format!("workflow `{name}` does not read: {e}")))?;
         // Its steps act with the starter's role: refuse now what they could not do.
-        if w.steps.iter().any(|s| s.kind.on_node()) {
-            self.authorize(cx, Op::RunJob)?;
-        }
-        if w.steps.iter().any(|s| s.kind == spec::StepKind::Wake) {
-            self.authorize(cx, Op::WakeNode)?;
+        for op in w.steps.iter().flat_map(|s| steps::ops(s.kind)) {
+            self.authorize(cx, *op)?;
         }
         let inputs = engine::check_inputs(&w, &inputs).map_err(OpError::Invalid)?;
         let group = match &w.concurrency {

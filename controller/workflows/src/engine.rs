@@ -306,7 +306,9 @@ pub fn advance(run: &RunView<'_>, now: i64) -> Plan {
             },
             // Steps the controller carries out itself keep their own time; a job has its
             // deadline.
-            StepState::Approval | StepState::Running if !step.kind.on_node() => {
+            StepState::Approval | StepState::Running
+                if step.kind.placement() == crate::spec::Placement::Controller =>
+            {
                 if let (Some(t), Some(since)) = (step.timeout, cur.started_at) {
                     let at = since + t.as_millis() as i64;
                     if at <= now {

@@ -137,16 +137,49 @@ pub enum StepKind {
     Wake,
     /// Wait for a person to approve (dashboard, CLI, API): `with: {message}`.
     Approval,
+    /// An HTTP request from the node: `with: {url, method, headers, body, timeout, max_bytes,
+    /// fail_on_status}`.
+    Http,
+    /// A text answer from a model, through the gateway's routing (or on `node`): `with:
+    /// {model, prompt, system, messages, max_tokens, temperature}`.
+    AiText,
+    /// An image from a Stable Diffusion backend, through the gateway's routing: `with:
+    /// {prompt, negative_prompt, width, height, steps, seed}`.
+    AiImage,
+    /// Put a node to sleep with its allow-listed sleep command: `with: {node}`.
+    Sleep,
+    /// A message through an alert sink: `with: {sink, message, title, severity}`.
+    Notify,
+    /// Deploy a service of the service map and wait until it is healthy, or roll it back to an
+    /// earlier revision: `with: {service, action, revision}`.
+    Deploy,
+}
+
+/// Where a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On a node: `node` or `selector` is required.
+    Node,
+    /// On the node the gateway's routing picks, unless `node` names one.
+    Routed,
+    /// On the controller (it may start jobs of its own).
+    Controller,
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 6] = [
+    pub const ALL: [StepKind; 12] = [
         StepKind::Noop,
         StepKind::Exec,
         StepKind::ServiceCheck,
         StepKind::ModelPull,
         StepKind::Wake,
         StepKind::Approval,
+        StepKind::Http,
+        StepKind::AiText,
+        StepKind::AiImage,
+        StepKind::Sleep,
+        StepKind::Notify,
+        StepKind::Deploy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -157,6 +190,12 @@ impl StepKind {
             StepKind::ModelPull => "model-pull",
             StepKind::Wake => "wake",
             StepKind::Approval => "approval",
+            StepKind::Http => "http",
+            StepKind::AiText => "ai-text",
+            StepKind::AiImage => "ai-image",
+            StepKind::Sleep => "sleep",
+            StepKind::Notify => "notify",
+            StepKind::Deploy => "deploy",
         }
     }
 
@@ -167,14 +206,58 @@ impl StepKind {
             StepKind::Exec => &[("op", true), ("args", false)],
             StepKind::ServiceCheck => &[("http", false), ("tcp", false), ("timeout", false)],
             StepKind::ModelPull => &[("name", true), ("backend", false)],
-            StepKind::Wake => &[("node", true)],
+            StepKind::Wake | StepKind::Sleep => &[("node", true)],
             StepKind::Approval => &[("message", false)],
+            StepKind::Http => &[
+                ("url", true),
+                ("method", false),
+                ("headers", false),
+                ("body", false),
+                ("timeout", false),
+                ("max_bytes", false),
+                ("fail_on_status", false),
+            ],
+            StepKind::AiText => &[
+                ("model", true),
+                ("prompt", false),
+                ("system", false),
+                ("messages", false),
+                ("max_tokens", false),
+                ("temperature", false),
+            ],
+            StepKind::AiImage => &[
+                ("prompt", true),
+                ("model", false),
+                ("negative_prompt", false),
+                ("width", false),
+                ("height", false),
+                ("steps", false),
+                ("seed", false),
+            ],
+            StepKind::Notify => &[
+                ("sink", true),
+                ("message", true),
+                ("title", false),
+                ("severity", false),
+            ],
+            StepKind::Deploy => &[("service", true), ("action", false), ("revision", false)],
         }
     }
 
-    /// It runs as a job on a node (so it needs `node` or `selector`).
-    pub fn on_node(self) -> bool {
-        !matches!(self, StepKind::Wake | StepKind::Approval)
+    pub fn placement(self) -> Placement {
+        match self {
+            StepKind::Wake
+            | StepKind::Approval
+            | StepKind::Sleep
+            | StepKind::Notify
+            | StepKind::Deploy => Placement::Controller,
+            StepKind::AiText | StepKind::AiImage => Placement::Routed,
+            StepKind::Noop
+            | StepKind::Exec
+            | StepKind::ServiceCheck
+            | StepKind::ModelPull
+            | StepKind::Http => Placement::Node,
+        }
     }
 }
 
@@ -471,23 +554,31 @@ fn check_step(s: &Loc<StepDecl>, problems: &mut Vec<Problem>) {
             ));
         }
     }
-    match (s.kind.on_node(), s.node.is_some(), s.selector.is_some()) {
-        (true, false, false) => problems.push(problem(
+    match (s.kind.placement(), s.node.is_some(), s.selector.is_some()) {
+        (Placement::Node, false, false) => problems.push(problem(
             s,
             format!("step `{id}` runs on a node: give `node` or `selector`"),
         )),
-        (true, true, true) => problems.push(problem(
+        (Placement::Node | Placement::Routed, true, true) => problems.push(problem(
             s,
             format!("step `{id}`: give `node` or `selector`, not both"),
         )),
-        (false, true, _) | (false, _, true) => problems.push(problem(
-            s,
-            format!(
-                "step `{id}` ({}) runs on the controller: it takes no `node` or `selector`",
-                s.kind.as_str()
-            ),
-        )),
+        (Placement::Controller, true, _) | (Placement::Controller, _, true) => {
+            problems.push(problem(
+                s,
+                format!(
+                    "step `{id}` ({}) runs on the controller: it takes no `node` or `selector`",
+                    s.kind.as_str()
+                ),
+            ))
+        }
         _ => {}
+    }
+    if let Some(e) = literal_problem(s.kind, &with) {
+        problems.push(at_with(
+            s,
+            format!("step `{id}` ({}): {e}", s.kind.as_str()),
+        ));
     }
     if let Some(r) = &s.retry {
         if r.attempts == 0 || r.attempts > MAX_ATTEMPTS {
@@ -514,6 +605,37 @@ fn check_step(s: &Loc<StepDecl>, problems: &mut Vec<Problem>) {
             s,
             format!("step `{id}`: timeout must be above 0 and at most 30 days"),
         ));
+    }
+}
+
+/// What can be told of literal parameters before any run (values with `${{ }}` are checked when
+/// they are rendered).
+fn literal_problem(kind: StepKind, with: &serde_json::Map<String, Json>) -> Option<String> {
+    let literal = |key: &str| {
+        with.get(key)
+            .and_then(Json::as_str)
+            .filter(|v| !v.contains("${{"))
+    };
+    match kind {
+        StepKind::Http => {
+            let method = literal("method")?;
+            let known = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
+            (!known.contains(&method.to_ascii_uppercase().as_str())).then(|| {
+                format!(
+                    "`method` must be one of {}, not `{method}`",
+                    known.join(", ")
+                )
+            })
+        }
+        StepKind::Deploy => {
+            let action = literal("action")?;
+            (!matches!(action, "apply" | "rollback"))
+                .then(|| format!("`action` is `apply` or `rollback`, not `{action}`"))
+        }
+        StepKind::AiText if !with.contains_key("prompt") && !with.contains_key("messages") => {
+            Some("give `prompt` or `messages`".to_owned())
+        }
+        _ => None,
     }
 }
 
