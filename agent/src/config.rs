@@ -88,8 +88,8 @@ pub struct JobsConfig {
     pub max_concurrent: usize,
     /// Finished jobs remembered in the journal (answers to redelivered jobs).
     pub journal_entries: usize,
-    /// Send HTTP requests for `http` jobs (workflow steps that call a URL from this host).
-    /// `false` refuses them.
+    /// Send HTTP requests for `http` jobs (workflow steps that call a URL from this host, which
+    /// can reach what this host reaches). Off unless this host's owner turns it on.
     pub http: bool,
 }
 
@@ -98,7 +98,7 @@ impl Default for JobsConfig {
         JobsConfig {
             max_concurrent: 16,
             journal_entries: 4096,
-            http: true,
+            http: false,
         }
     }
 }

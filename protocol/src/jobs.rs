@@ -106,7 +106,7 @@ pub enum JobSpec {
 }
 
 /// Most response bytes an `http` or `infer` job carries back (the rest is cut and marked).
-pub const MAX_HTTP_BODY: u32 = 4 << 20;
+pub const MAX_HTTP_BODY: u32 = 2 << 20;
 
 /// An HTTP request from the agent's host. Redirects are not followed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

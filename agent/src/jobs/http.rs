@@ -45,8 +45,15 @@ pub async fn run(ctx: &JobContext, spec: &HttpSpec) -> JobResult {
     if !spec.body.is_empty() {
         req = req.body(spec.body.clone());
     }
-    ctx.log(LogStream::Agent, format!("{} {url}", spec.method));
-    answer(ctx, req.send(), spec.max_bytes, timeout, &url).await
+    // Logged and reported without user information or query (either may hold a token).
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    if shown.query().is_some() {
+        shown.set_query(Some("***"));
+    }
+    ctx.log(LogStream::Agent, format!("{} {shown}", spec.method));
+    answer(ctx, req.send(), spec.max_bytes, timeout, &shown).await
 }
 
 /// An inference request to a backend of this node, with its whole answer.
@@ -82,7 +89,7 @@ async fn answer(
     let started = Instant::now();
     let max = max_bytes.min(MAX_HTTP_BODY) as usize;
     let read = async {
-        let mut resp = sent.await.map_err(|e| error_chain(&e))?;
+        let mut resp = sent.await.map_err(|e| error_chain(&e.without_url()))?;
         let status = resp.status().as_u16();
         let content_type = resp
             .headers()
@@ -92,7 +99,11 @@ async fn answer(
             .to_owned();
         let mut body = Vec::new();
         let mut truncated = false;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| error_chain(&e.without_url()))?
+        {
             let room = max - body.len();
             if chunk.len() > room {
                 body.extend_from_slice(&chunk[..room]);

@@ -15,6 +15,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+/// The most bytes of an HTTP answer the journal keeps.
+const JOURNAL_BODY: usize = 64 * 1024;
+
 use nebula_protocol::jobs::JobResult;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -174,6 +177,16 @@ impl Journal {
         result: &JobResult,
         durable: bool,
     ) -> std::io::Result<()> {
+        // An HTTP answer is kept to its first bytes: a redelivery after a lost stream gets
+        // those (marked cut), and the journal stays small.
+        let mut result = result.clone();
+        if let nebula_protocol::jobs::JobOutput::Http(h) = &mut result.output {
+            if h.body.len() > JOURNAL_BODY {
+                h.body.truncate(JOURNAL_BODY);
+                h.truncated = true;
+            }
+        }
+        let result = &result;
         self.append(
             &Line::Finished {
                 id: key.id,

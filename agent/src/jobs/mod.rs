@@ -679,12 +679,9 @@ impl JobRunner {
                         Some("this agent has no inference backends".into()),
                     ),
                 },
-                JobSpec::Http(spec) if !self.config.jobs.http => JobResult::new(
+                JobSpec::Http(_) if !self.config.jobs.http => JobResult::new(
                     JobStatus::Refused,
-                    Some(format!(
-                        "this agent sends no HTTP requests for jobs (jobs.http = false); not {} {}",
-                        spec.method, spec.url
-                    )),
+                    Some("this agent sends no HTTP requests for jobs (turn on `[jobs] http = true` in its config)".into()),
                 ),
                 JobSpec::Http(spec) => tokio::select! {
                     r = http::run(&ctx, spec) => r,

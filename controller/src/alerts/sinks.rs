@@ -278,7 +278,11 @@ fn truncate_at_char(s: &mut String, max: usize) {
 
 fn title(doc: &serde_json::Value) -> String {
     if let Some(t) = doc["data"]["title"].as_str() {
-        let mut t = t.to_owned();
+        // One line: it may go out as an HTTP header (ntfy's `Title`).
+        let mut t: String = t
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         truncate_at_char(&mut t, 250);
         return t;
     }

@@ -4,6 +4,10 @@ use nebula_protocol::validate::parse_mac;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+mod http;
+use http::{get, validate_http};
+pub use http::{redact_url, HTTP_MAX_BYTES, HTTP_TIMEOUT, INFER_TIMEOUT};
+
 use nebula_protocol::containers::{
     valid_container_ref, ContainerAction, ContainerJob, StorageAction,
 };
@@ -83,7 +87,8 @@ pub enum Work {
         action: ContainerActionKind,
     },
     /// An HTTP request from the node: `method` (default GET), `url`, `headers`, `body` (text),
-    /// `timeout` (default 30 s, at most 10 min). The answer's first `max_bytes` come back.
+    /// `timeout` (default 30 s, at most 10 min). The answer's first `max_bytes` (default
+    /// 256 KiB) come back.
     Http {
         #[serde(default = "get")]
         method: String,
@@ -125,17 +130,6 @@ pub enum Work {
         volumes: Vec<String>,
     },
 }
-
-fn get() -> String {
-    "GET".to_owned()
-}
-
-/// How long an `http` job waits by default.
-pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long an `infer` job waits by default (a model load included).
-pub const INFER_TIMEOUT: Duration = Duration::from_secs(300);
-/// Response bytes an `http` job keeps by default.
-pub const HTTP_MAX_BYTES: u32 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -239,7 +233,7 @@ impl Work {
                 d.files.len()
             ),
             Work::Undeploy(u) => format!("undeploy {}", u.service),
-            Work::Http { method, url, .. } => format!("{method} {url}"),
+            Work::Http { method, url, .. } => format!("{method} {}", redact_url(url)),
             Work::Infer { backend, path, .. } => format!("infer {backend} {path}"),
             Work::Container { container, action } => {
                 format!("{} {container}", action.to_action().as_str())
@@ -271,8 +265,22 @@ impl Work {
     }
 
     /// The work as someone who may not read inline values sees it: a deploy's `env` values
-    /// keep their secret references, `***` in place of any other text.
+    /// keep their secret references, `***` in place of any other text; an HTTP request's header
+    /// values, body and query are `***`.
     pub fn redact_inline_values(&mut self) {
+        if let Work::Http {
+            url, headers, body, ..
+        } = self
+        {
+            for v in headers.values_mut() {
+                *v = "***".into();
+            }
+            if body.is_some() {
+                *body = Some("***".into());
+            }
+            *url = redact_url(url);
+            return;
+        }
         let deploy = match self {
             Work::Deploy(d) => d.as_mut(),
             Work::DeployWithHostAccess(d) => &mut d.deploy,
@@ -548,51 +556,6 @@ impl Work {
             }),
         }
     }
-}
-
-/// An `http` job's request, checked before any agent sees it.
-fn validate_http(
-    method: &str,
-    url: &str,
-    headers: &BTreeMap<String, String>,
-    body: Option<&str>,
-    timeout: Option<Duration>,
-    max_bytes: Option<u32>,
-) -> Result<(), String> {
-    use nebula_protocol::jobs::{HttpSpec, MAX_HTTP_BODY};
-    if !HttpSpec::METHODS.contains(&method) {
-        return Err(format!(
-            "http `method` must be one of {}, not `{method}`",
-            HttpSpec::METHODS.join(", ")
-        ));
-    }
-    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 8192 {
-        return Err(format!(
-            "http `url` must be an http:// or https:// URL, not `{url}`"
-        ));
-    }
-    let bad_header = headers.iter().find(|(k, v)| {
-        k.is_empty()
-            || !k
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-            || v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
-    });
-    if let Some((k, _)) = bad_header {
-        return Err(format!(
-            "http header `{k}` is not a header name with a one-line value"
-        ));
-    }
-    if headers.len() > 64 || body.is_some_and(|b| b.len() > 1 << 20) {
-        return Err("http takes at most 64 headers and a body of 1 MiB".into());
-    }
-    if timeout.is_some_and(|t| t > Duration::from_secs(600) || t.is_zero()) {
-        return Err("http timeout must be between 1ms and 10m".into());
-    }
-    if max_bytes.is_some_and(|m| m > MAX_HTTP_BODY) {
-        return Err(format!("http `max_bytes` is at most {MAX_HTTP_BODY}"));
-    }
-    Ok(())
 }
 
 fn millis(d: Duration) -> u32 {
