@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod agents;
 mod alerts;
 mod backup;
 mod client;
@@ -96,6 +97,9 @@ enum Command {
     /// Workflows: list, run (and follow), runs, show, logs, cancel, approve, put, rm.
     #[command(subcommand)]
     Workflow(workflows::WorkflowCommand),
+    /// AI agents: list, show, ask, put, rm.
+    #[command(subcommand)]
+    Agent(agents::AgentCommand),
     /// The Discord bot: its connection and servers, a server's settings, linked accounts.
     #[command(subcommand)]
     Discord(discord::DiscordCommand),
@@ -220,6 +224,7 @@ fn main() -> ExitCode {
             Command::Monitors => monitors::list(&cli).await,
             Command::Monitor(ref cmd) => monitors::command(&cli, cmd).await,
             Command::Workflow(ref cmd) => workflows::workflow(&cli, cmd).await,
+            Command::Agent(ref cmd) => agents::agent(&cli, cmd).await,
             Command::Discord(ref cmd) => discord::discord(&cli, cmd).await,
             Command::Bot(ref args) => discord::bot(&cli, args).await,
             Command::Secret(ref cmd) => secrets::secret(&cli, cmd).await,

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+pub mod agents;
 pub mod ai;
 pub mod alerts;
 pub mod authz;

@@ -367,8 +367,10 @@ pub(crate) async fn chat_send(
     let caller = nebula_controller::ai::gateway::Caller {
         name: format!("user:{}", user.name),
         scope: nebula_controller::ai::pulls::Scope::Operator,
+        principal: Some(user.cx()),
+        only_node: None,
     };
-    nebula_controller::ai::gateway::serve_for(cp, caller, body, "/v1/chat/completions").await
+    nebula_controller::agents::serve_for(cp, caller, body, "/v1/chat/completions").await
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 mod common;
 
 mod agent_install;
+mod agents;
 mod ai;
 mod alerts;
 mod backup;

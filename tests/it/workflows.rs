@@ -13,7 +13,7 @@ use crate::common::{join_ready, wait_for, Controller, ControllerOpts};
 /// An agent whose allow-list has: `say` (prints each argument on its own line, after a second),
 /// `flaky` (fails the first time, then succeeds), `mark NAME` (appends NAME to a log, for
 /// counting runs), `slow-mark NAME` (the same after 3 seconds).
-fn agent_config(dir: &Path) -> String {
+pub(crate) fn agent_config(dir: &Path) -> String {
     let marks = dir.join("marks.log");
     let flag = dir.join("flaky.flag");
     format!(
@@ -38,7 +38,7 @@ accept_args = true
     )
 }
 
-async fn controller_with(dir: &Path, workflows: &str) -> Controller {
+pub(crate) async fn controller_with(dir: &Path, workflows: &str) -> Controller {
     let file = dir.join("workflows.yml");
     std::fs::write(&file, workflows).unwrap();
     let c = Controller::start(ControllerOpts {
@@ -67,7 +67,7 @@ async fn controller_with(dir: &Path, workflows: &str) -> Controller {
     panic!("workflows.yml was not loaded: {}", c.proc.output());
 }
 
-async fn start(c: &Controller, name: &str, inputs: Value) -> (u16, Value) {
+pub(crate) async fn start(c: &Controller, name: &str, inputs: Value) -> (u16, Value) {
     c.api(
         Method::POST,
         &format!("/api/v1/workflows/{name}/runs"),
@@ -80,7 +80,7 @@ async fn run_of(c: &Controller, id: &str) -> Value {
     c.get(&format!("/api/v1/workflow-runs/{id}")).await
 }
 
-fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+pub(crate) fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
     run["steps"]
         .as_array()
         .unwrap()
@@ -90,7 +90,12 @@ fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
 }
 
 /// Wait until the run is in one of `states`.
-async fn wait_run(c: &Controller, id: &str, states: &[&str], timeout: Duration) -> Value {
+pub(crate) async fn wait_run(
+    c: &Controller,
+    id: &str,
+    states: &[&str],
+    timeout: Duration,
+) -> Value {
     let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
     wait_for(&format!("run {id} in {states:?}"), timeout, || async {
         let r = run_of(c, id).await;
@@ -759,6 +764,9 @@ workflows:
   lost:
     steps:
       - { id: think, type: ai-text, with: { model: nothing-serves-this, prompt: hi } }
+  slow:
+    steps:
+      - { id: tell, type: notify, with: { sink: slow, message: "once, by its id" } }
   missing:
     inputs: { url: {} }
     steps:
@@ -793,6 +801,10 @@ async fn http_server() -> (String, Seen) {
                         axum::Json(json!({"name": "nebula", "got": got})).into_response()
                     }
                     "/hook" => axum::http::StatusCode::OK.into_response(),
+                    "/slow-hook" => {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        axum::http::StatusCode::OK.into_response()
+                    }
                     _ => (axum::http::StatusCode::NOT_FOUND, "no such page").into_response(),
                 }
             }
@@ -806,15 +818,16 @@ async fn http_server() -> (String, Seen) {
 
 /// An http step from a node, an ai-text step on the real llama.cpp backend (routed by the
 /// gateway, as an ordinary job), and a notify step through a webhook sink; a model nothing
-/// serves, a 404 and an unknown sink fail their runs with the reason.
+/// serves, a 404 and an unknown sink fail their runs with the reason; a notification under
+/// way when the controller is killed is sent again under the same id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_call_a_url_a_real_model_and_a_sink() {
     let (_llama, llama_url) = crate::ai::llama_server("smol").await;
     let (url, seen) = http_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let c = controller_with(dir.path(), REACH).await;
+    let mut c = controller_with(dir.path(), REACH).await;
     let config = format!(
-        "[ai]\ndiscover = false\npoll_interval = \"300ms\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"{llama_url}\"\n"
+        "[jobs]\nhttp = true\n[ai]\ndiscover = false\npoll_interval = \"300ms\"\n[[ai.backends]]\nname = \"llama\"\nkind = \"openai\"\nurl = \"{llama_url}\"\n"
     );
     let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(&config)).await;
     crate::ai::wait_model(&c, "smol", &["box"]).await;
@@ -928,6 +941,50 @@ async fn steps_call_a_url_a_real_model_and_a_sink() {
         .await
         .to_string();
     assert!(audit.contains(&id), "{audit}");
+
+    // kill -9 while a notification is being delivered: the step goes on after the restart
+    // and sends it again under the same id (a receiver that dedupes sees it once).
+    let (status, body) = c
+        .api(
+            Method::POST,
+            "/api/v1/alerts/sinks",
+            Some(json!({"name": "slow", "kind": "webhook", "url": format!("{url}/slow-hook")})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (_, run) = start(&c, "slow", json!({})).await;
+    let slow_id = run["id"].as_str().unwrap().to_owned();
+    let slow = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _, _)| p == "/slow-hook")
+            .map(|(_, h, _)| {
+                h.lines()
+                    .find(|l| l.starts_with("webhook-id:"))
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "the slow sink to be called",
+        Duration::from_secs(20),
+        || async { (!slow().is_empty()).then_some(()) },
+    )
+    .await;
+    c.restart_hard().await;
+    let done = wait_run(
+        &c,
+        &slow_id,
+        &["succeeded", "failed"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    let ids = slow();
+    assert!(ids.len() >= 2, "sent again after the restart: {ids:?}");
+    assert!(ids.iter().all(|i| i == &ids[0]), "under one id: {ids:?}");
 }
 
 const SHIP: &str = r#"
@@ -973,6 +1030,8 @@ async fn serving(c: &Controller, service: &str, revision: Option<&str>) -> Value
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_rollback_and_sleep_steps_act_on_the_fleet() {
     crate::common::docker::ensure_image();
+    // Declared first: removes the service's containers after the agent has stopped.
+    let cleanup = crate::common::docker::Managed::default();
     let dir = tempfile::tempdir().unwrap();
     let c = controller_with(dir.path(), SHIP).await;
     let config = format!(
@@ -980,7 +1039,8 @@ async fn deploy_rollback_and_sleep_steps_act_on_the_fleet() {
         agent_config(dir.path()),
         dir.path().join("marks.log").display()
     );
-    let (_agent, _) = join_ready(&c, dir.path(), "box", &[], Some(&config)).await;
+    let (_agent, node_id) = join_ready(&c, dir.path(), "box", &[], Some(&config)).await;
+    cleanup.add(&node_id);
     let (status, body) = c.put_map(&ship_map(1)).await;
     assert_eq!(status, 200, "{body}");
     let v1 = serving(&c, "tick", None).await["revision"]

@@ -19,7 +19,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 /// The chat models some online node serves (not Stable Diffusion checkpoints), sorted, for
-/// autocomplete and `/ask`'s default.
+/// autocomplete and `/ask`'s default (the model names add the agents, as `agent/NAME`, after
+/// them).
 pub(crate) fn chat_models(inv: nebula_types::api::models::ModelsInventory) -> Vec<String> {
     let sd = nebula_protocol::ai::BackendKind::StableDiffusion.as_str();
     let mut out: Vec<String> = inv

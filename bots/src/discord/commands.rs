@@ -120,7 +120,12 @@ pub(crate) fn definitions() -> Vec<(Group, CreateCommand)> {
                 .description("Ask the fleet's models")
                 .add_option(text("prompt", "Your question", true))
                 .add_option(
-                    text("model", "A model (default: this server's)", false).set_autocomplete(true),
+                    text(
+                        "model",
+                        "A model or an agent (agent/NAME; default: this server's model)",
+                        false,
+                    )
+                    .set_autocomplete(true),
                 ),
         ),
         (

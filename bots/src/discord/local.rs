@@ -238,7 +238,13 @@ impl Backend for Local {
         if p.allows(Op::ReadFleet).is_err() {
             return Vec::new();
         }
-        super::backend::chat_models(self.0.models_inventory())
+        let mut names = super::backend::chat_models(self.0.models_inventory());
+        if let Some(cx) = &p.cx {
+            if let Ok(agents) = self.0.agent_views(cx).await {
+                names.extend(agents.into_iter().map(|a| format!("agent/{}", a.name)));
+            }
+        }
+        names
     }
 
     async fn chat(&self, p: &Principal, body: Value) -> AiAnswer {
@@ -247,7 +253,7 @@ impl Backend for Local {
             Err(e) => return refused(&e),
         };
         read(
-            nebula_controller::ai::gateway::serve_for(
+            nebula_controller::agents::serve_for(
                 self.0.clone(),
                 caller,
                 body.to_string().into(),

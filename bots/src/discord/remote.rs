@@ -482,7 +482,15 @@ impl Backend for Remote {
         let Ok(inv) = self.send::<ModelsInventory>(req).await else {
             return Vec::new();
         };
-        super::backend::chat_models(inv)
+        let mut names = super::backend::chat_models(inv);
+        let req = self.req_as(&p.who, Method::GET, "/api/v1/agents");
+        if let Ok(agents) = self
+            .send::<Vec<nebula_types::api::agents::AgentView>>(req)
+            .await
+        {
+            names.extend(agents.into_iter().map(|a| format!("agent/{}", a.name)));
+        }
+        names
     }
 
     async fn chat(&self, p: &Principal, body: Value) -> AiAnswer {

@@ -492,6 +492,35 @@ pub fn filter_body(filters: &Filters, body: &mut Value) -> Vec<Hit> {
     hits
 }
 
+/// Filter a whole stored answer (a chat or completion JSON document): the document with its
+/// texts redacted (and emptied, `finish_reason: content_filter`, when a rule blocks), the
+/// rules that matched under `nebula_filtered`, and the hits; `None` when it is not JSON or
+/// nothing matched.
+pub fn filter_answer(filters: &Filters, body: &[u8]) -> Option<(Vec<u8>, Vec<Hit>)> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    let hits = filter_body(filters, &mut v);
+    if hits.is_empty() {
+        return None;
+    }
+    if blocked(&hits) {
+        if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
+            for ch in choices {
+                for ptr in ["/message/content", "/text"] {
+                    if let Some(t) = ch.pointer_mut(ptr) {
+                        *t = Value::String(String::new());
+                    }
+                }
+                ch["finish_reason"] = Value::String("content_filter".into());
+            }
+        }
+    }
+    let mut rules: Vec<&str> = hits.iter().map(|h| h.rule).collect();
+    rules.sort_unstable();
+    rules.dedup();
+    v["nebula_filtered"] = serde_json::json!(rules);
+    Some((serde_json::to_vec(&v).ok()?, hits))
+}
+
 /// Does any hit block the answer?
 pub fn blocked(hits: &[Hit]) -> bool {
     hits.iter().any(|h| h.action == Action::Block)
@@ -503,6 +532,21 @@ mod tests {
 
     fn f() -> Filters {
         Filters::new(FilterConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn a_stored_answer_is_redacted_and_says_which_rules_matched() {
+        let answer = br#"{"choices":[{"message":{"role":"assistant","content":"write to bob@example.com"},"finish_reason":"stop"}]}"#;
+        let (body, hits) = filter_answer(&f(), answer).expect("a hit");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(
+            !text.contains("bob@example.com") && text.contains("[REDACTED:"),
+            "{text}"
+        );
+        assert_eq!(v["nebula_filtered"][0], hits[0].rule);
+        assert!(filter_answer(&f(), br#"{"choices":[{"message":{"content":"fine"}}]}"#).is_none());
+        assert!(filter_answer(&f(), b"not json bob@example.com").is_none());
     }
 
     #[test]

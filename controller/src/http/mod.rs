@@ -4,6 +4,7 @@
 //! serves them with the dashboard. One file per noun; handlers authenticate and render, the
 //! `ControlPlane` operations they call authorize.
 
+mod agents;
 mod alerts;
 mod auth;
 mod backup;
@@ -124,6 +125,12 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/secrets/import", axum::routing::post(secrets::import))
         .route("/secrets/rekey", axum::routing::post(secrets::rekey))
         .route("/backup", axum::routing::post(backup::take))
+        .route("/agents", get(agents::list))
+        .route(
+            "/agents/{name}",
+            get(agents::get_one).put(agents::put).delete(agents::remove),
+        )
+        .route("/agents/{name}/ask", axum::routing::post(agents::ask))
         .route("/workflows", get(workflows::list))
         .route(
             "/workflows/{name}",
@@ -224,7 +231,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         // The OpenAI-compatible gateway (API tokens, checked by the gateway itself).
         .route(
             "/v1/chat/completions",
-            axum::routing::post(crate::ai::gateway::chat_completions),
+            axum::routing::post(crate::agents::chat_completions),
         )
         .route(
             "/v1/completions",

@@ -37,7 +37,8 @@ impl ControlPlane {
     }
 
     /// The agent's result arrived.
-    pub(crate) fn job_finished(&self, id: Uuid, attempt: u32, result: JobResult) {
+    pub(crate) fn job_finished(&self, id: Uuid, attempt: u32, mut result: JobResult) {
+        self.filter_model_answer(id, &mut result);
         let mut t = self.jobs.lock();
         let Some(a) = t.active.get_mut(&id) else {
             return;
@@ -69,6 +70,40 @@ impl ControlPlane {
                 o => Some(o),
             };
         });
+    }
+
+    /// A model's answer (an `infer` job) goes through the gateway's output filters before it
+    /// is stored, as it would on its way to a client: what the filters redact or block is never
+    /// kept. The rules that matched are added to the answer as `nebula_filtered`.
+    fn filter_model_answer(&self, id: Uuid, result: &mut JobResult) {
+        let nebula_protocol::jobs::JobOutput::Http(h) = &mut result.output else {
+            return;
+        };
+        if !self.ai.filters.active() {
+            return;
+        }
+        let (who, node) = {
+            let t = self.jobs.lock();
+            match t.active.get(&id) {
+                Some(a) if matches!(a.rec.work, super::Work::Infer { .. }) => (
+                    a.rec.created_by.clone(),
+                    a.rec.node.clone().unwrap_or_default(),
+                ),
+                _ => return,
+            }
+        };
+        let Some((body, hits)) = nebula_ai_filters::filter_answer(&self.ai.filters, &h.body) else {
+            return;
+        };
+        h.body = body;
+        for hit in &hits {
+            self.audit(
+                &who,
+                "ai.filter",
+                &format!("job {id}"),
+                serde_json::json!({"rule": hit.rule, "action": hit.action, "sample": hit.sample, "node": node}),
+            );
+        }
     }
 
     /// The job is lost on its node: retry it if it may be, else end it as `lost`.

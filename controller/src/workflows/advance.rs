@@ -65,6 +65,10 @@ impl Driver {
         if cur.state.is_terminal() || cur.state == StepState::Waiting {
             return;
         }
+        // A task still under way for this step (it was cancelled or timed out) stops.
+        if let Some((_, h)) = self.tasks.remove(&(run, step.to_owned())) {
+            h.abort();
+        }
         let next = engine::after_attempt(def, &cur, out, open.rec.cancelled, now);
         let job = open.jobs.get(step).copied();
         if let Some(j) = job {
@@ -215,7 +219,6 @@ impl Driver {
                         workflow,
                     },
                     task,
-                    resumed: false,
                 });
             }
             Err(e) => {
@@ -343,14 +346,22 @@ impl Driver {
                         }
                     }
                 }
-                Effect::Task { at, task, resumed } => {
+                Effect::Task { at, task } => {
+                    let key = (at.run, at.step.clone());
+                    if self.tasks.get(&key).is_some_and(|(a, _)| *a == at.attempt) {
+                        continue;
+                    }
                     let cx = self.ctx(at.run);
                     let (cp, tx) = (self.cp.clone(), self.task_tx.clone());
-                    tokio::spawn(async move {
+                    let attempt = at.attempt;
+                    let h = tokio::spawn(async move {
                         let (run, step, attempt) = (at.run, at.step.clone(), at.attempt);
-                        let out = super::local::run(cp, cx, at, task, resumed).await;
+                        let out = super::local::run(cp, cx, at, task).await;
                         let _ = tx.send((run, step, attempt, out));
                     });
+                    if let Some((_, old)) = self.tasks.insert(key, (attempt, h.abort_handle())) {
+                        old.abort();
+                    }
                 }
                 Effect::Reply(f) => f(),
                 Effect::Finished(id) => {
@@ -365,7 +376,7 @@ impl Driver {
                     // A job made before a restart, found by its key, that has ended.
                     let def = self.open.get(&run).and_then(|o| o.wf.step(&step)).cloned();
                     let out = match def {
-                        Some(def) => steps::outcome(&def, &rec, None, &self.cp.ai.filters),
+                        Some(def) => steps::outcome(&def, &rec, None),
                         None => Outcome::Failed("the step is no longer known".into()),
                     };
                     self.by_job.remove(&rec.id);

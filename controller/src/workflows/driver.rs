@@ -85,7 +85,6 @@ pub(super) enum Effect {
     Task {
         at: local::Place,
         task: steps::Task,
-        resumed: bool,
     },
     Reply(Box<dyn FnOnce() + Send + Sync>),
     Finished(Uuid),
@@ -115,6 +114,18 @@ pub(super) struct Driver {
     done_rx: Option<mpsc::UnboundedReceiver<Arc<crate::jobs::JobRecord>>>,
     pub task_tx: mpsc::UnboundedSender<TaskDone>,
     task_rx: Option<mpsc::UnboundedReceiver<TaskDone>>,
+    /// Controller tasks under way: (run, step) -> (attempt, its handle). One per step; stopped
+    /// when the step ends otherwise (cancelled, timed out) and when the driver stops.
+    pub tasks: HashMap<(Uuid, String), (u32, tokio::task::AbortHandle)>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // A driver that stops leading leaves nothing acting on its behalf.
+        for (_, (_, h)) in self.tasks.drain() {
+            h.abort();
+        }
+    }
 }
 
 pub(super) fn now() -> i64 {
@@ -183,6 +194,7 @@ impl Driver {
             done_rx: Some(done_rx),
             task_tx,
             task_rx: Some(task_rx),
+            tasks: HashMap::new(),
         }
     }
 
@@ -250,21 +262,35 @@ impl Driver {
         let route = local::FleetRoute(&self.cp);
         let deadline = self.cp.config.job_default_deadline;
         let mut effects = Vec::new();
+        let mut failed = Vec::new();
         for open in self.open.values() {
             for (id, s) in &open.steps {
                 let Some(ps) = open.wf.step(id) else { continue };
                 if s.state != StepState::Running
                     || !matches!(
                         ps.kind,
-                        StepKind::Sleep | StepKind::Notify | StepKind::Deploy
+                        StepKind::Sleep | StepKind::Notify | StepKind::Deploy | StepKind::Agent
                     )
                 {
+                    continue;
+                }
+                let key = (open.rec.id, id.clone());
+                if self.tasks.get(&key).is_some_and(|(a, _)| *a == s.attempt) {
+                    // Still under way in this process (the runs were read again).
                     continue;
                 }
                 let started = engine::parameters(&engine::scope(&view(open), ps), ps).and_then(
                     |(with, node)| steps::start(ps, &with, node.as_deref(), deadline, &route),
                 );
-                if let Ok(Start::Task(task)) = started {
+                let task = match started {
+                    Ok(Start::Task(task)) => task,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        failed.push((open.rec.id, id.clone(), Outcome::Failed(e)));
+                        continue;
+                    }
+                };
+                {
                     effects.push(Effect::Task {
                         at: local::Place {
                             run: open.rec.id,
@@ -273,12 +299,15 @@ impl Driver {
                             workflow: open.rec.workflow.clone(),
                         },
                         task,
-                        resumed: true,
                     });
                 }
             }
         }
         self.pending.effects.extend(effects);
+        for (run, step, out) in failed {
+            self.ended.push((run, step, out));
+            self.dirty.insert(run);
+        }
     }
 
     /// A running step's job: ended (its outcome is taken), running (followed), or missing
@@ -373,7 +402,7 @@ impl Driver {
         } else {
             None
         };
-        steps::outcome(&def, rec, stdout, &self.cp.ai.filters)
+        steps::outcome(&def, rec, stdout)
     }
 
     pub(super) async fn run(
@@ -482,6 +511,10 @@ impl Driver {
 
     /// A controller task ended: its outcome counts while its attempt is still the step's.
     fn task_ended(&mut self, (run, step, attempt, out): TaskDone) {
+        let key = (run, step.clone());
+        if self.tasks.get(&key).is_some_and(|(a, _)| *a == attempt) {
+            self.tasks.remove(&key);
+        }
         let current = self
             .open
             .get(&run)

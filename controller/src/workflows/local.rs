@@ -84,15 +84,10 @@ impl Place {
     }
 }
 
-/// Carry out a task. `resumed`: the step was already under way before the driver (re)started,
-/// so an action that may not be repeated (a rollback) is only waited for.
-pub async fn run(
-    cp: Arc<ControlPlane>,
-    cx: OpCtx,
-    at: Place,
-    task: Task,
-    resumed: bool,
-) -> Outcome {
+/// Carry out a task. It may run again for the same attempt (after a restart): what it makes
+/// is found again (the sleep job by its key, a rollback by its pin), a message goes under the
+/// same id.
+pub async fn run(cp: Arc<ControlPlane>, cx: OpCtx, at: Place, task: Task) -> Outcome {
     let r = match task {
         Task::Sleep { node } => sleep(&cp, &cx, &at, &node).await,
         Task::Notify {
@@ -105,7 +100,8 @@ pub async fn run(
             service,
             rollback,
             revision,
-        } => deploy(&cp, &cx, &service, rollback, revision.as_deref(), resumed).await,
+        } => deploy(&cp, &cx, &service, rollback, revision.as_deref()).await,
+        Task::Agent { agent, prompt } => ask(&cp, &cx, &agent, &prompt).await,
     };
     match r {
         Ok(out) => Outcome::Succeeded(steps::cap(out)),
@@ -126,7 +122,7 @@ async fn sleep(
     let key = JobKey {
         id: Uuid::now_v7(),
         key: at.key(),
-        fresh: true,
+        fresh: false,
     };
     let rec = cp
         .create_job_keyed(job, Some(key), cx)
@@ -199,18 +195,45 @@ async fn notify(
     Ok(json!({"sink": sink, "message_id": id}))
 }
 
+/// An agent's answer to the step's prompt; its tools act as the run (its starter's role).
+async fn ask(
+    cp: &Arc<ControlPlane>,
+    cx: &OpCtx,
+    agent: &str,
+    prompt: &str,
+) -> Result<serde_json::Value, String> {
+    let caller = crate::ai::gateway::Caller::of(cx);
+    let messages = vec![json!({"role": "user", "content": prompt})];
+    let r = cp
+        .ask_agent(&caller, agent, messages, 0)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.finished {
+        return Err(r.text);
+    }
+    Ok(json!({
+        "text": r.text,
+        "agent": r.agent,
+        "turns": r.turns,
+        "model": r.model,
+        "node": r.node,
+        "tool_calls": r.tool_calls,
+    }))
+}
+
 /// How long a deploy step waits for its service at most (a step `timeout` may end it sooner).
 const DEPLOY_WAIT: Duration = Duration::from_secs(30 * 60);
 
 /// Apply (reconcile now) or roll back a service, then wait until it is converged with every
-/// replica healthy, or has failed.
+/// replica healthy (seen twice, a second apart), or has failed. A run rolls a service back
+/// once: a pin this run made already is waited for, not made again (a retry would otherwise
+/// roll back one revision further).
 async fn deploy(
     cp: &Arc<ControlPlane>,
     cx: &OpCtx,
     service: &str,
     rollback: bool,
     revision: Option<&str>,
-    resumed: bool,
 ) -> Result<serde_json::Value, String> {
     let declared = cp
         .desired
@@ -222,36 +245,54 @@ async fn deploy(
         ));
     }
     let mut pinned = None;
-    if rollback && !resumed {
-        let pin = cp
-            .rollback_service(service, revision, cx)
-            .await
-            .map_err(|e| e.to_string())?;
-        pinned = Some(pin.revision);
-    } else if !resumed {
+    if rollback {
+        let pins = cp.store.pins().await.map_err(|e| e.to_string())?;
+        let mine = pins
+            .into_iter()
+            .find(|p| p.service == service && p.created_by == cx.actor);
+        pinned = Some(match mine {
+            Some(p) => p.revision,
+            None => {
+                cp.rollback_service(service, revision, cx)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .revision
+            }
+        });
+    } else {
         cp.request_reconcile(cx).map_err(|e| e.to_string())?;
     }
     let until = tokio::time::Instant::now() + DEPLOY_WAIT;
-    // The reconciler's first pass after the change: a status read before it may still say
-    // `converged` for the revision that ran before.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut converged = 0;
     loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let services = cp.services().await.map_err(|e| e.to_string())?;
         let s = services
             .iter()
             .find(|s| s.name == service)
             .ok_or_else(|| format!("`{service}` is no longer declared"))?;
+        if !rollback {
+            if let Some(map) = &s.pinned_over {
+                return Err(format!(
+                    "`{service}` is pinned to revision {} over the map's {map} (a rollback); change the service in the map to deploy it again",
+                    s.revision.as_deref().unwrap_or("?")
+                ));
+            }
+        }
         let want = pinned.as_deref().or(s.revision.as_deref());
         let at_revision = want.is_some() && s.revision.as_deref() == want;
         match s.status.as_str() {
             "converged" if at_revision && s.healthy >= s.replicas => {
-                return Ok(json!({
-                    "service": service,
-                    "revision": s.revision,
-                    "healthy": s.healthy,
-                    "replicas": s.replicas,
-                    "rolled_back": rollback,
-                }))
+                converged += 1;
+                if converged >= 2 {
+                    return Ok(json!({
+                        "service": service,
+                        "revision": s.revision,
+                        "healthy": s.healthy,
+                        "replicas": s.replicas,
+                        "rolled_back": rollback,
+                    }));
+                }
             }
             "failed" | "refused" => {
                 return Err(format!(
@@ -260,7 +301,7 @@ async fn deploy(
                     s.message.clone().unwrap_or_default()
                 ))
             }
-            _ => {}
+            _ => converged = 0,
         }
         if tokio::time::Instant::now() >= until {
             return Err(format!(
@@ -269,6 +310,5 @@ async fn deploy(
                 humantime::format_duration(DEPLOY_WAIT)
             ));
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

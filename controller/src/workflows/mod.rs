@@ -440,26 +440,33 @@ impl ControlPlane {
         let text = tokio::fs::read_to_string(path)
             .await
             .map_err(|e| OpError::Invalid(format!("{}: {e}", path.display())))?;
-        let checked =
-            spec::check(&text).map_err(|e| OpError::Invalid(format!("{}: {e}", path.display())))?;
+        let (checked, agents) = spec::check_file(&text)
+            .map_err(|e| OpError::Invalid(format!("{}: {e}", path.display())))?;
         let now = driver::now();
+        let record = |name: &str, definition: String| WorkflowDefRecord {
+            name: name.to_owned(),
+            source: "file".into(),
+            definition,
+            updated_by: format!("file:{}", path.display()),
+            updated_at: now,
+        };
         let defs: Vec<WorkflowDefRecord> = checked
             .values()
-            .map(|w| WorkflowDefRecord {
-                name: w.name.clone(),
-                source: "file".into(),
-                definition: serde_json::to_string(w).unwrap_or_default(),
-                updated_by: format!("file:{}", path.display()),
-                updated_at: now,
-            })
+            .map(|w| record(&w.name, serde_json::to_string(w).unwrap_or_default()))
             .collect();
-        self.store.replace_file_workflows(&defs).await?;
+        let agent_defs: Vec<WorkflowDefRecord> = agents
+            .values()
+            .map(|a| record(&a.name, serde_json::to_string(a).unwrap_or_default()))
+            .collect();
+        self.store
+            .replace_file_workflows(&defs, &agent_defs)
+            .await?;
         self.workflows.changed();
         self.audit(
             &format!("file:{}", path.display()),
             "workflow.file",
             &path.display().to_string(),
-            json!({"workflows": checked.keys().collect::<Vec<_>>()}),
+            json!({"workflows": checked.keys().collect::<Vec<_>>(), "agents": agents.keys().collect::<Vec<_>>()}),
         );
         Ok(defs.len())
     }

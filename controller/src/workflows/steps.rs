@@ -11,7 +11,6 @@ use serde_json::{json, Value as Json};
 
 use crate::authz::Op;
 use crate::jobs::{JobRecord, JobState, NewJob, Target, Work};
-use nebula_ai_filters::Filters;
 use nebula_protocol::jobs::{HttpOutput, JobOutput};
 use nebula_types::jobs::ModelActionKind;
 
@@ -34,6 +33,7 @@ pub fn ops(kind: StepKind) -> &'static [Op] {
         StepKind::Sleep => &[Op::SleepNode],
         StepKind::Notify => &[Op::ManageAlerts],
         StepKind::Deploy => &[Op::Reconcile, Op::RollbackService],
+        StepKind::Agent => &[Op::Chat],
         StepKind::Approval => &[],
     }
 }
@@ -69,6 +69,8 @@ pub enum Task {
         rollback: bool,
         revision: Option<String>,
     },
+    /// A question to an AI agent, whose tools act with the run's role.
+    Agent { agent: String, prompt: String },
 }
 
 /// Where the gateway's routing would send a request now.
@@ -207,6 +209,10 @@ pub fn start(
             title: string(with, "title")?.unwrap_or_default(),
             message: required(with, "message")?,
             severity: string(with, "severity")?.unwrap_or_else(|| "info".into()),
+        })),
+        StepKind::Agent => Ok(Start::Task(Task::Agent {
+            agent: required(with, "agent")?,
+            prompt: required(with, "prompt")?,
         })),
         StepKind::Deploy => {
             let rollback = match string(with, "action")?.as_deref() {
@@ -384,8 +390,9 @@ fn image_body(checkpoint: &str, with: &Json) -> Result<Json, String> {
 }
 
 /// How a finished job reads as the step's outcome (with `stdout`: the job's standard output,
-/// for exec steps). AI answers pass through the gateway's output filters.
-pub fn outcome(step: &Step, rec: &JobRecord, stdout: Option<String>, filters: &Filters) -> Outcome {
+/// for exec steps). A model's answer was filtered when its job ended (see
+/// `ControlPlane::job_finished`): a blocked one fails the step.
+pub fn outcome(step: &Step, rec: &JobRecord, stdout: Option<String>) -> Outcome {
     let why = || {
         rec.error
             .clone()
@@ -399,7 +406,7 @@ pub fn outcome(step: &Step, rec: &JobRecord, stdout: Option<String>, filters: &F
                 "node": rec.node,
             });
             if let Some(JobOutput::Http(h)) = &rec.output {
-                return answer(step, h, out, filters);
+                return answer(step, rec, h, out);
             }
             out["exit_code"] = json!(rec.exit_code);
             if let Some(o) = &rec.output {
@@ -419,11 +426,14 @@ pub fn outcome(step: &Step, rec: &JobRecord, stdout: Option<String>, filters: &F
     }
 }
 
-/// Text kept as an `http` step's `outputs.body` (its first bytes).
-pub const MAX_BODY_TEXT: usize = 32 * 1024;
+/// Text kept as an `http` step's `outputs.body` (its first bytes); `outputs.json` is there when
+/// the body is JSON of at most this size.
+pub const MAX_BODY_TEXT: usize = 16 * 1024;
+/// Text kept as an `ai-text` step's `outputs.text`.
+pub const MAX_TEXT: usize = 48 * 1024;
 
 /// An HTTP answer (from a URL, or from an inference backend) as the step's outcome.
-fn answer(step: &Step, h: &HttpOutput, mut out: Json, filters: &Filters) -> Outcome {
+fn answer(step: &Step, rec: &JobRecord, h: &HttpOutput, mut out: Json) -> Outcome {
     let parsed: Option<Json> = serde_json::from_slice(&h.body).ok();
     let backend_error = || {
         let message = parsed
@@ -446,15 +456,15 @@ fn answer(step: &Step, h: &HttpOutput, mut out: Json, filters: &Filters) -> Outc
             if h.status >= 400 {
                 return Outcome::Failed(backend_error());
             }
-            let Some(mut v) = parsed else {
+            let Some(v) = parsed else {
                 return Outcome::Failed("the backend's answer is not JSON".into());
             };
-            let hits = nebula_ai_filters::filter_body(filters, &mut v);
-            if nebula_ai_filters::blocked(&hits) {
-                let rules: Vec<&str> = hits.iter().map(|h| h.rule).collect();
+            let filtered = v.get("nebula_filtered").cloned().unwrap_or(Json::Null);
+            if v.pointer("/choices/0/finish_reason").and_then(Json::as_str)
+                == Some("content_filter")
+            {
                 return Outcome::Failed(format!(
-                    "the answer was blocked by the output filters ({})",
-                    rules.join(", ")
+                    "the answer was blocked by the output filters ({filtered})"
                 ));
             }
             let Some(text) = v
@@ -465,17 +475,16 @@ fn answer(step: &Step, h: &HttpOutput, mut out: Json, filters: &Filters) -> Outc
                     "the backend's answer has no `choices[0].message.content`".into(),
                 );
             };
-            out["text"] = json!(text);
+            out["text"] = json!(head(text, MAX_TEXT));
+            out["text_truncated"] = json!(text.len() > MAX_TEXT);
             out["model"] = v.get("model").cloned().unwrap_or(Json::Null);
             out["finish_reason"] = v
                 .pointer("/choices/0/finish_reason")
                 .cloned()
                 .unwrap_or(Json::Null);
             out["usage"] = v.get("usage").cloned().unwrap_or(Json::Null);
-            let mut rules: Vec<&str> = hits.iter().map(|h| h.rule).collect();
-            rules.dedup();
-            if !rules.is_empty() {
-                out["filtered"] = json!(rules);
+            if !filtered.is_null() {
+                out["filtered"] = filtered;
             }
             Outcome::Succeeded(cap(out))
         }
@@ -522,15 +531,16 @@ fn answer(step: &Step, h: &HttpOutput, mut out: Json, filters: &Filters) -> Outc
             if let Some(v) = parsed.filter(|_| h.body.len() <= MAX_BODY_TEXT) {
                 out["json"] = v;
             }
+            // A literal (checked when the file is read).
             let fail_on_status =
                 step.with.get("fail_on_status").and_then(Json::as_bool) != Some(false);
             if fail_on_status && h.status >= 400 {
+                let url = match &rec.work {
+                    Work::Http { url, .. } => nebula_types::jobs::redact_url(url),
+                    _ => "the URL".into(),
+                };
                 Outcome::Failed(format!(
-                    "{} answered {}: {}",
-                    step.with
-                        .get("url")
-                        .and_then(Json::as_str)
-                        .unwrap_or("the URL"),
+                    "{url} answered {}: {}",
                     h.status,
                     head(&String::from_utf8_lossy(&h.body), 500)
                 ))
@@ -553,14 +563,24 @@ fn head(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
-/// Outputs over [`MAX_OUTPUTS`] are replaced by a note saying so.
+/// Outputs over [`MAX_OUTPUTS`] keep their small fields (numbers, flags, short text) and say
+/// they were cut.
 pub fn cap(out: Json) -> Json {
     let len = out.to_string().len();
     if len <= MAX_OUTPUTS {
-        out
-    } else {
-        json!({"truncated": true, "bytes": len})
+        return out;
     }
+    let mut kept = serde_json::Map::new();
+    if let Json::Object(m) = out {
+        for (k, v) in m {
+            if v.to_string().len() <= 1024 {
+                kept.insert(k, v);
+            }
+        }
+    }
+    kept.insert("truncated".into(), json!(true));
+    kept.insert("bytes".into(), json!(len));
+    Json::Object(kept)
 }
 
 /// The last [`MAX_STDOUT`] bytes of text, cut at a character boundary.

@@ -115,67 +115,112 @@ fn def_row(r: &AnyRow) -> Result<WorkflowDefRecord, StoreError> {
     })
 }
 
-const UPSERT_DEF: &str = "INSERT INTO workflows (name, source, definition, updated_by, updated_at) \
-    VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET source = excluded.source, \
-    definition = excluded.definition, updated_by = excluded.updated_by, updated_at = excluded.updated_at";
+/// The tables that hold definitions (the same columns): workflows and AI agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Defs {
+    Workflows,
+    Agents,
+}
+
+impl Defs {
+    fn table(self) -> &'static str {
+        match self {
+            Defs::Workflows => "workflows",
+            Defs::Agents => "agents",
+        }
+    }
+
+    fn upsert(self) -> String {
+        format!(
+            "INSERT INTO {} (name, source, definition, updated_by, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET source = excluded.source, \
+             definition = excluded.definition, updated_by = excluded.updated_by, \
+             updated_at = excluded.updated_at",
+            self.table()
+        )
+    }
+}
 
 impl Store {
     /// Every workflow definition, by name.
     pub async fn workflow_defs(&self) -> Result<Vec<WorkflowDefRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT name, source, definition, updated_by, updated_at FROM workflows ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(def_row).collect()
+        self.defs(Defs::Workflows).await
     }
 
     pub async fn workflow_def(&self, name: &str) -> Result<Option<WorkflowDefRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT name, source, definition, updated_by, updated_at FROM workflows WHERE name = $1",
-        )
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?;
+        self.def(Defs::Workflows, name).await
+    }
+
+    /// Every definition of one kind, by name.
+    pub async fn defs(&self, kind: Defs) -> Result<Vec<WorkflowDefRecord>, StoreError> {
+        let sql = format!(
+            "SELECT name, source, definition, updated_by, updated_at FROM {} ORDER BY name",
+            kind.table()
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(def_row).collect()
+    }
+
+    pub async fn def(
+        &self,
+        kind: Defs,
+        name: &str,
+    ) -> Result<Option<WorkflowDefRecord>, StoreError> {
+        let sql = format!(
+            "SELECT name, source, definition, updated_by, updated_at FROM {} WHERE name = $1",
+            kind.table()
+        );
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(def_row).transpose()
     }
 
-    /// Make the `file` definitions exactly `defs` (a file's workflows replace the earlier
-    /// file's; those from the API stay unless the file now names them).
+    /// Make the `file` workflows and agents exactly these (a file's definitions replace the
+    /// earlier file's; those from the API stay unless the file now names them), together.
     pub async fn replace_file_workflows(
         &self,
-        defs: &[WorkflowDefRecord],
+        workflows: &[WorkflowDefRecord],
+        agents: &[WorkflowDefRecord],
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        let old: Vec<String> = sqlx::query("SELECT name FROM workflows WHERE source = 'file'")
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get("name"))
-            .collect::<Result<_, _>>()?;
-        for name in old.iter().filter(|n| !defs.iter().any(|d| &d.name == *n)) {
-            sqlx::query("DELETE FROM workflows WHERE name = $1")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-        }
-        for d in defs {
-            sqlx::query(UPSERT_DEF)
-                .bind(&d.name)
-                .bind(&d.source)
-                .bind(&d.definition)
-                .bind(&d.updated_by)
-                .bind(d.updated_at)
-                .execute(&mut *tx)
-                .await?;
+        for (kind, defs) in [(Defs::Workflows, workflows), (Defs::Agents, agents)] {
+            let sql = format!("SELECT name FROM {} WHERE source = 'file'", kind.table());
+            let old: Vec<String> = sqlx::query(&sql)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get("name"))
+                .collect::<Result<_, _>>()?;
+            let delete = format!("DELETE FROM {} WHERE name = $1", kind.table());
+            for name in old.iter().filter(|n| !defs.iter().any(|d| &d.name == *n)) {
+                sqlx::query(&delete).bind(name).execute(&mut *tx).await?;
+            }
+            let upsert = kind.upsert();
+            for d in defs {
+                sqlx::query(&upsert)
+                    .bind(&d.name)
+                    .bind(&d.source)
+                    .bind(&d.definition)
+                    .bind(&d.updated_by)
+                    .bind(d.updated_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
         Ok(())
     }
 
-    /// Create or replace one definition.
+    /// Create or replace one workflow.
     pub async fn put_workflow_def(&self, d: &WorkflowDefRecord) -> Result<(), StoreError> {
-        sqlx::query(UPSERT_DEF)
+        self.put_def(Defs::Workflows, d).await
+    }
+
+    /// Create or replace one definition.
+    pub async fn put_def(&self, kind: Defs, d: &WorkflowDefRecord) -> Result<(), StoreError> {
+        sqlx::query(&kind.upsert())
             .bind(&d.name)
             .bind(&d.source)
             .bind(&d.definition)
@@ -187,10 +232,12 @@ impl Store {
     }
 
     pub async fn delete_workflow_def(&self, name: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM workflows WHERE name = $1")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+        self.delete_def(Defs::Workflows, name).await
+    }
+
+    pub async fn delete_def(&self, kind: Defs, name: &str) -> Result<bool, StoreError> {
+        let sql = format!("DELETE FROM {} WHERE name = $1", kind.table());
+        let r = sqlx::query(&sql).bind(name).execute(&self.pool).await?;
         Ok(r.rows_affected() > 0)
     }
 

@@ -836,13 +836,28 @@ async fn workflows_runs_and_step_attempts_round_trip(s: &Store) {
         updated_by: "admin".into(),
         updated_at: now(),
     };
+    use nebula_store::workflows::Defs;
     s.put_workflow_def(&def("by-api", "api")).await.unwrap();
-    s.replace_file_workflows(&[def("a", "file"), def("b", "file")])
+    s.put_def(Defs::Agents, &def("helper", "api"))
         .await
         .unwrap();
-    s.replace_file_workflows(&[def("b", "file"), def("c", "file")])
+    s.replace_file_workflows(&[def("a", "file"), def("b", "file")], &[def("ops", "file")])
         .await
         .unwrap();
+    s.replace_file_workflows(&[def("b", "file"), def("c", "file")], &[])
+        .await
+        .unwrap();
+    let agents: Vec<String> = s
+        .defs(Defs::Agents)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(agents, vec!["helper"], "the file's agents go with the file");
+    assert!(s.def(Defs::Agents, "helper").await.unwrap().is_some());
+    assert!(s.delete_def(Defs::Agents, "helper").await.unwrap());
+    assert!(s.def(Defs::Agents, "helper").await.unwrap().is_none());
     let names: Vec<String> = s
         .workflow_defs()
         .await

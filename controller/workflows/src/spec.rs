@@ -31,7 +31,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::expr;
+
+mod kinds;
 use crate::trigger::{self, Triggers};
+pub use kinds::{Placement, StepKind};
 
 /// The largest `workflows.yml` accepted (bytes).
 pub const MAX_FILE_BYTES: usize = 1 << 20;
@@ -46,12 +49,14 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// A wake step's timeout when it gives none.
 pub const WAKE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The file: workflows by name.
+/// The file: workflows and AI agents by name.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Document {
     #[serde(default)]
     pub workflows: BTreeMap<String, Loc<WorkflowDecl>>,
+    #[serde(default)]
+    pub agents: BTreeMap<String, Loc<crate::agent::AgentDecl>>,
 }
 
 /// One workflow as written.
@@ -118,146 +123,6 @@ fn at_with(s: &Loc<StepDecl>, message: String) -> Problem {
     match &s.with {
         Some(w) => problem(w, message),
         None => problem(s, message),
-    }
-}
-
-/// What a step does. Steps that run on a node are jobs of the job engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum StepKind {
-    /// A job that does nothing (a round trip to the node).
-    Noop,
-    /// An operation from the node's allow-list: `with: {op, args}`.
-    Exec,
-    /// A probe from the node: `with: {http | tcp, timeout}`.
-    ServiceCheck,
-    /// A model pull onto the node: `with: {name, backend}`.
-    ModelPull,
-    /// Wake a node by name through its relays: `with: {node}`.
-    Wake,
-    /// Wait for a person to approve (dashboard, CLI, API): `with: {message}`.
-    Approval,
-    /// An HTTP request from the node: `with: {url, method, headers, body, timeout, max_bytes,
-    /// fail_on_status}`.
-    Http,
-    /// A text answer from a model, through the gateway's routing (or on `node`): `with:
-    /// {model, prompt, system, messages, max_tokens, temperature}`.
-    AiText,
-    /// An image from a Stable Diffusion backend, through the gateway's routing: `with:
-    /// {prompt, negative_prompt, width, height, steps, seed}`.
-    AiImage,
-    /// Put a node to sleep with its allow-listed sleep command: `with: {node}`.
-    Sleep,
-    /// A message through an alert sink: `with: {sink, message, title, severity}`.
-    Notify,
-    /// Deploy a service of the service map and wait until it is healthy, or roll it back to an
-    /// earlier revision: `with: {service, action, revision}`.
-    Deploy,
-}
-
-/// Where a step runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
-    /// On a node: `node` or `selector` is required.
-    Node,
-    /// On the node the gateway's routing picks, unless `node` names one.
-    Routed,
-    /// On the controller (it may start jobs of its own).
-    Controller,
-}
-
-impl StepKind {
-    pub const ALL: [StepKind; 12] = [
-        StepKind::Noop,
-        StepKind::Exec,
-        StepKind::ServiceCheck,
-        StepKind::ModelPull,
-        StepKind::Wake,
-        StepKind::Approval,
-        StepKind::Http,
-        StepKind::AiText,
-        StepKind::AiImage,
-        StepKind::Sleep,
-        StepKind::Notify,
-        StepKind::Deploy,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StepKind::Noop => "noop",
-            StepKind::Exec => "exec",
-            StepKind::ServiceCheck => "service-check",
-            StepKind::ModelPull => "model-pull",
-            StepKind::Wake => "wake",
-            StepKind::Approval => "approval",
-            StepKind::Http => "http",
-            StepKind::AiText => "ai-text",
-            StepKind::AiImage => "ai-image",
-            StepKind::Sleep => "sleep",
-            StepKind::Notify => "notify",
-            StepKind::Deploy => "deploy",
-        }
-    }
-
-    /// The `with` keys it takes: (name, required).
-    pub fn params(self) -> &'static [(&'static str, bool)] {
-        match self {
-            StepKind::Noop => &[],
-            StepKind::Exec => &[("op", true), ("args", false)],
-            StepKind::ServiceCheck => &[("http", false), ("tcp", false), ("timeout", false)],
-            StepKind::ModelPull => &[("name", true), ("backend", false)],
-            StepKind::Wake | StepKind::Sleep => &[("node", true)],
-            StepKind::Approval => &[("message", false)],
-            StepKind::Http => &[
-                ("url", true),
-                ("method", false),
-                ("headers", false),
-                ("body", false),
-                ("timeout", false),
-                ("max_bytes", false),
-                ("fail_on_status", false),
-            ],
-            StepKind::AiText => &[
-                ("model", true),
-                ("prompt", false),
-                ("system", false),
-                ("messages", false),
-                ("max_tokens", false),
-                ("temperature", false),
-            ],
-            StepKind::AiImage => &[
-                ("prompt", true),
-                ("model", false),
-                ("negative_prompt", false),
-                ("width", false),
-                ("height", false),
-                ("steps", false),
-                ("seed", false),
-            ],
-            StepKind::Notify => &[
-                ("sink", true),
-                ("message", true),
-                ("title", false),
-                ("severity", false),
-            ],
-            StepKind::Deploy => &[("service", true), ("action", false), ("revision", false)],
-        }
-    }
-
-    pub fn placement(self) -> Placement {
-        match self {
-            StepKind::Wake
-            | StepKind::Approval
-            | StepKind::Sleep
-            | StepKind::Notify
-            | StepKind::Deploy => Placement::Controller,
-            StepKind::AiText | StepKind::AiImage => Placement::Routed,
-            StepKind::Noop
-            | StepKind::Exec
-            | StepKind::ServiceCheck
-            | StepKind::ModelPull
-            | StepKind::Http => Placement::Node,
-        }
     }
 }
 
@@ -381,11 +246,23 @@ impl Workflow {
 
 /// Parse and check a whole file: every workflow, or every problem found.
 pub fn check(text: &str) -> Result<BTreeMap<String, Workflow>, MapErrors> {
+    check_file(text).map(|(workflows, _)| workflows)
+}
+
+/// Workflows and agents by name.
+pub type Checked = (
+    BTreeMap<String, Workflow>,
+    BTreeMap<String, crate::agent::Agent>,
+);
+
+/// Parse and check a whole file: every workflow and agent, or every problem found.
+pub fn check_file(text: &str) -> Result<Checked, MapErrors> {
     if text.trim().is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok(Default::default());
     }
     let doc: Document = parse_yaml(text, MAX_FILE_BYTES, "workflows.yml")?;
     let mut out = BTreeMap::new();
+    let mut agents = BTreeMap::new();
     let mut problems = Vec::new();
     for (name, decl) in &doc.workflows {
         match resolve(name, decl) {
@@ -395,8 +272,16 @@ pub fn check(text: &str) -> Result<BTreeMap<String, Workflow>, MapErrors> {
             Err(mut p) => problems.append(&mut p),
         }
     }
+    for (name, decl) in &doc.agents {
+        match crate::agent::resolve(name, decl) {
+            Ok(a) => {
+                agents.insert(name.clone(), a);
+            }
+            Err(mut p) => problems.append(&mut p),
+        }
+    }
     if problems.is_empty() {
-        Ok(out)
+        Ok((out, agents))
     } else {
         problems.sort_by_key(|p| (p.line, p.column));
         Err(MapErrors(problems))
@@ -559,9 +444,16 @@ fn check_step(s: &Loc<StepDecl>, problems: &mut Vec<Problem>) {
             s,
             format!("step `{id}` runs on a node: give `node` or `selector`"),
         )),
-        (Placement::Node | Placement::Routed, true, true) => problems.push(problem(
+        (Placement::Node, true, true) => problems.push(problem(
             s,
             format!("step `{id}`: give `node` or `selector`, not both"),
+        )),
+        (Placement::Routed, _, true) => problems.push(problem(
+            s,
+            format!(
+                "step `{id}` ({}) goes where the gateway's routing sends it: it takes a `node`, not a `selector`",
+                s.kind.as_str()
+            ),
         )),
         (Placement::Controller, true, _) | (Placement::Controller, _, true) => {
             problems.push(problem(
@@ -617,6 +509,9 @@ fn literal_problem(kind: StepKind, with: &serde_json::Map<String, Json>) -> Opti
             .filter(|v| !v.contains("${{"))
     };
     match kind {
+        StepKind::Http if with.get("fail_on_status").is_some_and(|v| !v.is_boolean()) => {
+            Some("`fail_on_status` is `true` or `false` (not an expression)".to_owned())
+        }
         StepKind::Http => {
             let method = literal("method")?;
             let known = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
@@ -874,9 +769,12 @@ workflows:
 
     #[test]
     fn the_example_file_checks() {
-        let w = check(include_str!("../../../config/workflows.example.yml")).unwrap();
-        assert_eq!(w.len(), 2);
+        let (w, agents) =
+            check_file(include_str!("../../../config/workflows.example.yml")).unwrap();
+        assert_eq!(w.len(), 3);
         assert_eq!(w["nightly-verify"].on.schedule[0].timezone, "Europe/Berlin");
+        assert_eq!(w["ask-ops"].steps[0].kind, StepKind::Agent);
+        assert_eq!(agents["ops"].persona, "DevOps Commander");
     }
 
     #[test]

@@ -661,6 +661,7 @@ pub mod fake_discord;
 pub mod fake_ollama;
 pub mod netlab;
 pub mod pg;
+pub mod scripted_llm;
 
 pub mod docker {
     use std::process::Command;

@@ -1,5 +1,6 @@
-//! The OpenAI-compatible gateway: `POST /v1/chat/completions` (SSE streaming too),
-//! `POST /v1/completions`, `POST /v1/embeddings`, `GET /v1/models`, behind API tokens.
+//! The OpenAI-compatible gateway: `POST /v1/chat/completions` (SSE streaming too; its route is
+//! `agents::chat_completions`, which answers `model: agent/NAME` itself), `POST
+//! /v1/completions`, `POST /v1/embeddings`, `GET /v1/models`, behind API tokens.
 //!
 //! One retry loop, here: each try picks the best candidate not tried yet, opens an inference
 //! stream to its agent and waits for the first bytes (longer when the model must be loaded).
@@ -129,7 +130,12 @@ fn too_large_body() -> Response {
     )
 }
 
-fn error(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn error(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: impl Into<String>,
+) -> Response {
     let mut r = (
         status,
         axum::Json(json!({"error": {"message": message.into(), "type": kind, "code": code}})),
@@ -141,16 +147,35 @@ fn error(status: StatusCode, kind: &str, code: &str, message: impl Into<String>)
 }
 
 /// Who asks the gateway.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     /// Accounted, limited and audited under this name: an API token's name, or `user:NAME`
     /// for a dashboard user (token names hold no `:`).
     pub name: String,
     /// What the gateway may start for it (pulls on demand).
     pub scope: Scope,
+    /// Who an agent's tool calls act as (`None`: an `ai` token's requests call no tools).
+    pub principal: Option<crate::authz::OpCtx>,
+    /// Only this node may answer (an agent's node affinity): no pull, no cloud fallback.
+    pub only_node: Option<String>,
 }
 
 impl Caller {
+    /// A caller of the control plane's own API (a token or a dashboard user): accounted under
+    /// its name, its role what an agent's tools may do.
+    pub fn of(cx: &crate::authz::OpCtx) -> Caller {
+        Caller {
+            name: cx.actor.clone(),
+            scope: if cx.role >= crate::authz::Role::Operator {
+                Scope::Operator
+            } else {
+                Scope::ReadOnly
+            },
+            principal: Some(cx.clone()),
+            only_node: None,
+        }
+    }
+
     /// A Discord user's caller (the bot's `/ask` and `/imagine`): accounted as
     /// `discord:ACTOR`; only operators may start model pulls.
     pub fn for_discord(cx: &crate::authz::OpCtx) -> Caller {
@@ -161,6 +186,8 @@ impl Caller {
             } else {
                 Scope::ReadOnly
             },
+            principal: Some(cx.clone()),
+            only_node: None,
         }
     }
 }
@@ -192,7 +219,15 @@ async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<Caller, 
         }
         Ok(Some(rec)) => Ok(Caller {
             scope: Scope::of_role(&rec.role),
+            principal: (rec.role != crate::authz::AI_ROLE).then(|| {
+                crate::authz::OpCtx::new(
+                    rec.name.clone(),
+                    crate::authz::Role::parse(&rec.role),
+                    crate::authz::Via::Api,
+                )
+            }),
             name: rec.name,
+            only_node: None,
         }),
         Ok(None) => Err(error(
             StatusCode::UNAUTHORIZED,
@@ -207,10 +242,6 @@ async fn authenticate(cp: &ControlPlane, headers: &HeaderMap) -> Result<Caller, 
             format!("checking the token: {e}"),
         )),
     }
-}
-
-pub async fn chat_completions(State(cp): State<Arc<ControlPlane>>, req: Request) -> Response {
-    serve(cp, req, "/v1/chat/completions").await
 }
 
 pub async fn completions(State(cp): State<Arc<ControlPlane>>, req: Request) -> Response {
@@ -260,7 +291,7 @@ impl Drop for Admitted {
 
 /// A request's caller and then its body, with the body's share of the budget (hold it while the
 /// body is in use), or the answer to give.
-async fn caller_and_body(
+pub(crate) async fn caller_and_body(
     cp: &ControlPlane,
     req: Request,
 ) -> Result<(Caller, Bytes, tokio::sync::OwnedSemaphorePermit), Response> {
@@ -326,18 +357,23 @@ pub async fn serve_for(
     let prompt_tokens = estimate_tokens(&req.body);
     let online = |id| cp.registry.is_online(id);
     let routable = || {
-        cp.ai.candidates(
+        let mut c = cp.ai.candidates(
             model,
             prompt_tokens,
             online,
             |id| cp.telemetry.free_vram(id),
             req.embeddings,
-        )
+        );
+        if let Some(n) = &caller.only_node {
+            c.retain(|c| &c.node == n);
+        }
+        c
     };
     let mut first = routable();
     // Why pulling the model failed, or was not allowed, when no node had it.
     let mut pull_error: Option<String> = None;
     if !req.embeddings
+        && caller.only_node.is_none()
         && first.is_empty()
         && !fallback::lists(&cfg, model)
         && !cp.ai.has_model(model, online)
@@ -354,7 +390,7 @@ pub async fn serve_for(
         Ok((c, started)) => return relay::respond(cp, c, started, shape, admitted, cfg).await,
         Err(last_error) => last_error,
     };
-    if let Some(fb) = cfg.fallback.clone() {
+    if let Some(fb) = cfg.fallback.clone().filter(|_| caller.only_node.is_none()) {
         if fb.models.is_empty() || fb.models.iter().any(|m| same_model(m, model)) {
             let model = req.model.clone();
             return fallback::fallback(cp, fb, path, req.body, model, shape, admitted, cfg).await;

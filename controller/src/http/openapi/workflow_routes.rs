@@ -2,11 +2,57 @@
 
 use super::{of, route, Access, Route};
 use crate::authz::Op;
-use nebula_types::api::workflows;
+use nebula_types::api::{agents, workflows};
 
 use Access::{Public, Token};
 
 pub const WORKFLOW_ROUTES: &[Route] = &[
+    route(
+        "get",
+        "/api/v1/agents",
+        "agents",
+        Token(Op::ReadFleet),
+        (200, "every agent: the built-ins, and those from workflows.yml and the API (which replace a built-in of the same name)"),
+        "List AI agents",
+    )
+    .returns(of::<Vec<agents::AgentView>>),
+    route(
+        "get",
+        "/api/v1/agents/{name}",
+        "agents",
+        Token(Op::ReadFleet),
+        (200, "the agent"),
+        "One AI agent",
+    )
+    .returns(of::<agents::AgentView>),
+    route(
+        "put",
+        "/api/v1/agents/{name}",
+        "agents",
+        Token(Op::ManageWorkflows),
+        (200, "the agent as stored; 400 with line and column when it does not check; 409 for one defined in workflows.yml"),
+        "Define (or replace) an AI agent",
+    )
+    .accepts(of::<workflows::PutWorkflow>)
+    .returns(of::<agents::AgentView>),
+    route(
+        "delete",
+        "/api/v1/agents/{name}",
+        "agents",
+        Token(Op::ManageWorkflows),
+        (204, "removed (a built-in of that name is in force again)"),
+        "Remove an AI agent",
+    ),
+    route(
+        "post",
+        "/api/v1/agents/{name}/ask",
+        "agents",
+        Token(Op::Chat),
+        (200, "the agent's answer and each tool call it made, with what became of it (every call is also audited)"),
+        "Ask an AI agent",
+    )
+    .accepts(of::<agents::AskAgent>)
+    .returns(of::<agents::AgentReply>),
     route(
         "get",
         "/api/v1/workflows",

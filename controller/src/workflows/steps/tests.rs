@@ -238,32 +238,33 @@ fn http_answer(status: u16, body: &str) -> HttpOutput {
 }
 
 #[test]
-fn answers_read_as_outputs_and_filters_apply_to_model_text() {
-    let filters = Filters::new(nebula_ai_filters::FilterConfig::default()).unwrap();
+fn answers_read_as_outputs_and_what_the_filters_did_is_said() {
     let ai = routed_step("ai-text", "{ model: smollm2, prompt: hi }");
     let work = Work::Noop;
-    let ok = r#"{"model":"smollm2","choices":[{"message":{"role":"assistant","content":"mail bob@example.com"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
-    let Outcome::Succeeded(out) = outcome(
-        &ai,
-        &finished(work.clone(), http_answer(200, ok)),
-        None,
-        &filters,
-    ) else {
+    // As stored once the filters redacted it (the job's end does that).
+    let ok = r#"{"model":"smollm2","choices":[{"message":{"role":"assistant","content":"mail [REDACTED:email]"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4},"nebula_filtered":["email"]}"#;
+    let Outcome::Succeeded(out) = outcome(&ai, &finished(work.clone(), http_answer(200, ok)), None)
+    else {
         panic!("succeeded")
     };
-    assert!(
-        !out["text"].as_str().unwrap().contains("bob@example.com"),
-        "{out}"
-    );
+    assert_eq!(out["text"], "mail [REDACTED:email]", "{out}");
     assert_eq!(out["usage"]["completion_tokens"], 4);
-    assert!(out["filtered"].as_array().is_some_and(|r| !r.is_empty()));
-    let err = r#"{"error":{"message":"model not loaded"}}"#;
+    assert_eq!(out["filtered"], json!(["email"]));
+    let blocked = r#"{"choices":[{"message":{"role":"assistant","content":""},"finish_reason":"content_filter"}],"nebula_filtered":["private_key"]}"#;
     let Outcome::Failed(why) = outcome(
         &ai,
-        &finished(work.clone(), http_answer(503, err)),
+        &finished(work.clone(), http_answer(200, blocked)),
         None,
-        &filters,
     ) else {
+        panic!("a blocked answer fails")
+    };
+    assert!(
+        why.contains("blocked") && why.contains("private_key"),
+        "{why}"
+    );
+    let err = r#"{"error":{"message":"model not loaded"}}"#;
+    let Outcome::Failed(why) = outcome(&ai, &finished(work.clone(), http_answer(503, err)), None)
+    else {
         panic!("failed")
     };
     assert!(
@@ -276,7 +277,6 @@ fn answers_read_as_outputs_and_filters_apply_to_model_text() {
         &get,
         &finished(work.clone(), http_answer(200, r#"{"a":[1]}"#)),
         None,
-        &filters,
     ) else {
         panic!("succeeded")
     };
@@ -285,22 +285,12 @@ fn answers_read_as_outputs_and_filters_apply_to_model_text() {
         (json!(200), json!(1))
     );
     assert!(matches!(
-        outcome(
-            &get,
-            &finished(work.clone(), http_answer(404, "no")),
-            None,
-            &filters
-        ),
+        outcome(&get, &finished(work.clone(), http_answer(404, "no")), None,),
         Outcome::Failed(_)
     ));
     let lenient = step("http", "{ url: \"http://x/\", fail_on_status: false }");
     assert!(matches!(
-        outcome(
-            &lenient,
-            &finished(work, http_answer(404, "no")),
-            None,
-            &filters
-        ),
+        outcome(&lenient, &finished(work, http_answer(404, "no")), None,),
         Outcome::Succeeded(_)
     ));
 }

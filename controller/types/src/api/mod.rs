@@ -3,6 +3,7 @@
 //! through their JSON Schemas. Pure data: the controller builds them from its state.
 
 pub mod access;
+pub mod agents;
 pub mod alerts;
 pub mod containers;
 pub mod desired;
