@@ -23,6 +23,8 @@ pub mod tools;
 
 /// How deep agents may ask agents (`ask_agent`).
 pub const MAX_DEPTH: u32 = 2;
+/// Tool calls run per model turn (more are answered with a refusal).
+pub const MAX_CALLS_PER_TURN: usize = 8;
 /// The largest answer read from the gateway per turn.
 const MAX_ANSWER: usize = 4 << 20;
 
@@ -213,7 +215,7 @@ impl ControlPlane {
                 return Ok(reply);
             }
             convo.push(message);
-            for call in calls {
+            for (n, call) in calls.into_iter().enumerate() {
                 let id = call
                     .get("id")
                     .and_then(Json::as_str)
@@ -231,7 +233,17 @@ impl ControlPlane {
                             .unwrap_or_else(|| a.to_string())
                     })
                     .unwrap_or_default();
-                let done = tools::call(self, &agent, caller, name, &args, depth).await;
+                let done = if n < MAX_CALLS_PER_TURN {
+                    tools::call(self, &agent, caller, name, &args, depth).await
+                } else {
+                    // Answered (each call id needs a tool message), not run.
+                    ToolCallView {
+                        tool: name.to_owned(),
+                        arguments: Json::Null,
+                        outcome: "refused".into(),
+                        result: format!("at most {MAX_CALLS_PER_TURN} tool calls are run per turn"),
+                    }
+                };
                 convo.push(json!({"role": "tool", "tool_call_id": id, "content": done.result}));
                 reply.tool_calls.push(done);
             }
