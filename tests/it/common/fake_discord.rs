@@ -108,7 +108,7 @@ impl FakeDiscord {
 
     /// Wait for a REST call (made after `after` calls) that `pred` accepts.
     pub async fn wait_call(&self, what: &str, after: usize, pred: impl Fn(&Call) -> bool) -> Call {
-        wait_for(what, Duration::from_secs(20), || {
+        wait_for(what, Duration::from_secs(45), || {
             let found = self.calls().into_iter().skip(after).find(|c| pred(c));
             async move { found }
         })
