@@ -181,13 +181,7 @@ impl Caller {
     pub fn for_discord(cx: &crate::authz::OpCtx) -> Caller {
         Caller {
             name: format!("discord:{}", cx.actor),
-            scope: if cx.role >= crate::authz::Role::Operator {
-                Scope::Operator
-            } else {
-                Scope::ReadOnly
-            },
-            principal: Some(cx.clone()),
-            only_node: None,
+            ..Caller::of(cx)
         }
     }
 }
